@@ -1,0 +1,212 @@
+use std::borrow::Cow;
+
+use k8s_openapi::api::core::v1::SecretReference;
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An Azure identity that pods may use: a user-assigned managed identity
+/// (type 0) or a service principal with a client secret (type 1) or a
+/// certificate (type 2).
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each kube printcolumn(..) names its own type_"
+)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "aadpodidentity.k8s.io",
+    version = "v1",
+    kind = "AzureIdentity",
+    plural = "azureidentities",
+    namespaced,
+    derive = "PartialEq",
+    derive = "Default",
+    status = "AzureIdentityStatus",
+    doc = "AzureIdentity is an Azure identity (user-assigned managed identity or service principal) that pods can be bound to.",
+    annotation("api-approved.kubernetes.io", "unapproved"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
+    printcolumn(name = "ClientID", type_ = "string", json_path = ".spec.clientID"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct AzureIdentitySpec {
+    /// Kind of identity: 0 user-assigned managed identity, 1 service principal
+    /// with a client secret, 2 service principal with a certificate. A missing
+    /// value means 0.
+    #[serde(rename = "type", default)]
+    pub r#type: IdentityType,
+
+    /// ARM resource ID of the user-assigned managed identity (type 0), of the form
+    /// /subscriptions/<id>/resourcegroups/<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>.
+    #[serde(
+        rename = "resourceID",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub resource_id: String,
+
+    /// Client (application) ID of the identity; every type needs it.
+    #[serde(rename = "clientID", default, skip_serializing_if = "String::is_empty")]
+    pub client_id: String,
+
+    /// Secret holding the service principal's credential (types 1 and 2). Type 1
+    /// reads the secret's single key as the client secret; type 2 reads the keys
+    /// `certificate` (PKCS#12) and `password`.
+    #[serde(
+        rename = "clientPassword",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_password: Option<SecretReference>,
+
+    /// Primary tenant of the service principal (types 1 and 2).
+    #[serde(rename = "tenantID", default, skip_serializing_if = "String::is_empty")]
+    pub tenant_id: String,
+
+    /// Further tenants a type 1 service principal gets tokens for; when set, the
+    /// token response is a JSON array with the primary tenant's token first.
+    #[serde(rename = "auxiliaryTenantIDs", default)]
+    pub auxiliary_tenant_ids: Option<Vec<String>>,
+
+    /// Entra ID (AAD) authority for types 1 and 2; https://login.microsoftonline.com/ when empty.
+    #[serde(
+        rename = "adEndpoint",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub ad_endpoint: String,
+
+    /// Kept for compatibility; not read.
+    #[serde(
+        rename = "adResourceID",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub ad_resource_id: String,
+
+    /// Kept for compatibility; not read.
+    #[serde(default)]
+    pub replicas: Option<i32>,
+}
+
+/// Status of an AzureIdentity; kept for compatibility and not written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AzureIdentityStatus {
+    /// Kept for compatibility; not written.
+    #[serde(rename = "availableReplicas", default)]
+    pub available_replicas: i32,
+}
+
+/// `spec.type` of an AzureIdentity: an integer on the wire.
+///
+/// Values other than 0, 1 and 2 are refused by the CRD schema, but an object
+/// stored before that schema may still carry one; it is kept as
+/// [`IdentityType::Unknown`] so that reading never fails on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum IdentityType {
+    /// 0: a user-assigned managed identity, assigned to the node's VM or VMSS.
+    #[default]
+    UserAssignedMsi,
+    /// 1: a service principal with a client secret.
+    ServicePrincipal,
+    /// 2: a service principal with a certificate.
+    ServicePrincipalCertificate,
+    /// Any other integer.
+    Unknown(i64),
+}
+
+impl IdentityType {
+    /// The integer written on the wire.
+    pub fn as_i64(self) -> i64 {
+        match self {
+            IdentityType::UserAssignedMsi => 0,
+            IdentityType::ServicePrincipal => 1,
+            IdentityType::ServicePrincipalCertificate => 2,
+            IdentityType::Unknown(v) => v,
+        }
+    }
+
+    /// The type for an integer read from the wire.
+    pub fn from_i64(v: i64) -> Self {
+        match v {
+            0 => IdentityType::UserAssignedMsi,
+            1 => IdentityType::ServicePrincipal,
+            2 => IdentityType::ServicePrincipalCertificate,
+            other => IdentityType::Unknown(other),
+        }
+    }
+}
+
+impl Serialize for IdentityType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(self.as_i64())
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentityType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        i64::deserialize(d).map(IdentityType::from_i64)
+    }
+}
+
+impl JsonSchema for IdentityType {
+    fn schema_name() -> Cow<'static, str> {
+        "IdentityType".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // Upstream declares a bare integer; the range only refuses values no
+        // upstream component ever accepted (NMI answered them with
+        // "unsupported identity type").
+        json_schema!({ "type": "integer", "minimum": 0, "maximum": 2 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_type_reads_as_user_assigned_msi() {
+        let spec: AzureIdentitySpec =
+            serde_json::from_value(serde_json::json!({"clientID": "c"})).unwrap();
+        assert_eq!(spec.r#type, IdentityType::UserAssignedMsi);
+        assert_eq!(spec.client_id, "c");
+    }
+
+    #[test]
+    fn type_round_trips_as_integer() {
+        for (n, t) in [
+            (0, IdentityType::UserAssignedMsi),
+            (1, IdentityType::ServicePrincipal),
+            (2, IdentityType::ServicePrincipalCertificate),
+            (7, IdentityType::Unknown(7)),
+        ] {
+            let v = serde_json::to_value(t).unwrap();
+            assert_eq!(v, serde_json::json!(n));
+            assert_eq!(serde_json::from_value::<IdentityType>(v).unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn type_as_string_is_refused() {
+        let r = serde_json::from_value::<AzureIdentitySpec>(serde_json::json!({"type": "0"}));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn empty_fields_are_omitted_like_go_omitempty() {
+        let v = serde_json::to_value(AzureIdentitySpec::default()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": 0, "auxiliaryTenantIDs": null, "replicas": null})
+        );
+    }
+}
