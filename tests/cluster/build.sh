@@ -42,8 +42,15 @@ fi
 tmp=$(mktemp -d "$cache_root/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 start=$(date +%s)
-echo "cluster binaries: building kube-apiserver and kubectl ($(grep -m1 'k8s.io/kubernetes v' "$here/kube/go.mod" | awk '{print $2}'))" >&2
-(cd "$here/kube" && go build -trimpath -ldflags='-s -w' -o "$tmp/" \
+kver=$(grep -m1 'k8s.io/kubernetes v' "$here/kube/go.mod" | awk '{print $2}')
+# A module build carries no git metadata; stamp the release as Kubernetes' own
+# build does, so /version and `kubectl version` report it (helm checks it
+# against charts' kubeVersion).
+minor=${kver#v1.}; minor=${minor%%.*}
+vpkg=k8s.io/component-base/version
+ldflags="-s -w -X $vpkg.gitVersion=$kver -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor -X $vpkg.gitTreeState=clean"
+echo "cluster binaries: building kube-apiserver and kubectl ($kver)" >&2
+(cd "$here/kube" && go build -trimpath -ldflags="$ldflags" -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl) >&2
 echo "cluster binaries: building etcd ($(grep -m1 'etcd/server/v3 v' "$here/etcd/go.mod" | awk '{print $2}'))" >&2
 (cd "$here/etcd" && go build -trimpath -ldflags='-s -w' -o "$tmp/etcd" go.etcd.io/etcd/server/v3) >&2

@@ -108,6 +108,21 @@ async fn kubectl_as_a_service_account_is_refused_without_rights() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn apiserver_reports_the_pinned_release() -> anyhow::Result<()> {
+    let cluster = Cluster::shared();
+    let version = cluster.admin_client().await?.apiserver_version().await?;
+    assert_eq!(version.git_version, aadpodid_tests::KUBERNETES_VERSION);
+    let out = cluster.kubectl_run(&["version", "-o", "json"], None)?;
+    assert!(out.success, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(
+        v["clientVersion"]["gitVersion"],
+        aadpodid_tests::KUBERNETES_VERSION
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn temp_namespace_is_deleted_on_drop() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
     let name = {
