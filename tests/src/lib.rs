@@ -28,6 +28,8 @@
 //! The binaries come from `tests/cluster/build.sh` (Go modules, cached under
 //! `$HOME/.cache/aadpodid/cluster`), or from `$AADPODID_CLUSTER_BIN` when set.
 
+pub mod netns;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
