@@ -284,3 +284,19 @@ async fn assigned_identity_with_embedded_refs_round_trips() -> anyhow::Result<()
     assert!(out.stdout.contains("Created"), "{}", out.stdout);
     Ok(())
 }
+
+#[tokio::test]
+async fn kubectl_explain_shows_the_doc_comments() -> anyhow::Result<()> {
+    let cluster = Cluster::shared();
+    let out = cluster.kubectl_run(&["explain", "azureidentity.spec.type"], None)?;
+    assert!(out.success, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("0 user-assigned managed identity"),
+        "{}",
+        out.stdout
+    );
+    let out = cluster.kubectl_run(&["explain", "azureidentitybinding.spec.selector"], None)?;
+    assert!(out.success, "{}", out.stderr);
+    assert!(out.stdout.contains("aadpodidbinding"), "{}", out.stdout);
+    Ok(())
+}
