@@ -1,0 +1,638 @@
+//! Seed and behaviour configuration, read from YAML/JSON (`azure-emulator --config`)
+//! or built in code. Every figure the research marks as unknown
+//! (azure-apis.md §7, azure-protocols.md §9) is a field here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the emulator starts from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    pub tenant_id: String,
+    pub subscription_id: String,
+    #[serde(default = "default_location")]
+    pub location: String,
+    #[serde(default)]
+    pub resource_groups: Vec<String>,
+    #[serde(default)]
+    pub identities: Vec<IdentitySeed>,
+    #[serde(default)]
+    pub scale_sets: Vec<ScaleSetSeed>,
+    #[serde(default)]
+    pub virtual_machines: Vec<VmSeed>,
+    #[serde(default)]
+    pub service_principals: Vec<ServicePrincipalSeed>,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub arm: ArmConfig,
+    #[serde(default)]
+    pub aad: AadConfig,
+    #[serde(default)]
+    pub imds: ImdsConfig,
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
+    #[serde(default)]
+    pub listen: ListenConfig,
+}
+
+fn default_location() -> String {
+    "eastus".into()
+}
+
+impl Config {
+    /// A minimal configuration: one tenant and subscription, nothing else.
+    pub fn new(tenant_id: impl Into<String>, subscription_id: impl Into<String>) -> Self {
+        Self {
+            tenant_id: tenant_id.into(),
+            subscription_id: subscription_id.into(),
+            location: default_location(),
+            resource_groups: Vec::new(),
+            identities: Vec::new(),
+            scale_sets: Vec::new(),
+            virtual_machines: Vec::new(),
+            service_principals: Vec::new(),
+            clock: ClockConfig::default(),
+            arm: ArmConfig::default(),
+            aad: AadConfig::default(),
+            imds: ImdsConfig::default(),
+            throttle: ThrottleConfig::default(),
+            listen: ListenConfig::default(),
+        }
+    }
+
+    /// Parses YAML (a superset of JSON, so JSON files work too).
+    pub fn from_yaml(text: &str) -> Result<Self, serde_saphyr::Error> {
+        serde_saphyr::from_str(text)
+    }
+}
+
+/// A user-assigned identity (`Microsoft.ManagedIdentity/userAssignedIdentities`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentitySeed {
+    pub name: String,
+    pub resource_group: String,
+    /// Generated when absent.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Generated when absent.
+    #[serde(default)]
+    pub principal_id: Option<String>,
+    /// Federated credentials on this identity (workload-identity exchange).
+    #[serde(default)]
+    pub federated_credentials: Vec<FederatedCredentialSeed>,
+    /// What a token of this identity may do against ARM (when MIC runs with MSI).
+    #[serde(default)]
+    pub permissions: PermissionsSeed,
+}
+
+/// Identities initially on a VM or scale set.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityAssignmentSeed {
+    #[serde(default)]
+    pub system_assigned: bool,
+    /// UAI names (in any resource group) or full ARM IDs.
+    #[serde(default)]
+    pub user_assigned: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScaleSetSeed {
+    pub name: String,
+    pub resource_group: String,
+    /// Instance IDs; `["0", "1"]` by default.
+    #[serde(default = "default_instances")]
+    pub instances: Vec<String>,
+    #[serde(default)]
+    pub identity: IdentityAssignmentSeed,
+}
+
+fn default_instances() -> Vec<String> {
+    vec!["0".into(), "1".into()]
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSeed {
+    pub name: String,
+    pub resource_group: String,
+    #[serde(default)]
+    pub identity: IdentityAssignmentSeed,
+}
+
+/// An app registration / service principal in the tenant.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePrincipalSeed {
+    pub client_id: String,
+    /// Generated when absent.
+    #[serde(default)]
+    pub object_id: Option<String>,
+    #[serde(default)]
+    pub secrets: Vec<SecretSeed>,
+    /// PEM certificates whose keys may sign client assertions.
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    #[serde(default)]
+    pub federated_credentials: Vec<FederatedCredentialSeed>,
+    #[serde(default)]
+    pub permissions: PermissionsSeed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SecretSeed {
+    Plain(String),
+    Detailed {
+        value: String,
+        /// Unix seconds (wall time) after which the secret is expired (AADSTS7000222).
+        #[serde(default, rename = "expiresOn")]
+        expires_on: Option<u64>,
+    },
+}
+
+impl SecretSeed {
+    pub fn value(&self) -> &str {
+        match self {
+            SecretSeed::Plain(v) | SecretSeed::Detailed { value: v, .. } => v,
+        }
+    }
+    pub fn expires_on(&self) -> Option<u64> {
+        match self {
+            SecretSeed::Plain(_) => None,
+            SecretSeed::Detailed { expires_on, .. } => *expires_on,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FederatedCredentialSeed {
+    pub issuer: String,
+    pub subject: String,
+    #[serde(default = "default_fic_audience")]
+    pub audience: String,
+}
+
+fn default_fic_audience() -> String {
+    "api://AzureADTokenExchange".into()
+}
+
+/// ARM rights of a principal. Defaults: may write every VM/VMSS and assign every
+/// identity (Virtual Machine Contributor + Managed Identity Operator).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PermissionsSeed {
+    #[serde(default = "yes")]
+    pub write: bool,
+    /// UAI IDs or names the principal may assign; `["*"]` for all.
+    #[serde(default = "star")]
+    pub assign: Vec<String>,
+}
+
+impl Default for PermissionsSeed {
+    fn default() -> Self {
+        Self {
+            write: true,
+            assign: star(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn star() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClockConfig {
+    /// Virtual seconds per real second; 0 = manual clock (moved by the admin API).
+    #[serde(default = "one")]
+    pub speed: f64,
+    /// Divide `Retry-After` values by the speed, so real clients wait scaled time.
+    #[serde(default = "yes")]
+    pub scale_retry_after: bool,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        Self {
+            speed: 1.0,
+            scale_retry_after: true,
+        }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// How writes complete (azure-apis.md §3.5).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum LroMode {
+    /// 200 + `Updating` + `Azure-AsyncOperation`/`Location`/`Retry-After`.
+    Async,
+    /// 200 + `Succeeded`, no LRO headers.
+    Sync,
+}
+
+/// What a second write to a busy VM/VMSS gets (contract point 55).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ConcurrentWrites {
+    /// 409 `Conflict`.
+    Conflict,
+    /// Wait until the running operation ends, then apply.
+    Queue,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArmConfig {
+    #[serde(default = "lro_async")]
+    pub lro_mode: LroMode,
+    /// Virtual seconds a VMSS write runs (real VMSS: 40-60 s, peers.md §1.3).
+    #[serde(default = "vmss_lro")]
+    pub vmss_write_seconds: f64,
+    /// Virtual seconds a VM write runs (10-20 s on a standalone VM).
+    #[serde(default = "vm_lro")]
+    pub vm_write_seconds: f64,
+    /// `Retry-After` on the LRO answer, in virtual seconds.
+    #[serde(default = "lro_retry_after")]
+    pub lro_retry_after_seconds: u64,
+    #[serde(default = "conflict")]
+    pub concurrent_writes: ConcurrentWrites,
+    /// UAIs added or removed per request (contract point 49).
+    #[serde(default = "per_request")]
+    pub max_identities_per_request: usize,
+    /// Total UAIs per VM/VMSS; undocumented, so no cap unless set.
+    #[serde(default)]
+    pub max_identities_per_resource: Option<usize>,
+    /// Largest accepted request body.
+    #[serde(default = "max_body")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ArmConfig {
+    fn default() -> Self {
+        Self {
+            lro_mode: LroMode::Async,
+            vmss_write_seconds: vmss_lro(),
+            vm_write_seconds: vm_lro(),
+            lro_retry_after_seconds: lro_retry_after(),
+            concurrent_writes: ConcurrentWrites::Conflict,
+            max_identities_per_request: per_request(),
+            max_identities_per_resource: None,
+            max_body_bytes: max_body(),
+        }
+    }
+}
+
+fn lro_async() -> LroMode {
+    LroMode::Async
+}
+fn vmss_lro() -> f64 {
+    45.0
+}
+fn vm_lro() -> f64 {
+    15.0
+}
+fn lro_retry_after() -> u64 {
+    5
+}
+fn conflict() -> ConcurrentWrites {
+    ConcurrentWrites::Conflict
+}
+fn per_request() -> usize {
+    150
+}
+fn max_body() -> usize {
+    // ARM's request size limit is 4 MB.
+    4 * 1024 * 1024
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AadConfig {
+    /// Lifetime of tokens from the AAD endpoints (docs examples: 3599).
+    #[serde(default = "aad_lifetime")]
+    pub token_lifetime_seconds: u64,
+    /// Resources (App ID URIs) tokens may be issued for; compared without a trailing slash.
+    #[serde(default = "known_resources")]
+    pub resources: Vec<String>,
+    /// Issue tokens for any resource (skips AADSTS500011).
+    #[serde(default)]
+    pub any_resource: bool,
+    /// Tolerated clock skew for assertion `nbf`/`exp`, seconds.
+    #[serde(default = "skew")]
+    pub assertion_skew_seconds: u64,
+}
+
+impl Default for AadConfig {
+    fn default() -> Self {
+        Self {
+            token_lifetime_seconds: aad_lifetime(),
+            resources: known_resources(),
+            any_resource: false,
+            assertion_skew_seconds: skew(),
+        }
+    }
+}
+
+fn aad_lifetime() -> u64 {
+    3599
+}
+fn skew() -> u64 {
+    300
+}
+fn known_resources() -> Vec<String> {
+    [
+        "https://management.azure.com/",
+        "https://management.core.windows.net/",
+        "https://vault.azure.net",
+        "https://storage.azure.com/",
+        "https://graph.microsoft.com/",
+        "api://AzureADTokenExchange",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+/// IMDS handling of `mi_res_id` (not an IMDS parameter; azure-apis.md §1.1).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum MiResIdMode {
+    Ignore,
+    Alias,
+    Reject,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImdsConfig {
+    /// Managed-identity tokens live 24 h (peers.md §1.5).
+    #[serde(default = "imds_lifetime")]
+    pub token_lifetime_seconds: u64,
+    /// Token requests per second per machine (IMDS docs: 20).
+    #[serde(default = "twenty")]
+    pub token_requests_per_second: u32,
+    /// Concurrent token requests per machine (IMDS docs: 5).
+    #[serde(default = "five")]
+    pub token_concurrency: u32,
+    /// Other IMDS requests per second per machine (IMDS docs: 5).
+    #[serde(default = "five")]
+    pub instance_requests_per_second: u32,
+    /// Virtual seconds between an ARM assignment completing and IMDS serving it.
+    #[serde(default)]
+    pub assignment_delay_seconds: f64,
+    /// Virtual seconds a token request takes (IMDS talking to Entra on a cache miss).
+    #[serde(default)]
+    pub token_latency_seconds: f64,
+    #[serde(default = "mi_ignore")]
+    pub mi_res_id: MiResIdMode,
+    /// With no selector and exactly one UAI (no system identity), return it
+    /// (contract point 14: "optionally").
+    #[serde(default = "yes")]
+    pub single_identity_default: bool,
+    /// Listeners to open at start (the binary; tests call `Emulator::add_imds`).
+    #[serde(default)]
+    pub listeners: Vec<ImdsListenerSeed>,
+}
+
+impl Default for ImdsConfig {
+    fn default() -> Self {
+        Self {
+            token_lifetime_seconds: imds_lifetime(),
+            token_requests_per_second: 20,
+            token_concurrency: 5,
+            instance_requests_per_second: 5,
+            assignment_delay_seconds: 0.0,
+            token_latency_seconds: 0.0,
+            mi_res_id: MiResIdMode::Ignore,
+            single_identity_default: true,
+            listeners: Vec::new(),
+        }
+    }
+}
+
+fn imds_lifetime() -> u64 {
+    86_399
+}
+fn twenty() -> u32 {
+    20
+}
+fn five() -> u32 {
+    5
+}
+fn mi_ignore() -> MiResIdMode {
+    MiResIdMode::Ignore
+}
+
+/// One IMDS listener: which machine it is and where it listens.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImdsListenerSeed {
+    /// `vmss/<name>/<instanceId>` or `vm/<name>` (names case-insensitive).
+    pub machine: String,
+    pub address: SocketAddr,
+}
+
+/// A token bucket: `burst` tokens, refilled at `per_minute` (virtual time).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BucketConfig {
+    /// Name shown in `x-ms-ratelimit-remaining-resource` and 429 details.
+    pub name: String,
+    pub burst: f64,
+    pub per_minute: f64,
+}
+
+/// The per-resource and per-subscription buckets of one Compute policy.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub resource: BucketConfig,
+    pub subscription: BucketConfig,
+}
+
+fn policy(name: &str, res: (f64, f64), sub: (f64, f64)) -> PolicyConfig {
+    PolicyConfig {
+        resource: BucketConfig {
+            name: format!("{name}Resource"),
+            burst: res.0,
+            per_minute: res.1,
+        },
+        subscription: BucketConfig {
+            name: format!("{name}SubscriptionMaximum"),
+            burst: sub.0,
+            per_minute: sub.1,
+        },
+    }
+}
+
+/// Microsoft.Compute token buckets (peers.md §1.2) and the ARM subscription
+/// layer (peers.md §1.1). Policy *names* are not documented for the bucket
+/// model; the defaults follow the `<Op>Resource` / `<Op>SubscriptionMaximum`
+/// pattern and can be renamed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThrottleConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "p_vmss_update")]
+    pub vmss_update: PolicyConfig,
+    #[serde(default = "p_vmss_put")]
+    pub vmss_create: PolicyConfig,
+    #[serde(default = "p_vmss_get")]
+    pub vmss_get: PolicyConfig,
+    #[serde(default = "p_vm_update")]
+    pub vm_update: PolicyConfig,
+    #[serde(default = "p_vm_get")]
+    pub vm_get: PolicyConfig,
+    #[serde(default = "p_vmss_vm_get")]
+    pub vmss_vm_get: PolicyConfig,
+    #[serde(default = "p_op_get")]
+    pub operation_get: PolicyConfig,
+    /// ARM layer, per subscription: reads bucket 250 refilled 25/s.
+    #[serde(default = "arm_reads")]
+    pub subscription_reads: BucketConfig,
+    /// ARM layer, per subscription: writes bucket 200 refilled 10/s.
+    #[serde(default = "arm_writes")]
+    pub subscription_writes: BucketConfig,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            vmss_update: p_vmss_update(),
+            vmss_create: p_vmss_put(),
+            vmss_get: p_vmss_get(),
+            vm_update: p_vm_update(),
+            vm_get: p_vm_get(),
+            vmss_vm_get: p_vmss_vm_get(),
+            operation_get: p_op_get(),
+            subscription_reads: arm_reads(),
+            subscription_writes: arm_writes(),
+        }
+    }
+}
+
+fn p_vmss_update() -> PolicyConfig {
+    policy("PutVMScaleSet", (12.0, 4.0), (1500.0, 500.0))
+}
+fn p_vmss_put() -> PolicyConfig {
+    policy("CreateVMScaleSet", (12.0, 4.0), (375.0, 125.0))
+}
+fn p_vmss_get() -> PolicyConfig {
+    policy("GetVMScaleSet", (36.0, 12.0), (2400.0, 800.0))
+}
+fn p_vm_update() -> PolicyConfig {
+    policy("PutVM", (12.0, 4.0), (1500.0, 500.0))
+}
+fn p_vm_get() -> PolicyConfig {
+    policy("GetVM", (36.0, 12.0), (24000.0, 8000.0))
+}
+fn p_vmss_vm_get() -> PolicyConfig {
+    policy("GetVMScaleSetVM", (36.0, 12.0), (6000.0, 2000.0))
+}
+fn p_op_get() -> PolicyConfig {
+    policy("GetOperation", (45.0, 15.0), (15000.0, 5000.0))
+}
+fn arm_reads() -> BucketConfig {
+    BucketConfig {
+        name: "reads".into(),
+        burst: 250.0,
+        per_minute: 25.0 * 60.0,
+    }
+}
+fn arm_writes() -> BucketConfig {
+    BucketConfig {
+        name: "writes".into(),
+        burst: 200.0,
+        per_minute: 10.0 * 60.0,
+    }
+}
+
+/// Where ARM, AAD and admin listen, and where the CA bundle goes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Default `127.0.0.1:0`.
+    #[serde(default)]
+    pub arm: Option<SocketAddr>,
+    #[serde(default)]
+    pub aad: Option<SocketAddr>,
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// Default: a fresh directory under the system temp dir.
+    #[serde(default)]
+    pub ca_bundle_path: Option<PathBuf>,
+    /// Load the test CA from these PEM files instead of generating one.
+    #[serde(default)]
+    pub ca_cert_pem_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key_pem_file: Option<PathBuf>,
+}
+
+/// Helper for code seeds: a map from name to value, sorted.
+pub type Tags = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_seed_parses_with_defaults() {
+        let cfg = Config::from_yaml(
+            r#"
+tenantId: t1
+subscriptionId: s1
+resourceGroups: [MC_rg, app-rg]
+identities:
+  - name: app-id
+    resourceGroup: app-rg
+    clientId: c1
+scaleSets:
+  - name: aks-np-vmss
+    resourceGroup: MC_rg
+    identity: { systemAssigned: true, userAssigned: [app-id] }
+servicePrincipals:
+  - clientId: mic
+    secrets: [s3cr3t, { value: old, expiresOn: 1 }]
+    federatedCredentials:
+      - { issuer: "https://oidc.example", subject: "system:serviceaccount:ns:sa" }
+clock: { speed: 1000 }
+arm: { lroMode: sync, concurrentWrites: queue }
+"#,
+        )
+        .expect("parse");
+        assert_eq!(cfg.scale_sets[0].instances, vec!["0", "1"]);
+        assert_eq!(cfg.service_principals[0].secrets[1].expires_on(), Some(1));
+        assert_eq!(
+            cfg.service_principals[0].federated_credentials[0].audience,
+            "api://AzureADTokenExchange"
+        );
+        assert_eq!(cfg.arm.lro_mode, LroMode::Sync);
+        assert_eq!(cfg.throttle.vmss_update.resource.burst, 12.0);
+        assert_eq!(cfg.imds.token_requests_per_second, 20);
+    }
+
+    #[test]
+    fn json_seed_parses_and_unknown_fields_fail() {
+        assert!(Config::from_yaml(r#"{"tenantId":"t","subscriptionId":"s"}"#).is_ok());
+        assert!(Config::from_yaml(r#"{"tenantId":"t","subscriptionId":"s","bogus":1}"#).is_err());
+    }
+}

@@ -1,0 +1,1069 @@
+//! ARM compute contract (azure-protocols.md §7 points 36-59) checked by requests.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::time::Duration;
+
+use azure_emulator::config::{ConcurrentWrites, LroMode};
+use azure_emulator::{Fault, FaultAction, Service};
+use common::*;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn get_vmss_has_the_documented_shape() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let r = arm.get(&vmss_path(VMSS), API).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["id"], vmss_path(VMSS));
+    assert_eq!(b["name"], VMSS);
+    assert_eq!(b["type"], "Microsoft.Compute/virtualMachineScaleSets");
+    assert_eq!(b["location"], "eastus");
+    assert_eq!(b["etag"], "\"1\"");
+    assert_eq!(b["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(b["identity"]["type"], "UserAssigned");
+    assert!(
+        b["identity"].get("principalId").is_none(),
+        "no system identity fields: {b}"
+    );
+    let v = &b["identity"]["userAssignedIdentities"][uai(NODE_RG, "kubelet")];
+    assert_eq!(v["clientId"], "c0000000-0000-4000-8000-00000000000k");
+    assert!(v["principalId"].as_str().is_some_and(|p| p.len() == 36));
+    // Throttle headers on every Compute answer (contract point 57).
+    let res = r
+        .header("x-ms-ratelimit-remaining-resource")
+        .expect("resource header");
+    assert!(res.starts_with("Microsoft.Compute/GetVMScaleSetResource;35,Microsoft.Compute/GetVMScaleSetSubscriptionMaximum;"), "{res}");
+    assert!(
+        r.header("x-ms-ratelimit-remaining-subscription-reads")
+            .is_some()
+    );
+
+    // 2019-12-01 (upstream MIC) has no etag.
+    let old = arm.get(&vmss_path(VMSS), OLD_API).await;
+    assert_eq!(old.status, 200);
+    assert!(old.json().get("etag").is_none());
+}
+
+#[tokio::test]
+async fn system_identity_shows_principal_and_tenant() {
+    let emu = start(config()).await;
+    let b = Arm::new(&emu).get(&vm_path(VM), API).await.json();
+    assert_eq!(b["type"], "Microsoft.Compute/virtualMachines");
+    assert_eq!(b["identity"]["type"], "SystemAssigned");
+    assert_eq!(b["identity"]["tenantId"], TENANT);
+    assert!(b["identity"]["principalId"].is_string());
+    assert!(b["identity"].get("userAssignedIdentities").is_none());
+}
+
+#[tokio::test]
+async fn paths_are_case_insensitive_and_keep_stored_casing() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let shouty = vmss_path(VMSS)
+        .to_uppercase()
+        .replace("/SUBSCRIPTIONS/", "/subscriptions/");
+    let r = arm.get(&shouty, API).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], VMSS);
+    assert_eq!(r.json()["id"], vmss_path(VMSS));
+    // API-version parameter name is case-insensitive too.
+    let url = format!("{}{}?API-VERSION={API}", emu.arm_url(), vmss_path(VMSS));
+    assert_eq!(
+        Call::new("GET", url)
+            .bearer(&arm.token)
+            .send(emu.ca_pem())
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn bearer_token_is_required_and_checked() {
+    let emu = start(config()).await;
+    let url = format!("{}{}?api-version={API}", emu.arm_url(), vmss_path(VMSS));
+    let r = Call::new("GET", &url).send(emu.ca_pem()).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "AuthenticationFailed")
+    );
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|h| h.starts_with("Bearer authorization_uri="))
+    );
+    let r = Call::new("GET", &url)
+        .header("authorization", "Basic abc")
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "AuthenticationFailed")
+    );
+    let r = Call::new("GET", &url)
+        .bearer("not.a.jwt")
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "InvalidAuthenticationToken")
+    );
+    let vault = emu
+        .issue_token(MIC, "https://vault.azure.net")
+        .expect("token");
+    let r = Call::new("GET", &url)
+        .bearer(&vault)
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "InvalidAuthenticationTokenAudience")
+    );
+    // Both ARM audiences, with or without the slash (contract point 36).
+    for aud in [
+        "https://management.azure.com",
+        "https://management.azure.com/",
+        "https://management.core.windows.net/",
+        "https://management.core.windows.net",
+    ] {
+        let t = emu.issue_token(MIC, aud).expect("token");
+        assert_eq!(
+            Call::new("GET", &url)
+                .bearer(&t)
+                .send(emu.ca_pem())
+                .await
+                .status,
+            200,
+            "{aud}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn api_version_is_required_and_checked() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let url = format!("{}{}", emu.arm_url(), vmss_path(VMSS));
+    let r = Call::new("GET", url)
+        .bearer(&arm.token)
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "MissingApiVersionParameter")
+    );
+    assert_eq!(
+        r.json()["error"]["message"],
+        "The api-version query parameter (?api-version=) is required for all requests."
+    );
+    let r = arm.get(&vmss_path(VMSS), "2001-01-01").await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "NoRegisteredProviderFound")
+    );
+    for v in [
+        "2019-12-01",
+        "2023-09-01",
+        "2024-07-01",
+        "2024-11-01",
+        "2025-04-01",
+        "2025-11-01",
+        "2026-04-01",
+    ] {
+        assert_eq!(arm.get(&vmss_path(VMSS), v).await.status, 200, "{v}");
+    }
+}
+
+#[tokio::test]
+async fn missing_things_are_404_with_arm_codes() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let r = arm.get(&vmss_path("nope"), API).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "ResourceNotFound")
+    );
+    assert!(r.json()["error"]["message"].as_str().unwrap_or("").starts_with(&format!(
+        "The Resource 'Microsoft.Compute/virtualMachineScaleSets/nope' under resource group '{NODE_RG}' was not found."
+    )));
+    let r = arm.patch(&vm_path("nope"), API, &json!({})).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "ResourceNotFound")
+    );
+    let r = arm.get(&format!("/subscriptions/{SUB}/resourceGroups/no-rg/providers/Microsoft.Compute/virtualMachineScaleSets/x"), API).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "ResourceGroupNotFound")
+    );
+    assert_eq!(
+        r.json()["error"]["message"],
+        "Resource group 'no-rg' could not be found."
+    );
+    let r = arm
+        .get("/subscriptions/other-sub/resourceGroups/x", API)
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "SubscriptionNotFound")
+    );
+    // Error bodies always carry code, message and details.
+    let e = &r.json()["error"];
+    assert!(e["code"].is_string() && e["message"].is_string() && e["details"].is_array());
+}
+
+#[tokio::test]
+async fn patch_merges_user_assigned_identities_through_an_lro() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let app = uai(APP_RG, "app-id");
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&app, true)]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["properties"]["provisioningState"], "Updating");
+    assert_eq!(
+        uai_keys(&b),
+        vec![
+            uai(APP_RG, "app-id").to_lowercase(),
+            uai(NODE_RG, "kubelet").to_lowercase()
+        ]
+    );
+    let op_url = r
+        .header("azure-asyncoperation")
+        .expect("Azure-AsyncOperation");
+    assert!(
+        op_url.contains(&format!(
+            "/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/operations/"
+        )),
+        "{op_url}"
+    );
+    assert!(op_url.ends_with(&format!("?api-version={API}")));
+    assert!(r.header("location").is_some());
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(emu.counters().lro_started, 1);
+
+    let poll = arm.get_abs(&op_url).await;
+    assert_eq!(poll.status, 200);
+    assert_eq!(poll.json()["status"], "InProgress");
+    assert!(poll.json()["startTime"].is_string());
+    assert_eq!(
+        arm.get(&vmss_path(VMSS), API).await.json()["properties"]["provisioningState"],
+        "Updating"
+    );
+
+    emu.clock().advance(Duration::from_secs(45));
+    let done = arm.get_abs(&op_url).await.json();
+    assert_eq!(done["status"], "Succeeded");
+    assert!(done["endTime"].is_string());
+    let got = arm.get(&vmss_path(VMSS), API).await.json();
+    assert_eq!(got["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(got["etag"], "\"2\"");
+
+    // null removes, absent keys are kept (contract point 42).
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&app, false)]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        uai_keys(&r.json()),
+        vec![uai(NODE_RG, "kubelet").to_lowercase()]
+    );
+    emu.clock().advance(Duration::from_secs(45));
+    // A PATCH without identity keeps it.
+    let r = arm
+        .patch(&vmss_path(VMSS), API, &json!({"tags": {"a": "b"}}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        uai_keys(&r.json()),
+        vec![uai(NODE_RG, "kubelet").to_lowercase()]
+    );
+    assert_eq!(r.json()["tags"]["a"], "b");
+    assert_eq!(emu.counters().arm_writes.values().sum::<u64>(), 3);
+}
+
+#[tokio::test]
+async fn location_header_polls_202_then_the_resource() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    let loc = r.header("location").expect("Location");
+    let p = arm.get_abs(&loc).await;
+    assert_eq!(p.status, 202);
+    assert!(p.header("location").is_some());
+    emu.clock().advance(Duration::from_secs(60));
+    let p = arm.get_abs(&loc).await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.json()["name"], VMSS);
+}
+
+#[tokio::test]
+async fn failed_operation_reports_an_error() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    emu.fail_next_operations(1);
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    let op = r.header("azure-asyncoperation").expect("op");
+    emu.clock().advance(Duration::from_secs(46));
+    let b = arm.get_abs(&op).await.json();
+    assert_eq!(b["status"], "Failed");
+    assert!(b["error"]["code"].is_string() && b["error"]["message"].is_string());
+    assert_eq!(
+        arm.get(&vmss_path(VMSS), API).await.json()["properties"]["provisioningState"],
+        "Failed"
+    );
+}
+
+#[tokio::test]
+async fn none_and_system_assigned_transitions() {
+    let mut cfg = config();
+    cfg.arm.lro_mode = LroMode::Sync;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    // VM with a system identity: add a UAI keeping the system one.
+    let r = arm
+        .patch(
+            &vm_path(VM),
+            API,
+            &identity_patch(
+                "SystemAssigned,UserAssigned",
+                &[(&uai(APP_RG, "app-id"), true)],
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["identity"]["type"], "SystemAssigned, UserAssigned");
+    assert_eq!(r.json()["properties"]["provisioningState"], "Succeeded");
+    assert!(
+        r.header("azure-asyncoperation").is_none(),
+        "sync mode has no LRO headers"
+    );
+    // SystemAssigned drops every UAI.
+    let r = arm
+        .patch(
+            &vm_path(VM),
+            API,
+            &json!({"identity": {"type": "SystemAssigned"}}),
+        )
+        .await;
+    assert_eq!(r.json()["identity"]["type"], "SystemAssigned");
+    assert_eq!(emu.assigned_identities(VM), Some(vec![]));
+    // None removes everything; the identity member disappears.
+    let r = arm
+        .patch(&vm_path(VM), API, &json!({"identity": {"type": "None"}}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json().get("identity").is_none());
+    assert_eq!(emu.has_system_identity(VM), Some(false));
+    // UserAssigned on a scale set: removing the last one needs type None.
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(NODE_RG, "kubelet"), false)]),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidParameter")
+    );
+    assert_eq!(
+        r.json()["error"]["message"],
+        "The identity ids must not be null or empty for 'UserAssigned' identity type."
+    );
+    // Type spelled loosely is accepted and echoed canonically.
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("userAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    assert_eq!(r.json()["identity"]["type"], "UserAssigned");
+}
+
+#[tokio::test]
+async fn identity_errors_follow_the_contract() {
+    let mut cfg = config();
+    cfg.arm.lro_mode = LroMode::Sync;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    let p = vmss_path(VMSS);
+
+    let r = arm
+        .patch(
+            &p,
+            API,
+            &json!({"identity": {"userAssignedIdentities": {}}}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidRequestContent")
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Required property 'type' not found in JSON. Path 'identity'.")
+    );
+
+    let r = arm
+        .patch(
+            &p,
+            API,
+            &identity_patch("SystemAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidParameter")
+    );
+
+    let missing = format!(
+        "/subscriptions/{SUB}/resourceGroups/App-RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/Ghost"
+    );
+    let r = arm
+        .patch(
+            &p,
+            API,
+            &identity_patch("UserAssigned", &[(&missing, true)]),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "FailedIdentityOperation")
+    );
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        msg.contains(&format!(
+            "Resource '{}' was not found.",
+            missing.to_lowercase()
+        )),
+        "{msg}"
+    );
+
+    let many: Vec<String> = (0..151).map(|i| uai(APP_RG, &format!("x{i}"))).collect();
+    let changes: Vec<(&str, bool)> = many.iter().map(|s| (s.as_str(), true)).collect();
+    let r = arm
+        .patch(&p, API, &identity_patch("UserAssigned", &changes))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "FailedIdentityOperation")
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(
+                "User Assigned Identities Number '151' Assign exceed limit '150' in one request."
+            )
+    );
+
+    // Nothing changed by any of the failures.
+    let b = arm.get(&p, API).await.json();
+    assert_eq!(b["etag"], "\"1\"");
+    assert_eq!(uai_keys(&b), vec![uai(NODE_RG, "kubelet").to_lowercase()]);
+}
+
+#[tokio::test]
+async fn missing_assign_right_is_linked_authorization_failed() {
+    let mut cfg = config();
+    cfg.arm.lro_mode = LroMode::Sync;
+    let emu = start(cfg).await;
+    let limited = Arm::as_client(&emu, LIMITED);
+    let (a2, other) = (uai(APP_RG, "app-2"), uai(APP_RG, "other-id"));
+    let r = limited
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&a2, true), (&other, true)]),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (403, "LinkedAuthorizationFailed")
+    );
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(msg.contains("'Microsoft.ManagedIdentity/userAssignedIdentities/assign/action' on the linked scope(s) '"), "{msg}");
+    assert!(
+        msg.contains(&format!("'{a2},{other}'")),
+        "IDs comma-separated in quotes: {msg}"
+    );
+    // The identity it may assign works.
+    let ok = limited
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    // Revoking the right on app-id for everyone (fault) blocks MIC too.
+    emu.set_assign_revoked("app-2", true);
+    let r = Arm::new(&emu)
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&a2, true)]),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (403, "LinkedAuthorizationFailed")
+    );
+    // Missing write right is AuthorizationFailed.
+    emu.set_write_revoked(MIC_OID, true);
+    let r = Arm::new(&emu)
+        .patch(&vmss_path(VMSS), API, &json!({"tags": {}}))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (403, "AuthorizationFailed")
+    );
+}
+
+#[tokio::test]
+async fn deleting_scale_set_refuses_writes() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    assert!(emu.set_deleting(VMSS, true));
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (409, "OperationNotAllowed")
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("marked for deletion")
+    );
+    assert_eq!(
+        arm.get(&vmss_path(VMSS), API).await.json()["properties"]["provisioningState"],
+        "Deleting"
+    );
+}
+
+#[tokio::test]
+async fn second_write_in_flight_conflicts() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let body = identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]);
+    assert_eq!(arm.patch(&vmss_path(VMSS), API, &body).await.status, 200);
+    let r = arm.patch(&vmss_path(VMSS), API, &body).await;
+    assert_eq!((r.status, r.error_code().as_str()), (409, "Conflict"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("The request failed due to conflict with a concurrent request.")
+    );
+    // Another scale set is independent.
+    assert_eq!(arm.patch(&vmss_path(VMSS2), API, &body).await.status, 200);
+    emu.clock().advance(Duration::from_secs(45));
+    assert_eq!(arm.patch(&vmss_path(VMSS), API, &body).await.status, 200);
+}
+
+#[tokio::test]
+async fn second_write_queues_when_configured() {
+    let mut cfg = config();
+    cfg.arm.concurrent_writes = ConcurrentWrites::Queue;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    let first = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    assert_eq!(first.status, 200);
+    let second_body = identity_patch("UserAssigned", &[(&uai(APP_RG, "app-2"), true)]);
+    let path = vmss_path(VMSS);
+    let second = arm.patch(&path, API, &second_body);
+    let advance = async {
+        // Once the second write waits in the queue, end the first one.
+        for _ in 0..2000 {
+            if emu.counters().arm_queued_writes >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(emu.counters().arm_queued_writes, 1);
+        emu.clock().advance(Duration::from_secs(45));
+    };
+    let (r, ()) = tokio::join!(second, advance);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(uai_keys(&r.json()).len(), 3);
+}
+
+#[tokio::test]
+async fn etag_and_if_match() {
+    let mut cfg = config();
+    cfg.arm.lro_mode = LroMode::Sync;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    let url = arm.url(&vmss_path(VMSS), API);
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .header("if-match", "\"7\"")
+        .json(&json!({"tags": {}}))
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (412, "PreconditionFailed")
+    );
+    assert_eq!(
+        r.json()["error"]["message"],
+        "Etag provided in if-match header \"7\" does not match etag \"1\" of resource."
+    );
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .header("if-match", "\"1\"")
+        .json(&json!({"tags": {}}))
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["etag"], "\"2\"");
+    let r = Call::new("PUT", &url)
+        .bearer(&arm.token)
+        .header("if-none-match", "*")
+        .json(&json!({"location": "eastus"}))
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(r.status, 412);
+    // Old api-versions ignore If-Match.
+    let old = arm.url(&vmss_path(VMSS), OLD_API);
+    let r = Call::new("PATCH", &old)
+        .bearer(&arm.token)
+        .header("if-match", "\"99\"")
+        .json(&json!({"tags": {}}))
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn put_creates_201_updates_200_and_rejects_echoed_read_only_values() {
+    let mut cfg = config();
+    cfg.arm.lro_mode = LroMode::Sync;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    let body = json!({"location": "eastus", "identity": {"type": "UserAssigned", "userAssignedIdentities": {uai(APP_RG, "app-id"): {}}}});
+    let r = arm.put(&vmss_path("new-vmss"), API, &body).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["etag"], "\"1\"");
+    let r = arm.put(&vmss_path("new-vmss"), API, &body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["etag"], "\"2\"");
+    // A GET body sent back as-is carries principalId/clientId.
+    let got = arm.get(&vmss_path(VMSS), API).await.json();
+    let r = arm.put(&vmss_path(VMSS), API, &got).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidIdentityValues")
+    );
+    let r = arm.put(&vmss_path("no-location"), API, &json!({})).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "LocationRequired")
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_azure_errors_and_leaves_state_alone() {
+    let mut cfg = config();
+    cfg.arm.max_body_bytes = 64 * 1024;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    let url = arm.url(&vmss_path(VMSS), API);
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .raw("application/json", "{\"identity\": ")
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidRequestContent")
+    );
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .raw("application/json", "[1,2]")
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidRequestContent")
+    );
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .raw("text/plain", "{}")
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (415, "UnsupportedMediaType")
+    );
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(r.status, 415);
+    let huge = format!("{{\"tags\":{{\"a\":\"{}\"}}}}", "x".repeat(100 * 1024));
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .raw("application/json", huge)
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (413, "RequestEntityTooLarge")
+    );
+    let r = Call::new("DELETE", &url)
+        .bearer(&arm.token)
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(r.status, 405);
+    let r = Call::new("PATCH", &url)
+        .bearer(&arm.token)
+        .raw(
+            "application/json",
+            "{\"identity\":{\"type\":\"UserAssigned\",\"userAssignedIdentities\":[]}}",
+        )
+        .send(emu.ca_pem())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidRequestContent")
+    );
+    let b = arm.get(&vmss_path(VMSS), API).await.json();
+    assert_eq!(b["etag"], "\"1\"");
+    assert_eq!(b["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(uai_keys(&b), vec![uai(NODE_RG, "kubelet").to_lowercase()]);
+    assert_eq!(emu.counters().lro_started, 0);
+}
+
+#[tokio::test]
+async fn writes_are_throttled_per_scale_set() {
+    let mut cfg = config();
+    cfg.arm.lro_mode = LroMode::Sync;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    let p = vmss_path(VMSS);
+    for i in 0..12u32 {
+        let r = arm
+            .patch(&p, API, &json!({"tags": {"i": i.to_string()}}))
+            .await;
+        assert_eq!(r.status, 200, "write {i}: {}", r.text());
+        let h = r
+            .header("x-ms-ratelimit-remaining-resource")
+            .expect("header");
+        assert!(
+            h.starts_with(&format!(
+                "Microsoft.Compute/PutVMScaleSetResource;{},",
+                11 - i
+            )),
+            "{h}"
+        );
+        assert!(
+            r.header("x-ms-ratelimit-remaining-subscription-writes")
+                .is_some()
+        );
+    }
+    let r = arm.patch(&p, API, &json!({"tags": {}})).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (429, "OperationNotAllowed")
+    );
+    // Refill is 4 per minute: one token after 15 virtual seconds (clock is manual).
+    assert_eq!(r.header("retry-after").as_deref(), Some("15"));
+    let e = &r.json()["error"];
+    assert_eq!(e["details"][0]["code"], "TooManyRequests");
+    assert_eq!(e["details"][0]["target"], "PutVMScaleSetResource");
+    assert_eq!(
+        e["innererror"]["internalErrorCode"],
+        "TooManyRequestsReceived"
+    );
+    // The other scale set has its own bucket; GETs their own policy.
+    assert_eq!(
+        arm.patch(&vmss_path(VMSS2), API, &json!({"tags": {}}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(arm.get(&p, API).await.status, 200);
+    emu.clock().advance(Duration::from_secs(15));
+    assert_eq!(arm.patch(&p, API, &json!({"tags": {}})).await.status, 200);
+    assert_eq!(arm.patch(&p, API, &json!({"tags": {}})).await.status, 429);
+    assert_eq!(emu.counters().arm_throttled, 2);
+}
+
+#[tokio::test]
+async fn gets_are_throttled_by_their_own_bucket() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    for _ in 0..36 {
+        assert_eq!(arm.get(&vmss_path(VMSS), API).await.status, 200);
+    }
+    let r = arm.get(&vmss_path(VMSS), API).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.json()["error"]["details"][0]["target"],
+        "GetVMScaleSetResource"
+    );
+    assert_eq!(r.header("retry-after").as_deref(), Some("5"));
+    emu.reset_throttling();
+    assert_eq!(arm.get(&vmss_path(VMSS), API).await.status, 200);
+}
+
+#[tokio::test]
+async fn instances_and_identities_read_back() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let r = arm
+        .get(&format!("{}/virtualMachines/1", vmss_path(VMSS)), API)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["properties"]["latestModelApplied"], true);
+    assert_eq!(r.json()["name"], format!("{VMSS}_1"));
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    emu.clock().advance(Duration::from_secs(60));
+    let r = arm
+        .get(&format!("{}/virtualMachines/1", vmss_path(VMSS)), API)
+        .await;
+    assert_eq!(
+        r.json()["properties"]["latestModelApplied"],
+        true,
+        "identity changes keep instances on the latest model"
+    );
+    let r = arm
+        .get(&format!("{}/virtualMachines/9", vmss_path(VMSS)), API)
+        .await;
+    assert_eq!(r.status, 404);
+
+    let u = arm.get(&uai(APP_RG, "app-id"), "2024-11-30").await;
+    assert_eq!(u.status, 200, "{}", u.text());
+    let b = u.json();
+    assert_eq!(
+        b["type"],
+        "Microsoft.ManagedIdentity/userAssignedIdentities"
+    );
+    assert_eq!(
+        b["properties"]["clientId"],
+        "c0000000-0000-4000-8000-000000000001"
+    );
+    assert_eq!(b["properties"]["tenantId"], TENANT);
+    assert_eq!(b["properties"]["isolationScope"], "None");
+    assert_eq!(
+        arm.get(&uai(APP_RG, "ghost"), "2024-11-30").await.status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn identities_stripped_or_deleted_behind_the_clients_back() {
+    let mut cfg = config();
+    cfg.arm.lro_mode = LroMode::Sync;
+    let emu = start(cfg).await;
+    let arm = Arm::new(&emu);
+    assert_eq!(emu.assign_identities(VMSS, &["app-id", "app-2"]), 2);
+    assert_eq!(
+        uai_keys(&arm.get(&vmss_path(VMSS), API).await.json()).len(),
+        3
+    );
+    assert_eq!(emu.strip_identities(VMSS, Some(&["app-id"])), 1);
+    assert_eq!(
+        uai_keys(&arm.get(&vmss_path(VMSS), API).await.json()).len(),
+        2
+    );
+    // A deleted identity stays on the scale set but cannot be (re)assigned.
+    assert!(emu.delete_identity("app-2"));
+    assert_eq!(
+        uai_keys(&arm.get(&vmss_path(VMSS), API).await.json()).len(),
+        2
+    );
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-2"), true)]),
+        )
+        .await;
+    assert_eq!(r.error_code(), "FailedIdentityOperation");
+    // Removing it still works.
+    let r = arm
+        .patch(
+            &vmss_path(VMSS),
+            API,
+            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-2"), false)]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(emu.strip_identities(VMSS, None), 1);
+    assert!(
+        arm.get(&vmss_path(VMSS), API)
+            .await
+            .json()
+            .get("identity")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn injected_faults_storms_errors_hangs_and_slow_gets() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    let p = vmss_path(VMSS);
+    emu.inject(
+        Fault::new(
+            Service::Arm,
+            FaultAction::Status {
+                status: 429,
+                retry_after: Some(7),
+            },
+        )
+        .method("GET")
+        .times(3),
+    );
+    for _ in 0..3 {
+        let r = arm.get(&p, API).await;
+        assert_eq!(
+            (r.status, r.header("retry-after").as_deref()),
+            (429, Some("7"))
+        );
+        assert_eq!(r.json()["error"]["details"][0]["code"], "TooManyRequests");
+    }
+    assert_eq!(arm.get(&p, API).await.status, 200);
+    emu.inject(
+        Fault::new(
+            Service::Arm,
+            FaultAction::Status {
+                status: 500,
+                retry_after: None,
+            },
+        )
+        .times(1),
+    );
+    assert_eq!(arm.get(&p, API).await.error_code(), "InternalServerError");
+    emu.inject(
+        Fault::new(
+            Service::Arm,
+            FaultAction::Status {
+                status: 503,
+                retry_after: Some(2),
+            },
+        )
+        .times(1),
+    );
+    assert_eq!(arm.get(&p, API).await.status, 503);
+
+    // A slow GET completes only once 30 virtual seconds pass.
+    emu.inject(
+        Fault::new(Service::Arm, FaultAction::Delay { seconds: 30.0 })
+            .method("GET")
+            .times(1),
+    );
+    let slow = arm.get(&p, API);
+    let nudge = async {
+        // The fault fires (and its virtual sleep starts) in one poll; wait for it.
+        for _ in 0..2000 {
+            if emu.counters().faults_fired >= 6 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let done_early = emu.requests(0).iter().filter(|r| r.status == 200).count();
+        emu.clock().advance(Duration::from_secs(30));
+        done_early
+    };
+    let (r, done_early) = tokio::join!(slow, nudge);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        done_early, 1,
+        "the slow GET was still pending before the clock moved"
+    );
+
+    // A hang never answers.
+    emu.inject(Fault::new(Service::Arm, FaultAction::Hang).times(1));
+    let hung = tokio::time::timeout(Duration::from_millis(300), arm.get(&p, API)).await;
+    assert!(hung.is_err(), "hung request must not complete");
+    assert_eq!(arm.get(&p, API).await.status, 200);
+    assert_eq!(emu.counters().faults_fired, 7);
+}
+
+#[tokio::test]
+async fn request_log_and_counters_observe_traffic() {
+    let emu = start(config()).await;
+    let arm = Arm::new(&emu);
+    arm.get(&vmss_path(VMSS), API).await;
+    arm.get(&vmss_path("nope"), API).await;
+    let log = emu.requests(0);
+    assert_eq!(log.len(), 2);
+    assert_eq!((log[0].status, log[1].status), (200, 404));
+    assert_eq!(log[0].method, "GET");
+    assert!(log[0].uri.contains(VMSS));
+    let c = emu.counters();
+    assert_eq!(c.arm_reads.get(&vmss_path(VMSS).to_lowercase()), Some(&1));
+    assert_eq!(c.arm_errors, 1);
+    assert_eq!(emu.requests(log[0].seq).len(), 1);
+    let _: Value = json!(c);
+}
+
+#[tokio::test]
+async fn expired_token_is_rejected() {
+    let mut cfg = config();
+    cfg.aad.token_lifetime_seconds = 0;
+    let emu = start(cfg).await;
+    let r = Arm::new(&emu).get(&vmss_path(VMSS), API).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "ExpiredAuthenticationToken")
+    );
+}

@@ -1,0 +1,269 @@
+//! Real Azure SDK clients against the emulator: `azure_identity` 1.x
+//! `ClientSecretCredential` on the AAD endpoint, and a thin ARM client over
+//! `azure_core`'s `Pipeline` with `BearerTokenAuthorizationPolicy` doing a
+//! PATCH + LRO round trip (the client MIC will use).
+//!
+//! The SDK trusts the test CA only through `SSL_CERT_FILE`, which is
+//! process-wide and cannot be set from a test without `unsafe`; so the parent
+//! test writes the CA and bundle, then re-runs this test binary on the child
+//! test with the variable set.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
+use azure_core::credentials::{Secret, TokenCredential};
+use azure_core::http::headers::HeaderName;
+use azure_core::http::policies::auth::BearerTokenAuthorizationPolicy;
+use azure_core::http::{ClientOptions, Context, Method, Pipeline, RawResponse, Request, Url};
+use azure_emulator::{Emulator, Fault, FaultAction, Service, TestCa};
+use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
+use common::*;
+use serde_json::{Value, json};
+
+const CHILD_ENV: &str = "AZEMU_SDK_CHILD";
+
+#[tokio::test]
+async fn sdk_clients_against_the_emulator() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("azemu-sdk-{}", azure_emulator::ids::new_guid()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let ca = TestCa::generate().expect("CA");
+    let (cert, key, bundle) = (
+        dir.join("ca.pem"),
+        dir.join("ca-key.pem"),
+        dir.join("bundle.pem"),
+    );
+    std::fs::write(&cert, ca.cert_pem()).expect("write cert");
+    std::fs::write(&key, ca.key_pem()).expect("write key");
+    azure_emulator::tls::write_bundle(ca.cert_pem(), &bundle).expect("bundle");
+    let exe = std::env::current_exe().expect("test binary");
+    let child = tokio::process::Command::new(exe)
+        .args([
+            "child_sdk_round_trip",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .env("SSL_CERT_FILE", &bundle)
+        .env("AZEMU_CA_CERT", &cert)
+        .env("AZEMU_CA_KEY", &key)
+        // Keep the SDK away from any ambient credential or authority settings.
+        .env_remove("AZURE_AUTHORITY_HOST")
+        // Loopback only, never through a proxy.
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), child)
+        .await
+        .expect("child finished in 180 s")
+        .expect("child ran");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1 passed"), "child ran its test:\n{stdout}");
+}
+
+fn credential(emu: &Emulator, secret: &str) -> Arc<ClientSecretCredential> {
+    let mut custom = CustomConfiguration::default();
+    custom.authority_host = emu.aad_url();
+    let mut options = ClientSecretCredentialOptions::default();
+    options.client_options.cloud = Some(Arc::new(CloudConfiguration::Custom(custom)));
+    ClientSecretCredential::new(
+        TENANT,
+        MIC.to_string(),
+        Secret::new(secret.to_string()),
+        Some(options),
+    )
+    .expect("credential")
+}
+
+/// The thin ARM client: one pipeline, bearer policy with the ARM scope.
+struct ArmClient {
+    pipeline: Pipeline,
+    base: String,
+}
+
+impl ArmClient {
+    fn new(emu: &Emulator, cred: Arc<ClientSecretCredential>) -> Self {
+        let bearer =
+            BearerTokenAuthorizationPolicy::new(cred, ["https://management.azure.com/.default"]);
+        let pipeline = Pipeline::new(
+            Some("azemu-test"),
+            Some("0.1.0"),
+            ClientOptions::default(),
+            vec![],
+            vec![Arc::new(bearer)],
+            None,
+        );
+        Self {
+            pipeline,
+            base: emu.arm_url(),
+        }
+    }
+
+    async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> azure_core::Result<RawResponse> {
+        let mut req = Request::new(Url::parse(url).expect("url"), method);
+        if let Some(b) = body {
+            req.insert_header("content-type", "application/json");
+            req.set_body(serde_json::to_vec(b).expect("json"));
+        }
+        // Non-2xx answers become errors carrying ARM's `error.code` and message.
+        self.pipeline.send(&Context::new(), &mut req, None).await
+    }
+
+    async fn send(&self, method: Method, url: &str, body: Option<&Value>) -> (u16, RawResponse) {
+        let resp = self.try_send(method, url, body).await.expect("send");
+        (u16::from(resp.status()), resp)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}?api-version={API}", self.base)
+    }
+}
+
+fn body_json(r: &RawResponse) -> Value {
+    serde_json::from_slice(r.body()).expect("JSON body")
+}
+
+#[tokio::test]
+async fn child_sdk_round_trip() {
+    let (Some(cert), Some(key)) = (
+        std::env::var_os("AZEMU_CA_CERT"),
+        std::env::var_os("AZEMU_CA_KEY"),
+    ) else {
+        // Only meaningful when started by the parent test with SSL_CERT_FILE set.
+        return;
+    };
+    let mut cfg = config();
+    // 1000x: the 45 s scale-set write takes 45 ms of real time.
+    cfg.clock.speed = 1000.0;
+    cfg.listen.ca_cert_pem_file = Some(cert.into());
+    cfg.listen.ca_key_pem_file = Some(key.into());
+    let emu = Emulator::start(cfg).await.expect("emulator");
+
+    // Client secret credential, v2 endpoint, numeric expires_in.
+    let cred = credential(&emu, MIC_SECRET);
+    let token = cred
+        .get_token(&["https://management.azure.com/.default"], None)
+        .await
+        .expect("token from emulator AAD");
+    let claims = emu
+        .verify_token(token.token.secret())
+        .expect("ARM accepts the SDK's token");
+    assert_eq!(claims.appid, MIC);
+    let bad = credential(&emu, "wrong")
+        .get_token(&["https://management.azure.com/.default"], None)
+        .await;
+    let msg = format!("{:?}", bad.expect_err("wrong secret fails"));
+    assert!(msg.contains("AADSTS7000215"), "{msg}");
+
+    // GET, PATCH (null-valued removal and {} addition), LRO polling.
+    let arm = ArmClient::new(&emu, cred);
+    let (status, got) = arm
+        .send(Method::Get, &arm.url(&vmss_path(VMSS)), None)
+        .await;
+    assert_eq!(status, 200);
+    let rate = got
+        .headers()
+        .get_optional_str(&HeaderName::from_static(
+            "x-ms-ratelimit-remaining-resource",
+        ))
+        .map(String::from);
+    assert!(rate.is_some_and(|r| r.contains("GetVMScaleSetResource")));
+    assert_eq!(
+        uai_keys(&body_json(&got)),
+        vec![uai(NODE_RG, "kubelet").to_lowercase()]
+    );
+
+    let patch = json!({"identity": {"type": "UserAssigned", "userAssignedIdentities": {
+        uai(APP_RG, "app-id"): {}, uai(APP_RG, "app-2"): {}, uai(NODE_RG, "kubelet"): null }}});
+    let (status, resp) = arm
+        .send(Method::Patch, &arm.url(&vmss_path(VMSS)), Some(&patch))
+        .await;
+    assert_eq!(status, 200, "{:?}", String::from_utf8_lossy(resp.body()));
+    assert_eq!(
+        body_json(&resp)["properties"]["provisioningState"],
+        "Updating"
+    );
+    let op = resp
+        .headers()
+        .get_optional_str(&HeaderName::from_static("azure-asyncoperation"))
+        .expect("Azure-AsyncOperation")
+        .to_string();
+    let mut final_status = String::new();
+    for _ in 0..500 {
+        let (s, r) = arm.send(Method::Get, &op, None).await;
+        assert_eq!(s, 200);
+        final_status = body_json(&r)["status"].as_str().unwrap_or("").to_string();
+        if final_status != "InProgress" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(final_status, "Succeeded");
+    let (_, got) = arm
+        .send(Method::Get, &arm.url(&vmss_path(VMSS)), None)
+        .await;
+    let b = body_json(&got);
+    assert_eq!(b["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(
+        uai_keys(&b),
+        vec![
+            uai(APP_RG, "app-2").to_lowercase(),
+            uai(APP_RG, "app-id").to_lowercase()
+        ]
+    );
+
+    // ARM errors come back as responses the client can parse.
+    let ghost = json!({"identity": {"type": "UserAssigned", "userAssignedIdentities": {uai(APP_RG, "ghost"): {}}}});
+    let err = arm
+        .try_send(Method::Patch, &arm.url(&vmss_path(VMSS)), Some(&ghost))
+        .await
+        .expect_err("400");
+    let text = format!("{err:?}");
+    assert!(
+        text.contains("status: BadRequest") && text.contains("FailedIdentityOperation"),
+        "{text}"
+    );
+
+    // The pipeline retries a throttled GET after Retry-After (1 s, real).
+    emu.inject(
+        Fault::new(
+            Service::Arm,
+            FaultAction::Status {
+                status: 429,
+                retry_after: Some(1),
+            },
+        )
+        .method("GET")
+        .times(1),
+    );
+    let (status, _) = arm
+        .send(Method::Get, &arm.url(&vmss_path(VMSS)), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(emu.counters().arm_throttled, 1);
+}
