@@ -36,6 +36,15 @@ fn apply(cluster: &Cluster, ns: &str, manifest: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies seed-002 fixtures, filled in as Terraform would, in order.
+fn apply_seed002(cluster: &Cluster, ns: &str, files: &[&str]) -> anyhow::Result<()> {
+    let vars = seed002_vars();
+    for file in files {
+        apply(cluster, ns, &fill_template(&fixture(file)?, &vars))?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn crds_are_established_and_namespaced() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
@@ -63,14 +72,15 @@ async fn crds_are_established_and_namespaced() -> anyhow::Result<()> {
 async fn seed_manifests_apply_unchanged_and_read_back() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
     let ns = cluster.temp_namespace("seed002").await?;
-    let vars = seed002_vars();
-    for file in [
-        "seed002-azureidentity.yaml",
-        "seed002-azureidentitybinding.yaml",
-        "seed002-pod.yaml",
-    ] {
-        apply(cluster, ns.name(), &fill_template(&fixture(file)?, &vars))?;
-    }
+    apply_seed002(
+        cluster,
+        ns.name(),
+        &[
+            "seed002-azureidentity.yaml",
+            "seed002-azureidentitybinding.yaml",
+            "seed002-pod.yaml",
+        ],
+    )?;
 
     let client = cluster.admin_client().await?;
     let id = Api::<AzureIdentity>::namespaced(client.clone(), ns.name())
@@ -131,16 +141,13 @@ async fn seed004_pod_applies_unchanged() -> anyhow::Result<()> {
 async fn kubectl_get_shows_upstream_printer_columns() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
     let ns = cluster.temp_namespace("columns").await?;
-    let vars = seed002_vars();
-    apply(
+    apply_seed002(
         cluster,
         ns.name(),
-        &fill_template(&fixture("seed002-azureidentity.yaml")?, &vars),
-    )?;
-    apply(
-        cluster,
-        ns.name(),
-        &fill_template(&fixture("seed002-azureidentitybinding.yaml")?, &vars),
+        &[
+            "seed002-azureidentity.yaml",
+            "seed002-azureidentitybinding.yaml",
+        ],
     )?;
 
     let out = cluster.kubectl_run(&["get", "azureidentities", "-n", ns.name()], None)?;
@@ -206,16 +213,13 @@ async fn invalid_identity_type_is_refused_with_a_clear_message() -> anyhow::Resu
 async fn assigned_identity_with_embedded_refs_round_trips() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
     let ns = cluster.temp_namespace("aai").await?;
-    let vars = seed002_vars();
-    apply(
+    apply_seed002(
         cluster,
         ns.name(),
-        &fill_template(&fixture("seed002-azureidentity.yaml")?, &vars),
-    )?;
-    apply(
-        cluster,
-        ns.name(),
-        &fill_template(&fixture("seed002-azureidentitybinding.yaml")?, &vars),
+        &[
+            "seed002-azureidentity.yaml",
+            "seed002-azureidentitybinding.yaml",
+        ],
     )?;
     let client = cluster.admin_client().await?;
     let id = Api::<AzureIdentity>::namespaced(client.clone(), ns.name())
