@@ -1,0 +1,384 @@
+//! Command-line flags, spelled and defaulted as upstream NMI v1.8.17
+//! (shared/research/aad-pod-identity.md §3.1), so the upstream chart's and
+//! manifests' container args keep working. Upstream parses with pflag and Go's
+//! `flag`: booleans take `--x`, `--x=true` or `--x=false` (never a separate
+//! value word), which [`go_bool`] flags reproduce.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+/// `true` when upstream's environment variable turns namespaced mode on.
+pub const ENV_FORCE_NAMESPACED: &str = aadpodid_api::ENV_FORCE_NAMESPACED;
+
+/// How NMI decides which identities a pod may use (`--operation-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OperationMode {
+    /// MIC writes AzureAssignedIdentities; NMI serves the pod's Assigned ones.
+    Standard,
+    /// No MIC: bindings and identities in the pod's namespace decide (§3.7).
+    Managed,
+}
+
+/// Parses Go's `strconv.ParseBool` spellings.
+fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!("invalid boolean value {other:?}")),
+    }
+}
+
+fn operation_mode(s: &str) -> Result<OperationMode, String> {
+    // Upstream lower-cases the value before comparing.
+    match s.to_ascii_lowercase().as_str() {
+        "standard" => Ok(OperationMode::Standard),
+        "managed" => Ok(OperationMode::Managed),
+        other => Err(format!(
+            "invalid operation mode {other:?}: use standard or managed"
+        )),
+    }
+}
+
+/// NMI's flags. Field names follow the flag; upstream's camelCase spellings are
+/// kept verbatim in `long = ...`.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "nmi",
+    about = "Node Managed Identity agent",
+    disable_version_flag = true
+)]
+pub struct Args {
+    /// Print the version and exit.
+    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub version: bool,
+
+    /// Address the token service listens on (and the DNAT target; 0.0.0.0 means 127.0.0.1 for the rule).
+    #[arg(long = "nmi-listen-address", default_value = "127.0.0.1")]
+    pub nmi_listen_address: IpAddr,
+
+    /// Port of the token service.
+    #[arg(long = "nmi-port", default_value_t = 2579)]
+    pub nmi_port: u16,
+
+    /// IMDS address that the iptables rule redirects and other paths are proxied to.
+    #[arg(long = "metadata-ip", default_value = "169.254.169.254")]
+    pub metadata_ip: Ipv4Addr,
+
+    /// IMDS port that the iptables rule redirects and other paths are proxied to.
+    #[arg(long = "metadata-port", default_value_t = 80)]
+    pub metadata_port: u16,
+
+    /// This node's name (the chart passes `$(NODE_NAME)`).
+    #[arg(long, default_value = "", env = "NODE_NAME")]
+    pub node: String,
+
+    /// Seconds between iptables checks.
+    #[arg(long = "ipt-update-interval-sec", default_value_t = 60)]
+    pub ipt_update_interval_sec: u64,
+
+    /// Identities, bindings and pods must share a namespace (also env FORCENAMESPACED=true).
+    #[arg(long = "forceNamespaced", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub force_namespaced: bool,
+
+    /// Namespace of the MIC pods, which get node-level tokens.
+    #[arg(long = "MICNamespace", default_value = "default")]
+    pub mic_namespace: String,
+
+    /// Port of `/healthz` (the chart uses 8085).
+    #[arg(long = "http-probe-port", default_value_t = 8080)]
+    pub http_probe_port: u16,
+
+    /// Upstream's wait budget, in intervals, for an identity MIC has not created yet.
+    #[arg(long = "retry-attempts-for-created", default_value_t = 16)]
+    pub retry_attempts_for_created: u32,
+
+    /// Additional intervals to wait for a Created identity to become Assigned.
+    #[arg(long = "retry-attempts-for-assigned", default_value_t = 4)]
+    pub retry_attempts_for_assigned: u32,
+
+    /// Seconds per interval of the two budgets above.
+    #[arg(long = "find-identity-retry-interval", default_value_t = 5)]
+    pub find_identity_retry_interval: u64,
+
+    /// Accepted for compatibility; this NMI serves no pprof.
+    #[arg(long = "enableProfile", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub enable_profile: bool,
+
+    /// Watch only AzureAssignedIdentities labelled `nodename=<node>`.
+    #[arg(long = "enableScaleFeatures", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub enable_scale_features: bool,
+
+    /// Answer `/metadata/instance*` with 403.
+    #[arg(long = "block-instance-metadata", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub block_instance_metadata: bool,
+
+    /// Require `Metadata: true` on token and proxied requests.
+    #[arg(long = "metadata-header-required", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub metadata_header_required: bool,
+
+    /// Port of `/metrics`.
+    #[arg(long = "prometheus-port", default_value_t = 9090)]
+    pub prometheus_port: u16,
+
+    /// `standard` or `managed` (case-insensitive).
+    #[arg(long = "operation-mode", default_value = "standard", value_parser = operation_mode)]
+    pub operation_mode: OperationMode,
+
+    /// Start even when the kubelet uses kubenet (ARP spoofing risk, CVE-2021-1677).
+    #[arg(long = "allow-network-plugin-kubenet", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub allow_network_plugin_kubenet: bool,
+
+    /// The kubelet's flags file, checked for `--network-plugin=kubenet`.
+    #[arg(long = "kubelet-config", default_value = "/etc/default/kubelet")]
+    pub kubelet_config: PathBuf,
+
+    /// Identity lookup failures become 503 with `Retry-After: 20` instead of 404.
+    #[arg(long = "set-retry-after-header", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub set_retry_after_header: bool,
+
+    /// Delete conntrack entries to the metadata address after the first iptables sync.
+    #[arg(long = "enable-conntrack-deletion", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub enable_conntrack_deletion: bool,
+
+    /// `text` or `json`.
+    #[arg(long = "log-format", default_value = "text")]
+    pub log_format: String,
+
+    /// Appended to the User-Agent of NMI's own requests.
+    #[arg(long = "custom-user-agent", default_value = "")]
+    pub custom_user_agent: String,
+
+    /// klog verbosity; accepted for compatibility (use RUST_LOG).
+    #[arg(short = 'v', long = "v", default_value_t = 0, hide = true)]
+    pub verbosity: i32,
+
+    /// klog flag; accepted for compatibility (logs always go to stderr).
+    #[arg(long = "logtostderr", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set, hide = true)]
+    pub logtostderr: bool,
+
+    // ---- beyond upstream ----
+    /// Kubeconfig file (default: in-cluster, else $KUBECONFIG).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Base URL of IMDS for NMI's own token requests (upstream hard-codes it; tests point it elsewhere).
+    #[arg(long = "imds-endpoint", default_value = "http://169.254.169.254")]
+    pub imds_endpoint: String,
+
+    /// Remove the iptables chain and jump, then exit (the chart's uninstall hook).
+    /// Without it NMI leaves the redirect in place when it stops, so pods never
+    /// reach the real IMDS while NMI restarts (fail-closed).
+    #[arg(long = "cleanup-iptables", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub cleanup_iptables: bool,
+
+    /// Upstream's behaviour: remove the redirect on SIGTERM (fail-open during restarts).
+    #[arg(long = "remove-iptables-on-exit", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub remove_iptables_on_exit: bool,
+
+    /// Set `net.ipv4.conf.all.route_localnet=1` when the DNAT target is a loopback
+    /// address; without it the kernel drops the redirected packets
+    /// (shared/research/netns-recipe.md).
+    #[arg(long = "set-route-localnet", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub set_route_localnet: bool,
+
+    /// Service accounts of the real MIC pods (in `--MICNamespace`), comma-separated.
+    /// Replaces upstream's "ReplicaSet name starts with mic" test (hazard H4).
+    #[arg(
+        long = "mic-service-accounts",
+        value_delimiter = ',',
+        default_value = "aad-pod-identity-mic,aad-pod-id-mic-service-account"
+    )]
+    pub mic_service_accounts: Vec<String>,
+
+    /// The `iptables` program to run.
+    #[arg(long = "iptables-path", default_value = "iptables")]
+    pub iptables_path: PathBuf,
+}
+
+impl Args {
+    /// Parses flags (without the program name), for embedding and tests.
+    pub fn try_from_args<I: IntoIterator<Item = String>>(args: I) -> Result<Self, clap::Error> {
+        Self::try_parse_from(std::iter::once("nmi".to_string()).chain(args))
+    }
+
+    /// Namespaced mode: the flag OR-ed with `FORCENAMESPACED=true`, as upstream.
+    pub fn namespaced(&self, env_force_namespaced: Option<&str>) -> bool {
+        self.force_namespaced || env_force_namespaced == Some("true")
+    }
+
+    /// The address the DNAT rule sends traffic to: the listen address, or
+    /// 127.0.0.1 when listening on every address (§3.9).
+    pub fn dnat_target(&self) -> IpAddr {
+        if self.nmi_listen_address.is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            self.nmi_listen_address
+        }
+    }
+
+    /// Longest wait for an identity MIC has not even created (upstream: 16 × 5 s).
+    pub fn created_budget(&self) -> Duration {
+        Duration::from_secs(
+            u64::from(self.retry_attempts_for_created)
+                .saturating_mul(self.find_identity_retry_interval),
+        )
+    }
+
+    /// Longest wait for a Created identity to become Assigned (upstream: 20 × 5 s).
+    pub fn assigned_budget(&self) -> Duration {
+        Duration::from_secs(
+            u64::from(
+                self.retry_attempts_for_created
+                    .saturating_add(self.retry_attempts_for_assigned),
+            )
+            .saturating_mul(self.find_identity_retry_interval),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("nmi").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn defaults_are_upstreams() {
+        let a = parse(&[]);
+        assert_eq!(a.nmi_listen_address.to_string(), "127.0.0.1");
+        assert_eq!(a.nmi_port, 2579);
+        assert_eq!(a.metadata_ip.to_string(), "169.254.169.254");
+        assert_eq!(a.metadata_port, 80);
+        assert_eq!(a.ipt_update_interval_sec, 60);
+        assert!(!a.force_namespaced);
+        assert_eq!(a.mic_namespace, "default");
+        assert_eq!(a.http_probe_port, 8080);
+        assert_eq!(a.retry_attempts_for_created, 16);
+        assert_eq!(a.retry_attempts_for_assigned, 4);
+        assert_eq!(a.find_identity_retry_interval, 5);
+        assert!(a.enable_scale_features);
+        assert!(!a.block_instance_metadata);
+        assert!(a.metadata_header_required);
+        assert_eq!(a.prometheus_port, 9090);
+        assert_eq!(a.operation_mode, OperationMode::Standard);
+        assert!(!a.allow_network_plugin_kubenet);
+        assert_eq!(a.kubelet_config, PathBuf::from("/etc/default/kubelet"));
+        assert!(!a.set_retry_after_header);
+        assert!(!a.enable_conntrack_deletion);
+        assert_eq!(a.log_format, "text");
+        assert_eq!(a.created_budget(), Duration::from_secs(80));
+        assert_eq!(a.assigned_budget(), Duration::from_secs(100));
+        assert!(!a.cleanup_iptables && !a.remove_iptables_on_exit);
+    }
+
+    #[test]
+    fn upstream_chart_args_parse() {
+        // charts/aad-pod-identity/templates/nmi-daemonset.yaml with every optional
+        // value set (§4), in the chart's order.
+        let a = parse(&[
+            "--node=aks-nodepool1-0",
+            "--http-probe-port=8085",
+            "--enableScaleFeatures=true",
+            "--metadata-header-required=true",
+            "--operation-mode=managed",
+            "--kubelet-config=/etc/default/kubelet",
+            "--forceNamespaced",
+            "--ipt-update-interval-sec=30",
+            "--MICNamespace=kube-system",
+            "--retry-attempts-for-created=8",
+            "--retry-attempts-for-assigned=2",
+            "--find-identity-retry-interval=3",
+            "--prometheus-port=9091",
+            "--block-instance-metadata=true",
+            "--allow-network-plugin-kubenet=false",
+            "--set-retry-after-header=true",
+            "--enable-conntrack-deletion=false",
+            "--log-format=json",
+            "--custom-user-agent=my-agent",
+            "--v=2",
+        ]);
+        assert_eq!(a.node, "aks-nodepool1-0");
+        assert_eq!(a.http_probe_port, 8085);
+        assert_eq!(a.operation_mode, OperationMode::Managed);
+        assert!(a.force_namespaced);
+        assert_eq!(a.mic_namespace, "kube-system");
+        assert_eq!(a.created_budget(), Duration::from_secs(24));
+        assert_eq!(a.assigned_budget(), Duration::from_secs(30));
+        assert!(a.block_instance_metadata && a.set_retry_after_header);
+        assert_eq!(a.verbosity, 2);
+    }
+
+    #[test]
+    fn upstream_flat_manifest_args_parse() {
+        // deploy/infra/deployment-rbac.yaml (§5).
+        let a = parse(&[
+            "--node=$(NODE_NAME)",
+            "--http-probe-port=8085",
+            "--enableScaleFeatures=true",
+            "--metadata-header-required=true",
+        ]);
+        assert_eq!(a.http_probe_port, 8085);
+        // managed-mode-deployment.yaml
+        let m = parse(&["--node=n", "--operation-mode=managed", "--forceNamespaced"]);
+        assert_eq!(m.operation_mode, OperationMode::Managed);
+        assert!(m.force_namespaced);
+    }
+
+    #[test]
+    fn booleans_are_go_style() {
+        for (arg, want) in [
+            ("--block-instance-metadata", true),
+            ("--block-instance-metadata=true", true),
+            ("--block-instance-metadata=True", true),
+            ("--block-instance-metadata=1", true),
+            ("--block-instance-metadata=false", false),
+            ("--block-instance-metadata=F", false),
+        ] {
+            assert_eq!(parse(&[arg]).block_instance_metadata, want, "{arg}");
+        }
+        assert!(!parse(&["--metadata-header-required=false"]).metadata_header_required);
+        assert!(Args::try_parse_from(["nmi", "--forceNamespaced=yes"]).is_err());
+        // pflag never takes a boolean's value from the next word.
+        assert!(Args::try_parse_from(["nmi", "--forceNamespaced", "false"]).is_err());
+    }
+
+    #[test]
+    fn operation_mode_is_case_insensitive_and_strict() {
+        assert_eq!(
+            parse(&["--operation-mode=Managed"]).operation_mode,
+            OperationMode::Managed
+        );
+        assert!(Args::try_parse_from(["nmi", "--operation-mode=other"]).is_err());
+    }
+
+    #[test]
+    fn namespaced_from_flag_or_env() {
+        let a = parse(&[]);
+        assert!(!a.namespaced(None));
+        assert!(!a.namespaced(Some("TRUE")), "upstream compares exactly");
+        assert!(a.namespaced(Some("true")));
+        assert!(parse(&["--forceNamespaced=true"]).namespaced(None));
+    }
+
+    #[test]
+    fn dnat_target_maps_unspecified_to_loopback() {
+        assert_eq!(
+            parse(&["--nmi-listen-address=0.0.0.0"])
+                .dnat_target()
+                .to_string(),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            parse(&["--nmi-listen-address=10.0.0.4"])
+                .dnat_target()
+                .to_string(),
+            "10.0.0.4"
+        );
+    }
+}

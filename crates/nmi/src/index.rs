@@ -1,0 +1,629 @@
+//! The node's view of the cluster, kept by the watches and read by the request
+//! handlers: pods on this node by IP, AzureAssignedIdentities by pod,
+//! exceptions, and (managed mode) bindings and identities. Pure and
+//! synchronous: watches call `apply`/`delete`/`reset`, tests call the same.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use aadpodid_api::{
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+/// What NMI needs to know about one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels (the binding label and exception labels are read from here).
+    pub labels: BTreeMap<String, String>,
+    /// `spec.serviceAccountName` (identifies the real MIC pods).
+    pub service_account: String,
+    /// Addresses that map to this pod: empty unless the pod is Pending or
+    /// Running and not terminating. A terminating pod loses its addresses at
+    /// once so that a reused IP never gets its identity (hazard H6).
+    pub ips: Vec<IpAddr>,
+}
+
+impl PodEntry {
+    /// Reads a pod.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let phase_ok = matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Pending" | "Running")
+        );
+        let live = phase_ok && pod.metadata.deletion_timestamp.is_none();
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if live {
+            let listed = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|p| p.ip.as_str());
+            for ip in status
+                .and_then(|s| s.pod_ip.as_deref())
+                .into_iter()
+                .chain(listed)
+            {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
+                    let ip = ip.to_canonical();
+                    if !ips.contains(&ip) {
+                        ips.push(ip);
+                    }
+                }
+            }
+        }
+        PodEntry {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            labels: pod.labels().clone(),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_default(),
+            ips,
+        }
+    }
+
+    fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// Why no single pod owns an address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PodLookup {
+    /// No live pod on this node has the address (upstream's wording).
+    #[error("pod list is empty")]
+    Unknown,
+    /// Several live pods claim it; none gets an identity.
+    #[error("failed to match pod IP {ip} with {pods:?}")]
+    Ambiguous {
+        /// The address.
+        ip: IpAddr,
+        /// `ns/name` of each claimant.
+        pods: Vec<String>,
+    },
+}
+
+/// The node's cluster view.
+#[derive(Debug, Default)]
+pub struct Index {
+    pods: HashMap<Key, PodEntry>,
+    by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+    aais: HashMap<Key, AzureAssignedIdentity>,
+    exceptions: HashMap<Key, AzurePodIdentityException>,
+    bindings: HashMap<Key, AzureIdentityBinding>,
+    identities: HashMap<Key, AzureIdentity>,
+}
+
+fn key_of<K: ResourceExt>(obj: &K) -> Key {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a pod.
+    pub fn apply_pod(&mut self, pod: &Pod) {
+        let entry = PodEntry::from_pod(pod);
+        let key = entry.key();
+        self.unlink_ips(&key);
+        for ip in &entry.ips {
+            self.by_ip.entry(*ip).or_default().insert(key.clone());
+        }
+        self.pods.insert(key, entry);
+    }
+
+    /// Removes a pod.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        self.unlink_ips(&key);
+        self.pods.remove(&key);
+    }
+
+    /// Replaces every pod (after a watch restart).
+    pub fn reset_pods(&mut self, pods: &[Pod]) {
+        self.pods.clear();
+        self.by_ip.clear();
+        for p in pods {
+            self.apply_pod(p);
+        }
+    }
+
+    fn unlink_ips(&mut self, key: &Key) {
+        let Some(old) = self.pods.get(key) else {
+            return;
+        };
+        for ip in &old.ips {
+            if let Some(set) = self.by_ip.get_mut(ip) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// The one live pod with address `ip`.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Result<&PodEntry, PodLookup> {
+        let ip = ip.to_canonical();
+        let keys = self.by_ip.get(&ip).ok_or(PodLookup::Unknown)?;
+        let mut it = keys.iter();
+        match (it.next(), it.next()) {
+            (Some(k), None) => self.pods.get(k).ok_or(PodLookup::Unknown),
+            (None, _) => Err(PodLookup::Unknown),
+            (Some(_), Some(_)) => Err(PodLookup::Ambiguous {
+                ip,
+                pods: keys.iter().map(|(ns, n)| format!("{ns}/{n}")).collect(),
+            }),
+        }
+    }
+
+    /// A pod by name, whatever its phase (for `/host/token`).
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodEntry> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Number of pods known.
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Adds or replaces an AzureAssignedIdentity.
+    pub fn apply_aai(&mut self, aai: &AzureAssignedIdentity) {
+        self.aais.insert(key_of(aai), aai.clone());
+    }
+    /// Removes an AzureAssignedIdentity.
+    pub fn delete_aai(&mut self, namespace: &str, name: &str) {
+        self.aais.remove(&(namespace.to_string(), name.to_string()));
+    }
+    /// Replaces every AzureAssignedIdentity.
+    pub fn reset_aais(&mut self, all: &[AzureAssignedIdentity]) {
+        self.aais = all.iter().map(|a| (key_of(a), a.clone())).collect();
+    }
+
+    /// The AzureAssignedIdentities naming this pod, in name order.
+    pub fn aais_for_pod(&self, namespace: &str, name: &str) -> Vec<&AzureAssignedIdentity> {
+        let mut out: Vec<(&Key, &AzureAssignedIdentity)> = self
+            .aais
+            .iter()
+            .filter(|(_, a)| a.spec.pod == name && a.spec.pod_namespace == namespace)
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// Adds or replaces an exception.
+    pub fn apply_exception(&mut self, e: &AzurePodIdentityException) {
+        self.exceptions.insert(key_of(e), e.clone());
+    }
+    /// Removes an exception.
+    pub fn delete_exception(&mut self, namespace: &str, name: &str) {
+        self.exceptions
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+    /// Replaces every exception.
+    pub fn reset_exceptions(&mut self, all: &[AzurePodIdentityException]) {
+        self.exceptions = all.iter().map(|e| (key_of(e), e.clone())).collect();
+    }
+
+    /// Whether an exception in the pod's namespace lists one of its labels
+    /// with a value equal ignoring case (upstream statement 57).
+    pub fn is_excepted(&self, pod: &PodEntry) -> bool {
+        self.exceptions
+            .values()
+            .filter(|e| e.namespace().as_deref() == Some(pod.namespace.as_str()))
+            .flat_map(|e| e.spec.pod_labels.iter())
+            .any(|(k, v)| {
+                pod.labels
+                    .get(k)
+                    .is_some_and(|pv| pv.eq_ignore_ascii_case(v))
+            })
+    }
+
+    /// Adds or replaces a binding (managed mode).
+    pub fn apply_binding(&mut self, b: &AzureIdentityBinding) {
+        self.bindings.insert(key_of(b), b.clone());
+    }
+    /// Removes a binding.
+    pub fn delete_binding(&mut self, namespace: &str, name: &str) {
+        self.bindings
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+    /// Replaces every binding.
+    pub fn reset_bindings(&mut self, all: &[AzureIdentityBinding]) {
+        self.bindings = all.iter().map(|b| (key_of(b), b.clone())).collect();
+    }
+
+    /// Adds or replaces an identity (managed mode).
+    pub fn apply_identity(&mut self, i: &AzureIdentity) {
+        self.identities.insert(key_of(i), i.clone());
+    }
+    /// Removes an identity.
+    pub fn delete_identity(&mut self, namespace: &str, name: &str) {
+        self.identities
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+    /// Replaces every identity.
+    pub fn reset_identities(&mut self, all: &[AzureIdentity]) {
+        self.identities = all.iter().map(|i| (key_of(i), i.clone())).collect();
+    }
+
+    /// Managed mode: identities named by bindings in the pod's namespace whose
+    /// selector equals the pod's `aadpodidbinding` label, looked up in the same
+    /// namespace (§3.7), in (binding name) order, without duplicates.
+    pub fn managed_identities_for(&self, pod: &PodEntry) -> Vec<&AzureIdentity> {
+        let Some(label) = pod.labels.get(aadpodid_api::POD_LABEL_BINDING) else {
+            return Vec::new();
+        };
+        let mut bindings: Vec<(&Key, &AzureIdentityBinding)> = self
+            .bindings
+            .iter()
+            .filter(|((ns, _), b)| *ns == pod.namespace && b.spec.selector == *label)
+            .collect();
+        bindings.sort_by(|a, b| a.0.cmp(b.0));
+        let mut seen = HashSet::new();
+        bindings
+            .into_iter()
+            .filter_map(|(_, b)| {
+                let key = (pod.namespace.clone(), b.spec.azure_identity.clone());
+                if !seen.insert(key.clone()) {
+                    return None;
+                }
+                self.identities.get(&key)
+            })
+            .collect()
+    }
+
+    /// Client IDs (lower-cased) some pod on this node may currently use; the
+    /// token cache drops everything else.
+    pub fn client_ids_in_use(&self) -> HashSet<String> {
+        let from_aais = self
+            .aais
+            .values()
+            .filter_map(|a| a.spec.azure_identity_ref.as_ref())
+            .map(|i| i.spec.client_id.to_ascii_lowercase());
+        let from_managed = self
+            .pods
+            .values()
+            .flat_map(|p| self.managed_identities_for(p))
+            .map(|i| i.spec.client_id.to_ascii_lowercase());
+        from_aais.chain(from_managed).collect()
+    }
+}
+
+/// Builders for tests (here and in `select`).
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use aadpodid_api::{
+        AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentityBindingSpec,
+        AzureIdentitySpec, AzurePodIdentityExceptionSpec,
+    };
+    use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    pub fn mk_pod(ns: &str, name: &str, ip: &str, phase: &str, labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("node1".into()),
+                service_account_name: Some("default".into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                pod_ip: (!ip.is_empty()).then(|| ip.to_string()),
+                pod_ips: (!ip.is_empty()).then(|| vec![PodIP { ip: ip.into() }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn terminating(mut pod: Pod) -> Pod {
+        pod.metadata.deletion_timestamp = Some(Time(Default::default()));
+        pod
+    }
+
+    pub fn mk_identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
+        let mut id = AzureIdentity::new(
+            name,
+            AzureIdentitySpec {
+                client_id: client_id.into(),
+                resource_id: format!(
+                    "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+                ),
+                ..Default::default()
+            },
+        );
+        id.metadata.namespace = Some(ns.into());
+        id
+    }
+
+    pub fn mk_aai(
+        pod_ns: &str,
+        pod: &str,
+        identity: &AzureIdentity,
+        status: &str,
+    ) -> AzureAssignedIdentity {
+        let idname = identity.name_any();
+        let mut a = AzureAssignedIdentity::new(
+            &aadpodid_api::assigned_identity_name(pod, pod_ns, &idname),
+            AzureAssignedIdentitySpec {
+                azure_identity_ref: Some(Box::new(identity.clone())),
+                azure_binding_ref: None,
+                pod: pod.into(),
+                pod_namespace: pod_ns.into(),
+                node_name: "node1".into(),
+                replicas: None,
+            },
+        );
+        a.metadata.namespace = Some("default".into());
+        a.status = Some(AzureAssignedIdentityStatus {
+            status: status.into(),
+            ..Default::default()
+        });
+        a
+    }
+
+    pub fn mk_binding(
+        ns: &str,
+        name: &str,
+        identity: &str,
+        selector: &str,
+    ) -> AzureIdentityBinding {
+        let mut b = AzureIdentityBinding::new(
+            name,
+            AzureIdentityBindingSpec {
+                azure_identity: identity.into(),
+                selector: selector.into(),
+                ..Default::default()
+            },
+        );
+        b.metadata.namespace = Some(ns.into());
+        b
+    }
+
+    pub fn mk_exception(
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> AzurePodIdentityException {
+        let mut e = AzurePodIdentityException::new(
+            name,
+            AzurePodIdentityExceptionSpec {
+                pod_labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+        );
+        e.metadata.namespace = Some(ns.into());
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn pods_by_ip() {
+        struct Case {
+            name: &'static str,
+            pods: Vec<Pod>,
+            ip: &'static str,
+            want: Result<&'static str, &'static str>,
+        }
+        let cases = vec![
+            Case {
+                name: "running pod found",
+                pods: vec![mk_pod("a", "p1", "10.0.0.1", "Running", &[])],
+                ip: "10.0.0.1",
+                want: Ok("a/p1"),
+            },
+            Case {
+                name: "pending pod found",
+                pods: vec![mk_pod("a", "p1", "10.0.0.1", "Pending", &[])],
+                ip: "10.0.0.1",
+                want: Ok("a/p1"),
+            },
+            Case {
+                name: "unknown ip",
+                pods: vec![mk_pod("a", "p1", "10.0.0.1", "Running", &[])],
+                ip: "10.0.0.2",
+                want: Err("unknown"),
+            },
+            Case {
+                name: "succeeded pod's ip is free",
+                pods: vec![
+                    mk_pod("a", "old", "10.0.0.1", "Succeeded", &[]),
+                    mk_pod("a", "new", "10.0.0.1", "Running", &[]),
+                ],
+                ip: "10.0.0.1",
+                want: Ok("a/new"),
+            },
+            Case {
+                name: "terminating pod loses its ip at once (H6)",
+                pods: vec![terminating(mk_pod("a", "old", "10.0.0.1", "Running", &[]))],
+                ip: "10.0.0.1",
+                want: Err("unknown"),
+            },
+            Case {
+                name: "terminating pod does not shadow the ip's new owner",
+                pods: vec![
+                    terminating(mk_pod("a", "old", "10.0.0.1", "Running", &[])),
+                    mk_pod("b", "new", "10.0.0.1", "Pending", &[]),
+                ],
+                ip: "10.0.0.1",
+                want: Ok("b/new"),
+            },
+            Case {
+                name: "two live pods on one ip: nobody",
+                pods: vec![
+                    mk_pod("a", "p1", "10.0.0.1", "Running", &[]),
+                    mk_pod("b", "p2", "10.0.0.1", "Running", &[]),
+                ],
+                ip: "10.0.0.1",
+                want: Err("ambiguous"),
+            },
+            Case {
+                name: "ipv6 pod",
+                pods: vec![mk_pod("a", "p6", "fd00::5", "Running", &[])],
+                ip: "fd00::5",
+                want: Ok("a/p6"),
+            },
+            Case {
+                name: "ipv4-mapped caller matches the ipv4 pod",
+                pods: vec![mk_pod("a", "p1", "10.0.0.1", "Running", &[])],
+                ip: "::ffff:10.0.0.1",
+                want: Ok("a/p1"),
+            },
+        ];
+        for c in cases {
+            let mut idx = Index::new();
+            idx.reset_pods(&c.pods);
+            let got = idx
+                .pod_by_ip(ip(c.ip))
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .map_err(|e| match e {
+                    PodLookup::Unknown => "unknown",
+                    PodLookup::Ambiguous { .. } => "ambiguous",
+                });
+            assert_eq!(got.as_deref().map_err(|e| *e), c.want, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn updates_move_ips_and_deletes_forget() {
+        let mut idx = Index::new();
+        idx.apply_pod(&mk_pod("a", "p", "10.0.0.1", "Running", &[]));
+        idx.apply_pod(&mk_pod("a", "p", "10.0.0.2", "Running", &[]));
+        assert_eq!(idx.pod_by_ip(ip("10.0.0.1")), Err(PodLookup::Unknown));
+        assert!(idx.pod_by_ip(ip("10.0.0.2")).is_ok());
+        idx.apply_pod(&terminating(mk_pod("a", "p", "10.0.0.2", "Running", &[])));
+        assert_eq!(idx.pod_by_ip(ip("10.0.0.2")), Err(PodLookup::Unknown));
+        assert!(idx.pod("a", "p").is_some(), "still known by name");
+        idx.delete_pod("a", "p");
+        assert!(idx.pod("a", "p").is_none());
+        assert_eq!(idx.pod_count(), 0);
+    }
+
+    #[test]
+    fn exceptions_match_any_label_ignoring_value_case_in_pod_namespace() {
+        let mut idx = Index::new();
+        idx.apply_exception(&mk_exception(
+            "ops",
+            "e",
+            &[("app", "Agent"), ("tier", "x")],
+        ));
+        let cases = [
+            ("ops", &[("app", "agent")][..], true),
+            ("ops", &[("app", "AGENT")][..], true),
+            ("ops", &[("tier", "X"), ("app", "other")][..], true),
+            ("ops", &[("App", "agent")][..], false),
+            ("ops", &[("app", "agents")][..], false),
+            ("other", &[("app", "agent")][..], false),
+            ("ops", &[][..], false),
+        ];
+        for (ns, labels, want) in cases {
+            let pod = PodEntry::from_pod(&mk_pod(ns, "p", "10.0.0.1", "Running", labels));
+            assert_eq!(idx.is_excepted(&pod), want, "{ns} {labels:?}");
+        }
+        idx.delete_exception("ops", "e");
+        let pod = PodEntry::from_pod(&mk_pod(
+            "ops",
+            "p",
+            "10.0.0.1",
+            "Running",
+            &[("app", "agent")],
+        ));
+        assert!(!idx.is_excepted(&pod));
+    }
+
+    #[test]
+    fn aais_by_pod_and_client_ids_in_use() {
+        let a = mk_identity("default", "a", "CID-A");
+        let b = mk_identity("default", "b", "cid-b");
+        let mut idx = Index::new();
+        idx.reset_aais(&[
+            mk_aai("ns", "p", &a, "Assigned"),
+            mk_aai("ns", "p", &b, "Created"),
+            mk_aai("ns", "q", &b, "Assigned"),
+            mk_aai("other", "p", &a, "Assigned"),
+        ]);
+        let names: Vec<String> = idx
+            .aais_for_pod("ns", "p")
+            .iter()
+            .map(|a| a.name_any())
+            .collect();
+        assert_eq!(names, ["p-ns-a", "p-ns-b"]);
+        let ids = idx.client_ids_in_use();
+        assert!(ids.contains("cid-a") && ids.contains("cid-b"));
+        idx.delete_aai("default", "p-ns-a");
+        assert_eq!(idx.aais_for_pod("ns", "p").len(), 1);
+    }
+
+    #[test]
+    fn managed_identities_come_from_the_pods_namespace_only() {
+        let mut idx = Index::new();
+        idx.reset_identities(&[
+            mk_identity("ns", "id1", "c1"),
+            mk_identity("other", "id2", "c2"),
+        ]);
+        idx.reset_bindings(&[
+            mk_binding("ns", "b1", "id1", "sel"),
+            mk_binding("ns", "b1dup", "id1", "sel"),
+            mk_binding("ns", "b2", "id2", "sel"),
+            mk_binding("other", "b3", "id2", "sel"),
+            mk_binding("ns", "b4", "id1", "Sel"),
+        ]);
+        let pod = PodEntry::from_pod(&mk_pod(
+            "ns",
+            "p",
+            "10.0.0.1",
+            "Running",
+            &[("aadpodidbinding", "sel")],
+        ));
+        let ids: Vec<String> = idx
+            .managed_identities_for(&pod)
+            .iter()
+            .map(|i| i.name_any())
+            .collect();
+        assert_eq!(
+            ids,
+            ["id1"],
+            "id2 lives in another namespace; selector is exact"
+        );
+        let unlabelled = PodEntry::from_pod(&mk_pod("ns", "u", "10.0.0.2", "Running", &[]));
+        assert!(idx.managed_identities_for(&unlabelled).is_empty());
+    }
+}

@@ -1,0 +1,402 @@
+//! The redirect of pod IMDS traffic to NMI (shared/research/aad-pod-identity.md
+//! §3.9; netns-recipe.md). Pure: the expected rules and the plan that turns
+//! what `iptables -S` shows into them. Thin: [`Runner`], over the `iptables`
+//! binary.
+//!
+//! **Fail-closed.** NMI leaves the chain and the jump in place when it stops,
+//! so during a restart or rolling update pods' requests to 169.254.169.254 are
+//! refused at once (nothing listens on the DNAT target) instead of reaching the
+//! real IMDS, which would hand out any node identity. Only `nmi
+//! --cleanup-iptables` (the chart's uninstall hook) or
+//! `--remove-iptables-on-exit` (upstream's behaviour) removes them.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+/// The nat chain NMI owns.
+pub const CHAIN: &str = "aad-metadata";
+/// The built-in chain that jumps to [`CHAIN`] (pod traffic only: host-network
+/// traffic goes through OUTPUT and is not redirected, statement 70).
+pub const PREROUTING: &str = "PREROUTING";
+
+/// Where the redirect points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// IMDS address (`--metadata-ip`).
+    pub metadata_ip: Ipv4Addr,
+    /// IMDS port (`--metadata-port`).
+    pub metadata_port: u16,
+    /// NMI's address (`--nmi-listen-address`, 0.0.0.0 mapped to 127.0.0.1).
+    pub target_ip: IpAddr,
+    /// NMI's port (`--nmi-port`).
+    pub target_port: u16,
+}
+
+impl Redirect {
+    /// The chain's rules exactly as `iptables -t nat -S aad-metadata` prints them.
+    pub fn expected_rules(&self) -> Vec<String> {
+        vec![
+            format!(
+                "-A {CHAIN} ! -s 127.0.0.1/32 -d {}/32 -p tcp -m tcp --dport {} -j DNAT --to-destination {}:{}",
+                self.metadata_ip, self.metadata_port, self.target_ip, self.target_port
+            ),
+            format!("-A {CHAIN} -j RETURN"),
+        ]
+    }
+
+    /// Whether packets DNATed to the target need `route_localnet`.
+    pub fn needs_route_localnet(&self) -> bool {
+        self.target_ip.is_loopback()
+    }
+}
+
+/// One iptables change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `-N aad-metadata`.
+    CreateChain,
+    /// `-F aad-metadata`.
+    FlushChain,
+    /// `-A aad-metadata <rule>`; the string is a `-S` line.
+    AppendRule(String),
+    /// `-D PREROUTING -j aad-metadata` (a jump not at position 1, or a duplicate).
+    DeleteJump,
+    /// `-I PREROUTING 1 -j aad-metadata`.
+    InsertJump,
+}
+
+impl Action {
+    /// The iptables arguments after `-t nat`.
+    pub fn args(&self) -> Vec<String> {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        match self {
+            Action::CreateChain => s(&["-N", CHAIN]),
+            Action::FlushChain => s(&["-F", CHAIN]),
+            Action::AppendRule(rule) => rule.split_whitespace().map(str::to_owned).collect(),
+            Action::DeleteJump => s(&["-D", PREROUTING, "-j", CHAIN]),
+            Action::InsertJump => s(&["-I", PREROUTING, "1", "-j", CHAIN]),
+        }
+    }
+}
+
+/// `-A PREROUTING -j aad-metadata` as `-S` prints it.
+fn jump_line() -> String {
+    format!("-A {PREROUTING} -j {CHAIN}")
+}
+
+/// What to change, given `chain` (the `-S aad-metadata` lines, `None` when the
+/// chain does not exist) and `prerouting` (the `-S PREROUTING` lines). Empty
+/// when everything is in place. Tampered chains are flushed and rewritten
+/// (statement 65); the jump is kept first in PREROUTING and single, so no rule
+/// inserted before it can divert pod traffic around NMI.
+pub fn plan(redirect: &Redirect, chain: Option<&[String]>, prerouting: &[String]) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let expected = redirect.expected_rules();
+    match chain {
+        None => {
+            actions.push(Action::CreateChain);
+            actions.extend(expected.into_iter().map(Action::AppendRule));
+        }
+        Some(lines) => {
+            let rules: Vec<&str> = lines
+                .iter()
+                .map(|l| l.trim())
+                .filter(|l| l.starts_with("-A "))
+                .collect();
+            if rules != expected.iter().map(String::as_str).collect::<Vec<_>>() {
+                actions.push(Action::FlushChain);
+                actions.extend(expected.into_iter().map(Action::AppendRule));
+            }
+        }
+    }
+    let appended: Vec<&str> = prerouting
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| l.starts_with("-A "))
+        .collect();
+    let jump = jump_line();
+    let positions: Vec<usize> = appended
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l == jump)
+        .map(|(i, _)| i)
+        .collect();
+    if positions != [0] {
+        actions.extend(positions.iter().map(|_| Action::DeleteJump));
+        actions.push(Action::InsertJump);
+    }
+    actions
+}
+
+/// Why an iptables call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    /// The program could not be started.
+    #[error("running {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It ran and failed.
+    #[error("iptables {args}: {stderr}")]
+    Failed {
+        /// The arguments.
+        args: String,
+        /// Its stderr.
+        stderr: String,
+    },
+    /// Writing the route_localnet sysctl failed.
+    #[error("setting net.ipv4.conf.all.route_localnet=1: {0}")]
+    RouteLocalnet(std::io::Error),
+}
+
+/// The parts of the nat table NMI looks at.
+struct Tables {
+    /// `-A aad-metadata` lines; `None` when the chain does not exist.
+    chain: Option<Vec<String>>,
+    /// `-A PREROUTING` lines.
+    prerouting: Vec<String>,
+}
+
+/// Runs `iptables` (optionally behind a prefix such as `ip netns exec <ns>`,
+/// which tests use; NMI itself runs it plainly in the host's namespace).
+#[derive(Clone, Debug)]
+pub struct Runner {
+    program: PathBuf,
+    prefix: Vec<String>,
+}
+
+/// Seconds to wait for the xtables lock (`-w`): kube-proxy and CNI plugins
+/// take it too.
+const LOCK_WAIT_SECS: &str = "5";
+
+impl Runner {
+    /// Runs `program` (normally `iptables`).
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Runner {
+            program: program.into(),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Runs `program prefix... iptables-args...`, e.g. `ip netns exec ns iptables`.
+    pub fn with_prefix(program: impl Into<PathBuf>, prefix: &[&str]) -> Self {
+        Runner {
+            program: program.into(),
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    async fn run(&self, args: &[String]) -> Result<String, IptablesError> {
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.prefix)
+            .args(["-w", LOCK_WAIT_SECS, "-t", "nat"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = cmd.output().await.map_err(|source| IptablesError::Spawn {
+            program: self.program.display().to_string(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(IptablesError::Failed {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The nat table as `-S` prints it. The whole table is listed rather than
+    /// one chain: iptables-nft reports a missing chain as "incompatible" in a
+    /// namespace whose nat table does not exist yet.
+    async fn list_table(&self) -> Result<Tables, IptablesError> {
+        let out = self.run(&["-S".into()]).await?;
+        let lines: Vec<String> = out.lines().map(|l| l.trim().to_owned()).collect();
+        let new_chain = format!("-N {CHAIN}");
+        let chain_prefix = format!("-A {CHAIN} ");
+        let chain = lines.contains(&new_chain).then(|| {
+            lines
+                .iter()
+                .filter(|l| l.starts_with(&chain_prefix))
+                .cloned()
+                .collect()
+        });
+        let pre_prefix = format!("-A {PREROUTING} ");
+        let prerouting = lines
+            .iter()
+            .filter(|l| l.starts_with(&pre_prefix))
+            .cloned()
+            .collect();
+        Ok(Tables { chain, prerouting })
+    }
+
+    /// Brings the rules in line with `redirect`; returns the actions taken.
+    pub async fn sync(&self, redirect: &Redirect) -> Result<Vec<Action>, IptablesError> {
+        let t = self.list_table().await?;
+        let actions = plan(redirect, t.chain.as_deref(), &t.prerouting);
+        for a in &actions {
+            self.run(&a.args()).await?;
+        }
+        Ok(actions)
+    }
+
+    /// Removes the jump(s) and the chain (explicit cleanup only).
+    pub async fn cleanup(&self) -> Result<(), IptablesError> {
+        let t = self.list_table().await?;
+        let jump = jump_line();
+        for _ in t.prerouting.iter().filter(|l| **l == jump) {
+            self.run(&Action::DeleteJump.args()).await?;
+        }
+        if t.chain.is_some() {
+            self.run(&Action::FlushChain.args()).await?;
+            self.run(&["-X".into(), CHAIN.into()]).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Sets `net.ipv4.conf.all.route_localnet=1` in the caller's network
+/// namespace: without it the kernel drops packets DNATed from a pod interface
+/// to 127.0.0.1 (netns-recipe.md). Upstream relied on kube-proxy having set it.
+pub fn enable_route_localnet() -> Result<(), IptablesError> {
+    const PATH: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1").map_err(IptablesError::RouteLocalnet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirect() -> Redirect {
+        Redirect {
+            metadata_ip: Ipv4Addr::new(169, 254, 169, 254),
+            metadata_port: 80,
+            target_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            target_port: 2579,
+        }
+    }
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn expected_rules_are_upstreams() {
+        assert_eq!(
+            redirect().expected_rules(),
+            [
+                "-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579",
+                "-A aad-metadata -j RETURN",
+            ]
+        );
+        assert!(redirect().needs_route_localnet());
+        let node_ip = Redirect {
+            target_ip: "10.240.0.4".parse().unwrap(),
+            ..redirect()
+        };
+        assert!(!node_ip.needs_route_localnet());
+    }
+
+    #[test]
+    fn plans() {
+        let r = redirect();
+        let good_chain = {
+            let mut v = lines(&["-N aad-metadata"]);
+            v.extend(r.expected_rules());
+            v
+        };
+        let rules: Vec<Action> = r
+            .expected_rules()
+            .into_iter()
+            .map(Action::AppendRule)
+            .collect();
+        let with = |mut v: Vec<Action>, more: &[Action]| {
+            v.extend_from_slice(more);
+            v
+        };
+        type Case = (&'static str, Option<Vec<String>>, Vec<String>, Vec<Action>);
+        let cases: Vec<Case> = vec![
+            (
+                "fresh node",
+                None,
+                lines(&["-P PREROUTING ACCEPT", "-A PREROUTING -j KUBE-SERVICES"]),
+                with(
+                    with(vec![Action::CreateChain], &rules),
+                    &[Action::InsertJump],
+                ),
+            ),
+            (
+                "all in place",
+                Some(good_chain.clone()),
+                lines(&[
+                    "-P PREROUTING ACCEPT",
+                    "-A PREROUTING -j aad-metadata",
+                    "-A PREROUTING -j KUBE-SERVICES",
+                ]),
+                vec![],
+            ),
+            (
+                "tampered rule",
+                Some(lines(&["-N aad-metadata", "-A aad-metadata -j RETURN"])),
+                lines(&["-A PREROUTING -j aad-metadata"]),
+                with(vec![Action::FlushChain], &rules),
+            ),
+            (
+                "extra rule appended",
+                Some({
+                    let mut v = good_chain.clone();
+                    v.push("-A aad-metadata -j ACCEPT".into());
+                    v
+                }),
+                lines(&["-A PREROUTING -j aad-metadata"]),
+                with(vec![Action::FlushChain], &rules),
+            ),
+            (
+                "jump pushed down",
+                Some(good_chain.clone()),
+                lines(&[
+                    "-P PREROUTING ACCEPT",
+                    "-A PREROUTING -j ACCEPT",
+                    "-A PREROUTING -j aad-metadata",
+                ]),
+                vec![Action::DeleteJump, Action::InsertJump],
+            ),
+            (
+                "jump duplicated",
+                Some(good_chain.clone()),
+                lines(&[
+                    "-A PREROUTING -j aad-metadata",
+                    "-A PREROUTING -j aad-metadata",
+                ]),
+                vec![Action::DeleteJump, Action::DeleteJump, Action::InsertJump],
+            ),
+            (
+                "jump missing",
+                Some(good_chain),
+                lines(&["-P PREROUTING ACCEPT"]),
+                vec![Action::InsertJump],
+            ),
+        ];
+        for (name, chain, pre, want) in cases {
+            assert_eq!(plan(&r, chain.as_deref(), &pre), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn action_args() {
+        assert_eq!(
+            Action::InsertJump.args(),
+            ["-I", "PREROUTING", "1", "-j", "aad-metadata"]
+        );
+        assert_eq!(
+            Action::AppendRule("-A aad-metadata -j RETURN".into()).args(),
+            ["-A", "aad-metadata", "-j", "RETURN"]
+        );
+    }
+}

@@ -1,0 +1,290 @@
+//! NMI, the Node Managed Identity agent: a host-network DaemonSet that
+//! redirects pod traffic for IMDS (169.254.169.254:80) to itself and answers
+//! token requests in IMDS's format, only for identities the calling pod is
+//! bound to (shared/research/aad-pod-identity.md §3).
+//!
+//! Decisions are pure and tested table-driven: [`request`] (routes, header,
+//! query), [`index`] (what this node's pods and identities are), [`select`]
+//! (which identity a pod gets), [`response`] (bodies) and [`iptables`]'s
+//! expected rules. The executors around them are thin: [`server`], [`watch`],
+//! [`token`] and [`iptables::Runner`].
+
+pub mod args;
+pub mod http_client;
+pub mod index;
+pub mod iptables;
+pub mod metrics;
+pub mod request;
+pub mod response;
+pub mod secret;
+pub mod select;
+pub mod server;
+pub mod token;
+pub mod watch;
+
+pub use args::Args;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aadpodid_runtime::Shutdown;
+use aadpodid_runtime::admin::AdminRoutes;
+use aadpodid_runtime::{Health, serve_admin};
+
+/// Why NMI could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The kubelet uses kubenet and `--allow-network-plugin-kubenet` is off.
+    #[error("{0}")]
+    KubenetCheck(String),
+    /// Managed mode without namespaced mode (upstream's message, typo kept).
+    #[error("managed mode not intialized in force namespaced mode")]
+    ManagedNeedsNamespaced,
+    /// `--node` is empty.
+    #[error("--node (or NODE_NAME) is required")]
+    MissingNode,
+    /// `--imds-endpoint` is unusable.
+    #[error("--imds-endpoint: {0}")]
+    ImdsEndpoint(String),
+    /// The Kubernetes client could not be built.
+    #[error(transparent)]
+    KubeClient(#[from] aadpodid_runtime::client::ClientError),
+    /// Metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A listener could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The first iptables sync, or the cleanup, failed.
+    #[error(transparent)]
+    Iptables(#[from] iptables::IptablesError),
+}
+
+/// Upstream's kubenet check (statement 68): reading `path` must succeed and
+/// it must not contain `--network-plugin=kubenet`.
+pub fn kubenet_check(path: &std::path::Path, allow: bool) -> Result<(), RunError> {
+    if allow {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RunError::KubenetCheck(format!("reading {}: {e}", path.display())))?;
+    if text.contains("--network-plugin=kubenet") {
+        return Err(RunError::KubenetCheck(
+            "kubenet is not supported (pods could ARP-spoof each other, CVE-2021-1677); set --allow-network-plugin-kubenet=true to run anyway".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { what, addr, source })
+}
+
+/// Runs NMI until `shutdown`.
+pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
+    let redirect = iptables::Redirect {
+        metadata_ip: args.metadata_ip,
+        metadata_port: args.metadata_port,
+        target_ip: args.dnat_target(),
+        target_port: args.nmi_port,
+    };
+    let runner = iptables::Runner::new(&args.iptables_path);
+    if args.cleanup_iptables {
+        runner.cleanup().await?;
+        tracing::info!("iptables chain and jump removed");
+        return Ok(());
+    }
+    kubenet_check(&args.kubelet_config, args.allow_network_plugin_kubenet)?;
+    let namespaced = args.namespaced(std::env::var(args::ENV_FORCE_NAMESPACED).ok().as_deref());
+    if args.operation_mode == args::OperationMode::Managed && !namespaced {
+        return Err(RunError::ManagedNeedsNamespaced);
+    }
+    if args.node.is_empty() {
+        return Err(RunError::MissingNode);
+    }
+    if args.enable_profile {
+        tracing::warn!("--enableProfile is accepted but this NMI serves no pprof");
+    }
+    if args.enable_conntrack_deletion {
+        tracing::warn!(
+            "--enable-conntrack-deletion is not implemented; existing connections to IMDS are not cut"
+        );
+    }
+    let user_agent = if args.custom_user_agent.is_empty() {
+        format!("aad-pod-identity/NMI/{}", env!("CARGO_PKG_VERSION"))
+    } else {
+        format!(
+            "aad-pod-identity/NMI/{} {}",
+            env!("CARGO_PKG_VERSION"),
+            args.custom_user_agent
+        )
+    };
+    let imds =
+        token::Imds::new(&args.imds_endpoint, &user_agent).map_err(RunError::ImdsEndpoint)?;
+    let client =
+        aadpodid_runtime::client::kube_client(args.kubeconfig.as_deref(), &user_agent).await?;
+    let metrics = metrics::Metrics::new()?;
+    let state = Arc::new(server::State::default());
+    let synced = watch::spawn(
+        &client,
+        &args.node,
+        args.operation_mode,
+        args.enable_scale_features,
+        &state,
+        &metrics,
+        &shutdown,
+    );
+
+    let health = Health::new();
+    let any = std::net::IpAddr::from([0u8, 0, 0, 0]);
+    let probe = bind(
+        "the health probe",
+        SocketAddr::new(any, args.http_probe_port),
+    )
+    .await?;
+    let prom = bind("metrics", SocketAddr::new(any, args.prometheus_port)).await?;
+    let token_addr = SocketAddr::new(args.nmi_listen_address, args.nmi_port);
+    let token_listener = bind("the token service", token_addr).await?;
+    tokio::spawn(serve_admin(
+        probe,
+        AdminRoutes {
+            health: Some(health.clone()),
+            metrics: None,
+        },
+        shutdown.clone(),
+    ));
+    tokio::spawn(serve_admin(
+        prom,
+        AdminRoutes {
+            health: None,
+            metrics: Some(metrics.registry.clone()),
+        },
+        shutdown.clone(),
+    ));
+
+    let server = Arc::new(server::Server {
+        state: Arc::clone(&state),
+        cache: token::TokenCache::new(imds),
+        config: server::Config {
+            mode: args.operation_mode,
+            namespaced,
+            metadata_header_required: args.metadata_header_required,
+            block_instance_metadata: args.block_instance_metadata,
+            set_retry_after_header: args.set_retry_after_header,
+            retry_attempts_for_created: args.retry_attempts_for_created,
+            retry_attempts_for_assigned: args.retry_attempts_for_assigned,
+            retry_interval_secs: args.find_identity_retry_interval,
+            mic_namespace: args.mic_namespace.clone(),
+            mic_service_accounts: args.mic_service_accounts.clone(),
+            metadata_addr: SocketAddr::new(args.metadata_ip.into(), args.metadata_port),
+        },
+        metrics,
+    });
+    tokio::spawn(server::serve(
+        token_listener,
+        Arc::clone(&server),
+        shutdown.clone(),
+    ));
+    tracing::info!(%token_addr, node = %args.node, "token service listening");
+
+    // The first sync must succeed (upstream exits too); later failures are
+    // logged and retried at the next interval.
+    if args.set_route_localnet && redirect.needs_route_localnet() {
+        iptables::enable_route_localnet()?;
+    }
+    let actions = runner.sync(&redirect).await?;
+    tracing::info!(?actions, "iptables in place");
+    let ipt_synced = Arc::new(std::sync::atomic::AtomicBool::new(true));
+
+    // Readiness: Active once iptables is in place and every watch has listed.
+    {
+        let health = health.clone();
+        let shutdown = shutdown.clone();
+        let synced = synced.clone();
+        let ipt = Arc::clone(&ipt_synced);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = shutdown.signaled() => return,
+                    _ = tick.tick() => health.set_active(synced.all() && ipt.load(std::sync::atomic::Ordering::Acquire)),
+                }
+            }
+        });
+    }
+    // Drop cached tokens of identities no pod here uses.
+    {
+        let server = Arc::clone(&server);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = shutdown.signaled() => return,
+                    _ = tick.tick() => {
+                        let live = server.state.index().client_ids_in_use();
+                        server.cache.retain(&live);
+                    }
+                }
+            }
+        });
+    }
+
+    let interval = Duration::from_secs(args.ipt_update_interval_sec.max(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.signaled() => break,
+            _ = tokio::time::sleep(interval) => {
+                match runner.sync(&redirect).await {
+                    Ok(actions) if !actions.is_empty() => tracing::warn!(?actions, "iptables repaired"),
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(%error, "iptables check failed"),
+                }
+            }
+        }
+    }
+    if args.remove_iptables_on_exit {
+        runner.cleanup().await?;
+        tracing::info!("iptables removed on exit (--remove-iptables-on-exit)");
+    } else {
+        tracing::info!("leaving the iptables redirect in place (fail-closed)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubenet_check_is_upstreams() {
+        let dir = std::env::temp_dir().join(format!("nmi-kubenet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubenet = dir.join("kubenet");
+        std::fs::write(
+            &kubenet,
+            "KUBELET_FLAGS=--network-plugin=kubenet --max-pods=110",
+        )
+        .unwrap();
+        let cni = dir.join("cni");
+        std::fs::write(&cni, "KUBELET_FLAGS=--network-plugin=cni").unwrap();
+        assert!(kubenet_check(&kubenet, false).is_err());
+        assert!(kubenet_check(&kubenet, true).is_ok());
+        assert!(kubenet_check(&cni, false).is_ok());
+        assert!(
+            kubenet_check(&dir.join("missing"), false).is_err(),
+            "a missing file is fatal"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,460 @@
+//! Pure request parsing: which handler a path goes to, the `Metadata` header,
+//! and the token request's query, each failure a typed [`Rejection`] with
+//! upstream's status and message (shared/research/aad-pod-identity.md §3.3-§3.5,
+//! §3.8; azure-protocols.md §1.1-§1.2).
+
+use http::{HeaderMap, StatusCode};
+
+/// Canonical token path. Only the `metadata` segment is matched ignoring case,
+/// as upstream's route `/{type:(?i:metadata)}/identity/oauth2/token` (§3.3).
+pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// Host-network callers name a pod in headers here (§3.8).
+pub const HOST_TOKEN_PATH: &str = "/host/token";
+/// Headers `/host/token` requires.
+pub const HEADER_POD_NAMESPACE: &str = "podns";
+/// See [`HEADER_POD_NAMESPACE`].
+pub const HEADER_POD_NAME: &str = "podname";
+/// Longest query string accepted: real SDK queries are under 1 KiB; anything
+/// much longer is hostile and is refused before it is decoded.
+pub const MAX_QUERY_LEN: usize = 8 * 1024;
+/// Longest accepted parameter value (ARM resource IDs are at most a few hundred bytes).
+pub const MAX_VALUE_LEN: usize = 2 * 1024;
+
+/// Where a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// The managed-identity token endpoint.
+    Token,
+    /// `/host/token`.
+    HostToken,
+    /// Everything else: passed through to IMDS.
+    Proxy,
+}
+
+/// Why a request is refused before any pod or identity is looked up.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// `Metadata: true` missing or wrong (SSRF guard; answered at once so SDK
+    /// probes, which send no header, see a fast 400; azure-protocols.md §8.1).
+    #[error("Required metadata header not specified")]
+    MissingMetadataHeader,
+    /// A malformed token path: backslashes, other case, dot segments, encoded
+    /// characters. Upstream's fix for CVE-2022-23551 answers these 400.
+    #[error("Invalid request")]
+    InvalidPath,
+    /// `/metadata/instance*` with `--block-instance-metadata`.
+    #[error("Request blocked by AAD Pod Identity NMI")]
+    BlockedInstanceMetadata,
+    /// No `resource`, or an empty one.
+    #[error("parameter resource cannot be empty")]
+    EmptyResource,
+    /// A parameter given twice (IMDS rejects duplicates, azure-protocols.md §1.1).
+    #[error("parameter {0} specified more than once")]
+    DuplicateParameter(&'static str),
+    /// More than one of `client_id`, `object_id`, `msi_res_id` (mutually exclusive in IMDS).
+    #[error("only one of client_id, object_id and msi_res_id may be specified")]
+    ConflictingSelectors,
+    /// Query or value over the size limits.
+    #[error("request query too long")]
+    QueryTooLong,
+    /// `/host/token` without the pod headers.
+    #[error("missing 'podname' and 'podns' from request header")]
+    MissingPodHeaders,
+    /// `/host/token` from anything but 127.0.0.1.
+    #[error("request remote address is not from a host")]
+    NotFromHost,
+}
+
+impl Rejection {
+    /// Upstream's status for each rejection.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::BlockedInstanceMetadata => StatusCode::FORBIDDEN,
+            // Upstream answers 500 here (§3.8); kept for compatibility.
+            Rejection::NotFromHost => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Routes `path` (the raw request path, not decoded). Anything that could be
+/// read as the token endpoint by a lenient server is either the token route or
+/// a 400, never proxied: IMDS normalises paths (backslashes, case) and would
+/// hand out a node identity's token (CVE-2022-23551).
+pub fn route(path: &str, block_instance_metadata: bool) -> Result<Route, Rejection> {
+    if is_canonical(path, TOKEN_PATH, true) {
+        return Ok(Route::Token);
+    }
+    if is_canonical(path, HOST_TOKEN_PATH, false) {
+        return Ok(Route::HostToken);
+    }
+    let normalised = normalise(path);
+    let looks_like_token = normalised
+        .find("/identity")
+        .is_some_and(|i| normalised[i..].contains("oauth2") && normalised[i..].contains("token"));
+    if looks_like_token || normalised.contains("/host/token") {
+        return Err(Rejection::InvalidPath);
+    }
+    // Dot segments, empty segments and backslashes are refused on every path:
+    // what IMDS makes of them is unknown, and no client sends them.
+    let suspicious = path.contains('\\')
+        || path.contains("//")
+        || path.split('/').any(|seg| seg == "." || seg == "..")
+        || !path.starts_with('/');
+    if suspicious {
+        return Err(Rejection::InvalidPath);
+    }
+    if block_instance_metadata && normalised.starts_with("/metadata/instance") {
+        return Err(Rejection::BlockedInstanceMetadata);
+    }
+    Ok(Route::Proxy)
+}
+
+/// `path` equals `canonical` or `canonical/`; with `ci_first` the first segment
+/// is compared ignoring ASCII case.
+fn is_canonical(path: &str, canonical: &str, ci_first: bool) -> bool {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if path.len() != canonical.len() {
+        return false;
+    }
+    let (Some((pf, pr)), Some((cf, cr))) = (
+        path.get(1..).and_then(|p| p.split_once('/')),
+        canonical.get(1..).and_then(|c| c.split_once('/')),
+    ) else {
+        return false;
+    };
+    let first_ok = if ci_first {
+        pf.eq_ignore_ascii_case(cf)
+    } else {
+        pf == cf
+    };
+    path.starts_with('/') && first_ok && pr == cr
+}
+
+/// Lower-cased, percent-decoded, backslashes as slashes: what a lenient server
+/// might make of the path.
+fn normalise(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let decoded = (b == b'%' && i + 2 < bytes.len())
+            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
+            .flatten();
+        if let Some(d) = decoded {
+            out.push(d);
+            i += 3;
+            continue;
+        }
+        out.push(b);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out)
+        .to_ascii_lowercase()
+        .replace('\\', "/")
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
+}
+
+/// Whether the request carries `Metadata: true`. The name is case-insensitive;
+/// the value must be exactly `true` (§3.4). Several `Metadata` headers are refused.
+pub fn has_metadata_header(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all("metadata").iter();
+    matches!((values.next(), values.next()), (Some(v), None) if v.as_bytes() == b"true")
+}
+
+/// Which identity the caller names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// None: NMI chooses among the pod's identities (see `select`).
+    Default,
+    /// `client_id`.
+    ClientId(String),
+    /// `msi_res_id` (or `mi_res_id`, upstream's fallback since v1.8.15).
+    ResourceId(String),
+    /// `object_id` (the principal ID; upstream ignored it, hazard H7).
+    ObjectId(String),
+}
+
+/// A parsed token request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenQuery {
+    /// The audience (`resource`), as given.
+    pub resource: String,
+    /// The named identity, if any.
+    pub selector: Selector,
+}
+
+/// Parses the token query. `api-version`, `authority` and `bypass_cache` are
+/// ignored as upstream does (§3.4); other unknown parameters too.
+pub fn parse_token_query(query: Option<&str>) -> Result<TokenQuery, Rejection> {
+    let query = query.unwrap_or("");
+    if query.len() > MAX_QUERY_LEN {
+        return Err(Rejection::QueryTooLong);
+    }
+    let mut resource = None;
+    let mut client_id = None;
+    let mut msi_res_id = None;
+    let mut mi_res_id = None;
+    let mut object_id = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let (slot, name) = match k.as_ref() {
+            "resource" => (&mut resource, "resource"),
+            "client_id" => (&mut client_id, "client_id"),
+            "msi_res_id" => (&mut msi_res_id, "msi_res_id"),
+            "mi_res_id" => (&mut mi_res_id, "mi_res_id"),
+            "object_id" => (&mut object_id, "object_id"),
+            _ => continue,
+        };
+        if v.len() > MAX_VALUE_LEN {
+            return Err(Rejection::QueryTooLong);
+        }
+        if slot.is_some() {
+            return Err(Rejection::DuplicateParameter(name));
+        }
+        *slot = Some(v.into_owned());
+    }
+    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let resource = nonempty(resource).ok_or(Rejection::EmptyResource)?;
+    let res_id = nonempty(msi_res_id).or(nonempty(mi_res_id));
+    let selector = match (nonempty(client_id), res_id, nonempty(object_id)) {
+        (None, None, None) => Selector::Default,
+        (Some(c), None, None) => Selector::ClientId(c),
+        (None, Some(r), None) => Selector::ResourceId(r),
+        (None, None, Some(o)) => Selector::ObjectId(o),
+        _ => return Err(Rejection::ConflictingSelectors),
+    };
+    Ok(TokenQuery { resource, selector })
+}
+
+/// `/host/token`'s pod headers, checked before the caller (§3.8).
+pub fn host_pod_headers(headers: &HeaderMap) -> Result<(String, String), Rejection> {
+    let get = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &http::HeaderValue| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    match (get(HEADER_POD_NAMESPACE), get(HEADER_POD_NAME)) {
+        (Some(ns), Some(name)) => Ok((ns, name)),
+        _ => Err(Rejection::MissingPodHeaders),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn routes() {
+        use Route::*;
+        let ok: &[(&str, Route)] = &[
+            ("/metadata/identity/oauth2/token", Token),
+            ("/metadata/identity/oauth2/token/", Token),
+            ("/Metadata/identity/oauth2/token", Token),
+            ("/METADATA/identity/oauth2/token", Token),
+            ("/host/token", HostToken),
+            ("/host/token/", HostToken),
+            ("/metadata/instance", Proxy),
+            ("/metadata/instance/compute/name", Proxy),
+            ("/metadata/attested/document", Proxy),
+            ("/metadata/identity/info", Proxy),
+            ("/metadata/versions", Proxy),
+            ("/metadata/scheduledevents", Proxy),
+            ("/", Proxy),
+        ];
+        for (path, want) in ok {
+            assert_eq!(route(path, false), Ok(*want), "{path}");
+        }
+        let invalid = [
+            // CVE-2022-23551 and relatives.
+            "/metadata/identity\\oauth2\\token/",
+            "/metadata/identity\\oauth2\\token",
+            "/metadata\\identity\\oauth2\\token",
+            "/metadata/identity/oauth2\\token",
+            "/metadata/identity%5Coauth2%5Ctoken",
+            "/metadata/identity/oauth2/token%2F",
+            "/metadata/identity/oauth2/tokenx",
+            "/metadata/identity//oauth2/token",
+            "/metadata/identity/./oauth2/token",
+            "/metadata/instance/../identity/oauth2/token",
+            "/metadata/%69dentity/oauth2/token",
+            // Upstream proxied these and relied on IMDS rejecting them.
+            "/metadata/Identity/oauth2/token",
+            "/metadata/identity/OAuth2/token",
+            "/metadata/identity/oauth2/Token",
+            "/metadata//identity/oauth2/token",
+            "/Host/token",
+            "/host/token/../x",
+            "/metadata/instance/../versions",
+            "/metadata/./instance",
+            "\\metadata\\instance",
+            "*",
+        ];
+        for path in invalid {
+            assert_eq!(route(path, false), Err(Rejection::InvalidPath), "{path}");
+        }
+    }
+
+    #[test]
+    fn block_instance_metadata_only_blocks_instance() {
+        for p in [
+            "/metadata/instance",
+            "/Metadata/instance/compute",
+            "/metadata/INSTANCE",
+        ] {
+            assert_eq!(
+                route(p, true),
+                Err(Rejection::BlockedInstanceMetadata),
+                "{p}"
+            );
+            assert_eq!(route(p, false), Ok(Route::Proxy), "{p}");
+        }
+        assert_eq!(route("/metadata/attested/document", true), Ok(Route::Proxy));
+        assert_eq!(
+            route("/metadata/identity/oauth2/token", true),
+            Ok(Route::Token)
+        );
+    }
+
+    #[test]
+    fn metadata_header() {
+        let cases: &[(&[&str], bool)] = &[
+            (&[], false),
+            (&["true"], true),
+            (&["True"], false),
+            (&["TRUE"], false),
+            (&["true "], false),
+            (&[""], false),
+            (&["true", "true"], false),
+        ];
+        for (values, want) in cases {
+            let mut h = HeaderMap::new();
+            for v in *values {
+                h.append("Metadata", HeaderValue::from_static(v));
+            }
+            assert_eq!(has_metadata_header(&h), *want, "{values:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("metadata", HeaderValue::from_static("true"));
+        assert!(has_metadata_header(&h), "header names are case-insensitive");
+    }
+
+    #[test]
+    fn token_queries() {
+        use Selector::*;
+        let arm = "https://management.azure.com/";
+        let ok: &[(&str, Selector)] = &[
+            (
+                "api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F",
+                Default,
+            ),
+            ("resource=https://management.azure.com/", Default),
+            (
+                "resource=https://management.azure.com/&client_id=C1",
+                ClientId("C1".into()),
+            ),
+            (
+                "resource=https://management.azure.com/&msi_res_id=%2Fsubscriptions%2Fs%2Fx",
+                ResourceId("/subscriptions/s/x".into()),
+            ),
+            (
+                "resource=https://management.azure.com/&mi_res_id=/r",
+                ResourceId("/r".into()),
+            ),
+            (
+                "resource=https://management.azure.com/&msi_res_id=&mi_res_id=/r",
+                ResourceId("/r".into()),
+            ),
+            (
+                "resource=https://management.azure.com/&object_id=o1",
+                ObjectId("o1".into()),
+            ),
+            ("resource=https://management.azure.com/&client_id=", Default),
+            (
+                "resource=https://management.azure.com/&bypass_cache=true&authority=x&api-version=1&api-version=2",
+                Default,
+            ),
+        ];
+        for (q, sel) in ok {
+            let got = parse_token_query(Some(q)).unwrap_or_else(|e| panic!("{q}: {e}"));
+            assert_eq!(got.selector, *sel, "{q}");
+            assert_eq!(got.resource, arm, "{q}");
+        }
+        // `+` decodes as a space (Go and Rust encoders use it).
+        assert_eq!(
+            parse_token_query(Some("resource=a+b")).map(|q| q.resource),
+            Ok("a b".to_string())
+        );
+        let long = format!("resource=r&client_id={}", "a".repeat(MAX_VALUE_LEN + 1));
+        let huge = format!("resource=r&x={}", "a".repeat(MAX_QUERY_LEN));
+        let bad: &[(&str, Rejection)] = &[
+            ("", Rejection::EmptyResource),
+            ("resource=", Rejection::EmptyResource),
+            ("api-version=2018-02-01", Rejection::EmptyResource),
+            (
+                "resource=a&resource=b",
+                Rejection::DuplicateParameter("resource"),
+            ),
+            (
+                "resource=a&resource=a",
+                Rejection::DuplicateParameter("resource"),
+            ),
+            (
+                "resource=a&client_id=x&client_id=y",
+                Rejection::DuplicateParameter("client_id"),
+            ),
+            (
+                "resource=a&client_id=x&object_id=y",
+                Rejection::ConflictingSelectors,
+            ),
+            (
+                "resource=a&client_id=x&msi_res_id=y",
+                Rejection::ConflictingSelectors,
+            ),
+            (&long, Rejection::QueryTooLong),
+            (&huge, Rejection::QueryTooLong),
+        ];
+        for (q, want) in bad {
+            assert_eq!(parse_token_query(Some(q)).as_ref(), Err(want), "{q:.80}");
+        }
+        assert_eq!(parse_token_query(None), Err(Rejection::EmptyResource));
+    }
+
+    #[test]
+    fn rejection_statuses_and_messages_are_upstreams() {
+        assert_eq!(Rejection::MissingMetadataHeader.status(), 400);
+        assert_eq!(Rejection::EmptyResource.status(), 400);
+        assert_eq!(Rejection::InvalidPath.status(), 400);
+        assert_eq!(Rejection::MissingPodHeaders.status(), 400);
+        assert_eq!(Rejection::BlockedInstanceMetadata.status(), 403);
+        assert_eq!(Rejection::NotFromHost.status(), 500);
+        assert_eq!(
+            Rejection::EmptyResource.to_string(),
+            "parameter resource cannot be empty"
+        );
+        assert_eq!(
+            Rejection::MissingPodHeaders.to_string(),
+            "missing 'podname' and 'podns' from request header"
+        );
+        assert_eq!(
+            Rejection::BlockedInstanceMetadata.to_string(),
+            "Request blocked by AAD Pod Identity NMI"
+        );
+    }
+
+    #[test]
+    fn host_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(host_pod_headers(&h), Err(Rejection::MissingPodHeaders));
+        h.insert("podns", HeaderValue::from_static("ns"));
+        assert_eq!(host_pod_headers(&h), Err(Rejection::MissingPodHeaders));
+        h.insert("PodName", HeaderValue::from_static("p"));
+        assert_eq!(host_pod_headers(&h), Ok(("ns".into(), "p".into())));
+    }
+}

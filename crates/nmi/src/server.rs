@@ -1,0 +1,638 @@
+//! The token service: routes → request parsing → pod lookup → selection →
+//! token → response. Thin: every decision is in `request`, `index`, `select`
+//! and `response`.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use aadpodid_api::{AzureIdentity, IdentityType};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use kube::ResourceExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use aadpodid_runtime::Shutdown;
+
+use crate::args::OperationMode;
+use crate::http_client;
+use crate::index::{Index, PodEntry, PodLookup};
+use crate::metrics::{IMDS_OP_USER_ASSIGNED, Metrics};
+use crate::request::{self, Rejection, Route, Selector, TokenQuery};
+use crate::response::{self, Token};
+use crate::select::{self, Outcome};
+use crate::token::{TokenCache, TokenError, TokenSource, now_secs};
+
+/// The index and a version that changes whenever it does (waiters wake on it).
+#[derive(Debug)]
+pub struct State {
+    index: Mutex<Index>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            index: Mutex::new(Index::new()),
+            version: watch::Sender::new(0),
+        }
+    }
+}
+
+impl State {
+    /// Reads the index.
+    pub fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the index and wakes every waiting request.
+    pub fn update(&self, f: impl FnOnce(&mut Index)) {
+        f(&mut self.index());
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// Behaviour switches from the flags.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Standard or managed.
+    pub mode: OperationMode,
+    /// Namespaced mode.
+    pub namespaced: bool,
+    /// `--metadata-header-required`.
+    pub metadata_header_required: bool,
+    /// `--block-instance-metadata`.
+    pub block_instance_metadata: bool,
+    /// `--set-retry-after-header`.
+    pub set_retry_after_header: bool,
+    /// `--retry-attempts-for-created`.
+    pub retry_attempts_for_created: u32,
+    /// `--retry-attempts-for-assigned`.
+    pub retry_attempts_for_assigned: u32,
+    /// `--find-identity-retry-interval`, seconds.
+    pub retry_interval_secs: u64,
+    /// `--MICNamespace`.
+    pub mic_namespace: String,
+    /// `--mic-service-accounts`.
+    pub mic_service_accounts: Vec<String>,
+    /// Where other paths (and excepted pods' requests) are proxied.
+    pub metadata_addr: SocketAddr,
+}
+
+impl Config {
+    fn budget(&self, created: bool) -> (Duration, u32) {
+        let attempts = if created {
+            self.retry_attempts_for_created
+                .saturating_add(self.retry_attempts_for_assigned)
+        } else {
+            self.retry_attempts_for_created
+        };
+        (
+            Duration::from_secs(u64::from(attempts).saturating_mul(self.retry_interval_secs)),
+            attempts,
+        )
+    }
+}
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct Server<S> {
+    /// The index.
+    pub state: Arc<State>,
+    /// Tokens.
+    pub cache: TokenCache<S>,
+    /// Flags.
+    pub config: Config,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Slow clients: a request head must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head hyper buffers (huge headers get 431).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest proxied request body.
+const MAX_PROXY_BODY: usize = 64 * 1024;
+/// How long a request from an address not yet in the pod cache waits for the
+/// watch to catch up (upstream: 5 lookups 300 ms apart).
+const POD_LOOKUP_WAIT: Duration = Duration::from_millis(1500);
+/// IMDS's SLA (azure-protocols.md §1.5).
+const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upstream's `Retry-After` with `--set-retry-after-header`.
+const RETRY_AFTER_SECS: &str = "20";
+
+/// An error answer.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    message: String,
+    retry_after: bool,
+}
+
+impl Reply {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Reply {
+            status,
+            message: message.into(),
+            retry_after: false,
+        }
+    }
+}
+
+impl From<Rejection> for Reply {
+    fn from(r: Rejection) -> Self {
+        Reply::new(r.status(), r.to_string())
+    }
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
+}
+
+fn error_response(reply: &Reply) -> Response<Full<Bytes>> {
+    let mut resp = json(
+        reply.status,
+        response::error_body(reply.status, &reply.message),
+    );
+    if reply.retry_after {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
+    resp
+}
+
+/// Accepts connections on `listener` until `shutdown`.
+pub async fn serve<S: TokenSource>(
+    listener: TcpListener,
+    server: Arc<Server<S>>,
+    shutdown: Shutdown,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.signaled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "token server: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let server = Arc::clone(&server);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { connection(stream, peer, server, shutdown).await });
+    }
+}
+
+/// Resolves when the peer has closed its side: a duplicate of the socket is
+/// peeked (hyper does not cancel a handler whose client went away, and a
+/// waiting token request must stop then).
+fn disconnect_watch(stream: &TcpStream) -> Option<watch::Receiver<bool>> {
+    let fd = socket_dup(stream)?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut b = [0u8; 1];
+        // Bounded by the connection: the task is aborted when `tx` has no
+        // receivers left (checked every pass).
+        loop {
+            tokio::select! {
+                r = fd.peek(&mut b) => match r {
+                    Ok(0) | Err(_) => { let _ = tx.send(true); return; }
+                    // Unread bytes (a pipelined request): look again shortly.
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Some(rx)
+}
+
+fn socket_dup(stream: &TcpStream) -> Option<TcpStream> {
+    use std::os::fd::AsFd;
+    let owned = stream.as_fd().try_clone_to_owned().ok()?;
+    let std = std::net::TcpStream::from(owned);
+    TcpStream::from_std(std).ok()
+}
+
+async fn connection<S: TokenSource>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    server: Arc<Server<S>>,
+    shutdown: Shutdown,
+) {
+    let closed = disconnect_watch(&stream);
+    let service = service_fn(move |req| {
+        let server = Arc::clone(&server);
+        let closed = closed.clone();
+        async move { Ok::<_, Infallible>(server.handle(req, peer, closed).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.signaled() => conn.as_mut().graceful_shutdown(),
+    }
+}
+
+async fn closed_signal(closed: Option<watch::Receiver<bool>>) {
+    match closed {
+        Some(mut rx) => {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl<S: TokenSource> Server<S> {
+    /// Answers one request.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        closed: Option<watch::Receiver<bool>>,
+    ) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let (op, namespace, resource, resp) =
+            match request::route(req.uri().path(), self.config.block_instance_metadata) {
+                Err(r) => (
+                    "invalid",
+                    String::new(),
+                    String::new(),
+                    error_response(&r.into()),
+                ),
+                Ok(Route::Token) => {
+                    let (ns, res, resp) = self.token(req, peer, closed).await;
+                    (request::TOKEN_PATH, ns, res, resp)
+                }
+                Ok(Route::HostToken) => {
+                    let (ns, res, resp) = self.host_token(req, peer, closed).await;
+                    (request::HOST_TOKEN_PATH, ns, res, resp)
+                }
+                Ok(Route::Proxy) => (
+                    "proxy",
+                    String::new(),
+                    String::new(),
+                    self.proxy_checked(req).await,
+                ),
+            };
+        let status = resp.status().as_u16().to_string();
+        self.metrics
+            .nmi_operations
+            .with_label_values(&[op, &status, &namespace, &resource])
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    /// The token endpoint. Returns the pod's namespace and, on success, the
+    /// resource (metric labels limited to values that passed the checks).
+    async fn token(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        closed: Option<watch::Receiver<bool>>,
+    ) -> (String, String, Response<Full<Bytes>>) {
+        // Checked first and answered at once: SDK probes send no header and
+        // allow under a second (azure-protocols.md §8 points 1-2).
+        if self.config.metadata_header_required && !request::has_metadata_header(req.headers()) {
+            return (
+                String::new(),
+                String::new(),
+                error_response(&Rejection::MissingMetadataHeader.into()),
+            );
+        }
+        let query = match request::parse_token_query(req.uri().query()) {
+            Ok(q) => q,
+            Err(r) => return (String::new(), String::new(), error_response(&r.into())),
+        };
+        let pod = match self.pod_by_ip(peer.ip()).await {
+            Ok(p) => p,
+            Err(reply) => return (String::new(), String::new(), error_response(&reply)),
+        };
+        let excepted = {
+            let index = self.state.index();
+            index.is_excepted(&pod)
+        } || select::is_mic(
+            &pod,
+            &self.config.mic_namespace,
+            &self.config.mic_service_accounts,
+        );
+        if excepted {
+            // Excepted pods (and MIC) talk to IMDS as if NMI were not there:
+            // the request goes through unchanged and IMDS's answer comes back
+            // unchanged (upstream re-fetched and turned IMDS's 400 into a 403,
+            // statement 85).
+            let resp = self.proxy(req).await;
+            return (pod.namespace.clone(), String::new(), resp);
+        }
+        match self
+            .resolve(&pod, &query, closed, self.config.set_retry_after_header)
+            .await
+        {
+            Ok(token) => {
+                let body = response::token_body(std::slice::from_ref(&token), now_secs());
+                (
+                    pod.namespace.clone(),
+                    query.resource.clone(),
+                    json(StatusCode::OK, body),
+                )
+            }
+            Err(reply) => (pod.namespace.clone(), String::new(), error_response(&reply)),
+        }
+    }
+
+    /// `/host/token` (§3.8): host-network callers name a pod.
+    async fn host_token(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        closed: Option<watch::Receiver<bool>>,
+    ) -> (String, String, Response<Full<Bytes>>) {
+        let (ns, name) = match request::host_pod_headers(req.headers()) {
+            Ok(v) => v,
+            Err(r) => return (String::new(), String::new(), error_response(&r.into())),
+        };
+        if peer.ip().to_canonical() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+            return (
+                String::new(),
+                String::new(),
+                error_response(&Rejection::NotFromHost.into()),
+            );
+        }
+        let query = match request::parse_token_query(req.uri().query()) {
+            Ok(q) => q,
+            Err(r) => return (String::new(), String::new(), error_response(&r.into())),
+        };
+        let pod = {
+            let index = self.state.index();
+            index.pod(&ns, &name).cloned()
+        };
+        let Some(pod) = pod else {
+            let reply = Reply::new(
+                StatusCode::NOT_FOUND,
+                format!("failed to get pod {ns}/{name}"),
+            );
+            return (String::new(), String::new(), error_response(&reply));
+        };
+        match self.resolve(&pod, &query, closed, false).await {
+            Ok(token) => (
+                pod.namespace.clone(),
+                query.resource.clone(),
+                json(
+                    StatusCode::OK,
+                    response::host_token_body(&token, now_secs()),
+                ),
+            ),
+            Err(reply) => (pod.namespace.clone(), String::new(), error_response(&reply)),
+        }
+    }
+
+    /// The one live pod with `ip`, waiting briefly for the watch to catch up.
+    async fn pod_by_ip(&self, ip: IpAddr) -> Result<PodEntry, Reply> {
+        let deadline = Instant::now() + POD_LOOKUP_WAIT;
+        let mut rx = self.state.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let found = self.state.index().pod_by_ip(ip).cloned();
+            match found {
+                Ok(p) => return Ok(p),
+                Err(e @ PodLookup::Ambiguous { .. }) => {
+                    return Err(Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+                }
+                Err(e @ PodLookup::Unknown) => {
+                    let woke = tokio::time::timeout_at(deadline, rx.changed()).await;
+                    if !matches!(woke, Ok(Ok(()))) {
+                        return Err(Reply::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Selection, waiting for MIC (driven by the watch) within upstream's
+    /// budget, then the token. The access decision is made from the live
+    /// index on every call, before the cache is consulted.
+    async fn resolve(
+        &self,
+        pod: &PodEntry,
+        query: &TokenQuery,
+        closed: Option<watch::Receiver<bool>>,
+        retry_after: bool,
+    ) -> Result<Token, Reply> {
+        let started = Instant::now();
+        let mut rx = self.state.subscribe();
+        let closed = closed_signal(closed);
+        tokio::pin!(closed);
+        let outcome = loop {
+            rx.borrow_and_update();
+            let outcome = {
+                let index = self.state.index();
+                match self.config.mode {
+                    OperationMode::Standard => {
+                        // A pod deleted while its request waits gets nothing.
+                        if index.pod(&pod.namespace, &pod.name).is_none() {
+                            return Err(Reply::new(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                PodLookup::Unknown.to_string(),
+                            ));
+                        }
+                        let aais = index.aais_for_pod(&pod.namespace, &pod.name);
+                        select::standard(pod, &query.selector, &aais, self.config.namespaced)
+                    }
+                    OperationMode::Managed => {
+                        let ids = index.managed_identities_for(pod);
+                        select::managed(&query.selector, &ids)
+                    }
+                }
+            };
+            let Outcome::Wait { created } = outcome else {
+                break outcome;
+            };
+            let (budget, attempts) = self.config.budget(created);
+            let deadline = started + budget;
+            if Instant::now() >= deadline {
+                let mut reply = Reply::new(
+                    StatusCode::NOT_FOUND,
+                    select::wait_expired_message(
+                        pod,
+                        created,
+                        attempts,
+                        self.config.retry_interval_secs,
+                    ),
+                );
+                if retry_after {
+                    reply.status = StatusCode::SERVICE_UNAVAILABLE;
+                    reply.retry_after = true;
+                }
+                return Err(reply);
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = &mut closed => {
+                    // Nobody is listening any more; the answer is never sent.
+                    return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "client disconnected"));
+                }
+            }
+        };
+        let no_match = |status| {
+            let mut r = Reply::new(status, select::no_match_message(&query.selector));
+            if retry_after {
+                r.status = StatusCode::SERVICE_UNAVAILABLE;
+                r.retry_after = true;
+            }
+            r
+        };
+        let started_fetch = Instant::now();
+        let result = match outcome {
+            Outcome::Use(identity) => self.fetch(&identity, &query.resource).await,
+            Outcome::ByObjectId(candidates) if !candidates.is_empty() => {
+                let Selector::ObjectId(oid) = &query.selector else {
+                    return Err(no_match(StatusCode::NOT_FOUND));
+                };
+                let allowed: Vec<String> = candidates
+                    .iter()
+                    .map(|i| i.spec.client_id.clone())
+                    .collect();
+                self.cache
+                    .by_object_id(oid, &query.resource, &allowed)
+                    .await
+            }
+            Outcome::ByObjectId(_) | Outcome::Deny | Outcome::Wait { .. } => {
+                return Err(no_match(StatusCode::NOT_FOUND));
+            }
+        };
+        self.metrics
+            .imds_operations
+            .with_label_values(&[IMDS_OP_USER_ASSIGNED])
+            .observe(started_fetch.elapsed().as_secs_f64());
+        result.map_err(|e| {
+            if !matches!(e, TokenError::NotBound) {
+                self.metrics
+                    .imds_errors
+                    .with_label_values(&[IMDS_OP_USER_ASSIGNED])
+                    .inc();
+            }
+            match e {
+                TokenError::NotBound => no_match(StatusCode::NOT_FOUND),
+                other => Reply::new(other.status(), other.to_string()),
+            }
+        })
+    }
+
+    async fn fetch(&self, identity: &AzureIdentity, resource: &str) -> Result<Token, TokenError> {
+        match identity.spec.r#type {
+            IdentityType::UserAssignedMsi => {
+                self.cache
+                    .by_client_id(&identity.spec.client_id, resource)
+                    .await
+            }
+            // Upstream answered 503 for anything it could not use (§3.5 step 6).
+            other => Err(TokenError::Unavailable(format!(
+                "identity {}/{} of type {} is not supported by this NMI",
+                identity.namespace().unwrap_or_default(),
+                identity.name_any(),
+                other.as_i64()
+            ))),
+        }
+    }
+
+    async fn proxy_checked(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if self.config.metadata_header_required && !request::has_metadata_header(req.headers()) {
+            return error_response(&Rejection::MissingMetadataHeader.into());
+        }
+        self.proxy(req).await
+    }
+
+    /// Passes the request to IMDS and its answer back (§3.3 route 5).
+    async fn proxy(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_PROXY_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return error_response(&Reply::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large",
+                ));
+            }
+        };
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let mut out = Request::new(Full::new(body));
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = match path.parse() {
+            Ok(u) => u,
+            Err(_) => return error_response(&Rejection::InvalidPath.into()),
+        };
+        *out.headers_mut() = end_to_end(&parts.headers);
+        if let Ok(host) = HeaderValue::from_str(&self.config.metadata_addr.ip().to_string()) {
+            out.headers_mut().insert(header::HOST, host);
+        }
+        match http_client::send(self.config.metadata_addr, out, PROXY_TIMEOUT).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                let mut back = Response::new(Full::new(body));
+                *back.status_mut() = parts.status;
+                *back.headers_mut() = end_to_end(&parts.headers);
+                back
+            }
+            Err(e) => error_response(&Reply::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+/// Headers without hop-by-hop ones (RFC 9110 §7.6.1); bodies are re-framed.
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    const HOP: &[&str] = &[
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    ];
+    let mut out = headers.clone();
+    for h in HOP {
+        out.remove(*h);
+    }
+    out
+}

@@ -1,0 +1,643 @@
+//! NMI end to end on a test node: a real apiserver, real iptables in a node
+//! network namespace, pods in pod namespaces, the Azure emulator's IMDS
+//! behind 169.254.169.254:80 inside the node, and real clients in the pods.
+//!
+//! Layout. NMI runs inside the node namespace (as on a host-network
+//! DaemonSet): this test binary re-executes itself there, running only
+//! [`nmi_child_process`], which calls `nmi::run`. The apiserver and the
+//! emulator live in the root namespace on loopback; a small relay inside the
+//! node namespace carries the node's `127.0.0.1:<port>` (apiserver) and
+//! `169.254.169.254:80` (IMDS) to Unix sockets that this process forwards to
+//! them. Unix sockets are not network-namespaced, so nothing is added to the
+//! root namespace's network.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use aadpodid_api::{
+    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
+    AzureIdentitySpec, AzurePodIdentityException, AzurePodIdentityExceptionSpec,
+};
+use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs, Node};
+use aadpodid_tests::{Cluster, IdentitySelector, python_imds_token, unique_name, wait_for};
+use anyhow::{Context as _, bail};
+use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
+use azure_emulator::{Config, Emulator};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+
+const CHILD_ENV: &str = "AADPODID_NMI_CHILD_ARGS";
+const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
+const CLIENT_B: &str = "bbbbbbbb-0000-4000-8000-00000000000b";
+const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
+const OBJECT_B: &str = "bbbbbbbb-1111-4000-8000-00000000000b";
+const ARM: &str = "https://management.azure.com/";
+const API_RELAY_PORT: u16 = 6443;
+
+/// Runs NMI when this binary is re-executed inside a node namespace; a no-op
+/// in a normal test run.
+#[test]
+fn nmi_child_process() {
+    let Ok(args) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let args: Vec<String> = serde_json::from_str(&args).expect("child args");
+    let args = nmi::Args::try_from_args(args).expect("nmi args");
+    aadpodid_runtime::logging::init(aadpodid_runtime::logging::LogFormat::Text, "info");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let shutdown = aadpodid_runtime::Shutdown::on_signals().expect("signals");
+        if let Err(e) = nmi::run(args, shutdown).await {
+            panic!("nmi exited: {e}");
+        }
+    });
+}
+
+const RELAY: &str = r#"
+import asyncio, sys
+async def pipe(r, w):
+    try:
+        while True:
+            d = await r.read(65536)
+            if not d:
+                break
+            w.write(d)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        try:
+            w.close()
+        except Exception:
+            pass
+async def main():
+    servers = []
+    for spec in sys.argv[1:]:
+        hostport, path = spec.split('=')
+        host, port = hostport.rsplit(':', 1)
+        async def handle(r, w, path=path):
+            try:
+                ur, uw = await asyncio.open_unix_connection(path)
+            except Exception:
+                w.close()
+                return
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        servers.append(await asyncio.start_server(handle, host, int(port)))
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"#;
+
+/// Forwards connections on a Unix socket at `path` to `target` (root namespace).
+async fn unix_to_tcp(path: PathBuf, target: SocketAddr) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    tokio::spawn(async move {
+        while let Ok((mut unix, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+struct Fixture {
+    node_name: String,
+    node: Node,
+    dir: PathBuf,
+    emu: Emulator,
+    nmi: Option<Child>,
+    _relay: Child,
+    kubeconfig: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.nmi.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self._relay.kill();
+        let _ = self._relay.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Fixture {
+    async fn new(cluster: &Cluster, pods: u8) -> anyhow::Result<Fixture> {
+        let node_name = unique_name("node");
+        let dir = std::env::temp_dir().join(unique_name("nmi-test"));
+        std::fs::create_dir_all(&dir)?;
+
+        let mut cfg = Config::new(
+            "72f988bf-86f1-41af-91ab-2d7cd011db47",
+            "00000000-0000-0000-0000-0000000000aa",
+        );
+        cfg.resource_groups = vec!["rg".into()];
+        let seed = |name: &str, client: &str, object: &str| IdentitySeed {
+            name: name.into(),
+            resource_group: "rg".into(),
+            client_id: Some(client.into()),
+            principal_id: Some(object.into()),
+            federated_credentials: Vec::new(),
+            permissions: Default::default(),
+        };
+        cfg.identities = vec![
+            seed("id-a", CLIENT_A, OBJECT_A),
+            seed("id-b", CLIENT_B, OBJECT_B),
+        ];
+        cfg.virtual_machines = vec![VmSeed {
+            name: node_name.clone(),
+            resource_group: "rg".into(),
+            identity: IdentityAssignmentSeed {
+                system_assigned: true,
+                user_assigned: vec!["id-a".into(), "id-b".into()],
+            },
+        }];
+        let emu = Emulator::start(cfg).await?;
+        let imds = emu
+            .add_imds(&format!("vm/{node_name}"), "127.0.0.1:0".parse()?)
+            .await?;
+
+        let node = Node::with_pods(pods)?;
+        node.node.add_local_address(IMDS_ADDRESS)?;
+        let api: SocketAddr = cluster
+            .server()
+            .trim_start_matches("https://")
+            .parse()
+            .context("apiserver address")?;
+        let api_sock = dir.join("api.sock");
+        let imds_sock = dir.join("imds.sock");
+        unix_to_tcp(api_sock.clone(), api).await?;
+        unix_to_tcp(imds_sock.clone(), imds).await?;
+        let mut relay = node
+            .node
+            .command("python3")
+            .arg("-c")
+            .arg(RELAY)
+            .arg(format!("127.0.0.1:{API_RELAY_PORT}={}", api_sock.display()))
+            .arg(format!("{IMDS_ADDRESS}:80={}", imds_sock.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        {
+            use std::io::BufRead;
+            let out = relay.stdout.take().context("relay stdout")?;
+            let mut line = String::new();
+            std::io::BufReader::new(out).read_line(&mut line)?;
+            if line.trim() != "READY" {
+                bail!("relay did not start: {line}");
+            }
+        }
+        let kubeconfig = dir.join("kubeconfig");
+        let text = std::fs::read_to_string(cluster.kubeconfig())?.replace(
+            cluster.server(),
+            &format!("https://127.0.0.1:{API_RELAY_PORT}"),
+        );
+        std::fs::write(&kubeconfig, text)?;
+
+        let mut f = Fixture {
+            node_name,
+            node,
+            dir,
+            emu,
+            nmi: None,
+            _relay: relay,
+            kubeconfig,
+        };
+        f.start_nmi()?;
+        f.wait_active().await?;
+        Ok(f)
+    }
+
+    fn start_nmi(&mut self) -> anyhow::Result<()> {
+        let args = vec![
+            format!("--node={}", self.node_name),
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            "--http-probe-port=8085".into(),
+            "--allow-network-plugin-kubenet=true".into(),
+            "--retry-attempts-for-created=1".into(),
+            "--ipt-update-interval-sec=1".into(),
+        ];
+        let log = std::fs::File::create(self.dir.join("nmi.log"))?;
+        let child = self
+            .node
+            .node
+            .command(std::env::current_exe()?)
+            .args([
+                "--exact",
+                "nmi_child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, serde_json::to_string(&args)?)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.nmi = Some(child);
+        Ok(())
+    }
+
+    fn stop_nmi(&mut self) {
+        if let Some(mut c) = self.nmi.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nmi.log")).unwrap_or_default()
+    }
+
+    async fn wait_active(&self) -> anyhow::Result<()> {
+        let node = &self.node.node;
+        let r = wait_for("nmi /healthz Active", Duration::from_secs(60), || async {
+            let out = node
+                .run(
+                    "curl",
+                    &["-s", "--max-time", "1", "http://127.0.0.1:8085/healthz"],
+                )
+                .ok()?;
+            (out == "Active").then_some(())
+        })
+        .await;
+        r.with_context(|| format!("nmi log:\n{}", self.log()))
+    }
+
+    fn pod_ns(&self, i: usize) -> &NetNs {
+        &self.node.pods[i].0
+    }
+
+    fn pod_ip(&self, i: usize) -> String {
+        self.node.pods[i].1.to_string()
+    }
+}
+
+/// `curl` from inside `ns`: returns (status, body). `-g` and `--path-as-is`
+/// keep hostile paths as written.
+async fn curl(ns: &NetNs, path: &str, headers: &[&str]) -> anyhow::Result<(u16, String)> {
+    let url = format!("http://{IMDS_ADDRESS}{path}");
+    let mut args = vec![
+        "-s",
+        "-g",
+        "--path-as-is",
+        "--max-time",
+        "30",
+        "-w",
+        "\n%{http_code}",
+    ];
+    for h in headers {
+        args.push("-H");
+        args.push(h);
+    }
+    args.push(&url);
+    let mut cmd = ns.command("curl");
+    cmd.args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::process::Command::from(cmd).output().await?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = out
+        .rsplit_once('\n')
+        .with_context(|| format!("curl output: {out}"))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+async fn mk_pod(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    node: &str,
+    ip: &str,
+    labels: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
+    }))?;
+    api.create(&PostParams::default(), &pod).await?;
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
+fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
+    let mut id = AzureIdentity::new(
+        name,
+        AzureIdentitySpec {
+            client_id: client_id.into(),
+            resource_id: format!(
+                "/subscriptions/00000000-0000-0000-0000-0000000000aa/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+            ),
+            ..Default::default()
+        },
+    );
+    id.metadata.namespace = Some(ns.into());
+    id
+}
+
+async fn mk_aai(
+    client: &kube::Client,
+    ns: &str,
+    node: &str,
+    pod: &str,
+    id: &AzureIdentity,
+    status: &str,
+) -> anyhow::Result<String> {
+    let name =
+        aadpodid_api::assigned_identity_name(pod, ns, id.metadata.name.as_deref().unwrap_or(""));
+    let mut aai = AzureAssignedIdentity::new(
+        &name,
+        AzureAssignedIdentitySpec {
+            azure_identity_ref: Some(Box::new(id.clone())),
+            azure_binding_ref: None,
+            pod: pod.into(),
+            pod_namespace: ns.into(),
+            node_name: node.into(),
+            replicas: None,
+        },
+    );
+    aai.metadata.labels =
+        Some([(aadpodid_api::LABEL_NODENAME.to_string(), node.to_string())].into());
+    aai.status = Some(AzureAssignedIdentityStatus {
+        status: status.into(),
+        ..Default::default()
+    });
+    Api::<AzureAssignedIdentity>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &aai)
+        .await?;
+    Ok(name)
+}
+
+fn appid_of(emu: &Emulator, out: &serde_json::Value) -> anyhow::Result<String> {
+    let token = out["token"]
+        .as_str()
+        .with_context(|| format!("no token: {out}"))?;
+    Ok(emu
+        .verify_token(token)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .appid)
+}
+
+fn python(ns: &NetNs, selector: IdentitySelector<'_>) -> anyhow::Result<serde_json::Value> {
+    // The SDK call blocks; let the runtime move other tasks (the relays) meanwhile.
+    tokio::task::block_in_place(|| {
+        python_imds_token(
+            None,
+            "https://management.azure.com/.default",
+            selector,
+            Some(ns),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nmi_on_a_test_node() -> anyhow::Result<()> {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return Ok(());
+    }
+    let cluster = Cluster::shared();
+    let client = cluster.admin_client().await?;
+    let ns = cluster.temp_namespace("nmi").await?;
+    let ns = ns.name().to_string();
+    let mut f = Fixture::new(cluster, 5).await?;
+    let node = f.node_name.clone();
+
+    // The rules are upstream's, jumped to first in PREROUTING.
+    let chain = f
+        .node
+        .node
+        .run("iptables", &["-t", "nat", "-S", "aad-metadata"])?;
+    assert!(chain.contains("-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579"), "{chain}");
+    let pre = f
+        .node
+        .node
+        .run("iptables", &["-t", "nat", "-S", "PREROUTING"])?;
+    assert!(
+        pre.lines().find(|l| l.starts_with("-A ")) == Some("-A PREROUTING -j aad-metadata"),
+        "{pre}"
+    );
+
+    let id_a = identity(&ns, "id-a", CLIENT_A);
+    let id_b = identity(&ns, "id-b", CLIENT_B);
+    // pod 0 bound to A; pod 1 unlabelled; pod 2 excepted; pod 3 waits for MIC.
+    mk_pod(
+        &client,
+        &ns,
+        "bound",
+        &node,
+        &f.pod_ip(0),
+        &[("aadpodidbinding", "a")],
+    )
+    .await?;
+    mk_pod(&client, &ns, "plain", &node, &f.pod_ip(1), &[]).await?;
+    mk_pod(
+        &client,
+        &ns,
+        "excepted",
+        &node,
+        &f.pod_ip(2),
+        &[("app", "Agent")],
+    )
+    .await?;
+    mk_pod(
+        &client,
+        &ns,
+        "waiting",
+        &node,
+        &f.pod_ip(3),
+        &[("aadpodidbinding", "a")],
+    )
+    .await?;
+    mk_aai(&client, &ns, &node, "bound", &id_a, "Assigned").await?;
+    let mut exc = AzurePodIdentityException::new(
+        "agents",
+        AzurePodIdentityExceptionSpec {
+            pod_labels: [("app".to_string(), "agent".to_string())].into(),
+        },
+    );
+    exc.metadata.namespace = Some(ns.clone());
+    Api::<AzurePodIdentityException>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &exc)
+        .await?;
+
+    // A bound pod gets its identity's token through the real Python SDK,
+    // with no selector, by client ID and by object ID.
+    let out = python(f.pod_ns(0), IdentitySelector::Default)?;
+    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}\n{}", f.log());
+    let out = python(f.pod_ns(0), IdentitySelector::ClientId(CLIENT_A))?;
+    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}");
+    let out = python(f.pod_ns(0), IdentitySelector::ObjectId(OBJECT_A))?;
+    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}");
+
+    // Bound to A, it cannot get B: by client_id, msi_res_id, object_id
+    // (with the ID in upper case too), or through /host/token.
+    let md = ["Metadata: true"];
+    let tok = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+    let res_b = id_b.spec.resource_id.clone();
+    for sel in [
+        format!("&client_id={CLIENT_B}"),
+        format!("&client_id={}", CLIENT_B.to_uppercase()),
+        format!("&msi_res_id={res_b}"),
+        format!("&object_id={OBJECT_B}"),
+    ] {
+        let (code, body) = curl(f.pod_ns(0), &format!("{tok}{sel}"), &md).await?;
+        assert_eq!(code, 404, "{sel}: {body}");
+        assert!(!body.contains("access_token"), "{sel}: {body}");
+    }
+    let (code, body) = curl(
+        f.pod_ns(0),
+        &format!("/host/token?resource={ARM}"),
+        &["podns: x", "podname: y"],
+    )
+    .await?;
+    assert_eq!(
+        (
+            code,
+            body.contains("request remote address is not from a host")
+        ),
+        (500, true),
+        "{body}"
+    );
+
+    // An unlabelled pod gets nothing (after upstream's budget: 1 attempt × 5 s here).
+    let (code, body) = curl(f.pod_ns(1), tok, &md).await?;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body.contains("CREATED state failed after 1 attempts"),
+        "{body}"
+    );
+
+    // An excepted pod talks to IMDS as if NMI were not there: the node's
+    // system identity.
+    let (code, body) = curl(f.pod_ns(2), tok, &md).await?;
+    assert_eq!(code, 200, "{body}");
+
+    // Hostile input: the right error, fast, and no token.
+    for (path, headers, want) in [
+        (tok, &[][..], 400),
+        (
+            "/metadata/identity\\oauth2\\token/?resource=x",
+            &md[..],
+            400,
+        ),
+        ("/metadata/identity/OAuth2/token?resource=x", &md[..], 400),
+        (
+            "/metadata/instance/../identity/oauth2/token?resource=x",
+            &md[..],
+            400,
+        ),
+        (
+            "/metadata/identity/oauth2/token?resource=a&resource=b",
+            &md[..],
+            400,
+        ),
+        ("/metadata/identity/oauth2/token", &md[..], 400),
+    ] {
+        let (code, body) = curl(f.pod_ns(0), path, headers).await?;
+        assert_eq!(code, want, "{path}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).with_context(|| format!("{path}: {body}"))?;
+        assert!(
+            v["error"].is_string() && v.get("access_token").is_none(),
+            "{path}: {body}"
+        );
+    }
+    let huge = format!("X-Big: {}", "a".repeat(100 * 1024));
+    let (code, _) = curl(f.pod_ns(0), tok, &[md[0], &huge]).await?;
+    // hyper bounds the buffered head (64 KiB); whether a 100 KiB head is
+    // refused (431) or already parsed depends on read chunking. Either way
+    // the server stays up and bounded.
+    assert!(code == 431 || code == 200, "huge header: {code}");
+
+    // Waiting is driven by the watch: a request made while the AAI is
+    // Created returns after (and because) it turns Assigned.
+    let aai = mk_aai(&client, &ns, &node, "waiting", &id_a, "Created").await?;
+    let waiter = async {
+        let r = curl(f.pod_ns(3), tok, &md).await;
+        (r, Instant::now())
+    };
+    let patch = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let patched_at = Instant::now();
+        Api::<AzureAssignedIdentity>::namespaced(client.clone(), &ns)
+            .patch(
+                &aai,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"status": "Assigned"}})),
+            )
+            .await
+            .map(|_| patched_at)
+    };
+    let ((result, answered_at), patched_at) = tokio::join!(waiter, patch);
+    let patched_at = patched_at?;
+    let (code, body) = result?;
+    assert_eq!(code, 200, "{body}");
+    assert!(answered_at >= patched_at);
+    eprintln!(
+        "answered {:?} after the status change",
+        answered_at - patched_at
+    );
+
+    // Fail-closed: with NMI down the redirect stays, pods are refused at
+    // once, and nothing reaches IMDS from a pod.
+    let before = f.emu.counters();
+    f.stop_nmi();
+    let mut cmd = f.pod_ns(0).command("curl");
+    cmd.args([
+        "-s",
+        "--max-time",
+        "5",
+        "-H",
+        "Metadata: true",
+        &format!("http://{IMDS_ADDRESS}{tok}"),
+    ]);
+    let out = tokio::process::Command::from(cmd).output().await?;
+    assert_eq!(out.status.code(), Some(7), "connection refused expected");
+    assert_eq!(
+        format!("{:?}", f.emu.counters()),
+        format!("{before:?}"),
+        "a pod request reached IMDS while NMI was down"
+    );
+    let chain = f
+        .node
+        .node
+        .run("iptables", &["-t", "nat", "-S", "aad-metadata"])?;
+    assert!(chain.contains("DNAT"), "{chain}");
+    // And tokens resume after a restart.
+    f.start_nmi()?;
+    f.wait_active().await?;
+    let out = python(f.pod_ns(0), IdentitySelector::ClientId(CLIENT_A))?;
+    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}");
+
+    // Tampering is repaired at the next check.
+    f.node
+        .node
+        .run("iptables", &["-t", "nat", "-F", "aad-metadata"])?;
+    let nodens = &f.node.node;
+    wait_for("iptables repaired", Duration::from_secs(10), || async {
+        let c = nodens
+            .run("iptables", &["-t", "nat", "-S", "aad-metadata"])
+            .ok()?;
+        c.contains("DNAT").then_some(())
+    })
+    .await?;
+    Ok(())
+}
