@@ -1,8 +1,10 @@
 //! Entra ID client-credentials token endpoints: v1 `/{tenant}/oauth2/token` and
 //! v2 `/{tenant}/oauth2/v2.0/token` with a client secret, a certificate client
-//! assertion or a federated (workload-identity) assertion.
+//! assertion or a federated (workload-identity) assertion; and the OpenID
+//! discovery documents and signing keys of the emulator's own tokens.
 //! Wire formats: azure-apis.md §2, azure-protocols.md §3, contract points 27-34.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,15 +12,16 @@ use base64::Engine as _;
 use hyper::Request;
 use hyper::body::Incoming;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::clock::{aad_timestamp, wall_now_secs};
+use crate::config::IssuerSeed;
 use crate::http::{self, BodyError, HandlerFn, Resp, first, form_pairs, header, media_type};
 use crate::ids::{b64_any, new_guid};
-use crate::jwt::{self, Parsed};
+use crate::jwt::{self, Parsed, VerifyKey};
 use crate::observe::{RequestRecord, Service};
 use crate::state::{AadClient, Certificate};
-use crate::{Shared, lock};
+use crate::{Shared, StartError, lock};
 
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const MAX_FORM_BYTES: usize = 1024 * 1024;
@@ -92,14 +95,18 @@ enum Version {
     V2,
 }
 
-pub(crate) fn handler(shared: Arc<Shared>) -> HandlerFn {
+/// `base` is `https://<listen address>/`, the authority used in discovery
+/// documents when a request carries no usable `Host`.
+pub(crate) fn handler(shared: Arc<Shared>, base: String) -> HandlerFn {
+    let base = Arc::new(base);
     Arc::new(move |req, _peer| {
         let s = shared.clone();
-        Box::pin(async move { handle(&s, req).await })
+        let base = base.clone();
+        Box::pin(async move { handle(&s, req, &base).await })
     })
 }
 
-async fn handle(s: &Shared, req: Request<Incoming>) -> Resp {
+async fn handle(s: &Shared, req: Request<Incoming>, base: &str) -> Resp {
     let method = req.method().to_string();
     let uri = req.uri().to_string();
     let path = req.uri().path().to_string();
@@ -127,13 +134,21 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Resp {
                 None,
             )
         }
-        None => match token(s, req).await {
-            Ok((resp, client)) => (200, resp, Some(client)),
-            Err((e, client)) => (
+        None => match discovery(s, &req, base) {
+            Some(Ok(resp)) => (200, resp, None),
+            Some(Err(e)) => (
                 e.status,
                 http::json(e.status, &e.body(&correlation), &[]),
-                client,
+                None,
             ),
+            None => match token(s, req).await {
+                Ok((resp, client)) => (200, resp, Some(client)),
+                Err((e, client)) => (
+                    e.status,
+                    http::json(e.status, &e.body(&correlation), &[]),
+                    client,
+                ),
+            },
         },
     };
     s.observer.count(|c| {
@@ -154,6 +169,203 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Resp {
         machine: None,
     });
     resp
+}
+
+/// What a discovery path asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Discovery {
+    ConfigV1,
+    ConfigV2,
+    KeysV1,
+    KeysV2,
+}
+
+/// Tenant aliases Entra serves discovery for besides tenant IDs; their
+/// documents name the issuer with a `{tenantid}` placeholder.
+const ALIASES: [&str; 3] = ["common", "organizations", "consumers"];
+
+/// The authority clients reached us by: `https://<Host>/` when the header is
+/// a plain host[:port] (so a Host rewrite for `login.microsoftonline.com`
+/// keeps clients on it, contract point 35), else the listen address.
+fn authority(req: &Request<Incoming>, fallback: &str) -> String {
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        });
+    match host {
+        Some(h) => format!("https://{h}/"),
+        None => fallback.to_string(),
+    }
+}
+
+/// `GET /{tenant}/.well-known/openid-configuration` (v1),
+/// `/{tenant}/v2.0/.well-known/openid-configuration` (v2),
+/// `/{tenant}/discovery/keys` and `/{tenant}/discovery/v2.0/keys` (the JWKS;
+/// `{tenant}` may be `common`). `None` when the path is none of these.
+///
+/// The emulator issues v1 access tokens (`iss` `https://sts.windows.net/{tenant}/`,
+/// `ver` 1.0), as Entra does for resources that accept v1 tokens such as ARM,
+/// so the v1 document's `issuer` is the one its tokens carry. Both documents
+/// point at this emulator's endpoints; the key set is the same on every path.
+fn discovery(s: &Shared, req: &Request<Incoming>, base: &str) -> Option<Result<Resp, AadError>> {
+    let segs: Vec<String> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let (asked, what) = match segs.as_slice() {
+        [t, ".well-known", "openid-configuration"] => (*t, Discovery::ConfigV1),
+        [t, "v2.0", ".well-known", "openid-configuration"] => (*t, Discovery::ConfigV2),
+        [t, "discovery", "keys"] => (*t, Discovery::KeysV1),
+        [t, "discovery", "v2.0", "keys"] => (*t, Discovery::KeysV2),
+        _ => return None,
+    };
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        // Entra's text for a POST-only endpoint, turned around.
+        return Some(Err(aad_err(
+            405,
+            "invalid_request",
+            900_561,
+            format!(
+                "The endpoint only accepts GET requests. Received a {} request.",
+                req.method()
+            ),
+        )));
+    }
+    let tenant = lock(&s.state).tenant_id.clone();
+    // The tenant as it appears in URLs, and the one in issuer names.
+    let (in_url, in_issuer) = if asked.eq_ignore_ascii_case(&tenant) {
+        (tenant.clone(), tenant.clone())
+    } else if ALIASES.contains(&asked) {
+        (asked.to_string(), "{tenantid}".to_string())
+    } else {
+        // Entra answers an unknown tenant's discovery with 400 `invalid_tenant`.
+        let shown = req
+            .uri()
+            .path()
+            .trim_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return Some(Err(aad_err(
+            400,
+            "invalid_tenant",
+            90_002,
+            format!(
+                "Tenant '{shown}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud. Check with your subscription administrator, this may happen if there are no active subscriptions for the tenant."
+            ),
+        )));
+    };
+    let base = authority(req, base);
+    let host = base
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let cache = [(
+        "Cache-Control".to_string(),
+        "max-age=86400, private".to_string(),
+    )];
+    let body = match what {
+        Discovery::ConfigV1 => json!({
+            "token_endpoint": format!("{base}{in_url}/oauth2/token"),
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": format!("{base}common/discovery/keys"),
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+            "scopes_supported": ["openid"],
+            "issuer": format!("https://sts.windows.net/{in_issuer}/"),
+            "microsoft_multi_refresh_token": true,
+            "authorization_endpoint": format!("{base}{in_url}/oauth2/authorize"),
+            "http_logout_supported": true,
+            "frontchannel_logout_supported": true,
+            "end_session_endpoint": format!("{base}{in_url}/oauth2/logout"),
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "amr", "nonce", "email", "given_name", "family_name", "nickname"],
+            "check_session_iframe": format!("{base}{in_url}/oauth2/checksession"),
+            "cloud_instance_name": host,
+            "cloud_graph_host_name": "graph.windows.net",
+            "msgraph_host": "graph.microsoft.com",
+            "rbac_url": "https://pas.windows.net",
+        }),
+        Discovery::ConfigV2 => json!({
+            "token_endpoint": format!("{base}{in_url}/oauth2/v2.0/token"),
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": format!("{base}{in_url}/discovery/v2.0/keys"),
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": format!("{base}{in_issuer}/v2.0"),
+            "request_uri_parameter_supported": false,
+            "authorization_endpoint": format!("{base}{in_url}/oauth2/v2.0/authorize"),
+            "device_authorization_endpoint": format!("{base}{in_url}/oauth2/v2.0/devicecode"),
+            "http_logout_supported": true,
+            "frontchannel_logout_supported": true,
+            "end_session_endpoint": format!("{base}{in_url}/oauth2/v2.0/logout"),
+            "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name", "cloud_graph_host_name", "msgraph_host", "aud", "exp", "iat", "auth_time", "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash", "c_hash", "email"],
+            "cloud_instance_name": host,
+            "cloud_graph_host_name": "graph.windows.net",
+            "msgraph_host": "graph.microsoft.com",
+            "rbac_url": "https://pas.windows.net",
+        }),
+        Discovery::KeysV1 | Discovery::KeysV2 => {
+            let mut jwk = s.signer.jwk();
+            if what == Discovery::KeysV2 {
+                // v2 key sets name the issuer each key signs for.
+                jwk.insert("issuer".into(), json!(format!("{base}{in_issuer}/v2.0")));
+            }
+            json!({ "keys": [jwk] })
+        }
+    };
+    Some(Ok(http::json(200, &body, &cache)))
+}
+
+/// Verification keys of every configured workload-identity issuer, by issuer.
+pub(crate) fn load_issuer_keys(
+    seeds: &[IssuerSeed],
+) -> Result<BTreeMap<String, Vec<VerifyKey>>, StartError> {
+    let mut out: BTreeMap<String, Vec<VerifyKey>> = BTreeMap::new();
+    for seed in seeds {
+        let bad = |reason: String| StartError::Issuer {
+            issuer: seed.issuer.clone(),
+            reason,
+        };
+        let mut keys = Vec::new();
+        if let Some(doc) = &seed.jwks {
+            keys.extend(VerifyKey::from_jwks(doc).map_err(|e| bad(e.0))?);
+        }
+        if let Some(path) = &seed.jwks_file {
+            let text = std::fs::read_to_string(path).map_err(|source| StartError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            keys.extend(
+                VerifyKey::from_jwks(&Value::String(text))
+                    .map_err(|e| bad(format!("{}: {}", path.display(), e.0)))?,
+            );
+        }
+        for (i, pk) in seed.public_keys.iter().enumerate() {
+            keys.push(
+                VerifyKey::from_pem(pk.pem(), pk.kid().map(str::to_string))
+                    .map_err(|e| bad(format!("public key {i}: {}", e.0)))?,
+            );
+        }
+        if !keys.is_empty() {
+            out.entry(seed.issuer.clone()).or_default().extend(keys);
+        }
+    }
+    Ok(out)
 }
 
 type TokenResult = Result<(Resp, String), (AadError, Option<String>)>;
@@ -565,8 +777,9 @@ fn check_assertion(
         check_time(s, &parsed)?;
         return Ok((sp.object_id.clone(), None));
     }
-    // Federated: the issuer's signature is not checked (the emulator cannot
-    // fetch the cluster's JWKS); issuer, subject and audience are, case-sensitively.
+    // Federated (azure-apis.md §2.4): find the credentials naming the issuer,
+    // verify the signature with that issuer's keys, check the time window,
+    // then match subject and audience, case-sensitively.
     let (fics, oid, mirid) = match client {
         AadClient::Sp(sp) => (&sp.federated_credentials, sp.object_id.clone(), None),
         AadClient::Uai(u) => (
@@ -597,6 +810,8 @@ fn check_assertion(
             ),
         ));
     }
+    verify_federated_signature(s, &parsed, iss)?;
+    check_time(s, &parsed)?;
     let by_sub: Vec<_> = by_iss.into_iter().filter(|f| f.subject == sub).collect();
     if by_sub.is_empty() {
         return Err(aad_err(
@@ -618,8 +833,72 @@ fn check_assertion(
             ),
         ));
     }
-    check_time(s, &parsed)?;
     Ok((oid, mirid))
+}
+
+/// Checks a federated assertion's signature against its issuer's configured
+/// keys (what Entra fetches from the issuer's OIDC metadata and `jwks_uri`).
+///
+/// Error codes, none of which the research (azure-apis.md §2.4-§2.5,
+/// azure-protocols.md §3.4) records for federated assertions, so they come
+/// from public issue threads quoting Entra's answers:
+/// - no keys for the issuer: AADSTS50166 "Request to External OIDC endpoint
+///   failed.", 400 `invalid_request` (Azure/azure-workload-identity#642,
+///   #1130), Entra's answer when it cannot fetch the issuer's metadata, the
+///   emulator's equivalent of having no keys for it;
+/// - no key with the token's `kid`: AADSTS7000272, `invalid_client`
+///   (Azure/azure-workload-identity#1232); the status is not in that thread,
+///   401 is assumed like the other `invalid_client` answers;
+/// - a key with that `kid` that does not verify the signature: AADSTS700027,
+///   the research's code for an invalid client-assertion signature (§2.5),
+///   401 assumed as for certificate assertions.
+fn verify_federated_signature(s: &Shared, parsed: &Parsed, iss: &str) -> Result<(), AadError> {
+    let keys = lock(&s.issuer_keys).get(iss).cloned().unwrap_or_default();
+    if keys.is_empty() {
+        return Err(aad_err(
+            400,
+            "invalid_request",
+            50_166,
+            "Request to External OIDC endpoint failed.",
+        ));
+    }
+    let alg = parsed.alg();
+    if !["RS256", "PS256", "ES256"].contains(&alg) {
+        return Err(aad_err(
+            401,
+            "invalid_client",
+            700_027,
+            format!(
+                "Client assertion contains an invalid signature. [Reason - The signing algorithm '{alg}' is not supported.]"
+            ),
+        ));
+    }
+    let kid = parsed.header_str("kid");
+    // A key configured without a kid (a bare PEM key) is tried for any token.
+    let candidates: Vec<&VerifyKey> = keys
+        .iter()
+        .filter(|k| k.kid.is_none() || k.kid.as_deref() == kid)
+        .collect();
+    if candidates.is_empty() {
+        return Err(aad_err(
+            401,
+            "invalid_client",
+            7_000_272,
+            format!(
+                "The certificate with identifier {} used to sign the federated credential could not be found in the metadata of identity provider {iss}. Please validate that your Identity Provider's metadata exposes the key used to sign the incoming token.",
+                kid.unwrap_or("")
+            ),
+        ));
+    }
+    if candidates.iter().any(|k| parsed.verify_with_key(k).is_ok()) {
+        return Ok(());
+    }
+    Err(aad_err(
+        401,
+        "invalid_client",
+        700_027,
+        "Client assertion contains an invalid signature. [Reason - The provided signature value did not match the expected signature value.]",
+    ))
 }
 
 #[cfg(test)]

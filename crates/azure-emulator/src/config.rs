@@ -26,6 +26,12 @@ pub struct Config {
     pub virtual_machines: Vec<VmSeed>,
     #[serde(default)]
     pub service_principals: Vec<ServicePrincipalSeed>,
+    /// Verification keys of the workload-identity issuers that federated
+    /// credentials name. A federated assertion from an issuer without keys
+    /// here is refused (AADSTS50166), as Entra refuses one whose issuer's
+    /// OIDC metadata it cannot fetch.
+    #[serde(default)]
+    pub issuers: Vec<IssuerSeed>,
     #[serde(default)]
     pub clock: ClockConfig,
     #[serde(default)]
@@ -56,6 +62,7 @@ impl Config {
             scale_sets: Vec::new(),
             virtual_machines: Vec::new(),
             service_principals: Vec::new(),
+            issuers: Vec::new(),
             clock: ClockConfig::default(),
             arm: ArmConfig::default(),
             aad: AadConfig::default(),
@@ -179,6 +186,68 @@ pub struct FederatedCredentialSeed {
     pub subject: String,
     #[serde(default = "default_fic_audience")]
     pub audience: String,
+}
+
+/// The signing keys of one workload-identity issuer (e.g. a cluster's
+/// service-account issuer), standing in for what Entra fetches from
+/// `{issuer}/.well-known/openid-configuration` and its `jwks_uri`. Keys from
+/// every source are pooled; several entries for one issuer are merged.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssuerSeed {
+    /// Compared exactly (case-sensitively) with the assertion's `iss` and the
+    /// federated credential's `issuer`.
+    pub issuer: String,
+    /// A JWKS document (`{"keys": [...]}`, what `kubectl get --raw
+    /// /openid/v1/jwks` prints), inline or as JSON text. RSA (RS256/PS256)
+    /// and EC P-256 (ES256) keys are used; others are skipped.
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// A file holding such a JWKS, read at start.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// PEM public keys (`PUBLIC KEY` or `RSA PUBLIC KEY`), each plain or with
+    /// the `kid` tokens must name.
+    #[serde(default)]
+    pub public_keys: Vec<PublicKeySeed>,
+}
+
+impl IssuerSeed {
+    /// An issuer trusting the keys of a JWKS document.
+    pub fn with_jwks(issuer: impl Into<String>, jwks: serde_json::Value) -> Self {
+        Self {
+            issuer: issuer.into(),
+            jwks: Some(jwks),
+            jwks_file: None,
+            public_keys: Vec::new(),
+        }
+    }
+}
+
+/// A PEM public key of an issuer; without a `kid` it is tried for any token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PublicKeySeed {
+    Plain(String),
+    Detailed {
+        pem: String,
+        #[serde(default)]
+        kid: Option<String>,
+    },
+}
+
+impl PublicKeySeed {
+    pub fn pem(&self) -> &str {
+        match self {
+            PublicKeySeed::Plain(p) | PublicKeySeed::Detailed { pem: p, .. } => p,
+        }
+    }
+    pub fn kid(&self) -> Option<&str> {
+        match self {
+            PublicKeySeed::Plain(_) => None,
+            PublicKeySeed::Detailed { kid, .. } => kid.as_deref(),
+        }
+    }
 }
 
 fn default_fic_audience() -> String {
@@ -628,6 +697,38 @@ arm: { lroMode: sync, concurrentWrites: queue }
         assert_eq!(cfg.arm.lro_mode, LroMode::Sync);
         assert_eq!(cfg.throttle.vmss_update.resource.burst, 12.0);
         assert_eq!(cfg.imds.token_requests_per_second, 20);
+    }
+
+    #[test]
+    fn issuers_take_inline_jwks_json_text_and_pem_keys() {
+        let cfg = Config::from_yaml(
+            r#"
+tenantId: t1
+subscriptionId: s1
+issuers:
+  - issuer: https://oidc.example/a
+    jwks:
+      keys:
+        - { kty: RSA, kid: k1, use: sig, alg: RS256, n: AQAB, e: AQAB }
+  - issuer: https://oidc.example/b
+    jwks: '{"keys":[{"kty":"RSA","kid":"k2","n":"AQAB","e":"AQAB"}]}'
+    publicKeys:
+      - "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+      - { kid: k3, pem: "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n" }
+"#,
+        )
+        .expect("parse");
+        assert_eq!(cfg.issuers.len(), 2);
+        let a = cfg.issuers[0].jwks.as_ref().expect("jwks");
+        assert_eq!(a["keys"][0]["kid"], "k1");
+        assert!(cfg.issuers[1].jwks.as_ref().is_some_and(|j| j.is_string()));
+        assert_eq!(cfg.issuers[1].public_keys[0].kid(), None);
+        assert_eq!(cfg.issuers[1].public_keys[1].kid(), Some("k3"));
+        assert!(
+            cfg.issuers[1].public_keys[1]
+                .pem()
+                .starts_with("-----BEGIN")
+        );
     }
 
     #[test]

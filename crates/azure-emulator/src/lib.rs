@@ -8,6 +8,12 @@
 //! [`Emulator::ca_bundle_path`] as `SSL_CERT_FILE`) and open IMDS listeners
 //! per machine with [`Emulator::add_imds`] (plain HTTP).
 //!
+//! Federated (workload-identity) assertions are verified against the keys
+//! seeded for their issuer under `issuers` ([`config::IssuerSeed`]); the
+//! emulator's own token-signing key is published through OpenID discovery
+//! (`/{tenant}/v2.0/.well-known/openid-configuration`,
+//! `/{tenant}/discovery/v2.0/keys`, see [`aad`]).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use azure_emulator::{Config, Emulator};
@@ -26,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -83,6 +90,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("keys of issuer '{issuer}': {reason}")]
+    Issuer { issuer: String, reason: String },
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -107,6 +116,8 @@ pub(crate) struct Shared {
     pub clock: Clock,
     pub state: Mutex<State>,
     pub signer: Arc<Signer>,
+    /// Verification keys of workload-identity issuers, by exact issuer URL.
+    pub issuer_keys: Mutex<BTreeMap<String, Vec<jwt::VerifyKey>>>,
     pub buckets: Mutex<throttle::Buckets>,
     pub faults: faults::Faults,
     pub observer: observe::Observer,
@@ -328,6 +339,7 @@ impl Emulator {
     pub async fn start_with_ca(cfg: Config, ca: &TestCa) -> Result<Self, StartError> {
         let clock = Clock::new(cfg.clock.speed);
         let state = State::seed(&cfg, clock.now())?;
+        let issuer_keys = aad::load_issuer_keys(&cfg.issuers)?;
         let tls = tokio_rustls::TlsAcceptor::from(ca.server_config()?);
         let (ca_bundle, owned_dir) = match &cfg.listen.ca_bundle_path {
             Some(p) => (p.clone(), None),
@@ -354,6 +366,7 @@ impl Emulator {
             clock,
             state: Mutex::new(state),
             signer: Signer::shared()?,
+            issuer_keys: Mutex::new(issuer_keys),
             buckets: Mutex::new(throttle::Buckets::default()),
             faults: faults::Faults::default(),
             observer: observe::Observer::new(100_000),
@@ -370,7 +383,7 @@ impl Emulator {
         tokio::spawn(http::serve(
             aad_l,
             Some(tls),
-            aad::handler(shared.clone()),
+            aad::handler(shared.clone(), format!("https://{aad_addr}/")),
             rx.clone(),
         ));
         let emu = Emulator {
@@ -468,6 +481,28 @@ impl Emulator {
             .mint(resource, &oid, client_id, mirid.as_deref(), life)
             .ok()
             .map(|t| t.0)
+    }
+
+    /// Replaces the verification keys of a workload-identity issuer (key
+    /// rotation) with those of a JWKS document; an empty `keys` array removes
+    /// them, after which its assertions get AADSTS50166. Returns how many keys
+    /// the issuer now has.
+    pub fn set_issuer_jwks(&self, issuer: &str, jwks: &Value) -> Result<usize, jwt::KeyError> {
+        let keys = jwt::VerifyKey::from_jwks(jwks)?;
+        let n = keys.len();
+        let mut map = lock(&self.shared.issuer_keys);
+        if keys.is_empty() {
+            map.remove(issuer);
+        } else {
+            map.insert(issuer.to_string(), keys);
+        }
+        Ok(n)
+    }
+
+    /// The emulator's token-signing key as a JWKS, as
+    /// `/{tenant}/discovery/v2.0/keys` serves it.
+    pub fn signing_jwks(&self) -> Value {
+        json!({ "keys": [self.shared.signer.jwk()] })
     }
 
     /// ARM's bearer-token check, for tests and tools.

@@ -216,10 +216,14 @@ impl<'a> Call<'a> {
         let addr: SocketAddr = authority.parse().expect("IP:port authority");
         assert!(addr.ip().is_loopback(), "tests only talk to loopback");
         let tcp = TcpStream::connect(addr).await.expect("connect");
-        let mut req = hyper::Request::builder()
-            .method(self.method)
-            .uri(path)
-            .header("host", authority);
+        let mut req = hyper::Request::builder().method(self.method).uri(path);
+        if !self
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+        {
+            req = req.header("host", authority);
+        }
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.as_str());
         }
