@@ -1,0 +1,335 @@
+//! Command line and environment, with upstream's spellings and defaults
+//! (research/aad-pod-identity.md §2.1). Upstream parses with Go's `flag`
+//! package, so booleans take `--x`, `--x=true` and `--x=false` (never
+//! `--x false`) and durations use Go's syntax (`3600s`, `3m`, `1h30m`).
+
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+/// Upstream reads this exact string (`== "true"`) in both binaries.
+pub const ENV_FORCE_NAMESPACED: &str = aadpodid_api::ENV_FORCE_NAMESPACED;
+/// MIC's own namespace; upstream exits when it is empty (§9 statement 37).
+pub const ENV_MIC_POD_NAMESPACE: &str = "MIC_POD_NAMESPACE";
+
+/// MIC's flags. Names are upstream's, camelCase included.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "mic", about = "aad-pod-identity Managed Identity Controller")]
+pub struct Args {
+    /// Path to a kubeconfig; empty means in-cluster.
+    #[arg(long, default_value = "")]
+    pub kubeconfig: String,
+
+    /// Path to azure.json; empty means the environment variables.
+    #[arg(long, default_value = "")]
+    pub cloudconfig: String,
+
+    /// Identities, bindings and pods must share a namespace (OR-ed with FORCENAMESPACED=true).
+    #[arg(long = "forceNamespaced", value_parser = parse_go_bool, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          action = ArgAction::Set)]
+    pub force_namespaced: bool,
+
+    /// Print the version and exit.
+    #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", action = ArgAction::Set)]
+    pub version: bool,
+
+    /// Period of the full resync.
+    #[arg(long = "syncRetryDuration", value_parser = parse_go_duration, default_value = "3600s")]
+    pub sync_retry_duration: Duration,
+
+    /// Holder identity in the Lease; empty means the host name.
+    #[arg(long = "leader-election-instance", default_value = "")]
+    pub leader_election_instance: String,
+
+    #[arg(long = "leader-election-namespace", default_value = "default")]
+    pub leader_election_namespace: String,
+
+    #[arg(long = "leader-election-name", default_value = "aad-pod-identity-mic")]
+    pub leader_election_name: String,
+
+    /// Lease duration; renew deadline is half of it, retry period a quarter (upstream).
+    #[arg(long = "leader-election-duration", value_parser = parse_go_duration, default_value = "15s")]
+    pub leader_election_duration: Duration,
+
+    #[arg(long = "http-probe-port", default_value_t = 8080)]
+    pub http_probe_port: u16,
+
+    #[arg(long = "prometheus-port", default_value_t = 8888)]
+    pub prometheus_port: u16,
+
+    /// Upstream serves pprof on localhost:6060; accepted and ignored here.
+    #[arg(long = "enableProfile", value_parser = parse_go_bool, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          action = ArgAction::Set)]
+    pub enable_profile: bool,
+
+    /// Deprecated no-op in upstream MIC too.
+    #[arg(long = "enableScaleFeatures", value_parser = parse_go_bool, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          action = ArgAction::Set)]
+    pub enable_scale_features: bool,
+
+    /// Concurrent Kubernetes writes per cycle.
+    #[arg(long = "createDeleteBatch", default_value_t = 20)]
+    pub create_delete_batch: i64,
+
+    /// Kubernetes client requests per second (accepted; kube-rs has no client-side limiter).
+    #[arg(long = "clientQps", default_value_t = 5.0)]
+    pub client_qps: f32,
+
+    /// Comma-separated client IDs that are never removed from a VM/VMSS.
+    #[arg(long = "immutable-user-msis", default_value = "")]
+    pub immutable_user_msis: String,
+
+    #[arg(long = "config-map-name", default_value = "aad-pod-identity-config")]
+    pub config_map_name: String,
+
+    #[arg(
+        long = "type-upgrade-status-key",
+        default_value = "type-upgrade-status"
+    )]
+    pub type_upgrade_status_key: String,
+
+    /// Upstream's pre-1.6 field migration; there is nothing to migrate here.
+    #[arg(long = "enable-type-upgrade", value_parser = parse_go_bool, num_args = 0..=1,
+          require_equals = true, default_value = "true", default_missing_value = "true",
+          action = ArgAction::Set)]
+    pub enable_type_upgrade: bool,
+
+    #[arg(long = "update-user-msi-max-retry", default_value_t = 2)]
+    pub update_user_msi_max_retry: u32,
+
+    #[arg(long = "update-user-msi-retry-interval", value_parser = parse_go_duration, default_value = "1s")]
+    pub update_user_msi_retry_interval: Duration,
+
+    /// Period of the drift check that re-adds identities removed behind MIC's back.
+    #[arg(long = "identity-assignment-reconcile-interval", value_parser = parse_go_duration, default_value = "3m")]
+    pub identity_assignment_reconcile_interval: Duration,
+
+    /// `text` or `json`.
+    #[arg(long = "log-format", default_value = "text")]
+    pub log_format: String,
+
+    /// Appended to the User-Agent.
+    #[arg(long = "custom-user-agent", default_value = "")]
+    pub custom_user_agent: String,
+
+    /// Beyond upstream (#637): Succeeded/Failed pods keep their identities, as upstream did.
+    #[arg(long = "keep-completed-pod-identities", value_parser = parse_go_bool, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          action = ArgAction::Set)]
+    pub keep_completed_pod_identities: bool,
+
+    // klog flags the chart and manifests pass; logs always go to stderr here.
+    #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", action = ArgAction::Set)]
+    pub logtostderr: bool,
+
+    #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", action = ArgAction::Set)]
+    pub alsologtostderr: bool,
+
+    /// klog verbosity: 0 is info, higher values turn on debug logs.
+    #[arg(short = 'v', long = "v", default_value_t = 0)]
+    pub verbosity: i32,
+}
+
+impl Args {
+    /// `--forceNamespaced` OR-ed with `FORCENAMESPACED`, which upstream compares
+    /// with the exact string `true`.
+    pub fn force_namespaced_with_env(&self, env_value: Option<&str>) -> bool {
+        self.force_namespaced || env_value == Some("true")
+    }
+
+    /// The `--immutable-user-msis` client IDs, lower-cased as upstream loads them.
+    pub fn immutable_client_ids(&self) -> Vec<String> {
+        self.immutable_user_msis
+            .split(',')
+            .map(|s| s.trim().to_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!("invalid boolean value {other:?}")),
+    }
+}
+
+/// Go's `time.ParseDuration`: a sequence of decimal numbers with units
+/// `ns`, `us`/`µs`, `ms`, `s`, `m`, `h` (`"0"` alone is allowed). Negative
+/// durations make no sense for any MIC flag and are refused.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if num_len == 0 {
+            return Err(bad());
+        }
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let nanos_per_unit = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        total += value * nanos_per_unit;
+        rest = &rest[unit_len..];
+    }
+    if !total.is_finite() || total > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(Duration::from_nanos(total as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("mic").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn defaults_are_upstreams() {
+        let a = parse(&[]);
+        assert_eq!(a.kubeconfig, "");
+        assert_eq!(a.cloudconfig, "");
+        assert!(!a.force_namespaced);
+        assert_eq!(a.sync_retry_duration, Duration::from_secs(3600));
+        assert_eq!(a.leader_election_namespace, "default");
+        assert_eq!(a.leader_election_name, "aad-pod-identity-mic");
+        assert_eq!(a.leader_election_duration, Duration::from_secs(15));
+        assert_eq!(a.http_probe_port, 8080);
+        assert_eq!(a.prometheus_port, 8888);
+        assert_eq!(a.create_delete_batch, 20);
+        assert_eq!(a.client_qps, 5.0);
+        assert_eq!(a.config_map_name, "aad-pod-identity-config");
+        assert_eq!(a.type_upgrade_status_key, "type-upgrade-status");
+        assert!(a.enable_type_upgrade);
+        assert_eq!(a.update_user_msi_max_retry, 2);
+        assert_eq!(a.update_user_msi_retry_interval, Duration::from_secs(1));
+        assert_eq!(
+            a.identity_assignment_reconcile_interval,
+            Duration::from_secs(180)
+        );
+        assert_eq!(a.log_format, "text");
+        assert!(!a.keep_completed_pod_identities);
+    }
+
+    /// The args of upstream's `deploy/infra/deployment-rbac.yaml` (§5) and of
+    /// the chart's `mic-deployment.yaml` with every optional value set (§4).
+    #[test]
+    fn upstream_manifest_and_chart_args_parse() {
+        let a = parse(&["--cloudconfig=/etc/kubernetes/azure.json", "--logtostderr"]);
+        assert_eq!(a.cloudconfig, "/etc/kubernetes/azure.json");
+        assert!(a.logtostderr);
+
+        let a = parse(&[
+            "--cloudconfig=/etc/kubernetes/azure.json",
+            "--logtostderr",
+            "--v=4",
+            "--leader-election-instance=mic-1",
+            "--leader-election-namespace=kube-system",
+            "--leader-election-name=my-lock",
+            "--leader-election-duration=30s",
+            "--http-probe-port=9080",
+            "--syncRetryDuration=1h30m",
+            "--immutable-user-msis=AAAA-1,bbbb-2",
+            "--createDeleteBatch=10",
+            "--clientQps=20",
+            "--prometheus-port=9888",
+            "--update-user-msi-max-retry=5",
+            "--update-user-msi-retry-interval=2s",
+            "--identity-assignment-reconcile-interval=5m",
+            "--log-format=json",
+            "--custom-user-agent=my-agent",
+            "--enableScaleFeatures=true",
+            "--forceNamespaced",
+        ]);
+        assert_eq!(a.verbosity, 4);
+        assert_eq!(a.leader_election_instance, "mic-1");
+        assert_eq!(a.leader_election_namespace, "kube-system");
+        assert_eq!(a.leader_election_name, "my-lock");
+        assert_eq!(a.leader_election_duration, Duration::from_secs(30));
+        assert_eq!(a.http_probe_port, 9080);
+        assert_eq!(a.sync_retry_duration, Duration::from_secs(5400));
+        assert_eq!(a.immutable_client_ids(), vec!["aaaa-1", "bbbb-2"]);
+        assert_eq!(a.create_delete_batch, 10);
+        assert_eq!(a.client_qps, 20.0);
+        assert_eq!(a.prometheus_port, 9888);
+        assert_eq!(a.update_user_msi_max_retry, 5);
+        assert_eq!(a.update_user_msi_retry_interval, Duration::from_secs(2));
+        assert_eq!(
+            a.identity_assignment_reconcile_interval,
+            Duration::from_secs(300)
+        );
+        assert_eq!(a.log_format, "json");
+        assert_eq!(a.custom_user_agent, "my-agent");
+        assert!(a.enable_scale_features);
+        assert!(a.force_namespaced);
+    }
+
+    #[test]
+    fn go_booleans() {
+        assert!(parse(&["--forceNamespaced"]).force_namespaced);
+        assert!(parse(&["--forceNamespaced=true"]).force_namespaced);
+        assert!(parse(&["--forceNamespaced=1"]).force_namespaced);
+        assert!(!parse(&["--forceNamespaced=false"]).force_namespaced);
+        assert!(!parse(&["--enable-type-upgrade=false"]).enable_type_upgrade);
+        assert!(Args::try_parse_from(["mic", "--forceNamespaced=yes"]).is_err());
+        // Go's flag package never takes the next word as a boolean's value.
+        assert!(Args::try_parse_from(["mic", "--forceNamespaced", "false"]).is_err());
+    }
+
+    #[test]
+    fn force_namespaced_env_must_be_exactly_true() {
+        let a = parse(&[]);
+        assert!(a.force_namespaced_with_env(Some("true")));
+        assert!(!a.force_namespaced_with_env(Some("True")));
+        assert!(!a.force_namespaced_with_env(None));
+        assert!(parse(&["--forceNamespaced"]).force_namespaced_with_env(Some("false")));
+    }
+
+    #[test]
+    fn go_durations() {
+        for (s, d) in [
+            ("0", Duration::ZERO),
+            ("3600s", Duration::from_secs(3600)),
+            ("3m", Duration::from_secs(180)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("100ms", Duration::from_millis(100)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("2us", Duration::from_micros(2)),
+        ] {
+            assert_eq!(parse_go_duration(s), Ok(d), "{s}");
+        }
+        for s in ["", "3", "s", "1x", "-1s", "1..5s"] {
+            assert!(parse_go_duration(s).is_err(), "{s}");
+        }
+    }
+}

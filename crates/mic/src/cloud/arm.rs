@@ -1,0 +1,475 @@
+//! [`Cloud`] over ARM: a small typed client on `azure_core`'s `Pipeline` with
+//! `azure_identity` credentials (azure-apis.md §6.5: the legacy
+//! `azure_mgmt_compute` cannot represent user-assigned identities and pins an
+//! `azure_core` that cannot mix with `azure_identity` 1.x).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
+use azure_core::credentials::TokenCredential;
+use azure_core::http::headers::{HeaderName, Headers};
+use azure_core::http::policies::auth::BearerTokenAuthorizationPolicy;
+use azure_core::http::{
+    ClientOptions, Context, Method, Pipeline, PipelineSendOptions, RawResponse, Request,
+    RetryOptions, Url,
+};
+use azure_identity::{
+    ClientSecretCredential, ClientSecretCredentialOptions, ManagedIdentityCredential,
+    ManagedIdentityCredentialOptions, UserAssignedId,
+};
+use serde::Deserialize;
+
+use super::config::{CloudConfig, CredentialConfig};
+use super::{
+    ArmError, Cloud, CloudError, IdentityPatch, ResourceIdentity, ResourceKind, ResourceRef,
+    normalize_id,
+};
+
+/// Compute api-version MIC sends (azure-apis.md §3.1: widely deployed, same
+/// identity schema as upstream's 2019-12-01).
+pub const COMPUTE_API_VERSION: &str = "2024-11-01";
+
+/// Upstream polls LROs every 5 s when ARM gives no Retry-After (§2.3).
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// go-autorest's default PollingDuration, which upstream keeps (§2.3).
+const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Longest single wait between polls, whatever Retry-After says.
+const MAX_POLL_DELAY: Duration = Duration::from_secs(60);
+
+/// Settings of the client that are not in the cloud config.
+#[derive(Clone, Debug)]
+pub struct ArmOptions {
+    /// `aad-pod-identity/MIC/<version>[ <custom>]`; the SDK adds its own part.
+    pub user_agent: String,
+    pub poll_interval: Duration,
+    pub poll_timeout: Duration,
+}
+
+impl Default for ArmOptions {
+    fn default() -> Self {
+        ArmOptions {
+            user_agent: String::new(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            poll_timeout: DEFAULT_POLL_TIMEOUT,
+        }
+    }
+}
+
+/// ARM compute client for one subscription and resource group.
+#[derive(Debug)]
+pub struct ArmCloud {
+    pipeline: Pipeline,
+    base: Url,
+    subscription_id: String,
+    resource_group: String,
+    options: ArmOptions,
+}
+
+fn client_options(config: &CloudConfig) -> ClientOptions {
+    let mut custom = CustomConfiguration::default();
+    custom.authority_host = config.endpoints.active_directory.clone();
+    ClientOptions {
+        cloud: Some(Arc::new(CloudConfiguration::Custom(custom))),
+        ..Default::default()
+    }
+}
+
+/// The credential upstream would pick for this config (§2.2).
+pub fn credential(config: &CloudConfig) -> Result<Arc<dyn TokenCredential>, CloudError> {
+    let build = |e: azure_core::Error| CloudError::BuildClient {
+        message: e.to_string(),
+    };
+    Ok(match &config.credential {
+        CredentialConfig::ServicePrincipal { client_id, secret } => {
+            let options = ClientSecretCredentialOptions {
+                client_options: client_options(config),
+            };
+            ClientSecretCredential::new(
+                &config.tenant_id,
+                client_id.clone(),
+                secret.clone(),
+                Some(options),
+            )
+            .map_err(build)?
+        }
+        CredentialConfig::SystemAssignedMsi => {
+            ManagedIdentityCredential::new(None).map_err(build)?
+        }
+        CredentialConfig::UserAssignedMsi { client_id } => {
+            let options = ManagedIdentityCredentialOptions {
+                user_assigned_id: Some(UserAssignedId::ClientId(client_id.clone())),
+                ..Default::default()
+            };
+            ManagedIdentityCredential::new(Some(options)).map_err(build)?
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct ResourceBody {
+    #[serde(default)]
+    identity: Option<IdentityBody>,
+    #[serde(default)]
+    properties: Option<PropertiesBody>,
+}
+
+#[derive(Deserialize)]
+struct IdentityBody {
+    #[serde(rename = "type", default)]
+    type_: String,
+    #[serde(rename = "userAssignedIdentities", default)]
+    user_assigned: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+struct PropertiesBody {
+    #[serde(rename = "provisioningState", default)]
+    provisioning_state: String,
+}
+
+#[derive(Deserialize)]
+struct CloudErrorBody {
+    error: CloudErrorInner,
+}
+
+#[derive(Deserialize)]
+struct CloudErrorInner {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct AsyncOperationBody {
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    error: Option<CloudErrorInner>,
+}
+
+const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
+const ASYNC_OPERATION: HeaderName = HeaderName::from_static("azure-asyncoperation");
+const LOCATION: HeaderName = HeaderName::from_static("location");
+
+/// `Retry-After` as seconds or an HTTP date (both allowed by RFC 9110).
+pub fn parse_retry_after(value: &str, now: k8s_openapi::jiff::Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = k8s_openapi::jiff::fmt::rfc2822::parse(value).ok()?;
+    let secs = at.timestamp().as_second() - now.as_second();
+    Some(Duration::from_secs(secs.max(0).unsigned_abs()))
+}
+
+fn retry_after(headers: &Headers) -> Option<Duration> {
+    headers
+        .get_optional_str(&RETRY_AFTER)
+        .and_then(|v| parse_retry_after(v, k8s_openapi::jiff::Timestamp::now()))
+}
+
+fn arm_error(resp: &RawResponse) -> ArmError {
+    let status = u16::from(resp.status());
+    let (code, message) = match serde_json::from_slice::<CloudErrorBody>(resp.body()) {
+        Ok(b) => (b.error.code, b.error.message),
+        Err(_) => (
+            format!("HTTP{status}"),
+            String::from_utf8_lossy(resp.body())
+                .chars()
+                .take(500)
+                .collect(),
+        ),
+    };
+    ArmError {
+        status: Some(status),
+        code,
+        message,
+        retry_after: retry_after(resp.headers()),
+    }
+}
+
+fn transport_error(e: &azure_core::Error) -> ArmError {
+    ArmError {
+        status: None,
+        code: format!("{:?}", e.kind()),
+        message: e.to_string(),
+        retry_after: None,
+    }
+}
+
+/// The SDK panics on an application ID that is longer than 24 characters or
+/// not an RFC 9110 token, so upstream's `aad-pod-identity/MIC/<version>`
+/// becomes `aad-pod-identity-MIC-<v>` (truncated) on ARM calls; the kube
+/// client sends the full string.
+pub fn application_id(user_agent: &str) -> String {
+    user_agent
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(24)
+        .collect()
+}
+
+impl ArmCloud {
+    pub fn new(config: &CloudConfig, options: ArmOptions) -> Result<Self, CloudError> {
+        let cred = credential(config)?;
+        Self::with_credential(config, cred, options)
+    }
+
+    pub fn with_credential(
+        config: &CloudConfig,
+        cred: Arc<dyn TokenCredential>,
+        options: ArmOptions,
+    ) -> Result<Self, CloudError> {
+        let base = Url::parse(&config.endpoints.resource_manager).map_err(|e| {
+            CloudError::BuildClient {
+                message: format!("ARM endpoint {}: {e}", config.endpoints.resource_manager),
+            }
+        })?;
+        let bearer = BearerTokenAuthorizationPolicy::new(cred, [config.endpoints.arm_scope()]);
+        let mut client_options = client_options(config);
+        // MIC decides about retries per scale set (Retry-After pauses only the
+        // throttled resource, fixing hazard H8); the SDK must not sleep on a
+        // 429 inside a call, as upstream's did not (§9 statement 33).
+        client_options.retry = RetryOptions::none();
+        let application_id = application_id(&options.user_agent);
+        if !application_id.is_empty() {
+            client_options.user_agent.application_id = Some(application_id);
+        }
+        let pipeline = Pipeline::new(
+            Some("mic"),
+            Some(env!("CARGO_PKG_VERSION")),
+            client_options,
+            vec![],
+            vec![Arc::new(bearer)],
+            None,
+        );
+        Ok(ArmCloud {
+            pipeline,
+            base,
+            subscription_id: config.subscription_id.clone(),
+            resource_group: config.resource_group.clone(),
+            options,
+        })
+    }
+
+    fn resource_url(&self, r: &ResourceRef) -> Result<Url, ArmError> {
+        let kind = match r.kind {
+            ResourceKind::Vmss => "virtualMachineScaleSets",
+            ResourceKind::Vm => "virtualMachines",
+        };
+        let path = format!(
+            "subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/{kind}/{}",
+            self.subscription_id, self.resource_group, r.name
+        );
+        let mut url = self.base.join(&path).map_err(|e| ArmError {
+            status: None,
+            code: "InvalidUrl".into(),
+            message: e.to_string(),
+            retry_after: None,
+        })?;
+        url.query_pairs_mut()
+            .append_pair("api-version", COMPUTE_API_VERSION);
+        Ok(url)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Vec<u8>>,
+    ) -> Result<RawResponse, ArmError> {
+        let mut req = Request::new(url, method);
+        if let Some(b) = body {
+            req.insert_header("content-type", "application/json");
+            req.set_body(b);
+        }
+        let options = PipelineSendOptions {
+            skip_checks: true,
+            ..Default::default()
+        };
+        self.pipeline
+            .send(&Context::new(), &mut req, Some(options))
+            .await
+            .map_err(|e| transport_error(&e))
+    }
+
+    async fn get(&self, r: &ResourceRef) -> Result<ResourceIdentity, ArmError> {
+        let resp = self.send(Method::Get, self.resource_url(r)?, None).await?;
+        if !resp.status().is_success() {
+            return Err(arm_error(&resp));
+        }
+        let body: ResourceBody = serde_json::from_slice(resp.body()).map_err(|e| ArmError {
+            status: Some(u16::from(resp.status())),
+            code: "InvalidResponse".into(),
+            message: e.to_string(),
+            retry_after: None,
+        })?;
+        let identity = body.identity.unwrap_or(IdentityBody {
+            type_: String::new(),
+            user_assigned: None,
+        });
+        Ok(ResourceIdentity {
+            type_: identity.type_,
+            user_assigned: identity
+                .user_assigned
+                .unwrap_or_default()
+                .keys()
+                .map(|k| normalize_id(k))
+                .collect(),
+            provisioning_state: body
+                .properties
+                .map(|p| p.provisioning_state)
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn patch(&self, r: &ResourceRef, patch: &IdentityPatch) -> Result<(), ArmError> {
+        let body = serde_json::to_vec(patch).map_err(|e| ArmError {
+            status: None,
+            code: "InvalidRequest".into(),
+            message: e.to_string(),
+            retry_after: None,
+        })?;
+        let resp = self
+            .send(Method::Patch, self.resource_url(r)?, Some(body))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(arm_error(&resp));
+        }
+        self.wait_for_completion(&resp).await
+    }
+
+    /// Follows `Azure-AsyncOperation` (preferred by Compute) or `Location`
+    /// until the operation ends (azure-apis.md §3.5). Bounded by the poll
+    /// timeout.
+    async fn wait_for_completion(&self, first: &RawResponse) -> Result<(), ArmError> {
+        let (url, by_location) = match (
+            first.headers().get_optional_str(&ASYNC_OPERATION),
+            first.headers().get_optional_str(&LOCATION),
+        ) {
+            (Some(op), _) => (op.to_string(), false),
+            (None, Some(loc)) => (loc.to_string(), true),
+            (None, None) => return Ok(()),
+        };
+        let url = Url::parse(&url).map_err(|e| ArmError {
+            status: None,
+            code: "InvalidResponse".into(),
+            message: format!("operation URL {url}: {e}"),
+            retry_after: None,
+        })?;
+        let deadline = tokio::time::Instant::now() + self.options.poll_timeout;
+        let mut delay = retry_after(first.headers()).unwrap_or(self.options.poll_interval);
+        loop {
+            if tokio::time::Instant::now() + delay > deadline {
+                return Err(ArmError {
+                    status: None,
+                    code: "OperationTimedOut".into(),
+                    message: format!("no result after {:?}", self.options.poll_timeout),
+                    retry_after: None,
+                });
+            }
+            tokio::time::sleep(delay.min(MAX_POLL_DELAY)).await;
+            let resp = self.send(Method::Get, url.clone(), None).await?;
+            let status = u16::from(resp.status());
+            if by_location {
+                match status {
+                    202 => {}
+                    200..=299 => return Ok(()),
+                    _ => return Err(arm_error(&resp)),
+                }
+            } else {
+                if !resp.status().is_success() {
+                    return Err(arm_error(&resp));
+                }
+                let body: AsyncOperationBody =
+                    serde_json::from_slice(resp.body()).map_err(|e| ArmError {
+                        status: Some(status),
+                        code: "InvalidResponse".into(),
+                        message: e.to_string(),
+                        retry_after: None,
+                    })?;
+                match body.status.as_str() {
+                    "Succeeded" => return Ok(()),
+                    "Failed" | "Canceled" => {
+                        let inner = body.error.unwrap_or(CloudErrorInner {
+                            code: body.status.clone(),
+                            message: String::new(),
+                        });
+                        return Err(ArmError {
+                            status: Some(status),
+                            code: inner.code,
+                            message: inner.message,
+                            retry_after: None,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            delay = retry_after(resp.headers()).unwrap_or(self.options.poll_interval);
+        }
+    }
+}
+
+impl Cloud for ArmCloud {
+    async fn get_identities(&self, resource: &ResourceRef) -> Result<ResourceIdentity, CloudError> {
+        self.get(resource)
+            .await
+            .map_err(|source| CloudError::GetIdentities {
+                resource: resource.clone(),
+                source,
+            })
+    }
+
+    async fn update_identities(
+        &self,
+        resource: &ResourceRef,
+        patch: &IdentityPatch,
+    ) -> Result<(), CloudError> {
+        self.patch(resource, patch)
+            .await
+            .map_err(|source| CloudError::UpdateIdentities {
+                resource: resource.clone(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_id_is_a_short_token() {
+        assert_eq!(
+            application_id("aad-pod-identity/MIC/0.1.0 custom"),
+            "aad-pod-identity-MIC-0.1"
+        );
+        assert_eq!(application_id(""), "");
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now: k8s_openapi::jiff::Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(parse_retry_after("17", now), Some(Duration::from_secs(17)));
+        assert_eq!(
+            parse_retry_after("Wed, 01 Jan 2025 00:01:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Tue, 31 Dec 2024 00:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

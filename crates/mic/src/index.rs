@@ -1,0 +1,162 @@
+//! The cluster as MIC sees it: plain maps that watches update with
+//! `apply`/`delete`/`reset`, and that [`crate::plan::plan`] reads. No I/O.
+
+use std::collections::BTreeMap;
+
+use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, POD_LABEL_BINDING};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+
+use crate::cloud::{ResourceRef, resource_for_node};
+
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+fn key_of<K: ResourceExt>(obj: &K) -> Key {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// What MIC keeps of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    /// Value of the `aadpodidbinding` label.
+    pub binding_label: String,
+    /// `spec.nodeName`; empty until scheduled.
+    pub node: String,
+    /// `status.phase`.
+    pub phase: String,
+}
+
+impl PodInfo {
+    pub fn from_pod(pod: &Pod) -> Self {
+        PodInfo {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            binding_label: pod
+                .labels()
+                .get(POD_LABEL_BINDING)
+                .cloned()
+                .unwrap_or_default(),
+            node: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default(),
+            phase: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Succeeded or Failed: its containers will not run again.
+    pub fn is_completed(&self) -> bool {
+        self.phase == "Succeeded" || self.phase == "Failed"
+    }
+}
+
+/// What MIC keeps of a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub resource: ResourceRef,
+    /// The providerID was set but did not parse; the node is addressed as a VM.
+    pub malformed_provider_id: bool,
+}
+
+impl NodeInfo {
+    pub fn from_node(node: &Node) -> Self {
+        let name = node.name_any();
+        let provider_id = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.provider_id.clone())
+            .unwrap_or_default();
+        let (resource, malformed_provider_id) = resource_for_node(&name, &provider_id);
+        NodeInfo {
+            name,
+            resource,
+            malformed_provider_id,
+        }
+    }
+}
+
+/// The in-memory view.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    pub pods: BTreeMap<Key, PodInfo>,
+    pub nodes: BTreeMap<String, NodeInfo>,
+    pub identities: BTreeMap<Key, AzureIdentity>,
+    pub bindings: BTreeMap<Key, AzureIdentityBinding>,
+    pub assigned: BTreeMap<Key, AzureAssignedIdentity>,
+}
+
+/// Whether an apply changed anything MIC decides on; unchanged resyncs and
+/// status-only pod updates cost no cycle (§2.4; fixes the storms of H9/#1221).
+pub type Changed = bool;
+
+impl Index {
+    pub fn apply_pod(&mut self, pod: &Pod) -> Changed {
+        let info = PodInfo::from_pod(pod);
+        let key = (info.namespace.clone(), info.name.clone());
+        if info.binding_label.is_empty() {
+            return self.pods.remove(&key).is_some();
+        }
+        self.pods.insert(key, info.clone()) != Some(info)
+    }
+
+    pub fn delete_pod(&mut self, pod: &Pod) -> Changed {
+        self.pods.remove(&key_of(pod)).is_some()
+    }
+
+    pub fn apply_node(&mut self, node: &Node) -> Changed {
+        let info = NodeInfo::from_node(node);
+        self.nodes.insert(info.name.clone(), info.clone()) != Some(info)
+    }
+
+    pub fn delete_node(&mut self, node: &Node) -> Changed {
+        self.nodes.remove(&node.name_any()).is_some()
+    }
+
+    pub fn apply_identity(&mut self, obj: &AzureIdentity) -> Changed {
+        let old = self.identities.insert(key_of(obj), obj.clone());
+        // Metadata-only edits (labels, resourceVersion) change nothing MIC
+        // decides on (fixes hazard H5); the annotation does (namespaced).
+        old.is_none_or(|o| o.spec != obj.spec || o.annotations() != obj.annotations())
+    }
+
+    pub fn delete_identity(&mut self, key: &Key) -> Changed {
+        self.identities.remove(key).is_some()
+    }
+
+    pub fn apply_binding(&mut self, obj: &AzureIdentityBinding) -> Changed {
+        let old = self.bindings.insert(key_of(obj), obj.clone());
+        old.is_none_or(|o| o.spec != obj.spec)
+    }
+
+    pub fn delete_binding(&mut self, key: &Key) -> Changed {
+        self.bindings.remove(key).is_some()
+    }
+
+    pub fn apply_assigned(&mut self, obj: &AzureAssignedIdentity) -> Changed {
+        let old = self.assigned.insert(key_of(obj), obj.clone());
+        old.is_none_or(|o| {
+            o.spec != obj.spec
+                || o.status != obj.status
+                || o.metadata.deletion_timestamp != obj.metadata.deletion_timestamp
+                || o.metadata.finalizers != obj.metadata.finalizers
+        })
+    }
+
+    pub fn delete_assigned(&mut self, key: &Key) -> Changed {
+        self.assigned.remove(key).is_some()
+    }
+}
+
+/// Key of a namespaced object.
+pub fn key<K: ResourceExt>(obj: &K) -> Key {
+    key_of(obj)
+}

@@ -1,0 +1,368 @@
+//! MIC, the Managed Identity Controller: turns AzureIdentity, AzureIdentityBinding
+//! and pods labelled `aadpodidbinding` into AzureAssignedIdentity objects and
+//! assigns the identities to the nodes' VMSS/VMs through ARM.
+//!
+//! Decisions live in the pure [`plan`] over the in-memory [`index`]; I/O
+//! lives in thin executors ([`apply`], [`watch`], [`leader`]).
+
+pub mod apply;
+pub mod args;
+pub mod cloud;
+pub mod events;
+pub mod index;
+pub mod leader;
+pub mod metrics;
+pub mod plan;
+pub mod watch;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aadpodid_runtime::admin::AdminRoutes;
+use aadpodid_runtime::{Health, Shutdown, serve_admin};
+use tokio::sync::watch as tokio_watch;
+use tokio::time::Instant;
+
+use crate::apply::{Executor, ExecutorOptions};
+use crate::cloud::arm::{ArmCloud, ArmOptions};
+use crate::cloud::config::{self as cloud_config, CloudConfig};
+use crate::leader::LeaderConfig;
+
+/// The version printed by `--version` and sent in the User-Agent.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Work that arrives close together is folded into one cycle.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Everything `run` needs, resolved from flags and environment.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub kubeconfig: Option<PathBuf>,
+    pub cloud: CloudConfig,
+    pub plan: plan::Options,
+    pub leader: LeaderConfig,
+    pub probe_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub sync_retry_duration: Duration,
+    pub reconcile_interval: Duration,
+    pub executor: ExecutorOptions,
+    pub arm: ArmOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{} must be set", args::ENV_MIC_POD_NAMESPACE)]
+    MissingPodNamespace,
+    #[error("reading cloud config {path}: {source}")]
+    ReadCloudConfig {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    CloudConfig(#[from] cloud_config::CloudConfigError),
+}
+
+impl Settings {
+    /// Resolves flags and environment as upstream's `main` does.
+    pub fn from_args(
+        a: &args::Args,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, SettingsError> {
+        // Exhaustive on purpose: a new flag that is not wired is a compile error.
+        let args::Args {
+            kubeconfig,
+            cloudconfig,
+            force_namespaced: _,
+            version: _,
+            sync_retry_duration,
+            leader_election_instance,
+            leader_election_namespace,
+            leader_election_name,
+            leader_election_duration,
+            http_probe_port,
+            prometheus_port,
+            enable_profile: _,
+            enable_scale_features: _,
+            create_delete_batch,
+            client_qps: _,
+            immutable_user_msis: _,
+            config_map_name: _,
+            type_upgrade_status_key: _,
+            enable_type_upgrade: _,
+            update_user_msi_max_retry,
+            update_user_msi_retry_interval,
+            identity_assignment_reconcile_interval,
+            log_format: _,
+            custom_user_agent,
+            keep_completed_pod_identities,
+            logtostderr: _,
+            alsologtostderr: _,
+            verbosity: _,
+        } = a;
+        if env(args::ENV_MIC_POD_NAMESPACE).is_none_or(|v| v.is_empty()) {
+            return Err(SettingsError::MissingPodNamespace);
+        }
+        let read_file = |p: &str| std::fs::read_to_string(p).map_err(|e| e.to_string());
+        let cloud = if cloudconfig.is_empty() {
+            cloud_config::load(None, env, &read_file)?
+        } else {
+            let text = std::fs::read_to_string(cloudconfig).map_err(|source| {
+                SettingsError::ReadCloudConfig {
+                    path: cloudconfig.clone(),
+                    source,
+                }
+            })?;
+            cloud_config::load(Some((cloudconfig, &text)), env, &read_file)?
+        };
+        let mut immutable: BTreeSet<String> = a.immutable_client_ids().into_iter().collect();
+        if !cloud.user_assigned_identity_id.is_empty() {
+            immutable.insert(cloud.user_assigned_identity_id.to_lowercase());
+        }
+        let identity = if leader_election_instance.is_empty() {
+            env("HOSTNAME")
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|| "mic".into())
+        } else {
+            leader_election_instance.clone()
+        };
+        let user_agent = if custom_user_agent.is_empty() {
+            format!("aad-pod-identity/MIC/{VERSION}")
+        } else {
+            format!("aad-pod-identity/MIC/{VERSION} {custom_user_agent}")
+        };
+        Ok(Settings {
+            kubeconfig: (!kubeconfig.is_empty()).then(|| PathBuf::from(kubeconfig)),
+            cloud,
+            plan: plan::Options {
+                force_namespaced: a
+                    .force_namespaced_with_env(env(args::ENV_FORCE_NAMESPACED).as_deref()),
+                immutable_client_ids: immutable,
+                keep_completed_pod_identities: *keep_completed_pod_identities,
+            },
+            leader: LeaderConfig {
+                namespace: leader_election_namespace.clone(),
+                name: leader_election_name.clone(),
+                identity,
+                lease_duration: *leader_election_duration,
+            },
+            probe_addr: SocketAddr::from(([0, 0, 0, 0], *http_probe_port)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], *prometheus_port)),
+            sync_retry_duration: *sync_retry_duration,
+            reconcile_interval: *identity_assignment_reconcile_interval,
+            executor: ExecutorOptions {
+                batch: usize::try_from(*create_delete_batch).unwrap_or(1).max(1),
+                max_retry: *update_user_msi_max_retry,
+                retry_interval: *update_user_msi_retry_interval,
+            },
+            arm: ArmOptions {
+                user_agent,
+                ..ArmOptions::default()
+            },
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("building the Kubernetes client: {0}")]
+    KubeClient(#[from] aadpodid_runtime::client::ClientError),
+    #[error("building the ARM client: {0}")]
+    Cloud(#[from] cloud::CloudError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::RegisterMetrics),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
+}
+
+/// Handles of a running MIC, for tests and `main`.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    pub health: Health,
+    pub probe_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub leading: tokio_watch::Receiver<bool>,
+}
+
+/// Runs MIC with the ARM client until `shutdown` (Ok) or a lost lease (Err).
+pub async fn run(
+    settings: Settings,
+    shutdown: Shutdown,
+    ready: Option<tokio::sync::oneshot::Sender<Handles>>,
+) -> Result<(), RunError> {
+    let cloud = ArmCloud::new(&settings.cloud, settings.arm.clone())?;
+    run_with_cloud(settings, Arc::new(cloud), shutdown, ready).await
+}
+
+/// Runs MIC against any [`cloud::Cloud`].
+pub async fn run_with_cloud<C: cloud::Cloud>(
+    settings: Settings,
+    cloud: Arc<C>,
+    shutdown: Shutdown,
+    ready: Option<tokio::sync::oneshot::Sender<Handles>>,
+) -> Result<(), RunError> {
+    let client = aadpodid_runtime::client::kube_client(
+        settings.kubeconfig.as_deref(),
+        &settings.arm.user_agent,
+    )
+    .await?;
+    let metrics = metrics::Metrics::new()?;
+    // Upstream counts at process start, not when leadership is gained (§2.4).
+    metrics.mic_new_leader_election_count.inc();
+    let health = Health::new();
+
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Listen { addr, source })
+    };
+    let probe = bind(settings.probe_addr).await?;
+    let probe_addr = probe.local_addr().map_err(|source| RunError::Listen {
+        addr: settings.probe_addr,
+        source,
+    })?;
+    let metrics_listener = bind(settings.metrics_addr).await?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| RunError::Listen {
+            addr: settings.metrics_addr,
+            source,
+        })?;
+    tokio::spawn(serve_admin(
+        probe,
+        AdminRoutes {
+            health: Some(health.clone()),
+            metrics: None,
+        },
+        shutdown.clone(),
+    ));
+    tokio::spawn(serve_admin(
+        metrics_listener,
+        AdminRoutes {
+            health: None,
+            metrics: Some(metrics.registry.clone()),
+        },
+        shutdown.clone(),
+    ));
+
+    let events = events::Events::new(client.clone(), &settings.leader.identity);
+    let (leading_tx, leading) = tokio_watch::channel(false);
+    let shared = Arc::new(watch::Shared::default());
+    watch::spawn(
+        client.clone(),
+        shared.clone(),
+        metrics.clone(),
+        events.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    );
+
+    let mut election = tokio::spawn(leader::run(
+        client.clone(),
+        settings.leader.clone(),
+        leading_tx,
+        shutdown.clone(),
+    ));
+    if let Some(tx) = ready {
+        let _ = tx.send(Handles {
+            health: health.clone(),
+            probe_addr,
+            metrics_addr,
+            leading: leading.clone(),
+        });
+    }
+
+    let executor = Executor::new(
+        client,
+        cloud,
+        events,
+        metrics.clone(),
+        leading.clone(),
+        settings.executor.clone(),
+    );
+    let mut leading_rx = leading.clone();
+    let mut next_full = Instant::now() + settings.sync_retry_duration;
+    let mut next_drift = Instant::now() + settings.reconcile_interval;
+    let mut retry_at: Option<Instant> = None;
+    let mut dirty = true;
+    loop {
+        let active = *leading.borrow() && shared.synced();
+        health.set_active(active);
+        if active && dirty {
+            dirty = false;
+            let index = shared.snapshot();
+            let plan = plan::plan(&index, &settings.plan);
+            if plan.is_empty() {
+                // Still report warnings once, so bad input is visible when idle.
+                executor.report_warnings(&plan.warnings, &index);
+                retry_at = None;
+            } else {
+                let start = std::time::Instant::now();
+                let mut lost = leading.clone();
+                let result = tokio::select! {
+                    r = executor.execute(&plan, &index) => Some(r),
+                    // Losing the lease cancels in-flight writes at once.
+                    _ = lost.wait_for(|l| !*l) => None,
+                };
+                metrics.mic_cycle_count.inc();
+                metrics
+                    .mic_cycle_duration_seconds
+                    .observe(start.elapsed().as_secs_f64());
+                match result {
+                    Some(Ok(outcome)) => retry_at = outcome.retry_at,
+                    Some(Err(error)) => tracing::warn!(%error, "cycle stopped"),
+                    None => tracing::warn!("cycle cancelled: leadership lost"),
+                }
+            }
+        }
+        let wake_retry = retry_at.unwrap_or(next_full);
+        tokio::select! {
+            _ = shutdown.signaled() => break,
+            r = &mut election => {
+                health.set_active(false);
+                return match r {
+                    Ok(r) => r.map_err(RunError::from),
+                    // The election task only ends by returning.
+                    Err(_) => Ok(()),
+                };
+            }
+            _ = shared.changed.notified() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                dirty = true;
+            }
+            _ = leading_rx.changed() => dirty = true,
+            _ = tokio::time::sleep_until(wake_retry.min(next_full)) => {
+                if Instant::now() >= next_full {
+                    next_full = Instant::now() + settings.sync_retry_duration;
+                }
+                retry_at = None;
+                dirty = true;
+            }
+            _ = tokio::time::sleep_until(next_drift) => {
+                next_drift = Instant::now() + settings.reconcile_interval;
+                if *leading.borrow() && shared.synced() {
+                    let expected = plan::expected_assignments(&shared.snapshot());
+                    let mut lost = leading.clone();
+                    tokio::select! {
+                        r = executor.reconcile_drift(&expected) => if let Err(error) = r {
+                            tracing::warn!(%error, "drift check stopped");
+                        },
+                        _ = lost.wait_for(|l| !*l) => {}
+                    }
+                }
+            }
+        }
+    }
+    health.set_active(false);
+    // Let the election hand the lease over.
+    let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! The decision: from the cluster view to the AzureAssignedIdentity (AAI)
+//! writes and the per-VMSS/VM identity deltas, following upstream's sync cycle
+//! (research/aad-pod-identity.md §2.5) minus its hazards (§7.4).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aadpodid_api::{
+    ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity,
+    AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding,
+    IdentityType, LABEL_NODENAME, assigned_identity_name, is_namespaced,
+};
+use kube::ResourceExt;
+
+use crate::cloud::{ResourceRef, is_valid_identity_id, normalize_id};
+use crate::index::{Index, Key};
+
+/// AAIs live here unless the identity is namespaced (§1.3 "back compat").
+pub const DEFAULT_AAI_NAMESPACE: &str = "default";
+
+/// Settings the plan depends on.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// `--forceNamespaced` or `FORCENAMESPACED=true`.
+    pub force_namespaced: bool,
+    /// Client IDs never removed from a VM/VMSS, lower-cased: `--immutable-user-msis`
+    /// plus the cluster identity of azure.json (§9 statements 26, 27).
+    pub immutable_client_ids: BTreeSet<String>,
+    /// Upstream behaviour: Succeeded/Failed pods keep their identities (#637).
+    pub keep_completed_pod_identities: bool,
+}
+
+/// Something wrong with the user's objects; reported, never fatal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Warning {
+    /// A binding names an identity that does not exist in its namespace.
+    IdentityNotFound { binding: Key, identity: Key },
+    /// A type-0 identity whose resourceID is not a user-assigned identity ID.
+    InvalidResourceId { identity: Key, resource_id: String },
+    /// `spec.type` outside 0..=2.
+    UnknownIdentityType { identity: Key, value: i64 },
+    /// Two matches produce the same AAI name; the first by sorted binding wins (§9 statement 39).
+    DuplicateAssignedIdentity { name: Key, binding: Key },
+    /// A namespaced identity matched across namespaces; skipped.
+    NamespaceMismatch { binding: Key, pod: Key },
+}
+
+/// Identity work on one VMSS or VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceWork {
+    /// Lower-cased identity IDs that must be on the resource.
+    pub add: BTreeSet<String>,
+    /// Lower-cased identity IDs to take off; nothing desired uses them here.
+    pub remove: BTreeSet<String>,
+    /// AAIs (with their identity ID) that become Assigned once the ID is on the resource.
+    pub assign_on_success: Vec<(Key, String)>,
+    /// AAIs (with their identity ID) to delete once the ID is off the resource.
+    pub delete_on_success: Vec<(Key, String)>,
+}
+
+/// What one cycle should do.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// New AAIs, status Created.
+    pub create: Vec<AzureAssignedIdentity>,
+    /// Existing AAIs whose spec must change (identity/binding edited, pod moved); status back to Created.
+    pub update: Vec<AzureAssignedIdentity>,
+    /// AAIs to mark Assigned with no ARM call (service principals, §9 statement 10).
+    pub assign_now: Vec<Key>,
+    /// AAIs to delete with no ARM call (still in use elsewhere, immutable, type 1/2, node gone, never assigned).
+    pub delete_now: Vec<Key>,
+    /// Per-VMSS/VM deltas and the AAIs waiting on them.
+    pub resources: BTreeMap<ResourceRef, ResourceWork>,
+    pub warnings: Vec<Warning>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty()
+            && self.update.is_empty()
+            && self.assign_now.is_empty()
+            && self.delete_now.is_empty()
+            && self.resources.is_empty()
+    }
+}
+
+fn identity_key(binding: &AzureIdentityBinding) -> Key {
+    // Looked up only in the binding's namespace (§9 statement 4).
+    (
+        binding.namespace().unwrap_or_default(),
+        binding.spec.azure_identity.clone(),
+    )
+}
+
+/// The embedded copy drops managedFields, which only inflate the AAI.
+fn embed<K: Clone + kube::Resource>(obj: &K) -> Box<K> {
+    let mut copy = obj.clone();
+    copy.meta_mut().managed_fields = None;
+    Box::new(copy)
+}
+
+/// A desired AAI with its type-0 identity ID, if any.
+struct Desired {
+    aai: AzureAssignedIdentity,
+    resource: ResourceRef,
+    identity_id: Option<String>,
+}
+
+fn desired_set(
+    index: &Index,
+    opts: &Options,
+    warnings: &mut Vec<Warning>,
+) -> BTreeMap<Key, Desired> {
+    let mut by_selector: BTreeMap<&str, Vec<(&Key, &AzureIdentityBinding)>> = BTreeMap::new();
+    // BTreeMap order = sorted by (namespace, name), as upstream sorts matches.
+    for (k, b) in &index.bindings {
+        by_selector
+            .entry(b.spec.selector.as_str())
+            .or_default()
+            .push((k, b));
+    }
+    let mut reported: BTreeSet<Key> = BTreeSet::new();
+    let mut out: BTreeMap<Key, Desired> = BTreeMap::new();
+    for pod in index.pods.values() {
+        if pod.binding_label.is_empty() || pod.node.is_empty() {
+            continue;
+        }
+        if pod.is_completed() && !opts.keep_completed_pod_identities {
+            continue;
+        }
+        // A node not (yet) in the cache: wait for it (upstream drops the creates, §2.5 step 5).
+        let Some(node) = index.nodes.get(&pod.node) else {
+            continue;
+        };
+        let pod_key = (pod.namespace.clone(), pod.name.clone());
+        for (bkey, binding) in by_selector
+            .get(pod.binding_label.as_str())
+            .into_iter()
+            .flatten()
+        {
+            let ikey = identity_key(binding);
+            let Some(identity) = index.identities.get(&ikey) else {
+                if reported.insert((*bkey).clone()) {
+                    warnings.push(Warning::IdentityNotFound {
+                        binding: (*bkey).clone(),
+                        identity: ikey,
+                    });
+                }
+                continue;
+            };
+            let identity_id = match identity.spec.r#type {
+                IdentityType::UserAssignedMsi => {
+                    if !is_valid_identity_id(&identity.spec.resource_id) {
+                        if reported.insert(ikey.clone()) {
+                            warnings.push(Warning::InvalidResourceId {
+                                identity: ikey.clone(),
+                                resource_id: identity.spec.resource_id.clone(),
+                            });
+                        }
+                        continue;
+                    }
+                    Some(normalize_id(&identity.spec.resource_id))
+                }
+                IdentityType::ServicePrincipal | IdentityType::ServicePrincipalCertificate => None,
+                IdentityType::Unknown(value) => {
+                    if reported.insert(ikey.clone()) {
+                        warnings.push(Warning::UnknownIdentityType {
+                            identity: ikey.clone(),
+                            value,
+                        });
+                    }
+                    continue;
+                }
+            };
+            let namespaced = is_namespaced(identity, opts.force_namespaced);
+            if namespaced && !(ikey.0 == bkey.0 && bkey.0 == pod.namespace) {
+                warnings.push(Warning::NamespaceMismatch {
+                    binding: (*bkey).clone(),
+                    pod: pod_key.clone(),
+                });
+                continue;
+            }
+            let name = assigned_identity_name(&pod.name, &pod.namespace, &ikey.1);
+            let namespace = if namespaced {
+                ikey.0.clone()
+            } else {
+                DEFAULT_AAI_NAMESPACE.to_string()
+            };
+            let key = (namespace.clone(), name.clone());
+            if out.contains_key(&key) {
+                warnings.push(Warning::DuplicateAssignedIdentity {
+                    name: key,
+                    binding: (*bkey).clone(),
+                });
+                continue;
+            }
+            let mut aai = AzureAssignedIdentity::new(
+                &name,
+                AzureAssignedIdentitySpec {
+                    azure_identity_ref: Some(embed(identity)),
+                    azure_binding_ref: Some(embed(*binding)),
+                    pod: pod.name.clone(),
+                    pod_namespace: pod.namespace.clone(),
+                    node_name: pod.node.clone(),
+                    replicas: None,
+                },
+            );
+            aai.metadata.namespace = Some(namespace);
+            aai.metadata.labels = Some([(LABEL_NODENAME.to_string(), pod.node.clone())].into());
+            aai.metadata.finalizers = Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()]);
+            aai.status = Some(AzureAssignedIdentityStatus {
+                status: AssignedIdentityState::Created.as_str().into(),
+                available_replicas: 1,
+            });
+            out.insert(
+                key,
+                Desired {
+                    aai,
+                    resource: node.resource.clone(),
+                    identity_id,
+                },
+            );
+        }
+    }
+    out
+}
+
+fn ns_name<K: kube::Resource>(obj: &Option<Box<K>>) -> Option<(Option<&str>, Option<&str>)> {
+    obj.as_ref()
+        .map(|o| (o.meta().namespace.as_deref(), o.meta().name.as_deref()))
+}
+
+/// Same assignment: same pod, node, identity and binding (by name and spec,
+/// never resourceVersion, so metadata edits cause no churn; hazard H5).
+fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentitySpec) -> bool {
+    let identity_spec =
+        |s: &AzureAssignedIdentitySpec| s.azure_identity_ref.as_ref().map(|i| i.spec.clone());
+    let binding_spec =
+        |s: &AzureAssignedIdentitySpec| s.azure_binding_ref.as_ref().map(|b| b.spec.clone());
+    a.pod == b.pod
+        && a.pod_namespace == b.pod_namespace
+        && a.node_name == b.node_name
+        && ns_name(&a.azure_identity_ref) == ns_name(&b.azure_identity_ref)
+        && ns_name(&a.azure_binding_ref) == ns_name(&b.azure_binding_ref)
+        && identity_spec(a) == identity_spec(b)
+        && binding_spec(a) == binding_spec(b)
+}
+
+/// Type-0 identity ID of an existing AAI's embedded identity.
+fn existing_identity_id(aai: &AzureAssignedIdentity) -> Option<String> {
+    let id = aai.spec.azure_identity_ref.as_ref()?;
+    (id.spec.r#type == IdentityType::UserAssignedMsi && is_valid_identity_id(&id.spec.resource_id))
+        .then(|| normalize_id(&id.spec.resource_id))
+}
+
+fn existing_client_id(aai: &AzureAssignedIdentity) -> String {
+    aai.spec
+        .azure_identity_ref
+        .as_ref()
+        .map(|i| i.spec.client_id.to_lowercase())
+        .unwrap_or_default()
+}
+
+/// Computes the cycle's work. Pure.
+pub fn plan(index: &Index, opts: &Options) -> Plan {
+    let mut p = Plan::default();
+    let desired = desired_set(index, opts, &mut p.warnings);
+
+    // Identities in use per resource: nothing desired there may lose them
+    // (compares namespace and name of the pod, unlike upstream; hazard H2).
+    let in_use: BTreeSet<(ResourceRef, String)> = desired
+        .values()
+        .filter_map(|d| d.identity_id.clone().map(|id| (d.resource.clone(), id)))
+        .collect();
+
+    // Existing AAIs that leave: removed from ARM first when they held an
+    // identity nobody else needs there.
+    let retire = |key: &Key, aai: &AzureAssignedIdentity, p: &mut Plan| {
+        let state = aai.state();
+        let assigned = matches!(state, Some(AssignedIdentityState::Assigned) | None)
+            || state == Some(AssignedIdentityState::Unassigned);
+        let resource = index
+            .nodes
+            .get(&aai.spec.node_name)
+            .map(|n| n.resource.clone());
+        let removal = match (existing_identity_id(aai), resource) {
+            (Some(id), Some(resource))
+                if assigned
+                    && !in_use.contains(&(resource.clone(), id.clone()))
+                    && !opts.immutable_client_ids.contains(&existing_client_id(aai)) =>
+            {
+                Some((resource, id))
+            }
+            _ => None,
+        };
+        match removal {
+            Some((resource, id)) => {
+                let w = p.resources.entry(resource).or_default();
+                w.remove.insert(id.clone());
+                w.delete_on_success.push((key.clone(), id));
+            }
+            None => p.delete_now.push(key.clone()),
+        }
+    };
+
+    for (key, aai) in &index.assigned {
+        let terminating = aai.metadata.deletion_timestamp.is_some();
+        match desired.get(key) {
+            Some(d) if !terminating && same_assignment(&aai.spec, &d.aai.spec) => {
+                if aai.state() == Some(AssignedIdentityState::Created) {
+                    match &d.identity_id {
+                        Some(id) => {
+                            let w = p.resources.entry(d.resource.clone()).or_default();
+                            w.add.insert(id.clone());
+                            w.assign_on_success.push((key.clone(), id.clone()));
+                        }
+                        None => p.assign_now.push(key.clone()),
+                    }
+                }
+            }
+            Some(d) if !terminating => {
+                // Edited identity/binding or moved pod: take the old assignment
+                // away (unless still used) and make the new one.
+                if let Some(id) = existing_identity_id(aai)
+                    && let Some(node) = index.nodes.get(&aai.spec.node_name)
+                    && !in_use.contains(&(node.resource.clone(), id.clone()))
+                    && !opts.immutable_client_ids.contains(&existing_client_id(aai))
+                    && aai.state() != Some(AssignedIdentityState::Created)
+                {
+                    p.resources
+                        .entry(node.resource.clone())
+                        .or_default()
+                        .remove
+                        .insert(id);
+                }
+                let mut new = d.aai.clone();
+                new.metadata.resource_version = aai.metadata.resource_version.clone();
+                p.update.push(new);
+                match &d.identity_id {
+                    Some(id) => {
+                        let w = p.resources.entry(d.resource.clone()).or_default();
+                        w.add.insert(id.clone());
+                        w.assign_on_success.push((key.clone(), id.clone()));
+                    }
+                    None => p.assign_now.push(key.clone()),
+                }
+            }
+            _ => retire(key, aai, &mut p),
+        }
+    }
+
+    for (key, d) in desired {
+        if index.assigned.contains_key(&key) {
+            // Matched above, or terminating: recreated once it is gone.
+            continue;
+        }
+        match &d.identity_id {
+            Some(id) => {
+                let w = p.resources.entry(d.resource.clone()).or_default();
+                w.add.insert(id.clone());
+                w.assign_on_success.push((key.clone(), id.clone()));
+            }
+            None => p.assign_now.push(key.clone()),
+        }
+        p.create.push(d.aai);
+    }
+
+    // Adds win over removes on the same resource (§2.3).
+    for w in p.resources.values_mut() {
+        let add = w.add.clone();
+        w.remove.retain(|id| !add.contains(id));
+    }
+    p
+}
+
+/// Identities that Assigned AAIs say must be on each resource; the drift
+/// check re-adds whatever is missing and never removes (§2.7).
+pub fn expected_assignments(index: &Index) -> BTreeMap<ResourceRef, BTreeSet<String>> {
+    let mut out: BTreeMap<ResourceRef, BTreeSet<String>> = BTreeMap::new();
+    for aai in index.assigned.values() {
+        if aai.metadata.deletion_timestamp.is_some()
+            || !matches!(aai.state(), Some(AssignedIdentityState::Assigned))
+        {
+            continue;
+        }
+        if let (Some(id), Some(node)) = (
+            existing_identity_id(aai),
+            index.nodes.get(&aai.spec.node_name),
+        ) {
+            out.entry(node.resource.clone()).or_default().insert(id);
+        }
+    }
+    out
+}
+
+/// The AAI's identity and binding, for Events.
+pub fn refs(
+    aai: &AzureAssignedIdentity,
+) -> (Option<&AzureIdentity>, Option<&AzureIdentityBinding>) {
+    (
+        aai.spec.azure_identity_ref.as_deref(),
+        aai.spec.azure_binding_ref.as_deref(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

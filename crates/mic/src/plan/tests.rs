@@ -1,0 +1,583 @@
+//! Statements of the behaviour catalogue (research/aad-pod-identity.md §9),
+//! and the hazards of §7.4, as cases over a hand-built index.
+
+use super::*;
+use aadpodid_api::{
+    ANNOTATION_BEHAVIOR, AzureIdentityBindingSpec, AzureIdentitySpec, BEHAVIOR_NAMESPACED,
+};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus};
+
+fn rid(name: &str) -> String {
+    format!(
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+    )
+}
+
+fn lrid(name: &str) -> String {
+    rid(name).to_lowercase()
+}
+
+fn mk_pod(ns: &str, name: &str, label: &str, node: &str) -> Pod {
+    let mut p = Pod::default();
+    p.metadata.namespace = Some(ns.into());
+    p.metadata.name = Some(name.into());
+    if !label.is_empty() {
+        p.metadata.labels = Some([("aadpodidbinding".to_string(), label.to_string())].into());
+    }
+    p.spec = Some(PodSpec {
+        node_name: (!node.is_empty()).then(|| node.to_string()),
+        ..Default::default()
+    });
+    p.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        ..Default::default()
+    });
+    p
+}
+
+fn mk_vmss_node(name: &str, vmss: &str) -> Node {
+    let mut n = Node::default();
+    n.metadata.name = Some(name.into());
+    n.spec = Some(NodeSpec {
+        provider_id: Some(format!(
+            "azure:///subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/0"
+        )),
+        ..Default::default()
+    });
+    n
+}
+
+fn mk_identity(ns: &str, name: &str, t: IdentityType, resource: &str) -> AzureIdentity {
+    let mut i = AzureIdentity::new(
+        name,
+        AzureIdentitySpec {
+            r#type: t,
+            resource_id: resource.into(),
+            client_id: format!("client-{name}"),
+            ..Default::default()
+        },
+    );
+    i.metadata.namespace = Some(ns.into());
+    i
+}
+
+fn mk_uami(ns: &str, name: &str) -> AzureIdentity {
+    mk_identity(ns, name, IdentityType::UserAssignedMsi, &rid(name))
+}
+
+fn mk_binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
+    let mut b = AzureIdentityBinding::new(
+        name,
+        AzureIdentityBindingSpec {
+            azure_identity: identity.into(),
+            selector: selector.into(),
+            weight: 0,
+        },
+    );
+    b.metadata.namespace = Some(ns.into());
+    b
+}
+
+fn key(ns: &str, name: &str) -> Key {
+    (ns.into(), name.into())
+}
+
+/// A cluster with two scale sets: nodes n1, n2 on vmss-a, n3 on vmss-b.
+fn base() -> Index {
+    let mut ix = Index::default();
+    ix.apply_node(&mk_vmss_node("n1", "vmss-a"));
+    ix.apply_node(&mk_vmss_node("n2", "vmss-a"));
+    ix.apply_node(&mk_vmss_node("n3", "vmss-b"));
+    ix
+}
+
+/// Runs the plan and applies its AAI writes to the index as the executor
+/// would after full success, so multi-cycle stories can be told.
+fn settle(ix: &mut Index, opts: &Options) -> Plan {
+    let p = plan(ix, opts);
+    for aai in p.create.iter().chain(&p.update) {
+        ix.apply_assigned(aai);
+    }
+    let assigned: Vec<Key> = p
+        .assign_now
+        .iter()
+        .cloned()
+        .chain(
+            p.resources
+                .values()
+                .flat_map(|w| w.assign_on_success.iter().map(|(k, _)| k.clone())),
+        )
+        .collect();
+    for k in assigned {
+        if let Some(a) = ix.assigned.get_mut(&k) {
+            a.status.get_or_insert_default().status = "Assigned".into();
+        }
+    }
+    let deleted: Vec<Key> = p
+        .delete_now
+        .iter()
+        .cloned()
+        .chain(
+            p.resources
+                .values()
+                .flat_map(|w| w.delete_on_success.iter().map(|(k, _)| k.clone())),
+        )
+        .collect();
+    for k in deleted {
+        ix.delete_assigned(&k);
+    }
+    p
+}
+
+fn vmss(name: &str) -> ResourceRef {
+    ResourceRef::vmss(name)
+}
+
+#[test]
+fn s1_s2_unlabelled_or_unscheduled_pods_get_nothing() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("ns", "nolabel", "", "n1"));
+    ix.apply_pod(&mk_pod("ns", "unscheduled", "sel", ""));
+    assert!(plan(&ix, &Options::default()).is_empty());
+}
+
+#[test]
+fn s3_s6_s7_s8_new_pod_gets_a_created_aai_and_an_add() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("other", "b-cross", "id", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b-other-selector", "id", "Sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    let p = plan(&ix, &Options::default());
+    // The cross-namespace binding names "other/id", which does not exist (statement 4).
+    assert_eq!(
+        p.warnings,
+        vec![Warning::IdentityNotFound {
+            binding: key("other", "b-cross"),
+            identity: key("other", "id")
+        }]
+    );
+    assert_eq!(p.create.len(), 1);
+    let aai = &p.create[0];
+    assert_eq!(aai.metadata.name.as_deref(), Some("web-ns-id"));
+    assert_eq!(aai.metadata.namespace.as_deref(), Some("default"));
+    assert_eq!(aai.labels().get("nodename").map(String::as_str), Some("n1"));
+    assert_eq!(
+        aai.metadata.finalizers,
+        Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()])
+    );
+    assert_eq!(aai.state(), Some(AssignedIdentityState::Created));
+    assert_eq!(aai.spec.node_name, "n1");
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.add, [lrid("id")].into());
+    assert_eq!(
+        w.assign_on_success,
+        vec![(key("default", "web-ns-id"), lrid("id"))]
+    );
+    assert!(w.remove.is_empty());
+}
+
+#[test]
+fn s3_default_mode_matches_bindings_in_any_namespace() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("idns", "id"));
+    ix.apply_binding(&mk_binding("idns", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("app", "web", "sel", "n1"));
+    assert_eq!(plan(&ix, &Options::default()).create.len(), 1);
+}
+
+#[test]
+fn s5_namespaced_mode_requires_one_namespace() {
+    for (force, annotate) in [(true, false), (false, true)] {
+        let mut ix = base();
+        let mut id = mk_uami("idns", "id");
+        if annotate {
+            id.metadata.annotations = Some(
+                [(
+                    ANNOTATION_BEHAVIOR.to_string(),
+                    BEHAVIOR_NAMESPACED.to_string(),
+                )]
+                .into(),
+            );
+        }
+        ix.apply_identity(&id);
+        ix.apply_binding(&mk_binding("idns", "b", "id", "sel"));
+        ix.apply_pod(&mk_pod("app", "web", "sel", "n1"));
+        ix.apply_pod(&mk_pod("idns", "local", "sel", "n1"));
+        let opts = Options {
+            force_namespaced: force,
+            ..Default::default()
+        };
+        let p = plan(&ix, &opts);
+        let names: Vec<_> = p
+            .create
+            .iter()
+            .map(|a| key(&a.namespace().unwrap_or_default(), &a.name_any()))
+            .collect();
+        // Statement 7: a namespaced AAI lives in the identity's namespace.
+        assert_eq!(names, vec![key("idns", "local-idns-id")], "force={force}");
+        assert!(p.warnings.contains(&Warning::NamespaceMismatch {
+            binding: key("idns", "b"),
+            pod: key("app", "web")
+        }));
+    }
+}
+
+#[test]
+fn s10_service_principals_are_assigned_without_arm() {
+    let mut ix = base();
+    ix.apply_identity(&mk_identity("ns", "sp", IdentityType::ServicePrincipal, ""));
+    ix.apply_identity(&mk_identity(
+        "ns",
+        "cert",
+        IdentityType::ServicePrincipalCertificate,
+        "",
+    ));
+    ix.apply_binding(&mk_binding("ns", "b1", "sp", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b2", "cert", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    let p = plan(&ix, &Options::default());
+    assert_eq!(p.create.len(), 2);
+    assert!(p.resources.is_empty());
+    assert_eq!(
+        p.assign_now,
+        vec![key("default", "web-ns-cert"), key("default", "web-ns-sp")]
+    );
+}
+
+#[test]
+fn s11_invalid_resource_id_and_unknown_type_are_reported_and_skipped() {
+    let mut ix = base();
+    ix.apply_identity(&mk_identity(
+        "ns",
+        "bad",
+        IdentityType::UserAssignedMsi,
+        "/subscriptions/x",
+    ));
+    ix.apply_identity(&mk_identity(
+        "ns",
+        "odd",
+        IdentityType::Unknown(7),
+        &rid("odd"),
+    ));
+    ix.apply_identity(&mk_uami("ns", "good"));
+    ix.apply_binding(&mk_binding("ns", "b1", "bad", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b2", "odd", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b3", "good", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    ix.apply_pod(&mk_pod("ns", "web2", "sel", "n1"));
+    let p = plan(&ix, &Options::default());
+    assert_eq!(p.create.len(), 2, "only the good identity, once per pod");
+    assert_eq!(
+        p.warnings.len(),
+        2,
+        "each bad identity reported once: {:?}",
+        p.warnings
+    );
+    assert!(matches!(p.warnings[0], Warning::InvalidResourceId { .. }));
+    assert!(matches!(
+        p.warnings[1],
+        Warning::UnknownIdentityType { value: 7, .. }
+    ));
+}
+
+#[test]
+fn s9_s12_lifecycle_created_assigned_then_removed() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let pod = mk_pod("ns", "web", "sel", "n1");
+    ix.apply_pod(&pod);
+    settle(&mut ix, &opts);
+    assert_eq!(
+        ix.assigned[&key("default", "web-ns-id")].state(),
+        Some(AssignedIdentityState::Assigned)
+    );
+    assert!(plan(&ix, &opts).is_empty(), "steady state needs no work");
+
+    ix.delete_pod(&pod);
+    let p = plan(&ix, &opts);
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.remove, [lrid("id")].into());
+    assert_eq!(
+        w.delete_on_success,
+        vec![(key("default", "web-ns-id"), lrid("id"))]
+    );
+    assert!(w.add.is_empty());
+}
+
+#[test]
+fn s25_identity_still_used_on_the_scale_set_is_kept() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let a = mk_pod("ns", "a", "sel", "n1");
+    ix.apply_pod(&a);
+    ix.apply_pod(&mk_pod("ns", "b", "sel", "n2"));
+    let p = settle(&mut ix, &opts);
+    assert_eq!(
+        p.resources[&vmss("vmss-a")].add,
+        [lrid("id")].into(),
+        "one add for both pods"
+    );
+
+    ix.delete_pod(&a);
+    let p = plan(&ix, &opts);
+    assert!(p.resources.is_empty(), "{:?}", p.resources);
+    assert_eq!(p.delete_now, vec![key("default", "a-ns-id")]);
+}
+
+#[test]
+fn h2_same_pod_name_in_another_namespace_keeps_the_identity() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let a = mk_pod("ns-a", "web-0", "sel", "n1");
+    ix.apply_pod(&a);
+    ix.apply_pod(&mk_pod("ns-b", "web-0", "sel", "n2"));
+    settle(&mut ix, &opts);
+    ix.delete_pod(&a);
+    let p = plan(&ix, &opts);
+    assert!(p.resources.is_empty());
+    assert_eq!(p.delete_now, vec![key("default", "web-0-ns-a-id")]);
+}
+
+#[test]
+fn identity_used_on_another_scale_set_is_removed_here() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let a = mk_pod("ns", "a", "sel", "n1");
+    ix.apply_pod(&a);
+    ix.apply_pod(&mk_pod("ns", "b", "sel", "n3"));
+    settle(&mut ix, &opts);
+    ix.delete_pod(&a);
+    let p = plan(&ix, &opts);
+    assert_eq!(
+        p.resources.keys().collect::<Vec<_>>(),
+        vec![&vmss("vmss-a")]
+    );
+}
+
+#[test]
+fn s26_s27_immutable_and_cluster_identities_are_never_removed() {
+    let mut ix = base();
+    let opts = Options {
+        immutable_client_ids: ["client-id".to_string()].into(),
+        ..Default::default()
+    };
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let pod = mk_pod("ns", "web", "sel", "n1");
+    ix.apply_pod(&pod);
+    settle(&mut ix, &opts);
+    ix.delete_pod(&pod);
+    let p = plan(&ix, &opts);
+    assert!(p.resources.is_empty());
+    assert_eq!(p.delete_now, vec![key("default", "web-ns-id")]);
+}
+
+#[test]
+fn s13_deleting_the_identity_or_binding_removes_its_aais() {
+    for delete_binding in [false, true] {
+        let mut ix = base();
+        let opts = Options::default();
+        ix.apply_identity(&mk_uami("ns", "id"));
+        ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+        ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+        settle(&mut ix, &opts);
+        if delete_binding {
+            ix.delete_binding(&key("ns", "b"));
+        } else {
+            ix.delete_identity(&key("ns", "id"));
+        }
+        let p = plan(&ix, &opts);
+        assert_eq!(p.resources[&vmss("vmss-a")].remove, [lrid("id")].into());
+    }
+}
+
+#[test]
+fn s14_editing_the_identity_swaps_the_assignment() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    settle(&mut ix, &opts);
+    let mut edited = mk_uami("ns", "id");
+    edited.spec.resource_id = rid("id2");
+    ix.apply_identity(&edited);
+    let p = plan(&ix, &opts);
+    assert_eq!(p.update.len(), 1);
+    assert_eq!(p.update[0].state(), Some(AssignedIdentityState::Created));
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.add, [lrid("id2")].into());
+    assert_eq!(w.remove, [lrid("id")].into());
+}
+
+#[test]
+fn h5_metadata_edits_cause_no_work() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    settle(&mut ix, &opts);
+    let mut touched = mk_uami("ns", "id");
+    touched.metadata.labels = Some([("team".to_string(), "x".to_string())].into());
+    touched.metadata.resource_version = Some("999".into());
+    assert!(!ix.apply_identity(&touched), "no cycle needed");
+    assert!(plan(&ix, &opts).is_empty());
+}
+
+#[test]
+fn s15_relabelled_pod_gets_the_new_identity() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id1"));
+    ix.apply_identity(&mk_uami("ns", "id2"));
+    ix.apply_binding(&mk_binding("ns", "b1", "id1", "one"));
+    ix.apply_binding(&mk_binding("ns", "b2", "id2", "two"));
+    ix.apply_pod(&mk_pod("ns", "web", "one", "n1"));
+    settle(&mut ix, &opts);
+    ix.apply_pod(&mk_pod("ns", "web", "two", "n1"));
+    let p = plan(&ix, &opts);
+    assert_eq!(p.create.len(), 1);
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.add, [lrid("id2")].into());
+    assert_eq!(w.remove, [lrid("id1")].into());
+    assert_eq!(
+        w.delete_on_success,
+        vec![(key("default", "web-ns-id1"), lrid("id1"))]
+    );
+}
+
+#[test]
+fn pod_moving_node_updates_the_aai() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    settle(&mut ix, &opts);
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n3"));
+    let p = plan(&ix, &opts);
+    assert_eq!(p.update.len(), 1);
+    assert_eq!(
+        p.update[0].labels().get("nodename").map(String::as_str),
+        Some("n3")
+    );
+    assert_eq!(p.resources[&vmss("vmss-a")].remove, [lrid("id")].into());
+    assert_eq!(p.resources[&vmss("vmss-b")].add, [lrid("id")].into());
+}
+
+#[test]
+fn s39_same_identity_name_from_two_namespaces_first_binding_wins() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("a", "id"));
+    ix.apply_identity(&mk_uami("b", "id"));
+    ix.apply_binding(&mk_binding("a", "b", "id", "sel"));
+    ix.apply_binding(&mk_binding("b", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    let p = plan(&ix, &Options::default());
+    assert_eq!(p.create.len(), 1);
+    assert_eq!(
+        p.create[0]
+            .spec
+            .azure_binding_ref
+            .as_ref()
+            .and_then(|b| b.metadata.namespace.clone()),
+        Some("a".into())
+    );
+    assert!(matches!(
+        p.warnings[0],
+        Warning::DuplicateAssignedIdentity { .. }
+    ));
+}
+
+#[test]
+fn s40_completed_pods_release_identities_unless_told_otherwise() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let mut pod = mk_pod("ns", "job", "sel", "n1");
+    ix.apply_pod(&pod);
+    settle(&mut ix, &Options::default());
+    pod.status = Some(PodStatus {
+        phase: Some("Succeeded".into()),
+        ..Default::default()
+    });
+    ix.apply_pod(&pod);
+    let upstream = Options {
+        keep_completed_pod_identities: true,
+        ..Default::default()
+    };
+    assert!(plan(&ix, &upstream).is_empty());
+    let p = plan(&ix, &Options::default());
+    assert_eq!(p.resources[&vmss("vmss-a")].remove, [lrid("id")].into());
+}
+
+#[test]
+fn s28_aais_of_a_deleted_node_go_without_arm() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let pod = mk_pod("ns", "web", "sel", "n1");
+    ix.apply_pod(&pod);
+    settle(&mut ix, &opts);
+    ix.delete_pod(&pod);
+    ix.delete_node(&mk_vmss_node("n1", "vmss-a"));
+    let p = plan(&ix, &opts);
+    assert!(p.resources.is_empty());
+    assert_eq!(p.delete_now, vec![key("default", "web-ns-id")]);
+}
+
+#[test]
+fn created_aais_are_retried_and_deleting_ones_are_not_recreated_yet() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    let p = plan(&ix, &opts);
+    ix.apply_assigned(&p.create[0]);
+    // The ARM write failed: the AAI stays Created and the next plan retries the add (statement 31).
+    let p = plan(&ix, &opts);
+    assert!(p.create.is_empty());
+    assert_eq!(p.resources[&vmss("vmss-a")].add, [lrid("id")].into());
+
+    let mut terminating = ix.assigned[&key("default", "web-ns-id")].clone();
+    terminating.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+    ix.apply_assigned(&terminating);
+    let p = plan(&ix, &opts);
+    assert!(p.create.is_empty());
+    assert_eq!(p.delete_now, vec![key("default", "web-ns-id")]);
+}
+
+#[test]
+fn expected_assignments_lists_assigned_type0_only() {
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_identity(&mk_identity("ns", "sp", IdentityType::ServicePrincipal, ""));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b2", "sp", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    assert!(expected_assignments(&ix).is_empty());
+    settle(&mut ix, &opts);
+    assert_eq!(
+        expected_assignments(&ix),
+        [(vmss("vmss-a"), [lrid("id")].into())].into()
+    );
+}
