@@ -23,7 +23,9 @@ use aadpodid_api::{
 use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs, Node};
 use aadpodid_tests::{Cluster, IdentitySelector, python_imds_token, unique_name, wait_for};
 use anyhow::{Context as _, bail};
-use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
+use azure_emulator::config::{
+    IdentityAssignmentSeed, IdentitySeed, SecretSeed, ServicePrincipalSeed, VmSeed,
+};
 use azure_emulator::{Config, Emulator};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -36,14 +38,58 @@ const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
 const OBJECT_B: &str = "bbbbbbbb-1111-4000-8000-00000000000b";
 const ARM: &str = "https://management.azure.com/";
 const API_RELAY_PORT: u16 = 6443;
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+/// A service principal (type 1) the emulator's Entra ID knows.
+const SP_CLIENT: &str = "cccccccc-0000-4000-8000-00000000000c";
+const SP_SECRET: &str = "s3cr3t-of-the-sp";
+/// A service principal (type 2) authenticating with a certificate.
+const SP_CERT_CLIENT: &str = "dddddddd-0000-4000-8000-00000000000d";
 
-/// Runs NMI when this binary is re-executed inside a node namespace; a no-op
-/// in a normal test run.
-#[test]
-fn nmi_child_process() {
-    let Ok(args) = std::env::var(CHILD_ENV) else {
-        return;
+/// A self-signed RSA certificate made by `openssl`: (certificate PEM, PKCS#12
+/// with password `pw`).
+fn openssl_certificate(dir: &std::path::Path) -> anyhow::Result<(String, Vec<u8>)> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "sp.key",
+        "-out",
+        "sp.crt",
+        "-subj",
+        "/CN=sp-cert",
+        "-days",
+        "2",
+    ])?;
+    run(&[
+        "pkcs12", "-export", "-inkey", "sp.key", "-in", "sp.crt", "-out", "sp.p12", "-passout",
+        "pass:pw",
+    ])?;
+    Ok((
+        std::fs::read_to_string(dir.join("sp.crt"))?,
+        std::fs::read(dir.join("sp.p12"))?,
+    ))
+}
+
+/// Runs NMI when this binary is re-executed inside a node namespace by the
+/// tests below; on its own it has nothing to run.
+#[test]
+#[ignore = "run by the tests below inside a node network namespace"]
+fn nmi_child_process() {
+    let args = std::env::var(CHILD_ENV)
+        .expect("started by a test of this file with the NMI arguments in the environment");
     let args: Vec<String> = serde_json::from_str(&args).expect("child args");
     let args = nmi::Args::try_from_args(args).expect("nmi args");
     aadpodid_runtime::logging::init(aadpodid_runtime::logging::LogFormat::Text, "info");
@@ -109,6 +155,8 @@ async fn unix_to_tcp(path: PathBuf, target: SocketAddr) -> anyhow::Result<()> {
 
 struct Fixture {
     node_name: String,
+    /// PKCS#12 (password `pw`) of the type-2 service principal.
+    sp_p12: Vec<u8>,
     node: Node,
     dir: PathBuf,
     emu: Emulator,
@@ -135,10 +183,26 @@ impl Fixture {
         let dir = std::env::temp_dir().join(unique_name("nmi-test"));
         std::fs::create_dir_all(&dir)?;
 
-        let mut cfg = Config::new(
-            "72f988bf-86f1-41af-91ab-2d7cd011db47",
-            "00000000-0000-0000-0000-0000000000aa",
-        );
+        let mut cfg = Config::new(TENANT, "00000000-0000-0000-0000-0000000000aa");
+        let (cert_pem, p12) = openssl_certificate(&dir)?;
+        cfg.service_principals = vec![
+            ServicePrincipalSeed {
+                client_id: SP_CLIENT.into(),
+                object_id: None,
+                secrets: vec![SecretSeed::Plain(SP_SECRET.into())],
+                certificates: Vec::new(),
+                federated_credentials: Vec::new(),
+                permissions: Default::default(),
+            },
+            ServicePrincipalSeed {
+                client_id: SP_CERT_CLIENT.into(),
+                object_id: None,
+                secrets: Vec::new(),
+                certificates: vec![cert_pem],
+                federated_credentials: Vec::new(),
+                permissions: Default::default(),
+            },
+        ];
         cfg.resource_groups = vec!["rg".into()];
         let seed = |name: &str, client: &str, object: &str| IdentitySeed {
             name: name.into(),
@@ -174,8 +238,13 @@ impl Fixture {
             .context("apiserver address")?;
         let api_sock = dir.join("api.sock");
         let imds_sock = dir.join("imds.sock");
+        let aad_sock = dir.join("aad.sock");
+        // AAD keeps its address inside the node (the test CA's certificate
+        // names 127.0.0.1), so `adEndpoint` is the emulator's own URL.
+        let aad: SocketAddr = f_aad_addr(&emu)?;
         unix_to_tcp(api_sock.clone(), api).await?;
         unix_to_tcp(imds_sock.clone(), imds).await?;
+        unix_to_tcp(aad_sock.clone(), aad).await?;
         let mut relay = node
             .node
             .command("python3")
@@ -183,6 +252,7 @@ impl Fixture {
             .arg(RELAY)
             .arg(format!("127.0.0.1:{API_RELAY_PORT}={}", api_sock.display()))
             .arg(format!("{IMDS_ADDRESS}:80={}", imds_sock.display()))
+            .arg(format!("{aad}={}", aad_sock.display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -204,6 +274,7 @@ impl Fixture {
 
         let mut f = Fixture {
             node_name,
+            sp_p12: p12,
             node,
             dir,
             emu,
@@ -224,6 +295,7 @@ impl Fixture {
             "--allow-network-plugin-kubenet=true".into(),
             "--retry-attempts-for-created=1".into(),
             "--ipt-update-interval-sec=1".into(),
+            format!("--aad-ca-file={}", self.emu.ca_bundle_path().display()),
         ];
         let log = std::fs::File::create(self.dir.join("nmi.log"))?;
         let child = self
@@ -233,6 +305,7 @@ impl Fixture {
             .args([
                 "--exact",
                 "nmi_child_process",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -277,6 +350,14 @@ impl Fixture {
     fn pod_ip(&self, i: usize) -> String {
         self.node.pods[i].1.to_string()
     }
+}
+
+fn f_aad_addr(emu: &Emulator) -> anyhow::Result<SocketAddr> {
+    emu.aad_url()
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .context("AAD address")
 }
 
 /// `curl` from inside `ns`: returns (status, body). `-g` and `--path-as-is`
@@ -639,5 +720,144 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
         c.contains("DNAT").then_some(())
     })
     .await?;
+    Ok(())
+}
+
+/// Type 1 end to end: a Secret, a client-secret AzureIdentity and an Assigned
+/// AAI give the pod an AAD token for the service principal; an identity whose
+/// Secret lies in another namespace is refused (hazard H10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nmi_service_principal_identity() -> anyhow::Result<()> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::{Secret, SecretReference};
+    if std::env::var(CHILD_ENV).is_ok() {
+        return Ok(());
+    }
+    let cluster = Cluster::shared();
+    let client = cluster.admin_client().await?;
+    let ns_guard = cluster.temp_namespace("nmi-sp").await?;
+    let ns = ns_guard.name().to_string();
+    let other_guard = cluster.temp_namespace("nmi-sp-other").await?;
+    let other = other_guard.name().to_string();
+    let f = Fixture::new(cluster, 3).await?;
+    let node = f.node_name.clone();
+
+    for n in [&ns, &other] {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "sp-creds"},
+            "stringData": {"clientSecret": SP_SECRET},
+        }))?;
+        Api::<Secret>::namespaced(client.clone(), n)
+            .create(&PostParams::default(), &secret)
+            .await?;
+    }
+    let cert_secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("sp-cert".into()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                ("certificate".to_string(), ByteString(f.sp_p12.clone())),
+                ("password".to_string(), ByteString(b"pw".to_vec())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cert_secret)
+        .await?;
+    let sp_identity = |name: &str, secret_ns: &str| {
+        let mut id = AzureIdentity::new(
+            name,
+            AzureIdentitySpec {
+                r#type: aadpodid_api::IdentityType::ServicePrincipal,
+                client_id: SP_CLIENT.into(),
+                tenant_id: TENANT.into(),
+                ad_endpoint: f.emu.aad_url(),
+                client_password: Some(SecretReference {
+                    name: Some("sp-creds".into()),
+                    namespace: Some(secret_ns.into()),
+                }),
+                ..Default::default()
+            },
+        );
+        id.metadata.namespace = Some(ns.clone());
+        id
+    };
+    let near = sp_identity("sp-near", &ns);
+    let far = sp_identity("sp-far", &other);
+    let mut cert = sp_identity("sp-cert", &ns);
+    cert.spec.r#type = aadpodid_api::IdentityType::ServicePrincipalCertificate;
+    cert.spec.client_id = SP_CERT_CLIENT.into();
+    cert.spec.client_password = Some(SecretReference {
+        name: Some("sp-cert".into()),
+        namespace: None,
+    });
+    mk_pod(
+        &client,
+        &ns,
+        "near",
+        &node,
+        &f.pod_ip(0),
+        &[("aadpodidbinding", "near")],
+    )
+    .await?;
+    mk_pod(
+        &client,
+        &ns,
+        "far",
+        &node,
+        &f.pod_ip(1),
+        &[("aadpodidbinding", "far")],
+    )
+    .await?;
+    mk_aai(&client, &ns, &node, "near", &near, "Assigned").await?;
+    mk_aai(&client, &ns, &node, "far", &far, "Assigned").await?;
+    mk_pod(
+        &client,
+        &ns,
+        "cert",
+        &node,
+        &f.pod_ip(2),
+        &[("aadpodidbinding", "cert")],
+    )
+    .await?;
+    mk_aai(&client, &ns, &node, "cert", &cert, "Assigned").await?;
+
+    let md = ["Metadata: true"];
+    let tok = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+    // Twice: the second answer comes from the cache, after the same checks.
+    for _ in 0..2 {
+        let (code, body) = curl(f.pod_ns(0), tok, &md).await?;
+        assert_eq!(code, 200, "{body}\n{}", f.log());
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let token = v["access_token"].as_str().context("access_token")?;
+        let claims = f
+            .emu
+            .verify_token(token)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        assert_eq!(claims.appid, SP_CLIENT);
+        assert_eq!(v["resource"], ARM);
+        assert!(v["expires_on"].as_str().is_some(), "{body}");
+    }
+    // The same service principal through a Secret in another namespace:
+    // refused, even though a token for it is cached.
+    let (code, body) = curl(f.pod_ns(1), tok, &md).await?;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains(&format!("{other}/sp-creds")), "{body}");
+    assert!(!body.contains("access_token"), "{body}");
+
+    // Type 2: the PKCS#12 certificate from the Secret signs the assertion.
+    let (code, body) = curl(f.pod_ns(2), tok, &md).await?;
+    assert_eq!(code, 200, "{body}\n{}", f.log());
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let token = v["access_token"].as_str().context("access_token")?;
+    let claims = f
+        .emu
+        .verify_token(token)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(claims.appid, SP_CERT_CLIENT);
     Ok(())
 }

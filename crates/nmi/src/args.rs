@@ -193,6 +193,19 @@ pub struct Args {
     )]
     pub mic_service_accounts: Vec<String>,
 
+    /// Namespaces, besides an AzureIdentity's own, whose Secrets a type 1/2
+    /// identity may reference in `clientPassword` (comma-separated; `*` for any,
+    /// upstream's behaviour). Default: none, so an identity can only use a
+    /// Secret in its own namespace (hazard H10: otherwise whoever may create an
+    /// AzureIdentity could use a service principal stored where they cannot read).
+    #[arg(long = "allowed-secret-namespaces", value_delimiter = ',')]
+    pub allowed_secret_namespaces: Vec<String>,
+
+    /// PEM bundle of the CAs trusted for AAD (types 1 and 2); default: the
+    /// system's roots.
+    #[arg(long = "aad-ca-file")]
+    pub aad_ca_file: Option<PathBuf>,
+
     /// The `iptables` program to run.
     #[arg(long = "iptables-path", default_value = "iptables")]
     pub iptables_path: PathBuf,

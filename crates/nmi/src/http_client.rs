@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 client for plain-HTTP IMDS: one connection per request
+//! A minimal HTTP/1.1 client for plain-HTTP IMDS (and, over TLS, AAD): one connection per request
 //! (IMDS is link-local and cheap to reach; no pool to go stale), bounded in
 //! time and in response size.
 
@@ -68,6 +68,70 @@ async fn send_inner(
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|source| SendError::Connect { addr, source })?;
+    exchange(stream, addr, req).await
+}
+
+/// Sends `req` over TLS to the host and port of `uri` (an `https` URL), trusting
+/// what `tls` trusts, and reads the whole response within `timeout`.
+pub async fn send_tls(
+    uri: &http::Uri,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<Response<Bytes>, SendError> {
+    let host = uri
+        .host()
+        .unwrap_or("")
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], port));
+    let work = async {
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|source| SendError::Connect {
+                addr: unspecified,
+                source,
+            })?
+            .next()
+            .ok_or_else(|| SendError::Connect {
+                addr: unspecified,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{host}: no address"),
+                ),
+            })?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| SendError::Connect { addr, source })?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+            SendError::Connect {
+                addr,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            }
+        })?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| SendError::Connect { addr, source })?;
+        exchange(stream, addr, req).await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(SendError::Timeout {
+            addr: unspecified,
+            timeout,
+        }))
+}
+
+async fn exchange<IO>(
+    stream: IO,
+    addr: SocketAddr,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Bytes>, SendError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| SendError::Exchange { addr, source })?;

@@ -7,8 +7,11 @@
 //! query), [`index`] (what this node's pods and identities are), [`select`]
 //! (which identity a pod gets), [`response`] (bodies) and [`iptables`]'s
 //! expected rules. The executors around them are thin: [`server`], [`watch`],
-//! [`token`] and [`iptables::Runner`].
+//! [`token`] and [`iptables::Runner`]. Service-principal identities (types 1
+//! and 2) are [`sp`] (which Secret and tenants, H10 check) over [`aad`] (the
+//! credential, AAD's v1 request and answer, an HTTPS client of our own).
 
+pub mod aad;
 pub mod args;
 pub mod http_client;
 pub mod index;
@@ -19,6 +22,7 @@ pub mod response;
 pub mod secret;
 pub mod select;
 pub mod server;
+pub mod sp;
 pub mod token;
 pub mod watch;
 
@@ -44,6 +48,9 @@ pub enum RunError {
     /// `--node` is empty.
     #[error("--node (or NODE_NAME) is required")]
     MissingNode,
+    /// `--aad-ca-file` is unusable.
+    #[error("--aad-ca-file: {0}")]
+    AadCa(String),
     /// `--imds-endpoint` is unusable.
     #[error("--imds-endpoint: {0}")]
     ImdsEndpoint(String),
@@ -131,6 +138,8 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     };
     let imds =
         token::Imds::new(&args.imds_endpoint, &user_agent).map_err(RunError::ImdsEndpoint)?;
+    let aad =
+        aad::AadClient::new(args.aad_ca_file.as_deref(), &user_agent).map_err(RunError::AadCa)?;
     let client =
         aadpodid_runtime::client::kube_client(args.kubeconfig.as_deref(), &user_agent).await?;
     let metrics = metrics::Metrics::new()?;
@@ -175,6 +184,15 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     let server = Arc::new(server::Server {
         state: Arc::clone(&state),
         cache: token::TokenCache::new(imds),
+        sp: sp::ServicePrincipals::new(
+            Some(client.clone()),
+            aad,
+            args.allowed_secret_namespaces
+                .iter()
+                .filter(|n| !n.is_empty())
+                .cloned()
+                .collect(),
+        ),
         config: server::Config {
             mode: args.operation_mode,
             namespaced,

@@ -28,6 +28,7 @@ use crate::metrics::{IMDS_OP_USER_ASSIGNED, Metrics};
 use crate::request::{self, Rejection, Route, Selector, TokenQuery};
 use crate::response::{self, Token};
 use crate::select::{self, Outcome};
+use crate::sp::ServicePrincipals;
 use crate::token::{TokenCache, TokenError, TokenSource, now_secs};
 
 /// The index and a version that changes whenever it does (waiters wake on it).
@@ -112,6 +113,8 @@ pub struct Server<S> {
     pub state: Arc<State>,
     /// Tokens.
     pub cache: TokenCache<S>,
+    /// Service-principal identities (types 1 and 2).
+    pub sp: ServicePrincipals,
     /// Flags.
     pub config: Config,
     /// Metrics.
@@ -353,8 +356,8 @@ impl<S: TokenSource> Server<S> {
             .resolve(&pod, &query, closed, self.config.set_retry_after_header)
             .await
         {
-            Ok(token) => {
-                let body = response::token_body(std::slice::from_ref(&token), now_secs());
+            Ok(tokens) => {
+                let body = response::token_body(&tokens, now_secs());
                 (
                     pod.namespace.clone(),
                     query.resource.clone(),
@@ -399,14 +402,17 @@ impl<S: TokenSource> Server<S> {
             return (String::new(), String::new(), error_response(&reply));
         };
         match self.resolve(&pod, &query, closed, false).await {
-            Ok(token) => (
-                pod.namespace.clone(),
-                query.resource.clone(),
-                json(
-                    StatusCode::OK,
-                    response::host_token_body(&token, now_secs()),
-                ),
-            ),
+            Ok(tokens) => {
+                let Some(token) = tokens.first() else {
+                    let reply = Reply::new(StatusCode::INTERNAL_SERVER_ERROR, "no token");
+                    return (pod.namespace.clone(), String::new(), error_response(&reply));
+                };
+                (
+                    pod.namespace.clone(),
+                    query.resource.clone(),
+                    json(StatusCode::OK, response::host_token_body(token, now_secs())),
+                )
+            }
             Err(reply) => (pod.namespace.clone(), String::new(), error_response(&reply)),
         }
     }
@@ -442,7 +448,7 @@ impl<S: TokenSource> Server<S> {
         query: &TokenQuery,
         closed: Option<watch::Receiver<bool>>,
         retry_after: bool,
-    ) -> Result<Token, Reply> {
+    ) -> Result<Vec<Token>, Reply> {
         let started = Instant::now();
         let mut rx = self.state.subscribe();
         let closed = closed_signal(closed);
@@ -525,6 +531,7 @@ impl<S: TokenSource> Server<S> {
                 self.cache
                     .by_object_id(oid, &query.resource, &allowed)
                     .await
+                    .map(|t| vec![t])
             }
             Outcome::ByObjectId(_) | Outcome::Deny | Outcome::Wait { .. } => {
                 return Err(no_match(StatusCode::NOT_FOUND));
@@ -548,12 +555,19 @@ impl<S: TokenSource> Server<S> {
         })
     }
 
-    async fn fetch(&self, identity: &AzureIdentity, resource: &str) -> Result<Token, TokenError> {
+    async fn fetch(
+        &self,
+        identity: &AzureIdentity,
+        resource: &str,
+    ) -> Result<Vec<Token>, TokenError> {
         match identity.spec.r#type {
-            IdentityType::UserAssignedMsi => {
-                self.cache
-                    .by_client_id(&identity.spec.client_id, resource)
-                    .await
+            IdentityType::UserAssignedMsi => self
+                .cache
+                .by_client_id(&identity.spec.client_id, resource)
+                .await
+                .map(|t| vec![t]),
+            IdentityType::ServicePrincipal | IdentityType::ServicePrincipalCertificate => {
+                self.sp.tokens(&self.cache, identity, resource).await
             }
             // Upstream answered 503 for anything it could not use (§3.5 step 6).
             other => Err(TokenError::Unavailable(format!(

@@ -1,0 +1,270 @@
+//! Token-path benchmark: latency p50/p99 and throughput of NMI's token
+//! endpoint at 1 and 64 concurrent clients, cached and uncached, against the
+//! Azure emulator's IMDS, everything in-process on loopback. Bounded counts;
+//! runs only with `cargo bench -p nmi --bench token_path` (harness = false),
+//! never under `cargo test`.
+//!
+//! Cases:
+//! - cached: every request names the same resource; after the first, NMI
+//!   answers from its cache (the access check still runs on every request).
+//! - uncached, IMDS limits: a new resource per request, so every request goes
+//!   to IMDS through NMI's client-side limiter (5 concurrent, 20/s per VM, as
+//!   IMDS allows): throughput is capped at 20/s by design.
+//! - uncached, no limiter: the same with the limiter (and the emulator's
+//!   throttling) lifted, showing NMI's plus the emulator's own cost per miss.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "benchmark driver: failing loudly is the point"
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aadpodid_api::{
+    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
+    AzureIdentitySpec,
+};
+use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
+use azure_emulator::{Config, Emulator};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+
+const CLIENT: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
+const NS: &str = "bench";
+const POD: &str = "app";
+
+fn pod() -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": POD, "namespace": NS, "labels": {"aadpodidbinding": "a"}},
+        "spec": {"nodeName": "node", "containers": [{"name": "c", "image": "i"}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]},
+    }))
+    .unwrap()
+}
+
+fn aai() -> AzureAssignedIdentity {
+    let mut id = AzureIdentity::new(
+        "id-a",
+        AzureIdentitySpec {
+            client_id: CLIENT.into(),
+            resource_id: "/subscriptions/00000000-0000-0000-0000-0000000000aa/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-a".into(),
+            ..Default::default()
+        },
+    );
+    id.metadata.namespace = Some(NS.into());
+    let mut aai = AzureAssignedIdentity::new(
+        "app-bench-id-a",
+        AzureAssignedIdentitySpec {
+            azure_identity_ref: Some(Box::new(id)),
+            azure_binding_ref: None,
+            pod: POD.into(),
+            pod_namespace: NS.into(),
+            node_name: "node".into(),
+            replicas: None,
+        },
+    );
+    aai.metadata.namespace = Some(NS.into());
+    aai.status = Some(AzureAssignedIdentityStatus {
+        status: "Assigned".into(),
+        ..Default::default()
+    });
+    aai
+}
+
+async fn emulator(unthrottled: bool) -> (Emulator, SocketAddr) {
+    let mut cfg = Config::new(
+        "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "00000000-0000-0000-0000-0000000000aa",
+    );
+    cfg.resource_groups = vec!["rg".into()];
+    cfg.identities = vec![IdentitySeed {
+        name: "id-a".into(),
+        resource_group: "rg".into(),
+        client_id: Some(CLIENT.into()),
+        principal_id: None,
+        federated_credentials: Vec::new(),
+        permissions: Default::default(),
+    }];
+    cfg.virtual_machines = vec![VmSeed {
+        name: "node".into(),
+        resource_group: "rg".into(),
+        identity: IdentityAssignmentSeed {
+            system_assigned: false,
+            user_assigned: vec!["id-a".into()],
+        },
+    }];
+    cfg.aad.any_resource = true;
+    if unthrottled {
+        cfg.imds.token_requests_per_second = 1_000_000;
+        cfg.imds.token_concurrency = 10_000;
+    }
+    let emu = Emulator::start(cfg).await.unwrap();
+    let imds = emu
+        .add_imds("vm/node", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    (emu, imds)
+}
+
+/// Starts NMI's token server over the emulator's IMDS; returns its address.
+async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_runtime::Shutdown) {
+    let source = nmi::token::Imds::new(&format!("http://{imds}"), "bench").unwrap();
+    let state = Arc::new(nmi::server::State::default());
+    state.update(|i| {
+        i.apply_pod(&pod());
+        i.apply_aai(&aai());
+    });
+    let server = Arc::new(nmi::server::Server {
+        state,
+        cache: nmi::token::TokenCache::with_limits(source, limits.0, limits.1),
+        sp: nmi::sp::ServicePrincipals::new(
+            None,
+            nmi::aad::AadClient::new(None, "bench").unwrap(),
+            Vec::new(),
+        ),
+        config: nmi::server::Config {
+            mode: nmi::args::OperationMode::Standard,
+            namespaced: false,
+            metadata_header_required: true,
+            block_instance_metadata: false,
+            set_retry_after_header: false,
+            retry_attempts_for_created: 16,
+            retry_attempts_for_assigned: 4,
+            retry_interval_secs: 5,
+            mic_namespace: "default".into(),
+            mic_service_accounts: Vec::new(),
+            metadata_addr: imds,
+        },
+        metrics: nmi::metrics::Metrics::new().unwrap(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = aadpodid_runtime::Shutdown::new();
+    tokio::spawn(nmi::server::serve(listener, server, shutdown.clone()));
+    (addr, shutdown)
+}
+
+/// One client: a keep-alive connection sending `n` requests; returns latencies.
+async fn client(
+    addr: SocketAddr,
+    n: usize,
+    resource: Arc<dyn Fn(usize) -> String + Send + Sync>,
+    seq: Arc<AtomicUsize>,
+) -> Vec<Duration> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = resource(seq.fetch_add(1, Ordering::Relaxed));
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("api-version", "2018-02-01")
+            .append_pair("resource", &r)
+            .finish();
+        let req = http::Request::get(format!("/metadata/identity/oauth2/token?{q}"))
+            .header("host", "169.254.169.254")
+            .header("metadata", "true")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let t = Instant::now();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        out.push(t.elapsed());
+    }
+    out
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn run_case(
+    name: &str,
+    addr: SocketAddr,
+    clients: usize,
+    per_client: usize,
+    resource: Arc<dyn Fn(usize) -> String + Send + Sync>,
+) {
+    // Warm-up (fills the cache in the cached case; not measured).
+    let seq = Arc::new(AtomicUsize::new(1_000_000));
+    client(addr, 1, Arc::clone(&resource), Arc::clone(&seq)).await;
+    let seq = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        tasks.push(tokio::spawn(client(
+            addr,
+            per_client,
+            Arc::clone(&resource),
+            Arc::clone(&seq),
+        )));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let wall = started.elapsed();
+    all.sort();
+    println!(
+        "{name:<34} clients={clients:>2} requests={:>5}  p50={:>9.3?}  p99={:>9.3?}  throughput={:>8.0} req/s",
+        all.len(),
+        pct(&all, 0.50),
+        pct(&all, 0.99),
+        all.len() as f64 / wall.as_secs_f64()
+    );
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let same: Arc<dyn Fn(usize) -> String + Send + Sync> =
+            Arc::new(|_| "https://management.azure.com/".to_string());
+        let fresh: Arc<dyn Fn(usize) -> String + Send + Sync> =
+            Arc::new(|i| format!("https://bench-{i}.example.com/"));
+
+        // IMDS's real limits, enforced by NMI's limiter.
+        let (emu, imds) = emulator(false).await;
+        let (addr, stop) = nmi(imds, (5, 20)).await;
+        run_case("cached", addr, 1, 2_000, Arc::clone(&same)).await;
+        run_case("cached", addr, 64, 100, Arc::clone(&same)).await;
+        run_case(
+            "uncached, IMDS limits (20/s)",
+            addr,
+            1,
+            20,
+            Arc::clone(&fresh),
+        )
+        .await;
+        let fresh2: Arc<dyn Fn(usize) -> String + Send + Sync> =
+            Arc::new(|i| format!("https://bench-b{i}.example.com/"));
+        run_case("uncached, IMDS limits (20/s)", addr, 64, 1, fresh2).await;
+        stop.trigger();
+        drop(emu);
+
+        // Limiter and emulator throttling lifted: NMI's own cost per miss.
+        let (emu, imds) = emulator(true).await;
+        let (addr, stop) = nmi(imds, (10_000, 1_000_000)).await;
+        run_case("uncached, no limiter", addr, 1, 500, Arc::clone(&fresh)).await;
+        let fresh3: Arc<dyn Fn(usize) -> String + Send + Sync> =
+            Arc::new(|i| format!("https://bench-c{i}.example.com/"));
+        run_case("uncached, no limiter", addr, 64, 20, fresh3).await;
+        stop.trigger();
+        drop(emu);
+    });
+}
