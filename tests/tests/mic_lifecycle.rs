@@ -28,6 +28,8 @@ use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
 };
+use azure_emulator::faults::{Fault, FaultAction};
+use azure_emulator::observe::Service;
 use azure_emulator::{Config, Emulator, TestCa};
 use clap::Parser as _;
 use k8s_openapi::api::core::v1::{Container, Node, NodeSpec, Pod, PodSpec};
@@ -94,8 +96,8 @@ async fn mic_against_cluster_and_emulator() {
         .find(|l| l.starts_with("test result:"))
         .unwrap_or_default();
     assert!(
-        ran.contains("8 passed; 0 failed"),
-        "expected 8 child tests to pass:\n{stdout}"
+        ran.contains("12 passed; 0 failed"),
+        "expected 12 child tests to pass:\n{stdout}"
     );
 }
 
@@ -132,6 +134,11 @@ fn ident(name: &str, rg: &str, client: &str) -> IdentitySeed {
 impl World {
     /// None outside the child process.
     async fn new(prefix: &str) -> Option<World> {
+        Self::new_with(prefix, |_| {}).await
+    }
+
+    /// Like [`World::new`], with the emulator's config adjusted first.
+    async fn new_with(prefix: &str, tweak: impl FnOnce(&mut Config)) -> Option<World> {
         let dir = PathBuf::from(std::env::var_os("MICTEST_DIR")?);
         let vmss = unique_name(&format!("{prefix}-vmss"));
         let vm_node = unique_name(&format!("{prefix}-vm"));
@@ -171,6 +178,7 @@ impl World {
         cfg.clock.speed = 100.0;
         cfg.listen.ca_cert_pem_file = std::env::var_os("MICTEST_CA_CERT").map(Into::into);
         cfg.listen.ca_key_pem_file = std::env::var_os("MICTEST_CA_KEY").map(Into::into);
+        tweak(&mut cfg);
         let emu = Emulator::start(cfg).await.expect("emulator starts");
         let cluster = Cluster::shared();
         let ns = cluster.temp_namespace(prefix).await.unwrap();
@@ -236,6 +244,16 @@ impl World {
     /// Writes azure.json and the custom-cloud file that point MIC at the
     /// emulator, and resolves settings through MIC's own flag parsing.
     fn settings(&self, instance: &str) -> mic::Settings {
+        self.settings_with(instance, &[], None)
+    }
+
+    /// Settings with extra flags and, when given, another kubeconfig.
+    fn settings_with(
+        &self,
+        instance: &str,
+        extra: &[&str],
+        kubeconfig: Option<&std::path::Path>,
+    ) -> mic::Settings {
         let env_file = self
             .dir
             .join(format!("{instance}-{}-cloud.json", self.ns.name()));
@@ -268,16 +286,25 @@ impl World {
             .to_string(),
         )
         .unwrap();
-        let args = mic::args::Args::try_parse_from([
-            "mic".to_string(),
-            format!("--cloudconfig={}", azure_json.display()),
-            format!("--kubeconfig={}", self.cluster.kubeconfig().display()),
-            format!("--leader-election-instance={instance}"),
-            format!("--leader-election-namespace={}", self.ns.name()),
-            "--leader-election-duration=4s".into(),
-            "--identity-assignment-reconcile-interval=2s".into(),
-            "--update-user-msi-retry-interval=100ms".into(),
-        ])
+        let args = mic::args::Args::try_parse_from(
+            [
+                "mic".to_string(),
+                format!("--cloudconfig={}", azure_json.display()),
+                format!(
+                    "--kubeconfig={}",
+                    kubeconfig
+                        .unwrap_or_else(|| self.cluster.kubeconfig())
+                        .display()
+                ),
+                format!("--leader-election-instance={instance}"),
+                format!("--leader-election-namespace={}", self.ns.name()),
+                "--leader-election-duration=4s".into(),
+                "--identity-assignment-reconcile-interval=2s".into(),
+                "--update-user-msi-retry-interval=100ms".into(),
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|a| a.to_string())),
+        )
         .unwrap();
         let ns = self.ns.name().to_string();
         let env_path = env_file.display().to_string();
@@ -294,13 +321,13 @@ impl World {
     }
 
     async fn start_mic(&self, instance: &str) -> RunningMic {
+        self.start_mic_with(self.settings(instance)).await
+    }
+
+    async fn start_mic_with(&self, settings: mic::Settings) -> RunningMic {
         let shutdown = Shutdown::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(mic::run(
-            self.settings(instance),
-            shutdown.clone(),
-            Some(tx),
-        ));
+        let task = tokio::spawn(mic::run(settings, shutdown.clone(), Some(tx)));
         let handles = tokio::time::timeout(Duration::from_secs(60), rx)
             .await
             .expect("MIC starts")
@@ -767,6 +794,294 @@ async fn child_standalone_vm_node_keeps_its_system_identity() {
     w.wait_gone(&w.aai_name("web", "app-id")).await;
     assert!(on_vm(&w).is_empty());
     assert_eq!(w.emu.has_system_identity(&w.vm_node), Some(true));
+
+    mic.stop().await;
+    w.cleanup().await;
+}
+
+/// ARM PATCHes the emulator received for this world's scale set, answered
+/// or refused (injected faults included).
+fn vmss_writes(w: &World) -> u64 {
+    let path = format!("/virtualmachinescalesets/{}?", w.vmss.to_lowercase());
+    w.emu
+        .requests(0)
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.uri.to_lowercase().contains(&path))
+        .count() as u64
+}
+
+/// The value of an unlabelled counter on MIC's /metrics (0 when absent).
+async fn metric(mic: &RunningMic, name: &str) -> f64 {
+    http_get(mic.handles.metrics_addr, "/metrics")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_throttle_storm_backs_off_and_stays_within_budget() {
+    // The emulator's own buckets are off (no remaining-resource headers), so
+    // MIC's mirror is the only limiter: 3 writes, then one per 100 s.
+    let Some(w) = World::new_with("storm", |cfg| cfg.throttle.enabled = false).await else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    const BURST: u64 = 3;
+    const PER_MINUTE: f64 = 0.6;
+    let started = std::time::Instant::now();
+    let mic = w
+        .start_mic_with(w.settings_with(
+            "mic-storm",
+            &[
+                "--arm-resource-write-burst=3",
+                "--arm-resource-writes-per-minute=0.6",
+            ],
+            None,
+        ))
+        .await;
+    // A 429 storm on this scale set's PATCHes, each with Retry-After: 1.
+    w.emu.inject(
+        Fault::new(
+            Service::Arm,
+            FaultAction::Status {
+                status: 429,
+                retry_after: Some(1),
+            },
+        )
+        .method("PATCH")
+        .path_contains(&w.vmss)
+        .times(2),
+    );
+    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+        .await;
+    w.identity(
+        "app-2",
+        &uai(APP_RG, "app-2"),
+        "c0000000-0000-4000-8000-000000000002",
+    )
+    .await;
+    w.binding("b1", "app-id", "storm-sel").await;
+    w.binding("b2", "app-2", "storm-sel").await;
+    w.pod("web", "storm-sel", &w.nodes[0]).await;
+    w.wait_assigned(&w.aai_name("web", "app-id")).await;
+    w.wait_assigned(&w.aai_name("web", "app-2")).await;
+    assert!(w.on_vmss("app-id") && w.on_vmss("app-2"));
+
+    let c = w.emu.counters();
+    let writes = vmss_writes(&w);
+    eprintln!(
+        "storm: writes={writes} throttled={} faults_fired={}",
+        c.arm_throttled, c.faults_fired
+    );
+    assert_eq!(c.faults_fired, 2, "both 429s were met");
+    assert!(c.arm_throttled >= 2);
+    // The budget over the time MIC has run: burst plus refill.
+    let allowed = BURST + (started.elapsed().as_secs_f64() * PER_MINUTE / 60.0).floor() as u64;
+    assert!(
+        writes <= allowed,
+        "{writes} PATCHes exceed the budget of {allowed}"
+    );
+    assert_eq!(
+        writes, 3,
+        "two throttled PATCHes, then one carrying both identities"
+    );
+
+    // The budget is spent: the removal waits instead of provoking a 429.
+    w.delete_pod("web").await;
+    wait_for("a write deferred by the budget", WAIT, || async {
+        (metric(&mic, "aadpodidentity_mic_arm_writes_deferred_count").await >= 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let allowed = BURST + (started.elapsed().as_secs_f64() * PER_MINUTE / 60.0).floor() as u64;
+    assert!(vmss_writes(&w) <= allowed);
+    assert_eq!(
+        w.emu.counters().arm_throttled,
+        c.arm_throttled,
+        "no new 429"
+    );
+
+    mic.stop().await;
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_failed_operation_keeps_created_then_converges() {
+    // No emulator buckets; MIC's own budget spaces the retry (one per 10 s)
+    // so the Created state after the failure is observable.
+    let Some(w) = World::new_with("lro", |cfg| cfg.throttle.enabled = false).await else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    let mic = w
+        .start_mic_with(w.settings_with(
+            "mic-lro",
+            &[
+                "--arm-resource-write-burst=1",
+                "--arm-resource-writes-per-minute=6",
+            ],
+            None,
+        ))
+        .await;
+    // The next long-running operation ends Failed.
+    w.emu.fail_next_operations(1);
+    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+        .await;
+    w.binding("b", "app-id", "lro-sel").await;
+    w.pod("web", "lro-sel", &w.nodes[0]).await;
+    let name = w.aai_name("web", "app-id");
+    wait_for("the failed update counted", WAIT, || async {
+        http_get(mic.handles.metrics_addr, "/metrics")
+            .await
+            .contains(
+                "aadpodidentity_cloud_provider_operations_errors_count{operation_type=\"vmss_update\"} 1",
+            )
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let aai = w.aai(&name).await.expect("AAI exists");
+    assert_eq!(
+        aai.status.map(|s| s.status),
+        Some("Created".into()),
+        "not Assigned after a failed operation"
+    );
+    // (The emulator, like ARM, keeps the requested identity in the model of
+    // a scale set whose update failed; MIC does not take that as assigned.)
+
+    // The fault is spent: the next PATCH lands.
+    w.wait_assigned(&name).await;
+    assert!(w.on_vmss("app-id"));
+    assert!(
+        w.emu.counters().lro_started >= 2,
+        "retried after the failure"
+    );
+
+    mic.stop().await;
+    w.cleanup().await;
+}
+
+/// The ClusterRole the chart ships for MIC (issue #7 copies these rules).
+fn mic_cluster_role(name: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["list", "watch"]},
+            {"apiGroups": ["aadpodidentity.k8s.io"],
+             "resources": ["azureidentities", "azureidentitybindings"],
+             "verbs": ["list", "watch"]},
+            {"apiGroups": ["aadpodidentity.k8s.io"],
+             "resources": ["azureassignedidentities"],
+             "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["get", "create", "update"]},
+            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
+             "verbs": ["create", "patch"]},
+        ],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_runs_with_the_chart_cluster_role_only() {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let Some(w) = World::new("rbac").await else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    let role_name = unique_name("aad-pod-identity-mic");
+    let role: ClusterRole = serde_json::from_value(mic_cluster_role(&role_name)).unwrap();
+    let roles = Api::<ClusterRole>::all(w.client.clone());
+    roles.create(&PostParams::default(), &role).await.unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": "mic", "namespace": w.ns.name()}],
+    }))
+    .unwrap();
+    let bindings = Api::<ClusterRoleBinding>::all(w.client.clone());
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let kubeconfig = w
+        .cluster
+        .service_account_kubeconfig(w.ns.name(), "mic")
+        .await
+        .unwrap();
+    // The account really is limited: nothing beyond the role.
+    let sa = w
+        .cluster
+        .service_account_client(w.ns.name(), "mic")
+        .await
+        .unwrap();
+    assert!(
+        Api::<Secret>::namespaced(sa, w.ns.name())
+            .list(&Default::default())
+            .await
+            .is_err(),
+        "the ServiceAccount cannot read secrets"
+    );
+
+    let mic = w
+        .start_mic_with(w.settings_with("mic-rbac", &[], Some(&kubeconfig)))
+        .await;
+    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+        .await;
+    w.binding("b", "app-id", "rbac-sel").await;
+    w.pod("web", "rbac-sel", &w.nodes[0]).await;
+    w.wait_assigned(&w.aai_name("web", "app-id")).await;
+    assert!(w.on_vmss("app-id"));
+    wait_for("healthz Active", WAIT, || async {
+        (mic.healthz().await == "Active").then_some(())
+    })
+    .await
+    .unwrap();
+    w.delete_pod("web").await;
+    w.wait_gone(&w.aai_name("web", "app-id")).await;
+    assert!(!w.on_vmss("app-id"));
+
+    mic.stop().await;
+    let _ = bindings.delete(&role_name, &DeleteParams::default()).await;
+    let _ = roles.delete(&role_name, &DeleteParams::default()).await;
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_lazy_removal_lingers_and_a_returning_pod_costs_no_write() {
+    let Some(w) = World::new("linger").await else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    let mic = w
+        .start_mic_with(w.settings_with("mic-linger", &["--identity-removal-linger=5s"], None))
+        .await;
+    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+        .await;
+    w.binding("b", "app-id", "cron-sel").await;
+    w.pod("job-1", "cron-sel", &w.nodes[0]).await;
+    w.wait_assigned(&w.aai_name("job-1", "app-id")).await;
+    let writes = vmss_writes(&w);
+
+    // The CronJob's next run comes while the identity lingers: no ARM write.
+    w.delete_pod("job-1").await;
+    w.pod("job-2", "cron-sel", &w.nodes[1]).await;
+    w.wait_assigned(&w.aai_name("job-2", "app-id")).await;
+    w.wait_gone(&w.aai_name("job-1", "app-id")).await;
+    assert!(w.on_vmss("app-id"));
+    assert_eq!(vmss_writes(&w), writes, "the returning pod needed no PATCH");
+
+    // Nobody comes back: removed after the linger, with one PATCH.
+    w.delete_pod("job-2").await;
+    w.wait_gone(&w.aai_name("job-2", "app-id")).await;
+    assert!(!w.on_vmss("app-id"), "removed before its AAI went");
+    assert_eq!(vmss_writes(&w), writes + 1);
 
     mic.stop().await;
     w.cleanup().await;

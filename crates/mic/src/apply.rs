@@ -20,6 +20,7 @@ use crate::events::{self, Events};
 use crate::index::{Index, Key};
 use crate::metrics::{self, Metrics};
 use crate::plan::{Plan, ResourceWork, Warning, refs};
+use crate::schedule::Budget;
 
 /// Back-off for an identity ARM refused (beyond upstream, #1139): it leaves
 /// the batch until then and never holds back the others.
@@ -67,6 +68,8 @@ pub struct ExecutorOptions {
     pub max_retry: u32,
     /// `--update-user-msi-retry-interval`.
     pub retry_interval: Duration,
+    /// The ARM write budget the scheduler keeps to (`--arm-*-write*` flags).
+    pub limits: crate::schedule::Limits,
 }
 
 /// What a cycle leaves for later.
@@ -95,6 +98,10 @@ pub struct Executor<C: Cloud> {
     quarantine: Mutex<BTreeMap<String, (Instant, u32)>>,
     /// Warnings already reported, so each is logged once.
     reported: Mutex<BTreeSet<String>>,
+    /// Local mirror of Compute's write buckets (beyond upstream, #1267).
+    budget: Mutex<Budget>,
+    /// Time zero of the budget's clock.
+    origin: Instant,
 }
 
 impl<C: Cloud> std::fmt::Debug for Executor<C> {
@@ -133,10 +140,38 @@ impl<C: Cloud> Executor<C> {
             events,
             metrics,
             leading,
-            opts,
             not_before: Mutex::default(),
             quarantine: Mutex::default(),
             reported: Mutex::default(),
+            budget: Mutex::new(Budget::new(opts.limits)),
+            origin: Instant::now(),
+            opts,
+        }
+    }
+
+    fn budget_now(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.origin)
+    }
+
+    /// Takes a write token for `r`, or says when one will be there.
+    fn acquire_write(&self, r: &ResourceRef) -> Result<(), Instant> {
+        let now = self.budget_now();
+        lock(&self.budget).try_acquire(r, now).map_err(|wait| {
+            tracing::debug!(resource = %r, ?wait, "write budget spent; PATCH deferred");
+            self.metrics.mic_arm_writes_deferred_count.inc();
+            Instant::now() + wait
+        })
+    }
+
+    /// Feeds what ARM said about its buckets back into the mirror.
+    fn observe_write(&self, r: &ResourceRef, error: Option<&CloudError>) {
+        let now = self.budget_now();
+        let mut budget = lock(&self.budget);
+        if let Some(header) = self.cloud.take_remaining(r) {
+            budget.observe_remaining(r, &header, now);
+        }
+        if let Some(after) = error.and_then(CloudError::retry_after) {
+            budget.observe_retry_after(r, after, now);
         }
     }
 
@@ -369,29 +404,45 @@ impl<C: Cloud> Executor<C> {
         }
         let remove = w.remove.clone();
         let mut refused: BTreeSet<String> = BTreeSet::new();
+        let mut deferred = false;
+        let mut wrote = false;
         if current.provisioning_state.eq_ignore_ascii_case("Deleting") {
             // §9 statement 22: never PATCH a resource being deleted.
             tracing::warn!(resource = %r, "{}", CloudError::ResourceDeleting { resource: r.clone() });
         } else {
             let mut attempts = 0;
             loop {
-                let patches = identity_patches(&current, &add, &remove);
+                let patches = identity_patches(&patch_basis(&current, &add), &add, &remove);
                 if patches.is_empty() {
                     break;
                 }
                 self.check_leader()?;
                 let mut error = None;
+                let mut sent = 0;
                 for patch in &patches {
+                    // Within the mirrored budget only; what waits is folded
+                    // into the next PATCH of this resource.
+                    if let Err(at) = self.acquire_write(r) {
+                        retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
+                        deferred = true;
+                        break;
+                    }
                     let start = std::time::Instant::now();
                     let res = self.cloud.update_identities(r, patch).await;
+                    sent += 1;
+                    wrote = true;
                     self.metrics
                         .cloud_provider_operations_duration_seconds
                         .with_label_values(&[op_label(r, true)])
                         .observe(start.elapsed().as_secs_f64());
+                    self.observe_write(r, res.as_ref().err());
                     if let Err(e) = res {
                         error = Some(e);
                         break;
                     }
+                }
+                if deferred && sent == 0 {
+                    break;
                 }
                 let Some(e) = error else {
                     break;
@@ -421,16 +472,30 @@ impl<C: Cloud> Executor<C> {
                     Err((_, at)) => return Ok(Some(at)),
                 }
             }
-            // What really landed decides the AAIs (upstream's error path, §2.5 step 6d).
-            match self.get(r).await {
-                Ok(c) => current = c,
-                Err((_, at)) => return Ok(Some(at)),
+            // What really landed decides the AAIs (upstream's error path, §2.5
+            // step 6d); nothing sent, nothing to read again.
+            if wrote {
+                match self.get(r).await {
+                    Ok(c) => current = c,
+                    Err((_, at)) => return Ok(Some(at)),
+                }
             }
+        }
+        // The last operation failed: the model may list identities the
+        // instances never got, so nothing counts as landed until a PATCH
+        // succeeds (the next cycle re-sends the adds).
+        let landed_failed = is_failed(&current);
+        if landed_failed {
+            tracing::warn!(resource = %r, "last operation failed; identities not taken as assigned");
+            retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
         }
         for (key, id) in &w.assign_on_success {
             let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) else {
                 continue;
             };
+            if landed_failed {
+                continue;
+            }
             if current.user_assigned.contains(id) {
                 lock(&self.quarantine).remove(id);
                 self.mark_assigned(aai).await?;
@@ -440,7 +505,10 @@ impl<C: Cloud> Executor<C> {
                 } else {
                     "identity not yet on the node"
                 };
-                self.apply_error_event(aai, why);
+                // A PATCH held back by the budget is no error.
+                if !deferred || refused.contains(id) || quarantined.contains(id) {
+                    self.apply_error_event(aai, why);
+                }
                 retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
             }
         }
@@ -498,7 +566,13 @@ impl<C: Cloud> Executor<C> {
             tracing::info!(resource = %r, missing = ?missing, "re-adding identities removed from the resource");
             for patch in identity_patches(&current, &missing, &BTreeSet::new()) {
                 self.check_leader()?;
-                if let Err(e) = self.cloud.update_identities(r, &patch).await {
+                if let Err(at) = self.acquire_write(r) {
+                    outcome.retry(at);
+                    break;
+                }
+                let res = self.cloud.update_identities(r, &patch).await;
+                self.observe_write(r, res.as_ref().err());
+                if let Err(e) = res {
                     outcome.retry(self.note_error(r, &e, true));
                     tracing::warn!(resource = %r, error = %e, "re-adding identities");
                     break;
@@ -724,6 +798,55 @@ impl<C: Cloud> Executor<C> {
     }
 }
 
+/// `provisioningState: Failed`: the last write on the resource failed.
+fn is_failed(current: &crate::cloud::ResourceIdentity) -> bool {
+    current.provisioning_state.eq_ignore_ascii_case("Failed")
+}
+
+/// What the PATCH is computed against: after a failed operation the adds
+/// are sent again even if the model already lists them.
+fn patch_basis(
+    current: &crate::cloud::ResourceIdentity,
+    add: &BTreeSet<String>,
+) -> crate::cloud::ResourceIdentity {
+    let mut basis = current.clone();
+    if is_failed(current) {
+        basis.user_assigned.retain(|id| !add.contains(id));
+    }
+    basis
+}
+
 fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::ResourceIdentity;
+
+    fn ids(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_failed_operation_sends_the_adds_again() {
+        // (provisioningState, identities in the model, adds, expected basis)
+        let cases = [
+            ("Succeeded", &["a", "b"][..], &["a"][..], &["a", "b"][..]),
+            ("Failed", &["a", "b"][..], &["a"][..], &["b"][..]),
+            ("failed", &["a"][..], &["c"][..], &["a"][..]),
+            ("Updating", &["a"][..], &["a"][..], &["a"][..]),
+        ];
+        for (state, model, add, want) in cases {
+            let current = ResourceIdentity {
+                type_: "UserAssigned".into(),
+                user_assigned: ids(model),
+                provisioning_state: state.into(),
+            };
+            let basis = patch_basis(&current, &ids(add));
+            assert_eq!(basis.user_assigned, ids(want), "{state}");
+            assert_eq!(is_failed(&current), state.eq_ignore_ascii_case("failed"));
+        }
+    }
 }

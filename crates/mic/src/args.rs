@@ -122,6 +122,37 @@ pub struct Args {
           action = ArgAction::Set)]
     pub keep_completed_pod_identities: bool,
 
+    /// Beyond upstream (#1267): write tokens per VMSS/VM when its bucket is full
+    /// (Compute's "VMSS Update"/"VM Update" per-resource burst, research/peers.md
+    /// §1.2). MIC keeps a local mirror of the bucket, corrected from
+    /// `x-ms-ratelimit-remaining-resource` and `Retry-After`, and waits instead of
+    /// sending a PATCH the bucket cannot pay for; pending adds and removes are
+    /// folded into that next PATCH.
+    #[arg(long = "arm-resource-write-burst", default_value_t = 12.0)]
+    pub arm_resource_write_burst: f64,
+
+    /// Beyond upstream: refill of the per-VMSS/VM write bucket, tokens per minute.
+    #[arg(long = "arm-resource-writes-per-minute", default_value_t = 4.0)]
+    pub arm_resource_writes_per_minute: f64,
+
+    /// Beyond upstream (#676): write tokens of the subscription's Compute bucket
+    /// when full. The budget is shared with AKS, the autoscaler and every other
+    /// tool, so lower it to leave them room.
+    #[arg(long = "arm-subscription-write-burst", default_value_t = 1500.0)]
+    pub arm_subscription_write_burst: f64,
+
+    /// Beyond upstream: refill of the subscription write bucket, tokens per minute.
+    #[arg(long = "arm-subscription-writes-per-minute", default_value_t = 500.0)]
+    pub arm_subscription_writes_per_minute: f64,
+
+    /// Beyond upstream (lazy removal): an identity no pod needs any more on a
+    /// VMSS/VM stays there this long before MIC removes it, and its
+    /// AzureAssignedIdentity stays until then; a pod that needs it again within
+    /// the linger (a CronJob's next run) costs no ARM write. `0` (the default)
+    /// removes at once, as upstream does.
+    #[arg(long = "identity-removal-linger", value_parser = parse_go_duration, default_value = "0s")]
+    pub identity_removal_linger: Duration,
+
     // klog flags the chart and manifests pass; logs always go to stderr here.
     #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true", action = ArgAction::Set)]
@@ -239,6 +270,27 @@ mod tests {
         );
         assert_eq!(a.log_format, "text");
         assert!(!a.keep_completed_pod_identities);
+        assert_eq!(a.arm_resource_write_burst, 12.0);
+        assert_eq!(a.arm_resource_writes_per_minute, 4.0);
+        assert_eq!(a.arm_subscription_write_burst, 1500.0);
+        assert_eq!(a.arm_subscription_writes_per_minute, 500.0);
+        assert_eq!(a.identity_removal_linger, Duration::ZERO);
+    }
+
+    #[test]
+    fn scheduler_flags_parse() {
+        let a = parse(&[
+            "--arm-resource-write-burst=6",
+            "--arm-resource-writes-per-minute=2",
+            "--arm-subscription-write-burst=100",
+            "--arm-subscription-writes-per-minute=50",
+            "--identity-removal-linger=10m",
+        ]);
+        assert_eq!(a.arm_resource_write_burst, 6.0);
+        assert_eq!(a.arm_resource_writes_per_minute, 2.0);
+        assert_eq!(a.arm_subscription_write_burst, 100.0);
+        assert_eq!(a.arm_subscription_writes_per_minute, 50.0);
+        assert_eq!(a.identity_removal_linger, Duration::from_secs(600));
     }
 
     /// The args of upstream's `deploy/infra/deployment-rbac.yaml` (§5) and of

@@ -13,6 +13,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod schedule;
 pub mod watch;
 
 use std::collections::BTreeSet;
@@ -50,6 +51,8 @@ pub struct Settings {
     pub reconcile_interval: Duration,
     pub executor: ExecutorOptions,
     pub arm: ArmOptions,
+    /// `--identity-removal-linger`.
+    pub removal_linger: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +101,11 @@ impl Settings {
             log_format: _,
             custom_user_agent,
             keep_completed_pod_identities,
+            arm_resource_write_burst,
+            arm_resource_writes_per_minute,
+            arm_subscription_write_burst,
+            arm_subscription_writes_per_minute,
+            identity_removal_linger,
             logtostderr: _,
             alsologtostderr: _,
             verbosity: _,
@@ -157,7 +165,18 @@ impl Settings {
                 batch: usize::try_from(*create_delete_batch).unwrap_or(1).max(1),
                 max_retry: *update_user_msi_max_retry,
                 retry_interval: *update_user_msi_retry_interval,
+                limits: schedule::Limits {
+                    resource: schedule::BucketSpec {
+                        burst: arm_resource_write_burst.max(1.0),
+                        per_minute: arm_resource_writes_per_minute.max(0.0),
+                    },
+                    subscription: schedule::BucketSpec {
+                        burst: arm_subscription_write_burst.max(1.0),
+                        per_minute: arm_subscription_writes_per_minute.max(0.0),
+                    },
+                },
             },
+            removal_linger: *identity_removal_linger,
             arm: ArmOptions {
                 user_agent,
                 ..ArmOptions::default()
@@ -293,17 +312,22 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     let mut next_drift = Instant::now() + settings.reconcile_interval;
     let mut retry_at: Option<Instant> = None;
     let mut dirty = true;
+    let mut linger = schedule::Linger::new(settings.removal_linger);
+    let origin = Instant::now();
     loop {
         let active = *leading.borrow() && shared.synced();
         health.set_active(active);
         if active && dirty {
             dirty = false;
             let index = shared.snapshot();
-            let plan = plan::plan(&index, &settings.plan);
+            let mut plan = plan::plan(&index, &settings.plan);
+            let linger_wake = linger
+                .hold(&mut plan, Instant::now() - origin)
+                .map(|d| Instant::now() + d);
             if plan.is_empty() {
                 // Still report warnings once, so bad input is visible when idle.
                 executor.report_warnings(&plan.warnings, &index);
-                retry_at = None;
+                retry_at = linger_wake;
             } else {
                 let start = std::time::Instant::now();
                 let mut lost = leading.clone();
@@ -317,7 +341,12 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     .mic_cycle_duration_seconds
                     .observe(start.elapsed().as_secs_f64());
                 match result {
-                    Some(Ok(outcome)) => retry_at = outcome.retry_at,
+                    Some(Ok(outcome)) => {
+                        retry_at = match (outcome.retry_at, linger_wake) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        }
+                    }
                     Some(Err(error)) => tracing::warn!(%error, "cycle stopped"),
                     None => tracing::warn!("cycle cancelled: leadership lost"),
                 }

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub kubernetes_api_operations_errors_count: IntCounterVec,
     /// Beyond upstream: objects a watch skipped because they did not parse.
     pub invalid_objects_count: IntCounterVec,
+    /// Beyond upstream: PATCHes held back because the mirrored Compute write
+    /// budget was spent (sent later, folded with whatever arrives meanwhile).
+    pub mic_arm_writes_deferred_count: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +140,10 @@ impl Metrics {
                 "mic_invalid_objects_count",
                 "Number of objects skipped because they could not be parsed",
                 "kind",
+            )?,
+            mic_arm_writes_deferred_count: counter(
+                "mic_arm_writes_deferred_count",
+                "Number of ARM writes deferred to stay within the Compute write budget",
             )?,
             registry,
         })

@@ -64,6 +64,8 @@ pub struct ArmCloud {
     subscription_id: String,
     resource_group: String,
     options: ArmOptions,
+    /// Last `x-ms-ratelimit-remaining-resource` per resource, from write answers.
+    remaining: std::sync::Mutex<std::collections::BTreeMap<ResourceRef, String>>,
 }
 
 fn client_options(config: &CloudConfig) -> ClientOptions {
@@ -150,6 +152,7 @@ struct AsyncOperationBody {
 }
 
 const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
+const REMAINING_RESOURCE: HeaderName = HeaderName::from_static("x-ms-ratelimit-remaining-resource");
 const ASYNC_OPERATION: HeaderName = HeaderName::from_static("azure-asyncoperation");
 const LOCATION: HeaderName = HeaderName::from_static("location");
 
@@ -260,6 +263,7 @@ impl ArmCloud {
             subscription_id: config.subscription_id.clone(),
             resource_group: config.resource_group.clone(),
             options,
+            remaining: std::sync::Mutex::default(),
         })
     }
 
@@ -344,6 +348,12 @@ impl ArmCloud {
         let resp = self
             .send(Method::Patch, self.resource_url(r)?, Some(body))
             .await?;
+        if let Some(v) = resp.headers().get_optional_str(&REMAINING_RESOURCE) {
+            self.remaining
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(r.clone(), v.to_string());
+        }
         if !resp.status().is_success() {
             return Err(arm_error(&resp));
         }
@@ -422,6 +432,13 @@ impl ArmCloud {
 }
 
 impl Cloud for ArmCloud {
+    fn take_remaining(&self, resource: &ResourceRef) -> Option<String> {
+        self.remaining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(resource)
+    }
+
     async fn get_identities(&self, resource: &ResourceRef) -> Result<ResourceIdentity, CloudError> {
         self.get(resource)
             .await

@@ -311,6 +311,14 @@ pub trait Cloud: Send + Sync + 'static {
         resource: &ResourceRef,
         patch: &IdentityPatch,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+
+    /// The `x-ms-ratelimit-remaining-resource` value of the last answer to a
+    /// write on `resource` (taken: each value is seen once). Feeds the
+    /// scheduler's mirror of Compute's buckets; `None` when unknown.
+    fn take_remaining(&self, resource: &ResourceRef) -> Option<String> {
+        let _ = resource;
+        None
+    }
 }
 
 #[cfg(test)]
