@@ -15,12 +15,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use aadpodid_tests::unique_name;
+use aadpodid_tests::run_children_trusting_emulator_ca;
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
 };
-use azure_emulator::{Config, Emulator, Fault, FaultAction, Service, TestCa};
+use azure_emulator::{Config, Emulator, Fault, FaultAction, Service};
 use mic::cloud::arm::{ArmCloud, ArmOptions};
 use mic::cloud::config::{self, CloudConfig};
 use mic::cloud::{Cloud, CloudError, ResourceRef, identity_patches};
@@ -41,55 +41,9 @@ async fn arm_client_against_the_emulator() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    let dir = std::env::temp_dir().join(unique_name("micarm"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = TestCa::generate().unwrap();
-    let (cert, key, bundle) = (
-        dir.join("ca.pem"),
-        dir.join("ca-key.pem"),
-        dir.join("bundle.pem"),
-    );
-    std::fs::write(&cert, ca.cert_pem()).unwrap();
-    std::fs::write(&key, ca.key_pem()).unwrap();
-    azure_emulator::tls::write_bundle(ca.cert_pem(), &bundle).unwrap();
-    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child_", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .env("SSL_CERT_FILE", &bundle)
-        .env("MICARM_CA_CERT", &cert)
-        .env("MICARM_CA_KEY", &key)
-        .env("MICARM_DIR", &dir)
-        .env_remove("AZURE_AUTHORITY_HOST")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .env_remove("all_proxy")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), child)
+    run_children_trusting_emulator_ca("child_", "MICARM", 2, Duration::from_secs(300))
         .await
-        .expect("children finished within 5 minutes")
-        .expect("child ran");
-    let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "children failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Every child test must have run and passed in the child process.
-    let ran = stdout
-        .lines()
-        .find(|l| l.starts_with("test result:"))
-        .unwrap_or_default();
-    assert!(
-        ran.contains("2 passed; 0 failed"),
-        "expected 2 child tests to pass:\n{stdout}"
-    );
+        .unwrap();
 }
 
 fn uai(rg: &str, name: &str) -> String {

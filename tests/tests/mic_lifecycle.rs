@@ -23,14 +23,16 @@ use aadpodid_api::{
     AzureIdentitySpec,
 };
 use aadpodid_runtime::Shutdown;
-use aadpodid_tests::{Cluster, TempNamespace, unique_name, wait_for};
+use aadpodid_tests::{
+    Cluster, TempNamespace, run_children_trusting_emulator_ca, unique_name, wait_for,
+};
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
 };
 use azure_emulator::faults::{Fault, FaultAction};
 use azure_emulator::observe::Service;
-use azure_emulator::{Config, Emulator, TestCa};
+use azure_emulator::{Config, Emulator};
 use clap::Parser as _;
 use k8s_openapi::api::core::v1::{Container, Node, NodeSpec, Pod, PodSpec};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
@@ -53,52 +55,9 @@ async fn mic_against_cluster_and_emulator() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    let dir = std::env::temp_dir().join(unique_name("mictest"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = TestCa::generate().unwrap();
-    let (cert, key, bundle) = (
-        dir.join("ca.pem"),
-        dir.join("ca-key.pem"),
-        dir.join("bundle.pem"),
-    );
-    std::fs::write(&cert, ca.cert_pem()).unwrap();
-    std::fs::write(&key, ca.key_pem()).unwrap();
-    azure_emulator::tls::write_bundle(ca.cert_pem(), &bundle).unwrap();
-    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child_", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .env("SSL_CERT_FILE", &bundle)
-        .env("MICTEST_CA_CERT", &cert)
-        .env("MICTEST_CA_KEY", &key)
-        .env("MICTEST_DIR", &dir)
-        .env_remove("AZURE_AUTHORITY_HOST")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .env_remove("all_proxy")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(900), child)
+    run_children_trusting_emulator_ca("child_", "MICTEST", 12, Duration::from_secs(900))
         .await
-        .expect("children finished within 15 minutes")
-        .expect("child ran");
-    let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}");
-    assert!(out.status.success(), "children failed:\n{stdout}\n{stderr}");
-    // Every child test must have run and passed in the child process.
-    let ran = stdout
-        .lines()
-        .find(|l| l.starts_with("test result:"))
-        .unwrap_or_default();
-    assert!(
-        ran.contains("12 passed; 0 failed"),
-        "expected 12 child tests to pass:\n{stdout}"
-    );
+        .unwrap();
 }
 
 /// One test's world: an emulator, a namespace, nodes, and MIC instances.

@@ -20,65 +20,21 @@ use azure_core::credentials::{Secret, TokenCredential};
 use azure_core::http::headers::HeaderName;
 use azure_core::http::policies::auth::BearerTokenAuthorizationPolicy;
 use azure_core::http::{ClientOptions, Context, Method, Pipeline, RawResponse, Request, Url};
-use azure_emulator::{Emulator, Fault, FaultAction, Service, TestCa};
+use azure_emulator::{Emulator, Fault, FaultAction, Service};
 use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
 use common::*;
 use serde_json::{Value, json};
 
-const CHILD_ENV: &str = "AZEMU_SDK_CHILD";
-
 #[tokio::test]
 async fn sdk_clients_against_the_emulator() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("azemu-sdk-{}", azure_emulator::ids::new_guid()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let ca = TestCa::generate().expect("CA");
-    let (cert, key, bundle) = (
-        dir.join("ca.pem"),
-        dir.join("ca-key.pem"),
-        dir.join("bundle.pem"),
-    );
-    std::fs::write(&cert, ca.cert_pem()).expect("write cert");
-    std::fs::write(&key, ca.key_pem()).expect("write key");
-    azure_emulator::tls::write_bundle(ca.cert_pem(), &bundle).expect("bundle");
-    let exe = std::env::current_exe().expect("test binary");
-    let child = tokio::process::Command::new(exe)
-        .args([
-            "child_sdk_round_trip",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .env("SSL_CERT_FILE", &bundle)
-        .env("AZEMU_CA_CERT", &cert)
-        .env("AZEMU_CA_KEY", &key)
-        // Keep the SDK away from any ambient credential or authority settings.
-        .env_remove("AZURE_AUTHORITY_HOST")
-        // Loopback only, never through a proxy.
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("ALL_PROXY")
-        .env_remove("all_proxy")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), child)
-        .await
-        .expect("child finished in 180 s")
-        .expect("child ran");
-    let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("1 passed"), "child ran its test:\n{stdout}");
+    aadpodid_tests::run_children_trusting_emulator_ca(
+        "child_sdk_round_trip",
+        "AZEMU_SDK",
+        1,
+        Duration::from_secs(180),
+    )
+    .await
+    .expect("the SDK round trip passes in a child process that trusts the emulator CA");
 }
 
 fn credential(emu: &Emulator, secret: &str) -> Arc<ClientSecretCredential> {
@@ -149,13 +105,13 @@ fn body_json(r: &RawResponse) -> Value {
 }
 
 #[tokio::test]
+#[ignore = "run by sdk_clients_against_the_emulator in a child process that trusts the emulator CA"]
 async fn child_sdk_round_trip() {
     let (Some(cert), Some(key)) = (
-        std::env::var_os("AZEMU_CA_CERT"),
-        std::env::var_os("AZEMU_CA_KEY"),
+        std::env::var_os("AZEMU_SDK_CA_CERT"),
+        std::env::var_os("AZEMU_SDK_CA_KEY"),
     ) else {
-        // Only meaningful when started by the parent test with SSL_CERT_FILE set.
-        return;
+        panic!("needs the environment sdk_clients_against_the_emulator sets; run that test");
     };
     let mut cfg = config();
     // 1000x: the 45 s scale-set write takes 45 ms of real time.
