@@ -27,12 +27,11 @@ use base64::Engine as _;
 use http::{Method, Request, StatusCode, Uri, header};
 use http_body_util::Full;
 use hyper::body::Bytes;
-use serde::Deserialize;
 
 use crate::http_client;
 use crate::response::Token;
 use crate::secret::Secret;
-use crate::token::TokenError;
+use crate::token::{TokenBody, TokenError};
 
 /// Upstream's default authority (`adEndpoint` empty).
 pub const DEFAULT_AD_ENDPOINT: &str = "https://login.microsoftonline.com/";
@@ -270,26 +269,6 @@ pub fn form_body(
     Secret::new(f.finish())
 }
 
-#[derive(Deserialize)]
-struct V1Body {
-    access_token: String,
-    #[serde(default)]
-    expires_on: Option<serde_json::Value>,
-    #[serde(default)]
-    expires_in: Option<serde_json::Value>,
-    #[serde(default)]
-    not_before: Option<serde_json::Value>,
-    #[serde(default)]
-    resource: Option<String>,
-    #[serde(default)]
-    token_type: Option<String>,
-}
-
-fn as_u64(v: &serde_json::Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
 /// AAD's answer as a [`Token`]: a non-200 is upstream's `TokenRefreshError`
 /// (403 to the pod, AAD's error text kept); a 200 without a token or expiry
 /// is unusable (503).
@@ -306,22 +285,9 @@ pub fn parse_token_response(
             body: String::from_utf8_lossy(body).chars().take(1024).collect(),
         });
     }
-    let b: V1Body = serde_json::from_slice(body)
+    let b: TokenBody = serde_json::from_slice(body)
         .map_err(|e| TokenError::Unavailable(format!("malformed AAD token response: {e}")))?;
-    let expires_on = b
-        .expires_on
-        .as_ref()
-        .and_then(as_u64)
-        .or_else(|| b.expires_in.as_ref().and_then(as_u64).map(|s| now + s))
-        .ok_or_else(|| TokenError::Unavailable("AAD token response without expiry".into()))?;
-    Ok(Token {
-        access_token: Secret::new(b.access_token),
-        expires_on,
-        not_before: b.not_before.as_ref().and_then(as_u64),
-        resource: b.resource.unwrap_or_else(|| resource.to_string()),
-        token_type: b.token_type.unwrap_or_else(|| "Bearer".into()),
-        client_id: client_id.to_string(),
-    })
+    b.into_token("AAD", resource, client_id.to_string(), now)
 }
 
 /// Reads a PEM bundle into a root store.

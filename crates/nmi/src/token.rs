@@ -96,9 +96,10 @@ const IMDS_TIMEOUT: Duration = Duration::from_secs(10);
 /// NMI's own api-version, as upstream's adal (statement 52).
 const IMDS_API_VERSION: &str = "2018-02-01";
 
-/// The 200 body of IMDS (numbers accepted as strings or numbers).
+/// A token body in the v1 shape that both IMDS and AAD's v1 endpoint answer
+/// (numbers accepted as strings or numbers).
 #[derive(Deserialize)]
-struct ImdsBody {
+pub(crate) struct TokenBody {
     access_token: String,
     #[serde(default)]
     expires_on: Option<serde_json::Value>,
@@ -112,6 +113,35 @@ struct ImdsBody {
     token_type: Option<String>,
     #[serde(default)]
     client_id: Option<String>,
+}
+
+impl TokenBody {
+    /// The [`Token`]: expiry from `expires_on`, else `now + expires_in`; a body
+    /// with neither is unusable. `source` names the server in that error.
+    pub(crate) fn into_token(
+        self,
+        source: &str,
+        resource: &str,
+        client_id: String,
+        now: u64,
+    ) -> Result<Token, TokenError> {
+        let expires_on = self
+            .expires_on
+            .as_ref()
+            .and_then(as_u64)
+            .or_else(|| self.expires_in.as_ref().and_then(as_u64).map(|s| now + s))
+            .ok_or_else(|| {
+                TokenError::Unavailable(format!("{source} token response without expiry"))
+            })?;
+        Ok(Token {
+            access_token: Secret::new(self.access_token),
+            expires_on,
+            not_before: self.not_before.as_ref().and_then(as_u64),
+            resource: self.resource.unwrap_or_else(|| resource.to_string()),
+            token_type: self.token_type.unwrap_or_else(|| "Bearer".into()),
+            client_id,
+        })
+    }
 }
 
 fn as_u64(v: &serde_json::Value) -> Option<u64> {
@@ -206,28 +236,14 @@ impl TokenSource for Imds {
                     .collect(),
             });
         }
-        let body: ImdsBody = serde_json::from_slice(resp.body())
+        let mut body: TokenBody = serde_json::from_slice(resp.body())
             .map_err(|e| TokenError::Unavailable(format!("malformed IMDS token response: {e}")))?;
-        let now = now_secs();
-        let expires_on = body
-            .expires_on
-            .as_ref()
-            .and_then(as_u64)
-            .or_else(|| body.expires_in.as_ref().and_then(as_u64).map(|s| now + s))
-            .ok_or_else(|| TokenError::Unavailable("IMDS token response without expiry".into()))?;
-        let client_id = match (body.client_id, identity) {
+        let client_id = match (body.client_id.take(), identity) {
             (Some(c), _) if !c.is_empty() => c,
             (_, ImdsIdentity::ClientId(c)) => c.clone(),
             (_, ImdsIdentity::ObjectId(_)) => jwt_appid(&body.access_token).unwrap_or_default(),
         };
-        Ok(Token {
-            access_token: Secret::new(body.access_token),
-            expires_on,
-            not_before: body.not_before.as_ref().and_then(as_u64),
-            resource: body.resource.unwrap_or_else(|| resource.to_string()),
-            token_type: body.token_type.unwrap_or_else(|| "Bearer".into()),
-            client_id,
-        })
+        body.into_token("IMDS", resource, client_id, now_secs())
     }
 }
 
