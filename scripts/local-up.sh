@@ -1,7 +1,27 @@
 #!/usr/bin/env bash
 # Runs the whole system locally on embedded defaults: test cluster, Azure
-# emulator, mic, nmi and a pod that gets a token.
+# emulator, mic (2 replicas), nmi (one per node, in network namespaces) and a
+# pod that gets a token through 169.254.169.254; then tears everything down.
+#
+# Needs root on Debian with Go, Rust and Python; installs the rest
+# (scripts/setup.sh). Extra arguments go to the demo, e.g. `--keep` to leave
+# everything running after the token step until Ctrl-C.
 set -euo pipefail
-echo "local-up: not yet available. The components land in issues #4 (Azure emulator)," >&2
-echo "#5 (mic) and #6 (nmi); issue #8 brings this one-command local run." >&2
-exit 2
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "local-up: needs root (it creates network namespaces and iptables rules inside them)" >&2
+  exit 1
+fi
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/aadpodid/target}
+
+echo "local-up: installing/building what is missing (fast when cached)" >&2
+AADPODID_CLUSTER_BIN=$(AADPODID_SETUP_DEMO_ONLY=1 bash scripts/setup.sh)
+export AADPODID_CLUSTER_BIN
+
+printf '\n== building the demo, mic and nmi (cargo; a few minutes the first time)\n' >&2
+cargo build -p aadpodid-tests --bin local-up --bin e2e-mic --bin e2e-nmi --locked
+
+printf '\n== running the demo\n\n' >&2
+exec "$CARGO_TARGET_DIR/debug/local-up" "$@"

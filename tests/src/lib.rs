@@ -16,6 +16,9 @@
 //! test binaries one after another, so each binary gets its own cluster and they
 //! never overlap. Tests isolate themselves with [`Cluster::temp_namespace`].
 //!
+//! A failure test that stops and restarts the kube-apiserver takes a cluster of
+//! its own instead: [`PrivateCluster::start`].
+//!
 //! Each test runs on its own Tokio runtime, and a `kube::Client` belongs to the
 //! runtime that made it, so tests ask for a new client ([`Cluster::admin_client`])
 //! rather than sharing one.
@@ -28,7 +31,11 @@
 //! The binaries come from `tests/cluster/build.sh` (Go modules, cached under
 //! `$HOME/.cache/aadpodid/cluster`), or from `$AADPODID_CLUSTER_BIN` when set.
 
+pub mod bench;
+pub mod e2e;
+pub mod helm;
 pub mod netns;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -61,7 +68,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// A running etcd + kube-apiserver with RBAC on.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Cluster {
     dir: PathBuf,
     server: String,
@@ -201,6 +208,179 @@ impl Cluster {
             name,
             kubectl: self.kubectl(),
         })
+    }
+}
+
+/// A cluster of its own for one test, whose kube-apiserver can be stopped and
+/// started again on the same etcd and port (for failure tests). Everything of
+/// [`Cluster`] works on it through `Deref`. Its processes run until the guard
+/// drops (and die with the test process in any case); its folder is removed then.
+///
+/// ```no_run
+/// # async fn demo() -> anyhow::Result<()> {
+/// let cluster = aadpodid_tests::PrivateCluster::start().await?;
+/// cluster.stop_apiserver().await?;
+/// cluster.start_apiserver().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct PrivateCluster {
+    cluster: Cluster,
+    keeper: Option<std::sync::mpsc::Sender<KeeperCommand>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type Reply = tokio::sync::oneshot::Sender<anyhow::Result<()>>;
+
+#[derive(Debug)]
+enum KeeperCommand {
+    StopApiServer(Reply),
+    StartApiServer(Reply),
+}
+
+impl PrivateCluster {
+    /// Starts etcd and kube-apiserver (RBAC on, CRDs installed and
+    /// Established) from a thread of their own; the calling runtime is not blocked.
+    pub async fn start() -> anyhow::Result<PrivateCluster> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        remove_stale_dirs();
+        let dir = std::env::temp_dir().join(format!(
+            "{DIR_PREFIX}{}-private-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = std::sync::mpsc::channel::<KeeperCommand>();
+        let thread = std::thread::Builder::new()
+            .name("private-cluster".into())
+            .spawn(move || keep_private(dir, started_tx, rx))?;
+        let cluster = match started_rx.await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => bail!("private cluster thread ended without an answer"),
+        };
+        Ok(PrivateCluster {
+            cluster,
+            keeper: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The cluster (also reachable through `Deref`).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Kills the kube-apiserver (SIGKILL, as a crash would) and waits until it
+    /// is gone; etcd keeps running. Does nothing when it is already stopped.
+    pub async fn stop_apiserver(&self) -> anyhow::Result<()> {
+        self.ask(KeeperCommand::StopApiServer).await
+    }
+
+    /// Starts the kube-apiserver again with the same flags, etcd and port,
+    /// and waits until `/readyz` says `ok`. Does nothing when it runs.
+    pub async fn start_apiserver(&self) -> anyhow::Result<()> {
+        self.ask(KeeperCommand::StartApiServer).await
+    }
+
+    async fn ask(&self, command: fn(Reply) -> KeeperCommand) -> anyhow::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.keeper
+            .as_ref()
+            .context("private cluster stopped")?
+            .send(command(tx))
+            .map_err(|_| anyhow::anyhow!("private cluster thread is gone"))?;
+        rx.await
+            .context("private cluster thread ended without an answer")?
+    }
+}
+
+impl std::ops::Deref for PrivateCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        // Closing the channel makes the thread kill its processes and end.
+        self.keeper.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.cluster.dir);
+    }
+}
+
+/// The thread of a [`PrivateCluster`]: starts it, then serves commands until
+/// the guard drops, then kills its processes.
+fn keep_private(
+    dir: PathBuf,
+    started: tokio::sync::oneshot::Sender<anyhow::Result<Cluster>>,
+    commands: std::sync::mpsc::Receiver<KeeperCommand>,
+) {
+    let mut children = Vec::new();
+    let booted = boot(dir, &mut children);
+    let kill_all = |children: &mut Vec<Child>| {
+        for mut c in children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    };
+    let (own, spec) = match booted {
+        Ok(b) => b,
+        Err(e) => {
+            kill_all(&mut children);
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    if started.send(Ok(own.clone())).is_err() {
+        kill_all(&mut children);
+        return;
+    }
+    // children[0] is etcd; the apiserver is the last one while it runs.
+    let mut etcd = children.remove(0);
+    let mut apiserver = children.pop();
+    while let Ok(command) = commands.recv() {
+        match command {
+            KeeperCommand::StopApiServer(reply) => {
+                let result = match apiserver.take() {
+                    Some(mut c) => c
+                        .kill()
+                        .and_then(|()| c.wait().map(drop))
+                        .context("stop kube-apiserver"),
+                    None => Ok(()),
+                };
+                let _ = reply.send(result);
+            }
+            KeeperCommand::StartApiServer(reply) => {
+                let result = match apiserver {
+                    Some(_) => Ok(()),
+                    None => spec.spawn().and_then(|c| {
+                        let mut running = vec![c];
+                        let ready = wait_ready(&own, &mut running, START_TIMEOUT);
+                        apiserver = running.pop();
+                        ready
+                    }),
+                };
+                let _ = reply.send(result);
+            }
+        }
+        if let Ok(Some(status)) = etcd.try_wait() {
+            eprintln!("private cluster: etcd exited ({status})");
+        }
+    }
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+    if let Some(mut c) = apiserver {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
@@ -539,8 +719,94 @@ fn start_on_keeper_thread() -> anyhow::Result<Cluster> {
 
 fn start(children: &mut Vec<Child>) -> anyhow::Result<Cluster> {
     remove_stale_dirs();
-    let bin = cluster_bin()?;
     let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
+    boot(dir, children).map(|(cluster, _)| cluster)
+}
+
+/// How the kube-apiserver of a cluster is started, so it can be started again
+/// on the same etcd and port.
+#[derive(Debug, Clone)]
+struct ApiServerSpec {
+    bin: PathBuf,
+    dir: PathBuf,
+    etcd_url: String,
+    port: u16,
+}
+
+impl ApiServerSpec {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let d = |f: &str| self.dir.join(f).display().to_string();
+        // Appended, so the log of an earlier run stays readable after a restart.
+        let api_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("kube-apiserver.log"))?;
+        keeper_command(&self.bin.join("kube-apiserver"))
+            .arg(format!("--etcd-servers={}", self.etcd_url))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            // The endpoint reconciler refuses a loopback address; nothing here
+            // reaches the apiserver through the `kubernetes` Service anyway.
+            .arg("--endpoint-reconciler-type=none")
+            .arg(format!("--secure-port={}", self.port))
+            .arg(format!("--cert-dir={}", d("certs")))
+            .arg(format!("--tls-cert-file={}", d("server.crt")))
+            .arg(format!("--tls-private-key-file={}", d("server.key")))
+            .arg(format!("--client-ca-file={}", d("ca.crt")))
+            .arg("--authorization-mode=RBAC")
+            .arg("--anonymous-auth=false")
+            .arg(format!("--service-account-key-file={}", d("sa.pub")))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d("sa.key")
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg("--api-audiences=https://kubernetes.default.svc.cluster.local")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            // No kube-controller-manager runs, so nothing creates the `default`
+            // ServiceAccount of a namespace; without this, every pod would be refused.
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--allow-privileged=true")
+            .arg("--v=1")
+            .stdout(api_log.try_clone()?)
+            .stderr(api_log)
+            .spawn()
+            .context("start kube-apiserver")
+    }
+}
+
+/// Polls `/readyz` until it says `ok`, failing early when one of `children`
+/// exits, for at most `timeout`.
+fn wait_ready(cluster: &Cluster, children: &mut [Child], timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for c in children.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!(
+                    "a cluster process exited ({status}); logs in {}",
+                    cluster.dir.display()
+                );
+            }
+        }
+        let out = cluster.kubectl_run(&["get", "--raw", "/readyz"], None)?;
+        if out.success && out.stdout.trim() == "ok" {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "kube-apiserver not ready after {timeout:?}: {}; logs in {}",
+                out.stderr.trim(),
+                cluster.dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Creates `dir`, starts etcd and kube-apiserver in it (pushed to `children`
+/// in that order), waits until ready and installs the CRDs.
+fn boot(dir: PathBuf, children: &mut Vec<Child>) -> anyhow::Result<(Cluster, ApiServerSpec)> {
+    let bin = cluster_bin()?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     make_certs(&dir)?;
@@ -565,42 +831,15 @@ fn start(children: &mut Vec<Child>) -> anyhow::Result<Cluster> {
             .context("start etcd")?,
     );
 
-    let d = |f: &str| dir.join(f).display().to_string();
-    let api_log = std::fs::File::create(dir.join("kube-apiserver.log"))?;
-    children.push(
-        keeper_command(&bin.join("kube-apiserver"))
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            // The endpoint reconciler refuses a loopback address; nothing here
-            // reaches the apiserver through the `kubernetes` Service anyway.
-            .arg("--endpoint-reconciler-type=none")
-            .arg(format!("--secure-port={api_port}"))
-            .arg(format!("--cert-dir={}", d("certs")))
-            .arg(format!("--tls-cert-file={}", d("server.crt")))
-            .arg(format!("--tls-private-key-file={}", d("server.key")))
-            .arg(format!("--client-ca-file={}", d("ca.crt")))
-            .arg("--authorization-mode=RBAC")
-            .arg("--anonymous-auth=false")
-            .arg(format!("--service-account-key-file={}", d("sa.pub")))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                d("sa.key")
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg("--api-audiences=https://kubernetes.default.svc.cluster.local")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            // No kube-controller-manager runs, so nothing creates the `default`
-            // ServiceAccount of a namespace; without this, every pod would be refused.
-            .arg("--disable-admission-plugins=ServiceAccount")
-            .arg("--allow-privileged=true")
-            .arg("--v=1")
-            .stdout(api_log.try_clone()?)
-            .stderr(api_log)
-            .spawn()
-            .context("start kube-apiserver")?,
-    );
+    let api = ApiServerSpec {
+        bin: bin.clone(),
+        dir: dir.clone(),
+        etcd_url,
+        port: api_port,
+    };
+    children.push(api.spawn()?);
 
+    let d = |f: &str| dir.join(f).display().to_string();
     let server = format!("https://127.0.0.1:{api_port}");
     let kubeconfig = dir.join("admin.kubeconfig");
     std::fs::write(
@@ -624,29 +863,7 @@ fn start(children: &mut Vec<Child>) -> anyhow::Result<Cluster> {
         dir,
     };
 
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        for c in children.iter_mut() {
-            if let Some(status) = c.try_wait()? {
-                bail!(
-                    "a cluster process exited ({status}); logs in {}",
-                    cluster.dir.display()
-                );
-            }
-        }
-        let out = cluster.kubectl_run(&["get", "--raw", "/readyz"], None)?;
-        if out.success && out.stdout.trim() == "ok" {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "kube-apiserver not ready after {START_TIMEOUT:?}: {}; logs in {}",
-                out.stderr.trim(),
-                cluster.dir.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_ready(&cluster, children, START_TIMEOUT)?;
 
     let crds = repo_root().join("crds");
     let crds = crds.to_string_lossy();
@@ -667,7 +884,7 @@ fn start(children: &mut Vec<Child>) -> anyhow::Result<Cluster> {
     if !out.success {
         bail!("CRDs not Established: {}", out.stderr);
     }
-    Ok(cluster)
+    Ok((cluster, api))
 }
 
 /// A command wrapped so the process gets SIGKILL when the thread that started it ends.
@@ -810,7 +1027,12 @@ fn remove_stale_dirs() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+        // `<pid>` (the shared cluster) or `<pid>-private-<n>` (a private one).
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+        else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {

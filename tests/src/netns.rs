@@ -8,9 +8,10 @@
 //!
 //! Needs root and iproute2's `ip`. Layout follows shared/research/netns-recipe.md.
 
-use std::net::Ipv4Addr;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, bail};
@@ -121,14 +122,22 @@ pub const NODE_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 impl Node {
     /// Creates the node and `pods` pod namespaces (at most 200).
     pub fn with_pods(pods: u8) -> anyhow::Result<Self> {
+        Self::with_pods_in(pods, 0)
+    }
+
+    /// Like [`Node::with_pods`], with the pods in `10.244.<subnet>.0/24`
+    /// (gateway `10.244.<subnet>.1`), so several test nodes of one cluster
+    /// give their pods different addresses, as a real pod CIDR per node does.
+    pub fn with_pods_in(pods: u8, subnet: u8) -> anyhow::Result<Self> {
         if pods > 200 {
             bail!("at most 200 pods per test node");
         }
+        let gateway = Ipv4Addr::new(10, 244, subnet, 1);
         let node = NetNs::new("node")?;
         let mut out = Vec::with_capacity(usize::from(pods));
         for i in 0..pods {
             let pod = NetNs::new("pod")?;
-            let addr = Ipv4Addr::new(10, 244, 0, 10 + i);
+            let addr = Ipv4Addr::new(10, 244, subnet, 10 + i);
             let host_end = format!("veth{i}");
             // Both ends are created inside test namespaces: the root namespace
             // never sees them.
@@ -151,17 +160,11 @@ impl Node {
             // Point-to-point pod links, as Calico sets them up: the node's end
             // carries the gateway address on every link, each pod has a /32 and a
             // default route through the gateway.
-            node.ip(&[
-                "addr",
-                "add",
-                &format!("{NODE_POD_GATEWAY}/32"),
-                "dev",
-                &host_end,
-            ])?;
+            node.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_end])?;
             node.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_end])?;
             pod.ip(&["link", "set", "eth0", "up"])?;
             pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
-            let gw = NODE_POD_GATEWAY.to_string();
+            let gw = gateway.to_string();
             pod.ip(&[
                 "route", "add", "default", "via", &gw, "dev", "eth0", "onlink",
             ])?;
@@ -170,6 +173,183 @@ impl Node {
         node.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?;
         Ok(Node { node, pods: out })
     }
+}
+
+/// The node's IPv6 address on every pod link (see [`Node::add_ipv6`]).
+pub const NODE_POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1);
+
+impl Node {
+    /// Gives pod `i` the IPv6 address `fd00:10:244::(10+i)/128` next to its
+    /// IPv4 one, with a default IPv6 route through the node's end of its
+    /// link (`fd00:10:244::1`). Addresses skip duplicate-address detection so
+    /// they are usable at once. Returns the pod's IPv6 address.
+    pub fn add_ipv6(&self, i: usize) -> anyhow::Result<Ipv6Addr> {
+        let Some((pod, _)) = self.pods.get(i) else {
+            bail!("no pod {i}");
+        };
+        let n = u16::try_from(10 + i).context("pod index")?;
+        let addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, n);
+        let host_end = format!("veth{i}");
+        let gw = NODE_POD_GATEWAY_V6.to_string();
+        self.node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{gw}/128"),
+            "dev",
+            &host_end,
+            "nodad",
+        ])?;
+        self.node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            &host_end,
+        ])?;
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        pod.ip(&[
+            "-6", "route", "add", "default", "via", &gw, "dev", "eth0", "onlink",
+        ])?;
+        Ok(addr)
+    }
+}
+
+/// A Python relay run inside a namespace: each `host:port=path` spec
+/// listens on `host:port` there and carries every connection to the Unix
+/// socket at `path`.
+const UNIX_RELAY: &str = r#"
+import asyncio, sys
+async def pipe(r, w):
+    try:
+        while True:
+            d = await r.read(65536)
+            if not d:
+                break
+            w.write(d)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        try:
+            w.close()
+        except Exception:
+            pass
+async def main():
+    servers = []
+    for spec in sys.argv[1:]:
+        hostport, path = spec.split('=')
+        host, port = hostport.rsplit(':', 1)
+        async def handle(r, w, path=path):
+            try:
+                ur, uw = await asyncio.open_unix_connection(path)
+            except Exception:
+                w.close()
+                return
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        servers.append(await asyncio.start_server(handle, host, int(port)))
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"#;
+
+impl NetNs {
+    /// Makes `listen` (an address inside this namespace) reach `target` (a
+    /// loopback address of the calling process's namespace) through a Unix
+    /// socket under `dir`: Unix sockets are not network-namespaced, so
+    /// nothing is added to either namespace's routing. Returns the relay
+    /// process, listening when this returns; it dies with the calling thread.
+    pub async fn relay_to(
+        &self,
+        listen: SocketAddr,
+        target: SocketAddr,
+        dir: &Path,
+    ) -> anyhow::Result<Child> {
+        let sock = dir.join(format!("relay-{}.sock", listen.port()));
+        unix_to_tcp(sock.clone(), target).await?;
+        let mut relay = self
+            .command("python3")
+            .arg("-c")
+            .arg(UNIX_RELAY)
+            .arg(format!("{listen}={}", sock.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the relay")?;
+        read_until_ready(&mut relay, "relay")?;
+        Ok(relay)
+    }
+}
+
+impl NetNs {
+    /// [`NetNs::relay_to`] for several addresses with one relay process:
+    /// each `(listen, target)` pair makes `listen` inside this namespace
+    /// reach `target` on the calling process's loopback, through a Unix
+    /// socket under `dir` (one folder per namespace, so socket names of
+    /// different namespaces never meet).
+    pub async fn relay_many(
+        &self,
+        pairs: &[(SocketAddr, SocketAddr)],
+        dir: &Path,
+    ) -> anyhow::Result<Child> {
+        let mut cmd = self.command("python3");
+        cmd.arg("-c").arg(UNIX_RELAY);
+        for (i, (listen, target)) in pairs.iter().enumerate() {
+            let sock = dir.join(format!("relay-{i}.sock"));
+            unix_to_tcp(sock.clone(), *target).await?;
+            cmd.arg(format!("{listen}={}", sock.display()));
+        }
+        let mut relay = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the relay")?;
+        read_until_ready(&mut relay, "relay")?;
+        Ok(relay)
+    }
+}
+
+/// Forwards connections on a Unix socket at `path` to `target`.
+async fn unix_to_tcp(path: PathBuf, target: SocketAddr) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("bind {}", path.display()))?;
+    tokio::spawn(async move {
+        while let Ok((mut unix, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Reads `child`'s stdout lines until one ends with `READY` (libtest may
+/// print `test NAME ... ` before it on the same line); returns the lines
+/// before it. Bounded: at most 50 lines, or until the child exits.
+pub fn read_until_ready(child: &mut Child, what: &str) -> anyhow::Result<Vec<String>> {
+    use std::io::BufRead;
+    let out = child.stdout.take().context("stdout not piped")?;
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(out).lines().take(50) {
+        let line = line?;
+        if line.trim().ends_with("READY") {
+            return Ok(lines);
+        }
+        lines.push(line);
+    }
+    bail!("{what} did not start: {lines:?}")
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {

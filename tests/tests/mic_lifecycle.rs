@@ -55,7 +55,7 @@ async fn mic_against_cluster_and_emulator() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    run_children_trusting_emulator_ca("child_", "MICTEST", 12, Duration::from_secs(900))
+    run_children_trusting_emulator_ca("child_", "MICTEST", 13, Duration::from_secs(900))
         .await
         .unwrap();
 }
@@ -723,6 +723,108 @@ async fn child_invalid_identity_does_not_hold_back_valid_ones() {
     w.pod("web", "inv-sel", &w.nodes[0]).await;
     w.wait_assigned(&w.aai_name("web", "app-id")).await;
     assert!(w.on_vmss("app-id"));
+    let ghost = w
+        .aai(&w.aai_name("web", "ghost"))
+        .await
+        .expect("ghost AAI exists");
+    assert_eq!(ghost.status.map(|s| s.status), Some("Created".into()));
+
+    mic.stop().await;
+    w.cleanup().await;
+}
+
+/// The e2e 429-storm scenario in small: the scale set's first reads and
+/// writes are throttled, then the first PATCH that gets through carries an
+/// identity the tenant does not have among valid ones and is refused
+/// (FailedIdentityOperation). The write budget spaces PATCHes 15 s apart,
+/// longer than the refused identity's first back-off, which used to put it
+/// back into the next PATCH with the valid ones (refused again, and again).
+/// Now the very next PATCH leaves it out and the valid identities land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_invalid_identity_after_a_throttle_storm_does_not_hold_back_valid_ones() {
+    // The emulator's own buckets are off, so MIC's mirror alone spaces the
+    // writes: 3 at once (2 throttled, 1 refused), then one per 15 s.
+    let Some(w) = World::new_with("qstorm", |cfg| cfg.throttle.enabled = false).await else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    let mic = w
+        .start_mic_with(w.settings_with(
+            "mic-qstorm",
+            &[
+                "--arm-resource-write-burst=3",
+                "--arm-resource-writes-per-minute=4",
+            ],
+            None,
+        ))
+        .await;
+    let storm = |method: &str| {
+        Fault::new(
+            Service::Arm,
+            FaultAction::Status {
+                status: 429,
+                retry_after: Some(1),
+            },
+        )
+        .method(method)
+        .path_contains(&w.vmss)
+        .times(2)
+    };
+    w.emu.inject(storm("GET"));
+    w.emu.inject(storm("PATCH"));
+    w.identity(
+        "ghost",
+        &uai(APP_RG, "ghost"),
+        "c0000000-0000-4000-8000-0000000000fe",
+    )
+    .await;
+    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+        .await;
+    w.identity(
+        "app-2",
+        &uai(APP_RG, "app-2"),
+        "c0000000-0000-4000-8000-000000000002",
+    )
+    .await;
+    for (b, id) in [
+        ("b-ghost", "ghost"),
+        ("b-app", "app-id"),
+        ("b-app2", "app-2"),
+    ] {
+        w.binding(b, id, "qstorm-sel").await;
+    }
+    w.pod("web", "qstorm-sel", &w.nodes[0]).await;
+    w.wait_assigned(&w.aai_name("web", "app-id")).await;
+    w.wait_assigned(&w.aai_name("web", "app-2")).await;
+    assert!(w.on_vmss("app-id") && w.on_vmss("app-2"));
+    assert!(!w.on_vmss("ghost"));
+
+    // Answers to this scale set's PATCHes, in order: the storm's 429s, the
+    // refusal (400), then the PATCH that landed the valid identities (200).
+    let path = format!("/virtualmachinescalesets/{}?", w.vmss.to_lowercase());
+    let answers: Vec<u16> = w
+        .emu
+        .requests(0)
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.uri.to_lowercase().contains(&path))
+        .map(|r| r.status)
+        .collect();
+    println!("qstorm: PATCH answers {answers:?}");
+    assert_eq!(w.emu.counters().faults_fired, 4, "the whole storm was met");
+    let after_storm: Vec<u16> = answers.iter().copied().filter(|s| *s != 429).collect();
+    assert_eq!(
+        after_storm.first(),
+        Some(&400),
+        "the first PATCH through carried the ghost: {answers:?}"
+    );
+    // The very next PATCH leaves the refused identity out and lands; before
+    // the fix it carried the ghost again (400) until its back-off outgrew
+    // the budget's spacing.
+    assert_eq!(
+        after_storm.get(1),
+        Some(&200),
+        "the next PATCH landed the valid identities: {answers:?}"
+    );
     let ghost = w
         .aai(&w.aai_name("web", "ghost"))
         .await

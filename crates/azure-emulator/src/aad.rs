@@ -167,6 +167,7 @@ async fn handle(s: &Shared, req: Request<Incoming>, base: &str) -> Resp {
         status,
         at_ms: s.clock.now().as_millis() as u64,
         machine: None,
+        peer: None,
     });
     resp
 }
@@ -621,6 +622,7 @@ fn scope_resource(scope: &str) -> Result<String, AadError> {
 pub(crate) fn resource_known(s: &Shared, resource: &str) -> bool {
     let norm = |x: &str| x.trim_end_matches('/').to_ascii_lowercase();
     s.cfg.aad.any_resource
+        || norm(&s.arm_url) == norm(resource)
         || s.cfg
             .aad
             .resources

@@ -135,6 +135,7 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Resp {
         status,
         at_ms: s.clock.now().as_millis() as u64,
         machine: None,
+        peer: None,
     });
     resp
 }

@@ -90,10 +90,10 @@ pub(crate) fn handler(shared: Arc<Shared>, machine: Machine) -> HandlerFn {
         token_window: Mutex::new(VecDeque::new()),
         other_window: Mutex::new(VecDeque::new()),
     });
-    Arc::new(move |req, _peer| {
+    Arc::new(move |req, peer| {
         let s = shared.clone();
         let c = ctx.clone();
-        Box::pin(async move { handle(&s, &c, req).await })
+        Box::pin(async move { handle(&s, &c, req, peer).await })
     })
 }
 
@@ -147,7 +147,7 @@ fn throttled() -> (u16, Resp) {
     )
 }
 
-async fn handle(s: &Shared, ctx: &Ctx, req: Request<Incoming>) -> Resp {
+async fn handle(s: &Shared, ctx: &Ctx, req: Request<Incoming>, peer: std::net::SocketAddr) -> Resp {
     let method = req.method().to_string();
     let uri = req.uri().to_string();
     let path = req.uri().path().trim_end_matches('/').to_string();
@@ -171,6 +171,7 @@ async fn handle(s: &Shared, ctx: &Ctx, req: Request<Incoming>) -> Resp {
         status,
         at_ms: s.clock.now().as_millis() as u64,
         machine: Some(label),
+        peer: Some(peer.ip().to_canonical().to_string()),
     });
     resp
 }
@@ -232,7 +233,7 @@ async fn dispatch(
     } else {
         None
     };
-    if let Some((status, _)) = s
+    if let Some((status, retry_after)) = s
         .fault_gate(
             Service::Imds,
             req.method().as_str(),
@@ -241,7 +242,15 @@ async fn dispatch(
         )
         .await
     {
-        return fault_body(status);
+        let (status, mut resp) = fault_body(status);
+        // An injected fault's `retryAfter` is sent as given (clients that
+        // honour it are tested against it).
+        if let Some(secs) = retry_after
+            && let Ok(v) = hyper::header::HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+        }
+        return (status, resp);
     }
     let query = req.uri().query().unwrap_or("").to_string();
     let pairs = form_pairs(&query);

@@ -116,6 +116,10 @@ pub(crate) struct Shared {
     pub clock: Clock,
     pub state: Mutex<State>,
     pub signer: Arc<Signer>,
+    /// `https://<ARM address>`. ARM also accepts tokens for its own base URL,
+    /// as a custom cloud's does: upstream aad-pod-identity asks AAD for its
+    /// environment's `ResourceManagerEndpoint` (`pkg/cloudprovider`).
+    pub arm_url: String,
     /// Verification keys of workload-identity issuers, by exact issuer URL.
     pub issuer_keys: Mutex<BTreeMap<String, Vec<jwt::VerifyKey>>>,
     pub buckets: Mutex<throttle::Buckets>,
@@ -204,7 +208,10 @@ impl Shared {
             ))
         })?;
         let aud = parsed.claim_str("aud").unwrap_or("").to_string();
-        if !ARM_AUDIENCES.contains(&aud.trim_end_matches('/')) {
+        let own = aud
+            .trim_end_matches('/')
+            .eq_ignore_ascii_case(self.arm_url.trim_end_matches('/'));
+        if !own && !ARM_AUDIENCES.contains(&aud.trim_end_matches('/')) {
             return Err(challenge(ArmError::new(
                 401,
                 "InvalidAuthenticationTokenAudience",
@@ -366,6 +373,7 @@ impl Emulator {
             clock,
             state: Mutex::new(state),
             signer: Signer::shared()?,
+            arm_url: format!("https://{arm_addr}"),
             issuer_keys: Mutex::new(issuer_keys),
             buckets: Mutex::new(throttle::Buckets::default()),
             faults: faults::Faults::default(),

@@ -66,6 +66,10 @@ pub struct RequestRecord {
     /// IMDS: the machine the listener stands for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// IMDS: the caller's address as the listener saw it (tests check that
+    /// no pod reached IMDS directly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 #[derive(Debug)]

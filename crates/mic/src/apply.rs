@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::cloud::{Cloud, CloudError, ResourceKind, ResourceRef, identity_patches};
+use crate::cloud::{ArmError, Cloud, CloudError, ResourceKind, ResourceRef, identity_patches};
 use crate::events::{self, Events};
 use crate::index::{Index, Key};
 use crate::metrics::{self, Metrics};
@@ -170,6 +170,9 @@ impl<C: Cloud> Executor<C> {
         if let Some(header) = self.cloud.take_remaining(r) {
             budget.observe_remaining(r, &header, now);
         }
+        if let Some(n) = self.cloud.take_remaining_subscription_writes() {
+            budget.observe_subscription_writes(n, now);
+        }
         if let Some(after) = error.and_then(CloudError::retry_after) {
             budget.observe_retry_after(r, after, now);
         }
@@ -274,15 +277,20 @@ impl<C: Cloud> Executor<C> {
             }
         }
 
-        // 2. No ARM work needed.
+        // 2. No ARM work needed. A write the apiserver did not take (it may
+        // be restarting) is tried again: no watch event would bring it back.
         for key in &plan.assign_now {
-            if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) {
-                self.mark_assigned(aai).await?;
+            if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key))
+                && !self.mark_assigned(aai).await?
+            {
+                outcome.retry(Instant::now() + FAILURE_RETRY);
             }
         }
         for key in &plan.delete_now {
-            if let Some(aai) = aais.get(key) {
-                self.delete(aai).await?;
+            if let Some(aai) = aais.get(key)
+                && !self.delete(aai).await?
+            {
+                outcome.retry(Instant::now() + FAILURE_RETRY);
             }
         }
 
@@ -342,6 +350,11 @@ impl<C: Cloud> Executor<C> {
     ) -> Result<crate::cloud::ResourceIdentity, (CloudError, Instant)> {
         let start = std::time::Instant::now();
         let res = self.cloud.get_identities(r).await;
+        // A GET answer may carry the resource's bucket counts too.
+        if let Some(header) = self.cloud.take_remaining(r) {
+            let now = self.budget_now();
+            lock(&self.budget).observe_remaining(r, &header, now);
+        }
         self.metrics
             .cloud_provider_operations_duration_seconds
             .with_label_values(&[op_label(r, false)])
@@ -350,15 +363,6 @@ impl<C: Cloud> Executor<C> {
             let at = self.note_error(r, &e, false);
             (e, at)
         })
-    }
-
-    fn quarantined(&self) -> BTreeSet<String> {
-        let now = Instant::now();
-        lock(&self.quarantine)
-            .iter()
-            .filter(|(_, (t, _))| *t > now)
-            .map(|(id, _)| id.clone())
-            .collect()
     }
 
     fn quarantine(&self, ids: &BTreeSet<String>) -> Instant {
@@ -397,10 +401,16 @@ impl<C: Cloud> Executor<C> {
                 return Ok(Some(at));
             }
         };
-        let quarantined = self.quarantined();
-        let mut add: BTreeSet<String> = w.add.difference(&quarantined).cloned().collect();
-        if add.len() < w.add.len() {
-            retry_at = lock(&self.quarantine).values().map(|(t, _)| *t).min();
+        // An identity ARM refused stays out of the batch until a PATCH of its
+        // own lands; once its back-off is over it is retried alone, after
+        // the batch (beyond upstream, #1139). Wall-clock back-off alone is
+        // not enough: when the write budget spaces PATCHes further apart than
+        // the back-off, the refused identity would ride again with the
+        // others and hold them back.
+        let split = split_quarantined(&w.add, &lock(&self.quarantine), Instant::now());
+        let quarantined = split.quarantined;
+        if let Some(at) = split.next_probe {
+            retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
         }
         let remove = w.remove.clone();
         let mut refused: BTreeSet<String> = BTreeSet::new();
@@ -410,26 +420,44 @@ impl<C: Cloud> Executor<C> {
             // §9 statement 22: never PATCH a resource being deleted.
             tracing::warn!(resource = %r, "{}", CloudError::ResourceDeleting { resource: r.clone() });
         } else {
-            let mut attempts = 0;
-            loop {
-                let patches = identity_patches(&patch_basis(&current, &add), &add, &remove);
+            // Work queue of add groups: the batch first (carrying the
+            // removes), then each due quarantined identity alone. A group ARM
+            // refuses loses the identities the error names; a refusal naming
+            // none is split in halves until the culprit stands alone.
+            let mut groups: std::collections::VecDeque<Group> = std::collections::VecDeque::new();
+            groups.push_back(Group {
+                add: split.batch,
+                removes: true,
+                probe: false,
+            });
+            for id in split.probes {
+                groups.push_back(Group {
+                    add: BTreeSet::from([id]),
+                    removes: false,
+                    probe: true,
+                });
+            }
+            let mut failures = 0u32;
+            let no_removes = BTreeSet::new();
+            'groups: while let Some(group) = groups.pop_front() {
+                let remove_now = if group.removes { &remove } else { &no_removes };
+                let patches =
+                    identity_patches(&patch_basis(&current, &group.add), &group.add, remove_now);
                 if patches.is_empty() {
-                    break;
+                    continue;
                 }
                 self.check_leader()?;
                 let mut error = None;
-                let mut sent = 0;
                 for patch in &patches {
                     // Within the mirrored budget only; what waits is folded
                     // into the next PATCH of this resource.
                     if let Err(at) = self.acquire_write(r) {
                         retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
                         deferred = true;
-                        break;
+                        break 'groups;
                     }
                     let start = std::time::Instant::now();
                     let res = self.cloud.update_identities(r, patch).await;
-                    sent += 1;
                     wrote = true;
                     self.metrics
                         .cloud_provider_operations_duration_seconds
@@ -441,31 +469,52 @@ impl<C: Cloud> Executor<C> {
                         break;
                     }
                 }
-                if deferred && sent == 0 {
-                    break;
-                }
                 let Some(e) = error else {
-                    break;
+                    continue;
                 };
                 let at = self.note_error(r, &e, true);
                 tracing::warn!(resource = %r, error = %e, "updating identities");
-                let named: BTreeSet<String> = e
-                    .arm()
-                    .filter(|a| a.is_identity_failure())
-                    .map(|a| a.named_identity_ids())
-                    .unwrap_or_default()
-                    .intersection(&add)
-                    .cloned()
-                    .collect();
                 retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
-                if named.is_empty() || attempts >= self.opts.max_retry {
+                let decision = on_refusal(&group.add, e.arm());
+                if let Refusal::Quarantine(ids) = &decision {
+                    // Taken out whatever the retry budget says: the next PATCH
+                    // of this resource goes without them.
+                    retry_at = Some(self.quarantine(ids).min(retry_at.unwrap_or(at)));
+                    refused.extend(ids.iter().cloned());
+                }
+                failures += 1;
+                // Upstream's retry bound (--update-user-msi-max-retry), plus
+                // the halvings a refusal that names no identity needs.
+                let bound = self.opts.max_retry + bisect_steps(group.add.len());
+                if failures > bound {
                     break;
                 }
-                // Take the refused identities out and retry the rest alone.
-                retry_at = Some(self.quarantine(&named).min(retry_at.unwrap_or(at)));
-                refused.extend(named.iter().cloned());
-                add.retain(|id| !named.contains(id));
-                attempts += 1;
+                match decision {
+                    Refusal::Stop => break,
+                    Refusal::Quarantine(ids) => {
+                        let rest: BTreeSet<String> = group.add.difference(&ids).cloned().collect();
+                        if group.probe || (rest.is_empty() && !group.removes) {
+                            continue;
+                        }
+                        groups.push_front(Group {
+                            add: rest,
+                            removes: group.removes,
+                            probe: false,
+                        });
+                    }
+                    Refusal::Split(first, second) => {
+                        groups.push_front(Group {
+                            add: second,
+                            removes: false,
+                            probe: false,
+                        });
+                        groups.push_front(Group {
+                            add: first,
+                            removes: group.removes,
+                            probe: false,
+                        });
+                    }
+                }
                 tokio::time::sleep(self.opts.retry_interval).await;
                 match self.get(r).await {
                     Ok(c) => current = c,
@@ -498,7 +547,9 @@ impl<C: Cloud> Executor<C> {
             }
             if current.user_assigned.contains(id) {
                 lock(&self.quarantine).remove(id);
-                self.mark_assigned(aai).await?;
+                if !self.mark_assigned(aai).await? {
+                    retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
+                }
             } else {
                 let why = if refused.contains(id) || quarantined.contains(id) {
                     "Azure refused the identity; retrying with back-off"
@@ -514,10 +565,8 @@ impl<C: Cloud> Executor<C> {
         }
         for (key, id) in &w.delete_on_success {
             let Some(aai) = aais.get(key) else { continue };
-            if current.user_assigned.contains(id) {
+            if current.user_assigned.contains(id) || !self.delete(aai).await? {
                 retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
-            } else {
-                self.delete(aai).await?;
             }
         }
         Ok(retry_at)
@@ -710,7 +759,9 @@ impl<C: Cloud> Executor<C> {
         }
     }
 
-    async fn mark_assigned(&self, aai: &AzureAssignedIdentity) -> Result<(), ApplyError> {
+    /// Marks the AAI Assigned; `Ok(false)` when the apiserver did not take
+    /// the write (reported; the caller tries again later).
+    async fn mark_assigned(&self, aai: &AzureAssignedIdentity) -> Result<bool, ApplyError> {
         match self
             .patch_status(aai, AssignedIdentityState::Assigned)
             .await
@@ -729,18 +780,19 @@ impl<C: Cloud> Executor<C> {
                         events::reference(binding),
                     );
                 }
-                Ok(())
+                Ok(true)
             }
             Err(ApplyError::NotLeader) => Err(ApplyError::NotLeader),
             Err(error) => {
                 tracing::warn!(%error, "marking Assigned");
-                Ok(())
+                Ok(false)
             }
         }
     }
 
-    /// Unassigned, DELETE, then drop the finalizer (§1.3).
-    async fn delete(&self, aai: &AzureAssignedIdentity) -> Result<(), ApplyError> {
+    /// Unassigned, DELETE, then drop the finalizer (§1.3); `Ok(false)` when
+    /// the apiserver did not take it (reported; the caller tries again later).
+    async fn delete(&self, aai: &AzureAssignedIdentity) -> Result<bool, ApplyError> {
         self.check_leader()?;
         let (ns, name) = crate::index::key(aai);
         let api = self.api(&ns);
@@ -765,7 +817,7 @@ impl<C: Cloud> Executor<C> {
                     .with_label_values(&[metrics::OP_AAI_DELETION])
                     .inc();
                 tracing::warn!(error = %ApplyError::DeleteAssignedIdentity { ns, name, source }, "delete failed");
-                return Ok(());
+                return Ok(false);
             }
         }
         let finalizers: Vec<String> = aai
@@ -787,14 +839,14 @@ impl<C: Cloud> Executor<C> {
                     .with_label_values(&[metrics::OP_AAI_DELETION])
                     .inc();
                 tracing::warn!(error = %ApplyError::DeleteAssignedIdentity { ns, name, source }, "removing the finalizer failed");
-                return Ok(());
+                return Ok(false);
             }
         }
         self.metrics.assigned_identity_deletion_count.inc();
         self.metrics
             .assigned_identity_deletion_duration_seconds
             .observe(start.elapsed().as_secs_f64());
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -814,6 +866,101 @@ fn patch_basis(
         basis.user_assigned.retain(|id| !add.contains(id));
     }
     basis
+}
+
+/// One PATCH's worth of adds in [`Executor::resource`]'s work queue.
+#[derive(Debug)]
+struct Group {
+    add: BTreeSet<String>,
+    /// Carries the resource's removals (only the batch does).
+    removes: bool,
+    /// A quarantined identity retried alone.
+    probe: bool,
+}
+
+/// The adds of one resource, split by the quarantine.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct AddSplit {
+    /// Sent together: every add ARM has not refused.
+    batch: BTreeSet<String>,
+    /// Refused identities whose back-off is over: each is retried alone.
+    probes: Vec<String>,
+    /// Every refused identity among the adds (due or not).
+    quarantined: BTreeSet<String>,
+    /// When the next refused identity still waiting is due.
+    next_probe: Option<Instant>,
+}
+
+/// Splits `add` by the quarantine (identity ID → (due time, failures)). A
+/// quarantined identity never rejoins the batch, however long ago it was
+/// refused: it must first land on its own. Pure, so unit-tested.
+fn split_quarantined(
+    add: &BTreeSet<String>,
+    quarantine: &BTreeMap<String, (Instant, u32)>,
+    now: Instant,
+) -> AddSplit {
+    let mut out = AddSplit::default();
+    for id in add {
+        match quarantine.get(id) {
+            None => {
+                out.batch.insert(id.clone());
+            }
+            Some((due, _)) => {
+                out.quarantined.insert(id.clone());
+                if *due <= now {
+                    out.probes.push(id.clone());
+                } else {
+                    out.next_probe = Some(out.next_probe.map_or(*due, |t| t.min(*due)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What to do after ARM refused a PATCH adding `group`.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Not the identities' fault (throttled, conflict, server error): stop
+    /// writing this resource for now.
+    Stop,
+    /// These identities are at fault: quarantine them, send the rest now.
+    Quarantine(BTreeSet<String>),
+    /// An identity is at fault but ARM did not say which: send the halves
+    /// apart until the culprit stands alone.
+    Split(BTreeSet<String>, BTreeSet<String>),
+}
+
+/// The decision after a refused PATCH. ARM names the refused identity in
+/// `FailedIdentityOperation` and `LinkedAuthorizationFailed` messages
+/// (azure-apis.md §3.3, aad-pod-identity#515 and #585); when it names none
+/// of the group the group is halved (a group of one is the culprit).
+fn on_refusal(group: &BTreeSet<String>, error: Option<&ArmError>) -> Refusal {
+    let Some(error) = error.filter(|e| e.is_identity_failure()) else {
+        return Refusal::Stop;
+    };
+    let named: BTreeSet<String> = error
+        .named_identity_ids()
+        .intersection(group)
+        .cloned()
+        .collect();
+    if !named.is_empty() {
+        return Refusal::Quarantine(named);
+    }
+    match group.len() {
+        0 => Refusal::Stop,
+        1 => Refusal::Quarantine(group.clone()),
+        n => {
+            let first: BTreeSet<String> = group.iter().take(n / 2).cloned().collect();
+            let second = group.difference(&first).cloned().collect();
+            Refusal::Split(first, second)
+        }
+    }
+}
+
+/// Failures a halving search over `n` identities may need (⌈log2 n⌉).
+fn bisect_steps(n: usize) -> u32 {
+    n.max(1).next_power_of_two().trailing_zeros()
 }
 
 fn is_not_found(e: &kube::Error) -> bool {
@@ -848,5 +995,93 @@ mod tests {
             assert_eq!(basis.user_assigned, ids(want), "{state}");
             assert_eq!(is_failed(&current), state.eq_ignore_ascii_case("failed"));
         }
+    }
+
+    fn uai(n: &str) -> String {
+        format!(
+            "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/{n}"
+        )
+    }
+
+    fn uais(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|n| uai(n)).collect()
+    }
+
+    fn refusal(code: &str, message: String) -> ArmError {
+        ArmError {
+            status: Some(400),
+            code: code.into(),
+            message,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn a_refused_identity_stays_out_of_the_batch_after_its_back_off() {
+        // The e2e 429-storm case: the budget spaces PATCHes 15 s apart, more
+        // than the 5 s back-off. Before the fix the ghost rejoined the batch
+        // as soon as its back-off ran out and the whole PATCH was refused again.
+        let now = Instant::now();
+        let add = uais(&["a", "b", "ghost", "slow"]);
+        let q: BTreeMap<String, (Instant, u32)> = [
+            (uai("ghost"), (now - Duration::from_secs(10), 1)),
+            (uai("slow"), (now + Duration::from_secs(20), 3)),
+            (uai("not-wanted"), (now - Duration::from_secs(1), 1)),
+        ]
+        .into();
+        let s = split_quarantined(&add, &q, now);
+        assert_eq!(s.batch, uais(&["a", "b"]));
+        assert_eq!(s.probes, vec![uai("ghost")], "due: retried alone");
+        assert_eq!(s.quarantined, uais(&["ghost", "slow"]));
+        assert_eq!(s.next_probe, Some(now + Duration::from_secs(20)));
+        // Nothing quarantined: everything in one batch.
+        let s = split_quarantined(&add, &BTreeMap::new(), now);
+        assert_eq!(s.batch, add);
+        assert!(s.probes.is_empty() && s.quarantined.is_empty() && s.next_probe.is_none());
+    }
+
+    #[test]
+    fn a_refusal_takes_out_the_named_identity_or_halves_the_group() {
+        let group = uais(&["a", "b", "c", "ghost"]);
+        // The emulator's / ARM's not-found body (azure-apis.md §3.3).
+        let not_found = refusal(
+            "FailedIdentityOperation",
+            format!(
+                "Identity operation for resource '/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/v' failed with error 'Failed to perform resource identity operation. Status: 'BadRequest'. Response: '{{\"error\":{{\"code\":\"BadRequest\",\"message\":\"Resource '{}' was not found.\"}}}}'.'.",
+                uai("ghost")
+            ),
+        );
+        assert_eq!(
+            on_refusal(&group, Some(&not_found)),
+            Refusal::Quarantine(uais(&["ghost"]))
+        );
+        // Named identities outside the group are not blamed.
+        assert_eq!(
+            on_refusal(&uais(&["a", "b"]), Some(&not_found)),
+            Refusal::Split(uais(&["a"]), uais(&["b"]))
+        );
+        // No identity named: halves, and a group of one is the culprit.
+        let anonymous = refusal("LinkedAuthorizationFailed", "no scope given".into());
+        assert_eq!(
+            on_refusal(&group, Some(&anonymous)),
+            Refusal::Split(uais(&["a", "b"]), uais(&["c", "ghost"]))
+        );
+        assert_eq!(
+            on_refusal(&uais(&["ghost"]), Some(&anonymous)),
+            Refusal::Quarantine(uais(&["ghost"]))
+        );
+        // Not the identities' fault: throttling or a conflict stops the writes.
+        let throttled = ArmError {
+            status: Some(429),
+            code: "TooManyRequests".into(),
+            message: format!("'{}'", uai("a")),
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert_eq!(on_refusal(&group, Some(&throttled)), Refusal::Stop);
+        assert_eq!(on_refusal(&group, None), Refusal::Stop);
+        assert_eq!(
+            [0, 1, 2, 3, 4, 5, 150].map(bisect_steps),
+            [0, 0, 1, 2, 2, 3, 8]
+        );
     }
 }

@@ -16,6 +16,34 @@ pub mod plan;
 pub mod schedule;
 pub mod watch;
 
+/// The `mic` command: parses the process arguments and environment, sets up
+/// logging and runs until SIGTERM/SIGINT. `src/main.rs` is this and nothing
+/// else, so a wrapper binary (the test crate's `e2e-mic`) runs the same code.
+pub async fn cli_main() -> anyhow::Result<()> {
+    use clap::Parser;
+    let args = args::Args::parse();
+    let format: aadpodid_runtime::logging::LogFormat =
+        args.log_format.parse().map_err(anyhow::Error::msg)?;
+    aadpodid_runtime::logging::init(format, if args.verbosity > 0 { "debug" } else { "info" });
+    let env = |k: &str| std::env::var(k).ok();
+    // Upstream checks MIC_POD_NAMESPACE before --version (§2.1).
+    if env(args::ENV_MIC_POD_NAMESPACE).is_none_or(|v| v.is_empty()) {
+        anyhow::bail!("{} must be set", args::ENV_MIC_POD_NAMESPACE);
+    }
+    if args.version {
+        println!("{VERSION}");
+        return Ok(());
+    }
+    if args.enable_scale_features {
+        tracing::info!("--enableScaleFeatures is deprecated and has no effect");
+    }
+    let settings = Settings::from_args(&args, &env)?;
+    tracing::info!(version = VERSION, lease = %settings.leader.name, identity = %settings.leader.identity, "starting MIC");
+    let shutdown = aadpodid_runtime::Shutdown::on_signals()?;
+    run(settings, shutdown, None).await?;
+    Ok(())
+}
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -324,6 +352,16 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
             let linger_wake = linger
                 .hold(&mut plan, Instant::now() - origin)
                 .map(|d| Instant::now() + d);
+            tracing::debug!(
+                pods = index.pods.len(),
+                assigned = index.assigned.len(),
+                create = plan.create.len(),
+                update = plan.update.len(),
+                assign_now = plan.assign_now.len(),
+                delete_now = plan.delete_now.len(),
+                resources = plan.resources.len(),
+                "cycle planned"
+            );
             if plan.is_empty() {
                 // Still report warnings once, so bad input is visible when idle.
                 executor.report_warnings(&plan.warnings, &index);
@@ -378,7 +416,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
             _ = tokio::time::sleep_until(next_drift) => {
                 next_drift = Instant::now() + settings.reconcile_interval;
                 if *leading.borrow() && shared.synced() {
-                    let expected = plan::expected_assignments(&shared.snapshot());
+                    let expected = plan::expected_assignments(&shared.snapshot(), &settings.plan);
                     let mut lost = leading.clone();
                     tokio::select! {
                         r = executor.reconcile_drift(&expected) => if let Err(error) = r {

@@ -274,18 +274,20 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
 
     // Existing AAIs that leave: removed from ARM first when they held an
     // identity nobody else needs there.
+    // Unlike upstream, a `Created` AAI is retired like an Assigned one: its
+    // status may lag what happened on ARM (MIC's own `Assigned` write not yet
+    // seen through the watch, say after an apiserver restart, or a leader
+    // killed between its PATCH and the status write), and deleting it without
+    // a removal would orphan the identity on the VMSS/VM. The removal costs a
+    // GET at most: an identity that is not there is not sent (hazard H1).
     let retire = |key: &Key, aai: &AzureAssignedIdentity, p: &mut Plan| {
-        let state = aai.state();
-        let assigned = matches!(state, Some(AssignedIdentityState::Assigned) | None)
-            || state == Some(AssignedIdentityState::Unassigned);
         let resource = index
             .nodes
             .get(&aai.spec.node_name)
             .map(|n| n.resource.clone());
         let removal = match (existing_identity_id(aai), resource) {
             (Some(id), Some(resource))
-                if assigned
-                    && !in_use.contains(&(resource.clone(), id.clone()))
+                if !in_use.contains(&(resource.clone(), id.clone()))
                     && !opts.immutable_client_ids.contains(&existing_client_id(aai)) =>
             {
                 Some((resource, id))
@@ -324,7 +326,6 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
                     && let Some(node) = index.nodes.get(&aai.spec.node_name)
                     && !in_use.contains(&(node.resource.clone(), id.clone()))
                     && !opts.immutable_client_ids.contains(&existing_client_id(aai))
-                    && aai.state() != Some(AssignedIdentityState::Created)
                 {
                     p.resources
                         .entry(node.resource.clone())
@@ -373,12 +374,22 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
 }
 
 /// Identities that Assigned AAIs say must be on each resource; the drift
-/// check re-adds whatever is missing and never removes (§2.7).
-pub fn expected_assignments(index: &Index) -> BTreeMap<ResourceRef, BTreeSet<String>> {
+/// check re-adds whatever is missing and never removes (§2.7). Only AAIs
+/// still desired count: one whose pod is gone is on its way out, and its
+/// identity may already be removed while the AAI is not deleted yet (the
+/// apiserver may be down meanwhile); re-adding it would orphan it.
+pub fn expected_assignments(
+    index: &Index,
+    opts: &Options,
+) -> BTreeMap<ResourceRef, BTreeSet<String>> {
+    let desired = desired_set(index, opts, &mut Vec::new());
     let mut out: BTreeMap<ResourceRef, BTreeSet<String>> = BTreeMap::new();
-    for aai in index.assigned.values() {
+    for (key, aai) in &index.assigned {
         if aai.metadata.deletion_timestamp.is_some()
             || !matches!(aai.state(), Some(AssignedIdentityState::Assigned))
+            || !desired
+                .get(key)
+                .is_some_and(|d| same_assignment(&aai.spec, &d.aai.spec))
         {
             continue;
         }

@@ -126,6 +126,14 @@ fn is_subscription_policy(policy: &str) -> bool {
     policy.to_ascii_lowercase().contains("subscription")
 }
 
+/// Whether a policy counts reads (`GetVMScaleSet3Min`,
+/// `HighCostGetVMScaleSet30Min`, `LowCostGet3Min`, `GetOperation...`;
+/// azure-apis.md §3.7). A GET answer lists these; they say nothing about the
+/// write buckets, so they never correct the mirror.
+fn is_read_policy(policy: &str) -> bool {
+    policy.to_ascii_lowercase().contains("get")
+}
+
 impl Budget {
     pub fn new(limits: Limits) -> Self {
         Budget {
@@ -183,13 +191,16 @@ impl Budget {
         Ok(())
     }
 
-    /// Corrects the mirror from the header of an answer to a write on `r`:
+    /// Corrects the mirror from `x-ms-ratelimit-remaining-resource` of any
+    /// answer about `r` (a write, or a GET): for the write policies it lists,
     /// ARM's count wins over ours, in both directions, capped at the burst.
+    /// Read policies are skipped.
     pub fn observe_remaining(&mut self, r: &ResourceRef, header: &str, now: Duration) {
         let entries = parse_remaining(header);
         let min_of = |sub: bool| {
             entries
                 .iter()
+                .filter(|e| !is_read_policy(&e.policy))
                 .filter(|e| is_subscription_policy(&e.policy) == sub)
                 .map(|e| e.remaining)
                 .min()
@@ -203,6 +214,19 @@ impl Budget {
         if let Some(n) = sub_min {
             sub.tokens = (n as f64).min(l.subscription.burst);
         }
+    }
+
+    /// `x-ms-ratelimit-remaining-subscription-writes` of a write answer
+    /// (ARM's own per-subscription write budget, peers.md §1.1): another
+    /// limit over the same writes, so it can only lower the subscription
+    /// bucket of the mirror, never fill it.
+    pub fn observe_subscription_writes(&mut self, remaining: u64, now: Duration) {
+        let spec = self.limits.subscription;
+        let sub = self
+            .subscription
+            .get_or_insert_with(|| Bucket::full(spec, now));
+        sub.refill(spec, now);
+        sub.tokens = sub.tokens.min(remaining as f64);
     }
 
     /// A 429 (or any answer with Retry-After) on `r`: this resource only is

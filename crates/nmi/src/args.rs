@@ -209,6 +209,21 @@ pub struct Args {
     /// The `iptables` program to run.
     #[arg(long = "iptables-path", default_value = "iptables")]
     pub iptables_path: PathBuf,
+
+    /// On SIGTERM, remove the iptables redirect when the DaemonSet that owns
+    /// this pod is gone or being deleted (`helm uninstall`); a restart or
+    /// rolling update keeps it ([`crate::uninstall`]). Needs `--pod-name` and
+    /// `--pod-namespace` and `get`/`list`/`watch` on that DaemonSet.
+    #[arg(long = "cleanup-on-uninstall", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub cleanup_on_uninstall: bool,
+
+    /// This pod's name (downward API `POD_NAME`), for `--cleanup-on-uninstall`.
+    #[arg(long = "pod-name", default_value = "", env = "POD_NAME")]
+    pub pod_name: String,
+
+    /// This pod's namespace (downward API `POD_NAMESPACE`), for `--cleanup-on-uninstall`.
+    #[arg(long = "pod-namespace", default_value = "", env = "POD_NAMESPACE")]
+    pub pod_namespace: String,
 }
 
 impl Args {

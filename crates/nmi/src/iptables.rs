@@ -7,7 +7,8 @@
 //! so during a restart or rolling update pods' requests to 169.254.169.254 are
 //! refused at once (nothing listens on the DNAT target) instead of reaching the
 //! real IMDS, which would hand out any node identity. Only `nmi
-//! --cleanup-iptables` (the chart's uninstall hook) or
+//! --cleanup-iptables` (by hand), `--cleanup-on-uninstall` when NMI's own
+//! DaemonSet is gone (what the chart sets; see `uninstall.rs`) or
 //! `--remove-iptables-on-exit` (upstream's behaviour) removes them.
 
 use std::net::{IpAddr, Ipv4Addr};

@@ -24,9 +24,30 @@ pub mod select;
 pub mod server;
 pub mod sp;
 pub mod token;
+pub mod uninstall;
 pub mod watch;
 
 pub use args::Args;
+
+/// The `nmi` command: parses the process arguments, sets up logging and runs
+/// until SIGTERM/SIGINT. `src/main.rs` is this and nothing else, so a wrapper
+/// binary (the test crate's `e2e-nmi`) runs the same code.
+pub async fn cli_main() -> anyhow::Result<()> {
+    use clap::Parser;
+    let args = Args::parse();
+    if args.version {
+        println!("nmi {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    let format = args
+        .log_format
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    aadpodid_runtime::logging::init(format, "info");
+    let shutdown = aadpodid_runtime::Shutdown::on_signals()?;
+    run(args, shutdown).await?;
+    Ok(())
+}
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -142,6 +163,19 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
         aad::AadClient::new(args.aad_ca_file.as_deref(), &user_agent).map_err(RunError::AadCa)?;
     let client =
         aadpodid_runtime::client::kube_client(args.kubeconfig.as_deref(), &user_agent).await?;
+    let owner = if args.cleanup_on_uninstall {
+        match uninstall::OwnerWatch::start(&client, &args.pod_namespace, &args.pod_name, &shutdown)
+            .await
+        {
+            Ok(w) => Some(w),
+            Err(error) => {
+                tracing::error!(%error, "--cleanup-on-uninstall is off: the redirect will stay after uninstall");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let metrics = metrics::Metrics::new()?;
     let state = Arc::new(server::State::default());
     let synced = watch::spawn(
@@ -271,9 +305,16 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             }
         }
     }
+    let uninstalling = match &owner {
+        Some(w) => w.decide_on_exit().await == uninstall::ExitAction::RemoveRules,
+        None => false,
+    };
     if args.remove_iptables_on_exit {
         runner.cleanup().await?;
         tracing::info!("iptables removed on exit (--remove-iptables-on-exit)");
+    } else if uninstalling {
+        runner.cleanup().await?;
+        tracing::info!("iptables removed: the NMI DaemonSet is being uninstalled");
     } else {
         tracing::info!("leaving the iptables redirect in place (fail-closed)");
     }

@@ -133,14 +133,15 @@ const POD_LOOKUP_WAIT: Duration = Duration::from_millis(1500);
 /// IMDS's SLA (azure-protocols.md §1.5).
 const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream's `Retry-After` with `--set-retry-after-header`.
-const RETRY_AFTER_SECS: &str = "20";
+const RETRY_AFTER_SECS: u64 = 20;
 
 /// An error answer.
 #[derive(Debug)]
 struct Reply {
     status: StatusCode,
     message: String,
-    retry_after: bool,
+    /// `Retry-After` seconds to send, if any.
+    retry_after: Option<u64>,
 }
 
 impl Reply {
@@ -148,7 +149,7 @@ impl Reply {
         Reply {
             status,
             message: message.into(),
-            retry_after: false,
+            retry_after: None,
         }
     }
 }
@@ -174,11 +175,9 @@ fn error_response(reply: &Reply) -> Response<Full<Bytes>> {
         reply.status,
         response::error_body(reply.status, &reply.message),
     );
-    if reply.retry_after {
-        resp.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static(RETRY_AFTER_SECS),
-        );
+    if let Some(secs) = reply.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }
@@ -379,7 +378,13 @@ impl<S: TokenSource> Server<S> {
             Ok(v) => v,
             Err(r) => return (String::new(), String::new(), error_response(&r.into())),
         };
-        if peer.ip().to_canonical() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        // The node itself, over IPv4 or IPv6 loopback (a pod's packets never
+        // carry a loopback source: the kernel drops them as martians).
+        let from_host = matches!(
+            peer.ip().to_canonical(),
+            IpAddr::V4(Ipv4Addr::LOCALHOST) | IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        );
+        if !from_host {
             return (
                 String::new(),
                 String::new(),
@@ -492,7 +497,7 @@ impl<S: TokenSource> Server<S> {
                 );
                 if retry_after {
                     reply.status = StatusCode::SERVICE_UNAVAILABLE;
-                    reply.retry_after = true;
+                    reply.retry_after = Some(RETRY_AFTER_SECS);
                 }
                 return Err(reply);
             }
@@ -513,7 +518,7 @@ impl<S: TokenSource> Server<S> {
             let mut r = Reply::new(status, select::no_match_message(&query.selector));
             if retry_after {
                 r.status = StatusCode::SERVICE_UNAVAILABLE;
-                r.retry_after = true;
+                r.retry_after = Some(RETRY_AFTER_SECS);
             }
             r
         };
@@ -550,7 +555,12 @@ impl<S: TokenSource> Server<S> {
             }
             match e {
                 TokenError::NotBound => no_match(StatusCode::NOT_FOUND),
-                other => Reply::new(other.status(), other.to_string()),
+                other => {
+                    let mut reply = Reply::new(other.status(), other.to_string());
+                    // IMDS's own Retry-After, after NMI's bounded retries.
+                    reply.retry_after = other.retry_after().map(|d| d.as_secs());
+                    reply
+                }
             }
         })
     }

@@ -9,6 +9,13 @@
 //! it asks the cache, so a pod that loses its binding loses access at once.
 //! A client-side limiter keeps NMI inside IMDS's per-VM budget of 20 token
 //! requests per second and 5 concurrent (azure-protocols.md §1.6).
+//!
+//! IMDS's transient answers (404 "updating", 410, 429, 5xx) are retried a
+//! bounded number of times, each wait stretched to IMDS's `Retry-After`
+//! ([`RetryPolicy`]); if they persist, the pod gets IMDS's own status and
+//! `Retry-After` ([`TokenError::Transient`]), so its SDK backs off as it
+//! would against IMDS. Requests queued behind such a failure share it
+//! instead of each retrying again.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -38,7 +45,7 @@ pub enum ImdsIdentity {
 }
 
 /// Why a token could not be had.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum TokenError {
     /// IMDS (or AAD) answered with an error: upstream's adal
     /// `TokenRefreshError`, answered 403 (statement 55).
@@ -59,6 +66,24 @@ pub enum TokenError {
     /// An `object_id` request resolved to an identity the pod is not bound to.
     #[error("the identity with the requested object ID is not bound to this pod")]
     NotBound,
+    /// IMDS kept answering a transient status (404, 410, 429, 5xx) through
+    /// NMI's bounded retries, or asked for a longer wait than NMI holds a
+    /// request: answered with IMDS's own status (and its `Retry-After`), so
+    /// the pod's SDK retries as it would against IMDS. Upstream turned these
+    /// into 403, which SDKs do not retry.
+    #[error(
+        "failed to get token from IMDS after {attempts} attempt(s): status {status}, response body: {body}"
+    )]
+    Transient {
+        /// IMDS's last status.
+        status: u16,
+        /// IMDS's last body (an error description, never a token).
+        body: String,
+        /// IMDS's last `Retry-After`, if any.
+        retry_after: Option<Duration>,
+        /// Requests made.
+        attempts: u32,
+    },
 }
 
 impl TokenError {
@@ -68,7 +93,84 @@ impl TokenError {
             TokenError::Refused { .. } | TokenError::Forbidden(_) => StatusCode::FORBIDDEN,
             TokenError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             TokenError::NotBound => StatusCode::NOT_FOUND,
+            TokenError::Transient { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
         }
+    }
+
+    /// The `Retry-After` to pass on to the pod, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Statuses IMDS documents as transient and safe to retry: 404 ("IMDS
+/// endpoint is updating"), 410 (updating, back within 70 s), 429 and 5xx
+/// (azure-protocols.md §1.4-1.5, from Microsoft's "how to use VM token" retry
+/// guidance).
+pub fn is_transient(status: u16) -> bool {
+    matches!(status, 404 | 410 | 429) || (500..=599).contains(&status)
+}
+
+/// `Retry-After` as delay-seconds (RFC 9110 §10.2.3); IMDS sends no dates.
+pub fn parse_retry_after(value: Option<&http::HeaderValue>) -> Option<Duration> {
+    let secs: u64 = value?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+/// How NMI retries transient IMDS answers before giving the pod IMDS's
+/// status. Bounded so a pod's request is not held much longer than one IMDS
+/// SLA (10 s): the SDK in the pod retries on its own after that.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Waits before the 2nd, 3rd, ... request; their count bounds the retries.
+    pub backoff: Vec<Duration>,
+    /// A `Retry-After` longer than this ends the retries at once (it is
+    /// passed on to the pod instead).
+    pub max_retry_after: Duration,
+    /// Total waiting between requests never exceeds this.
+    pub max_total_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// Three retries after 1, 2 and 4 s (IMDS: "safe to retry after waiting
+    /// for at least 1 second"), each stretched to IMDS's `Retry-After`; at most
+    /// 8 s of waiting in all.
+    fn default() -> Self {
+        RetryPolicy {
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(4),
+            ],
+            max_retry_after: Duration::from_secs(8),
+            max_total_wait: Duration::from_secs(8),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (0-based) after `error`, given
+    /// `waited` so far; `None` when NMI stops and answers the pod.
+    pub fn next_wait(
+        &self,
+        retry: usize,
+        error: &TokenError,
+        waited: Duration,
+    ) -> Option<Duration> {
+        let TokenError::Transient { retry_after, .. } = error else {
+            return None;
+        };
+        let base = *self.backoff.get(retry)?;
+        if retry_after.is_some_and(|r| r > self.max_retry_after) {
+            return None;
+        }
+        let wait = base.max(retry_after.unwrap_or_default());
+        (waited + wait <= self.max_total_wait).then_some(wait)
     }
 }
 
@@ -227,6 +329,18 @@ impl TokenSource for Imds {
         let resp = http_client::send(self.addr, req, IMDS_TIMEOUT)
             .await
             .map_err(|e| TokenError::Unavailable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        if is_transient(status) {
+            return Err(TokenError::Transient {
+                status,
+                body: String::from_utf8_lossy(resp.body())
+                    .chars()
+                    .take(1024)
+                    .collect(),
+                retry_after: parse_retry_after(resp.headers().get(header::RETRY_AFTER)),
+                attempts: 1,
+            });
+        }
         if resp.status() != StatusCode::OK {
             return Err(TokenError::Refused {
                 status: resp.status().as_u16(),
@@ -289,7 +403,17 @@ impl Limiter {
 /// treat under 5 minutes as expired (azure-protocols.md §8 point 10).
 const REFRESH_MARGIN_SECS: u64 = 15 * 60;
 
-type Slot = Arc<tokio::sync::Mutex<Option<Token>>>;
+#[derive(Debug, Default)]
+struct SlotState {
+    token: Option<Token>,
+    /// The last fetch's transient failure, and when it came: requests that
+    /// were already waiting for that fetch get it too, rather than each
+    /// starting its own round of retries against a failing IMDS. Requests
+    /// that arrive later try again.
+    failed: Option<(Instant, TokenError)>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 /// The token cache in front of a [`TokenSource`].
 #[derive(Debug)]
@@ -297,6 +421,7 @@ pub struct TokenCache<S> {
     source: S,
     slots: Mutex<HashMap<(String, String), Slot>>,
     limiter: Limiter,
+    retry: RetryPolicy,
 }
 
 impl<S: TokenSource> TokenCache<S> {
@@ -313,6 +438,47 @@ impl<S: TokenSource> TokenCache<S> {
             source,
             slots: Mutex::new(HashMap::new()),
             limiter: Limiter::new(concurrent, per_second),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// The same cache with another retry policy for transient IMDS answers.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// One IMDS token, each request inside the limiter, transient answers
+    /// retried per the [`RetryPolicy`] (the waits hold no limiter permit).
+    async fn imds(&self, id: &ImdsIdentity, resource: &str) -> Result<Token, TokenError> {
+        let mut waited = Duration::ZERO;
+        let mut attempts = 1u32;
+        loop {
+            let result = self.limiter.run(self.source.imds_token(id, resource)).await;
+            let error = match result {
+                Ok(token) => return Ok(token),
+                Err(e) => e,
+            };
+            let Some(wait) = self.retry.next_wait(attempts as usize - 1, &error, waited) else {
+                return Err(match error {
+                    TokenError::Transient {
+                        status,
+                        body,
+                        retry_after,
+                        ..
+                    } => TokenError::Transient {
+                        status,
+                        body,
+                        retry_after,
+                        attempts,
+                    },
+                    other => other,
+                });
+            };
+            tracing::warn!(%error, ?wait, attempts, "IMDS answered a transient error; retrying");
+            tokio::time::sleep(wait).await;
+            waited += wait;
+            attempts += 1;
         }
     }
 
@@ -329,21 +495,35 @@ impl<S: TokenSource> TokenCache<S> {
     /// decided that the pod may use it.
     pub async fn by_client_id(&self, client_id: &str, resource: &str) -> Result<Token, TokenError> {
         let slot = self.slot(client_id, resource);
+        let arrived = Instant::now();
         // Holding the slot's lock across the fetch makes concurrent misses
         // share one upstream call.
         let mut guard = slot.lock().await;
-        if let Some(t) = guard.as_ref()
+        if let Some(t) = guard.token.as_ref()
             && t.expires_on > now_secs() + REFRESH_MARGIN_SECS
         {
             return Ok(t.clone());
         }
+        // Concurrent misses share failures too.
+        if let Some((at, e)) = guard.failed.as_ref()
+            && *at >= arrived
+        {
+            return Err(e.clone());
+        }
         let id = ImdsIdentity::ClientId(client_id.to_string());
-        let token = self
-            .limiter
-            .run(self.source.imds_token(&id, resource))
-            .await?;
-        *guard = Some(token.clone());
-        Ok(token)
+        match self.imds(&id, resource).await {
+            Ok(token) => {
+                guard.token = Some(token.clone());
+                guard.failed = None;
+                Ok(token)
+            }
+            Err(e) => {
+                if matches!(e, TokenError::Transient { .. }) {
+                    guard.failed = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A token cached under (`client_id`, `key`), fetched by `fetch` on a miss
@@ -367,13 +547,13 @@ impl<S: TokenSource> TokenCache<S> {
             )
         };
         let mut guard = slot.lock().await;
-        if let Some(t) = guard.as_ref()
+        if let Some(t) = guard.token.as_ref()
             && t.expires_on > now_secs() + REFRESH_MARGIN_SECS
         {
             return Ok(t.clone());
         }
         let token = fetch().await?;
-        *guard = Some(token.clone());
+        guard.token = Some(token.clone());
         Ok(token)
     }
 
@@ -386,10 +566,7 @@ impl<S: TokenSource> TokenCache<S> {
         allowed_client_ids: &[String],
     ) -> Result<Token, TokenError> {
         let id = ImdsIdentity::ObjectId(object_id.to_string());
-        let token = self
-            .limiter
-            .run(self.source.imds_token(&id, resource))
-            .await?;
+        let token = self.imds(&id, resource).await?;
         let appid =
             jwt_appid(token.access_token.expose()).unwrap_or_else(|| token.client_id.clone());
         if !allowed_client_ids
@@ -399,7 +576,7 @@ impl<S: TokenSource> TokenCache<S> {
             return Err(TokenError::NotBound);
         }
         let slot = self.slot(&appid, resource);
-        *slot.lock().await = Some(token.clone());
+        slot.lock().await.token = Some(token.clone());
         Ok(token)
     }
 
@@ -529,6 +706,218 @@ mod tests {
             .by_object_id("o2", "r", &["app-of-o1".to_string()])
             .await;
         assert!(matches!(denied, Err(TokenError::NotBound)));
+    }
+
+    /// A scripted answer: a token, or (status, Retry-After seconds).
+    type Answer = Result<(), (u16, Option<u64>)>;
+
+    /// Answers from a script, in order; the last answer repeats.
+    struct Scripted {
+        answers: Mutex<Vec<Answer>>,
+        calls: AtomicUsize,
+    }
+
+    impl Scripted {
+        fn new(answers: Vec<Answer>) -> Self {
+            Scripted {
+                answers: Mutex::new(answers),
+                calls: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    impl TokenSource for Scripted {
+        async fn imds_token(
+            &self,
+            _identity: &ImdsIdentity,
+            resource: &str,
+        ) -> Result<Token, TokenError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let answer = {
+                let answers = self.answers.lock().unwrap();
+                answers[n.min(answers.len() - 1)]
+            };
+            match answer {
+                Ok(()) => Ok(Token {
+                    access_token: Secret::new(jwt("c")),
+                    expires_on: now_secs() + 86_399,
+                    not_before: None,
+                    resource: resource.into(),
+                    token_type: "Bearer".into(),
+                    client_id: "c".into(),
+                }),
+                Err((400, _)) => Err(TokenError::Refused {
+                    status: 400,
+                    body: "Identity not found".into(),
+                }),
+                Err((status, retry_after)) => Err(TokenError::Transient {
+                    status,
+                    body: format!("{{\"error\":\"{status}\"}}"),
+                    retry_after: retry_after.map(Duration::from_secs),
+                    attempts: 1,
+                }),
+            }
+        }
+    }
+
+    fn fast_policy() -> RetryPolicy {
+        RetryPolicy {
+            backoff: vec![
+                Duration::from_millis(10),
+                Duration::from_millis(20),
+                Duration::from_millis(40),
+            ],
+            max_retry_after: Duration::from_secs(2),
+            max_total_wait: Duration::from_secs(3),
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_imds_answers_are_retried_boundedly_then_passed_on() {
+        struct Case {
+            name: &'static str,
+            script: Vec<Answer>,
+            calls: usize,
+            /// `None`: a token; else (status to the pod, Retry-After to the pod).
+            want_error: Option<(u16, Option<u64>)>,
+        }
+        let cases = [
+            Case {
+                name: "429 then 503 then a token",
+                script: vec![Err((429, None)), Err((503, None)), Ok(())],
+                calls: 3,
+                want_error: None,
+            },
+            Case {
+                name: "404 (updating) and 410 are transient too",
+                script: vec![Err((404, None)), Err((410, None)), Ok(())],
+                calls: 3,
+                want_error: None,
+            },
+            Case {
+                name: "500 on every attempt: four requests, then IMDS's 500",
+                script: vec![Err((500, None))],
+                calls: 4,
+                want_error: Some((500, None)),
+            },
+            Case {
+                name: "a Retry-After beyond NMI's bound is passed on at once",
+                script: vec![Err((429, Some(30))), Ok(())],
+                calls: 1,
+                want_error: Some((429, Some(30))),
+            },
+            Case {
+                name: "a design-time error is not retried (upstream's 403)",
+                script: vec![Err((400, None)), Ok(())],
+                calls: 1,
+                want_error: Some((403, None)),
+            },
+        ];
+        for case in cases {
+            let cache = TokenCache::new(Scripted::new(case.script)).with_retry(fast_policy());
+            let got = cache.by_client_id("c", "r").await;
+            assert_eq!(
+                cache.source().calls.load(Ordering::SeqCst),
+                case.calls,
+                "{}",
+                case.name
+            );
+            match (got, case.want_error) {
+                (Ok(_), None) => {}
+                (Err(e), Some((status, retry_after))) => {
+                    assert_eq!(e.status().as_u16(), status, "{}: {e}", case.name);
+                    assert_eq!(
+                        e.retry_after(),
+                        retry_after.map(Duration::from_secs),
+                        "{}",
+                        case.name
+                    );
+                    if let TokenError::Transient { attempts, .. } = e {
+                        assert_eq!(attempts as usize, case.calls, "{}", case.name);
+                    }
+                }
+                (got, want) => panic!("{}: got {got:?}, want error {want:?}", case.name),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_round_of_retries() {
+        let cache = Arc::new(
+            TokenCache::new(Scripted::new(vec![Err((500, None))])).with_retry(fast_policy()),
+        );
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let cache = Arc::clone(&cache);
+            tasks.push(tokio::spawn(async move {
+                cache.by_client_id("c", "r").await.map(|_| ())
+            }));
+        }
+        for t in tasks {
+            let e = t.await.unwrap().unwrap_err();
+            assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR, "{e}");
+        }
+        // One round (four requests), not one per waiting request.
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 4);
+        // A request made after the failure tries again.
+        let _ = cache.by_client_id("c", "r").await;
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 8);
+    }
+
+    #[tokio::test]
+    async fn retry_after_stretches_the_wait() {
+        let cache = TokenCache::new(Scripted::new(vec![Err((429, Some(1))), Ok(())]))
+            .with_retry(fast_policy());
+        let started = Instant::now();
+        cache.by_client_id("c", "r").await.unwrap();
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
+        // The 10 ms backoff was stretched to IMDS's one second.
+        assert!(started.elapsed() >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn default_policy_waits() {
+        let p = RetryPolicy::default();
+        let t = |retry_after: Option<u64>| TokenError::Transient {
+            status: 429,
+            body: String::new(),
+            retry_after: retry_after.map(Duration::from_secs),
+            attempts: 1,
+        };
+        let s = Duration::from_secs;
+        assert_eq!(p.next_wait(0, &t(None), s(0)), Some(s(1)));
+        assert_eq!(p.next_wait(1, &t(None), s(1)), Some(s(2)));
+        assert_eq!(p.next_wait(2, &t(None), s(3)), Some(s(4)));
+        assert_eq!(
+            p.next_wait(3, &t(None), s(7)),
+            None,
+            "three retries at most"
+        );
+        assert_eq!(p.next_wait(0, &t(Some(5)), s(0)), Some(s(5)));
+        assert_eq!(
+            p.next_wait(1, &t(Some(5)), s(5)),
+            None,
+            "8 s of waiting at most"
+        );
+        assert_eq!(p.next_wait(0, &t(Some(9)), s(0)), None);
+        let refused = TokenError::Refused {
+            status: 400,
+            body: String::new(),
+        };
+        assert_eq!(p.next_wait(0, &refused, s(0)), None);
+        assert!(is_transient(404) && is_transient(410) && is_transient(429));
+        assert!(is_transient(500) && is_transient(503) && !is_transient(400));
+        assert!(!is_transient(403) && !is_transient(200));
+        assert_eq!(
+            parse_retry_after(Some(&http::HeaderValue::from_static(" 7 "))),
+            Some(s(7))
+        );
+        assert_eq!(
+            parse_retry_after(Some(&http::HeaderValue::from_static(
+                "Wed, 21 Oct 2015 07:28:00 GMT"
+            ))),
+            None
+        );
     }
 
     #[test]

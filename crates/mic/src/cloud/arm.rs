@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::TokenCredential;
-use azure_core::http::headers::{HeaderName, Headers};
+use azure_core::http::headers::{HeaderName, Headers, USER_AGENT};
 use azure_core::http::policies::auth::BearerTokenAuthorizationPolicy;
+use azure_core::http::policies::{Policy, PolicyResult};
 use azure_core::http::{
     ClientOptions, Context, Method, Pipeline, PipelineSendOptions, RawResponse, Request,
     RetryOptions, Url,
@@ -64,8 +65,11 @@ pub struct ArmCloud {
     subscription_id: String,
     resource_group: String,
     options: ArmOptions,
-    /// Last `x-ms-ratelimit-remaining-resource` per resource, from write answers.
+    /// Last `x-ms-ratelimit-remaining-resource` per resource, from GET and
+    /// write answers.
     remaining: std::sync::Mutex<std::collections::BTreeMap<ResourceRef, String>>,
+    /// Last `x-ms-ratelimit-remaining-subscription-writes`, from write answers.
+    subscription_writes: std::sync::Mutex<Option<u64>>,
 }
 
 fn client_options(config: &CloudConfig) -> ClientOptions {
@@ -153,6 +157,8 @@ struct AsyncOperationBody {
 
 const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
 const REMAINING_RESOURCE: HeaderName = HeaderName::from_static("x-ms-ratelimit-remaining-resource");
+const REMAINING_SUBSCRIPTION_WRITES: HeaderName =
+    HeaderName::from_static("x-ms-ratelimit-remaining-subscription-writes");
 const ASYNC_OPERATION: HeaderName = HeaderName::from_static("azure-asyncoperation");
 const LOCATION: HeaderName = HeaderName::from_static("location");
 
@@ -202,25 +208,58 @@ fn transport_error(e: &azure_core::Error) -> ArmError {
     }
 }
 
-/// The SDK panics on an application ID that is longer than 24 characters or
-/// not an RFC 9110 token, so upstream's `aad-pod-identity/MIC/<version>`
-/// becomes `aad-pod-identity-MIC-<v>` (truncated) on ARM calls; the kube
-/// client sends the full string.
-pub fn application_id(user_agent: &str) -> String {
-    user_agent
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
+/// Puts MIC's whole User-Agent (`aad-pod-identity/MIC/<version>[ <custom>]`,
+/// upstream's form, research/aad-pod-identity.md §2.1) in front of the one
+/// the SDK sets. The SDK's own `application_id` cannot carry it: it panics on
+/// more than 24 characters or on anything but an RFC 9110 token, and `/` is
+/// none. A per-try policy, so it runs after the SDK's User-Agent policy.
+#[derive(Debug)]
+struct FullUserAgent {
+    prefix: String,
+}
+
+/// `prefix` then the SDK's part, with control characters (which no header
+/// may carry) made spaces.
+pub fn full_user_agent(prefix: &str, sdk: Option<&str>) -> String {
+    let whole = match sdk {
+        Some(sdk) if !sdk.is_empty() => format!("{prefix} {sdk}"),
+        _ => prefix.to_string(),
+    };
+    whole
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c) {
-                c
-            } else {
-                '-'
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+impl Policy for FullUserAgent {
+    fn send<'a, 'b, 'c, 'd, 't>(
+        &'a self,
+        ctx: &'b Context,
+        request: &'c mut Request,
+        next: &'d [Arc<dyn Policy>],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PolicyResult> + Send + 't>>
+    where
+        'a: 't,
+        'b: 't,
+        'c: 't,
+        'd: 't,
+        Self: 't,
+    {
+        Box::pin(async move {
+            let value = full_user_agent(
+                &self.prefix,
+                request.headers().get_optional_str(&USER_AGENT),
+            );
+            request.insert_header(USER_AGENT, value);
+            match next.split_first() {
+                Some((first, rest)) => first.send(ctx, request, rest).await,
+                None => Err(azure_core::Error::with_message(
+                    azure_core::error::ErrorKind::Other,
+                    "no policy after the User-Agent policy",
+                )),
             }
         })
-        .take(24)
-        .collect()
+    }
 }
 
 impl ArmCloud {
@@ -245,16 +284,18 @@ impl ArmCloud {
         // throttled resource, fixing hazard H8); the SDK must not sleep on a
         // 429 inside a call, as upstream's did not (§9 statement 33).
         client_options.retry = RetryOptions::none();
-        let application_id = application_id(&options.user_agent);
-        if !application_id.is_empty() {
-            client_options.user_agent.application_id = Some(application_id);
+        let mut per_try: Vec<Arc<dyn Policy>> = vec![Arc::new(bearer)];
+        if !options.user_agent.is_empty() {
+            per_try.push(Arc::new(FullUserAgent {
+                prefix: options.user_agent.clone(),
+            }));
         }
         let pipeline = Pipeline::new(
             Some("mic"),
             Some(env!("CARGO_PKG_VERSION")),
             client_options,
             vec![],
-            vec![Arc::new(bearer)],
+            per_try,
             None,
         );
         Ok(ArmCloud {
@@ -264,6 +305,7 @@ impl ArmCloud {
             resource_group: config.resource_group.clone(),
             options,
             remaining: std::sync::Mutex::default(),
+            subscription_writes: std::sync::Mutex::default(),
         })
     }
 
@@ -308,8 +350,20 @@ impl ArmCloud {
             .map_err(|e| transport_error(&e))
     }
 
+    /// Keeps what an answer about `r` says of the Compute buckets for the
+    /// scheduler (peers.md §1.2: every Compute answer carries it).
+    fn note_remaining(&self, r: &ResourceRef, resp: &RawResponse) {
+        if let Some(v) = resp.headers().get_optional_str(&REMAINING_RESOURCE) {
+            self.remaining
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(r.clone(), v.to_string());
+        }
+    }
+
     async fn get(&self, r: &ResourceRef) -> Result<ResourceIdentity, ArmError> {
         let resp = self.send(Method::Get, self.resource_url(r)?, None).await?;
+        self.note_remaining(r, &resp);
         if !resp.status().is_success() {
             return Err(arm_error(&resp));
         }
@@ -348,11 +402,16 @@ impl ArmCloud {
         let resp = self
             .send(Method::Patch, self.resource_url(r)?, Some(body))
             .await?;
-        if let Some(v) = resp.headers().get_optional_str(&REMAINING_RESOURCE) {
-            self.remaining
+        self.note_remaining(r, &resp);
+        if let Some(n) = resp
+            .headers()
+            .get_optional_str(&REMAINING_SUBSCRIPTION_WRITES)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            *self
+                .subscription_writes
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(r.clone(), v.to_string());
+                .unwrap_or_else(|p| p.into_inner()) = Some(n);
         }
         if !resp.status().is_success() {
             return Err(arm_error(&resp));
@@ -439,6 +498,13 @@ impl Cloud for ArmCloud {
             .remove(resource)
     }
 
+    fn take_remaining_subscription_writes(&self) -> Option<u64> {
+        self.subscription_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
     async fn get_identities(&self, resource: &ResourceRef) -> Result<ResourceIdentity, CloudError> {
         self.get(resource)
             .await
@@ -467,12 +533,87 @@ mod tests {
     use super::*;
 
     #[test]
-    fn application_id_is_a_short_token() {
-        assert_eq!(
-            application_id("aad-pod-identity/MIC/0.1.0 custom"),
-            "aad-pod-identity-MIC-0.1"
+    fn the_whole_user_agent_goes_first() {
+        let sdk = "azsdk-rust-mic/0.1.0 (1.90; linux; x86_64)";
+        let cases = [
+            (
+                "aad-pod-identity/MIC/0.1.0",
+                Some(sdk),
+                "aad-pod-identity/MIC/0.1.0 azsdk-rust-mic/0.1.0 (1.90; linux; x86_64)",
+            ),
+            (
+                "aad-pod-identity/MIC/0.1.0 my custom/agent",
+                Some(sdk),
+                "aad-pod-identity/MIC/0.1.0 my custom/agent azsdk-rust-mic/0.1.0 (1.90; linux; x86_64)",
+            ),
+            (
+                "aad-pod-identity/MIC/0.1.0",
+                None,
+                "aad-pod-identity/MIC/0.1.0",
+            ),
+            ("a/MIC/1 bad\nline", Some(""), "a/MIC/1 bad line"),
+        ];
+        for (prefix, sdk, want) in cases {
+            assert_eq!(full_user_agent(prefix, sdk), want);
+        }
+    }
+
+    /// The header as it leaves the pipeline, read by a listener on loopback.
+    #[tokio::test]
+    async fn the_pipeline_sends_the_whole_user_agent() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let mut got = String::new();
+            while !got.contains("\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            got
+        });
+        let options = ClientOptions {
+            retry: RetryOptions::none(),
+            ..Default::default()
+        };
+        let pipeline = Pipeline::new(
+            Some("mic"),
+            Some("9.9.9"),
+            options,
+            vec![],
+            vec![Arc::new(FullUserAgent {
+                prefix: "aad-pod-identity/MIC/9.9.9 custom".into(),
+            })],
+            None,
         );
-        assert_eq!(application_id(""), "");
+        let url = Url::parse(&format!("http://{addr}/x")).unwrap();
+        let mut req = Request::new(url, Method::Get);
+        let send = PipelineSendOptions {
+            skip_checks: true,
+            ..Default::default()
+        };
+        pipeline
+            .send(&Context::new(), &mut req, Some(send))
+            .await
+            .unwrap();
+        let request = server.await.unwrap().to_lowercase();
+        let ua = request
+            .lines()
+            .find_map(|l| l.strip_prefix("user-agent: "))
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            ua.starts_with("aad-pod-identity/mic/9.9.9 custom azsdk-rust-mic/9.9.9 "),
+            "{ua}"
+        );
     }
 
     #[test]

@@ -312,11 +312,17 @@ pub trait Cloud: Send + Sync + 'static {
         patch: &IdentityPatch,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
 
-    /// The `x-ms-ratelimit-remaining-resource` value of the last answer to a
-    /// write on `resource` (taken: each value is seen once). Feeds the
-    /// scheduler's mirror of Compute's buckets; `None` when unknown.
+    /// The `x-ms-ratelimit-remaining-resource` value of the last answer (a
+    /// GET or a write) about `resource` (taken: each value is seen once).
+    /// Feeds the scheduler's mirror of Compute's buckets; `None` when unknown.
     fn take_remaining(&self, resource: &ResourceRef) -> Option<String> {
         let _ = resource;
+        None
+    }
+
+    /// The `x-ms-ratelimit-remaining-subscription-writes` value of the last
+    /// answer to a write (taken), ARM's own per-subscription write budget.
+    fn take_remaining_subscription_writes(&self) -> Option<u64> {
         None
     }
 }

@@ -574,10 +574,54 @@ fn expected_assignments_lists_assigned_type0_only() {
     ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
     ix.apply_binding(&mk_binding("ns", "b2", "sp", "sel"));
     ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
-    assert!(expected_assignments(&ix).is_empty());
+    assert!(expected_assignments(&ix, &opts).is_empty());
     settle(&mut ix, &opts);
     assert_eq!(
-        expected_assignments(&ix),
+        expected_assignments(&ix, &opts),
         [(vmss("vmss-a"), [lrid("id")].into())].into()
+    );
+}
+
+#[test]
+fn the_drift_check_never_expects_an_identity_on_its_way_out() {
+    // The pod is gone, its AAI still says Assigned (its removal may have
+    // landed while the AAI delete waits for the apiserver): not expected.
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let pod = mk_pod("ns", "web", "sel", "n1");
+    ix.apply_pod(&pod);
+    settle(&mut ix, &opts);
+    assert_eq!(expected_assignments(&ix, &opts).len(), 1);
+    ix.delete_pod(&pod);
+    assert!(expected_assignments(&ix, &opts).is_empty());
+}
+
+#[test]
+fn a_created_aai_that_retires_takes_its_identity_off_if_there() {
+    // Its status may lag ARM (MIC's own Assigned write not seen yet, or a
+    // leader killed after its PATCH): deleting it without a removal would
+    // orphan the identity. The executor sends nothing if it is not there (H1).
+    let mut ix = base();
+    let opts = Options::default();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let pod = mk_pod("ns", "web", "sel", "n1");
+    ix.apply_pod(&pod);
+    let p = plan(&ix, &opts);
+    ix.apply_assigned(&p.create[0]);
+    assert_eq!(
+        ix.assigned[&key("default", "web-ns-id")].state(),
+        Some(AssignedIdentityState::Created)
+    );
+    ix.delete_pod(&pod);
+    let p = plan(&ix, &opts);
+    assert!(p.delete_now.is_empty());
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.remove, [lrid("id")].into());
+    assert_eq!(
+        w.delete_on_success,
+        vec![(key("default", "web-ns-id"), lrid("id"))]
     );
 }

@@ -323,3 +323,56 @@ fn fully_held_resources_leave_the_plan() {
     l.hold(&mut p, s(0));
     assert!(p.is_empty());
 }
+
+#[test]
+fn read_policies_of_a_get_answer_never_correct_the_write_mirror() {
+    let r = vmss("a");
+    // (header, resource tokens after 5 writes and the header)
+    let cases = [
+        // A GET answer lists only read policies (azure-apis.md §3.7).
+        (
+            "Microsoft.Compute/GetVMScaleSet3Min;197,Microsoft.Compute/GetVMScaleSet30Min;1297",
+            7.0,
+        ),
+        (
+            "Microsoft.Compute/HighCostGetVMScaleSet3Min;0,Microsoft.Compute/LowCostGet30Min;5",
+            7.0,
+        ),
+        // A write policy, on whatever answer, is taken.
+        ("Microsoft.Compute/PutVMScaleSetResource;2", 2.0),
+        (
+            "Microsoft.Compute/GetVMScaleSet3Min;0,Microsoft.Compute/PutVMScaleSetResource;9",
+            9.0,
+        ),
+    ];
+    for (header, want) in cases {
+        let mut b = Budget::new(Limits::default());
+        for _ in 0..5 {
+            b.try_acquire(&r, s(0)).unwrap();
+        }
+        b.observe_remaining(&r, header, s(0));
+        assert_eq!(b.tokens(&r, s(0)).0, want, "{header}");
+    }
+}
+
+#[test]
+fn subscription_writes_header_only_lowers_the_subscription_bucket() {
+    let r = vmss("a");
+    let mut b = Budget::new(Limits::default());
+    b.try_acquire(&r, s(0)).unwrap();
+    // ARM's layer has more left than Compute's bucket: nothing changes.
+    b.observe_subscription_writes(12_000, s(0));
+    assert_eq!(b.tokens(&r, s(0)).1, 1499.0);
+    // Fewer (legacy model: 1,200 writes an hour, peers.md §1.1): lowered.
+    b.observe_subscription_writes(1199, s(0));
+    assert_eq!(b.tokens(&r, s(0)).1, 1199.0);
+    // It has less: the mirror follows, and a write waits for the refill.
+    b.observe_subscription_writes(0, s(0));
+    assert_eq!(b.tokens(&r, s(0)).1, 0.0);
+    assert!(b.try_acquire(&vmss("other"), s(0)).is_err());
+    // 500/min: one token after 0.12 s.
+    assert!(
+        b.try_acquire(&vmss("other"), Duration::from_millis(200))
+            .is_ok()
+    );
+}

@@ -1,0 +1,89 @@
+{{/* Chart name (or nameOverride). */}}
+{{- define "aad-pod-identity.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Base of every object name: fullnameOverride, else the chart name. The
+release name is not used, as upstream. */}}
+{{- define "aad-pod-identity.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- include "aad-pod-identity.name" . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.mic.fullname" -}}
+{{- printf "%s-mic" (include "aad-pod-identity.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.nmi.fullname" -}}
+{{- printf "%s-nmi" (include "aad-pod-identity.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.labels" -}}
+app.kubernetes.io/name: {{ include "aad-pod-identity.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ include "aad-pod-identity.chart" . }}
+{{- end -}}
+
+{{- define "aad-pod-identity.mic.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "aad-pod-identity.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: mic
+{{- end -}}
+
+{{- define "aad-pod-identity.nmi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "aad-pod-identity.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nmi
+{{- end -}}
+
+{{- define "aad-pod-identity.mic.labels" -}}
+{{ include "aad-pod-identity.labels" . }}
+app.kubernetes.io/component: mic
+{{- end -}}
+
+{{- define "aad-pod-identity.nmi.labels" -}}
+{{ include "aad-pod-identity.labels" . }}
+app.kubernetes.io/component: nmi
+tier: node
+{{- end -}}
+
+{{/* Standard mode runs MIC. */}}
+{{- define "aad-pod-identity.standard" -}}
+{{- if eq (lower (toString .Values.operationMode)) "standard" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Lease namespace: --leader-election-namespace, whose default is "default". */}}
+{{- define "aad-pod-identity.mic.leaseNamespace" -}}
+{{- default "default" .Values.mic.leaderElection.namespace -}}
+{{- end -}}
+
+{{/* The Secrets type 1/2 entries of azureIdentities name, as "namespace/name"
+lines (used when rbac.allowAccessToSecrets is null). */}}
+{{- define "aad-pod-identity.spSecrets" -}}
+{{- range $key, $id := .Values.azureIdentities }}
+{{- if and (has (int $id.type) (list 1 2)) $id.clientPassword }}
+{{- $ref := $id.clientPassword }}
+{{- if kindIs "string" $ref }}{{ $ref = fromJson $ref }}{{ end }}
+{{- if not $ref.name }}{{ fail (printf "azureIdentities.%s.clientPassword must name a Secret: {\"name\":...,\"namespace\":...}" $key) }}{{ end }}
+{{ default (default $.Release.Namespace $id.namespace) $ref.namespace }}/{{ $ref.name }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Checks of values a schema cannot express. */}}
+{{- define "aad-pod-identity.validate" -}}
+{{- range $key, $id := .Values.azureIdentities }}
+{{- if not $id.clientID }}{{ fail (printf "azureIdentities.%s.clientID is required" $key) }}{{ end }}
+{{- if and (eq (int $id.type) 0) (not $id.resourceID) }}{{ fail (printf "azureIdentities.%s.resourceID is required for type 0" $key) }}{{ end }}
+{{- if and (has (int $id.type) (list 1 2)) (or (not $id.tenantID) (not $id.clientPassword)) }}{{ fail (printf "azureIdentities.%s: tenantID and clientPassword are required for type %d" $key (int $id.type)) }}{{ end }}
+{{- if or (not $id.binding) (not $id.binding.selector) }}{{ fail (printf "azureIdentities.%s.binding.selector is required" $key) }}{{ end }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,497 @@
+//! The table (text and Markdown), the machine it ran on, and the SVG chart.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Scale, Subject};
+
+/// One line of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    FirstToken,
+    BurstEmulated,
+    BurstWall,
+    BurstWrites,
+    BurstReads,
+    BurstPolls,
+    Burst429,
+    TokenP50,
+    TokenP99,
+    TokenThroughput,
+    NmiPeakRss,
+    MicPeakRss,
+    BigConvergeWall,
+    IdleArmCalls,
+    IdleCpu,
+}
+
+impl Metric {
+    /// Every metric, in table order.
+    pub const ALL: [Metric; 15] = [
+        Metric::FirstToken,
+        Metric::BurstEmulated,
+        Metric::BurstWall,
+        Metric::BurstWrites,
+        Metric::BurstReads,
+        Metric::BurstPolls,
+        Metric::Burst429,
+        Metric::TokenP50,
+        Metric::TokenP99,
+        Metric::TokenThroughput,
+        Metric::NmiPeakRss,
+        Metric::MicPeakRss,
+        Metric::BigConvergeWall,
+        Metric::IdleArmCalls,
+        Metric::IdleCpu,
+    ];
+
+    /// The figures of row 2.
+    pub const BURST: [Metric; 6] = [
+        Metric::BurstEmulated,
+        Metric::BurstWall,
+        Metric::BurstWrites,
+        Metric::BurstReads,
+        Metric::BurstPolls,
+        Metric::Burst429,
+    ];
+
+    /// Row number of the issue (1-5).
+    pub fn row(self) -> u8 {
+        match self {
+            Metric::FirstToken => 1,
+            Metric::BurstEmulated
+            | Metric::BurstWall
+            | Metric::BurstWrites
+            | Metric::BurstReads
+            | Metric::BurstPolls
+            | Metric::Burst429 => 2,
+            Metric::TokenP50 | Metric::TokenP99 | Metric::TokenThroughput => 3,
+            Metric::NmiPeakRss | Metric::MicPeakRss | Metric::BigConvergeWall => 4,
+            Metric::IdleArmCalls | Metric::IdleCpu => 5,
+        }
+    }
+
+    /// What the line says, with the run's sizes.
+    pub fn label(self, s: &Scale) -> String {
+        match self {
+            Metric::FirstToken => format!(
+                "first token for a new pod, minus the LRO (L = {:.0} s emulated = {:.1} s wall), ms",
+                s.lro_seconds,
+                s.lro_seconds / s.speed
+            ),
+            Metric::BurstEmulated => format!(
+                "burst of {} pods / {} identities / {} scale sets: all Assigned, emulated s",
+                s.burst_pods, s.burst_ids, s.vmss
+            ),
+            Metric::BurstWall => "burst: all Assigned, wall s".into(),
+            Metric::BurstWrites => "burst: ARM writes (PUT/PATCH)".into(),
+            Metric::BurstReads => "burst: ARM reads (GET of VMSS/VM)".into(),
+            Metric::BurstPolls => "burst: ARM LRO status polls".into(),
+            Metric::Burst429 => "burst: ARM 429 answers".into(),
+            Metric::TokenP50 => format!(
+                "NMI token p50 at {} concurrent clients (cached), ms",
+                s.load_clients
+            ),
+            Metric::TokenP99 => "NMI token p99, ms".into(),
+            Metric::TokenThroughput => "NMI token throughput, tokens/s".into(),
+            Metric::NmiPeakRss => {
+                format!("peak RSS of nmi with {} pods on its node, MiB", s.nmi_pods)
+            }
+            Metric::MicPeakRss => format!(
+                "peak RSS of mic with {} pods and {} identities, MiB",
+                s.big_pods, s.big_ids
+            ),
+            Metric::BigConvergeWall => format!(
+                "mic: time for the last {} pods to be all Assigned, wall s",
+                s.big_pods.saturating_sub(s.burst_pods)
+            ),
+            Metric::IdleArmCalls => format!(
+                "idle: mic ARM calls over {:.0} minutes (emulated)",
+                s.idle.as_secs_f64() / 60.0
+            ),
+            Metric::IdleCpu => format!(
+                "idle: mic CPU (utime+stime), s (over {:.0} s wall)",
+                s.wall(s.idle).as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// A measured value, or why there is none.
+#[derive(Clone, Debug)]
+pub enum Cell {
+    Value(f64),
+    Text(String),
+}
+
+impl Cell {
+    /// As printed.
+    pub fn render(&self) -> String {
+        match self {
+            Cell::Value(v) => format_number(*v),
+            Cell::Text(t) => t.clone(),
+        }
+    }
+}
+
+fn format_number(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 || v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// One subject's column.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    cells: BTreeMap<Metric, Cell>,
+    /// Details worth keeping next to the table.
+    pub notes: Vec<String>,
+}
+
+impl Figures {
+    /// A column where nothing ran, for `reason`.
+    pub fn not_run(reason: &str) -> Self {
+        let mut f = Figures::default();
+        f.fill_missing(reason);
+        f
+    }
+
+    pub fn set(&mut self, m: Metric, v: f64) {
+        self.cells.insert(m, Cell::Value(v));
+    }
+
+    pub fn set_text(&mut self, m: Metric, t: &str) {
+        self.cells.insert(m, Cell::Text(t.to_string()));
+    }
+
+    pub fn note(&mut self, n: String) {
+        self.notes.push(n);
+    }
+
+    /// Sets `t` in every cell not set yet.
+    pub fn fill_missing(&mut self, t: &str) {
+        for m in Metric::ALL {
+            self.cells
+                .entry(m)
+                .or_insert_with(|| Cell::Text(t.to_string()));
+        }
+    }
+
+    pub fn get(&self, m: Metric) -> Option<&Cell> {
+        self.cells.get(&m)
+    }
+
+    /// The numeric value of `m`, if measured.
+    pub fn value(&self, m: Metric) -> Option<f64> {
+        match self.cells.get(&m) {
+            Some(Cell::Value(v)) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+/// The whole result of a run.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub scale: Scale,
+    pub columns: Vec<(Subject, Figures)>,
+}
+
+impl Table {
+    pub fn new(scale: &Scale, columns: Vec<(Subject, Figures)>) -> Self {
+        Table {
+            scale: scale.clone(),
+            columns,
+        }
+    }
+
+    fn rows(&self) -> Vec<Vec<String>> {
+        Metric::ALL
+            .iter()
+            .map(|m| {
+                let mut r = vec![m.row().to_string(), m.label(&self.scale)];
+                for (_, f) in &self.columns {
+                    r.push(
+                        f.get(*m)
+                            .map_or_else(|| "not run".to_string(), Cell::render),
+                    );
+                }
+                r
+            })
+            .collect()
+    }
+
+    fn header(&self) -> Vec<String> {
+        let mut h = vec!["#".to_string(), "metric".to_string()];
+        h.extend(self.columns.iter().map(|(s, _)| s.title().to_string()));
+        h
+    }
+
+    /// The table as printed (Markdown pipe table, readable as text).
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let header = self.header();
+        let _ = writeln!(out, "| {} |", header.join(" | "));
+        let _ = writeln!(
+            out,
+            "|{}",
+            header
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if i >= 2 { "---:|" } else { "---|" })
+                .collect::<String>()
+        );
+        for r in self.rows() {
+            let r: Vec<String> = r.into_iter().map(|c| c.replace('|', "/")).collect();
+            let _ = writeln!(out, "| {} |", r.join(" | "));
+        }
+        out
+    }
+}
+
+/// Where and when the run happened.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory: String,
+    pub kernel: String,
+    pub date: String,
+    pub commit: String,
+    pub took: Duration,
+    pub quick: bool,
+}
+
+impl Machine {
+    /// Reads `/proc`, `date` and the Git commit of the work tree (read-only).
+    pub fn describe(took: Duration, quick: bool) -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cmd = |prog: &str, args: &[&str]| {
+            std::process::Command::new(prog)
+                .args(args)
+                .current_dir(crate::repo_root())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let meminfo = read("/proc/meminfo");
+        let memory = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or_else(
+                || "unknown".into(),
+                |kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0),
+            );
+        let dirty = !cmd("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model: read("/proc/cpuinfo")
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            memory,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            date: cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            commit: format!(
+                "{}{}",
+                cmd("git", &["rev-parse", "--short", "HEAD"]),
+                if dirty {
+                    " (with uncommitted changes)"
+                } else {
+                    ""
+                }
+            ),
+            took,
+            quick,
+        }
+    }
+}
+
+/// Writes the Markdown report at `md` and the chart next to it (`.svg`).
+pub fn write_files(md: &Path, table: &Table, m: &Machine) -> anyhow::Result<()> {
+    if let Some(dir) = md.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let svg = md.with_extension("svg");
+    std::fs::write(md, markdown(table, m, &svg))?;
+    std::fs::write(&svg, chart(table))?;
+    Ok(())
+}
+
+fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
+    let s = &t.scale;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Benchmarks: this project and upstream aad-pod-identity v1.8.17\n"
+    );
+    let _ = writeln!(
+        out,
+        "Written by `cargo run --release -p aadpodid-tests --bin bench --locked{}` (tests/src/bench/); do not edit by hand.\n",
+        if m.quick { " -- --quick" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "- machine: {} CPUs ({}), {} memory, Linux {}\n- date: {}, commit {}, run took {:.0} s{}\n",
+        m.cpus,
+        m.cpu_model,
+        m.memory,
+        m.kernel,
+        m.date,
+        m.commit,
+        m.took.as_secs_f64(),
+        if m.quick {
+            "\n- **quick mode**: small sizes, figures say only that the bench works"
+        } else {
+            ""
+        }
+    );
+    out.push_str(&t.render_text());
+    let _ = writeln!(
+        out,
+        "\n![chart]({})\n",
+        svg.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    );
+    let _ = writeln!(out, "## How it is measured\n");
+    let _ = writeln!(
+        out,
+        "- One process starts a real etcd + kube-apiserver (the test harness) and, per column, the Azure emulator in-process with Compute's throttle buckets at their real sizes (PutVMScaleSet: 12 burst, 4/min per scale set; 1500/500 per subscription; ARM 250 reads/200 writes burst) on a clock running {speed}× (1 wall s = {speed} emulated s). VMSS writes are long-running operations of {lro} emulated s; `Retry-After` is divided by the speed.\n\
+         - mic runs as its own process (`mic::cli_main`) with its periods divided by {speed} (`--identity-assignment-reconcile-interval={ri}`, `--syncRetryDuration={sr}`, `--update-user-msi-retry-interval={ui}`) and its write budget refills multiplied by {speed}; lease timings stay real.\n\
+         - nmi runs as its own process (`nmi::cli_main`) inside a node network namespace with its iptables rules; pods are network namespaces attached by veth; the apiserver and IMDS reach the node namespace over Unix-socket relays, never through the root namespace.\n\
+         - Row 1: from creating the Pod (nodeName, then podIP via the status subresource) until `curl` in the pod's namespace gets 200 from 169.254.169.254, minus L in wall time.\n\
+         - Row 2: pods are created 32 at a time while mic runs (Pod objects only, no kubelet); time until every AzureAssignedIdentity is Assigned (polled every 250 ms); ARM counts come from the emulator's counters over the same span.\n\
+         - Row 3: {clients} HTTP/1.1 keep-alive clients in one pod namespace, {req} requests each (bounded by {max:.0} s), after one warm-up request, so NMI answers from its token cache; the client process runs on the same cores.\n\
+         - Row 4: VmHWM of `/proc/<pid>/status`. nmi: {nmi} Pod objects with IPs and Assigned AAIs on its node, after a token request. mic: after the burst, the rest of {big} pods over {ids} identities (identity j on scale set j mod {k}) all Assigned.\n\
+         - Row 5: after the burst converged and 60 emulated s of quiet, ARM requests (writes + reads + LRO polls) and mic's utime+stime from `/proc/<pid>/stat` over {idle:.0} emulated s ({idlew:.0} wall s).\n\
+         - The machine is shared: other jobs ran on the same {cpus} cores during the run, so times and CPU figures are upper bounds.",
+        speed = s.speed,
+        lro = s.lro_seconds,
+        ri = super::subject::go_duration_text(s.wall(Duration::from_secs(180))),
+        sr = super::subject::go_duration_text(s.wall(Duration::from_secs(3600))),
+        ui = super::subject::go_duration_text(s.wall(Duration::from_secs(1))),
+        clients = s.load_clients,
+        req = s.load_requests,
+        max = s.load_max.as_secs_f64(),
+        nmi = s.nmi_pods,
+        big = s.big_pods,
+        ids = s.big_ids,
+        k = s.vmss,
+        idle = s.idle.as_secs_f64(),
+        idlew = s.wall(s.idle).as_secs_f64(),
+        cpus = m.cpus,
+    );
+    let _ = writeln!(
+        out,
+        "\n## Differences that explain the upstream column\n\n\
+         - Upstream NMI caches no token: in row 3 every request goes on to IMDS, whose limits (20 token requests/s per VM on the emulated clock, so {speed}× that in wall time, and 5 concurrent) it meets; this project's NMI answers from its cache.\n\
+         - Upstream NMI re-reads the AzureAssignedIdentity every `--find-identity-retry-interval` (5 s) while it is not Assigned; this project's NMI waits on its watch (row 1).\n\
+         - Upstream MIC's client-go paces its apiserver requests at its default `--clientQps=5`; this project's kube client has no client-side limiter. Upstream MIC has no ARM write budget, so only its periods are scaled (rows 2, 4, 5).\n\
+         - Both are started with their defaults otherwise, the same emulator settings, the same apiserver, the same pods and identities.",
+        speed = s.speed
+    );
+    for (subject, f) in &t.columns {
+        if f.notes.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\n### Details: {}\n", subject.title());
+        for n in &f.notes {
+            let _ = writeln!(out, "- {n}");
+        }
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A horizontal bar chart: one group per metric, each bar scaled to the
+/// larger value of its group.
+pub fn chart(t: &Table) -> String {
+    const COLORS: [&str; 2] = ["#2b6cb0", "#dd6b20"];
+    let (label_w, bar_w, line_h) = (560.0, 300.0, 16.0);
+    let group_h = line_h * (t.columns.len() as f64 + 1.0) + 8.0;
+    let height = 60.0 + group_h * Metric::ALL.len() as f64;
+    let width = label_w + bar_w + 180.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let mut x = 10.0;
+    for (i, (s, _)) in t.columns.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let _ = writeln!(
+            out,
+            r#"<rect x="{x}" y="14" width="12" height="12" fill="{c}"/><text x="{}" y="24">{}</text>"#,
+            x + 16.0,
+            escape(s.title())
+        );
+        x += 160.0;
+    }
+    let mut y = 50.0;
+    for m in Metric::ALL {
+        let _ = writeln!(
+            out,
+            r#"<text x="10" y="{}" font-weight="bold">{}. {}</text>"#,
+            y + 12.0,
+            m.row(),
+            escape(&m.label(&t.scale))
+        );
+        let max = t
+            .columns
+            .iter()
+            .filter_map(|(_, f)| f.value(m))
+            .fold(0.0_f64, |a, v| a.max(v.abs()));
+        for (i, (_, f)) in t.columns.iter().enumerate() {
+            let by = y + line_h * (i as f64 + 1.0);
+            let c = COLORS[i % COLORS.len()];
+            match f.get(m) {
+                Some(Cell::Value(v)) => {
+                    let w = if max > 0.0 {
+                        bar_w * v.abs() / max
+                    } else {
+                        0.0
+                    };
+                    let _ = writeln!(
+                        out,
+                        r#"<rect x="{label_w}" y="{}" width="{w:.1}" height="{}" fill="{c}"/><text x="{:.1}" y="{}">{}</text>"#,
+                        by + 2.0,
+                        line_h - 4.0,
+                        label_w + w + 4.0,
+                        by + 12.0,
+                        format_number(*v)
+                    );
+                }
+                other => {
+                    let text = other.map_or_else(|| "not run".to_string(), Cell::render);
+                    let short: String = text.chars().take(70).collect();
+                    let _ = writeln!(
+                        out,
+                        r##"<text x="{label_w}" y="{}" fill="#718096">{}</text>"##,
+                        by + 12.0,
+                        escape(&short)
+                    );
+                }
+            }
+        }
+        y += group_h;
+    }
+    out.push_str("</svg>\n");
+    out
+}

@@ -1,0 +1,684 @@
+//! What is measured (one function per row) and for whom ([`Subject`]).
+//!
+//! The two functions that differ per subject are [`launch_mic`] and
+//! [`launch_nmi`]: they turn the bench's settings into a command line. Every
+//! row then runs the same steps against the same cluster and emulator
+//! settings, whichever subject runs.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use super::child::{LoadResult, LoadSpec};
+use super::report::{Figures, Metric};
+use super::world::{
+    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_token, free_port, http_get,
+    self_exe, start_proc,
+};
+use super::{Options, ROLE_ENV, Scale, procfs};
+use crate::netns::{IMDS_ADDRESS, NetNs};
+
+/// Whose MIC and NMI run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Subject {
+    /// This repository's `mic` and `nmi`.
+    ThisProject,
+    /// Upstream aad-pod-identity v1.8.17's Go `mic` and `nmi`.
+    Upstream,
+}
+
+impl Subject {
+    /// Column title.
+    pub fn title(self) -> &'static str {
+        match self {
+            Subject::ThisProject => "this project",
+            Subject::Upstream => "upstream v1.8.17",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Subject::ThisProject => "rs",
+            Subject::Upstream => "go",
+        }
+    }
+}
+
+/// MIC settings a subject's launcher turns into flags. Periods are already
+/// divided by the clock speed, and budgets multiplied by it, so that MIC's
+/// wall-time timers keep their ratio to the emulated clock.
+#[derive(Clone, Debug)]
+pub struct MicSettings {
+    pub kubeconfig: std::path::PathBuf,
+    pub azure_json: std::path::PathBuf,
+    pub cloud_env_file: std::path::PathBuf,
+    pub ca_bundle: std::path::PathBuf,
+    pub namespace: String,
+    pub probe_port: u16,
+    pub metrics_port: u16,
+    /// Drift reconcile (`--identity-assignment-reconcile-interval`, 3m by default).
+    pub reconcile_interval: Duration,
+    /// Full resync (`--syncRetryDuration`, 3600s by default).
+    pub sync_retry: Duration,
+    /// `--update-user-msi-retry-interval` (1s by default).
+    pub retry_interval: Duration,
+    /// Compute's write refill per scale set and per subscription, per wall minute.
+    pub resource_writes_per_minute: f64,
+    pub subscription_writes_per_minute: f64,
+}
+
+/// NMI settings a subject's launcher turns into flags.
+#[derive(Clone, Debug)]
+pub struct NmiSettings {
+    pub node: String,
+    pub kubeconfig: std::path::PathBuf,
+    pub probe_port: u16,
+}
+
+pub(crate) fn go_duration_text(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+/// Whether `subject` can run here; the reason when not.
+pub fn available(subject: Subject) -> Result<(), String> {
+    match subject {
+        Subject::ThisProject => Ok(()),
+        // Upstream's binaries come from tests/upstream/build.sh (cached).
+        Subject::Upstream => crate::upstream::upstream_bin_dir()
+            .map(|_| ())
+            .map_err(|e| format!("not run: upstream binaries unavailable: {e:#}")),
+    }
+}
+
+/// The program a subject's process runs (to find its pid behind wrappers).
+fn program(subject: Subject, name: &str) -> anyhow::Result<std::path::PathBuf> {
+    match subject {
+        // What /proc/<pid>/exe of a child running this binary reads.
+        Subject::ThisProject => Ok(std::fs::read_link("/proc/self/exe")?),
+        Subject::Upstream => Ok(std::fs::canonicalize(
+            crate::upstream::upstream_bin_dir()?.join(name),
+        )?),
+    }
+}
+
+/// The flags that scale MIC's periods, in the spelling both MICs share.
+fn scaled_period_flags(s: &MicSettings) -> Vec<String> {
+    vec![
+        format!(
+            "--identity-assignment-reconcile-interval={}",
+            go_duration_text(s.reconcile_interval)
+        ),
+        format!("--syncRetryDuration={}", go_duration_text(s.sync_retry)),
+        format!(
+            "--update-user-msi-retry-interval={}",
+            go_duration_text(s.retry_interval)
+        ),
+    ]
+}
+
+/// The MIC process of `subject` (environment included); the caller adds
+/// stdio and spawns it.
+pub fn launch_mic(subject: Subject, s: &MicSettings) -> anyhow::Result<Command> {
+    match subject {
+        Subject::ThisProject => {
+            let mut cmd = Command::new(self_exe()?);
+            cmd.env(ROLE_ENV, "mic")
+                .env("MIC_POD_NAMESPACE", &s.namespace)
+                .env("AZURE_ENVIRONMENT_FILEPATH", &s.cloud_env_file)
+                .env("SSL_CERT_FILE", &s.ca_bundle)
+                .env("NO_PROXY", "127.0.0.1,localhost")
+                .args([
+                    format!("--kubeconfig={}", s.kubeconfig.display()),
+                    format!("--cloudconfig={}", s.azure_json.display()),
+                    format!("--leader-election-namespace={}", s.namespace),
+                    "--leader-election-instance=bench-mic".into(),
+                    format!("--http-probe-port={}", s.probe_port),
+                    format!("--prometheus-port={}", s.metrics_port),
+                    format!(
+                        "--arm-resource-writes-per-minute={}",
+                        s.resource_writes_per_minute
+                    ),
+                    format!(
+                        "--arm-subscription-writes-per-minute={}",
+                        s.subscription_writes_per_minute
+                    ),
+                ])
+                .args(scaled_period_flags(s));
+            for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+                cmd.env_remove(var);
+            }
+            Ok(cmd)
+        }
+        // Upstream has no client-side write budget: only the periods scale.
+        Subject::Upstream => crate::upstream::upstream_mic_command(&crate::upstream::MicOptions {
+            kubeconfig: s.kubeconfig.clone(),
+            azure_json: s.azure_json.clone(),
+            cloud_env_file: s.cloud_env_file.clone(),
+            ca_bundle: s.ca_bundle.clone(),
+            namespace: s.namespace.clone(),
+            instance: "bench-mic".into(),
+            probe_port: s.probe_port,
+            metrics_port: s.metrics_port,
+            extra_args: scaled_period_flags(s),
+        }),
+    }
+}
+
+/// The NMI process of `subject`, run inside the node namespace `node`.
+pub fn launch_nmi(subject: Subject, node: &NetNs, s: &NmiSettings) -> anyhow::Result<Command> {
+    match subject {
+        Subject::ThisProject => {
+            let mut cmd = node.command(self_exe()?);
+            cmd.env(ROLE_ENV, "nmi").args([
+                format!("--node={}", s.node),
+                format!("--kubeconfig={}", s.kubeconfig.display()),
+                format!("--http-probe-port={}", s.probe_port),
+                "--allow-network-plugin-kubenet=true".into(),
+            ]);
+            Ok(cmd)
+        }
+        Subject::Upstream => crate::upstream::upstream_nmi_command(
+            node,
+            &crate::upstream::NmiOptions {
+                node: s.node.clone(),
+                kubeconfig: s.kubeconfig.clone(),
+                probe_port: s.probe_port,
+                extra_args: vec![],
+            },
+        ),
+    }
+}
+
+/// Every selected row for `subject`; a row that fails says why in its cells.
+pub async fn run_subject(subject: Subject, scale: &Scale, opts: &Options) -> Figures {
+    if let Err(reason) = available(subject) {
+        return Figures::not_run(&reason);
+    }
+    let mut f = Figures::default();
+    if let Err(e) = rows(subject, scale, opts, &mut f).await {
+        eprintln!("{}: {e:#}", subject.title());
+        f.fill_missing(&format!("failed: {e:#}"));
+    }
+    f.fill_missing("not run: row not selected");
+    f
+}
+
+struct Run<'a> {
+    subject: Subject,
+    w: &'a mut World,
+    mic: Proc,
+    nmi: Option<(NmiNode, Proc)>,
+    probe: SocketAddr,
+}
+
+async fn rows(
+    subject: Subject,
+    scale: &Scale,
+    opts: &Options,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let mut w = World::new(subject.tag(), scale).await?;
+    let r = rows_in(subject, &mut w, scale, opts, f).await;
+    let t = Instant::now();
+    w.clear().await;
+    eprintln!("[{}] cluster cleared in {:?}", subject.title(), t.elapsed());
+    r
+}
+
+async fn rows_in(
+    subject: Subject,
+    w: &mut World,
+    scale: &Scale,
+    opts: &Options,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    w.ensure_identities(scale.burst_ids.max(10)).await?;
+    let (mic, probe) = start_mic(subject, w).await?;
+    let mut run = Run {
+        subject,
+        w,
+        mic,
+        nmi: None,
+        probe,
+    };
+    wait_mic_active(&mut run).await?;
+    if opts.row(1) || opts.row(3) || opts.row(4) {
+        run.nmi = Some(start_nmi(&run).await?);
+    }
+    eprintln!("[{}] set up in {:?}", subject.title(), t.elapsed());
+    let log = |row: &str, r: &anyhow::Result<()>| match r {
+        Ok(()) => eprintln!("[{}] {row} done ({:?})", subject.title(), t.elapsed()),
+        Err(e) => eprintln!("[{}] {row} failed: {e:#}", subject.title()),
+    };
+    if opts.row(1) {
+        let r = row_first_token(&mut run, f).await;
+        log("row 1", &r);
+        fail(f, &[Metric::FirstToken], r);
+    }
+    if opts.row(4) {
+        let r = row_nmi_rss(&mut run, f).await;
+        log("row 4 (nmi)", &r);
+        fail(f, &[Metric::NmiPeakRss], r);
+    }
+    if opts.row(3) {
+        let r = row_token_load(&mut run, f).await;
+        log("row 3", &r);
+        fail(
+            f,
+            &[Metric::TokenP50, Metric::TokenP99, Metric::TokenThroughput],
+            r,
+        );
+    }
+    if opts.row(2) || opts.row(4) || opts.row(5) {
+        let r = row_burst(&mut run, f).await;
+        log("row 2", &r);
+        let failed = r.is_err();
+        fail(f, &[Metric::BurstEmulated, Metric::BurstWall], r);
+        if failed {
+            // Idle means nothing while MIC is still catching up.
+            f.set_text(Metric::IdleArmCalls, "not run: the burst did not converge");
+            f.set_text(Metric::IdleCpu, "not run: the burst did not converge");
+        }
+    }
+    if opts.row(5) && f.get(Metric::IdleCpu).is_none() {
+        let r = row_idle(&mut run, f).await;
+        log("row 5", &r);
+        fail(f, &[Metric::IdleArmCalls, Metric::IdleCpu], r);
+    }
+    if opts.row(4) {
+        let r = row_mic_rss(&mut run, f).await;
+        log("row 4 (mic)", &r);
+        fail(f, &[Metric::MicPeakRss, Metric::BigConvergeWall], r);
+    }
+    if !opts.row(2) {
+        for m in Metric::BURST {
+            f.set_text(m, "not run: row not selected");
+        }
+    }
+    // MIC and NMI stop here (dropped), before the cluster is cleared.
+    Ok(())
+}
+
+fn fail(f: &mut Figures, metrics: &[Metric], r: anyhow::Result<()>) {
+    if let Err(e) = r {
+        for m in metrics {
+            f.set_text(*m, &format!("failed: {e:#}"));
+        }
+    }
+}
+
+async fn start_mic(subject: Subject, w: &World) -> anyhow::Result<(Proc, SocketAddr)> {
+    let (azure_json, cloud_env_file) = match subject {
+        Subject::ThisProject => w.write_cloud_files()?,
+        Subject::Upstream => crate::upstream::write_cloud_files(
+            &w.dir,
+            "upstream-",
+            &crate::upstream::CloudSettings {
+                arm_url: w.emu.arm_url(),
+                aad_url: w.emu.aad_url(),
+                tenant_id: world::TENANT.into(),
+                subscription_id: world::SUB.into(),
+                resource_group: world::NODE_RG.into(),
+                client_id: world::MIC_CLIENT.into(),
+                client_secret: world::MIC_SECRET.into(),
+                user_assigned_identity_id: world::KUBELET_CLIENT.into(),
+            },
+        )?,
+    };
+    let speed = w.scale.speed;
+    let probe_port = free_port()?;
+    let s = MicSettings {
+        kubeconfig: w.cluster.kubeconfig().to_path_buf(),
+        azure_json,
+        cloud_env_file,
+        ca_bundle: w.emu.ca_bundle_path().to_path_buf(),
+        namespace: w.ns_ids.name().to_string(),
+        probe_port,
+        metrics_port: free_port()?,
+        reconcile_interval: w.scale.wall(Duration::from_secs(180)),
+        sync_retry: w.scale.wall(Duration::from_secs(3600)),
+        retry_interval: w.scale.wall(Duration::from_secs(1)),
+        resource_writes_per_minute: 4.0 * speed,
+        subscription_writes_per_minute: 500.0 * speed,
+    };
+    let cmd = launch_mic(subject, &s)?;
+    let proc = start_proc(cmd, &program(subject, "mic")?, w.dir.join("mic.log"))?;
+    Ok((proc, SocketAddr::from(([127, 0, 0, 1], probe_port))))
+}
+
+async fn wait_mic_active(run: &mut Run<'_>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if http_get(run.probe, "/healthz")
+            .await
+            .is_ok_and(|b| b.trim() == "Active")
+        {
+            return Ok(());
+        }
+        if let Some(status) = run.mic.exited() {
+            bail!("MIC exited ({status}): {}", run.mic.log_tail());
+        }
+        if Instant::now() >= deadline {
+            bail!("MIC not Active after 120 s: {}", run.mic.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn start_nmi(run: &Run<'_>) -> anyhow::Result<(NmiNode, Proc)> {
+    let node = NmiNode::start(run.w).await?;
+    let s = NmiSettings {
+        node: run.w.nmi_node.clone(),
+        kubeconfig: node.kubeconfig.clone(),
+        probe_port: NMI_PROBE_PORT,
+    };
+    let cmd = launch_nmi(run.subject, &node.node.node, &s)?;
+    let mut nmi = start_proc(
+        cmd,
+        &program(run.subject, "nmi")?,
+        run.w.dir.join("nmi.log"),
+    )?;
+    node.wait_active(&mut nmi).await?;
+    Ok((node, nmi))
+}
+
+fn nmi_of<'r>(run: &'r mut Run<'_>) -> anyhow::Result<&'r mut (NmiNode, Proc)> {
+    run.nmi.as_mut().context("NMI is not running")
+}
+
+/// Row 1: pod created → a client in it holds a token, minus the emulated
+/// VMSS write (LRO) converted to wall time.
+async fn row_first_token(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    let ns = run.w.ns_nmi.name().to_string();
+    let node_name = run.w.nmi_node.clone();
+    let (_, ip) = nmi_of(run)?.0.pod(0)?;
+    let t0 = Instant::now();
+    run.w
+        .create_pods(&ns, vec![("first".into(), node_name, 0, Some(ip))])
+        .await?;
+    let deadline = t0 + Duration::from_secs(240);
+    loop {
+        let (node, _) = nmi_of(run)?;
+        let code = curl_token(node.pod(0)?.0, 120).await?;
+        if code == 200 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("no token within 240 s (last status {code})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = t0.elapsed();
+    let lro = run
+        .w
+        .scale
+        .wall(Duration::from_secs_f64(run.w.scale.lro_seconds));
+    f.set(
+        Metric::FirstToken,
+        (took.as_secs_f64() - lro.as_secs_f64()) * 1000.0,
+    );
+    Ok(())
+}
+
+/// The pod the load clients run in (pod namespace 1), bound to identity 0.
+async fn ensure_load_pod(run: &mut Run<'_>) -> anyhow::Result<()> {
+    let ns = run.w.ns_nmi.name().to_string();
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(run.w.client.clone(), &ns);
+    if api.get_opt("load").await?.is_some() {
+        return Ok(());
+    }
+    let node_name = run.w.nmi_node.clone();
+    let (_, ip) = nmi_of(run)?.0.pod(1)?;
+    run.w
+        .create_pods(&ns, vec![("load".into(), node_name, 0, Some(ip))])
+        .await
+}
+
+async fn nmi_pods_assigned(run: &mut Run<'_>) -> anyhow::Result<()> {
+    let ns = run.w.ns_nmi.name().to_string();
+    let (total, _) = run.w.aai_counts(&ns).await?;
+    let Run { w, mic, .. } = run;
+    w.wait_assigned(&ns, total.max(1), Duration::from_millis(250), mic)
+        .await
+}
+
+/// A token through NMI from the load pod, retried until 200 (bounded).
+async fn warm_token(run: &mut Run<'_>) -> anyhow::Result<()> {
+    for _ in 0..20 {
+        let (node, _) = nmi_of(run)?;
+        if curl_token(node.pod(1)?.0, 60).await? == 200 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("the load pod gets no token")
+}
+
+/// Row 4 (NMI): peak RSS with `nmi_pods` pods and their AAIs on its node.
+async fn row_nmi_rss(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    ensure_load_pod(run).await?;
+    let ns = run.w.ns_nmi.name().to_string();
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(run.w.client.clone(), &ns);
+    let have = api.list(&Default::default()).await?.items.len();
+    let extra: Vec<_> = (have..run.w.scale.nmi_pods)
+        .map(|i| {
+            // Addresses no namespace backs: NMI only needs them in its index.
+            let ip = std::net::Ipv4Addr::new(10, 244, 1 + (i / 250) as u8, (i % 250 + 1) as u8);
+            (
+                format!("extra-{i}"),
+                run.w.nmi_node.clone(),
+                i % 10,
+                Some(ip),
+            )
+        })
+        .collect();
+    run.w.create_pods(&ns, extra).await?;
+    let expected = api.list(&Default::default()).await?.items.len();
+    {
+        let Run { w, mic, .. } = &mut *run;
+        w.wait_assigned(&ns, expected, Duration::from_millis(250), mic)
+            .await?;
+    }
+    // Let NMI's watches catch up, then serve one request.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    warm_token(run).await?;
+    let pid = nmi_of(run)?.1.pid;
+    let mem = procfs::memory(pid)?;
+    f.set(Metric::NmiPeakRss, mem.peak_kib as f64 / 1024.0);
+    f.note(format!(
+        "nmi with {expected} pods on its node: VmHWM {} KiB, VmRSS {} KiB",
+        mem.peak_kib, mem.now_kib
+    ));
+    Ok(())
+}
+
+/// Row 3: `load_clients` keep-alive clients in one pod, cached tokens,
+/// through the pod's veth, NMI's DNAT rule and NMI.
+async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    ensure_load_pod(run).await?;
+    nmi_pods_assigned(run).await?;
+    warm_token(run).await?;
+    let scale = run.w.scale.clone();
+    let spec = LoadSpec {
+        target: SocketAddr::from((IMDS_ADDRESS, 80)),
+        path: TOKEN_PATH.into(),
+        clients: scale.load_clients,
+        requests: scale.load_requests,
+        max: scale.load_max,
+    };
+    let imds_before = run.w.emu.counters();
+    let (node, _) = nmi_of(run)?;
+    let mut cmd = node.pod(1)?.0.command(self_exe()?);
+    cmd.env(ROLE_ENV, "load")
+        .arg(serde_json::to_string(&spec)?)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::time::timeout(
+        scale.load_max + Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || cmd.output()),
+    )
+    .await
+    .context("load run exceeded its bound")???;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let r: LoadResult = serde_json::from_str(line).with_context(|| {
+        format!(
+            "load printed no result: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if r.ok == 0 {
+        bail!("no request succeeded ({} errors)", r.errors);
+    }
+    f.set(Metric::TokenP50, r.p50_us as f64 / 1000.0);
+    f.set(Metric::TokenP99, r.p99_us as f64 / 1000.0);
+    f.set(Metric::TokenThroughput, r.ok as f64 / r.seconds);
+    let imds_after = run.w.emu.counters();
+    let sum = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
+    f.note(format!(
+        "token load: {} ok, {} errors, {} clients in {:.1} s; IMDS token requests meanwhile {}, IMDS 429s {}",
+        r.ok,
+        r.errors,
+        spec.clients,
+        r.seconds,
+        sum(&imds_after.imds_token_requests) - sum(&imds_before.imds_token_requests),
+        imds_after.imds_throttled - imds_before.imds_throttled
+    ));
+    Ok(())
+}
+
+fn arm_totals(c: &azure_emulator::Counters) -> [u64; 4] {
+    [
+        c.arm_writes.values().sum(),
+        c.arm_reads.values().sum(),
+        c.lro_polls,
+        c.arm_throttled,
+    ]
+}
+
+/// Row 2: `burst_pods` pods over `burst_ids` identities and `vmss` scale
+/// sets, created 32 at a time while MIC runs.
+async fn row_burst(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    let scale = run.w.scale.clone();
+    run.w.ensure_identities(scale.burst_ids).await?;
+    let ns = run.w.ns_burst.name().to_string();
+    let pods: Vec<_> = (0..scale.burst_pods)
+        .map(|i| {
+            // Shifted per block of identities, so that every scale set
+            // gets pods of (nearly) every identity, as a Deployment's pods
+            // spread over nodes would.
+            let n = run.w.nodes.len();
+            let node = run.w.nodes[(i + 7 * (i / scale.burst_ids)) % n].clone();
+            (format!("burst-{i}"), node, i % scale.burst_ids, None)
+        })
+        .collect();
+    let before = arm_totals(&run.w.emu.counters());
+    let v0 = run.w.emu.clock().now();
+    let t0 = Instant::now();
+    run.w.create_pods(&ns, pods).await?;
+    let created = t0.elapsed();
+    let waited = {
+        let Run { w, mic, .. } = &mut *run;
+        w.wait_assigned(&ns, scale.burst_pods, Duration::from_millis(250), mic)
+            .await
+    };
+    let wall = t0.elapsed();
+    let emulated = run.w.emu.clock().now().saturating_sub(v0);
+    let after = arm_totals(&run.w.emu.counters());
+    let d = |i: usize| (after[i] - before[i]) as f64;
+    // ARM counts cover the same span, converged or not.
+    f.set(Metric::BurstWrites, d(0));
+    f.set(Metric::BurstReads, d(1));
+    f.set(Metric::BurstPolls, d(2));
+    f.set(Metric::Burst429, d(3));
+    f.note(format!(
+        "burst: the {} pods were created in {:.1} s wall",
+        scale.burst_pods,
+        created.as_secs_f64()
+    ));
+    waited?;
+    f.set(Metric::BurstEmulated, emulated.as_secs_f64());
+    f.set(Metric::BurstWall, wall.as_secs_f64());
+    Ok(())
+}
+
+/// Row 5: ARM calls and MIC CPU over `idle` of emulated time after the burst.
+async fn row_idle(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    let scale = run.w.scale.clone();
+    // Let the last operations of the burst finish first.
+    tokio::time::sleep(scale.wall(Duration::from_secs(60))).await;
+    let before = arm_totals(&run.w.emu.counters());
+    let cpu0 = procfs::cpu(run.mic.pid)?;
+    let v0 = run.w.emu.clock().now();
+    tokio::time::sleep(scale.wall(scale.idle)).await;
+    if let Some(status) = run.mic.exited() {
+        bail!("MIC exited ({status}): {}", run.mic.log_tail());
+    }
+    let cpu1 = procfs::cpu(run.mic.pid)?;
+    let after = arm_totals(&run.w.emu.counters());
+    let emulated = run.w.emu.clock().now().saturating_sub(v0);
+    let calls: u64 = (0..3).map(|i| after[i] - before[i]).sum();
+    f.set(Metric::IdleArmCalls, calls as f64);
+    f.set(Metric::IdleCpu, (cpu1 - cpu0).as_secs_f64());
+    f.note(format!(
+        "idle: {:.0} emulated s = {:.1} wall s; ARM writes {}, reads {}, LRO polls {}",
+        emulated.as_secs_f64(),
+        emulated.as_secs_f64() / scale.speed,
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2]
+    ));
+    Ok(())
+}
+
+/// Row 4 (MIC): peak RSS once it holds `big_pods` pods over `big_ids`
+/// identities, all Assigned (the burst's pods count towards the total).
+async fn row_mic_rss(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    let scale = run.w.scale.clone();
+    run.w.ensure_identities(scale.big_ids).await?;
+    let ns = run.w.ns_big.name().to_string();
+    let npv = scale.nodes_per_vmss;
+    let pods: Vec<_> = (scale.burst_pods..scale.big_pods)
+        .map(|i| {
+            let j = i % scale.big_ids;
+            // Identity j lives on scale set j mod K, spread over its nodes.
+            let node = (j % scale.vmss) * npv + (i / scale.big_ids) % npv;
+            (format!("big-{i}"), run.w.nodes[node].clone(), j, None)
+        })
+        .collect();
+    let expected = pods.len();
+    let t0 = Instant::now();
+    run.w.create_pods(&ns, pods).await?;
+    let waited = {
+        let Run { w, mic, .. } = &mut *run;
+        w.wait_assigned(&ns, expected, Duration::from_secs(2), mic)
+            .await
+    };
+    let wall = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem = procfs::memory(run.mic.pid)?;
+    let mib = mem.peak_kib as f64 / 1024.0;
+    match waited {
+        Ok(()) => {
+            f.set(Metric::MicPeakRss, mib);
+            f.set(Metric::BigConvergeWall, wall.as_secs_f64());
+        }
+        Err(e) => {
+            f.set_text(
+                Metric::MicPeakRss,
+                &format!("failed to converge ({e:#}); peak RSS so far {mib:.1}"),
+            );
+            f.set_text(Metric::BigConvergeWall, &format!("failed: {e:#}"));
+        }
+    }
+    f.note(format!(
+        "mic with {} pods / {} identities (+{} on the nmi node): VmHWM {} KiB, VmRSS {} KiB",
+        scale.big_pods, scale.big_ids, scale.nmi_pods, mem.peak_kib, mem.now_kib
+    ));
+    Ok(())
+}

@@ -1,0 +1,1057 @@
+//! RBAC proof for the chart: MIC and NMI run as the real commands (`e2e-mic`,
+//! `e2e-nmi`) with the container args the chart renders, authenticated as the
+//! chart's ServiceAccounts (TokenRequest tokens) and authorized only by the
+//! chart's rendered ClusterRoles/Roles and bindings, against the RBAC-enabled
+//! test apiserver:
+//! - MIC does its whole job: pod + binding -> AzureAssignedIdentity Assigned
+//!   and the identity on the emulated scale set, then removed again.
+//! - NMI syncs its caches, installs its iptables redirect in a test node
+//!   namespace, becomes Active and serves a pod (in its own network namespace)
+//!   the token of its identity from the emulator's IMDS; it keeps the redirect
+//!   over a restart and removes it after a real `helm uninstall`
+//!   (`--cleanup-on-uninstall`).
+//! - NMI may read exactly the Secrets the chart's values name.
+//! - One verb taken out of a rendered ClusterRole makes each job fail.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test helpers outside #[test] functions fail the test by panicking"
+)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aadpodid_api::AzureAssignedIdentity;
+use aadpodid_tests::helm::{self, Render};
+use aadpodid_tests::netns::{IMDS_ADDRESS, Node};
+use aadpodid_tests::{Cluster, TempNamespace, unique_name, wait_for};
+use anyhow::Context as _;
+use azure_emulator::config::{
+    IdentityAssignmentSeed, IdentitySeed, LroMode, PermissionsSeed, ScaleSetSeed, SecretSeed,
+    ServicePrincipalSeed, VmSeed,
+};
+use azure_emulator::{Config, Emulator};
+use kube::Api;
+use serde_json::{Value, json};
+
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
+const NODE_RG: &str = "MC_rg_cluster_eastus";
+const APP_RG: &str = "app-rg";
+const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";
+const MIC_SECRET: &str = "s3cr3t";
+const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-00000000000k";
+const APP_CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A release of the chart in its own namespace, with cluster-scoped names of
+/// its own (`fullnameOverride`).
+struct Release {
+    cluster: &'static Cluster,
+    ns: TempNamespace,
+    name: String,
+    docs: Vec<Value>,
+}
+
+impl Release {
+    async fn render(prefix: &str, extra: &[(&str, &str)]) -> Release {
+        let cluster = Cluster::shared();
+        let ns = cluster.temp_namespace(prefix).await.unwrap();
+        let name = unique_name(prefix);
+        let mut r = Render::new(&name, ns.name())
+            .set("fullnameOverride", &name)
+            .set("mic.leaderElection.namespace", ns.name())
+            .set("installMICException", "false");
+        for (k, v) in extra {
+            r = r.set(k, v);
+        }
+        let docs = helm::template(&r).unwrap();
+        Release {
+            cluster,
+            ns,
+            name,
+            docs,
+        }
+    }
+
+    fn get(&self, kind: &str, name: &str) -> Value {
+        helm::find(&self.docs, kind, name).unwrap_or_else(|| panic!("no {kind} {name}"))
+    }
+
+    fn mic(&self) -> String {
+        format!("{}-mic", self.name)
+    }
+
+    fn nmi(&self) -> String {
+        format!("{}-nmi", self.name)
+    }
+
+    /// Applies the rendered RBAC objects of `component` (ServiceAccount,
+    /// ClusterRole/Role and bindings), after `edit` may change them.
+    fn apply_rbac(&self, component: &str, edit: impl Fn(&mut Value)) {
+        let name = format!("{}-{component}", self.name);
+        let mut items = vec![];
+        for o in helm::objects(&self.docs) {
+            let kind = o["kind"].as_str().unwrap_or_default();
+            let is_rbac = matches!(
+                kind,
+                "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+            );
+            if is_rbac && o["metadata"]["name"] == name.as_str() {
+                let mut o = o.clone();
+                edit(&mut o);
+                items.push(o);
+            }
+        }
+        assert!(
+            items.len() >= 5,
+            "{component}: {} RBAC objects",
+            items.len()
+        );
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
+        let out = self
+            .cluster
+            .kubectl_run(&["apply", "--server-side", "-f", "-"], Some(&list))
+            .unwrap();
+        assert!(out.success, "apply RBAC: {}", out.stderr);
+    }
+
+    /// A kubeconfig with a TokenRequest token of the chart's ServiceAccount,
+    /// pointing at `server` (default: the apiserver itself).
+    async fn sa_kubeconfig(&self, component: &str, server: Option<&str>, dir: &Path) -> PathBuf {
+        let path = self
+            .cluster
+            .service_account_kubeconfig(self.ns.name(), &format!("{}-{component}", self.name))
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = match server {
+            Some(s) => text.replace(self.cluster.server(), s),
+            None => text,
+        };
+        let out = dir.join(format!("{component}.kubeconfig"));
+        std::fs::write(&out, text).unwrap();
+        out
+    }
+
+    fn delete_cluster_scoped(&self) {
+        for kind in ["clusterrole", "clusterrolebinding"] {
+            for n in [self.mic(), self.nmi()] {
+                let _ = self
+                    .cluster
+                    .kubectl_run(&["delete", kind, &n, "--ignore-not-found"], None);
+            }
+        }
+    }
+}
+
+/// Removes `verb` from every rule of a (Cluster)Role that grants it on `resource`.
+fn without_verb(resource: &'static str, verb: &'static str) -> impl Fn(&mut Value) {
+    move |o: &mut Value| {
+        if o["kind"] != "ClusterRole" {
+            return;
+        }
+        for rule in o["rules"].as_array_mut().unwrap() {
+            if rule["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == resource)
+            {
+                let verbs = rule["verbs"].as_array_mut().unwrap();
+                let before = verbs.len();
+                verbs.retain(|v| v != verb);
+                assert_eq!(verbs.len() + 1, before, "{resource} had {verb}");
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- MIC
+
+fn uai(rg: &str, name: &str) -> String {
+    format!(
+        "/subscriptions/{SUB}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+    )
+}
+
+struct MicWorld {
+    emu: Emulator,
+    dir: PathBuf,
+    vmss: String,
+    node: String,
+}
+
+impl MicWorld {
+    async fn new(cluster: &Cluster) -> MicWorld {
+        let dir = std::env::temp_dir().join(unique_name("chart-rbac-mic"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vmss = unique_name("rbac-vmss");
+        let ident = |name: &str, rg: &str, client: &str| IdentitySeed {
+            name: name.into(),
+            resource_group: rg.into(),
+            client_id: Some(client.into()),
+            principal_id: None,
+            federated_credentials: vec![],
+            permissions: PermissionsSeed::default(),
+        };
+        let mut cfg = Config::new(TENANT, SUB);
+        cfg.resource_groups = vec![NODE_RG.into(), APP_RG.into()];
+        cfg.identities = vec![
+            ident("kubelet", NODE_RG, KUBELET_CLIENT),
+            ident("app-id", APP_RG, APP_CLIENT),
+        ];
+        cfg.scale_sets = vec![ScaleSetSeed {
+            name: vmss.clone(),
+            resource_group: NODE_RG.into(),
+            instances: vec!["0".into()],
+            identity: IdentityAssignmentSeed {
+                system_assigned: false,
+                user_assigned: vec!["kubelet".into()],
+            },
+        }];
+        cfg.service_principals = vec![ServicePrincipalSeed {
+            client_id: MIC_CLIENT.into(),
+            object_id: None,
+            secrets: vec![SecretSeed::Plain(MIC_SECRET.into())],
+            certificates: vec![],
+            federated_credentials: vec![],
+            permissions: PermissionsSeed::default(),
+        }];
+        cfg.arm.lro_mode = LroMode::Sync;
+        cfg.clock.speed = 100.0;
+        let emu = Emulator::start(cfg).await.unwrap();
+        std::fs::write(
+            dir.join("cloud.json"),
+            json!({
+                "name": "AzureStackCloud",
+                "resourceManagerEndpoint": emu.arm_url(),
+                "activeDirectoryEndpoint": emu.aad_url(),
+                "tokenAudience": "https://management.azure.com/",
+            })
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("azure.json"),
+            json!({
+                "cloud": "AzureStackCloud",
+                "tenantId": TENANT,
+                "aadClientId": MIC_CLIENT,
+                "aadClientSecret": MIC_SECRET,
+                "subscriptionId": SUB,
+                "resourceGroup": NODE_RG,
+                "vmType": "vmss",
+                "userAssignedIdentityID": KUBELET_CLIENT,
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let node = unique_name("rbac-node");
+        let out = cluster
+            .kubectl_run(
+                &["apply", "-f", "-"],
+                Some(
+                    &json!({
+                        "apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": node},
+                        "spec": {"providerID": format!(
+                            "azure:///subscriptions/{SUB}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/0",
+                            NODE_RG.to_lowercase())},
+                    })
+                    .to_string(),
+                ),
+            )
+            .unwrap();
+        assert!(out.success, "{}", out.stderr);
+        MicWorld {
+            emu,
+            dir,
+            vmss,
+            node,
+        }
+    }
+
+    fn on_vmss(&self) -> bool {
+        self.emu
+            .assigned_identities(&self.vmss)
+            .unwrap_or_default()
+            .contains(&uai(APP_RG, "app-id").to_lowercase())
+    }
+
+    /// Starts `e2e-mic` with the rendered args (azure.json at the test's
+    /// path), as the chart's ServiceAccount.
+    fn start_mic(&self, rel: &Release, kubeconfig: &Path, log: &Path) -> Child {
+        let deploy = rel.get("Deployment", &rel.mic());
+        let args: Vec<String> = helm::container_args(&deploy)
+            .into_iter()
+            .map(|a| {
+                if a.starts_with("--cloudconfig=") {
+                    format!("--cloudconfig={}", self.dir.join("azure.json").display())
+                } else {
+                    a
+                }
+            })
+            .chain([
+                format!("--kubeconfig={}", kubeconfig.display()),
+                "--identity-assignment-reconcile-interval=2s".into(),
+            ])
+            .collect();
+        Command::new(env!("CARGO_BIN_EXE_e2e-mic"))
+            .args(&args)
+            // What the pod gets: the downward API and the custom-cloud file.
+            .env("MIC_POD_NAMESPACE", rel.ns.name())
+            .env("FORCENAMESPACED", "false")
+            .env("HOSTNAME", format!("{}-0", rel.mic()))
+            .env("AZURE_ENVIRONMENT_FILEPATH", self.dir.join("cloud.json"))
+            .env("SSL_CERT_FILE", self.emu.ca_bundle_path())
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    fn cleanup(&self, cluster: &Cluster) {
+        let _ = cluster.kubectl_run(&["delete", "node", &self.node, "--ignore-not-found"], None);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn create_identity_binding_pod(cluster: &Cluster, ns: &str, node: &str) {
+    let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+         "metadata": {"name": "app-id", "namespace": ns},
+         "spec": {"type": 0, "resourceID": uai(APP_RG, "app-id"), "clientID": APP_CLIENT}},
+        {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+         "metadata": {"name": "app-binding", "namespace": ns},
+         "spec": {"azureIdentity": "app-id", "selector": "rbac-app"}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "web", "namespace": ns, "labels": {"aadpodidbinding": "rbac-app"}},
+         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "example.invalid/app"}]}},
+    ]});
+    let out = cluster
+        .kubectl_run(&["apply", "-f", "-"], Some(&objs.to_string()))
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+}
+
+async fn aai(ns: &str) -> Option<AzureAssignedIdentity> {
+    let client = Cluster::shared().admin_client().await.ok()?;
+    Api::<AzureAssignedIdentity>::namespaced(client, "default")
+        .get_opt(&format!("web-{ns}-app-id"))
+        .await
+        .ok()?
+}
+
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// MIC with exactly the chart's rules does its whole job; without `create`
+/// on AzureAssignedIdentities it cannot. One test: two MICs at once would
+/// both act on every pod of the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
+    let cluster = Cluster::shared();
+    let world = MicWorld::new(cluster).await;
+    for (case, broken) in [("full", false), ("no-create", true)] {
+        let (probe, metrics) = (free_port().to_string(), free_port().to_string());
+        let rel = Release::render(
+            &format!("rbac-mic-{case}"),
+            &[("mic.probePort", &probe), ("mic.prometheusPort", &metrics)],
+        )
+        .await;
+        if broken {
+            rel.apply_rbac("mic", without_verb("azureassignedidentities", "create"));
+        } else {
+            rel.apply_rbac("mic", |_| {});
+        }
+        let kubeconfig = rel.sa_kubeconfig("mic", None, &world.dir).await;
+        let log = world.dir.join(format!("mic-{case}.log"));
+        let mut mic = world.start_mic(&rel, &kubeconfig, &log);
+        create_identity_binding_pod(cluster, rel.ns.name(), &world.node).await;
+        let ns = rel.ns.name().to_string();
+        if !broken {
+            let r = wait_for("AAI Assigned", WAIT, || async {
+                aai(&ns)
+                    .await
+                    .filter(|a| a.status.as_ref().is_some_and(|s| s.status == "Assigned"))
+            })
+            .await;
+            if let Err(e) = r {
+                stop(&mut mic);
+                panic!("{e}\nMIC log:\n{}", log_of(&log));
+            }
+            assert!(world.on_vmss(), "identity on the scale set");
+            // The Lease is in the namespace the chart's Role covers.
+            let lease = cluster
+                .kubectl_run(
+                    &[
+                        "get",
+                        "lease",
+                        "-n",
+                        &ns,
+                        "aad-pod-identity-mic",
+                        "-o",
+                        "name",
+                    ],
+                    None,
+                )
+                .unwrap();
+            assert!(lease.success, "{}", lease.stderr);
+            let del = cluster
+                .kubectl_run(
+                    &[
+                        "delete",
+                        "pod",
+                        "web",
+                        "-n",
+                        &ns,
+                        "--grace-period=0",
+                        "--force",
+                    ],
+                    None,
+                )
+                .unwrap();
+            assert!(del.success, "{}", del.stderr);
+            let r = wait_for("identity removed", WAIT, || async {
+                (aai(&ns).await.is_none() && !world.on_vmss()).then_some(())
+            })
+            .await;
+            stop(&mut mic);
+            if let Err(e) = r {
+                panic!("{e}\nMIC log:\n{}", log_of(&log));
+            }
+            assert!(!log_of(&log).contains("forbidden"), "{}", log_of(&log));
+        } else {
+            // The apiserver refuses the create; nothing is assigned.
+            let r = wait_for("MIC's create refused", WAIT, || async {
+                log_of(&log).contains("forbidden").then_some(())
+            })
+            .await;
+            stop(&mut mic);
+            if let Err(e) = r {
+                panic!("{e}\nMIC log:\n{}", log_of(&log));
+            }
+            assert!(
+                aai(&ns).await.is_none(),
+                "no AzureAssignedIdentity without create"
+            );
+            let _ = cluster.kubectl_run(
+                &[
+                    "delete",
+                    "pod",
+                    "web",
+                    "-n",
+                    &ns,
+                    "--grace-period=0",
+                    "--force",
+                ],
+                None,
+            );
+        }
+        rel.delete_cluster_scoped();
+    }
+    world.cleanup(cluster);
+}
+
+// ---------------------------------------------------------------- NMI
+
+const RELAY: &str = r#"
+import asyncio, sys
+async def pipe(r, w):
+    try:
+        while True:
+            d = await r.read(65536)
+            if not d:
+                break
+            w.write(d)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        try:
+            w.close()
+        except Exception:
+            pass
+async def main():
+    servers = []
+    for spec in sys.argv[1:]:
+        hostport, path = spec.split('=')
+        host, port = hostport.rsplit(':', 1)
+        async def handle(r, w, path=path):
+            try:
+                ur, uw = await asyncio.open_unix_connection(path)
+            except Exception:
+                w.close()
+                return
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        servers.append(await asyncio.start_server(handle, host, int(port)))
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"#;
+const API_RELAY_PORT: u16 = 6443;
+
+/// A test node (network namespace) whose `127.0.0.1:6443` reaches the
+/// apiserver through a Unix socket (nothing is added to the root namespace).
+struct NmiNode {
+    node: Node,
+    dir: PathBuf,
+    relay: Child,
+    name: String,
+    /// IMDS of this node's VM, behind 169.254.169.254:80 inside the node.
+    emu: Emulator,
+}
+
+impl Drop for NmiNode {
+    fn drop(&mut self) {
+        stop(&mut self.relay);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl NmiNode {
+    async fn new(cluster: &Cluster) -> anyhow::Result<NmiNode> {
+        let dir = std::env::temp_dir().join(unique_name("chart-rbac-nmi"));
+        std::fs::create_dir_all(&dir)?;
+        let name = unique_name("rbac-nmi-node");
+        let mut cfg = Config::new(TENANT, SUB);
+        cfg.resource_groups = vec![APP_RG.into()];
+        cfg.identities = vec![IdentitySeed {
+            name: "app-id".into(),
+            resource_group: APP_RG.into(),
+            client_id: Some(APP_CLIENT.into()),
+            principal_id: None,
+            federated_credentials: vec![],
+            permissions: PermissionsSeed::default(),
+        }];
+        cfg.virtual_machines = vec![VmSeed {
+            name: name.clone(),
+            resource_group: APP_RG.into(),
+            identity: IdentityAssignmentSeed {
+                system_assigned: true,
+                user_assigned: vec!["app-id".into()],
+            },
+        }];
+        let emu = Emulator::start(cfg).await?;
+        let imds = emu
+            .add_imds(&format!("vm/{name}"), "127.0.0.1:0".parse()?)
+            .await?;
+        let node = Node::with_pods(1)?;
+        node.node.add_local_address(IMDS_ADDRESS)?;
+        let api: SocketAddr = cluster.server().trim_start_matches("https://").parse()?;
+        let mut specs = vec![];
+        for (what, target, listen) in [
+            ("api", api, format!("127.0.0.1:{API_RELAY_PORT}")),
+            ("imds", imds, format!("{IMDS_ADDRESS}:80")),
+        ] {
+            let sock = dir.join(format!("{what}.sock"));
+            let listener = tokio::net::UnixListener::bind(&sock)?;
+            tokio::spawn(async move {
+                while let Ok((mut unix, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
+                        }
+                    });
+                }
+            });
+            specs.push(format!("{listen}={}", sock.display()));
+        }
+        let mut relay = node
+            .node
+            .command("python3")
+            .args(["-c", RELAY])
+            .args(&specs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        {
+            use std::io::BufRead as _;
+            let out = relay.stdout.take().context("relay stdout")?;
+            let mut line = String::new();
+            std::io::BufReader::new(out).read_line(&mut line)?;
+            anyhow::ensure!(line.trim() == "READY", "relay did not start: {line}");
+        }
+        // The kubelet flags file NMI checks (no kubenet here).
+        std::fs::write(dir.join("kubelet"), "KUBELET_FLAGS=--network-plugin=cni\n")?;
+        Ok(NmiNode {
+            node,
+            dir,
+            relay,
+            name,
+            emu,
+        })
+    }
+
+    /// A pod on this node (its network namespace's address) bound to
+    /// `app-id`, and the Assigned AzureAssignedIdentity MIC would write.
+    fn bind_pod(&self, cluster: &Cluster, ns: &str) {
+        let ip = self.node.pods[0].1.to_string();
+        let id = json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+            "metadata": {"name": "app-id", "namespace": ns},
+            "spec": {"type": 0, "resourceID": uai(APP_RG, "app-id"), "clientID": APP_CLIENT},
+        });
+        let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": "app", "namespace": ns, "labels": {"aadpodidbinding": "app"}},
+             "spec": {"nodeName": self.name, "containers": [{"name": "c", "image": "example.invalid/app"}]}},
+            {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+             "metadata": {"name": format!("app-{ns}-app-id"), "namespace": ns,
+                          "labels": {"nodename": self.name}},
+             "spec": {"azureIdentityRef": id, "pod": "app", "podNamespace": ns, "nodename": self.name},
+             "status": {"status": "Assigned"}},
+        ]});
+        let out = cluster
+            .kubectl_run(&["apply", "-f", "-"], Some(&objs.to_string()))
+            .unwrap();
+        assert!(out.success, "{}", out.stderr);
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+        let out = cluster
+            .kubectl_run(
+                &[
+                    "patch",
+                    "pod",
+                    "app",
+                    "-n",
+                    ns,
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    &status.to_string(),
+                ],
+                None,
+            )
+            .unwrap();
+        assert!(out.success, "{}", out.stderr);
+    }
+
+    /// A token request from the pod, as an Azure SDK sends it: (status, body).
+    fn pod_token_request(&self) -> (String, String) {
+        let out = self
+            .node
+            .pods[0]
+            .0
+            .command("curl")
+            .args([
+                "-s", "--max-time", "30", "-w", "\n%{http_code}", "-H", "Metadata: true",
+                &format!("http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/"),
+            ])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap_or((&out, ""));
+        (code.trim().to_string(), body.to_string())
+    }
+
+    /// Starts `e2e-nmi` in the node with the DaemonSet's rendered args and the
+    /// env the kubelet would give its pod.
+    fn start_nmi(&self, rel: &Release, pod: &str, kubeconfig: &Path, log: &Path) -> Child {
+        let ds = rel.get("DaemonSet", &rel.nmi());
+        let args: Vec<String> = helm::container_args(&ds)
+            .into_iter()
+            .map(|a| {
+                if a.starts_with("--kubelet-config=") {
+                    format!("--kubelet-config={}", self.dir.join("kubelet").display())
+                } else {
+                    a.replace("$(NODE_NAME)", &self.name)
+                }
+            })
+            .chain([format!("--kubeconfig={}", kubeconfig.display())])
+            .collect();
+        self.node
+            .node
+            .command(env!("CARGO_BIN_EXE_e2e-nmi"))
+            .args(&args)
+            .env("NODE_NAME", &self.name)
+            .env("POD_NAME", pod)
+            .env("POD_NAMESPACE", rel.ns.name())
+            .env("FORCENAMESPACED", "false")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    fn healthz(&self) -> String {
+        self.node
+            .node
+            .run(
+                "curl",
+                &["-s", "--max-time", "1", "http://127.0.0.1:8085/healthz"],
+            )
+            .unwrap_or_default()
+    }
+
+    /// The redirect chain, or None when it does not exist.
+    fn chain(&self) -> Option<String> {
+        self.node
+            .node
+            .run("iptables", &["-t", "nat", "-S", "aad-metadata"])
+            .ok()
+            .filter(|s| s.contains("DNAT"))
+    }
+
+    async fn wait_active(&self, log: &Path) {
+        let r = wait_for("nmi Active", WAIT, || async {
+            (self.healthz() == "Active").then_some(())
+        })
+        .await;
+        if let Err(e) = r {
+            panic!("{e}\nNMI log:\n{}", log_of(log));
+        }
+    }
+}
+
+/// SIGTERM, as the kubelet sends, and a bounded wait for the exit.
+async fn terminate(child: &mut Child, log: &Path) {
+    let out = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r = wait_for("nmi exits after SIGTERM", Duration::from_secs(20), || {
+        let done = child.try_wait().ok().flatten().is_some();
+        async move { done.then_some(()) }
+    })
+    .await;
+    if let Err(e) = r {
+        stop(child);
+        panic!("{e}\nNMI log:\n{}", log_of(log));
+    }
+}
+
+/// Creates, as the DaemonSet controller would, the DaemonSet's pod on the node.
+fn create_ds_pod(rel: &Release, node: &str, pod: &str) {
+    let ds_uid = rel
+        .cluster
+        .kubectl_run(
+            &[
+                "get",
+                "daemonset",
+                &rel.nmi(),
+                "-n",
+                rel.ns.name(),
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ],
+            None,
+        )
+        .unwrap()
+        .stdout;
+    assert!(!ds_uid.is_empty());
+    let ds = rel.get("DaemonSet", &rel.nmi());
+    let mut spec = ds["spec"]["template"]["spec"].clone();
+    spec["nodeName"] = json!(node);
+    let p = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": pod, "namespace": rel.ns.name(),
+            "labels": ds["spec"]["template"]["metadata"]["labels"],
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": rel.nmi(),
+                                 "uid": ds_uid, "controller": true, "blockOwnerDeletion": true}],
+        },
+        "spec": spec,
+    });
+    let out = rel
+        .cluster
+        .kubectl_run(&["apply", "-f", "-"], Some(&p.to_string()))
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+}
+
+/// NMI as the chart's ServiceAccount becomes Active; a restart keeps the
+/// redirect; a real `helm uninstall` (DaemonSet, then RBAC and the
+/// ServiceAccount deleted, then SIGTERM) removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
+    let cluster = Cluster::shared();
+    let node = NmiNode::new(cluster).await.unwrap();
+    let ns = cluster.temp_namespace("rbac-nmi").await.unwrap();
+    let release = unique_name("rbac-nmi");
+    // A real helm install into the test apiserver (no controllers run, so the
+    // workloads are objects only; the test plays kubelet).
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let install = helm::run(&[
+        "install",
+        &release,
+        &helm::chart_dir().display().to_string(),
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        ns.name(),
+        "--set",
+        &format!("fullnameOverride={release}"),
+        "--set",
+        &format!("mic.leaderElection.namespace={}", ns.name()),
+        "--set",
+        "installMICException=false",
+        "--skip-crds",
+        "--timeout",
+        "60s",
+    ])
+    .unwrap();
+    assert!(
+        install.success,
+        "helm install: {}{}",
+        install.stdout, install.stderr
+    );
+    let rel = Release {
+        cluster,
+        name: release.clone(),
+        docs: helm::template(
+            &Render::new(&release, ns.name())
+                .set("fullnameOverride", &release)
+                .set("mic.leaderElection.namespace", ns.name())
+                .set("installMICException", "false"),
+        )
+        .unwrap(),
+        ns,
+    };
+    let pod = format!("{}-x7k2p", rel.nmi());
+    create_ds_pod(&rel, &node.name, &pod);
+    let kc = rel
+        .sa_kubeconfig(
+            "nmi",
+            Some(&format!("https://127.0.0.1:{API_RELAY_PORT}")),
+            &node.dir,
+        )
+        .await;
+
+    let log1 = node.dir.join("nmi-1.log");
+    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log1);
+    node.wait_active(&log1).await;
+    assert!(node.chain().is_some(), "redirect installed");
+    assert!(!log_of(&log1).contains("forbidden"), "{}", log_of(&log1));
+    // It serves a pod on the node the token of the identity it is bound to.
+    node.bind_pod(cluster, rel.ns.name());
+    let (code, body) = node.pod_token_request();
+    assert_eq!(code, "200", "{body}\nNMI log:\n{}", log_of(&log1));
+    let token: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(token["client_id"], APP_CLIENT, "{body}");
+    let claims = node
+        .emu
+        .verify_token(token["access_token"].as_str().unwrap())
+        .map_err(|e| format!("{e:?}"))
+        .unwrap();
+    assert_eq!(claims.appid, APP_CLIENT);
+
+    // A restart (rolling update, crash, eviction): the redirect stays.
+    terminate(&mut nmi, &log1).await;
+    assert!(
+        node.chain().is_some(),
+        "redirect kept over a restart:\n{}",
+        log_of(&log1)
+    );
+    assert!(log_of(&log1).contains("fail-closed"), "{}", log_of(&log1));
+
+    let log2 = node.dir.join("nmi-2.log");
+    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log2);
+    node.wait_active(&log2).await;
+    let uninstall = helm::run(&[
+        "uninstall",
+        &release,
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        rel.ns.name(),
+        "--timeout",
+        "60s",
+    ])
+    .unwrap();
+    assert!(
+        uninstall.success,
+        "helm uninstall: {}{}",
+        uninstall.stdout, uninstall.stderr
+    );
+    // The account is gone with the release: NMI's own token no longer works,
+    // so only what its watch saw can tell it the DaemonSet went.
+    let sa = cluster
+        .kubectl_run(
+            &["get", "serviceaccount", &rel.nmi(), "-n", rel.ns.name()],
+            None,
+        )
+        .unwrap();
+    assert!(!sa.success, "ServiceAccount deleted by helm uninstall");
+    terminate(&mut nmi, &log2).await;
+    assert!(
+        node.chain().is_none(),
+        "redirect removed after uninstall:\n{}",
+        log_of(&log2)
+    );
+    assert!(
+        log_of(&log2).contains("being uninstalled"),
+        "{}",
+        log_of(&log2)
+    );
+}
+
+/// Without `list` on AzureAssignedIdentities NMI never syncs its caches and
+/// never becomes Active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nmi_without_one_verb_never_becomes_active() {
+    let cluster = Cluster::shared();
+    let node = NmiNode::new(cluster).await.unwrap();
+    let rel = Release::render("rbac-nmi-broken", &[]).await;
+    rel.apply_rbac("nmi", without_verb("azureassignedidentities", "list"));
+    let kc = rel
+        .sa_kubeconfig(
+            "nmi",
+            Some(&format!("https://127.0.0.1:{API_RELAY_PORT}")),
+            &node.dir,
+        )
+        .await;
+    let log = node.dir.join("nmi.log");
+    // No DaemonSet pod: --cleanup-on-uninstall is off for this one (logged).
+    let mut nmi = node.start_nmi(&rel, "no-such-pod", &kc, &log);
+    let r = wait_for("NMI's list refused", WAIT, || async {
+        log_of(&log).contains("forbidden").then_some(())
+    })
+    .await;
+    let health = node.healthz();
+    stop(&mut nmi);
+    rel.delete_cluster_scoped();
+    if let Err(e) = r {
+        panic!("{e}\nNMI log:\n{}", log_of(&log));
+    }
+    assert_eq!(health, "Not Active", "{}", log_of(&log));
+}
+
+/// `kubectl auth can-i` as the chart's NMI ServiceAccount.
+fn nmi_can(rel: &Release, args: &[&str]) -> bool {
+    let who = format!("--as=system:serviceaccount:{}:{}", rel.ns.name(), rel.nmi());
+    let mut all = vec!["auth", "can-i"];
+    all.extend_from_slice(args);
+    all.push(&who);
+    let out = rel.cluster.kubectl_run(&all, None).unwrap();
+    out.stdout.trim() == "yes"
+}
+
+/// Secrets: by default NMI may read exactly the Secret a service-principal
+/// identity of `azureIdentities` names, in its namespace, and nothing else;
+/// `rbac.allowAccessToSecrets` true/false are upstream's cluster-wide rule and none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nmi_reads_only_the_secrets_of_service_principal_identities() {
+    // The clientPassword JSON string of upstream's values, through a file
+    // (`--set` would read `{...}` as a list).
+    let sp = |ns: &str| {
+        format!(
+            "azureIdentities:\n  sp:\n    type: 1\n    namespace: {ns}\n    clientID: cccccccc-0000-4000-8000-00000000000c\n    tenantID: {TENANT}\n    clientPassword: '{{\"name\":\"sp-secret\",\"namespace\":\"{ns}\"}}'\n    binding:\n      selector: sp\n"
+        )
+    };
+    for (case, allow) in [
+        ("auto", None),
+        ("all", Some("true")),
+        ("none", Some("false")),
+    ] {
+        let cluster = Cluster::shared();
+        let ns = cluster
+            .temp_namespace(&format!("rbac-secrets-{case}"))
+            .await
+            .unwrap();
+        let name = unique_name(&format!("sec-{case}"));
+        let mut r = Render::new(&name, ns.name())
+            .set("fullnameOverride", &name)
+            .set("mic.leaderElection.namespace", ns.name())
+            .set("installMICException", "false");
+        let values = std::env::temp_dir().join(format!("{name}-values.yaml"));
+        std::fs::write(&values, sp(ns.name())).unwrap();
+        r = r.values(&values);
+        if let Some(a) = allow {
+            r = r.set("rbac.allowAccessToSecrets", a);
+        }
+        let rel = Release {
+            cluster,
+            name: name.clone(),
+            docs: helm::template(&r).unwrap(),
+            ns,
+        };
+        let _ = std::fs::remove_file(&values);
+        let roles: Vec<Value> = helm::objects(&rel.docs)
+            .into_iter()
+            .filter(|o| {
+                matches!(
+                    o["kind"].as_str(),
+                    Some(
+                        "ServiceAccount"
+                            | "ClusterRole"
+                            | "ClusterRoleBinding"
+                            | "Role"
+                            | "RoleBinding"
+                    )
+                ) && o["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&rel.nmi())
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": roles}).to_string();
+        let out = cluster
+            .kubectl_run(&["apply", "--server-side", "-f", "-"], Some(&list))
+            .unwrap();
+        assert!(out.success, "{case}: {}", out.stderr);
+        let ns = rel.ns.name().to_string();
+        let own = nmi_can(&rel, &["get", "secrets/sp-secret", "-n", &ns]);
+        let other = nmi_can(&rel, &["get", "secrets/other", "-n", &ns]);
+        let elsewhere = nmi_can(&rel, &["get", "secrets/sp-secret", "-n", "default"]);
+        let list = nmi_can(&rel, &["list", "secrets", "-n", &ns]);
+        match case {
+            "auto" => assert_eq!(
+                (own, other, elsewhere, list),
+                (true, false, false, false),
+                "{case}"
+            ),
+            "all" => assert_eq!(
+                (own, other, elsewhere, list),
+                (true, true, true, false),
+                "{case}"
+            ),
+            _ => assert_eq!(
+                (own, other, elsewhere, list),
+                (false, false, false, false),
+                "{case}"
+            ),
+        }
+        // And the rest of NMI's rights hold in every case.
+        assert!(nmi_can(
+            &rel,
+            &[
+                "watch",
+                "azureassignedidentities.aadpodidentity.k8s.io",
+                "-A"
+            ]
+        ));
+        assert!(!nmi_can(
+            &rel,
+            &[
+                "create",
+                "azureassignedidentities.aadpodidentity.k8s.io",
+                "-A"
+            ]
+        ));
+        rel.delete_cluster_scoped();
+    }
+}
