@@ -447,6 +447,9 @@ impl<C: Cloud> Executor<C> {
                     continue;
                 }
                 self.check_leader()?;
+                if group.probe {
+                    tracing::info!(resource = %r, identity = ?group.add, "retrying an identity ARM refused, alone");
+                }
                 let mut error = None;
                 for patch in &patches {
                     // Within the mirrored budget only; what waits is folded
@@ -479,7 +482,9 @@ impl<C: Cloud> Executor<C> {
                 if let Refusal::Quarantine(ids) = &decision {
                     // Taken out whatever the retry budget says: the next PATCH
                     // of this resource goes without them.
-                    retry_at = Some(self.quarantine(ids).min(retry_at.unwrap_or(at)));
+                    let due = self.quarantine(ids);
+                    tracing::warn!(resource = %r, identities = ?ids, retry_in = ?due.saturating_duration_since(Instant::now()), "ARM refused identities; quarantined, the rest go on without them");
+                    retry_at = Some(due.min(retry_at.unwrap_or(at)));
                     refused.extend(ids.iter().cloned());
                 }
                 failures += 1;
