@@ -48,6 +48,12 @@ const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-00000000000k";
 const APP_CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
 const WAIT: Duration = Duration::from_secs(60);
 
+/// MIC acts on every pod and AzureAssignedIdentity of the cluster: while the
+/// MIC test runs it would retire the AzureAssignedIdentities the NMI tests
+/// write by hand (seen as a flaky NMI token test). The MIC test takes this
+/// lock exclusively, the NMI tests share it.
+static MIC_RUNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A release of the chart in its own namespace, with cluster-scoped names of
 /// its own (`fullnameOverride`).
 struct Release {
@@ -373,6 +379,7 @@ fn stop(child: &mut Child) {
 /// both act on every pod of the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
+    let _exclusive = MIC_RUNS.write().await;
     let cluster = Cluster::shared();
     let world = MicWorld::new(cluster).await;
     for (case, broken) in [("full", false), ("no-create", true)] {
@@ -650,18 +657,15 @@ impl NmiNode {
     }
 
     /// A token request from the pod, as an Azure SDK sends it: (status, body).
-    fn pod_token_request(&self) -> (String, String) {
-        let out = self
-            .node
-            .pods[0]
-            .0
-            .command("curl")
-            .args([
+    /// Async: the node's IMDS is the emulator served by this test's runtime,
+    /// so a blocking wait here could stall the very task that must answer.
+    async fn pod_token_request(&self) -> (String, String) {
+        let mut cmd = self.node.pods[0].0.command("curl");
+        cmd.args([
                 "-s", "--max-time", "30", "-w", "\n%{http_code}", "-H", "Metadata: true",
                 &format!("http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/"),
-            ])
-            .output()
-            .unwrap();
+        ]);
+        let out = tokio::process::Command::from(cmd).output().await.unwrap();
         let out = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = out.rsplit_once('\n').unwrap_or((&out, ""));
         (code.trim().to_string(), body.to_string())
@@ -788,6 +792,7 @@ fn create_ds_pod(rel: &Release, node: &str, pod: &str) {
 /// ServiceAccount deleted, then SIGTERM) removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
+    let _shared = MIC_RUNS.read().await;
     let cluster = Cluster::shared();
     let node = NmiNode::new(cluster).await.unwrap();
     let ns = cluster.temp_namespace("rbac-nmi").await.unwrap();
@@ -848,7 +853,7 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
     assert!(!log_of(&log1).contains("forbidden"), "{}", log_of(&log1));
     // It serves a pod on the node the token of the identity it is bound to.
     node.bind_pod(cluster, rel.ns.name());
-    let (code, body) = node.pod_token_request();
+    let (code, body) = node.pod_token_request().await;
     assert_eq!(code, "200", "{body}\nNMI log:\n{}", log_of(&log1));
     let token: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(token["client_id"], APP_CLIENT, "{body}");
@@ -913,6 +918,7 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
 /// never becomes Active.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nmi_without_one_verb_never_becomes_active() {
+    let _shared = MIC_RUNS.read().await;
     let cluster = Cluster::shared();
     let node = NmiNode::new(cluster).await.unwrap();
     let rel = Release::render("rbac-nmi-broken", &[]).await;
@@ -955,6 +961,7 @@ fn nmi_can(rel: &Release, args: &[&str]) -> bool {
 /// `rbac.allowAccessToSecrets` true/false are upstream's cluster-wide rule and none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nmi_reads_only_the_secrets_of_service_principal_identities() {
+    let _shared = MIC_RUNS.read().await;
     // The clientPassword JSON string of upstream's values, through a file
     // (`--set` would read `{...}` as a list).
     let sp = |ns: &str| {

@@ -331,6 +331,7 @@ impl<S: TokenSource> Server<S> {
             Ok(q) => q,
             Err(r) => return (String::new(), String::new(), error_response(&r.into())),
         };
+        tracing::debug!(peer = %peer, "token request");
         let pod = match self.pod_by_ip(peer.ip()).await {
             Ok(p) => p,
             Err(reply) => return (String::new(), String::new(), error_response(&reply)),
@@ -483,6 +484,7 @@ impl<S: TokenSource> Server<S> {
             let Outcome::Wait { created } = outcome else {
                 break outcome;
             };
+            tracing::debug!(pod = %pod.name, namespace = %pod.namespace, created, "token request waits for its identity");
             let (budget, attempts) = self.config.budget(created);
             let deadline = started + budget;
             if Instant::now() >= deadline {

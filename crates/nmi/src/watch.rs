@@ -221,10 +221,14 @@ async fn run<K>(
                     flag.store(true, Ordering::Release);
                 }
             }
-            Some(Ok(Event::Apply(o))) => state.update(|i| (ops.apply)(i, &o)),
+            Some(Ok(Event::Apply(o))) => {
+                tracing::debug!(operation, ns = ?o.namespace(), name = %o.name_any(), "watch: applied");
+                state.update(|i| (ops.apply)(i, &o));
+            }
             Some(Ok(Event::Delete(o))) => {
                 let ns = o.namespace().unwrap_or_default();
                 let name = o.name_any();
+                tracing::debug!(operation, %ns, %name, "watch: deleted");
                 state.update(|i| (ops.delete)(i, &ns, &name));
             }
         }
