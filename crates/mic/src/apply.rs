@@ -645,7 +645,10 @@ impl<C: Cloud> Executor<C> {
         let start = std::time::Instant::now();
         let res = self.api(&key.0).create(&PostParams::default(), aai).await;
         match res {
-            Ok(created) => {
+            Ok(mut created) => {
+                // Kept for this cycle only; MIC never reads managedFields
+                // (see `watch::slim`).
+                created.metadata.managed_fields = None;
                 self.metrics.assigned_identity_addition_count.inc();
                 self.metrics
                     .assigned_identity_addition_duration_seconds
@@ -698,7 +701,8 @@ impl<C: Cloud> Executor<C> {
             .replace(&key.1, &PostParams::default(), aai)
             .await
         {
-            Ok(updated) => {
+            Ok(mut updated) => {
+                updated.metadata.managed_fields = None;
                 self.metrics.assigned_identity_update_count.inc();
                 self.metrics
                     .assigned_identity_update_duration_seconds

@@ -57,6 +57,18 @@ fn meta_key<K: Resource>(obj: &K) -> Key {
     )
 }
 
+/// Drops `metadata.managedFields` before an object is buffered or indexed.
+/// MIC never reads them, and on an AzureAssignedIdentity (whose spec embeds
+/// an identity and a binding) the apiserver's field sets are most of the
+/// object's memory, and the index is copied per cycle. No write sends an indexed object whole
+/// (status and finalizers are patches; updates are rebuilt by the plan).
+fn slim<K: Resource>(mut obj: DeserializeGuard<K>) -> DeserializeGuard<K> {
+    if let Ok(o) = &mut obj.0 {
+        o.meta_mut().managed_fields = None;
+    }
+    obj
+}
+
 struct Ctx {
     shared: Arc<Shared>,
     metrics: Metrics,
@@ -130,7 +142,7 @@ async fn run_watch<K>(
                 false
             }
             Ok(Event::InitApply(o)) => {
-                buffer.push(o);
+                buffer.push(slim(o));
                 false
             }
             Ok(Event::InitDone) => {
@@ -139,10 +151,14 @@ async fn run_watch<K>(
                 for o in buffer.drain(..) {
                     ctx.apply(&kind, &mut ix, o);
                 }
+                // The initial list may be large (every labelled pod); keep no
+                // capacity for it once it is indexed.
+                buffer.shrink_to_fit();
                 ctx.shared.synced[kind.slot].store(true, Ordering::Release);
                 true
             }
             Ok(Event::Apply(o)) => {
+                let o = slim(o);
                 let mut ix = ctx.shared.index.lock().unwrap_or_else(|p| p.into_inner());
                 ctx.apply(&kind, &mut ix, o)
             }
@@ -241,4 +257,26 @@ pub fn spawn(
         ctx,
         shutdown,
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aadpodid_api::AzureAssignedIdentitySpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    #[test]
+    fn slim_drops_managed_fields_only() {
+        let mut aai = AzureAssignedIdentity::new("a", AzureAssignedIdentitySpec::default());
+        aai.metadata.namespace = Some("default".into());
+        aai.metadata.resource_version = Some("7".into());
+        aai.metadata.finalizers = Some(vec!["f".into()]);
+        aai.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("mic".into()),
+            ..Default::default()
+        }]);
+        let mut expected = aai.clone();
+        expected.metadata.managed_fields = None;
+        assert_eq!(slim(DeserializeGuard(Ok(aai))).0.ok(), Some(expected));
+    }
 }
