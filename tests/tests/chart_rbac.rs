@@ -29,7 +29,6 @@ use aadpodid_api::AzureAssignedIdentity;
 use aadpodid_tests::helm::{self, Render};
 use aadpodid_tests::netns::{IMDS_ADDRESS, Node};
 use aadpodid_tests::{Cluster, TempNamespace, unique_name, wait_for};
-use anyhow::Context as _;
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, LroMode, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
@@ -485,40 +484,6 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
 
 // ---------------------------------------------------------------- NMI
 
-const RELAY: &str = r#"
-import asyncio, sys
-async def pipe(r, w):
-    try:
-        while True:
-            d = await r.read(65536)
-            if not d:
-                break
-            w.write(d)
-            await w.drain()
-    except Exception:
-        pass
-    finally:
-        try:
-            w.close()
-        except Exception:
-            pass
-async def main():
-    servers = []
-    for spec in sys.argv[1:]:
-        hostport, path = spec.split('=')
-        host, port = hostport.rsplit(':', 1)
-        async def handle(r, w, path=path):
-            try:
-                ur, uw = await asyncio.open_unix_connection(path)
-            except Exception:
-                w.close()
-                return
-            await asyncio.gather(pipe(r, uw), pipe(ur, w))
-        servers.append(await asyncio.start_server(handle, host, int(port)))
-    print("READY", flush=True)
-    await asyncio.Event().wait()
-asyncio.run(main())
-"#;
 const API_RELAY_PORT: u16 = 6443;
 
 /// A test node (network namespace) whose `127.0.0.1:6443` reaches the
@@ -569,39 +534,16 @@ impl NmiNode {
         let node = Node::with_pods(1)?;
         node.node.add_local_address(IMDS_ADDRESS)?;
         let api: SocketAddr = cluster.server().trim_start_matches("https://").parse()?;
-        let mut specs = vec![];
-        for (what, target, listen) in [
-            ("api", api, format!("127.0.0.1:{API_RELAY_PORT}")),
-            ("imds", imds, format!("{IMDS_ADDRESS}:80")),
-        ] {
-            let sock = dir.join(format!("{what}.sock"));
-            let listener = tokio::net::UnixListener::bind(&sock)?;
-            tokio::spawn(async move {
-                while let Ok((mut unix, _)) = listener.accept().await {
-                    tokio::spawn(async move {
-                        if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
-                        }
-                    });
-                }
-            });
-            specs.push(format!("{listen}={}", sock.display()));
-        }
-        let mut relay = node
+        let relay = node
             .node
-            .command("python3")
-            .args(["-c", RELAY])
-            .args(&specs)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        {
-            use std::io::BufRead as _;
-            let out = relay.stdout.take().context("relay stdout")?;
-            let mut line = String::new();
-            std::io::BufReader::new(out).read_line(&mut line)?;
-            anyhow::ensure!(line.trim() == "READY", "relay did not start: {line}");
-        }
+            .relay_many(
+                &[
+                    (SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)), api),
+                    (SocketAddr::from((IMDS_ADDRESS, 80)), imds),
+                ],
+                &dir,
+            )
+            .await?;
         // The kubelet flags file NMI checks (no kubenet here).
         std::fs::write(dir.join("kubelet"), "KUBELET_FLAGS=--network-plugin=cni\n")?;
         Ok(NmiNode {
