@@ -11,6 +11,7 @@ mod binding;
 pub mod crd;
 mod exception;
 mod identity;
+pub mod policy;
 
 pub use assigned_identity::{
     AssignedIdentityState, AzureAssignedIdentity, AzureAssignedIdentitySpec,
@@ -20,6 +21,7 @@ pub use binding::{AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentityB
 pub use exception::{
     AzurePodIdentityException, AzurePodIdentityExceptionSpec, AzurePodIdentityExceptionStatus,
 };
+pub use policy::{ANNOTATION_ALLOWED_IDENTITIES, PolicyMode, identity_granted};
 pub use identity::{AzureIdentity, AzureIdentitySpec, AzureIdentityStatus, IdentityType};
 
 /// API group of all four kinds.
@@ -46,6 +48,11 @@ pub const ASSIGNED_IDENTITY_FINALIZER: &str =
 pub const ENV_FORCE_NAMESPACED: &str = "FORCENAMESPACED";
 /// Label of the pods of AKS-managed add-ons, excepted by the chart's `aks-addon-exception`.
 pub const LABEL_AKS_MANAGED_BY: &str = "kubernetes.azure.com/managedby";
+/// Annotation MIC puts on an AzureAssignedIdentity it will not mark Assigned,
+/// saying why (the client ID Azure reports differs from the AzureIdentity's,
+/// the identity belongs to the cluster, or the identity policy refuses it).
+/// Removed once the assignment goes through.
+pub const ANNOTATION_ASSIGNMENT_ERROR: &str = "aadpodidentity.k8s.io/assignment-error";
 /// Component name MIC and NMI report Events under.
 pub const EVENT_SOURCE_COMPONENT: &str = "aadpodidentity.k8s.io";
 
