@@ -7,9 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aadpodid_api::{ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity};
+use aadpodid_api::{
+    ANNOTATION_ASSIGNMENT_ERROR, ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState,
+    AzureAssignedIdentity,
+};
 use futures::StreamExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -17,9 +21,11 @@ use tokio::time::Instant;
 
 use crate::cloud::{ArmError, Cloud, CloudError, ResourceKind, ResourceRef, identity_patches};
 use crate::events::{self, Events};
+use crate::guard::{self, Protection};
 use crate::index::{Index, Key};
+use crate::ledger::{self, Ledger};
 use crate::metrics::{self, Metrics};
-use crate::plan::{Plan, ResourceWork, Warning, refs};
+use crate::plan::{Plan, ResourceWork, Warning, assigned_client_id, refs};
 use crate::schedule::Budget;
 
 /// Back-off for an identity ARM refused (beyond upstream, #1139): it leaves
@@ -55,6 +61,20 @@ pub enum ApplyError {
         name: String,
         source: kube::Error,
     },
+    #[error("reading the ownership ledger ConfigMap {ns}/{name}: {source}")]
+    ReadLedger {
+        ns: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("writing the ownership ledger ConfigMap {ns}/{name}: {source}")]
+    WriteLedger {
+        ns: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("the ownership ledger was not read in this term")]
+    LedgerNotRead,
     #[error("not the leader any more")]
     NotLeader,
 }
@@ -70,6 +90,12 @@ pub struct ExecutorOptions {
     pub retry_interval: Duration,
     /// The ARM write budget the scheduler keeps to (`--arm-*-write*` flags).
     pub limits: crate::schedule::Limits,
+    /// Cluster identities and `--serve-cluster-identities`.
+    pub protection: Protection,
+    /// Namespace (`MIC_POD_NAMESPACE`) and name (`--owned-identities-configmap`)
+    /// of the ownership ledger.
+    pub ledger_namespace: String,
+    pub ledger_name: String,
 }
 
 /// What a cycle leaves for later.
@@ -102,6 +128,12 @@ pub struct Executor<C: Cloud> {
     budget: Mutex<Budget>,
     /// Time zero of the budget's clock.
     origin: Instant,
+    /// The ownership ledger as last read or written by this leader; `None`
+    /// until read in this term.
+    ledger: tokio::sync::Mutex<Option<Ledger>>,
+    /// AAI → the refusal last reported for it, so each is reported once
+    /// (Event, metric, log) until it changes or the AAI is assigned.
+    refusals: Mutex<BTreeMap<Key, String>>,
 }
 
 impl<C: Cloud> std::fmt::Debug for Executor<C> {
@@ -145,8 +177,177 @@ impl<C: Cloud> Executor<C> {
             reported: Mutex::default(),
             budget: Mutex::new(Budget::new(opts.limits)),
             origin: Instant::now(),
+            ledger: tokio::sync::Mutex::new(None),
+            refusals: Mutex::default(),
             opts,
         }
+    }
+
+    /// Drops the cached ledger: the next term reads it afresh.
+    pub async fn forget_ledger(&self) {
+        *self.ledger.lock().await = None;
+    }
+
+    fn ledger_api(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.opts.ledger_namespace)
+    }
+
+    fn read_ledger_error(&self, source: kube::Error) -> ApplyError {
+        ApplyError::ReadLedger {
+            ns: self.opts.ledger_namespace.clone(),
+            name: self.opts.ledger_name.clone(),
+            source,
+        }
+    }
+
+    fn write_ledger_error(&self, source: kube::Error) -> ApplyError {
+        ApplyError::WriteLedger {
+            ns: self.opts.ledger_namespace.clone(),
+            name: self.opts.ledger_name.clone(),
+            source,
+        }
+    }
+
+    /// The ledger, read once per term; when the ConfigMap does not exist it
+    /// is created, seeded from every AAI of `index` (which is synced), before
+    /// any removal is decided.
+    async fn ledger(&self, index: &Index) -> Result<Ledger, ApplyError> {
+        let mut cached = self.ledger.lock().await;
+        if let Some(l) = cached.as_ref() {
+            return Ok(l.clone());
+        }
+        let api = self.ledger_api();
+        let name = &self.opts.ledger_name;
+        let read = match api.get_opt(name).await {
+            Ok(Some(cm)) => Ledger::from_data(&cm.data.unwrap_or_default()),
+            Ok(None) => {
+                self.check_leader()?;
+                let seeded = Ledger::seed(index);
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(self.opts.ledger_namespace.clone()),
+                        ..Default::default()
+                    },
+                    data: Some(seeded.to_data()),
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &cm).await {
+                    Ok(_) => {
+                        tracing::info!(configmap = %name, resources = seeded.len(), "ownership ledger created, seeded from the existing AzureAssignedIdentities");
+                        seeded
+                    }
+                    // Written meanwhile (a previous term): read that one.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        let cm = api.get(name).await.map_err(|e| self.read_ledger_error(e))?;
+                        Ledger::from_data(&cm.data.unwrap_or_default())
+                    }
+                    Err(e) => return Err(self.write_ledger_error(e)),
+                }
+            }
+            Err(e) => return Err(self.read_ledger_error(e)),
+        };
+        *cached = Some(read.clone());
+        Ok(read)
+    }
+
+    /// Writes the entries of `r` (that key alone, by a merge patch) and
+    /// updates the cache once the apiserver took it.
+    async fn write_ledger(
+        &self,
+        r: &ResourceRef,
+        entries: std::collections::BTreeSet<String>,
+    ) -> Result<(), ApplyError> {
+        self.check_leader()?;
+        let mut cached = self.ledger.lock().await;
+        let Some(current) = cached.as_mut() else {
+            return Err(ApplyError::LedgerNotRead);
+        };
+        if current.entries(r) == entries {
+            return Ok(());
+        }
+        let value = if entries.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::String(ledger::encode(&entries))
+        };
+        let patch = json!({"data": {ledger::resource_key(r): value}});
+        let api = self.ledger_api();
+        match api
+            .patch(
+                &self.opts.ledger_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Deleted behind MIC's back: write it whole again from the cache.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                let mut whole = current.clone();
+                whole.set(r, entries.clone());
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(self.opts.ledger_name.clone()),
+                        namespace: Some(self.opts.ledger_namespace.clone()),
+                        ..Default::default()
+                    },
+                    data: Some(whole.to_data()),
+                    ..Default::default()
+                };
+                api.create(&PostParams::default(), &cm)
+                    .await
+                    .map_err(|e| self.write_ledger_error(e))?;
+            }
+            Err(e) => return Err(self.write_ledger_error(e)),
+        }
+        current.set(r, entries);
+        Ok(())
+    }
+
+    /// Reports a refused AAI: the annotation on it (written only when it
+    /// differs), and once per new reason an Event on its AzureIdentity, a
+    /// log line and the metric. Never schedules a retry: the AAI is checked
+    /// again on the next change or full resync.
+    async fn refuse(
+        &self,
+        aai: &AzureAssignedIdentity,
+        refusal: &guard::Refusal,
+    ) -> Result<(), ApplyError> {
+        let key = crate::index::key(aai);
+        let message = refusal.message();
+        let first =
+            lock(&self.refusals).insert(key.clone(), message.clone()) != Some(message.clone());
+        if first {
+            tracing::warn!(aai = %format!("{}/{}", key.0, key.1), reason = refusal.reason(), "{message}");
+            self.metrics
+                .identity_refused_count
+                .with_label_values(&[refusal.reason()])
+                .inc();
+            if let (Some(identity), _) = refs(aai) {
+                self.events.publish(
+                    true,
+                    refusal.reason(),
+                    format!("AzureAssignedIdentity {}: {message}", key.1),
+                    events::reference(identity),
+                );
+            }
+        }
+        if aai.annotations().get(ANNOTATION_ASSIGNMENT_ERROR) != Some(&message) {
+            self.check_leader()?;
+            let patch =
+                json!({"metadata": {"annotations": {ANNOTATION_ASSIGNMENT_ERROR: message}}});
+            if let Err(error) = self
+                .api(&key.0)
+                .patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(aai = %format!("{}/{}", key.0, key.1), %error, "annotating a refused AzureAssignedIdentity");
+                // Reported again next time, with the annotation.
+                lock(&self.refusals).remove(&key);
+            }
+        }
+        Ok(())
     }
 
     fn budget_now(&self) -> Duration {
@@ -228,10 +429,36 @@ impl<C: Cloud> Executor<C> {
                     ),
                     index.bindings.get(binding).map(events::reference),
                 ),
+                Warning::IdentityNotGranted {
+                    identity,
+                    resource_id,
+                    enforced,
+                } => {
+                    self.metrics
+                        .identity_refused_count
+                        .with_label_values(&[events::REASON_IDENTITY_NOT_GRANTED])
+                        .inc();
+                    (
+                        format!(
+                            "{resource_id} is not granted to namespace {} by its {} annotation; {}",
+                            identity.0,
+                            aadpodid_api::ANNOTATION_ALLOWED_IDENTITIES,
+                            if *enforced {
+                                "not assigned (identity policy: enforce)"
+                            } else {
+                                "assigned anyway (identity policy: warn)"
+                            }
+                        ),
+                        index.identities.get(identity).map(events::reference),
+                    )
+                }
+            };
+            let reason = match w {
+                Warning::IdentityNotGranted { .. } => events::REASON_IDENTITY_NOT_GRANTED,
+                _ => events::REASON_INVALID_OBJECT,
             };
             if let Some(r) = reference {
-                self.events
-                    .publish(true, events::REASON_INVALID_OBJECT, note, r);
+                self.events.publish(true, reason, note, r);
             }
         }
     }
@@ -297,7 +524,7 @@ impl<C: Cloud> Executor<C> {
         // 3. One task per resource, all at once; each does one GET and its PATCHes.
         let mut work = Vec::with_capacity(plan.resources.len());
         for (r, w) in &plan.resources {
-            work.push(self.resource_task(r, w, &aais, &failed));
+            work.push(self.resource_task(r, w, &aais, &failed, index));
         }
         let results = futures::future::join_all(work).await;
         for (r, res) in results {
@@ -320,8 +547,9 @@ impl<C: Cloud> Executor<C> {
         w: &'a ResourceWork,
         aais: &'a BTreeMap<Key, AzureAssignedIdentity>,
         failed: &'a BTreeSet<Key>,
+        index: &'a Index,
     ) -> (&'a ResourceRef, Result<Option<Instant>, ApplyError>) {
-        (r, self.resource(r, w, aais, failed).await)
+        (r, self.resource(r, w, aais, failed, index).await)
     }
 
     /// Whether a resource is paused by Retry-After; returns the resume time.
@@ -389,6 +617,7 @@ impl<C: Cloud> Executor<C> {
         w: &ResourceWork,
         aais: &BTreeMap<Key, AzureAssignedIdentity>,
         failed: &BTreeSet<Key>,
+        index: &Index,
     ) -> Result<Option<Instant>, ApplyError> {
         if let Some(at) = self.paused(r) {
             return Ok(Some(at));
@@ -407,12 +636,53 @@ impl<C: Cloud> Executor<C> {
         // not enough: when the write budget spaces PATCHes further apart than
         // the back-off, the refused identity would ride again with the
         // others and hold them back.
-        let split = split_quarantined(&w.add, &lock(&self.quarantine), Instant::now());
+        // What the guard lets through, against ARM's view and the ledger.
+        let ledger = match self.ledger(index).await {
+            Ok(l) => l,
+            Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
+            Err(error) => {
+                tracing::warn!(resource = %r, %error, "no ARM work without the ownership ledger");
+                return Ok(Some(Instant::now() + FAILURE_RETRY));
+            }
+        };
+        let typed: BTreeMap<Key, String> = w
+            .assign_on_success
+            .iter()
+            .filter_map(|(k, _)| aais.get(k).map(|a| (k.clone(), assigned_client_id(a))))
+            .collect();
+        let vetted = guard::vet(
+            w,
+            &current,
+            &typed,
+            &|id| ledger.owns(r, id),
+            &self.opts.protection,
+        );
+        let refused_before: BTreeSet<Key> = vetted.refused.iter().map(|(k, _)| k.clone()).collect();
+        for (key, refusal) in &vetted.refused {
+            if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) {
+                self.refuse(aai, refusal).await?;
+            }
+        }
+        let mut owned_entries = ledger.entries(r);
+        if !vetted.record.is_empty() {
+            // The entry goes in before the PATCH that adds the identity.
+            let entries = ledger::with_added(&owned_entries, &vetted.record);
+            if let Err(error) = self.write_ledger(r, entries.clone()).await {
+                if matches!(error, ApplyError::NotLeader) {
+                    return Err(error);
+                }
+                tracing::warn!(resource = %r, %error, "ledger not written; identities not added");
+                return Ok(Some(Instant::now() + FAILURE_RETRY));
+            }
+            owned_entries = entries;
+        }
+        let owns_now = |id: &str| owned_entries.contains(&ledger::fingerprint(id));
+        let split = split_quarantined(&vetted.add, &lock(&self.quarantine), Instant::now());
         let quarantined = split.quarantined;
         if let Some(at) = split.next_probe {
             retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
         }
-        let remove = w.remove.clone();
+        let remove = vetted.remove.clone();
         let mut refused: BTreeSet<String> = BTreeSet::new();
         let mut deferred = false;
         let mut wrote = false;
@@ -547,11 +817,22 @@ impl<C: Cloud> Executor<C> {
             let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) else {
                 continue;
             };
-            if landed_failed {
+            if landed_failed || refused_before.contains(key) {
                 continue;
             }
             if current.user_assigned.contains(id) {
                 lock(&self.quarantine).remove(id);
+                // Landed: now ARM says whose identity it is.
+                if let Some(refusal) = guard::check(
+                    id,
+                    &assigned_client_id(aai),
+                    &current,
+                    &owns_now,
+                    &self.opts.protection,
+                ) {
+                    self.refuse(aai, &refusal).await?;
+                    continue;
+                }
                 if !self.mark_assigned(aai).await? {
                     retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
                 }
@@ -568,10 +849,26 @@ impl<C: Cloud> Executor<C> {
                 retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
             }
         }
+        let released: BTreeSet<&Key> = vetted.release.iter().collect();
         for (key, id) in &w.delete_on_success {
             let Some(aai) = aais.get(key) else { continue };
-            if current.user_assigned.contains(id) || !self.delete(aai).await? {
+            // A protected or pre-existing identity stays; its AAI goes.
+            let stays = released.contains(key);
+            if (current.user_assigned.contains(id) && !stays) || !self.delete(aai).await? {
                 retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
+            }
+        }
+        // Entries of identities gone from the resource and not being added
+        // leave the ledger (a removal that landed, or one done by others).
+        let kept = ledger::pruned(&owned_entries, &current.user_assigned, &vetted.add);
+        if kept != owned_entries {
+            match self.write_ledger(r, kept).await {
+                Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
+                Err(error) => {
+                    tracing::warn!(resource = %r, %error, "ledger not pruned; trying again later");
+                    retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
+                }
+                Ok(()) => {}
             }
         }
         Ok(retry_at)
@@ -598,8 +895,21 @@ impl<C: Cloud> Executor<C> {
     pub async fn reconcile_drift(
         &self,
         expected: &BTreeMap<ResourceRef, BTreeSet<String>>,
+        index: &Index,
     ) -> Result<Outcome, ApplyError> {
         let mut outcome = Outcome::default();
+        if expected.is_empty() {
+            return Ok(outcome);
+        }
+        let ledger = match self.ledger(index).await {
+            Ok(l) => l,
+            Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
+            Err(error) => {
+                tracing::warn!(%error, "drift check skipped without the ownership ledger");
+                outcome.retry(Instant::now() + FAILURE_RETRY);
+                return Ok(outcome);
+            }
+        };
         for (r, ids) in expected {
             if let Some(at) = self.paused(r) {
                 outcome.retry(at);
@@ -618,6 +928,19 @@ impl<C: Cloud> Executor<C> {
                 continue;
             }
             tracing::info!(resource = %r, missing = ?missing, "re-adding identities removed from the resource");
+            // Recorded before the PATCH, as any add.
+            let old = ledger.entries(r);
+            let entries = ledger::with_added(&old, &missing);
+            if entries != old
+                && let Err(error) = self.write_ledger(r, entries).await
+            {
+                if matches!(error, ApplyError::NotLeader) {
+                    return Err(error);
+                }
+                tracing::warn!(resource = %r, %error, "ledger not written; identities not re-added");
+                outcome.retry(Instant::now() + FAILURE_RETRY);
+                continue;
+            }
             for patch in identity_patches(&current, &missing, &BTreeSet::new()) {
                 self.check_leader()?;
                 if let Err(at) = self.acquire_write(r) {
@@ -735,11 +1058,18 @@ impl<C: Cloud> Executor<C> {
     ) -> Result<(), ApplyError> {
         self.check_leader()?;
         let (ns, name) = crate::index::key(aai);
-        let ops = if aai.status.is_some() {
+        let mut ops = if aai.status.is_some() {
             json!([{"op": "replace", "path": "/status/status", "value": state.as_str()}])
         } else {
             json!([{"op": "add", "path": "/status", "value": {"status": state.as_str(), "availableReplicas": 1}}])
         };
+        // The assignment went through: the earlier refusal no longer holds.
+        if state == AssignedIdentityState::Assigned
+            && aai.annotations().contains_key(ANNOTATION_ASSIGNMENT_ERROR)
+            && let Some(list) = ops.as_array_mut()
+        {
+            list.push(json!({"op": "remove", "path": format!("/metadata/annotations/{}", ANNOTATION_ASSIGNMENT_ERROR.replace('~', "~0").replace('/', "~1"))}));
+        }
         let patch: json_patch::Patch =
             serde_json::from_value(ops).map_err(|e| ApplyError::PatchAssignedIdentityStatus {
                 ns: ns.clone(),
@@ -776,6 +1106,7 @@ impl<C: Cloud> Executor<C> {
             .await
         {
             Ok(()) => {
+                lock(&self.refusals).remove(&crate::index::key(aai));
                 if let (_, Some(binding)) = refs(aai) {
                     self.events.publish(
                         false,
@@ -999,6 +1330,7 @@ mod tests {
                 type_: "UserAssigned".into(),
                 user_assigned: ids(model),
                 provisioning_state: state.into(),
+                ..Default::default()
             };
             let basis = patch_basis(&current, &ids(add));
             assert_eq!(basis.user_assigned, ids(want), "{state}");

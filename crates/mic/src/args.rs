@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use aadpodid_api::policy::PolicyMode;
 use clap::{ArgAction, Parser};
 
 /// Upstream reads this exact string (`== "true"`) in both binaries.
@@ -104,6 +105,30 @@ pub struct Args {
     #[arg(long = "update-user-msi-retry-interval", value_parser = parse_go_duration, default_value = "1s")]
     pub update_user_msi_retry_interval: Duration,
 
+    /// Beyond upstream: the identity policy at run time, `off`, `warn` or
+    /// `enforce`. When not `off`, MIC watches Namespaces and checks each
+    /// type-0 AzureIdentity's resourceID against its namespace's
+    /// `aadpodidentity.k8s.io/allowed-identities` annotation: `warn` logs and
+    /// publishes an Event but still assigns, `enforce` assigns nothing.
+    #[arg(long = "identity-policy", value_parser = parse_policy_mode, default_value = "off")]
+    pub identity_policy: PolicyMode,
+
+    /// Beyond upstream: AzureAssignedIdentities of the cluster's own
+    /// identities (the kubelet identity, `--immutable-user-msis`, and every
+    /// identity that was on a VMSS/VM before MIC added it) may be marked
+    /// Assigned. Off by default: such identities are never served to pods.
+    /// They are never removed either way.
+    #[arg(long = "serve-cluster-identities", value_parser = parse_go_bool, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          action = ArgAction::Set)]
+    pub serve_cluster_identities: bool,
+
+    /// Beyond upstream: the ConfigMap, in MIC's namespace (`MIC_POD_NAMESPACE`),
+    /// that records which identities MIC added to each VMSS/VM; MIC removes
+    /// only those.
+    #[arg(long = "owned-identities-configmap", default_value = crate::ledger::DEFAULT_CONFIGMAP)]
+    pub owned_identities_configmap: String,
+
     /// Period of the drift check that re-adds identities removed behind MIC's back.
     #[arg(long = "identity-assignment-reconcile-interval", value_parser = parse_go_duration, default_value = "3m")]
     pub identity_assignment_reconcile_interval: Duration,
@@ -182,6 +207,12 @@ impl Args {
             .filter(|s| !s.is_empty())
             .collect()
     }
+}
+
+/// `off`, `warn` or `enforce`.
+pub fn parse_policy_mode(s: &str) -> Result<PolicyMode, String> {
+    s.parse()
+        .map_err(|e: aadpodid_api::policy::ParsePolicyModeError| e.to_string())
 }
 
 /// Go's `strconv.ParseBool`.
@@ -275,6 +306,27 @@ mod tests {
         assert_eq!(a.arm_subscription_write_burst, 1500.0);
         assert_eq!(a.arm_subscription_writes_per_minute, 500.0);
         assert_eq!(a.identity_removal_linger, Duration::ZERO);
+        assert_eq!(a.identity_policy, PolicyMode::Off);
+        assert!(!a.serve_cluster_identities);
+        assert_eq!(a.owned_identities_configmap, "aad-pod-identity-mic-owned");
+    }
+
+    #[test]
+    fn entitlement_flags_parse() {
+        let a = parse(&[
+            "--identity-policy=enforce",
+            "--serve-cluster-identities",
+            "--owned-identities-configmap=ledger",
+        ]);
+        assert_eq!(a.identity_policy, PolicyMode::Enforce);
+        assert!(a.serve_cluster_identities);
+        assert_eq!(a.owned_identities_configmap, "ledger");
+        assert_eq!(
+            parse(&["--identity-policy=warn"]).identity_policy,
+            PolicyMode::Warn
+        );
+        assert!(Args::try_parse_from(["mic", "--identity-policy=Enforce"]).is_err());
+        assert!(Args::try_parse_from(["mic", "--identity-policy=on"]).is_err());
     }
 
     #[test]

@@ -13,6 +13,15 @@ pub const REASON_BINDING_REMOVED: &str = "binding removed";
 pub const REASON_BINDING_REMOVE_ERROR: &str = "binding remove error";
 /// Beyond upstream: an object a watch could not parse, or one the plan ignores.
 pub const REASON_INVALID_OBJECT: &str = "invalid object";
+/// Beyond upstream: the identity policy does not grant an AzureIdentity's
+/// resourceID to its namespace.
+pub const REASON_IDENTITY_NOT_GRANTED: &str = "IdentityNotGranted";
+/// Beyond upstream: ARM's client ID for the identity differs from the
+/// AzureIdentity's clientID; the AzureAssignedIdentity is not Assigned.
+pub const REASON_CLIENT_ID_MISMATCH: &str = crate::guard::REASON_CLIENT_ID_MISMATCH;
+/// Beyond upstream: a cluster identity (kubelet, immutable, or on the
+/// VMSS/VM before MIC) is not served without `--serve-cluster-identities`.
+pub const REASON_CLUSTER_IDENTITY_REFUSED: &str = crate::guard::REASON_CLUSTER_IDENTITY;
 
 #[derive(Clone)]
 pub struct Events {

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use aadpodid_api::policy::ANNOTATION_ALLOWED_IDENTITIES;
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, POD_LABEL_BINDING};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::ResourceExt;
 
 use crate::cloud::{ResourceRef, resource_for_node};
@@ -92,6 +93,9 @@ pub struct Index {
     pub identities: BTreeMap<Key, AzureIdentity>,
     pub bindings: BTreeMap<Key, AzureIdentityBinding>,
     pub assigned: BTreeMap<Key, AzureAssignedIdentity>,
+    /// Identity policy: namespace → its `allowed-identities` annotation.
+    /// Only namespaces carrying it are kept (watched only when the policy is on).
+    pub namespaces: BTreeMap<String, String>,
 }
 
 /// Whether an apply changed anything MIC decides on; unchanged resyncs and
@@ -153,6 +157,19 @@ impl Index {
 
     pub fn delete_assigned(&mut self, key: &Key) -> Changed {
         self.assigned.remove(key).is_some()
+    }
+
+    /// Keeps only the namespace's `allowed-identities` annotation.
+    pub fn apply_namespace(&mut self, ns: &Namespace) -> Changed {
+        let name = ns.name_any();
+        match ns.annotations().get(ANNOTATION_ALLOWED_IDENTITIES) {
+            Some(v) => self.namespaces.insert(name, v.clone()).as_ref() != Some(v),
+            None => self.namespaces.remove(&name).is_some(),
+        }
+    }
+
+    pub fn delete_namespace(&mut self, name: &str) -> Changed {
+        self.namespaces.remove(name).is_some()
     }
 }
 

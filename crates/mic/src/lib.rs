@@ -9,8 +9,10 @@ pub mod apply;
 pub mod args;
 pub mod cloud;
 pub mod events;
+pub mod guard;
 pub mod index;
 pub mod leader;
+pub mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod schedule;
@@ -134,13 +136,16 @@ impl Settings {
             arm_subscription_write_burst,
             arm_subscription_writes_per_minute,
             identity_removal_linger,
+            identity_policy,
+            serve_cluster_identities,
+            owned_identities_configmap,
             logtostderr: _,
             alsologtostderr: _,
             verbosity: _,
         } = a;
-        if env(args::ENV_MIC_POD_NAMESPACE).is_none_or(|v| v.is_empty()) {
-            return Err(SettingsError::MissingPodNamespace);
-        }
+        let pod_namespace = env(args::ENV_MIC_POD_NAMESPACE)
+            .filter(|v| !v.is_empty())
+            .ok_or(SettingsError::MissingPodNamespace)?;
         let read_file = |p: &str| std::fs::read_to_string(p).map_err(|e| e.to_string());
         let cloud = if cloudconfig.is_empty() {
             cloud_config::load(None, env, &read_file)?
@@ -176,8 +181,9 @@ impl Settings {
             plan: plan::Options {
                 force_namespaced: a
                     .force_namespaced_with_env(env(args::ENV_FORCE_NAMESPACED).as_deref()),
-                immutable_client_ids: immutable,
+                immutable_client_ids: immutable.clone(),
                 keep_completed_pod_identities: *keep_completed_pod_identities,
+                policy: *identity_policy,
             },
             leader: LeaderConfig {
                 namespace: leader_election_namespace.clone(),
@@ -203,6 +209,12 @@ impl Settings {
                         per_minute: arm_subscription_writes_per_minute.max(0.0),
                     },
                 },
+                protection: guard::Protection {
+                    cluster_client_ids: immutable,
+                    serve_cluster_identities: *serve_cluster_identities,
+                },
+                ledger_namespace: pod_namespace,
+                ledger_name: owned_identities_configmap.clone(),
             },
             removal_linger: *identity_removal_linger,
             arm: ArmOptions {
@@ -310,6 +322,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         events.clone(),
         leading.clone(),
         shutdown.clone(),
+        settings.plan.policy != aadpodid_api::PolicyMode::Off,
     );
 
     let mut election = tokio::spawn(leader::run(
@@ -405,7 +418,13 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                 tokio::time::sleep(DEBOUNCE).await;
                 dirty = true;
             }
-            _ = leading_rx.changed() => dirty = true,
+            _ = leading_rx.changed() => {
+                dirty = true;
+                // A new term reads the ledger afresh.
+                if !*leading_rx.borrow() {
+                    executor.forget_ledger().await;
+                }
+            }
             _ = tokio::time::sleep_until(wake_retry.min(next_full)) => {
                 if Instant::now() >= next_full {
                     next_full = Instant::now() + settings.sync_retry_duration;
@@ -416,10 +435,11 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
             _ = tokio::time::sleep_until(next_drift) => {
                 next_drift = Instant::now() + settings.reconcile_interval;
                 if *leading.borrow() && shared.synced() {
-                    let expected = plan::expected_assignments(&shared.snapshot(), &settings.plan);
+                    let index = shared.snapshot();
+                    let expected = plan::expected_assignments(&index, &settings.plan);
                     let mut lost = leading.clone();
                     tokio::select! {
-                        r = executor.reconcile_drift(&expected) => if let Err(error) = r {
+                        r = executor.reconcile_drift(&expected, &index) => if let Err(error) = r {
                             tracing::warn!(%error, "drift check stopped");
                         },
                         _ = lost.wait_for(|l| !*l) => {}

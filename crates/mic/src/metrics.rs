@@ -43,6 +43,10 @@ pub struct Metrics {
     /// Beyond upstream: PATCHes held back because the mirrored Compute write
     /// budget was spent (sent later, folded with whatever arrives meanwhile).
     pub mic_arm_writes_deferred_count: IntCounter,
+    /// Beyond upstream: assignments refused by the entitlement checks, by
+    /// reason (`IdentityClientIDMismatch`, `ClusterIdentityRefused`,
+    /// `IdentityNotGranted`); each refusal counted once.
+    pub identity_refused_count: IntCounterVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +148,11 @@ impl Metrics {
             mic_arm_writes_deferred_count: counter(
                 "mic_arm_writes_deferred_count",
                 "Number of ARM writes deferred to stay within the Compute write budget",
+            )?,
+            identity_refused_count: counter_vec(
+                "mic_identity_refused_count",
+                "Number of identity assignments refused by the client ID, cluster identity or identity policy checks",
+                "reason",
             )?,
             registry,
         })

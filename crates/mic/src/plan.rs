@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use aadpodid_api::policy::{PolicyMode, identity_granted};
 use aadpodid_api::{
     ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity,
     AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding,
@@ -27,6 +28,9 @@ pub struct Options {
     pub immutable_client_ids: BTreeSet<String>,
     /// Upstream behaviour: Succeeded/Failed pods keep their identities (#637).
     pub keep_completed_pod_identities: bool,
+    /// `--identity-policy`: whether a type-0 identity must be granted to its
+    /// namespace (Namespace annotation `aadpodidentity.k8s.io/allowed-identities`).
+    pub policy: PolicyMode,
 }
 
 /// Something wrong with the user's objects; reported, never fatal.
@@ -42,6 +46,13 @@ pub enum Warning {
     DuplicateAssignedIdentity { name: Key, binding: Key },
     /// A namespaced identity matched across namespaces; skipped.
     NamespaceMismatch { binding: Key, pod: Key },
+    /// The identity policy does not grant the identity's resource ID to its
+    /// namespace; under `enforce` it gets no AAI, under `warn` it still does.
+    IdentityNotGranted {
+        identity: Key,
+        resource_id: String,
+        enforced: bool,
+    },
 }
 
 /// Identity work on one VMSS or VM.
@@ -119,6 +130,7 @@ fn desired_set(
             .push((k, b));
     }
     let mut reported: BTreeSet<Key> = BTreeSet::new();
+    let mut not_granted: BTreeSet<Key> = BTreeSet::new();
     let mut out: BTreeMap<Key, Desired> = BTreeMap::new();
     for pod in index.pods.values() {
         if pod.binding_label.is_empty() || pod.node.is_empty() {
@@ -157,6 +169,24 @@ fn desired_set(
                             });
                         }
                         continue;
+                    }
+                    if opts.policy != PolicyMode::Off
+                        && !identity_granted(
+                            index.namespaces.get(&ikey.0).map(String::as_str),
+                            &identity.spec.resource_id,
+                        )
+                    {
+                        let enforced = opts.policy == PolicyMode::Enforce;
+                        if not_granted.insert(ikey.clone()) {
+                            warnings.push(Warning::IdentityNotGranted {
+                                identity: ikey.clone(),
+                                resource_id: identity.spec.resource_id.clone(),
+                                enforced,
+                            });
+                        }
+                        if enforced {
+                            continue;
+                        }
                     }
                     Some(normalize_id(&identity.spec.resource_id))
                 }
@@ -243,6 +273,20 @@ fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentitySpec)
         && ns_name(&a.azure_binding_ref) == ns_name(&b.azure_binding_ref)
         && identity_spec(a) == identity_spec(b)
         && binding_spec(a) == binding_spec(b)
+}
+
+/// Type-0 identity ID (lower-cased) of an AAI's embedded identity.
+pub fn assigned_identity_id(aai: &AzureAssignedIdentity) -> Option<String> {
+    existing_identity_id(aai)
+}
+
+/// The AzureIdentity client ID embedded in an AAI, as typed.
+pub fn assigned_client_id(aai: &AzureAssignedIdentity) -> String {
+    aai.spec
+        .azure_identity_ref
+        .as_ref()
+        .map(|i| i.spec.client_id.clone())
+        .unwrap_or_default()
 }
 
 /// Type-0 identity ID of an existing AAI's embedded identity.

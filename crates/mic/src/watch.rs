@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, POD_LABEL_BINDING};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::core::DeserializeGuard;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 pub struct Shared {
     pub index: Mutex<Index>,
     pub changed: Notify,
-    synced: [AtomicBool; 5],
+    synced: [AtomicBool; 6],
 }
 
 impl Shared {
@@ -174,7 +174,10 @@ async fn run_watch<K>(
 }
 
 /// Starts the five watches (pods with the binding label, nodes, identities,
-/// bindings, AAIs). They run until shutdown.
+/// bindings, AAIs), and a sixth on Namespaces when `watch_namespaces` (the
+/// identity policy is on). They run until shutdown. The Namespace watch
+/// counts for [`Shared::synced`] like the others: if MIC may not list
+/// Namespaces it never becomes active, rather than run the policy blind.
 pub fn spawn(
     client: Client,
     shared: Arc<Shared>,
@@ -182,7 +185,11 @@ pub fn spawn(
     events: Events,
     leading: tokio::sync::watch::Receiver<bool>,
     shutdown: Shutdown,
+    watch_namespaces: bool,
 ) {
+    if !watch_namespaces {
+        shared.synced[5].store(true, Ordering::Release);
+    }
     let ctx = Arc::new(Ctx {
         shared,
         metrics,
@@ -244,6 +251,21 @@ pub fn spawn(
         ctx.clone(),
         shutdown.clone(),
     ));
+    if watch_namespaces {
+        tokio::spawn(run_watch(
+            Api::<DeserializeGuard<Namespace>>::all(client.clone()),
+            cfg(),
+            Kind {
+                name: "Namespace",
+                slot: 5,
+                apply: |ix, n| ix.apply_namespace(n),
+                delete: |ix, k| ix.delete_namespace(&k.1),
+                clear: |ix| ix.namespaces.clear(),
+            },
+            ctx.clone(),
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(run_watch(
         Api::<DeserializeGuard<AzureAssignedIdentity>>::all(client),
         cfg(),

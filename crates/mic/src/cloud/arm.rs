@@ -23,8 +23,8 @@ use serde::Deserialize;
 
 use super::config::{CloudConfig, CredentialConfig};
 use super::{
-    ArmError, Cloud, CloudError, IdentityPatch, ResourceIdentity, ResourceKind, ResourceRef,
-    normalize_id,
+    ArmError, ArmIdentity, Cloud, CloudError, IdentityPatch, ResourceIdentity, ResourceKind,
+    ResourceRef, normalize_id,
 };
 
 /// Compute api-version MIC sends (azure-apis.md §3.1: widely deployed, same
@@ -377,18 +377,15 @@ impl ArmCloud {
             type_: String::new(),
             user_assigned: None,
         });
+        let user_assigned = identity.user_assigned.unwrap_or_default();
         Ok(ResourceIdentity {
             type_: identity.type_,
-            user_assigned: identity
-                .user_assigned
-                .unwrap_or_default()
-                .keys()
-                .map(|k| normalize_id(k))
-                .collect(),
+            user_assigned: user_assigned.keys().map(|k| normalize_id(k)).collect(),
             provisioning_state: body
                 .properties
                 .map(|p| p.provisioning_state)
                 .unwrap_or_default(),
+            reported: reported_identities(&user_assigned),
         })
     }
 
@@ -488,6 +485,33 @@ impl ArmCloud {
             delay = retry_after(resp.headers()).unwrap_or(self.options.poll_interval);
         }
     }
+}
+
+/// ARM's `clientId`/`principalId` of each user-assigned identity in a GET
+/// answer, keyed by the lower-cased identity ID. Values that are not
+/// strings are taken as absent.
+fn reported_identities(
+    user_assigned: &serde_json::Map<String, serde_json::Value>,
+) -> std::collections::BTreeMap<String, ArmIdentity> {
+    let field = |v: &serde_json::Value, name: &str| {
+        v.get(name)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_lowercase)
+            .unwrap_or_default()
+    };
+    user_assigned
+        .iter()
+        .map(|(id, v)| {
+            (
+                normalize_id(id),
+                ArmIdentity {
+                    client_id: field(v, "clientId"),
+                    principal_id: field(v, "principalId"),
+                },
+            )
+        })
+        .filter(|(_, a)| !(a.client_id.is_empty() && a.principal_id.is_empty()))
+        .collect()
 }
 
 impl Cloud for ArmCloud {
@@ -613,6 +637,44 @@ mod tests {
         assert!(
             ua.starts_with("aad-pod-identity/mic/9.9.9 custom azsdk-rust-mic/9.9.9 "),
             "{ua}"
+        );
+    }
+
+    #[test]
+    fn client_and_principal_ids_are_kept_per_identity() {
+        let body = serde_json::json!({
+            "/subscriptions/S/resourceGroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/A":
+                {"principalId": "P-1", "clientId": "C-1"},
+            "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/b":
+                {},
+            "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/c":
+                {"clientId": 7, "principalId": "p-3"},
+        });
+        let got = reported_identities(body.as_object().unwrap());
+        let id = |n: &str| {
+            format!(
+                "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/{n}"
+            )
+        };
+        assert_eq!(
+            got.get(&id("a")),
+            Some(&ArmIdentity {
+                client_id: "c-1".into(),
+                principal_id: "p-1".into()
+            })
+        );
+        assert_eq!(got.get(&id("b")), None, "nothing reported");
+        assert_eq!(got.get(&id("c")).map(|a| a.client_id.as_str()), Some(""));
+        let r = ResourceIdentity {
+            user_assigned: [id("a"), id("c")].into(),
+            reported: got,
+            ..Default::default()
+        };
+        assert_eq!(r.client_id(&id("A")), Some("c-1"));
+        assert_eq!(
+            r.client_id(&id("c")),
+            None,
+            "a non-string client ID is none"
         );
     }
 

@@ -101,6 +101,17 @@ pub fn is_valid_identity_id(id: &str) -> bool {
         && [2, 4, 8].iter().all(|&i| !segs[i].is_empty())
 }
 
+/// What ARM reports for one user-assigned identity on a VMSS or VM: the
+/// pair that names the identity in tokens, learned from Azure rather than
+/// from what a user typed into an AzureIdentity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArmIdentity {
+    /// `clientId`, lower-cased; empty when ARM did not say.
+    pub client_id: String,
+    /// `principalId`, lower-cased; empty when ARM did not say.
+    pub principal_id: String,
+}
+
 /// The identity block of a VMSS or VM as read from ARM.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResourceIdentity {
@@ -110,9 +121,21 @@ pub struct ResourceIdentity {
     pub user_assigned: BTreeSet<String>,
     /// `properties.provisioningState`.
     pub provisioning_state: String,
+    /// ARM's `clientId`/`principalId` per key of `user_assigned` (lower-cased
+    /// ID); an identity ARM listed without them has no entry.
+    pub reported: BTreeMap<String, ArmIdentity>,
 }
 
 impl ResourceIdentity {
+    /// ARM's client ID of the identity `id` on this resource, lower-cased;
+    /// `None` when the identity is not there or ARM did not report it.
+    pub fn client_id(&self, id: &str) -> Option<&str> {
+        self.reported
+            .get(&normalize_id(id))
+            .map(|a| a.client_id.as_str())
+            .filter(|c| !c.is_empty())
+    }
+
     /// ARM writes `SystemAssigned, UserAssigned`; accept any spacing and case.
     pub fn has_system_assigned(&self) -> bool {
         self.type_
@@ -348,6 +371,7 @@ mod tests {
             type_: type_.into(),
             user_assigned: set(ids),
             provisioning_state: "Succeeded".into(),
+            ..Default::default()
         }
     }
 

@@ -2,6 +2,7 @@
 //! and the hazards of §7.4, as cases over a hand-built index.
 
 use super::*;
+use aadpodid_api::policy::PolicyMode;
 use aadpodid_api::{
     ANNOTATION_BEHAVIOR, AzureIdentityBindingSpec, AzureIdentitySpec, BEHAVIOR_NAMESPACED,
 };
@@ -624,4 +625,336 @@ fn a_created_aai_that_retires_takes_its_identity_off_if_there() {
         w.delete_on_success,
         vec![(key("default", "web-ns-id"), lrid("id"))]
     );
+}
+
+fn mk_namespace(name: &str, allowed: Option<&str>) -> k8s_openapi::api::core::v1::Namespace {
+    let mut n = k8s_openapi::api::core::v1::Namespace::default();
+    n.metadata.name = Some(name.into());
+    if let Some(a) = allowed {
+        n.metadata.annotations = Some(
+            [(
+                aadpodid_api::ANNOTATION_ALLOWED_IDENTITIES.to_string(),
+                a.to_string(),
+            )]
+            .into(),
+        );
+    }
+    n
+}
+
+#[test]
+fn the_identity_policy_at_run_time() {
+    let rg_all = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/*";
+    // (mode, annotation of ns, AAI made, warning, enforced)
+    let cases: [(PolicyMode, Option<&str>, bool, bool); 9] = [
+        (PolicyMode::Off, None, true, false),
+        (PolicyMode::Warn, None, true, true),
+        (PolicyMode::Enforce, None, false, true),
+        (PolicyMode::Enforce, Some(""), false, true),
+        (PolicyMode::Enforce, Some(&rid("other")), false, true),
+        (PolicyMode::Enforce, Some(rg_all), true, false),
+        (PolicyMode::Warn, Some(rg_all), true, false),
+        // Case and blanks do not matter; several patterns.
+        (
+            PolicyMode::Enforce,
+            Some(
+                " /x/*, /SUBSCRIPTIONS/s/resourcegroups/RG/providers/microsoft.managedidentity/userassignedidentities/ID ",
+            ),
+            true,
+            false,
+        ),
+        (PolicyMode::Enforce, Some("*"), true, false),
+    ];
+    for (mode, annotation, made, warned) in cases {
+        let mut ix = base();
+        ix.apply_namespace(&mk_namespace("ns", annotation));
+        // Another namespace's grant does not count.
+        ix.apply_namespace(&mk_namespace("other", Some("*")));
+        ix.apply_identity(&mk_uami("ns", "id"));
+        ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+        ix.apply_pod(&mk_pod("other", "web", "sel", "n1"));
+        // Service principals are not subject to the policy.
+        ix.apply_identity(&mk_identity("ns", "sp", IdentityType::ServicePrincipal, ""));
+        ix.apply_binding(&mk_binding("ns", "b-sp", "sp", "sel"));
+        let opts = Options {
+            policy: mode,
+            ..Default::default()
+        };
+        let p = plan(&ix, &opts);
+        let names: Vec<&str> = p
+            .create
+            .iter()
+            .filter_map(|a| a.metadata.name.as_deref())
+            .collect();
+        let ctx = format!("{mode:?} {annotation:?}");
+        assert_eq!(names.contains(&"web-other-id"), made, "{ctx}");
+        assert!(names.contains(&"web-other-sp"), "{ctx}");
+        let warning = Warning::IdentityNotGranted {
+            identity: key("ns", "id"),
+            resource_id: rid("id"),
+            enforced: mode == PolicyMode::Enforce,
+        };
+        assert_eq!(
+            p.warnings.contains(&warning),
+            warned,
+            "{ctx}: {:?}",
+            p.warnings
+        );
+        assert_eq!(p.warnings.len(), usize::from(warned), "{ctx}");
+    }
+}
+
+#[test]
+fn enforce_retires_an_existing_aai_like_any_undesired_one() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    settle(&mut ix, &Options::default());
+    let enforce = Options {
+        policy: PolicyMode::Enforce,
+        ..Default::default()
+    };
+    let p = plan(&ix, &enforce);
+    // Removed only if the ledger says MIC added it (decided by the guard).
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.remove, [lrid("id")].into());
+    assert_eq!(
+        w.delete_on_success,
+        vec![(key("default", "web-ns-id"), lrid("id"))]
+    );
+    // Granted again: assigned again.
+    assert!(ix.apply_namespace(&mk_namespace("ns", Some(&rid("id")))));
+    assert!(
+        !ix.apply_namespace(&mk_namespace("ns", Some(&rid("id")))),
+        "no change"
+    );
+    assert!(plan(&ix, &enforce).is_empty());
+}
+
+#[test]
+fn the_ledger_is_seeded_from_every_existing_aai() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_identity(&mk_uami("ns", "id2"));
+    ix.apply_identity(&mk_identity("ns", "sp", IdentityType::ServicePrincipal, ""));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b2", "id2", "sel2"));
+    ix.apply_binding(&mk_binding("ns", "b-sp", "sp", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    ix.apply_pod(&mk_pod("ns", "job", "sel2", "n3"));
+    // Upstream wrote these; one is still Created.
+    let p = plan(&ix, &Options::default());
+    for mut aai in p.create {
+        if aai.metadata.name.as_deref() != Some("job-ns-id2") {
+            aai.status.get_or_insert_default().status = "Assigned".into();
+        }
+        ix.apply_assigned(&aai);
+    }
+    // An AAI of a node MIC does not know is skipped.
+    let mut orphan = ix.assigned[&key("default", "web-ns-id")].clone();
+    orphan.metadata.name = Some("orphan".into());
+    orphan.spec.node_name = "gone".into();
+    ix.apply_assigned(&orphan);
+    let l = crate::ledger::Ledger::seed(&ix);
+    assert!(l.owns(&vmss("vmss-a"), &rid("id")));
+    assert!(l.owns(&vmss("vmss-b"), &rid("id2")), "Created counts too");
+    assert!(!l.owns(&vmss("vmss-b"), &rid("id")));
+    assert!(!l.owns(&vmss("vmss-a"), &rid("id2")));
+    assert_eq!(l.len(), 2);
+}
+
+/// Plan and guard together, over a resource as ARM reports it.
+mod entitlement {
+    use super::*;
+    use crate::cloud::{ArmIdentity, ResourceIdentity};
+    use crate::guard::{ClusterWhy, Protection, Refusal, vet};
+    use crate::ledger::Ledger;
+
+    const KUBELET_CLIENT: &str = "kubelet-client-id";
+
+    fn arm(ids: &[(&str, &str)]) -> ResourceIdentity {
+        ResourceIdentity {
+            type_: "UserAssigned".into(),
+            user_assigned: ids.iter().map(|(n, _)| lrid(n)).collect(),
+            provisioning_state: "Succeeded".into(),
+            reported: ids
+                .iter()
+                .map(|(n, c)| {
+                    (
+                        lrid(n),
+                        ArmIdentity {
+                            client_id: c.to_string(),
+                            principal_id: String::new(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn protection() -> Protection {
+        Protection {
+            cluster_client_ids: [KUBELET_CLIENT.to_string()].into(),
+            serve_cluster_identities: false,
+        }
+    }
+
+    fn typed(ix: &Index, w: &ResourceWork) -> BTreeMap<Key, String> {
+        w.assign_on_success
+            .iter()
+            .filter_map(|(k, _)| {
+                ix.assigned
+                    .get(k)
+                    .map(|a| (k.clone(), assigned_client_id(a)))
+            })
+            .collect()
+    }
+
+    /// F6: an AzureIdentity with the kubelet identity's resource ID and
+    /// another client ID; its pod goes. Before, MIC removed the kubelet
+    /// identity from the node pool (it protected by typed client ID only).
+    #[test]
+    fn f6_the_kubelet_identity_is_never_removed_whatever_its_client_id() {
+        for seeded_by_upstream in [false, true] {
+            let mut ix = base();
+            let opts = Options {
+                immutable_client_ids: [KUBELET_CLIENT.to_string()].into(),
+                ..Default::default()
+            };
+            let mut forged = mk_uami("attacker", "kubelet");
+            forged.spec.client_id = "attacker-client".into();
+            ix.apply_identity(&forged);
+            ix.apply_binding(&mk_binding("attacker", "b", "kubelet", "sel"));
+            let pod = mk_pod("attacker", "p", "sel", "n1");
+            ix.apply_pod(&pod);
+            let p = settle(&mut ix, &opts);
+            let cur = arm(&[("kubelet", KUBELET_CLIENT)]);
+            let ledger = if seeded_by_upstream {
+                Ledger::seed(&ix)
+            } else {
+                Ledger::default()
+            };
+            let r = vmss("vmss-a");
+            let owns = |id: &str| ledger.owns(&r, id);
+            // While the pod runs: refused, nothing sent.
+            let w = &p.resources[&r];
+            let v = vet(w, &cur, &typed(&ix, w), &owns, &protection());
+            assert_eq!(
+                v.refused,
+                vec![(
+                    key("default", "p-attacker-kubelet"),
+                    Refusal::ClusterIdentity {
+                        identity_id: lrid("kubelet"),
+                        // By what ARM reports, whatever the ledger says.
+                        why: ClusterWhy::ReportedClientId,
+                    }
+                )]
+            );
+            assert!(v.record.is_empty());
+            // The pod goes: the plan asks for the removal, the guard refuses it.
+            ix.delete_pod(&pod);
+            let p = plan(&ix, &opts);
+            let w = &p.resources[&r];
+            assert_eq!(w.remove, [lrid("kubelet")].into());
+            let v = vet(w, &cur, &BTreeMap::new(), &owns, &protection());
+            assert!(v.remove.is_empty(), "seeded={seeded_by_upstream}");
+            assert_eq!(v.release, vec![key("default", "p-attacker-kubelet")]);
+        }
+    }
+
+    /// An identity that was on the scale set before MIC (an add-on's),
+    /// referenced by a namespace user, then released: it stays.
+    #[test]
+    fn a_pre_existing_identity_referenced_then_released_stays() {
+        let mut ix = base();
+        let opts = Options::default();
+        let mut addon = mk_uami("user", "addon");
+        addon.spec.client_id = "addon-client".into();
+        ix.apply_identity(&addon);
+        ix.apply_binding(&mk_binding("user", "b", "addon", "sel"));
+        let pod = mk_pod("user", "p", "sel", "n1");
+        ix.apply_pod(&pod);
+        let p = settle(&mut ix, &opts);
+        let cur = arm(&[("addon", "addon-client")]);
+        let ledger = Ledger::default();
+        let r = vmss("vmss-a");
+        let owns = |id: &str| ledger.owns(&r, id);
+        let w = &p.resources[&r];
+        let v = vet(w, &cur, &typed(&ix, w), &owns, &protection());
+        assert_eq!(v.refused.len(), 1, "not served: {v:?}");
+        ix.delete_pod(&pod);
+        let p = plan(&ix, &opts);
+        let v = vet(
+            &p.resources[&r],
+            &cur,
+            &BTreeMap::new(),
+            &owns,
+            &protection(),
+        );
+        assert!(v.remove.is_empty());
+        assert_eq!(v.release, vec![key("default", "p-user-addon")]);
+    }
+
+    /// MIC's own add: recorded before the PATCH, assigned once ARM reports
+    /// the right client ID, removed when released, then the entry pruned.
+    #[test]
+    fn an_identity_mic_adds_is_recorded_then_removed_then_dropped() {
+        let mut ix = base();
+        let opts = Options::default();
+        ix.apply_identity(&mk_uami("ns", "id"));
+        ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+        let pod = mk_pod("ns", "web", "sel", "n1");
+        ix.apply_pod(&pod);
+        let p = plan(&ix, &opts);
+        for aai in &p.create {
+            ix.apply_assigned(aai);
+        }
+        let r = vmss("vmss-a");
+        let before = arm(&[("kubelet", KUBELET_CLIENT)]);
+        let mut ledger = Ledger::default();
+        let w = &p.resources[&r];
+        let v = vet(
+            w,
+            &before,
+            &typed(&ix, w),
+            &|id| ledger.owns(&r, id),
+            &protection(),
+        );
+        assert_eq!(v.record, [lrid("id")].into());
+        assert_eq!(v.add, [lrid("id")].into());
+        ledger.set(
+            &r,
+            crate::ledger::with_added(&ledger.entries(&r), &v.record),
+        );
+        // Landed, with ARM's client ID: assigned. A wrong one: refused.
+        let after = arm(&[("kubelet", KUBELET_CLIENT), ("id", "client-id")]);
+        let owns = |id: &str| ledger.owns(&r, id);
+        assert_eq!(
+            crate::guard::check(&lrid("id"), "CLIENT-ID", &after, &owns, &protection()),
+            None
+        );
+        assert!(matches!(
+            crate::guard::check(&lrid("id"), "client-other", &after, &owns, &protection()),
+            Some(Refusal::ClientIdMismatch { .. })
+        ));
+        // Released: removed (MIC's own), then the entry leaves.
+        for a in ix.assigned.values_mut() {
+            a.status.get_or_insert_default().status = "Assigned".into();
+        }
+        ix.delete_pod(&pod);
+        let p = plan(&ix, &opts);
+        let v = vet(
+            &p.resources[&r],
+            &after,
+            &BTreeMap::new(),
+            &owns,
+            &protection(),
+        );
+        assert_eq!(v.remove, [lrid("id")].into());
+        assert!(v.release.is_empty());
+        let gone = arm(&[("kubelet", KUBELET_CLIENT)]);
+        let kept = crate::ledger::pruned(&ledger.entries(&r), &gone.user_assigned, &v.add);
+        assert!(kept.is_empty());
+    }
 }
