@@ -152,6 +152,12 @@ async fn child_get_patch_and_lro_round_trip() {
     let cur = arm.get_identities(&vmss).await.unwrap();
     assert_eq!(cur.user_assigned, set(&[luai(NODE_RG, "kubelet")]));
     assert_eq!(cur.type_, "UserAssigned");
+    // ARM's client ID of each identity, which MIC checks AzureIdentities against.
+    assert_eq!(
+        cur.client_id(&uai(NODE_RG, "kubelet")),
+        Some("c0000000-0000-4000-8000-00000000000k")
+    );
+    assert!(cur.reported.values().all(|a| !a.principal_id.is_empty()));
 
     // Add two (mixed case in, lower case on the wire), through the async LRO.
     let add = set(&[uai(APP_RG, "app-id"), uai(APP_RG, "APP-2")]);
@@ -168,6 +174,10 @@ async fn child_get_patch_and_lro_round_trip() {
         ])
     );
     assert_eq!(cur.provisioning_state, "Succeeded");
+    assert_eq!(
+        cur.client_id(&uai(APP_RG, "APP-2")),
+        Some("c0000000-0000-4000-8000-000000000002")
+    );
 
     // Remove one; the others stay.
     let remove = set(&[luai(APP_RG, "app-2")]);

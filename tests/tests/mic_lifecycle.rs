@@ -55,7 +55,7 @@ async fn mic_against_cluster_and_emulator() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    run_children_trusting_emulator_ca("child_", "MICTEST", 13, Duration::from_secs(900))
+    run_children_trusting_emulator_ca("child_", "MICTEST", 14, Duration::from_secs(900))
         .await
         .unwrap();
 }
@@ -384,6 +384,25 @@ impl World {
         .unwrap()
     }
 
+    /// Waits for the AAI to carry MIC's refusal; returns the reason. It
+    /// must never be Assigned meanwhile.
+    async fn wait_refused(&self, name: &str) -> String {
+        let aai = wait_for(&format!("AAI {name} refused"), WAIT, || async {
+            self.aai(name).await.filter(|a| {
+                a.annotations()
+                    .contains_key(aadpodid_api::ANNOTATION_ASSIGNMENT_ERROR)
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            aai.status.as_ref().map(|s| s.status.as_str()),
+            Some("Created"),
+            "a refused AAI is not Assigned"
+        );
+        aai.annotations()[aadpodid_api::ANNOTATION_ASSIGNMENT_ERROR].clone()
+    }
+
     async fn wait_gone(&self, name: &str) {
         wait_for(&format!("AAI {name} deleted"), WAIT, || async {
             self.aai(name).await.is_none().then_some(())
@@ -682,12 +701,14 @@ async fn child_service_principal_and_cluster_identity() {
     assert_eq!(writes(&w), 0, "no ARM write for a service principal");
 
     // The cluster identity of azure.json, referenced by an AzureIdentity, is
-    // never removed when its last pod goes (§9 statement 27).
+    // never removed when its last pod goes (§9 statement 27), and (unlike
+    // upstream) never served: its AAI stays Created with the reason.
     w.identity("kubelet", &uai(NODE_RG, "kubelet"), KUBELET_CLIENT)
         .await;
     w.binding("b-kubelet", "kubelet", "kubelet-sel").await;
     w.pod("p2", "kubelet-sel", &w.nodes[1]).await;
-    w.wait_assigned(&w.aai_name("p2", "kubelet")).await;
+    let refused = w.wait_refused(&w.aai_name("p2", "kubelet")).await;
+    assert!(refused.contains("--serve-cluster-identities"), "{refused}");
     w.delete_pod("p2").await;
     w.wait_gone(&w.aai_name("p2", "kubelet")).await;
     assert!(w.on_vmss("kubelet"));
@@ -1050,7 +1071,7 @@ fn mic_cluster_role(name: &str) -> serde_json::Value {
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_runs_with_the_chart_cluster_role_only() {
     use k8s_openapi::api::core::v1::Secret;
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     let Some(w) = World::new("rbac").await else {
         panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
     };
@@ -1090,6 +1111,31 @@ async fn child_runs_with_the_chart_cluster_role_only() {
         "the ServiceAccount cannot read secrets"
     );
 
+    // The ownership ledger lives in MIC's namespace: a Role there.
+    let ledger_role: Role = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "mic-ledger", "namespace": w.ns.name()},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                   "verbs": ["get", "create", "update", "patch"]}],
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(w.client.clone(), w.ns.name())
+        .create(&PostParams::default(), &ledger_role)
+        .await
+        .unwrap();
+    let ledger_binding: RoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "mic-ledger", "namespace": w.ns.name()},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mic-ledger"},
+        "subjects": [{"kind": "ServiceAccount", "name": "mic", "namespace": w.ns.name()}],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(w.client.clone(), w.ns.name())
+        .create(&PostParams::default(), &ledger_binding)
+        .await
+        .unwrap();
     let mic = w
         .start_mic_with(w.settings_with("mic-rbac", &[], Some(&kubeconfig)))
         .await;
@@ -1143,6 +1189,136 @@ async fn child_lazy_removal_lingers_and_a_returning_pod_costs_no_write() {
     w.wait_gone(&w.aai_name("job-2", "app-id")).await;
     assert!(!w.on_vmss("app-id"), "removed before its AAI went");
     assert_eq!(vmss_writes(&w), writes + 1);
+
+    mic.stop().await;
+    w.cleanup().await;
+}
+
+/// The entitlement attacks of a namespace user, against MIC alone: forged
+/// client IDs, the kubelet identity's resource ID (F6), and an identity that
+/// was on the scale set before MIC. Nothing of the cluster's leaves the
+/// scale set, and every refusal is visible on the AAI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_entitlement_refusals_and_ownership() {
+    const APP2_CLIENT: &str = "c0000000-0000-4000-8000-000000000002";
+    // app-2 is on the scale set before MIC starts (an add-on's identity).
+    let Some(w) = World::new_with("own", |cfg| {
+        cfg.scale_sets[0].identity.user_assigned = vec!["kubelet".into(), "app-2".into()];
+    })
+    .await
+    else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    let mic = w.start_mic("mic-own").await;
+    let node = w.nodes[0].clone();
+
+    // 1. Another identity's resource ID with the kubelet identity's client
+    // ID: refused before anything is sent.
+    w.identity("forged", &uai(APP_RG, "app-id"), KUBELET_CLIENT)
+        .await;
+    w.binding("b-forged", "forged", "own-forged").await;
+    w.pod("forged", "own-forged", &node).await;
+    let why = w.wait_refused(&w.aai_name("forged", "forged")).await;
+    assert!(why.contains("cluster's own identities"), "{why}");
+    assert!(!w.on_vmss("app-id"), "the forged identity was never added");
+
+    // 2. F6: the kubelet identity's resource ID with another client ID.
+    w.identity("f6", &uai(NODE_RG, "kubelet"), APP_CLIENT).await;
+    w.binding("b-f6", "f6", "own-f6").await;
+    w.pod("f6", "own-f6", &node).await;
+    let why = w.wait_refused(&w.aai_name("f6", "f6")).await;
+    assert!(why.contains("cluster's own identities"), "{why}");
+
+    // 3. A pre-existing identity with its true client ID: not served.
+    w.identity("app-2", &uai(APP_RG, "app-2"), APP2_CLIENT)
+        .await;
+    w.binding("b-app2", "app-2", "own-pre").await;
+    w.pod("pre", "own-pre", &node).await;
+    let why = w.wait_refused(&w.aai_name("pre", "app-2")).await;
+    assert!(why.contains("before MIC added it"), "{why}");
+
+    // 4. A client ID that is not the resource ID's: MIC adds the identity
+    // (it cannot know before), then refuses the AAI on ARM's word.
+    w.identity("mismatch", &uai(APP_RG, "app-id"), APP2_CLIENT)
+        .await;
+    w.binding("b-mismatch", "mismatch", "own-mm").await;
+    w.pod("mm", "own-mm", &node).await;
+    let why = w.wait_refused(&w.aai_name("mm", "mismatch")).await;
+    assert!(
+        why.contains(&format!("Azure reports {APP_CLIENT}")),
+        "{why}"
+    );
+    assert!(w.on_vmss("app-id"));
+
+    // The ledger lists app-id only (MIC's own add), in MIC's namespace.
+    let cm =
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(w.client.clone(), w.ns.name())
+            .get("aad-pod-identity-mic-owned")
+            .await
+            .unwrap();
+    let data = cm.data.unwrap_or_default();
+    let entries = &data[&format!("vmss.{}", w.vmss.to_lowercase())];
+    assert_eq!(
+        entries.lines().count(),
+        1,
+        "one identity added by MIC: {data:?}"
+    );
+    let metrics = http_get(mic.handles.metrics_addr, "/metrics").await;
+    for (reason, n) in [
+        ("ClusterIdentityRefused", 3),
+        ("IdentityClientIDMismatch", 1),
+    ] {
+        let line = format!("aadpodidentity_mic_identity_refused_count{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    // The refusals are Events on the AzureIdentities.
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(w.client.clone(), w.ns.name());
+    wait_for("the refusal Events", WAIT, || async {
+        let list = events.list(&Default::default()).await.unwrap().items;
+        let reasons: std::collections::BTreeSet<String> = list
+            .iter()
+            .filter(|e| {
+                e.regarding
+                    .as_ref()
+                    .is_some_and(|r| r.kind.as_deref() == Some("AzureIdentity"))
+            })
+            .filter_map(|e| e.reason.clone())
+            .collect();
+        (reasons.contains("ClusterIdentityRefused") && reasons.contains("IdentityClientIDMismatch"))
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Every pod goes: only MIC's own add leaves; the kubelet identity and
+    // the pre-existing one stay.
+    for pod in ["forged", "f6", "pre", "mm"] {
+        w.delete_pod(pod).await;
+    }
+    for (pod, id) in [
+        ("forged", "forged"),
+        ("f6", "f6"),
+        ("pre", "app-2"),
+        ("mm", "mismatch"),
+    ] {
+        w.wait_gone(&w.aai_name(pod, id)).await;
+    }
+    w.wait_on_vmss("app-id", false).await;
+    assert!(w.on_vmss("kubelet"), "F6: the kubelet identity stays");
+    assert!(w.on_vmss("app-2"), "the pre-existing identity stays");
+    // The removal landed: its entry left the ledger.
+    wait_for("the ledger emptied", WAIT, || async {
+        let cm =
+            Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(w.client.clone(), w.ns.name())
+                .get("aad-pod-identity-mic-owned")
+                .await
+                .unwrap();
+        cm.data.unwrap_or_default().is_empty().then_some(())
+    })
+    .await
+    .unwrap();
 
     mic.stop().await;
     w.cleanup().await;
