@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use aadpodid_api::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentitySpec,
+    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
 };
 use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
 use azure_emulator::{Config, Emulator};
@@ -48,7 +48,9 @@ fn pod() -> Pod {
     .unwrap()
 }
 
-fn aai() -> AzureAssignedIdentity {
+/// The live identity and binding, and the AzureAssignedIdentity MIC writes
+/// for them (NMI checks the one against the others).
+fn objects() -> (AzureIdentity, AzureIdentityBinding, AzureAssignedIdentity) {
     let mut id = AzureIdentity::new(
         "id-a",
         AzureIdentitySpec {
@@ -58,23 +60,34 @@ fn aai() -> AzureAssignedIdentity {
         },
     );
     id.metadata.namespace = Some(NS.into());
+    id.metadata.uid = Some("uid-id-a".into());
+    let mut binding = AzureIdentityBinding::new(
+        "bind-a",
+        AzureIdentityBindingSpec {
+            azure_identity: "id-a".into(),
+            selector: "a".into(),
+            ..Default::default()
+        },
+    );
+    binding.metadata.namespace = Some(NS.into());
+    binding.metadata.uid = Some("uid-bind-a".into());
     let mut aai = AzureAssignedIdentity::new(
         "app-bench-id-a",
         AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(id)),
-            azure_binding_ref: None,
+            azure_identity_ref: Some(Box::new(id.clone())),
+            azure_binding_ref: Some(Box::new(binding.clone())),
             pod: POD.into(),
             pod_namespace: NS.into(),
             node_name: "node".into(),
             replicas: None,
         },
     );
-    aai.metadata.namespace = Some(NS.into());
+    aai.metadata.namespace = Some("default".into());
     aai.status = Some(AzureAssignedIdentityStatus {
         status: "Assigned".into(),
         ..Default::default()
     });
-    aai
+    (id, binding, aai)
 }
 
 async fn emulator(unthrottled: bool) -> (Emulator, SocketAddr) {
@@ -116,9 +129,12 @@ async fn emulator(unthrottled: bool) -> (Emulator, SocketAddr) {
 async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_runtime::Shutdown) {
     let source = nmi::token::Imds::new(&format!("http://{imds}"), "bench").unwrap();
     let state = Arc::new(nmi::server::State::default());
+    let (id, binding, aai) = objects();
     state.update(|i| {
         i.apply_pod(&pod());
-        i.apply_aai(&aai());
+        i.reset_identities(&[id]);
+        i.reset_bindings(&[binding]);
+        i.apply_aai(&aai);
     });
     let server = Arc::new(nmi::server::Server {
         state,
@@ -142,6 +158,7 @@ async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_ru
             metadata_addr: imds,
         },
         metrics: nmi::metrics::Metrics::new().unwrap(),
+        events: aadpodid_runtime::events::EventPublisher::disabled(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,6 +1,7 @@
 //! The node's view of the cluster, kept by the watches and read by the request
 //! handlers: pods on this node by IP, AzureAssignedIdentities by pod,
-//! exceptions, and (managed mode) bindings and identities. Pure and
+//! exceptions, and every binding and identity (managed mode serves from them;
+//! standard mode checks each AzureAssignedIdentity against them). Pure and
 //! synchronous: watches call `apply`/`delete`/`reset`, tests call the same.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -11,6 +12,8 @@ use aadpodid_api::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
+
+use crate::token::identity_cache_key;
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
@@ -104,10 +107,38 @@ pub struct Index {
     exceptions: HashMap<Key, AzurePodIdentityException>,
     bindings: HashMap<Key, AzureIdentityBinding>,
     identities: HashMap<Key, AzureIdentity>,
+    /// The binding watch has listed everything once.
+    bindings_listed: bool,
+    /// The identity watch has listed everything once.
+    identities_listed: bool,
+}
+
+/// What a cache says about an object looked up by name.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Cached<'a, T> {
+    /// It is there.
+    Found(&'a T),
+    /// The cache has listed everything and it is not there.
+    Missing,
+    /// The cache has not listed yet: nothing can be concluded.
+    NotListed,
 }
 
 fn key_of<K: ResourceExt>(obj: &K) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+fn lookup<'a, T>(
+    map: &'a HashMap<Key, T>,
+    listed: bool,
+    namespace: &str,
+    name: &str,
+) -> Cached<'a, T> {
+    match map.get(&(namespace.to_string(), name.to_string())) {
+        Some(t) => Cached::Found(t),
+        None if listed => Cached::Missing,
+        None => Cached::NotListed,
+    }
 }
 
 impl Index {
@@ -234,7 +265,7 @@ impl Index {
             })
     }
 
-    /// Adds or replaces a binding (managed mode).
+    /// Adds or replaces a binding.
     pub fn apply_binding(&mut self, b: &AzureIdentityBinding) {
         self.bindings.insert(key_of(b), b.clone());
     }
@@ -243,12 +274,17 @@ impl Index {
         self.bindings
             .remove(&(namespace.to_string(), name.to_string()));
     }
-    /// Replaces every binding.
+    /// Replaces every binding (after a full list).
     pub fn reset_bindings(&mut self, all: &[AzureIdentityBinding]) {
         self.bindings = all.iter().map(|b| (key_of(b), b.clone())).collect();
+        self.bindings_listed = true;
+    }
+    /// The binding `namespace/name`.
+    pub fn binding(&self, namespace: &str, name: &str) -> Cached<'_, AzureIdentityBinding> {
+        lookup(&self.bindings, self.bindings_listed, namespace, name)
     }
 
-    /// Adds or replaces an identity (managed mode).
+    /// Adds or replaces an identity.
     pub fn apply_identity(&mut self, i: &AzureIdentity) {
         self.identities.insert(key_of(i), i.clone());
     }
@@ -257,9 +293,14 @@ impl Index {
         self.identities
             .remove(&(namespace.to_string(), name.to_string()));
     }
-    /// Replaces every identity.
+    /// Replaces every identity (after a full list).
     pub fn reset_identities(&mut self, all: &[AzureIdentity]) {
         self.identities = all.iter().map(|i| (key_of(i), i.clone())).collect();
+        self.identities_listed = true;
+    }
+    /// The identity `namespace/name`.
+    pub fn identity(&self, namespace: &str, name: &str) -> Cached<'_, AzureIdentity> {
+        lookup(&self.identities, self.identities_listed, namespace, name)
     }
 
     /// Managed mode: identities named by bindings in the pod's namespace whose
@@ -288,19 +329,20 @@ impl Index {
             .collect()
     }
 
-    /// Client IDs (lower-cased) some pod on this node may currently use; the
-    /// token cache drops everything else.
-    pub fn client_ids_in_use(&self) -> HashSet<String> {
+    /// The token cache's keys ([`identity_cache_key`]) of the identities
+    /// some pod on this node may currently use; the cache drops everything
+    /// else.
+    pub fn token_keys_in_use(&self) -> HashSet<String> {
         let from_aais = self
             .aais
             .values()
             .filter_map(|a| a.spec.azure_identity_ref.as_ref())
-            .map(|i| i.spec.client_id.to_ascii_lowercase());
+            .map(|i| identity_cache_key(&i.spec));
         let from_managed = self
             .pods
             .values()
             .flat_map(|p| self.managed_identities_for(p))
-            .map(|i| i.spec.client_id.to_ascii_lowercase());
+            .map(|i| identity_cache_key(&i.spec));
         from_aais.chain(from_managed).collect()
     }
 }
@@ -360,13 +402,18 @@ pub(crate) mod testutil {
             },
         );
         id.metadata.namespace = Some(ns.into());
+        id.metadata.uid = Some(format!("uid-identity-{ns}-{name}"));
         id
     }
 
+    /// The AzureAssignedIdentity MIC writes for `pod` with `identity` through
+    /// `binding`: in "default", or in the identity's namespace when the
+    /// identity is namespaced (by annotation).
     pub fn mk_aai(
         pod_ns: &str,
         pod: &str,
         identity: &AzureIdentity,
+        binding: &AzureIdentityBinding,
         status: &str,
     ) -> AzureAssignedIdentity {
         let idname = identity.name_any();
@@ -374,14 +421,18 @@ pub(crate) mod testutil {
             &aadpodid_api::assigned_identity_name(pod, pod_ns, &idname),
             AzureAssignedIdentitySpec {
                 azure_identity_ref: Some(Box::new(identity.clone())),
-                azure_binding_ref: None,
+                azure_binding_ref: Some(Box::new(binding.clone())),
                 pod: pod.into(),
                 pod_namespace: pod_ns.into(),
                 node_name: "node1".into(),
                 replicas: None,
             },
         );
-        a.metadata.namespace = Some("default".into());
+        a.metadata.namespace = Some(if aadpodid_api::is_namespaced(identity, false) {
+            identity.namespace().unwrap_or_default()
+        } else {
+            "default".into()
+        });
         a.status = Some(AzureAssignedIdentityStatus {
             status: status.into(),
             ..Default::default()
@@ -404,6 +455,7 @@ pub(crate) mod testutil {
             },
         );
         b.metadata.namespace = Some(ns.into());
+        b.metadata.uid = Some(format!("uid-binding-{ns}-{name}"));
         b
     }
 
@@ -570,15 +622,17 @@ mod tests {
     }
 
     #[test]
-    fn aais_by_pod_and_client_ids_in_use() {
+    fn aais_by_pod_and_token_keys_in_use() {
         let a = mk_identity("default", "a", "CID-A");
         let b = mk_identity("default", "b", "cid-b");
+        let ba = mk_binding("default", "ba", "a", "sel");
+        let bb = mk_binding("default", "bb", "b", "sel");
         let mut idx = Index::new();
         idx.reset_aais(&[
-            mk_aai("ns", "p", &a, "Assigned"),
-            mk_aai("ns", "p", &b, "Created"),
-            mk_aai("ns", "q", &b, "Assigned"),
-            mk_aai("other", "p", &a, "Assigned"),
+            mk_aai("ns", "p", &a, &ba, "Assigned"),
+            mk_aai("ns", "p", &b, &bb, "Created"),
+            mk_aai("ns", "q", &b, &bb, "Assigned"),
+            mk_aai("other", "p", &a, &ba, "Assigned"),
         ]);
         let names: Vec<String> = idx
             .aais_for_pod("ns", "p")
@@ -586,10 +640,33 @@ mod tests {
             .map(|a| a.name_any())
             .collect();
         assert_eq!(names, ["p-ns-a", "p-ns-b"]);
-        let ids = idx.client_ids_in_use();
-        assert!(ids.contains("cid-a") && ids.contains("cid-b"));
+        let keys = idx.token_keys_in_use();
+        assert!(
+            keys.contains(&identity_cache_key(&a.spec))
+                && keys.contains(&identity_cache_key(&b.spec)),
+            "{keys:?}"
+        );
+        assert!(
+            keys.iter().any(|k| k.contains("cid-a") && k.contains("/a")),
+            "lower-cased, with the resource ID: {keys:?}"
+        );
         idx.delete_aai("default", "p-ns-a");
         assert_eq!(idx.aais_for_pod("ns", "p").len(), 1);
+    }
+
+    #[test]
+    fn lookups_tell_missing_from_not_listed() {
+        let mut idx = Index::new();
+        assert_eq!(idx.identity("ns", "a"), Cached::NotListed);
+        assert_eq!(idx.binding("ns", "b"), Cached::NotListed);
+        idx.apply_identity(&mk_identity("ns", "a", "c"));
+        assert!(matches!(idx.identity("ns", "a"), Cached::Found(_)));
+        assert_eq!(idx.identity("ns", "x"), Cached::NotListed);
+        idx.reset_identities(&[]);
+        idx.reset_bindings(&[mk_binding("ns", "b", "a", "s")]);
+        assert_eq!(idx.identity("ns", "a"), Cached::Missing);
+        assert!(matches!(idx.binding("ns", "b"), Cached::Found(_)));
+        assert_eq!(idx.binding("other", "b"), Cached::Missing);
     }
 
     #[test]

@@ -241,6 +241,15 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             metadata_addr: SocketAddr::new(args.metadata_ip.into(), args.metadata_port),
         },
         metrics,
+        events: aadpodid_runtime::events::EventPublisher::new(
+            client.clone(),
+            aadpodid_api::EVENT_SOURCE_COMPONENT,
+            Some(if args.pod_name.is_empty() {
+                format!("nmi-{}", args.node)
+            } else {
+                args.pod_name.clone()
+            }),
+        ),
     });
     tokio::spawn(server::serve(
         token_listener,
@@ -284,7 +293,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
                 tokio::select! {
                     _ = shutdown.signaled() => return,
                     _ = tick.tick() => {
-                        let live = server.state.index().client_ids_in_use();
+                        let live = server.state.index().token_keys_in_use();
                         server.cache.retain(&live);
                     }
                 }

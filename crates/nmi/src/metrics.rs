@@ -1,5 +1,6 @@
 //! NMI's Prometheus metrics with upstream's exact names (no `_total` suffix;
-//! shared/research/aad-pod-identity.md §2.8).
+//! shared/research/aad-pod-identity.md §2.8), and one of its own in the same
+//! style: `aadpodidentity_nmi_identity_refused_count`.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
@@ -16,7 +17,17 @@ pub struct Metrics {
     pub imds_errors: IntCounterVec,
     /// `aadpodidentity_kubernetes_api_operations_errors_count{operation_type}`.
     pub kubernetes_errors: IntCounterVec,
+    /// Beyond upstream: `aadpodidentity_nmi_identity_refused_count{namespace,reason}`,
+    /// token requests refused because of the AzureIdentity itself
+    /// (`namespace` is the AzureIdentity's; `reason` one of the `REFUSED_*`).
+    pub identity_refused: IntCounterVec,
 }
+
+/// `reason` when the AzureIdentity's `clientID` is not the client ID of the
+/// identity IMDS returns for its `resourceID`.
+pub const REFUSED_CLIENT_ID_MISMATCH: &str = "client_id_mismatch";
+/// `reason` when a type-0 AzureIdentity lacks `clientID` or `resourceID`.
+pub const REFUSED_INCOMPLETE_IDENTITY: &str = "incomplete_identity";
 
 /// `operation_type` of NMI's own IMDS calls (upstream's adal names).
 pub const IMDS_OP_USER_ASSIGNED: &str = "adal_token_msi_userassignedid";
@@ -64,13 +75,22 @@ impl Metrics {
         registry.register(Box::new(nmi_operations.clone()))?;
         registry.register(Box::new(imds_operations.clone()))?;
         registry.register(Box::new(imds_errors.clone()))?;
+        let identity_refused = IntCounterVec::new(
+            Opts::new(
+                "aadpodidentity_nmi_identity_refused_count",
+                "Count of token requests refused because of the AzureIdentity (client ID not the resource ID's, or missing IDs)",
+            ),
+            &["namespace", "reason"],
+        )?;
         registry.register(Box::new(kubernetes_errors.clone()))?;
+        registry.register(Box::new(identity_refused.clone()))?;
         Ok(Metrics {
             registry,
             nmi_operations,
             imds_operations,
             imds_errors,
             kubernetes_errors,
+            identity_refused,
         })
     }
 }
@@ -94,6 +114,9 @@ mod tests {
         m.kubernetes_errors
             .with_label_values(&["get_pod_list"])
             .inc();
+        m.identity_refused
+            .with_label_values(&["ns", REFUSED_CLIENT_ID_MISMATCH])
+            .inc();
         let mut names: Vec<String> = m
             .registry
             .gather()
@@ -107,6 +130,7 @@ mod tests {
                 "aadpodidentity_imds_operations_duration_seconds",
                 "aadpodidentity_imds_operations_errors_count",
                 "aadpodidentity_kubernetes_api_operations_errors_count",
+                "aadpodidentity_nmi_identity_refused_count",
                 "aadpodidentity_nmi_operations_duration_seconds",
             ]
         );

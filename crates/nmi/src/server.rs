@@ -20,16 +20,27 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use aadpodid_runtime::Shutdown;
+use aadpodid_runtime::events::{self, EventPublisher, Severity};
 
 use crate::args::OperationMode;
 use crate::http_client;
 use crate::index::{Index, PodEntry, PodLookup};
-use crate::metrics::{IMDS_OP_USER_ASSIGNED, Metrics};
+use crate::metrics::{
+    IMDS_OP_USER_ASSIGNED, Metrics, REFUSED_CLIENT_ID_MISMATCH, REFUSED_INCOMPLETE_IDENTITY,
+};
 use crate::request::{self, Rejection, Route, Selector, TokenQuery};
 use crate::response::{self, Token};
 use crate::select::{self, Outcome};
 use crate::sp::ServicePrincipals;
-use crate::token::{TokenCache, TokenError, TokenSource, now_secs};
+use crate::token::{TokenCache, TokenError, TokenSource, jwt_oid, now_secs};
+
+/// Event reason on an AzureIdentity whose `clientID` is not the client ID of
+/// the managed identity IMDS returns for its `resourceID`.
+pub const REASON_CLIENT_ID_MISMATCH: &str = "client id mismatch";
+/// Event reason on a type-0 AzureIdentity without `clientID` or `resourceID`.
+pub const REASON_INCOMPLETE_IDENTITY: &str = "incomplete identity";
+/// The Events' `action`.
+const EVENT_ACTION: &str = "GetToken";
 
 /// The index and a version that changes whenever it does (waiters wake on it).
 #[derive(Debug)]
@@ -119,6 +130,8 @@ pub struct Server<S> {
     pub config: Config,
     /// Metrics.
     pub metrics: Metrics,
+    /// Events on AzureIdentities NMI refuses to serve.
+    pub events: EventPublisher,
 }
 
 /// Slow clients: a request head must arrive within this.
@@ -465,15 +478,28 @@ impl<S: TokenSource> Server<S> {
                 let index = self.state.index();
                 match self.config.mode {
                     OperationMode::Standard => {
-                        // A pod deleted while its request waits gets nothing.
-                        if index.pod(&pod.namespace, &pod.name).is_none() {
+                        // A pod deleted while its request waits gets nothing;
+                        // its labels are read afresh (the binding selector).
+                        let Some(current) = index.pod(&pod.namespace, &pod.name) else {
                             return Err(Reply::new(
                                 StatusCode::INTERNAL_SERVER_ERROR,
                                 PodLookup::Unknown.to_string(),
                             ));
+                        };
+                        let outcome = select::standard(
+                            current,
+                            &query.selector,
+                            &index,
+                            self.config.namespaced,
+                        );
+                        if outcome == Outcome::Deny {
+                            let rejected =
+                                select::rejected_aais(current, &index, self.config.namespaced);
+                            if !rejected.is_empty() {
+                                tracing::info!(pod = %pod.name, namespace = %pod.namespace, ?rejected, "AzureAssignedIdentities that do not match the live identities and bindings were ignored");
+                            }
                         }
-                        let aais = index.aais_for_pod(&pod.namespace, &pod.name);
-                        select::standard(pod, &query.selector, &aais, self.config.namespaced)
+                        outcome
                     }
                     OperationMode::Managed => {
                         let ids = index.managed_identities_for(pod);
@@ -531,12 +557,7 @@ impl<S: TokenSource> Server<S> {
                 let Selector::ObjectId(oid) = &query.selector else {
                     return Err(no_match(StatusCode::NOT_FOUND));
                 };
-                let allowed: Vec<String> = candidates
-                    .iter()
-                    .map(|i| i.spec.client_id.clone())
-                    .collect();
-                self.cache
-                    .by_object_id(oid, &query.resource, &allowed)
+                self.by_object_id(&candidates, oid, &query.resource)
                     .await
                     .map(|t| vec![t])
             }
@@ -549,7 +570,10 @@ impl<S: TokenSource> Server<S> {
             .with_label_values(&[IMDS_OP_USER_ASSIGNED])
             .observe(started_fetch.elapsed().as_secs_f64());
         result.map_err(|e| {
-            if !matches!(e, TokenError::NotBound) {
+            if !matches!(
+                e,
+                TokenError::NotBound | TokenError::ClientIdMismatch { .. }
+            ) {
                 self.metrics
                     .imds_errors
                     .with_label_values(&[IMDS_OP_USER_ASSIGNED])
@@ -567,17 +591,106 @@ impl<S: TokenSource> Server<S> {
         })
     }
 
+    /// An `object_id` request: each candidate's token (by its resource ID,
+    /// checked against its client ID, cached), in the candidates' order,
+    /// until one has the requested object ID in its `oid` claim. Bounded by
+    /// the candidates (the pod's own identities). When none has it: the
+    /// first failure if a candidate could not be fetched, else upstream's 404.
+    async fn by_object_id(
+        &self,
+        candidates: &[AzureIdentity],
+        object_id: &str,
+        resource: &str,
+    ) -> Result<Token, TokenError> {
+        let mut failure = None;
+        for identity in candidates {
+            match self.fetch_msi(identity, resource).await {
+                Ok(token) => {
+                    if jwt_oid(token.access_token.expose())
+                        .is_some_and(|o| o.eq_ignore_ascii_case(object_id))
+                    {
+                        return Ok(token);
+                    }
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        Err(failure.unwrap_or(TokenError::NotBound))
+    }
+
+    /// A user-assigned identity's token: asked of IMDS by its resource ID and
+    /// served only for its client ID. A refusal is published as an Event on
+    /// the AzureIdentity and counted.
+    async fn fetch_msi(
+        &self,
+        identity: &AzureIdentity,
+        resource: &str,
+    ) -> Result<Token, TokenError> {
+        let spec = &identity.spec;
+        let ns = identity.namespace().unwrap_or_default();
+        let name = identity.name_any();
+        if spec.client_id.trim().is_empty() || spec.resource_id.trim().is_empty() {
+            let note = format!(
+                "AzureIdentity {ns}/{name} is of type 0 (user-assigned managed identity) and needs both spec.resourceID and spec.clientID; NMI serves no token for it"
+            );
+            self.refused(
+                identity,
+                REASON_INCOMPLETE_IDENTITY,
+                REFUSED_INCOMPLETE_IDENTITY,
+                &note,
+            );
+            return Err(TokenError::Forbidden(note));
+        }
+        let result = self
+            .cache
+            .by_resource_id(&spec.resource_id, &spec.client_id, resource)
+            .await;
+        if let Err(TokenError::ClientIdMismatch { .. }) = &result {
+            let note = format!(
+                "AzureIdentity {ns}/{name}: the managed identity with resourceID {} does not have clientID {}; NMI serves no token for it. Set spec.clientID to that identity's client ID, or spec.resourceID to the identity you meant",
+                spec.resource_id, spec.client_id
+            );
+            self.refused(
+                identity,
+                REASON_CLIENT_ID_MISMATCH,
+                REFUSED_CLIENT_ID_MISMATCH,
+                &note,
+            );
+        }
+        result
+    }
+
+    fn refused(&self, identity: &AzureIdentity, reason: &str, metric_reason: &str, note: &str) {
+        tracing::warn!(
+            namespace = identity.namespace().unwrap_or_default(),
+            name = identity.name_any(),
+            reason,
+            "{note}"
+        );
+        self.metrics
+            .identity_refused
+            .with_label_values(&[&identity.namespace().unwrap_or_default(), metric_reason])
+            .inc();
+        self.events.publish(
+            Severity::Warning,
+            reason,
+            EVENT_ACTION,
+            note,
+            events::reference(identity),
+        );
+    }
+
     async fn fetch(
         &self,
         identity: &AzureIdentity,
         resource: &str,
     ) -> Result<Vec<Token>, TokenError> {
         match identity.spec.r#type {
-            IdentityType::UserAssignedMsi => self
-                .cache
-                .by_client_id(&identity.spec.client_id, resource)
-                .await
-                .map(|t| vec![t]),
+            IdentityType::UserAssignedMsi => {
+                self.fetch_msi(identity, resource).await.map(|t| vec![t])
+            }
             IdentityType::ServicePrincipal | IdentityType::ServicePrincipalCertificate => {
                 self.sp.tokens(&self.cache, identity, resource).await
             }

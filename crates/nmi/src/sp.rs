@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 
 use crate::aad::{self, AadClient};
 use crate::response::Token;
-use crate::token::{TokenCache, TokenError, TokenSource};
+use crate::token::{TokenCache, TokenError, TokenSource, identity_cache_key};
 
 /// What one service-principal identity needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,7 +188,7 @@ impl ServicePrincipals {
                 resource
             );
             let token = cache
-                .cached(&plan.client_id, key, || {
+                .cached(&identity_cache_key(&identity.spec), key, || {
                     self.aad.token(
                         &plan.ad_endpoint,
                         tenant,

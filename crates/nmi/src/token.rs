@@ -1,8 +1,17 @@
 //! Token acquisition: the [`TokenSource`] trait, its implementation over IMDS
 //! ([`Imds`]), and the [`TokenCache`] in front of it.
 //!
+//! **One identity, checked end to end.** A user-assigned identity is asked
+//! for by its resource ID (`msi_res_id`), the ID MIC assigns to the node, not
+//! by the client ID the user typed into the AzureIdentity; the token is handed
+//! out only if IMDS's `client_id` and the token's `appid` (or `azp`) both equal
+//! the AzureIdentity's `clientID`, ignoring case ([`verify_client_id`]).
+//! Otherwise an AzureIdentity naming an assignable resource ID and another
+//! identity's client ID (the kubelet identity's, say) would get that other
+//! identity's token. Upstream asked by client ID and checked nothing.
+//!
 //! Beyond upstream (which cached nothing, statement 71): tokens are cached per
-//! (client ID, resource), concurrent misses share one upstream call, entries
+//! (resource ID, client ID, resource), concurrent misses share one upstream call, entries
 //! are refreshed well before expiry and dropped when no pod on the node uses
 //! the identity. The cache sits *behind* the access check: the server decides
 //! which identity a pod may use on every request, from the live index, before
@@ -38,10 +47,8 @@ use crate::secret::Secret;
 /// Which identity to ask IMDS for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImdsIdentity {
-    /// By client ID.
-    ClientId(String),
-    /// By object (principal) ID.
-    ObjectId(String),
+    /// By ARM resource ID (`msi_res_id`): the ID MIC assigned to the node.
+    ResourceId(String),
 }
 
 /// Why a token could not be had.
@@ -66,6 +73,18 @@ pub enum TokenError {
     /// An `object_id` request resolved to an identity the pod is not bound to.
     #[error("the identity with the requested object ID is not bound to this pod")]
     NotBound,
+    /// IMDS's identity for the AzureIdentity's resource ID has another client
+    /// ID than the AzureIdentity says: answered 403, the token is never
+    /// handed out.
+    #[error(
+        "the managed identity with resourceID {resource_id} is not the one with clientID {expected} named by the AzureIdentity; no token is returned"
+    )]
+    ClientIdMismatch {
+        /// The AzureIdentity's `resourceID` (what IMDS was asked for).
+        resource_id: String,
+        /// The AzureIdentity's `clientID`.
+        expected: String,
+    },
     /// IMDS kept answering a transient status (404, 410, 429, 5xx) through
     /// NMI's bounded retries, or asked for a longer wait than NMI holds a
     /// request: answered with IMDS's own status (and its `Retry-After`), so
@@ -90,7 +109,9 @@ impl TokenError {
     /// Upstream's status (statement 55).
     pub fn status(&self) -> StatusCode {
         match self {
-            TokenError::Refused { .. } | TokenError::Forbidden(_) => StatusCode::FORBIDDEN,
+            TokenError::Refused { .. }
+            | TokenError::Forbidden(_)
+            | TokenError::ClientIdMismatch { .. } => StatusCode::FORBIDDEN,
             TokenError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             TokenError::NotBound => StatusCode::NOT_FOUND,
             TokenError::Transient { status, .. } => {
@@ -259,19 +280,79 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The `appid` claim of a JWT (unverified: the token came from IMDS over the
-/// node's own link and is only used to check which identity it is for).
-pub fn jwt_appid(token: &str) -> Option<String> {
+/// The claims of a JWT (unverified: the token came from IMDS over the
+/// node's own link and is only read to check which identity it is for).
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims
-        .get("appid")
-        .or_else(|| claims.get("azp"))
-        .and_then(|v| v.as_str())
-        .map(str::to_owned)
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The client ID a JWT was issued to: its `appid` claim (v1 tokens), or
+/// `azp` when there is no `appid` (v2 tokens).
+pub fn jwt_appid(token: &str) -> Option<String> {
+    let claims = jwt_claims(token)?;
+    match claims.get("appid") {
+        Some(appid) => appid.as_str().map(str::to_owned),
+        None => claims.get("azp")?.as_str().map(str::to_owned),
+    }
+}
+
+/// The `oid` claim of a JWT: the object (principal) ID of its identity.
+pub fn jwt_oid(token: &str) -> Option<String> {
+    jwt_claims(token)?.get("oid")?.as_str().map(str::to_owned)
+}
+
+/// Why a token is not for the expected client ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdMismatch {
+    /// `client_id` of IMDS's answer (empty when it had none).
+    pub imds_client_id: String,
+    /// The token's `appid` (or `azp`), if it could be read.
+    pub token_client_id: Option<String>,
+}
+
+/// Whether a token from IMDS is for `expected` (an AzureIdentity's
+/// `clientID`): IMDS's `client_id` field and the token's `appid` (or `azp`
+/// when it has no `appid`) must both equal it, ignoring ASCII case. An empty
+/// `expected`, a missing field or an unreadable token never match.
+pub fn verify_client_id(
+    expected: &str,
+    imds_client_id: &str,
+    access_token: &str,
+) -> Result<(), ClientIdMismatch> {
+    let token_client_id = jwt_appid(access_token);
+    let same = |c: &str| !expected.is_empty() && c.eq_ignore_ascii_case(expected);
+    if same(imds_client_id) && token_client_id.as_deref().is_some_and(same) {
+        return Ok(());
+    }
+    Err(ClientIdMismatch {
+        imds_client_id: imds_client_id.to_string(),
+        token_client_id,
+    })
+}
+
+/// The cache's key for one identity: a user-assigned identity by (resource
+/// ID, client ID), both lower-cased, so that a token checked for one pair is
+/// never served for another; a service principal by client ID (its entries
+/// also carry the digest of the Secret, see [`crate::sp`]).
+pub fn identity_cache_key(spec: &aadpodid_api::AzureIdentitySpec) -> String {
+    match spec.r#type {
+        aadpodid_api::IdentityType::UserAssignedMsi => {
+            msi_cache_key(&spec.resource_id, &spec.client_id)
+        }
+        _ => format!("sp\n{}", spec.client_id.to_ascii_lowercase()),
+    }
+}
+
+fn msi_cache_key(resource_id: &str, client_id: &str) -> String {
+    format!(
+        "msi\n{}\n{}",
+        resource_id.to_ascii_lowercase(),
+        client_id.to_ascii_lowercase()
+    )
 }
 
 impl Imds {
@@ -312,8 +393,7 @@ impl TokenSource for Imds {
             q.append_pair("api-version", IMDS_API_VERSION);
             q.append_pair("resource", resource);
             match identity {
-                ImdsIdentity::ClientId(c) => q.append_pair("client_id", c),
-                ImdsIdentity::ObjectId(o) => q.append_pair("object_id", o),
+                ImdsIdentity::ResourceId(r) => q.append_pair("msi_res_id", r),
             };
             q.finish()
         };
@@ -352,11 +432,8 @@ impl TokenSource for Imds {
         }
         let mut body: TokenBody = serde_json::from_slice(resp.body())
             .map_err(|e| TokenError::Unavailable(format!("malformed IMDS token response: {e}")))?;
-        let client_id = match (body.client_id.take(), identity) {
-            (Some(c), _) if !c.is_empty() => c,
-            (_, ImdsIdentity::ClientId(c)) => c.clone(),
-            (_, ImdsIdentity::ObjectId(_)) => jwt_appid(&body.access_token).unwrap_or_default(),
-        };
+        // Exactly what IMDS said (empty when nothing): the caller checks it.
+        let client_id = body.client_id.take().unwrap_or_default();
         body.into_token("IMDS", resource, client_id, now_secs())
     }
 }
@@ -482,19 +559,32 @@ impl<S: TokenSource> TokenCache<S> {
         }
     }
 
-    fn slot(&self, client_id: &str, resource: &str) -> Slot {
+    fn slot(&self, identity_key: &str, resource: &str) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
             slots
-                .entry((client_id.to_ascii_lowercase(), resource.to_string()))
+                .entry((identity_key.to_string(), resource.to_string()))
                 .or_default(),
         )
     }
 
-    /// A token for the identity with `client_id`. The caller has already
-    /// decided that the pod may use it.
-    pub async fn by_client_id(&self, client_id: &str, resource: &str) -> Result<Token, TokenError> {
-        let slot = self.slot(client_id, resource);
+    /// A token for the user-assigned identity with `resource_id`, asked of
+    /// IMDS by that resource ID and handed out only if it is for `client_id`
+    /// ([`verify_client_id`]). The caller has already decided that the pod
+    /// may use the identity. Cached under both IDs; a token that fails the
+    /// check is never cached.
+    pub async fn by_resource_id(
+        &self,
+        resource_id: &str,
+        client_id: &str,
+        resource: &str,
+    ) -> Result<Token, TokenError> {
+        if resource_id.trim().is_empty() || client_id.trim().is_empty() {
+            return Err(TokenError::Forbidden(
+                "a user-assigned identity needs both resourceID and clientID".into(),
+            ));
+        }
+        let slot = self.slot(&msi_cache_key(resource_id, client_id), resource);
         let arrived = Instant::now();
         // Holding the slot's lock across the fetch makes concurrent misses
         // share one upstream call.
@@ -510,15 +600,36 @@ impl<S: TokenSource> TokenCache<S> {
         {
             return Err(e.clone());
         }
-        let id = ImdsIdentity::ClientId(client_id.to_string());
-        match self.imds(&id, resource).await {
+        let id = ImdsIdentity::ResourceId(resource_id.to_string());
+        let result = self.imds(&id, resource).await.and_then(|token| {
+            match verify_client_id(client_id, &token.client_id, token.access_token.expose()) {
+                Ok(()) => Ok(token),
+                Err(mismatch) => {
+                    tracing::warn!(
+                        resource_id,
+                        expected_client_id = client_id,
+                        imds_client_id = %mismatch.imds_client_id,
+                        token_client_id = ?mismatch.token_client_id,
+                        "IMDS's identity for the resource ID has another client ID; token withheld"
+                    );
+                    Err(TokenError::ClientIdMismatch {
+                        resource_id: resource_id.to_string(),
+                        expected: client_id.to_string(),
+                    })
+                }
+            }
+        });
+        match result {
             Ok(token) => {
                 guard.token = Some(token.clone());
                 guard.failed = None;
                 Ok(token)
             }
             Err(e) => {
-                if matches!(e, TokenError::Transient { .. }) {
+                if matches!(
+                    e,
+                    TokenError::Transient { .. } | TokenError::ClientIdMismatch { .. }
+                ) {
                     guard.failed = Some((Instant::now(), e.clone()));
                 }
                 Err(e)
@@ -526,11 +637,12 @@ impl<S: TokenSource> TokenCache<S> {
         }
     }
 
-    /// A token cached under (`client_id`, `key`), fetched by `fetch` on a miss
-    /// (no IMDS limiter: for AAD). Concurrent misses share one fetch.
+    /// A token cached under (`identity_key`, `key`), fetched by `fetch` on a
+    /// miss (no IMDS limiter: for AAD). Concurrent misses share one fetch.
+    /// `identity_key` is [`identity_cache_key`] of the identity.
     pub async fn cached<F, Fut>(
         &self,
-        client_id: &str,
+        identity_key: &str,
         key: String,
         fetch: F,
     ) -> Result<Token, TokenError>
@@ -540,11 +652,7 @@ impl<S: TokenSource> TokenCache<S> {
     {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(
-                slots
-                    .entry((client_id.to_ascii_lowercase(), key))
-                    .or_default(),
-            )
+            Arc::clone(slots.entry((identity_key.to_string(), key)).or_default())
         };
         let mut guard = slot.lock().await;
         if let Some(t) = guard.token.as_ref()
@@ -557,38 +665,16 @@ impl<S: TokenSource> TokenCache<S> {
         Ok(token)
     }
 
-    /// A token by `object_id`, accepted only if it is for one of
-    /// `allowed_client_ids` (ignoring case); then cached under its client ID.
-    pub async fn by_object_id(
-        &self,
-        object_id: &str,
-        resource: &str,
-        allowed_client_ids: &[String],
-    ) -> Result<Token, TokenError> {
-        let id = ImdsIdentity::ObjectId(object_id.to_string());
-        let token = self.imds(&id, resource).await?;
-        let appid =
-            jwt_appid(token.access_token.expose()).unwrap_or_else(|| token.client_id.clone());
-        if !allowed_client_ids
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case(&appid))
-        {
-            return Err(TokenError::NotBound);
-        }
-        let slot = self.slot(&appid, resource);
-        slot.lock().await.token = Some(token.clone());
-        Ok(token)
-    }
-
     /// The source, for uncached calls.
     pub fn source(&self) -> &S {
         &self.source
     }
 
-    /// Drops entries for identities no pod on the node uses any more.
-    pub fn retain(&self, client_ids_in_use: &HashSet<String>) {
+    /// Drops entries for identities no pod on the node uses any more
+    /// (`in_use` holds [`identity_cache_key`]s).
+    pub fn retain(&self, in_use: &HashSet<String>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|(client, _), _| client_ids_in_use.contains(client));
+        slots.retain(|(identity, _), _| in_use.contains(identity));
     }
 
     /// Number of cached (identity, resource) entries.
@@ -607,19 +693,27 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// IMDS with one identity per resource ID: client ID `app-of-<rid>`,
+    /// object ID `oid-of-<rid>` (lower case), unless `reports` says IMDS
+    /// answers with another client ID.
     #[derive(Default)]
     struct Fake {
         calls: AtomicUsize,
         lifetime: u64,
+        reports: Option<&'static str>,
     }
 
-    fn jwt(appid: &str) -> String {
+    fn jwt(claims: serde_json::Value) -> String {
         let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!(
             "{}.{}.sig",
             b.encode(br#"{"alg":"none"}"#),
-            b.encode(serde_json::json!({"appid": appid}).to_string())
+            b.encode(claims.to_string())
         )
+    }
+
+    fn jwt_app(appid: &str) -> String {
+        jwt(serde_json::json!({"appid": appid}))
     }
 
     impl TokenSource for Fake {
@@ -630,12 +724,16 @@ mod tests {
         ) -> Result<Token, TokenError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let client = match identity {
-                ImdsIdentity::ClientId(c) => c.clone(),
-                ImdsIdentity::ObjectId(o) => format!("app-of-{o}"),
+            let ImdsIdentity::ResourceId(rid) = identity;
+            let rid = rid.to_ascii_lowercase();
+            let client = match self.reports {
+                Some(c) => c.to_string(),
+                None => format!("app-of-{rid}"),
             };
             Ok(Token {
-                access_token: Secret::new(jwt(&client)),
+                access_token: Secret::new(jwt(
+                    serde_json::json!({"appid": client, "oid": format!("oid-of-{rid}")}),
+                )),
                 expires_on: now_secs() + self.lifetime,
                 not_before: None,
                 resource: resource.into(),
@@ -645,26 +743,37 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn concurrent_misses_share_one_call_and_hits_make_none() {
-        let cache = Arc::new(TokenCache::new(Fake {
+    fn long_lived() -> Fake {
+        Fake {
             lifetime: 86_399,
             ..Default::default()
-        }));
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_call_and_hits_make_none() {
+        let cache = Arc::new(TokenCache::new(long_lived()));
         let mut tasks = Vec::new();
         for i in 0..16 {
             let cache = Arc::clone(&cache);
             // Case differences share the entry.
-            let id = if i % 2 == 0 { "CID-A" } else { "cid-a" };
-            tasks.push(tokio::spawn(
-                async move { cache.by_client_id(id, "r").await },
-            ));
+            let (rid, cid) = if i % 2 == 0 {
+                ("RID-A", "APP-OF-RID-A")
+            } else {
+                ("rid-a", "app-of-rid-a")
+            };
+            tasks.push(tokio::spawn(async move {
+                cache.by_resource_id(rid, cid, "r").await
+            }));
         }
         for t in tasks {
             t.await.unwrap().unwrap();
         }
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 1);
-        cache.by_client_id("cid-a", "other-resource").await.unwrap();
+        cache
+            .by_resource_id("rid-a", "app-of-rid-a", "other-resource")
+            .await
+            .unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
     }
 
@@ -674,38 +783,139 @@ mod tests {
             lifetime: 60,
             ..Default::default()
         });
-        cache.by_client_id("c", "r").await.unwrap();
-        cache.by_client_id("c", "r").await.unwrap();
+        cache.by_resource_id("c", "app-of-c", "r").await.unwrap();
+        cache.by_resource_id("c", "app-of-c", "r").await.unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn retain_drops_unused_identities() {
-        let cache = TokenCache::new(Fake {
-            lifetime: 86_399,
-            ..Default::default()
-        });
-        cache.by_client_id("a", "r").await.unwrap();
-        cache.by_client_id("b", "r").await.unwrap();
-        cache.retain(&["a".to_string()].into_iter().collect());
+        let cache = TokenCache::new(long_lived());
+        cache.by_resource_id("a", "app-of-a", "r").await.unwrap();
+        cache.by_resource_id("b", "app-of-b", "r").await.unwrap();
+        cache.retain(&[msi_cache_key("A", "APP-OF-A")].into_iter().collect());
         assert_eq!(cache.len(), 1);
+        cache.by_resource_id("a", "app-of-a", "r").await.unwrap();
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2, "a kept");
     }
 
     #[tokio::test]
-    async fn object_id_is_checked_against_the_bound_identities() {
-        let cache = TokenCache::new(Fake {
-            lifetime: 86_399,
-            ..Default::default()
-        });
-        let ok = cache
-            .by_object_id("o1", "r", &["APP-OF-O1".to_string(), "x".to_string()])
+    async fn a_token_for_another_client_id_is_refused_and_never_cached() {
+        // The resource ID of one identity with the client ID of another (the
+        // kubelet identity's, say): IMDS answers for the resource ID.
+        let cache = TokenCache::new(long_lived());
+        for _ in 0..2 {
+            let got = cache.by_resource_id("rid-a", "kubelet-client", "r").await;
+            match got {
+                Err(TokenError::ClientIdMismatch {
+                    resource_id,
+                    expected,
+                }) => {
+                    assert_eq!(
+                        (resource_id.as_str(), expected.as_str()),
+                        ("rid-a", "kubelet-client")
+                    );
+                }
+                other => panic!("want a mismatch, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            cache.source().calls.load(Ordering::SeqCst),
+            2,
+            "a refused token is not cached"
+        );
+        // The honest pair is cached on its own key: the refusal did not
+        // poison it, and it does not answer for the forged pair.
+        cache
+            .by_resource_id("rid-a", "app-of-rid-a", "r")
             .await
             .unwrap();
-        assert_eq!(ok.client_id, "app-of-o1");
-        let denied = cache
-            .by_object_id("o2", "r", &["app-of-o1".to_string()])
-            .await;
-        assert!(matches!(denied, Err(TokenError::NotBound)));
+        cache
+            .by_resource_id("rid-a", "app-of-rid-a", "r")
+            .await
+            .unwrap();
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 3);
+        let again = cache.by_resource_id("rid-a", "kubelet-client", "r").await;
+        assert!(matches!(again, Err(TokenError::ClientIdMismatch { .. })));
+        assert_eq!(again.unwrap_err().status(), StatusCode::FORBIDDEN);
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 4);
+
+        // IMDS itself reporting another client ID for the resource ID.
+        let lying = TokenCache::new(Fake {
+            lifetime: 86_399,
+            reports: Some("someone-else"),
+            ..Default::default()
+        });
+        let got = lying.by_resource_id("rid-a", "app-of-rid-a", "r").await;
+        assert!(
+            matches!(got, Err(TokenError::ClientIdMismatch { .. })),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn empty_ids_are_refused_without_asking_imds() {
+        let cache = TokenCache::new(long_lived());
+        for (rid, cid) in [("", "c"), ("r", ""), (" ", "c"), ("", "")] {
+            let got = cache.by_resource_id(rid, cid, "r").await;
+            assert!(
+                matches!(got, Err(TokenError::Forbidden(_))),
+                "{rid:?} {cid:?}"
+            );
+        }
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn client_id_check_table() {
+        let c = "11111111-aaaa-4000-8000-000000000001";
+        let upper = c.to_ascii_uppercase();
+        let other = "22222222-bbbb-4000-8000-000000000002";
+        let cases: Vec<(&str, &str, &str, String, bool)> = vec![
+            ("both agree", c, c, jwt_app(c), true),
+            ("case ignored", c, &upper, jwt_app(&upper), true),
+            (
+                "azp when no appid",
+                c,
+                c,
+                jwt(serde_json::json!({"azp": c})),
+                true,
+            ),
+            (
+                "appid wins over azp",
+                c,
+                c,
+                jwt(serde_json::json!({"appid": other, "azp": c})),
+                false,
+            ),
+            ("imds reports another", c, other, jwt_app(c), false),
+            ("token for another", c, c, jwt_app(other), false),
+            ("imds gave no client_id", c, "", jwt_app(c), false),
+            ("unreadable token", c, c, "not-a-jwt".into(), false),
+            (
+                "token without appid or azp",
+                c,
+                c,
+                jwt(serde_json::json!({"oid": "o"})),
+                false,
+            ),
+            (
+                "non-string appid",
+                c,
+                c,
+                jwt(serde_json::json!({"appid": 1})),
+                false,
+            ),
+            ("empty expected", "", "", jwt_app(""), false),
+            ("prefix is no match", "1111", c, jwt_app(c), false),
+        ];
+        for (name, expected, imds, token, want) in cases {
+            assert_eq!(
+                verify_client_id(expected, imds, &token).is_ok(),
+                want,
+                "{name}"
+            );
+        }
     }
 
     /// A scripted answer: a token, or (status, Retry-After seconds).
@@ -739,7 +949,7 @@ mod tests {
             };
             match answer {
                 Ok(()) => Ok(Token {
-                    access_token: Secret::new(jwt("c")),
+                    access_token: Secret::new(jwt_app("c")),
                     expires_on: now_secs() + 86_399,
                     not_before: None,
                     resource: resource.into(),
@@ -815,7 +1025,7 @@ mod tests {
         ];
         for case in cases {
             let cache = TokenCache::new(Scripted::new(case.script)).with_retry(fast_policy());
-            let got = cache.by_client_id("c", "r").await;
+            let got = cache.by_resource_id("rid", "c", "r").await;
             assert_eq!(
                 cache.source().calls.load(Ordering::SeqCst),
                 case.calls,
@@ -850,7 +1060,7 @@ mod tests {
         for _ in 0..8 {
             let cache = Arc::clone(&cache);
             tasks.push(tokio::spawn(async move {
-                cache.by_client_id("c", "r").await.map(|_| ())
+                cache.by_resource_id("rid", "c", "r").await.map(|_| ())
             }));
         }
         for t in tasks {
@@ -860,7 +1070,7 @@ mod tests {
         // One round (four requests), not one per waiting request.
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 4);
         // A request made after the failure tries again.
-        let _ = cache.by_client_id("c", "r").await;
+        let _ = cache.by_resource_id("rid", "c", "r").await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 8);
     }
 
@@ -869,7 +1079,7 @@ mod tests {
         let cache = TokenCache::new(Scripted::new(vec![Err((429, Some(1))), Ok(())]))
             .with_retry(fast_policy());
         let started = Instant::now();
-        cache.by_client_id("c", "r").await.unwrap();
+        cache.by_resource_id("rid", "c", "r").await.unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
         // The 10 ms backoff was stretched to IMDS's one second.
         assert!(started.elapsed() >= Duration::from_secs(1));
@@ -938,8 +1148,13 @@ mod tests {
 
     #[test]
     fn appid_from_jwt_and_statuses() {
-        assert_eq!(jwt_appid(&jwt("c1")).as_deref(), Some("c1"));
+        assert_eq!(jwt_appid(&jwt_app("c1")).as_deref(), Some("c1"));
         assert_eq!(jwt_appid("not-a-jwt"), None);
+        assert_eq!(
+            jwt_oid(&jwt(serde_json::json!({"oid": "o1"}))).as_deref(),
+            Some("o1")
+        );
+        assert_eq!(jwt_oid(&jwt_app("c1")), None);
         assert_eq!(
             TokenError::Refused {
                 status: 400,

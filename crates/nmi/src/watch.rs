@@ -1,7 +1,8 @@
 //! Watches that keep the [`Index`](crate::index::Index) current: pods on this
 //! node (field selector `spec.nodeName`), AzureAssignedIdentities labelled
-//! with this node (standard mode), bindings and identities (managed mode),
-//! and exceptions. Malformed custom objects are skipped with a warning (and
+//! with this node (standard mode), every binding and identity (managed mode
+//! serves from them; standard mode checks each AzureAssignedIdentity against
+//! them), and exceptions. Malformed custom objects are skipped with a warning (and
 //! dropped from the index, so a broken object never grants anything); they
 //! never stop a watch.
 
@@ -94,7 +95,7 @@ pub fn spawn(
         n - 1
     };
     let flags_needed = match mode {
-        OperationMode::Standard => 3,
+        OperationMode::Standard => 5,
         OperationMode::Managed => 4,
     };
     let synced = Synced(Arc::new(
@@ -138,51 +139,47 @@ pub fn spawn(
         ctx(next()),
     ));
 
-    match mode {
-        OperationMode::Standard => {
-            let cfg = if scale_features {
-                watcher::Config::default().labels(&format!("{LABEL_NODENAME}={node}"))
-            } else {
-                watcher::Config::default()
-            };
-            let ops = guarded_ops!(AzureAssignedIdentity, apply_aai, delete_aai, reset_aais);
-            tokio::spawn(run(
-                Api::all(client.clone()),
-                cfg,
-                ops,
-                "list_assigned_identities",
-                ctx(next()),
-            ));
-        }
-        OperationMode::Managed => {
-            let ops = guarded_ops!(
-                AzureIdentityBinding,
-                apply_binding,
-                delete_binding,
-                reset_bindings
-            );
-            tokio::spawn(run(
-                Api::all(client.clone()),
-                watcher::Config::default(),
-                ops,
-                "list_bindings",
-                ctx(next()),
-            ));
-            let ops = guarded_ops!(
-                AzureIdentity,
-                apply_identity,
-                delete_identity,
-                reset_identities
-            );
-            tokio::spawn(run(
-                Api::all(client.clone()),
-                watcher::Config::default(),
-                ops,
-                "list_identities",
-                ctx(next()),
-            ));
-        }
+    if mode == OperationMode::Standard {
+        let cfg = if scale_features {
+            watcher::Config::default().labels(&format!("{LABEL_NODENAME}={node}"))
+        } else {
+            watcher::Config::default()
+        };
+        let ops = guarded_ops!(AzureAssignedIdentity, apply_aai, delete_aai, reset_aais);
+        tokio::spawn(run(
+            Api::all(client.clone()),
+            cfg,
+            ops,
+            "list_assigned_identities",
+            ctx(next()),
+        ));
     }
+    let ops = guarded_ops!(
+        AzureIdentityBinding,
+        apply_binding,
+        delete_binding,
+        reset_bindings
+    );
+    tokio::spawn(run(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        ops,
+        "list_bindings",
+        ctx(next()),
+    ));
+    let ops = guarded_ops!(
+        AzureIdentity,
+        apply_identity,
+        delete_identity,
+        reset_identities
+    );
+    tokio::spawn(run(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        ops,
+        "list_identities",
+        ctx(next()),
+    ));
     synced
 }
 

@@ -335,6 +335,7 @@ async fn the_server_answers_hostile_requests_and_stays_up() {
             metadata_addr: dead_addr,
         },
         metrics: nmi::metrics::Metrics::new().unwrap(),
+        events: aadpodid_runtime::events::EventPublisher::disabled(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
