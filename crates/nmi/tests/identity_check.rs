@@ -1,0 +1,335 @@
+//! One identity, checked end to end, in process: NMI's token server over the
+//! Azure emulator's IMDS on loopback (no cluster, no root). An AzureIdentity
+//! whose `clientID` is not the client ID of the managed identity at its
+//! `resourceID` gets a 403 and a metric, never the token; every IMDS request
+//! NMI makes names the identity by resource ID.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: failing loudly is the point"
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use aadpodid_api::{
+    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
+    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
+};
+use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
+use azure_emulator::{Config, Emulator};
+use base64::Engine as _;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+
+const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
+const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
+const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
+/// Plays the kubelet identity: on the node, and not the pod's to have.
+const CLIENT_K: &str = "cccccccc-0000-4000-8000-00000000000c";
+const OBJECT_K: &str = "cccccccc-1111-4000-8000-00000000000c";
+const NS: &str = "team";
+const ARM: &str = "https://management.azure.com/";
+
+fn resource_id(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUBSCRIPTION}/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+    )
+}
+
+fn identity(name: &str, uai: &str, client_id: &str) -> AzureIdentity {
+    let mut id = AzureIdentity::new(
+        name,
+        AzureIdentitySpec {
+            client_id: client_id.into(),
+            resource_id: if uai.is_empty() {
+                String::new()
+            } else {
+                resource_id(uai)
+            },
+            ..Default::default()
+        },
+    );
+    id.metadata.namespace = Some(NS.into());
+    id.metadata.uid = Some(format!("uid-{name}"));
+    id
+}
+
+fn binding(identity: &AzureIdentity) -> AzureIdentityBinding {
+    let name = identity.metadata.name.clone().unwrap();
+    let mut b = AzureIdentityBinding::new(
+        &format!("bind-{name}"),
+        AzureIdentityBindingSpec {
+            azure_identity: name.clone(),
+            selector: "sel".into(),
+            ..Default::default()
+        },
+    );
+    b.metadata.namespace = Some(NS.into());
+    b.metadata.uid = Some(format!("uid-bind-{name}"));
+    b
+}
+
+/// The Assigned AzureAssignedIdentity MIC writes for the pod and `identity`.
+fn aai(identity: &AzureIdentity) -> AzureAssignedIdentity {
+    let name = identity.metadata.name.clone().unwrap();
+    let mut a = AzureAssignedIdentity::new(
+        &aadpodid_api::assigned_identity_name("app", NS, &name),
+        AzureAssignedIdentitySpec {
+            azure_identity_ref: Some(Box::new(identity.clone())),
+            azure_binding_ref: Some(Box::new(binding(identity))),
+            pod: "app".into(),
+            pod_namespace: NS.into(),
+            node_name: "node".into(),
+            replicas: None,
+        },
+    );
+    a.metadata.namespace = Some("default".into());
+    a.status = Some(AzureAssignedIdentityStatus {
+        status: "Assigned".into(),
+        ..Default::default()
+    });
+    a
+}
+
+fn pod() -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": "app", "namespace": NS, "labels": {"aadpodidbinding": "sel"}},
+        "spec": {"nodeName": "node", "containers": [{"name": "c", "image": "i"}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]},
+    }))
+    .unwrap()
+}
+
+async fn emulator() -> (Emulator, SocketAddr) {
+    let mut cfg = Config::new("72f988bf-86f1-41af-91ab-2d7cd011db47", SUBSCRIPTION);
+    cfg.resource_groups = vec!["rg".into()];
+    let seed = |name: &str, client: &str, object: &str| IdentitySeed {
+        name: name.into(),
+        resource_group: "rg".into(),
+        client_id: Some(client.into()),
+        principal_id: Some(object.into()),
+        federated_credentials: Vec::new(),
+        permissions: Default::default(),
+    };
+    cfg.identities = vec![
+        seed("id-a", CLIENT_A, OBJECT_A),
+        seed("kubelet", CLIENT_K, OBJECT_K),
+    ];
+    cfg.virtual_machines = vec![VmSeed {
+        name: "node".into(),
+        resource_group: "rg".into(),
+        identity: IdentityAssignmentSeed {
+            system_assigned: false,
+            user_assigned: vec!["id-a".into(), "kubelet".into()],
+        },
+    }];
+    let emu = Emulator::start(cfg).await.unwrap();
+    let imds = emu
+        .add_imds("vm/node", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    (emu, imds)
+}
+
+struct Nmi {
+    addr: SocketAddr,
+    server: Arc<nmi::server::Server<nmi::token::Imds>>,
+    _shutdown: aadpodid_runtime::Shutdown,
+}
+
+impl Nmi {
+    async fn start(imds: SocketAddr, identities: &[AzureIdentity]) -> Nmi {
+        let source = nmi::token::Imds::new(&format!("http://{imds}"), "test").unwrap();
+        let state = Arc::new(nmi::server::State::default());
+        state.update(|i| {
+            i.apply_pod(&pod());
+            i.reset_identities(identities);
+            i.reset_bindings(&identities.iter().map(binding).collect::<Vec<_>>());
+        });
+        let server = Arc::new(nmi::server::Server {
+            state,
+            cache: nmi::token::TokenCache::new(source),
+            sp: nmi::sp::ServicePrincipals::new(
+                None,
+                nmi::aad::AadClient::new(None, "test").unwrap(),
+                Vec::new(),
+            ),
+            config: nmi::server::Config {
+                mode: nmi::args::OperationMode::Standard,
+                namespaced: false,
+                metadata_header_required: true,
+                block_instance_metadata: false,
+                set_retry_after_header: false,
+                retry_attempts_for_created: 0,
+                retry_attempts_for_assigned: 0,
+                retry_interval_secs: 0,
+                mic_namespace: "default".into(),
+                mic_service_accounts: Vec::new(),
+                metadata_addr: imds,
+            },
+            metrics: nmi::metrics::Metrics::new().unwrap(),
+            events: aadpodid_runtime::events::EventPublisher::disabled(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = aadpodid_runtime::Shutdown::new();
+        tokio::spawn(nmi::server::serve(
+            listener,
+            Arc::clone(&server),
+            shutdown.clone(),
+        ));
+        Nmi {
+            addr,
+            server,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// The pod's AzureAssignedIdentities become those of `identities`.
+    fn assign(&self, identities: &[&AzureIdentity]) {
+        let aais: Vec<AzureAssignedIdentity> = identities.iter().map(|i| aai(i)).collect();
+        self.server.state.update(|i| i.reset_aais(&aais));
+    }
+
+    /// A token request from the pod (127.0.0.1): (status, JSON body).
+    async fn get(&self, extra: &str) -> (u16, Value) {
+        let stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("api-version", "2018-02-01")
+            .append_pair("resource", ARM)
+            .finish();
+        let req = http::Request::get(format!("/metadata/identity/oauth2/token?{q}{extra}"))
+            .header("host", "169.254.169.254")
+            .header("metadata", "true")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
+        (status, v)
+    }
+
+    fn refused(&self, reason: &str) -> u64 {
+        self.server
+            .metrics
+            .identity_refused
+            .with_label_values(&[NS, reason])
+            .get()
+    }
+}
+
+fn appid(body: &Value) -> String {
+    let token = body["access_token"].as_str().unwrap_or_default();
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    claims["appid"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
+    let (emu, imds) = emulator().await;
+    // `honest` is id-a as it is. `forged` names id-a's resource ID (which MIC
+    // would assign) with the kubelet identity's client ID. `incomplete` has no
+    // resource ID. `kube-b` is the kubelet identity as a tenant would forge
+    // it from the other side: its resource ID, id-a's client ID.
+    let honest = identity("honest", "id-a", CLIENT_A);
+    let forged = identity("forged", "id-a", CLIENT_K);
+    let incomplete = identity("incomplete", "", CLIENT_A);
+    let reverse = identity("reverse", "kubelet", CLIENT_A);
+    let nmi = Nmi::start(
+        imds,
+        &[
+            honest.clone(),
+            forged.clone(),
+            incomplete.clone(),
+            reverse.clone(),
+        ],
+    )
+    .await;
+
+    nmi.assign(&[&honest]);
+    let (code, body) = nmi.get("").await;
+    assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
+
+    for (who, id) in [("forged", &forged), ("reverse", &reverse)] {
+        nmi.assign(&[id]);
+        for selector in ["".to_string(), format!("&client_id={}", id.spec.client_id)] {
+            let before = nmi.refused("client_id_mismatch");
+            let (code, body) = nmi.get(&selector).await;
+            assert_eq!(code, 403, "{who} {selector}: {body}");
+            assert!(body.get("access_token").is_none(), "{who}: {body}");
+            let text = body["error_description"].as_str().unwrap_or_default();
+            assert!(
+                text.contains(&id.spec.resource_id) && text.contains(&id.spec.client_id),
+                "{who}: the message names both IDs: {body}"
+            );
+            assert_eq!(
+                nmi.refused("client_id_mismatch"),
+                before + 1,
+                "{who}: counted every time (nothing cached)"
+            );
+        }
+    }
+
+    nmi.assign(&[&incomplete]);
+    let before = emu.requests(0).len();
+    let (code, body) = nmi.get("").await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("needs both spec.resourceID and spec.clientID"),
+        "{body}"
+    );
+    assert_eq!(nmi.refused("incomplete_identity"), 1);
+    assert_eq!(emu.requests(0).len(), before, "IMDS was not asked");
+
+    // object_id: each candidate is fetched by its resource ID and checked;
+    // the honest one answers for its object ID, the kubelet's object ID
+    // gets nothing (its only route is the forged identity, refused).
+    nmi.assign(&[&forged, &honest]);
+    let (code, body) = nmi.get(&format!("&object_id={OBJECT_A}")).await;
+    assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
+    let (code, body) = nmi
+        .get(&format!("&object_id={}", OBJECT_K.to_uppercase()))
+        .await;
+    assert_ne!(code, 200, "{body}");
+    assert!(body.get("access_token").is_none(), "{body}");
+    nmi.assign(&[&honest]);
+    let (code, body) = nmi.get(&format!("&object_id={OBJECT_K}")).await;
+    assert_eq!(code, 404, "{body}");
+
+    // Every token request NMI made named the identity by resource ID only,
+    // and whatever IMDS returned for the kubelet identity stayed in NMI.
+    let imds_requests: Vec<String> = emu
+        .requests(0)
+        .into_iter()
+        .filter(|r| r.uri.contains("oauth2/token"))
+        .map(|r| r.uri)
+        .collect();
+    assert!(!imds_requests.is_empty());
+    for uri in &imds_requests {
+        assert!(
+            uri.contains("msi_res_id=")
+                && !uri.contains("client_id=")
+                && !uri.contains("object_id="),
+            "{uri}"
+        );
+    }
+}
