@@ -130,14 +130,21 @@ fn default_render_is_upstreams_shape_with_least_privilege() {
         "ClusterRoleBinding/aad-pod-identity-nmi",
         "Deployment/aad-pod-identity-mic",
         "DaemonSet/aad-pod-identity-nmi",
-        "AzurePodIdentityException/mic",
         "AzurePodIdentityException/aks-addon-exception",
+        "ValidatingAdmissionPolicy/aad-pod-identity-identity-grants",
+        "ValidatingAdmissionPolicy/aad-pod-identity-assigned-identity-writers",
+        "ValidatingAdmissionPolicy/aad-pod-identity-exception-writers",
     ] {
         assert!(
             names.contains(&want.to_string()),
             "{want} missing from {names:?}"
         );
     }
+    // No label-based exception for MIC: NMI knows MIC by its ServiceAccount.
+    assert!(
+        !names.contains(&"AzurePodIdentityException/mic".to_string()),
+        "{names:?}"
+    );
     // Opt-in objects stay out by default, as upstream.
     assert!(!names.iter().any(|n| n.starts_with("PodDisruptionBudget/")));
     assert!(
@@ -208,15 +215,62 @@ fn default_render_is_upstreams_shape_with_least_privilege() {
         .collect();
     assert_eq!(mounts, ["/run/xtables.lock", "/etc/default/kubelet"]);
 
-    // Least privilege: no Endpoints or ConfigMaps (the lock is a Lease), no
-    // Secrets without service-principal identities, no wildcards.
-    for resource in [
-        "endpoints",
-        "configmaps",
-        "secrets",
-        "customresourcedefinitions",
-    ] {
+    // Least privilege: no Endpoints (the lock is a Lease), no Secrets without
+    // service-principal identities, no wildcards; ConfigMaps only in the
+    // release namespace and, but for create, only MIC's own by name.
+    for resource in ["endpoints", "secrets", "customresourcedefinitions"] {
         assert_eq!(grants(&docs, resource), Vec::<String>::new(), "{resource}");
+    }
+    let cm = grants(&docs, "configmaps");
+    assert!(
+        cm.len() == 2
+            && cm
+                .iter()
+                .all(|r| r.starts_with("aad-pod-identity-mic-owned-identities: ")),
+        "{cm:?}"
+    );
+    let owned = get(&docs, "Role", "aad-pod-identity-mic-owned-identities");
+    assert_eq!(owned["metadata"]["namespace"], "kube-system");
+    assert_eq!(
+        owned["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps"],
+             "resourceNames": ["aad-pod-identity-mic-owned"], "verbs": ["get", "update", "patch"]},
+        ])
+    );
+    let owned_binding = get(
+        &docs,
+        "RoleBinding",
+        "aad-pod-identity-mic-owned-identities",
+    );
+    assert_eq!(
+        owned_binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "aad-pod-identity-mic", "namespace": "kube-system"}])
+    );
+    // NMI reads identities and bindings (it checks each AzureAssignedIdentity
+    // against them) and writes Events, and writes nothing else.
+    let nmi_role = get(&docs, "ClusterRole", "aad-pod-identity-nmi");
+    let nmi_rules = nmi_role["rules"].as_array().unwrap();
+    assert!(
+        nmi_rules.contains(&json!({"apiGroups": ["aadpodidentity.k8s.io"],
+            "resources": ["azureidentities", "azureidentitybindings"], "verbs": ["list", "watch"]})),
+        "{nmi_role}"
+    );
+    assert!(
+        nmi_rules.contains(&json!({"apiGroups": ["", "events.k8s.io"],
+            "resources": ["events"], "verbs": ["create", "patch"]})),
+        "{nmi_role}"
+    );
+    for r in nmi_rules {
+        if r["resources"] != json!(["events"]) {
+            for v in r["verbs"].as_array().unwrap() {
+                assert!(
+                    ["get", "list", "watch"].contains(&v.as_str().unwrap()),
+                    "NMI writes only Events: {r}"
+                );
+            }
+        }
     }
     for (name, r) in rules(&docs) {
         for field in ["verbs", "resources", "apiGroups"] {
@@ -358,6 +412,298 @@ fn upstream_style_values_files_render_what_they_ask_for() {
     assert!(helm::find(&docs, "Deployment", "pid-mic").is_some());
 }
 
+/// MIC's args through its real parser.
+fn parse_mic(args: &[String]) -> mic::args::Args {
+    use clap::Parser as _;
+    mic::args::Args::try_parse_from(std::iter::once("mic".to_string()).chain(args.iter().cloned()))
+        .unwrap_or_else(|e| panic!("mic {args:?}: {e}"))
+}
+
+fn of_kind(docs: &[Value], kind: &str) -> Vec<Value> {
+    helm::objects(docs)
+        .into_iter()
+        .filter(|o| o["kind"] == kind)
+        .collect()
+}
+
+fn text_of(v: &Value) -> String {
+    v.to_string()
+}
+
+/// identityPolicy.mode: `off` installs no admission policy; `warn` (the
+/// default) and `enforce` install the three policies, bound cluster-wide,
+/// the identity grant as a warning or a denial and the other two always as
+/// denials. MIC gets the mode and, with a policy, may watch Namespaces.
+#[test]
+fn identity_policy_modes_render_what_they_say() {
+    let ns = "kube-system";
+    let default = render(Render::new("aad-pod-identity", ns));
+    for mode in ["off", "warn", "enforce"] {
+        let docs = render(Render::new("aad-pod-identity", ns).set("identityPolicy.mode", mode));
+        if mode == "warn" {
+            assert_eq!(docs, default, "warn is the default");
+        }
+        let args = helm::container_args(&get(&docs, "Deployment", "aad-pod-identity-mic"));
+        assert!(
+            args.contains(&format!("--identity-policy={mode}")),
+            "{mode}: {args:?}"
+        );
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("--serve-cluster-identities")),
+            "{mode}: {args:?}"
+        );
+        assert_eq!(parse_mic(&args).identity_policy.as_str(), mode);
+        let mic_role = get(&docs, "ClusterRole", "aad-pod-identity-mic");
+        let watches_namespaces = mic_role["rules"].as_array().unwrap().contains(
+            &json!({"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}),
+        );
+        assert_eq!(watches_namespaces, mode != "off", "{mode}: {mic_role}");
+        let policies = of_kind(&docs, "ValidatingAdmissionPolicy");
+        let bindings = of_kind(&docs, "ValidatingAdmissionPolicyBinding");
+        if mode == "off" {
+            assert!(policies.is_empty() && bindings.is_empty(), "{policies:?}");
+            continue;
+        }
+        assert_eq!((policies.len(), bindings.len()), (3, 3), "{mode}");
+        for p in &policies {
+            let name = p["metadata"]["name"].as_str().unwrap();
+            assert_eq!(p["apiVersion"], "admissionregistration.k8s.io/v1");
+            assert_eq!(p["spec"]["failurePolicy"], "Fail", "{name}");
+            let b = get(&docs, "ValidatingAdmissionPolicyBinding", name);
+            assert_eq!(b["spec"]["policyName"], name);
+            assert!(
+                b["spec"]["matchResources"].is_null(),
+                "{name} binds cluster-wide"
+            );
+        }
+        // AzureIdentity: the grant, from the Namespace annotation.
+        let grants = get(
+            &docs,
+            "ValidatingAdmissionPolicy",
+            "aad-pod-identity-identity-grants",
+        );
+        assert_eq!(
+            grants["spec"]["matchConstraints"]["resourceRules"],
+            json!([{"apiGroups": ["aadpodidentity.k8s.io"], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["azureidentities"]}])
+        );
+        let t = text_of(&grants);
+        assert!(
+            t.contains(aadpodid_api::ANNOTATION_ALLOWED_IDENTITIES)
+                && t.contains("namespaceObject"),
+            "{t}"
+        );
+        assert_eq!(
+            grants["spec"]["auditAnnotations"][0]["key"],
+            "identity-not-granted"
+        );
+        let actions = &get(
+            &docs,
+            "ValidatingAdmissionPolicyBinding",
+            "aad-pod-identity-identity-grants",
+        )["spec"]["validationActions"];
+        if mode == "warn" {
+            assert_eq!(actions, &json!(["Warn", "Audit"]));
+        } else {
+            assert_eq!(actions, &json!(["Deny"]));
+        }
+        // AzureAssignedIdentity: MIC's ServiceAccount only, in both modes.
+        let aai = get(
+            &docs,
+            "ValidatingAdmissionPolicy",
+            "aad-pod-identity-assigned-identity-writers",
+        );
+        assert_eq!(
+            aai["spec"]["validations"][0]["expression"],
+            "request.userInfo.username == 'system:serviceaccount:kube-system:aad-pod-identity-mic'"
+        );
+        // AzurePodIdentityException: a cluster-wide authorizer check (no
+        // namespace), for create, update and delete.
+        let exc = get(
+            &docs,
+            "ValidatingAdmissionPolicy",
+            "aad-pod-identity-exception-writers",
+        );
+        assert_eq!(
+            exc["spec"]["matchConstraints"]["resourceRules"][0]["operations"],
+            json!(["CREATE", "UPDATE", "DELETE"])
+        );
+        let e = exc["spec"]["validations"][0]["expression"]
+            .as_str()
+            .unwrap();
+        assert!(
+            e.contains("authorizer.group('aadpodidentity.k8s.io').resource('azurepodidentityexceptions').check(")
+                && !e.contains(".namespace("),
+            "{e}"
+        );
+        for which in ["assigned-identity-writers", "exception-writers"] {
+            assert_eq!(
+                get(
+                    &docs,
+                    "ValidatingAdmissionPolicyBinding",
+                    &format!("aad-pod-identity-{which}")
+                )["spec"]["validationActions"],
+                json!(["Deny"]),
+                "{mode} {which}"
+            );
+        }
+    }
+
+    // serveClusterIdentities reaches MIC.
+    let docs =
+        render(Render::new("aad-pod-identity", ns).set("mic.serveClusterIdentities", "true"));
+    let args = helm::container_args(&get(&docs, "Deployment", "aad-pod-identity-mic"));
+    assert!(
+        args.contains(&"--serve-cluster-identities".to_string()),
+        "{args:?}"
+    );
+    assert!(parse_mic(&args).serve_cluster_identities);
+
+    // Names follow fullnameOverride; the MIC account follows the release
+    // namespace, and is "default" without rbac.enabled (NMI told the same).
+    let docs = render(
+        Render::new("rel", "ops")
+            .set("fullnameOverride", "pid")
+            .set("rbac.enabled", "false"),
+    );
+    let aai = get(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "pid-assigned-identity-writers",
+    );
+    assert!(
+        aai["spec"]["validations"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .contains("'system:serviceaccount:ops:default'"),
+        "{aai}"
+    );
+    let nmi = helm::container_args(&get(&docs, "DaemonSet", "pid-nmi"));
+    assert!(
+        nmi.contains(&"--mic-service-accounts=default".to_string()),
+        "{nmi:?}"
+    );
+    let docs = render(Render::new("rel", "ops").set("fullnameOverride", "pid"));
+    let nmi = helm::container_args(&get(&docs, "DaemonSet", "pid-nmi"));
+    assert!(
+        nmi.contains(&"--mic-service-accounts=pid-mic".to_string()),
+        "{nmi:?}"
+    );
+    assert!(nmi.contains(&"--MICNamespace=ops".to_string()), "{nmi:?}");
+
+    // Managed mode: the policies too (no MIC, so nobody writes AzureAssignedIdentities).
+    let docs = render(Render::new("aad-pod-identity", ns).values(ci("managed-mode-values.yaml")));
+    assert_eq!(of_kind(&docs, "ValidatingAdmissionPolicy").len(), 3);
+
+    // A mode that is not one of the three.
+    let r = Render::new("aad-pod-identity", ns).set("identityPolicy.mode", "audit");
+    let e = helm::template_text(&r).unwrap().unwrap_err();
+    assert!(e.contains("identityPolicy"), "{e}");
+}
+
+/// The user-facing -edit role grants identities and bindings, never
+/// exceptions or AzureAssignedIdentities; installMICException renders only
+/// the AKS add-on exception.
+#[test]
+fn namespace_editors_get_no_exceptions() {
+    let docs = render(
+        Render::new("aad-pod-identity", "kube-system")
+            .set("rbac.createUserFacingClusterRoles", "true"),
+    );
+    let edit = get(&docs, "ClusterRole", "aad-pod-identity-edit");
+    assert_eq!(
+        edit["rules"],
+        json!([{"apiGroups": ["aadpodidentity.k8s.io"],
+                "resources": ["azureidentities", "azureidentitybindings"],
+                "verbs": ["create", "delete", "deletecollection", "patch", "update"]}])
+    );
+    let writers: Vec<String> = rules(&docs)
+        .into_iter()
+        .filter(|(_, r)| {
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "azurepodidentityexceptions")
+                && r["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v != "get" && v != "list" && v != "watch")
+        })
+        .map(|(n, r)| format!("{n}: {r}"))
+        .collect();
+    assert!(writers.is_empty(), "{writers:?}");
+    let exceptions: Vec<String> = kinds(&docs)
+        .into_iter()
+        .filter(|k| k.starts_with("AzurePodIdentityException/"))
+        .collect();
+    assert_eq!(
+        exceptions,
+        ["AzurePodIdentityException/aks-addon-exception"]
+    );
+    let docs =
+        render(Render::new("aad-pod-identity", "kube-system").set("installMICException", "false"));
+    assert!(of_kind(&docs, "AzurePodIdentityException").is_empty());
+}
+
+/// NOTES.txt says which mode is active and recommends enforce. (`helm
+/// install --dry-run=client` still wants a reachable cluster, and looks for
+/// objects it would take over; nothing is installed.)
+#[test]
+fn notes_name_the_identity_policy_mode() {
+    let kubeconfig = Cluster::shared().kubeconfig().display().to_string();
+    let ns = unique_name("notes");
+    for (mode, says) in [
+        ("off", "Not checked"),
+        ("warn", "accepted\n  with a warning"),
+        ("enforce", "is refused"),
+    ] {
+        let out = helm::run(&[
+            "install",
+            "aad-pod-identity",
+            &helm::chart_dir().display().to_string(),
+            "--dry-run=client",
+            "--kubeconfig",
+            &kubeconfig,
+            "--namespace",
+            &ns,
+            "--set",
+            "installMICException=false",
+            "--set",
+            &format!("identityPolicy.mode={mode}"),
+        ])
+        .unwrap();
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+        let notes = out
+            .stdout
+            .split("NOTES:")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            notes.contains(&format!("Identity policy: {mode}.")),
+            "{mode}: {notes}"
+        );
+        assert!(
+            notes.contains(says),
+            "{mode}: {says:?} missing from {notes}"
+        );
+        assert_eq!(
+            notes.contains("Recommended: identityPolicy.mode=enforce"),
+            mode != "enforce",
+            "{notes}"
+        );
+        assert!(
+            notes.contains("kubectl annotate namespace")
+                && notes.contains(aadpodid_api::ANNOTATION_ALLOWED_IDENTITIES),
+            "{notes}"
+        );
+    }
+}
+
 #[test]
 fn invalid_values_fail_with_a_message_naming_the_value() {
     let dir = repo_root().join("tests/fixtures/chart-invalid");
@@ -412,10 +758,28 @@ fn rendered_args_parse_with_the_real_parsers() {
         let what = format!("{:?}", r.values);
         if let Some(mic) = helm::find(&docs, "Deployment", "aad-pod-identity-mic") {
             let args = helm::container_args(&mic);
+            assert!(
+                args.contains(&"--identity-policy=warn".to_string()),
+                "{what}: {args:?}"
+            );
             let parsed = mic::args::Args::try_parse_from(
                 std::iter::once("mic".to_string()).chain(args.clone()),
             )
             .unwrap_or_else(|e| panic!("{what}: mic {args:?}: {e}"));
+            assert_eq!(
+                parsed.identity_policy,
+                aadpodid_api::PolicyMode::Warn,
+                "{what}"
+            );
+            assert!(!parsed.serve_cluster_identities, "{what}");
+            // The Role covers exactly the ConfigMap MIC keeps its record in.
+            if let Some(role) = helm::find(&docs, "Role", "aad-pod-identity-mic-owned-identities") {
+                assert_eq!(
+                    role["rules"][1]["resourceNames"],
+                    json!([parsed.owned_identities_configmap]),
+                    "{what}"
+                );
+            }
             // MIC refuses to start without its namespace; the chart gives it
             // through the downward API.
             let env_ns = env_value(&mic, "MIC_POD_NAMESPACE").expect("MIC_POD_NAMESPACE");
@@ -698,6 +1062,10 @@ async fn rendered_chart_applies_to_the_apiserver() {
     let cluster = Cluster::shared();
     let ns = cluster.temp_namespace("chart-apply").await.unwrap();
     let prefix = unique_name("pid");
+    let _cleanup = ClusterScoped {
+        cluster,
+        prefix: prefix.clone(),
+    };
     let text = helm::template_text(&isolated_render(ns.name(), &prefix))
         .unwrap()
         .unwrap();
@@ -733,7 +1101,7 @@ async fn rendered_chart_applies_to_the_apiserver() {
         ("poddisruptionbudget", "mic-pdb".to_string(), true),
         ("azureidentity", "app-id".to_string(), true),
         ("azureidentitybinding", "app-id-binding".to_string(), true),
-        ("azurepodidentityexception", "mic".to_string(), true),
+        ("role", format!("{prefix}-mic-owned-identities"), true),
         ("clusterrole", format!("{prefix}-mic"), false),
         ("clusterrole", format!("{prefix}-view"), false),
         ("clusterrolebinding", format!("{prefix}-nmi"), false),
@@ -764,19 +1132,59 @@ async fn rendered_chart_applies_to_the_apiserver() {
         view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"],
         "true"
     );
-    // Remove the cluster-scoped objects; the CRDs stay (the harness's, and
-    // Helm never deletes crds/ either).
-    for kind in ["clusterrole", "clusterrolebinding"] {
-        for suffix in ["mic", "nmi", "view", "edit"] {
-            let _ = cluster.kubectl_run(
-                &[
-                    "delete",
-                    kind,
-                    &format!("{prefix}-{suffix}"),
-                    "--ignore-not-found",
-                ],
-                None,
-            );
+    // The admission policies and their bindings, cluster-wide.
+    for which in [
+        "identity-grants",
+        "assigned-identity-writers",
+        "exception-writers",
+    ] {
+        for kind in [
+            "validatingadmissionpolicy",
+            "validatingadmissionpolicybinding",
+        ] {
+            let out = cluster
+                .kubectl_run(
+                    &["get", kind, &format!("{prefix}-{which}"), "-o", "name"],
+                    None,
+                )
+                .unwrap();
+            assert!(out.success, "{kind} {which}: {}", out.stderr);
+        }
+    }
+}
+
+/// Removes a release's cluster-scoped objects when the test ends (also on
+/// panic); the CRDs stay (the harness's, and Helm never deletes crds/ either).
+struct ClusterScoped {
+    cluster: &'static Cluster,
+    prefix: String,
+}
+
+impl Drop for ClusterScoped {
+    fn drop(&mut self) {
+        let prefix = &self.prefix;
+        let mut names = vec![];
+        for kind in ["clusterrole", "clusterrolebinding"] {
+            for suffix in ["mic", "nmi", "view", "edit"] {
+                names.push((kind, format!("{prefix}-{suffix}")));
+            }
+        }
+        for kind in [
+            "validatingadmissionpolicy",
+            "validatingadmissionpolicybinding",
+        ] {
+            for which in [
+                "identity-grants",
+                "assigned-identity-writers",
+                "exception-writers",
+            ] {
+                names.push((kind, format!("{prefix}-{which}")));
+            }
+        }
+        for (kind, name) in names {
+            let _ = self
+                .cluster
+                .kubectl_run(&["delete", kind, &name, "--ignore-not-found"], None);
         }
     }
 }

@@ -60,6 +60,41 @@ tier: node
 {{- if eq (lower (toString .Values.operationMode)) "standard" -}}true{{- end -}}
 {{- end -}}
 
+{{/* The ServiceAccount MIC's pods run as: the chart's own, or the namespace's
+"default" when rbac.enabled is false (the Deployment then names none). */}}
+{{- define "aad-pod-identity.mic.serviceAccountName" -}}
+{{- if .Values.rbac.enabled -}}
+{{- include "aad-pod-identity.mic.fullname" . -}}
+{{- else -}}
+default
+{{- end -}}
+{{- end -}}
+
+{{/* The user name the apiserver gives MIC's requests. */}}
+{{- define "aad-pod-identity.mic.username" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "aad-pod-identity.mic.serviceAccountName" .) -}}
+{{- end -}}
+
+{{/* identityPolicy.mode, checked: off, warn or enforce. */}}
+{{- define "aad-pod-identity.policyMode" -}}
+{{- $mode := toString .Values.identityPolicy.mode -}}
+{{- if not (has $mode (list "off" "warn" "enforce")) -}}
+{{- fail (printf "identityPolicy.mode must be off, warn or enforce, not %q" $mode) -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{/* Non-empty when the admission policies are installed (mode warn or enforce). */}}
+{{- define "aad-pod-identity.policyOn" -}}
+{{- if ne (include "aad-pod-identity.policyMode" .) "off" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Name of the ConfigMap in which MIC records the identities it added to
+nodes (MIC's --owned-identities-configmap default). */}}
+{{- define "aad-pod-identity.mic.ownedConfigMap" -}}
+aad-pod-identity-mic-owned
+{{- end -}}
+
 {{/* Lease namespace: --leader-election-namespace, whose default is "default". */}}
 {{- define "aad-pod-identity.mic.leaseNamespace" -}}
 {{- default "default" .Values.mic.leaderElection.namespace -}}
