@@ -4,10 +4,14 @@
 //! chart's rendered ClusterRoles/Roles and bindings, against the RBAC-enabled
 //! test apiserver:
 //! - MIC does its whole job: pod + binding -> AzureAssignedIdentity Assigned
-//!   and the identity on the emulated scale set, then removed again.
+//!   and the identity on the emulated scale set, recorded in the ConfigMap
+//!   the chart's Role covers, then removed again.
 //! - NMI syncs its caches, installs its iptables redirect in a test node
 //!   namespace, becomes Active and serves a pod (in its own network namespace)
-//!   the token of its identity from the emulator's IMDS; it keeps the redirect
+//!   the token of its identity from the emulator's IMDS, through an
+//!   AzureAssignedIdentity written as MIC's ServiceAccount (the chart's
+//!   admission policy admits no other writer) that embeds the live
+//!   AzureIdentity and AzureIdentityBinding; it keeps the redirect
 //!   over a restart and removes it after a real `helm uninstall`
 //!   (`--cleanup-on-uninstall`).
 //! - NMI may read exactly the Secrets the chart's values name.
@@ -96,7 +100,8 @@ impl Release {
     }
 
     /// Applies the rendered RBAC objects of `component` (ServiceAccount,
-    /// ClusterRole/Role and bindings), after `edit` may change them.
+    /// ClusterRole/Roles and bindings, all named `<release>-<component>...`),
+    /// after `edit` may change them.
     fn apply_rbac(&self, component: &str, edit: impl Fn(&mut Value)) {
         let name = format!("{}-{component}", self.name);
         let mut items = vec![];
@@ -106,7 +111,10 @@ impl Release {
                 kind,
                 "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
             );
-            if is_rbac && o["metadata"]["name"] == name.as_str() {
+            let named = o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&name));
+            if is_rbac && named {
                 let mut o = o.clone();
                 edit(&mut o);
                 items.push(o);
@@ -410,6 +418,27 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
                 panic!("{e}\nMIC log:\n{}", log_of(&log));
             }
             assert!(world.on_vmss(), "identity on the scale set");
+            // What MIC added is recorded in the one ConfigMap its Role covers.
+            let owned = cluster
+                .kubectl_run(
+                    &[
+                        "get",
+                        "configmap",
+                        "-n",
+                        &ns,
+                        "aad-pod-identity-mic-owned",
+                        "-o",
+                        "name",
+                    ],
+                    None,
+                )
+                .unwrap();
+            assert!(
+                owned.success,
+                "{}\nMIC log:\n{}",
+                owned.stderr,
+                log_of(&log)
+            );
             // The Lease is in the namespace the chart's Role covers.
             let lease = cluster
                 .kubectl_run(
@@ -556,28 +585,68 @@ impl NmiNode {
     }
 
     /// A pod on this node (its network namespace's address) bound to
-    /// `app-id`, and the Assigned AzureAssignedIdentity MIC would write.
-    fn bind_pod(&self, cluster: &Cluster, ns: &str) {
+    /// `app-id` by a real AzureIdentity and AzureIdentityBinding, and the
+    /// Assigned AzureAssignedIdentity MIC would write, in "default", embedding
+    /// both with their UIDs, written with MIC's credentials `mic_kubeconfig`.
+    /// Returns the AzureAssignedIdentity's name (in "default").
+    fn bind_pod(&self, cluster: &Cluster, ns: &str, mic_kubeconfig: &Path) -> String {
         let ip = self.node.pods[0].1.to_string();
-        let id = json!({
-            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
-            "metadata": {"name": "app-id", "namespace": ns},
-            "spec": {"type": 0, "resourceID": uai(APP_RG, "app-id"), "clientID": APP_CLIENT},
-        });
         let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+             "metadata": {"name": "app-id", "namespace": ns},
+             "spec": {"type": 0, "resourceID": uai(APP_RG, "app-id"), "clientID": APP_CLIENT}},
+            {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+             "metadata": {"name": "app-binding", "namespace": ns},
+             "spec": {"azureIdentity": "app-id", "selector": "app"}},
             {"apiVersion": "v1", "kind": "Pod",
              "metadata": {"name": "app", "namespace": ns, "labels": {"aadpodidbinding": "app"}},
              "spec": {"nodeName": self.name, "containers": [{"name": "c", "image": "example.invalid/app"}]}},
-            {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
-             "metadata": {"name": format!("app-{ns}-app-id"), "namespace": ns,
-                          "labels": {"nodename": self.name}},
-             "spec": {"azureIdentityRef": id, "pod": "app", "podNamespace": ns, "nodename": self.name},
-             "status": {"status": "Assigned"}},
         ]});
         let out = cluster
             .kubectl_run(&["apply", "-f", "-"], Some(&objs.to_string()))
             .unwrap();
         assert!(out.success, "{}", out.stderr);
+        // The live objects, as MIC embeds them.
+        let embed = |kind: &str, name: &str| {
+            let out = cluster
+                .kubectl_run(&["get", kind, name, "-n", ns, "-o", "json"], None)
+                .unwrap();
+            assert!(out.success, "{}", out.stderr);
+            let live: Value = serde_json::from_str(&out.stdout).unwrap();
+            assert!(live["metadata"]["uid"].is_string(), "{live}");
+            json!({
+                "apiVersion": live["apiVersion"], "kind": live["kind"],
+                "metadata": {"name": live["metadata"]["name"], "namespace": ns,
+                             "uid": live["metadata"]["uid"]},
+                "spec": live["spec"],
+            })
+        };
+        let name = format!("app-{ns}-app-id");
+        let aai = json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+            "metadata": {"name": name, "namespace": "default", "labels": {"nodename": self.name}},
+            "spec": {"azureIdentityRef": embed("azureidentity", "app-id"),
+                     "azureBindingRef": embed("azureidentitybinding", "app-binding"),
+                     "pod": "app", "podNamespace": ns, "nodename": self.name},
+            "status": {"status": "Assigned"},
+        });
+        let mut cmd = cluster.kubectl_with(mic_kubeconfig);
+        cmd.args(["create", "-f", "-", "--request-timeout", "30s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        {
+            use std::io::Write as _;
+            let mut pipe = child.stdin.take().unwrap();
+            pipe.write_all(aai.to_string().as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "AzureAssignedIdentity as MIC: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
         let out = cluster
             .kubectl_run(
@@ -596,6 +665,7 @@ impl NmiNode {
             )
             .unwrap();
         assert!(out.success, "{}", out.stderr);
+        name
     }
 
     /// A token request from the pod, as an Azure SDK sends it: (status, body).
@@ -672,6 +742,54 @@ impl NmiNode {
     }
 }
 
+/// Deletes the admission policies a release installed when the test ends,
+/// also on panic (helm uninstall removes them otherwise): they hold
+/// cluster-wide and would refuse the other tests' MICs.
+struct ReleasePolicies {
+    cluster: &'static Cluster,
+    name: String,
+}
+
+impl Drop for ReleasePolicies {
+    fn drop(&mut self) {
+        for which in [
+            "identity-grants",
+            "assigned-identity-writers",
+            "exception-writers",
+        ] {
+            for kind in [
+                "validatingadmissionpolicybinding",
+                "validatingadmissionpolicy",
+            ] {
+                let _ = self.cluster.kubectl_run(
+                    &[
+                        "delete",
+                        kind,
+                        &format!("{}-{which}", self.name),
+                        "--ignore-not-found",
+                    ],
+                    None,
+                );
+            }
+        }
+    }
+}
+
+/// `kubectl delete <args> --ignore-not-found` when dropped.
+struct DeleteOnDrop {
+    cluster: &'static Cluster,
+    args: Vec<String>,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let mut args: Vec<&str> = vec!["delete"];
+        args.extend(self.args.iter().map(String::as_str));
+        args.push("--ignore-not-found");
+        let _ = self.cluster.kubectl_run(&args, None);
+    }
+}
+
 /// SIGTERM, as the kubelet sends, and a bounded wait for the exit.
 async fn terminate(child: &mut Child, log: &Path) {
     let out = Command::new("kill")
@@ -739,6 +857,10 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
     let node = NmiNode::new(cluster).await.unwrap();
     let ns = cluster.temp_namespace("rbac-nmi").await.unwrap();
     let release = unique_name("rbac-nmi");
+    let _policies = ReleasePolicies {
+        cluster,
+        name: release.clone(),
+    };
     // A real helm install into the test apiserver (no controllers run, so the
     // workloads are objects only; the test plays kubelet).
     let kubeconfig = cluster.kubeconfig().display().to_string();
@@ -794,7 +916,18 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
     assert!(node.chain().is_some(), "redirect installed");
     assert!(!log_of(&log1).contains("forbidden"), "{}", log_of(&log1));
     // It serves a pod on the node the token of the identity it is bound to.
-    node.bind_pod(cluster, rel.ns.name());
+    // The admission policy the release installed admits only MIC's account.
+    let mic_kc = rel.sa_kubeconfig("mic", None, &node.dir).await;
+    let aai_name = node.bind_pod(cluster, rel.ns.name(), &mic_kc);
+    let _aai = DeleteOnDrop {
+        cluster,
+        args: vec![
+            "azureassignedidentity".into(),
+            aai_name,
+            "-n".into(),
+            "default".into(),
+        ],
+    };
     let (code, body) = node.pod_token_request().await;
     assert_eq!(code, "200", "{body}\nNMI log:\n{}", log_of(&log1));
     let token: Value = serde_json::from_str(&body).unwrap();
@@ -998,6 +1131,22 @@ async fn nmi_reads_only_the_secrets_of_service_principal_identities() {
             &[
                 "create",
                 "azureassignedidentities.aadpodidentity.k8s.io",
+                "-A"
+            ]
+        ));
+        for resource in [
+            "azureidentities.aadpodidentity.k8s.io",
+            "azureidentitybindings.aadpodidentity.k8s.io",
+        ] {
+            assert!(nmi_can(&rel, &["watch", resource, "-A"]), "{resource}");
+            assert!(!nmi_can(&rel, &["create", resource, "-A"]), "{resource}");
+        }
+        assert!(nmi_can(&rel, &["create", "events", "-n", &ns]));
+        assert!(!nmi_can(
+            &rel,
+            &[
+                "create",
+                "azurepodidentityexceptions.aadpodidentity.k8s.io",
                 "-A"
             ]
         ));
