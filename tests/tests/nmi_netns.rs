@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use aadpodid_api::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentitySpec, AzurePodIdentityException, AzurePodIdentityExceptionSpec,
+    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
+    AzurePodIdentityExceptionSpec,
 };
 use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs, Node};
 use aadpodid_tests::{Cluster, IdentitySelector, python_imds_token, unique_name, wait_for};
@@ -434,37 +435,104 @@ fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
     id
 }
 
-async fn mk_aai(
+/// Creates `obj` unless an object of its name exists; returns the stored object.
+async fn get_or_create<K>(client: &kube::Client, ns: &str, obj: &K) -> anyhow::Result<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    if let Some(existing) = api.get_opt(&name).await? {
+        return Ok(existing);
+    }
+    Ok(api.create(&PostParams::default(), obj).await?)
+}
+
+/// What MIC writes for `pod` (in `pod_ns`, on `node`) with identity `id`:
+/// creates the AzureIdentity and a binding `<identity>-<selector>` selecting
+/// `selector` in the identity's namespace (unless they exist), and returns
+/// the Assigned AzureAssignedIdentity embedding both with their UIDs, in
+/// `default` (or the identity's namespace when `namespaced`), not yet
+/// created, so that a test can forge it first. NMI accepts an AAI only in
+/// this shape.
+async fn mic_aai(
     client: &kube::Client,
-    ns: &str,
+    pod_ns: &str,
     node: &str,
     pod: &str,
     id: &AzureIdentity,
-    status: &str,
-) -> anyhow::Result<String> {
-    let name =
-        aadpodid_api::assigned_identity_name(pod, ns, id.metadata.name.as_deref().unwrap_or(""));
+    selector: &str,
+    namespaced: bool,
+) -> anyhow::Result<AzureAssignedIdentity> {
+    let id_ns = id.metadata.namespace.clone().unwrap_or_default();
+    let id_name = id.metadata.name.clone().unwrap_or_default();
+    let live_id = get_or_create(client, &id_ns, id).await?;
+    let mut binding = AzureIdentityBinding::new(
+        &format!("{id_name}-{selector}"),
+        AzureIdentityBindingSpec {
+            azure_identity: id_name.clone(),
+            selector: selector.into(),
+            ..Default::default()
+        },
+    );
+    binding.metadata.namespace = Some(id_ns.clone());
+    let live_binding = get_or_create(client, &id_ns, &binding).await?;
     let mut aai = AzureAssignedIdentity::new(
-        &name,
+        &aadpodid_api::assigned_identity_name(pod, pod_ns, &id_name),
         AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(id.clone())),
-            azure_binding_ref: None,
+            azure_identity_ref: Some(Box::new(live_id)),
+            azure_binding_ref: Some(Box::new(live_binding)),
             pod: pod.into(),
-            pod_namespace: ns.into(),
+            pod_namespace: pod_ns.into(),
             node_name: node.into(),
             replicas: None,
         },
     );
+    aai.metadata.namespace = Some(if namespaced { id_ns } else { "default".into() });
     aai.metadata.labels =
         Some([(aadpodid_api::LABEL_NODENAME.to_string(), node.to_string())].into());
     aai.status = Some(AzureAssignedIdentityStatus {
-        status: status.into(),
+        status: "Assigned".into(),
         ..Default::default()
     });
-    Api::<AzureAssignedIdentity>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &aai)
+    Ok(aai)
+}
+
+/// Creates `aai` in its namespace; returns (namespace, name).
+async fn create_aai(
+    client: &kube::Client,
+    aai: &AzureAssignedIdentity,
+) -> anyhow::Result<(String, String)> {
+    let ns = aai.metadata.namespace.clone().unwrap_or_default();
+    let created = Api::<AzureAssignedIdentity>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), aai)
         .await?;
-    Ok(name)
+    Ok((ns, created.metadata.name.unwrap_or_default()))
+}
+
+/// [`mic_aai`] with `status`, created: the pod is bound to `id` as MIC binds it.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "test helper mirroring MIC's inputs"
+)]
+async fn assign(
+    client: &kube::Client,
+    pod_ns: &str,
+    node: &str,
+    pod: &str,
+    id: &AzureIdentity,
+    selector: &str,
+    status: &str,
+) -> anyhow::Result<(String, String)> {
+    let mut aai = mic_aai(client, pod_ns, node, pod, id, selector, false).await?;
+    if let Some(s) = aai.status.as_mut() {
+        s.status = status.into();
+    }
+    create_aai(client, &aai).await
 }
 
 fn appid_of(emu: &Emulator, out: &serde_json::Value) -> anyhow::Result<String> {
@@ -547,7 +615,7 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
         &[("aadpodidbinding", "a")],
     )
     .await?;
-    mk_aai(&client, &ns, &node, "bound", &id_a, "Assigned").await?;
+    assign(&client, &ns, &node, "bound", &id_a, "a", "Assigned").await?;
     let mut exc = AzurePodIdentityException::new(
         "agents",
         AzurePodIdentityExceptionSpec {
@@ -650,7 +718,7 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
 
     // Waiting is driven by the watch: a request made while the AAI is
     // Created returns after (and because) it turns Assigned.
-    let aai = mk_aai(&client, &ns, &node, "waiting", &id_a, "Created").await?;
+    let (aai_ns, aai) = assign(&client, &ns, &node, "waiting", &id_a, "a", "Created").await?;
     let waiter = async {
         let r = curl(f.pod_ns(3), tok, &md).await;
         (r, Instant::now())
@@ -658,7 +726,7 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
     let patch = async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let patched_at = Instant::now();
-        Api::<AzureAssignedIdentity>::namespaced(client.clone(), &ns)
+        Api::<AzureAssignedIdentity>::namespaced(client.clone(), &aai_ns)
             .patch(
                 &aai,
                 &PatchParams::default(),
@@ -813,8 +881,8 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
         &[("aadpodidbinding", "far")],
     )
     .await?;
-    mk_aai(&client, &ns, &node, "near", &near, "Assigned").await?;
-    mk_aai(&client, &ns, &node, "far", &far, "Assigned").await?;
+    assign(&client, &ns, &node, "near", &near, "near", "Assigned").await?;
+    assign(&client, &ns, &node, "far", &far, "far", "Assigned").await?;
     mk_pod(
         &client,
         &ns,
@@ -824,7 +892,7 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
         &[("aadpodidbinding", "cert")],
     )
     .await?;
-    mk_aai(&client, &ns, &node, "cert", &cert, "Assigned").await?;
+    assign(&client, &ns, &node, "cert", &cert, "cert", "Assigned").await?;
 
     let md = ["Metadata: true"];
     let tok = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
@@ -859,5 +927,168 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
         .verify_token(token)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     assert_eq!(claims.appid, SP_CERT_CLIENT);
+    Ok(())
+}
+
+/// NMI does not trust an AzureAssignedIdentity on its own: hand-written
+/// AAIs (by the admin, as if admission were bypassed) whose embedded
+/// identity or binding does not match the live objects, that name a
+/// selector the pod does not carry, that sit where MIC never writes, or that
+/// have an empty status, give no token. And an AzureIdentity naming one
+/// identity's resource ID with another's client ID gets a 403, an Event and
+/// a metric, never the other identity's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
+    use k8s_openapi::api::events::v1::Event;
+    if std::env::var(CHILD_ENV).is_ok() {
+        return Ok(());
+    }
+    let cluster = Cluster::shared();
+    let client = cluster.admin_client().await?;
+    let ns_guard = cluster.temp_namespace("nmi-forged").await?;
+    let ns = ns_guard.name().to_string();
+    let f = Fixture::new(cluster, 7).await?;
+    let node = f.node_name.clone();
+    let id_a = identity(&ns, "id-a", CLIENT_A);
+
+    // Each pod is labelled "a" (except "relabelled") and gets one AAI.
+    let pods = [
+        "genuine",
+        "wrong-uid",
+        "no-binding",
+        "relabelled",
+        "wrong-ns",
+        "empty-status",
+        "mismatch",
+    ];
+    for (i, name) in pods.iter().enumerate() {
+        let label = if *name == "relabelled" { "other" } else { "a" };
+        mk_pod(
+            &client,
+            &ns,
+            name,
+            &node,
+            &f.pod_ip(i),
+            &[("aadpodidbinding", label)],
+        )
+        .await?;
+    }
+    // The genuine AAI, as MIC writes it: the control that the setup works.
+    assign(&client, &ns, &node, "genuine", &id_a, "a", "Assigned").await?;
+    let aai = |pod: &'static str| mic_aai(&client, &ns, &node, pod, &id_a, "a", false);
+    // The embedded identity carries another UID (a deleted and recreated
+    // identity, or a forgery).
+    let mut forged = aai("wrong-uid").await?;
+    if let Some(i) = forged.spec.azure_identity_ref.as_deref_mut() {
+        i.metadata.uid = Some("00000000-0000-4000-8000-00000000dead".into());
+    }
+    create_aai(&client, &forged).await?;
+    // The embedded binding does not exist.
+    let mut forged = aai("no-binding").await?;
+    if let Some(b) = forged.spec.azure_binding_ref.as_deref_mut() {
+        b.metadata.name = Some("no-such-binding".into());
+    }
+    create_aai(&client, &forged).await?;
+    // The binding selects "a", the pod is labelled "other".
+    create_aai(&client, &aai("relabelled").await?).await?;
+    // In the pod's namespace: MIC writes to "default" here.
+    let mut forged = aai("wrong-ns").await?;
+    forged.metadata.namespace = Some(ns.clone());
+    create_aai(&client, &forged).await?;
+    // Status empty (upstream counted it as Assigned).
+    let mut forged = aai("empty-status").await?;
+    forged.status = None;
+    create_aai(&client, &forged).await?;
+
+    let md = ["Metadata: true"];
+    let tok = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+    let (code, body) = curl(f.pod_ns(0), tok, &md).await?;
+    assert_eq!(code, 200, "genuine: {body}\n{}", f.log());
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        appid_of(&f.emu, &serde_json::json!({"token": v["access_token"]}))?,
+        CLIENT_A
+    );
+    // Forged or stale where MIC writes: refused at once (the wait budget
+    // here is 5 s). Where MIC never writes, or not Assigned: as if absent,
+    // so the pod waits for MIC and then gets nothing.
+    for (i, name, at_once) in [
+        (1, "wrong-uid", true),
+        (2, "no-binding", true),
+        (3, "relabelled", true),
+        (4, "wrong-ns", false),
+        (5, "empty-status", false),
+    ] {
+        let started = Instant::now();
+        let (code, body) = curl(f.pod_ns(i), tok, &md).await?;
+        let took = started.elapsed();
+        assert_eq!(code, 404, "{name}: {body}\n{}", f.log());
+        assert!(!body.contains("access_token"), "{name}: {body}");
+        if at_once {
+            assert!(took < Duration::from_secs(3), "{name} waited {took:?}");
+        }
+        eprintln!("{name}: 404 after {took:?}");
+    }
+
+    // The resource ID of identity A with the client ID of identity B (both
+    // on the node): 403, and nothing of B's reaches the pod.
+    let mut forged_id = identity(&ns, "forged", CLIENT_B);
+    forged_id.spec.resource_id = id_a.spec.resource_id.clone();
+    assign(&client, &ns, &node, "mismatch", &forged_id, "a", "Assigned").await?;
+    for query in ["", &format!("&client_id={CLIENT_B}")] {
+        let (code, body) = curl(f.pod_ns(6), &format!("{tok}{query}"), &md).await?;
+        assert_eq!(code, 403, "{query}: {body}\n{}", f.log());
+        assert!(!body.contains("access_token"), "{query}: {body}");
+        assert!(
+            body.contains(&id_a.spec.resource_id) && body.contains(CLIENT_B),
+            "{body}"
+        );
+    }
+    // The real SDK too: whatever it gets, it is never B's token.
+    let out = python(f.pod_ns(6), IdentitySelector::ClientId(CLIENT_B))?;
+    if let Some(token) = out["token"].as_str() {
+        let claims = f
+            .emu
+            .verify_token(token)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        bail!(
+            "a token came back (appid {}, B is {CLIENT_B}): {out}",
+            claims.appid
+        );
+    }
+    // The user sees why: an Event on the AzureIdentity, and the metric.
+    let events = Api::<Event>::namespaced(client.clone(), &ns);
+    let event = wait_for(
+        "Event on the AzureIdentity",
+        Duration::from_secs(15),
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("forged")
+                        && e.reason.as_deref() == Some(nmi::server::REASON_CLIENT_ID_MISMATCH)
+                })
+        },
+    )
+    .await?;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.regarding.as_ref().and_then(|r| r.kind.as_deref()),
+        Some("AzureIdentity")
+    );
+    let metrics = f.node.node.run(
+        "curl",
+        &["-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"],
+    )?;
+    assert!(
+        metrics.lines().any(|l| l.starts_with(&format!(
+            "aadpodidentity_nmi_identity_refused_count{{namespace=\"{ns}\",reason=\"client_id_mismatch\"}}"
+        ))),
+        "{metrics}"
+    );
     Ok(())
 }
