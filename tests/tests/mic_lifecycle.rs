@@ -55,7 +55,7 @@ async fn mic_against_cluster_and_emulator() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    run_children_trusting_emulator_ca("child_", "MICTEST", 14, Duration::from_secs(900))
+    run_children_trusting_emulator_ca("child_", "MICTEST", 15, Duration::from_secs(900))
         .await
         .unwrap();
 }
@@ -1320,6 +1320,41 @@ async fn child_entitlement_refusals_and_ownership() {
     .await
     .unwrap();
 
+    mic.stop().await;
+    w.cleanup().await;
+}
+
+/// `--serve-cluster-identities` lets the kubelet identity be served (with
+/// its true client ID); a MIC without it takes such an Assigned AAI back to
+/// Created, as it does for one an earlier MIC (upstream's) marked Assigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_serving_cluster_identities_is_opt_in_and_checked_again() {
+    let Some(w) = World::new("serve").await else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    let mic = w
+        .start_mic_with(w.settings_with("mic-serve", &["--serve-cluster-identities"], None))
+        .await;
+    w.identity("kubelet", &uai(NODE_RG, "kubelet"), KUBELET_CLIENT)
+        .await;
+    w.binding("b", "kubelet", "serve-sel").await;
+    w.pod("p", "serve-sel", &w.nodes[0]).await;
+    let name = w.aai_name("p", "kubelet");
+    let aai = w.wait_assigned(&name).await;
+    assert!(
+        !aai.annotations()
+            .contains_key(aadpodid_api::ANNOTATION_ASSIGNMENT_ERROR)
+    );
+    mic.stop().await;
+
+    // Without the flag, the Assigned AAI is checked again and taken back.
+    let mic = w.start_mic("mic-serve-2").await;
+    let why = w.wait_refused(&name).await;
+    assert!(why.contains("--serve-cluster-identities"), "{why}");
+    w.delete_pod("p").await;
+    w.wait_gone(&name).await;
+    assert!(w.on_vmss("kubelet"), "never removed");
     mic.stop().await;
     w.cleanup().await;
 }

@@ -898,7 +898,12 @@ impl<C: Cloud> Executor<C> {
         index: &Index,
     ) -> Result<Outcome, ApplyError> {
         let mut outcome = Outcome::default();
-        if expected.is_empty() {
+        // Assigned AAIs are checked again against ARM here: the ledger, the
+        // cluster's identities or an identity's client ID may have changed
+        // since, and an AAI an earlier MIC (upstream's too) marked Assigned
+        // was never checked at all.
+        let assigned = crate::plan::assigned_by_resource(index);
+        if expected.is_empty() && assigned.is_empty() {
             return Ok(outcome);
         }
         let ledger = match self.ledger(index).await {
@@ -910,7 +915,10 @@ impl<C: Cloud> Executor<C> {
                 return Ok(outcome);
             }
         };
-        for (r, ids) in expected {
+        let no_ids = BTreeSet::new();
+        let resources: BTreeSet<&ResourceRef> = expected.keys().chain(assigned.keys()).collect();
+        for r in resources {
+            let ids = expected.get(r).unwrap_or(&no_ids);
             if let Some(at) = self.paused(r) {
                 outcome.retry(at);
                 continue;
@@ -922,8 +930,36 @@ impl<C: Cloud> Executor<C> {
                     continue;
                 }
             };
-            let missing: BTreeSet<String> =
-                ids.difference(&current.user_assigned).cloned().collect();
+            let mut demoted: BTreeSet<String> = BTreeSet::new();
+            for (key, id) in assigned.get(r).into_iter().flatten() {
+                let Some(aai) = index.assigned.get(key) else {
+                    continue;
+                };
+                let owns = |i: &str| ledger.owns(r, i);
+                if let Some(refusal) = guard::check(
+                    id,
+                    &assigned_client_id(aai),
+                    &current,
+                    &owns,
+                    &self.opts.protection,
+                ) {
+                    demoted.insert(id.clone());
+                    tracing::warn!(aai = %format!("{}/{}", key.0, key.1), reason = refusal.reason(), "an Assigned AzureAssignedIdentity fails the entitlement checks; back to Created");
+                    match self.patch_status(aai, AssignedIdentityState::Created).await {
+                        Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
+                        Err(error) => {
+                            tracing::warn!(%error, "demoting");
+                            outcome.retry(Instant::now() + FAILURE_RETRY);
+                        }
+                        Ok(()) => self.refuse(aai, &refusal).await?,
+                    }
+                }
+            }
+            let missing: BTreeSet<String> = ids
+                .difference(&current.user_assigned)
+                .filter(|id| !demoted.contains(*id))
+                .cloned()
+                .collect();
             if missing.is_empty() || current.provisioning_state.eq_ignore_ascii_case("Deleting") {
                 continue;
             }

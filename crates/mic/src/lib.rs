@@ -350,7 +350,9 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     );
     let mut leading_rx = leading.clone();
     let mut next_full = Instant::now() + settings.sync_retry_duration;
-    let mut next_drift = Instant::now() + settings.reconcile_interval;
+    // The first drift check (which also checks Assigned AAIs against ARM)
+    // runs as soon as this replica leads with synced caches.
+    let mut next_drift = Instant::now();
     let mut retry_at: Option<Instant> = None;
     let mut dirty = true;
     let mut linger = schedule::Linger::new(settings.removal_linger);
@@ -433,8 +435,14 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                 dirty = true;
             }
             _ = tokio::time::sleep_until(next_drift) => {
-                next_drift = Instant::now() + settings.reconcile_interval;
-                if *leading.borrow() && shared.synced() {
+                let ready = *leading.borrow() && shared.synced();
+                next_drift = Instant::now()
+                    + if ready {
+                        settings.reconcile_interval
+                    } else {
+                        settings.reconcile_interval.min(Duration::from_secs(1))
+                    };
+                if ready {
                     let index = shared.snapshot();
                     let expected = plan::expected_assignments(&index, &settings.plan);
                     let mut lost = leading.clone();

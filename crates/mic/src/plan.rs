@@ -447,6 +447,28 @@ pub fn expected_assignments(
     out
 }
 
+/// Assigned type-0 AAIs (not being deleted) per resource of their node,
+/// with their identity ID: what the drift check verifies against ARM.
+pub fn assigned_by_resource(index: &Index) -> BTreeMap<ResourceRef, Vec<(Key, String)>> {
+    let mut out: BTreeMap<ResourceRef, Vec<(Key, String)>> = BTreeMap::new();
+    for (key, aai) in &index.assigned {
+        if aai.metadata.deletion_timestamp.is_some()
+            || aai.state() != Some(AssignedIdentityState::Assigned)
+        {
+            continue;
+        }
+        if let (Some(id), Some(node)) = (
+            existing_identity_id(aai),
+            index.nodes.get(&aai.spec.node_name),
+        ) {
+            out.entry(node.resource.clone())
+                .or_default()
+                .push((key.clone(), id));
+        }
+    }
+    out
+}
+
 /// The AAI's identity and binding, for Events.
 pub fn refs(
     aai: &AzureAssignedIdentity,

@@ -958,3 +958,31 @@ mod entitlement {
         assert!(kept.is_empty());
     }
 }
+
+#[test]
+fn assigned_aais_are_listed_per_resource_for_the_drift_check() {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_identity(&mk_identity("ns", "sp", IdentityType::ServicePrincipal, ""));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix.apply_binding(&mk_binding("ns", "b-sp", "sp", "sel"));
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    ix.apply_pod(&mk_pod("ns", "new", "sel", "n3"));
+    let p = plan(&ix, &Options::default());
+    for mut aai in p.create {
+        if aai.spec.pod == "web" {
+            aai.status.get_or_insert_default().status = "Assigned".into();
+        }
+        ix.apply_assigned(&aai);
+    }
+    // Assigned type-0 only: not the service principal, not the Created one.
+    let got = assigned_by_resource(&ix);
+    assert_eq!(
+        got,
+        [(
+            vmss("vmss-a"),
+            vec![(key("default", "web-ns-id"), lrid("id"))]
+        )]
+        .into()
+    );
+}
