@@ -95,10 +95,20 @@ impl Ledger {
 
     /// Seeds a ledger from every AzureAssignedIdentity in the index whose
     /// node is known: its type-0 identity counts as added by MIC on the
-    /// node's resource (upgrade from upstream, or a lost ConfigMap).
+    /// node's resource (upgrade from upstream, or a lost ConfigMap). An AAI
+    /// this MIC refused (it carries the assignment-error annotation) proves
+    /// nothing and is skipped: its identity may be a pre-existing one.
     pub fn seed(index: &Index) -> Self {
         let mut l = Ledger::default();
         for aai in index.assigned.values() {
+            if aai
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(aadpodid_api::ANNOTATION_ASSIGNMENT_ERROR))
+            {
+                continue;
+            }
             let Some(id) = crate::plan::assigned_identity_id(aai) else {
                 continue;
             };

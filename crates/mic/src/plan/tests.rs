@@ -756,6 +756,18 @@ fn the_ledger_is_seeded_from_every_existing_aai() {
     orphan.metadata.name = Some("orphan".into());
     orphan.spec.node_name = "gone".into();
     ix.apply_assigned(&orphan);
+    // One this MIC refused proves nothing (its identity may be an add-on's).
+    let mut refused = ix.assigned[&key("default", "web-ns-id")].clone();
+    refused.metadata.name = Some("refused".into());
+    refused.spec.node_name = "n3".into();
+    refused.metadata.annotations = Some(
+        [(
+            aadpodid_api::ANNOTATION_ASSIGNMENT_ERROR.to_string(),
+            "not assigned".to_string(),
+        )]
+        .into(),
+    );
+    ix.apply_assigned(&refused);
     let l = crate::ledger::Ledger::seed(&ix);
     assert!(l.owns(&vmss("vmss-a"), &rid("id")));
     assert!(l.owns(&vmss("vmss-b"), &rid("id2")), "Created counts too");
