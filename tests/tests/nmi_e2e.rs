@@ -471,24 +471,53 @@ fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentit
     b
 }
 
-/// An Assigned AzureAssignedIdentity in the pod's namespace, as MIC writes it.
+/// Creates `obj` unless an object of its name exists; returns the stored object.
+async fn get_or_create<K>(client: &kube::Client, ns: &str, obj: &K) -> anyhow::Result<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    if let Some(existing) = api.get_opt(&name).await? {
+        return Ok(existing);
+    }
+    Ok(api.create(&PostParams::default(), obj).await?)
+}
+
+/// Binds `pod` (in `pod_ns`, on `node`) to identity `id` as MIC does: creates
+/// the AzureIdentity and a binding `<identity>-<selector>` selecting
+/// `selector` in the identity's namespace (unless they exist), then the
+/// Assigned AzureAssignedIdentity embedding both with their UIDs, in
+/// `default`, or in the identity's namespace when `namespaced` (where MIC
+/// writes it in namespaced mode). NMI accepts an AAI only in this shape.
 async fn mk_aai(
     client: &kube::Client,
     pod_ns: &str,
     node: &str,
     pod: &str,
     id: &AzureIdentity,
+    selector: &str,
+    namespaced: bool,
 ) -> anyhow::Result<()> {
-    let name = aadpodid_api::assigned_identity_name(
-        pod,
-        pod_ns,
-        id.metadata.name.as_deref().unwrap_or(""),
-    );
+    let id_ns = id.metadata.namespace.clone().unwrap_or_default();
+    let id_name = id.metadata.name.clone().unwrap_or_default();
+    let live_id = get_or_create(client, &id_ns, id).await?;
+    let live_binding = get_or_create(
+        client,
+        &id_ns,
+        &binding(&id_ns, &format!("{id_name}-{selector}"), &id_name, selector),
+    )
+    .await?;
+    let name = aadpodid_api::assigned_identity_name(pod, pod_ns, &id_name);
     let mut aai = AzureAssignedIdentity::new(
         &name,
         AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(id.clone())),
-            azure_binding_ref: None,
+            azure_identity_ref: Some(Box::new(live_id)),
+            azure_binding_ref: Some(Box::new(live_binding)),
             pod: pod.into(),
             pod_namespace: pod_ns.into(),
             node_name: node.into(),
@@ -501,7 +530,12 @@ async fn mk_aai(
         status: "Assigned".into(),
         ..Default::default()
     });
-    Api::<AzureAssignedIdentity>::namespaced(client.clone(), pod_ns)
+    let aai_ns = if namespaced {
+        id_ns.as_str()
+    } else {
+        "default"
+    };
+    Api::<AzureAssignedIdentity>::namespaced(client.clone(), aai_ns)
         .create(&PostParams::default(), &aai)
         .await?;
     Ok(())
@@ -586,7 +620,7 @@ async fn rust_sdk_credential_through_nmi() -> anyhow::Result<()> {
         &[("aadpodidbinding", "a")],
     )
     .await?;
-    mk_aai(&client, &ns, &f.node_name, "app", &id_a).await?;
+    mk_aai(&client, &ns, &f.node_name, "app", &id_a, "a", false).await?;
     let since = f.last_seq().await?;
 
     // No selector (the pod's one identity), by client ID (either case), by
@@ -665,7 +699,7 @@ async fn nmi_killed_and_restarted_under_load_fails_closed() -> anyhow::Result<()
             &[("aadpodidbinding", "a")],
         )
         .await?;
-        mk_aai(&client, &ns, &f.node_name, &name, &id_a).await?;
+        mk_aai(&client, &ns, &f.node_name, &name, &id_a, "a", false).await?;
     }
     let since = f.last_seq().await?;
 
@@ -814,7 +848,7 @@ async fn imds_faults_are_retried_then_surfaced() -> anyhow::Result<()> {
         &[("aadpodidbinding", "a")],
     )
     .await?;
-    mk_aai(&client, &ns, &f.node_name, "app", &id_a).await?;
+    mk_aai(&client, &ns, &f.node_name, "app", &id_a, "a", false).await?;
     let fault = |status: u16, retry_after: Option<u64>, count: u32| {
         json!({
             "service": "imds",
@@ -1006,12 +1040,13 @@ async fn managed_and_namespaced_modes() -> anyhow::Result<()> {
     }
 
     // Standard mode, namespaced: the AAIs decide, and one whose identity is
-    // in another namespace (as a non-namespaced MIC would have written for
-    // a binding in ns2) does not apply. Without namespaced mode it would.
+    // in another namespace (as a non-namespaced MIC would have written, in
+    // "default", for the binding in ns2 selecting "b") does not apply.
+    // Without namespaced mode it would.
     let id_b_ns2 = identity(&ns2, "id-b", CLIENT_B);
-    mk_aai(&client, &ns1, &node, "b-there", &id_b_ns2).await?;
+    mk_aai(&client, &ns1, &node, "b-there", &id_b_ns2, "b", false).await?;
     let id_a_ns1 = identity(&ns1, "id-a", CLIENT_A);
-    mk_aai(&client, &ns1, &node, "a-here", &id_a_ns1).await?;
+    mk_aai(&client, &ns1, &node, "a-here", &id_a_ns1, "a", true).await?;
     f.nmi_args.retain(|a| !a.starts_with("--operation-mode"));
     f.restart_nmi_with(&["--operation-mode=standard"]).await?;
     let (code, _, body) = curl(f.pod_ns(0), &imds_url(arm), &[MD]).await?;
@@ -1069,8 +1104,8 @@ async fn ipv6_pods_reach_nmi() -> anyhow::Result<()> {
         &[("aadpodidbinding", "a")],
     )
     .await?;
-    mk_aai(&client, &ns, &node, "dual", &id_a).await?;
-    mk_aai(&client, &ns, &node, "v6only", &id_a).await?;
+    mk_aai(&client, &ns, &node, "dual", &id_a, "a", false).await?;
+    mk_aai(&client, &ns, &node, "v6only", &id_a, "a", false).await?;
 
     let arm = "&resource=https%3A%2F%2Fmanagement.azure.com%2F";
     let nmi_v6 = |q: &str| format!("http://[{NODE_POD_GATEWAY_V6}]:{NMI_PORT}{TOKEN_PATH}{q}");

@@ -20,7 +20,9 @@
 //! where MIC writes that fails a check is settled and gives nothing: forged,
 //! or stale (its identity or binding was deleted, recreated or edited, or the
 //! pod relabelled), so the pod is refused at once rather than after the
-//! wait. Only when a cache has not listed yet does the check wait.
+//! wait (the server holds such a refusal for a moment, since its watches are
+//! separate streams and a genuine AAI may arrive before its binding). Only
+//! when a cache has not listed yet does the check wait.
 //! Upstream trusted any AAI labelled with the node, from any namespace.
 //!
 //! **Deterministic choice.** When a pod may use several identities and the
@@ -237,17 +239,18 @@ pub fn check_aai<'a>(
     AaiCheck::Valid { assigned, identity }
 }
 
-/// The pod's AzureAssignedIdentities that give nothing and why, for logs.
+/// The pod's AzureAssignedIdentities that are where MIC writes but do not
+/// match the live objects ([`AaiCheck::Rejected`]), and why.
 pub fn rejected_aais(pod: &PodEntry, index: &Index, namespaced: bool) -> Vec<(String, AaiDefect)> {
     index
         .aais_for_pod(&pod.namespace, &pod.name)
         .into_iter()
         .filter_map(|a| match check_aai(a, pod, index, namespaced) {
-            AaiCheck::Rejected(d) | AaiCheck::Ignored(d) => Some((
+            AaiCheck::Rejected(d) => Some((
                 format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any()),
                 d,
             )),
-            AaiCheck::Undecided | AaiCheck::Valid { .. } => None,
+            AaiCheck::Ignored(_) | AaiCheck::Undecided | AaiCheck::Valid { .. } => None,
         })
         .collect()
 }

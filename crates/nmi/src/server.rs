@@ -147,6 +147,10 @@ const POD_LOOKUP_WAIT: Duration = Duration::from_millis(1500);
 const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream's `Retry-After` with `--set-retry-after-header`.
 const RETRY_AFTER_SECS: u64 = 20;
+/// How long after a request starts a refusal resting on an AzureAssignedIdentity
+/// that does not match the cached identity, binding or pod is final (the
+/// caches may still be catching up with it).
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// An error answer.
 #[derive(Debug)]
@@ -492,21 +496,43 @@ impl<S: TokenSource> Server<S> {
                             &index,
                             self.config.namespaced,
                         );
-                        if outcome == Outcome::Deny {
-                            let rejected =
-                                select::rejected_aais(current, &index, self.config.namespaced);
-                            if !rejected.is_empty() {
-                                tracing::info!(pod = %pod.name, namespace = %pod.namespace, ?rejected, "AzureAssignedIdentities that do not match the live identities and bindings were ignored");
-                            }
-                        }
-                        outcome
+                        let rejected = if outcome == Outcome::Deny {
+                            select::rejected_aais(current, &index, self.config.namespaced)
+                        } else {
+                            Vec::new()
+                        };
+                        (outcome, rejected)
                     }
                     OperationMode::Managed => {
                         let ids = index.managed_identities_for(pod);
-                        select::managed(&query.selector, &ids)
+                        (select::managed(&query.selector, &ids), Vec::new())
                     }
                 }
             };
+            let (outcome, rejected) = outcome;
+            if !rejected.is_empty() {
+                // The watches of AAIs, identities, bindings and pods are
+                // separate streams: a genuine AAI can arrive before the
+                // binding or identity it embeds. A refusal that rests on a
+                // rejected AAI is given only after SETTLE, re-checked on
+                // every change meanwhile.
+                let settle = started + SETTLE;
+                if Instant::now() < settle {
+                    tokio::select! {
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+                            }
+                        }
+                        _ = tokio::time::sleep_until(settle) => {}
+                        _ = &mut closed => {
+                            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "client disconnected"));
+                        }
+                    }
+                    continue;
+                }
+                tracing::info!(pod = %pod.name, namespace = %pod.namespace, ?rejected, "refused: the pod's AzureAssignedIdentities do not match the live identities, bindings or pod labels");
+            }
             let Outcome::Wait { created } = outcome else {
                 break outcome;
             };
