@@ -29,6 +29,16 @@
 //! ServiceAccount token mount) and `SSL_CERT_FILE` (the emulator's test CA,
 //! which a real image would not need).
 //!
+//! For the entitlement tests it also offers: an add-on identity already on
+//! every scale set ([`Options::addon_identity`]), namespace-scoped users
+//! ([`World::namespace_user`]: a ServiceAccount bound to `edit` and the
+//! chart's `<fullname>-edit` in its own namespace, with a client and a
+//! kubeconfig for `kubectl`), pods created as such a user
+//! ([`World::create_pod_as`]) or applied with kubectl and then run
+//! ([`World::run_pod`]), token requests with any query, and the Events and
+//! AzureAssignedIdentities a user or an administrator sees. [`APP_NS`] is
+//! granted (identity policy annotation) exactly the chart's identities.
+//!
 //! Network: the apiserver and the emulator listen on the root namespace's
 //! loopback; inside each node and mic namespace a relay carries the same
 //! `127.0.0.1:<port>` (and the node's `169.254.169.254:80`) over Unix sockets
@@ -45,6 +55,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aadpodid_api::AzureAssignedIdentity;
+use aadpodid_api::policy::ANNOTATION_ALLOWED_IDENTITIES;
 use anyhow::{Context as _, bail};
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
@@ -70,7 +81,14 @@ pub const NODE_RG: &str = "MC_e2e-rg_e2e-aks_eastus";
 pub const APP_RG: &str = "e2e-identities";
 /// The cluster's own identity, on every scale set from the start.
 pub const KUBELET: &str = "e2e-aks-agentpool";
-const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-0000000000ff";
+/// Client ID of [`KUBELET`] (azure.json's `userAssignedIdentityID`).
+pub const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-0000000000ff";
+/// An add-on's identity (in the node resource group, as AKS add-ons' are),
+/// on every scale set from the start when [`Options::addon_identity`] is set:
+/// mic did not add it, so mic must never remove it.
+pub const ADDON: &str = "addon-identity";
+/// Client ID of [`ADDON`].
+pub const ADDON_CLIENT: &str = "c0000000-0000-4000-8000-0000000000ad";
 const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-0000000e2e01";
 const MIC_SECRET: &str = "e2e-mic-s3cr3t";
 /// The release: namespace of mic and nmi, and of the chart's objects.
@@ -108,6 +126,13 @@ pub fn id_resource(name: &str) -> String {
     )
 }
 
+/// ARM ID of identity `name` in [`NODE_RG`] ([`KUBELET`], [`ADDON`]).
+pub fn node_identity_resource(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUB}/resourceGroups/{NODE_RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+    )
+}
+
 /// The `aadpodidbinding` selector of identity `j`'s binding.
 pub fn selector(j: usize) -> String {
     format!("sel-{j}")
@@ -127,11 +152,17 @@ pub struct Options {
     pub instances: usize,
     /// User-assigned identities `id-0..`, each with a binding `sel-<j>`.
     pub identities: usize,
+    /// More user-assigned identities in the tenant, `id-<identities>..`,
+    /// without chart objects (for identities the tests' users declare).
+    pub unbound_identities: usize,
     /// Pod namespaces per node.
     pub pods_per_node: u8,
     /// Also an AzureIdentity + binding (`sel-invalid`) naming an identity the
     /// tenant does not have.
     pub invalid_identity: bool,
+    /// Also [`ADDON`] on every scale set from the start (a pre-existing
+    /// identity mic did not add).
+    pub addon_identity: bool,
     /// Extra `--set key=value` for the chart.
     pub set: Vec<(String, String)>,
     /// Virtual seconds per real second of the emulator (a VMSS write takes 45
@@ -153,8 +184,10 @@ impl Options {
             scale_sets: 2,
             instances: 2,
             identities: 5,
+            unbound_identities: 0,
             pods_per_node: 2,
             invalid_identity: false,
+            addon_identity: false,
             set: vec![],
             clock_speed: 30.0,
         }
@@ -268,8 +301,10 @@ pub struct MicReplica {
 /// A pod of the world: a Pod object bound to a node, and its namespace.
 #[derive(Clone, Debug)]
 pub struct PodRef {
-    /// Pod name (in [`APP_NS`]).
+    /// Pod name.
     pub name: String,
+    /// Its Kubernetes namespace ([`APP_NS`] for [`World::create_pods`]).
+    pub namespace: String,
     /// Index into [`World::nodes`].
     pub node: usize,
     /// Index of its namespace among the node's pods.
@@ -342,8 +377,16 @@ fn emulator_config(opts: &Options) -> Config {
         permissions: PermissionsSeed::default(),
     };
     cfg.identities = vec![ident(KUBELET.into(), NODE_RG, KUBELET_CLIENT.into())];
-    cfg.identities
-        .extend((0..opts.identities).map(|j| ident(id_name(j), APP_RG, id_client(j))));
+    let mut on_nodes = vec![KUBELET.to_string()];
+    if opts.addon_identity {
+        cfg.identities
+            .push(ident(ADDON.into(), NODE_RG, ADDON_CLIENT.into()));
+        on_nodes.push(ADDON.into());
+    }
+    cfg.identities.extend(
+        (0..opts.identities + opts.unbound_identities)
+            .map(|j| ident(id_name(j), APP_RG, id_client(j))),
+    );
     cfg.scale_sets = (0..opts.scale_sets)
         .map(|s| ScaleSetSeed {
             name: vmss_name(s),
@@ -351,7 +394,7 @@ fn emulator_config(opts: &Options) -> Config {
             instances: (0..opts.instances).map(|i| i.to_string()).collect(),
             identity: IdentityAssignmentSeed {
                 system_assigned: false,
-                user_assigned: vec![KUBELET.into()],
+                user_assigned: on_nodes.clone(),
             },
         })
         .collect();
@@ -392,6 +435,17 @@ fn identities_values(opts: &Options) -> String {
         );
     }
     out
+}
+
+/// The identity policy's grant of [`APP_NS`]: exactly the identities the
+/// chart's `azureIdentities` put there, as the administrator who wrote those
+/// values would grant them (so the chart applies in every policy mode).
+fn app_ns_grants(opts: &Options) -> Option<String> {
+    let ids: Vec<String> = (0..opts.identities)
+        .map(|j| id_resource(&id_name(j)))
+        .chain(opts.invalid_identity.then(|| id_resource("id-missing")))
+        .collect();
+    (!ids.is_empty()).then(|| ids.join(","))
 }
 
 /// The Pod object the kubelet would run for a rendered workload: the pod
@@ -670,10 +724,12 @@ impl World {
             .map_err(|e| anyhow::anyhow!("helm template failed: {e}"))?;
         let rendered = helm::parse_documents(&text)?;
         let namespaces: Api<Namespace> = Api::all(admin.clone());
-        for ns in [RELEASE_NS, APP_NS] {
+        for (ns, grants) in [(RELEASE_NS, None), (APP_NS, app_ns_grants(&opts))] {
             let n = Namespace {
                 metadata: ObjectMeta {
                     name: Some(ns.into()),
+                    annotations: grants
+                        .map(|g| BTreeMap::from([(ANNOTATION_ALLOWED_IDENTITIES.to_string(), g)])),
                     ..Default::default()
                 },
                 ..Default::default()
@@ -937,6 +993,7 @@ impl World {
             .await?;
             out.push(PodRef {
                 name,
+                namespace: APP_NS.into(),
                 node,
                 slot,
                 ip: *ip,
@@ -948,8 +1005,9 @@ impl World {
 
     /// Deletes pods (grace period 0, as the kubelet confirms at once).
     pub async fn delete_pods(&self, pods: &[PodRef]) -> anyhow::Result<()> {
-        let api: Api<Pod> = Api::namespaced(self.client().await?, APP_NS);
+        let client = self.client().await?;
         for p in pods {
+            let api: Api<Pod> = Api::namespaced(client.clone(), &p.namespace);
             api.delete(&p.name, &DeleteParams::default().grace_period(0))
                 .await?;
         }
@@ -1031,11 +1089,15 @@ impl World {
             .collect()
     }
 
-    /// What each scale set should carry for `pods`: the kubelet identity and
-    /// the valid identities of the pods on its nodes.
+    /// What each scale set should carry for `pods`: the kubelet identity (and
+    /// [`ADDON`] when seeded) and the valid identities of the pods on its nodes.
     pub fn expected_identities(&self, pods: &[PodRef]) -> BTreeMap<String, BTreeSet<String>> {
+        let mut base = BTreeSet::from([KUBELET.to_lowercase()]);
+        if self.opts.addon_identity {
+            base.insert(ADDON.to_lowercase());
+        }
         let mut out: BTreeMap<String, BTreeSet<String>> = (0..self.opts.scale_sets)
-            .map(|s| (vmss_name(s), BTreeSet::from([KUBELET.to_lowercase()])))
+            .map(|s| (vmss_name(s), base.clone()))
             .collect();
         for p in pods {
             if let Some(j) = p.identity {
@@ -1218,5 +1280,441 @@ impl World {
     /// Time since [`World::start`] began.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+/// A namespace-scoped user: ServiceAccount `user` of its own namespace,
+/// bound there (RoleBindings) to the built-in `edit` ClusterRole and the
+/// chart's `<fullname>-edit` ClusterRole, and to nothing else.
+#[derive(Clone, Debug)]
+pub struct NsUser {
+    /// The user's namespace.
+    pub namespace: String,
+    /// The ServiceAccount's name.
+    pub name: String,
+    /// A kubeconfig that authenticates as the ServiceAccount.
+    pub kubeconfig: PathBuf,
+}
+
+impl NsUser {
+    /// The user name the apiserver sees.
+    pub fn username(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+
+    /// A client acting as the user (bound to the calling runtime).
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(Client::try_from(config)?)
+    }
+}
+
+/// One ClusterRole selector of an aggregation rule matches `labels`
+/// (`matchLabels` only, the form every aggregated role here uses).
+fn aggregation_matches(
+    selectors: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector],
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selectors.iter().any(|s| {
+        s.match_expressions.as_ref().is_none_or(Vec::is_empty)
+            && s.match_labels
+                .as_ref()
+                .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    })
+}
+
+impl World {
+    /// Does what kube-controller-manager's ClusterRole aggregation would (no
+    /// controller-manager runs here): every ClusterRole with an
+    /// `aggregationRule` (the built-in `admin`, `edit`, `view`) gets the rules
+    /// of the ClusterRoles its selectors match, the chart's user-facing roles
+    /// included. Idempotent.
+    pub async fn aggregate_cluster_roles(&self) -> anyhow::Result<()> {
+        use k8s_openapi::api::rbac::v1::ClusterRole;
+        let api: Api<ClusterRole> = Api::all(self.client().await?);
+        let mut roles = api.list(&ListParams::default()).await?.items;
+        // Aggregated roles aggregate each other (`view` into `edit` into
+        // `admin`): repeat until nothing changes (bounded by the role count).
+        let mut changed = BTreeSet::new();
+        for _ in 0..=roles.len() {
+            let mut any = false;
+            for i in 0..roles.len() {
+                let Some(selectors) = roles[i]
+                    .aggregation_rule
+                    .as_ref()
+                    .and_then(|a| a.cluster_role_selectors.clone())
+                else {
+                    continue;
+                };
+                let mut rules = roles[i].rules.clone().unwrap_or_default();
+                for (j, other) in roles.iter().enumerate() {
+                    let labels = other.metadata.labels.clone().unwrap_or_default();
+                    if j == i || !aggregation_matches(&selectors, &labels) {
+                        continue;
+                    }
+                    for r in other.rules.iter().flatten() {
+                        if !rules.contains(r) {
+                            rules.push(r.clone());
+                            any = true;
+                            changed.insert(i);
+                        }
+                    }
+                }
+                roles[i].rules = Some(rules);
+            }
+            if !any {
+                break;
+            }
+        }
+        for i in changed {
+            let name = roles[i].metadata.name.clone().context("ClusterRole name")?;
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"rules": roles[i].rules})),
+            )
+            .await
+            .with_context(|| format!("aggregate ClusterRole {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Name of the chart's user-facing edit ClusterRole (rendered with
+    /// `rbac.createUserFacingClusterRoles=true`).
+    pub fn user_facing_edit_role(&self) -> anyhow::Result<String> {
+        self.rendered
+            .iter()
+            .filter(|d| d["kind"] == "ClusterRole")
+            .filter_map(|d| d["metadata"]["name"].as_str())
+            .find(|n| n.ends_with("-edit"))
+            .map(str::to_string)
+            .context("the chart rendered no <fullname>-edit ClusterRole (set rbac.createUserFacingClusterRoles=true)")
+    }
+
+    /// Creates Namespace `name` (an administrator's act), with the identity
+    /// policy's grant annotation when `grants` is given; an existing one gets
+    /// the annotation set (or removed for `None`).
+    pub async fn create_namespace(&self, name: &str, grants: Option<&str>) -> anyhow::Result<()> {
+        let api: Api<Namespace> = Api::all(self.client().await?);
+        if api.get_opt(name).await?.is_some() {
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {
+                    ANNOTATION_ALLOWED_IDENTITIES: grants,
+                }}})),
+            )
+            .await?;
+            return Ok(());
+        }
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: grants.map(|g| {
+                    BTreeMap::from([(ANNOTATION_ALLOWED_IDENTITIES.to_string(), g.to_string())])
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        api.create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("create namespace {name}"))?;
+        Ok(())
+    }
+
+    /// A namespace-scoped user in namespace `namespace` (created, with
+    /// `grants` as in [`World::create_namespace`]): see [`NsUser`]. Also
+    /// runs [`World::aggregate_cluster_roles`], so `edit` holds what it
+    /// holds on a real cluster.
+    pub async fn namespace_user(
+        &self,
+        namespace: &str,
+        grants: Option<&str>,
+    ) -> anyhow::Result<NsUser> {
+        use k8s_openapi::api::rbac::v1::RoleBinding;
+        let chart_edit = self.user_facing_edit_role()?;
+        self.create_namespace(namespace, grants).await?;
+        self.aggregate_cluster_roles().await?;
+        let name = "user";
+        let kubeconfig = self
+            .cluster
+            .service_account_kubeconfig(namespace, name)
+            .await?;
+        let bindings: Api<RoleBinding> = Api::namespaced(self.client().await?, namespace);
+        for role in ["edit", chart_edit.as_str()] {
+            let rb: RoleBinding = serde_json::from_value(json!({
+                "metadata": {"name": format!("{name}-{role}")},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            }))?;
+            bindings
+                .create(&PostParams::default(), &rb)
+                .await
+                .with_context(|| format!("bind {name} to {role} in {namespace}"))?;
+        }
+        Ok(NsUser {
+            namespace: namespace.into(),
+            name: name.into(),
+            kubeconfig,
+        })
+    }
+
+    /// `kubectl <args>` with `stdin`, as `user` (the administrator for
+    /// `None`), bounded by `--request-timeout 30s`.
+    pub async fn kubectl_as(
+        &self,
+        user: Option<&NsUser>,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<crate::KubectlOutput> {
+        use std::io::Write as _;
+        let mut cmd = match user {
+            Some(u) => self.cluster.kubectl_with(&u.kubeconfig),
+            None => self.cluster.kubectl(),
+        };
+        cmd.args(args).args(["--request-timeout", "30s"]);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        tokio::task::block_in_place(|| {
+            let mut child = cmd.spawn().context("spawn kubectl")?;
+            if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+                pipe.write_all(input.as_bytes())?;
+            }
+            let out = child.wait_with_output()?;
+            Ok(crate::KubectlOutput {
+                success: out.status.success(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
+        })
+    }
+
+    /// Node, slot and address of pod index `i` (as [`World::create_pods`]
+    /// places it: node `i % nodes`, its pod namespace `i / nodes`).
+    fn place(&self, i: usize) -> anyhow::Result<(usize, usize, Ipv4Addr)> {
+        let nodes = self.nodes.len().max(1);
+        let (node, slot) = (i % nodes, i / nodes);
+        let (_, ip) = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.net.pods.get(slot))
+            .with_context(|| format!("node {node} has no pod namespace {slot}"))?;
+        Ok((node, slot, *ip))
+    }
+
+    /// Creates Pod `namespace/name` with `labels` through `client` (a
+    /// user's, or the admin's), on the node of pod index `i` (see
+    /// [`World::create_pods`]; do not mix indexes of both), then does what
+    /// the kubelet would: Running with the address of that pod namespace.
+    pub async fn create_pod_as(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        i: usize,
+    ) -> anyhow::Result<PodRef> {
+        let (node, _, _) = self.place(i)?;
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "nodeName": self.nodes[node].name,
+                "containers": [{"name": "app", "image": "app"}],
+            },
+        }))?;
+        Api::<Pod>::namespaced(client.clone(), namespace)
+            .create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("create pod {namespace}/{name}"))?;
+        self.run_pod(namespace, name, i).await
+    }
+
+    /// What the scheduler and the kubelet do for an existing Pod (for
+    /// example one applied with kubectl): bind it to the node of pod index
+    /// `i` unless it names a node, and report it Running with the address of
+    /// that pod namespace.
+    pub async fn run_pod(&self, namespace: &str, name: &str, i: usize) -> anyhow::Result<PodRef> {
+        let (node, slot, ip) = self.place(i)?;
+        let api: Api<Pod> = Api::namespaced(self.client().await?, namespace);
+        let pod = api.get(name).await?;
+        let on = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        match on {
+            Some(n) if n != self.nodes[node].name => {
+                bail!("pod {namespace}/{name} is on {n}, not on node {node}")
+            }
+            Some(_) => {}
+            None => {
+                api.create_subresource::<_, Value>(
+                    "binding",
+                    name,
+                    &PostParams::default(),
+                    &json!({
+                        "apiVersion": "v1", "kind": "Binding",
+                        "metadata": {"name": name},
+                        "target": {"apiVersion": "v1", "kind": "Node", "name": self.nodes[node].name},
+                    }),
+                )
+                .await
+                .with_context(|| format!("bind pod {namespace}/{name}"))?;
+            }
+        }
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+            })),
+        )
+        .await?;
+        Ok(PodRef {
+            name: name.into(),
+            namespace: namespace.into(),
+            node,
+            slot,
+            ip,
+            identity: None,
+        })
+    }
+
+    /// A token request from inside the pod with curl, with `query` appended
+    /// to [`TOKEN_PATH`] (for example `&client_id=...`): (status, body);
+    /// status 0 when no answer came within `max_time` seconds.
+    pub async fn token_request(
+        &self,
+        p: &PodRef,
+        query: &str,
+        max_time: u32,
+    ) -> anyhow::Result<(u16, String)> {
+        curl_in(
+            self.pod_ns(p)?,
+            &format!("http://{IMDS_ADDRESS}{TOKEN_PATH}{query}"),
+            &["Metadata: true"],
+            max_time,
+        )
+        .await
+    }
+
+    /// A token through the real Python `azure-identity`
+    /// `ManagedIdentityCredential` run inside the pod (by `client_id` when
+    /// given); returns the token's verified `appid`.
+    pub async fn python_token_appid(
+        &self,
+        p: &PodRef,
+        client_id: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let ns = self.pod_ns(p)?;
+        let selector = client_id.map_or(crate::IdentitySelector::Default, |c| {
+            crate::IdentitySelector::ClientId(c)
+        });
+        let out = tokio::task::block_in_place(|| {
+            crate::python_imds_token(
+                None,
+                "https://management.azure.com/.default",
+                selector,
+                Some(ns),
+            )
+        })?;
+        let token = out["token"]
+            .as_str()
+            .with_context(|| format!("{}/{}: the SDK got no token: {out}", p.namespace, p.name))?;
+        Ok(self
+            .emu
+            .verify_token(token)
+            .map_err(|e| anyhow::anyhow!("token does not verify: {e:?}"))?
+            .appid)
+    }
+
+    /// Every AzureAssignedIdentity (any namespace) for pod `namespace/pod`.
+    pub async fn assigned_to(
+        &self,
+        namespace: &str,
+        pod: &str,
+    ) -> anyhow::Result<Vec<AzureAssignedIdentity>> {
+        let api: Api<AzureAssignedIdentity> = Api::all(self.client().await?);
+        Ok(api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|a| a.spec.pod == pod && a.spec.pod_namespace == namespace)
+            .collect())
+    }
+
+    /// The Events of `namespace` as `client` may list them, one line each:
+    /// `<Kind>/<name> <type> <reason>: <message>`.
+    pub async fn events_in(&self, client: &Client, namespace: &str) -> anyhow::Result<Vec<String>> {
+        use k8s_openapi::api::core::v1::Event;
+        let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+        Ok(api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|e| {
+                format!(
+                    "{}/{} {} {}: {}",
+                    e.involved_object.kind.unwrap_or_default(),
+                    e.involved_object.name.unwrap_or_default(),
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.message.unwrap_or_default()
+                )
+            })
+            .collect())
+    }
+
+    /// Runs `body` while sampling every scale set every 100 ms; returns its
+    /// result and every sample in which one of `keep` (identity names),
+    /// once seen on a scale set, was missing from it, as `<vmss>: <identities>`.
+    pub async fn while_watching_vmss<T>(
+        &self,
+        keep: &[&str],
+        body: impl Future<Output = T>,
+    ) -> (T, Vec<String>) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = AtomicBool::new(false);
+        let body = async {
+            let r = body.await;
+            done.store(true, Ordering::Relaxed);
+            r
+        };
+        let watch = async {
+            let mut missing = Vec::new();
+            let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+            loop {
+                for (vmss, ids) in self.all_vmss_identities() {
+                    let mut gone = false;
+                    for k in keep {
+                        let k = k.to_lowercase();
+                        if ids.iter().any(|i| i.eq_ignore_ascii_case(&k)) {
+                            seen.insert((vmss.clone(), k));
+                        } else if seen.contains(&(vmss.clone(), k)) {
+                            gone = true;
+                        }
+                    }
+                    let line = format!("{vmss}: {ids:?}");
+                    if gone && missing.last() != Some(&line) {
+                        missing.push(line);
+                    }
+                }
+                if done.load(Ordering::Relaxed) {
+                    return missing;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::join!(body, watch)
     }
 }
