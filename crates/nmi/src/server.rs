@@ -147,6 +147,9 @@ const POD_LOOKUP_WAIT: Duration = Duration::from_millis(1500);
 const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream's `Retry-After` with `--set-retry-after-header`.
 const RETRY_AFTER_SECS: u64 = 20;
+/// Most identities one `object_id` request fetches tokens for (one second of
+/// IMDS's per-VM budget), however many the pod is bound to.
+pub const MAX_OBJECT_ID_CANDIDATES: usize = 20;
 /// How long after a request starts a refusal resting on an AzureAssignedIdentity
 /// that does not match the cached identity, binding or pod is final (the
 /// caches may still be catching up with it).
@@ -620,16 +623,24 @@ impl<S: TokenSource> Server<S> {
     /// An `object_id` request: each candidate's token (by its resource ID,
     /// checked against its client ID, cached), in the candidates' order,
     /// until one has the requested object ID in its `oid` claim. Bounded by
-    /// the candidates (the pod's own identities). When none has it: the
-    /// first failure if a candidate could not be fetched, else upstream's 404.
+    /// the candidates (the pod's own identities), at most
+    /// [`MAX_OBJECT_ID_CANDIDATES`]. When none has it: the first failure if a
+    /// candidate could not be fetched, else upstream's 404.
     async fn by_object_id(
         &self,
         candidates: &[AzureIdentity],
         object_id: &str,
         resource: &str,
     ) -> Result<Token, TokenError> {
+        if candidates.len() > MAX_OBJECT_ID_CANDIDATES {
+            tracing::warn!(
+                candidates = candidates.len(),
+                max = MAX_OBJECT_ID_CANDIDATES,
+                "object_id request: only the first identities are tried"
+            );
+        }
         let mut failure = None;
-        for identity in candidates {
+        for identity in candidates.iter().take(MAX_OBJECT_ID_CANDIDATES) {
             match self.fetch_msi(identity, resource).await {
                 Ok(token) => {
                     if jwt_oid(token.access_token.expose())
