@@ -55,7 +55,7 @@ async fn mic_against_cluster_and_emulator() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    run_children_trusting_emulator_ca("child_", "MICTEST", 15, Duration::from_secs(900))
+    run_children_trusting_emulator_ca("child_", "MICTEST", 16, Duration::from_secs(900))
         .await
         .unwrap();
 }
@@ -1355,6 +1355,93 @@ async fn child_serving_cluster_identities_is_opt_in_and_checked_again() {
     w.delete_pod("p").await;
     w.wait_gone(&name).await;
     assert!(w.on_vmss("kubelet"), "never removed");
+    mic.stop().await;
+    w.cleanup().await;
+}
+
+/// The identity policy at run time: under `enforce` an identity not granted
+/// to its namespace gets no AAI and an Event says why; granting it (the
+/// Namespace annotation) assigns it; taking the grant away retires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
+async fn child_identity_policy_enforce_and_warn() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let Some(w) = World::new("policy").await else {
+        panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
+    };
+    let mic = w
+        .start_mic_with(w.settings_with("mic-policy", &["--identity-policy=enforce"], None))
+        .await;
+    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+        .await;
+    w.binding("b", "app-id", "policy-sel").await;
+    w.pod("web", "policy-sel", &w.nodes[0]).await;
+    let name = w.aai_name("web", "app-id");
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(w.client.clone(), w.ns.name());
+    let not_granted_events = || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("IdentityNotGranted"))
+            .count()
+    };
+    wait_for("the IdentityNotGranted Event", WAIT, || async {
+        (not_granted_events().await >= 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(w.aai(&name).await.is_none(), "no AAI under enforce");
+    assert!(!w.on_vmss("app-id"));
+
+    // Granted by the cluster administrator: assigned.
+    let namespaces = Api::<Namespace>::all(w.client.clone());
+    let grant = |value: serde_json::Value| {
+        json!({"metadata": {"annotations": {
+            aadpodid_api::ANNOTATION_ALLOWED_IDENTITIES: value}}})
+    };
+    namespaces
+        .patch(
+            w.ns.name(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(grant(json!(format!(
+                "/subscriptions/{SUB}/resourceGroups/{APP_RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/*"
+            )))),
+        )
+        .await
+        .unwrap();
+    w.wait_assigned(&name).await;
+    assert!(w.on_vmss("app-id"));
+
+    // The grant is taken away: retired, and removed (MIC added it).
+    namespaces
+        .patch(
+            w.ns.name(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(grant(serde_json::Value::Null)),
+        )
+        .await
+        .unwrap();
+    w.wait_gone(&name).await;
+    w.wait_on_vmss("app-id", false).await;
+    mic.stop().await;
+
+    // warn: assigned anyway, with the Event.
+    let before = not_granted_events().await;
+    let mic = w
+        .start_mic_with(w.settings_with("mic-policy-warn", &["--identity-policy=warn"], None))
+        .await;
+    w.wait_assigned(&name).await;
+    wait_for("a new IdentityNotGranted Event", WAIT, || async {
+        (not_granted_events().await > before).then_some(())
+    })
+    .await
+    .unwrap();
+    w.delete_pod("web").await;
+    w.wait_gone(&name).await;
     mic.stop().await;
     w.cleanup().await;
 }
