@@ -143,7 +143,11 @@ struct Nmi {
 }
 
 impl Nmi {
-    async fn start(imds: SocketAddr, identities: &[AzureIdentity]) -> Nmi {
+    async fn start(
+        imds: SocketAddr,
+        mode: nmi::args::OperationMode,
+        identities: &[AzureIdentity],
+    ) -> Nmi {
         let source = nmi::token::Imds::new(&format!("http://{imds}"), "test").unwrap();
         let state = Arc::new(nmi::server::State::default());
         state.update(|i| {
@@ -160,8 +164,8 @@ impl Nmi {
                 Vec::new(),
             ),
             config: nmi::server::Config {
-                mode: nmi::args::OperationMode::Standard,
-                namespaced: false,
+                mode,
+                namespaced: mode == nmi::args::OperationMode::Managed,
                 metadata_header_required: true,
                 block_instance_metadata: false,
                 set_retry_after_header: false,
@@ -253,6 +257,7 @@ async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
     let reverse = identity("reverse", "kubelet", CLIENT_A);
     let nmi = Nmi::start(
         imds,
+        nmi::args::OperationMode::Standard,
         &[
             honest.clone(),
             forged.clone(),
@@ -332,4 +337,22 @@ async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
             "{uri}"
         );
     }
+}
+
+/// Managed mode (no AzureAssignedIdentities: the bindings in the pod's
+/// namespace decide) fetches by resource ID and checks the client ID too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_mode_checks_the_client_id_too() {
+    let (_emu, imds) = emulator().await;
+    let honest = identity("honest", "id-a", CLIENT_A);
+    let nmi = Nmi::start(imds, nmi::args::OperationMode::Managed, &[honest]).await;
+    let (code, body) = nmi.get("").await;
+    assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
+
+    let forged = identity("forged", "id-a", CLIENT_K);
+    let nmi = Nmi::start(imds, nmi::args::OperationMode::Managed, &[forged]).await;
+    let (code, body) = nmi.get("").await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.get("access_token").is_none(), "{body}");
+    assert_eq!(nmi.refused("client_id_mismatch"), 1);
 }
