@@ -2,8 +2,10 @@
 //! and pods labelled `aadpodidbinding` into AzureAssignedIdentity objects and
 //! assigns the identities to the nodes' VMSS/VMs through ARM.
 //!
-//! Decisions live in the pure [`plan`] over the in-memory [`index`]; I/O
-//! lives in thin executors ([`apply`], [`watch`], [`leader`]).
+//! Decisions live in the pure [`plan`] over the in-memory [`index`], and in
+//! the pure [`guard`] over what ARM reports for each VMSS/VM and the
+//! ownership [`ledger`]; I/O lives in thin executors ([`apply`], [`watch`],
+//! [`leader`]).
 
 pub mod apply;
 pub mod args;
