@@ -134,6 +134,9 @@ pub struct Executor<C: Cloud> {
     /// AAI → the refusal last reported for it, so each is reported once
     /// (Event, metric, log) until it changes or the AAI is assigned.
     refusals: Mutex<BTreeMap<Key, String>>,
+    /// Identity ID → the client ID ARM reported for it on any resource read
+    /// so far (a cluster identity is then known before it is added elsewhere).
+    known_client_ids: Mutex<BTreeMap<String, String>>,
 }
 
 impl<C: Cloud> std::fmt::Debug for Executor<C> {
@@ -179,6 +182,7 @@ impl<C: Cloud> Executor<C> {
             origin: Instant::now(),
             ledger: tokio::sync::Mutex::new(None),
             refusals: Mutex::default(),
+            known_client_ids: Mutex::default(),
             opts,
         }
     }
@@ -578,6 +582,14 @@ impl<C: Cloud> Executor<C> {
     ) -> Result<crate::cloud::ResourceIdentity, (CloudError, Instant)> {
         let start = std::time::Instant::now();
         let res = self.cloud.get_identities(r).await;
+        if let Ok(current) = &res {
+            let mut known = lock(&self.known_client_ids);
+            for (id, a) in &current.reported {
+                if !a.client_id.is_empty() {
+                    known.insert(id.clone(), a.client_id.clone());
+                }
+            }
+        }
         // A GET answer may carry the resource's bucket counts too.
         if let Some(header) = self.cloud.take_remaining(r) {
             let now = self.budget_now();
@@ -650,11 +662,17 @@ impl<C: Cloud> Executor<C> {
             .iter()
             .filter_map(|(k, _)| aais.get(k).map(|a| (k.clone(), assigned_client_id(a))))
             .collect();
-        let vetted = guard::vet(
+        let mut vetted = guard::vet(
             w,
             &current,
             &typed,
             &|id| ledger.owns(r, id),
+            &self.opts.protection,
+        );
+        guard::withhold_known_cluster_identities(
+            &mut vetted,
+            w,
+            &lock(&self.known_client_ids),
             &self.opts.protection,
         );
         let refused_before: BTreeSet<Key> = vetted.refused.iter().map(|(k, _)| k.clone()).collect();

@@ -245,6 +245,49 @@ pub fn vet(
     out
 }
 
+/// Withholds the adds of identities that ARM reported, on some other
+/// resource, with a client ID of the cluster's identities (`known`:
+/// lower-cased identity ID → ARM's client ID, learned from earlier reads).
+/// Once added such an identity could never be removed again, so unless
+/// cluster identities are served it is not added at all, and the AAIs
+/// waiting on it are refused now. Pure.
+pub fn withhold_known_cluster_identities(
+    v: &mut Vetted,
+    w: &ResourceWork,
+    known: &BTreeMap<String, String>,
+    p: &Protection,
+) {
+    if p.serve_cluster_identities {
+        return;
+    }
+    let withheld: BTreeSet<String> = v
+        .record
+        .iter()
+        .filter(|id| {
+            known
+                .get(*id)
+                .is_some_and(|c| p.cluster_client_ids.contains(c))
+        })
+        .cloned()
+        .collect();
+    if withheld.is_empty() {
+        return;
+    }
+    v.add.retain(|id| !withheld.contains(id));
+    v.record.retain(|id| !withheld.contains(id));
+    for (key, id) in &w.assign_on_success {
+        if withheld.contains(id) && !v.refused.iter().any(|(k, _)| k == key) {
+            v.refused.push((
+                key.clone(),
+                Refusal::ClusterIdentity {
+                    identity_id: id.clone(),
+                    why: ClusterWhy::ReportedClientId,
+                },
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,6 +543,45 @@ mod tests {
         let v = vet(&w, &cur, &typed, &owned(&["app"]), &p);
         assert!(v.remove.is_empty());
         assert!(v.release.is_empty(), "the old AAI waits for the usual path");
+    }
+
+    #[test]
+    fn a_cluster_identity_seen_elsewhere_is_not_added_here() {
+        // The kubelet identity of another pool, named with a forged client
+        // ID, on a scale set where it is not: not added (it could never be
+        // removed again), unless cluster identities are served.
+        let cur = resource(&[]);
+        let w = ResourceWork {
+            add: [id("kubelet"), id("app")].into(),
+            assign_on_success: vec![(key("f"), id("kubelet")), (key("a"), id("app"))],
+            ..Default::default()
+        };
+        let typed = [(key("f"), client("forged")), (key("a"), client("app"))].into();
+        let known: BTreeMap<String, String> = [
+            (id("kubelet"), client("kubelet")),
+            (id("app"), client("app")),
+        ]
+        .into();
+        let p = kubelet_protection(false);
+        let mut v = vet(&w, &cur, &typed, &|_| false, &p);
+        assert_eq!(v.record, [id("kubelet"), id("app")].into());
+        withhold_known_cluster_identities(&mut v, &w, &known, &p);
+        assert_eq!(v.add, [id("app")].into());
+        assert_eq!(v.record, [id("app")].into());
+        assert_eq!(
+            v.refused,
+            vec![(
+                key("f"),
+                Refusal::ClusterIdentity {
+                    identity_id: id("kubelet"),
+                    why: ClusterWhy::ReportedClientId
+                }
+            )]
+        );
+        let p = kubelet_protection(true);
+        let mut v = vet(&w, &cur, &typed, &|_| false, &p);
+        withhold_known_cluster_identities(&mut v, &w, &known, &p);
+        assert_eq!(v.add.len(), 2, "served on request");
     }
 
     #[test]
