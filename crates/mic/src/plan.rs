@@ -254,13 +254,24 @@ fn desired_set(
     out
 }
 
-fn ns_name<K: kube::Resource>(obj: &Option<Box<K>>) -> Option<(Option<&str>, Option<&str>)> {
-    obj.as_ref()
-        .map(|o| (o.meta().namespace.as_deref(), o.meta().name.as_deref()))
+/// Namespace, name and UID of an embedded object.
+type Identifiers<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
+
+fn ns_name<K: kube::Resource>(obj: &Option<Box<K>>) -> Option<Identifiers<'_>> {
+    obj.as_ref().map(|o| {
+        (
+            o.meta().namespace.as_deref(),
+            o.meta().name.as_deref(),
+            o.meta().uid.as_deref(),
+        )
+    })
 }
 
-/// Same assignment: same pod, node, identity and binding (by name and spec,
-/// never resourceVersion, so metadata edits cause no churn; hazard H5).
+/// Same assignment: same pod, node, identity and binding (by name, UID and
+/// spec, never resourceVersion, so metadata edits cause no churn; hazard H5).
+/// The UID matters: nmi accepts an AAI only while the objects it embeds are
+/// the live ones, so an identity or binding deleted and made again under the
+/// same name must be embedded anew.
 fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentitySpec) -> bool {
     let identity_spec =
         |s: &AzureAssignedIdentitySpec| s.azure_identity_ref.as_ref().map(|i| i.spec.clone());

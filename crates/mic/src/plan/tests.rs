@@ -424,6 +424,50 @@ fn s14_editing_the_identity_swaps_the_assignment() {
 }
 
 #[test]
+fn a_recreated_identity_or_binding_is_embedded_anew() {
+    // nmi trusts an AAI only while its embedded objects are the live ones
+    // (same UID), so a delete and re-create under the same name and spec
+    // must refresh the AAI; the identity stays on the scale set meanwhile.
+    let mut ix = base();
+    let opts = Options::default();
+    let mut id = mk_uami("ns", "id");
+    id.metadata.uid = Some("uid-1".into());
+    let mut b = mk_binding("ns", "b", "id", "sel");
+    b.metadata.uid = Some("uid-b1".into());
+    ix.apply_identity(&id);
+    ix.apply_binding(&b);
+    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    settle(&mut ix, &opts);
+    assert!(plan(&ix, &opts).is_empty());
+    for (new_id_uid, new_b_uid) in [("uid-2", "uid-b1"), ("uid-2", "uid-b2")] {
+        id.metadata.uid = Some(new_id_uid.into());
+        b.metadata.uid = Some(new_b_uid.into());
+        ix.apply_identity(&id);
+        ix.apply_binding(&b);
+        let p = settle(&mut ix, &opts);
+        assert_eq!(p.update.len(), 1, "{new_id_uid} {new_b_uid}");
+        let embedded = &p.update[0].spec;
+        assert_eq!(
+            embedded
+                .azure_identity_ref
+                .as_ref()
+                .and_then(|i| i.metadata.uid.as_deref()),
+            Some(new_id_uid)
+        );
+        assert_eq!(
+            embedded
+                .azure_binding_ref
+                .as_ref()
+                .and_then(|b| b.metadata.uid.as_deref()),
+            Some(new_b_uid)
+        );
+        let w = &p.resources[&vmss("vmss-a")];
+        assert!(w.remove.is_empty(), "the identity stays: {w:?}");
+        assert!(plan(&ix, &opts).is_empty(), "settled");
+    }
+}
+
+#[test]
 fn h5_metadata_edits_cause_no_work() {
     let mut ix = base();
     let opts = Options::default();
