@@ -792,7 +792,9 @@ async fn exceptions_mic_labels_and_warn_mode_seeds() -> anyhow::Result<()> {
 ///   label, and a pod in `team-b` with that label;
 /// - a binding naming `team-a`'s AzureIdentity with its own selector, and a pod;
 /// - an AzureIdentity with its granted `id-3`'s resourceID and `id-2`'s
-///   clientID (passes admission), binding and pod.
+///   clientID (passes admission), binding and pod;
+/// - an AzureAssignedIdentity written by the administrator (refused at
+///   admission: only mic's ServiceAccount may) and by the user (RBAC).
 ///
 /// No `team-b` pod gets any token; `team-a`'s pod still gets its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -931,6 +933,45 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
                 .is_ok_and(|x| x.eq_ignore_ascii_case(&id2_client)),
             format!("team-a's pod still gets {id2}'s token: {again:?}"),
         );
+        // AzureAssignedIdentities written by anyone but mic: refused at
+        // admission for the administrator, by RBAC for the user.
+        let attack = "5 enforce: AAI written outside mic";
+        let handmade = |ns: &str| -> anyhow::Result<AzureAssignedIdentity> {
+            let node = world.nodes[b_pods[1].node].name.clone();
+            Ok(serde_json::from_value(json!({
+                "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+                "metadata": {"name": "handmade", "namespace": ns, "labels": {"nodename": node}},
+                "spec": {
+                    "azureIdentityRef": {"metadata": {"name": "a-id", "namespace": "team-a"},
+                        "spec": {"type": 0, "resourceID": id2_res, "clientID": id2_client}},
+                    "azureBindingRef": {"metadata": {"name": "b-cross-own", "namespace": "team-b"},
+                        "spec": {"azureIdentity": "a-id", "selector": "b-own"}},
+                    "pod": "b-own", "podNamespace": "team-b", "nodename": node,
+                },
+                "status": {"status": "Assigned", "availableReplicas": 1},
+            }))?)
+        };
+        for (who, client, ns) in [
+            ("the administrator", world.client().await?, "default"),
+            ("the user", b_client.clone(), "team-b"),
+        ] {
+            let api: Api<AzureAssignedIdentity> = Api::namespaced(client, ns);
+            let r = api.create(&PostParams::default(), &handmade(ns)?).await;
+            if r.is_ok() {
+                let _ = Api::<AzureAssignedIdentity>::namespaced(world.client().await?, ns)
+                    .delete("handmade", &DeleteParams::default())
+                    .await;
+            }
+            report.check(
+                attack,
+                r.is_err(),
+                format!(
+                    "{who}'s write in {ns} is refused: {}",
+                    r.map_or_else(|e| e.to_string(), |_| "ADMITTED".to_string())
+                ),
+            );
+        }
+
         world.delete_pods(&b_pods).await?;
         wait_released(&world, &refs).await?;
         anyhow::Ok(())
