@@ -435,6 +435,7 @@ impl<C: Cloud> Executor<C> {
                 ),
                 Warning::IdentityNotGranted {
                     identity,
+                    namespace,
                     resource_id,
                     enforced,
                 } => {
@@ -444,8 +445,7 @@ impl<C: Cloud> Executor<C> {
                         .inc();
                     (
                         format!(
-                            "{resource_id} is not granted to namespace {} by its {} annotation; {}",
-                            identity.0,
+                            "{resource_id} is not granted to namespace {namespace} by its {} annotation; {}",
                             aadpodid_api::ANNOTATION_ALLOWED_IDENTITIES,
                             if *enforced {
                                 "not assigned (identity policy: enforce)"

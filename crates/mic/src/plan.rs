@@ -46,10 +46,13 @@ pub enum Warning {
     DuplicateAssignedIdentity { name: Key, binding: Key },
     /// A namespaced identity matched across namespaces; skipped.
     NamespaceMismatch { binding: Key, pod: Key },
-    /// The identity policy does not grant the identity's resource ID to its
-    /// namespace; under `enforce` it gets no AAI, under `warn` it still does.
+    /// The identity policy does not grant the identity's resource ID to
+    /// `namespace` (the identity's own, or that of a pod a binding reaches
+    /// from another namespace); under `enforce` it gets no AAI, under `warn`
+    /// it still does.
     IdentityNotGranted {
         identity: Key,
+        namespace: String,
         resource_id: String,
         enforced: bool,
     },
@@ -130,7 +133,7 @@ fn desired_set(
             .push((k, b));
     }
     let mut reported: BTreeSet<Key> = BTreeSet::new();
-    let mut not_granted: BTreeSet<Key> = BTreeSet::new();
+    let mut not_granted: BTreeSet<(String, Key)> = BTreeSet::new();
     let mut out: BTreeMap<Key, Desired> = BTreeMap::new();
     for pod in index.pods.values() {
         if pod.binding_label.is_empty() || pod.node.is_empty() {
@@ -170,16 +173,28 @@ fn desired_set(
                         }
                         continue;
                     }
-                    if opts.policy != PolicyMode::Off
-                        && !identity_granted(
-                            index.namespaces.get(&ikey.0).map(String::as_str),
-                            &identity.spec.resource_id,
-                        )
-                    {
+                    // The identity must be granted to its own namespace and,
+                    // when a binding reaches across namespaces (upstream's
+                    // default mode), to the pod's namespace as well: a pod
+                    // uses only identities granted where it runs.
+                    let ungranted = if opts.policy == PolicyMode::Off {
+                        None
+                    } else {
+                        [ikey.0.as_str(), pod.namespace.as_str()]
+                            .into_iter()
+                            .find(|ns| {
+                                !identity_granted(
+                                    index.namespaces.get(*ns).map(String::as_str),
+                                    &identity.spec.resource_id,
+                                )
+                            })
+                    };
+                    if let Some(ns) = ungranted {
                         let enforced = opts.policy == PolicyMode::Enforce;
-                        if not_granted.insert(ikey.clone()) {
+                        if not_granted.insert((ns.to_string(), ikey.clone())) {
                             warnings.push(Warning::IdentityNotGranted {
                                 identity: ikey.clone(),
+                                namespace: ns.to_string(),
                                 resource_id: identity.spec.resource_id.clone(),
                                 enforced,
                             });

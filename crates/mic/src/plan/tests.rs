@@ -735,6 +735,7 @@ fn the_identity_policy_at_run_time() {
         assert!(names.contains(&"web-other-sp"), "{ctx}");
         let warning = Warning::IdentityNotGranted {
             identity: key("ns", "id"),
+            namespace: "ns".into(),
             resource_id: rid("id"),
             enforced: mode == PolicyMode::Enforce,
         };
@@ -744,6 +745,51 @@ fn the_identity_policy_at_run_time() {
             "{ctx}: {:?}",
             p.warnings
         );
+        assert_eq!(p.warnings.len(), usize::from(warned), "{ctx}");
+    }
+}
+
+#[test]
+fn a_binding_reaching_another_namespace_needs_the_grant_there_too() {
+    // Namespace a is granted id-a; b is granted nothing. Upstream's default
+    // mode lets a pod in b carry a's selector and match a's binding: under
+    // the policy the pod's namespace must be granted the identity as well.
+    // (mode, grant of b, AAI for the pod in b, warning about b)
+    let cases = [
+        (PolicyMode::Off, None, true, false),
+        (PolicyMode::Warn, None, true, true),
+        (PolicyMode::Enforce, None, false, true),
+        (PolicyMode::Enforce, Some(rid("other")), false, true),
+        (PolicyMode::Enforce, Some(rid("id-a")), true, false),
+    ];
+    for (mode, grant_b, made, warned) in cases {
+        let mut ix = base();
+        ix.apply_namespace(&mk_namespace("a", Some(&rid("id-a"))));
+        ix.apply_namespace(&mk_namespace("b", grant_b.as_deref()));
+        ix.apply_identity(&mk_uami("a", "id-a"));
+        ix.apply_binding(&mk_binding("a", "bind-a", "id-a", "sel-a"));
+        ix.apply_pod(&mk_pod("a", "own", "sel-a", "n1"));
+        ix.apply_pod(&mk_pod("b", "thief", "sel-a", "n1"));
+        let opts = Options {
+            policy: mode,
+            ..Default::default()
+        };
+        let p = plan(&ix, &opts);
+        let names: Vec<&str> = p
+            .create
+            .iter()
+            .filter_map(|a| a.metadata.name.as_deref())
+            .collect();
+        let ctx = format!("{mode:?} {grant_b:?}: {names:?} {:?}", p.warnings);
+        assert!(names.contains(&"own-a-id-a"), "{ctx}");
+        assert_eq!(names.contains(&"thief-b-id-a"), made, "{ctx}");
+        let warning = Warning::IdentityNotGranted {
+            identity: key("a", "id-a"),
+            namespace: "b".into(),
+            resource_id: rid("id-a"),
+            enforced: mode == PolicyMode::Enforce,
+        };
+        assert_eq!(p.warnings.contains(&warning), warned, "{ctx}");
         assert_eq!(p.warnings.len(), usize::from(warned), "{ctx}");
     }
 }
