@@ -217,6 +217,25 @@ pub struct Args {
     #[arg(long = "cleanup-on-uninstall", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
     pub cleanup_on_uninstall: bool,
 
+    /// Client IDs of the cluster's own identities, comma-separated (MIC's
+    /// flag, same spelling): NMI never serves their tokens to pods unless
+    /// `--serve-cluster-identities` is set ([`crate::cluster`]).
+    #[arg(long = "immutable-user-msis", default_value = "")]
+    pub immutable_user_msis: String,
+
+    /// Path to azure.json; its `userAssignedIdentityID` (the kubelet
+    /// identity) is one of the cluster's own identities. Empty: none. A file
+    /// that cannot be read is logged and skipped (`--immutable-user-msis`
+    /// still applies).
+    #[arg(long, default_value = "")]
+    pub cloudconfig: String,
+
+    /// Serve the cluster's own identities (the kubelet identity and
+    /// `--immutable-user-msis`) to pods bound to them. Off by default: such a
+    /// request gets 403, an Event on the AzureIdentity and the metric.
+    #[arg(long = "serve-cluster-identities", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub serve_cluster_identities: bool,
+
     /// This pod's name (downward API `POD_NAME`), for `--cleanup-on-uninstall`.
     #[arg(long = "pod-name", default_value = "", env = "POD_NAME")]
     pub pod_name: String,
@@ -245,6 +264,11 @@ impl Args {
         } else {
             self.nmi_listen_address
         }
+    }
+
+    /// The `--immutable-user-msis` client IDs, lower-cased as MIC reads them.
+    pub fn immutable_client_ids(&self) -> Vec<String> {
+        crate::cluster::parse_client_id_list(&self.immutable_user_msis)
     }
 
     /// Longest wait for an identity MIC has not even created (upstream: 16 × 5 s).
@@ -303,6 +327,25 @@ mod tests {
         assert_eq!(a.created_budget(), Duration::from_secs(80));
         assert_eq!(a.assigned_budget(), Duration::from_secs(100));
         assert!(!a.cleanup_iptables && !a.remove_iptables_on_exit);
+        assert!(a.immutable_client_ids().is_empty());
+        assert_eq!(a.cloudconfig, "");
+        assert!(!a.serve_cluster_identities);
+    }
+
+    #[test]
+    fn cluster_identity_flags_parse() {
+        // The chart's nmi-daemonset.yaml, as MIC gets the same values.
+        let a = parse(&[
+            "--immutable-user-msis=AAAA-1, bbbb-2,",
+            "--cloudconfig=/etc/kubernetes/azure.json",
+            "--serve-cluster-identities",
+        ]);
+        assert_eq!(a.immutable_client_ids(), vec!["aaaa-1", "bbbb-2"]);
+        assert_eq!(a.cloudconfig, "/etc/kubernetes/azure.json");
+        assert!(a.serve_cluster_identities);
+        assert!(!parse(&["--serve-cluster-identities=false"]).serve_cluster_identities);
+        assert!(parse(&["--serve-cluster-identities=true"]).serve_cluster_identities);
+        assert!(Args::try_parse_from(["nmi", "--serve-cluster-identities", "true"]).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod aad;
 pub mod args;
+pub mod cluster;
 pub mod http_client;
 pub mod index;
 pub mod iptables;
@@ -159,6 +160,26 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     };
     let imds =
         token::Imds::new(&args.imds_endpoint, &user_agent).map_err(RunError::ImdsEndpoint)?;
+    let (cluster, warning) = cluster::from_flags(
+        &args.cloudconfig,
+        &args.immutable_user_msis,
+        args.serve_cluster_identities,
+        |p| std::fs::read_to_string(p),
+    );
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    if cluster.serves() {
+        tracing::warn!(
+            client_ids = cluster.len(),
+            "--serve-cluster-identities: pods bound to the cluster's own identities get their tokens"
+        );
+    } else {
+        tracing::info!(
+            client_ids = cluster.len(),
+            "the cluster's own identities are not served to pods"
+        );
+    }
     let aad =
         aad::AadClient::new(args.aad_ca_file.as_deref(), &user_agent).map_err(RunError::AadCa)?;
     let client =
@@ -217,7 +238,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
 
     let server = Arc::new(server::Server {
         state: Arc::clone(&state),
-        cache: token::TokenCache::new(imds),
+        cache: token::TokenCache::new(imds).with_cluster_identities(cluster),
         sp: sp::ServicePrincipals::new(
             Some(client.clone()),
             aad,

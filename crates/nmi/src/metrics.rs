@@ -26,6 +26,10 @@ pub struct Metrics {
 /// `reason` when the AzureIdentity's `clientID` is not the client ID of the
 /// identity IMDS returns for its `resourceID`.
 pub const REFUSED_CLIENT_ID_MISMATCH: &str = "client_id_mismatch";
+/// `reason` when the AzureIdentity names one of the cluster's own identities
+/// (the kubelet identity or one in `--immutable-user-msis`) and
+/// `--serve-cluster-identities` is off.
+pub const REFUSED_CLUSTER_IDENTITY: &str = "cluster_identity";
 /// `reason` when a type-0 AzureIdentity lacks `clientID` or `resourceID`.
 pub const REFUSED_INCOMPLETE_IDENTITY: &str = "incomplete_identity";
 

@@ -26,7 +26,8 @@ use crate::args::OperationMode;
 use crate::http_client;
 use crate::index::{Index, PodEntry, PodLookup};
 use crate::metrics::{
-    IMDS_OP_USER_ASSIGNED, Metrics, REFUSED_CLIENT_ID_MISMATCH, REFUSED_INCOMPLETE_IDENTITY,
+    IMDS_OP_USER_ASSIGNED, Metrics, REFUSED_CLIENT_ID_MISMATCH, REFUSED_CLUSTER_IDENTITY,
+    REFUSED_INCOMPLETE_IDENTITY,
 };
 use crate::request::{self, Rejection, Route, Selector, TokenQuery};
 use crate::response::{self, Token};
@@ -37,6 +38,10 @@ use crate::token::{TokenCache, TokenError, TokenSource, jwt_oid, now_secs};
 /// Event reason on an AzureIdentity whose `clientID` is not the client ID of
 /// the managed identity IMDS returns for its `resourceID`.
 pub const REASON_CLIENT_ID_MISMATCH: &str = "client id mismatch";
+/// Event reason on an AzureIdentity naming one of the cluster's own
+/// identities (the kubelet identity or one in `--immutable-user-msis`) while
+/// `--serve-cluster-identities` is off.
+pub const REASON_CLUSTER_IDENTITY: &str = "cluster identity";
 /// Event reason on a type-0 AzureIdentity without `clientID` or `resourceID`.
 pub const REASON_INCOMPLETE_IDENTITY: &str = "incomplete identity";
 /// The Events' `action`.
@@ -601,7 +606,9 @@ impl<S: TokenSource> Server<S> {
         result.map_err(|e| {
             if !matches!(
                 e,
-                TokenError::NotBound | TokenError::ClientIdMismatch { .. }
+                TokenError::NotBound
+                    | TokenError::ClientIdMismatch { .. }
+                    | TokenError::ClusterIdentity { .. }
             ) {
                 self.metrics
                     .imds_errors
@@ -684,17 +691,31 @@ impl<S: TokenSource> Server<S> {
             .cache
             .by_resource_id(&spec.resource_id, &spec.client_id, resource)
             .await;
-        if let Err(TokenError::ClientIdMismatch { .. }) = &result {
-            let note = format!(
-                "AzureIdentity {ns}/{name}: the managed identity with resourceID {} does not have clientID {}; NMI serves no token for it. Set spec.clientID to that identity's client ID, or spec.resourceID to the identity you meant",
-                spec.resource_id, spec.client_id
-            );
-            self.refused(
-                identity,
-                REASON_CLIENT_ID_MISMATCH,
-                REFUSED_CLIENT_ID_MISMATCH,
-                &note,
-            );
+        match &result {
+            Err(TokenError::ClientIdMismatch { .. }) => {
+                let note = format!(
+                    "AzureIdentity {ns}/{name}: the managed identity with resourceID {} does not have clientID {}; NMI serves no token for it. Set spec.clientID to that identity's client ID, or spec.resourceID to the identity you meant",
+                    spec.resource_id, spec.client_id
+                );
+                self.refused(
+                    identity,
+                    REASON_CLIENT_ID_MISMATCH,
+                    REFUSED_CLIENT_ID_MISMATCH,
+                    &note,
+                );
+            }
+            Err(TokenError::ClusterIdentity { client_id }) => {
+                let note = format!(
+                    "AzureIdentity {ns}/{name}: the managed identity with clientID {client_id} is one of the cluster's own identities (the kubelet identity or one listed in --immutable-user-msis); nmi serves it only with --serve-cluster-identities"
+                );
+                self.refused(
+                    identity,
+                    REASON_CLUSTER_IDENTITY,
+                    REFUSED_CLUSTER_IDENTITY,
+                    &note,
+                );
+            }
+            _ => {}
         }
         result
     }

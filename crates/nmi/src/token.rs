@@ -40,6 +40,7 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::cluster::ClusterIdentities;
 use crate::http_client;
 use crate::response::Token;
 use crate::secret::Secret;
@@ -85,6 +86,16 @@ pub enum TokenError {
         /// The AzureIdentity's `clientID`.
         expected: String,
     },
+    /// The identity is one of the cluster's own (the kubelet identity or one
+    /// in `--immutable-user-msis`) and `--serve-cluster-identities` is off:
+    /// answered 403, the token is never handed out nor cached.
+    #[error(
+        "the managed identity with clientID {client_id} is one of the cluster's own identities; nmi serves it only with --serve-cluster-identities"
+    )]
+    ClusterIdentity {
+        /// The client ID that matched.
+        client_id: String,
+    },
     /// IMDS kept answering a transient status (404, 410, 429, 5xx) through
     /// NMI's bounded retries, or asked for a longer wait than NMI holds a
     /// request: answered with IMDS's own status (and its `Retry-After`), so
@@ -111,7 +122,8 @@ impl TokenError {
         match self {
             TokenError::Refused { .. }
             | TokenError::Forbidden(_)
-            | TokenError::ClientIdMismatch { .. } => StatusCode::FORBIDDEN,
+            | TokenError::ClientIdMismatch { .. }
+            | TokenError::ClusterIdentity { .. } => StatusCode::FORBIDDEN,
             TokenError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             TokenError::NotBound => StatusCode::NOT_FOUND,
             TokenError::Transient { status, .. } => {
@@ -499,6 +511,7 @@ pub struct TokenCache<S> {
     slots: Mutex<HashMap<(String, String), Slot>>,
     limiter: Limiter,
     retry: RetryPolicy,
+    cluster: ClusterIdentities,
 }
 
 impl<S: TokenSource> TokenCache<S> {
@@ -516,7 +529,15 @@ impl<S: TokenSource> TokenCache<S> {
             slots: Mutex::new(HashMap::new()),
             limiter: Limiter::new(concurrent, per_second),
             retry: RetryPolicy::default(),
+            cluster: ClusterIdentities::default(),
         }
+    }
+
+    /// The same cache refusing the cluster's own identities
+    /// ([`ClusterIdentities`]) in [`TokenCache::by_resource_id`].
+    pub fn with_cluster_identities(mut self, cluster: ClusterIdentities) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// The same cache with another retry policy for transient IMDS answers.
@@ -573,6 +594,10 @@ impl<S: TokenSource> TokenCache<S> {
     /// ([`verify_client_id`]). The caller has already decided that the pod
     /// may use the identity. Cached under both IDs; a token that fails the
     /// check is never cached.
+    ///
+    /// A cluster identity ([`ClusterIdentities::refused`]) is refused before
+    /// IMDS is asked when `client_id` names one, and after, should IMDS's
+    /// `client_id` or the token's `appid` name one; it is never cached.
     pub async fn by_resource_id(
         &self,
         resource_id: &str,
@@ -583,6 +608,11 @@ impl<S: TokenSource> TokenCache<S> {
             return Err(TokenError::Forbidden(
                 "a user-assigned identity needs both resourceID and clientID".into(),
             ));
+        }
+        if let Some(c) = self.cluster.refused([client_id]) {
+            return Err(TokenError::ClusterIdentity {
+                client_id: c.to_string(),
+            });
         }
         let slot = self.slot(&msi_cache_key(resource_id, client_id), resource);
         let arrived = Instant::now();
@@ -603,7 +633,16 @@ impl<S: TokenSource> TokenCache<S> {
         let id = ImdsIdentity::ResourceId(resource_id.to_string());
         let result = self.imds(&id, resource).await.and_then(|token| {
             match verify_client_id(client_id, &token.client_id, token.access_token.expose()) {
-                Ok(()) => Ok(token),
+                Ok(()) => {
+                    let appid = jwt_appid(token.access_token.expose());
+                    let seen = [Some(token.client_id.as_str()), appid.as_deref()];
+                    match self.cluster.refused(seen.into_iter().flatten()) {
+                        Some(c) => Err(TokenError::ClusterIdentity {
+                            client_id: c.to_string(),
+                        }),
+                        None => Ok(token),
+                    }
+                }
                 Err(mismatch) => {
                     tracing::warn!(
                         resource_id,
@@ -850,6 +889,64 @@ mod tests {
         assert!(
             matches!(got, Err(TokenError::ClientIdMismatch { .. })),
             "{got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn cluster_identities_are_refused_without_asking_imds_unless_served() {
+        // The Fake's identity for resource ID `kubelet` has client ID
+        // `app-of-kubelet`: the AzureIdentity names it correctly.
+        let cluster = ["APP-OF-KUBELET", "app-of-immutable"];
+        let cache = TokenCache::new(long_lived())
+            .with_cluster_identities(ClusterIdentities::new(cluster, false));
+        for (rid, cid) in [
+            ("kubelet", "app-of-kubelet"),
+            ("KUBELET", "App-Of-Kubelet"),
+            ("kubelet", " app-of-kubelet "),
+            ("immutable", "app-of-immutable"),
+            // A forged resource ID changes nothing: the client ID decides first.
+            ("rid-a", "app-of-kubelet"),
+        ] {
+            let got = cache.by_resource_id(rid, cid, "r").await;
+            match got {
+                Err(e @ TokenError::ClusterIdentity { .. }) => {
+                    assert_eq!(e.status(), StatusCode::FORBIDDEN);
+                    assert!(
+                        e.to_string().contains("one of the cluster's own identities; nmi serves it only with --serve-cluster-identities"),
+                        "{e}"
+                    );
+                }
+                other => panic!("{rid}/{cid}: want a cluster-identity refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            cache.source().calls.load(Ordering::SeqCst),
+            0,
+            "IMDS never asked"
+        );
+        assert!(cache.is_empty(), "nothing cached");
+        // Other identities are served as before.
+        cache
+            .by_resource_id("rid-a", "app-of-rid-a", "r")
+            .await
+            .unwrap();
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 1);
+
+        let served = TokenCache::new(long_lived())
+            .with_cluster_identities(ClusterIdentities::new(cluster, true));
+        let token = served
+            .by_resource_id("kubelet", "app-of-kubelet", "r")
+            .await
+            .unwrap();
+        assert_eq!(token.client_id, "app-of-kubelet");
+        served
+            .by_resource_id("kubelet", "app-of-kubelet", "r")
+            .await
+            .unwrap();
+        assert_eq!(
+            served.source().calls.load(Ordering::SeqCst),
+            1,
+            "cached when served"
         );
     }
 

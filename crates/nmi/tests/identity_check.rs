@@ -148,6 +148,16 @@ impl Nmi {
         mode: nmi::args::OperationMode,
         identities: &[AzureIdentity],
     ) -> Nmi {
+        Self::start_with(imds, mode, identities, Default::default()).await
+    }
+
+    /// Like [`Nmi::start`], protecting `cluster` (as `run` does from the flags).
+    async fn start_with(
+        imds: SocketAddr,
+        mode: nmi::args::OperationMode,
+        identities: &[AzureIdentity],
+        cluster: nmi::cluster::ClusterIdentities,
+    ) -> Nmi {
         let source = nmi::token::Imds::new(&format!("http://{imds}"), "test").unwrap();
         let state = Arc::new(nmi::server::State::default());
         state.update(|i| {
@@ -157,7 +167,7 @@ impl Nmi {
         });
         let server = Arc::new(nmi::server::Server {
             state,
-            cache: nmi::token::TokenCache::new(source),
+            cache: nmi::token::TokenCache::new(source).with_cluster_identities(cluster),
             sp: nmi::sp::ServicePrincipals::new(
                 None,
                 nmi::aad::AadClient::new(None, "test").unwrap(),
@@ -231,6 +241,45 @@ impl Nmi {
             .with_label_values(&[NS, reason])
             .get()
     }
+}
+
+/// The token requests IMDS has had from NMI.
+fn imds_token_requests(emu: &Emulator) -> Vec<String> {
+    emu.requests(0)
+        .into_iter()
+        .filter(|r| r.uri.contains("oauth2/token"))
+        .map(|r| r.uri)
+        .collect()
+}
+
+/// The cluster identities as `nmi --cloudconfig=<azure.json naming the
+/// kubelet identity> --immutable-user-msis=<immutable>` reads them.
+fn cluster_from_flags(immutable: &str, serve: bool) -> nmi::cluster::ClusterIdentities {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "nmi-identity-check-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("azure.json");
+    std::fs::write(
+        &path,
+        json!({
+            "cloud": "AzurePublicCloud",
+            "useManagedIdentityExtension": true,
+            "userAssignedIdentityID": CLIENT_K.to_uppercase(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (cluster, warning) =
+        nmi::cluster::from_flags(path.to_str().unwrap(), immutable, serve, |p| {
+            std::fs::read_to_string(p)
+        });
+    assert_eq!(warning, None);
+    std::fs::remove_dir_all(&dir).unwrap();
+    cluster
 }
 
 fn appid(body: &Value) -> String {
@@ -355,4 +404,106 @@ async fn managed_mode_checks_the_client_id_too() {
     assert_eq!(code, 403, "{body}");
     assert!(body.get("access_token").is_none(), "{body}");
     assert_eq!(nmi.refused("client_id_mismatch"), 1);
+}
+
+/// Managed mode has no MIC to refuse the kubelet identity: an AzureIdentity
+/// in the user's namespace naming its resource ID and client ID correctly is
+/// refused by NMI itself, before IMDS is asked, unless the administrator
+/// passed --serve-cluster-identities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_mode_refuses_the_kubelet_identity_without_asking_imds() {
+    assert_eq!(nmi::metrics::REFUSED_CLUSTER_IDENTITY, "cluster_identity");
+    assert_eq!(nmi::server::REASON_CLUSTER_IDENTITY, "cluster identity");
+    let (emu, imds) = emulator().await;
+    let kubelet = identity("kubelet-own", "kubelet", CLIENT_K);
+    let shouting = identity("kubelet-upper", "kubelet", &CLIENT_K.to_uppercase());
+    let honest = identity("honest", "id-a", CLIENT_A);
+    let nmi = Nmi::start_with(
+        imds,
+        nmi::args::OperationMode::Managed,
+        &[kubelet.clone(), shouting, honest],
+        cluster_from_flags("", false),
+    )
+    .await;
+    let selectors = [
+        format!("&client_id={CLIENT_K}"),
+        format!("&client_id={}", CLIENT_K.to_uppercase()),
+        format!("&msi_res_id={}", kubelet.spec.resource_id),
+        format!("&object_id={OBJECT_K}"),
+    ];
+    for (k, selector) in selectors.iter().enumerate() {
+        let (code, body) = nmi.get(selector).await;
+        assert_eq!(code, 403, "{selector}: {body}");
+        assert!(body.get("access_token").is_none(), "{selector}: {body}");
+        let text = body["error_description"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("is one of the cluster's own identities; nmi serves it only with --serve-cluster-identities"),
+            "{selector}: {body}"
+        );
+        assert!(
+            nmi.refused("cluster_identity") > k as u64,
+            "{selector}: counted every time (nothing cached)"
+        );
+    }
+    // Other identities of the pod are served; the object_id request above
+    // fetched id-a's token (its candidates include it) but never the kubelet's.
+    let (code, body) = nmi.get(&format!("&client_id={CLIENT_A}")).await;
+    assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
+    let (code, body) = nmi.get(&format!("&object_id={OBJECT_A}")).await;
+    assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
+    let asked = imds_token_requests(&emu);
+    assert!(!asked.is_empty());
+    for uri in &asked {
+        assert!(
+            uri.contains("userAssignedIdentities%2Fid-a") && !uri.contains("kubelet"),
+            "IMDS was asked for {uri}"
+        );
+    }
+    assert_eq!(nmi.refused("client_id_mismatch"), 0);
+
+    // The same identity with --serve-cluster-identities: served.
+    let nmi = Nmi::start_with(
+        imds,
+        nmi::args::OperationMode::Managed,
+        &[kubelet],
+        cluster_from_flags("", true),
+    )
+    .await;
+    let (code, body) = nmi.get("").await;
+    assert_eq!((code, appid(&body).as_str()), (200, CLIENT_K), "{body}");
+    assert_eq!(nmi.refused("cluster_identity"), 0);
+}
+
+/// `--immutable-user-msis` protects its client IDs the same way, in standard
+/// mode too (an Assigned AzureAssignedIdentity is not enough).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immutable_user_msis_are_refused_in_standard_mode() {
+    let (emu, imds) = emulator().await;
+    let honest = identity("honest", "id-a", CLIENT_A);
+    let nmi = Nmi::start_with(
+        imds,
+        nmi::args::OperationMode::Standard,
+        std::slice::from_ref(&honest),
+        cluster_from_flags(&format!("other-id, {}", CLIENT_A.to_uppercase()), false),
+    )
+    .await;
+    nmi.assign(&[&honest]);
+    for selector in ["".to_string(), format!("&object_id={OBJECT_A}")] {
+        let (code, body) = nmi.get(&selector).await;
+        assert_eq!(code, 403, "{selector}: {body}");
+        assert!(body.get("access_token").is_none(), "{body}");
+    }
+    assert_eq!(nmi.refused("cluster_identity"), 2);
+    assert!(imds_token_requests(&emu).is_empty(), "IMDS was not asked");
+
+    let nmi = Nmi::start_with(
+        imds,
+        nmi::args::OperationMode::Standard,
+        std::slice::from_ref(&honest),
+        cluster_from_flags(CLIENT_A, true),
+    )
+    .await;
+    nmi.assign(&[&honest]);
+    let (code, body) = nmi.get("").await;
+    assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
 }
