@@ -213,7 +213,42 @@ fn default_render_is_upstreams_shape_with_least_privilege() {
         .iter()
         .map(|m| m["mountPath"].as_str().unwrap())
         .collect();
-    assert_eq!(mounts, ["/run/xtables.lock", "/etc/default/kubelet"]);
+    assert_eq!(
+        mounts,
+        [
+            "/run/xtables.lock",
+            "/etc/default/kubelet",
+            "/etc/kubernetes/azure.json"
+        ]
+    );
+    // azure.json (the kubelet identity NMI refuses to serve): read-only, the
+    // same hostPath as MIC's.
+    let azure_mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/etc/kubernetes/azure.json")
+        .unwrap();
+    assert_eq!(azure_mount["readOnly"], true);
+    let azure_volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == azure_mount["name"])
+        .unwrap();
+    let mic_pod = &get(&docs, "Deployment", "aad-pod-identity-mic")["spec"]["template"]["spec"];
+    assert!(
+        mic_pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["hostPath"] == azure_volume["hostPath"]),
+        "{azure_volume}"
+    );
+    assert_eq!(
+        azure_volume["hostPath"],
+        json!({"path": "/etc/kubernetes/azure.json", "type": "File"})
+    );
 
     // Least privilege: no Endpoints (the lock is a Lease), no Secrets without
     // service-principal identities, no wildcards; ConfigMaps only in the
@@ -560,6 +595,14 @@ fn identity_policy_modes_render_what_they_say() {
         "{args:?}"
     );
     assert!(parse_mic(&args).serve_cluster_identities);
+    // One knob for both: NMI serves them too.
+    let args = helm::container_args(&get(&docs, "DaemonSet", "aad-pod-identity-nmi"));
+    assert!(
+        args.contains(&"--serve-cluster-identities".to_string()),
+        "{args:?}"
+    );
+    let nmi_args = nmi::Args::try_from_args(args.clone()).unwrap();
+    assert!(nmi_args.serve_cluster_identities, "{args:?}");
 
     // Names follow fullnameOverride; the MIC account follows the release
     // namespace, and is "default" without rbac.enabled (NMI told the same).
@@ -844,6 +887,19 @@ fn rendered_args_parse_with_the_real_parsers() {
         );
         let cleanup = !what.contains("rbac-disabled");
         assert_eq!(parsed.cleanup_on_uninstall, cleanup, "{what}");
+        // The cluster's own identities, as MIC gets them: azure.json unless
+        // the admin Secret replaces it, and mic.immutableUserMSIs.
+        assert!(!parsed.serve_cluster_identities, "{what}");
+        if what.contains("custom-cloud") {
+            assert_eq!(parsed.cloudconfig, "", "{what}");
+            assert_eq!(
+                parsed.immutable_client_ids(),
+                ["c0000000-0000-4000-8000-00000000000k"],
+                "{what}"
+            );
+        } else {
+            assert_eq!(parsed.cloudconfig, "/etc/kubernetes/azure.json", "{what}");
+        }
         if what.contains("managed-mode") {
             assert_eq!(parsed.operation_mode, nmi::args::OperationMode::Managed);
             assert!(
