@@ -21,8 +21,8 @@ pub use binding::{AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentityB
 pub use exception::{
     AzurePodIdentityException, AzurePodIdentityExceptionSpec, AzurePodIdentityExceptionStatus,
 };
-pub use policy::{ANNOTATION_ALLOWED_IDENTITIES, PolicyMode, identity_granted};
 pub use identity::{AzureIdentity, AzureIdentitySpec, AzureIdentityStatus, IdentityType};
+pub use policy::{ANNOTATION_ALLOWED_IDENTITIES, PolicyMode, identity_granted};
 
 /// API group of all four kinds.
 pub const GROUP: &str = "aadpodidentity.k8s.io";

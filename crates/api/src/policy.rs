@@ -103,8 +103,7 @@ pub fn identity_granted(granted: Option<&str>, resource_id: &str) -> bool {
 mod tests {
     use super::*;
 
-    const RG: &str =
-        "/subscriptions/s1/resourceGroups/rg-a/providers/Microsoft.ManagedIdentity/userAssignedIdentities/";
+    const RG: &str = "/subscriptions/s1/resourceGroups/rg-a/providers/Microsoft.ManagedIdentity/userAssignedIdentities/";
 
     #[test]
     fn grants_table() {
@@ -126,11 +125,7 @@ mod tests {
             (Some(&format!("{RG}app2")), &id, false),
             // '*' only counts at the end
             (Some(&format!("{RG}*pp")), &id, false),
-            (
-                Some("/subscriptions/s1/resourceGroups/rg-b/*"),
-                &id,
-                false,
-            ),
+            (Some("/subscriptions/s1/resourceGroups/rg-b/*"), &id, false),
             // an empty resource ID is never granted
             (Some("*"), "", false),
         ];
