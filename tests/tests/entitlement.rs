@@ -28,6 +28,7 @@
 //! | an AzureAssignedIdentity written by hand (admission bypassed) | `forged_assigned_identity_and_policy_off` |
 //! | `enforce`: namespace B claims namespace A's identity (AzureIdentity, bindings, pod labels) | `enforce_cross_namespace` |
 //! | `warn`: the warning, and the seed manifests unchanged | `exceptions_mic_labels_and_warn_mode_seeds` |
+//! | the seed manifests unchanged get their tokens through the Python SDK in `off`, `warn` and `enforce` (namespace granted) | `forged_assigned_identity_and_policy_off`, `exceptions_mic_labels_and_warn_mode_seeds`, `enforce_cross_namespace` |
 //! | happy path through the real Python SDK in `off`, `warn`, `enforce` | one per mode, in the three tests above |
 
 use std::collections::BTreeSet;
@@ -466,6 +467,87 @@ async fn check_python_token(
     );
 }
 
+/// The user's seed manifests, unchanged, applied by `user` in its namespace:
+/// seed 002 (identity `id-2`, binding, pod) and seed 004 (the two objects
+/// `az aks pod-identity add` creates for `id-3`, and its pod), the pods run on
+/// the world's pod `slots`; each gets its identity's token through the real
+/// Python SDK.
+async fn seeds_get_tokens(
+    report: &mut Report,
+    world: &World,
+    attack: &str,
+    user: &NsUser,
+    slots: (usize, usize),
+) -> anyhow::Result<()> {
+    let (id2, id2_res, id2_client) = (id_name(2), id_resource(&id_name(2)), id_client(2));
+    let vars2 = [
+        ("UAIName", id2.as_str()),
+        ("UAIId", id2_res.as_str()),
+        ("UAIClientId", id2_client.as_str()),
+        ("KVName", "kv-demo"),
+    ];
+    for file in [
+        "seed002-azureidentity.yaml",
+        "seed002-azureidentitybinding.yaml",
+        "seed002-pod.yaml",
+    ] {
+        let (ok, text) = apply_as(
+            report,
+            world,
+            attack,
+            user,
+            &fill_template(&fixture(file)?, &vars2),
+        )
+        .await?;
+        report.check(attack, ok, format!("{file} applies: {}", text.trim()));
+    }
+    // What `az aks pod-identity add --name my-pod-identity` creates.
+    let (id3_res, id3_client) = (id_resource(&id_name(3)), id_client(3));
+    let addon = format!(
+        "{}---\n{}",
+        identity_yaml("my-pod-identity", &id3_res, &id3_client),
+        binding_yaml(
+            "my-pod-identity-binding",
+            "my-pod-identity",
+            "my-pod-identity"
+        )
+    );
+    let (ok, text) = apply_as(report, world, attack, user, &addon).await?;
+    report.check(
+        attack,
+        ok,
+        format!("seed 004's identity objects apply: {}", text.trim()),
+    );
+    let vars4 = [
+        ("POD_IDENTITY_NAME", "my-pod-identity"),
+        ("SUBSCRIPTION_ID", aadpodid_tests::e2e::SUB),
+        ("IDENTITY_CLIENT_ID", id3_client.as_str()),
+        ("IDENTITY_RESOURCE_GROUP", aadpodid_tests::e2e::APP_RG),
+    ];
+    let (ok, text) = apply_as(
+        report,
+        world,
+        attack,
+        user,
+        &fill_template(&fixture("seed004-pod.yaml")?, &vars4),
+    )
+    .await?;
+    report.check(
+        attack,
+        ok,
+        format!("seed004-pod.yaml applies: {}", text.trim()),
+    );
+    let seed2 = world
+        .run_pod(&user.namespace, "nginx-secrets-store-inline", slots.0)
+        .await?;
+    let seed4 = world.run_pod(&user.namespace, "demo", slots.1).await?;
+    wait_pod_assigned(world, &seed2).await?;
+    wait_pod_assigned(world, &seed4).await?;
+    check_python_token(report, world, attack, &seed2, &id2_client).await;
+    check_python_token(report, world, attack, &seed4, &id3_client).await;
+    Ok(())
+}
+
 /// Waits (bounded) until the pods' AzureAssignedIdentities are gone, then a
 /// few scale-set writes' worth, so any removal mic would make has landed.
 async fn wait_released(world: &World, pods: &[&PodRef]) -> anyhow::Result<()> {
@@ -704,73 +786,7 @@ async fn exceptions_mic_labels_and_warn_mode_seeds() -> anyhow::Result<()> {
         );
 
         // Warn: the seed manifests, unchanged.
-        let attack = "7 warn: seed manifests";
-        let (id2, id2_res, id2_client) = (id_name(2), id_resource(&id_name(2)), id_client(2));
-        let vars2 = [
-            ("UAIName", id2.as_str()),
-            ("UAIId", id2_res.as_str()),
-            ("UAIClientId", id2_client.as_str()),
-            ("KVName", "kv-demo"),
-        ];
-        for file in [
-            "seed002-azureidentity.yaml",
-            "seed002-azureidentitybinding.yaml",
-            "seed002-pod.yaml",
-        ] {
-            let (ok, text) = apply_as(
-                &report,
-                &world,
-                attack,
-                &user,
-                &fill_template(&fixture(file)?, &vars2),
-            )
-            .await?;
-            report.check(attack, ok, format!("{file} applies: {}", text.trim()));
-        }
-        // `az aks pod-identity add --namespace tenant --name my-pod-identity`.
-        let (id3_res, id3_client) = (id_resource(&id_name(3)), id_client(3));
-        let addon = format!(
-            "{}---\n{}",
-            identity_yaml("my-pod-identity", &id3_res, &id3_client),
-            binding_yaml(
-                "my-pod-identity-binding",
-                "my-pod-identity",
-                "my-pod-identity"
-            )
-        );
-        let (ok, text) = apply_as(&report, &world, attack, &user, &addon).await?;
-        report.check(
-            attack,
-            ok,
-            format!("seed 004's identity objects apply: {}", text.trim()),
-        );
-        let vars4 = [
-            ("POD_IDENTITY_NAME", "my-pod-identity"),
-            ("SUBSCRIPTION_ID", aadpodid_tests::e2e::SUB),
-            ("IDENTITY_CLIENT_ID", id3_client.as_str()),
-            ("IDENTITY_RESOURCE_GROUP", aadpodid_tests::e2e::APP_RG),
-        ];
-        let (ok, text) = apply_as(
-            &report,
-            &world,
-            attack,
-            &user,
-            &fill_template(&fixture("seed004-pod.yaml")?, &vars4),
-        )
-        .await?;
-        report.check(
-            attack,
-            ok,
-            format!("seed004-pod.yaml applies: {}", text.trim()),
-        );
-        let seed2 = world
-            .run_pod(&user.namespace, "nginx-secrets-store-inline", 2)
-            .await?;
-        let seed4 = world.run_pod(&user.namespace, "demo", 3).await?;
-        wait_pod_assigned(&world, &seed2).await?;
-        wait_pod_assigned(&world, &seed4).await?;
-        check_python_token(&mut report, &world, attack, &seed2, &id2_client).await;
-        check_python_token(&mut report, &world, attack, &seed4, &id3_client).await;
+        seeds_get_tokens(&mut report, &world, "7 warn: seed manifests", &user, (2, 3)).await?;
         anyhow::Ok(())
     };
     let (result, missing) = world.while_watching_vmss(&[KUBELET, ADDON], scenario).await;
@@ -807,8 +823,19 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
     let a = world.namespace_user("team-a", Some(&id2_res)).await?;
     let b = world.namespace_user("team-b", Some(&id3_res)).await?;
     let (a_client, b_client) = (a.client().await?, b.client().await?);
+    // The seed manifests, unchanged, in a namespace granted their identities.
+    let seeds_grant = format!("{id2_res}, {id3_res}");
+    let seeds = world.namespace_user("seeds", Some(&seeds_grant)).await?;
 
     let scenario = async {
+        seeds_get_tokens(
+            &mut report,
+            &world,
+            "7 enforce: seed manifests",
+            &seeds,
+            (4, 5),
+        )
+        .await?;
         let attack = "7 enforce: granted identity";
         let (ok, text) = apply_as(
             &report,
@@ -1014,10 +1041,12 @@ async fn forged_assigned_identity_and_policy_off() -> anyhow::Result<()> {
     let (id2_res, id2_client) = (id_resource(&id_name(2)), id_client(2));
     let kubelet_res = node_identity_resource(KUBELET);
     let user = world.namespace_user("tenant", None).await?;
+    let seeds = world.namespace_user("seeds", None).await?;
     let client = user.client().await?;
     let admin = world.client().await?;
 
     let scenario = async {
+        seeds_get_tokens(&mut report, &world, "7 off: seed manifests", &seeds, (5, 6)).await?;
         let attack = "7 off: happy path";
         let (ok, text) = apply_as(
             &report,
