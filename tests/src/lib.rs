@@ -31,6 +31,7 @@
 //! The binaries come from `tests/cluster/build.sh` (Go modules, cached under
 //! `$HOME/.cache/aadpodid/cluster`), or from `$AADPODID_CLUSTER_BIN` when set.
 
+pub mod assigned;
 pub mod bench;
 pub mod e2e;
 pub mod helm;

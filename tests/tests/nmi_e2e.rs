@@ -19,9 +19,9 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use aadpodid_api::{
-    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
+    AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
 };
+use aadpodid_tests::assigned::{create_aai, mic_aai};
 use aadpodid_tests::netns::{IMDS_ADDRESS, NODE_POD_GATEWAY_V6, NetNs, Node, read_until_ready};
 use aadpodid_tests::{Cluster, unique_name, wait_for};
 use anyhow::{Context as _, bail};
@@ -471,29 +471,10 @@ fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentit
     b
 }
 
-/// Creates `obj` unless an object of its name exists; returns the stored object.
-async fn get_or_create<K>(client: &kube::Client, ns: &str, obj: &K) -> anyhow::Result<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    let api = Api::<K>::namespaced(client.clone(), ns);
-    let name = obj.meta().name.clone().unwrap_or_default();
-    if let Some(existing) = api.get_opt(&name).await? {
-        return Ok(existing);
-    }
-    Ok(api.create(&PostParams::default(), obj).await?)
-}
-
-/// Binds `pod` (in `pod_ns`, on `node`) to identity `id` as MIC does: creates
-/// the AzureIdentity and a binding `<identity>-<selector>` selecting
-/// `selector` in the identity's namespace (unless they exist), then the
-/// Assigned AzureAssignedIdentity embedding both with their UIDs, in
-/// `default`, or in the identity's namespace when `namespaced` (where MIC
-/// writes it in namespaced mode). NMI accepts an AAI only in this shape.
+/// Binds `pod` (in `pod_ns`, on `node`) to identity `id` as MIC does (see
+/// [`mic_aai`]): the AzureAssignedIdentity is in `default`, or in the
+/// identity's namespace when `namespaced` (where MIC writes it in namespaced
+/// mode). NMI accepts an AAI only in this shape.
 async fn mk_aai(
     client: &kube::Client,
     pod_ns: &str,
@@ -503,41 +484,8 @@ async fn mk_aai(
     selector: &str,
     namespaced: bool,
 ) -> anyhow::Result<()> {
-    let id_ns = id.metadata.namespace.clone().unwrap_or_default();
-    let id_name = id.metadata.name.clone().unwrap_or_default();
-    let live_id = get_or_create(client, &id_ns, id).await?;
-    let live_binding = get_or_create(
-        client,
-        &id_ns,
-        &binding(&id_ns, &format!("{id_name}-{selector}"), &id_name, selector),
-    )
-    .await?;
-    let name = aadpodid_api::assigned_identity_name(pod, pod_ns, &id_name);
-    let mut aai = AzureAssignedIdentity::new(
-        &name,
-        AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(live_id)),
-            azure_binding_ref: Some(Box::new(live_binding)),
-            pod: pod.into(),
-            pod_namespace: pod_ns.into(),
-            node_name: node.into(),
-            replicas: None,
-        },
-    );
-    aai.metadata.labels =
-        Some([(aadpodid_api::LABEL_NODENAME.to_string(), node.to_string())].into());
-    aai.status = Some(AzureAssignedIdentityStatus {
-        status: "Assigned".into(),
-        ..Default::default()
-    });
-    let aai_ns = if namespaced {
-        id_ns.as_str()
-    } else {
-        "default"
-    };
-    Api::<AzureAssignedIdentity>::namespaced(client.clone(), aai_ns)
-        .create(&PostParams::default(), &aai)
-        .await?;
+    let aai = mic_aai(client, pod_ns, node, pod, id, selector, namespaced).await?;
+    create_aai(client, &aai).await?;
     Ok(())
 }
 
