@@ -148,7 +148,7 @@ async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_ru
             mode: nmi::args::OperationMode::Standard,
             namespaced: false,
             metadata_header_required: true,
-            block_instance_metadata: false,
+            proxy: Default::default(),
             set_retry_after_header: false,
             retry_attempts_for_created: 16,
             retry_attempts_for_assigned: 4,

@@ -115,6 +115,11 @@ pub struct Args {
     #[arg(long = "block-instance-metadata", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
     pub block_instance_metadata: bool,
 
+    /// Forward `POST /metadata/scheduledevents` (acknowledging, and so
+    /// expediting, the node's scheduled events) to IMDS; refused by default.
+    #[arg(long = "allow-scheduled-events-post", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    pub allow_scheduled_events_post: bool,
+
     /// Require `Metadata: true` on token and proxied requests.
     #[arg(long = "metadata-header-required", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
     pub metadata_header_required: bool,
@@ -316,6 +321,7 @@ mod tests {
         assert_eq!(a.find_identity_retry_interval, 5);
         assert!(a.enable_scale_features);
         assert!(!a.block_instance_metadata);
+        assert!(!a.allow_scheduled_events_post);
         assert!(a.metadata_header_required);
         assert_eq!(a.prometheus_port, 9090);
         assert_eq!(a.operation_mode, OperationMode::Standard);

@@ -252,7 +252,10 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             mode: args.operation_mode,
             namespaced,
             metadata_header_required: args.metadata_header_required,
-            block_instance_metadata: args.block_instance_metadata,
+            proxy: request::ProxyPolicy {
+                block_instance_metadata: args.block_instance_metadata,
+                allow_scheduled_events_post: args.allow_scheduled_events_post,
+            },
             set_retry_after_header: args.set_retry_after_header,
             retry_attempts_for_created: args.retry_attempts_for_created,
             retry_attempts_for_assigned: args.retry_attempts_for_assigned,

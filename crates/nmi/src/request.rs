@@ -3,7 +3,7 @@
 //! upstream's status and message (shared/research/aad-pod-identity.md §3.3-§3.5,
 //! §3.8; azure-protocols.md §1.1-§1.2).
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 
 /// Canonical token path. Only the `metadata` segment is matched ignoring case,
 /// as upstream's route `/{type:(?i:metadata)}/identity/oauth2/token` (§3.3).
@@ -27,8 +27,19 @@ pub enum Route {
     Token,
     /// `/host/token`.
     HostToken,
-    /// Everything else: passed through to IMDS.
+    /// An allow-listed IMDS endpoint: passed through to IMDS unchanged.
     Proxy,
+}
+
+/// Which IMDS endpoints NMI forwards, from the flags. The default is closed:
+/// only the read-only endpoints of [`proxy_allowed`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyPolicy {
+    /// `--block-instance-metadata`: `/metadata/instance*` answered 403.
+    pub block_instance_metadata: bool,
+    /// `--allow-scheduled-events-post`: let pods acknowledge (and so
+    /// expedite) the node's scheduled events.
+    pub allow_scheduled_events_post: bool,
 }
 
 /// Why a request is refused before any pod or identity is looked up.
@@ -38,13 +49,20 @@ pub enum Rejection {
     /// probes, which send no header, see a fast 400; azure-protocols.md §8.1).
     #[error("Required metadata header not specified")]
     MissingMetadataHeader,
-    /// A malformed token path: backslashes, other case, dot segments, encoded
-    /// characters. Upstream's fix for CVE-2022-23551 answers these 400.
+    /// A malformed path: backslashes, dot segments, doubled slashes, any
+    /// percent-encoding, non-ASCII or other characters outside the canonical
+    /// segment alphabet. Upstream's fix for CVE-2022-23551 answers these 400.
     #[error("Invalid request")]
     InvalidPath,
     /// `/metadata/instance*` with `--block-instance-metadata`.
     #[error("Request blocked by AAD Pod Identity NMI")]
     BlockedInstanceMetadata,
+    /// A well-formed path that is not an IMDS endpoint NMI forwards.
+    #[error("path not allowed by AAD Pod Identity NMI")]
+    PathNotAllowed,
+    /// An allow-listed path with a method NMI does not forward for it.
+    #[error("method not allowed by AAD Pod Identity NMI")]
+    MethodNotAllowed,
     /// No `resource`, or an empty one.
     #[error("parameter resource cannot be empty")]
     EmptyResource,
@@ -70,6 +88,8 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Rejection::BlockedInstanceMetadata => StatusCode::FORBIDDEN,
+            Rejection::PathNotAllowed => StatusCode::NOT_FOUND,
+            Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             // Upstream answers 500 here (§3.8); kept for compatibility.
             Rejection::NotFromHost => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
@@ -77,37 +97,96 @@ impl Rejection {
     }
 }
 
-/// Routes `path` (the raw request path, not decoded). Anything that could be
-/// read as the token endpoint by a lenient server is either the token route or
-/// a 400, never proxied: IMDS normalises paths (backslashes, case) and would
-/// hand out a node identity's token (CVE-2022-23551).
-pub fn route(path: &str, block_instance_metadata: bool) -> Result<Route, Rejection> {
+/// Routes a request by `method` and `path` (the raw request path, not
+/// decoded). The token routes are matched as upstream does, whatever the
+/// method. Everything else reaches IMDS only if the path is already canonical
+/// (see [`is_canonical_path`]) and the (method, path) pair is allow-listed
+/// ([`proxy_allowed`]); anything else gets NMI's own answer, so what IMDS would
+/// make of an encoded, folded or dotted path never matters (CVE-2022-23551).
+pub fn route(method: &Method, path: &str, policy: &ProxyPolicy) -> Result<Route, Rejection> {
     if is_canonical(path, TOKEN_PATH, true) {
         return Ok(Route::Token);
     }
     if is_canonical(path, HOST_TOKEN_PATH, false) {
         return Ok(Route::HostToken);
     }
-    let normalised = normalise(path);
-    let looks_like_token = normalised
-        .find("/identity")
-        .is_some_and(|i| normalised[i..].contains("oauth2") && normalised[i..].contains("token"));
-    if looks_like_token || normalised.contains("/host/token") {
+    if !is_canonical_path(path) {
         return Err(Rejection::InvalidPath);
     }
-    // Dot segments, empty segments and backslashes are refused on every path:
-    // what IMDS makes of them is unknown, and no client sends them.
-    let suspicious = path.contains('\\')
-        || path.contains("//")
-        || path.split('/').any(|seg| seg == "." || seg == "..")
-        || !path.starts_with('/');
-    if suspicious {
-        return Err(Rejection::InvalidPath);
-    }
-    if block_instance_metadata && normalised.starts_with("/metadata/instance") {
+    // Upstream matched the `metadata` segment ignoring case; the block keeps
+    // answering 403 for those spellings rather than 404.
+    let lower = path.to_ascii_lowercase();
+    if policy.block_instance_metadata
+        && (lower == "/metadata/instance" || lower.starts_with("/metadata/instance/"))
+    {
         return Err(Rejection::BlockedInstanceMetadata);
     }
-    Ok(Route::Proxy)
+    // Token-like spellings NMI does not answer itself (`/Metadata/Identity/...`
+    // and the like) are malformed, not merely unknown.
+    if lower.starts_with("/metadata/identity/oauth2") || lower.starts_with("/host/token") {
+        return Err(Rejection::InvalidPath);
+    }
+    proxy_allowed(method, path, policy).map(|()| Route::Proxy)
+}
+
+/// The IMDS endpoints NMI forwards, matched exactly (case included) on a
+/// canonical path:
+/// - `GET /metadata/instance` and its sub-paths (VM metadata; not with
+///   `--block-instance-metadata`), `GET /metadata/versions`;
+/// - `GET /metadata/scheduledevents` (reading is harmless; `POST` acknowledges
+///   an event and so lets one pod expedite the node's reboot or redeploy: only
+///   with `--allow-scheduled-events-post`);
+/// - `GET /metadata/attested/document` (signed VM identity data that
+///   workloads use to prove where they run);
+/// - `GET /metadata/identity/info` (the tenant ID only, no credential).
+///
+/// Nothing else: other IMDS endpoints (for example the load balancer's) are
+/// rarely used from pods and each would need its own review; anything with a
+/// body or another method could change the node.
+pub fn proxy_allowed(method: &Method, path: &str, policy: &ProxyPolicy) -> Result<(), Rejection> {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let instance = path == "/metadata/instance" || path.starts_with("/metadata/instance/");
+    let known = instance
+        || matches!(
+            path,
+            "/metadata/versions"
+                | "/metadata/scheduledevents"
+                | "/metadata/attested/document"
+                | "/metadata/identity/info"
+        );
+    if !known {
+        return Err(Rejection::PathNotAllowed);
+    }
+    if instance && policy.block_instance_metadata {
+        return Err(Rejection::BlockedInstanceMetadata);
+    }
+    let post_ok = path == "/metadata/scheduledevents" && policy.allow_scheduled_events_post;
+    if *method == Method::GET || (*method == Method::POST && post_ok) {
+        Ok(())
+    } else {
+        Err(Rejection::MethodNotAllowed)
+    }
+}
+
+/// A path NMI may forward as is: starts with `/`, ASCII only, every segment
+/// non-empty and made of `[A-Za-z0-9_-]` (so no `%`, `\`, `//`, `.`/`..`,
+/// `;`, NUL or anything else a server could decode or fold); one trailing
+/// `/` is allowed.
+pub fn is_canonical_path(path: &str) -> bool {
+    if path == "/" {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    !rest.is_empty()
+        && rest.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
 }
 
 /// `path` equals `canonical` or `canonical/`; with `ci_first` the first segment
@@ -129,34 +208,6 @@ fn is_canonical(path: &str, canonical: &str, ci_first: bool) -> bool {
         pf == cf
     };
     path.starts_with('/') && first_ok && pr == cr
-}
-
-/// Lower-cased, percent-decoded, backslashes as slashes: what a lenient server
-/// might make of the path.
-fn normalise(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        let decoded = (b == b'%' && i + 2 < bytes.len())
-            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
-            .flatten();
-        if let Some(d) = decoded {
-            out.push(d);
-            i += 3;
-            continue;
-        }
-        out.push(b);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out)
-        .to_ascii_lowercase()
-        .replace('\\', "/")
-}
-
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
 }
 
 /// Whether the request carries `Metadata: true`. The name is case-insensitive;
@@ -253,6 +304,8 @@ mod tests {
     #[test]
     fn routes() {
         use Route::*;
+        let get = Method::GET;
+        let closed = ProxyPolicy::default();
         let ok: &[(&str, Route)] = &[
             ("/metadata/identity/oauth2/token", Token),
             ("/metadata/identity/oauth2/token/", Token),
@@ -261,15 +314,20 @@ mod tests {
             ("/host/token", HostToken),
             ("/host/token/", HostToken),
             ("/metadata/instance", Proxy),
+            ("/metadata/instance/", Proxy),
             ("/metadata/instance/compute/name", Proxy),
+            ("/metadata/instance/network/interface/0/ipv4", Proxy),
             ("/metadata/attested/document", Proxy),
             ("/metadata/identity/info", Proxy),
             ("/metadata/versions", Proxy),
             ("/metadata/scheduledevents", Proxy),
-            ("/", Proxy),
         ];
         for (path, want) in ok {
-            assert_eq!(route(path, false), Ok(*want), "{path}");
+            assert_eq!(route(&get, path, &closed), Ok(*want), "{path}");
+        }
+        // The token routes answer every method, as upstream's.
+        for m in [Method::POST, Method::PUT, Method::DELETE] {
+            assert_eq!(route(&m, TOKEN_PATH, &closed), Ok(Token));
         }
         let invalid = [
             // CVE-2022-23551 and relatives.
@@ -284,6 +342,11 @@ mod tests {
             "/metadata/identity/./oauth2/token",
             "/metadata/instance/../identity/oauth2/token",
             "/metadata/%69dentity/oauth2/token",
+            "/metadata/%u0069dentity/oauth2/token",
+            "/metadata/identity/oauth2/%2574oken",
+            "/metadata/identity/oauth2/to%E2%84%AAen",
+            "/metadata/identity/oauth2/to\u{212A}en",
+            "/metadata/\u{0131}dentity/oauth2/token",
             // Upstream proxied these and relied on IMDS rejecting them.
             "/metadata/Identity/oauth2/token",
             "/metadata/identity/OAuth2/token",
@@ -293,31 +356,181 @@ mod tests {
             "/host/token/../x",
             "/metadata/instance/../versions",
             "/metadata/./instance",
+            "/metadata/%2e%2e/identity/oauth2/token",
+            "/metadata/instance/%2e%2e/%2e%2e/identity/oauth2/token",
+            "/metadata/instance%00",
+            "/metadata/instance/%00",
+            "/metadata/instance\0",
+            "/metadata/instance;x=y",
+            "/metadata/identity/oauth2/token;x",
+            "/metadata/instance/compute;jsessionid=1",
+            "/metadata/scheduledevents/.",
+            "//metadata/instance",
+            "/metadata/instance//compute",
+            "/metadata//",
             "\\metadata\\instance",
+            "/metadata/instance\\compute",
+            "/metadata/instanc%65",
+            "/metadata/v\u{00e9}rsions",
+            "/metadata/instance/compute name",
+            "/metadata/instance/compute.name",
+            "metadata/instance",
             "*",
+            "",
+            "//",
         ];
         for path in invalid {
-            assert_eq!(route(path, false), Err(Rejection::InvalidPath), "{path}");
+            assert_eq!(
+                route(&get, path, &closed),
+                Err(Rejection::InvalidPath),
+                "{path}"
+            );
         }
+        let not_found = [
+            "/",
+            "/METADATA/instance",
+            "/Metadata/instance",
+            "/metadata/INSTANCE",
+            "/metadata/Versions",
+            "/metadata/ScheduledEvents",
+            "/metadata",
+            "/metadata/",
+            "/metadata/instances",
+            "/metadata/instancex/compute",
+            "/metadata/attested",
+            "/metadata/attested/document/x",
+            "/metadata/identity",
+            "/metadata/identity/info/x",
+            "/metadata/identity/oauth3/token",
+            "/metadata/loadbalancer",
+            "/metadata/scheduledevents/x",
+            "/metadata/versions/x",
+            "/metadata/THIM/amd/certification",
+            "/x",
+            "/host",
+            "/healthz",
+        ];
+        for path in not_found {
+            assert_eq!(
+                route(&get, path, &closed),
+                Err(Rejection::PathNotAllowed),
+                "{path}"
+            );
+            assert_eq!(
+                route(&Method::POST, path, &closed),
+                Err(Rejection::PathNotAllowed),
+                "POST {path}"
+            );
+        }
+        let wrong_method: &[(Method, &str)] = &[
+            (Method::POST, "/metadata/scheduledevents"),
+            (Method::POST, "/metadata/scheduledevents/"),
+            (Method::PUT, "/metadata/scheduledevents"),
+            (Method::DELETE, "/metadata/scheduledevents"),
+            (Method::POST, "/metadata/instance"),
+            (Method::PUT, "/metadata/instance/compute"),
+            (Method::PATCH, "/metadata/instance/compute/userData"),
+            (Method::HEAD, "/metadata/versions"),
+            (Method::OPTIONS, "/metadata/versions"),
+            (Method::POST, "/metadata/attested/document"),
+            (Method::POST, "/metadata/identity/info"),
+            (Method::CONNECT, "/metadata/instance"),
+        ];
+        for (m, path) in wrong_method {
+            assert_eq!(
+                route(m, path, &closed),
+                Err(Rejection::MethodNotAllowed),
+                "{m} {path}"
+            );
+        }
+        // The one widening flag opens exactly scheduled-events POST.
+        let widened = ProxyPolicy {
+            allow_scheduled_events_post: true,
+            ..ProxyPolicy::default()
+        };
+        assert_eq!(
+            route(&Method::POST, "/metadata/scheduledevents", &widened),
+            Ok(Proxy)
+        );
+        for (m, path) in wrong_method {
+            if *m != Method::POST || !path.starts_with("/metadata/scheduledevents") {
+                assert_eq!(
+                    route(m, path, &widened),
+                    Err(Rejection::MethodNotAllowed),
+                    "{m} {path}"
+                );
+            }
+        }
+        assert_eq!(
+            route(&Method::PUT, "/metadata/scheduledevents", &widened),
+            Err(Rejection::MethodNotAllowed)
+        );
+        assert_eq!(
+            route(&get, "/metadata/%73cheduledevents", &widened),
+            Err(Rejection::InvalidPath)
+        );
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(Rejection::InvalidPath.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(Rejection::PathNotAllowed.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            Rejection::MethodNotAllowed.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            Rejection::BlockedInstanceMetadata.status(),
+            StatusCode::FORBIDDEN
+        );
     }
 
     #[test]
     fn block_instance_metadata_only_blocks_instance() {
-        for p in [
-            "/metadata/instance",
-            "/Metadata/instance/compute",
-            "/metadata/INSTANCE",
-        ] {
+        let blocked = ProxyPolicy {
+            block_instance_metadata: true,
+            ..ProxyPolicy::default()
+        };
+        let open = ProxyPolicy::default();
+        for p in ["/metadata/instance", "/metadata/instance/compute"] {
             assert_eq!(
-                route(p, true),
+                route(&Method::GET, p, &blocked),
                 Err(Rejection::BlockedInstanceMetadata),
                 "{p}"
             );
-            assert_eq!(route(p, false), Ok(Route::Proxy), "{p}");
+            assert_eq!(route(&Method::GET, p, &open), Ok(Route::Proxy), "{p}");
         }
-        assert_eq!(route("/metadata/attested/document", true), Ok(Route::Proxy));
+        // Other spellings: blocked too, and never forwarded without the block.
+        for p in [
+            "/Metadata/instance/compute",
+            "/metadata/INSTANCE",
+            "/METADATA/Instance/",
+        ] {
+            assert_eq!(
+                route(&Method::GET, p, &blocked),
+                Err(Rejection::BlockedInstanceMetadata),
+                "{p}"
+            );
+            assert_eq!(
+                route(&Method::GET, p, &open),
+                Err(Rejection::PathNotAllowed),
+                "{p}"
+            );
+        }
         assert_eq!(
-            route("/metadata/identity/oauth2/token", true),
+            route(&Method::GET, "/metadata/instancex", &blocked),
+            Err(Rejection::PathNotAllowed)
+        );
+        for p in [
+            "/metadata/attested/document",
+            "/metadata/versions",
+            "/metadata/scheduledevents",
+            "/metadata/identity/info",
+        ] {
+            assert_eq!(route(&Method::GET, p, &blocked), Ok(Route::Proxy), "{p}");
+        }
+        assert_eq!(
+            route(&Method::GET, "/metadata/identity/oauth2/token", &blocked),
             Ok(Route::Token)
         );
     }

@@ -89,8 +89,9 @@ pub struct Config {
     pub namespaced: bool,
     /// `--metadata-header-required`.
     pub metadata_header_required: bool,
-    /// `--block-instance-metadata`.
-    pub block_instance_metadata: bool,
+    /// Which IMDS endpoints are forwarded (`--block-instance-metadata`,
+    /// `--allow-scheduled-events-post`).
+    pub proxy: request::ProxyPolicy,
     /// `--set-retry-after-header`.
     pub set_retry_after_header: bool,
     /// `--retry-attempts-for-created`.
@@ -305,7 +306,7 @@ impl<S: TokenSource> Server<S> {
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let (op, namespace, resource, resp) =
-            match request::route(req.uri().path(), self.config.block_instance_metadata) {
+            match request::route(req.method(), req.uri().path(), &self.config.proxy) {
                 Err(r) => (
                     "invalid",
                     String::new(),

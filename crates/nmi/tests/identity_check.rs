@@ -177,7 +177,7 @@ impl Nmi {
                 mode,
                 namespaced: mode == nmi::args::OperationMode::Managed,
                 metadata_header_required: true,
-                block_instance_metadata: false,
+                proxy: Default::default(),
                 set_retry_after_header: false,
                 retry_attempts_for_created: 0,
                 retry_attempts_for_assigned: 0,

@@ -119,31 +119,61 @@ fn lenient(path: &str) -> String {
 }
 
 fn check_route(path: &str) {
-    for block in [false, true] {
-        match request::route(path, block) {
-            Ok(Route::Token) => {
-                let trimmed = path.strip_suffix('/').unwrap_or(path);
-                assert!(
-                    trimmed.len() == TOKEN_PATH.len()
-                        && trimmed[1..].split_once('/').map(|x| x.1)
-                            == TOKEN_PATH[1..].split_once('/').map(|x| x.1),
-                    "non-canonical token route: {path:?}"
-                );
-            }
-            Ok(Route::Proxy) => {
-                // Never hand IMDS something it could read as the token endpoint.
-                let l = lenient(path);
-                assert!(
-                    !l.starts_with("/metadata/identity/oauth2/token"),
-                    "proxied a token path: {path:?} (lenient {l:?})"
-                );
-            }
-            Ok(Route::HostToken) => {
-                assert!(path == "/host/token" || path == "/host/token/", "{path:?}")
-            }
-            Err(Rejection::InvalidPath | Rejection::BlockedInstanceMetadata) => {}
-            Err(other) => panic!("unexpected rejection {other:?} for path {path:?}"),
+    let policies = [
+        request::ProxyPolicy::default(),
+        request::ProxyPolicy {
+            block_instance_metadata: true,
+            allow_scheduled_events_post: true,
+        },
+    ];
+    for policy in &policies {
+        for method in [http::Method::GET, http::Method::POST, http::Method::PUT] {
+            check_route_with(&method, path, policy);
         }
+    }
+}
+
+fn check_route_with(method: &http::Method, path: &str, policy: &request::ProxyPolicy) {
+    match request::route(method, path, policy) {
+        Ok(Route::Token) => {
+            let trimmed = path.strip_suffix('/').unwrap_or(path);
+            assert!(
+                trimmed.len() == TOKEN_PATH.len()
+                    && trimmed[1..].split_once('/').map(|x| x.1)
+                        == TOKEN_PATH[1..].split_once('/').map(|x| x.1),
+                "non-canonical token route: {path:?}"
+            );
+        }
+        Ok(Route::Proxy) => {
+            // Only canonical paths reach IMDS: what the most lenient server
+            // makes of it is the path itself (so never the token endpoint).
+            let l = lenient(path);
+            let trimmed = path.strip_suffix('/').unwrap_or(path);
+            assert_eq!(l, trimmed, "proxied a non-canonical path: {path:?}");
+            assert!(
+                !l.contains("oauth2") && !l.contains("token"),
+                "proxied a token path: {path:?}"
+            );
+            assert!(
+                l.starts_with("/metadata/"),
+                "proxied outside /metadata: {path:?}"
+            );
+            assert!(
+                *method == http::Method::GET
+                    || (*method == http::Method::POST && l == "/metadata/scheduledevents"),
+                "proxied {method} {path:?}"
+            );
+        }
+        Ok(Route::HostToken) => {
+            assert!(path == "/host/token" || path == "/host/token/", "{path:?}")
+        }
+        Err(
+            Rejection::InvalidPath
+            | Rejection::BlockedInstanceMetadata
+            | Rejection::PathNotAllowed
+            | Rejection::MethodNotAllowed,
+        ) => {}
+        Err(other) => panic!("unexpected rejection {other:?} for path {path:?}"),
     }
 }
 
@@ -325,7 +355,7 @@ async fn the_server_answers_hostile_requests_and_stays_up() {
             mode: nmi::args::OperationMode::Standard,
             namespaced: false,
             metadata_header_required: true,
-            block_instance_metadata: false,
+            proxy: Default::default(),
             set_retry_after_header: false,
             retry_attempts_for_created: 0,
             retry_attempts_for_assigned: 0,
@@ -395,7 +425,7 @@ async fn the_server_answers_hostile_requests_and_stays_up() {
             assert!(head.starts_with("HTTP/1.1 "), "request {i}: {head:?}");
             let status: u16 = head[9..12].parse().unwrap();
             assert!(
-                matches!(status, 400 | 403 | 404 | 413 | 414 | 431 | 500 | 503),
+                matches!(status, 400 | 403 | 404 | 405 | 413 | 414 | 431 | 500 | 503),
                 "request {i}: status {status}"
             );
             // No token, ever.

@@ -14,7 +14,15 @@ fuzz_target!(|data: &[u8]| {
     let query = lines.next().unwrap_or("");
     let header = lines.next().unwrap_or("");
     for block in [false, true] {
-        if let Ok(Route::Token) = request::route(path, block) {
+        let policy = request::ProxyPolicy {
+            block_instance_metadata: block,
+            allow_scheduled_events_post: block,
+        };
+        let route = request::route(&http::Method::GET, path, &policy);
+        if let Ok(Route::Proxy) = route {
+            assert!(request::is_canonical_path(path));
+        }
+        if let Ok(Route::Token) = route {
             let p = path.strip_suffix('/').unwrap_or(path);
             assert_eq!(p.len(), TOKEN_PATH.len());
             assert!(p[1..].eq_ignore_ascii_case(&TOKEN_PATH[1..]));

@@ -1,0 +1,327 @@
+//! Closed paths, in process: NMI's server over the Azure emulator's IMDS on
+//! loopback (no cluster, no root). The emulator's IMDS is lenient (it matches
+//! paths ignoring case), so it plays an IMDS that might decode what NMI
+//! forwards. Every hostile (method, path) gets NMI's own answer and never
+//! appears in the emulator's request log; every allow-listed one does.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: failing loudly is the point"
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_emulator::config::{IdentityAssignmentSeed, VmSeed};
+use azure_emulator::{Config, Emulator};
+use nmi::request::ProxyPolicy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
+
+async fn emulator() -> (Emulator, SocketAddr) {
+    let mut cfg = Config::new("72f988bf-86f1-41af-91ab-2d7cd011db47", SUBSCRIPTION);
+    cfg.resource_groups = vec!["rg".into()];
+    cfg.virtual_machines = vec![VmSeed {
+        name: "node".into(),
+        resource_group: "rg".into(),
+        identity: IdentityAssignmentSeed {
+            system_assigned: true,
+            user_assigned: Vec::new(),
+        },
+    }];
+    let emu = Emulator::start(cfg).await.unwrap();
+    let imds = emu
+        .add_imds("vm/node", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    (emu, imds)
+}
+
+struct Nmi {
+    addr: SocketAddr,
+    _shutdown: aadpodid_runtime::Shutdown,
+}
+
+async fn nmi(imds: SocketAddr, proxy: ProxyPolicy) -> Nmi {
+    let source = nmi::token::Imds::new(&format!("http://{imds}"), "test").unwrap();
+    let server = Arc::new(nmi::server::Server {
+        state: Arc::new(nmi::server::State::default()),
+        cache: nmi::token::TokenCache::new(source),
+        sp: nmi::sp::ServicePrincipals::new(
+            None,
+            nmi::aad::AadClient::new(None, "test").unwrap(),
+            Vec::new(),
+        ),
+        config: nmi::server::Config {
+            mode: nmi::args::OperationMode::Standard,
+            namespaced: false,
+            metadata_header_required: true,
+            proxy,
+            set_retry_after_header: false,
+            retry_attempts_for_created: 0,
+            retry_attempts_for_assigned: 0,
+            retry_interval_secs: 0,
+            mic_namespace: "default".into(),
+            mic_service_accounts: Vec::new(),
+            metadata_addr: imds,
+        },
+        metrics: nmi::metrics::Metrics::new().unwrap(),
+        events: aadpodid_runtime::events::EventPublisher::disabled(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = aadpodid_runtime::Shutdown::new();
+    tokio::spawn(nmi::server::serve(listener, server, shutdown.clone()));
+    Nmi {
+        addr,
+        _shutdown: shutdown,
+    }
+}
+
+/// Sends `method target` as raw bytes (so any path reaches the server as
+/// written) and returns (status, body).
+async fn send(addr: SocketAddr, method: &str, target: &[u8]) -> (u16, String) {
+    let mut req = Vec::new();
+    req.extend_from_slice(method.as_bytes());
+    req.push(b' ');
+    req.extend_from_slice(target);
+    req.extend_from_slice(
+        b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&req).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(text.starts_with("HTTP/1.1 "), "{text:?}");
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The (method, uri) pairs IMDS has been asked, in order.
+fn imds_log(emu: &Emulator) -> Vec<(String, String)> {
+    emu.requests(0)
+        .into_iter()
+        .map(|r| (r.method, r.uri))
+        .collect()
+}
+
+/// Hostile requests: (method, raw target, expected status from NMI).
+fn hostile() -> Vec<(&'static str, Vec<u8>, u16)> {
+    let t = |s: &str| s.as_bytes().to_vec();
+    vec![
+        // CVE-2022-23551 class: encodings a lenient IMDS might decode.
+        (
+            "GET",
+            t("/metadata/%u0069dentity/oauth2/token?resource=r"),
+            400,
+        ),
+        (
+            "GET",
+            t("/metadata/identity/oauth2/%2574oken?resource=r"),
+            400,
+        ),
+        (
+            "GET",
+            t("/metadata/identity/oauth2/to%E2%84%AAen?resource=r"),
+            400,
+        ),
+        (
+            "GET",
+            t("/metadata/%69dentity/oauth2/token?resource=r"),
+            400,
+        ),
+        (
+            "GET",
+            t("/metadata/%2e%2e/identity/oauth2/token?resource=r"),
+            400,
+        ),
+        (
+            "GET",
+            t("/metadata/instance/%2e%2e/%2e%2e/metadata/versions"),
+            400,
+        ),
+        ("GET", t("/metadata/instance/../versions"), 400),
+        ("GET", t("/metadata/./instance?api-version=2021-02-01"), 400),
+        ("GET", t("/metadata\\instance?api-version=2021-02-01"), 400),
+        (
+            "GET",
+            t("/metadata/identity\\oauth2\\token?resource=r"),
+            400,
+        ),
+        (
+            "GET",
+            t("/metadata/identity%5Coauth2%5Ctoken?resource=r"),
+            400,
+        ),
+        ("GET", t("//metadata/instance?api-version=2021-02-01"), 400),
+        ("GET", t("/metadata//versions"), 400),
+        (
+            "GET",
+            t("/metadata/instance%00?api-version=2021-02-01"),
+            400,
+        ),
+        ("GET", t("/metadata/versions;x=y"), 400),
+        (
+            "GET",
+            t("/metadata/instance;jsessionid=1?api-version=2021-02-01"),
+            400,
+        ),
+        ("GET", t("/metadata/v%C3%A9rsions"), 400),
+        ("GET", t("/metadata/instanc%65?api-version=2021-02-01"), 400),
+        // Token-like spellings NMI does not answer itself.
+        ("GET", t("/metadata/Identity/oauth2/token?resource=r"), 400),
+        ("GET", t("/metadata/identity/OAuth2/token?resource=r"), 400),
+        // Case variants of allowed paths: not canonical, not forwarded.
+        ("GET", t("/METADATA/instance?api-version=2021-02-01"), 404),
+        ("GET", t("/Metadata/versions"), 404),
+        (
+            "GET",
+            t("/metadata/ScheduledEvents?api-version=2020-07-01"),
+            404,
+        ),
+        (
+            "GET",
+            t("/metadata/INSTANCE/compute?api-version=2021-02-01"),
+            404,
+        ),
+        // Unknown endpoints.
+        (
+            "GET",
+            t("/metadata/loadbalancer?api-version=2020-10-01"),
+            404,
+        ),
+        ("GET", t("/metadata/identity/oauth3/token?resource=r"), 404),
+        ("GET", t("/metadata"), 404),
+        ("GET", t("/"), 404),
+        ("GET", t("/whatever"), 404),
+        // Methods.
+        (
+            "POST",
+            t("/metadata/scheduledevents?api-version=2020-07-01"),
+            405,
+        ),
+        (
+            "PUT",
+            t("/metadata/scheduledevents?api-version=2020-07-01"),
+            405,
+        ),
+        (
+            "DELETE",
+            t("/metadata/instance?api-version=2021-02-01"),
+            405,
+        ),
+        (
+            "POST",
+            t("/metadata/attested/document?api-version=2020-09-01"),
+            405,
+        ),
+        ("HEAD", t("/metadata/versions"), 405),
+    ]
+}
+
+/// Allowed requests: (method, target); each must reach IMDS unchanged.
+const ALLOWED: &[(&str, &str)] = &[
+    ("GET", "/metadata/instance?api-version=2021-02-01"),
+    (
+        "GET",
+        "/metadata/instance/compute/name?api-version=2021-02-01&format=text",
+    ),
+    ("GET", "/metadata/versions"),
+    ("GET", "/metadata/scheduledevents?api-version=2020-07-01"),
+    ("GET", "/metadata/attested/document?api-version=2020-09-01"),
+    ("GET", "/metadata/identity/info?api-version=2018-02-01"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_paths_never_reach_imds_and_allowed_ones_do() {
+    let (emu, imds) = emulator().await;
+    let nmi = nmi(imds, ProxyPolicy::default()).await;
+    let mut failures = Vec::new();
+    for (method, target, want) in hostile() {
+        let before = imds_log(&emu);
+        let (status, body) = send(nmi.addr, method, &target).await;
+        let after = imds_log(&emu);
+        let shown = String::from_utf8_lossy(&target).into_owned();
+        if after != before {
+            failures.push(format!(
+                "{method} {shown}: reached IMDS ({:?})",
+                &after[before.len()..]
+            ));
+        }
+        if status != want {
+            failures.push(format!("{method} {shown}: status {status}, want {want}"));
+        }
+        // NMI's own answer: its JSON error body (HEAD carries none).
+        if method != "HEAD" {
+            let v: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|_| panic!("{method} {shown}: not JSON: {body:?}"));
+            assert!(v.get("error").is_some(), "{method} {shown}: {v}");
+        }
+        println!("{method:6} {shown:70} -> {status} (IMDS not asked)");
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    for (method, target) in ALLOWED {
+        let before = imds_log(&emu).len();
+        let (status, _) = send(nmi.addr, method, target.as_bytes()).await;
+        let after = imds_log(&emu);
+        assert_eq!(
+            after.get(before..),
+            Some(&[(method.to_string(), target.to_string())][..]),
+            "{method} {target}: IMDS got exactly this request (status {status})"
+        );
+        println!("{method:6} {target:70} -> {status} (forwarded)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flags_block_instance_metadata_and_open_scheduled_events_post() {
+    let (emu, imds) = emulator().await;
+    let nmi = nmi(
+        imds,
+        ProxyPolicy {
+            block_instance_metadata: true,
+            allow_scheduled_events_post: true,
+        },
+    )
+    .await;
+    for target in [
+        "/metadata/instance?api-version=2021-02-01",
+        "/metadata/instance/compute?api-version=2021-02-01",
+        "/Metadata/Instance?api-version=2021-02-01",
+    ] {
+        let before = imds_log(&emu);
+        let (status, body) = send(nmi.addr, "GET", target.as_bytes()).await;
+        assert_eq!(status, 403, "{target}: {body}");
+        assert_eq!(imds_log(&emu), before, "{target} reached IMDS");
+    }
+    let target = "/metadata/scheduledevents?api-version=2020-07-01";
+    let before = imds_log(&emu).len();
+    send(nmi.addr, "POST", target.as_bytes()).await;
+    assert_eq!(
+        imds_log(&emu).get(before..),
+        Some(&[("POST".to_string(), target.to_string())][..])
+    );
+    // Only that POST: other methods and paths stay closed.
+    for (method, target) in [
+        ("PUT", "/metadata/scheduledevents"),
+        ("POST", "/metadata/versions"),
+        ("POST", "/metadata/%73cheduledevents"),
+    ] {
+        let before = imds_log(&emu);
+        let (status, _) = send(nmi.addr, method, target.as_bytes()).await;
+        assert!(matches!(status, 400 | 405), "{method} {target}: {status}");
+        assert_eq!(imds_log(&emu), before, "{method} {target} reached IMDS");
+    }
+}
