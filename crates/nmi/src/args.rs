@@ -120,6 +120,12 @@ pub struct Args {
     #[arg(long = "allow-scheduled-events-post", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
     pub allow_scheduled_events_post: bool,
 
+    /// More IMDS paths (with their sub-paths) forwarded by GET,
+    /// comma-separated, e.g. `/metadata/loadbalancer`. Each must be canonical,
+    /// under `/metadata/` and outside `/metadata/identity`.
+    #[arg(long = "proxy-allowed-paths", value_delimiter = ',', value_parser = crate::request::extra_proxy_path)]
+    pub proxy_allowed_paths: Vec<String>,
+
     /// Require `Metadata: true` on token and proxied requests.
     #[arg(long = "metadata-header-required", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
     pub metadata_header_required: bool,
@@ -322,6 +328,25 @@ mod tests {
         assert!(a.enable_scale_features);
         assert!(!a.block_instance_metadata);
         assert!(!a.allow_scheduled_events_post);
+        assert!(a.proxy_allowed_paths.is_empty());
+        let a = parse(&[
+            "--node=n",
+            "--proxy-allowed-paths=/metadata/loadbalancer/,/metadata/x",
+        ]);
+        assert_eq!(
+            a.proxy_allowed_paths,
+            ["/metadata/loadbalancer", "/metadata/x"]
+        );
+        for bad in [
+            "--proxy-allowed-paths=/metadata/identity/oauth2/token",
+            "--proxy-allowed-paths=/metadata/x,/metadata/%2e%2e",
+            "--proxy-allowed-paths=/",
+        ] {
+            assert!(
+                Args::try_parse_from(["nmi", "--node=n", bad]).is_err(),
+                "{bad}"
+            );
+        }
         assert!(a.metadata_header_required);
         assert_eq!(a.prometheus_port, 9090);
         assert_eq!(a.operation_mode, OperationMode::Standard);

@@ -255,6 +255,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             proxy: request::ProxyPolicy {
                 block_instance_metadata: args.block_instance_metadata,
                 allow_scheduled_events_post: args.allow_scheduled_events_post,
+                extra_paths: args.proxy_allowed_paths.clone(),
             },
             set_retry_after_header: args.set_retry_after_header,
             retry_attempts_for_created: args.retry_attempts_for_created,

@@ -40,6 +40,32 @@ pub struct ProxyPolicy {
     /// `--allow-scheduled-events-post`: let pods acknowledge (and so
     /// expedite) the node's scheduled events.
     pub allow_scheduled_events_post: bool,
+    /// `--proxy-allowed-paths`: more IMDS paths (and their sub-paths)
+    /// forwarded by GET, each checked by [`extra_proxy_path`].
+    pub extra_paths: Vec<String>,
+}
+
+/// Checks one `--proxy-allowed-paths` entry: a canonical path (see
+/// [`is_canonical_path`]) under `/metadata/`, outside `/metadata/identity`
+/// (tokens are NMI's to answer). Returned without a trailing `/`.
+pub fn extra_proxy_path(entry: &str) -> Result<String, String> {
+    let path = entry.trim();
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let lower = path.to_ascii_lowercase();
+    if !is_canonical_path(path) || path == "/" {
+        return Err(format!(
+            "{entry:?} is not a canonical path (segments of A-Z a-z 0-9 _ - only)"
+        ));
+    }
+    if !path.starts_with("/metadata/") {
+        return Err(format!("{entry:?} is not under /metadata/"));
+    }
+    if lower == "/metadata/identity" || lower.starts_with("/metadata/identity/") {
+        return Err(format!(
+            "{entry:?}: paths under /metadata/identity are never forwarded"
+        ));
+    }
+    Ok(path.to_owned())
 }
 
 /// Why a request is refused before any pod or identity is looked up.
@@ -140,9 +166,10 @@ pub fn route(method: &Method, path: &str, policy: &ProxyPolicy) -> Result<Route,
 ///   workloads use to prove where they run);
 /// - `GET /metadata/identity/info` (the tenant ID only, no credential).
 ///
-/// Nothing else: other IMDS endpoints (for example the load balancer's) are
-/// rarely used from pods and each would need its own review; anything with a
-/// body or another method could change the node.
+/// Nothing else by default: other IMDS endpoints (for example the load
+/// balancer's) are rarely used from pods and each would need its own review
+/// (`--proxy-allowed-paths` adds some, by GET only); anything with a body or
+/// another method could change the node.
 pub fn proxy_allowed(method: &Method, path: &str, policy: &ProxyPolicy) -> Result<(), Rejection> {
     let path = path.strip_suffix('/').unwrap_or(path);
     let instance = path == "/metadata/instance" || path.starts_with("/metadata/instance/");
@@ -153,7 +180,13 @@ pub fn proxy_allowed(method: &Method, path: &str, policy: &ProxyPolicy) -> Resul
                 | "/metadata/scheduledevents"
                 | "/metadata/attested/document"
                 | "/metadata/identity/info"
-        );
+        )
+        || policy.extra_paths.iter().any(|p| {
+            path == p
+                || path
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+        });
     if !known {
         return Err(Rejection::PathNotAllowed);
     }
@@ -468,6 +501,65 @@ mod tests {
         assert_eq!(
             route(&get, "/metadata/%73cheduledevents", &widened),
             Err(Rejection::InvalidPath)
+        );
+    }
+
+    #[test]
+    fn extra_paths_widen_by_get_only() {
+        let ok = [
+            ("/metadata/loadbalancer", "/metadata/loadbalancer"),
+            ("/metadata/loadbalancer/", "/metadata/loadbalancer"),
+            (" /metadata/THIM/amd ", "/metadata/THIM/amd"),
+        ];
+        for (entry, want) in ok {
+            assert_eq!(extra_proxy_path(entry).as_deref(), Ok(want), "{entry}");
+        }
+        for entry in [
+            "",
+            "/",
+            "/metadata",
+            "/metadata/",
+            "/other/x",
+            "metadata/x",
+            "/metadata/identity",
+            "/metadata/Identity/oauth2/token",
+            "/metadata/identity/x",
+            "/metadata/%6coadbalancer",
+            "/metadata/../x",
+            "/metadata//x",
+            "/metadata/x;y",
+            "/metadata/x\\y",
+        ] {
+            assert!(extra_proxy_path(entry).is_err(), "{entry:?}");
+        }
+        let policy = ProxyPolicy {
+            extra_paths: vec!["/metadata/loadbalancer".into()],
+            ..ProxyPolicy::default()
+        };
+        let get = Method::GET;
+        assert_eq!(
+            route(&get, "/metadata/loadbalancer", &policy),
+            Ok(Route::Proxy)
+        );
+        assert_eq!(
+            route(&get, "/metadata/loadbalancer/x", &policy),
+            Ok(Route::Proxy)
+        );
+        assert_eq!(
+            route(&get, "/metadata/loadbalancerx", &policy),
+            Err(Rejection::PathNotAllowed)
+        );
+        assert_eq!(
+            route(&get, "/metadata/LoadBalancer", &policy),
+            Err(Rejection::PathNotAllowed)
+        );
+        assert_eq!(
+            route(&get, "/metadata/loadbalancer/%2e%2e", &policy),
+            Err(Rejection::InvalidPath)
+        );
+        assert_eq!(
+            route(&Method::POST, "/metadata/loadbalancer", &policy),
+            Err(Rejection::MethodNotAllowed)
         );
     }
 

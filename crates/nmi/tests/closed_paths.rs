@@ -293,6 +293,7 @@ async fn the_flags_block_instance_metadata_and_open_scheduled_events_post() {
         ProxyPolicy {
             block_instance_metadata: true,
             allow_scheduled_events_post: true,
+            extra_paths: vec!["/metadata/loadbalancer".into()],
         },
     )
     .await;
@@ -313,15 +314,29 @@ async fn the_flags_block_instance_metadata_and_open_scheduled_events_post() {
         imds_log(&emu).get(before..),
         Some(&[("POST".to_string(), target.to_string())][..])
     );
-    // Only that POST: other methods and paths stay closed.
+    // --proxy-allowed-paths: that path by GET, nothing else.
+    let target = "/metadata/loadbalancer?api-version=2020-10-01";
+    let before = imds_log(&emu).len();
+    send(nmi.addr, "GET", target.as_bytes()).await;
+    assert_eq!(
+        imds_log(&emu).get(before..),
+        Some(&[("GET".to_string(), target.to_string())][..])
+    );
+    // Only those: other methods, spellings and paths stay closed.
     for (method, target) in [
+        ("POST", "/metadata/loadbalancer"),
+        ("GET", "/metadata/LoadBalancer"),
+        ("GET", "/metadata/loadbalancer/%2e%2e/identity/oauth2/token"),
         ("PUT", "/metadata/scheduledevents"),
         ("POST", "/metadata/versions"),
         ("POST", "/metadata/%73cheduledevents"),
     ] {
         let before = imds_log(&emu);
         let (status, _) = send(nmi.addr, method, target.as_bytes()).await;
-        assert!(matches!(status, 400 | 405), "{method} {target}: {status}");
+        assert!(
+            matches!(status, 400 | 404 | 405),
+            "{method} {target}: {status}"
+        );
         assert_eq!(imds_log(&emu), before, "{method} {target} reached IMDS");
     }
 }

@@ -124,6 +124,7 @@ fn check_route(path: &str) {
         request::ProxyPolicy {
             block_instance_metadata: true,
             allow_scheduled_events_post: true,
+            extra_paths: vec!["/metadata/loadbalancer".into()],
         },
     ];
     for policy in &policies {

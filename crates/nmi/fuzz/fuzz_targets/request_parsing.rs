@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         let policy = request::ProxyPolicy {
             block_instance_metadata: block,
             allow_scheduled_events_post: block,
+            extra_paths: Vec::new(),
         };
         let route = request::route(&http::Method::GET, path, &policy);
         if let Ok(Route::Proxy) = route {
