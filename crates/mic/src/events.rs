@@ -2,8 +2,10 @@
 //! reported by component `aadpodidentity.k8s.io`. Best effort: a failed
 //! Event is logged and never holds up the cycle.
 
+use std::time::Duration;
+
+use aadpodid_runtime::events::{EventPublisher, Severity};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 
 pub const REASON_BINDING_APPLIED: &str = "binding applied";
@@ -23,47 +25,34 @@ pub const REASON_CLIENT_ID_MISMATCH: &str = crate::guard::REASON_CLIENT_ID_MISMA
 /// VMSS/VM before MIC) is not served without `--serve-cluster-identities`.
 pub const REASON_CLUSTER_IDENTITY_REFUSED: &str = crate::guard::REASON_CLUSTER_IDENTITY;
 
-#[derive(Clone)]
+/// MIC's Events: the shared publisher with no throttling (each cycle reports
+/// a warning once already) and upstream's action.
+#[derive(Clone, Debug)]
 pub struct Events {
-    recorder: Recorder,
-}
-
-impl std::fmt::Debug for Events {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Events")
-    }
+    publisher: EventPublisher,
 }
 
 impl Events {
     pub fn new(client: Client, instance: &str) -> Self {
-        let reporter = Reporter {
-            controller: aadpodid_api::EVENT_SOURCE_COMPONENT.into(),
-            instance: Some(instance.into()),
-        };
         Events {
-            recorder: Recorder::new(client, reporter),
+            publisher: EventPublisher::new(
+                client,
+                aadpodid_api::EVENT_SOURCE_COMPONENT,
+                Some(instance.into()),
+            )
+            .with_min_interval(Duration::ZERO),
         }
     }
 
     /// Publishes in the background.
     pub fn publish(&self, warning: bool, reason: &str, note: String, regarding: ObjectReference) {
-        let recorder = self.recorder.clone();
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Sync".into(),
-            secondary: None,
+        let severity = if warning {
+            Severity::Warning
+        } else {
+            Severity::Normal
         };
-        tokio::spawn(async move {
-            if let Err(error) = recorder.publish(&event, &regarding).await {
-                tracing::debug!(%error, reason = %event.reason, "publishing an event");
-            }
-        });
+        self.publisher
+            .publish(severity, reason, "Sync", &note, regarding);
     }
 }
 

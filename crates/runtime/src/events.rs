@@ -60,6 +60,10 @@ impl Throttle {
     /// Whether an Event with `reason` about `regarding` may be published at
     /// `now`; if so, remembers it.
     pub fn admit(&mut self, regarding: &ObjectReference, reason: &str, now: Instant) -> bool {
+        if self.min_interval.is_zero() {
+            // No throttling: nothing to remember.
+            return true;
+        }
         let key = (object_key(regarding), reason.to_string());
         if let Some(at) = self.last.get(&key)
             && now.saturating_duration_since(*at) < self.min_interval
@@ -307,6 +311,16 @@ mod tests {
             assert!(t.admit(&r(Some(&uid), "a"), "x", t0));
         }
         assert!(t.last.len() <= MAX_REMEMBERED);
+    }
+
+    #[test]
+    fn a_zero_interval_admits_everything_and_remembers_nothing() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(Duration::ZERO);
+        for _ in 0..3 {
+            assert!(t.admit(&r(Some("u1"), "a"), "x", t0));
+        }
+        assert!(t.last.is_empty());
     }
 
     #[test]
