@@ -2,7 +2,7 @@
 # Installs what the tests and the local demo need on a fresh Debian machine
 # (run as root; the network may be limited to package registries):
 #   - Debian packages: openssl, util-linux (setpriv, flock), git, iproute2,
-#     python3 + venv, iptables, curl
+#     python3 + venv, iptables, curl, conntrack
 #   - the test-cluster binaries (kube-apiserver, kubectl, etcd) built from their
 #     Go modules by tests/cluster/build.sh: about 10-15 minutes the first time,
 #     then cached under $HOME/.cache/aadpodid/cluster
@@ -18,7 +18,7 @@ step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)" >&2; }
 
 step "system packages"
 missing=()
-for pair in openssl:openssl setpriv:util-linux flock:util-linux git:git ip:iproute2 python3:python3 iptables:iptables curl:curl; do
+for pair in openssl:openssl setpriv:util-linux flock:util-linux git:git ip:iproute2 python3:python3 iptables:iptables curl:curl conntrack:conntrack; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

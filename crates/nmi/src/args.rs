@@ -31,6 +31,51 @@ fn go_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// A taint key as Kubernetes validates it (a qualified name: an optional
+/// DNS-subdomain prefix and `/`, then 1-63 characters of `[A-Za-z0-9._-]`
+/// starting and ending with an alphanumeric), or empty for "off".
+pub fn taint_key(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    let bad = || {
+        format!(
+            "invalid taint key {s:?}: want [prefix/]name, name 1-63 of [A-Za-z0-9._-] starting and ending alphanumeric"
+        )
+    };
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let edge_ok = |t: &str| {
+        t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && t.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+    };
+    if name.is_empty()
+        || name.len() > 63
+        || !edge_ok(name)
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(bad());
+    }
+    if let Some(p) = prefix
+        && (p.is_empty()
+            || p.len() > 253
+            || !p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && edge_ok(l)
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            }))
+    {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
 fn operation_mode(s: &str) -> Result<OperationMode, String> {
     // Upstream lower-cases the value before comparing.
     match s.to_ascii_lowercase().as_str() {
@@ -254,6 +299,41 @@ pub struct Args {
     /// This pod's namespace (downward API `POD_NAMESPACE`), for `--cleanup-on-uninstall`.
     #[arg(long = "pod-namespace", default_value = "", env = "POD_NAMESPACE")]
     pub pod_namespace: String,
+
+    /// Most connections the token service holds open at once; a connection
+    /// over the cap is closed as soon as it is accepted.
+    #[arg(long = "max-connections", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// Most connections one source IP (one pod, or the node itself) holds
+    /// open at once; over the cap, a new connection is closed at once.
+    #[arg(long = "max-connections-per-ip", default_value = "32", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections_per_ip: u32,
+
+    /// Most distinct token fetches one pod may have waiting for the node's
+    /// IMDS budget; over it the request gets 429 with `Retry-After`.
+    #[arg(long = "max-pending-fetches-per-pod", default_value = "16", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_pending_fetches_per_pod: u32,
+
+    /// Most (identity, resource) entries in the token cache.
+    #[arg(long = "max-cached-tokens", default_value = "4096", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_cached_tokens: u32,
+
+    /// Longest a request waits, after a start or restart, for NMI's caches
+    /// to finish their first sync before it gets 503 with `Retry-After`.
+    #[arg(long = "first-sync-wait-sec", default_value = "20", value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub first_sync_wait_sec: u64,
+
+    /// The `conntrack` program run by `--enable-conntrack-deletion`.
+    #[arg(long = "conntrack-path", default_value = "conntrack")]
+    pub conntrack_path: PathBuf,
+
+    /// A taint key (for example `aadpodidentity.k8s.io/nmi-not-ready`) that
+    /// NMI removes from its own Node, whatever the effect, once its redirect
+    /// is in place and its caches have synced. Empty: off. Set the taint on
+    /// the node pool at creation so no pod runs there before NMI is ready.
+    #[arg(long = "node-startup-taint", default_value = "", value_parser = taint_key)]
+    pub node_startup_taint: String,
 }
 
 impl Args {
@@ -361,6 +441,42 @@ mod tests {
         assert!(a.immutable_client_ids().is_empty());
         assert_eq!(a.cloudconfig, "");
         assert!(!a.serve_cluster_identities);
+    }
+
+    #[test]
+    fn hardening_flags_parse_and_are_bounded() {
+        let a = parse(&[]);
+        assert_eq!(a.max_connections, 1024);
+        assert_eq!(a.max_connections_per_ip, 32);
+        assert_eq!(a.max_pending_fetches_per_pod, 16);
+        assert_eq!(a.max_cached_tokens, 4096);
+        assert_eq!(a.first_sync_wait_sec, 20);
+        assert_eq!(a.conntrack_path, PathBuf::from("conntrack"));
+        assert_eq!(a.node_startup_taint, "");
+        let a = parse(&[
+            "--max-connections=10",
+            "--max-connections-per-ip=2",
+            "--node-startup-taint=aadpodidentity.k8s.io/nmi-not-ready",
+        ]);
+        assert_eq!((a.max_connections, a.max_connections_per_ip), (10, 2));
+        assert_eq!(a.node_startup_taint, "aadpodidentity.k8s.io/nmi-not-ready");
+        for bad in [
+            "--max-connections=0",
+            "--max-connections-per-ip=0",
+            "--max-pending-fetches-per-pod=0",
+            "--max-cached-tokens=0",
+            "--first-sync-wait-sec=301",
+            "--node-startup-taint=/x",
+            "--node-startup-taint=Bad.Prefix/x",
+            "--node-startup-taint=a/b/c",
+            "--node-startup-taint=-x",
+            "--node-startup-taint=x:NoSchedule",
+        ] {
+            assert!(Args::try_parse_from(["nmi", bad]).is_err(), "{bad}");
+        }
+        for good in ["nmi-not-ready", "example.com/nmi_not.ready", "a"] {
+            assert_eq!(taint_key(good).as_deref(), Ok(good));
+        }
     }
 
     #[test]
