@@ -75,6 +75,33 @@ default
 {{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "aad-pod-identity.mic.serviceAccountName" .) -}}
 {{- end -}}
 
+{{/* The ServiceAccount NMI's pods run as: the chart's own, or the namespace's
+"default" when rbac.enabled is false. */}}
+{{- define "aad-pod-identity.nmi.serviceAccountName" -}}
+{{- if .Values.rbac.enabled -}}
+{{- include "aad-pod-identity.nmi.fullname" . -}}
+{{- else -}}
+default
+{{- end -}}
+{{- end -}}
+
+{{/* The user name the apiserver gives NMI's requests. */}}
+{{- define "aad-pod-identity.nmi.username" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "aad-pod-identity.nmi.serviceAccountName" .) -}}
+{{- end -}}
+
+{{/* nmi.startupTaint.key when nmi.startupTaint.enabled, else empty. */}}
+{{- define "aad-pod-identity.nmi.startupTaintKey" -}}
+{{- with .Values.nmi.startupTaint -}}
+{{- if .enabled -}}
+{{- if not .key -}}
+{{- fail "nmi.startupTaint.key must name the taint NMI removes when nmi.startupTaint.enabled is true" -}}
+{{- end -}}
+{{- .key -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* identityPolicy.mode, checked: off, warn or enforce. */}}
 {{- define "aad-pod-identity.policyMode" -}}
 {{- $mode := toString .Values.identityPolicy.mode -}}
@@ -113,8 +140,25 @@ lines (used when rbac.allowAccessToSecrets is null). */}}
 {{- end }}
 {{- end -}}
 
+{{/* A number value as the flag wants it: Helm reads numbers from values files
+as float64, which would print 1000000 as 1e+06. Empty for "" and null. */}}
+{{- define "aad-pod-identity.wholeNumber" -}}
+{{- if kindIs "float64" . -}}
+{{- if eq (. | int64 | float64) . -}}{{ . | int64 }}{{- else -}}{{ . }}{{- end -}}
+{{- else if not (kindIs "invalid" .) -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Checks of values a schema cannot express. */}}
 {{- define "aad-pod-identity.validate" -}}
+{{- range $key, $bounds := dict "maxConnections" (list 1 65536) "maxConnectionsPerIP" (list 1 65536) "maxPendingFetchesPerPod" (list 1 4096) "maxCachedTokens" (list 1 1000000) "firstSyncWaitSec" (list 0 300) }}
+{{- $v := include "aad-pod-identity.wholeNumber" (index $.Values.nmi $key) }}
+{{- if ne $v "" }}
+{{- if not (regexMatch "^[0-9]+$" $v) }}{{ fail (printf "nmi.%s must be a whole number from %d to %d, not %q" $key (index $bounds 0) (index $bounds 1) $v) }}{{ end }}
+{{- if or (lt (atoi $v) (index $bounds 0)) (gt (atoi $v) (index $bounds 1)) }}{{ fail (printf "nmi.%s must be from %d to %d, not %s" $key (index $bounds 0) (index $bounds 1) $v) }}{{ end }}
+{{- end }}
+{{- end }}
 {{- range $key, $id := .Values.azureIdentities }}
 {{- if not $id.clientID }}{{ fail (printf "azureIdentities.%s.clientID is required" $key) }}{{ end }}
 {{- if and (eq (int $id.type) 0) (not $id.resourceID) }}{{ fail (printf "azureIdentities.%s.resourceID is required for type 0" $key) }}{{ end }}
