@@ -151,6 +151,14 @@ pub enum IptablesError {
     /// Writing the route_localnet sysctl failed.
     #[error("setting net.ipv4.conf.all.route_localnet=1: {0}")]
     RouteLocalnet(std::io::Error),
+    /// route_localnet is 0, the target is loopback and `/proc/sys` is
+    /// read-only: what is wrong and the two fixes.
+    #[error("{0}")]
+    RouteLocalnetReadOnly(String),
+    /// Deleting the conntrack entries of connections opened before the
+    /// redirect failed (`--enable-conntrack-deletion`).
+    #[error(transparent)]
+    Conntrack(#[from] crate::conntrack::ConntrackError),
 }
 
 /// The parts of the nat table NMI looks at.
@@ -167,6 +175,8 @@ struct Tables {
 pub struct Runner {
     program: PathBuf,
     prefix: Vec<String>,
+    /// `--enable-conntrack-deletion`: run after every sync that changed rules.
+    conntrack: Option<crate::conntrack::Conntrack>,
 }
 
 /// Seconds to wait for the xtables lock (`-w`): kube-proxy and CNI plugins
@@ -179,6 +189,7 @@ impl Runner {
         Runner {
             program: program.into(),
             prefix: Vec::new(),
+            conntrack: None,
         }
     }
 
@@ -187,7 +198,40 @@ impl Runner {
         Runner {
             program: program.into(),
             prefix: prefix.iter().map(|s| s.to_string()).collect(),
+            conntrack: None,
         }
+    }
+
+    /// After every [`Runner::sync`] that changed rules, deletes the
+    /// conntrack entries of connections to the metadata address that are not
+    /// redirected (see [`crate::conntrack`]).
+    pub fn with_conntrack(mut self, conntrack: crate::conntrack::Conntrack) -> Self {
+        self.conntrack = Some(conntrack);
+        self
+    }
+
+    /// Deletes the conntrack entries of not-redirected connections to
+    /// `redirect`'s metadata address, when conntrack deletion is on; returns
+    /// how many (`None`: off).
+    pub async fn cut_old_connections(
+        &self,
+        redirect: &Redirect,
+    ) -> Result<Option<u64>, IptablesError> {
+        let Some(ct) = &self.conntrack else {
+            return Ok(None);
+        };
+        let n = ct
+            .delete_to(redirect.metadata_ip, redirect.metadata_port)
+            .await?;
+        if n > 0 {
+            tracing::warn!(
+                deleted = n,
+                "cut connections to {}:{} opened before the redirect",
+                redirect.metadata_ip,
+                redirect.metadata_port
+            );
+        }
+        Ok(Some(n))
     }
 
     async fn run(&self, args: &[String]) -> Result<String, IptablesError> {
@@ -235,11 +279,16 @@ impl Runner {
     }
 
     /// Brings the rules in line with `redirect`; returns the actions taken.
+    /// When it changed anything and conntrack deletion is on
+    /// ([`Runner::with_conntrack`]), then cuts connections opened before.
     pub async fn sync(&self, redirect: &Redirect) -> Result<Vec<Action>, IptablesError> {
         let t = self.list_table().await?;
         let actions = plan(redirect, t.chain.as_deref(), &t.prerouting);
         for a in &actions {
             self.run(&a.args()).await?;
+        }
+        if !actions.is_empty() {
+            self.cut_old_connections(redirect).await?;
         }
         Ok(actions)
     }
@@ -259,15 +308,117 @@ impl Runner {
     }
 }
 
-/// Sets `net.ipv4.conf.all.route_localnet=1` in the caller's network
-/// namespace: without it the kernel drops packets DNATed from a pod interface
-/// to 127.0.0.1 (netns-recipe.md). Upstream relied on kube-proxy having set it.
-pub fn enable_route_localnet() -> Result<(), IptablesError> {
-    const PATH: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
-    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
-        return Ok(());
+/// Where the kernel keeps `net.ipv4.conf.all.route_localnet` (per network
+/// namespace: the reader's).
+pub const ROUTE_LOCALNET_PATH: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+
+/// The chart value that runs a privileged init container setting
+/// route_localnet=1 before NMI starts.
+pub const CHART_INIT_CONTAINER_VALUE: &str = "nmi.routeLocalnetInitContainer=true";
+
+/// What to do about `route_localnet` at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalnetStep {
+    /// The DNAT target is not loopback: the setting does not matter.
+    NotNeeded,
+    /// It is 1 already.
+    AlreadyOn,
+    /// Write 1 (`--set-route-localnet`, and it is 0 or unreadable).
+    Write,
+    /// It is 0 and `--set-route-localnet=false`: the redirect cannot work;
+    /// say so and go on (something else may set it later).
+    WarnOff,
+    /// Unreadable and `--set-route-localnet=false`: say it cannot be checked.
+    WarnUnknown,
+}
+
+/// The decision: `needed` is [`Redirect::needs_route_localnet`], `set` is
+/// `--set-route-localnet`, `current` what the file says (`None`: unreadable).
+pub fn localnet_step(needed: bool, set: bool, current: Option<bool>) -> LocalnetStep {
+    match (needed, current, set) {
+        (false, _, _) => LocalnetStep::NotNeeded,
+        (true, Some(true), _) => LocalnetStep::AlreadyOn,
+        (true, _, true) => LocalnetStep::Write,
+        (true, Some(false), false) => LocalnetStep::WarnOff,
+        (true, None, false) => LocalnetStep::WarnUnknown,
     }
-    std::fs::write(PATH, "1").map_err(IptablesError::RouteLocalnet)
+}
+
+/// Whether a failed write means `/proc/sys` is not writable here (a
+/// container without privileges: read-only mount, or no permission), as
+/// opposed to some other failure.
+pub fn is_read_only(error: &std::io::Error) -> bool {
+    const EPERM: i32 = 1;
+    const EACCES: i32 = 13;
+    const EROFS: i32 = 30;
+    matches!(error.raw_os_error(), Some(EPERM | EACCES | EROFS))
+        || error.kind() == std::io::ErrorKind::PermissionDenied
+}
+
+/// The message for route_localnet=0 with a loopback target; `why` says what
+/// went wrong (the write error, or the flag that forbade writing).
+pub fn localnet_message(target: IpAddr, port: u16, why: &str) -> String {
+    format!(
+        "net.ipv4.conf.all.route_localnet is 0 in NMI's network namespace and {why}. \
+         Without it the kernel drops the pod traffic that the redirect sends to {target}:{port}, \
+         so no pod on this node can reach NMI (requests to 169.254.169.254 time out). \
+         Fix it in one of two ways: (1) set it to 1 before NMI starts: with the Helm chart, \
+         {CHART_INIT_CONTAINER_VALUE} (a small privileged init container runs \
+         `echo 1 > {ROUTE_LOCALNET_PATH}`); or (2) bind NMI to the node's IP instead of \
+         loopback (--nmi-listen-address=<node IP>, the chart's NMI listen-address value), \
+         which needs no route_localnet"
+    )
+}
+
+/// Applies [`localnet_step`] in the caller's network namespace: reads
+/// [`ROUTE_LOCALNET_PATH`] and writes 1 when needed and allowed. A write
+/// refused because `/proc/sys` is read-only is
+/// [`IptablesError::RouteLocalnetReadOnly`], with [`localnet_message`];
+/// `--set-route-localnet=false` with 0 is logged as an error and NMI goes on.
+pub fn ensure_route_localnet(redirect: &Redirect, set: bool) -> Result<(), IptablesError> {
+    let current = std::fs::read_to_string(ROUTE_LOCALNET_PATH)
+        .ok()
+        .map(|v| v.trim() != "0");
+    match localnet_step(redirect.needs_route_localnet(), set, current) {
+        LocalnetStep::NotNeeded | LocalnetStep::AlreadyOn => Ok(()),
+        LocalnetStep::Write => match std::fs::write(ROUTE_LOCALNET_PATH, "1") {
+            Ok(()) => {
+                tracing::info!(
+                    "set net.ipv4.conf.all.route_localnet=1 (the redirect targets loopback)"
+                );
+                Ok(())
+            }
+            Err(e) if is_read_only(&e) => {
+                Err(IptablesError::RouteLocalnetReadOnly(localnet_message(
+                    redirect.target_ip,
+                    redirect.target_port,
+                    &format!(
+                        "NMI cannot set it to 1: writing {ROUTE_LOCALNET_PATH} failed ({e}): /proc/sys is read-only here, as in a container without privileges"
+                    ),
+                )))
+            }
+            Err(e) => Err(IptablesError::RouteLocalnet(e)),
+        },
+        LocalnetStep::WarnOff => {
+            tracing::error!(
+                "{}",
+                localnet_message(
+                    redirect.target_ip,
+                    redirect.target_port,
+                    "--set-route-localnet=false forbids NMI to set it: the redirect cannot work until something sets it to 1"
+                )
+            );
+            Ok(())
+        }
+        LocalnetStep::WarnUnknown => {
+            tracing::warn!(
+                "cannot read {ROUTE_LOCALNET_PATH} and --set-route-localnet=false: if it is 0 the redirect to {}:{} cannot work",
+                redirect.target_ip,
+                redirect.target_port
+            );
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +537,62 @@ mod tests {
         ];
         for (name, chain, pre, want) in cases {
             assert_eq!(plan(&r, chain.as_deref(), &pre), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn route_localnet_steps() {
+        use LocalnetStep::*;
+        let cases = [
+            // (needed, --set-route-localnet, current, step)
+            (false, true, Some(false), NotNeeded),
+            (false, false, None, NotNeeded),
+            (true, true, Some(true), AlreadyOn),
+            (true, false, Some(true), AlreadyOn),
+            (true, true, Some(false), Write),
+            (true, true, None, Write),
+            (true, false, Some(false), WarnOff),
+            (true, false, None, WarnUnknown),
+        ];
+        for (needed, set, current, want) in cases {
+            assert_eq!(
+                localnet_step(needed, set, current),
+                want,
+                "needed={needed} set={set} current={current:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn read_only_proc_sys_is_recognised() {
+        use std::io::{Error, ErrorKind};
+        for (e, want) in [
+            (Error::from_raw_os_error(30), true), // EROFS
+            (Error::from_raw_os_error(13), true), // EACCES
+            (Error::from_raw_os_error(1), true),  // EPERM
+            (Error::from(ErrorKind::PermissionDenied), true),
+            (Error::from_raw_os_error(2), false), // ENOENT
+            (Error::from_raw_os_error(5), false), // EIO
+        ] {
+            assert_eq!(is_read_only(&e), want, "{e}");
+        }
+    }
+
+    #[test]
+    fn route_localnet_message_names_the_problem_and_both_fixes() {
+        let m = localnet_message(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            2579,
+            "NMI cannot set it to 1: read-only",
+        );
+        for part in [
+            "net.ipv4.conf.all.route_localnet is 0",
+            "127.0.0.1:2579",
+            "nmi.routeLocalnetInitContainer=true",
+            "--nmi-listen-address=<node IP>",
+            "/proc/sys/net/ipv4/conf/all/route_localnet",
+        ] {
+            assert!(m.contains(part), "{part} missing from: {m}");
         }
     }
 

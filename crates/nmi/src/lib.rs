@@ -14,6 +14,7 @@
 pub mod aad;
 pub mod args;
 pub mod cluster;
+pub mod conntrack;
 pub mod http_client;
 pub mod index;
 pub mod iptables;
@@ -24,6 +25,7 @@ pub mod secret;
 pub mod select;
 pub mod server;
 pub mod sp;
+pub mod taint;
 pub mod token;
 pub mod uninstall;
 pub mod watch;
@@ -143,11 +145,6 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     }
     if args.enable_profile {
         tracing::warn!("--enableProfile is accepted but this NMI serves no pprof");
-    }
-    if args.enable_conntrack_deletion {
-        tracing::warn!(
-            "--enable-conntrack-deletion is not implemented; existing connections to IMDS are not cut"
-        );
     }
     let user_agent = if args.custom_user_agent.is_empty() {
         format!("aad-pod-identity/NMI/{}", env!("CARGO_PKG_VERSION"))
@@ -284,13 +281,43 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     tracing::info!(%token_addr, node = %args.node, "token service listening");
 
     // The first sync must succeed (upstream exits too); later failures are
-    // logged and retried at the next interval.
-    if args.set_route_localnet && redirect.needs_route_localnet() {
-        iptables::enable_route_localnet()?;
-    }
+    // logged and retried at the next interval. So must, with
+    // --enable-conntrack-deletion, the first cut of connections opened
+    // before the redirect (NMI exits rather than run with a window it was
+    // asked to close), and route_localnet when the redirect needs it (a
+    // read-only /proc/sys is named with its fixes). The rules go in first,
+    // so even when NMI then exits, pods are refused rather than reach IMDS.
+    let runner = if args.enable_conntrack_deletion {
+        runner.with_conntrack(conntrack::Conntrack::new(&args.conntrack_path))
+    } else {
+        runner
+    };
     let actions = runner.sync(&redirect).await?;
-    tracing::info!(?actions, "iptables in place");
+    if actions.is_empty() {
+        // The rules were there already (fail-closed across restarts); cut
+        // anyway, in case they were missing a moment before NMI started.
+        runner.cut_old_connections(&redirect).await?;
+    }
+    tracing::info!(
+        ?actions,
+        conntrack_deletion = args.enable_conntrack_deletion,
+        "iptables in place"
+    );
+    iptables::ensure_route_localnet(&redirect, args.set_route_localnet)?;
     let ipt_synced = Arc::new(std::sync::atomic::AtomicBool::new(true));
+
+    // --node-startup-taint: off the Node once the redirect is in place (it
+    // is, from here on) and every watch has synced. Never blocks serving.
+    if !args.node_startup_taint.is_empty() {
+        let synced = synced.clone();
+        tokio::spawn(taint::remove_when_ready(
+            client.clone(),
+            args.node.clone(),
+            args.node_startup_taint.clone(),
+            move || synced.all(),
+            shutdown.clone(),
+        ));
+    }
 
     // Readiness: Active once iptables is in place and every watch has listed.
     {
