@@ -15,9 +15,11 @@ pub mod aad;
 pub mod args;
 pub mod cluster;
 pub mod conntrack;
+pub mod fair;
 pub mod http_client;
 pub mod index;
 pub mod iptables;
+pub mod limits;
 pub mod metrics;
 pub mod request;
 pub mod response;
@@ -235,7 +237,12 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
 
     let server = Arc::new(server::Server {
         state: Arc::clone(&state),
-        cache: token::TokenCache::new(imds).with_cluster_identities(cluster),
+        cache: token::TokenCache::new(imds)
+            .with_cluster_identities(cluster)
+            .with_bounds(
+                args.max_pending_fetches_per_pod as usize,
+                args.max_cached_tokens as usize,
+            ),
         sp: sp::ServicePrincipals::new(
             Some(client.clone()),
             aad,
@@ -261,6 +268,12 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             mic_namespace: args.mic_namespace.clone(),
             mic_service_accounts: args.mic_service_accounts.clone(),
             metadata_addr: SocketAddr::new(args.metadata_ip.into(), args.metadata_port),
+            limits: server::Limits {
+                max_connections: args.max_connections,
+                max_connections_per_ip: args.max_connections_per_ip,
+                first_sync_wait: Duration::from_secs(args.first_sync_wait_sec),
+                ..Default::default()
+            },
         },
         metrics,
         events: aadpodid_runtime::events::EventPublisher::new(
@@ -272,6 +285,10 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
                 args.pod_name.clone()
             }),
         ),
+        first_sync: {
+            let synced = synced.clone();
+            server::FirstSync::polling(move || synced.all(), shutdown.clone())
+        },
     });
     tokio::spawn(server::serve(
         token_listener,

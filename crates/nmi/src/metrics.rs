@@ -1,8 +1,17 @@
 //! NMI's Prometheus metrics with upstream's exact names (no `_total` suffix;
-//! shared/research/aad-pod-identity.md §2.8), and one of its own in the same
-//! style: `aadpodidentity_nmi_identity_refused_count`.
+//! shared/research/aad-pod-identity.md §2.8), and some of its own in the same
+//! style: `aadpodidentity_nmi_identity_refused_count`, the refusals of the
+//! bounds (`aadpodidentity_nmi_connections_refused_count`,
+//! `aadpodidentity_nmi_requests_refused_count`) and gauges of what NMI holds.
+//! Every label has a bounded set of values: constants, namespaces of pods on
+//! the node, and at most [`MAX_RESOURCE_LABELS`] distinct `resource` values.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The metrics and their registry.
 #[derive(Clone, Debug)]
@@ -21,7 +30,41 @@ pub struct Metrics {
     /// token requests refused because of the AzureIdentity itself
     /// (`namespace` is the AzureIdentity's; `reason` one of the `REFUSED_*`).
     pub identity_refused: IntCounterVec,
+    /// `aadpodidentity_nmi_connections_refused_count{reason}`: connections
+    /// closed at once because of `--max-connections` (`max_connections`) or
+    /// `--max-connections-per-ip` (`max_connections_per_ip`).
+    pub connections_refused: IntCounterVec,
+    /// `aadpodidentity_nmi_requests_refused_count{reason}`: requests refused
+    /// by a bound (`reason` one of the `REQUEST_REFUSED_*`).
+    pub requests_refused: IntCounterVec,
+    /// `aadpodidentity_nmi_connections`: open connections.
+    pub connections: IntGauge,
+    /// `aadpodidentity_nmi_token_cache_entries`: entries in the token cache.
+    pub token_cache_entries: IntGauge,
+    /// `aadpodidentity_nmi_imds_fetches{state}`: IMDS calls `waiting` for a
+    /// start slot and `in_flight`.
+    pub imds_fetches: IntGaugeVec,
+    resource_labels: Arc<Mutex<HashSet<String>>>,
 }
+
+/// Distinct `resource` label values kept; later ones are reported as
+/// [`RESOURCE_LABEL_OTHER`], so a pod asking for endless distinct resources
+/// cannot grow the metrics without bound.
+pub const MAX_RESOURCE_LABELS: usize = 256;
+/// The `resource` label beyond [`MAX_RESOURCE_LABELS`].
+pub const RESOURCE_LABEL_OTHER: &str = "other";
+
+/// `reason`: a token request (or proxied GET) declared a body, or a forwarded
+/// body was too large.
+pub const REQUEST_REFUSED_BODY: &str = "body";
+/// `reason`: a forwarded body did not arrive in time.
+pub const REQUEST_REFUSED_BODY_TIMEOUT: &str = "body_timeout";
+/// `reason`: the pod already had `--max-pending-fetches-per-pod` IMDS calls
+/// waiting (answered 429).
+pub const REQUEST_REFUSED_PENDING_FETCHES: &str = "pending_fetches";
+/// `reason`: the caches did not sync within `--first-sync-wait-sec`
+/// (answered 503).
+pub const REQUEST_REFUSED_FIRST_SYNC: &str = "first_sync";
 
 /// `reason` when the AzureIdentity's `clientID` is not the client ID of the
 /// identity IMDS returns for its `resourceID`.
@@ -88,6 +131,40 @@ impl Metrics {
         )?;
         registry.register(Box::new(kubernetes_errors.clone()))?;
         registry.register(Box::new(identity_refused.clone()))?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "aadpodidentity_nmi_connections_refused_count",
+                "Count of connections closed at once because too many were open, in all or from the address",
+            ),
+            &["reason"],
+        )?;
+        let requests_refused = IntCounterVec::new(
+            Opts::new(
+                "aadpodidentity_nmi_requests_refused_count",
+                "Count of requests refused by a bound (declared body, pending IMDS calls per pod, first sync)",
+            ),
+            &["reason"],
+        )?;
+        let connections = IntGauge::new(
+            "aadpodidentity_nmi_connections",
+            "Open connections to the token service",
+        )?;
+        let token_cache_entries = IntGauge::new(
+            "aadpodidentity_nmi_token_cache_entries",
+            "Entries in the token cache",
+        )?;
+        let imds_fetches = IntGaugeVec::new(
+            Opts::new(
+                "aadpodidentity_nmi_imds_fetches",
+                "IMDS token calls waiting for a start slot or in flight",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(requests_refused.clone()))?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(token_cache_entries.clone()))?;
+        registry.register(Box::new(imds_fetches.clone()))?;
         Ok(Metrics {
             registry,
             nmi_operations,
@@ -95,7 +172,46 @@ impl Metrics {
             imds_errors,
             kubernetes_errors,
             identity_refused,
+            connections_refused,
+            requests_refused,
+            connections,
+            token_cache_entries,
+            imds_fetches,
+            resource_labels: Arc::default(),
         })
+    }
+
+    /// The `resource` label for `resource`: itself while fewer than
+    /// [`MAX_RESOURCE_LABELS`] distinct values were seen (or it is one of
+    /// them), else [`RESOURCE_LABEL_OTHER`]. Empty stays empty.
+    pub fn resource_label(&self, resource: &str) -> String {
+        if resource.is_empty() {
+            return String::new();
+        }
+        let mut seen = self
+            .resource_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if seen.contains(resource) {
+            return resource.to_string();
+        }
+        if seen.len() < MAX_RESOURCE_LABELS {
+            seen.insert(resource.to_string());
+            return resource.to_string();
+        }
+        RESOURCE_LABEL_OTHER.to_string()
+    }
+
+    /// Sets the gauges of what the token path holds.
+    pub fn set_load(&self, cache_entries: usize, waiting: usize, in_flight: usize) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.token_cache_entries.set(gauge(cache_entries));
+        self.imds_fetches
+            .with_label_values(&["waiting"])
+            .set(gauge(waiting));
+        self.imds_fetches
+            .with_label_values(&["in_flight"])
+            .set(gauge(in_flight));
     }
 }
 
@@ -121,6 +237,13 @@ mod tests {
         m.identity_refused
             .with_label_values(&["ns", REFUSED_CLIENT_ID_MISMATCH])
             .inc();
+        m.connections_refused
+            .with_label_values(&["max_connections_per_ip"])
+            .inc();
+        m.requests_refused
+            .with_label_values(&[REQUEST_REFUSED_BODY])
+            .inc();
+        m.set_load(1, 2, 3);
         let mut names: Vec<String> = m
             .registry
             .gather()
@@ -134,9 +257,31 @@ mod tests {
                 "aadpodidentity_imds_operations_duration_seconds",
                 "aadpodidentity_imds_operations_errors_count",
                 "aadpodidentity_kubernetes_api_operations_errors_count",
+                "aadpodidentity_nmi_connections",
+                "aadpodidentity_nmi_connections_refused_count",
                 "aadpodidentity_nmi_identity_refused_count",
+                "aadpodidentity_nmi_imds_fetches",
                 "aadpodidentity_nmi_operations_duration_seconds",
+                "aadpodidentity_nmi_requests_refused_count",
+                "aadpodidentity_nmi_token_cache_entries",
             ]
         );
+    }
+
+    #[test]
+    fn resource_labels_are_bounded() {
+        let m = Metrics::new().unwrap();
+        assert_eq!(m.resource_label(""), "");
+        for i in 0..MAX_RESOURCE_LABELS {
+            let r = format!("https://r{i}");
+            assert_eq!(m.resource_label(&r), r);
+        }
+        assert_eq!(m.resource_label("https://one-more"), RESOURCE_LABEL_OTHER);
+        assert_eq!(
+            m.resource_label("https://r0"),
+            "https://r0",
+            "known values stay"
+        );
+        assert_eq!(m.resource_label(""), "");
     }
 }

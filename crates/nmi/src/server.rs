@@ -1,6 +1,21 @@
 //! The token service: routes → request parsing → pod lookup → selection →
-//! token → response. Thin: every decision is in `request`, `index`, `select`
-//! and `response`.
+//! token → response. Thin: every decision is in `request`, `index`, `select`,
+//! `response`, `limits` and `fair`.
+//!
+//! **Bounded.** Connections: at most `--max-connections` in all and
+//! `--max-connections-per-ip` from one address (others are closed at once);
+//! one descriptor each; a request head must arrive within
+//! [`Limits::header_read_timeout`], which also closes a keep-alive
+//! connection that sends no next request; a connection takes no new request
+//! after [`Limits::max_connection_age`]. Requests: heads of at most 64 KiB;
+//! a token request (or a proxied GET) declaring a body is answered 400 at
+//! once and its connection closed, without reading the body; a forwarded
+//! POST body is at most 64 KiB and must arrive within
+//! [`Limits::body_read_timeout`]. A caller that goes away cancels its
+//! request (hyper sees the end of the stream and drops the handler), and
+//! with it its place in the IMDS queue. Memory is thus bounded by the
+//! connection caps times one request each, plus the token cache's bound
+//! ([`crate::token`]), and returns to its resting size when callers stop.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,11 +38,14 @@ use aadpodid_runtime::Shutdown;
 use aadpodid_runtime::events::{self, EventPublisher, Severity};
 
 use crate::args::OperationMode;
+use crate::fair::RequesterKey;
 use crate::http_client;
 use crate::index::{Index, PodEntry, PodLookup};
+use crate::limits::{self, Connections, LogGate};
 use crate::metrics::{
     IMDS_OP_USER_ASSIGNED, Metrics, REFUSED_CLIENT_ID_MISMATCH, REFUSED_CLUSTER_IDENTITY,
-    REFUSED_INCOMPLETE_IDENTITY,
+    REFUSED_INCOMPLETE_IDENTITY, REQUEST_REFUSED_BODY, REQUEST_REFUSED_BODY_TIMEOUT,
+    REQUEST_REFUSED_FIRST_SYNC, REQUEST_REFUSED_PENDING_FETCHES,
 };
 use crate::request::{self, Rejection, Route, Selector, TokenQuery};
 use crate::response::{self, Token};
@@ -106,6 +124,87 @@ pub struct Config {
     pub mic_service_accounts: Vec<String>,
     /// Where other paths (and excepted pods' requests) are proxied.
     pub metadata_addr: SocketAddr,
+    /// Bounds on connections, timeouts and the first-sync wait.
+    pub limits: Limits,
+}
+
+/// Bounds on what callers can make NMI hold, and how long.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// `--max-connections`: open connections in all.
+    pub max_connections: u32,
+    /// `--max-connections-per-ip`: open connections from one address.
+    pub max_connections_per_ip: u32,
+    /// A request head must arrive within this after the connection opens or
+    /// the previous answer was sent (so it also bounds idle keep-alive).
+    pub header_read_timeout: Duration,
+    /// A connection takes no new request after this (the one in progress is
+    /// answered).
+    pub max_connection_age: Duration,
+    /// A forwarded POST body must arrive within this.
+    pub body_read_timeout: Duration,
+    /// `--first-sync-wait-sec`: how long a token request made before every
+    /// watch has listed waits for them.
+    pub first_sync_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_connections_per_ip: 32,
+            header_read_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(600),
+            body_read_timeout: Duration::from_secs(10),
+            first_sync_wait: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Whether every watch has listed once since NMI started: token requests
+/// wait (bounded) for it instead of failing on an empty index.
+#[derive(Clone, Debug)]
+pub struct FirstSync(watch::Receiver<bool>);
+
+impl FirstSync {
+    /// Already synced (tests and benchmarks that fill the index themselves).
+    pub fn done() -> Self {
+        FirstSync(watch::channel(true).1)
+    }
+
+    /// Follows `rx` (true once synced).
+    pub fn new(rx: watch::Receiver<bool>) -> Self {
+        FirstSync(rx)
+    }
+
+    /// Polls `synced` every 50 ms until it is true (or `shutdown`).
+    pub fn polling(synced: impl Fn() -> bool + Send + 'static, shutdown: Shutdown) -> Self {
+        let (tx, rx) = watch::channel(synced());
+        if !*rx.borrow() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tokio::select! {
+                        _ = shutdown.signaled() => return,
+                        _ = tick.tick() => if synced() {
+                            let _ = tx.send(true);
+                            return;
+                        },
+                    }
+                }
+            });
+        }
+        FirstSync(rx)
+    }
+
+    /// Waits up to `wait` for the sync; whether it came.
+    async fn wait(&self, wait: Duration) -> bool {
+        let mut rx = self.0.clone();
+        matches!(
+            tokio::time::timeout(wait, rx.wait_for(|synced| *synced)).await,
+            Ok(Ok(_))
+        )
+    }
 }
 
 impl Config {
@@ -138,10 +237,15 @@ pub struct Server<S> {
     pub metrics: Metrics,
     /// Events on AzureIdentities NMI refuses to serve.
     pub events: EventPublisher,
+    /// Whether the watches have listed once.
+    pub first_sync: FirstSync,
 }
 
-/// Slow clients: a request head must arrive within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// `Retry-After` of a token request that waited `--first-sync-wait-sec` for
+/// the first sync in vain.
+const FIRST_SYNC_RETRY_AFTER_SECS: u64 = 5;
+/// How often a refused connection is logged at most.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Largest request head hyper buffers (huge headers get 431).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Largest proxied request body.
@@ -168,6 +272,8 @@ struct Reply {
     message: String,
     /// `Retry-After` seconds to send, if any.
     retry_after: Option<u64>,
+    /// Close the connection after the answer (its request body is unread).
+    close: bool,
 }
 
 impl Reply {
@@ -176,7 +282,13 @@ impl Reply {
             status,
             message: message.into(),
             retry_after: None,
+            close: false,
         }
+    }
+
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 }
 
@@ -205,15 +317,41 @@ fn error_response(reply: &Reply) -> Response<Full<Bytes>> {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
+    if reply.close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
-/// Accepts connections on `listener` until `shutdown`.
+/// One admitted connection: counted until its task ends.
+struct ConnGuard {
+    connections: Arc<Mutex<Connections>>,
+    ip: IpAddr,
+    metrics: Metrics,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut c = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        c.release(self.ip);
+        self.metrics.connections.set(i64::from(c.open()));
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown`, within the
+/// connection caps of [`Limits`].
 pub async fn serve<S: TokenSource>(
     listener: TcpListener,
     server: Arc<Server<S>>,
     shutdown: Shutdown,
 ) {
+    let limits = &server.config.limits;
+    let connections = Arc::new(Mutex::new(Connections::new(
+        limits.max_connections,
+        limits.max_connections_per_ip,
+    )));
+    let mut log_gate = LogGate::new(REFUSAL_LOG_EVERY);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.signaled() => return,
@@ -226,41 +364,37 @@ pub async fn serve<S: TokenSource>(
                 }
             },
         };
+        let admitted = {
+            let mut c = connections.lock().unwrap_or_else(|e| e.into_inner());
+            let admitted = c.admit(peer.ip());
+            server.metrics.connections.set(i64::from(c.open()));
+            admitted
+        };
+        if let Err(refusal) = admitted {
+            server
+                .metrics
+                .connections_refused
+                .with_label_values(&[refusal.label()])
+                .inc();
+            if let Some(held_back) = log_gate.allow(Instant::now()) {
+                tracing::warn!(peer = %peer.ip(), reason = refusal.label(), held_back, "connection refused: too many open connections");
+            }
+            // Closed at once, unread.
+            drop(stream);
+            continue;
+        }
+        let guard = ConnGuard {
+            connections: Arc::clone(&connections),
+            ip: peer.ip(),
+            metrics: server.metrics.clone(),
+        };
         let server = Arc::clone(&server);
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { connection(stream, peer, server, shutdown).await });
+        tokio::spawn(async move {
+            connection(stream, peer, server, shutdown).await;
+            drop(guard);
+        });
     }
-}
-
-/// Resolves when the peer has closed its side: a duplicate of the socket is
-/// peeked (hyper does not cancel a handler whose client went away, and a
-/// waiting token request must stop then).
-fn disconnect_watch(stream: &TcpStream) -> Option<watch::Receiver<bool>> {
-    let fd = socket_dup(stream)?;
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut b = [0u8; 1];
-        // Bounded by the connection: the task is aborted when `tx` has no
-        // receivers left (checked every pass).
-        loop {
-            tokio::select! {
-                r = fd.peek(&mut b) => match r {
-                    Ok(0) | Err(_) => { let _ = tx.send(true); return; }
-                    // Unread bytes (a pipelined request): look again shortly.
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                },
-                _ = tx.closed() => return,
-            }
-        }
-    });
-    Some(rx)
-}
-
-fn socket_dup(stream: &TcpStream) -> Option<TcpStream> {
-    use std::os::fd::AsFd;
-    let owned = stream.as_fd().try_clone_to_owned().ok()?;
-    let std = std::net::TcpStream::from(owned);
-    TcpStream::from_std(std).ok()
 }
 
 async fn connection<S: TokenSource>(
@@ -269,71 +403,125 @@ async fn connection<S: TokenSource>(
     server: Arc<Server<S>>,
     shutdown: Shutdown,
 ) {
-    let closed = disconnect_watch(&stream);
+    let limits = server.config.limits.clone();
     let service = service_fn(move |req| {
         let server = Arc::clone(&server);
-        let closed = closed.clone();
-        async move { Ok::<_, Infallible>(server.handle(req, peer, closed).await) }
+        async move { Ok::<_, Infallible>(server.handle(req, peer).await) }
     });
+    // hyper restarts the header timer whenever it waits for a request head,
+    // including on an idle keep-alive connection; and while a request is in
+    // progress it watches the socket, ending the connection (and dropping
+    // the handler) when the caller closes it.
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
+    let age = tokio::time::sleep(limits.max_connection_age);
+    tokio::pin!(age);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = shutdown.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            return;
+        }
+        _ = &mut age => {}
+    }
+    // Old enough: the request in progress (bounded by its own budget) is
+    // answered, then the connection closes.
+    conn.as_mut().graceful_shutdown();
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = shutdown.signaled() => conn.as_mut().graceful_shutdown(),
-    }
-}
-
-async fn closed_signal(closed: Option<watch::Receiver<bool>>) {
-    match closed {
-        Some(mut rx) => {
-            let _ = rx.wait_for(|c| *c).await;
-        }
-        None => std::future::pending().await,
+        _ = shutdown.signaled() => {}
     }
 }
 
 impl<S: TokenSource> Server<S> {
-    /// Answers one request.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        closed: Option<watch::Receiver<bool>>,
-    ) -> Response<Full<Bytes>> {
+    /// Answers one request. Dropping the future (the caller went away)
+    /// cancels everything it waits for.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let started = Instant::now();
-        let (op, namespace, resource, resp) =
-            match request::route(req.method(), req.uri().path(), &self.config.proxy) {
-                Err(r) => (
+        let route = request::route(req.method(), req.uri().path(), &self.config.proxy);
+        // Only a forwarded POST may carry a body; any other request that
+        // declares one is answered at once, and its connection closed rather
+        // than waiting for (or reading) the body.
+        let body_allowed = matches!(route, Ok(Route::Proxy)) && req.method() == http::Method::POST;
+        let declared_body = limits::declares_body(req.headers());
+        let (op, namespace, resource, resp) = match route {
+            Err(r) => {
+                let mut reply = Reply::from(r);
+                reply.close = declared_body;
+                (
                     "invalid",
                     String::new(),
                     String::new(),
-                    error_response(&r.into()),
-                ),
-                Ok(Route::Token) => {
-                    let (ns, res, resp) = self.token(req, peer, closed).await;
-                    (request::TOKEN_PATH, ns, res, resp)
-                }
-                Ok(Route::HostToken) => {
-                    let (ns, res, resp) = self.host_token(req, peer, closed).await;
-                    (request::HOST_TOKEN_PATH, ns, res, resp)
-                }
-                Ok(Route::Proxy) => (
-                    "proxy",
+                    error_response(&reply),
+                )
+            }
+            Ok(_) if declared_body && !body_allowed => {
+                self.metrics
+                    .requests_refused
+                    .with_label_values(&[REQUEST_REFUSED_BODY])
+                    .inc();
+                let reply = Reply::new(
+                    StatusCode::BAD_REQUEST,
+                    "this request must not carry a body",
+                )
+                .closing();
+                (
+                    "invalid",
                     String::new(),
                     String::new(),
-                    self.proxy_checked(req).await,
-                ),
-            };
+                    error_response(&reply),
+                )
+            }
+            Ok(Route::Token) => {
+                let (ns, res, resp) = self.token(req, peer).await;
+                (request::TOKEN_PATH, ns, res, resp)
+            }
+            Ok(Route::HostToken) => {
+                let (ns, res, resp) = self.host_token(req, peer).await;
+                (request::HOST_TOKEN_PATH, ns, res, resp)
+            }
+            Ok(Route::Proxy) => (
+                "proxy",
+                String::new(),
+                String::new(),
+                self.proxy_checked(req).await,
+            ),
+        };
         let status = resp.status().as_u16().to_string();
+        let resource = self.metrics.resource_label(&resource);
         self.metrics
             .nmi_operations
             .with_label_values(&[op, &status, &namespace, &resource])
             .observe(started.elapsed().as_secs_f64());
+        let (waiting, in_flight) = self.cache.pending_fetches();
+        self.metrics.set_load(self.cache.len(), waiting, in_flight);
         resp
+    }
+
+    /// Waits (bounded) for the first sync; the answer to give when it does
+    /// not come.
+    async fn first_sync(&self) -> Result<(), Reply> {
+        if self
+            .first_sync
+            .wait(self.config.limits.first_sync_wait)
+            .await
+        {
+            return Ok(());
+        }
+        self.metrics
+            .requests_refused
+            .with_label_values(&[REQUEST_REFUSED_FIRST_SYNC])
+            .inc();
+        let mut reply = Reply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NMI is starting: its caches have not synced yet",
+        );
+        reply.retry_after = Some(FIRST_SYNC_RETRY_AFTER_SECS);
+        Err(reply)
     }
 
     /// The token endpoint. Returns the pod's namespace and, on success, the
@@ -342,7 +530,6 @@ impl<S: TokenSource> Server<S> {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        closed: Option<watch::Receiver<bool>>,
     ) -> (String, String, Response<Full<Bytes>>) {
         // Checked first and answered at once: SDK probes send no header and
         // allow under a second (azure-protocols.md §8 points 1-2).
@@ -358,6 +545,9 @@ impl<S: TokenSource> Server<S> {
             Err(r) => return (String::new(), String::new(), error_response(&r.into())),
         };
         tracing::debug!(peer = %peer, "token request");
+        if let Err(reply) = self.first_sync().await {
+            return (String::new(), String::new(), error_response(&reply));
+        }
         let pod = match self.pod_by_ip(peer.ip()).await {
             Ok(p) => p,
             Err(reply) => return (String::new(), String::new(), error_response(&reply)),
@@ -378,8 +568,9 @@ impl<S: TokenSource> Server<S> {
             let resp = self.proxy(req).await;
             return (pod.namespace.clone(), String::new(), resp);
         }
+        let requester = RequesterKey::pod(&pod.namespace, &pod.name);
         match self
-            .resolve(&pod, &query, closed, self.config.set_retry_after_header)
+            .resolve(&pod, &query, &requester, self.config.set_retry_after_header)
             .await
         {
             Ok(tokens) => {
@@ -399,7 +590,6 @@ impl<S: TokenSource> Server<S> {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        closed: Option<watch::Receiver<bool>>,
     ) -> (String, String, Response<Full<Bytes>>) {
         let (ns, name) = match request::host_pod_headers(req.headers()) {
             Ok(v) => v,
@@ -422,6 +612,9 @@ impl<S: TokenSource> Server<S> {
             Ok(q) => q,
             Err(r) => return (String::new(), String::new(), error_response(&r.into())),
         };
+        if let Err(reply) = self.first_sync().await {
+            return (String::new(), String::new(), error_response(&reply));
+        }
         let pod = {
             let index = self.state.index();
             index.pod(&ns, &name).cloned()
@@ -433,7 +626,8 @@ impl<S: TokenSource> Server<S> {
             );
             return (String::new(), String::new(), error_response(&reply));
         };
-        match self.resolve(&pod, &query, closed, false).await {
+        let requester = RequesterKey::host(peer.ip());
+        match self.resolve(&pod, &query, &requester, false).await {
             Ok(tokens) => {
                 let Some(token) = tokens.first() else {
                     let reply = Reply::new(StatusCode::INTERNAL_SERVER_ERROR, "no token");
@@ -478,13 +672,11 @@ impl<S: TokenSource> Server<S> {
         &self,
         pod: &PodEntry,
         query: &TokenQuery,
-        closed: Option<watch::Receiver<bool>>,
+        requester: &RequesterKey,
         retry_after: bool,
     ) -> Result<Vec<Token>, Reply> {
         let started = Instant::now();
         let mut rx = self.state.subscribe();
-        let closed = closed_signal(closed);
-        tokio::pin!(closed);
         let outcome = loop {
             rx.borrow_and_update();
             let outcome = {
@@ -534,9 +726,6 @@ impl<S: TokenSource> Server<S> {
                             }
                         }
                         _ = tokio::time::sleep_until(settle) => {}
-                        _ = &mut closed => {
-                            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "client disconnected"));
-                        }
                     }
                     continue;
                 }
@@ -571,10 +760,6 @@ impl<S: TokenSource> Server<S> {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {}
-                _ = &mut closed => {
-                    // Nobody is listening any more; the answer is never sent.
-                    return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "client disconnected"));
-                }
             }
         };
         let no_match = |status| {
@@ -587,12 +772,12 @@ impl<S: TokenSource> Server<S> {
         };
         let started_fetch = Instant::now();
         let result = match outcome {
-            Outcome::Use(identity) => self.fetch(&identity, &query.resource).await,
+            Outcome::Use(identity) => self.fetch(&identity, &query.resource, requester).await,
             Outcome::ByObjectId(candidates) if !candidates.is_empty() => {
                 let Selector::ObjectId(oid) = &query.selector else {
                     return Err(no_match(StatusCode::NOT_FOUND));
                 };
-                self.by_object_id(&candidates, oid, &query.resource)
+                self.by_object_id(&candidates, oid, &query.resource, requester)
                     .await
                     .map(|t| vec![t])
             }
@@ -605,7 +790,12 @@ impl<S: TokenSource> Server<S> {
             .with_label_values(&[IMDS_OP_USER_ASSIGNED])
             .observe(started_fetch.elapsed().as_secs_f64());
         result.map_err(|e| {
-            if !matches!(
+            if matches!(e, TokenError::Throttled { .. }) {
+                self.metrics
+                    .requests_refused
+                    .with_label_values(&[REQUEST_REFUSED_PENDING_FETCHES])
+                    .inc();
+            } else if !matches!(
                 e,
                 TokenError::NotBound
                     | TokenError::ClientIdMismatch { .. }
@@ -639,6 +829,7 @@ impl<S: TokenSource> Server<S> {
         candidates: &[AzureIdentity],
         object_id: &str,
         resource: &str,
+        requester: &RequesterKey,
     ) -> Result<Token, TokenError> {
         if candidates.len() > MAX_OBJECT_ID_CANDIDATES {
             tracing::warn!(
@@ -649,7 +840,7 @@ impl<S: TokenSource> Server<S> {
         }
         let mut failure = None;
         for identity in candidates.iter().take(MAX_OBJECT_ID_CANDIDATES) {
-            match self.fetch_msi(identity, resource).await {
+            match self.fetch_msi(identity, resource, requester).await {
                 Ok(token) => {
                     if jwt_oid(token.access_token.expose())
                         .is_some_and(|o| o.eq_ignore_ascii_case(object_id))
@@ -672,6 +863,7 @@ impl<S: TokenSource> Server<S> {
         &self,
         identity: &AzureIdentity,
         resource: &str,
+        requester: &RequesterKey,
     ) -> Result<Token, TokenError> {
         let spec = &identity.spec;
         let ns = identity.namespace().unwrap_or_default();
@@ -690,7 +882,7 @@ impl<S: TokenSource> Server<S> {
         }
         let result = self
             .cache
-            .by_resource_id(&spec.resource_id, &spec.client_id, resource)
+            .by_resource_id(&spec.resource_id, &spec.client_id, resource, requester)
             .await;
         match &result {
             Err(TokenError::ClientIdMismatch { .. }) => {
@@ -745,11 +937,13 @@ impl<S: TokenSource> Server<S> {
         &self,
         identity: &AzureIdentity,
         resource: &str,
+        requester: &RequesterKey,
     ) -> Result<Vec<Token>, TokenError> {
         match identity.spec.r#type {
-            IdentityType::UserAssignedMsi => {
-                self.fetch_msi(identity, resource).await.map(|t| vec![t])
-            }
+            IdentityType::UserAssignedMsi => self
+                .fetch_msi(identity, resource, requester)
+                .await
+                .map(|t| vec![t]),
             IdentityType::ServicePrincipal | IdentityType::ServicePrincipalCertificate => {
                 self.sp.tokens(&self.cache, identity, resource).await
             }
@@ -773,13 +967,26 @@ impl<S: TokenSource> Server<S> {
     /// Passes the request to IMDS and its answer back (§3.3 route 5).
     async fn proxy(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, MAX_PROXY_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
+        let collect = Limited::new(body, MAX_PROXY_BODY).collect();
+        let body = match tokio::time::timeout(self.config.limits.body_read_timeout, collect).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => {
+                self.metrics
+                    .requests_refused
+                    .with_label_values(&[REQUEST_REFUSED_BODY])
+                    .inc();
+                return error_response(
+                    &Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large").closing(),
+                );
+            }
             Err(_) => {
-                return error_response(&Reply::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body too large",
-                ));
+                self.metrics
+                    .requests_refused
+                    .with_label_values(&[REQUEST_REFUSED_BODY_TIMEOUT])
+                    .inc();
+                return error_response(
+                    &Reply::new(StatusCode::REQUEST_TIMEOUT, "request body too slow").closing(),
+                );
             }
         };
         let path = parts

@@ -17,7 +17,15 @@
 //! which identity a pod may use on every request, from the live index, before
 //! it asks the cache, so a pod that loses its binding loses access at once.
 //! A client-side limiter keeps NMI inside IMDS's per-VM budget of 20 token
-//! requests per second and 5 concurrent (azure-protocols.md §1.6).
+//! requests per second and 5 concurrent (azure-protocols.md §1.6), shared
+//! fairly between the pods that ask ([`crate::fair`]).
+//!
+//! **Bounded.** The cache holds at most `max_cached_tokens` idle entries
+//! (inserting beyond that evicts an empty or expired entry first, else the
+//! least recently used one); entries in use by a request in progress are never
+//! evicted, so the map holds at most `max_cached_tokens` plus one entry per
+//! request in progress. An entry without a token (a failed or abandoned
+//! fetch) is removed as soon as no request holds it.
 //!
 //! IMDS's transient answers (404 "updating", 410, 429, 5xx) are retried a
 //! bounded number of times, each wait stretched to IMDS's `Retry-After`
@@ -37,10 +45,10 @@ use http::{Method, Request, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::cluster::ClusterIdentities;
+use crate::fair::{FairLimiter, RequesterKey};
 use crate::http_client;
 use crate::response::Token;
 use crate::secret::Secret;
@@ -114,6 +122,17 @@ pub enum TokenError {
         /// Requests made.
         attempts: u32,
     },
+    /// The pod already has the most IMDS calls waiting that NMI queues for
+    /// one pod: answered 429 with `Retry-After`, IMDS's own answer when its
+    /// budget is exceeded.
+    #[error(
+        "too many token requests from this pod are waiting for IMDS; retry after {} s",
+        retry_after.as_secs()
+    )]
+    Throttled {
+        /// When the pod should ask again.
+        retry_after: Duration,
+    },
 }
 
 impl TokenError {
@@ -129,6 +148,7 @@ impl TokenError {
             TokenError::Transient { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
+            TokenError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -136,6 +156,7 @@ impl TokenError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             TokenError::Transient { retry_after, .. } => *retry_after,
+            TokenError::Throttled { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -454,38 +475,8 @@ impl TokenSource for Imds {
 /// per_second`: IMDS (and the emulator) count a sliding one-second window, and
 /// with exact spacing the 1st and the 21st start may both fall inside one
 /// window once arrival jitter is added (seen as 429s in the benchmark).
-fn spacing_for(per_second: u32) -> Duration {
+pub fn spacing_for(per_second: u32) -> Duration {
     Duration::from_micros(1_050_000 / u64::from(per_second.max(1)))
-}
-
-/// Keeps requests to IMDS within 5 concurrent and 20 per second.
-#[derive(Debug)]
-struct Limiter {
-    concurrent: Semaphore,
-    next_start: Mutex<Instant>,
-    spacing: Duration,
-}
-
-impl Limiter {
-    fn new(concurrent: usize, per_second: u32) -> Self {
-        Limiter {
-            concurrent: Semaphore::new(concurrent),
-            next_start: Mutex::new(Instant::now()),
-            spacing: spacing_for(per_second),
-        }
-    }
-
-    async fn run<T>(&self, f: impl Future<Output = T>) -> T {
-        let _permit = self.concurrent.acquire().await;
-        let start = {
-            let mut next = self.next_start.lock().unwrap_or_else(|e| e.into_inner());
-            let start = (*next).max(Instant::now());
-            *next = start + self.spacing;
-            start
-        };
-        tokio::time::sleep_until(start).await;
-        f.await
-    }
 }
 
 /// A token is served from cache only while it has more than this left; SDKs
@@ -503,13 +494,92 @@ struct SlotState {
 }
 
 type Slot = Arc<tokio::sync::Mutex<SlotState>>;
+type SlotKey = (String, String);
+
+/// Default `--max-pending-fetches-per-pod`.
+pub const DEFAULT_MAX_PENDING_PER_POD: usize = 16;
+/// Default `--max-cached-tokens`.
+pub const DEFAULT_MAX_CACHED_TOKENS: usize = 4096;
+
+#[derive(Debug)]
+struct Entry {
+    slot: Slot,
+    /// When it was last asked for (a counter, not a clock).
+    used: u64,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    map: HashMap<SlotKey, Entry>,
+    tick: u64,
+}
+
+/// What eviction needs to know of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryState {
+    /// A request holds it: never evicted.
+    Busy,
+    /// No token (a failed or abandoned fetch).
+    Empty,
+    /// A token too close to expiry to be served.
+    Expired,
+    /// A token that would be served.
+    Live,
+}
+
+/// Which entry to evict: never a busy one; empty and expired entries before
+/// live ones; the least recently used (`used`, smaller is older) among
+/// equals. `None` when every entry is busy.
+pub fn pick_victim<K>(entries: impl IntoIterator<Item = (K, EntryState, u64)>) -> Option<K> {
+    entries
+        .into_iter()
+        .filter_map(|(k, state, used)| {
+            let class = match state {
+                EntryState::Busy => return None,
+                EntryState::Empty | EntryState::Expired => 0u8,
+                EntryState::Live => 1,
+            };
+            Some(((class, used), k))
+        })
+        .min_by_key(|(rank, _)| *rank)
+        .map(|(_, k)| k)
+}
+
+/// A request's hold on one entry: when the last holder lets go of an entry
+/// without a token, the entry leaves the map.
+struct Lease<'a> {
+    slots: &'a Mutex<Slots>,
+    key: SlotKey,
+    slot: Slot,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let ours = slots
+            .map
+            .get(&self.key)
+            .is_some_and(|e| Arc::ptr_eq(&e.slot, &self.slot));
+        // Two references: the map's and ours; the map lock keeps others from
+        // taking one meanwhile.
+        if ours
+            && Arc::strong_count(&self.slot) == 2
+            && self.slot.try_lock().is_ok_and(|s| s.token.is_none())
+        {
+            slots.map.remove(&self.key);
+        }
+    }
+}
 
 /// The token cache in front of a [`TokenSource`].
 #[derive(Debug)]
 pub struct TokenCache<S> {
     source: S,
-    slots: Mutex<HashMap<(String, String), Slot>>,
-    limiter: Limiter,
+    slots: Mutex<Slots>,
+    max_entries: usize,
+    limiter: FairLimiter<RequesterKey>,
+    concurrency: usize,
+    spacing: Duration,
     retry: RetryPolicy,
     cluster: ClusterIdentities,
 }
@@ -524,13 +594,31 @@ impl<S: TokenSource> TokenCache<S> {
     /// A cache over `source` with other limits (benchmarks measure NMI's own
     /// overhead with the limiter lifted).
     pub fn with_limits(source: S, concurrent: usize, per_second: u32) -> Self {
+        let spacing = spacing_for(per_second);
         TokenCache {
             source,
-            slots: Mutex::new(HashMap::new()),
-            limiter: Limiter::new(concurrent, per_second),
+            slots: Mutex::new(Slots::default()),
+            max_entries: DEFAULT_MAX_CACHED_TOKENS,
+            limiter: FairLimiter::new(concurrent, spacing, DEFAULT_MAX_PENDING_PER_POD),
+            concurrency: concurrent,
+            spacing,
             retry: RetryPolicy::default(),
             cluster: ClusterIdentities::default(),
         }
+    }
+
+    /// The same cache with at most `max_pending_per_pod` IMDS calls waiting
+    /// per pod (`--max-pending-fetches-per-pod`) and at most
+    /// `max_cached_tokens` idle entries (`--max-cached-tokens`).
+    pub fn with_bounds(mut self, max_pending_per_pod: usize, max_cached_tokens: usize) -> Self {
+        self.limiter = FairLimiter::new(self.concurrency, self.spacing, max_pending_per_pod);
+        self.max_entries = max_cached_tokens.max(1);
+        self
+    }
+
+    /// IMDS calls (waiting for a start slot, holding one).
+    pub fn pending_fetches(&self) -> (usize, usize) {
+        self.limiter.load()
     }
 
     /// The same cache refusing the cluster's own identities
@@ -548,11 +636,26 @@ impl<S: TokenSource> TokenCache<S> {
 
     /// One IMDS token, each request inside the limiter, transient answers
     /// retried per the [`RetryPolicy`] (the waits hold no limiter permit).
-    async fn imds(&self, id: &ImdsIdentity, resource: &str) -> Result<Token, TokenError> {
+    async fn imds(
+        &self,
+        id: &ImdsIdentity,
+        resource: &str,
+        requester: &RequesterKey,
+    ) -> Result<Token, TokenError> {
         let mut waited = Duration::ZERO;
         let mut attempts = 1u32;
         loop {
-            let result = self.limiter.run(self.source.imds_token(id, resource)).await;
+            let result = self
+                .limiter
+                .run(
+                    requester,
+                    attempts > 1,
+                    self.source.imds_token(id, resource),
+                )
+                .await
+                .map_err(|full| TokenError::Throttled {
+                    retry_after: full.retry_after,
+                })?;
             let error = match result {
                 Ok(token) => return Ok(token),
                 Err(e) => e,
@@ -580,13 +683,63 @@ impl<S: TokenSource> TokenCache<S> {
         }
     }
 
-    fn slot(&self, identity_key: &str, resource: &str) -> Slot {
+    /// The entry for (`identity_key`, `key`), created (evicting another when
+    /// the cache is full) if there is none.
+    fn lease(&self, identity_key: &str, key: &str) -> Lease<'_> {
+        let key = (identity_key.to_string(), key.to_string());
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            slots
-                .entry((identity_key.to_string(), resource.to_string()))
-                .or_default(),
-        )
+        slots.tick += 1;
+        let tick = slots.tick;
+        if let Some(e) = slots.map.get_mut(&key) {
+            e.used = tick;
+            let slot = Arc::clone(&e.slot);
+            return Lease {
+                slots: &self.slots,
+                key,
+                slot,
+            };
+        }
+        while slots.map.len() >= self.max_entries {
+            let now = now_secs();
+            let victim = pick_victim(slots.map.iter().map(|(k, e)| {
+                let state = if Arc::strong_count(&e.slot) > 1 {
+                    EntryState::Busy
+                } else {
+                    match e.slot.try_lock() {
+                        Err(_) => EntryState::Busy,
+                        Ok(s) => match &s.token {
+                            None => EntryState::Empty,
+                            Some(t) if t.expires_on <= now + REFRESH_MARGIN_SECS => {
+                                EntryState::Expired
+                            }
+                            Some(_) => EntryState::Live,
+                        },
+                    }
+                };
+                (k, state, e.used)
+            }))
+            .cloned();
+            match victim {
+                Some(k) => {
+                    slots.map.remove(&k);
+                }
+                // Every entry is held by a request in progress.
+                None => break,
+            }
+        }
+        let slot = Slot::default();
+        slots.map.insert(
+            key.clone(),
+            Entry {
+                slot: Arc::clone(&slot),
+                used: tick,
+            },
+        );
+        Lease {
+            slots: &self.slots,
+            key,
+            slot,
+        }
     }
 
     /// A token for the user-assigned identity with `resource_id`, asked of
@@ -598,11 +751,14 @@ impl<S: TokenSource> TokenCache<S> {
     /// A cluster identity ([`ClusterIdentities::refused`]) is refused before
     /// IMDS is asked when `client_id` names one, and after, should IMDS's
     /// `client_id` or the token's `appid` name one; it is never cached.
+    ///
+    /// The IMDS call waits in `requester`'s queue ([`crate::fair`]).
     pub async fn by_resource_id(
         &self,
         resource_id: &str,
         client_id: &str,
         resource: &str,
+        requester: &RequesterKey,
     ) -> Result<Token, TokenError> {
         if resource_id.trim().is_empty() || client_id.trim().is_empty() {
             return Err(TokenError::Forbidden(
@@ -614,11 +770,12 @@ impl<S: TokenSource> TokenCache<S> {
                 client_id: c.to_string(),
             });
         }
-        let slot = self.slot(&msi_cache_key(resource_id, client_id), resource);
+        let lease = self.lease(&msi_cache_key(resource_id, client_id), resource);
         let arrived = Instant::now();
         // Holding the slot's lock across the fetch makes concurrent misses
-        // share one upstream call.
-        let mut guard = slot.lock().await;
+        // share one upstream call. A caller that goes away drops the fetch
+        // with the lock; the next waiter (if any) starts its own.
+        let mut guard = lease.slot.lock().await;
         if let Some(t) = guard.token.as_ref()
             && t.expires_on > now_secs() + REFRESH_MARGIN_SECS
         {
@@ -631,7 +788,7 @@ impl<S: TokenSource> TokenCache<S> {
             return Err(e.clone());
         }
         let id = ImdsIdentity::ResourceId(resource_id.to_string());
-        let result = self.imds(&id, resource).await.and_then(|token| {
+        let result = self.imds(&id, resource, requester).await.and_then(|token| {
             match verify_client_id(client_id, &token.client_id, token.access_token.expose()) {
                 Ok(()) => {
                     let appid = jwt_appid(token.access_token.expose());
@@ -689,11 +846,8 @@ impl<S: TokenSource> TokenCache<S> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Token, TokenError>>,
     {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(slots.entry((identity_key.to_string(), key)).or_default())
-        };
-        let mut guard = slot.lock().await;
+        let lease = self.lease(identity_key, &key);
+        let mut guard = lease.slot.lock().await;
         if let Some(t) = guard.token.as_ref()
             && t.expires_on > now_secs() + REFRESH_MARGIN_SECS
         {
@@ -713,12 +867,18 @@ impl<S: TokenSource> TokenCache<S> {
     /// (`in_use` holds [`identity_cache_key`]s).
     pub fn retain(&self, in_use: &HashSet<String>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|(identity, _), _| in_use.contains(identity));
+        slots
+            .map
+            .retain(|(identity, _), _| in_use.contains(identity));
     }
 
     /// Number of cached (identity, resource) entries.
     pub fn len(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
     }
 
     /// Whether the cache is empty.
@@ -731,6 +891,10 @@ impl<S: TokenSource> TokenCache<S> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn who() -> RequesterKey {
+        RequesterKey::internal("test")
+    }
 
     /// IMDS with one identity per resource ID: client ID `app-of-<rid>`,
     /// object ID `oid-of-<rid>` (lower case), unless `reports` says IMDS
@@ -802,7 +966,7 @@ mod tests {
                 ("rid-a", "app-of-rid-a")
             };
             tasks.push(tokio::spawn(async move {
-                cache.by_resource_id(rid, cid, "r").await
+                cache.by_resource_id(rid, cid, "r", &who()).await
             }));
         }
         for t in tasks {
@@ -810,7 +974,7 @@ mod tests {
         }
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 1);
         cache
-            .by_resource_id("rid-a", "app-of-rid-a", "other-resource")
+            .by_resource_id("rid-a", "app-of-rid-a", "other-resource", &who())
             .await
             .unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
@@ -822,19 +986,34 @@ mod tests {
             lifetime: 60,
             ..Default::default()
         });
-        cache.by_resource_id("c", "app-of-c", "r").await.unwrap();
-        cache.by_resource_id("c", "app-of-c", "r").await.unwrap();
+        cache
+            .by_resource_id("c", "app-of-c", "r", &who())
+            .await
+            .unwrap();
+        cache
+            .by_resource_id("c", "app-of-c", "r", &who())
+            .await
+            .unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn retain_drops_unused_identities() {
         let cache = TokenCache::new(long_lived());
-        cache.by_resource_id("a", "app-of-a", "r").await.unwrap();
-        cache.by_resource_id("b", "app-of-b", "r").await.unwrap();
+        cache
+            .by_resource_id("a", "app-of-a", "r", &who())
+            .await
+            .unwrap();
+        cache
+            .by_resource_id("b", "app-of-b", "r", &who())
+            .await
+            .unwrap();
         cache.retain(&[msi_cache_key("A", "APP-OF-A")].into_iter().collect());
         assert_eq!(cache.len(), 1);
-        cache.by_resource_id("a", "app-of-a", "r").await.unwrap();
+        cache
+            .by_resource_id("a", "app-of-a", "r", &who())
+            .await
+            .unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2, "a kept");
     }
 
@@ -844,7 +1023,9 @@ mod tests {
         // kubelet identity's, say): IMDS answers for the resource ID.
         let cache = TokenCache::new(long_lived());
         for _ in 0..2 {
-            let got = cache.by_resource_id("rid-a", "kubelet-client", "r").await;
+            let got = cache
+                .by_resource_id("rid-a", "kubelet-client", "r", &who())
+                .await;
             match got {
                 Err(TokenError::ClientIdMismatch {
                     resource_id,
@@ -866,15 +1047,17 @@ mod tests {
         // The honest pair is cached on its own key: the refusal did not
         // poison it, and it does not answer for the forged pair.
         cache
-            .by_resource_id("rid-a", "app-of-rid-a", "r")
+            .by_resource_id("rid-a", "app-of-rid-a", "r", &who())
             .await
             .unwrap();
         cache
-            .by_resource_id("rid-a", "app-of-rid-a", "r")
+            .by_resource_id("rid-a", "app-of-rid-a", "r", &who())
             .await
             .unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 3);
-        let again = cache.by_resource_id("rid-a", "kubelet-client", "r").await;
+        let again = cache
+            .by_resource_id("rid-a", "kubelet-client", "r", &who())
+            .await;
         assert!(matches!(again, Err(TokenError::ClientIdMismatch { .. })));
         assert_eq!(again.unwrap_err().status(), StatusCode::FORBIDDEN);
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 4);
@@ -885,7 +1068,9 @@ mod tests {
             reports: Some("someone-else"),
             ..Default::default()
         });
-        let got = lying.by_resource_id("rid-a", "app-of-rid-a", "r").await;
+        let got = lying
+            .by_resource_id("rid-a", "app-of-rid-a", "r", &who())
+            .await;
         assert!(
             matches!(got, Err(TokenError::ClientIdMismatch { .. })),
             "{got:?}"
@@ -907,7 +1092,7 @@ mod tests {
             // A forged resource ID changes nothing: the client ID decides first.
             ("rid-a", "app-of-kubelet"),
         ] {
-            let got = cache.by_resource_id(rid, cid, "r").await;
+            let got = cache.by_resource_id(rid, cid, "r", &who()).await;
             match got {
                 Err(e @ TokenError::ClusterIdentity { .. }) => {
                     assert_eq!(e.status(), StatusCode::FORBIDDEN);
@@ -927,7 +1112,7 @@ mod tests {
         assert!(cache.is_empty(), "nothing cached");
         // Other identities are served as before.
         cache
-            .by_resource_id("rid-a", "app-of-rid-a", "r")
+            .by_resource_id("rid-a", "app-of-rid-a", "r", &who())
             .await
             .unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 1);
@@ -935,12 +1120,12 @@ mod tests {
         let served = TokenCache::new(long_lived())
             .with_cluster_identities(ClusterIdentities::new(cluster, true));
         let token = served
-            .by_resource_id("kubelet", "app-of-kubelet", "r")
+            .by_resource_id("kubelet", "app-of-kubelet", "r", &who())
             .await
             .unwrap();
         assert_eq!(token.client_id, "app-of-kubelet");
         served
-            .by_resource_id("kubelet", "app-of-kubelet", "r")
+            .by_resource_id("kubelet", "app-of-kubelet", "r", &who())
             .await
             .unwrap();
         assert_eq!(
@@ -954,7 +1139,7 @@ mod tests {
     async fn empty_ids_are_refused_without_asking_imds() {
         let cache = TokenCache::new(long_lived());
         for (rid, cid) in [("", "c"), ("r", ""), (" ", "c"), ("", "")] {
-            let got = cache.by_resource_id(rid, cid, "r").await;
+            let got = cache.by_resource_id(rid, cid, "r", &who()).await;
             assert!(
                 matches!(got, Err(TokenError::Forbidden(_))),
                 "{rid:?} {cid:?}"
@@ -1122,7 +1307,7 @@ mod tests {
         ];
         for case in cases {
             let cache = TokenCache::new(Scripted::new(case.script)).with_retry(fast_policy());
-            let got = cache.by_resource_id("rid", "c", "r").await;
+            let got = cache.by_resource_id("rid", "c", "r", &who()).await;
             assert_eq!(
                 cache.source().calls.load(Ordering::SeqCst),
                 case.calls,
@@ -1157,7 +1342,10 @@ mod tests {
         for _ in 0..8 {
             let cache = Arc::clone(&cache);
             tasks.push(tokio::spawn(async move {
-                cache.by_resource_id("rid", "c", "r").await.map(|_| ())
+                cache
+                    .by_resource_id("rid", "c", "r", &who())
+                    .await
+                    .map(|_| ())
             }));
         }
         for t in tasks {
@@ -1167,7 +1355,7 @@ mod tests {
         // One round (four requests), not one per waiting request.
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 4);
         // A request made after the failure tries again.
-        let _ = cache.by_resource_id("rid", "c", "r").await;
+        let _ = cache.by_resource_id("rid", "c", "r", &who()).await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 8);
     }
 
@@ -1176,7 +1364,7 @@ mod tests {
         let cache = TokenCache::new(Scripted::new(vec![Err((429, Some(1))), Ok(())]))
             .with_retry(fast_policy());
         let started = Instant::now();
-        cache.by_resource_id("rid", "c", "r").await.unwrap();
+        cache.by_resource_id("rid", "c", "r", &who()).await.unwrap();
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
         // The 10 ms backoff was stretched to IMDS's one second.
         assert!(started.elapsed() >= Duration::from_secs(1));

@@ -185,9 +185,11 @@ impl Nmi {
                 mic_namespace: "default".into(),
                 mic_service_accounts: Vec::new(),
                 metadata_addr: imds,
+                limits: Default::default(),
             },
             metrics: nmi::metrics::Metrics::new().unwrap(),
             events: aadpodid_runtime::events::EventPublisher::disabled(),
+            first_sync: nmi::server::FirstSync::done(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

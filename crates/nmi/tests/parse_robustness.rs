@@ -364,9 +364,11 @@ async fn the_server_answers_hostile_requests_and_stays_up() {
             mic_namespace: "default".into(),
             mic_service_accounts: Vec::new(),
             metadata_addr: dead_addr,
+            limits: Default::default(),
         },
         metrics: nmi::metrics::Metrics::new().unwrap(),
         events: aadpodid_runtime::events::EventPublisher::disabled(),
+        first_sync: nmi::server::FirstSync::done(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
