@@ -17,6 +17,10 @@
 //!   RoleBinding; admitted for a cluster admin and for an account given the
 //!   verb by a ClusterRoleBinding.
 //!
+//! - nmi.startupTaint: NMI's ServiceAccount, with a pod-bound token naming
+//!   its node, may remove the startup taint from that node (with NMI's own
+//!   patch) and make no other Node write.
+//!
 //! Each test renders its own release (names of its own) and binds the
 //! policies only to namespaces labelled for it, so that tests running at the
 //! same time in this binary do not see each other's policies.
@@ -825,4 +829,375 @@ async fn seed_manifests_still_apply_in_warn_mode() {
     })
     .await
     .unwrap();
+}
+
+/// The startup taint of the test below (not the chart's default, so that the
+/// test also proves the key reaches the policy).
+const TAINT_KEY: &str = "example.com/nmi-not-ready";
+
+/// Nodes and cluster-scoped objects of the startup-taint test, deleted on drop.
+struct Doomed {
+    cluster: &'static Cluster,
+    objects: Vec<(String, String)>,
+}
+
+impl Drop for Doomed {
+    fn drop(&mut self) {
+        for (kind, name) in &self.objects {
+            let _ = self
+                .cluster
+                .kubectl_run(&["delete", kind, name, "--ignore-not-found"], None);
+        }
+    }
+}
+
+fn node_json(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"pool": "user"}},
+        "spec": {"taints": [
+            {"key": "other.example/keep", "value": "x", "effect": "NoSchedule"},
+            {"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"},
+            {"key": TAINT_KEY, "effect": "NoExecute"},
+        ]},
+    })
+}
+
+/// The keys of a node's taints, in order (admin view).
+fn taint_keys(cluster: &Cluster, node: &str) -> Vec<String> {
+    let out = cluster
+        .kubectl_run(&["get", "node", node, "-o", "json"], None)
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    let n: Value = serde_json::from_str(&out.stdout).unwrap();
+    n["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// nmi.startupTaint: the chart's RBAC and ValidatingAdmissionPolicy, applied
+/// as rendered, let NMI's ServiceAccount (with the pod-bound token a kubelet
+/// mounts, whose user extra names the pod's node) remove the startup taint
+/// from its own Node and nothing else: not from another node, not with a
+/// token that names no node, and no label, other taint, added taint, cordon,
+/// owner reference, create or delete. An administrator is not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nmi_may_only_remove_the_startup_taint_from_its_own_node() {
+    let cluster = Cluster::shared();
+    let name = unique_name("pol-taint");
+    let rel_ns = Ns::create(cluster, "pol-taint-rel", &name, None);
+    let docs = helm::template(
+        &Render::new(&name, &rel_ns.name)
+            .set("fullnameOverride", &name)
+            .set("nmi.startupTaint.enabled", "true")
+            .set("nmi.startupTaint.key", TAINT_KEY),
+    )
+    .unwrap();
+    let nmi = format!("{name}-nmi");
+    let policy = format!("{name}-nmi-startup-taint");
+    let own = format!("{name}-own");
+    let other = format!("{name}-other");
+    let mut doomed = Doomed {
+        cluster,
+        objects: vec![("node".into(), own.clone()), ("node".into(), other.clone())],
+    };
+    let mut items = vec![];
+    for o in helm::objects(&docs) {
+        let kind = o["kind"].as_str().unwrap().to_string();
+        let oname = o["metadata"]["name"].as_str().unwrap().to_string();
+        let wanted = match kind.as_str() {
+            "ValidatingAdmissionPolicy" | "ValidatingAdmissionPolicyBinding" => oname == policy,
+            "ClusterRole" | "ClusterRoleBinding" | "ServiceAccount" => oname == nmi,
+            _ => false,
+        };
+        if wanted {
+            if kind != "ServiceAccount" {
+                doomed.objects.push((kind.to_lowercase(), oname));
+            }
+            items.push(o);
+        }
+    }
+    assert_eq!(items.len(), 5, "{items:?}");
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let out = cluster
+        .kubectl_run(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&list.to_string()),
+        )
+        .unwrap();
+    assert!(out.success, "apply: {}", out.stderr);
+    for n in [&own, &other] {
+        let out = cluster
+            .kubectl_run(&["create", "-f", "-"], Some(&node_json(n).to_string()))
+            .unwrap();
+        assert!(out.success, "node {n}: {}", out.stderr);
+    }
+    // NMI's pod on `own`, and the token the kubelet would mount for it.
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "nmi-x7k2p", "namespace": rel_ns.name},
+        "spec": {"serviceAccountName": nmi, "nodeName": own,
+                 "containers": [{"name": "nmi", "image": "example.invalid/nmi"}]},
+    });
+    let out = cluster
+        .kubectl_run(&["create", "-f", "-"], Some(&pod.to_string()))
+        .unwrap();
+    assert!(out.success, "pod: {}", out.stderr);
+    let unbound = cluster
+        .service_account_kubeconfig(&rel_ns.name, &nmi)
+        .await
+        .unwrap();
+    let out = cluster
+        .kubectl_run(
+            &[
+                "create",
+                "token",
+                &nmi,
+                "-n",
+                &rel_ns.name,
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                "nmi-x7k2p",
+                "--duration",
+                "1h",
+            ],
+            None,
+        )
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    let bound_token = out.stdout.trim().to_string();
+    let text = std::fs::read_to_string(&unbound).unwrap();
+    let (head, _) = text.split_once("token: ").unwrap();
+    let (_, tail) = text.split_once("\ncontexts:").unwrap();
+    let bound = unbound.with_extension("bound.kubeconfig");
+    std::fs::write(
+        &bound,
+        format!("{head}token: {bound_token}\ncontexts:{tail}"),
+    )
+    .unwrap();
+    // The bound token names the node (what the policy relies on).
+    let who = run(
+        cluster.kubectl_with(&bound),
+        &["auth", "whoami", "-o", "json"],
+        None,
+    );
+    assert!(who.success, "{}", who.stderr);
+    let who: Value = serde_json::from_str(&who.stdout).unwrap();
+    assert_eq!(
+        who["status"]["userInfo"]["extra"]["authentication.kubernetes.io/node-name"],
+        json!([own]),
+        "{who}"
+    );
+    let as_nmi = |args: &[&str]| run(cluster.kubectl_with(&bound), args, None);
+    let patch = |node: &str, kind: &str, p: &Value| {
+        vec![
+            "patch".to_string(),
+            "node".into(),
+            node.to_string(),
+            format!("--type={kind}"),
+            "-p".into(),
+            p.to_string(),
+        ]
+    };
+    let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join(" ");
+    // Removing the taint, as NMI does: the live list without that key,
+    // guarded by a test of the list it read (the apiserver stamps timeAdded
+    // on NoExecute taints, so the list is read back, not taken from the
+    // manifest).
+    let remove_taint = |node: &str| {
+        let out = cluster
+            .kubectl_run(&["get", "node", node, "-o", "json"], None)
+            .unwrap();
+        assert!(out.success, "{}", out.stderr);
+        let live: Value = serde_json::from_str(&out.stdout).unwrap();
+        let old = live["spec"]["taints"].clone();
+        let kept: Vec<Value> = old
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["key"] != TAINT_KEY)
+            .cloned()
+            .collect();
+        patch(
+            node,
+            "json",
+            &json!([{"op": "test", "path": "/spec/taints", "value": old},
+                    {"op": "replace", "path": "/spec/taints", "value": kept}]),
+        )
+    };
+
+    // The policy is loaded by the apiserver's informers within SETTLE: wait
+    // until a label change by NMI is refused by it.
+    let label = patch(
+        &own,
+        "merge",
+        &json!({"metadata": {"labels": {"pool": "system"}}}),
+    );
+    let mut dry = label.clone();
+    dry.push("--dry-run=server".into());
+    wait_for("node policy acting", SETTLE, || {
+        let out = as_nmi(&dry.iter().map(String::as_str).collect::<Vec<_>>());
+        let acted = out.stderr.contains(&format!("'{policy}'"));
+        async move { acted.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let policy_types = cluster
+        .kubectl_run(
+            &["get", "validatingadmissionpolicy", &policy, "-o", "json"],
+            None,
+        )
+        .unwrap();
+    let policy_obj: Value = serde_json::from_str(&policy_types.stdout).unwrap();
+    assert!(
+        policy_obj["status"]["typeChecking"]["expressionWarnings"].is_null(),
+        "type-check warnings: {}",
+        policy_obj["status"]
+    );
+
+    let refused = |args: Vec<String>, why: &str| {
+        let v: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = as_nmi(&v);
+        assert!(!out.success, "{why}: admitted: {}", strs(&args));
+        assert!(
+            out.stderr.contains(&format!("'{policy}'")) || out.stderr.contains("Forbidden"),
+            "{why}: {}",
+            out.stderr
+        );
+        out.stderr
+    };
+    let nmi_user = format!("system:serviceaccount:{}:{nmi}", rel_ns.name);
+    let e = refused(label, "a label");
+    assert!(
+        e.contains(&format!("'{policy}'")) && e.contains("labels"),
+        "{e}"
+    );
+    let e = refused(remove_taint(&other), "another node");
+    assert!(
+        e.contains(&format!("'{policy}'")) && e.contains(&format!("bound to a pod on {own}")),
+        "{e}"
+    );
+    let e = refused(
+        patch(
+            &own,
+            "json",
+            &json!([{"op": "remove", "path": "/spec/taints/0"}]),
+        ),
+        "another taint",
+    );
+    assert!(
+        e.contains(&format!("only remove taints with key {TAINT_KEY}")),
+        "{e}"
+    );
+    refused(
+        patch(
+            &own,
+            "json",
+            &json!([{"op": "add", "path": "/spec/taints/-",
+                     "value": {"key": "evil.example/x", "effect": "NoExecute"}}]),
+        ),
+        "an added taint",
+    );
+    refused(
+        patch(
+            &own,
+            "json",
+            &json!([{"op": "replace", "path": "/spec/taints/1/value", "value": "changed"}]),
+        ),
+        "a changed startup taint",
+    );
+    let e = refused(
+        patch(&own, "merge", &json!({"spec": {"unschedulable": true}})),
+        "a cordon",
+    );
+    assert!(e.contains("spec"), "{e}");
+    refused(
+        patch(
+            &own,
+            "merge",
+            &json!({"metadata": {"annotations": {"a": "b"}}}),
+        ),
+        "an annotation",
+    );
+    refused(
+        patch(
+            &own,
+            "merge",
+            &json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod",
+                "name": "nmi-x7k2p", "uid": "00000000-0000-4000-8000-000000000001"}]}}),
+        ),
+        "an owner reference (garbage collection would delete the Node)",
+    );
+    refused(
+        vec!["delete".into(), "node".into(), own.clone()],
+        "a delete",
+    );
+    let fresh = node_json(&format!("{name}-new")).to_string();
+    doomed.objects.push(("node".into(), format!("{name}-new")));
+    let out = run(
+        cluster.kubectl_with(&bound),
+        &["create", "-f", "-"],
+        Some(&fresh),
+    );
+    assert!(!out.success, "NMI created a Node");
+    // A token that names no node (not bound to a pod): refused, even for its
+    // own node.
+    let out = run(
+        cluster.kubectl_with(&unbound),
+        &remove_taint(&own)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        None,
+    );
+    assert!(!out.success, "unbound token admitted");
+    assert!(out.stderr.contains("names no node"), "{}", out.stderr);
+    // (The apiserver's TaintNodesByCondition admission adds not-ready to a
+    // new Node; no kubelet clears it here.)
+    const NOT_READY: &str = "node.kubernetes.io/not-ready";
+    assert_eq!(
+        taint_keys(cluster, &own),
+        ["other.example/keep", TAINT_KEY, TAINT_KEY, NOT_READY],
+        "nothing changed so far"
+    );
+
+    // What NMI does (its own patch, `nmi::taint::removal_patch` of the live
+    // taints): admitted, both taints with the key gone, the others kept.
+    let out = cluster
+        .kubectl_run(&["get", "node", &own, "-o", "json"], None)
+        .unwrap();
+    let live: k8s_openapi::api::core::v1::Node = serde_json::from_str(&out.stdout).unwrap();
+    let taints = live.spec.and_then(|s| s.taints).unwrap_or_default();
+    let nmi_patch = nmi::taint::removal_patch(&taints, TAINT_KEY).unwrap();
+    let args = patch(&own, "json", &nmi_patch);
+    let out = as_nmi(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.success, "NMI's removal as {nmi_user}: {}", out.stderr);
+    assert_eq!(taint_keys(cluster, &own), ["other.example/keep", NOT_READY]);
+    // A repeat is a no-op, admitted.
+    let out = as_nmi(
+        &patch(&own, "merge", &json!({"metadata": {}}))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.success, "no-op: {}", out.stderr);
+    // Not even the removal on the other node, and the administrator is not
+    // bound by the policy.
+    assert_eq!(
+        taint_keys(cluster, &other),
+        ["other.example/keep", TAINT_KEY, TAINT_KEY, NOT_READY]
+    );
+    let out = cluster
+        .kubectl_run(
+            &["label", "node", &other, "pool=system", "--overwrite"],
+            None,
+        )
+        .unwrap();
+    assert!(out.success, "admin: {}", out.stderr);
+    drop(rel_ns);
 }
