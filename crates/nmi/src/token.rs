@@ -1416,6 +1416,230 @@ mod tests {
     }
 
     #[test]
+    fn eviction_table() {
+        use EntryState::*;
+        let cases: Vec<(&str, Vec<(&str, EntryState, u64)>, Option<&str>)> = vec![
+            ("nothing", vec![], None),
+            ("all busy", vec![("a", Busy, 1), ("b", Busy, 2)], None),
+            (
+                "least recently used live",
+                vec![("a", Live, 5), ("b", Live, 2), ("c", Live, 9)],
+                Some("b"),
+            ),
+            (
+                "expired before an older live one",
+                vec![("a", Live, 1), ("b", Expired, 7)],
+                Some("b"),
+            ),
+            (
+                "empty before an older live one",
+                vec![("a", Live, 1), ("b", Empty, 8)],
+                Some("b"),
+            ),
+            (
+                "oldest among empty and expired",
+                vec![("a", Empty, 4), ("b", Expired, 3), ("c", Live, 0)],
+                Some("b"),
+            ),
+            (
+                "busy never, however old",
+                vec![("a", Busy, 0), ("b", Live, 9)],
+                Some("b"),
+            ),
+        ];
+        for (name, entries, want) in cases {
+            assert_eq!(pick_victim(entries), want, "{name}");
+        }
+    }
+
+    /// A source whose calls take `delay` (forever when `None`) and fail
+    /// (IMDS's 400) when `fail`.
+    struct Slow {
+        calls: AtomicUsize,
+        delay: Option<Duration>,
+        fail: bool,
+    }
+
+    impl Slow {
+        fn new(delay: Option<Duration>, fail: bool) -> Self {
+            Slow {
+                calls: AtomicUsize::new(0),
+                delay,
+                fail,
+            }
+        }
+    }
+
+    impl TokenSource for Slow {
+        async fn imds_token(
+            &self,
+            identity: &ImdsIdentity,
+            resource: &str,
+        ) -> Result<Token, TokenError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            match self.delay {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
+            if self.fail {
+                return Err(TokenError::Refused {
+                    status: 400,
+                    body: "Identity not found".into(),
+                });
+            }
+            let ImdsIdentity::ResourceId(rid) = identity;
+            let client = format!("app-of-{rid}");
+            Ok(Token {
+                access_token: Secret::new(jwt_app(&client)),
+                expires_on: now_secs() + 86_399,
+                not_before: None,
+                resource: resource.into(),
+                token_type: "Bearer".into(),
+                client_id: client,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_within_its_bound_and_keeps_recent_entries() {
+        let cache = TokenCache::with_limits(Slow::new(Some(Duration::ZERO), false), 5, 1000)
+            .with_bounds(16, 3);
+        for i in 0..10 {
+            cache
+                .by_resource_id("a", "app-of-a", &format!("r{i}"), &who())
+                .await
+                .unwrap();
+            assert!(cache.len() <= 3, "{} entries after {i}", cache.len());
+        }
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 10);
+        // The last three are cached; an older one was evicted.
+        for i in 7..10 {
+            cache
+                .by_resource_id("a", "app-of-a", &format!("r{i}"), &who())
+                .await
+                .unwrap();
+        }
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 10);
+        cache
+            .by_resource_id("a", "app-of-a", "r0", &who())
+            .await
+            .unwrap();
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 11);
+        assert_eq!(cache.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn failed_and_abandoned_fetches_leave_no_entry() {
+        // Refused by IMDS.
+        let cache = TokenCache::with_limits(Slow::new(Some(Duration::ZERO), true), 5, 1000);
+        for i in 0..20 {
+            let got = cache
+                .by_resource_id("a", "app-of-a", &format!("r{i}"), &who())
+                .await;
+            assert!(matches!(got, Err(TokenError::Refused { .. })), "{got:?}");
+        }
+        assert_eq!(cache.len(), 0);
+        // A forged client ID (refused after the call).
+        let cache = TokenCache::new(long_lived());
+        let got = cache.by_resource_id("a", "not-a", "r", &who()).await;
+        assert!(matches!(got, Err(TokenError::ClientIdMismatch { .. })));
+        assert_eq!(cache.len(), 0);
+        // Callers that go away while their call waits or runs.
+        let cache = Arc::new(TokenCache::with_limits(Slow::new(None, false), 2, 1000));
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let cache = Arc::clone(&cache);
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .by_resource_id("a", "app-of-a", &format!("r{}", i % 3), &who())
+                    .await
+            }));
+        }
+        while cache.pending_fetches() != (1, 2) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(cache.len(), 3);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        assert_eq!(cache.len(), 0, "abandoned entries removed");
+        assert_eq!(cache.pending_fetches(), (0, 0), "queue entries freed");
+    }
+
+    #[tokio::test]
+    async fn a_pod_beyond_its_pending_bound_gets_429_with_retry_after() {
+        let cache =
+            Arc::new(TokenCache::with_limits(Slow::new(None, false), 1, 1000).with_bounds(2, 100));
+        let busy = RequesterKey::pod("ns", "busy");
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            let cache = Arc::clone(&cache);
+            let busy = busy.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .by_resource_id("a", "app-of-a", &format!("r{i}"), &busy)
+                    .await
+            }));
+        }
+        while cache.pending_fetches() != (2, 1) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let got = cache.by_resource_id("a", "app-of-a", "r9", &busy).await;
+        match got {
+            Err(e @ TokenError::Throttled { .. }) => {
+                assert_eq!(e.status(), StatusCode::TOO_MANY_REQUESTS);
+                assert!(e.retry_after().is_some_and(|d| d >= Duration::from_secs(1)));
+            }
+            other => panic!("want 429, got {other:?}"),
+        }
+        assert_eq!(cache.len(), 3, "the refused request left no entry");
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_pod_is_not_held_behind_a_busy_one() {
+        let call = Duration::from_millis(20);
+        let cache = Arc::new(
+            TokenCache::with_limits(Slow::new(Some(call), false), 5, 20).with_bounds(1000, 4096),
+        );
+        let busy = RequesterKey::pod("ns", "busy");
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let cache = Arc::clone(&cache);
+            let busy = busy.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .by_resource_id("a", "app-of-a", &format!("r{i}"), &busy)
+                    .await
+            }));
+        }
+        while cache.pending_fetches().0 < 190 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        cache
+            .by_resource_id("b", "app-of-b", "r", &RequesterKey::pod("ns", "quiet"))
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        // The bound: one call plus (concurrency + 1) spacings.
+        let bound = call + spacing_for(20) * 6;
+        eprintln!(
+            "quiet pod waited {waited:?} (bound {bound:?}) behind {} queued calls",
+            cache.pending_fetches().0
+        );
+        assert!(waited <= bound * 3, "{waited:?} > 3 × {bound:?}");
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    #[test]
     fn limiter_spacing_keeps_a_margin_below_the_rate() {
         for per_second in [1u32, 5, 20, 1000] {
             let span = spacing_for(per_second) * per_second;
