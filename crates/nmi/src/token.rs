@@ -1418,7 +1418,8 @@ mod tests {
     #[test]
     fn eviction_table() {
         use EntryState::*;
-        let cases: Vec<(&str, Vec<(&str, EntryState, u64)>, Option<&str>)> = vec![
+        type Entries = Vec<(&'static str, EntryState, u64)>;
+        let cases: Vec<(&str, Entries, Option<&str>)> = vec![
             ("nothing", vec![], None),
             ("all busy", vec![("a", Busy, 1), ("b", Busy, 2)], None),
             (
