@@ -36,6 +36,7 @@ pub mod bench;
 pub mod e2e;
 pub mod helm;
 pub mod netns;
+pub mod nmi_node;
 pub mod upstream;
 
 use std::future::Future;

@@ -1,0 +1,563 @@
+//! NMI on a test node: a real apiserver, real iptables in a node network
+//! namespace, pods in pod namespaces, the Azure emulator's IMDS behind
+//! 169.254.169.254:80 inside the node, and NMI as a process there.
+//!
+//! Layout. NMI runs inside the node namespace (as a host-network DaemonSet
+//! does), from a real binary: integration tests pass
+//! `env!("CARGO_BIN_EXE_e2e-nmi")` to [`nmi_bin`], which
+//! `AADPODID_NMI_BIN` overrides (to run another build of NMI, for example
+//! an older one for comparison figures). The apiserver and the emulator
+//! live in the root namespace on loopback; a relay inside the node
+//! namespace carries the node's `127.0.0.1:6443` (apiserver),
+//! `169.254.169.254:80` (IMDS) and the emulator's AAD address to Unix
+//! sockets that the calling process forwards to them. Unix sockets are not
+//! network-namespaced, so nothing is added to the root namespace's network.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use aadpodid_tests::nmi_node::{NmiNode, Options, nmi_bin};
+//! let cluster = aadpodid_tests::Cluster::shared();
+//! let bin = nmi_bin("/path/to/e2e-nmi"); // env!("CARGO_BIN_EXE_e2e-nmi") in a test
+//! let node = NmiNode::start(cluster, Options::new(3, bin)).await?;
+//! let (status, body) = node.curl(0, "/metadata/identity/oauth2/token?resource=x", &["Metadata: true"]).await?;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use aadpodid_api::AzureIdentity;
+use aadpodid_api::AzureIdentitySpec;
+use anyhow::{Context as _, bail};
+use azure_emulator::config::{
+    IdentityAssignmentSeed, IdentitySeed, SecretSeed, ServicePrincipalSeed, VmSeed,
+};
+use azure_emulator::{Config, Emulator};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+
+use crate::assigned::{create_aai, mic_aai};
+use crate::netns::{IMDS_ADDRESS, NetNs, Node};
+use crate::{Cluster, unique_name, wait_for};
+
+/// Environment variable naming the NMI binary to run instead of the default.
+pub const NMI_BIN_ENV: &str = "AADPODID_NMI_BIN";
+/// Client ID of the user-assigned identity `id-a` on the node's VM.
+pub const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
+/// Client ID of the user-assigned identity `id-b` on the node's VM.
+pub const CLIENT_B: &str = "bbbbbbbb-0000-4000-8000-00000000000b";
+/// Object (principal) ID of `id-a`.
+pub const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
+/// Object (principal) ID of `id-b`.
+pub const OBJECT_B: &str = "bbbbbbbb-1111-4000-8000-00000000000b";
+/// The emulator's ARM audience, a resource IMDS always knows.
+pub const ARM: &str = "https://management.azure.com/";
+/// Token path for [`ARM`], as a pod asks for it.
+pub const ARM_TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+/// The emulator's tenant.
+pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+/// A service principal (type 1) the emulator's Entra ID knows.
+pub const SP_CLIENT: &str = "cccccccc-0000-4000-8000-00000000000c";
+/// Its client secret.
+pub const SP_SECRET: &str = "s3cr3t-of-the-sp";
+/// A service principal (type 2) authenticating with a certificate.
+pub const SP_CERT_CLIENT: &str = "dddddddd-0000-4000-8000-00000000000d";
+/// NMI's health port inside the node (`/healthz`).
+pub const PROBE_PORT: u16 = 8085;
+/// NMI's metrics port inside the node (its default).
+pub const METRICS_PORT: u16 = 9090;
+/// The apiserver's address as NMI sees it inside the node.
+const API_RELAY_PORT: u16 = 6443;
+
+/// `AADPODID_NMI_BIN` when set, else `default` (in an integration test,
+/// `env!("CARGO_BIN_EXE_e2e-nmi")`).
+pub fn nmi_bin(default: impl Into<PathBuf>) -> PathBuf {
+    match std::env::var_os(NMI_BIN_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => default.into(),
+    }
+}
+
+/// How a test node is set up.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Pod namespaces attached to the node (at most 200).
+    pub pods: u8,
+    /// The NMI binary (see [`nmi_bin`]).
+    pub nmi_bin: PathBuf,
+    /// Arguments appended to NMI's fixed ones (later flags win in clap only
+    /// for single-valued flags; do not repeat a fixed one).
+    pub nmi_args: Vec<String>,
+    /// Start NMI and wait until `/healthz` says `Active` (else the test
+    /// starts it with [`NmiNode::start_nmi`]).
+    pub start_nmi: bool,
+    /// Changes the emulator's configuration before it starts (the default
+    /// one holds the identities and service principals of the constants above).
+    pub emulator: fn(&mut Config),
+}
+
+impl Options {
+    /// `pods` pods, `nmi_bin`, no extra arguments, NMI started.
+    pub fn new(pods: u8, nmi_bin: PathBuf) -> Self {
+        Options {
+            pods,
+            nmi_bin,
+            nmi_args: Vec::new(),
+            start_nmi: true,
+            emulator: |_| {},
+        }
+    }
+
+    /// With `args` appended to NMI's command line.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.nmi_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A test node with NMI (see the module docs). Everything it started is
+/// stopped and its folder removed on drop; its namespaces go with [`Node`].
+#[derive(Debug)]
+pub struct NmiNode {
+    /// The Node's name (the VM's name in the emulator).
+    pub node_name: String,
+    /// PKCS#12 (password `pw`) of the type-2 service principal.
+    pub sp_p12: Vec<u8>,
+    /// The node and pod namespaces.
+    pub node: Node,
+    /// The Azure emulator (IMDS of the node's VM, AAD, ARM).
+    pub emu: Emulator,
+    dir: PathBuf,
+    nmi: Option<Child>,
+    relay: Child,
+    kubeconfig: PathBuf,
+    nmi_bin: PathBuf,
+    nmi_args: Vec<String>,
+    log_path: PathBuf,
+}
+
+impl Drop for NmiNode {
+    fn drop(&mut self) {
+        self.stop_nmi();
+        let _ = self.relay.kill();
+        let _ = self.relay.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl NmiNode {
+    /// Starts the emulator, the node with its pods and the relay, and (with
+    /// `opts.start_nmi`) NMI, waiting until it is active.
+    pub async fn start(cluster: &Cluster, opts: Options) -> anyhow::Result<NmiNode> {
+        let node_name = unique_name("node");
+        let dir = std::env::temp_dir().join(unique_name("nmi-node"));
+        std::fs::create_dir_all(&dir)?;
+
+        let mut cfg = Config::new(TENANT, "00000000-0000-0000-0000-0000000000aa");
+        let (cert_pem, p12) = openssl_certificate(&dir)?;
+        cfg.service_principals = vec![
+            ServicePrincipalSeed {
+                client_id: SP_CLIENT.into(),
+                object_id: None,
+                secrets: vec![SecretSeed::Plain(SP_SECRET.into())],
+                certificates: Vec::new(),
+                federated_credentials: Vec::new(),
+                permissions: Default::default(),
+            },
+            ServicePrincipalSeed {
+                client_id: SP_CERT_CLIENT.into(),
+                object_id: None,
+                secrets: Vec::new(),
+                certificates: vec![cert_pem],
+                federated_credentials: Vec::new(),
+                permissions: Default::default(),
+            },
+        ];
+        cfg.resource_groups = vec!["rg".into()];
+        let seed = |name: &str, client: &str, object: &str| IdentitySeed {
+            name: name.into(),
+            resource_group: "rg".into(),
+            client_id: Some(client.into()),
+            principal_id: Some(object.into()),
+            federated_credentials: Vec::new(),
+            permissions: Default::default(),
+        };
+        cfg.identities = vec![
+            seed("id-a", CLIENT_A, OBJECT_A),
+            seed("id-b", CLIENT_B, OBJECT_B),
+        ];
+        cfg.virtual_machines = vec![VmSeed {
+            name: node_name.clone(),
+            resource_group: "rg".into(),
+            identity: IdentityAssignmentSeed {
+                system_assigned: true,
+                user_assigned: vec!["id-a".into(), "id-b".into()],
+            },
+        }];
+        (opts.emulator)(&mut cfg);
+        let emu = Emulator::start(cfg).await?;
+        let imds = emu
+            .add_imds(&format!("vm/{node_name}"), "127.0.0.1:0".parse()?)
+            .await?;
+
+        let node = Node::with_pods(opts.pods)?;
+        node.node.add_local_address(IMDS_ADDRESS)?;
+        let api: SocketAddr = cluster
+            .server()
+            .trim_start_matches("https://")
+            .parse()
+            .context("apiserver address")?;
+        // AAD keeps its address inside the node (the test CA's certificate
+        // names 127.0.0.1), so `adEndpoint` is the emulator's own URL.
+        let aad = aad_addr(&emu)?;
+        let relay = node
+            .node
+            .relay_many(
+                &[
+                    (SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)), api),
+                    (SocketAddr::from((IMDS_ADDRESS, 80)), imds),
+                    (aad, aad),
+                ],
+                &dir,
+            )
+            .await?;
+        let kubeconfig = dir.join("kubeconfig");
+        let text = std::fs::read_to_string(cluster.kubeconfig())?.replace(
+            cluster.server(),
+            &format!("https://127.0.0.1:{API_RELAY_PORT}"),
+        );
+        std::fs::write(&kubeconfig, text)?;
+
+        let log_path = dir.join("nmi.log");
+        let mut f = NmiNode {
+            node_name,
+            sp_p12: p12,
+            node,
+            dir,
+            emu,
+            nmi: None,
+            relay,
+            kubeconfig,
+            nmi_bin: opts.nmi_bin,
+            nmi_args: opts.nmi_args,
+            log_path,
+        };
+        if opts.start_nmi {
+            f.start_nmi()?;
+            f.wait_active().await?;
+        }
+        Ok(f)
+    }
+
+    /// NMI's fixed arguments for this node.
+    fn base_args(&self) -> Vec<String> {
+        vec![
+            format!("--node={}", self.node_name),
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            format!("--http-probe-port={PROBE_PORT}"),
+            "--allow-network-plugin-kubenet=true".into(),
+            "--retry-attempts-for-created=1".into(),
+            "--ipt-update-interval-sec=1".into(),
+            format!("--aad-ca-file={}", self.emu.ca_bundle_path().display()),
+        ]
+    }
+
+    /// Starts NMI (stopping a running one first) with the fixed arguments
+    /// and the extra ones of [`Options::nmi_args`]; does not wait. Its log
+    /// is appended to [`NmiNode::log`].
+    pub fn start_nmi(&mut self) -> anyhow::Result<()> {
+        let extra = self.nmi_args.clone();
+        self.start_nmi_with(&extra)
+    }
+
+    /// [`NmiNode::start_nmi`] with `extra` instead of the extra arguments
+    /// of the options (remembered for later restarts).
+    pub fn start_nmi_with(&mut self, extra: &[String]) -> anyhow::Result<()> {
+        self.stop_nmi();
+        self.nmi_args = extra.to_vec();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let mut cmd = self.node.node.command(&self.nmi_bin);
+        cmd.args(self.base_args())
+            .args(extra)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("NO_PROXY", "127.0.0.1,localhost");
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", self.nmi_bin.display()))?;
+        self.nmi = Some(child);
+        Ok(())
+    }
+
+    /// Kills NMI (SIGKILL) and reaps it; nothing when it is not running.
+    pub fn stop_nmi(&mut self) {
+        if let Some(mut c) = self.nmi.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops NMI, starts it again with the same arguments and waits until
+    /// it is active.
+    pub async fn restart_nmi(&mut self) -> anyhow::Result<()> {
+        self.start_nmi()?;
+        self.wait_active().await
+    }
+
+    /// NMI's process ID while it runs (`ip netns exec` and `setpriv` exec
+    /// into it, so the child is NMI itself).
+    pub fn nmi_pid(&self) -> Option<u32> {
+        self.nmi.as_ref().map(Child::id)
+    }
+
+    /// Whether NMI's process is still running (false once it has exited).
+    pub fn nmi_running(&mut self) -> bool {
+        match self.nmi.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Everything NMI wrote to stdout and stderr since this node started.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The node's folder (Unix sockets, kubeconfig, NMI's log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The kubeconfig NMI uses (the apiserver through the node's relay).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The node's network namespace.
+    pub fn node_ns(&self) -> &NetNs {
+        &self.node.node
+    }
+
+    /// Pod `i`'s network namespace. Panics when there is no pod `i`
+    /// (test code: the index is the test's own).
+    pub fn pod_ns(&self, i: usize) -> &NetNs {
+        &self.node.pods[i].0
+    }
+
+    /// Pod `i`'s IPv4 address.
+    pub fn pod_ip(&self, i: usize) -> String {
+        self.node.pods[i].1.to_string()
+    }
+
+    /// NMI's `/healthz` answer from inside the node, within 1 s.
+    pub async fn healthz(&self) -> Option<String> {
+        let mut cmd = self.node.node.command("curl");
+        cmd.args([
+            "-s",
+            "--max-time",
+            "1",
+            &format!("http://127.0.0.1:{PROBE_PORT}/healthz"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        let out = tokio::process::Command::from(cmd).output().await.ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits (60 s at most) until NMI's `/healthz` says `Active`; the error
+    /// carries NMI's log.
+    pub async fn wait_active(&self) -> anyhow::Result<()> {
+        let r = wait_for("nmi /healthz Active", Duration::from_secs(60), || async {
+            (self.healthz().await.as_deref() == Some("Active")).then_some(())
+        })
+        .await;
+        r.with_context(|| format!("nmi log:\n{}", self.log()))
+    }
+
+    /// `curl` from pod `i` to `http://169.254.169.254<path>`: (status, body).
+    pub async fn curl(
+        &self,
+        i: usize,
+        path: &str,
+        headers: &[&str],
+    ) -> anyhow::Result<(u16, String)> {
+        curl(self.pod_ns(i), path, headers).await
+    }
+
+    /// Creates pod `name` on this node with pod `i`'s address, Running.
+    pub async fn create_pod(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        name: &str,
+        i: usize,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        create_pod(client, ns, name, &self.node_name, &self.pod_ip(i), labels).await
+    }
+}
+
+/// A self-signed RSA certificate made by `openssl` in `dir`: (certificate
+/// PEM, PKCS#12 with password `pw`).
+pub fn openssl_certificate(dir: &Path) -> anyhow::Result<(String, Vec<u8>)> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "sp.key",
+        "-out",
+        "sp.crt",
+        "-subj",
+        "/CN=sp-cert",
+        "-days",
+        "2",
+    ])?;
+    run(&[
+        "pkcs12", "-export", "-inkey", "sp.key", "-in", "sp.crt", "-out", "sp.p12", "-passout",
+        "pass:pw",
+    ])?;
+    Ok((
+        std::fs::read_to_string(dir.join("sp.crt"))?,
+        std::fs::read(dir.join("sp.p12"))?,
+    ))
+}
+
+fn aad_addr(emu: &Emulator) -> anyhow::Result<SocketAddr> {
+    emu.aad_url()
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .context("AAD address")
+}
+
+/// `curl` from inside `ns` to `http://169.254.169.254<path>`: returns
+/// (status, body), 30 s at most. `-g` and `--path-as-is` keep hostile paths
+/// as written.
+pub async fn curl(ns: &NetNs, path: &str, headers: &[&str]) -> anyhow::Result<(u16, String)> {
+    let url = format!("http://{IMDS_ADDRESS}{path}");
+    let mut args = vec![
+        "-s",
+        "-g",
+        "--path-as-is",
+        "--max-time",
+        "30",
+        "-w",
+        "\n%{http_code}",
+    ];
+    for h in headers {
+        args.push("-H");
+        args.push(h);
+    }
+    args.push(&url);
+    let mut cmd = ns.command("curl");
+    cmd.args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::process::Command::from(cmd).output().await?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = out
+        .rsplit_once('\n')
+        .with_context(|| format!("curl output: {out}"))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+/// Creates pod `name` in `ns` on `node` with address `ip` and `labels`, and
+/// sets its status to Running with that address (no kubelet runs here).
+pub async fn create_pod(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    node: &str,
+    ip: &str,
+    labels: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
+    }))?;
+    api.create(&PostParams::default(), &pod).await?;
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A user-assigned AzureIdentity `name` in `ns` for `client_id` (resource
+/// ID in the emulator's `rg`).
+pub fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
+    let mut id = AzureIdentity::new(
+        name,
+        AzureIdentitySpec {
+            client_id: client_id.into(),
+            resource_id: format!(
+                "/subscriptions/00000000-0000-0000-0000-0000000000aa/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+            ),
+            ..Default::default()
+        },
+    );
+    id.metadata.namespace = Some(ns.into());
+    id
+}
+
+/// [`mic_aai`] with `status`, created: `pod` is bound to `id` as MIC binds
+/// it. Returns the AzureAssignedIdentity's (namespace, name).
+pub async fn assign(
+    client: &kube::Client,
+    pod_ns: &str,
+    node: &str,
+    pod: &str,
+    id: &AzureIdentity,
+    selector: &str,
+    status: &str,
+) -> anyhow::Result<(String, String)> {
+    let mut aai = mic_aai(client, pod_ns, node, pod, id, selector, false).await?;
+    if let Some(s) = aai.status.as_mut() {
+        s.status = status.into();
+    }
+    create_aai(client, &aai).await
+}
