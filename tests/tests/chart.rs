@@ -646,6 +646,183 @@ fn identity_policy_modes_render_what_they_say() {
     assert!(e.contains("identityPolicy"), "{e}");
 }
 
+/// NMI's node-level options: by default nothing of them is rendered; with
+/// `ci/nmi-hardening-values.yaml` the route_localnet init container (the only
+/// privileged container, same image), the startup taint's toleration added
+/// to a custom list, `get`/`patch` on nodes and the admission policy that
+/// narrows them to NMI's user; default tolerations already cover the taint;
+/// without RBAC the policy names the "default" ServiceAccount NMI then runs as.
+#[test]
+fn nmi_node_options_render_what_they_say() {
+    let ns = "kube-system";
+    let key = "aadpodidentity.k8s.io/nmi-not-ready";
+    let node_rule = json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]});
+    // NMI's rules on nodes (MIC lists and watches them).
+    let nmi_nodes = |docs: &[Value]| -> Vec<String> {
+        grants(docs, "nodes")
+            .into_iter()
+            .filter(|g| !g.contains("-mic: "))
+            .collect()
+    };
+    let docs = render(Render::new("aad-pod-identity", ns));
+    let nmi = get(&docs, "DaemonSet", "aad-pod-identity-nmi");
+    assert!(nmi["spec"]["template"]["spec"]["initContainers"].is_null());
+    assert!(nmi_nodes(&docs).is_empty(), "{:?}", nmi_nodes(&docs));
+    assert!(
+        helm::find(
+            &docs,
+            "ValidatingAdmissionPolicy",
+            "aad-pod-identity-nmi-startup-taint"
+        )
+        .is_none()
+    );
+    let args = helm::container_args(&nmi);
+    for flag in [
+        "--max-connections",
+        "--max-connections-per-ip",
+        "--max-pending-fetches-per-pod",
+        "--max-cached-tokens",
+        "--first-sync-wait-sec",
+        "--allow-scheduled-events-post",
+        "--proxy-allowed-paths",
+        "--node-startup-taint",
+    ] {
+        assert!(
+            !args.iter().any(|a| a.split('=').next() == Some(flag)),
+            "{flag} rendered by default: {args:?}"
+        );
+    }
+    assert!(args.contains(&"--enable-conntrack-deletion=false".to_string()));
+
+    let docs = render(Render::new("aad-pod-identity", ns).values(ci("nmi-hardening-values.yaml")));
+    let nmi = get(&docs, "DaemonSet", "aad-pod-identity-nmi");
+    let pod = &nmi["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let init = pod["initContainers"].as_array().unwrap();
+    assert_eq!(init.len(), 1, "{init:?}");
+    let i = &init[0];
+    assert_eq!(i["name"], "route-localnet");
+    assert_eq!(i["image"], c["image"], "the NMI image (it has /bin/sh)");
+    assert_eq!(
+        i["command"],
+        json!([
+            "/bin/sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet"
+        ])
+    );
+    assert_eq!(i["securityContext"]["privileged"], true);
+    assert!(i["resources"]["limits"]["memory"].is_string());
+    assert_eq!(pod["hostNetwork"], true, "the sysctl is the node's");
+    assert_eq!(
+        c["securityContext"]["privileged"], false,
+        "NMI itself stays unprivileged"
+    );
+    assert_eq!(
+        pod["tolerations"],
+        json!([{"key": "CriticalAddonsOnly", "operator": "Exists"},
+               {"key": key, "operator": "Exists"}])
+    );
+    let args = helm::container_args(&nmi);
+    assert!(
+        args.contains(&format!("--node-startup-taint={key}")),
+        "{args:?}"
+    );
+    let role = get(&docs, "ClusterRole", "aad-pod-identity-nmi");
+    assert!(
+        role["rules"].as_array().unwrap().contains(&node_rule),
+        "{role}"
+    );
+    assert_eq!(nmi_nodes(&docs).len(), 1);
+    // MIC gets nothing new.
+    assert!(
+        !get(&docs, "ClusterRole", "aad-pod-identity-mic")["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"] == json!(["nodes"]) && r["verbs"].to_string().contains("patch"))
+    );
+    let vap = get(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "aad-pod-identity-nmi-startup-taint",
+    );
+    assert_eq!(vap["spec"]["failurePolicy"], "Fail");
+    assert_eq!(
+        vap["spec"]["matchConstraints"]["resourceRules"],
+        json!([{"apiGroups": [""], "apiVersions": ["*"],
+                "operations": ["CREATE", "UPDATE", "DELETE"], "resources": ["nodes"]}])
+    );
+    assert_eq!(
+        vap["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == 'system:serviceaccount:kube-system:aad-pod-identity-nmi'"
+    );
+    let t = text_of(&vap);
+    assert!(
+        t.contains(&format!("t.key != '{key}'"))
+            && t.contains("authentication.kubernetes.io/node-name")
+            && t.contains("unschedulable")
+            && t.contains("ownerReferences"),
+        "{t}"
+    );
+    let b = get(
+        &docs,
+        "ValidatingAdmissionPolicyBinding",
+        "aad-pod-identity-nmi-startup-taint",
+    );
+    assert_eq!(b["spec"]["validationActions"], json!(["Deny"]));
+    assert!(b["spec"]["matchResources"].is_null(), "bound cluster-wide");
+
+    // Default tolerations (everything) already cover the taint; identity
+    // policy off does not take the node policy away.
+    let docs = render(
+        Render::new("aad-pod-identity", ns)
+            .set("nmi.startupTaint.enabled", "true")
+            .set("identityPolicy.mode", "off"),
+    );
+    let nmi = get(&docs, "DaemonSet", "aad-pod-identity-nmi");
+    assert_eq!(
+        nmi["spec"]["template"]["spec"]["tolerations"],
+        json!([{"operator": "Exists"}])
+    );
+    assert_eq!(of_kind(&docs, "ValidatingAdmissionPolicy").len(), 1);
+    assert!(helm::container_args(&nmi).contains(
+        &"--node-startup-taint=startup-taint.cluster-autoscaler.kubernetes.io/aad-pod-identity-nmi"
+            .to_string()
+    ));
+    // No tolerations at all: just the taint's.
+    let docs = render(
+        Render::new("aad-pod-identity", ns)
+            .set("nmi.startupTaint.enabled", "true")
+            .set("nmi.tolerations", "null"),
+    );
+    assert_eq!(
+        get(&docs, "DaemonSet", "aad-pod-identity-nmi")["spec"]["template"]["spec"]["tolerations"],
+        json!([{"key": "startup-taint.cluster-autoscaler.kubernetes.io/aad-pod-identity-nmi",
+                "operator": "Exists"}])
+    );
+    // Without RBAC, NMI runs as "default": the policy limits that account.
+    let docs = render(
+        Render::new("rel", "ops")
+            .set("fullnameOverride", "pid")
+            .set("rbac.enabled", "false")
+            .set("nmi.startupTaint.enabled", "true"),
+    );
+    assert!(nmi_nodes(&docs).is_empty());
+    assert_eq!(
+        get(&docs, "ValidatingAdmissionPolicy", "pid-nmi-startup-taint")["spec"]["matchConditions"]
+            [0]["expression"],
+        "request.userInfo.username == 'system:serviceaccount:ops:default'"
+    );
+    // Managed mode: the same rule.
+    let docs = render(
+        Render::new("aad-pod-identity", ns)
+            .values(ci("managed-mode-values.yaml"))
+            .set("nmi.startupTaint.enabled", "true"),
+    );
+    assert_eq!(nmi_nodes(&docs).len(), 1);
+}
+
 /// The user-facing -edit role grants identities and bindings, never
 /// exceptions or AzureAssignedIdentities; installMICException renders only
 /// the AKS add-on exception.
@@ -766,6 +943,78 @@ fn invalid_values_fail_with_a_message_naming_the_value() {
     let r = Render::new("aad-pod-identity", "kube-system").set("nmi.cleanupOnUninstall", "maybe");
     let e = helm::template_text(&r).unwrap().unwrap_err();
     assert!(e.contains("cleanupOnUninstall"), "{e}");
+    // NMI's bounds, paths and startup taint: refused by the schema or the
+    // chart's own checks before NMI would refuse to start.
+    for (key, value, needle) in [
+        ("nmi.maxConnections", "0", "maxConnections"),
+        ("nmi.maxConnections", "65537", "maxConnections"),
+        ("nmi.maxConnectionsPerIP", "many", "maxConnectionsPerIP"),
+        (
+            "nmi.maxPendingFetchesPerPod",
+            "4097",
+            "maxPendingFetchesPerPod",
+        ),
+        ("nmi.maxCachedTokens", "-1", "maxCachedTokens"),
+        ("nmi.firstSyncWaitSec", "301", "firstSyncWaitSec"),
+        ("nmi.firstSyncWaitSec", "1.5", "firstSyncWaitSec"),
+        (
+            "nmi.allowScheduledEventsPost",
+            "maybe",
+            "allowScheduledEventsPost",
+        ),
+        (
+            "nmi.proxyAllowedPaths[0]",
+            "/metadata/identity/oauth2",
+            "proxyAllowedPaths",
+        ),
+        (
+            "nmi.proxyAllowedPaths[0]",
+            "/metadata/%69dentity",
+            "proxyAllowedPaths",
+        ),
+        ("nmi.proxyAllowedPaths[0]", "/other", "proxyAllowedPaths"),
+        ("nmi.startupTaint.key", "-not-a-key", "startupTaint"),
+        ("nmi.startupTaint.key", "Bad_Prefix/x", "startupTaint"),
+        ("nmi.startupTaint.efect", "NoSchedule", "startupTaint"),
+        (
+            "nmi.routeLocalnetInitContainer",
+            "yes",
+            "routeLocalnetInitContainer",
+        ),
+    ] {
+        let r = Render::new("aad-pod-identity", "kube-system").set(key, value);
+        let e = helm::template_text(&r)
+            .unwrap()
+            .expect_err(&format!("{key}={value} accepted"));
+        assert!(e.contains(needle), "{key}={value}: {e}");
+    }
+    let r = Render::new("aad-pod-identity", "kube-system")
+        .set("nmi.startupTaint.enabled", "true")
+        .set("nmi.startupTaint.key", "");
+    let e = helm::template_text(&r).unwrap().unwrap_err();
+    assert!(
+        e.contains("nmi.startupTaint.key must name the taint"),
+        "{e}"
+    );
+    // The startup taint needs the admission policy, so Kubernetes 1.30.
+    let out = helm::run(&[
+        "template",
+        "aad-pod-identity",
+        &helm::chart_dir().display().to_string(),
+        "--kube-version",
+        "1.29.4",
+        "--set",
+        "identityPolicy.mode=off",
+        "--set",
+        "nmi.startupTaint.enabled=true",
+    ])
+    .unwrap();
+    assert!(!out.success, "1.29 accepted");
+    assert!(
+        out.stderr.contains("nmi.startupTaint.enabled") && out.stderr.contains("1.30"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// What the kubelet does to `$(VAR)` in args (downward-API env only here).
@@ -910,6 +1159,56 @@ fn rendered_args_parse_with_the_real_parsers() {
             assert_eq!(parsed.operation_mode, nmi::args::OperationMode::Standard);
             // micNamespace, else the release namespace (kube-system in every render here).
             assert_eq!(parsed.mic_namespace, "kube-system", "{what}");
+        }
+        if what.contains("nmi-hardening") {
+            assert_eq!(
+                (
+                    parsed.max_connections,
+                    parsed.max_connections_per_ip,
+                    parsed.max_pending_fetches_per_pod,
+                    parsed.max_cached_tokens,
+                    parsed.first_sync_wait_sec,
+                ),
+                (2048, 16, 8, 1_000_000, 0),
+                "{what}"
+            );
+            assert!(parsed.enable_conntrack_deletion && parsed.allow_scheduled_events_post);
+            assert_eq!(
+                parsed.proxy_allowed_paths,
+                ["/metadata/loadbalancer", "/metadata/attested"]
+            );
+            assert_eq!(
+                parsed.node_startup_taint,
+                "aadpodidentity.k8s.io/nmi-not-ready"
+            );
+        } else {
+            // Unset: the binary's defaults, which values.yaml names.
+            let defaults = nmi::Args::try_from_args(Vec::<String>::new()).unwrap();
+            assert_eq!(
+                (
+                    parsed.max_connections,
+                    parsed.max_connections_per_ip,
+                    parsed.max_pending_fetches_per_pod,
+                    parsed.max_cached_tokens,
+                    parsed.first_sync_wait_sec,
+                ),
+                (1024, 32, 16, 4096, 20),
+                "{what}"
+            );
+            assert_eq!(
+                (
+                    defaults.max_connections,
+                    defaults.max_connections_per_ip,
+                    defaults.max_pending_fetches_per_pod,
+                    defaults.max_cached_tokens,
+                    defaults.first_sync_wait_sec,
+                ),
+                (1024, 32, 16, 4096, 20),
+                "values.yaml documents these defaults"
+            );
+            assert!(!parsed.enable_conntrack_deletion && !parsed.allow_scheduled_events_post);
+            assert!(parsed.proxy_allowed_paths.is_empty(), "{what}");
+            assert_eq!(parsed.node_startup_taint, "", "{what}");
         }
         if what.contains("all-flags") {
             assert_eq!(parsed.ipt_update_interval_sec, 30);
@@ -1089,8 +1388,8 @@ fn dockerfiles_name_paths_and_binaries_that_exist() {
     assert!(mic.contains("USER 65532"), "MIC runs as non-root");
     let nmi = std::fs::read_to_string(root.join("Dockerfile.nmi")).unwrap();
     assert!(
-        nmi.contains("install -y --no-install-recommends iptables"),
-        "NMI has the iptables userland"
+        nmi.contains("install -y --no-install-recommends iptables conntrack"),
+        "NMI has the iptables userland and conntrack (--enable-conntrack-deletion)"
     );
 }
 
@@ -1111,6 +1410,8 @@ fn isolated_render(ns: &str, prefix: &str) -> Render {
             "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/app-id",
         )
         .set("azureIdentities.app-id.binding.selector", "app")
+        .set("nmi.startupTaint.enabled", "true")
+        .set("nmi.routeLocalnetInitContainer", "true")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1193,6 +1494,7 @@ async fn rendered_chart_applies_to_the_apiserver() {
         "identity-grants",
         "assigned-identity-writers",
         "exception-writers",
+        "nmi-startup-taint",
     ] {
         for kind in [
             "validatingadmissionpolicy",
@@ -1233,6 +1535,7 @@ impl Drop for ClusterScoped {
                 "identity-grants",
                 "assigned-identity-writers",
                 "exception-writers",
+                "nmi-startup-taint",
             ] {
                 names.push((kind, format!("{prefix}-{which}")));
             }
