@@ -15,6 +15,9 @@
 //!   over a restart and removes it after a real `helm uninstall`
 //!   (`--cleanup-on-uninstall`).
 //! - NMI may read exactly the Secrets the chart's values name.
+//! - nmi.startupTaint: NMI removes the startup taint from its own Node with
+//!   the chart's rules and admission policy and its pod-bound token; without
+//!   `patch`, or with a token that names no node, the taint stays.
 //! - One verb taken out of a rendered ClusterRole makes each job fail.
 
 #![allow(
@@ -1152,4 +1155,187 @@ async fn nmi_reads_only_the_secrets_of_service_principal_identities() {
         ));
         rel.delete_cluster_scoped();
     }
+}
+
+/// nmi.startupTaint with exactly the chart's RBAC and its admission policy:
+/// NMI, running as the chart's ServiceAccount with the pod-bound token a
+/// kubelet mounts for its DaemonSet pod, removes the startup taint from its
+/// own Node once it is Active (redirect in place), keeping the other taints.
+/// With a token that names no node (not pod-bound) the policy refuses the
+/// same patch and the taint stays. Without the `patch` verb it stays too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
+    const KEY: &str = "aadpodidentity.k8s.io/nmi-not-ready";
+    let _shared = MIC_RUNS.read().await;
+    let cluster = Cluster::shared();
+    let node = NmiNode::new(cluster).await.unwrap();
+    let rel = Release::render(
+        "rbac-taint",
+        &[
+            ("nmi.startupTaint.enabled", "true"),
+            ("nmi.startupTaint.key", KEY),
+        ],
+    )
+    .await;
+    let args = helm::container_args(&rel.get("DaemonSet", &rel.nmi()));
+    assert!(
+        args.contains(&format!("--node-startup-taint={KEY}")),
+        "{args:?}"
+    );
+    let policy = format!("{}-nmi-startup-taint", rel.name);
+    let _cleanup = [
+        DeleteOnDrop {
+            cluster,
+            args: vec!["validatingadmissionpolicybinding".into(), policy.clone()],
+        },
+        DeleteOnDrop {
+            cluster,
+            args: vec!["validatingadmissionpolicy".into(), policy.clone()],
+        },
+        DeleteOnDrop {
+            cluster,
+            args: vec!["node".into(), node.name.clone()],
+        },
+    ];
+    let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
+        rel.get("ValidatingAdmissionPolicy", &policy),
+        rel.get("ValidatingAdmissionPolicyBinding", &policy),
+        // The DaemonSet object (no controller runs): its pod is created below.
+        rel.get("DaemonSet", &rel.nmi()),
+    ]});
+    let out = cluster
+        .kubectl_run(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&objs.to_string()),
+        )
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    // The Node, created with the taint as the node pool would.
+    let taints = json!([
+        {"key": "other.example/keep", "value": "x", "effect": "NoSchedule"},
+        {"key": KEY, "value": "true", "effect": "NoSchedule"},
+    ]);
+    let n = json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": node.name}, "spec": {"taints": taints}});
+    let out = cluster
+        .kubectl_run(&["create", "-f", "-"], Some(&n.to_string()))
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    let keys = || -> Vec<String> {
+        let out = cluster
+            .kubectl_run(
+                &[
+                    "get",
+                    "node",
+                    &node.name,
+                    "-o",
+                    "jsonpath={.spec.taints[*].key}",
+                ],
+                None,
+            )
+            .unwrap();
+        // (Less node.kubernetes.io/not-ready, which the apiserver adds to a
+        // new Node and no kubelet clears here.)
+        out.stdout
+            .split_whitespace()
+            .filter(|k| !k.starts_with("node.kubernetes.io/"))
+            .map(str::to_string)
+            .collect()
+    };
+
+    // Without `patch` on nodes: NMI becomes Active, the taint stays.
+    rel.apply_rbac("nmi", without_verb("nodes", "patch"));
+    let pod = format!("{}-x7k2p", rel.nmi());
+    create_ds_pod(&rel, &node.name, &pod);
+    // Unbound first (names no node): the policy refuses.
+    let unbound = rel
+        .sa_kubeconfig(
+            "nmi",
+            Some(&format!("https://127.0.0.1:{API_RELAY_PORT}")),
+            &node.dir,
+        )
+        .await;
+    let out = cluster
+        .kubectl_run(
+            &[
+                "create",
+                "token",
+                &rel.nmi(),
+                "-n",
+                rel.ns.name(),
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                &pod,
+                "--duration",
+                "1h",
+            ],
+            None,
+        )
+        .unwrap();
+    assert!(out.success, "{}", out.stderr);
+    let text = std::fs::read_to_string(&unbound).unwrap();
+    let (head, rest) = text.split_once("token: ").unwrap();
+    let (_, tail) = rest.split_once('\n').unwrap();
+    let bound = node.dir.join("nmi-bound.kubeconfig");
+    std::fs::write(
+        &bound,
+        format!("{head}token: {}\n{tail}", out.stdout.trim()),
+    )
+    .unwrap();
+
+    let waits_for = |log: &Path, what: &'static str| {
+        let log = log.to_path_buf();
+        async move {
+            let r = wait_for(what, WAIT, || {
+                let l = log_of(&log);
+                async move { l.contains("removing the startup taint failed").then_some(l) }
+            })
+            .await;
+            match r {
+                Ok(l) => l,
+                Err(e) => panic!("{e}\nNMI log:\n{}", log_of(&log)),
+            }
+        }
+    };
+    let log = node.dir.join("nmi-nopatch.log");
+    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log);
+    node.wait_active(&log).await;
+    let l = waits_for(&log, "refused without patch").await;
+    assert!(l.contains("forbidden"), "{l}");
+    terminate(&mut nmi, &log).await;
+    assert_eq!(keys(), ["other.example/keep", KEY]);
+
+    // The chart's rules; a token that names no node: the policy refuses.
+    rel.apply_rbac("nmi", |_| {});
+    let log = node.dir.join("nmi-unbound.log");
+    let mut nmi = node.start_nmi(&rel, &pod, &unbound, &log);
+    node.wait_active(&log).await;
+    let l = waits_for(&log, "refused by the policy").await;
+    assert!(l.contains(&policy) && l.contains("names no node"), "{l}");
+    terminate(&mut nmi, &log).await;
+    assert_eq!(keys(), ["other.example/keep", KEY]);
+
+    // The pod-bound token, as in a real pod: removed, the other taint kept,
+    // with the redirect in place.
+    let log = node.dir.join("nmi-bound.log");
+    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log);
+    let r = wait_for("startup taint removed", WAIT, || {
+        let k = keys();
+        async move { (!k.iter().any(|k| k == KEY)).then_some(k) }
+    })
+    .await;
+    let k = match r {
+        Ok(k) => k,
+        Err(e) => panic!("{e}\nNMI log:\n{}", log_of(&log)),
+    };
+    assert!(node.chain().is_some(), "taint removed before the redirect");
+    assert_eq!(k, ["other.example/keep"]);
+    assert!(
+        log_of(&log).contains("startup taint removed"),
+        "{}",
+        log_of(&log)
+    );
+    terminate(&mut nmi, &log).await;
+    rel.delete_cluster_scoped();
 }
