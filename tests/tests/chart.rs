@@ -814,6 +814,30 @@ fn nmi_node_options_render_what_they_say() {
             [0]["expression"],
         "request.userInfo.username == 'system:serviceaccount:ops:default'"
     );
+    // The other route_localnet fix: NMI on the node's IP, from the downward
+    // API; nothing of it by default.
+    let docs = render(Render::new("aad-pod-identity", ns).set("nmi.listenAddress", "$(HOST_IP)"));
+    let nmi = get(&docs, "DaemonSet", "aad-pod-identity-nmi");
+    assert_eq!(
+        env_value(&nmi, "HOST_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    let env: BTreeMap<&str, String> = [
+        ("NODE_NAME", "aks-nodepool1-0".to_string()),
+        ("HOST_IP", "10.240.0.4".to_string()),
+    ]
+    .into();
+    let parsed = nmi::Args::try_from_args(expand(&helm::container_args(&nmi), &env)).unwrap();
+    assert_eq!(parsed.nmi_listen_address.to_string(), "10.240.0.4");
+    assert_eq!(parsed.dnat_target().to_string(), "10.240.0.4");
+    let docs = render(Render::new("aad-pod-identity", ns));
+    let nmi = get(&docs, "DaemonSet", "aad-pod-identity-nmi");
+    assert!(env_value(&nmi, "HOST_IP").is_none());
+    assert!(
+        !helm::container_args(&nmi)
+            .iter()
+            .any(|a| a.starts_with("--nmi-listen-address"))
+    );
     // Managed mode: the same rule.
     let docs = render(
         Render::new("aad-pod-identity", ns)
@@ -981,6 +1005,7 @@ fn invalid_values_fail_with_a_message_naming_the_value() {
             "yes",
             "routeLocalnetInitContainer",
         ),
+        ("nmi.listenAddress", "node-ip", "listenAddress"),
     ] {
         let r = Render::new("aad-pod-identity", "kube-system").set(key, value);
         let e = helm::template_text(&r)
