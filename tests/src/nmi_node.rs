@@ -23,6 +23,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod flood;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
