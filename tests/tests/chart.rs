@@ -945,7 +945,40 @@ fn notes_name_the_identity_policy_mode() {
                 && notes.contains(aadpodid_api::ANNOTATION_ALLOWED_IDENTITIES),
             "{notes}"
         );
+        // Without the startup taint, the notes say what it would close.
+        assert!(
+            notes.contains("New nodes: until NMI is ready")
+                && notes.contains("nmi.startupTaint.enabled=true"),
+            "{notes}"
+        );
     }
+    // With it, how to set it on AKS (an initialization taint) and undo it.
+    let out = helm::run(&[
+        "install",
+        "aad-pod-identity",
+        &helm::chart_dir().display().to_string(),
+        "--dry-run=client",
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        &ns,
+        "--set",
+        "installMICException=false",
+        "--set",
+        "nmi.startupTaint.enabled=true",
+    ])
+    .unwrap();
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let notes = out.stdout.split("NOTES:").nth(1).unwrap_or_default();
+    for want in [
+        "Startup taint: NMI removes the taint startup-taint.cluster-autoscaler.kubernetes.io/aad-pod-identity-nmi",
+        "--node-init-taints startup-taint.cluster-autoscaler.kubernetes.io/aad-pod-identity-nmi=true:NoSchedule",
+        "never --node-taints",
+        "--node-init-taints \"\"",
+    ] {
+        assert!(notes.contains(want), "{want:?} missing from {notes}");
+    }
+    assert!(!notes.contains("New nodes: until NMI is ready"), "{notes}");
 }
 
 #[test]
