@@ -138,7 +138,10 @@ async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_ru
     });
     let server = Arc::new(nmi::server::Server {
         state,
-        cache: nmi::token::TokenCache::with_limits(source, limits.0, limits.1),
+        // One pod plays every client: its queue and connection bounds are
+        // lifted (a real node bounds them per pod and per address).
+        cache: nmi::token::TokenCache::with_limits(source, limits.0, limits.1)
+            .with_bounds(1024, nmi::token::DEFAULT_MAX_CACHED_TOKENS),
         sp: nmi::sp::ServicePrincipals::new(
             None,
             nmi::aad::AadClient::new(None, "bench").unwrap(),
@@ -156,7 +159,10 @@ async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_ru
             mic_namespace: "default".into(),
             mic_service_accounts: Vec::new(),
             metadata_addr: imds,
-            limits: Default::default(),
+            limits: nmi::server::Limits {
+                max_connections_per_ip: 1024,
+                ..Default::default()
+            },
         },
         metrics: nmi::metrics::Metrics::new().unwrap(),
         events: aadpodid_runtime::events::EventPublisher::disabled(),
