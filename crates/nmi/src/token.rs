@@ -24,8 +24,10 @@
 //! (inserting beyond that evicts an empty or expired entry first, else the
 //! least recently used one); entries in use by a request in progress are never
 //! evicted, so the map holds at most `max_cached_tokens` plus one entry per
-//! request in progress. An entry without a token (a failed or abandoned
-//! fetch) is removed as soon as no request holds it.
+//! request in progress (itself bounded by the server's connection caps, one
+//! request per connection). An entry without a token (a failed or abandoned
+//! fetch) is removed as soon as no request holds it, so once callers stop the
+//! map holds only tokens, at most `max_cached_tokens`.
 //!
 //! IMDS's transient answers (404 "updating", 410, 429, 5xx) are retried a
 //! bounded number of times, each wait stretched to IMDS's `Retry-After`
@@ -1568,6 +1570,42 @@ mod tests {
         }
         assert_eq!(cache.len(), 0, "abandoned entries removed");
         assert_eq!(cache.pending_fetches(), (0, 0), "queue entries freed");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_leaves_the_fetch_to_the_next_waiter() {
+        let cache = Arc::new(TokenCache::with_limits(
+            Slow::new(Some(Duration::from_millis(200)), false),
+            5,
+            1000,
+        ));
+        let first = {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move {
+                cache
+                    .by_resource_id("a", "app-of-a", "r", &RequesterKey::pod("ns", "one"))
+                    .await
+            })
+        };
+        while cache.pending_fetches().1 != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move {
+                cache
+                    .by_resource_id("a", "app-of-a", "r", &RequesterKey::pod("ns", "two"))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first.abort();
+        let _ = first.await;
+        // The first call was dropped with its caller; the waiter made its own.
+        second.await.unwrap().unwrap();
+        assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.pending_fetches(), (0, 0));
     }
 
     #[tokio::test]
