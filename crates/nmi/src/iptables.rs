@@ -365,8 +365,7 @@ pub fn localnet_message(target: IpAddr, port: u16, why: &str) -> String {
          Fix it in one of two ways: (1) set it to 1 before NMI starts: with the Helm chart, \
          {CHART_INIT_CONTAINER_VALUE} (a small privileged init container runs \
          `echo 1 > {ROUTE_LOCALNET_PATH}`); or (2) bind NMI to the node's IP instead of \
-         loopback (--nmi-listen-address=<node IP>, the chart's NMI listen-address value), \
-         which needs no route_localnet"
+         loopback (--nmi-listen-address=<node IP>), which needs no route_localnet"
     )
 }
 
