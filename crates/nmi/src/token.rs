@@ -866,12 +866,17 @@ impl<S: TokenSource> TokenCache<S> {
     }
 
     /// Drops entries for identities no pod on the node uses any more
-    /// (`in_use` holds [`identity_cache_key`]s).
+    /// (`in_use` holds [`identity_cache_key`]s), and the map's spare room
+    /// after a burst.
     pub fn retain(&self, in_use: &HashSet<String>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
             .map
             .retain(|(identity, _), _| in_use.contains(identity));
+        // Give back what a burst grew (the map never shrinks by itself).
+        if slots.map.capacity() > 2 * slots.map.len() + 64 {
+            slots.map.shrink_to_fit();
+        }
     }
 
     /// Number of cached (identity, resource) entries.
