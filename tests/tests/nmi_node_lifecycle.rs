@@ -300,8 +300,24 @@ impl Fixture {
         self.dir.join(format!("nmi-{}.log", self.starts))
     }
 
+    /// The current NMI's log, without terminal colours.
     fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        let raw = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // CSI: ESC [ parameters final-byte
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 
     async fn wait_active(&self) -> anyhow::Result<()> {
@@ -545,12 +561,77 @@ async fn conntrack_deletion_cuts_connections_opened_before_the_redirect() -> any
     assert!(!body.contains("access_token"), "{body}");
     assert!(!body.is_empty(), "NMI answers ({status})");
 
-    // A restart with the rules already in place cuts too (pod 0's
-    // connection survived the first NMI).
+    // Repair: while NMI runs, the jump goes (someone flushed PREROUTING)
+    // and a pod connects to the real IMDS before NMI puts it back; the
+    // repair cuts that connection. NMI checks every second, so a try whose
+    // connection NMI already answered (no token) is made again.
+    let mut repaired = None;
+    for _ in 0..5 {
+        f.node.node.run(
+            "iptables",
+            &[
+                "-w",
+                "5",
+                "-t",
+                "nat",
+                "-D",
+                "PREROUTING",
+                "-j",
+                "aad-metadata",
+            ],
+        )?;
+        let (conn, first) = KeepAlive::open(f.pod_ns(0))?;
+        if first.ends_with(" token") {
+            repaired = Some(conn);
+            break;
+        }
+        wait_for("the jump back", Duration::from_secs(10), || async {
+            f.rules_in_place().then_some(())
+        })
+        .await?;
+    }
+    let mut during_repair = repaired.context("no connection reached IMDS before the repair")?;
+    wait_for("the repair", Duration::from_secs(10), || async {
+        f.rules_in_place().then_some(())
+    })
+    .await?;
+    let again = during_repair.again()?;
+    assert!(
+        again.starts_with("CUT "),
+        "a connection opened while the jump was missing is cut by the repair: {again}\nnmi log:\n{}",
+        f.log()
+    );
+
+    // Restart with the rules already in place: the first sync changes
+    // nothing, and still cuts. The connection is opened while the rules
+    // are missing and survives an NMI without the flag that puts them back.
+    f.stop_nmi();
+    f.node.node.run(
+        "iptables",
+        &[
+            "-w",
+            "5",
+            "-t",
+            "nat",
+            "-D",
+            "PREROUTING",
+            "-j",
+            "aad-metadata",
+        ],
+    )?;
+    let (mut before_restart, first) = KeepAlive::open(f.pod_ns(0))?;
+    assert!(first.ends_with(" token"), "{first}");
+    f.start_nmi(&[])?;
+    f.wait_active().await?;
     f.stop_nmi();
     f.start_nmi(&["--enable-conntrack-deletion"])?;
     f.wait_active().await?;
-    let again = before_0.again()?;
+    assert!(
+        f.log().contains("iptables in place actions=[]"),
+        "{}",
+        f.log()
+    );
+    let again = before_restart.again()?;
     assert!(again.starts_with("CUT "), "{again}\nnmi log:\n{}", f.log());
     Ok(())
 }
