@@ -1,8 +1,9 @@
 //! The roles the bench binary plays when re-executed with
 //! [`ROLE_ENV`](super::ROLE_ENV): `mic` and `nmi` (exactly the commands),
 //! `relay` (inside a node namespace: TCP listeners forwarded to Unix sockets
-//! of the bench process) and `load` (inside a pod namespace: concurrent IMDS
-//! token clients, prints one JSON line).
+//! of the bench process), `load` (inside a pod namespace: concurrent IMDS
+//! token clients, prints one JSON line) and `flood` (inside a pod namespace:
+//! one of the floods of [`crate::nmi_node::flood`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub fn run(role: &str) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&out)?);
             Ok(())
         }
+        // Its plan is in the environment; it runs its own runtime.
+        "flood" => crate::nmi_node::flood::child_main(),
         other => bail!("unknown bench role {other:?}"),
     }
 }

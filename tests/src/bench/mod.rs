@@ -85,6 +85,10 @@ pub struct Scale {
     pub nmi_pods: usize,
     pub big_pods: usize,
     pub big_ids: usize,
+    /// Row 4: connections of each flood one pod sends NMI, and how long
+    /// each flood is held at least.
+    pub flood_connections: usize,
+    pub flood_hold: Duration,
     /// Row 5: emulated idle time.
     pub idle: Duration,
     /// Bound on any convergence wait (wall).
@@ -107,6 +111,8 @@ impl Scale {
             nmi_pods: 110,
             big_pods: 10_000,
             big_ids: 1000,
+            flood_connections: 3000,
+            flood_hold: Duration::from_secs(5),
             idle: Duration::from_secs(600),
             converge_timeout: Duration::from_secs(10 * 60),
         }
@@ -127,6 +133,8 @@ impl Scale {
             nmi_pods: 8,
             big_pods: 120,
             big_ids: 12,
+            flood_connections: 200,
+            flood_hold: Duration::from_secs(2),
             idle: Duration::from_secs(600),
             converge_timeout: Duration::from_secs(180),
         }

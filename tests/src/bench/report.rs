@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{Scale, Subject};
+use crate::nmi_node::flood::Kind;
 
 /// One line of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -20,7 +21,16 @@ pub enum Metric {
     TokenP50,
     TokenP99,
     TokenThroughput,
+    NmiRestRss,
+    NmiRestFds,
     NmiPeakRss,
+    NmiPodsFds,
+    /// Peak RSS of NMI during a flood.
+    FloodRss(Kind),
+    /// Peak open descriptors of NMI during a flood.
+    FloodFds(Kind),
+    /// Another pod's first token during a flood.
+    FloodVictim(Kind),
     MicPeakRss,
     BigConvergeWall,
     IdleArmCalls,
@@ -29,7 +39,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 27] = [
         Metric::FirstToken,
         Metric::BurstEmulated,
         Metric::BurstWall,
@@ -40,7 +50,19 @@ impl Metric {
         Metric::TokenP50,
         Metric::TokenP99,
         Metric::TokenThroughput,
+        Metric::NmiRestRss,
+        Metric::NmiRestFds,
         Metric::NmiPeakRss,
+        Metric::NmiPodsFds,
+        Metric::FloodRss(Kind::SlowBodies),
+        Metric::FloodFds(Kind::SlowBodies),
+        Metric::FloodVictim(Kind::SlowBodies),
+        Metric::FloodRss(Kind::DistinctResources),
+        Metric::FloodFds(Kind::DistinctResources),
+        Metric::FloodVictim(Kind::DistinctResources),
+        Metric::FloodRss(Kind::IdleConnections),
+        Metric::FloodFds(Kind::IdleConnections),
+        Metric::FloodVictim(Kind::IdleConnections),
         Metric::MicPeakRss,
         Metric::BigConvergeWall,
         Metric::IdleArmCalls,
@@ -68,7 +90,15 @@ impl Metric {
             | Metric::BurstPolls
             | Metric::Burst429 => 2,
             Metric::TokenP50 | Metric::TokenP99 | Metric::TokenThroughput => 3,
-            Metric::NmiPeakRss | Metric::MicPeakRss | Metric::BigConvergeWall => 4,
+            Metric::NmiRestRss
+            | Metric::NmiRestFds
+            | Metric::NmiPeakRss
+            | Metric::NmiPodsFds
+            | Metric::FloodRss(_)
+            | Metric::FloodFds(_)
+            | Metric::FloodVictim(_)
+            | Metric::MicPeakRss
+            | Metric::BigConvergeWall => 4,
             Metric::IdleArmCalls | Metric::IdleCpu => 5,
         }
     }
@@ -96,9 +126,25 @@ impl Metric {
             ),
             Metric::TokenP99 => "NMI token p99, ms".into(),
             Metric::TokenThroughput => "NMI token throughput, tokens/s".into(),
+            Metric::NmiRestRss => "RSS of nmi at rest (active, no pod on its node), MiB".into(),
+            Metric::NmiRestFds => "open descriptors of nmi at rest".into(),
             Metric::NmiPeakRss => {
                 format!("peak RSS of nmi with {} pods on its node, MiB", s.nmi_pods)
             }
+            Metric::NmiPodsFds => format!(
+                "open descriptors of nmi with {} pods on its node",
+                s.nmi_pods
+            ),
+            Metric::FloodRss(k) => format!(
+                "nmi under a flood of {} {} from one pod: peak RSS, MiB",
+                s.flood_connections,
+                k.title()
+            ),
+            Metric::FloodFds(k) => format!("{}: peak open descriptors of nmi", k.title()),
+            Metric::FloodVictim(k) => format!(
+                "{}: another pod's first token for a new resource meanwhile, ms",
+                k.title()
+            ),
             Metric::MicPeakRss => format!(
                 "peak RSS of mic with {} pods and {} identities, MiB",
                 s.big_pods, s.big_ids
@@ -373,7 +419,8 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
          - Row 1: from creating the Pod (nodeName, then podIP via the status subresource) until `curl` in the pod's namespace gets 200 from 169.254.169.254, minus L in wall time.\n\
          - Row 2: pods are created 32 at a time while mic runs (Pod objects only, no kubelet); time until every AzureAssignedIdentity is Assigned (polled every 250 ms); ARM counts come from the emulator's counters over the same span.\n\
          - Row 3: {clients} HTTP/1.1 keep-alive clients in one pod namespace, {req} requests each (bounded by {max:.0} s), after one warm-up request, so NMI answers from its token cache; the client process runs on the same cores.\n\
-         - Row 4: VmHWM of `/proc/<pid>/status`. nmi: {nmi} Pod objects with IPs and Assigned AAIs on its node, after a token request. mic: after the burst, the rest of {big} pods over {ids} identities (identity j on scale set j mod {k}) all Assigned.\n\
+         - Row 4: VmHWM of `/proc/<pid>/status`; descriptors are the entries of `/proc/<pid>/fd`. nmi at rest: VmRSS once active, before any pod is on its node. nmi with pods: {nmi} Pod objects with IPs and Assigned AAIs on its node, after a token request. mic: after the burst, the rest of {big} pods over {ids} identities (identity j on scale set j mod {k}) all Assigned.\n\
+         - Row 4, floods: nmi is restarted before each flood; one pod (an ordinary pod with an Assigned identity) opens {flood} TCP connections to 169.254.169.254:80 (256 being opened at a time) and holds them at least {hold:.0} s: slow bodies = a token request per connection, each for its own `resource`, declaring `Content-Length: 65536` and sending nothing more; distinct resources = a complete token request per connection, each for its own `resource` (the emulator issues tokens for any resource); idle connections = nothing sent. Peak RSS is the larger of VmHWM and VmRSS sampled every 100 ms; peak descriptors are sampled every 100 ms. Meanwhile a second pod on the node asks for its first token for a resource nobody asked for yet (`curl`, 30 s at most); the details list what the flood got back and nmi's descriptors after it stopped.\n\
          - Row 5: after the burst converged and 60 emulated s of quiet, ARM requests (writes + reads + LRO polls) and mic's utime+stime from `/proc/<pid>/stat` over {idle:.0} emulated s ({idlew:.0} wall s).\n\
          - The machine is shared: other jobs ran on the same {cpus} cores during the run, so times and CPU figures are upper bounds.",
         speed = s.speed,
@@ -388,6 +435,8 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
         big = s.big_pods,
         ids = s.big_ids,
         k = s.vmss,
+        flood = s.flood_connections,
+        hold = s.flood_hold.as_secs_f64(),
         idle = s.idle.as_secs_f64(),
         idlew = s.wall(s.idle).as_secs_f64(),
         cpus = m.cpus,

@@ -19,6 +19,7 @@ use super::world::{
 };
 use super::{Options, ROLE_ENV, Scale, procfs};
 use crate::netns::{IMDS_ADDRESS, NetNs};
+use crate::nmi_node::flood::{Flood, Kind, Plan, Sampler, open_fds, token_path};
 
 /// Whose MIC and NMI run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -248,6 +249,10 @@ async fn rows_in(
     if opts.row(1) || opts.row(3) || opts.row(4) {
         run.nmi = Some(start_nmi(&run).await?);
     }
+    if opts.row(4) {
+        let r = nmi_at_rest(&mut run, f).await;
+        fail(f, &[Metric::NmiRestRss, Metric::NmiRestFds], r);
+    }
     eprintln!("[{}] set up in {:?}", subject.title(), t.elapsed());
     let log = |row: &str, r: &anyhow::Result<()>| match r {
         Ok(()) => eprintln!("[{}] {row} done ({:?})", subject.title(), t.elapsed()),
@@ -261,7 +266,7 @@ async fn rows_in(
     if opts.row(4) {
         let r = row_nmi_rss(&mut run, f).await;
         log("row 4 (nmi)", &r);
-        fail(f, &[Metric::NmiPeakRss], r);
+        fail(f, &[Metric::NmiPeakRss, Metric::NmiPodsFds], r);
     }
     if opts.row(3) {
         let r = row_token_load(&mut run, f).await;
@@ -271,6 +276,21 @@ async fn rows_in(
             &[Metric::TokenP50, Metric::TokenP99, Metric::TokenThroughput],
             r,
         );
+    }
+    if opts.row(4) {
+        for kind in Kind::ALL {
+            let r = row_nmi_flood(&mut run, f, kind).await;
+            log(&format!("row 4 (nmi, {})", kind.title()), &r);
+            fail(
+                f,
+                &[
+                    Metric::FloodRss(kind),
+                    Metric::FloodFds(kind),
+                    Metric::FloodVictim(kind),
+                ],
+                r,
+            );
+        }
     }
     if opts.row(2) || opts.row(4) || opts.row(5) {
         let r = row_burst(&mut run, f).await;
@@ -425,17 +445,157 @@ async fn row_first_token(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<(
 
 /// The pod the load clients run in (pod namespace 1), bound to identity 0.
 async fn ensure_load_pod(run: &mut Run<'_>) -> anyhow::Result<()> {
+    ensure_pod(run, "load", 1).await
+}
+
+/// Pod `name` in pod namespace `i` of NMI's node, bound to identity 0,
+/// unless it exists.
+async fn ensure_pod(run: &mut Run<'_>, name: &str, i: usize) -> anyhow::Result<()> {
     let ns = run.w.ns_nmi.name().to_string();
     let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
         kube::Api::namespaced(run.w.client.clone(), &ns);
-    if api.get_opt("load").await?.is_some() {
+    if api.get_opt(name).await?.is_some() {
         return Ok(());
     }
     let node_name = run.w.nmi_node.clone();
-    let (_, ip) = nmi_of(run)?.0.pod(1)?;
+    let (_, ip) = nmi_of(run)?.0.pod(i)?;
     run.w
-        .create_pods(&ns, vec![("load".into(), node_name, 0, Some(ip))])
+        .create_pods(&ns, vec![(name.into(), node_name, 0, Some(ip))])
         .await
+}
+
+/// Row 4 (NMI at rest): RSS and descriptors once active, before any pod
+/// is on its node.
+async fn nmi_at_rest(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = nmi_of(run)?.1.pid;
+    let mem = procfs::memory(pid)?;
+    let fds = open_fds(pid)?;
+    f.set(Metric::NmiRestRss, mem.now_kib as f64 / 1024.0);
+    f.set(Metric::NmiRestFds, fds as f64);
+    Ok(())
+}
+
+/// Stops NMI and starts it again on the same node namespace (log in
+/// `nmi-<tag>.log`), waiting until it is active.
+async fn restart_nmi(run: &mut Run<'_>, tag: &str) -> anyhow::Result<()> {
+    let (node, old) = run.nmi.take().context("NMI is not running")?;
+    drop(old);
+    let s = NmiSettings {
+        node: run.w.nmi_node.clone(),
+        kubeconfig: node.kubeconfig.clone(),
+        probe_port: NMI_PROBE_PORT,
+    };
+    let cmd = launch_nmi(run.subject, &node.node.node, &s)?;
+    let mut nmi = start_proc(
+        cmd,
+        &program(run.subject, "nmi")?,
+        run.w.dir.join(format!("nmi-{tag}.log")),
+    )?;
+    let active = node.wait_active(&mut nmi).await;
+    run.nmi = Some((node, nmi));
+    active
+}
+
+/// Row 4 (NMI under a flood): NMI restarted, one pod (the load pod) sends
+/// the `kind` flood while another (pod namespace 0) asks for its first
+/// token for a new resource; NMI's peak RSS and descriptors meanwhile.
+async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow::Result<()> {
+    const VICTIM: &str = "victim";
+    ensure_load_pod(run).await?;
+    ensure_pod(run, VICTIM, 0).await?;
+    nmi_pods_assigned(run).await?;
+    restart_nmi(run, kind.slug()).await?;
+    warm_token(run).await?;
+    let scale = run.w.scale.clone();
+    let tag = format!(
+        "{}-{}-{}",
+        run.subject.tag(),
+        kind.slug(),
+        std::process::id()
+    );
+    let (node, nmi) = nmi_of(run)?;
+    let pid = nmi.pid;
+    let md = ["Metadata: true"];
+    let (victim_ns, _) = node.pod(0)?;
+    let (code, body) = crate::nmi_node::curl(victim_ns, TOKEN_PATH, &md).await?;
+    if code != 200 {
+        bail!("the second pod gets no token before the flood ({code}): {body}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fds_base = open_fds(pid)?;
+    let rss_base = procfs::memory(pid)?.now_kib;
+    let sampler = Sampler::start(pid);
+    let plan = Plan {
+        kind,
+        target: SocketAddr::from((IMDS_ADDRESS, 80)),
+        connections: scale.flood_connections,
+        connect_concurrency: 256,
+        open_within: Duration::from_secs(60),
+        hold_max: Duration::from_secs(120),
+        tag: tag.clone(),
+    };
+    let mut cmd = node.pod(1)?.0.command(self_exe()?);
+    cmd.env(ROLE_ENV, "flood");
+    let flood = tokio::task::block_in_place(|| Flood::spawn_with(cmd, &plan, world::spawn_kept))?;
+    let held_from = Instant::now();
+    let started = Instant::now();
+    let victim = crate::nmi_node::curl(
+        victim_ns,
+        &token_path(&format!("https://victim-{tag}.example/")),
+        &md,
+    )
+    .await;
+    let victim_latency = started.elapsed();
+    tokio::time::sleep(scale.flood_hold.saturating_sub(held_from.elapsed())).await;
+    let fds_at_stop = open_fds(pid).unwrap_or(0);
+    let outcome = tokio::task::block_in_place(|| flood.stop())?;
+    let peaks = sampler.finish().await;
+    let hwm = procfs::memory(pid).map_or(0, |m| m.peak_kib);
+    // Descriptors after the flood, waiting up to 30 s for the baseline.
+    let stopped = Instant::now();
+    let mut fds_after = open_fds(pid).unwrap_or(0);
+    while fds_after > fds_base + 16 && stopped.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        fds_after = open_fds(pid).unwrap_or(0);
+    }
+    let after = stopped.elapsed();
+    let alive = nmi_of(run)?.1.exited().is_none();
+    f.set(
+        Metric::FloodRss(kind),
+        hwm.max(peaks.rss_kib) as f64 / 1024.0,
+    );
+    f.set(Metric::FloodFds(kind), peaks.fds.max(fds_at_stop) as f64);
+    let victim_status = victim.as_ref().map_or(0, |(c, _)| *c);
+    if victim_status == 200 {
+        f.set(
+            Metric::FloodVictim(kind),
+            victim_latency.as_secs_f64() * 1000.0,
+        );
+    } else {
+        f.set_text(
+            Metric::FloodVictim(kind),
+            &format!(
+                "no token (status {victim_status}) after {:.1} s",
+                victim_latency.as_secs_f64()
+            ),
+        );
+    }
+    f.note(format!(
+        "{} flood ({} connections): {} connected, {} not; answers {}; {} closed by nmi unanswered, {} open at stop; \
+         nmi before: {:.1} MiB, {fds_base} descriptors; {fds_after} descriptors {:.1} s after the flood stopped; nmi {}",
+        kind.title(),
+        plan.connections,
+        outcome.connected,
+        outcome.connect_failed,
+        outcome.answered_text(),
+        outcome.closed_unanswered,
+        outcome.open_at_stop,
+        rss_base as f64 / 1024.0,
+        after.as_secs_f64(),
+        if alive { "running" } else { "EXITED" },
+    ));
+    Ok(())
 }
 
 async fn nmi_pods_assigned(run: &mut Run<'_>) -> anyhow::Result<()> {
@@ -489,9 +649,11 @@ async fn row_nmi_rss(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     warm_token(run).await?;
     let pid = nmi_of(run)?.1.pid;
     let mem = procfs::memory(pid)?;
+    let fds = open_fds(pid)?;
     f.set(Metric::NmiPeakRss, mem.peak_kib as f64 / 1024.0);
+    f.set(Metric::NmiPodsFds, fds as f64);
     f.note(format!(
-        "nmi with {expected} pods on its node: VmHWM {} KiB, VmRSS {} KiB",
+        "nmi with {expected} pods on its node: VmHWM {} KiB, VmRSS {} KiB, {fds} descriptors",
         mem.peak_kib, mem.now_kib
     ));
     Ok(())

@@ -295,6 +295,9 @@ impl World {
         // Realistic Compute limits: the emulator's default buckets
         // (PutVMScaleSet 12 burst + 4/min per scale set, research/peers.md §1.2).
         cfg.throttle.enabled = true;
+        // Tokens for any resource: in the distinct-resources flood every
+        // resource then costs NMI a real IMDS call and a cache entry.
+        cfg.aad.any_resource = true;
         let emu = Emulator::start(cfg).await?;
 
         let mut nodes = Vec::new();

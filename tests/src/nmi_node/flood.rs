@@ -34,7 +34,7 @@ const OUTCOME_PREFIX: &str = "FLOOD-OUTCOME ";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the attacker pod sends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
     /// Each connection sends a token request head for its own `resource`
     /// declaring `Content-Length: 65536`, then nothing.
@@ -315,14 +315,22 @@ impl Flood {
     /// Starts `cmd` (a command that ends in [`child_main`], placed in the
     /// attacker's namespace) with `plan` and waits until it says `READY`.
     /// Blocking: call it from `spawn_blocking` or `block_in_place`.
-    pub fn spawn(mut cmd: Command, plan: &Plan) -> anyhow::Result<Flood> {
-        let mut child = cmd
-            .env(PLAN_ENV, serde_json::to_string(plan)?)
+    pub fn spawn(cmd: Command, plan: &Plan) -> anyhow::Result<Flood> {
+        Flood::spawn_with(cmd, plan, |mut c| Ok(c.spawn()?))
+    }
+
+    /// [`Flood::spawn`] with `spawn` starting the prepared command (for
+    /// callers that spawn their children from a thread of their own).
+    pub fn spawn_with(
+        mut cmd: Command,
+        plan: &Plan,
+        spawn: impl FnOnce(Command) -> anyhow::Result<Child>,
+    ) -> anyhow::Result<Flood> {
+        cmd.env(PLAN_ENV, serde_json::to_string(plan)?)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("start the flood")?;
+            .stderr(Stdio::inherit());
+        let mut child = spawn(cmd).context("start the flood")?;
         let out = child.stdout.take().context("flood stdout")?;
         let mut stdout = std::io::BufReader::new(out);
         let mut preamble = Vec::new();
