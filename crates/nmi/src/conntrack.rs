@@ -99,6 +99,9 @@ pub enum ConntrackError {
     },
 }
 
+/// Longest a `conntrack` run may take (it holds up the iptables loop).
+const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs `conntrack` (optionally behind a prefix such as `ip netns exec <ns>`).
 #[derive(Clone, Debug)]
 pub struct Conntrack {
@@ -127,26 +130,26 @@ impl Conntrack {
     pub async fn delete_to(&self, ip: Ipv4Addr, port: u16) -> Result<u64, ConntrackError> {
         let args = delete_args(ip, port);
         let program = self.program.display().to_string();
-        let out = tokio::process::Command::new(&self.program)
+        let run = tokio::process::Command::new(&self.program)
             .args(&self.prefix)
             .args(&args)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|source| {
-                if source.kind() == std::io::ErrorKind::NotFound {
-                    ConntrackError::NotFound {
-                        program: program.clone(),
-                        source,
-                    }
-                } else {
-                    ConntrackError::Spawn {
-                        program: program.clone(),
-                        source,
-                    }
-                }
-            })?;
+            .output();
+        let out = match tokio::time::timeout(RUN_TIMEOUT, run).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(source)) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConntrackError::NotFound { program, source });
+            }
+            Ok(Err(source)) => return Err(ConntrackError::Spawn { program, source }),
+            Err(_) => {
+                return Err(ConntrackError::Failed {
+                    program,
+                    args: args.join(" "),
+                    reason: format!("no answer within {RUN_TIMEOUT:?}; killed"),
+                });
+            }
+        };
         outcome(out.status.code(), &String::from_utf8_lossy(&out.stderr)).map_err(|reason| {
             ConntrackError::Failed {
                 program,
