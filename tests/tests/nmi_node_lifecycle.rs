@@ -1006,6 +1006,7 @@ async fn route_localnet_off_and_read_only_proc_sys_is_named_with_its_fixes() -> 
         "127.0.0.1:2579",
         "nmi.routeLocalnetInitContainer=true",
         "--nmi-listen-address=<node IP>",
+        "nmi.listenAddress=\"$(HOST_IP)\"",
     ] {
         assert!(log.contains(part), "missing {part:?} in:\n{log}");
     }

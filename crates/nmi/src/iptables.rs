@@ -316,6 +316,10 @@ pub const ROUTE_LOCALNET_PATH: &str = "/proc/sys/net/ipv4/conf/all/route_localne
 /// route_localnet=1 before NMI starts.
 pub const CHART_INIT_CONTAINER_VALUE: &str = "nmi.routeLocalnetInitContainer=true";
 
+/// The chart value that binds NMI to the node's IP (the redirect then
+/// targets it and needs no route_localnet).
+pub const CHART_LISTEN_ADDRESS_VALUE: &str = "nmi.listenAddress=\"$(HOST_IP)\"";
+
 /// What to do about `route_localnet` at start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LocalnetStep {
@@ -365,7 +369,8 @@ pub fn localnet_message(target: IpAddr, port: u16, why: &str) -> String {
          Fix it in one of two ways: (1) set it to 1 before NMI starts: with the Helm chart, \
          {CHART_INIT_CONTAINER_VALUE} (a small privileged init container runs \
          `echo 1 > {ROUTE_LOCALNET_PATH}`); or (2) bind NMI to the node's IP instead of \
-         loopback (--nmi-listen-address=<node IP>), which needs no route_localnet"
+         loopback: --nmi-listen-address=<node IP>, with the Helm chart \
+         {CHART_LISTEN_ADDRESS_VALUE}; this needs no route_localnet"
     )
 }
 
