@@ -501,9 +501,10 @@ async fn restart_nmi(run: &mut Run<'_>, tag: &str) -> anyhow::Result<()> {
 /// the `kind` flood while another (pod namespace 0) asks for its first
 /// token for a new resource; NMI's peak RSS and descriptors meanwhile.
 async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow::Result<()> {
-    const VICTIM: &str = "victim";
+    // The victim is row 1's pod (pod namespace 0), made here when row 1
+    // did not run.
     ensure_load_pod(run).await?;
-    ensure_pod(run, VICTIM, 0).await?;
+    ensure_pod(run, "first", 0).await?;
     nmi_pods_assigned(run).await?;
     restart_nmi(run, kind.slug()).await?;
     warm_token(run).await?;
