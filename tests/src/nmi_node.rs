@@ -326,10 +326,13 @@ impl NmiNode {
         self.wait_active().await
     }
 
-    /// NMI's process ID while it runs (`ip netns exec` and `setpriv` exec
-    /// into it, so the child is NMI itself).
+    /// NMI's process ID while it runs: the child itself (`ip netns exec`
+    /// and `setpriv` exec in place), or the process below it that runs the
+    /// NMI binary should a wrapper have forked.
     pub fn nmi_pid(&self) -> Option<u32> {
-        self.nmi.as_ref().map(Child::id)
+        let id = self.nmi.as_ref().map(Child::id)?;
+        let exe = std::fs::canonicalize(&self.nmi_bin).unwrap_or_else(|_| self.nmi_bin.clone());
+        Some(crate::bench::procfs::find_exe(id, &exe).unwrap_or(id))
     }
 
     /// Whether NMI's process is still running (false once it has exited).
