@@ -91,6 +91,8 @@ pub fn error_code(status: StatusCode) -> &'static str {
         403 => "forbidden",
         404 => "not_found",
         405 => "method_not_allowed",
+        408 => "request_timeout",
+        413 => "payload_too_large",
         429 => "too_many_requests",
         503 => "service_unavailable",
         _ => "server_error",
@@ -117,6 +119,27 @@ pub fn error_body(status: StatusCode, description: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn error_codes_name_each_status_nmi_answers() {
+        for (status, code) in [
+            (400, "invalid_request"),
+            (403, "forbidden"),
+            (404, "not_found"),
+            (405, "method_not_allowed"),
+            (408, "request_timeout"),
+            (413, "payload_too_large"),
+            (429, "too_many_requests"),
+            (503, "service_unavailable"),
+            (500, "server_error"),
+            (502, "server_error"),
+        ] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(error_code(status), code, "{status}");
+            let body: Value = serde_json::from_slice(&error_body(status, "why")).unwrap();
+            assert_eq!(body, json!({"error": code, "error_description": "why"}));
+        }
+    }
 
     fn tok(client: &str) -> Token {
         Token {
