@@ -19,7 +19,7 @@ use super::world::{
 };
 use super::{Options, ROLE_ENV, Scale, procfs};
 use crate::netns::{IMDS_ADDRESS, NetNs};
-use crate::nmi_node::flood::{Flood, Kind, Plan, Sampler, open_fds, token_path};
+use crate::nmi_node::flood::{Flood, Kind, Plan, Sampler, open_fds, raise_nofile, token_path};
 
 /// Whose MIC and NMI run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -506,6 +506,14 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
     ensure_load_pod(run).await?;
     ensure_pod(run, "first", 0).await?;
     nmi_pods_assigned(run).await?;
+    // NMI (restarted below) and the attacker inherit this process's
+    // descriptor limit; it must not be what stops the flood.
+    let nofile = raise_nofile(3 * run.w.scale.flood_connections + 256)?;
+    let connections = run
+        .w
+        .scale
+        .flood_connections
+        .min(nofile.saturating_sub(256) / 3);
     restart_nmi(run, kind.slug()).await?;
     warm_token(run).await?;
     let scale = run.w.scale.clone();
@@ -530,7 +538,7 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
     let plan = Plan {
         kind,
         target: SocketAddr::from((IMDS_ADDRESS, 80)),
-        connections: scale.flood_connections,
+        connections,
         connect_concurrency: 256,
         open_within: Duration::from_secs(60),
         hold_max: Duration::from_secs(120),

@@ -382,6 +382,43 @@ impl Drop for Flood {
     }
 }
 
+/// (soft, hard) `Max open files` of this process.
+pub fn nofile_limits() -> anyhow::Result<(usize, usize)> {
+    let text = std::fs::read_to_string("/proc/self/limits")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("Max open files")?;
+    let mut f = line.split_whitespace().skip(3);
+    let mut num = || -> anyhow::Result<usize> {
+        let v = f.next().context("limit field")?;
+        Ok(if v == "unlimited" {
+            usize::MAX
+        } else {
+            v.parse()?
+        })
+    };
+    Ok((num()?, num()?))
+}
+
+/// Raises this process's soft descriptor limit to `want` (and the hard
+/// one when below it) with `prlimit`; returns the soft limit after.
+pub fn raise_nofile(want: usize) -> anyhow::Result<usize> {
+    let (soft, hard) = nofile_limits()?;
+    if soft >= want {
+        return Ok(soft);
+    }
+    let spec = if hard >= want {
+        format!("--nofile={want}:")
+    } else {
+        format!("--nofile={want}:{want}")
+    };
+    let _ = std::process::Command::new("prlimit")
+        .args(["--pid", &std::process::id().to_string(), &spec])
+        .status();
+    Ok(nofile_limits()?.0)
+}
+
 /// Open file descriptors of `pid` (entries of `/proc/<pid>/fd`).
 pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
