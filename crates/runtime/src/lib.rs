@@ -1,12 +1,14 @@
 //! Process plumbing that mic and nmi share, so that both behave the same way:
 //! logging, one shutdown source, the probe and metrics HTTP server, the
-//! Kubernetes client and an Event publisher.
+//! Kubernetes client, an Event publisher, and the list-and-watch loop that
+//! keeps a local view of a kind current.
 
 pub mod admin;
 pub mod client;
 pub mod events;
 pub mod logging;
 pub mod shutdown;
+pub mod watch;
 
 pub use admin::{Health, serve_admin};
 pub use shutdown::Shutdown;

@@ -1,0 +1,423 @@
+//! One way to keep a local view of a Kubernetes kind current, shared by mic
+//! and nmi: list every object, then follow changes, and list again after a
+//! watch is lost. Errors never stop a watch: the stream from [`events`]
+//! retries with kube's default backoff (0.8 s doubling to at most 30 s,
+//! with jitter, starting over after two quiet minutes).
+//!
+//! [`Lister`] decides what each watcher event means for the view (pure,
+//! table-tested); [`feed`] performs that on a [`Sink`] until the stream ends
+//! or shutdown starts; [`spawn`] registers a [`SyncFlag`] in a [`Synced`] set
+//! and runs [`feed`] as a task. A view is synced once its first complete list
+//! is in it, and stays synced while later re-lists run.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::{Stream, StreamExt};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use crate::Shutdown;
+
+/// The watcher's events for `api` with `config`, retried with kube's default
+/// backoff after every error (each error is still yielded, once).
+pub fn events<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher::watcher(api, config).default_backoff()
+}
+
+/// What a view does with what its watch sees. Each method says whether the
+/// view changed; after a step that changed it, [`feed`] calls
+/// [`Sink::changed`] (once the sync flag is set, for a complete list).
+pub trait Sink<K> {
+    /// Replaces every object of the kind with `all`, a complete list (the
+    /// first one, or a re-list after the watch was lost).
+    fn reset(&mut self, all: Vec<K>) -> bool;
+    /// Adds or updates one object.
+    fn apply(&mut self, obj: K) -> bool;
+    /// Removes one object.
+    fn delete(&mut self, obj: K) -> bool;
+    /// The view changed, and the sync flag says so if it is now synced.
+    fn changed(&mut self) {}
+    /// The watch failed and will retry with backoff ([`feed`] logs it).
+    fn failed(&mut self, _error: &watcher::Error) {}
+}
+
+/// What one watcher event asks of the view.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<K> {
+    /// A complete list ended: replace everything with it.
+    Reset(Vec<K>),
+    /// One object was added or updated.
+    Apply(K),
+    /// One object was deleted.
+    Delete(K),
+}
+
+/// Collects a (re-)list until it is complete, so that the view never holds
+/// a half list: until then it keeps what it had.
+#[derive(Debug)]
+pub struct Lister<K> {
+    listing: Vec<K>,
+}
+
+impl<K> Default for Lister<K> {
+    fn default() -> Self {
+        Lister {
+            listing: Vec::new(),
+        }
+    }
+}
+
+impl<K> Lister<K> {
+    /// What `event` asks of the view, if anything yet.
+    pub fn step(&mut self, event: Event<K>) -> Option<Step<K>> {
+        match event {
+            Event::Init => {
+                self.listing.clear();
+                None
+            }
+            Event::InitApply(obj) => {
+                self.listing.push(obj);
+                None
+            }
+            // Hands the list over whole: a large first list (every labelled
+            // pod of a cluster) leaves no capacity behind here.
+            Event::InitDone => Some(Step::Reset(std::mem::take(&mut self.listing))),
+            Event::Apply(obj) => Some(Step::Apply(obj)),
+            Event::Delete(obj) => Some(Step::Delete(obj)),
+        }
+    }
+}
+
+/// Which watches have put a complete list into their view at least once.
+/// Clones share the same set. With no watch registered, [`Synced::all`] is
+/// true: register (with [`spawn`] or [`Synced::flag`]) before anyone asks.
+#[derive(Clone, Debug, Default)]
+pub struct Synced {
+    /// Registered flags not set yet.
+    pending: Arc<AtomicUsize>,
+}
+
+impl Synced {
+    /// Registers one more watch, not synced yet.
+    pub fn flag(&self) -> SyncFlag {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        SyncFlag {
+            pending: Some(Arc::clone(&self.pending)),
+        }
+    }
+
+    /// Whether every registered watch has synced.
+    pub fn all(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+}
+
+/// One watch's entry in a [`Synced`] set. Setting it twice counts once; a
+/// flag dropped unset (its watch ended first) keeps the set unsynced.
+#[derive(Debug)]
+pub struct SyncFlag {
+    pending: Option<Arc<AtomicUsize>>,
+}
+
+impl SyncFlag {
+    /// Marks this watch synced.
+    pub fn set(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether [`SyncFlag::set`] was called.
+    pub fn is_set(&self) -> bool {
+        self.pending.is_none()
+    }
+}
+
+/// Feeds `events` into `sink` until the stream ends or `shutdown`: complete
+/// lists as one [`Sink::reset`] (then `synced` is set), changes one by one,
+/// errors to [`Sink::failed`] and the log.
+pub async fn feed<K, E, S>(events: E, mut sink: S, mut synced: SyncFlag, shutdown: Shutdown)
+where
+    K: Resource<DynamicType = ()>,
+    E: Stream<Item = Result<Event<K>, watcher::Error>>,
+    S: Sink<K>,
+{
+    let kind = K::kind(&());
+    futures::pin_mut!(events);
+    let mut lister = Lister::default();
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.signaled() => return,
+            e = events.next() => e,
+        };
+        let Some(event) = event else { return };
+        let changed = match event {
+            Err(error) => {
+                tracing::warn!(%kind, %error, "watch failed; retrying with backoff");
+                sink.failed(&error);
+                false
+            }
+            Ok(event) => match lister.step(event) {
+                None => false,
+                Some(Step::Reset(all)) => {
+                    let count = all.len();
+                    let changed = sink.reset(all);
+                    synced.set();
+                    tracing::debug!(%kind, count, "watch: listed");
+                    changed
+                }
+                Some(Step::Apply(obj)) => {
+                    tracing::debug!(%kind, ns = ?obj.namespace(), name = %obj.name_any(), "watch: applied");
+                    sink.apply(obj)
+                }
+                Some(Step::Delete(obj)) => {
+                    tracing::debug!(%kind, ns = ?obj.namespace(), name = %obj.name_any(), "watch: deleted");
+                    sink.delete(obj)
+                }
+            },
+        };
+        if changed {
+            sink.changed();
+        }
+    }
+}
+
+/// Registers a flag in `synced` now (so [`Synced::all`] waits for this
+/// watch from the moment it is started) and runs [`feed`] as a task.
+pub fn spawn<K, E, S>(
+    events: E,
+    sink: S,
+    synced: &Synced,
+    shutdown: &Shutdown,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Send + 'static,
+    E: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+    S: Sink<K> + Send + 'static,
+{
+    tokio::spawn(feed(events, sink, synced.flag(), shutdown.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    fn mk(name: &str) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.namespace = Some("ns".into());
+        cm
+    }
+
+    fn names(objs: &[ConfigMap]) -> Vec<String> {
+        objs.iter().map(|o| o.name_any()).collect()
+    }
+
+    #[test]
+    fn lister_hands_over_only_complete_lists() {
+        use Event::*;
+        // (events, steps expected, one per event)
+        type Case = (Vec<Event<&'static str>>, Vec<Option<Step<&'static str>>>);
+        let cases: Vec<Case> = vec![
+            (
+                vec![Init, InitApply("a"), InitApply("b"), InitDone],
+                vec![None, None, None, Some(Step::Reset(vec!["a", "b"]))],
+            ),
+            (vec![Init, InitDone], vec![None, Some(Step::Reset(vec![]))]),
+            (
+                vec![Apply("a"), Delete("b")],
+                vec![Some(Step::Apply("a")), Some(Step::Delete("b"))],
+            ),
+            // A re-list that starts over drops what the broken one collected.
+            (
+                vec![Init, InitApply("old"), Init, InitApply("new"), InitDone],
+                vec![None, None, None, None, Some(Step::Reset(vec!["new"]))],
+            ),
+            // Two lists in a row do not share objects.
+            (
+                vec![
+                    Init,
+                    InitApply("a"),
+                    InitDone,
+                    Init,
+                    InitApply("b"),
+                    InitDone,
+                ],
+                vec![
+                    None,
+                    None,
+                    Some(Step::Reset(vec!["a"])),
+                    None,
+                    None,
+                    Some(Step::Reset(vec!["b"])),
+                ],
+            ),
+        ];
+        for (events, expected) in cases {
+            let mut lister = Lister::default();
+            let got: Vec<_> = events.into_iter().map(|e| lister.step(e)).collect();
+            assert_eq!(got, expected);
+        }
+    }
+
+    #[test]
+    fn synced_waits_for_every_registered_flag() {
+        let synced = Synced::default();
+        assert!(synced.all(), "nothing registered");
+        let mut a = synced.flag();
+        let mut b = synced.clone().flag();
+        assert!(!synced.all());
+        a.set();
+        assert!(a.is_set() && !b.is_set());
+        assert!(!synced.all());
+        a.set(); // counts once
+        assert!(!synced.all());
+        b.set();
+        assert!(synced.all());
+        let c = synced.flag();
+        assert!(!synced.all());
+        drop(c); // a watch that ended unsynced keeps the set unsynced
+        assert!(!synced.all());
+    }
+
+    /// Records what the feed asked, and whether the set was synced each time
+    /// `changed` was called.
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+        synced: Synced,
+    }
+
+    impl Recorder {
+        fn push(&self, line: String) {
+            self.log.lock().unwrap().push(line);
+        }
+    }
+
+    impl Sink<ConfigMap> for Recorder {
+        fn reset(&mut self, all: Vec<ConfigMap>) -> bool {
+            self.push(format!("reset {:?}", names(&all)));
+            true
+        }
+        fn apply(&mut self, obj: ConfigMap) -> bool {
+            self.push(format!("apply {}", obj.name_any()));
+            // Say "unchanged" for objects named "same".
+            obj.name_any() != "same"
+        }
+        fn delete(&mut self, obj: ConfigMap) -> bool {
+            self.push(format!("delete {}", obj.name_any()));
+            true
+        }
+        fn changed(&mut self) {
+            self.push(format!("changed synced={}", self.synced.all()));
+        }
+        fn failed(&mut self, error: &watcher::Error) {
+            self.push(format!("failed {error}"));
+        }
+    }
+
+    async fn run(events: Vec<Result<Event<ConfigMap>, watcher::Error>>) -> (Vec<String>, bool) {
+        let synced = Synced::default();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Recorder {
+            log: Arc::clone(&log),
+            synced: synced.clone(),
+        };
+        let task = spawn(
+            futures::stream::iter(events),
+            sink,
+            &synced,
+            &Shutdown::new(),
+        );
+        assert!(!synced.all(), "registered before the task runs");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        let lines = log.lock().unwrap().clone();
+        (lines, synced.all())
+    }
+
+    #[tokio::test]
+    async fn feed_resets_then_syncs_then_applies() {
+        let (log, synced) = run(vec![
+            Err(watcher::Error::NoResourceVersion),
+            Ok(Event::Init),
+            Ok(Event::InitApply(mk("a"))),
+            Ok(Event::InitApply(mk("b"))),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(mk("c"))),
+            Ok(Event::Apply(mk("same"))),
+            Ok(Event::Delete(mk("a"))),
+            Err(watcher::Error::NoResourceVersion),
+            Ok(Event::Init),
+            Ok(Event::InitApply(mk("d"))),
+            Ok(Event::InitDone),
+        ])
+        .await;
+        let failed = format!("failed {}", watcher::Error::NoResourceVersion);
+        assert_eq!(
+            log,
+            vec![
+                failed.as_str(),
+                r#"reset ["a", "b"]"#,
+                "changed synced=true",
+                "apply c",
+                "changed synced=true",
+                "apply same",
+                "delete a",
+                "changed synced=true",
+                failed.as_str(),
+                r#"reset ["d"]"#,
+                "changed synced=true",
+            ]
+        );
+        assert!(synced);
+    }
+
+    #[tokio::test]
+    async fn feed_without_a_complete_list_never_syncs() {
+        let (log, synced) = run(vec![
+            Err(watcher::Error::NoResourceVersion),
+            Ok(Event::Init),
+            Ok(Event::InitApply(mk("a"))),
+        ])
+        .await;
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert!(!synced);
+    }
+
+    #[tokio::test]
+    async fn feed_stops_on_shutdown() {
+        let synced = Synced::default();
+        let shutdown = Shutdown::new();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Recorder {
+            log: Arc::clone(&log),
+            synced: synced.clone(),
+        };
+        let events = futures::stream::pending::<Result<Event<ConfigMap>, watcher::Error>>();
+        let task = spawn(events, sink, &synced, &shutdown);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!task.is_finished());
+        shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(log.lock().unwrap().is_empty());
+        assert!(!synced.all());
+    }
+}
