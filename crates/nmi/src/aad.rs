@@ -1,7 +1,7 @@
 //! Service-principal identities (AzureIdentity types 1 and 2): the credential
 //! read from the referenced Secret, AAD's v1 client-credentials request, and
-//! its answer (shared/research/aad-pod-identity.md §3.5 step 6, azure-apis.md
-//! §2.2-§2.3, azure-protocols.md §3).
+//! its answer (the v1 endpoint and client assertions:
+//! docs/upstream-behaviour.md#entra-id-token-endpoint).
 //!
 //! The wire format is upstream's (go-autorest adal): `POST
 //! {adEndpoint}{tenant}/oauth2/token?api-version=1.0` with `resource` (not a v2
@@ -172,7 +172,8 @@ pub fn credential_from_secret(
 
 /// Whether an identity in `identity_ns` may use a Secret in `secret_ns`:
 /// only its own namespace unless `--allowed-secret-namespaces` lists the
-/// Secret's namespace or `*` (hazard H10: upstream read any namespace).
+/// Secret's namespace or `*` (upstream read any namespace:
+/// docs/upstream-behaviour.md#h10-secrets-read-across-namespaces).
 pub fn secret_namespace_allowed(identity_ns: &str, secret_ns: &str, allowed: &[String]) -> bool {
     secret_ns == identity_ns || allowed.iter().any(|a| a == "*" || a == secret_ns)
 }

@@ -1,5 +1,5 @@
 //! Command-line flags, spelled and defaulted as upstream NMI v1.8.17
-//! (shared/research/aad-pod-identity.md §3.1), so the upstream chart's and
+//! (docs/upstream-behaviour.md#flags-and-defaults), so the upstream chart's and
 //! manifests' container args keep working. Upstream parses with pflag and Go's
 //! `flag`: booleans take `--x`, `--x=true` or `--x=false` (never a separate
 //! value word), which [`go_bool`] flags reproduce.
@@ -18,7 +18,8 @@ pub const ENV_FORCE_NAMESPACED: &str = aadpodid_api::ENV_FORCE_NAMESPACED;
 pub enum OperationMode {
     /// MIC writes AzureAssignedIdentities; NMI serves the pod's Assigned ones.
     Standard,
-    /// No MIC: bindings and identities in the pod's namespace decide (§3.7).
+    /// No MIC: bindings and identities in the pod's namespace decide, with no
+    /// waiting.
     Managed,
 }
 
@@ -235,13 +236,15 @@ pub struct Args {
     pub remove_iptables_on_exit: bool,
 
     /// Set `net.ipv4.conf.all.route_localnet=1` when the DNAT target is a loopback
-    /// address; without it the kernel drops the redirected packets
-    /// (shared/research/netns-recipe.md).
+    /// address; without it the kernel silently drops the redirected packets
+    /// (upstream relied on kube-proxy setting it).
     #[arg(long = "set-route-localnet", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
     pub set_route_localnet: bool,
 
     /// Service accounts of the real MIC pods (in `--MICNamespace`), comma-separated.
-    /// Replaces upstream's "ReplicaSet name starts with mic" test (hazard H4).
+    /// Replaces upstream's "ReplicaSet name starts with mic" test, which any
+    /// Deployment named `mic…` passed
+    /// (docs/upstream-behaviour.md#h4-mic-found-by-replicaset-name).
     #[arg(
         long = "mic-service-accounts",
         value_delimiter = ',',
@@ -252,8 +255,8 @@ pub struct Args {
     /// Namespaces, besides an AzureIdentity's own, whose Secrets a type 1/2
     /// identity may reference in `clientPassword` (comma-separated; `*` for any,
     /// upstream's behaviour). Default: none, so an identity can only use a
-    /// Secret in its own namespace (hazard H10: otherwise whoever may create an
-    /// AzureIdentity could use a service principal stored where they cannot read).
+    /// Secret in its own namespace (otherwise whoever may create an AzureIdentity
+    /// could use a service principal stored where they cannot read).
     #[arg(long = "allowed-secret-namespaces", value_delimiter = ',')]
     pub allowed_secret_namespaces: Vec<String>,
 
@@ -348,7 +351,7 @@ impl Args {
     }
 
     /// The address the DNAT rule sends traffic to: the listen address, or
-    /// 127.0.0.1 when listening on every address (§3.9).
+    /// 127.0.0.1 when listening on every address (as upstream).
     pub fn dnat_target(&self) -> IpAddr {
         if self.nmi_listen_address.is_unspecified() {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -498,7 +501,7 @@ mod tests {
     #[test]
     fn upstream_chart_args_parse() {
         // charts/aad-pod-identity/templates/nmi-daemonset.yaml with every optional
-        // value set (§4), in the chart's order.
+        // value set, in the chart's order.
         let a = parse(&[
             "--node=aks-nodepool1-0",
             "--http-probe-port=8085",
@@ -534,7 +537,7 @@ mod tests {
 
     #[test]
     fn upstream_flat_manifest_args_parse() {
-        // deploy/infra/deployment-rbac.yaml (§5).
+        // Upstream's plain manifest deploy/infra/deployment-rbac.yaml.
         let a = parse(&[
             "--node=$(NODE_NAME)",
             "--http-probe-port=8085",

@@ -31,7 +31,8 @@ pub struct PodEntry {
     pub service_account: String,
     /// Addresses that map to this pod: empty unless the pod is Pending or
     /// Running and not terminating. A terminating pod loses its addresses at
-    /// once so that a reused IP never gets its identity (hazard H6).
+    /// once so that a reused IP never gets its identity (upstream's IP-reuse
+    /// hazard: docs/upstream-behaviour.md#h6-pod-ip-reused).
     pub ips: Vec<IpAddr>,
 }
 
@@ -252,7 +253,7 @@ impl Index {
     }
 
     /// Whether an exception in the pod's namespace lists one of its labels
-    /// with a value equal ignoring case (upstream statement 57).
+    /// with a value equal ignoring case (upstream's rule).
     pub fn is_excepted(&self, pod: &PodEntry) -> bool {
         self.exceptions
             .values()
@@ -305,7 +306,7 @@ impl Index {
 
     /// Managed mode: identities named by bindings in the pod's namespace whose
     /// selector equals the pod's `aadpodidbinding` label, looked up in the same
-    /// namespace (§3.7), in (binding name) order, without duplicates.
+    /// namespace (as upstream's managed mode), in (binding name) order, without duplicates.
     pub fn managed_identities_for(&self, pod: &PodEntry) -> Vec<&AzureIdentity> {
         let Some(label) = pod.labels.get(aadpodid_api::POD_LABEL_BINDING) else {
             return Vec::new();
@@ -524,7 +525,7 @@ mod tests {
                 want: Ok("a/new"),
             },
             Case {
-                name: "terminating pod loses its ip at once (H6)",
+                name: "terminating pod loses its ip at once (ip reuse)",
                 pods: vec![terminating(mk_pod("a", "old", "10.0.0.1", "Running", &[]))],
                 ip: "10.0.0.1",
                 want: Err("unknown"),

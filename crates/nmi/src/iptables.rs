@@ -1,7 +1,7 @@
-//! The redirect of pod IMDS traffic to NMI (shared/research/aad-pod-identity.md
-//! §3.9; netns-recipe.md). Pure: the expected rules and the plan that turns
-//! what `iptables -S` shows into them. Thin: [`Runner`], over the `iptables`
-//! binary.
+//! The redirect of pod IMDS traffic to NMI (upstream's rules and their limits:
+//! docs/upstream-behaviour.md#iptables-redirect). Pure: the expected rules and the
+//! plan that turns what `iptables -S` shows into them. Thin: [`Runner`], over the
+//! `iptables` binary.
 //!
 //! **Fail-closed.** NMI leaves the chain and the jump in place when it stops,
 //! so during a restart or rolling update pods' requests to 169.254.169.254 are
@@ -17,7 +17,7 @@ use std::path::PathBuf;
 /// The nat chain NMI owns.
 pub const CHAIN: &str = "aad-metadata";
 /// The built-in chain that jumps to [`CHAIN`] (pod traffic only: host-network
-/// traffic goes through OUTPUT and is not redirected, statement 70).
+/// traffic goes through OUTPUT and is not redirected, as upstream).
 pub const PREROUTING: &str = "PREROUTING";
 
 /// Where the redirect points.
@@ -86,10 +86,10 @@ fn jump_line() -> String {
 }
 
 /// What to change, given `chain` (the `-S aad-metadata` lines, `None` when the
-/// chain does not exist) and `prerouting` (the `-S PREROUTING` lines). Empty
-/// when everything is in place. Tampered chains are flushed and rewritten
-/// (statement 65); the jump is kept first in PREROUTING and single, so no rule
-/// inserted before it can divert pod traffic around NMI.
+/// chain does not exist) and `prerouting` (the `-S PREROUTING` lines). Empty when
+/// everything is in place. Tampered chains are flushed and rewritten (as upstream
+/// does at its next check); the jump is kept first in PREROUTING and single, so no
+/// rule inserted before it can divert pod traffic around NMI.
 pub fn plan(redirect: &Redirect, chain: Option<&[String]>, prerouting: &[String]) -> Vec<Action> {
     let mut actions = Vec::new();
     let expected = redirect.expected_rules();

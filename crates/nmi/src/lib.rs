@@ -1,7 +1,8 @@
 //! NMI, the Node Managed Identity agent: a host-network DaemonSet that
 //! redirects pod traffic for IMDS (169.254.169.254:80) to itself and answers
 //! token requests in IMDS's format, only for identities the calling pod is
-//! bound to (shared/research/aad-pod-identity.md §3).
+//! bound to (what upstream's NMI did and where we differ:
+//! docs/upstream-behaviour.md).
 //!
 //! Decisions are pure and tested table-driven: [`request`] (routes, header,
 //! query), [`index`] (what this node's pods and identities are), [`select`]
@@ -101,8 +102,9 @@ pub enum RunError {
     Iptables(#[from] iptables::IptablesError),
 }
 
-/// Upstream's kubenet check (statement 68): reading `path` must succeed and
-/// it must not contain `--network-plugin=kubenet`.
+/// Upstream's kubenet check (docs/upstream-behaviour.md#kubenet-check):
+/// reading `path` must succeed and it must not contain
+/// `--network-plugin=kubenet`.
 pub fn kubenet_check(path: &std::path::Path, allow: bool) -> Result<(), RunError> {
     if allow {
         return Ok(());

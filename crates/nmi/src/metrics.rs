@@ -1,5 +1,5 @@
-//! NMI's Prometheus metrics with upstream's exact names (no `_total` suffix;
-//! shared/research/aad-pod-identity.md §2.8), and some of its own in the same
+//! NMI's Prometheus metrics with upstream's exact names (prefix
+//! `aadpodidentity_`, no `_total` suffix), and some of its own in the same
 //! style: `aadpodidentity_nmi_identity_refused_count`, the refusals of the
 //! bounds (`aadpodidentity_nmi_connections_refused_count`,
 //! `aadpodidentity_nmi_requests_refused_count`) and gauges of what NMI holds.

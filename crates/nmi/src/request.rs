@@ -1,14 +1,14 @@
 //! Pure request parsing: which handler a path goes to, the `Metadata` header,
 //! and the token request's query, each failure a typed [`Rejection`] with
-//! upstream's status and message (shared/research/aad-pod-identity.md §3.3-§3.5,
-//! §3.8; azure-protocols.md §1.1-§1.2).
+//! upstream's status and message
+//! (docs/upstream-behaviour.md#nmi-routes-and-requests).
 
 use http::{HeaderMap, Method, StatusCode};
 
 /// Canonical token path. Only the `metadata` segment is matched ignoring case,
-/// as upstream's route `/{type:(?i:metadata)}/identity/oauth2/token` (§3.3).
+/// as upstream's route `/{type:(?i:metadata)}/identity/oauth2/token`.
 pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
-/// Host-network callers name a pod in headers here (§3.8).
+/// Host-network callers name a pod in headers here.
 pub const HOST_TOKEN_PATH: &str = "/host/token";
 /// Headers `/host/token` requires.
 pub const HEADER_POD_NAMESPACE: &str = "podns";
@@ -72,7 +72,7 @@ pub fn extra_proxy_path(entry: &str) -> Result<String, String> {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     /// `Metadata: true` missing or wrong (SSRF guard; answered at once so SDK
-    /// probes, which send no header, see a fast 400; azure-protocols.md §8.1).
+    /// probes, which send no header and wait about a second, see a fast 400).
     #[error("Required metadata header not specified")]
     MissingMetadataHeader,
     /// A malformed path: backslashes, dot segments, doubled slashes, any
@@ -92,7 +92,7 @@ pub enum Rejection {
     /// No `resource`, or an empty one.
     #[error("parameter resource cannot be empty")]
     EmptyResource,
-    /// A parameter given twice (IMDS rejects duplicates, azure-protocols.md §1.1).
+    /// A parameter given twice (IMDS rejects duplicates).
     #[error("parameter {0} specified more than once")]
     DuplicateParameter(&'static str),
     /// More than one of `client_id`, `object_id`, `msi_res_id` (mutually exclusive in IMDS).
@@ -116,7 +116,7 @@ impl Rejection {
             Rejection::BlockedInstanceMetadata => StatusCode::FORBIDDEN,
             Rejection::PathNotAllowed => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            // Upstream answers 500 here (§3.8); kept for compatibility.
+            // Upstream answers 500 here; kept for compatibility.
             Rejection::NotFromHost => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -244,7 +244,7 @@ fn is_canonical(path: &str, canonical: &str, ci_first: bool) -> bool {
 }
 
 /// Whether the request carries `Metadata: true`. The name is case-insensitive;
-/// the value must be exactly `true` (§3.4). Several `Metadata` headers are refused.
+/// the value must be exactly `true` (as upstream). Several `Metadata` headers are refused.
 pub fn has_metadata_header(headers: &HeaderMap) -> bool {
     let mut values = headers.get_all("metadata").iter();
     matches!((values.next(), values.next()), (Some(v), None) if v.as_bytes() == b"true")
@@ -259,7 +259,8 @@ pub enum Selector {
     ClientId(String),
     /// `msi_res_id` (or `mi_res_id`, upstream's fallback since v1.8.15).
     ResourceId(String),
-    /// `object_id` (the principal ID; upstream ignored it, hazard H7).
+    /// `object_id` (the principal ID; upstream ignored it and served an
+    /// arbitrary identity).
     ObjectId(String),
 }
 
@@ -273,7 +274,7 @@ pub struct TokenQuery {
 }
 
 /// Parses the token query. `api-version`, `authority` and `bypass_cache` are
-/// ignored as upstream does (§3.4); other unknown parameters too.
+/// ignored as upstream does; other unknown parameters too.
 pub fn parse_token_query(query: Option<&str>) -> Result<TokenQuery, Rejection> {
     let query = query.unwrap_or("");
     if query.len() > MAX_QUERY_LEN {
@@ -314,7 +315,7 @@ pub fn parse_token_query(query: Option<&str>) -> Result<TokenQuery, Rejection> {
     Ok(TokenQuery { resource, selector })
 }
 
-/// `/host/token`'s pod headers, checked before the caller (§3.8).
+/// `/host/token`'s pod headers, checked before the caller (as upstream).
 pub fn host_pod_headers(headers: &HeaderMap) -> Result<(String, String), Rejection> {
     let get = |name| {
         headers

@@ -1,5 +1,5 @@
 //! Pure response rendering: the IMDS token body every SDK accepts, and JSON
-//! error bodies (shared/research/azure-protocols.md §1.3, §8; azure-apis.md §1.2).
+//! error bodies (docs/upstream-behaviour.md#imds-wire-format).
 
 use http::StatusCode;
 use serde::Serialize;
@@ -25,8 +25,8 @@ pub struct Token {
 
 /// The IMDS response body. Every value is a string, as the IMDS swagger types
 /// them: the Rust SDK refuses a numeric `expires_on`, MSAL Python needs a truthy
-/// `expires_in`, MSAL Node reads only `expires_on`, old Python needs `resource`
-/// (azure-protocols.md §8 points 5-7). Field order is upstream's, then IMDS's
+/// `expires_in`, MSAL Node reads only `expires_on`, old Python needs `resource`.
+/// Field order is upstream's, then IMDS's
 /// `client_id`.
 #[derive(Serialize)]
 struct Body<'a> {
@@ -58,7 +58,7 @@ impl<'a> Body<'a> {
 }
 
 /// The 200 body of the token endpoint: one object, or an array when several
-/// tokens are returned (auxiliary tenants, upstream statement 54).
+/// tokens are returned (auxiliary tenants, primary first, as upstream).
 pub fn token_body(tokens: &[Token], now: u64) -> Vec<u8> {
     let bodies: Vec<Body<'_>> = tokens.iter().map(|t| Body::new(t, now)).collect();
     let rendered = match bodies.as_slice() {
@@ -69,7 +69,7 @@ pub fn token_body(tokens: &[Token], now: u64) -> Vec<u8> {
     rendered.unwrap_or_default()
 }
 
-/// The 200 body of `/host/token`: `{"token":{...},"clientid":"..."}` (§3.8).
+/// The 200 body of `/host/token`: `{"token":{...},"clientid":"..."}` (upstream's).
 pub fn host_token_body(token: &Token, now: u64) -> Vec<u8> {
     #[derive(Serialize)]
     struct Host<'a> {
@@ -83,8 +83,8 @@ pub fn host_token_body(token: &Token, now: u64) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// The OAuth error code for a status, from the IMDS swagger's enum
-/// (azure-protocols.md §1.4).
+/// The OAuth error code for a status, from the enum of IMDS's published API
+/// description.
 pub fn error_code(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "invalid_request",
@@ -101,7 +101,7 @@ pub fn error_code(status: StatusCode) -> &'static str {
 
 /// A JSON error body `{"error":..,"error_description":..}`. Upstream sent
 /// text/plain for most errors, which MSAL Python cannot parse
-/// (azure-protocols.md §8 point 6); the descriptions keep upstream's wording.
+/// (it needs JSON even on errors); the descriptions keep upstream's wording.
 pub fn error_body(status: StatusCode, description: &str) -> Vec<u8> {
     #[derive(Serialize)]
     struct Err<'a> {
@@ -236,7 +236,7 @@ mod tests {
             let body: Value = serde_json::from_slice(&error_body(s, msg)).unwrap();
             assert_eq!(body, json!({"error": code, "error_description": msg}));
         }
-        // The exact bytes upstream sends for the metadata check (§3.5 step 1).
+        // The exact bytes upstream sends for the metadata check.
         assert_eq!(
             error_body(StatusCode::BAD_REQUEST, "Required metadata header not specified"),
             br#"{"error":"invalid_request","error_description":"Required metadata header not specified"}"#

@@ -28,12 +28,12 @@
 //! **Deterministic choice.** When a pod may use several identities and the
 //! request names none, NMI picks the usable identity whose AzureIdentity has
 //! the smallest `(namespace, name)`. Upstream took "element 0" of an
-//! unordered cache list (statement 49); this rule gives every replica and
+//! unordered cache list; this rule gives every replica and
 //! every restart the same answer.
 //!
 //! **Matching.** `client_id` and `msi_res_id` are compared ignoring ASCII case
 //! (GUIDs and ARM IDs are case-insensitive; upstream's case-sensitive compare
-//! gave a 404 after waiting, hazard H7). `object_id` is really matched: the
+//! gave a 404 after waiting). `object_id` is really matched: the
 //! server fetches each candidate's token by its resource ID (checked against
 //! its client ID) and answers with the one whose `oid` claim is the requested
 //! object ID.
@@ -281,10 +281,10 @@ fn choose(mut usable: Vec<AzureIdentity>, selector: &Selector) -> Outcome {
     }
 }
 
-/// Standard mode (§3.6): the pod's AzureAssignedIdentities that pass
-/// [`check_aai`] decide. `Assigned` ones are usable (the live identity is
-/// used); `Created` ones (and ones a cache cannot judge yet) make the
-/// request wait.
+/// Standard mode (docs/upstream-behaviour.md#identity-selection-and-retry-budgets):
+/// the pod's AzureAssignedIdentities that pass [`check_aai`] decide. `Assigned`
+/// ones are usable (the live identity is used); `Created` ones (and ones a cache
+/// cannot judge yet) make the request wait.
 pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: bool) -> Outcome {
     let mut usable = Vec::new();
     let mut pending = false;
@@ -322,7 +322,7 @@ pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: 
     Outcome::Deny
 }
 
-/// Managed mode (§3.7): identities bound in the pod's namespace, no waiting.
+/// Managed mode: identities bound in the pod's namespace, no waiting.
 pub fn managed(selector: &Selector, identities: &[&AzureIdentity]) -> Outcome {
     let usable: Vec<AzureIdentity> = identities
         .iter()
@@ -335,7 +335,8 @@ pub fn managed(selector: &Selector, identities: &[&AzureIdentity]) -> Outcome {
 /// Whether `pod` is one of the real MIC pods, which get node-level tokens:
 /// in `mic_namespace` (ignoring case, as upstream) and running as one of the
 /// MIC service accounts. Upstream accepted any pod whose ReplicaSet name
-/// starts with `mic` (hazard H4).
+/// starts with `mic`
+/// (docs/upstream-behaviour.md#h4-mic-found-by-replicaset-name).
 pub fn is_mic(pod: &PodEntry, mic_namespace: &str, mic_service_accounts: &[String]) -> bool {
     pod.namespace.eq_ignore_ascii_case(mic_namespace)
         && !pod.service_account.is_empty()
@@ -356,7 +357,7 @@ pub fn wait_expired_message(
     )
 }
 
-/// Upstream's message when no bound identity matches (statement 50), with the
+/// Upstream's message when no bound identity matches, with the
 /// requested ID redacted as upstream does (only its first 4 characters kept).
 pub fn no_match_message(selector: &Selector) -> String {
     let id = match selector {
@@ -497,7 +498,7 @@ mod tests {
                 want: "use b",
             },
             Case {
-                name: "client_id ignores case (H7)",
+                name: "client_id ignores case",
                 aais: vec![p(a, "Assigned"), p(b, "Assigned")],
                 sel: cid("22222222-BBBB-4000-8000-000000000002"),
                 namespaced: false,
