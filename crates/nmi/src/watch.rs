@@ -6,19 +6,16 @@
 //! dropped from the index, so a broken object never grants anything); they
 //! never stop a watch.
 
-use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use aadpodid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
     LABEL_NODENAME,
 };
-use futures::StreamExt;
+use aadpodid_runtime::watch::{self as runtime_watch, Sink};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DeserializeGuard;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
@@ -29,22 +26,15 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::server::State;
 
+/// Which watches have listed everything once ([`Synced::all`]: readiness,
+/// the first-sync wait and the startup taint all ask it).
+pub use aadpodid_runtime::watch::Synced;
+
 /// How one kind is put into the index.
 struct Ops<K> {
     apply: fn(&mut Index, &K),
     delete: fn(&mut Index, &str, &str),
     reset: fn(&mut Index, &[K]),
-}
-
-/// Which watches have listed everything once.
-#[derive(Clone, Debug, Default)]
-pub struct Synced(Arc<Vec<AtomicBool>>);
-
-impl Synced {
-    /// Whether every watch has synced.
-    pub fn all(&self) -> bool {
-        self.0.iter().all(|s| s.load(Ordering::Acquire))
-    }
 }
 
 fn valid<K: Clone>(items: &[DeserializeGuard<K>]) -> Vec<K> {
@@ -79,6 +69,66 @@ macro_rules! guarded_ops {
     };
 }
 
+/// One kind's watch writing into the shared index; `operation` labels the
+/// Kubernetes error metric.
+struct IndexSink<K> {
+    state: Arc<State>,
+    ops: Ops<K>,
+    metrics: Metrics,
+    operation: &'static str,
+}
+
+impl<K: Resource> Sink<K> for IndexSink<K> {
+    fn reset(&mut self, all: Vec<K>) -> bool {
+        self.state.update(|i| (self.ops.reset)(i, &all));
+        true
+    }
+
+    fn apply(&mut self, obj: K) -> bool {
+        self.state.update(|i| (self.ops.apply)(i, &obj));
+        true
+    }
+
+    fn delete(&mut self, obj: K) -> bool {
+        let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+        self.state.update(|i| (self.ops.delete)(i, &ns, &name));
+        true
+    }
+
+    fn failed(&mut self, _error: &watcher::Error) {
+        self.metrics
+            .kubernetes_errors
+            .with_label_values(&[self.operation])
+            .inc();
+    }
+}
+
+/// What every watch of this node shares.
+struct Watches<'a> {
+    client: &'a Client,
+    state: &'a Arc<State>,
+    metrics: &'a Metrics,
+    shutdown: &'a Shutdown,
+    synced: Synced,
+}
+
+impl Watches<'_> {
+    fn start<K>(&self, config: watcher::Config, ops: Ops<K>, operation: &'static str)
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
+        K: 'static,
+    {
+        let sink = IndexSink {
+            state: Arc::clone(self.state),
+            ops,
+            metrics: self.metrics.clone(),
+            operation,
+        };
+        let events = runtime_watch::events(Api::<K>::all(self.client.clone()), config);
+        runtime_watch::spawn(events, sink, &self.synced, self.shutdown);
+    }
+}
+
 /// Starts the watches for `mode`; returns their sync flags.
 pub fn spawn(
     client: &Client,
@@ -89,145 +139,53 @@ pub fn spawn(
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Synced {
-    let mut n = 0;
-    let mut next = || {
-        n += 1;
-        n - 1
+    let w = Watches {
+        client,
+        state,
+        metrics,
+        shutdown,
+        synced: Synced::default(),
     };
-    let flags_needed = match mode {
-        OperationMode::Standard => 5,
-        OperationMode::Managed => 4,
-    };
-    let synced = Synced(Arc::new(
-        (0..flags_needed).map(|_| AtomicBool::new(false)).collect(),
-    ));
-    let ctx = |i: usize| {
-        (
-            Arc::clone(state),
-            synced.clone(),
-            i,
-            metrics.clone(),
-            shutdown.clone(),
-        )
-    };
-
-    let pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let ops = Ops::<Pod> {
+    let all = watcher::Config::default;
+    let pods = Ops::<Pod> {
         apply: |i, p| i.apply_pod(p),
         delete: |i, ns, n| i.delete_pod(ns, n),
         reset: |i, all| i.reset_pods(all),
     };
-    tokio::spawn(run(
-        Api::<Pod>::all(client.clone()),
+    w.start(
+        all().fields(&format!("spec.nodeName={node}")),
         pods,
-        ops,
         "get_pod_list",
-        ctx(next()),
-    ));
-
-    let exc = guarded_ops!(
+    );
+    let exceptions = guarded_ops!(
         AzurePodIdentityException,
         apply_exception,
         delete_exception,
         reset_exceptions
     );
-    tokio::spawn(run(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        exc,
-        "list_exceptions",
-        ctx(next()),
-    ));
-
+    w.start(all(), exceptions, "list_exceptions");
     if mode == OperationMode::Standard {
         let cfg = if scale_features {
-            watcher::Config::default().labels(&format!("{LABEL_NODENAME}={node}"))
+            all().labels(&format!("{LABEL_NODENAME}={node}"))
         } else {
-            watcher::Config::default()
+            all()
         };
-        let ops = guarded_ops!(AzureAssignedIdentity, apply_aai, delete_aai, reset_aais);
-        tokio::spawn(run(
-            Api::all(client.clone()),
-            cfg,
-            ops,
-            "list_assigned_identities",
-            ctx(next()),
-        ));
+        let aais = guarded_ops!(AzureAssignedIdentity, apply_aai, delete_aai, reset_aais);
+        w.start(cfg, aais, "list_assigned_identities");
     }
-    let ops = guarded_ops!(
+    let bindings = guarded_ops!(
         AzureIdentityBinding,
         apply_binding,
         delete_binding,
         reset_bindings
     );
-    tokio::spawn(run(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        ops,
-        "list_bindings",
-        ctx(next()),
-    ));
-    let ops = guarded_ops!(
+    w.start(all(), bindings, "list_bindings");
+    let identities = guarded_ops!(
         AzureIdentity,
         apply_identity,
         delete_identity,
         reset_identities
     );
-    tokio::spawn(run(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        ops,
-        "list_identities",
-        ctx(next()),
-    ));
-    synced
-}
-
-async fn run<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    ops: Ops<K>,
-    operation: &'static str,
-    (state, synced, slot, metrics, shutdown): (Arc<State>, Synced, usize, Metrics, Shutdown),
-) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let stream = watcher::watcher(api, config).default_backoff();
-    tokio::pin!(stream);
-    let mut buffer: Vec<K> = Vec::new();
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.signaled() => return,
-            e = stream.next() => e,
-        };
-        match event {
-            None => return,
-            Some(Err(error)) => {
-                metrics
-                    .kubernetes_errors
-                    .with_label_values(&[operation])
-                    .inc();
-                tracing::warn!(%error, operation, "watch failed; retrying with backoff");
-            }
-            Some(Ok(Event::Init)) => buffer.clear(),
-            Some(Ok(Event::InitApply(o))) => buffer.push(o),
-            Some(Ok(Event::InitDone)) => {
-                let all = std::mem::take(&mut buffer);
-                state.update(|i| (ops.reset)(i, &all));
-                if let Some(flag) = synced.0.get(slot) {
-                    flag.store(true, Ordering::Release);
-                }
-            }
-            Some(Ok(Event::Apply(o))) => {
-                tracing::debug!(operation, ns = ?o.namespace(), name = %o.name_any(), "watch: applied");
-                state.update(|i| (ops.apply)(i, &o));
-            }
-            Some(Ok(Event::Delete(o))) => {
-                let ns = o.namespace().unwrap_or_default();
-                let name = o.name_any();
-                tracing::debug!(operation, %ns, %name, "watch: deleted");
-                state.update(|i| (ops.delete)(i, &ns, &name));
-            }
-        }
-    }
+    w.start(all(), identities, "list_identities");
+    w.synced
 }
