@@ -1,5 +1,5 @@
 //! Command line and environment, with upstream's spellings and defaults
-//! (research/aad-pod-identity.md §2.1). Upstream parses with Go's `flag`
+//! (docs/upstream-behaviour.md#flags-and-defaults). Upstream parses with Go's `flag`
 //! package, so booleans take `--x`, `--x=true` and `--x=false` (never
 //! `--x false`) and durations use Go's syntax (`3600s`, `3m`, `1h30m`).
 
@@ -10,7 +10,7 @@ use clap::{ArgAction, Parser};
 
 /// Upstream reads this exact string (`== "true"`) in both binaries.
 pub const ENV_FORCE_NAMESPACED: &str = aadpodid_api::ENV_FORCE_NAMESPACED;
-/// MIC's own namespace; upstream exits when it is empty (§9 statement 37).
+/// MIC's own namespace; upstream exits when it is empty.
 pub const ENV_MIC_POD_NAMESPACE: &str = "MIC_POD_NAMESPACE";
 
 /// MIC's flags. Names are upstream's, camelCase included.
@@ -148,11 +148,11 @@ pub struct Args {
     pub keep_completed_pod_identities: bool,
 
     /// Beyond upstream (#1267): write tokens per VMSS/VM when its bucket is full
-    /// (Compute's "VMSS Update"/"VM Update" per-resource burst, research/peers.md
-    /// §1.2). MIC keeps a local mirror of the bucket, corrected from
-    /// `x-ms-ratelimit-remaining-resource` and `Retry-After`, and waits instead of
-    /// sending a PATCH the bucket cannot pay for; pending adds and removes are
-    /// folded into that next PATCH.
+    /// (Compute's "VMSS Update"/"VM Update" per-resource burst of 12, refilled at 4 a
+    /// minute: docs/upstream-behaviour.md#azure-throttling). MIC keeps a local mirror
+    /// of the bucket, corrected from `x-ms-ratelimit-remaining-resource` and
+    /// `Retry-After`, and waits instead of sending a PATCH the bucket cannot pay for;
+    /// pending adds and removes are folded into that next PATCH.
     #[arg(long = "arm-resource-write-burst", default_value_t = 12.0)]
     pub arm_resource_write_burst: f64,
 
@@ -345,8 +345,8 @@ mod tests {
         assert_eq!(a.identity_removal_linger, Duration::from_secs(600));
     }
 
-    /// The args of upstream's `deploy/infra/deployment-rbac.yaml` (§5) and of
-    /// the chart's `mic-deployment.yaml` with every optional value set (§4).
+    /// The args of upstream's plain manifest `deploy/infra/deployment-rbac.yaml`
+    /// and of the chart's `mic-deployment.yaml` with every optional value set.
     #[test]
     fn upstream_manifest_and_chart_args_parse() {
         let a = parse(&["--cloudconfig=/etc/kubernetes/azure.json", "--logtostderr"]);

@@ -1,4 +1,5 @@
-//! Events with upstream's reasons (research/aad-pod-identity.md §2.6),
+//! Events with upstream's reasons (`binding applied`, `binding apply error`,
+//! `status update error`, `binding removed`, `binding remove error`),
 //! reported by component `aadpodidentity.k8s.io`. Best effort: a failed
 //! Event is logged and never holds up the cycle.
 

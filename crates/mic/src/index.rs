@@ -99,7 +99,8 @@ pub struct Index {
 }
 
 /// Whether an apply changed anything MIC decides on; unchanged resyncs and
-/// status-only pod updates cost no cycle (§2.4; fixes the storms of H9/#1221).
+/// status-only pod updates cost no cycle (upstream ran a full cycle for each
+/// such event: docs/upstream-behaviour.md#h9-sync-storms).
 pub type Changed = bool;
 
 impl Index {
@@ -128,7 +129,8 @@ impl Index {
     pub fn apply_identity(&mut self, obj: &AzureIdentity) -> Changed {
         let old = self.identities.insert(key_of(obj), obj.clone());
         // Metadata-only edits (labels, resourceVersion) change nothing MIC
-        // decides on (fixes hazard H5); the annotation does (namespaced).
+        // decides on (docs/upstream-behaviour.md#h5-metadata-edits-cause-token-gaps);
+        // the annotation does (namespaced).
         old.is_none_or(|o| o.spec != obj.spec || o.annotations() != obj.annotations())
     }
 

@@ -1,5 +1,5 @@
 //! Leader election on a coordination.k8s.io Lease (upstream used an
-//! Endpoints lock of the same name, §2.4; Endpoints locks are gone from
+//! Endpoints lock of the same name; Endpoints locks are gone from
 //! client-go). Timings as upstream: renew deadline = duration/2, retry period
 //! = duration/4. Expiry is judged on the local clock from when the record was
 //! last seen to change, as client-go does, so clock skew between replicas

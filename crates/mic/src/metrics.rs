@@ -1,6 +1,5 @@
-//! MIC metrics with upstream's exact names (research/aad-pod-identity.md
-//! §2.8): namespace `aadpodidentity_`, counters named `*_count` with no
-//! `_total` appended, so existing dashboards keep working.
+//! MIC metrics with upstream's exact names: namespace `aadpodidentity_`, counters
+//! named `*_count` with no `_total` appended, so existing dashboards keep working.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,

@@ -1,6 +1,7 @@
 //! The decision: from the cluster view to the AzureAssignedIdentity (AAI)
 //! writes and the per-VMSS/VM identity deltas, following upstream's sync cycle
-//! (research/aad-pod-identity.md §2.5) minus its hazards (§7.4).
+//! (docs/upstream-behaviour.md#mic-sync-cycle) minus its hazards (the
+//! H sections of that page).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,7 +16,7 @@ use kube::ResourceExt;
 use crate::cloud::{ResourceRef, is_valid_identity_id, normalize_id};
 use crate::index::{Index, Key};
 
-/// AAIs live here unless the identity is namespaced (§1.3 "back compat").
+/// AAIs live here unless the identity is namespaced (upstream's "back compat").
 pub const DEFAULT_AAI_NAMESPACE: &str = "default";
 
 /// Settings the plan depends on.
@@ -24,7 +25,7 @@ pub struct Options {
     /// `--forceNamespaced` or `FORCENAMESPACED=true`.
     pub force_namespaced: bool,
     /// Client IDs never removed from a VM/VMSS, lower-cased: `--immutable-user-msis`
-    /// plus the cluster identity of azure.json (§9 statements 26, 27).
+    /// plus the cluster identity of azure.json (as upstream).
     pub immutable_client_ids: BTreeSet<String>,
     /// Upstream behaviour: Succeeded/Failed pods keep their identities (#637).
     pub keep_completed_pod_identities: bool,
@@ -42,7 +43,7 @@ pub enum Warning {
     InvalidResourceId { identity: Key, resource_id: String },
     /// `spec.type` outside 0..=2.
     UnknownIdentityType { identity: Key, value: i64 },
-    /// Two matches produce the same AAI name; the first by sorted binding wins (§9 statement 39).
+    /// Two matches produce the same AAI name; the first by sorted binding wins (as upstream).
     DuplicateAssignedIdentity { name: Key, binding: Key },
     /// A namespaced identity matched across namespaces; skipped.
     NamespaceMismatch { binding: Key, pod: Key },
@@ -76,11 +77,13 @@ pub struct ResourceWork {
 pub struct Plan {
     /// New AAIs, status Created.
     pub create: Vec<AzureAssignedIdentity>,
-    /// Existing AAIs whose spec must change (identity/binding edited, pod moved); status back to Created.
+    /// Existing AAIs whose spec must change (identity/binding edited, pod moved);
+    /// status back to Created.
     pub update: Vec<AzureAssignedIdentity>,
-    /// AAIs to mark Assigned with no ARM call (service principals, §9 statement 10).
+    /// AAIs to mark Assigned with no ARM call (service principals, as upstream).
     pub assign_now: Vec<Key>,
-    /// AAIs to delete with no ARM call (still in use elsewhere, immutable, type 1/2, node gone, never assigned).
+    /// AAIs to delete with no ARM call (still in use elsewhere, immutable, type 1/2,
+    /// node gone, never assigned).
     pub delete_now: Vec<Key>,
     /// Per-VMSS/VM deltas and the AAIs waiting on them.
     pub resources: BTreeMap<ResourceRef, ResourceWork>,
@@ -98,7 +101,7 @@ impl Plan {
 }
 
 fn identity_key(binding: &AzureIdentityBinding) -> Key {
-    // Looked up only in the binding's namespace (§9 statement 4).
+    // Looked up only in the binding's namespace (as upstream).
     (
         binding.namespace().unwrap_or_default(),
         binding.spec.azure_identity.clone(),
@@ -142,7 +145,7 @@ fn desired_set(
         if pod.is_completed() && !opts.keep_completed_pod_identities {
             continue;
         }
-        // A node not (yet) in the cache: wait for it (upstream drops the creates, §2.5 step 5).
+        // A node not (yet) in the cache: wait for it (upstream drops the creates for the cycle).
         let Some(node) = index.nodes.get(&pod.node) else {
             continue;
         };
@@ -283,7 +286,8 @@ fn ns_name<K: kube::Resource>(obj: &Option<Box<K>>) -> Option<Identifiers<'_>> {
 }
 
 /// Same assignment: same pod, node, identity and binding (by name, UID and
-/// spec, never resourceVersion, so metadata edits cause no churn; hazard H5).
+/// spec, never resourceVersion, so metadata edits cause no churn;
+/// docs/upstream-behaviour.md#h5-metadata-edits-cause-token-gaps).
 /// The UID matters: nmi accepts an AAI only while the objects it embeds are
 /// the live ones, so an identity or binding deleted and made again under the
 /// same name must be embedded anew.
@@ -336,7 +340,8 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
     let desired = desired_set(index, opts, &mut p.warnings);
 
     // Identities in use per resource: nothing desired there may lose them
-    // (compares namespace and name of the pod, unlike upstream; hazard H2).
+    // (compares namespace and name of the pod, unlike upstream:
+    // docs/upstream-behaviour.md#h2-in-use-check-ignores-namespaces).
     let in_use: BTreeSet<(ResourceRef, String)> = desired
         .values()
         .filter_map(|d| d.identity_id.clone().map(|id| (d.resource.clone(), id)))
@@ -349,7 +354,8 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
     // seen through the watch, say after an apiserver restart, or a leader
     // killed between its PATCH and the status write), and deleting it without
     // a removal would orphan the identity on the VMSS/VM. The removal costs a
-    // GET at most: an identity that is not there is not sent (hazard H1).
+    // GET at most: an identity that is not there is not sent (so the system
+    // identity is never stripped: docs/upstream-behaviour.md#h1-system-identity-stripped).
     let retire = |key: &Key, aai: &AzureAssignedIdentity, p: &mut Plan| {
         let resource = index
             .nodes
@@ -435,7 +441,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
         p.create.push(d.aai);
     }
 
-    // Adds win over removes on the same resource (§2.3).
+    // Adds win over removes on the same resource (as upstream).
     for w in p.resources.values_mut() {
         let add = w.add.clone();
         w.remove.retain(|id| !add.contains(id));
@@ -444,7 +450,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
 }
 
 /// Identities that Assigned AAIs say must be on each resource; the drift
-/// check re-adds whatever is missing and never removes (§2.7). Only AAIs
+/// check re-adds whatever is missing and never removes (as upstream). Only AAIs
 /// still desired count: one whose pod is gone is on its way out, and its
 /// identity may already be removed while the AAI is not deleted yet (the
 /// apiserver may be down meanwhile); re-adding it would orphan it.

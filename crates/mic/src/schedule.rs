@@ -1,7 +1,8 @@
-//! The ARM-aware scheduler (beyond upstream, issues #676, #988, #1267): a
-//! local mirror of Microsoft.Compute's write buckets per VMSS/VM and per
-//! subscription (research/peers.md §1.2: burst 12, 4/min per scale set;
-//! 1,500 burst, 500/min per subscription), corrected from the
+//! The ARM-aware scheduler (beyond upstream, whose users saw thousands of
+//! PATCHes an hour and 429s on busy scale sets): a local mirror of
+//! Microsoft.Compute's write buckets per VMSS/VM and per subscription (burst
+//! 12, 4/min per scale set; 1,500 burst, 500/min per subscription;
+//! docs/upstream-behaviour.md#azure-throttling), corrected from the
 //! `x-ms-ratelimit-remaining-resource` header and `Retry-After`, so MIC
 //! spends writes within budget instead of provoking 429s; and the linger of
 //! lazy removal, so a CronJob's identity does not churn the scale set.
@@ -24,7 +25,7 @@ pub struct BucketSpec {
     pub per_minute: f64,
 }
 
-/// Compute's write budget as MIC assumes it (configurable; peers.md §1.2).
+/// Compute's write budget as MIC assumes it (configurable).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     /// Per VMSS or VM ("VMSS Update" / "VM Update" per-resource bucket).
@@ -104,7 +105,7 @@ pub struct Remaining {
 }
 
 /// Parses `Microsoft.Compute/<policy>;<n>[,Microsoft.Compute/<policy>;<n>...]`
-/// (azure-apis.md §3.7); malformed entries are skipped.
+/// (several policies may be comma-joined); malformed entries are skipped.
 pub fn parse_remaining(header: &str) -> Vec<Remaining> {
     header
         .split(',')
@@ -127,9 +128,9 @@ fn is_subscription_policy(policy: &str) -> bool {
 }
 
 /// Whether a policy counts reads (`GetVMScaleSet3Min`,
-/// `HighCostGetVMScaleSet30Min`, `LowCostGet3Min`, `GetOperation...`;
-/// azure-apis.md §3.7). A GET answer lists these; they say nothing about the
-/// write buckets, so they never correct the mirror.
+/// `HighCostGetVMScaleSet30Min`, `LowCostGet3Min`, `GetOperation...`). A GET answer
+/// lists these; they say nothing about the write buckets, so they never correct the
+/// mirror.
 fn is_read_policy(policy: &str) -> bool {
     policy.to_ascii_lowercase().contains("get")
 }
@@ -217,7 +218,7 @@ impl Budget {
     }
 
     /// `x-ms-ratelimit-remaining-subscription-writes` of a write answer
-    /// (ARM's own per-subscription write budget, peers.md §1.1): another
+    /// (ARM's own per-subscription write budget): another
     /// limit over the same writes, so it can only lower the subscription
     /// bucket of the mirror, never fill it.
     pub fn observe_subscription_writes(&mut self, remaining: u64, now: Duration) {
@@ -229,9 +230,11 @@ impl Budget {
         sub.tokens = sub.tokens.min(remaining as f64);
     }
 
-    /// A 429 (or any answer with Retry-After) on `r`: this resource only is
-    /// paused (fixes hazard H8), and ARM's word wins over the mirror: its
-    /// bucket is set so that exactly one token is there when the wait ends.
+    /// A 429 (or any answer with Retry-After) on `r`: this resource only is paused
+    /// (upstream paused all of them:
+    /// docs/upstream-behaviour.md#h8-one-throttle-for-all-scale-sets), and ARM's word
+    /// wins over the mirror: its bucket is set so that exactly one token is there when
+    /// the wait ends.
     pub fn observe_retry_after(&mut self, r: &ResourceRef, after: Duration, now: Duration) {
         let spec = self.limits.resource;
         let (res, _) = self.buckets(r, now);

@@ -1,5 +1,5 @@
 //! [`Cloud`] over ARM: a small typed client on `azure_core`'s `Pipeline` with
-//! `azure_identity` credentials (azure-apis.md §6.5: the legacy
+//! `azure_identity` credentials (the legacy
 //! `azure_mgmt_compute` cannot represent user-assigned identities and pins an
 //! `azure_core` that cannot mix with `azure_identity` 1.x).
 
@@ -27,13 +27,13 @@ use super::{
     ResourceRef, normalize_id,
 };
 
-/// Compute api-version MIC sends (azure-apis.md §3.1: widely deployed, same
+/// Compute api-version MIC sends (widely deployed, has ETags, same
 /// identity schema as upstream's 2019-12-01).
 pub const COMPUTE_API_VERSION: &str = "2024-11-01";
 
-/// Upstream polls LROs every 5 s when ARM gives no Retry-After (§2.3).
+/// Upstream polls LROs every 5 s when ARM gives no Retry-After.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
-/// go-autorest's default PollingDuration, which upstream keeps (§2.3).
+/// go-autorest's default PollingDuration, which upstream keeps.
 const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Longest single wait between polls, whatever Retry-After says.
 const MAX_POLL_DELAY: Duration = Duration::from_secs(60);
@@ -81,7 +81,10 @@ fn client_options(config: &CloudConfig) -> ClientOptions {
     }
 }
 
-/// The credential upstream would pick for this config (§2.2).
+/// The credential upstream would pick for this config: the managed identity
+/// when `useManagedIdentityExtension` is set (user-assigned if
+/// `userAssignedIdentityID` is given, else system-assigned), otherwise the
+/// service principal.
 pub fn credential(config: &CloudConfig) -> Result<Arc<dyn TokenCredential>, CloudError> {
     let build = |e: azure_core::Error| CloudError::BuildClient {
         message: e.to_string(),
@@ -209,7 +212,7 @@ fn transport_error(e: &azure_core::Error) -> ArmError {
 }
 
 /// Puts MIC's whole User-Agent (`aad-pod-identity/MIC/<version>[ <custom>]`,
-/// upstream's form, research/aad-pod-identity.md §2.1) in front of the one
+/// upstream's form) in front of the one
 /// the SDK sets. The SDK's own `application_id` cannot carry it: it panics on
 /// more than 24 characters or on anything but an RFC 9110 token, and `/` is
 /// none. A per-try policy, so it runs after the SDK's User-Agent policy.
@@ -281,8 +284,9 @@ impl ArmCloud {
         let bearer = BearerTokenAuthorizationPolicy::new(cred, [config.endpoints.arm_scope()]);
         let mut client_options = client_options(config);
         // MIC decides about retries per scale set (Retry-After pauses only the
-        // throttled resource, fixing hazard H8); the SDK must not sleep on a
-        // 429 inside a call, as upstream's did not (§9 statement 33).
+        // throttled resource, where upstream paused every scale set:
+        // docs/upstream-behaviour.md#h8-one-throttle-for-all-scale-sets); the
+        // SDK must not sleep on a 429 inside a call, as upstream's did not.
         client_options.retry = RetryOptions::none();
         let mut per_try: Vec<Arc<dyn Policy>> = vec![Arc::new(bearer)];
         if !options.user_agent.is_empty() {
@@ -351,7 +355,7 @@ impl ArmCloud {
     }
 
     /// Keeps what an answer about `r` says of the Compute buckets for the
-    /// scheduler (peers.md §1.2: every Compute answer carries it).
+    /// scheduler (every Compute answer carries it).
     fn note_remaining(&self, r: &ResourceRef, resp: &RawResponse) {
         if let Some(v) = resp.headers().get_optional_str(&REMAINING_RESOURCE) {
             self.remaining
@@ -417,7 +421,7 @@ impl ArmCloud {
     }
 
     /// Follows `Azure-AsyncOperation` (preferred by Compute) or `Location`
-    /// until the operation ends (azure-apis.md §3.5). Bounded by the poll
+    /// until the operation ends (`Location` answers 202 while it runs). Bounded by the poll
     /// timeout.
     async fn wait_for_completion(&self, first: &RawResponse) -> Result<(), ArmError> {
         let (url, by_location) = match (

@@ -1,6 +1,6 @@
 //! azure.json (`--cloudconfig`) and environment parsing, as upstream's
 //! `pkg/config/azureconfig.go` and `pkg/cloudprovider/cloudprovider.go Init`
-//! (research/aad-pod-identity.md §2.2; azure-apis.md §4.2). Pure: the caller
+//! (docs/upstream-behaviour.md#mic-and-arm). Pure: the caller
 //! passes file contents and an environment lookup.
 
 use std::collections::BTreeMap;
@@ -17,15 +17,16 @@ pub struct CloudConfig {
     pub cloud: String,
     pub tenant_id: String,
     pub subscription_id: String,
-    /// Every ARM call uses this group, never the one in a node's providerID (§2.2).
+    /// Every ARM call uses this group, never the one in a node's providerID.
     pub resource_group: String,
     pub credential: CredentialConfig,
-    /// Client ID of the cluster (kubelet) identity; never removed from a node (§9 statement 27).
+    /// Client ID of the cluster (kubelet) identity; never removed from a node.
     pub user_assigned_identity_id: String,
     pub endpoints: Endpoints,
 }
 
-/// How MIC authenticates to ARM (§2.2 "Credential choice").
+/// How MIC authenticates to ARM (upstream's choice: managed identity when
+/// `useManagedIdentityExtension`, else the service principal).
 #[derive(Clone, Debug)]
 pub enum CredentialConfig {
     ServicePrincipal { client_id: String, secret: Secret },

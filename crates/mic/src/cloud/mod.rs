@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Upstream splits deltas into PATCHes of at most this many identities; ARM
-/// refuses more in one request (§2.3, peers.md §1.3).
+/// refuses more in one request (`FailedIdentityOperation`, "exceed limit '150'").
 pub const MAX_IDENTITIES_PER_REQUEST: usize = 150;
 
 /// Kind of compute resource a node runs on.
@@ -24,7 +24,7 @@ pub enum ResourceKind {
 }
 
 /// A VMSS or VM in the cloud config's subscription and resource group (every
-/// ARM call uses those, never the providerID's; §2.2).
+/// ARM call uses those, never the providerID's, as upstream).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ResourceRef {
     pub kind: ResourceKind,
@@ -56,10 +56,12 @@ impl fmt::Display for ResourceRef {
     }
 }
 
-/// Where a node's identities live, from `spec.providerID` (azure-apis.md §4.1).
-/// A VMSS instance maps to its scale set; anything else is addressed as the VM
-/// named after the node, as upstream does (§9 statements 24 and 77). The
-/// second value says the providerID was not empty yet did not parse.
+/// Where a node's identities live, from `spec.providerID`
+/// (`azure:///subscriptions/…/virtualMachineScaleSets/<vmss>/virtualMachines/<n>`
+/// for a scale-set instance). A VMSS instance maps to its scale set; anything
+/// else, even a providerID that does not parse, is addressed as the VM named
+/// after the node, as upstream does. The second value says the providerID was not empty
+/// yet did not parse.
 pub fn resource_for_node(node_name: &str, provider_id: &str) -> (ResourceRef, bool) {
     let path = provider_id
         .strip_prefix("azure://")
@@ -81,13 +83,13 @@ pub fn resource_for_node(node_name: &str, provider_id: &str) -> (ResourceRef, bo
 }
 
 /// Lower-cases a user-assigned identity ID; ARM compares them case-insensitively
-/// and upstream sends them lower-cased (§9 statement 17).
+/// and upstream sends them lower-cased.
 pub fn normalize_id(id: &str) -> String {
     id.to_lowercase()
 }
 
 /// Whether `id` is a user-assigned identity resource ID (upstream's
-/// `ValidateResourceID`, §1.1; case-insensitive).
+/// `ValidateResourceID`; case-insensitive).
 pub fn is_valid_identity_id(id: &str) -> bool {
     let lower = id.to_lowercase();
     let segs: Vec<&str> = lower.split('/').collect();
@@ -177,12 +179,14 @@ impl IdentityPatch {
 }
 
 /// The PATCHes that take `current` to `current + add - remove`, sending only
-/// the delta (§2.3): IDs already present are not re-added and IDs absent are
-/// not removed, so a removal of something already gone sends nothing (fixes
-/// hazard H1, §7.4, where upstream stripped the system identity). An ID in
+/// the delta: IDs already present are not re-added and IDs absent are
+/// not removed, so a removal of something already gone sends nothing (where
+/// upstream stripped the system identity:
+/// docs/upstream-behaviour.md#h1-system-identity-stripped). An ID in
 /// both lists is added. At most [`MAX_IDENTITIES_PER_REQUEST`] IDs per PATCH;
 /// each PATCH's `type` is computed from the state the earlier ones left, and
-/// keeps `SystemAssigned` whenever the resource has it (azure-apis.md §3.3).
+/// keeps `SystemAssigned` whenever the resource has it (a type without it
+/// removes the system identity).
 pub fn identity_patches(
     current: &ResourceIdentity,
     add: &BTreeSet<String>,
@@ -229,7 +233,7 @@ pub fn identity_patches(
             };
             if state.is_empty() {
                 // A user-assigned map with no identity left is refused; the
-                // type alone removes the rest (azure-apis.md §3.3).
+                // type alone removes the rest.
                 map.clear();
             }
             IdentityPatch {
@@ -258,7 +262,8 @@ pub struct ArmError {
 impl ArmError {
     /// Identity IDs named in the message, lower-cased. ARM quotes them in
     /// `FailedIdentityOperation` and `LinkedAuthorizationFailed` messages
-    /// (azure-apis.md §3.3), which upstream parses to retry without them.
+    /// (inside single quotes, comma-separated), which upstream parses to retry
+    /// without them.
     pub fn named_identity_ids(&self) -> BTreeSet<String> {
         let lower = self.message.to_lowercase();
         let mut out = BTreeSet::new();
@@ -277,7 +282,7 @@ impl ArmError {
         out
     }
 
-    /// The identity itself is at fault (upstream retries without those IDs, §2.3).
+    /// The identity itself is at fault (upstream retries without those IDs).
     pub fn is_identity_failure(&self) -> bool {
         self.code == "FailedIdentityOperation"
             || self.code == "LinkedAuthorizationFailed"
@@ -458,7 +463,7 @@ mod tests {
     #[test]
     fn nothing_to_do_sends_nothing() {
         let cur = current("SystemAssigned", &[]);
-        // Removing an identity that is already gone must not strip the system identity (H1).
+        // Removing an identity that is already gone must not strip the system identity.
         assert!(identity_patches(&cur, &BTreeSet::new(), &set(&["x"])).is_empty());
         let cur = current("UserAssigned", &["a"]);
         assert!(identity_patches(&cur, &set(&["a"]), &BTreeSet::new()).is_empty());

@@ -1,5 +1,5 @@
-//! Statements of the behaviour catalogue (research/aad-pod-identity.md §9),
-//! and the hazards of §7.4, as cases over a hand-built index.
+//! Upstream's sync-cycle behaviours and the hazards we close
+//! (docs/upstream-behaviour.md), as cases over a hand-built index.
 
 use super::*;
 use aadpodid_api::policy::PolicyMode;
@@ -153,7 +153,8 @@ fn s3_s6_s7_s8_new_pod_gets_a_created_aai_and_an_add() {
     ix.apply_binding(&mk_binding("ns", "b-other-selector", "id", "Sel"));
     ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
     let p = plan(&ix, &Options::default());
-    // The cross-namespace binding names "other/id", which does not exist (statement 4).
+    // The cross-namespace binding names "other/id", which does not exist (an
+    // identity is looked up in the binding's namespace only).
     assert_eq!(
         p.warnings,
         vec![Warning::IdentityNotFound {
@@ -594,7 +595,7 @@ fn created_aais_are_retried_and_deleting_ones_are_not_recreated_yet() {
     ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
     let p = plan(&ix, &opts);
     ix.apply_assigned(&p.create[0]);
-    // The ARM write failed: the AAI stays Created and the next plan retries the add (statement 31).
+    // The ARM write failed: the AAI stays Created and the next plan retries the add.
     let p = plan(&ix, &opts);
     assert!(p.create.is_empty());
     assert_eq!(p.resources[&vmss("vmss-a")].add, [lrid("id")].into());
@@ -647,7 +648,8 @@ fn the_drift_check_never_expects_an_identity_on_its_way_out() {
 fn a_created_aai_that_retires_takes_its_identity_off_if_there() {
     // Its status may lag ARM (MIC's own Assigned write not seen yet, or a
     // leader killed after its PATCH): deleting it without a removal would
-    // orphan the identity. The executor sends nothing if it is not there (H1).
+    // orphan the identity. The executor sends nothing if it is not there (so
+    // the system identity is never stripped).
     let mut ix = base();
     let opts = Options::default();
     ix.apply_identity(&mk_uami("ns", "id"));

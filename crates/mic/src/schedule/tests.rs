@@ -329,7 +329,7 @@ fn read_policies_of_a_get_answer_never_correct_the_write_mirror() {
     let r = vmss("a");
     // (header, resource tokens after 5 writes and the header)
     let cases = [
-        // A GET answer lists only read policies (azure-apis.md §3.7).
+        // A GET answer lists only read policies.
         (
             "Microsoft.Compute/GetVMScaleSet3Min;197,Microsoft.Compute/GetVMScaleSet30Min;1297",
             7.0,
@@ -363,7 +363,7 @@ fn subscription_writes_header_only_lowers_the_subscription_bucket() {
     // ARM's layer has more left than Compute's bucket: nothing changes.
     b.observe_subscription_writes(12_000, s(0));
     assert_eq!(b.tokens(&r, s(0)).1, 1499.0);
-    // Fewer (legacy model: 1,200 writes an hour, peers.md §1.1): lowered.
+    // Fewer (ARM's older model: 1,200 writes an hour): lowered.
     b.observe_subscription_writes(1199, s(0));
     assert_eq!(b.tokens(&r, s(0)).1, 1199.0);
     // It has less: the mirror follows, and a write waits for the refill.
