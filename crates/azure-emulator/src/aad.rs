@@ -2,7 +2,7 @@
 //! v2 `/{tenant}/oauth2/v2.0/token` with a client secret, a certificate client
 //! assertion or a federated (workload-identity) assertion; and the OpenID
 //! discovery documents and signing keys of the emulator's own tokens.
-//! Wire formats: azure-apis.md §2, azure-protocols.md §3, contract points 27-34.
+//! Wire formats: docs/upstream-behaviour.md#entra-id-token-endpoint.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use crate::{Shared, StartError, lock};
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const MAX_FORM_BYTES: usize = 1024 * 1024;
 
-/// An AADSTS error (azure-apis.md §2.5).
+/// An AADSTS error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AadError {
     pub status: u16,
@@ -68,7 +68,7 @@ impl AadError {
     }
 }
 
-/// v1 success: every value a string, in this order (contract point 31).
+/// v1 success: every value a string, in the order Entra sends them.
 #[derive(Serialize)]
 struct V1Token {
     token_type: &'static str,
@@ -80,7 +80,8 @@ struct V1Token {
     access_token: String,
 }
 
-/// v2 success: numeric lifetimes, no `resource`/`expires_on` (azure-apis.md §2.1).
+/// v2 success: numeric lifetimes, no `resource`/`expires_on` (the Rust SDK
+/// refuses a string `expires_in`).
 #[derive(Serialize)]
 struct V2Token {
     token_type: &'static str,
@@ -187,7 +188,7 @@ const ALIASES: [&str; 3] = ["common", "organizations", "consumers"];
 
 /// The authority clients reached us by: `https://<Host>/` when the header is
 /// a plain host[:port] (so a Host rewrite for `login.microsoftonline.com`
-/// keeps clients on it, contract point 35), else the listen address.
+/// keeps clients on it), else the listen address.
 fn authority(req: &Request<Incoming>, fallback: &str) -> String {
     let host = req
         .headers()
@@ -480,7 +481,7 @@ async fn token(s: &Shared, req: Request<Incoming>) -> TokenResult {
             None,
         ));
     }
-    // HTTP Basic client authentication (v2; RFC 6749 §2.3.1).
+    // HTTP Basic client authentication (v2; OAuth 2.0, RFC 6749 section 2.3.1).
     let basic = header(&parts, "authorization").and_then(|a| {
         let (scheme, rest) = a.split_once(' ')?;
         if !scheme.eq_ignore_ascii_case("basic") {
@@ -587,7 +588,7 @@ async fn token(s: &Shared, req: Request<Incoming>) -> TokenResult {
 }
 
 /// The resource of a v2 `scope`: every scope must end in `/.default` and name
-/// one resource (contract point 28).
+/// one resource.
 fn scope_resource(scope: &str) -> Result<String, AadError> {
     let mut resource: Option<String> = None;
     for sc in scope.split(' ').filter(|x| !x.is_empty()) {
@@ -753,7 +754,7 @@ fn check_assertion(
             ));
         }
         // aud is the token URL; adal adds ?api-version=1.0, so ignore the query
-        // and accept either endpoint of this tenant (azure-apis.md §2.3).
+        // and accept either endpoint of this tenant.
         let aud = parsed.claim_str("aud").unwrap_or("");
         let path = aud
             .split('?')
@@ -779,7 +780,7 @@ fn check_assertion(
         check_time(s, &parsed)?;
         return Ok((sp.object_id.clone(), None));
     }
-    // Federated (azure-apis.md §2.4): find the credentials naming the issuer,
+    // Federated (workload identity): find the credentials naming the issuer,
     // verify the signature with that issuer's keys, check the time window,
     // then match subject and audience, case-sensitively.
     let (fics, oid, mirid) = match client {
@@ -841,9 +842,8 @@ fn check_assertion(
 /// Checks a federated assertion's signature against its issuer's configured
 /// keys (what Entra fetches from the issuer's OIDC metadata and `jwks_uri`).
 ///
-/// Error codes, none of which the research (azure-apis.md §2.4-§2.5,
-/// azure-protocols.md §3.4) records for federated assertions, so they come
-/// from public issue threads quoting Entra's answers:
+/// Error codes; Entra's documentation gives none for federated assertions,
+/// so they come from public issue threads quoting Entra's answers:
 /// - no keys for the issuer: AADSTS50166 "Request to External OIDC endpoint
 ///   failed.", 400 `invalid_request` (Azure/azure-workload-identity#642,
 ///   #1130), Entra's answer when it cannot fetch the issuer's metadata, the
@@ -852,7 +852,7 @@ fn check_assertion(
 ///   (Azure/azure-workload-identity#1232); the status is not in that thread,
 ///   401 is assumed like the other `invalid_client` answers;
 /// - a key with that `kid` that does not verify the signature: AADSTS700027,
-///   the research's code for an invalid client-assertion signature (§2.5),
+///   Entra's code for an invalid client-assertion signature,
 ///   401 assumed as for certificate assertions.
 fn verify_federated_signature(s: &Shared, parsed: &Parsed, iss: &str) -> Result<(), AadError> {
     let keys = lock(&s.issuer_keys).get(iss).cloned().unwrap_or_default();

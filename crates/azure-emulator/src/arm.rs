@@ -1,6 +1,6 @@
 //! ARM: Microsoft.Compute scale sets, VMs and instances, user-assigned
 //! identities, long-running operations, throttling.
-//! Wire formats: azure-apis.md §3, azure-protocols.md §4, contract points 36-59.
+//! Wire formats: docs/upstream-behaviour.md#arm-identity-api.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,8 @@ use crate::state::{Assigned, Compute, Kind, Operation, State};
 use crate::throttle::{self, Charge};
 use crate::{Shared, TokenClaims, lock};
 
-/// Compute api-versions accepted (azure-apis.md §3.1). All share the identity
+/// Compute api-versions accepted (the stable ones of the published API
+/// specifications). All share the identity
 /// schema; `etag`/`If-Match` exist from 2023-09-01.
 pub const COMPUTE_API_VERSIONS: &[&str] = &[
     "2018-06-01",
@@ -47,7 +48,7 @@ pub const COMPUTE_API_VERSIONS: &[&str] = &[
     "2025-11-01",
     "2026-04-01",
 ];
-/// Microsoft.ManagedIdentity api-versions (azure-apis.md §3.1).
+/// Microsoft.ManagedIdentity api-versions (the stable ones published).
 pub const MSI_API_VERSIONS: &[&str] = &["2018-11-30", "2023-01-31", "2024-11-30", "2026-05-31"];
 const ETAG_SINCE: &str = "2023-09-01";
 
@@ -416,7 +417,7 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
                     )
                 })?;
             // Identity lives on the scale-set model; instances keep
-            // latestModelApplied (contract point 58).
+            // latestModelApplied (an identity change needs no instance upgrade).
             Ok((
                 200,
                 Some(json!({
@@ -563,7 +564,7 @@ fn charge(
     } else {
         &t.subscription_reads
     };
-    // ARM keeps these per subscription and principal (peers.md §1.1).
+    // ARM keeps these per subscription and principal.
     let arm = buckets
         .charge(&[Charge { config: layer, scope: format!("{sub}/{}", claims.oid) }], now)
         .map_err(|r| {
@@ -839,7 +840,7 @@ fn apply(
         .cloned()
         .collect();
     if !denied.is_empty() {
-        // IDs comma-separated inside single quotes: MIC parses them (azure-protocols.md §4.6).
+        // IDs comma-separated inside single quotes: MIC parses them.
         return Err(ArmError::new(
             403,
             "LinkedAuthorizationFailed",
@@ -990,7 +991,7 @@ fn operation_status(
     })?;
     let status = op.status(now);
     if first_ci(pairs, "monitor").is_some_and(|m| m.eq_ignore_ascii_case("true")) {
-        // Location-header semantics: 202 while running, the resource when done (azure-apis.md §3.5).
+        // Location-header semantics: 202 while running, the resource when done.
         if status == "InProgress" {
             let api = first_ci(pairs, "api-version").unwrap_or("");
             let loc = format!(
@@ -1025,7 +1026,9 @@ fn operation_status(
     Ok((200, Some(body), vec![]))
 }
 
-/// The GET shape of a VM or scale set (azure-apis.md §3.2, contract points 39-40).
+/// The GET shape of a VM or scale set: `id`, `name`, `type`, `location`,
+/// `identity` (with `principalId`/`clientId` per user-assigned identity),
+/// `properties.provisioningState`, and `etag` from 2023-09-01.
 pub(crate) fn resource_json(st: &State, c: &Compute, api: &str, now: VirtualTime) -> Value {
     let type_name = if c.kind == Kind::ScaleSet {
         "Microsoft.Compute/virtualMachineScaleSets"

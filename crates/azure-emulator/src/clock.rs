@@ -189,14 +189,14 @@ fn split(t: Duration) -> (i64, u32, u32, u32, u32, u32, u32) {
     )
 }
 
-/// ARM's timestamp form, e.g. `2017-01-06T18:58:24.7596323+00:00`
-/// (azure-protocols.md §4.4).
+/// ARM's timestamp form, e.g. `2017-01-06T18:58:24.7596323+00:00` (as in
+/// operation-status answers).
 pub fn arm_timestamp(t: Duration) -> String {
     let (y, mo, d, h, mi, s, ticks) = split(t);
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ticks:07}+00:00")
 }
 
-/// Entra's error timestamp form, `2025-01-01 00:00:00Z` (azure-apis.md §2.5).
+/// Entra's error timestamp form, `2025-01-01 00:00:00Z`.
 pub fn aad_timestamp(t: Duration) -> String {
     let (y, mo, d, h, mi, s, _) = split(t);
     format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}Z")

@@ -1,6 +1,7 @@
 //! Seed and behaviour configuration, read from YAML/JSON (`azure-emulator --config`)
-//! or built in code. Every figure the research marks as unknown
-//! (azure-apis.md §7, azure-protocols.md §9) is a field here.
+//! or built in code. Every figure Azure does not document (the IMDS body for
+//! a missing `resource`, Compute's VMSS write budget, the total identities per
+//! VM or scale set, ...) is a field here.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -306,7 +307,7 @@ fn one() -> f64 {
     1.0
 }
 
-/// How writes complete (azure-apis.md §3.5).
+/// How writes complete (synchronously, or as long-running operations).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum LroMode {
@@ -316,7 +317,7 @@ pub enum LroMode {
     Sync,
 }
 
-/// What a second write to a busy VM/VMSS gets (contract point 55).
+/// What a second write to a busy VM/VMSS gets.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum ConcurrentWrites {
@@ -331,7 +332,7 @@ pub enum ConcurrentWrites {
 pub struct ArmConfig {
     #[serde(default = "lro_async")]
     pub lro_mode: LroMode,
-    /// Virtual seconds a VMSS write runs (real VMSS: 40-60 s, peers.md §1.3).
+    /// Virtual seconds a VMSS write runs (real VMSS: 40-60 s).
     #[serde(default = "vmss_lro")]
     pub vmss_write_seconds: f64,
     /// Virtual seconds a VM write runs (10-20 s on a standalone VM).
@@ -342,7 +343,7 @@ pub struct ArmConfig {
     pub lro_retry_after_seconds: u64,
     #[serde(default = "conflict")]
     pub concurrent_writes: ConcurrentWrites,
-    /// UAIs added or removed per request (contract point 49).
+    /// UAIs added or removed per request (ARM: 150).
     #[serde(default = "per_request")]
     pub max_identities_per_request: usize,
     /// Total UAIs per VM/VMSS; undocumented, so no cap unless set.
@@ -439,7 +440,7 @@ fn known_resources() -> Vec<String> {
     .collect()
 }
 
-/// IMDS handling of `mi_res_id` (not an IMDS parameter; azure-apis.md §1.1).
+/// IMDS handling of `mi_res_id` (not an IMDS parameter: App Service spells it so).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum MiResIdMode {
@@ -451,7 +452,7 @@ pub enum MiResIdMode {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImdsConfig {
-    /// Managed-identity tokens live 24 h (peers.md §1.5).
+    /// Managed-identity tokens live 24 h.
     #[serde(default = "imds_lifetime")]
     pub token_lifetime_seconds: u64,
     /// Token requests per second per machine (IMDS docs: 20).
@@ -472,7 +473,7 @@ pub struct ImdsConfig {
     #[serde(default = "mi_ignore")]
     pub mi_res_id: MiResIdMode,
     /// With no selector and exactly one UAI (no system identity), return it
-    /// (contract point 14: "optionally").
+    /// (real IMDS may do so).
     #[serde(default = "yes")]
     pub single_identity_default: bool,
     /// Listeners to open at start (the binary; tests call `Emulator::add_imds`).
@@ -551,8 +552,8 @@ fn policy(name: &str, res: (f64, f64), sub: (f64, f64)) -> PolicyConfig {
     }
 }
 
-/// Microsoft.Compute token buckets (peers.md §1.2) and the ARM subscription
-/// layer (peers.md §1.1). Policy *names* are not documented for the bucket
+/// Microsoft.Compute token buckets and the ARM subscription layer
+/// (docs/upstream-behaviour.md#azure-throttling). Policy *names* are not documented for the bucket
 /// model; the defaults follow the `<Op>Resource` / `<Op>SubscriptionMaximum`
 /// pattern and can be renamed.
 #[derive(Clone, Debug, Serialize, Deserialize)]

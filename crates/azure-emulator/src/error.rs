@@ -1,5 +1,5 @@
 //! ARM's `CloudError` body: `{"error":{"code","message","target"?,"details":[...]}}`
-//! (azure-apis.md §3.3), plus the headers some errors carry.
+//! (what the Azure SDKs parse), plus the headers some errors carry.
 
 use serde_json::{Value, json};
 
@@ -54,7 +54,7 @@ impl ArmError {
     }
 
     /// 400 `InvalidRequestContent` with the Newtonsoft-style wrapper ARM uses
-    /// (azure-protocols.md §4.3).
+    /// (`The request content was invalid and could not be deserialized: …`).
     pub fn invalid_content(inner: impl std::fmt::Display) -> Self {
         Self::new(
             400,

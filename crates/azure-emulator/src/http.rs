@@ -104,7 +104,7 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<(Parts, B
     }
 }
 
-/// Form-urlencoded pairs (`+` is a space; azure-protocols.md §1.1).
+/// Form-urlencoded pairs (`+` is a space: Go and Rust clients encode spaces so).
 pub fn form_pairs(text: &str) -> Vec<(String, String)> {
     form_urlencoded::parse(text.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))

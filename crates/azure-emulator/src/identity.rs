@@ -1,7 +1,7 @@
 //! The `identity` rules of a VM/VMSS write, as a pure function: given the
 //! current identities and the request's `identity` value, decide the new
-//! identities or the ARM error. Sources: azure-apis.md §3.2-§3.4 and
-//! azure-protocols.md §4.3/§4.6, contract points 41-49.
+//! identities or the ARM error (the rules:
+//! docs/upstream-behaviour.md#arm-identity-api).
 
 use std::collections::BTreeMap;
 
@@ -157,7 +157,8 @@ pub fn plan(
                             .iter()
                             .any(|f| v.get(*f).is_some_and(|x| !x.is_null() && x != ""));
                         if echoed {
-                            // azure-protocols.md §4.3 (kubernetes/autoscaler#1592).
+                            // Read-only values echoed back: ARM refuses them
+                            // (seen in kubernetes/autoscaler#1592).
                             return Err(ArmError::new(
                                 400,
                                 "InvalidIdentityValues",
@@ -205,7 +206,8 @@ pub fn plan(
     let assigning = entries.iter().filter(|(_, a)| *a).count();
 
     if !ty.user() && assigning > 0 {
-        // azure-protocols.md §4.3 (aad-pod-identity#214).
+        // UAIs with a type that has no user part (seen in
+        // Azure/aad-pod-identity#214).
         return Err(ArmError::new(
             400,
             "InvalidParameter",
@@ -218,7 +220,7 @@ pub fn plan(
     }
 
     if entries.len() > limits.per_request {
-        // azure-protocols.md §4.6 (Azure/bicep#16559).
+        // More than ARM takes in one request (seen in Azure/bicep#16559).
         return Err(failed_identity_operation(
             resource_id,
             &format!(
@@ -295,7 +297,8 @@ pub fn plan(
     })
 }
 
-/// 400 `FailedIdentityOperation` with the wrapper text of azure-protocols.md §4.6.
+/// 400 `FailedIdentityOperation` with ARM's wrapper text (`Identity operation
+/// for resource '<id>' failed with error '<inner>'.`).
 pub fn failed_identity_operation(resource_id: &str, inner: &str) -> ArmError {
     ArmError::new(
         400,

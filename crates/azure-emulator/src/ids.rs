@@ -1,7 +1,7 @@
 //! ARM resource IDs, GUIDs and base64 helpers.
 //!
 //! ARM names are case-insensitive and responses keep the stored casing
-//! (azure-protocols.md §4.2, contract point 38), so every map in the state is
+//! (as ARM does), so every map in the state is
 //! keyed by the lower-cased ID and stores the display form beside it.
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -83,7 +83,8 @@ pub fn b64std(data: &[u8]) -> String {
 }
 
 /// Decodes base64url (padded or not) and standard base64: clients send
-/// certificate thumbprints in all three forms (azure-apis.md §2.3).
+/// certificate thumbprints in all three forms (adal: padded base64url; the
+/// Rust SDK: standard base64).
 pub fn b64_any(text: &str) -> Option<Vec<u8>> {
     URL_SAFE_NO_PAD
         .decode(text.trim_end_matches('='))

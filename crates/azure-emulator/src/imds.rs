@@ -1,6 +1,6 @@
 //! IMDS, one listener per machine (VM or VMSS instance): managed-identity
 //! tokens, instance metadata, versions, identity info; per-machine limits.
-//! Wire formats: azure-apis.md §1, azure-protocols.md §1, contract points 1-26.
+//! Wire formats: docs/upstream-behaviour.md#imds-wire-format.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use crate::observe::{RequestRecord, Service};
 use crate::state::{Kind, Machine, MachineIdentity};
 use crate::{Shared, lock};
 
-/// IMDS api-versions (azure-protocols.md §1.8); newest last.
+/// IMDS api-versions, as IMDS documents them; newest last.
 pub const IMDS_API_VERSIONS: &[&str] = &[
     "2017-03-01",
     "2017-04-02",
@@ -68,7 +68,8 @@ struct Cached {
     exp: u64,
 }
 
-/// IMDS's token cache, per (machine, identity, resource) (contract point 19).
+/// IMDS's token cache, per (machine, identity, resource); `bypass_cache=true`
+/// skips it.
 #[derive(Debug, Default)]
 pub struct TokenCache {
     map: Mutex<HashMap<(String, String, String), Cached>>,
@@ -139,7 +140,7 @@ fn admit(window: &Mutex<VecDeque<VirtualTime>>, now: VirtualTime, limit: u32) ->
 }
 
 fn throttled() -> (u16, Resp) {
-    // No Retry-After: MSAL Python would replay it as a throttle (contract point 22 spirit).
+    // No Retry-After: MSAL Python replays any answer carrying one as a throttle.
     oauth_err(
         429,
         "too_many_requests",
@@ -185,7 +186,7 @@ async fn dispatch(
 ) -> (u16, Resp) {
     let identity_path = path.to_ascii_lowercase().starts_with("/metadata/identity");
     // The Metadata header is checked before anything else, so header-less
-    // probes are answered at once (contract points 2-3, §8.1).
+    // probes are answered at once (SDK probes give up after about a second).
     let metadata_ok = req.headers().get("metadata").and_then(|v| v.to_str().ok()) == Some("true");
     if !metadata_ok {
         return if identity_path {
@@ -202,7 +203,7 @@ async fn dispatch(
         };
     }
     if req.headers().contains_key("x-forwarded-for") {
-        // Status and body unknown; 400 assumed (azure-protocols.md §1.2).
+        // Status and body undocumented; 400 assumed.
         return oauth_err(
             400,
             "invalid_request",
@@ -307,7 +308,8 @@ fn fault_body(status: u16) -> (u16, Resp) {
     }
 }
 
-/// IMDS success body: every value a string (contract points 15-17).
+/// IMDS success body: every value a string; `expires_on` is the JWT's `exp`,
+/// `not_before` its `nbf`.
 #[derive(Serialize)]
 struct ImdsToken {
     access_token: String,
@@ -351,7 +353,7 @@ async fn token(s: &Shared, ctx: &Ctx, pairs: &[(String, String)]) -> (u16, Resp)
         .filter(|r| !r.is_empty())
         .map(str::to_string)
     else {
-        // Exact text unknown (azure-protocols.md §9); this is what other emulators send.
+        // Exact text undocumented; this is what other emulators send.
         return oauth_err(
             400,
             "invalid_request",
@@ -520,7 +522,7 @@ fn instance(s: &Shared, ctx: &Ctx, path: &str, pairs: &[(String, String)]) -> (u
                     String::new(),
                 ),
             };
-        // Every primitive a string, missing ones "" (IMDS docs; azure-apis.md §1.5).
+        // Every primitive a string, missing ones "" (as IMDS documents).
         json!({
             "compute": {
                 "azEnvironment": "AzurePublicCloud",

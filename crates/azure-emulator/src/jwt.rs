@@ -2,9 +2,9 @@
 //!
 //! Hand-written on aws-lc-rs instead of a JWT crate: the emulator needs exactly
 //! RS256 issuance, RS256 verification of its own tokens, RS256/PS256
-//! verification against an X.509 certificate (client assertions,
-//! azure-apis.md §2.3), RS256/PS256/ES256 verification against a workload
-//! issuer's JWKS or PEM keys (federated assertions, §2.4) and a JWKS of its
+//! verification against an X.509 certificate (client assertions),
+//! RS256/PS256/ES256 verification against a workload issuer's JWKS or PEM
+//! keys (federated assertions) and a JWKS of its
 //! own signing key (OpenID discovery); all of it is a few base64 and
 //! signature calls on the crypto library the workspace already links.
 
@@ -59,7 +59,8 @@ impl Parsed {
     }
 
     /// Verifies the signature with the public key of an X.509 certificate (DER).
-    /// RS256 and PS256 are accepted (azure-protocols.md §7 point 30).
+    /// RS256 (adal, the Rust SDK) and PS256 (Entra's current documentation)
+    /// are accepted.
     pub fn verify_with_cert(&self, cert_der: &[u8]) -> Result<(), JwtError> {
         let alg: &dyn rustls::pki_types::SignatureVerificationAlgorithm = match self.alg() {
             "RS256" => webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,

@@ -1,7 +1,8 @@
 //! A stand-in for Azure Resource Manager (compute), Entra ID (AAD) token
 //! endpoints and IMDS, faithful to their wire formats, for tests, demos and
-//! benchmarks. The contract it follows is `shared/research/azure-protocols.md`
-//! §7-§8, refined by `azure-apis.md` §1-§3 and `peers.md` §1.
+//! benchmarks. The behaviours it reproduces are summed up in
+//! docs/upstream-behaviour.md (IMDS wire format, Entra ID token endpoint, ARM
+//! identity API, Azure throttling).
 //!
 //! Start it in-process with [`Emulator::start`], point clients at
 //! [`Emulator::arm_url`] / [`Emulator::aad_url`] (HTTPS, trusted through
@@ -128,7 +129,7 @@ pub(crate) struct Shared {
     pub imds_cache: imds::TokenCache,
 }
 
-/// Audiences ARM accepts (azure-protocols.md §3.5, contract point 36).
+/// Audiences ARM accepts (the Azure CLI asks for the second).
 const ARM_AUDIENCES: [&str; 2] = [
     "https://management.azure.com",
     "https://management.core.windows.net",
@@ -171,7 +172,8 @@ impl Shared {
         Ok((self.signer.sign(&c)?, iat, exp))
     }
 
-    /// ARM's bearer check (contract point 36); error bodies as ARM sends them.
+    /// ARM's bearer check (401 without a valid token for an ARM audience);
+    /// error bodies as ARM sends them.
     pub fn verify_arm_token(&self, authorization: Option<&str>) -> Result<TokenClaims, ArmError> {
         let tenant = lock(&self.state).tenant_id.clone();
         let challenge = |err: ArmError| {

@@ -1,4 +1,4 @@
-//! Counters and a request log, for tests and benchmarks (issue point 9).
+//! Counters and a request log, for tests and benchmarks.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;

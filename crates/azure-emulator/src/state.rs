@@ -1,6 +1,6 @@
 //! The emulated tenant: identities, scale sets, VMs, principals, operations.
 //! Every map is keyed by lower-cased ARM ID; display spellings are kept beside
-//! (contract point 38).
+//! (ARM names compare ignoring case; answers keep the stored casing).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -227,7 +227,7 @@ fn base36(mut n: u64) -> String {
 }
 
 /// AKS node name of a VMSS instance: the prefix plus a 6-character base-36
-/// instance number (azure-protocols.md §5).
+/// instance number, as AKS names scale-set nodes.
 fn computer_name(vmss: &str, instance: &str) -> String {
     match instance.parse::<u64>() {
         Ok(n) => format!("{vmss}{:0>6}", base36(n)),
@@ -437,7 +437,7 @@ impl State {
         }
         for (k, a) in &c.user {
             // A UAI deleted (or recreated: new principal) is "Identity not found"
-            // until reassigned (azure-protocols.md §1.7).
+            // until reassigned, as real IMDS does.
             let live = self
                 .uais
                 .get(k)

@@ -1,6 +1,7 @@
 //! Token buckets on the virtual clock, as Microsoft.Compute keeps them: one per
 //! resource and one per subscription for each policy, refilled per minute
-//! (peers.md §1.2), plus the ARM subscription layer (peers.md §1.1).
+//! (docs/upstream-behaviour.md#azure-throttling), plus the ARM subscription
+//! layer.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -119,7 +120,8 @@ impl Buckets {
     }
 }
 
-/// The CRP 429 body of azure-apis.md §3.7 (wrapped in `error`, with the
+/// Compute's 429 body (`OperationNotAllowed` with a `TooManyRequests` detail
+/// naming the policy; wrapped in `error`, with the
 /// `TooManyRequestsReceived` inner error).
 pub fn throttled(refused: &Refused, retry_after_secs: u64) -> ArmError {
     let detail_msg = json!({

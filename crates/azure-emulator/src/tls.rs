@@ -2,7 +2,7 @@
 //!
 //! ARM and AAD must be HTTPS: the Azure SDK 1.x refuses plain-HTTP authorities
 //! and bearer tokens over plain HTTP, and trusts a test CA through
-//! `SSL_CERT_FILE` (azure-apis.md §6.4). Certificates are made with rcgen
+//! `SSL_CERT_FILE` (which replaces the system store when set). Certificates are made with rcgen
 //! rather than the openssl CLI: no child process, no temp key files, and the
 //! same aws-lc-rs crypto the workspace already links.
 

@@ -1,4 +1,4 @@
-//! Entra ID token endpoint contract (azure-protocols.md §7 points 27-34):
+//! Entra ID token endpoint (docs/upstream-behaviour.md#entra-id-token-endpoint):
 //! client secret, certificate assertion and federated assertion (signature
 //! checked against the issuer's configured keys), v1 and v2; and the OpenID
 //! discovery documents and JWKS of the emulator's own tokens.
@@ -475,7 +475,7 @@ async fn certificate_assertion_in_every_thumbprint_form() {
     let aud_v2 = format!("https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token");
     let aud_v1 = format!("https://login.microsoftonline.com/{TENANT}/oauth2/token?api-version=1.0");
     let cases: Vec<(Value, &'static dyn RsaEncoding, &str, String)> = vec![
-        // Rust azure_identity 1.0: standard padded base64 x5t (azure-apis.md §2.3).
+        // Rust azure_identity 1.0: standard padded base64 x5t.
         (
             json!({"alg": "RS256", "typ": "JWT", "x5t": b64std(&sha1)}),
             &RSA_PKCS1_SHA256,

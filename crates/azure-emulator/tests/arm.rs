@@ -1,4 +1,5 @@
-//! ARM compute contract (azure-protocols.md §7 points 36-59) checked by requests.
+//! ARM compute behaviour (docs/upstream-behaviour.md#arm-identity-api) checked
+//! by requests.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test helpers outside #[test] fns
 
@@ -32,7 +33,7 @@ async fn get_vmss_has_the_documented_shape() {
     let v = &b["identity"]["userAssignedIdentities"][uai(NODE_RG, "kubelet")];
     assert_eq!(v["clientId"], "c0000000-0000-4000-8000-00000000000k");
     assert!(v["principalId"].as_str().is_some_and(|p| p.len() == 36));
-    // Throttle headers on every Compute answer (contract point 57).
+    // Throttle headers on every Compute answer.
     let res = r
         .header("x-ms-ratelimit-remaining-resource")
         .expect("resource header");
@@ -122,7 +123,7 @@ async fn bearer_token_is_required_and_checked() {
         (r.status, r.error_code().as_str()),
         (401, "InvalidAuthenticationTokenAudience")
     );
-    // Both ARM audiences, with or without the slash (contract point 36).
+    // Both ARM audiences, with or without the slash.
     for aud in [
         "https://management.azure.com",
         "https://management.azure.com/",
@@ -268,7 +269,7 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
     assert_eq!(got["properties"]["provisioningState"], "Succeeded");
     assert_eq!(got["etag"], "\"2\"");
 
-    // null removes, absent keys are kept (contract point 42).
+    // null removes, absent keys are kept.
     let r = arm
         .patch(
             &vmss_path(VMSS),

@@ -1,4 +1,4 @@
-//! IMDS contract (azure-protocols.md §7 points 1-26) checked by plain HTTP
+//! IMDS behaviour (docs/upstream-behaviour.md#imds-wire-format) checked by plain HTTP
 //! requests to per-machine listeners on 127.0.0.1.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test helpers outside #[test] fns
