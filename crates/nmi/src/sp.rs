@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 
 use crate::aad::{self, AadClient};
 use crate::response::Token;
-use crate::token::{TokenCache, TokenError, TokenSource, identity_cache_key};
+use crate::token::{IdentityKey, TokenCache, TokenError, TokenKey, TokenSource};
 
 /// What one service-principal identity needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,15 +180,9 @@ impl ServicePrincipals {
         })?;
         let mut out = Vec::with_capacity(plan.tenants.len());
         for tenant in &plan.tenants {
-            let key = format!(
-                "sp\n{}\n{}\n{}\n{}",
-                plan.ad_endpoint.to_ascii_lowercase(),
-                tenant.to_ascii_lowercase(),
-                loaded.digest,
-                resource
-            );
+            let key = TokenKey::aad(&plan.ad_endpoint, tenant, &loaded.digest, resource);
             let token = cache
-                .cached(&identity_cache_key(&identity.spec), key, || {
+                .cached(IdentityKey::of(&identity.spec), key, || {
                     self.aad.token(
                         &plan.ad_endpoint,
                         tenant,

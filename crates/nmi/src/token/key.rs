@@ -1,0 +1,226 @@
+//! The token cache's keys: which identity a token belongs to
+//! ([`IdentityKey`]) and which of its tokens it is ([`TokenKey`]). Typed, so
+//! that one kind of key can never be read as another and no ID can run into
+//! the next one.
+
+use std::fmt;
+
+use aadpodid_api::{AzureIdentitySpec, IdentityType};
+
+/// The identity a cached token belongs to; IDs are compared ignoring ASCII
+/// case (they are stored lower-cased). The cache drops every token of an
+/// identity that no pod on the node uses any more.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum IdentityKey {
+    /// A user-assigned identity: asked of IMDS by resource ID and served only
+    /// for its client ID, so both are part of the key and a token checked for
+    /// one pair is never served for another.
+    UserAssigned {
+        /// The AzureIdentity's `resourceID`, lower-cased.
+        resource_id: String,
+        /// The AzureIdentity's `clientID`, lower-cased.
+        client_id: String,
+    },
+    /// A service principal, by client ID; each of its tokens also carries
+    /// the digest of the Secret it was made with ([`TokenKey::Aad`]).
+    ServicePrincipal {
+        /// The AzureIdentity's `clientID`, lower-cased.
+        client_id: String,
+    },
+}
+
+impl IdentityKey {
+    /// The key of a user-assigned identity.
+    pub fn user_assigned(resource_id: &str, client_id: &str) -> Self {
+        IdentityKey::UserAssigned {
+            resource_id: resource_id.to_ascii_lowercase(),
+            client_id: client_id.to_ascii_lowercase(),
+        }
+    }
+
+    /// The key of a service principal.
+    pub fn service_principal(client_id: &str) -> Self {
+        IdentityKey::ServicePrincipal {
+            client_id: client_id.to_ascii_lowercase(),
+        }
+    }
+
+    /// The key of the identity an AzureIdentity describes: user-assigned
+    /// for type 0, a service principal for every other type.
+    pub fn of(spec: &AzureIdentitySpec) -> Self {
+        match spec.r#type {
+            IdentityType::UserAssignedMsi => {
+                IdentityKey::user_assigned(&spec.resource_id, &spec.client_id)
+            }
+            _ => IdentityKey::service_principal(&spec.client_id),
+        }
+    }
+}
+
+impl fmt::Display for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentityKey::UserAssigned {
+                resource_id,
+                client_id,
+            } => write!(f, "user-assigned {resource_id:?} client {client_id:?}"),
+            IdentityKey::ServicePrincipal { client_id } => {
+                write!(f, "service-principal {client_id:?}")
+            }
+        }
+    }
+}
+
+/// The name the node index keeps for an identity in use:
+/// [`IdentityKey::of`] written out (its `Display`), which tells different
+/// keys apart. [`super::TokenCache::retain`] compares keys by it until the
+/// index keeps [`IdentityKey`]s itself.
+pub fn identity_cache_key(spec: &AzureIdentitySpec) -> String {
+    IdentityKey::of(spec).to_string()
+}
+
+/// Which token of an identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TokenKey {
+    /// From IMDS, for `resource` (as the pod wrote it).
+    Imds {
+        /// The resource the token is for.
+        resource: String,
+    },
+    /// From AAD with a Secret's credential.
+    Aad {
+        /// The AAD endpoint, lower-cased.
+        endpoint: String,
+        /// The tenant, lower-cased.
+        tenant: String,
+        /// The digest of the credential read from the Secret: a changed
+        /// Secret makes new entries instead of serving the old one's tokens.
+        secret_digest: String,
+        /// The resource the token is for (as the pod wrote it).
+        resource: String,
+    },
+}
+
+impl TokenKey {
+    /// The key of an IMDS token for `resource`.
+    pub fn imds(resource: &str) -> Self {
+        TokenKey::Imds {
+            resource: resource.to_string(),
+        }
+    }
+
+    /// The key of an AAD token.
+    pub fn aad(endpoint: &str, tenant: &str, secret_digest: &str, resource: &str) -> Self {
+        TokenKey::Aad {
+            endpoint: endpoint.to_ascii_lowercase(),
+            tenant: tenant.to_ascii_lowercase(),
+            secret_digest: secret_digest.to_string(),
+            resource: resource.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(r#type: IdentityType, resource_id: &str, client_id: &str) -> AzureIdentitySpec {
+        AzureIdentitySpec {
+            r#type,
+            resource_id: resource_id.into(),
+            client_id: client_id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn identity_keys_table() {
+        let msi = IdentityType::UserAssignedMsi;
+        let sp = IdentityType::ServicePrincipal;
+        let cert = IdentityType::ServicePrincipalCertificate;
+        // (name, one, other, same key)
+        let cases = [
+            (
+                "case is ignored",
+                spec(msi, "/SUBS/RID-A", "APP-A"),
+                spec(msi, "/subs/rid-a", "app-a"),
+                true,
+            ),
+            (
+                "another client ID is another identity",
+                spec(msi, "/subs/rid-a", "app-a"),
+                spec(msi, "/subs/rid-a", "kubelet"),
+                false,
+            ),
+            (
+                "another resource ID is another identity",
+                spec(msi, "/subs/rid-a", "app-a"),
+                spec(msi, "/subs/rid-b", "app-a"),
+                false,
+            ),
+            (
+                "IDs cannot run into each other",
+                spec(msi, "a\nb", "c"),
+                spec(msi, "a", "b\nc"),
+                false,
+            ),
+            (
+                "a service principal is never a user-assigned identity",
+                spec(sp, "", "app-a"),
+                spec(msi, "", "app-a"),
+                false,
+            ),
+            (
+                "a service principal is keyed by client ID alone",
+                spec(sp, "/subs/rid-a", "APP-A"),
+                spec(cert, "", "app-a"),
+                true,
+            ),
+        ];
+        for (name, one, other, same) in cases {
+            let (a, b) = (IdentityKey::of(&one), IdentityKey::of(&other));
+            assert_eq!(a == b, same, "{name}: {a} / {b}");
+            assert_eq!(
+                identity_cache_key(&one) == identity_cache_key(&other),
+                same,
+                "{name}: the written-out key"
+            );
+        }
+        assert_eq!(
+            IdentityKey::of(&spec(msi, "/Subs/RID", "App")),
+            IdentityKey::user_assigned("/subs/rid", "APP")
+        );
+    }
+
+    #[test]
+    fn token_keys_table() {
+        let base = TokenKey::aad("https://login/", "t1", "d1", "r");
+        let cases = [
+            (
+                "endpoint and tenant ignore case",
+                TokenKey::aad("HTTPS://LOGIN/", "T1", "d1", "r"),
+                true,
+            ),
+            (
+                "another Secret",
+                TokenKey::aad("https://login/", "t1", "d2", "r"),
+                false,
+            ),
+            (
+                "another tenant",
+                TokenKey::aad("https://login/", "t2", "d1", "r"),
+                false,
+            ),
+            (
+                "the resource keeps its case",
+                TokenKey::aad("https://login/", "t1", "d1", "R"),
+                false,
+            ),
+            ("an IMDS token is another token", TokenKey::imds("r"), false),
+        ];
+        for (name, other, same) in cases {
+            assert_eq!(base == other, same, "{name}");
+        }
+        assert_ne!(TokenKey::imds("r"), TokenKey::imds("R"));
+    }
+}

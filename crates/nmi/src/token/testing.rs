@@ -1,0 +1,185 @@
+//! Token sources and helpers shared by this module's tests.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+
+use super::{ImdsIdentity, RetryPolicy, TokenError, TokenSource, now_secs};
+use crate::fair::RequesterKey;
+use crate::response::Token;
+use crate::secret::Secret;
+
+pub(super) fn who() -> RequesterKey {
+    RequesterKey::internal("test")
+}
+
+/// IMDS with one identity per resource ID: client ID `app-of-<rid>`,
+/// object ID `oid-of-<rid>` (lower case), unless `reports` says IMDS
+/// answers with another client ID.
+#[derive(Default)]
+pub(super) struct Fake {
+    pub(super) calls: AtomicUsize,
+    pub(super) lifetime: u64,
+    pub(super) reports: Option<&'static str>,
+}
+
+pub(super) fn jwt(claims: serde_json::Value) -> String {
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.sig",
+        b.encode(br#"{"alg":"none"}"#),
+        b.encode(claims.to_string())
+    )
+}
+
+pub(super) fn jwt_app(appid: &str) -> String {
+    jwt(serde_json::json!({"appid": appid}))
+}
+
+impl TokenSource for Fake {
+    async fn imds_token(
+        &self,
+        identity: &ImdsIdentity,
+        resource: &str,
+    ) -> Result<Token, TokenError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let ImdsIdentity::ResourceId(rid) = identity;
+        let rid = rid.to_ascii_lowercase();
+        let client = match self.reports {
+            Some(c) => c.to_string(),
+            None => format!("app-of-{rid}"),
+        };
+        Ok(Token {
+            access_token: Secret::new(jwt(
+                serde_json::json!({"appid": client, "oid": format!("oid-of-{rid}")}),
+            )),
+            expires_on: now_secs() + self.lifetime,
+            not_before: None,
+            resource: resource.into(),
+            token_type: "Bearer".into(),
+            client_id: client,
+        })
+    }
+}
+
+pub(super) fn long_lived() -> Fake {
+    Fake {
+        lifetime: 86_399,
+        ..Default::default()
+    }
+}
+
+/// A scripted answer: a token, or (status, Retry-After seconds).
+pub(super) type Answer = Result<(), (u16, Option<u64>)>;
+
+/// Answers from a script, in order; the last answer repeats.
+pub(super) struct Scripted {
+    answers: Mutex<Vec<Answer>>,
+    pub(super) calls: AtomicUsize,
+}
+
+impl Scripted {
+    pub(super) fn new(answers: Vec<Answer>) -> Self {
+        Scripted {
+            answers: Mutex::new(answers),
+            calls: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl TokenSource for Scripted {
+    async fn imds_token(
+        &self,
+        _identity: &ImdsIdentity,
+        resource: &str,
+    ) -> Result<Token, TokenError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let answer = {
+            let answers = self.answers.lock().unwrap();
+            answers[n.min(answers.len() - 1)]
+        };
+        match answer {
+            Ok(()) => Ok(Token {
+                access_token: Secret::new(jwt_app("c")),
+                expires_on: now_secs() + 86_399,
+                not_before: None,
+                resource: resource.into(),
+                token_type: "Bearer".into(),
+                client_id: "c".into(),
+            }),
+            Err((400, _)) => Err(TokenError::Refused {
+                status: 400,
+                body: "Identity not found".into(),
+            }),
+            Err((status, retry_after)) => Err(TokenError::Transient {
+                status,
+                body: format!("{{\"error\":\"{status}\"}}"),
+                retry_after: retry_after.map(Duration::from_secs),
+                attempts: 1,
+            }),
+        }
+    }
+}
+
+pub(super) fn fast_policy() -> RetryPolicy {
+    RetryPolicy {
+        backoff: vec![
+            Duration::from_millis(10),
+            Duration::from_millis(20),
+            Duration::from_millis(40),
+        ],
+        max_retry_after: Duration::from_secs(2),
+        max_total_wait: Duration::from_secs(3),
+    }
+}
+
+/// A source whose calls take `delay` (forever when `None`) and fail
+/// (IMDS's 400) when `fail`.
+pub(super) struct Slow {
+    pub(super) calls: AtomicUsize,
+    delay: Option<Duration>,
+    fail: bool,
+}
+
+impl Slow {
+    pub(super) fn new(delay: Option<Duration>, fail: bool) -> Self {
+        Slow {
+            calls: AtomicUsize::new(0),
+            delay,
+            fail,
+        }
+    }
+}
+
+impl TokenSource for Slow {
+    async fn imds_token(
+        &self,
+        identity: &ImdsIdentity,
+        resource: &str,
+    ) -> Result<Token, TokenError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match self.delay {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending::<()>().await,
+        }
+        if self.fail {
+            return Err(TokenError::Refused {
+                status: 400,
+                body: "Identity not found".into(),
+            });
+        }
+        let ImdsIdentity::ResourceId(rid) = identity;
+        let client = format!("app-of-{rid}");
+        Ok(Token {
+            access_token: Secret::new(jwt_app(&client)),
+            expires_on: now_secs() + 86_399,
+            not_before: None,
+            resource: resource.into(),
+            token_type: "Bearer".into(),
+            client_id: client,
+        })
+    }
+}
