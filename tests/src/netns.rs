@@ -6,7 +6,10 @@
 //! when their guard drops; those left by a test process that died are deleted by
 //! the next one (their names carry the creating process ID).
 //!
-//! Needs root and iproute2's `ip`. Layout follows shared/research/netns-recipe.md.
+//! Needs root and iproute2's `ip`. Layout: a node namespace with pod namespaces
+//! joined to it by veth pairs, each pod's default route via the node's end (a
+//! DNAT to loopback inside the node also needs `route_localnet=1` there, which
+//! nmi sets).
 
 use std::net::SocketAddr;
 use std::net::{Ipv4Addr, Ipv6Addr};

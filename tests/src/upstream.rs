@@ -1,6 +1,6 @@
 //! Upstream aad-pod-identity v1.8.17's own Go `mic` and `nmi`, built from their
 //! Go module and run against the harness's apiserver and the Azure emulator, for
-//! the side-by-side benchmark (issue #8 §3) and `tests/tests/upstream.rs`.
+//! the side-by-side benchmark (`tests/src/bench`) and `tests/tests/upstream.rs`.
 //!
 //! # What upstream needs here (found by running it)
 //!

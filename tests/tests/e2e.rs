@@ -1,4 +1,4 @@
-//! End-to-end suite: the whole system as a user runs it (issue #8 §2).
+//! End-to-end suite: the whole system as a user runs it.
 //!
 //! Each test brings up an [`aadpodid_tests::e2e::World`]: a cluster of its
 //! own, the chart rendered with `helm template` and applied, mic (2 replicas,
@@ -8,7 +8,8 @@
 //! (ARM, Entra ID, IMDS per machine) with two scale sets; pods are Pod objects
 //! plus network namespaces, and tokens are asked for from inside them.
 //!
-//! Upstream's e2e list (research/aad-pod-identity.md §6.1) and where it is covered:
+//! Upstream's e2e tests (Ginkgo, `test/e2e` of Azure/aad-pod-identity, run on
+//! AKS) and where each is covered:
 //!
 //! | upstream test | here |
 //! |---|---|

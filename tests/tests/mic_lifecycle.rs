@@ -558,7 +558,7 @@ async fn child_malformed_identity_does_not_stop_the_controller() {
         panic!("needs the environment mic_against_cluster_and_emulator sets; run that test");
     };
     let mic = w.start_mic("mic-bad").await;
-    // Not a user-assigned identity ID: ignored (§9 statement 11).
+    // Not a user-assigned identity ID: ignored, as upstream.
     w.identity("broken", "/subscriptions/nope", APP_CLIENT)
         .await;
     w.binding("b-broken", "broken", "bad-sel").await;
@@ -680,7 +680,7 @@ async fn child_service_principal_and_cluster_identity() {
     let mic = w.start_mic("mic-sp").await;
     let writes = |w: &World| w.emu.counters().arm_writes.values().sum::<u64>();
 
-    // Type 1: Assigned with no ARM write (§9 statement 10).
+    // Type 1: Assigned with no ARM write, as upstream.
     let mut sp = AzureIdentity::new(
         "sp",
         AzureIdentitySpec {
@@ -701,7 +701,7 @@ async fn child_service_principal_and_cluster_identity() {
     assert_eq!(writes(&w), 0, "no ARM write for a service principal");
 
     // The cluster identity of azure.json, referenced by an AzureIdentity, is
-    // never removed when its last pod goes (§9 statement 27), and (unlike
+    // never removed when its last pod goes (as upstream), and (unlike
     // upstream) never served: its AAI stays Created with the reason.
     w.identity("kubelet", &uai(NODE_RG, "kubelet"), KUBELET_CLIENT)
         .await;
@@ -1045,7 +1045,7 @@ async fn child_failed_operation_keeps_created_then_converges() {
     w.cleanup().await;
 }
 
-/// The ClusterRole the chart ships for MIC (issue #7 copies these rules).
+/// The ClusterRole the chart ships for MIC (these rules are a copy of it).
 fn mic_cluster_role(name: &str) -> serde_json::Value {
     json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",

@@ -1,7 +1,7 @@
 //! Upstream aad-pod-identity v1.8.17's own Go `mic` and `nmi` (built from their
 //! Go module by `tests/upstream/build.sh`) against the harness's real
 //! kube-apiserver and the Azure emulator: the upstream column of the benchmark
-//! (issue #8 §3) is only meaningful if this passes.
+//! is only meaningful if this passes.
 //!
 //! MIC runs on loopback with the admin kubeconfig and talks HTTPS to the
 //! emulator's ARM and AAD (trusting its test CA through `SSL_CERT_FILE`, set on

@@ -46,8 +46,8 @@ trap 'rm -rf "$tmp"' EXIT
 start=$(date +%s)
 ver=$(grep -m1 'github.com/Azure/aad-pod-identity v' "$here/go.mod" | awk '{print $2}')
 # Stamp the version as upstream's Makefile does (GO_BUILD_OPTIONS), so both
-# binaries report it in --version and their User-Agent. v1.8.17 is commit
-# d17ea6a4 (shared/research/aad-pod-identity.md, header).
+# binaries report it in --version and their User-Agent. Tag v1.8.17 is commit
+# d17ea6a4 of Azure/aad-pod-identity.
 vpkg=github.com/Azure/aad-pod-identity/version
 ldflags="-s -w -X $vpkg.MICVersion=$ver -X $vpkg.NMIVersion=$ver -X $vpkg.GitCommit=d17ea6a41aed5284fda895d6d48f50cc5f9f175f -X $vpkg.BuildDate=module-build"
 echo "upstream binaries: building aad-pod-identity mic and nmi ($ver); the first build takes a few minutes" >&2
