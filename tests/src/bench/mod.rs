@@ -48,6 +48,10 @@ pub struct Options {
     /// Markdown report; the SVG chart goes next to it with the `.svg` extension.
     #[arg(long, default_value = "docs/benchmarks.md")]
     pub out: PathBuf,
+    /// With row 4: only nmi's figures (at rest, with its pods, under the
+    /// floods), not mic's (which need the burst of row 2 first).
+    #[arg(long)]
+    pub nmi_only: bool,
     /// Skip the upstream column even when it can be run.
     #[arg(long)]
     pub no_upstream: bool,
