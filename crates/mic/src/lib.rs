@@ -30,7 +30,7 @@ pub async fn cli_main() -> anyhow::Result<()> {
         args.log_format.parse().map_err(anyhow::Error::msg)?;
     aadpodid_runtime::logging::init(format, if args.verbosity > 0 { "debug" } else { "info" });
     let env = |k: &str| std::env::var(k).ok();
-    // Upstream checks MIC_POD_NAMESPACE before --version (§2.1).
+    // Upstream checks MIC_POD_NAMESPACE before --version.
     if env(args::ENV_MIC_POD_NAMESPACE).is_none_or(|v| v.is_empty()) {
         anyhow::bail!("{} must be set", args::ENV_MIC_POD_NAMESPACE);
     }
@@ -276,7 +276,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     )
     .await?;
     let metrics = metrics::Metrics::new()?;
-    // Upstream counts at process start, not when leadership is gained (§2.4).
+    // Upstream counts at process start, not when leadership is gained.
     metrics.mic_new_leader_election_count.inc();
     let health = Health::new();
 
