@@ -141,13 +141,14 @@ pub struct Args {
     #[arg(long = "custom-user-agent", default_value = "")]
     pub custom_user_agent: String,
 
-    /// Beyond upstream (#637): Succeeded/Failed pods keep their identities, as upstream did.
+    /// Succeeded/Failed pods keep their identities, as upstream did (finished
+    /// Job pods then pile identities up on the nodes); by default they release them.
     #[arg(long = "keep-completed-pod-identities", value_parser = parse_go_bool, num_args = 0..=1,
           require_equals = true, default_value = "false", default_missing_value = "true",
           action = ArgAction::Set)]
     pub keep_completed_pod_identities: bool,
 
-    /// Beyond upstream (#1267): write tokens per VMSS/VM when its bucket is full
+    /// Beyond upstream: write tokens per VMSS/VM when its bucket is full
     /// (Compute's "VMSS Update"/"VM Update" per-resource burst of 12, refilled at 4 a
     /// minute: docs/upstream-behaviour.md#azure-throttling). MIC keeps a local mirror
     /// of the bucket, corrected from `x-ms-ratelimit-remaining-resource` and
@@ -160,7 +161,7 @@ pub struct Args {
     #[arg(long = "arm-resource-writes-per-minute", default_value_t = 4.0)]
     pub arm_resource_writes_per_minute: f64,
 
-    /// Beyond upstream (#676): write tokens of the subscription's Compute bucket
+    /// Beyond upstream: write tokens of the subscription's Compute bucket
     /// when full. The budget is shared with AKS, the autoscaler and every other
     /// tool, so lower it to leave them room.
     #[arg(long = "arm-subscription-write-burst", default_value_t = 1500.0)]

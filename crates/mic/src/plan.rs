@@ -27,7 +27,7 @@ pub struct Options {
     /// Client IDs never removed from a VM/VMSS, lower-cased: `--immutable-user-msis`
     /// plus the cluster identity of azure.json (as upstream).
     pub immutable_client_ids: BTreeSet<String>,
-    /// Upstream behaviour: Succeeded/Failed pods keep their identities (#637).
+    /// Upstream behaviour: Succeeded/Failed pods keep their identities.
     pub keep_completed_pod_identities: bool,
     /// `--identity-policy`: whether a type-0 identity must be granted to its
     /// namespace (Namespace annotation `aadpodidentity.k8s.io/allowed-identities`).
