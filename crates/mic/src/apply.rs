@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::cloud::{ArmError, Cloud, CloudError, ResourceKind, ResourceRef, identity_patches};
+use crate::cloud::{Cloud, CloudError, IdentityPatch, ResourceKind, ResourceRef, identity_patches};
 use crate::events::{self, Events};
 use crate::guard::{self, Protection};
 use crate::index::{Index, Key};
@@ -27,11 +27,10 @@ use crate::ledger::{self, Ledger};
 use crate::metrics::{self, Metrics};
 use crate::plan::{Plan, ResourceWork, Warning, assigned_client_id, refs};
 use crate::schedule::Budget;
+use crate::writes::{
+    self, Next, Sent, Settle, SettleInput, WriteQueue, is_deleting, split_quarantined,
+};
 
-/// Back-off for an identity ARM refused (beyond upstream, #1139): it leaves
-/// the batch until then and never holds back the others.
-const QUARANTINE_FIRST: Duration = Duration::from_secs(5);
-const QUARANTINE_MAX: Duration = Duration::from_secs(300);
 /// When a resource failed without a Retry-After.
 const FAILURE_RETRY: Duration = Duration::from_secs(10);
 
@@ -107,8 +106,25 @@ pub struct Outcome {
 
 impl Outcome {
     fn retry(&mut self, at: Instant) {
-        self.retry_at = Some(self.retry_at.map_or(at, |t| t.min(at)));
+        earliest(&mut self.retry_at, at);
     }
+}
+
+/// Keeps the earlier of `slot` and `at`.
+fn earliest(slot: &mut Option<Instant>, at: Instant) {
+    *slot = Some(slot.map_or(at, |t| t.min(at)));
+}
+
+/// How sending one group's PATCHes ended (the owned form of [`Sent`]).
+#[derive(Debug)]
+enum Sending {
+    Landed,
+    /// The write budget held a PATCH back until `at`.
+    Deferred {
+        at: Instant,
+        sent_some: bool,
+    },
+    Failed(CloudError),
 }
 
 pub struct Executor<C: Cloud> {
@@ -120,8 +136,8 @@ pub struct Executor<C: Cloud> {
     opts: ExecutorOptions,
     /// Retry-After per resource: a throttled scale set pauses alone (fixes H8).
     not_before: Mutex<BTreeMap<ResourceRef, Instant>>,
-    /// Identity ID → (retry time, failures).
-    quarantine: Mutex<BTreeMap<String, (Instant, u32)>>,
+    /// Identities ARM refused, with their back-off.
+    quarantine: Mutex<writes::Quarantine>,
     /// Warnings already reported, so each is logged once.
     reported: Mutex<BTreeSet<String>>,
     /// Local mirror of Compute's write buckets (beyond upstream, #1267).
@@ -605,24 +621,11 @@ impl<C: Cloud> Executor<C> {
         })
     }
 
-    fn quarantine(&self, ids: &BTreeSet<String>) -> Instant {
-        let mut q = lock(&self.quarantine);
-        let mut earliest = Instant::now() + QUARANTINE_MAX;
-        for id in ids {
-            let failures = q.get(id).map_or(0, |(_, n)| *n) + 1;
-            let wait = QUARANTINE_FIRST
-                .saturating_mul(1 << failures.min(6).saturating_sub(1))
-                .min(QUARANTINE_MAX);
-            let at = Instant::now() + wait;
-            earliest = earliest.min(at);
-            q.insert(id.clone(), (at, failures));
-        }
-        earliest
-    }
-
-    /// One VMSS/VM: GET, PATCH the delta (dropping identities ARM refuses and
-    /// retrying the rest, as upstream's UpdateUserMSI retry, §2.3), then settle
-    /// the AAIs from what is really there. Returns when to try again, if needed.
+    /// One VMSS/VM: GET, vet, PATCH the delta as the [`WriteQueue`] decides
+    /// (identities ARM refuses are dropped and the rest retried, as upstream
+    /// retries a refused identity update without the identities ARM names),
+    /// then settle the AAIs from what is really there. Returns when to try
+    /// again, if needed.
     async fn resource(
         &self,
         r: &ResourceRef,
@@ -635,19 +638,13 @@ impl<C: Cloud> Executor<C> {
             return Ok(Some(at));
         }
         let mut retry_at: Option<Instant> = None;
-        let mut current = match self.get(r).await {
+        let current = match self.get(r).await {
             Ok(c) => c,
             Err((error, at)) => {
                 tracing::warn!(resource = %r, %error, "reading identities");
                 return Ok(Some(at));
             }
         };
-        // An identity ARM refused stays out of the batch until a PATCH of its
-        // own lands; once its back-off is over it is retried alone, after
-        // the batch (beyond upstream, #1139). Wall-clock back-off alone is
-        // not enough: when the write budget spaces PATCHes further apart than
-        // the back-off, the refused identity would ride again with the
-        // others and hold them back.
         // What the guard lets through, against ARM's view and the ledger.
         let ledger = match self.ledger(index).await {
             Ok(l) => l,
@@ -694,185 +691,66 @@ impl<C: Cloud> Executor<C> {
             }
             owned_entries = entries;
         }
-        let owns_now = |id: &str| owned_entries.contains(&ledger::fingerprint(id));
         let split = split_quarantined(&vetted.add, &lock(&self.quarantine), Instant::now());
-        let quarantined = split.quarantined;
         if let Some(at) = split.next_probe {
-            retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
+            earliest(&mut retry_at, at);
         }
-        let remove = vetted.remove.clone();
-        let mut refused: BTreeSet<String> = BTreeSet::new();
-        let mut deferred = false;
-        let mut wrote = false;
-        if current.provisioning_state.eq_ignore_ascii_case("Deleting") {
-            // §9 statement 22: never PATCH a resource being deleted.
+        let mut queue = WriteQueue::new(
+            split.batch,
+            split.probes,
+            vetted.remove.clone(),
+            self.opts.max_retry,
+        );
+        let current = if is_deleting(&current) {
             tracing::warn!(resource = %r, "{}", CloudError::ResourceDeleting { resource: r.clone() });
+            current
         } else {
-            // Work queue of add groups: the batch first (carrying the
-            // removes), then each due quarantined identity alone. A group ARM
-            // refuses loses the identities the error names; a refusal naming
-            // none is split in halves until the culprit stands alone.
-            let mut groups: std::collections::VecDeque<Group> = std::collections::VecDeque::new();
-            groups.push_back(Group {
-                add: split.batch,
-                removes: true,
-                probe: false,
-            });
-            for id in split.probes {
-                groups.push_back(Group {
-                    add: BTreeSet::from([id]),
-                    removes: false,
-                    probe: true,
-                });
+            match self.write(r, current, &mut queue, &mut retry_at).await? {
+                Ok(after) => after,
+                Err(at) => return Ok(Some(at)),
             }
-            let mut failures = 0u32;
-            let no_removes = BTreeSet::new();
-            'groups: while let Some(group) = groups.pop_front() {
-                let remove_now = if group.removes { &remove } else { &no_removes };
-                let patches =
-                    identity_patches(&patch_basis(&current, &group.add), &group.add, remove_now);
-                if patches.is_empty() {
-                    continue;
-                }
-                self.check_leader()?;
-                if group.probe {
-                    tracing::info!(resource = %r, identity = ?group.add, "retrying an identity ARM refused, alone");
-                }
-                let mut error = None;
-                for patch in &patches {
-                    // Within the mirrored budget only; what waits is folded
-                    // into the next PATCH of this resource.
-                    if let Err(at) = self.acquire_write(r) {
-                        retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
-                        deferred = true;
-                        break 'groups;
-                    }
-                    let start = std::time::Instant::now();
-                    let res = self.cloud.update_identities(r, patch).await;
-                    wrote = true;
-                    self.metrics
-                        .cloud_provider_operations_duration_seconds
-                        .with_label_values(&[op_label(r, true)])
-                        .observe(start.elapsed().as_secs_f64());
-                    self.observe_write(r, res.as_ref().err());
-                    if let Err(e) = res {
-                        error = Some(e);
-                        break;
-                    }
-                }
-                let Some(e) = error else {
-                    continue;
-                };
-                let at = self.note_error(r, &e, true);
-                tracing::warn!(resource = %r, error = %e, "updating identities");
-                retry_at = Some(retry_at.map_or(at, |t| t.min(at)));
-                let decision = on_refusal(&group.add, e.arm());
-                if let Refusal::Quarantine(ids) = &decision {
-                    // Taken out whatever the retry budget says: the next PATCH
-                    // of this resource goes without them.
-                    let due = self.quarantine(ids);
-                    tracing::warn!(resource = %r, identities = ?ids, retry_in = ?due.saturating_duration_since(Instant::now()), "ARM refused identities; quarantined, the rest go on without them");
-                    retry_at = Some(due.min(retry_at.unwrap_or(at)));
-                    refused.extend(ids.iter().cloned());
-                }
-                failures += 1;
-                // Upstream's retry bound (--update-user-msi-max-retry), plus
-                // the halvings a refusal that names no identity needs.
-                let bound = self.opts.max_retry + bisect_steps(group.add.len());
-                if failures > bound {
-                    break;
-                }
-                match decision {
-                    Refusal::Stop => break,
-                    Refusal::Quarantine(ids) => {
-                        let rest: BTreeSet<String> = group.add.difference(&ids).cloned().collect();
-                        if group.probe || (rest.is_empty() && !group.removes) {
-                            continue;
-                        }
-                        groups.push_front(Group {
-                            add: rest,
-                            removes: group.removes,
-                            probe: false,
-                        });
-                    }
-                    Refusal::Split(first, second) => {
-                        groups.push_front(Group {
-                            add: second,
-                            removes: false,
-                            probe: false,
-                        });
-                        groups.push_front(Group {
-                            add: first,
-                            removes: group.removes,
-                            probe: false,
-                        });
-                    }
-                }
-                tokio::time::sleep(self.opts.retry_interval).await;
-                match self.get(r).await {
-                    Ok(c) => current = c,
-                    Err((_, at)) => return Ok(Some(at)),
-                }
-            }
-            // What really landed decides the AAIs (upstream's error path, §2.5
-            // step 6d); nothing sent, nothing to read again.
-            if wrote {
-                match self.get(r).await {
-                    Ok(c) => current = c,
-                    Err((_, at)) => return Ok(Some(at)),
-                }
-            }
-        }
-        // The last operation failed: the model may list identities the
-        // instances never got, so nothing counts as landed until a PATCH
-        // succeeds (the next cycle re-sends the adds).
-        let landed_failed = is_failed(&current);
-        if landed_failed {
+        };
+        // What really landed decides the AAIs (as upstream does after a
+        // failed update).
+        let owns_now = |id: &str| owned_entries.contains(&ledger::fingerprint(id));
+        let released: BTreeSet<Key> = vetted.release.iter().cloned().collect();
+        let input = SettleInput {
+            current: &current,
+            assign: w
+                .assign_on_success
+                .iter()
+                .filter(|(k, _)| aais.contains_key(k) && !failed.contains(k))
+                .map(|(k, id)| (k, id.as_str()))
+                .collect(),
+            delete: w
+                .delete_on_success
+                .iter()
+                .filter(|(k, _)| aais.contains_key(k))
+                .map(|(k, id)| (k, id.as_str()))
+                .collect(),
+            refused_before: &refused_before,
+            refused_now: queue.refused(),
+            quarantined: &split.quarantined,
+            deferred: queue.deferred(),
+            released: &released,
+        };
+        let check = |key: &Key, id: &str| {
+            let aai = aais.get(key)?;
+            guard::check(
+                id,
+                &assigned_client_id(aai),
+                &current,
+                &owns_now,
+                &self.opts.protection,
+            )
+        };
+        let settled = writes::settle(&input, &check);
+        if settled.last_operation_failed {
             tracing::warn!(resource = %r, "last operation failed; identities not taken as assigned");
             retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
         }
-        for (key, id) in &w.assign_on_success {
-            let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) else {
-                continue;
-            };
-            if landed_failed || refused_before.contains(key) {
-                continue;
-            }
-            if current.user_assigned.contains(id) {
-                lock(&self.quarantine).remove(id);
-                // Landed: now ARM says whose identity it is.
-                if let Some(refusal) = guard::check(
-                    id,
-                    &assigned_client_id(aai),
-                    &current,
-                    &owns_now,
-                    &self.opts.protection,
-                ) {
-                    self.refuse(aai, &refusal).await?;
-                    continue;
-                }
-                if !self.mark_assigned(aai).await? {
-                    retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
-                }
-            } else {
-                let why = if refused.contains(id) || quarantined.contains(id) {
-                    "Azure refused the identity; retrying with back-off"
-                } else {
-                    "identity not yet on the node"
-                };
-                // A PATCH held back by the budget is no error.
-                if !deferred || refused.contains(id) || quarantined.contains(id) {
-                    self.apply_error_event(aai, why);
-                }
-                retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
-            }
-        }
-        let released: BTreeSet<&Key> = vetted.release.iter().collect();
-        for (key, id) in &w.delete_on_success {
-            let Some(aai) = aais.get(key) else { continue };
-            // A protected or pre-existing identity stays; its AAI goes.
-            let stays = released.contains(key);
-            if (current.user_assigned.contains(id) && !stays) || !self.delete(aai).await? {
+        for action in settled.actions {
+            if !self.settle(action, aais).await? {
                 retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
             }
         }
@@ -890,6 +768,121 @@ impl<C: Cloud> Executor<C> {
             }
         }
         Ok(retry_at)
+    }
+
+    /// Sends the queue's PATCHes to `r` and performs its decisions; returns
+    /// the resource as read after them (`current` when nothing was sent), or
+    /// when to try again if that read failed.
+    async fn write(
+        &self,
+        r: &ResourceRef,
+        mut current: crate::cloud::ResourceIdentity,
+        queue: &mut WriteQueue,
+        retry_at: &mut Option<Instant>,
+    ) -> Result<Result<crate::cloud::ResourceIdentity, Instant>, ApplyError> {
+        while let Some(write) = queue.next(&current) {
+            self.check_leader()?;
+            if write.group.probe {
+                tracing::info!(resource = %r, identity = ?write.group.add, "retrying an identity ARM refused, alone");
+            }
+            let step = match self.send(r, &write.patches).await {
+                Sending::Landed => queue.record(&write.group, Sent::Landed),
+                Sending::Deferred { at, sent_some } => {
+                    earliest(retry_at, at);
+                    queue.record(&write.group, Sent::Deferred { sent_some })
+                }
+                Sending::Failed(e) => {
+                    let at = self.note_error(r, &e, true);
+                    tracing::warn!(resource = %r, error = %e, "updating identities");
+                    earliest(retry_at, at);
+                    queue.record(&write.group, Sent::Failed(e.arm()))
+                }
+            };
+            if !step.quarantine.is_empty() {
+                let ids = &step.quarantine;
+                let due = writes::quarantine(&mut lock(&self.quarantine), ids, Instant::now());
+                tracing::warn!(resource = %r, identities = ?ids, retry_in = ?due.saturating_duration_since(Instant::now()), "ARM refused identities; quarantined, the rest go on without them");
+                earliest(retry_at, due);
+            }
+            match step.next {
+                Next::Continue => {}
+                Next::Stop => break,
+                Next::PauseAndReread => {
+                    tokio::time::sleep(self.opts.retry_interval).await;
+                    match self.get(r).await {
+                        Ok(c) => current = c,
+                        Err((_, at)) => return Ok(Err(at)),
+                    }
+                }
+            }
+        }
+        // Nothing sent, nothing to read again.
+        if queue.reread() {
+            match self.get(r).await {
+                Ok(c) => current = c,
+                Err((_, at)) => return Ok(Err(at)),
+            }
+        }
+        Ok(Ok(current))
+    }
+
+    /// Sends one group's PATCHes in order, within the mirrored write budget.
+    async fn send(&self, r: &ResourceRef, patches: &[IdentityPatch]) -> Sending {
+        for (i, patch) in patches.iter().enumerate() {
+            if let Err(at) = self.acquire_write(r) {
+                return Sending::Deferred {
+                    at,
+                    sent_some: i > 0,
+                };
+            }
+            let start = std::time::Instant::now();
+            let res = self.cloud.update_identities(r, patch).await;
+            self.metrics
+                .cloud_provider_operations_duration_seconds
+                .with_label_values(&[op_label(r, true)])
+                .observe(start.elapsed().as_secs_f64());
+            self.observe_write(r, res.as_ref().err());
+            if let Err(e) = res {
+                return Sending::Failed(e);
+            }
+        }
+        Sending::Landed
+    }
+
+    /// Performs one settle decision; `Ok(false)` when the AAI is to be
+    /// tried again later.
+    async fn settle(
+        &self,
+        action: Settle,
+        aais: &BTreeMap<Key, AzureAssignedIdentity>,
+    ) -> Result<bool, ApplyError> {
+        match action {
+            Settle::Assign { key, id } => {
+                lock(&self.quarantine).remove(&id);
+                match aais.get(&key) {
+                    Some(aai) => self.mark_assigned(aai).await,
+                    None => Ok(true),
+                }
+            }
+            Settle::Refuse { key, id, refusal } => {
+                lock(&self.quarantine).remove(&id);
+                if let Some(aai) = aais.get(&key) {
+                    self.refuse(aai, &refusal).await?;
+                }
+                Ok(true)
+            }
+            Settle::NotYet { key, event } => {
+                if let (Some(why), Some(aai)) = (event, aais.get(&key)) {
+                    self.apply_error_event(aai, why);
+                }
+                Ok(false)
+            }
+            Settle::Delete { key } => match aais.get(&key) {
+                Some(aai) => self.delete(aai).await,
+                None => Ok(true),
+            },
+            Settle::StillThere { .. } => Ok(false),
+        }
     }
 
     fn apply_error_event(&self, aai: &AzureAssignedIdentity, why: &str) {
@@ -1244,239 +1237,6 @@ impl<C: Cloud> Executor<C> {
     }
 }
 
-/// `provisioningState: Failed`: the last write on the resource failed.
-fn is_failed(current: &crate::cloud::ResourceIdentity) -> bool {
-    current.provisioning_state.eq_ignore_ascii_case("Failed")
-}
-
-/// What the PATCH is computed against: after a failed operation the adds
-/// are sent again even if the model already lists them.
-fn patch_basis(
-    current: &crate::cloud::ResourceIdentity,
-    add: &BTreeSet<String>,
-) -> crate::cloud::ResourceIdentity {
-    let mut basis = current.clone();
-    if is_failed(current) {
-        basis.user_assigned.retain(|id| !add.contains(id));
-    }
-    basis
-}
-
-/// One PATCH's worth of adds in [`Executor::resource`]'s work queue.
-#[derive(Debug)]
-struct Group {
-    add: BTreeSet<String>,
-    /// Carries the resource's removals (only the batch does).
-    removes: bool,
-    /// A quarantined identity retried alone.
-    probe: bool,
-}
-
-/// The adds of one resource, split by the quarantine.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct AddSplit {
-    /// Sent together: every add ARM has not refused.
-    batch: BTreeSet<String>,
-    /// Refused identities whose back-off is over: each is retried alone.
-    probes: Vec<String>,
-    /// Every refused identity among the adds (due or not).
-    quarantined: BTreeSet<String>,
-    /// When the next refused identity still waiting is due.
-    next_probe: Option<Instant>,
-}
-
-/// Splits `add` by the quarantine (identity ID → (due time, failures)). A
-/// quarantined identity never rejoins the batch, however long ago it was
-/// refused: it must first land on its own. Pure, so unit-tested.
-fn split_quarantined(
-    add: &BTreeSet<String>,
-    quarantine: &BTreeMap<String, (Instant, u32)>,
-    now: Instant,
-) -> AddSplit {
-    let mut out = AddSplit::default();
-    for id in add {
-        match quarantine.get(id) {
-            None => {
-                out.batch.insert(id.clone());
-            }
-            Some((due, _)) => {
-                out.quarantined.insert(id.clone());
-                if *due <= now {
-                    out.probes.push(id.clone());
-                } else {
-                    out.next_probe = Some(out.next_probe.map_or(*due, |t| t.min(*due)));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// What to do after ARM refused a PATCH adding `group`.
-#[derive(Debug, PartialEq, Eq)]
-enum Refusal {
-    /// Not the identities' fault (throttled, conflict, server error): stop
-    /// writing this resource for now.
-    Stop,
-    /// These identities are at fault: quarantine them, send the rest now.
-    Quarantine(BTreeSet<String>),
-    /// An identity is at fault but ARM did not say which: send the halves
-    /// apart until the culprit stands alone.
-    Split(BTreeSet<String>, BTreeSet<String>),
-}
-
-/// The decision after a refused PATCH. ARM names the refused identity in
-/// `FailedIdentityOperation` and `LinkedAuthorizationFailed` messages
-/// (azure-apis.md §3.3, aad-pod-identity#515 and #585); when it names none
-/// of the group the group is halved (a group of one is the culprit).
-fn on_refusal(group: &BTreeSet<String>, error: Option<&ArmError>) -> Refusal {
-    let Some(error) = error.filter(|e| e.is_identity_failure()) else {
-        return Refusal::Stop;
-    };
-    let named: BTreeSet<String> = error
-        .named_identity_ids()
-        .intersection(group)
-        .cloned()
-        .collect();
-    if !named.is_empty() {
-        return Refusal::Quarantine(named);
-    }
-    match group.len() {
-        0 => Refusal::Stop,
-        1 => Refusal::Quarantine(group.clone()),
-        n => {
-            let first: BTreeSet<String> = group.iter().take(n / 2).cloned().collect();
-            let second = group.difference(&first).cloned().collect();
-            Refusal::Split(first, second)
-        }
-    }
-}
-
-/// Failures a halving search over `n` identities may need (⌈log2 n⌉).
-fn bisect_steps(n: usize) -> u32 {
-    n.max(1).next_power_of_two().trailing_zeros()
-}
-
 fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cloud::ResourceIdentity;
-
-    fn ids(v: &[&str]) -> BTreeSet<String> {
-        v.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn a_failed_operation_sends_the_adds_again() {
-        // (provisioningState, identities in the model, adds, expected basis)
-        let cases = [
-            ("Succeeded", &["a", "b"][..], &["a"][..], &["a", "b"][..]),
-            ("Failed", &["a", "b"][..], &["a"][..], &["b"][..]),
-            ("failed", &["a"][..], &["c"][..], &["a"][..]),
-            ("Updating", &["a"][..], &["a"][..], &["a"][..]),
-        ];
-        for (state, model, add, want) in cases {
-            let current = ResourceIdentity {
-                type_: "UserAssigned".into(),
-                user_assigned: ids(model),
-                provisioning_state: state.into(),
-                ..Default::default()
-            };
-            let basis = patch_basis(&current, &ids(add));
-            assert_eq!(basis.user_assigned, ids(want), "{state}");
-            assert_eq!(is_failed(&current), state.eq_ignore_ascii_case("failed"));
-        }
-    }
-
-    fn uai(n: &str) -> String {
-        format!(
-            "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/{n}"
-        )
-    }
-
-    fn uais(v: &[&str]) -> BTreeSet<String> {
-        v.iter().map(|n| uai(n)).collect()
-    }
-
-    fn refusal(code: &str, message: String) -> ArmError {
-        ArmError {
-            status: Some(400),
-            code: code.into(),
-            message,
-            retry_after: None,
-        }
-    }
-
-    #[test]
-    fn a_refused_identity_stays_out_of_the_batch_after_its_back_off() {
-        // The e2e 429-storm case: the budget spaces PATCHes 15 s apart, more
-        // than the 5 s back-off. Before the fix the ghost rejoined the batch
-        // as soon as its back-off ran out and the whole PATCH was refused again.
-        let now = Instant::now();
-        let add = uais(&["a", "b", "ghost", "slow"]);
-        let q: BTreeMap<String, (Instant, u32)> = [
-            (uai("ghost"), (now - Duration::from_secs(10), 1)),
-            (uai("slow"), (now + Duration::from_secs(20), 3)),
-            (uai("not-wanted"), (now - Duration::from_secs(1), 1)),
-        ]
-        .into();
-        let s = split_quarantined(&add, &q, now);
-        assert_eq!(s.batch, uais(&["a", "b"]));
-        assert_eq!(s.probes, vec![uai("ghost")], "due: retried alone");
-        assert_eq!(s.quarantined, uais(&["ghost", "slow"]));
-        assert_eq!(s.next_probe, Some(now + Duration::from_secs(20)));
-        // Nothing quarantined: everything in one batch.
-        let s = split_quarantined(&add, &BTreeMap::new(), now);
-        assert_eq!(s.batch, add);
-        assert!(s.probes.is_empty() && s.quarantined.is_empty() && s.next_probe.is_none());
-    }
-
-    #[test]
-    fn a_refusal_takes_out_the_named_identity_or_halves_the_group() {
-        let group = uais(&["a", "b", "c", "ghost"]);
-        // The emulator's / ARM's not-found body (azure-apis.md §3.3).
-        let not_found = refusal(
-            "FailedIdentityOperation",
-            format!(
-                "Identity operation for resource '/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/v' failed with error 'Failed to perform resource identity operation. Status: 'BadRequest'. Response: '{{\"error\":{{\"code\":\"BadRequest\",\"message\":\"Resource '{}' was not found.\"}}}}'.'.",
-                uai("ghost")
-            ),
-        );
-        assert_eq!(
-            on_refusal(&group, Some(&not_found)),
-            Refusal::Quarantine(uais(&["ghost"]))
-        );
-        // Named identities outside the group are not blamed.
-        assert_eq!(
-            on_refusal(&uais(&["a", "b"]), Some(&not_found)),
-            Refusal::Split(uais(&["a"]), uais(&["b"]))
-        );
-        // No identity named: halves, and a group of one is the culprit.
-        let anonymous = refusal("LinkedAuthorizationFailed", "no scope given".into());
-        assert_eq!(
-            on_refusal(&group, Some(&anonymous)),
-            Refusal::Split(uais(&["a", "b"]), uais(&["c", "ghost"]))
-        );
-        assert_eq!(
-            on_refusal(&uais(&["ghost"]), Some(&anonymous)),
-            Refusal::Quarantine(uais(&["ghost"]))
-        );
-        // Not the identities' fault: throttling or a conflict stops the writes.
-        let throttled = ArmError {
-            status: Some(429),
-            code: "TooManyRequests".into(),
-            message: format!("'{}'", uai("a")),
-            retry_after: Some(Duration::from_secs(2)),
-        };
-        assert_eq!(on_refusal(&group, Some(&throttled)), Refusal::Stop);
-        assert_eq!(on_refusal(&group, None), Refusal::Stop);
-        assert_eq!(
-            [0, 1, 2, 3, 4, 5, 150].map(bisect_steps),
-            [0, 0, 1, 2, 2, 3, 8]
-        );
-    }
 }

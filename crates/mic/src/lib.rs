@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod plan;
 pub mod schedule;
 pub mod watch;
+mod writes;
 
 /// The `mic` command: parses the process arguments and environment, sets up
 /// logging and runs until SIGTERM/SIGINT. `src/main.rs` is this and nothing
