@@ -253,7 +253,7 @@ const MAX_PROXY_BODY: usize = 64 * 1024;
 /// How long a request from an address not yet in the pod cache waits for the
 /// watch to catch up (upstream: 5 lookups 300 ms apart).
 const POD_LOOKUP_WAIT: Duration = Duration::from_millis(1500);
-/// IMDS's SLA (azure-protocols.md §1.5).
+/// IMDS's SLA: 10 s per request.
 const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream's `Retry-After` with `--set-retry-after-header`.
 const RETRY_AFTER_SECS: u64 = 20;
@@ -532,7 +532,7 @@ impl<S: TokenSource> Server<S> {
         peer: SocketAddr,
     ) -> (String, String, Response<Full<Bytes>>) {
         // Checked first and answered at once: SDK probes send no header and
-        // allow under a second (azure-protocols.md §8 points 1-2).
+        // give up after about a second.
         if self.config.metadata_header_required && !request::has_metadata_header(req.headers()) {
             return (
                 String::new(),
@@ -563,8 +563,8 @@ impl<S: TokenSource> Server<S> {
         if excepted {
             // Excepted pods (and MIC) talk to IMDS as if NMI were not there:
             // the request goes through unchanged and IMDS's answer comes back
-            // unchanged (upstream re-fetched and turned IMDS's 400 into a 403,
-            // statement 85).
+            // unchanged (upstream re-fetched and turned IMDS's 400 into a
+            // 403).
             let resp = self.proxy(req).await;
             return (pod.namespace.clone(), String::new(), resp);
         }
@@ -585,7 +585,8 @@ impl<S: TokenSource> Server<S> {
         }
     }
 
-    /// `/host/token` (§3.8): host-network callers name a pod.
+    /// `/host/token`: host-network callers name a pod in the `podns` and
+    /// `podname` headers.
     async fn host_token(
         &self,
         req: Request<Incoming>,
@@ -947,7 +948,7 @@ impl<S: TokenSource> Server<S> {
             IdentityType::ServicePrincipal | IdentityType::ServicePrincipalCertificate => {
                 self.sp.tokens(&self.cache, identity, resource).await
             }
-            // Upstream answered 503 for anything it could not use (§3.5 step 6).
+            // Upstream answered 503 for an identity type it could not use.
             other => Err(TokenError::Unavailable(format!(
                 "identity {}/{} of type {} is not supported by this NMI",
                 identity.namespace().unwrap_or_default(),
@@ -964,7 +965,8 @@ impl<S: TokenSource> Server<S> {
         self.proxy(req).await
     }
 
-    /// Passes the request to IMDS and its answer back (§3.3 route 5).
+    /// Passes the request to IMDS and its answer back (the route the token
+    /// paths do not take).
     async fn proxy(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
         let collect = Limited::new(body, MAX_PROXY_BODY).collect();
@@ -1020,7 +1022,7 @@ impl<S: TokenSource> Server<S> {
     }
 }
 
-/// Headers without hop-by-hop ones (RFC 9110 §7.6.1); bodies are re-framed.
+/// Headers without hop-by-hop ones (the list below); bodies are re-framed.
 fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     const HOP: &[&str] = &[
         "connection",

@@ -39,7 +39,8 @@ pub struct Plan {
 
 /// Checks a type-1/2 identity and says what to fetch. The Secret's namespace
 /// defaults to the identity's; another namespace is refused unless listed in
-/// `allowed_secret_namespaces` (`--allowed-secret-namespaces`, hazard H10).
+/// `allowed_secret_namespaces` (`--allowed-secret-namespaces`): otherwise whoever
+/// may create an AzureIdentity could use a Secret they cannot read.
 pub fn plan(
     identity: &AzureIdentity,
     allowed_secret_namespaces: &[String],

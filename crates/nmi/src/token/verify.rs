@@ -106,8 +106,83 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
+    use crate::secret::Secret;
     use crate::token::TokenCache;
     use crate::token::testing::{Fake, jwt, jwt_app, long_lived, who};
+
+    #[test]
+    fn imds_token_check_table() {
+        let token = |imds_client_id: &str, appid: &str| Token {
+            access_token: Secret::new(jwt_app(appid)),
+            expires_on: 0,
+            not_before: None,
+            resource: "r".into(),
+            token_type: "Bearer".into(),
+            client_id: imds_client_id.into(),
+        };
+        let cluster = ClusterIdentities::new(["kubelet"], false);
+        let served = ClusterIdentities::new(["kubelet"], true);
+        // (name, cluster identities, expected client ID, IMDS's client_id,
+        // the token's appid, the status when refused)
+        let cases = [
+            (
+                "the AzureIdentity's own",
+                &cluster,
+                "app",
+                "app",
+                "APP",
+                None,
+            ),
+            (
+                "IMDS reports another",
+                &cluster,
+                "app",
+                "other",
+                "app",
+                Some(403),
+            ),
+            (
+                "the token is another's",
+                &cluster,
+                "app",
+                "app",
+                "other",
+                Some(403),
+            ),
+            (
+                "IMDS answered the kubelet identity",
+                &cluster,
+                "kubelet",
+                "KUBELET",
+                "kubelet",
+                Some(403),
+            ),
+            (
+                "the kubelet identity, served",
+                &served,
+                "kubelet",
+                "kubelet",
+                "kubelet",
+                None,
+            ),
+        ];
+        for (name, cluster, expected, imds, appid, refused) in cases {
+            let got = check_imds_token(cluster, "rid", expected, token(imds, appid));
+            match (got, refused) {
+                (Ok(t), None) => assert_eq!(t.client_id, imds, "{name}"),
+                (Err(e), Some(status)) => assert_eq!(e.status().as_u16(), status, "{name}: {e}"),
+                (got, want) => panic!("{name}: got {got:?}, want refusal {want:?}"),
+            }
+        }
+        assert!(matches!(
+            check_imds_token(&cluster, "rid", "app", token("other", "app")),
+            Err(TokenError::ClientIdMismatch { .. })
+        ));
+        assert!(matches!(
+            check_imds_token(&cluster, "rid", "kubelet", token("kubelet", "kubelet")),
+            Err(TokenError::ClusterIdentity { .. })
+        ));
+    }
 
     #[tokio::test]
     async fn a_token_for_another_client_id_is_refused_and_never_cached() {
