@@ -1,7 +1,9 @@
 //! Carries out a [`Plan`]: Kubernetes writes of AzureAssignedIdentities
 //! (AAIs), then one GET + PATCH(es) per VMSS/VM, then the status writes that
-//! depend on what landed (upstream's order, research/aad-pod-identity.md §2.5
-//! step 6). Every write first checks that this replica still leads.
+//! depend on what landed (upstream MIC's order; see "MIC sync cycle" in
+//! docs/upstream-behaviour.md). What to write to a VMSS/VM and how each AAI
+//! settles is decided in [`crate::writes`]; this module performs it. Every
+//! write first checks that this replica still leads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -115,6 +117,21 @@ fn earliest(slot: &mut Option<Instant>, at: Instant) {
     *slot = Some(slot.map_or(at, |t| t.min(at)));
 }
 
+/// The work on one resource once vetted and recorded in the ledger.
+#[derive(Debug)]
+struct VettedWork {
+    /// Identity IDs to add.
+    add: BTreeSet<String>,
+    /// Identity IDs to remove.
+    remove: BTreeSet<String>,
+    /// Retiring AAIs whose identity stays on the resource by design.
+    release: Vec<Key>,
+    /// AAIs the guard refused before anything was sent (already reported).
+    refused_before: BTreeSet<Key>,
+    /// The ledger's entries for the resource after recording the adds.
+    owned_entries: BTreeSet<String>,
+}
+
 /// How sending one group's PATCHes ended (the owned form of [`Sent`]).
 #[derive(Debug)]
 enum Sending {
@@ -134,13 +151,15 @@ pub struct Executor<C: Cloud> {
     metrics: Metrics,
     leading: watch::Receiver<bool>,
     opts: ExecutorOptions,
-    /// Retry-After per resource: a throttled scale set pauses alone (fixes H8).
+    /// Retry-After per resource: a throttled scale set pauses alone, where
+    /// upstream paused every scale set (docs/upstream-behaviour.md, H8).
     not_before: Mutex<BTreeMap<ResourceRef, Instant>>,
     /// Identities ARM refused, with their back-off.
     quarantine: Mutex<writes::Quarantine>,
     /// Warnings already reported, so each is logged once.
     reported: Mutex<BTreeSet<String>>,
-    /// Local mirror of Compute's write buckets (beyond upstream, #1267).
+    /// Local mirror of Compute's write buckets, so MIC stays under the
+    /// throttling limits instead of running into 429s (upstream does not).
     budget: Mutex<Budget>,
     /// Time zero of the budget's clock.
     origin: Instant,
@@ -637,7 +656,6 @@ impl<C: Cloud> Executor<C> {
         if let Some(at) = self.paused(r) {
             return Ok(Some(at));
         }
-        let mut retry_at: Option<Instant> = None;
         let current = match self.get(r).await {
             Ok(c) => c,
             Err((error, at)) => {
@@ -645,52 +663,11 @@ impl<C: Cloud> Executor<C> {
                 return Ok(Some(at));
             }
         };
-        // What the guard lets through, against ARM's view and the ledger.
-        let ledger = match self.ledger(index).await {
-            Ok(l) => l,
-            Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
-            Err(error) => {
-                tracing::warn!(resource = %r, %error, "no ARM work without the ownership ledger");
-                return Ok(Some(Instant::now() + FAILURE_RETRY));
-            }
+        let vetted = match self.vet(r, w, &current, aais, failed, index).await? {
+            Ok(v) => v,
+            Err(at) => return Ok(Some(at)),
         };
-        let typed: BTreeMap<Key, String> = w
-            .assign_on_success
-            .iter()
-            .filter_map(|(k, _)| aais.get(k).map(|a| (k.clone(), assigned_client_id(a))))
-            .collect();
-        let mut vetted = guard::vet(
-            w,
-            &current,
-            &typed,
-            &|id| ledger.owns(r, id),
-            &self.opts.protection,
-        );
-        guard::withhold_known_cluster_identities(
-            &mut vetted,
-            w,
-            &lock(&self.known_client_ids),
-            &self.opts.protection,
-        );
-        let refused_before: BTreeSet<Key> = vetted.refused.iter().map(|(k, _)| k.clone()).collect();
-        for (key, refusal) in &vetted.refused {
-            if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) {
-                self.refuse(aai, refusal).await?;
-            }
-        }
-        let mut owned_entries = ledger.entries(r);
-        if !vetted.record.is_empty() {
-            // The entry goes in before the PATCH that adds the identity.
-            let entries = ledger::with_added(&owned_entries, &vetted.record);
-            if let Err(error) = self.write_ledger(r, entries.clone()).await {
-                if matches!(error, ApplyError::NotLeader) {
-                    return Err(error);
-                }
-                tracing::warn!(resource = %r, %error, "ledger not written; identities not added");
-                return Ok(Some(Instant::now() + FAILURE_RETRY));
-            }
-            owned_entries = entries;
-        }
+        let mut retry_at: Option<Instant> = None;
         let split = split_quarantined(&vetted.add, &lock(&self.quarantine), Instant::now());
         if let Some(at) = split.next_probe {
             earliest(&mut retry_at, at);
@@ -712,7 +689,8 @@ impl<C: Cloud> Executor<C> {
         };
         // What really landed decides the AAIs (as upstream does after a
         // failed update).
-        let owns_now = |id: &str| owned_entries.contains(&ledger::fingerprint(id));
+        let owned = &vetted.owned_entries;
+        let owns_now = |id: &str| owned.contains(&ledger::fingerprint(id));
         let released: BTreeSet<Key> = vetted.release.iter().cloned().collect();
         let input = SettleInput {
             current: &current,
@@ -728,7 +706,7 @@ impl<C: Cloud> Executor<C> {
                 .filter(|(k, _)| aais.contains_key(k))
                 .map(|(k, id)| (k, id.as_str()))
                 .collect(),
-            refused_before: &refused_before,
+            refused_before: &vetted.refused_before,
             refused_now: queue.refused(),
             quarantined: &split.quarantined,
             deferred: queue.deferred(),
@@ -736,13 +714,8 @@ impl<C: Cloud> Executor<C> {
         };
         let check = |key: &Key, id: &str| {
             let aai = aais.get(key)?;
-            guard::check(
-                id,
-                &assigned_client_id(aai),
-                &current,
-                &owns_now,
-                &self.opts.protection,
-            )
+            let typed = assigned_client_id(aai);
+            guard::check(id, &typed, &current, &owns_now, &self.opts.protection)
         };
         let settled = writes::settle(&input, &check);
         if settled.last_operation_failed {
@@ -756,8 +729,8 @@ impl<C: Cloud> Executor<C> {
         }
         // Entries of identities gone from the resource and not being added
         // leave the ledger (a removal that landed, or one done by others).
-        let kept = ledger::pruned(&owned_entries, &current.user_assigned, &vetted.add);
-        if kept != owned_entries {
+        let kept = ledger::pruned(owned, &current.user_assigned, &vetted.add);
+        if kept != *owned {
             match self.write_ledger(r, kept).await {
                 Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
                 Err(error) => {
@@ -768,6 +741,67 @@ impl<C: Cloud> Executor<C> {
             }
         }
         Ok(retry_at)
+    }
+
+    /// What the guard lets through on `r`, against ARM's view and the
+    /// ledger: reports the AAIs it refuses and records the identities about
+    /// to be added in the ledger (before the PATCH that adds them). `Err`
+    /// inside says when to try again when the ledger could not be read or
+    /// written.
+    async fn vet(
+        &self,
+        r: &ResourceRef,
+        w: &ResourceWork,
+        current: &crate::cloud::ResourceIdentity,
+        aais: &BTreeMap<Key, AzureAssignedIdentity>,
+        failed: &BTreeSet<Key>,
+        index: &Index,
+    ) -> Result<Result<VettedWork, Instant>, ApplyError> {
+        let ledger = match self.ledger(index).await {
+            Ok(l) => l,
+            Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
+            Err(error) => {
+                tracing::warn!(resource = %r, %error, "no ARM work without the ownership ledger");
+                return Ok(Err(Instant::now() + FAILURE_RETRY));
+            }
+        };
+        let typed: BTreeMap<Key, String> = w
+            .assign_on_success
+            .iter()
+            .filter_map(|(k, _)| aais.get(k).map(|a| (k.clone(), assigned_client_id(a))))
+            .collect();
+        let owns = |id: &str| ledger.owns(r, id);
+        let mut vetted = guard::vet(w, current, &typed, &owns, &self.opts.protection);
+        guard::withhold_known_cluster_identities(
+            &mut vetted,
+            w,
+            &lock(&self.known_client_ids),
+            &self.opts.protection,
+        );
+        for (key, refusal) in &vetted.refused {
+            if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) {
+                self.refuse(aai, refusal).await?;
+            }
+        }
+        let mut owned_entries = ledger.entries(r);
+        if !vetted.record.is_empty() {
+            let entries = ledger::with_added(&owned_entries, &vetted.record);
+            if let Err(error) = self.write_ledger(r, entries.clone()).await {
+                if matches!(error, ApplyError::NotLeader) {
+                    return Err(error);
+                }
+                tracing::warn!(resource = %r, %error, "ledger not written; identities not added");
+                return Ok(Err(Instant::now() + FAILURE_RETRY));
+            }
+            owned_entries = entries;
+        }
+        Ok(Ok(VettedWork {
+            add: vetted.add,
+            remove: vetted.remove,
+            release: vetted.release,
+            refused_before: vetted.refused.into_iter().map(|(k, _)| k).collect(),
+            owned_entries,
+        }))
     }
 
     /// Sends the queue's PATCHes to `r` and performs its decisions; returns
@@ -901,8 +935,8 @@ impl<C: Cloud> Executor<C> {
         }
     }
 
-    /// Drift check (§2.7): re-add identities of Assigned AAIs that are gone
-    /// from their VMSS/VM. Adds only.
+    /// Drift check (upstream's periodic reconcile): re-add identities of
+    /// Assigned AAIs that are gone from their VMSS/VM. Adds only.
     pub async fn reconcile_drift(
         &self,
         expected: &BTreeMap<ResourceRef, BTreeSet<String>>,
@@ -1097,7 +1131,7 @@ impl<C: Cloud> Executor<C> {
     }
 
     /// JSON patch of `/status/status` on the main resource (the CRD has no
-    /// status subresource; §1.3).
+    /// status subresource, so the status is written like any other field).
     async fn patch_status(
         &self,
         aai: &AzureAssignedIdentity,
@@ -1177,8 +1211,9 @@ impl<C: Cloud> Executor<C> {
         }
     }
 
-    /// Unassigned, DELETE, then drop the finalizer (§1.3); `Ok(false)` when
-    /// the apiserver did not take it (reported; the caller tries again later).
+    /// Unassigned, DELETE, then drop MIC's finalizer (it keeps the AAI until
+    /// its identity is off the node); `Ok(false)` when the apiserver did not
+    /// take it (reported; the caller tries again later).
     async fn delete(&self, aai: &AzureAssignedIdentity) -> Result<bool, ApplyError> {
         self.check_leader()?;
         let (ns, name) = crate::index::key(aai);
