@@ -135,56 +135,26 @@ mod tests {
 
     #[test]
     fn identity_keys_table() {
+        use IdentityType::{ServicePrincipal as Sp, ServicePrincipalCertificate as Cert};
         let msi = IdentityType::UserAssignedMsi;
-        let sp = IdentityType::ServicePrincipal;
-        let cert = IdentityType::ServicePrincipalCertificate;
-        // (name, one, other, same key)
-        let cases = [
-            (
-                "case is ignored",
-                spec(msi, "/SUBS/RID-A", "APP-A"),
-                spec(msi, "/subs/rid-a", "app-a"),
-                true,
-            ),
-            (
-                "another client ID is another identity",
-                spec(msi, "/subs/rid-a", "app-a"),
-                spec(msi, "/subs/rid-a", "kubelet"),
-                false,
-            ),
-            (
-                "another resource ID is another identity",
-                spec(msi, "/subs/rid-a", "app-a"),
-                spec(msi, "/subs/rid-b", "app-a"),
-                false,
-            ),
-            (
-                "IDs cannot run into each other",
-                spec(msi, "a\nb", "c"),
-                spec(msi, "a", "b\nc"),
-                false,
-            ),
-            (
-                "a service principal is never a user-assigned identity",
-                spec(sp, "", "app-a"),
-                spec(msi, "", "app-a"),
-                false,
-            ),
-            (
-                "a service principal is keyed by client ID alone",
-                spec(sp, "/subs/rid-a", "APP-A"),
-                spec(cert, "", "app-a"),
-                true,
-            ),
+        // (name, one AzureIdentity's (type, resourceID, clientID), another's,
+        // whether they share a key)
+        type Id = (IdentityType, &'static str, &'static str);
+        #[rustfmt::skip]
+        let cases: [(&str, Id, Id, bool); 6] = [
+            ("case is ignored", (msi, "/S/RID-A", "APP"), (msi, "/s/rid-a", "app"), true),
+            ("another client ID", (msi, "/s/a", "app"), (msi, "/s/a", "kubelet"), false),
+            ("another resource ID", (msi, "/s/a", "app"), (msi, "/s/b", "app"), false),
+            ("IDs cannot run together", (msi, "a\nb", "c"), (msi, "a", "b\nc"), false),
+            ("a service principal is not an MSI", (Sp, "", "app"), (msi, "", "app"), false),
+            ("service principals: client ID only", (Sp, "/s/a", "APP"), (Cert, "", "app"), true),
         ];
-        for (name, one, other, same) in cases {
+        for (name, (t1, r1, c1), (t2, r2, c2), same) in cases {
+            let (one, other) = (spec(t1, r1, c1), spec(t2, r2, c2));
             let (a, b) = (IdentityKey::of(&one), IdentityKey::of(&other));
             assert_eq!(a == b, same, "{name}: {a} / {b}");
-            assert_eq!(
-                identity_cache_key(&one) == identity_cache_key(&other),
-                same,
-                "{name}: the written-out key"
-            );
+            let written = identity_cache_key(&one) == identity_cache_key(&other);
+            assert_eq!(written, same, "{name}: the written-out key");
         }
         assert_eq!(
             IdentityKey::of(&spec(msi, "/Subs/RID", "App")),
@@ -194,28 +164,14 @@ mod tests {
 
     #[test]
     fn token_keys_table() {
-        let base = TokenKey::aad("https://login/", "t1", "d1", "r");
+        let aad = TokenKey::aad;
+        let base = aad("https://login/", "t1", "d1", "r");
+        #[rustfmt::skip]
         let cases = [
-            (
-                "endpoint and tenant ignore case",
-                TokenKey::aad("HTTPS://LOGIN/", "T1", "d1", "r"),
-                true,
-            ),
-            (
-                "another Secret",
-                TokenKey::aad("https://login/", "t1", "d2", "r"),
-                false,
-            ),
-            (
-                "another tenant",
-                TokenKey::aad("https://login/", "t2", "d1", "r"),
-                false,
-            ),
-            (
-                "the resource keeps its case",
-                TokenKey::aad("https://login/", "t1", "d1", "R"),
-                false,
-            ),
+            ("endpoint and tenant ignore case", aad("HTTPS://LOGIN/", "T1", "d1", "r"), true),
+            ("another Secret", aad("https://login/", "t1", "d2", "r"), false),
+            ("another tenant", aad("https://login/", "t2", "d1", "r"), false),
+            ("the resource keeps its case", aad("https://login/", "t1", "d1", "R"), false),
             ("an IMDS token is another token", TokenKey::imds("r"), false),
         ];
         for (name, other, same) in cases {

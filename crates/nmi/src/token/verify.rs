@@ -124,47 +124,13 @@ mod tests {
         let served = ClusterIdentities::new(["kubelet"], true);
         // (name, cluster identities, expected client ID, IMDS's client_id,
         // the token's appid, the status when refused)
+        #[rustfmt::skip]
         let cases = [
-            (
-                "the AzureIdentity's own",
-                &cluster,
-                "app",
-                "app",
-                "APP",
-                None,
-            ),
-            (
-                "IMDS reports another",
-                &cluster,
-                "app",
-                "other",
-                "app",
-                Some(403),
-            ),
-            (
-                "the token is another's",
-                &cluster,
-                "app",
-                "app",
-                "other",
-                Some(403),
-            ),
-            (
-                "IMDS answered the kubelet identity",
-                &cluster,
-                "kubelet",
-                "KUBELET",
-                "kubelet",
-                Some(403),
-            ),
-            (
-                "the kubelet identity, served",
-                &served,
-                "kubelet",
-                "kubelet",
-                "kubelet",
-                None,
-            ),
+            ("the AzureIdentity's own", &cluster, "app", "app", "APP", None),
+            ("IMDS reports another", &cluster, "app", "other", "app", Some(403)),
+            ("the token is another's", &cluster, "app", "app", "other", Some(403)),
+            ("IMDS answered the kubelet identity", &cluster, "kubelet", "KUBELET", "kubelet", Some(403)),
+            ("the kubelet identity, served", &served, "kubelet", "kubelet", "kubelet", None),
         ];
         for (name, cluster, expected, imds, appid, refused) in cases {
             let got = check_imds_token(cluster, "rid", expected, token(imds, appid));
