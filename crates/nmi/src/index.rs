@@ -253,7 +253,8 @@ impl Index {
     }
 
     /// Whether an exception in the pod's namespace lists one of its labels
-    /// with a value equal ignoring case (upstream's rule).
+    /// with a value equal ignoring case (upstream's rule:
+    /// docs/upstream-behaviour.md#exception-list).
     pub fn is_excepted(&self, pod: &PodEntry) -> bool {
         self.exceptions
             .values()

@@ -28,15 +28,16 @@
 //! **Deterministic choice.** When a pod may use several identities and the
 //! request names none, NMI picks the usable identity whose AzureIdentity has
 //! the smallest `(namespace, name)`. Upstream took "element 0" of an
-//! unordered cache list; this rule gives every replica and
-//! every restart the same answer.
+//! unordered cache list; this rule gives every replica and every restart the
+//! same answer.
 //!
 //! **Matching.** `client_id` and `msi_res_id` are compared ignoring ASCII case
 //! (GUIDs and ARM IDs are case-insensitive; upstream's case-sensitive compare
-//! gave a 404 after waiting). `object_id` is really matched: the
-//! server fetches each candidate's token by its resource ID (checked against
-//! its client ID) and answers with the one whose `oid` claim is the requested
-//! object ID.
+//! gave a 404 after waiting:
+//! docs/upstream-behaviour.md#h7-case-and-object_id-mismatches). `object_id`
+//! is really matched: the server fetches each candidate's token by its
+//! resource ID (checked against its client ID) and answers with the one whose
+//! `oid` claim is the requested object ID.
 
 use aadpodid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
