@@ -283,6 +283,9 @@ async fn one(
     let mut buf = [0u8; 1024];
     loop {
         tokio::select! {
+            // A close that has already arrived counts as a close, not as
+            // open at the stop.
+            biased;
             r = stream.read(&mut buf) => match r {
                 Ok(0) | Err(_) => {
                     return status_of(&head).map_or(End::ClosedUnanswered, End::Answered);
