@@ -964,80 +964,95 @@ impl<C: Cloud> Executor<C> {
         let resources: BTreeSet<&ResourceRef> = expected.keys().chain(assigned.keys()).collect();
         for r in resources {
             let ids = expected.get(r).unwrap_or(&no_ids);
-            if let Some(at) = self.paused(r) {
-                outcome.retry(at);
-                continue;
-            }
-            let current = match self.get(r).await {
-                Ok(c) => c,
-                Err((_, at)) => {
-                    outcome.retry(at);
-                    continue;
-                }
-            };
-            let mut demoted: BTreeSet<String> = BTreeSet::new();
-            for (key, id) in assigned.get(r).into_iter().flatten() {
-                let Some(aai) = index.assigned.get(key) else {
-                    continue;
-                };
-                let owns = |i: &str| ledger.owns(r, i);
-                if let Some(refusal) = guard::check(
-                    id,
-                    &assigned_client_id(aai),
-                    &current,
-                    &owns,
-                    &self.opts.protection,
-                ) {
-                    demoted.insert(id.clone());
-                    tracing::warn!(aai = %format!("{}/{}", key.0, key.1), reason = refusal.reason(), "an Assigned AzureAssignedIdentity fails the entitlement checks; back to Created");
-                    match self.patch_status(aai, AssignedIdentityState::Created).await {
-                        Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
-                        Err(error) => {
-                            tracing::warn!(%error, "demoting");
-                            outcome.retry(Instant::now() + FAILURE_RETRY);
-                        }
-                        Ok(()) => self.refuse(aai, &refusal).await?,
-                    }
-                }
-            }
-            let missing: BTreeSet<String> = ids
-                .difference(&current.user_assigned)
-                .filter(|id| !demoted.contains(*id))
-                .cloned()
-                .collect();
-            if missing.is_empty() || current.provisioning_state.eq_ignore_ascii_case("Deleting") {
-                continue;
-            }
-            tracing::info!(resource = %r, missing = ?missing, "re-adding identities removed from the resource");
-            // Recorded before the PATCH, as any add.
-            let old = ledger.entries(r);
-            let entries = ledger::with_added(&old, &missing);
-            if entries != old
-                && let Err(error) = self.write_ledger(r, entries).await
-            {
-                if matches!(error, ApplyError::NotLeader) {
-                    return Err(error);
-                }
-                tracing::warn!(resource = %r, %error, "ledger not written; identities not re-added");
-                outcome.retry(Instant::now() + FAILURE_RETRY);
-                continue;
-            }
-            for patch in identity_patches(&current, &missing, &BTreeSet::new()) {
-                self.check_leader()?;
-                if let Err(at) = self.acquire_write(r) {
-                    outcome.retry(at);
-                    break;
-                }
-                let res = self.cloud.update_identities(r, &patch).await;
-                self.observe_write(r, res.as_ref().err());
-                if let Err(e) = res {
-                    outcome.retry(self.note_error(r, &e, true));
-                    tracing::warn!(resource = %r, error = %e, "re-adding identities");
-                    break;
-                }
-            }
+            let on_r = assigned.get(r).map_or(&[][..], Vec::as_slice);
+            self.drift_resource(r, ids, on_r, &ledger, index, &mut outcome)
+                .await?;
         }
         Ok(outcome)
+    }
+
+    /// The drift check of one resource: demotes the Assigned AAIs that fail
+    /// the checks and adds the missing identities again, as
+    /// [`writes::drift`] decides.
+    async fn drift_resource(
+        &self,
+        r: &ResourceRef,
+        ids: &BTreeSet<String>,
+        assigned: &[(Key, String)],
+        ledger: &Ledger,
+        index: &Index,
+        outcome: &mut Outcome,
+    ) -> Result<(), ApplyError> {
+        if let Some(at) = self.paused(r) {
+            outcome.retry(at);
+            return Ok(());
+        }
+        let current = match self.get(r).await {
+            Ok(c) => c,
+            Err((_, at)) => {
+                outcome.retry(at);
+                return Ok(());
+            }
+        };
+        let on_r: Vec<(&Key, &str)> = assigned
+            .iter()
+            .filter(|(key, _)| index.assigned.contains_key(key))
+            .map(|(key, id)| (key, id.as_str()))
+            .collect();
+        let owns = |i: &str| ledger.owns(r, i);
+        let check = |key: &Key, id: &str| {
+            let aai = index.assigned.get(key)?;
+            let typed = assigned_client_id(aai);
+            guard::check(id, &typed, &current, &owns, &self.opts.protection)
+        };
+        let drift = writes::drift(ids, &on_r, &current, &check);
+        for (key, refusal) in &drift.demote {
+            let Some(aai) = index.assigned.get(key) else {
+                continue;
+            };
+            tracing::warn!(aai = %format!("{}/{}", key.0, key.1), reason = refusal.reason(), "an Assigned AzureAssignedIdentity fails the entitlement checks; back to Created");
+            match self.patch_status(aai, AssignedIdentityState::Created).await {
+                Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
+                Err(error) => {
+                    tracing::warn!(%error, "demoting");
+                    outcome.retry(Instant::now() + FAILURE_RETRY);
+                }
+                Ok(()) => self.refuse(aai, refusal).await?,
+            }
+        }
+        let missing = drift.readd;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(resource = %r, missing = ?missing, "re-adding identities removed from the resource");
+        // Recorded before the PATCH, as any add.
+        let old = ledger.entries(r);
+        let entries = ledger::with_added(&old, &missing);
+        if entries != old
+            && let Err(error) = self.write_ledger(r, entries).await
+        {
+            if matches!(error, ApplyError::NotLeader) {
+                return Err(error);
+            }
+            tracing::warn!(resource = %r, %error, "ledger not written; identities not re-added");
+            outcome.retry(Instant::now() + FAILURE_RETRY);
+            return Ok(());
+        }
+        for patch in identity_patches(&current, &missing, &BTreeSet::new()) {
+            self.check_leader()?;
+            if let Err(at) = self.acquire_write(r) {
+                outcome.retry(at);
+                break;
+            }
+            let res = self.cloud.update_identities(r, &patch).await;
+            self.observe_write(r, res.as_ref().err());
+            if let Err(e) = res {
+                outcome.retry(self.note_error(r, &e, true));
+                tracing::warn!(resource = %r, error = %e, "re-adding identities");
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn create(

@@ -475,6 +475,47 @@ pub(crate) fn settle(
     }
 }
 
+/// What the drift check does on one resource.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Drift {
+    /// Assigned AAIs that now fail the checks against ARM's view: back to
+    /// Created, then refused (annotation, Event).
+    pub demote: Vec<(Key, guard::Refusal)>,
+    /// Identities of Assigned AAIs gone from the resource: recorded in the
+    /// ledger, then added again.
+    pub readd: BTreeSet<String>,
+}
+
+/// The drift check of one resource: `expected` are the identities its
+/// Assigned AAIs need, `assigned` those AAIs (with their identity ID) and
+/// `check` the guard's verdict on one of them. Identities of demoted AAIs
+/// are not added again; nothing is added to a resource being deleted.
+pub(crate) fn drift(
+    expected: &BTreeSet<String>,
+    assigned: &[(&Key, &str)],
+    current: &ResourceIdentity,
+    check: &dyn Fn(&Key, &str) -> Option<guard::Refusal>,
+) -> Drift {
+    let mut demoted: BTreeSet<&str> = BTreeSet::new();
+    let mut demote = Vec::new();
+    for &(key, id) in assigned {
+        if let Some(refusal) = check(key, id) {
+            demoted.insert(id);
+            demote.push((key.clone(), refusal));
+        }
+    }
+    let readd = if is_deleting(current) {
+        BTreeSet::new()
+    } else {
+        expected
+            .difference(&current.user_assigned)
+            .filter(|id| !demoted.contains(id.as_str()))
+            .cloned()
+            .collect()
+    };
+    Drift { demote, readd }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1074,6 +1115,78 @@ mod tests {
             let got = settle(&input, &check);
             assert_eq!(got.actions, row.want, "{}", row.name);
             assert_eq!(got.last_operation_failed, row.failed, "{}", row.name);
+        }
+    }
+
+    #[test]
+    fn the_drift_check_demotes_failing_aais_and_readds_the_rest() {
+        // (name, state, on the resource, expected, assigned (aai, id),
+        // expected demotions (aai, id), expected re-adds)
+        type Pairs = &'static [(&'static str, &'static str)];
+        let cases: [(&str, &str, Names, Names, Pairs, Pairs, Names); 6] = [
+            (
+                "nothing gone",
+                "Succeeded",
+                &["a"],
+                &["a"],
+                &[("pa", "a")],
+                &[],
+                &[],
+            ),
+            (
+                "gone: added again",
+                "Succeeded",
+                &[],
+                &["a", "b"],
+                &[("pa", "a")],
+                &[],
+                &["a", "b"],
+            ),
+            (
+                "a failing AAI is demoted; its identity is not added again",
+                "Succeeded",
+                &["bad"],
+                &["a", "worse"],
+                &[("pb", "bad"), ("pw", "worse"), ("pa", "a")],
+                &[("pb", "bad"), ("pw", "worse")],
+                &["a"],
+            ),
+            (
+                "being deleted: demotions only",
+                "Deleting",
+                &["bad"],
+                &["a"],
+                &[("pb", "bad")],
+                &[("pb", "bad")],
+                &[],
+            ),
+            (
+                "no Assigned AAI: re-adds only",
+                "Succeeded",
+                &[],
+                &["a"],
+                &[],
+                &[],
+                &["a"],
+            ),
+            ("nothing expected", "Succeeded", &["x"], &[], &[], &[], &[]),
+        ];
+        for (name, state, on, expected, assigned, demote, readd) in cases {
+            let current = ResourceIdentity {
+                type_: "UserAssigned".into(),
+                user_assigned: ids(on),
+                provisioning_state: state.into(),
+                ..Default::default()
+            };
+            let keys: Vec<(Key, &str)> = assigned.iter().map(|(k, id)| (key(k), *id)).collect();
+            let pairs: Vec<(&Key, &str)> = keys.iter().map(|(k, id)| (k, *id)).collect();
+            let check = |_: &Key, id: &str| (id == "bad" || id == "worse").then(|| clash(id));
+            let got = drift(&ids(expected), &pairs, &current, &check);
+            let want = Drift {
+                demote: demote.iter().map(|(k, id)| (key(k), clash(id))).collect(),
+                readd: ids(readd),
+            };
+            assert_eq!(got, want, "{name}");
         }
     }
 }
