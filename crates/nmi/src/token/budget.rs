@@ -27,7 +27,7 @@ mod tests {
 
     use super::*;
     use crate::fair::RequesterKey;
-    use crate::token::testing::Slow;
+    use crate::token::testing::{Slow, spawn_fetches};
     use crate::token::{TokenCache, TokenError};
 
     #[tokio::test]
@@ -35,16 +35,7 @@ mod tests {
         let cache =
             Arc::new(TokenCache::with_limits(Slow::new(None, false), 1, 1000).with_bounds(2, 100));
         let busy = RequesterKey::pod("ns", "busy");
-        let mut tasks = Vec::new();
-        for i in 0..3 {
-            let cache = Arc::clone(&cache);
-            let busy = busy.clone();
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .by_resource_id("a", "app-of-a", &format!("r{i}"), &busy)
-                    .await
-            }));
-        }
+        let tasks = spawn_fetches(&cache, &busy, 3);
         while cache.pending_fetches() != (2, 1) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -69,16 +60,7 @@ mod tests {
             TokenCache::with_limits(Slow::new(Some(call), false), 5, 20).with_bounds(1000, 4096),
         );
         let busy = RequesterKey::pod("ns", "busy");
-        let mut tasks = Vec::new();
-        for i in 0..200 {
-            let cache = Arc::clone(&cache);
-            let busy = busy.clone();
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .by_resource_id("a", "app-of-a", &format!("r{i}"), &busy)
-                    .await
-            }));
-        }
+        let tasks = spawn_fetches(&cache, &busy, 200);
         while cache.pending_fetches().0 < 190 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -227,7 +227,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::token::testing::{Fake, Slow, long_lived, who};
+    use crate::token::testing::{Fake, Slow, fetch, long_lived, who};
 
     #[tokio::test]
     async fn concurrent_misses_share_one_call_and_hits_make_none() {
@@ -249,10 +249,7 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 1);
-        cache
-            .by_resource_id("rid-a", "app-of-rid-a", "other-resource", &who())
-            .await
-            .unwrap();
+        fetch(&cache, "rid-a", "app-of-rid-a", "other-resource").await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
     }
 
@@ -262,35 +259,20 @@ mod tests {
             lifetime: 60,
             ..Default::default()
         });
-        cache
-            .by_resource_id("c", "app-of-c", "r", &who())
-            .await
-            .unwrap();
-        cache
-            .by_resource_id("c", "app-of-c", "r", &who())
-            .await
-            .unwrap();
+        fetch(&cache, "c", "app-of-c", "r").await;
+        fetch(&cache, "c", "app-of-c", "r").await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn retain_drops_unused_identities() {
         let cache = TokenCache::new(long_lived());
-        cache
-            .by_resource_id("a", "app-of-a", "r", &who())
-            .await
-            .unwrap();
-        cache
-            .by_resource_id("b", "app-of-b", "r", &who())
-            .await
-            .unwrap();
+        fetch(&cache, "a", "app-of-a", "r").await;
+        fetch(&cache, "b", "app-of-b", "r").await;
         let in_use = IdentityKey::user_assigned("A", "APP-OF-A");
         cache.retain(|k| *k == in_use);
         assert_eq!(cache.len(), 1);
-        cache
-            .by_resource_id("a", "app-of-a", "r", &who())
-            .await
-            .unwrap();
+        fetch(&cache, "a", "app-of-a", "r").await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 2, "a kept");
     }
 
@@ -314,10 +296,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 10);
-        cache
-            .by_resource_id("a", "app-of-a", "r0", &who())
-            .await
-            .unwrap();
+        fetch(&cache, "a", "app-of-a", "r0").await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 11);
         assert_eq!(cache.len(), 3);
     }

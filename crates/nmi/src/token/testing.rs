@@ -1,18 +1,52 @@
 //! Token sources and helpers shared by this module's tests.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
+use tokio::task::JoinHandle;
 
-use super::{ImdsIdentity, RetryPolicy, TokenError, TokenSource, now_secs};
+use super::{ImdsIdentity, RetryPolicy, TokenCache, TokenError, TokenSource, now_secs};
 use crate::fair::RequesterKey;
 use crate::response::Token;
 use crate::secret::Secret;
 
 pub(super) fn who() -> RequesterKey {
     RequesterKey::internal("test")
+}
+
+/// A token for the test requester, which must be had.
+pub(super) async fn fetch<S: TokenSource>(
+    cache: &TokenCache<S>,
+    resource_id: &str,
+    client_id: &str,
+    resource: &str,
+) -> Token {
+    cache
+        .by_resource_id(resource_id, client_id, resource, &who())
+        .await
+        .unwrap()
+}
+
+/// `n` requests from `requester` for identity `a`, each for another
+/// resource (`r0`, `r1`, ...), left running.
+pub(super) fn spawn_fetches<S: TokenSource>(
+    cache: &Arc<TokenCache<S>>,
+    requester: &RequesterKey,
+    n: usize,
+) -> Vec<JoinHandle<Result<Token, TokenError>>> {
+    (0..n)
+        .map(|i| {
+            let cache = Arc::clone(cache);
+            let requester = requester.clone();
+            tokio::spawn(async move {
+                cache
+                    .by_resource_id("a", "app-of-a", &format!("r{i}"), &requester)
+                    .await
+            })
+        })
+        .collect()
 }
 
 /// IMDS with one identity per resource ID: client ID `app-of-<rid>`,
@@ -38,6 +72,32 @@ pub(super) fn jwt_app(appid: &str) -> String {
     jwt(serde_json::json!({"appid": appid}))
 }
 
+/// A token as IMDS gives it: `access_token` for `client_id`, valid for
+/// `lifetime` seconds from now.
+pub(super) fn token(
+    access_token: String,
+    client_id: String,
+    lifetime: u64,
+    resource: &str,
+) -> Token {
+    Token {
+        access_token: Secret::new(access_token),
+        expires_on: now_secs() + lifetime,
+        not_before: None,
+        resource: resource.into(),
+        token_type: "Bearer".into(),
+        client_id,
+    }
+}
+
+/// IMDS's answer for an identity not on the VM.
+fn not_found() -> TokenError {
+    TokenError::Refused {
+        status: 400,
+        body: "Identity not found".into(),
+    }
+}
+
 impl TokenSource for Fake {
     async fn imds_token(
         &self,
@@ -52,16 +112,8 @@ impl TokenSource for Fake {
             Some(c) => c.to_string(),
             None => format!("app-of-{rid}"),
         };
-        Ok(Token {
-            access_token: Secret::new(jwt(
-                serde_json::json!({"appid": client, "oid": format!("oid-of-{rid}")}),
-            )),
-            expires_on: now_secs() + self.lifetime,
-            not_before: None,
-            resource: resource.into(),
-            token_type: "Bearer".into(),
-            client_id: client,
-        })
+        let claims = serde_json::json!({"appid": client, "oid": format!("oid-of-{rid}")});
+        Ok(token(jwt(claims), client, self.lifetime, resource))
     }
 }
 
@@ -102,18 +154,8 @@ impl TokenSource for Scripted {
             answers[n.min(answers.len() - 1)]
         };
         match answer {
-            Ok(()) => Ok(Token {
-                access_token: Secret::new(jwt_app("c")),
-                expires_on: now_secs() + 86_399,
-                not_before: None,
-                resource: resource.into(),
-                token_type: "Bearer".into(),
-                client_id: "c".into(),
-            }),
-            Err((400, _)) => Err(TokenError::Refused {
-                status: 400,
-                body: "Identity not found".into(),
-            }),
+            Ok(()) => Ok(token(jwt_app("c"), "c".into(), 86_399, resource)),
+            Err((400, _)) => Err(not_found()),
             Err((status, retry_after)) => Err(TokenError::Transient {
                 status,
                 body: format!("{{\"error\":\"{status}\"}}"),
@@ -126,11 +168,7 @@ impl TokenSource for Scripted {
 
 pub(super) fn fast_policy() -> RetryPolicy {
     RetryPolicy {
-        backoff: vec![
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-            Duration::from_millis(40),
-        ],
+        backoff: [10, 20, 40].map(Duration::from_millis).to_vec(),
         max_retry_after: Duration::from_secs(2),
         max_total_wait: Duration::from_secs(3),
     }
@@ -166,20 +204,10 @@ impl TokenSource for Slow {
             None => std::future::pending::<()>().await,
         }
         if self.fail {
-            return Err(TokenError::Refused {
-                status: 400,
-                body: "Identity not found".into(),
-            });
+            return Err(not_found());
         }
         let ImdsIdentity::ResourceId(rid) = identity;
         let client = format!("app-of-{rid}");
-        Ok(Token {
-            access_token: Secret::new(jwt_app(&client)),
-            expires_on: now_secs() + 86_399,
-            not_before: None,
-            resource: resource.into(),
-            token_type: "Bearer".into(),
-            client_id: client,
-        })
+        Ok(token(jwt_app(&client), client, 86_399, resource))
     }
 }

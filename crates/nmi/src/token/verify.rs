@@ -106,19 +106,13 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
-    use crate::secret::Secret;
     use crate::token::TokenCache;
-    use crate::token::testing::{Fake, jwt, jwt_app, long_lived, who};
+    use crate::token::testing::{self, Fake, fetch, jwt, jwt_app, long_lived, who};
 
     #[test]
     fn imds_token_check_table() {
-        let token = |imds_client_id: &str, appid: &str| Token {
-            access_token: Secret::new(jwt_app(appid)),
-            expires_on: 0,
-            not_before: None,
-            resource: "r".into(),
-            token_type: "Bearer".into(),
-            client_id: imds_client_id.into(),
+        let token = |imds_client_id: &str, appid: &str| {
+            testing::token(jwt_app(appid), imds_client_id.into(), 0, "r")
         };
         let cluster = ClusterIdentities::new(["kubelet"], false);
         let served = ClusterIdentities::new(["kubelet"], true);
@@ -179,14 +173,8 @@ mod tests {
         );
         // The honest pair is cached on its own key: the refusal did not
         // poison it, and it does not answer for the forged pair.
-        cache
-            .by_resource_id("rid-a", "app-of-rid-a", "r", &who())
-            .await
-            .unwrap();
-        cache
-            .by_resource_id("rid-a", "app-of-rid-a", "r", &who())
-            .await
-            .unwrap();
+        fetch(&cache, "rid-a", "app-of-rid-a", "r").await;
+        fetch(&cache, "rid-a", "app-of-rid-a", "r").await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 3);
         let again = cache
             .by_resource_id("rid-a", "kubelet-client", "r", &who())
@@ -244,10 +232,7 @@ mod tests {
         );
         assert!(cache.is_empty(), "nothing cached");
         // Other identities are served as before.
-        cache
-            .by_resource_id("rid-a", "app-of-rid-a", "r", &who())
-            .await
-            .unwrap();
+        fetch(&cache, "rid-a", "app-of-rid-a", "r").await;
         assert_eq!(cache.source().calls.load(Ordering::SeqCst), 1);
 
         let served = TokenCache::new(long_lived())
@@ -257,10 +242,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(token.client_id, "app-of-kubelet");
-        served
-            .by_resource_id("kubelet", "app-of-kubelet", "r", &who())
-            .await
-            .unwrap();
+        fetch(&served, "kubelet", "app-of-kubelet", "r").await;
         assert_eq!(
             served.source().calls.load(Ordering::SeqCst),
             1,
