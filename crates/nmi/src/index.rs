@@ -13,7 +13,7 @@ use aadpodid_api::{
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use crate::token::identity_cache_key;
+use crate::token::IdentityKey;
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
@@ -331,20 +331,20 @@ impl Index {
             .collect()
     }
 
-    /// The token cache's keys ([`identity_cache_key`]) of the identities
+    /// The token cache's keys ([`IdentityKey`]) of the identities
     /// some pod on this node may currently use; the cache drops everything
     /// else.
-    pub fn token_keys_in_use(&self) -> HashSet<String> {
+    pub fn token_keys_in_use(&self) -> HashSet<IdentityKey> {
         let from_aais = self
             .aais
             .values()
             .filter_map(|a| a.spec.azure_identity_ref.as_ref())
-            .map(|i| identity_cache_key(&i.spec));
+            .map(|i| IdentityKey::of(&i.spec));
         let from_managed = self
             .pods
             .values()
             .flat_map(|p| self.managed_identities_for(p))
-            .map(|i| identity_cache_key(&i.spec));
+            .map(|i| IdentityKey::of(&i.spec));
         from_aais.chain(from_managed).collect()
     }
 }
@@ -644,12 +644,15 @@ mod tests {
         assert_eq!(names, ["p-ns-a", "p-ns-b"]);
         let keys = idx.token_keys_in_use();
         assert!(
-            keys.contains(&identity_cache_key(&a.spec))
-                && keys.contains(&identity_cache_key(&b.spec)),
+            keys.contains(&IdentityKey::of(&a.spec)) && keys.contains(&IdentityKey::of(&b.spec)),
             "{keys:?}"
         );
         assert!(
-            keys.iter().any(|k| k.contains("cid-a") && k.contains("/a")),
+            keys.iter().any(|k| matches!(
+                k,
+                IdentityKey::UserAssigned { resource_id, client_id }
+                    if client_id.contains("cid-a") && resource_id.contains("/a")
+            )),
             "lower-cased, with the resource ID: {keys:?}"
         );
         idx.delete_aai("default", "p-ns-a");

@@ -365,7 +365,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
                     _ = shutdown.signaled() => return,
                     _ = tick.tick() => {
                         let live = server.state.index().token_keys_in_use();
-                        server.cache.retain(|k| live.contains(&k.to_string()));
+                        server.cache.retain(|k| live.contains(k));
                     }
                 }
             }

@@ -71,14 +71,6 @@ impl fmt::Display for IdentityKey {
     }
 }
 
-/// The name the node index keeps for an identity in use:
-/// [`IdentityKey::of`] written out (its `Display`), which tells different
-/// keys apart. [`super::TokenCache::retain`] compares keys by it until the
-/// index keeps [`IdentityKey`]s itself.
-pub fn identity_cache_key(spec: &AzureIdentitySpec) -> String {
-    IdentityKey::of(spec).to_string()
-}
-
 /// Which token of an identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TokenKey {
@@ -153,8 +145,8 @@ mod tests {
             let (one, other) = (spec(t1, r1, c1), spec(t2, r2, c2));
             let (a, b) = (IdentityKey::of(&one), IdentityKey::of(&other));
             assert_eq!(a == b, same, "{name}: {a} / {b}");
-            let written = identity_cache_key(&one) == identity_cache_key(&other);
-            assert_eq!(written, same, "{name}: the written-out key");
+            let written = a.to_string() == b.to_string();
+            assert_eq!(written, same, "{name}: written out");
         }
         assert_eq!(
             IdentityKey::of(&spec(msi, "/Subs/RID", "App")),

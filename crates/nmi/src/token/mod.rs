@@ -69,7 +69,7 @@ pub use cache::TokenCache;
 pub use error::TokenError;
 pub(crate) use imds::TokenBody;
 pub use imds::{Imds, ImdsIdentity};
-pub use key::{IdentityKey, TokenKey, identity_cache_key};
+pub use key::{IdentityKey, TokenKey};
 pub use retry::{RetryPolicy, is_transient, parse_retry_after};
 pub use slots::{DEFAULT_MAX_CACHED_TOKENS, EntryState, pick_victim};
 pub use verify::{ClientIdMismatch, check_imds_token, jwt_appid, jwt_oid, verify_client_id};
