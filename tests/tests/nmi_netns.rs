@@ -286,7 +286,8 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
 
 /// Type 1 end to end: a Secret, a client-secret AzureIdentity and an Assigned
 /// AAI give the pod an AAD token for the service principal; an identity whose
-/// Secret lies in another namespace is refused (hazard H10).
+/// Secret lies in another namespace is refused
+/// (docs/upstream-behaviour.md#h10-secrets-read-across-namespaces).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nmi_service_principal_identity() -> anyhow::Result<()> {
     use k8s_openapi::ByteString;

@@ -1,4 +1,6 @@
-//! The benchmark command of issues #5 and #8 §3 (`cargo run --release -p
+//! The benchmark command: MIC's and NMI's figures (ARM writes, time to
+//! Assigned, token latency, memory and CPU, behaviour under floods) against
+//! upstream's, on the same emulated world (`cargo run --release -p
 //! aadpodid-tests --bin bench --locked -- [--quick]`).
 //!
 //! One run starts the harness's [`Cluster`](crate::Cluster) (a real etcd and

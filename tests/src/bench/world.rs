@@ -292,8 +292,9 @@ impl World {
         }];
         cfg.clock.speed = scale.speed;
         cfg.arm.vmss_write_seconds = scale.lro_seconds;
-        // Realistic Compute limits: the emulator's default buckets
-        // (PutVMScaleSet 12 burst + 4/min per scale set, research/peers.md §1.2).
+        // Realistic Compute limits: the emulator's default buckets (Compute's
+        // scale-set write bucket: burst 12, 4 a minute per scale set;
+        // docs/upstream-behaviour.md#azure-throttling).
         cfg.throttle.enabled = true;
         // Tokens for any resource: in the distinct-resources flood every
         // resource then costs NMI a real IMDS call and a cache entry.
