@@ -12,6 +12,8 @@
 //! `169.254.169.254:80` (IMDS) and the emulator's AAD address to Unix
 //! sockets that the calling process forwards to them. Unix sockets are not
 //! network-namespaced, so nothing is added to the root namespace's network.
+//! The way to the apiserver passes a gate ([`NmiNode::set_api_reachable`])
+//! that can hold new connections shut, to keep NMI's caches from syncing.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -29,6 +31,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use aadpodid_api::AzureIdentity;
 use aadpodid_api::AzureIdentitySpec;
@@ -73,6 +77,11 @@ pub const PROBE_PORT: u16 = 8085;
 pub const METRICS_PORT: u16 = 9090;
 /// The apiserver's address as NMI sees it inside the node.
 const API_RELAY_PORT: u16 = 6443;
+/// The rule of NMI's `aad-metadata` chain that sends pods' IMDS traffic to
+/// NMI, as `iptables -t nat -S` prints it.
+pub const REDIRECT_RULE: &str = "-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579";
+/// The jump from PREROUTING to NMI's chain, as `iptables -t nat -S` prints it.
+pub const REDIRECT_JUMP: &str = "-A PREROUTING -j aad-metadata";
 
 /// `AADPODID_NMI_BIN` when set, else `default` (in an integration test,
 /// `env!("CARGO_BIN_EXE_e2e-nmi")`).
@@ -99,6 +108,22 @@ pub struct Options {
     /// Changes the emulator's configuration before it starts (the default
     /// one holds the identities and service principals of the constants above).
     pub emulator: fn(&mut Config),
+    /// A program and its arguments run in front of NMI inside the node; it
+    /// must end by executing the rest of its command line (for example
+    /// `unshare -m -- sh -c '...; exec "$@"' sh`). Empty: NMI itself.
+    pub wrapper: Vec<String>,
+}
+
+/// How one NMI start differs from the node's [`Options`].
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Arguments appended to NMI's fixed ones (as [`Options::nmi_args`]).
+    pub args: Vec<String>,
+    /// The wrapper for this start (as [`Options::wrapper`]).
+    pub wrapper: Vec<String>,
+    /// Another kubeconfig for this start instead of the admin's through the
+    /// relay (see [`NmiNode::relay_kubeconfig`]).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Options {
@@ -110,6 +135,7 @@ impl Options {
             nmi_args: Vec::new(),
             start_nmi: true,
             emulator: |_| {},
+            wrapper: Vec::new(),
         }
     }
 
@@ -142,7 +168,14 @@ pub struct NmiNode {
     kubeconfig: PathBuf,
     nmi_bin: PathBuf,
     nmi_args: Vec<String>,
+    wrapper: Vec<String>,
     log_path: PathBuf,
+    /// Where the current start's output begins in the log.
+    log_start: u64,
+    /// The apiserver's address as the cluster's kubeconfig names it.
+    api_server: String,
+    /// Opens (true) and shuts (false) the node's way to the apiserver.
+    api_gate: watch::Sender<bool>,
 }
 
 impl Drop for NmiNode {
@@ -219,38 +252,41 @@ impl NmiNode {
         // AAD keeps its address inside the node (the test CA's certificate
         // names 127.0.0.1), so `adEndpoint` is the emulator's own URL.
         let aad = aad_addr(&emu)?;
+        let (api_gate, gate) = watch::channel(true);
+        let gated_api = gated_forward(api, gate).await?;
         let relay = node
             .node
             .relay_many(
                 &[
-                    (SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)), api),
+                    (
+                        SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)),
+                        gated_api,
+                    ),
                     (SocketAddr::from((IMDS_ADDRESS, 80)), imds),
                     (aad, aad),
                 ],
                 &dir,
             )
             .await?;
-        let kubeconfig = dir.join("kubeconfig");
-        let text = std::fs::read_to_string(cluster.kubeconfig())?.replace(
-            cluster.server(),
-            &format!("https://127.0.0.1:{API_RELAY_PORT}"),
-        );
-        std::fs::write(&kubeconfig, text)?;
-
         let log_path = dir.join("nmi.log");
         let mut f = NmiNode {
             node_name,
             sp_p12: p12,
             node,
+            kubeconfig: dir.join("kubeconfig"),
             dir,
             emu,
             nmi: None,
             relay,
-            kubeconfig,
             nmi_bin: opts.nmi_bin,
             nmi_args: opts.nmi_args,
+            wrapper: opts.wrapper,
             log_path,
+            log_start: 0,
+            api_server: cluster.server().to_string(),
+            api_gate,
         };
+        f.kubeconfig = f.relay_kubeconfig(cluster.kubeconfig(), "kubeconfig")?;
         if opts.start_nmi {
             f.start_nmi()?;
             f.wait_active().await?;
@@ -258,11 +294,11 @@ impl NmiNode {
         Ok(f)
     }
 
-    /// NMI's fixed arguments for this node.
-    fn base_args(&self) -> Vec<String> {
+    /// NMI's fixed arguments for this node, with `kubeconfig`.
+    fn base_args(&self, kubeconfig: &Path) -> Vec<String> {
         vec![
             format!("--node={}", self.node_name),
-            format!("--kubeconfig={}", self.kubeconfig.display()),
+            format!("--kubeconfig={}", kubeconfig.display()),
             format!("--http-probe-port={PROBE_PORT}"),
             "--allow-network-plugin-kubenet=true".into(),
             "--retry-attempts-for-created=1".into(),
@@ -282,15 +318,34 @@ impl NmiNode {
     /// [`NmiNode::start_nmi`] with `extra` instead of the extra arguments
     /// of the options (remembered for later restarts).
     pub fn start_nmi_with(&mut self, extra: &[String]) -> anyhow::Result<()> {
-        self.stop_nmi();
         self.nmi_args = extra.to_vec();
+        self.launch(&Launch {
+            args: extra.to_vec(),
+            wrapper: self.wrapper.clone(),
+            kubeconfig: None,
+        })
+    }
+
+    /// Starts NMI (stopping a running one first) as `launch` says, without
+    /// changing what later [`NmiNode::start_nmi`] calls do; does not wait.
+    pub fn launch(&mut self, launch: &Launch) -> anyhow::Result<()> {
+        self.stop_nmi();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let mut cmd = self.node.node.command(&self.nmi_bin);
-        cmd.args(self.base_args())
-            .args(extra)
+        self.log_start = log.metadata()?.len();
+        let mut cmd = match launch.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = self.node.node.command(program);
+                c.args(rest).arg(&self.nmi_bin);
+                c
+            }
+            None => self.node.node.command(&self.nmi_bin),
+        };
+        let kubeconfig = launch.kubeconfig.as_deref().unwrap_or(&self.kubeconfig);
+        cmd.args(self.base_args(kubeconfig))
+            .args(&launch.args)
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("NO_PROXY", "127.0.0.1,localhost");
@@ -309,6 +364,12 @@ impl NmiNode {
             .with_context(|| format!("start {}", self.nmi_bin.display()))?;
         self.nmi = Some(child);
         Ok(())
+    }
+
+    /// Takes NMI's process from the node (which then no longer stops it),
+    /// for a test that waits for it to exit.
+    pub fn take_nmi(&mut self) -> Option<Child> {
+        self.nmi.take()
     }
 
     /// Kills NMI (SIGKILL) and reaps it; nothing when it is not running.
@@ -343,9 +404,69 @@ impl NmiNode {
         }
     }
 
-    /// Everything NMI wrote to stdout and stderr since this node started.
+    /// Everything NMI wrote to stdout and stderr since this node started,
+    /// without terminal colours.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(&self.log_path).unwrap_or_default())
+    }
+
+    /// What the current (last started) NMI wrote, without terminal colours.
+    pub fn start_log(&self) -> String {
+        let raw = std::fs::read(&self.log_path).unwrap_or_default();
+        let from = usize::try_from(self.log_start).unwrap_or(0).min(raw.len());
+        strip_ansi(&String::from_utf8_lossy(&raw[from..]))
+    }
+
+    /// Opens (`true`, the default) or shuts the node's way to the apiserver:
+    /// while shut, new connections wait (those open stay open).
+    pub fn set_api_reachable(&self, open: bool) {
+        self.api_gate.send_replace(open);
+    }
+
+    /// Writes `source` (a kubeconfig for the cluster) to `name` in the
+    /// node's folder with the apiserver's address replaced by the node's
+    /// relay, as NMI must see it; returns its path (see [`Launch::kubeconfig`]).
+    pub fn relay_kubeconfig(&self, source: &Path, name: &str) -> anyhow::Result<PathBuf> {
+        let text = std::fs::read_to_string(source)
+            .with_context(|| format!("read {}", source.display()))?
+            .replace(
+                &self.api_server,
+                &format!("https://127.0.0.1:{API_RELAY_PORT}"),
+            );
+        let path = self.dir.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Whether NMI's redirect rule and the jump to it are in the node's nat
+    /// table.
+    pub fn redirect_in_place(&self) -> bool {
+        self.node
+            .node
+            .run("iptables", &["-w", "5", "-t", "nat", "-S"])
+            .is_ok_and(|out| {
+                out.lines().any(|l| l.trim() == REDIRECT_RULE)
+                    && out.lines().any(|l| l.trim() == REDIRECT_JUMP)
+            })
+    }
+
+    /// Deletes the jump from PREROUTING to NMI's chain (as a reboot or a
+    /// flush of PREROUTING would leave the node).
+    pub fn remove_redirect_jump(&self) -> anyhow::Result<()> {
+        self.node.node.run(
+            "iptables",
+            &[
+                "-w",
+                "5",
+                "-t",
+                "nat",
+                "-D",
+                "PREROUTING",
+                "-j",
+                "aad-metadata",
+            ],
+        )?;
+        Ok(())
     }
 
     /// The node's folder (Unix sockets, kubeconfig, NMI's log).
@@ -460,6 +581,49 @@ pub fn openssl_certificate(dir: &Path) -> anyhow::Result<(String, Vec<u8>)> {
         std::fs::read_to_string(dir.join("sp.crt"))?,
         std::fs::read(dir.join("sp.p12"))?,
     ))
+}
+
+/// Listens on a loopback port and forwards each connection to `target`
+/// once `gate` is open (a connection accepted while it is shut waits);
+/// returns the port's address.
+async fn gated_forward(
+    target: SocketAddr,
+    gate: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut gate = gate.clone();
+            tokio::spawn(async move {
+                if gate.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// `text` without ANSI escape sequences (CSI: ESC `[` parameters, final letter).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn aad_addr(emu: &Emulator) -> anyhow::Result<SocketAddr> {
