@@ -15,9 +15,10 @@ use crate::cloud::{ArmError, IdentityPatch, ResourceIdentity, identity_patches};
 use crate::guard;
 use crate::index::Key;
 
-/// Back-off of an identity ARM refused (not in upstream MIC, whose whole
-/// batch waits): it leaves the batch until then and never holds back the
-/// others. Doubles per refusal up to [`QUARANTINE_MAX`].
+/// Back-off of an identity ARM refused, kept across cycles (upstream MIC
+/// leaves a refused identity out only for the retries of one update): it
+/// leaves the batch until then and never holds back the others. Doubles per
+/// refusal up to [`QUARANTINE_MAX`].
 pub(crate) const QUARANTINE_FIRST: Duration = Duration::from_secs(5);
 pub(crate) const QUARANTINE_MAX: Duration = Duration::from_secs(300);
 
