@@ -63,6 +63,8 @@ pub const OBJECT_B: &str = "bbbbbbbb-1111-4000-8000-00000000000b";
 pub const ARM: &str = "https://management.azure.com/";
 /// Token path for [`ARM`], as a pod asks for it.
 pub const ARM_TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+/// The emulator's subscription.
+pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
 /// The emulator's tenant.
 pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 /// A service principal (type 1) the emulator's Entra ID knows.
@@ -75,8 +77,8 @@ pub const SP_CERT_CLIENT: &str = "dddddddd-0000-4000-8000-00000000000d";
 pub const PROBE_PORT: u16 = 8085;
 /// NMI's metrics port inside the node (its default).
 pub const METRICS_PORT: u16 = 9090;
-/// The apiserver's address as NMI sees it inside the node.
-const API_RELAY_PORT: u16 = 6443;
+/// The apiserver's port as NMI sees it inside the node (on 127.0.0.1).
+pub const API_RELAY_PORT: u16 = 6443;
 /// The rule of NMI's `aad-metadata` chain that sends pods' IMDS traffic to
 /// NMI, as `iptables -t nat -S` prints it.
 pub const REDIRECT_RULE: &str = "-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579";
@@ -195,7 +197,7 @@ impl NmiNode {
         let dir = std::env::temp_dir().join(unique_name("nmi-node"));
         std::fs::create_dir_all(&dir)?;
 
-        let mut cfg = Config::new(TENANT, "00000000-0000-0000-0000-0000000000aa");
+        let mut cfg = emulator_config(&node_name);
         let (cert_pem, p12) = openssl_certificate(&dir)?;
         cfg.service_principals = vec![
             ServicePrincipalSeed {
@@ -215,27 +217,6 @@ impl NmiNode {
                 permissions: Default::default(),
             },
         ];
-        cfg.resource_groups = vec!["rg".into()];
-        let seed = |name: &str, client: &str, object: &str| IdentitySeed {
-            name: name.into(),
-            resource_group: "rg".into(),
-            client_id: Some(client.into()),
-            principal_id: Some(object.into()),
-            federated_credentials: Vec::new(),
-            permissions: Default::default(),
-        };
-        cfg.identities = vec![
-            seed("id-a", CLIENT_A, OBJECT_A),
-            seed("id-b", CLIENT_B, OBJECT_B),
-        ];
-        cfg.virtual_machines = vec![VmSeed {
-            name: node_name.clone(),
-            resource_group: "rg".into(),
-            identity: IdentityAssignmentSeed {
-                system_assigned: true,
-                user_assigned: vec!["id-a".into(), "id-b".into()],
-            },
-        }];
         (opts.emulator)(&mut cfg);
         let emu = Emulator::start(cfg).await?;
         let imds = emu
@@ -296,15 +277,12 @@ impl NmiNode {
 
     /// NMI's fixed arguments for this node, with `kubeconfig`.
     fn base_args(&self, kubeconfig: &Path) -> Vec<String> {
-        vec![
-            format!("--node={}", self.node_name),
-            format!("--kubeconfig={}", kubeconfig.display()),
-            format!("--http-probe-port={PROBE_PORT}"),
-            "--allow-network-plugin-kubenet=true".into(),
-            "--retry-attempts-for-created=1".into(),
-            "--ipt-update-interval-sec=1".into(),
-            format!("--aad-ca-file={}", self.emu.ca_bundle_path().display()),
-        ]
+        let mut args = nmi_args(&self.node_name, kubeconfig);
+        args.push(format!(
+            "--aad-ca-file={}",
+            self.emu.ca_bundle_path().display()
+        ));
+        args
     }
 
     /// Starts NMI (stopping a running one first) with the fixed arguments
@@ -427,14 +405,8 @@ impl NmiNode {
     /// node's folder with the apiserver's address replaced by the node's
     /// relay, as NMI must see it; returns its path (see [`Launch::kubeconfig`]).
     pub fn relay_kubeconfig(&self, source: &Path, name: &str) -> anyhow::Result<PathBuf> {
-        let text = std::fs::read_to_string(source)
-            .with_context(|| format!("read {}", source.display()))?
-            .replace(
-                &self.api_server,
-                &format!("https://127.0.0.1:{API_RELAY_PORT}"),
-            );
         let path = self.dir.join(name);
-        std::fs::write(&path, text)?;
+        write_relayed_kubeconfig(source, &self.api_server, &path)?;
         Ok(path)
     }
 
@@ -497,29 +469,13 @@ impl NmiNode {
 
     /// NMI's `/healthz` answer from inside the node, within 1 s.
     pub async fn healthz(&self) -> Option<String> {
-        let mut cmd = self.node.node.command("curl");
-        cmd.args([
-            "-s",
-            "--max-time",
-            "1",
-            &format!("http://127.0.0.1:{PROBE_PORT}/healthz"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-        let out = tokio::process::Command::from(cmd).output().await.ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        healthz(self.node_ns()).await
     }
 
     /// Waits (60 s at most) until NMI's `/healthz` says `Active`; the error
     /// carries NMI's log.
     pub async fn wait_active(&self) -> anyhow::Result<()> {
-        let r = wait_for("nmi /healthz Active", Duration::from_secs(60), || async {
-            (self.healthz().await.as_deref() == Some("Active")).then_some(())
-        })
-        .await;
-        r.with_context(|| format!("nmi log:\n{}", self.log()))
+        wait_active(self.node_ns(), || self.log()).await
     }
 
     /// `curl` from pod `i` to `http://169.254.169.254<path>`: (status, body).
@@ -543,6 +499,87 @@ impl NmiNode {
     ) -> anyhow::Result<()> {
         create_pod(client, ns, name, &self.node_name, &self.pod_ip(i), labels).await
     }
+}
+
+/// The emulator's world for a node `node_name`: tenant [`TENANT`],
+/// subscription [`SUBSCRIPTION`], resource group `rg` with the user-assigned
+/// identities `id-a` ([`CLIENT_A`]) and `id-b` ([`CLIENT_B`]), and the
+/// node's VM with a system-assigned identity and both of them.
+pub fn emulator_config(node_name: &str) -> Config {
+    let mut cfg = Config::new(TENANT, SUBSCRIPTION);
+    cfg.resource_groups = vec!["rg".into()];
+    let seed = |name: &str, client: &str, object: &str| IdentitySeed {
+        name: name.into(),
+        resource_group: "rg".into(),
+        client_id: Some(client.into()),
+        principal_id: Some(object.into()),
+        federated_credentials: Vec::new(),
+        permissions: Default::default(),
+    };
+    cfg.identities = vec![
+        seed("id-a", CLIENT_A, OBJECT_A),
+        seed("id-b", CLIENT_B, OBJECT_B),
+    ];
+    cfg.virtual_machines = vec![VmSeed {
+        name: node_name.into(),
+        resource_group: "rg".into(),
+        identity: IdentityAssignmentSeed {
+            system_assigned: true,
+            user_assigned: vec!["id-a".into(), "id-b".into()],
+        },
+    }];
+    cfg
+}
+
+/// NMI's arguments for a test node `node_name`: `kubeconfig`, the health
+/// port [`PROBE_PORT`], kubenet allowed, one retry for Created identities
+/// and the redirect checked every second.
+pub fn nmi_args(node_name: &str, kubeconfig: &Path) -> Vec<String> {
+    vec![
+        format!("--node={node_name}"),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        format!("--http-probe-port={PROBE_PORT}"),
+        "--allow-network-plugin-kubenet=true".into(),
+        "--retry-attempts-for-created=1".into(),
+        "--ipt-update-interval-sec=1".into(),
+    ]
+}
+
+/// Writes `source` (a kubeconfig naming the apiserver `server`) to `dest`
+/// with the apiserver's address replaced by a node's relay,
+/// `https://127.0.0.1:6443`, as NMI must see it inside the node.
+pub fn write_relayed_kubeconfig(source: &Path, server: &str, dest: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(source)
+        .with_context(|| format!("read {}", source.display()))?
+        .replace(server, &format!("https://127.0.0.1:{API_RELAY_PORT}"));
+    std::fs::write(dest, text).with_context(|| format!("write {}", dest.display()))
+}
+
+/// NMI's `/healthz` answer from inside `node`, within 1 s.
+pub async fn healthz(node: &NetNs) -> Option<String> {
+    let mut cmd = node.command("curl");
+    cmd.args([
+        "-s",
+        "--max-time",
+        "1",
+        &format!("http://127.0.0.1:{PROBE_PORT}/healthz"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let out = tokio::process::Command::from(cmd).output().await.ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits (60 s at most) until NMI's `/healthz` inside `node` says `Active`;
+/// the error carries `log()`.
+pub async fn wait_active(node: &NetNs, log: impl Fn() -> String) -> anyhow::Result<()> {
+    let r = wait_for("nmi /healthz Active", Duration::from_secs(60), || async {
+        (healthz(node).await.as_deref() == Some("Active")).then_some(())
+    })
+    .await;
+    r.with_context(|| format!("nmi log:\n{}", log()))
 }
 
 /// A self-signed RSA certificate made by `openssl` in `dir`: (certificate
@@ -675,6 +712,19 @@ pub async fn create_pod(
     ip: &str,
     labels: &[(&str, &str)],
 ) -> anyhow::Result<()> {
+    create_pod_with_ips(client, ns, name, node, &[ip], labels).await
+}
+
+/// [`create_pod`] with the addresses `ips` (the first is `podIP`; all are
+/// `podIPs`), for dual-stack and IPv6-only pods.
+pub async fn create_pod_with_ips(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    node: &str,
+    ips: &[&str],
+    labels: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let labels: serde_json::Map<String, serde_json::Value> = labels
         .iter()
@@ -685,11 +735,15 @@ pub async fn create_pod(
         "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
     }))?;
     api.create(&PostParams::default(), &pod).await?;
+    let pod_ips: Vec<serde_json::Value> = ips
+        .iter()
+        .map(|ip| serde_json::json!({ "ip": ip }))
+        .collect();
     api.patch_status(
         name,
         &PatchParams::default(),
         &Patch::Merge(serde_json::json!({
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+            "status": {"phase": "Running", "podIP": ips.first(), "podIPs": pod_ips}
         })),
     )
     .await?;
@@ -704,7 +758,7 @@ pub fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
         AzureIdentitySpec {
             client_id: client_id.into(),
             resource_id: format!(
-                "/subscriptions/00000000-0000-0000-0000-0000000000aa/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+                "/subscriptions/{SUBSCRIPTION}/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
             ),
             ..Default::default()
         },

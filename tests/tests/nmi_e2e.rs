@@ -18,19 +18,19 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use aadpodid_api::{
-    AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
-};
+use aadpodid_api::{AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec};
 use aadpodid_tests::assigned::{create_aai, mic_aai};
 use aadpodid_tests::netns::{IMDS_ADDRESS, NODE_POD_GATEWAY_V6, NetNs, Node, read_until_ready};
+use aadpodid_tests::nmi_node::{
+    API_RELAY_PORT, CLIENT_A, CLIENT_B, OBJECT_A, TENANT, create_pod_with_ips as mk_pod, identity,
+    wait_active, write_relayed_kubeconfig,
+};
 use aadpodid_tests::{Cluster, unique_name, wait_for};
 use anyhow::{Context as _, bail};
-use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
 use azure_emulator::{Config, Emulator};
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use serde_json::{Value, json};
 
 /// Node name for [`emulator_child_process`].
@@ -40,43 +40,17 @@ const EMULATOR_NODE_ENV: &str = "AADPODID_E2E_EMULATOR_NODE";
 const CREDENTIAL_ENV: &str = "AADPODID_E2E_CREDENTIAL_SELECTOR";
 /// Seconds [`rust_credential_child`] waits for a token.
 const CREDENTIAL_TIMEOUT_ENV: &str = "AADPODID_E2E_CREDENTIAL_TIMEOUT";
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
-const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
-const CLIENT_B: &str = "bbbbbbbb-0000-4000-8000-00000000000b";
-const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
-const OBJECT_B: &str = "bbbbbbbb-1111-4000-8000-00000000000b";
-const API_RELAY_PORT: u16 = 6443;
 const NMI_PORT: u16 = 2579;
 const ARM_SCOPE: &str = "https://management.azure.com/.default";
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01";
 const MD: &str = "Metadata: true";
 
+/// [`aadpodid_tests::nmi_node::emulator_config`] with tokens for any
+/// resource.
 fn emulator_config(node: &str) -> Config {
-    let mut cfg = Config::new(TENANT, SUBSCRIPTION);
-    cfg.resource_groups = vec!["rg".into()];
+    let mut cfg = aadpodid_tests::nmi_node::emulator_config(node);
     // Tests ask for many resources so that NMI's cache cannot answer.
     cfg.aad.any_resource = true;
-    let seed = |name: &str, client: &str, object: &str| IdentitySeed {
-        name: name.into(),
-        resource_group: "rg".into(),
-        client_id: Some(client.into()),
-        principal_id: Some(object.into()),
-        federated_credentials: Vec::new(),
-        permissions: Default::default(),
-    };
-    cfg.identities = vec![
-        seed("id-a", CLIENT_A, OBJECT_A),
-        seed("id-b", CLIENT_B, OBJECT_B),
-    ];
-    cfg.virtual_machines = vec![VmSeed {
-        name: node.into(),
-        resource_group: "rg".into(),
-        identity: IdentityAssignmentSeed {
-            system_assigned: true,
-            user_assigned: vec!["id-a".into(), "id-b".into()],
-        },
-    }];
     cfg
 }
 
@@ -207,22 +181,13 @@ impl Fixture {
             )
             .await?;
         let kubeconfig = dir.join("kubeconfig");
-        let text = std::fs::read_to_string(cluster.kubeconfig())?.replace(
-            cluster.server(),
-            &format!("https://127.0.0.1:{API_RELAY_PORT}"),
-        );
-        std::fs::write(&kubeconfig, text)?;
+        write_relayed_kubeconfig(cluster.kubeconfig(), cluster.server(), &kubeconfig)?;
 
-        let mut args = vec![
-            format!("--node={node_name}"),
-            format!("--kubeconfig={}", kubeconfig.display()),
-            "--http-probe-port=8085".into(),
-            "--allow-network-plugin-kubenet=true".into(),
-            "--retry-attempts-for-created=1".into(),
+        let mut args = aadpodid_tests::nmi_node::nmi_args(&node_name, &kubeconfig);
+        args.extend([
             "--retry-attempts-for-assigned=1".into(),
             "--find-identity-retry-interval=2".into(),
-            "--ipt-update-interval-sec=1".into(),
-        ];
+        ]);
         args.extend(nmi_args.iter().map(|s| s.to_string()));
         let mut f = Fixture {
             node_name,
@@ -253,18 +218,7 @@ impl Fixture {
             .stderr(log)
             .spawn()?;
         self.nmi = Some(child);
-        let node = &self.node.node;
-        let r = wait_for("nmi /healthz Active", Duration::from_secs(60), || async {
-            let out = node
-                .run(
-                    "curl",
-                    &["-s", "--max-time", "1", "http://127.0.0.1:8085/healthz"],
-                )
-                .ok()?;
-            (out == "Active").then_some(())
-        })
-        .await;
-        r.with_context(|| format!("nmi log:\n{}", self.log()))
+        wait_active(&self.node.node, || self.log()).await
     }
 
     /// SIGKILL, as a crashing or OOM-killed NMI.
@@ -411,51 +365,6 @@ fn claims(token: &str) -> anyhow::Result<Value> {
 fn token_claims(body: &str) -> anyhow::Result<Value> {
     let v: Value = serde_json::from_str(body).with_context(|| format!("body: {body}"))?;
     claims(v["access_token"].as_str().context("access_token")?)
-}
-
-async fn mk_pod(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    node: &str,
-    ips: &[&str],
-    labels: &[(&str, &str)],
-) -> anyhow::Result<()> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let labels: serde_json::Map<String, Value> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), (*v).into()))
-        .collect();
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
-    }))?;
-    api.create(&PostParams::default(), &pod).await?;
-    let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({ "ip": ip })).collect();
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({
-            "status": {"phase": "Running", "podIP": ips.first(), "podIPs": pod_ips}
-        })),
-    )
-    .await?;
-    Ok(())
-}
-
-fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
-    let mut id = AzureIdentity::new(
-        name,
-        AzureIdentitySpec {
-            client_id: client_id.into(),
-            resource_id: format!(
-                "/subscriptions/{SUBSCRIPTION}/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-            ),
-            ..Default::default()
-        },
-    );
-    id.metadata.namespace = Some(ns.into());
-    id
 }
 
 fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
