@@ -16,6 +16,8 @@
     reason = "test code: failing loudly is the point"
 )]
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -209,45 +211,19 @@ async fn start(opts: Opts) -> Nmi {
     if opts.filled {
         fill(&state);
     }
-    let server = Arc::new(nmi::server::Server {
-        state,
-        cache: nmi::token::TokenCache::with_limits(source, opts.imds_limits.0, opts.imds_limits.1)
-            .with_bounds(opts.max_pending_per_pod, opts.max_cached_tokens),
-        sp: nmi::sp::ServicePrincipals::new(
-            None,
-            nmi::aad::AadClient::new(None, "test").unwrap(),
-            Vec::new(),
-        ),
-        config: nmi::server::Config {
-            mode: nmi::args::OperationMode::Standard,
-            namespaced: false,
-            metadata_header_required: true,
-            proxy: Default::default(),
-            set_retry_after_header: false,
-            retry_attempts_for_created: 0,
-            retry_attempts_for_assigned: 0,
-            retry_interval_secs: 0,
-            mic_namespace: "default".into(),
-            mic_service_accounts: Vec::new(),
-            // Nothing listens there: proxied requests are not what is tested.
-            metadata_addr: "127.0.0.1:9".parse().unwrap(),
-            limits: opts.limits,
-        },
-        metrics: nmi::metrics::Metrics::new().unwrap(),
-        events: aadpodid_runtime::events::EventPublisher::disabled(),
-        first_sync: match opts.first_sync {
-            Some(rx) => nmi::server::FirstSync::new(rx),
-            None => nmi::server::FirstSync::done(),
-        },
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = aadpodid_runtime::Shutdown::new();
-    tokio::spawn(nmi::server::serve(
-        listener,
-        Arc::clone(&server),
-        shutdown.clone(),
-    ));
+    let cache = nmi::token::TokenCache::with_limits(source, opts.imds_limits.0, opts.imds_limits.1)
+        .with_bounds(opts.max_pending_per_pod, opts.max_cached_tokens);
+    // Nothing listens at 127.0.0.1:9: proxied requests are not what is tested.
+    let config = nmi::server::Config {
+        limits: opts.limits,
+        ..common::config("127.0.0.1:9".parse().unwrap())
+    };
+    let mut server = common::server(state, cache, config);
+    if let Some(rx) = opts.first_sync {
+        server.first_sync = nmi::server::FirstSync::new(rx);
+    }
+    let server = Arc::new(server);
+    let (addr, shutdown) = common::serve(Arc::clone(&server)).await;
     Nmi {
         addr,
         server,

@@ -10,34 +10,19 @@
     reason = "test code: failing loudly is the point"
 )]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use azure_emulator::config::{IdentityAssignmentSeed, VmSeed};
-use azure_emulator::{Config, Emulator};
+use azure_emulator::Emulator;
 use nmi::request::ProxyPolicy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
-
+/// The emulator with the VM `node` and only its system-assigned identity.
 async fn emulator() -> (Emulator, SocketAddr) {
-    let mut cfg = Config::new("72f988bf-86f1-41af-91ab-2d7cd011db47", SUBSCRIPTION);
-    cfg.resource_groups = vec!["rg".into()];
-    cfg.virtual_machines = vec![VmSeed {
-        name: "node".into(),
-        resource_group: "rg".into(),
-        identity: IdentityAssignmentSeed {
-            system_assigned: true,
-            user_assigned: Vec::new(),
-        },
-    }];
-    let emu = Emulator::start(cfg).await.unwrap();
-    let imds = emu
-        .add_imds("vm/node", "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    (emu, imds)
+    common::emulator(Vec::new(), true, |_| {}).await
 }
 
 struct Nmi {
@@ -47,36 +32,16 @@ struct Nmi {
 
 async fn nmi(imds: SocketAddr, proxy: ProxyPolicy) -> Nmi {
     let source = nmi::token::Imds::new(&format!("http://{imds}"), "test").unwrap();
-    let server = Arc::new(nmi::server::Server {
-        state: Arc::new(nmi::server::State::default()),
-        cache: nmi::token::TokenCache::new(source),
-        sp: nmi::sp::ServicePrincipals::new(
-            None,
-            nmi::aad::AadClient::new(None, "test").unwrap(),
-            Vec::new(),
-        ),
-        config: nmi::server::Config {
-            mode: nmi::args::OperationMode::Standard,
-            namespaced: false,
-            metadata_header_required: true,
-            proxy,
-            set_retry_after_header: false,
-            retry_attempts_for_created: 0,
-            retry_attempts_for_assigned: 0,
-            retry_interval_secs: 0,
-            mic_namespace: "default".into(),
-            mic_service_accounts: Vec::new(),
-            metadata_addr: imds,
-            limits: Default::default(),
-        },
-        metrics: nmi::metrics::Metrics::new().unwrap(),
-        events: aadpodid_runtime::events::EventPublisher::disabled(),
-        first_sync: nmi::server::FirstSync::done(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = aadpodid_runtime::Shutdown::new();
-    tokio::spawn(nmi::server::serve(listener, server, shutdown.clone()));
+    let config = nmi::server::Config {
+        proxy,
+        ..common::config(imds)
+    };
+    let server = common::server(
+        Arc::new(nmi::server::State::default()),
+        nmi::token::TokenCache::new(source),
+        config,
+    );
+    let (addr, shutdown) = common::serve(Arc::new(server)).await;
     Nmi {
         addr,
         _shutdown: shutdown,

@@ -10,6 +10,8 @@
     reason = "test code: failing loudly is the point"
 )]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -17,16 +19,15 @@ use aadpodid_api::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
     AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
 };
-use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
-use azure_emulator::{Config, Emulator};
+use azure_emulator::Emulator;
 use base64::Engine as _;
+use common::SUBSCRIPTION;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
-const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
 const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
 const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
 /// Plays the kubelet identity: on the node, and not the pod's to have.
@@ -105,35 +106,18 @@ fn pod() -> Pod {
     .unwrap()
 }
 
+/// The emulator with the VM `node` holding `id-a` and `kubelet` (no
+/// system-assigned identity).
 async fn emulator() -> (Emulator, SocketAddr) {
-    let mut cfg = Config::new("72f988bf-86f1-41af-91ab-2d7cd011db47", SUBSCRIPTION);
-    cfg.resource_groups = vec!["rg".into()];
-    let seed = |name: &str, client: &str, object: &str| IdentitySeed {
-        name: name.into(),
-        resource_group: "rg".into(),
-        client_id: Some(client.into()),
-        principal_id: Some(object.into()),
-        federated_credentials: Vec::new(),
-        permissions: Default::default(),
-    };
-    cfg.identities = vec![
-        seed("id-a", CLIENT_A, OBJECT_A),
-        seed("kubelet", CLIENT_K, OBJECT_K),
-    ];
-    cfg.virtual_machines = vec![VmSeed {
-        name: "node".into(),
-        resource_group: "rg".into(),
-        identity: IdentityAssignmentSeed {
-            system_assigned: false,
-            user_assigned: vec!["id-a".into(), "kubelet".into()],
-        },
-    }];
-    let emu = Emulator::start(cfg).await.unwrap();
-    let imds = emu
-        .add_imds("vm/node", "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    (emu, imds)
+    common::emulator(
+        vec![
+            common::identity_seed("id-a", CLIENT_A, Some(OBJECT_A)),
+            common::identity_seed("kubelet", CLIENT_K, Some(OBJECT_K)),
+        ],
+        false,
+        |_| {},
+    )
+    .await
 }
 
 struct Nmi {
@@ -165,40 +149,14 @@ impl Nmi {
             i.reset_identities(identities);
             i.reset_bindings(&identities.iter().map(binding).collect::<Vec<_>>());
         });
-        let server = Arc::new(nmi::server::Server {
-            state,
-            cache: nmi::token::TokenCache::new(source).with_cluster_identities(cluster),
-            sp: nmi::sp::ServicePrincipals::new(
-                None,
-                nmi::aad::AadClient::new(None, "test").unwrap(),
-                Vec::new(),
-            ),
-            config: nmi::server::Config {
-                mode,
-                namespaced: mode == nmi::args::OperationMode::Managed,
-                metadata_header_required: true,
-                proxy: Default::default(),
-                set_retry_after_header: false,
-                retry_attempts_for_created: 0,
-                retry_attempts_for_assigned: 0,
-                retry_interval_secs: 0,
-                mic_namespace: "default".into(),
-                mic_service_accounts: Vec::new(),
-                metadata_addr: imds,
-                limits: Default::default(),
-            },
-            metrics: nmi::metrics::Metrics::new().unwrap(),
-            events: aadpodid_runtime::events::EventPublisher::disabled(),
-            first_sync: nmi::server::FirstSync::done(),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = aadpodid_runtime::Shutdown::new();
-        tokio::spawn(nmi::server::serve(
-            listener,
-            Arc::clone(&server),
-            shutdown.clone(),
-        ));
+        let config = nmi::server::Config {
+            mode,
+            namespaced: mode == nmi::args::OperationMode::Managed,
+            ..common::config(imds)
+        };
+        let cache = nmi::token::TokenCache::new(source).with_cluster_identities(cluster);
+        let server = Arc::new(common::server(state, cache, config));
+        let (addr, shutdown) = common::serve(Arc::clone(&server)).await;
         Nmi {
             addr,
             server,

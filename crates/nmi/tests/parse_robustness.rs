@@ -13,6 +13,8 @@
     reason = "test code: failing loudly is the point"
 )]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -347,33 +349,12 @@ async fn the_server_answers_hostile_requests_and_stays_up() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
-    let aad = nmi::aad::AadClient::new(None, "t").unwrap();
-    let server = Arc::new(nmi::server::Server {
+    let server = common::server(
         state,
-        cache: nmi::token::TokenCache::new(NoTokens),
-        sp: nmi::sp::ServicePrincipals::new(None, aad, Vec::new()),
-        config: nmi::server::Config {
-            mode: nmi::args::OperationMode::Standard,
-            namespaced: false,
-            metadata_header_required: true,
-            proxy: Default::default(),
-            set_retry_after_header: false,
-            retry_attempts_for_created: 0,
-            retry_attempts_for_assigned: 0,
-            retry_interval_secs: 0,
-            mic_namespace: "default".into(),
-            mic_service_accounts: Vec::new(),
-            metadata_addr: dead_addr,
-            limits: Default::default(),
-        },
-        metrics: nmi::metrics::Metrics::new().unwrap(),
-        events: aadpodid_runtime::events::EventPublisher::disabled(),
-        first_sync: nmi::server::FirstSync::done(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = aadpodid_runtime::Shutdown::new();
-    tokio::spawn(nmi::server::serve(listener, server, shutdown.clone()));
+        nmi::token::TokenCache::new(NoTokens),
+        common::config(dead_addr),
+    );
+    let (addr, shutdown) = common::serve(Arc::new(server)).await;
 
     let mut r = Rng(7);
     let mut answered = 0;

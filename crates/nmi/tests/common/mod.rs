@@ -1,0 +1,122 @@
+//! Scaffolding shared by NMI's in-process integration tests and the
+//! token-path benchmark: NMI's server configuration and server, served on a
+//! loopback port, and the Azure emulator with IMDS for one VM, `node`.
+//! Nothing here needs a cluster or root.
+#![allow(dead_code, reason = "each test binary uses a part of it")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: failing loudly is the point"
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
+use azure_emulator::{Config, Emulator};
+use nmi::server::{Server, State};
+use nmi::token::{TokenCache, TokenSource};
+
+/// The emulator's tenant.
+pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+/// The emulator's subscription.
+pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
+
+/// NMI's flags as these tests run it: standard mode, not namespaced, the
+/// Metadata header required, no retries for Created or Assigned identities,
+/// MIC in `default` without ServiceAccounts, default limits, and other paths
+/// proxied to `metadata_addr`.
+pub fn config(metadata_addr: SocketAddr) -> nmi::server::Config {
+    nmi::server::Config {
+        mode: nmi::args::OperationMode::Standard,
+        namespaced: false,
+        metadata_header_required: true,
+        proxy: Default::default(),
+        set_retry_after_header: false,
+        retry_attempts_for_created: 0,
+        retry_attempts_for_assigned: 0,
+        retry_interval_secs: 0,
+        mic_namespace: "default".into(),
+        mic_service_accounts: Vec::new(),
+        metadata_addr,
+        limits: Default::default(),
+    }
+}
+
+/// NMI's server over `state`, `cache` and `config`: no service principal's
+/// CA bundle, fresh metrics, Events off, the first sync done.
+pub fn server<S>(
+    state: Arc<State>,
+    cache: TokenCache<S>,
+    config: nmi::server::Config,
+) -> Server<S> {
+    Server {
+        state,
+        cache,
+        sp: nmi::sp::ServicePrincipals::new(
+            None,
+            nmi::aad::AadClient::new(None, "test").unwrap(),
+            Vec::new(),
+        ),
+        config,
+        metrics: nmi::metrics::Metrics::new().unwrap(),
+        events: aadpodid_runtime::events::EventPublisher::disabled(),
+        first_sync: nmi::server::FirstSync::done(),
+    }
+}
+
+/// Serves `server` on a new loopback port; returns its address and the
+/// Shutdown that stops it (keep it for as long as the server must run).
+pub async fn serve<S: TokenSource>(
+    server: Arc<Server<S>>,
+) -> (SocketAddr, aadpodid_runtime::Shutdown) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = aadpodid_runtime::Shutdown::new();
+    tokio::spawn(nmi::server::serve(listener, server, shutdown.clone()));
+    (addr, shutdown)
+}
+
+/// A user-assigned identity `name` in resource group `rg` with client ID
+/// `client` and, when given, object ID `object`.
+pub fn identity_seed(name: &str, client: &str, object: Option<&str>) -> IdentitySeed {
+    IdentitySeed {
+        name: name.into(),
+        resource_group: "rg".into(),
+        client_id: Some(client.into()),
+        principal_id: object.map(Into::into),
+        federated_credentials: Vec::new(),
+        permissions: Default::default(),
+    }
+}
+
+/// The emulator with resource group `rg`, `identities`, and the VM `node`
+/// holding all of them (and a system-assigned identity when
+/// `system_assigned`); `change` edits the configuration before the start.
+/// Returns the emulator and the address of the VM's IMDS, on loopback.
+pub async fn emulator(
+    identities: Vec<IdentitySeed>,
+    system_assigned: bool,
+    change: impl FnOnce(&mut Config),
+) -> (Emulator, SocketAddr) {
+    let mut cfg = Config::new(TENANT, SUBSCRIPTION);
+    cfg.resource_groups = vec!["rg".into()];
+    let user_assigned = identities.iter().map(|i| i.name.clone()).collect();
+    cfg.identities = identities;
+    cfg.virtual_machines = vec![VmSeed {
+        name: "node".into(),
+        resource_group: "rg".into(),
+        identity: IdentityAssignmentSeed {
+            system_assigned,
+            user_assigned,
+        },
+    }];
+    change(&mut cfg);
+    let emu = Emulator::start(cfg).await.unwrap();
+    let imds = emu
+        .add_imds("vm/node", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    (emu, imds)
+}
