@@ -19,6 +19,10 @@
     reason = "benchmark driver: failing loudly is the point"
 )]
 
+// The integration tests' scaffold (server, loopback serve, emulator).
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,8 +32,7 @@ use aadpodid_api::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
     AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
 };
-use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
-use azure_emulator::{Config, Emulator};
+use azure_emulator::Emulator;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -90,39 +93,18 @@ fn objects() -> (AzureIdentity, AzureIdentityBinding, AzureAssignedIdentity) {
     (id, binding, aai)
 }
 
+/// The emulator with the VM `node` holding `id-a`, tokens for any
+/// resource, and (when `unthrottled`) IMDS's limits lifted.
 async fn emulator(unthrottled: bool) -> (Emulator, SocketAddr) {
-    let mut cfg = Config::new(
-        "72f988bf-86f1-41af-91ab-2d7cd011db47",
-        "00000000-0000-0000-0000-0000000000aa",
-    );
-    cfg.resource_groups = vec!["rg".into()];
-    cfg.identities = vec![IdentitySeed {
-        name: "id-a".into(),
-        resource_group: "rg".into(),
-        client_id: Some(CLIENT.into()),
-        principal_id: None,
-        federated_credentials: Vec::new(),
-        permissions: Default::default(),
-    }];
-    cfg.virtual_machines = vec![VmSeed {
-        name: "node".into(),
-        resource_group: "rg".into(),
-        identity: IdentityAssignmentSeed {
-            system_assigned: false,
-            user_assigned: vec!["id-a".into()],
-        },
-    }];
-    cfg.aad.any_resource = true;
-    if unthrottled {
-        cfg.imds.token_requests_per_second = 1_000_000;
-        cfg.imds.token_concurrency = 10_000;
-    }
-    let emu = Emulator::start(cfg).await.unwrap();
-    let imds = emu
-        .add_imds("vm/node", "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    (emu, imds)
+    let id_a = common::identity_seed("id-a", CLIENT, None);
+    common::emulator(vec![id_a], false, |cfg| {
+        cfg.aad.any_resource = true;
+        if unthrottled {
+            cfg.imds.token_requests_per_second = 1_000_000;
+            cfg.imds.token_concurrency = 10_000;
+        }
+    })
+    .await
 }
 
 /// Starts NMI's token server over the emulator's IMDS; returns its address.
@@ -136,42 +118,21 @@ async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_ru
         i.reset_bindings(&[binding]);
         i.apply_aai(&aai);
     });
-    let server = Arc::new(nmi::server::Server {
-        state,
-        // One pod plays every client: its queue and connection bounds are
-        // lifted (a real node bounds them per pod and per address).
-        cache: nmi::token::TokenCache::with_limits(source, limits.0, limits.1)
-            .with_bounds(1024, nmi::token::DEFAULT_MAX_CACHED_TOKENS),
-        sp: nmi::sp::ServicePrincipals::new(
-            None,
-            nmi::aad::AadClient::new(None, "bench").unwrap(),
-            Vec::new(),
-        ),
-        config: nmi::server::Config {
-            mode: nmi::args::OperationMode::Standard,
-            namespaced: false,
-            metadata_header_required: true,
-            proxy: Default::default(),
-            set_retry_after_header: false,
-            retry_attempts_for_created: 16,
-            retry_attempts_for_assigned: 4,
-            retry_interval_secs: 5,
-            mic_namespace: "default".into(),
-            mic_service_accounts: Vec::new(),
-            metadata_addr: imds,
-            limits: nmi::server::Limits {
-                max_connections_per_ip: 1024,
-                ..Default::default()
-            },
+    // One pod plays every client: its queue and connection bounds are
+    // lifted (a real node bounds them per pod and per address).
+    let cache = nmi::token::TokenCache::with_limits(source, limits.0, limits.1)
+        .with_bounds(1024, nmi::token::DEFAULT_MAX_CACHED_TOKENS);
+    let config = nmi::server::Config {
+        retry_attempts_for_created: 16,
+        retry_attempts_for_assigned: 4,
+        retry_interval_secs: 5,
+        limits: nmi::server::Limits {
+            max_connections_per_ip: 1024,
+            ..Default::default()
         },
-        metrics: nmi::metrics::Metrics::new().unwrap(),
-        events: aadpodid_runtime::events::EventPublisher::disabled(),
-        first_sync: nmi::server::FirstSync::done(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = aadpodid_runtime::Shutdown::new();
-    tokio::spawn(nmi::server::serve(listener, server, shutdown.clone()));
+        ..common::config(imds)
+    };
+    let (addr, shutdown) = common::serve(Arc::new(common::server(state, cache, config))).await;
     (addr, shutdown)
 }
 
