@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aadpodid_api::{
-    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
+    AzureIdentitySpec,
 };
 use azure_emulator::Emulator;
 use http_body_util::{BodyExt, Empty};
@@ -43,12 +43,7 @@ const NS: &str = "bench";
 const POD: &str = "app";
 
 fn pod() -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": POD, "namespace": NS, "labels": {"aadpodidbinding": "a"}},
-        "spec": {"nodeName": "node", "containers": [{"name": "c", "image": "i"}]},
-        "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]},
-    }))
-    .unwrap()
+    common::pod(POD, NS, "a", "127.0.0.1")
 }
 
 /// The live identity and binding, and the AzureAssignedIdentity MIC writes
@@ -74,22 +69,7 @@ fn objects() -> (AzureIdentity, AzureIdentityBinding, AzureAssignedIdentity) {
     );
     binding.metadata.namespace = Some(NS.into());
     binding.metadata.uid = Some("uid-bind-a".into());
-    let mut aai = AzureAssignedIdentity::new(
-        "app-bench-id-a",
-        AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(id.clone())),
-            azure_binding_ref: Some(Box::new(binding.clone())),
-            pod: POD.into(),
-            pod_namespace: NS.into(),
-            node_name: "node".into(),
-            replicas: None,
-        },
-    );
-    aai.metadata.namespace = Some("default".into());
-    aai.status = Some(AzureAssignedIdentityStatus {
-        status: "Assigned".into(),
-        ..Default::default()
-    });
+    let aai = common::assigned(&id, &binding, POD, NS);
     (id, binding, aai)
 }
 

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aadpodid_api::{
-    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
+    AzureIdentitySpec,
 };
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
@@ -128,32 +128,11 @@ fn binding(pod: &str) -> AzureIdentityBinding {
 }
 
 fn aai(pod: &str) -> AzureAssignedIdentity {
-    let mut a = AzureAssignedIdentity::new(
-        &aadpodid_api::assigned_identity_name(pod, NS, &format!("id-{pod}")),
-        AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(identity(pod))),
-            azure_binding_ref: Some(Box::new(binding(pod))),
-            pod: pod.into(),
-            pod_namespace: NS.into(),
-            node_name: "node".into(),
-            replicas: None,
-        },
-    );
-    a.metadata.namespace = Some("default".into());
-    a.status = Some(AzureAssignedIdentityStatus {
-        status: "Assigned".into(),
-        ..Default::default()
-    });
-    a
+    common::assigned(&identity(pod), &binding(pod), pod, NS)
 }
 
 fn pod(name: &str, ip: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": NS, "labels": {"aadpodidbinding": format!("sel-{name}")}},
-        "spec": {"nodeName": "node", "containers": [{"name": "c", "image": "i"}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
-    }))
-    .unwrap()
+    common::pod(name, NS, &format!("sel-{name}"), ip)
 }
 
 fn fill(state: &nmi::server::State) {

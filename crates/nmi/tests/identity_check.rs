@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use aadpodid_api::{
-    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
+    AzureIdentitySpec,
 };
 use azure_emulator::Emulator;
 use base64::Engine as _;
@@ -77,33 +77,11 @@ fn binding(identity: &AzureIdentity) -> AzureIdentityBinding {
 
 /// The Assigned AzureAssignedIdentity MIC writes for the pod and `identity`.
 fn aai(identity: &AzureIdentity) -> AzureAssignedIdentity {
-    let name = identity.metadata.name.clone().unwrap();
-    let mut a = AzureAssignedIdentity::new(
-        &aadpodid_api::assigned_identity_name("app", NS, &name),
-        AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(identity.clone())),
-            azure_binding_ref: Some(Box::new(binding(identity))),
-            pod: "app".into(),
-            pod_namespace: NS.into(),
-            node_name: "node".into(),
-            replicas: None,
-        },
-    );
-    a.metadata.namespace = Some("default".into());
-    a.status = Some(AzureAssignedIdentityStatus {
-        status: "Assigned".into(),
-        ..Default::default()
-    });
-    a
+    common::assigned(identity, &binding(identity), "app", NS)
 }
 
 fn pod() -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": "app", "namespace": NS, "labels": {"aadpodidbinding": "sel"}},
-        "spec": {"nodeName": "node", "containers": [{"name": "c", "image": "i"}]},
-        "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]},
-    }))
-    .unwrap()
+    common::pod("app", NS, "sel", "127.0.0.1")
 }
 
 /// The emulator with the VM `node` holding `id-a` and `kubelet` (no

@@ -13,8 +13,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use aadpodid_api::{
+    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
+    AzureIdentityBinding,
+};
 use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
 use azure_emulator::{Config, Emulator};
+use k8s_openapi::api::core::v1::Pod;
 use nmi::server::{Server, State};
 use nmi::token::{TokenCache, TokenSource};
 
@@ -119,4 +124,43 @@ pub async fn emulator(
         .await
         .unwrap();
     (emu, imds)
+}
+
+/// Pod `name` in `ns` on `node`, Running at `ip`, labelled
+/// `aadpodidbinding=<selector>`.
+pub fn pod(name: &str, ns: &str, selector: &str, ip: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {"aadpodidbinding": selector}},
+        "spec": {"nodeName": "node", "containers": [{"name": "c", "image": "i"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    }))
+    .unwrap()
+}
+
+/// The Assigned AzureAssignedIdentity MIC writes (in `default`) for pod
+/// `pod` of `pod_ns` on `node`, embedding `identity` and `binding`.
+pub fn assigned(
+    identity: &AzureIdentity,
+    binding: &AzureIdentityBinding,
+    pod: &str,
+    pod_ns: &str,
+) -> AzureAssignedIdentity {
+    let name = identity.metadata.name.clone().unwrap();
+    let mut a = AzureAssignedIdentity::new(
+        &aadpodid_api::assigned_identity_name(pod, pod_ns, &name),
+        AzureAssignedIdentitySpec {
+            azure_identity_ref: Some(Box::new(identity.clone())),
+            azure_binding_ref: Some(Box::new(binding.clone())),
+            pod: pod.into(),
+            pod_namespace: pod_ns.into(),
+            node_name: "node".into(),
+            replicas: None,
+        },
+    );
+    a.metadata.namespace = Some("default".into());
+    a.status = Some(AzureAssignedIdentityStatus {
+        status: "Assigned".into(),
+        ..Default::default()
+    });
+    a
 }
