@@ -71,10 +71,8 @@ use serde_json::{Value, json};
 use crate::netns::{IMDS_ADDRESS, NetNs, Node};
 use crate::{PrivateCluster, helm, wait_for};
 
-/// Tenant of the emulated Azure.
-pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-/// Subscription of the emulated Azure.
-pub const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
+/// Tenant and subscription of the emulated Azure (the kit's shared ones).
+pub use crate::{SUB, TENANT};
 /// The AKS node resource group, holding the scale sets.
 pub const NODE_RG: &str = "MC_e2e-rg_e2e-aks_eastus";
 /// The resource group of the user-assigned identities pods use.

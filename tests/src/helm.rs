@@ -12,12 +12,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::repo_root;
+use crate::{repo_root, run_build_script};
 
 /// Bound on building helm when it is not cached yet.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -42,29 +42,8 @@ fn build() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("AADPODID_HELM_BIN").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("helm"));
     }
-    let script = repo_root().join("tests/helm/build.sh");
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("run {}", script.display()))?;
-    let deadline = Instant::now() + BUILD_TIMEOUT;
-    while child.try_wait()?.is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            bail!(
-                "{} did not finish within {BUILD_TIMEOUT:?}",
-                script.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
-    }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()).join("helm"))
+    let dir = run_build_script(&repo_root().join("tests/helm/build.sh"), BUILD_TIMEOUT)?;
+    Ok(dir.join("helm"))
 }
 
 /// What `helm` printed.

@@ -35,12 +35,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
 use crate::netns::NetNs;
-use crate::repo_root;
+use crate::{repo_root, run_build_script};
 
 /// Bound on building upstream's binaries when they are not cached yet (a cold
 /// build took 6m42s on 2 busy cores).
@@ -69,31 +69,7 @@ fn find_or_build() -> anyhow::Result<PathBuf> {
         }
         return Ok(dir);
     }
-    let script = repo_root().join("tests/upstream/build.sh");
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("run {}", script.display()))?;
-    let deadline = Instant::now() + BUILD_TIMEOUT;
-    while child.try_wait()?.is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "{} did not finish within {BUILD_TIMEOUT:?}",
-                script.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
-    }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+    run_build_script(&repo_root().join("tests/upstream/build.sh"), BUILD_TIMEOUT)
 }
 
 /// How the cloud files of upstream MIC point it at the emulator.

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use aadpodid_api::policy::{ANNOTATION_ALLOWED_IDENTITIES, identity_granted};
 use aadpodid_tests::helm::{self, Render};
-use aadpodid_tests::{Cluster, KubectlOutput, fill_template, fixture, unique_name, wait_for};
+use aadpodid_tests::{Cluster, KubectlOutput, SUB, fill_template, fixture, unique_name, wait_for};
 use serde_json::{Value, json};
 
 /// Label that puts a namespace under one test's policy bindings.
@@ -47,7 +47,6 @@ const SCOPE_LABEL: &str = "aadpodid-test/policy-release";
 /// Bound on the apiserver's policy and namespace informers catching up.
 const SETTLE: Duration = Duration::from_secs(30);
 
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 const CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
 
 fn uai(rg: &str, name: &str) -> String {

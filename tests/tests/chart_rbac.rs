@@ -27,7 +27,7 @@
     reason = "test helpers outside #[test] functions fail the test by panicking"
 )]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -35,7 +35,7 @@ use std::time::Duration;
 use aadpodid_api::AzureAssignedIdentity;
 use aadpodid_tests::helm::{self, Render};
 use aadpodid_tests::netns::{IMDS_ADDRESS, Node};
-use aadpodid_tests::{Cluster, TempNamespace, unique_name, wait_for};
+use aadpodid_tests::{Cluster, SUB, TENANT, TempNamespace, free_ports, unique_name, wait_for};
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, LroMode, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
@@ -44,8 +44,6 @@ use azure_emulator::{Config, Emulator};
 use kube::Api;
 use serde_json::{Value, json};
 
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 const NODE_RG: &str = "MC_rg_cluster_eastus";
 const APP_RG: &str = "app-rg";
 const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";
@@ -185,14 +183,6 @@ fn without_verb(resource: &'static str, verb: &'static str) -> impl Fn(&mut Valu
             }
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn log_of(path: &Path) -> String {
@@ -393,7 +383,7 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
     let cluster = Cluster::shared();
     let world = MicWorld::new(cluster).await;
     for (case, broken) in [("full", false), ("no-create", true)] {
-        let (probe, metrics) = (free_port().to_string(), free_port().to_string());
+        let [probe, metrics] = free_ports().unwrap().map(|p| p.to_string());
         let rel = Release::render(
             &format!("rbac-mic-{case}"),
             &[("mic.probePort", &probe), ("mic.prometheusPort", &metrics)],

@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use aadpodid_tests::run_children_trusting_emulator_ca;
+use aadpodid_tests::{SUB, TENANT, run_children_trusting_emulator_ca};
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
@@ -27,8 +27,6 @@ use mic::cloud::{Cloud, CloudError, ResourceRef, identity_patches};
 use serde_json::json;
 
 const CHILD_ENV: &str = "MICARM_CHILD";
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 const NODE_RG: &str = "MC_rg_cluster_eastus";
 const APP_RG: &str = "app-rg";
 const VMSS: &str = "aks-nodepool1-12345678-vmss";

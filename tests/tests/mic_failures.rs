@@ -14,7 +14,7 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,7 +24,8 @@ use aadpodid_api::{
 };
 use aadpodid_runtime::Shutdown;
 use aadpodid_tests::{
-    PrivateCluster, TempNamespace, run_children_trusting_emulator_ca, unique_name, wait_for,
+    PrivateCluster, SUB, TENANT, TempNamespace, free_ports, run_children_trusting_emulator_ca,
+    unique_name, wait_for,
 };
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
@@ -41,8 +42,6 @@ use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use serde_json::json;
 
 const CHILD_ENV: &str = "MICFAIL_CHILD";
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 const NODE_RG: &str = "MC_rg_cluster_eastus";
 const APP_RG: &str = "app-rg";
 const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";
@@ -264,7 +263,7 @@ impl World {
     /// The `mic` command as a process (the test crate's `e2e-mic`), logging
     /// to a file of the scratch folder.
     fn spawn_mic_process(&self, instance: &str, extra: &[&str]) -> MicProcess {
-        let [probe, metrics] = free_ports();
+        let [probe, metrics] = free_ports().unwrap();
         let probe_flag = format!("--http-probe-port={probe}");
         let metrics_flag = format!("--prometheus-port={metrics}");
         let mut all: Vec<&str> = extra.to_vec();
@@ -530,17 +529,6 @@ async fn create_node(client: &Client, name: &str, provider_id: &str) {
         .create(&PostParams::default(), &node)
         .await
         .unwrap();
-}
-
-fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let mut ports = [0; N];
-    for (p, l) in ports.iter_mut().zip(&listeners) {
-        *p = l.local_addr().unwrap().port();
-    }
-    ports
 }
 
 struct RunningMic {

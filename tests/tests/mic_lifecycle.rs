@@ -24,7 +24,7 @@ use aadpodid_api::{
 };
 use aadpodid_runtime::Shutdown;
 use aadpodid_tests::{
-    Cluster, TempNamespace, run_children_trusting_emulator_ca, unique_name, wait_for,
+    Cluster, SUB, TENANT, TempNamespace, run_children_trusting_emulator_ca, unique_name, wait_for,
 };
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
@@ -40,8 +40,6 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 const CHILD_ENV: &str = "MICTEST_CHILD";
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 const NODE_RG: &str = "MC_rg_cluster_eastus";
 const APP_RG: &str = "app-rg";
 const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";

@@ -34,8 +34,8 @@ use aadpodid_tests::upstream::{
     CloudSettings, MicOptions, NmiOptions, UpstreamChild, spawn_upstream_mic, spawn_upstream_nmi,
     upstream_bin_dir, write_cloud_files,
 };
-use aadpodid_tests::{Cluster, unique_name, wait_for};
-use anyhow::{Context as _, bail};
+use aadpodid_tests::{Cluster, SUB, TENANT, free_port, unique_name, wait_for};
+use anyhow::Context as _;
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed,
@@ -46,8 +46,6 @@ use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 const NODE_RG: &str = "MC_rg_cluster_eastus";
 const APP_RG: &str = "app-rg";
 const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";
@@ -70,64 +68,6 @@ fn ident(name: &str, rg: &str, client: &str) -> IdentitySeed {
     }
 }
 
-/// Relay inside the node namespace: `host:port=unix-path` pairs.
-const RELAY: &str = r#"
-import asyncio, sys
-async def pipe(r, w):
-    try:
-        while True:
-            d = await r.read(65536)
-            if not d:
-                break
-            w.write(d)
-            await w.drain()
-    except Exception:
-        pass
-    finally:
-        try:
-            w.close()
-        except Exception:
-            pass
-async def main():
-    for spec in sys.argv[1:]:
-        hostport, path = spec.split('=')
-        host, port = hostport.rsplit(':', 1)
-        async def handle(r, w, path=path):
-            try:
-                ur, uw = await asyncio.open_unix_connection(path)
-            except Exception:
-                w.close()
-                return
-            await asyncio.gather(pipe(r, uw), pipe(ur, w))
-        await asyncio.start_server(handle, host, int(port))
-    print("READY", flush=True)
-    await asyncio.Event().wait()
-asyncio.run(main())
-"#;
-
-/// Forwards connections on a Unix socket at `path` to `target` (root namespace loopback).
-async fn unix_to_tcp(path: PathBuf, target: SocketAddr) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    tokio::spawn(async move {
-        while let Ok((mut unix, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// Kills the relay and removes the scratch folder on drop.
 struct Scratch {
     dir: PathBuf,
@@ -142,28 +82,6 @@ impl Drop for Scratch {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Starts the relay in `node` and waits for it to listen.
-fn start_relay(node: &NetNs, specs: &[String]) -> anyhow::Result<Child> {
-    let mut relay = node
-        .command("python3")
-        .arg("-c")
-        .arg(RELAY)
-        .args(specs)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    use std::io::BufRead as _;
-    let out = relay.stdout.take().context("relay stdout")?;
-    let mut line = String::new();
-    std::io::BufReader::new(out).read_line(&mut line)?;
-    if line.trim() != "READY" {
-        let _ = relay.kill();
-        let _ = relay.wait();
-        bail!("relay did not start: {line}");
-    }
-    Ok(relay)
 }
 
 /// `curl` inside `ns`: (status, body).
@@ -280,16 +198,17 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
         .trim_start_matches("https://")
         .parse()
         .context("apiserver address")?;
-    let (api_sock, imds_sock) = (dir.join("api.sock"), dir.join("imds.sock"));
-    unix_to_tcp(api_sock.clone(), api).await?;
-    unix_to_tcp(imds_sock.clone(), imds).await?;
-    scratch.relay = Some(start_relay(
-        &net.node,
-        &[
-            format!("127.0.0.1:{API_RELAY_PORT}={}", api_sock.display()),
-            format!("{IMDS_ADDRESS}:80={}", imds_sock.display()),
-        ],
-    )?);
+    scratch.relay = Some(
+        net.node
+            .relay_many(
+                &[
+                    (SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)), api),
+                    (SocketAddr::from((IMDS_ADDRESS, 80)), imds),
+                ],
+                &dir,
+            )
+            .await?,
+    );
     let node_kubeconfig = dir.join("node.kubeconfig");
     std::fs::write(
         &node_kubeconfig,
@@ -322,8 +241,8 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
             ca_bundle: emu.ca_bundle_path().to_path_buf(),
             namespace: ns.clone(),
             instance: "upstream-mic-0".into(),
-            probe_port: free_port(),
-            metrics_port: free_port(),
+            probe_port: free_port()?,
+            metrics_port: free_port()?,
             extra_args: vec!["--leader-election-duration=4s".into()],
         },
         &dir.join("mic.log"),

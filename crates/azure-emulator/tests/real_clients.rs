@@ -17,13 +17,11 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use aadpodid_tests::netns::{IMDS_ADDRESS, Node};
-use aadpodid_tests::{IdentitySelector, python_imds_token};
+use aadpodid_testkit::netns::{IMDS_ADDRESS, Node};
+use aadpodid_testkit::{IdentitySelector, SUB, TENANT, python_imds_token};
 use azure_emulator::{Config, Emulator};
 use base64::Engine as _;
 
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 const APP_CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
 const APP_PRINCIPAL: &str = "d0000000-0000-4000-8000-000000000001";
 const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-00000000000b";
@@ -140,7 +138,7 @@ const CHILD_CLIENT_ID: &str = "EMULATOR_TEST_CHILD_CLIENT_ID";
 fn rust_managed_identity_credential_from_a_pod_namespace() {
     let node = Node::with_pods(1).unwrap();
     node.node.add_local_address(IMDS_ADDRESS).unwrap();
-    let dir = std::env::temp_dir().join(aadpodid_tests::unique_name("emulator-netns"));
+    let dir = std::env::temp_dir().join(aadpodid_testkit::unique_name("emulator-netns"));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("emulator.yaml");
     let listener = SocketAddr::from((IMDS_ADDRESS, 80));

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 #[tokio::test]
 async fn sdk_clients_against_the_emulator() {
-    aadpodid_tests::run_children_trusting_emulator_ca(
+    aadpodid_testkit::run_children_trusting_emulator_ca(
         "child_sdk_round_trip",
         "AZEMU_SDK",
         1,

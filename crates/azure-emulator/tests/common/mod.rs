@@ -19,8 +19,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-pub const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
+pub use aadpodid_testkit::{SUB, TENANT};
 pub const NODE_RG: &str = "MC_rg_cluster_eastus";
 pub const APP_RG: &str = "app-rg";
 pub const VMSS: &str = "aks-nodepool1-12345678-vmss";

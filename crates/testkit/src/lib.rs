@@ -1,0 +1,65 @@
+//! The test kit: a real etcd and kube-apiserver on loopback, a real `kubectl`,
+//! network namespaces and one relay between them, bounded waits, tools built
+//! from pinned Go modules, the real Python Azure SDK, fixtures, and the names,
+//! ports and Azure IDs every test shares. It does not depend on mic or nmi, so
+//! the emulator's tests use it without compiling them.
+//!
+//! # How a test gets a cluster
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let cluster = aadpodid_testkit::Cluster::shared();
+//! let ns = cluster.temp_namespace("my-test").await?;
+//! let client = cluster.admin_client().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! [`Cluster::shared`] starts one cluster per test process (one test binary) the
+//! first time any test asks, and every test of that binary shares it. Cargo runs
+//! test binaries one after another, so each binary gets its own cluster and they
+//! never overlap. Tests isolate themselves with [`Cluster::temp_namespace`].
+//!
+//! A failure test that stops and restarts the kube-apiserver takes a cluster of
+//! its own instead: [`PrivateCluster::start`].
+//!
+//! Each test runs on its own Tokio runtime, and a `kube::Client` belongs to the
+//! runtime that made it, so tests ask for a new client ([`Cluster::admin_client`])
+//! rather than sharing one.
+//!
+//! The binaries come from `tests/cluster/build.sh` (Go modules, cached under
+//! `$HOME/.cache/aadpodid/cluster`), or from `$AADPODID_CLUSTER_BIN` when set.
+//!
+//! # Modules
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`cluster`] | [`Cluster`], [`PrivateCluster`] |
+//! | [`kubectl`] | [`KubectlOutput`], [`TempNamespace`] |
+//! | [`wait`] | [`wait_for`] |
+//! | [`netns`] | [`netns::NetNs`], [`netns::Node`] (node and pod namespaces) |
+//! | [`relay`] | the relay between namespaces over Unix sockets |
+//! | [`tools`] | [`run_build_script`] (tools built from Go modules) |
+//! | [`python`] | [`python_sdk`], [`python_imds_token`] |
+//! | [`children`] | [`run_children_trusting_emulator_ca`] |
+//! | [`fixtures`] | [`repo_root`], [`fixture`], [`fill_template`] |
+//! | [`ids`] | [`unique_name`], [`free_port`], [`free_ports`], [`TENANT`], [`SUB`] |
+
+pub mod children;
+pub mod cluster;
+pub mod fixtures;
+pub mod ids;
+pub mod kubectl;
+pub mod netns;
+pub mod python;
+pub mod relay;
+pub mod tools;
+pub mod wait;
+
+pub use children::run_children_trusting_emulator_ca;
+pub use cluster::{Cluster, ETCD_VERSION, KUBERNETES_VERSION, PrivateCluster};
+pub use fixtures::{fill_template, fixture, repo_root};
+pub use ids::{SUB, TENANT, free_port, free_ports, unique_name};
+pub use kubectl::{KubectlOutput, TempNamespace};
+pub use python::{IdentitySelector, python_imds_token, python_sdk};
+pub use tools::run_build_script;
+pub use wait::wait_for;

@@ -1,0 +1,107 @@
+//! The pinned real Python Azure SDK in a cached virtualenv, and a token
+//! request made with its `ManagedIdentityCredential`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use anyhow::Context as _;
+
+use crate::fixtures::repo_root;
+use crate::netns;
+
+/// The Python of a virtualenv holding the pinned real Python Azure SDK
+/// (`tests/python/requirements.txt`), created on first use by
+/// `tests/python/setup.sh` and cached under `$HOME/.cache/aadpodid`.
+pub fn python_sdk() -> anyhow::Result<PathBuf> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let script = repo_root().join("tests/python/setup.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| format!("run {}: {e}", script.display()))?;
+            if !out.status.success() {
+                return Err(format!("{} failed ({})", script.display(), out.status));
+            }
+            Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Which user-assigned identity a managed-identity client asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum IdentitySelector<'a> {
+    /// No selector: the machine's only (or system-assigned) identity.
+    Default,
+    /// `client_id`.
+    ClientId(&'a str),
+    /// `msi_res_id` (the ARM resource ID).
+    ResourceId(&'a str),
+    /// `object_id` (the principal ID).
+    ObjectId(&'a str),
+}
+
+/// Asks for a token with the real Python `ManagedIdentityCredential`, pointed at
+/// `imds_base` (for example `http://127.0.0.1:8080`) through the SDK's own
+/// `AZURE_POD_IDENTITY_AUTHORITY_HOST`. Returns the script's JSON line:
+/// `{"token", "expires_on"}` on success, `{"error_type", "error"}` on failure.
+/// The script is run inside `netns` when given (then `imds_base` may be
+/// `http://169.254.169.254`).
+pub fn python_imds_token(
+    imds_base: Option<&str>,
+    scope: &str,
+    selector: IdentitySelector<'_>,
+    netns: Option<&netns::NetNs>,
+) -> anyhow::Result<serde_json::Value> {
+    let python = python_sdk()?;
+    let script = repo_root().join("tests/python/imds_token.py");
+    let mut cmd = match netns {
+        Some(ns) => ns.command(&python),
+        None => Command::new(&python),
+    };
+    cmd.arg(&script).arg(scope);
+    match selector {
+        IdentitySelector::Default => {}
+        IdentitySelector::ClientId(v) => {
+            cmd.args(["--client-id", v]);
+        }
+        IdentitySelector::ResourceId(v) => {
+            cmd.args(["--resource-id", v]);
+        }
+        IdentitySelector::ObjectId(v) => {
+            cmd.args(["--object-id", v]);
+        }
+    }
+    // Only the IMDS source may be chosen: clear every variable that selects another.
+    for var in [
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "IDENTITY_SERVER_THUMBPRINT",
+        "IMDS_ENDPOINT",
+        "MSI_ENDPOINT",
+        "MSI_SECRET",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(base) = imds_base {
+        cmd.env("AZURE_POD_IDENTITY_AUTHORITY_HOST", base);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("run imds_token.py")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| {
+        format!(
+            "imds_token.py printed no JSON: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
