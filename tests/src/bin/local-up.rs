@@ -28,7 +28,10 @@ use std::time::{Duration, Instant};
 
 use aadpodid_api::AzureAssignedIdentity;
 use aadpodid_tests::netns::{IMDS_ADDRESS, Node};
-use aadpodid_tests::{Cluster, IdentitySelector, fill_template, fixture, python_imds_token};
+use aadpodid_tests::relay::{tcp_to_unix, unix_to_tcp};
+use aadpodid_tests::{
+    Cluster, IdentitySelector, SUB, TENANT, fill_template, fixture, free_ports, python_imds_token,
+};
 use anyhow::{Context as _, bail};
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
@@ -42,8 +45,6 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 /// The AKS node resource group.
 const NODE_RG: &str = "MC_demo-rg_demo-aks_eastus";
 /// Where the application identities live.
@@ -433,7 +434,7 @@ async fn demo(registry: &Reg, cli: &Cli) -> anyhow::Result<()> {
         .parse()
         .context("apiserver address")?;
     let api_sock = dir.join("api.sock");
-    unix_to_tcp(&api_sock, api_addr)?;
+    unix_to_tcp(api_sock.clone(), api_addr).await?;
     let node_kubeconfig = dir.join("node.kubeconfig");
     std::fs::write(
         &node_kubeconfig,
@@ -464,7 +465,7 @@ async fn demo(registry: &Reg, cli: &Cli) -> anyhow::Result<()> {
         node.node.add_local_address(IMDS_ADDRESS)?;
         let imds = emu.add_imds(machine, "127.0.0.1:0".parse()?).await?;
         let imds_sock = dir.join(format!("imds-{i}.sock"));
-        unix_to_tcp(&imds_sock, imds)?;
+        unix_to_tcp(imds_sock.clone(), imds).await?;
         let mut relay = Command::from(node.node.command(&relay_bin));
         relay
             .arg("relay")
@@ -1013,17 +1014,6 @@ fn unix_now() -> u64 {
         .unwrap_or_default()
 }
 
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut ports = [0; N];
-    for (p, l) in ports.iter_mut().zip(&listeners) {
-        *p = l.local_addr()?.port();
-    }
-    Ok(ports)
-}
-
 /// `kubectl apply -n NS -f -` with `manifest`; returns what kubectl printed.
 async fn kubectl_apply(cluster: &Cluster, ns: &str, manifest: &str) -> anyhow::Result<String> {
     use tokio::io::AsyncWriteExt as _;
@@ -1120,23 +1110,6 @@ async fn curl(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     })
 }
 
-/// Forwards connections on the Unix socket `path` to `target` (root namespace).
-fn unix_to_tcp(path: &Path, target: SocketAddr) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("listen on {}", path.display()))?;
-    tokio::spawn(async move {
-        while let Ok((mut unix, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
 /// `local-up relay ADDR:PORT=SOCKET...`, run inside a node namespace: listens
 /// on each address and carries every connection to its Unix socket. Prints
 /// `READY` once all listen.
@@ -1146,20 +1119,7 @@ async fn relay_main(specs: &[String]) -> anyhow::Result<()> {
             .split_once('=')
             .with_context(|| format!("relay spec {spec}: want ADDR:PORT=SOCKET"))?;
         let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
-        let path = PathBuf::from(path);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen on {addr}"))?;
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                let path = path.clone();
-                tokio::spawn(async move {
-                    if let Ok(mut unix) = tokio::net::UnixStream::connect(&path).await {
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
-                    }
-                });
-            }
-        });
+        tcp_to_unix(addr, PathBuf::from(path)).await?;
     }
     println!("READY");
     std::future::pending::<()>().await;
