@@ -672,34 +672,43 @@ fn aad_addr(emu: &Emulator) -> anyhow::Result<SocketAddr> {
 }
 
 /// `curl` from inside `ns` to `http://169.254.169.254<path>`: returns
-/// (status, body), 30 s at most. `-g` and `--path-as-is` keep hostile paths
-/// as written.
+/// (status, body), 30 s at most (see [`curl_with_head`]).
 pub async fn curl(ns: &NetNs, path: &str, headers: &[&str]) -> anyhow::Result<(u16, String)> {
     let url = format!("http://{IMDS_ADDRESS}{path}");
-    let mut args = vec![
+    let (status, _head, body) = curl_with_head(ns, &url, headers).await?;
+    Ok((status, body))
+}
+
+/// One HTTP exchange by `curl` inside `ns`: (status, response headers,
+/// body), 30 s at most. `-g` and `--path-as-is` keep hostile URLs as
+/// written.
+pub async fn curl_with_head(
+    ns: &NetNs,
+    url: &str,
+    headers: &[&str],
+) -> anyhow::Result<(u16, String, String)> {
+    let mut cmd = ns.command("curl");
+    cmd.args([
         "-s",
         "-g",
+        "-i",
         "--path-as-is",
         "--max-time",
         "30",
         "-w",
         "\n%{http_code}",
-    ];
+    ]);
     for h in headers {
-        args.push("-H");
-        args.push(h);
+        cmd.args(["-H", h]);
     }
-    args.push(&url);
-    let mut cmd = ns.command("curl");
-    cmd.args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.arg(url).stdout(Stdio::piped()).stderr(Stdio::piped());
     let out = tokio::process::Command::from(cmd).output().await?;
     let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = out
+    let (all, code) = out
         .rsplit_once('\n')
         .with_context(|| format!("curl output: {out}"))?;
-    Ok((code.trim().parse()?, body.to_string()))
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((all, ""));
+    Ok((code.trim().parse()?, head.to_string(), body.to_string()))
 }
 
 /// Creates pod `name` in `ns` on `node` with address `ip` and `labels`, and

@@ -22,8 +22,8 @@ use aadpodid_api::{AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec
 use aadpodid_tests::assigned::{create_aai, mic_aai};
 use aadpodid_tests::netns::{IMDS_ADDRESS, NODE_POD_GATEWAY_V6, NetNs, Node, read_until_ready};
 use aadpodid_tests::nmi_node::{
-    API_RELAY_PORT, CLIENT_A, CLIENT_B, OBJECT_A, TENANT, create_pod_with_ips as mk_pod, identity,
-    wait_active, write_relayed_kubeconfig,
+    API_RELAY_PORT, CLIENT_A, CLIENT_B, OBJECT_A, TENANT, create_pod_with_ips as mk_pod,
+    curl_with_head as curl, identity, wait_active, write_relayed_kubeconfig,
 };
 use aadpodid_tests::{Cluster, unique_name, wait_for};
 use anyhow::{Context as _, bail};
@@ -321,33 +321,6 @@ fn from_a_pod(record: &Value) -> bool {
         Ok(IpAddr::V6(v6)) => v6.segments()[..4] == [0xfd00, 0x10, 0x244, 0],
         Err(_) => false,
     }
-}
-
-/// One HTTP exchange by `curl` inside `ns`: (status, response headers, body).
-/// `-g` and `--path-as-is` keep URLs as written.
-async fn curl(ns: &NetNs, url: &str, headers: &[&str]) -> anyhow::Result<(u16, String, String)> {
-    let mut cmd = ns.command("curl");
-    cmd.args([
-        "-s",
-        "-g",
-        "-i",
-        "--path-as-is",
-        "--max-time",
-        "30",
-        "-w",
-        "\n%{http_code}",
-    ]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    cmd.arg(url).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = tokio::process::Command::from(cmd).output().await?;
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (all, code) = out
-        .rsplit_once('\n')
-        .with_context(|| format!("curl output: {out}"))?;
-    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((all, ""));
-    Ok((code.trim().parse()?, head.to_string(), body.to_string()))
 }
 
 fn imds_url(query: &str) -> String {
