@@ -34,8 +34,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use aadpodid_api::AzureIdentity;
-use aadpodid_api::AzureIdentitySpec;
+use aadpodid_api::{
+    AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
+};
 use anyhow::{Context as _, bail};
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, SecretSeed, ServicePrincipalSeed, VmSeed,
@@ -774,6 +775,21 @@ pub fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
     );
     id.metadata.namespace = Some(ns.into());
     id
+}
+
+/// An AzureIdentityBinding `name` in `ns` selecting `selector` for the
+/// AzureIdentity `identity`.
+pub fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
+    let mut b = AzureIdentityBinding::new(
+        name,
+        AzureIdentityBindingSpec {
+            azure_identity: identity.into(),
+            selector: selector.into(),
+            ..Default::default()
+        },
+    );
+    b.metadata.namespace = Some(ns.into());
+    b
 }
 
 /// [`mic_aai`] with `status`, created: `pod` is bound to `id` as MIC binds

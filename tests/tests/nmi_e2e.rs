@@ -18,11 +18,11 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use aadpodid_api::{AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec};
+use aadpodid_api::{AzureIdentity, AzureIdentityBinding};
 use aadpodid_tests::assigned::{create_aai, mic_aai};
 use aadpodid_tests::netns::{IMDS_ADDRESS, NODE_POD_GATEWAY_V6, NetNs, Node, read_until_ready};
 use aadpodid_tests::nmi_node::{
-    API_RELAY_PORT, CLIENT_A, CLIENT_B, OBJECT_A, TENANT, create_pod_with_ips as mk_pod,
+    API_RELAY_PORT, CLIENT_A, CLIENT_B, OBJECT_A, TENANT, binding, create_pod_with_ips as mk_pod,
     curl_with_head as curl, identity, wait_active, write_relayed_kubeconfig,
 };
 use aadpodid_tests::{Cluster, unique_name, wait_for};
@@ -338,19 +338,6 @@ fn claims(token: &str) -> anyhow::Result<Value> {
 fn token_claims(body: &str) -> anyhow::Result<Value> {
     let v: Value = serde_json::from_str(body).with_context(|| format!("body: {body}"))?;
     claims(v["access_token"].as_str().context("access_token")?)
-}
-
-fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
-    let mut b = AzureIdentityBinding::new(
-        name,
-        AzureIdentityBindingSpec {
-            azure_identity: identity.into(),
-            selector: selector.into(),
-            ..Default::default()
-        },
-    );
-    b.metadata.namespace = Some(ns.into());
-    b
 }
 
 /// Binds `pod` (in `pod_ns`, on `node`) to identity `id` as MIC does (see
