@@ -66,8 +66,8 @@ pub const ARM: &str = "https://management.azure.com/";
 pub const ARM_TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
 /// The emulator's subscription.
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
-/// The emulator's tenant.
-pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+/// The emulator's tenant (the test kit's).
+pub use crate::TENANT;
 /// A service principal (type 1) the emulator's Entra ID knows.
 pub const SP_CLIENT: &str = "cccccccc-0000-4000-8000-00000000000c";
 /// Its client secret.
