@@ -22,4 +22,4 @@ pub mod nmi_node;
 pub mod upstream;
 
 pub use aadpodid_testkit::*;
-pub use aadpodid_testkit::{netns, relay};
+pub use aadpodid_testkit::{env, netns, relay};

@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use crate::env::PROXY_VARS;
 use crate::netns::NetNs;
 use crate::{repo_root, run_build_script};
 
@@ -216,18 +217,13 @@ pub fn upstream_nmi_command(node: &NetNs, o: &NmiOptions) -> anyhow::Result<Comm
 /// them, client-go included) and the managed-identity variables adal checks
 /// before IMDS.
 fn clean_env(cmd: &mut Command) {
-    for var in [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
+    let identity_vars = [
         "MSI_ENDPOINT",
         "MSI_SECRET",
         "IDENTITY_ENDPOINT",
         "IDENTITY_HEADER",
-    ] {
+    ];
+    for var in PROXY_VARS.into_iter().chain(identity_vars) {
         cmd.env_remove(var);
     }
     cmd.env("NO_PROXY", "127.0.0.1,localhost");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use crate::env::PROXY_VARS;
 use crate::ids::unique_name;
 
 /// Runs the `#[ignore]`d tests of the calling test binary whose names start
@@ -53,15 +54,7 @@ async fn run_children_in(
         .env(format!("{env}_DIR"), dir)
         .env("NO_PROXY", "127.0.0.1,localhost")
         .kill_on_drop(true);
-    for var in [
-        "AZURE_AUTHORITY_HOST",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
+    for var in std::iter::once("AZURE_AUTHORITY_HOST").chain(PROXY_VARS) {
         cmd.env_remove(var);
     }
     let out = tokio::time::timeout(timeout, cmd.output())

@@ -42,10 +42,12 @@
 //! | [`python`] | [`python_sdk`], [`python_imds_token`] |
 //! | [`children`] | [`run_children_trusting_emulator_ca`] |
 //! | [`fixtures`] | [`repo_root`], [`fixture`], [`fill_template`] |
+//! | [`env`] | [`env::PROXY_VARS`] (removed from processes under test) |
 //! | [`ids`] | [`unique_name`], [`free_port`], [`free_ports`], [`TENANT`], [`SUB`] |
 
 pub mod children;
 pub mod cluster;
+pub mod env;
 pub mod fixtures;
 pub mod ids;
 pub mod kubectl;
