@@ -32,14 +32,15 @@
     reason = "test helpers outside #[test] functions fail the test by panicking"
 )]
 
-use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use aadpodid_api::policy::{ANNOTATION_ALLOWED_IDENTITIES, identity_granted};
 use aadpodid_tests::helm::{self, Render};
-use aadpodid_tests::{Cluster, KubectlOutput, SUB, fill_template, fixture, unique_name, wait_for};
+use aadpodid_tests::{
+    Cluster, KubectlOutput, SUB, fill_template, fixture, run_kubectl, unique_name, wait_for,
+};
 use serde_json::{Value, json};
 
 /// Label that puts a namespace under one test's policy bindings.
@@ -55,24 +56,8 @@ fn uai(rg: &str, name: &str) -> String {
     )
 }
 
-fn run(mut cmd: Command, args: &[&str], stdin: Option<&str>) -> KubectlOutput {
-    cmd.args(args).args(["--request-timeout", "30s"]);
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    KubectlOutput {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+fn run(cmd: Command, args: &[&str], stdin: Option<&str>) -> KubectlOutput {
+    run_kubectl(cmd, args, stdin).unwrap()
 }
 
 /// A namespace created with its labels and annotations in one request (so

@@ -19,7 +19,9 @@ pub struct KubectlOutput {
     pub stderr: String,
 }
 
-pub(crate) fn run_kubectl(
+/// Runs `cmd` (a kubectl command, for example [`crate::Cluster::kubectl_with`])
+/// with `args`, a 30 s request timeout and `stdin`; returns what it printed.
+pub fn run_kubectl(
     mut cmd: Command,
     args: &[&str],
     stdin: Option<&str>,

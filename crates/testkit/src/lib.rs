@@ -61,7 +61,7 @@ pub use children::run_children_trusting_emulator_ca;
 pub use cluster::{Cluster, ETCD_VERSION, KUBERNETES_VERSION, PrivateCluster};
 pub use fixtures::{fill_template, fixture, repo_root};
 pub use ids::{SUB, TENANT, free_port, free_ports, unique_name};
-pub use kubectl::{KubectlOutput, TempNamespace};
+pub use kubectl::{KubectlOutput, TempNamespace, run_kubectl};
 pub use python::{IdentitySelector, python_imds_token, python_sdk};
 pub use tools::run_build_script;
 pub use wait::wait_for;
