@@ -328,14 +328,7 @@ impl NmiNode {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("NO_PROXY", "127.0.0.1,localhost");
-        for var in [
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-        ] {
+        for var in crate::env::PROXY_VARS {
             cmd.env_remove(var);
         }
         let child = cmd
