@@ -433,8 +433,9 @@ async fn startup_taint_goes_only_after_the_rules_and_the_sync() -> anyhow::Resul
     Ok(())
 }
 
-// Needs the first-sync wait in `server.rs` (`--first-sync-wait-sec`): until
-// that is in, a request before the first sync fails and so does this test.
+// The first-sync wait (`--first-sync-wait-sec`, in `server.rs`): a request
+// that arrives before nmi's watches have listed waits for them instead of
+// failing; with the wait set to 0 the same request gets 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_during_the_first_sync_after_a_restart_wait() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
