@@ -1,0 +1,1 @@
+//! (being moved here; see the test kit's module table)
