@@ -16,8 +16,7 @@
 
 pub mod assigned;
 pub mod bench;
-pub mod e2e;
-pub mod helm;
+pub use aadpodid_testkit::world as e2e;
 pub mod nmi_node;
 pub mod upstream;
 
