@@ -78,3 +78,67 @@ async fn run_children_in(
     }
     Ok(())
 }
+
+/// What [`run_children_trusting_emulator_ca`] hands its child process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildEnv {
+    /// `<ENV>_DIR`: a scratch folder, removed after the children ran.
+    pub dir: std::path::PathBuf,
+    /// `<ENV>_CA_CERT`: the test CA's certificate (PEM) to start emulators with.
+    pub ca_cert: std::path::PathBuf,
+    /// `<ENV>_CA_KEY`: its key (PEM).
+    pub ca_key: std::path::PathBuf,
+}
+
+impl ChildEnv {
+    /// The child's environment for `env`; `None` outside the child process.
+    pub fn get(env: &str) -> Option<ChildEnv> {
+        let var = |suffix: &str| std::env::var_os(format!("{env}_{suffix}")).map(Into::into);
+        Some(ChildEnv {
+            dir: var("DIR")?,
+            ca_cert: var("CA_CERT")?,
+            ca_key: var("CA_KEY")?,
+        })
+    }
+
+    /// The test CA as (certificate, key), as `tenant::Tenant::test_ca` takes it.
+    pub fn test_ca(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        Some((self.ca_cert.clone(), self.ca_key.clone()))
+    }
+}
+
+/// Whether this process is a child of [`run_children_trusting_emulator_ca`]
+/// for `env` (`<ENV>_CHILD` is set).
+pub fn is_child(env: &str) -> bool {
+    std::env::var_os(format!("{env}_CHILD")).is_some()
+}
+
+/// The parent test of a test binary whose `child_` tests must trust the
+/// emulator's test CA: it runs them with [`run_children_trusting_emulator_ca`]
+/// (environment prefix `env`, `expected` tests, `timeout_secs`), and does
+/// nothing inside the child process itself.
+///
+/// ```ignore
+/// aadpodid_testkit::emulator_ca_parent_test!(mic_arm_against_the_emulator, "MICARM", 2, 300);
+/// ```
+#[macro_export]
+macro_rules! emulator_ca_parent_test {
+    ($name:ident, $env:literal, $expected:expr, $timeout_secs:expr) => {
+        #[tokio::test]
+        async fn $name() {
+            if $crate::children::is_child($env) {
+                return;
+            }
+            if let Err(e) = $crate::run_children_trusting_emulator_ca(
+                "child_",
+                $env,
+                $expected,
+                ::std::time::Duration::from_secs($timeout_secs),
+            )
+            .await
+            {
+                panic!("{e:?}");
+            }
+        }
+    };
+}
