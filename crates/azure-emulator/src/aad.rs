@@ -160,16 +160,13 @@ async fn handle(s: &Shared, req: Request<Incoming>, base: &str) -> Resp {
             c.aad_errors += 1;
         }
     });
-    s.observer.record(RequestRecord {
-        seq: 0,
-        service: Service::Aad,
+    s.observer.record(RequestRecord::answered(
+        Service::Aad,
         method,
         uri,
         status,
-        at_ms: s.clock.now().as_millis() as u64,
-        machine: None,
-        peer: None,
-    });
+        s.clock.now().as_millis() as u64,
+    ));
     resp
 }
 

@@ -128,16 +128,13 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Resp {
             c.lro_polls += 1;
         }
     });
-    s.observer.record(RequestRecord {
-        seq: 0,
-        service: Service::Arm,
+    s.observer.record(RequestRecord::answered(
+        Service::Arm,
         method,
         uri,
         status,
-        at_ms: s.clock.now().as_millis() as u64,
-        machine: None,
-        peer: None,
-    });
+        s.clock.now().as_millis() as u64,
+    ));
     resp
 }
 

@@ -398,31 +398,24 @@ mod tests {
 
     #[test]
     fn none_and_system_assigned_transitions() {
-        let p = run(
-            WriteMode::Patch,
-            true,
-            &["a"],
-            json!({"identity":{"type":"None"}}),
-        )
-        .expect("ok");
-        assert!(!p.system && p.user.is_empty());
-        let p = run(
-            WriteMode::Patch,
-            true,
-            &["a"],
-            json!({"identity":{"type":"SystemAssigned"}}),
-        )
-        .expect("ok");
-        assert!(p.system && p.user.is_empty());
-        // Sending UserAssigned to a resource with a system identity drops it.
-        let p = run(
-            WriteMode::Patch,
-            true,
-            &["a"],
-            json!({"identity":{"type":"UserAssigned"}}),
-        )
-        .expect("ok");
-        assert!(!p.system && p.user.len() == 1);
+        // (type sent to a resource with a system identity and UAI "a",
+        // system identity after, UAIs after)
+        let cases = [
+            ("None", false, 0),
+            ("SystemAssigned", true, 0),
+            // Sending UserAssigned to a resource with a system identity drops it.
+            ("UserAssigned", false, 1),
+        ];
+        for (ty, system, users) in cases {
+            let p = run(
+                WriteMode::Patch,
+                true,
+                &["a"],
+                json!({"identity":{"type": ty}}),
+            )
+            .expect("ok");
+            assert_eq!((p.system, p.user.len()), (system, users), "{ty}");
+        }
     }
 
     #[test]

@@ -164,15 +164,11 @@ async fn handle(s: &Shared, ctx: &Ctx, req: Request<Incoming>, peer: std::net::S
             c.imds_throttled += 1;
         }
     });
+    let at_ms = s.clock.now().as_millis() as u64;
     s.observer.record(RequestRecord {
-        seq: 0,
-        service: Service::Imds,
-        method,
-        uri,
-        status,
-        at_ms: s.clock.now().as_millis() as u64,
         machine: Some(label),
         peer: Some(peer.ip().to_canonical().to_string()),
+        ..RequestRecord::answered(Service::Imds, method, uri, status, at_ms)
     });
     resp
 }

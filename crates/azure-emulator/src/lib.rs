@@ -536,11 +536,9 @@ impl Emulator {
 
     /// The client and principal ID of a UAI, by name.
     pub fn identity(&self, name: &str) -> Option<state::Uai> {
-        lock(&self.shared.state)
-            .uais
-            .values()
-            .find(|u| u.name.eq_ignore_ascii_case(name))
-            .cloned()
+        let st = lock(&self.shared.state);
+        st.uai_key_named(name)
+            .and_then(|k| st.uais.get(&k).cloned())
     }
     /// A service principal's object ID.
     pub fn principal_object_id(&self, client_id: &str) -> Option<String> {
@@ -553,17 +551,13 @@ impl Emulator {
     /// Lower-cased IDs of the UAIs on a VM or scale set (by name).
     pub fn assigned_identities(&self, resource_name: &str) -> Option<Vec<String>> {
         lock(&self.shared.state)
-            .compute
-            .values()
-            .find(|c| c.name.eq_ignore_ascii_case(resource_name))
+            .compute_named(resource_name)
             .map(|c| c.user.keys().cloned().collect())
     }
     /// Whether a VM or scale set has a system-assigned identity.
     pub fn has_system_identity(&self, resource_name: &str) -> Option<bool> {
         lock(&self.shared.state)
-            .compute
-            .values()
-            .find(|c| c.name.eq_ignore_ascii_case(resource_name))
+            .compute_named(resource_name)
             .map(|c| c.system_principal_id.is_some())
     }
 
@@ -644,11 +638,7 @@ pub(crate) mod actions {
 
     pub fn delete_identity(shared: &Shared, name: &str) -> bool {
         let mut st = lock(&shared.state);
-        let k = st
-            .uais
-            .iter()
-            .find(|(_, u)| u.name.eq_ignore_ascii_case(name))
-            .map(|(k, _)| k.clone());
+        let k = st.uai_key_named(name);
         k.and_then(|k| st.uais.remove(&k)).is_some()
     }
 
@@ -678,10 +668,7 @@ pub(crate) mod actions {
         if ids::parse_uai_id(name).is_some() {
             return Some(key(name));
         }
-        st.uais
-            .iter()
-            .find(|(_, u)| u.name.eq_ignore_ascii_case(name))
-            .map(|(k, _)| k.clone())
+        st.uai_key_named(name)
     }
 
     pub fn set_assign_revoked(shared: &Shared, name: &str, revoked: bool) -> bool {
@@ -699,11 +686,7 @@ pub(crate) mod actions {
 
     pub fn set_deleting(shared: &Shared, name: &str, deleting: bool) -> bool {
         let mut st = lock(&shared.state);
-        match st
-            .compute
-            .values_mut()
-            .find(|c| c.name.eq_ignore_ascii_case(name))
-        {
+        match st.compute_named_mut(name) {
             Some(c) => {
                 c.deleting = deleting;
                 true
@@ -716,11 +699,7 @@ pub(crate) mod actions {
         let mut st = lock(&shared.state);
         let wanted: Option<Vec<String>> =
             names.map(|ns| ns.iter().filter_map(|n| uai_key_by_name(&st, n)).collect());
-        let Some(c) = st
-            .compute
-            .values_mut()
-            .find(|c| c.name.eq_ignore_ascii_case(name))
-        else {
+        let Some(c) = st.compute_named_mut(name) else {
             return 0;
         };
         let before = c.user.len();
@@ -743,11 +722,7 @@ pub(crate) mod actions {
             .iter()
             .filter_map(|n| uai_key_by_name(&st, n).and_then(|k| st.uais.get(&k).cloned()))
             .collect();
-        let Some(c) = st
-            .compute
-            .values_mut()
-            .find(|c| c.name.eq_ignore_ascii_case(name))
-        else {
+        let Some(c) = st.compute_named_mut(name) else {
             return 0;
         };
         let mut n = 0;

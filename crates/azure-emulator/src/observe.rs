@@ -72,6 +72,29 @@ pub struct RequestRecord {
     pub peer: Option<String>,
 }
 
+impl RequestRecord {
+    /// A record of an answer outside IMDS (no machine, no peer); the
+    /// observer numbers it when it is recorded.
+    pub fn answered(
+        service: Service,
+        method: String,
+        uri: String,
+        status: u16,
+        at_ms: u64,
+    ) -> Self {
+        Self {
+            seq: 0,
+            service,
+            method,
+            uri,
+            status,
+            at_ms,
+            machine: None,
+            peer: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Observer {
     inner: Mutex<Inner>,

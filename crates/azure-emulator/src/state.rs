@@ -236,6 +236,27 @@ fn computer_name(vmss: &str, instance: &str) -> String {
 }
 
 impl State {
+    /// The VM or scale set with this name, in any casing.
+    pub fn compute_named(&self, name: &str) -> Option<&Compute> {
+        self.compute
+            .values()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
+    }
+
+    pub fn compute_named_mut(&mut self, name: &str) -> Option<&mut Compute> {
+        self.compute
+            .values_mut()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
+    }
+
+    /// The key (lower-cased ID) of the UAI with this name, in any casing.
+    pub fn uai_key_named(&self, name: &str) -> Option<String> {
+        self.uais
+            .iter()
+            .find(|(_, u)| u.name.eq_ignore_ascii_case(name))
+            .map(|(k, _)| k.clone())
+    }
+
     pub fn seed(cfg: &Config, now: VirtualTime) -> Result<Self, SeedError> {
         let sub = cfg.subscription_id.clone();
         let mut st = State {

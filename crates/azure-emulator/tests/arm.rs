@@ -88,10 +88,7 @@ async fn bearer_token_is_required_and_checked() {
     let emu = start(config()).await;
     let url = format!("{}{}?api-version={API}", emu.arm_url(), vmss_path(VMSS));
     let r = Call::new("GET", &url).send(emu.ca_pem()).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "AuthenticationFailed")
-    );
+    r.assert_error(401, "AuthenticationFailed");
     assert!(
         r.header("www-authenticate")
             .is_some_and(|h| h.starts_with("Bearer authorization_uri="))
@@ -100,18 +97,12 @@ async fn bearer_token_is_required_and_checked() {
         .header("authorization", "Basic abc")
         .send(emu.ca_pem())
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "AuthenticationFailed")
-    );
+    r.assert_error(401, "AuthenticationFailed");
     let r = Call::new("GET", &url)
         .bearer("not.a.jwt")
         .send(emu.ca_pem())
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "InvalidAuthenticationToken")
-    );
+    r.assert_error(401, "InvalidAuthenticationToken");
     let vault = emu
         .issue_token(MIC, "https://vault.azure.net")
         .expect("token");
@@ -119,10 +110,7 @@ async fn bearer_token_is_required_and_checked() {
         .bearer(&vault)
         .send(emu.ca_pem())
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "InvalidAuthenticationTokenAudience")
-    );
+    r.assert_error(401, "InvalidAuthenticationTokenAudience");
     // Both ARM audiences, with or without the slash.
     for aud in [
         "https://management.azure.com",
@@ -152,19 +140,13 @@ async fn api_version_is_required_and_checked() {
         .bearer(&arm.token)
         .send(emu.ca_pem())
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "MissingApiVersionParameter")
-    );
+    r.assert_error(400, "MissingApiVersionParameter");
     assert_eq!(
         r.json()["error"]["message"],
         "The api-version query parameter (?api-version=) is required for all requests."
     );
     let r = arm.get(&vmss_path(VMSS), "2001-01-01").await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "NoRegisteredProviderFound")
-    );
+    r.assert_error(400, "NoRegisteredProviderFound");
     for v in [
         "2019-12-01",
         "2023-09-01",
@@ -183,23 +165,14 @@ async fn missing_things_are_404_with_arm_codes() {
     let emu = start(config()).await;
     let arm = Arm::new(&emu);
     let r = arm.get(&vmss_path("nope"), API).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (404, "ResourceNotFound")
-    );
-    assert!(r.json()["error"]["message"].as_str().unwrap_or("").starts_with(&format!(
+    r.assert_error(404, "ResourceNotFound");
+    assert!(r.error_message().starts_with(&format!(
         "The Resource 'Microsoft.Compute/virtualMachineScaleSets/nope' under resource group '{NODE_RG}' was not found."
     )));
     let r = arm.patch(&vm_path("nope"), API, &json!({})).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (404, "ResourceNotFound")
-    );
+    r.assert_error(404, "ResourceNotFound");
     let r = arm.get(&format!("/subscriptions/{SUB}/resourceGroups/no-rg/providers/Microsoft.Compute/virtualMachineScaleSets/x"), API).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (404, "ResourceGroupNotFound")
-    );
+    r.assert_error(404, "ResourceGroupNotFound");
     assert_eq!(
         r.json()["error"]["message"],
         "Resource group 'no-rg' could not be found."
@@ -207,10 +180,7 @@ async fn missing_things_are_404_with_arm_codes() {
     let r = arm
         .get("/subscriptions/other-sub/resourceGroups/x", API)
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (404, "SubscriptionNotFound")
-    );
+    r.assert_error(404, "SubscriptionNotFound");
     // Error bodies always carry code, message and details.
     let e = &r.json()["error"];
     assert!(e["code"].is_string() && e["message"].is_string() && e["details"].is_array());
@@ -221,13 +191,7 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
     let emu = start(config()).await;
     let arm = Arm::new(&emu);
     let app = uai(APP_RG, "app-id");
-    let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&app, true)]),
-        )
-        .await;
+    let r = arm.assign(&vmss_path(VMSS), &app).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let b = r.json();
     assert_eq!(b["properties"]["provisioningState"], "Updating");
@@ -271,11 +235,7 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
 
     // null removes, absent keys are kept.
     let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&app, false)]),
-        )
+        .patch_identities(&vmss_path(VMSS), "UserAssigned", &[(&app, false)])
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
@@ -300,13 +260,7 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
 async fn location_header_polls_202_then_the_resource() {
     let emu = start(config()).await;
     let arm = Arm::new(&emu);
-    let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
-        .await;
+    let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
     let loc = r.header("location").expect("Location");
     let p = arm.get_abs(&loc).await;
     assert_eq!(p.status, 202);
@@ -322,13 +276,7 @@ async fn failed_operation_reports_an_error() {
     let emu = start(config()).await;
     let arm = Arm::new(&emu);
     emu.fail_next_operations(1);
-    let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
-        .await;
+    let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
     let op = r.header("azure-asyncoperation").expect("op");
     emu.clock().advance(Duration::from_secs(46));
     let b = arm.get_abs(&op).await.json();
@@ -348,13 +296,10 @@ async fn none_and_system_assigned_transitions() {
     let arm = Arm::new(&emu);
     // VM with a system identity: add a UAI keeping the system one.
     let r = arm
-        .patch(
+        .patch_identities(
             &vm_path(VM),
-            API,
-            &identity_patch(
-                "SystemAssigned,UserAssigned",
-                &[(&uai(APP_RG, "app-id"), true)],
-            ),
+            "SystemAssigned,UserAssigned",
+            &[(&uai(APP_RG, "app-id"), true)],
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -383,26 +328,23 @@ async fn none_and_system_assigned_transitions() {
     assert_eq!(emu.has_system_identity(VM), Some(false));
     // UserAssigned on a scale set: removing the last one needs type None.
     let r = arm
-        .patch(
+        .patch_identities(
             &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(NODE_RG, "kubelet"), false)]),
+            "UserAssigned",
+            &[(&uai(NODE_RG, "kubelet"), false)],
         )
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "InvalidParameter")
-    );
+    r.assert_error(400, "InvalidParameter");
     assert_eq!(
         r.json()["error"]["message"],
         "The identity ids must not be null or empty for 'UserAssigned' identity type."
     );
     // Type spelled loosely is accepted and echoed canonically.
     let r = arm
-        .patch(
+        .patch_identities(
             &vmss_path(VMSS),
-            API,
-            &identity_patch("userAssigned", &[(&uai(APP_RG, "app-id"), true)]),
+            "userAssigned",
+            &[(&uai(APP_RG, "app-id"), true)],
         )
         .await;
     assert_eq!(r.json()["identity"]["type"], "UserAssigned");
@@ -423,47 +365,23 @@ async fn identity_errors_follow_the_contract() {
             &json!({"identity": {"userAssignedIdentities": {}}}),
         )
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "InvalidRequestContent")
-    );
+    r.assert_error(400, "InvalidRequestContent");
     assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
+        r.error_message()
             .contains("Required property 'type' not found in JSON. Path 'identity'.")
     );
 
     let r = arm
-        .patch(
-            &p,
-            API,
-            &identity_patch("SystemAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
+        .patch_identities(&p, "SystemAssigned", &[(&uai(APP_RG, "app-id"), true)])
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "InvalidParameter")
-    );
+    r.assert_error(400, "InvalidParameter");
 
     let missing = format!(
         "/subscriptions/{SUB}/resourceGroups/App-RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/Ghost"
     );
-    let r = arm
-        .patch(
-            &p,
-            API,
-            &identity_patch("UserAssigned", &[(&missing, true)]),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "FailedIdentityOperation")
-    );
-    let msg = r.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let r = arm.assign(&p, &missing).await;
+    r.assert_error(400, "FailedIdentityOperation");
+    let msg = r.error_message();
     assert!(
         msg.contains(&format!(
             "Resource '{}' was not found.",
@@ -474,21 +392,11 @@ async fn identity_errors_follow_the_contract() {
 
     let many: Vec<String> = (0..151).map(|i| uai(APP_RG, &format!("x{i}"))).collect();
     let changes: Vec<(&str, bool)> = many.iter().map(|s| (s.as_str(), true)).collect();
-    let r = arm
-        .patch(&p, API, &identity_patch("UserAssigned", &changes))
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "FailedIdentityOperation")
-    );
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains(
-                "User Assigned Identities Number '151' Assign exceed limit '150' in one request."
-            )
-    );
+    let r = arm.patch_identities(&p, "UserAssigned", &changes).await;
+    r.assert_error(400, "FailedIdentityOperation");
+    assert!(r.error_message().contains(
+        "User Assigned Identities Number '151' Assign exceed limit '150' in one request."
+    ));
 
     // Nothing changed by any of the failures.
     let b = arm.get(&p, API).await.json();
@@ -504,20 +412,14 @@ async fn missing_assign_right_is_linked_authorization_failed() {
     let limited = Arm::as_client(&emu, LIMITED);
     let (a2, other) = (uai(APP_RG, "app-2"), uai(APP_RG, "other-id"));
     let r = limited
-        .patch(
+        .patch_identities(
             &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&a2, true), (&other, true)]),
+            "UserAssigned",
+            &[(&a2, true), (&other, true)],
         )
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (403, "LinkedAuthorizationFailed")
-    );
-    let msg = r.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    r.assert_error(403, "LinkedAuthorizationFailed");
+    let msg = r.error_message();
     assert!(msg.contains("'Microsoft.ManagedIdentity/userAssignedIdentities/assign/action' on the linked scope(s) '"), "{msg}");
     assert!(
         msg.contains(&format!("'{a2},{other}'")),
@@ -525,35 +427,19 @@ async fn missing_assign_right_is_linked_authorization_failed() {
     );
     // The identity it may assign works.
     let ok = limited
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
+        .assign(&vmss_path(VMSS), &uai(APP_RG, "app-id"))
         .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     // Revoking the right on app-id for everyone (fault) blocks MIC too.
     emu.set_assign_revoked("app-2", true);
-    let r = Arm::new(&emu)
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&a2, true)]),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (403, "LinkedAuthorizationFailed")
-    );
+    let r = Arm::new(&emu).assign(&vmss_path(VMSS), &a2).await;
+    r.assert_error(403, "LinkedAuthorizationFailed");
     // Missing write right is AuthorizationFailed.
     emu.set_write_revoked(MIC_OID, true);
     let r = Arm::new(&emu)
         .patch(&vmss_path(VMSS), API, &json!({"tags": {}}))
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (403, "AuthorizationFailed")
-    );
+    r.assert_error(403, "AuthorizationFailed");
 }
 
 #[tokio::test]
@@ -561,23 +447,9 @@ async fn deleting_scale_set_refuses_writes() {
     let emu = start(config()).await;
     let arm = Arm::new(&emu);
     assert!(emu.set_deleting(VMSS, true));
-    let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (409, "OperationNotAllowed")
-    );
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("marked for deletion")
-    );
+    let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
+    r.assert_error(409, "OperationNotAllowed");
+    assert!(r.error_message().contains("marked for deletion"));
     assert_eq!(
         arm.get(&vmss_path(VMSS), API).await.json()["properties"]["provisioningState"],
         "Deleting"
@@ -591,11 +463,9 @@ async fn second_write_in_flight_conflicts() {
     let body = identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]);
     assert_eq!(arm.patch(&vmss_path(VMSS), API, &body).await.status, 200);
     let r = arm.patch(&vmss_path(VMSS), API, &body).await;
-    assert_eq!((r.status, r.error_code().as_str()), (409, "Conflict"));
+    r.assert_error(409, "Conflict");
     assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
+        r.error_message()
             .starts_with("The request failed due to conflict with a concurrent request.")
     );
     // Another scale set is independent.
@@ -610,25 +480,14 @@ async fn second_write_queues_when_configured() {
     cfg.arm.concurrent_writes = ConcurrentWrites::Queue;
     let emu = start(cfg).await;
     let arm = Arm::new(&emu);
-    let first = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
-        .await;
+    let first = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
     assert_eq!(first.status, 200);
     let second_body = identity_patch("UserAssigned", &[(&uai(APP_RG, "app-2"), true)]);
     let path = vmss_path(VMSS);
     let second = arm.patch(&path, API, &second_body);
     let advance = async {
         // Once the second write waits in the queue, end the first one.
-        for _ in 0..2000 {
-            if emu.counters().arm_queued_writes >= 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_counters(&emu, |c| c.arm_queued_writes >= 1).await;
         assert_eq!(emu.counters().arm_queued_writes, 1);
         emu.clock().advance(Duration::from_secs(45));
     };
@@ -644,42 +503,45 @@ async fn etag_and_if_match() {
     let emu = start(cfg).await;
     let arm = Arm::new(&emu);
     let url = arm.url(&vmss_path(VMSS), API);
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .header("if-match", "\"7\"")
-        .json(&json!({"tags": {}}))
-        .send(emu.ca_pem())
+    let tags = json!({"tags": {}});
+    let r = arm
+        .send(
+            arm.call("PATCH", &url)
+                .header("if-match", "\"7\"")
+                .json(&tags),
+        )
         .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (412, "PreconditionFailed")
-    );
+    r.assert_error(412, "PreconditionFailed");
     assert_eq!(
         r.json()["error"]["message"],
         "Etag provided in if-match header \"7\" does not match etag \"1\" of resource."
     );
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .header("if-match", "\"1\"")
-        .json(&json!({"tags": {}}))
-        .send(emu.ca_pem())
+    let r = arm
+        .send(
+            arm.call("PATCH", &url)
+                .header("if-match", "\"1\"")
+                .json(&tags),
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["etag"], "\"2\"");
-    let r = Call::new("PUT", &url)
-        .bearer(&arm.token)
-        .header("if-none-match", "*")
-        .json(&json!({"location": "eastus"}))
-        .send(emu.ca_pem())
+    let create = json!({"location": "eastus"});
+    let r = arm
+        .send(
+            arm.call("PUT", &url)
+                .header("if-none-match", "*")
+                .json(&create),
+        )
         .await;
     assert_eq!(r.status, 412);
     // Old api-versions ignore If-Match.
     let old = arm.url(&vmss_path(VMSS), OLD_API);
-    let r = Call::new("PATCH", &old)
-        .bearer(&arm.token)
-        .header("if-match", "\"99\"")
-        .json(&json!({"tags": {}}))
-        .send(emu.ca_pem())
+    let r = arm
+        .send(
+            arm.call("PATCH", &old)
+                .header("if-match", "\"99\"")
+                .json(&tags),
+        )
         .await;
     assert_eq!(r.status, 200);
 }
@@ -700,15 +562,9 @@ async fn put_creates_201_updates_200_and_rejects_echoed_read_only_values() {
     // A GET body sent back as-is carries principalId/clientId.
     let got = arm.get(&vmss_path(VMSS), API).await.json();
     let r = arm.put(&vmss_path(VMSS), API, &got).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "InvalidIdentityValues")
-    );
+    r.assert_error(400, "InvalidIdentityValues");
     let r = arm.put(&vmss_path("no-location"), API, &json!({})).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "LocationRequired")
-    );
+    r.assert_error(400, "LocationRequired");
 }
 
 #[tokio::test]
@@ -718,65 +574,33 @@ async fn bad_input_gets_azure_errors_and_leaves_state_alone() {
     let emu = start(cfg).await;
     let arm = Arm::new(&emu);
     let url = arm.url(&vmss_path(VMSS), API);
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .raw("application/json", "{\"identity\": ")
-        .send(emu.ca_pem())
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "InvalidRequestContent")
-    );
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .raw("application/json", "[1,2]")
-        .send(emu.ca_pem())
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "InvalidRequestContent")
-    );
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .raw("text/plain", "{}")
-        .send(emu.ca_pem())
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (415, "UnsupportedMediaType")
-    );
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .send(emu.ca_pem())
-        .await;
-    assert_eq!(r.status, 415);
     let huge = format!("{{\"tags\":{{\"a\":\"{}\"}}}}", "x".repeat(100 * 1024));
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .raw("application/json", huge)
-        .send(emu.ca_pem())
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (413, "RequestEntityTooLarge")
+    let (json, bad_list) = (
+        "application/json",
+        "{\"identity\":{\"type\":\"UserAssigned\",\"userAssignedIdentities\":[]}}",
     );
-    let r = Call::new("DELETE", &url)
-        .bearer(&arm.token)
-        .send(emu.ca_pem())
-        .await;
-    assert_eq!(r.status, 405);
-    let r = Call::new("PATCH", &url)
-        .bearer(&arm.token)
-        .raw(
-            "application/json",
-            "{\"identity\":{\"type\":\"UserAssigned\",\"userAssignedIdentities\":[]}}",
-        )
-        .send(emu.ca_pem())
-        .await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (400, "InvalidRequestContent")
-    );
+    // (method, content type and body, status, ARM error code when one is checked)
+    #[rustfmt::skip]
+    let cases = [
+        ("PATCH", Some((json, "{\"identity\": ")), 400, Some("InvalidRequestContent")),
+        ("PATCH", Some((json, "[1,2]")), 400, Some("InvalidRequestContent")),
+        ("PATCH", Some(("text/plain", "{}")), 415, Some("UnsupportedMediaType")),
+        ("PATCH", None, 415, None),
+        ("PATCH", Some((json, huge.as_str())), 413, Some("RequestEntityTooLarge")),
+        ("DELETE", None, 405, None),
+        ("PATCH", Some((json, bad_list)), 400, Some("InvalidRequestContent")),
+    ];
+    for (i, (method, body, status, code)) in cases.into_iter().enumerate() {
+        let mut call = arm.call(method, &url);
+        if let Some((content_type, body)) = body {
+            call = call.raw(content_type, body);
+        }
+        let r = arm.send(call).await;
+        match code {
+            Some(code) => r.assert_error(status, code),
+            None => assert_eq!(r.status, status, "case {i}"),
+        }
+    }
     let b = arm.get(&vmss_path(VMSS), API).await.json();
     assert_eq!(b["etag"], "\"1\"");
     assert_eq!(b["properties"]["provisioningState"], "Succeeded");
@@ -812,10 +636,7 @@ async fn writes_are_throttled_per_scale_set() {
         );
     }
     let r = arm.patch(&p, API, &json!({"tags": {}})).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (429, "OperationNotAllowed")
-    );
+    r.assert_error(429, "OperationNotAllowed");
     // Refill is 4 per minute: one token after 15 virtual seconds (clock is manual).
     assert_eq!(r.header("retry-after").as_deref(), Some("15"));
     let e = &r.json()["error"];
@@ -867,13 +688,7 @@ async fn instances_and_identities_read_back() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["properties"]["latestModelApplied"], true);
     assert_eq!(r.json()["name"], format!("{VMSS}_1"));
-    let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
-        .await;
+    let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
     assert_eq!(r.status, 200);
     emu.clock().advance(Duration::from_secs(60));
     let r = arm
@@ -930,20 +745,14 @@ async fn identities_stripped_or_deleted_behind_the_clients_back() {
         uai_keys(&arm.get(&vmss_path(VMSS), API).await.json()).len(),
         2
     );
-    let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-2"), true)]),
-        )
-        .await;
+    let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-2")).await;
     assert_eq!(r.error_code(), "FailedIdentityOperation");
     // Removing it still works.
     let r = arm
-        .patch(
+        .patch_identities(
             &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-2"), false)]),
+            "UserAssigned",
+            &[(&uai(APP_RG, "app-2"), false)],
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -1014,12 +823,7 @@ async fn injected_faults_storms_errors_hangs_and_slow_gets() {
     let slow = arm.get(&p, API);
     let nudge = async {
         // The fault fires (and its virtual sleep starts) in one poll; wait for it.
-        for _ in 0..2000 {
-            if emu.counters().faults_fired >= 6 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_counters(&emu, |c| c.faults_fired >= 6).await;
         let done_early = emu.requests(0).iter().filter(|r| r.status == 200).count();
         emu.clock().advance(Duration::from_secs(30));
         done_early
@@ -1063,8 +867,5 @@ async fn expired_token_is_rejected() {
     cfg.aad.token_lifetime_seconds = 0;
     let emu = start(cfg).await;
     let r = Arm::new(&emu).get(&vmss_path(VMSS), API).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (401, "ExpiredAuthenticationToken")
-    );
+    r.assert_error(401, "ExpiredAuthenticationToken");
 }

@@ -330,12 +330,7 @@ async fn five_concurrent_token_requests() {
         })
         .collect();
     // Wait (bounded) until the five hold their slots; then a sixth is refused.
-    for _ in 0..2000 {
-        if emu.counters().imds_token_in_flight.get(&node()) == Some(&5) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_counters(&emu, |c| c.imds_token_in_flight.get(&node()) == Some(&5)).await;
     assert_eq!(emu.counters().imds_token_in_flight.get(&node()), Some(&5));
     let r = get(&base, &q).await;
     assert_eq!(
@@ -362,13 +357,7 @@ async fn assignment_becomes_visible_after_the_configured_delay() {
     cfg.imds.assignment_delay_seconds = 30.0;
     let (emu, base) = with_imds(cfg, &node()).await;
     let arm = Arm::new(&emu);
-    let r = arm
-        .patch(
-            &vmss_path(VMSS),
-            API,
-            &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-        )
-        .await;
+    let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
     assert_eq!(r.status, 200);
     let q = token_q(&format!("&client_id={APP_CLIENT}"));
     assert_eq!(oauth(&get(&base, &q).await).2, "Identity not found");
@@ -380,12 +369,7 @@ async fn assignment_becomes_visible_after_the_configured_delay() {
 async fn async_assignment_is_visible_when_the_operation_ends() {
     let (emu, base) = with_imds(config(), &node()).await;
     let arm = Arm::new(&emu);
-    arm.patch(
-        &vmss_path(VMSS),
-        API,
-        &identity_patch("UserAssigned", &[(&uai(APP_RG, "app-id"), true)]),
-    )
-    .await;
+    arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
     let q = token_q(&format!("&client_id={APP_CLIENT}"));
     assert_eq!(get(&base, &q).await.status, 400);
     emu.clock().advance(Duration::from_secs(45));

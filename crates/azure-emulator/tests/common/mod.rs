@@ -11,7 +11,7 @@ use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
 };
-use azure_emulator::{Config, Emulator};
+use azure_emulator::{Config, Counters, Emulator};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::header::HeaderMap;
@@ -158,6 +158,34 @@ impl Reply {
             .as_str()
             .unwrap_or("")
             .to_string()
+    }
+    /// ARM's `error.message` ("" when absent).
+    pub fn error_message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+    /// Asserts an ARM error answer: this status and this `error.code`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.status, self.error_code().as_str()),
+            (status, code),
+            "{}",
+            self.text()
+        );
+    }
+}
+
+/// Waits until `cond` holds on the emulator's counters (polling every 5 ms,
+/// at most 10 s); the caller asserts what it needs afterwards.
+pub async fn until_counters(emu: &Emulator, cond: impl Fn(&Counters) -> bool) {
+    for _ in 0..2000 {
+        if cond(&emu.counters()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -316,6 +344,23 @@ impl<'a> Arm<'a> {
             .json(body)
             .send(self.emu.ca_pem())
             .await
+    }
+    /// PATCH of `identity` on a VM or scale set (see [`identity_patch`]).
+    pub async fn patch_identities(&self, path: &str, ty: &str, changes: &[(&str, bool)]) -> Reply {
+        self.patch(path, API, &identity_patch(ty, changes)).await
+    }
+    /// PATCH adding one user-assigned identity (by ARM ID).
+    pub async fn assign(&self, path: &str, uai_id: &str) -> Reply {
+        self.patch_identities(path, "UserAssigned", &[(uai_id, true)])
+            .await
+    }
+    /// A request carrying this client's token, to send with the emulator's CA.
+    pub fn call(&self, method: &'a str, url: &str) -> Call<'a> {
+        Call::new(method, url).bearer(&self.token)
+    }
+    /// Sends a request (from [`Arm::call`]) trusting the emulator's CA.
+    pub async fn send(&self, call: Call<'_>) -> Reply {
+        call.send(self.emu.ca_pem()).await
     }
     /// GET on an absolute URL (e.g. `Azure-AsyncOperation`).
     pub async fn get_abs(&self, url: &str) -> Reply {
