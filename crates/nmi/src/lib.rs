@@ -287,10 +287,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
                 args.pod_name.clone()
             }),
         ),
-        first_sync: {
-            let synced = synced.clone();
-            server::FirstSync::polling(move || synced.all(), shutdown.clone())
-        },
+        first_sync: server::FirstSync::after(&synced, shutdown.clone()),
     });
     tokio::spawn(server::serve(
         token_listener,
@@ -323,34 +320,29 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
         "iptables in place"
     );
     iptables::ensure_route_localnet(&redirect, args.set_route_localnet)?;
-    let ipt_synced = Arc::new(std::sync::atomic::AtomicBool::new(true));
 
     // --node-startup-taint: off the Node once the redirect is in place (it
     // is, from here on) and every watch has synced. Never blocks serving.
     if !args.node_startup_taint.is_empty() {
-        let synced = synced.clone();
         tokio::spawn(taint::remove_when_ready(
             client.clone(),
             args.node.clone(),
             args.node_startup_taint.clone(),
-            move || synced.all(),
+            synced.wait_all(),
             shutdown.clone(),
         ));
     }
 
-    // Readiness: Active once iptables is in place and every watch has listed.
+    // Readiness: Active once iptables is in place (it is, from here on) and
+    // every watch has listed; a synced set stays synced.
     {
         let health = health.clone();
         let shutdown = shutdown.clone();
-        let synced = synced.clone();
-        let ipt = Arc::clone(&ipt_synced);
+        let all = synced.wait_all();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    _ = shutdown.signaled() => return,
-                    _ = tick.tick() => health.set_active(synced.all() && ipt.load(std::sync::atomic::Ordering::Acquire)),
-                }
+            tokio::select! {
+                _ = shutdown.signaled() => {}
+                _ = all => health.set_active(true),
             }
         });
     }

@@ -36,6 +36,7 @@ use tokio::time::Instant;
 
 use aadpodid_runtime::Shutdown;
 use aadpodid_runtime::events::{self, EventPublisher, Severity};
+use aadpodid_runtime::watch::Synced;
 
 use crate::args::OperationMode;
 use crate::fair::RequesterKey;
@@ -177,20 +178,16 @@ impl FirstSync {
         FirstSync(rx)
     }
 
-    /// Polls `synced` every 50 ms until it is true (or `shutdown`).
-    pub fn polling(synced: impl Fn() -> bool + Send + 'static, shutdown: Shutdown) -> Self {
-        let (tx, rx) = watch::channel(synced());
+    /// Follows `synced`: done once every watch in it has synced (a task
+    /// awaits [`Synced::wait_all`], or `shutdown`).
+    pub fn after(synced: &Synced, shutdown: Shutdown) -> Self {
+        let (tx, rx) = watch::channel(synced.all());
         if !*rx.borrow() {
+            let all = synced.wait_all();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(50));
-                loop {
-                    tokio::select! {
-                        _ = shutdown.signaled() => return,
-                        _ = tick.tick() => if synced() {
-                            let _ = tx.send(true);
-                            return;
-                        },
-                    }
+                tokio::select! {
+                    _ = shutdown.signaled() => {}
+                    _ = all => { let _ = tx.send(true); }
                 }
             });
         }

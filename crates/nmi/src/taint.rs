@@ -93,24 +93,21 @@ async fn attempt(client: &Client, node: &str, key: &str) -> Result<Attempt, kube
     Ok(Attempt::Removed(removed))
 }
 
-/// Waits until `ready()` (polled every 100 ms: the caller's watches have all
-/// synced; the redirect is in place before this is called), then removes
-/// every taint with key `key` from Node `node`. Errors are retried with
-/// [`retry_delay`] up to [`MAX_ATTEMPTS`] times; then it logs how to remove
-/// the taint by hand and returns. Returns at once on `shutdown`.
+/// Waits until `ready` resolves (the caller's watches have all synced; the
+/// redirect is in place before this is called), then removes every taint
+/// with key `key` from Node `node`. Errors are retried with [`retry_delay`]
+/// up to [`MAX_ATTEMPTS`] times; then it logs how to remove the taint by hand
+/// and returns. Returns at once on `shutdown`.
 pub async fn remove_when_ready(
     client: Client,
     node: String,
     key: String,
-    ready: impl Fn() -> bool,
+    ready: impl Future<Output = ()>,
     shutdown: Shutdown,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            _ = shutdown.signaled() => return,
-            _ = tick.tick() => if ready() { break },
-        }
+    tokio::select! {
+        _ = shutdown.signaled() => return,
+        _ = ready => {}
     }
     for n in 0..MAX_ATTEMPTS {
         let delay = match attempt(&client, &node, &key).await {

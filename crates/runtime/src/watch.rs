@@ -8,11 +8,11 @@
 //! table-tested); [`feed`] performs that on a [`Sink`] until the stream ends
 //! or shutdown starts; [`spawn`] registers a [`SyncFlag`] in a [`Synced`] set
 //! and runs [`feed`] as a task. A view is synced once its first complete list
-//! is in it, and stays synced while later re-lists run.
+//! is in it, and stays synced while later re-lists run; [`Synced::wait_all`]
+//! lets a task await the moment every view is.
 
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{Stream, StreamExt};
 use kube::runtime::WatchStreamExt;
@@ -101,16 +101,24 @@ impl<K> Lister<K> {
 /// Which watches have put a complete list into their view at least once.
 /// Clones share the same set. With no watch registered, [`Synced::all`] is
 /// true: register (with [`spawn`] or [`Synced::flag`]) before anyone asks.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Synced {
-    /// Registered flags not set yet.
-    pending: Arc<AtomicUsize>,
+    /// Registered flags not set yet; waiters follow it.
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Default for Synced {
+    fn default() -> Self {
+        Synced {
+            pending: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 impl Synced {
     /// Registers one more watch, not synced yet.
     pub fn flag(&self) -> SyncFlag {
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.pending.send_modify(|n| *n += 1);
         SyncFlag {
             pending: Some(Arc::clone(&self.pending)),
         }
@@ -118,7 +126,23 @@ impl Synced {
 
     /// Whether every registered watch has synced.
     pub fn all(&self) -> bool {
-        self.pending.load(Ordering::Acquire) == 0
+        *self.pending.borrow() == 0
+    }
+
+    /// Resolves once every registered watch has synced (at once if they
+    /// have). Never resolves while a watch that ended unsynced is registered,
+    /// so callers race it with shutdown or a timeout. The future owns a clone
+    /// of the set, so it can be moved into a task.
+    pub fn wait_all(&self) -> impl Future<Output = ()> + Send + 'static {
+        let pending = Arc::clone(&self.pending);
+        async move {
+            let mut rx = pending.subscribe();
+            // `pending` keeps the sender, so the channel cannot close here;
+            // if it ever did, the set could never sync: wait forever.
+            if rx.wait_for(|n| *n == 0).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
@@ -126,14 +150,14 @@ impl Synced {
 /// flag dropped unset (its watch ended first) keeps the set unsynced.
 #[derive(Debug)]
 pub struct SyncFlag {
-    pending: Option<Arc<AtomicUsize>>,
+    pending: Option<Arc<tokio::sync::watch::Sender<usize>>>,
 }
 
 impl SyncFlag {
     /// Marks this watch synced.
     pub fn set(&mut self) {
         if let Some(pending) = self.pending.take() {
-            pending.fetch_sub(1, Ordering::AcqRel);
+            pending.send_modify(|n| *n = n.saturating_sub(1));
         }
     }
 
@@ -192,8 +216,8 @@ where
     }
 }
 
-/// Registers a flag in `synced` now (so [`Synced::all`] waits for this
-/// watch from the moment it is started) and runs [`feed`] as a task.
+/// Registers a flag in `synced` now (so [`Synced::all`] and
+/// [`Synced::wait_all`] wait for this watch from the moment it is started) and runs [`feed`] as a task.
 pub fn spawn<K, E, S>(
     events: E,
     sink: S,
@@ -291,6 +315,52 @@ mod tests {
         assert!(!synced.all());
         drop(c); // a watch that ended unsynced keeps the set unsynced
         assert!(!synced.all());
+    }
+
+    #[tokio::test]
+    async fn wait_all_resolves_once_every_flag_is_set() {
+        // (case, flags registered, flags set after the waiter started,
+        // flags dropped unset, whether the waiter resolves)
+        type Case = (
+            &'static str,
+            usize,
+            &'static [usize],
+            &'static [usize],
+            bool,
+        );
+        let cases: &[Case] = &[
+            ("nothing registered", 0, &[], &[], true),
+            ("one, set", 1, &[0], &[], true),
+            ("three, set out of order", 3, &[2, 0, 1], &[], true),
+            ("two, one set", 2, &[0], &[], false),
+            ("two, one set twice", 2, &[0, 0], &[], false),
+            ("two, one ended unsynced", 2, &[0], &[1], false),
+        ];
+        for (name, registered, set, dropped, resolves) in cases {
+            let synced = Synced::default();
+            let mut flags: Vec<Option<SyncFlag>> =
+                (0..*registered).map(|_| Some(synced.flag())).collect();
+            let waiter = tokio::spawn(synced.wait_all());
+            tokio::task::yield_now().await;
+            for &i in *dropped {
+                flags[i] = None;
+            }
+            for &i in *set {
+                if let Some(flag) = flags[i].as_mut() {
+                    flag.set();
+                }
+            }
+            let woke = tokio::time::timeout(Duration::from_millis(100), waiter)
+                .await
+                .is_ok();
+            assert_eq!(woke, *resolves, "{name}: waiter");
+            assert_eq!(synced.all(), *resolves, "{name}: all()");
+            // A waiter that starts late sees the same answer at once.
+            let late = tokio::time::timeout(Duration::from_millis(20), synced.wait_all())
+                .await
+                .is_ok();
+            assert_eq!(late, *resolves, "{name}: late waiter");
+        }
     }
 
     /// Records what the feed asked, and whether the set was synced each time
