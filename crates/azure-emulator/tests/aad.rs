@@ -217,6 +217,16 @@ async fn post(emu: &Emulator, url: &str, form: &[(&str, &str)]) -> Reply {
     Call::new("POST", url).form(form).send(emu.ca_pem()).await
 }
 
+/// A v1 client-credentials form with a client secret, for ARM.
+fn v1_secret_form(client: &'static str, secret: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", client),
+        ("client_secret", secret),
+        ("resource", ARM_RESOURCE),
+    ]
+}
+
 fn aad(r: &Reply) -> (u16, String, u64) {
     let b = r.json();
     (
@@ -230,17 +240,7 @@ fn aad(r: &Reply) -> (u16, String, u64) {
 async fn v1_secret_success_is_all_strings_in_order() {
     let (emu, _) = setup().await;
     for url in [v1(&emu), format!("{}?api-version=1.0", v1(&emu))] {
-        let r = post(
-            &emu,
-            &url,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_id", MIC),
-                ("client_secret", MIC_SECRET),
-                ("resource", ARM_RESOURCE),
-            ],
-        )
-        .await;
+        let r = post(&emu, &url, &v1_secret_form(MIC, MIC_SECRET)).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let text = r.text();
         let order: Vec<usize> = [
@@ -336,15 +336,7 @@ async fn v2_secret_success_has_numbers_and_no_resource() {
 async fn errors_have_aadsts_codes_and_the_full_shape() {
     let (emu, _) = setup().await;
     let (v1u, v2u) = (v1(&emu), v2(&emu));
-    let base = |id: &'static str, secret: &'static str| {
-        vec![
-            ("grant_type", "client_credentials"),
-            ("client_id", id),
-            ("client_secret", secret),
-            ("resource", ARM_RESOURCE),
-        ]
-    };
-    let r = post(&emu, &v1u, &base(MIC, "wrong")).await;
+    let r = post(&emu, &v1u, &v1_secret_form(MIC, "wrong")).await;
     assert_eq!(aad(&r), (401, "invalid_client".into(), 7_000_215));
     let b = r.json();
     for f in [
@@ -362,66 +354,30 @@ async fn errors_have_aadsts_codes_and_the_full_shape() {
             .unwrap_or("")
             .starts_with("AADSTS7000215: Invalid client secret provided.")
     );
-    assert_eq!(
-        aad(&post(&emu, &v1u, &base("nobody", "x")).await),
-        (400, "unauthorized_client".into(), 700_016)
-    );
-    assert_eq!(
-        aad(&post(&emu, &v1u, &base(CERT_APP, "old")).await),
-        (401, "invalid_client".into(), 7_000_222)
-    );
     let wrong_tenant = format!("{}other-tenant/oauth2/token", emu.aad_url());
-    assert_eq!(
-        aad(&post(&emu, &wrong_tenant, &base(MIC, MIC_SECRET)).await),
-        (400, "invalid_request".into(), 90_002)
-    );
-    let mut f = base(MIC, MIC_SECRET);
-    f[3] = ("resource", "https://nothing.example/");
-    assert_eq!(
-        aad(&post(&emu, &v1u, &f).await),
-        (400, "invalid_resource".into(), 500_011)
-    );
-    let r = post(
-        &emu,
-        &v2u,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", MIC),
-            ("client_secret", MIC_SECRET),
-            ("scope", "https://management.azure.com/user_impersonation"),
-        ],
-    )
-    .await;
-    assert_eq!(aad(&r), (400, "invalid_scope".into(), 70_011));
-    let r = post(
-        &emu,
-        &v2u,
-        &[
-            ("client_id", MIC),
-            ("client_secret", MIC_SECRET),
-            ("scope", "https://management.azure.com/.default"),
-        ],
-    )
-    .await;
-    assert_eq!(aad(&r), (400, "invalid_request".into(), 900_144));
-    let r = post(
-        &emu,
-        &v2u,
-        &[("grant_type", "password"), ("client_id", MIC)],
-    )
-    .await;
-    assert_eq!(aad(&r), (400, "unsupported_grant_type".into(), 70_003));
-    let r = post(
-        &emu,
-        &v1u,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", MIC),
-            ("resource", ARM_RESOURCE),
-        ],
-    )
-    .await;
-    assert_eq!(aad(&r), (401, "invalid_client".into(), 7_000_218));
+    let mut bad_resource = v1_secret_form(MIC, MIC_SECRET);
+    bad_resource[3] = ("resource", "https://nothing.example/");
+    let grant = ("grant_type", "client_credentials");
+    let (client, secret) = (("client_id", MIC), ("client_secret", MIC_SECRET));
+    // (endpoint, form, (status, error, AADSTS code))
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Vec<(&str, &str)>, (u16, &str, u64))> = vec![
+        (&v1u, v1_secret_form("nobody", "x"), (400, "unauthorized_client", 700_016)),
+        (&v1u, v1_secret_form(CERT_APP, "old"), (401, "invalid_client", 7_000_222)),
+        (&wrong_tenant, v1_secret_form(MIC, MIC_SECRET), (400, "invalid_request", 90_002)),
+        (&v1u, bad_resource, (400, "invalid_resource", 500_011)),
+        (&v2u, vec![grant, client, secret, ("scope", "https://management.azure.com/user_impersonation")], (400, "invalid_scope", 70_011)),
+        (&v2u, vec![client, secret, ("scope", "https://management.azure.com/.default")], (400, "invalid_request", 900_144)),
+        (&v2u, vec![("grant_type", "password"), client], (400, "unsupported_grant_type", 70_003)),
+        (&v1u, vec![grant, client, ("resource", ARM_RESOURCE)], (401, "invalid_client", 7_000_218)),
+    ];
+    for (url, form, (status, error, code)) in cases {
+        assert_eq!(
+            aad(&post(&emu, url, &form).await),
+            (status, error.to_string(), code),
+            "{url} {form:?}"
+        );
+    }
     // Bad input: wrong content type, GET, oversized body.
     let r = Call::new("POST", &v1u)
         .raw(
@@ -918,17 +874,7 @@ async fn openid_discovery_publishes_the_signing_key() {
     let (emu, _) = setup().await;
     let base = emu.aad_url();
     // A token from the v1 endpoint.
-    let r = post(
-        &emu,
-        &v1(&emu),
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", MIC),
-            ("client_secret", MIC_SECRET),
-            ("resource", ARM_RESOURCE),
-        ],
-    )
-    .await;
+    let r = post(&emu, &v1(&emu), &v1_secret_form(MIC, MIC_SECRET)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let token = r.json()["access_token"].as_str().unwrap_or("").to_string();
     let c = claims(&token);

@@ -32,6 +32,39 @@ imds:
     - { machine: vmss/aks-nodepool1-12345678-vmss/0, address: "127.0.0.1:0" }
 "#;
 
+/// The status of an IMDS request (with the Metadata header) to `url`.
+async fn imds_status(url: &str) -> u16 {
+    Call::new("GET", url)
+        .header("Metadata", "true")
+        .send("")
+        .await
+        .status
+}
+
+/// A GET on the admin endpoint (plain HTTP).
+async fn admin_get(admin: &str, path: &str) -> Reply {
+    Call::new("GET", format!("{admin}{path}")).send("").await
+}
+
+/// A POST of a JSON body to the admin endpoint.
+async fn admin_post(admin: &str, path: &str, body: &serde_json::Value) -> Reply {
+    Call::new("POST", format!("{admin}{path}"))
+        .json(body)
+        .send("")
+        .await
+}
+
+/// Runs the binary with these arguments (at most 30 s).
+async fn run_binary(args: &[&str]) -> std::process::Output {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_azure-emulator"))
+        .args(args)
+        .output();
+    tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("exits")
+        .expect("runs")
+}
+
 fn last_pem_cert(bundle: &str) -> String {
     let start = bundle
         .rfind("-----BEGIN CERTIFICATE-----")
@@ -81,10 +114,7 @@ async fn binary_prints_urls_and_serves_admin_aad_imds() {
     );
     let ca = last_pem_cert(&std::fs::read_to_string(bundle).expect("bundle"));
 
-    let urls = Call::new("GET", format!("{admin}/urls"))
-        .send("")
-        .await
-        .json();
+    let urls = admin_get(admin, "/urls").await.json();
     assert_eq!(urls["arm"], arm.as_str());
 
     // AAD -> token -> ARM.
@@ -109,41 +139,13 @@ async fn binary_prints_urls_and_serves_admin_aad_imds() {
     let q = format!(
         "{imds}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/"
     );
-    assert_eq!(
-        Call::new("GET", &q)
-            .header("Metadata", "true")
-            .send("")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(imds_status(&q).await, 200);
 
     // Faults through the admin endpoint.
     let f = json!({"service": "imds", "action": {"kind": "status", "status": 503}, "count": 1});
-    assert_eq!(
-        Call::new("POST", format!("{admin}/faults"))
-            .json(&f)
-            .send("")
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        Call::new("GET", &q)
-            .header("Metadata", "true")
-            .send("")
-            .await
-            .status,
-        503
-    );
-    assert_eq!(
-        Call::new("GET", &q)
-            .header("Metadata", "true")
-            .send("")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(admin_post(admin, "/faults", &f).await.status, 200);
+    assert_eq!(imds_status(&q).await, 503);
+    assert_eq!(imds_status(&q).await, 200);
     assert_eq!(
         Call::new("POST", format!("{admin}/faults"))
             .raw("application/json", "{")
@@ -153,56 +155,50 @@ async fn binary_prints_urls_and_serves_admin_aad_imds() {
         400
     );
 
-    let act = |body: serde_json::Value| Call::new("POST", format!("{admin}/actions")).json(&body);
-    let r = act(json!({"action": "stripIdentities", "resource": VMSS}))
-        .send("")
-        .await;
+    let r = admin_post(
+        admin,
+        "/actions",
+        &json!({"action": "stripIdentities", "resource": VMSS}),
+    )
+    .await;
     assert_eq!(r.json()["removed"], 1);
+    assert_eq!(imds_status(&q).await, 400);
+    let r = admin_post(
+        admin,
+        "/actions",
+        &json!({"action": "assignIdentities", "resource": VMSS, "identities": ["app-id"]}),
+    )
+    .await;
+    assert_eq!(r.json()["assigned"], 1);
+    let r = admin_post(
+        admin,
+        "/actions",
+        &json!({"action": "setDeleting", "resource": VMSS}),
+    )
+    .await;
+    assert_eq!(r.json()["found"], true);
+    let r = admin_post(
+        admin,
+        "/actions",
+        &json!({"action": "advanceClock", "seconds": 60}),
+    )
+    .await;
+    assert!(r.json()["virtualTimeMs"].is_u64());
     assert_eq!(
-        Call::new("GET", &q)
-            .header("Metadata", "true")
-            .send("")
+        admin_post(admin, "/actions", &json!({"action": "bogus"}))
             .await
             .status,
         400
     );
-    let r = act(json!({"action": "assignIdentities", "resource": VMSS, "identities": ["app-id"]}))
-        .send("")
-        .await;
-    assert_eq!(r.json()["assigned"], 1);
-    let r = act(json!({"action": "setDeleting", "resource": VMSS}))
-        .send("")
-        .await;
-    assert_eq!(r.json()["found"], true);
-    let r = act(json!({"action": "advanceClock", "seconds": 60}))
-        .send("")
-        .await;
-    assert!(r.json()["virtualTimeMs"].is_u64());
-    assert_eq!(act(json!({"action": "bogus"})).send("").await.status, 400);
 
-    let state = Call::new("GET", format!("{admin}/state"))
-        .send("")
-        .await
-        .json();
+    let state = admin_get(admin, "/state").await.json();
     assert_eq!(state["compute"][0]["provisioningState"], "Deleting");
-    let counters = Call::new("GET", format!("{admin}/counters"))
-        .send("")
-        .await
-        .json();
+    let counters = admin_get(admin, "/counters").await.json();
     assert_eq!(counters["imdsTokenRequests"][format!("vmss/{VMSS}/0")], 4);
     assert_eq!(counters["faultsFired"], 1);
-    let log = Call::new("GET", format!("{admin}/requests?since=0"))
-        .send("")
-        .await
-        .json();
+    let log = admin_get(admin, "/requests?since=0").await.json();
     assert!(log.as_array().is_some_and(|l| l.len() >= 6));
-    assert_eq!(
-        Call::new("GET", format!("{admin}/nope"))
-            .send("")
-            .await
-            .status,
-        404
-    );
+    assert_eq!(admin_get(admin, "/nope").await.status, 404);
 
     child.start_kill().expect("kill");
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
@@ -211,19 +207,9 @@ async fn binary_prints_urls_and_serves_admin_aad_imds() {
 
 #[tokio::test]
 async fn binary_rejects_bad_arguments() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_azure-emulator")).output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .expect("exits")
-        .expect("runs");
+    let out = run_binary(&[]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config is required"));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_azure-emulator"))
-        .args(["--config", "/nonexistent.yaml"])
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .expect("exits")
-        .expect("runs");
+    let out = run_binary(&["--config", "/nonexistent.yaml"]).await;
     assert!(!out.status.success());
 }

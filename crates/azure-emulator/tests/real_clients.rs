@@ -106,27 +106,22 @@ async fn python_managed_identity_credential_against_imds() {
         assert_eq!(claims(token)["appid"], APP_CLIENT, "{selector:?}");
     }
 
-    // An identity that is not on this machine: the SDK surfaces IMDS's error.
-    let out = ask(IdentitySelector::ClientId(OTHER_CLIENT)).await.unwrap();
-    assert!(out.get("token").is_none(), "{out}");
-    assert!(
-        out["error"]
-            .as_str()
-            .unwrap()
-            .contains("Identity not found"),
-        "{out}"
-    );
-
-    // Two identities on the machine and none named.
-    let out = ask(IdentitySelector::Default).await.unwrap();
-    assert!(out.get("token").is_none(), "{out}");
-    assert!(
-        out["error"]
-            .as_str()
-            .unwrap()
-            .contains("Multiple user assigned identities"),
-        "{out}"
-    );
+    for (selector, error) in [
+        // An identity that is not on this machine: the SDK surfaces IMDS's error.
+        (
+            IdentitySelector::ClientId(OTHER_CLIENT),
+            "Identity not found",
+        ),
+        // Two identities on the machine and none named.
+        (
+            IdentitySelector::Default,
+            "Multiple user assigned identities",
+        ),
+    ] {
+        let out = ask(selector).await.unwrap();
+        assert!(out.get("token").is_none(), "{out}");
+        assert!(out["error"].as_str().unwrap().contains(error), "{out}");
+    }
 
     emu.shutdown();
 }
