@@ -202,11 +202,7 @@ impl Args {
 
     /// The `--immutable-user-msis` client IDs, lower-cased as upstream loads them.
     pub fn immutable_client_ids(&self) -> Vec<String> {
-        self.immutable_user_msis
-            .split(',')
-            .map(|s| s.trim().to_lowercase())
-            .filter(|s| !s.is_empty())
-            .collect()
+        aadpodid_runtime::azure_json::client_id_list(&self.immutable_user_msis)
     }
 }
 

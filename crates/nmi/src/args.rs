@@ -362,7 +362,7 @@ impl Args {
 
     /// The `--immutable-user-msis` client IDs, lower-cased as MIC reads them.
     pub fn immutable_client_ids(&self) -> Vec<String> {
-        crate::cluster::parse_client_id_list(&self.immutable_user_msis)
+        aadpodid_runtime::azure_json::client_id_list(&self.immutable_user_msis)
     }
 
     /// Longest wait for an identity MIC has not even created (upstream: 16 × 5 s).

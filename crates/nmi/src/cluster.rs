@@ -15,6 +15,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use aadpodid_runtime::azure_json::{self, AzureJson};
+
 /// Client IDs NMI never serves to pods unless told to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterIdentities {
@@ -74,38 +76,9 @@ impl ClusterIdentities {
     }
 }
 
-/// `--immutable-user-msis`: comma-separated client IDs, trimmed and
-/// lower-cased, blanks dropped (as MIC reads the same flag).
-pub fn parse_client_id_list(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(|c| c.trim().to_lowercase())
-        .filter(|c| !c.is_empty())
-        .collect()
-}
-
-/// azure.json's `userAssignedIdentityID` (the kubelet identity's client ID),
-/// keys matched ignoring case as Go's decoder does. `Ok(None)` when it is
-/// absent, null or blank.
-pub fn kubelet_client_id(azure_json: &str) -> Result<Option<String>, String> {
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(azure_json).map_err(|e| e.to_string())?;
-    let value = map
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("userAssignedIdentityID"))
-        .map(|(_, v)| v);
-    match value {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s.trim().to_string())),
-        Some(other) => Err(format!(
-            "userAssignedIdentityID: expected a string, got {other}"
-        )),
-    }
-}
-
 /// The cluster identities from the flags: `--immutable-user-msis` and, when
 /// `--cloudconfig` is set, the kubelet identity from that file (read with
-/// `read`). A file that cannot be read or parsed is not fatal: the second
+/// `read`). Both are read as MIC reads them ([`azure_json`]). A file that cannot be read or parsed is not fatal: the second
 /// value is the warning to log, and the flag's list alone is used.
 pub fn from_flags(
     cloudconfig: &str,
@@ -113,19 +86,19 @@ pub fn from_flags(
     serve: bool,
     read: impl FnOnce(&Path) -> std::io::Result<String>,
 ) -> (ClusterIdentities, Option<String>) {
-    let mut ids = parse_client_id_list(immutable_user_msis);
+    let mut ids = azure_json::client_id_list(immutable_user_msis);
     let mut warning = None;
     if !cloudconfig.is_empty() {
-        match read(Path::new(cloudconfig)).map_err(|e| e.to_string()) {
-            Ok(text) => match kubelet_client_id(&text) {
-                Ok(Some(id)) => ids.push(id),
-                Ok(None) => {}
-                Err(e) => {
-                    warning = Some(format!(
-                        "--cloudconfig={cloudconfig}: {e}; the kubelet identity is not known, only --immutable-user-msis is protected"
-                    ));
-                }
-            },
+        let kubelet = read(Path::new(cloudconfig))
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                AzureJson::parse(&text)
+                    .and_then(|j| j.kubelet_client_id())
+                    .map_err(|e| e.to_string())
+            });
+        match kubelet {
+            Ok(Some(id)) => ids.push(id),
+            Ok(None) => {}
             Err(e) => {
                 warning = Some(format!(
                     "--cloudconfig={cloudconfig}: {e}; the kubelet identity is not known, only --immutable-user-msis is protected"
@@ -175,50 +148,6 @@ mod tests {
         }
         assert_eq!(cluster.len(), 2);
         assert!(served.contains("KUBELET-ID") && served.serves());
-    }
-
-    #[test]
-    fn immutable_list_is_parsed_as_mic_does() {
-        let cases: &[(&str, &[&str])] = &[
-            ("", &[]),
-            (",", &[]),
-            ("AAAA-1,bbbb-2", &["aaaa-1", "bbbb-2"]),
-            (" aaaa-1 , ,BBBB-2,", &["aaaa-1", "bbbb-2"]),
-        ];
-        for (flag, want) in cases {
-            assert_eq!(parse_client_id_list(flag), *want, "{flag:?}");
-        }
-    }
-
-    #[test]
-    fn kubelet_client_id_from_azure_json() {
-        let cases: &[(&str, Result<Option<&str>, ()>)] = &[
-            (
-                r#"{"cloud":"AzurePublicCloud","userAssignedIdentityID":"kubelet-id"}"#,
-                Ok(Some("kubelet-id")),
-            ),
-            (
-                r#"{"userassignedidentityid":" Kubelet-ID "}"#,
-                Ok(Some("Kubelet-ID")),
-            ),
-            (r#"{"useManagedIdentityExtension":true}"#, Ok(None)),
-            (r#"{"userAssignedIdentityID":""}"#, Ok(None)),
-            (r#"{"userAssignedIdentityID":null}"#, Ok(None)),
-            (r#"{"userAssignedIdentityID":42}"#, Err(())),
-            ("not json", Err(())),
-            ("[]", Err(())),
-        ];
-        for (text, want) in cases {
-            let got = kubelet_client_id(text);
-            match want {
-                Ok(w) => assert_eq!(
-                    got.as_ref().ok().cloned(),
-                    Some(w.map(String::from)),
-                    "{text}"
-                ),
-                Err(()) => assert!(got.is_err(), "{text}: {got:?}"),
-            }
-        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Process plumbing that mic and nmi share, so that both behave the same way:
 //! logging, one shutdown source, the probe and metrics HTTP server, the
-//! Kubernetes client, an Event publisher, and the list-and-watch loop that
-//! keeps a local view of a kind current.
+//! Kubernetes client, an Event publisher, the list-and-watch loop that
+//! keeps a local view of a kind current, and the azure.json reader.
 
 pub mod admin;
+pub mod azure_json;
 pub mod client;
 pub mod events;
 pub mod logging;

@@ -3,8 +3,7 @@
 //! (docs/upstream-behaviour.md#mic-and-arm). Pure: the caller
 //! passes file contents and an environment lookup.
 
-use std::collections::BTreeMap;
-
+use aadpodid_runtime::azure_json::{AzureJson, AzureJsonError, KUBELET_CLIENT_ID_KEY};
 use azure_core::credentials::Secret;
 use serde::Deserialize;
 
@@ -162,33 +161,14 @@ struct Raw {
 
 fn raw_from_file(path: &str, text: &str) -> Result<Raw, CloudConfigError> {
     // Upstream reads the file with sigs.k8s.io/yaml, i.e. YAML converted to
-    // JSON and decoded by encoding/json, which matches keys case-insensitively.
-    let parse_err = |message: String| CloudConfigError::ParseCloudConfig {
+    // JSON and decoded by encoding/json, which matches keys case-insensitively;
+    // nmi reads the kubelet identity from the same file with the same reader.
+    let parse_err = |e: AzureJsonError| CloudConfigError::ParseCloudConfig {
         path: path.into(),
-        message,
+        message: e.to_string(),
     };
-    let map: BTreeMap<String, serde_json::Value> =
-        serde_saphyr::from_str(text).map_err(|e| parse_err(e.to_string()))?;
-    let map: BTreeMap<String, serde_json::Value> = map
-        .into_iter()
-        .map(|(k, v)| (k.to_lowercase(), v))
-        .collect();
-    let s = |key: &str| -> Result<String, CloudConfigError> {
-        match map.get(&key.to_lowercase()) {
-            None | Some(serde_json::Value::Null) => Ok(String::new()),
-            Some(serde_json::Value::String(v)) => Ok(v.clone()),
-            Some(other) => Err(parse_err(format!("{key}: expected a string, got {other}"))),
-        }
-    };
-    let use_msi = match map.get("usemanagedidentityextension") {
-        None | Some(serde_json::Value::Null) => false,
-        Some(serde_json::Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(parse_err(format!(
-                "useManagedIdentityExtension: expected a boolean, got {other}"
-            )));
-        }
-    };
+    let file = AzureJson::parse(text).map_err(parse_err)?;
+    let s = |key: &str| file.string(key).map_err(parse_err);
     Ok(Raw {
         cloud: s("cloud")?,
         tenant_id: s("tenantId")?,
@@ -196,8 +176,10 @@ fn raw_from_file(path: &str, text: &str) -> Result<Raw, CloudConfigError> {
         client_secret: s("aadClientSecret")?,
         subscription_id: s("subscriptionId")?,
         resource_group: s("resourceGroup")?,
-        use_msi,
-        user_assigned_identity_id: s("userAssignedIdentityID")?,
+        use_msi: file
+            .boolean("useManagedIdentityExtension")
+            .map_err(parse_err)?,
+        user_assigned_identity_id: s(KUBELET_CLIENT_ID_KEY)?,
     })
 }
 
