@@ -13,11 +13,11 @@
 //!   the Deployment and DaemonSet objects;
 //! - Node objects whose providerIDs point at the scale-set instances;
 //! - mic as the rendered Deployment configures it: its replicas are processes
-//!   of `e2e-mic` ([`Options::mic_bin`]), each in a network namespace of its own (a pod network, so
+//!   of `e2e-mic` ([`Options::mic`], see [`Program`]), each in a network namespace of its own (a pod network, so
 //!   every replica has the chart's ports), with the container's args and env
 //!   (downward-API values filled in as the kubelet would, `HOSTNAME` the pod
 //!   name), authenticated with a TokenRequest token of the chart's ServiceAccount;
-//! - nmi as the rendered DaemonSet configures it: one `e2e-nmi` per node inside
+//! - nmi as the rendered DaemonSet configures it: one `e2e-nmi` ([`Options::nmi`]) per node inside
 //!   the node's network namespace (host network), with the node's pods as
 //!   namespaces of their own behind veth links, and the node's emulated IMDS
 //!   on 169.254.169.254:80 inside the node namespace.
@@ -141,6 +141,41 @@ pub fn vmss_name(s: usize) -> String {
     format!("aks-pool{s}-12345678-vmss")
 }
 
+/// How the world starts mic or nmi: an executable, and variables set on top
+/// of the container's environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Program {
+    /// The executable.
+    pub path: PathBuf,
+    /// Variables added to the container's environment (they win over it).
+    pub env: Vec<(String, String)>,
+}
+
+impl Program {
+    /// A binary that is mic or nmi by itself.
+    pub fn binary(path: impl Into<PathBuf>) -> Program {
+        Program {
+            path: path.into(),
+            env: vec![],
+        }
+    }
+
+    /// Executable `exe` run with `var=value`, which makes it act as mic or
+    /// nmi (a tool that re-executes itself in a role).
+    pub fn role(exe: impl Into<PathBuf>, var: &str, value: &str) -> Program {
+        Program {
+            path: exe.into(),
+            env: vec![(var.into(), value.into())],
+        }
+    }
+
+    /// [`Program::role`] of the running executable.
+    pub fn this_executable_as(var: &str, value: &str) -> anyhow::Result<Program> {
+        let exe = std::env::current_exe().context("find the running executable")?;
+        Ok(Program::role(exe, var, value))
+    }
+}
+
 /// What a world holds.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -166,19 +201,27 @@ pub struct Options {
     /// Virtual seconds per real second of the emulator (a VMSS write takes 45
     /// virtual seconds).
     pub clock_speed: f64,
-    /// The `mic` command (`env!("CARGO_BIN_EXE_e2e-mic")` of the test).
-    pub mic_bin: PathBuf,
-    /// The `nmi` command (`env!("CARGO_BIN_EXE_e2e-nmi")` of the test).
-    pub nmi_bin: PathBuf,
+    /// How mic replicas are started.
+    pub mic: Program,
+    /// How nmi is started on each node.
+    pub nmi: Program,
 }
 
 impl Options {
     /// Two scale sets of two instances, five identities, two pod namespaces
-    /// per node, the chart's default values, the clock 30 times real time.
+    /// per node, the chart's default values, the clock 30 times real time;
+    /// mic and nmi are these executables (a test passes
+    /// `env!("CARGO_BIN_EXE_e2e-mic")` and `env!("CARGO_BIN_EXE_e2e-nmi")`).
     pub fn new(mic_bin: impl Into<PathBuf>, nmi_bin: impl Into<PathBuf>) -> Self {
+        Options::with_programs(Program::binary(mic_bin), Program::binary(nmi_bin))
+    }
+
+    /// [`Options::new`] with mic and nmi started as `mic` and `nmi` say (for
+    /// example one executable re-executed in two roles, [`Program::role`]).
+    pub fn with_programs(mic: Program, nmi: Program) -> Self {
         Options {
-            mic_bin: mic_bin.into(),
-            nmi_bin: nmi_bin.into(),
+            mic,
+            nmi,
             scale_sets: 2,
             instances: 2,
             identities: 5,
@@ -197,7 +240,7 @@ impl Options {
 pub struct Proc {
     /// Pod name it stands for (`HOSTNAME`).
     pub name: String,
-    program: PathBuf,
+    program: Program,
     args: Vec<String>,
     env: Vec<(String, String)>,
     probe: (u16, String),
@@ -223,12 +266,18 @@ impl Proc {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = ns.command(&self.program);
+        let mut cmd = ns.command(&self.program.path);
         // The container's environment only, plus PATH (iptables) for the wrapper.
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.program
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(
@@ -809,7 +858,7 @@ impl World {
                 env.extend(extra_env(&pod_name));
                 let nmi = Proc {
                     name: pod_name.clone(),
-                    program: opts.nmi_bin.clone(),
+                    program: opts.nmi.clone(),
                     args,
                     env,
                     probe: nmi_probe.clone(),
@@ -853,7 +902,7 @@ impl World {
             env.extend(extra_env(&pod_name));
             let proc = Proc {
                 name: pod_name.clone(),
-                program: opts.mic_bin.clone(),
+                program: opts.mic.clone(),
                 args,
                 env,
                 probe: mic_probe.clone(),
@@ -1714,5 +1763,24 @@ impl World {
             }
         };
         tokio::join!(body, watch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_a_binary_or_an_executable_in_a_role() {
+        let bin = Program::binary("/bin/mic");
+        assert_eq!(bin.path, PathBuf::from("/bin/mic"));
+        assert!(bin.env.is_empty());
+        let role = Program::role("/bin/tool", "ROLE", "nmi");
+        assert_eq!(role.path, PathBuf::from("/bin/tool"));
+        assert_eq!(role.env, vec![("ROLE".to_string(), "nmi".to_string())]);
+        let me = Program::this_executable_as("ROLE", "mic").unwrap();
+        assert_eq!(me.path, std::env::current_exe().unwrap());
+        let opts = Options::new("/m", "/n");
+        assert_eq!((opts.mic.path, opts.nmi.path), ("/m".into(), "/n".into()));
     }
 }
