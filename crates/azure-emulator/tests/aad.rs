@@ -361,7 +361,7 @@ async fn errors_have_aadsts_codes_and_the_full_shape() {
     let (client, secret) = (("client_id", MIC), ("client_secret", MIC_SECRET));
     // (endpoint, form, (status, error, AADSTS code))
     #[rustfmt::skip]
-    let cases: Vec<(&str, Vec<(&str, &str)>, (u16, &str, u64))> = vec![
+    let cases = vec![
         (&v1u, v1_secret_form("nobody", "x"), (400, "unauthorized_client", 700_016)),
         (&v1u, v1_secret_form(CERT_APP, "old"), (401, "invalid_client", 7_000_222)),
         (&wrong_tenant, v1_secret_form(MIC, MIC_SECRET), (400, "invalid_request", 90_002)),
