@@ -326,23 +326,14 @@ impl<'a> Arm<'a> {
         format!("{}{path}{sep}api-version={api}", self.emu.arm_url())
     }
     pub async fn get(&self, path: &str, api: &str) -> Reply {
-        Call::new("GET", self.url(path, api))
-            .bearer(&self.token)
-            .send(self.emu.ca_pem())
-            .await
+        self.send(self.call("GET", &self.url(path, api))).await
     }
     pub async fn patch(&self, path: &str, api: &str, body: &Value) -> Reply {
-        Call::new("PATCH", self.url(path, api))
-            .bearer(&self.token)
-            .json(body)
-            .send(self.emu.ca_pem())
+        self.send(self.call("PATCH", &self.url(path, api)).json(body))
             .await
     }
     pub async fn put(&self, path: &str, api: &str, body: &Value) -> Reply {
-        Call::new("PUT", self.url(path, api))
-            .bearer(&self.token)
-            .json(body)
-            .send(self.emu.ca_pem())
+        self.send(self.call("PUT", &self.url(path, api)).json(body))
             .await
     }
     /// PATCH of `identity` on a VM or scale set (see [`identity_patch`]).
@@ -364,10 +355,7 @@ impl<'a> Arm<'a> {
     }
     /// GET on an absolute URL (e.g. `Azure-AsyncOperation`).
     pub async fn get_abs(&self, url: &str) -> Reply {
-        Call::new("GET", url)
-            .bearer(&self.token)
-            .send(self.emu.ca_pem())
-            .await
+        self.send(self.call("GET", url)).await
     }
 }
 
