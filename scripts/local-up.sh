@@ -20,8 +20,9 @@ echo "local-up: installing/building what is missing (fast when cached)" >&2
 AADPODID_CLUSTER_BIN=$(AADPODID_SETUP_DEMO_ONLY=1 bash scripts/setup.sh)
 export AADPODID_CLUSTER_BIN
 
-printf '\n== building the demo, mic and nmi (cargo; a few minutes the first time)\n' >&2
-cargo build -p aadpodid-tests --bin local-up --bin e2e-mic --bin e2e-nmi --locked
+# One binary: mic and nmi are the demo re-executed in their role.
+printf '\n== building the demo with mic and nmi (cargo; a few minutes the first time)\n' >&2
+cargo build -p aadpodid-local-up --bin local-up --locked
 
 printf '\n== running the demo\n\n' >&2
 exec "$CARGO_TARGET_DIR/debug/local-up" "$@"

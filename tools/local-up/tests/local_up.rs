@@ -10,14 +10,12 @@ use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use aadpodid_local_up::leftovers::netns_of;
+use aadpodid_local_up::tenant::{SEED4_CLIENT, UAI_CLIENT};
 use anyhow::{Context as _, bail};
 
 /// Bound on one demo run (the cluster binaries are built before tests run).
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
-/// Seed 002's identity's client ID, as the demo seeds the emulator.
-const UAI_CLIENT: &str = "7c8e5e33-2b4a-4a36-8a3c-5d0b6e1f2a9d";
-/// Seed 004's identity's client ID, likewise.
-const SEED4_CLIENT: &str = "4e2d1c1b-6a0f-4f55-9a43-2f1f3c7b9e11";
 
 /// Each run brings up a whole system; one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -126,15 +124,7 @@ impl Drop for Demo {
 /// Nothing of the run with process ID `pid` is left: no network namespace it
 /// named, no process whose command line names its folders, no folder.
 fn assert_nothing_left(pid: u32, out: &str) -> anyhow::Result<()> {
-    let prefix = format!("aadpodid-{pid}-");
-    let netns: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|es| {
-            es.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default();
+    let netns = netns_of(pid);
     assert!(netns.is_empty(), "network namespaces left: {netns:?}");
 
     let tmp = std::env::temp_dir();

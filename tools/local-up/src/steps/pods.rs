@@ -1,0 +1,256 @@
+//! Step 7: the seeds' two pods, applied with `kubectl apply` and then
+//! scheduled as the scheduler and the kubelet would (bound to a node, Running
+//! with the IP of a pod namespace of that node); their AzureAssignedIdentities
+//! going `Created` -> `Assigned`, mic's ARM calls, and the identities on the
+//! scale set and the VM as ARM `GET` returns them.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aadpodid_api::AzureAssignedIdentity;
+use aadpodid_testkit::netns::{NetNs, Node};
+use aadpodid_testkit::{Cluster, SUB, fill_template, fixture};
+use anyhow::{Context as _, bail};
+use azure_emulator::Emulator;
+use azure_emulator::observe::Service;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::say::{done, info, step};
+use crate::steps::manifests::Seeds;
+use crate::steps::{WAIT, kubectl_apply};
+use crate::tenant::{
+    CLOCK_SPEED, Resource, SEED4_IDENTITY, SEED4_NAMESPACE, SEED4_POD_IDENTITY, SEED4_RG, UAI_NAME,
+    VM, arm_identities, short_arm_path, vmss_node,
+};
+
+/// One of the demo's pods and where it runs.
+#[derive(Debug)]
+pub struct DemoPod {
+    pub fixture: &'static str,
+    pub manifest: String,
+    pub namespace: &'static str,
+    pub name: &'static str,
+    pub node: String,
+    /// The node's namespaces; the pod's is `pod_index` of its pods.
+    pub home: Arc<Node>,
+    pub pod_index: usize,
+    pub resource: Resource,
+    pub identity: &'static str,
+    pub client_id: String,
+}
+
+impl DemoPod {
+    /// The pod's network namespace.
+    pub fn netns(&self) -> anyhow::Result<&NetNs> {
+        self.home
+            .pods
+            .get(self.pod_index)
+            .map(|(ns, _)| ns)
+            .context("pod namespace")
+    }
+
+    /// The pod's IP.
+    pub fn ip(&self) -> anyhow::Result<Ipv4Addr> {
+        self.home
+            .pods
+            .get(self.pod_index)
+            .map(|(_, ip)| *ip)
+            .context("pod address")
+    }
+
+    /// Whether `aai` is this pod's.
+    pub fn owns(&self, aai: &AzureAssignedIdentity) -> bool {
+        aai.spec.pod == self.name && aai.spec.pod_namespace == self.namespace
+    }
+}
+
+/// The two pods: seed 002's on the first scale-set node, seed 004's on the
+/// VM (the second pod namespace of its node).
+pub fn demo_pods(seeds: &Seeds, homes: &[Arc<Node>]) -> anyhow::Result<Vec<DemoPod>> {
+    let vars4 = [
+        ("POD_IDENTITY_NAME", SEED4_POD_IDENTITY),
+        ("SUBSCRIPTION_ID", SUB),
+        ("IDENTITY_CLIENT_ID", seeds.app_client.as_str()),
+        ("IDENTITY_RESOURCE_GROUP", SEED4_RG),
+    ];
+    Ok(vec![
+        DemoPod {
+            fixture: "seed002-pod.yaml",
+            manifest: fill_template(&fixture("seed002-pod.yaml")?, &seeds.vars002()),
+            namespace: "default",
+            name: "nginx-secrets-store-inline",
+            node: vmss_node(0),
+            home: homes.first().context("node 0")?.clone(),
+            pod_index: 0,
+            resource: Resource::ScaleSet,
+            identity: UAI_NAME,
+            client_id: seeds.uai_client.clone(),
+        },
+        DemoPod {
+            fixture: "seed004-pod.yaml",
+            manifest: fill_template(&fixture("seed004-pod.yaml")?, &vars4),
+            namespace: SEED4_NAMESPACE,
+            name: "demo",
+            node: VM.to_string(),
+            home: homes.get(2).context("node 2")?.clone(),
+            pod_index: 1,
+            resource: Resource::Vm,
+            identity: SEED4_IDENTITY,
+            client_id: seeds.app_client.clone(),
+        },
+    ])
+}
+
+/// Runs the pods and shows their identities assigned; returns the pods.
+pub async fn run(
+    cluster: &'static Cluster,
+    client: &Client,
+    emu: &Emulator,
+    seeds: &Seeds,
+    homes: &[Arc<Node>],
+) -> anyhow::Result<Vec<DemoPod>> {
+    let t = step(
+        7,
+        "Two pods from the seeds, scheduled to nodes, each with its IP and network namespace",
+    );
+    let pods = demo_pods(seeds, homes)?;
+    let arm_since = emu.requests(0).last().map_or(0, |r| r.seq);
+    let t_pod = Instant::now();
+    for p in &pods {
+        let out = kubectl_apply(cluster, p.namespace, &p.manifest).await?;
+        info(&format!("tests/fixtures/{}: {}", p.fixture, out.trim()));
+        schedule(client, p).await?;
+    }
+    show_assigned(client, &pods, t_pod).await?;
+    info(
+        "mic created each AzureAssignedIdentity, added the identity to the node's scale set or VM through ARM, then marked it Assigned:",
+    );
+    show_arm_calls(emu, arm_since);
+    for p in &pods {
+        let ids = arm_identities(emu, p.resource).await?;
+        info(&format!(
+            "ARM GET {}: userAssignedIdentities = [{}]",
+            p.resource.name(),
+            ids.join(", ")
+        ));
+        if !ids.iter().any(|i| i == p.identity) {
+            bail!(
+                "{} is not on {} although its AAI is Assigned",
+                p.identity,
+                p.resource.name()
+            );
+        }
+    }
+    done(t);
+    Ok(pods)
+}
+
+/// What the scheduler and the kubelet would do: bind the pod to its node,
+/// then report it Running with its IP.
+async fn schedule(client: &Client, p: &DemoPod) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), p.namespace);
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        p.name,
+        &PostParams::default(),
+        &json!({
+            "apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": p.name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": p.node},
+        }),
+    )
+    .await
+    .context("bind the pod to its node")?;
+    let ip = p.ip()?.to_string();
+    pods.patch_status(
+        p.name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        }})),
+    )
+    .await?;
+    info(&format!(
+        "  {}/{} on {}, IP {ip} (netns {})",
+        p.namespace,
+        p.name,
+        p.node,
+        p.netns()?.name()
+    ));
+    Ok(())
+}
+
+/// Shows each pod's AzureAssignedIdentity status as it changes, until all
+/// are `Assigned`. Polled rather than watched so each status is shown as
+/// seen; bounded by [`WAIT`].
+async fn show_assigned(client: &Client, pods: &[DemoPod], since: Instant) -> anyhow::Result<()> {
+    let aais: Api<AzureAssignedIdentity> = Api::all(client.clone());
+    let mut shown: Vec<String> = vec![String::new(); pods.len()];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let list = aais.list(&ListParams::default()).await?;
+        for (p, seen) in pods.iter().zip(shown.iter_mut()) {
+            let Some(a) = list.items.iter().find(|a| p.owns(a)) else {
+                continue;
+            };
+            let status = a
+                .status
+                .as_ref()
+                .map(|s| s.status.clone())
+                .unwrap_or_default();
+            if status != *seen {
+                info(&format!(
+                    "AzureAssignedIdentity {}/{}: {} (+{:.1}s)",
+                    a.metadata.namespace.clone().unwrap_or_default(),
+                    a.metadata.name.clone().unwrap_or_default(),
+                    if status.is_empty() {
+                        "(no status yet)"
+                    } else {
+                        &status
+                    },
+                    since.elapsed().as_secs_f64()
+                ));
+                *seen = status;
+            }
+        }
+        if shown.iter().all(|s| s == "Assigned") {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {WAIT:?} waiting for the AzureAssignedIdentities to be Assigned"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// mic's ARM requests since request `since`, with their times in real seconds.
+fn show_arm_calls(emu: &Emulator, since: u64) {
+    let arm_calls: Vec<_> = emu
+        .requests(since)
+        .into_iter()
+        .filter(|r| r.service == Service::Arm)
+        .take(16)
+        .collect();
+    let first_at = arm_calls.first().map_or(0, |r| r.at_ms);
+    for r in &arm_calls {
+        // Request times are the emulator's virtual clock; shown in real seconds.
+        let real = r.at_ms.saturating_sub(first_at) as f64 / 1000.0 / CLOCK_SPEED;
+        info(&format!(
+            "  mic -> ARM (+{real:.1}s): {} {} -> {}",
+            r.method,
+            short_arm_path(&r.uri),
+            r.status
+        ));
+    }
+    info(&format!(
+        "  (writes take {:.1}s (scale set) and {:.1}s (VM) here; mic polls each operation when ARM's Retry-After says, then every 5 s)",
+        45.0 / CLOCK_SPEED,
+        15.0 / CLOCK_SPEED
+    ));
+}

@@ -1,0 +1,261 @@
+//! The demo's emulated tenant: a scale set with two instances and a
+//! standalone VM (the three nodes), the kubelet identity, the identities the
+//! seed manifests name, and mic's service principal; and reading a machine's
+//! identities back through ARM as an operator would.
+
+use std::process::Stdio;
+
+use aadpodid_testkit::tenant::{
+    ARM_AUDIENCE, KUBELET, KUBELET_CLIENT, MIC_CLIENT, MIC_SECRET, MicCloud, Tenant,
+    vm_provider_id, vmss_provider_id,
+};
+use aadpodid_testkit::{SUB, TENANT};
+use anyhow::{Context as _, bail};
+use azure_emulator::{Config, Emulator};
+use tokio::process::Command;
+
+/// The AKS node resource group.
+pub const NODE_RG: &str = "MC_demo-rg_demo-aks_eastus";
+/// Where the application identities live.
+pub const APP_RG: &str = "demo-identities";
+/// The scale set of the first two nodes.
+pub const VMSS: &str = "aks-nodepool1-12345678-vmss";
+/// A standalone VM node (availability-set naming).
+pub const VM: &str = "aks-agentpool-12345678-0";
+/// Seed 002's `${UAIName}`: the identity its manifests name.
+pub const UAI_NAME: &str = "uai-kv";
+pub const UAI_CLIENT: &str = "7c8e5e33-2b4a-4a36-8a3c-5d0b6e1f2a9d";
+/// Seed 002's `${KVName}` (only the pod's CSI volume names it).
+pub const KV_NAME: &str = "kv-demo";
+/// Seed 004 (an AKS walkthrough): `az identity create` in
+/// `${IDENTITY_RESOURCE_GROUP}`, then `az aks pod-identity add` binds it as
+/// `${POD_IDENTITY_NAME}` in `${POD_IDENTITY_NAMESPACE}`.
+pub const SEED4_RG: &str = "myIdentityResourceGroup";
+pub const SEED4_IDENTITY: &str = "application-identity";
+pub const SEED4_CLIENT: &str = "4e2d1c1b-6a0f-4f55-9a43-2f1f3c7b9e11";
+pub const SEED4_POD_IDENTITY: &str = "my-pod-identity";
+pub const SEED4_NAMESPACE: &str = "my-app";
+/// Virtual seconds per real second: a 45 s scale-set write takes 1.5 s.
+pub const CLOCK_SPEED: f64 = 30.0;
+
+/// Name of the scale set's instance `i` as a Kubernetes node.
+pub fn vmss_node(i: usize) -> String {
+    format!("{VMSS}{i:06}")
+}
+
+/// One emulated machine that is a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    /// The Node object's name.
+    pub node: String,
+    /// The Node's `spec.providerID`.
+    pub provider_id: String,
+    /// The emulator's name of the machine for its IMDS (`vmss/<set>/<i>`, `vm/<name>`).
+    pub imds: String,
+}
+
+/// The three nodes: scale-set instances 0 and 1, then the VM (its
+/// providerID's resource group in lower case too, as AKS writes it).
+pub fn machines() -> Vec<Machine> {
+    let mut out: Vec<Machine> = (0..2)
+        .map(|i| Machine {
+            node: vmss_node(i),
+            provider_id: vmss_provider_id(NODE_RG, VMSS, i),
+            imds: format!("vmss/{VMSS}/{i}"),
+        })
+        .collect();
+    out.push(Machine {
+        node: VM.to_string(),
+        provider_id: vm_provider_id(&NODE_RG.to_lowercase(), VM),
+        imds: format!("vm/{VM}"),
+    });
+    out
+}
+
+/// Where a node's identities live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    ScaleSet,
+    Vm,
+}
+
+impl Resource {
+    /// The machine's name in ARM.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::ScaleSet => VMSS,
+            Resource::Vm => VM,
+        }
+    }
+
+    /// Its path under `Microsoft.Compute/`.
+    pub fn arm_path(self) -> String {
+        match self {
+            Resource::ScaleSet => format!("virtualMachineScaleSets/{VMSS}"),
+            Resource::Vm => format!("virtualMachines/{VM}"),
+        }
+    }
+}
+
+/// The emulator's configuration: the machines, the identities (the kubelet
+/// identity on the scale set; the seeds' and two more unused ones), mic's
+/// service principal, the clock [`CLOCK_SPEED`] times real time.
+pub fn emulator_config() -> Config {
+    let mut tenant = Tenant::in_groups(NODE_RG, APP_RG)
+        .service_principal(MIC_CLIENT, MIC_SECRET)
+        .identity(KUBELET, NODE_RG, KUBELET_CLIENT)
+        .identity(UAI_NAME, APP_RG, UAI_CLIENT)
+        .identity(
+            "uai-reports",
+            APP_RG,
+            "c0000000-0000-4000-8000-000000000002",
+        )
+        .identity("uai-dns", APP_RG, "c0000000-0000-4000-8000-000000000003")
+        .identity(SEED4_IDENTITY, SEED4_RG, SEED4_CLIENT)
+        .scale_set(VMSS, 2, &[KUBELET])
+        .vm(VM, true, &[])
+        .speed(CLOCK_SPEED);
+    tenant.config_mut().resource_groups.push(SEED4_RG.into());
+    tenant.config()
+}
+
+/// mic's `azure.json`: the test kit's standard one in the demo's node
+/// resource group.
+pub fn mic_cloud() -> MicCloud {
+    MicCloud {
+        resource_group: NODE_RG.into(),
+        ..MicCloud::standard()
+    }
+}
+
+/// An ARM request path without the subscription prefix and the query.
+pub fn short_arm_path(uri: &str) -> String {
+    let path = uri.split('?').next().unwrap_or(uri);
+    let rest = path.split_once("/providers/").map_or(path, |(_, r)| r);
+    format!(".../{rest}")
+}
+
+/// The names in an ARM machine's `identity.userAssignedIdentities` (none at
+/// all once the last one is removed).
+pub fn identity_names(machine: &serde_json::Value) -> Vec<String> {
+    machine["identity"]["userAssignedIdentities"]
+        .as_object()
+        .map(|ids| {
+            ids.keys()
+                .map(|k| k.rsplit('/').next().unwrap_or(k).to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads a machine through ARM, as an operator would: a client-credentials
+/// token from the emulated Entra ID, then `GET` on the resource. Returns the
+/// names of its user-assigned identities.
+pub async fn arm_identities(emu: &Emulator, resource: Resource) -> anyhow::Result<Vec<String>> {
+    let ca = emu.ca_bundle_path().display().to_string();
+    let token_url = format!("{}{TENANT}/oauth2/token", emu.aad_url());
+    let body = curl(&[
+        "--cacert",
+        &ca,
+        "-d",
+        "grant_type=client_credentials",
+        "-d",
+        &format!("client_id={MIC_CLIENT}"),
+        "-d",
+        &format!("client_secret={MIC_SECRET}"),
+        "--data-urlencode",
+        &format!("resource={ARM_AUDIENCE}"),
+        &token_url,
+    ])
+    .await?;
+    let token = body["access_token"]
+        .as_str()
+        .with_context(|| format!("no ARM token from Entra ID: {body}"))?
+        .to_string();
+    let url = format!(
+        "{}/subscriptions/{SUB}/resourceGroups/{NODE_RG}/providers/Microsoft.Compute/{}?api-version=2024-11-01",
+        emu.arm_url(),
+        resource.arm_path()
+    );
+    let machine = curl(&[
+        "--cacert",
+        &ca,
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        &url,
+    ])
+    .await?;
+    if machine["id"].as_str().is_none() {
+        bail!("ARM GET {}: {machine}", resource.name());
+    }
+    Ok(identity_names(&machine))
+}
+
+/// `curl -sS` with `args` (no proxy, 10 s at most); its JSON answer.
+async fn curl(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--noproxy", "*"])
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("run curl")?;
+    if !out.status.success() {
+        bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "curl printed no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_point_at_the_emulated_machines() {
+        let m = machines();
+        let names: Vec<&str> = m.iter().map(|m| m.node.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "aks-nodepool1-12345678-vmss000000",
+                "aks-nodepool1-12345678-vmss000001",
+                "aks-agentpool-12345678-0"
+            ]
+        );
+        assert_eq!(
+            m[1].provider_id,
+            format!(
+                "azure:///subscriptions/{SUB}/resourceGroups/mc_demo-rg_demo-aks_eastus/providers/Microsoft.Compute/virtualMachineScaleSets/{VMSS}/virtualMachines/1"
+            )
+        );
+        assert_eq!(m[2].imds, format!("vm/{VM}"));
+    }
+
+    #[test]
+    fn arm_paths_are_shortened_and_identities_named() {
+        assert_eq!(
+            short_arm_path(
+                "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v?api-version=1"
+            ),
+            ".../Microsoft.Compute/virtualMachines/v"
+        );
+        assert_eq!(
+            short_arm_path("/subscriptions/s/providers/Microsoft.Compute/locations/l/operations/1"),
+            ".../Microsoft.Compute/locations/l/operations/1"
+        );
+        let machine = serde_json::json!({"identity": {"userAssignedIdentities": {
+            "/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kubelet": {},
+            "/x/uai-kv": {},
+        }}});
+        let mut names = identity_names(&machine);
+        names.sort();
+        assert_eq!(names, ["kubelet", "uai-kv"]);
+        assert!(identity_names(&serde_json::json!({"identity": {}})).is_empty());
+    }
+}
