@@ -55,8 +55,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aadpodid_runtime::admin::AdminRoutes;
-use aadpodid_runtime::{Health, Shutdown, serve_admin};
+use aadpodid_runtime::admin::spawn_probe_and_metrics;
+use aadpodid_runtime::{Health, Shutdown};
 use tokio::sync::watch as tokio_watch;
 use tokio::time::Instant;
 
@@ -298,22 +298,13 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
             addr: settings.metrics_addr,
             source,
         })?;
-    tokio::spawn(serve_admin(
+    spawn_probe_and_metrics(
         probe,
-        AdminRoutes {
-            health: Some(health.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
-    ));
-    tokio::spawn(serve_admin(
+        &health,
         metrics_listener,
-        AdminRoutes {
-            health: None,
-            metrics: Some(metrics.registry.clone()),
-        },
-        shutdown.clone(),
-    ));
+        &metrics.registry,
+        &shutdown,
+    );
 
     let events = events::Events::new(client.clone(), &settings.leader.identity);
     let (leading_tx, leading) = tokio_watch::channel(false);

@@ -59,9 +59,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aadpodid_runtime::Health;
 use aadpodid_runtime::Shutdown;
-use aadpodid_runtime::admin::AdminRoutes;
-use aadpodid_runtime::{Health, serve_admin};
+use aadpodid_runtime::admin::spawn_probe_and_metrics;
 
 /// Why NMI could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -220,22 +220,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     let prom = bind("metrics", SocketAddr::new(any, args.prometheus_port)).await?;
     let token_addr = SocketAddr::new(args.nmi_listen_address, args.nmi_port);
     let token_listener = bind("the token service", token_addr).await?;
-    tokio::spawn(serve_admin(
-        probe,
-        AdminRoutes {
-            health: Some(health.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
-    ));
-    tokio::spawn(serve_admin(
-        prom,
-        AdminRoutes {
-            health: None,
-            metrics: Some(metrics.registry.clone()),
-        },
-        shutdown.clone(),
-    ));
+    spawn_probe_and_metrics(probe, &health, prom, &metrics.registry, &shutdown);
 
     let server = Arc::new(server::Server {
         state: Arc::clone(&state),

@@ -34,9 +34,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use aadpodid_runtime::Shutdown;
 use aadpodid_runtime::events::{self, EventPublisher, Severity};
 use aadpodid_runtime::watch::Synced;
+use aadpodid_runtime::{Shutdown, admin};
 
 use crate::args::OperationMode;
 use crate::fair::RequesterKey;
@@ -349,18 +349,9 @@ pub async fn serve<S: TokenSource>(
         limits.max_connections_per_ip,
     )));
     let mut log_gate = LogGate::new(REFUSAL_LOG_EVERY);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.signaled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "token server: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) =
+        admin::accept(&listener, &shutdown, "token", Duration::from_millis(50)).await
+    {
         let admitted = {
             let mut c = connections.lock().unwrap_or_else(|e| e.into_inner());
             let admitted = c.admit(peer.ip());

@@ -17,7 +17,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::Shutdown;
 
@@ -59,22 +59,36 @@ pub struct AdminRoutes {
 /// Slow or idle clients are cut off after this long without a full request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The next connection on `listener`, or `None` once `shutdown` starts. A
+/// failed accept (out of file descriptors, say) is logged with `server`'s
+/// name and retried after `retry`, so a server never stops on one.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &Shutdown,
+    server: &str,
+    retry: Duration,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.signaled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(error) => {
+                    tracing::warn!(%error, server, "accept failed; retrying");
+                    tokio::time::sleep(retry).await;
+                }
+            },
+        }
+    }
+}
+
 /// Serves `routes` on `listener` until `shutdown`. Bind first (so a port clash is
 /// reported at start-up by the caller), then hand the listener here.
 pub async fn serve_admin(listener: TcpListener, routes: AdminRoutes, shutdown: Shutdown) {
     let routes = Arc::new(routes);
-    loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
-            _ = shutdown.signaled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "admin server: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _peer)) =
+        accept(&listener, &shutdown, "admin", Duration::from_millis(100)).await
+    {
         let routes = Arc::clone(&routes);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -93,6 +107,33 @@ pub async fn serve_admin(listener: TcpListener, routes: AdminRoutes, shutdown: S
             }
         });
     }
+}
+
+/// Serves `/healthz` from `health` on `probe` and `/metrics` from `registry`
+/// on `metrics` (two ports, as upstream), each in a task, until `shutdown`.
+pub fn spawn_probe_and_metrics(
+    probe: TcpListener,
+    health: &Health,
+    metrics: TcpListener,
+    registry: &prometheus::Registry,
+    shutdown: &Shutdown,
+) {
+    tokio::spawn(serve_admin(
+        probe,
+        AdminRoutes {
+            health: Some(health.clone()),
+            metrics: None,
+        },
+        shutdown.clone(),
+    ));
+    tokio::spawn(serve_admin(
+        metrics,
+        AdminRoutes {
+            health: None,
+            metrics: Some(registry.clone()),
+        },
+        shutdown.clone(),
+    ));
 }
 
 fn handle(routes: &AdminRoutes, req: &Request<Incoming>) -> Response<Full<Bytes>> {
