@@ -15,10 +15,8 @@
 //! ```
 
 pub mod assigned;
-pub mod bench;
 pub use aadpodid_testkit::world as e2e;
 pub mod nmi_node;
-pub mod upstream;
 
 pub use aadpodid_testkit::*;
 pub use aadpodid_testkit::{env, netns, relay};

@@ -25,7 +25,7 @@
 //! # Ok(()) }
 //! ```
 
-pub mod flood;
+pub use aadpodid_testkit::flood;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -365,7 +365,7 @@ impl NmiNode {
     pub fn nmi_pid(&self) -> Option<u32> {
         let id = self.nmi.as_ref().map(Child::id)?;
         let exe = std::fs::canonicalize(&self.nmi_bin).unwrap_or_else(|_| self.nmi_bin.clone());
-        Some(crate::bench::procfs::find_exe(id, &exe).unwrap_or(id))
+        Some(crate::procfs::find_exe(id, &exe).unwrap_or(id))
     }
 
     /// Whether NMI's process is still running (false once it has exited).

@@ -1,1 +1,299 @@
-//! (being moved here; see the test kit's module table)
+//! Upstream aad-pod-identity v1.8.17's own Go `mic` and `nmi`, built from their
+//! Go module and run against the harness's apiserver and the Azure emulator, for
+//! the side-by-side benchmark (`tools/bench`) and `tests/tests/upstream.rs`.
+//!
+//! # What upstream needs here (found by running it)
+//!
+//! - **Binaries**: `tests/upstream/build.sh` builds `cmd/mic` and `cmd/nmi` from
+//!   the module pinned in `tests/upstream/go.mod` (no replace directives are
+//!   needed: upstream's go.mod has none) into `$HOME/.cache/aadpodid/upstream`.
+//!   [`upstream_bin_dir`] runs it once per process; `AADPODID_UPSTREAM_BIN`
+//!   names a folder holding `mic` and `nmi` instead.
+//! - **mic**: `--kubeconfig` (client-go, any kubeconfig), `--cloudconfig` (an
+//!   azure.json read as YAML: `cloud`, `tenantId`, `aadClientId`,
+//!   `aadClientSecret`, `subscriptionId`, `resourceGroup`, ...), environment
+//!   `MIC_POD_NAMESPACE` (required: namespace of its ConfigMap),
+//!   `AZURE_ENVIRONMENT_FILEPATH` (go-autorest's custom-cloud JSON, read because
+//!   `cloud` is `AzureStackCloud`: `resourceManagerEndpoint`,
+//!   `activeDirectoryEndpoint`) and `SSL_CERT_FILE` (Go's root CAs: the
+//!   emulator's test CA). Its leader lock is an **Endpoints** object in
+//!   `--leader-election-namespace`. Its probe and metrics servers listen on all
+//!   interfaces (`:<port>`), so each instance needs its own two ports. It asks
+//!   AAD for a token whose resource is the environment's
+//!   `resourceManagerEndpoint` (not `tokenAudience`), so the emulator's ARM
+//!   accepts tokens for its own base URL.
+//! - **nmi**: no `--kubeconfig` flag; client-go reads `KUBECONFIG` and falls
+//!   back to the in-cluster config (`pkg/k8s/client.go`). `--node` names the
+//!   node; `--allow-network-plugin-kubenet` skips reading
+//!   `/etc/default/kubelet`. It runs the `iptables` binary of `PATH` (inside the
+//!   node namespace it is started in) and DNATs pods' 169.254.169.254:80 to
+//!   127.0.0.1:2579, which needs `net.ipv4.conf.all.route_localnet=1` on the
+//!   node: upstream never sets it (kube-proxy does on a real node), so
+//!   [`upstream_nmi_command`] sets it in the node namespace. Its own IMDS calls
+//!   go to 169.254.169.254:80 from the node (not redirected: PREROUTING only).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::env::PROXY_VARS;
+use crate::netns::NetNs;
+use crate::{repo_root, run_build_script};
+
+/// Bound on building upstream's binaries when they are not cached yet (a cold
+/// build took 6m42s on 2 busy cores).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Upstream's release these binaries are built from (`tests/upstream/go.mod`).
+pub const UPSTREAM_VERSION: &str = "v1.8.17";
+
+/// Folder holding upstream's `mic` and `nmi`: `$AADPODID_UPSTREAM_BIN` when
+/// set, otherwise what `tests/upstream/build.sh` prints (building on first use,
+/// cached across runs; once per process).
+pub fn upstream_bin_dir() -> anyhow::Result<PathBuf> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn find_or_build() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("AADPODID_UPSTREAM_BIN") {
+        let dir = PathBuf::from(dir);
+        for bin in ["mic", "nmi"] {
+            if !dir.join(bin).is_file() {
+                bail!("AADPODID_UPSTREAM_BIN={} holds no {bin}", dir.display());
+            }
+        }
+        return Ok(dir);
+    }
+    run_build_script(&repo_root().join("tests/upstream/build.sh"), BUILD_TIMEOUT)
+}
+
+/// How the cloud files of upstream MIC point it at the emulator.
+#[derive(Clone, Debug)]
+pub struct CloudSettings {
+    /// The emulator's ARM base URL (`Emulator::arm_url`).
+    pub arm_url: String,
+    /// The emulator's AAD authority (`Emulator::aad_url`).
+    pub aad_url: String,
+    pub tenant_id: String,
+    pub subscription_id: String,
+    /// The node resource group (every ARM call of upstream MIC uses it).
+    pub resource_group: String,
+    /// MIC's service principal.
+    pub client_id: String,
+    pub client_secret: String,
+    /// azure.json `userAssignedIdentityID` (the kubelet identity, which MIC
+    /// never removes); empty for none.
+    pub user_assigned_identity_id: String,
+}
+
+/// Writes `<dir>/<prefix>azure.json` and `<dir>/<prefix>cloud.json` (the
+/// go-autorest environment for `AZURE_ENVIRONMENT_FILEPATH`); returns their
+/// paths (azure.json, environment file).
+pub fn write_cloud_files(
+    dir: &Path,
+    prefix: &str,
+    s: &CloudSettings,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let env_file = dir.join(format!("{prefix}cloud.json"));
+    // go-autorest `azure.Environment` JSON (`EnvironmentFromFile`); only these
+    // two endpoints are read by MIC.
+    std::fs::write(
+        &env_file,
+        serde_json::json!({
+            "name": "AzureStackCloud",
+            "resourceManagerEndpoint": s.arm_url,
+            "activeDirectoryEndpoint": s.aad_url,
+        })
+        .to_string(),
+    )?;
+    let azure_json = dir.join(format!("{prefix}azure.json"));
+    std::fs::write(
+        &azure_json,
+        serde_json::json!({
+            "cloud": "AzureStackCloud",
+            "tenantId": s.tenant_id,
+            "aadClientId": s.client_id,
+            "aadClientSecret": s.client_secret,
+            "subscriptionId": s.subscription_id,
+            "resourceGroup": s.resource_group,
+            "vmType": "vmss",
+            "userAssignedIdentityID": s.user_assigned_identity_id,
+        })
+        .to_string(),
+    )?;
+    Ok((azure_json, env_file))
+}
+
+/// What upstream MIC is started with.
+#[derive(Clone, Debug)]
+pub struct MicOptions {
+    /// Admin kubeconfig of the cluster (MIC needs endpoints, configmaps, CRDs,
+    /// events, pods and nodes).
+    pub kubeconfig: PathBuf,
+    /// From [`write_cloud_files`] or any upstream-compatible azure.json.
+    pub azure_json: PathBuf,
+    /// go-autorest environment file (`AZURE_ENVIRONMENT_FILEPATH`).
+    pub cloud_env_file: PathBuf,
+    /// Trusted roots for ARM and AAD (`SSL_CERT_FILE`): the emulator's bundle.
+    pub ca_bundle: PathBuf,
+    /// `MIC_POD_NAMESPACE` and `--leader-election-namespace`.
+    pub namespace: String,
+    /// `--leader-election-instance`.
+    pub instance: String,
+    /// `--http-probe-port` (listens on all interfaces).
+    pub probe_port: u16,
+    /// `--prometheus-port` (listens on all interfaces).
+    pub metrics_port: u16,
+    /// Further upstream flags, e.g. `--leader-election-duration=4s` or
+    /// `--identity-assignment-reconcile-interval=2s` (Go durations).
+    pub extra_args: Vec<String>,
+}
+
+/// Upstream MIC's command line and environment, not yet spawned (stdio is the
+/// caller's). It dies with the thread that spawns it (`setpriv --pdeathsig`).
+pub fn upstream_mic_command(o: &MicOptions) -> anyhow::Result<Command> {
+    let bin = upstream_bin_dir()?.join("mic");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--"])
+        .arg(bin)
+        .arg(format!("--kubeconfig={}", o.kubeconfig.display()))
+        .arg(format!("--cloudconfig={}", o.azure_json.display()))
+        .arg(format!("--leader-election-namespace={}", o.namespace))
+        .arg(format!("--leader-election-instance={}", o.instance))
+        .arg(format!("--http-probe-port={}", o.probe_port))
+        .arg(format!("--prometheus-port={}", o.metrics_port))
+        .arg("--logtostderr")
+        .args(&o.extra_args)
+        .env("MIC_POD_NAMESPACE", &o.namespace)
+        .env("AZURE_ENVIRONMENT_FILEPATH", &o.cloud_env_file)
+        .env("SSL_CERT_FILE", &o.ca_bundle)
+        .stdin(Stdio::null());
+    clean_env(&mut cmd);
+    Ok(cmd)
+}
+
+/// What upstream NMI is started with.
+#[derive(Clone, Debug)]
+pub struct NmiOptions {
+    /// `--node` (and `NODE_NAME`).
+    pub node: String,
+    /// A kubeconfig whose server is reachable from inside the node namespace
+    /// (passed as `KUBECONFIG`: upstream NMI has no `--kubeconfig` flag).
+    pub kubeconfig: PathBuf,
+    /// `--http-probe-port` inside the node namespace (the chart uses 8085).
+    pub probe_port: u16,
+    /// Further upstream flags, e.g. `--retry-attempts-for-created=1`.
+    pub extra_args: Vec<String>,
+}
+
+/// Upstream NMI's command inside `node`, not yet spawned. Sets the node's
+/// `route_localnet` first (see the module docs). It dies with the thread that
+/// spawns it.
+pub fn upstream_nmi_command(node: &NetNs, o: &NmiOptions) -> anyhow::Result<Command> {
+    let bin = upstream_bin_dir()?.join("nmi");
+    node.run(
+        "sysctl",
+        &["-q", "-w", "net.ipv4.conf.all.route_localnet=1"],
+    )?;
+    let mut cmd = node.command(bin);
+    cmd.arg(format!("--node={}", o.node))
+        .arg(format!("--http-probe-port={}", o.probe_port))
+        .arg("--allow-network-plugin-kubenet")
+        .arg("--logtostderr")
+        .args(&o.extra_args)
+        .env("KUBECONFIG", &o.kubeconfig)
+        .env("NODE_NAME", &o.node);
+    clean_env(&mut cmd);
+    Ok(cmd)
+}
+
+/// Removes what would send upstream's HTTP elsewhere: proxies (Go honours
+/// them, client-go included) and the managed-identity variables adal checks
+/// before IMDS.
+fn clean_env(cmd: &mut Command) {
+    let identity_vars = [
+        "MSI_ENDPOINT",
+        "MSI_SECRET",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+    ];
+    for var in PROXY_VARS.into_iter().chain(identity_vars) {
+        cmd.env_remove(var);
+    }
+    cmd.env("NO_PROXY", "127.0.0.1,localhost");
+}
+
+/// A running upstream process whose output goes to a log file; killed on drop.
+#[derive(Debug)]
+pub struct UpstreamChild {
+    child: Child,
+    log: PathBuf,
+}
+
+impl UpstreamChild {
+    /// Process ID (for `/proc/<pid>` figures). With `setpriv` and `ip netns
+    /// exec` in front this is the upstream binary itself: both exec it.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log file (stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for UpstreamChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<UpstreamChild> {
+    let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let child = cmd
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("spawn upstream binary")?;
+    Ok(UpstreamChild {
+        child,
+        log: log.to_path_buf(),
+    })
+}
+
+/// Starts upstream MIC ([`upstream_mic_command`]) logging to `log`.
+pub fn spawn_upstream_mic(o: &MicOptions, log: &Path) -> anyhow::Result<UpstreamChild> {
+    spawn_logged(upstream_mic_command(o)?, log)
+}
+
+/// Starts upstream NMI in `node` ([`upstream_nmi_command`]) logging to `log`.
+pub fn spawn_upstream_nmi(
+    node: &NetNs,
+    o: &NmiOptions,
+    log: &Path,
+) -> anyhow::Result<UpstreamChild> {
+    spawn_logged(upstream_nmi_command(node, o)?, log)
+}

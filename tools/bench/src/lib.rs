@@ -1,1 +1,196 @@
-//! (being moved here from the test package)
+//! The benchmark command: MIC's and NMI's figures (ARM writes, time to
+//! Assigned, token latency, memory and CPU, behaviour under floods) against
+//! upstream's, on the same emulated world (`cargo run --release -p
+//! aadpodid-bench --bin bench --locked -- [--quick]`).
+//!
+//! One run starts the test kit's [`Cluster`](aadpodid_testkit::Cluster) (a real etcd and
+//! kube-apiserver on loopback) and, per [`Subject`], an Azure emulator with
+//! Compute's real throttle buckets on a sped-up clock, MIC as a process, and
+//! NMI as a process inside a node network namespace with pods attached (real
+//! iptables, only inside namespaces this run creates). It prints one table,
+//! writes it with the machine's description to `docs/benchmarks.md` and
+//! draws `docs/benchmarks.svg`.
+//!
+//! MIC, NMI, the namespace relay and the load client are this same binary
+//! re-executed with [`ROLE_ENV`] set ([`child`]): the MIC and NMI children run
+//! exactly `mic::cli_main` / `nmi::cli_main`, so their RSS and CPU can be
+//! read from `/proc/<pid>` apart from the emulator and the load generator.
+//!
+//! Where the figures of the upstream column come from: [`subject::launch_mic`]
+//! and [`subject::launch_nmi`], the only places that differ per [`Subject`].
+
+pub mod child;
+pub mod report;
+pub mod subject;
+mod world;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use subject::Subject;
+
+/// Environment variable that turns this binary into one of its children
+/// (`mic`, `nmi`, `relay`, `load`).
+pub const ROLE_ENV: &str = "AADPODID_BENCH_ROLE";
+
+/// Command line of the bench.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "bench",
+    about = "aad-pod-identity benchmarks: this project vs upstream"
+)]
+pub struct Options {
+    /// Small sizes (seconds of runtime): checks that the bench works, nothing more.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rows to run, e.g. `1,3` (default: all of 1-5).
+    #[arg(long, value_delimiter = ',')]
+    pub rows: Vec<u8>,
+    /// Markdown report; the SVG chart goes next to it with the `.svg` extension.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    pub out: PathBuf,
+    /// With row 4: only nmi's figures (at rest, with its pods, under the
+    /// floods), not mic's (which need the burst of row 2 first).
+    #[arg(long)]
+    pub nmi_only: bool,
+    /// Skip the upstream column even when it can be run.
+    #[arg(long)]
+    pub no_upstream: bool,
+    /// Keep the run's folders (MIC and NMI logs) and print where they are.
+    #[arg(long)]
+    pub keep_logs: bool,
+}
+
+impl Options {
+    /// Whether row `n` (1-5) is selected.
+    pub fn row(&self, n: u8) -> bool {
+        self.rows.is_empty() || self.rows.contains(&n)
+    }
+}
+
+/// Sizes and clock of one run; the same for every subject.
+#[derive(Clone, Debug)]
+pub struct Scale {
+    /// Emulated seconds per wall second (emulator clock; MIC periods and
+    /// budget refills are scaled by the same factor).
+    pub speed: f64,
+    /// Row 1: emulated VMSS write (LRO) duration, seconds.
+    pub lro_seconds: f64,
+    /// Row 2: pods, identities and scale sets of the burst.
+    pub burst_pods: usize,
+    pub burst_ids: usize,
+    pub vmss: usize,
+    /// Kubernetes nodes (VMSS instances) per scale set.
+    pub nodes_per_vmss: usize,
+    /// Row 3: concurrent clients, requests per client, time bound.
+    pub load_clients: usize,
+    pub load_requests: usize,
+    pub load_max: Duration,
+    /// Row 4: pods on NMI's node; pods and identities MIC holds.
+    pub nmi_pods: usize,
+    pub big_pods: usize,
+    pub big_ids: usize,
+    /// Row 4: connections of each flood one pod sends NMI, and how long
+    /// each flood is held at least.
+    pub flood_connections: usize,
+    pub flood_hold: Duration,
+    /// Row 5: emulated idle time.
+    pub idle: Duration,
+    /// Bound on any convergence wait (wall).
+    pub converge_timeout: Duration,
+}
+
+impl Scale {
+    /// The sizes the issue asks for.
+    pub fn full() -> Self {
+        Scale {
+            speed: 10.0,
+            lro_seconds: 45.0,
+            burst_pods: 1000,
+            burst_ids: 50,
+            vmss: 10,
+            nodes_per_vmss: 10,
+            load_clients: 64,
+            load_requests: 200,
+            load_max: Duration::from_secs(60),
+            nmi_pods: 110,
+            big_pods: 10_000,
+            big_ids: 1000,
+            flood_connections: 3000,
+            flood_hold: Duration::from_secs(5),
+            idle: Duration::from_secs(600),
+            converge_timeout: Duration::from_secs(10 * 60),
+        }
+    }
+
+    /// Seconds of runtime; shows the bench works, not how fast anything is.
+    pub fn quick() -> Self {
+        Scale {
+            speed: 100.0,
+            lro_seconds: 45.0,
+            burst_pods: 40,
+            burst_ids: 5,
+            vmss: 2,
+            nodes_per_vmss: 2,
+            load_clients: 64,
+            load_requests: 10,
+            load_max: Duration::from_secs(20),
+            nmi_pods: 8,
+            big_pods: 120,
+            big_ids: 12,
+            flood_connections: 200,
+            flood_hold: Duration::from_secs(2),
+            idle: Duration::from_secs(600),
+            converge_timeout: Duration::from_secs(180),
+        }
+    }
+
+    /// A wall duration for an emulated one.
+    pub fn wall(&self, emulated: Duration) -> Duration {
+        emulated.div_f64(self.speed)
+    }
+}
+
+/// Entry point of `bench`: a child role when [`ROLE_ENV`] is set, else the
+/// whole benchmark.
+pub fn main() -> anyhow::Result<()> {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        return child::run(&role);
+    }
+    use clap::Parser as _;
+    let opts = Options::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(opts))
+}
+
+async fn run(opts: Options) -> anyhow::Result<()> {
+    let scale = if opts.quick {
+        Scale::quick()
+    } else {
+        Scale::full()
+    };
+    world::KEEP_LOGS.store(opts.keep_logs, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let mut columns = Vec::new();
+    for subject in [Subject::ThisProject, Subject::Upstream] {
+        let figures = if subject == Subject::Upstream && opts.no_upstream {
+            report::Figures::not_run("not run: --no-upstream")
+        } else {
+            subject::run_subject(subject, &scale, &opts).await
+        };
+        columns.push((subject, figures));
+    }
+    let table = report::Table::new(&scale, columns);
+    println!("{}", table.render_text());
+    let machine = report::Machine::describe(started.elapsed(), opts.quick);
+    report::write_files(&opts.out, &table, &machine)?;
+    eprintln!(
+        "wrote {} and {}",
+        opts.out.display(),
+        opts.out.with_extension("svg").display()
+    );
+    Ok(())
+}

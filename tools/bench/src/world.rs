@@ -13,6 +13,9 @@ use aadpodid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
     AzureIdentitySpec,
 };
+use aadpodid_testkit::netns::{self, IMDS_ADDRESS, NetNs};
+use aadpodid_testkit::procfs;
+use aadpodid_testkit::{Cluster, TempNamespace, unique_name};
 use anyhow::{Context as _, bail};
 use azure_emulator::config::{
     IdentityAssignmentSeed, IdentitySeed, ScaleSetSeed, SecretSeed, ServicePrincipalSeed,
@@ -23,9 +26,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use super::{ROLE_ENV, Scale, procfs};
-use crate::netns::{self, IMDS_ADDRESS, NetNs};
-use crate::{Cluster, TempNamespace, unique_name};
+use crate::{ROLE_ENV, Scale};
 
 pub(crate) const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 pub(crate) const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
@@ -714,24 +715,33 @@ impl NmiNode {
 /// One token request with `curl` from pod namespace `ns` through
 /// 169.254.169.254; the HTTP status (0 when curl itself failed).
 pub(crate) async fn curl_token(ns: &NetNs, max_secs: u32) -> anyhow::Result<u16> {
+    Ok(curl_imds(ns, TOKEN_PATH, max_secs).await?.0)
+}
+
+/// `curl` inside `ns` for `path` on 169.254.169.254 with `Metadata: true`,
+/// `max_secs` at most: (status, body); status 0 when no HTTP answer came.
+pub(crate) async fn curl_imds(
+    ns: &NetNs,
+    path: &str,
+    max_secs: u32,
+) -> anyhow::Result<(u16, String)> {
     let mut cmd = ns.command("curl");
     cmd.args([
         "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
         "--max-time",
         &max_secs.to_string(),
-        "-H",
-        "Metadata: true",
-        &format!("http://{IMDS_ADDRESS}{TOKEN_PATH}"),
+        "-w",
+        "\n%{http_code}",
     ])
+    .args(["-H", "Metadata: true"])
+    .arg(format!("http://{IMDS_ADDRESS}{path}"))
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0))
+    let out = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
 }

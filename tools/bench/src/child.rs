@@ -3,7 +3,7 @@
 //! `relay` (inside a node namespace: TCP listeners forwarded to Unix sockets
 //! of the bench process), `load` (inside a pod namespace: concurrent IMDS
 //! token clients, prints one JSON line) and `flood` (inside a pod namespace:
-//! one of the floods of [`crate::nmi_node::flood`]).
+//! one of the floods of [`aadpodid_testkit::flood`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +31,7 @@ pub fn run(role: &str) -> anyhow::Result<()> {
             Ok(())
         }
         // Its plan is in the environment; it runs its own runtime.
-        "flood" => crate::nmi_node::flood::child_main(),
+        "flood" => aadpodid_testkit::flood::child_main(),
         other => bail!("unknown bench role {other:?}"),
     }
 }

@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Scale, Subject};
-use crate::nmi_node::flood::Kind;
+use aadpodid_testkit::flood::Kind;
+
+use crate::{Scale, Subject};
 
 /// One line of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -322,7 +323,7 @@ impl Machine {
         let cmd = |prog: &str, args: &[&str]| {
             std::process::Command::new(prog)
                 .args(args)
-                .current_dir(crate::repo_root())
+                .current_dir(aadpodid_testkit::repo_root())
                 .output()
                 .ok()
                 .filter(|o| o.status.success())
@@ -384,7 +385,7 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
     );
     let _ = writeln!(
         out,
-        "Written by `cargo run --release -p aadpodid-tests --bin bench --locked{}` (tests/src/bench/); do not edit by hand.\n",
+        "Written by `cargo run --release -p aadpodid-bench --bin bench --locked{}` (tools/bench/); do not edit by hand.\n",
         if m.quick { " -- --quick" } else { "" }
     );
     let _ = writeln!(
@@ -425,9 +426,9 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
          - The machine is shared: other jobs ran on the same {cpus} cores during the run, so times and CPU figures are upper bounds.",
         speed = s.speed,
         lro = s.lro_seconds,
-        ri = super::subject::go_duration_text(s.wall(Duration::from_secs(180))),
-        sr = super::subject::go_duration_text(s.wall(Duration::from_secs(3600))),
-        ui = super::subject::go_duration_text(s.wall(Duration::from_secs(1))),
+        ri = crate::subject::go_duration_text(s.wall(Duration::from_secs(180))),
+        sr = crate::subject::go_duration_text(s.wall(Duration::from_secs(3600))),
+        ui = crate::subject::go_duration_text(s.wall(Duration::from_secs(1))),
         clients = s.load_clients,
         req = s.load_requests,
         max = s.load_max.as_secs_f64(),

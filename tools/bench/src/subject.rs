@@ -9,17 +9,19 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use aadpodid_testkit::flood::{Flood, Kind, Plan, Sampler, open_fds, raise_nofile, token_path};
+use aadpodid_testkit::netns::{IMDS_ADDRESS, NetNs};
+use aadpodid_testkit::procfs;
+use aadpodid_testkit::upstream;
 use anyhow::{Context as _, bail};
 
-use super::child::{LoadResult, LoadSpec};
-use super::report::{Figures, Metric};
-use super::world::{
-    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_token, free_port, http_get,
-    self_exe, start_proc,
+use crate::child::{LoadResult, LoadSpec};
+use crate::report::{Figures, Metric};
+use crate::world::{
+    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_imds, curl_token, free_port,
+    http_get, self_exe, start_proc,
 };
-use super::{Options, ROLE_ENV, Scale, procfs};
-use crate::netns::{IMDS_ADDRESS, NetNs};
-use crate::nmi_node::flood::{Flood, Kind, Plan, Sampler, open_fds, raise_nofile, token_path};
+use crate::{Options, ROLE_ENV, Scale};
 
 /// Whose MIC and NMI run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -87,7 +89,7 @@ pub fn available(subject: Subject) -> Result<(), String> {
     match subject {
         Subject::ThisProject => Ok(()),
         // Upstream's binaries come from tests/upstream/build.sh (cached).
-        Subject::Upstream => crate::upstream::upstream_bin_dir()
+        Subject::Upstream => upstream::upstream_bin_dir()
             .map(|_| ())
             .map_err(|e| format!("not run: upstream binaries unavailable: {e:#}")),
     }
@@ -99,7 +101,7 @@ fn program(subject: Subject, name: &str) -> anyhow::Result<std::path::PathBuf> {
         // What /proc/<pid>/exe of a child running this binary reads.
         Subject::ThisProject => Ok(std::fs::read_link("/proc/self/exe")?),
         Subject::Upstream => Ok(std::fs::canonicalize(
-            crate::upstream::upstream_bin_dir()?.join(name),
+            upstream::upstream_bin_dir()?.join(name),
         )?),
     }
 }
@@ -153,7 +155,7 @@ pub fn launch_mic(subject: Subject, s: &MicSettings) -> anyhow::Result<Command> 
             Ok(cmd)
         }
         // Upstream has no client-side write budget: only the periods scale.
-        Subject::Upstream => crate::upstream::upstream_mic_command(&crate::upstream::MicOptions {
+        Subject::Upstream => upstream::upstream_mic_command(&upstream::MicOptions {
             kubeconfig: s.kubeconfig.clone(),
             azure_json: s.azure_json.clone(),
             cloud_env_file: s.cloud_env_file.clone(),
@@ -180,9 +182,9 @@ pub fn launch_nmi(subject: Subject, node: &NetNs, s: &NmiSettings) -> anyhow::Re
             ]);
             Ok(cmd)
         }
-        Subject::Upstream => crate::upstream::upstream_nmi_command(
+        Subject::Upstream => upstream::upstream_nmi_command(
             node,
-            &crate::upstream::NmiOptions {
+            &upstream::NmiOptions {
                 node: s.node.clone(),
                 kubeconfig: s.kubeconfig.clone(),
                 probe_port: s.probe_port,
@@ -339,10 +341,10 @@ fn fail(f: &mut Figures, metrics: &[Metric], r: anyhow::Result<()>) {
 async fn start_mic(subject: Subject, w: &World) -> anyhow::Result<(Proc, SocketAddr)> {
     let (azure_json, cloud_env_file) = match subject {
         Subject::ThisProject => w.write_cloud_files()?,
-        Subject::Upstream => crate::upstream::write_cloud_files(
+        Subject::Upstream => upstream::write_cloud_files(
             &w.dir,
             "upstream-",
-            &crate::upstream::CloudSettings {
+            &upstream::CloudSettings {
                 arm_url: w.emu.arm_url(),
                 aad_url: w.emu.aad_url(),
                 tenant_id: world::TENANT.into(),
@@ -543,9 +545,8 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
     );
     let (node, nmi) = nmi_of(run)?;
     let pid = nmi.pid;
-    let md = ["Metadata: true"];
     let (victim_ns, _) = node.pod(0)?;
-    let (code, body) = crate::nmi_node::curl(victim_ns, TOKEN_PATH, &md).await?;
+    let (code, body) = curl_imds(victim_ns, TOKEN_PATH, 30).await?;
     if code != 200 {
         bail!("the second pod gets no token before the flood ({code}): {body}");
     }
@@ -567,10 +568,10 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
     let flood = tokio::task::block_in_place(|| Flood::spawn_with(cmd, &plan, world::spawn_kept))?;
     let held_from = Instant::now();
     let started = Instant::now();
-    let victim = crate::nmi_node::curl(
+    let victim = curl_imds(
         victim_ns,
         &token_path(&format!("https://victim-{tag}.example/")),
-        &md,
+        30,
     )
     .await;
     let victim_latency = started.elapsed();

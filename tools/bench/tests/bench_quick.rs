@@ -12,7 +12,7 @@ const TIMEOUT: Duration = Duration::from_secs(900);
 
 #[test]
 fn bench_quick_prints_a_numeric_table() -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(aadpodid_tests::unique_name("bench-quick"));
+    let dir = std::env::temp_dir().join(aadpodid_testkit::unique_name("bench-quick"));
     std::fs::create_dir_all(&dir)?;
     let md = dir.join("benchmarks.md");
     let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
