@@ -1,0 +1,913 @@
+//! The MIC tests' world: the emulated tenant of [`aadpodid_testkit::tenant`]
+//! (two scale-set nodes and one standalone-VM node), a cluster (the shared one
+//! or a private one whose apiserver a test may stop), a temporary namespace,
+//! and MIC started in this process (or as the `e2e-mic` command) with the
+//! tenant's `azure.json`, custom-cloud file and standard arguments.
+//!
+//! The Azure SDK trusts the emulator's test CA only through `SSL_CERT_FILE`,
+//! so the tests that use a world run as `child_` tests of their binary, in
+//! the child process [`aadpodid_testkit::emulator_ca_parent_test`] starts;
+//! a world is built from that child's environment ([`ChildEnv`]).
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use aadpodid_tests::mic_world::MicWorld;
+//! use aadpodid_tests::tenant::{APP_CLIENT, APP_RG, uai_id};
+//! let w = MicWorld::shared("MICTEST", "life").build().await?;
+//! let mic = w.start_mic("mic-0", &[]).await?;
+//! w.identity("app-id", &uai_id(APP_RG, "app-id"), APP_CLIENT).await?;
+//! w.binding("b", "app-id", "sel").await?;
+//! w.pod("web", "sel", &w.nodes[0]).await?;
+//! w.wait_assigned(&w.aai_name("web", "app-id")).await?;
+//! mic.stop().await?;
+//! w.cleanup().await;
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aadpodid_api::{
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
+    AzureIdentitySpec,
+};
+use aadpodid_runtime::Shutdown;
+use aadpodid_testkit::children::ChildEnv;
+use aadpodid_testkit::tenant::{
+    self, APP_RG, APP2_CLIENT, APP2_ID, CloudEnvironment, KUBELET, MicCloud, NODE_RG, Tenant,
+};
+use anyhow::{Context as _, bail};
+use azure_emulator::{Config, Emulator};
+use clap::Parser as _;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Container, Node, NodeSpec, Pod, PodSpec};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt as _};
+
+use crate::{Cluster, PrivateCluster, TempNamespace, free_ports, unique_name, wait_for};
+
+/// Bound on every wait of a MIC test.
+pub const WAIT: Duration = Duration::from_secs(90);
+/// The Lease MIC's leader holds (MIC's default name).
+pub const LEASE: &str = "aad-pod-identity-mic";
+/// Bound on MIC's start (until it hands its handles over) and stop.
+const MIC_START: Duration = Duration::from_secs(60);
+const MIC_STOP: Duration = Duration::from_secs(30);
+
+/// The cluster a world runs on.
+#[derive(Debug)]
+enum Host {
+    Shared(&'static Cluster),
+    Private(PrivateCluster),
+}
+
+/// A change to the emulator's configuration, made last.
+type ConfigTweak = Box<dyn FnOnce(&mut Config)>;
+
+/// How to build a [`MicWorld`]; from [`MicWorld::shared`] or
+/// [`MicWorld::private`].
+pub struct MicWorldBuilder {
+    env: String,
+    prefix: String,
+    private: bool,
+    speed: f64,
+    logs: bool,
+    mic_args: Vec<String>,
+    tweak: Option<ConfigTweak>,
+}
+
+impl std::fmt::Debug for MicWorldBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicWorldBuilder")
+            .field("env", &self.env)
+            .field("prefix", &self.prefix)
+            .field("private", &self.private)
+            .field("speed", &self.speed)
+            .field("logs", &self.logs)
+            .field("mic_args", &self.mic_args)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MicWorldBuilder {
+    /// The emulator's clock speed (default [`tenant::FAST_CLOCK`]; 10: a 45 s
+    /// scale-set write takes 4.5 s, still running when a test acts).
+    pub fn speed(mut self, speed: f64) -> Self {
+        self.speed = speed;
+        self
+    }
+
+    /// MIC's logs (of in-process instances) on this process's output, so
+    /// they show up when a child test fails.
+    pub fn logs(mut self) -> Self {
+        self.logs = true;
+        self
+    }
+
+    /// Arguments every MIC of this world gets after the standard ones (for
+    /// example a shorter lease).
+    pub fn mic_args(mut self, args: &[&str]) -> Self {
+        self.mic_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Changes the emulator's configuration last, before it starts.
+    pub fn tenant(mut self, tweak: impl FnOnce(&mut Config) + 'static) -> Self {
+        self.tweak = Some(Box::new(tweak));
+        self
+    }
+
+    /// Builds the world: emulator, cluster, namespace and nodes. Fails outside
+    /// the child process of the test binary's parent test.
+    pub async fn build(self) -> anyhow::Result<MicWorld> {
+        let child = ChildEnv::get(&self.env).with_context(|| {
+            format!(
+                "needs the environment ({}_DIR, _CA_CERT, _CA_KEY) the parent test of this binary sets; run that test",
+                self.env
+            )
+        })?;
+        if self.logs {
+            aadpodid_runtime::logging::init(aadpodid_runtime::logging::LogFormat::Text, "info");
+        }
+        let prefix = &self.prefix;
+        let vmss = unique_name(&format!("{prefix}-vmss"));
+        let vm_node = unique_name(&format!("{prefix}-vm"));
+        let mut cfg = Tenant::standard()
+            .identity(APP2_ID, APP_RG, APP2_CLIENT)
+            .scale_set(&vmss, 2, &[KUBELET])
+            .vm(&vm_node, true, &[])
+            .speed(self.speed)
+            .test_ca(child.test_ca())
+            .config();
+        if let Some(tweak) = self.tweak {
+            tweak(&mut cfg);
+        }
+        let emu = Emulator::start(cfg).await.context("emulator starts")?;
+        let host = if self.private {
+            Host::Private(PrivateCluster::start().await?)
+        } else {
+            Host::Shared(Cluster::shared())
+        };
+        let cluster = match &host {
+            Host::Shared(c) => c,
+            Host::Private(c) => c.cluster(),
+        };
+        let ns = cluster.temp_namespace(prefix).await?;
+        let client = cluster.admin_client().await?;
+        let nodes: Vec<String> = (0..2)
+            .map(|i| unique_name(&format!("{prefix}-node{i}")))
+            .collect();
+        for (i, name) in nodes.iter().enumerate() {
+            create_node(&client, name, &tenant::vmss_provider_id(NODE_RG, &vmss, i)).await?;
+        }
+        create_node(
+            &client,
+            &vm_node,
+            &tenant::vm_provider_id(NODE_RG, &vm_node),
+        )
+        .await?;
+        Ok(MicWorld {
+            ns,
+            emu,
+            host,
+            client,
+            dir: child.dir,
+            vmss,
+            nodes,
+            vm_node,
+            mic_args: self.mic_args,
+        })
+    }
+}
+
+/// One MIC test's world. Its nodes are on the tenant's scale set (instances
+/// 0 and 1) and on a standalone VM with a system identity.
+pub struct MicWorld {
+    // Dropped first, while a private cluster still runs.
+    pub ns: TempNamespace,
+    pub emu: Emulator,
+    host: Host,
+    client: Client,
+    /// The scratch folder (MIC's files and logs).
+    pub dir: PathBuf,
+    /// The scale set of [`MicWorld::nodes`].
+    pub vmss: String,
+    /// Nodes on instances 0 and 1 of [`MicWorld::vmss`].
+    pub nodes: Vec<String>,
+    /// A node on a standalone VM of the same name, with a system identity.
+    pub vm_node: String,
+    mic_args: Vec<String>,
+}
+
+impl std::fmt::Debug for MicWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicWorld")
+            .field("ns", &self.ns.name())
+            .field("host", &self.host)
+            .field("dir", &self.dir)
+            .field("vmss", &self.vmss)
+            .field("nodes", &self.nodes)
+            .field("vm_node", &self.vm_node)
+            .field("mic_args", &self.mic_args)
+            .finish_non_exhaustive()
+    }
+}
+
+/// MIC's command line (without the program name) and environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MicCommandLine {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl MicWorld {
+    /// A world on the shared cluster; `env` is the prefix of the child's
+    /// environment (as given to the parent test), `prefix` names this test's
+    /// objects.
+    pub fn shared(env: &str, prefix: &str) -> MicWorldBuilder {
+        MicWorldBuilder {
+            env: env.into(),
+            prefix: prefix.into(),
+            private: false,
+            speed: tenant::FAST_CLOCK,
+            logs: false,
+            mic_args: vec![],
+            tweak: None,
+        }
+    }
+
+    /// A world on a cluster of its own ([`MicWorld::private_cluster`]).
+    pub fn private(env: &str, prefix: &str) -> MicWorldBuilder {
+        MicWorldBuilder {
+            private: true,
+            ..MicWorld::shared(env, prefix)
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        match &self.host {
+            Host::Shared(c) => c,
+            Host::Private(c) => c.cluster(),
+        }
+    }
+
+    /// The private cluster (its apiserver can be stopped and started).
+    pub fn private_cluster(&self) -> anyhow::Result<&PrivateCluster> {
+        match &self.host {
+            Host::Private(c) => Ok(c),
+            Host::Shared(_) => bail!("this world runs on the shared cluster"),
+        }
+    }
+
+    /// An admin client: the world's own on the shared cluster, a new one on a
+    /// private cluster (whose apiserver may have restarted).
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        match &self.host {
+            Host::Shared(_) => Ok(self.client.clone()),
+            Host::Private(c) => c.admin_client().await,
+        }
+    }
+
+    /// Writes the tenant's azure.json and custom-cloud file for `instance`,
+    /// and returns MIC's command line: the standard arguments with
+    /// `kubeconfig` (default: the admin one), the world's arguments, the
+    /// test periods, then `extra`.
+    pub fn mic_command_line(
+        &self,
+        instance: &str,
+        extra: &[&str],
+        kubeconfig: Option<&Path>,
+    ) -> anyhow::Result<MicCommandLine> {
+        let files = tenant::write_mic_cloud_files(
+            &self.dir,
+            &format!("{instance}-{}-", self.ns.name()),
+            &MicCloud::standard(),
+            &CloudEnvironment::of(&self.emu),
+        )?;
+        let kubeconfig = kubeconfig.unwrap_or_else(|| self.cluster().kubeconfig());
+        let args = tenant::mic_args(&files, kubeconfig, instance, self.ns.name())
+            .into_iter()
+            .chain(self.mic_args.iter().cloned())
+            .chain(tenant::MIC_TEST_PERIODS.iter().map(|a| a.to_string()))
+            .chain(extra.iter().map(|a| a.to_string()))
+            .collect();
+        Ok(MicCommandLine {
+            args,
+            env: tenant::mic_env(&files, self.ns.name()),
+        })
+    }
+
+    /// MIC's settings through its own flag parsing ([`MicWorld::mic_command_line`]),
+    /// with probe and metrics on free loopback ports and a 200 ms ARM poll.
+    pub fn settings(
+        &self,
+        instance: &str,
+        extra: &[&str],
+        kubeconfig: Option<&Path>,
+    ) -> anyhow::Result<mic::Settings> {
+        let MicCommandLine { args, env } = self.mic_command_line(instance, extra, kubeconfig)?;
+        let args = mic::args::Args::try_parse_from(std::iter::once("mic".to_string()).chain(args))?;
+        let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let mut s = mic::Settings::from_args(&args, &lookup)?;
+        s.probe_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        s.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        s.arm.poll_interval = Duration::from_millis(200);
+        Ok(s)
+    }
+
+    /// MIC in this process as `instance`, with `extra` arguments.
+    pub async fn start_mic(&self, instance: &str, extra: &[&str]) -> anyhow::Result<RunningMic> {
+        RunningMic::start(self.settings(instance, extra, None)?).await
+    }
+
+    /// The `mic` command `bin` (a test's `env!("CARGO_BIN_EXE_e2e-mic")`) as
+    /// a process, probe and metrics on free ports, logging to a file of the
+    /// scratch folder.
+    pub fn spawn_mic_process(
+        &self,
+        bin: &Path,
+        instance: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<MicProcess> {
+        let [probe, metrics] = free_ports()?;
+        let probe_flag = format!("--http-probe-port={probe}");
+        let metrics_flag = format!("--prometheus-port={metrics}");
+        let mut all: Vec<&str> = extra.to_vec();
+        all.push(&probe_flag);
+        all.push(&metrics_flag);
+        let MicCommandLine { args, env } = self.mic_command_line(instance, &all, None)?;
+        let log_path = self.dir.join(format!("{instance}-{}.log", self.ns.name()));
+        let log = std::fs::File::create(&log_path)?;
+        let child = tokio::process::Command::new(bin)
+            .args(&args)
+            .envs(env)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        Ok(MicProcess {
+            child,
+            probe: SocketAddr::from(([127, 0, 0, 1], probe)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
+            log: log_path,
+        })
+    }
+
+    /// An AzureIdentity (type 0) in the world's namespace.
+    pub async fn identity(
+        &self,
+        name: &str,
+        resource_id: &str,
+        client_id: &str,
+    ) -> anyhow::Result<()> {
+        self.create_identity(AzureIdentity::new(
+            name,
+            AzureIdentitySpec {
+                resource_id: resource_id.into(),
+                client_id: client_id.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+    }
+
+    /// Any AzureIdentity, created in the world's namespace.
+    pub async fn create_identity(&self, mut id: AzureIdentity) -> anyhow::Result<()> {
+        id.metadata.namespace = Some(self.ns.name().into());
+        Api::<AzureIdentity>::namespaced(self.client().await?, self.ns.name())
+            .create(&PostParams::default(), &id)
+            .await?;
+        Ok(())
+    }
+
+    /// An AzureIdentityBinding of `identity` to pods labelled `selector`.
+    pub async fn binding(&self, name: &str, identity: &str, selector: &str) -> anyhow::Result<()> {
+        let mut b = AzureIdentityBinding::new(
+            name,
+            AzureIdentityBindingSpec {
+                azure_identity: identity.into(),
+                selector: selector.into(),
+                weight: 0,
+            },
+        );
+        b.metadata.namespace = Some(self.ns.name().into());
+        Api::<AzureIdentityBinding>::namespaced(self.client().await?, self.ns.name())
+            .create(&PostParams::default(), &b)
+            .await?;
+        Ok(())
+    }
+
+    /// A pod on `node` labelled `aadpodidbinding=<selector>`.
+    pub async fn pod(&self, name: &str, selector: &str, node: &str) -> anyhow::Result<()> {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(self.ns.name().into()),
+                labels: Some([("aadpodidbinding".to_string(), selector.to_string())].into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                containers: vec![Container {
+                    name: "c".into(),
+                    image: Some("example.invalid/app".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Api::<Pod>::namespaced(self.client().await?, self.ns.name())
+            .create(&PostParams::default(), &pod)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes pods at once (grace period 0: no kubelet runs).
+    pub async fn delete_pods(&self, names: &[&str]) -> anyhow::Result<()> {
+        let api = Api::<Pod>::namespaced(self.client().await?, self.ns.name());
+        for name in names {
+            api.delete(name, &DeleteParams::default().grace_period(0))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes one pod at once.
+    pub async fn delete_pod(&self, name: &str) -> anyhow::Result<()> {
+        self.delete_pods(&[name]).await
+    }
+
+    /// The AzureAssignedIdentity name MIC gives `pod`'s `identity`.
+    pub fn aai_name(&self, pod: &str, identity: &str) -> String {
+        format!("{pod}-{}-{identity}", self.ns.name())
+    }
+
+    /// An AzureAssignedIdentity (they live in `default`, as upstream's do).
+    pub async fn aai(&self, name: &str) -> anyhow::Result<Option<AzureAssignedIdentity>> {
+        Ok(
+            Api::<AzureAssignedIdentity>::namespaced(self.client().await?, "default")
+                .get_opt(name)
+                .await?,
+        )
+    }
+
+    /// This namespace's AzureAssignedIdentities.
+    pub async fn aais(&self) -> anyhow::Result<Vec<AzureAssignedIdentity>> {
+        Ok(
+            Api::<AzureAssignedIdentity>::namespaced(self.client().await?, "default")
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(|a| a.spec.pod_namespace == self.ns.name())
+                .collect(),
+        )
+    }
+
+    /// (name, status) of this namespace's AzureAssignedIdentities.
+    pub async fn aai_states(&self) -> anyhow::Result<Vec<(String, Option<String>)>> {
+        Ok(self
+            .aais()
+            .await?
+            .into_iter()
+            .map(|a| {
+                (
+                    a.metadata.name.unwrap_or_default(),
+                    a.status.map(|s| s.status),
+                )
+            })
+            .collect())
+    }
+
+    /// Waits for the AzureAssignedIdentity to be Assigned.
+    pub async fn wait_assigned(&self, name: &str) -> anyhow::Result<AzureAssignedIdentity> {
+        wait_try(&format!("AAI {name} Assigned"), || async {
+            Ok(self.aai(name).await?.filter(is_assigned))
+        })
+        .await
+    }
+
+    /// Waits for the AzureAssignedIdentity to carry MIC's refusal; returns
+    /// the reason. It must never be Assigned meanwhile.
+    pub async fn wait_refused(&self, name: &str) -> anyhow::Result<String> {
+        let aai = wait_try(&format!("AAI {name} refused"), || async {
+            Ok(self.aai(name).await?.filter(|a| {
+                a.annotations()
+                    .contains_key(aadpodid_api::ANNOTATION_ASSIGNMENT_ERROR)
+            }))
+        })
+        .await?;
+        let status = aai.status.as_ref().map(|s| s.status.as_str());
+        if status != Some("Created") {
+            bail!("a refused AAI is not Assigned: {name} is {status:?}");
+        }
+        Ok(aai.annotations()[aadpodid_api::ANNOTATION_ASSIGNMENT_ERROR].clone())
+    }
+
+    /// Waits for the AzureAssignedIdentity to be deleted.
+    pub async fn wait_gone(&self, name: &str) -> anyhow::Result<()> {
+        wait_try(&format!("AAI {name} deleted"), || async {
+            Ok(self.aai(name).await?.is_none().then_some(()))
+        })
+        .await
+    }
+
+    /// Waits until this namespace has no AzureAssignedIdentity; the error
+    /// lists those left.
+    pub async fn wait_no_aais(&self) -> anyhow::Result<()> {
+        let r = wait_try("every AAI deleted", || async {
+            Ok(self.aais().await?.is_empty().then_some(()))
+        })
+        .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => bail!("{e}; AAIs now: {:#?}", self.aai_states().await?),
+        }
+    }
+
+    /// Waits until exactly the AzureAssignedIdentities of `expected` (pod,
+    /// identity) exist, each once and Assigned, and no other.
+    pub async fn wait_exactly_assigned(&self, expected: &[(&str, &str)]) -> anyhow::Result<()> {
+        let names: BTreeSet<String> = expected
+            .iter()
+            .map(|(pod, id)| self.aai_name(pod, id))
+            .collect();
+        let r = wait_try("every AAI Assigned", || async {
+            let aais = self.aais().await?;
+            let assigned: BTreeSet<String> = aais
+                .iter()
+                .filter(|a| is_assigned(a))
+                .filter_map(|a| a.metadata.name.clone())
+                .collect();
+            Ok(
+                (assigned.len() == names.len() && names.iter().all(|k| assigned.contains(k)))
+                    .then_some(aais),
+            )
+        })
+        .await;
+        let aais = match r {
+            Ok(aais) => aais,
+            Err(e) => bail!("{e}; AAIs now: {:#?}", self.aai_states().await?),
+        };
+        // No duplicates: one AAI per (pod, identity), and nothing unexpected.
+        let mut seen: BTreeMap<(String, String), u32> = BTreeMap::new();
+        for a in &aais {
+            let identity = a
+                .spec
+                .azure_identity_ref
+                .as_ref()
+                .and_then(|i| i.metadata.name.clone())
+                .unwrap_or_default();
+            *seen.entry((a.spec.pod.clone(), identity)).or_default() += 1;
+        }
+        let want: BTreeMap<(String, String), u32> = expected
+            .iter()
+            .map(|(pod, id)| ((pod.to_string(), id.to_string()), 1))
+            .collect();
+        if seen != want {
+            bail!("one AAI per pod and identity: have {seen:?}, want {want:?}");
+        }
+        Ok(())
+    }
+
+    /// The identities on the scale set (lower-case ARM IDs).
+    pub fn vmss_identities(&self) -> BTreeSet<String> {
+        self.emu
+            .assigned_identities(&self.vmss)
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    }
+
+    /// The user-assigned identities on the standalone VM (lower-case ARM IDs).
+    pub fn vm_identities(&self) -> BTreeSet<String> {
+        self.emu
+            .assigned_identities(&self.vm_node)
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    }
+
+    /// Whether the tenant's identity `name` (the kubelet's in the node group,
+    /// any other in the app group) is on the scale set.
+    pub fn on_vmss(&self, name: &str) -> bool {
+        let rg = if name == KUBELET { NODE_RG } else { APP_RG };
+        self.vmss_identities()
+            .contains(&tenant::uai_id(rg, name).to_lowercase())
+    }
+
+    /// Waits until identity `name` is on the scale set (`present`) or not.
+    pub async fn wait_on_vmss(&self, name: &str, present: bool) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{name} on the scale set = {present}"),
+            WAIT,
+            || async { (self.on_vmss(name) == present).then_some(()) },
+        )
+        .await
+    }
+
+    /// Waits until the scale set and the VM hold exactly these identities.
+    pub async fn wait_identities(
+        &self,
+        vmss: &BTreeSet<String>,
+        vm: &BTreeSet<String>,
+    ) -> anyhow::Result<()> {
+        let r = wait_for(
+            "the expected identities on the VMSS and VM",
+            WAIT,
+            || async {
+                (self.vmss_identities() == *vmss && self.vm_identities() == *vm).then_some(())
+            },
+        )
+        .await;
+        if let Err(e) = r {
+            bail!(
+                "{e}: VMSS has {:?} (want {vmss:?}), VM has {:?} (want {vm:?})",
+                self.vmss_identities(),
+                self.vm_identities()
+            );
+        }
+        Ok(())
+    }
+
+    /// ARM PATCHes the emulator received for the scale set, answered or
+    /// refused (injected faults included).
+    pub fn vmss_patches(&self) -> u64 {
+        self.vmss_patch_answers().len() as u64
+    }
+
+    /// The status of each ARM PATCH of the scale set, in order.
+    pub fn vmss_patch_answers(&self) -> Vec<u16> {
+        let path = format!("/virtualmachinescalesets/{}?", self.vmss.to_lowercase());
+        self.emu
+            .requests(0)
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.uri.to_lowercase().contains(&path))
+            .map(|r| r.status)
+            .collect()
+    }
+
+    /// The holder of MIC's Lease in this namespace.
+    pub async fn lease_holder(&self) -> Option<String> {
+        Api::<Lease>::namespaced(self.client().await.ok()?, self.ns.name())
+            .get_opt(LEASE)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    }
+
+    /// Removes this world's nodes so later tests' MICs ignore its leftovers.
+    pub async fn cleanup(&self) {
+        let Ok(client) = self.client().await else {
+            return;
+        };
+        for n in self.nodes.iter().chain(std::iter::once(&self.vm_node)) {
+            let _ = Api::<Node>::all(client.clone())
+                .delete(n, &DeleteParams::default())
+                .await;
+        }
+    }
+}
+
+fn is_assigned(a: &AzureAssignedIdentity) -> bool {
+    a.status.as_ref().is_some_and(|s| s.status == "Assigned")
+}
+
+/// [`wait_for`] within [`WAIT`] on a check that can fail.
+async fn wait_try<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    wait_for_ok(what, WAIT, check).await
+}
+
+/// [`wait_for`] on a check that can fail: polls until `check` returns
+/// `Ok(Some)`; an error ends the wait with that error.
+pub async fn wait_for_ok<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    wait_for(what, timeout, || {
+        let fut = check();
+        async move {
+            match fut.await {
+                Ok(Some(v)) => Some(Ok(v)),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
+        }
+    })
+    .await?
+}
+
+async fn create_node(client: &Client, name: &str, provider_id: &str) -> anyhow::Result<()> {
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(provider_id.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .with_context(|| format!("create node {name}"))?;
+    Ok(())
+}
+
+/// MIC running in this process.
+#[derive(Debug)]
+pub struct RunningMic {
+    pub shutdown: Shutdown,
+    pub task: tokio::task::JoinHandle<Result<(), mic::RunError>>,
+    pub handles: mic::Handles,
+}
+
+impl RunningMic {
+    /// Starts MIC with `settings`; returns once it handed its handles over.
+    pub async fn start(settings: mic::Settings) -> anyhow::Result<RunningMic> {
+        let shutdown = Shutdown::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(mic::run(settings, shutdown.clone(), Some(tx)));
+        let handles = tokio::time::timeout(MIC_START, rx)
+            .await
+            .context("MIC starts")?
+            .context("MIC sent its handles")?;
+        Ok(RunningMic {
+            shutdown,
+            task,
+            handles,
+        })
+    }
+
+    /// Shuts MIC down; it must stop within 30 s, without error.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.trigger();
+        let r = tokio::time::timeout(MIC_STOP, self.task)
+            .await
+            .context("MIC stops within 30 s")?
+            .context("MIC task did not panic")?;
+        r.context("MIC ran without error")
+    }
+
+    /// Waits until this MIC leads.
+    pub async fn wait_leading(&self) -> anyhow::Result<()> {
+        let mut leading = self.handles.leading.clone();
+        tokio::time::timeout(WAIT, leading.wait_for(|l| *l))
+            .await
+            .context("MIC leads")??;
+        Ok(())
+    }
+
+    /// Whether this MIC leads now.
+    pub fn leading(&self) -> bool {
+        *self.handles.leading.borrow()
+    }
+
+    /// The body of `/healthz` (`Active`, `Not Active`).
+    pub async fn healthz(&self) -> anyhow::Result<String> {
+        http_get(self.handles.probe_addr, "/healthz")
+            .await
+            .context("MIC's probe answers")
+    }
+
+    /// Waits until `/healthz` says `want`.
+    pub async fn wait_healthz(&self, want: &str) -> anyhow::Result<()> {
+        wait_try(&format!("healthz {want}"), || async {
+            Ok((self.healthz().await? == want).then_some(()))
+        })
+        .await
+    }
+
+    /// The body of `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        http_get(self.handles.metrics_addr, "/metrics")
+            .await
+            .context("MIC's metrics answer")
+    }
+
+    /// The value of series `name` (with its labels, if any) on `/metrics`
+    /// (0 when absent).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        Ok(metric_value(&self.metrics().await?, name))
+    }
+}
+
+/// The value of series `name` (with its labels, if any) in a `/metrics`
+/// text; 0 when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The value of series `name` on the `/metrics` of `addr` (0 when absent or
+/// when nothing answers).
+pub async fn scrape(addr: SocketAddr, name: &str) -> f64 {
+    metric_value(&http_get(addr, "/metrics").await.unwrap_or_default(), name)
+}
+
+/// The `mic` command running as a process; killed on drop.
+#[derive(Debug)]
+pub struct MicProcess {
+    child: tokio::process::Child,
+    pub probe: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl MicProcess {
+    /// `/healthz`, or None while it does not answer.
+    pub async fn healthz(&self) -> Option<String> {
+        http_get(self.probe, "/healthz").await
+    }
+
+    /// The value of series `name` on `/metrics` (0 when absent or when
+    /// nothing answers).
+    pub async fn metric(&self, name: &str) -> f64 {
+        scrape(self.metrics, name).await
+    }
+
+    /// The last 40 lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL, as the kubelet's OOM killer or a node failure would.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await.context("SIGKILL the MIC process")
+    }
+
+    /// SIGTERM, then wait for a clean exit within 30 s.
+    pub async fn terminate(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("MIC process runs")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid}: {status}");
+        }
+        let exit = tokio::time::timeout(MIC_STOP, self.child.wait())
+            .await
+            .context("MIC exits within 30 s of SIGTERM")??;
+        if !exit.success() {
+            bail!("MIC exit status {exit}:\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+}
+
+/// A bounded (10 s) plain-HTTP GET on loopback; the body, or None when
+/// nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_values() {
+        let text = "# HELP x\na_count 3\nb_count{op=\"x\"} 1.5\n";
+        assert_eq!(metric_value(text, "a_count"), 3.0);
+        assert_eq!(metric_value(text, "b_count{op=\"x\"}"), 1.5);
+        assert_eq!(metric_value(text, "c_count"), 0.0);
+        assert_eq!(metric_value(text, "a"), 0.0);
+    }
+}
