@@ -66,6 +66,19 @@ async fn emulator(cert_pem: &str) -> Emulator {
     Emulator::start(cfg).await.unwrap()
 }
 
+/// `sp-secret`'s token for ARM with its right secret, asked by `client` of
+/// `emu`'s AAD in `tenant`.
+async fn secret_token(
+    client: &AadClient,
+    emu: &Emulator,
+    tenant: &str,
+) -> Result<nmi::response::Token, nmi::token::TokenError> {
+    let cred = Credential::Secret(Secret::new("s3cr3t"));
+    client
+        .token(&emu.aad_url(), tenant, "sp-secret", &cred, ARM)
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_principals_get_tokens_from_aad() {
     let sp = certificate();
@@ -112,14 +125,7 @@ async fn service_principals_get_tokens_from_aad() {
     assert!(CertKey::from_pkcs12(&sp.p12, "wrong").is_err());
 
     // Another tenant is AAD's refusal too (the emulator knows one tenant).
-    let e = client
-        .token(
-            &emu.aad_url(),
-            "other-tenant",
-            "sp-secret",
-            &Credential::Secret(Secret::new("s3cr3t")),
-            ARM,
-        )
+    let e = secret_token(&client, &emu, "other-tenant")
         .await
         .unwrap_err();
     assert_eq!(e.status(), 403, "{e}");
@@ -130,16 +136,7 @@ async fn service_principals_get_tokens_from_aad() {
     std::fs::write(&path, &other.pem).unwrap();
     let untrusting = AadClient::new(Some(&path), "nmi-test").unwrap();
     std::fs::remove_file(&path).unwrap();
-    let e = untrusting
-        .token(
-            &emu.aad_url(),
-            TENANT,
-            "sp-secret",
-            &Credential::Secret(Secret::new("s3cr3t")),
-            ARM,
-        )
-        .await
-        .unwrap_err();
+    let e = secret_token(&untrusting, &emu, TENANT).await.unwrap_err();
     assert_eq!(e.status(), 503, "{e}");
 }
 

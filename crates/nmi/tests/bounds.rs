@@ -23,10 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aadpodid_api::{
-    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
-    AzureIdentitySpec,
-};
+use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
 use nmi::response::Token;
@@ -99,32 +96,20 @@ impl TokenSource for FakeImds {
     }
 }
 
+/// Pod `pod`'s identity `id-<pod>` (client ID `app-of-rid-<pod>`, as
+/// [`FakeImds`] answers for resource ID `rid-<pod>`).
 fn identity(pod: &str) -> AzureIdentity {
-    let mut id = AzureIdentity::new(
+    common::identity(
+        NS,
         &format!("id-{pod}"),
-        AzureIdentitySpec {
-            client_id: format!("app-of-rid-{pod}"),
-            resource_id: format!("rid-{pod}"),
-            ..Default::default()
-        },
-    );
-    id.metadata.namespace = Some(NS.into());
-    id.metadata.uid = Some(format!("uid-id-{pod}"));
-    id
+        &format!("app-of-rid-{pod}"),
+        &format!("rid-{pod}"),
+    )
 }
 
+/// The binding of `identity(pod)`, selecting `sel-<pod>`.
 fn binding(pod: &str) -> AzureIdentityBinding {
-    let mut b = AzureIdentityBinding::new(
-        &format!("bind-{pod}"),
-        AzureIdentityBindingSpec {
-            azure_identity: format!("id-{pod}"),
-            selector: format!("sel-{pod}"),
-            ..Default::default()
-        },
-    );
-    b.metadata.namespace = Some(NS.into());
-    b.metadata.uid = Some(format!("uid-bind-{pod}"));
-    b
+    common::binding(&identity(pod), &format!("sel-{pod}"))
 }
 
 fn aai(pod: &str) -> AzureAssignedIdentity {

@@ -85,116 +85,83 @@ fn imds_log(emu: &Emulator) -> Vec<(String, String)> {
 
 /// Hostile requests: (method, raw target, expected status from NMI).
 fn hostile() -> Vec<(&'static str, Vec<u8>, u16)> {
-    let t = |s: &str| s.as_bytes().to_vec();
-    vec![
-        // CVE-2022-23551 class: encodings a lenient IMDS might decode.
+    // (method, NMI's status, targets).
+    let groups: [(&'static str, u16, &[&str]); 5] = [
         (
             "GET",
-            t("/metadata/%u0069dentity/oauth2/token?resource=r"),
             400,
+            &[
+                // CVE-2022-23551 class: encodings a lenient IMDS might decode.
+                "/metadata/%u0069dentity/oauth2/token?resource=r",
+                "/metadata/identity/oauth2/%2574oken?resource=r",
+                "/metadata/identity/oauth2/to%E2%84%AAen?resource=r",
+                "/metadata/%69dentity/oauth2/token?resource=r",
+                "/metadata/%2e%2e/identity/oauth2/token?resource=r",
+                "/metadata/instance/%2e%2e/%2e%2e/metadata/versions",
+                "/metadata/instance/../versions",
+                "/metadata/./instance?api-version=2021-02-01",
+                "/metadata\\instance?api-version=2021-02-01",
+                "/metadata/identity\\oauth2\\token?resource=r",
+                "/metadata/identity%5Coauth2%5Ctoken?resource=r",
+                "//metadata/instance?api-version=2021-02-01",
+                "/metadata//versions",
+                "/metadata/instance%00?api-version=2021-02-01",
+                "/metadata/versions;x=y",
+                "/metadata/instance;jsessionid=1?api-version=2021-02-01",
+                "/metadata/v%C3%A9rsions",
+                "/metadata/instanc%65?api-version=2021-02-01",
+                // Token-like spellings NMI does not answer itself.
+                "/metadata/Identity/oauth2/token?resource=r",
+                "/metadata/identity/OAuth2/token?resource=r",
+            ],
         ),
         (
             "GET",
-            t("/metadata/identity/oauth2/%2574oken?resource=r"),
-            400,
-        ),
-        (
-            "GET",
-            t("/metadata/identity/oauth2/to%E2%84%AAen?resource=r"),
-            400,
-        ),
-        (
-            "GET",
-            t("/metadata/%69dentity/oauth2/token?resource=r"),
-            400,
-        ),
-        (
-            "GET",
-            t("/metadata/%2e%2e/identity/oauth2/token?resource=r"),
-            400,
-        ),
-        (
-            "GET",
-            t("/metadata/instance/%2e%2e/%2e%2e/metadata/versions"),
-            400,
-        ),
-        ("GET", t("/metadata/instance/../versions"), 400),
-        ("GET", t("/metadata/./instance?api-version=2021-02-01"), 400),
-        ("GET", t("/metadata\\instance?api-version=2021-02-01"), 400),
-        (
-            "GET",
-            t("/metadata/identity\\oauth2\\token?resource=r"),
-            400,
-        ),
-        (
-            "GET",
-            t("/metadata/identity%5Coauth2%5Ctoken?resource=r"),
-            400,
-        ),
-        ("GET", t("//metadata/instance?api-version=2021-02-01"), 400),
-        ("GET", t("/metadata//versions"), 400),
-        (
-            "GET",
-            t("/metadata/instance%00?api-version=2021-02-01"),
-            400,
-        ),
-        ("GET", t("/metadata/versions;x=y"), 400),
-        (
-            "GET",
-            t("/metadata/instance;jsessionid=1?api-version=2021-02-01"),
-            400,
-        ),
-        ("GET", t("/metadata/v%C3%A9rsions"), 400),
-        ("GET", t("/metadata/instanc%65?api-version=2021-02-01"), 400),
-        // Token-like spellings NMI does not answer itself.
-        ("GET", t("/metadata/Identity/oauth2/token?resource=r"), 400),
-        ("GET", t("/metadata/identity/OAuth2/token?resource=r"), 400),
-        // Case variants of allowed paths: not canonical, not forwarded.
-        ("GET", t("/METADATA/instance?api-version=2021-02-01"), 404),
-        ("GET", t("/Metadata/versions"), 404),
-        (
-            "GET",
-            t("/metadata/ScheduledEvents?api-version=2020-07-01"),
             404,
+            &[
+                // Case variants of allowed paths: not canonical, not forwarded.
+                "/METADATA/instance?api-version=2021-02-01",
+                "/Metadata/versions",
+                "/metadata/ScheduledEvents?api-version=2020-07-01",
+                "/metadata/INSTANCE/compute?api-version=2021-02-01",
+                // Unknown endpoints.
+                "/metadata/loadbalancer?api-version=2020-10-01",
+                "/metadata/identity/oauth3/token?resource=r",
+                "/metadata",
+                "/",
+                "/whatever",
+            ],
         ),
-        (
-            "GET",
-            t("/metadata/INSTANCE/compute?api-version=2021-02-01"),
-            404,
-        ),
-        // Unknown endpoints.
-        (
-            "GET",
-            t("/metadata/loadbalancer?api-version=2020-10-01"),
-            404,
-        ),
-        ("GET", t("/metadata/identity/oauth3/token?resource=r"), 404),
-        ("GET", t("/metadata"), 404),
-        ("GET", t("/"), 404),
-        ("GET", t("/whatever"), 404),
         // Methods.
         (
             "POST",
-            t("/metadata/scheduledevents?api-version=2020-07-01"),
             405,
+            &[
+                "/metadata/scheduledevents?api-version=2020-07-01",
+                "/metadata/attested/document?api-version=2020-09-01",
+            ],
         ),
         (
             "PUT",
-            t("/metadata/scheduledevents?api-version=2020-07-01"),
             405,
+            &["/metadata/scheduledevents?api-version=2020-07-01"],
         ),
         (
             "DELETE",
-            t("/metadata/instance?api-version=2021-02-01"),
             405,
+            &["/metadata/instance?api-version=2021-02-01"],
         ),
-        (
-            "POST",
-            t("/metadata/attested/document?api-version=2020-09-01"),
-            405,
-        ),
-        ("HEAD", t("/metadata/versions"), 405),
-    ]
+    ];
+    let mut all: Vec<_> = groups
+        .iter()
+        .flat_map(|(method, want, targets)| {
+            targets
+                .iter()
+                .map(move |t| (*method, t.as_bytes().to_vec(), *want))
+        })
+        .collect();
+    all.push(("HEAD", b"/metadata/versions".to_vec(), 405));
+    all
 }
 
 /// Allowed requests: (method, target); each must reach IMDS unchanged.

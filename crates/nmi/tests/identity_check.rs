@@ -15,15 +15,11 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use aadpodid_api::{
-    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
-    AzureIdentitySpec,
-};
+use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
 use azure_emulator::Emulator;
 use base64::Engine as _;
-use common::SUBSCRIPTION;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
+use common::resource_id;
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
@@ -36,43 +32,19 @@ const OBJECT_K: &str = "cccccccc-1111-4000-8000-00000000000c";
 const NS: &str = "team";
 const ARM: &str = "https://management.azure.com/";
 
-fn resource_id(name: &str) -> String {
-    format!(
-        "/subscriptions/{SUBSCRIPTION}/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-    )
-}
-
+/// AzureIdentity `name` for `client_id` at the resource ID of the
+/// user-assigned identity `uai` (none when empty).
 fn identity(name: &str, uai: &str, client_id: &str) -> AzureIdentity {
-    let mut id = AzureIdentity::new(
-        name,
-        AzureIdentitySpec {
-            client_id: client_id.into(),
-            resource_id: if uai.is_empty() {
-                String::new()
-            } else {
-                resource_id(uai)
-            },
-            ..Default::default()
-        },
-    );
-    id.metadata.namespace = Some(NS.into());
-    id.metadata.uid = Some(format!("uid-{name}"));
-    id
+    let rid = if uai.is_empty() {
+        String::new()
+    } else {
+        resource_id(uai)
+    };
+    common::identity(NS, name, client_id, &rid)
 }
 
 fn binding(identity: &AzureIdentity) -> AzureIdentityBinding {
-    let name = identity.metadata.name.clone().unwrap();
-    let mut b = AzureIdentityBinding::new(
-        &format!("bind-{name}"),
-        AzureIdentityBindingSpec {
-            azure_identity: name.clone(),
-            selector: "sel".into(),
-            ..Default::default()
-        },
-    );
-    b.metadata.namespace = Some(NS.into());
-    b.metadata.uid = Some(format!("uid-bind-{name}"));
-    b
+    common::binding(identity, "sel")
 }
 
 /// The Assigned AzureAssignedIdentity MIC writes for the pod and `identity`.
@@ -155,15 +127,7 @@ impl Nmi {
             .await
             .unwrap();
         tokio::spawn(conn);
-        let q: String = form_urlencoded::Serializer::new(String::new())
-            .append_pair("api-version", "2018-02-01")
-            .append_pair("resource", ARM)
-            .finish();
-        let req = http::Request::get(format!("/metadata/identity/oauth2/token?{q}{extra}"))
-            .header("host", "169.254.169.254")
-            .header("metadata", "true")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+        let req = common::token_request(ARM, extra);
         let resp = sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.unwrap().to_bytes();

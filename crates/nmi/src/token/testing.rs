@@ -51,12 +51,26 @@ pub(super) fn spawn_fetches<S: TokenSource>(
 
 /// IMDS with one identity per resource ID: client ID `app-of-<rid>`,
 /// object ID `oid-of-<rid>` (lower case), unless `reports` says IMDS
-/// answers with another client ID.
-#[derive(Default)]
+/// answers with another client ID. A call takes `delay` (forever when
+/// `None`; 20 ms by default) and, when `fail`, ends in IMDS's 400.
 pub(super) struct Fake {
     pub(super) calls: AtomicUsize,
     pub(super) lifetime: u64,
     pub(super) reports: Option<&'static str>,
+    pub(super) delay: Option<Duration>,
+    pub(super) fail: bool,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        Fake {
+            calls: AtomicUsize::new(0),
+            lifetime: 0,
+            reports: None,
+            delay: Some(Duration::from_millis(20)),
+            fail: false,
+        }
+    }
 }
 
 pub(super) fn jwt(claims: serde_json::Value) -> String {
@@ -105,7 +119,13 @@ impl TokenSource for Fake {
         resource: &str,
     ) -> Result<Token, TokenError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        match self.delay {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending::<()>().await,
+        }
+        if self.fail {
+            return Err(not_found());
+        }
         let ImdsIdentity::ResourceId(rid) = identity;
         let rid = rid.to_ascii_lowercase();
         let client = match self.reports {
@@ -174,40 +194,16 @@ pub(super) fn fast_policy() -> RetryPolicy {
     }
 }
 
-/// A source whose calls take `delay` (forever when `None`) and fail
-/// (IMDS's 400) when `fail`.
-pub(super) struct Slow {
-    pub(super) calls: AtomicUsize,
-    delay: Option<Duration>,
-    fail: bool,
-}
+/// A long-lived [`Fake`] whose calls take `delay` (forever when `None`)
+/// and fail (IMDS's 400) when `fail`.
+pub(super) type Slow = Fake;
 
-impl Slow {
+impl Fake {
     pub(super) fn new(delay: Option<Duration>, fail: bool) -> Self {
-        Slow {
-            calls: AtomicUsize::new(0),
+        Fake {
             delay,
             fail,
+            ..long_lived()
         }
-    }
-}
-
-impl TokenSource for Slow {
-    async fn imds_token(
-        &self,
-        identity: &ImdsIdentity,
-        resource: &str,
-    ) -> Result<Token, TokenError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        match self.delay {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending::<()>().await,
-        }
-        if self.fail {
-            return Err(not_found());
-        }
-        let ImdsIdentity::ResourceId(rid) = identity;
-        let client = format!("app-of-{rid}");
-        Ok(token(jwt_app(&client), client, 86_399, resource))
     }
 }

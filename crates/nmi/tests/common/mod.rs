@@ -1,21 +1,16 @@
 //! Scaffolding shared by NMI's in-process integration tests and the
 //! token-path benchmark: NMI's server configuration and server, served on a
 //! loopback port, and the Azure emulator with IMDS for one VM, `node`.
-//! Nothing here needs a cluster or root.
+//! Nothing here needs a cluster or root. Its lint levels are those of the
+//! test or benchmark that includes it (each allows failing loudly).
 #![allow(dead_code, reason = "each test binary uses a part of it")]
-#![allow(
-    clippy::expect_used,
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "test code: failing loudly is the point"
-)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use aadpodid_api::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding,
+    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
 };
 use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
 use azure_emulator::{Config, Emulator};
@@ -124,6 +119,60 @@ pub async fn emulator(
         .await
         .unwrap();
     (emu, imds)
+}
+
+/// The ARM resource ID of the user-assigned identity `name` in resource
+/// group `rg` of [`SUBSCRIPTION`].
+pub fn resource_id(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUBSCRIPTION}/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+    )
+}
+
+/// The live AzureIdentity `name` in `ns` for `client_id` at `resource_id`,
+/// with UID `uid-<name>`.
+pub fn identity(ns: &str, name: &str, client_id: &str, resource_id: &str) -> AzureIdentity {
+    let spec = AzureIdentitySpec {
+        client_id: client_id.into(),
+        resource_id: resource_id.into(),
+        ..Default::default()
+    };
+    let mut id = AzureIdentity::new(name, spec);
+    id.metadata.namespace = Some(ns.into());
+    id.metadata.uid = Some(format!("uid-{name}"));
+    id
+}
+
+/// The live AzureIdentityBinding `bind-<identity>` in the identity's
+/// namespace selecting `selector`, with UID `uid-bind-<identity>`.
+pub fn binding(identity: &AzureIdentity, selector: &str) -> AzureIdentityBinding {
+    let name = identity.metadata.name.clone().unwrap();
+    let spec = AzureIdentityBindingSpec {
+        azure_identity: name.clone(),
+        selector: selector.into(),
+        ..Default::default()
+    };
+    let mut b = AzureIdentityBinding::new(&format!("bind-{name}"), spec);
+    b.metadata.namespace = identity.metadata.namespace.clone();
+    b.metadata.uid = Some(format!("uid-bind-{name}"));
+    b
+}
+
+/// A pod's token request to NMI for `resource`, with `extra` (`&name=value`
+/// pairs) after the query, as IMDS clients send it.
+pub fn token_request(
+    resource: &str,
+    extra: &str,
+) -> http::Request<http_body_util::Empty<hyper::body::Bytes>> {
+    let q: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("api-version", "2018-02-01")
+        .append_pair("resource", resource)
+        .finish();
+    http::Request::get(format!("/metadata/identity/oauth2/token?{q}{extra}"))
+        .header("host", "169.254.169.254")
+        .header("metadata", "true")
+        .body(http_body_util::Empty::new())
+        .unwrap()
 }
 
 /// Pod `name` in `ns` on `node`, Running at `ip`, labelled
