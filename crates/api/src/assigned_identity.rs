@@ -1,74 +1,51 @@
 use std::fmt;
 
-use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
 use crate::{AzureIdentity, AzureIdentityBinding};
 
-/// Written by MIC only: records that a pod uses an identity through a binding
-/// and whether that identity is on the pod's node yet.
-#[allow(
-    clippy::duplicated_attributes,
-    reason = "each kube printcolumn(..) names its own type_"
-)]
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "aadpodidentity.k8s.io",
-    version = "v1",
+crd_kind! {
     kind = "AzureAssignedIdentity",
     plural = "azureassignedidentities",
-    namespaced,
-    derive = "PartialEq",
-    derive = "Default",
     status = "AzureAssignedIdentityStatus",
-    doc = "AzureAssignedIdentity is written by MIC: pod spec.pod in spec.podNamespace uses the embedded AzureIdentity through the embedded AzureIdentityBinding on node spec.nodename.",
-    annotation("api-approved.kubernetes.io", "unapproved"),
-    printcolumn(name = "Pod", type_ = "string", json_path = ".spec.pod"),
-    printcolumn(
-        name = "PodNamespace",
-        type_ = "string",
-        json_path = ".spec.podNamespace"
-    ),
-    printcolumn(
-        name = "Identity",
-        type_ = "string",
-        json_path = ".spec.azureIdentityRef.metadata.name"
-    ),
-    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodename"),
-    printcolumn(name = "Status", type_ = "string", json_path = ".status.status"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-pub struct AzureAssignedIdentitySpec {
-    /// Copy of the AzureIdentity the pod uses.
-    #[serde(rename = "azureIdentityRef", default)]
-    #[schemars(schema_with = "embedded::<AzureIdentity>")]
-    pub azure_identity_ref: Option<Box<AzureIdentity>>,
+    explain = "AzureAssignedIdentity is written by MIC: pod spec.pod in spec.podNamespace uses the embedded AzureIdentity through the embedded AzureIdentityBinding on node spec.nodename.",
+    columns = [
+        ("Pod", "string", ".spec.pod"),
+        ("PodNamespace", "string", ".spec.podNamespace"),
+        ("Identity", "string", ".spec.azureIdentityRef.metadata.name"),
+        ("Node", "string", ".spec.nodename"),
+        ("Status", "string", ".status.status"),
+    ],
+    /// Written by MIC only: records that a pod uses an identity through a binding
+    /// and whether that identity is on the pod's node yet.
+    pub struct AzureAssignedIdentitySpec {
+        /// Copy of the AzureIdentity the pod uses.
+        #[serde(rename = "azureIdentityRef", default)]
+        #[schemars(schema_with = "embedded::<AzureIdentity>")]
+        pub azure_identity_ref: Option<Box<AzureIdentity>>,
 
-    /// Copy of the AzureIdentityBinding that matched the pod.
-    #[serde(rename = "azureBindingRef", default)]
-    #[schemars(schema_with = "embedded::<AzureIdentityBinding>")]
-    pub azure_binding_ref: Option<Box<AzureIdentityBinding>>,
+        /// Copy of the AzureIdentityBinding that matched the pod.
+        #[serde(rename = "azureBindingRef", default)]
+        #[schemars(schema_with = "embedded::<AzureIdentityBinding>")]
+        pub azure_binding_ref: Option<Box<AzureIdentityBinding>>,
 
-    /// Name of the pod.
-    #[serde(default)]
-    pub pod: String,
+        /// Name of the pod.
+        #[serde(default)]
+        pub pod: String,
 
-    /// Namespace of the pod.
-    #[serde(rename = "podNamespace", default)]
-    pub pod_namespace: String,
+        /// Namespace of the pod.
+        #[serde(rename = "podNamespace", default)]
+        pub pod_namespace: String,
 
-    /// Node the pod is scheduled on.
-    #[serde(rename = "nodename", default)]
-    pub node_name: String,
+        /// Node the pod is scheduled on.
+        #[serde(rename = "nodename", default)]
+        pub node_name: String,
 
-    /// Kept for compatibility; not read.
-    #[serde(default)]
-    pub replicas: Option<i32>,
+        /// Kept for compatibility; not read.
+        #[serde(default)]
+        pub replicas: Option<i32>,
+    }
 }
 
 /// Where MIC is with an AzureAssignedIdentity.

@@ -1,37 +1,22 @@
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Pods of this namespace that carry any one of `podLabels` (value compared
-/// ignoring case) get their token requests passed straight to the node's IMDS.
-#[allow(
-    clippy::duplicated_attributes,
-    reason = "each kube printcolumn(..) names its own type_"
-)]
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "aadpodidentity.k8s.io",
-    version = "v1",
+crd_kind! {
     kind = "AzurePodIdentityException",
     plural = "azurepodidentityexceptions",
-    namespaced,
-    derive = "PartialEq",
-    derive = "Default",
     status = "AzurePodIdentityExceptionStatus",
-    doc = "AzurePodIdentityException exempts pods of its namespace that carry any of spec.podLabels from NMI's identity checks: their requests go to the node's IMDS unchanged.",
-    annotation("api-approved.kubernetes.io", "unapproved"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-pub struct AzurePodIdentityExceptionSpec {
-    /// Labels, any one of which (value compared ignoring case) exempts a pod.
-    #[serde(rename = "podLabels", default)]
-    pub pod_labels: BTreeMap<String, String>,
+    explain = "AzurePodIdentityException exempts pods of its namespace that carry any of spec.podLabels from NMI's identity checks: their requests go to the node's IMDS unchanged.",
+    columns = [
+    ],
+    /// Pods of this namespace that carry any one of `podLabels` (value compared
+    /// ignoring case) get their token requests passed straight to the node's IMDS.
+    pub struct AzurePodIdentityExceptionSpec {
+        /// Labels, any one of which (value compared ignoring case) exempts a pod.
+        #[serde(rename = "podLabels", default)]
+        pub pod_labels: BTreeMap<String, String>,
+    }
 }
 
 /// Status of an AzurePodIdentityException; kept for compatibility and not written.

@@ -1,95 +1,80 @@
 use std::borrow::Cow;
 
 use k8s_openapi::api::core::v1::SecretReference;
-use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// An Azure identity that pods may use: a user-assigned managed identity
-/// (type 0) or a service principal with a client secret (type 1) or a
-/// certificate (type 2).
-#[allow(
-    clippy::duplicated_attributes,
-    reason = "each kube printcolumn(..) names its own type_"
-)]
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "aadpodidentity.k8s.io",
-    version = "v1",
+crd_kind! {
     kind = "AzureIdentity",
     plural = "azureidentities",
-    namespaced,
-    derive = "PartialEq",
-    derive = "Default",
     status = "AzureIdentityStatus",
-    doc = "AzureIdentity is an Azure identity (user-assigned managed identity or service principal) that pods can be bound to.",
-    annotation("api-approved.kubernetes.io", "unapproved"),
-    printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
-    printcolumn(name = "ClientID", type_ = "string", json_path = ".spec.clientID"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-pub struct AzureIdentitySpec {
-    /// Kind of identity: 0 user-assigned managed identity, 1 service principal
-    /// with a client secret, 2 service principal with a certificate. A missing
-    /// value means 0.
-    #[serde(rename = "type", default)]
-    pub r#type: IdentityType,
+    explain = "AzureIdentity is an Azure identity (user-assigned managed identity or service principal) that pods can be bound to.",
+    columns = [
+        ("Type", "string", ".spec.type"),
+        ("ClientID", "string", ".spec.clientID"),
+    ],
+    /// An Azure identity that pods may use: a user-assigned managed identity
+    /// (type 0) or a service principal with a client secret (type 1) or a
+    /// certificate (type 2).
+    pub struct AzureIdentitySpec {
+        /// Kind of identity: 0 user-assigned managed identity, 1 service principal
+        /// with a client secret, 2 service principal with a certificate. A missing
+        /// value means 0.
+        #[serde(rename = "type", default)]
+        pub r#type: IdentityType,
 
-    /// ARM resource ID of the user-assigned managed identity (type 0), of the form
-    /// /subscriptions/<id>/resourcegroups/<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>.
-    #[serde(
-        rename = "resourceID",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
-    pub resource_id: String,
+        /// ARM resource ID of the user-assigned managed identity (type 0), of the form
+        /// /subscriptions/<id>/resourcegroups/<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>.
+        #[serde(
+            rename = "resourceID",
+            default,
+            skip_serializing_if = "String::is_empty"
+        )]
+        pub resource_id: String,
 
-    /// Client (application) ID of the identity; every type needs it.
-    #[serde(rename = "clientID", default, skip_serializing_if = "String::is_empty")]
-    pub client_id: String,
+        /// Client (application) ID of the identity; every type needs it.
+        #[serde(rename = "clientID", default, skip_serializing_if = "String::is_empty")]
+        pub client_id: String,
 
-    /// Secret holding the service principal's credential (types 1 and 2). Type 1
-    /// reads the secret's single key as the client secret; type 2 reads the keys
-    /// `certificate` (PKCS#12) and `password`.
-    #[serde(
-        rename = "clientPassword",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub client_password: Option<SecretReference>,
+        /// Secret holding the service principal's credential (types 1 and 2). Type 1
+        /// reads the secret's single key as the client secret; type 2 reads the keys
+        /// `certificate` (PKCS#12) and `password`.
+        #[serde(
+            rename = "clientPassword",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub client_password: Option<SecretReference>,
 
-    /// Primary tenant of the service principal (types 1 and 2).
-    #[serde(rename = "tenantID", default, skip_serializing_if = "String::is_empty")]
-    pub tenant_id: String,
+        /// Primary tenant of the service principal (types 1 and 2).
+        #[serde(rename = "tenantID", default, skip_serializing_if = "String::is_empty")]
+        pub tenant_id: String,
 
-    /// Further tenants a type 1 service principal gets tokens for; when set, the
-    /// token response is a JSON array with the primary tenant's token first.
-    #[serde(rename = "auxiliaryTenantIDs", default)]
-    pub auxiliary_tenant_ids: Option<Vec<String>>,
+        /// Further tenants a type 1 service principal gets tokens for; when set, the
+        /// token response is a JSON array with the primary tenant's token first.
+        #[serde(rename = "auxiliaryTenantIDs", default)]
+        pub auxiliary_tenant_ids: Option<Vec<String>>,
 
-    /// Entra ID (AAD) authority for types 1 and 2; https://login.microsoftonline.com/ when empty.
-    #[serde(
-        rename = "adEndpoint",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
-    pub ad_endpoint: String,
+        /// Entra ID (AAD) authority for types 1 and 2; https://login.microsoftonline.com/ when empty.
+        #[serde(
+            rename = "adEndpoint",
+            default,
+            skip_serializing_if = "String::is_empty"
+        )]
+        pub ad_endpoint: String,
 
-    /// Kept for compatibility; not read.
-    #[serde(
-        rename = "adResourceID",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
-    pub ad_resource_id: String,
+        /// Kept for compatibility; not read.
+        #[serde(
+            rename = "adResourceID",
+            default,
+            skip_serializing_if = "String::is_empty"
+        )]
+        pub ad_resource_id: String,
 
-    /// Kept for compatibility; not read.
-    #[serde(default)]
-    pub replicas: Option<i32>,
+        /// Kept for compatibility; not read.
+        #[serde(default)]
+        pub replicas: Option<i32>,
+    }
 }
 
 /// Status of an AzureIdentity; kept for compatibility and not written.

@@ -6,6 +6,55 @@
 //! release deserialize unchanged. Documentation comments on the spec types become
 //! the `kubectl explain` text of the generated CRDs.
 
+/// Declares the spec type of one kind of this API with the attributes every
+/// kind shares: the `CustomResource` derive and its `#[kube(..)]` (group,
+/// version, namespaced, the `api-approved` annotation, `PartialEq` and
+/// `Default` on the kind, an `Age` column last). Each kind gives its name,
+/// plural, status type, `kubectl explain` text and columns before `Age`
+/// (name, type, JSON path), then its doc comment and spec struct.
+macro_rules! crd_kind {
+    (
+        kind = $kind:tt,
+        plural = $plural:tt,
+        status = $status:tt,
+        explain = $explain:tt,
+        columns = [$(($column:tt, $type:tt, $path:tt)),* $(,)?],
+        $(#[$meta:meta])*
+        pub struct $spec:ident { $($body:tt)* }
+    ) => {
+        $(#[$meta])*
+        #[allow(
+            clippy::duplicated_attributes,
+            reason = "each kube printcolumn(..) names its own type_"
+        )]
+        #[derive(
+            kube::CustomResource,
+            Clone,
+            Debug,
+            Default,
+            PartialEq,
+            serde::Serialize,
+            serde::Deserialize,
+            schemars::JsonSchema,
+        )]
+        #[kube(
+            group = "aadpodidentity.k8s.io",
+            version = "v1",
+            kind = $kind,
+            plural = $plural,
+            namespaced,
+            derive = "PartialEq",
+            derive = "Default",
+            status = $status,
+            doc = $explain,
+            annotation("api-approved.kubernetes.io", "unapproved"),
+            $(printcolumn(name = $column, type_ = $type, json_path = $path),)*
+            printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+        )]
+        pub struct $spec { $($body)* }
+    };
+}
+
 mod assigned_identity;
 mod binding;
 pub mod crd;
