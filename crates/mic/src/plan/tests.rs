@@ -92,6 +92,56 @@ fn base() -> Index {
     ix
 }
 
+/// [`base`] with the world most cases start from: the user-assigned
+/// AzureIdentity `ns/id` and the binding `ns/b` giving it to pods labelled
+/// `sel`.
+fn bound() -> Index {
+    let mut ix = base();
+    ix.apply_identity(&mk_uami("ns", "id"));
+    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    ix
+}
+
+/// Adds pod `ns/web` on node n1, labelled `sel`, and returns it.
+fn add_web(ix: &mut Index) -> Pod {
+    let pod = mk_pod("ns", "web", "sel", "n1");
+    ix.apply_pod(&pod);
+    pod
+}
+
+/// [`bound`] with `pods` (namespace, name, node) labelled `sel`, settled;
+/// then the first of them is deleted. The index and the plan after that.
+fn first_pod_gone(pods: &[(&str, &str, &str)], opts: &Options) -> (Index, Plan) {
+    let mut ix = bound();
+    let pods: Vec<Pod> = pods
+        .iter()
+        .map(|(ns, name, node)| mk_pod(ns, name, "sel", node))
+        .collect();
+    for pod in &pods {
+        ix.apply_pod(pod);
+    }
+    settle(&mut ix, opts);
+    ix.delete_pod(&pods[0]);
+    let p = plan(&ix, opts);
+    (ix, p)
+}
+
+/// The plan takes identity `id` off vmss-a and, once that succeeds, deletes
+/// the AzureAssignedIdentity `default/aai`.
+fn assert_removes(p: &Plan, aai: &str, id: &str) {
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.remove, [lrid(id)].into());
+    assert_eq!(w.delete_on_success, vec![(key("default", aai), lrid(id))]);
+}
+
+/// Names of the AzureAssignedIdentities the plan creates.
+fn created_names(p: &Plan) -> Vec<&str> {
+    p.create
+        .iter()
+        .filter_map(|a| a.metadata.name.as_deref())
+        .collect()
+}
+
 /// Runs the plan and applies its AAI writes to the index as the executor
 /// would after full success, so multi-cycle stories can be told.
 fn settle(ix: &mut Index, opts: &Options) -> Plan {
@@ -136,9 +186,7 @@ fn vmss(name: &str) -> ResourceRef {
 
 #[test]
 fn s1_s2_unlabelled_or_unscheduled_pods_get_nothing() {
-    let mut ix = base();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let mut ix = bound();
     ix.apply_pod(&mk_pod("ns", "nolabel", "", "n1"));
     ix.apply_pod(&mk_pod("ns", "unscheduled", "sel", ""));
     assert!(plan(&ix, &Options::default()).is_empty());
@@ -151,7 +199,7 @@ fn s3_s6_s7_s8_new_pod_gets_a_created_aai_and_an_add() {
     ix.apply_binding(&mk_binding("other", "b-cross", "id", "sel"));
     ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
     ix.apply_binding(&mk_binding("ns", "b-other-selector", "id", "Sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     let p = plan(&ix, &Options::default());
     // The cross-namespace binding names "other/id", which does not exist (an
     // identity is looked up in the binding's namespace only).
@@ -240,7 +288,7 @@ fn s10_service_principals_are_assigned_without_arm() {
     ));
     ix.apply_binding(&mk_binding("ns", "b1", "sp", "sel"));
     ix.apply_binding(&mk_binding("ns", "b2", "cert", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     let p = plan(&ix, &Options::default());
     assert_eq!(p.create.len(), 2);
     assert!(p.resources.is_empty());
@@ -269,7 +317,7 @@ fn s11_invalid_resource_id_and_unknown_type_are_reported_and_skipped() {
     ix.apply_binding(&mk_binding("ns", "b1", "bad", "sel"));
     ix.apply_binding(&mk_binding("ns", "b2", "odd", "sel"));
     ix.apply_binding(&mk_binding("ns", "b3", "good", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     ix.apply_pod(&mk_pod("ns", "web2", "sel", "n1"));
     let p = plan(&ix, &Options::default());
     assert_eq!(p.create.len(), 2, "only the good identity, once per pod");
@@ -288,12 +336,9 @@ fn s11_invalid_resource_id_and_unknown_type_are_reported_and_skipped() {
 
 #[test]
 fn s9_s12_lifecycle_created_assigned_then_removed() {
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let pod = mk_pod("ns", "web", "sel", "n1");
-    ix.apply_pod(&pod);
+    let pod = add_web(&mut ix);
     settle(&mut ix, &opts);
     assert_eq!(
         ix.assigned[&key("default", "web-ns-id")].state(),
@@ -303,65 +348,38 @@ fn s9_s12_lifecycle_created_assigned_then_removed() {
 
     ix.delete_pod(&pod);
     let p = plan(&ix, &opts);
-    let w = &p.resources[&vmss("vmss-a")];
-    assert_eq!(w.remove, [lrid("id")].into());
-    assert_eq!(
-        w.delete_on_success,
-        vec![(key("default", "web-ns-id"), lrid("id"))]
-    );
-    assert!(w.add.is_empty());
+    assert_removes(&p, "web-ns-id", "id");
+    assert!(p.resources[&vmss("vmss-a")].add.is_empty());
 }
 
 #[test]
 fn s25_identity_still_used_on_the_scale_set_is_kept() {
-    let mut ix = base();
-    let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let a = mk_pod("ns", "a", "sel", "n1");
-    ix.apply_pod(&a);
+    let mut ix = bound();
+    ix.apply_pod(&mk_pod("ns", "a", "sel", "n1"));
     ix.apply_pod(&mk_pod("ns", "b", "sel", "n2"));
-    let p = settle(&mut ix, &opts);
     assert_eq!(
-        p.resources[&vmss("vmss-a")].add,
+        plan(&ix, &Options::default()).resources[&vmss("vmss-a")].add,
         [lrid("id")].into(),
         "one add for both pods"
     );
 
-    ix.delete_pod(&a);
-    let p = plan(&ix, &opts);
+    let (_, p) = first_pod_gone(&[("ns", "a", "n1"), ("ns", "b", "n2")], &Options::default());
     assert!(p.resources.is_empty(), "{:?}", p.resources);
     assert_eq!(p.delete_now, vec![key("default", "a-ns-id")]);
 }
 
 #[test]
 fn h2_same_pod_name_in_another_namespace_keeps_the_identity() {
-    let mut ix = base();
-    let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let a = mk_pod("ns-a", "web-0", "sel", "n1");
-    ix.apply_pod(&a);
-    ix.apply_pod(&mk_pod("ns-b", "web-0", "sel", "n2"));
-    settle(&mut ix, &opts);
-    ix.delete_pod(&a);
-    let p = plan(&ix, &opts);
+    let pods = [("ns-a", "web-0", "n1"), ("ns-b", "web-0", "n2")];
+    let (_, p) = first_pod_gone(&pods, &Options::default());
     assert!(p.resources.is_empty());
     assert_eq!(p.delete_now, vec![key("default", "web-0-ns-a-id")]);
 }
 
 #[test]
 fn identity_used_on_another_scale_set_is_removed_here() {
-    let mut ix = base();
-    let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let a = mk_pod("ns", "a", "sel", "n1");
-    ix.apply_pod(&a);
-    ix.apply_pod(&mk_pod("ns", "b", "sel", "n3"));
-    settle(&mut ix, &opts);
-    ix.delete_pod(&a);
-    let p = plan(&ix, &opts);
+    let pods = [("ns", "a", "n1"), ("ns", "b", "n3")];
+    let (_, p) = first_pod_gone(&pods, &Options::default());
     assert_eq!(
         p.resources.keys().collect::<Vec<_>>(),
         vec![&vmss("vmss-a")]
@@ -370,18 +388,11 @@ fn identity_used_on_another_scale_set_is_removed_here() {
 
 #[test]
 fn s26_s27_immutable_and_cluster_identities_are_never_removed() {
-    let mut ix = base();
     let opts = Options {
         immutable_client_ids: ["client-id".to_string()].into(),
         ..Default::default()
     };
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let pod = mk_pod("ns", "web", "sel", "n1");
-    ix.apply_pod(&pod);
-    settle(&mut ix, &opts);
-    ix.delete_pod(&pod);
-    let p = plan(&ix, &opts);
+    let (_, p) = first_pod_gone(&[("ns", "web", "n1")], &opts);
     assert!(p.resources.is_empty());
     assert_eq!(p.delete_now, vec![key("default", "web-ns-id")]);
 }
@@ -389,11 +400,9 @@ fn s26_s27_immutable_and_cluster_identities_are_never_removed() {
 #[test]
 fn s13_deleting_the_identity_or_binding_removes_its_aais() {
     for delete_binding in [false, true] {
-        let mut ix = base();
+        let mut ix = bound();
         let opts = Options::default();
-        ix.apply_identity(&mk_uami("ns", "id"));
-        ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-        ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+        add_web(&mut ix);
         settle(&mut ix, &opts);
         if delete_binding {
             ix.delete_binding(&key("ns", "b"));
@@ -407,11 +416,9 @@ fn s13_deleting_the_identity_or_binding_removes_its_aais() {
 
 #[test]
 fn s14_editing_the_identity_swaps_the_assignment() {
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     settle(&mut ix, &opts);
     let mut edited = mk_uami("ns", "id");
     edited.spec.resource_id = rid("id2");
@@ -437,7 +444,7 @@ fn a_recreated_identity_or_binding_is_embedded_anew() {
     b.metadata.uid = Some("uid-b1".into());
     ix.apply_identity(&id);
     ix.apply_binding(&b);
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     settle(&mut ix, &opts);
     assert!(plan(&ix, &opts).is_empty());
     for (new_id_uid, new_b_uid) in [("uid-2", "uid-b1"), ("uid-2", "uid-b2")] {
@@ -470,11 +477,9 @@ fn a_recreated_identity_or_binding_is_embedded_anew() {
 
 #[test]
 fn h5_metadata_edits_cause_no_work() {
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     settle(&mut ix, &opts);
     let mut touched = mk_uami("ns", "id");
     touched.metadata.labels = Some([("team".to_string(), "x".to_string())].into());
@@ -496,22 +501,15 @@ fn s15_relabelled_pod_gets_the_new_identity() {
     ix.apply_pod(&mk_pod("ns", "web", "two", "n1"));
     let p = plan(&ix, &opts);
     assert_eq!(p.create.len(), 1);
-    let w = &p.resources[&vmss("vmss-a")];
-    assert_eq!(w.add, [lrid("id2")].into());
-    assert_eq!(w.remove, [lrid("id1")].into());
-    assert_eq!(
-        w.delete_on_success,
-        vec![(key("default", "web-ns-id1"), lrid("id1"))]
-    );
+    assert_eq!(p.resources[&vmss("vmss-a")].add, [lrid("id2")].into());
+    assert_removes(&p, "web-ns-id1", "id1");
 }
 
 #[test]
 fn pod_moving_node_updates_the_aai() {
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     settle(&mut ix, &opts);
     ix.apply_pod(&mk_pod("ns", "web", "sel", "n3"));
     let p = plan(&ix, &opts);
@@ -531,7 +529,7 @@ fn s39_same_identity_name_from_two_namespaces_first_binding_wins() {
     ix.apply_identity(&mk_uami("b", "id"));
     ix.apply_binding(&mk_binding("a", "b", "id", "sel"));
     ix.apply_binding(&mk_binding("b", "b", "id", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     let p = plan(&ix, &Options::default());
     assert_eq!(p.create.len(), 1);
     assert_eq!(
@@ -550,9 +548,7 @@ fn s39_same_identity_name_from_two_namespaces_first_binding_wins() {
 
 #[test]
 fn s40_completed_pods_release_identities_unless_told_otherwise() {
-    let mut ix = base();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
+    let mut ix = bound();
     let mut pod = mk_pod("ns", "job", "sel", "n1");
     ix.apply_pod(&pod);
     settle(&mut ix, &Options::default());
@@ -572,12 +568,9 @@ fn s40_completed_pods_release_identities_unless_told_otherwise() {
 
 #[test]
 fn s28_aais_of_a_deleted_node_go_without_arm() {
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let pod = mk_pod("ns", "web", "sel", "n1");
-    ix.apply_pod(&pod);
+    let pod = add_web(&mut ix);
     settle(&mut ix, &opts);
     ix.delete_pod(&pod);
     ix.delete_node(&mk_vmss_node("n1", "vmss-a"));
@@ -588,11 +581,9 @@ fn s28_aais_of_a_deleted_node_go_without_arm() {
 
 #[test]
 fn created_aais_are_retried_and_deleting_ones_are_not_recreated_yet() {
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     let p = plan(&ix, &opts);
     ix.apply_assigned(&p.create[0]);
     // The ARM write failed: the AAI stays Created and the next plan retries the add.
@@ -619,7 +610,7 @@ fn expected_assignments_lists_assigned_type0_only() {
     ix.apply_identity(&mk_identity("ns", "sp", IdentityType::ServicePrincipal, ""));
     ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
     ix.apply_binding(&mk_binding("ns", "b2", "sp", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     assert!(expected_assignments(&ix, &opts).is_empty());
     settle(&mut ix, &opts);
     assert_eq!(
@@ -632,12 +623,9 @@ fn expected_assignments_lists_assigned_type0_only() {
 fn the_drift_check_never_expects_an_identity_on_its_way_out() {
     // The pod is gone, its AAI still says Assigned (its removal may have
     // landed while the AAI delete waits for the apiserver): not expected.
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let pod = mk_pod("ns", "web", "sel", "n1");
-    ix.apply_pod(&pod);
+    let pod = add_web(&mut ix);
     settle(&mut ix, &opts);
     assert_eq!(expected_assignments(&ix, &opts).len(), 1);
     ix.delete_pod(&pod);
@@ -650,12 +638,9 @@ fn a_created_aai_that_retires_takes_its_identity_off_if_there() {
     // leader killed after its PATCH): deleting it without a removal would
     // orphan the identity. The executor sends nothing if it is not there (so
     // the system identity is never stripped).
-    let mut ix = base();
+    let mut ix = bound();
     let opts = Options::default();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    let pod = mk_pod("ns", "web", "sel", "n1");
-    ix.apply_pod(&pod);
+    let pod = add_web(&mut ix);
     let p = plan(&ix, &opts);
     ix.apply_assigned(&p.create[0]);
     assert_eq!(
@@ -665,12 +650,7 @@ fn a_created_aai_that_retires_takes_its_identity_off_if_there() {
     ix.delete_pod(&pod);
     let p = plan(&ix, &opts);
     assert!(p.delete_now.is_empty());
-    let w = &p.resources[&vmss("vmss-a")];
-    assert_eq!(w.remove, [lrid("id")].into());
-    assert_eq!(
-        w.delete_on_success,
-        vec![(key("default", "web-ns-id"), lrid("id"))]
-    );
+    assert_removes(&p, "web-ns-id", "id");
 }
 
 fn mk_namespace(name: &str, allowed: Option<&str>) -> k8s_openapi::api::core::v1::Namespace {
@@ -727,11 +707,7 @@ fn the_identity_policy_at_run_time() {
             ..Default::default()
         };
         let p = plan(&ix, &opts);
-        let names: Vec<&str> = p
-            .create
-            .iter()
-            .filter_map(|a| a.metadata.name.as_deref())
-            .collect();
+        let names = created_names(&p);
         let ctx = format!("{mode:?} {annotation:?}");
         assert_eq!(names.contains(&"web-other-id"), made, "{ctx}");
         assert!(names.contains(&"web-other-sp"), "{ctx}");
@@ -777,11 +753,7 @@ fn a_binding_reaching_another_namespace_needs_the_grant_there_too() {
             ..Default::default()
         };
         let p = plan(&ix, &opts);
-        let names: Vec<&str> = p
-            .create
-            .iter()
-            .filter_map(|a| a.metadata.name.as_deref())
-            .collect();
+        let names = created_names(&p);
         let ctx = format!("{mode:?} {grant_b:?}: {names:?} {:?}", p.warnings);
         assert!(names.contains(&"own-a-id-a"), "{ctx}");
         assert_eq!(names.contains(&"thief-b-id-a"), made, "{ctx}");
@@ -798,10 +770,8 @@ fn a_binding_reaching_another_namespace_needs_the_grant_there_too() {
 
 #[test]
 fn enforce_retires_an_existing_aai_like_any_undesired_one() {
-    let mut ix = base();
-    ix.apply_identity(&mk_uami("ns", "id"));
-    ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    let mut ix = bound();
+    add_web(&mut ix);
     settle(&mut ix, &Options::default());
     let enforce = Options {
         policy: PolicyMode::Enforce,
@@ -809,12 +779,7 @@ fn enforce_retires_an_existing_aai_like_any_undesired_one() {
     };
     let p = plan(&ix, &enforce);
     // Removed only if the ledger says MIC added it (decided by the guard).
-    let w = &p.resources[&vmss("vmss-a")];
-    assert_eq!(w.remove, [lrid("id")].into());
-    assert_eq!(
-        w.delete_on_success,
-        vec![(key("default", "web-ns-id"), lrid("id"))]
-    );
+    assert_removes(&p, "web-ns-id", "id");
     // Granted again: assigned again.
     assert!(ix.apply_namespace(&mk_namespace("ns", Some(&rid("id")))));
     assert!(
@@ -833,7 +798,7 @@ fn the_ledger_is_seeded_from_every_existing_aai() {
     ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
     ix.apply_binding(&mk_binding("ns", "b2", "id2", "sel2"));
     ix.apply_binding(&mk_binding("ns", "b-sp", "sp", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     ix.apply_pod(&mk_pod("ns", "job", "sel2", "n3"));
     // Upstream wrote these; one is still Created.
     let p = plan(&ix, &Options::default());
@@ -1004,12 +969,9 @@ mod entitlement {
     /// the right client ID, removed when released, then the entry pruned.
     #[test]
     fn an_identity_mic_adds_is_recorded_then_removed_then_dropped() {
-        let mut ix = base();
+        let mut ix = bound();
         let opts = Options::default();
-        ix.apply_identity(&mk_uami("ns", "id"));
-        ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
-        let pod = mk_pod("ns", "web", "sel", "n1");
-        ix.apply_pod(&pod);
+        let pod = add_web(&mut ix);
         let p = plan(&ix, &opts);
         for aai in &p.create {
             ix.apply_assigned(aai);
@@ -1070,7 +1032,7 @@ fn assigned_aais_are_listed_per_resource_for_the_drift_check() {
     ix.apply_identity(&mk_identity("ns", "sp", IdentityType::ServicePrincipal, ""));
     ix.apply_binding(&mk_binding("ns", "b", "id", "sel"));
     ix.apply_binding(&mk_binding("ns", "b-sp", "sp", "sel"));
-    ix.apply_pod(&mk_pod("ns", "web", "sel", "n1"));
+    add_web(&mut ix);
     ix.apply_pod(&mk_pod("ns", "new", "sel", "n3"));
     let p = plan(&ix, &Options::default());
     for mut aai in p.create {
