@@ -144,6 +144,13 @@ enum Sending {
     Failed(CloudError),
 }
 
+/// Which write of an AzureAssignedIdentity [`Executor::write_aai`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AaiWrite {
+    Create,
+    Update,
+}
+
 pub struct Executor<C: Cloud> {
     client: Client,
     cloud: Arc<C>,
@@ -515,7 +522,7 @@ impl<C: Cloud> Executor<C> {
         // makes the cycle's future lose `Send` (higher-ranked closure).
         let mut creates = Vec::with_capacity(plan.create.len());
         for aai in &plan.create {
-            creates.push(self.create(aai));
+            creates.push(self.write_aai(aai, AaiWrite::Create));
         }
         let creates = futures::stream::iter(creates)
             .buffer_unordered(self.opts.batch.max(1))
@@ -523,7 +530,7 @@ impl<C: Cloud> Executor<C> {
             .await;
         let mut updates = Vec::with_capacity(plan.update.len());
         for aai in &plan.update {
-            updates.push(self.update(aai));
+            updates.push(self.write_aai(aai, AaiWrite::Update));
         }
         let updates = futures::stream::iter(updates)
             .buffer_unordered(self.opts.batch.max(1))
@@ -1055,94 +1062,66 @@ impl<C: Cloud> Executor<C> {
         Ok(())
     }
 
-    async fn create(
+    /// Creates or replaces `aai` (as `write` says), with its metrics; a
+    /// failed create is also reported on the binding.
+    async fn write_aai(
         &self,
         aai: &AzureAssignedIdentity,
+        write: AaiWrite,
     ) -> Result<AzureAssignedIdentity, (Key, ApplyError)> {
         let key = crate::index::key(aai);
         self.check_leader().map_err(|e| (key.clone(), e))?;
         let start = std::time::Instant::now();
-        let res = self.api(&key.0).create(&PostParams::default(), aai).await;
-        match res {
-            Ok(mut created) => {
+        let api = self.api(&key.0);
+        let (res, count, duration, op) = match write {
+            AaiWrite::Create => (
+                api.create(&PostParams::default(), aai).await,
+                &self.metrics.assigned_identity_addition_count,
+                &self.metrics.assigned_identity_addition_duration_seconds,
+                metrics::OP_AAI_ADDITION,
+            ),
+            AaiWrite::Update => (
+                api.replace(&key.1, &PostParams::default(), aai).await,
+                &self.metrics.assigned_identity_update_count,
+                &self.metrics.assigned_identity_update_duration_seconds,
+                metrics::OP_AAI_UPDATE,
+            ),
+        };
+        let source = match res {
+            Ok(mut written) => {
                 // Kept for this cycle only; MIC never reads managedFields
                 // (see `watch::slim`).
-                created.metadata.managed_fields = None;
-                self.metrics.assigned_identity_addition_count.inc();
-                self.metrics
-                    .assigned_identity_addition_duration_seconds
-                    .observe(start.elapsed().as_secs_f64());
-                Ok(created)
+                written.metadata.managed_fields = None;
+                count.inc();
+                duration.observe(start.elapsed().as_secs_f64());
+                return Ok(written);
             }
-            // Already there: the watch had not shown it yet; the next cycle sees it.
-            Err(source) if matches!(&source, kube::Error::Api(s) if s.code == 409) => Err((
-                key.clone(),
-                ApplyError::CreateAssignedIdentity {
-                    ns: key.0,
-                    name: key.1,
-                    source,
-                },
-            )),
-            Err(source) => {
-                self.metrics
-                    .kubernetes_api_operations_errors_count
-                    .with_label_values(&[metrics::OP_AAI_ADDITION])
-                    .inc();
-                if let (_, Some(binding)) = refs(aai) {
-                    self.events.publish(
-                        true,
-                        events::REASON_BINDING_APPLY_ERROR,
-                        format!("Creating AzureAssignedIdentity {}: {source}", key.1),
-                        events::reference(binding),
-                    );
-                }
-                Err((
-                    key.clone(),
-                    ApplyError::CreateAssignedIdentity {
-                        ns: key.0,
-                        name: key.1,
-                        source,
-                    },
-                ))
+            Err(source) => source,
+        };
+        // A create that finds the AAI there is no failure: the watch had
+        // not shown it yet; the next cycle sees it.
+        let already_there =
+            write == AaiWrite::Create && matches!(&source, kube::Error::Api(s) if s.code == 409);
+        if !already_there {
+            self.metrics
+                .kubernetes_api_operations_errors_count
+                .with_label_values(&[op])
+                .inc();
+            if let (AaiWrite::Create, (_, Some(binding))) = (write, refs(aai)) {
+                self.events.publish(
+                    true,
+                    events::REASON_BINDING_APPLY_ERROR,
+                    format!("Creating AzureAssignedIdentity {}: {source}", key.1),
+                    events::reference(binding),
+                );
             }
         }
-    }
-
-    async fn update(
-        &self,
-        aai: &AzureAssignedIdentity,
-    ) -> Result<AzureAssignedIdentity, (Key, ApplyError)> {
-        let key = crate::index::key(aai);
-        self.check_leader().map_err(|e| (key.clone(), e))?;
-        let start = std::time::Instant::now();
-        match self
-            .api(&key.0)
-            .replace(&key.1, &PostParams::default(), aai)
-            .await
-        {
-            Ok(mut updated) => {
-                updated.metadata.managed_fields = None;
-                self.metrics.assigned_identity_update_count.inc();
-                self.metrics
-                    .assigned_identity_update_duration_seconds
-                    .observe(start.elapsed().as_secs_f64());
-                Ok(updated)
-            }
-            Err(source) => {
-                self.metrics
-                    .kubernetes_api_operations_errors_count
-                    .with_label_values(&[metrics::OP_AAI_UPDATE])
-                    .inc();
-                Err((
-                    key.clone(),
-                    ApplyError::UpdateAssignedIdentity {
-                        ns: key.0,
-                        name: key.1,
-                        source,
-                    },
-                ))
-            }
-        }
+        let (ns, name) = key.clone();
+        let error = match write {
+            AaiWrite::Create => ApplyError::CreateAssignedIdentity { ns, name, source },
+            AaiWrite::Update => ApplyError::UpdateAssignedIdentity { ns, name, source },
+        };
+        Err((key, error))
     }
 
     /// JSON patch of `/status/status` on the main resource (the CRD has no

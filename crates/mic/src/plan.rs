@@ -98,6 +98,20 @@ impl Plan {
             && self.delete_now.is_empty()
             && self.resources.is_empty()
     }
+
+    /// Assigns `d` (the desired AAI `key`): its identity added to its
+    /// resource, the AAI Assigned once that lands; or Assigned at once when
+    /// there is nothing to add (service principals).
+    fn assign(&mut self, key: &Key, d: &Desired) {
+        match &d.identity_id {
+            Some(id) => {
+                let w = self.resources.entry(d.resource.clone()).or_default();
+                w.add.insert(id.clone());
+                w.assign_on_success.push((key.clone(), id.clone()));
+            }
+            None => self.assign_now.push(key.clone()),
+        }
+    }
 }
 
 fn identity_key(binding: &AzureIdentityBinding) -> Key {
@@ -356,28 +370,22 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
     // a removal would orphan the identity on the VMSS/VM. The removal costs a
     // GET at most: an identity that is not there is not sent (so the system
     // identity is never stripped: docs/upstream-behaviour.md#h1-system-identity-stripped).
-    let retire = |key: &Key, aai: &AzureAssignedIdentity, p: &mut Plan| {
-        let resource = index
-            .nodes
-            .get(&aai.spec.node_name)
-            .map(|n| n.resource.clone());
-        let removal = match (existing_identity_id(aai), resource) {
-            (Some(id), Some(resource))
-                if !in_use.contains(&(resource.clone(), id.clone()))
-                    && !opts.immutable_client_ids.contains(&existing_client_id(aai)) =>
-            {
-                Some((resource, id))
-            }
-            _ => None,
-        };
-        match removal {
-            Some((resource, id)) => {
-                let w = p.resources.entry(resource).or_default();
-                w.remove.insert(id.clone());
-                w.delete_on_success.push((key.clone(), id));
-            }
-            None => p.delete_now.push(key.clone()),
+    // The identity an existing AAI holds on its node's resource, when it may
+    // come off: nothing desired uses it there and it is not immutable.
+    let removable = |aai: &AzureAssignedIdentity| -> Option<(ResourceRef, String)> {
+        let id = existing_identity_id(aai)?;
+        let resource = index.nodes.get(&aai.spec.node_name)?.resource.clone();
+        (!in_use.contains(&(resource.clone(), id.clone()))
+            && !opts.immutable_client_ids.contains(&existing_client_id(aai)))
+        .then_some((resource, id))
+    };
+    let retire = |key: &Key, aai: &AzureAssignedIdentity, p: &mut Plan| match removable(aai) {
+        Some((resource, id)) => {
+            let w = p.resources.entry(resource).or_default();
+            w.remove.insert(id.clone());
+            w.delete_on_success.push((key.clone(), id));
         }
+        None => p.delete_now.push(key.clone()),
     };
 
     for (key, aai) in &index.assigned {
@@ -385,41 +393,19 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
         match desired.get(key) {
             Some(d) if !terminating && same_assignment(&aai.spec, &d.aai.spec) => {
                 if aai.state() == Some(AssignedIdentityState::Created) {
-                    match &d.identity_id {
-                        Some(id) => {
-                            let w = p.resources.entry(d.resource.clone()).or_default();
-                            w.add.insert(id.clone());
-                            w.assign_on_success.push((key.clone(), id.clone()));
-                        }
-                        None => p.assign_now.push(key.clone()),
-                    }
+                    p.assign(key, d);
                 }
             }
             Some(d) if !terminating => {
                 // Edited identity/binding or moved pod: take the old assignment
                 // away (unless still used) and make the new one.
-                if let Some(id) = existing_identity_id(aai)
-                    && let Some(node) = index.nodes.get(&aai.spec.node_name)
-                    && !in_use.contains(&(node.resource.clone(), id.clone()))
-                    && !opts.immutable_client_ids.contains(&existing_client_id(aai))
-                {
-                    p.resources
-                        .entry(node.resource.clone())
-                        .or_default()
-                        .remove
-                        .insert(id);
+                if let Some((resource, id)) = removable(aai) {
+                    p.resources.entry(resource).or_default().remove.insert(id);
                 }
                 let mut new = d.aai.clone();
                 new.metadata.resource_version = aai.metadata.resource_version.clone();
                 p.update.push(new);
-                match &d.identity_id {
-                    Some(id) => {
-                        let w = p.resources.entry(d.resource.clone()).or_default();
-                        w.add.insert(id.clone());
-                        w.assign_on_success.push((key.clone(), id.clone()));
-                    }
-                    None => p.assign_now.push(key.clone()),
-                }
+                p.assign(key, d);
             }
             _ => retire(key, aai, &mut p),
         }
@@ -430,14 +416,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
             // Matched above, or terminating: recreated once it is gone.
             continue;
         }
-        match &d.identity_id {
-            Some(id) => {
-                let w = p.resources.entry(d.resource.clone()).or_default();
-                w.add.insert(id.clone());
-                w.assign_on_success.push((key.clone(), id.clone()));
-            }
-            None => p.assign_now.push(key.clone()),
-        }
+        p.assign(&key, &d);
         p.create.push(d.aai);
     }
 
