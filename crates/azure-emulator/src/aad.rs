@@ -19,7 +19,7 @@ use crate::config::IssuerSeed;
 use crate::http::{self, BodyError, HandlerFn, Resp, first, form_pairs, header, media_type};
 use crate::ids::{b64_any, new_guid};
 use crate::jwt::{self, Parsed, VerifyKey};
-use crate::observe::{RequestRecord, Service};
+use crate::observe::Service;
 use crate::state::{AadClient, Certificate};
 use crate::{Shared, StartError, lock};
 
@@ -160,13 +160,7 @@ async fn handle(s: &Shared, req: Request<Incoming>, base: &str) -> Resp {
             c.aad_errors += 1;
         }
     });
-    s.observer.record(RequestRecord::answered(
-        Service::Aad,
-        method,
-        uri,
-        status,
-        s.clock.now().as_millis() as u64,
-    ));
+    s.record_answer(Service::Aad, method, uri, status);
     resp
 }
 

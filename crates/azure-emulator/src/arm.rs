@@ -15,7 +15,7 @@ use crate::error::ArmError;
 use crate::http::{self, BodyError, HandlerFn, Resp, first_ci, form_pairs, header, media_type};
 use crate::identity::{self, IdentityType, Limits, WriteMode};
 use crate::ids::{key, new_guid};
-use crate::observe::{RequestRecord, Service};
+use crate::observe::Service;
 use crate::state::{Assigned, Compute, Kind, Operation, State};
 use crate::throttle::{self, Charge};
 use crate::{Shared, TokenClaims, lock};
@@ -128,13 +128,7 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Resp {
             c.lro_polls += 1;
         }
     });
-    s.observer.record(RequestRecord::answered(
-        Service::Arm,
-        method,
-        uri,
-        status,
-        s.clock.now().as_millis() as u64,
-    ));
+    s.record_answer(Service::Arm, method, uri, status);
     resp
 }
 

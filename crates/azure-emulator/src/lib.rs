@@ -136,6 +136,17 @@ const ARM_AUDIENCES: [&str; 2] = [
 ];
 
 impl Shared {
+    /// Logs an answer outside IMDS at the current virtual time.
+    pub fn record_answer(&self, service: Service, method: String, uri: String, status: u16) {
+        self.observer.record(RequestRecord::answered(
+            service,
+            method,
+            uri,
+            status,
+            self.clock.now().as_millis() as u64,
+        ));
+    }
+
     /// Signs an access token. Times are wall-clock seconds (clients compare
     /// them with their own clock; see `clock.rs`).
     pub fn mint(
