@@ -2,8 +2,9 @@
 //! runs exactly `mic::cli_main` or `nmi::cli_main` with its own arguments, so
 //! the demo needs no other executable next to it.
 
-use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
+
+use aadpodid_testkit::world::Program;
 
 use anyhow::{Context as _, bail};
 
@@ -63,16 +64,10 @@ impl Role {
         }
     }
 
-    /// Makes `cmd` (one that runs [`this_binary`], possibly through a
-    /// wrapper such as `ip netns exec`) run this role.
-    pub fn select(self, cmd: &mut Command) -> &mut Command {
-        cmd.env(ROLE_ENV, self.name())
+    /// How the demo starts this role: this executable with [`ROLE_ENV`] set.
+    pub fn program(self) -> anyhow::Result<Program> {
+        Program::this_executable_as(ROLE_ENV, self.name())
     }
-}
-
-/// This executable, to re-execute in a role.
-pub fn this_binary() -> anyhow::Result<PathBuf> {
-    std::env::current_exe().context("find this executable")
 }
 
 #[cfg(test)]
@@ -87,5 +82,7 @@ mod tests {
         for bad in ["", "MIC", "relay", "bench"] {
             assert!(Role::parse(bad).is_err(), "{bad:?}");
         }
+        let nmi = Role::Nmi.program().unwrap();
+        assert_eq!(nmi.env, [(ROLE_ENV.to_string(), "nmi".to_string())]);
     }
 }

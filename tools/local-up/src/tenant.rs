@@ -35,6 +35,19 @@ pub const SEED4_IDENTITY: &str = "application-identity";
 pub const SEED4_CLIENT: &str = "4e2d1c1b-6a0f-4f55-9a43-2f1f3c7b9e11";
 pub const SEED4_POD_IDENTITY: &str = "my-pod-identity";
 pub const SEED4_NAMESPACE: &str = "my-app";
+/// The tenant's user-assigned identities, (name, resource group, client ID):
+/// the cluster's own, the seeds' and two more the demo does not use.
+pub const IDENTITIES: [(&str, &str, &str); 5] = [
+    (KUBELET, NODE_RG, KUBELET_CLIENT),
+    (UAI_NAME, APP_RG, UAI_CLIENT),
+    (
+        "uai-reports",
+        APP_RG,
+        "c0000000-0000-4000-8000-000000000002",
+    ),
+    ("uai-dns", APP_RG, "c0000000-0000-4000-8000-000000000003"),
+    (SEED4_IDENTITY, SEED4_RG, SEED4_CLIENT),
+];
 /// Virtual seconds per real second: a 45 s scale-set write takes 1.5 s.
 pub const CLOCK_SPEED: f64 = 30.0;
 
@@ -103,18 +116,12 @@ impl Resource {
 pub fn emulator_config() -> Config {
     let mut tenant = Tenant::in_groups(NODE_RG, APP_RG)
         .service_principal(MIC_CLIENT, MIC_SECRET)
-        .identity(KUBELET, NODE_RG, KUBELET_CLIENT)
-        .identity(UAI_NAME, APP_RG, UAI_CLIENT)
-        .identity(
-            "uai-reports",
-            APP_RG,
-            "c0000000-0000-4000-8000-000000000002",
-        )
-        .identity("uai-dns", APP_RG, "c0000000-0000-4000-8000-000000000003")
-        .identity(SEED4_IDENTITY, SEED4_RG, SEED4_CLIENT)
         .scale_set(VMSS, 2, &[KUBELET])
         .vm(VM, true, &[])
         .speed(CLOCK_SPEED);
+    for (name, rg, client) in IDENTITIES {
+        tenant = tenant.identity(name, rg, client);
+    }
     tenant.config_mut().resource_groups.push(SEED4_RG.into());
     tenant.config()
 }
@@ -235,6 +242,31 @@ mod tests {
             )
         );
         assert_eq!(m[2].imds, format!("vm/{VM}"));
+    }
+
+    #[test]
+    fn the_tenant_holds_the_seeds_identities_and_the_machines() {
+        let cfg = emulator_config();
+        assert_eq!(cfg.resource_groups, [NODE_RG, APP_RG, SEED4_RG]);
+        let names: Vec<&str> = cfg.identities.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "kubelet",
+                "uai-kv",
+                "uai-reports",
+                "uai-dns",
+                "application-identity"
+            ]
+        );
+        assert_eq!(cfg.identities[4].resource_group, SEED4_RG);
+        assert_eq!(cfg.scale_sets[0].instances, ["0", "1"]);
+        assert_eq!(cfg.scale_sets[0].identity.user_assigned, ["kubelet"]);
+        assert!(cfg.virtual_machines[0].identity.system_assigned);
+        assert!(cfg.virtual_machines[0].identity.user_assigned.is_empty());
+        assert_eq!(cfg.service_principals[0].client_id, MIC_CLIENT);
+        assert_eq!(cfg.clock.speed, CLOCK_SPEED);
+        assert_eq!(mic_cloud().azure_json()["resourceGroup"], NODE_RG);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use kube::Client;
 use kube::api::Api;
 
 use crate::registry::Reg;
-use crate::role::{Role, this_binary};
+use crate::role::Role;
 use crate::say::{done, info, step};
 use crate::steps::{spawn_logged, wait};
 use crate::tenant::mic_cloud;
@@ -31,14 +31,14 @@ pub async fn start(
 ) -> anyhow::Result<()> {
     let t = step(4, "mic: 2 replicas (processes) with leader election");
     let files = write_mic_cloud_files(dir, "", &mic_cloud(), &CloudEnvironment::of(emu))?;
-    let exe = this_binary()?;
+    let mic = Role::Mic.program()?;
     for i in 0..2 {
         let [probe, metrics] = free_ports()?;
         let instance = format!("mic-{i}");
         let mut cmd = std::process::Command::new("setpriv");
-        cmd.args(["--pdeathsig", "KILL", "--"]).arg(&exe);
-        Role::Mic
-            .select(&mut cmd)
+        cmd.args(["--pdeathsig", "KILL", "--"])
+            .arg(&mic.path)
+            .envs(mic.env.iter().cloned())
             .args(mic_args(&files, cluster.kubeconfig(), &instance, LEASE.0))
             .arg(format!("--http-probe-port={probe}"))
             .arg(format!("--prometheus-port={metrics}"))

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use aadpodid_testkit::Cluster;
 use aadpodid_testkit::netns::{IMDS_ADDRESS, Node};
+use aadpodid_testkit::world::curl_in;
 use anyhow::Context as _;
 use azure_emulator::Emulator;
 
 use crate::registry::{Reg, reg};
-use crate::role::{Role, this_binary};
+use crate::role::Role;
 use crate::say::{done, info, step};
 use crate::steps::{spawn_logged, wait};
 use crate::tenant::Machine;
@@ -59,7 +60,7 @@ pub async fn start(
         std::fs::read_to_string(cluster.kubeconfig())?
             .replace(cluster.server(), &format!("https://{node_api}")),
     )?;
-    let exe = this_binary()?;
+    let nmi = Role::Nmi.program()?;
     let mut homes = Vec::new();
     for (i, m) in machines.iter().enumerate() {
         let node = Arc::new(Node::with_pods(pods_on_node(i))?);
@@ -85,28 +86,20 @@ pub async fn start(
         reg(registry)
             .children
             .push((format!("relay-{}", m.node), relay));
-        let mut cmd = node.node.command(&exe);
-        Role::Nmi
-            .select(&mut cmd)
+        let mut cmd = node.node.command(&nmi.path);
+        cmd.envs(nmi.env.iter().cloned())
             .arg(format!("--node={}", m.node))
             .arg(format!("--kubeconfig={}", node_kubeconfig.display()))
             .arg(format!("--http-probe-port={NMI_PROBE_PORT}"))
             .arg("--allow-network-plugin-kubenet=true");
         spawn_logged(registry, dir, &format!("nmi-{}", m.node), &mut cmd)?;
+        let url = format!("http://127.0.0.1:{NMI_PROBE_PORT}/healthz");
         wait(&format!("nmi on {} to be Active", m.node), || {
             let node = node.clone();
+            let url = url.clone();
             async move {
-                let out = tokio::process::Command::from(node.node.command("curl"))
-                    .args([
-                        "-s",
-                        "--max-time",
-                        "1",
-                        &format!("http://127.0.0.1:{NMI_PROBE_PORT}/healthz"),
-                    ])
-                    .output()
-                    .await
-                    .ok()?;
-                (out.stdout == b"Active").then_some(())
+                let (_, body) = curl_in(&node.node, &url, &[], 1).await.ok()?;
+                (body == "Active").then_some(())
             }
         })
         .await?;
