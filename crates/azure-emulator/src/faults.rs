@@ -60,6 +60,16 @@ impl Fault {
             count: None,
         }
     }
+    /// Answer with `status` (and `Retry-After: retry_after` when given).
+    pub fn status(service: Service, status: u16, retry_after: Option<u64>) -> Self {
+        Self::new(
+            service,
+            FaultAction::Status {
+                status,
+                retry_after,
+            },
+        )
+    }
     pub fn method(mut self, m: &str) -> Self {
         self.method = Some(m.to_string());
         self

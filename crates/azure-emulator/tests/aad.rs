@@ -20,7 +20,7 @@ use azure_emulator::config::{
 };
 use azure_emulator::ids::{b64_any, b64std, b64url};
 use azure_emulator::jwt::{Signer, thumbprints};
-use azure_emulator::{Emulator, Fault, FaultAction, Service};
+use azure_emulator::{Emulator, Fault, Service};
 use base64::Engine as _;
 use common::*;
 use rustls::pki_types::PrivatePkcs8KeyDer;
@@ -992,16 +992,7 @@ async fn openid_discovery_publishes_the_signing_key() {
 #[tokio::test]
 async fn injected_aad_faults() {
     let (emu, _) = setup().await;
-    emu.inject(
-        Fault::new(
-            Service::Aad,
-            FaultAction::Status {
-                status: 503,
-                retry_after: Some(3),
-            },
-        )
-        .times(1),
-    );
+    emu.inject(Fault::status(Service::Aad, 503, Some(3)).times(1));
     let form = [
         ("grant_type", "client_credentials"),
         ("client_id", MIC),

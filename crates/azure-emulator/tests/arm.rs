@@ -772,15 +772,9 @@ async fn injected_faults_storms_errors_hangs_and_slow_gets() {
     let arm = Arm::new(&emu);
     let p = vmss_path(VMSS);
     emu.inject(
-        Fault::new(
-            Service::Arm,
-            FaultAction::Status {
-                status: 429,
-                retry_after: Some(7),
-            },
-        )
-        .method("GET")
-        .times(3),
+        Fault::status(Service::Arm, 429, Some(7))
+            .method("GET")
+            .times(3),
     );
     for _ in 0..3 {
         let r = arm.get(&p, API).await;
@@ -791,27 +785,9 @@ async fn injected_faults_storms_errors_hangs_and_slow_gets() {
         assert_eq!(r.json()["error"]["details"][0]["code"], "TooManyRequests");
     }
     assert_eq!(arm.get(&p, API).await.status, 200);
-    emu.inject(
-        Fault::new(
-            Service::Arm,
-            FaultAction::Status {
-                status: 500,
-                retry_after: None,
-            },
-        )
-        .times(1),
-    );
+    emu.inject(Fault::status(Service::Arm, 500, None).times(1));
     assert_eq!(arm.get(&p, API).await.error_code(), "InternalServerError");
-    emu.inject(
-        Fault::new(
-            Service::Arm,
-            FaultAction::Status {
-                status: 503,
-                retry_after: Some(2),
-            },
-        )
-        .times(1),
-    );
+    emu.inject(Fault::status(Service::Arm, 503, Some(2)).times(1));
     assert_eq!(arm.get(&p, API).await.status, 503);
 
     // A slow GET completes only once 30 virtual seconds pass.

@@ -472,27 +472,12 @@ async fn injected_imds_faults() {
     let (emu, base) = with_imds(config(), &node()).await;
     let q = token_q(&format!("&client_id={KUBELET_CLIENT}"));
     emu.inject(
-        Fault::new(
-            Service::Imds,
-            FaultAction::Status {
-                status: 410,
-                retry_after: None,
-            },
-        )
-        .machine(&node())
-        .times(1),
+        Fault::status(Service::Imds, 410, None)
+            .machine(&node())
+            .times(1),
     );
     assert_eq!(get(&base, &q).await.status, 410);
-    emu.inject(
-        Fault::new(
-            Service::Imds,
-            FaultAction::Status {
-                status: 500,
-                retry_after: None,
-            },
-        )
-        .times(1),
-    );
+    emu.inject(Fault::status(Service::Imds, 500, None).times(1));
     let r = get(&base, &q).await;
     assert_eq!(oauth(&r).1, "unknown");
     assert!(
@@ -500,27 +485,9 @@ async fn injected_imds_faults() {
             .2
             .starts_with("Failed to retrieve token from the Active directory.")
     );
-    emu.inject(
-        Fault::new(
-            Service::Imds,
-            FaultAction::Status {
-                status: 404,
-                retry_after: None,
-            },
-        )
-        .times(1),
-    );
+    emu.inject(Fault::status(Service::Imds, 404, None).times(1));
     assert_eq!(get(&base, &q).await.status, 404);
-    emu.inject(
-        Fault::new(
-            Service::Imds,
-            FaultAction::Status {
-                status: 429,
-                retry_after: None,
-            },
-        )
-        .times(1),
-    );
+    emu.inject(Fault::status(Service::Imds, 429, None).times(1));
     assert_eq!(oauth(&get(&base, &q).await).1, "too_many_requests");
     emu.inject(Fault::new(Service::Imds, FaultAction::Hang).times(1));
     assert!(
@@ -529,15 +496,6 @@ async fn injected_imds_faults() {
             .is_err()
     );
     // A fault for another machine does not fire here.
-    emu.inject(
-        Fault::new(
-            Service::Imds,
-            FaultAction::Status {
-                status: 503,
-                retry_after: None,
-            },
-        )
-        .machine("vm/x"),
-    );
+    emu.inject(Fault::status(Service::Imds, 503, None).machine("vm/x"));
     assert_eq!(get(&base, &q).await.status, 200);
 }

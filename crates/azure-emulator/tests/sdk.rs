@@ -20,7 +20,7 @@ use azure_core::credentials::{Secret, TokenCredential};
 use azure_core::http::headers::HeaderName;
 use azure_core::http::policies::auth::BearerTokenAuthorizationPolicy;
 use azure_core::http::{ClientOptions, Context, Method, Pipeline, RawResponse, Request, Url};
-use azure_emulator::{Emulator, Fault, FaultAction, Service};
+use azure_emulator::{Emulator, Fault, Service};
 use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
 use common::*;
 use serde_json::{Value, json};
@@ -207,15 +207,9 @@ async fn child_sdk_round_trip() {
 
     // The pipeline retries a throttled GET after Retry-After (1 s, real).
     emu.inject(
-        Fault::new(
-            Service::Arm,
-            FaultAction::Status {
-                status: 429,
-                retry_after: Some(1),
-            },
-        )
-        .method("GET")
-        .times(1),
+        Fault::status(Service::Arm, 429, Some(1))
+            .method("GET")
+            .times(1),
     );
     let (status, _) = arm
         .send(Method::Get, &arm.url(&vmss_path(VMSS)), None)

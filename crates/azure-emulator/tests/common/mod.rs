@@ -13,10 +13,11 @@ use azure_emulator::config::{
 };
 use azure_emulator::{Config, Counters, Emulator};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::header::HeaderMap;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 pub use aadpodid_testkit::{SUB, TENANT};
@@ -262,19 +263,9 @@ impl<'a> Call<'a> {
                 .connect(ServerName::IpAddress(addr.ip().into()), tcp)
                 .await
                 .expect("TLS handshake");
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .expect("handshake");
-            tokio::spawn(conn);
-            send.send_request(req).await.expect("send")
+            send_http1(stream, req).await
         } else {
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .expect("handshake");
-            tokio::spawn(conn);
-            send.send_request(req).await.expect("send")
+            send_http1(tcp, req).await
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -291,6 +282,19 @@ impl<'a> Call<'a> {
             body,
         }
     }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+async fn send_http1<S>(stream: S, req: hyper::Request<Full<Bytes>>) -> hyper::Response<Incoming>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    send.send_request(req).await.expect("send")
 }
 
 fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
