@@ -537,31 +537,33 @@ mod tests {
             extra_paths: vec!["/metadata/loadbalancer".into()],
             ..ProxyPolicy::default()
         };
-        let get = Method::GET;
-        assert_eq!(
-            route(&get, "/metadata/loadbalancer", &policy),
-            Ok(Route::Proxy)
-        );
-        assert_eq!(
-            route(&get, "/metadata/loadbalancer/x", &policy),
-            Ok(Route::Proxy)
-        );
-        assert_eq!(
-            route(&get, "/metadata/loadbalancerx", &policy),
-            Err(Rejection::PathNotAllowed)
-        );
-        assert_eq!(
-            route(&get, "/metadata/LoadBalancer", &policy),
-            Err(Rejection::PathNotAllowed)
-        );
-        assert_eq!(
-            route(&get, "/metadata/loadbalancer/%2e%2e", &policy),
-            Err(Rejection::InvalidPath)
-        );
-        assert_eq!(
-            route(&Method::POST, "/metadata/loadbalancer", &policy),
-            Err(Rejection::MethodNotAllowed)
-        );
+        let cases: &[(Method, &str, Result<Route, Rejection>)] = &[
+            (Method::GET, "/metadata/loadbalancer", Ok(Route::Proxy)),
+            (Method::GET, "/metadata/loadbalancer/x", Ok(Route::Proxy)),
+            (
+                Method::GET,
+                "/metadata/loadbalancerx",
+                Err(Rejection::PathNotAllowed),
+            ),
+            (
+                Method::GET,
+                "/metadata/LoadBalancer",
+                Err(Rejection::PathNotAllowed),
+            ),
+            (
+                Method::GET,
+                "/metadata/loadbalancer/%2e%2e",
+                Err(Rejection::InvalidPath),
+            ),
+            (
+                Method::POST,
+                "/metadata/loadbalancer",
+                Err(Rejection::MethodNotAllowed),
+            ),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(route(method, path, &policy), *want, "{method} {path}");
+        }
     }
 
     #[test]
@@ -585,47 +587,32 @@ mod tests {
             ..ProxyPolicy::default()
         };
         let open = ProxyPolicy::default();
-        for p in ["/metadata/instance", "/metadata/instance/compute"] {
+        use Rejection::{BlockedInstanceMetadata as Blocked, PathNotAllowed as NotFound};
+        use Route::{Proxy, Token};
+        type Routed = Result<Route, Rejection>;
+        // (GET path, with the block, without it)
+        let cases: &[(&str, Routed, Routed)] = &[
+            ("/metadata/instance", Err(Blocked), Ok(Proxy)),
+            ("/metadata/instance/compute", Err(Blocked), Ok(Proxy)),
+            // Other spellings: blocked too, and never forwarded without the block.
+            ("/Metadata/instance/compute", Err(Blocked), Err(NotFound)),
+            ("/metadata/INSTANCE", Err(Blocked), Err(NotFound)),
+            ("/METADATA/Instance/", Err(Blocked), Err(NotFound)),
+            ("/metadata/instancex", Err(NotFound), Err(NotFound)),
+            ("/metadata/attested/document", Ok(Proxy), Ok(Proxy)),
+            ("/metadata/versions", Ok(Proxy), Ok(Proxy)),
+            ("/metadata/scheduledevents", Ok(Proxy), Ok(Proxy)),
+            ("/metadata/identity/info", Ok(Proxy), Ok(Proxy)),
+            ("/metadata/identity/oauth2/token", Ok(Token), Ok(Token)),
+        ];
+        for (path, with_block, without) in cases {
             assert_eq!(
-                route(&Method::GET, p, &blocked),
-                Err(Rejection::BlockedInstanceMetadata),
-                "{p}"
+                route(&Method::GET, path, &blocked),
+                *with_block,
+                "{path} blocked"
             );
-            assert_eq!(route(&Method::GET, p, &open), Ok(Route::Proxy), "{p}");
+            assert_eq!(route(&Method::GET, path, &open), *without, "{path} open");
         }
-        // Other spellings: blocked too, and never forwarded without the block.
-        for p in [
-            "/Metadata/instance/compute",
-            "/metadata/INSTANCE",
-            "/METADATA/Instance/",
-        ] {
-            assert_eq!(
-                route(&Method::GET, p, &blocked),
-                Err(Rejection::BlockedInstanceMetadata),
-                "{p}"
-            );
-            assert_eq!(
-                route(&Method::GET, p, &open),
-                Err(Rejection::PathNotAllowed),
-                "{p}"
-            );
-        }
-        assert_eq!(
-            route(&Method::GET, "/metadata/instancex", &blocked),
-            Err(Rejection::PathNotAllowed)
-        );
-        for p in [
-            "/metadata/attested/document",
-            "/metadata/versions",
-            "/metadata/scheduledevents",
-            "/metadata/identity/info",
-        ] {
-            assert_eq!(route(&Method::GET, p, &blocked), Ok(Route::Proxy), "{p}");
-        }
-        assert_eq!(
-            route(&Method::GET, "/metadata/identity/oauth2/token", &blocked),
-            Ok(Route::Token)
-        );
     }
 
     #[test]

@@ -305,6 +305,15 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     resp
 }
 
+/// A token endpoint's answer with the metric labels it earned: the pod's
+/// namespace and the resource (empty until the checks passed).
+type Answer = (String, String, Response<Full<Bytes>>);
+
+/// An error answer with no labels (the pod is not known yet).
+fn unlabelled(reply: &Reply) -> Answer {
+    (String::new(), String::new(), error_response(reply))
+}
+
 fn error_response(reply: &Reply) -> Response<Full<Bytes>> {
     let mut resp = json(
         reply.status,
@@ -492,6 +501,14 @@ impl<S: TokenSource> Server<S> {
 
     /// Waits (bounded) for the first sync; the answer to give when it does
     /// not come.
+    /// The token query of `req`, once the caches have synced: what both
+    /// token endpoints check after their own header checks.
+    async fn query_when_synced(&self, req: &Request<Incoming>) -> Result<TokenQuery, Reply> {
+        let query = request::parse_token_query(req.uri().query())?;
+        self.first_sync().await?;
+        Ok(query)
+    }
+
     async fn first_sync(&self) -> Result<(), Reply> {
         if self
             .first_sync
@@ -514,31 +531,20 @@ impl<S: TokenSource> Server<S> {
 
     /// The token endpoint. Returns the pod's namespace and, on success, the
     /// resource (metric labels limited to values that passed the checks).
-    async fn token(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> (String, String, Response<Full<Bytes>>) {
+    async fn token(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         // Checked first and answered at once: SDK probes send no header and
         // give up after about a second.
         if self.config.metadata_header_required && !request::has_metadata_header(req.headers()) {
-            return (
-                String::new(),
-                String::new(),
-                error_response(&Rejection::MissingMetadataHeader.into()),
-            );
+            return unlabelled(&Rejection::MissingMetadataHeader.into());
         }
-        let query = match request::parse_token_query(req.uri().query()) {
-            Ok(q) => q,
-            Err(r) => return (String::new(), String::new(), error_response(&r.into())),
-        };
         tracing::debug!(peer = %peer, "token request");
-        if let Err(reply) = self.first_sync().await {
-            return (String::new(), String::new(), error_response(&reply));
-        }
+        let query = match self.query_when_synced(&req).await {
+            Ok(q) => q,
+            Err(reply) => return unlabelled(&reply),
+        };
         let pod = match self.pod_by_ip(peer.ip()).await {
             Ok(p) => p,
-            Err(reply) => return (String::new(), String::new(), error_response(&reply)),
+            Err(reply) => return unlabelled(&reply),
         };
         let excepted = {
             let index = self.state.index();
@@ -575,14 +581,10 @@ impl<S: TokenSource> Server<S> {
 
     /// `/host/token`: host-network callers name a pod in the `podns` and
     /// `podname` headers.
-    async fn host_token(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> (String, String, Response<Full<Bytes>>) {
+    async fn host_token(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         let (ns, name) = match request::host_pod_headers(req.headers()) {
             Ok(v) => v,
-            Err(r) => return (String::new(), String::new(), error_response(&r.into())),
+            Err(r) => return unlabelled(&r.into()),
         };
         // The node itself, over IPv4 or IPv6 loopback (a pod's packets never
         // carry a loopback source: the kernel drops them as martians).
@@ -591,19 +593,12 @@ impl<S: TokenSource> Server<S> {
             IpAddr::V4(Ipv4Addr::LOCALHOST) | IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
         );
         if !from_host {
-            return (
-                String::new(),
-                String::new(),
-                error_response(&Rejection::NotFromHost.into()),
-            );
+            return unlabelled(&Rejection::NotFromHost.into());
         }
-        let query = match request::parse_token_query(req.uri().query()) {
+        let query = match self.query_when_synced(&req).await {
             Ok(q) => q,
-            Err(r) => return (String::new(), String::new(), error_response(&r.into())),
+            Err(reply) => return unlabelled(&reply),
         };
-        if let Err(reply) = self.first_sync().await {
-            return (String::new(), String::new(), error_response(&reply));
-        }
         let pod = {
             let index = self.state.index();
             index.pod(&ns, &name).cloned()
@@ -613,7 +608,7 @@ impl<S: TokenSource> Server<S> {
                 StatusCode::NOT_FOUND,
                 format!("failed to get pod {ns}/{name}"),
             );
-            return (String::new(), String::new(), error_response(&reply));
+            return unlabelled(&reply);
         };
         let requester = RequesterKey::host(peer.ip());
         match self.resolve(&pod, &query, &requester, false).await {

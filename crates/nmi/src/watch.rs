@@ -26,8 +26,8 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::server::State;
 
-/// Which watches have listed everything once ([`Synced::all`]: readiness,
-/// the first-sync wait and the startup taint all ask it).
+/// Which watches have listed everything once (readiness, the first-sync
+/// wait and the startup taint all await [`Synced::wait_all`]).
 pub use aadpodid_runtime::watch::Synced;
 
 /// How one kind is put into the index.
