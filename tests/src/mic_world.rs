@@ -36,11 +36,13 @@ use aadpodid_api::{
 use aadpodid_runtime::Shutdown;
 use aadpodid_testkit::children::ChildEnv;
 use aadpodid_testkit::tenant::{
-    self, APP_RG, APP2_CLIENT, APP2_ID, CloudEnvironment, KUBELET, MicCloud, NODE_RG, Tenant,
+    self, APP_CLIENT, APP_ID, APP_RG, APP2_CLIENT, APP2_ID, CloudEnvironment, KUBELET,
+    KUBELET_CLIENT, MicCloud, NODE_RG, Tenant,
 };
 use anyhow::{Context as _, bail};
 use azure_emulator::{Config, Emulator};
 use clap::Parser as _;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Container, Node, NodeSpec, Pod, PodSpec};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
@@ -375,38 +377,75 @@ impl MicWorld {
         .await
     }
 
+    /// An AzureIdentity named after the tenant's identity `id` ([`KUBELET`],
+    /// [`APP_ID`] or [`APP2_ID`]) with its resource and client ID.
+    pub async fn tenant_identity(&self, id: &str) -> anyhow::Result<()> {
+        let (rg, client_id) = match id {
+            KUBELET => (NODE_RG, KUBELET_CLIENT),
+            APP_ID => (APP_RG, APP_CLIENT),
+            APP2_ID => (APP_RG, APP2_CLIENT),
+            _ => bail!("{id} is not an identity of the tenant"),
+        };
+        self.identity(id, &tenant::uai_id(rg, id), client_id).await
+    }
+
+    /// The tenant's identity `id` ([`MicWorld::tenant_identity`]), a binding
+    /// `<id>-<selector>` of it to `selector`, and pod `pod` on `node` with
+    /// that selector; returns the name of the AzureAssignedIdentity to come.
+    pub async fn bound_pod(
+        &self,
+        id: &str,
+        pod: &str,
+        selector: &str,
+        node: &str,
+    ) -> anyhow::Result<String> {
+        self.tenant_identity(id).await?;
+        self.binding(&format!("{id}-{selector}"), id, selector)
+            .await?;
+        self.pod(pod, selector, node).await?;
+        Ok(self.aai_name(pod, id))
+    }
+
     /// Any AzureIdentity, created in the world's namespace.
-    pub async fn create_identity(&self, mut id: AzureIdentity) -> anyhow::Result<()> {
-        id.metadata.namespace = Some(self.ns.name().into());
-        Api::<AzureIdentity>::namespaced(self.client().await?, self.ns.name())
-            .create(&PostParams::default(), &id)
+    pub async fn create_identity(&self, id: AzureIdentity) -> anyhow::Result<()> {
+        self.create(id).await
+    }
+
+    /// Creates `obj` in the world's namespace.
+    pub async fn create<K>(&self, mut obj: K) -> anyhow::Result<()>
+    where
+        K: kube::Resource<Scope = NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize,
+        K::DynamicType: Default,
+    {
+        obj.meta_mut().namespace = Some(self.ns.name().into());
+        Api::<K>::namespaced(self.client().await?, self.ns.name())
+            .create(&PostParams::default(), &obj)
             .await?;
         Ok(())
     }
 
     /// An AzureIdentityBinding of `identity` to pods labelled `selector`.
     pub async fn binding(&self, name: &str, identity: &str, selector: &str) -> anyhow::Result<()> {
-        let mut b = AzureIdentityBinding::new(
+        self.create(AzureIdentityBinding::new(
             name,
             AzureIdentityBindingSpec {
                 azure_identity: identity.into(),
                 selector: selector.into(),
                 weight: 0,
             },
-        );
-        b.metadata.namespace = Some(self.ns.name().into());
-        Api::<AzureIdentityBinding>::namespaced(self.client().await?, self.ns.name())
-            .create(&PostParams::default(), &b)
-            .await?;
-        Ok(())
+        ))
+        .await
     }
 
     /// A pod on `node` labelled `aadpodidbinding=<selector>`.
     pub async fn pod(&self, name: &str, selector: &str, node: &str) -> anyhow::Result<()> {
-        let pod = Pod {
+        self.create(Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                namespace: Some(self.ns.name().into()),
                 labels: Some([("aadpodidbinding".to_string(), selector.to_string())].into()),
                 ..Default::default()
             },
@@ -420,11 +459,8 @@ impl MicWorld {
                 ..Default::default()
             }),
             ..Default::default()
-        };
-        Api::<Pod>::namespaced(self.client().await?, self.ns.name())
-            .create(&PostParams::default(), &pod)
-            .await?;
-        Ok(())
+        })
+        .await
     }
 
     /// Deletes pods at once (grace period 0: no kubelet runs).
@@ -661,6 +697,13 @@ impl MicWorld {
             .flatten()
             .and_then(|l| l.spec)
             .and_then(|s| s.holder_identity)
+    }
+
+    /// Stops `mic` ([`RunningMic::stop`]), then [`MicWorld::cleanup`].
+    pub async fn close(&self, mic: RunningMic) -> anyhow::Result<()> {
+        let stopped = mic.stop().await;
+        self.cleanup().await;
+        stopped
     }
 
     /// Removes this world's nodes so later tests' MICs ignore its leftovers.

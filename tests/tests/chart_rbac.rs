@@ -35,21 +35,15 @@ use std::time::Duration;
 use aadpodid_api::AzureAssignedIdentity;
 use aadpodid_tests::helm::{self, Render};
 use aadpodid_tests::netns::{IMDS_ADDRESS, Node};
-use aadpodid_tests::{Cluster, SUB, TENANT, TempNamespace, free_ports, unique_name, wait_for};
-use azure_emulator::config::{
-    IdentityAssignmentSeed, IdentitySeed, LroMode, PermissionsSeed, ScaleSetSeed, SecretSeed,
-    ServicePrincipalSeed, VmSeed,
+use aadpodid_tests::tenant::{
+    self, APP_CLIENT, APP_ID, APP_RG, CloudEnvironment, KUBELET, MicCloud, MicCloudFiles, Tenant,
 };
-use azure_emulator::{Config, Emulator};
+use aadpodid_tests::{Cluster, TENANT, TempNamespace, free_ports, unique_name, wait_for};
+use azure_emulator::Emulator;
+use azure_emulator::config::LroMode;
 use kube::Api;
 use serde_json::{Value, json};
 
-const NODE_RG: &str = "MC_rg_cluster_eastus";
-const APP_RG: &str = "app-rg";
-const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";
-const MIC_SECRET: &str = "s3cr3t";
-const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-00000000000k";
-const APP_CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
 const WAIT: Duration = Duration::from_secs(60);
 
 /// MIC acts on every pod and AzureAssignedIdentity of the cluster: while the
@@ -191,15 +185,11 @@ fn log_of(path: &Path) -> String {
 
 // ---------------------------------------------------------------- MIC
 
-fn uai(rg: &str, name: &str) -> String {
-    format!(
-        "/subscriptions/{SUB}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-    )
-}
-
+/// The emulated tenant MIC works on: one scale-set node, MIC's files.
 struct MicWorld {
     emu: Emulator,
     dir: PathBuf,
+    files: MicCloudFiles,
     vmss: String,
     node: String,
 }
@@ -209,64 +199,14 @@ impl MicWorld {
         let dir = std::env::temp_dir().join(unique_name("chart-rbac-mic"));
         std::fs::create_dir_all(&dir).unwrap();
         let vmss = unique_name("rbac-vmss");
-        let ident = |name: &str, rg: &str, client: &str| IdentitySeed {
-            name: name.into(),
-            resource_group: rg.into(),
-            client_id: Some(client.into()),
-            principal_id: None,
-            federated_credentials: vec![],
-            permissions: PermissionsSeed::default(),
-        };
-        let mut cfg = Config::new(TENANT, SUB);
-        cfg.resource_groups = vec![NODE_RG.into(), APP_RG.into()];
-        cfg.identities = vec![
-            ident("kubelet", NODE_RG, KUBELET_CLIENT),
-            ident("app-id", APP_RG, APP_CLIENT),
-        ];
-        cfg.scale_sets = vec![ScaleSetSeed {
-            name: vmss.clone(),
-            resource_group: NODE_RG.into(),
-            instances: vec!["0".into()],
-            identity: IdentityAssignmentSeed {
-                system_assigned: false,
-                user_assigned: vec!["kubelet".into()],
-            },
-        }];
-        cfg.service_principals = vec![ServicePrincipalSeed {
-            client_id: MIC_CLIENT.into(),
-            object_id: None,
-            secrets: vec![SecretSeed::Plain(MIC_SECRET.into())],
-            certificates: vec![],
-            federated_credentials: vec![],
-            permissions: PermissionsSeed::default(),
-        }];
-        cfg.arm.lro_mode = LroMode::Sync;
-        cfg.clock.speed = 100.0;
-        let emu = Emulator::start(cfg).await.unwrap();
-        std::fs::write(
-            dir.join("cloud.json"),
-            json!({
-                "name": "AzureStackCloud",
-                "resourceManagerEndpoint": emu.arm_url(),
-                "activeDirectoryEndpoint": emu.aad_url(),
-                "tokenAudience": "https://management.azure.com/",
-            })
-            .to_string(),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("azure.json"),
-            json!({
-                "cloud": "AzureStackCloud",
-                "tenantId": TENANT,
-                "aadClientId": MIC_CLIENT,
-                "aadClientSecret": MIC_SECRET,
-                "subscriptionId": SUB,
-                "resourceGroup": NODE_RG,
-                "vmType": "vmss",
-                "userAssignedIdentityID": KUBELET_CLIENT,
-            })
-            .to_string(),
+        let mut seeds = Tenant::standard().scale_set(&vmss, 1, &[KUBELET]);
+        seeds.config_mut().arm.lro_mode = LroMode::Sync;
+        let emu = seeds.start().await.unwrap();
+        let files = tenant::write_mic_cloud_files(
+            &dir,
+            "",
+            &MicCloud::standard(),
+            &CloudEnvironment::of(&emu),
         )
         .unwrap();
         let node = unique_name("rbac-node");
@@ -277,9 +217,7 @@ impl MicWorld {
                     &json!({
                         "apiVersion": "v1", "kind": "Node",
                         "metadata": {"name": node},
-                        "spec": {"providerID": format!(
-                            "azure:///subscriptions/{SUB}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/0",
-                            NODE_RG.to_lowercase())},
+                        "spec": {"providerID": tenant::vmss_provider_id(tenant::NODE_RG, &vmss, 0)},
                     })
                     .to_string(),
                 ),
@@ -289,6 +227,7 @@ impl MicWorld {
         MicWorld {
             emu,
             dir,
+            files,
             vmss,
             node,
         }
@@ -298,7 +237,7 @@ impl MicWorld {
         self.emu
             .assigned_identities(&self.vmss)
             .unwrap_or_default()
-            .contains(&uai(APP_RG, "app-id").to_lowercase())
+            .contains(&tenant::uai_id(APP_RG, APP_ID).to_lowercase())
     }
 
     /// Starts `e2e-mic` with the rendered args (azure.json at the test's
@@ -309,7 +248,7 @@ impl MicWorld {
             .into_iter()
             .map(|a| {
                 if a.starts_with("--cloudconfig=") {
-                    format!("--cloudconfig={}", self.dir.join("azure.json").display())
+                    format!("--cloudconfig={}", self.files.azure_json.display())
                 } else {
                     a
                 }
@@ -325,7 +264,10 @@ impl MicWorld {
             .env("MIC_POD_NAMESPACE", rel.ns.name())
             .env("FORCENAMESPACED", "false")
             .env("HOSTNAME", format!("{}-0", rel.mic()))
-            .env("AZURE_ENVIRONMENT_FILEPATH", self.dir.join("cloud.json"))
+            .env(
+                tenant::ENV_AZURE_ENVIRONMENT_FILEPATH,
+                &self.files.environment,
+            )
             .env("SSL_CERT_FILE", self.emu.ca_bundle_path())
             .env("NO_PROXY", "127.0.0.1,localhost")
             .env_remove("HTTPS_PROXY")
@@ -343,16 +285,19 @@ impl MicWorld {
     }
 }
 
-async fn create_identity_binding_pod(cluster: &Cluster, ns: &str, node: &str) {
+/// Applies, in `ns`, the AzureIdentity `app-id` (the tenant's app
+/// identity), its binding `app-binding` to `selector`, and pod `pod` on
+/// `node` with that selector.
+fn apply_identity_binding_pod(cluster: &Cluster, ns: &str, pod: &str, selector: &str, node: &str) {
     let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
          "metadata": {"name": "app-id", "namespace": ns},
-         "spec": {"type": 0, "resourceID": uai(APP_RG, "app-id"), "clientID": APP_CLIENT}},
+         "spec": {"type": 0, "resourceID": tenant::uai_id(APP_RG, APP_ID), "clientID": APP_CLIENT}},
         {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
          "metadata": {"name": "app-binding", "namespace": ns},
-         "spec": {"azureIdentity": "app-id", "selector": "rbac-app"}},
+         "spec": {"azureIdentity": "app-id", "selector": selector}},
         {"apiVersion": "v1", "kind": "Pod",
-         "metadata": {"name": "web", "namespace": ns, "labels": {"aadpodidbinding": "rbac-app"}},
+         "metadata": {"name": pod, "namespace": ns, "labels": {"aadpodidbinding": selector}},
          "spec": {"nodeName": node, "containers": [{"name": "c", "image": "example.invalid/app"}]}},
     ]});
     let out = cluster
@@ -372,6 +317,20 @@ async fn aai(ns: &str) -> Option<AzureAssignedIdentity> {
 fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `kubectl <args> -n <ns>`; what it printed.
+fn kubectl_in(cluster: &Cluster, ns: &str, args: &[&str]) -> aadpodid_tests::KubectlOutput {
+    let args: Vec<&str> = args.iter().copied().chain(["-n", ns]).collect();
+    cluster.kubectl_run(&args, None).unwrap()
+}
+
+/// Deletes pod `web` at once (no kubelet runs to finish a graceful deletion).
+const FORCE_DELETE_WEB: [&str; 5] = ["delete", "pod", "web", "--grace-period=0", "--force"];
+
+/// The value of `r`, or a panic with the error and MIC's log.
+fn or_log<T>(r: anyhow::Result<T>, log: &Path) -> T {
+    r.unwrap_or_else(|e| panic!("{e}\nMIC log:\n{}", log_of(log)))
 }
 
 /// MIC with exactly the chart's rules does its whole job; without `create`
@@ -397,7 +356,7 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
         let kubeconfig = rel.sa_kubeconfig("mic", None, &world.dir).await;
         let log = world.dir.join(format!("mic-{case}.log"));
         let mut mic = world.start_mic(&rel, &kubeconfig, &log);
-        create_identity_binding_pod(cluster, rel.ns.name(), &world.node).await;
+        apply_identity_binding_pod(cluster, rel.ns.name(), "web", "rbac-app", &world.node);
         let ns = rel.ns.name().to_string();
         if !broken {
             let r = wait_for("AAI Assigned", WAIT, || async {
@@ -406,26 +365,23 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
                     .filter(|a| a.status.as_ref().is_some_and(|s| s.status == "Assigned"))
             })
             .await;
-            if let Err(e) = r {
+            if r.is_err() {
                 stop(&mut mic);
-                panic!("{e}\nMIC log:\n{}", log_of(&log));
             }
+            or_log(r, &log);
             assert!(world.on_vmss(), "identity on the scale set");
             // What MIC added is recorded in the one ConfigMap its Role covers.
-            let owned = cluster
-                .kubectl_run(
-                    &[
-                        "get",
-                        "configmap",
-                        "-n",
-                        &ns,
-                        "aad-pod-identity-mic-owned",
-                        "-o",
-                        "name",
-                    ],
-                    None,
-                )
-                .unwrap();
+            let owned = kubectl_in(
+                cluster,
+                &ns,
+                &[
+                    "get",
+                    "configmap",
+                    "aad-pod-identity-mic-owned",
+                    "-o",
+                    "name",
+                ],
+            );
             assert!(
                 owned.success,
                 "{}\nMIC log:\n{}",
@@ -433,44 +389,20 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
                 log_of(&log)
             );
             // The Lease is in the namespace the chart's Role covers.
-            let lease = cluster
-                .kubectl_run(
-                    &[
-                        "get",
-                        "lease",
-                        "-n",
-                        &ns,
-                        "aad-pod-identity-mic",
-                        "-o",
-                        "name",
-                    ],
-                    None,
-                )
-                .unwrap();
+            let lease = kubectl_in(
+                cluster,
+                &ns,
+                &["get", "lease", "aad-pod-identity-mic", "-o", "name"],
+            );
             assert!(lease.success, "{}", lease.stderr);
-            let del = cluster
-                .kubectl_run(
-                    &[
-                        "delete",
-                        "pod",
-                        "web",
-                        "-n",
-                        &ns,
-                        "--grace-period=0",
-                        "--force",
-                    ],
-                    None,
-                )
-                .unwrap();
+            let del = kubectl_in(cluster, &ns, &FORCE_DELETE_WEB);
             assert!(del.success, "{}", del.stderr);
             let r = wait_for("identity removed", WAIT, || async {
                 (aai(&ns).await.is_none() && !world.on_vmss()).then_some(())
             })
             .await;
             stop(&mut mic);
-            if let Err(e) = r {
-                panic!("{e}\nMIC log:\n{}", log_of(&log));
-            }
+            or_log(r, &log);
             assert!(!log_of(&log).contains("forbidden"), "{}", log_of(&log));
         } else {
             // The apiserver refuses the create; nothing is assigned.
@@ -479,25 +411,12 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
             })
             .await;
             stop(&mut mic);
-            if let Err(e) = r {
-                panic!("{e}\nMIC log:\n{}", log_of(&log));
-            }
+            or_log(r, &log);
             assert!(
                 aai(&ns).await.is_none(),
                 "no AzureAssignedIdentity without create"
             );
-            let _ = cluster.kubectl_run(
-                &[
-                    "delete",
-                    "pod",
-                    "web",
-                    "-n",
-                    &ns,
-                    "--grace-period=0",
-                    "--force",
-                ],
-                None,
-            );
+            let _ = kubectl_in(cluster, &ns, &FORCE_DELETE_WEB);
         }
         rel.delete_cluster_scoped();
     }
@@ -531,24 +450,11 @@ impl NmiNode {
         let dir = std::env::temp_dir().join(unique_name("chart-rbac-nmi"));
         std::fs::create_dir_all(&dir)?;
         let name = unique_name("rbac-nmi-node");
-        let mut cfg = Config::new(TENANT, SUB);
+        // One VM in the app group, with a system identity and app-id.
+        let mut cfg = azure_emulator::Config::new(TENANT, aadpodid_tests::SUB);
         cfg.resource_groups = vec![APP_RG.into()];
-        cfg.identities = vec![IdentitySeed {
-            name: "app-id".into(),
-            resource_group: APP_RG.into(),
-            client_id: Some(APP_CLIENT.into()),
-            principal_id: None,
-            federated_credentials: vec![],
-            permissions: PermissionsSeed::default(),
-        }];
-        cfg.virtual_machines = vec![VmSeed {
-            name: name.clone(),
-            resource_group: APP_RG.into(),
-            identity: IdentityAssignmentSeed {
-                system_assigned: true,
-                user_assigned: vec!["app-id".into()],
-            },
-        }];
+        cfg.identities = vec![tenant::identity_seed(APP_ID, APP_RG, APP_CLIENT)];
+        cfg.virtual_machines = vec![tenant::vm_seed(&name, APP_RG, true, &[APP_ID])];
         let emu = Emulator::start(cfg).await?;
         let imds = emu
             .add_imds(&format!("vm/{name}"), "127.0.0.1:0".parse()?)
@@ -584,21 +490,7 @@ impl NmiNode {
     /// Returns the AzureAssignedIdentity's name (in "default").
     fn bind_pod(&self, cluster: &Cluster, ns: &str, mic_kubeconfig: &Path) -> String {
         let ip = self.node.pods[0].1.to_string();
-        let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
-            {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
-             "metadata": {"name": "app-id", "namespace": ns},
-             "spec": {"type": 0, "resourceID": uai(APP_RG, "app-id"), "clientID": APP_CLIENT}},
-            {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
-             "metadata": {"name": "app-binding", "namespace": ns},
-             "spec": {"azureIdentity": "app-id", "selector": "app"}},
-            {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": "app", "namespace": ns, "labels": {"aadpodidbinding": "app"}},
-             "spec": {"nodeName": self.name, "containers": [{"name": "c", "image": "example.invalid/app"}]}},
-        ]});
-        let out = cluster
-            .kubectl_run(&["apply", "-f", "-"], Some(&objs.to_string()))
-            .unwrap();
-        assert!(out.success, "{}", out.stderr);
+        apply_identity_binding_pod(cluster, ns, "app", "app", &self.name);
         // The live objects, as MIC embeds them.
         let embed = |kind: &str, name: &str| {
             let out = cluster

@@ -47,10 +47,8 @@ async fn world_with(
 async fn child_pod_lifecycle_assigns_and_removes_the_identity() -> anyhow::Result<()> {
     let w = world("life").await?;
     let mic = w.start_mic("mic-life", &[]).await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+    w.bound_pod("app-id", "web", "life-sel", &w.nodes[0])
         .await?;
-    w.binding("app-binding", "app-id", "life-sel").await?;
-    w.pod("web", "life-sel", &w.nodes[0]).await?;
 
     let aai = w.wait_assigned(&w.aai_name("web", "app-id")).await?;
     assert_eq!(aai.labels().get("nodename"), Some(&w.nodes[0]));
@@ -79,9 +77,7 @@ async fn child_pod_lifecycle_assigns_and_removes_the_identity() -> anyhow::Resul
         "the cluster identity is never touched"
     );
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,10 +85,7 @@ async fn child_pod_lifecycle_assigns_and_removes_the_identity() -> anyhow::Resul
 async fn child_shared_identity_is_removed_after_the_last_pod() -> anyhow::Result<()> {
     let w = world("share").await?;
     let mic = w.start_mic("mic-share", &[]).await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
-        .await?;
-    w.binding("b", "app-id", "share-sel").await?;
-    w.pod("a", "share-sel", &w.nodes[0]).await?;
+    w.bound_pod("app-id", "a", "share-sel", &w.nodes[0]).await?;
     w.pod("b", "share-sel", &w.nodes[1]).await?;
     w.wait_assigned(&w.aai_name("a", "app-id")).await?;
     w.wait_assigned(&w.aai_name("b", "app-id")).await?;
@@ -108,9 +101,7 @@ async fn child_shared_identity_is_removed_after_the_last_pod() -> anyhow::Result
     w.wait_gone(&w.aai_name("b", "app-id")).await?;
     w.wait_on_vmss("app-id", false).await?;
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,10 +128,7 @@ async fn child_malformed_identity_does_not_stop_the_controller() -> anyhow::Resu
     );
     w.binding("b-unparseable", "unparseable", "bad-sel").await?;
 
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
-        .await?;
-    w.binding("b-good", "app-id", "bad-sel").await?;
-    w.pod("web", "bad-sel", &w.nodes[0]).await?;
+    w.bound_pod("app-id", "web", "bad-sel", &w.nodes[0]).await?;
     w.wait_assigned(&w.aai_name("web", "app-id")).await?;
     assert!(w.aai(&w.aai_name("web", "broken")).await?.is_none());
     assert!(w.aai(&w.aai_name("web", "unparseable")).await?.is_none());
@@ -150,9 +138,7 @@ async fn child_malformed_identity_does_not_stop_the_controller() -> anyhow::Resu
     w.delete_pod("web").await?;
     w.wait_gone(&w.aai_name("web", "app-id")).await?;
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,19 +146,15 @@ async fn child_malformed_identity_does_not_stop_the_controller() -> anyhow::Resu
 async fn child_drift_is_repaired() -> anyhow::Result<()> {
     let w = world("drift").await?;
     let mic = w.start_mic("mic-drift", &[]).await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+    w.bound_pod("app-id", "web", "drift-sel", &w.nodes[0])
         .await?;
-    w.binding("b", "app-id", "drift-sel").await?;
-    w.pod("web", "drift-sel", &w.nodes[0]).await?;
     w.wait_assigned(&w.aai_name("web", "app-id")).await?;
     // Someone removes it behind MIC's back.
     assert_eq!(w.emu.strip_identities(&w.vmss, Some(&["app-id"][..])), 1);
     assert!(!w.on_vmss("app-id"));
     w.wait_on_vmss("app-id", true).await?;
     assert!(w.on_vmss("kubelet"));
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,10 +168,8 @@ async fn child_leader_election_with_two_instances() -> anyhow::Result<()> {
     assert_eq!(b.healthz().await?, "Not Active");
     assert!(!b.leading());
 
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+    w.bound_pod("app-id", "one", "lead-sel", &w.nodes[0])
         .await?;
-    w.binding("b", "app-id", "lead-sel").await?;
-    w.pod("one", "lead-sel", &w.nodes[0]).await?;
     w.wait_assigned(&w.aai_name("one", "app-id")).await?;
     assert!(!b.leading(), "the standby never took over");
 
@@ -197,16 +177,12 @@ async fn child_leader_election_with_two_instances() -> anyhow::Result<()> {
     a.stop().await?;
     b.wait_leading().await?;
     b.wait_healthz("Active").await?;
-    w.identity("app-2", &uai(APP_RG, "app-2"), APP2_CLIENT)
+    w.bound_pod("app-2", "two", "lead-sel-2", &w.nodes[1])
         .await?;
-    w.binding("b2", "app-2", "lead-sel-2").await?;
-    w.pod("two", "lead-sel-2", &w.nodes[1]).await?;
     w.wait_assigned(&w.aai_name("two", "app-2")).await?;
     assert!(w.on_vmss("app-2"));
 
-    b.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(b).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,10 +214,8 @@ async fn child_service_principal_and_cluster_identity() -> anyhow::Result<()> {
     // The cluster identity of azure.json, referenced by an AzureIdentity, is
     // never removed when its last pod goes (as upstream), and (unlike
     // upstream) never served: its AAI stays Created with the reason.
-    w.identity("kubelet", &uai(NODE_RG, "kubelet"), KUBELET_CLIENT)
+    w.bound_pod("kubelet", "p2", "kubelet-sel", &w.nodes[1])
         .await?;
-    w.binding("b-kubelet", "kubelet", "kubelet-sel").await?;
-    w.pod("p2", "kubelet-sel", &w.nodes[1]).await?;
     let refused = w.wait_refused(&w.aai_name("p2", "kubelet")).await?;
     assert!(refused.contains("--serve-cluster-identities"), "{refused}");
     w.delete_pod("p2").await?;
@@ -253,9 +227,7 @@ async fn child_service_principal_and_cluster_identity() -> anyhow::Result<()> {
         "the kubelet identity was already there and stays"
     );
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,22 +243,15 @@ async fn child_invalid_identity_does_not_hold_back_valid_ones() -> anyhow::Resul
         "c0000000-0000-4000-8000-0000000000ff",
     )
     .await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
-        .await?;
+    w.tenant_identity("app-id").await?;
     w.binding("b-ghost", "ghost", "inv-sel").await?;
     w.binding("b-app", "app-id", "inv-sel").await?;
     w.pod("web", "inv-sel", &w.nodes[0]).await?;
     w.wait_assigned(&w.aai_name("web", "app-id")).await?;
     assert!(w.on_vmss("app-id"));
-    let ghost = w
-        .aai(&w.aai_name("web", "ghost"))
-        .await?
-        .context("ghost AAI exists")?;
-    assert_eq!(ghost.status.map(|s| s.status), Some("Created".into()));
+    assert_created(&w, "web", "ghost").await?;
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 /// The e2e 429-storm scenario in small: the scale set's first reads and
@@ -320,10 +285,8 @@ async fn child_invalid_identity_after_a_throttle_storm_does_not_hold_back_valid_
         "c0000000-0000-4000-8000-0000000000fe",
     )
     .await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
-        .await?;
-    w.identity("app-2", &uai(APP_RG, "app-2"), APP2_CLIENT)
-        .await?;
+    w.tenant_identity("app-id").await?;
+    w.tenant_identity("app-2").await?;
     for (b, id) in [
         ("b-ghost", "ghost"),
         ("b-app", "app-id"),
@@ -356,15 +319,9 @@ async fn child_invalid_identity_after_a_throttle_storm_does_not_hold_back_valid_
         Some(&200),
         "the next PATCH landed the valid identities: {answers:?}"
     );
-    let ghost = w
-        .aai(&w.aai_name("web", "ghost"))
-        .await?
-        .context("ghost AAI exists")?;
-    assert_eq!(ghost.status.map(|s| s.status), Some("Created".into()));
+    assert_created(&w, "web", "ghost").await?;
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,10 +329,7 @@ async fn child_invalid_identity_after_a_throttle_storm_does_not_hold_back_valid_
 async fn child_standalone_vm_node_keeps_its_system_identity() -> anyhow::Result<()> {
     let w = world("vm").await?;
     let mic = w.start_mic("mic-vm", &[]).await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
-        .await?;
-    w.binding("b", "app-id", "vm-sel").await?;
-    w.pod("web", "vm-sel", &w.vm_node).await?;
+    w.bound_pod("app-id", "web", "vm-sel", &w.vm_node).await?;
     w.wait_assigned(&w.aai_name("web", "app-id")).await?;
     let on_vm = |w: &MicWorld| w.emu.assigned_identities(&w.vm_node).unwrap_or_default();
     assert_eq!(on_vm(&w), vec![uai(APP_RG, "app-id").to_lowercase()]);
@@ -386,8 +340,17 @@ async fn child_standalone_vm_node_keeps_its_system_identity() -> anyhow::Result<
     assert!(on_vm(&w).is_empty());
     assert_eq!(w.emu.has_system_identity(&w.vm_node), Some(true));
 
-    mic.stop().await?;
-    w.cleanup().await;
+    w.close(mic).await
+}
+
+/// `pod`'s AzureAssignedIdentity of `identity` exists and is Created (not
+/// Assigned).
+async fn assert_created(w: &MicWorld, pod: &str, identity: &str) -> anyhow::Result<()> {
+    let aai = w
+        .aai(&w.aai_name(pod, identity))
+        .await?
+        .with_context(|| format!("{identity} AAI exists"))?;
+    assert_eq!(aai.status.map(|s| s.status), Some("Created".into()));
     Ok(())
 }
 
@@ -426,10 +389,8 @@ async fn child_throttle_storm_backs_off_and_stays_within_budget() -> anyhow::Res
         .await?;
     // A 429 storm on this scale set's PATCHes, each with Retry-After: 1.
     w.emu.inject(throttle_storm(&w, "PATCH"));
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
-        .await?;
-    w.identity("app-2", &uai(APP_RG, "app-2"), APP2_CLIENT)
-        .await?;
+    w.tenant_identity("app-id").await?;
+    w.tenant_identity("app-2").await?;
     w.binding("b1", "app-id", "storm-sel").await?;
     w.binding("b2", "app-2", "storm-sel").await?;
     w.pod("web", "storm-sel", &w.nodes[0]).await?;
@@ -473,9 +434,7 @@ async fn child_throttle_storm_backs_off_and_stays_within_budget() -> anyhow::Res
         "no new 429"
     );
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,10 +454,7 @@ async fn child_failed_operation_keeps_created_then_converges() -> anyhow::Result
         .await?;
     // The next long-running operation ends Failed.
     w.emu.fail_next_operations(1);
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
-        .await?;
-    w.binding("b", "app-id", "lro-sel").await?;
-    w.pod("web", "lro-sel", &w.nodes[0]).await?;
+    w.bound_pod("app-id", "web", "lro-sel", &w.nodes[0]).await?;
     let name = w.aai_name("web", "app-id");
     wait_for_ok("the failed update counted", WAIT, || async {
         Ok(mic
@@ -527,9 +483,7 @@ async fn child_failed_operation_keeps_created_then_converges() -> anyhow::Result
         "retried after the failure"
     );
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 /// The ClusterRole the chart ships for MIC (these rules are a copy of it).
@@ -612,10 +566,8 @@ async fn child_runs_with_the_chart_cluster_role_only() -> anyhow::Result<()> {
         .create(&PostParams::default(), &ledger_binding)
         .await?;
     let mic = RunningMic::start(w.settings("mic-rbac", &[], Some(&kubeconfig))?).await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+    w.bound_pod("app-id", "web", "rbac-sel", &w.nodes[0])
         .await?;
-    w.binding("b", "app-id", "rbac-sel").await?;
-    w.pod("web", "rbac-sel", &w.nodes[0]).await?;
     w.wait_assigned(&w.aai_name("web", "app-id")).await?;
     assert!(w.on_vmss("app-id"));
     mic.wait_healthz("Active").await?;
@@ -639,10 +591,8 @@ async fn child_lazy_removal_lingers_and_a_returning_pod_costs_no_write() -> anyh
     let mic = w
         .start_mic("mic-linger", &["--identity-removal-linger=5s"])
         .await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+    w.bound_pod("app-id", "job-1", "cron-sel", &w.nodes[0])
         .await?;
-    w.binding("b", "app-id", "cron-sel").await?;
-    w.pod("job-1", "cron-sel", &w.nodes[0]).await?;
     w.wait_assigned(&w.aai_name("job-1", "app-id")).await?;
     let writes = w.vmss_patches();
 
@@ -664,9 +614,7 @@ async fn child_lazy_removal_lingers_and_a_returning_pod_costs_no_write() -> anyh
     assert!(!w.on_vmss("app-id"), "removed before its AAI went");
     assert_eq!(w.vmss_patches(), writes + 1);
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 /// The entitlement attacks of a namespace user, against MIC alone: forged
@@ -703,10 +651,7 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
     assert!(why.contains("cluster's own identities"), "{why}");
 
     // 3. A pre-existing identity with its true client ID: not served.
-    w.identity("app-2", &uai(APP_RG, "app-2"), APP2_CLIENT)
-        .await?;
-    w.binding("b-app2", "app-2", "own-pre").await?;
-    w.pod("pre", "own-pre", &node).await?;
+    w.bound_pod("app-2", "pre", "own-pre", &node).await?;
     let why = w.wait_refused(&w.aai_name("pre", "app-2")).await?;
     assert!(why.contains("before MIC added it"), "{why}");
 
@@ -791,9 +736,7 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
     })
     .await?;
 
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 /// `--serve-cluster-identities` lets the kubelet identity be served (with
@@ -806,10 +749,8 @@ async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyho
     let mic = w
         .start_mic("mic-serve", &["--serve-cluster-identities"])
         .await?;
-    w.identity("kubelet", &uai(NODE_RG, "kubelet"), KUBELET_CLIENT)
+    w.bound_pod("kubelet", "p", "serve-sel", &w.nodes[0])
         .await?;
-    w.binding("b", "kubelet", "serve-sel").await?;
-    w.pod("p", "serve-sel", &w.nodes[0]).await?;
     let name = w.aai_name("p", "kubelet");
     let aai = w.wait_assigned(&name).await?;
     assert!(
@@ -825,9 +766,7 @@ async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyho
     w.delete_pod("p").await?;
     w.wait_gone(&name).await?;
     assert!(w.on_vmss("kubelet"), "never removed");
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }
 
 /// The identity policy at run time: under `enforce` an identity not granted
@@ -841,10 +780,8 @@ async fn child_identity_policy_enforce_and_warn() -> anyhow::Result<()> {
     let mic = w
         .start_mic("mic-policy", &["--identity-policy=enforce"])
         .await?;
-    w.identity("app-id", &uai(APP_RG, "app-id"), APP_CLIENT)
+    w.bound_pod("app-id", "web", "policy-sel", &w.nodes[0])
         .await?;
-    w.binding("b", "app-id", "policy-sel").await?;
-    w.pod("web", "policy-sel", &w.nodes[0]).await?;
     let name = w.aai_name("web", "app-id");
     let events =
         Api::<k8s_openapi::api::events::v1::Event>::namespaced(w.client().await?, w.ns.name());
@@ -909,7 +846,5 @@ async fn child_identity_policy_enforce_and_warn() -> anyhow::Result<()> {
     .await?;
     w.delete_pod("web").await?;
     w.wait_gone(&name).await?;
-    mic.stop().await?;
-    w.cleanup().await;
-    Ok(())
+    w.close(mic).await
 }

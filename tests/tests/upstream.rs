@@ -13,13 +13,6 @@
 //! The first run builds upstream's binaries (a cold build took 6m42s on two
 //! busy cores); later runs reuse the cache.
 
-#![allow(
-    clippy::expect_used,
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "test helpers outside #[test] functions fail the test by panicking"
-)]
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -30,43 +23,23 @@ use aadpodid_api::{
     AzureIdentitySpec,
 };
 use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs, Node};
+use aadpodid_tests::tenant::{
+    self, APP_CLIENT, CloudEnvironment, KUBELET, MicCloud, NODE_RG, Tenant,
+};
 use aadpodid_tests::upstream::{
-    CloudSettings, MicOptions, NmiOptions, UpstreamChild, spawn_upstream_mic, spawn_upstream_nmi,
-    upstream_bin_dir, write_cloud_files,
+    MicOptions, NmiOptions, UpstreamChild, spawn_upstream_mic, spawn_upstream_nmi, upstream_bin_dir,
 };
-use aadpodid_tests::{Cluster, SUB, TENANT, free_port, unique_name, wait_for};
+use aadpodid_tests::{Cluster, free_port, unique_name, wait_for};
 use anyhow::Context as _;
-use azure_emulator::config::{
-    IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
-    ServicePrincipalSeed,
-};
 use azure_emulator::observe::Service;
-use azure_emulator::{Config, Emulator};
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-const NODE_RG: &str = "MC_rg_cluster_eastus";
-const APP_RG: &str = "app-rg";
-const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";
-const MIC_SECRET: &str = "s3cr3t";
-const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-00000000000k";
-const APP_CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
 const API_RELAY_PORT: u16 = 6443;
 const NMI_PROBE_PORT: u16 = 8085;
 const WAIT: Duration = Duration::from_secs(120);
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
-
-fn ident(name: &str, rg: &str, client: &str) -> IdentitySeed {
-    IdentitySeed {
-        name: name.into(),
-        resource_group: rg.into(),
-        client_id: Some(client.into()),
-        principal_id: None,
-        federated_credentials: vec![],
-        permissions: PermissionsSeed::default(),
-    }
-}
 
 /// Kills the relay and removes the scratch folder on drop.
 struct Scratch {
@@ -148,31 +121,10 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
     // The emulated tenant: one scale set carrying the kubelet identity, an app
     // identity, MIC's service principal; LROs 100x faster than Azure's.
     let vmss = unique_name("up-vmss");
-    let mut cfg = Config::new(TENANT, SUB);
-    cfg.resource_groups = vec![NODE_RG.into(), APP_RG.into()];
-    cfg.identities = vec![
-        ident("kubelet", NODE_RG, KUBELET_CLIENT),
-        ident("app-id", APP_RG, APP_CLIENT),
-    ];
-    cfg.scale_sets = vec![ScaleSetSeed {
-        name: vmss.clone(),
-        resource_group: NODE_RG.into(),
-        instances: vec!["0".into()],
-        identity: IdentityAssignmentSeed {
-            system_assigned: false,
-            user_assigned: vec!["kubelet".into()],
-        },
-    }];
-    cfg.service_principals = vec![ServicePrincipalSeed {
-        client_id: MIC_CLIENT.into(),
-        object_id: None,
-        secrets: vec![SecretSeed::Plain(MIC_SECRET.into())],
-        certificates: vec![],
-        federated_credentials: vec![],
-        permissions: PermissionsSeed::default(),
-    }];
-    cfg.clock.speed = 100.0;
-    let emu = Emulator::start(cfg).await?;
+    let emu = Tenant::standard()
+        .scale_set(&vmss, 1, &[KUBELET])
+        .start()
+        .await?;
     let app = emu.identity("app-id").context("app identity seeded")?;
 
     // The node: a Node object on scale-set instance 0, and its network namespace
@@ -180,10 +132,7 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
     let node_name = unique_name("up-node");
     let kube_node: KubeNode = serde_json::from_value(json!({
         "metadata": {"name": node_name},
-        "spec": {"providerID": format!(
-            "azure:///subscriptions/{SUB}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/0",
-            NODE_RG.to_lowercase()
-        )},
+        "spec": {"providerID": tenant::vmss_provider_id(NODE_RG, &vmss, 0)},
     }))?;
     Api::<KubeNode>::all(client.clone())
         .create(&PostParams::default(), &kube_node)
@@ -219,25 +168,21 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
     )?;
 
     // Upstream MIC and NMI.
-    let (azure_json, cloud_env_file) = write_cloud_files(
+    // go-autorest reads only the two endpoints of the environment file.
+    let files = tenant::write_mic_cloud_files(
         &dir,
         "",
-        &CloudSettings {
-            arm_url: emu.arm_url(),
-            aad_url: emu.aad_url(),
-            tenant_id: TENANT.into(),
-            subscription_id: SUB.into(),
-            resource_group: NODE_RG.into(),
-            client_id: MIC_CLIENT.into(),
-            client_secret: MIC_SECRET.into(),
-            user_assigned_identity_id: KUBELET_CLIENT.into(),
+        &MicCloud::standard(),
+        &CloudEnvironment {
+            token_audience: None,
+            ..CloudEnvironment::of(&emu)
         },
     )?;
     let mic = spawn_upstream_mic(
         &MicOptions {
             kubeconfig: cluster.kubeconfig().to_path_buf(),
-            azure_json,
-            cloud_env_file,
+            azure_json: files.azure_json,
+            cloud_env_file: files.environment,
             ca_bundle: emu.ca_bundle_path().to_path_buf(),
             namespace: ns.clone(),
             instance: "upstream-mic-0".into(),
