@@ -46,12 +46,9 @@ use clap::Parser as _;
 
 use crate::registry::{Reg, STOPPING, print_logs, reg, teardown};
 
-/// Command line of the demo.
+/// Runs aad-pod-identity locally: test cluster, Azure emulator, mic, nmi and pods getting tokens
 #[derive(clap::Parser, Debug)]
-#[command(
-    name = "local-up",
-    about = "Runs aad-pod-identity locally: test cluster, Azure emulator, mic, nmi and pods getting tokens"
-)]
+#[command(name = "local-up")]
 pub struct Cli {
     /// Keep everything running after the token step (the pods stay) until Ctrl-C.
     #[arg(long)]

@@ -5,48 +5,63 @@
 
 use std::process::Stdio;
 
+pub use aadpodid_testkit::tenant::{APP_RG, NODE_RG};
 use aadpodid_testkit::tenant::{
-    ARM_AUDIENCE, KUBELET, KUBELET_CLIENT, MIC_CLIENT, MIC_SECRET, MicCloud, Tenant,
-    vm_provider_id, vmss_provider_id,
+    ARM_AUDIENCE, KUBELET, KUBELET_CLIENT, MIC_CLIENT, MIC_SECRET, Tenant, vm_provider_id,
+    vmss_provider_id,
 };
 use aadpodid_testkit::{SUB, TENANT};
 use anyhow::{Context as _, bail};
 use azure_emulator::{Config, Emulator};
 use tokio::process::Command;
 
-/// The AKS node resource group.
-pub const NODE_RG: &str = "MC_demo-rg_demo-aks_eastus";
-/// Where the application identities live.
-pub const APP_RG: &str = "demo-identities";
 /// The scale set of the first two nodes.
 pub const VMSS: &str = "aks-nodepool1-12345678-vmss";
 /// A standalone VM node (availability-set naming).
 pub const VM: &str = "aks-agentpool-12345678-0";
-/// Seed 002's `${UAIName}`: the identity its manifests name.
-pub const UAI_NAME: &str = "uai-kv";
-pub const UAI_CLIENT: &str = "7c8e5e33-2b4a-4a36-8a3c-5d0b6e1f2a9d";
+
+/// An identity a seed document names, as the emulated tenant holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeedIdentity {
+    pub name: &'static str,
+    pub resource_group: &'static str,
+    pub client_id: &'static str,
+}
+
+/// Seed 002 (a blog post): its manifests name the identity `${UAIName}`,
+/// which its Terraform creates among the application identities.
+pub const SEED002: SeedIdentity = SeedIdentity {
+    name: "uai-kv",
+    resource_group: APP_RG,
+    client_id: "7c8e5e33-2b4a-4a36-8a3c-5d0b6e1f2a9d",
+};
 /// Seed 002's `${KVName}` (only the pod's CSI volume names it).
 pub const KV_NAME: &str = "kv-demo";
+
 /// Seed 004 (an AKS walkthrough): `az identity create` in
 /// `${IDENTITY_RESOURCE_GROUP}`, then `az aks pod-identity add` binds it as
-/// `${POD_IDENTITY_NAME}` in `${POD_IDENTITY_NAMESPACE}`.
-pub const SEED4_RG: &str = "myIdentityResourceGroup";
-pub const SEED4_IDENTITY: &str = "application-identity";
-pub const SEED4_CLIENT: &str = "4e2d1c1b-6a0f-4f55-9a43-2f1f3c7b9e11";
+/// `${POD_IDENTITY_NAME}` ([`SEED4_POD_IDENTITY`]) in
+/// `${POD_IDENTITY_NAMESPACE}` ([`SEED4_NAMESPACE`]).
+pub const SEED004: SeedIdentity = SeedIdentity {
+    name: "application-identity",
+    resource_group: "myIdentityResourceGroup",
+    client_id: "4e2d1c1b-6a0f-4f55-9a43-2f1f3c7b9e11",
+};
 pub const SEED4_POD_IDENTITY: &str = "my-pod-identity";
 pub const SEED4_NAMESPACE: &str = "my-app";
+
 /// The tenant's user-assigned identities, (name, resource group, client ID):
 /// the cluster's own, the seeds' and two more the demo does not use.
 pub const IDENTITIES: [(&str, &str, &str); 5] = [
     (KUBELET, NODE_RG, KUBELET_CLIENT),
-    (UAI_NAME, APP_RG, UAI_CLIENT),
+    (SEED002.name, SEED002.resource_group, SEED002.client_id),
     (
         "uai-reports",
         APP_RG,
         "c0000000-0000-4000-8000-000000000002",
     ),
     ("uai-dns", APP_RG, "c0000000-0000-4000-8000-000000000003"),
-    (SEED4_IDENTITY, SEED4_RG, SEED4_CLIENT),
+    (SEED004.name, SEED004.resource_group, SEED004.client_id),
 ];
 /// Virtual seconds per real second: a 45 s scale-set write takes 1.5 s.
 pub const CLOCK_SPEED: f64 = 30.0;
@@ -110,29 +125,23 @@ impl Resource {
     }
 }
 
-/// The emulator's configuration: the machines, the identities (the kubelet
-/// identity on the scale set; the seeds' and two more unused ones), mic's
-/// service principal, the clock [`CLOCK_SPEED`] times real time.
+/// The emulator's configuration: the test kit's tenant (its resource groups
+/// and mic's service principal) with the machines, the identities (the
+/// kubelet identity on the scale set; the seeds' and two more unused ones),
+/// seed 004's resource group, the clock [`CLOCK_SPEED`] times real time.
 pub fn emulator_config() -> Config {
-    let mut tenant = Tenant::in_groups(NODE_RG, APP_RG)
-        .service_principal(MIC_CLIENT, MIC_SECRET)
+    let mut tenant = Tenant::new()
         .scale_set(VMSS, 2, &[KUBELET])
         .vm(VM, true, &[])
         .speed(CLOCK_SPEED);
     for (name, rg, client) in IDENTITIES {
         tenant = tenant.identity(name, rg, client);
     }
-    tenant.config_mut().resource_groups.push(SEED4_RG.into());
+    tenant
+        .config_mut()
+        .resource_groups
+        .push(SEED004.resource_group.into());
     tenant.config()
-}
-
-/// mic's `azure.json`: the test kit's standard one in the demo's node
-/// resource group.
-pub fn mic_cloud() -> MicCloud {
-    MicCloud {
-        resource_group: NODE_RG.into(),
-        ..MicCloud::standard()
-    }
 }
 
 /// An ARM request path without the subscription prefix and the query.
@@ -238,7 +247,7 @@ mod tests {
         assert_eq!(
             m[1].provider_id,
             format!(
-                "azure:///subscriptions/{SUB}/resourceGroups/mc_demo-rg_demo-aks_eastus/providers/Microsoft.Compute/virtualMachineScaleSets/{VMSS}/virtualMachines/1"
+                "azure:///subscriptions/{SUB}/resourceGroups/mc_rg_cluster_eastus/providers/Microsoft.Compute/virtualMachineScaleSets/{VMSS}/virtualMachines/1"
             )
         );
         assert_eq!(m[2].imds, format!("vm/{VM}"));
@@ -247,7 +256,10 @@ mod tests {
     #[test]
     fn the_tenant_holds_the_seeds_identities_and_the_machines() {
         let cfg = emulator_config();
-        assert_eq!(cfg.resource_groups, [NODE_RG, APP_RG, SEED4_RG]);
+        assert_eq!(
+            cfg.resource_groups,
+            [NODE_RG, APP_RG, SEED004.resource_group]
+        );
         let names: Vec<&str> = cfg.identities.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(
             names,
@@ -259,14 +271,13 @@ mod tests {
                 "application-identity"
             ]
         );
-        assert_eq!(cfg.identities[4].resource_group, SEED4_RG);
+        assert_eq!(cfg.identities[4].resource_group, SEED004.resource_group);
         assert_eq!(cfg.scale_sets[0].instances, ["0", "1"]);
         assert_eq!(cfg.scale_sets[0].identity.user_assigned, ["kubelet"]);
         assert!(cfg.virtual_machines[0].identity.system_assigned);
         assert!(cfg.virtual_machines[0].identity.user_assigned.is_empty());
         assert_eq!(cfg.service_principals[0].client_id, MIC_CLIENT);
         assert_eq!(cfg.clock.speed, CLOCK_SPEED);
-        assert_eq!(mic_cloud().azure_json()["resourceGroup"], NODE_RG);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use aadpodid_local_up::leftovers::netns_of;
-use aadpodid_local_up::tenant::{SEED4_CLIENT, UAI_CLIENT};
+use aadpodid_local_up::tenant::{SEED002, SEED004};
 use anyhow::{Context as _, bail};
 
 /// Bound on one demo run (the cluster binaries are built before tests run).
@@ -193,8 +193,8 @@ fn local_up_shows_assign_token_and_release() -> anyhow::Result<()> {
     for line in [
         "aks-nodepool1-12345678-vmss: userAssignedIdentities = [kubelet, uai-kv]\n",
         "aks-agentpool-12345678-0: userAssignedIdentities = [application-identity]\n",
-        &format!("claims: appid={UAI_CLIENT} (uai-kv)"),
-        &format!("claims: appid={SEED4_CLIENT} (application-identity)"),
+        &format!("claims: appid={} (uai-kv)", SEED002.client_id),
+        &format!("claims: appid={} (application-identity)", SEED004.client_id),
         "signature verified with the emulated Entra ID's key",
         "AzureAssignedIdentity of default/nginx-secrets-store-inline: gone (+",
         "AzureAssignedIdentity of my-app/demo: gone (+",

@@ -8,9 +8,7 @@ use azure_emulator::Emulator;
 
 use crate::registry::{Reg, reg};
 use crate::say::{done, info, step};
-use crate::tenant::{
-    APP_RG, CLOCK_SPEED, NODE_RG, SEED4_IDENTITY, SEED4_RG, UAI_NAME, VM, VMSS, emulator_config,
-};
+use crate::tenant::{APP_RG, CLOCK_SPEED, NODE_RG, SEED002, SEED004, VM, VMSS, emulator_config};
 
 /// Starts the emulator and registers it.
 pub async fn start(registry: &Reg) -> anyhow::Result<Arc<Emulator>> {
@@ -25,7 +23,8 @@ pub async fn start(registry: &Reg) -> anyhow::Result<Arc<Emulator>> {
         "scale set {VMSS} (instances 0 and 1) and VM {VM} in {NODE_RG}"
     ));
     info(&format!(
-        "identities: kubelet (the cluster's own, on the scale set); {UAI_NAME}, uai-reports, uai-dns in {APP_RG}; {SEED4_IDENTITY} in {SEED4_RG}"
+        "identities: kubelet (the cluster's own, on the scale set); {}, uai-reports, uai-dns in {APP_RG}; {} in {}",
+        SEED002.name, SEED004.name, SEED004.resource_group
     ));
     info(&format!(
         "ARM {}  Entra ID {}  (a 45 s scale-set write takes {:.1} s here: the clock runs {CLOCK_SPEED}x)",

@@ -8,7 +8,7 @@ use azure_emulator::Emulator;
 
 use crate::say::{done, info, step};
 use crate::steps::kubectl_apply;
-use crate::tenant::{KV_NAME, SEED4_IDENTITY, SEED4_NAMESPACE, SEED4_POD_IDENTITY, UAI_NAME};
+use crate::tenant::{KV_NAME, SEED002, SEED004, SEED4_NAMESPACE, SEED4_POD_IDENTITY};
 
 /// What the emulated tenant says about the seeds' identities.
 #[derive(Clone, Debug)]
@@ -25,7 +25,7 @@ impl Seeds {
     /// Seed 002's template variables.
     pub fn vars002(&self) -> [(&str, &str); 4] {
         [
-            ("UAIName", UAI_NAME),
+            ("UAIName", SEED002.name),
             ("UAIId", &self.uai_id),
             ("UAIClientId", &self.uai_client),
             ("KVName", KV_NAME),
@@ -49,10 +49,10 @@ pub async fn apply(cluster: &'static Cluster, emu: &Emulator) -> anyhow::Result<
         "The user's manifests, applied unchanged with kubectl apply",
     );
     let uai = emu
-        .identity(UAI_NAME)
+        .identity(SEED002.name)
         .context("the seed's identity is in the emulator")?;
     let app = emu
-        .identity(SEED4_IDENTITY)
+        .identity(SEED004.name)
         .context("seed 004's identity is in the emulator")?;
     let seeds = Seeds {
         uai_id: uai.id,
@@ -62,8 +62,8 @@ pub async fn apply(cluster: &'static Cluster, emu: &Emulator) -> anyhow::Result<
     };
     info("seed 002 (a blog post; Terraform's templatefile fills the variables):");
     info(&format!(
-        "  ${{UAIName}}={UAI_NAME}  ${{UAIClientId}}={}  ${{UAIId}}=<its ARM resource ID>",
-        seeds.uai_client
+        "  ${{UAIName}}={}  ${{UAIClientId}}={}  ${{UAIId}}=<its ARM resource ID>",
+        SEED002.name, seeds.uai_client
     ));
     for file in [
         "seed002-azureidentity.yaml",

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use aadpodid_testkit::tenant::{CloudEnvironment, mic_args, mic_env, write_mic_cloud_files};
+use aadpodid_testkit::tenant::{
+    CloudEnvironment, MicCloud, mic_args, mic_env, write_mic_cloud_files,
+};
 use aadpodid_testkit::{Cluster, free_ports};
 use azure_emulator::Emulator;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -15,7 +17,6 @@ use crate::registry::Reg;
 use crate::role::Role;
 use crate::say::{done, info, step};
 use crate::steps::{spawn_logged, wait};
-use crate::tenant::mic_cloud;
 
 /// The Lease mic's leader holds (mic's default name, in the namespace given).
 const LEASE: (&str, &str) = ("default", "aad-pod-identity-mic");
@@ -30,7 +31,7 @@ pub async fn start(
     emu: &Emulator,
 ) -> anyhow::Result<()> {
     let t = step(4, "mic: 2 replicas (processes) with leader election");
-    let files = write_mic_cloud_files(dir, "", &mic_cloud(), &CloudEnvironment::of(emu))?;
+    let files = write_mic_cloud_files(dir, "", &MicCloud::standard(), &CloudEnvironment::of(emu))?;
     let mic = Role::Mic.program()?;
     for i in 0..2 {
         let [probe, metrics] = free_ports()?;

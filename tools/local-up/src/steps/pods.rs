@@ -23,8 +23,8 @@ use crate::say::{done, info, step};
 use crate::steps::manifests::Seeds;
 use crate::steps::{WAIT, kubectl_apply};
 use crate::tenant::{
-    CLOCK_SPEED, Resource, SEED4_IDENTITY, SEED4_NAMESPACE, SEED4_POD_IDENTITY, SEED4_RG, UAI_NAME,
-    VM, arm_identities, short_arm_path, vmss_node,
+    CLOCK_SPEED, Resource, SEED002, SEED004, SEED4_NAMESPACE, SEED4_POD_IDENTITY, VM,
+    arm_identities, short_arm_path, vmss_node,
 };
 
 /// One of the demo's pods and where it runs.
@@ -75,7 +75,7 @@ pub fn demo_pods(seeds: &Seeds, homes: &[Arc<Node>]) -> anyhow::Result<Vec<DemoP
         ("POD_IDENTITY_NAME", SEED4_POD_IDENTITY),
         ("SUBSCRIPTION_ID", SUB),
         ("IDENTITY_CLIENT_ID", seeds.app_client.as_str()),
-        ("IDENTITY_RESOURCE_GROUP", SEED4_RG),
+        ("IDENTITY_RESOURCE_GROUP", SEED004.resource_group),
     ];
     Ok(vec![
         DemoPod {
@@ -87,7 +87,7 @@ pub fn demo_pods(seeds: &Seeds, homes: &[Arc<Node>]) -> anyhow::Result<Vec<DemoP
             home: homes.first().context("node 0")?.clone(),
             pod_index: 0,
             resource: Resource::ScaleSet,
-            identity: UAI_NAME,
+            identity: SEED002.name,
             client_id: seeds.uai_client.clone(),
         },
         DemoPod {
@@ -99,7 +99,7 @@ pub fn demo_pods(seeds: &Seeds, homes: &[Arc<Node>]) -> anyhow::Result<Vec<DemoP
             home: homes.get(2).context("node 2")?.clone(),
             pod_index: 1,
             resource: Resource::Vm,
-            identity: SEED4_IDENTITY,
+            identity: SEED004.name,
             client_id: seeds.app_client.clone(),
         },
     ])
