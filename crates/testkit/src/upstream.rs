@@ -73,70 +73,14 @@ fn find_or_build() -> anyhow::Result<PathBuf> {
     run_build_script(&repo_root().join("tests/upstream/build.sh"), BUILD_TIMEOUT)
 }
 
-/// How the cloud files of upstream MIC point it at the emulator.
-#[derive(Clone, Debug)]
-pub struct CloudSettings {
-    /// The emulator's ARM base URL (`Emulator::arm_url`).
-    pub arm_url: String,
-    /// The emulator's AAD authority (`Emulator::aad_url`).
-    pub aad_url: String,
-    pub tenant_id: String,
-    pub subscription_id: String,
-    /// The node resource group (every ARM call of upstream MIC uses it).
-    pub resource_group: String,
-    /// MIC's service principal.
-    pub client_id: String,
-    pub client_secret: String,
-    /// azure.json `userAssignedIdentityID` (the kubelet identity, which MIC
-    /// never removes); empty for none.
-    pub user_assigned_identity_id: String,
-}
-
-/// Writes `<dir>/<prefix>azure.json` and `<dir>/<prefix>cloud.json` (the
-/// go-autorest environment for `AZURE_ENVIRONMENT_FILEPATH`); returns their
-/// paths (azure.json, environment file).
-pub fn write_cloud_files(
-    dir: &Path,
-    prefix: &str,
-    s: &CloudSettings,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let env_file = dir.join(format!("{prefix}cloud.json"));
-    // go-autorest `azure.Environment` JSON (`EnvironmentFromFile`); only these
-    // two endpoints are read by MIC.
-    std::fs::write(
-        &env_file,
-        serde_json::json!({
-            "name": "AzureStackCloud",
-            "resourceManagerEndpoint": s.arm_url,
-            "activeDirectoryEndpoint": s.aad_url,
-        })
-        .to_string(),
-    )?;
-    let azure_json = dir.join(format!("{prefix}azure.json"));
-    std::fs::write(
-        &azure_json,
-        serde_json::json!({
-            "cloud": "AzureStackCloud",
-            "tenantId": s.tenant_id,
-            "aadClientId": s.client_id,
-            "aadClientSecret": s.client_secret,
-            "subscriptionId": s.subscription_id,
-            "resourceGroup": s.resource_group,
-            "vmType": "vmss",
-            "userAssignedIdentityID": s.user_assigned_identity_id,
-        })
-        .to_string(),
-    )?;
-    Ok((azure_json, env_file))
-}
-
 /// What upstream MIC is started with.
 #[derive(Clone, Debug)]
 pub struct MicOptions {
     /// Admin kubeconfig of the cluster (MIC needs endpoints, configmaps, CRDs,
     /// events, pods and nodes).
     pub kubeconfig: PathBuf,
-    /// From [`write_cloud_files`] or any upstream-compatible azure.json.
+    /// From [`crate::tenant::write_mic_cloud_files`] or any
+    /// upstream-compatible azure.json.
     pub azure_json: PathBuf,
     /// go-autorest environment file (`AZURE_ENVIRONMENT_FILEPATH`).
     pub cloud_env_file: PathBuf,

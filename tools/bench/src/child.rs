@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use aadpodid_testkit::relay::tcp_to_unix;
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
@@ -44,20 +45,7 @@ async fn relay(specs: Vec<String>) -> anyhow::Result<()> {
             .split_once('=')
             .with_context(|| format!("relay spec {spec:?}"))?;
         let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
-        let path = PathBuf::from(path);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("bind {addr}"))?;
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                let path = path.clone();
-                tokio::spawn(async move {
-                    if let Ok(mut unix) = tokio::net::UnixStream::connect(&path).await {
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
-                    }
-                });
-            }
-        });
+        tcp_to_unix(addr, PathBuf::from(path)).await?;
     }
     println!("READY");
     // Runs until killed (the bench kills it; pdeathsig covers a crash).

@@ -70,17 +70,7 @@ impl Metric {
         Metric::IdleCpu,
     ];
 
-    /// The figures of row 2.
-    pub const BURST: [Metric; 6] = [
-        Metric::BurstEmulated,
-        Metric::BurstWall,
-        Metric::BurstWrites,
-        Metric::BurstReads,
-        Metric::BurstPolls,
-        Metric::Burst429,
-    ];
-
-    /// Row number of the issue (1-5).
+    /// Row of the table (1-5).
     pub fn row(self) -> u8 {
         match self {
             Metric::FirstToken => 1,

@@ -9,7 +9,10 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aadpodid_testkit::flood::{Flood, Kind, Plan, Sampler, open_fds, raise_nofile, token_path};
+use aadpodid_testkit::flood::{
+    Flood, Kind, Outcome, Peaks, Plan, Sampler, open_fds, raise_nofile, token_path,
+};
+use aadpodid_testkit::free_port;
 use aadpodid_testkit::netns::{IMDS_ADDRESS, NetNs};
 use aadpodid_testkit::procfs;
 use aadpodid_testkit::upstream;
@@ -18,8 +21,8 @@ use anyhow::{Context as _, bail};
 use crate::child::{LoadResult, LoadSpec};
 use crate::report::{Figures, Metric};
 use crate::world::{
-    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_imds, curl_token, free_port,
-    http_get, self_exe, start_proc,
+    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_imds, curl_token, http_get,
+    self_exe, start_proc,
 };
 use crate::{Options, ROLE_ENV, Scale};
 
@@ -237,7 +240,36 @@ async fn rows_in(
     opts: &Options,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
-    let t = Instant::now();
+    let progress = Progress {
+        subject,
+        started: Instant::now(),
+    };
+    let mut run = start_run(subject, w, scale, opts, f).await?;
+    eprintln!(
+        "[{}] set up in {:?}",
+        subject.title(),
+        progress.started.elapsed()
+    );
+    nmi_rows(&mut run, opts, f, &progress).await;
+    mic_rows(&mut run, opts, f, &progress).await;
+    if !opts.row(2) {
+        for m in Metric::ALL.into_iter().filter(|m| m.row() == 2) {
+            f.set_text(m, "not run: row not selected");
+        }
+    }
+    // MIC and NMI stop here (dropped), before the cluster is cleared.
+    Ok(())
+}
+
+/// MIC active, NMI active when a selected row needs it, and NMI's figures
+/// at rest (row 4) taken before any pod is on its node.
+async fn start_run<'w>(
+    subject: Subject,
+    w: &'w mut World,
+    scale: &Scale,
+    opts: &Options,
+    f: &mut Figures,
+) -> anyhow::Result<Run<'w>> {
     w.ensure_identities(scale.burst_ids.max(10)).await?;
     let (mic, probe) = start_mic(subject, w).await?;
     let mut run = Run {
@@ -255,61 +287,58 @@ async fn rows_in(
         let r = nmi_at_rest(&mut run, f).await;
         fail(f, &[Metric::NmiRestRss, Metric::NmiRestFds], r);
     }
-    eprintln!("[{}] set up in {:?}", subject.title(), t.elapsed());
-    let log = |row: &str, r: &anyhow::Result<()>| match r {
-        Ok(()) => eprintln!("[{}] {row} done ({:?})", subject.title(), t.elapsed()),
-        Err(e) => eprintln!("[{}] {row} failed: {e:#}", subject.title()),
-    };
+    Ok(run)
+}
+
+/// NMI's rows, in this order: the first token (1), NMI with its pods (4),
+/// the token load (3), then the floods (4), each with NMI restarted.
+async fn nmi_rows(run: &mut Run<'_>, opts: &Options, f: &mut Figures, p: &Progress) {
     if opts.row(1) {
-        let r = row_first_token(&mut run, f).await;
-        log("row 1", &r);
-        fail(f, &[Metric::FirstToken], r);
+        let r = row_first_token(run, f).await;
+        p.row(f, "row 1", &[Metric::FirstToken], r);
     }
     if opts.row(4) {
-        let r = row_nmi_rss(&mut run, f).await;
-        log("row 4 (nmi)", &r);
-        fail(f, &[Metric::NmiPeakRss, Metric::NmiPodsFds], r);
-    }
-    if opts.row(3) {
-        let r = row_token_load(&mut run, f).await;
-        log("row 3", &r);
-        fail(
+        let r = row_nmi_rss(run, f).await;
+        p.row(
             f,
-            &[Metric::TokenP50, Metric::TokenP99, Metric::TokenThroughput],
+            "row 4 (nmi)",
+            &[Metric::NmiPeakRss, Metric::NmiPodsFds],
             r,
         );
     }
+    if opts.row(3) {
+        let r = row_token_load(run, f).await;
+        let metrics = [Metric::TokenP50, Metric::TokenP99, Metric::TokenThroughput];
+        p.row(f, "row 3", &metrics, r);
+    }
     if opts.row(4) {
         for kind in Kind::ALL {
-            let r = row_nmi_flood(&mut run, f, kind).await;
-            log(&format!("row 4 (nmi, {})", kind.title()), &r);
-            fail(
-                f,
-                &[
-                    Metric::FloodRss(kind),
-                    Metric::FloodFds(kind),
-                    Metric::FloodVictim(kind),
-                ],
-                r,
-            );
+            let r = row_nmi_flood(run, f, kind).await;
+            let metrics = [
+                Metric::FloodRss(kind),
+                Metric::FloodFds(kind),
+                Metric::FloodVictim(kind),
+            ];
+            p.row(f, &format!("row 4 (nmi, {})", kind.title()), &metrics, r);
         }
     }
+}
+
+/// MIC's rows: the burst (2, also needed by 4 and 5), idle (5) once the
+/// burst converged, then MIC with many pods (4) unless `--nmi-only`.
+async fn mic_rows(run: &mut Run<'_>, opts: &Options, f: &mut Figures, p: &Progress) {
     let mic_rss = opts.row(4) && !opts.nmi_only;
     if opts.row(2) || mic_rss || opts.row(5) {
-        let r = row_burst(&mut run, f).await;
-        log("row 2", &r);
-        let failed = r.is_err();
-        fail(f, &[Metric::BurstEmulated, Metric::BurstWall], r);
-        if failed {
+        let r = row_burst(run, f).await;
+        if p.row(f, "row 2", &[Metric::BurstEmulated, Metric::BurstWall], r) {
             // Idle means nothing while MIC is still catching up.
             f.set_text(Metric::IdleArmCalls, "not run: the burst did not converge");
             f.set_text(Metric::IdleCpu, "not run: the burst did not converge");
         }
     }
     if opts.row(5) && f.get(Metric::IdleCpu).is_none() {
-        let r = row_idle(&mut run, f).await;
-        log("row 5", &r);
-        fail(f, &[Metric::IdleArmCalls, Metric::IdleCpu], r);
+        let r = row_idle(run, f).await;
+        p.row(f, "row 5", &[Metric::IdleArmCalls, Metric::IdleCpu], r);
     }
     if opts.row(4) && opts.nmi_only {
         for m in [Metric::MicPeakRss, Metric::BigConvergeWall] {
@@ -317,17 +346,31 @@ async fn rows_in(
         }
     }
     if mic_rss {
-        let r = row_mic_rss(&mut run, f).await;
-        log("row 4 (mic)", &r);
-        fail(f, &[Metric::MicPeakRss, Metric::BigConvergeWall], r);
+        let r = row_mic_rss(run, f).await;
+        let metrics = [Metric::MicPeakRss, Metric::BigConvergeWall];
+        p.row(f, "row 4 (mic)", &metrics, r);
     }
-    if !opts.row(2) {
-        for m in Metric::BURST {
-            f.set_text(m, "not run: row not selected");
+}
+
+/// Logs each row's end with the time since the subject's set-up began.
+struct Progress {
+    subject: Subject,
+    started: Instant,
+}
+
+impl Progress {
+    /// Logs row `row`'s result and, when it failed, writes why into
+    /// `metrics`; whether it failed.
+    fn row(&self, f: &mut Figures, row: &str, metrics: &[Metric], r: anyhow::Result<()>) -> bool {
+        let title = self.subject.title();
+        match &r {
+            Ok(()) => eprintln!("[{title}] {row} done ({:?})", self.started.elapsed()),
+            Err(e) => eprintln!("[{title}] {row} failed: {e:#}"),
         }
+        let failed = r.is_err();
+        fail(f, metrics, r);
+        failed
     }
-    // MIC and NMI stop here (dropped), before the cluster is cleared.
-    Ok(())
 }
 
 fn fail(f: &mut Figures, metrics: &[Metric], r: anyhow::Result<()>) {
@@ -339,29 +382,18 @@ fn fail(f: &mut Figures, metrics: &[Metric], r: anyhow::Result<()>) {
 }
 
 async fn start_mic(subject: Subject, w: &World) -> anyhow::Result<(Proc, SocketAddr)> {
-    let (azure_json, cloud_env_file) = match subject {
-        Subject::ThisProject => w.write_cloud_files()?,
-        Subject::Upstream => upstream::write_cloud_files(
-            &w.dir,
-            "upstream-",
-            &upstream::CloudSettings {
-                arm_url: w.emu.arm_url(),
-                aad_url: w.emu.aad_url(),
-                tenant_id: world::TENANT.into(),
-                subscription_id: world::SUB.into(),
-                resource_group: world::NODE_RG.into(),
-                client_id: world::MIC_CLIENT.into(),
-                client_secret: world::MIC_SECRET.into(),
-                user_assigned_identity_id: world::KUBELET_CLIENT.into(),
-            },
-        )?,
+    // Upstream's files carry no token audience (it asks for tokens for
+    // the ARM endpoint itself); each subject has its own folder.
+    let files = match subject {
+        Subject::ThisProject => w.write_cloud_files("", true)?,
+        Subject::Upstream => w.write_cloud_files("upstream-", false)?,
     };
     let speed = w.scale.speed;
     let probe_port = free_port()?;
     let s = MicSettings {
         kubeconfig: w.cluster.kubeconfig().to_path_buf(),
-        azure_json,
-        cloud_env_file,
+        azure_json: files.azure_json,
+        cloud_env_file: files.environment,
         ca_bundle: w.emu.ca_bundle_path().to_path_buf(),
         namespace: w.ns_ids.name().to_string(),
         probe_port,
@@ -398,19 +430,21 @@ async fn wait_mic_active(run: &mut Run<'_>) -> anyhow::Result<()> {
 
 async fn start_nmi(run: &Run<'_>) -> anyhow::Result<(NmiNode, Proc)> {
     let node = NmiNode::start(run.w).await?;
+    let mut nmi = spawn_nmi(run, &node, "nmi.log")?;
+    node.wait_active(&mut nmi).await?;
+    Ok((node, nmi))
+}
+
+/// The subject's NMI on `node`, its log in the file `log` of the world's
+/// folder; not waiting for it.
+fn spawn_nmi(run: &Run<'_>, node: &NmiNode, log: &str) -> anyhow::Result<Proc> {
     let s = NmiSettings {
         node: run.w.nmi_node.clone(),
         kubeconfig: node.kubeconfig.clone(),
         probe_port: NMI_PROBE_PORT,
     };
     let cmd = launch_nmi(run.subject, &node.node.node, &s)?;
-    let mut nmi = start_proc(
-        cmd,
-        &program(run.subject, "nmi")?,
-        run.w.dir.join("nmi.log"),
-    )?;
-    node.wait_active(&mut nmi).await?;
-    Ok((node, nmi))
+    start_proc(cmd, &program(run.subject, "nmi")?, run.w.dir.join(log))
 }
 
 fn nmi_of<'r>(run: &'r mut Run<'_>) -> anyhow::Result<&'r mut (NmiNode, Proc)> {
@@ -489,17 +523,7 @@ async fn nmi_at_rest(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
 async fn restart_nmi(run: &mut Run<'_>, tag: &str) -> anyhow::Result<()> {
     let (node, old) = run.nmi.take().context("NMI is not running")?;
     drop(old);
-    let s = NmiSettings {
-        node: run.w.nmi_node.clone(),
-        kubeconfig: node.kubeconfig.clone(),
-        probe_port: NMI_PROBE_PORT,
-    };
-    let cmd = launch_nmi(run.subject, &node.node.node, &s)?;
-    let mut nmi = start_proc(
-        cmd,
-        &program(run.subject, "nmi")?,
-        run.w.dir.join(format!("nmi-{tag}.log")),
-    )?;
+    let mut nmi = spawn_nmi(run, &node, &format!("nmi-{tag}.log"))?;
     let active = node.wait_active(&mut nmi).await;
     run.nmi = Some((node, nmi));
     active
@@ -509,6 +533,17 @@ async fn restart_nmi(run: &mut Run<'_>, tag: &str) -> anyhow::Result<()> {
 /// the `kind` flood while another (pod namespace 0) asks for its first
 /// token for a new resource; NMI's peak RSS and descriptors meanwhile.
 async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow::Result<()> {
+    let connections = prepare_flood(run, kind).await?;
+    let m = measure_flood(run, kind, connections).await?;
+    let alive = nmi_of(run)?.1.exited().is_none();
+    record_flood(f, kind, &m, alive);
+    Ok(())
+}
+
+/// Before a flood: both pods Assigned, the descriptor limit raised, NMI
+/// restarted and answering both pods. Returns how many connections the
+/// flood may open under that limit.
+async fn prepare_flood(run: &mut Run<'_>, kind: Kind) -> anyhow::Result<usize> {
     // The victim is row 1's pod (pod namespace 0), made here when row 1
     // did not run.
     ensure_load_pod(run).await?;
@@ -536,7 +571,45 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
         .min(nofile.saturating_sub(256) / 3);
     restart_nmi(run, kind.slug()).await?;
     warm_token(run).await?;
-    let scale = run.w.scale.clone();
+    let (victim_ns, _) = nmi_of(run)?.0.pod(0)?;
+    let (code, body) = curl_imds(victim_ns, TOKEN_PATH, 30).await?;
+    if code != 200 {
+        bail!("the second pod gets no token before the flood ({code}): {body}");
+    }
+    Ok(connections)
+}
+
+/// What one flood did to NMI, and how the victim fared meanwhile.
+#[derive(Debug)]
+struct FloodRun {
+    plan: Plan,
+    outcome: Outcome,
+    /// Sampled every 100 ms during the flood.
+    peaks: Peaks,
+    /// VmHWM after the flood, KiB.
+    hwm_kib: u64,
+    /// VmRSS and descriptors before the flood.
+    rss_base_kib: u64,
+    fds_base: usize,
+    /// Descriptors just before the flood was stopped.
+    fds_at_stop: usize,
+    /// Descriptors once back near the baseline (or after 30 s), and when.
+    fds_after: usize,
+    settled_after: Duration,
+    /// The victim's answer status (0: none) and its wait.
+    victim_status: u16,
+    victim_latency: Duration,
+}
+
+/// The flood itself: NMI sampled, the flood started from the load pod, the
+/// victim's first token for a new resource timed, the flood held at least
+/// `flood_hold` and stopped, then NMI's descriptors followed back down.
+async fn measure_flood(
+    run: &mut Run<'_>,
+    kind: Kind,
+    connections: usize,
+) -> anyhow::Result<FloodRun> {
+    let hold = run.w.scale.flood_hold;
     let tag = format!(
         "{}-{}-{}",
         run.subject.tag(),
@@ -546,13 +619,9 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
     let (node, nmi) = nmi_of(run)?;
     let pid = nmi.pid;
     let (victim_ns, _) = node.pod(0)?;
-    let (code, body) = curl_imds(victim_ns, TOKEN_PATH, 30).await?;
-    if code != 200 {
-        bail!("the second pod gets no token before the flood ({code}): {body}");
-    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fds_base = open_fds(pid)?;
-    let rss_base = procfs::memory(pid)?.now_kib;
+    let rss_base_kib = procfs::memory(pid)?.now_kib;
     let sampler = Sampler::start(pid);
     let plan = Plan {
         kind,
@@ -575,11 +644,11 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
     )
     .await;
     let victim_latency = started.elapsed();
-    tokio::time::sleep(scale.flood_hold.saturating_sub(held_from.elapsed())).await;
+    tokio::time::sleep(hold.saturating_sub(held_from.elapsed())).await;
     let fds_at_stop = open_fds(pid).unwrap_or(0);
     let outcome = tokio::task::block_in_place(|| flood.stop())?;
     let peaks = sampler.finish().await;
-    let hwm = procfs::memory(pid).map_or(0, |m| m.peak_kib);
+    let hwm_kib = procfs::memory(pid).map_or(0, |m| m.peak_kib);
     // Descriptors after the flood, waiting up to 30 s for the baseline.
     let stopped = Instant::now();
     let mut fds_after = open_fds(pid).unwrap_or(0);
@@ -587,43 +656,63 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
         tokio::time::sleep(Duration::from_millis(250)).await;
         fds_after = open_fds(pid).unwrap_or(0);
     }
-    let after = stopped.elapsed();
-    let alive = nmi_of(run)?.1.exited().is_none();
+    Ok(FloodRun {
+        plan,
+        outcome,
+        peaks,
+        hwm_kib,
+        rss_base_kib,
+        fds_base,
+        fds_at_stop,
+        fds_after,
+        settled_after: stopped.elapsed(),
+        victim_status: victim.as_ref().map_or(0, |(c, _)| *c),
+        victim_latency,
+    })
+}
+
+/// The flood's three cells and its line of details.
+fn record_flood(f: &mut Figures, kind: Kind, m: &FloodRun, alive: bool) {
     f.set(
         Metric::FloodRss(kind),
-        hwm.max(peaks.rss_kib) as f64 / 1024.0,
+        m.hwm_kib.max(m.peaks.rss_kib) as f64 / 1024.0,
     );
-    f.set(Metric::FloodFds(kind), peaks.fds.max(fds_at_stop) as f64);
-    let victim_status = victim.as_ref().map_or(0, |(c, _)| *c);
-    if victim_status == 200 {
+    f.set(
+        Metric::FloodFds(kind),
+        m.peaks.fds.max(m.fds_at_stop) as f64,
+    );
+    if m.victim_status == 200 {
         f.set(
             Metric::FloodVictim(kind),
-            victim_latency.as_secs_f64() * 1000.0,
+            m.victim_latency.as_secs_f64() * 1000.0,
         );
     } else {
         f.set_text(
             Metric::FloodVictim(kind),
             &format!(
-                "no token (status {victim_status}) after {:.1} s",
-                victim_latency.as_secs_f64()
+                "no token (status {}) after {:.1} s",
+                m.victim_status,
+                m.victim_latency.as_secs_f64()
             ),
         );
     }
+    let o = &m.outcome;
     f.note(format!(
         "{} flood ({} connections): {} connected, {} not; answers {}; {} closed by nmi unanswered, {} open at stop; \
-         nmi before: {:.1} MiB, {fds_base} descriptors; {fds_after} descriptors {:.1} s after the flood stopped; nmi {}",
+         nmi before: {:.1} MiB, {} descriptors; {} descriptors {:.1} s after the flood stopped; nmi {}",
         kind.title(),
-        plan.connections,
-        outcome.connected,
-        outcome.connect_failed,
-        outcome.answered_text(),
-        outcome.closed_unanswered,
-        outcome.open_at_stop,
-        rss_base as f64 / 1024.0,
-        after.as_secs_f64(),
+        m.plan.connections,
+        o.connected,
+        o.connect_failed,
+        o.answered_text(),
+        o.closed_unanswered,
+        o.open_at_stop,
+        m.rss_base_kib as f64 / 1024.0,
+        m.fds_base,
+        m.fds_after,
+        m.settled_after.as_secs_f64(),
         if alive { "running" } else { "EXITED" },
     ));
-    Ok(())
 }
 
 async fn nmi_pods_assigned(run: &mut Run<'_>) -> anyhow::Result<()> {

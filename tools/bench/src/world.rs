@@ -15,12 +15,12 @@ use aadpodid_api::{
 };
 use aadpodid_testkit::netns::{self, IMDS_ADDRESS, NetNs};
 use aadpodid_testkit::procfs;
+use aadpodid_testkit::relay::{read_until_ready, unix_to_tcp};
+use aadpodid_testkit::tenant::{self, CloudEnvironment, MicCloud, MicCloudFiles, Tenant};
+use aadpodid_testkit::world::curl_in;
 use aadpodid_testkit::{Cluster, TempNamespace, unique_name};
 use anyhow::{Context as _, bail};
-use azure_emulator::config::{
-    IdentityAssignmentSeed, IdentitySeed, ScaleSetSeed, SecretSeed, ServicePrincipalSeed,
-};
-use azure_emulator::{Config, Emulator};
+use azure_emulator::Emulator;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -28,8 +28,6 @@ use serde_json::json;
 
 use crate::{ROLE_ENV, Scale};
 
-pub(crate) const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-pub(crate) const SUB: &str = "0b1f6471-1bf0-4dda-aec3-cb9272f09590";
 pub(crate) const NODE_RG: &str = "MC_bench_cluster_eastus";
 pub(crate) const APP_RG: &str = "bench-ids";
 pub(crate) const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000b3c4";
@@ -40,12 +38,6 @@ pub(crate) const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version
 /// NMI's probe port inside its node namespace.
 pub(crate) const NMI_PROBE_PORT: u16 = 8085;
 const API_RELAY_PORT: u16 = 6443;
-
-pub(crate) fn uai(name: &str) -> String {
-    format!(
-        "/subscriptions/{SUB}/resourceGroups/{APP_RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-    )
-}
 
 pub(crate) fn id_name(j: usize) -> String {
     format!("id-{j}")
@@ -155,13 +147,6 @@ pub(crate) fn self_exe() -> anyhow::Result<PathBuf> {
 pub(crate) static KEEP_LOGS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// A port free on loopback right now.
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Runs `f` on up to `limit` items at a time.
 pub(crate) async fn for_each_concurrent<I, F, Fut>(
     items: I,
@@ -256,92 +241,49 @@ impl World {
         std::fs::create_dir_all(&dir)?;
         let vmss: Vec<String> = (0..scale.vmss).map(|k| format!("{tag}-vmss{k}")).collect();
         let nmi_vmss = format!("{tag}-nmi");
-        let mut cfg = Config::new(TENANT, SUB);
-        cfg.resource_groups = vec![NODE_RG.into(), APP_RG.into()];
-        let seed = |name: String, rg: &str, client: String| IdentitySeed {
-            name,
-            resource_group: rg.into(),
-            client_id: Some(client),
-            principal_id: None,
-            federated_credentials: vec![],
-            permissions: Default::default(),
-        };
-        cfg.identities = std::iter::once(seed("kubelet".into(), NODE_RG, KUBELET_CLIENT.into()))
-            .chain((0..scale.big_ids).map(|j| seed(id_name(j), APP_RG, id_client(j))))
-            .collect();
-        let set = |name: &str, n: usize| ScaleSetSeed {
-            name: name.into(),
-            resource_group: NODE_RG.into(),
-            instances: (0..n).map(|i| i.to_string()).collect(),
-            identity: IdentityAssignmentSeed {
-                system_assigned: false,
-                user_assigned: vec!["kubelet".into()],
-            },
-        };
-        cfg.scale_sets = vmss
+        let emu = emulator_config(scale, &vmss, &nmi_vmss).start().await?;
+        let nodes = vmss
             .iter()
-            .map(|v| set(v, scale.nodes_per_vmss))
-            .chain(std::iter::once(set(&nmi_vmss, 1)))
+            .flat_map(|v| (0..scale.nodes_per_vmss).map(move |i| format!("{v}-{i}")))
             .collect();
-        cfg.service_principals = vec![ServicePrincipalSeed {
-            client_id: MIC_CLIENT.into(),
-            object_id: None,
-            secrets: vec![SecretSeed::Plain(MIC_SECRET.into())],
-            certificates: vec![],
-            federated_credentials: vec![],
-            permissions: Default::default(),
-        }];
-        cfg.clock.speed = scale.speed;
-        cfg.arm.vmss_write_seconds = scale.lro_seconds;
-        // Realistic Compute limits: the emulator's default buckets (Compute's
-        // scale-set write bucket: burst 12, 4 a minute per scale set;
-        // docs/upstream-behaviour.md#azure-throttling).
-        cfg.throttle.enabled = true;
-        // Tokens for any resource: in the distinct-resources flood every
-        // resource then costs NMI a real IMDS call and a cache entry.
-        cfg.aad.any_resource = true;
-        let emu = Emulator::start(cfg).await?;
-
-        let mut nodes = Vec::new();
-        for v in &vmss {
-            for i in 0..scale.nodes_per_vmss {
-                nodes.push(format!("{v}-{i}"));
-            }
-        }
+        let namespace = |what: &str| {
+            let name = format!("bench-{tag}-{what}");
+            async move { cluster.temp_namespace(&name).await }
+        };
         let w = World {
             scale: scale.clone(),
             cluster,
             client,
             dir,
             emu,
-            ns_nmi: cluster.temp_namespace(&format!("bench-{tag}-nmi")).await?,
-            ns_burst: cluster
-                .temp_namespace(&format!("bench-{tag}-burst"))
-                .await?,
-            ns_big: cluster.temp_namespace(&format!("bench-{tag}-big")).await?,
-            ns_ids: cluster.temp_namespace(&format!("bench-{tag}-ids")).await?,
+            ns_nmi: namespace("nmi").await?,
+            ns_burst: namespace("burst").await?,
+            ns_big: namespace("big").await?,
+            ns_ids: namespace("ids").await?,
             nmi_node: format!("{nmi_vmss}-0"),
             vmss,
             nodes,
             nmi_vmss,
             ids_created: 0,
         };
-        for (n, node) in w.nodes.iter().enumerate() {
-            let k = n / scale.nodes_per_vmss;
-            w.create_node(node, &w.vmss[k], n % scale.nodes_per_vmss)
+        w.create_nodes().await?;
+        Ok(w)
+    }
+
+    /// The Node objects of every scale set's instances and NMI's node.
+    async fn create_nodes(&self) -> anyhow::Result<()> {
+        let per_vmss = self.scale.nodes_per_vmss;
+        for (n, node) in self.nodes.iter().enumerate() {
+            self.create_node(node, &self.vmss[n / per_vmss], n % per_vmss)
                 .await?;
         }
-        w.create_node(&w.nmi_node, &w.nmi_vmss, 0).await?;
-        Ok(w)
+        self.create_node(&self.nmi_node, &self.nmi_vmss, 0).await
     }
 
     async fn create_node(&self, name: &str, vmss: &str, instance: usize) -> anyhow::Result<()> {
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name},
-            "spec": {"providerID": format!(
-                "azure:///subscriptions/{SUB}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/{instance}",
-                NODE_RG.to_lowercase()
-            )},
+            "spec": {"providerID": tenant::vmss_provider_id(NODE_RG, vmss, instance)},
         }))?;
         Api::<Node>::all(self.client.clone())
             .create(&PostParams::default(), &node)
@@ -354,13 +296,13 @@ impl World {
     /// bindings, AAIs, nodes) so that the next subject's MIC starts from an
     /// empty cluster; best effort. Call with MIC stopped.
     pub async fn clear(&self) {
-        let now = DeleteParams::default().grace_period(0);
-        let all = ListParams::default();
         let pod_namespaces = [
             self.ns_nmi.name().to_string(),
             self.ns_burst.name().to_string(),
             self.ns_big.name().to_string(),
         ];
+        let now = DeleteParams::default().grace_period(0);
+        let all = ListParams::default();
         for ns in &pod_namespaces {
             let _ = Api::<Pod>::namespaced(self.client.clone(), ns)
                 .delete_collection(&now, &all)
@@ -373,41 +315,52 @@ impl World {
         let _ = Api::<AzureIdentity>::namespaced(self.client.clone(), ids)
             .delete_collection(&now, &all)
             .await;
-        if let Ok(list) = Api::<AzureAssignedIdentity>::all(self.client.clone())
-            .list(&all)
-            .await
-        {
-            let mine: Vec<(String, String)> = list
-                .items
-                .into_iter()
-                .filter(|a| pod_namespaces.contains(&a.spec.pod_namespace))
-                .filter_map(|a| Some((a.metadata.namespace?, a.metadata.name?)))
-                .collect();
-            let client = self.client.clone();
-            let _ = for_each_concurrent(mine, 32, |(ns, name)| {
-                let api = Api::<AzureAssignedIdentity>::namespaced(client.clone(), &ns);
-                async move {
-                    // Both MICs put a finalizer on AAIs; with MIC stopped,
-                    // take it off so the delete completes.
-                    let _ = api
-                        .patch(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-                        )
-                        .await;
-                    let _ = api.delete(&name, &DeleteParams::default()).await;
-                    Ok(())
-                }
-            })
-            .await;
-        }
+        self.delete_aais(&pod_namespaces).await;
         self.delete_nodes().await;
-        // Bounded wait until the next MIC cannot see any of it.
+        self.wait_cleared(&pod_namespaces).await;
+    }
+
+    /// Deletes the AAIs of pods in `pod_namespaces`, finalizers first.
+    async fn delete_aais(&self, pod_namespaces: &[String]) {
+        let Ok(list) = Api::<AzureAssignedIdentity>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+        else {
+            return;
+        };
+        let mine: Vec<(String, String)> = list
+            .items
+            .into_iter()
+            .filter(|a| pod_namespaces.contains(&a.spec.pod_namespace))
+            .filter_map(|a| Some((a.metadata.namespace?, a.metadata.name?)))
+            .collect();
+        let client = self.client.clone();
+        let _ = for_each_concurrent(mine, 32, |(ns, name)| {
+            let api = Api::<AzureAssignedIdentity>::namespaced(client.clone(), &ns);
+            async move {
+                // Both MICs put a finalizer on AAIs; with MIC stopped, take
+                // it off so the delete completes.
+                let _ = api
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                Ok(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits (120 s at most) until no pod or AAI of `pod_namespaces` is
+    /// listed any more, so that the next MIC cannot see any of them.
+    async fn wait_cleared(&self, pod_namespaces: &[String]) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             let mut left = 0;
-            for ns in &pod_namespaces {
+            for ns in pod_namespaces {
                 let pods = Api::<Pod>::namespaced(self.client.clone(), ns)
                     .list(&ListParams::default().limit(1))
                     .await
@@ -446,7 +399,7 @@ impl World {
                 let mut id = AzureIdentity::new(
                     &id_name(j),
                     AzureIdentitySpec {
-                        resource_id: uai(&id_name(j)),
+                        resource_id: tenant::uai_id(APP_RG, &id_name(j)),
                         client_id: id_client(j),
                         ..Default::default()
                     },
@@ -563,54 +516,56 @@ impl World {
         }
     }
 
-    /// azure.json and the custom-cloud file pointing at the emulator.
-    pub fn write_cloud_files(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
-        let env_file = self.dir.join("cloud.json");
-        std::fs::write(
-            &env_file,
-            json!({
-                "name": "AzureStackCloud",
-                "resourceManagerEndpoint": self.emu.arm_url(),
-                "activeDirectoryEndpoint": self.emu.aad_url(),
-                "tokenAudience": "https://management.azure.com/",
-            })
-            .to_string(),
-        )?;
-        let azure_json = self.dir.join("azure.json");
-        std::fs::write(
-            &azure_json,
-            json!({
-                "cloud": "AzureStackCloud",
-                "tenantId": TENANT,
-                "aadClientId": MIC_CLIENT,
-                "aadClientSecret": MIC_SECRET,
-                "subscriptionId": SUB,
-                "resourceGroup": NODE_RG,
-                "vmType": "vmss",
-                "userAssignedIdentityID": KUBELET_CLIENT,
-            })
-            .to_string(),
-        )?;
-        Ok((azure_json, env_file))
+    /// MIC's azure.json and the custom-cloud file pointing at the emulator,
+    /// named `<prefix>azure.json` and `<prefix>cloud.json`; the file names
+    /// the audience of ARM tokens when `token_audience` says so.
+    pub fn write_cloud_files(
+        &self,
+        prefix: &str,
+        token_audience: bool,
+    ) -> anyhow::Result<MicCloudFiles> {
+        let cloud = MicCloud {
+            resource_group: NODE_RG.into(),
+            client_id: MIC_CLIENT.into(),
+            client_secret: MIC_SECRET.into(),
+            user_assigned_identity_id: Some(KUBELET_CLIENT.into()),
+            ..MicCloud::standard()
+        };
+        let mut env = CloudEnvironment::of(&self.emu);
+        if !token_audience {
+            env.token_audience = None;
+        }
+        tenant::write_mic_cloud_files(&self.dir, prefix, &cloud, &env)
     }
 }
 
-/// Forwards connections on a Unix socket at `path` to `target` (loopback of
-/// the root namespace): how a node namespace reaches the apiserver and IMDS
-/// without any link to the root namespace.
-async fn unix_to_tcp(path: &Path, target: SocketAddr) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)?;
-    tokio::spawn(async move {
-        while let Ok((mut unix, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
-                }
-            });
-        }
-    });
-    Ok(())
+/// The emulator of one subject: the kubelet identity and `big_ids` pod
+/// identities, the scale sets `vmss` of `nodes_per_vmss` instances and
+/// NMI's one-instance scale set, MIC's service principal, Compute's real
+/// throttle buckets and the scale's clock.
+fn emulator_config(scale: &Scale, vmss: &[String], nmi_vmss: &str) -> Tenant {
+    let kubelet = ["kubelet"];
+    let mut t = Tenant::in_groups(NODE_RG, APP_RG).identity("kubelet", NODE_RG, KUBELET_CLIENT);
+    for j in 0..scale.big_ids {
+        t = t.identity(&id_name(j), APP_RG, &id_client(j));
+    }
+    for v in vmss {
+        t = t.scale_set(v, scale.nodes_per_vmss, &kubelet);
+    }
+    let mut t = t
+        .scale_set(nmi_vmss, 1, &kubelet)
+        .service_principal(MIC_CLIENT, MIC_SECRET)
+        .speed(scale.speed);
+    let cfg = t.config_mut();
+    cfg.arm.vmss_write_seconds = scale.lro_seconds;
+    // Realistic Compute limits: the emulator's default buckets (Compute's
+    // scale-set write bucket: burst 12, 4 a minute per scale set;
+    // docs/upstream-behaviour.md#azure-throttling).
+    cfg.throttle.enabled = true;
+    // Tokens for any resource: in the distinct-resources flood every
+    // resource then costs NMI a real IMDS call and a cache entry.
+    cfg.aad.any_resource = true;
+    t
 }
 
 /// NMI's node: a node namespace with two pod namespaces, IMDS of the
@@ -627,45 +582,7 @@ impl NmiNode {
     pub async fn start(w: &World) -> anyhow::Result<NmiNode> {
         let node = netns::Node::with_pods(2)?;
         node.node.add_local_address(IMDS_ADDRESS)?;
-        let imds = w
-            .emu
-            .add_imds(&format!("vmss/{}/0", w.nmi_vmss), "127.0.0.1:0".parse()?)
-            .await?;
-        let api: SocketAddr = w
-            .cluster
-            .server()
-            .trim_start_matches("https://")
-            .parse()
-            .context("apiserver address")?;
-        let (api_sock, imds_sock) = (w.dir.join("api.sock"), w.dir.join("imds.sock"));
-        unix_to_tcp(&api_sock, api).await?;
-        unix_to_tcp(&imds_sock, imds).await?;
-        let exe = self_exe()?;
-        let mut cmd = node.node.command(&exe);
-        cmd.env(ROLE_ENV, "relay")
-            .arg(format!("127.0.0.1:{API_RELAY_PORT}={}", api_sock.display()))
-            .arg(format!("{IMDS_ADDRESS}:80={}", imds_sock.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut relay = spawn_kept(cmd)?;
-        let out = relay.stdout.take().context("relay stdout")?;
-        let line = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead as _;
-            let mut line = String::new();
-            std::io::BufReader::new(out)
-                .read_line(&mut line)
-                .map(|_| line)
-        })
-        .await??;
-        let pid = relay.id();
-        let relay = Proc {
-            child: relay,
-            pid,
-            log: PathBuf::new(),
-        };
-        if line.trim() != "READY" {
-            bail!("relay did not start: {line:?}");
-        }
+        let relay = start_relay(w, &node.node).await?;
         let kubeconfig = w.dir.join("nmi.kubeconfig");
         let text = std::fs::read_to_string(w.cluster.kubeconfig())?.replace(
             w.cluster.server(),
@@ -712,6 +629,41 @@ impl NmiNode {
     }
 }
 
+/// The relay role inside node namespace `ns`: the apiserver at
+/// 127.0.0.1:6443 and the node's IMDS at 169.254.169.254:80 there, each
+/// carried over a Unix socket to loopback of the bench's namespace; running
+/// when this returns.
+async fn start_relay(w: &World, ns: &NetNs) -> anyhow::Result<Proc> {
+    let imds = w
+        .emu
+        .add_imds(&format!("vmss/{}/0", w.nmi_vmss), "127.0.0.1:0".parse()?)
+        .await?;
+    let api: SocketAddr = w
+        .cluster
+        .server()
+        .trim_start_matches("https://")
+        .parse()
+        .context("apiserver address")?;
+    let (api_sock, imds_sock) = (w.dir.join("api.sock"), w.dir.join("imds.sock"));
+    unix_to_tcp(api_sock.clone(), api).await?;
+    unix_to_tcp(imds_sock.clone(), imds).await?;
+    let mut cmd = ns.command(self_exe()?);
+    cmd.env(ROLE_ENV, "relay")
+        .arg(format!("127.0.0.1:{API_RELAY_PORT}={}", api_sock.display()))
+        .arg(format!("{IMDS_ADDRESS}:80={}", imds_sock.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let child = spawn_kept(cmd)?;
+    // A Proc from here on, so that a relay that never gets ready is killed.
+    let mut relay = Proc {
+        pid: child.id(),
+        child,
+        log: PathBuf::new(),
+    };
+    tokio::task::block_in_place(|| read_until_ready(&mut relay.child, "relay"))?;
+    Ok(relay)
+}
+
 /// One token request with `curl` from pod namespace `ns` through
 /// 169.254.169.254; the HTTP status (0 when curl itself failed).
 pub(crate) async fn curl_token(ns: &NetNs, max_secs: u32) -> anyhow::Result<u16> {
@@ -725,23 +677,6 @@ pub(crate) async fn curl_imds(
     path: &str,
     max_secs: u32,
 ) -> anyhow::Result<(u16, String)> {
-    let mut cmd = ns.command("curl");
-    cmd.args([
-        "-s",
-        "--max-time",
-        &max_secs.to_string(),
-        "-w",
-        "\n%{http_code}",
-    ])
-    .args(["-H", "Metadata: true"])
-    .arg(format!("http://{IMDS_ADDRESS}{path}"))
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let out = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    let url = format!("http://{IMDS_ADDRESS}{path}");
+    curl_in(ns, &url, &["Metadata: true"], max_secs).await
 }
