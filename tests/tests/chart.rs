@@ -30,6 +30,15 @@ fn ci_values() -> Vec<PathBuf> {
     files
 }
 
+/// The default render and one with each values file in the chart's `ci/`.
+fn default_and_ci_renders() -> Vec<Render> {
+    let mut renders = vec![Render::new("aad-pod-identity", "kube-system")];
+    for f in ci_values() {
+        renders.push(Render::new("aad-pod-identity", "kube-system").values(f));
+    }
+    renders
+}
+
 fn ci(name: &str) -> PathBuf {
     helm::chart_dir().join("ci").join(name)
 }
@@ -99,11 +108,7 @@ fn grants(docs: &[Value], resource: &str) -> Vec<String> {
 
 #[test]
 fn lint_and_template_pass_with_default_and_every_ci_values_file() {
-    let mut renders = vec![Render::new("aad-pod-identity", "kube-system")];
-    for f in ci_values() {
-        renders.push(Render::new("aad-pod-identity", "kube-system").values(f));
-    }
-    for r in renders {
+    for r in default_and_ci_renders() {
         if let Err(out) = helm::lint(&r).unwrap() {
             panic!("helm lint {:?}: {out}", r.values);
         }
@@ -893,6 +898,32 @@ fn namespace_editors_get_no_exceptions() {
     assert!(of_kind(&docs, "AzurePodIdentityException").is_empty());
 }
 
+/// The NOTES of `helm install --dry-run=client` with
+/// `installMICException=false` and one more `--set`.
+fn dry_run_notes(kubeconfig: &str, ns: &str, set: &str) -> String {
+    let out = helm::run(&[
+        "install",
+        "aad-pod-identity",
+        &helm::chart_dir().display().to_string(),
+        "--dry-run=client",
+        "--kubeconfig",
+        kubeconfig,
+        "--namespace",
+        ns,
+        "--set",
+        "installMICException=false",
+        "--set",
+        set,
+    ])
+    .unwrap();
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    out.stdout
+        .split("NOTES:")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// NOTES.txt says which mode is active and recommends enforce. (`helm
 /// install --dry-run=client` still wants a reachable cluster, and looks for
 /// objects it would take over; nothing is installed.)
@@ -905,28 +936,7 @@ fn notes_name_the_identity_policy_mode() {
         ("warn", "accepted\n  with a warning"),
         ("enforce", "is refused"),
     ] {
-        let out = helm::run(&[
-            "install",
-            "aad-pod-identity",
-            &helm::chart_dir().display().to_string(),
-            "--dry-run=client",
-            "--kubeconfig",
-            &kubeconfig,
-            "--namespace",
-            &ns,
-            "--set",
-            "installMICException=false",
-            "--set",
-            &format!("identityPolicy.mode={mode}"),
-        ])
-        .unwrap();
-        assert!(out.success, "{}{}", out.stdout, out.stderr);
-        let notes = out
-            .stdout
-            .split("NOTES:")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
+        let notes = dry_run_notes(&kubeconfig, &ns, &format!("identityPolicy.mode={mode}"));
         assert!(
             notes.contains(&format!("Identity policy: {mode}.")),
             "{mode}: {notes}"
@@ -953,23 +963,7 @@ fn notes_name_the_identity_policy_mode() {
         );
     }
     // With it, how to set it on AKS (an initialization taint) and undo it.
-    let out = helm::run(&[
-        "install",
-        "aad-pod-identity",
-        &helm::chart_dir().display().to_string(),
-        "--dry-run=client",
-        "--kubeconfig",
-        &kubeconfig,
-        "--namespace",
-        &ns,
-        "--set",
-        "installMICException=false",
-        "--set",
-        "nmi.startupTaint.enabled=true",
-    ])
-    .unwrap();
-    assert!(out.success, "{}{}", out.stdout, out.stderr);
-    let notes = out.stdout.split("NOTES:").nth(1).unwrap_or_default();
+    let notes = dry_run_notes(&kubeconfig, &ns, "nmi.startupTaint.enabled=true");
     for want in [
         "Startup taint: NMI removes the taint startup-taint.cluster-autoscaler.kubernetes.io/aad-pod-identity-nmi",
         "--node-init-taints startup-taint.cluster-autoscaler.kubernetes.io/aad-pod-identity-nmi=true:NoSchedule",
@@ -1002,44 +996,26 @@ fn invalid_values_fail_with_a_message_naming_the_value() {
     assert!(e.contains("cleanupOnUninstall"), "{e}");
     // NMI's bounds, paths and startup taint: refused by the schema or the
     // chart's own checks before NMI would refuse to start.
-    for (key, value, needle) in [
+    #[rustfmt::skip]
+    let refused = [
         ("nmi.maxConnections", "0", "maxConnections"),
         ("nmi.maxConnections", "65537", "maxConnections"),
         ("nmi.maxConnectionsPerIP", "many", "maxConnectionsPerIP"),
-        (
-            "nmi.maxPendingFetchesPerPod",
-            "4097",
-            "maxPendingFetchesPerPod",
-        ),
+        ("nmi.maxPendingFetchesPerPod", "4097", "maxPendingFetchesPerPod"),
         ("nmi.maxCachedTokens", "-1", "maxCachedTokens"),
         ("nmi.firstSyncWaitSec", "301", "firstSyncWaitSec"),
         ("nmi.firstSyncWaitSec", "1.5", "firstSyncWaitSec"),
-        (
-            "nmi.allowScheduledEventsPost",
-            "maybe",
-            "allowScheduledEventsPost",
-        ),
-        (
-            "nmi.proxyAllowedPaths[0]",
-            "/metadata/identity/oauth2",
-            "proxyAllowedPaths",
-        ),
-        (
-            "nmi.proxyAllowedPaths[0]",
-            "/metadata/%69dentity",
-            "proxyAllowedPaths",
-        ),
+        ("nmi.allowScheduledEventsPost", "maybe", "allowScheduledEventsPost"),
+        ("nmi.proxyAllowedPaths[0]", "/metadata/identity/oauth2", "proxyAllowedPaths"),
+        ("nmi.proxyAllowedPaths[0]", "/metadata/%69dentity", "proxyAllowedPaths"),
         ("nmi.proxyAllowedPaths[0]", "/other", "proxyAllowedPaths"),
         ("nmi.startupTaint.key", "-not-a-key", "startupTaint"),
         ("nmi.startupTaint.key", "Bad_Prefix/x", "startupTaint"),
         ("nmi.startupTaint.efect", "NoSchedule", "startupTaint"),
-        (
-            "nmi.routeLocalnetInitContainer",
-            "yes",
-            "routeLocalnetInitContainer",
-        ),
+        ("nmi.routeLocalnetInitContainer", "yes", "routeLocalnetInitContainer"),
         ("nmi.listenAddress", "node-ip", "listenAddress"),
-    ] {
+    ];
+    for (key, value, needle) in refused {
         let r = Render::new("aad-pod-identity", "kube-system").set(key, value);
         let e = helm::template_text(&r)
             .unwrap()
@@ -1075,6 +1051,18 @@ fn invalid_values_fail_with_a_message_naming_the_value() {
     );
 }
 
+/// NMI's connection, pending-fetch and cache bounds and its first-sync wait,
+/// in the order of its flags.
+fn nmi_bounds(a: &nmi::Args) -> (u32, u32, u32, u32, u64) {
+    (
+        a.max_connections,
+        a.max_connections_per_ip,
+        a.max_pending_fetches_per_pod,
+        a.max_cached_tokens,
+        a.first_sync_wait_sec,
+    )
+}
+
 /// What the kubelet does to `$(VAR)` in args (downward-API env only here).
 fn expand(args: &[String], env: &BTreeMap<&str, String>) -> Vec<String> {
     args.iter()
@@ -1091,10 +1079,7 @@ fn expand(args: &[String], env: &BTreeMap<&str, String>) -> Vec<String> {
 #[test]
 fn rendered_args_parse_with_the_real_parsers() {
     use clap::Parser as _;
-    let mut renders = vec![Render::new("aad-pod-identity", "kube-system")];
-    for f in ci_values() {
-        renders.push(Render::new("aad-pod-identity", "kube-system").values(f));
-    }
+    let renders = default_and_ci_renders();
     let scratch = std::env::temp_dir().join(unique_name("chart-args"));
     std::fs::create_dir_all(&scratch).unwrap();
     let azure_json = scratch.join("azure.json");
@@ -1219,17 +1204,7 @@ fn rendered_args_parse_with_the_real_parsers() {
             assert_eq!(parsed.mic_namespace, "kube-system", "{what}");
         }
         if what.contains("nmi-hardening") {
-            assert_eq!(
-                (
-                    parsed.max_connections,
-                    parsed.max_connections_per_ip,
-                    parsed.max_pending_fetches_per_pod,
-                    parsed.max_cached_tokens,
-                    parsed.first_sync_wait_sec,
-                ),
-                (2048, 16, 8, 1_000_000, 0),
-                "{what}"
-            );
+            assert_eq!(nmi_bounds(&parsed), (2048, 16, 8, 1_000_000, 0), "{what}");
             assert!(parsed.enable_conntrack_deletion && parsed.allow_scheduled_events_post);
             assert_eq!(
                 parsed.proxy_allowed_paths,
@@ -1242,25 +1217,9 @@ fn rendered_args_parse_with_the_real_parsers() {
         } else {
             // Unset: the binary's defaults, which values.yaml names.
             let defaults = nmi::Args::try_from_args(Vec::<String>::new()).unwrap();
+            assert_eq!(nmi_bounds(&parsed), (1024, 32, 16, 4096, 20), "{what}");
             assert_eq!(
-                (
-                    parsed.max_connections,
-                    parsed.max_connections_per_ip,
-                    parsed.max_pending_fetches_per_pod,
-                    parsed.max_cached_tokens,
-                    parsed.first_sync_wait_sec,
-                ),
-                (1024, 32, 16, 4096, 20),
-                "{what}"
-            );
-            assert_eq!(
-                (
-                    defaults.max_connections,
-                    defaults.max_connections_per_ip,
-                    defaults.max_pending_fetches_per_pod,
-                    defaults.max_cached_tokens,
-                    defaults.first_sync_wait_sec,
-                ),
+                nmi_bounds(&defaults),
                 (1024, 32, 16, 4096, 20),
                 "values.yaml documents these defaults"
             );
@@ -1495,20 +1454,8 @@ async fn rendered_chart_applies_to_the_apiserver() {
         .kubectl_run(&["apply", "--server-side", "-f", "-"], Some(&text))
         .unwrap();
     assert!(real.success, "apply: {}", real.stderr);
-    let est = cluster
-        .kubectl_run(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "crd",
-                "--all",
-                "--timeout=60s",
-            ],
-            None,
-        )
-        .unwrap();
-    assert!(est.success, "{}", est.stderr);
-    assert_eq!(est.stdout.lines().count(), 4, "{}", est.stdout);
+    let established = cluster.wait_crds_established().unwrap();
+    assert_eq!(established.lines().count(), 4, "{established}");
     for (kind, name, namespaced) in [
         ("deployment", format!("{prefix}-mic"), true),
         ("daemonset", format!("{prefix}-nmi"), true),

@@ -98,27 +98,33 @@ impl Drop for Ns {
     }
 }
 
-/// One rendered release whose policies, user-facing roles and MIC RBAC are
-/// applied, a user namespace, and the namespace user in it.
-struct World {
+/// Cluster-scoped objects (kind, name) a test made, deleted on drop.
+struct Doomed {
     cluster: &'static Cluster,
-    name: String,
-    rel_ns: Ns,
-    user_ns: Ns,
-    /// Kubeconfig of ServiceAccount `editor` in the user namespace.
-    editor: PathBuf,
-    /// Cluster-scoped objects to delete on drop: (kind, name).
-    cluster_scoped: Vec<(String, String)>,
+    objects: Vec<(String, String)>,
 }
 
-impl Drop for World {
+impl Drop for Doomed {
     fn drop(&mut self) {
-        for (kind, name) in &self.cluster_scoped {
+        for (kind, name) in &self.objects {
             let _ = self
                 .cluster
                 .kubectl_run(&["delete", kind, name, "--ignore-not-found"], None);
         }
     }
+}
+
+/// One rendered release whose policies, user-facing roles and MIC RBAC are
+/// applied, a user namespace, and the namespace user in it.
+struct World {
+    cluster: &'static Cluster,
+    /// Cluster-scoped objects, deleted on drop (before the namespaces).
+    cluster_scoped: Doomed,
+    name: String,
+    rel_ns: Ns,
+    user_ns: Ns,
+    /// Kubeconfig of ServiceAccount `editor` in the user namespace.
+    editor: PathBuf,
 }
 
 impl World {
@@ -141,7 +147,10 @@ impl World {
             rel_ns,
             user_ns,
             editor: PathBuf::new(),
-            cluster_scoped: vec![],
+            cluster_scoped: Doomed {
+                cluster,
+                objects: vec![],
+            },
         };
         let mic = format!("{name}-mic");
         let mut items = vec![];
@@ -173,6 +182,7 @@ impl World {
             if kind != "ServiceAccount" {
                 world
                     .cluster_scoped
+                    .objects
                     .push((kind.to_lowercase(), oname.clone()));
             }
             items.push(o);
@@ -241,6 +251,45 @@ impl World {
 
     fn as_admin(&self, args: &[&str], stdin: Option<&str>) -> KubectlOutput {
         self.cluster.kubectl_run(args, stdin).unwrap()
+    }
+
+    /// `kubectl apply` of `obj` as the namespace user.
+    fn editor_apply(&self, obj: &Value) -> KubectlOutput {
+        self.as_editor(&["apply", "-f", "-"], Some(&obj.to_string()))
+    }
+
+    /// Waits until the identity-grants policy acts on an admin's dry run of
+    /// an AzureIdentity `probe` naming `resource_id` in the user namespace.
+    async fn wait_grants_policy_acts(&self, resource_id: &str) {
+        self.wait_policy_acts(
+            &|a, s| self.as_admin(a, s),
+            &identity(self.user(), "probe", resource_id),
+            &self.policy("identity-grants"),
+        )
+        .await;
+    }
+
+    /// `kubectl auth can-i create <resource>` in the user namespace, as the
+    /// namespace user.
+    fn editor_can_create(&self, resource: &str) -> KubectlOutput {
+        self.as_editor(
+            &["auth", "can-i", "create", resource, "-n", self.user()],
+            None,
+        )
+    }
+
+    /// A Role `name` in the user namespace with every verb on `resource` of
+    /// the project's API group, bound to the namespace user.
+    fn grant_editor(&self, name: &str, resource: &str) {
+        let user = self.user();
+        let role = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": name, "namespace": user},
+            "rules": [{"apiGroups": ["aadpodidentity.k8s.io"], "resources": [resource],
+                       "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
+        });
+        self.apply_admin(&json!({"apiVersion": "v1", "kind": "List", "items": [
+            role, role_binding(user, name, "Role", name)]}));
     }
 
     /// Whether `kind/name` exists in the user namespace (admin view).
@@ -320,17 +369,9 @@ async fn warn_mode_admits_an_ungranted_identity_and_says_why() {
     let w = World::new("pol-warn", "warn").await;
     let user = w.user().to_string();
     let id = uai("other-team", "their-id");
-    w.wait_policy_acts(
-        &|a, s| w.as_admin(a, s),
-        &identity(&user, "probe", &id),
-        &w.policy("identity-grants"),
-    )
-    .await;
+    w.wait_grants_policy_acts(&id).await;
 
-    let out = w.as_editor(
-        &["apply", "-f", "-"],
-        Some(&identity(&user, "app-id", &id).to_string()),
-    );
+    let out = w.editor_apply(&identity(&user, "app-id", &id));
     assert!(out.success, "warn mode admits it: {}", out.stderr);
     assert!(out.stderr.contains("Warning"), "{}", out.stderr);
     assert_grant_message(&out.stderr, &user, &id);
@@ -356,25 +397,17 @@ async fn enforce_mode_refuses_ungranted_identities_and_admits_granted_ones() {
     let user = w.user().to_string();
     let exact = uai("team-ids", "app-id");
     let probe = uai("probe-rg", "probe");
-    w.wait_policy_acts(
-        &|a, s| w.as_admin(a, s),
-        &identity(&user, "probe", &probe),
-        &w.policy("identity-grants"),
-    )
-    .await;
+    w.wait_grants_policy_acts(&probe).await;
 
     // Not granted: refused with the message, nothing stored.
-    let out = w.as_editor(
-        &["apply", "-f", "-"],
-        Some(&identity(&user, "app-id", &exact).to_string()),
-    );
+    let out = w.editor_apply(&identity(&user, "app-id", &exact));
     assert!(!out.success, "enforce refuses it: {}", out.stdout);
     assert_grant_message(&out.stderr, &user, &exact);
     assert!(!w.exists("azureidentity", "app-id"), "nothing stored");
     // An identity without spec.type is type 0 as well.
     let mut untyped = identity(&user, "untyped", &exact);
     untyped["spec"].as_object_mut().unwrap().remove("type");
-    let out = w.as_editor(&["apply", "-f", "-"], Some(&untyped.to_string()));
+    let out = w.editor_apply(&untyped);
     assert!(!out.success, "untyped: {}", out.stdout);
     // A service principal (type 1) carries its own credential: not subject to it.
     let sp = json!({
@@ -383,7 +416,7 @@ async fn enforce_mode_refuses_ungranted_identities_and_admits_granted_ones() {
         "spec": {"type": 1, "clientID": CLIENT, "tenantID": "t",
                  "clientPassword": {"name": "sp-secret", "namespace": user}},
     });
-    let out = w.as_editor(&["apply", "-f", "-"], Some(&sp.to_string()));
+    let out = w.editor_apply(&sp);
     assert!(out.success, "type 1: {}", out.stderr);
 
     // The administrator grants the exact ID and a resource group (blanks and
@@ -402,10 +435,7 @@ async fn enforce_mode_refuses_ungranted_identities_and_admits_granted_ones() {
     );
     assert!(out.success, "{}", out.stderr);
     let applied = wait_for("granted identity admitted", SETTLE, || {
-        let out = w.as_editor(
-            &["apply", "-f", "-"],
-            Some(&identity(&user, "app-id", &exact).to_string()),
-        );
+        let out = w.editor_apply(&identity(&user, "app-id", &exact));
         async move { out.success.then_some(out) }
     })
     .await
@@ -414,28 +444,19 @@ async fn enforce_mode_refuses_ungranted_identities_and_admits_granted_ones() {
     assert!(w.exists("azureidentity", "app-id"));
     // Prefix grant: any identity of that resource group, in any case.
     let shared = uai("shared-ids", "db-reader");
-    let out = w.as_editor(
-        &["apply", "-f", "-"],
-        Some(&identity(&user, "db-reader", &shared).to_string()),
-    );
+    let out = w.editor_apply(&identity(&user, "db-reader", &shared));
     assert!(out.success, "prefix grant: {}", out.stderr);
     // Still nothing else: another group, a longer name than the exact one.
     for (name, other) in [
         ("elsewhere", uai("team-ids-2", "app-id")),
         ("longer", format!("{exact}2")),
     ] {
-        let out = w.as_editor(
-            &["apply", "-f", "-"],
-            Some(&identity(&user, name, &other).to_string()),
-        );
+        let out = w.editor_apply(&identity(&user, name, &other));
         assert!(!out.success, "{name} admitted");
         assert_grant_message(&out.stderr, &user, &other);
     }
     // Updating an admitted identity to an ungranted ID is refused too.
-    let out = w.as_editor(
-        &["apply", "-f", "-"],
-        Some(&identity(&user, "db-reader", &uai("other", "x")).to_string()),
-    );
+    let out = w.editor_apply(&identity(&user, "db-reader", &uai("other", "x")));
     assert!(!out.success, "update to an ungranted ID: {}", out.stdout);
 }
 
@@ -519,25 +540,8 @@ async fn assigned_identities_are_written_only_by_mic() {
     )
     .await;
     // The user, even with RBAC for AzureAssignedIdentities in their namespace.
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "aai-writer", "namespace": user},
-        "rules": [{"apiGroups": ["aadpodidentity.k8s.io"], "resources": ["azureassignedidentities"],
-                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
-    });
-    w.apply_admin(&json!({"apiVersion": "v1", "kind": "List", "items": [
-        role, role_binding(&user, "aai-writer", "Role", "aai-writer")]}));
-    let can = w.as_editor(
-        &[
-            "auth",
-            "can-i",
-            "create",
-            "azureassignedidentities.aadpodidentity.k8s.io",
-            "-n",
-            &user,
-        ],
-        None,
-    );
+    w.grant_editor("aai-writer", "azureassignedidentities");
+    let can = w.editor_can_create("azureassignedidentities.aadpodidentity.k8s.io");
     assert_eq!(
         can.stdout.trim(),
         "yes",
@@ -609,39 +613,12 @@ async fn exceptions_are_written_only_with_cluster_wide_rights() {
     let w = World::new("pol-exc", "warn").await;
     let user = w.user().to_string();
     // The chart's -edit role no longer grants exceptions.
-    let can = w.as_editor(
-        &[
-            "auth",
-            "can-i",
-            "create",
-            "azurepodidentityexceptions.aadpodidentity.k8s.io",
-            "-n",
-            &user,
-        ],
-        None,
-    );
+    let can = w.editor_can_create("azurepodidentityexceptions.aadpodidentity.k8s.io");
     assert_eq!(can.stdout.trim(), "no", "editor may create exceptions");
     // A namespace admin grants it in the namespace (RoleBinding): RBAC says
     // yes, the admission policy refuses.
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "exc-writer", "namespace": user},
-        "rules": [{"apiGroups": ["aadpodidentity.k8s.io"], "resources": ["azurepodidentityexceptions"],
-                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
-    });
-    w.apply_admin(&json!({"apiVersion": "v1", "kind": "List", "items": [
-        role, role_binding(&user, "exc-writer", "Role", "exc-writer")]}));
-    let can = w.as_editor(
-        &[
-            "auth",
-            "can-i",
-            "create",
-            "azurepodidentityexceptions.aadpodidentity.k8s.io",
-            "-n",
-            &user,
-        ],
-        None,
-    );
+    w.grant_editor("exc-writer", "azurepodidentityexceptions");
+    let can = w.editor_can_create("azurepodidentityexceptions.aadpodidentity.k8s.io");
     assert_eq!(can.stdout.trim(), "yes", "{}", can.stderr);
     w.wait_policy_acts(
         &|a, s| w.as_editor(a, s),
@@ -649,10 +626,7 @@ async fn exceptions_are_written_only_with_cluster_wide_rights() {
         &w.policy("exception-writers"),
     )
     .await;
-    let out = w.as_editor(
-        &["apply", "-f", "-"],
-        Some(&exception(&user, "mine").to_string()),
-    );
+    let out = w.editor_apply(&exception(&user, "mine"));
     assert!(!out.success, "namespace editor's exception admitted");
     assert!(out.stderr.contains("may not create"), "{}", out.stderr);
     assert!(out.stderr.contains("in every namespace"), "{}", out.stderr);
@@ -691,13 +665,13 @@ async fn exceptions_are_written_only_with_cluster_wide_rights() {
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": writer},
          "subjects": [{"kind": "ServiceAccount", "name": "cluster-writer", "namespace": w.rel_ns.name}]},
     ]});
-    let _cleanup = Cleanup(
-        w.cluster,
-        vec![
+    let _cleanup = Doomed {
+        cluster: w.cluster,
+        objects: vec![
             ("clusterrole".into(), writer.clone()),
             ("clusterrolebinding".into(), writer.clone()),
         ],
-    );
+    };
     w.apply_admin(&objs);
     let kc = w
         .cluster
@@ -727,19 +701,6 @@ async fn exceptions_are_written_only_with_cluster_wide_rights() {
         None,
     );
     assert!(out.success, "cluster-wide delete: {}", out.stderr);
-}
-
-/// Deletes cluster-scoped objects on drop.
-struct Cleanup(&'static Cluster, Vec<(String, String)>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for (kind, name) in &self.1 {
-            let _ = self
-                .0
-                .kubectl_run(&["delete", kind, name, "--ignore-not-found"], None);
-        }
-    }
 }
 
 /// Warn mode, the chart's default: the seed manifests apply unchanged as the
@@ -818,22 +779,6 @@ async fn seed_manifests_still_apply_in_warn_mode() {
 /// The startup taint of the test below (not the chart's default, so that the
 /// test also proves the key reaches the policy).
 const TAINT_KEY: &str = "example.com/nmi-not-ready";
-
-/// Nodes and cluster-scoped objects of the startup-taint test, deleted on drop.
-struct Doomed {
-    cluster: &'static Cluster,
-    objects: Vec<(String, String)>,
-}
-
-impl Drop for Doomed {
-    fn drop(&mut self) {
-        for (kind, name) in &self.objects {
-            let _ = self
-                .cluster
-                .kubectl_run(&["delete", kind, name, "--ignore-not-found"], None);
-        }
-    }
-}
 
 fn node_json(name: &str) -> Value {
     json!({

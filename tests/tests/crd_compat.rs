@@ -45,6 +45,48 @@ fn apply_seed002(cluster: &Cluster, ns: &str, files: &[&str]) -> anyhow::Result<
     Ok(())
 }
 
+/// Applies the seed-002 AzureIdentity and AzureIdentityBinding and reads
+/// them back.
+async fn seed002_identity_and_binding(
+    cluster: &Cluster,
+    ns: &str,
+) -> anyhow::Result<(AzureIdentity, AzureIdentityBinding)> {
+    apply_seed002(
+        cluster,
+        ns,
+        &[
+            "seed002-azureidentity.yaml",
+            "seed002-azureidentitybinding.yaml",
+        ],
+    )?;
+    let client = cluster.admin_client().await?;
+    let id = Api::<AzureIdentity>::namespaced(client.clone(), ns)
+        .get("uai-kv")
+        .await?;
+    let binding = Api::<AzureIdentityBinding>::namespaced(client, ns)
+        .get("uai-kv-binding")
+        .await?;
+    Ok((id, binding))
+}
+
+/// `kubectl get <resource> -n <ns>`: the columns of the header and of the
+/// first row.
+fn table(
+    cluster: &Cluster,
+    resource: &str,
+    ns: &str,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let out = cluster.kubectl_run(&["get", resource, "-n", ns], None)?;
+    anyhow::ensure!(out.success, "{}", out.stderr);
+    let mut lines = out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>());
+    let header = lines.next().unwrap_or_default();
+    let row = lines.next().unwrap_or_default();
+    Ok((header, row))
+}
+
 #[tokio::test]
 async fn crds_are_established_and_namespaced() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
@@ -141,45 +183,14 @@ async fn seed004_pod_applies_unchanged() -> anyhow::Result<()> {
 async fn kubectl_get_shows_upstream_printer_columns() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
     let ns = cluster.temp_namespace("columns").await?;
-    apply_seed002(
-        cluster,
-        ns.name(),
-        &[
-            "seed002-azureidentity.yaml",
-            "seed002-azureidentitybinding.yaml",
-        ],
-    )?;
+    seed002_identity_and_binding(cluster, ns.name()).await?;
 
-    let out = cluster.kubectl_run(&["get", "azureidentities", "-n", ns.name()], None)?;
-    assert!(out.success, "{}", out.stderr);
-    let mut lines = out.stdout.lines();
-    let header: Vec<_> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let (header, row) = table(cluster, "azureidentities", ns.name())?;
     assert_eq!(header, ["NAME", "TYPE", "CLIENTID", "AGE"]);
-    let row: Vec<_> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
     assert_eq!(&row[..3], ["uai-kv", "0", UAI_CLIENT_ID]);
 
-    let out = cluster.kubectl_run(&["get", "azureidentitybindings", "-n", ns.name()], None)?;
-    assert!(out.success, "{}", out.stderr);
-    let mut lines = out.stdout.lines();
-    let header: Vec<_> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let (header, row) = table(cluster, "azureidentitybindings", ns.name())?;
     assert_eq!(header, ["NAME", "AZUREIDENTITY", "SELECTOR", "AGE"]);
-    let row: Vec<_> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
     assert_eq!(&row[..3], ["uai-kv-binding", "uai-kv", "uai-kv-binding"]);
     Ok(())
 }
@@ -213,21 +224,8 @@ async fn invalid_identity_type_is_refused_with_a_clear_message() -> anyhow::Resu
 async fn assigned_identity_with_embedded_refs_round_trips() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
     let ns = cluster.temp_namespace("aai").await?;
-    apply_seed002(
-        cluster,
-        ns.name(),
-        &[
-            "seed002-azureidentity.yaml",
-            "seed002-azureidentitybinding.yaml",
-        ],
-    )?;
+    let (id, binding) = seed002_identity_and_binding(cluster, ns.name()).await?;
     let client = cluster.admin_client().await?;
-    let id = Api::<AzureIdentity>::namespaced(client.clone(), ns.name())
-        .get("uai-kv")
-        .await?;
-    let binding = Api::<AzureIdentityBinding>::namespaced(client.clone(), ns.name())
-        .get("uai-kv-binding")
-        .await?;
 
     let name = aadpodid_api::assigned_identity_name("web", ns.name(), "uai-kv");
     let mut aai = AzureAssignedIdentity::new(
@@ -265,14 +263,7 @@ async fn assigned_identity_with_embedded_refs_round_trips() -> anyhow::Result<()
     assert_eq!(back_binding.spec, binding.spec);
     assert_eq!(back.spec.node_name, "node-0");
 
-    let out = cluster.kubectl_run(&["get", "azureassignedidentities", "-n", ns.name()], None)?;
-    let header: Vec<_> = out
-        .stdout
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let (header, row) = table(cluster, "azureassignedidentities", ns.name())?;
     assert_eq!(
         header,
         [
@@ -285,7 +276,7 @@ async fn assigned_identity_with_embedded_refs_round_trips() -> anyhow::Result<()
             "AGE"
         ]
     );
-    assert!(out.stdout.contains("Created"), "{}", out.stdout);
+    assert!(row.iter().any(|c| c == "Created"), "{row:?}");
     Ok(())
 }
 

@@ -104,6 +104,25 @@ impl Cluster {
         run_kubectl(self.kubectl(), args, stdin)
     }
 
+    /// Waits (at most 60 s) until every CRD in the cluster is Established;
+    /// returns kubectl's answer, one line a CRD.
+    pub fn wait_crds_established(&self) -> anyhow::Result<String> {
+        let out = self.kubectl_run(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd",
+                "--all",
+                "--timeout=60s",
+            ],
+            None,
+        )?;
+        if !out.success {
+            bail!("CRDs not Established: {}", out.stderr);
+        }
+        Ok(out.stdout)
+    }
+
     /// Creates ServiceAccount `ns/name` if missing and writes a kubeconfig that
     /// authenticates as it with a token from the TokenRequest API. Whatever it may
     /// do comes from the RBAC objects the test creates.
@@ -530,19 +549,7 @@ fn boot(dir: PathBuf, children: &mut Vec<Child>) -> anyhow::Result<(Cluster, Api
     if !out.success {
         bail!("installing CRDs failed: {}", out.stderr);
     }
-    let out = cluster.kubectl_run(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        None,
-    )?;
-    if !out.success {
-        bail!("CRDs not Established: {}", out.stderr);
-    }
+    cluster.wait_crds_established()?;
     Ok((cluster, api))
 }
 
