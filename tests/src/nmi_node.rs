@@ -6,14 +6,19 @@
 //! does), from a real binary: integration tests pass
 //! `env!("CARGO_BIN_EXE_e2e-nmi")` to [`nmi_bin`], which
 //! `AADPODID_NMI_BIN` overrides (to run another build of NMI, for example
-//! an older one for comparison figures). The apiserver and the emulator
-//! live in the root namespace on loopback; a relay inside the node
-//! namespace carries the node's `127.0.0.1:6443` (apiserver),
-//! `169.254.169.254:80` (IMDS) and the emulator's AAD address to Unix
-//! sockets that the calling process forwards to them. Unix sockets are not
-//! network-namespaced, so nothing is added to the root namespace's network.
-//! The way to the apiserver passes a gate ([`NmiNode::set_api_reachable`])
-//! that can hold new connections shut, to keep NMI's caches from syncing.
+//! an older one for comparison figures). The apiserver lives in the root
+//! namespace on loopback; a relay inside the node namespace carries the
+//! node's `127.0.0.1:6443` to a Unix socket that the calling process
+//! forwards to it. Unix sockets are not network-namespaced, so nothing is
+//! added to the root namespace's network. The way to the apiserver passes a
+//! gate ([`NmiNode::set_api_reachable`]) that can hold new connections shut,
+//! to keep NMI's caches from syncing.
+//!
+//! The emulator runs where [`Options::imds`] says: in the calling process
+//! with its IMDS and AAD carried into the node by the same relay
+//! ([`Imds::Relayed`], the default: the test may use the [`Emulator`]
+//! itself), or as a process inside the node ([`Imds::InNode`]: IMDS sees
+//! every caller's own address, NMI's or a pod's, in its request log).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -34,24 +39,25 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use aadpodid_api::{
-    AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
-};
 use anyhow::{Context as _, bail};
 use azure_emulator::config::{
-    IdentityAssignmentSeed, IdentitySeed, SecretSeed, ServicePrincipalSeed, VmSeed,
+    IdentityAssignmentSeed, IdentitySeed, ImdsListenerSeed, SecretSeed, ServicePrincipalSeed,
+    VmSeed,
 };
 use azure_emulator::{Config, Emulator};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::Value;
 
-use crate::assigned::{create_aai, mic_aai};
-use crate::netns::{IMDS_ADDRESS, NetNs, Node};
-use crate::{Cluster, unique_name, wait_for};
+use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
+use crate::{Cluster, TempNamespace, unique_name, wait_for};
 
 /// Environment variable naming the NMI binary to run instead of the default.
 pub const NMI_BIN_ENV: &str = "AADPODID_NMI_BIN";
+/// Environment variable naming the emulator's configuration (JSON) for
+/// [`emulator_child_main`].
+pub const EMULATOR_CONFIG_ENV: &str = "AADPODID_NMI_NODE_EMULATOR";
 /// Client ID of the user-assigned identity `id-a` on the node's VM.
 pub const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
 /// Client ID of the user-assigned identity `id-b` on the node's VM.
@@ -95,6 +101,24 @@ pub fn nmi_bin(default: impl Into<PathBuf>) -> PathBuf {
     }
 }
 
+/// Where the node's IMDS (the Azure emulator) runs.
+#[derive(Clone, Debug, Default)]
+pub enum Imds {
+    /// The emulator in the calling process, its IMDS and AAD carried into
+    /// the node by the relay: IMDS sees the relay as every caller, and the
+    /// test reaches the emulator itself ([`NmiNode::emu`]).
+    #[default]
+    Relayed,
+    /// The emulator as a process inside the node, IMDS on
+    /// 169.254.169.254:80 there, so IMDS sees every caller's own address.
+    /// The process is the calling test binary re-executed to run its
+    /// ignored test `child_test`, which must call [`emulator_child_main`].
+    InNode {
+        /// The name of that test.
+        child_test: &'static str,
+    },
+}
+
 /// How a test node is set up.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -111,6 +135,10 @@ pub struct Options {
     /// Changes the emulator's configuration before it starts (the default
     /// one holds the identities and service principals of the constants above).
     pub emulator: fn(&mut Config),
+    /// Where the emulator runs.
+    pub imds: Imds,
+    /// Prefix of the node's temporary namespace (see [`NmiNode::ns`]).
+    pub namespace: &'static str,
     /// A program and its arguments run in front of NMI inside the node; it
     /// must end by executing the rest of its command line (for example
     /// `unshare -m -- sh -c '...; exec "$@"' sh`). Empty: NMI itself.
@@ -130,7 +158,8 @@ pub struct Launch {
 }
 
 impl Options {
-    /// `pods` pods, `nmi_bin`, no extra arguments, NMI started.
+    /// `pods` pods, `nmi_bin`, no extra arguments, NMI started, the
+    /// emulator relayed.
     pub fn new(pods: u8, nmi_bin: PathBuf) -> Self {
         Options {
             pods,
@@ -138,6 +167,8 @@ impl Options {
             nmi_args: Vec::new(),
             start_nmi: true,
             emulator: |_| {},
+            imds: Imds::default(),
+            namespace: "nmi-node",
             wrapper: Vec::new(),
         }
     }
@@ -153,9 +184,21 @@ impl Options {
     }
 }
 
+/// The node's emulator, where [`Options::imds`] put it.
+#[derive(Debug)]
+enum Azure {
+    /// In this process.
+    Relayed(Emulator),
+    /// A process inside the node, and what it printed.
+    InNode {
+        child: Child,
+        admin_url: String,
+        aad_url: String,
+    },
+}
+
 /// A test node with NMI (see the module docs). Everything it started is
 /// stopped and its folder removed on drop; its namespaces go with [`Node`].
-#[derive(Debug)]
 pub struct NmiNode {
     /// The Node's name (the VM's name in the emulator).
     pub node_name: String,
@@ -163,8 +206,11 @@ pub struct NmiNode {
     pub sp_p12: Vec<u8>,
     /// The node and pod namespaces.
     pub node: Node,
-    /// The Azure emulator (IMDS of the node's VM, AAD, ARM).
-    pub emu: Emulator,
+    /// The cluster's admin client.
+    pub client: kube::Client,
+    /// The test's temporary Kubernetes namespace, deleted on drop.
+    ns: TempNamespace,
+    azure: Azure,
     dir: PathBuf,
     nmi: Option<Child>,
     relay: Child,
@@ -181,11 +227,28 @@ pub struct NmiNode {
     api_gate: watch::Sender<bool>,
 }
 
+impl std::fmt::Debug for NmiNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NmiNode")
+            .field("node_name", &self.node_name)
+            .field("node", &self.node)
+            .field("ns", &self.ns)
+            .field("azure", &self.azure)
+            .field("dir", &self.dir)
+            .field("nmi", &self.nmi)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for NmiNode {
     fn drop(&mut self) {
         self.stop_nmi();
         let _ = self.relay.kill();
         let _ = self.relay.wait();
+        if let Azure::InNode { child, .. } = &mut self.azure {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -195,34 +258,20 @@ impl NmiNode {
     /// `opts.start_nmi`) NMI, waiting until it is active.
     pub async fn start(cluster: &Cluster, opts: Options) -> anyhow::Result<NmiNode> {
         let node_name = unique_name("node");
+        let client = cluster.admin_client().await?;
+        let ns = cluster.temp_namespace(opts.namespace).await?;
         let dir = std::env::temp_dir().join(unique_name("nmi-node"));
         std::fs::create_dir_all(&dir)?;
 
         let mut cfg = emulator_config(&node_name);
         let (cert_pem, p12) = openssl_certificate(&dir)?;
         cfg.service_principals = vec![
-            ServicePrincipalSeed {
-                client_id: SP_CLIENT.into(),
-                object_id: None,
-                secrets: vec![SecretSeed::Plain(SP_SECRET.into())],
-                certificates: Vec::new(),
-                federated_credentials: Vec::new(),
-                permissions: Default::default(),
-            },
-            ServicePrincipalSeed {
-                client_id: SP_CERT_CLIENT.into(),
-                object_id: None,
-                secrets: Vec::new(),
-                certificates: vec![cert_pem],
-                federated_credentials: Vec::new(),
-                permissions: Default::default(),
-            },
+            service_principal(SP_CLIENT, vec![SecretSeed::Plain(SP_SECRET.into())], vec![]),
+            service_principal(SP_CERT_CLIENT, vec![], vec![cert_pem]),
         ];
+        // The CA bundle NMI trusts for AAD lives in the node's folder.
+        cfg.listen.ca_bundle_path = Some(dir.join("emulator-ca.pem"));
         (opts.emulator)(&mut cfg);
-        let emu = Emulator::start(cfg).await?;
-        let imds = emu
-            .add_imds(&format!("vm/{node_name}"), "127.0.0.1:0".parse()?)
-            .await?;
 
         let node = Node::with_pods(opts.pods)?;
         node.node.add_local_address(IMDS_ADDRESS)?;
@@ -231,33 +280,43 @@ impl NmiNode {
             .trim_start_matches("https://")
             .parse()
             .context("apiserver address")?;
-        // AAD keeps its address inside the node (the test CA's certificate
-        // names 127.0.0.1), so `adEndpoint` is the emulator's own URL.
-        let aad = aad_addr(&emu)?;
         let (api_gate, gate) = watch::channel(true);
-        let gated_api = gated_forward(api, gate).await?;
-        let relay = node
-            .node
-            .relay_many(
-                &[
-                    (
-                        SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)),
-                        gated_api,
-                    ),
-                    (SocketAddr::from((IMDS_ADDRESS, 80)), imds),
-                    (aad, aad),
-                ],
-                &dir,
-            )
-            .await?;
+        let mut pairs = vec![(
+            SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)),
+            gated_forward(api, gate).await?,
+        )];
+        let azure = match opts.imds {
+            Imds::Relayed => {
+                let emu = Emulator::start(cfg).await?;
+                let imds = emu
+                    .add_imds(&format!("vm/{node_name}"), "127.0.0.1:0".parse()?)
+                    .await?;
+                // AAD keeps its address inside the node (the test CA's
+                // certificate names 127.0.0.1), so `adEndpoint` is the
+                // emulator's own URL.
+                let aad = url_addr(&emu.aad_url())?;
+                pairs.extend([(SocketAddr::from((IMDS_ADDRESS, 80)), imds), (aad, aad)]);
+                Azure::Relayed(emu)
+            }
+            Imds::InNode { child_test } => {
+                cfg.imds.listeners = vec![ImdsListenerSeed {
+                    machine: format!("vm/{node_name}"),
+                    address: SocketAddr::from((IMDS_ADDRESS, 80)),
+                }];
+                start_emulator_in(&node.node, child_test, &cfg, &dir)?
+            }
+        };
+        let relay = node.node.relay_many(&pairs, &dir).await?;
         let log_path = dir.join("nmi.log");
         let mut f = NmiNode {
             node_name,
             sp_p12: p12,
             node,
+            client,
+            ns,
+            azure,
             kubeconfig: dir.join("kubeconfig"),
             dir,
-            emu,
             nmi: None,
             relay,
             nmi_bin: opts.nmi_bin,
@@ -279,30 +338,148 @@ impl NmiNode {
     /// NMI's fixed arguments for this node, with `kubeconfig`.
     fn base_args(&self, kubeconfig: &Path) -> Vec<String> {
         let mut args = nmi_args(&self.node_name, kubeconfig);
-        args.push(format!(
-            "--aad-ca-file={}",
-            self.emu.ca_bundle_path().display()
-        ));
+        args.push(format!("--aad-ca-file={}", self.ca_bundle().display()));
         args
+    }
+
+    /// The emulator in this process ([`Imds::Relayed`]); an error when it
+    /// runs inside the node.
+    pub fn emu(&self) -> anyhow::Result<&Emulator> {
+        match &self.azure {
+            Azure::Relayed(emu) => Ok(emu),
+            Azure::InNode { .. } => bail!("the emulator runs inside the node: use its admin API"),
+        }
+    }
+
+    /// The emulator's AAD URL (the same inside the node and here).
+    pub fn aad_url(&self) -> String {
+        match &self.azure {
+            Azure::Relayed(emu) => emu.aad_url(),
+            Azure::InNode { aad_url, .. } => aad_url.clone(),
+        }
+    }
+
+    /// The emulator's CA bundle (its AAD's certificate), in the node's folder.
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.dir.join("emulator-ca.pem")
+    }
+
+    /// A call to the emulator's admin API (`/requests`, `/faults`, ...):
+    /// its JSON answer (`Null` when empty); an error unless 2xx.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let (mut cmd, url) = match &self.azure {
+            Azure::Relayed(emu) => (std::process::Command::new("curl"), emu.admin_url()),
+            Azure::InNode { admin_url, .. } => (self.node_ns().command("curl"), admin_url.clone()),
+        };
+        cmd.args([
+            "-s",
+            "-f",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "-X",
+            method,
+        ]);
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
+        }
+        cmd.arg(format!("{}{path}", url.trim_end_matches('/')))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = tokio::process::Command::from(cmd).output().await?;
+        if !out.status.success() {
+            bail!(
+                "admin {method} {path}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).with_context(|| format!("admin {path}: {text}"))
+    }
+
+    /// The emulator's request log after sequence number `since`.
+    async fn requests(&self, since: u64) -> anyhow::Result<Vec<Value>> {
+        let all = self
+            .admin("GET", &format!("/requests?since={since}"), None)
+            .await?;
+        Ok(all.as_array().context("request log")?.clone())
+    }
+
+    /// The IMDS requests of the emulator's log after sequence number
+    /// `since`, each with the caller's address (`peer`).
+    pub async fn imds_requests(&self, since: u64) -> anyhow::Result<Vec<Value>> {
+        let mut all = self.requests(since).await?;
+        all.retain(|r| r["service"] == "imds");
+        Ok(all)
+    }
+
+    /// The highest sequence number in the emulator's request log so far.
+    pub async fn last_seq(&self) -> anyhow::Result<u64> {
+        let all = self.requests(0).await?;
+        Ok(all
+            .iter()
+            .filter_map(|r| r["seq"].as_u64())
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// Adds a fault (the admin API's JSON form) to the emulator.
+    pub async fn inject(&self, fault: Value) -> anyhow::Result<()> {
+        self.admin("POST", "/faults", Some(&fault))
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes the emulator's faults.
+    pub async fn clear_faults(&self) -> anyhow::Result<()> {
+        self.admin("DELETE", "/faults", None).await.map(|_| ())
+    }
+
+    /// NMI's Prometheus text, from inside the node.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        self.node_ns().run(
+            "curl",
+            &[
+                "-s",
+                "--max-time",
+                "5",
+                &format!("http://127.0.0.1:{METRICS_PORT}/metrics"),
+            ],
+        )
     }
 
     /// Starts NMI (stopping a running one first) with the fixed arguments
     /// and the extra ones of [`Options::nmi_args`]; does not wait. Its log
     /// is appended to [`NmiNode::log`].
     pub fn start_nmi(&mut self) -> anyhow::Result<()> {
-        let extra = self.nmi_args.clone();
-        self.start_nmi_with(&extra)
+        self.launch(&Launch {
+            args: self.nmi_args.clone(),
+            wrapper: self.wrapper.clone(),
+            kubeconfig: None,
+        })
     }
 
     /// [`NmiNode::start_nmi`] with `extra` instead of the extra arguments
     /// of the options (remembered for later restarts).
-    pub fn start_nmi_with(&mut self, extra: &[String]) -> anyhow::Result<()> {
-        self.nmi_args = extra.to_vec();
-        self.launch(&Launch {
-            args: extra.to_vec(),
-            wrapper: self.wrapper.clone(),
-            kubeconfig: None,
-        })
+    pub fn start_nmi_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.nmi_args = extra.iter().map(|s| s.to_string()).collect();
+        self.start_nmi()
+    }
+
+    /// [`NmiNode::start_nmi_with`], then waits until NMI is active.
+    pub async fn restart_nmi_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_nmi_with(extra)?;
+        self.wait_active().await
     }
 
     /// Starts NMI (stopping a running one first) as `launch` says, without
@@ -344,7 +521,8 @@ impl NmiNode {
         self.nmi.take()
     }
 
-    /// Kills NMI (SIGKILL) and reaps it; nothing when it is not running.
+    /// Kills NMI (SIGKILL, as a crashing or OOM-killed NMI) and reaps it;
+    /// nothing when it is not running.
     pub fn stop_nmi(&mut self) {
         if let Some(mut c) = self.nmi.take() {
             let _ = c.kill();
@@ -404,34 +582,36 @@ impl NmiNode {
         Ok(path)
     }
 
+    /// The node's nat table (`iptables -t nat -S`), or one chain of it.
+    pub fn nat_rules(&self, chain: Option<&str>) -> anyhow::Result<String> {
+        let mut args = vec!["-w", "5", "-t", "nat", "-S"];
+        args.extend(chain);
+        self.node_ns().run("iptables", &args)
+    }
+
     /// Whether NMI's redirect rule and the jump to it are in the node's nat
     /// table.
     pub fn redirect_in_place(&self) -> bool {
-        self.node
-            .node
-            .run("iptables", &["-w", "5", "-t", "nat", "-S"])
-            .is_ok_and(|out| {
-                out.lines().any(|l| l.trim() == REDIRECT_RULE)
-                    && out.lines().any(|l| l.trim() == REDIRECT_JUMP)
-            })
+        self.nat_rules(None).is_ok_and(|out| {
+            out.lines().any(|l| l.trim() == REDIRECT_RULE)
+                && out.lines().any(|l| l.trim() == REDIRECT_JUMP)
+        })
     }
 
     /// Deletes the jump from PREROUTING to NMI's chain (as a reboot or a
     /// flush of PREROUTING would leave the node).
     pub fn remove_redirect_jump(&self) -> anyhow::Result<()> {
-        self.node.node.run(
-            "iptables",
-            &[
-                "-w",
-                "5",
-                "-t",
-                "nat",
-                "-D",
-                "PREROUTING",
-                "-j",
-                "aad-metadata",
-            ],
-        )?;
+        let args = [
+            "-w",
+            "5",
+            "-t",
+            "nat",
+            "-D",
+            "PREROUTING",
+            "-j",
+            "aad-metadata",
+        ];
+        self.node_ns().run("iptables", &args)?;
         Ok(())
     }
 
@@ -482,17 +662,159 @@ impl NmiNode {
         curl(self.pod_ns(i), path, headers).await
     }
 
-    /// Creates pod `name` on this node with pod `i`'s address, Running.
+    /// The test's temporary Kubernetes namespace (see [`Options::namespace`]),
+    /// where the helpers below put pods and their identities.
+    pub fn ns(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// Creates pod `name` on this node in [`NmiNode::ns`] with pod `i`'s
+    /// address, Running.
     pub async fn create_pod(
         &self,
-        client: &kube::Client,
-        ns: &str,
         name: &str,
         i: usize,
         labels: &[(&str, &str)],
     ) -> anyhow::Result<()> {
-        create_pod(client, ns, name, &self.node_name, &self.pod_ip(i), labels).await
+        self.create_pod_in(self.ns(), name, &[&self.pod_ip(i)], labels)
+            .await
     }
+
+    /// Creates pod `name` on this node in `ns` with the addresses `ips`
+    /// (the first is `podIP`), for another namespace, dual-stack and
+    /// IPv6-only pods.
+    pub async fn create_pod_in(
+        &self,
+        ns: &str,
+        name: &str,
+        ips: &[&str],
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        create_pod_with_ips(&self.client, ns, name, &self.node_name, ips, labels).await
+    }
+
+    /// What MIC writes when it binds pod `pod` of [`NmiNode::ns`] on this
+    /// node to `identity` through a binding selecting `selector` (see
+    /// [`Assignment`]): Assigned, in `default`.
+    pub fn assignment<'a>(
+        &'a self,
+        pod: &'a str,
+        identity: &'a aadpodid_api::AzureIdentity,
+        selector: &'a str,
+    ) -> Assignment<'a> {
+        Assignment::new(self.ns(), &self.node_name, pod, identity, selector)
+    }
+
+    /// Pod `name` at pod `i`'s address, labelled
+    /// `aadpodidbinding=<selector>`, and bound to `identity` as MIC binds
+    /// it (an Assigned AzureAssignedIdentity).
+    pub async fn create_bound_pod(
+        &self,
+        name: &str,
+        i: usize,
+        identity: &aadpodid_api::AzureIdentity,
+        selector: &str,
+    ) -> anyhow::Result<()> {
+        self.create_pod(name, i, &[("aadpodidbinding", selector)])
+            .await?;
+        self.assignment(name, identity, selector)
+            .create(&self.client)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A service principal `client_id` with `secrets` and `certificates`.
+fn service_principal(
+    client_id: &str,
+    secrets: Vec<SecretSeed>,
+    certificates: Vec<String>,
+) -> ServicePrincipalSeed {
+    ServicePrincipalSeed {
+        client_id: client_id.into(),
+        object_id: None,
+        secrets,
+        certificates,
+        federated_credentials: Vec::new(),
+        permissions: Default::default(),
+    }
+}
+
+/// The calling test binary re-executed inside `ns` to run only its ignored
+/// test `test` (a child of the test: an attacker, an SDK, the emulator).
+pub fn test_child(ns: &NetNs, test: &str) -> anyhow::Result<std::process::Command> {
+    let mut cmd = ns.command(std::env::current_exe()?);
+    cmd.args([
+        "--exact",
+        test,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    Ok(cmd)
+}
+
+/// Starts the emulator with `cfg` inside `ns` ([`Imds::InNode`]) and
+/// reads its addresses.
+fn start_emulator_in(
+    ns: &NetNs,
+    child_test: &str,
+    cfg: &Config,
+    dir: &Path,
+) -> anyhow::Result<Azure> {
+    let cfg_path = dir.join("emulator.json");
+    std::fs::write(&cfg_path, serde_json::to_vec(cfg)?)?;
+    let mut child = test_child(ns, child_test)?
+        .env(EMULATOR_CONFIG_ENV, &cfg_path)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("emulator.log"))?)
+        .spawn()?;
+    let printed = match read_until_ready(&mut child, "emulator") {
+        Ok(lines) => lines,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let value = |key: &str| {
+        printed
+            .iter()
+            .find_map(|l| l.split_once(key).map(|(_, v)| v.trim().to_string()))
+            .with_context(|| format!("the emulator printed no {key}"))
+    };
+    let (admin_url, aad_url) = match (value("ADMIN_URL="), value("AAD_URL=")) {
+        (Ok(admin), Ok(aad)) => (admin, aad),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    Ok(Azure::InNode {
+        child,
+        admin_url,
+        aad_url,
+    })
+}
+
+/// The emulator of [`Imds::InNode`], in the child process the node started:
+/// runs it with the configuration [`EMULATOR_CONFIG_ENV`] names, prints its
+/// admin and AAD URLs and `READY`, and serves until killed. Returns at once
+/// when that variable is not set (the ignored test run by hand).
+pub fn emulator_child_main() -> anyhow::Result<()> {
+    let Some(path) = std::env::var_os(EMULATOR_CONFIG_ENV) else {
+        return Ok(());
+    };
+    let cfg: Config = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let emu = Emulator::start(cfg).await?;
+        println!("ADMIN_URL={}", emu.admin_url());
+        println!("AAD_URL={}", emu.aad_url());
+        println!("READY");
+        std::future::pending::<anyhow::Result<()>>().await
+    })
 }
 
 /// The emulator's world for a node `node_name`: tenant [`TENANT`],
@@ -657,12 +979,12 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
-fn aad_addr(emu: &Emulator) -> anyhow::Result<SocketAddr> {
-    emu.aad_url()
-        .trim_start_matches("https://")
+/// The address of an `https://host:port/` URL.
+fn url_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    url.trim_start_matches("https://")
         .trim_end_matches('/')
         .parse()
-        .context("AAD address")
+        .with_context(|| format!("address of {url}"))
 }
 
 /// `curl` from inside `ns` to `http://169.254.169.254<path>`: returns
@@ -705,21 +1027,9 @@ pub async fn curl_with_head(
     Ok((code.trim().parse()?, head.to_string(), body.to_string()))
 }
 
-/// Creates pod `name` in `ns` on `node` with address `ip` and `labels`, and
-/// sets its status to Running with that address (no kubelet runs here).
-pub async fn create_pod(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    node: &str,
-    ip: &str,
-    labels: &[(&str, &str)],
-) -> anyhow::Result<()> {
-    create_pod_with_ips(client, ns, name, node, &[ip], labels).await
-}
-
-/// [`create_pod`] with the addresses `ips` (the first is `podIP`; all are
-/// `podIPs`), for dual-stack and IPv6-only pods.
+/// Creates pod `name` in `ns` on `node` with `labels`, and sets its status
+/// to Running at the addresses `ips` (the first is `podIP`; all are
+/// `podIPs`) (no kubelet runs here).
 pub async fn create_pod_with_ips(
     client: &kube::Client,
     ns: &str,
@@ -753,52 +1063,4 @@ pub async fn create_pod_with_ips(
     Ok(())
 }
 
-/// A user-assigned AzureIdentity `name` in `ns` for `client_id` (resource
-/// ID in the emulator's `rg`).
-pub fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
-    let mut id = AzureIdentity::new(
-        name,
-        AzureIdentitySpec {
-            client_id: client_id.into(),
-            resource_id: format!(
-                "/subscriptions/{SUBSCRIPTION}/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-            ),
-            ..Default::default()
-        },
-    );
-    id.metadata.namespace = Some(ns.into());
-    id
-}
-
-/// An AzureIdentityBinding `name` in `ns` selecting `selector` for the
-/// AzureIdentity `identity`.
-pub fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
-    let mut b = AzureIdentityBinding::new(
-        name,
-        AzureIdentityBindingSpec {
-            azure_identity: identity.into(),
-            selector: selector.into(),
-            ..Default::default()
-        },
-    );
-    b.metadata.namespace = Some(ns.into());
-    b
-}
-
-/// [`mic_aai`] with `status`, created: `pod` is bound to `id` as MIC binds
-/// it. Returns the AzureAssignedIdentity's (namespace, name).
-pub async fn assign(
-    client: &kube::Client,
-    pod_ns: &str,
-    node: &str,
-    pod: &str,
-    id: &AzureIdentity,
-    selector: &str,
-    status: &str,
-) -> anyhow::Result<(String, String)> {
-    let mut aai = mic_aai(client, pod_ns, node, pod, id, selector, false).await?;
-    if let Some(s) = aai.status.as_mut() {
-        s.status = status.into();
-    }
-    create_aai(client, &aai).await
-}
+pub use crate::assigned::{Assignment, binding, identity};

@@ -2,39 +2,32 @@
 //! through NMI, NMI killed and restarted under load (fail-closed), IMDS faults
 //! retried then surfaced, managed and namespaced modes, and IPv6 callers.
 //!
-//! Layout. Unlike `nmi_netns.rs`, the emulator runs *inside* the node
-//! namespace (this test binary re-executes itself there as
+//! Layout. The node is [`NmiNode`] with the emulator *inside* the node
+//! namespace ([`Imds::InNode`]: this test binary re-executes itself there as
 //! [`emulator_child_process`]), with its IMDS on 169.254.169.254:80, so IMDS
 //! sees every caller's real address: NMI's own, or a pod's if one ever got
 //! past the redirect. The test reads the emulator's request log (with the
 //! peer address of each IMDS request) and injects faults through its admin
-//! API, with `curl` run in the node namespace. NMI is the test crate's
-//! `e2e-nmi` binary run in the node namespace; it reaches the apiserver (root
-//! namespace, loopback) through `NetNs::relay_to`, over a Unix socket (not
-//! network-namespaced), so nothing is added to the root namespace's network.
+//! API, from inside the node. NMI is the test crate's `e2e-nmi` binary run
+//! in the node namespace.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::net::{IpAddr, Ipv6Addr};
+use std::process::Stdio;
 use std::time::Duration;
 
 use aadpodid_api::{AzureIdentity, AzureIdentityBinding};
-use aadpodid_tests::assigned::{create_aai, mic_aai};
-use aadpodid_tests::netns::{IMDS_ADDRESS, NODE_POD_GATEWAY_V6, NetNs, Node, read_until_ready};
+use aadpodid_tests::netns::{IMDS_ADDRESS, NODE_POD_GATEWAY_V6, NetNs};
 use aadpodid_tests::nmi_node::{
-    API_RELAY_PORT, CLIENT_A, CLIENT_B, OBJECT_A, TENANT, binding, create_pod_with_ips as mk_pod,
-    curl_with_head as curl, identity, wait_active, write_relayed_kubeconfig,
+    CLIENT_A, CLIENT_B, Imds, NmiNode, OBJECT_A, Options, TENANT, binding, curl_with_head as curl,
+    emulator_child_main, identity, nmi_bin, test_child,
 };
-use aadpodid_tests::{Cluster, unique_name, wait_for};
+use aadpodid_tests::{Cluster, wait_for};
 use anyhow::{Context as _, bail};
-use azure_emulator::{Config, Emulator};
 use base64::Engine as _;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::{Value, json};
 
-/// Node name for [`emulator_child_process`].
-const EMULATOR_NODE_ENV: &str = "AADPODID_E2E_EMULATOR_NODE";
 /// Which identity [`rust_credential_child`] asks for: "" (none),
 /// `client_id=ID`, `object_id=ID` or `msi_res_id=ID`.
 const CREDENTIAL_ENV: &str = "AADPODID_E2E_CREDENTIAL_SELECTOR";
@@ -44,34 +37,43 @@ const NMI_PORT: u16 = 2579;
 const ARM_SCOPE: &str = "https://management.azure.com/.default";
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01";
 const MD: &str = "Metadata: true";
+/// NMI's arguments in these tests, before each test's own: one retry for
+/// Assigned identities, two seconds apart.
+const E2E_ARGS: [&str; 2] = [
+    "--retry-attempts-for-assigned=1",
+    "--find-identity-retry-interval=2",
+];
 
-/// [`aadpodid_tests::nmi_node::emulator_config`] with tokens for any
-/// resource.
-fn emulator_config(node: &str) -> Config {
-    let mut cfg = aadpodid_tests::nmi_node::emulator_config(node);
-    // Tests ask for many resources so that NMI's cache cannot answer.
-    cfg.aad.any_resource = true;
-    cfg
-}
-
-/// The emulator inside a node namespace, IMDS on 169.254.169.254:80; started
-/// by [`Fixture::new`], it prints its admin URL and runs until killed.
+/// The emulator inside a node namespace ([`Imds::InNode`]), run by
+/// [`NmiNode::start`] until killed.
 #[test]
 #[ignore = "run by the tests below inside a node network namespace"]
-fn emulator_child_process() {
-    let node = std::env::var(EMULATOR_NODE_ENV).expect("started by a test of this file");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let emu = Emulator::start(emulator_config(&node))
-            .await
-            .expect("emulator");
-        emu.add_imds(&format!("vm/{node}"), SocketAddr::from((IMDS_ADDRESS, 80)))
-            .await
-            .expect("IMDS on 169.254.169.254:80");
-        println!("ADMIN_URL={}", emu.admin_url());
-        println!("READY");
-        std::future::pending::<()>().await;
-    });
+fn emulator_child_process() -> anyhow::Result<()> {
+    emulator_child_main()
+}
+
+/// A node with `pods` pods, the emulator inside it issuing tokens for any
+/// resource (tests ask for many so that NMI's cache cannot answer), and
+/// NMI active with [`E2E_ARGS`] and `extra`.
+async fn node(pods: u8, extra: &[&str]) -> anyhow::Result<NmiNode> {
+    let mut opts = Options::new(pods, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi")))
+        .args(E2E_ARGS)
+        .args(extra.iter().copied());
+    opts.imds = Imds::InNode {
+        child_test: "emulator_child_process",
+    };
+    opts.emulator = |c| c.aad.any_resource = true;
+    opts.namespace = "nmi-e2e";
+    NmiNode::start(Cluster::shared(), opts).await
+}
+
+/// [`node`] with one pod, `app`, bound to `id-a` (selector `a`); returns
+/// the node and that identity.
+async fn node_with_app() -> anyhow::Result<(NmiNode, AzureIdentity)> {
+    let f = node(1, &[]).await?;
+    let id_a = identity(f.ns(), "id-a", CLIENT_A);
+    f.create_bound_pod("app", 0, &id_a, "a").await?;
+    Ok((f, id_a))
 }
 
 /// The pod side of the Rust SDK tests: the real `ManagedIdentityCredential`
@@ -113,205 +115,6 @@ async fn rust_credential_child() {
     }
 }
 
-struct Fixture {
-    node_name: String,
-    node: Node,
-    dir: PathBuf,
-    admin: String,
-    nmi_args: Vec<String>,
-    nmi: Option<Child>,
-    emulator: Child,
-    relay: Child,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.stop_nmi();
-        for c in [&mut self.emulator, &mut self.relay] {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Fixture {
-    /// A node with `pods` pod namespaces, the emulator and NMI (with
-    /// `nmi_args` added to the test defaults) running inside it.
-    async fn new(cluster: &Cluster, pods: u8, nmi_args: &[&str]) -> anyhow::Result<Fixture> {
-        let node_name = unique_name("node");
-        let dir = std::env::temp_dir().join(unique_name("nmi-e2e"));
-        std::fs::create_dir_all(&dir)?;
-        let node = Node::with_pods(pods)?;
-        node.node.add_local_address(IMDS_ADDRESS)?;
-
-        let mut emulator = node
-            .node
-            .command(std::env::current_exe()?)
-            .args([
-                "--exact",
-                "emulator_child_process",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(EMULATOR_NODE_ENV, &node_name)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("emulator.log"))?)
-            .spawn()?;
-        let printed = read_until_ready(&mut emulator, "emulator")?;
-        let admin = printed
-            .iter()
-            .find_map(|l| l.split_once("ADMIN_URL=").map(|(_, u)| u.trim()))
-            .context("emulator printed no ADMIN_URL")?
-            .trim_end_matches('/')
-            .to_string();
-
-        let api: SocketAddr = cluster
-            .server()
-            .trim_start_matches("https://")
-            .parse()
-            .context("apiserver address")?;
-        let relay = node
-            .node
-            .relay_to(
-                SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)),
-                api,
-                &dir,
-            )
-            .await?;
-        let kubeconfig = dir.join("kubeconfig");
-        write_relayed_kubeconfig(cluster.kubeconfig(), cluster.server(), &kubeconfig)?;
-
-        let mut args = aadpodid_tests::nmi_node::nmi_args(&node_name, &kubeconfig);
-        args.extend([
-            "--retry-attempts-for-assigned=1".into(),
-            "--find-identity-retry-interval=2".into(),
-        ]);
-        args.extend(nmi_args.iter().map(|s| s.to_string()));
-        let mut f = Fixture {
-            node_name,
-            node,
-            dir,
-            admin,
-            nmi_args: args,
-            nmi: None,
-            emulator,
-            relay,
-        };
-        f.start_nmi().await?;
-        Ok(f)
-    }
-
-    /// Starts NMI and waits until `/healthz` says `Active`.
-    async fn start_nmi(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("nmi.log"))?;
-        let child = self
-            .node
-            .node
-            .command(env!("CARGO_BIN_EXE_e2e-nmi"))
-            .args(&self.nmi_args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        self.nmi = Some(child);
-        wait_active(&self.node.node, || self.log()).await
-    }
-
-    /// SIGKILL, as a crashing or OOM-killed NMI.
-    fn stop_nmi(&mut self) {
-        if let Some(mut c) = self.nmi.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    async fn restart_nmi_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
-        self.stop_nmi();
-        self.nmi_args.extend(extra.iter().map(|s| s.to_string()));
-        self.start_nmi().await
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("nmi.log")).unwrap_or_default()
-    }
-
-    fn pod_ns(&self, i: usize) -> &NetNs {
-        &self.node.pods[i].0
-    }
-
-    fn pod_ip(&self, i: usize) -> String {
-        self.node.pods[i].1.to_string()
-    }
-
-    /// The emulator's admin API, from inside the node.
-    async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.admin);
-        let mut cmd = self.node.node.command("curl");
-        cmd.args(["-s", "-f", "--max-time", "10", "-X", method]);
-        if let Some(b) = body {
-            cmd.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
-        }
-        cmd.arg(&url).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let out = tokio::process::Command::from(cmd).output().await?;
-        if !out.status.success() {
-            bail!(
-                "admin {method} {path}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text).with_context(|| format!("admin {path}: {text}"))
-    }
-
-    /// The emulator's IMDS requests after `since` (request-log sequence).
-    async fn imds_requests(&self, since: u64) -> anyhow::Result<Vec<Value>> {
-        let all = self
-            .admin("GET", &format!("/requests?since={since}"), None)
-            .await?;
-        Ok(all
-            .as_array()
-            .context("request log")?
-            .iter()
-            .filter(|r| r["service"] == "imds")
-            .cloned()
-            .collect())
-    }
-
-    /// The highest request-log sequence number so far.
-    async fn last_seq(&self) -> anyhow::Result<u64> {
-        let all = self.admin("GET", "/requests?since=0", None).await?;
-        Ok(all
-            .as_array()
-            .context("request log")?
-            .iter()
-            .filter_map(|r| r["seq"].as_u64())
-            .max()
-            .unwrap_or(0))
-    }
-
-    async fn inject(&self, fault: Value) -> anyhow::Result<()> {
-        self.admin("POST", "/faults", Some(&fault))
-            .await
-            .map(|_| ())
-    }
-
-    /// NMI's Prometheus text, from inside the node.
-    fn metrics(&self) -> anyhow::Result<String> {
-        self.node.node.run(
-            "curl",
-            &["-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"],
-        )
-    }
-}
-
 /// Whether an IMDS request record came from one of the node's pod addresses
 /// (IPv4 10.244.0.0/24 or IPv6 fd00:10:244::/64), i.e. around NMI.
 fn from_a_pod(record: &Value) -> bool {
@@ -340,42 +143,17 @@ fn token_claims(body: &str) -> anyhow::Result<Value> {
     claims(v["access_token"].as_str().context("access_token")?)
 }
 
-/// Binds `pod` (in `pod_ns`, on `node`) to identity `id` as MIC does (see
-/// [`mic_aai`]): the AzureAssignedIdentity is in `default`, or in the
-/// identity's namespace when `namespaced` (where MIC writes it in namespaced
-/// mode). NMI accepts an AAI only in this shape.
-async fn mk_aai(
-    client: &kube::Client,
-    pod_ns: &str,
-    node: &str,
-    pod: &str,
-    id: &AzureIdentity,
-    selector: &str,
-    namespaced: bool,
-) -> anyhow::Result<()> {
-    let aai = mic_aai(client, pod_ns, node, pod, id, selector, namespaced).await?;
-    create_aai(client, &aai).await?;
-    Ok(())
-}
-
 /// Runs [`rust_credential_child`] in `ns`: `Ok(token)` or `Err(message)`.
 async fn rust_credential(
     ns: &NetNs,
     selector: &str,
     timeout_secs: u64,
 ) -> anyhow::Result<Result<String, String>> {
-    let mut cmd = ns.command(std::env::current_exe()?);
-    cmd.args([
-        "--exact",
-        "rust_credential_child",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(CREDENTIAL_ENV, selector)
-    .env(CREDENTIAL_TIMEOUT_ENV, timeout_secs.to_string())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let mut cmd = test_child(ns, "rust_credential_child")?;
+    cmd.env(CREDENTIAL_ENV, selector)
+        .env(CREDENTIAL_TIMEOUT_ENV, timeout_secs.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // Only the IMDS source may be chosen: clear every variable that selects another.
     for var in [
         "IDENTITY_ENDPOINT",
@@ -422,22 +200,8 @@ fn token_answers(metrics: &str, status: u16, ns: &str) -> u64 {
 /// cannot get another identity's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rust_sdk_credential_through_nmi() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("nmi-e2e-rust").await?;
-    let ns = ns_guard.name().to_string();
-    let f = Fixture::new(cluster, 1, &[]).await?;
-    let id_a = identity(&ns, "id-a", CLIENT_A);
-    mk_pod(
-        &client,
-        &ns,
-        "app",
-        &f.node_name,
-        &[&f.pod_ip(0)],
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    mk_aai(&client, &ns, &f.node_name, "app", &id_a, "a", false).await?;
+    let (f, id_a) = node_with_app().await?;
+    let ns = f.ns();
     let since = f.last_seq().await?;
 
     // No selector (the pod's one identity), by client ID (either case), by
@@ -465,15 +229,15 @@ async fn rust_sdk_credential_through_nmi() -> anyhow::Result<()> {
     // one of the SDK's retries (NMI answers 404 as upstream, which the SDK
     // retries for up to 72 s; the child gives up after 8 s), and NMI never
     // asked IMDS for B.
-    let id_b = identity(&ns, "id-b", CLIENT_B);
+    let id_b = identity(ns, "id-b", CLIENT_B);
     for selector in [
         format!("client_id={CLIENT_B}"),
         format!("msi_res_id={}", id_b.spec.resource_id),
     ] {
-        let before = token_answers(&f.metrics()?, 404, &ns);
+        let before = token_answers(&f.metrics()?, 404, ns);
         let denied = rust_credential(f.pod_ns(0), &selector, 8).await?;
         assert!(denied.is_err(), "pod bound to A got B's token: {denied:?}");
-        let refusals = token_answers(&f.metrics()?, 404, &ns) - before;
+        let refusals = token_answers(&f.metrics()?, 404, ns) - before;
         assert!(refusals >= 1, "no 404 counted for B: {}", f.metrics()?);
         eprintln!("{selector}: refused {refusals} time(s) within 8 s: {denied:?}");
     }
@@ -499,31 +263,18 @@ async fn rust_sdk_credential_through_nmi() -> anyhow::Result<()> {
 /// (curl exit 7, not a timeout), and tokens resume after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nmi_killed_and_restarted_under_load_fails_closed() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("nmi-e2e-restart").await?;
-    let ns = ns_guard.name().to_string();
-    let mut f = Fixture::new(cluster, 2, &[]).await?;
-    let id_a = identity(&ns, "id-a", CLIENT_A);
+    let mut f = node(2, &[]).await?;
+    let id_a = identity(f.ns(), "id-a", CLIENT_A);
     for i in 0..2 {
-        let name = format!("app{i}");
-        mk_pod(
-            &client,
-            &ns,
-            &name,
-            &f.node_name,
-            &[&f.pod_ip(i)],
-            &[("aadpodidbinding", "a")],
-        )
-        .await?;
-        mk_aai(&client, &ns, &f.node_name, &name, &id_a, "a", false).await?;
+        f.create_bound_pod(&format!("app{i}"), i, &id_a, "a")
+            .await?;
     }
     let since = f.last_seq().await?;
 
     // Each iteration asks for a new resource, so NMI's cache cannot answer
     // and every success is an IMDS call by NMI. The loops run until the test
     // creates `stop` (after NMI is back), bounded to 400 iterations.
-    let stop = f.dir.join("stop");
+    let stop = f.dir().join("stop");
     let script = format!(
         "for i in $(seq 1 400); do \
            [ -e '{}' ] && break; \
@@ -553,13 +304,10 @@ async fn nmi_killed_and_restarted_under_load_fails_closed() -> anyhow::Result<()
     tokio::time::sleep(Duration::from_millis(300)).await;
     let down_from = f.last_seq().await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let chain = f
-        .node
-        .node
-        .run("iptables", &["-t", "nat", "-S", "aad-metadata"])?;
+    let chain = f.nat_rules(Some("aad-metadata"))?;
     assert!(chain.contains("DNAT"), "redirect removed: {chain}");
     let down_to = f.last_seq().await?;
-    f.start_nmi().await?;
+    f.restart_nmi().await?;
     // Let the pods get tokens from the new NMI for a while, then stop them.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     std::fs::write(&stop, "")?;
@@ -622,8 +370,7 @@ async fn nmi_killed_and_restarted_under_load_fails_closed() -> anyhow::Result<()
     // cleanup (what the chart's uninstall runs), a pod's request goes
     // straight to IMDS and is logged with the pod's address.
     f.stop_nmi();
-    f.node
-        .node
+    f.node_ns()
         .run(env!("CARGO_BIN_EXE_e2e-nmi"), &["--cleanup-iptables=true"])?;
     let since = f.last_seq().await?;
     let (code, _, body) = curl(
@@ -650,22 +397,7 @@ async fn nmi_killed_and_restarted_under_load_fails_closed() -> anyhow::Result<()
 /// honours `Retry-After`; when they persist, the pod gets IMDS's own status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn imds_faults_are_retried_then_surfaced() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("nmi-e2e-faults").await?;
-    let ns = ns_guard.name().to_string();
-    let f = Fixture::new(cluster, 1, &[]).await?;
-    let id_a = identity(&ns, "id-a", CLIENT_A);
-    mk_pod(
-        &client,
-        &ns,
-        "app",
-        &f.node_name,
-        &[&f.pod_ip(0)],
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    mk_aai(&client, &ns, &f.node_name, "app", &id_a, "a", false).await?;
+    let (f, _) = node_with_app().await?;
     let fault = |status: u16, retry_after: Option<u64>, count: u32| {
         json!({
             "service": "imds",
@@ -723,7 +455,7 @@ async fn imds_faults_are_retried_then_surfaced() -> anyhow::Result<()> {
     assert!(!body.contains("access_token"), "{body}");
     let seen = for_resource(&f.imds_requests(since).await?, "two.example");
     assert_eq!(seen.len(), 4, "{seen:?}");
-    f.admin("DELETE", "/faults", None).await?;
+    f.clear_faults().await?;
 
     // A 429 asking for longer than NMI holds a request: passed on at once,
     // Retry-After included, after one IMDS request.
@@ -750,18 +482,10 @@ async fn imds_faults_are_retried_then_surfaced() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn managed_and_namespaced_modes() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns1_guard = cluster.temp_namespace("nmi-e2e-mode1").await?;
-    let ns1 = ns1_guard.name().to_string();
     let ns2_guard = cluster.temp_namespace("nmi-e2e-mode2").await?;
     let ns2 = ns2_guard.name().to_string();
-    let mut f = Fixture::new(
-        cluster,
-        3,
-        &["--operation-mode=managed", "--forceNamespaced=true"],
-    )
-    .await?;
-    let node = f.node_name.clone();
+    let mut f = node(3, &["--operation-mode=managed", "--forceNamespaced=true"]).await?;
+    let (client, ns1) = (f.client.clone(), f.ns().to_string());
 
     // ns1: identity A bound to selector "a". ns2: identity B bound to "b",
     // and nothing for "a".
@@ -791,33 +515,14 @@ async fn managed_and_namespaced_modes() -> anyhow::Result<()> {
         .await?;
     // pod 0 in ns1 labelled "a": served. pod 1 in ns2 labelled "a": the
     // binding lives in ns1. pod 2 in ns1 labelled "b": the binding lives in ns2.
-    mk_pod(
-        &client,
-        &ns1,
-        "a-here",
-        &node,
-        &[&f.pod_ip(0)],
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    mk_pod(
-        &client,
-        &ns2,
-        "a-there",
-        &node,
-        &[&f.pod_ip(1)],
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    mk_pod(
-        &client,
-        &ns1,
-        "b-there",
-        &node,
-        &[&f.pod_ip(2)],
-        &[("aadpodidbinding", "b")],
-    )
-    .await?;
+    for (ns, name, i, selector) in [
+        (&ns1, "a-here", 0, "a"),
+        (&ns2, "a-there", 1, "a"),
+        (&ns1, "b-there", 2, "b"),
+    ] {
+        let labels = [("aadpodidbinding", selector)];
+        f.create_pod_in(ns, name, &[&f.pod_ip(i)], &labels).await?;
+    }
 
     let arm = "&resource=https%3A%2F%2Fmanagement.azure.com%2F";
     // The identity and binding arrive through the watch: bounded wait.
@@ -861,11 +566,17 @@ async fn managed_and_namespaced_modes() -> anyhow::Result<()> {
     // "default", for the binding in ns2 selecting "b") does not apply.
     // Without namespaced mode it would.
     let id_b_ns2 = identity(&ns2, "id-b", CLIENT_B);
-    mk_aai(&client, &ns1, &node, "b-there", &id_b_ns2, "b", false).await?;
+    f.assignment("b-there", &id_b_ns2, "b")
+        .create(&client)
+        .await?;
     let id_a_ns1 = identity(&ns1, "id-a", CLIENT_A);
-    mk_aai(&client, &ns1, &node, "a-here", &id_a_ns1, "a", true).await?;
-    f.nmi_args.retain(|a| !a.starts_with("--operation-mode"));
-    f.restart_nmi_with(&["--operation-mode=standard"]).await?;
+    f.assignment("a-here", &id_a_ns1, "a")
+        .namespaced()
+        .create(&client)
+        .await?;
+    let standard = ["--operation-mode=standard", "--forceNamespaced=true"];
+    f.restart_nmi_with(&[&E2E_ARGS[..], &standard].concat())
+        .await?;
     let (code, _, body) = curl(f.pod_ns(0), &imds_url(arm), &[MD]).await?;
     assert_eq!(code, 200, "{body}\n{}", f.log());
     assert_eq!(token_claims(&body)?["appid"], CLIENT_A);
@@ -876,8 +587,9 @@ async fn managed_and_namespaced_modes() -> anyhow::Result<()> {
     );
     assert!(!body.contains("access_token"), "{body}");
 
-    f.nmi_args.retain(|a| !a.starts_with("--forceNamespaced"));
-    f.restart_nmi_with(&["--forceNamespaced=false"]).await?;
+    let not_namespaced = ["--operation-mode=standard", "--forceNamespaced=false"];
+    f.restart_nmi_with(&[&E2E_ARGS[..], &not_namespaced].concat())
+        .await?;
     let (code, _, body) = curl(f.pod_ns(2), &imds_url(arm), &[MD]).await?;
     assert_eq!(code, 200, "without namespaced mode the AAI applies: {body}");
     assert_eq!(token_claims(&body)?["appid"], CLIENT_B);
@@ -890,39 +602,21 @@ async fn managed_and_namespaced_modes() -> anyhow::Result<()> {
 /// `/host/token` from a pod's IPv6 address and accepts it over `[::1]`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ipv6_pods_reach_nmi() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("nmi-e2e-v6").await?;
-    let ns = ns_guard.name().to_string();
-    let f = Fixture::new(cluster, 3, &["--nmi-listen-address=::"]).await?;
-    let node = f.node_name.clone();
+    let f = node(3, &["--nmi-listen-address=::"]).await?;
+    let ns = f.ns();
     let v6: Vec<Ipv6Addr> = (0..3)
         .map(|i| f.node.add_ipv6(i))
         .collect::<Result<_, _>>()?;
-    let id_a = identity(&ns, "id-a", CLIENT_A);
+    let id_a = identity(ns, "id-a", CLIENT_A);
     // pod 0: dual-stack (both addresses in podIPs). pod 1: IPv6 only in the
     // API (its namespace still has an IPv4 address nobody owns). pod 2: not
     // a pod of the API at all.
-    mk_pod(
-        &client,
-        &ns,
-        "dual",
-        &node,
-        &[&f.pod_ip(0), &v6[0].to_string()],
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    mk_pod(
-        &client,
-        &ns,
-        "v6only",
-        &node,
-        &[&v6[1].to_string()],
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    mk_aai(&client, &ns, &node, "dual", &id_a, "a", false).await?;
-    mk_aai(&client, &ns, &node, "v6only", &id_a, "a", false).await?;
+    let labels = [("aadpodidbinding", "a")];
+    let (v4_0, v6_0, v6_1) = (f.pod_ip(0), v6[0].to_string(), v6[1].to_string());
+    for (name, ips) in [("dual", vec![&*v4_0, &*v6_0]), ("v6only", vec![&*v6_1])] {
+        f.create_pod_in(ns, name, &ips, &labels).await?;
+        f.assignment(name, &id_a, "a").create(&f.client).await?;
+    }
 
     let arm = "&resource=https%3A%2F%2Fmanagement.azure.com%2F";
     let nmi_v6 = |q: &str| format!("http://[{NODE_POD_GATEWAY_V6}]:{NMI_PORT}{TOKEN_PATH}{q}");
@@ -967,7 +661,7 @@ async fn ipv6_pods_reach_nmi() -> anyhow::Result<()> {
         "{body}"
     );
     let (code, _, body) = curl(
-        &f.node.node,
+        f.node_ns(),
         &format!("http://[::1]:{NMI_PORT}{host_path}"),
         &host_headers,
     )

@@ -35,7 +35,7 @@ use aadpodid_tests::nmi_node::flood::{
     token_path,
 };
 use aadpodid_tests::nmi_node::{
-    ARM_TOKEN_PATH, CLIENT_A, CLIENT_B, NmiNode, Options, assign, identity, nmi_bin,
+    ARM_TOKEN_PATH, CLIENT_A, CLIENT_B, NmiNode, Options, identity, nmi_bin, test_child,
 };
 use anyhow::{Context as _, bail};
 
@@ -238,32 +238,18 @@ async fn floods_from_one_pod_leave_nmi_bounded_and_fair() -> anyhow::Result<()> 
         connections >= 500,
         "the descriptor limit ({nofile}) leaves room for {connections} connections only"
     );
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("nmi-flood").await?;
-    let ns = ns_guard.name().to_string();
     let bin = nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi"));
     let mut opts = Options::new(2, bin.clone());
     opts.start_nmi = false;
     opts.emulator = |c| c.aad.any_resource = true;
-    let mut f = NmiNode::start(cluster, opts).await?;
-    let node = f.node_name.clone();
+    opts.namespace = "nmi-flood";
+    let mut f = NmiNode::start(Cluster::shared(), opts).await?;
 
     // Both pods hold an identity as MIC assigns it.
-    f.create_pod(
-        &client,
-        &ns,
-        "attacker",
-        ATTACKER,
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    f.create_pod(&client, &ns, "victim", VICTIM, &[("aadpodidbinding", "b")])
-        .await?;
-    let id_a = identity(&ns, "id-a", CLIENT_A);
-    let id_b = identity(&ns, "id-b", CLIENT_B);
-    assign(&client, &ns, &node, "attacker", &id_a, "a", "Assigned").await?;
-    assign(&client, &ns, &node, "victim", &id_b, "b", "Assigned").await?;
+    let id_a = identity(f.ns(), "id-a", CLIENT_A);
+    let id_b = identity(f.ns(), "id-b", CLIENT_B);
+    f.create_bound_pod("attacker", ATTACKER, &id_a, "a").await?;
+    f.create_bound_pod("victim", VICTIM, &id_b, "b").await?;
 
     let md = ["Metadata: true"];
     let target = SocketAddr::from((IMDS_ADDRESS, 80));
@@ -291,14 +277,7 @@ async fn floods_from_one_pod_leave_nmi_bounded_and_fair() -> anyhow::Result<()> 
             hold_max: HOLD_MAX,
             tag: format!("flood-{}", kind.slug()),
         };
-        let mut cmd = f.pod_ns(ATTACKER).command(std::env::current_exe()?);
-        cmd.args([
-            "--exact",
-            "flood_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ]);
+        let cmd = test_child(f.pod_ns(ATTACKER), "flood_child")?;
         let flood = tokio::task::block_in_place(|| Flood::spawn(cmd, &plan))?;
         let held_from = Instant::now();
 

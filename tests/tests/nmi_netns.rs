@@ -10,11 +10,11 @@ use aadpodid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentitySpec, AzurePodIdentityException,
     AzurePodIdentityExceptionSpec,
 };
-use aadpodid_tests::assigned::{create_aai, mic_aai};
+use aadpodid_tests::assigned::create_aai;
 use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs};
 use aadpodid_tests::nmi_node::{
-    ARM, CLIENT_A, CLIENT_B, NmiNode, OBJECT_A, OBJECT_B, Options, SP_CERT_CLIENT, SP_CLIENT,
-    SP_SECRET, TENANT, assign, create_pod as mk_pod, curl, identity, nmi_bin,
+    ARM, ARM_TOKEN_PATH, CLIENT_A, CLIENT_B, NmiNode, OBJECT_A, OBJECT_B, Options, SP_CERT_CLIENT,
+    SP_CLIENT, SP_SECRET, TENANT, curl, identity, nmi_bin,
 };
 use aadpodid_tests::{Cluster, IdentitySelector, python_imds_token, wait_for};
 use anyhow::{Context as _, bail};
@@ -22,13 +22,14 @@ use azure_emulator::Emulator;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 
-/// A test node with `pods` pods and NMI active.
-async fn node_with(cluster: &Cluster, pods: u8) -> anyhow::Result<NmiNode> {
-    NmiNode::start(
-        cluster,
-        Options::new(pods, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi"))),
-    )
-    .await
+/// A test node with `pods` pods and NMI active; returns it with its
+/// admin client and namespace.
+async fn node_with(pods: u8) -> anyhow::Result<(NmiNode, kube::Client, String)> {
+    let mut opts = Options::new(pods, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi")));
+    opts.namespace = "nmi";
+    let f = NmiNode::start(Cluster::shared(), opts).await?;
+    let (client, ns) = (f.client.clone(), f.ns().to_string());
+    Ok((f, client, ns))
 }
 
 fn appid_of(emu: &Emulator, out: &serde_json::Value) -> anyhow::Result<String> {
@@ -55,23 +56,12 @@ fn python(ns: &NetNs, selector: IdentitySelector<'_>) -> anyhow::Result<serde_js
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nmi_on_a_test_node() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns = cluster.temp_namespace("nmi").await?;
-    let ns = ns.name().to_string();
-    let mut f = node_with(cluster, 5).await?;
-    let node = f.node_name.clone();
+    let (mut f, client, ns) = node_with(5).await?;
 
     // The rules are upstream's, jumped to first in PREROUTING.
-    let chain = f
-        .node
-        .node
-        .run("iptables", &["-t", "nat", "-S", "aad-metadata"])?;
+    let chain = f.nat_rules(Some("aad-metadata"))?;
     assert!(chain.contains("-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579"), "{chain}");
-    let pre = f
-        .node
-        .node
-        .run("iptables", &["-t", "nat", "-S", "PREROUTING"])?;
+    let pre = f.nat_rules(Some("PREROUTING"))?;
     assert!(
         pre.lines().find(|l| l.starts_with("-A ")) == Some("-A PREROUTING -j aad-metadata"),
         "{pre}"
@@ -80,35 +70,14 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
     let id_a = identity(&ns, "id-a", CLIENT_A);
     let id_b = identity(&ns, "id-b", CLIENT_B);
     // pod 0 bound to A; pod 1 unlabelled; pod 2 excepted; pod 3 waits for MIC.
-    mk_pod(
-        &client,
-        &ns,
-        "bound",
-        &node,
-        &f.pod_ip(0),
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    mk_pod(&client, &ns, "plain", &node, &f.pod_ip(1), &[]).await?;
-    mk_pod(
-        &client,
-        &ns,
-        "excepted",
-        &node,
-        &f.pod_ip(2),
-        &[("app", "Agent")],
-    )
-    .await?;
-    mk_pod(
-        &client,
-        &ns,
-        "waiting",
-        &node,
-        &f.pod_ip(3),
-        &[("aadpodidbinding", "a")],
-    )
-    .await?;
-    assign(&client, &ns, &node, "bound", &id_a, "a", "Assigned").await?;
+    f.create_bound_pod("bound", 0, &id_a, "a").await?;
+    for (i, name, labels) in [
+        (1, "plain", &[][..]),
+        (2, "excepted", &[("app", "Agent")][..]),
+        (3, "waiting", &[("aadpodidbinding", "a")][..]),
+    ] {
+        f.create_pod(name, i, labels).await?;
+    }
     let mut exc = AzurePodIdentityException::new(
         "agents",
         AzurePodIdentityExceptionSpec {
@@ -123,16 +92,16 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
     // A bound pod gets its identity's token through the real Python SDK,
     // with no selector, by client ID and by object ID.
     let out = python(f.pod_ns(0), IdentitySelector::Default)?;
-    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}\n{}", f.log());
+    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}\n{}", f.log());
     let out = python(f.pod_ns(0), IdentitySelector::ClientId(CLIENT_A))?;
-    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}");
+    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}");
     let out = python(f.pod_ns(0), IdentitySelector::ObjectId(OBJECT_A))?;
-    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}");
+    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}");
 
     // Bound to A, it cannot get B: by client_id, msi_res_id, object_id
     // (with the ID in upper case too), or through /host/token.
     let md = ["Metadata: true"];
-    let tok = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+    let tok = ARM_TOKEN_PATH;
     let res_b = id_b.spec.resource_id.clone();
     for sel in [
         format!("&client_id={CLIENT_B}"),
@@ -211,7 +180,11 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
 
     // Waiting is driven by the watch: a request made while the AAI is
     // Created returns after (and because) it turns Assigned.
-    let (aai_ns, aai) = assign(&client, &ns, &node, "waiting", &id_a, "a", "Created").await?;
+    let (aai_ns, aai) = f
+        .assignment("waiting", &id_a, "a")
+        .status("Created")
+        .create(&client)
+        .await?;
     let waiter = async {
         let r = curl(f.pod_ns(3), tok, &md).await;
         (r, Instant::now())
@@ -240,7 +213,7 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
 
     // Fail-closed: with NMI down the redirect stays, pods are refused at
     // once, and nothing reaches IMDS from a pod.
-    let before = f.emu.counters();
+    let before = f.emu()?.counters();
     f.stop_nmi();
     let mut cmd = f.pod_ns(0).command("curl");
     cmd.args([
@@ -254,30 +227,22 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
     let out = tokio::process::Command::from(cmd).output().await?;
     assert_eq!(out.status.code(), Some(7), "connection refused expected");
     assert_eq!(
-        format!("{:?}", f.emu.counters()),
+        format!("{:?}", f.emu()?.counters()),
         format!("{before:?}"),
         "a pod request reached IMDS while NMI was down"
     );
-    let chain = f
-        .node
-        .node
-        .run("iptables", &["-t", "nat", "-S", "aad-metadata"])?;
+    let chain = f.nat_rules(Some("aad-metadata"))?;
     assert!(chain.contains("DNAT"), "{chain}");
     // And tokens resume after a restart.
-    f.start_nmi()?;
-    f.wait_active().await?;
+    f.restart_nmi().await?;
     let out = python(f.pod_ns(0), IdentitySelector::ClientId(CLIENT_A))?;
-    assert_eq!(appid_of(&f.emu, &out)?, CLIENT_A, "{out}");
+    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}");
 
     // Tampering is repaired at the next check.
-    f.node
-        .node
+    f.node_ns()
         .run("iptables", &["-t", "nat", "-F", "aad-metadata"])?;
-    let nodens = &f.node.node;
     wait_for("iptables repaired", Duration::from_secs(10), || async {
-        let c = nodens
-            .run("iptables", &["-t", "nat", "-S", "aad-metadata"])
-            .ok()?;
+        let c = f.nat_rules(Some("aad-metadata")).ok()?;
         c.contains("DNAT").then_some(())
     })
     .await?;
@@ -292,14 +257,9 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
 async fn nmi_service_principal_identity() -> anyhow::Result<()> {
     use k8s_openapi::ByteString;
     use k8s_openapi::api::core::v1::{Secret, SecretReference};
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("nmi-sp").await?;
-    let ns = ns_guard.name().to_string();
-    let other_guard = cluster.temp_namespace("nmi-sp-other").await?;
+    let (f, client, ns) = node_with(3).await?;
+    let other_guard = Cluster::shared().temp_namespace("nmi-sp-other").await?;
     let other = other_guard.name().to_string();
-    let f = node_with(cluster, 3).await?;
-    let node = f.node_name.clone();
 
     for n in [&ns, &other] {
         let secret: Secret = serde_json::from_value(serde_json::json!({
@@ -334,7 +294,7 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
                 r#type: aadpodid_api::IdentityType::ServicePrincipal,
                 client_id: SP_CLIENT.into(),
                 tenant_id: TENANT.into(),
-                ad_endpoint: f.emu.aad_url(),
+                ad_endpoint: f.aad_url(),
                 client_password: Some(SecretReference {
                     name: Some("sp-creds".into()),
                     namespace: Some(secret_ns.into()),
@@ -354,39 +314,15 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
         name: Some("sp-cert".into()),
         namespace: None,
     });
-    mk_pod(
-        &client,
-        &ns,
-        "near",
-        &node,
-        &f.pod_ip(0),
-        &[("aadpodidbinding", "near")],
-    )
-    .await?;
-    mk_pod(
-        &client,
-        &ns,
-        "far",
-        &node,
-        &f.pod_ip(1),
-        &[("aadpodidbinding", "far")],
-    )
-    .await?;
-    assign(&client, &ns, &node, "near", &near, "near", "Assigned").await?;
-    assign(&client, &ns, &node, "far", &far, "far", "Assigned").await?;
-    mk_pod(
-        &client,
-        &ns,
-        "cert",
-        &node,
-        &f.pod_ip(2),
-        &[("aadpodidbinding", "cert")],
-    )
-    .await?;
-    assign(&client, &ns, &node, "cert", &cert, "cert", "Assigned").await?;
+    for (i, (name, id)) in [("near", &near), ("far", &far), ("cert", &cert)]
+        .into_iter()
+        .enumerate()
+    {
+        f.create_bound_pod(name, i, id, name).await?;
+    }
 
     let md = ["Metadata: true"];
-    let tok = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+    let tok = ARM_TOKEN_PATH;
     // Twice: the second answer comes from the cache, after the same checks.
     for _ in 0..2 {
         let (code, body) = curl(f.pod_ns(0), tok, &md).await?;
@@ -394,7 +330,7 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_str(&body)?;
         let token = v["access_token"].as_str().context("access_token")?;
         let claims = f
-            .emu
+            .emu()?
             .verify_token(token)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         assert_eq!(claims.appid, SP_CLIENT);
@@ -414,7 +350,7 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(&body)?;
     let token = v["access_token"].as_str().context("access_token")?;
     let claims = f
-        .emu
+        .emu()?
         .verify_token(token)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     assert_eq!(claims.appid, SP_CERT_CLIENT);
@@ -431,12 +367,7 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
     use k8s_openapi::api::events::v1::Event;
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("nmi-forged").await?;
-    let ns = ns_guard.name().to_string();
-    let f = node_with(cluster, 7).await?;
-    let node = f.node_name.clone();
+    let (f, client, ns) = node_with(7).await?;
     let id_a = identity(&ns, "id-a", CLIENT_A);
 
     // Each pod is labelled "a" (except "relabelled") and gets one AAI.
@@ -451,19 +382,11 @@ async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
     ];
     for (i, name) in pods.iter().enumerate() {
         let label = if *name == "relabelled" { "other" } else { "a" };
-        mk_pod(
-            &client,
-            &ns,
-            name,
-            &node,
-            &f.pod_ip(i),
-            &[("aadpodidbinding", label)],
-        )
-        .await?;
+        f.create_pod(name, i, &[("aadpodidbinding", label)]).await?;
     }
     // The genuine AAI, as MIC writes it: the control that the setup works.
-    assign(&client, &ns, &node, "genuine", &id_a, "a", "Assigned").await?;
-    let aai = |pod: &'static str| mic_aai(&client, &ns, &node, pod, &id_a, "a", false);
+    f.assignment("genuine", &id_a, "a").create(&client).await?;
+    let aai = |pod: &'static str| f.assignment(pod, &id_a, "a").build(&client);
     // The embedded identity carries another UID (a deleted and recreated
     // identity, or a forgery).
     let mut forged = aai("wrong-uid").await?;
@@ -489,12 +412,12 @@ async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
     create_aai(&client, &forged).await?;
 
     let md = ["Metadata: true"];
-    let tok = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+    let tok = ARM_TOKEN_PATH;
     let (code, body) = curl(f.pod_ns(0), tok, &md).await?;
     assert_eq!(code, 200, "genuine: {body}\n{}", f.log());
     let v: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(
-        appid_of(&f.emu, &serde_json::json!({"token": v["access_token"]}))?,
+        appid_of(f.emu()?, &serde_json::json!({"token": v["access_token"]}))?,
         CLIENT_A
     );
     // Forged or stale where MIC writes: refused without waiting for MIC
@@ -523,7 +446,9 @@ async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
     // on the node): 403, and nothing of B's reaches the pod.
     let mut forged_id = identity(&ns, "forged", CLIENT_B);
     forged_id.spec.resource_id = id_a.spec.resource_id.clone();
-    assign(&client, &ns, &node, "mismatch", &forged_id, "a", "Assigned").await?;
+    f.assignment("mismatch", &forged_id, "a")
+        .create(&client)
+        .await?;
     for query in ["", &format!("&client_id={CLIENT_B}")] {
         let (code, body) = curl(f.pod_ns(6), &format!("{tok}{query}"), &md).await?;
         assert_eq!(code, 403, "{query}: {body}\n{}", f.log());
@@ -537,7 +462,7 @@ async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
     let out = python(f.pod_ns(6), IdentitySelector::ClientId(CLIENT_B))?;
     if let Some(token) = out["token"].as_str() {
         let claims = f
-            .emu
+            .emu()?
             .verify_token(token)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         bail!(
@@ -569,10 +494,7 @@ async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
         event.regarding.as_ref().and_then(|r| r.kind.as_deref()),
         Some("AzureIdentity")
     );
-    let metrics = f.node.node.run(
-        "curl",
-        &["-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"],
-    )?;
+    let metrics = f.metrics()?;
     assert!(
         metrics.lines().any(|l| l.starts_with(&format!(
             "aadpodidentity_nmi_identity_refused_count{{namespace=\"{ns}\",reason=\"client_id_mismatch\"}}"

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs};
 use aadpodid_tests::nmi_node::{
-    ARM_TOKEN_PATH, CLIENT_A, Launch, NmiNode, Options, assign, curl, identity, nmi_bin,
+    ARM_TOKEN_PATH, CLIENT_A, Launch, NmiNode, Options, curl, identity, nmi_bin,
 };
 use aadpodid_tests::{Cluster, wait_for};
 use anyhow::{Context as _, bail};
@@ -25,10 +25,11 @@ const TAINT: &str = "aadpodidentity.k8s.io/nmi-not-ready";
 
 /// A node with `pods` pods and conntrack active in its namespace (a
 /// `conntrack` match in INPUT); NMI not started.
-async fn node(cluster: &Cluster, pods: u8) -> anyhow::Result<NmiNode> {
+async fn node(pods: u8) -> anyhow::Result<NmiNode> {
     let mut opts = Options::new(pods, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi")));
     opts.start_nmi = false;
-    let f = NmiNode::start(cluster, opts).await?;
+    opts.namespace = "nmi-lifecycle";
+    let f = NmiNode::start(Cluster::shared(), opts).await?;
     f.node_ns().run(
         "iptables",
         &[
@@ -45,12 +46,6 @@ async fn node(cluster: &Cluster, pods: u8) -> anyhow::Result<NmiNode> {
         ],
     )?;
     Ok(f)
-}
-
-/// Starts NMI with `extra` arguments (remembered for restarts).
-fn start(f: &mut NmiNode, extra: &[&str]) -> anyhow::Result<()> {
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    f.start_nmi_with(&extra)
 }
 
 /// A pod's keep-alive HTTP client: one connection to 169.254.169.254:80,
@@ -151,8 +146,7 @@ impl Drop for KeepAlive {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conntrack_deletion_cuts_connections_opened_before_the_redirect() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let mut f = node(cluster, 3).await?;
+    let mut f = node(3).await?;
 
     // Before NMI: pods 0 and 1 hold keep-alive connections on which the
     // node's IMDS hands out the node's identity.
@@ -171,8 +165,7 @@ async fn conntrack_deletion_cuts_connections_opened_before_the_redirect() -> any
 
     // NMI without --enable-conntrack-deletion: the rules are in place, yet
     // pod 0's old connection still reaches IMDS (the window this closes).
-    start(&mut f, &[])?;
-    f.wait_active().await?;
+    f.restart_nmi_with(&[]).await?;
     assert!(f.redirect_in_place());
     let again = before_0.again()?;
     assert!(
@@ -189,8 +182,7 @@ async fn conntrack_deletion_cuts_connections_opened_before_the_redirect() -> any
 
     // NMI with --enable-conntrack-deletion: both old connections are cut at
     // their next request.
-    start(&mut f, &["--enable-conntrack-deletion"])?;
-    f.wait_active().await?;
+    f.restart_nmi_with(&["--enable-conntrack-deletion"]).await?;
     assert!(f.redirect_in_place());
     for (name, conn) in [("pod 1", &mut before_1), ("pod 2", &mut before_2)] {
         let again = conn.again()?;
@@ -247,11 +239,9 @@ async fn conntrack_deletion_cuts_connections_opened_before_the_redirect() -> any
     f.remove_redirect_jump()?;
     let (mut before_restart, first) = KeepAlive::open(f.pod_ns(0))?;
     assert!(first.ends_with(" token"), "{first}");
-    start(&mut f, &[])?;
-    f.wait_active().await?;
+    f.restart_nmi_with(&[]).await?;
     f.stop_nmi();
-    start(&mut f, &["--enable-conntrack-deletion"])?;
-    f.wait_active().await?;
+    f.restart_nmi_with(&["--enable-conntrack-deletion"]).await?;
     assert!(
         f.start_log().contains("iptables in place actions=[]"),
         "{}",
@@ -306,9 +296,8 @@ fn taint_keys(node: &K8sNode) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn startup_taint_goes_only_after_the_rules_and_the_sync() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
-    let admin = cluster.admin_client().await?;
-    let ns = cluster.temp_namespace("nmi-taint").await?;
-    let mut f = node(cluster, 1).await?;
+    let mut f = node(1).await?;
+    let ns = f.ns().to_string();
     let node_name = f.node_name.clone();
     let sa = "nmi";
     let roles = [format!("{node_name}-base"), format!("{node_name}-pods")];
@@ -325,7 +314,7 @@ async fn startup_taint_goes_only_after_the_rules_and_the_sync() -> anyhow::Resul
 
     // The node as created by a node pool with the startup taint (two
     // effects) and another taint that must stay.
-    let nodes: Api<K8sNode> = Api::all(admin.clone());
+    let nodes: Api<K8sNode> = Api::all(f.client.clone());
     nodes
         .create(
             &PostParams::default(),
@@ -350,7 +339,7 @@ async fn startup_taint_goes_only_after_the_rules_and_the_sync() -> anyhow::Resul
                 {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                  "metadata": {"name": name},
                  "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-                 "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns.name()}]},
+                 "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]},
             ]
         })
     };
@@ -363,7 +352,7 @@ async fn startup_taint_goes_only_after_the_rules_and_the_sync() -> anyhow::Resul
         ]),
     );
     apply(cluster, &base)?;
-    let sa_kubeconfig = cluster.service_account_kubeconfig(ns.name(), sa).await?;
+    let sa_kubeconfig = cluster.service_account_kubeconfig(&ns, sa).await?;
     let nmi_kubeconfig = f.relay_kubeconfig(&sa_kubeconfig, "sa.kubeconfig")?;
 
     f.launch(&Launch {
@@ -438,18 +427,10 @@ async fn startup_taint_goes_only_after_the_rules_and_the_sync() -> anyhow::Resul
 // failing; with the wait set to 0 the same request gets 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_during_the_first_sync_after_a_restart_wait() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns = cluster.temp_namespace("nmi-restart").await?;
-    let ns = ns.name().to_string();
-    let mut f = node(cluster, 1).await?;
-    let node = f.node_name.clone();
-    f.create_pod(&client, &ns, "app", 0, &[("aadpodidbinding", "a")])
-        .await?;
-    let id = identity(&ns, "id-a", CLIENT_A);
-    assign(&client, &ns, &node, "app", &id, "a", "Assigned").await?;
-    start(&mut f, &[])?;
-    f.wait_active().await?;
+    let mut f = node(1).await?;
+    let id = identity(f.ns(), "id-a", CLIENT_A);
+    f.create_bound_pod("app", 0, &id, "a").await?;
+    f.restart_nmi_with(&[]).await?;
     let (status, body) = curl(f.pod_ns(0), ARM_TOKEN_PATH, &["Metadata: true"]).await?;
     assert_eq!(status, 200, "before the restart: {body}\n{}", f.start_log());
 
@@ -457,7 +438,7 @@ async fn requests_during_the_first_sync_after_a_restart_wait() -> anyhow::Result
     // stayed in place) but cannot sync.
     f.stop_nmi();
     f.set_api_reachable(false);
-    start(&mut f, &[])?;
+    f.start_nmi_with(&[])?;
     let node_ns = f.node_ns();
     wait_for("nmi listening again", Duration::from_secs(30), || async {
         node_ns
@@ -504,7 +485,7 @@ async fn requests_during_the_first_sync_after_a_restart_wait() -> anyhow::Result
     );
     let token: serde_json::Value = serde_json::from_str(&body)?;
     let appid = f
-        .emu
+        .emu()?
         .verify_token(token["access_token"].as_str().context("access_token")?)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?
         .appid;
@@ -523,8 +504,7 @@ const READ_ONLY_PROC_SYS: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn route_localnet_off_and_read_only_proc_sys_is_named_with_its_fixes() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let mut f = node(cluster, 1).await?;
+    let mut f = node(1).await?;
     let sysctl = "net.ipv4.conf.all.route_localnet";
     let value = |f: &NmiNode| {
         f.node_ns()
@@ -577,8 +557,7 @@ async fn route_localnet_off_and_read_only_proc_sys_is_named_with_its_fixes() -> 
     );
 
     // --set-route-localnet=false with 0: said at start, and NMI runs on.
-    start(&mut f, &["--set-route-localnet=false"])?;
-    f.wait_active().await?;
+    f.restart_nmi_with(&["--set-route-localnet=false"]).await?;
     let log = f.start_log();
     assert!(
         log.contains("--set-route-localnet=false forbids NMI to set it: the redirect cannot work"),
