@@ -300,12 +300,13 @@ impl MicCloud {
             "subscriptionId": self.subscription_id,
             "resourceGroup": self.resource_group,
         });
-        if let Some(v) = &self.vm_type {
-            doc["vmType"] = json!(v);
-        }
-        if let Some(v) = &self.user_assigned_identity_id {
-            doc["userAssignedIdentityID"] = json!(v);
-        }
+        set_given(
+            &mut doc,
+            &[
+                ("vmType", &self.vm_type),
+                ("userAssignedIdentityID", &self.user_assigned_identity_id),
+            ],
+        );
         doc
     }
 
@@ -353,15 +354,22 @@ impl CloudEnvironment {
             "resourceManagerEndpoint": self.resource_manager_endpoint,
             "activeDirectoryEndpoint": self.active_directory_endpoint,
         });
-        if let Some(a) = &self.token_audience {
-            doc["tokenAudience"] = json!(a);
-        }
+        set_given(&mut doc, &[("tokenAudience", &self.token_audience)]);
         doc
     }
 
     /// Writes [`CloudEnvironment::json`] to `path`.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         write_json(path, &self.json())
+    }
+}
+
+/// Sets each field of `doc` whose value is given; leaves the others out.
+fn set_given(doc: &mut Value, fields: &[(&str, &Option<String>)]) {
+    for (key, value) in fields {
+        if let Some(v) = value {
+            doc[*key] = json!(v);
+        }
     }
 }
 
