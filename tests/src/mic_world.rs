@@ -66,10 +66,27 @@ enum Host {
 }
 
 /// A change to the emulator's configuration, made last.
-type ConfigTweak = Box<dyn FnOnce(&mut Config)>;
+struct ConfigTweak(Box<dyn FnOnce(&mut Config)>);
+
+impl std::fmt::Debug for ConfigTweak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigTweak")
+    }
+}
+
+/// The world's admin client (kube's `Client` has no `Debug`).
+#[derive(Clone)]
+struct AdminClient(Client);
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminClient")
+    }
+}
 
 /// How to build a [`MicWorld`]; from [`MicWorld::shared`] or
 /// [`MicWorld::private`].
+#[derive(Debug)]
 pub struct MicWorldBuilder {
     env: String,
     prefix: String,
@@ -78,19 +95,6 @@ pub struct MicWorldBuilder {
     logs: bool,
     mic_args: Vec<String>,
     tweak: Option<ConfigTweak>,
-}
-
-impl std::fmt::Debug for MicWorldBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MicWorldBuilder")
-            .field("env", &self.env)
-            .field("prefix", &self.prefix)
-            .field("private", &self.private)
-            .field("speed", &self.speed)
-            .field("logs", &self.logs)
-            .field("mic_args", &self.mic_args)
-            .finish_non_exhaustive()
-    }
 }
 
 impl MicWorldBuilder {
@@ -117,7 +121,7 @@ impl MicWorldBuilder {
 
     /// Changes the emulator's configuration last, before it starts.
     pub fn tenant(mut self, tweak: impl FnOnce(&mut Config) + 'static) -> Self {
-        self.tweak = Some(Box::new(tweak));
+        self.tweak = Some(ConfigTweak(Box::new(tweak)));
         self
     }
 
@@ -143,7 +147,7 @@ impl MicWorldBuilder {
             .speed(self.speed)
             .test_ca(child.test_ca())
             .config();
-        if let Some(tweak) = self.tweak {
+        if let Some(ConfigTweak(tweak)) = self.tweak {
             tweak(&mut cfg);
         }
         let emu = Emulator::start(cfg).await.context("emulator starts")?;
@@ -174,7 +178,7 @@ impl MicWorldBuilder {
             ns,
             emu,
             host,
-            client,
+            client: AdminClient(client),
             dir: child.dir,
             vmss,
             nodes,
@@ -186,12 +190,13 @@ impl MicWorldBuilder {
 
 /// One MIC test's world. Its nodes are on the tenant's scale set (instances
 /// 0 and 1) and on a standalone VM with a system identity.
+#[derive(Debug)]
 pub struct MicWorld {
     // Dropped first, while a private cluster still runs.
     pub ns: TempNamespace,
     pub emu: Emulator,
     host: Host,
-    client: Client,
+    client: AdminClient,
     /// The scratch folder (MIC's files and logs).
     pub dir: PathBuf,
     /// The scale set of [`MicWorld::nodes`].
@@ -201,20 +206,6 @@ pub struct MicWorld {
     /// A node on a standalone VM of the same name, with a system identity.
     pub vm_node: String,
     mic_args: Vec<String>,
-}
-
-impl std::fmt::Debug for MicWorld {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MicWorld")
-            .field("ns", &self.ns.name())
-            .field("host", &self.host)
-            .field("dir", &self.dir)
-            .field("vmss", &self.vmss)
-            .field("nodes", &self.nodes)
-            .field("vm_node", &self.vm_node)
-            .field("mic_args", &self.mic_args)
-            .finish_non_exhaustive()
-    }
 }
 
 /// MIC's command line (without the program name) and environment.
@@ -267,7 +258,7 @@ impl MicWorld {
     /// private cluster (whose apiserver may have restarted).
     pub async fn client(&self) -> anyhow::Result<Client> {
         match &self.host {
-            Host::Shared(_) => Ok(self.client.clone()),
+            Host::Shared(_) => Ok(self.client.0.clone()),
             Host::Private(c) => c.admin_client().await,
         }
     }

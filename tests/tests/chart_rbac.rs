@@ -446,6 +446,13 @@ impl Drop for NmiNode {
 }
 
 impl NmiNode {
+    /// A kubeconfig of the chart's NMI ServiceAccount whose server is the
+    /// node's relay to the apiserver.
+    async fn nmi_kubeconfig(&self, rel: &Release) -> PathBuf {
+        let server = format!("https://127.0.0.1:{API_RELAY_PORT}");
+        rel.sa_kubeconfig("nmi", Some(&server), &self.dir).await
+    }
+
     async fn new(cluster: &Cluster) -> anyhow::Result<NmiNode> {
         let dir = std::env::temp_dir().join(unique_name("chart-rbac-nmi"));
         std::fs::create_dir_all(&dir)?;
@@ -787,13 +794,7 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
     };
     let pod = format!("{}-x7k2p", rel.nmi());
     create_ds_pod(&rel, &node.name, &pod);
-    let kc = rel
-        .sa_kubeconfig(
-            "nmi",
-            Some(&format!("https://127.0.0.1:{API_RELAY_PORT}")),
-            &node.dir,
-        )
-        .await;
+    let kc = node.nmi_kubeconfig(&rel).await;
 
     let log1 = node.dir.join("nmi-1.log");
     let mut nmi = node.start_nmi(&rel, &pod, &kc, &log1);
@@ -883,13 +884,7 @@ async fn nmi_without_one_verb_never_becomes_active() {
     let node = NmiNode::new(cluster).await.unwrap();
     let rel = Release::render("rbac-nmi-broken", &[]).await;
     rel.apply_rbac("nmi", without_verb("azureassignedidentities", "list"));
-    let kc = rel
-        .sa_kubeconfig(
-            "nmi",
-            Some(&format!("https://127.0.0.1:{API_RELAY_PORT}")),
-            &node.dir,
-        )
-        .await;
+    let kc = node.nmi_kubeconfig(&rel).await;
     let log = node.dir.join("nmi.log");
     // No DaemonSet pod: --cleanup-on-uninstall is off for this one (logged).
     let mut nmi = node.start_nmi(&rel, "no-such-pod", &kc, &log);
@@ -1130,13 +1125,7 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
     let pod = format!("{}-x7k2p", rel.nmi());
     create_ds_pod(&rel, &node.name, &pod);
     // Unbound first (names no node): the policy refuses.
-    let unbound = rel
-        .sa_kubeconfig(
-            "nmi",
-            Some(&format!("https://127.0.0.1:{API_RELAY_PORT}")),
-            &node.dir,
-        )
-        .await;
+    let unbound = node.nmi_kubeconfig(&rel).await;
     let out = cluster
         .kubectl_run(
             &[

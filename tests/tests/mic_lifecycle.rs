@@ -30,6 +30,13 @@ async fn world(prefix: &str) -> anyhow::Result<MicWorld> {
     world_with(prefix, |_| {}).await
 }
 
+/// [`world`] with MIC `mic-<prefix>` started with `extra` arguments.
+async fn world_and_mic(prefix: &str, extra: &[&str]) -> anyhow::Result<(MicWorld, RunningMic)> {
+    let w = world(prefix).await?;
+    let mic = w.start_mic(&format!("mic-{prefix}"), extra).await?;
+    Ok((w, mic))
+}
+
 /// Like [`world`], with the emulator's config adjusted first.
 async fn world_with(
     prefix: &str,
@@ -45,8 +52,7 @@ async fn world_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_pod_lifecycle_assigns_and_removes_the_identity() -> anyhow::Result<()> {
-    let w = world("life").await?;
-    let mic = w.start_mic("mic-life", &[]).await?;
+    let (w, mic) = world_and_mic("life", &[]).await?;
     w.bound_pod("app-id", "web", "life-sel", &w.nodes[0])
         .await?;
 
@@ -83,8 +89,7 @@ async fn child_pod_lifecycle_assigns_and_removes_the_identity() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_shared_identity_is_removed_after_the_last_pod() -> anyhow::Result<()> {
-    let w = world("share").await?;
-    let mic = w.start_mic("mic-share", &[]).await?;
+    let (w, mic) = world_and_mic("share", &[]).await?;
     w.bound_pod("app-id", "a", "share-sel", &w.nodes[0]).await?;
     w.pod("b", "share-sel", &w.nodes[1]).await?;
     w.wait_assigned(&w.aai_name("a", "app-id")).await?;
@@ -107,8 +112,7 @@ async fn child_shared_identity_is_removed_after_the_last_pod() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_malformed_identity_does_not_stop_the_controller() -> anyhow::Result<()> {
-    let w = world("bad").await?;
-    let mic = w.start_mic("mic-bad", &[]).await?;
+    let (w, mic) = world_and_mic("bad", &[]).await?;
     // Not a user-assigned identity ID: ignored, as upstream.
     w.identity("broken", "/subscriptions/nope", APP_CLIENT)
         .await?;
@@ -144,8 +148,7 @@ async fn child_malformed_identity_does_not_stop_the_controller() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_drift_is_repaired() -> anyhow::Result<()> {
-    let w = world("drift").await?;
-    let mic = w.start_mic("mic-drift", &[]).await?;
+    let (w, mic) = world_and_mic("drift", &[]).await?;
     w.bound_pod("app-id", "web", "drift-sel", &w.nodes[0])
         .await?;
     w.wait_assigned(&w.aai_name("web", "app-id")).await?;
@@ -188,8 +191,7 @@ async fn child_leader_election_with_two_instances() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_service_principal_and_cluster_identity() -> anyhow::Result<()> {
-    let w = world("sp").await?;
-    let mic = w.start_mic("mic-sp", &[]).await?;
+    let (w, mic) = world_and_mic("sp", &[]).await?;
     let writes = |w: &MicWorld| w.emu.counters().arm_writes.values().sum::<u64>();
 
     // Type 1: Assigned with no ARM write, as upstream.
@@ -233,8 +235,7 @@ async fn child_service_principal_and_cluster_identity() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_invalid_identity_does_not_hold_back_valid_ones() -> anyhow::Result<()> {
-    let w = world("inv").await?;
-    let mic = w.start_mic("mic-inv", &[]).await?;
+    let (w, mic) = world_and_mic("inv", &[]).await?;
     // Well-formed ID of an identity that does not exist: ARM refuses it
     // (FailedIdentityOperation) in the same batch as a valid one.
     w.identity(
@@ -327,8 +328,7 @@ async fn child_invalid_identity_after_a_throttle_storm_does_not_hold_back_valid_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_standalone_vm_node_keeps_its_system_identity() -> anyhow::Result<()> {
-    let w = world("vm").await?;
-    let mic = w.start_mic("mic-vm", &[]).await?;
+    let (w, mic) = world_and_mic("vm", &[]).await?;
     w.bound_pod("app-id", "web", "vm-sel", &w.vm_node).await?;
     w.wait_assigned(&w.aai_name("web", "app-id")).await?;
     let on_vm = |w: &MicWorld| w.emu.assigned_identities(&w.vm_node).unwrap_or_default();
@@ -587,10 +587,7 @@ async fn child_runs_with_the_chart_cluster_role_only() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_lazy_removal_lingers_and_a_returning_pod_costs_no_write() -> anyhow::Result<()> {
-    let w = world("linger").await?;
-    let mic = w
-        .start_mic("mic-linger", &["--identity-removal-linger=5s"])
-        .await?;
+    let (w, mic) = world_and_mic("linger", &["--identity-removal-linger=5s"]).await?;
     w.bound_pod("app-id", "job-1", "cron-sel", &w.nodes[0])
         .await?;
     w.wait_assigned(&w.aai_name("job-1", "app-id")).await?;
@@ -618,9 +615,9 @@ async fn child_lazy_removal_lingers_and_a_returning_pod_costs_no_write() -> anyh
 }
 
 /// The entitlement attacks of a namespace user, against MIC alone: forged
-/// client IDs, the kubelet identity's resource ID (F6), and an identity that
-/// was on the scale set before MIC. Nothing of the cluster's leaves the
-/// scale set, and every refusal is visible on the AAI.
+/// client IDs, the kubelet identity's resource ID under another client ID,
+/// and an identity that was on the scale set before MIC. Nothing of the
+/// cluster's leaves the scale set, and every refusal is visible on the AAI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
@@ -642,7 +639,7 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
     assert!(why.contains("cluster's own identities"), "{why}");
     assert!(!w.on_vmss("app-id"), "the forged identity was never added");
 
-    // 2. F6: the kubelet identity's resource ID with another client ID.
+    // 2. The kubelet identity's resource ID with another client ID.
     w.identity("f6", &uai(NODE_RG, "kubelet"), APP_CLIENT)
         .await?;
     w.binding("b-f6", "f6", "own-f6").await?;
@@ -722,7 +719,7 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
         w.wait_gone(&w.aai_name(pod, id)).await?;
     }
     w.wait_on_vmss("app-id", false).await?;
-    assert!(w.on_vmss("kubelet"), "F6: the kubelet identity stays");
+    assert!(w.on_vmss("kubelet"), "the kubelet identity stays");
     assert!(w.on_vmss("app-2"), "the pre-existing identity stays");
     // The removal landed: its entry left the ledger.
     wait_for_ok("the ledger emptied", WAIT, || async {
@@ -745,10 +742,7 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyhow::Result<()> {
-    let w = world("serve").await?;
-    let mic = w
-        .start_mic("mic-serve", &["--serve-cluster-identities"])
-        .await?;
+    let (w, mic) = world_and_mic("serve", &["--serve-cluster-identities"]).await?;
     w.bound_pod("kubelet", "p", "serve-sel", &w.nodes[0])
         .await?;
     let name = w.aai_name("p", "kubelet");
@@ -776,10 +770,7 @@ async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyho
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_identity_policy_enforce_and_warn() -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Namespace;
-    let w = world("policy").await?;
-    let mic = w
-        .start_mic("mic-policy", &["--identity-policy=enforce"])
-        .await?;
+    let (w, mic) = world_and_mic("policy", &["--identity-policy=enforce"]).await?;
     w.bound_pod("app-id", "web", "policy-sel", &w.nodes[0])
         .await?;
     let name = w.aai_name("web", "app-id");
