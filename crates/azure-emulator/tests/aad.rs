@@ -147,6 +147,18 @@ fn sign(key: &KeyPair, header: &Value, claims: &Value, alg: &'static dyn RsaEnco
     format!("{input}.{}", b64url(&sig))
 }
 
+/// `token` with its payload replaced by `claims`, keeping its header and
+/// signature (a tampered token).
+fn with_payload(token: &str, claims: &Value) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    format!(
+        "{}.{}.{}",
+        parts[0],
+        b64url(claims.to_string().as_bytes()),
+        parts[2]
+    )
+}
+
 fn unsigned(claims: &Value) -> String {
     format!(
         "{}.{}.{}",
@@ -666,16 +678,9 @@ async fn federated_assertion_signature_is_checked_against_issuer_keys() {
     );
     assert_eq!(refused(&send(none).await).2, 700_027);
     // A tampered payload under a genuine signature.
-    let genuine = sa_signed(&good);
-    let parts: Vec<&str> = genuine.split('.').collect();
     let mut evil = good.clone();
     evil["sub"] = json!("system:serviceaccount:kube-system:admin");
-    let tampered = format!(
-        "{}.{}.{}",
-        parts[0],
-        b64url(evil.to_string().as_bytes()),
-        parts[2]
-    );
+    let tampered = with_payload(&sa_signed(&good), &evil);
     assert_eq!(refused(&send(tampered).await).2, 700_027);
     // Not yet valid: beyond the skew refused, within it accepted.
     let mut early = good.clone();
@@ -944,15 +949,9 @@ async fn openid_discovery_publishes_the_signing_key() {
         );
         verify_with_jwks(&token, &jwks).unwrap_or_else(|e| panic!("{jwks_url}: {e}"));
         // A token with a changed payload does not verify with the key.
-        let p: Vec<&str> = token.split('.').collect();
         let mut forged = c.clone();
         forged["oid"] = json!("00000000-0000-0000-0000-000000000000");
-        let forged = format!(
-            "{}.{}.{}",
-            p[0],
-            b64url(forged.to_string().as_bytes()),
-            p[2]
-        );
+        let forged = with_payload(&token, &forged);
         assert!(verify_with_jwks(&forged, &jwks).is_err());
     }
     assert_eq!(

@@ -142,7 +142,7 @@ async fn api_version_is_required_and_checked() {
         .await;
     r.assert_error(400, "MissingApiVersionParameter");
     assert_eq!(
-        r.json()["error"]["message"],
+        r.error_message(),
         "The api-version query parameter (?api-version=) is required for all requests."
     );
     let r = arm.get(&vmss_path(VMSS), "2001-01-01").await;
@@ -174,7 +174,7 @@ async fn missing_things_are_404_with_arm_codes() {
     let r = arm.get(&format!("/subscriptions/{SUB}/resourceGroups/no-rg/providers/Microsoft.Compute/virtualMachineScaleSets/x"), API).await;
     r.assert_error(404, "ResourceGroupNotFound");
     assert_eq!(
-        r.json()["error"]["message"],
+        r.error_message(),
         "Resource group 'no-rg' could not be found."
     );
     let r = arm
@@ -336,7 +336,7 @@ async fn none_and_system_assigned_transitions() {
         .await;
     r.assert_error(400, "InvalidParameter");
     assert_eq!(
-        r.json()["error"]["message"],
+        r.error_message(),
         "The identity ids must not be null or empty for 'UserAssigned' identity type."
     );
     // Type spelled loosely is accepted and echoed canonically.
@@ -513,7 +513,7 @@ async fn etag_and_if_match() {
         .await;
     r.assert_error(412, "PreconditionFailed");
     assert_eq!(
-        r.json()["error"]["message"],
+        r.error_message(),
         "Etag provided in if-match header \"7\" does not match etag \"1\" of resource."
     );
     let r = arm
