@@ -212,14 +212,8 @@ pub fn parse_policy_mode(s: &str) -> Result<PolicyMode, String> {
         .map_err(|e: aadpodid_api::policy::ParsePolicyModeError| e.to_string())
 }
 
-/// Go's `strconv.ParseBool`.
-pub fn parse_go_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        other => Err(format!("invalid boolean value {other:?}")),
-    }
-}
+/// Go's `strconv.ParseBool` (shared with nmi).
+pub use aadpodid_runtime::flags::parse_go_bool;
 
 /// Go's `time.ParseDuration`: a sequence of decimal numbers with units
 /// `ns`, `us`/`µs`, `ms`, `s`, `m`, `h` (`"0"` alone is allowed). Negative

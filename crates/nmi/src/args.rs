@@ -23,14 +23,8 @@ pub enum OperationMode {
     Managed,
 }
 
-/// Parses Go's `strconv.ParseBool` spellings.
-fn go_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        other => Err(format!("invalid boolean value {other:?}")),
-    }
-}
+/// Go's `strconv.ParseBool` spellings (shared with mic).
+use aadpodid_runtime::flags::parse_go_bool as go_bool;
 
 /// A taint key as Kubernetes validates it (a qualified name: an optional
 /// DNS-subdomain prefix and `/`, then 1-63 characters of `[A-Za-z0-9._-]`
