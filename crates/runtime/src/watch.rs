@@ -398,19 +398,27 @@ mod tests {
         }
     }
 
-    async fn run(events: Vec<Result<Event<ConfigMap>, watcher::Error>>) -> (Vec<String>, bool) {
+    /// Spawns a feed of `events` into a [`Recorder`]: the task, the
+    /// recorder's log and the sync set.
+    fn start<E>(
+        events: E,
+        shutdown: &Shutdown,
+    ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<String>>>, Synced)
+    where
+        E: Stream<Item = Result<Event<ConfigMap>, watcher::Error>> + Send + 'static,
+    {
         let synced = Synced::default();
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = Recorder {
             log: Arc::clone(&log),
             synced: synced.clone(),
         };
-        let task = spawn(
-            futures::stream::iter(events),
-            sink,
-            &synced,
-            &Shutdown::new(),
-        );
+        let task = spawn(events, sink, &synced, shutdown);
+        (task, log, synced)
+    }
+
+    async fn run(events: Vec<Result<Event<ConfigMap>, watcher::Error>>) -> (Vec<String>, bool) {
+        let (task, log, synced) = start(futures::stream::iter(events), &Shutdown::new());
         assert!(!synced.all(), "registered before the task runs");
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
@@ -471,15 +479,9 @@ mod tests {
 
     #[tokio::test]
     async fn feed_stops_on_shutdown() {
-        let synced = Synced::default();
         let shutdown = Shutdown::new();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Recorder {
-            log: Arc::clone(&log),
-            synced: synced.clone(),
-        };
         let events = futures::stream::pending::<Result<Event<ConfigMap>, watcher::Error>>();
-        let task = spawn(events, sink, &synced, &shutdown);
+        let (task, log, synced) = start(events, &shutdown);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!task.is_finished());
         shutdown.trigger();

@@ -229,6 +229,21 @@ mod tests {
     use super::*;
     use crate::token::testing::{Fake, Slow, fetch, long_lived, who};
 
+    /// Asks `cache`, in a task, for identity `a`'s token for `resource`, as
+    /// `requester`.
+    fn spawn_fetch(
+        cache: &Arc<TokenCache<Slow>>,
+        resource: String,
+        requester: RequesterKey,
+    ) -> tokio::task::JoinHandle<Result<Token, TokenError>> {
+        let cache = Arc::clone(cache);
+        tokio::spawn(async move {
+            cache
+                .by_resource_id("a", "app-of-a", &resource, &requester)
+                .await
+        })
+    }
+
     #[tokio::test]
     async fn concurrent_misses_share_one_call_and_hits_make_none() {
         let cache = Arc::new(TokenCache::new(long_lived()));
@@ -321,12 +336,7 @@ mod tests {
         let cache = Arc::new(TokenCache::with_limits(Slow::new(None, false), 2, 1000));
         let mut tasks = Vec::new();
         for i in 0..6 {
-            let cache = Arc::clone(&cache);
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .by_resource_id("a", "app-of-a", &format!("r{}", i % 3), &who())
-                    .await
-            }));
+            tasks.push(spawn_fetch(&cache, format!("r{}", i % 3), who()));
         }
         while cache.pending_fetches() != (1, 2) {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -349,25 +359,11 @@ mod tests {
             5,
             1000,
         ));
-        let first = {
-            let cache = Arc::clone(&cache);
-            tokio::spawn(async move {
-                cache
-                    .by_resource_id("a", "app-of-a", "r", &RequesterKey::pod("ns", "one"))
-                    .await
-            })
-        };
+        let first = spawn_fetch(&cache, "r".into(), RequesterKey::pod("ns", "one"));
         while cache.pending_fetches().1 != 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let second = {
-            let cache = Arc::clone(&cache);
-            tokio::spawn(async move {
-                cache
-                    .by_resource_id("a", "app-of-a", "r", &RequesterKey::pod("ns", "two"))
-                    .await
-            })
-        };
+        let second = spawn_fetch(&cache, "r".into(), RequesterKey::pod("ns", "two"));
         tokio::time::sleep(Duration::from_millis(20)).await;
         first.abort();
         let _ = first.await;
