@@ -768,29 +768,36 @@ mod tests {
     fn the_write_queue_quarantines_halves_bounds_and_defers() {
         use Ends::*;
         use Next::*;
+        // Rows give what differs from this.
+        let base = || Row {
+            name: "",
+            batch: &[],
+            probes: &[],
+            remove: &[],
+            max_retry: 5,
+            writes: vec![],
+            end: (&[], false, true),
+        };
         let rows = [
             Row {
                 name: "everything lands in one batch",
                 batch: &["a", "b"],
-                probes: &[],
                 remove: &["old"],
                 max_retry: 2,
                 writes: vec![((&["a", "b"], true, false), Lands, (&[], Continue))],
-                end: (&[], false, true),
+                ..base()
             },
             Row {
                 name: "nothing to change: no PATCH",
                 batch: &[],
-                probes: &[],
-                remove: &[],
                 max_retry: 2,
                 writes: vec![],
                 end: (&[], false, false),
+                ..base()
             },
             Row {
                 name: "the named identity is quarantined, the rest go on with the removes",
                 batch: &["a", "b", "ghost"],
-                probes: &[],
                 remove: &["old"],
                 max_retry: 2,
                 writes: vec![
@@ -802,11 +809,11 @@ mod tests {
                     ((&["a", "b"], true, false), Lands, (&[], Continue)),
                 ],
                 end: (&["ghost"], false, true),
+                ..base()
             },
             Row {
                 name: "the batch was only the culprit: the removes still go",
                 batch: &["ghost"],
-                probes: &[],
                 remove: &["old"],
                 max_retry: 2,
                 writes: vec![
@@ -818,12 +825,11 @@ mod tests {
                     ((&[], true, false), Lands, (&[], Continue)),
                 ],
                 end: (&["ghost"], false, true),
+                ..base()
             },
             Row {
                 name: "no identity named: halves until the culprit stands alone",
                 batch: &["a", "b", "c", "ghost"],
-                probes: &[],
-                remove: &[],
                 max_retry: 3,
                 writes: vec![
                     (
@@ -845,12 +851,11 @@ mod tests {
                     ),
                 ],
                 end: (&["ghost"], false, true),
+                ..base()
             },
             Row {
                 name: "the failures are counted across the groups of the cycle",
                 batch: &["a", "b", "c", "ghost"],
-                probes: &[],
-                remove: &[],
                 max_retry: 0,
                 writes: vec![
                     (
@@ -861,74 +866,63 @@ mod tests {
                     ((&["a", "b"], true, false), Lands, (&[], Continue)),
                     ((&["c", "ghost"], false, false), Anonymous, (&[], Stop)),
                 ],
-                end: (&[], false, true),
+                ..base()
             },
             Row {
                 name: "the retry bound: max retry plus the halvings of the group",
                 batch: &["a", "b"],
                 probes: &["p"],
-                remove: &[],
                 max_retry: 1,
                 writes: vec![
                     ((&["a", "b"], true, false), Anonymous, (&[], PauseAndReread)),
                     ((&["a"], true, false), Anonymous, (&["a"], Stop)),
                 ],
                 end: (&["a"], false, true),
+                ..base()
             },
             Row {
                 name: "throttled: stop, nothing quarantined, probes wait",
                 batch: &["a"],
                 probes: &["p"],
-                remove: &[],
-                max_retry: 5,
                 writes: vec![((&["a"], true, false), Throttled, (&[], Stop))],
-                end: (&[], false, true),
+                ..base()
             },
             Row {
                 name: "no answer at all: stop",
                 batch: &["a"],
-                probes: &[],
-                remove: &[],
-                max_retry: 5,
                 writes: vec![((&["a"], true, false), NoAnswer, (&[], Stop))],
-                end: (&[], false, true),
+                ..base()
             },
             Row {
                 name: "probes go alone after the batch; a refused probe does not pause",
                 batch: &["a"],
                 probes: &["p", "q"],
-                remove: &[],
-                max_retry: 5,
                 writes: vec![
                     ((&["a"], true, false), Lands, (&[], Continue)),
                     ((&["p"], false, true), NotFound("p"), (&["p"], Continue)),
                     ((&["q"], false, true), Lands, (&[], Continue)),
                 ],
                 end: (&["p"], false, true),
+                ..base()
             },
             Row {
                 name: "the budget defers the first PATCH: stop, nothing to read again",
                 batch: &["a"],
                 probes: &["p"],
-                remove: &[],
-                max_retry: 5,
                 writes: vec![((&["a"], true, false), Deferred, (&[], Stop))],
                 end: (&[], true, false),
+                ..base()
             },
             Row {
                 name: "the budget defers a later PATCH: stop, read again",
                 batch: &["a"],
-                probes: &[],
-                remove: &[],
-                max_retry: 5,
                 writes: vec![((&["a"], true, false), DeferredAfterOne, (&[], Stop))],
                 end: (&[], true, true),
+                ..base()
             },
             Row {
                 name: "a refusal naming someone outside the group halves it",
                 batch: &["a", "b"],
-                probes: &[],
-                remove: &[],
                 max_retry: 0,
                 writes: vec![
                     (
@@ -939,7 +933,7 @@ mod tests {
                     ((&["a"], true, false), Lands, (&[], Continue)),
                     ((&["b"], false, false), Lands, (&[], Continue)),
                 ],
-                end: (&[], false, true),
+                ..base()
             },
         ];
         for row in &rows {
