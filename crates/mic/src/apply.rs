@@ -517,25 +517,9 @@ impl<C: Cloud> Executor<C> {
         let mut aais: BTreeMap<Key, AzureAssignedIdentity> = index.assigned.clone();
         let mut failed: BTreeSet<Key> = BTreeSet::new();
 
-        // 1. Kubernetes writes first, bounded by --createDeleteBatch.
-        // Futures are collected first: a lazy `map` held across an await
-        // makes the cycle's future lose `Send` (higher-ranked closure).
-        let mut creates = Vec::with_capacity(plan.create.len());
-        for aai in &plan.create {
-            creates.push(self.write_aai(aai, AaiWrite::Create));
-        }
-        let creates = futures::stream::iter(creates)
-            .buffer_unordered(self.opts.batch.max(1))
-            .collect::<Vec<_>>()
-            .await;
-        let mut updates = Vec::with_capacity(plan.update.len());
-        for aai in &plan.update {
-            updates.push(self.write_aai(aai, AaiWrite::Update));
-        }
-        let updates = futures::stream::iter(updates)
-            .buffer_unordered(self.opts.batch.max(1))
-            .collect::<Vec<_>>()
-            .await;
+        // 1. Kubernetes writes first: creates, then updates.
+        let creates = self.write_aais(&plan.create, AaiWrite::Create).await;
+        let updates = self.write_aais(&plan.update, AaiWrite::Update).await;
         for r in creates.into_iter().chain(updates) {
             match r {
                 Ok(aai) => {
@@ -1060,6 +1044,25 @@ impl<C: Cloud> Executor<C> {
             }
         }
         Ok(())
+    }
+
+    /// Writes each of `aais` (as `write` says), at most `--createDeleteBatch`
+    /// at a time.
+    async fn write_aais(
+        &self,
+        aais: &[AzureAssignedIdentity],
+        write: AaiWrite,
+    ) -> Vec<Result<AzureAssignedIdentity, (Key, ApplyError)>> {
+        // Futures are collected first: a lazy `map` held across an await
+        // makes the cycle's future lose `Send` (higher-ranked closure).
+        let mut writes = Vec::with_capacity(aais.len());
+        for aai in aais {
+            writes.push(self.write_aai(aai, write));
+        }
+        futures::stream::iter(writes)
+            .buffer_unordered(self.opts.batch.max(1))
+            .collect()
+            .await
     }
 
     /// Creates or replaces `aai` (as `write` says), with its metrics; a
