@@ -40,10 +40,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use anyhow::{Context as _, bail};
-use azure_emulator::config::{
-    IdentityAssignmentSeed, IdentitySeed, ImdsListenerSeed, SecretSeed, ServicePrincipalSeed,
-    VmSeed,
-};
+use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, ImdsListenerSeed, VmSeed};
 use azure_emulator::{Config, Emulator};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -229,14 +226,8 @@ pub struct NmiNode {
 
 impl std::fmt::Debug for NmiNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NmiNode")
-            .field("node_name", &self.node_name)
-            .field("node", &self.node)
-            .field("ns", &self.ns)
-            .field("azure", &self.azure)
-            .field("dir", &self.dir)
-            .field("nmi", &self.nmi)
-            .finish_non_exhaustive()
+        let (name, dir) = (&self.node_name, &self.dir);
+        write!(f, "NmiNode {{ node_name: {name:?}, dir: {dir:?}, .. }}")
     }
 }
 
@@ -265,10 +256,12 @@ impl NmiNode {
 
         let mut cfg = emulator_config(&node_name);
         let (cert_pem, p12) = openssl_certificate(&dir)?;
-        cfg.service_principals = vec![
-            service_principal(SP_CLIENT, vec![SecretSeed::Plain(SP_SECRET.into())], vec![]),
-            service_principal(SP_CERT_CLIENT, vec![], vec![cert_pem]),
-        ];
+        // Type 1 with its secret, type 2 with its certificate, as the
+        // emulator's configuration file lists them.
+        cfg.service_principals = serde_json::from_value(serde_json::json!([
+            {"clientId": SP_CLIENT, "secrets": [SP_SECRET]},
+            {"clientId": SP_CERT_CLIENT, "certificates": [cert_pem]},
+        ]))?;
         // The CA bundle NMI trusts for AAD lives in the node's folder.
         cfg.listen.ca_bundle_path = Some(dir.join("emulator-ca.pem"));
         (opts.emulator)(&mut cfg);
@@ -303,7 +296,8 @@ impl NmiNode {
                     machine: format!("vm/{node_name}"),
                     address: SocketAddr::from((IMDS_ADDRESS, 80)),
                 }];
-                start_emulator_in(&node.node, child_test, &cfg, &dir)?
+                std::fs::write(dir.join("emulator.json"), serde_json::to_vec(&cfg)?)?;
+                start_emulator_in(&node.node, child_test, &dir)?
             }
         };
         let relay = node.node.relay_many(&pairs, &dir).await?;
@@ -349,6 +343,26 @@ impl NmiNode {
             Azure::Relayed(emu) => Ok(emu),
             Azure::InNode { .. } => bail!("the emulator runs inside the node: use its admin API"),
         }
+    }
+
+    /// The `appid` of `token` once the emulator has checked its signature
+    /// ([`Imds::Relayed`]).
+    pub fn verified_appid(&self, token: &str) -> anyhow::Result<String> {
+        let claims = self
+            .emu()?
+            .verify_token(token)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(claims.appid)
+    }
+
+    /// [`NmiNode::verified_appid`] of the `access_token` of a token
+    /// answer's `body`.
+    pub fn answer_appid(&self, body: &str) -> anyhow::Result<String> {
+        let v: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+        let token = v["access_token"]
+            .as_str()
+            .with_context(|| format!("no access_token: {body}"))?;
+        self.verified_appid(token)
     }
 
     /// The emulator's AAD URL (the same inside the node and here).
@@ -724,22 +738,6 @@ impl NmiNode {
     }
 }
 
-/// A service principal `client_id` with `secrets` and `certificates`.
-fn service_principal(
-    client_id: &str,
-    secrets: Vec<SecretSeed>,
-    certificates: Vec<String>,
-) -> ServicePrincipalSeed {
-    ServicePrincipalSeed {
-        client_id: client_id.into(),
-        object_id: None,
-        secrets,
-        certificates,
-        federated_credentials: Vec::new(),
-        permissions: Default::default(),
-    }
-}
-
 /// The calling test binary re-executed inside `ns` to run only its ignored
 /// test `test` (a child of the test: an attacker, an SDK, the emulator).
 pub fn test_child(ns: &NetNs, test: &str) -> anyhow::Result<std::process::Command> {
@@ -754,16 +752,10 @@ pub fn test_child(ns: &NetNs, test: &str) -> anyhow::Result<std::process::Comman
     Ok(cmd)
 }
 
-/// Starts the emulator with `cfg` inside `ns` ([`Imds::InNode`]) and
-/// reads its addresses.
-fn start_emulator_in(
-    ns: &NetNs,
-    child_test: &str,
-    cfg: &Config,
-    dir: &Path,
-) -> anyhow::Result<Azure> {
+/// Starts the emulator inside `ns` ([`Imds::InNode`]) with the
+/// configuration `emulator.json` in `dir`, and reads its addresses.
+fn start_emulator_in(ns: &NetNs, child_test: &str, dir: &Path) -> anyhow::Result<Azure> {
     let cfg_path = dir.join("emulator.json");
-    std::fs::write(&cfg_path, serde_json::to_vec(cfg)?)?;
     let mut child = test_child(ns, child_test)?
         .env(EMULATOR_CONFIG_ENV, &cfg_path)
         .stdout(Stdio::piped())

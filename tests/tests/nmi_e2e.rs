@@ -489,30 +489,18 @@ async fn managed_and_namespaced_modes() -> anyhow::Result<()> {
 
     // ns1: identity A bound to selector "a". ns2: identity B bound to "b",
     // and nothing for "a".
-    let post = |ns: &str| {
-        (
-            Api::<AzureIdentity>::namespaced(client.clone(), ns),
-            Api::<AzureIdentityBinding>::namespaced(client.clone(), ns),
-        )
-    };
-    let (ids1, binds1) = post(&ns1);
-    ids1.create(&PostParams::default(), &identity(&ns1, "id-a", CLIENT_A))
-        .await?;
-    binds1
-        .create(
-            &PostParams::default(),
-            &binding(&ns1, "bind-a", "id-a", "a"),
-        )
-        .await?;
-    let (ids2, binds2) = post(&ns2);
-    ids2.create(&PostParams::default(), &identity(&ns2, "id-b", CLIENT_B))
-        .await?;
-    binds2
-        .create(
-            &PostParams::default(),
-            &binding(&ns2, "bind-b", "id-b", "b"),
-        )
-        .await?;
+    for (ns, id, client_id, selector) in
+        [(&ns1, "id-a", CLIENT_A, "a"), (&ns2, "id-b", CLIENT_B, "b")]
+    {
+        let pp = PostParams::default();
+        Api::<AzureIdentity>::namespaced(client.clone(), ns)
+            .create(&pp, &identity(ns, id, client_id))
+            .await?;
+        let bind = binding(ns, &format!("bind-{selector}"), id, selector);
+        Api::<AzureIdentityBinding>::namespaced(client.clone(), ns)
+            .create(&pp, &bind)
+            .await?;
+    }
     // pod 0 in ns1 labelled "a": served. pod 1 in ns2 labelled "a": the
     // binding lives in ns1. pod 2 in ns1 labelled "b": the binding lives in ns2.
     for (ns, name, i, selector) in [

@@ -18,7 +18,6 @@ use aadpodid_tests::nmi_node::{
 };
 use aadpodid_tests::{Cluster, IdentitySelector, python_imds_token, wait_for};
 use anyhow::{Context as _, bail};
-use azure_emulator::Emulator;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 
@@ -32,14 +31,12 @@ async fn node_with(pods: u8) -> anyhow::Result<(NmiNode, kube::Client, String)> 
     Ok((f, client, ns))
 }
 
-fn appid_of(emu: &Emulator, out: &serde_json::Value) -> anyhow::Result<String> {
+/// The verified `appid` of the token in [`python`]'s output `out`.
+fn appid_of(f: &NmiNode, out: &serde_json::Value) -> anyhow::Result<String> {
     let token = out["token"]
         .as_str()
         .with_context(|| format!("no token: {out}"))?;
-    Ok(emu
-        .verify_token(token)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-        .appid)
+    f.verified_appid(token)
 }
 
 fn python(ns: &NetNs, selector: IdentitySelector<'_>) -> anyhow::Result<serde_json::Value> {
@@ -92,11 +89,11 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
     // A bound pod gets its identity's token through the real Python SDK,
     // with no selector, by client ID and by object ID.
     let out = python(f.pod_ns(0), IdentitySelector::Default)?;
-    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}\n{}", f.log());
+    assert_eq!(appid_of(&f, &out)?, CLIENT_A, "{out}\n{}", f.log());
     let out = python(f.pod_ns(0), IdentitySelector::ClientId(CLIENT_A))?;
-    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}");
+    assert_eq!(appid_of(&f, &out)?, CLIENT_A, "{out}");
     let out = python(f.pod_ns(0), IdentitySelector::ObjectId(OBJECT_A))?;
-    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}");
+    assert_eq!(appid_of(&f, &out)?, CLIENT_A, "{out}");
 
     // Bound to A, it cannot get B: by client_id, msi_res_id, object_id
     // (with the ID in upper case too), or through /host/token.
@@ -236,7 +233,7 @@ async fn nmi_on_a_test_node() -> anyhow::Result<()> {
     // And tokens resume after a restart.
     f.restart_nmi().await?;
     let out = python(f.pod_ns(0), IdentitySelector::ClientId(CLIENT_A))?;
-    assert_eq!(appid_of(f.emu()?, &out)?, CLIENT_A, "{out}");
+    assert_eq!(appid_of(&f, &out)?, CLIENT_A, "{out}");
 
     // Tampering is repaired at the next check.
     f.node_ns()
@@ -328,12 +325,7 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
         let (code, body) = curl(f.pod_ns(0), tok, &md).await?;
         assert_eq!(code, 200, "{body}\n{}", f.log());
         let v: serde_json::Value = serde_json::from_str(&body)?;
-        let token = v["access_token"].as_str().context("access_token")?;
-        let claims = f
-            .emu()?
-            .verify_token(token)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        assert_eq!(claims.appid, SP_CLIENT);
+        assert_eq!(f.answer_appid(&body)?, SP_CLIENT);
         assert_eq!(v["resource"], ARM);
         assert!(v["expires_on"].as_str().is_some(), "{body}");
     }
@@ -347,13 +339,7 @@ async fn nmi_service_principal_identity() -> anyhow::Result<()> {
     // Type 2: the PKCS#12 certificate from the Secret signs the assertion.
     let (code, body) = curl(f.pod_ns(2), tok, &md).await?;
     assert_eq!(code, 200, "{body}\n{}", f.log());
-    let v: serde_json::Value = serde_json::from_str(&body)?;
-    let token = v["access_token"].as_str().context("access_token")?;
-    let claims = f
-        .emu()?
-        .verify_token(token)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    assert_eq!(claims.appid, SP_CERT_CLIENT);
+    assert_eq!(f.answer_appid(&body)?, SP_CERT_CLIENT);
     Ok(())
 }
 
@@ -415,11 +401,7 @@ async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
     let tok = ARM_TOKEN_PATH;
     let (code, body) = curl(f.pod_ns(0), tok, &md).await?;
     assert_eq!(code, 200, "genuine: {body}\n{}", f.log());
-    let v: serde_json::Value = serde_json::from_str(&body)?;
-    assert_eq!(
-        appid_of(f.emu()?, &serde_json::json!({"token": v["access_token"]}))?,
-        CLIENT_A
-    );
+    assert_eq!(f.answer_appid(&body)?, CLIENT_A);
     // Forged or stale where MIC writes: refused without waiting for MIC
     // (NMI holds such a refusal 2 s for its caches to catch up; the wait
     // budget here is 5 s). Where MIC never writes, or not Assigned: as if
@@ -461,14 +443,8 @@ async fn nmi_trusts_no_forged_assigned_identity() -> anyhow::Result<()> {
     // The real SDK too: whatever it gets, it is never B's token.
     let out = python(f.pod_ns(6), IdentitySelector::ClientId(CLIENT_B))?;
     if let Some(token) = out["token"].as_str() {
-        let claims = f
-            .emu()?
-            .verify_token(token)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        bail!(
-            "a token came back (appid {}, B is {CLIENT_B}): {out}",
-            claims.appid
-        );
+        let appid = f.verified_appid(token)?;
+        bail!("a token came back (appid {appid}, B is {CLIENT_B}): {out}");
     }
     // The user sees why: an Event on the AzureIdentity, and the metric.
     let events = Api::<Event>::namespaced(client.clone(), &ns);

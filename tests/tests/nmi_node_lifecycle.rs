@@ -483,13 +483,7 @@ async fn requests_during_the_first_sync_after_a_restart_wait() -> anyhow::Result
         "a request during the first sync waits and succeeds: {body}\nnmi log:\n{}",
         f.start_log()
     );
-    let token: serde_json::Value = serde_json::from_str(&body)?;
-    let appid = f
-        .emu()?
-        .verify_token(token["access_token"].as_str().context("access_token")?)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-        .appid;
-    assert_eq!(appid, CLIENT_A);
+    assert_eq!(f.answer_appid(&body)?, CLIENT_A);
     assert!(
         took >= Duration::from_secs(3),
         "answered only once the apiserver was reachable: {took:?}"
