@@ -157,14 +157,36 @@ impl Default for Opts {
     }
 }
 
+impl Opts {
+    /// These options with NMI's limits changed by `change`.
+    fn limits(mut self, change: impl FnOnce(&mut nmi::server::Limits)) -> Self {
+        change(&mut self.limits);
+        self
+    }
+
+    /// An empty index, its first sync done when `synced` says so.
+    fn unsynced(synced: tokio::sync::watch::Receiver<bool>) -> Self {
+        Opts {
+            first_sync: Some(synced),
+            filled: false,
+            ..Default::default()
+        }
+    }
+}
+
+/// NMI's server as a test runs it; the test holds [`SERIAL`] while it lives.
 struct Nmi {
     addr: SocketAddr,
     server: Arc<nmi::server::Server<FakeImds>>,
     live: Arc<AtomicUsize>,
     _shutdown: aadpodid_runtime::Shutdown,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
+/// Waits for the other tests of this file to end (they count the process's
+/// descriptors), then starts NMI's server as `opts` say.
 async fn start(opts: Opts) -> Nmi {
+    let serial = SERIAL.lock().await;
     let live = Arc::new(AtomicUsize::new(0));
     let source = FakeImds {
         delay: opts.delay,
@@ -193,6 +215,7 @@ async fn start(opts: Opts) -> Nmi {
         server,
         live,
         _shutdown: shutdown,
+        _serial: serial,
     }
 }
 
@@ -322,16 +345,11 @@ fn refused(nmi: &Nmi, family: &str, reason: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_caps_are_closed_at_once_and_descriptors_return_to_baseline() {
-    let _serial = SERIAL.lock().await;
-    let nmi = start(Opts {
-        limits: nmi::server::Limits {
-            max_connections: 64,
-            max_connections_per_ip: 8,
-            header_read_timeout: Duration::from_secs(30),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
+    let nmi = start(Opts::default().limits(|l| {
+        l.max_connections = 64;
+        l.max_connections_per_ip = 8;
+        l.header_read_timeout = Duration::from_secs(30);
+    }))
     .await;
     // A first exchange so that lazily created runtime descriptors exist.
     assert_eq!(quiet_token(nmi.addr, "warm").await.status, 200);
@@ -422,7 +440,6 @@ async fn connections_over_the_caps_are_closed_at_once_and_descriptors_return_to_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declared_body_gets_400_at_once_and_the_connection_closes() {
-    let _serial = SERIAL.lock().await;
     let nmi = start(Opts {
         delay: None,
         ..Default::default()
@@ -480,16 +497,8 @@ async fn a_declared_body_gets_400_at_once_and_the_connection_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_heads_and_idle_keep_alive_connections_are_cut() {
-    let _serial = SERIAL.lock().await;
     let timeout = Duration::from_millis(500);
-    let nmi = start(Opts {
-        limits: nmi::server::Limits {
-            header_read_timeout: timeout,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let nmi = start(Opts::default().limits(|l| l.header_read_timeout = timeout)).await;
     // A head that never ends.
     let mut slow = connect_from(QUIET_IP, nmi.addr).await;
     slow.write_all(b"GET /metadata/identity/oauth2/token HTTP/1.1\r\nHost: x\r\n")
@@ -529,16 +538,8 @@ async fn slow_heads_and_idle_keep_alive_connections_are_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_connection_takes_no_new_request() {
-    let _serial = SERIAL.lock().await;
     let age = Duration::from_millis(400);
-    let nmi = start(Opts {
-        limits: nmi::server::Limits {
-            max_connection_age: age,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let nmi = start(Opts::default().limits(|l| l.max_connection_age = age)).await;
     let mut s = connect_from(QUIET_IP, nmi.addr).await;
     let started = Instant::now();
     let mut answered = 0;
@@ -587,19 +588,19 @@ fn busy_flood(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_pod_does_not_delay_another_pods_first_token_and_its_abandoned_calls_are_dropped() {
-    let _serial = SERIAL.lock().await;
     let call = Duration::from_millis(20);
-    let nmi = start(Opts {
-        delay: Some(call),
-        max_pending_per_pod: 1000,
-        max_cached_tokens: 50,
-        limits: nmi::server::Limits {
-            max_connections: 1024,
-            max_connections_per_ip: 600,
+    let nmi = start(
+        Opts {
+            delay: Some(call),
+            max_pending_per_pod: 1000,
+            max_cached_tokens: 50,
             ..Default::default()
-        },
-        ..Default::default()
-    })
+        }
+        .limits(|l| {
+            l.max_connections = 1024;
+            l.max_connections_per_ip = 600;
+        }),
+    )
     .await;
     assert_eq!(quiet_token(nmi.addr, "warm").await.status, 200);
     let baseline = fds();
@@ -673,7 +674,6 @@ async fn a_busy_pod_does_not_delay_another_pods_first_token_and_its_abandoned_ca
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_its_pending_bound_a_pod_gets_429_and_failed_fetches_leave_no_entry() {
-    let _serial = SERIAL.lock().await;
     let nmi = start(Opts {
         delay: Some(Duration::from_millis(50)),
         imds_limits: (1, 20),
@@ -718,18 +718,9 @@ async fn beyond_its_pending_bound_a_pod_gets_429_and_failed_fetches_leave_no_ent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_before_the_first_sync_wait_for_it() {
-    let _serial = SERIAL.lock().await;
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let nmi = start(Opts {
-        first_sync: Some(rx),
-        filled: false,
-        limits: nmi::server::Limits {
-            first_sync_wait: Duration::from_secs(10),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let nmi =
+        start(Opts::unsynced(rx).limits(|l| l.first_sync_wait = Duration::from_secs(10))).await;
     let addr = nmi.addr;
     let waiting = tokio::spawn(async move {
         let started = Instant::now();
@@ -750,18 +741,9 @@ async fn requests_before_the_first_sync_wait_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_sync_in_time_the_request_gets_503_with_retry_after() {
-    let _serial = SERIAL.lock().await;
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    let nmi = start(Opts {
-        first_sync: Some(rx),
-        filled: false,
-        limits: nmi::server::Limits {
-            first_sync_wait: Duration::from_millis(300),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await;
+    let nmi =
+        start(Opts::unsynced(rx).limits(|l| l.first_sync_wait = Duration::from_millis(300))).await;
     let started = Instant::now();
     let r = quiet_token(nmi.addr, "r").await;
     let waited = started.elapsed();

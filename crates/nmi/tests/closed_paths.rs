@@ -83,6 +83,19 @@ fn imds_log(emu: &Emulator) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Sends `method target` to NMI at `addr` and checks that IMDS got exactly
+/// that request, unchanged; returns NMI's status.
+async fn forwarded(emu: &Emulator, addr: SocketAddr, method: &str, target: &str) -> u16 {
+    let before = imds_log(emu).len();
+    let (status, _) = send(addr, method, target.as_bytes()).await;
+    assert_eq!(
+        imds_log(emu).get(before..),
+        Some(&[(method.to_string(), target.to_string())][..]),
+        "{method} {target}: IMDS got exactly this request (status {status})"
+    );
+    status
+}
+
 /// Hostile requests: (method, raw target, expected status from NMI).
 fn hostile() -> Vec<(&'static str, Vec<u8>, u16)> {
     // (method, NMI's status, targets).
@@ -207,14 +220,7 @@ async fn hostile_paths_never_reach_imds_and_allowed_ones_do() {
     assert!(failures.is_empty(), "{failures:#?}");
 
     for (method, target) in ALLOWED {
-        let before = imds_log(&emu).len();
-        let (status, _) = send(nmi.addr, method, target.as_bytes()).await;
-        let after = imds_log(&emu);
-        assert_eq!(
-            after.get(before..),
-            Some(&[(method.to_string(), target.to_string())][..]),
-            "{method} {target}: IMDS got exactly this request (status {status})"
-        );
+        let status = forwarded(&emu, nmi.addr, method, target).await;
         println!("{method:6} {target:70} -> {status} (forwarded)");
     }
 }
@@ -242,20 +248,10 @@ async fn the_flags_block_instance_metadata_and_open_scheduled_events_post() {
         assert_eq!(imds_log(&emu), before, "{target} reached IMDS");
     }
     let target = "/metadata/scheduledevents?api-version=2020-07-01";
-    let before = imds_log(&emu).len();
-    send(nmi.addr, "POST", target.as_bytes()).await;
-    assert_eq!(
-        imds_log(&emu).get(before..),
-        Some(&[("POST".to_string(), target.to_string())][..])
-    );
+    forwarded(&emu, nmi.addr, "POST", target).await;
     // --proxy-allowed-paths: that path by GET, nothing else.
     let target = "/metadata/loadbalancer?api-version=2020-10-01";
-    let before = imds_log(&emu).len();
-    send(nmi.addr, "GET", target.as_bytes()).await;
-    assert_eq!(
-        imds_log(&emu).get(before..),
-        Some(&[("GET".to_string(), target.to_string())][..])
-    );
+    forwarded(&emu, nmi.addr, "GET", target).await;
     // Only those: other methods, spellings and paths stay closed.
     for (method, target) in [
         ("POST", "/metadata/loadbalancer"),
