@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # fn demo() -> anyhow::Result<()> {
-//! use aadpodid_tests::helm;
+//! use aadpodid_testkit::helm;
 //! let docs = helm::template(&helm::Render::new("rel", "kube-system"))?;
 //! let ds = helm::find(&docs, "DaemonSet", "aad-pod-identity-nmi");
 //! # Ok(()) }

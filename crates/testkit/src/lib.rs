@@ -44,6 +44,8 @@
 //! | [`fixtures`] | [`repo_root`], [`fixture`], [`fill_template`] |
 //! | [`env`] | [`env::PROXY_VARS`] (removed from processes under test) |
 //! | [`ids`] | [`unique_name`], [`free_port`], [`free_ports`], [`TENANT`], [`SUB`] |
+//! | [`world`] | [`world::World`] built from [`world::Options`]: the end-to-end world (tenant, nodes, mic replicas and nmi per node as [`world::Program`]s, pods, namespace users, the chart's arguments) |
+//! | [`helm`] | [`helm::Render`], [`helm::template`] (a real `helm` rendering the chart) |
 
 pub mod children;
 pub mod cluster;

@@ -1,0 +1,267 @@
+//! The world's machines: nodes (a scale-set instance, its Node object,
+//! network namespaces, IMDS and nmi), mic replicas (a pod namespace each), and
+//! the identities the scale sets carry.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Child;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+use super::chart::{Launch, Workload};
+use super::processes::Proc;
+use super::{ADDON, KUBELET, NODE_RG, PodRef, World, id_name, vmss_name};
+use crate::netns::{IMDS_ADDRESS, NetNs, Node};
+use crate::{tenant, wait_for};
+
+/// The address of a listener's URL (`https://127.0.0.1:1234/` and the like).
+pub(super) fn socket_of(url: &str) -> anyhow::Result<SocketAddr> {
+    url.trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("address of {url}"))
+}
+
+/// Starts a relay in `ns` carrying each `(listen, target)` pair from inside
+/// the namespace to the root namespace (sockets in a folder of `dir`).
+async fn relay_in(
+    ns: &NetNs,
+    dir: &Path,
+    pairs: &[(SocketAddr, SocketAddr)],
+) -> anyhow::Result<Child> {
+    let sockets = dir.join(ns.name());
+    std::fs::create_dir_all(&sockets)?;
+    ns.relay_many(pairs, &sockets).await
+}
+
+fn stop_relay(relay: &mut Child) {
+    let _ = relay.kill();
+    let _ = relay.wait();
+}
+
+/// One node: a scale-set instance, its Node object, network namespaces and nmi.
+#[derive(Debug)]
+pub struct WorldNode {
+    /// Node object name.
+    pub name: String,
+    /// Scale set it belongs to.
+    pub vmss: String,
+    /// Emulator machine label, `vmss/<name>/<id>`.
+    pub machine: String,
+    /// The node and its pods' namespaces.
+    pub net: Node,
+    /// nmi on it.
+    pub nmi: Proc,
+    relay: Child,
+}
+
+impl WorldNode {
+    /// Node `index` of the world, instance `i` of scale set `s`, with
+    /// `pods_per_node` pod namespaces: its Node object, its IMDS at
+    /// 169.254.169.254:80 and the apiserver inside the node namespace, and
+    /// nmi's pod (nmi not started yet).
+    pub(super) async fn add(
+        launch: &Launch<'_>,
+        nmi: &Workload,
+        (s, i): (usize, usize),
+        index: usize,
+        pods_per_node: u8,
+    ) -> anyhow::Result<WorldNode> {
+        let vmss = vmss_name(s);
+        let name = format!("aks-pool{s}-12345678-vmss{i:06}");
+        let node: KubeNode = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux"}},
+            "spec": {"providerID": tenant::vmss_provider_id(NODE_RG, &vmss, i)},
+        }))?;
+        Api::<KubeNode>::all(launch.client.clone())
+            .create(&PostParams::default(), &node)
+            .await?;
+        let machine = format!("vmss/{vmss}/{i}");
+        let subnet = u8::try_from(index + 1).context("too many nodes")?;
+        let net = Node::with_pods_in(pods_per_node, subnet)?;
+        net.node.add_local_address(IMDS_ADDRESS)?;
+        let imds = launch
+            .emu
+            .add_imds(&machine, "127.0.0.1:0".parse()?)
+            .await?;
+        let api = launch.apiserver;
+        let pairs = [(api, api), (SocketAddr::from((IMDS_ADDRESS, 80)), imds)];
+        let relay = relay_in(&net.node, launch.dir, &pairs).await?;
+        let pod_name = format!("aad-pod-identity-nmi-{index}");
+        let nmi = launch.process(nmi, &pod_name, &name).await?;
+        Ok(WorldNode {
+            name,
+            vmss,
+            machine,
+            net,
+            nmi,
+            relay,
+        })
+    }
+
+    /// Stops nmi and the relay.
+    pub(super) fn stop(&mut self) {
+        self.nmi.kill();
+        stop_relay(&mut self.relay);
+    }
+}
+
+/// A mic replica: a process in a pod namespace of its own.
+#[derive(Debug)]
+pub struct MicReplica {
+    /// Its network namespace.
+    pub net: NetNs,
+    /// The process.
+    pub proc: Proc,
+    relay: Child,
+}
+
+impl MicReplica {
+    /// Replica `r`: a namespace reaching the apiserver, ARM and Entra ID, and
+    /// its pod on node `node` (mic not started yet).
+    pub(super) async fn add(
+        launch: &Launch<'_>,
+        mic: &Workload,
+        r: usize,
+        node: &str,
+    ) -> anyhow::Result<MicReplica> {
+        let net = NetNs::new("mic")?;
+        let pairs = [
+            launch.apiserver,
+            socket_of(&launch.emu.arm_url())?,
+            socket_of(&launch.emu.aad_url())?,
+        ]
+        .map(|a| (a, a));
+        let relay = relay_in(&net, launch.dir, &pairs).await?;
+        let proc = launch
+            .process(mic, &format!("aad-pod-identity-mic-{r}"), node)
+            .await?;
+        Ok(MicReplica { net, proc, relay })
+    }
+
+    /// Stops mic and the relay.
+    pub(super) fn stop(&mut self) {
+        self.proc.kill();
+        stop_relay(&mut self.relay);
+    }
+}
+
+impl World {
+    /// Names of the user-assigned identities on scale set `vmss`.
+    pub fn vmss_identities(&self, vmss: &str) -> BTreeSet<String> {
+        self.emu
+            .assigned_identities(vmss)
+            .unwrap_or_default()
+            .iter()
+            .map(|id| id.rsplit('/').next().unwrap_or(id).to_string())
+            .collect()
+    }
+
+    /// What each scale set should carry for `pods`: the kubelet identity (and
+    /// [`ADDON`] when seeded) and the valid identities of the pods on its nodes.
+    pub fn expected_identities(&self, pods: &[PodRef]) -> BTreeMap<String, BTreeSet<String>> {
+        let mut base = BTreeSet::from([KUBELET.to_lowercase()]);
+        if self.opts.addon_identity {
+            base.insert(ADDON.to_lowercase());
+        }
+        let mut out: BTreeMap<String, BTreeSet<String>> = (0..self.opts.scale_sets)
+            .map(|s| (vmss_name(s), base.clone()))
+            .collect();
+        for p in pods {
+            if let Some(j) = p.identity {
+                out.entry(self.nodes[p.node].vmss.clone())
+                    .or_default()
+                    .insert(id_name(j));
+            }
+        }
+        out
+    }
+
+    /// Every scale set's identities (names).
+    pub fn all_vmss_identities(&self) -> BTreeMap<String, BTreeSet<String>> {
+        (0..self.opts.scale_sets)
+            .map(|s| (vmss_name(s), self.vmss_identities(&vmss_name(s))))
+            .collect()
+    }
+
+    /// Waits (bounded) until the scale sets carry exactly `want`.
+    pub async fn wait_vmss(
+        &self,
+        want: &BTreeMap<String, BTreeSet<String>>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let r = wait_for("scale-set identities", timeout, || async {
+            (self.all_vmss_identities() == *want).then_some(())
+        })
+        .await;
+        let r = r.with_context(|| format!("want {want:?}, have {:?}", self.all_vmss_identities()));
+        self.with_dump(r).await
+    }
+
+    /// Runs `body` while sampling every scale set every 100 ms; returns its
+    /// result and every sample in which one of `keep` (identity names),
+    /// once seen on a scale set, was missing from it, as `<vmss>: <identities>`.
+    pub async fn while_watching_vmss<T>(
+        &self,
+        keep: &[&str],
+        body: impl Future<Output = T>,
+    ) -> (T, Vec<String>) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = AtomicBool::new(false);
+        let body = async {
+            let r = body.await;
+            done.store(true, Ordering::Relaxed);
+            r
+        };
+        let watch = async {
+            let mut missing = Vec::new();
+            let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+            loop {
+                for (vmss, ids) in self.all_vmss_identities() {
+                    let mut gone = false;
+                    for k in keep {
+                        let k = k.to_lowercase();
+                        if ids.iter().any(|i| i.eq_ignore_ascii_case(&k)) {
+                            seen.insert((vmss.clone(), k));
+                        } else if seen.contains(&(vmss.clone(), k)) {
+                            gone = true;
+                        }
+                    }
+                    let line = format!("{vmss}: {ids:?}");
+                    if gone && missing.last() != Some(&line) {
+                        missing.push(line);
+                    }
+                }
+                if done.load(Ordering::Relaxed) {
+                    return missing;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::join!(body, watch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_urls_become_addresses() {
+        let want: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        for url in [
+            "https://127.0.0.1:8443",
+            "https://127.0.0.1:8443/",
+            "http://127.0.0.1:8443",
+        ] {
+            assert_eq!(socket_of(url).unwrap(), want, "{url}");
+        }
+        assert!(socket_of("https://localhost:8443").is_err());
+    }
+}

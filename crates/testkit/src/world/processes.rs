@@ -1,0 +1,210 @@
+//! The world's processes (mic replicas and nmi): started in a network
+//! namespace with a container's args and environment, probed, signalled and
+//! started again; and `curl` inside a namespace.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use super::{PROCESS_START, Program};
+use crate::netns::NetNs;
+
+/// A process of the world (mic replica or nmi), with how to start it again.
+#[derive(Debug)]
+pub struct Proc {
+    /// Pod name it stands for (`HOSTNAME`).
+    pub name: String,
+    program: Program,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    probe: (u16, String),
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// A process not started yet: `program` with `args` and the container's
+    /// `env`, answering on `probe` (port, path) when up, logging to `log`.
+    pub(super) fn new(
+        name: &str,
+        program: Program,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        probe: (u16, String),
+        log: PathBuf,
+    ) -> Proc {
+        Proc {
+            name: name.into(),
+            program,
+            args,
+            env,
+            probe,
+            log,
+            child: None,
+        }
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Its process ID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Its probe's URL, inside its namespace.
+    pub fn probe_url(&self) -> String {
+        format!("http://127.0.0.1:{}{}", self.probe.0, self.probe.1)
+    }
+
+    /// Starts it in `ns`, its output appended to its log.
+    pub(super) fn spawn(&mut self, ns: &NetNs) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = ns.command(&self.program.path);
+        // The container's environment only, plus PATH (iptables) for the wrapper.
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.program
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("start {}", self.name))?,
+        );
+        Ok(())
+    }
+
+    /// Kills it (if it runs) and reaps it.
+    pub(super) fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`) and waits (bounded) until it exits.
+    pub(super) fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        // `ip netns exec` and `setpriv` exec the program: the child's PID is its PID.
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &c.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {} failed", self.name);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("{} did not exit within 20 s of SIG{signal}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Polls its probe with `curl` inside `ns` until it answers 200 (any
+    /// body), bounded by [`PROCESS_START`]; fails at once when it exits.
+    pub(super) async fn wait_probe(&mut self, ns: &NetNs) -> anyhow::Result<()> {
+        let url = self.probe_url();
+        let deadline = Instant::now() + PROCESS_START;
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!(
+                    "{} exited ({status}) before its probe answered:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            let answer = curl_in(ns, &url, &[], 2).await;
+            if matches!(answer, Ok((200, _))) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: {url} not answering 200 after {PROCESS_START:?}:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// `curl` inside `ns`: (status, body); status 0 when no HTTP answer came.
+pub async fn curl_in(
+    ns: &NetNs,
+    url: &str,
+    headers: &[&str],
+    max_time: u32,
+) -> anyhow::Result<(u16, String)> {
+    run_curl(curl_command(ns, url, headers, max_time)).await
+}
+
+/// The `curl` command of [`curl_in`], to run later with [`run_curl`].
+pub(super) fn curl_command(ns: &NetNs, url: &str, headers: &[&str], max_time: u32) -> Command {
+    let mut cmd = ns.command("curl");
+    cmd.args(["-s", "--max-time", &max_time.to_string()])
+        .args(["-w", "\n%{http_code}"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    cmd.arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Runs a [`curl_command`]: (status, body); status 0 when no HTTP answer came.
+pub(super) async fn run_curl(cmd: Command) -> anyhow::Result<(u16, String)> {
+    let out = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    Ok(status_and_body(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Splits what `curl -w '\n%{http_code}'` printed into (status, body).
+fn status_and_body(text: &str) -> (u16, String) {
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curl_output_splits_into_status_and_body() {
+        assert_eq!(status_and_body("{\"a\":1}\n200"), (200, "{\"a\":1}".into()));
+        assert_eq!(
+            status_and_body("line\nline 2\n404"),
+            (404, "line\nline 2".into())
+        );
+        assert_eq!(status_and_body("\n000"), (0, String::new()));
+        assert_eq!(status_and_body(""), (0, String::new()));
+    }
+}
