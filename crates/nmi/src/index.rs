@@ -104,15 +104,87 @@ pub enum PodLookup {
 pub struct Index {
     pods: HashMap<Key, PodEntry>,
     by_ip: HashMap<IpAddr, BTreeSet<Key>>,
-    aais: HashMap<Key, AzureAssignedIdentity>,
-    exceptions: HashMap<Key, AzurePodIdentityException>,
-    bindings: HashMap<Key, AzureIdentityBinding>,
-    identities: HashMap<Key, AzureIdentity>,
-    /// The binding watch has listed everything once.
-    bindings_listed: bool,
-    /// The identity watch has listed everything once.
-    identities_listed: bool,
+    aais: Objects<AzureAssignedIdentity>,
+    exceptions: Objects<AzurePodIdentityException>,
+    bindings: Objects<AzureIdentityBinding>,
+    identities: Objects<AzureIdentity>,
 }
+
+/// The objects of one custom kind by `(namespace, name)`, as its watch
+/// reports them, and whether that watch has listed them all once.
+#[derive(Debug)]
+pub(crate) struct Objects<K> {
+    by_key: HashMap<Key, K>,
+    listed: bool,
+}
+
+impl<K> Default for Objects<K> {
+    fn default() -> Self {
+        Objects {
+            by_key: HashMap::new(),
+            listed: false,
+        }
+    }
+}
+
+impl<K> std::ops::Deref for Objects<K> {
+    type Target = HashMap<Key, K>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_key
+    }
+}
+
+impl<K: ResourceExt + Clone> Objects<K> {
+    /// Adds or replaces `obj`.
+    pub(crate) fn apply(&mut self, obj: &K) {
+        self.by_key.insert(key_of(obj), obj.clone());
+    }
+
+    /// Removes `namespace/name`.
+    pub(crate) fn delete(&mut self, namespace: &str, name: &str) {
+        self.by_key
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// Replaces everything with `all`, a complete list.
+    pub(crate) fn reset(&mut self, all: &[K]) {
+        self.by_key = all.iter().map(|o| (key_of(o), o.clone())).collect();
+        self.listed = true;
+    }
+
+    /// `namespace/name`, or whether its absence means anything yet.
+    fn lookup(&self, namespace: &str, name: &str) -> Cached<'_, K> {
+        match self.by_key.get(&(namespace.to_string(), name.to_string())) {
+            Some(o) => Cached::Found(o),
+            None if self.listed => Cached::Missing,
+            None => Cached::NotListed,
+        }
+    }
+}
+
+/// A custom kind the index keeps, and where (its watch feeds it there).
+pub(crate) trait Kept: ResourceExt + Clone {
+    /// This kind's objects in `index`.
+    fn objects(index: &mut Index) -> &mut Objects<Self>;
+}
+
+macro_rules! kept {
+    ($($kind:ty => $field:ident),* $(,)?) => {$(
+        impl Kept for $kind {
+            fn objects(index: &mut Index) -> &mut Objects<Self> {
+                &mut index.$field
+            }
+        }
+    )*};
+}
+
+kept!(
+    AzureAssignedIdentity => aais,
+    AzurePodIdentityException => exceptions,
+    AzureIdentityBinding => bindings,
+    AzureIdentity => identities,
+);
 
 /// What a cache says about an object looked up by name.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -127,19 +199,6 @@ pub enum Cached<'a, T> {
 
 fn key_of<K: ResourceExt>(obj: &K) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
-fn lookup<'a, T>(
-    map: &'a HashMap<Key, T>,
-    listed: bool,
-    namespace: &str,
-    name: &str,
-) -> Cached<'a, T> {
-    match map.get(&(namespace.to_string(), name.to_string())) {
-        Some(t) => Cached::Found(t),
-        None if listed => Cached::Missing,
-        None => Cached::NotListed,
-    }
 }
 
 impl Index {
@@ -216,15 +275,15 @@ impl Index {
 
     /// Adds or replaces an AzureAssignedIdentity.
     pub fn apply_aai(&mut self, aai: &AzureAssignedIdentity) {
-        self.aais.insert(key_of(aai), aai.clone());
+        self.aais.apply(aai);
     }
     /// Removes an AzureAssignedIdentity.
     pub fn delete_aai(&mut self, namespace: &str, name: &str) {
-        self.aais.remove(&(namespace.to_string(), name.to_string()));
+        self.aais.delete(namespace, name);
     }
     /// Replaces every AzureAssignedIdentity.
     pub fn reset_aais(&mut self, all: &[AzureAssignedIdentity]) {
-        self.aais = all.iter().map(|a| (key_of(a), a.clone())).collect();
+        self.aais.reset(all);
     }
 
     /// The AzureAssignedIdentities naming this pod, in name order.
@@ -240,16 +299,15 @@ impl Index {
 
     /// Adds or replaces an exception.
     pub fn apply_exception(&mut self, e: &AzurePodIdentityException) {
-        self.exceptions.insert(key_of(e), e.clone());
+        self.exceptions.apply(e);
     }
     /// Removes an exception.
     pub fn delete_exception(&mut self, namespace: &str, name: &str) {
-        self.exceptions
-            .remove(&(namespace.to_string(), name.to_string()));
+        self.exceptions.delete(namespace, name);
     }
     /// Replaces every exception.
     pub fn reset_exceptions(&mut self, all: &[AzurePodIdentityException]) {
-        self.exceptions = all.iter().map(|e| (key_of(e), e.clone())).collect();
+        self.exceptions.reset(all);
     }
 
     /// Whether an exception in the pod's namespace lists one of its labels
@@ -269,40 +327,36 @@ impl Index {
 
     /// Adds or replaces a binding.
     pub fn apply_binding(&mut self, b: &AzureIdentityBinding) {
-        self.bindings.insert(key_of(b), b.clone());
+        self.bindings.apply(b);
     }
     /// Removes a binding.
     pub fn delete_binding(&mut self, namespace: &str, name: &str) {
-        self.bindings
-            .remove(&(namespace.to_string(), name.to_string()));
+        self.bindings.delete(namespace, name);
     }
     /// Replaces every binding (after a full list).
     pub fn reset_bindings(&mut self, all: &[AzureIdentityBinding]) {
-        self.bindings = all.iter().map(|b| (key_of(b), b.clone())).collect();
-        self.bindings_listed = true;
+        self.bindings.reset(all);
     }
     /// The binding `namespace/name`.
     pub fn binding(&self, namespace: &str, name: &str) -> Cached<'_, AzureIdentityBinding> {
-        lookup(&self.bindings, self.bindings_listed, namespace, name)
+        self.bindings.lookup(namespace, name)
     }
 
     /// Adds or replaces an identity.
     pub fn apply_identity(&mut self, i: &AzureIdentity) {
-        self.identities.insert(key_of(i), i.clone());
+        self.identities.apply(i);
     }
     /// Removes an identity.
     pub fn delete_identity(&mut self, namespace: &str, name: &str) {
-        self.identities
-            .remove(&(namespace.to_string(), name.to_string()));
+        self.identities.delete(namespace, name);
     }
     /// Replaces every identity (after a full list).
     pub fn reset_identities(&mut self, all: &[AzureIdentity]) {
-        self.identities = all.iter().map(|i| (key_of(i), i.clone())).collect();
-        self.identities_listed = true;
+        self.identities.reset(all);
     }
     /// The identity `namespace/name`.
     pub fn identity(&self, namespace: &str, name: &str) -> Cached<'_, AzureIdentity> {
-        lookup(&self.identities, self.identities_listed, namespace, name)
+        self.identities.lookup(namespace, name)
     }
 
     /// Managed mode: identities named by bindings in the pod's namespace whose

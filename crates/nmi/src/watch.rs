@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use aadpodid_runtime::Shutdown;
 
 use crate::args::OperationMode;
-use crate::index::Index;
+use crate::index::{Index, Kept};
 use crate::metrics::Metrics;
 use crate::server::State;
 
@@ -44,29 +44,28 @@ fn valid<K: Clone>(items: &[DeserializeGuard<K>]) -> Vec<K> {
         .collect()
 }
 
-macro_rules! guarded_ops {
-    ($k:ty, $apply:ident, $delete:ident, $reset:ident) => {
-        Ops::<DeserializeGuard<$k>> {
-            apply: |i, g| match &g.0 {
-                Ok(o) => i.$apply(o),
-                Err(bad) => {
-                    tracing::warn!(
-                        kind = <$k as Resource>::kind(&()).as_ref(),
-                        namespace = bad.metadata.namespace.as_deref().unwrap_or(""),
-                        name = bad.metadata.name.as_deref().unwrap_or(""),
-                        error = %bad.error,
-                        "skipping malformed object"
-                    );
-                    i.$delete(
-                        bad.metadata.namespace.as_deref().unwrap_or(""),
-                        bad.metadata.name.as_deref().unwrap_or(""),
-                    );
-                }
-            },
-            delete: |i, ns, n| i.$delete(ns, n),
-            reset: |i, all| i.$reset(&valid(all)),
-        }
-    };
+/// How a custom kind goes into its place in the index: a malformed object
+/// is skipped with a warning and dropped from the index.
+fn guarded<K: Kept + Resource<DynamicType = ()>>() -> Ops<DeserializeGuard<K>> {
+    Ops {
+        apply: |i, g| match &g.0 {
+            Ok(o) => K::objects(i).apply(o),
+            Err(bad) => {
+                let namespace = bad.metadata.namespace.as_deref().unwrap_or("");
+                let name = bad.metadata.name.as_deref().unwrap_or("");
+                tracing::warn!(
+                    kind = K::kind(&()).as_ref(),
+                    namespace,
+                    name,
+                    error = %bad.error,
+                    "skipping malformed object"
+                );
+                K::objects(i).delete(namespace, name);
+            }
+        },
+        delete: |i, ns, n| K::objects(i).delete(ns, n),
+        reset: |i, all| K::objects(i).reset(&valid(all)),
+    }
 }
 
 /// One kind's watch writing into the shared index; `operation` labels the
@@ -157,35 +156,24 @@ pub fn spawn(
         pods,
         "get_pod_list",
     );
-    let exceptions = guarded_ops!(
-        AzurePodIdentityException,
-        apply_exception,
-        delete_exception,
-        reset_exceptions
+    w.start(
+        all(),
+        guarded::<AzurePodIdentityException>(),
+        "list_exceptions",
     );
-    w.start(all(), exceptions, "list_exceptions");
     if mode == OperationMode::Standard {
         let cfg = if scale_features {
             all().labels(&format!("{LABEL_NODENAME}={node}"))
         } else {
             all()
         };
-        let aais = guarded_ops!(AzureAssignedIdentity, apply_aai, delete_aai, reset_aais);
-        w.start(cfg, aais, "list_assigned_identities");
+        w.start(
+            cfg,
+            guarded::<AzureAssignedIdentity>(),
+            "list_assigned_identities",
+        );
     }
-    let bindings = guarded_ops!(
-        AzureIdentityBinding,
-        apply_binding,
-        delete_binding,
-        reset_bindings
-    );
-    w.start(all(), bindings, "list_bindings");
-    let identities = guarded_ops!(
-        AzureIdentity,
-        apply_identity,
-        delete_identity,
-        reset_identities
-    );
-    w.start(all(), identities, "list_identities");
+    w.start(all(), guarded::<AzureIdentityBinding>(), "list_bindings");
+    w.start(all(), guarded::<AzureIdentity>(), "list_identities");
     w.synced
 }
