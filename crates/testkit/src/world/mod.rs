@@ -98,6 +98,7 @@ pub use nodes::{MicReplica, WorldNode};
 pub use options::{Options, Program};
 pub use pods::PodRef;
 pub use processes::{Proc, curl_in};
+pub use tokens::access_token;
 pub use users::NsUser;
 
 use crate::{PrivateCluster, wait_for};

@@ -11,6 +11,15 @@ use super::{PodRef, TOKEN_PATH, World, id_client};
 use crate::netns::IMDS_ADDRESS;
 use crate::{IdentitySelector, python_imds_token};
 
+/// The `access_token` of a token answer's JSON `body` (IMDS or Entra ID).
+pub fn access_token(body: &str) -> anyhow::Result<String> {
+    let v: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+    v["access_token"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no access_token: {body}"))
+}
+
 impl World {
     /// A token request from inside the pod with curl, as an app would make it
     /// to 169.254.169.254: (status, body).
@@ -48,11 +57,7 @@ impl World {
     /// The `appid` of the token in a successful IMDS answer, verified with
     /// the emulator's signing key.
     pub fn appid_of(&self, body: &str) -> anyhow::Result<String> {
-        let v: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
-        let token = v["access_token"]
-            .as_str()
-            .with_context(|| format!("no access_token: {body}"))?;
-        self.verified_appid(token)
+        self.verified_appid(&access_token(body)?)
     }
 
     /// Asks for a token from every pod (all at once, as the apps would) and
@@ -142,5 +147,20 @@ impl World {
             .as_str()
             .with_context(|| format!("{}/{}: the SDK got no token: {out}", p.namespace, p.name))?;
         self.verified_appid(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_token_of_an_answer() {
+        assert_eq!(
+            access_token(r#"{"access_token":"t","expires_in":"3599"}"#).unwrap(),
+            "t"
+        );
+        assert!(access_token(r#"{"error":"invalid_request"}"#).is_err());
+        assert!(access_token("not json").is_err());
     }
 }
