@@ -366,9 +366,20 @@ pub fn write_files(md: &Path, table: &Table, m: &Machine) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The report: title, machine, the table and the chart, how each row is
+/// measured, what explains the upstream column, and each column's details.
 fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
-    let s = &t.scale;
     let mut out = String::new();
+    write_heading(&mut out, t, m, svg);
+    write_method(&mut out, &t.scale, m);
+    write_differences(&mut out, &t.scale);
+    write_details(&mut out, t);
+    out
+}
+
+/// Title, the command that wrote the report, the machine, the table and
+/// the chart.
+fn write_heading(out: &mut String, t: &Table, m: &Machine, svg: &Path) {
     let _ = writeln!(
         out,
         "# Benchmarks: this project and upstream aad-pod-identity v1.8.17\n"
@@ -401,6 +412,10 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
         svg.file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     );
+}
+
+/// "How it is measured", with the run's sizes.
+fn write_method(out: &mut String, s: &Scale, m: &Machine) {
     let _ = writeln!(out, "## How it is measured\n");
     let _ = writeln!(
         out,
@@ -432,6 +447,10 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
         idlew = s.wall(s.idle).as_secs_f64(),
         cpus = m.cpus,
     );
+}
+
+/// "Differences that explain the upstream column".
+fn write_differences(out: &mut String, s: &Scale) {
     let _ = writeln!(
         out,
         "\n## Differences that explain the upstream column\n\n\
@@ -441,6 +460,10 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
          - Both are started with their defaults otherwise, the same emulator settings, the same apiserver, the same pods and identities.",
         speed = s.speed
     );
+}
+
+/// Each column's details (notes of the rows), when it has any.
+fn write_details(out: &mut String, t: &Table) {
     for (subject, f) in &t.columns {
         if f.notes.is_empty() {
             continue;
@@ -450,7 +473,6 @@ fn markdown(t: &Table, m: &Machine, svg: &Path) -> String {
             let _ = writeln!(out, "- {n}");
         }
     }
-    out
 }
 
 fn escape(s: &str) -> String {
@@ -459,20 +481,37 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Colours of the columns' bars, in column order.
+const COLORS: [&str; 2] = ["#2b6cb0", "#dd6b20"];
+/// Width of the labels' column, of the longest bar, and height of a line (px).
+const LABEL_W: f64 = 560.0;
+const BAR_W: f64 = 300.0;
+const LINE_H: f64 = 16.0;
+
 /// A horizontal bar chart: one group per metric, each bar scaled to the
 /// larger value of its group.
 pub fn chart(t: &Table) -> String {
-    const COLORS: [&str; 2] = ["#2b6cb0", "#dd6b20"];
-    let (label_w, bar_w, line_h) = (560.0, 300.0, 16.0);
-    let group_h = line_h * (t.columns.len() as f64 + 1.0) + 8.0;
+    let group_h = LINE_H * (t.columns.len() as f64 + 1.0) + 8.0;
     let height = 60.0 + group_h * Metric::ALL.len() as f64;
-    let width = label_w + bar_w + 180.0;
+    let width = LABEL_W + BAR_W + 180.0;
     let mut out = String::new();
     let _ = writeln!(
         out,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    chart_legend(&mut out, t);
+    let mut y = 50.0;
+    for m in Metric::ALL {
+        chart_group(&mut out, t, m, y);
+        y += group_h;
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// One coloured square and title per column, side by side.
+fn chart_legend(out: &mut String, t: &Table) {
     let mut x = 10.0;
     for (i, (s, _)) in t.columns.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
@@ -484,54 +523,109 @@ pub fn chart(t: &Table) -> String {
         );
         x += 160.0;
     }
-    let mut y = 50.0;
-    for m in Metric::ALL {
-        let _ = writeln!(
-            out,
-            r#"<text x="10" y="{}" font-weight="bold">{}. {}</text>"#,
-            y + 12.0,
-            m.row(),
-            escape(&m.label(&t.scale))
-        );
-        let max = t
-            .columns
-            .iter()
-            .filter_map(|(_, f)| f.value(m))
-            .fold(0.0_f64, |a, v| a.max(v.abs()));
-        for (i, (_, f)) in t.columns.iter().enumerate() {
-            let by = y + line_h * (i as f64 + 1.0);
-            let c = COLORS[i % COLORS.len()];
-            match f.get(m) {
-                Some(Cell::Value(v)) => {
-                    let w = if max > 0.0 {
-                        bar_w * v.abs() / max
-                    } else {
-                        0.0
-                    };
-                    let _ = writeln!(
-                        out,
-                        r#"<rect x="{label_w}" y="{}" width="{w:.1}" height="{}" fill="{c}"/><text x="{:.1}" y="{}">{}</text>"#,
-                        by + 2.0,
-                        line_h - 4.0,
-                        label_w + w + 4.0,
-                        by + 12.0,
-                        format_number(*v)
-                    );
-                }
-                other => {
-                    let text = other.map_or_else(|| "not run".to_string(), Cell::render);
-                    let short: String = text.chars().take(70).collect();
-                    let _ = writeln!(
-                        out,
-                        r##"<text x="{label_w}" y="{}" fill="#718096">{}</text>"##,
-                        by + 12.0,
-                        escape(&short)
-                    );
-                }
+}
+
+/// Metric `m`'s group from height `y`: its label, then per column a bar
+/// (scaled to the group's largest value) or the cell's text.
+fn chart_group(out: &mut String, t: &Table, m: Metric, y: f64) {
+    let _ = writeln!(
+        out,
+        r#"<text x="10" y="{}" font-weight="bold">{}. {}</text>"#,
+        y + 12.0,
+        m.row(),
+        escape(&m.label(&t.scale))
+    );
+    let max = t
+        .columns
+        .iter()
+        .filter_map(|(_, f)| f.value(m))
+        .fold(0.0_f64, |a, v| a.max(v.abs()));
+    for (i, (_, f)) in t.columns.iter().enumerate() {
+        let by = y + LINE_H * (i as f64 + 1.0);
+        let c = COLORS[i % COLORS.len()];
+        match f.get(m) {
+            Some(Cell::Value(v)) => {
+                let w = if max > 0.0 {
+                    BAR_W * v.abs() / max
+                } else {
+                    0.0
+                };
+                let _ = writeln!(
+                    out,
+                    r#"<rect x="{LABEL_W}" y="{}" width="{w:.1}" height="{}" fill="{c}"/><text x="{:.1}" y="{}">{}</text>"#,
+                    by + 2.0,
+                    LINE_H - 4.0,
+                    LABEL_W + w + 4.0,
+                    by + 12.0,
+                    format_number(*v)
+                );
+            }
+            other => {
+                let text = other.map_or_else(|| "not run".to_string(), Cell::render);
+                let short: String = text.chars().take(70).collect();
+                let _ = writeln!(
+                    out,
+                    r##"<text x="{LABEL_W}" y="{}" fill="#718096">{}</text>"##,
+                    by + 12.0,
+                    escape(&short)
+                );
             }
         }
-        y += group_h;
     }
-    out.push_str("</svg>\n");
-    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table {
+        let mut ours = Figures::default();
+        ours.set(Metric::FirstToken, 12.5);
+        ours.set(Metric::BurstWall, 1234.0);
+        ours.set_text(Metric::IdleCpu, "failed: a <b> | c");
+        let upstream = Figures::not_run("not run: --no-upstream");
+        Table::new(
+            &crate::Scale::quick(),
+            vec![(Subject::ThisProject, ours), (Subject::Upstream, upstream)],
+        )
+    }
+
+    #[test]
+    fn numbers_keep_a_few_significant_digits() {
+        for (v, text) in [
+            (1234.0, "1234"),
+            (123.4, "123"),
+            (12.34, "12.3"),
+            (1.234, "1.23"),
+            (3.0, "3"),
+        ] {
+            assert_eq!(format_number(v), text, "{v}");
+        }
+    }
+
+    #[test]
+    fn the_text_table_has_a_line_per_metric_and_no_stray_pipe() {
+        let text = table().render_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "| # | metric | this project | upstream v1.8.17 |");
+        assert_eq!(lines[1], "|---|---|---:|---:|");
+        assert_eq!(lines.len(), 2 + Metric::ALL.len());
+        let first = lines[2];
+        assert!(first.starts_with("| 1 | first token"), "{first}");
+        assert!(
+            first.ends_with("| 12.5 | not run: --no-upstream |"),
+            "{first}"
+        );
+        let idle = lines.last().copied().unwrap_or_default();
+        assert!(idle.contains("failed: a <b> / c"), "{idle}");
+    }
+
+    #[test]
+    fn the_chart_draws_values_and_escapes_text() {
+        let svg = chart(&table());
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains(">1234</text>"), "{svg}");
+        assert!(svg.contains("failed: a &lt;b&gt; | c"), "{svg}");
+        assert!(!svg.contains("<b>"), "{svg}");
+    }
 }

@@ -791,26 +791,7 @@ async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()
         max: scale.load_max,
     };
     let imds_before = run.w.emu.counters();
-    let (node, _) = nmi_of(run)?;
-    let mut cmd = node.pod(1)?.0.command(self_exe()?);
-    cmd.env(ROLE_ENV, "load")
-        .arg(serde_json::to_string(&spec)?)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let out = tokio::time::timeout(
-        scale.load_max + Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || cmd.output()),
-    )
-    .await
-    .context("load run exceeded its bound")???;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    let r: LoadResult = serde_json::from_str(line).with_context(|| {
-        format!(
-            "load printed no result: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let r = run_load(nmi_of(run)?.0.pod(1)?.0, &spec).await?;
     if r.ok == 0 {
         bail!("no request succeeded ({} errors)", r.errors);
     }
@@ -829,6 +810,29 @@ async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()
         imds_after.imds_throttled - imds_before.imds_throttled
     ));
     Ok(())
+}
+
+/// The load role in pod namespace `pod` with `spec`; what it measured.
+async fn run_load(pod: &NetNs, spec: &LoadSpec) -> anyhow::Result<LoadResult> {
+    let mut cmd = pod.command(self_exe()?);
+    cmd.env(ROLE_ENV, "load")
+        .arg(serde_json::to_string(spec)?)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::time::timeout(
+        spec.max + Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || cmd.output()),
+    )
+    .await
+    .context("load run exceeded its bound")???;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| {
+        format!(
+            "load printed no result: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 fn arm_totals(c: &azure_emulator::Counters) -> [u64; 4] {
