@@ -369,8 +369,8 @@ mod tests {
                     why: ClusterWhy::TypedClientId,
                 }),
             ),
-            // The kubelet resource ID with any client ID: protected by what
-            // ARM reports (F6), even though the ledger lists it.
+            // The kubelet resource ID with any client ID: protected by the
+            // client ID ARM reports, even though the ledger lists it.
             (
                 "kubelet",
                 client("mine"),

@@ -9,7 +9,8 @@
 //! (which identity a pod gets), [`response`] (bodies) and [`iptables`]'s
 //! expected rules. The executors around them are thin: [`server`], [`watch`],
 //! [`token`] and [`iptables::Runner`]. Service-principal identities (types 1
-//! and 2) are [`sp`] (which Secret and tenants, H10 check) over [`aad`] (the
+//! and 2) are [`sp`] (which Secret and tenants, checked as
+//! docs/upstream-behaviour.md#h10-secrets-read-across-namespaces says) over [`aad`] (the
 //! credential, AAD's v1 request and answer, an HTTPS client of our own).
 
 pub mod aad;

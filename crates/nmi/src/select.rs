@@ -344,7 +344,8 @@ pub fn is_mic(pod: &PodEntry, mic_namespace: &str, mic_service_accounts: &[Strin
         && mic_service_accounts.contains(&pod.service_account)
 }
 
-/// Upstream's message when the wait budget runs out (statements 46-47).
+/// Upstream's message when the wait budget runs out (its wording, so that
+/// log searches written for upstream still match).
 pub fn wait_expired_message(
     pod: &PodEntry,
     created: bool,
@@ -1114,7 +1115,9 @@ mod tests {
         assert!(is_mic(&p, "default", &sas));
         let mut impostor = pod("default", "microservice-5f6-xyz");
         impostor.service_account = "default".into();
-        assert!(!is_mic(&impostor, "default", &sas), "H4");
+        // Upstream found MIC by pod name prefix
+        // (docs/upstream-behaviour.md#h4-mic-found-by-replicaset-name).
+        assert!(!is_mic(&impostor, "default", &sas), "a pod named like MIC");
         let mut elsewhere = p.clone();
         elsewhere.namespace = "apps".into();
         assert!(!is_mic(&elsewhere, "default", &sas));

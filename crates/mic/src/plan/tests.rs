@@ -267,7 +267,7 @@ fn s5_namespaced_mode_requires_one_namespace() {
             .iter()
             .map(|a| key(&a.namespace().unwrap_or_default(), &a.name_any()))
             .collect();
-        // Statement 7: a namespaced AAI lives in the identity's namespace.
+        // A namespaced AAI lives in the identity's namespace.
         assert_eq!(names, vec![key("idns", "local-idns-id")], "force={force}");
         assert!(p.warnings.contains(&Warning::NamespaceMismatch {
             binding: key("idns", "b"),
@@ -880,7 +880,7 @@ mod entitlement {
             .collect()
     }
 
-    /// F6: an AzureIdentity with the kubelet identity's resource ID and
+    /// An AzureIdentity with the kubelet identity's resource ID and
     /// another client ID; its pod goes. Before, MIC removed the kubelet
     /// identity from the node pool (it protected by typed client ID only).
     #[test]
