@@ -46,17 +46,27 @@ async fn emulator(cert_pem: &str) -> anyhow::Result<Emulator> {
     Ok(Emulator::start(cfg).await?)
 }
 
-/// `sp-secret`'s token for ARM with its right secret, asked by `client` of
-/// `emu`'s AAD in `tenant`.
-async fn secret_token(
+/// `client`'s request to `emu`'s AAD in `tenant` for an ARM token of the
+/// service principal `sp` with `cred`.
+async fn ask(
     client: &AadClient,
     emu: &Emulator,
     tenant: &str,
+    sp: &str,
+    cred: &Credential,
 ) -> Result<nmi::response::Token, nmi::token::TokenError> {
-    let cred = Credential::Secret(Secret::new("s3cr3t"));
-    client
-        .token(&emu.aad_url(), tenant, "sp-secret", &cred, ARM)
-        .await
+    client.token(&emu.aad_url(), tenant, sp, cred, ARM).await
+}
+
+/// The credential NMI reads from a Secret holding `data` (a certificate
+/// when `certificate`).
+fn from_secret(data: &[(&str, &[u8])], certificate: bool) -> anyhow::Result<Credential> {
+    let data: BTreeMap<String, Vec<u8>> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_vec()))
+        .collect();
+    let read = credential_from_secret(&data, certificate).map_err(|e| anyhow!(e))?;
+    Ok(read.credential)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,45 +82,28 @@ async fn service_principals_get_tokens_from_aad() -> anyhow::Result<()> {
         |answer: Result<nmi::response::Token, _>| answer.err().context("AAD gave a token");
 
     // Type 1: a secret's only key.
-    let data: BTreeMap<String, Vec<u8>> = [("k".into(), b"s3cr3t".to_vec())].into();
-    let cred = credential_from_secret(&data, false)
-        .map_err(|e| anyhow!(e))?
-        .credential;
-    let t = client
-        .token(&emu.aad_url(), TENANT, "sp-secret", &cred, ARM)
-        .await?;
+    let cred = from_secret(&[("k", b"s3cr3t")], false)?;
+    let t = ask(&client, &emu, TENANT, "sp-secret", &cred).await?;
     assert_eq!(verified(&t)?.appid, "sp-secret");
     assert_eq!(t.resource, ARM);
     assert!(t.expires_on > nmi::token::now_secs());
 
     // A wrong secret is AAD's refusal: 403 to the pod with AAD's text.
     let wrong = Credential::Secret(Secret::new("nope"));
-    let e = refused(
-        client
-            .token(&emu.aad_url(), TENANT, "sp-secret", &wrong, ARM)
-            .await,
-    )?;
+    let e = refused(ask(&client, &emu, TENANT, "sp-secret", &wrong).await)?;
     assert_eq!(e.status(), 403);
     assert!(e.to_string().contains("AADSTS7000215"), "{e}");
 
     // Type 2: PKCS#12 and password from the Secret.
-    let data: BTreeMap<String, Vec<u8>> = [
-        ("certificate".into(), sp.p12.clone()),
-        ("password".into(), b"pw".to_vec()),
-    ]
-    .into();
-    let cred = credential_from_secret(&data, true)
-        .map_err(|e| anyhow!(e))?
-        .credential;
-    let t = client
-        .token(&emu.aad_url(), TENANT, "sp-cert", &cred, ARM)
-        .await?;
+    let cred = from_secret(&[("certificate", &sp.p12), ("password", b"pw")], true)?;
+    let t = ask(&client, &emu, TENANT, "sp-cert", &cred).await?;
     assert_eq!(verified(&t)?.appid, "sp-cert");
     // A wrong PKCS#12 password never reaches AAD.
     assert!(CertKey::from_pkcs12(&sp.p12, "wrong").is_err());
 
     // Another tenant is AAD's refusal too (the emulator knows one tenant).
-    let e = refused(secret_token(&client, &emu, "other-tenant").await)?;
+    let secret = Credential::Secret(Secret::new("s3cr3t"));
+    let e = refused(ask(&client, &emu, "other-tenant", "sp-secret", &secret).await)?;
     assert_eq!(e.status(), 403, "{e}");
 
     // Trusting another CA, the TLS handshake fails: 503, nothing sent.
@@ -119,7 +112,7 @@ async fn service_principals_get_tokens_from_aad() -> anyhow::Result<()> {
     std::fs::write(&path, &other.pem)?;
     let untrusting = AadClient::new(Some(&path), "nmi-test").map_err(|e| anyhow!(e))?;
     std::fs::remove_file(&path)?;
-    let e = refused(secret_token(&untrusting, &emu, TENANT).await)?;
+    let e = refused(ask(&untrusting, &emu, TENANT, "sp-secret", &secret).await)?;
     assert_eq!(e.status(), 503, "{e}");
     Ok(())
 }

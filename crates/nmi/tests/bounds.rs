@@ -183,6 +183,13 @@ struct Nmi {
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
+impl Nmi {
+    /// Whether NMI's count of open connections becomes `n` within `within`.
+    async fn connections_become(&self, n: i64, within: Duration) -> bool {
+        eventually(within, || self.server.metrics.connections.get() == n).await
+    }
+}
+
 /// Waits for the other tests of this file to end (they count the process's
 /// descriptors), then starts NMI's server as `opts` say.
 async fn start(opts: Opts) -> Nmi {
@@ -359,15 +366,7 @@ async fn connections_over_the_caps_are_closed_at_once_and_descriptors_return_to_
     for _ in 0..8 {
         held.push(connect_from(BUSY_IP, nmi.addr).await);
     }
-    assert!(
-        eventually(Duration::from_secs(5), || nmi
-            .server
-            .metrics
-            .connections
-            .get()
-            == 8)
-        .await
-    );
+    assert!(nmi.connections_become(8, Duration::from_secs(5)).await);
     let started = Instant::now();
     for i in 0..20 {
         let mut s = connect_from(BUSY_IP, nmi.addr).await;
@@ -525,15 +524,7 @@ async fn slow_heads_and_idle_keep_alive_connections_are_cut() {
         );
         eprintln!("{name}: cut after {:?}", started.elapsed());
     }
-    assert!(
-        eventually(Duration::from_secs(2), || nmi
-            .server
-            .metrics
-            .connections
-            .get()
-            == 0)
-        .await
-    );
+    assert!(nmi.connections_become(0, Duration::from_secs(2)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
