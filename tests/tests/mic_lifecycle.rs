@@ -454,8 +454,7 @@ async fn child_failed_operation_keeps_created_then_converges() -> anyhow::Result
         .await?;
     // The next long-running operation ends Failed.
     w.emu.fail_next_operations(1);
-    w.bound_pod("app-id", "web", "lro-sel", &w.nodes[0]).await?;
-    let name = w.aai_name("web", "app-id");
+    let name = w.bound_pod("app-id", "web", "lro-sel", &w.nodes[0]).await?;
     wait_for_ok("the failed update counted", WAIT, || async {
         Ok(mic
             .metrics()
@@ -743,9 +742,9 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyhow::Result<()> {
     let (w, mic) = world_and_mic("serve", &["--serve-cluster-identities"]).await?;
-    w.bound_pod("kubelet", "p", "serve-sel", &w.nodes[0])
+    let name = w
+        .bound_pod("kubelet", "p", "serve-sel", &w.nodes[0])
         .await?;
-    let name = w.aai_name("p", "kubelet");
     let aai = w.wait_assigned(&name).await?;
     assert!(
         !aai.annotations()
@@ -771,9 +770,9 @@ async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyho
 async fn child_identity_policy_enforce_and_warn() -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Namespace;
     let (w, mic) = world_and_mic("policy", &["--identity-policy=enforce"]).await?;
-    w.bound_pod("app-id", "web", "policy-sel", &w.nodes[0])
+    let name = w
+        .bound_pod("app-id", "web", "policy-sel", &w.nodes[0])
         .await?;
-    let name = w.aai_name("web", "app-id");
     let events =
         Api::<k8s_openapi::api::events::v1::Event>::namespaced(w.client().await?, w.ns.name());
     let not_granted_events = || async {
