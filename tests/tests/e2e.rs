@@ -45,9 +45,10 @@
 //! `mic.identityAssignmentReconcileInterval` (drift), `mic.leaderElection.duration`
 //! (failover). Everything else is the chart's default.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use aadpodid_tests::e2e::{KUBELET, Options, World, id_client, vmss_name};
+use aadpodid_tests::e2e::{KUBELET, Options, PodRef, World, id_client, vmss_name};
 use aadpodid_tests::{IdentitySelector, python_imds_token, wait_for};
 use azure_emulator::{Fault, FaultAction, Service};
 
@@ -56,6 +57,18 @@ fn options() -> Options {
 }
 
 const ASSIGN: Duration = Duration::from_secs(120);
+
+/// Deletes the pods, then waits until no AzureAssignedIdentity is left and
+/// the scale sets carry `before` again.
+async fn release_all(
+    world: &World,
+    pods: &[PodRef],
+    before: &BTreeMap<String, BTreeSet<String>>,
+) -> anyhow::Result<()> {
+    world.delete_pods(pods).await?;
+    world.wait_no_assigned(ASSIGN).await?;
+    world.wait_vmss(before, ASSIGN).await
+}
 
 /// 40 pods over 5 identities on 2 scale sets (3 instances each) all get their
 /// tokens; deleting them releases every identity, in two halves.
@@ -119,9 +132,7 @@ async fn forty_pods_five_identities_two_scale_sets() -> anyhow::Result<()> {
         .await?;
     world.check_tokens(kept).await?;
     // The rest: every identity released, the scale sets as they were.
-    world.delete_pods(kept).await?;
-    world.wait_no_assigned(ASSIGN).await?;
-    world.wait_vmss(&before, ASSIGN).await?;
+    release_all(&world, kept, &before).await?;
     let c = world.emu.counters();
     eprintln!(
         "ARM writes per scale set {:?}, reads {}, 429s {}; total {:.1?}",
@@ -177,10 +188,7 @@ async fn aks_upgrade_identities_restored_by_drift_reconcile() -> anyhow::Result<
     world.wait_tokens(&pods, Duration::from_secs(30)).await?;
     eprintln!("tokens back {:.1?} after the strip", t.elapsed());
 
-    world.delete_pods(&pods).await?;
-    world.wait_no_assigned(ASSIGN).await?;
-    world.wait_vmss(&before, ASSIGN).await?;
-    Ok(())
+    release_all(&world, &pods, &before).await
 }
 
 /// An ARM 429 storm (the first 4 reads and the first 8 writes answered 429
@@ -195,15 +203,9 @@ async fn arm_429_storm_and_an_invalid_identity() -> anyhow::Result<()> {
     let world = World::start(opts).await?;
     let before = world.all_vmss_identities();
     let storm = |method: &str, times: u32| {
-        Fault::new(
-            Service::Arm,
-            FaultAction::Status {
-                status: 429,
-                retry_after: Some(2),
-            },
-        )
-        .method(method)
-        .times(times)
+        Fault::status(Service::Arm, 429, Some(2))
+            .method(method)
+            .times(times)
     };
     world.emu.inject(storm("GET", 4));
     world.emu.inject(storm("PATCH", 8));
@@ -231,7 +233,7 @@ async fn arm_429_storm_and_an_invalid_identity() -> anyhow::Result<()> {
     let budget = 12.0 + 4.0 * minutes.ceil();
     // Every write request sent, the 429s included (the counters leave out
     // answers the fault injection gave).
-    let mut writes: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut writes: BTreeMap<String, u32> = Default::default();
     for r in world.emu.requests(0) {
         if r.service == Service::Arm && (r.method == "PATCH" || r.method == "PUT") {
             let path = r.uri.split('?').next().unwrap_or_default().to_lowercase();
@@ -251,10 +253,7 @@ async fn arm_429_storm_and_an_invalid_identity() -> anyhow::Result<()> {
         c.arm_throttled, c.arm_errors
     );
 
-    world.delete_pods(&pods).await?;
-    world.wait_no_assigned(ASSIGN).await?;
-    world.wait_vmss(&before, ASSIGN).await?;
-    Ok(())
+    release_all(&world, &pods, &before).await
 }
 
 /// nmi restarted (SIGTERM, as a rolling update does) under token load: while
@@ -406,10 +405,7 @@ async fn leader_mic_killed_mid_patch() -> anyhow::Result<()> {
     assert_eq!(world.mic_health(next).await.as_deref(), Some("Active"));
     world.check_tokens(&pods).await?;
 
-    world.delete_pods(&pods).await?;
-    world.wait_no_assigned(ASSIGN).await?;
-    world.wait_vmss(&before, ASSIGN).await?;
-    Ok(())
+    release_all(&world, &pods, &before).await
 }
 
 /// The apiserver is killed while mic is assigning and started again: mic and
@@ -432,8 +428,5 @@ async fn apiserver_restarted_mid_run() -> anyhow::Result<()> {
         .await?;
     world.check_tokens(&pods).await?;
 
-    world.delete_pods(&pods).await?;
-    world.wait_no_assigned(ASSIGN).await?;
-    world.wait_vmss(&before, ASSIGN).await?;
-    Ok(())
+    release_all(&world, &pods, &before).await
 }

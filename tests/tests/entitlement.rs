@@ -117,7 +117,19 @@ impl Report {
         }
     }
 
-    fn finish(self, world: Option<String>) -> anyhow::Result<()> {
+    /// Checks that the kubelet and add-on identities stayed on the scale set
+    /// (`missing`: what `World::while_watching_vmss` saw leave).
+    fn check_node_identities_kept(&mut self, attack: &str, missing: &[String]) {
+        self.check(
+            attack,
+            missing.is_empty(),
+            format!("the kubelet and add-on identities never left the scale set: {missing:?}"),
+        );
+    }
+
+    /// Ends the test: an error listing every failed check, with the world's
+    /// state when there is one.
+    async fn finish(self, world: &World) -> anyhow::Result<()> {
         if self.failures.is_empty() {
             return Ok(());
         }
@@ -125,7 +137,7 @@ impl Report {
             "{} check(s) failed:\n  {}\n{}",
             self.failures.len(),
             self.failures.join("\n  "),
-            world.unwrap_or_default()
+            world.dump().await
         )
     }
 }
@@ -706,8 +718,7 @@ async fn forged_client_ids_and_cluster_identities() -> anyhow::Result<()> {
             "the kubelet identity, the add-on identity and id-1 never left the scale set; samples without one: {missing:?}; now {after:?}"
         ),
     );
-    let dump = (!report.failures.is_empty()).then_some(world.dump().await);
-    report.finish(dump)
+    report.finish(&world).await
 }
 
 /// Attack 4 and the `warn` mode's promise:
@@ -791,13 +802,8 @@ async fn exceptions_mic_labels_and_warn_mode_seeds() -> anyhow::Result<()> {
     };
     let (result, missing) = world.while_watching_vmss(&[KUBELET, ADDON], scenario).await;
     result?;
-    report.check(
-        "4",
-        missing.is_empty(),
-        format!("the kubelet and add-on identities never left the scale set: {missing:?}"),
-    );
-    let dump = (!report.failures.is_empty()).then_some(world.dump().await);
-    report.finish(dump)
+    report.check_node_identities_kept("4", &missing);
+    report.finish(&world).await
 }
 
 /// Attack 6 under `enforce`: namespace `team-a` is granted `id-2` and uses
@@ -1014,8 +1020,7 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
             "the kubelet, add-on and team-a's identities never left the scale set: {missing:?}"
         ),
     );
-    let dump = (!report.failures.is_empty()).then_some(world.dump().await);
-    report.finish(dump)
+    report.finish(&world).await
 }
 
 /// Attack 5 and the `off` mode (no admission policy, upstream's behaviour;
@@ -1105,11 +1110,7 @@ async fn forged_assigned_identity_and_policy_off() -> anyhow::Result<()> {
     };
     let (result, missing) = world.while_watching_vmss(&[KUBELET, ADDON], scenario).await;
     result?;
-    report.check(
-        "1 off",
-        missing.is_empty(),
-        format!("the kubelet and add-on identities never left the scale set: {missing:?}"),
-    );
+    report.check_node_identities_kept("1 off", &missing);
 
     // 5: hand-written AzureAssignedIdentities, mic stopped.
     let attack = "5: hand-written AAI";
@@ -1234,13 +1235,8 @@ async fn forged_assigned_identity_and_policy_off() -> anyhow::Result<()> {
     };
     let (result, missing) = world.while_watching_vmss(&[KUBELET, ADDON], scenario).await;
     result?;
-    report.check(
-        "5",
-        missing.is_empty(),
-        format!("the kubelet and add-on identities never left the scale set: {missing:?}"),
-    );
-    let dump = (!report.failures.is_empty()).then_some(world.dump().await);
-    report.finish(dump)
+    report.check_node_identities_kept("5", &missing);
+    report.finish(world).await
 }
 
 /// Creates `aai` as the administrator. If admission refuses it (the chart's
