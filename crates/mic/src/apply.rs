@@ -1231,11 +1231,7 @@ impl<C: Cloud> Executor<C> {
             if let Err(source) = api.delete(&name, &DeleteParams::default()).await
                 && !is_not_found(&source)
             {
-                self.metrics
-                    .kubernetes_api_operations_errors_count
-                    .with_label_values(&[metrics::OP_AAI_DELETION])
-                    .inc();
-                tracing::warn!(error = %ApplyError::DeleteAssignedIdentity { ns, name, source }, "delete failed");
+                self.deletion_failed(ns, name, source, "delete failed");
                 return Ok(false);
             }
         }
@@ -1253,11 +1249,7 @@ impl<C: Cloud> Executor<C> {
                 .await
                 && !is_not_found(&source)
             {
-                self.metrics
-                    .kubernetes_api_operations_errors_count
-                    .with_label_values(&[metrics::OP_AAI_DELETION])
-                    .inc();
-                tracing::warn!(error = %ApplyError::DeleteAssignedIdentity { ns, name, source }, "removing the finalizer failed");
+                self.deletion_failed(ns, name, source, "removing the finalizer failed");
                 return Ok(false);
             }
         }
@@ -1266,6 +1258,15 @@ impl<C: Cloud> Executor<C> {
             .assigned_identity_deletion_duration_seconds
             .observe(start.elapsed().as_secs_f64());
         Ok(true)
+    }
+
+    /// Counts and logs a failed step (`what`) of deleting `ns/name`.
+    fn deletion_failed(&self, ns: String, name: String, source: kube::Error, what: &str) {
+        self.metrics
+            .kubernetes_api_operations_errors_count
+            .with_label_values(&[metrics::OP_AAI_DELETION])
+            .inc();
+        tracing::warn!(error = %ApplyError::DeleteAssignedIdentity { ns, name, source }, "{what}");
     }
 }
 
