@@ -181,6 +181,12 @@ impl Metrics {
         })
     }
 
+    /// Counts one request refused by a bound (`reason` one of the
+    /// `REQUEST_REFUSED_*`).
+    pub fn request_refused(&self, reason: &str) {
+        self.requests_refused.with_label_values(&[reason]).inc();
+    }
+
     /// The `resource` label for `resource`: itself while fewer than
     /// [`MAX_RESOURCE_LABELS`] distinct values were seen (or it is one of
     /// them), else [`RESOURCE_LABEL_OTHER`]. Empty stays empty.

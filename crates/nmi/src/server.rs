@@ -457,10 +457,7 @@ impl<S: TokenSource> Server<S> {
                 )
             }
             Ok(_) if declared_body && !body_allowed => {
-                self.metrics
-                    .requests_refused
-                    .with_label_values(&[REQUEST_REFUSED_BODY])
-                    .inc();
+                self.metrics.request_refused(REQUEST_REFUSED_BODY);
                 let reply = Reply::new(
                     StatusCode::BAD_REQUEST,
                     "this request must not carry a body",
@@ -517,10 +514,7 @@ impl<S: TokenSource> Server<S> {
         {
             return Ok(());
         }
-        self.metrics
-            .requests_refused
-            .with_label_values(&[REQUEST_REFUSED_FIRST_SYNC])
-            .inc();
+        self.metrics.request_refused(REQUEST_REFUSED_FIRST_SYNC);
         let mut reply = Reply::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "NMI is starting: its caches have not synced yet",
@@ -776,9 +770,7 @@ impl<S: TokenSource> Server<S> {
         result.map_err(|e| {
             if matches!(e, TokenError::Throttled { .. }) {
                 self.metrics
-                    .requests_refused
-                    .with_label_values(&[REQUEST_REFUSED_PENDING_FETCHES])
-                    .inc();
+                    .request_refused(REQUEST_REFUSED_PENDING_FETCHES);
             } else if !matches!(
                 e,
                 TokenError::NotBound
@@ -956,19 +948,13 @@ impl<S: TokenSource> Server<S> {
         let body = match tokio::time::timeout(self.config.limits.body_read_timeout, collect).await {
             Ok(Ok(b)) => b.to_bytes(),
             Ok(Err(_)) => {
-                self.metrics
-                    .requests_refused
-                    .with_label_values(&[REQUEST_REFUSED_BODY])
-                    .inc();
+                self.metrics.request_refused(REQUEST_REFUSED_BODY);
                 return error_response(
                     &Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large").closing(),
                 );
             }
             Err(_) => {
-                self.metrics
-                    .requests_refused
-                    .with_label_values(&[REQUEST_REFUSED_BODY_TIMEOUT])
-                    .inc();
+                self.metrics.request_refused(REQUEST_REFUSED_BODY_TIMEOUT);
                 return error_response(
                     &Reply::new(StatusCode::REQUEST_TIMEOUT, "request body too slow").closing(),
                 );
