@@ -92,18 +92,23 @@ fn rules(docs: &[Value]) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn grants(docs: &[Value], resource: &str) -> Vec<String> {
+/// The rules (as `role: rule`) for which `keep` holds.
+fn rules_where(docs: &[Value], keep: impl Fn(&Value) -> bool) -> Vec<String> {
     rules(docs)
         .into_iter()
-        .filter(|(_, r)| {
-            r["resources"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|x| x == resource)
-        })
+        .filter(|(_, r)| keep(r))
         .map(|(n, r)| format!("{n}: {r}"))
         .collect()
+}
+
+/// Whether a rule's list `field` (resources, verbs) has an entry for which
+/// `pred` holds.
+fn lists_any(rule: &Value, field: &str, pred: impl Fn(&Value) -> bool) -> bool {
+    rule[field].as_array().unwrap().iter().any(pred)
+}
+
+fn grants(docs: &[Value], resource: &str) -> Vec<String> {
+    rules_where(docs, |r| lists_any(r, "resources", |x| x == resource))
 }
 
 #[test]
@@ -868,22 +873,10 @@ fn namespace_editors_get_no_exceptions() {
                 "resources": ["azureidentities", "azureidentitybindings"],
                 "verbs": ["create", "delete", "deletecollection", "patch", "update"]}])
     );
-    let writers: Vec<String> = rules(&docs)
-        .into_iter()
-        .filter(|(_, r)| {
-            r["resources"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|x| x == "azurepodidentityexceptions")
-                && r["verbs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|v| v != "get" && v != "list" && v != "watch")
-        })
-        .map(|(n, r)| format!("{n}: {r}"))
-        .collect();
+    let writers = rules_where(&docs, |r| {
+        lists_any(r, "resources", |x| x == "azurepodidentityexceptions")
+            && lists_any(r, "verbs", |v| v != "get" && v != "list" && v != "watch")
+    });
     assert!(writers.is_empty(), "{writers:?}");
     let exceptions: Vec<String> = kinds(&docs)
         .into_iter()

@@ -318,6 +318,11 @@ impl World {
     }
 }
 
+/// Arguments of `kubectl patch <kind> <name> -n <ns> --type=merge -p <patch>`.
+fn merge_patch<'a>(kind: &'a str, name: &'a str, ns: &'a str, patch: &'a str) -> [&'a str; 8] {
+    ["patch", kind, name, "-n", ns, "--type=merge", "-p", patch]
+}
+
 fn role_binding(ns: &str, name: &str, kind: &str, role: &str) -> Value {
     json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -577,31 +582,23 @@ async fn assigned_identities_are_written_only_by_mic() {
     let out = as_mic(&["create", "-f", "-"], Some(&real.to_string()));
     assert!(out.success, "MIC's create: {}", out.stderr);
     let out = as_mic(
-        &[
-            "patch",
+        &merge_patch(
             "azureassignedidentity",
             "real",
-            "-n",
             &user,
-            "--type=merge",
-            "-p",
             r#"{"status":{"status":"Assigned"}}"#,
-        ],
+        ),
         None,
     );
     assert!(out.success, "MIC's status write: {}", out.stderr);
     // Nobody else changes what MIC wrote.
     let out = w.as_editor(
-        &[
-            "patch",
+        &merge_patch(
             "azureassignedidentity",
             "real",
-            "-n",
             &user,
-            "--type=merge",
-            "-p",
             r#"{"spec":{"nodename":"elsewhere"}}"#,
-        ],
+        ),
         None,
     );
     assert!(!out.success, "user's update admitted");
