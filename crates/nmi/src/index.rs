@@ -403,10 +403,15 @@ impl Index {
     }
 }
 
-/// Builders for tests (here and in `select`).
+/// Builders for tests (here, in `select` and in `limits`).
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
+
+    /// An address written as text.
+    pub fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
     use aadpodid_api::{
         AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentityBindingSpec,
         AzureIdentitySpec, AzurePodIdentityExceptionSpec,
@@ -538,10 +543,6 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::*;
     use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
 
     #[test]
     fn pods_by_ip() {

@@ -139,9 +139,7 @@ impl LogGate {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
+    use crate::index::testutil::ip;
 
     #[test]
     fn connection_caps_table() {
