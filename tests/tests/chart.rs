@@ -891,24 +891,31 @@ fn namespace_editors_get_no_exceptions() {
     assert!(of_kind(&docs, "AzurePodIdentityException").is_empty());
 }
 
+/// `helm <command> aad-pod-identity <the chart> <args>`.
+fn helm_on_chart(command: &str, args: &[&str]) -> helm::HelmOutput {
+    let chart = helm::chart_dir().display().to_string();
+    let mut all = vec![command, "aad-pod-identity", &chart];
+    all.extend_from_slice(args);
+    helm::run(&all).unwrap()
+}
+
 /// The NOTES of `helm install --dry-run=client` with
 /// `installMICException=false` and one more `--set`.
 fn dry_run_notes(kubeconfig: &str, ns: &str, set: &str) -> String {
-    let out = helm::run(&[
+    let out = helm_on_chart(
         "install",
-        "aad-pod-identity",
-        &helm::chart_dir().display().to_string(),
-        "--dry-run=client",
-        "--kubeconfig",
-        kubeconfig,
-        "--namespace",
-        ns,
-        "--set",
-        "installMICException=false",
-        "--set",
-        set,
-    ])
-    .unwrap();
+        &[
+            "--dry-run=client",
+            "--kubeconfig",
+            kubeconfig,
+            "--namespace",
+            ns,
+            "--set",
+            "installMICException=false",
+            "--set",
+            set,
+        ],
+    );
     assert!(out.success, "{}{}", out.stdout, out.stderr);
     out.stdout
         .split("NOTES:")
@@ -1024,18 +1031,17 @@ fn invalid_values_fail_with_a_message_naming_the_value() {
         "{e}"
     );
     // The startup taint needs the admission policy, so Kubernetes 1.30.
-    let out = helm::run(&[
+    let out = helm_on_chart(
         "template",
-        "aad-pod-identity",
-        &helm::chart_dir().display().to_string(),
-        "--kube-version",
-        "1.29.4",
-        "--set",
-        "identityPolicy.mode=off",
-        "--set",
-        "nmi.startupTaint.enabled=true",
-    ])
-    .unwrap();
+        &[
+            "--kube-version",
+            "1.29.4",
+            "--set",
+            "identityPolicy.mode=off",
+            "--set",
+            "nmi.startupTaint.enabled=true",
+        ],
+    );
     assert!(!out.success, "1.29 accepted");
     assert!(
         out.stderr.contains("nmi.startupTaint.enabled") && out.stderr.contains("1.30"),
