@@ -1,11 +1,9 @@
 //! MIC metrics with upstream's exact names: namespace `aadpodidentity_`, counters
 //! named `*_count` with no `_total` appended, so existing dashboards keep working.
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-};
+use aadpodid_runtime::metrics::Registrar;
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
 
-const NAMESPACE: &str = "aadpodidentity";
 const KUBE_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0];
 const CYCLE_BUCKETS: &[f64] = &[
     0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1200.0,
@@ -52,106 +50,77 @@ pub struct Metrics {
 #[error("registering metric: {0}")]
 pub struct RegisterMetrics(#[from] prometheus::Error);
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace(NAMESPACE)
-}
-
-fn hopts(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
-    HistogramOpts::new(name, help)
-        .namespace(NAMESPACE)
-        .buckets(buckets.to_vec())
-}
-
 impl Metrics {
     pub fn new() -> Result<Self, RegisterMetrics> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| -> Result<IntCounter, RegisterMetrics> {
-            let c = IntCounter::with_opts(opts(name, help))?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let histogram = |name: &str, help: &str, b: &[f64]| -> Result<Histogram, RegisterMetrics> {
-            let h = Histogram::with_opts(hopts(name, help, b))?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let counter_vec =
-            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, RegisterMetrics> {
-                let c = IntCounterVec::new(opts(name, help), &[label])?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
-        let cloud_duration = HistogramVec::new(
-            hopts(
-                "cloud_provider_operations_duration_seconds",
-                "Duration in seconds of cloud provider operations",
-                CYCLE_BUCKETS,
-            ),
-            &["operation_type"],
-        )?;
-        registry.register(Box::new(cloud_duration.clone()))?;
+        let r = Registrar(&registry);
         Ok(Metrics {
-            assigned_identity_addition_duration_seconds: histogram(
+            assigned_identity_addition_duration_seconds: r.histogram(
                 "assigned_identity_addition_duration_seconds",
                 "Duration in seconds of the assigned identity addition",
                 KUBE_BUCKETS,
             )?,
-            assigned_identity_addition_count: counter(
+            assigned_identity_addition_count: r.counter(
                 "assigned_identity_addition_count",
                 "Number of assigned identities added",
             )?,
-            assigned_identity_deletion_duration_seconds: histogram(
+            assigned_identity_deletion_duration_seconds: r.histogram(
                 "assigned_identity_deletion_duration_seconds",
                 "Duration in seconds of the assigned identity deletion",
                 KUBE_BUCKETS,
             )?,
-            assigned_identity_deletion_count: counter(
+            assigned_identity_deletion_count: r.counter(
                 "assigned_identity_deletion_count",
                 "Number of assigned identities deleted",
             )?,
-            assigned_identity_update_duration_seconds: histogram(
+            assigned_identity_update_duration_seconds: r.histogram(
                 "assigned_identity_update_duration_seconds",
                 "Duration in seconds of the assigned identity update",
                 KUBE_BUCKETS,
             )?,
-            assigned_identity_update_count: counter(
+            assigned_identity_update_count: r.counter(
                 "assigned_identity_update_count",
                 "Number of assigned identities updated",
             )?,
-            mic_cycle_duration_seconds: histogram(
+            mic_cycle_duration_seconds: r.histogram(
                 "mic_cycle_duration_seconds",
                 "Duration in seconds of a MIC sync cycle",
                 CYCLE_BUCKETS,
             )?,
-            mic_cycle_count: counter("mic_cycle_count", "Number of MIC sync cycles")?,
-            mic_new_leader_election_count: counter(
+            mic_cycle_count: r.counter("mic_cycle_count", "Number of MIC sync cycles")?,
+            mic_new_leader_election_count: r.counter(
                 "mic_new_leader_election_count",
                 "Number of MIC leader elections",
             )?,
-            cloud_provider_operations_errors_count: counter_vec(
+            cloud_provider_operations_errors_count: r.counter_vec(
                 "cloud_provider_operations_errors_count",
                 "Number of cloud provider operation errors",
-                "operation_type",
+                &["operation_type"],
             )?,
-            cloud_provider_operations_duration_seconds: cloud_duration,
-            kubernetes_api_operations_errors_count: counter_vec(
+            cloud_provider_operations_duration_seconds: r.histogram_vec(
+                "cloud_provider_operations_duration_seconds",
+                "Duration in seconds of cloud provider operations",
+                CYCLE_BUCKETS,
+                &["operation_type"],
+            )?,
+            kubernetes_api_operations_errors_count: r.counter_vec(
                 "kubernetes_api_operations_errors_count",
                 "Number of Kubernetes API operation errors",
-                "operation_type",
+                &["operation_type"],
             )?,
-            invalid_objects_count: counter_vec(
+            invalid_objects_count: r.counter_vec(
                 "mic_invalid_objects_count",
                 "Number of objects skipped because they could not be parsed",
-                "kind",
+                &["kind"],
             )?,
-            mic_arm_writes_deferred_count: counter(
+            mic_arm_writes_deferred_count: r.counter(
                 "mic_arm_writes_deferred_count",
                 "Number of ARM writes deferred to stay within the Compute write budget",
             )?,
-            identity_refused_count: counter_vec(
+            identity_refused_count: r.counter_vec(
                 "mic_identity_refused_count",
                 "Number of identity assignments refused by the client ID, cluster identity or identity policy checks",
-                "reason",
+                &["reason"],
             )?,
             registry,
         })

@@ -9,9 +9,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use aadpodid_runtime::metrics::Registrar;
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 /// The metrics and their registry.
 #[derive(Clone, Debug)]
@@ -89,94 +88,59 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let nmi_operations = HistogramVec::new(
-            HistogramOpts::new(
-                "aadpodidentity_nmi_operations_duration_seconds",
-                "Duration in seconds for nmi operations",
-            )
-            .buckets(NMI_BUCKETS.to_vec()),
-            &["operation_type", "status_code", "namespace", "resource"],
-        )?;
-        let imds_operations = HistogramVec::new(
-            HistogramOpts::new(
-                "aadpodidentity_imds_operations_duration_seconds",
-                "Duration in seconds for imds operations",
-            )
-            .buckets(IMDS_BUCKETS.to_vec()),
-            &["operation_type"],
-        )?;
-        let imds_errors = IntCounterVec::new(
-            Opts::new(
-                "aadpodidentity_imds_operations_errors_count",
-                "Count of errors in imds operations",
-            ),
-            &["operation_type"],
-        )?;
-        let kubernetes_errors = IntCounterVec::new(
-            Opts::new(
-                "aadpodidentity_kubernetes_api_operations_errors_count",
-                "Count of errors in kubernetes api operations",
-            ),
-            &["operation_type"],
-        )?;
-        registry.register(Box::new(nmi_operations.clone()))?;
-        registry.register(Box::new(imds_operations.clone()))?;
-        registry.register(Box::new(imds_errors.clone()))?;
-        let identity_refused = IntCounterVec::new(
-            Opts::new(
-                "aadpodidentity_nmi_identity_refused_count",
-                "Count of token requests refused because of the AzureIdentity (client ID not the resource ID's, or missing IDs)",
-            ),
-            &["namespace", "reason"],
-        )?;
-        registry.register(Box::new(kubernetes_errors.clone()))?;
-        registry.register(Box::new(identity_refused.clone()))?;
-        let connections_refused = IntCounterVec::new(
-            Opts::new(
-                "aadpodidentity_nmi_connections_refused_count",
-                "Count of connections closed at once because too many were open, in all or from the address",
-            ),
-            &["reason"],
-        )?;
-        let requests_refused = IntCounterVec::new(
-            Opts::new(
-                "aadpodidentity_nmi_requests_refused_count",
-                "Count of requests refused by a bound (declared body, pending IMDS calls per pod, first sync)",
-            ),
-            &["reason"],
-        )?;
-        let connections = IntGauge::new(
-            "aadpodidentity_nmi_connections",
-            "Open connections to the token service",
-        )?;
-        let token_cache_entries = IntGauge::new(
-            "aadpodidentity_nmi_token_cache_entries",
-            "Entries in the token cache",
-        )?;
-        let imds_fetches = IntGaugeVec::new(
-            Opts::new(
-                "aadpodidentity_nmi_imds_fetches",
-                "IMDS token calls waiting for a start slot or in flight",
-            ),
-            &["state"],
-        )?;
-        registry.register(Box::new(connections_refused.clone()))?;
-        registry.register(Box::new(requests_refused.clone()))?;
-        registry.register(Box::new(connections.clone()))?;
-        registry.register(Box::new(token_cache_entries.clone()))?;
-        registry.register(Box::new(imds_fetches.clone()))?;
+        let r = Registrar(&registry);
         Ok(Metrics {
+            nmi_operations: r.histogram_vec(
+                "nmi_operations_duration_seconds",
+                "Duration in seconds for nmi operations",
+                NMI_BUCKETS,
+                &["operation_type", "status_code", "namespace", "resource"],
+            )?,
+            imds_operations: r.histogram_vec(
+                "imds_operations_duration_seconds",
+                "Duration in seconds for imds operations",
+                IMDS_BUCKETS,
+                &["operation_type"],
+            )?,
+            imds_errors: r.counter_vec(
+                "imds_operations_errors_count",
+                "Count of errors in imds operations",
+                &["operation_type"],
+            )?,
+            kubernetes_errors: r.counter_vec(
+                "kubernetes_api_operations_errors_count",
+                "Count of errors in kubernetes api operations",
+                &["operation_type"],
+            )?,
+            identity_refused: r.counter_vec(
+                "nmi_identity_refused_count",
+                "Count of token requests refused because of the AzureIdentity (client ID not the resource ID's, or missing IDs)",
+                &["namespace", "reason"],
+            )?,
+            connections_refused: r.counter_vec(
+                "nmi_connections_refused_count",
+                "Count of connections closed at once because too many were open, in all or from the address",
+                &["reason"],
+            )?,
+            requests_refused: r.counter_vec(
+                "nmi_requests_refused_count",
+                "Count of requests refused by a bound (declared body, pending IMDS calls per pod, first sync)",
+                &["reason"],
+            )?,
+            connections: r.gauge(
+                "nmi_connections",
+                "Open connections to the token service",
+            )?,
+            token_cache_entries: r.gauge(
+                "nmi_token_cache_entries",
+                "Entries in the token cache",
+            )?,
+            imds_fetches: r.gauge_vec(
+                "nmi_imds_fetches",
+                "IMDS token calls waiting for a start slot or in flight",
+                &["state"],
+            )?,
             registry,
-            nmi_operations,
-            imds_operations,
-            imds_errors,
-            kubernetes_errors,
-            identity_refused,
-            connections_refused,
-            requests_refused,
-            connections,
-            token_cache_entries,
-            imds_fetches,
             resource_labels: Arc::default(),
         })
     }
