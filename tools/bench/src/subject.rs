@@ -9,10 +9,11 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use aadpodid_testkit::env::PROXY_VARS;
 use aadpodid_testkit::flood::{
     Flood, Kind, Outcome, Peaks, Plan, Sampler, open_fds, raise_nofile, token_path,
 };
-use aadpodid_testkit::free_port;
+use aadpodid_testkit::free_ports;
 use aadpodid_testkit::netns::{IMDS_ADDRESS, NetNs};
 use aadpodid_testkit::procfs;
 use aadpodid_testkit::upstream;
@@ -152,7 +153,7 @@ pub fn launch_mic(subject: Subject, s: &MicSettings) -> anyhow::Result<Command> 
                     ),
                 ])
                 .args(scaled_period_flags(s));
-            for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+            for var in PROXY_VARS {
                 cmd.env_remove(var);
             }
             Ok(cmd)
@@ -389,7 +390,7 @@ async fn start_mic(subject: Subject, w: &World) -> anyhow::Result<(Proc, SocketA
         Subject::Upstream => w.write_cloud_files("upstream-", false)?,
     };
     let speed = w.scale.speed;
-    let probe_port = free_port()?;
+    let [probe_port, metrics_port] = free_ports()?;
     let s = MicSettings {
         kubeconfig: w.cluster.kubeconfig().to_path_buf(),
         azure_json: files.azure_json,
@@ -397,7 +398,7 @@ async fn start_mic(subject: Subject, w: &World) -> anyhow::Result<(Proc, SocketA
         ca_bundle: w.emu.ca_bundle_path().to_path_buf(),
         namespace: w.ns_ids.name().to_string(),
         probe_port,
-        metrics_port: free_port()?,
+        metrics_port,
         reconcile_interval: w.scale.wall(Duration::from_secs(180)),
         sync_retry: w.scale.wall(Duration::from_secs(3600)),
         retry_interval: w.scale.wall(Duration::from_secs(1)),

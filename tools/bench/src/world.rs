@@ -28,13 +28,15 @@ use serde_json::json;
 
 use crate::{ROLE_ENV, Scale};
 
+// The bench's own tenant names: its node group and identity group, MIC's
+// service principal and the kubelet identity's client ID.
 pub(crate) const NODE_RG: &str = "MC_bench_cluster_eastus";
 pub(crate) const APP_RG: &str = "bench-ids";
 pub(crate) const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000b3c4";
 pub(crate) const MIC_SECRET: &str = "bench-s3cr3t";
 pub(crate) const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-0000000000bb";
 /// The token request every client makes (ARM, as the Azure SDKs do).
-pub(crate) const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
+pub(crate) use aadpodid_testkit::world::TOKEN_PATH;
 /// NMI's probe port inside its node namespace.
 pub(crate) const NMI_PROBE_PORT: u16 = 8085;
 const API_RELAY_PORT: u16 = 6443;
@@ -544,8 +546,9 @@ impl World {
 /// NMI's one-instance scale set, MIC's service principal, Compute's real
 /// throttle buckets and the scale's clock.
 fn emulator_config(scale: &Scale, vmss: &[String], nmi_vmss: &str) -> Tenant {
-    let kubelet = ["kubelet"];
-    let mut t = Tenant::in_groups(NODE_RG, APP_RG).identity("kubelet", NODE_RG, KUBELET_CLIENT);
+    let kubelet = [tenant::KUBELET];
+    let mut t =
+        Tenant::in_groups(NODE_RG, APP_RG).identity(tenant::KUBELET, NODE_RG, KUBELET_CLIENT);
     for j in 0..scale.big_ids {
         t = t.identity(&id_name(j), APP_RG, &id_client(j));
     }
