@@ -23,7 +23,7 @@ pub enum OperationMode {
     Managed,
 }
 
-/// Go's `strconv.ParseBool` spellings (shared with mic).
+// Go's `strconv.ParseBool` spellings (shared with mic).
 use aadpodid_runtime::flags::parse_go_bool as go_bool;
 
 /// A taint key as Kubernetes validates it (a qualified name: an optional

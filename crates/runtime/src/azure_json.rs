@@ -38,8 +38,12 @@ pub struct AzureJson {
 }
 
 impl AzureJson {
-    /// Parses the file's contents.
+    /// Parses the file's contents. An empty file is an error: it says
+    /// nothing, not even that a key is absent.
     pub fn parse(text: &str) -> Result<Self, AzureJsonError> {
+        if text.trim().is_empty() {
+            return Err(AzureJsonError::Syntax("the file is empty".into()));
+        }
         let map: BTreeMap<String, Value> =
             serde_saphyr::from_str(text).map_err(|e| AzureJsonError::Syntax(e.to_string()))?;
         Ok(AzureJson {
@@ -146,6 +150,8 @@ mod tests {
             ("not json", Err("not a JSON or YAML object")),
             ("[]", Err("not a JSON or YAML object")),
             ("{", Err("not a JSON or YAML object")),
+            ("", Err("not a JSON or YAML object: the file is empty")),
+            (" \n", Err("not a JSON or YAML object: the file is empty")),
         ];
         for (text, want) in cases {
             let got = AzureJson::parse(text).and_then(|j| j.kubelet_client_id());
