@@ -18,11 +18,8 @@ pub struct Memory {
 pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("{name} in /proc/{pid}/status"))
+    let field = |name: &str| {
+        kib_field(&text, name).with_context(|| format!("{name} in /proc/{pid}/status"))
     };
     Ok(Memory {
         peak_kib: field("VmHWM:")?,
@@ -30,21 +27,33 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     })
 }
 
+/// The value of the line `name` (colon included, e.g. `VmHWM:`) in a
+/// `/proc` file of `Name:   1234 kB` lines (`/proc/<pid>/status`,
+/// `/proc/meminfo`), in KiB.
+pub fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// User plus system CPU time of `pid` (`utime + stime` of `/proc/<pid>/stat`).
 pub fn cpu(pid: u32) -> anyhow::Result<Duration> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("read /proc/{pid}/stat"))?;
+    let ticks =
+        stat_cpu_ticks(&text).with_context(|| format!("utime and stime in /proc/{pid}/stat"))?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+/// `utime + stime`, in clock ticks, from the text of `/proc/<pid>/stat`.
+pub fn stat_cpu_ticks(text: &str) -> Option<u64> {
     // The command name may hold spaces; fields resume after its last ')'.
-    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let rest = text.rsplit_once(')').map(|(_, r)| r)?;
     // After ')' the first field is #3 (state): utime is #14, stime #15.
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        f.get(i)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("field {} of /proc/{pid}/stat", i + 3))
-    };
-    let total = ticks(11)? + ticks(12)?;
-    Ok(Duration::from_secs_f64(total as f64 / clock_ticks() as f64))
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// `sysconf(_SC_CLK_TCK)` through `getconf` (no libc binding here); 100 when unknown.
@@ -87,4 +96,49 @@ pub fn find_exe(pid: u32, exe: &Path) -> Option<u32> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kib_fields_are_read_by_name() {
+        let status = "Name:\tnmi\nVmHWM:\t   30512 kB\nVmRSS:\t   29008 kB\n";
+        for (name, want) in [
+            ("VmHWM:", Some(30512)),
+            ("VmRSS:", Some(29008)),
+            ("VmSwap:", None),
+            ("Name:", None),
+        ] {
+            assert_eq!(kib_field(status, name), want, "{name}");
+        }
+        assert_eq!(
+            kib_field("MemTotal:        8039784 kB\n", "MemTotal:"),
+            Some(8039784)
+        );
+    }
+
+    #[test]
+    fn cpu_ticks_skip_a_command_name_with_spaces_and_parentheses() {
+        let fields = "S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1 0";
+        for (comm, want) in [
+            ("(nmi)", Some(325)),
+            ("(a b) c)", Some(325)),
+            ("no parenthesis", None),
+        ] {
+            let text = format!("42 {comm} {fields}");
+            assert_eq!(stat_cpu_ticks(&text), want, "{text}");
+        }
+        assert_eq!(stat_cpu_ticks("42 (nmi) S 1 2"), None);
+    }
+
+    #[test]
+    fn this_process_can_be_read() -> anyhow::Result<()> {
+        let me = std::process::id();
+        let m = memory(me)?;
+        assert!(m.peak_kib >= m.now_kib && m.now_kib > 0, "{m:?}");
+        cpu(me)?;
+        Ok(())
+    }
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aadpodid_testkit::flood::Kind;
+use aadpodid_testkit::procfs;
 
 use crate::{Scale, Subject};
 
@@ -310,49 +311,61 @@ impl Machine {
     /// Reads `/proc`, `date` and the Git commit of the work tree (read-only).
     pub fn describe(took: Duration, quick: bool) -> Self {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-        let cmd = |prog: &str, args: &[&str]| {
-            std::process::Command::new(prog)
-                .args(args)
-                .current_dir(aadpodid_testkit::repo_root())
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_else(|| "unknown".into())
-        };
-        let meminfo = read("/proc/meminfo");
-        let memory = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or_else(
-                || "unknown".into(),
-                |kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0),
-            );
-        let dirty = !cmd("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        let dirty =
+            !command_text("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
         Machine {
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu_model: read("/proc/cpuinfo")
-                .lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-                .unwrap_or_else(|| "unknown".into()),
-            memory,
+            cpu_model: cpu_model(&read("/proc/cpuinfo")),
+            memory: memory_total(&read("/proc/meminfo")),
             kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
-            date: cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-            commit: format!(
-                "{}{}",
-                cmd("git", &["rev-parse", "--short", "HEAD"]),
-                if dirty {
-                    " (with uncommitted changes)"
-                } else {
-                    ""
-                }
+            date: command_text("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            commit: commit_text(
+                &command_text("git", &["rev-parse", "--short", "HEAD"]),
+                dirty,
             ),
             took,
             quick,
         }
     }
+}
+
+/// What `prog args` prints in the repository (trimmed), or `unknown`.
+fn command_text(prog: &str, args: &[&str]) -> String {
+    std::process::Command::new(prog)
+        .args(args)
+        .current_dir(aadpodid_testkit::repo_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The first `model name` of `/proc/cpuinfo`, or `unknown`.
+fn cpu_model(cpuinfo: &str) -> String {
+    cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `MemTotal` of `/proc/meminfo` in GiB, or `unknown`.
+fn memory_total(meminfo: &str) -> String {
+    procfs::kib_field(meminfo, "MemTotal:").map_or_else(
+        || "unknown".into(),
+        |kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0),
+    )
+}
+
+/// The commit as the report names it.
+fn commit_text(head: &str, dirty: bool) -> String {
+    let note = if dirty {
+        " (with uncommitted changes)"
+    } else {
+        ""
+    };
+    format!("{head}{note}")
 }
 
 /// Writes the Markdown report at `md` and the chart next to it (`.svg`).
@@ -588,6 +601,21 @@ mod tests {
             &crate::Scale::quick(),
             vec![(Subject::ThisProject, ours), (Subject::Upstream, upstream)],
         )
+    }
+
+    #[test]
+    fn the_machine_is_described_from_proc_texts() {
+        let cpuinfo =
+            "processor\t: 0\nmodel name\t: AMD EPYC 7763\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model(cpuinfo), "AMD EPYC 7763");
+        assert_eq!(cpu_model(""), "unknown");
+        assert_eq!(memory_total("MemTotal:        8039784 kB\n"), "7.7 GiB");
+        assert_eq!(memory_total("MemFree: 1 kB\n"), "unknown");
+        assert_eq!(commit_text("abc1234", false), "abc1234");
+        assert_eq!(
+            commit_text("abc1234", true),
+            "abc1234 (with uncommitted changes)"
+        );
     }
 
     #[test]
