@@ -537,29 +537,15 @@ mod tests {
             extra_paths: vec!["/metadata/loadbalancer".into()],
             ..ProxyPolicy::default()
         };
+        use Method as M;
+        use Rejection::{InvalidPath, MethodNotAllowed, PathNotAllowed};
         let cases: &[(Method, &str, Result<Route, Rejection>)] = &[
-            (Method::GET, "/metadata/loadbalancer", Ok(Route::Proxy)),
-            (Method::GET, "/metadata/loadbalancer/x", Ok(Route::Proxy)),
-            (
-                Method::GET,
-                "/metadata/loadbalancerx",
-                Err(Rejection::PathNotAllowed),
-            ),
-            (
-                Method::GET,
-                "/metadata/LoadBalancer",
-                Err(Rejection::PathNotAllowed),
-            ),
-            (
-                Method::GET,
-                "/metadata/loadbalancer/%2e%2e",
-                Err(Rejection::InvalidPath),
-            ),
-            (
-                Method::POST,
-                "/metadata/loadbalancer",
-                Err(Rejection::MethodNotAllowed),
-            ),
+            (M::GET, "/metadata/loadbalancer", Ok(Route::Proxy)),
+            (M::GET, "/metadata/loadbalancer/x", Ok(Route::Proxy)),
+            (M::GET, "/metadata/loadbalancerx", Err(PathNotAllowed)),
+            (M::GET, "/metadata/LoadBalancer", Err(PathNotAllowed)),
+            (M::GET, "/metadata/loadbalancer/%2e%2e", Err(InvalidPath)),
+            (M::POST, "/metadata/loadbalancer", Err(MethodNotAllowed)),
         ];
         for (method, path, want) in cases {
             assert_eq!(route(method, path, &policy), *want, "{method} {path}");
