@@ -4,45 +4,20 @@
 # progress and timings go to stderr.
 #
 # Cache: $AADPODID_CLUSTER_CACHE (default $HOME/.cache/aadpodid/cluster)/<key>,
-# where <key> changes with the pinned versions (go.mod/go.sum) and the Go release,
-# so a version bump rebuilds and an unchanged tree reuses. Go's own caches go to
-# $HOME/.cache/go-mod and $HOME/.cache/go-build. Safe to run concurrently: a lock
-# serialises builders and the binaries appear in the cache atomically.
+# where <key> changes with the pinned versions (go.mod/go.sum), this script and
+# the Go release. Caching, locking and Go's environment: tests/lib/go-tool.sh.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cache_root=${AADPODID_CLUSTER_CACHE:-$HOME/.cache/aadpodid/cluster}
-export GOMODCACHE=${GOMODCACHE:-$HOME/.cache/go-mod}
-export GOCACHE=${GOCACHE:-$HOME/.cache/go-build}
-export GOFLAGS=-mod=readonly
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
+# shellcheck source=SCRIPTDIR/../lib/go-tool.sh
+. "$here/../lib/go-tool.sh"
 
-key=$( { go version; cat "$here"/kube/go.mod "$here"/kube/go.sum "$here"/etcd/go.mod "$here"/etcd/go.sum "$here"/build.sh; } | sha256sum | cut -c1-16)
-out=$cache_root/$key
+go_tool_init "${AADPODID_CLUSTER_CACHE:-$HOME/.cache/aadpodid/cluster}" \
+  "$here"/kube/go.mod "$here"/kube/go.sum "$here"/etcd/go.mod "$here"/etcd/go.sum "$here"/build.sh
+go_tool_cached "cluster binaries" kube-apiserver kubectl etcd
+go_tool_begin
 
-have_all() {
-  [ -x "$1/kube-apiserver" ] && [ -x "$1/kubectl" ] && [ -x "$1/etcd" ]
-}
-
-if have_all "$out"; then
-  echo "cluster binaries: cached in $out" >&2
-  echo "$out"
-  exit 0
-fi
-
-mkdir -p "$cache_root"
-exec 9>"$cache_root/.lock"
-flock 9
-if have_all "$out"; then
-  echo "$out"
-  exit 0
-fi
-
-tmp=$(mktemp -d "$cache_root/.build.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-start=$(date +%s)
-kver=$(grep -m1 'k8s.io/kubernetes v' "$here/kube/go.mod" | awk '{print $2}')
+kver=$(go_mod_version "$here/kube/go.mod" k8s.io/kubernetes)
 # A module build carries no git metadata; stamp the release as Kubernetes' own
 # build does, so /version and `kubectl version` report it (helm checks it
 # against charts' kubeVersion).
@@ -52,9 +27,7 @@ ldflags="-s -w -X $vpkg.gitVersion=$kver -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$
 echo "cluster binaries: building kube-apiserver and kubectl ($kver)" >&2
 (cd "$here/kube" && go build -trimpath -ldflags="$ldflags" -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl) >&2
-echo "cluster binaries: building etcd ($(grep -m1 'etcd/server/v3 v' "$here/etcd/go.mod" | awk '{print $2}'))" >&2
+echo "cluster binaries: building etcd ($(go_mod_version "$here/etcd/go.mod" go.etcd.io/etcd/server/v3))" >&2
 (cd "$here/etcd" && go build -trimpath -ldflags='-s -w' -o "$tmp/etcd" go.etcd.io/etcd/server/v3) >&2
-mv "$tmp" "$out"
-trap - EXIT
-echo "cluster binaries: built in $(( $(date +%s) - start ))s into $out" >&2
-echo "$out"
+
+go_tool_done "cluster binaries"
