@@ -20,16 +20,12 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
-use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
-use nmi::response::Token;
-use nmi::secret::Secret;
-use nmi::token::{ImdsIdentity, TokenError, TokenSource};
-use serde_json::json;
+use nmi::token::testing::Fake;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -39,65 +35,8 @@ const NS: &str = "team";
 const BUSY_IP: &str = "127.0.0.2";
 const QUIET_IP: &str = "127.0.0.3";
 
-/// IMDS: a call takes `delay` (forever when `None`); resources starting with
-/// `bad` are refused (IMDS's 400). `live` counts calls in progress.
-struct FakeImds {
-    delay: Option<Duration>,
-    calls: AtomicUsize,
-    live: Arc<AtomicUsize>,
-}
-
-struct Live(Arc<AtomicUsize>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-fn jwt_app(appid: &str) -> String {
-    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    format!(
-        "{}.{}.sig",
-        b.encode(br#"{"alg":"none"}"#),
-        b.encode(json!({ "appid": appid }).to_string())
-    )
-}
-
-impl TokenSource for FakeImds {
-    async fn imds_token(
-        &self,
-        identity: &ImdsIdentity,
-        resource: &str,
-    ) -> Result<Token, TokenError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.live.fetch_add(1, Ordering::SeqCst);
-        let _live = Live(Arc::clone(&self.live));
-        match self.delay {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending::<()>().await,
-        }
-        if resource.starts_with("bad") {
-            return Err(TokenError::Refused {
-                status: 400,
-                body: "invalid resource".into(),
-            });
-        }
-        let ImdsIdentity::ResourceId(rid) = identity;
-        let client = format!("app-of-{rid}");
-        Ok(Token {
-            access_token: Secret::new(jwt_app(&client)),
-            expires_on: nmi::token::now_secs() + 86_399,
-            not_before: None,
-            resource: resource.into(),
-            token_type: "Bearer".into(),
-            client_id: client,
-        })
-    }
-}
-
 /// Pod `pod`'s identity `id-<pod>` (client ID `app-of-rid-<pod>`, as
-/// [`FakeImds`] answers for resource ID `rid-<pod>`).
+/// [`Fake`] answers for resource ID `rid-<pod>`).
 fn identity(pod: &str) -> AzureIdentity {
     common::identity(
         NS,
@@ -177,13 +116,17 @@ impl Opts {
 /// NMI's server as a test runs it; the test holds [`SERIAL`] while it lives.
 struct Nmi {
     addr: SocketAddr,
-    server: Arc<nmi::server::Server<FakeImds>>,
-    live: Arc<AtomicUsize>,
+    server: Arc<nmi::server::Server<Fake>>,
     _shutdown: aadpodid_runtime::Shutdown,
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Nmi {
+    /// The fake IMDS behind NMI's cache.
+    fn imds(&self) -> &Fake {
+        self.server.cache.source()
+    }
+
     /// Whether NMI's count of open connections becomes `n` within `within`.
     async fn connections_become(&self, n: i64, within: Duration) -> bool {
         eventually(within, || self.server.metrics.connections.get() == n).await
@@ -194,11 +137,10 @@ impl Nmi {
 /// descriptors), then starts NMI's server as `opts` say.
 async fn start(opts: Opts) -> Nmi {
     let serial = SERIAL.lock().await;
-    let live = Arc::new(AtomicUsize::new(0));
-    let source = FakeImds {
-        delay: opts.delay,
-        calls: AtomicUsize::new(0),
-        live: Arc::clone(&live),
+    // Resources starting with `bad` are refused (IMDS's 400).
+    let source = Fake {
+        refused_prefix: Some("bad"),
+        ..Fake::new(opts.delay, false)
     };
     let state = Arc::new(nmi::server::State::default());
     if opts.filled {
@@ -220,7 +162,6 @@ async fn start(opts: Opts) -> Nmi {
     Nmi {
         addr,
         server,
-        live,
         _shutdown: shutdown,
         _serial: serial,
     }
@@ -434,7 +375,7 @@ async fn connections_over_the_caps_are_closed_at_once_and_descriptors_return_to_
     );
     assert!(settled, "descriptors {after} > baseline {baseline}");
     assert_eq!(nmi.server.cache.pending_fetches(), (0, 0));
-    assert_eq!(nmi.live.load(Ordering::SeqCst), 0);
+    assert_eq!(nmi.imds().live.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,7 +432,11 @@ async fn a_declared_body_gets_400_at_once_and_the_connection_closes() {
         eprintln!("{name}: 400 in {:?}", started.elapsed());
     }
     assert_eq!(refused(&nmi, "requests", "body"), 4);
-    assert_eq!(nmi.live.load(Ordering::SeqCst), 0, "IMDS never asked");
+    assert_eq!(
+        nmi.imds().live.load(Ordering::SeqCst),
+        0,
+        "IMDS never asked"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,15 +577,15 @@ async fn a_busy_pod_does_not_delay_another_pods_first_token_and_its_abandoned_ca
         let _ = t.await;
     }
     let drained = eventually(Duration::from_secs(5), || {
-        nmi.server.cache.pending_fetches() == (0, 0) && nmi.live.load(Ordering::SeqCst) == 0
+        nmi.server.cache.pending_fetches() == (0, 0) && nmi.imds().live.load(Ordering::SeqCst) == 0
     })
     .await;
-    let calls = nmi.server.cache.source().calls.load(Ordering::SeqCst);
+    let calls = nmi.imds().calls.load(Ordering::SeqCst);
     assert!(
         drained,
         "queue {:?}, IMDS calls in progress {}",
         nmi.server.cache.pending_fetches(),
-        nmi.live.load(Ordering::SeqCst)
+        nmi.imds().live.load(Ordering::SeqCst)
     );
     assert!(
         calls < 200,

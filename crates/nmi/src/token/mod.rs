@@ -47,6 +47,7 @@
 //! | `budget.rs` | the limiter's settings for IMDS's per-VM budget |
 //! | `slots.rs` | the cache's entries, their leases and eviction |
 //! | `cache.rs` | [`TokenCache`], which puts these together |
+//! | `testing.rs` | fake token sources for tests (feature `test-support`) |
 
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -60,8 +61,8 @@ mod imds;
 mod key;
 mod retry;
 mod slots;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 mod verify;
 
 pub use budget::{DEFAULT_MAX_PENDING_PER_POD, spacing_for};

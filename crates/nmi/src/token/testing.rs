@@ -1,7 +1,9 @@
-//! Token sources and helpers shared by this module's tests.
+//! Fake token sources and helpers for tests: this module's unit tests and,
+//! through the `test-support` feature (which only nmi's own dev-dependency on
+//! itself turns on), the crate's integration tests. Not in release builds.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -12,12 +14,16 @@ use crate::fair::RequesterKey;
 use crate::response::Token;
 use crate::secret::Secret;
 
-pub(super) fn who() -> RequesterKey {
+pub fn who() -> RequesterKey {
     RequesterKey::internal("test")
 }
 
 /// A token for the test requester, which must be had.
-pub(super) async fn fetch<S: TokenSource>(
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: a refused token fails the test that asked"
+)]
+pub async fn fetch<S: TokenSource>(
     cache: &TokenCache<S>,
     resource_id: &str,
     client_id: &str,
@@ -31,7 +37,7 @@ pub(super) async fn fetch<S: TokenSource>(
 
 /// `n` requests from `requester` for identity `a`, each for another
 /// resource (`r0`, `r1`, ...), left running.
-pub(super) fn spawn_fetches<S: TokenSource>(
+pub fn spawn_fetches<S: TokenSource>(
     cache: &Arc<TokenCache<S>>,
     requester: &RequesterKey,
     n: usize,
@@ -52,28 +58,51 @@ pub(super) fn spawn_fetches<S: TokenSource>(
 /// IMDS with one identity per resource ID: client ID `app-of-<rid>`,
 /// object ID `oid-of-<rid>` (lower case), unless `reports` says IMDS
 /// answers with another client ID. A call takes `delay` (forever when
-/// `None`; 20 ms by default) and, when `fail`, ends in IMDS's 400.
-pub(super) struct Fake {
-    pub(super) calls: AtomicUsize,
-    pub(super) lifetime: u64,
-    pub(super) reports: Option<&'static str>,
-    pub(super) delay: Option<Duration>,
-    pub(super) fail: bool,
+/// `None`; 20 ms by default) and ends in IMDS's 400 when `fail`, or when the
+/// resource starts with `refused_prefix`. `calls` counts the calls made,
+/// `live` those in progress (a call whose caller went away is no longer).
+#[derive(Debug)]
+pub struct Fake {
+    pub calls: AtomicUsize,
+    pub live: AtomicUsize,
+    pub lifetime: u64,
+    pub reports: Option<&'static str>,
+    pub delay: Option<Duration>,
+    pub fail: bool,
+    pub refused_prefix: Option<&'static str>,
 }
 
 impl Default for Fake {
     fn default() -> Self {
         Fake {
             calls: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
             lifetime: 0,
             reports: None,
             delay: Some(Duration::from_millis(20)),
             fail: false,
+            refused_prefix: None,
         }
     }
 }
 
-pub(super) fn jwt(claims: serde_json::Value) -> String {
+/// Counts one call in progress while it lives.
+struct Live<'a>(&'a AtomicUsize);
+
+impl<'a> Live<'a> {
+    fn start(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::SeqCst);
+        Live(gauge)
+    }
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub fn jwt(claims: serde_json::Value) -> String {
     let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     format!(
         "{}.{}.sig",
@@ -82,18 +111,13 @@ pub(super) fn jwt(claims: serde_json::Value) -> String {
     )
 }
 
-pub(super) fn jwt_app(appid: &str) -> String {
+pub fn jwt_app(appid: &str) -> String {
     jwt(serde_json::json!({"appid": appid}))
 }
 
 /// A token as IMDS gives it: `access_token` for `client_id`, valid for
 /// `lifetime` seconds from now.
-pub(super) fn token(
-    access_token: String,
-    client_id: String,
-    lifetime: u64,
-    resource: &str,
-) -> Token {
+pub fn token(access_token: String, client_id: String, lifetime: u64, resource: &str) -> Token {
     Token {
         access_token: Secret::new(access_token),
         expires_on: now_secs() + lifetime,
@@ -119,11 +143,13 @@ impl TokenSource for Fake {
         resource: &str,
     ) -> Result<Token, TokenError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        let _live = Live::start(&self.live);
         match self.delay {
             Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending::<()>().await,
         }
-        if self.fail {
+        let refused = self.refused_prefix.is_some_and(|p| resource.starts_with(p));
+        if self.fail || refused {
             return Err(not_found());
         }
         let ImdsIdentity::ResourceId(rid) = identity;
@@ -137,7 +163,7 @@ impl TokenSource for Fake {
     }
 }
 
-pub(super) fn long_lived() -> Fake {
+pub fn long_lived() -> Fake {
     Fake {
         lifetime: 86_399,
         ..Default::default()
@@ -145,16 +171,17 @@ pub(super) fn long_lived() -> Fake {
 }
 
 /// A scripted answer: a token, or (status, Retry-After seconds).
-pub(super) type Answer = Result<(), (u16, Option<u64>)>;
+pub type Answer = Result<(), (u16, Option<u64>)>;
 
-/// Answers from a script, in order; the last answer repeats.
-pub(super) struct Scripted {
+/// Answers from a script (not empty), in order; the last answer repeats.
+#[derive(Debug)]
+pub struct Scripted {
     answers: Mutex<Vec<Answer>>,
-    pub(super) calls: AtomicUsize,
+    pub calls: AtomicUsize,
 }
 
 impl Scripted {
-    pub(super) fn new(answers: Vec<Answer>) -> Self {
+    pub fn new(answers: Vec<Answer>) -> Self {
         Scripted {
             answers: Mutex::new(answers),
             calls: AtomicUsize::new(0),
@@ -170,7 +197,7 @@ impl TokenSource for Scripted {
     ) -> Result<Token, TokenError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         let answer = {
-            let answers = self.answers.lock().unwrap();
+            let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
             answers[n.min(answers.len() - 1)]
         };
         match answer {
@@ -186,7 +213,7 @@ impl TokenSource for Scripted {
     }
 }
 
-pub(super) fn fast_policy() -> RetryPolicy {
+pub fn fast_policy() -> RetryPolicy {
     RetryPolicy {
         backoff: [10, 20, 40].map(Duration::from_millis).to_vec(),
         max_retry_after: Duration::from_secs(2),
@@ -196,10 +223,10 @@ pub(super) fn fast_policy() -> RetryPolicy {
 
 /// A long-lived [`Fake`] whose calls take `delay` (forever when `None`)
 /// and fail (IMDS's 400) when `fail`.
-pub(super) type Slow = Fake;
+pub type Slow = Fake;
 
 impl Fake {
-    pub(super) fn new(delay: Option<Duration>, fail: bool) -> Self {
+    pub fn new(delay: Option<Duration>, fail: bool) -> Self {
         Fake {
             delay,
             fail,
