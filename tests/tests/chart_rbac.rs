@@ -20,13 +20,6 @@
 //!   `patch`, or with a token that names no node, the taint stays.
 //! - One verb taken out of a rendered ClusterRole makes each job fail.
 
-#![allow(
-    clippy::expect_used,
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "test helpers outside #[test] functions fail the test by panicking"
-)]
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +32,7 @@ use aadpodid_tests::tenant::{
     self, APP_CLIENT, APP_ID, APP_RG, CloudEnvironment, KUBELET, MicCloud, MicCloudFiles, Tenant,
 };
 use aadpodid_tests::{Cluster, TENANT, TempNamespace, free_ports, unique_name, wait_for};
+use anyhow::{Context as _, anyhow, ensure};
 use azure_emulator::Emulator;
 use azure_emulator::config::LroMode;
 use kube::Api;
@@ -62,28 +56,28 @@ struct Release {
 }
 
 impl Release {
-    async fn render(prefix: &str, extra: &[(&str, &str)]) -> Release {
-        let cluster = Cluster::shared();
-        let ns = cluster.temp_namespace(prefix).await.unwrap();
+    async fn render(prefix: &str, extra: &[(&str, &str)]) -> anyhow::Result<Release> {
+        let ns = Cluster::shared().temp_namespace(prefix).await?;
         let name = unique_name(prefix);
-        let mut r = Render::new(&name, ns.name())
-            .set("fullnameOverride", &name)
-            .set("mic.leaderElection.namespace", ns.name())
-            .set("installMICException", "false");
+        let mut r = values(&name, &ns);
         for (k, v) in extra {
             r = r.set(k, v);
         }
-        let docs = helm::template(&r).unwrap();
-        Release {
-            cluster,
-            ns,
-            name,
-            docs,
-        }
+        Release::of(name, ns, &r)
     }
 
-    fn get(&self, kind: &str, name: &str) -> Value {
-        helm::find(&self.docs, kind, name).unwrap_or_else(|| panic!("no {kind} {name}"))
+    /// The release `name` in `ns` as `r` renders it.
+    fn of(name: String, ns: TempNamespace, r: &Render) -> anyhow::Result<Release> {
+        Ok(Release {
+            cluster: Cluster::shared(),
+            docs: helm::template(r)?,
+            ns,
+            name,
+        })
+    }
+
+    fn get(&self, kind: &str, name: &str) -> anyhow::Result<Value> {
+        helm::find(&self.docs, kind, name).with_context(|| format!("no {kind} {name}"))
     }
 
     fn mic(&self) -> String {
@@ -94,56 +88,68 @@ impl Release {
         format!("{}-nmi", self.name)
     }
 
-    /// Applies the rendered RBAC objects of `component` (ServiceAccount,
-    /// ClusterRole/Roles and bindings, all named `<release>-<component>...`),
-    /// after `edit` may change them.
-    fn apply_rbac(&self, component: &str, edit: impl Fn(&mut Value)) {
+    /// The rendered RBAC objects of `component` (ServiceAccount,
+    /// ClusterRole/Roles and bindings, all named `<release>-<component>...`).
+    fn rbac_objects(&self, component: &str) -> Vec<Value> {
         let name = format!("{}-{component}", self.name);
-        let mut items = vec![];
-        for o in helm::objects(&self.docs) {
-            let kind = o["kind"].as_str().unwrap_or_default();
-            let is_rbac = matches!(
-                kind,
-                "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
-            );
-            let named = o["metadata"]["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with(&name));
-            if is_rbac && named {
-                let mut o = o.clone();
-                edit(&mut o);
-                items.push(o);
-            }
+        helm::objects(&self.docs)
+            .into_iter()
+            .filter(|o| {
+                let kind = o["kind"].as_str().unwrap_or_default();
+                let is_rbac = matches!(
+                    kind,
+                    "ServiceAccount"
+                        | "ClusterRole"
+                        | "ClusterRoleBinding"
+                        | "Role"
+                        | "RoleBinding"
+                );
+                let named = o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&name));
+                is_rbac && named
+            })
+            .collect()
+    }
+
+    /// Applies the RBAC objects of `component` after `edit` may change them.
+    fn apply_rbac(
+        &self,
+        component: &str,
+        edit: impl Fn(&mut Value) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut items = self.rbac_objects(component);
+        for o in &mut items {
+            edit(o)?;
         }
         assert!(
             items.len() >= 5,
             "{component}: {} RBAC objects",
             items.len()
         );
-        let list = json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
-        let out = self
-            .cluster
-            .kubectl_run(&["apply", "--server-side", "-f", "-"], Some(&list))
-            .unwrap();
-        assert!(out.success, "apply RBAC: {}", out.stderr);
+        submit(self.cluster, &APPLY_SERVER_SIDE, &list(items)).context("apply RBAC")
     }
 
     /// A kubeconfig with a TokenRequest token of the chart's ServiceAccount,
     /// pointing at `server` (default: the apiserver itself).
-    async fn sa_kubeconfig(&self, component: &str, server: Option<&str>, dir: &Path) -> PathBuf {
+    async fn sa_kubeconfig(
+        &self,
+        component: &str,
+        server: Option<&str>,
+        dir: &Path,
+    ) -> anyhow::Result<PathBuf> {
         let path = self
             .cluster
             .service_account_kubeconfig(self.ns.name(), &format!("{}-{component}", self.name))
-            .await
-            .unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
+            .await?;
+        let text = std::fs::read_to_string(&path)?;
         let text = match server {
             Some(s) => text.replace(self.cluster.server(), s),
             None => text,
         };
         let out = dir.join(format!("{component}.kubeconfig"));
-        std::fs::write(&out, text).unwrap();
-        out
+        std::fs::write(&out, text)?;
+        Ok(out)
     }
 
     fn delete_cluster_scoped(&self) {
@@ -157,30 +163,62 @@ impl Release {
     }
 }
 
+/// The chart's values every release of these tests sets: its own
+/// cluster-scoped names, the leader-election Lease in its namespace, no
+/// exception for MIC.
+fn values(name: &str, ns: &TempNamespace) -> Render {
+    Render::new(name, ns.name())
+        .set("fullnameOverride", name)
+        .set("mic.leaderElection.namespace", ns.name())
+        .set("installMICException", "false")
+}
+
 /// Removes `verb` from every rule of a (Cluster)Role that grants it on `resource`.
-fn without_verb(resource: &'static str, verb: &'static str) -> impl Fn(&mut Value) {
+fn without_verb(
+    resource: &'static str,
+    verb: &'static str,
+) -> impl Fn(&mut Value) -> anyhow::Result<()> {
     move |o: &mut Value| {
         if o["kind"] != "ClusterRole" {
-            return;
+            return Ok(());
         }
-        for rule in o["rules"].as_array_mut().unwrap() {
-            if rule["resources"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|r| r == resource)
-            {
-                let verbs = rule["verbs"].as_array_mut().unwrap();
+        let rules = o["rules"].as_array_mut().context("a ClusterRole's rules")?;
+        for rule in rules {
+            let resources = rule["resources"].as_array().context("a rule's resources")?;
+            if resources.iter().any(|r| r == resource) {
+                let verbs = rule["verbs"].as_array_mut().context("a rule's verbs")?;
                 let before = verbs.len();
                 verbs.retain(|v| v != verb);
                 assert_eq!(verbs.len() + 1, before, "{resource} had {verb}");
             }
         }
+        Ok(())
     }
+}
+
+/// `kubectl apply --server-side`.
+const APPLY_SERVER_SIDE: [&str; 2] = ["apply", "--server-side"];
+
+/// `kubectl <args> -f -` with `objects` on stdin; kubectl's message when it fails.
+fn submit(cluster: &Cluster, args: &[&str], objects: &Value) -> anyhow::Result<()> {
+    let all: Vec<&str> = args.iter().copied().chain(["-f", "-"]).collect();
+    let out = cluster.kubectl_run(&all, Some(&objects.to_string()))?;
+    ensure!(out.success, "kubectl {}: {}", args.join(" "), out.stderr);
+    Ok(())
+}
+
+/// A `v1` List of `items`.
+fn list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
 fn log_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// `r`, or its error with the log of `who` at `path`.
+fn with_log<T>(r: anyhow::Result<T>, who: &str, path: &Path) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow!("{e}\n{who} log:\n{}", log_of(path)))
 }
 
 // ---------------------------------------------------------------- MIC
@@ -195,42 +233,34 @@ struct MicWorld {
 }
 
 impl MicWorld {
-    async fn new(cluster: &Cluster) -> MicWorld {
+    async fn new(cluster: &Cluster) -> anyhow::Result<MicWorld> {
         let dir = std::env::temp_dir().join(unique_name("chart-rbac-mic"));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir)?;
         let vmss = unique_name("rbac-vmss");
         let mut seeds = Tenant::standard().scale_set(&vmss, 1, &[KUBELET]);
         seeds.config_mut().arm.lro_mode = LroMode::Sync;
-        let emu = seeds.start().await.unwrap();
+        let emu = seeds.start().await?;
         let files = tenant::write_mic_cloud_files(
             &dir,
             "",
             &MicCloud::standard(),
             &CloudEnvironment::of(&emu),
-        )
-        .unwrap();
+        )?;
         let node = unique_name("rbac-node");
-        let out = cluster
-            .kubectl_run(
-                &["apply", "-f", "-"],
-                Some(
-                    &json!({
-                        "apiVersion": "v1", "kind": "Node",
-                        "metadata": {"name": node},
-                        "spec": {"providerID": tenant::vmss_provider_id(tenant::NODE_RG, &vmss, 0)},
-                    })
-                    .to_string(),
-                ),
-            )
-            .unwrap();
-        assert!(out.success, "{}", out.stderr);
-        MicWorld {
+        let provider_id = tenant::vmss_provider_id(tenant::NODE_RG, &vmss, 0);
+        let object = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node},
+            "spec": {"providerID": provider_id},
+        });
+        submit(cluster, &["apply"], &object)?;
+        Ok(MicWorld {
             emu,
             dir,
             files,
             vmss,
             node,
-        }
+        })
     }
 
     fn on_vmss(&self) -> bool {
@@ -242,8 +272,8 @@ impl MicWorld {
 
     /// Starts `e2e-mic` with the rendered args (azure.json at the test's
     /// path), as the chart's ServiceAccount.
-    fn start_mic(&self, rel: &Release, kubeconfig: &Path, log: &Path) -> Child {
-        let deploy = rel.get("Deployment", &rel.mic());
+    fn start_mic(&self, rel: &Release, kubeconfig: &Path, log: &Path) -> anyhow::Result<Child> {
+        let deploy = rel.get("Deployment", &rel.mic())?;
         let args: Vec<String> = helm::container_args(&deploy)
             .into_iter()
             .map(|a| {
@@ -274,9 +304,9 @@ impl MicWorld {
             .env_remove("https_proxy")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log)?)
             .spawn()
-            .unwrap()
+            .context("e2e-mic")
     }
 
     fn cleanup(&self, cluster: &Cluster) {
@@ -288,22 +318,25 @@ impl MicWorld {
 /// Applies, in `ns`, the AzureIdentity `app-id` (the tenant's app
 /// identity), its binding `app-binding` to `selector`, and pod `pod` on
 /// `node` with that selector.
-fn apply_identity_binding_pod(cluster: &Cluster, ns: &str, pod: &str, selector: &str, node: &str) {
-    let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+fn apply_identity_binding_pod(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    selector: &str,
+    node: &str,
+) -> anyhow::Result<()> {
+    let objs = list(vec![
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
          "metadata": {"name": "app-id", "namespace": ns},
-         "spec": {"type": 0, "resourceID": tenant::uai_id(APP_RG, APP_ID), "clientID": APP_CLIENT}},
-        {"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+         "spec": {"type": 0, "resourceID": tenant::uai_id(APP_RG, APP_ID), "clientID": APP_CLIENT}}),
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
          "metadata": {"name": "app-binding", "namespace": ns},
-         "spec": {"azureIdentity": "app-id", "selector": selector}},
-        {"apiVersion": "v1", "kind": "Pod",
+         "spec": {"azureIdentity": "app-id", "selector": selector}}),
+        json!({"apiVersion": "v1", "kind": "Pod",
          "metadata": {"name": pod, "namespace": ns, "labels": {"aadpodidbinding": selector}},
-         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "example.invalid/app"}]}},
-    ]});
-    let out = cluster
-        .kubectl_run(&["apply", "-f", "-"], Some(&objs.to_string()))
-        .unwrap();
-    assert!(out.success, "{}", out.stderr);
+         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "example.invalid/app"}]}}),
+    ]);
+    submit(cluster, &["apply"], &objs)
 }
 
 async fn aai(ns: &str) -> Option<AzureAssignedIdentity> {
@@ -320,43 +353,42 @@ fn stop(child: &mut Child) {
 }
 
 /// `kubectl <args> -n <ns>`; what it printed.
-fn kubectl_in(cluster: &Cluster, ns: &str, args: &[&str]) -> aadpodid_tests::KubectlOutput {
+fn kubectl_in(
+    cluster: &Cluster,
+    ns: &str,
+    args: &[&str],
+) -> anyhow::Result<aadpodid_tests::KubectlOutput> {
     let args: Vec<&str> = args.iter().copied().chain(["-n", ns]).collect();
-    cluster.kubectl_run(&args, None).unwrap()
+    cluster.kubectl_run(&args, None)
 }
 
 /// Deletes pod `web` at once (no kubelet runs to finish a graceful deletion).
 const FORCE_DELETE_WEB: [&str; 5] = ["delete", "pod", "web", "--grace-period=0", "--force"];
 
-/// The value of `r`, or a panic with the error and MIC's log.
-fn or_log<T>(r: anyhow::Result<T>, log: &Path) -> T {
-    r.unwrap_or_else(|e| panic!("{e}\nMIC log:\n{}", log_of(log)))
-}
-
 /// MIC with exactly the chart's rules does its whole job; without `create`
 /// on AzureAssignedIdentities it cannot. One test: two MICs at once would
 /// both act on every pod of the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
+async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() -> anyhow::Result<()> {
     let _exclusive = MIC_RUNS.write().await;
     let cluster = Cluster::shared();
-    let world = MicWorld::new(cluster).await;
+    let world = MicWorld::new(cluster).await?;
     for (case, broken) in [("full", false), ("no-create", true)] {
-        let [probe, metrics] = free_ports().unwrap().map(|p| p.to_string());
+        let [probe, metrics] = free_ports()?.map(|p| p.to_string());
         let rel = Release::render(
             &format!("rbac-mic-{case}"),
             &[("mic.probePort", &probe), ("mic.prometheusPort", &metrics)],
         )
-        .await;
+        .await?;
         if broken {
-            rel.apply_rbac("mic", without_verb("azureassignedidentities", "create"));
+            rel.apply_rbac("mic", without_verb("azureassignedidentities", "create"))?;
         } else {
-            rel.apply_rbac("mic", |_| {});
+            rel.apply_rbac("mic", |_| Ok(()))?;
         }
-        let kubeconfig = rel.sa_kubeconfig("mic", None, &world.dir).await;
+        let kubeconfig = rel.sa_kubeconfig("mic", None, &world.dir).await?;
         let log = world.dir.join(format!("mic-{case}.log"));
-        let mut mic = world.start_mic(&rel, &kubeconfig, &log);
-        apply_identity_binding_pod(cluster, rel.ns.name(), "web", "rbac-app", &world.node);
+        let mut mic = world.start_mic(&rel, &kubeconfig, &log)?;
+        apply_identity_binding_pod(cluster, rel.ns.name(), "web", "rbac-app", &world.node)?;
         let ns = rel.ns.name().to_string();
         if !broken {
             let r = wait_for("AAI Assigned", WAIT, || async {
@@ -368,7 +400,7 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
             if r.is_err() {
                 stop(&mut mic);
             }
-            or_log(r, &log);
+            with_log(r, "MIC", &log)?;
             assert!(world.on_vmss(), "identity on the scale set");
             // What MIC added is recorded in the one ConfigMap its Role covers.
             let owned = kubectl_in(
@@ -381,7 +413,7 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
                     "-o",
                     "name",
                 ],
-            );
+            )?;
             assert!(
                 owned.success,
                 "{}\nMIC log:\n{}",
@@ -393,16 +425,16 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
                 cluster,
                 &ns,
                 &["get", "lease", "aad-pod-identity-mic", "-o", "name"],
-            );
+            )?;
             assert!(lease.success, "{}", lease.stderr);
-            let del = kubectl_in(cluster, &ns, &FORCE_DELETE_WEB);
+            let del = kubectl_in(cluster, &ns, &FORCE_DELETE_WEB)?;
             assert!(del.success, "{}", del.stderr);
             let r = wait_for("identity removed", WAIT, || async {
                 (aai(&ns).await.is_none() && !world.on_vmss()).then_some(())
             })
             .await;
             stop(&mut mic);
-            or_log(r, &log);
+            with_log(r, "MIC", &log)?;
             assert!(!log_of(&log).contains("forbidden"), "{}", log_of(&log));
         } else {
             // The apiserver refuses the create; nothing is assigned.
@@ -411,7 +443,7 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
             })
             .await;
             stop(&mut mic);
-            or_log(r, &log);
+            with_log(r, "MIC", &log)?;
             assert!(
                 aai(&ns).await.is_none(),
                 "no AzureAssignedIdentity without create"
@@ -421,6 +453,7 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() {
         rel.delete_cluster_scoped();
     }
     world.cleanup(cluster);
+    Ok(())
 }
 
 // ---------------------------------------------------------------- NMI
@@ -448,7 +481,7 @@ impl Drop for NmiNode {
 impl NmiNode {
     /// A kubeconfig of the chart's NMI ServiceAccount whose server is the
     /// node's relay to the apiserver.
-    async fn nmi_kubeconfig(&self, rel: &Release) -> PathBuf {
+    async fn nmi_kubeconfig(&self, rel: &Release) -> anyhow::Result<PathBuf> {
         let server = format!("https://127.0.0.1:{API_RELAY_PORT}");
         rel.sa_kubeconfig("nmi", Some(&server), &self.dir).await
     }
@@ -495,30 +528,33 @@ impl NmiNode {
     /// Assigned AzureAssignedIdentity MIC would write, in "default", embedding
     /// both with their UIDs, written with MIC's credentials `mic_kubeconfig`.
     /// Returns the AzureAssignedIdentity's name (in "default").
-    fn bind_pod(&self, cluster: &Cluster, ns: &str, mic_kubeconfig: &Path) -> String {
+    fn bind_pod(
+        &self,
+        cluster: &Cluster,
+        ns: &str,
+        mic_kubeconfig: &Path,
+    ) -> anyhow::Result<String> {
         let ip = self.node.pods[0].1.to_string();
-        apply_identity_binding_pod(cluster, ns, "app", "app", &self.name);
+        apply_identity_binding_pod(cluster, ns, "app", "app", &self.name)?;
         // The live objects, as MIC embeds them.
-        let embed = |kind: &str, name: &str| {
-            let out = cluster
-                .kubectl_run(&["get", kind, name, "-n", ns, "-o", "json"], None)
-                .unwrap();
+        let embed = |kind: &str, name: &str| -> anyhow::Result<Value> {
+            let out = kubectl_in(cluster, ns, &["get", kind, name, "-o", "json"])?;
             assert!(out.success, "{}", out.stderr);
-            let live: Value = serde_json::from_str(&out.stdout).unwrap();
+            let live: Value = serde_json::from_str(&out.stdout)?;
             assert!(live["metadata"]["uid"].is_string(), "{live}");
-            json!({
+            Ok(json!({
                 "apiVersion": live["apiVersion"], "kind": live["kind"],
                 "metadata": {"name": live["metadata"]["name"], "namespace": ns,
                              "uid": live["metadata"]["uid"]},
                 "spec": live["spec"],
-            })
+            }))
         };
         let name = format!("app-{ns}-app-id");
         let aai = json!({
             "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
             "metadata": {"name": name, "namespace": "default", "labels": {"nodename": self.name}},
-            "spec": {"azureIdentityRef": embed("azureidentity", "app-id"),
-                     "azureBindingRef": embed("azureidentitybinding", "app-binding"),
+            "spec": {"azureIdentityRef": embed("azureidentity", "app-id")?,
+                     "azureBindingRef": embed("azureidentitybinding", "app-binding")?,
                      "pod": "app", "podNamespace": ns, "nodename": self.name},
             "status": {"status": "Assigned"},
         });
@@ -527,58 +563,61 @@ impl NmiNode {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn()?;
         {
             use std::io::Write as _;
-            let mut pipe = child.stdin.take().unwrap();
-            pipe.write_all(aai.to_string().as_bytes()).unwrap();
+            let mut pipe = child.stdin.take().context("kubectl's stdin")?;
+            pipe.write_all(aai.to_string().as_bytes())?;
         }
-        let out = child.wait_with_output().unwrap();
+        let out = child.wait_with_output()?;
         assert!(
             out.status.success(),
             "AzureAssignedIdentity as MIC: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
-        let out = cluster
-            .kubectl_run(
-                &[
-                    "patch",
-                    "pod",
-                    "app",
-                    "-n",
-                    ns,
-                    "--subresource=status",
-                    "--type=merge",
-                    "-p",
-                    &status.to_string(),
-                ],
-                None,
-            )
-            .unwrap();
+        let out = kubectl_in(
+            cluster,
+            ns,
+            &[
+                "patch",
+                "pod",
+                "app",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status.to_string(),
+            ],
+        )?;
         assert!(out.success, "{}", out.stderr);
-        name
+        Ok(name)
     }
 
     /// A token request from the pod, as an Azure SDK sends it: (status, body).
     /// Async: the node's IMDS is the emulator served by this test's runtime,
     /// so a blocking wait here could stall the very task that must answer.
-    async fn pod_token_request(&self) -> (String, String) {
+    async fn pod_token_request(&self) -> anyhow::Result<(String, String)> {
         let mut cmd = self.node.pods[0].0.command("curl");
         cmd.args([
                 "-s", "--max-time", "30", "-w", "\n%{http_code}", "-H", "Metadata: true",
                 &format!("http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/"),
         ]);
-        let out = tokio::process::Command::from(cmd).output().await.unwrap();
+        let out = tokio::process::Command::from(cmd).output().await?;
         let out = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = out.rsplit_once('\n').unwrap_or((&out, ""));
-        (code.trim().to_string(), body.to_string())
+        Ok((code.trim().to_string(), body.to_string()))
     }
 
     /// Starts `e2e-nmi` in the node with the DaemonSet's rendered args and the
     /// env the kubelet would give its pod.
-    fn start_nmi(&self, rel: &Release, pod: &str, kubeconfig: &Path, log: &Path) -> Child {
-        let ds = rel.get("DaemonSet", &rel.nmi());
+    fn start_nmi(
+        &self,
+        rel: &Release,
+        pod: &str,
+        kubeconfig: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Child> {
+        let ds = rel.get("DaemonSet", &rel.nmi())?;
         let args: Vec<String> = helm::container_args(&ds)
             .into_iter()
             .map(|a| {
@@ -599,9 +638,9 @@ impl NmiNode {
             .env("POD_NAMESPACE", rel.ns.name())
             .env("FORCENAMESPACED", "false")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log)?)
             .spawn()
-            .unwrap()
+            .context("e2e-nmi")
     }
 
     fn healthz(&self) -> String {
@@ -623,14 +662,12 @@ impl NmiNode {
             .filter(|s| s.contains("DNAT"))
     }
 
-    async fn wait_active(&self, log: &Path) {
+    async fn wait_active(&self, log: &Path) -> anyhow::Result<()> {
         let r = wait_for("nmi Active", WAIT, || async {
             (self.healthz() == "Active").then_some(())
         })
         .await;
-        if let Err(e) = r {
-            panic!("{e}\nNMI log:\n{}", log_of(log));
-        }
+        with_log(r, "NMI", log)
     }
 }
 
@@ -683,43 +720,38 @@ impl Drop for DeleteOnDrop {
 }
 
 /// SIGTERM, as the kubelet sends, and a bounded wait for the exit.
-async fn terminate(child: &mut Child, log: &Path) {
+async fn terminate(child: &mut Child, log: &Path) -> anyhow::Result<()> {
     let out = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
-        .output()
-        .unwrap();
+        .output()?;
     assert!(out.status.success());
     let r = wait_for("nmi exits after SIGTERM", Duration::from_secs(20), || {
         let done = child.try_wait().ok().flatten().is_some();
         async move { done.then_some(()) }
     })
     .await;
-    if let Err(e) = r {
+    if r.is_err() {
         stop(child);
-        panic!("{e}\nNMI log:\n{}", log_of(log));
     }
+    with_log(r, "NMI", log)
 }
 
 /// Creates, as the DaemonSet controller would, the DaemonSet's pod on the node.
-fn create_ds_pod(rel: &Release, node: &str, pod: &str) {
-    let ds_uid = rel
-        .cluster
-        .kubectl_run(
-            &[
-                "get",
-                "daemonset",
-                &rel.nmi(),
-                "-n",
-                rel.ns.name(),
-                "-o",
-                "jsonpath={.metadata.uid}",
-            ],
-            None,
-        )
-        .unwrap()
-        .stdout;
+fn create_ds_pod(rel: &Release, node: &str, pod: &str) -> anyhow::Result<()> {
+    let ds_uid = kubectl_in(
+        rel.cluster,
+        rel.ns.name(),
+        &[
+            "get",
+            "daemonset",
+            &rel.nmi(),
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ],
+    )?
+    .stdout;
     assert!(!ds_uid.is_empty());
-    let ds = rel.get("DaemonSet", &rel.nmi());
+    let ds = rel.get("DaemonSet", &rel.nmi())?;
     let mut spec = ds["spec"]["template"]["spec"].clone();
     spec["nodeName"] = json!(node);
     let p = json!({
@@ -732,22 +764,18 @@ fn create_ds_pod(rel: &Release, node: &str, pod: &str) {
         },
         "spec": spec,
     });
-    let out = rel
-        .cluster
-        .kubectl_run(&["apply", "-f", "-"], Some(&p.to_string()))
-        .unwrap();
-    assert!(out.success, "{}", out.stderr);
+    submit(rel.cluster, &["apply"], &p)
 }
 
 /// NMI as the chart's ServiceAccount becomes Active; a restart keeps the
 /// redirect; a real `helm uninstall` (DaemonSet, then RBAC and the
 /// ServiceAccount deleted, then SIGTERM) removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
+async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() -> anyhow::Result<()> {
     let _shared = MIC_RUNS.read().await;
     let cluster = Cluster::shared();
-    let node = NmiNode::new(cluster).await.unwrap();
-    let ns = cluster.temp_namespace("rbac-nmi").await.unwrap();
+    let node = NmiNode::new(cluster).await?;
+    let ns = cluster.temp_namespace("rbac-nmi").await?;
     let release = unique_name("rbac-nmi");
     let _policies = ReleasePolicies {
         cluster,
@@ -773,38 +801,27 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
         "--skip-crds",
         "--timeout",
         "60s",
-    ])
-    .unwrap();
+    ])?;
     assert!(
         install.success,
         "helm install: {}{}",
         install.stdout, install.stderr
     );
-    let rel = Release {
-        cluster,
-        name: release.clone(),
-        docs: helm::template(
-            &Render::new(&release, ns.name())
-                .set("fullnameOverride", &release)
-                .set("mic.leaderElection.namespace", ns.name())
-                .set("installMICException", "false"),
-        )
-        .unwrap(),
-        ns,
-    };
+    let r = values(&release, &ns);
+    let rel = Release::of(release.clone(), ns, &r)?;
     let pod = format!("{}-x7k2p", rel.nmi());
-    create_ds_pod(&rel, &node.name, &pod);
-    let kc = node.nmi_kubeconfig(&rel).await;
+    create_ds_pod(&rel, &node.name, &pod)?;
+    let kc = node.nmi_kubeconfig(&rel).await?;
 
     let log1 = node.dir.join("nmi-1.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log1);
-    node.wait_active(&log1).await;
+    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log1)?;
+    node.wait_active(&log1).await?;
     assert!(node.chain().is_some(), "redirect installed");
     assert!(!log_of(&log1).contains("forbidden"), "{}", log_of(&log1));
     // It serves a pod on the node the token of the identity it is bound to.
     // The admission policy the release installed admits only MIC's account.
-    let mic_kc = rel.sa_kubeconfig("mic", None, &node.dir).await;
-    let aai_name = node.bind_pod(cluster, rel.ns.name(), &mic_kc);
+    let mic_kc = rel.sa_kubeconfig("mic", None, &node.dir).await?;
+    let aai_name = node.bind_pod(cluster, rel.ns.name(), &mic_kc)?;
     let _aai = DeleteOnDrop {
         cluster,
         args: vec![
@@ -814,19 +831,18 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
             "default".into(),
         ],
     };
-    let (code, body) = node.pod_token_request().await;
+    let (code, body) = node.pod_token_request().await?;
     assert_eq!(code, "200", "{body}\nNMI log:\n{}", log_of(&log1));
-    let token: Value = serde_json::from_str(&body).unwrap();
+    let token: Value = serde_json::from_str(&body)?;
     assert_eq!(token["client_id"], APP_CLIENT, "{body}");
     let claims = node
         .emu
-        .verify_token(token["access_token"].as_str().unwrap())
-        .map_err(|e| format!("{e:?}"))
-        .unwrap();
+        .verify_token(&aadpodid_tests::e2e::access_token(&body)?)
+        .map_err(|e| anyhow!("{e:?}"))?;
     assert_eq!(claims.appid, APP_CLIENT);
 
     // A restart (rolling update, crash, eviction): the redirect stays.
-    terminate(&mut nmi, &log1).await;
+    terminate(&mut nmi, &log1).await?;
     assert!(
         node.chain().is_some(),
         "redirect kept over a restart:\n{}",
@@ -835,8 +851,8 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
     assert!(log_of(&log1).contains("fail-closed"), "{}", log_of(&log1));
 
     let log2 = node.dir.join("nmi-2.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log2);
-    node.wait_active(&log2).await;
+    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log2)?;
+    node.wait_active(&log2).await?;
     let uninstall = helm::run(&[
         "uninstall",
         &release,
@@ -846,8 +862,7 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
         rel.ns.name(),
         "--timeout",
         "60s",
-    ])
-    .unwrap();
+    ])?;
     assert!(
         uninstall.success,
         "helm uninstall: {}{}",
@@ -855,14 +870,13 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
     );
     // The account is gone with the release: NMI's own token no longer works,
     // so only what its watch saw can tell it the DaemonSet went.
-    let sa = cluster
-        .kubectl_run(
-            &["get", "serviceaccount", &rel.nmi(), "-n", rel.ns.name()],
-            None,
-        )
-        .unwrap();
+    let sa = kubectl_in(
+        cluster,
+        rel.ns.name(),
+        &["get", "serviceaccount", &rel.nmi()],
+    )?;
     assert!(!sa.success, "ServiceAccount deleted by helm uninstall");
-    terminate(&mut nmi, &log2).await;
+    terminate(&mut nmi, &log2).await?;
     assert!(
         node.chain().is_none(),
         "redirect removed after uninstall:\n{}",
@@ -873,21 +887,22 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() {
         "{}",
         log_of(&log2)
     );
+    Ok(())
 }
 
 /// Without `list` on AzureAssignedIdentities NMI never syncs its caches and
 /// never becomes Active.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nmi_without_one_verb_never_becomes_active() {
+async fn nmi_without_one_verb_never_becomes_active() -> anyhow::Result<()> {
     let _shared = MIC_RUNS.read().await;
     let cluster = Cluster::shared();
-    let node = NmiNode::new(cluster).await.unwrap();
-    let rel = Release::render("rbac-nmi-broken", &[]).await;
-    rel.apply_rbac("nmi", without_verb("azureassignedidentities", "list"));
-    let kc = node.nmi_kubeconfig(&rel).await;
+    let node = NmiNode::new(cluster).await?;
+    let rel = Release::render("rbac-nmi-broken", &[]).await?;
+    rel.apply_rbac("nmi", without_verb("azureassignedidentities", "list"))?;
+    let kc = node.nmi_kubeconfig(&rel).await?;
     let log = node.dir.join("nmi.log");
     // No DaemonSet pod: --cleanup-on-uninstall is off for this one (logged).
-    let mut nmi = node.start_nmi(&rel, "no-such-pod", &kc, &log);
+    let mut nmi = node.start_nmi(&rel, "no-such-pod", &kc, &log)?;
     let r = wait_for("NMI's list refused", WAIT, || async {
         log_of(&log).contains("forbidden").then_some(())
     })
@@ -895,27 +910,26 @@ async fn nmi_without_one_verb_never_becomes_active() {
     let health = node.healthz();
     stop(&mut nmi);
     rel.delete_cluster_scoped();
-    if let Err(e) = r {
-        panic!("{e}\nNMI log:\n{}", log_of(&log));
-    }
+    with_log(r, "NMI", &log)?;
     assert_eq!(health, "Not Active", "{}", log_of(&log));
+    Ok(())
 }
 
 /// `kubectl auth can-i` as the chart's NMI ServiceAccount.
-fn nmi_can(rel: &Release, args: &[&str]) -> bool {
+fn nmi_can(rel: &Release, args: &[&str]) -> anyhow::Result<bool> {
     let who = format!("--as=system:serviceaccount:{}:{}", rel.ns.name(), rel.nmi());
     let mut all = vec!["auth", "can-i"];
     all.extend_from_slice(args);
     all.push(&who);
-    let out = rel.cluster.kubectl_run(&all, None).unwrap();
-    out.stdout.trim() == "yes"
+    let out = rel.cluster.kubectl_run(&all, None)?;
+    Ok(out.stdout.trim() == "yes")
 }
 
 /// Secrets: by default NMI may read exactly the Secret a service-principal
 /// identity of `azureIdentities` names, in its namespace, and nothing else;
 /// `rbac.allowAccessToSecrets` true/false are upstream's cluster-wide rule and none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nmi_reads_only_the_secrets_of_service_principal_identities() {
+async fn nmi_reads_only_the_secrets_of_service_principal_identities() -> anyhow::Result<()> {
     let _shared = MIC_RUNS.read().await;
     // The clientPassword JSON string of upstream's values, through a file
     // (`--set` would read `{...}` as a list).
@@ -932,106 +946,44 @@ async fn nmi_reads_only_the_secrets_of_service_principal_identities() {
         let cluster = Cluster::shared();
         let ns = cluster
             .temp_namespace(&format!("rbac-secrets-{case}"))
-            .await
-            .unwrap();
+            .await?;
         let name = unique_name(&format!("sec-{case}"));
-        let mut r = Render::new(&name, ns.name())
-            .set("fullnameOverride", &name)
-            .set("mic.leaderElection.namespace", ns.name())
-            .set("installMICException", "false");
-        let values = std::env::temp_dir().join(format!("{name}-values.yaml"));
-        std::fs::write(&values, sp(ns.name())).unwrap();
-        r = r.values(&values);
+        let values_file = std::env::temp_dir().join(format!("{name}-values.yaml"));
+        std::fs::write(&values_file, sp(ns.name()))?;
+        let mut r = values(&name, &ns).values(&values_file);
         if let Some(a) = allow {
             r = r.set("rbac.allowAccessToSecrets", a);
         }
-        let rel = Release {
-            cluster,
-            name: name.clone(),
-            docs: helm::template(&r).unwrap(),
-            ns,
-        };
-        let _ = std::fs::remove_file(&values);
-        let roles: Vec<Value> = helm::objects(&rel.docs)
-            .into_iter()
-            .filter(|o| {
-                matches!(
-                    o["kind"].as_str(),
-                    Some(
-                        "ServiceAccount"
-                            | "ClusterRole"
-                            | "ClusterRoleBinding"
-                            | "Role"
-                            | "RoleBinding"
-                    )
-                ) && o["metadata"]["name"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with(&rel.nmi())
-            })
-            .collect();
-        let list = json!({"apiVersion": "v1", "kind": "List", "items": roles}).to_string();
-        let out = cluster
-            .kubectl_run(&["apply", "--server-side", "-f", "-"], Some(&list))
-            .unwrap();
-        assert!(out.success, "{case}: {}", out.stderr);
+        let rel = Release::of(name.clone(), ns, &r);
+        let _ = std::fs::remove_file(&values_file);
+        let rel = rel?;
+        submit(cluster, &APPLY_SERVER_SIDE, &list(rel.rbac_objects("nmi"))).context(case)?;
         let ns = rel.ns.name().to_string();
-        let own = nmi_can(&rel, &["get", "secrets/sp-secret", "-n", &ns]);
-        let other = nmi_can(&rel, &["get", "secrets/other", "-n", &ns]);
-        let elsewhere = nmi_can(&rel, &["get", "secrets/sp-secret", "-n", "default"]);
-        let list = nmi_can(&rel, &["list", "secrets", "-n", &ns]);
-        match case {
-            "auto" => assert_eq!(
-                (own, other, elsewhere, list),
-                (true, false, false, false),
-                "{case}"
-            ),
-            "all" => assert_eq!(
-                (own, other, elsewhere, list),
-                (true, true, true, false),
-                "{case}"
-            ),
-            _ => assert_eq!(
-                (own, other, elsewhere, list),
-                (false, false, false, false),
-                "{case}"
-            ),
-        }
+        let can = |args: &[&str]| nmi_can(&rel, args);
+        let own = can(&["get", "secrets/sp-secret", "-n", &ns])?;
+        let other = can(&["get", "secrets/other", "-n", &ns])?;
+        let elsewhere = can(&["get", "secrets/sp-secret", "-n", "default"])?;
+        let list = can(&["list", "secrets", "-n", &ns])?;
+        let want = match case {
+            "auto" => (true, false, false, false),
+            "all" => (true, true, true, false),
+            _ => (false, false, false, false),
+        };
+        assert_eq!((own, other, elsewhere, list), want, "{case}");
         // And the rest of NMI's rights hold in every case.
-        assert!(nmi_can(
-            &rel,
-            &[
-                "watch",
-                "azureassignedidentities.aadpodidentity.k8s.io",
-                "-A"
-            ]
-        ));
-        assert!(!nmi_can(
-            &rel,
-            &[
-                "create",
-                "azureassignedidentities.aadpodidentity.k8s.io",
-                "-A"
-            ]
-        ));
-        for resource in [
-            "azureidentities.aadpodidentity.k8s.io",
-            "azureidentitybindings.aadpodidentity.k8s.io",
-        ] {
-            assert!(nmi_can(&rel, &["watch", resource, "-A"]), "{resource}");
-            assert!(!nmi_can(&rel, &["create", resource, "-A"]), "{resource}");
+        let crd = |plural: &str| format!("{plural}.aadpodidentity.k8s.io");
+        let assigned = crd("azureassignedidentities");
+        assert!(can(&["watch", &assigned, "-A"])?);
+        assert!(!can(&["create", &assigned, "-A"])?);
+        for resource in [crd("azureidentities"), crd("azureidentitybindings")] {
+            assert!(can(&["watch", &resource, "-A"])?, "{resource}");
+            assert!(!can(&["create", &resource, "-A"])?, "{resource}");
         }
-        assert!(nmi_can(&rel, &["create", "events", "-n", &ns]));
-        assert!(!nmi_can(
-            &rel,
-            &[
-                "create",
-                "azurepodidentityexceptions.aadpodidentity.k8s.io",
-                "-A"
-            ]
-        ));
+        assert!(can(&["create", "events", "-n", &ns])?);
+        assert!(!can(&["create", &crd("azurepodidentityexceptions"), "-A"])?);
         rel.delete_cluster_scoped();
     }
+    Ok(())
 }
 
 /// nmi.startupTaint with exactly the chart's RBAC and its admission policy:
@@ -1041,11 +993,11 @@ async fn nmi_reads_only_the_secrets_of_service_principal_identities() {
 /// With a token that names no node (not pod-bound) the policy refuses the
 /// same patch and the taint stays. Without the `patch` verb it stays too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
+async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() -> anyhow::Result<()> {
     const KEY: &str = "aadpodidentity.k8s.io/nmi-not-ready";
     let _shared = MIC_RUNS.read().await;
     let cluster = Cluster::shared();
-    let node = NmiNode::new(cluster).await.unwrap();
+    let node = NmiNode::new(cluster).await?;
     let rel = Release::render(
         "rbac-taint",
         &[
@@ -1053,8 +1005,8 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
             ("nmi.startupTaint.key", KEY),
         ],
     )
-    .await;
-    let args = helm::container_args(&rel.get("DaemonSet", &rel.nmi()));
+    .await?;
+    let args = helm::container_args(&rel.get("DaemonSet", &rel.nmi())?);
     assert!(
         args.contains(&format!("--node-startup-taint={KEY}")),
         "{args:?}"
@@ -1074,19 +1026,13 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
             args: vec!["node".into(), node.name.clone()],
         },
     ];
-    let objs = json!({"apiVersion": "v1", "kind": "List", "items": [
-        rel.get("ValidatingAdmissionPolicy", &policy),
-        rel.get("ValidatingAdmissionPolicyBinding", &policy),
+    let objs = list(vec![
+        rel.get("ValidatingAdmissionPolicy", &policy)?,
+        rel.get("ValidatingAdmissionPolicyBinding", &policy)?,
         // The DaemonSet object (no controller runs): its pod is created below.
-        rel.get("DaemonSet", &rel.nmi()),
-    ]});
-    let out = cluster
-        .kubectl_run(
-            &["apply", "--server-side", "-f", "-"],
-            Some(&objs.to_string()),
-        )
-        .unwrap();
-    assert!(out.success, "{}", out.stderr);
+        rel.get("DaemonSet", &rel.nmi())?,
+    ]);
+    submit(cluster, &APPLY_SERVER_SIDE, &objs)?;
     // The Node, created with the taint as the node pool would.
     let taints = json!([
         {"key": "other.example/keep", "value": "x", "effect": "NoSchedule"},
@@ -1094,66 +1040,58 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
     ]);
     let n = json!({"apiVersion": "v1", "kind": "Node",
                    "metadata": {"name": node.name}, "spec": {"taints": taints}});
-    let out = cluster
-        .kubectl_run(&["create", "-f", "-"], Some(&n.to_string()))
-        .unwrap();
-    assert!(out.success, "{}", out.stderr);
-    let keys = || -> Vec<String> {
-        let out = cluster
-            .kubectl_run(
-                &[
-                    "get",
-                    "node",
-                    &node.name,
-                    "-o",
-                    "jsonpath={.spec.taints[*].key}",
-                ],
-                None,
-            )
-            .unwrap();
+    submit(cluster, &["create"], &n)?;
+    let keys = || -> anyhow::Result<Vec<String>> {
+        let out = cluster.kubectl_run(
+            &[
+                "get",
+                "node",
+                &node.name,
+                "-o",
+                "jsonpath={.spec.taints[*].key}",
+            ],
+            None,
+        )?;
         // (Less node.kubernetes.io/not-ready, which the apiserver adds to a
         // new Node and no kubelet clears here.)
-        out.stdout
+        Ok(out
+            .stdout
             .split_whitespace()
             .filter(|k| !k.starts_with("node.kubernetes.io/"))
             .map(str::to_string)
-            .collect()
+            .collect())
     };
 
     // Without `patch` on nodes: NMI becomes Active, the taint stays.
-    rel.apply_rbac("nmi", without_verb("nodes", "patch"));
+    rel.apply_rbac("nmi", without_verb("nodes", "patch"))?;
     let pod = format!("{}-x7k2p", rel.nmi());
-    create_ds_pod(&rel, &node.name, &pod);
+    create_ds_pod(&rel, &node.name, &pod)?;
     // Unbound first (names no node): the policy refuses.
-    let unbound = node.nmi_kubeconfig(&rel).await;
-    let out = cluster
-        .kubectl_run(
-            &[
-                "create",
-                "token",
-                &rel.nmi(),
-                "-n",
-                rel.ns.name(),
-                "--bound-object-kind",
-                "Pod",
-                "--bound-object-name",
-                &pod,
-                "--duration",
-                "1h",
-            ],
-            None,
-        )
-        .unwrap();
+    let unbound = node.nmi_kubeconfig(&rel).await?;
+    let out = kubectl_in(
+        cluster,
+        rel.ns.name(),
+        &[
+            "create",
+            "token",
+            &rel.nmi(),
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &pod,
+            "--duration",
+            "1h",
+        ],
+    )?;
     assert!(out.success, "{}", out.stderr);
-    let text = std::fs::read_to_string(&unbound).unwrap();
-    let (head, rest) = text.split_once("token: ").unwrap();
-    let (_, tail) = rest.split_once('\n').unwrap();
+    let text = std::fs::read_to_string(&unbound)?;
+    let (head, rest) = text.split_once("token: ").context("a token")?;
+    let (_, tail) = rest.split_once('\n').context("a line after the token")?;
     let bound = node.dir.join("nmi-bound.kubeconfig");
     std::fs::write(
         &bound,
         format!("{head}token: {}\n{tail}", out.stdout.trim()),
-    )
-    .unwrap();
+    )?;
 
     let waits_for = |log: &Path, what: &'static str| {
         let log = log.to_path_buf();
@@ -1163,43 +1101,38 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
                 async move { l.contains("removing the startup taint failed").then_some(l) }
             })
             .await;
-            match r {
-                Ok(l) => l,
-                Err(e) => panic!("{e}\nNMI log:\n{}", log_of(&log)),
-            }
+            with_log(r, "NMI", &log)
         }
     };
     let log = node.dir.join("nmi-nopatch.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log);
-    node.wait_active(&log).await;
-    let l = waits_for(&log, "refused without patch").await;
+    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log)?;
+    node.wait_active(&log).await?;
+    let l = waits_for(&log, "refused without patch").await?;
     assert!(l.contains("forbidden"), "{l}");
-    terminate(&mut nmi, &log).await;
-    assert_eq!(keys(), ["other.example/keep", KEY]);
+    terminate(&mut nmi, &log).await?;
+    assert_eq!(keys()?, ["other.example/keep", KEY]);
 
     // The chart's rules; a token that names no node: the policy refuses.
-    rel.apply_rbac("nmi", |_| {});
+    rel.apply_rbac("nmi", |_| Ok(()))?;
     let log = node.dir.join("nmi-unbound.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &unbound, &log);
-    node.wait_active(&log).await;
-    let l = waits_for(&log, "refused by the policy").await;
+    let mut nmi = node.start_nmi(&rel, &pod, &unbound, &log)?;
+    node.wait_active(&log).await?;
+    let l = waits_for(&log, "refused by the policy").await?;
     assert!(l.contains(&policy) && l.contains("names no node"), "{l}");
-    terminate(&mut nmi, &log).await;
-    assert_eq!(keys(), ["other.example/keep", KEY]);
+    terminate(&mut nmi, &log).await?;
+    assert_eq!(keys()?, ["other.example/keep", KEY]);
 
     // The pod-bound token, as in a real pod: removed, the other taint kept,
     // with the redirect in place.
     let log = node.dir.join("nmi-bound.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log);
+    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log)?;
     let r = wait_for("startup taint removed", WAIT, || {
-        let k = keys();
-        async move { (!k.iter().any(|k| k == KEY)).then_some(k) }
+        // (A failed read is no answer yet: the wait goes on.)
+        let k = keys().ok();
+        async move { k.filter(|k| !k.iter().any(|k| k == KEY)) }
     })
     .await;
-    let k = match r {
-        Ok(k) => k,
-        Err(e) => panic!("{e}\nNMI log:\n{}", log_of(&log)),
-    };
+    let k = with_log(r, "NMI", &log)?;
     assert!(node.chain().is_some(), "taint removed before the redirect");
     assert_eq!(k, ["other.example/keep"]);
     assert!(
@@ -1207,6 +1140,7 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() {
         "{}",
         log_of(&log)
     );
-    terminate(&mut nmi, &log).await;
+    terminate(&mut nmi, &log).await?;
     rel.delete_cluster_scoped();
+    Ok(())
 }

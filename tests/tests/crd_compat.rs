@@ -8,7 +8,7 @@ use aadpodid_api::{
     AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, IdentityType,
     POD_LABEL_BINDING,
 };
-use aadpodid_tests::{Cluster, fill_template, fixture};
+use aadpodid_tests::{Cluster, TempNamespace, fill_template, fixture};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
@@ -87,6 +87,12 @@ fn table(
     Ok((header, row))
 }
 
+/// The shared cluster and a namespace of its own for one test.
+async fn cluster_and_namespace(prefix: &str) -> anyhow::Result<(&'static Cluster, TempNamespace)> {
+    let cluster = Cluster::shared();
+    Ok((cluster, cluster.temp_namespace(prefix).await?))
+}
+
 #[tokio::test]
 async fn crds_are_established_and_namespaced() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
@@ -112,8 +118,7 @@ async fn crds_are_established_and_namespaced() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn seed_manifests_apply_unchanged_and_read_back() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let ns = cluster.temp_namespace("seed002").await?;
+    let (cluster, ns) = cluster_and_namespace("seed002").await?;
     apply_seed002(
         cluster,
         ns.name(),
@@ -156,8 +161,7 @@ async fn seed_manifests_apply_unchanged_and_read_back() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn seed004_pod_applies_unchanged() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let ns = cluster.temp_namespace("seed004").await?;
+    let (cluster, ns) = cluster_and_namespace("seed004").await?;
     let manifest = fill_template(
         &fixture("seed004-pod.yaml")?,
         &[
@@ -181,8 +185,7 @@ async fn seed004_pod_applies_unchanged() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn kubectl_get_shows_upstream_printer_columns() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let ns = cluster.temp_namespace("columns").await?;
+    let (cluster, ns) = cluster_and_namespace("columns").await?;
     seed002_identity_and_binding(cluster, ns.name()).await?;
 
     let (header, row) = table(cluster, "azureidentities", ns.name())?;
@@ -197,8 +200,7 @@ async fn kubectl_get_shows_upstream_printer_columns() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn invalid_identity_type_is_refused_with_a_clear_message() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let ns = cluster.temp_namespace("invalid").await?;
+    let (cluster, ns) = cluster_and_namespace("invalid").await?;
     for (value, expect) in [
         ("\"abc\"", "spec.type"),
         ("5", "spec.type"),
@@ -222,8 +224,7 @@ async fn invalid_identity_type_is_refused_with_a_clear_message() -> anyhow::Resu
 
 #[tokio::test]
 async fn assigned_identity_with_embedded_refs_round_trips() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let ns = cluster.temp_namespace("aai").await?;
+    let (cluster, ns) = cluster_and_namespace("aai").await?;
     let (id, binding) = seed002_identity_and_binding(cluster, ns.name()).await?;
     let client = cluster.admin_client().await?;
 
