@@ -101,6 +101,31 @@ impl fmt::Display for AssignedIdentityState {
 }
 
 impl AzureAssignedIdentity {
+    /// The AzureAssignedIdentity recording that `pod` of `pod_namespace`, on
+    /// `node`, uses `identity` through `binding`: named as upstream names it
+    /// ([`crate::assigned_identity_name`]), embedding copies of both objects.
+    /// Its namespace, labels, finalizers and status are left to the writer.
+    pub fn for_pod(
+        identity: &AzureIdentity,
+        binding: &AzureIdentityBinding,
+        pod: &str,
+        pod_namespace: &str,
+        node: &str,
+    ) -> Self {
+        let identity_name = identity.metadata.name.as_deref().unwrap_or_default();
+        AzureAssignedIdentity::new(
+            &crate::assigned_identity_name(pod, pod_namespace, identity_name),
+            AzureAssignedIdentitySpec {
+                azure_identity_ref: Some(Box::new(identity.clone())),
+                azure_binding_ref: Some(Box::new(binding.clone())),
+                pod: pod.into(),
+                pod_namespace: pod_namespace.into(),
+                node_name: node.into(),
+                replicas: None,
+            },
+        )
+    }
+
     /// The state in `status.status`, if it is one MIC writes (or empty).
     pub fn state(&self) -> Option<AssignedIdentityState> {
         AssignedIdentityState::parse(self.status.as_ref().map_or("", |s| s.status.as_str()))
@@ -131,6 +156,23 @@ mod tests {
             Some(AssignedIdentityState::Created)
         );
         assert_eq!(AssignedIdentityState::parse("assigned"), None);
+    }
+
+    #[test]
+    fn for_pod_names_and_embeds_as_mic_writes() {
+        let mut id = AzureIdentity::new("kv", Default::default());
+        id.metadata.namespace = Some("team".into());
+        let binding = AzureIdentityBinding::new("kv-bind", Default::default());
+        let aai = AzureAssignedIdentity::for_pod(&id, &binding, "web", "prod", "node1");
+        assert_eq!(aai.metadata.name.as_deref(), Some("web-prod-kv"));
+        assert_eq!(aai.metadata.namespace, None);
+        assert_eq!(aai.status, None);
+        assert_eq!(aai.spec.pod, "web");
+        assert_eq!(aai.spec.pod_namespace, "prod");
+        assert_eq!(aai.spec.node_name, "node1");
+        assert_eq!(aai.spec.replicas, None);
+        assert_eq!(aai.spec.azure_identity_ref.as_deref(), Some(&id));
+        assert_eq!(aai.spec.azure_binding_ref.as_deref(), Some(&binding));
     }
 
     #[test]

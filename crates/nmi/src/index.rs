@@ -413,8 +413,8 @@ pub(crate) mod testutil {
         s.parse().unwrap()
     }
     use aadpodid_api::{
-        AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentityBindingSpec,
-        AzureIdentitySpec, AzurePodIdentityExceptionSpec,
+        AzureAssignedIdentityStatus, AzureIdentityBindingSpec, AzureIdentitySpec,
+        AzurePodIdentityExceptionSpec,
     };
     use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -477,18 +477,7 @@ pub(crate) mod testutil {
         binding: &AzureIdentityBinding,
         status: &str,
     ) -> AzureAssignedIdentity {
-        let idname = identity.name_any();
-        let mut a = AzureAssignedIdentity::new(
-            &aadpodid_api::assigned_identity_name(pod, pod_ns, &idname),
-            AzureAssignedIdentitySpec {
-                azure_identity_ref: Some(Box::new(identity.clone())),
-                azure_binding_ref: Some(Box::new(binding.clone())),
-                pod: pod.into(),
-                pod_namespace: pod_ns.into(),
-                node_name: "node1".into(),
-                replicas: None,
-            },
-        );
+        let mut a = AzureAssignedIdentity::for_pod(identity, binding, pod, pod_ns, "node1");
         a.metadata.namespace = Some(if aadpodid_api::is_namespaced(identity, false) {
             identity.namespace().unwrap_or_default()
         } else {

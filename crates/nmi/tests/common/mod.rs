@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use aadpodid_api::{
-    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
+    AzureAssignedIdentity, AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding,
+    AzureIdentityBindingSpec, AzureIdentitySpec,
 };
 use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, VmSeed};
 use azure_emulator::{Config, Emulator};
@@ -194,18 +194,7 @@ pub fn assigned(
     pod: &str,
     pod_ns: &str,
 ) -> AzureAssignedIdentity {
-    let name = identity.metadata.name.clone().unwrap();
-    let mut a = AzureAssignedIdentity::new(
-        &aadpodid_api::assigned_identity_name(pod, pod_ns, &name),
-        AzureAssignedIdentitySpec {
-            azure_identity_ref: Some(Box::new(identity.clone())),
-            azure_binding_ref: Some(Box::new(binding.clone())),
-            pod: pod.into(),
-            pod_namespace: pod_ns.into(),
-            node_name: "node".into(),
-            replicas: None,
-        },
-    );
+    let mut a = AzureAssignedIdentity::for_pod(identity, binding, pod, pod_ns, "node");
     a.metadata.namespace = Some("default".into());
     a.status = Some(AzureAssignedIdentityStatus {
         status: "Assigned".into(),
