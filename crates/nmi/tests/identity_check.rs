@@ -3,22 +3,19 @@
 //! whose `clientID` is not the client ID of the managed identity at its
 //! `resourceID` gets a 403 and a metric, never the token; every IMDS request
 //! NMI makes names the identity by resource ID.
-#![allow(
-    clippy::expect_used,
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "test code: failing loudly is the point"
-)]
 
+// The shared scaffolding fails the test loudly (it unwraps).
+#[allow(clippy::unwrap_used, reason = "test scaffolding")]
 mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use anyhow::Context as _;
 use azure_emulator::Emulator;
 use base64::Engine as _;
-use common::resource_id;
+use common::{ARM, resource_id};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
@@ -30,7 +27,6 @@ const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
 const CLIENT_K: &str = "cccccccc-0000-4000-8000-00000000000c";
 const OBJECT_K: &str = "cccccccc-1111-4000-8000-00000000000c";
 const NS: &str = "team";
-const ARM: &str = "https://management.azure.com/";
 
 /// AzureIdentity `name` for `client_id` at the resource ID of the
 /// user-assigned identity `uai` (none when empty).
@@ -81,7 +77,7 @@ impl Nmi {
         imds: SocketAddr,
         mode: nmi::args::OperationMode,
         identities: &[AzureIdentity],
-    ) -> Nmi {
+    ) -> anyhow::Result<Nmi> {
         Self::start_with(imds, mode, identities, Default::default()).await
     }
 
@@ -91,8 +87,9 @@ impl Nmi {
         mode: nmi::args::OperationMode,
         identities: &[AzureIdentity],
         cluster: nmi::cluster::ClusterIdentities,
-    ) -> Nmi {
-        let source = nmi::token::Imds::new(&format!("http://{imds}"), "test").unwrap();
+    ) -> anyhow::Result<Nmi> {
+        let source =
+            nmi::token::Imds::new(&format!("http://{imds}"), "test").map_err(anyhow::Error::msg)?;
         let state = Arc::new(nmi::server::State::default());
         state.update(|i| {
             i.apply_pod(&pod());
@@ -107,11 +104,11 @@ impl Nmi {
         let cache = nmi::token::TokenCache::new(source).with_cluster_identities(cluster);
         let server = Arc::new(common::server(state, cache, config));
         let (addr, shutdown) = common::serve(Arc::clone(&server)).await;
-        Nmi {
+        Ok(Nmi {
             addr,
             server,
             _shutdown: shutdown,
-        }
+        })
     }
 
     /// The pod's AzureAssignedIdentities become those of `identities`.
@@ -121,19 +118,18 @@ impl Nmi {
     }
 
     /// A token request from the pod (127.0.0.1): (status, JSON body).
-    async fn get(&self, extra: &str) -> (u16, Value) {
-        let stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
+    async fn get(&self, extra: &str) -> anyhow::Result<(u16, Value)> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let req = common::token_request(ARM, extra);
-        let resp = sender.send_request(req).await.unwrap();
+        let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = resp.into_body().collect().await?.to_bytes();
         let v: Value = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
-        (status, v)
+            .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&body)))?;
+        Ok((status, v))
     }
 
     fn refused(&self, reason: &str) -> u64 {
@@ -156,14 +152,17 @@ fn imds_token_requests(emu: &Emulator) -> Vec<String> {
 
 /// The cluster identities as `nmi --cloudconfig=<azure.json naming the
 /// kubelet identity> --immutable-user-msis=<immutable>` reads them.
-fn cluster_from_flags(immutable: &str, serve: bool) -> nmi::cluster::ClusterIdentities {
+fn cluster_from_flags(
+    immutable: &str,
+    serve: bool,
+) -> anyhow::Result<nmi::cluster::ClusterIdentities> {
     static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "nmi-identity-check-{}-{}",
         std::process::id(),
         SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     ));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir)?;
     let path = dir.join("azure.json");
     std::fs::write(
         &path,
@@ -173,15 +172,13 @@ fn cluster_from_flags(immutable: &str, serve: bool) -> nmi::cluster::ClusterIden
             "userAssignedIdentityID": CLIENT_K.to_uppercase(),
         })
         .to_string(),
-    )
-    .unwrap();
+    )?;
+    let path = path.to_str().context("a UTF-8 path")?;
     let (cluster, warning) =
-        nmi::cluster::from_flags(path.to_str().unwrap(), immutable, serve, |p| {
-            std::fs::read_to_string(p)
-        });
+        nmi::cluster::from_flags(path, immutable, serve, |p| std::fs::read_to_string(p));
     assert_eq!(warning, None);
-    std::fs::remove_dir_all(&dir).unwrap();
-    cluster
+    std::fs::remove_dir_all(&dir)?;
+    Ok(cluster)
 }
 
 fn appid(body: &Value) -> String {
@@ -196,7 +193,7 @@ fn appid(body: &Value) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
+async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() -> anyhow::Result<()> {
     let (emu, imds) = emulator().await;
     // `honest` is id-a as it is. `forged` names id-a's resource ID (which MIC
     // would assign) with the kubelet identity's client ID. `incomplete` has no
@@ -216,17 +213,17 @@ async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
             reverse.clone(),
         ],
     )
-    .await;
+    .await?;
 
     nmi.assign(&[&honest]);
-    let (code, body) = nmi.get("").await;
+    let (code, body) = nmi.get("").await?;
     assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
 
     for (who, id) in [("forged", &forged), ("reverse", &reverse)] {
         nmi.assign(&[id]);
         for selector in ["".to_string(), format!("&client_id={}", id.spec.client_id)] {
             let before = nmi.refused("client_id_mismatch");
-            let (code, body) = nmi.get(&selector).await;
+            let (code, body) = nmi.get(&selector).await?;
             assert_eq!(code, 403, "{who} {selector}: {body}");
             assert!(body.get("access_token").is_none(), "{who}: {body}");
             let text = body["error_description"].as_str().unwrap_or_default();
@@ -244,7 +241,7 @@ async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
 
     nmi.assign(&[&incomplete]);
     let before = emu.requests(0).len();
-    let (code, body) = nmi.get("").await;
+    let (code, body) = nmi.get("").await?;
     assert_eq!(code, 403, "{body}");
     assert!(
         body["error_description"]
@@ -260,15 +257,15 @@ async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
     // the honest one answers for its object ID, the kubelet's object ID
     // gets nothing (its only route is the forged identity, refused).
     nmi.assign(&[&forged, &honest]);
-    let (code, body) = nmi.get(&format!("&object_id={OBJECT_A}")).await;
+    let (code, body) = nmi.get(&format!("&object_id={OBJECT_A}")).await?;
     assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
     let (code, body) = nmi
         .get(&format!("&object_id={}", OBJECT_K.to_uppercase()))
-        .await;
+        .await?;
     assert_ne!(code, 200, "{body}");
     assert!(body.get("access_token").is_none(), "{body}");
     nmi.assign(&[&honest]);
-    let (code, body) = nmi.get(&format!("&object_id={OBJECT_K}")).await;
+    let (code, body) = nmi.get(&format!("&object_id={OBJECT_K}")).await?;
     assert_eq!(code, 404, "{body}");
 
     // Every token request NMI made named the identity by resource ID only,
@@ -288,24 +285,26 @@ async fn a_forged_client_id_gets_403_and_never_the_other_identitys_token() {
             "{uri}"
         );
     }
+    Ok(())
 }
 
 /// Managed mode (no AzureAssignedIdentities: the bindings in the pod's
 /// namespace decide) fetches by resource ID and checks the client ID too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn managed_mode_checks_the_client_id_too() {
+async fn managed_mode_checks_the_client_id_too() -> anyhow::Result<()> {
     let (_emu, imds) = emulator().await;
     let honest = identity("honest", "id-a", CLIENT_A);
-    let nmi = Nmi::start(imds, nmi::args::OperationMode::Managed, &[honest]).await;
-    let (code, body) = nmi.get("").await;
+    let nmi = Nmi::start(imds, nmi::args::OperationMode::Managed, &[honest]).await?;
+    let (code, body) = nmi.get("").await?;
     assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
 
     let forged = identity("forged", "id-a", CLIENT_K);
-    let nmi = Nmi::start(imds, nmi::args::OperationMode::Managed, &[forged]).await;
-    let (code, body) = nmi.get("").await;
+    let nmi = Nmi::start(imds, nmi::args::OperationMode::Managed, &[forged]).await?;
+    let (code, body) = nmi.get("").await?;
     assert_eq!(code, 403, "{body}");
     assert!(body.get("access_token").is_none(), "{body}");
     assert_eq!(nmi.refused("client_id_mismatch"), 1);
+    Ok(())
 }
 
 /// Managed mode has no MIC to refuse the kubelet identity: an AzureIdentity
@@ -313,7 +312,7 @@ async fn managed_mode_checks_the_client_id_too() {
 /// refused by NMI itself, before IMDS is asked, unless the administrator
 /// passed --serve-cluster-identities.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn managed_mode_refuses_the_kubelet_identity_without_asking_imds() {
+async fn managed_mode_refuses_the_kubelet_identity_without_asking_imds() -> anyhow::Result<()> {
     assert_eq!(nmi::metrics::REFUSED_CLUSTER_IDENTITY, "cluster_identity");
     assert_eq!(nmi::server::REASON_CLUSTER_IDENTITY, "cluster identity");
     let (emu, imds) = emulator().await;
@@ -324,9 +323,9 @@ async fn managed_mode_refuses_the_kubelet_identity_without_asking_imds() {
         imds,
         nmi::args::OperationMode::Managed,
         &[kubelet.clone(), shouting, honest],
-        cluster_from_flags("", false),
+        cluster_from_flags("", false)?,
     )
-    .await;
+    .await?;
     let selectors = [
         format!("&client_id={CLIENT_K}"),
         format!("&client_id={}", CLIENT_K.to_uppercase()),
@@ -334,7 +333,7 @@ async fn managed_mode_refuses_the_kubelet_identity_without_asking_imds() {
         format!("&object_id={OBJECT_K}"),
     ];
     for (k, selector) in selectors.iter().enumerate() {
-        let (code, body) = nmi.get(selector).await;
+        let (code, body) = nmi.get(selector).await?;
         assert_eq!(code, 403, "{selector}: {body}");
         assert!(body.get("access_token").is_none(), "{selector}: {body}");
         let text = body["error_description"].as_str().unwrap_or_default();
@@ -349,9 +348,9 @@ async fn managed_mode_refuses_the_kubelet_identity_without_asking_imds() {
     }
     // Other identities of the pod are served; the object_id request above
     // fetched id-a's token (its candidates include it) but never the kubelet's.
-    let (code, body) = nmi.get(&format!("&client_id={CLIENT_A}")).await;
+    let (code, body) = nmi.get(&format!("&client_id={CLIENT_A}")).await?;
     assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
-    let (code, body) = nmi.get(&format!("&object_id={OBJECT_A}")).await;
+    let (code, body) = nmi.get(&format!("&object_id={OBJECT_A}")).await?;
     assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
     let asked = imds_token_requests(&emu);
     assert!(!asked.is_empty());
@@ -368,30 +367,31 @@ async fn managed_mode_refuses_the_kubelet_identity_without_asking_imds() {
         imds,
         nmi::args::OperationMode::Managed,
         &[kubelet],
-        cluster_from_flags("", true),
+        cluster_from_flags("", true)?,
     )
-    .await;
-    let (code, body) = nmi.get("").await;
+    .await?;
+    let (code, body) = nmi.get("").await?;
     assert_eq!((code, appid(&body).as_str()), (200, CLIENT_K), "{body}");
     assert_eq!(nmi.refused("cluster_identity"), 0);
+    Ok(())
 }
 
 /// `--immutable-user-msis` protects its client IDs the same way, in standard
 /// mode too (an Assigned AzureAssignedIdentity is not enough).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn immutable_user_msis_are_refused_in_standard_mode() {
+async fn immutable_user_msis_are_refused_in_standard_mode() -> anyhow::Result<()> {
     let (emu, imds) = emulator().await;
     let honest = identity("honest", "id-a", CLIENT_A);
     let nmi = Nmi::start_with(
         imds,
         nmi::args::OperationMode::Standard,
         std::slice::from_ref(&honest),
-        cluster_from_flags(&format!("other-id, {}", CLIENT_A.to_uppercase()), false),
+        cluster_from_flags(&format!("other-id, {}", CLIENT_A.to_uppercase()), false)?,
     )
-    .await;
+    .await?;
     nmi.assign(&[&honest]);
     for selector in ["".to_string(), format!("&object_id={OBJECT_A}")] {
-        let (code, body) = nmi.get(&selector).await;
+        let (code, body) = nmi.get(&selector).await?;
         assert_eq!(code, 403, "{selector}: {body}");
         assert!(body.get("access_token").is_none(), "{body}");
     }
@@ -402,10 +402,11 @@ async fn immutable_user_msis_are_refused_in_standard_mode() {
         imds,
         nmi::args::OperationMode::Standard,
         std::slice::from_ref(&honest),
-        cluster_from_flags(CLIENT_A, true),
+        cluster_from_flags(CLIENT_A, true)?,
     )
-    .await;
+    .await?;
     nmi.assign(&[&honest]);
-    let (code, body) = nmi.get("").await;
+    let (code, body) = nmi.get("").await?;
     assert_eq!((code, appid(&body).as_str()), (200, CLIENT_A), "{body}");
+    Ok(())
 }

@@ -22,6 +22,8 @@ use nmi::token::{TokenCache, TokenSource};
 pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 /// The emulator's subscription.
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
+/// The resource the tests ask tokens for (Azure Resource Manager).
+pub const ARM: &str = "https://management.azure.com/";
 
 /// NMI's flags as these tests run it: standard mode, not namespaced, the
 /// Metadata header required, no retries for Created or Assigned identities,
