@@ -197,10 +197,7 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
     assert_eq!(b["properties"]["provisioningState"], "Updating");
     assert_eq!(
         uai_keys(&b),
-        vec![
-            uai(APP_RG, "app-id").to_lowercase(),
-            uai(NODE_RG, "kubelet").to_lowercase()
-        ]
+        uai_ids(&[(APP_RG, "app-id"), (NODE_RG, "kubelet")])
     );
     let op_url = r
         .header("azure-asyncoperation")
@@ -238,20 +235,14 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
         .patch_identities(&vmss_path(VMSS), "UserAssigned", &[(&app, false)])
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        uai_keys(&r.json()),
-        vec![uai(NODE_RG, "kubelet").to_lowercase()]
-    );
+    assert_eq!(uai_keys(&r.json()), uai_ids(&[(NODE_RG, "kubelet")]));
     emu.clock().advance(Duration::from_secs(45));
     // A PATCH without identity keeps it.
     let r = arm
         .patch(&vmss_path(VMSS), API, &json!({"tags": {"a": "b"}}))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        uai_keys(&r.json()),
-        vec![uai(NODE_RG, "kubelet").to_lowercase()]
-    );
+    assert_eq!(uai_keys(&r.json()), uai_ids(&[(NODE_RG, "kubelet")]));
     assert_eq!(r.json()["tags"]["a"], "b");
     assert_eq!(emu.counters().arm_writes.values().sum::<u64>(), 3);
 }
@@ -401,7 +392,7 @@ async fn identity_errors_follow_the_contract() {
     // Nothing changed by any of the failures.
     let b = arm.get(&p, API).await.json();
     assert_eq!(b["etag"], "\"1\"");
-    assert_eq!(uai_keys(&b), vec![uai(NODE_RG, "kubelet").to_lowercase()]);
+    assert_eq!(uai_keys(&b), uai_ids(&[(NODE_RG, "kubelet")]));
 }
 
 #[tokio::test]
@@ -604,7 +595,7 @@ async fn bad_input_gets_azure_errors_and_leaves_state_alone() {
     let b = arm.get(&vmss_path(VMSS), API).await.json();
     assert_eq!(b["etag"], "\"1\"");
     assert_eq!(b["properties"]["provisioningState"], "Succeeded");
-    assert_eq!(uai_keys(&b), vec![uai(NODE_RG, "kubelet").to_lowercase()]);
+    assert_eq!(uai_keys(&b), uai_ids(&[(NODE_RG, "kubelet")]));
     assert_eq!(emu.counters().lro_started, 0);
 }
 

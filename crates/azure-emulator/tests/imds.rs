@@ -8,13 +8,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use aadpodid_testkit::tenant::{APP_CLIENT, KUBELET_CLIENT};
 use azure_emulator::config::LroMode;
 use azure_emulator::{Config, Emulator, Fault, FaultAction, Service};
 use common::*;
 use serde_json::Value;
-
-const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-00000000000k";
-const APP_CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
 
 async fn with_imds(cfg: Config, machine: &str) -> (Emulator, String) {
     let emu = start(cfg).await;

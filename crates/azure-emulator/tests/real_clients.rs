@@ -5,12 +5,6 @@
 //!   fixed at 169.254.169.254: the emulator binary runs in a test "node" network
 //!   namespace that holds that address, and the client runs in a "pod" namespace
 //!   routed through the node (this test binary re-runs itself there).
-#![allow(
-    clippy::expect_used,
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "helpers of a test fail it by panicking"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -18,11 +12,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use aadpodid_testkit::netns::{IMDS_ADDRESS, Node};
+use aadpodid_testkit::tenant::APP_CLIENT;
 use aadpodid_testkit::{IdentitySelector, SUB, TENANT, python_imds_token};
 use azure_emulator::{Config, Emulator};
-use base64::Engine as _;
 
-const APP_CLIENT: &str = "c0000000-0000-4000-8000-000000000001";
 const APP_PRINCIPAL: &str = "d0000000-0000-4000-8000-000000000001";
 const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-00000000000b";
 const OTHER_CLIENT: &str = "c0000000-0000-4000-8000-000000000003";
@@ -55,12 +48,10 @@ scaleSets:
 }
 
 /// The claims of a JWT, without checking its signature.
-fn claims(token: &str) -> serde_json::Value {
-    let payload = token.split('.').nth(1).expect("JWT has a payload");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .expect("base64url");
-    serde_json::from_slice(&bytes).expect("JSON claims")
+fn claims(token: &str) -> anyhow::Result<serde_json::Value> {
+    let parsed = azure_emulator::jwt::parse(token)
+        .map_err(|e| anyhow::anyhow!("not a JWT ({e:?}): {token}"))?;
+    Ok(serde_json::Value::Object(parsed.claims))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +94,7 @@ async fn python_managed_identity_credential_against_imds() {
         let token = out["token"]
             .as_str()
             .unwrap_or_else(|| panic!("{selector:?}: {out}"));
-        assert_eq!(claims(token)["appid"], APP_CLIENT, "{selector:?}");
+        assert_eq!(claims(token).unwrap()["appid"], APP_CLIENT, "{selector:?}");
     }
 
     for (selector, error) in [
@@ -195,7 +186,7 @@ fn rust_managed_identity_credential_from_a_pod_namespace() {
         .lines()
         .find_map(|l| l.split_once("TOKEN_OK ").map(|(_, t)| t))
         .unwrap_or_else(|| panic!("pod got no token: {out}"));
-    let c = claims(token);
+    let c = claims(token).unwrap();
     assert_eq!(c["appid"], APP_CLIENT);
     assert_eq!(c["tid"], TENANT);
     // The SDK turns the scope into resource "https://management.azure.com".

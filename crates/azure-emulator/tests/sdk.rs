@@ -8,13 +8,12 @@
 //! test writes the CA and bundle, then re-runs this test binary on the child
 //! test with the variable set.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test helpers outside #[test] fns
-
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context as _, anyhow, bail};
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
 use azure_core::credentials::{Secret, TokenCredential};
 use azure_core::http::headers::HeaderName;
@@ -25,30 +24,21 @@ use azure_identity::{ClientSecretCredential, ClientSecretCredentialOptions};
 use common::*;
 use serde_json::{Value, json};
 
-#[tokio::test]
-async fn sdk_clients_against_the_emulator() {
-    aadpodid_testkit::run_children_trusting_emulator_ca(
-        "child_sdk_round_trip",
-        "AZEMU_SDK",
-        1,
-        Duration::from_secs(180),
-    )
-    .await
-    .expect("the SDK round trip passes in a child process that trusts the emulator CA");
-}
+const ENV: &str = "AZEMU_SDK";
 
-fn credential(emu: &Emulator, secret: &str) -> Arc<ClientSecretCredential> {
+aadpodid_testkit::emulator_ca_parent_test!(sdk_clients_against_the_emulator, "AZEMU_SDK", 1, 180);
+
+fn credential(emu: &Emulator, secret: &str) -> anyhow::Result<Arc<ClientSecretCredential>> {
     let mut custom = CustomConfiguration::default();
     custom.authority_host = emu.aad_url();
     let mut options = ClientSecretCredentialOptions::default();
     options.client_options.cloud = Some(Arc::new(CloudConfiguration::Custom(custom)));
-    ClientSecretCredential::new(
+    Ok(ClientSecretCredential::new(
         TENANT,
         MIC.to_string(),
         Secret::new(secret.to_string()),
         Some(options),
-    )
-    .expect("credential")
+    )?)
 }
 
 /// The thin ARM client: one pipeline, bearer policy with the ARM scope.
@@ -80,19 +70,24 @@ impl ArmClient {
         method: Method,
         url: &str,
         body: Option<&Value>,
-    ) -> azure_core::Result<RawResponse> {
-        let mut req = Request::new(Url::parse(url).expect("url"), method);
+    ) -> anyhow::Result<azure_core::Result<RawResponse>> {
+        let mut req = Request::new(Url::parse(url)?, method);
         if let Some(b) = body {
             req.insert_header("content-type", "application/json");
-            req.set_body(serde_json::to_vec(b).expect("json"));
+            req.set_body(serde_json::to_vec(b)?);
         }
         // Non-2xx answers become errors carrying ARM's `error.code` and message.
-        self.pipeline.send(&Context::new(), &mut req, None).await
+        Ok(self.pipeline.send(&Context::new(), &mut req, None).await)
     }
 
-    async fn send(&self, method: Method, url: &str, body: Option<&Value>) -> (u16, RawResponse) {
-        let resp = self.try_send(method, url, body).await.expect("send");
-        (u16::from(resp.status()), resp)
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, RawResponse)> {
+        let resp = self.try_send(method, url, body).await??;
+        Ok((u16::from(resp.status()), resp))
     }
 
     fn url(&self, path: &str) -> String {
@@ -100,47 +95,46 @@ impl ArmClient {
     }
 }
 
-fn body_json(r: &RawResponse) -> Value {
-    serde_json::from_slice(r.body()).expect("JSON body")
+fn body_json(r: &RawResponse) -> anyhow::Result<Value> {
+    Ok(serde_json::from_slice(r.body())?)
 }
 
 #[tokio::test]
 #[ignore = "run by sdk_clients_against_the_emulator in a child process that trusts the emulator CA"]
-async fn child_sdk_round_trip() {
-    let (Some(cert), Some(key)) = (
-        std::env::var_os("AZEMU_SDK_CA_CERT"),
-        std::env::var_os("AZEMU_SDK_CA_KEY"),
-    ) else {
-        panic!("needs the environment sdk_clients_against_the_emulator sets; run that test");
-    };
+async fn child_sdk_round_trip() -> anyhow::Result<()> {
+    let child = aadpodid_testkit::children::ChildEnv::get(ENV)
+        .context("needs the environment sdk_clients_against_the_emulator sets; run that test")?;
     let mut cfg = config();
     // 1000x: the 45 s scale-set write takes 45 ms of real time.
     cfg.clock.speed = 1000.0;
-    cfg.listen.ca_cert_pem_file = Some(cert.into());
-    cfg.listen.ca_key_pem_file = Some(key.into());
-    let emu = Emulator::start(cfg).await.expect("emulator");
+    cfg.listen.ca_cert_pem_file = Some(child.ca_cert);
+    cfg.listen.ca_key_pem_file = Some(child.ca_key);
+    let emu = Emulator::start(cfg).await?;
 
     // Client secret credential, v2 endpoint, numeric expires_in.
-    let cred = credential(&emu, MIC_SECRET);
+    let cred = credential(&emu, MIC_SECRET)?;
     let token = cred
         .get_token(&["https://management.azure.com/.default"], None)
         .await
-        .expect("token from emulator AAD");
+        .context("token from emulator AAD")?;
     let claims = emu
         .verify_token(token.token.secret())
-        .expect("ARM accepts the SDK's token");
+        .map_err(|e| anyhow!("ARM refuses the SDK's token: {e:?}"))?;
     assert_eq!(claims.appid, MIC);
-    let bad = credential(&emu, "wrong")
+    let bad = credential(&emu, "wrong")?
         .get_token(&["https://management.azure.com/.default"], None)
         .await;
-    let msg = format!("{:?}", bad.expect_err("wrong secret fails"));
+    let Err(bad) = bad else {
+        bail!("a wrong secret got a token");
+    };
+    let msg = format!("{bad:?}");
     assert!(msg.contains("AADSTS7000215"), "{msg}");
 
     // GET, PATCH (null-valued removal and {} addition), LRO polling.
     let arm = ArmClient::new(&emu, cred);
     let (status, got) = arm
         .send(Method::Get, &arm.url(&vmss_path(VMSS)), None)
-        .await;
+        .await?;
     assert_eq!(status, 200);
     let rate = got
         .headers()
@@ -150,30 +144,30 @@ async fn child_sdk_round_trip() {
         .map(String::from);
     assert!(rate.is_some_and(|r| r.contains("GetVMScaleSetResource")));
     assert_eq!(
-        uai_keys(&body_json(&got)),
-        vec![uai(NODE_RG, "kubelet").to_lowercase()]
+        uai_keys(&body_json(&got)?),
+        uai_ids(&[(NODE_RG, "kubelet")])
     );
 
     let patch = json!({"identity": {"type": "UserAssigned", "userAssignedIdentities": {
         uai(APP_RG, "app-id"): {}, uai(APP_RG, "app-2"): {}, uai(NODE_RG, "kubelet"): null }}});
     let (status, resp) = arm
         .send(Method::Patch, &arm.url(&vmss_path(VMSS)), Some(&patch))
-        .await;
+        .await?;
     assert_eq!(status, 200, "{:?}", String::from_utf8_lossy(resp.body()));
     assert_eq!(
-        body_json(&resp)["properties"]["provisioningState"],
+        body_json(&resp)?["properties"]["provisioningState"],
         "Updating"
     );
     let op = resp
         .headers()
         .get_optional_str(&HeaderName::from_static("azure-asyncoperation"))
-        .expect("Azure-AsyncOperation")
+        .context("Azure-AsyncOperation")?
         .to_string();
     let mut final_status = String::new();
     for _ in 0..500 {
-        let (s, r) = arm.send(Method::Get, &op, None).await;
+        let (s, r) = arm.send(Method::Get, &op, None).await?;
         assert_eq!(s, 200);
-        final_status = body_json(&r)["status"].as_str().unwrap_or("").to_string();
+        final_status = body_json(&r)?["status"].as_str().unwrap_or("").to_string();
         if final_status != "InProgress" {
             break;
         }
@@ -182,23 +176,22 @@ async fn child_sdk_round_trip() {
     assert_eq!(final_status, "Succeeded");
     let (_, got) = arm
         .send(Method::Get, &arm.url(&vmss_path(VMSS)), None)
-        .await;
-    let b = body_json(&got);
+        .await?;
+    let b = body_json(&got)?;
     assert_eq!(b["properties"]["provisioningState"], "Succeeded");
     assert_eq!(
         uai_keys(&b),
-        vec![
-            uai(APP_RG, "app-2").to_lowercase(),
-            uai(APP_RG, "app-id").to_lowercase()
-        ]
+        uai_ids(&[(APP_RG, "app-2"), (APP_RG, "app-id")])
     );
 
     // ARM errors come back as responses the client can parse.
     let ghost = json!({"identity": {"type": "UserAssigned", "userAssignedIdentities": {uai(APP_RG, "ghost"): {}}}});
     let err = arm
         .try_send(Method::Patch, &arm.url(&vmss_path(VMSS)), Some(&ghost))
-        .await
-        .expect_err("400");
+        .await?;
+    let Err(err) = err else {
+        bail!("the ghost identity was accepted");
+    };
     let text = format!("{err:?}");
     assert!(
         text.contains("status: BadRequest") && text.contains("FailedIdentityOperation"),
@@ -213,7 +206,8 @@ async fn child_sdk_round_trip() {
     );
     let (status, _) = arm
         .send(Method::Get, &arm.url(&vmss_path(VMSS)), None)
-        .await;
+        .await?;
     assert_eq!(status, 200);
     assert_eq!(emu.counters().arm_throttled, 1);
+    Ok(())
 }

@@ -381,6 +381,14 @@ pub fn identity_patch(ty: &str, changes: &[(&str, bool)]) -> Value {
     serde_json::json!({"identity": {"type": ty, "userAssignedIdentities": map}})
 }
 
+/// The lower-cased resource IDs of the user-assigned identities `(group,
+/// name)`, in this order: what [`uai_keys`] answers when exactly those are on.
+pub fn uai_ids(ids: &[(&str, &str)]) -> Vec<String> {
+    ids.iter()
+        .map(|(rg, name)| uai(rg, name).to_lowercase())
+        .collect()
+}
+
 /// Lower-cased keys of `identity.userAssignedIdentities` in a resource body.
 pub fn uai_keys(body: &Value) -> Vec<String> {
     let mut v: Vec<String> = body["identity"]["userAssignedIdentities"]
