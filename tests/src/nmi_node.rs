@@ -358,11 +358,7 @@ impl NmiNode {
     /// [`NmiNode::verified_appid`] of the `access_token` of a token
     /// answer's `body`.
     pub fn answer_appid(&self, body: &str) -> anyhow::Result<String> {
-        let v: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
-        let token = v["access_token"]
-            .as_str()
-            .with_context(|| format!("no access_token: {body}"))?;
-        self.verified_appid(token)
+        self.verified_appid(&aadpodid_testkit::world::access_token(body)?)
     }
 
     /// The emulator's AAD URL (the same inside the node and here).

@@ -15,7 +15,7 @@ use aadpodid_tests::tenant::{
     NODE_RG, Tenant, uai_id as uai,
 };
 use anyhow::{Context as _, bail};
-use azure_emulator::{Emulator, Fault, FaultAction, Service};
+use azure_emulator::{Emulator, Fault, Service};
 use mic::cloud::arm::{ArmCloud, ArmOptions};
 use mic::cloud::config::{self, CloudConfig};
 use mic::cloud::{Cloud, CloudError, ResourceRef, identity_patches};
@@ -177,15 +177,9 @@ async fn child_arm_errors_are_typed() -> anyhow::Result<()> {
 
     // Throttled: no retry inside the client; the Retry-After is handed back.
     emu.inject(
-        Fault::new(
-            Service::Arm,
-            FaultAction::Status {
-                status: 429,
-                retry_after: Some(7),
-            },
-        )
-        .method("GET")
-        .times(1),
+        Fault::status(Service::Arm, 429, Some(7))
+            .method("GET")
+            .times(1),
     );
     let err = failure(arm.get_identities(&vmss).await)?;
     assert_eq!(err.arm().context("an ARM error")?.status, Some(429));

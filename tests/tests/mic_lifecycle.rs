@@ -15,7 +15,7 @@ use aadpodid_tests::tenant::{
 use aadpodid_tests::{SUB, TENANT, unique_name};
 use anyhow::Context as _;
 use azure_emulator::Config;
-use azure_emulator::faults::{Fault, FaultAction};
+use azure_emulator::faults::Fault;
 use azure_emulator::observe::Service;
 use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -357,16 +357,10 @@ async fn assert_created(w: &MicWorld, pod: &str, identity: &str) -> anyhow::Resu
 /// A 429 storm on the scale set's `method` requests: two answers of 429
 /// with Retry-After: 1.
 fn throttle_storm(w: &MicWorld, method: &str) -> Fault {
-    Fault::new(
-        Service::Arm,
-        FaultAction::Status {
-            status: 429,
-            retry_after: Some(1),
-        },
-    )
-    .method(method)
-    .path_contains(&w.vmss)
-    .times(2)
+    Fault::status(Service::Arm, 429, Some(1))
+        .method(method)
+        .path_contains(&w.vmss)
+        .times(2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
