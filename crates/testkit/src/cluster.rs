@@ -23,7 +23,7 @@ use crate::ids::{free_ports, unique_name};
 use crate::kubectl::{
     KubectlOutput, TempNamespace, client_from_kubeconfig, kubeconfig_yaml, run_kubectl,
 };
-use crate::tools::run_build_script;
+use crate::tools::BuiltTool;
 
 /// Version of Kubernetes the harness runs (pinned in `tests/cluster/kube/go.mod`).
 pub const KUBERNETES_VERSION: &str = "v1.37.2";
@@ -32,8 +32,13 @@ pub const ETCD_VERSION: &str = "v3.7.3";
 
 /// Bound on starting etcd + kube-apiserver and installing the CRDs.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bound on building the binaries when they are not cached yet.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// The folder of the cluster binaries: built by `tests/cluster/build.sh`
+/// (given 40 minutes when not cached yet) or named by `$AADPODID_CLUSTER_BIN`.
+static CLUSTER_BIN: BuiltTool =
+    BuiltTool::new("tests/cluster/build.sh", Duration::from_secs(40 * 60)).named_by(
+        "AADPODID_CLUSTER_BIN",
+        &["kube-apiserver", "kubectl", "etcd"],
+    );
 const DIR_PREFIX: &str = "aadpodid-cluster-";
 
 /// A running etcd + kube-apiserver with RBAC on.
@@ -484,7 +489,7 @@ fn wait_ready(cluster: &Cluster, children: &mut [Child], timeout: Duration) -> a
 /// Creates `dir`, starts etcd and kube-apiserver in it (pushed to `children`
 /// in that order), waits until ready and installs the CRDs.
 fn boot(dir: PathBuf, children: &mut Vec<Child>) -> anyhow::Result<(Cluster, ApiServerSpec)> {
-    let bin = cluster_bin()?;
+    let bin = CLUSTER_BIN.path()?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     make_certs(&dir)?;
@@ -560,16 +565,6 @@ fn keeper_command(program: &Path) -> Command {
         .arg(program)
         .stdin(Stdio::null());
     cmd
-}
-
-/// The folder of the cluster binaries: `$AADPODID_CLUSTER_BIN` when set,
-/// otherwise what `tests/cluster/build.sh` prints (building on first use,
-/// cached across runs).
-fn cluster_bin() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("AADPODID_CLUSTER_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    run_build_script(&repo_root().join("tests/cluster/build.sh"), BUILD_TIMEOUT)
 }
 
 fn make_certs(dir: &Path) -> anyhow::Result<()> {

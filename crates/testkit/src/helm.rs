@@ -11,16 +11,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{repo_root, run_build_script};
+use crate::repo_root;
+use crate::tools::BuiltTool;
 
-/// Bound on building helm when it is not cached yet.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// helm's folder: built by `tests/helm/build.sh` (given 30 minutes when not
+/// cached yet) or named by `$AADPODID_HELM_BIN`.
+static HELM: BuiltTool = BuiltTool::new("tests/helm/build.sh", Duration::from_secs(30 * 60))
+    .named_by("AADPODID_HELM_BIN", &["helm"]);
 
 /// Labels Helm adds that flat manifests leave out.
 pub const HELM_LABELS: [&str; 2] = ["helm.sh/chart", "app.kubernetes.io/managed-by"];
@@ -32,18 +34,7 @@ pub fn chart_dir() -> PathBuf {
 
 /// The `helm` executable, built on first use (cached across runs).
 pub fn helm_bin() -> anyhow::Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("AADPODID_HELM_BIN").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir).join("helm"));
-    }
-    let dir = run_build_script(&repo_root().join("tests/helm/build.sh"), BUILD_TIMEOUT)?;
-    Ok(dir.join("helm"))
+    Ok(HELM.path()?.join("helm"))
 }
 
 /// What `helm` printed.

@@ -38,14 +38,19 @@
 //! | [`wait`] | [`wait_for`] |
 //! | [`netns`] | [`netns::NetNs`], [`netns::Node`] (node and pod namespaces) |
 //! | [`relay`] | the relay between namespaces over Unix sockets |
-//! | [`tools`] | [`run_build_script`] (tools built from Go modules) |
+//! | [`tools`] | [`tools::BuiltTool`] (a tool a script builds, found once per process or named by an environment variable), [`run_build_script`], [`tools::last_line_json`] (a helper program's JSON result) |
 //! | [`python`] | [`python_sdk`], [`python_imds_token`] |
-//! | [`children`] | [`run_children_trusting_emulator_ca`] |
+//! | [`children`] | [`run_children_trusting_emulator_ca`], [`children::ChildEnv`] (what the child is handed), [`children::is_child`], [`emulator_ca_parent_test!`] (the parent test in one line) |
 //! | [`fixtures`] | [`repo_root`], [`fixture`], [`fill_template`] |
-//! | [`env`] | [`env::PROXY_VARS`] (removed from processes under test) |
+//! | [`env`](mod@env) | [`env::PROXY_VARS`] (removed from processes under test) |
 //! | [`ids`] | [`unique_name`], [`free_port`], [`free_ports`], [`TENANT`], [`SUB`] |
 //! | [`world`] | [`world::World`] built from [`world::Options`]: the end-to-end world (tenant, nodes, mic replicas and nmi per node as [`world::Program`]s, pods, namespace users, the chart's arguments) |
 //! | [`helm`] | [`helm::Render`], [`helm::template`] (a real `helm` rendering the chart) |
+//! | [`http`] | [`http::http_get`] (a bounded plain GET on loopback: probes, metrics) |
+//! | [`tenant`] | [`tenant::Tenant`] (the emulator's seeds), [`tenant::MicCloud`] (MIC's `azure.json`), [`tenant::CloudEnvironment`], [`tenant::write_mic_cloud_files`], [`tenant::mic_args`], [`tenant::mic_env`] and the tenant's names and IDs |
+//! | [`upstream`] | [`upstream::upstream_bin_dir`], [`upstream::spawn_upstream_mic`], [`upstream::spawn_upstream_nmi`] (upstream v1.8.17's own mic and nmi) |
+//! | [`flood`] | [`flood::Plan`], [`flood::Flood`], [`flood::Sampler`] (bounded floods a pod sends to NMI, and NMI's resources meanwhile) |
+//! | [`procfs`] | [`procfs::memory`], [`procfs::cpu`], [`procfs::find_exe`] (a process's memory and CPU from `/proc`) |
 
 pub mod children;
 pub mod cluster;
@@ -53,6 +58,7 @@ pub mod env;
 pub mod fixtures;
 pub mod flood;
 pub mod helm;
+pub mod http;
 pub mod ids;
 pub mod kubectl;
 pub mod netns;

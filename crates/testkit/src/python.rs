@@ -3,33 +3,23 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::Context as _;
 
 use crate::fixtures::repo_root;
 use crate::netns;
+use crate::tools::{BuiltTool, last_line_json};
+
+/// The virtualenv's Python, made by `tests/python/setup.sh` (given 30 minutes
+/// when not cached yet).
+static PYTHON: BuiltTool = BuiltTool::new("tests/python/setup.sh", Duration::from_secs(30 * 60));
 
 /// The Python of a virtualenv holding the pinned real Python Azure SDK
 /// (`tests/python/requirements.txt`), created on first use by
 /// `tests/python/setup.sh` and cached under `$HOME/.cache/aadpodid`.
 pub fn python_sdk() -> anyhow::Result<PathBuf> {
-    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            let script = repo_root().join("tests/python/setup.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .stderr(Stdio::inherit())
-                .output()
-                .map_err(|e| format!("run {}: {e}", script.display()))?;
-            if !out.status.success() {
-                return Err(format!("{} failed ({})", script.display(), out.status));
-            }
-            Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
+    PYTHON.path()
 }
 
 /// Which user-assigned identity a managed-identity client asks for.
@@ -96,12 +86,5 @@ pub fn python_imds_token(
         .stdin(Stdio::null())
         .output()
         .context("run imds_token.py")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).with_context(|| {
-        format!(
-            "imds_token.py printed no JSON: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    last_line_json("imds_token.py", &out)
 }

@@ -34,18 +34,20 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::env::PROXY_VARS;
 use crate::netns::NetNs;
-use crate::{repo_root, run_build_script};
+use crate::tools::BuiltTool;
 
-/// Bound on building upstream's binaries when they are not cached yet (a cold
-/// build took 6m42s on 2 busy cores).
-const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Upstream's folder: built by `tests/upstream/build.sh` (given 30 minutes
+/// when not cached yet: a cold build took 6m42s on 2 busy cores) or named by
+/// `$AADPODID_UPSTREAM_BIN`.
+static UPSTREAM: BuiltTool =
+    BuiltTool::new("tests/upstream/build.sh", Duration::from_secs(30 * 60))
+        .named_by("AADPODID_UPSTREAM_BIN", &["mic", "nmi"]);
 
 /// Upstream's release these binaries are built from (`tests/upstream/go.mod`).
 pub const UPSTREAM_VERSION: &str = "v1.8.17";
@@ -54,23 +56,7 @@ pub const UPSTREAM_VERSION: &str = "v1.8.17";
 /// set, otherwise what `tests/upstream/build.sh` prints (building on first use,
 /// cached across runs; once per process).
 pub fn upstream_bin_dir() -> anyhow::Result<PathBuf> {
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    DIR.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn find_or_build() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("AADPODID_UPSTREAM_BIN") {
-        let dir = PathBuf::from(dir);
-        for bin in ["mic", "nmi"] {
-            if !dir.join(bin).is_file() {
-                bail!("AADPODID_UPSTREAM_BIN={} holds no {bin}", dir.display());
-            }
-        }
-        return Ok(dir);
-    }
-    run_build_script(&repo_root().join("tests/upstream/build.sh"), BUILD_TIMEOUT)
+    UPSTREAM.path()
 }
 
 /// What upstream MIC is started with.

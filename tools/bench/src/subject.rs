@@ -14,16 +14,18 @@ use aadpodid_testkit::flood::{
     Flood, Kind, Outcome, Peaks, Plan, Sampler, open_fds, raise_nofile, token_path,
 };
 use aadpodid_testkit::free_ports;
+use aadpodid_testkit::http::http_get;
 use aadpodid_testkit::netns::{IMDS_ADDRESS, NetNs};
 use aadpodid_testkit::procfs;
+use aadpodid_testkit::tools::last_line_json;
 use aadpodid_testkit::upstream;
 use anyhow::{Context as _, bail};
 
 use crate::child::{LoadResult, LoadSpec};
 use crate::report::{Figures, Metric};
 use crate::world::{
-    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_imds, curl_token, http_get,
-    self_exe, start_proc,
+    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_imds, curl_token, self_exe,
+    start_proc,
 };
 use crate::{Options, ROLE_ENV, Scale};
 
@@ -826,14 +828,7 @@ async fn run_load(pod: &NetNs, spec: &LoadSpec) -> anyhow::Result<LoadResult> {
     )
     .await
     .context("load run exceeded its bound")???;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).with_context(|| {
-        format!(
-            "load printed no result: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    last_line_json("load", &out)
 }
 
 fn arm_totals(c: &azure_emulator::Counters) -> [u64; 4] {
