@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use azure_emulator::config::{ConcurrentWrites, LroMode};
+use azure_emulator::config::ConcurrentWrites;
 use azure_emulator::{Fault, FaultAction, Service};
 use common::*;
 use serde_json::{Value, json};
@@ -140,10 +140,10 @@ async fn api_version_is_required_and_checked() {
         .bearer(&arm.token)
         .send(emu.ca_pem())
         .await;
-    r.assert_error(400, "MissingApiVersionParameter");
-    assert_eq!(
-        r.error_message(),
-        "The api-version query parameter (?api-version=) is required for all requests."
+    r.assert_error_message(
+        400,
+        "MissingApiVersionParameter",
+        "The api-version query parameter (?api-version=) is required for all requests.",
     );
     let r = arm.get(&vmss_path(VMSS), "2001-01-01").await;
     r.assert_error(400, "NoRegisteredProviderFound");
@@ -172,10 +172,10 @@ async fn missing_things_are_404_with_arm_codes() {
     let r = arm.patch(&vm_path("nope"), API, &json!({})).await;
     r.assert_error(404, "ResourceNotFound");
     let r = arm.get(&format!("/subscriptions/{SUB}/resourceGroups/no-rg/providers/Microsoft.Compute/virtualMachineScaleSets/x"), API).await;
-    r.assert_error(404, "ResourceGroupNotFound");
-    assert_eq!(
-        r.error_message(),
-        "Resource group 'no-rg' could not be found."
+    r.assert_error_message(
+        404,
+        "ResourceGroupNotFound",
+        "Resource group 'no-rg' could not be found.",
     );
     let r = arm
         .get("/subscriptions/other-sub/resourceGroups/x", API)
@@ -217,10 +217,7 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
     assert_eq!(poll.status, 200);
     assert_eq!(poll.json()["status"], "InProgress");
     assert!(poll.json()["startTime"].is_string());
-    assert_eq!(
-        arm.get(&vmss_path(VMSS), API).await.json()["properties"]["provisioningState"],
-        "Updating"
-    );
+    assert_eq!(arm.provisioning_state(&vmss_path(VMSS)).await, "Updating");
 
     emu.clock().advance(Duration::from_secs(45));
     let done = arm.get_abs(&op_url).await.json();
@@ -231,9 +228,7 @@ async fn patch_merges_user_assigned_identities_through_an_lro() {
     assert_eq!(got["etag"], "\"2\"");
 
     // null removes, absent keys are kept.
-    let r = arm
-        .patch_identities(&vmss_path(VMSS), "UserAssigned", &[(&app, false)])
-        .await;
+    let r = arm.unassign(&vmss_path(VMSS), &app).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(uai_keys(&r.json()), uai_ids(&[(NODE_RG, "kubelet")]));
     emu.clock().advance(Duration::from_secs(45));
@@ -273,25 +268,17 @@ async fn failed_operation_reports_an_error() {
     let b = arm.get_abs(&op).await.json();
     assert_eq!(b["status"], "Failed");
     assert!(b["error"]["code"].is_string() && b["error"]["message"].is_string());
-    assert_eq!(
-        arm.get(&vmss_path(VMSS), API).await.json()["properties"]["provisioningState"],
-        "Failed"
-    );
+    assert_eq!(arm.provisioning_state(&vmss_path(VMSS)).await, "Failed");
 }
 
 #[tokio::test]
 async fn none_and_system_assigned_transitions() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
-    let emu = start(cfg).await;
+    let emu = start(sync_config()).await;
     let arm = Arm::new(&emu);
+    let app = uai(APP_RG, "app-id");
     // VM with a system identity: add a UAI keeping the system one.
     let r = arm
-        .patch_identities(
-            &vm_path(VM),
-            "SystemAssigned,UserAssigned",
-            &[(&uai(APP_RG, "app-id"), true)],
-        )
+        .patch_identities(&vm_path(VM), "SystemAssigned,UserAssigned", &[(&app, true)])
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["identity"]["type"], "SystemAssigned, UserAssigned");
@@ -319,33 +306,23 @@ async fn none_and_system_assigned_transitions() {
     assert_eq!(emu.has_system_identity(VM), Some(false));
     // UserAssigned on a scale set: removing the last one needs type None.
     let r = arm
-        .patch_identities(
-            &vmss_path(VMSS),
-            "UserAssigned",
-            &[(&uai(NODE_RG, "kubelet"), false)],
-        )
+        .unassign(&vmss_path(VMSS), &uai(NODE_RG, "kubelet"))
         .await;
-    r.assert_error(400, "InvalidParameter");
-    assert_eq!(
-        r.error_message(),
-        "The identity ids must not be null or empty for 'UserAssigned' identity type."
+    r.assert_error_message(
+        400,
+        "InvalidParameter",
+        "The identity ids must not be null or empty for 'UserAssigned' identity type.",
     );
     // Type spelled loosely is accepted and echoed canonically.
     let r = arm
-        .patch_identities(
-            &vmss_path(VMSS),
-            "userAssigned",
-            &[(&uai(APP_RG, "app-id"), true)],
-        )
+        .patch_identities(&vmss_path(VMSS), "userAssigned", &[(&app, true)])
         .await;
     assert_eq!(r.json()["identity"]["type"], "UserAssigned");
 }
 
 #[tokio::test]
 async fn identity_errors_follow_the_contract() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
-    let emu = start(cfg).await;
+    let emu = start(sync_config()).await;
     let arm = Arm::new(&emu);
     let p = vmss_path(VMSS);
 
@@ -397,9 +374,7 @@ async fn identity_errors_follow_the_contract() {
 
 #[tokio::test]
 async fn missing_assign_right_is_linked_authorization_failed() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
-    let emu = start(cfg).await;
+    let emu = start(sync_config()).await;
     let limited = Arm::as_client(&emu, LIMITED);
     let (a2, other) = (uai(APP_RG, "app-2"), uai(APP_RG, "other-id"));
     let r = limited
@@ -441,10 +416,7 @@ async fn deleting_scale_set_refuses_writes() {
     let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-id")).await;
     r.assert_error(409, "OperationNotAllowed");
     assert!(r.error_message().contains("marked for deletion"));
-    assert_eq!(
-        arm.get(&vmss_path(VMSS), API).await.json()["properties"]["provisioningState"],
-        "Deleting"
-    );
+    assert_eq!(arm.provisioning_state(&vmss_path(VMSS)).await, "Deleting");
 }
 
 #[tokio::test]
@@ -489,59 +461,35 @@ async fn second_write_queues_when_configured() {
 
 #[tokio::test]
 async fn etag_and_if_match() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
-    let emu = start(cfg).await;
+    let emu = start(sync_config()).await;
     let arm = Arm::new(&emu);
     let url = arm.url(&vmss_path(VMSS), API);
     let tags = json!({"tags": {}});
-    let r = arm
-        .send(
-            arm.call("PATCH", &url)
-                .header("if-match", "\"7\"")
-                .json(&tags),
-        )
-        .await;
-    r.assert_error(412, "PreconditionFailed");
-    assert_eq!(
-        r.error_message(),
-        "Etag provided in if-match header \"7\" does not match etag \"1\" of resource."
+    // `method` on `url` with the precondition header `(name, value)`.
+    let conditional = |method, url, (name, value), body| {
+        arm.send(arm.call(method, url).header(name, value).json(body))
+    };
+    let r = conditional("PATCH", &url, ("if-match", "\"7\""), &tags).await;
+    r.assert_error_message(
+        412,
+        "PreconditionFailed",
+        "Etag provided in if-match header \"7\" does not match etag \"1\" of resource.",
     );
-    let r = arm
-        .send(
-            arm.call("PATCH", &url)
-                .header("if-match", "\"1\"")
-                .json(&tags),
-        )
-        .await;
+    let r = conditional("PATCH", &url, ("if-match", "\"1\""), &tags).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["etag"], "\"2\"");
     let create = json!({"location": "eastus"});
-    let r = arm
-        .send(
-            arm.call("PUT", &url)
-                .header("if-none-match", "*")
-                .json(&create),
-        )
-        .await;
+    let r = conditional("PUT", &url, ("if-none-match", "*"), &create).await;
     assert_eq!(r.status, 412);
     // Old api-versions ignore If-Match.
     let old = arm.url(&vmss_path(VMSS), OLD_API);
-    let r = arm
-        .send(
-            arm.call("PATCH", &old)
-                .header("if-match", "\"99\"")
-                .json(&tags),
-        )
-        .await;
+    let r = conditional("PATCH", &old, ("if-match", "\"99\""), &tags).await;
     assert_eq!(r.status, 200);
 }
 
 #[tokio::test]
 async fn put_creates_201_updates_200_and_rejects_echoed_read_only_values() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
-    let emu = start(cfg).await;
+    let emu = start(sync_config()).await;
     let arm = Arm::new(&emu);
     let body = json!({"location": "eastus", "identity": {"type": "UserAssigned", "userAssignedIdentities": {uai(APP_RG, "app-id"): {}}}});
     let r = arm.put(&vmss_path("new-vmss"), API, &body).await;
@@ -601,9 +549,7 @@ async fn bad_input_gets_azure_errors_and_leaves_state_alone() {
 
 #[tokio::test]
 async fn writes_are_throttled_per_scale_set() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
-    let emu = start(cfg).await;
+    let emu = start(sync_config()).await;
     let arm = Arm::new(&emu);
     let p = vmss_path(VMSS);
     for i in 0..12u32 {
@@ -716,9 +662,7 @@ async fn instances_and_identities_read_back() {
 
 #[tokio::test]
 async fn identities_stripped_or_deleted_behind_the_clients_back() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
-    let emu = start(cfg).await;
+    let emu = start(sync_config()).await;
     let arm = Arm::new(&emu);
     assert_eq!(emu.assign_identities(VMSS, &["app-id", "app-2"]), 2);
     assert_eq!(
@@ -739,13 +683,7 @@ async fn identities_stripped_or_deleted_behind_the_clients_back() {
     let r = arm.assign(&vmss_path(VMSS), &uai(APP_RG, "app-2")).await;
     assert_eq!(r.error_code(), "FailedIdentityOperation");
     // Removing it still works.
-    let r = arm
-        .patch_identities(
-            &vmss_path(VMSS),
-            "UserAssigned",
-            &[(&uai(APP_RG, "app-2"), false)],
-        )
-        .await;
+    let r = arm.unassign(&vmss_path(VMSS), &uai(APP_RG, "app-2")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(emu.strip_identities(VMSS, None), 1);
     assert!(

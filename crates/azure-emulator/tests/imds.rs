@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use aadpodid_testkit::tenant::{APP_CLIENT, KUBELET_CLIENT};
-use azure_emulator::config::LroMode;
 use azure_emulator::{Config, Emulator, Fault, FaultAction, Service};
 use common::*;
 use serde_json::Value;
@@ -350,8 +349,7 @@ async fn five_concurrent_token_requests() {
 
 #[tokio::test]
 async fn assignment_becomes_visible_after_the_configured_delay() {
-    let mut cfg = config();
-    cfg.arm.lro_mode = LroMode::Sync;
+    let mut cfg = sync_config();
     cfg.imds.assignment_delay_seconds = 30.0;
     let (emu, base) = with_imds(cfg, &node()).await;
     let arm = Arm::new(&emu);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use azure_emulator::config::{
-    IdentityAssignmentSeed, IdentitySeed, PermissionsSeed, ScaleSetSeed, SecretSeed,
+    IdentityAssignmentSeed, IdentitySeed, LroMode, PermissionsSeed, ScaleSetSeed, SecretSeed,
     ServicePrincipalSeed, VmSeed,
 };
 use azure_emulator::{Config, Counters, Emulator};
@@ -129,6 +129,14 @@ pub fn config() -> Config {
     c
 }
 
+/// [`config`] with ARM's writes finished in the answer (no long-running
+/// operation to poll).
+pub fn sync_config() -> Config {
+    let mut c = config();
+    c.arm.lro_mode = LroMode::Sync;
+    c
+}
+
 pub async fn start(cfg: Config) -> Emulator {
     Emulator::start(cfg).await.expect("emulator starts")
 }
@@ -166,6 +174,13 @@ impl Reply {
             .as_str()
             .unwrap_or("")
             .to_string()
+    }
+    /// Asserts an ARM error answer: this status, this `error.code` and
+    /// exactly this `error.message`.
+    #[track_caller]
+    pub fn assert_error_message(&self, status: u16, code: &str, message: &str) {
+        self.assert_error(status, code);
+        assert_eq!(self.error_message(), message);
     }
     /// Asserts an ARM error answer: this status and this `error.code`.
     #[track_caller]
@@ -340,6 +355,10 @@ impl<'a> Arm<'a> {
         self.send(self.call("PUT", &self.url(path, api)).json(body))
             .await
     }
+    /// The `provisioningState` a GET of `path` shows.
+    pub async fn provisioning_state(&self, path: &str) -> Value {
+        self.get(path, API).await.json()["properties"]["provisioningState"].take()
+    }
     /// PATCH of `identity` on a VM or scale set (see [`identity_patch`]).
     pub async fn patch_identities(&self, path: &str, ty: &str, changes: &[(&str, bool)]) -> Reply {
         self.patch(path, API, &identity_patch(ty, changes)).await
@@ -347,6 +366,11 @@ impl<'a> Arm<'a> {
     /// PATCH adding one user-assigned identity (by ARM ID).
     pub async fn assign(&self, path: &str, uai_id: &str) -> Reply {
         self.patch_identities(path, "UserAssigned", &[(uai_id, true)])
+            .await
+    }
+    /// PATCH removing one user-assigned identity (by ARM ID).
+    pub async fn unassign(&self, path: &str, uai_id: &str) -> Reply {
+        self.patch_identities(path, "UserAssigned", &[(uai_id, false)])
             .await
     }
     /// A request carrying this client's token, to send with the emulator's CA.
