@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::Client;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 
 use crate::fixtures::repo_root;
 use crate::ids::{free_ports, unique_name};
@@ -139,14 +139,7 @@ impl Cluster {
         let admin = self.admin_client().await?;
         let sas: Api<ServiceAccount> = Api::namespaced(admin, ns);
         if sas.get_opt(name).await?.is_none() {
-            let sa = ServiceAccount {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            sas.create(&PostParams::default(), &sa)
+            sas.create(&PostParams::default(), &named::<ServiceAccount>(name))
                 .await
                 .context("create ServiceAccount")?;
         }
@@ -187,18 +180,18 @@ impl Cluster {
     pub async fn temp_namespace(&self, prefix: &str) -> anyhow::Result<TempNamespace> {
         let name = unique_name(prefix);
         let api: Api<Namespace> = Api::all(self.admin_client().await?);
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        api.create(&PostParams::default(), &ns)
+        api.create(&PostParams::default(), &named::<Namespace>(&name))
             .await
             .with_context(|| format!("create namespace {name}"))?;
         Ok(TempNamespace::new(name, self.kubectl()))
     }
+}
+
+/// An object of kind `K` with only its name set.
+fn named<K: kube::Resource + Default>(name: &str) -> K {
+    let mut object = K::default();
+    object.meta_mut().name = Some(name.into());
+    object
 }
 
 /// A cluster of its own for one test, whose kube-apiserver can be stopped and
@@ -667,5 +660,25 @@ fn remove_stale_dirs() {
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_named_object_carries_only_its_name() {
+        let ns = named::<Namespace>("ns-1");
+        assert_eq!(
+            ns,
+            Namespace {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("ns-1".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+        );
     }
 }

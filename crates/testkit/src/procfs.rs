@@ -105,18 +105,16 @@ mod tests {
     #[test]
     fn kib_fields_are_read_by_name() {
         let status = "Name:\tnmi\nVmHWM:\t   30512 kB\nVmRSS:\t   29008 kB\n";
-        for (name, want) in [
-            ("VmHWM:", Some(30512)),
-            ("VmRSS:", Some(29008)),
-            ("VmSwap:", None),
-            ("Name:", None),
+        let meminfo = "MemTotal:        8039784 kB\n";
+        for (text, name, want) in [
+            (status, "VmHWM:", Some(30512)),
+            (status, "VmRSS:", Some(29008)),
+            (status, "VmSwap:", None),
+            (status, "Name:", None),
+            (meminfo, "MemTotal:", Some(8039784)),
         ] {
-            assert_eq!(kib_field(status, name), want, "{name}");
+            assert_eq!(kib_field(text, name), want, "{name} in {text:?}");
         }
-        assert_eq!(
-            kib_field("MemTotal:        8039784 kB\n", "MemTotal:"),
-            Some(8039784)
-        );
     }
 
     #[test]

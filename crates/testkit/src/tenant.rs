@@ -292,22 +292,20 @@ impl MicCloud {
 
     /// The `azure.json` document (cloud [`CUSTOM_CLOUD`]).
     pub fn azure_json(&self) -> Value {
-        let mut doc = json!({
-            "cloud": CUSTOM_CLOUD,
-            "tenantId": self.tenant_id,
-            "aadClientId": self.client_id,
-            "aadClientSecret": self.client_secret,
-            "subscriptionId": self.subscription_id,
-            "resourceGroup": self.resource_group,
-        });
-        set_given(
-            &mut doc,
+        flat_json(
+            &[
+                ("cloud", CUSTOM_CLOUD),
+                ("tenantId", &self.tenant_id),
+                ("aadClientId", &self.client_id),
+                ("aadClientSecret", &self.client_secret),
+                ("subscriptionId", &self.subscription_id),
+                ("resourceGroup", &self.resource_group),
+            ],
             &[
                 ("vmType", &self.vm_type),
                 ("userAssignedIdentityID", &self.user_assigned_identity_id),
             ],
-        );
-        doc
+        )
     }
 
     /// Writes [`MicCloud::azure_json`] to `path`.
@@ -349,13 +347,14 @@ impl CloudEnvironment {
 
     /// The environment document (name [`CUSTOM_CLOUD`]).
     pub fn json(&self) -> Value {
-        let mut doc = json!({
-            "name": CUSTOM_CLOUD,
-            "resourceManagerEndpoint": self.resource_manager_endpoint,
-            "activeDirectoryEndpoint": self.active_directory_endpoint,
-        });
-        set_given(&mut doc, &[("tokenAudience", &self.token_audience)]);
-        doc
+        flat_json(
+            &[
+                ("name", CUSTOM_CLOUD),
+                ("resourceManagerEndpoint", &self.resource_manager_endpoint),
+                ("activeDirectoryEndpoint", &self.active_directory_endpoint),
+            ],
+            &[("tokenAudience", &self.token_audience)],
+        )
     }
 
     /// Writes [`CloudEnvironment::json`] to `path`.
@@ -364,13 +363,20 @@ impl CloudEnvironment {
     }
 }
 
-/// Sets each field of `doc` whose value is given; leaves the others out.
-fn set_given(doc: &mut Value, fields: &[(&str, &Option<String>)]) {
-    for (key, value) in fields {
-        if let Some(v) = value {
-            doc[*key] = json!(v);
-        }
-    }
+/// A JSON object of string fields: every one of `fields`, and each of
+/// `optional` whose value is given (the others left out).
+fn flat_json(fields: &[(&str, &str)], optional: &[(&str, &Option<String>)]) -> Value {
+    let given = optional
+        .iter()
+        .filter_map(|(key, value)| Some((*key, value.as_deref()?)));
+    Value::Object(
+        fields
+            .iter()
+            .copied()
+            .chain(given)
+            .map(|(key, value)| (key.to_string(), json!(value)))
+            .collect(),
+    )
 }
 
 fn write_json(path: &Path, doc: &Value) -> anyhow::Result<()> {
