@@ -29,6 +29,7 @@ use azure_emulator::config::{
     ServicePrincipalSeed, VmSeed,
 };
 use azure_emulator::{Config, Emulator};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::ids::{SUB, TENANT};
@@ -259,19 +260,28 @@ impl Default for Tenant {
 }
 
 /// What MIC's `azure.json` says: who MIC signs in as and where it writes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Serialized as that file's fields (without `cloud`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MicCloud {
     pub tenant_id: String,
     pub subscription_id: String,
     /// The node resource group.
     pub resource_group: String,
     /// MIC's service principal.
+    #[serde(rename = "aadClientId")]
     pub client_id: String,
+    #[serde(rename = "aadClientSecret")]
     pub client_secret: String,
     /// `vmType` (`vmss`); left out when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_type: Option<String>,
     /// `userAssignedIdentityID`: the kubelet identity's client ID, which MIC
     /// never removes; left out when `None`.
+    #[serde(
+        rename = "userAssignedIdentityID",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub user_assigned_identity_id: Option<String>,
 }
 
@@ -292,20 +302,7 @@ impl MicCloud {
 
     /// The `azure.json` document (cloud [`CUSTOM_CLOUD`]).
     pub fn azure_json(&self) -> Value {
-        flat_json(
-            &[
-                ("cloud", CUSTOM_CLOUD),
-                ("tenantId", &self.tenant_id),
-                ("aadClientId", &self.client_id),
-                ("aadClientSecret", &self.client_secret),
-                ("subscriptionId", &self.subscription_id),
-                ("resourceGroup", &self.resource_group),
-            ],
-            &[
-                ("vmType", &self.vm_type),
-                ("userAssignedIdentityID", &self.user_assigned_identity_id),
-            ],
-        )
+        custom_cloud_document(self, "cloud")
     }
 
     /// Writes [`MicCloud::azure_json`] to `path`.
@@ -321,12 +318,14 @@ impl Default for MicCloud {
 }
 
 /// The custom-cloud environment file (`AZURE_ENVIRONMENT_FILEPATH`): where
-/// ARM and AAD are.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// ARM and AAD are. Serialized as that file's fields (without `name`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CloudEnvironment {
     pub resource_manager_endpoint: String,
     pub active_directory_endpoint: String,
     /// `tokenAudience`; left out when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_audience: Option<String>,
 }
 
@@ -347,14 +346,7 @@ impl CloudEnvironment {
 
     /// The environment document (name [`CUSTOM_CLOUD`]).
     pub fn json(&self) -> Value {
-        flat_json(
-            &[
-                ("name", CUSTOM_CLOUD),
-                ("resourceManagerEndpoint", &self.resource_manager_endpoint),
-                ("activeDirectoryEndpoint", &self.active_directory_endpoint),
-            ],
-            &[("tokenAudience", &self.token_audience)],
-        )
+        custom_cloud_document(self, "name")
     }
 
     /// Writes [`CloudEnvironment::json`] to `path`.
@@ -363,20 +355,11 @@ impl CloudEnvironment {
     }
 }
 
-/// A JSON object of string fields: every one of `fields`, and each of
-/// `optional` whose value is given (the others left out).
-fn flat_json(fields: &[(&str, &str)], optional: &[(&str, &Option<String>)]) -> Value {
-    let given = optional
-        .iter()
-        .filter_map(|(key, value)| Some((*key, value.as_deref()?)));
-    Value::Object(
-        fields
-            .iter()
-            .copied()
-            .chain(given)
-            .map(|(key, value)| (key.to_string(), json!(value)))
-            .collect(),
-    )
+/// The JSON document of `fields` with `key` naming [`CUSTOM_CLOUD`].
+fn custom_cloud_document(fields: &impl Serialize, key: &str) -> Value {
+    let mut doc = json!(fields);
+    doc[key] = json!(CUSTOM_CLOUD);
+    doc
 }
 
 fn write_json(path: &Path, doc: &Value) -> anyhow::Result<()> {
@@ -458,6 +441,7 @@ mod tests {
         assert_eq!(doc["resourceGroup"], NODE_RG);
         assert_eq!(doc["vmType"], "vmss");
         assert_eq!(doc["userAssignedIdentityID"], KUBELET_CLIENT);
+        assert_eq!(doc.as_object().map(|o| o.len()), Some(8), "{doc}");
     }
 
     #[test]
