@@ -20,18 +20,19 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+pub use aadpodid_testkit::tenant::{
+    APP_RG, ARM_AUDIENCE as ARM_RESOURCE, MIC_CLIENT as MIC, MIC_SECRET, NODE_RG,
+};
 pub use aadpodid_testkit::{SUB, TENANT};
-pub const NODE_RG: &str = "MC_rg_cluster_eastus";
-pub const APP_RG: &str = "app-rg";
 pub const VMSS: &str = "aks-nodepool1-12345678-vmss";
 pub const VMSS2: &str = "aks-other-vmss";
 pub const VM: &str = "aks-standalone-vm";
-pub const MIC: &str = "5b1c2c4e-0000-4000-8000-00000000c1d1";
 pub const MIC_OID: &str = "9a1e0000-0000-4000-8000-0000000000a1";
-pub const MIC_SECRET: &str = "s3cr3t";
 pub const LIMITED: &str = "limited-sp";
-pub const ARM_RESOURCE: &str = "https://management.azure.com/";
+
+/// The Compute api-version MIC uses.
 pub const API: &str = "2024-11-01";
+/// The api-version upstream's MIC uses.
 pub const OLD_API: &str = "2019-12-01";
 
 pub fn uai(rg: &str, name: &str) -> String {
