@@ -80,6 +80,13 @@ fn options(mode: &str) -> Options {
     o
 }
 
+/// The report of test `test` and its world with the admission policy in
+/// `mode`.
+async fn start(test: &'static str, mode: &str) -> anyhow::Result<(Report, World)> {
+    let report = Report::new(test);
+    Ok((report, World::start(options(mode)).await?))
+}
+
 /// Checks of one test, collected so that every attack's outcome is reported.
 struct Report {
     test: &'static str,
@@ -120,10 +127,16 @@ impl Report {
     /// Checks that the kubelet and add-on identities stayed on the scale set
     /// (`missing`: what `World::while_watching_vmss` saw leave).
     fn check_node_identities_kept(&mut self, attack: &str, missing: &[String]) {
+        self.check_kept(attack, "the kubelet and add-on identities", missing);
+    }
+
+    /// Checks that the identities `which` names stayed on the scale set
+    /// (`missing`: what `World::while_watching_vmss` saw leave).
+    fn check_kept(&mut self, attack: &str, which: &str, missing: &[String]) {
         self.check(
             attack,
             missing.is_empty(),
-            format!("the kubelet and add-on identities never left the scale set: {missing:?}"),
+            format!("{which} never left the scale set: {missing:?}"),
         );
     }
 
@@ -429,6 +442,53 @@ fn declare(name: &str, resource: &str, client: &str) -> String {
     )
 }
 
+/// One namespace's user acting in the world with their own credentials.
+struct Acting<'a> {
+    world: &'a World,
+    user: &'a NsUser,
+    client: &'a kube::Client,
+}
+
+impl<'a> Acting<'a> {
+    fn new(world: &'a World, user: &'a NsUser, client: &'a kube::Client) -> Self {
+        Acting {
+            world,
+            user,
+            client,
+        }
+    }
+
+    /// Pod `name` in the user's namespace on placement `i`, labelled
+    /// `aadpodidbinding: selector`.
+    async fn bound(&self, name: &str, selector: &str, i: usize) -> anyhow::Result<PodRef> {
+        let labels = [("aadpodidbinding", selector)];
+        self.world
+            .create_pod_as(self.client, &self.user.namespace, name, &labels, i)
+            .await
+    }
+
+    /// [`apply_as`] this user.
+    async fn apply(
+        &self,
+        report: &Report,
+        attack: &str,
+        yaml: &str,
+    ) -> anyhow::Result<(bool, String)> {
+        apply_as(report, self.world, attack, self.user, yaml).await
+    }
+
+    /// [`check_told`] this user.
+    async fn check_told(
+        &self,
+        report: &mut Report,
+        attack: &str,
+        identities: &[&str],
+        pods: &[&PodRef],
+    ) -> anyhow::Result<()> {
+        check_told(report, self.world, attack, self.user, identities, pods).await
+    }
+}
+
 /// Waits (bounded by `ASSIGN`) until one of the pod's AzureAssignedIdentities
 /// is Assigned.
 async fn wait_pod_assigned(world: &World, pod: &PodRef) -> anyhow::Result<()> {
@@ -599,8 +659,7 @@ async fn wait_released(world: &World, pods: &[&PodRef]) -> anyhow::Result<()> {
 /// leave the scale set; `apps`' pod keeps getting `id-1`'s token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_client_ids_and_cluster_identities() -> anyhow::Result<()> {
-    let mut report = Report::new("forged_client_ids_and_cluster_identities");
-    let world = World::start(options("warn")).await?;
+    let (mut report, world) = start("forged_client_ids_and_cluster_identities", "warn").await?;
     let kubelet_res = node_identity_resource(KUBELET);
     let addon_res = node_identity_resource(ADDON);
     let (id1_res, id1_client) = (id_resource(&id_name(1)), id_client(1));
@@ -609,6 +668,7 @@ async fn forged_client_ids_and_cluster_identities() -> anyhow::Result<()> {
     world.check_tokens(&victim).await?;
     let user = world.namespace_user("attacker", Some("*")).await?;
     let client = user.client().await?;
+    let as_user = Acting::new(&world, &user, &client);
 
     let scenario = async {
         let attacks: Vec<(&str, String, &str, &str)> = vec![
@@ -645,23 +705,10 @@ async fn forged_client_ids_and_cluster_identities() -> anyhow::Result<()> {
         ];
         let mut pods = Vec::new();
         for (k, (name, resource, client_id, attack)) in attacks.iter().enumerate() {
-            apply_as(
-                &report,
-                &world,
-                attack,
-                &user,
-                &declare(name, resource, client_id),
-            )
-            .await?;
-            let pod = world
-                .create_pod_as(
-                    &client,
-                    &user.namespace,
-                    &format!("pod-{name}"),
-                    &[("aadpodidbinding", name)],
-                    k + 1,
-                )
+            as_user
+                .apply(&report, attack, &declare(name, resource, client_id))
                 .await?;
+            let pod = as_user.bound(&format!("pod-{name}"), name, k + 1).await?;
             pods.push(pod);
         }
         let refs: Vec<&PodRef> = pods.iter().collect();
@@ -672,7 +719,9 @@ async fn forged_client_ids_and_cluster_identities() -> anyhow::Result<()> {
         for ((name, _, _, attack), pod) in attacks.iter().zip(&pods) {
             let answers = ask(&world, pod, &queries(&[kubelet, addon, id1]), 2).await?;
             no_token(&mut report, attack, pod, &answers);
-            check_told(&mut report, &world, attack, &user, &[name], &[pod]).await?;
+            as_user
+                .check_told(&mut report, attack, &[name], &[pod])
+                .await?;
         }
         // The bystander keeps its identity.
         let victim_ok = world.check_tokens(&victim).await;
@@ -711,12 +760,11 @@ async fn forged_client_ids_and_cluster_identities() -> anyhow::Result<()> {
         .await;
     result?;
     let after = world.all_vmss_identities();
-    report.check(
+    report.seen("2/3", format!("the scale sets' identities now: {after:?}"));
+    report.check_kept(
         "2/3",
-        missing.is_empty(),
-        format!(
-            "the kubelet identity, the add-on identity and id-1 never left the scale set; samples without one: {missing:?}; now {after:?}"
-        ),
+        "the kubelet identity, the add-on identity and id-1",
+        &missing,
     );
     report.finish(&world).await
 }
@@ -735,19 +783,19 @@ async fn forged_client_ids_and_cluster_identities() -> anyhow::Result<()> {
 ///   and their pods get tokens through the real Python SDK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exceptions_mic_labels_and_warn_mode_seeds() -> anyhow::Result<()> {
-    let mut report = Report::new("exceptions_mic_labels_and_warn_mode_seeds");
-    let world = World::start(options("warn")).await?;
+    let (mut report, world) = start("exceptions_mic_labels_and_warn_mode_seeds", "warn").await?;
     let kubelet_res = node_identity_resource(KUBELET);
     let addon_res = node_identity_resource(ADDON);
     let targets = queries(&[(KUBELET_CLIENT, &kubelet_res), (ADDON_CLIENT, &addon_res)]);
     let user = world.namespace_user("tenant", None).await?;
     let client = user.client().await?;
+    let as_user = Acting::new(&world, &user, &client);
 
     let scenario = async {
         // 4a: an exception by the namespace editor.
         let attack = "4: exception by a namespace editor";
         let exception = "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata:\n  name: escape\nspec:\n  podLabels:\n    escape: \"yes\"\n";
-        let (applied, text) = apply_as(&report, &world, attack, &user, exception).await?;
+        let (applied, text) = as_user.apply(&report, attack, exception).await?;
         report.check(
             attack,
             !applied && !text.trim().is_empty(),
@@ -782,14 +830,13 @@ async fn exceptions_mic_labels_and_warn_mode_seeds() -> anyhow::Result<()> {
 
         // Warn: an identity not granted to the namespace.
         let attack = "6 warn: ungranted identity";
-        let (applied, text) = apply_as(
-            &report,
-            &world,
-            attack,
-            &user,
-            &identity_yaml("ungranted", &id_resource(&id_name(4)), &id_client(4)),
-        )
-        .await?;
+        let (applied, text) = as_user
+            .apply(
+                &report,
+                attack,
+                &identity_yaml("ungranted", &id_resource(&id_name(4)), &id_client(4)),
+            )
+            .await?;
         report.check(
             attack,
             applied && text.contains("Warning"),
@@ -821,14 +868,17 @@ async fn exceptions_mic_labels_and_warn_mode_seeds() -> anyhow::Result<()> {
 /// No `team-b` pod gets any token; `team-a`'s pod still gets its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn enforce_cross_namespace() -> anyhow::Result<()> {
-    let mut report = Report::new("enforce_cross_namespace");
-    let world = World::start(options("enforce")).await?;
+    let (mut report, world) = start("enforce_cross_namespace", "enforce").await?;
     let (id2, id2_res, id2_client) = (id_name(2), id_resource(&id_name(2)), id_client(2));
     let id3_res = id_resource(&id_name(3));
     let kubelet_res = node_identity_resource(KUBELET);
     let a = world.namespace_user("team-a", Some(&id2_res)).await?;
     let b = world.namespace_user("team-b", Some(&id3_res)).await?;
     let (a_client, b_client) = (a.client().await?, b.client().await?);
+    let (as_a, as_b) = (
+        Acting::new(&world, &a, &a_client),
+        Acting::new(&world, &b, &b_client),
+    );
     // The seed manifests, unchanged, in a namespace granted their identities.
     let seeds_grant = format!("{id2_res}, {id3_res}");
     let seeds = world.namespace_user("seeds", Some(&seeds_grant)).await?;
@@ -843,40 +893,26 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
         )
         .await?;
         let attack = "7 enforce: granted identity";
-        let (ok, text) = apply_as(
-            &report,
-            &world,
-            attack,
-            &a,
-            &declare("a-id", &id2_res, &id2_client),
-        )
-        .await?;
+        let (ok, text) = as_a
+            .apply(&report, attack, &declare("a-id", &id2_res, &id2_client))
+            .await?;
         report.check(
             attack,
             ok && !text.contains("Warning"),
             format!("applies without warning: {}", text.trim()),
         );
-        let a_pod = world
-            .create_pod_as(
-                &a_client,
-                &a.namespace,
-                "a-app",
-                &[("aadpodidbinding", "a-id")],
-                0,
-            )
-            .await?;
+        let a_pod = as_a.bound("a-app", "a-id", 0).await?;
         wait_pod_assigned(&world, &a_pod).await?;
         check_python_token(&mut report, &world, attack, &a_pod, &id2_client).await;
 
         let attack = "6 enforce: B declares A's identity";
-        let (applied, text) = apply_as(
-            &report,
-            &world,
-            attack,
-            &b,
-            &identity_yaml("b-steal", &id2_res, &id2_client),
-        )
-        .await?;
+        let (applied, text) = as_b
+            .apply(
+                &report,
+                attack,
+                &identity_yaml("b-steal", &id2_res, &id2_client),
+            )
+            .await?;
         report.check(
             attack,
             !applied && !text.trim().is_empty(),
@@ -889,44 +925,18 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
             binding_yaml("b-cross", "a-id", "a-id"),
             binding_yaml("b-cross-own", "a-id", "b-own")
         );
-        apply_as(&report, &world, attack, &b, &cross).await?;
+        as_b.apply(&report, attack, &cross).await?;
         let attack_forged = "6/1 enforce: B's granted resourceID with A's clientID";
-        apply_as(
+        as_b.apply(
             &report,
-            &world,
             attack_forged,
-            &b,
             &declare("b-forged", &id3_res, &id2_client),
         )
         .await?;
         let b_pods = [
-            world
-                .create_pod_as(
-                    &b_client,
-                    &b.namespace,
-                    "b-with-a-label",
-                    &[("aadpodidbinding", "a-id")],
-                    1,
-                )
-                .await?,
-            world
-                .create_pod_as(
-                    &b_client,
-                    &b.namespace,
-                    "b-own",
-                    &[("aadpodidbinding", "b-own")],
-                    2,
-                )
-                .await?,
-            world
-                .create_pod_as(
-                    &b_client,
-                    &b.namespace,
-                    "b-forged",
-                    &[("aadpodidbinding", "b-forged")],
-                    3,
-                )
-                .await?,
+            as_b.bound("b-with-a-label", "a-id", 1).await?,
+            as_b.bound("b-own", "b-own", 2).await?,
+            as_b.bound("b-forged", "b-forged", 3).await?,
         ];
         let refs: Vec<&PodRef> = b_pods.iter().collect();
         // b-own's binding names an identity its namespace does not have: no
@@ -944,15 +954,8 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
         {
             report.seen(attack, format!("Event in team-b: {line}"));
         }
-        check_told(
-            &mut report,
-            &world,
-            attack_forged,
-            &b,
-            &["b-forged"],
-            &[&b_pods[2]],
-        )
-        .await?;
+        as_b.check_told(&mut report, attack_forged, &["b-forged"], &[&b_pods[2]])
+            .await?;
         for p in &b_pods[..2] {
             for l in aai_lines(&world, p).await? {
                 report.seen(attack, format!("{}: {l}", p.name));
@@ -1013,13 +1016,7 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
         .while_watching_vmss(&[KUBELET, ADDON, &id2], scenario)
         .await;
     result?;
-    report.check(
-        "6",
-        missing.is_empty(),
-        format!(
-            "the kubelet, add-on and team-a's identities never left the scale set: {missing:?}"
-        ),
-    );
+    report.check_kept("6", "the kubelet, add-on and team-a's identities", &missing);
     report.finish(&world).await
 }
 
@@ -1041,71 +1038,43 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
 ///   nmi serves none of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_assigned_identity_and_policy_off() -> anyhow::Result<()> {
-    let mut report = Report::new("forged_assigned_identity_and_policy_off");
-    let mut world = World::start(options("off")).await?;
+    let (mut report, mut world) = start("forged_assigned_identity_and_policy_off", "off").await?;
     let (id2_res, id2_client) = (id_resource(&id_name(2)), id_client(2));
     let kubelet_res = node_identity_resource(KUBELET);
     let user = world.namespace_user("tenant", None).await?;
     let seeds = world.namespace_user("seeds", None).await?;
     let client = user.client().await?;
+    let as_user = Acting::new(&world, &user, &client);
     let admin = world.client().await?;
 
     let scenario = async {
         seeds_get_tokens(&mut report, &world, "7 off: seed manifests", &seeds, (5, 6)).await?;
         let attack = "7 off: happy path";
-        let (ok, text) = apply_as(
-            &report,
-            &world,
-            attack,
-            &user,
-            &declare("app-id", &id2_res, &id2_client),
-        )
-        .await?;
-        report.check(attack, ok, format!("applies: {}", text.trim()));
-        let app = world
-            .create_pod_as(
-                &client,
-                &user.namespace,
-                "app",
-                &[("aadpodidbinding", "app-id")],
-                0,
-            )
+        let (ok, text) = as_user
+            .apply(&report, attack, &declare("app-id", &id2_res, &id2_client))
             .await?;
+        report.check(attack, ok, format!("applies: {}", text.trim()));
+        let app = as_user.bound("app", "app-id", 0).await?;
         wait_pod_assigned(&world, &app).await?;
         check_python_token(&mut report, &world, attack, &app, &id2_client).await;
 
         let attack = "1 off: forged clientID (kubelet)";
         let id3_res = id_resource(&id_name(3));
-        apply_as(
-            &report,
-            &world,
-            attack,
-            &user,
-            &declare("forged-kubelet", &id3_res, KUBELET_CLIENT),
-        )
-        .await?;
-        let forged = world
-            .create_pod_as(
-                &client,
-                &user.namespace,
-                "forged",
-                &[("aadpodidbinding", "forged-kubelet")],
-                1,
+        as_user
+            .apply(
+                &report,
+                attack,
+                &declare("forged-kubelet", &id3_res, KUBELET_CLIENT),
             )
             .await?;
+        let forged = as_user.bound("forged", "forged-kubelet", 1).await?;
         wait_verdicts(&report, &world, attack, &[&forged]).await;
         let kubelet = (KUBELET_CLIENT, kubelet_res.as_str());
         let answers = ask(&world, &forged, &queries(&[kubelet]), 2).await?;
         no_token(&mut report, attack, &forged, &answers);
-        check_told(
-            &mut report,
-            &world,
-            attack,
-            &user,
-            &["forged-kubelet"],
-            &[&forged],
-        )
-        .await?;
+        as_user
+            .check_told(&mut report, attack, &["forged-kubelet"], &[&forged])
+            .await?;
         anyhow::Ok(())
     };
     let (result, missing) = world.while_watching_vmss(&[KUBELET, ADDON], scenario).await;
@@ -1119,34 +1088,11 @@ async fn forged_assigned_identity_and_policy_off() -> anyhow::Result<()> {
     }
     report.seen(attack, "both mic replicas killed");
     let world = &world;
+    let as_user = Acting::new(world, &user, &client);
     let scenario = async {
-        let p1 = world
-            .create_pod_as(
-                &client,
-                &user.namespace,
-                "handmade-1",
-                &[("aadpodidbinding", "nothing")],
-                2,
-            )
-            .await?;
-        let p2 = world
-            .create_pod_as(
-                &client,
-                &user.namespace,
-                "handmade-2",
-                &[("aadpodidbinding", "not-app-id")],
-                3,
-            )
-            .await?;
-        let p3 = world
-            .create_pod_as(
-                &client,
-                &user.namespace,
-                "handmade-3",
-                &[("aadpodidbinding", "app-id")],
-                4,
-            )
-            .await?;
+        let p1 = as_user.bound("handmade-1", "nothing", 2).await?;
+        let p2 = as_user.bound("handmade-2", "not-app-id", 3).await?;
+        let p3 = as_user.bound("handmade-3", "app-id", 4).await?;
         let strip = |mut v: serde_json::Value| {
             if let Some(m) = v["metadata"].as_object_mut() {
                 m.remove("managedFields");
