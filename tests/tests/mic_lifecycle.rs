@@ -37,6 +37,58 @@ async fn world_and_mic(prefix: &str, extra: &[&str]) -> anyhow::Result<(MicWorld
     Ok((w, mic))
 }
 
+/// [`world_and_mic`] with pod `pod` on the first node, bound to `identity`
+/// through `selector`; the name of the pod's AzureAssignedIdentity.
+async fn world_mic_and_bound_pod(
+    prefix: &str,
+    extra: &[&str],
+    (identity, pod, selector): (&str, &str, &str),
+) -> anyhow::Result<(MicWorld, RunningMic, String)> {
+    let (w, mic) = world_and_mic(prefix, extra).await?;
+    let name = w.bound_pod(identity, pod, selector, &w.nodes[0]).await?;
+    Ok((w, mic, name))
+}
+
+/// A world without the emulator's own throttling buckets, so that MIC's
+/// write budget (`burst` writes at once, then `per_minute`) alone spaces its
+/// writes, and MIC `mic-<prefix>` with that budget.
+async fn world_and_budgeted_mic(
+    prefix: &str,
+    burst: &str,
+    per_minute: &str,
+) -> anyhow::Result<(MicWorld, RunningMic)> {
+    let w = world_with(prefix, |cfg| cfg.throttle.enabled = false).await?;
+    let budget = [
+        format!("--arm-resource-write-burst={burst}"),
+        format!("--arm-resource-writes-per-minute={per_minute}"),
+    ];
+    let args: Vec<&str> = budget.iter().map(String::as_str).collect();
+    let mic = w.start_mic(&format!("mic-{prefix}"), &args).await?;
+    Ok((w, mic))
+}
+
+/// AzureIdentity `ghost`: a well-formed ID of an identity the tenant does
+/// not have (ARM refuses it with FailedIdentityOperation), with `client_id`.
+async fn ghost_identity(w: &MicWorld, client_id: &str) -> anyhow::Result<()> {
+    w.identity("ghost", &uai(APP_RG, "ghost"), client_id).await
+}
+
+/// AzureIdentity `id` of `resource` and `client_id`, bound through its own
+/// binding `b-<id>` and selector `own-<pod>` to pod `pod` on `node`; why MIC
+/// refused the pod's AzureAssignedIdentity.
+async fn refused_identity(
+    w: &MicWorld,
+    (id, resource, client_id): (&str, &str, &str),
+    pod: &str,
+    node: &str,
+) -> anyhow::Result<String> {
+    w.identity(id, resource, client_id).await?;
+    let selector = format!("own-{pod}");
+    w.binding(&format!("b-{id}"), id, &selector).await?;
+    w.pod(pod, &selector, node).await?;
+    w.wait_refused(&w.aai_name(pod, id)).await
+}
+
 /// Like [`world`], with the emulator's config adjusted first.
 async fn world_with(
     prefix: &str,
@@ -52,11 +104,10 @@ async fn world_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_pod_lifecycle_assigns_and_removes_the_identity() -> anyhow::Result<()> {
-    let (w, mic) = world_and_mic("life", &[]).await?;
-    w.bound_pod("app-id", "web", "life-sel", &w.nodes[0])
-        .await?;
+    let (w, mic, name) =
+        world_mic_and_bound_pod("life", &[], ("app-id", "web", "life-sel")).await?;
 
-    let aai = w.wait_assigned(&w.aai_name("web", "app-id")).await?;
+    let aai = w.wait_assigned(&name).await?;
     assert_eq!(aai.labels().get("nodename"), Some(&w.nodes[0]));
     assert!(
         aai.finalizers()
@@ -89,10 +140,9 @@ async fn child_pod_lifecycle_assigns_and_removes_the_identity() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_shared_identity_is_removed_after_the_last_pod() -> anyhow::Result<()> {
-    let (w, mic) = world_and_mic("share", &[]).await?;
-    w.bound_pod("app-id", "a", "share-sel", &w.nodes[0]).await?;
+    let (w, mic, a) = world_mic_and_bound_pod("share", &[], ("app-id", "a", "share-sel")).await?;
     w.pod("b", "share-sel", &w.nodes[1]).await?;
-    w.wait_assigned(&w.aai_name("a", "app-id")).await?;
+    w.wait_assigned(&a).await?;
     w.wait_assigned(&w.aai_name("b", "app-id")).await?;
 
     w.delete_pod("a").await?;
@@ -148,10 +198,9 @@ async fn child_malformed_identity_does_not_stop_the_controller() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_drift_is_repaired() -> anyhow::Result<()> {
-    let (w, mic) = world_and_mic("drift", &[]).await?;
-    w.bound_pod("app-id", "web", "drift-sel", &w.nodes[0])
-        .await?;
-    w.wait_assigned(&w.aai_name("web", "app-id")).await?;
+    let (w, mic, name) =
+        world_mic_and_bound_pod("drift", &[], ("app-id", "web", "drift-sel")).await?;
+    w.wait_assigned(&name).await?;
     // Someone removes it behind MIC's back.
     assert_eq!(w.emu.strip_identities(&w.vmss, Some(&["app-id"][..])), 1);
     assert!(!w.on_vmss("app-id"));
@@ -236,14 +285,8 @@ async fn child_service_principal_and_cluster_identity() -> anyhow::Result<()> {
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_invalid_identity_does_not_hold_back_valid_ones() -> anyhow::Result<()> {
     let (w, mic) = world_and_mic("inv", &[]).await?;
-    // Well-formed ID of an identity that does not exist: ARM refuses it
-    // (FailedIdentityOperation) in the same batch as a valid one.
-    w.identity(
-        "ghost",
-        &uai(APP_RG, "ghost"),
-        "c0000000-0000-4000-8000-0000000000ff",
-    )
-    .await?;
+    // The ghost is refused in the same batch as a valid one.
+    ghost_identity(&w, "c0000000-0000-4000-8000-0000000000ff").await?;
     w.tenant_identity("app-id").await?;
     w.binding("b-ghost", "ghost", "inv-sel").await?;
     w.binding("b-app", "app-id", "inv-sel").await?;
@@ -268,24 +311,10 @@ async fn child_invalid_identity_after_a_throttle_storm_does_not_hold_back_valid_
 -> anyhow::Result<()> {
     // The emulator's own buckets are off, so MIC's mirror alone spaces the
     // writes: 3 at once (2 throttled, 1 refused), then one per 15 s.
-    let w = world_with("qstorm", |cfg| cfg.throttle.enabled = false).await?;
-    let mic = w
-        .start_mic(
-            "mic-qstorm",
-            &[
-                "--arm-resource-write-burst=3",
-                "--arm-resource-writes-per-minute=4",
-            ],
-        )
-        .await?;
+    let (w, mic) = world_and_budgeted_mic("qstorm", "3", "4").await?;
     w.emu.inject(throttle_storm(&w, "GET"));
     w.emu.inject(throttle_storm(&w, "PATCH"));
-    w.identity(
-        "ghost",
-        &uai(APP_RG, "ghost"),
-        "c0000000-0000-4000-8000-0000000000fe",
-    )
-    .await?;
+    ghost_identity(&w, "c0000000-0000-4000-8000-0000000000fe").await?;
     w.tenant_identity("app-id").await?;
     w.tenant_identity("app-2").await?;
     for (b, id) in [
@@ -436,16 +465,7 @@ async fn child_throttle_storm_backs_off_and_stays_within_budget() -> anyhow::Res
 async fn child_failed_operation_keeps_created_then_converges() -> anyhow::Result<()> {
     // No emulator buckets; MIC's own budget spaces the retry (one per 10 s)
     // so the Created state after the failure is observable.
-    let w = world_with("lro", |cfg| cfg.throttle.enabled = false).await?;
-    let mic = w
-        .start_mic(
-            "mic-lro",
-            &[
-                "--arm-resource-write-burst=1",
-                "--arm-resource-writes-per-minute=6",
-            ],
-        )
-        .await?;
+    let (w, mic) = world_and_budgeted_mic("lro", "1", "6").await?;
     // The next long-running operation ends Failed.
     w.emu.fail_next_operations(1);
     let name = w.bound_pod("app-id", "web", "lro-sel", &w.nodes[0]).await?;
@@ -624,20 +644,15 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
 
     // 1. Another identity's resource ID with the kubelet identity's client
     // ID: refused before anything is sent.
-    w.identity("forged", &uai(APP_RG, "app-id"), KUBELET_CLIENT)
-        .await?;
-    w.binding("b-forged", "forged", "own-forged").await?;
-    w.pod("forged", "own-forged", &node).await?;
-    let why = w.wait_refused(&w.aai_name("forged", "forged")).await?;
+    let app_id = uai(APP_RG, "app-id");
+    let forged = ("forged", app_id.as_str(), KUBELET_CLIENT);
+    let why = refused_identity(&w, forged, "forged", &node).await?;
     assert!(why.contains("cluster's own identities"), "{why}");
     assert!(!w.on_vmss("app-id"), "the forged identity was never added");
 
     // 2. The kubelet identity's resource ID with another client ID.
-    w.identity("f6", &uai(NODE_RG, "kubelet"), APP_CLIENT)
-        .await?;
-    w.binding("b-f6", "f6", "own-f6").await?;
-    w.pod("f6", "own-f6", &node).await?;
-    let why = w.wait_refused(&w.aai_name("f6", "f6")).await?;
+    let kubelet = uai(NODE_RG, "kubelet");
+    let why = refused_identity(&w, ("f6", &kubelet, APP_CLIENT), "f6", &node).await?;
     assert!(why.contains("cluster's own identities"), "{why}");
 
     // 3. A pre-existing identity with its true client ID: not served.
@@ -647,11 +662,8 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
 
     // 4. A client ID that is not the resource ID's: MIC adds the identity
     // (it cannot know before), then refuses the AAI on ARM's word.
-    w.identity("mismatch", &uai(APP_RG, "app-id"), APP2_CLIENT)
-        .await?;
-    w.binding("b-mismatch", "mismatch", "own-mm").await?;
-    w.pod("mm", "own-mm", &node).await?;
-    let why = w.wait_refused(&w.aai_name("mm", "mismatch")).await?;
+    let mismatch = ("mismatch", app_id.as_str(), APP2_CLIENT);
+    let why = refused_identity(&w, mismatch, "mm", &node).await?;
     assert!(
         why.contains(&format!("Azure reports {APP_CLIENT}")),
         "{why}"
@@ -735,10 +747,9 @@ async fn child_entitlement_refusals_and_ownership() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyhow::Result<()> {
-    let (w, mic) = world_and_mic("serve", &["--serve-cluster-identities"]).await?;
-    let name = w
-        .bound_pod("kubelet", "p", "serve-sel", &w.nodes[0])
-        .await?;
+    let flag = "--serve-cluster-identities";
+    let (w, mic, name) =
+        world_mic_and_bound_pod("serve", &[flag], ("kubelet", "p", "serve-sel")).await?;
     let aai = w.wait_assigned(&name).await?;
     assert!(
         !aai.annotations()
@@ -749,7 +760,7 @@ async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyho
     // Without the flag, the Assigned AAI is checked again and taken back.
     let mic = w.start_mic("mic-serve-2", &[]).await?;
     let why = w.wait_refused(&name).await?;
-    assert!(why.contains("--serve-cluster-identities"), "{why}");
+    assert!(why.contains(flag), "{why}");
     w.delete_pod("p").await?;
     w.wait_gone(&name).await?;
     assert!(w.on_vmss("kubelet"), "never removed");
@@ -763,10 +774,12 @@ async fn child_serving_cluster_identities_is_opt_in_and_checked_again() -> anyho
 #[ignore = "run by mic_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_identity_policy_enforce_and_warn() -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Namespace;
-    let (w, mic) = world_and_mic("policy", &["--identity-policy=enforce"]).await?;
-    let name = w
-        .bound_pod("app-id", "web", "policy-sel", &w.nodes[0])
-        .await?;
+    let (w, mic, name) = world_mic_and_bound_pod(
+        "policy",
+        &["--identity-policy=enforce"],
+        ("app-id", "web", "policy-sel"),
+    )
+    .await?;
     let events =
         Api::<k8s_openapi::api::events::v1::Event>::namespaced(w.client().await?, w.ns.name());
     let not_granted_events = || async {
