@@ -50,6 +50,16 @@ use serde_json::Value;
 use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
 use crate::{Cluster, TempNamespace, unique_name, wait_for};
 
+/// The emulator's tenant (the test kit's), and its ARM audience, a resource
+/// IMDS always knows.
+pub use crate::{TENANT, tenant::ARM_AUDIENCE as ARM};
+
+/// NMI's health port inside the node (`/healthz`).
+pub const PROBE_PORT: u16 = 8085;
+/// NMI's metrics port inside the node (its default).
+pub const METRICS_PORT: u16 = 9090;
+/// The apiserver's port as NMI sees it inside the node (on 127.0.0.1).
+pub const API_RELAY_PORT: u16 = 6443;
 /// Environment variable naming the NMI binary to run instead of the default.
 pub const NMI_BIN_ENV: &str = "AADPODID_NMI_BIN";
 /// Environment variable naming the emulator's configuration (JSON) for
@@ -63,26 +73,16 @@ pub const CLIENT_B: &str = "bbbbbbbb-0000-4000-8000-00000000000b";
 pub const OBJECT_A: &str = "aaaaaaaa-1111-4000-8000-00000000000a";
 /// Object (principal) ID of `id-b`.
 pub const OBJECT_B: &str = "bbbbbbbb-1111-4000-8000-00000000000b";
-/// The emulator's ARM audience, a resource IMDS always knows.
-pub const ARM: &str = "https://management.azure.com/";
 /// Token path for [`ARM`], as a pod asks for it.
 pub const ARM_TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
 /// The emulator's subscription.
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
-/// The emulator's tenant (the test kit's).
-pub use crate::TENANT;
 /// A service principal (type 1) the emulator's Entra ID knows.
 pub const SP_CLIENT: &str = "cccccccc-0000-4000-8000-00000000000c";
 /// Its client secret.
 pub const SP_SECRET: &str = "s3cr3t-of-the-sp";
 /// A service principal (type 2) authenticating with a certificate.
 pub const SP_CERT_CLIENT: &str = "dddddddd-0000-4000-8000-00000000000d";
-/// NMI's health port inside the node (`/healthz`).
-pub const PROBE_PORT: u16 = 8085;
-/// NMI's metrics port inside the node (its default).
-pub const METRICS_PORT: u16 = 9090;
-/// The apiserver's port as NMI sees it inside the node (on 127.0.0.1).
-pub const API_RELAY_PORT: u16 = 6443;
 /// The rule of NMI's `aad-metadata` chain that sends pods' IMDS traffic to
 /// NMI, as `iptables -t nat -S` prints it.
 pub const REDIRECT_RULE: &str = "-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579";

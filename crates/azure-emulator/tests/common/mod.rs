@@ -20,20 +20,16 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-pub use aadpodid_testkit::tenant::{
-    APP_RG, ARM_AUDIENCE as ARM_RESOURCE, MIC_CLIENT as MIC, MIC_SECRET, NODE_RG,
+/// The tenant, subscription and names the kit's tenant also uses.
+pub use aadpodid_testkit::{
+    SUB, TENANT,
+    tenant::{APP_RG, ARM_AUDIENCE as ARM_RESOURCE, MIC_CLIENT as MIC, MIC_SECRET, NODE_RG},
 };
-pub use aadpodid_testkit::{SUB, TENANT};
 pub const VMSS: &str = "aks-nodepool1-12345678-vmss";
 pub const VMSS2: &str = "aks-other-vmss";
 pub const VM: &str = "aks-standalone-vm";
 pub const MIC_OID: &str = "9a1e0000-0000-4000-8000-0000000000a1";
 pub const LIMITED: &str = "limited-sp";
-
-/// The Compute api-version MIC uses.
-pub const API: &str = "2024-11-01";
-/// The api-version upstream's MIC uses.
-pub const OLD_API: &str = "2019-12-01";
 
 pub fn uai(rg: &str, name: &str) -> String {
     format!(
@@ -325,6 +321,11 @@ fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
         .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
+
+/// The Compute api-version MIC uses.
+pub const API: &str = "2024-11-01";
+/// The api-version upstream's MIC uses.
+pub const OLD_API: &str = "2019-12-01";
 
 /// ARM helpers bound to one emulator and one token.
 pub struct Arm<'a> {
