@@ -54,12 +54,6 @@ use crate::{Cluster, TempNamespace, unique_name, wait_for};
 /// IMDS always knows.
 pub use crate::{TENANT, tenant::ARM_AUDIENCE as ARM};
 
-/// NMI's health port inside the node (`/healthz`).
-pub const PROBE_PORT: u16 = 8085;
-/// NMI's metrics port inside the node (its default).
-pub const METRICS_PORT: u16 = 9090;
-/// The apiserver's port as NMI sees it inside the node (on 127.0.0.1).
-pub const API_RELAY_PORT: u16 = 6443;
 /// Environment variable naming the NMI binary to run instead of the default.
 pub const NMI_BIN_ENV: &str = "AADPODID_NMI_BIN";
 /// Environment variable naming the emulator's configuration (JSON) for
@@ -834,6 +828,13 @@ pub fn emulator_config(node_name: &str) -> Config {
     }];
     cfg
 }
+
+/// NMI's health port inside the node (`/healthz`).
+pub const PROBE_PORT: u16 = 8085;
+/// NMI's metrics port inside the node (its default).
+pub const METRICS_PORT: u16 = 9090;
+/// The apiserver's port as NMI sees it inside the node (on 127.0.0.1).
+pub const API_RELAY_PORT: u16 = 6443;
 
 /// NMI's arguments for a test node `node_name`: `kubeconfig`, the health
 /// port [`PROBE_PORT`], kubenet allowed, one retry for Created identities
