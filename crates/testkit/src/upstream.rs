@@ -32,6 +32,7 @@
 //!   [`upstream_nmi_command`] sets it in the node namespace. Its own IMDS calls
 //!   go to 169.254.169.254:80 from the node (not redirected: PREROUTING only).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -40,6 +41,7 @@ use anyhow::Context as _;
 
 use crate::env::PROXY_VARS;
 use crate::netns::NetNs;
+use crate::tenant::{ENV_AZURE_ENVIRONMENT_FILEPATH, ENV_MIC_POD_NAMESPACE};
 use crate::tools::BuiltTool;
 
 /// Upstream's folder: built by `tests/upstream/build.sh` (given 30 minutes
@@ -59,7 +61,8 @@ pub fn upstream_bin_dir() -> anyhow::Result<PathBuf> {
     UPSTREAM.path()
 }
 
-/// What upstream MIC is started with.
+/// What upstream MIC is started with. This project's mic takes the same
+/// flags and environment ([`MicOptions::flags`], [`MicOptions::env`]).
 #[derive(Clone, Debug)]
 pub struct MicOptions {
     /// Admin kubeconfig of the cluster (MIC needs endpoints, configmaps, CRDs,
@@ -85,6 +88,31 @@ pub struct MicOptions {
     pub extra_args: Vec<String>,
 }
 
+impl MicOptions {
+    /// The flags every MIC takes: kubeconfig, cloud config, leader election,
+    /// probe and metrics ports (not [`MicOptions::extra_args`]).
+    pub fn flags(&self) -> [String; 6] {
+        [
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            format!("--cloudconfig={}", self.azure_json.display()),
+            format!("--leader-election-namespace={}", self.namespace),
+            format!("--leader-election-instance={}", self.instance),
+            format!("--http-probe-port={}", self.probe_port),
+            format!("--prometheus-port={}", self.metrics_port),
+        ]
+    }
+
+    /// MIC's environment: its namespace, the custom-cloud file and the roots
+    /// it trusts.
+    pub fn env(&self) -> [(&'static str, &OsStr); 3] {
+        [
+            (ENV_MIC_POD_NAMESPACE, self.namespace.as_ref()),
+            (ENV_AZURE_ENVIRONMENT_FILEPATH, self.cloud_env_file.as_ref()),
+            ("SSL_CERT_FILE", self.ca_bundle.as_ref()),
+        ]
+    }
+}
+
 /// Upstream MIC's command line and environment, not yet spawned (stdio is the
 /// caller's). It dies with the thread that spawns it (`setpriv --pdeathsig`).
 pub fn upstream_mic_command(o: &MicOptions) -> anyhow::Result<Command> {
@@ -92,17 +120,10 @@ pub fn upstream_mic_command(o: &MicOptions) -> anyhow::Result<Command> {
     let mut cmd = Command::new("setpriv");
     cmd.args(["--pdeathsig", "KILL", "--"])
         .arg(bin)
-        .arg(format!("--kubeconfig={}", o.kubeconfig.display()))
-        .arg(format!("--cloudconfig={}", o.azure_json.display()))
-        .arg(format!("--leader-election-namespace={}", o.namespace))
-        .arg(format!("--leader-election-instance={}", o.instance))
-        .arg(format!("--http-probe-port={}", o.probe_port))
-        .arg(format!("--prometheus-port={}", o.metrics_port))
+        .args(o.flags())
         .arg("--logtostderr")
         .args(&o.extra_args)
-        .env("MIC_POD_NAMESPACE", &o.namespace)
-        .env("AZURE_ENVIRONMENT_FILEPATH", &o.cloud_env_file)
-        .env("SSL_CERT_FILE", &o.ca_bundle)
+        .envs(o.env())
         .stdin(Stdio::null());
     clean_env(&mut cmd);
     Ok(cmd)
@@ -226,4 +247,43 @@ pub fn spawn_upstream_nmi(
     log: &Path,
 ) -> anyhow::Result<UpstreamChild> {
     spawn_logged(upstream_nmi_command(node, o)?, log)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mic_flags_and_environment() {
+        let o = MicOptions {
+            kubeconfig: "/k".into(),
+            azure_json: "/d/azure.json".into(),
+            cloud_env_file: "/d/cloud.json".into(),
+            ca_bundle: "/d/ca.pem".into(),
+            namespace: "ns".into(),
+            instance: "mic-0".into(),
+            probe_port: 8080,
+            metrics_port: 8888,
+            extra_args: vec!["--x".into()],
+        };
+        assert_eq!(
+            o.flags(),
+            [
+                "--kubeconfig=/k",
+                "--cloudconfig=/d/azure.json",
+                "--leader-election-namespace=ns",
+                "--leader-election-instance=mic-0",
+                "--http-probe-port=8080",
+                "--prometheus-port=8888",
+            ]
+        );
+        assert_eq!(
+            o.env(),
+            [
+                ("MIC_POD_NAMESPACE", OsStr::new("ns")),
+                ("AZURE_ENVIRONMENT_FILEPATH", OsStr::new("/d/cloud.json")),
+                ("SSL_CERT_FILE", OsStr::new("/d/ca.pem")),
+            ]
+        );
+    }
 }

@@ -130,21 +130,25 @@ fn scaled_period_flags(s: &MicSettings) -> Vec<String> {
 /// The MIC process of `subject` (environment included); the caller adds
 /// stdio and spawns it.
 pub fn launch_mic(subject: Subject, s: &MicSettings) -> anyhow::Result<Command> {
+    let o = upstream::MicOptions {
+        kubeconfig: s.kubeconfig.clone(),
+        azure_json: s.azure_json.clone(),
+        cloud_env_file: s.cloud_env_file.clone(),
+        ca_bundle: s.ca_bundle.clone(),
+        namespace: s.namespace.clone(),
+        instance: "bench-mic".into(),
+        probe_port: s.probe_port,
+        metrics_port: s.metrics_port,
+        extra_args: scaled_period_flags(s),
+    };
     match subject {
         Subject::ThisProject => {
             let mut cmd = Command::new(self_exe()?);
             cmd.env(ROLE_ENV, "mic")
-                .env("MIC_POD_NAMESPACE", &s.namespace)
-                .env("AZURE_ENVIRONMENT_FILEPATH", &s.cloud_env_file)
-                .env("SSL_CERT_FILE", &s.ca_bundle)
+                .envs(o.env())
                 .env("NO_PROXY", "127.0.0.1,localhost")
+                .args(o.flags())
                 .args([
-                    format!("--kubeconfig={}", s.kubeconfig.display()),
-                    format!("--cloudconfig={}", s.azure_json.display()),
-                    format!("--leader-election-namespace={}", s.namespace),
-                    "--leader-election-instance=bench-mic".into(),
-                    format!("--http-probe-port={}", s.probe_port),
-                    format!("--prometheus-port={}", s.metrics_port),
                     format!(
                         "--arm-resource-writes-per-minute={}",
                         s.resource_writes_per_minute
@@ -154,24 +158,14 @@ pub fn launch_mic(subject: Subject, s: &MicSettings) -> anyhow::Result<Command> 
                         s.subscription_writes_per_minute
                     ),
                 ])
-                .args(scaled_period_flags(s));
+                .args(&o.extra_args);
             for var in PROXY_VARS {
                 cmd.env_remove(var);
             }
             Ok(cmd)
         }
         // Upstream has no client-side write budget: only the periods scale.
-        Subject::Upstream => upstream::upstream_mic_command(&upstream::MicOptions {
-            kubeconfig: s.kubeconfig.clone(),
-            azure_json: s.azure_json.clone(),
-            cloud_env_file: s.cloud_env_file.clone(),
-            ca_bundle: s.ca_bundle.clone(),
-            namespace: s.namespace.clone(),
-            instance: "bench-mic".into(),
-            probe_port: s.probe_port,
-            metrics_port: s.metrics_port,
-            extra_args: scaled_period_flags(s),
-        }),
+        Subject::Upstream => upstream::upstream_mic_command(&o),
     }
 }
 
