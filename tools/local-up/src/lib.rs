@@ -1,8 +1,10 @@
 //! `local-up`: the whole system on one machine, step by step, for a newcomer.
 //!
-//! It brings up the test kit's cluster (etcd + kube-apiserver), the Azure
-//! emulator with a small tenant, two mic replicas and one nmi per node (each
-//! node a network namespace), applies the user's seed manifests with a real
+//! It brings up, step by step with the test kit's world builder
+//! ([`aadpodid_testkit::world::WorldBuilder`]), the kit's shared cluster
+//! (etcd + kube-apiserver), the Azure emulator with a small tenant, two mic
+//! replicas and one nmi per node (each node a network namespace), mic and nmi
+//! started from plain flags, applies the user's seed manifests with a real
 //! `kubectl apply`, starts the seeds' two pods (one on a scale-set node, one on
 //! the VM) and shows their identities being assigned, a real Azure SDK client in
 //! each pod getting a token through 169.254.169.254, and the identities
@@ -14,9 +16,9 @@
 //! of it.
 //!
 //! Network layout: the apiserver and the emulator listen on loopback in the
-//! root namespace; inside each node namespace the test kit's relay carries the
-//! node's `127.0.0.1:6443` (apiserver) and `169.254.169.254:80` (that
-//! machine's IMDS) to Unix sockets that this process forwards to them. Unix
+//! root namespace; inside each node namespace (and each mic replica's) the
+//! test kit's relay carries the same `127.0.0.1:<port>` (and the node's
+//! `169.254.169.254:80`, that machine's IMDS) over Unix sockets to them. Unix
 //! sockets are not network-namespaced, so nothing is added to the root
 //! namespace's network.
 //!
@@ -27,8 +29,8 @@
 //! | [`steps`] | the nine numbered steps, one module each, in the order they run |
 //! | [`tenant`] | the emulated tenant: machines, identities, mic's service principal, reading ARM |
 //! | [`role`] | mic and nmi as this binary re-executed |
-//! | [`registry`] | what must be undone, and the teardown that undoes it |
-//! | [`leftovers`] | what a run could leave behind (its child processes and network namespaces) |
+//! | [`registry`] | the world being built, and the teardown that undoes it |
+//! | [`leftovers`] | what a run could leave behind (the kit's helpers) |
 //! | [`say`] | the numbered, timed output |
 
 pub mod leftovers;
@@ -44,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 
-use crate::registry::{Reg, STOPPING, print_logs, reg, teardown};
+use crate::registry::{Reg, STOPPING, is_keeping, print_logs, teardown};
 
 /// Runs aad-pod-identity locally: test cluster, Azure emulator, mic, nmi and pods getting tokens
 #[derive(clap::Parser, Debug)]
@@ -136,7 +138,7 @@ async fn run(cli: Cli) -> ExitCode {
             print_logs(&registry);
             ExitCode::FAILURE
         }
-        Outcome::Signal(sig) if reg(&registry).keeping => {
+        Outcome::Signal(sig) if is_keeping(&registry) => {
             println!("\n{sig} received: stopping.");
             ExitCode::SUCCESS
         }

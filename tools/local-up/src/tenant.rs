@@ -7,12 +7,12 @@ use std::process::Stdio;
 
 pub use aadpodid_testkit::tenant::{APP_RG, NODE_RG};
 use aadpodid_testkit::tenant::{
-    ARM_AUDIENCE, KUBELET, KUBELET_CLIENT, MIC_CLIENT, MIC_SECRET, Tenant, vm_provider_id,
-    vmss_provider_id,
+    ARM_AUDIENCE, KUBELET, KUBELET_CLIENT, MIC_CLIENT, MIC_SECRET, Tenant,
 };
+use aadpodid_testkit::world::NodeSpec;
 use aadpodid_testkit::{SUB, TENANT};
 use anyhow::{Context as _, bail};
-use azure_emulator::{Config, Emulator};
+use azure_emulator::Emulator;
 use tokio::process::Command;
 
 /// The scale set of the first two nodes.
@@ -66,37 +66,25 @@ pub const IDENTITIES: [(&str, &str, &str); 5] = [
 /// Virtual seconds per real second: a 45 s scale-set write takes 1.5 s.
 pub const CLOCK_SPEED: f64 = 30.0;
 
-/// Name of the scale set's instance `i` as a Kubernetes node.
-pub fn vmss_node(i: usize) -> String {
-    format!("{VMSS}{i:06}")
-}
-
-/// One emulated machine that is a node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Machine {
-    /// The Node object's name.
-    pub node: String,
-    /// The Node's `spec.providerID`.
-    pub provider_id: String,
-    /// The emulator's name of the machine for its IMDS (`vmss/<set>/<i>`, `vm/<name>`).
-    pub imds: String,
+/// Pod namespaces of node `i`: the pods of step 7 run on the first scale-set
+/// node and on the VM; the VM's node gets two and its pod uses the second, so
+/// the two pods' IPs differ as in a real cluster.
+pub fn pods_on_node(i: usize) -> u8 {
+    match i {
+        0 => 1,
+        2 => 2,
+        _ => 0,
+    }
 }
 
 /// The three nodes: scale-set instances 0 and 1, then the VM (its
-/// providerID's resource group in lower case too, as AKS writes it).
-pub fn machines() -> Vec<Machine> {
-    let mut out: Vec<Machine> = (0..2)
-        .map(|i| Machine {
-            node: vmss_node(i),
-            provider_id: vmss_provider_id(NODE_RG, VMSS, i),
-            imds: format!("vmss/{VMSS}/{i}"),
-        })
+/// providerID's resource group in lower case, as AKS writes it), each with
+/// [`pods_on_node`] pod namespaces.
+pub fn machines() -> Vec<NodeSpec> {
+    let mut out: Vec<NodeSpec> = (0..2)
+        .map(|i| NodeSpec::scale_set(NODE_RG, VMSS, i, pods_on_node(i)))
         .collect();
-    out.push(Machine {
-        node: VM.to_string(),
-        provider_id: vm_provider_id(&NODE_RG.to_lowercase(), VM),
-        imds: format!("vm/{VM}"),
-    });
+    out.push(NodeSpec::vm(&NODE_RG.to_lowercase(), VM, pods_on_node(2)));
     out
 }
 
@@ -125,11 +113,11 @@ impl Resource {
     }
 }
 
-/// The emulator's configuration: the test kit's tenant (its resource groups
-/// and mic's service principal) with the machines, the identities (the
-/// kubelet identity on the scale set; the seeds' and two more unused ones),
-/// seed 004's resource group, the clock [`CLOCK_SPEED`] times real time.
-pub fn emulator_config() -> Config {
+/// The demo's tenant: the test kit's (its resource groups and mic's service
+/// principal) with the machines, the identities (the kubelet identity on the
+/// scale set; the seeds' and two more unused ones), seed 004's resource
+/// group, the clock [`CLOCK_SPEED`] times real time.
+pub fn demo_tenant() -> Tenant {
     let mut tenant = Tenant::new()
         .scale_set(VMSS, 2, &[KUBELET])
         .vm(VM, true, &[])
@@ -141,7 +129,7 @@ pub fn emulator_config() -> Config {
         .config_mut()
         .resource_groups
         .push(SEED004.resource_group.into());
-    tenant.config()
+    tenant
 }
 
 /// An ARM request path without the subscription prefix and the query.
@@ -235,7 +223,7 @@ mod tests {
     #[test]
     fn nodes_point_at_the_emulated_machines() {
         let m = machines();
-        let names: Vec<&str> = m.iter().map(|m| m.node.as_str()).collect();
+        let names: Vec<&str> = m.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(
             names,
             [
@@ -250,12 +238,20 @@ mod tests {
                 "azure:///subscriptions/{SUB}/resourceGroups/mc_rg_cluster_eastus/providers/Microsoft.Compute/virtualMachineScaleSets/{VMSS}/virtualMachines/1"
             )
         );
-        assert_eq!(m[2].imds, format!("vm/{VM}"));
+        assert_eq!(m[2].machine, format!("vm/{VM}"));
+        assert_eq!(
+            m[2].provider_id,
+            format!(
+                "azure:///subscriptions/{SUB}/resourceGroups/mc_rg_cluster_eastus/providers/Microsoft.Compute/virtualMachines/{VM}"
+            )
+        );
+        let pods: Vec<u8> = m.iter().map(|m| m.pods).collect();
+        assert_eq!(pods, [1, 0, 2]);
     }
 
     #[test]
     fn the_tenant_holds_the_seeds_identities_and_the_machines() {
-        let cfg = emulator_config();
+        let cfg = demo_tenant().config();
         assert_eq!(
             cfg.resource_groups,
             [NODE_RG, APP_RG, SEED004.resource_group]

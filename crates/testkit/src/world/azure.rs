@@ -6,7 +6,9 @@ use azure_emulator::Emulator;
 
 use super::{ADDON, ADDON_CLIENT, APP_RG, KUBELET, KUBELET_CLIENT, NODE_RG, Options};
 use super::{id_client, id_name, vmss_name};
-use crate::tenant::{self, CloudEnvironment, MIC_CLIENT, MIC_SECRET, MicCloud, Tenant};
+use crate::tenant::{
+    self, CloudEnvironment, MIC_CLIENT, MIC_SECRET, MicCloud, MicCloudFiles, Tenant,
+};
 
 /// The tenant of `opts`: MIC's service principal, [`KUBELET`] (and [`ADDON`]
 /// when asked) on every scale set, identities `id-0..` in [`APP_RG`].
@@ -28,6 +30,15 @@ pub(super) fn tenant(opts: &Options) -> Tenant {
     t.speed(opts.clock_speed)
 }
 
+/// mic's azure.json in the world: the kit's standard one naming
+/// [`KUBELET_CLIENT`] as the cluster's own identity.
+pub(super) fn world_cloud() -> MicCloud {
+    MicCloud {
+        user_assigned_identity_id: Some(KUBELET_CLIENT.into()),
+        ..MicCloud::standard()
+    }
+}
+
 /// Host paths the rendered pod specs mount, as the chart's defaults name them.
 const HOST_AZURE_JSON: &str = "/etc/kubernetes/azure.json";
 const HOST_CUSTOM_CLOUD: &str = "/etc/kubernetes/akscustom.json";
@@ -37,39 +48,39 @@ const HOST_KUBELET_FLAGS: &str = "/etc/default/kubelet";
 #[derive(Debug)]
 pub(super) struct HostFiles {
     /// MIC's `azure.json` (service principal, node resource group, kubelet
-    /// identity).
-    azure_json: PathBuf,
-    /// The custom-cloud environment file (the emulator's ARM and Entra ID).
-    cloud: PathBuf,
+    /// identity) and the custom-cloud environment file (the emulator's ARM
+    /// and Entra ID).
+    files: MicCloudFiles,
     /// The kubelet's flags: Azure CNI, as upstream's e2e clusters
     /// (`--network-plugin azure`).
     kubelet_flags: PathBuf,
 }
 
 impl HostFiles {
-    pub(super) fn write(dir: &Path, emu: &Emulator) -> anyhow::Result<HostFiles> {
-        let cloud = MicCloud {
-            user_assigned_identity_id: Some(KUBELET_CLIENT.into()),
-            ..MicCloud::standard()
-        };
-        let files = tenant::write_mic_cloud_files(dir, "", &cloud, &CloudEnvironment::of(emu))?;
+    /// Writes them into `dir`, mic's azure.json from `cloud`.
+    pub(super) fn write(dir: &Path, emu: &Emulator, cloud: &MicCloud) -> anyhow::Result<HostFiles> {
+        let files = tenant::write_mic_cloud_files(dir, "", cloud, &CloudEnvironment::of(emu))?;
         let kubelet_flags = dir.join("kubelet");
         std::fs::write(
             &kubelet_flags,
             "KUBELET_FLAGS=--network-plugin=cni --max-pods=110\n",
         )?;
         Ok(HostFiles {
-            azure_json: files.azure_json,
-            cloud: files.environment,
+            files,
             kubelet_flags,
         })
+    }
+
+    /// mic's two files (azure.json and the custom-cloud file).
+    pub(super) fn mic_files(&self) -> &MicCloudFiles {
+        &self.files
     }
 
     /// `s` with every host path the pod spec mounts replaced by the world's file.
     pub(super) fn substitute(&self, s: &str) -> String {
         [
-            (HOST_AZURE_JSON, &self.azure_json),
-            (HOST_CUSTOM_CLOUD, &self.cloud),
+            (HOST_AZURE_JSON, &self.files.azure_json),
+            (HOST_CUSTOM_CLOUD, &self.files.environment),
             (HOST_KUBELET_FLAGS, &self.kubelet_flags),
         ]
         .iter()
@@ -84,8 +95,10 @@ impl HostFiles {
     /// Files under `/w` (nothing written).
     pub(super) fn for_tests() -> HostFiles {
         HostFiles {
-            azure_json: "/w/azure.json".into(),
-            cloud: "/w/cloud.json".into(),
+            files: MicCloudFiles {
+                azure_json: "/w/azure.json".into(),
+                environment: "/w/cloud.json".into(),
+            },
             kubelet_flags: "/w/kubelet".into(),
         }
     }

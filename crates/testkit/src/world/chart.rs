@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::azure::HostFiles;
 use super::processes::Proc;
 use super::{APP_NS, Options, Program, RELEASE_NS, id_client, id_name, id_resource, selector};
-use crate::{PrivateCluster, helm};
+use crate::{Cluster, helm};
 
 /// The chart values of the world's identities (the chart's `azureIdentities`).
 fn identities_values(opts: &Options) -> String {
@@ -72,7 +72,7 @@ impl Release {
     /// Renders the chart for `opts` (values in `dir`), creates [`RELEASE_NS`]
     /// and [`APP_NS`] (with its grant), and applies everything rendered.
     pub(super) async fn install(
-        cluster: &PrivateCluster,
+        cluster: &Cluster,
         admin: &Client,
         opts: &Options,
         dir: &Path,
@@ -108,7 +108,7 @@ impl Release {
     }
 }
 
-async fn kubectl_apply(cluster: &PrivateCluster, yaml: &str) -> anyhow::Result<()> {
+async fn kubectl_apply(cluster: &Cluster, yaml: &str) -> anyhow::Result<()> {
     let out = tokio::task::block_in_place(|| {
         cluster.kubectl_run(
             &["apply", "--server-side", "--force-conflicts", "-f", "-"],
@@ -139,7 +139,7 @@ pub(super) struct Workload {
 
 impl Workload {
     async fn applied(
-        cluster: &PrivateCluster,
+        cluster: &Cluster,
         admin: &Client,
         rendered: &[Value],
         kind: &str,
@@ -218,8 +218,28 @@ impl Launch<'_> {
         if !node.is_empty() {
             fields.insert("spec.nodeName", node.to_string());
         }
-        let (mut args, mut env) = container_command(&workload.object, &fields, self.host)?;
+        let (mut args, env) = container_command(&workload.object, &fields, self.host)?;
         args.push(format!("--kubeconfig={}", workload.kubeconfig.display()));
+        Ok(self.proc(
+            pod_name,
+            &workload.program,
+            args,
+            env,
+            workload.probe.clone(),
+        ))
+    }
+
+    /// The process of pod `pod_name`: `program` with `args` and `env` plus
+    /// `HOSTNAME`, `SSL_CERT_FILE` (the emulator's CA) and `NO_PROXY`,
+    /// probed at `probe`, logging to `<pod_name>.log` in the world's folder.
+    pub(super) fn proc(
+        &self,
+        pod_name: &str,
+        program: &Program,
+        args: Vec<String>,
+        mut env: Env,
+        probe: (u16, String),
+    ) -> Proc {
         let ca_bundle = self.emu.ca_bundle_path().display().to_string();
         env.extend(
             [
@@ -229,14 +249,8 @@ impl Launch<'_> {
             ]
             .map(|(k, v)| (k.to_string(), v.to_string())),
         );
-        Ok(Proc::new(
-            pod_name,
-            workload.program.clone(),
-            args,
-            env,
-            workload.probe.clone(),
-            self.dir.join(format!("{pod_name}.log")),
-        ))
+        let log = self.dir.join(format!("{pod_name}.log"));
+        Proc::new(pod_name, program.clone(), args, env, probe, log)
     }
 }
 
@@ -299,7 +313,7 @@ fn probe_of(workload: &Value) -> anyhow::Result<(u16, String)> {
 }
 
 /// Environment variables, (name, value).
-type Env = Vec<(String, String)>;
+pub(super) type Env = Vec<(String, String)>;
 
 /// The container's env, with downward-API fields filled in from `fields`
 /// (`metadata.namespace`, `metadata.name`, `spec.nodeName`), and its args with

@@ -31,6 +31,11 @@
 //! ServiceAccount token mount) and `SSL_CERT_FILE` (the emulator's test CA,
 //! which a real image would not need).
 //!
+//! [`World::start`] runs the steps of a [`WorldBuilder`] with these
+//! defaults; a caller that needs another tenant, the shared cluster, plain
+//! flags instead of the chart, or a teardown that reports what it stopped
+//! (the local demo) runs the steps itself.
+//!
 //! For the entitlement tests it also offers: an add-on identity already on
 //! every scale set ([`Options::addon_identity`]), namespace-scoped users
 //! ([`World::namespace_user`]: a ServiceAccount bound to `edit` and the
@@ -67,6 +72,8 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`options`] | [`Options`], [`Program`] (how mic and nmi are started) |
+//! | [`builder`] | [`WorldBuilder`]: the steps of [`World::start`] one at a time; [`ClusterChoice`], [`ArgsSource`] (chart or plain flags), [`NodeSpec`] |
+//! | [`teardown`] | [`teardown::Report`] of [`WorldBuilder::teardown`]; what a process left behind |
 //! | `azure` | the emulated tenant and the host files that point mic at it |
 //! | `chart` | the chart rendered, applied, and turned into processes' commands |
 //! | [`processes`] | [`Proc`]: start, signal, probe; [`curl_in`] |
@@ -76,11 +83,13 @@
 //! | `users` | [`NsUser`]: namespace-scoped users, namespaces, Events |
 
 mod azure;
+pub mod builder;
 mod chart;
 mod nodes;
 pub mod options;
 mod pods;
 pub mod processes;
+pub mod teardown;
 mod tokens;
 mod users;
 
@@ -89,11 +98,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use azure_emulator::Emulator;
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::Client;
-use kube::api::Api;
 use serde_json::Value;
 
+pub use builder::{ArgsSource, ClusterChoice, NodeSpec, WorldBuilder, WorldCluster};
 pub use nodes::{MicReplica, WorldNode};
 pub use options::{Options, Program};
 pub use pods::PodRef;
@@ -101,7 +109,7 @@ pub use processes::{Proc, curl_in};
 pub use tokens::access_token;
 pub use users::NsUser;
 
-use crate::{PrivateCluster, wait_for};
+use crate::PrivateCluster;
 
 /// The node and identity resource groups are the kit's tenant's
 /// ([`crate::tenant`]).
@@ -184,13 +192,7 @@ pub struct World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for m in &mut self.mics {
-            m.stop();
-        }
-        for n in &mut self.nodes {
-            n.stop();
-        }
-        self.emu.shutdown();
+        teardown::stop_all(&mut self.mics, &mut self.nodes, Some(&self.emu));
         if std::env::var_os("AADPODID_E2E_KEEP_LOGS").is_some() {
             eprintln!("e2e logs kept in {}", self.dir.display());
         } else {
@@ -204,81 +206,18 @@ impl World {
     /// probe answers when this returns, and one mic replica holds the Lease.
     pub async fn start(opts: Options) -> anyhow::Result<World> {
         let one = ONE_WORLD.lock().await;
-        let started = Instant::now();
         let dir = std::env::temp_dir().join(crate::unique_name("aadpodid-e2e"));
-        std::fs::create_dir_all(&dir)?;
-        let result = Self::build(opts, dir.clone(), one, started).await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        result
-    }
-
-    /// The steps of [`World::start`]: tenant, cluster, host files, chart,
-    /// nodes, mic replicas; then every process started and probed.
-    async fn build(
-        opts: Options,
-        dir: PathBuf,
-        one: tokio::sync::MutexGuard<'static, ()>,
-        started: Instant,
-    ) -> anyhow::Result<World> {
-        let cluster = PrivateCluster::start().await?;
-        let emu = azure::tenant(&opts).start().await?;
-        let admin = cluster.admin_client().await?;
-        let host = azure::HostFiles::write(&dir, &emu)?;
-        let release = chart::Release::install(&cluster, &admin, &opts, &dir).await?;
-        let launch = chart::Launch {
-            client: &admin,
-            dir: &dir,
-            host: &host,
-            emu: &emu,
-            apiserver: nodes::socket_of(cluster.server())?,
-        };
-        let mut nodes = Vec::new();
-        for s in 0..opts.scale_sets {
-            for i in 0..opts.instances {
-                let node = WorldNode::add(
-                    &launch,
-                    &release.nmi,
-                    (s, i),
-                    nodes.len(),
-                    opts.pods_per_node,
-                );
-                nodes.push(node.await?);
-            }
-        }
-        let mut mics = Vec::new();
-        for r in 0..release.mic_replicas() {
-            let node = nodes
-                .get(r % nodes.len().max(1))
-                .map(|n: &WorldNode| n.name.clone())
-                .unwrap_or_default();
-            mics.push(MicReplica::add(&launch, &release.mic, r, &node).await?);
-        }
-
-        let mut world = World {
-            cluster,
-            emu,
-            nodes,
-            mics,
-            rendered: release.rendered,
-            opts,
-            dir,
-            started,
-            _one: one,
-        };
-        for n in &mut world.nodes {
-            n.nmi.spawn(&n.net.node)?;
-        }
-        for m in &mut world.mics {
-            m.proc.spawn(&m.net)?;
-        }
-        for n in &mut world.nodes {
-            n.nmi.wait_probe(&n.net.node).await?;
-        }
-        for m in &mut world.mics {
-            m.proc.wait_probe(&m.net).await?;
-        }
+        // A failed step drops the builder, which stops what it started and
+        // removes the folder.
+        let mut b = WorldBuilder::new(opts.clone(), ArgsSource::Chart, dir)?;
+        b.cluster(ClusterChoice::Private).await?;
+        b.tenant(azure::tenant(&opts)).await?;
+        b.host_files(&azure::world_cloud())?;
+        b.chart().await?;
+        b.nodes(&NodeSpec::of_options(&opts)).await?;
+        b.mic(b.chart_mic_replicas()?).await?;
+        b.start_all().await?;
+        let world = b.finish(one)?;
         world.leader().await?;
         eprintln!(
             "e2e world up in {:.1?}: {} nodes on {} scale sets, {} mic replicas",
@@ -297,17 +236,7 @@ impl World {
 
     /// The mic replica holding the Lease (its index), waiting (bounded) for one.
     pub async fn leader(&self) -> anyhow::Result<usize> {
-        let leases: Api<Lease> = Api::namespaced(self.client().await?, LEASE.0);
-        let mics = &self.mics;
-        wait_for("a mic replica to hold the Lease", PROCESS_START, || {
-            let leases = leases.clone();
-            async move {
-                let holder = leases.get_opt(LEASE.1).await.ok()??.spec?.holder_identity?;
-                mics.iter()
-                    .position(|m| m.proc.name == holder && m.proc.pid().is_some())
-            }
-        })
-        .await
+        builder::leader(&self.client().await?, &self.mics).await
     }
 
     /// `/healthz` body of mic replica `r` (`Active` when leading).

@@ -13,11 +13,12 @@ use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
-use super::chart::{Launch, Workload};
+use super::builder::{NodeSpec, Source};
+use super::chart::Launch;
 use super::processes::Proc;
-use super::{ADDON, KUBELET, NODE_RG, PodRef, World, id_name, vmss_name};
+use super::{ADDON, KUBELET, PodRef, World, id_name, vmss_name};
 use crate::netns::{IMDS_ADDRESS, NetNs, Node};
-use crate::{tenant, wait_for};
+use crate::wait_for;
 
 /// The address of a listener's URL (`https://127.0.0.1:1234/` and the like).
 pub(super) fn socket_of(url: &str) -> anyhow::Result<SocketAddr> {
@@ -50,9 +51,9 @@ fn stop_relay(relay: &mut Child) {
 pub struct WorldNode {
     /// Node object name.
     pub name: String,
-    /// Scale set it belongs to.
+    /// Scale set it belongs to (or the VM it is).
     pub vmss: String,
-    /// Emulator machine label, `vmss/<name>/<id>`.
+    /// Emulator machine label, `vmss/<name>/<id>` (or `vm/<name>`).
     pub machine: String,
     /// The node and its pods' namespaces.
     pub net: Node,
@@ -62,29 +63,27 @@ pub struct WorldNode {
 }
 
 impl WorldNode {
-    /// Node `index` of the world, instance `i` of scale set `s`, with
-    /// `pods_per_node` pod namespaces: its Node object, its IMDS at
-    /// 169.254.169.254:80 and the apiserver inside the node namespace, and
-    /// nmi's pod (nmi not started yet).
+    /// Node `index` of the world as `spec` describes it: its Node object,
+    /// its pod namespaces, its IMDS at 169.254.169.254:80 and the apiserver
+    /// inside the node namespace, and nmi's process from `nmi` (not started
+    /// yet).
     pub(super) async fn add(
         launch: &Launch<'_>,
-        nmi: &Workload,
-        (s, i): (usize, usize),
+        nmi: &Source<'_>,
+        spec: &NodeSpec,
         index: usize,
-        pods_per_node: u8,
     ) -> anyhow::Result<WorldNode> {
-        let vmss = vmss_name(s);
-        let name = format!("aks-pool{s}-12345678-vmss{i:06}");
+        let name = spec.name.clone();
         let node: KubeNode = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux"}},
-            "spec": {"providerID": tenant::vmss_provider_id(NODE_RG, &vmss, i)},
+            "spec": {"providerID": spec.provider_id},
         }))?;
         Api::<KubeNode>::all(launch.client.clone())
             .create(&PostParams::default(), &node)
             .await?;
-        let machine = format!("vmss/{vmss}/{i}");
+        let machine = spec.machine.clone();
         let subnet = u8::try_from(index + 1).context("too many nodes")?;
-        let net = Node::with_pods_in(pods_per_node, subnet)?;
+        let net = Node::with_pods_in(spec.pods, subnet)?;
         net.node.add_local_address(IMDS_ADDRESS)?;
         let imds = launch
             .emu
@@ -93,11 +92,11 @@ impl WorldNode {
         let api = launch.apiserver;
         let pairs = [(api, api), (SocketAddr::from((IMDS_ADDRESS, 80)), imds)];
         let relay = relay_in(&net.node, launch.dir, &pairs).await?;
-        let pod_name = format!("aad-pod-identity-nmi-{index}");
-        let nmi = launch.process(nmi, &pod_name, &name).await?;
+        let pod_name = nmi.nmi_name(index, &name);
+        let nmi = launch.process_of(nmi, &pod_name, &name).await?;
         Ok(WorldNode {
             name,
-            vmss,
+            vmss: spec.vmss.clone(),
             machine,
             net,
             nmi,
@@ -127,7 +126,7 @@ impl MicReplica {
     /// its pod on node `node` (mic not started yet).
     pub(super) async fn add(
         launch: &Launch<'_>,
-        mic: &Workload,
+        mic: &Source<'_>,
         r: usize,
         node: &str,
     ) -> anyhow::Result<MicReplica> {
@@ -139,9 +138,7 @@ impl MicReplica {
         ]
         .map(|a| (a, a));
         let relay = relay_in(&net, launch.dir, &pairs).await?;
-        let proc = launch
-            .process(mic, &format!("aad-pod-identity-mic-{r}"), node)
-            .await?;
+        let proc = launch.process_of(mic, &mic.mic_name(r), node).await?;
         Ok(MicReplica { net, proc, relay })
     }
 

@@ -1,23 +1,24 @@
 //! Step 2: the Azure emulator (ARM compute, Entra ID, one IMDS per machine)
-//! with the demo's tenant.
+//! with the demo's tenant, and mic's configuration files (azure.json with
+//! mic's service principal, the custom-cloud file that points it at the
+//! emulator).
 
-use std::sync::Arc;
-
+use aadpodid_testkit::tenant::MicCloud;
+use aadpodid_testkit::world::WorldBuilder;
 use aadpodid_testkit::{SUB, TENANT};
-use azure_emulator::Emulator;
 
-use crate::registry::{Reg, reg};
 use crate::say::{done, info, step};
-use crate::tenant::{APP_RG, CLOCK_SPEED, NODE_RG, SEED002, SEED004, VM, VMSS, emulator_config};
+use crate::tenant::{APP_RG, CLOCK_SPEED, NODE_RG, SEED002, SEED004, VM, VMSS, demo_tenant};
 
-/// Starts the emulator and registers it.
-pub async fn start(registry: &Reg) -> anyhow::Result<Arc<Emulator>> {
+/// Starts the emulator and writes mic's files.
+pub async fn start(world: &mut WorldBuilder) -> anyhow::Result<()> {
     let t = step(
         2,
         "Azure emulator: ARM (compute), Entra ID and one IMDS per machine",
     );
-    let emu = Arc::new(Emulator::start(emulator_config()).await?);
-    reg(registry).emulator = Some(emu.clone());
+    world.tenant(demo_tenant()).await?;
+    world.host_files(&MicCloud::standard())?;
+    let emu = world.emu()?;
     info(&format!("tenant {TENANT}, subscription {SUB}"));
     info(&format!(
         "scale set {VMSS} (instances 0 and 1) and VM {VM} in {NODE_RG}"
@@ -33,5 +34,5 @@ pub async fn start(registry: &Reg) -> anyhow::Result<Arc<Emulator>> {
         45.0 / CLOCK_SPEED
     ));
     done(t);
-    Ok(emu)
+    Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aadpodid_testkit::Cluster;
 
-use crate::registry::{Reg, reg};
+use crate::registry::{Reg, keeping};
 use crate::steps::pods::DemoPod;
 
 /// Prints what to try, then waits for ever (the signal ends the demo).
@@ -15,7 +15,7 @@ pub async fn until_signal(
     pods: &[DemoPod],
     dir: &Path,
 ) -> anyhow::Result<()> {
-    reg(registry).keeping = true;
+    keeping(registry);
     println!("\n--keep: everything stays up until Ctrl-C. Try:");
     println!(
         "  {} --kubeconfig {} get azureidentities,azureidentitybindings,azureassignedidentities,pods,nodes -A",
@@ -25,7 +25,7 @@ pub async fn until_signal(
     for p in pods {
         println!(
             "  ip netns exec {} curl -s -H Metadata:true 'http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/'",
-            p.netns()?.name()
+            p.netns
         );
     }
     println!("  logs of mic and nmi: {}", dir.display());

@@ -1,14 +1,15 @@
 //! The demo's steps, one module each, in the order [`demo`] runs them. Each
-//! step prints its numbered title, what it did, and how long it took; each
-//! registers what it starts in the [`Registry`](crate::registry::Registry)
-//! before it can fail, so the teardown finds it.
+//! step prints its numbered title, what it did, and how long it took; the
+//! parts are the test kit's world, built one step at a time
+//! ([`WorldBuilder`]) inside the [`Registry`](crate::registry::Registry), so
+//! the teardown finds them.
 //!
 //! | step | module | what |
 //! | --- | --- | --- |
 //! | - | [`setup`] | the introduction, the root check, the run's folder |
 //! | 1 | [`cluster`] | the test kit's etcd + kube-apiserver |
-//! | 2 | [`emulator`] | the Azure emulator with the demo's tenant |
-//! | 3 | [`nodes`] | Node objects for the emulated machines |
+//! | 2 | [`emulator`] | the Azure emulator with the demo's tenant; mic's files |
+//! | 3 | [`nodes`] | Node objects for the emulated machines, their namespaces |
 //! | 4 | [`mic`] | two mic replicas and the leader Lease |
 //! | 5 | [`nmi`] | one nmi per node, in the node's network namespace |
 //! | 6 | [`manifests`] | the seed manifests, applied with `kubectl apply` |
@@ -29,33 +30,41 @@ pub mod release;
 pub mod setup;
 pub mod tokens;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use aadpodid_testkit::Cluster;
+use aadpodid_testkit::world::{ArgsSource, Options, WorldBuilder};
 use anyhow::{Context as _, bail};
 
 use crate::Cli;
 use crate::registry::Reg;
+use crate::role::Role;
 
 /// Bound on every wait of the demo.
 pub const WAIT: Duration = Duration::from_secs(90);
 
-/// Runs every step in order.
+/// Runs every step in order, building the world in the registry (where the
+/// teardown finds it however the steps end).
 pub async fn demo(registry: &Reg, cli: &Cli) -> anyhow::Result<()> {
-    let dir = setup::prepare(registry)?;
-    let (cluster, client) = cluster::start(registry).await?;
-    let emu = emulator::start(registry).await?;
-    let machines = nodes::create(&client).await?;
-    mic::start(registry, &dir, cluster, &client, &emu).await?;
-    let homes = nmi::start(registry, &dir, cluster, &emu, &machines).await?;
-    let seeds = manifests::apply(cluster, &emu).await?;
-    let pods = pods::run(cluster, &client, &emu, &seeds, &homes).await?;
-    tokens::show(&emu, &pods).await?;
+    let dir = setup::prepare()?;
+    let opts = Options::with_programs(Role::Mic.program()?, Role::Nmi.program()?);
+    let mut slot = registry.world.lock().await;
+    let world = slot.insert(WorldBuilder::new(opts, ArgsSource::Flags, dir)?);
+    cluster::start(world).await?;
+    emulator::start(world).await?;
+    nodes::create(world).await?;
+    mic::start(world).await?;
+    nmi::start(world).await?;
+    let cluster = world
+        .shared_cluster()
+        .context("the demo runs on the shared cluster")?;
+    let seeds = manifests::apply(cluster, world.emu()?).await?;
+    let pods = pods::run(cluster, world, &seeds).await?;
+    tokens::show(world, &pods).await?;
     if cli.keep {
-        keep::until_signal(registry, cluster, &pods, &dir).await?;
+        keep::until_signal(registry, cluster, &pods, world.dir()).await?;
     }
-    release::delete_pods(&client, &emu, &pods).await
+    release::delete_pods(world.client()?, world.emu()?, &pods).await
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, at most [`WAIT`].
@@ -86,27 +95,4 @@ pub async fn kubectl_apply(
         bail!("kubectl apply failed: {}", out.stderr);
     }
     Ok(out.stdout)
-}
-
-/// Starts `cmd` with its output in the log `name`.log under `dir`, and
-/// registers it as `name` (its kind is the first word of the name).
-pub fn spawn_logged(
-    registry: &Reg,
-    dir: &std::path::Path,
-    name: &str,
-    cmd: &mut std::process::Command,
-) -> anyhow::Result<u32> {
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = cmd
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("start {name}"))?;
-    let pid = child.id();
-    crate::registry::reg(registry)
-        .children
-        .push((name.to_string(), child));
-    Ok(pid)
 }

@@ -1,29 +1,23 @@
-//! Step 3: one Node object per emulated machine, its providerID pointing at it.
+//! Step 3: one node per emulated machine: its Node object (the providerID
+//! pointing at the machine), its network namespace with the pods' namespaces,
+//! the machine's IMDS at 169.254.169.254 inside it, and nmi ready to start.
 
-use k8s_openapi::api::core::v1::Node as KubeNode;
-use kube::Client;
-use kube::api::{Api, PostParams};
-use serde_json::json;
+use aadpodid_testkit::world::WorldBuilder;
 
 use crate::say::{done, info, step};
-use crate::tenant::{Machine, machines};
+use crate::tenant::machines;
 
-/// Creates the Node objects; returns the machines they stand for.
-pub async fn create(client: &Client) -> anyhow::Result<Vec<Machine>> {
+/// Creates the nodes.
+pub async fn create(world: &mut WorldBuilder) -> anyhow::Result<()> {
     let t = step(
         3,
         "Nodes: three Node objects whose providerIDs point at the emulated machines",
     );
     let machines = machines();
-    let nodes_api: Api<KubeNode> = Api::all(client.clone());
+    world.nodes(&machines).await?;
     for m in &machines {
-        let node: KubeNode = serde_json::from_value(json!({
-            "metadata": {"name": m.node, "labels": {"kubernetes.io/os": "linux"}},
-            "spec": {"providerID": m.provider_id},
-        }))?;
-        nodes_api.create(&PostParams::default(), &node).await?;
-        info(&format!("{:<36} {}", m.node, m.provider_id));
+        info(&format!("{:<36} {}", m.name, m.provider_id));
     }
     done(t);
-    Ok(machines)
+    Ok(())
 }

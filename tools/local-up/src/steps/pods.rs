@@ -5,11 +5,11 @@
 //! scale set and the VM as ARM `GET` returns them.
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aadpodid_api::AzureAssignedIdentity;
-use aadpodid_testkit::netns::{NetNs, Node};
+use aadpodid_testkit::netns::NetNs;
+use aadpodid_testkit::world::{WorldBuilder, WorldNode};
 use aadpodid_testkit::{Cluster, SUB, fill_template, fixture};
 use anyhow::{Context as _, bail};
 use azure_emulator::Emulator;
@@ -23,8 +23,8 @@ use crate::say::{done, info, step};
 use crate::steps::manifests::Seeds;
 use crate::steps::{WAIT, kubectl_apply};
 use crate::tenant::{
-    CLOCK_SPEED, Resource, SEED002, SEED004, SEED4_NAMESPACE, SEED4_POD_IDENTITY, VM,
-    arm_identities, short_arm_path, vmss_node,
+    CLOCK_SPEED, Resource, SEED002, SEED004, SEED4_NAMESPACE, SEED4_POD_IDENTITY, arm_identities,
+    short_arm_path,
 };
 
 /// One of the demo's pods and where it runs.
@@ -35,31 +35,26 @@ pub struct DemoPod {
     pub namespace: &'static str,
     pub name: &'static str,
     pub node: String,
-    /// The node's namespaces; the pod's is `pod_index` of its pods.
-    pub home: Arc<Node>,
+    /// Its node among the world's nodes, and its namespace among the node's pods.
+    pub node_index: usize,
     pub pod_index: usize,
+    /// Its network namespace's name and address.
+    pub netns: String,
+    pub ip: Ipv4Addr,
     pub resource: Resource,
     pub identity: &'static str,
     pub client_id: String,
 }
 
 impl DemoPod {
-    /// The pod's network namespace.
-    pub fn netns(&self) -> anyhow::Result<&NetNs> {
-        self.home
-            .pods
-            .get(self.pod_index)
+    /// The pod's network namespace in `world`.
+    pub fn netns_in<'a>(&self, world: &'a WorldBuilder) -> anyhow::Result<&'a NetNs> {
+        world
+            .nodes
+            .get(self.node_index)
+            .and_then(|n| n.net.pods.get(self.pod_index))
             .map(|(ns, _)| ns)
             .context("pod namespace")
-    }
-
-    /// The pod's IP.
-    pub fn ip(&self) -> anyhow::Result<Ipv4Addr> {
-        self.home
-            .pods
-            .get(self.pod_index)
-            .map(|(_, ip)| *ip)
-            .context("pod address")
     }
 
     /// Whether `aai` is this pod's.
@@ -68,24 +63,46 @@ impl DemoPod {
     }
 }
 
+/// Where pod namespace `pod_index` of node `node_index` is: the node's
+/// name, the namespace's name and its address.
+fn place(
+    nodes: &[WorldNode],
+    node_index: usize,
+    pod_index: usize,
+) -> anyhow::Result<(String, String, Ipv4Addr)> {
+    let node = nodes
+        .get(node_index)
+        .with_context(|| format!("node {node_index}"))?;
+    let (ns, ip) = node
+        .net
+        .pods
+        .get(pod_index)
+        .with_context(|| format!("pod namespace {pod_index} of {}", node.name))?;
+    Ok((node.name.clone(), ns.name().to_string(), *ip))
+}
+
 /// The two pods: seed 002's on the first scale-set node, seed 004's on the
 /// VM (the second pod namespace of its node).
-pub fn demo_pods(seeds: &Seeds, homes: &[Arc<Node>]) -> anyhow::Result<Vec<DemoPod>> {
+pub fn demo_pods(seeds: &Seeds, nodes: &[WorldNode]) -> anyhow::Result<Vec<DemoPod>> {
     let vars4 = [
         ("POD_IDENTITY_NAME", SEED4_POD_IDENTITY),
         ("SUBSCRIPTION_ID", SUB),
         ("IDENTITY_CLIENT_ID", seeds.app_client.as_str()),
         ("IDENTITY_RESOURCE_GROUP", SEED004.resource_group),
     ];
+    let (node0, netns0, ip0) = place(nodes, 0, 0)?;
+    let (node2, netns2, ip2) = place(nodes, 2, 1)?;
     Ok(vec![
         DemoPod {
             fixture: "seed002-pod.yaml",
             manifest: fill_template(&fixture("seed002-pod.yaml")?, &seeds.vars002()),
             namespace: "default",
             name: "nginx-secrets-store-inline",
-            node: vmss_node(0),
-            home: homes.first().context("node 0")?.clone(),
+            node: node0,
+            node_index: 0,
             pod_index: 0,
+            netns: netns0,
+            ip: ip0,
             resource: Resource::ScaleSet,
             identity: SEED002.name,
             client_id: seeds.uai_client.clone(),
@@ -95,9 +112,11 @@ pub fn demo_pods(seeds: &Seeds, homes: &[Arc<Node>]) -> anyhow::Result<Vec<DemoP
             manifest: fill_template(&fixture("seed004-pod.yaml")?, &vars4),
             namespace: SEED4_NAMESPACE,
             name: "demo",
-            node: VM.to_string(),
-            home: homes.get(2).context("node 2")?.clone(),
+            node: node2,
+            node_index: 2,
             pod_index: 1,
+            netns: netns2,
+            ip: ip2,
             resource: Resource::Vm,
             identity: SEED004.name,
             client_id: seeds.app_client.clone(),
@@ -108,16 +127,15 @@ pub fn demo_pods(seeds: &Seeds, homes: &[Arc<Node>]) -> anyhow::Result<Vec<DemoP
 /// Runs the pods and shows their identities assigned; returns the pods.
 pub async fn run(
     cluster: &'static Cluster,
-    client: &Client,
-    emu: &Emulator,
+    world: &WorldBuilder,
     seeds: &Seeds,
-    homes: &[Arc<Node>],
 ) -> anyhow::Result<Vec<DemoPod>> {
+    let (client, emu) = (world.client()?, world.emu()?);
     let t = step(
         7,
         "Two pods from the seeds, scheduled to nodes, each with its IP and network namespace",
     );
-    let pods = demo_pods(seeds, homes)?;
+    let pods = demo_pods(seeds, &world.nodes)?;
     let arm_since = emu.requests(0).last().map_or(0, |r| r.seq);
     let t_pod = Instant::now();
     for p in &pods {
@@ -165,7 +183,7 @@ async fn schedule(client: &Client, p: &DemoPod) -> anyhow::Result<()> {
     )
     .await
     .context("bind the pod to its node")?;
-    let ip = p.ip()?.to_string();
+    let ip = p.ip.to_string();
     pods.patch_status(
         p.name,
         &PatchParams::default(),
@@ -176,10 +194,7 @@ async fn schedule(client: &Client, p: &DemoPod) -> anyhow::Result<()> {
     .await?;
     info(&format!(
         "  {}/{} on {}, IP {ip} (netns {})",
-        p.namespace,
-        p.name,
-        p.node,
-        p.netns()?.name()
+        p.namespace, p.name, p.node, p.netns
     ));
     Ok(())
 }

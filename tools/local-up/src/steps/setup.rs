@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 
-use crate::registry::{Reg, reg};
-
-/// Prints the introduction, checks for root, creates and registers the folder.
-pub fn prepare(registry: &Reg) -> anyhow::Result<PathBuf> {
+/// Prints the introduction, checks for root; returns the run's folder (the
+/// world creates it).
+pub fn prepare() -> anyhow::Result<PathBuf> {
     println!("aad-pod-identity, running locally");
     println!(
         "  A test Kubernetes control plane, an emulated Azure tenant, mic (2 replicas) and nmi"
@@ -18,10 +17,7 @@ pub fn prepare(registry: &Reg) -> anyhow::Result<PathBuf> {
     if !is_root() {
         bail!("needs root: it creates network namespaces and iptables rules inside them");
     }
-    let dir = std::env::temp_dir().join(format!("aadpodid-local-up-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    reg(registry).dirs.push(dir.clone());
-    Ok(dir)
+    Ok(std::env::temp_dir().join(format!("aadpodid-local-up-{}", std::process::id())))
 }
 
 /// Effective user ID 0, from `/proc/self/status` (`Uid: real effective ...`).

@@ -3,17 +3,17 @@
 //! the node sends it to nmi, nmi asks the node's IMDS); the token is verified
 //! with the emulated Entra ID's key and its claims shown.
 
-use std::time::Duration;
-
+use aadpodid_testkit::netns::NetNs;
+use aadpodid_testkit::world::WorldBuilder;
 use aadpodid_testkit::{IdentitySelector, python_imds_token};
 use anyhow::{Context as _, bail};
-use azure_emulator::Emulator;
 
 use crate::say::{done, info, step};
 use crate::steps::pods::DemoPod;
 
 /// Gets and checks one token per pod.
-pub async fn show(emu: &Emulator, pods: &[DemoPod]) -> anyhow::Result<()> {
+pub async fn show(world: &WorldBuilder, pods: &[DemoPod]) -> anyhow::Result<()> {
+    let emu = world.emu()?;
     let t = step(
         8,
         "A real Azure SDK client in each pod gets a token through 169.254.169.254",
@@ -21,12 +21,9 @@ pub async fn show(emu: &Emulator, pods: &[DemoPod]) -> anyhow::Result<()> {
     for p in pods {
         info(&format!(
             "{}/{}: python azure-identity ManagedIdentityCredential(client_id={}) in netns {}",
-            p.namespace,
-            p.name,
-            p.client_id,
-            p.netns()?.name()
+            p.namespace, p.name, p.client_id, p.netns
         ));
-        let out = sdk_token(p).await?;
+        let out = sdk_token(p.netns_in(world)?, &p.client_id)?;
         let token = out["token"]
             .as_str()
             .with_context(|| format!("the SDK got no token: {out}"))?;
@@ -58,24 +55,16 @@ pub async fn show(emu: &Emulator, pods: &[DemoPod]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The SDK's answer in the pod's namespace (at most 120 s).
-async fn sdk_token(p: &DemoPod) -> anyhow::Result<serde_json::Value> {
-    let home = p.home.clone();
-    let index = p.pod_index;
-    let client_id = p.client_id.clone();
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || {
-            python_imds_token(
-                None,
-                "https://management.azure.com/.default",
-                IdentitySelector::ClientId(&client_id),
-                home.pods.get(index).map(|(ns, _)| ns),
-            )
-        }),
-    )
-    .await
-    .context("the SDK call did not finish within 120 s")??
+/// The SDK's answer in the pod's namespace `netns`.
+fn sdk_token(netns: &NetNs, client_id: &str) -> anyhow::Result<serde_json::Value> {
+    tokio::task::block_in_place(|| {
+        python_imds_token(
+            None,
+            "https://management.azure.com/.default",
+            IdentitySelector::ClientId(client_id),
+            Some(netns),
+        )
+    })
 }
 
 fn unix_now() -> u64 {
