@@ -2,14 +2,15 @@
 //! request made with its `ManagedIdentityCredential`.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-use anyhow::Context as _;
 
 use crate::fixtures::repo_root;
 use crate::netns;
-use crate::tools::{BuiltTool, last_line_json};
+use crate::tools::{BuiltTool, last_line_json, output_within};
+
+/// Bound on one SDK token request (the SDK's own retries included).
+const SDK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The virtualenv's Python, made by `tests/python/setup.sh` (given 30 minutes
 /// when not cached yet).
@@ -82,9 +83,6 @@ pub fn python_imds_token(
     if let Some(base) = imds_base {
         cmd.env("AZURE_POD_IDENTITY_AUTHORITY_HOST", base);
     }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .context("run imds_token.py")?;
+    let out = output_within(&mut cmd, "imds_token.py", SDK_TIMEOUT)?;
     last_line_json("imds_token.py", &out)
 }

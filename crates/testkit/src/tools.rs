@@ -40,6 +40,47 @@ pub fn run_build_script(script: &Path, timeout: Duration) -> anyhow::Result<Path
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
+/// Runs `cmd` (stdin closed, stdout and stderr captured) for at most
+/// `timeout`, then kills it: a process under test that hangs fails the test
+/// instead of holding it. Both pipes are drained while the child runs, so a
+/// talkative child cannot block on a full pipe.
+pub fn output_within(cmd: &mut Command, what: &str, timeout: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("run {what}"))?;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
 /// A tool a build script makes, found once per process: the folder (or file)
 /// the script prints, or the folder an environment variable names instead.
 ///
@@ -142,6 +183,35 @@ mod tests {
             stdout: stdout.as_bytes().to_vec(),
             stderr: stderr.as_bytes().to_vec(),
         }
+    }
+
+    #[test]
+    fn output_within_drains_both_pipes_and_kills_a_hung_child() {
+        // More than a pipe holds on each stream: the child must not block.
+        let big = output_within(
+            Command::new("sh").args([
+                "-c",
+                "head -c 200000 /dev/zero; head -c 100000 /dev/zero >&2",
+            ]),
+            "big",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(big.status.success());
+        assert_eq!((big.stdout.len(), big.stderr.len()), (200_000, 100_000));
+
+        let started = Instant::now();
+        let hung = output_within(
+            Command::new("sleep").arg("30"),
+            "sleep",
+            Duration::from_millis(300),
+        );
+        let err = hung.unwrap_err().to_string();
+        assert!(err.contains("sleep did not finish within"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the child was not killed"
+        );
     }
 
     #[test]
