@@ -3,7 +3,7 @@
 //! roles and MIC's RBAC are applied, and a namespace user (a ServiceAccount
 //! bound in its own namespace to the built-in `edit` ClusterRole and to the
 //! chart's `-view`/`-edit` roles, bound directly since no controller-manager
-//! aggregates them here) tries what issue 12 lists:
+//! aggregates them here) tries each way around the policy:
 //! - warn: an AzureIdentity naming an identity not granted to its namespace
 //!   is admitted and `kubectl apply` prints why it would be refused; the seed
 //!   manifests still apply unchanged;

@@ -321,7 +321,7 @@ async fn connections_over_the_caps_are_closed_at_once_and_descriptors_return_to_
     // Another address is still served.
     assert_eq!(quiet_token(nmi.addr, "r").await.status, 200);
 
-    // The flood of the issue: connections that declare a 64 KiB body and
+    // The slow-body flood: connections that declare a 64 KiB body and
     // send none, each for another resource, from ten addresses.
     let mut flood = Vec::new();
     for a in 0..10u8 {
