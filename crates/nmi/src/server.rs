@@ -496,8 +496,6 @@ impl<S: TokenSource> Server<S> {
         resp
     }
 
-    /// Waits (bounded) for the first sync; the answer to give when it does
-    /// not come.
     /// The token query of `req`, once the caches have synced: what both
     /// token endpoints check after their own header checks.
     async fn query_when_synced(&self, req: &Request<Incoming>) -> Result<TokenQuery, Reply> {
@@ -506,6 +504,8 @@ impl<S: TokenSource> Server<S> {
         Ok(query)
     }
 
+    /// Waits (bounded) for the first sync; the answer to give when it does
+    /// not come.
     async fn first_sync(&self) -> Result<(), Reply> {
         if self
             .first_sync
