@@ -35,6 +35,7 @@ use aadpodid_api::{
 };
 use aadpodid_runtime::Shutdown;
 use aadpodid_testkit::children::ChildEnv;
+use aadpodid_testkit::http::http_get;
 use aadpodid_testkit::tenant::{
     self, APP_CLIENT, APP_ID, APP_RG, APP2_CLIENT, APP2_ID, CloudEnvironment, KUBELET,
     KUBELET_CLIENT, MicCloud, NODE_RG, Tenant,
@@ -871,7 +872,7 @@ pub struct MicProcess {
 impl MicProcess {
     /// `/healthz`, or None while it does not answer.
     pub async fn healthz(&self) -> Option<String> {
-        http_get(self.probe, "/healthz").await
+        http_get(self.probe, "/healthz").await.ok()
     }
 
     /// The value of series `name` on `/metrics` (0 when absent or when
@@ -909,27 +910,6 @@ impl MicProcess {
         }
         Ok(())
     }
-}
-
-/// A bounded (10 s) plain-HTTP GET on loopback; the body, or None when
-/// nothing answers.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
-        Some(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .ok()
-        .flatten()
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use aadpodid_tests::mic_world::{MicWorld, WAIT, http_get, scrape};
+use aadpodid_tests::http::http_get;
+use aadpodid_tests::mic_world::{MicWorld, WAIT, scrape};
 use aadpodid_tests::tenant::{APP_CLIENT, APP_RG, APP2_CLIENT, NODE_RG, uai_id};
 use aadpodid_tests::wait_for;
 use anyhow::Context as _;
