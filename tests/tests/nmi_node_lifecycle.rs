@@ -207,12 +207,17 @@ async fn conntrack_deletion_cuts_connections_opened_before_the_redirect() -> any
     // and a pod connects to the real IMDS before NMI puts it back; the
     // repair cuts that connection. NMI checks every second, so a try whose
     // connection NMI already answered (no token) is made again.
+    // NMI logs "iptables repaired" only after the repair's cut has run, so
+    // the test waits for that line rather than for the jump alone: a request
+    // sent between the jump's return and the cut would still reach IMDS.
+    let repairs = |log: &str| log.matches("iptables repaired").count();
     let mut repaired = None;
     for _ in 0..5 {
+        let before = repairs(&f.start_log());
         f.remove_redirect_jump()?;
         let (conn, first) = KeepAlive::open(f.pod_ns(0))?;
         if first.ends_with(" token") {
-            repaired = Some(conn);
+            repaired = Some((conn, before));
             break;
         }
         wait_for("the jump back", Duration::from_secs(10), || async {
@@ -220,9 +225,10 @@ async fn conntrack_deletion_cuts_connections_opened_before_the_redirect() -> any
         })
         .await?;
     }
-    let mut during_repair = repaired.context("no connection reached IMDS before the repair")?;
+    let (mut during_repair, before) =
+        repaired.context("no connection reached IMDS before the repair")?;
     wait_for("the repair", Duration::from_secs(10), || async {
-        f.redirect_in_place().then_some(())
+        (f.redirect_in_place() && repairs(&f.start_log()) > before).then_some(())
     })
     .await?;
     let again = during_repair.again()?;
