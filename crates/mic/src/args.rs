@@ -50,6 +50,15 @@ pub struct Args {
     #[arg(long = "leader-election-name", default_value = "aad-pod-identity-mic")]
     pub leader_election_name: String,
 
+    /// Also hold upstream v1.8.17's Endpoints lock of the same namespace and
+    /// name, and act only while holding both it and the Lease, so that an
+    /// upstream mic and this one are never leaders together during a
+    /// migration. `false` once no upstream mic can run in the cluster.
+    #[arg(long = "leader-election-endpoints-lock", value_parser = parse_go_bool, num_args = 0..=1,
+          require_equals = true, default_value = "true", default_missing_value = "true",
+          action = ArgAction::Set)]
+    pub leader_election_endpoints_lock: bool,
+
     /// Lease duration; renew deadline is half of it, retry period a quarter (upstream).
     #[arg(long = "leader-election-duration", value_parser = parse_go_duration, default_value = "15s")]
     pub leader_election_duration: Duration,

@@ -23,6 +23,9 @@ pub struct LeaderConfig {
     pub name: String,
     pub identity: String,
     pub lease_duration: Duration,
+    /// Also hold upstream's Endpoints lock of the same namespace and name
+    /// (`--leader-election-endpoints-lock`).
+    pub endpoints_lock: bool,
 }
 
 impl LeaderConfig {
