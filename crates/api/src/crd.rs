@@ -22,7 +22,9 @@ pub const CHART_CRD_FILE: &str = "charts/aad-pod-identity/crds/crd.yaml";
 ///   main resource, and keeping that lets the Go and Rust releases replace each
 ///   other in either direction;
 /// - no `required` and no `default` anywhere: upstream's schemas declare
-///   neither, so a manifest accepted before is still accepted and stored as written.
+///   neither, so a manifest accepted before is still accepted and stored as written;
+/// - a `metadata` object in every `spec` and `status`, of each kind and of the
+///   objects an AzureAssignedIdentity embeds ([`keep_go_metadata`]).
 pub fn all_crds() -> Result<Vec<CustomResourceDefinition>, serde_json::Error> {
     [
         AzureIdentity::crd(),
@@ -36,7 +38,9 @@ pub fn all_crds() -> Result<Vec<CustomResourceDefinition>, serde_json::Error> {
             version.subresources = None;
             if let Some(validation) = version.schema.as_mut() {
                 let schema = serde_json::to_value(validation.open_api_v3_schema.take())?;
-                validation.open_api_v3_schema = serde_json::from_value(strip_validation(schema))?;
+                let mut schema = strip_validation(schema);
+                keep_go_metadata(&mut schema, true);
+                validation.open_api_v3_schema = serde_json::from_value(schema)?;
             }
         }
         Ok(crd)
@@ -70,6 +74,46 @@ fn strip_validation(mut schema: Value) -> Value {
         }
     }
     schema
+}
+
+/// Upstream's Go types embed an `ObjectMeta` in every spec and status, so
+/// its MIC writes `spec.metadata` and `status.metadata` (`{"creationTimestamp":
+/// null}`) in each AzureAssignedIdentity and in the AzureIdentity and binding
+/// it embeds, and its type upgrade writes them into identities and bindings.
+/// Upstream's schemas declare them; without them the API server would prune
+/// what Go MIC wrote. This declares `metadata` in the `spec` and `status` of
+/// `schema` (a kind's root when `root`) and of every embedded resource below
+/// it, kept as written (`x-kubernetes-preserve-unknown-fields`). Nothing
+/// reads it; no other field is loosened.
+fn keep_go_metadata(schema: &mut Value, root: bool) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    let embedded = map
+        .get("x-kubernetes-embedded-resource")
+        .is_some_and(|v| v == &Value::Bool(true));
+    if let Some(Value::Object(props)) = map.get_mut("properties") {
+        if root || embedded {
+            for part in ["spec", "status"] {
+                if let Some(Value::Object(part)) = props.get_mut(part)
+                    && let Some(Value::Object(fields)) = part.get_mut("properties")
+                {
+                    fields.insert("metadata".into(), go_metadata_schema());
+                }
+            }
+        }
+        for child in props.values_mut() {
+            keep_go_metadata(child, false);
+        }
+    }
+}
+
+fn go_metadata_schema() -> Value {
+    serde_json::json!({
+        "description": "Written by upstream's Go MIC (its types carry an empty ObjectMeta here); kept as written, never read.",
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
 }
 
 /// Renders one CRD as a YAML document with a header saying where it comes from.
@@ -149,6 +193,57 @@ mod tests {
         );
         assert!(spec["nodename"].is_object());
         assert!(aai["properties"]["status"]["properties"]["status"].is_object());
+    }
+
+    /// Every `spec` and `status` Go MIC writes a `metadata` into declares one
+    /// that keeps what it holds; no other schema has it.
+    #[test]
+    fn go_metadata_is_declared_where_go_writes_it() {
+        let go_meta =
+            |v: &Value| v["type"] == "object" && v["x-kubernetes-preserve-unknown-fields"] == true;
+        for kind in [
+            "AzureIdentity",
+            "AzureIdentityBinding",
+            "AzureAssignedIdentity",
+            "AzurePodIdentityException",
+        ] {
+            let s = schema_of(kind);
+            for part in ["spec", "status"] {
+                assert!(
+                    go_meta(&s["properties"][part]["properties"]["metadata"]),
+                    "{kind} {part}"
+                );
+            }
+        }
+        let aai = schema_of("AzureAssignedIdentity");
+        let spec = &aai["properties"]["spec"]["properties"];
+        for embedded in ["azureIdentityRef", "azureBindingRef"] {
+            for part in ["spec", "status"] {
+                assert!(
+                    go_meta(&spec[embedded]["properties"][part]["properties"]["metadata"]),
+                    "{embedded} {part}"
+                );
+            }
+            // The embedded object itself stays checked and pruned as before.
+            assert_eq!(spec[embedded]["x-kubernetes-embedded-resource"], true);
+            assert!(
+                spec[embedded]
+                    .get("x-kubernetes-preserve-unknown-fields")
+                    .is_none()
+            );
+        }
+        // Only those: the clientPassword object, say, gets none.
+        let text = serde_json::to_string(&aai).unwrap();
+        assert_eq!(
+            text.matches("x-kubernetes-preserve-unknown-fields").count(),
+            6
+        );
+        assert!(
+            spec["azureIdentityRef"]["properties"]["spec"]["properties"]["clientPassword"]
+                ["properties"]
+                .get("metadata")
+                .is_none()
+        );
     }
 
     #[test]

@@ -77,6 +77,25 @@ crd_kind! {
     }
 }
 
+impl AzureIdentitySpec {
+    /// This spec with upstream's zero forms made absent, so that two specs
+    /// Go's types cannot tell apart compare equal: Go's MIC embeds an unset
+    /// `clientPassword` as `{}` (a `SecretReference` is a struct, written
+    /// even when empty) and Go reads an empty secret name or namespace, and
+    /// an empty `auxiliaryTenantIDs`, as unset. Every other field is kept as
+    /// it is (`replicas: 0` is not `null` for Go either).
+    pub fn canonical(&self) -> AzureIdentitySpec {
+        let mut spec = self.clone();
+        spec.client_password = spec.client_password.and_then(|p| {
+            let name = p.name.filter(|n| !n.is_empty());
+            let namespace = p.namespace.filter(|n| !n.is_empty());
+            (name.is_some() || namespace.is_some()).then_some(SecretReference { name, namespace })
+        });
+        spec.auxiliary_tenant_ids = spec.auxiliary_tenant_ids.filter(|t| !t.is_empty());
+        spec
+    }
+}
+
 /// Status of an AzureIdentity; kept for compatibility and not written.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AzureIdentityStatus {
@@ -184,6 +203,152 @@ mod tests {
     fn type_as_string_is_refused() {
         let r = serde_json::from_value::<AzureIdentitySpec>(serde_json::json!({"type": "0"}));
         assert!(r.is_err());
+    }
+
+    /// (case, a, b, equal once canonical)
+    #[test]
+    fn canonical_treats_go_zero_forms_as_absent_and_nothing_else() {
+        let spec = |v: serde_json::Value| serde_json::from_value::<AzureIdentitySpec>(v).unwrap();
+        let base = || {
+            serde_json::json!({
+                "resourceID": "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/a",
+                "clientID": "c",
+            })
+        };
+        let with = |k: &str, v: serde_json::Value| {
+            let mut b = base();
+            b[k] = v;
+            spec(b)
+        };
+        let cases: Vec<(&str, AzureIdentitySpec, AzureIdentitySpec, bool)> = vec![
+            // Go's forms of "unset".
+            (
+                "clientPassword {}",
+                with("clientPassword", serde_json::json!({})),
+                spec(base()),
+                true,
+            ),
+            (
+                "clientPassword null",
+                with("clientPassword", serde_json::Value::Null),
+                spec(base()),
+                true,
+            ),
+            (
+                "clientPassword with empty strings",
+                with(
+                    "clientPassword",
+                    serde_json::json!({"name": "", "namespace": ""}),
+                ),
+                spec(base()),
+                true,
+            ),
+            (
+                "empty auxiliaryTenantIDs",
+                with("auxiliaryTenantIDs", serde_json::json!([])),
+                spec(base()),
+                true,
+            ),
+            (
+                "type 0 written or not",
+                with("type", serde_json::json!(0)),
+                spec(base()),
+                true,
+            ),
+            (
+                "empty strings written or not",
+                with("tenantID", serde_json::json!("")),
+                spec(base()),
+                true,
+            ),
+            // Real differences.
+            (
+                "a secret named",
+                with("clientPassword", serde_json::json!({"name": "sp"})),
+                spec(base()),
+                false,
+            ),
+            (
+                "a secret namespace only",
+                with("clientPassword", serde_json::json!({"namespace": "ns"})),
+                with("clientPassword", serde_json::json!({})),
+                false,
+            ),
+            (
+                "another secret",
+                with(
+                    "clientPassword",
+                    serde_json::json!({"name": "sp", "namespace": "a"}),
+                ),
+                with(
+                    "clientPassword",
+                    serde_json::json!({"name": "sp", "namespace": "b"}),
+                ),
+                false,
+            ),
+            (
+                "another resource ID",
+                with(
+                    "resourceID",
+                    serde_json::json!(
+                        "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/b"
+                    ),
+                ),
+                spec(base()),
+                false,
+            ),
+            (
+                "another client ID",
+                with("clientID", serde_json::json!("d")),
+                spec(base()),
+                false,
+            ),
+            (
+                "another type",
+                with("type", serde_json::json!(1)),
+                spec(base()),
+                false,
+            ),
+            (
+                "a tenant",
+                with("tenantID", serde_json::json!("t")),
+                spec(base()),
+                false,
+            ),
+            (
+                "auxiliary tenants",
+                with("auxiliaryTenantIDs", serde_json::json!(["t2"])),
+                spec(base()),
+                false,
+            ),
+            (
+                "an authority",
+                with("adEndpoint", serde_json::json!("https://x/")),
+                spec(base()),
+                false,
+            ),
+            (
+                "adResourceID",
+                with("adResourceID", serde_json::json!("r")),
+                spec(base()),
+                false,
+            ),
+            (
+                "replicas 0 is not unset",
+                with("replicas", serde_json::json!(0)),
+                spec(base()),
+                false,
+            ),
+        ];
+        for (case, a, b, equal) in cases {
+            assert_eq!(a.canonical() == b.canonical(), equal, "{case}");
+            assert_eq!(b.canonical() == a.canonical(), equal, "{case} (swapped)");
+            assert_eq!(
+                a.canonical().canonical(),
+                a.canonical(),
+                "{case}: idempotent"
+            );
+        }
     }
 
     #[test]
