@@ -189,8 +189,9 @@ pub struct Args {
     pub identity_removal_linger: Duration,
 
     // klog flags the chart and manifests pass; logs always go to stderr here.
+    // klog's default for `--logtostderr` is true.
     #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", action = ArgAction::Set)]
+          default_value = "true", default_missing_value = "true", action = ArgAction::Set)]
     pub logtostderr: bool,
 
     #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
@@ -200,6 +201,17 @@ pub struct Args {
     /// klog verbosity: 0 is info, higher values turn on debug logs.
     #[arg(short = 'v', long = "v", default_value_t = 0)]
     pub verbosity: i32,
+
+    /// klog's other flags, accepted as upstream's `klog.InitFlags` took them
+    /// and named in one warning at start: they change nothing here.
+    #[command(flatten)]
+    pub klog: KlogFlags,
+
+    /// Beyond upstream: the Compute api-version of every VMSS/VM request.
+    /// Empty: chosen by the cloud in azure.json (`AzureStackCloud`: the
+    /// Azure Stack Hub profile's; any other: the public cloud's).
+    #[arg(long = "compute-api-version", value_parser = parse_api_version, default_value = "")]
+    pub compute_api_version: String,
 }
 
 impl Args {
@@ -213,6 +225,61 @@ impl Args {
     pub fn immutable_client_ids(&self) -> Vec<String> {
         aadpodid_runtime::azure_json::client_id_list(&self.immutable_user_msis)
     }
+
+    /// Parses the process's arguments in Go's `flag` syntax, as upstream MIC
+    /// took them: `-name` and `--name` alike, values after `=` or as the next
+    /// word (booleans only after `=`). Exits with clap's message on an error.
+    pub fn parse_go_style() -> Self {
+        Self::parse_go_style_from(std::env::args_os())
+    }
+
+    /// [`Args::parse_go_style`] of `args` (program name first).
+    pub fn parse_go_style_from<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> Self {
+        use clap::CommandFactory;
+        let args = go_flag_args_for(&Self::command(), args.into_iter().collect());
+        Self::parse_from(args)
+    }
+
+    /// [`Args::parse_go_style_from`] that returns clap's error.
+    pub fn try_parse_go_style_from<I: IntoIterator<Item = std::ffi::OsString>>(
+        args: I,
+    ) -> Result<Self, clap::Error> {
+        use clap::CommandFactory;
+        let args = go_flag_args_for(&Self::command(), args.into_iter().collect());
+        Self::try_parse_from(args)
+    }
+
+    /// The warning naming the klog flags given that change nothing (MIC
+    /// honours `-v`); `None` when there are none.
+    pub fn klog_warning(&self) -> Option<String> {
+        klog_warning(&klog_without_effect(
+            &self.klog,
+            KlogCommon {
+                logtostderr: self.logtostderr,
+                verbosity: self.verbosity,
+                verbosity_honoured: true,
+            },
+        ))
+    }
+}
+
+/// A Compute api-version (`YYYY-MM-DD`, optionally `-preview`), or empty
+/// for the cloud's own.
+pub fn parse_api_version(s: &str) -> Result<String, String> {
+    let date = s.strip_suffix("-preview").unwrap_or(s);
+    let b = date.as_bytes();
+    let shaped = b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            _ => c.is_ascii_digit(),
+        });
+    if s.is_empty() || shaped {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid api-version {s:?}: use YYYY-MM-DD or YYYY-MM-DD-preview"
+        ))
+    }
 }
 
 /// `off`, `warn` or `enforce`.
@@ -223,6 +290,9 @@ pub fn parse_policy_mode(s: &str) -> Result<PolicyMode, String> {
 
 /// Go's `strconv.ParseBool` (shared with nmi).
 pub use aadpodid_runtime::flags::parse_go_bool;
+use aadpodid_runtime::flags::{
+    KlogCommon, KlogFlags, go_flag_args_for, klog_warning, klog_without_effect,
+};
 
 /// Go's `time.ParseDuration`: a sequence of decimal numbers with units
 /// `ns`, `us`/`µs`, `ms`, `s`, `m`, `h` (`"0"` alone is allowed). Negative
@@ -396,6 +466,105 @@ mod tests {
         assert_eq!(a.custom_user_agent, "my-agent");
         assert!(a.enable_scale_features);
         assert!(a.force_namespaced);
+    }
+
+    /// Every flag klog v2.30's `InitFlags` registers, in Go's single- and
+    /// double-dash spellings, with `=` and with the value as the next word.
+    #[test]
+    fn klog_flags_in_go_syntax_start_mic_and_are_named_once() {
+        let go = |args: &[&str]| {
+            Args::try_parse_go_style_from(
+                std::iter::once("mic")
+                    .chain(args.iter().copied())
+                    .map(std::ffi::OsString::from),
+            )
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        };
+        let a = go(&[
+            "-cloudconfig",
+            "/etc/kubernetes/azure.json",
+            "-logtostderr",
+            "-alsologtostderr=true",
+            "-v",
+            "4",
+            "-log_dir=/var/log/mic",
+            "--log_file",
+            "/var/log/mic.log",
+            "-log_file_max_size",
+            "0x10",
+            "-add_dir_header",
+            "--skip_headers=false",
+            "-skip_log_headers=1",
+            "-one_output",
+            "-stderrthreshold",
+            "info",
+            "-vmodule=mic*=4",
+            "--log_backtrace_at",
+            "mic.go:10",
+            "-forceNamespaced",
+            "-syncRetryDuration=1m",
+        ]);
+        assert_eq!(a.cloudconfig, "/etc/kubernetes/azure.json");
+        assert_eq!(a.verbosity, 4);
+        assert!(a.logtostderr && a.alsologtostderr && a.force_namespaced);
+        assert_eq!(a.sync_retry_duration, Duration::from_secs(60));
+        assert_eq!(a.klog.log_file_max_size, Some(16));
+        assert_eq!(a.klog.skip_headers, Some(false));
+        assert_eq!(
+            a.klog_warning().as_deref(),
+            Some(
+                "klog flags accepted for compatibility have no effect (logs go to stderr in --log-format): --log_dir, --log_file, --log_file_max_size, --add_dir_header, --skip_headers, --one_output, --skip_log_headers, --stderrthreshold, --vmodule, --log_backtrace_at"
+            )
+        );
+        // Upstream's own manifests: nothing to warn about.
+        assert_eq!(
+            go(&["--cloudconfig=/x", "--logtostderr", "--v=2"]).klog_warning(),
+            None
+        );
+        assert_eq!(parse(&["-v=2"]).klog_warning(), None);
+        assert_eq!(
+            parse(&["--logtostderr=false"]).klog_warning().as_deref(),
+            Some(
+                "klog flags accepted for compatibility have no effect (logs go to stderr in --log-format): --logtostderr"
+            )
+        );
+        // Go's `flag` refuses these too.
+        for bad in [
+            &["-nosuchflag"][..],
+            &["-stderrthreshold=DEBUG"],
+            &["-logtostderr", "false"],
+        ] {
+            assert!(
+                Args::try_parse_go_style_from(
+                    std::iter::once("mic")
+                        .chain(bad.iter().copied())
+                        .map(std::ffi::OsString::from)
+                )
+                .is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn compute_api_versions() {
+        assert_eq!(parse(&[]).compute_api_version, "");
+        assert_eq!(
+            parse(&["--compute-api-version=2020-06-01"]).compute_api_version,
+            "2020-06-01"
+        );
+        for (s, ok) in [
+            ("", true),
+            ("2019-12-01", true),
+            ("2025-04-01-preview", true),
+            ("2019-12-1", false),
+            ("latest", false),
+            ("2019/12/01", false),
+            ("2019-12-01-beta", false),
+            ("2019-12-01&x=1", false),
+        ] {
+            assert_eq!(parse_api_version(s).is_ok(), ok, "{s}");
+        }
     }
 
     #[test]

@@ -25,11 +25,13 @@ mod writes;
 /// logging and runs until SIGTERM/SIGINT. `src/main.rs` is this and nothing
 /// else, so a wrapper binary (the test crate's `e2e-mic`) runs the same code.
 pub async fn cli_main() -> anyhow::Result<()> {
-    use clap::Parser;
-    let args = args::Args::parse();
+    let args = args::Args::parse_go_style();
     let format: aadpodid_runtime::logging::LogFormat =
         args.log_format.parse().map_err(anyhow::Error::msg)?;
     aadpodid_runtime::logging::init(format, if args.verbosity > 0 { "debug" } else { "info" });
+    if let Some(warning) = args.klog_warning() {
+        tracing::warn!("{warning}");
+    }
     let env = |k: &str| std::env::var(k).ok();
     // Upstream checks MIC_POD_NAMESPACE before --version.
     if env(args::ENV_MIC_POD_NAMESPACE).is_none_or(|v| v.is_empty()) {
@@ -86,6 +88,8 @@ pub struct Settings {
     pub arm: ArmOptions,
     /// `--identity-removal-linger`.
     pub removal_linger: Duration,
+    /// `--clientQps` as upstream's client-go took it; `None`: no limit.
+    pub kube_rate_limit: Option<aadpodid_runtime::client::RateLimit>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +128,7 @@ impl Settings {
             enable_profile: _,
             enable_scale_features: _,
             create_delete_batch,
-            client_qps: _,
+            client_qps,
             immutable_user_msis: _,
             config_map_name: _,
             type_upgrade_status_key: _,
@@ -146,6 +150,8 @@ impl Settings {
             logtostderr: _,
             alsologtostderr: _,
             verbosity: _,
+            klog: _,
+            compute_api_version,
         } = a;
         let pod_namespace = env(args::ENV_MIC_POD_NAMESPACE)
             .filter(|v| !v.is_empty())
@@ -222,8 +228,19 @@ impl Settings {
                 ledger_name: owned_identities_configmap.clone(),
             },
             removal_linger: *identity_removal_linger,
+            kube_rate_limit: aadpodid_runtime::client::RateLimit::from_client_qps(f64::from(
+                *client_qps,
+            )),
             arm: ArmOptions {
                 user_agent,
+                compute_api_version: Some(compute_api_version.clone())
+                    .filter(|v| !v.is_empty()),
+                // Upstream re-read azure.json when it changed; the
+                // environment variables are read once.
+                reload: (!cloudconfig.is_empty()).then(|| cloud::arm::CloudConfigFile {
+                    path: PathBuf::from(cloudconfig),
+                    environment_file: env(cloud_config::ENV_AZURE_ENVIRONMENT_FILEPATH),
+                }),
                 ..ArmOptions::default()
             },
         })
@@ -273,9 +290,10 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     shutdown: Shutdown,
     ready: Option<tokio::sync::oneshot::Sender<Handles>>,
 ) -> Result<(), RunError> {
-    let client = aadpodid_runtime::client::kube_client(
+    let client = aadpodid_runtime::client::kube_client_with_limit(
         settings.kubeconfig.as_deref(),
         &settings.arm.user_agent,
+        settings.kube_rate_limit,
     )
     .await?;
     let metrics = metrics::Metrics::new()?;

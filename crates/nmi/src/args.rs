@@ -210,6 +210,15 @@ pub struct Args {
     #[arg(long = "logtostderr", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set, hide = true)]
     pub logtostderr: bool,
 
+    /// klog flag; accepted for compatibility (logs always go to stderr).
+    #[arg(long = "alsologtostderr", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set, hide = true)]
+    pub alsologtostderr: bool,
+
+    /// klog's other flags, accepted as upstream's `klog.InitFlags` (added
+    /// to pflag) took them and named in one warning at start.
+    #[command(flatten)]
+    pub klog: aadpodid_runtime::flags::KlogFlags,
+
     // ---- beyond upstream ----
     /// Kubeconfig file (default: in-cluster, else $KUBECONFIG).
     #[arg(long)]
@@ -337,6 +346,21 @@ impl Args {
     /// Parses flags (without the program name), for embedding and tests.
     pub fn try_from_args<I: IntoIterator<Item = String>>(args: I) -> Result<Self, clap::Error> {
         Self::try_parse_from(std::iter::once("nmi".to_string()).chain(args))
+    }
+
+    /// The warning naming the klog flags given that change nothing here
+    /// (NMI's level comes from `RUST_LOG`, so a non-zero `-v` is named);
+    /// `None` when there are none.
+    pub fn klog_warning(&self) -> Option<String> {
+        use aadpodid_runtime::flags::{KlogCommon, klog_warning, klog_without_effect};
+        klog_warning(&klog_without_effect(
+            &self.klog,
+            KlogCommon {
+                logtostderr: self.logtostderr,
+                verbosity: self.verbosity,
+                verbosity_honoured: false,
+            },
+        ))
     }
 
     /// Namespaced mode: the flag OR-ed with `FORCENAMESPACED=true`, as upstream.
@@ -490,6 +514,47 @@ mod tests {
         assert!(!parse(&["--serve-cluster-identities=false"]).serve_cluster_identities);
         assert!(parse(&["--serve-cluster-identities=true"]).serve_cluster_identities);
         assert!(Args::try_parse_from(["nmi", "--serve-cluster-identities", "true"]).is_err());
+    }
+
+    /// Every flag klog v2.30's `InitFlags` registers, as pflag took them
+    /// (`AddGoFlagSet`): two dashes, a value after `=` or as the next word
+    /// (booleans only after `=`), `-v` also as a short flag.
+    #[test]
+    fn klog_flags_in_pflag_syntax_are_accepted_and_named() {
+        let a = parse(&[
+            "--logtostderr=false",
+            "--alsologtostderr",
+            "-v",
+            "5",
+            "--log_dir=/var/log/nmi",
+            "--log_file",
+            "/var/log/nmi.log",
+            "--log_file_max_size=100",
+            "--add_dir_header=true",
+            "--skip_headers",
+            "--one_output=false",
+            "--skip_log_headers",
+            "--stderrthreshold=ERROR",
+            "--vmodule",
+            "server=4",
+            "--log_backtrace_at=server.go:99",
+        ]);
+        assert_eq!(a.verbosity, 5);
+        assert!(a.alsologtostderr && !a.logtostderr);
+        assert_eq!(a.klog.vmodule.as_deref(), Some("server=4"));
+        assert_eq!(
+            a.klog_warning().as_deref(),
+            Some(
+                "klog flags accepted for compatibility have no effect (logs go to stderr in --log-format): --log_dir, --log_file, --log_file_max_size, --logtostderr, -v, --add_dir_header, --skip_headers, --one_output, --skip_log_headers, --stderrthreshold, --vmodule, --log_backtrace_at"
+            )
+        );
+        for v in [&["-v=3"][..], &["-v3"], &["--v", "3"], &["--v=3"]] {
+            assert_eq!(parse(v).verbosity, 3, "{v:?}");
+        }
+        // The chart's own arguments: nothing to warn about.
+        assert_eq!(parse(&["--logtostderr", "--v=0"]).klog_warning(), None);
+        assert!(Args::try_from_args(["--vmodule=server".to_string()]).is_err());
+        assert!(Args::try_from_args(["--log_file_max_size=-1".to_string()]).is_err());
     }
 
     #[test]

@@ -5,10 +5,21 @@
 //! a JSON object whose keys match ignoring case, as Go's `encoding/json`
 //! does. A key that is absent or null reads as empty; a value of the wrong
 //! type is an error naming the key.
+//!
+//! [`WatchedFile`] notices when azure.json is rewritten (upstream MIC
+//! re-read it when it changed), reads at most [`MAX_FILE_BYTES`], and
+//! reads each version once, so a bad version is reported once and the
+//! caller keeps the configuration it had.
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde_json::Value;
+
+/// Largest azure.json read (real ones are a few kilobytes).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// azure.json's key for the kubelet identity's client ID.
 pub const KUBELET_CLIENT_ID_KEY: &str = "userAssignedIdentityID";
@@ -93,6 +104,164 @@ impl AzureJson {
     }
 }
 
+/// What tells one version of a file from another: its length, its
+/// modification and change times and its inode (a file replaced by a rename
+/// has a new one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    changed_ns: i128,
+    inode: (u64, u64),
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` now.
+    pub fn of(path: &Path) -> std::io::Result<FileStamp> {
+        let m = std::fs::metadata(path)?;
+        #[cfg(unix)]
+        let (changed_ns, inode) = {
+            use std::os::unix::fs::MetadataExt as _;
+            (
+                i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+                (m.dev(), m.ino()),
+            )
+        };
+        #[cfg(not(unix))]
+        let (changed_ns, inode) = (0, (0, 0));
+        Ok(FileStamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            changed_ns,
+            inode,
+        })
+    }
+}
+
+/// What is known of the file's current version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// It could be looked at: this stamp.
+    Stamp(FileStamp),
+    /// It could not (for example while it is being replaced): this error.
+    Missing(String),
+}
+
+/// Whether the file must be read again: only when what is seen now differs
+/// from what was seen at the last look (a new version, or the file back).
+/// A version already read, well or badly, is not read again.
+pub fn must_reread(last: &Seen, now: &Seen) -> bool {
+    matches!(now, Seen::Stamp(_)) && last != now
+}
+
+/// Why a file could not be read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadFileError {
+    /// Opening or reading failed.
+    #[error("reading {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The file is larger than [`MAX_FILE_BYTES`].
+    #[error("{path} is larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+}
+
+/// The file's contents as UTF-8, at most [`MAX_FILE_BYTES`].
+pub fn read_bounded(path: &Path) -> Result<String, ReadFileError> {
+    let io = |e: std::io::Error| ReadFileError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(ReadFileError::TooLarge {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(text)
+}
+
+/// What [`WatchedFile::poll`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Poll {
+    /// The same version as at the last look, or still missing.
+    Unchanged,
+    /// The file disappeared (reported once until it is back).
+    Vanished(String),
+    /// A new version: its contents.
+    Changed(String),
+    /// A new version that could not be read.
+    Unreadable(ReadFileError),
+}
+
+/// A file read again whenever it changes.
+#[derive(Debug)]
+pub struct WatchedFile {
+    path: PathBuf,
+    last: Seen,
+}
+
+impl WatchedFile {
+    /// Starts watching `path` and reads it once; the version read is the
+    /// one later polls compare with.
+    pub fn open(path: impl Into<PathBuf>) -> Result<(WatchedFile, String), ReadFileError> {
+        let path = path.into();
+        let last = seen(&path);
+        let text = read_bounded(&path)?;
+        Ok((WatchedFile { path, last }, text))
+    }
+
+    /// The watched path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Looks at the file: a stat, and a read only when it changed.
+    pub fn poll(&mut self) -> Poll {
+        let now = seen(&self.path);
+        if !must_reread(&self.last, &now) {
+            let vanished = match (&self.last, &now) {
+                (Seen::Stamp(_), Seen::Missing(e)) => Some(e.clone()),
+                _ => None,
+            };
+            self.last = now;
+            return vanished.map_or(Poll::Unchanged, Poll::Vanished);
+        }
+        let result = read_bounded(&self.path);
+        // The stamp after the read, so that a write racing the read makes
+        // the next poll read again.
+        self.last = now;
+        match result {
+            Ok(text) => {
+                if seen(&self.path) != self.last {
+                    self.last = Seen::Missing("changed while being read".into());
+                }
+                Poll::Changed(text)
+            }
+            Err(e) => Poll::Unreadable(e),
+        }
+    }
+}
+
+fn seen(path: &Path) -> Seen {
+    match FileStamp::of(path) {
+        Ok(s) => Seen::Stamp(s),
+        Err(e) => Seen::Missing(e.to_string()),
+    }
+}
+
 /// `--immutable-user-msis`: comma-separated client IDs, each trimmed and
 /// lower-cased, blank entries dropped (as upstream loads the flag). Any
 /// other text is kept: a client ID is compared, never parsed.
@@ -161,6 +330,64 @@ mod tests {
                 _ => panic!("{text}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_version_is_read_once() {
+        let stamp = |len, ino| {
+            Seen::Stamp(FileStamp {
+                len,
+                modified: None,
+                changed_ns: 0,
+                inode: (1, ino),
+            })
+        };
+        let missing = || Seen::Missing("No such file or directory".into());
+        let cases = [
+            (stamp(10, 1), stamp(10, 1), false),
+            (stamp(10, 1), stamp(11, 1), true),
+            // Replaced by a rename: same length, new inode.
+            (stamp(10, 1), stamp(10, 2), true),
+            (stamp(10, 1), missing(), false),
+            (missing(), missing(), false),
+            (missing(), stamp(10, 1), true),
+        ];
+        for (last, now, want) in cases {
+            assert_eq!(must_reread(&last, &now), want, "{last:?} -> {now:?}");
+        }
+    }
+
+    /// Real rewrites of a real file: each version read once, a vanished
+    /// file reported once, an oversized one refused.
+    #[test]
+    fn watched_file_reads_each_new_version() {
+        let dir = std::env::temp_dir().join(format!("aadpodid-watched-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("azure.json");
+        std::fs::write(&path, "{\"a\":1}").unwrap();
+        let (mut w, first) = WatchedFile::open(&path).unwrap();
+        assert_eq!(first, "{\"a\":1}");
+        assert_eq!(w.poll(), Poll::Unchanged);
+        std::fs::write(&path, "{\"a\":22}").unwrap();
+        assert_eq!(w.poll(), Poll::Changed("{\"a\":22}".into()));
+        assert_eq!(w.poll(), Poll::Unchanged);
+        // Replaced by a rename, as kubelet and editors do.
+        let tmp = dir.join("azure.json.tmp");
+        std::fs::write(&tmp, "{\"a\":33}").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_eq!(w.poll(), Poll::Changed("{\"a\":33}".into()));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(w.poll(), Poll::Vanished(_)));
+        assert_eq!(w.poll(), Poll::Unchanged);
+        std::fs::write(&path, vec![b' '; (MAX_FILE_BYTES + 1) as usize]).unwrap();
+        assert!(matches!(
+            w.poll(),
+            Poll::Unreadable(ReadFileError::TooLarge { .. })
+        ));
+        assert_eq!(w.poll(), Poll::Unchanged, "a bad version is read once");
+        std::fs::write(&path, "{}").unwrap();
+        assert_eq!(w.poll(), Poll::Changed("{}".into()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

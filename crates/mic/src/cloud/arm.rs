@@ -27,9 +27,28 @@ use super::{
     ResourceRef, normalize_id,
 };
 
-/// Compute api-version MIC sends (widely deployed, has ETags, same
-/// identity schema as upstream's 2019-12-01).
+/// Compute api-version MIC sends to Azure's public and sovereign clouds
+/// (widely deployed, has ETags, same identity schema as upstream's 2019-12-01).
 pub const COMPUTE_API_VERSION: &str = "2024-11-01";
+/// Compute api-version MIC sends to Azure Stack Hub (`AzureStackCloud`):
+/// the one the Azure SDK's newest Azure Stack profile (2020-09-01-hybrid)
+/// uses for virtualMachines and virtualMachineScaleSets. Azure Stack Hub
+/// serves no public-cloud api-version newer than its profiles.
+pub const AZURE_STACK_COMPUTE_API_VERSION: &str = "2020-06-01";
+
+/// The Compute api-version for `cloud` (azure.json's `cloud`, compared as
+/// go-autorest does, ignoring case): `flag` (`--compute-api-version`) when
+/// set, else [`AZURE_STACK_COMPUTE_API_VERSION`] for `AzureStackCloud` and
+/// [`COMPUTE_API_VERSION`] for every other cloud.
+pub fn compute_api_version(cloud: &str, flag: Option<&str>) -> String {
+    match flag.filter(|f| !f.is_empty()) {
+        Some(f) => f.to_string(),
+        None if cloud.eq_ignore_ascii_case("AzureStackCloud") => {
+            AZURE_STACK_COMPUTE_API_VERSION.to_string()
+        }
+        None => COMPUTE_API_VERSION.to_string(),
+    }
+}
 
 /// Upstream polls LROs every 5 s when ARM gives no Retry-After.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -45,6 +64,12 @@ pub struct ArmOptions {
     pub user_agent: String,
     pub poll_interval: Duration,
     pub poll_timeout: Duration,
+    /// `--compute-api-version`; `None` or empty: the cloud's own
+    /// ([`compute_api_version`]).
+    pub compute_api_version: Option<String>,
+    /// The azure.json the cloud config came from, looked at again before
+    /// each ARM read or write; `None`: the config never changes.
+    pub reload: Option<CloudConfigFile>,
 }
 
 impl Default for ArmOptions {
@@ -53,17 +78,44 @@ impl Default for ArmOptions {
             user_agent: String::new(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             poll_timeout: DEFAULT_POLL_TIMEOUT,
+            compute_api_version: None,
+            reload: None,
         }
     }
+}
+
+/// Where the cloud config is re-read from when azure.json changes.
+#[derive(Clone, Debug)]
+pub struct CloudConfigFile {
+    /// `--cloudconfig`.
+    pub path: std::path::PathBuf,
+    /// `AZURE_ENVIRONMENT_FILEPATH` as it was at start.
+    pub environment_file: Option<String>,
+}
+
+/// Everything a request is built from; replaced as a whole when azure.json
+/// changes (upstream MIC made new ARM clients when it re-read the file).
+#[derive(Debug)]
+struct Connection {
+    pipeline: Pipeline,
+    base: Url,
+    subscription_id: String,
+    resource_group: String,
+    api_version: String,
+}
+
+/// The azure.json being watched.
+#[derive(Debug)]
+struct Reloader {
+    file: aadpodid_runtime::azure_json::WatchedFile,
+    environment_file: Option<String>,
 }
 
 /// ARM compute client for one subscription and resource group.
 #[derive(Debug)]
 pub struct ArmCloud {
-    pipeline: Pipeline,
-    base: Url,
-    subscription_id: String,
-    resource_group: String,
+    connection: std::sync::RwLock<Arc<Connection>>,
+    reloader: Option<std::sync::Mutex<Reloader>>,
     options: ArmOptions,
     /// Last `x-ms-ratelimit-remaining-resource` per resource, from GET and
     /// write answers.
@@ -266,16 +318,125 @@ impl Policy for FullUserAgent {
 }
 
 impl ArmCloud {
+    /// A client for `config`. With [`ArmOptions::reload`], azure.json is
+    /// watched from now on: a new version that parses replaces the
+    /// credential, endpoints, subscription and resource group before the
+    /// next ARM read or write; one that does not is logged once and the
+    /// previous configuration stays.
     pub fn new(config: &CloudConfig, options: ArmOptions) -> Result<Self, CloudError> {
         let cred = credential(config)?;
-        Self::with_credential(config, cred, options)
+        let mut cloud = Self::with_credential(config, cred, options)?;
+        if let Some(source) = cloud.options.reload.clone() {
+            let build = |message: String| CloudError::BuildClient { message };
+            let (file, text) = aadpodid_runtime::azure_json::WatchedFile::open(&source.path)
+                .map_err(|e| build(e.to_string()))?;
+            // The connection comes from the version being watched, so no
+            // rewrite between the caller's read and this one is missed.
+            let path = source.path.display().to_string();
+            let connection = cloud
+                .reconnect(&path, &text, source.environment_file.clone())
+                .map_err(build)?;
+            cloud.connection = std::sync::RwLock::new(Arc::new(connection));
+            cloud.reloader = Some(std::sync::Mutex::new(Reloader {
+                file,
+                environment_file: source.environment_file,
+            }));
+        }
+        Ok(cloud)
     }
 
+    /// A client with a given credential, never reloaded (tests).
     pub fn with_credential(
         config: &CloudConfig,
         cred: Arc<dyn TokenCredential>,
         options: ArmOptions,
     ) -> Result<Self, CloudError> {
+        let connection = Self::connect(config, cred, &options)?;
+        Ok(ArmCloud {
+            connection: std::sync::RwLock::new(Arc::new(connection)),
+            reloader: None,
+            options,
+            remaining: std::sync::Mutex::default(),
+            subscription_writes: std::sync::Mutex::default(),
+        })
+    }
+
+    /// The Compute api-version requests carry now.
+    pub fn api_version(&self) -> String {
+        self.current().api_version.clone()
+    }
+
+    fn current(&self) -> Arc<Connection> {
+        self.connection
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Looks at azure.json (a stat; a read only when it changed) and moves
+    /// to its new version when that parses; the connection to use.
+    fn refreshed(&self) -> Arc<Connection> {
+        if let Some(reloader) = &self.reloader {
+            let mut r = reloader.lock().unwrap_or_else(|p| p.into_inner());
+            let path = r.file.path().display().to_string();
+            match r.file.poll() {
+                aadpodid_runtime::azure_json::Poll::Unchanged => {}
+                aadpodid_runtime::azure_json::Poll::Vanished(error) => {
+                    tracing::error!(path, %error, "azure.json is gone; keeping the configuration read before");
+                }
+                aadpodid_runtime::azure_json::Poll::Unreadable(error) => {
+                    tracing::error!(path, %error, "azure.json changed but cannot be read; keeping the configuration read before");
+                }
+                aadpodid_runtime::azure_json::Poll::Changed(text) => {
+                    let env = r.environment_file.clone();
+                    match self.reconnect(&path, &text, env) {
+                        Ok(connection) => {
+                            tracing::info!(
+                                path,
+                                api_version = %connection.api_version,
+                                subscription = %connection.subscription_id,
+                                resource_group = %connection.resource_group,
+                                "azure.json changed: ARM client rebuilt from it"
+                            );
+                            *self.connection.write().unwrap_or_else(|p| p.into_inner()) =
+                                Arc::new(connection);
+                        }
+                        Err(error) => {
+                            tracing::error!(path, %error, "azure.json changed but is not usable; keeping the configuration read before");
+                        }
+                    }
+                }
+            }
+        }
+        self.current()
+    }
+
+    fn reconnect(
+        &self,
+        path: &str,
+        text: &str,
+        environment_file: Option<String>,
+    ) -> Result<Connection, String> {
+        let env = move |k: &str| {
+            (k == super::config::ENV_AZURE_ENVIRONMENT_FILEPATH)
+                .then(|| environment_file.clone())
+                .flatten()
+        };
+        let read_file = |p: &str| {
+            aadpodid_runtime::azure_json::read_bounded(std::path::Path::new(p))
+                .map_err(|e| e.to_string())
+        };
+        let config =
+            super::config::load(Some((path, text)), &env, &read_file).map_err(|e| e.to_string())?;
+        let cred = credential(&config).map_err(|e| e.to_string())?;
+        Self::connect(&config, cred, &self.options).map_err(|e| e.to_string())
+    }
+
+    fn connect(
+        config: &CloudConfig,
+        cred: Arc<dyn TokenCredential>,
+        options: &ArmOptions,
+    ) -> Result<Connection, CloudError> {
         let base = Url::parse(&config.endpoints.resource_manager).map_err(|e| {
             CloudError::BuildClient {
                 message: format!("ARM endpoint {}: {e}", config.endpoints.resource_manager),
@@ -302,39 +463,37 @@ impl ArmCloud {
             per_try,
             None,
         );
-        Ok(ArmCloud {
+        Ok(Connection {
             pipeline,
             base,
             subscription_id: config.subscription_id.clone(),
             resource_group: config.resource_group.clone(),
-            options,
-            remaining: std::sync::Mutex::default(),
-            subscription_writes: std::sync::Mutex::default(),
+            api_version: compute_api_version(&config.cloud, options.compute_api_version.as_deref()),
         })
     }
 
-    fn resource_url(&self, r: &ResourceRef) -> Result<Url, ArmError> {
+    fn resource_url(c: &Connection, r: &ResourceRef) -> Result<Url, ArmError> {
         let kind = match r.kind {
             ResourceKind::Vmss => "virtualMachineScaleSets",
             ResourceKind::Vm => "virtualMachines",
         };
         let path = format!(
             "subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/{kind}/{}",
-            self.subscription_id, self.resource_group, r.name
+            c.subscription_id, c.resource_group, r.name
         );
-        let mut url = self.base.join(&path).map_err(|e| ArmError {
+        let mut url = c.base.join(&path).map_err(|e| ArmError {
             status: None,
             code: "InvalidUrl".into(),
             message: e.to_string(),
             retry_after: None,
         })?;
         url.query_pairs_mut()
-            .append_pair("api-version", COMPUTE_API_VERSION);
+            .append_pair("api-version", &c.api_version);
         Ok(url)
     }
 
     async fn send(
-        &self,
+        c: &Connection,
         method: Method,
         url: Url,
         body: Option<Vec<u8>>,
@@ -348,7 +507,7 @@ impl ArmCloud {
             skip_checks: true,
             ..Default::default()
         };
-        self.pipeline
+        c.pipeline
             .send(&Context::new(), &mut req, Some(options))
             .await
             .map_err(|e| transport_error(&e))
@@ -366,7 +525,8 @@ impl ArmCloud {
     }
 
     async fn get(&self, r: &ResourceRef) -> Result<ResourceIdentity, ArmError> {
-        let resp = self.send(Method::Get, self.resource_url(r)?, None).await?;
+        let c = self.refreshed();
+        let resp = Self::send(&c, Method::Get, Self::resource_url(&c, r)?, None).await?;
         self.note_remaining(r, &resp);
         if !resp.status().is_success() {
             return Err(arm_error(&resp));
@@ -400,9 +560,8 @@ impl ArmCloud {
             message: e.to_string(),
             retry_after: None,
         })?;
-        let resp = self
-            .send(Method::Patch, self.resource_url(r)?, Some(body))
-            .await?;
+        let c = self.refreshed();
+        let resp = Self::send(&c, Method::Patch, Self::resource_url(&c, r)?, Some(body)).await?;
         self.note_remaining(r, &resp);
         if let Some(n) = resp
             .headers()
@@ -417,13 +576,17 @@ impl ArmCloud {
         if !resp.status().is_success() {
             return Err(arm_error(&resp));
         }
-        self.wait_for_completion(&resp).await
+        self.wait_for_completion(&c, &resp).await
     }
 
     /// Follows `Azure-AsyncOperation` (preferred by Compute) or `Location`
     /// until the operation ends (`Location` answers 202 while it runs). Bounded by the poll
     /// timeout.
-    async fn wait_for_completion(&self, first: &RawResponse) -> Result<(), ArmError> {
+    async fn wait_for_completion(
+        &self,
+        c: &Connection,
+        first: &RawResponse,
+    ) -> Result<(), ArmError> {
         let (url, by_location) = match (
             first.headers().get_optional_str(&ASYNC_OPERATION),
             first.headers().get_optional_str(&LOCATION),
@@ -450,7 +613,7 @@ impl ArmCloud {
                 });
             }
             tokio::time::sleep(delay.min(MAX_POLL_DELAY)).await;
-            let resp = self.send(Method::Get, url.clone(), None).await?;
+            let resp = Self::send(c, Method::Get, url.clone(), None).await?;
             let status = u16::from(resp.status());
             if by_location {
                 match status {
@@ -559,6 +722,25 @@ impl Cloud for ArmCloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compute_api_version_per_cloud_and_flag() {
+        let cases = [
+            ("AzurePublicCloud", None, "2024-11-01"),
+            ("AzureCloud", None, "2024-11-01"),
+            ("AzureChinaCloud", None, "2024-11-01"),
+            ("AzureUSGovernmentCloud", None, "2024-11-01"),
+            ("AzureStackCloud", None, "2020-06-01"),
+            ("azurestackcloud", None, "2020-06-01"),
+            ("AZURESTACKCLOUD", Some(""), "2020-06-01"),
+            ("", None, "2024-11-01"),
+            ("AzureStackCloud", Some("2019-12-01"), "2019-12-01"),
+            ("AzurePublicCloud", Some("2020-06-01"), "2020-06-01"),
+        ];
+        for (cloud, flag, want) in cases {
+            assert_eq!(compute_api_version(cloud, flag), want, "{cloud} {flag:?}");
+        }
+    }
 
     #[test]
     fn the_whole_user_agent_goes_first() {
