@@ -544,10 +544,18 @@ impl<C: Cloud> Executor<C> {
             }
         }
         for key in &plan.delete_now {
-            if let Some(aai) = aais.get(key)
-                && !self.delete(aai).await?
-            {
-                outcome.retry(Instant::now() + FAILURE_RETRY);
+            if let Some(aai) = aais.get(key) {
+                let result = self.try_delete(aai).await?;
+                // Upstream's Events for an AzureAssignedIdentity of a node
+                // that is gone (the only removal it reported by Event).
+                let node_exists = index.nodes.contains_key(&aai.spec.node_name);
+                if let Some(e) = events::node_gone_removal(aai, node_exists, result.as_ref()) {
+                    self.events
+                        .publish(e.warning, e.reason, e.note, e.regarding);
+                }
+                if result.is_err() {
+                    outcome.retry(Instant::now() + FAILURE_RETRY);
+                }
             }
         }
 
@@ -1212,6 +1220,14 @@ impl<C: Cloud> Executor<C> {
     /// its identity is off the node); `Ok(false)` when the apiserver did not
     /// take it (reported; the caller tries again later).
     async fn delete(&self, aai: &AzureAssignedIdentity) -> Result<bool, ApplyError> {
+        Ok(self.try_delete(aai).await?.is_ok())
+    }
+
+    /// [`Executor::delete`] with the reason of a failure.
+    async fn try_delete(
+        &self,
+        aai: &AzureAssignedIdentity,
+    ) -> Result<Result<(), String>, ApplyError> {
         self.check_leader()?;
         let (ns, name) = crate::index::key(aai);
         let api = self.api(&ns);
@@ -1231,8 +1247,7 @@ impl<C: Cloud> Executor<C> {
             if let Err(source) = api.delete(&name, &DeleteParams::default()).await
                 && !is_not_found(&source)
             {
-                self.deletion_failed(ns, name, source, "delete failed");
-                return Ok(false);
+                return Ok(Err(self.deletion_failed(ns, name, source, "delete failed")));
             }
         }
         let finalizers: Vec<String> = aai
@@ -1249,24 +1264,31 @@ impl<C: Cloud> Executor<C> {
                 .await
                 && !is_not_found(&source)
             {
-                self.deletion_failed(ns, name, source, "removing the finalizer failed");
-                return Ok(false);
+                return Ok(Err(self.deletion_failed(
+                    ns,
+                    name,
+                    source,
+                    "removing the finalizer failed",
+                )));
             }
         }
         self.metrics.assigned_identity_deletion_count.inc();
         self.metrics
             .assigned_identity_deletion_duration_seconds
             .observe(start.elapsed().as_secs_f64());
-        Ok(true)
+        Ok(Ok(()))
     }
 
-    /// Counts and logs a failed step (`what`) of deleting `ns/name`.
-    fn deletion_failed(&self, ns: String, name: String, source: kube::Error, what: &str) {
+    /// Counts and logs a failed step (`what`) of deleting `ns/name`; the
+    /// apiserver's error.
+    fn deletion_failed(&self, ns: String, name: String, source: kube::Error, what: &str) -> String {
         self.metrics
             .kubernetes_api_operations_errors_count
             .with_label_values(&[metrics::OP_AAI_DELETION])
             .inc();
+        let message = source.to_string();
         tracing::warn!(error = %ApplyError::DeleteAssignedIdentity { ns, name, source }, "{what}");
+        message
     }
 }
 

@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
+use aadpodid_api::AzureAssignedIdentity;
 use aadpodid_runtime::events::{EventPublisher, Severity};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 
 pub const REASON_BINDING_APPLIED: &str = "binding applied";
 pub const REASON_BINDING_APPLY_ERROR: &str = "binding apply error";
@@ -60,4 +61,139 @@ impl Events {
 /// A reference for an object that may lack a uid (embedded copies keep theirs).
 pub fn reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
     obj.object_ref(&())
+}
+
+/// An Event to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventNote {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+    pub regarding: ObjectReference,
+}
+
+/// Upstream's Event for deleting `aai` when its node is gone (upstream's
+/// `cleanUpAllAssignedIdentitiesOnNode`, the one place it recorded these
+/// reasons): `binding removed` (Normal) once the AzureAssignedIdentity is
+/// deleted, `binding remove error` (Warning) with the apiserver's error when
+/// it is not, both about the binding embedded in the AzureAssignedIdentity,
+/// with upstream's messages. `None` while the node exists or when the
+/// AzureAssignedIdentity embeds no binding.
+pub fn node_gone_removal(
+    aai: &AzureAssignedIdentity,
+    node_exists: bool,
+    result: Result<&(), &String>,
+) -> Option<EventNote> {
+    if node_exists {
+        return None;
+    }
+    let binding = aai.spec.azure_binding_ref.as_deref()?;
+    let (warning, reason, note) = match result {
+        Ok(()) => (
+            false,
+            REASON_BINDING_REMOVED,
+            format!(
+                "Binding {} removed from node {} for pod {}",
+                binding.name_any(),
+                aai.spec.node_name,
+                aai.spec.pod
+            ),
+        ),
+        Err(error) => (
+            true,
+            REASON_BINDING_REMOVE_ERROR,
+            format!(
+                "failed to remove AzureIdentityBinding {}/{} from node {} for pod {}/{}, error: {error}",
+                binding.namespace().unwrap_or_default(),
+                binding.name_any(),
+                aai.spec.node_name,
+                aai.spec.pod_namespace,
+                aai.spec.pod
+            ),
+        ),
+    };
+    Some(EventNote {
+        warning,
+        reason,
+        note,
+        regarding: reference(binding),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aadpodid_api::{AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec};
+
+    fn mk_aai(with_binding: bool) -> AzureAssignedIdentity {
+        let mut binding = AzureIdentityBinding::new(
+            "web-binding",
+            AzureIdentityBindingSpec {
+                azure_identity: "app-id".into(),
+                selector: "web".into(),
+                ..Default::default()
+            },
+        );
+        binding.metadata.namespace = Some("apps".into());
+        binding.metadata.uid = Some("b-uid".into());
+        let identity = AzureIdentity::new("app-id", Default::default());
+        let mut aai =
+            AzureAssignedIdentity::for_pod(&identity, &binding, "web-1", "apps", "node-a");
+        if !with_binding {
+            aai.spec.azure_binding_ref = None;
+        }
+        aai
+    }
+
+    #[test]
+    fn upstreams_removal_events_for_a_node_that_is_gone() {
+        let err = "the server could not find the requested resource".to_string();
+        let cases: Vec<(
+            bool,
+            bool,
+            Result<&(), &String>,
+            Option<(bool, &str, String)>,
+        )> = vec![
+            (true, true, Ok(&()), None),
+            (true, true, Err(&err), None),
+            (false, false, Ok(&()), None),
+            (
+                false,
+                true,
+                Ok(&()),
+                Some((
+                    false,
+                    "binding removed",
+                    "Binding web-binding removed from node node-a for pod web-1".into(),
+                )),
+            ),
+            (
+                false,
+                true,
+                Err(&err),
+                Some((
+                    true,
+                    "binding remove error",
+                    format!(
+                        "failed to remove AzureIdentityBinding apps/web-binding from node node-a for pod apps/web-1, error: {err}"
+                    ),
+                )),
+            ),
+        ];
+        for (node_exists, with_binding, result, want) in cases {
+            let got = node_gone_removal(&mk_aai(with_binding), node_exists, result);
+            let got_plain = got.as_ref().map(|e| (e.warning, e.reason, e.note.clone()));
+            assert_eq!(
+                got_plain,
+                want.map(|(w, r, n)| (w, r, n)),
+                "node exists {node_exists}, binding {with_binding}, {result:?}"
+            );
+            if let Some(e) = got {
+                assert_eq!(e.regarding.kind.as_deref(), Some("AzureIdentityBinding"));
+                assert_eq!(e.regarding.name.as_deref(), Some("web-binding"));
+                assert_eq!(e.regarding.namespace.as_deref(), Some("apps"));
+                assert_eq!(e.regarding.uid.as_deref(), Some("b-uid"));
+            }
+        }
+    }
 }
