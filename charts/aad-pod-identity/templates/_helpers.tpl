@@ -13,12 +13,56 @@ release name is not used, as upstream. */}}
 {{- end -}}
 {{- end -}}
 
-{{- define "aad-pod-identity.mic.fullname" -}}
-{{- printf "%s-mic" (include "aad-pod-identity.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{/* upstreamManifestNames: the names and selectors of upstream's flat
+manifests (its deploy/infra), so that applying ours over them replaces each
+object in place: Deployment "mic", DaemonSet "nmi", ServiceAccounts
+"aad-pod-id-{mic,nmi}-service-account", ClusterRoles "aad-pod-id-{mic,nmi}-role",
+ClusterRoleBindings "aad-pod-id-{mic,nmi}-binding"; objects upstream did not
+have are named "aad-pod-id-{mic,nmi}...". */}}
+{{- define "aad-pod-identity.upstreamNames" -}}
+{{- if eq (toString .Values.upstreamManifestNames) "true" -}}true{{- end -}}
 {{- end -}}
 
+{{/* Base of MIC's object names (Roles, Secret, ...). */}}
+{{- define "aad-pod-identity.mic.fullname" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}
+aad-pod-id-mic
+{{- else -}}
+{{- printf "%s-mic" (include "aad-pod-identity.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Base of NMI's object names (Roles, ...). */}}
 {{- define "aad-pod-identity.nmi.fullname" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}
+aad-pod-id-nmi
+{{- else -}}
 {{- printf "%s-nmi" (include "aad-pod-identity.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.mic.deploymentName" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}mic{{- else -}}{{ include "aad-pod-identity.mic.fullname" . }}{{- end -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.nmi.daemonSetName" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}nmi{{- else -}}{{ include "aad-pod-identity.nmi.fullname" . }}{{- end -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.mic.clusterRoleName" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}aad-pod-id-mic-role{{- else -}}{{ include "aad-pod-identity.mic.fullname" . }}{{- end -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.mic.clusterRoleBindingName" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}aad-pod-id-mic-binding{{- else -}}{{ include "aad-pod-identity.mic.fullname" . }}{{- end -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.nmi.clusterRoleName" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}aad-pod-id-nmi-role{{- else -}}{{ include "aad-pod-identity.nmi.fullname" . }}{{- end -}}
+{{- end -}}
+
+{{- define "aad-pod-identity.nmi.clusterRoleBindingName" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}aad-pod-id-nmi-binding{{- else -}}{{ include "aad-pod-identity.nmi.fullname" . }}{{- end -}}
 {{- end -}}
 
 {{- define "aad-pod-identity.chart" -}}
@@ -32,16 +76,37 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ include "aad-pod-identity.chart" . }}
 {{- end -}}
 
+{{/* The selectors equal upstream chart 4.1.18's (a Deployment's or
+DaemonSet's selector cannot change, so `helm upgrade` from it keeps them), or
+upstream's flat manifests' with upstreamManifestNames. */}}
 {{- define "aad-pod-identity.mic.selectorLabels" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}
+app: mic
+component: mic
+{{- else -}}
 app.kubernetes.io/name: {{ include "aad-pod-identity.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: mic
 {{- end -}}
+{{- end -}}
 
 {{- define "aad-pod-identity.nmi.selectorLabels" -}}
+{{- if include "aad-pod-identity.upstreamNames" . -}}
+component: nmi
+tier: node
+{{- else -}}
 app.kubernetes.io/name: {{ include "aad-pod-identity.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: nmi
+{{- end -}}
+{{- end -}}
+
+{{/* Labels of NMI's pods: the selector's and tier: node. */}}
+{{- define "aad-pod-identity.nmi.podLabels" -}}
+{{ include "aad-pod-identity.nmi.selectorLabels" . }}
+{{- if not (include "aad-pod-identity.upstreamNames" .) }}
+tier: node
+{{- end -}}
 {{- end -}}
 
 {{- define "aad-pod-identity.mic.labels" -}}
@@ -63,7 +128,9 @@ tier: node
 {{/* The ServiceAccount MIC's pods run as: the chart's own, or the namespace's
 "default" when rbac.enabled is false (the Deployment then names none). */}}
 {{- define "aad-pod-identity.mic.serviceAccountName" -}}
-{{- if .Values.rbac.enabled -}}
+{{- if and .Values.rbac.enabled (include "aad-pod-identity.upstreamNames" .) -}}
+aad-pod-id-mic-service-account
+{{- else if .Values.rbac.enabled -}}
 {{- include "aad-pod-identity.mic.fullname" . -}}
 {{- else -}}
 default
@@ -78,7 +145,9 @@ default
 {{/* The ServiceAccount NMI's pods run as: the chart's own, or the namespace's
 "default" when rbac.enabled is false. */}}
 {{- define "aad-pod-identity.nmi.serviceAccountName" -}}
-{{- if .Values.rbac.enabled -}}
+{{- if and .Values.rbac.enabled (include "aad-pod-identity.upstreamNames" .) -}}
+aad-pod-id-nmi-service-account
+{{- else if .Values.rbac.enabled -}}
 {{- include "aad-pod-identity.nmi.fullname" . -}}
 {{- else -}}
 default
@@ -120,6 +189,18 @@ default
 nodes (MIC's --owned-identities-configmap default). */}}
 {{- define "aad-pod-identity.mic.ownedConfigMap" -}}
 aad-pod-identity-mic-owned
+{{- end -}}
+
+{{/* Name of the Lease and of upstream's Endpoints lock: --leader-election-name,
+whose default is "aad-pod-identity-mic". */}}
+{{- define "aad-pod-identity.mic.leaseName" -}}
+{{- default "aad-pod-identity-mic" .Values.mic.leaderElection.name -}}
+{{- end -}}
+
+{{/* Non-empty when MIC also holds upstream's Endpoints lock
+(mic.leaderElection.endpointsLock, default true). */}}
+{{- define "aad-pod-identity.mic.endpointsLock" -}}
+{{- if ne (toString .Values.mic.leaderElection.endpointsLock) "false" -}}true{{- end -}}
 {{- end -}}
 
 {{/* Lease namespace: --leader-election-namespace, whose default is "default". */}}

@@ -67,6 +67,74 @@ pub fn run(args: &[&str]) -> anyhow::Result<HelmOutput> {
     })
 }
 
+/// Runs `helm <args>` against the cluster of `kubeconfig` (as [`run`]).
+pub fn run_on(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<HelmOutput> {
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut all = vec!["--kubeconfig", kubeconfig.as_str()];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// Upstream's chart version shipped in its Go module (`charts/`).
+pub const UPSTREAM_CHART_VERSION: &str = "4.1.18";
+
+/// Upstream aad-pod-identity's Go module folder
+/// (`$GOMODCACHE/github.com/!azure/aad-pod-identity@<version>`, where
+/// `GOMODCACHE` defaults to `$HOME/.cache/go-mod` as for the builds of
+/// `tests/lib/go-tool.sh`), downloaded with `go mod download` when missing.
+pub fn upstream_module_dir() -> anyhow::Result<PathBuf> {
+    let cache = match std::env::var_os("GOMODCACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/go-mod"),
+    };
+    let version = crate::upstream::UPSTREAM_VERSION;
+    let dir = cache.join(format!("github.com/!azure/aad-pod-identity@{version}"));
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let out = crate::tools::output_within(
+        Command::new("go")
+            .args([
+                "mod",
+                "download",
+                &format!("github.com/Azure/aad-pod-identity@{version}"),
+            ])
+            .current_dir(repo_root().join("tests/upstream"))
+            .env("GOMODCACHE", &cache)
+            .stderr(Stdio::inherit()),
+        "go mod download",
+        Duration::from_secs(10 * 60),
+    )?;
+    if !out.status.success() || !dir.is_dir() {
+        bail!(
+            "go mod download of upstream's module failed; {} missing",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// Upstream's own chart (`charts/aad-pod-identity-4.1.18.tgz` of its module).
+pub fn upstream_chart() -> anyhow::Result<PathBuf> {
+    let chart = upstream_module_dir()?.join(format!(
+        "charts/aad-pod-identity-{UPSTREAM_CHART_VERSION}.tgz"
+    ));
+    if !chart.is_file() {
+        bail!("{} missing from upstream's module", chart.display());
+    }
+    Ok(chart)
+}
+
+/// Upstream's flat manifest `deploy/infra/<file>` from its module.
+pub fn upstream_manifest(file: &str) -> anyhow::Result<PathBuf> {
+    let path = upstream_module_dir()?.join("deploy/infra").join(file);
+    if !path.is_file() {
+        bail!("{} missing from upstream's module", path.display());
+    }
+    Ok(path)
+}
+
 /// One `helm template` of the chart.
 #[derive(Clone, Debug)]
 pub struct Render {
@@ -220,6 +288,153 @@ pub fn container_args(workload: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The kinds a release of the chart (ours or upstream's) or the flat
+/// manifests can hold, as `kubectl get` takes them.
+pub const RELEASE_KINDS: [&str; 16] = [
+    "customresourcedefinitions.apiextensions.k8s.io",
+    "serviceaccounts",
+    "secrets",
+    "configmaps",
+    "clusterroles.rbac.authorization.k8s.io",
+    "clusterrolebindings.rbac.authorization.k8s.io",
+    "roles.rbac.authorization.k8s.io",
+    "rolebindings.rbac.authorization.k8s.io",
+    "deployments.apps",
+    "daemonsets.apps",
+    "poddisruptionbudgets.policy",
+    "validatingadmissionpolicies.admissionregistration.k8s.io",
+    "validatingadmissionpolicybindings.admissionregistration.k8s.io",
+    "azureidentities.aadpodidentity.k8s.io",
+    "azureidentitybindings.aadpodidentity.k8s.io",
+    "azurepodidentityexceptions.aadpodidentity.k8s.io",
+];
+
+/// One object as the apiserver stores it: identity and version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// `metadata.uid`: a new one means the object was deleted and created again.
+    pub uid: String,
+    /// `metadata.resourceVersion`: changes with every write.
+    pub resource_version: String,
+}
+
+/// Objects keyed `Kind/namespace/name` (namespace empty when cluster-scoped).
+pub type Snapshot = std::collections::BTreeMap<String, Stored>;
+
+/// The objects of `items` (a `kubectl get -o json` List's items) as a
+/// [`Snapshot`]; Helm's release records (Secrets `sh.helm.release.v1.*`) are
+/// left out.
+pub fn snapshot_of(items: &[Value]) -> Snapshot {
+    let mut out = Snapshot::new();
+    for o in items {
+        let meta = &o["metadata"];
+        let name = meta["name"].as_str().unwrap_or_default();
+        let kind = o["kind"].as_str().unwrap_or_default();
+        if kind == "Secret" && name.starts_with("sh.helm.release.v1.") {
+            continue;
+        }
+        let key = format!(
+            "{kind}/{}/{name}",
+            meta["namespace"].as_str().unwrap_or_default()
+        );
+        out.insert(
+            key,
+            Stored {
+                uid: meta["uid"].as_str().unwrap_or_default().to_string(),
+                resource_version: meta["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            },
+        );
+    }
+    out
+}
+
+/// Every object of [`RELEASE_KINDS`] on the cluster of `kubeconfig` (kinds the
+/// apiserver does not serve, such as the CRD kinds before the CRDs exist,
+/// count as empty), less those whose uid is in `baseline` (objects the cluster
+/// had before the test's first step).
+pub fn snapshot(kubectl: impl Fn() -> Command, baseline: &Snapshot) -> anyhow::Result<Snapshot> {
+    let known: std::collections::BTreeSet<&str> =
+        baseline.values().map(|s| s.uid.as_str()).collect();
+    let mut items = Vec::new();
+    for kind in RELEASE_KINDS {
+        let out = crate::kubectl::run_kubectl(kubectl(), &["get", kind, "-A", "-o", "json"], None)?;
+        if !out.success {
+            if out
+                .stderr
+                .contains("the server doesn't have a resource type")
+            {
+                continue;
+            }
+            bail!("kubectl get {kind}: {}", out.stderr);
+        }
+        let list: Value = serde_json::from_str(&out.stdout).context("kubectl get -o json")?;
+        items.extend(list["items"].as_array().cloned().unwrap_or_default());
+    }
+    let mut snap = snapshot_of(&items);
+    snap.retain(|_, s| !known.contains(s.uid.as_str()));
+    Ok(snap)
+}
+
+/// What happened to each object between two snapshots.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ObjectDiff {
+    /// Same uid, same resourceVersion.
+    pub unchanged: Vec<String>,
+    /// Same uid, new resourceVersion: updated in place.
+    pub replaced: Vec<String>,
+    /// Same key, new uid: deleted and created again.
+    pub recreated: Vec<String>,
+    /// Only after.
+    pub created: Vec<String>,
+    /// Only before.
+    pub deleted: Vec<String>,
+}
+
+impl ObjectDiff {
+    /// `unchanged/replaced/recreated/created/deleted` counts, for reports.
+    pub fn figures(&self) -> String {
+        format!(
+            "unchanged {}, replaced in place {}, recreated {}, created {}, deleted {}",
+            self.unchanged.len(),
+            self.replaced.len(),
+            self.recreated.len(),
+            self.created.len(),
+            self.deleted.len()
+        )
+    }
+}
+
+/// Compares two snapshots object by object.
+pub fn diff(before: &Snapshot, after: &Snapshot) -> ObjectDiff {
+    let mut d = ObjectDiff::default();
+    for (k, b) in before {
+        match after.get(k) {
+            None => d.deleted.push(k.clone()),
+            Some(a) if a.uid != b.uid => d.recreated.push(k.clone()),
+            Some(a) if a.resource_version != b.resource_version => d.replaced.push(k.clone()),
+            Some(_) => d.unchanged.push(k.clone()),
+        }
+    }
+    d.created = after
+        .keys()
+        .filter(|k| !before.contains_key(*k))
+        .cloned()
+        .collect();
+    d
+}
+
+/// The keys of `snap` of `kind` in `namespace`.
+pub fn keys_of(snap: &Snapshot, kind: &str, namespace: &str) -> Vec<String> {
+    let prefix = format!("{kind}/{namespace}/");
+    snap.keys()
+        .filter(|k| k.starts_with(&prefix))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +451,55 @@ mod tests {
         let mut b = find(&docs, "B", "b").unwrap();
         strip_helm_labels(&mut b);
         assert_eq!(b["metadata"]["labels"], json!({"x": "z"}));
+    }
+
+    fn stored(uid: &str, rv: &str) -> Stored {
+        Stored {
+            uid: uid.into(),
+            resource_version: rv.into(),
+        }
+    }
+
+    #[test]
+    fn snapshots_skip_helm_records_and_diffs_sort_every_object() {
+        let snap = snapshot_of(&[
+            json!({"kind": "Secret", "metadata": {"name": "sh.helm.release.v1.r.v1", "namespace": "n", "uid": "h", "resourceVersion": "1"}}),
+            json!({"kind": "ClusterRole", "metadata": {"name": "c", "uid": "u", "resourceVersion": "2"}}),
+        ]);
+        assert_eq!(
+            snap.into_iter().collect::<Vec<_>>(),
+            vec![("ClusterRole//c".to_string(), stored("u", "2"))]
+        );
+        let before: Snapshot = [
+            ("K/n/same".to_string(), stored("1", "1")),
+            ("K/n/written".to_string(), stored("2", "1")),
+            ("K/n/again".to_string(), stored("3", "1")),
+            ("K/n/gone".to_string(), stored("4", "1")),
+        ]
+        .into();
+        let after: Snapshot = [
+            ("K/n/same".to_string(), stored("1", "1")),
+            ("K/n/written".to_string(), stored("2", "5")),
+            ("K/n/again".to_string(), stored("9", "1")),
+            ("K/n/new".to_string(), stored("8", "1")),
+        ]
+        .into();
+        let d = diff(&before, &after);
+        assert_eq!(
+            d,
+            ObjectDiff {
+                unchanged: vec!["K/n/same".into()],
+                replaced: vec!["K/n/written".into()],
+                recreated: vec!["K/n/again".into()],
+                created: vec!["K/n/new".into()],
+                deleted: vec!["K/n/gone".into()],
+            }
+        );
+        assert_eq!(
+            d.figures(),
+            "unchanged 1, replaced in place 1, recreated 1, created 1, deleted 1"
+        );
+        assert_eq!(keys_of(&after, "K", "n").len(), 4);
+        assert!(keys_of(&after, "K", "m").is_empty());
     }
 }

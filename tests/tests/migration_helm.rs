@@ -1,0 +1,503 @@
+//! `helm upgrade` from upstream's own chart 4.1.18 (taken from upstream's Go
+//! module) to this chart, with the user's values, same release name and
+//! namespace, then `helm rollback` to upstream, on a real apiserver of the
+//! test's own. Object by object (uid and resourceVersion): every upstream
+//! object is updated in place or removed, none is created twice (one nmi
+//! DaemonSet, one mic Deployment at every step), a second upgrade or rollback
+//! writes nothing, the values carry over. Helm leaves `crds/` alone on upgrade
+//! and rollback: the CRDs stay upstream's until applied by hand, which the test
+//! does as docs/migration.md says. No kubelet runs: objects, not pods.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test helpers outside #[test] functions fail the test by panicking"
+)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aadpodid_tests::helm::{self, Snapshot};
+use aadpodid_tests::{PrivateCluster, unique_name};
+use serde_json::Value;
+
+const RELEASE: &str = "aad-pod-identity";
+const NS: &str = "kube-system";
+
+/// A user's values for upstream's chart 4.1.18: only keys upstream's
+/// values.yaml has, a change from its default in most sections.
+const USER_VALUES: &str = r#"forceNamespaced: "true"
+mic:
+  replicas: 3
+  logVerbosity: 2
+  leaderElection:
+    namespace: kube-system
+    duration: 30s
+  syncRetryDuration: 1h30m
+  clientQps: "10"
+  immutableUserMSIs:
+    - "00000000-0000-4000-8000-0000000000aa"
+  podLabels:
+    team: platform
+nmi:
+  allowNetworkPluginKubenet: true
+  micNamespace: kube-system
+  podLabels:
+    team: platform
+rbac:
+  createUserFacingClusterRoles: true
+azureIdentities:
+  "seed002-identity":
+    namespace: "default"
+    type: 0
+    resourceID: "/subscriptions/0b1f6471-1bf0-4dda-aec3-cb9272f09590/resourceGroups/app-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/seed002"
+    clientID: "c0000000-0000-4000-8000-000000000002"
+    binding:
+      name: "seed002-binding"
+      selector: "seed002"
+"#;
+
+const CRDS: [&str; 4] = [
+    "azureassignedidentities.aadpodidentity.k8s.io",
+    "azureidentities.aadpodidentity.k8s.io",
+    "azureidentitybindings.aadpodidentity.k8s.io",
+    "azurepodidentityexceptions.aadpodidentity.k8s.io",
+];
+
+fn kubectl(c: &PrivateCluster, args: &[&str]) -> String {
+    let out = c.kubectl_run(args, None).unwrap();
+    assert!(out.success, "kubectl {args:?}: {}", out.stderr);
+    out.stdout
+}
+
+fn get_json(c: &PrivateCluster, args: &[&str]) -> Value {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&kubectl(c, &all)).unwrap()
+}
+
+/// `helm <args>` on the cluster; panics with helm's words when it fails.
+fn helm_ok(c: &PrivateCluster, args: &[&str]) -> String {
+    let out = helm::run_on(c.kubeconfig(), args).unwrap();
+    assert!(out.success, "helm {args:?}: {}{}", out.stdout, out.stderr);
+    out.stdout
+}
+
+fn snap(c: &PrivateCluster, baseline: &Snapshot) -> Snapshot {
+    helm::snapshot(|| c.kubectl(), baseline).unwrap()
+}
+
+/// The workloads in the release namespace: exactly one nmi DaemonSet and one
+/// mic Deployment, with their names.
+fn one_of_each(s: &Snapshot, step: &str) {
+    let ds = helm::keys_of(s, "DaemonSet", NS);
+    let deploy = helm::keys_of(s, "Deployment", NS);
+    assert_eq!(
+        ds,
+        vec![format!("DaemonSet/{NS}/aad-pod-identity-nmi")],
+        "{step}"
+    );
+    assert_eq!(
+        deploy,
+        vec![format!("Deployment/{NS}/aad-pod-identity-mic")],
+        "{step}"
+    );
+}
+
+/// The AzureAssignedIdentity CRD's printer columns: upstream's has none,
+/// ours six; and whether AzureIdentity `spec.type` has our bound (0..=2).
+fn crd_shape(c: &PrivateCluster) -> (usize, bool) {
+    let aai = get_json(c, &["crd", CRDS[0]]);
+    let columns = aai["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let ai = get_json(c, &["crd", CRDS[1]]);
+    let bounded =
+        ai["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["type"]["maximum"]
+            .is_number();
+    (columns, bounded)
+}
+
+fn container_args(c: &PrivateCluster, kind: &str, name: &str) -> Vec<String> {
+    helm::container_args(&get_json(c, &["-n", NS, kind, name]))
+}
+
+/// The user's values are what the live objects say.
+fn values_in_effect(c: &PrivateCluster, step: &str) {
+    let mic = get_json(c, &["-n", NS, "deployment", "aad-pod-identity-mic"]);
+    assert_eq!(mic["spec"]["replicas"], 3, "{step}");
+    assert_eq!(
+        mic["spec"]["template"]["metadata"]["labels"]["team"], "platform",
+        "{step}"
+    );
+    let args = container_args(c, "deployment", "aad-pod-identity-mic");
+    for want in [
+        "--leader-election-namespace=kube-system",
+        "--leader-election-duration=30s",
+        "--syncRetryDuration=1h30m",
+        "--clientQps=10",
+        "--immutable-user-msis=00000000-0000-4000-8000-0000000000aa",
+    ] {
+        assert!(
+            args.iter().any(|a| a == want),
+            "{step}: {want} not in {args:?}"
+        );
+    }
+    assert!(
+        args.iter().any(|a| a == "-v=2" || a == "--v=2"),
+        "{step}: {args:?}"
+    );
+    let env = &mic["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "FORCENAMESPACED" && e["value"] == "true"),
+        "{step}: {env}"
+    );
+    let nmi = container_args(c, "daemonset", "aad-pod-identity-nmi");
+    for want in [
+        "--allow-network-plugin-kubenet=true",
+        "--MICNamespace=kube-system",
+    ] {
+        assert!(
+            nmi.iter().any(|a| a == want),
+            "{step}: {want} not in {nmi:?}"
+        );
+    }
+    kubectl(
+        c,
+        &["get", "-n", "default", "azureidentity", "seed002-identity"],
+    );
+    kubectl(
+        c,
+        &[
+            "get",
+            "-n",
+            "default",
+            "azureidentitybinding",
+            "seed002-binding",
+        ],
+    );
+    kubectl(c, &["get", "clusterrole", "aad-pod-identity-view"]);
+}
+
+fn uid(s: &Snapshot, key: &str) -> String {
+    s.get(key)
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .uid
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place() {
+    let c = PrivateCluster::start().await.unwrap();
+    let work = std::env::temp_dir().join(unique_name("migration-helm"));
+    std::fs::create_dir_all(&work).unwrap();
+    let _work = RemoveOnDrop(work.clone());
+    let user_values = work.join("user-values.yaml");
+    std::fs::write(&user_values, USER_VALUES).unwrap();
+    let upstream_chart = helm::upstream_chart().unwrap();
+    let ours = helm::chart_dir();
+    let (upstream_chart, ours) = (
+        upstream_chart.display().to_string(),
+        ours.display().to_string(),
+    );
+
+    // The test cluster starts with this project's CRDs; a cluster running
+    // upstream has upstream's, which its chart installs from crds/.
+    let mut del = vec!["delete", "crd", "--wait=true"];
+    del.extend(CRDS);
+    kubectl(&c, &del);
+    let baseline = snap(&c, &Snapshot::new());
+
+    // 1. The user's upstream release.
+    helm_ok(
+        &c,
+        &[
+            "install",
+            RELEASE,
+            &upstream_chart,
+            "-n",
+            NS,
+            "-f",
+            &user_values.display().to_string(),
+        ],
+    );
+    c.wait_crds_established().unwrap();
+    let s1 = snap(&c, &baseline);
+    one_of_each(&s1, "upstream installed");
+    assert!(s1.contains_key(&format!("AzurePodIdentityException/{NS}/mic")));
+    assert_eq!(crd_shape(&c), (0, false), "upstream's CRDs");
+    values_in_effect(&c, "upstream installed");
+    println!("upstream release: {} objects", s1.len());
+
+    // 2. --reuse-values takes the old chart's defaults with the old values:
+    // this chart's new keys are missing, the render fails and nothing changes.
+    let reuse = helm::run_on(
+        c.kubeconfig(),
+        &["upgrade", RELEASE, &ours, "-n", NS, "--reuse-values"],
+    )
+    .unwrap();
+    println!(
+        "helm upgrade --reuse-values: success={} {}",
+        reuse.success,
+        reuse.stderr.trim()
+    );
+    assert!(!reuse.success, "--reuse-values: {}", reuse.stdout);
+    let after_reuse = snap(&c, &baseline);
+    let d = helm::diff(&s1, &after_reuse);
+    assert!(
+        d.replaced.is_empty() && d.created.is_empty() && d.deleted.is_empty(),
+        "{d:?}"
+    );
+
+    // 3. The recommended upgrade: the release's values as a file, our CRDs
+    // first (Helm never upgrades crds/).
+    let old_values = work.join("old-values.yaml");
+    let got = helm_ok(&c, &["get", "values", RELEASE, "-n", NS, "-o", "yaml"]);
+    std::fs::write(&old_values, &got).unwrap();
+    let crd_file = helm::chart_dir().join("crds/crd.yaml");
+    let plain = c
+        .kubectl_run(
+            &[
+                "apply",
+                "--server-side",
+                "-f",
+                &crd_file.display().to_string(),
+            ],
+            None,
+        )
+        .unwrap();
+    println!(
+        "CRDs, server-side apply without --force-conflicts: success={} {}",
+        plain.success,
+        plain.stderr.lines().next().unwrap_or_default()
+    );
+    let crd_apply = Instant::now();
+    kubectl(
+        &c,
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &crd_file.display().to_string(),
+        ],
+    );
+    c.wait_crds_established().unwrap();
+    let crd_took = crd_apply.elapsed();
+    let s_crd = snap(&c, &baseline);
+    let d_crd = helm::diff(&s1, &s_crd);
+    println!("CRDs applied ({crd_took:.2?}): {}", d_crd.figures());
+    assert_eq!(crd_shape(&c), (6, true), "our CRDs after the apply");
+    assert!(d_crd.recreated.is_empty() && d_crd.created.is_empty() && d_crd.deleted.is_empty());
+    for crd in CRDS {
+        let key = format!("CustomResourceDefinition//{crd}");
+        assert!(d_crd.replaced.contains(&key), "{key}: {d_crd:?}");
+    }
+
+    let t = Instant::now();
+    helm_ok(
+        &c,
+        &[
+            "upgrade",
+            RELEASE,
+            &ours,
+            "-n",
+            NS,
+            "-f",
+            &old_values.display().to_string(),
+        ],
+    );
+    let upgrade_took = t.elapsed();
+    let s2 = snap(&c, &baseline);
+    let up = helm::diff(&s_crd, &s2);
+    println!(
+        "helm upgrade upstream -> ours ({upgrade_took:.2?}): {}",
+        up.figures()
+    );
+    println!("  replaced: {:?}", up.replaced);
+    println!("  created: {:?}", up.created);
+    println!("  deleted: {:?}", up.deleted);
+    one_of_each(&s2, "after upgrade");
+    assert!(up.recreated.is_empty(), "recreated: {:?}", up.recreated);
+    for key in [
+        format!("DaemonSet/{NS}/aad-pod-identity-nmi"),
+        format!("Deployment/{NS}/aad-pod-identity-mic"),
+        format!("ServiceAccount/{NS}/aad-pod-identity-mic"),
+        format!("ServiceAccount/{NS}/aad-pod-identity-nmi"),
+        "ClusterRole//aad-pod-identity-mic".to_string(),
+        "ClusterRoleBinding//aad-pod-identity-nmi".to_string(),
+    ] {
+        assert!(
+            up.replaced.contains(&key),
+            "{key} not replaced in place: {up:?}"
+        );
+    }
+    // Upstream's label-based MIC exception goes; nothing else of upstream's.
+    assert_eq!(
+        up.deleted,
+        vec![format!("AzurePodIdentityException/{NS}/mic")],
+        "{up:?}"
+    );
+    for k in &up.created {
+        assert!(!s1.contains_key(k), "{k}");
+    }
+    // The selectors are upstream's, unchanged (they are immutable).
+    let ds = get_json(&c, &["-n", NS, "daemonset", "aad-pod-identity-nmi"]);
+    assert_eq!(
+        ds["spec"]["selector"]["matchLabels"],
+        serde_json::json!({
+            "app.kubernetes.io/name": "aad-pod-identity",
+            "app.kubernetes.io/instance": RELEASE,
+            "app.kubernetes.io/component": "nmi"
+        })
+    );
+    assert!(
+        ds["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .ends_with("-rs.0"),
+        "{}",
+        ds["spec"]["template"]["spec"]["containers"][0]["image"]
+    );
+    // MIC's Endpoints lock: get/update on that one object, in the lock's namespace.
+    let role = get_json(&c, &["-n", "kube-system", "role", "aad-pod-identity-mic"]);
+    assert!(
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"][0] == "endpoints"
+                && r["resourceNames"][0] == "aad-pod-identity-mic"),
+        "{role}"
+    );
+    values_in_effect(&c, "after upgrade");
+    assert_eq!(crd_shape(&c), (6, true), "CRDs after upgrade");
+
+    // 4. The same upgrade again writes nothing.
+    helm_ok(
+        &c,
+        &[
+            "upgrade",
+            RELEASE,
+            &ours,
+            "-n",
+            NS,
+            "-f",
+            &old_values.display().to_string(),
+        ],
+    );
+    let s3 = snap(&c, &baseline);
+    let again = helm::diff(&s2, &s3);
+    println!("second helm upgrade: {}", again.figures());
+    assert_eq!(again.unchanged.len(), s2.len(), "{again:?}");
+
+    // 5. Rollback to upstream's revision 1.
+    let t = Instant::now();
+    helm_ok(&c, &["rollback", RELEASE, "1", "-n", NS]);
+    let rollback_took = t.elapsed();
+    let s4 = snap(&c, &baseline);
+    let back = helm::diff(&s3, &s4);
+    println!(
+        "helm rollback to upstream ({rollback_took:.2?}): {}",
+        back.figures()
+    );
+    println!("  deleted: {:?}", back.deleted);
+    println!("  created: {:?}", back.created);
+    one_of_each(&s4, "after rollback");
+    assert!(back.recreated.is_empty(), "{back:?}");
+    // Upstream's object set again, the same objects where they stayed.
+    let s1_keys: Vec<&String> = s1.keys().collect();
+    let s4_keys: Vec<&String> = s4.keys().collect();
+    assert_eq!(s4_keys, s1_keys);
+    for key in [
+        format!("DaemonSet/{NS}/aad-pod-identity-nmi"),
+        format!("Deployment/{NS}/aad-pod-identity-mic"),
+        "AzureIdentity/default/seed002-identity".to_string(),
+    ] {
+        assert_eq!(uid(&s4, &key), uid(&s1, &key), "{key}");
+    }
+    let nmi_args = container_args(&c, "daemonset", "aad-pod-identity-nmi");
+    assert!(
+        !nmi_args
+            .iter()
+            .any(|a| a.starts_with("--mic-service-accounts")),
+        "upstream's nmi args again: {nmi_args:?}"
+    );
+    values_in_effect(&c, "after rollback");
+    // Helm leaves crds/ alone on rollback too: ours stay.
+    assert_eq!(crd_shape(&c), (6, true), "CRDs after rollback");
+
+    // 6. The same rollback again writes nothing.
+    helm_ok(&c, &["rollback", RELEASE, "1", "-n", NS]);
+    let s5 = snap(&c, &baseline);
+    let again = helm::diff(&s4, &s5);
+    println!("second helm rollback: {}", again.figures());
+    assert_eq!(again.unchanged.len(), s4.len(), "{again:?}");
+
+    // 7. Without any values flag Helm copies the last release's values (an
+    // upgrade with one --set would not): the upgrade from upstream again.
+    helm_ok(&c, &["upgrade", RELEASE, &ours, "-n", NS]);
+    let s6 = snap(&c, &baseline);
+    one_of_each(&s6, "bare upgrade");
+    values_in_effect(&c, "bare upgrade");
+    let bare = helm::diff(&s5, &s6);
+    println!("bare helm upgrade after the rollback: {}", bare.figures());
+    assert!(bare.recreated.is_empty(), "{bare:?}");
+    // 8. --reset-then-reuse-values: this chart's defaults, the release's
+    // values on top (Helm 3.14+): the same result from upstream's revision.
+    helm_ok(&c, &["rollback", RELEASE, "1", "-n", NS]);
+    let s7 = snap(&c, &baseline);
+    helm_ok(
+        &c,
+        &[
+            "upgrade",
+            RELEASE,
+            &ours,
+            "-n",
+            NS,
+            "--reset-then-reuse-values",
+        ],
+    );
+    let s8 = snap(&c, &baseline);
+    one_of_each(&s8, "--reset-then-reuse-values");
+    values_in_effect(&c, "--reset-then-reuse-values");
+    let reset = helm::diff(&s7, &s8);
+    println!(
+        "helm upgrade --reset-then-reuse-values: {}",
+        reset.figures()
+    );
+    assert!(reset.recreated.is_empty(), "{reset:?}");
+    assert_eq!(
+        s8.keys().collect::<Vec<_>>(),
+        s2.keys().collect::<Vec<_>>(),
+        "the same objects as the upgrade with the values file"
+    );
+    let history = helm_ok(&c, &["history", RELEASE, "-n", NS, "-o", "json"]);
+    let history: Value = serde_json::from_str(&history).unwrap();
+    println!(
+        "release history: {}",
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{}:{}:{}", r["revision"], r["chart"], r["status"]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert!(upgrade_took < Duration::from_secs(120), "{upgrade_took:?}");
+}
+
+/// Removes a folder when dropped (also when the test fails).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
