@@ -78,19 +78,18 @@ crd_kind! {
 }
 
 impl AzureIdentitySpec {
-    /// This spec with upstream's zero forms made absent, so that two specs
-    /// Go's types cannot tell apart compare equal: Go's MIC embeds an unset
-    /// `clientPassword` as `{}` (a `SecretReference` is a struct, written
-    /// even when empty) and Go reads an empty secret name or namespace, and
-    /// an empty `auxiliaryTenantIDs`, as unset. Every other field is kept as
-    /// it is (`replicas: 0` is not `null` for Go either).
+    /// This spec with upstream's empty forms made absent, so that what Go's
+    /// MIC embeds in an AzureAssignedIdentity compares equal to the live
+    /// object it copied: Go writes an unset `clientPassword` as `{}` (a
+    /// `SecretReference` is a struct, written even when empty) and drops an
+    /// empty `auxiliaryTenantIDs`. Everything else is kept as it is: a
+    /// `clientPassword` naming anything (even an empty string) stays set, as
+    /// NMI compares it, and `replicas: 0` is not `null`.
     pub fn canonical(&self) -> AzureIdentitySpec {
         let mut spec = self.clone();
-        spec.client_password = spec.client_password.and_then(|p| {
-            let name = p.name.filter(|n| !n.is_empty());
-            let namespace = p.namespace.filter(|n| !n.is_empty());
-            (name.is_some() || namespace.is_some()).then_some(SecretReference { name, namespace })
-        });
+        spec.client_password = spec
+            .client_password
+            .filter(|p| p.name.is_some() || p.namespace.is_some());
         spec.auxiliary_tenant_ids = spec.auxiliary_tenant_ids.filter(|t| !t.is_empty());
         spec
     }
@@ -234,6 +233,7 @@ mod tests {
                 spec(base()),
                 true,
             ),
+            // Written by a user, never by Go (its omitempty drops them): set.
             (
                 "clientPassword with empty strings",
                 with(
@@ -241,7 +241,7 @@ mod tests {
                     serde_json::json!({"name": "", "namespace": ""}),
                 ),
                 spec(base()),
-                true,
+                false,
             ),
             (
                 "empty auxiliaryTenantIDs",

@@ -305,9 +305,16 @@ fn ns_name<K: kube::Resource>(obj: &Option<Box<K>>) -> Option<Identifiers<'_>> {
 /// The UID matters: nmi accepts an AAI only while the objects it embeds are
 /// the live ones, so an identity or binding deleted and made again under the
 /// same name must be embedded anew.
-fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentitySpec) -> bool {
+/// Identity specs are compared in their canonical form
+/// ([`AzureIdentitySpec::canonical`](aadpodid_api::AzureIdentitySpec::canonical)):
+/// upstream's Go MIC embeds an unset `clientPassword` as `{}`, and taking
+/// over its AAIs must not see each of them as changed (which would send
+/// every one back through `Created`: a token gap for every running pod).
+/// Fields Go's types do not have (the embedded `spec.metadata` Go writes is
+/// not read into these types) cannot differ.
+pub fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentitySpec) -> bool {
     let identity_spec =
-        |s: &AzureAssignedIdentitySpec| s.azure_identity_ref.as_ref().map(|i| i.spec.clone());
+        |s: &AzureAssignedIdentitySpec| s.azure_identity_ref.as_ref().map(|i| i.spec.canonical());
     let binding_spec =
         |s: &AzureAssignedIdentitySpec| s.azure_binding_ref.as_ref().map(|b| b.spec.clone());
     a.pod == b.pod

@@ -475,6 +475,180 @@ fn a_recreated_identity_or_binding_is_embedded_anew() {
     }
 }
 
+/// The spec of the AAI `web` of identity `id` and binding `b` as upstream's
+/// Go MIC v1.8.17 stores it: every field its types serialise (an empty
+/// `clientPassword`, `status` and `spec.metadata` blocks, `creationTimestamp:
+/// null`, no `type` when 0) around the same objects as [`bound`].
+fn go_written_spec(identity_uid: &str, binding_uid: &str) -> AzureAssignedIdentitySpec {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"creationTimestamp": null},
+        "azureIdentityRef": {
+            "apiVersion": "aadpodidentity.k8s.io/v1",
+            "kind": "AzureIdentity",
+            "metadata": {"name": "id", "namespace": "ns", "uid": identity_uid,
+                         "resourceVersion": "11", "creationTimestamp": "2026-12-05T01:50:36Z"},
+            "spec": {
+                "metadata": {"creationTimestamp": null},
+                "resourceID": rid("id"),
+                "clientID": "client-id",
+                "clientPassword": {}
+            },
+            "status": {"metadata": {"creationTimestamp": null}}
+        },
+        "azureBindingRef": {
+            "apiVersion": "aadpodidentity.k8s.io/v1",
+            "kind": "AzureIdentityBinding",
+            "metadata": {"name": "b", "namespace": "ns", "uid": binding_uid,
+                         "resourceVersion": "12", "creationTimestamp": "2026-12-05T01:50:36Z"},
+            "spec": {"metadata": {"creationTimestamp": null}, "azureIdentity": "id", "selector": "sel"},
+            "status": {"metadata": {"creationTimestamp": null}}
+        },
+        "pod": "web",
+        "podNamespace": "ns",
+        "nodename": "n1"
+    }))
+    .unwrap()
+}
+
+/// What this MIC wants for `web` in [`bound`] with `identity` as the live
+/// identity (UIDs `uid-i` and `uid-b`).
+fn desired_web_spec(identity: AzureIdentity) -> AzureAssignedIdentitySpec {
+    let mut ix = base();
+    let mut identity = identity;
+    identity.metadata.uid = Some("uid-i".into());
+    let mut b = mk_binding("ns", "b", "id", "sel");
+    b.metadata.uid = Some("uid-b".into());
+    ix.apply_identity(&identity);
+    ix.apply_binding(&b);
+    add_web(&mut ix);
+    let p = plan(&ix, &Options::default());
+    p.create[0].spec.clone()
+}
+
+#[test]
+fn go_written_aais_are_the_same_assignment_and_real_differences_are_not() {
+    let live = || mk_uami("ns", "id");
+    let with = |f: &dyn Fn(&mut AzureIdentity)| {
+        let mut i = live();
+        f(&mut i);
+        i
+    };
+    // (case, live identity, Go-written AAI's UIDs (identity, binding), same)
+    let cases: Vec<(&str, AzureIdentity, (&str, &str), bool)> = vec![
+        ("as Go wrote it", live(), ("uid-i", "uid-b"), true),
+        (
+            "live clientPassword {} too",
+            with(&|i| i.spec.client_password = Some(Default::default())),
+            ("uid-i", "uid-b"),
+            true,
+        ),
+        (
+            "live auxiliaryTenantIDs []",
+            with(&|i| i.spec.auxiliary_tenant_ids = Some(vec![])),
+            ("uid-i", "uid-b"),
+            true,
+        ),
+        (
+            "another resource ID",
+            with(&|i| i.spec.resource_id = rid("other")),
+            ("uid-i", "uid-b"),
+            false,
+        ),
+        (
+            "another client ID",
+            with(&|i| i.spec.client_id = "client-other".into()),
+            ("uid-i", "uid-b"),
+            false,
+        ),
+        (
+            "a secret named",
+            with(&|i| {
+                i.spec.client_password = Some(k8s_openapi::api::core::v1::SecretReference {
+                    name: Some("sp".into()),
+                    namespace: None,
+                })
+            }),
+            ("uid-i", "uid-b"),
+            false,
+        ),
+        (
+            "another type",
+            with(&|i| i.spec.r#type = IdentityType::ServicePrincipal),
+            ("uid-i", "uid-b"),
+            false,
+        ),
+        ("identity recreated", live(), ("uid-old", "uid-b"), false),
+        ("binding recreated", live(), ("uid-i", "uid-old"), false),
+    ];
+    for (case, identity, (iu, bu), same) in cases {
+        let desired = desired_web_spec(identity);
+        let go = go_written_spec(iu, bu);
+        assert_eq!(same_assignment(&go, &desired), same, "{case}");
+        assert_eq!(same_assignment(&desired, &go), same, "{case} (swapped)");
+    }
+    // Neither pod, node nor binding spec may differ either.
+    let desired = desired_web_spec(live());
+    type Edit<'a> = (&'a str, &'a dyn Fn(&mut AzureAssignedIdentitySpec));
+    let variants: [Edit; 4] = [
+        ("pod", &|s| s.pod = "other".into()),
+        ("node", &|s| s.node_name = "n2".into()),
+        ("selector", &|s| {
+            if let Some(b) = s.azure_binding_ref.as_mut() {
+                b.spec.selector = "other".into();
+            }
+        }),
+        ("identity name", &|s| {
+            if let Some(i) = s.azure_identity_ref.as_mut() {
+                i.metadata.name = Some("other".into());
+            }
+        }),
+    ];
+    for (case, change) in variants {
+        let mut go = go_written_spec("uid-i", "uid-b");
+        change(&mut go);
+        assert!(!same_assignment(&go, &desired), "{case}");
+    }
+}
+
+#[test]
+fn a_go_written_assigned_aai_needs_no_work() {
+    // Taking over from upstream's Go MIC: an Assigned AAI it wrote gives an
+    // empty plan (no update back to Created, no ARM work), and the drift
+    // check expects its identity where it is.
+    let mut ix = base();
+    let opts = Options::default();
+    let mut id = mk_uami("ns", "id");
+    id.metadata.uid = Some("uid-i".into());
+    let mut b = mk_binding("ns", "b", "id", "sel");
+    b.metadata.uid = Some("uid-b".into());
+    ix.apply_identity(&id);
+    ix.apply_binding(&b);
+    add_web(&mut ix);
+    let mut aai = AzureAssignedIdentity::new(
+        &assigned_identity_name("web", "ns", "id"),
+        go_written_spec("uid-i", "uid-b"),
+    );
+    aai.metadata.namespace = Some(DEFAULT_AAI_NAMESPACE.into());
+    aai.status = Some(AzureAssignedIdentityStatus {
+        status: "Assigned".into(),
+        available_replicas: 1,
+    });
+    ix.apply_assigned(&aai);
+    let p = plan(&ix, &opts);
+    assert!(p.is_empty(), "{p:?}");
+    assert_eq!(
+        expected_assignments(&ix, &opts),
+        [(vmss("vmss-a"), [lrid("id")].into())].into()
+    );
+    // The same AAI after the identity really changed is rewritten.
+    let mut edited = id.clone();
+    edited.spec.resource_id = rid("id2");
+    ix.apply_identity(&edited);
+    let p = plan(&ix, &opts);
+    assert_eq!(p.update.len(), 1);
+    assert_eq!(p.update[0].state(), Some(AssignedIdentityState::Created));
+}
+
 #[test]
 fn h5_metadata_edits_cause_no_work() {
     let mut ix = bound();

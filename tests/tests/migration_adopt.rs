@@ -1,0 +1,647 @@
+//! Adoption without churn between upstream v1.8.17's Go MIC and this MIC, on
+//! the real apiserver and the Azure emulator, in both directions:
+//!
+//! - upgrade: Go MIC assigns identities to pods selected by bindings, stops,
+//!   and this MIC starts on the same state; over several of its sync cycles
+//!   and drift checks it sends no ARM write and changes no
+//!   AzureAssignedIdentity (AAI): same resourceVersion, same status;
+//! - rollback: this MIC assigns, stops, Go MIC starts: no ARM write, no AAI
+//!   changed, and Go MIC logs no error (it decodes what this MIC wrote);
+//! - an AAI that really differs from what this MIC would write (a wrong
+//!   identity resource ID in its embedded AzureIdentity) is still corrected.
+//!
+//! Each direction prints its figures (ARM writes, AAIs changed, status
+//! changes). Go MIC's type-upgrade ConfigMap is created first, as a cluster
+//! that ran Go MIC before has it: without it Go MIC rewrites every
+//! identity, binding and AAI of the cluster once at start.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use aadpodid_tests::mic_world::{MicWorld, WAIT};
+use aadpodid_tests::tenant::{self, APP_ID, APP_RG, APP2_ID, CloudEnvironment, MicCloud};
+use aadpodid_tests::upstream::{MicOptions, UpstreamChild, spawn_upstream_mic};
+use aadpodid_tests::{free_port, wait_for};
+use anyhow::{Context as _, bail};
+use azure_emulator::observe::{RequestRecord, Service};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt as _;
+use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const ENV: &str = "MIGADOPT";
+
+aadpodid_tests::emulator_ca_parent_test!(migration_adopt, "MIGADOPT", 3, 900);
+
+/// This MIC's full resync period here: each second a sync cycle runs.
+const OUR_SYNC: &str = "--syncRetryDuration=1s";
+/// How long each side is watched once it leads: at least two sync cycles of
+/// one second and two drift checks of two seconds (`MIC_TEST_PERIODS`).
+const OBSERVE: Duration = Duration::from_secs(7);
+
+/// (resourceVersion, status) of each AAI of the world, by name.
+type AaiState = BTreeMap<String, (Option<String>, Option<String>)>;
+
+async fn aai_state(w: &MicWorld) -> anyhow::Result<AaiState> {
+    Ok(w.aais()
+        .await?
+        .into_iter()
+        .map(|a| {
+            (
+                a.name_any(),
+                (
+                    a.metadata.resource_version.clone(),
+                    a.status.as_ref().map(|s| s.status.clone()),
+                ),
+            )
+        })
+        .collect())
+}
+
+/// Samples the statuses of the world's AAIs every 100 ms until dropped or
+/// [`StatusSampler::finish`]ed, counting each change it sees (a `Created`
+/// in between that a before/after comparison would miss).
+struct StatusSampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<usize>>,
+}
+
+impl StatusSampler {
+    async fn start(w: &MicWorld) -> anyhow::Result<StatusSampler> {
+        let api = Api::<AzureAssignedIdentity>::namespaced(w.client().await?, "default");
+        let ns = w.ns.name().to_string();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut last: BTreeMap<String, Option<String>> = BTreeMap::new();
+            let mut changes = 0;
+            let mut first = true;
+            loop {
+                let now: BTreeMap<String, Option<String>> = api
+                    .list(&Default::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|a| a.spec.pod_namespace == ns)
+                    .map(|a| (a.name_any(), a.status.map(|s| s.status)))
+                    .collect();
+                if !first {
+                    changes += now.iter().filter(|(k, v)| last.get(*k) != Some(v)).count();
+                    changes += last.keys().filter(|k| !now.contains_key(*k)).count();
+                }
+                first = false;
+                last = now;
+                tokio::select! {
+                    _ = stopped.changed() => return Ok(changes),
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        });
+        Ok(StatusSampler { stop, task })
+    }
+
+    /// The number of status changes seen.
+    async fn finish(self) -> anyhow::Result<usize> {
+        let _ = self.stop.send(true);
+        self.task.await?
+    }
+}
+
+/// The emulator's last request number (the start of a window).
+fn last_seq(w: &MicWorld) -> u64 {
+    w.emu.requests(0).last().map_or(0, |r| r.seq)
+}
+
+/// ARM requests after `since` that write (anything but GET).
+fn arm_writes(w: &MicWorld, since: u64) -> Vec<RequestRecord> {
+    w.emu
+        .requests(since)
+        .into_iter()
+        .filter(|r| r.service == Service::Arm && r.method != "GET")
+        .collect()
+}
+
+/// ARM GETs of the world's scale set after `since` (a drift check reads it).
+fn vmss_reads(w: &MicWorld, since: u64) -> usize {
+    let path = format!("/virtualmachinescalesets/{}", w.vmss.to_lowercase());
+    w.emu
+        .requests(since)
+        .iter()
+        .filter(|r| {
+            r.service == Service::Arm && r.method == "GET" && r.uri.to_lowercase().contains(&path)
+        })
+        .count()
+}
+
+/// Figures of one window: AAIs whose resourceVersion changed, and whose status changed.
+fn changes(before: &AaiState, after: &AaiState) -> (usize, usize) {
+    let mut versions = 0;
+    let mut statuses = 0;
+    for (name, (rv, status)) in before {
+        match after.get(name) {
+            Some((rv2, status2)) => {
+                versions += usize::from(rv != rv2);
+                statuses += usize::from(status != status2);
+            }
+            None => {
+                versions += 1;
+                statuses += 1;
+            }
+        }
+    }
+    versions += after.keys().filter(|k| !before.contains_key(*k)).count();
+    (versions, statuses)
+}
+
+/// The ConfigMap in which Go MIC records that its one-time type upgrade ran
+/// (default name and key of its flags).
+async fn go_type_upgrade_done(w: &MicWorld) -> anyhow::Result<()> {
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("aad-pod-identity-config".into()),
+            ..Default::default()
+        },
+        data: Some([("type-upgrade-status".to_string(), "v1.8.17".to_string())].into()),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(w.client().await?, w.ns.name())
+        .create(&PostParams::default(), &cm)
+        .await?;
+    Ok(())
+}
+
+/// Upstream's Go MIC for this world (its cloud files, leader lock in the
+/// world's namespace), with short periods and its sync and reconcile lines
+/// logged (`-v=6`).
+fn go_mic(w: &MicWorld, tag: &str) -> anyhow::Result<UpstreamChild> {
+    let files = tenant::write_mic_cloud_files(
+        &w.dir,
+        &format!("go-{tag}-{}-", w.ns.name()),
+        &MicCloud::standard(),
+        // go-autorest asks for tokens for the ARM endpoint itself.
+        &CloudEnvironment {
+            token_audience: None,
+            ..CloudEnvironment::of(&w.emu)
+        },
+    )?;
+    spawn_upstream_mic(
+        &MicOptions {
+            kubeconfig: w.cluster().kubeconfig().to_path_buf(),
+            azure_json: files.azure_json,
+            cloud_env_file: files.environment,
+            ca_bundle: w.emu.ca_bundle_path().to_path_buf(),
+            namespace: w.ns.name().into(),
+            instance: format!("go-mic-{tag}"),
+            probe_port: free_port()?,
+            metrics_port: free_port()?,
+            extra_args: [
+                "--leader-election-duration=4s",
+                "--syncRetryDuration=1s",
+                "--identity-assignment-reconcile-interval=2s",
+                "--update-user-msi-retry-interval=100ms",
+                "-v=6",
+            ]
+            .map(String::from)
+            .to_vec(),
+        },
+        &w.dir.join(format!("go-mic-{tag}-{}.log", w.ns.name())),
+    )
+}
+
+/// klog's error lines (`E<mmdd> ...`) of a Go log.
+fn go_errors(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            let b = l.as_bytes();
+            b.len() > 5 && b[0] == b'E' && b[1..5].iter().all(u8::is_ascii_digit)
+        })
+        .collect()
+}
+
+fn go_tail(mic: &UpstreamChild) -> String {
+    let log = mic.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("Endpoints is deprecated"))
+        .collect();
+    format!(
+        "--- Go mic log (tail) ---\n{}",
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
+}
+
+/// The AAIs of the world as stored (every field, as `kubectl get -o json`).
+async fn raw_aais(w: &MicWorld) -> anyhow::Result<Vec<serde_json::Value>> {
+    let ar = ApiResource::erase::<AzureAssignedIdentity>(&());
+    let list = Api::<DynamicObject>::namespaced_with(w.client().await?, "default", &ar)
+        .list(&Default::default())
+        .await?;
+    let mut out = Vec::new();
+    for o in list.items {
+        let v = serde_json::to_value(&o)?;
+        if v["spec"]["podNamespace"] == w.ns.name() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The fields upstream's Go types write into an AAI besides those this
+/// project's types read (`metadata` in each spec and status, the empty
+/// `clientPassword`), which the CRDs must keep for a rollback to find what
+/// Go MIC wrote.
+const GO_ONLY_FIELDS: [&[&str]; 7] = [
+    &["spec", "metadata"],
+    &["status", "metadata"],
+    &["spec", "azureIdentityRef", "spec", "metadata"],
+    &["spec", "azureIdentityRef", "spec", "clientPassword"],
+    &["spec", "azureIdentityRef", "status", "metadata"],
+    &["spec", "azureBindingRef", "spec", "metadata"],
+    &["spec", "azureBindingRef", "status", "metadata"],
+];
+
+/// The paths of [`GO_ONLY_FIELDS`] missing from a stored AAI.
+fn pruned_go_fields(aai: &serde_json::Value) -> Vec<String> {
+    GO_ONLY_FIELDS
+        .iter()
+        .filter(|path| path.iter().fold(aai, |v, k| &v[*k]).is_null())
+        .map(|path| path.join("."))
+        .collect()
+}
+
+/// Whether this project's NMI accepts each AAI's embedded objects as the
+/// live ones (same UID and spec): a pod keeps getting its token.
+async fn nmi_accepts_all(w: &MicWorld) -> anyhow::Result<()> {
+    let client = w.client().await?;
+    let ids = Api::<AzureIdentity>::namespaced(client.clone(), w.ns.name());
+    let bindings = Api::<AzureIdentityBinding>::namespaced(client, w.ns.name());
+    for aai in w.aais().await? {
+        let name = aai.name_any();
+        let (Some(id), Some(b)) = (
+            aai.spec.azure_identity_ref.as_deref(),
+            aai.spec.azure_binding_ref.as_deref(),
+        ) else {
+            bail!("{name} embeds no identity or binding");
+        };
+        let live_id = ids.get(&id.name_any()).await?;
+        let live_b = bindings.get(&b.name_any()).await?;
+        if live_id.uid() != id.uid() || live_b.uid() != b.uid() {
+            bail!("{name}: embedded UIDs differ from the live objects'");
+        }
+        if !nmi::select::same_identity_spec(&live_id.spec, &id.spec)
+            || !nmi::select::same_binding_spec(&live_b.spec, &b.spec)
+        {
+            bail!("{name}: embedded specs differ from the live objects'");
+        }
+    }
+    Ok(())
+}
+
+/// Three pods selected by bindings: two on the scale set's instances (two
+/// identities), one on the standalone VM. The selectors name the world's
+/// namespace: both MICs match bindings across namespaces, and earlier
+/// worlds' bindings stay in the cluster.
+async fn bound_pods(w: &MicWorld) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
+    let app = format!("app-{}", w.ns.name());
+    let app2 = format!("app2-{}", w.ns.name());
+    w.tenant_identity(APP_ID).await?;
+    w.tenant_identity(APP2_ID).await?;
+    w.binding("app-binding", APP_ID, &app).await?;
+    w.binding("app2-binding", APP2_ID, &app2).await?;
+    w.pod("web", &app, &w.nodes[0]).await?;
+    w.pod("worker", &app2, &w.nodes[1]).await?;
+    w.pod("vm-web", &app, &w.vm_node).await?;
+    Ok(vec![
+        ("web", APP_ID),
+        ("worker", APP2_ID),
+        ("vm-web", APP_ID),
+    ])
+}
+
+/// Deletes the pods of [`bound_pods`] and waits, while a MIC runs, until
+/// their AAIs are gone: later worlds of this binary share the cluster, and
+/// both MICs watch every namespace.
+async fn release_pods(w: &MicWorld) -> anyhow::Result<()> {
+    w.delete_pods(&["web", "worker", "vm-web"]).await?;
+    w.wait_no_aais().await
+}
+
+/// Go MIC assigns the pods of [`bound_pods`] and is stopped; returns the
+/// world with the Go-written state.
+async fn go_assigned_world(prefix: &str) -> anyhow::Result<MicWorld> {
+    let w = MicWorld::shared(ENV, prefix).logs().build().await?;
+    go_type_upgrade_done(&w).await?;
+    let mut go = go_mic(&w, prefix)?;
+    let expected = bound_pods(&w).await?;
+    if let Err(e) = w.wait_exactly_assigned(&expected).await {
+        bail!("{e:#}\n{}", go_tail(&go));
+    }
+    w.wait_on_vmss(APP_ID, true).await?;
+    w.wait_on_vmss(APP2_ID, true).await?;
+    if !w
+        .vm_identities()
+        .contains(&tenant::uai_id(APP_RG, APP_ID).to_lowercase())
+    {
+        bail!("Go MIC did not put {APP_ID} on the VM\n{}", go_tail(&go));
+    }
+    // Nothing of Go's is still on its way to ARM or the AAIs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    go.kill();
+    Ok(w)
+}
+
+/// Upgrade: this MIC takes over what Go MIC wrote with no ARM write and no
+/// AAI changed, over several sync cycles and drift checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
+async fn child_ours_adopts_what_go_mic_wrote() -> anyhow::Result<()> {
+    let w = go_assigned_world("adopt-up").await?;
+    let mut pruned = Vec::new();
+    for v in raw_aais(&w).await? {
+        eprintln!(
+            "AAI as Go MIC wrote it:\n{}",
+            serde_json::to_string_pretty(&v)?
+        );
+        pruned.extend(pruned_go_fields(&v));
+    }
+    println!("fields Go MIC wrote that the CRD pruned: {pruned:?}");
+    if !pruned.is_empty() {
+        w.cleanup().await;
+        bail!("the CRD pruned fields Go MIC wrote: {pruned:?}");
+    }
+    nmi_accepts_all(&w).await?;
+    let before = aai_state(&w).await?;
+    let since = last_seq(&w);
+    let sampler = StatusSampler::start(&w).await?;
+
+    let mic = w.start_mic("mic-adopt-up", &[OUR_SYNC]).await?;
+    mic.wait_leading().await?;
+    tokio::time::sleep(OBSERVE).await;
+    // A drift check ran: it reads the scale set.
+    wait_for("a drift check of this MIC", WAIT, || async {
+        (vmss_reads(&w, since) > 0).then_some(())
+    })
+    .await?;
+
+    let after = aai_state(&w).await?;
+    let statuses = sampler.finish().await?;
+    let writes = arm_writes(&w, since);
+    let (versions, _) = changes(&before, &after);
+    // Counted over the whole cluster (earlier worlds' leftovers included):
+    // AAIs this MIC created or rewrote.
+    let added = mic
+        .metric("aadpodidentity_assigned_identity_addition_count")
+        .await?;
+    let updated = mic
+        .metric("aadpodidentity_assigned_identity_update_count")
+        .await?;
+    println!(
+        "upgrade Go -> ours: ARM writes {}, AAIs changed {versions} of {}, status changes {statuses}, AAIs created {added}, rewritten {updated}",
+        writes.len(),
+        before.len()
+    );
+    // This MIC releases what Go MIC assigned.
+    let released = release_pods(&w).await;
+    let stopped = mic.stop().await;
+    w.cleanup().await;
+    stopped?;
+    released?;
+    assert!(
+        writes.is_empty(),
+        "ARM writes after the takeover: {writes:?}"
+    );
+    assert_eq!(before, after, "AAIs changed by the takeover");
+    assert_eq!(statuses, 0, "AAI status changes during the takeover");
+    assert_eq!((added, updated), (0.0, 0.0), "AAIs written by the takeover");
+    Ok(())
+}
+
+/// Rollback: Go MIC takes over what this MIC wrote with no ARM write, no
+/// AAI changed and no error in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
+async fn child_go_mic_adopts_what_ours_wrote() -> anyhow::Result<()> {
+    let w = MicWorld::shared(ENV, "adopt-down").logs().build().await?;
+    go_type_upgrade_done(&w).await?;
+    let mic = w.start_mic("mic-adopt-down", &[OUR_SYNC]).await?;
+    let expected = bound_pods(&w).await?;
+    w.wait_exactly_assigned(&expected).await?;
+    w.wait_on_vmss(APP_ID, true).await?;
+    w.wait_on_vmss(APP2_ID, true).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mic.stop().await?;
+    for v in raw_aais(&w).await? {
+        eprintln!(
+            "AAI as this MIC wrote it:\n{}",
+            serde_json::to_string_pretty(&v)?
+        );
+    }
+    let before = aai_state(&w).await?;
+    let since = last_seq(&w);
+    let sampler = StatusSampler::start(&w).await?;
+
+    let go = go_mic(&w, "adopt-down")?;
+    let observed = wait_for("Go MIC's sync cycles and reconciles", WAIT, || async {
+        let log = go.log();
+        let syncs = log.matches("running periodic sync loop").count();
+        let reconciles = log
+            .matches("reconciling identity assignment on Azure")
+            .count();
+        (syncs >= 3 && reconciles >= 2).then_some((syncs, reconciles))
+    })
+    .await
+    .with_context(|| go_tail(&go));
+    let (syncs, reconciles) = match observed {
+        Ok(v) => v,
+        Err(e) => {
+            w.cleanup().await;
+            return Err(e);
+        }
+    };
+    let after = aai_state(&w).await?;
+    let statuses = sampler.finish().await?;
+    let writes = arm_writes(&w, since);
+    let (versions, _) = changes(&before, &after);
+    let log = go.log();
+    let errors = go_errors(&log);
+    println!(
+        "rollback ours -> Go: ARM writes {}, AAIs changed {versions} of {}, status changes {statuses}, Go sync cycles {syncs}, reconciles {reconciles}, Go error lines {}",
+        writes.len(),
+        before.len(),
+        errors.len()
+    );
+    // Go MIC releases what this MIC assigned.
+    let released = release_pods(&w).await;
+    let tail = go_tail(&go);
+    drop(go);
+    w.cleanup().await;
+    released.with_context(|| tail.clone())?;
+    assert!(
+        errors.is_empty(),
+        "Go MIC logged errors: {errors:#?}\n{tail}"
+    );
+    assert!(
+        writes.is_empty(),
+        "ARM writes after the rollback: {writes:?}\n{tail}"
+    );
+    assert_eq!(before, after, "AAIs changed by the rollback\n{tail}");
+    assert_eq!(statuses, 0, "AAI status changes during the rollback");
+    assert!(
+        !log.contains("creating assigned id") && !log.contains("updating assigned id"),
+        "Go MIC rewrote AAIs\n{tail}"
+    );
+    Ok(())
+}
+
+/// What really differs from what this MIC would write is still corrected
+/// after the takeover, and nothing else is touched: an AzureIdentity edited
+/// while no MIC ran (its AAI embeds the old resource ID), then an AAI whose
+/// embedded identity is made to name another identity's resource ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
+async fn child_a_really_different_aai_is_still_corrected() -> anyhow::Result<()> {
+    let w = go_assigned_world("adopt-fix").await?;
+    let client = w.client().await?;
+    let aais = Api::<AzureAssignedIdentity>::namespaced(client.clone(), "default");
+    let app = tenant::uai_id(APP_RG, APP_ID);
+    let app2 = tenant::uai_id(APP_RG, APP2_ID);
+    let worker = w.aai_name("worker", APP2_ID);
+    let web = w.aai_name("web", APP_ID);
+    // While no MIC runs, the user points identity app2-id at app-id.
+    Api::<AzureIdentity>::namespaced(client.clone(), w.ns.name())
+        .patch(
+            APP2_ID,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resourceID": app, "clientID": tenant::APP_CLIENT}})),
+        )
+        .await?;
+    let before = aai_state(&w).await?;
+
+    let mic = w.start_mic("mic-adopt-fix", &[OUR_SYNC]).await?;
+    mic.wait_leading().await?;
+    let embeds = |name: String, want: String| {
+        let aais = aais.clone();
+        async move {
+            let a = aais.get_opt(&name).await.ok()??;
+            let id = a.spec.azure_identity_ref.as_deref()?;
+            (id.spec.resource_id == want && a.status.as_ref()?.status == "Assigned").then_some(())
+        }
+    };
+    let edited = wait_for(
+        "the edited identity embedded anew and Assigned",
+        WAIT,
+        || embeds(worker.clone(), app.clone()),
+    )
+    .await;
+    let released = match edited {
+        Ok(()) => w.wait_on_vmss(APP2_ID, false).await,
+        Err(e) => Err(e),
+    };
+    let after_edit = aai_state(&w).await?;
+    // Then an AAI made to name another identity's resource ID.
+    let tampered = aais
+        .patch(
+            &web,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"azureIdentityRef": {"spec": {"resourceID": app2}}}})),
+        )
+        .await;
+    let fixed = match tampered {
+        Ok(_) => {
+            wait_for("the tampered AAI corrected and Assigned", WAIT, || {
+                embeds(web.clone(), app.clone())
+            })
+            .await
+        }
+        Err(e) => Err(e.into()),
+    };
+    let updates = mic
+        .metric("aadpodidentity_assigned_identity_update_count")
+        .await?;
+    let app_kept = w.on_vmss(APP_ID);
+    let cleaned = release_pods(&w).await;
+    let stopped = mic.stop().await;
+    w.cleanup().await;
+    stopped?;
+    released?;
+    fixed?;
+    cleaned?;
+    let (versions, _) = changes(&before, &after_edit);
+    println!(
+        "really different: edited identity and tampered AAI corrected; AAIs changed by the edit {versions} of {}, AAI updates {updates}",
+        before.len()
+    );
+    // Only the AAI of the edited identity was rewritten.
+    for (name, state) in &before {
+        if *name != worker {
+            assert_eq!(after_edit.get(name), Some(state), "{name} changed");
+        }
+    }
+    assert_ne!(after_edit.get(&worker), before.get(&worker));
+    assert!(app_kept, "app-id stays on the scale set");
+    assert_eq!(updates, 2.0, "two AAIs rewritten");
+    Ok(())
+}
+
+/// Whatever embedded identity this MIC keeps as the same assignment, this
+/// project's NMI accepts as the live object: adopting an AAI without
+/// rewriting it must never leave a pod with a 403. Each variant of the live
+/// identity's spec is compared with each variant of the embedded copy.
+#[test]
+fn what_mic_keeps_nmi_accepts() {
+    use aadpodid_api::AzureAssignedIdentitySpec;
+    use k8s_openapi::api::core::v1::SecretReference;
+
+    let secret = |name: Option<&str>, namespace: Option<&str>| {
+        Some(SecretReference {
+            name: name.map(String::from),
+            namespace: namespace.map(String::from),
+        })
+    };
+    let variants: Vec<aadpodid_api::AzureIdentitySpec> = [
+        None,
+        secret(None, None),
+        secret(Some(""), None),
+        secret(None, Some("")),
+        secret(Some("sp"), None),
+        secret(Some("sp"), Some("ns")),
+    ]
+    .into_iter()
+    .flat_map(|password| {
+        [None, Some(vec![]), Some(vec!["t2".to_string()])]
+            .into_iter()
+            .map(move |aux| aadpodid_api::AzureIdentitySpec {
+                resource_id: tenant::uai_id(APP_RG, APP_ID),
+                client_id: tenant::APP_CLIENT.into(),
+                client_password: password.clone(),
+                auxiliary_tenant_ids: aux,
+                ..Default::default()
+            })
+    })
+    .collect();
+    let aai = |spec: &aadpodid_api::AzureIdentitySpec| {
+        let mut id = AzureIdentity::new(APP_ID, spec.clone());
+        id.metadata.uid = Some("uid".into());
+        AzureAssignedIdentitySpec {
+            azure_identity_ref: Some(Box::new(id)),
+            pod: "web".into(),
+            pod_namespace: "ns".into(),
+            node_name: "n".into(),
+            ..Default::default()
+        }
+    };
+    let mut kept = 0;
+    for live in &variants {
+        for embedded in &variants {
+            if mic::plan::same_assignment(&aai(live), &aai(embedded)) {
+                kept += 1;
+                assert!(
+                    nmi::select::same_identity_spec(live, embedded),
+                    "MIC keeps, NMI refuses: live {live:?}, embedded {embedded:?}"
+                );
+            }
+        }
+    }
+    // Go's `{}` and `[]` forms are kept (not only identical specs).
+    assert!(kept > variants.len(), "{kept}");
+}
