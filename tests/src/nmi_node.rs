@@ -82,6 +82,11 @@ pub const SP_CERT_CLIENT: &str = "dddddddd-0000-4000-8000-00000000000d";
 pub const REDIRECT_RULE: &str = "-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579";
 /// The jump from PREROUTING to NMI's chain, as `iptables -t nat -S` prints it.
 pub const REDIRECT_JUMP: &str = "-A PREROUTING -j aad-metadata";
+/// The same redirect in NMI's second chain, which upstream's NMI does not
+/// delete when it stops.
+pub const GUARD_RULE: &str = "-A aad-metadata-guard ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579";
+/// The jump from PREROUTING to NMI's second chain.
+pub const GUARD_JUMP: &str = "-A PREROUTING -j aad-metadata-guard";
 
 /// `AADPODID_NMI_BIN` when set, else `default` (in an integration test,
 /// `env!("CARGO_BIN_EXE_e2e-nmi")`).
@@ -519,6 +524,12 @@ impl NmiNode {
         Ok(())
     }
 
+    /// Runs `bin` at the next starts instead of [`Options::nmi_bin`] (another
+    /// build of NMI, for before/after figures).
+    pub fn set_nmi_bin(&mut self, bin: PathBuf) {
+        self.nmi_bin = bin;
+    }
+
     /// Takes NMI's process from the node (which then no longer stops it),
     /// for a test that waits for it to exit.
     pub fn take_nmi(&mut self) -> Option<Child> {
@@ -593,29 +604,31 @@ impl NmiNode {
         self.node_ns().run("iptables", &args)
     }
 
-    /// Whether NMI's redirect rule and the jump to it are in the node's nat
-    /// table.
+    /// Whether NMI's redirect rules and the jumps to them (both chains) are
+    /// in the node's nat table.
     pub fn redirect_in_place(&self) -> bool {
         self.nat_rules(None).is_ok_and(|out| {
-            out.lines().any(|l| l.trim() == REDIRECT_RULE)
-                && out.lines().any(|l| l.trim() == REDIRECT_JUMP)
+            [REDIRECT_RULE, REDIRECT_JUMP, GUARD_RULE, GUARD_JUMP]
+                .iter()
+                .all(|want| out.lines().any(|l| l.trim() == *want))
         })
     }
 
-    /// Deletes the jump from PREROUTING to NMI's chain (as a reboot or a
-    /// flush of PREROUTING would leave the node).
+    /// Whether any jump to NMI's chains is in PREROUTING (false: pods reach
+    /// the real IMDS).
+    pub fn any_redirect_jump(&self) -> bool {
+        self.nat_rules(Some("PREROUTING")).is_ok_and(|out| {
+            out.lines()
+                .any(|l| l.trim() == REDIRECT_JUMP || l.trim() == GUARD_JUMP)
+        })
+    }
+
+    /// Deletes the jumps from PREROUTING to NMI's chains at once, in one
+    /// `iptables-restore` transaction (as a reboot or a flush of PREROUTING
+    /// would leave the node).
     pub fn remove_redirect_jump(&self) -> anyhow::Result<()> {
-        let args = [
-            "-w",
-            "5",
-            "-t",
-            "nat",
-            "-D",
-            "PREROUTING",
-            "-j",
-            "aad-metadata",
-        ];
-        self.node_ns().run("iptables", &args)?;
+        let script = "printf '*nat\\n-D PREROUTING -j aad-metadata\\n-D PREROUTING -j aad-metadata-guard\\nCOMMIT\\n' | iptables-restore -w 5 --noflush";
+        self.node_ns().run("sh", &["-c", script])?;
         Ok(())
     }
 

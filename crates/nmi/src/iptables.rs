@@ -3,21 +3,38 @@
 //! plan that turns what `iptables -S` shows into them. Thin: [`Runner`], over the
 //! `iptables` binary.
 //!
-//! **Fail-closed.** NMI leaves the chain and the jump in place when it stops,
+//! **Fail-closed.** NMI leaves the chains and the jumps in place when it stops,
 //! so during a restart or rolling update pods' requests to 169.254.169.254 are
 //! refused at once (nothing listens on the DNAT target) instead of reaching the
 //! real IMDS, which would hand out any node identity. Only `nmi
 //! --cleanup-iptables` (by hand), `--cleanup-on-uninstall` when NMI's own
 //! DaemonSet is gone (what the chart sets; see `uninstall.rs`) or
 //! `--remove-iptables-on-exit` (upstream's behaviour) removes them.
+//!
+//! **Two chains.** [`CHAIN`] is upstream's `aad-metadata`, with upstream's
+//! rules, jumped to first: upstream's NMI adopts it unchanged (rollback) and
+//! tools that read it keep working. Upstream's NMI deletes that chain when it
+//! gets SIGTERM, also while a newer NMI runs beside it on the node (a
+//! DaemonSet rolling update with surge). So NMI writes the same redirect into
+//! a second chain, [`GUARD_CHAIN`], jumped to second: a name upstream never
+//! touches. While `aad-metadata` is there the guard is never reached (DNAT
+//! ends the nat traversal); once upstream's NMI has deleted it, the guard
+//! keeps sending pods to the same address and port until NMI's next check
+//! puts `aad-metadata` back. The same guard keeps a repair of either jump
+//! from opening a window: one jump is always in place while the other is
+//! deleted and inserted again.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-/// The nat chain NMI owns.
+/// The nat chain NMI shares with upstream's NMI (upstream's name and rules).
 pub const CHAIN: &str = "aad-metadata";
-/// The built-in chain that jumps to [`CHAIN`] (pod traffic only: host-network
-/// traffic goes through OUTPUT and is not redirected, as upstream).
+/// The nat chain only NMI writes: the same redirect, which upstream's NMI
+/// does not delete on SIGTERM.
+pub const GUARD_CHAIN: &str = "aad-metadata-guard";
+/// The built-in chain that jumps to [`CHAIN`] then [`GUARD_CHAIN`] (pod
+/// traffic only: host-network traffic goes through OUTPUT and is not
+/// redirected, as upstream).
 pub const PREROUTING: &str = "PREROUTING";
 
 /// Where the redirect points.
@@ -34,14 +51,20 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    /// The chain's rules exactly as `iptables -t nat -S aad-metadata` prints them.
+    /// [`CHAIN`]'s rules exactly as `iptables -t nat -S aad-metadata` prints them.
     pub fn expected_rules(&self) -> Vec<String> {
+        self.rules_of(CHAIN)
+    }
+
+    /// The rules of `chain` (one of [`CHAIN`] and [`GUARD_CHAIN`]) as
+    /// `iptables -t nat -S <chain>` prints them.
+    pub fn rules_of(&self, chain: &str) -> Vec<String> {
         vec![
             format!(
-                "-A {CHAIN} ! -s 127.0.0.1/32 -d {}/32 -p tcp -m tcp --dport {} -j DNAT --to-destination {}:{}",
+                "-A {chain} ! -s 127.0.0.1/32 -d {}/32 -p tcp -m tcp --dport {} -j DNAT --to-destination {}:{}",
                 self.metadata_ip, self.metadata_port, self.target_ip, self.target_port
             ),
-            format!("-A {CHAIN} -j RETURN"),
+            format!("-A {chain} -j RETURN"),
         ]
     }
 
@@ -51,19 +74,19 @@ impl Redirect {
     }
 }
 
-/// One iptables change.
+/// One iptables change; the chain is [`CHAIN`] or [`GUARD_CHAIN`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// `-N aad-metadata`.
-    CreateChain,
-    /// `-F aad-metadata`.
-    FlushChain,
-    /// `-A aad-metadata <rule>`; the string is a `-S` line.
+    /// `-N <chain>`.
+    CreateChain(&'static str),
+    /// `-F <chain>`.
+    FlushChain(&'static str),
+    /// `-A <chain> <rule>`; the string is a `-S` line.
     AppendRule(String),
-    /// `-D PREROUTING -j aad-metadata` (a jump not at position 1, or a duplicate).
-    DeleteJump,
-    /// `-I PREROUTING 1 -j aad-metadata`.
-    InsertJump,
+    /// `-D PREROUTING -j <chain>` (a jump out of place, or a duplicate).
+    DeleteJump(&'static str),
+    /// `-I PREROUTING <position> -j <chain>` (1-based position).
+    InsertJump(&'static str, usize),
 }
 
 impl Action {
@@ -71,61 +94,100 @@ impl Action {
     pub fn args(&self) -> Vec<String> {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         match self {
-            Action::CreateChain => s(&["-N", CHAIN]),
-            Action::FlushChain => s(&["-F", CHAIN]),
+            Action::CreateChain(chain) => s(&["-N", chain]),
+            Action::FlushChain(chain) => s(&["-F", chain]),
             Action::AppendRule(rule) => rule.split_whitespace().map(str::to_owned).collect(),
-            Action::DeleteJump => s(&["-D", PREROUTING, "-j", CHAIN]),
-            Action::InsertJump => s(&["-I", PREROUTING, "1", "-j", CHAIN]),
-        }
-    }
-}
-
-/// `-A PREROUTING -j aad-metadata` as `-S` prints it.
-fn jump_line() -> String {
-    format!("-A {PREROUTING} -j {CHAIN}")
-}
-
-/// What to change, given `chain` (the `-S aad-metadata` lines, `None` when the
-/// chain does not exist) and `prerouting` (the `-S PREROUTING` lines). Empty when
-/// everything is in place. Tampered chains are flushed and rewritten (as upstream
-/// does at its next check); the jump is kept first in PREROUTING and single, so no
-/// rule inserted before it can divert pod traffic around NMI.
-pub fn plan(redirect: &Redirect, chain: Option<&[String]>, prerouting: &[String]) -> Vec<Action> {
-    let mut actions = Vec::new();
-    let expected = redirect.expected_rules();
-    match chain {
-        None => {
-            actions.push(Action::CreateChain);
-            actions.extend(expected.into_iter().map(Action::AppendRule));
-        }
-        Some(lines) => {
-            let rules: Vec<&str> = lines
-                .iter()
-                .map(|l| l.trim())
-                .filter(|l| l.starts_with("-A "))
-                .collect();
-            if rules != expected.iter().map(String::as_str).collect::<Vec<_>>() {
-                actions.push(Action::FlushChain);
-                actions.extend(expected.into_iter().map(Action::AppendRule));
+            Action::DeleteJump(chain) => s(&["-D", PREROUTING, "-j", chain]),
+            Action::InsertJump(chain, position) => {
+                s(&["-I", PREROUTING, &position.to_string(), "-j", chain])
             }
         }
     }
-    let appended: Vec<&str> = prerouting
+}
+
+/// `-A PREROUTING -j <chain>` as `-S` prints it.
+pub fn jump_line(chain: &str) -> String {
+    format!("-A {PREROUTING} -j {chain}")
+}
+
+/// The `-A` lines of a listing, trimmed.
+fn appended(lines: &[String]) -> Vec<&str> {
+    lines
         .iter()
         .map(|l| l.trim())
         .filter(|l| l.starts_with("-A "))
-        .collect();
-    let jump = jump_line();
-    let positions: Vec<usize> = appended
+        .collect()
+}
+
+/// Creates `name` (absent: `current` is `None`) or rewrites it when its rules
+/// are not `expected` (tampered: flushed and rewritten, as upstream does at
+/// its next check).
+fn plan_chain(
+    actions: &mut Vec<Action>,
+    name: &'static str,
+    current: Option<&[String]>,
+    expected: Vec<String>,
+) {
+    match current {
+        None => actions.push(Action::CreateChain(name)),
+        Some(lines)
+            if appended(lines) == expected.iter().map(String::as_str).collect::<Vec<_>>() =>
+        {
+            return;
+        }
+        Some(_) => actions.push(Action::FlushChain(name)),
+    }
+    actions.extend(expected.into_iter().map(Action::AppendRule));
+}
+
+/// Puts the single jump to `chain` at index `want` of `rules` (the `-A
+/// PREROUTING` lines, updated as the actions will leave them).
+fn plan_jump(actions: &mut Vec<Action>, rules: &mut Vec<String>, chain: &'static str, want: usize) {
+    let jump = jump_line(chain);
+    let positions: Vec<usize> = rules
         .iter()
         .enumerate()
         .filter(|(_, l)| **l == jump)
         .map(|(i, _)| i)
         .collect();
-    if positions != [0] {
-        actions.extend(positions.iter().map(|_| Action::DeleteJump));
-        actions.push(Action::InsertJump);
+    if positions == [want] {
+        return;
     }
+    actions.extend(positions.iter().map(|_| Action::DeleteJump(chain)));
+    rules.retain(|l| *l != jump);
+    let at = want.min(rules.len());
+    rules.insert(at, jump);
+    actions.push(Action::InsertJump(chain, at + 1));
+}
+
+/// What to change, given `chain` and `guard` (the `-S` lines of [`CHAIN`] and
+/// [`GUARD_CHAIN`], `None` when the chain does not exist) and `prerouting`
+/// (the `-S PREROUTING` lines). Empty when everything is in place. Both
+/// chains hold the redirect; the jump to [`CHAIN`] is kept first in
+/// PREROUTING and the jump to [`GUARD_CHAIN`] second, each single, so no rule
+/// inserted before them can divert pod traffic around NMI. A jump out of
+/// place is deleted before it is inserted again: the other jump redirects
+/// meanwhile.
+pub fn plan(
+    redirect: &Redirect,
+    chain: Option<&[String]>,
+    guard: Option<&[String]>,
+    prerouting: &[String],
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    plan_chain(&mut actions, CHAIN, chain, redirect.rules_of(CHAIN));
+    plan_chain(
+        &mut actions,
+        GUARD_CHAIN,
+        guard,
+        redirect.rules_of(GUARD_CHAIN),
+    );
+    let mut rules: Vec<String> = appended(prerouting)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    plan_jump(&mut actions, &mut rules, CHAIN, 0);
+    plan_jump(&mut actions, &mut rules, GUARD_CHAIN, 1);
     actions
 }
 
@@ -165,6 +227,8 @@ pub enum IptablesError {
 struct Tables {
     /// `-A aad-metadata` lines; `None` when the chain does not exist.
     chain: Option<Vec<String>>,
+    /// `-A aad-metadata-guard` lines; `None` when the chain does not exist.
+    guard: Option<Vec<String>>,
     /// `-A PREROUTING` lines.
     prerouting: Vec<String>,
 }
@@ -260,22 +324,26 @@ impl Runner {
     async fn list_table(&self) -> Result<Tables, IptablesError> {
         let out = self.run(&["-S".into()]).await?;
         let lines: Vec<String> = out.lines().map(|l| l.trim().to_owned()).collect();
-        let new_chain = format!("-N {CHAIN}");
-        let chain_prefix = format!("-A {CHAIN} ");
-        let chain = lines.contains(&new_chain).then(|| {
-            lines
-                .iter()
-                .filter(|l| l.starts_with(&chain_prefix))
-                .cloned()
-                .collect()
-        });
+        let chain_lines = |name: &str| {
+            let prefix = format!("-A {name} ");
+            lines.contains(&format!("-N {name}")).then(|| {
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with(&prefix))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+        };
         let pre_prefix = format!("-A {PREROUTING} ");
-        let prerouting = lines
-            .iter()
-            .filter(|l| l.starts_with(&pre_prefix))
-            .cloned()
-            .collect();
-        Ok(Tables { chain, prerouting })
+        Ok(Tables {
+            chain: chain_lines(CHAIN),
+            guard: chain_lines(GUARD_CHAIN),
+            prerouting: lines
+                .iter()
+                .filter(|l| l.starts_with(&pre_prefix))
+                .cloned()
+                .collect(),
+        })
     }
 
     /// Brings the rules in line with `redirect`; returns the actions taken.
@@ -283,7 +351,12 @@ impl Runner {
     /// ([`Runner::with_conntrack`]), then cuts connections opened before.
     pub async fn sync(&self, redirect: &Redirect) -> Result<Vec<Action>, IptablesError> {
         let t = self.list_table().await?;
-        let actions = plan(redirect, t.chain.as_deref(), &t.prerouting);
+        let actions = plan(
+            redirect,
+            t.chain.as_deref(),
+            t.guard.as_deref(),
+            &t.prerouting,
+        );
         for a in &actions {
             self.run(&a.args()).await?;
         }
@@ -293,16 +366,18 @@ impl Runner {
         Ok(actions)
     }
 
-    /// Removes the jump(s) and the chain (explicit cleanup only).
+    /// Removes the jumps and both chains (explicit cleanup and uninstall).
     pub async fn cleanup(&self) -> Result<(), IptablesError> {
         let t = self.list_table().await?;
-        let jump = jump_line();
-        for _ in t.prerouting.iter().filter(|l| **l == jump) {
-            self.run(&Action::DeleteJump.args()).await?;
-        }
-        if t.chain.is_some() {
-            self.run(&Action::FlushChain.args()).await?;
-            self.run(&["-X".into(), CHAIN.into()]).await?;
+        for (name, present) in [(CHAIN, t.chain.is_some()), (GUARD_CHAIN, t.guard.is_some())] {
+            let jump = jump_line(name);
+            for _ in t.prerouting.iter().filter(|l| **l == jump) {
+                self.run(&Action::DeleteJump(name).args()).await?;
+            }
+            if present {
+                self.run(&Action::FlushChain(name).args()).await?;
+                self.run(&["-X".into(), name.into()]).await?;
+            }
         }
         Ok(())
     }
@@ -460,87 +535,228 @@ mod tests {
     }
 
     #[test]
+    fn guard_rules_are_the_same_redirect_in_a_chain_of_our_own() {
+        assert_eq!(
+            redirect().rules_of(GUARD_CHAIN),
+            [
+                "-A aad-metadata-guard ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579",
+                "-A aad-metadata-guard -j RETURN",
+            ]
+        );
+        // iptables limits chain names to 28 characters.
+        assert!(GUARD_CHAIN.len() <= 28);
+        assert_ne!(GUARD_CHAIN, CHAIN);
+    }
+
+    #[test]
     fn plans() {
+        use Action::*;
         let r = redirect();
-        let good_chain = {
-            let mut v = lines(&["-N aad-metadata"]);
-            v.extend(r.expected_rules());
+        let chain_of = |name: &str| {
+            let mut v = lines(&[&format!("-N {name}")]);
+            v.extend(r.rules_of(name));
             v
         };
-        let rules: Vec<Action> = r
-            .expected_rules()
-            .into_iter()
-            .map(Action::AppendRule)
-            .collect();
-        let with = |mut v: Vec<Action>, more: &[Action]| {
-            v.extend_from_slice(more);
-            v
-        };
-        type Case = (&'static str, Option<Vec<String>>, Vec<String>, Vec<Action>);
+        let good = chain_of(CHAIN);
+        let good_guard = chain_of(GUARD_CHAIN);
+        let rules =
+            |name: &str| -> Vec<Action> { r.rules_of(name).into_iter().map(AppendRule).collect() };
+        let cat = |parts: Vec<Vec<Action>>| parts.concat();
+        const MAIN: &str = "-A PREROUTING -j aad-metadata";
+        const GUARD: &str = "-A PREROUTING -j aad-metadata-guard";
+        type Case = (
+            &'static str,
+            Option<Vec<String>>,
+            Option<Vec<String>>,
+            Vec<String>,
+            Vec<Action>,
+        );
         let cases: Vec<Case> = vec![
             (
                 "fresh node",
                 None,
+                None,
                 lines(&["-P PREROUTING ACCEPT", "-A PREROUTING -j KUBE-SERVICES"]),
-                with(
-                    with(vec![Action::CreateChain], &rules),
-                    &[Action::InsertJump],
-                ),
+                cat(vec![
+                    vec![CreateChain(CHAIN)],
+                    rules(CHAIN),
+                    vec![CreateChain(GUARD_CHAIN)],
+                    rules(GUARD_CHAIN),
+                    vec![InsertJump(CHAIN, 1), InsertJump(GUARD_CHAIN, 2)],
+                ]),
             ),
             (
                 "all in place",
-                Some(good_chain.clone()),
+                Some(good.clone()),
+                Some(good_guard.clone()),
                 lines(&[
                     "-P PREROUTING ACCEPT",
-                    "-A PREROUTING -j aad-metadata",
+                    MAIN,
+                    GUARD,
                     "-A PREROUTING -j KUBE-SERVICES",
                 ]),
                 vec![],
             ),
             (
+                "upstream's NMI alone (its chain is ours): the guard is added second",
+                Some(good.clone()),
+                None,
+                lines(&[MAIN, "-A PREROUTING -j KUBE-SERVICES"]),
+                cat(vec![
+                    vec![CreateChain(GUARD_CHAIN)],
+                    rules(GUARD_CHAIN),
+                    vec![InsertJump(GUARD_CHAIN, 2)],
+                ]),
+            ),
+            (
+                "upstream's NMI deleted aad-metadata on SIGTERM: the guard stays, aad-metadata comes back first",
+                None,
+                Some(good_guard.clone()),
+                lines(&[GUARD, "-A PREROUTING -j KUBE-SERVICES"]),
+                cat(vec![
+                    vec![CreateChain(CHAIN)],
+                    rules(CHAIN),
+                    vec![InsertJump(CHAIN, 1)],
+                ]),
+            ),
+            (
                 "tampered rule",
                 Some(lines(&["-N aad-metadata", "-A aad-metadata -j RETURN"])),
-                lines(&["-A PREROUTING -j aad-metadata"]),
-                with(vec![Action::FlushChain], &rules),
+                Some(good_guard.clone()),
+                lines(&[MAIN, GUARD]),
+                cat(vec![vec![FlushChain(CHAIN)], rules(CHAIN)]),
+            ),
+            (
+                "guard flushed",
+                Some(good.clone()),
+                Some(lines(&["-N aad-metadata-guard"])),
+                lines(&[MAIN, GUARD]),
+                cat(vec![vec![FlushChain(GUARD_CHAIN)], rules(GUARD_CHAIN)]),
             ),
             (
                 "extra rule appended",
                 Some({
-                    let mut v = good_chain.clone();
+                    let mut v = good.clone();
                     v.push("-A aad-metadata -j ACCEPT".into());
                     v
                 }),
-                lines(&["-A PREROUTING -j aad-metadata"]),
-                with(vec![Action::FlushChain], &rules),
+                Some(good_guard.clone()),
+                lines(&[MAIN, GUARD]),
+                cat(vec![vec![FlushChain(CHAIN)], rules(CHAIN)]),
             ),
             (
-                "jump pushed down",
-                Some(good_chain.clone()),
+                "jumps pushed down",
+                Some(good.clone()),
+                Some(good_guard.clone()),
                 lines(&[
                     "-P PREROUTING ACCEPT",
                     "-A PREROUTING -j ACCEPT",
-                    "-A PREROUTING -j aad-metadata",
+                    MAIN,
+                    GUARD,
                 ]),
-                vec![Action::DeleteJump, Action::InsertJump],
+                vec![
+                    DeleteJump(CHAIN),
+                    InsertJump(CHAIN, 1),
+                    DeleteJump(GUARD_CHAIN),
+                    InsertJump(GUARD_CHAIN, 2),
+                ],
+            ),
+            (
+                "a rule between the two jumps",
+                Some(good.clone()),
+                Some(good_guard.clone()),
+                lines(&[MAIN, "-A PREROUTING -j ACCEPT", GUARD]),
+                vec![DeleteJump(GUARD_CHAIN), InsertJump(GUARD_CHAIN, 2)],
+            ),
+            (
+                "jumps in the wrong order",
+                Some(good.clone()),
+                Some(good_guard.clone()),
+                lines(&[GUARD, MAIN]),
+                vec![DeleteJump(CHAIN), InsertJump(CHAIN, 1)],
             ),
             (
                 "jump duplicated",
-                Some(good_chain.clone()),
-                lines(&[
-                    "-A PREROUTING -j aad-metadata",
-                    "-A PREROUTING -j aad-metadata",
-                ]),
-                vec![Action::DeleteJump, Action::DeleteJump, Action::InsertJump],
+                Some(good.clone()),
+                Some(good_guard.clone()),
+                lines(&[MAIN, MAIN, GUARD]),
+                vec![DeleteJump(CHAIN), DeleteJump(CHAIN), InsertJump(CHAIN, 1)],
             ),
             (
-                "jump missing",
-                Some(good_chain),
+                "guard jump duplicated",
+                Some(good.clone()),
+                Some(good_guard.clone()),
+                lines(&[MAIN, GUARD, "-A PREROUTING -j KUBE-SERVICES", GUARD]),
+                vec![
+                    DeleteJump(GUARD_CHAIN),
+                    DeleteJump(GUARD_CHAIN),
+                    InsertJump(GUARD_CHAIN, 2),
+                ],
+            ),
+            (
+                "jumps missing",
+                Some(good),
+                Some(good_guard),
                 lines(&["-P PREROUTING ACCEPT"]),
-                vec![Action::InsertJump],
+                vec![InsertJump(CHAIN, 1), InsertJump(GUARD_CHAIN, 2)],
             ),
         ];
-        for (name, chain, pre, want) in cases {
-            assert_eq!(plan(&r, chain.as_deref(), &pre), want, "{name}");
+        for (name, chain, guard, pre, want) in cases {
+            assert_eq!(
+                plan(&r, chain.as_deref(), guard.as_deref(), &pre),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    /// Every plan, carried out on a model of PREROUTING, leaves the two jumps
+    /// first and single, and never leaves both missing between two actions
+    /// when one of them was there before (no window for pods to reach IMDS).
+    #[test]
+    fn plans_never_open_a_window() {
+        let r = redirect();
+        let main = jump_line(CHAIN);
+        let guard = jump_line(GUARD_CHAIN);
+        let other = "-A PREROUTING -j KUBE-SERVICES".to_string();
+        let starts: Vec<Vec<String>> = vec![
+            vec![],
+            vec![main.clone()],
+            vec![guard.clone()],
+            vec![other.clone(), main.clone(), guard.clone()],
+            vec![guard.clone(), main.clone()],
+            vec![main.clone(), other.clone(), guard.clone(), main.clone()],
+            vec![other.clone(), guard.clone(), other.clone(), guard.clone()],
+        ];
+        for start in starts {
+            let actions = plan(
+                &r,
+                Some(&r.rules_of(CHAIN)),
+                Some(&r.rules_of(GUARD_CHAIN)),
+                &start,
+            );
+            let had_one = start.contains(&main) || start.contains(&guard);
+            let mut model = start.clone();
+            for a in &actions {
+                match a {
+                    Action::DeleteJump(c) => {
+                        let j = jump_line(c);
+                        let i = model.iter().position(|l| *l == j).unwrap();
+                        model.remove(i);
+                    }
+                    Action::InsertJump(c, at) => model.insert(at - 1, jump_line(c)),
+                    other => panic!("unexpected {other:?}"),
+                }
+                if had_one {
+                    assert!(
+                        model.contains(&main) || model.contains(&guard),
+                        "window after {a:?} from {start:?}"
+                    );
+                }
+            }
+            assert_eq!(model[..2], [main.clone(), guard.clone()], "from {start:?}");
+            assert_eq!(model.iter().filter(|l| **l == main).count(), 1);
+            assert_eq!(model.iter().filter(|l| **l == guard).count(), 1);
         }
     }
 
@@ -603,8 +819,16 @@ mod tests {
     #[test]
     fn action_args() {
         assert_eq!(
-            Action::InsertJump.args(),
+            Action::InsertJump(CHAIN, 1).args(),
             ["-I", "PREROUTING", "1", "-j", "aad-metadata"]
+        );
+        assert_eq!(
+            Action::InsertJump(GUARD_CHAIN, 2).args(),
+            ["-I", "PREROUTING", "2", "-j", "aad-metadata-guard"]
+        );
+        assert_eq!(
+            Action::DeleteJump(GUARD_CHAIN).args(),
+            ["-D", "PREROUTING", "-j", "aad-metadata-guard"]
         );
         assert_eq!(
             Action::AppendRule("-A aad-metadata -j RETURN".into()).args(),

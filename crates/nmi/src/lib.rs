@@ -120,10 +120,64 @@ pub fn kubenet_check(path: &std::path::Path, allow: bool) -> Result<(), RunError
     Ok(())
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { what, addr, source })
+/// How often a port held by another process is tried again.
+pub const BIND_RETRY_EVERY: Duration = Duration::from_millis(50);
+/// How long NMI waits for a port another process holds before it gives up
+/// (and exits, to be restarted): longer than the NMI it replaces takes to
+/// stop (upstream's sleeps 10 s after SIGTERM, within a 30 s grace period).
+pub const BIND_WAIT_MAX: Duration = Duration::from_secs(300);
+
+/// What to do after a failed bind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindStep {
+    /// The port is in use and the wait is not over: try again.
+    Retry,
+    /// Any other error, or the wait is over.
+    GiveUp,
+}
+
+/// The decision after a failed bind: only "address in use" is waited for
+/// (the NMI being replaced still runs on this node, as during a DaemonSet
+/// rolling update with surge), for [`BIND_WAIT_MAX`] since the first try.
+pub fn bind_step(kind: std::io::ErrorKind, waited: Duration) -> BindStep {
+    if kind == std::io::ErrorKind::AddrInUse && waited < BIND_WAIT_MAX {
+        BindStep::Retry
+    } else {
+        BindStep::GiveUp
+    }
+}
+
+/// Binds `addr`, waiting while another process holds it ([`bind_step`]).
+/// `None` when `shutdown` came first.
+async fn bind_when_free(
+    what: &'static str,
+    addr: SocketAddr,
+    shutdown: &Shutdown,
+) -> Result<Option<tokio::net::TcpListener>, RunError> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let source = match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                if said {
+                    tracing::info!(%addr, waited_ms = started.elapsed().as_millis() as u64, "bound {what}: the port is free");
+                }
+                return Ok(Some(listener));
+            }
+            Err(source) => source,
+        };
+        if bind_step(source.kind(), started.elapsed()) == BindStep::GiveUp {
+            return Err(RunError::Bind { what, addr, source });
+        }
+        if !said {
+            said = true;
+            tracing::warn!(%addr, "{what}: the port is in use (the NMI being replaced still runs); the redirect is in place, trying again every {} ms for up to {} s", BIND_RETRY_EVERY.as_millis(), BIND_WAIT_MAX.as_secs());
+        }
+        tokio::select! {
+            _ = shutdown.signaled() => return Ok(None),
+            _ = tokio::time::sleep(BIND_RETRY_EVERY) => {}
+        }
+    }
 }
 
 /// Runs NMI until `shutdown`.
@@ -148,6 +202,34 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     if args.node.is_empty() {
         return Err(RunError::MissingNode);
     }
+    // The redirect goes in first, before NMI binds any port or talks to
+    // the apiserver. The first sync must succeed (upstream exits too); later
+    // failures are logged and retried at the next interval. So must, with
+    // --enable-conntrack-deletion, the first cut of connections opened
+    // before the redirect (NMI exits rather than run with a window it was
+    // asked to close), and route_localnet when the redirect needs it (a
+    // read-only /proc/sys is named with its fixes). From here on pods never
+    // reach the real IMDS: until NMI listens they are refused, or answered
+    // by the NMI this one replaces while it still holds the port (a rolling
+    // update with surge); even when NMI then exits, the rules stay.
+    let runner = if args.enable_conntrack_deletion {
+        runner.with_conntrack(conntrack::Conntrack::new(&args.conntrack_path))
+    } else {
+        runner
+    };
+    let actions = runner.sync(&redirect).await?;
+    if actions.is_empty() {
+        // The rules were there already (fail-closed across restarts); cut
+        // anyway, in case they were missing a moment before NMI started.
+        runner.cut_old_connections(&redirect).await?;
+    }
+    tracing::info!(
+        ?actions,
+        conntrack_deletion = args.enable_conntrack_deletion,
+        "iptables in place"
+    );
+    iptables::ensure_route_localnet(&redirect, args.set_route_localnet)?;
+
     if args.enable_profile {
         tracing::warn!("--enableProfile is accepted but this NMI serves no pprof");
     }
@@ -211,16 +293,33 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
         &shutdown,
     );
 
+    // The ports: the token service's first. While the NMI being replaced
+    // still holds them, pods are redirected to it.
     let health = Health::new();
     let any = std::net::IpAddr::from([0u8, 0, 0, 0]);
-    let probe = bind(
+    let token_addr = SocketAddr::new(args.nmi_listen_address, args.nmi_port);
+    let Some(token_listener) = bind_when_free("the token service", token_addr, &shutdown).await?
+    else {
+        return stop(&args, &runner, owner.as_ref()).await;
+    };
+    let Some(probe) = bind_when_free(
         "the health probe",
         SocketAddr::new(any, args.http_probe_port),
+        &shutdown,
     )
-    .await?;
-    let prom = bind("metrics", SocketAddr::new(any, args.prometheus_port)).await?;
-    let token_addr = SocketAddr::new(args.nmi_listen_address, args.nmi_port);
-    let token_listener = bind("the token service", token_addr).await?;
+    .await?
+    else {
+        return stop(&args, &runner, owner.as_ref()).await;
+    };
+    let Some(prom) = bind_when_free(
+        "metrics",
+        SocketAddr::new(any, args.prometheus_port),
+        &shutdown,
+    )
+    .await?
+    else {
+        return stop(&args, &runner, owner.as_ref()).await;
+    };
     spawn_probe_and_metrics(probe, &health, prom, &metrics.registry, &shutdown);
 
     let server = Arc::new(server::Server {
@@ -282,31 +381,6 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     ));
     tracing::info!(%token_addr, node = %args.node, "token service listening");
 
-    // The first sync must succeed (upstream exits too); later failures are
-    // logged and retried at the next interval. So must, with
-    // --enable-conntrack-deletion, the first cut of connections opened
-    // before the redirect (NMI exits rather than run with a window it was
-    // asked to close), and route_localnet when the redirect needs it (a
-    // read-only /proc/sys is named with its fixes). The rules go in first,
-    // so even when NMI then exits, pods are refused rather than reach IMDS.
-    let runner = if args.enable_conntrack_deletion {
-        runner.with_conntrack(conntrack::Conntrack::new(&args.conntrack_path))
-    } else {
-        runner
-    };
-    let actions = runner.sync(&redirect).await?;
-    if actions.is_empty() {
-        // The rules were there already (fail-closed across restarts); cut
-        // anyway, in case they were missing a moment before NMI started.
-        runner.cut_old_connections(&redirect).await?;
-    }
-    tracing::info!(
-        ?actions,
-        conntrack_deletion = args.enable_conntrack_deletion,
-        "iptables in place"
-    );
-    iptables::ensure_route_localnet(&redirect, args.set_route_localnet)?;
-
     // --node-startup-taint: off the Node once the redirect is in place (it
     // is, from here on) and every watch has synced. Never blocks serving.
     if !args.node_startup_taint.is_empty() {
@@ -363,7 +437,18 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             }
         }
     }
-    let uninstalling = match &owner {
+    stop(&args, &runner, owner.as_ref()).await
+}
+
+/// What NMI does with the redirect when it stops: removes it when asked
+/// (`--remove-iptables-on-exit`) or when its DaemonSet is being uninstalled,
+/// else leaves it in place (fail-closed).
+async fn stop(
+    args: &Args,
+    runner: &iptables::Runner,
+    owner: Option<&uninstall::OwnerWatch>,
+) -> Result<(), RunError> {
+    let uninstalling = match owner {
         Some(w) => w.decide_on_exit().await == uninstall::ExitAction::RemoveRules,
         None => false,
     };
