@@ -7,8 +7,11 @@
 //!   AzureAssignedIdentity (AAI): same resourceVersion, same status;
 //! - rollback: this MIC assigns, stops, Go MIC starts: no ARM write, no AAI
 //!   changed, and Go MIC logs no error (it decodes what this MIC wrote);
-//! - an AAI that really differs from what this MIC would write (a wrong
-//!   identity resource ID in its embedded AzureIdentity) is still corrected.
+//! - both ways again under upstream's own CRDs, which `helm upgrade` leaves
+//!   in place;
+//! - what really differs from what this MIC would write (an identity edited
+//!   while no MIC ran, an AAI naming a wrong identity resource ID) is still
+//!   corrected.
 //!
 //! Each direction prints its figures (ARM writes, AAIs changed, status
 //! changes). Go MIC's type-upgrade ConfigMap is created first, as a cluster
@@ -19,10 +22,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
-use aadpodid_tests::mic_world::{MicWorld, WAIT};
+use aadpodid_tests::mic_world::{MicWorld, RunningMic, WAIT};
 use aadpodid_tests::tenant::{self, APP_ID, APP_RG, APP2_ID, CloudEnvironment, MicCloud};
 use aadpodid_tests::upstream::{MicOptions, UpstreamChild, spawn_upstream_mic};
-use aadpodid_tests::{free_port, wait_for};
+use aadpodid_tests::{Cluster, free_port, wait_for};
 use anyhow::{Context as _, bail};
 use azure_emulator::observe::{RequestRecord, Service};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -32,7 +35,7 @@ use serde_json::json;
 
 const ENV: &str = "MIGADOPT";
 
-aadpodid_tests::emulator_ca_parent_test!(migration_adopt, "MIGADOPT", 3, 900);
+aadpodid_tests::emulator_ca_parent_test!(migration_adopt, "MIGADOPT", 4, 900);
 
 /// This MIC's full resync period here: each second a sync cycle runs.
 const OUR_SYNC: &str = "--syncRetryDuration=1s";
@@ -326,13 +329,12 @@ async fn release_pods(w: &MicWorld) -> anyhow::Result<()> {
     w.wait_no_aais().await
 }
 
-/// Go MIC assigns the pods of [`bound_pods`] and is stopped; returns the
-/// world with the Go-written state.
-async fn go_assigned_world(prefix: &str) -> anyhow::Result<MicWorld> {
-    let w = MicWorld::shared(ENV, prefix).logs().build().await?;
-    go_type_upgrade_done(&w).await?;
-    let mut go = go_mic(&w, prefix)?;
-    let expected = bound_pods(&w).await?;
+/// Go MIC assigns the pods of [`bound_pods`] in `w` (identities on the
+/// scale set and the VM, AAIs Assigned) and is stopped.
+async fn go_assigns(w: &MicWorld, tag: &str) -> anyhow::Result<()> {
+    go_type_upgrade_done(w).await?;
+    let mut go = go_mic(w, tag)?;
+    let expected = bound_pods(w).await?;
     if let Err(e) = w.wait_exactly_assigned(&expected).await {
         bail!("{e:#}\n{}", go_tail(&go));
     }
@@ -347,58 +349,207 @@ async fn go_assigned_world(prefix: &str) -> anyhow::Result<MicWorld> {
     // Nothing of Go's is still on its way to ARM or the AAIs.
     tokio::time::sleep(Duration::from_secs(2)).await;
     go.kill();
+    Ok(())
+}
+
+/// A world on the shared cluster in which Go MIC assigned ([`go_assigns`]).
+async fn go_assigned_world(prefix: &str) -> anyhow::Result<MicWorld> {
+    let w = MicWorld::shared(ENV, prefix).logs().build().await?;
+    go_assigns(&w, prefix).await?;
     Ok(w)
 }
 
-/// Upgrade: this MIC takes over what Go MIC wrote with no ARM write and no
-/// AAI changed, over several sync cycles and drift checks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
-async fn child_ours_adopts_what_go_mic_wrote() -> anyhow::Result<()> {
-    let w = go_assigned_world("adopt-up").await?;
-    let mut pruned = Vec::new();
-    for v in raw_aais(&w).await? {
-        eprintln!(
-            "AAI as Go MIC wrote it:\n{}",
-            serde_json::to_string_pretty(&v)?
-        );
-        pruned.extend(pruned_go_fields(&v));
+/// This MIC assigns the pods of [`bound_pods`] in `w` and is stopped.
+async fn ours_assigns(w: &MicWorld, instance: &str) -> anyhow::Result<()> {
+    go_type_upgrade_done(w).await?;
+    let mic = w.start_mic(instance, &[OUR_SYNC]).await?;
+    let expected = bound_pods(w).await?;
+    let assigned = async {
+        w.wait_exactly_assigned(&expected).await?;
+        w.wait_on_vmss(APP_ID, true).await?;
+        w.wait_on_vmss(APP2_ID, true).await
     }
-    println!("fields Go MIC wrote that the CRD pruned: {pruned:?}");
-    if !pruned.is_empty() {
-        w.cleanup().await;
-        bail!("the CRD pruned fields Go MIC wrote: {pruned:?}");
-    }
-    nmi_accepts_all(&w).await?;
-    let before = aai_state(&w).await?;
-    let since = last_seq(&w);
-    let sampler = StatusSampler::start(&w).await?;
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mic.stop().await?;
+    assigned
+}
 
-    let mic = w.start_mic("mic-adopt-up", &[OUR_SYNC]).await?;
+/// What one MIC's takeover did to the world: its ARM writes, the AAIs'
+/// (resourceVersion, status) before and after, and the status changes
+/// sampled in between.
+#[derive(Debug)]
+struct Takeover {
+    writes: Vec<RequestRecord>,
+    before: AaiState,
+    after: AaiState,
+    statuses: usize,
+}
+
+impl Takeover {
+    /// The window's figures, one line.
+    fn figures(&self) -> String {
+        let (versions, _) = changes(&self.before, &self.after);
+        format!(
+            "ARM writes {}, AAIs changed {versions} of {}, status changes {}",
+            self.writes.len(),
+            self.before.len(),
+            self.statuses
+        )
+    }
+
+    /// No ARM write, no AAI changed, no status change.
+    fn assert_no_churn(&self, what: &str, context: &str) {
+        assert!(
+            self.writes.is_empty(),
+            "{what}: ARM writes {:?}\n{context}",
+            self.writes
+        );
+        assert_eq!(self.before, self.after, "{what}: AAIs changed\n{context}");
+        assert_eq!(self.statuses, 0, "{what}: AAI status changes\n{context}");
+    }
+}
+
+/// Starts watching the world for a takeover.
+async fn window(w: &MicWorld) -> anyhow::Result<(AaiState, u64, StatusSampler)> {
+    Ok((
+        aai_state(w).await?,
+        last_seq(w),
+        StatusSampler::start(w).await?,
+    ))
+}
+
+async fn close_window(
+    w: &MicWorld,
+    (before, since, sampler): (AaiState, u64, StatusSampler),
+) -> anyhow::Result<Takeover> {
+    Ok(Takeover {
+        after: aai_state(w).await?,
+        statuses: sampler.finish().await?,
+        writes: arm_writes(w, since),
+        before,
+    })
+}
+
+/// This MIC (`instance`) takes over `w`: it leads, runs at least two sync
+/// cycles and one drift check. Returns it running, what it did, and the
+/// AAIs it created and rewrote (counted over the whole cluster).
+async fn ours_takes_over(
+    w: &MicWorld,
+    instance: &str,
+) -> anyhow::Result<(RunningMic, Takeover, (f64, f64))> {
+    let open = window(w).await?;
+    let since = open.1;
+    let mic = w.start_mic(instance, &[OUR_SYNC]).await?;
     mic.wait_leading().await?;
     tokio::time::sleep(OBSERVE).await;
     // A drift check ran: it reads the scale set.
     wait_for("a drift check of this MIC", WAIT, || async {
-        (vmss_reads(&w, since) > 0).then_some(())
+        (vmss_reads(w, since) > 0).then_some(())
     })
     .await?;
-
-    let after = aai_state(&w).await?;
-    let statuses = sampler.finish().await?;
-    let writes = arm_writes(&w, since);
-    let (versions, _) = changes(&before, &after);
-    // Counted over the whole cluster (earlier worlds' leftovers included):
-    // AAIs this MIC created or rewrote.
+    let t = close_window(w, open).await?;
     let added = mic
         .metric("aadpodidentity_assigned_identity_addition_count")
         .await?;
     let updated = mic
         .metric("aadpodidentity_assigned_identity_update_count")
         .await?;
+    Ok((mic, t, (added, updated)))
+}
+
+/// What Go MIC did when it took over, with its log.
+struct GoTakeover {
+    go: UpstreamChild,
+    t: Takeover,
+    syncs: usize,
+    reconciles: usize,
+}
+
+impl GoTakeover {
+    /// Its figures, one line.
+    fn figures(&self) -> String {
+        format!(
+            "{}, Go sync cycles {}, reconciles {}, Go error lines {}",
+            self.t.figures(),
+            self.syncs,
+            self.reconciles,
+            go_errors(&self.go.log()).len()
+        )
+    }
+
+    /// No churn, no error line, no AAI created or rewritten by Go MIC.
+    fn assert_clean(&self, what: &str) {
+        let log = self.go.log();
+        let tail = go_tail(&self.go);
+        let errors = go_errors(&log);
+        assert!(
+            errors.is_empty(),
+            "{what}: Go MIC logged errors: {errors:#?}\n{tail}"
+        );
+        self.t.assert_no_churn(what, &tail);
+        assert!(
+            !log.contains("creating assigned id") && !log.contains("updating assigned id"),
+            "{what}: Go MIC rewrote AAIs\n{tail}"
+        );
+    }
+}
+
+/// Go MIC (`tag`) takes over `w` until it ran three sync cycles and two
+/// reconciles (it logs both at `-v=6`).
+async fn go_takes_over(w: &MicWorld, tag: &str) -> anyhow::Result<GoTakeover> {
+    let open = window(w).await?;
+    let go = go_mic(w, tag)?;
+    let (syncs, reconciles) = wait_for("Go MIC's sync cycles and reconciles", WAIT, || async {
+        let log = go.log();
+        let syncs = log.matches("running periodic sync loop").count();
+        let reconciles = log
+            .matches("reconciling identity assignment on Azure")
+            .count();
+        (syncs >= 3 && reconciles >= 2).then_some((syncs, reconciles))
+    })
+    .await
+    .with_context(|| go_tail(&go))?;
+    Ok(GoTakeover {
+        t: close_window(w, open).await?,
+        go,
+        syncs,
+        reconciles,
+    })
+}
+
+/// The AAIs of `w` as stored, printed; the fields Go's types write that
+/// the CRD pruned from them.
+async fn dump_aais(w: &MicWorld, writer: &str) -> anyhow::Result<Vec<String>> {
+    let mut pruned = Vec::new();
+    for v in raw_aais(w).await? {
+        eprintln!(
+            "AAI as {writer} wrote it:\n{}",
+            serde_json::to_string_pretty(&v)?
+        );
+        pruned.extend(pruned_go_fields(&v));
+    }
+    Ok(pruned)
+}
+
+/// Upgrade: this MIC takes over what Go MIC wrote with no ARM write and no
+/// AAI changed, over several sync cycles and drift checks, and the CRDs
+/// kept every field Go MIC wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
+async fn child_ours_adopts_what_go_mic_wrote() -> anyhow::Result<()> {
+    let w = go_assigned_world("adopt-up").await?;
+    let pruned = dump_aais(&w, "Go MIC").await?;
+    println!("fields Go MIC wrote that the CRD pruned: {pruned:?}");
+    if !pruned.is_empty() {
+        w.cleanup().await;
+        bail!("the CRD pruned fields Go MIC wrote: {pruned:?}");
+    }
+    nmi_accepts_all(&w).await?;
+    let (mic, t, (added, updated)) = ours_takes_over(&w, "mic-adopt-up").await?;
     println!(
-        "upgrade Go -> ours: ARM writes {}, AAIs changed {versions} of {}, status changes {statuses}, AAIs created {added}, rewritten {updated}",
-        writes.len(),
-        before.len()
+        "upgrade Go -> ours: {}, AAIs created {added}, rewritten {updated}",
+        t.figures()
     );
     // This MIC releases what Go MIC assigned.
     let released = release_pods(&w).await;
@@ -406,12 +557,7 @@ async fn child_ours_adopts_what_go_mic_wrote() -> anyhow::Result<()> {
     w.cleanup().await;
     stopped?;
     released?;
-    assert!(
-        writes.is_empty(),
-        "ARM writes after the takeover: {writes:?}"
-    );
-    assert_eq!(before, after, "AAIs changed by the takeover");
-    assert_eq!(statuses, 0, "AAI status changes during the takeover");
+    t.assert_no_churn("upgrade", "");
     assert_eq!((added, updated), (0.0, 0.0), "AAIs written by the takeover");
     Ok(())
 }
@@ -422,74 +568,84 @@ async fn child_ours_adopts_what_go_mic_wrote() -> anyhow::Result<()> {
 #[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
 async fn child_go_mic_adopts_what_ours_wrote() -> anyhow::Result<()> {
     let w = MicWorld::shared(ENV, "adopt-down").logs().build().await?;
-    go_type_upgrade_done(&w).await?;
-    let mic = w.start_mic("mic-adopt-down", &[OUR_SYNC]).await?;
-    let expected = bound_pods(&w).await?;
-    w.wait_exactly_assigned(&expected).await?;
-    w.wait_on_vmss(APP_ID, true).await?;
-    w.wait_on_vmss(APP2_ID, true).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    mic.stop().await?;
-    for v in raw_aais(&w).await? {
-        eprintln!(
-            "AAI as this MIC wrote it:\n{}",
-            serde_json::to_string_pretty(&v)?
-        );
-    }
-    let before = aai_state(&w).await?;
-    let since = last_seq(&w);
-    let sampler = StatusSampler::start(&w).await?;
-
-    let go = go_mic(&w, "adopt-down")?;
-    let observed = wait_for("Go MIC's sync cycles and reconciles", WAIT, || async {
-        let log = go.log();
-        let syncs = log.matches("running periodic sync loop").count();
-        let reconciles = log
-            .matches("reconciling identity assignment on Azure")
-            .count();
-        (syncs >= 3 && reconciles >= 2).then_some((syncs, reconciles))
-    })
-    .await
-    .with_context(|| go_tail(&go));
-    let (syncs, reconciles) = match observed {
-        Ok(v) => v,
+    ours_assigns(&w, "mic-adopt-down").await?;
+    dump_aais(&w, "this MIC").await?;
+    let taken = go_takes_over(&w, "adopt-down").await;
+    let g = match taken {
+        Ok(g) => g,
         Err(e) => {
             w.cleanup().await;
             return Err(e);
         }
     };
-    let after = aai_state(&w).await?;
-    let statuses = sampler.finish().await?;
-    let writes = arm_writes(&w, since);
-    let (versions, _) = changes(&before, &after);
-    let log = go.log();
-    let errors = go_errors(&log);
-    println!(
-        "rollback ours -> Go: ARM writes {}, AAIs changed {versions} of {}, status changes {statuses}, Go sync cycles {syncs}, reconciles {reconciles}, Go error lines {}",
-        writes.len(),
-        before.len(),
-        errors.len()
-    );
+    println!("rollback ours -> Go: {}", g.figures());
     // Go MIC releases what this MIC assigned.
     let released = release_pods(&w).await;
-    let tail = go_tail(&go);
-    drop(go);
     w.cleanup().await;
-    released.with_context(|| tail.clone())?;
-    assert!(
-        errors.is_empty(),
-        "Go MIC logged errors: {errors:#?}\n{tail}"
+    released.with_context(|| go_tail(&g.go))?;
+    g.assert_clean("rollback");
+    Ok(())
+}
+
+/// Both ways under upstream's own CRDs, which `helm upgrade` leaves in place
+/// (Helm never upgrades a chart's `crds/`): Go MIC assigns, this MIC takes
+/// over, Go MIC takes back; no churn either way. On a cluster of its own,
+/// whose CRDs are replaced by those of upstream's chart 4.1.18.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
+async fn child_both_ways_under_upstreams_crds() -> anyhow::Result<()> {
+    let w = MicWorld::private(ENV, "adopt-crd").logs().build().await?;
+    install_upstream_crds(w.cluster())?;
+    go_assigns(&w, "adopt-crd-1").await?;
+    let (mic, up, (added, updated)) = ours_takes_over(&w, "mic-adopt-crd").await?;
+    println!(
+        "upstream CRDs, upgrade Go -> ours: {}, AAIs created {added}, rewritten {updated}",
+        up.figures()
     );
-    assert!(
-        writes.is_empty(),
-        "ARM writes after the rollback: {writes:?}\n{tail}"
-    );
-    assert_eq!(before, after, "AAIs changed by the rollback\n{tail}");
-    assert_eq!(statuses, 0, "AAI status changes during the rollback");
-    assert!(
-        !log.contains("creating assigned id") && !log.contains("updating assigned id"),
-        "Go MIC rewrote AAIs\n{tail}"
-    );
+    mic.stop().await?;
+    let g = go_takes_over(&w, "adopt-crd-2").await?;
+    println!("upstream CRDs, rollback ours -> Go: {}", g.figures());
+    release_pods(&w).await?;
+    up.assert_no_churn("upgrade under upstream's CRDs", "");
+    assert_eq!((added, updated), (0.0, 0.0), "AAIs written by the takeover");
+    g.assert_clean("rollback under upstream's CRDs");
+    Ok(())
+}
+
+/// Replaces the cluster's CRDs (before any object of theirs exists) by
+/// those of upstream's chart.
+fn install_upstream_crds(cluster: &Cluster) -> anyhow::Result<()> {
+    let chart = aadpodid_tests::helm::upstream_chart()?;
+    let out = std::process::Command::new("tar")
+        .arg("-xzOf")
+        .arg(&chart)
+        .arg("aad-pod-identity/crds/crd.yaml")
+        .output()?;
+    if !out.status.success() {
+        bail!("tar: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let crds = String::from_utf8(out.stdout)?;
+    let names: Vec<String> = [
+        "azureidentities",
+        "azureidentitybindings",
+        "azureassignedidentities",
+        "azurepodidentityexceptions",
+    ]
+    .iter()
+    .map(|p| format!("{p}.aadpodidentity.k8s.io"))
+    .collect();
+    let mut delete = vec!["delete", "crd", "--wait=true"];
+    delete.extend(names.iter().map(String::as_str));
+    for (args, stdin) in [
+        (delete, None),
+        (vec!["create", "-f", "-"], Some(crds.as_str())),
+    ] {
+        let out = cluster.kubectl_run(&args, stdin)?;
+        if !out.success {
+            bail!("kubectl {args:?}: {}", out.stderr);
+        }
+    }
+    cluster.wait_crds_established()?;
     Ok(())
 }
 
