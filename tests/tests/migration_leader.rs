@@ -38,7 +38,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 
 const ENV: &str = "MIGLEAD";
 
-aadpodid_tests::emulator_ca_parent_test!(migration_leader, "MIGLEAD", 3, 900);
+aadpodid_tests::emulator_ca_parent_test!(migration_leader, "MIGLEAD", 4, 900);
 
 /// Both MICs' lease: renew deadline 2 s, retry period 1 s.
 const DURATION: &str = "--leader-election-duration=4s";
@@ -669,5 +669,79 @@ async fn child_lease_only_when_the_endpoints_lock_is_off() -> anyhow::Result<()>
         "the Endpoints object was written"
     );
     ensure!(lock.endpoints_annotation().await? == Some(record));
+    w.close(mic).await
+}
+
+/// The rights the Endpoints lock needs, in the lock's namespace: `create`
+/// on `endpoints`, and `get` and `update` on the lock by name. Without them
+/// this MIC does not lead (nor fall back to the Lease alone): a Role with the
+/// Lease's rules only keeps it standby, with neither lock written; adding
+/// the Endpoints rules lets it lead on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_leader in a child process that trusts the emulator CA"]
+async fn child_the_endpoints_rules_are_needed_and_enough() -> anyhow::Result<()> {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let w = MicWorld::shared(ENV, "lock-rbac").logs().build().await?;
+    let admin = w.client().await?;
+    let lock = LockRef::new(&w, admin.clone());
+    let lease_rule = serde_json::json!({"apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"], "verbs": ["get", "create", "update"]});
+    let role = |rules: Vec<serde_json::Value>| -> anyhow::Result<Role> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "mic-lock", "namespace": w.ns.name()},
+            "rules": rules,
+        }))?)
+    };
+    let roles = Api::<Role>::namespaced(admin.clone(), w.ns.name());
+    roles
+        .create(&PostParams::default(), &role(vec![lease_rule.clone()])?)
+        .await?;
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "mic-lock", "namespace": w.ns.name()},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mic-lock"},
+        "subjects": [{"kind": "ServiceAccount", "name": "mic", "namespace": w.ns.name()}],
+    }))?;
+    Api::<RoleBinding>::namespaced(admin.clone(), w.ns.name())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let kubeconfig = w
+        .cluster()
+        .service_account_kubeconfig(w.ns.name(), "mic")
+        .await?;
+    let mic = RunningMic::start(w.settings(
+        "mic-rbac",
+        &[DURATION, &lock.name_flag()],
+        Some(&kubeconfig),
+    )?)
+    .await?;
+
+    tokio::time::sleep(LEASE * 2).await;
+    ensure!(!mic.leading(), "no lead without the Endpoints rules");
+    ensure!(
+        lock.endpoints().await?.is_none() && lock.lease_holder().await?.is_none(),
+        "neither lock written"
+    );
+
+    let mut with_endpoints = role(vec![
+        lease_rule,
+        serde_json::json!({"apiGroups": [""], "resources": ["endpoints"], "verbs": ["create"]}),
+        serde_json::json!({"apiGroups": [""], "resources": ["endpoints"],
+            "resourceNames": [lock.name], "verbs": ["get", "update"]}),
+    ])?;
+    with_endpoints.metadata.resource_version =
+        roles.get("mic-lock").await?.metadata.resource_version;
+    roles
+        .replace("mic-lock", &PostParams::default(), &with_endpoints)
+        .await?;
+    mic.wait_leading().await?;
+    ensure!(lock.endpoints_holder().await?.as_deref() == Some("mic-rbac"));
+    ensure!(lock.lease_holder().await?.as_deref() == Some("mic-rbac"));
+    // It renews (updates) both under these rules.
+    tokio::time::sleep(LEASE).await;
+    ensure!(mic.leading(), "still leading after several renewals");
     w.close(mic).await
 }
