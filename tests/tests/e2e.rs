@@ -8,34 +8,38 @@
 //! (ARM, Entra ID, IMDS per machine) with two scale sets; pods are Pod objects
 //! plus network namespaces, and tokens are asked for from inside them.
 //!
-//! Upstream's e2e tests (Ginkgo, `test/e2e` of Azure/aad-pod-identity, run on
-//! AKS) and where each is covered:
+//! Upstream's e2e tests (Ginkgo, `test/e2e` of Azure/aad-pod-identity
+//! v1.8.17, run on AKS) and the tests here that exercise each, named as
+//! `function` (this file) or `file::function` (`tests/tests/<file>.rs`);
+//! `mapping_names_only_tests_that_exist` checks every name. Where ours
+//! deliberately differs, the named test asserts ours and says so.
 //!
 //! | upstream test | here |
 //! |---|---|
-//! | single_identity: validation (token by client ID / resource ID) | `forty_pods_five_identities_two_scale_sets` (curl with no ID from every pod, the Python SDK by client ID for each identity); by resource ID: `nmi_e2e`, `nmi_netns` |
+//! | single_identity: validation (token by client ID / resource ID) | `forty_pods_five_identities_two_scale_sets` (curl with no ID from every pod, the Python SDK by client ID for each identity); by resource ID: `e2e_objects::two_identities_on_one_pod_each_by_its_id`, `nmi_e2e::rust_sdk_credential_through_nmi` |
 //! | single_identity: AAI deleted with the pod | `forty_pods_five_identities_two_scale_sets` (0 AAIs, scale sets back) |
-//! | single_identity: AzureIdentity / binding deleted; fields updated | `mic_lifecycle` (not repeated here) |
-//! | single_identity: right identity of two | `nmi_netns` (bound to A, asking for B is refused) |
+//! | single_identity: AzureIdentity deleted; binding deleted | `e2e_objects::identity_or_binding_deleted_stops_the_tokens` (AAIs gone, identity off the scale sets, 404 and no token, other pods keep theirs) |
+//! | single_identity: AzureIdentity fields updated | `e2e_objects::identity_and_binding_edits_move_the_assignment` (clientID and resourceID changed: the new identity replaces the old on the scale set and in the tokens; a binding's selector edited moves its identity to the newly selected pod) |
+//! | single_identity: right identity of two, wrong one fails | `e2e_objects::two_identities_on_one_pod_each_by_its_id` (both identities by client and resource ID; upstream's "wrong" identity fails at Key Vault, Azure's check, so here an unbound identity is refused instead), `nmi_netns::nmi_on_a_test_node` (bound to A, asking for B is refused) |
 //! | service_principal | `nmi_netns::nmi_service_principal_identity` |
-//! | node: identity used by another pod kept | `forty_pods_five_identities_two_scale_sets` (each identity serves pods on several instances; deleting releases only when no pod needs it) |
-//! | node: AAI deleted when the UAMI was unassigned by hand | `aks_upgrade_identities_restored_by_drift_reconcile` (stripped, then pods deleted, AAIs go) |
-//! | node: system-assigned / foreign UAMI untouched; cluster identity kept | every test: the kubelet identity stays on both scale sets throughout; `mic_arm`, `mic_lifecycle` |
-//! | node: immutable identity | `mic_lifecycle` |
-//! | node: reconcile after manual unassign | `aks_upgrade_identities_restored_by_drift_reconcile` |
-//! | multiple_identities: remove the correct ones | `forty_pods_five_identities_two_scale_sets` (deletes in two halves, checks the scale sets after each) |
+//! | node: identity used by another pod kept | `mic_lifecycle::child_shared_identity_is_removed_after_the_last_pod`, `forty_pods_five_identities_two_scale_sets` (each identity serves pods on several instances; deleting releases only when no pod needs it) |
+//! | node: AAI deleted when the UAMI was unassigned by hand | `e2e_objects::identity_or_binding_deleted_stops_the_tokens` (last step: stripped from both scale sets, then the pods deleted, AAIs go) |
+//! | node: system-assigned / foreign UAMI untouched; cluster identity kept | `mic_lifecycle::child_standalone_vm_node_keeps_its_system_identity`, `entitlement::forged_client_ids_and_cluster_identities` (kubelet and add-on identities sampled every 100 ms), `mic_lifecycle::child_pod_lifecycle_assigns_and_removes_the_identity` |
+//! | node: immutable identity | `e2e_objects::immutable_identity_stays_on_the_scale_set` (with `mic.serveClusterIdentities=true`: ours serves `--immutable-user-msis` identities to pods only then) |
+//! | node: reconcile after manual unassign | `aks_upgrade_identities_restored_by_drift_reconcile`, `mic_lifecycle::child_drift_is_repaired` |
+//! | multiple_identities: remove the correct ones | `forty_pods_five_identities_two_scale_sets` (deletes in two halves, checks the scale sets after each), `e2e_objects::identity_or_binding_deleted_stops_the_tokens` (AzureIdentities deleted one by one, the others keep working) |
 //! | multiple_identities: 40 pods within 150 s | `forty_pods_five_identities_two_scale_sets` (prints the time; no timed assertion) |
-//! | multiple_identities: relabel switches identity | `mic_lifecycle` |
-//! | invalid_identities: valid assigned despite invalid | `arm_429_storm_and_an_invalid_identity` |
+//! | multiple_identities: relabel switches identity | `e2e_objects::relabelled_pod_switches_identity` |
+//! | invalid_identities: valid assigned despite invalid | `arm_429_storm_and_an_invalid_identity`, `mic_lifecycle::child_invalid_identity_does_not_hold_back_valid_ones` |
 //! | invalid_identities: existing not unassigned | `arm_429_storm_and_an_invalid_identity` (assigned identities stay while the invalid one keeps failing) |
-//! | identity_exception | `nmi_netns` (excepted pod reaches IMDS directly) |
-//! | instance_metadata (404 proxied, header required, 403) | `nmi_e2e`, `nmi_netns` |
-//! | liveness_probe (MIC Active/Not Active, NMI Active) | every test: the rendered probe port/path of each process is polled; `leader_mic_killed_mid_patch` checks Active on the leader only |
+//! | identity_exception | `nmi_netns::nmi_on_a_test_node` (excepted pod reaches IMDS directly) |
+//! | instance_metadata (404, header required, 403 when blocked) | `e2e_instance_metadata::instance_metadata_status_codes` (ours answers unknown paths 404 itself instead of proxying them) |
+//! | liveness_probe (MIC Active/Not Active, NMI Active) | `leader_mic_killed_mid_patch` (Active on the leader only), `nmi_netns::nmi_on_a_test_node` (NMI Active before the first request); every world polls each process's rendered probe |
 //! | init_containers | not covered (no kubelet here; an init container is a pod IP like any other) |
 //! | disruptive: MIC leader changed | `leader_mic_killed_mid_patch` |
-//! | name_conflict | `mic_lifecycle` |
-//! | retry_after_header | `nmi_e2e` |
-//! | gatekeeper | not covered (no admission webhook; the CRD schema check is in `crd_compat`) |
+//! | name_conflict | `e2e_objects::same_names_in_two_namespaces_are_kept_apart` |
+//! | retry_after_header | `e2e_objects::retry_after_header_paces_the_sdk` (503 with `Retry-After: 20`; the Python SDK waits it out once and gets the token) |
+//! | gatekeeper | not covered (no admission webhook); the CRD schema check: `crd_compat::seed_manifests_apply_unchanged_and_read_back` |
 //!
 //! Beyond upstream: `nmi_restarted_under_token_load` and
 //! `apiserver_restarted_mid_run`.
@@ -429,4 +433,112 @@ async fn apiserver_restarted_mid_run() -> anyhow::Result<()> {
     world.check_tokens(&pods).await?;
 
     release_all(&world, &pods, &before).await
+}
+
+/// The backticked test names of a mapping cell: `function` or
+/// `file::function` (other backticked text, such as flags and values, is
+/// not a name).
+fn named_tests(cell: &str) -> Vec<&str> {
+    let is_ident = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    cell.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|t| {
+            let mut parts = t.split("::");
+            let ok = parts.next().is_some_and(is_ident);
+            ok && parts.clone().count() <= 1 && parts.all(is_ident)
+        })
+        .collect()
+}
+
+/// Whether `source` has a test function `name`: `fn name(` with a
+/// `#[test]` or `#[tokio::test` attribute at most three lines above.
+fn has_test(source: &str, name: &str) -> bool {
+    let lines: Vec<&str> = source.lines().map(str::trim_start).collect();
+    let sync = format!("fn {name}(");
+    let asynchronous = format!("async fn {name}(");
+    lines.iter().enumerate().any(|(i, l)| {
+        (l.starts_with(&sync) || l.starts_with(&asynchronous))
+            && lines[i.saturating_sub(3)..i]
+                .iter()
+                .any(|a| a.starts_with("#[test]") || a.starts_with("#[tokio::test"))
+    })
+}
+
+/// The upstream mapping of the module documentation names only tests that
+/// exist: every row names at least one test (unless it says "not
+/// covered"), and each `file::function` is a test function of
+/// `tests/tests/<file>.rs`, each bare `function` one of this file; the same
+/// for the "Beyond upstream" list.
+#[test]
+fn mapping_names_only_tests_that_exist() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let here = include_str!("e2e.rs");
+    let docs: Vec<&str> = here
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(str::trim)
+        .collect();
+    let mut names: Vec<(String, &str)> = Vec::new();
+    let mut rows = 0;
+    for row in docs.iter().filter(|l| l.starts_with("| ")) {
+        if row.starts_with("| upstream test") {
+            continue;
+        }
+        rows += 1;
+        let cells: Vec<&str> = row.trim_matches('|').split(" | ").collect();
+        assert_eq!(cells.len(), 2, "a row of two cells: {row}");
+        let found = named_tests(cells[1]);
+        assert!(
+            !found.is_empty() || cells[1].trim().starts_with("not covered"),
+            "the row names no test: {row}"
+        );
+        names.extend(found.into_iter().map(|n| (n.to_string(), *row)));
+    }
+    let beyond: String = docs
+        .iter()
+        .skip_while(|l| !l.starts_with("Beyond upstream:"))
+        .take_while(|l| !l.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let extra = named_tests(&beyond);
+    assert!(!extra.is_empty(), "the Beyond upstream list names no test");
+    names.extend(
+        extra
+            .into_iter()
+            .map(|n| (n.to_string(), "Beyond upstream")),
+    );
+    assert!(rows >= 20, "the mapping has {rows} rows");
+
+    let mut missing = Vec::new();
+    for (name, row) in &names {
+        let (file, function) = name.split_once("::").unwrap_or(("e2e", name));
+        let path = dir.join(format!("{file}.rs"));
+        let exists = std::fs::read_to_string(&path).is_ok_and(|src| has_test(&src, function));
+        if !exists {
+            missing.push(format!(
+                "{name} (no test fn {function} in {}): {row}",
+                path.display()
+            ));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "named but missing:\n{}",
+        missing.join("\n")
+    );
+
+    // The checks can fail: a helper and an unknown name are not tests.
+    assert!(has_test(here, "forty_pods_five_identities_two_scale_sets"));
+    assert!(!has_test(here, "release_all"));
+    assert!(!has_test(here, "no_such_test"));
+    assert_eq!(
+        named_tests("`a::b_1`, `c` (`--flag`, `x.y=true`, `Retry-After: 20`, `a::b::c`)"),
+        ["a::b_1", "c"]
+    );
 }
