@@ -15,6 +15,7 @@
 //! - rollout with surge (`maxSurge: 1, maxUnavailable: 0`): start ours beside
 //!   upstream's, wait until its redirect is in place (the readiness the chart
 //!   probes), SIGTERM upstream's, wait for it to exit;
+//! - a later upgrade of ours with surge;
 //! - rollback, delete first (upstream's chart): SIGTERM ours, wait, start
 //!   upstream's;
 //! - upstream's NMI restarting on the rolled-back node;
@@ -530,6 +531,16 @@ async fn rollout_surge(
     Ok(fig)
 }
 
+/// A process killed and reaped on drop (an NMI taken from the node).
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// PREROUTING's `-A` lines.
 fn prerouting(f: &NmiNode) -> anyhow::Result<Vec<String>> {
     Ok(f.nat_rules(Some("PREROUTING"))?
@@ -643,6 +654,56 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
     .await
     .with_context(|| f.start_log())?;
 
+    // 2b. A later upgrade of ours with surge: the new NMI beside the old
+    // one, which keeps its rules when it stops.
+    let since = f.last_seq().await?;
+    let load = Load::start(&f, "ours-surge")?;
+    tokio::time::sleep(STEADY).await;
+    let old_pid = f.nmi_pid().context("our NMI runs")?;
+    let mut old = Reap(f.take_nmi().context("our NMI runs")?);
+    f.start_nmi()?;
+    wait_until(
+        "the new NMI waiting for the port",
+        Duration::from_secs(20),
+        || f.start_log().contains("the port is in use"),
+    )
+    .await
+    .with_context(|| f.start_log())?;
+    let term_at = now_ms();
+    let t = Instant::now();
+    sigterm(old_pid)?;
+    wait_until("the old NMI's exit", PROCESS_WAIT, || {
+        matches!(old.0.try_wait(), Ok(Some(_)))
+    })
+    .await?;
+    let stopping = t.elapsed();
+    let exited = Instant::now();
+    let exit_at = now_ms();
+    wait_until("the new NMI listening", PROCESS_WAIT, || {
+        f.start_log()
+            .contains("bound the token service: the port is free")
+    })
+    .await
+    .with_context(|| f.start_log())?;
+    let handover = exited.elapsed();
+    let listen_at = now_ms();
+    tokio::time::sleep(STEADY).await;
+    let outcomes = load.finish()?;
+    let mut ours_surge = figures(
+        &f,
+        "ours to ours, surge",
+        since,
+        &outcomes,
+        &[
+            ("sigterm", term_at),
+            ("exit", exit_at),
+            ("listening", listen_at),
+        ],
+    )
+    .await?;
+    ours_surge.old_stopping_ms = stopping.as_millis() as u64;
+    ours_surge.handover_ms = handover.as_millis() as u64;
+
     // 3. Rollback, delete first: ours stops (rules stay), upstream's starts.
     let since = f.last_seq().await?;
     let load = Load::start(&f, "rollback")?;
@@ -748,7 +809,7 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
     assert!(!f.any_redirect_jump());
     assert!(!f.nat_rules(None)?.contains("aad-metadata"));
 
-    rows.extend([delete_first, surge, rollback, restart]);
+    rows.extend([delete_first, surge, ours_surge, rollback, restart]);
     println!("{HEADER}");
     for r in &rows {
         println!("{}", r.row());
@@ -758,8 +819,8 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
     }
     println!("rollback: {tokens_from_go} tokens from upstream's NMI after it listened");
 
-    let [delete_first, surge, rollback, restart] = &rows[rows.len() - 4..] else {
-        bail!("four sequences");
+    let [delete_first, surge, ours_surge, rollback, restart] = &rows[rows.len() - 5..] else {
+        bail!("five sequences");
     };
     // What remains with delete first: upstream's NMI removes its redirect
     // on SIGTERM and serves nothing, so pods reach the real IMDS until ours
@@ -770,6 +831,8 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
     assert_eq!(surge.imds_direct, 0, "{}\n{}", surge.row(), f.start_log());
     assert!(surge.tokens > 0 && surge.other_http == 0, "{}", surge.row());
     assert!(surge.failure_window_ms <= 1000, "{}", surge.row());
+    assert_eq!(ours_surge.imds_direct, 0, "{}", ours_surge.row());
+    assert!(ours_surge.failure_window_ms <= 1000, "{}", ours_surge.row());
     // Rollback: nothing reaches IMDS (our rules stay until upstream's own
     // are in), and upstream's NMI serves afterwards.
     assert_eq!(rollback.imds_direct, 0, "{}", rollback.row());
@@ -777,5 +840,92 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
     // Upstream restarting on the rolled-back node: the guard keeps pods off
     // IMDS while upstream's NMI has removed its own redirect.
     assert_eq!(restart.imds_direct, 0, "{}", restart.row());
+    Ok(())
+}
+
+/// What the chart's surge settings rest on, asked of the real apiserver
+/// (server-side dry run): a DaemonSet takes `maxSurge` only with
+/// `maxUnavailable: 0`, and a host-network pod's declared container port
+/// becomes a host port (which would keep the surge pod off a node where the
+/// old pod declares the same port), while a pod that declares none has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surge_settings_the_apiserver_accepts() -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::Api;
+    use kube::api::PostParams;
+    use serde_json::json;
+    let cluster = Cluster::shared();
+    let client = cluster.admin_client().await?;
+    let ns_guard = cluster.temp_namespace("surge-dry-run").await?;
+    let ns = ns_guard.name();
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let container = |ports: Value| {
+        json!({"name": "nmi", "image": "nmi", "ports": ports,
+               "readinessProbe": {"exec": {"command": ["iptables", "-w", "5", "-t", "nat", "-C", "PREROUTING", "-j", "aad-metadata-guard"]}}})
+    };
+    let ds = |strategy: Value, ports: Value| -> anyhow::Result<DaemonSet> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": "nmi"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "nmi"}},
+                "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
+                "template": {
+                    "metadata": {"labels": {"app": "nmi"}},
+                    "spec": {"hostNetwork": true, "containers": [container(ports)]},
+                },
+            },
+        }))?)
+    };
+    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
+    dss.create(
+        &dry,
+        &ds(json!({"maxSurge": 1, "maxUnavailable": 0}), json!([]))?,
+    )
+    .await
+    .context("maxSurge 1 with maxUnavailable 0")?;
+    let both = dss
+        .create(
+            &dry,
+            &ds(json!({"maxSurge": 1, "maxUnavailable": 1}), json!([]))?,
+        )
+        .await;
+    let err = both.expect_err("maxSurge with a non-zero maxUnavailable is refused");
+    assert!(
+        err.to_string().contains("maxUnavailable"),
+        "the refusal names maxUnavailable: {err}"
+    );
+    let pods: Api<Pod> = Api::namespaced(client, ns);
+    let pod = |ports: Value| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": "nmi-x"},
+            "spec": {"hostNetwork": true, "containers": [container(ports)]},
+        }))?)
+    };
+    let declared = pods
+        .create(
+            &dry,
+            &pod(json!([{"name": "http-probe", "containerPort": 8085}]))?,
+        )
+        .await?;
+    let host_ports: Vec<Option<i32>> = declared
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .map(|p| p.host_port)
+        .collect();
+    assert_eq!(host_ports, [Some(8085)], "a declared port is a host port");
+    let undeclared = pods.create(&dry, &pod(json!([]))?).await?;
+    let none: usize = undeclared
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| c.ports.as_ref().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(none, 0);
     Ok(())
 }
