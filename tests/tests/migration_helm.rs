@@ -92,6 +92,14 @@ fn snap(c: &PrivateCluster, baseline: &Snapshot) -> Snapshot {
 /// The workloads in the release namespace: exactly one nmi DaemonSet and one
 /// mic Deployment, with their names.
 fn one_of_each(s: &Snapshot, step: &str) {
+    // In the whole cluster, not only the release namespace.
+    for kind in ["DaemonSet/", "Deployment/"] {
+        assert_eq!(
+            s.keys().filter(|k| k.starts_with(kind)).count(),
+            1,
+            "{step}: {kind} {s:?}"
+        );
+    }
     let ds = helm::keys_of(s, "DaemonSet", NS);
     let deploy = helm::keys_of(s, "Deployment", NS);
     assert_eq!(
@@ -478,6 +486,70 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
         s2.keys().collect::<Vec<_>>(),
         "the same objects as the upgrade with the values file"
     );
+    // 9. An upstream release with fullnameOverride (which upstream's chart
+    // used only for the -view/-edit roles): this chart would rename mic and
+    // nmi, so the upgrade stops before writing anything.
+    helm_ok(&c, &["rollback", RELEASE, "1", "-n", NS]);
+    helm_ok(
+        &c,
+        &[
+            "upgrade",
+            RELEASE,
+            &upstream_chart,
+            "-n",
+            NS,
+            "--reuse-values",
+            "--set",
+            "fullnameOverride=pid",
+        ],
+    );
+    let s9 = snap(&c, &baseline);
+    one_of_each(&s9, "upstream with fullnameOverride");
+    let renamed = helm::run_on(
+        c.kubeconfig(),
+        &[
+            "upgrade",
+            RELEASE,
+            &ours,
+            "-n",
+            NS,
+            "--reset-then-reuse-values",
+        ],
+    )
+    .unwrap();
+    println!(
+        "upgrade that would rename nmi: success={} {}",
+        renamed.success,
+        renamed.stderr.trim()
+    );
+    assert!(!renamed.success, "{}", renamed.stdout);
+    assert!(
+        renamed.stderr.contains("both would run at once"),
+        "{}",
+        renamed.stderr
+    );
+    let d = helm::diff(&s9, &snap(&c, &baseline));
+    assert_eq!(d.unchanged.len(), s9.len(), "nothing written: {d:?}");
+    helm_ok(
+        &c,
+        &[
+            "upgrade",
+            RELEASE,
+            &ours,
+            "-n",
+            NS,
+            "--reset-then-reuse-values",
+            "--set",
+            "fullnameOverride=",
+        ],
+    );
+    let s10 = snap(&c, &baseline);
+    one_of_each(&s10, "fullnameOverride removed");
+    assert_eq!(
+        uid(&s10, &format!("DaemonSet/{NS}/aad-pod-identity-nmi")),
+        uid(&s1, &format!("DaemonSet/{NS}/aad-pod-identity-nmi"))
+    );
+
     let history = helm_ok(&c, &["history", RELEASE, "-n", NS, "-o", "json"]);
     let history: Value = serde_json::from_str(&history).unwrap();
     println!(

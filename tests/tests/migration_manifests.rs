@@ -92,6 +92,14 @@ fn snap(c: &PrivateCluster, baseline: &Snapshot) -> Snapshot {
 }
 
 fn one_of_each(s: &Snapshot, step: &str) {
+    // In the whole cluster, not only the release namespace.
+    for kind in ["DaemonSet/", "Deployment/"] {
+        assert_eq!(
+            s.keys().filter(|k| k.starts_with(kind)).count(),
+            1,
+            "{step}: {kind} {s:?}"
+        );
+    }
     assert_eq!(
         helm::keys_of(s, "DaemonSet", NS),
         vec![format!("DaemonSet/{NS}/nmi")],

@@ -247,3 +247,22 @@ as float64, which would print 1000000 as 1e+06. Empty for "" and null. */}}
 {{- if or (not $id.binding) (not $id.binding.selector) }}{{ fail (printf "azureIdentities.%s.binding.selector is required" $key) }}{{ end }}
 {{- end }}
 {{- end -}}
+
+{{/* On upgrade, fails when this release already has a workload of the same
+component under another name (args: dict "ctx" $ "kind" "DaemonSet"
+"component" "nmi" "name" <new name>). Helm would create the new one before it
+deletes the old, so two nmi DaemonSets (or two MICs) with the same selector
+would run at once. Upstream's chart did not apply fullnameOverride to the mic
+and nmi names; this chart does. lookup answers nothing in helm template. */}}
+{{- define "aad-pod-identity.renameGuard" -}}
+{{- $ctx := .ctx -}}
+{{- if $ctx.Release.IsUpgrade -}}
+{{- range (lookup "apps/v1" .kind $ctx.Release.Namespace "").items | default list -}}
+{{- $annotations := .metadata.annotations | default dict -}}
+{{- $labels := .metadata.labels | default dict -}}
+{{- if and (eq (toString (index $annotations "meta.helm.sh/release-name")) $ctx.Release.Name) (eq (toString (index $labels "app.kubernetes.io/component")) $.component) (ne .metadata.name $.name) -}}
+{{- fail (printf "this upgrade would replace %s %s of release %s by %s: both would run at once. Upstream's chart did not apply fullnameOverride to the mic and nmi names; remove fullnameOverride (or set nameOverride as before) and upgrade again (docs/migration.md)" $.kind .metadata.name $ctx.Release.Name $.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
