@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use aadpodid_tests::helm::{self, Snapshot};
+use aadpodid_tests::helm::{self, CrdShape, Snapshot};
 use aadpodid_tests::{PrivateCluster, unique_name};
 use serde_json::Value;
 
@@ -58,13 +58,6 @@ azureIdentities:
       selector: "seed002"
 "#;
 
-const CRDS: [&str; 4] = [
-    "azureassignedidentities.aadpodidentity.k8s.io",
-    "azureidentities.aadpodidentity.k8s.io",
-    "azureidentitybindings.aadpodidentity.k8s.io",
-    "azurepodidentityexceptions.aadpodidentity.k8s.io",
-];
-
 fn kubectl(c: &PrivateCluster, args: &[&str]) -> String {
     let out = c.kubectl_run(args, None).unwrap();
     assert!(out.success, "kubectl {args:?}: {}", out.stderr);
@@ -72,10 +65,7 @@ fn kubectl(c: &PrivateCluster, args: &[&str]) -> String {
 }
 
 fn get_json(c: &PrivateCluster, args: &[&str]) -> Value {
-    let mut all = vec!["get"];
-    all.extend_from_slice(args);
-    all.extend(["-o", "json"]);
-    serde_json::from_str(&kubectl(c, &all)).unwrap()
+    helm::get_json(c, args).unwrap()
 }
 
 /// `helm <args>` on the cluster; panics with helm's words when it fails.
@@ -85,48 +75,37 @@ fn helm_ok(c: &PrivateCluster, args: &[&str]) -> String {
     out.stdout
 }
 
+/// `helm upgrade RELEASE <chart> -n NS <extra>` on the cluster.
+fn try_upgrade(c: &PrivateCluster, chart: &str, extra: &[&str]) -> helm::HelmOutput {
+    let mut args = vec!["upgrade", RELEASE, chart, "-n", NS];
+    args.extend_from_slice(extra);
+    helm::run_on(c.kubeconfig(), &args).unwrap()
+}
+
+/// [`try_upgrade`], which must succeed.
+fn upgrade(c: &PrivateCluster, chart: &str, extra: &[&str]) {
+    let out = try_upgrade(c, chart, extra);
+    assert!(
+        out.success,
+        "helm upgrade {extra:?}: {}{}",
+        out.stdout, out.stderr
+    );
+}
+
 fn snap(c: &PrivateCluster, baseline: &Snapshot) -> Snapshot {
     helm::snapshot(|| c.kubectl(), baseline).unwrap()
 }
 
-/// The workloads in the release namespace: exactly one nmi DaemonSet and one
-/// mic Deployment, with their names.
 fn one_of_each(s: &Snapshot, step: &str) {
     // In the whole cluster, not only the release namespace.
-    for kind in ["DaemonSet/", "Deployment/"] {
-        assert_eq!(
-            s.keys().filter(|k| k.starts_with(kind)).count(),
-            1,
-            "{step}: {kind} {s:?}"
-        );
-    }
-    let ds = helm::keys_of(s, "DaemonSet", NS);
-    let deploy = helm::keys_of(s, "Deployment", NS);
     assert_eq!(
-        ds,
-        vec![format!("DaemonSet/{NS}/aad-pod-identity-nmi")],
+        helm::workloads(s),
+        (
+            vec![format!("DaemonSet/{NS}/aad-pod-identity-nmi")],
+            vec![format!("Deployment/{NS}/aad-pod-identity-mic")]
+        ),
         "{step}"
     );
-    assert_eq!(
-        deploy,
-        vec![format!("Deployment/{NS}/aad-pod-identity-mic")],
-        "{step}"
-    );
-}
-
-/// The AzureAssignedIdentity CRD's printer columns: upstream's has none,
-/// ours six; and whether AzureIdentity `spec.type` has our bound (0..=2).
-fn crd_shape(c: &PrivateCluster) -> (usize, bool) {
-    let aai = get_json(c, &["crd", CRDS[0]]);
-    let columns = aai["spec"]["versions"][0]["additionalPrinterColumns"]
-        .as_array()
-        .map_or(0, Vec::len);
-    let ai = get_json(c, &["crd", CRDS[1]]);
-    let bounded =
-        ai["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-            ["type"]["maximum"]
-            .is_number();
-    (columns, bounded)
 }
 
 fn container_args(c: &PrivateCluster, kind: &str, name: &str) -> Vec<String> {
@@ -194,10 +173,9 @@ fn values_in_effect(c: &PrivateCluster, step: &str) {
 }
 
 fn uid(s: &Snapshot, key: &str) -> String {
-    s.get(key)
+    helm::uid(s, key)
         .unwrap_or_else(|| panic!("{key} missing"))
-        .uid
-        .clone()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +196,7 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     // The test cluster starts with this project's CRDs; a cluster running
     // upstream has upstream's, which its chart installs from crds/.
     let mut del = vec!["delete", "crd", "--wait=true"];
-    del.extend(CRDS);
+    del.extend(helm::CRD_NAMES);
     kubectl(&c, &del);
     let baseline = snap(&c, &Snapshot::new());
 
@@ -239,17 +217,17 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     let s1 = snap(&c, &baseline);
     one_of_each(&s1, "upstream installed");
     assert!(s1.contains_key(&format!("AzurePodIdentityException/{NS}/mic")));
-    assert_eq!(crd_shape(&c), (0, false), "upstream's CRDs");
+    assert_eq!(
+        helm::crd_shape(&c).unwrap(),
+        CrdShape::UPSTREAM,
+        "upstream's CRDs"
+    );
     values_in_effect(&c, "upstream installed");
     println!("upstream release: {} objects", s1.len());
 
     // 2. --reuse-values takes the old chart's defaults with the old values:
     // this chart's new keys are missing, the render fails and nothing changes.
-    let reuse = helm::run_on(
-        c.kubeconfig(),
-        &["upgrade", RELEASE, &ours, "-n", NS, "--reuse-values"],
-    )
-    .unwrap();
+    let reuse = try_upgrade(&c, &ours, &["--reuse-values"]);
     println!(
         "helm upgrade --reuse-values: success={} {}",
         reuse.success,
@@ -301,26 +279,19 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     let s_crd = snap(&c, &baseline);
     let d_crd = helm::diff(&s1, &s_crd);
     println!("CRDs applied ({crd_took:.2?}): {}", d_crd.figures());
-    assert_eq!(crd_shape(&c), (6, true), "our CRDs after the apply");
+    assert_eq!(
+        helm::crd_shape(&c).unwrap(),
+        CrdShape::OURS,
+        "our CRDs after the apply"
+    );
     assert!(d_crd.recreated.is_empty() && d_crd.created.is_empty() && d_crd.deleted.is_empty());
-    for crd in CRDS {
+    for crd in helm::CRD_NAMES {
         let key = format!("CustomResourceDefinition//{crd}");
         assert!(d_crd.replaced.contains(&key), "{key}: {d_crd:?}");
     }
 
     let t = Instant::now();
-    helm_ok(
-        &c,
-        &[
-            "upgrade",
-            RELEASE,
-            &ours,
-            "-n",
-            NS,
-            "-f",
-            &old_values.display().to_string(),
-        ],
-    );
+    upgrade(&c, &ours, &["-f", &old_values.display().to_string()]);
     let upgrade_took = t.elapsed();
     let s2 = snap(&c, &baseline);
     let up = helm::diff(&s_crd, &s2);
@@ -385,21 +356,14 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
         "{role}"
     );
     values_in_effect(&c, "after upgrade");
-    assert_eq!(crd_shape(&c), (6, true), "CRDs after upgrade");
+    assert_eq!(
+        helm::crd_shape(&c).unwrap(),
+        CrdShape::OURS,
+        "CRDs after upgrade"
+    );
 
     // 4. The same upgrade again writes nothing.
-    helm_ok(
-        &c,
-        &[
-            "upgrade",
-            RELEASE,
-            &ours,
-            "-n",
-            NS,
-            "-f",
-            &old_values.display().to_string(),
-        ],
-    );
+    upgrade(&c, &ours, &["-f", &old_values.display().to_string()]);
     let s3 = snap(&c, &baseline);
     let again = helm::diff(&s2, &s3);
     println!("second helm upgrade: {}", again.figures());
@@ -439,7 +403,11 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     );
     values_in_effect(&c, "after rollback");
     // Helm leaves crds/ alone on rollback too: ours stay.
-    assert_eq!(crd_shape(&c), (6, true), "CRDs after rollback");
+    assert_eq!(
+        helm::crd_shape(&c).unwrap(),
+        CrdShape::OURS,
+        "CRDs after rollback"
+    );
 
     // 6. The same rollback again writes nothing.
     helm_ok(&c, &["rollback", RELEASE, "1", "-n", NS]);
@@ -450,7 +418,7 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
 
     // 7. Without any values flag Helm copies the last release's values (an
     // upgrade with one --set would not): the upgrade from upstream again.
-    helm_ok(&c, &["upgrade", RELEASE, &ours, "-n", NS]);
+    upgrade(&c, &ours, &[]);
     let s6 = snap(&c, &baseline);
     one_of_each(&s6, "bare upgrade");
     values_in_effect(&c, "bare upgrade");
@@ -461,17 +429,7 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     // values on top (Helm 3.14+): the same result from upstream's revision.
     helm_ok(&c, &["rollback", RELEASE, "1", "-n", NS]);
     let s7 = snap(&c, &baseline);
-    helm_ok(
-        &c,
-        &[
-            "upgrade",
-            RELEASE,
-            &ours,
-            "-n",
-            NS,
-            "--reset-then-reuse-values",
-        ],
-    );
+    upgrade(&c, &ours, &["--reset-then-reuse-values"]);
     let s8 = snap(&c, &baseline);
     one_of_each(&s8, "--reset-then-reuse-values");
     values_in_effect(&c, "--reset-then-reuse-values");
@@ -490,33 +448,14 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     // used only for the -view/-edit roles): this chart would rename mic and
     // nmi, so the upgrade stops before writing anything.
     helm_ok(&c, &["rollback", RELEASE, "1", "-n", NS]);
-    helm_ok(
+    upgrade(
         &c,
-        &[
-            "upgrade",
-            RELEASE,
-            &upstream_chart,
-            "-n",
-            NS,
-            "--reuse-values",
-            "--set",
-            "fullnameOverride=pid",
-        ],
+        &upstream_chart,
+        &["--reuse-values", "--set", "fullnameOverride=pid"],
     );
     let s9 = snap(&c, &baseline);
     one_of_each(&s9, "upstream with fullnameOverride");
-    let renamed = helm::run_on(
-        c.kubeconfig(),
-        &[
-            "upgrade",
-            RELEASE,
-            &ours,
-            "-n",
-            NS,
-            "--reset-then-reuse-values",
-        ],
-    )
-    .unwrap();
+    let renamed = try_upgrade(&c, &ours, &["--reset-then-reuse-values"]);
     println!(
         "upgrade that would rename nmi: success={} {}",
         renamed.success,
@@ -530,18 +469,10 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     );
     let d = helm::diff(&s9, &snap(&c, &baseline));
     assert_eq!(d.unchanged.len(), s9.len(), "nothing written: {d:?}");
-    helm_ok(
+    upgrade(
         &c,
-        &[
-            "upgrade",
-            RELEASE,
-            &ours,
-            "-n",
-            NS,
-            "--reset-then-reuse-values",
-            "--set",
-            "fullnameOverride=",
-        ],
+        &ours,
+        &["--reset-then-reuse-values", "--set", "fullnameOverride="],
     );
     let s10 = snap(&c, &baseline);
     one_of_each(&s10, "fullnameOverride removed");

@@ -17,18 +17,11 @@
 
 use std::time::Instant;
 
-use aadpodid_tests::helm::{self, Render, Snapshot};
+use aadpodid_tests::helm::{self, CrdShape, Render, Snapshot};
 use aadpodid_tests::{PrivateCluster, repo_root};
 use serde_json::Value;
 
 const NS: &str = "default";
-
-const CRDS: [&str; 4] = [
-    "azureassignedidentities.aadpodidentity.k8s.io",
-    "azureidentities.aadpodidentity.k8s.io",
-    "azureidentitybindings.aadpodidentity.k8s.io",
-    "azurepodidentityexceptions.aadpodidentity.k8s.io",
-];
 
 /// A user's identity and binding, stored under upstream's CRDs.
 const USER_OBJECTS: &str = r#"apiVersion: aadpodidentity.k8s.io/v1
@@ -81,10 +74,7 @@ fn kubectl(c: &PrivateCluster, args: &[&str], stdin: Option<&str>) -> String {
 }
 
 fn get_json(c: &PrivateCluster, args: &[&str]) -> Value {
-    let mut all = vec!["get"];
-    all.extend_from_slice(args);
-    all.extend(["-o", "json"]);
-    serde_json::from_str(&kubectl(c, &all, None)).unwrap()
+    helm::get_json(c, args).unwrap()
 }
 
 fn snap(c: &PrivateCluster, baseline: &Snapshot) -> Snapshot {
@@ -93,45 +83,20 @@ fn snap(c: &PrivateCluster, baseline: &Snapshot) -> Snapshot {
 
 fn one_of_each(s: &Snapshot, step: &str) {
     // In the whole cluster, not only the release namespace.
-    for kind in ["DaemonSet/", "Deployment/"] {
-        assert_eq!(
-            s.keys().filter(|k| k.starts_with(kind)).count(),
-            1,
-            "{step}: {kind} {s:?}"
-        );
-    }
     assert_eq!(
-        helm::keys_of(s, "DaemonSet", NS),
-        vec![format!("DaemonSet/{NS}/nmi")],
+        helm::workloads(s),
+        (
+            vec![format!("DaemonSet/{NS}/nmi")],
+            vec![format!("Deployment/{NS}/mic")]
+        ),
         "{step}"
     );
-    assert_eq!(
-        helm::keys_of(s, "Deployment", NS),
-        vec![format!("Deployment/{NS}/mic")],
-        "{step}"
-    );
-}
-
-/// AzureAssignedIdentity printer columns (upstream's: 0, ours: 6) and whether
-/// AzureIdentity `spec.type` is bounded (ours).
-fn crd_shape(c: &PrivateCluster) -> (usize, bool) {
-    let aai = get_json(c, &["crd", CRDS[0]]);
-    let columns = aai["spec"]["versions"][0]["additionalPrinterColumns"]
-        .as_array()
-        .map_or(0, Vec::len);
-    let ai = get_json(c, &["crd", CRDS[1]]);
-    let bounded =
-        ai["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-            ["type"]["maximum"]
-            .is_number();
-    (columns, bounded)
 }
 
 fn uid(s: &Snapshot, key: &str) -> String {
-    s.get(key)
+    helm::uid(s, key)
         .unwrap_or_else(|| panic!("{key} missing"))
-        .uid
-        .clone()
+        .to_string()
 }
 
 fn nmi_args(c: &PrivateCluster) -> Vec<String> {
@@ -147,7 +112,7 @@ fn written_lines(out: &str) -> Vec<&str> {
 async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_back() {
     let c = PrivateCluster::start().await.unwrap();
     let mut del = vec!["delete", "crd", "--wait=true"];
-    del.extend(CRDS);
+    del.extend(helm::CRD_NAMES);
     kubectl(&c, &del, None);
     let baseline = snap(&c, &Snapshot::new());
 
@@ -170,7 +135,11 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
     kubectl(&c, &["apply", "-f", "-"], Some(USER_OBJECTS));
     let s1 = snap(&c, &baseline);
     one_of_each(&s1, "upstream applied");
-    assert_eq!(crd_shape(&c), (0, false), "upstream's CRDs");
+    assert_eq!(
+        helm::crd_shape(&c).unwrap(),
+        CrdShape::UPSTREAM,
+        "upstream's CRDs"
+    );
     println!("upstream's manifests: {} objects", s1.len());
 
     // 2. Ours, as shipped. A server-side dry run first (docs/migration.md).
@@ -222,7 +191,7 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
         vec![&format!("AzurePodIdentityException/{NS}/mic-exception")],
         "{up:?}"
     );
-    assert_eq!(crd_shape(&c), (6, true), "our CRDs");
+    assert_eq!(helm::crd_shape(&c).unwrap(), CrdShape::OURS, "our CRDs");
     let ds = get_json(&c, &["-n", NS, "daemonset", "nmi"]);
     assert_eq!(
         ds["spec"]["selector"]["matchLabels"],
@@ -339,7 +308,11 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
     );
     // Client-side apply removes what the last applied file had and this one
     // lacks: upstream's CRDs again.
-    assert_eq!(crd_shape(&c), (0, false), "upstream's CRDs again");
+    assert_eq!(
+        helm::crd_shape(&c).unwrap(),
+        CrdShape::UPSTREAM,
+        "upstream's CRDs again"
+    );
 
     // 6. The rollback again writes nothing.
     kubectl(&c, &["apply", "-f", "-"], Some(&edited));

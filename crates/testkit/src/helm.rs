@@ -378,6 +378,78 @@ pub fn snapshot(kubectl: impl Fn() -> Command, baseline: &Snapshot) -> anyhow::R
     Ok(snap)
 }
 
+/// The project's four CRDs (upstream's names).
+pub const CRD_NAMES: [&str; 4] = [
+    "azureassignedidentities.aadpodidentity.k8s.io",
+    "azureidentities.aadpodidentity.k8s.io",
+    "azureidentitybindings.aadpodidentity.k8s.io",
+    "azurepodidentityexceptions.aadpodidentity.k8s.io",
+];
+
+/// `kubectl get <args> -o json` on `cluster` (admin), parsed.
+pub fn get_json(cluster: &crate::Cluster, args: &[&str]) -> anyhow::Result<Value> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend(["-o", "json"]);
+    let out = cluster.kubectl_run(&all, None)?;
+    if !out.success {
+        bail!("kubectl {all:?}: {}", out.stderr);
+    }
+    serde_json::from_str(&out.stdout).context("kubectl get -o json")
+}
+
+/// What tells upstream's CRDs from this project's on a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrdShape {
+    /// Printer columns of the AzureAssignedIdentity CRD (upstream's: none).
+    pub assigned_identity_columns: usize,
+    /// AzureIdentity `spec.type` has a maximum (this project's 0..=2 check).
+    pub identity_type_bounded: bool,
+}
+
+impl CrdShape {
+    /// Upstream v1.8.17's CRDs.
+    pub const UPSTREAM: CrdShape = CrdShape {
+        assigned_identity_columns: 0,
+        identity_type_bounded: false,
+    };
+    /// This project's CRDs.
+    pub const OURS: CrdShape = CrdShape {
+        assigned_identity_columns: 6,
+        identity_type_bounded: true,
+    };
+}
+
+/// The [`CrdShape`] of the CRDs installed on `cluster`.
+pub fn crd_shape(cluster: &crate::Cluster) -> anyhow::Result<CrdShape> {
+    let aai = get_json(cluster, &["crd", CRD_NAMES[0]])?;
+    let ai = get_json(cluster, &["crd", CRD_NAMES[1]])?;
+    Ok(CrdShape {
+        assigned_identity_columns: aai["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .map_or(0, Vec::len),
+        identity_type_bounded: ai["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["spec"]["properties"]["type"]["maximum"]
+            .is_number(),
+    })
+}
+
+/// The DaemonSets and the Deployments of a snapshot, in every namespace.
+pub fn workloads(snap: &Snapshot) -> (Vec<String>, Vec<String>) {
+    let of = |kind: &str| {
+        snap.keys()
+            .filter(|k| k.starts_with(kind))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    (of("DaemonSet/"), of("Deployment/"))
+}
+
+/// The uid of object `key` in `snap`.
+pub fn uid<'a>(snap: &'a Snapshot, key: &str) -> Option<&'a str> {
+    snap.get(key).map(|s| s.uid.as_str())
+}
+
 /// What happened to each object between two snapshots.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ObjectDiff {
@@ -501,5 +573,19 @@ mod tests {
         );
         assert_eq!(keys_of(&after, "K", "n").len(), 4);
         assert!(keys_of(&after, "K", "m").is_empty());
+        assert_eq!(uid(&after, "K/n/again"), Some("9"));
+        let w: Snapshot = [
+            ("DaemonSet/a/nmi".to_string(), stored("1", "1")),
+            ("Deployment/b/mic".to_string(), stored("2", "1")),
+            ("DaemonSetX//y".to_string(), stored("3", "1")),
+        ]
+        .into();
+        assert_eq!(
+            workloads(&w),
+            (
+                vec!["DaemonSet/a/nmi".to_string()],
+                vec!["Deployment/b/mic".to_string()]
+            )
+        );
     }
 }
