@@ -35,7 +35,7 @@ use serde_json::json;
 
 const ENV: &str = "MIGADOPT";
 
-aadpodid_tests::emulator_ca_parent_test!(migration_adopt, "MIGADOPT", 4, 900);
+aadpodid_tests::emulator_ca_parent_test!(migration_adopt, "MIGADOPT", 5, 900);
 
 /// This MIC's full resync period here: each second a sync cycle runs.
 const OUR_SYNC: &str = "--syncRetryDuration=1s";
@@ -584,6 +584,68 @@ async fn child_go_mic_adopts_what_ours_wrote() -> anyhow::Result<()> {
     w.cleanup().await;
     released.with_context(|| go_tail(&g.go))?;
     g.assert_clean("rollback");
+    Ok(())
+}
+
+/// What a rollback still costs: Go MIC judges an AAI by the
+/// resourceVersion of the identity and binding it embeds, and this MIC does
+/// not rewrite AAIs for metadata-only edits (labels, annotations). An
+/// identity labelled while this MIC ran makes Go MIC rewrite the AAIs that
+/// embed it once (status back to `Created`, then `Assigned`), with no ARM
+/// write; the other AAIs stay as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
+async fn child_rollback_after_a_metadata_edit() -> anyhow::Result<()> {
+    let w = MicWorld::shared(ENV, "adopt-meta").logs().build().await?;
+    ours_assigns(&w, "mic-adopt-meta").await?;
+    Api::<AzureIdentity>::namespaced(w.client().await?, w.ns.name())
+        .patch(
+            APP2_ID,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
+        )
+        .await?;
+    let worker = w.aai_name("worker", APP2_ID);
+    let open = window(&w).await?;
+    let go = go_mic(&w, "adopt-meta")?;
+    let rewritten = wait_for(
+        "Go MIC rewrites the AAI of the labelled identity",
+        WAIT,
+        || async {
+            let a = w.aai(&worker).await.ok()??;
+            let rv = a
+                .spec
+                .azure_identity_ref
+                .as_deref()?
+                .metadata
+                .resource_version
+                .clone();
+            let live = Api::<AzureIdentity>::namespaced(w.client().await.ok()?, w.ns.name())
+                .get(APP2_ID)
+                .await
+                .ok()?;
+            (rv == live.metadata.resource_version && a.status.as_ref()?.status == "Assigned")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = close_window(&w, open).await?;
+    println!("rollback after a label on one identity: {}", t.figures());
+    let released = release_pods(&w).await;
+    let tail = go_tail(&go);
+    drop(go);
+    w.cleanup().await;
+    rewritten.with_context(|| tail.clone())?;
+    released.with_context(|| tail.clone())?;
+    assert!(t.writes.is_empty(), "ARM writes: {:?}\n{tail}", t.writes);
+    for (name, state) in &t.before {
+        if *name == worker {
+            assert_ne!(t.after.get(name), Some(state), "{name} rewritten");
+        } else {
+            assert_eq!(t.after.get(name), Some(state), "{name} unchanged\n{tail}");
+        }
+    }
     Ok(())
 }
 
