@@ -2,7 +2,7 @@
 //! request made with its `ManagedIdentityCredential`.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::fixtures::repo_root;
@@ -83,6 +83,7 @@ pub fn python_imds_token(
     if let Some(base) = imds_base {
         cmd.env("AZURE_POD_IDENTITY_AUTHORITY_HOST", base);
     }
+    cmd.stderr(Stdio::piped());
     let out = output_within(&mut cmd, "imds_token.py", SDK_TIMEOUT)?;
     last_line_json("imds_token.py", &out)
 }

@@ -17,38 +17,25 @@ use serde::de::DeserializeOwned;
 /// Runs the bash script `script` (stdin closed, stderr passed through) for at
 /// most `timeout` (then kills it) and returns the path it prints on stdout.
 pub fn run_build_script(script: &Path, timeout: Duration) -> anyhow::Result<PathBuf> {
-    let mut child = Command::new("bash")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("run {}", script.display()))?;
-    let deadline = Instant::now() + timeout;
-    while child.try_wait()?.is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{} did not finish within {timeout:?}", script.display());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let out = child.wait_with_output()?;
+    let what = script.display().to_string();
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).stderr(Stdio::inherit());
+    let out = output_within(&mut cmd, &what, timeout)?;
     if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
+        bail!("{what} failed ({})", out.status);
     }
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
-/// Runs `cmd` (stdin closed, stdout and stderr captured) for at most
-/// `timeout`, then kills it: a process under test that hangs fails the test
-/// instead of holding it. Both pipes are drained while the child runs, so a
-/// talkative child cannot block on a full pipe.
+/// Runs `cmd` (stdin closed, stdout captured; stderr as the caller set it:
+/// captured only when piped) for at most `timeout`, then kills it: a process
+/// under test that hangs fails the test instead of holding it. The pipes are
+/// drained while the child runs, so a talkative child cannot block on a full
+/// pipe.
 pub fn output_within(cmd: &mut Command, what: &str, timeout: Duration) -> anyhow::Result<Output> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("run {what}"))?;
     let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
@@ -189,10 +176,12 @@ mod tests {
     fn output_within_drains_both_pipes_and_kills_a_hung_child() {
         // More than a pipe holds on each stream: the child must not block.
         let big = output_within(
-            Command::new("sh").args([
-                "-c",
-                "head -c 200000 /dev/zero; head -c 100000 /dev/zero >&2",
-            ]),
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "head -c 200000 /dev/zero; head -c 100000 /dev/zero >&2",
+                ])
+                .stderr(Stdio::piped()),
             "big",
             Duration::from_secs(30),
         )

@@ -3,21 +3,23 @@
 //! upstream's, on the same emulated world (`cargo run --release -p
 //! aadpodid-bench --bin bench --locked -- [--quick]`).
 //!
-//! One run starts the test kit's [`Cluster`](aadpodid_testkit::Cluster) (a real etcd and
-//! kube-apiserver on loopback) and, per [`Subject`], an Azure emulator with
-//! Compute's real throttle buckets on a sped-up clock, MIC as a process, and
-//! NMI as a process inside a node network namespace with pods attached (real
-//! iptables, only inside namespaces this run creates). It prints one table,
-//! writes it with the machine's description to `docs/benchmarks.md` and
-//! draws `docs/benchmarks.svg`.
+//! One run starts the test kit's shared [`Cluster`](aadpodid_testkit::Cluster)
+//! (a real etcd and kube-apiserver on loopback) and, per [`Subject`], a world
+//! of the kit's [`WorldBuilder`](aadpodid_testkit::world::WorldBuilder)
+//! (`world`): an Azure emulator with Compute's real throttle buckets on a
+//! sped-up clock, MIC as a process on the host, and NMI as a process inside a
+//! node network namespace with pods attached (real iptables, only inside
+//! namespaces this run creates). It prints one table, writes it with the
+//! machine's description to `docs/benchmarks.md` and draws
+//! `docs/benchmarks.svg`.
 //!
 //! MIC, NMI, the namespace relay and the load client are this same binary
 //! re-executed with [`ROLE_ENV`] set ([`child`]): the MIC and NMI children run
 //! exactly `mic::cli_main` / `nmi::cli_main`, so their RSS and CPU can be
 //! read from `/proc/<pid>` apart from the emulator and the load generator.
 //!
-//! Where the figures of the upstream column come from: [`subject::launch_mic`]
-//! and [`subject::launch_nmi`], the only places that differ per [`Subject`].
+//! Where the figures of the upstream column come from: [`subject::mic_program`]
+//! and [`subject::nmi_program`], the only places that differ per [`Subject`].
 
 pub mod child;
 pub mod report;
@@ -173,7 +175,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         Scale::full()
     };
-    world::KEEP_LOGS.store(opts.keep_logs, std::sync::atomic::Ordering::Relaxed);
     let started = std::time::Instant::now();
     let mut columns = Vec::new();
     for subject in [Subject::ThisProject, Subject::Upstream] {

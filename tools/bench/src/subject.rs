@@ -1,32 +1,27 @@
 //! What is measured (one function per row) and for whom ([`Subject`]).
 //!
-//! The two functions that differ per subject are [`launch_mic`] and
-//! [`launch_nmi`]: they turn the bench's settings into a command line. Every
-//! row then runs the same steps against the same cluster and emulator
-//! settings, whichever subject runs.
+//! The functions that differ per subject are [`mic_program`] and
+//! [`nmi_program`]: what the kit's world starts as MIC and NMI (with the
+//! same flags from the kit, plus the bench's scaled periods). Every row then
+//! runs the same steps against the same cluster and emulator settings,
+//! whichever subject runs.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aadpodid_testkit::env::PROXY_VARS;
 use aadpodid_testkit::flood::{
     Flood, Kind, Outcome, Peaks, Plan, Sampler, open_fds, raise_nofile, token_path,
 };
-use aadpodid_testkit::free_ports;
-use aadpodid_testkit::http::http_get;
 use aadpodid_testkit::netns::{IMDS_ADDRESS, NetNs};
 use aadpodid_testkit::procfs;
 use aadpodid_testkit::tools::last_line_json;
 use aadpodid_testkit::upstream;
+use aadpodid_testkit::world::Program;
 use anyhow::{Context as _, bail};
 
 use crate::child::{LoadResult, LoadSpec};
 use crate::report::{Figures, Metric};
-use crate::world::{
-    self, NMI_PROBE_PORT, NmiNode, Proc, TOKEN_PATH, World, curl_imds, curl_token, self_exe,
-    start_proc,
-};
+use crate::world::{self, Launchers, TOKEN_PATH, World, curl_imds, curl_token, role, self_exe};
 use crate::{Options, ROLE_ENV, Scale};
 
 /// Whose MIC and NMI run.
@@ -55,18 +50,11 @@ impl Subject {
     }
 }
 
-/// MIC settings a subject's launcher turns into flags. Periods are already
+/// MIC settings a subject's program turns into flags. Periods are already
 /// divided by the clock speed, and budgets multiplied by it, so that MIC's
 /// wall-time timers keep their ratio to the emulated clock.
 #[derive(Clone, Debug)]
 pub struct MicSettings {
-    pub kubeconfig: std::path::PathBuf,
-    pub azure_json: std::path::PathBuf,
-    pub cloud_env_file: std::path::PathBuf,
-    pub ca_bundle: std::path::PathBuf,
-    pub namespace: String,
-    pub probe_port: u16,
-    pub metrics_port: u16,
     /// Drift reconcile (`--identity-assignment-reconcile-interval`, 3m by default).
     pub reconcile_interval: Duration,
     /// Full resync (`--syncRetryDuration`, 3600s by default).
@@ -78,12 +66,17 @@ pub struct MicSettings {
     pub subscription_writes_per_minute: f64,
 }
 
-/// NMI settings a subject's launcher turns into flags.
-#[derive(Clone, Debug)]
-pub struct NmiSettings {
-    pub node: String,
-    pub kubeconfig: std::path::PathBuf,
-    pub probe_port: u16,
+impl MicSettings {
+    /// MIC's defaults on the scale's clock.
+    pub fn of(scale: &Scale) -> MicSettings {
+        MicSettings {
+            reconcile_interval: scale.wall(Duration::from_secs(180)),
+            sync_retry: scale.wall(Duration::from_secs(3600)),
+            retry_interval: scale.wall(Duration::from_secs(1)),
+            resource_writes_per_minute: 4.0 * scale.speed,
+            subscription_writes_per_minute: 500.0 * scale.speed,
+        }
+    }
 }
 
 pub(crate) fn go_duration_text(d: Duration) -> String {
@@ -98,17 +91,6 @@ pub fn available(subject: Subject) -> Result<(), String> {
         Subject::Upstream => upstream::upstream_bin_dir()
             .map(|_| ())
             .map_err(|e| format!("not run: upstream binaries unavailable: {e:#}")),
-    }
-}
-
-/// The program a subject's process runs (to find its pid behind wrappers).
-fn program(subject: Subject, name: &str) -> anyhow::Result<std::path::PathBuf> {
-    match subject {
-        // What /proc/<pid>/exe of a child running this binary reads.
-        Subject::ThisProject => Ok(std::fs::read_link("/proc/self/exe")?),
-        Subject::Upstream => Ok(std::fs::canonicalize(
-            upstream::upstream_bin_dir()?.join(name),
-        )?),
     }
 }
 
@@ -127,71 +109,46 @@ fn scaled_period_flags(s: &MicSettings) -> Vec<String> {
     ]
 }
 
-/// The MIC process of `subject` (environment included); the caller adds
-/// stdio and spawns it.
-pub fn launch_mic(subject: Subject, s: &MicSettings) -> anyhow::Result<Command> {
-    let o = upstream::MicOptions {
-        kubeconfig: s.kubeconfig.clone(),
-        azure_json: s.azure_json.clone(),
-        cloud_env_file: s.cloud_env_file.clone(),
-        ca_bundle: s.ca_bundle.clone(),
-        namespace: s.namespace.clone(),
-        instance: "bench-mic".into(),
-        probe_port: s.probe_port,
-        metrics_port: s.metrics_port,
-        extra_args: scaled_period_flags(s),
-    };
+/// What the world starts as MIC for `subject`: after the kit's flags
+/// (kubeconfig, cloud config, leader election, probe and metrics ports),
+/// this project's write budget refills and both MICs' scaled periods.
+pub fn mic_program(subject: Subject, s: &MicSettings) -> anyhow::Result<Program> {
+    let periods = scaled_period_flags(s);
     match subject {
-        Subject::ThisProject => {
-            let mut cmd = Command::new(self_exe()?);
-            cmd.env(ROLE_ENV, "mic")
-                .envs(o.env())
-                .env("NO_PROXY", "127.0.0.1,localhost")
-                .args(o.flags())
-                .args([
-                    format!(
-                        "--arm-resource-writes-per-minute={}",
-                        s.resource_writes_per_minute
-                    ),
-                    format!(
-                        "--arm-subscription-writes-per-minute={}",
-                        s.subscription_writes_per_minute
-                    ),
-                ])
-                .args(&o.extra_args);
-            for var in PROXY_VARS {
-                cmd.env_remove(var);
-            }
-            Ok(cmd)
-        }
+        Subject::ThisProject => Ok(role("mic")
+            .with_args([
+                format!(
+                    "--arm-resource-writes-per-minute={}",
+                    s.resource_writes_per_minute
+                ),
+                format!(
+                    "--arm-subscription-writes-per-minute={}",
+                    s.subscription_writes_per_minute
+                ),
+            ])
+            .with_args(periods)),
         // Upstream has no client-side write budget: only the periods scale.
-        Subject::Upstream => upstream::upstream_mic_command(&o),
+        Subject::Upstream => Ok(Program::upstream("mic")?.with_args(periods)),
     }
 }
 
-/// The NMI process of `subject`, run inside the node namespace `node`.
-pub fn launch_nmi(subject: Subject, node: &NetNs, s: &NmiSettings) -> anyhow::Result<Command> {
+/// What the world starts as NMI for `subject` (the kit's flags only).
+pub fn nmi_program(subject: Subject) -> anyhow::Result<Program> {
     match subject {
-        Subject::ThisProject => {
-            let mut cmd = node.command(self_exe()?);
-            cmd.env(ROLE_ENV, "nmi").args([
-                format!("--node={}", s.node),
-                format!("--kubeconfig={}", s.kubeconfig.display()),
-                format!("--http-probe-port={}", s.probe_port),
-                "--allow-network-plugin-kubenet=true".into(),
-            ]);
-            Ok(cmd)
-        }
-        Subject::Upstream => upstream::upstream_nmi_command(
-            node,
-            &upstream::NmiOptions {
-                node: s.node.clone(),
-                kubeconfig: s.kubeconfig.clone(),
-                probe_port: s.probe_port,
-                extra_args: vec![],
-            },
-        ),
+        Subject::ThisProject => Ok(role("nmi")),
+        Subject::Upstream => Program::upstream("nmi"),
     }
+}
+
+/// How `subject`'s world starts MIC and NMI on `scale`.
+fn launchers(subject: Subject, scale: &Scale) -> anyhow::Result<Launchers> {
+    Ok(Launchers {
+        mic: mic_program(subject, &MicSettings::of(scale))?,
+        nmi: nmi_program(subject)?,
+        // Upstream's files carry no token audience (it asks for tokens for
+        // the ARM endpoint itself).
+        token_audience: subject == Subject::ThisProject,
+    })
 }
 
 /// Every selected row for `subject`; a row that fails says why in its cells.
@@ -211,9 +168,6 @@ pub async fn run_subject(subject: Subject, scale: &Scale, opts: &Options) -> Fig
 struct Run<'a> {
     subject: Subject,
     w: &'a mut World,
-    mic: Proc,
-    nmi: Option<(NmiNode, Proc)>,
-    probe: SocketAddr,
 }
 
 async fn rows(
@@ -222,7 +176,8 @@ async fn rows(
     opts: &Options,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
-    let mut w = World::new(subject.tag(), scale).await?;
+    let launchers = launchers(subject, scale)?;
+    let mut w = World::new(subject.tag(), scale, launchers, opts.keep_logs).await?;
     let r = rows_in(subject, &mut w, scale, opts, f).await;
     let t = Instant::now();
     w.clear().await;
@@ -254,7 +209,7 @@ async fn rows_in(
             f.set_text(m, "not run: row not selected");
         }
     }
-    // MIC and NMI stop here (dropped), before the cluster is cleared.
+    // MIC and NMI stop when the cluster is cleared.
     Ok(())
 }
 
@@ -268,17 +223,10 @@ async fn start_run<'w>(
     f: &mut Figures,
 ) -> anyhow::Result<Run<'w>> {
     w.ensure_identities(scale.burst_ids.max(10)).await?;
-    let (mic, probe) = start_mic(subject, w).await?;
-    let mut run = Run {
-        subject,
-        w,
-        mic,
-        nmi: None,
-        probe,
-    };
-    wait_mic_active(&mut run).await?;
+    w.start_mic().await?;
+    let mut run = Run { subject, w };
     if opts.row(1) || opts.row(3) || opts.row(4) {
-        run.nmi = Some(start_nmi(&run).await?);
+        run.w.start_nmi().await?;
     }
     if opts.row(4) {
         let r = nmi_at_rest(&mut run, f).await;
@@ -378,90 +326,19 @@ fn fail(f: &mut Figures, metrics: &[Metric], r: anyhow::Result<()>) {
     }
 }
 
-async fn start_mic(subject: Subject, w: &World) -> anyhow::Result<(Proc, SocketAddr)> {
-    // Upstream's files carry no token audience (it asks for tokens for
-    // the ARM endpoint itself); each subject has its own folder.
-    let files = match subject {
-        Subject::ThisProject => w.write_cloud_files("", true)?,
-        Subject::Upstream => w.write_cloud_files("upstream-", false)?,
-    };
-    let speed = w.scale.speed;
-    let [probe_port, metrics_port] = free_ports()?;
-    let s = MicSettings {
-        kubeconfig: w.cluster.kubeconfig().to_path_buf(),
-        azure_json: files.azure_json,
-        cloud_env_file: files.environment,
-        ca_bundle: w.emu.ca_bundle_path().to_path_buf(),
-        namespace: w.ns_ids.name().to_string(),
-        probe_port,
-        metrics_port,
-        reconcile_interval: w.scale.wall(Duration::from_secs(180)),
-        sync_retry: w.scale.wall(Duration::from_secs(3600)),
-        retry_interval: w.scale.wall(Duration::from_secs(1)),
-        resource_writes_per_minute: 4.0 * speed,
-        subscription_writes_per_minute: 500.0 * speed,
-    };
-    let cmd = launch_mic(subject, &s)?;
-    let proc = start_proc(cmd, &program(subject, "mic")?, w.dir.join("mic.log"))?;
-    Ok((proc, SocketAddr::from(([127, 0, 0, 1], probe_port))))
-}
-
-async fn wait_mic_active(run: &mut Run<'_>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if http_get(run.probe, "/healthz")
-            .await
-            .is_ok_and(|b| b.trim() == "Active")
-        {
-            return Ok(());
-        }
-        if let Some(status) = run.mic.exited() {
-            bail!("MIC exited ({status}): {}", run.mic.log_tail());
-        }
-        if Instant::now() >= deadline {
-            bail!("MIC not Active after 120 s: {}", run.mic.log_tail());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn start_nmi(run: &Run<'_>) -> anyhow::Result<(NmiNode, Proc)> {
-    let node = NmiNode::start(run.w).await?;
-    let mut nmi = spawn_nmi(run, &node, "nmi.log")?;
-    node.wait_active(&mut nmi).await?;
-    Ok((node, nmi))
-}
-
-/// The subject's NMI on `node`, its log in the file `log` of the world's
-/// folder; not waiting for it.
-fn spawn_nmi(run: &Run<'_>, node: &NmiNode, log: &str) -> anyhow::Result<Proc> {
-    let s = NmiSettings {
-        node: run.w.nmi_node.clone(),
-        kubeconfig: node.kubeconfig.clone(),
-        probe_port: NMI_PROBE_PORT,
-    };
-    let cmd = launch_nmi(run.subject, &node.node.node, &s)?;
-    start_proc(cmd, &program(run.subject, "nmi")?, run.w.dir.join(log))
-}
-
-fn nmi_of<'r>(run: &'r mut Run<'_>) -> anyhow::Result<&'r mut (NmiNode, Proc)> {
-    run.nmi.as_mut().context("NMI is not running")
-}
-
 /// Row 1: pod created → a client in it holds a token, minus the emulated
 /// VMSS write (LRO) converted to wall time.
 async fn row_first_token(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let ns = run.w.ns_nmi.name().to_string();
     let node_name = run.w.nmi_node.clone();
-    let (_, ip) = nmi_of(run)?.0.pod(0)?;
+    let (_, ip) = run.w.pod(0)?;
     let t0 = Instant::now();
     run.w
         .create_pods(&ns, vec![("first".into(), node_name, 0, Some(ip))])
         .await?;
     let deadline = t0 + Duration::from_secs(240);
     loop {
-        let (node, _) = nmi_of(run)?;
-        let code = curl_token(node.pod(0)?.0, 120).await?;
+        let code = curl_token(run.w.pod(0)?.0, 120).await?;
         if code == 200 {
             break;
         }
@@ -497,7 +374,7 @@ async fn ensure_pod(run: &mut Run<'_>, name: &str, i: usize) -> anyhow::Result<(
         return Ok(());
     }
     let node_name = run.w.nmi_node.clone();
-    let (_, ip) = nmi_of(run)?.0.pod(i)?;
+    let (_, ip) = run.w.pod(i)?;
     run.w
         .create_pods(&ns, vec![(name.into(), node_name, 0, Some(ip))])
         .await
@@ -507,7 +384,7 @@ async fn ensure_pod(run: &mut Run<'_>, name: &str, i: usize) -> anyhow::Result<(
 /// is on its node.
 async fn nmi_at_rest(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pid = nmi_of(run)?.1.pid;
+    let pid = run.w.nmi_pid()?;
     let mem = procfs::memory(pid)?;
     let fds = open_fds(pid)?;
     f.set(Metric::NmiRestRss, mem.now_kib as f64 / 1024.0);
@@ -515,24 +392,13 @@ async fn nmi_at_rest(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops NMI and starts it again on the same node namespace (log in
-/// `nmi-<tag>.log`), waiting until it is active.
-async fn restart_nmi(run: &mut Run<'_>, tag: &str) -> anyhow::Result<()> {
-    let (node, old) = run.nmi.take().context("NMI is not running")?;
-    drop(old);
-    let mut nmi = spawn_nmi(run, &node, &format!("nmi-{tag}.log"))?;
-    let active = node.wait_active(&mut nmi).await;
-    run.nmi = Some((node, nmi));
-    active
-}
-
 /// Row 4 (NMI under a flood): NMI restarted, one pod (the load pod) sends
 /// the `kind` flood while another (pod namespace 0) asks for its first
 /// token for a new resource; NMI's peak RSS and descriptors meanwhile.
 async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow::Result<()> {
-    let connections = prepare_flood(run, kind).await?;
+    let connections = prepare_flood(run).await?;
     let m = measure_flood(run, kind, connections).await?;
-    let alive = nmi_of(run)?.1.exited().is_none();
+    let alive = run.w.nmi()?.exited().is_none();
     record_flood(f, kind, &m, alive);
     Ok(())
 }
@@ -540,7 +406,7 @@ async fn row_nmi_flood(run: &mut Run<'_>, f: &mut Figures, kind: Kind) -> anyhow
 /// Before a flood: both pods Assigned, the descriptor limit raised, NMI
 /// restarted and answering both pods. Returns how many connections the
 /// flood may open under that limit.
-async fn prepare_flood(run: &mut Run<'_>, kind: Kind) -> anyhow::Result<usize> {
+async fn prepare_flood(run: &mut Run<'_>) -> anyhow::Result<usize> {
     // The victim is row 1's pod (pod namespace 0), made here when row 1
     // did not run.
     ensure_load_pod(run).await?;
@@ -553,11 +419,9 @@ async fn prepare_flood(run: &mut Run<'_>, kind: Kind) -> anyhow::Result<usize> {
         .await?
         .items
         .len();
-    {
-        let Run { w, mic, .. } = &mut *run;
-        w.wait_assigned(&ns, pods, Duration::from_millis(250), mic)
-            .await?;
-    }
+    run.w
+        .wait_assigned(&ns, pods, Duration::from_millis(250))
+        .await?;
     // NMI (restarted below) and the attacker inherit this process's
     // descriptor limit; it must not be what stops the flood.
     let nofile = raise_nofile(3 * run.w.scale.flood_connections + 256)?;
@@ -566,9 +430,9 @@ async fn prepare_flood(run: &mut Run<'_>, kind: Kind) -> anyhow::Result<usize> {
         .scale
         .flood_connections
         .min(nofile.saturating_sub(256) / 3);
-    restart_nmi(run, kind.slug()).await?;
+    run.w.restart_nmi().await?;
     warm_token(run).await?;
-    let (victim_ns, _) = nmi_of(run)?.0.pod(0)?;
+    let (victim_ns, _) = run.w.pod(0)?;
     let (code, body) = curl_imds(victim_ns, TOKEN_PATH, 30).await?;
     if code != 200 {
         bail!("the second pod gets no token before the flood ({code}): {body}");
@@ -613,9 +477,8 @@ async fn measure_flood(
         kind.slug(),
         std::process::id()
     );
-    let (node, nmi) = nmi_of(run)?;
-    let pid = nmi.pid;
-    let (victim_ns, _) = node.pod(0)?;
+    let pid = run.w.nmi_pid()?;
+    let (victim_ns, _) = run.w.pod(0)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fds_base = open_fds(pid)?;
     let rss_base_kib = procfs::memory(pid)?.now_kib;
@@ -629,7 +492,7 @@ async fn measure_flood(
         hold_max: Duration::from_secs(120),
         tag: tag.clone(),
     };
-    let mut cmd = node.pod(1)?.0.command(self_exe()?);
+    let mut cmd = run.w.pod(1)?.0.command(self_exe());
     cmd.env(ROLE_ENV, "flood");
     let flood = tokio::task::block_in_place(|| Flood::spawn_with(cmd, &plan, world::spawn_kept))?;
     let held_from = Instant::now();
@@ -715,16 +578,15 @@ fn record_flood(f: &mut Figures, kind: Kind, m: &FloodRun, alive: bool) {
 async fn nmi_pods_assigned(run: &mut Run<'_>) -> anyhow::Result<()> {
     let ns = run.w.ns_nmi.name().to_string();
     let (total, _) = run.w.aai_counts(&ns).await?;
-    let Run { w, mic, .. } = run;
-    w.wait_assigned(&ns, total.max(1), Duration::from_millis(250), mic)
+    run.w
+        .wait_assigned(&ns, total.max(1), Duration::from_millis(250))
         .await
 }
 
 /// A token through NMI from the load pod, retried until 200 (bounded).
 async fn warm_token(run: &mut Run<'_>) -> anyhow::Result<()> {
     for _ in 0..20 {
-        let (node, _) = nmi_of(run)?;
-        if curl_token(node.pod(1)?.0, 60).await? == 200 {
+        if curl_token(run.w.pod(1)?.0, 60).await? == 200 {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -741,8 +603,9 @@ async fn row_nmi_rss(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let have = api.list(&Default::default()).await?.items.len();
     let extra: Vec<_> = (have..run.w.scale.nmi_pods)
         .map(|i| {
-            // Addresses no namespace backs: NMI only needs them in its index.
-            let ip = std::net::Ipv4Addr::new(10, 244, 1 + (i / 250) as u8, (i % 250 + 1) as u8);
+            // Addresses no namespace backs, outside every node's pod range
+            // (10.244.<n>.0/24): NMI only needs them in its index.
+            let ip = std::net::Ipv4Addr::new(10, 245, (i / 250) as u8, (i % 250 + 1) as u8);
             (
                 format!("extra-{i}"),
                 run.w.nmi_node.clone(),
@@ -753,15 +616,13 @@ async fn row_nmi_rss(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
         .collect();
     run.w.create_pods(&ns, extra).await?;
     let expected = api.list(&Default::default()).await?.items.len();
-    {
-        let Run { w, mic, .. } = &mut *run;
-        w.wait_assigned(&ns, expected, Duration::from_millis(250), mic)
-            .await?;
-    }
+    run.w
+        .wait_assigned(&ns, expected, Duration::from_millis(250))
+        .await?;
     // Let NMI's watches catch up, then serve one request.
     tokio::time::sleep(Duration::from_secs(2)).await;
     warm_token(run).await?;
-    let pid = nmi_of(run)?.1.pid;
+    let pid = run.w.nmi_pid()?;
     let mem = procfs::memory(pid)?;
     let fds = open_fds(pid)?;
     f.set(Metric::NmiPeakRss, mem.peak_kib as f64 / 1024.0);
@@ -787,15 +648,15 @@ async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()
         requests: scale.load_requests,
         max: scale.load_max,
     };
-    let imds_before = run.w.emu.counters();
-    let r = run_load(nmi_of(run)?.0.pod(1)?.0, &spec).await?;
+    let imds_before = run.w.emu()?.counters();
+    let r = run_load(run.w.pod(1)?.0, &spec).await?;
     if r.ok == 0 {
         bail!("no request succeeded ({} errors)", r.errors);
     }
     f.set(Metric::TokenP50, r.p50_us as f64 / 1000.0);
     f.set(Metric::TokenP99, r.p99_us as f64 / 1000.0);
     f.set(Metric::TokenThroughput, r.ok as f64 / r.seconds);
-    let imds_after = run.w.emu.counters();
+    let imds_after = run.w.emu()?.counters();
     let sum = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
     f.note(format!(
         "token load: {} ok, {} errors, {} clients in {:.1} s; IMDS token requests meanwhile {}, IMDS 429s {}",
@@ -811,7 +672,7 @@ async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()
 
 /// The load role in pod namespace `pod` with `spec`; what it measured.
 async fn run_load(pod: &NetNs, spec: &LoadSpec) -> anyhow::Result<LoadResult> {
-    let mut cmd = pod.command(self_exe()?);
+    let mut cmd = pod.command(self_exe());
     cmd.env(ROLE_ENV, "load")
         .arg(serde_json::to_string(spec)?)
         .stdout(std::process::Stdio::piped())
@@ -850,19 +711,18 @@ async fn row_burst(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
             (format!("burst-{i}"), node, i % scale.burst_ids, None)
         })
         .collect();
-    let before = arm_totals(&run.w.emu.counters());
-    let v0 = run.w.emu.clock().now();
+    let before = arm_totals(&run.w.emu()?.counters());
+    let v0 = run.w.emu()?.clock().now();
     let t0 = Instant::now();
     run.w.create_pods(&ns, pods).await?;
     let created = t0.elapsed();
-    let waited = {
-        let Run { w, mic, .. } = &mut *run;
-        w.wait_assigned(&ns, scale.burst_pods, Duration::from_millis(250), mic)
-            .await
-    };
+    let waited = run
+        .w
+        .wait_assigned(&ns, scale.burst_pods, Duration::from_millis(250))
+        .await;
     let wall = t0.elapsed();
-    let emulated = run.w.emu.clock().now().saturating_sub(v0);
-    let after = arm_totals(&run.w.emu.counters());
+    let emulated = run.w.emu()?.clock().now().saturating_sub(v0);
+    let after = arm_totals(&run.w.emu()?.counters());
     let d = |i: usize| (after[i] - before[i]) as f64;
     // ARM counts cover the same span, converged or not.
     f.set(Metric::BurstWrites, d(0));
@@ -885,16 +745,17 @@ async fn row_idle(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let scale = run.w.scale.clone();
     // Let the last operations of the burst finish first.
     tokio::time::sleep(scale.wall(Duration::from_secs(60))).await;
-    let before = arm_totals(&run.w.emu.counters());
-    let cpu0 = procfs::cpu(run.mic.pid)?;
-    let v0 = run.w.emu.clock().now();
+    let before = arm_totals(&run.w.emu()?.counters());
+    let cpu0 = procfs::cpu(run.w.mic_pid()?)?;
+    let v0 = run.w.emu()?.clock().now();
     tokio::time::sleep(scale.wall(scale.idle)).await;
-    if let Some(status) = run.mic.exited() {
-        bail!("MIC exited ({status}): {}", run.mic.log_tail());
+    let mic = run.w.mic()?;
+    if let Some(status) = mic.exited() {
+        bail!("MIC exited ({status}): {}", mic.log_tail(20));
     }
-    let cpu1 = procfs::cpu(run.mic.pid)?;
-    let after = arm_totals(&run.w.emu.counters());
-    let emulated = run.w.emu.clock().now().saturating_sub(v0);
+    let cpu1 = procfs::cpu(run.w.mic_pid()?)?;
+    let after = arm_totals(&run.w.emu()?.counters());
+    let emulated = run.w.emu()?.clock().now().saturating_sub(v0);
     let calls: u64 = (0..3).map(|i| after[i] - before[i]).sum();
     f.set(Metric::IdleArmCalls, calls as f64);
     f.set(Metric::IdleCpu, (cpu1 - cpu0).as_secs_f64());
@@ -927,14 +788,13 @@ async fn row_mic_rss(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let expected = pods.len();
     let t0 = Instant::now();
     run.w.create_pods(&ns, pods).await?;
-    let waited = {
-        let Run { w, mic, .. } = &mut *run;
-        w.wait_assigned(&ns, expected, Duration::from_secs(2), mic)
-            .await
-    };
+    let waited = run
+        .w
+        .wait_assigned(&ns, expected, Duration::from_secs(2))
+        .await;
     let wall = t0.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mem = procfs::memory(run.mic.pid)?;
+    let mem = procfs::memory(run.w.mic_pid()?)?;
     let mib = mem.peak_kib as f64 / 1024.0;
     match waited {
         Ok(()) => {

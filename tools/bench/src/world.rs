@@ -1,153 +1,58 @@
-//! One subject's world: an emulator (realistic Compute buckets, sped-up
-//! clock), Node objects for its scale sets, namespaces, identities and
-//! bindings, the child processes, and NMI's node namespace.
+//! One subject's world, built with the test kit's [`WorldBuilder`] (plain
+//! flags, the process's shared cluster): an emulator with Compute's real
+//! throttle buckets on a sped-up clock, Node objects for the burst's scale
+//! sets, NMI's node (a node namespace with two pod namespaces, its IMDS and
+//! the apiserver carried in by this binary's own relay role), and MIC on the
+//! host, reaching the apiserver and the emulator on loopback without a relay.
+//!
+//! What is the bench's own: its namespaces, identities created as the rows
+//! need them, pods created 32 at a time, AAI counts and the wait for
+//! Assigned, the wait for `Active`, and clearing the cluster for the next
+//! subject.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock, mpsc};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use aadpodid_api::{
-    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
-    AzureIdentitySpec,
+use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use aadpodid_testkit::http::http_get;
+use aadpodid_testkit::netns::{IMDS_ADDRESS, NetNs};
+use aadpodid_testkit::tenant::{CloudEnvironment, MicCloud, Tenant};
+use aadpodid_testkit::world::{
+    self, ArgsSource, ClusterChoice, KUBELET, KUBELET_CLIENT, NODE_RG, NodeSpec, Options, Proc,
+    Program, WorldBuilder, create_identity, create_pod, curl_in, selector, tenant_of,
 };
-use aadpodid_testkit::netns::{self, IMDS_ADDRESS, NetNs};
-use aadpodid_testkit::procfs;
-use aadpodid_testkit::relay::{read_until_ready, unix_to_tcp};
-use aadpodid_testkit::tenant::{self, CloudEnvironment, MicCloud, MicCloudFiles, Tenant};
-use aadpodid_testkit::world::curl_in;
-use aadpodid_testkit::{Cluster, TempNamespace, unique_name};
+use aadpodid_testkit::{TempNamespace, unique_name};
 use anyhow::{Context as _, bail};
 use azure_emulator::Emulator;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use crate::{ROLE_ENV, Scale};
 
-// The bench's own tenant names: its node group and identity group, MIC's
-// service principal and the kubelet identity's client ID.
-pub(crate) const NODE_RG: &str = "MC_bench_cluster_eastus";
-pub(crate) const APP_RG: &str = "bench-ids";
-pub(crate) const MIC_CLIENT: &str = "5b1c2c4e-0000-4000-8000-00000000b3c4";
-pub(crate) const MIC_SECRET: &str = "bench-s3cr3t";
-pub(crate) const KUBELET_CLIENT: &str = "c0000000-0000-4000-8000-0000000000bb";
 /// The token request every client makes (ARM, as the Azure SDKs do).
 pub(crate) use aadpodid_testkit::world::TOKEN_PATH;
-/// NMI's probe port inside its node namespace.
-pub(crate) const NMI_PROBE_PORT: u16 = 8085;
-const API_RELAY_PORT: u16 = 6443;
 
-pub(crate) fn id_name(j: usize) -> String {
-    format!("id-{j}")
-}
-
-pub(crate) fn id_client(j: usize) -> String {
-    format!("c0000000-0000-4000-8000-{j:012}")
-}
-
-pub(crate) fn selector(j: usize) -> String {
-    format!("sel-{j}")
-}
-
-/// A child process killed when dropped; `pid` is the program itself (not
-/// the `ip netns exec`/`setpriv` wrapper, which normally execs in place).
-#[derive(Debug)]
-pub(crate) struct Proc {
-    child: Child,
-    pub pid: u32,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.pid != self.child.id() {
-            let _ = Command::new("kill")
-                .arg(self.pid.to_string())
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Spawns `cmd` from one thread that lives as long as the bench, so the
-/// `setpriv --pdeathsig KILL` of a child fires only when the bench ends.
-pub(crate) fn spawn_kept(mut cmd: Command) -> anyhow::Result<Child> {
-    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
-    let keeper = KEEPER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnJob>();
-        let _ = std::thread::Builder::new()
-            .name("bench-spawner".into())
-            .spawn(move || {
-                while let Ok((mut cmd, back)) = rx.recv() {
-                    let _ = back.send(cmd.spawn());
-                }
-                loop {
-                    std::thread::park();
-                }
-            });
-        Mutex::new(tx)
-    });
-    let (tx, rx) = mpsc::channel();
-    keeper
-        .lock()
-        .map_err(|_| anyhow::anyhow!("spawner lock poisoned"))?
-        .send((std::mem::replace(&mut cmd, Command::new("true")), tx))
-        .map_err(|_| anyhow::anyhow!("spawner thread is gone"))?;
-    Ok(rx.recv().context("spawner thread is gone")??)
-}
-
-/// Spawns a kept child with its stderr in `log`, and finds the pid of `exe`.
-pub(crate) fn start_proc(mut cmd: Command, exe: &Path, log: PathBuf) -> anyhow::Result<Proc> {
-    let file = std::fs::File::create(&log)?;
-    cmd.stdout(Stdio::null()).stderr(file);
-    let child = spawn_kept(cmd)?;
-    let wrapper = child.id();
-    // Give the wrappers a moment to exec.
-    let mut pid = None;
-    for _ in 0..50 {
-        pid = procfs::find_exe(wrapper, exe);
-        if pid.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(Proc {
-        child,
-        pid: pid.unwrap_or(wrapper),
-        log,
-    })
-}
+/// The one-instance scale set NMI's node belongs to (apart from the burst's
+/// scale sets, so that its pods' identities never count in the burst's
+/// writes).
+const NMI_VMSS: &str = "aks-nmi-12345678-vmss";
 
 /// The running bench's own executable (children are this binary), through
 /// `/proc/<pid>/exe`: it still runs this very binary when a rebuild has
 /// replaced the file meanwhile (other builds share the target directory).
-pub(crate) fn self_exe() -> anyhow::Result<PathBuf> {
-    Ok(PathBuf::from(format!("/proc/{}/exe", std::process::id())))
+pub(crate) fn self_exe() -> PathBuf {
+    PathBuf::from(format!("/proc/{}/exe", std::process::id()))
 }
 
-/// Keep each world's folder (logs of MIC and NMI) after the run.
-pub(crate) static KEEP_LOGS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// This binary in `role` (see [`crate::child`]).
+pub(crate) fn role(role: &str) -> Program {
+    Program::role(self_exe(), ROLE_ENV, role)
+}
 
 /// Runs `f` on up to `limit` items at a time.
 pub(crate) async fn for_each_concurrent<I, F, Fut>(
@@ -175,12 +80,22 @@ where
     Ok(())
 }
 
+/// How one subject's world starts MIC and NMI, and what its MIC's
+/// custom-cloud file says.
+#[derive(Clone, Debug)]
+pub(crate) struct Launchers {
+    pub mic: Program,
+    pub nmi: Program,
+    /// Name the ARM token audience in the custom-cloud file (upstream asks
+    /// for tokens for the ARM endpoint itself and gets none).
+    pub token_audience: bool,
+}
+
 pub(crate) struct World {
     pub scale: Scale,
-    pub cluster: &'static Cluster,
+    /// The kit's world: cluster, emulator, nodes, MIC and NMI.
+    pub kit: WorldBuilder,
     pub client: Client,
-    pub dir: PathBuf,
-    pub emu: Emulator,
     /// Pods of NMI's node (rows 1, 3, 4).
     pub ns_nmi: TempNamespace,
     /// Pods of the burst (row 2).
@@ -189,10 +104,9 @@ pub(crate) struct World {
     pub ns_big: TempNamespace,
     /// Identities and bindings.
     pub ns_ids: TempNamespace,
-    pub vmss: Vec<String>,
     /// Nodes of the scale sets: `nodes[k * nodes_per_vmss + i]` is instance i of vmss k.
     pub nodes: Vec<String>,
-    pub nmi_vmss: String,
+    nmi_spec: NodeSpec,
     pub nmi_node: String,
     pub ids_created: usize,
 }
@@ -200,86 +114,188 @@ pub(crate) struct World {
 impl std::fmt::Debug for World {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("World")
-            .field("dir", &self.dir)
-            .field("vmss", &self.vmss)
+            .field("kit", &self.kit)
             .field("nmi_node", &self.nmi_node)
             .finish_non_exhaustive()
     }
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        if KEEP_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
-            eprintln!("logs kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 impl World {
-    pub async fn new(tag: &str, scale: &Scale) -> anyhow::Result<World> {
-        let cluster = Cluster::shared();
-        let client = cluster.admin_client().await?;
+    /// The world of subject `tag`: emulator, Node objects of the scale sets,
+    /// namespaces, MIC's files and its process (not started); NMI's node
+    /// comes with [`World::start_nmi`].
+    pub async fn new(
+        tag: &str,
+        scale: &Scale,
+        launchers: Launchers,
+        keep_logs: bool,
+    ) -> anyhow::Result<World> {
+        let mut opts = Options::with_programs(launchers.mic, launchers.nmi);
+        opts.scale_sets = scale.vmss;
+        opts.instances = scale.nodes_per_vmss;
+        opts.identities = scale.big_ids;
+        opts.clock_speed = scale.speed;
+        opts.relay = Some(role("relay"));
+        let tenant = emulator_config(&opts, scale);
         let dir = std::env::temp_dir().join(unique_name(&format!("bench-{tag}")));
-        std::fs::create_dir_all(&dir)?;
-        let vmss: Vec<String> = (0..scale.vmss).map(|k| format!("{tag}-vmss{k}")).collect();
-        let nmi_vmss = format!("{tag}-nmi");
-        let emu = emulator_config(scale, &vmss, &nmi_vmss).start().await?;
-        let nodes = vmss
-            .iter()
-            .flat_map(|v| (0..scale.nodes_per_vmss).map(move |i| format!("{v}-{i}")))
-            .collect();
+        let mut kit = WorldBuilder::new(opts.clone(), ArgsSource::Flags, dir)?;
+        kit.keep_logs(keep_logs);
+        let cluster = kit.cluster(ClusterChoice::Shared).await?;
         let namespace = |what: &str| {
             let name = format!("bench-{tag}-{what}");
             async move { cluster.temp_namespace(&name).await }
         };
-        let w = World {
-            scale: scale.clone(),
-            cluster,
-            client,
-            dir,
-            emu,
-            ns_nmi: namespace("nmi").await?,
-            ns_burst: namespace("burst").await?,
-            ns_big: namespace("big").await?,
-            ns_ids: namespace("ids").await?,
-            nmi_node: format!("{nmi_vmss}-0"),
-            vmss,
-            nodes,
-            nmi_vmss,
-            ids_created: 0,
-        };
-        w.create_nodes().await?;
-        Ok(w)
-    }
-
-    /// The Node objects of every scale set's instances and NMI's node.
-    async fn create_nodes(&self) -> anyhow::Result<()> {
-        let per_vmss = self.scale.nodes_per_vmss;
-        for (n, node) in self.nodes.iter().enumerate() {
-            self.create_node(node, &self.vmss[n / per_vmss], n % per_vmss)
-                .await?;
+        let (ns_nmi, ns_burst) = (namespace("nmi").await?, namespace("burst").await?);
+        let (ns_big, ns_ids) = (namespace("big").await?, namespace("ids").await?);
+        let client = kit.client()?.clone();
+        kit.tenant(tenant).await?;
+        let mut env = CloudEnvironment::of(kit.emu()?);
+        if !launchers.token_audience {
+            env.token_audience = None;
         }
-        self.create_node(&self.nmi_node, &self.nmi_vmss, 0).await
+        let cloud = MicCloud {
+            user_assigned_identity_id: Some(KUBELET_CLIENT.into()),
+            ..MicCloud::standard()
+        };
+        kit.host_files_with(&cloud, &env)?;
+        // Names carry the subject: both subjects' Node objects meet in the
+        // shared cluster (the first's are deleted before the second starts).
+        let tagged = |mut spec: NodeSpec| {
+            spec.name = format!("{tag}-{}", spec.name);
+            spec
+        };
+        let specs: Vec<NodeSpec> = NodeSpec::of_options(&opts)
+            .into_iter()
+            .map(|s| tagged(NodeSpec { pods: 0, ..s }))
+            .collect();
+        kit.node_objects(&specs).await?;
+        kit.host_mic()?;
+        let nmi_spec = tagged(NodeSpec::scale_set(NODE_RG, NMI_VMSS, 0, 2));
+        Ok(World {
+            scale: scale.clone(),
+            kit,
+            client,
+            ns_nmi,
+            ns_burst,
+            ns_big,
+            ns_ids,
+            nodes: specs.into_iter().map(|s| s.name).collect(),
+            nmi_node: nmi_spec.name.clone(),
+            nmi_spec,
+            ids_created: 0,
+        })
     }
 
-    async fn create_node(&self, name: &str, vmss: &str, instance: usize) -> anyhow::Result<()> {
-        let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"providerID": tenant::vmss_provider_id(NODE_RG, vmss, instance)},
-        }))?;
-        Api::<Node>::all(self.client.clone())
-            .create(&PostParams::default(), &node)
-            .await
-            .with_context(|| format!("create node {name}"))?;
+    pub fn emu(&self) -> anyhow::Result<&Emulator> {
+        self.kit.emu()
+    }
+
+    /// MIC's process.
+    pub fn mic(&mut self) -> anyhow::Result<&mut Proc> {
+        Ok(&mut self.kit.host_mic.as_mut().context("no MIC")?.0)
+    }
+
+    /// MIC's process ID.
+    pub fn mic_pid(&mut self) -> anyhow::Result<u32> {
+        self.mic()?.pid().context("MIC is not running")
+    }
+
+    /// NMI's process.
+    pub fn nmi(&mut self) -> anyhow::Result<&mut Proc> {
+        Ok(&mut self
+            .kit
+            .nodes
+            .first_mut()
+            .context("NMI is not running")?
+            .nmi)
+    }
+
+    /// NMI's process ID.
+    pub fn nmi_pid(&mut self) -> anyhow::Result<u32> {
+        self.nmi()?.pid().context("NMI is not running")
+    }
+
+    /// Pod namespace `i` of NMI's node and its address.
+    pub fn pod(&self, i: usize) -> anyhow::Result<(&NetNs, Ipv4Addr)> {
+        self.kit
+            .nodes
+            .first()
+            .context("NMI is not running")?
+            .net
+            .pods
+            .get(i)
+            .map(|(ns, ip)| (ns, *ip))
+            .context("no such pod namespace")
+    }
+
+    /// Starts MIC and waits until its `/healthz` says Active.
+    pub async fn start_mic(&mut self) -> anyhow::Result<()> {
+        self.kit.start_host_mic().await?;
+        let (_, probe) = *self.kit.host_mic.as_ref().context("no MIC")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if http_get(probe, "/healthz")
+                .await
+                .is_ok_and(|b| b.trim() == "Active")
+            {
+                return Ok(());
+            }
+            self.fail_if_exited("MIC", deadline)?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Fails when `proc` exited, or when `deadline` passed.
+    fn fail_if_exited(&mut self, what: &str, deadline: Instant) -> anyhow::Result<()> {
+        let proc = if what == "MIC" {
+            self.mic()?
+        } else {
+            self.nmi()?
+        };
+        if let Some(status) = proc.exited() {
+            bail!("{what} exited ({status}): {}", proc.log_tail(20));
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} not Active in time: {}", proc.log_tail(20));
+        }
         Ok(())
+    }
+
+    /// NMI's node (Node object, namespaces, IMDS of its scale set's
+    /// instance, relay) and NMI started on it, Active.
+    pub async fn start_nmi(&mut self) -> anyhow::Result<()> {
+        self.kit.nodes(std::slice::from_ref(&self.nmi_spec)).await?;
+        self.kit.start_nmi(0).await?;
+        self.wait_nmi_active().await
+    }
+
+    /// NMI killed and started again on the same node, Active.
+    pub async fn restart_nmi(&mut self) -> anyhow::Result<()> {
+        self.kit.restart_nmi(0).await?;
+        self.wait_nmi_active().await
+    }
+
+    /// Waits until NMI's `/healthz` in the node says Active.
+    async fn wait_nmi_active(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let node = self.kit.nodes.first().context("NMI is not running")?;
+            let url = node.nmi.probe_url();
+            if let Ok((_, body)) = curl_in(&node.net.node, &url, &[], 1).await
+                && body == "Active"
+            {
+                return Ok(());
+            }
+            self.fail_if_exited("NMI", deadline)?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Deletes what this world put in the cluster (pods, identities,
     /// bindings, AAIs, nodes) so that the next subject's MIC starts from an
-    /// empty cluster; best effort. Call with MIC stopped.
-    pub async fn clear(&self) {
+    /// empty cluster; best effort. Stops MIC and NMI first.
+    pub async fn clear(&mut self) {
+        self.kit.stop_processes();
         let pod_namespaces = [
             self.ns_nmi.name().to_string(),
             self.ns_burst.name().to_string(),
@@ -366,48 +382,21 @@ impl World {
     }
 
     /// Deletes the Node objects (so a later subject's MIC ignores them).
-    pub async fn delete_nodes(&self) {
+    async fn delete_nodes(&self) {
         let api = Api::<Node>::all(self.client.clone());
-        for n in self.nodes.iter().chain(std::iter::once(&self.nmi_node)) {
+        let nmi = self.kit.nodes.iter().map(|n| &n.name);
+        for n in self.nodes.iter().chain(nmi) {
             let _ = api.delete(n, &Default::default()).await;
         }
     }
 
-    /// AzureIdentity `id-j` and binding `sel-j` for every j below `n`.
+    /// AzureIdentity `id-j` and its binding to `sel-j` for every j below `n`.
     pub async fn ensure_identities(&mut self, n: usize) -> anyhow::Result<()> {
         let ns = self.ns_ids.name().to_string();
         let client = self.client.clone();
         for_each_concurrent(self.ids_created..n, 16, |j| {
             let (client, ns) = (client.clone(), ns.clone());
-            async move {
-                let mut id = AzureIdentity::new(
-                    &id_name(j),
-                    AzureIdentitySpec {
-                        resource_id: tenant::uai_id(APP_RG, &id_name(j)),
-                        client_id: id_client(j),
-                        ..Default::default()
-                    },
-                );
-                id.metadata.namespace = Some(ns.clone());
-                Api::<AzureIdentity>::namespaced(client.clone(), &ns)
-                    .create(&PostParams::default(), &id)
-                    .await
-                    .with_context(|| format!("create AzureIdentity {}", id_name(j)))?;
-                let mut b = AzureIdentityBinding::new(
-                    &format!("b-{j}"),
-                    AzureIdentityBindingSpec {
-                        azure_identity: id_name(j),
-                        selector: selector(j),
-                        weight: 0,
-                    },
-                );
-                b.metadata.namespace = Some(ns.clone());
-                Api::<AzureIdentityBinding>::namespaced(client, &ns)
-                    .create(&PostParams::default(), &b)
-                    .await
-                    .with_context(|| format!("create binding b-{j}"))?;
-                Ok(())
-            }
+            async move { create_identity(&client, &ns, j).await }
         })
         .await?;
         self.ids_created = self.ids_created.max(n);
@@ -422,31 +411,13 @@ impl World {
         ns: &str,
         pods: Vec<(String, String, usize, Option<Ipv4Addr>)>,
     ) -> anyhow::Result<()> {
-        let client = self.client.clone();
-        let ns = ns.to_string();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         for_each_concurrent(pods, 32, |(name, node, j, ip)| {
-            let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            let api = api.clone();
             async move {
-                let pod: Pod = serde_json::from_value(json!({
-                    "metadata": {"name": name, "labels": {"aadpodidbinding": selector(j)}},
-                    "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
-                }))?;
-                api.create(&PostParams::default(), &pod)
-                    .await
-                    .with_context(|| format!("create pod {name}"))?;
-                if let Some(ip) = ip {
-                    api.patch_status(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({
-                            "status": {"phase": "Running", "podIP": ip.to_string(),
-                                       "podIPs": [{"ip": ip.to_string()}]}
-                        })),
-                    )
-                    .await
-                    .with_context(|| format!("status of pod {name}"))?;
-                }
-                Ok(())
+                let sel = selector(j);
+                let labels = BTreeMap::from([("aadpodidbinding", sel.as_str())]);
+                create_pod(&api, &name, &labels, &node, ip).await
             }
         })
         .await
@@ -472,11 +443,10 @@ impl World {
     /// Waits until `expected` AAIs of `pod_ns` exist and are all Assigned,
     /// polling every `every`; bounded by the scale's convergence timeout.
     pub async fn wait_assigned(
-        &self,
+        &mut self,
         pod_ns: &str,
         expected: usize,
         every: Duration,
-        mic: &mut Proc,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.scale.converge_timeout;
         let mut last = (0, 0);
@@ -485,8 +455,9 @@ impl World {
             if last.0 == expected && last.1 == expected {
                 return Ok(());
             }
+            let mic = self.mic()?;
             if let Some(status) = mic.exited() {
-                bail!("MIC exited ({status}): {}", mic.log_tail());
+                bail!("MIC exited ({status}): {}", mic.log_tail(20));
             }
             if Instant::now() >= deadline {
                 bail!(
@@ -499,48 +470,15 @@ impl World {
             tokio::time::sleep(every).await;
         }
     }
-
-    /// MIC's azure.json and the custom-cloud file pointing at the emulator,
-    /// named `<prefix>azure.json` and `<prefix>cloud.json`; the file names
-    /// the audience of ARM tokens when `token_audience` says so.
-    pub fn write_cloud_files(
-        &self,
-        prefix: &str,
-        token_audience: bool,
-    ) -> anyhow::Result<MicCloudFiles> {
-        let cloud = MicCloud {
-            resource_group: NODE_RG.into(),
-            client_id: MIC_CLIENT.into(),
-            client_secret: MIC_SECRET.into(),
-            user_assigned_identity_id: Some(KUBELET_CLIENT.into()),
-            ..MicCloud::standard()
-        };
-        let mut env = CloudEnvironment::of(&self.emu);
-        if !token_audience {
-            env.token_audience = None;
-        }
-        tenant::write_mic_cloud_files(&self.dir, prefix, &cloud, &env)
-    }
 }
 
-/// The emulator of one subject: the kubelet identity and `big_ids` pod
-/// identities, the scale sets `vmss` of `nodes_per_vmss` instances and
-/// NMI's one-instance scale set, MIC's service principal, Compute's real
-/// throttle buckets and the scale's clock.
-fn emulator_config(scale: &Scale, vmss: &[String], nmi_vmss: &str) -> Tenant {
-    let kubelet = [tenant::KUBELET];
-    let mut t =
-        Tenant::in_groups(NODE_RG, APP_RG).identity(tenant::KUBELET, NODE_RG, KUBELET_CLIENT);
-    for j in 0..scale.big_ids {
-        t = t.identity(&id_name(j), APP_RG, &id_client(j));
-    }
-    for v in vmss {
-        t = t.scale_set(v, scale.nodes_per_vmss, &kubelet);
-    }
-    let mut t = t
-        .scale_set(nmi_vmss, 1, &kubelet)
-        .service_principal(MIC_CLIENT, MIC_SECRET)
-        .speed(scale.speed);
+/// The emulator of one subject: the kit's tenant for `opts` (the kubelet
+/// identity and `big_ids` pod identities, the scale sets of
+/// `nodes_per_vmss` instances, MIC's service principal, the scale's clock)
+/// with NMI's one-instance scale set, Compute's real throttle buckets and
+/// the scale's LRO duration.
+fn emulator_config(opts: &Options, scale: &Scale) -> Tenant {
+    let mut t = tenant_of(opts).scale_set(NMI_VMSS, 1, &[KUBELET]);
     let cfg = t.config_mut();
     cfg.arm.vmss_write_seconds = scale.lro_seconds;
     // Realistic Compute limits: the emulator's default buckets (Compute's
@@ -553,108 +491,6 @@ fn emulator_config(scale: &Scale, vmss: &[String], nmi_vmss: &str) -> Tenant {
     t
 }
 
-/// NMI's node: a node namespace with two pod namespaces, IMDS of the
-/// node's VMSS instance at 169.254.169.254:80 inside it, and the apiserver
-/// at 127.0.0.1:6443 inside it (both relayed over Unix sockets).
-#[derive(Debug)]
-pub(crate) struct NmiNode {
-    pub node: netns::Node,
-    _relay: Proc,
-    pub kubeconfig: PathBuf,
-}
-
-impl NmiNode {
-    pub async fn start(w: &World) -> anyhow::Result<NmiNode> {
-        let node = netns::Node::with_pods(2)?;
-        node.node.add_local_address(IMDS_ADDRESS)?;
-        let relay = start_relay(w, &node.node).await?;
-        let kubeconfig = w.dir.join("nmi.kubeconfig");
-        let text = std::fs::read_to_string(w.cluster.kubeconfig())?.replace(
-            w.cluster.server(),
-            &format!("https://127.0.0.1:{API_RELAY_PORT}"),
-        );
-        std::fs::write(&kubeconfig, text)?;
-        Ok(NmiNode {
-            node,
-            _relay: relay,
-            kubeconfig,
-        })
-    }
-
-    pub fn pod(&self, i: usize) -> anyhow::Result<(&NetNs, Ipv4Addr)> {
-        self.node
-            .pods
-            .get(i)
-            .map(|(ns, ip)| (ns, *ip))
-            .context("no such pod namespace")
-    }
-
-    /// Waits until NMI's `/healthz` in the node says Active.
-    pub async fn wait_active(&self, nmi: &mut Proc) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let url = format!("http://127.0.0.1:{NMI_PROBE_PORT}/healthz");
-        loop {
-            let out = tokio::task::block_in_place(|| {
-                self.node
-                    .node
-                    .run("curl", &["-s", "--max-time", "1", &url])
-                    .unwrap_or_default()
-            });
-            if out == "Active" {
-                return Ok(());
-            }
-            if let Some(status) = nmi.exited() {
-                bail!("NMI exited ({status}): {}", nmi.log_tail());
-            }
-            if Instant::now() >= deadline {
-                bail!("NMI not Active after 90 s: {}", nmi.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-/// The relay role inside node namespace `ns`: the apiserver at
-/// 127.0.0.1:6443 and the node's IMDS at 169.254.169.254:80 there, each
-/// carried over a Unix socket to loopback of the bench's namespace; running
-/// when this returns.
-async fn start_relay(w: &World, ns: &NetNs) -> anyhow::Result<Proc> {
-    let imds = w
-        .emu
-        .add_imds(&format!("vmss/{}/0", w.nmi_vmss), "127.0.0.1:0".parse()?)
-        .await?;
-    let api: SocketAddr = w
-        .cluster
-        .server()
-        .trim_start_matches("https://")
-        .parse()
-        .context("apiserver address")?;
-    let (api_sock, imds_sock) = (w.dir.join("api.sock"), w.dir.join("imds.sock"));
-    unix_to_tcp(api_sock.clone(), api).await?;
-    unix_to_tcp(imds_sock.clone(), imds).await?;
-    let mut cmd = ns.command(self_exe()?);
-    cmd.env(ROLE_ENV, "relay")
-        .arg(format!("127.0.0.1:{API_RELAY_PORT}={}", api_sock.display()))
-        .arg(format!("{IMDS_ADDRESS}:80={}", imds_sock.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let child = spawn_kept(cmd)?;
-    // A Proc from here on, so that a relay that never gets ready is killed.
-    let mut relay = Proc {
-        pid: child.id(),
-        child,
-        log: PathBuf::new(),
-    };
-    tokio::task::block_in_place(|| read_until_ready(&mut relay.child, "relay"))?;
-    Ok(relay)
-}
-
-/// One token request with `curl` from pod namespace `ns` through
-/// 169.254.169.254; the HTTP status (0 when curl itself failed).
-pub(crate) async fn curl_token(ns: &NetNs, max_secs: u32) -> anyhow::Result<u16> {
-    Ok(curl_imds(ns, TOKEN_PATH, max_secs).await?.0)
-}
-
 /// `curl` inside `ns` for `path` on 169.254.169.254 with `Metadata: true`,
 /// `max_secs` at most: (status, body); status 0 when no HTTP answer came.
 pub(crate) async fn curl_imds(
@@ -665,3 +501,13 @@ pub(crate) async fn curl_imds(
     let url = format!("http://{IMDS_ADDRESS}{path}");
     curl_in(ns, &url, &["Metadata: true"], max_secs).await
 }
+
+/// One token request with `curl` from pod namespace `ns` through
+/// 169.254.169.254; the HTTP status (0 when curl itself failed).
+pub(crate) async fn curl_token(ns: &NetNs, max_secs: u32) -> anyhow::Result<u16> {
+    Ok(curl_imds(ns, TOKEN_PATH, max_secs).await?.0)
+}
+
+/// A kit helper the flood is spawned with (children must outlive the
+/// threads of the runtime).
+pub(crate) use world::spawn_kept;

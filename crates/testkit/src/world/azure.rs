@@ -2,8 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-use azure_emulator::Emulator;
-
 use super::{ADDON, ADDON_CLIENT, APP_RG, KUBELET, KUBELET_CLIENT, NODE_RG, Options};
 use super::{id_client, id_name, vmss_name};
 use crate::tenant::{
@@ -11,8 +9,9 @@ use crate::tenant::{
 };
 
 /// The tenant of `opts`: MIC's service principal, [`KUBELET`] (and [`ADDON`]
-/// when asked) on every scale set, identities `id-0..` in [`APP_RG`].
-pub(super) fn tenant(opts: &Options) -> Tenant {
+/// when asked) on every scale set, identities `id-0..` in [`APP_RG`]; a
+/// caller adds its own machines or settings to it.
+pub fn tenant_of(opts: &Options) -> Tenant {
     let mut t = Tenant::in_groups(NODE_RG, APP_RG)
         .service_principal(MIC_CLIENT, MIC_SECRET)
         .identity(KUBELET, NODE_RG, KUBELET_CLIENT);
@@ -57,9 +56,14 @@ pub(super) struct HostFiles {
 }
 
 impl HostFiles {
-    /// Writes them into `dir`, mic's azure.json from `cloud`.
-    pub(super) fn write(dir: &Path, emu: &Emulator, cloud: &MicCloud) -> anyhow::Result<HostFiles> {
-        let files = tenant::write_mic_cloud_files(dir, "", cloud, &CloudEnvironment::of(emu))?;
+    /// Writes them into `dir`, mic's azure.json from `cloud` and the
+    /// custom-cloud file from `env`.
+    pub(super) fn write(
+        dir: &Path,
+        cloud: &MicCloud,
+        env: &CloudEnvironment,
+    ) -> anyhow::Result<HostFiles> {
+        let files = tenant::write_mic_cloud_files(dir, "", cloud, env)?;
         let kubelet_flags = dir.join("kubelet");
         std::fs::write(
             &kubelet_flags,
@@ -113,7 +117,7 @@ mod tests {
         let mut opts = Options::new("/m", "/n");
         opts.addon_identity = true;
         opts.unbound_identities = 1;
-        let cfg = tenant(&opts).config();
+        let cfg = tenant_of(&opts).config();
         let names: Vec<&str> = cfg.identities.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(
             names,

@@ -11,8 +11,10 @@
 //! | [`WorldBuilder::host_files`] | azure.json and the custom-cloud file (a node's files) |
 //! | [`WorldBuilder::chart`] | with [`ArgsSource::Chart`]: the chart rendered and applied |
 //! | [`WorldBuilder::nodes`] | Node objects, network namespaces, IMDS and nmi's process per [`NodeSpec`] |
+//! | [`WorldBuilder::node_objects`] | Node objects alone (no namespace, no nmi) |
 //! | [`WorldBuilder::mic`] | mic replicas, a network namespace each |
-//! | [`WorldBuilder::start_mics`], [`WorldBuilder::start_nmi`] | processes started and probed |
+//! | [`WorldBuilder::host_mic`] | with [`ArgsSource::Flags`]: one mic in the calling process's namespace, no relay |
+//! | [`WorldBuilder::start_mics`], [`WorldBuilder::start_host_mic`], [`WorldBuilder::start_nmi`] | processes started and probed |
 //! | [`WorldBuilder::finish`] or [`WorldBuilder::teardown`] | the [`World`], or everything stopped with a [`Report`] |
 //!
 //! mic's and nmi's arguments come from the rendered chart
@@ -21,6 +23,7 @@
 //! arguments of [`crate::tenant::mic_args`], nmi's `--node` and
 //! `--kubeconfig`), which need no helm.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,12 +37,13 @@ use kube::api::Api;
 
 use super::azure::HostFiles;
 use super::chart::{Launch, Release, Workload};
-use super::nodes::{MicReplica, WorldNode, socket_of};
+use super::nodes::{MicReplica, WorldNode, create_node_object, socket_of};
+use super::options::Dialect;
 use super::processes::Proc;
-use super::teardown::Report;
+use super::teardown::{Report, remove_unless_kept};
 use super::{LEASE, NODE_RG, Options, PROCESS_START, Program, World, vmss_name};
-use crate::tenant::{self, MicCloud, MicCloudFiles, Tenant};
-use crate::{Cluster, PrivateCluster, wait_for};
+use crate::tenant::{self, CloudEnvironment, MicCloud, MicCloudFiles, Tenant};
+use crate::{Cluster, PrivateCluster, free_ports, wait_for};
 
 /// Which cluster the world runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +161,14 @@ pub(super) enum Source<'a> {
 }
 
 impl Source<'_> {
+    /// The program it starts.
+    pub(super) fn program(&self) -> &Program {
+        match self {
+            Source::Chart(w) => &w.program,
+            Source::Flags { program, .. } => program,
+        }
+    }
+
     /// Pod name of nmi on node `index` named `node`.
     pub(super) fn nmi_name(&self, index: usize, node: &str) -> String {
         match self {
@@ -182,17 +194,26 @@ pub(super) struct CommandLine {
     probe: (u16, String),
 }
 
-/// The plain command lines of [`ArgsSource::Flags`].
+/// Which process a plain command line is for.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum FlagsRole<'a> {
+    /// mic, with its cloud files, answering on (probe, metrics) ports.
+    Mic(&'a MicCloudFiles, (u16, u16)),
+    /// nmi.
+    Nmi,
+}
+
+/// The plain command lines of [`ArgsSource::Flags`], as `dialect` spells them.
 pub(super) fn flags_command(
-    mic: Option<&MicCloudFiles>,
+    role: FlagsRole<'_>,
     kubeconfig: &Path,
     pod_name: &str,
     node: &str,
+    dialect: Dialect,
 ) -> CommandLine {
     let mut env = vec![("NO_COLOR".to_string(), "1".to_string())];
-    match mic {
-        Some(files) => {
-            let (probe, metrics) = FLAGS_MIC_PORTS;
+    match role {
+        FlagsRole::Mic(files, (probe, metrics)) => {
             let mut args = tenant::mic_args(files, kubeconfig, pod_name, LEASE.0);
             args.push(format!("--http-probe-port={probe}"));
             args.push(format!("--prometheus-port={metrics}"));
@@ -203,16 +224,26 @@ pub(super) fn flags_command(
                 probe: (probe, PROBE_PATH.into()),
             }
         }
-        None => CommandLine {
-            args: vec![
-                format!("--node={node}"),
-                format!("--kubeconfig={}", kubeconfig.display()),
-                format!("--http-probe-port={FLAGS_NMI_PROBE}"),
-                "--allow-network-plugin-kubenet=true".into(),
-            ],
-            env,
-            probe: (FLAGS_NMI_PROBE, PROBE_PATH.into()),
-        },
+        FlagsRole::Nmi => {
+            let mut args = vec![format!("--node={node}")];
+            match dialect {
+                Dialect::ThisProject => {
+                    args.push(format!("--kubeconfig={}", kubeconfig.display()));
+                }
+                // No such flag upstream: client-go reads the variable.
+                Dialect::Upstream => env.extend([
+                    ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+                    ("NODE_NAME".into(), node.into()),
+                ]),
+            }
+            args.push(format!("--http-probe-port={FLAGS_NMI_PROBE}"));
+            args.push("--allow-network-plugin-kubenet=true".into());
+            CommandLine {
+                args,
+                env,
+                probe: (FLAGS_NMI_PROBE, PROBE_PATH.into()),
+            }
+        }
     }
 }
 
@@ -233,8 +264,24 @@ impl Launch<'_> {
                 kubeconfig,
             } => (*mic, *program, *kubeconfig),
         };
-        let CommandLine { args, env, probe } = flags_command(mic, kubeconfig, pod_name, node);
-        Ok(self.proc(pod_name, program, args, env, probe))
+        let role = mic.map_or(FlagsRole::Nmi, |files| {
+            FlagsRole::Mic(files, FLAGS_MIC_PORTS)
+        });
+        Ok(self.flags_process(role, program, kubeconfig, pod_name, node))
+    }
+
+    /// The process of `program` for `role` with plain flags, not started yet.
+    fn flags_process(
+        &self,
+        role: FlagsRole<'_>,
+        program: &Program,
+        kubeconfig: &Path,
+        pod_name: &str,
+        node: &str,
+    ) -> Proc {
+        let CommandLine { args, env, probe } =
+            flags_command(role, kubeconfig, pod_name, node, program.dialect);
+        self.proc(pod_name, program, args, env, probe)
     }
 }
 
@@ -256,6 +303,12 @@ pub struct WorldBuilder {
     pub nodes: Vec<WorldNode>,
     /// mic replicas created so far.
     pub mics: Vec<MicReplica>,
+    /// Nodes that are Node objects alone ([`WorldBuilder::node_objects`]).
+    pub node_objects: Vec<NodeSpec>,
+    /// The mic of [`WorldBuilder::host_mic`], with its probe's address.
+    pub host_mic: Option<(Proc, SocketAddr)>,
+    /// Keep the folder (logs) when dropped ([`WorldBuilder::keep_logs`]).
+    keep_logs: bool,
 }
 
 impl std::fmt::Debug for WorldBuilder {
@@ -267,6 +320,8 @@ impl std::fmt::Debug for WorldBuilder {
             .field("emu", &self.emu.as_ref().map(Emulator::arm_url))
             .field("nodes", &self.nodes)
             .field("mics", &self.mics)
+            .field("node_objects", &self.node_objects)
+            .field("host_mic", &self.host_mic)
             .finish_non_exhaustive()
     }
 }
@@ -299,7 +354,16 @@ impl WorldBuilder {
             release: None,
             nodes: Vec::new(),
             mics: Vec::new(),
+            node_objects: Vec::new(),
+            host_mic: None,
+            keep_logs: false,
         })
+    }
+
+    /// Keep the world's folder (every process's log) when the builder is
+    /// dropped, and say where it is.
+    pub fn keep_logs(&mut self, keep: bool) {
+        self.keep_logs = keep;
     }
 
     /// The world's folder.
@@ -359,7 +423,19 @@ impl WorldBuilder {
     /// Step: the files a node holds (mic's azure.json from `cloud`, the
     /// custom-cloud file naming the emulator, the kubelet's flags).
     pub fn host_files(&mut self, cloud: &MicCloud) -> anyhow::Result<()> {
-        let host = HostFiles::write(&self.dir, self.emu()?, cloud)?;
+        let env = CloudEnvironment::of(self.emu()?);
+        self.host_files_with(cloud, &env)
+    }
+
+    /// [`WorldBuilder::host_files`] with the custom-cloud file written from
+    /// `env` (for example without a token audience, as upstream's mic is
+    /// given it).
+    pub fn host_files_with(
+        &mut self,
+        cloud: &MicCloud,
+        env: &CloudEnvironment,
+    ) -> anyhow::Result<()> {
+        let host = HostFiles::write(&self.dir, cloud, env)?;
         self.host = Some(host);
         Ok(())
     }
@@ -427,6 +503,18 @@ impl WorldBuilder {
         Ok(())
     }
 
+    /// Step: the Node objects of `specs` alone (no network namespace, IMDS
+    /// or nmi: machines whose pods are Pod objects only), appended to
+    /// [`WorldBuilder::node_objects`].
+    pub async fn node_objects(&mut self, specs: &[NodeSpec]) -> anyhow::Result<()> {
+        let client = self.client()?.clone();
+        for spec in specs {
+            create_node_object(&client, spec).await?;
+            self.node_objects.push(spec.clone());
+        }
+        Ok(())
+    }
+
     /// Step: `replicas` mic replicas (processes not started yet), their pods
     /// on the nodes in turn, appended to [`WorldBuilder::mics`].
     pub async fn mic(&mut self, replicas: usize) -> anyhow::Result<()> {
@@ -447,6 +535,34 @@ impl WorldBuilder {
         Ok(())
     }
 
+    /// Step (with [`ArgsSource::Flags`]): one mic in the calling process's
+    /// network namespace (no relay: it reaches the apiserver and the emulator
+    /// on loopback directly), its probe and metrics on free loopback ports,
+    /// as [`WorldBuilder::host_mic`] (not started yet).
+    pub fn host_mic(&mut self) -> anyhow::Result<()> {
+        if self.args != ArgsSource::Flags {
+            bail!("a mic on the host needs ArgsSource::Flags");
+        }
+        let ports = free_ports()?;
+        let [probe, _] = ports;
+        let files = self.host.as_ref().context("no host files yet")?.mic_files();
+        let role = FlagsRole::Mic(files, ports.into());
+        let kubeconfig = self.cluster_ref()?.kubeconfig();
+        let proc = self
+            .launch()?
+            .flags_process(role, &self.opts.mic, kubeconfig, "mic-host", "");
+        self.host_mic = Some((proc, SocketAddr::from(([127, 0, 0, 1], probe))));
+        Ok(())
+    }
+
+    /// Starts the mic of [`WorldBuilder::host_mic`] and waits until its
+    /// probe answers.
+    pub async fn start_host_mic(&mut self) -> anyhow::Result<()> {
+        let (proc, _) = self.host_mic.as_mut().context("no mic on the host")?;
+        proc.spawn_in(None)?;
+        proc.wait_probe_in(None).await
+    }
+
     fn launch(&self) -> anyhow::Result<Launch<'_>> {
         let cluster = self.cluster_ref()?;
         Ok(Launch {
@@ -455,6 +571,7 @@ impl WorldBuilder {
             host: self.host.as_ref().context("no host files yet")?,
             emu: self.emu()?,
             apiserver: socket_of(cluster.server())?,
+            relay: self.opts.relay.as_ref(),
         })
     }
 
@@ -504,6 +621,27 @@ impl WorldBuilder {
         node.nmi.wait_probe(&node.net.node).await
     }
 
+    /// Kills nmi on node `n` (if it runs), starts it again with the same
+    /// args and env, and waits until its probe answers.
+    pub async fn restart_nmi(&mut self, n: usize) -> anyhow::Result<()> {
+        self.nodes.get_mut(n).context("no such node")?.nmi.kill();
+        self.start_nmi(n).await
+    }
+
+    /// Kills every process it started (mic and nmi; relays, namespaces and
+    /// the emulator stay), for example before clearing the shared cluster.
+    pub fn stop_processes(&mut self) {
+        if let Some((proc, _)) = &mut self.host_mic {
+            proc.kill();
+        }
+        for m in &mut self.mics {
+            m.proc.kill();
+        }
+        for n in &mut self.nodes {
+            n.nmi.kill();
+        }
+    }
+
     /// The [`World`] (one run at a time: `one` is the guard of
     /// [`World::start`]'s lock); needs a [`ClusterChoice::Private`] cluster.
     pub(super) fn finish(
@@ -538,6 +676,12 @@ impl WorldBuilder {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let mut report = Report::default();
+        if let Some((mut proc, _)) = self.host_mic.take() {
+            if proc.pid().is_some() {
+                report.count("mic");
+            }
+            proc.kill();
+        }
         super::teardown::stop_parts(
             &mut report,
             std::mem::take(&mut self.mics),
@@ -571,9 +715,12 @@ impl Drop for WorldBuilder {
     /// A builder dropped before [`WorldBuilder::finish`] or
     /// [`WorldBuilder::teardown`] (a step failed) stops what it started.
     fn drop(&mut self) {
+        if let Some((proc, _)) = &mut self.host_mic {
+            proc.kill();
+        }
         super::teardown::stop_all(&mut self.mics, &mut self.nodes, self.emu.as_ref());
         if !self.dir.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            remove_unless_kept(&self.dir, self.keep_logs, "logs");
         }
     }
 }
@@ -632,8 +779,9 @@ mod tests {
             environment: "/w/cloud.json".into(),
         };
         let kubeconfig = Path::new("/w/kubeconfig");
+        let mic = FlagsRole::Mic(&files, FLAGS_MIC_PORTS);
         let CommandLine { args, env, probe } =
-            flags_command(Some(&files), kubeconfig, "mic-1", "node-a");
+            flags_command(mic, kubeconfig, "mic-1", "node-a", Dialect::ThisProject);
         let mut want = tenant::mic_args(&files, kubeconfig, "mic-1", LEASE.0);
         want.extend([
             "--http-probe-port=8080".into(),
@@ -644,8 +792,13 @@ mod tests {
             assert!(env.contains(&kv), "{kv:?} in {env:?}");
         }
         assert_eq!(probe, (8080, "/healthz".to_string()));
-        let CommandLine { args, probe, .. } =
-            flags_command(None, kubeconfig, "nmi-node-a", "node-a");
+        let CommandLine { args, probe, .. } = flags_command(
+            FlagsRole::Nmi,
+            kubeconfig,
+            "nmi-node-a",
+            "node-a",
+            Dialect::ThisProject,
+        );
         assert_eq!(
             args,
             [
@@ -656,5 +809,30 @@ mod tests {
             ]
         );
         assert_eq!(probe, (8085, "/healthz".to_string()));
+    }
+
+    #[test]
+    fn upstream_nmi_takes_its_kubeconfig_and_node_from_the_environment() {
+        let kubeconfig = Path::new("/w/kubeconfig");
+        let nmi = flags_command(FlagsRole::Nmi, kubeconfig, "p", "node-a", Dialect::Upstream);
+        assert_eq!(
+            nmi.args,
+            [
+                "--node=node-a",
+                "--http-probe-port=8085",
+                "--allow-network-plugin-kubenet=true"
+            ]
+        );
+        for kv in [("KUBECONFIG", "/w/kubeconfig"), ("NODE_NAME", "node-a")] {
+            assert!(nmi.env.contains(&(kv.0.into(), kv.1.into())), "{kv:?}");
+        }
+        // mic's flags are the same in both dialects.
+        let files = MicCloudFiles {
+            azure_json: "/w/azure.json".into(),
+            environment: "/w/cloud.json".into(),
+        };
+        let mic = |d| flags_command(FlagsRole::Mic(&files, (1, 2)), kubeconfig, "m", "", d);
+        assert_eq!(mic(Dialect::Upstream), mic(Dialect::ThisProject));
+        assert_eq!(mic(Dialect::Upstream).probe, (1, "/healthz".to_string()));
     }
 }

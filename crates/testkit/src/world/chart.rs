@@ -134,7 +134,7 @@ pub(super) struct Workload {
     /// Its liveness probe: (port, path).
     probe: (u16, String),
     /// The executable its container runs.
-    program: Program,
+    pub(super) program: Program,
 }
 
 impl Workload {
@@ -197,6 +197,8 @@ pub(super) struct Launch<'a> {
     pub(super) emu: &'a Emulator,
     /// The apiserver's address.
     pub(super) apiserver: SocketAddr,
+    /// The relay program of [`Options::relay`] (`None`: the kit's).
+    pub(super) relay: Option<&'a Program>,
 }
 
 impl Launch<'_> {

@@ -71,14 +71,14 @@
 //!
 //! | module | what |
 //! | --- | --- |
-//! | [`options`] | [`Options`], [`Program`] (how mic and nmi are started) |
+//! | [`options`] | [`Options`], [`Program`] (how mic and nmi are started), [`Dialect`] |
 //! | [`builder`] | [`WorldBuilder`]: the steps of [`World::start`] one at a time; [`ClusterChoice`], [`ArgsSource`] (chart or plain flags), [`NodeSpec`] |
 //! | [`teardown`] | [`teardown::Report`] of [`WorldBuilder::teardown`]; what a process left behind |
-//! | `azure` | the emulated tenant and the host files that point mic at it |
+//! | `azure` | the emulated tenant ([`tenant_of`]) and the host files that point mic at it |
 //! | `chart` | the chart rendered, applied, and turned into processes' commands |
-//! | [`processes`] | [`Proc`]: start, signal, probe; [`curl_in`] |
+//! | [`processes`] | [`Proc`]: start, signal, probe; [`spawn_kept`]; [`curl_in`] |
 //! | `nodes` | [`WorldNode`], [`MicReplica`]; scale sets' identities |
-//! | `pods` | [`PodRef`]; pods and their AzureAssignedIdentities |
+//! | `pods` | [`PodRef`]; pods and their AzureAssignedIdentities; [`create_pod`], [`create_identity`] for a world without the chart |
 //! | `tokens` | token requests from pods |
 //! | `users` | [`NsUser`]: namespace-scoped users, namespaces, Events |
 
@@ -101,11 +101,12 @@ use azure_emulator::Emulator;
 use kube::Client;
 use serde_json::Value;
 
+pub use azure::tenant_of;
 pub use builder::{ArgsSource, ClusterChoice, NodeSpec, WorldBuilder, WorldCluster};
 pub use nodes::{MicReplica, WorldNode};
-pub use options::{Options, Program};
-pub use pods::PodRef;
-pub use processes::{Proc, curl_in};
+pub use options::{Dialect, Options, Program};
+pub use pods::{PodRef, create_identity, create_pod};
+pub use processes::{Proc, curl_in, spawn_kept};
 pub use tokens::access_token;
 pub use users::NsUser;
 
@@ -193,11 +194,8 @@ pub struct World {
 impl Drop for World {
     fn drop(&mut self) {
         teardown::stop_all(&mut self.mics, &mut self.nodes, Some(&self.emu));
-        if std::env::var_os("AADPODID_E2E_KEEP_LOGS").is_some() {
-            eprintln!("e2e logs kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        let keep = std::env::var_os("AADPODID_E2E_KEEP_LOGS").is_some();
+        teardown::remove_unless_kept(&self.dir, keep, "e2e logs");
     }
 }
 
@@ -211,7 +209,7 @@ impl World {
         // removes the folder.
         let mut b = WorldBuilder::new(opts.clone(), ArgsSource::Chart, dir)?;
         b.cluster(ClusterChoice::Private).await?;
-        b.tenant(azure::tenant(&opts)).await?;
+        b.tenant(azure::tenant_of(&opts)).await?;
         b.host_files(&azure::world_cloud())?;
         b.chart().await?;
         b.nodes(&NodeSpec::of_options(&opts)).await?;

@@ -5,19 +5,22 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Node as KubeNode;
+use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
 use super::builder::{NodeSpec, Source};
 use super::chart::Launch;
-use super::processes::Proc;
-use super::{ADDON, KUBELET, PodRef, World, id_name, vmss_name};
-use crate::netns::{IMDS_ADDRESS, NetNs, Node};
+use super::options::Dialect;
+use super::processes::{Proc, spawn_kept};
+use super::{ADDON, KUBELET, PodRef, Program, World, id_name, vmss_name};
+use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
+use crate::relay::unix_to_tcp;
 use crate::wait_for;
 
 /// The address of a listener's URL (`https://127.0.0.1:1234/` and the like).
@@ -30,15 +33,47 @@ pub(super) fn socket_of(url: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Starts a relay in `ns` carrying each `(listen, target)` pair from inside
-/// the namespace to the root namespace (sockets in a folder of `dir`).
+/// the namespace to the root namespace (sockets in a folder of `dir`): the
+/// kit's Python relay, or `program` when given (same arguments, same `READY`).
 async fn relay_in(
     ns: &NetNs,
     dir: &Path,
     pairs: &[(SocketAddr, SocketAddr)],
+    program: Option<&Program>,
 ) -> anyhow::Result<Child> {
     let sockets = dir.join(ns.name());
     std::fs::create_dir_all(&sockets)?;
-    ns.relay_many(pairs, &sockets).await
+    let Some(program) = program else {
+        return ns.relay_many(pairs, &sockets).await;
+    };
+    let mut cmd = ns.command(&program.path);
+    cmd.args(&program.args)
+        .envs(program.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    for (i, (listen, target)) in pairs.iter().enumerate() {
+        let path = sockets.join(format!("relay-{i}.sock"));
+        unix_to_tcp(path.clone(), *target).await?;
+        cmd.arg(format!("{listen}={}", path.display()));
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut relay = spawn_kept(cmd)?;
+    if let Err(e) = read_until_ready(&mut relay, "relay") {
+        stop_relay(&mut relay);
+        return Err(e);
+    }
+    Ok(relay)
+}
+
+/// Creates the Node object of `spec` (a Linux node with its providerID).
+pub(super) async fn create_node_object(client: &Client, spec: &NodeSpec) -> anyhow::Result<()> {
+    let node: KubeNode = serde_json::from_value(json!({
+        "metadata": {"name": spec.name, "labels": {"kubernetes.io/os": "linux"}},
+        "spec": {"providerID": spec.provider_id},
+    }))?;
+    Api::<KubeNode>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .with_context(|| format!("create node {}", spec.name))?;
+    Ok(())
 }
 
 fn stop_relay(relay: &mut Child) {
@@ -74,13 +109,7 @@ impl WorldNode {
         index: usize,
     ) -> anyhow::Result<WorldNode> {
         let name = spec.name.clone();
-        let node: KubeNode = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux"}},
-            "spec": {"providerID": spec.provider_id},
-        }))?;
-        Api::<KubeNode>::all(launch.client.clone())
-            .create(&PostParams::default(), &node)
-            .await?;
+        create_node_object(launch.client, spec).await?;
         let machine = spec.machine.clone();
         let subnet = u8::try_from(index + 1).context("too many nodes")?;
         let net = Node::with_pods_in(spec.pods, subnet)?;
@@ -91,7 +120,15 @@ impl WorldNode {
             .await?;
         let api = launch.apiserver;
         let pairs = [(api, api), (SocketAddr::from((IMDS_ADDRESS, 80)), imds)];
-        let relay = relay_in(&net.node, launch.dir, &pairs).await?;
+        let relay = relay_in(&net.node, launch.dir, &pairs, launch.relay).await?;
+        if nmi.program().dialect == Dialect::Upstream {
+            // Upstream's nmi DNATs to loopback without setting this itself
+            // (kube-proxy does on a real node).
+            net.node.run(
+                "sysctl",
+                &["-q", "-w", "net.ipv4.conf.all.route_localnet=1"],
+            )?;
+        }
         let pod_name = nmi.nmi_name(index, &name);
         let nmi = launch.process_of(nmi, &pod_name, &name).await?;
         Ok(WorldNode {
@@ -137,7 +174,7 @@ impl MicReplica {
             socket_of(&launch.emu.aad_url())?,
         ]
         .map(|a| (a, a));
-        let relay = relay_in(&net, launch.dir, &pairs).await?;
+        let relay = relay_in(&net, launch.dir, &pairs, launch.relay).await?;
         let proc = launch.process_of(mic, &mic.mic_name(r), node).await?;
         Ok(MicReplica { net, proc, relay })
     }

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-/// How the world starts mic or nmi: an executable, and variables set on top
-/// of the container's environment.
+/// How the world starts mic or nmi: an executable, arguments added after
+/// the world's, variables set on top of the container's environment, and
+/// whose command line it speaks ([`Dialect`]).
 ///
 /// ```
 /// use aadpodid_testkit::world::Program;
@@ -15,13 +16,33 @@ use anyhow::Context as _;
 /// // A tool that runs mic when started with `MY_TOOL_ROLE=mic`.
 /// let mic = Program::role("/path/to/my-tool", "MY_TOOL_ROLE", "mic");
 /// assert_eq!(mic.env, vec![("MY_TOOL_ROLE".to_string(), "mic".to_string())]);
+/// // With two more flags after the world's.
+/// let mic = mic.with_args(["--syncRetryDuration=1h", "--logtostderr"]);
+/// assert_eq!(mic.args.len(), 2);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Program {
     /// The executable.
     pub path: PathBuf,
+    /// Arguments added after the world's (they win where a flag is repeated).
+    pub args: Vec<String>,
     /// Variables added to the container's environment (they win over it).
     pub env: Vec<(String, String)>,
+    /// Whose command line the executable takes.
+    pub dialect: Dialect,
+}
+
+/// Whose command line a [`Program`] takes; it matters only where the two
+/// differ (with [`super::ArgsSource::Flags`]): upstream's nmi has no
+/// `--kubeconfig` flag (client-go reads `KUBECONFIG`) and needs
+/// `route_localnet` set on its node, which this project's nmi sets itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// This project's mic and nmi.
+    #[default]
+    ThisProject,
+    /// Upstream aad-pod-identity v1.8.17's Go mic and nmi.
+    Upstream,
 }
 
 impl Program {
@@ -29,7 +50,9 @@ impl Program {
     pub fn binary(path: impl Into<PathBuf>) -> Program {
         Program {
             path: path.into(),
+            args: vec![],
             env: vec![],
+            dialect: Dialect::ThisProject,
         }
     }
 
@@ -37,8 +60,8 @@ impl Program {
     /// nmi (a tool that re-executes itself in a role).
     pub fn role(exe: impl Into<PathBuf>, var: &str, value: &str) -> Program {
         Program {
-            path: exe.into(),
             env: vec![(var.into(), value.into())],
+            ..Program::binary(exe)
         }
     }
 
@@ -46,6 +69,22 @@ impl Program {
     pub fn this_executable_as(var: &str, value: &str) -> anyhow::Result<Program> {
         let exe = std::env::current_exe().context("find the running executable")?;
         Ok(Program::role(exe, var, value))
+    }
+
+    /// Upstream v1.8.17's `mic` or `nmi` (`name`), built on first use
+    /// ([`crate::upstream::upstream_bin_dir`]), logging to stderr.
+    pub fn upstream(name: &str) -> anyhow::Result<Program> {
+        Ok(Program {
+            args: vec!["--logtostderr".into()],
+            dialect: Dialect::Upstream,
+            ..Program::binary(crate::upstream::upstream_bin_dir()?.join(name))
+        })
+    }
+
+    /// The same program with `args` added after its own.
+    pub fn with_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Program {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
     }
 }
 
@@ -78,6 +117,13 @@ pub struct Options {
     pub mic: Program,
     /// How nmi is started on each node.
     pub nmi: Program,
+    /// What carries the apiserver and IMDS into each node namespace (and
+    /// the apiserver, ARM and Entra ID into each mic replica's): `None`
+    /// for the kit's Python relay; a program taking the same arguments
+    /// (`<listen address>=<unix socket path>` each) and printing `READY` once
+    /// it listens (a tool's own relay, so that its figures do not depend on
+    /// Python's).
+    pub relay: Option<Program>,
 }
 
 impl Options {
@@ -104,6 +150,7 @@ impl Options {
             addon_identity: false,
             set: vec![],
             clock_speed: 30.0,
+            relay: None,
         }
     }
 }
@@ -116,10 +163,14 @@ mod tests {
     fn programs_are_a_binary_or_an_executable_in_a_role() {
         let bin = Program::binary("/bin/mic");
         assert_eq!(bin.path, PathBuf::from("/bin/mic"));
-        assert!(bin.env.is_empty());
+        assert!(bin.env.is_empty() && bin.args.is_empty());
+        assert_eq!(bin.dialect, Dialect::ThisProject);
         let role = Program::role("/bin/tool", "ROLE", "nmi");
         assert_eq!(role.path, PathBuf::from("/bin/tool"));
         assert_eq!(role.env, vec![("ROLE".to_string(), "nmi".to_string())]);
+        let more = role.clone().with_args(["--a"]).with_args(["--b"]);
+        assert_eq!(more.args, ["--a", "--b"]);
+        assert_eq!((more.path, more.env), (role.path, role.env));
         let me = Program::this_executable_as("ROLE", "mic").unwrap();
         assert_eq!(me.path, std::env::current_exe().unwrap());
         let opts = Options::new("/m", "/n");

@@ -6,14 +6,17 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use aadpodid_api::AzureAssignedIdentity;
+use aadpodid_api::{
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
+    AzureIdentitySpec,
+};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use super::{APP_NS, World, id_name, selector};
+use super::{APP_NS, World, id_client, id_name, id_resource, selector};
 use crate::netns::NetNs;
 use crate::wait_for;
 
@@ -59,6 +62,64 @@ async fn mark_running(api: &Api<Pod>, name: &str, ip: Ipv4Addr) -> anyhow::Resul
     Ok(())
 }
 
+/// Creates Pod `name` with `labels` on node `node` through `api`, and
+/// with an address reports it Running at `ip` (as the kubelet would for a
+/// started pod); without one it stays a Pod object only (mic needs no more;
+/// nmi maps callers by address).
+pub async fn create_pod(
+    api: &Api<Pod>,
+    name: &str,
+    labels: &BTreeMap<&str, &str>,
+    node: &str,
+    ip: Option<Ipv4Addr>,
+) -> anyhow::Result<()> {
+    api.create(&PostParams::default(), &app_pod(name, labels, node)?)
+        .await
+        .with_context(|| format!("create pod {name}"))?;
+    if let Some(ip) = ip {
+        mark_running(api, name, ip)
+            .await
+            .with_context(|| format!("status of pod {name}"))?;
+    }
+    Ok(())
+}
+
+/// Creates identity `j`'s AzureIdentity ([`id_name`], [`id_client`], in
+/// [`super::APP_RG`]) and its binding to selector [`selector`]`(j)` in
+/// namespace `ns`: what the chart's `azureIdentities` makes, for a world
+/// without the chart.
+pub async fn create_identity(client: &Client, ns: &str, j: usize) -> anyhow::Result<()> {
+    let name = id_name(j);
+    let mut id = AzureIdentity::new(
+        &name,
+        AzureIdentitySpec {
+            resource_id: id_resource(&name),
+            client_id: id_client(j),
+            ..Default::default()
+        },
+    );
+    id.metadata.namespace = Some(ns.into());
+    Api::<AzureIdentity>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &id)
+        .await
+        .with_context(|| format!("create AzureIdentity {name}"))?;
+    let binding = format!("{name}-binding");
+    let mut b = AzureIdentityBinding::new(
+        &binding,
+        AzureIdentityBindingSpec {
+            azure_identity: name,
+            selector: selector(j),
+            weight: 0,
+        },
+    );
+    b.metadata.namespace = Some(ns.into());
+    Api::<AzureIdentityBinding>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &b)
+        .await
+        .with_context(|| format!("create AzureIdentityBinding {binding}"))?;
+    Ok(())
+}
+
 impl World {
     /// Creates `count` pods, pod `i` on node `i % nodes` in the next free pod
     /// namespace there, bound to identity `identity_of(i)` (`None`: the invalid
@@ -77,9 +138,7 @@ impl World {
             let sel = identity.map_or_else(|| "sel-invalid".to_string(), selector);
             let name = format!("app-{i}");
             let labels = BTreeMap::from([("aadpodidbinding", sel.as_str())]);
-            let pod = app_pod(&name, &labels, &self.nodes[node].name)?;
-            api.create(&PostParams::default(), &pod).await?;
-            mark_running(&api, &name, ip).await?;
+            create_pod(&api, &name, &labels, &self.nodes[node].name, Some(ip)).await?;
             out.push(PodRef {
                 name,
                 namespace: APP_NS.into(),

@@ -1,9 +1,11 @@
 //! The world's processes (mic replicas and nmi): started in a network
-//! namespace with a container's args and environment, probed, signalled and
-//! started again; and `curl` inside a namespace.
+//! namespace (or, for a mic on the host, in the calling one) with a
+//! container's args and environment, probed, signalled and started again;
+//! [`spawn_kept`]; and `curl` inside a namespace.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -65,15 +67,34 @@ impl Proc {
 
     /// Starts it in `ns`, its output appended to its log.
     pub(super) fn spawn(&mut self, ns: &NetNs) -> anyhow::Result<()> {
+        self.spawn_in(Some(ns))
+    }
+
+    /// Starts it in `ns`, or in the calling process's namespace for `None`,
+    /// its output appended to its log; spawned by [`spawn_kept`].
+    pub(super) fn spawn_in(&mut self, ns: Option<&NetNs>) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = ns.command(&self.program.path);
+        let mut cmd = match ns {
+            Some(ns) => ns.command(&self.program.path),
+            // In the calling process's namespace, killed when the spawning
+            // thread ends as `NetNs::command` does; `setpriv` execs the
+            // program, so the child's PID is the program's.
+            None => {
+                let mut cmd = Command::new("setpriv");
+                cmd.args(["--pdeathsig", "KILL", "--"])
+                    .arg(&self.program.path)
+                    .stdin(Stdio::null());
+                cmd
+            }
+        };
         // The container's environment only, plus PATH (iptables) for the wrapper.
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .args(&self.args)
+            .args(&self.program.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(
                 self.program
@@ -83,11 +104,14 @@ impl Proc {
             )
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.child = Some(
-            cmd.spawn()
-                .with_context(|| format!("start {}", self.name))?,
-        );
+        self.child = Some(spawn_kept(cmd).with_context(|| format!("start {}", self.name))?);
         Ok(())
+    }
+
+    /// Its exit status once it has exited (`None` while it runs or when it
+    /// was never started).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// Kills it (if it runs) and reaps it.
@@ -125,6 +149,12 @@ impl Proc {
     /// Polls its probe with `curl` inside `ns` until it answers 200 (any
     /// body), bounded by [`PROCESS_START`]; fails at once when it exits.
     pub(super) async fn wait_probe(&mut self, ns: &NetNs) -> anyhow::Result<()> {
+        self.wait_probe_in(Some(ns)).await
+    }
+
+    /// [`Proc::wait_probe`] inside `ns`, or in the calling process's
+    /// namespace for `None`.
+    pub(super) async fn wait_probe_in(&mut self, ns: Option<&NetNs>) -> anyhow::Result<()> {
         let url = self.probe_url();
         let deadline = Instant::now() + PROCESS_START;
         loop {
@@ -137,7 +167,7 @@ impl Proc {
                     self.log_tail(30)
                 );
             }
-            let answer = curl_in(ns, &url, &[], 2).await;
+            let answer = run_curl(curl_command(ns, &url, &[], 2)).await;
             if matches!(answer, Ok((200, _))) {
                 return Ok(());
             }
@@ -153,6 +183,39 @@ impl Proc {
     }
 }
 
+type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from one thread that lives as long as the process, so that
+/// the `setpriv --pdeathsig KILL` of a child fires when the process ends,
+/// not when the (possibly short-lived) thread of the caller does: a tokio
+/// worker that entered `block_in_place` may end later while the world runs.
+pub fn spawn_kept(mut cmd: Command) -> anyhow::Result<Child> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        let _ = std::thread::Builder::new()
+            .name("kit-spawner".into())
+            .spawn(move || {
+                while let Ok((mut cmd, back)) = rx.recv() {
+                    let _ = back.send(cmd.spawn());
+                }
+                // The senders live in a static: this is reached only if
+                // the channel breaks; the thread must still not end.
+                loop {
+                    std::thread::park();
+                }
+            });
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    keeper
+        .lock()
+        .map_err(|_| anyhow::anyhow!("spawner lock poisoned"))?
+        .send((std::mem::replace(&mut cmd, Command::new("true")), tx))
+        .map_err(|_| anyhow::anyhow!("spawner thread is gone"))?;
+    Ok(rx.recv().context("spawner thread is gone")??)
+}
+
 /// `curl` inside `ns`: (status, body); status 0 when no HTTP answer came.
 pub async fn curl_in(
     ns: &NetNs,
@@ -160,12 +223,26 @@ pub async fn curl_in(
     headers: &[&str],
     max_time: u32,
 ) -> anyhow::Result<(u16, String)> {
-    run_curl(curl_command(ns, url, headers, max_time)).await
+    run_curl(curl_command(Some(ns), url, headers, max_time)).await
 }
 
-/// The `curl` command of [`curl_in`], to run later with [`run_curl`].
-pub(super) fn curl_command(ns: &NetNs, url: &str, headers: &[&str], max_time: u32) -> Command {
-    let mut cmd = ns.command("curl");
+/// The `curl` command of [`curl_in`] (in the calling process's namespace for
+/// `None`), to run later with [`run_curl`].
+pub(super) fn curl_command(
+    ns: Option<&NetNs>,
+    url: &str,
+    headers: &[&str],
+    max_time: u32,
+) -> Command {
+    let mut cmd = match ns {
+        Some(ns) => ns.command("curl"),
+        // Loopback of the calling namespace: never through a proxy.
+        None => {
+            let mut cmd = Command::new("curl");
+            cmd.args(["--noproxy", "*"]);
+            cmd
+        }
+    };
     cmd.args(["-s", "--max-time", &max_time.to_string()])
         .args(["-w", "\n%{http_code}"]);
     for h in headers {

@@ -94,6 +94,16 @@ pub(super) fn stop_parts(report: &mut Report, mics: Vec<MicReplica>, nodes: Vec<
     }
 }
 
+/// Removes a world's folder `dir`, unless `keep`: then says where `what`
+/// (its logs) are kept.
+pub fn remove_unless_kept(dir: &Path, keep: bool, what: &str) {
+    if keep {
+        eprintln!("{what} kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// The emulator's own folder (its CA bundle's, `azure-emulator-<guid>`).
 pub(super) fn emulator_dir(emu: &Emulator) -> Option<PathBuf> {
     emu.ca_bundle_path()

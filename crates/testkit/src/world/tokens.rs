@@ -104,7 +104,7 @@ impl World {
         let url = format!("http://{IMDS_ADDRESS}{TOKEN_PATH}");
         let mut set = tokio::task::JoinSet::new();
         for p in pods {
-            let cmd = curl_command(self.pod_ns(p)?, &url, &["Metadata: true"], 30);
+            let cmd = curl_command(Some(self.pod_ns(p)?), &url, &["Metadata: true"], 30);
             let p = p.clone();
             set.spawn(async move { (p, run_curl(cmd).await) });
         }
