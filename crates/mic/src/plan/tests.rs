@@ -436,15 +436,8 @@ fn a_recreated_identity_or_binding_is_embedded_anew() {
     // nmi trusts an AAI only while its embedded objects are the live ones
     // (same UID), so a delete and re-create under the same name and spec
     // must refresh the AAI; the identity stays on the scale set meanwhile.
-    let mut ix = base();
     let opts = Options::default();
-    let mut id = mk_uami("ns", "id");
-    id.metadata.uid = Some("uid-1".into());
-    let mut b = mk_binding("ns", "b", "id", "sel");
-    b.metadata.uid = Some("uid-b1".into());
-    ix.apply_identity(&id);
-    ix.apply_binding(&b);
-    add_web(&mut ix);
+    let (mut ix, mut id, mut b) = web_with_uids(mk_uami("ns", "id"), "uid-1", "uid-b1");
     settle(&mut ix, &opts);
     assert!(plan(&ix, &opts).is_empty());
     for (new_id_uid, new_b_uid) in [("uid-2", "uid-b1"), ("uid-2", "uid-b2")] {
@@ -510,17 +503,27 @@ fn go_written_spec(identity_uid: &str, binding_uid: &str) -> AzureAssignedIdenti
     .unwrap()
 }
 
-/// What this MIC wants for `web` in [`bound`] with `identity` as the live
-/// identity (UIDs `uid-i` and `uid-b`).
-fn desired_web_spec(identity: AzureIdentity) -> AzureAssignedIdentitySpec {
+/// [`base`] with `identity` (given `identity_uid`), the binding `ns/b` of it
+/// to `sel` (given `binding_uid`) and pod `web`: the index and both objects.
+fn web_with_uids(
+    mut identity: AzureIdentity,
+    identity_uid: &str,
+    binding_uid: &str,
+) -> (Index, AzureIdentity, AzureIdentityBinding) {
     let mut ix = base();
-    let mut identity = identity;
-    identity.metadata.uid = Some("uid-i".into());
+    identity.metadata.uid = Some(identity_uid.into());
     let mut b = mk_binding("ns", "b", "id", "sel");
-    b.metadata.uid = Some("uid-b".into());
+    b.metadata.uid = Some(binding_uid.into());
     ix.apply_identity(&identity);
     ix.apply_binding(&b);
     add_web(&mut ix);
+    (ix, identity, b)
+}
+
+/// What this MIC wants for `web` in [`bound`] with `identity` as the live
+/// identity (UIDs `uid-i` and `uid-b`).
+fn desired_web_spec(identity: AzureIdentity) -> AzureAssignedIdentitySpec {
+    let (ix, _, _) = web_with_uids(identity, "uid-i", "uid-b");
     let p = plan(&ix, &Options::default());
     p.create[0].spec.clone()
 }
@@ -615,15 +618,8 @@ fn a_go_written_assigned_aai_needs_no_work() {
     // Taking over from upstream's Go MIC: an Assigned AAI it wrote gives an
     // empty plan (no update back to Created, no ARM work), and the drift
     // check expects its identity where it is.
-    let mut ix = base();
     let opts = Options::default();
-    let mut id = mk_uami("ns", "id");
-    id.metadata.uid = Some("uid-i".into());
-    let mut b = mk_binding("ns", "b", "id", "sel");
-    b.metadata.uid = Some("uid-b".into());
-    ix.apply_identity(&id);
-    ix.apply_binding(&b);
-    add_web(&mut ix);
+    let (mut ix, id, _) = web_with_uids(mk_uami("ns", "id"), "uid-i", "uid-b");
     let mut aai = AzureAssignedIdentity::new(
         &assigned_identity_name("web", "ns", "id"),
         go_written_spec("uid-i", "uid-b"),
