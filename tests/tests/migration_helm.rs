@@ -355,6 +355,13 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
                 && r["resourceNames"][0] == "aad-pod-identity-mic"),
         "{role}"
     );
+    // NMI rolls surge-first (the new pod ready before the old one stops).
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0}),
+        "{}",
+        ds["spec"]["updateStrategy"]
+    );
     values_in_effect(&c, "after upgrade");
     assert_eq!(
         helm::crd_shape(&c).unwrap(),
@@ -400,6 +407,12 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
             .iter()
             .any(|a| a.starts_with("--mic-service-accounts")),
         "upstream's nmi args again: {nmi_args:?}"
+    );
+    let ds = get_json(&c, &["-n", NS, "daemonset", "aad-pod-identity-nmi"]);
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1,
+        "upstream's strategy again: {}",
+        ds["spec"]["updateStrategy"]
     );
     values_in_effect(&c, "after rollback");
     // Helm leaves crds/ alone on rollback too: ours stay.

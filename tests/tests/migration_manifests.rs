@@ -197,6 +197,12 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
         ds["spec"]["selector"]["matchLabels"],
         serde_json::json!({"component": "nmi", "tier": "node"})
     );
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0}),
+        "surge-first: {}",
+        ds["spec"]["updateStrategy"]
+    );
     assert!(
         nmi_args(&c)
             .iter()
@@ -305,6 +311,13 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
             .iter()
             .any(|a| a.starts_with("--mic-service-accounts")),
         "upstream's nmi args again"
+    );
+    let ds = get_json(&c, &["-n", NS, "daemonset", "nmi"]);
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 0, "maxUnavailable": 1}),
+        "upstream's (the server's defaults) again: {}",
+        ds["spec"]["updateStrategy"]
     );
     // Client-side apply removes what the last applied file had and this one
     // lacks: upstream's CRDs again.
