@@ -160,7 +160,7 @@ pub async fn run(
                 leading.send_replace(false);
                 tracing::error!(
                     lock = %cfg.name, kind = %lock, holder = holder.as_deref().unwrap_or("(object deleted)"),
-                    "lost leader lease"
+                    "lost leader lease: the lock was written by another process"
                 );
                 return Err(lost(&cfg));
             }
@@ -263,13 +263,20 @@ async fn round(
         },
         Decision::Write(record) => {
             let at = Instant::now();
-            for (lock, c) in locks.iter().zip(current) {
-                if let Err(error) = lock.write(c, &record).await {
-                    return Round::Failed {
-                        lock: lock.kind,
-                        writing: true,
-                        error,
-                    };
+            for ((lock, c), s) in locks.iter().zip(current).zip(seen.iter_mut()) {
+                match lock.write(c, &record).await {
+                    Ok(stored) => {
+                        if let Some(s) = s {
+                            s.mine = Some(stored);
+                        }
+                    }
+                    Err(error) => {
+                        return Round::Failed {
+                            lock: lock.kind,
+                            writing: true,
+                            error,
+                        };
+                    }
                 }
             }
             Round::Held { at }

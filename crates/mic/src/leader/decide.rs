@@ -21,6 +21,11 @@ pub struct Seen {
     pub record: Option<Record>,
     /// Since when (local clock) the record has not changed.
     pub since: Instant,
+    /// The record as stored by this process's last write to the lock. A
+    /// record that names this replica's identity but is not this one was
+    /// written by another process (an earlier run, or a replica given the
+    /// same `--leader-election-instance`): it is not trusted as ours.
+    pub mine: Option<Record>,
 }
 
 /// Folds a fresh read into what was seen before: `since` moves only when the
@@ -30,7 +35,11 @@ pub fn observe(before: Option<&Seen>, record: Option<Record>, now: Instant) -> S
         Some(b) if b.record == record => b.since,
         _ => now,
     };
-    Seen { record, since }
+    Seen {
+        record,
+        since,
+        mine: before.and_then(|b| b.mine.clone()),
+    }
 }
 
 /// This replica, as the decision needs it.
@@ -55,8 +64,8 @@ pub enum Decision {
         holder: String,
         remaining: Duration,
     },
-    /// This replica led, and lock `lock` now names `holder` (`None`: the
-    /// object is gone): stop acting at once.
+    /// This replica led, and lock `lock` is no longer as it left it: it
+    /// names `holder` (`None`: the object is gone). Stop acting at once.
     Lost { lock: usize, holder: Option<String> },
 }
 
@@ -70,7 +79,7 @@ fn stand(me: &Me, seen: &Seen, now: Instant) -> Stand {
     let Some(r) = &seen.record else {
         return Stand::Free;
     };
-    if r.holder.is_empty() || r.holder == me.identity {
+    if r.holder.is_empty() || seen.mine.as_ref() == Some(r) {
         return Stand::Free;
     }
     // The longer of the holder's stated duration and ours: never earlier than
@@ -91,21 +100,15 @@ fn stand(me: &Me, seen: &Seen, now: Instant) -> Stand {
 /// time written into the record.
 pub fn decide(me: &Me, locks: &[Seen], now: Instant, wall: Timestamp) -> Decision {
     if me.leading {
+        // Only this process writes a lock it holds: anything else there
+        // (another holder, a release, the same identity renewed by another
+        // process, the object gone) means it may no longer be alone.
         for (i, seen) in locks.iter().enumerate() {
-            match &seen.record {
-                None => {
-                    return Decision::Lost {
-                        lock: i,
-                        holder: None,
-                    };
-                }
-                Some(r) if !r.holder.is_empty() && r.holder != me.identity => {
-                    return Decision::Lost {
-                        lock: i,
-                        holder: Some(r.holder.clone()),
-                    };
-                }
-                Some(_) => {}
+            if seen.record.is_none() || seen.record != seen.mine {
+                return Decision::Lost {
+                    lock: i,
+                    holder: seen.record.as_ref().map(|r| r.holder.clone()),
+                };
             }
         }
     } else {
@@ -198,11 +201,41 @@ mod tests {
         })
     }
 
-    /// A lock seen unchanged for `age`.
-    fn seen(now: Instant, record: Option<Record>, age: Duration) -> Seen {
-        Seen {
+    /// A lock as read: its record, unchanged for `age`, and whether this
+    /// process wrote it as it is.
+    #[derive(Clone)]
+    struct Lock {
+        record: Option<Record>,
+        age: Duration,
+        mine: bool,
+    }
+
+    /// Read unchanged for `age`, not written by this process.
+    fn read(record: Option<Record>, age: u64) -> Lock {
+        Lock {
             record,
-            since: now - age,
+            age: secs(age),
+            mine: false,
+        }
+    }
+
+    /// As this process last wrote it, `age` ago.
+    fn own(record: Option<Record>, age: u64) -> Lock {
+        Lock {
+            mine: true,
+            ..read(record, age)
+        }
+    }
+
+    fn absent() -> Lock {
+        read(None, 0)
+    }
+
+    fn seen(now: Instant, l: Lock) -> Seen {
+        Seen {
+            mine: if l.mine { l.record.clone() } else { None },
+            record: l.record,
+            since: now - l.age,
         }
     }
 
@@ -216,11 +249,18 @@ mod tests {
         })
     }
 
-    fn wait(lock: usize, holder: &str, remaining: Duration) -> Decision {
+    fn wait(lock: usize, holder: &str, remaining: u64) -> Decision {
         Decision::Wait {
             lock,
             holder: holder.into(),
-            remaining,
+            remaining: secs(remaining),
+        }
+    }
+
+    fn lost(lock: usize, holder: Option<&str>) -> Decision {
+        Decision::Lost {
+            lock,
+            holder: holder.map(String::from),
         }
     }
 
@@ -228,202 +268,184 @@ mod tests {
         Duration::from_secs(s)
     }
 
+    fn run(leading: bool, locks: Vec<Lock>) -> Decision {
+        let now = Instant::now() + secs(3600);
+        let locks: Vec<Seen> = locks.into_iter().map(|l| seen(now, l)).collect();
+        let me = Me {
+            identity: ME,
+            leading,
+            lease_duration: D,
+        };
+        decide(&me, &locks, now, wall())
+    }
+
     #[test]
-    fn decisions() {
-        type Lock = (Option<Record>, Duration);
-        let none: Lock = (None, secs(0));
-        // (what, leading, [(endpoints record, unchanged for), (lease record, unchanged for)], decision)
-        let cases: Vec<(&str, bool, Vec<Lock>, Decision)> = vec![
+    fn standby_decisions() {
+        // (what, [endpoints, lease], decision); this replica does not lead.
+        let cases: Vec<(&str, Vec<Lock>, Decision)> = vec![
             (
                 "a new cluster: create both",
-                false,
-                vec![none.clone(), none.clone()],
+                vec![absent(), absent()],
                 write(0, wall()),
             ),
             (
                 "Go mic holds the Endpoints lock: standby",
-                false,
-                vec![(rec(GO, 15, 4), secs(5)), none.clone()],
-                wait(0, GO, secs(10)),
+                vec![read(rec(GO, 15, 4), 5), absent()],
+                wait(0, GO, 10),
             ),
             (
-                "Go mic's record unchanged for its duration: take both",
-                false,
-                vec![(rec(GO, 15, 4), secs(15)), none.clone()],
+                "Go mic's record unchanged for the lease: take both",
+                vec![read(rec(GO, 15, 4), 15), absent()],
                 write(5, wall()),
             ),
             (
-                "Go mic released (client-go's release: no holder, 1 s): take at once",
-                false,
-                vec![(rec("", 1, 4), secs(0)), rec_lock(ME, 3)],
+                "Go mic released (no holder, 1 s): take at once",
+                vec![read(rec("", 1, 4), 0), read(rec("", 1, 3), 0)],
                 write(5, wall()),
             ),
             (
                 "a longer duration stated by Go mic is waited for",
-                false,
-                vec![(rec(GO, 60, 0), secs(20)), none.clone()],
-                wait(0, GO, secs(40)),
+                vec![read(rec(GO, 60, 0), 20), absent()],
+                wait(0, GO, 40),
             ),
             (
                 "a shorter stated duration does not shorten ours",
-                false,
-                vec![(rec(GO, 1, 0), secs(10)), none.clone()],
-                wait(0, GO, secs(5)),
+                vec![read(rec(GO, 1, 0), 10), absent()],
+                wait(0, GO, 5),
             ),
             (
                 "an unreadable Endpoints record waits out our duration",
-                false,
-                vec![(rec(UNKNOWN_HOLDER, 0, 0), secs(3)), none.clone()],
-                wait(0, UNKNOWN_HOLDER, secs(12)),
+                vec![read(rec(UNKNOWN_HOLDER, 0, 0), 3), absent()],
+                wait(0, UNKNOWN_HOLDER, 12),
             ),
             (
                 "Endpoints free, a peer holds the Lease: standby",
-                false,
-                vec![(rec("", 1, 2), secs(30)), (rec(PEER, 15, 2), secs(1))],
-                wait(1, PEER, secs(14)),
+                vec![read(rec("", 1, 2), 30), read(rec(PEER, 15, 2), 1)],
+                wait(1, PEER, 14),
             ),
             (
-                "Endpoints expired but the Lease not: standby on the Lease",
-                false,
-                vec![(rec(PEER, 15, 2), secs(20)), (rec(PEER, 15, 2), secs(2))],
-                wait(1, PEER, secs(13)),
+                "Endpoints expired but not the Lease: standby on the Lease",
+                vec![read(rec(PEER, 15, 2), 20), read(rec(PEER, 15, 2), 2)],
+                wait(1, PEER, 13),
             ),
             (
-                "the two locks name different holders, both unexpired: the first is reported",
-                false,
-                vec![(rec(GO, 15, 2), secs(1)), (rec(PEER, 15, 7), secs(1))],
-                wait(0, GO, secs(14)),
+                "different holders, both unexpired: the first is reported",
+                vec![read(rec(GO, 15, 2), 1), read(rec(PEER, 15, 7), 1)],
+                wait(0, GO, 14),
             ),
             (
                 "both expired under different holders: take both, past the higher count",
-                false,
-                vec![(rec(GO, 15, 2), secs(16)), (rec(PEER, 15, 7), secs(15))],
+                vec![read(rec(GO, 15, 2), 16), read(rec(PEER, 15, 7), 15)],
                 write(8, wall()),
             ),
             (
-                "restart under the same identity: both name us, take at once, no transition",
-                false,
-                vec![(rec(ME, 15, 3), secs(0)), (rec(ME, 15, 3), secs(0))],
+                "our identity written by another process (a restart, or a twin instance name): waited out",
+                vec![read(rec(ME, 15, 3), 1), read(rec(ME, 15, 3), 1)],
+                wait(0, ME, 14),
+            ),
+            (
+                "our identity, unchanged for the lease: taken, no transition",
+                vec![read(rec(ME, 15, 3), 15), read(rec(ME, 15, 3), 15)],
                 write(3, wall()),
             ),
             (
-                "the Endpoints record names us, a peer's unexpired Lease still waits",
-                false,
-                vec![(rec(ME, 15, 3), secs(0)), (rec(PEER, 15, 3), secs(0))],
-                wait(1, PEER, D),
+                "our own write (the Lease write failed last round): the Endpoints lock stays ours",
+                vec![own(rec(ME, 15, 3), 2), read(rec("", 1, 2), 0)],
+                write(4, wall()),
             ),
             (
-                "only the Lease exists (Lease-only history): take it and create the Endpoints",
-                false,
-                vec![none.clone(), (rec(PEER, 15, 6), secs(15))],
+                "our Endpoints write, and a peer's unexpired Lease: standby",
+                vec![own(rec(ME, 15, 3), 0), read(rec(PEER, 15, 3), 0)],
+                wait(1, PEER, 15),
+            ),
+            (
+                "only a Lease (a Lease-only history): take it past its count, create the Endpoints",
+                vec![absent(), read(rec(PEER, 15, 6), 15)],
                 write(7, wall()),
             ),
-            (
-                "leading: renew both, keeping acquire time and count",
-                true,
-                vec![(rec(ME, 15, 5), secs(3)), (rec(ME, 15, 5), secs(3))],
-                write(5, earlier()),
-            ),
-            (
-                "leading, and Go mic took the Endpoints lock: lost",
-                true,
-                vec![(rec(GO, 15, 6), secs(0)), (rec(ME, 15, 5), secs(3))],
-                Decision::Lost {
-                    lock: 0,
-                    holder: Some(GO.into()),
-                },
-            ),
-            (
-                "leading, and a peer took the Lease: lost",
-                true,
-                vec![(rec(ME, 15, 5), secs(0)), (rec(PEER, 15, 6), secs(0))],
-                Decision::Lost {
-                    lock: 1,
-                    holder: Some(PEER.into()),
-                },
-            ),
-            (
-                "leading, and the Endpoints object is gone: lost",
-                true,
-                vec![none.clone(), (rec(ME, 15, 5), secs(0))],
-                Decision::Lost {
-                    lock: 0,
-                    holder: None,
-                },
-            ),
-            (
-                "leading, and a record was cleared: written again as a new term",
-                true,
-                vec![(rec(ME, 15, 5), secs(0)), (rec("", 1, 5), secs(0))],
-                write(5, earlier()),
-            ),
-            (
-                "leading, the primary cleared: a new term",
-                true,
-                vec![(rec("", 1, 5), secs(0)), (rec(ME, 15, 5), secs(0))],
-                write(6, wall()),
-            ),
         ];
-        for (what, leading, locks, want) in cases {
-            let now = Instant::now() + secs(3600);
-            let locks: Vec<Seen> = locks
-                .into_iter()
-                .map(|(r, age)| seen(now, r, age))
-                .collect();
-            let me = Me {
-                identity: ME,
-                leading,
-                lease_duration: D,
-            };
-            assert_eq!(decide(&me, &locks, now, wall()), want, "{what}");
+        for (what, locks, want) in cases {
+            assert_eq!(run(false, locks), want, "{what}");
         }
     }
 
-    /// A Lease record of ours, seen just now.
-    fn rec_lock(holder: &str, transitions: i32) -> (Option<Record>, Duration) {
-        (rec(holder, 15, transitions), secs(0))
+    #[test]
+    fn leader_decisions() {
+        let renewed_elsewhere = Some(Record {
+            renew_time: Some(wall()),
+            ..rec(ME, 15, 5).unwrap()
+        });
+        // (what, [endpoints, lease], decision); this replica leads.
+        let cases: Vec<(&str, Vec<Lock>, Decision)> = vec![
+            (
+                "both as we left them: renew, keeping acquire time and count",
+                vec![own(rec(ME, 15, 5), 3), own(rec(ME, 15, 5), 3)],
+                write(5, earlier()),
+            ),
+            (
+                "Go mic took the Endpoints lock",
+                vec![read(rec(GO, 15, 6), 0), own(rec(ME, 15, 5), 3)],
+                lost(0, Some(GO)),
+            ),
+            (
+                "a peer took the Lease",
+                vec![own(rec(ME, 15, 5), 0), read(rec(PEER, 15, 6), 0)],
+                lost(1, Some(PEER)),
+            ),
+            (
+                "the Endpoints object is gone",
+                vec![absent(), own(rec(ME, 15, 5), 0)],
+                lost(0, None),
+            ),
+            (
+                "the Lease was cleared by someone else",
+                vec![own(rec(ME, 15, 5), 0), read(rec("", 1, 5), 0)],
+                lost(1, Some("")),
+            ),
+            (
+                "our identity renewed by another process",
+                vec![read(renewed_elsewhere, 0), own(rec(ME, 15, 5), 0)],
+                lost(0, Some(ME)),
+            ),
+        ];
+        for (what, locks, want) in cases {
+            assert_eq!(run(true, locks), want, "leading, {what}");
+        }
     }
 
     #[test]
     fn lease_only_decisions() {
-        let now = Instant::now() + secs(3600);
-        let me = Me {
-            identity: ME,
-            leading: false,
-            lease_duration: D,
-        };
-        let cases: Vec<(&str, Option<Record>, Duration, Decision)> = vec![
-            ("absent: create", None, secs(0), write(0, wall())),
+        let cases: Vec<(&str, bool, Lock, Decision)> = vec![
+            ("absent: create", false, absent(), write(0, wall())),
             (
                 "held: wait",
-                rec(PEER, 15, 1),
-                secs(5),
-                wait(0, PEER, secs(10)),
+                false,
+                read(rec(PEER, 15, 1), 5),
+                wait(0, PEER, 10),
             ),
             (
                 "expired: take",
-                rec(PEER, 15, 1),
-                secs(15),
+                false,
+                read(rec(PEER, 15, 1), 15),
                 write(2, wall()),
             ),
-            ("released: take", rec("", 1, 1), secs(0), write(2, wall())),
+            (
+                "released: take",
+                false,
+                read(rec("", 1, 1), 0),
+                write(2, wall()),
+            ),
+            ("renew", true, own(rec(ME, 15, 1), 2), write(1, earlier())),
+            (
+                "taken",
+                true,
+                read(rec(PEER, 15, 2), 0),
+                lost(0, Some(PEER)),
+            ),
         ];
-        for (what, r, age, want) in cases {
-            assert_eq!(
-                decide(&me, &[seen(now, r, age)], now, wall()),
-                want,
-                "{what}"
-            );
+        for (what, leading, lock, want) in cases {
+            assert_eq!(run(leading, vec![lock]), want, "{what}");
         }
-        let leading = Me {
-            leading: true,
-            ..me
-        };
-        assert_eq!(
-            decide(&leading, &[seen(now, rec(ME, 15, 1), secs(2))], now, wall()),
-            write(1, earlier()),
-            "renew"
-        );
     }
 
     #[test]
@@ -458,6 +480,13 @@ mod tests {
         assert_eq!(observe(Some(&first), a.clone(), t1).since, t0, "unchanged");
         assert_eq!(observe(Some(&first), renewed, t1).since, t1, "renewed");
         assert_eq!(observe(Some(&first), None, t1).since, t1, "deleted");
+        let mut written = first.clone();
+        written.mine = a.clone();
+        assert_eq!(
+            observe(Some(&written), None, t1).mine,
+            a,
+            "what this process wrote is remembered"
+        );
         let gone = observe(None, None, t0);
         assert_eq!(observe(Some(&gone), None, t1).since, t0, "still absent");
         assert_eq!(observe(Some(&gone), a, t1).since, t1, "created");

@@ -81,16 +81,17 @@ impl Lock {
     }
 
     /// Writes `record` over what `current` read: creates the object when
-    /// there was none, otherwise replaces it at the version read.
-    pub async fn write(&self, current: Current, record: &Record) -> Result<(), kube::Error> {
+    /// there was none, otherwise replaces it at the version read. Returns
+    /// the record as stored (the Endpoints record keeps whole seconds).
+    pub async fn write(&self, current: Current, record: &Record) -> Result<Record, kube::Error> {
         let pp = PostParams::default();
-        match current {
+        let stored = match current {
             Current::Endpoints(Some(mut e)) => {
                 e.metadata
                     .annotations
                     .get_or_insert_with(BTreeMap::new)
                     .insert(ANNOTATION.into(), record.to_annotation());
-                self.endpoints.replace(&self.name, &pp, &e).await?;
+                Current::Endpoints(Some(self.endpoints.replace(&self.name, &pp, &e).await?))
             }
             Current::Endpoints(None) => {
                 let e = Endpoints {
@@ -101,11 +102,11 @@ impl Lock {
                     },
                     ..Default::default()
                 };
-                self.endpoints.create(&pp, &e).await?;
+                Current::Endpoints(Some(self.endpoints.create(&pp, &e).await?))
             }
             Current::Lease(Some(mut l)) => {
                 record.apply_to_lease(l.spec.get_or_insert_with(LeaseSpec::default));
-                self.leases.replace(&self.name, &pp, &l).await?;
+                Current::Lease(Some(self.leases.replace(&self.name, &pp, &l).await?))
             }
             Current::Lease(None) => {
                 let mut spec = LeaseSpec::default();
@@ -117,9 +118,9 @@ impl Lock {
                     },
                     spec: Some(spec),
                 };
-                self.leases.create(&pp, &l).await?;
+                Current::Lease(Some(self.leases.create(&pp, &l).await?))
             }
-        }
-        Ok(())
+        };
+        Ok(stored.record().unwrap_or_default())
     }
 }
