@@ -335,3 +335,52 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
     println!("second rollback apply: {}", again.figures());
     assert_eq!(again.unchanged.len(), s5.len(), "{again:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_mode_manifest_replaces_upstreams_in_place() {
+    let c = PrivateCluster::start().await.unwrap();
+    let mut del = vec!["delete", "crd", "--wait=true"];
+    del.extend(helm::CRD_NAMES);
+    kubectl(&c, &del, None);
+    let baseline = snap(&c, &Snapshot::new());
+    let upstream_text =
+        std::fs::read_to_string(helm::upstream_manifest("managed-mode-deployment.yaml").unwrap())
+            .unwrap();
+    kubectl(&c, &["apply", "-f", "-"], Some(&upstream_text));
+    c.wait_crds_established().unwrap();
+    let s1 = snap(&c, &baseline);
+    let only_nmi = |s: &Snapshot, step: &str| {
+        assert_eq!(
+            helm::workloads(s),
+            (vec!["DaemonSet/kube-system/nmi".to_string()], vec![]),
+            "{step}"
+        );
+    };
+    only_nmi(&s1, "upstream's managed mode");
+
+    let ours =
+        std::fs::read_to_string(repo_root().join("deploy/infra/managed-mode-deployment.yaml"))
+            .unwrap();
+    let t = Instant::now();
+    kubectl(&c, &["apply", "-f", "-"], Some(&ours));
+    let took = t.elapsed();
+    let s2 = snap(&c, &baseline);
+    let up = helm::diff(&s1, &s2);
+    println!(
+        "managed mode: kubectl apply of ours over upstream's ({took:.2?}): {}",
+        up.figures()
+    );
+    println!("  created: {:?}", up.created);
+    only_nmi(&s2, "ours applied");
+    assert!(up.recreated.is_empty() && up.deleted.is_empty(), "{up:?}");
+    assert_eq!(
+        up.replaced.len(),
+        s1.len(),
+        "every upstream object in place: {up:?}"
+    );
+
+    kubectl(&c, &["apply", "-f", "-"], Some(&ours));
+    let again = helm::diff(&s2, &snap(&c, &baseline));
+    println!("managed mode, second apply: {}", again.figures());
+    assert_eq!(again.unchanged.len(), s2.len(), "{again:?}");
+}
