@@ -16,6 +16,7 @@
 
 pub mod assigned;
 pub use aadpodid_testkit::world as e2e;
+pub mod go_mic;
 pub mod mic_world;
 pub mod nmi_node;
 

@@ -24,15 +24,15 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use aadpodid_tests::go_mic::GoMic;
 use aadpodid_tests::http::http_get;
-use aadpodid_tests::mic_world::{MicWorld, RunningMic, WAIT, scrape};
-use aadpodid_tests::tenant::{self, APP_ID, APP2_ID, CloudEnvironment, MicCloud};
-use aadpodid_tests::upstream::{MicOptions, UpstreamChild, spawn_upstream_mic};
-use aadpodid_tests::{free_ports, unique_name, wait_for};
+use aadpodid_tests::mic_world::{MicWorld, RunningMic, WAIT};
+use aadpodid_tests::tenant::{APP_ID, APP2_ID};
+use aadpodid_tests::{unique_name, wait_for};
 use anyhow::{Context as _, bail, ensure};
 use azure_emulator::observe::{RequestRecord, Service};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Endpoints};
+use k8s_openapi::api::core::v1::Endpoints;
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
 
@@ -120,90 +120,18 @@ impl LockRef {
 
 /// Upstream's Go MIC on this world and `lock`, logging the election at
 /// `-v=4` ("lock is held by ... and has not yet expired").
-struct GoMic {
-    child: UpstreamChild,
-    probe: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl GoMic {
-    async fn spawn(w: &MicWorld, lock: &LockRef, instance: &str) -> anyhow::Result<GoMic> {
-        // Go MIC's one-time type upgrade is recorded as done, as in a cluster
-        // that ran it before: otherwise, once leading, it rewrites every
-        // identity, binding and AAI of the shared cluster.
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("aad-pod-identity-config".into()),
-                ..Default::default()
-            },
-            data: Some([("type-upgrade-status".to_string(), "v1.8.17".to_string())].into()),
-            ..Default::default()
-        };
-        let cms = Api::<ConfigMap>::namespaced(w.client().await?, w.ns.name());
-        if cms.get_opt("aad-pod-identity-config").await?.is_none() {
-            cms.create(&PostParams::default(), &cm).await?;
-        }
-        let files = tenant::write_mic_cloud_files(
-            &w.dir,
-            &format!("{instance}-{}-", w.ns.name()),
-            &MicCloud::standard(),
-            // go-autorest asks for tokens for the ARM endpoint itself.
-            &CloudEnvironment {
-                token_audience: None,
-                ..CloudEnvironment::of(&w.emu)
-            },
-        )?;
-        let [probe, metrics] = free_ports()?;
-        let child = spawn_upstream_mic(
-            &MicOptions {
-                kubeconfig: w.cluster().kubeconfig().to_path_buf(),
-                azure_json: files.azure_json,
-                cloud_env_file: files.environment,
-                ca_bundle: w.emu.ca_bundle_path().to_path_buf(),
-                namespace: w.ns.name().into(),
-                instance: instance.into(),
-                probe_port: probe,
-                metrics_port: metrics,
-                extra_args: vec![
-                    DURATION.into(),
-                    lock.name_flag(),
-                    "--update-user-msi-retry-interval=100ms".into(),
-                    "-v=4".into(),
-                ],
-            },
-            &w.dir.join(format!("{instance}-{}.log", w.ns.name())),
-        )?;
-        Ok(GoMic {
-            child,
-            probe: SocketAddr::from(([127, 0, 0, 1], probe)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
-        })
-    }
-
-    /// `/healthz`: `Active` once it leads and its sync loop runs.
-    async fn healthz(&self) -> Option<String> {
-        http_get(self.probe, "/healthz").await.ok()
-    }
-
-    async fn active(&self) -> bool {
-        self.healthz().await.as_deref() == Some("Active")
-    }
-
-    fn log(&self) -> String {
-        self.child.log()
-    }
-
-    fn tail(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| !l.contains("Endpoints is deprecated"))
-            .collect();
-        format!(
-            "--- Go mic log (tail) ---\n{}",
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        )
-    }
+async fn go_mic(w: &MicWorld, lock: &LockRef, instance: &str) -> anyhow::Result<GoMic> {
+    GoMic::spawn(
+        w,
+        instance,
+        &[
+            DURATION,
+            &lock.name_flag(),
+            "--update-user-msi-retry-interval=100ms",
+            "-v=4",
+        ],
+    )
+    .await
 }
 
 /// ARM requests after `since`, by upstream's Go SDK (`go`) or by this MIC.
@@ -365,18 +293,13 @@ async fn our_acts(mic: &RunningMic) -> anyhow::Result<[f64; 4]> {
 /// The same counters on Go MIC's `/metrics` (0 while absent).
 async fn go_acts(go: &GoMic) -> [f64; 4] {
     [
-        scrape(go.metrics, "aadpodidentity_mic_cycle_count").await,
-        scrape(
-            go.metrics,
-            "aadpodidentity_assigned_identity_addition_count",
-        )
-        .await,
-        scrape(go.metrics, "aadpodidentity_assigned_identity_update_count").await,
-        scrape(
-            go.metrics,
-            "aadpodidentity_assigned_identity_deletion_count",
-        )
-        .await,
+        go.metric("aadpodidentity_mic_cycle_count").await,
+        go.metric("aadpodidentity_assigned_identity_addition_count")
+            .await,
+        go.metric("aadpodidentity_assigned_identity_update_count")
+            .await,
+        go.metric("aadpodidentity_assigned_identity_deletion_count")
+            .await,
     ]
 }
 
@@ -390,7 +313,7 @@ async fn go_acts(go: &GoMic) -> [f64; 4] {
 async fn child_go_leads_first_ours_stands_by_then_takes_over() -> anyhow::Result<()> {
     let w = MicWorld::shared(ENV, "lead-go").logs().build().await?;
     let lock = LockRef::new(&w, w.client().await?);
-    let mut go = GoMic::spawn(&w, &lock, "go-mic-0").await?;
+    let mut go = go_mic(&w, &lock, "go-mic-0").await?;
     wait_for("Go MIC Active", WAIT, || async {
         go.active().await.then_some(())
     })
@@ -511,7 +434,7 @@ async fn child_ours_leads_first_go_stands_by() -> anyhow::Result<()> {
     ensure!(lock.lease_holder().await?.as_deref() == Some("mic-ours"));
 
     let since = last_seq(&w);
-    let go = GoMic::spawn(&w, &lock, "go-mic-1").await?;
+    let go = go_mic(&w, &lock, "go-mic-1").await?;
     let history = History::start(&lock, &ours, go.probe);
     let held = "lock is held by mic-ours and has not yet expired";
     wait_for("Go MIC sees this MIC's record", WAIT, || async {
