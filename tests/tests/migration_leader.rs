@@ -38,7 +38,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 
 const ENV: &str = "MIGLEAD";
 
-aadpodid_tests::emulator_ca_parent_test!(migration_leader, "MIGLEAD", 4, 900);
+aadpodid_tests::emulator_ca_parent_test!(migration_leader, "MIGLEAD", 5, 900);
 
 /// Both MICs' lease: renew deadline 2 s, retry period 1 s.
 const DURATION: &str = "--leader-election-duration=4s";
@@ -667,4 +667,56 @@ async fn child_the_endpoints_rules_are_needed_and_enough() -> anyhow::Result<()>
     tokio::time::sleep(LEASE).await;
     ensure!(mic.leading(), "still leading after several renewals");
     w.close(mic).await
+}
+
+/// A leader that finds a lock not as it left it stops acting at its next
+/// round and ends with the lost-lease error: here the Endpoints record is
+/// rewritten to name another holder (what an upstream mic that judged this
+/// one expired would write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by migration_leader in a child process that trusts the emulator CA"]
+async fn child_a_foreign_endpoints_record_stops_the_leader() -> anyhow::Result<()> {
+    let w = MicWorld::shared(ENV, "lost").logs().build().await?;
+    let lock = LockRef::new(&w, w.client().await?);
+    let ours = w
+        .start_mic("mic-ours", &[DURATION, &lock.name_flag()])
+        .await?;
+    ours.wait_leading().await?;
+    ours.wait_healthz("Active").await?;
+
+    let api = Api::<Endpoints>::namespaced(w.client().await?, w.ns.name());
+    let mut e = lock.endpoints().await?.context("the Endpoints lock")?;
+    let record = lock.endpoints_annotation().await?.context("record")?;
+    let foreign = record.replace("\"mic-ours\"", "\"go-mic-intruder\"");
+    ensure!(foreign != record, "{record}");
+    e.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ANNOTATION.into(), foreign);
+    api.replace(&lock.name, &PostParams::default(), &e).await?;
+    let written = Instant::now();
+    let mut leading = ours.handles.leading.clone();
+    tokio::time::timeout(WAIT, leading.wait_for(|l| !*l))
+        .await
+        .context("stops leading")??;
+    let stopped = written.elapsed();
+    println!(
+        "a foreign Endpoints record stopped the leader in {} ms",
+        stopped.as_millis()
+    );
+    // Within one retry period (1 s) and a round.
+    ensure!(stopped < Duration::from_millis(2_500), "{stopped:?}");
+    let ended = tokio::time::timeout(WAIT, ours.task)
+        .await
+        .context("MIC ends")??;
+    ensure!(
+        matches!(ended, Err(mic::RunError::Leader(_))),
+        "ends with the lost-lease error: {ended:?}"
+    );
+    ensure!(
+        lock.endpoints_holder().await?.as_deref() == Some("go-mic-intruder"),
+        "the foreign record stays"
+    );
+    w.cleanup().await;
+    Ok(())
 }
