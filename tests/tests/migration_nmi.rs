@@ -374,43 +374,104 @@ fn start_upstream(f: &NmiNode, log: &Path) -> anyhow::Result<UpstreamChild> {
     )
 }
 
-/// Sends SIGTERM to upstream's NMI and waits for its exit; returns how long
-/// it took.
-async fn stop_upstream(go: &mut UpstreamChild) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    sigterm(go.id())?;
-    let until = t + PROCESS_WAIT;
-    while Instant::now() < until {
-        if go.exited()?.is_some() {
-            return Ok(t.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    bail!(
-        "upstream NMI did not exit within {PROCESS_WAIT:?}:\n{}",
-        go.log()
-    )
+/// When an old NMI got SIGTERM and when it had exited.
+struct Stopped {
+    term_at: u64,
+    exit_at: u64,
+    exited: Instant,
+    stopping: Duration,
 }
 
-/// Sends SIGTERM to this NMI and waits for its exit.
-async fn stop_ours(f: &mut NmiNode) -> anyhow::Result<Duration> {
-    let pid = f.nmi_pid().context("our NMI runs")?;
-    let mut child = f.take_nmi().context("our NMI runs")?;
+/// Sends SIGTERM to `pid` and waits until `exited` says so.
+async fn stop(
+    what: &str,
+    pid: u32,
+    mut exited: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) -> anyhow::Result<Stopped> {
+    let term_at = now_ms();
     let t = Instant::now();
     sigterm(pid)?;
-    let until = t + PROCESS_WAIT;
-    while Instant::now() < until {
-        if child.try_wait()?.is_some() {
-            return Ok(t.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    bail!(
-        "our NMI did not exit within {PROCESS_WAIT:?}:\n{}",
-        f.start_log()
+    wait_until(what, PROCESS_WAIT, &mut exited)
+        .await
+        .with_context(log)?;
+    Ok(Stopped {
+        term_at,
+        exit_at: now_ms(),
+        exited: Instant::now(),
+        stopping: t.elapsed(),
+    })
+}
+
+/// Sends SIGTERM to upstream's NMI and waits for its exit.
+async fn stop_upstream(go: &mut UpstreamChild) -> anyhow::Result<Stopped> {
+    let pid = go.id();
+    let log = go.log_path().to_path_buf();
+    stop(
+        "upstream NMI's exit",
+        pid,
+        || matches!(go.exited(), Ok(Some(_))),
+        || std::fs::read_to_string(&log).unwrap_or_default(),
     )
+    .await
+}
+
+/// Sends SIGTERM to the NMI `child` and waits for its exit.
+async fn stop_child(f: &NmiNode, pid: u32, child: &mut Reap) -> anyhow::Result<Stopped> {
+    stop(
+        "our NMI's exit",
+        pid,
+        || matches!(child.0.try_wait(), Ok(Some(_))),
+        || f.log(),
+    )
+    .await
+}
+
+/// A measured sequence: the IMDS log position and the pods' load.
+struct Phase {
+    since: u64,
+    load: Load,
+}
+
+impl Phase {
+    /// Starts the load and lets it run steadily.
+    async fn begin(f: &NmiNode, tag: &str) -> anyhow::Result<Phase> {
+        let since = f.last_seq().await?;
+        let load = Load::start(f, tag)?;
+        tokio::time::sleep(STEADY).await;
+        Ok(Phase { since, load })
+    }
+
+    /// Waits (bounded) until `listening`, lets the load run steadily, stops
+    /// it and counts.
+    async fn end(
+        self,
+        f: &NmiNode,
+        name: &str,
+        stopped: &Stopped,
+        listening: impl FnMut() -> bool,
+    ) -> anyhow::Result<(Figures, u64)> {
+        wait_until("the new NMI listening", PROCESS_WAIT, listening)
+            .await
+            .with_context(|| f.log())?;
+        let handover = stopped.exited.elapsed();
+        let listen_at = now_ms();
+        tokio::time::sleep(STEADY).await;
+        let outcomes = self.load.finish()?;
+        let events = [
+            ("sigterm", stopped.term_at),
+            ("exit", stopped.exit_at),
+            ("listening", listen_at),
+        ];
+        let mut fig = figures(f, name, self.since, &outcomes, &events).await?;
+        fig.old_stopping_ms = stopped.stopping.as_millis() as u64;
+        fig.handover_ms = handover.as_millis() as u64;
+        let tokens_after = outcomes
+            .iter()
+            .filter(|(t, o)| *t > listen_at + 200 && *o == Outcome::Token)
+            .count();
+        Ok((fig, tokens_after as u64))
+    }
 }
 
 /// Upstream's NMI serving the pods (a token through it from pod 0, before
@@ -433,101 +494,52 @@ async fn wait_upstream_serving(f: &NmiNode, go: &UpstreamChild) -> anyhow::Resul
     .with_context(|| go.log())
 }
 
-/// Delete-first rollout from upstream's NMI (`go`, serving) to `bin`.
+/// Delete-first rollout from upstream's NMI (`go`, serving) to the node's
+/// NMI binary.
 async fn rollout_delete_first(
     f: &mut NmiNode,
     go: &mut UpstreamChild,
     name: &str,
+    tag: &str,
 ) -> anyhow::Result<Figures> {
-    let since = f.last_seq().await?;
-    let load = Load::start(f, name.split_whitespace().next().unwrap_or("x"))?;
-    tokio::time::sleep(STEADY).await;
-    let term_at = now_ms();
-    let stopping = stop_upstream(go).await?;
-    let exited = Instant::now();
-    let exit_at = now_ms();
+    let phase = Phase::begin(f, tag).await?;
+    let stopped = stop_upstream(go).await?;
     f.start_nmi()?;
-    wait_until("our NMI listening", PROCESS_WAIT, || token_port_bound(f))
-        .await
-        .with_context(|| f.start_log())?;
-    let handover = exited.elapsed();
-    let listen_at = now_ms();
-    tokio::time::sleep(STEADY).await;
-    let outcomes = load.finish()?;
-    let mut fig = figures(
-        f,
-        name,
-        since,
-        &outcomes,
-        &[
-            ("sigterm", term_at),
-            ("exit", exit_at),
-            ("listening", listen_at),
-        ],
-    )
-    .await?;
-    fig.old_stopping_ms = stopping.as_millis() as u64;
-    fig.handover_ms = handover.as_millis() as u64;
+    let (fig, _) = phase.end(f, name, &stopped, || token_port_bound(f)).await?;
     Ok(fig)
+}
+
+/// Whether the jump to the guard chain is in PREROUTING: the readiness the
+/// chart probes.
+fn guard_ready(f: &NmiNode) -> bool {
+    f.nat_rules(Some("PREROUTING"))
+        .is_ok_and(|out| out.lines().any(|l| l.trim() == GUARD_JUMP))
 }
 
 /// Rollout with surge from upstream's NMI (`go`, serving) to this NMI:
 /// ours starts beside it; once its redirect (the guard) is in place the old
-/// one is stopped. `Err` carries why the surge could not proceed.
+/// one is stopped.
 async fn rollout_surge(
     f: &mut NmiNode,
     go: &mut UpstreamChild,
     name: &str,
 ) -> anyhow::Result<Figures> {
-    let since = f.last_seq().await?;
-    let load = Load::start(f, "surge")?;
-    tokio::time::sleep(STEADY).await;
+    let phase = Phase::begin(f, "surge").await?;
     f.start_nmi()?;
-    // Readiness as the chart probes it: the jump to the guard chain.
-    let ready = wait_until(
-        "our redirect in place beside upstream's NMI",
+    wait_until(
+        "our redirect beside upstream's NMI",
         Duration::from_secs(20),
-        || {
-            f.nat_rules(Some("PREROUTING"))
-                .is_ok_and(|out| out.lines().any(|l| l.trim() == GUARD_JUMP))
-        },
+        || guard_ready(f),
     )
-    .await;
-    if let Err(e) = ready {
-        let running = f.nmi_running();
-        drop(load.finish());
-        bail!("{e} (our NMI running: {running}):\n{}", f.start_log());
-    }
+    .await
+    .with_context(|| f.start_log())?;
     assert!(
         f.nmi_running(),
         "our NMI waits for the port:\n{}",
         f.start_log()
     );
-    let term_at = now_ms();
-    let stopping = stop_upstream(go).await?;
-    let exited = Instant::now();
-    let exit_at = now_ms();
-    wait_until("our NMI listening", PROCESS_WAIT, || token_port_bound(f))
-        .await
-        .with_context(|| f.start_log())?;
-    let handover = exited.elapsed();
-    let listen_at = now_ms();
-    tokio::time::sleep(STEADY).await;
-    let outcomes = load.finish()?;
-    let mut fig = figures(
-        f,
-        name,
-        since,
-        &outcomes,
-        &[
-            ("sigterm", term_at),
-            ("exit", exit_at),
-            ("listening", listen_at),
-        ],
-    )
-    .await?;
-    fig.old_stopping_ms = stopping.as_millis() as u64;
-    fig.handover_ms = handover.as_millis() as u64;
+    let stopped = stop_upstream(go).await?;
+    let (fig, _) = phase.end(f, name, &stopped, || token_port_bound(f)).await?;
     Ok(fig)
 }
 
@@ -575,171 +587,100 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
         f.create_bound_pod(&format!("app-{i}"), i, &id_a, "a")
             .await?;
     }
-    let log_dir = f.dir().to_path_buf();
+    let logs = f.dir().to_path_buf();
+    let flush = "iptables -w 5 -t nat -F; iptables -w 5 -t nat -X";
     let mut rows: Vec<Figures> = Vec::new();
 
     // Before: an NMI build from before the guard chain, when given.
     if let Some(before) = std::env::var_os(BEFORE_BIN_ENV).filter(|v| !v.is_empty()) {
-        let before = PathBuf::from(before);
-        f.set_nmi_bin(before.clone());
-        let mut go = start_upstream(&f, &log_dir.join("go-before-1.log"))?;
+        f.set_nmi_bin(PathBuf::from(before));
+        let mut go = start_upstream(&f, &logs.join("go-before-1.log"))?;
         wait_upstream_serving(&f, &go).await?;
-        let fig = rollout_delete_first(&mut f, &mut go, "before: rollout, delete first").await?;
-        rows.push(fig);
+        let name = "before: rollout, delete first";
+        rows.push(rollout_delete_first(&mut f, &mut go, name, "before").await?);
         // Side by side: the earlier NMI binds before its redirect and exits
         // when the port is taken, so a surge cannot hand over.
         f.stop_nmi();
-        let mut go = start_upstream(&f, &log_dir.join("go-before-2.log"))?;
+        let mut go = start_upstream(&f, &logs.join("go-before-2.log"))?;
         wait_upstream_serving(&f, &go).await?;
         f.start_nmi()?;
-        let exited = wait_until(
-            "the earlier NMI beside upstream's",
-            Duration::from_secs(20),
-            || !f.nmi_running(),
-        )
+        let exited = wait_until("the earlier NMI's exit", Duration::from_secs(20), || {
+            !f.nmi_running()
+        })
         .await;
+        let said = f.start_log();
+        let said = said
+            .lines()
+            .rev()
+            .find(|l| l.contains("in use"))
+            .unwrap_or("");
         eprintln!(
-            "before, surge: the earlier NMI beside upstream's {} ({})",
-            if exited.is_ok() {
-                "exited"
-            } else {
-                "kept running"
-            },
-            f.start_log()
-                .lines()
-                .rev()
-                .find(|l| l.contains("binding") || l.contains("in use"))
-                .unwrap_or("")
+            "before, surge: exited beside upstream's NMI: {} ({said})",
+            exited.is_ok()
         );
         stop_upstream(&mut go).await?;
         f.stop_nmi();
         f.set_nmi_bin(ours.clone());
     }
-    // Start from a node upstream's NMI alone has run: its rules only.
-    f.node_ns().run(
-        "sh",
-        &["-c", "iptables -w 5 -t nat -F; iptables -w 5 -t nat -X"],
-    )?;
+    // Each rollout starts from a node upstream's NMI alone has run.
+    f.node_ns().run("sh", &["-c", flush])?;
 
     // 1. Rollout, delete first (upstream's chart strategy).
-    let mut go = start_upstream(&f, &log_dir.join("go-1.log"))?;
+    let mut go = start_upstream(&f, &logs.join("go-1.log"))?;
     wait_upstream_serving(&f, &go).await?;
-    let delete_first =
-        rollout_delete_first(&mut f, &mut go, "after: rollout, delete first").await?;
+    let name = "after: rollout, delete first";
+    let delete_first = rollout_delete_first(&mut f, &mut go, name, "after").await?;
     assert!(f.redirect_in_place(), "{}", f.start_log());
 
     // 2. Rollout with surge: ours beside upstream's until it has exited.
     f.stop_nmi();
-    f.node_ns().run(
-        "sh",
-        &["-c", "iptables -w 5 -t nat -F; iptables -w 5 -t nat -X"],
-    )?;
-    let mut go = start_upstream(&f, &log_dir.join("go-2.log"))?;
+    f.node_ns().run("sh", &["-c", flush])?;
+    let mut go = start_upstream(&f, &logs.join("go-2.log"))?;
     wait_upstream_serving(&f, &go).await?;
     let surge = rollout_surge(&mut f, &mut go, "after: rollout with surge").await?;
-    let go_log = go.log();
-    assert!(
-        go_log.contains("received SIGTERM"),
-        "upstream's NMI cleaned up on SIGTERM: {go_log}"
-    );
+    assert!(go.log().contains("received SIGTERM"), "{}", go.log());
     assert!(
         f.start_log().contains("the port is in use"),
         "{}",
         f.start_log()
     );
     // Ours put aad-metadata back after upstream's cleanup deleted it.
-    aadpodid_tests::wait_for("aad-metadata back", Duration::from_secs(10), || async {
-        f.redirect_in_place().then_some(())
+    wait_until("aad-metadata back", Duration::from_secs(10), || {
+        f.redirect_in_place()
     })
     .await
     .with_context(|| f.start_log())?;
 
     // 2b. A later upgrade of ours with surge: the new NMI beside the old
     // one, which keeps its rules when it stops.
-    let since = f.last_seq().await?;
-    let load = Load::start(&f, "ours-surge")?;
-    tokio::time::sleep(STEADY).await;
+    let phase = Phase::begin(&f, "ours-surge").await?;
     let old_pid = f.nmi_pid().context("our NMI runs")?;
     let mut old = Reap(f.take_nmi().context("our NMI runs")?);
     f.start_nmi()?;
-    wait_until(
-        "the new NMI waiting for the port",
-        Duration::from_secs(20),
-        || f.start_log().contains("the port is in use"),
-    )
-    .await
-    .with_context(|| f.start_log())?;
-    let term_at = now_ms();
-    let t = Instant::now();
-    sigterm(old_pid)?;
-    wait_until("the old NMI's exit", PROCESS_WAIT, || {
-        matches!(old.0.try_wait(), Ok(Some(_)))
-    })
-    .await?;
-    let stopping = t.elapsed();
-    let exited = Instant::now();
-    let exit_at = now_ms();
-    wait_until("the new NMI listening", PROCESS_WAIT, || {
-        f.start_log()
-            .contains("bound the token service: the port is free")
+    wait_until("the new NMI waiting", Duration::from_secs(20), || {
+        f.start_log().contains("the port is in use")
     })
     .await
     .with_context(|| f.start_log())?;
-    let handover = exited.elapsed();
-    let listen_at = now_ms();
-    tokio::time::sleep(STEADY).await;
-    let outcomes = load.finish()?;
-    let mut ours_surge = figures(
-        &f,
-        "ours to ours, surge",
-        since,
-        &outcomes,
-        &[
-            ("sigterm", term_at),
-            ("exit", exit_at),
-            ("listening", listen_at),
-        ],
-    )
-    .await?;
-    ours_surge.old_stopping_ms = stopping.as_millis() as u64;
-    ours_surge.handover_ms = handover.as_millis() as u64;
+    let stopped = stop_child(&f, old_pid, &mut old).await?;
+    let bound = "bound the token service: the port is free";
+    let (ours_surge, _) = phase
+        .end(&f, "ours to ours, surge", &stopped, || {
+            f.start_log().contains(bound)
+        })
+        .await?;
 
     // 3. Rollback, delete first: ours stops (rules stay), upstream's starts.
-    let since = f.last_seq().await?;
-    let load = Load::start(&f, "rollback")?;
-    tokio::time::sleep(STEADY).await;
-    let term_at = now_ms();
-    let stopping = stop_ours(&mut f).await?;
-    let exited = Instant::now();
-    let exit_at = now_ms();
-    let mut go = start_upstream(&f, &log_dir.join("go-3.log"))?;
-    wait_until("upstream NMI listening", PROCESS_WAIT, || {
-        token_port_bound(&f)
-    })
-    .await
-    .with_context(|| go.log())?;
-    let handover = exited.elapsed();
-    let listen_at = now_ms();
-    tokio::time::sleep(STEADY).await;
-    let outcomes = load.finish()?;
-    let mut rollback = figures(
-        &f,
-        "rollback, delete first",
-        since,
-        &outcomes,
-        &[
-            ("sigterm", term_at),
-            ("exit", exit_at),
-            ("listening", listen_at),
-        ],
-    )
-    .await?;
-    rollback.old_stopping_ms = stopping.as_millis() as u64;
-    rollback.handover_ms = handover.as_millis() as u64;
-    let tokens_from_go = outcomes
-        .iter()
-        .filter(|(t, o)| *t > listen_at + 200 && *o == Outcome::Token)
-        .count();
+    let phase = Phase::begin(&f, "rollback").await?;
+    let pid = f.nmi_pid().context("our NMI runs")?;
+    let mut ours_child = Reap(f.take_nmi().context("our NMI runs")?);
+    let stopped = stop_child(&f, pid, &mut ours_child).await?;
+    let go = start_upstream(&f, &logs.join("go-3.log"))?;
+    let (rollback, tokens_from_go) = phase
+        .end(&f, "rollback, delete first", &stopped, || {
+            token_port_bound(&f)
+        })
+        .await?;
     // Upstream's jump is first (it adopted aad-metadata unchanged); the
     // guard, second, is never reached while upstream's chain is there.
     let pre = prerouting(&f)?;
@@ -756,42 +697,19 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
     );
 
     // 4. Upstream's NMI restarting on the rolled-back node.
-    let since = f.last_seq().await?;
-    let load = Load::start(&f, "restart")?;
-    tokio::time::sleep(STEADY).await;
-    let term_at = now_ms();
-    let stopping = stop_upstream(&mut go).await?;
-    let exited = Instant::now();
-    let exit_at = now_ms();
-    let go2 = start_upstream(&f, &log_dir.join("go-4.log"))?;
-    wait_until("upstream NMI listening", PROCESS_WAIT, || {
-        token_port_bound(&f)
-    })
-    .await
-    .with_context(|| go2.log())?;
-    let handover = exited.elapsed();
-    let listen_at = now_ms();
-    tokio::time::sleep(STEADY).await;
-    let outcomes = load.finish()?;
-    let mut restart = figures(
-        &f,
-        "upstream restart after rollback",
-        since,
-        &outcomes,
-        &[
-            ("sigterm", term_at),
-            ("exit", exit_at),
-            ("listening", listen_at),
-        ],
-    )
-    .await?;
-    restart.old_stopping_ms = stopping.as_millis() as u64;
-    restart.handover_ms = handover.as_millis() as u64;
+    let mut go = go;
+    let phase = Phase::begin(&f, "restart").await?;
+    let stopped = stop_upstream(&mut go).await?;
+    let mut go = start_upstream(&f, &logs.join("go-4.log"))?;
+    let (restart, _) = phase
+        .end(&f, "upstream restart after rollback", &stopped, || {
+            token_port_bound(&f)
+        })
+        .await?;
 
     // 5. Upstream uninstalled later: its chain goes, the guard stays (pods
     // refused) until removed by hand, as the migration guide says.
-    let mut go2 = go2;
-    stop_upstream(&mut go2).await?;
+    stop_upstream(&mut go).await?;
     let left = f.nat_rules(None)?;
     assert!(
         left.lines().any(|l| l.trim() == GUARD_RULE)
@@ -809,30 +727,27 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
     assert!(!f.any_redirect_jump());
     assert!(!f.nat_rules(None)?.contains("aad-metadata"));
 
-    rows.extend([delete_first, surge, ours_surge, rollback, restart]);
     println!("{HEADER}");
-    for r in &rows {
+    let after = [&delete_first, &surge, &ours_surge, &rollback, &restart];
+    for r in rows.iter().chain(after) {
         println!("{}", r.row());
     }
-    for r in &rows {
+    for r in rows.iter().chain(after) {
         println!("{}: {}", r.name, r.timeline);
     }
     println!("rollback: {tokens_from_go} tokens from upstream's NMI after it listened");
 
-    let [delete_first, surge, ours_surge, rollback, restart] = &rows[rows.len() - 5..] else {
-        bail!("five sequences");
-    };
     // What remains with delete first: upstream's NMI removes its redirect
-    // on SIGTERM and serves nothing, so pods reach the real IMDS until ours
-    // starts (the counting can see it).
+    // on SIGTERM, so pods reach the real IMDS until ours starts (the
+    // counting can see it).
     assert!(delete_first.imds_direct > 0, "{}", delete_first.row());
     // With surge: none reaches IMDS, and the requests that fail are those
-    // between upstream's exit and our bind.
-    assert_eq!(surge.imds_direct, 0, "{}\n{}", surge.row(), f.start_log());
-    assert!(surge.tokens > 0 && surge.other_http == 0, "{}", surge.row());
-    assert!(surge.failure_window_ms <= 1000, "{}", surge.row());
-    assert_eq!(ours_surge.imds_direct, 0, "{}", ours_surge.row());
-    assert!(ours_surge.failure_window_ms <= 1000, "{}", ours_surge.row());
+    // between the old NMI's exit and the new one's bind.
+    for r in [&surge, &ours_surge] {
+        assert_eq!(r.imds_direct, 0, "{}\n{}", r.row(), f.start_log());
+        assert!(r.tokens > 0 && r.other_http == 0, "{}", r.row());
+        assert!(r.failure_window_ms <= 1000, "{}", r.row());
+    }
     // Rollback: nothing reaches IMDS (our rules stay until upstream's own
     // are in), and upstream's NMI serves afterwards.
     assert_eq!(rollback.imds_direct, 0, "{}", rollback.row());

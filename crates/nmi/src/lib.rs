@@ -98,6 +98,10 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// SIGTERM/SIGINT came while NMI waited for a port (not an error: NMI
+    /// stops as it would after serving).
+    #[error("stopped while waiting for a port")]
+    StoppedWhileBinding,
     /// The first iptables sync, or the cleanup, failed.
     #[error(transparent)]
     Iptables(#[from] iptables::IptablesError),
@@ -121,7 +125,7 @@ pub fn kubenet_check(path: &std::path::Path, allow: bool) -> Result<(), RunError
 }
 
 /// How often a port held by another process is tried again.
-pub const BIND_RETRY_EVERY: Duration = Duration::from_millis(50);
+pub const BIND_RETRY_EVERY: Duration = Duration::from_millis(10);
 /// How long NMI waits for a port another process holds before it gives up
 /// (and exits, to be restarted): longer than the NMI it replaces takes to
 /// stop (upstream's sleeps 10 s after SIGTERM, within a 30 s grace period).
@@ -147,13 +151,13 @@ pub fn bind_step(kind: std::io::ErrorKind, waited: Duration) -> BindStep {
     }
 }
 
-/// Binds `addr`, waiting while another process holds it ([`bind_step`]).
-/// `None` when `shutdown` came first.
+/// Binds `addr`, waiting while another process holds it ([`bind_step`]);
+/// [`RunError::StoppedWhileBinding`] when `shutdown` came first.
 async fn bind_when_free(
     what: &'static str,
     addr: SocketAddr,
     shutdown: &Shutdown,
-) -> Result<Option<tokio::net::TcpListener>, RunError> {
+) -> Result<tokio::net::TcpListener, RunError> {
     let started = std::time::Instant::now();
     let mut said = false;
     loop {
@@ -162,7 +166,7 @@ async fn bind_when_free(
                 if said {
                     tracing::info!(%addr, waited_ms = started.elapsed().as_millis() as u64, "bound {what}: the port is free");
                 }
-                return Ok(Some(listener));
+                return Ok(listener);
             }
             Err(source) => source,
         };
@@ -174,7 +178,7 @@ async fn bind_when_free(
             tracing::warn!(%addr, "{what}: the port is in use (the NMI being replaced still runs); the redirect is in place, trying again every {} ms for up to {} s", BIND_RETRY_EVERY.as_millis(), BIND_WAIT_MAX.as_secs());
         }
         tokio::select! {
-            _ = shutdown.signaled() => return Ok(None),
+            _ = shutdown.signaled() => return Err(RunError::StoppedWhileBinding),
             _ = tokio::time::sleep(BIND_RETRY_EVERY) => {}
         }
     }
@@ -298,27 +302,18 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     let health = Health::new();
     let any = std::net::IpAddr::from([0u8, 0, 0, 0]);
     let token_addr = SocketAddr::new(args.nmi_listen_address, args.nmi_port);
-    let Some(token_listener) = bind_when_free("the token service", token_addr, &shutdown).await?
-    else {
-        return stop(&args, &runner, owner.as_ref()).await;
+    let ports = async {
+        let token = bind_when_free("the token service", token_addr, &shutdown).await?;
+        let probe = SocketAddr::new(any, args.http_probe_port);
+        let probe = bind_when_free("the health probe", probe, &shutdown).await?;
+        let prom = SocketAddr::new(any, args.prometheus_port);
+        let prom = bind_when_free("metrics", prom, &shutdown).await?;
+        Ok::<_, RunError>((token, probe, prom))
     };
-    let Some(probe) = bind_when_free(
-        "the health probe",
-        SocketAddr::new(any, args.http_probe_port),
-        &shutdown,
-    )
-    .await?
-    else {
-        return stop(&args, &runner, owner.as_ref()).await;
-    };
-    let Some(prom) = bind_when_free(
-        "metrics",
-        SocketAddr::new(any, args.prometheus_port),
-        &shutdown,
-    )
-    .await?
-    else {
-        return stop(&args, &runner, owner.as_ref()).await;
+    let (token_listener, probe, prom) = match ports.await {
+        Ok(ports) => ports,
+        Err(RunError::StoppedWhileBinding) => return stop(&args, &runner, owner.as_ref()).await,
+        Err(error) => return Err(error),
     };
     spawn_probe_and_metrics(probe, &health, prom, &metrics.registry, &shutdown);
 
