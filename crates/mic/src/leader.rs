@@ -51,6 +51,11 @@ impl LeaderConfig {
         }
     }
 
+    /// `namespace/name`, as client-go describes a lock.
+    fn describe(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     fn retry_period(&self) -> Duration {
         (self.lease_duration / 4).max(Duration::from_millis(100))
     }
@@ -134,7 +139,7 @@ pub async fn run(
                 last_renew = at;
                 if !is_leader {
                     tracing::info!(
-                        lock = %cfg.name, identity = %cfg.identity, endpoints_lock = cfg.endpoints_lock,
+                        lock = %cfg.describe(), identity = %cfg.identity, endpoints_lock = cfg.endpoints_lock,
                         "became leader"
                     );
                     standby_on = None;
@@ -149,7 +154,7 @@ pub async fn run(
                 let key = (lock, holder);
                 if standby_on.as_ref() != Some(&key) {
                     tracing::info!(
-                        lock = %format!("{}/{}", cfg.namespace, cfg.name), kind = %key.0,
+                        lock = %cfg.describe(), kind = %key.0,
                         holder = %key.1, ?remaining, "standby: the lock is held"
                     );
                     standby_on = Some(key);
@@ -159,7 +164,7 @@ pub async fn run(
                 // Stop writes before anything else.
                 leading.send_replace(false);
                 tracing::error!(
-                    lock = %cfg.name, kind = %lock, holder = holder.as_deref().unwrap_or("(object deleted)"),
+                    lock = %cfg.describe(), kind = %lock, holder = holder.as_deref().unwrap_or("(object deleted)"),
                     "lost leader lease: the lock was written by another process"
                 );
                 return Err(lost(&cfg));
@@ -169,12 +174,14 @@ pub async fn run(
                 writing,
                 error,
             } => log_failure(&cfg, lock, writing, &error),
-            Round::TimedOut => tracing::warn!(lock = %cfg.name, "leader election round timed out"),
+            Round::TimedOut => {
+                tracing::warn!(lock = %cfg.describe(), "leader election round timed out")
+            }
         }
         let is_leader = *leading.borrow();
         if is_leader && Instant::now() >= last_renew + cfg.renew_deadline() {
             leading.send_replace(false);
-            tracing::error!(lock = %cfg.name, "lost leader lease: not renewed within the deadline");
+            tracing::error!(lock = %cfg.describe(), "lost leader lease: not renewed within the deadline");
             return Err(lost(&cfg));
         }
         let mut wake = Instant::now() + cfg.retry_period();
@@ -210,8 +217,8 @@ fn log_failure(cfg: &LeaderConfig, lock: Kind, writing: bool, error: &kube::Erro
         }
         kube::Error::Api(s) if s.code == 403 && lock == Kind::Endpoints => tracing::warn!(
             %error,
-            "{op} the Endpoints lock {}/{} is forbidden: grant endpoints get, create and update in that namespace, or set --leader-election-endpoints-lock=false once no upstream mic can run",
-            cfg.namespace, cfg.name
+            "{op} the Endpoints lock {} is forbidden: grant endpoints get, create and update in that namespace, or set --leader-election-endpoints-lock=false once no upstream mic can run",
+            cfg.describe()
         ),
         _ => tracing::warn!(%error, kind = %lock, "{op} the leader lock"),
     }
