@@ -180,7 +180,8 @@ fn uid(s: &Snapshot, key: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place() {
-    let c = PrivateCluster::start().await.unwrap();
+    // No CRDs yet: upstream's chart installs its own from crds/.
+    let (c, baseline) = helm::bare_private_cluster().await.unwrap();
     let work = std::env::temp_dir().join(unique_name("migration-helm"));
     std::fs::create_dir_all(&work).unwrap();
     let _work = RemoveOnDrop(work.clone());
@@ -192,13 +193,6 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
         upstream_chart.display().to_string(),
         ours.display().to_string(),
     );
-
-    // The test cluster starts with this project's CRDs; a cluster running
-    // upstream has upstream's, which its chart installs from crds/.
-    let mut del = vec!["delete", "crd", "--wait=true"];
-    del.extend(helm::CRD_NAMES);
-    kubectl(&c, &del);
-    let baseline = snap(&c, &Snapshot::new());
 
     // 1. The user's upstream release.
     helm_ok(

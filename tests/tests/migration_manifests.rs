@@ -110,11 +110,7 @@ fn written_lines(out: &str) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_back() {
-    let c = PrivateCluster::start().await.unwrap();
-    let mut del = vec!["delete", "crd", "--wait=true"];
-    del.extend(helm::CRD_NAMES);
-    kubectl(&c, &del, None);
-    let baseline = snap(&c, &Snapshot::new());
+    let (c, baseline) = helm::bare_private_cluster().await.unwrap();
 
     // 1. Upstream as seed 002 installed it: upstream's deployment-rbac.yaml
     // with --allow-network-plugin-kubenet=true added to nmi, then
@@ -338,11 +334,7 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn managed_mode_manifest_replaces_upstreams_in_place() {
-    let c = PrivateCluster::start().await.unwrap();
-    let mut del = vec!["delete", "crd", "--wait=true"];
-    del.extend(helm::CRD_NAMES);
-    kubectl(&c, &del, None);
-    let baseline = snap(&c, &Snapshot::new());
+    let (c, baseline) = helm::bare_private_cluster().await.unwrap();
     let upstream_text =
         std::fs::read_to_string(helm::upstream_manifest("managed-mode-deployment.yaml").unwrap())
             .unwrap();

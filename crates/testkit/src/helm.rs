@@ -450,6 +450,21 @@ pub fn uid<'a>(snap: &'a Snapshot, key: &str) -> Option<&'a str> {
     snap.get(key).map(|s| s.uid.as_str())
 }
 
+/// A cluster of the test's own as before anything of aad-pod-identity was
+/// installed (the CRDs the kit installs deleted), and its [`snapshot`] then:
+/// the baseline later snapshots leave out.
+pub async fn bare_private_cluster() -> anyhow::Result<(crate::PrivateCluster, Snapshot)> {
+    let c = crate::PrivateCluster::start().await?;
+    let mut args = vec!["delete", "crd", "--wait=true"];
+    args.extend(CRD_NAMES);
+    let out = c.kubectl_run(&args, None)?;
+    if !out.success {
+        bail!("kubectl {args:?}: {}", out.stderr);
+    }
+    let baseline = snapshot(|| c.kubectl(), &Snapshot::new())?;
+    Ok((c, baseline))
+}
+
 /// What happened to each object between two snapshots.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ObjectDiff {
