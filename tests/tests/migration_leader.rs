@@ -303,6 +303,22 @@ async fn go_acts(go: &GoMic) -> [f64; 4] {
     ]
 }
 
+/// A world on the shared cluster and a lock of its own.
+async fn world_and_lock(prefix: &str) -> anyhow::Result<(MicWorld, LockRef)> {
+    let w = MicWorld::shared(ENV, prefix).logs().build().await?;
+    let lock = LockRef::new(&w, w.client().await?);
+    Ok((w, lock))
+}
+
+/// This MIC as `mic-ours` on `lock`, leading.
+async fn our_leader(w: &MicWorld, lock: &LockRef) -> anyhow::Result<RunningMic> {
+    let ours = w
+        .start_mic("mic-ours", &[DURATION, &lock.name_flag()])
+        .await?;
+    ours.wait_leading().await?;
+    Ok(ours)
+}
+
 /// Go MIC leads first. This MIC, started on the same lock, stays standby
 /// while Go MIC assigns a pod: no sync cycle, no AAI written, no ARM
 /// request. Go MIC is killed (no release, as a deleted pod's process): this
@@ -311,8 +327,7 @@ async fn go_acts(go: &GoMic) -> [f64; 4] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_leader in a child process that trusts the emulator CA"]
 async fn child_go_leads_first_ours_stands_by_then_takes_over() -> anyhow::Result<()> {
-    let w = MicWorld::shared(ENV, "lead-go").logs().build().await?;
-    let lock = LockRef::new(&w, w.client().await?);
+    let (w, lock) = world_and_lock("lead-go").await?;
     let mut go = go_mic(&w, &lock, "go-mic-0").await?;
     wait_for("Go MIC Active", WAIT, || async {
         go.active().await.then_some(())
@@ -424,12 +439,8 @@ async fn child_go_leads_first_ours_stands_by_then_takes_over() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_leader in a child process that trusts the emulator CA"]
 async fn child_ours_leads_first_go_stands_by() -> anyhow::Result<()> {
-    let w = MicWorld::shared(ENV, "lead-ours").logs().build().await?;
-    let lock = LockRef::new(&w, w.client().await?);
-    let ours = w
-        .start_mic("mic-ours", &[DURATION, &lock.name_flag()])
-        .await?;
-    ours.wait_leading().await?;
+    let (w, lock) = world_and_lock("lead-ours").await?;
+    let ours = our_leader(&w, &lock).await?;
     ensure!(lock.endpoints_holder().await?.as_deref() == Some("mic-ours"));
     ensure!(lock.lease_holder().await?.as_deref() == Some("mic-ours"));
 
@@ -532,8 +543,7 @@ async fn child_ours_leads_first_go_stands_by() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_leader in a child process that trusts the emulator CA"]
 async fn child_lease_only_when_the_endpoints_lock_is_off() -> anyhow::Result<()> {
-    let w = MicWorld::shared(ENV, "lease-only").logs().build().await?;
-    let lock = LockRef::new(&w, w.client().await?);
+    let (w, lock) = world_and_lock("lease-only").await?;
     let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ");
     let record = format!(
         "{{\"holderIdentity\":\"go-mic-elsewhere\",\"leaseDurationSeconds\":3600,\"acquireTime\":\"{now}\",\"renewTime\":\"{now}\",\"leaderTransitions\":0}}"
@@ -604,9 +614,8 @@ async fn child_lease_only_when_the_endpoints_lock_is_off() -> anyhow::Result<()>
 #[ignore = "run by migration_leader in a child process that trusts the emulator CA"]
 async fn child_the_endpoints_rules_are_needed_and_enough() -> anyhow::Result<()> {
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let w = MicWorld::shared(ENV, "lock-rbac").logs().build().await?;
+    let (w, lock) = world_and_lock("lock-rbac").await?;
     let admin = w.client().await?;
-    let lock = LockRef::new(&w, admin.clone());
     let lease_rule = serde_json::json!({"apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"], "verbs": ["get", "create", "update"]});
     let role = |rules: Vec<serde_json::Value>| -> anyhow::Result<Role> {
@@ -676,12 +685,8 @@ async fn child_the_endpoints_rules_are_needed_and_enough() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_leader in a child process that trusts the emulator CA"]
 async fn child_a_foreign_endpoints_record_stops_the_leader() -> anyhow::Result<()> {
-    let w = MicWorld::shared(ENV, "lost").logs().build().await?;
-    let lock = LockRef::new(&w, w.client().await?);
-    let ours = w
-        .start_mic("mic-ours", &[DURATION, &lock.name_flag()])
-        .await?;
-    ours.wait_leading().await?;
+    let (w, lock) = world_and_lock("lost").await?;
+    let ours = our_leader(&w, &lock).await?;
     ours.wait_healthz("Active").await?;
 
     let api = Api::<Endpoints>::namespaced(w.client().await?, w.ns.name());
