@@ -260,12 +260,22 @@ fn default_render_is_upstreams_shape_with_least_privilege() {
         json!({"path": "/etc/kubernetes/azure.json", "type": "File"})
     );
 
-    // Least privilege: no Endpoints (the lock is a Lease), no Secrets without
-    // service-principal identities, no wildcards; ConfigMaps only in the
-    // release namespace and, but for create, only MIC's own by name.
-    for resource in ["endpoints", "secrets", "customresourcedefinitions"] {
+    // Least privilege: no Secrets without service-principal identities, no
+    // wildcards; ConfigMaps only in the release namespace and, but for create,
+    // only MIC's own by name; Endpoints only for upstream's leader lock, in the
+    // lock's namespace: create, and get/update of that one object.
+    for resource in ["secrets", "customresourcedefinitions"] {
         assert_eq!(grants(&docs, resource), Vec::<String>::new(), "{resource}");
     }
+    let lock = get(&docs, "Role", "aad-pod-identity-mic");
+    assert_eq!(lock["metadata"]["namespace"], "default");
+    assert_eq!(
+        grants(&docs, "endpoints"),
+        vec![
+            r#"aad-pod-identity-mic: {"apiGroups":[""],"resources":["endpoints"],"verbs":["create"]}"#,
+            r#"aad-pod-identity-mic: {"apiGroups":[""],"resourceNames":["aad-pod-identity-mic"],"resources":["endpoints"],"verbs":["get","update"]}"#,
+        ]
+    );
     let cm = grants(&docs, "configmaps");
     assert!(
         cm.len() == 2
@@ -1268,13 +1278,16 @@ fn deploy_infra_equals_the_chart_render() {
     for (file, r) in [
         (
             "deployment-rbac.yaml",
-            Render::new("aad-pod-identity", "default").with_crds(),
+            Render::new("aad-pod-identity", "default")
+                .with_crds()
+                .set("upstreamManifestNames", "true"),
         ),
         (
             "managed-mode-deployment.yaml",
             Render::new("aad-pod-identity", "kube-system")
                 .with_crds()
-                .values(ci("managed-mode-values.yaml")),
+                .values(ci("managed-mode-values.yaml"))
+                .set("upstreamManifestNames", "true"),
         ),
     ] {
         let path = repo_root().join("deploy/infra").join(file);
