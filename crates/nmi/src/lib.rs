@@ -233,6 +233,14 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
         "iptables in place"
     );
     iptables::ensure_route_localnet(&redirect, args.set_route_localnet)?;
+    // From here on the rules are checked and repaired, also while NMI waits
+    // for its ports below.
+    let checks = tokio::spawn(keep_rules(
+        runner.clone(),
+        redirect.clone(),
+        Duration::from_secs(args.ipt_update_interval_sec.max(1)),
+        shutdown.clone(),
+    ));
 
     if args.enable_profile {
         tracing::warn!("--enableProfile is accepted but this NMI serves no pprof");
@@ -312,7 +320,10 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     };
     let (token_listener, probe, prom) = match ports.await {
         Ok(ports) => ports,
-        Err(RunError::StoppedWhileBinding) => return stop(&args, &runner, owner.as_ref()).await,
+        Err(RunError::StoppedWhileBinding) => {
+            let _ = checks.await;
+            return stop(&args, &runner, owner.as_ref()).await;
+        }
         Err(error) => return Err(error),
     };
     spawn_probe_and_metrics(probe, &health, prom, &metrics.registry, &shutdown);
@@ -419,10 +430,21 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
         });
     }
 
-    let interval = Duration::from_secs(args.ipt_update_interval_sec.max(1));
+    shutdown.signaled().await;
+    let _ = checks.await;
+    stop(&args, &runner, owner.as_ref()).await
+}
+
+/// Checks the rules every `interval` and repairs them until `shutdown`.
+async fn keep_rules(
+    runner: iptables::Runner,
+    redirect: iptables::Redirect,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
     loop {
         tokio::select! {
-            _ = shutdown.signaled() => break,
+            _ = shutdown.signaled() => return,
             _ = tokio::time::sleep(interval) => {
                 match runner.sync(&redirect).await {
                     Ok(actions) if !actions.is_empty() => tracing::warn!(?actions, "iptables repaired"),
@@ -432,7 +454,6 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             }
         }
     }
-    stop(&args, &runner, owner.as_ref()).await
 }
 
 /// What NMI does with the redirect when it stops: removes it when asked
