@@ -515,6 +515,9 @@ fn mic_cluster_role(name: &str) -> serde_json::Value {
              "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
              "verbs": ["get", "create", "update"]},
+            // Upstream's Endpoints leader lock, held with the Lease.
+            {"apiGroups": [""], "resources": ["endpoints"],
+             "verbs": ["get", "create", "update"]},
             {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
              "verbs": ["create", "patch"]},
         ],
