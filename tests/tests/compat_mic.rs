@@ -329,12 +329,20 @@ fn compute_api_versions(w: &MicWorld, since: u64) -> std::collections::BTreeSet<
 }
 
 /// The tenant's azure.json names `AzureStackCloud` (it is how a custom
-/// cloud's endpoints are given): MIC sends the Azure Stack Hub profile's
-/// Compute api-version; `--compute-api-version` replaces it.
+/// cloud's endpoints are given), and the emulator serves only what an Azure
+/// Stack Hub with the 2020-09-01-hybrid profile serves (and upstream's
+/// 2019-12-01): MIC sends the profile's Compute api-version by default and
+/// `--compute-api-version`'s when set; the public cloud's 2024-11-01 is
+/// refused there, as this project's fixed version was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by compat_against_cluster_and_emulator in a child process that trusts the emulator CA"]
 async fn child_compute_api_version_per_cloud_and_flag() -> anyhow::Result<()> {
-    let w = MicWorld::shared(ENV, "apiver").build().await?;
+    let w = MicWorld::shared(ENV, "apiver")
+        .tenant(|cfg| {
+            cfg.arm.compute_api_versions = Some(vec!["2019-12-01".into(), "2020-06-01".into()]);
+        })
+        .build()
+        .await?;
     let mic = w.start_mic("mic-apiver", &[]).await?;
     let a = w.bound_pod(APP_ID, "a", "apiver-a", &w.nodes[0]).await?;
     w.wait_assigned(&a).await?;
@@ -348,15 +356,34 @@ async fn child_compute_api_version_per_cloud_and_flag() -> anyhow::Result<()> {
 
     let since = w.emu.requests(0).last().map_or(0, |r| r.seq);
     let mic = w
-        .start_mic("mic-apiver-2", &["--compute-api-version=2024-11-01"])
+        .start_mic("mic-apiver-2", &["--compute-api-version=2019-12-01"])
         .await?;
     let b = w.bound_pod(APP2_ID, "b", "apiver-b", &w.nodes[1]).await?;
     w.wait_assigned(&b).await?;
     assert_eq!(
         compute_api_versions(&w, since),
-        ["2024-11-01".to_string()].into(),
+        ["2019-12-01".to_string()].into(),
         "the flag's"
     );
+    mic.stop().await?;
+
+    // The public cloud's version: refused by this Azure Stack Hub, nothing assigned.
+    let since = w.emu.requests(0).last().map_or(0, |r| r.seq);
+    let mic = w
+        .start_mic("mic-apiver-3", &["--compute-api-version=2024-11-01"])
+        .await?;
+    w.pod("c", "apiver-a", &w.vm_node).await?;
+    let c = w.aai_name("c", APP_ID);
+    wait_for("ARM refusing api-version 2024-11-01", WAIT, || async {
+        w.emu
+            .requests(since)
+            .iter()
+            .any(|r| r.status == 400 && r.uri.contains("api-version=2024-11-01"))
+            .then_some(())
+    })
+    .await?;
+    let state = w.aai(&c).await?.and_then(|x| x.status).map(|s| s.status);
+    assert_ne!(state.as_deref(), Some("Assigned"));
     w.close(mic).await
 }
 

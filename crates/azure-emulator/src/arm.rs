@@ -180,6 +180,15 @@ fn not_found_resource(kind: &str, name: &str, rg: &str) -> ArmError {
     )
 }
 
+/// The Compute api-versions this emulator serves ([`COMPUTE_API_VERSIONS`]
+/// unless the configuration names fewer).
+fn served_compute_versions(cfg: &crate::config::ArmConfig) -> Vec<&str> {
+    match &cfg.compute_api_versions {
+        Some(v) => v.iter().map(String::as_str).collect(),
+        None => COMPUTE_API_VERSIONS.to_vec(),
+    }
+}
+
 fn check_api_version(
     pairs: &[(String, String)],
     allowed: &[&str],
@@ -272,7 +281,7 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
         }
         check_api_version(
             &pairs,
-            COMPUTE_API_VERSIONS,
+            &served_compute_versions(&s.cfg.arm),
             "locations/operations",
             &location,
         )?;
@@ -367,7 +376,7 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
             }
             check_api_version(
                 &pairs,
-                COMPUTE_API_VERSIONS,
+                &served_compute_versions(&s.cfg.arm),
                 "virtualMachineScaleSets/virtualMachines",
                 &location,
             )?;
@@ -443,7 +452,12 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
             } else {
                 "virtualMachines"
             };
-            let api = check_api_version(&pairs, COMPUTE_API_VERSIONS, type_name, &location)?;
+            let api = check_api_version(
+                &pairs,
+                &served_compute_versions(&s.cfg.arm),
+                type_name,
+                &location,
+            )?;
             let rk = key(&path);
             out.resource_key = Some(rk.clone());
             let name = segs[7].to_string();

@@ -352,6 +352,12 @@ pub struct ArmConfig {
     /// Largest accepted request body.
     #[serde(default = "max_body")]
     pub max_body_bytes: usize,
+    /// The Compute api-versions served; `None`: every published stable one
+    /// (Azure's public cloud). An Azure Stack Hub serves only its profiles'
+    /// versions, for example `["2020-06-01"]`; any other is refused as ARM
+    /// refuses an unknown version (`NoRegisteredProviderFound`).
+    #[serde(default)]
+    pub compute_api_versions: Option<Vec<String>>,
 }
 
 impl Default for ArmConfig {
@@ -365,6 +371,7 @@ impl Default for ArmConfig {
             max_identities_per_request: per_request(),
             max_identities_per_resource: None,
             max_body_bytes: max_body(),
+            compute_api_versions: None,
         }
     }
 }

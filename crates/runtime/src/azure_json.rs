@@ -70,10 +70,17 @@ impl AzureJson {
     }
 
     fn wrong_type(key: &str, expected: &'static str, got: &Value) -> AzureJsonError {
+        // The value of a secret is never put in an error (errors are logged).
+        let lower = key.to_lowercase();
+        let got = if lower.contains("secret") || lower.contains("password") {
+            "a value (not shown)".to_string()
+        } else {
+            got.to_string()
+        };
         AzureJsonError::WrongType {
             key: key.into(),
             expected,
-            got: got.to_string(),
+            got,
         }
     }
 
@@ -414,5 +421,13 @@ mod tests {
             j.boolean("cloud").unwrap_err().to_string(),
             r#"cloud: expected a boolean, got "AzureChinaCloud""#
         );
+        let j = AzureJson::parse("aadClientSecret: 123456\nkeyPassword: [1]\n").unwrap();
+        for key in ["aadClientSecret", "keyPassword"] {
+            let e = j.string(key).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("{key}: expected a string, got a value (not shown)")
+            );
+        }
     }
 }
