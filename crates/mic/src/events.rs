@@ -147,13 +147,11 @@ mod tests {
 
     #[test]
     fn upstreams_removal_events_for_a_node_that_is_gone() {
+        /// (warning, reason, note) of the Event.
+        type Want = Option<(bool, &'static str, String)>;
         let err = "the server could not find the requested resource".to_string();
-        let cases: Vec<(
-            bool,
-            bool,
-            Result<&(), &String>,
-            Option<(bool, &str, String)>,
-        )> = vec![
+        // (node exists, AAI embeds its binding, deletion result, Event)
+        let cases: Vec<(bool, bool, Result<&(), &String>, Want)> = vec![
             (true, true, Ok(&()), None),
             (true, true, Err(&err), None),
             (false, false, Ok(&()), None),
@@ -184,8 +182,7 @@ mod tests {
             let got = node_gone_removal(&mk_aai(with_binding), node_exists, result);
             let got_plain = got.as_ref().map(|e| (e.warning, e.reason, e.note.clone()));
             assert_eq!(
-                got_plain,
-                want.map(|(w, r, n)| (w, r, n)),
+                got_plain, want,
                 "node exists {node_exists}, binding {with_binding}, {result:?}"
             );
             if let Some(e) = got {
