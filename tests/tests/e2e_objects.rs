@@ -24,11 +24,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentitySpec};
-use aadpodid_api::{AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec};
+use aadpodid_api::{AzureIdentity, AzureIdentityBinding};
+use aadpodid_tests::assigned::{binding, in_namespace};
 use aadpodid_tests::e2e::{APP_NS, Options, PodRef, World, id_client, id_name, id_resource};
 use aadpodid_tests::netns::IMDS_ADDRESS;
 use aadpodid_tests::nmi_node::curl_with_head;
-use aadpodid_tests::wait_for;
+use aadpodid_tests::{IdentitySelector, python_imds_token, wait_for};
 use anyhow::{Context as _, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -54,6 +55,17 @@ fn options(set: &[(&str, &str)]) -> Options {
         o.set.push(((*k).into(), (*v).into()));
     }
     o
+}
+
+/// A world of [`options`] and pod `app-0` (on the first node) bound to
+/// identity `j`, Assigned and getting its token.
+async fn world_and_pod(j: usize) -> anyhow::Result<(World, PodRef)> {
+    let world = World::start(options(&[])).await?;
+    let pods = world.create_pods(0, 1, |_| Some(j)).await?;
+    world.wait_assigned(&pods, ASSIGN).await?;
+    world.check_tokens(&pods).await?;
+    let p = pods.into_iter().next().context("one pod")?;
+    Ok((world, p))
 }
 
 /// `p` as bound to identity `j` (what its token and AAI should now be).
@@ -151,15 +163,12 @@ async fn declare(
     (name, j): (&str, usize),
     (binding, selector): (&str, &str),
 ) -> anyhow::Result<()> {
-    let mut id = AzureIdentity::new(
-        name,
-        AzureIdentitySpec {
-            resource_id: id_resource(&id_name(j)),
-            client_id: id_client(j),
-            ..Default::default()
-        },
-    );
-    id.metadata.namespace = Some(namespace.into());
+    let spec = AzureIdentitySpec {
+        resource_id: id_resource(&id_name(j)),
+        client_id: id_client(j),
+        ..Default::default()
+    };
+    let id = in_namespace(AzureIdentity::new(name, spec), namespace);
     identities(world, namespace)
         .await?
         .create(&PostParams::default(), &id)
@@ -177,15 +186,7 @@ async fn create_binding(
     identity: &str,
     selector: &str,
 ) -> anyhow::Result<()> {
-    let mut b = AzureIdentityBinding::new(
-        name,
-        AzureIdentityBindingSpec {
-            azure_identity: identity.into(),
-            selector: selector.into(),
-            ..Default::default()
-        },
-    );
-    b.metadata.namespace = Some(namespace.into());
+    let b = binding(namespace, name, identity, selector);
     bindings(world, namespace)
         .await?
         .create(&PostParams::default(), &b)
@@ -300,10 +301,8 @@ async fn identity_or_binding_deleted_stops_the_tokens() -> anyhow::Result<()> {
 /// (id-2), refused by client ID and by resource ID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_identities_on_one_pod_each_by_its_id() -> anyhow::Result<()> {
-    let world = World::start(options(&[])).await?;
-    let pods = world.create_pods(0, 1, |_| Some(0)).await?;
-    let p = &pods[0];
-    world.wait_assigned(&pods, ASSIGN).await?;
+    let (world, p) = world_and_pod(0).await?;
+    let p = &p;
     create_binding(&world, APP_NS, "second-binding", &id_name(1), "sel-0").await?;
     let want: Vec<(String, String, String)> = [0, 1]
         .iter()
@@ -442,11 +441,8 @@ async fn identity_and_binding_edits_move_the_assignment() -> anyhow::Result<()> 
 /// replaces id-0 on its scale set; its token is id-1's and id-0 is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relabelled_pod_switches_identity() -> anyhow::Result<()> {
-    let world = World::start(options(&[])).await?;
-    let pods = world.create_pods(0, 1, |_| Some(0)).await?;
-    let p = &pods[0];
-    world.wait_assigned(&pods, ASSIGN).await?;
-    world.check_tokens(&pods).await?;
+    let (world, p) = world_and_pod(0).await?;
+    let p = &p;
 
     let t = Instant::now();
     Api::<Pod>::namespaced(world.client().await?, APP_NS)
@@ -620,27 +616,48 @@ async fn same_names_in_two_namespaces_are_kept_apart() -> anyhow::Result<()> {
     assert_refused(&world, &p, &format!("&client_id={}", id_client(6))).await?;
 
     world.delete_pods(std::slice::from_ref(&p)).await?;
-    wait_for("the validator's AAI gone", ASSIGN, || async {
+    let gone = wait_for("the validator's AAI gone", ASSIGN, || async {
         let aais = world.assigned_to(&p.namespace, &p.name).await.ok()?;
         aais.is_empty().then_some(())
     })
-    .await?;
+    .await;
+    if let Err(e) = gone {
+        let aais = world.assigned_to(&p.namespace, &p.name).await;
+        return Err(e.context(format!("{aais:?}\n{}", world.dump().await)));
+    }
     world.wait_vmss(&before, ASSIGN).await?;
     Ok(())
 }
 
-/// Count of nmi's answers to token requests with `status` for pods of
-/// namespace `ns`, from its metrics.
-fn token_answers(metrics: &str, status: u16, ns: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("aadpodidentity_nmi_operations_duration_seconds_count{"))
-        .filter(|l| l.contains(&format!("status_code=\"{status}\"")))
-        .filter(|l| l.contains(&format!("namespace=\"{ns}\"")))
-        .filter(|l| l.contains("operation_type=\"/metadata/identity/oauth2/token\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+/// nmi's answers to the token requests of pods of namespace `ns` so far,
+/// by status, from its metrics text.
+fn token_statuses(metrics: &str, ns: &str) -> BTreeMap<u16, u64> {
+    let mut out = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels) =
+            line.strip_prefix("aadpodidentity_nmi_operations_duration_seconds_count{")
+        else {
+            continue;
+        };
+        // `k="v",k="v"}`: label values here hold no `",` or `}`.
+        let body = labels.split('}').next().unwrap_or_default();
+        let label = |k: &str| {
+            body.split("\",")
+                .filter_map(|kv| kv.split_once("=\""))
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.trim_end_matches('"'))
+        };
+        let token_op = label("operation_type") == Some("/metadata/identity/oauth2/token");
+        if !token_op || label("namespace") != Some(ns) {
+            continue;
+        }
+        let status = label("status_code").and_then(|v| v.parse().ok());
+        let count = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(status), Some(count)) = (status, count) {
+            *out.entry(status).or_default() += count as u64;
+        }
+    }
+    out
 }
 
 /// nmi's metrics on node `n` (its default port, inside the node).
@@ -649,32 +666,6 @@ fn nmi_metrics(world: &World, n: usize) -> anyhow::Result<String> {
         "curl",
         &["-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"],
     )
-}
-
-/// The real Python `azure-identity` `ManagedIdentityCredential` asking for
-/// an ARM token inside `ns` (the repository's `tests/python/imds_token.py`),
-/// started at once and killed when the runtime ends; its last stdout line
-/// is its JSON outcome.
-fn sdk_token(
-    ns: &aadpodid_tests::netns::NetNs,
-) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<std::process::Output>>> {
-    let mut cmd = ns.command(aadpodid_tests::python_sdk()?);
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/imds_token.py"))
-        .arg("https://management.azure.com/.default");
-    // Only the IMDS source may be chosen.
-    for var in [
-        "IDENTITY_ENDPOINT",
-        "IDENTITY_HEADER",
-        "IMDS_ENDPOINT",
-        "MSI_ENDPOINT",
-        "MSI_SECRET",
-        "AZURE_POD_IDENTITY_AUTHORITY_HOST",
-    ] {
-        cmd.env_remove(var);
-    }
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.kill_on_drop(true);
-    Ok(tokio::spawn(async move { cmd.output().await }))
 }
 
 /// Upstream retry_after_header: "should pass the identity validation with
@@ -709,53 +700,68 @@ async fn retry_after_header_paces_the_sdk() -> anyhow::Result<()> {
     );
     assert!(!body.contains("access_token"), "{body}");
 
-    let before = nmi_metrics(&world, p.node)?;
-    let (refused0, ok0) = (
-        token_answers(&before, 503, APP_NS),
-        token_answers(&before, 200, APP_NS),
-    );
+    let before = token_statuses(&nmi_metrics(&world, p.node)?, APP_NS);
+    let refused0 = before.get(&503).copied().unwrap_or_default();
+    // The SDK runs in a thread of its own while this one watches nmi's
+    // answers and lets mic assign the identity after the first 503.
     let t = Instant::now();
-    let sdk = sdk_token(world.pod_ns(&p)?)?;
-    wait_for("the SDK's first 503", Duration::from_secs(30), || async {
-        let m = nmi_metrics(&world, p.node).ok()?;
-        (token_answers(&m, 503, APP_NS) > refused0).then_some(())
-    })
-    .await?;
-    let first_refusal = t.elapsed();
-    create_binding(&world, APP_NS, "late-binding", &id_name(4), "sel-late").await?;
-    let p4 = now_bound(&p, 4);
-    world
-        .wait_assigned(std::slice::from_ref(&p4), ASSIGN)
-        .await?;
-    let assigned = t.elapsed();
-    let out = tokio::time::timeout(Duration::from_secs(120), sdk)
-        .await
-        .context("the SDK did not finish within 120 s")???;
+    let ns = world.pod_ns(&p)?;
+    let (out, steps) = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let sdk = scope.spawn(|| {
+                python_imds_token(
+                    None,
+                    "https://management.azure.com/.default",
+                    IdentitySelector::Default,
+                    Some(ns),
+                )
+            });
+            let steps = tokio::runtime::Handle::current().block_on(async {
+                wait_for("the SDK's first 503", Duration::from_secs(30), || async {
+                    let now = token_statuses(&nmi_metrics(&world, p.node).ok()?, APP_NS);
+                    (now.get(&503).copied().unwrap_or_default() > refused0).then_some(())
+                })
+                .await?;
+                let first_refusal = t.elapsed();
+                create_binding(&world, APP_NS, "late-binding", &id_name(4), "sel-late").await?;
+                let p4 = now_bound(&p, 4);
+                world
+                    .wait_assigned(std::slice::from_ref(&p4), ASSIGN)
+                    .await?;
+                anyhow::Ok((first_refusal, t.elapsed()))
+            });
+            let out = sdk
+                .join()
+                .map_err(|_| anyhow::anyhow!("the SDK thread panicked"));
+            (out, steps)
+        })
+    });
     let took = t.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(last).with_context(|| {
-        format!(
-            "SDK output: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let token = v["token"]
+    let (first_refusal, assigned) = steps?;
+    let out = out??;
+    let token = out["token"]
         .as_str()
-        .with_context(|| format!("the SDK got no token: {v}"))?;
+        .with_context(|| format!("the SDK got no token: {out}"))?;
     let appid = world
         .emu
         .verify_token(token)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?
         .appid;
     assert_eq!(appid, id_client(4));
-    let after = nmi_metrics(&world, p.node)?;
-    let refused = token_answers(&after, 503, APP_NS) - refused0;
-    let ok = token_answers(&after, 200, APP_NS) - ok0;
+    // What nmi answered the SDK: the counts since `before`, by status.
+    let answered: BTreeMap<u16, u64> = token_statuses(&nmi_metrics(&world, p.node)?, APP_NS)
+        .into_iter()
+        .map(|(status, n)| (status, n - before.get(&status).copied().unwrap_or_default()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
     eprintln!(
-        "SDK: first 503 after {first_refusal:.1?}, identity Assigned after {assigned:.1?}, token after {took:.1?}; nmi answered it {refused}× 503, {ok}× 200"
+        "SDK: first 503 after {first_refusal:.1?}, identity Assigned after {assigned:.1?}, token after {took:.1?}; nmi answered it {answered:?} (status: count)"
     );
-    assert_eq!((refused, ok), (1, 1), "one 503, then the token");
+    assert_eq!(
+        answered,
+        BTreeMap::from([(200, 1), (503, 1)]),
+        "one 503, then the token"
+    );
     assert!(
         took >= first_refusal + Duration::from_secs(19),
         "the SDK retried before the 20 s of Retry-After: {took:?}"
@@ -765,4 +771,21 @@ async fn retry_after_header_paces_the_sdk() -> anyhow::Result<()> {
         "assigned within the wait"
     );
     Ok(())
+}
+
+#[test]
+fn token_statuses_read_nmi_metrics() {
+    let metrics = r#"# TYPE aadpodidentity_nmi_operations_duration_seconds histogram
+aadpodidentity_nmi_operations_duration_seconds_count{namespace="apps",operation_type="/metadata/identity/oauth2/token",status_code="503"} 2
+aadpodidentity_nmi_operations_duration_seconds_count{namespace="apps",operation_type="/metadata/identity/oauth2/token",status_code="200"} 1
+aadpodidentity_nmi_operations_duration_seconds_count{namespace="apps2",operation_type="/metadata/identity/oauth2/token",status_code="200"} 7
+aadpodidentity_nmi_operations_duration_seconds_count{podnamespace="apps",namespace="x",operation_type="/metadata/identity/oauth2/token",status_code="200"} 9
+aadpodidentity_nmi_operations_duration_seconds_count{namespace="apps",operation_type="/metadata/instance",status_code="200"} 5
+aadpodidentity_nmi_operations_duration_seconds_sum{namespace="apps",operation_type="/metadata/identity/oauth2/token",status_code="200"} 0.5
+"#;
+    assert_eq!(
+        token_statuses(metrics, "apps"),
+        BTreeMap::from([(200, 1), (503, 2)])
+    );
+    assert!(token_statuses(metrics, "other").is_empty());
 }
