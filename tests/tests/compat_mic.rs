@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aadpodid_runtime::client::{RateLimit, kube_client_with_limit};
-use aadpodid_tests::mic_world::{MicWorld, WAIT, wait_for_ok};
+use aadpodid_tests::mic_world::{MicWorld, RunningMic, WAIT, wait_for_ok};
 use aadpodid_tests::tenant::{APP_ID, APP2_ID, MIC_CLIENT, MicCloud};
 use aadpodid_tests::{Cluster, wait_for};
 use anyhow::Context as _;
@@ -328,6 +328,13 @@ fn compute_api_versions(w: &MicWorld, since: u64) -> std::collections::BTreeSet<
         .collect()
 }
 
+/// A new MIC `instance` with `flag`, and the emulator's last request
+/// before it.
+async fn restart(w: &MicWorld, instance: &str, flag: &str) -> anyhow::Result<(RunningMic, u64)> {
+    let since = w.emu.requests(0).last().map_or(0, |r| r.seq);
+    Ok((w.start_mic(instance, &[flag]).await?, since))
+}
+
 /// The tenant's azure.json names `AzureStackCloud` (it is how a custom
 /// cloud's endpoints are given), and the emulator serves only what an Azure
 /// Stack Hub with the 2020-09-01-hybrid profile serves (and upstream's
@@ -354,10 +361,7 @@ async fn child_compute_api_version_per_cloud_and_flag() -> anyhow::Result<()> {
     );
     mic.stop().await?;
 
-    let since = w.emu.requests(0).last().map_or(0, |r| r.seq);
-    let mic = w
-        .start_mic("mic-apiver-2", &["--compute-api-version=2019-12-01"])
-        .await?;
+    let (mic, since) = restart(&w, "mic-apiver-2", "--compute-api-version=2019-12-01").await?;
     let b = w.bound_pod(APP2_ID, "b", "apiver-b", &w.nodes[1]).await?;
     w.wait_assigned(&b).await?;
     assert_eq!(
@@ -368,10 +372,7 @@ async fn child_compute_api_version_per_cloud_and_flag() -> anyhow::Result<()> {
     mic.stop().await?;
 
     // The public cloud's version: refused by this Azure Stack Hub, nothing assigned.
-    let since = w.emu.requests(0).last().map_or(0, |r| r.seq);
-    let mic = w
-        .start_mic("mic-apiver-3", &["--compute-api-version=2024-11-01"])
-        .await?;
+    let (mic, since) = restart(&w, "mic-apiver-3", "--compute-api-version=2024-11-01").await?;
     w.pod("c", "apiver-a", &w.vm_node).await?;
     let c = w.aai_name("c", APP_ID);
     wait_for("ARM refusing api-version 2024-11-01", WAIT, || async {

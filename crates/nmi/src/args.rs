@@ -352,15 +352,19 @@ impl Args {
     /// (NMI's level comes from `RUST_LOG`, so a non-zero `-v` is named);
     /// `None` when there are none.
     pub fn klog_warning(&self) -> Option<String> {
-        use aadpodid_runtime::flags::{KlogCommon, klog_warning, klog_without_effect};
-        klog_warning(&klog_without_effect(
+        aadpodid_runtime::flags::klog_warning(&self.klog_without_effect())
+    }
+
+    /// The klog flags given that change nothing here.
+    pub fn klog_without_effect(&self) -> Vec<&'static str> {
+        aadpodid_runtime::flags::klog_without_effect(
             &self.klog,
-            KlogCommon {
+            aadpodid_runtime::flags::KlogCommon {
                 logtostderr: self.logtostderr,
                 verbosity: self.verbosity,
                 verbosity_honoured: false,
             },
-        ))
+        )
     }
 
     /// Namespaced mode: the flag OR-ed with `FORCENAMESPACED=true`, as upstream.
@@ -542,11 +546,27 @@ mod tests {
         assert_eq!(a.verbosity, 5);
         assert!(a.alsologtostderr && !a.logtostderr);
         assert_eq!(a.klog.vmodule.as_deref(), Some("server=4"));
+        // Everything: NMI's level comes from RUST_LOG, so `-v` is named too.
         assert_eq!(
-            a.klog_warning().as_deref(),
-            Some(
-                "klog flags accepted for compatibility have no effect (logs go to stderr in --log-format): --log_dir, --log_file, --log_file_max_size, --logtostderr, -v, --add_dir_header, --skip_headers, --one_output, --skip_log_headers, --stderrthreshold, --vmodule, --log_backtrace_at"
-            )
+            a.klog_without_effect(),
+            [
+                "--log_dir",
+                "--log_file",
+                "--log_file_max_size",
+                "--logtostderr",
+                "-v",
+                "--add_dir_header",
+                "--skip_headers",
+                "--one_output",
+                "--skip_log_headers",
+                "--stderrthreshold",
+                "--vmodule",
+                "--log_backtrace_at"
+            ]
+        );
+        assert!(
+            a.klog_warning()
+                .is_some_and(|w| w.ends_with("--vmodule, --log_backtrace_at"))
         );
         for v in [&["-v=3"][..], &["-v3"], &["--v", "3"], &["--v=3"]] {
             assert_eq!(parse(v).verbosity, 3, "{v:?}");
