@@ -22,23 +22,36 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use aadpodid_tests::go_mic::GoMic;
 use aadpodid_tests::mic_world::{MicWorld, RunningMic, WAIT};
-use aadpodid_tests::tenant::{self, APP_ID, APP_RG, APP2_ID, CloudEnvironment, MicCloud};
-use aadpodid_tests::upstream::{MicOptions, UpstreamChild, spawn_upstream_mic};
-use aadpodid_tests::{Cluster, free_port, wait_for};
+use aadpodid_tests::tenant::{self, APP_ID, APP_RG, APP2_ID};
+use aadpodid_tests::{Cluster, wait_for};
 use anyhow::{Context as _, bail};
 use azure_emulator::observe::{RequestRecord, Service};
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt as _;
-use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::json;
 
 const ENV: &str = "MIGADOPT";
 
 aadpodid_tests::emulator_ca_parent_test!(migration_adopt, "MIGADOPT", 5, 900);
 
-/// This MIC's full resync period here: each second a sync cycle runs.
-const OUR_SYNC: &str = "--syncRetryDuration=1s";
+/// Both MICs' leader lease (renew deadline 2 s, retry period 1 s): each
+/// holds upstream's Endpoints record, and after one is killed the other
+/// takes over once the record has gone unrenewed for this long.
+const LEASE: &str = "--leader-election-duration=4s";
+/// This MIC's arguments here: each second a sync cycle runs (its full
+/// resync period), and the short lease.
+const OURS: [&str; 2] = ["--syncRetryDuration=1s", LEASE];
+/// Go MIC's: the short lease, the same periods as this MIC's, and its sync
+/// and reconcile lines logged (`-v=6`).
+const GO: [&str; 5] = [
+    LEASE,
+    "--syncRetryDuration=1s",
+    "--identity-assignment-reconcile-interval=2s",
+    "--update-user-msi-retry-interval=100ms",
+    "-v=6",
+];
 /// How long each side is watched once it leads: at least two sync cycles of
 /// one second and two drift checks of two seconds (`MIC_TEST_PERIODS`).
 const OBSERVE: Duration = Duration::from_secs(7);
@@ -156,59 +169,9 @@ fn changes(before: &AaiState, after: &AaiState) -> (usize, usize) {
     (versions, statuses)
 }
 
-/// The ConfigMap in which Go MIC records that its one-time type upgrade ran
-/// (default name and key of its flags).
-async fn go_type_upgrade_done(w: &MicWorld) -> anyhow::Result<()> {
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("aad-pod-identity-config".into()),
-            ..Default::default()
-        },
-        data: Some([("type-upgrade-status".to_string(), "v1.8.17".to_string())].into()),
-        ..Default::default()
-    };
-    Api::<ConfigMap>::namespaced(w.client().await?, w.ns.name())
-        .create(&PostParams::default(), &cm)
-        .await?;
-    Ok(())
-}
-
-/// Upstream's Go MIC for this world (its cloud files, leader lock in the
-/// world's namespace), with short periods and its sync and reconcile lines
-/// logged (`-v=6`).
-fn go_mic(w: &MicWorld, tag: &str) -> anyhow::Result<UpstreamChild> {
-    let files = tenant::write_mic_cloud_files(
-        &w.dir,
-        &format!("go-{tag}-{}-", w.ns.name()),
-        &MicCloud::standard(),
-        // go-autorest asks for tokens for the ARM endpoint itself.
-        &CloudEnvironment {
-            token_audience: None,
-            ..CloudEnvironment::of(&w.emu)
-        },
-    )?;
-    spawn_upstream_mic(
-        &MicOptions {
-            kubeconfig: w.cluster().kubeconfig().to_path_buf(),
-            azure_json: files.azure_json,
-            cloud_env_file: files.environment,
-            ca_bundle: w.emu.ca_bundle_path().to_path_buf(),
-            namespace: w.ns.name().into(),
-            instance: format!("go-mic-{tag}"),
-            probe_port: free_port()?,
-            metrics_port: free_port()?,
-            extra_args: [
-                "--leader-election-duration=4s",
-                "--syncRetryDuration=1s",
-                "--identity-assignment-reconcile-interval=2s",
-                "--update-user-msi-retry-interval=100ms",
-                "-v=6",
-            ]
-            .map(String::from)
-            .to_vec(),
-        },
-        &w.dir.join(format!("go-mic-{tag}-{}.log", w.ns.name())),
-    )
+/// Upstream's Go MIC for this world as `go-mic-{tag}` ([`GO`]).
+async fn go_mic(w: &MicWorld, tag: &str) -> anyhow::Result<GoMic> {
+    GoMic::spawn(w, &format!("go-mic-{tag}"), &GO).await
 }
 
 /// klog's error lines (`E<mmdd> ...`) of a Go log.
@@ -219,18 +182,6 @@ fn go_errors(log: &str) -> Vec<&str> {
             b.len() > 5 && b[0] == b'E' && b[1..5].iter().all(u8::is_ascii_digit)
         })
         .collect()
-}
-
-fn go_tail(mic: &UpstreamChild) -> String {
-    let log = mic.log();
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| !l.contains("Endpoints is deprecated"))
-        .collect();
-    format!(
-        "--- Go mic log (tail) ---\n{}",
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    )
 }
 
 /// The AAIs of the world as stored (every field, as `kubectl get -o json`).
@@ -332,11 +283,10 @@ async fn release_pods(w: &MicWorld) -> anyhow::Result<()> {
 /// Go MIC assigns the pods of [`bound_pods`] in `w` (identities on the
 /// scale set and the VM, AAIs Assigned) and is stopped.
 async fn go_assigns(w: &MicWorld, tag: &str) -> anyhow::Result<()> {
-    go_type_upgrade_done(w).await?;
-    let mut go = go_mic(w, tag)?;
+    let mut go = go_mic(w, tag).await?;
     let expected = bound_pods(w).await?;
     if let Err(e) = w.wait_exactly_assigned(&expected).await {
-        bail!("{e:#}\n{}", go_tail(&go));
+        bail!("{e:#}\n{}", go.tail());
     }
     w.wait_on_vmss(APP_ID, true).await?;
     w.wait_on_vmss(APP2_ID, true).await?;
@@ -344,11 +294,11 @@ async fn go_assigns(w: &MicWorld, tag: &str) -> anyhow::Result<()> {
         .vm_identities()
         .contains(&tenant::uai_id(APP_RG, APP_ID).to_lowercase())
     {
-        bail!("Go MIC did not put {APP_ID} on the VM\n{}", go_tail(&go));
+        bail!("Go MIC did not put {APP_ID} on the VM\n{}", go.tail());
     }
     // Nothing of Go's is still on its way to ARM or the AAIs.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    go.kill();
+    go.child.kill();
     Ok(())
 }
 
@@ -361,8 +311,7 @@ async fn go_assigned_world(prefix: &str) -> anyhow::Result<MicWorld> {
 
 /// This MIC assigns the pods of [`bound_pods`] in `w` and is stopped.
 async fn ours_assigns(w: &MicWorld, instance: &str) -> anyhow::Result<()> {
-    go_type_upgrade_done(w).await?;
-    let mic = w.start_mic(instance, &[OUR_SYNC]).await?;
+    let mic = w.start_mic(instance, &OURS).await?;
     let expected = bound_pods(w).await?;
     let assigned = async {
         w.wait_exactly_assigned(&expected).await?;
@@ -440,8 +389,14 @@ async fn ours_takes_over(
 ) -> anyhow::Result<(RunningMic, Takeover, (f64, f64))> {
     let open = window(w).await?;
     let since = open.1;
-    let mic = w.start_mic(instance, &[OUR_SYNC]).await?;
+    let started = std::time::Instant::now();
+    let mic = w.start_mic(instance, &OURS).await?;
     mic.wait_leading().await?;
+    println!(
+        "{instance} leads {} ms after it started",
+        started.elapsed().as_millis()
+    );
+    // Watched from its leading on: its sync cycles and drift checks.
     tokio::time::sleep(OBSERVE).await;
     // A drift check ran: it reads the scale set.
     wait_for("a drift check of this MIC", WAIT, || async {
@@ -460,7 +415,7 @@ async fn ours_takes_over(
 
 /// What Go MIC did when it took over, with its log.
 struct GoTakeover {
-    go: UpstreamChild,
+    go: GoMic,
     t: Takeover,
     syncs: usize,
     reconciles: usize,
@@ -481,7 +436,7 @@ impl GoTakeover {
     /// No churn, no error line, no AAI created or rewritten by Go MIC.
     fn assert_clean(&self, what: &str) {
         let log = self.go.log();
-        let tail = go_tail(&self.go);
+        let tail = self.go.tail();
         let errors = go_errors(&log);
         assert!(
             errors.is_empty(),
@@ -499,7 +454,7 @@ impl GoTakeover {
 /// reconciles (it logs both at `-v=6`).
 async fn go_takes_over(w: &MicWorld, tag: &str) -> anyhow::Result<GoTakeover> {
     let open = window(w).await?;
-    let go = go_mic(w, tag)?;
+    let go = go_mic(w, tag).await?;
     let (syncs, reconciles) = wait_for("Go MIC's sync cycles and reconciles", WAIT, || async {
         let log = go.log();
         let syncs = log.matches("running periodic sync loop").count();
@@ -509,7 +464,7 @@ async fn go_takes_over(w: &MicWorld, tag: &str) -> anyhow::Result<GoTakeover> {
         (syncs >= 3 && reconciles >= 2).then_some((syncs, reconciles))
     })
     .await
-    .with_context(|| go_tail(&go))?;
+    .with_context(|| go.tail())?;
     Ok(GoTakeover {
         t: close_window(w, open).await?,
         go,
@@ -582,7 +537,7 @@ async fn child_go_mic_adopts_what_ours_wrote() -> anyhow::Result<()> {
     // Go MIC releases what this MIC assigned.
     let released = release_pods(&w).await;
     w.cleanup().await;
-    released.with_context(|| go_tail(&g.go))?;
+    released.with_context(|| g.go.tail())?;
     g.assert_clean("rollback");
     Ok(())
 }
@@ -607,7 +562,7 @@ async fn child_rollback_after_a_metadata_edit() -> anyhow::Result<()> {
         .await?;
     let worker = w.aai_name("worker", APP2_ID);
     let open = window(&w).await?;
-    let go = go_mic(&w, "adopt-meta")?;
+    let go = go_mic(&w, "adopt-meta").await?;
     let rewritten = wait_for(
         "Go MIC rewrites the AAI of the labelled identity",
         WAIT,
@@ -633,7 +588,7 @@ async fn child_rollback_after_a_metadata_edit() -> anyhow::Result<()> {
     let t = close_window(&w, open).await?;
     println!("rollback after a label on one identity: {}", t.figures());
     let released = release_pods(&w).await;
-    let tail = go_tail(&go);
+    let tail = go.tail();
     drop(go);
     w.cleanup().await;
     rewritten.with_context(|| tail.clone())?;
@@ -735,7 +690,7 @@ async fn child_a_really_different_aai_is_still_corrected() -> anyhow::Result<()>
         .await?;
     let before = aai_state(&w).await?;
 
-    let mic = w.start_mic("mic-adopt-fix", &[OUR_SYNC]).await?;
+    let mic = w.start_mic("mic-adopt-fix", &OURS).await?;
     mic.wait_leading().await?;
     let embeds = |name: String, want: String| {
         let aais = aais.clone();
