@@ -148,6 +148,10 @@ impl World {
         let (ns_nmi, ns_burst) = (namespace("nmi").await?, namespace("burst").await?);
         let (ns_big, ns_ids) = (namespace("big").await?, namespace("ids").await?);
         let client = kit.client()?.clone();
+        // MIC's leader election in a namespace of this subject's, as each
+        // subject's MIC finds the cluster: a lock the previous subject's
+        // killed MIC still holds elsewhere does not delay it.
+        kit.opts_mut().mic_namespace = ns_ids.name().to_string();
         kit.tenant(tenant).await?;
         let mut env = CloudEnvironment::of(kit.emu()?);
         if !launchers.token_audience {

@@ -155,6 +155,8 @@ pub(super) enum Source<'a> {
     Flags {
         /// mic (its cloud files) or nmi (`None`).
         mic: Option<&'a MicCloudFiles>,
+        /// mic's namespace ([`Options::mic_namespace`]).
+        namespace: &'a str,
         program: &'a Program,
         kubeconfig: &'a Path,
     },
@@ -197,8 +199,9 @@ pub(super) struct CommandLine {
 /// Which process a plain command line is for.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum FlagsRole<'a> {
-    /// mic, with its cloud files, answering on (probe, metrics) ports.
-    Mic(&'a MicCloudFiles, (u16, u16)),
+    /// mic, with its cloud files, answering on (probe, metrics) ports, its
+    /// leader election and `MIC_POD_NAMESPACE` in a namespace.
+    Mic(&'a MicCloudFiles, (u16, u16), &'a str),
     /// nmi.
     Nmi,
 }
@@ -213,11 +216,11 @@ pub(super) fn flags_command(
 ) -> CommandLine {
     let mut env = vec![("NO_COLOR".to_string(), "1".to_string())];
     match role {
-        FlagsRole::Mic(files, (probe, metrics)) => {
-            let mut args = tenant::mic_args(files, kubeconfig, pod_name, LEASE.0);
+        FlagsRole::Mic(files, (probe, metrics), namespace) => {
+            let mut args = tenant::mic_args(files, kubeconfig, pod_name, namespace);
             args.push(format!("--http-probe-port={probe}"));
             args.push(format!("--prometheus-port={metrics}"));
-            env.extend(tenant::mic_env(files, LEASE.0));
+            env.extend(tenant::mic_env(files, namespace));
             CommandLine {
                 args,
                 env,
@@ -260,12 +263,13 @@ impl Launch<'_> {
             Source::Chart(w) => return self.process(w, pod_name, node).await,
             Source::Flags {
                 mic,
+                namespace,
                 program,
                 kubeconfig,
-            } => (*mic, *program, *kubeconfig),
+            } => (mic.map(|m| (m, *namespace)), *program, *kubeconfig),
         };
-        let role = mic.map_or(FlagsRole::Nmi, |files| {
-            FlagsRole::Mic(files, FLAGS_MIC_PORTS)
+        let role = mic.map_or(FlagsRole::Nmi, |(files, namespace)| {
+            FlagsRole::Mic(files, FLAGS_MIC_PORTS, namespace)
         });
         Ok(self.flags_process(role, program, kubeconfig, pod_name, node))
     }
@@ -364,6 +368,12 @@ impl WorldBuilder {
     /// dropped, and say where it is.
     pub fn keep_logs(&mut self, keep: bool) {
         self.keep_logs = keep;
+    }
+
+    /// The options, to change between steps (each step reads them when it
+    /// runs: for example [`Options::mic_namespace`] once a namespace exists).
+    pub fn opts_mut(&mut self) -> &mut Options {
+        &mut self.opts
     }
 
     /// The world's folder.
@@ -480,6 +490,7 @@ impl WorldBuilder {
                 } else {
                     None
                 },
+                namespace: &self.opts.mic_namespace,
                 program: if mic { &self.opts.mic } else { &self.opts.nmi },
                 kubeconfig: self.cluster_ref()?.kubeconfig(),
             }),
@@ -546,7 +557,7 @@ impl WorldBuilder {
         let ports = free_ports()?;
         let [probe, _] = ports;
         let files = self.host.as_ref().context("no host files yet")?.mic_files();
-        let role = FlagsRole::Mic(files, ports.into());
+        let role = FlagsRole::Mic(files, ports.into(), &self.opts.mic_namespace);
         let kubeconfig = self.cluster_ref()?.kubeconfig();
         let proc = self
             .launch()?
@@ -606,7 +617,11 @@ impl WorldBuilder {
         for m in &mut self.mics {
             m.proc.wait_probe(&m.net).await?;
         }
-        let r = leader(self.client()?, &self.mics).await?;
+        let namespace = match self.args {
+            ArgsSource::Chart => LEASE.0,
+            ArgsSource::Flags => &self.opts.mic_namespace,
+        };
+        let r = leader(self.client()?, &self.mics, namespace).await?;
         Ok(self
             .mics
             .get(r)
@@ -726,8 +741,13 @@ impl Drop for WorldBuilder {
 }
 
 /// The mic replica holding the Lease (its index), waiting (bounded) for one.
-pub(super) async fn leader(client: &Client, mics: &[MicReplica]) -> anyhow::Result<usize> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE.0);
+/// `namespace` is where its Lease is.
+pub(super) async fn leader(
+    client: &Client,
+    mics: &[MicReplica],
+    namespace: &str,
+) -> anyhow::Result<usize> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     wait_for("a mic replica to hold the Lease", PROCESS_START, || {
         let leases = leases.clone();
         async move {
@@ -779,7 +799,7 @@ mod tests {
             environment: "/w/cloud.json".into(),
         };
         let kubeconfig = Path::new("/w/kubeconfig");
-        let mic = FlagsRole::Mic(&files, FLAGS_MIC_PORTS);
+        let mic = FlagsRole::Mic(&files, FLAGS_MIC_PORTS, LEASE.0);
         let CommandLine { args, env, probe } =
             flags_command(mic, kubeconfig, "mic-1", "node-a", Dialect::ThisProject);
         let mut want = tenant::mic_args(&files, kubeconfig, "mic-1", LEASE.0);
@@ -831,8 +851,13 @@ mod tests {
             azure_json: "/w/azure.json".into(),
             environment: "/w/cloud.json".into(),
         };
-        let mic = |d| flags_command(FlagsRole::Mic(&files, (1, 2)), kubeconfig, "m", "", d);
+        let mic = |d| flags_command(FlagsRole::Mic(&files, (1, 2), "ns"), kubeconfig, "m", "", d);
         assert_eq!(mic(Dialect::Upstream), mic(Dialect::ThisProject));
         assert_eq!(mic(Dialect::Upstream).probe, (1, "/healthz".to_string()));
+        assert!(
+            mic(Dialect::Upstream)
+                .args
+                .contains(&"--leader-election-namespace=ns".into())
+        );
     }
 }

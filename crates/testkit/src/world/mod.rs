@@ -234,7 +234,7 @@ impl World {
 
     /// The mic replica holding the Lease (its index), waiting (bounded) for one.
     pub async fn leader(&self) -> anyhow::Result<usize> {
-        builder::leader(&self.client().await?, &self.mics).await
+        builder::leader(&self.client().await?, &self.mics, LEASE.0).await
     }
 
     /// `/healthz` body of mic replica `r` (`Active` when leading).

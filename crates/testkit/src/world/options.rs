@@ -115,6 +115,10 @@ pub struct Options {
     pub clock_speed: f64,
     /// How mic replicas are started.
     pub mic: Program,
+    /// With [`super::ArgsSource::Flags`]: the namespace of mic's leader
+    /// election and its `MIC_POD_NAMESPACE` (`default`; the chart sets its
+    /// own).
+    pub mic_namespace: String,
     /// How nmi is started on each node.
     pub nmi: Program,
     /// What carries the apiserver and IMDS into each node namespace (and
@@ -151,6 +155,7 @@ impl Options {
             set: vec![],
             clock_speed: 30.0,
             relay: None,
+            mic_namespace: super::LEASE.0.into(),
         }
     }
 }
