@@ -512,18 +512,7 @@ mod tests {
         assert_eq!(a.klog.skip_headers, Some(false));
         assert_eq!(
             a.klog_warning(),
-            klog_warning(&[
-                "--log_dir",
-                "--log_file",
-                "--log_file_max_size",
-                "--add_dir_header",
-                "--skip_headers",
-                "--one_output",
-                "--skip_log_headers",
-                "--stderrthreshold",
-                "--vmodule",
-                "--log_backtrace_at"
-            ])
+            klog_warning(&aadpodid_runtime::flags::KLOG_FLAG_NAMES)
         );
         // Upstream's own manifests: nothing to warn about.
         assert_eq!(

@@ -150,6 +150,22 @@ pub struct KlogFlags {
     pub log_backtrace_at: Option<String>,
 }
 
+/// The flags of [`KlogFlags`] as [`klog_without_effect`] names them, in
+/// klog's order (`--logtostderr` and `-v` come between the third and the
+/// fourth).
+pub const KLOG_FLAG_NAMES: [&str; 10] = [
+    "--log_dir",
+    "--log_file",
+    "--log_file_max_size",
+    "--add_dir_header",
+    "--skip_headers",
+    "--one_output",
+    "--skip_log_headers",
+    "--stderrthreshold",
+    "--vmodule",
+    "--log_backtrace_at",
+];
+
 /// What a binary makes of klog's three common flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KlogCommon {
