@@ -204,6 +204,31 @@ fn nmi_takes_every_klog_flag_upstream_took() -> anyhow::Result<()> {
         ],
     };
     check(ours, &upstream, &cases)?;
+
+    // Ours names what has no effect, once (NMI's level comes from RUST_LOG,
+    // so a non-zero -v is named too).
+    let o = run(
+        ours,
+        &cases.accepted[0]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("klog flags accepted for compatibility"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", text(&o));
+    for name in ["--log_dir", "--vmodule", "--log_backtrace_at", "-v"] {
+        assert!(warnings[0].contains(name), "{name}: {}", warnings[0]);
+    }
+    let o = run(ours, &["--logtostderr", "--version"])?;
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("klog flags"),
+        "{}",
+        text(&o)
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -42,15 +42,18 @@ pub use args::Args;
 pub async fn cli_main() -> anyhow::Result<()> {
     use clap::Parser;
     let args = Args::parse();
-    if args.version {
-        println!("nmi {}", env!("CARGO_PKG_VERSION"));
-        return Ok(());
-    }
     let format = args
         .log_format
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))?;
     aadpodid_runtime::logging::init(format, "info");
+    if let Some(w) = args.klog_warning() {
+        tracing::warn!("{w}");
+    }
+    if args.version {
+        println!("nmi {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
     let shutdown = aadpodid_runtime::Shutdown::on_signals()?;
     run(args, shutdown).await?;
     Ok(())
