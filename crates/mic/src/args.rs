@@ -85,9 +85,13 @@ pub struct Args {
     #[arg(long = "createDeleteBatch", default_value_t = 20)]
     pub create_delete_batch: i64,
 
-    /// Kubernetes client requests per second (accepted; kube-rs has no client-side limiter).
-    #[arg(long = "clientQps", default_value_t = 5.0)]
-    pub client_qps: f32,
+    /// Kubernetes client requests per second, paced on the client as
+    /// client-go paces them (burst = the integer part). Unset: no client-side
+    /// limit (upstream's default of 5 made a burst of 1,000 pods wait about
+    /// 400 s on its own client; the apiserver's priority and fairness limits
+    /// still apply).
+    #[arg(long = "clientQps")]
+    pub client_qps: Option<f32>,
 
     /// Comma-separated client IDs that are never removed from a VM/VMSS.
     #[arg(long = "immutable-user-msis", default_value = "")]
@@ -359,7 +363,7 @@ mod tests {
         assert_eq!(a.http_probe_port, 8080);
         assert_eq!(a.prometheus_port, 8888);
         assert_eq!(a.create_delete_batch, 20);
-        assert_eq!(a.client_qps, 5.0);
+        assert_eq!(a.client_qps, None);
         assert_eq!(a.config_map_name, "aad-pod-identity-config");
         assert_eq!(a.type_upgrade_status_key, "type-upgrade-status");
         assert!(a.enable_type_upgrade);
@@ -454,7 +458,7 @@ mod tests {
         assert_eq!(a.sync_retry_duration, Duration::from_secs(5400));
         assert_eq!(a.immutable_client_ids(), vec!["aaaa-1", "bbbb-2"]);
         assert_eq!(a.create_delete_batch, 10);
-        assert_eq!(a.client_qps, 20.0);
+        assert_eq!(a.client_qps, Some(20.0));
         assert_eq!(a.prometheus_port, 9888);
         assert_eq!(a.update_user_msi_max_retry, 5);
         assert_eq!(a.update_user_msi_retry_interval, Duration::from_secs(2));

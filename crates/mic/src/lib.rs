@@ -92,6 +92,44 @@ pub struct Settings {
     pub kube_rate_limit: Option<aadpodid_runtime::client::RateLimit>,
 }
 
+/// The client-side limit `--clientQps` asks for: none unless it is given,
+/// else what client-go made of upstream's `QPS = clientQps, Burst = int(clientQps)`.
+fn kube_rate_limit(client_qps: Option<f32>) -> Option<aadpodid_runtime::client::RateLimit> {
+    client_qps.and_then(|q| aadpodid_runtime::client::RateLimit::from_client_qps(f64::from(q)))
+}
+
+#[cfg(test)]
+mod kube_rate_limit_tests {
+    use super::kube_rate_limit;
+    use aadpodid_runtime::client::RateLimit;
+
+    #[test]
+    fn only_a_given_client_qps_limits() {
+        let cases = [
+            (None, None),
+            (Some(5.0), Some(RateLimit { qps: 5.0, burst: 5 })),
+            (
+                Some(20.0),
+                Some(RateLimit {
+                    qps: 20.0,
+                    burst: 20,
+                }),
+            ),
+            (
+                Some(0.0),
+                Some(RateLimit {
+                    qps: 5.0,
+                    burst: 10,
+                }),
+            ),
+            (Some(-1.0), None),
+        ];
+        for (given, want) in cases {
+            assert_eq!(kube_rate_limit(given), want, "{given:?}");
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("{} must be set", args::ENV_MIC_POD_NAMESPACE)]
@@ -228,13 +266,10 @@ impl Settings {
                 ledger_name: owned_identities_configmap.clone(),
             },
             removal_linger: *identity_removal_linger,
-            kube_rate_limit: aadpodid_runtime::client::RateLimit::from_client_qps(f64::from(
-                *client_qps,
-            )),
+            kube_rate_limit: kube_rate_limit(*client_qps),
             arm: ArmOptions {
                 user_agent,
-                compute_api_version: Some(compute_api_version.clone())
-                    .filter(|v| !v.is_empty()),
+                compute_api_version: Some(compute_api_version.clone()).filter(|v| !v.is_empty()),
                 // Upstream re-read azure.json when it changed; the
                 // environment variables are read once.
                 reload: (!cloudconfig.is_empty()).then(|| cloud::arm::CloudConfigFile {

@@ -469,7 +469,7 @@ fn write_differences(out: &mut String, s: &Scale) {
         "\n## Differences that explain the upstream column\n\n\
          - Upstream NMI caches no token: in row 3 every request goes on to IMDS, whose limits (20 token requests/s per VM on the emulated clock, so {speed}× that in wall time, and 5 concurrent) it meets; this project's NMI answers from its cache.\n\
          - Upstream NMI re-reads the AzureAssignedIdentity every `--find-identity-retry-interval` (5 s) while it is not Assigned; this project's NMI waits on its watch (row 1).\n\
-         - Upstream MIC's client-go paces its apiserver requests at its default `--clientQps=5`; this project's kube client has no client-side limiter. Upstream MIC has no ARM write budget, so only its periods are scaled (rows 2, 4, 5).\n\
+         - Upstream MIC's client-go paces its apiserver requests at its default `--clientQps=5`; this project's MIC paces them only when `--clientQps` is given, and the benchmark gives it to neither. Upstream MIC has no ARM write budget, so only its periods are scaled (rows 2, 4, 5).\n\
          - Both are started with their defaults otherwise, the same emulator settings, the same apiserver, the same pods and identities.",
         speed = s.speed
     );
