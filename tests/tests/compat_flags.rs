@@ -48,29 +48,81 @@ struct Cases {
 }
 
 fn check(ours: &Path, upstream: &Path, cases: &Cases) -> anyhow::Result<()> {
-    for args in &cases.accepted {
+    let accepted = cases.accepted.iter().map(|args| (args, true));
+    let refused = cases.refused.iter().map(|args| (args, false));
+    for (args, takes) in accepted.chain(refused) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let up = run(upstream, &args)?;
-        assert!(
-            up.status.success(),
-            "upstream takes {args:?}:\n{}",
-            text(&up)
-        );
-        let o = run(ours, &args)?;
-        assert!(o.status.success(), "ours takes {args:?}:\n{}", text(&o));
-    }
-    for args in &cases.refused {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let up = run(upstream, &args)?;
-        assert!(
-            !up.status.success(),
-            "upstream refuses {args:?}:\n{}",
-            text(&up)
-        );
-        let o = run(ours, &args)?;
-        assert!(!o.status.success(), "ours refuses {args:?}:\n{}", text(&o));
+        let verb = if takes { "takes" } else { "refuses" };
+        for (who, bin) in [("upstream", upstream), ("ours", ours)] {
+            let o = run(bin, &args)?;
+            assert_eq!(
+                o.status.success(),
+                takes,
+                "{who} {verb} {args:?}:\n{}",
+                text(&o)
+            );
+        }
     }
     Ok(())
+}
+
+/// The one line in which ours (`ours` run with `args`) names the klog flags
+/// that have no effect; fails unless there is exactly one such line.
+fn klog_warning_line(ours: &Path, args: &[String]) -> anyhow::Result<String> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(ours, &args)?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("klog flags accepted for compatibility"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", text(&o));
+    Ok(warnings[0].to_string())
+}
+
+/// Fails if ours, run with `args`, names any klog flag in a warning.
+fn assert_no_klog_warning(ours: &Path, args: &[&str], why: &str) -> anyhow::Result<()> {
+    let o = run(ours, args)?;
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("klog flags"),
+        "{why}:\n{}",
+        text(&o)
+    );
+    Ok(())
+}
+
+/// Upstream's binary `name`, ours (`ours`), and a scratch folder with the
+/// values `--log_dir` and `--log_file` take in it.
+struct Setup<'a> {
+    upstream: std::path::PathBuf,
+    ours: &'a Path,
+    dir: std::path::PathBuf,
+    log_dir: String,
+    log_file: String,
+}
+
+impl<'a> Setup<'a> {
+    fn new(name: &str, ours: &'a str) -> anyhow::Result<Self> {
+        let dir = scratch(name)?;
+        Ok(Self {
+            upstream: upstream_bin_dir()?.join(name),
+            ours: Path::new(ours),
+            log_dir: dir.display().to_string(),
+            log_file: dir.join(format!("{name}.log")).display().to_string(),
+            dir,
+        })
+    }
+}
+
+impl Drop for Setup<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One command line per flag in `flags`: that flag, then `--version`.
+fn each_then_version(flags: &[&str]) -> Vec<Vec<String>> {
+    flags.iter().map(|f| strings(&[f, "--version"])).collect()
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -81,18 +133,15 @@ fn strings(v: &[&str]) -> Vec<String> {
 /// `=` or as the next word (booleans only after `=`).
 #[test]
 fn mic_takes_every_klog_flag_upstream_took() -> anyhow::Result<()> {
-    let upstream = upstream_bin_dir()?.join("mic");
-    let ours = Path::new(env!("CARGO_BIN_EXE_e2e-mic"));
-    let dir = scratch("mic")?;
-    let log_dir = dir.display().to_string();
-    let log_file = dir.join("mic.log").display().to_string();
+    let setup = Setup::new("mic", env!("CARGO_BIN_EXE_e2e-mic"))?;
+    let (log_dir, log_file) = (&setup.log_dir, &setup.log_file);
     let every = [
         "-logtostderr",
         "--alsologtostderr=false",
         "-v",
         "2",
         "-log_dir",
-        &log_dir,
+        log_dir,
         &format!("--log_file={log_file}"),
         "-log_file_max_size=0x10",
         "-add_dir_header",
@@ -113,48 +162,32 @@ fn mic_takes_every_klog_flag_upstream_took() -> anyhow::Result<()> {
             strings(&["-v=0", "-stderrthreshold=2", "-version"]),
             strings(&["--log_backtrace_at=", "--vmodule", "", "--version"]),
         ],
-        refused: vec![
-            strings(&["-stderrthreshold=DEBUG", "--version"]),
-            strings(&["-vmodule=mic", "--version"]),
-            strings(&["-vmodule=mic=-1", "--version"]),
-            strings(&["-log_backtrace_at=mic:12", "--version"]),
-            strings(&["-log_file_max_size=-1", "--version"]),
-            strings(&["-skip_headers=yes", "--version"]),
-            strings(&["-v=x", "--version"]),
-            strings(&["-no_such_klog_flag", "--version"]),
-        ],
+        refused: each_then_version(&[
+            "-stderrthreshold=DEBUG",
+            "-vmodule=mic",
+            "-vmodule=mic=-1",
+            "-log_backtrace_at=mic:12",
+            "-log_file_max_size=-1",
+            "-skip_headers=yes",
+            "-v=x",
+            "-no_such_klog_flag",
+        ]),
     };
-    check(ours, &upstream, &cases)?;
+    check(setup.ours, &setup.upstream, &cases)?;
 
     // Ours names what has no effect, once, in klog's order.
-    let o = run(
-        ours,
-        &strings(&every)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let warnings: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("klog flags accepted for compatibility"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{}", text(&o));
+    let warning = klog_warning_line(setup.ours, &strings(&every))?;
     assert!(
-        warnings[0].contains(
+        warning.contains(
             "--log_dir, --log_file, --log_file_max_size, --add_dir_header, --skip_headers, --one_output, --skip_log_headers, --stderrthreshold, --vmodule, --log_backtrace_at"
         ),
-        "{}",
-        warnings[0]
+        "{warning}"
     );
-    let o = run(ours, &["--logtostderr", "--v=2", "--version"])?;
-    assert!(
-        !String::from_utf8_lossy(&o.stderr).contains("klog flags"),
-        "no warning for upstream's own manifests:\n{}",
-        text(&o)
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    assert_no_klog_warning(
+        setup.ours,
+        &["--logtostderr", "--v=2", "--version"],
+        "no warning for upstream's own manifests",
+    )
 }
 
 /// Upstream NMI parsed with pflag (klog's Go flags added to it): two dashes,
@@ -162,11 +195,8 @@ fn mic_takes_every_klog_flag_upstream_took() -> anyhow::Result<()> {
 /// a short flag.
 #[test]
 fn nmi_takes_every_klog_flag_upstream_took() -> anyhow::Result<()> {
-    let upstream = upstream_bin_dir()?.join("nmi");
-    let ours = Path::new(env!("CARGO_BIN_EXE_e2e-nmi"));
-    let dir = scratch("nmi")?;
-    let log_dir = dir.display().to_string();
-    let log_file = dir.join("nmi.log").display().to_string();
+    let setup = Setup::new("nmi", env!("CARGO_BIN_EXE_e2e-nmi"))?;
+    let (log_dir, log_file) = (&setup.log_dir, &setup.log_file);
     let cases = Cases {
         accepted: vec![
             strings(&[
@@ -175,7 +205,7 @@ fn nmi_takes_every_klog_flag_upstream_took() -> anyhow::Result<()> {
                 "-v",
                 "3",
                 "--log_dir",
-                &log_dir,
+                log_dir,
                 &format!("--log_file={log_file}"),
                 "--log_file_max_size=100",
                 "--add_dir_header=true",
@@ -192,43 +222,28 @@ fn nmi_takes_every_klog_flag_upstream_took() -> anyhow::Result<()> {
             strings(&["-v=5", "--version"]),
             strings(&["--logtostderr", "--version"]),
         ],
-        refused: vec![
-            strings(&["--stderrthreshold=DEBUG", "--version"]),
-            strings(&["--vmodule=server", "--version"]),
-            strings(&["--log_backtrace_at=server", "--version"]),
-            strings(&["--log_file_max_size=-1", "--version"]),
-            strings(&["--one_output=maybe", "--version"]),
+        refused: each_then_version(&[
+            "--stderrthreshold=DEBUG",
+            "--vmodule=server",
+            "--log_backtrace_at=server",
+            "--log_file_max_size=-1",
+            "--one_output=maybe",
             // pflag takes long flags with two dashes only.
-            strings(&["-log_dir=/tmp", "--version"]),
-            strings(&["--no_such_klog_flag", "--version"]),
-        ],
+            "-log_dir=/tmp",
+            "--no_such_klog_flag",
+        ]),
     };
-    check(ours, &upstream, &cases)?;
+    check(setup.ours, &setup.upstream, &cases)?;
 
     // Ours names what has no effect, once (NMI's level comes from RUST_LOG,
     // so a non-zero -v is named too).
-    let o = run(
-        ours,
-        &cases.accepted[0]
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let warnings: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("klog flags accepted for compatibility"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{}", text(&o));
+    let warning = klog_warning_line(setup.ours, &cases.accepted[0])?;
     for name in ["--log_dir", "--vmodule", "--log_backtrace_at", "-v"] {
-        assert!(warnings[0].contains(name), "{name}: {}", warnings[0]);
+        assert!(warning.contains(name), "{name}: {warning}");
     }
-    let o = run(ours, &["--logtostderr", "--version"])?;
-    assert!(
-        !String::from_utf8_lossy(&o.stderr).contains("klog flags"),
-        "{}",
-        text(&o)
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    assert_no_klog_warning(
+        setup.ours,
+        &["--logtostderr", "--version"],
+        "no warning without klog flags of no effect",
+    )
 }
