@@ -76,6 +76,55 @@ fn now_bound(p: &PodRef, j: usize) -> PodRef {
     }
 }
 
+/// The query naming identity `j` by its client ID.
+fn by_client(j: usize) -> String {
+    format!("&client_id={}", id_client(j))
+}
+
+/// The query naming identity `j` by its resource ID.
+fn by_resource(j: usize) -> String {
+    format!("&msi_res_id={}", id_resource(&id_name(j)))
+}
+
+/// A world of [`options`] with `n` identities no binding names yet.
+async fn world_with_unbound(n: usize) -> anyhow::Result<World> {
+    let mut opts = options(&[]);
+    opts.unbound_identities = n;
+    World::start(opts).await
+}
+
+/// Waits (bounded) until `pods` and only they have their identities
+/// Assigned and the scale sets carry exactly those pods' identities.
+async fn wait_settled(world: &World, pods: &[PodRef]) -> anyhow::Result<()> {
+    world.wait_assigned(pods, ASSIGN).await?;
+    world
+        .wait_vmss(&world.expected_identities(pods), ASSIGN)
+        .await
+}
+
+/// After identity `j`'s AzureIdentity or binding was deleted (`what`, at
+/// `t`): only `rest` keep their AzureAssignedIdentities, the scale sets
+/// only their identities; the pods of `gone` are refused (with no ID and
+/// by id-j's client ID) and those of `rest` still get their tokens.
+async fn check_deleted(
+    world: &World,
+    (what, t): (&str, Instant),
+    j: usize,
+    gone: &[PodRef],
+    rest: &[PodRef],
+) -> anyhow::Result<()> {
+    wait_settled(world, rest).await?;
+    eprintln!(
+        "{what} deleted: its AAIs gone and the scale sets without it {:.1?} later",
+        t.elapsed()
+    );
+    for p in gone {
+        assert_refused(world, p, "").await?;
+        assert_refused(world, p, &by_client(j)).await?;
+    }
+    world.check_tokens(rest).await
+}
+
 /// What the scale sets carry at the start, plus `extra`: (pod, identity
 /// name) puts the identity on the scale set of the pod's node.
 fn vmss_with(world: &World, extra: &[(&PodRef, &str)]) -> BTreeMap<String, BTreeSet<String>> {
@@ -215,10 +264,7 @@ async fn grant_app_ns(world: &World, last: usize) -> anyhow::Result<()> {
 async fn identity_or_binding_deleted_stops_the_tokens() -> anyhow::Result<()> {
     let world = World::start(options(&[])).await?;
     let pods = world.create_pods(0, 6, |i| Some(i % 3)).await?;
-    world.wait_assigned(&pods, ASSIGN).await?;
-    world
-        .wait_vmss(&world.expected_identities(&pods), ASSIGN)
-        .await?;
+    wait_settled(&world, &pods).await?;
     world.check_tokens(&pods).await?;
 
     let of = |j: usize| -> Vec<PodRef> {
@@ -236,19 +282,7 @@ async fn identity_or_binding_deleted_stops_the_tokens() -> anyhow::Result<()> {
         .delete(&id_name(0), &DeleteParams::default())
         .await?;
     let rest: Vec<PodRef> = on1.iter().chain(&on2).cloned().collect();
-    world.wait_assigned(&rest, ASSIGN).await?;
-    world
-        .wait_vmss(&world.expected_identities(&rest), ASSIGN)
-        .await?;
-    eprintln!(
-        "AzureIdentity deleted: its AAIs gone and the scale sets without it {:.1?} later",
-        t.elapsed()
-    );
-    for p in &on0 {
-        assert_refused(&world, p, "").await?;
-        assert_refused(&world, p, &format!("&client_id={}", id_client(0))).await?;
-    }
-    world.check_tokens(&rest).await?;
+    check_deleted(&world, ("AzureIdentity", t), 0, &on0, &rest).await?;
 
     // The binding goes.
     let t = Instant::now();
@@ -256,19 +290,7 @@ async fn identity_or_binding_deleted_stops_the_tokens() -> anyhow::Result<()> {
         .await?
         .delete(&format!("{}-binding", id_name(1)), &DeleteParams::default())
         .await?;
-    world.wait_assigned(&on2, ASSIGN).await?;
-    world
-        .wait_vmss(&world.expected_identities(&on2), ASSIGN)
-        .await?;
-    eprintln!(
-        "binding deleted: its AAIs gone and the scale sets without it {:.1?} later",
-        t.elapsed()
-    );
-    for p in &on1 {
-        assert_refused(&world, p, "").await?;
-        assert_refused(&world, p, &format!("&client_id={}", id_client(1))).await?;
-    }
-    world.check_tokens(&on2).await?;
+    check_deleted(&world, ("binding", t), 1, &on1, &on2).await?;
 
     // Upstream node: "should be able to delete AzureAssignedIdentity when
     // the user-assigned identity is un-assigned from the underlying node":
@@ -286,8 +308,7 @@ async fn identity_or_binding_deleted_stops_the_tokens() -> anyhow::Result<()> {
     world.wait_no_assigned(ASSIGN).await?;
     world
         .wait_vmss(&world.expected_identities(&[]), ASSIGN)
-        .await?;
-    Ok(())
+        .await
 }
 
 /// Upstream single_identity: "should pass identity validation with correct
@@ -318,19 +339,11 @@ async fn two_identities_on_one_pod_each_by_its_id() -> anyhow::Result<()> {
         .wait_vmss(&vmss_with(&world, &[(p, "id-0"), (p, "id-1")]), ASSIGN)
         .await?;
     for j in [0, 1] {
-        let client = id_client(j);
-        assert_token(&world, p, &format!("&client_id={client}"), &client).await?;
-        let resource = id_resource(&id_name(j));
-        assert_token(&world, p, &format!("&msi_res_id={resource}"), &client).await?;
+        assert_token(&world, p, &by_client(j), &id_client(j)).await?;
+        assert_token(&world, p, &by_resource(j), &id_client(j)).await?;
     }
-    assert_refused(&world, p, &format!("&client_id={}", id_client(2))).await?;
-    assert_refused(
-        &world,
-        p,
-        &format!("&msi_res_id={}", id_resource(&id_name(2))),
-    )
-    .await?;
-    Ok(())
+    assert_refused(&world, p, &by_client(2)).await?;
+    assert_refused(&world, p, &by_resource(2)).await
 }
 
 /// Upstream single_identity: "should update AzureAssignedIdentity when
@@ -344,9 +357,7 @@ async fn two_identities_on_one_pod_each_by_its_id() -> anyhow::Result<()> {
 /// one, and to that pod's scale set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identity_and_binding_edits_move_the_assignment() -> anyhow::Result<()> {
-    let mut opts = options(&[]);
-    opts.unbound_identities = 1;
-    let world = World::start(opts).await?;
+    let world = world_with_unbound(1).await?;
     // id-5 is the identity AzureIdentity id-0 is changed to.
     grant_app_ns(&world, 5).await?;
     let pods = world.create_pods(0, 2, Some).await?;
@@ -381,21 +392,9 @@ async fn identity_and_binding_edits_move_the_assignment() -> anyhow::Result<()> 
         "identity fields updated: Assigned for the new identity, the old one off the scale set, tokens of the new one {:.1?} later",
         t.elapsed()
     );
-    assert_token(
-        &world,
-        p0,
-        &format!("&client_id={}", id_client(5)),
-        &id_client(5),
-    )
-    .await?;
-    assert_token(
-        &world,
-        p0,
-        &format!("&msi_res_id={new_resource}"),
-        &id_client(5),
-    )
-    .await?;
-    assert_refused(&world, p0, &format!("&client_id={}", id_client(0))).await?;
+    assert_token(&world, p0, &by_client(5), &id_client(5)).await?;
+    assert_token(&world, p0, &by_resource(5), &id_client(5)).await?;
+    assert_refused(&world, p0, &by_client(0)).await?;
     world.check_tokens(std::slice::from_ref(p1)).await?;
 
     // Binding id-1-binding now selects `sel-moved`: p1 (still `sel-1`)
@@ -442,7 +441,6 @@ async fn identity_and_binding_edits_move_the_assignment() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relabelled_pod_switches_identity() -> anyhow::Result<()> {
     let (world, p) = world_and_pod(0).await?;
-    let p = &p;
 
     let t = Instant::now();
     Api::<Pod>::namespaced(world.client().await?, APP_NS)
@@ -452,16 +450,8 @@ async fn relabelled_pod_switches_identity() -> anyhow::Result<()> {
             &Patch::Merge(json!({"metadata": {"labels": {LABEL: "sel-1"}}})),
         )
         .await?;
-    let p1 = now_bound(p, 1);
-    world
-        .wait_assigned(std::slice::from_ref(&p1), ASSIGN)
-        .await?;
-    world
-        .wait_vmss(
-            &world.expected_identities(std::slice::from_ref(&p1)),
-            ASSIGN,
-        )
-        .await?;
+    let p1 = now_bound(&p, 1);
+    wait_settled(&world, std::slice::from_ref(&p1)).await?;
     world
         .wait_tokens(std::slice::from_ref(&p1), Duration::from_secs(30))
         .await?;
@@ -469,15 +459,8 @@ async fn relabelled_pod_switches_identity() -> anyhow::Result<()> {
         "relabelled: Assigned to the new identity, the old one off the scale set {:.1?} later",
         t.elapsed()
     );
-    assert_token(
-        &world,
-        &p1,
-        &format!("&client_id={}", id_client(1)),
-        &id_client(1),
-    )
-    .await?;
-    assert_refused(&world, &p1, &format!("&client_id={}", id_client(0))).await?;
-    Ok(())
+    assert_token(&world, &p1, &by_client(1), &id_client(1)).await?;
+    assert_refused(&world, &p1, &by_client(0)).await
 }
 
 /// Upstream node: "should not delete the Immutable Identity from VMSS when
@@ -511,10 +494,7 @@ async fn immutable_identity_stays_on_the_scale_set() -> anyhow::Result<()> {
     let pods = world
         .create_pods(0, 2, |i| Some(if i == 0 { 4 } else { 0 }))
         .await?;
-    world.wait_assigned(&pods, ASSIGN).await?;
-    world
-        .wait_vmss(&world.expected_identities(&pods), ASSIGN)
-        .await?;
+    wait_settled(&world, &pods).await?;
     world.check_tokens(&pods).await?;
 
     let t = Instant::now();
@@ -566,9 +546,7 @@ async fn immutable_identity_stays_on_the_scale_set() -> anyhow::Result<()> {
 /// reports (`warn`) or refuses (`enforce`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn same_names_in_two_namespaces_are_kept_apart() -> anyhow::Result<()> {
-    let mut opts = options(&[]);
-    opts.unbound_identities = 2;
-    let world = World::start(opts).await?;
+    let world = world_with_unbound(2).await?;
     let before = world.all_vmss_identities();
     let name = "keyvault-identity";
     let binding = "keyvault-identity-binding";
@@ -606,14 +584,8 @@ async fn same_names_in_two_namespaces_are_kept_apart() -> anyhow::Result<()> {
     world
         .wait_tokens(std::slice::from_ref(&p), Duration::from_secs(30))
         .await?;
-    assert_token(
-        &world,
-        &p,
-        &format!("&client_id={}", id_client(5)),
-        &id_client(5),
-    )
-    .await?;
-    assert_refused(&world, &p, &format!("&client_id={}", id_client(6))).await?;
+    assert_token(&world, &p, &by_client(5), &id_client(5)).await?;
+    assert_refused(&world, &p, &by_client(6)).await?;
 
     world.delete_pods(std::slice::from_ref(&p)).await?;
     let gone = wait_for("the validator's AAI gone", ASSIGN, || async {
