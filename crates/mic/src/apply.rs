@@ -151,12 +151,24 @@ enum AaiWrite {
     Update,
 }
 
+/// What an [`Executor`] works through: the Kubernetes client, the cloud,
+/// where it reports, and whether this replica leads.
+pub struct Deps<C: Cloud> {
+    pub client: Client,
+    pub cloud: Arc<C>,
+    pub events: Events,
+    pub metrics: Metrics,
+    pub leading: watch::Receiver<bool>,
+}
+
+impl<C: Cloud> std::fmt::Debug for Deps<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deps").finish_non_exhaustive()
+    }
+}
+
 pub struct Executor<C: Cloud> {
-    client: Client,
-    cloud: Arc<C>,
-    events: Events,
-    metrics: Metrics,
-    leading: watch::Receiver<bool>,
+    deps: Deps<C>,
     opts: ExecutorOptions,
     /// Retry-After per resource: a throttled scale set pauses alone, where
     /// upstream paused every scale set (docs/upstream-behaviour.md, H8).
@@ -203,20 +215,9 @@ fn op_label(r: &ResourceRef, update: bool) -> &'static str {
 }
 
 impl<C: Cloud> Executor<C> {
-    pub fn new(
-        client: Client,
-        cloud: Arc<C>,
-        events: Events,
-        metrics: Metrics,
-        leading: watch::Receiver<bool>,
-        opts: ExecutorOptions,
-    ) -> Self {
+    pub fn new(deps: Deps<C>, opts: ExecutorOptions) -> Self {
         Executor {
-            client,
-            cloud,
-            events,
-            metrics,
-            leading,
+            deps,
             not_before: Mutex::default(),
             quarantine: Mutex::default(),
             reported: Mutex::default(),
@@ -235,7 +236,7 @@ impl<C: Cloud> Executor<C> {
     }
 
     fn ledger_api(&self) -> Api<ConfigMap> {
-        Api::namespaced(self.client.clone(), &self.opts.ledger_namespace)
+        Api::namespaced(self.deps.client.clone(), &self.opts.ledger_namespace)
     }
 
     fn read_ledger_error(&self, source: kube::Error) -> ApplyError {
@@ -366,12 +367,13 @@ impl<C: Cloud> Executor<C> {
             lock(&self.refusals).insert(key.clone(), message.clone()) != Some(message.clone());
         if first {
             tracing::warn!(aai = %format!("{}/{}", key.0, key.1), reason = refusal.reason(), "{message}");
-            self.metrics
+            self.deps
+                .metrics
                 .identity_refused_count
                 .with_label_values(&[refusal.reason()])
                 .inc();
             if let (Some(identity), _) = refs(aai) {
-                self.events.publish(
+                self.deps.events.publish(
                     true,
                     refusal.reason(),
                     format!("AzureAssignedIdentity {}: {message}", key.1),
@@ -405,7 +407,7 @@ impl<C: Cloud> Executor<C> {
         let now = self.budget_now();
         lock(&self.budget).try_acquire(r, now).map_err(|wait| {
             tracing::debug!(resource = %r, ?wait, "write budget spent; PATCH deferred");
-            self.metrics.mic_arm_writes_deferred_count.inc();
+            self.deps.metrics.mic_arm_writes_deferred_count.inc();
             Instant::now() + wait
         })
     }
@@ -414,10 +416,10 @@ impl<C: Cloud> Executor<C> {
     fn observe_write(&self, r: &ResourceRef, error: Option<&CloudError>) {
         let now = self.budget_now();
         let mut budget = lock(&self.budget);
-        if let Some(header) = self.cloud.take_remaining(r) {
+        if let Some(header) = self.deps.cloud.take_remaining(r) {
             budget.observe_remaining(r, &header, now);
         }
-        if let Some(n) = self.cloud.take_remaining_subscription_writes() {
+        if let Some(n) = self.deps.cloud.take_remaining_subscription_writes() {
             budget.observe_subscription_writes(n, now);
         }
         if let Some(after) = error.and_then(CloudError::retry_after) {
@@ -426,7 +428,7 @@ impl<C: Cloud> Executor<C> {
     }
 
     fn check_leader(&self) -> Result<(), ApplyError> {
-        if *self.leading.borrow() {
+        if *self.deps.leading.borrow() {
             Ok(())
         } else {
             Err(ApplyError::NotLeader)
@@ -434,7 +436,7 @@ impl<C: Cloud> Executor<C> {
     }
 
     fn api(&self, ns: &str) -> Api<AzureAssignedIdentity> {
-        Api::namespaced(self.client.clone(), ns)
+        Api::namespaced(self.deps.client.clone(), ns)
     }
 
     /// Logs and reports each plan warning once.
@@ -481,7 +483,8 @@ impl<C: Cloud> Executor<C> {
                     resource_id,
                     enforced,
                 } => {
-                    self.metrics
+                    self.deps
+                        .metrics
                         .identity_refused_count
                         .with_label_values(&[events::REASON_IDENTITY_NOT_GRANTED])
                         .inc();
@@ -504,7 +507,7 @@ impl<C: Cloud> Executor<C> {
                 _ => events::REASON_INVALID_OBJECT,
             };
             if let Some(r) = reference {
-                self.events.publish(true, reason, note, r);
+                self.deps.events.publish(true, reason, note, r);
             }
         }
     }
@@ -550,7 +553,8 @@ impl<C: Cloud> Executor<C> {
                 // that is gone (the only removal it reported by Event).
                 let node_exists = index.nodes.contains_key(&aai.spec.node_name);
                 if let Some(e) = events::node_gone_removal(aai, node_exists, result.as_ref()) {
-                    self.events
+                    self.deps
+                        .events
                         .publish(e.warning, e.reason, e.note, e.regarding);
                 }
                 if result.is_err() {
@@ -599,7 +603,8 @@ impl<C: Cloud> Executor<C> {
     }
 
     fn note_error(&self, r: &ResourceRef, e: &CloudError, update: bool) -> Instant {
-        self.metrics
+        self.deps
+            .metrics
             .cloud_provider_operations_errors_count
             .with_label_values(&[op_label(r, update)])
             .inc();
@@ -615,7 +620,7 @@ impl<C: Cloud> Executor<C> {
         r: &ResourceRef,
     ) -> Result<crate::cloud::ResourceIdentity, (CloudError, Instant)> {
         let start = std::time::Instant::now();
-        let res = self.cloud.get_identities(r).await;
+        let res = self.deps.cloud.get_identities(r).await;
         if let Ok(current) = &res {
             let mut known = lock(&self.known_client_ids);
             for (id, a) in &current.reported {
@@ -625,11 +630,12 @@ impl<C: Cloud> Executor<C> {
             }
         }
         // A GET answer may carry the resource's bucket counts too.
-        if let Some(header) = self.cloud.take_remaining(r) {
+        if let Some(header) = self.deps.cloud.take_remaining(r) {
             let now = self.budget_now();
             lock(&self.budget).observe_remaining(r, &header, now);
         }
-        self.metrics
+        self.deps
+            .metrics
             .cloud_provider_operations_duration_seconds
             .with_label_values(&[op_label(r, false)])
             .observe(start.elapsed().as_secs_f64());
@@ -869,8 +875,9 @@ impl<C: Cloud> Executor<C> {
                 };
             }
             let start = std::time::Instant::now();
-            let res = self.cloud.update_identities(r, patch).await;
-            self.metrics
+            let res = self.deps.cloud.update_identities(r, patch).await;
+            self.deps
+                .metrics
                 .cloud_provider_operations_duration_seconds
                 .with_label_values(&[op_label(r, true)])
                 .observe(start.elapsed().as_secs_f64());
@@ -919,18 +926,29 @@ impl<C: Cloud> Executor<C> {
     }
 
     fn apply_error_event(&self, aai: &AzureAssignedIdentity, why: &str) {
+        self.binding_event(
+            aai,
+            true,
+            events::REASON_BINDING_APPLY_ERROR,
+            |b, node, pod| {
+                format!("Applying binding {b} node {node} for pod {pod} resulted in error: {why}")
+            },
+        );
+    }
+
+    /// Publishes an Event regarding the binding `aai` embeds (none when it
+    /// embeds none); `note` is given the binding's, node's and pod's names.
+    fn binding_event(
+        &self,
+        aai: &AzureAssignedIdentity,
+        warning: bool,
+        reason: &str,
+        note: impl FnOnce(String, &str, String) -> String,
+    ) {
         if let (_, Some(binding)) = refs(aai) {
-            self.events.publish(
-                true,
-                events::REASON_BINDING_APPLY_ERROR,
-                format!(
-                    "Applying binding {} node {} for pod {} resulted in error: {why}",
-                    binding.name_any(),
-                    aai.spec.node_name,
-                    aai.name_any()
-                ),
-                events::reference(binding),
-            );
+            let note = note(binding.name_any(), &aai.spec.node_name, aai.name_any());
+            let regarding = events::reference(binding);
+            self.deps.events.publish(warning, reason, note, regarding);
         }
     }
 
@@ -1043,7 +1061,7 @@ impl<C: Cloud> Executor<C> {
                 outcome.retry(at);
                 break;
             }
-            let res = self.cloud.update_identities(r, &patch).await;
+            let res = self.deps.cloud.update_identities(r, &patch).await;
             self.observe_write(r, res.as_ref().err());
             if let Err(e) = res {
                 outcome.retry(self.note_error(r, &e, true));
@@ -1087,14 +1105,17 @@ impl<C: Cloud> Executor<C> {
         let (res, count, duration, op) = match write {
             AaiWrite::Create => (
                 api.create(&PostParams::default(), aai).await,
-                &self.metrics.assigned_identity_addition_count,
-                &self.metrics.assigned_identity_addition_duration_seconds,
+                &self.deps.metrics.assigned_identity_addition_count,
+                &self
+                    .deps
+                    .metrics
+                    .assigned_identity_addition_duration_seconds,
                 metrics::OP_AAI_ADDITION,
             ),
             AaiWrite::Update => (
                 api.replace(&key.1, &PostParams::default(), aai).await,
-                &self.metrics.assigned_identity_update_count,
-                &self.metrics.assigned_identity_update_duration_seconds,
+                &self.deps.metrics.assigned_identity_update_count,
+                &self.deps.metrics.assigned_identity_update_duration_seconds,
                 metrics::OP_AAI_UPDATE,
             ),
         };
@@ -1114,12 +1135,13 @@ impl<C: Cloud> Executor<C> {
         let already_there =
             write == AaiWrite::Create && matches!(&source, kube::Error::Api(s) if s.code == 409);
         if !already_there {
-            self.metrics
+            self.deps
+                .metrics
                 .kubernetes_api_operations_errors_count
                 .with_label_values(&[op])
                 .inc();
             if let (AaiWrite::Create, (_, Some(binding))) = (write, refs(aai)) {
-                self.events.publish(
+                self.deps.events.publish(
                     true,
                     events::REASON_BINDING_APPLY_ERROR,
                     format!("Creating AzureAssignedIdentity {}: {source}", key.1),
@@ -1169,11 +1191,12 @@ impl<C: Cloud> Executor<C> {
         match res {
             Ok(_) => Ok(()),
             Err(source) => {
-                self.metrics
+                self.deps
+                    .metrics
                     .kubernetes_api_operations_errors_count
                     .with_label_values(&[metrics::OP_AAI_STATUS])
                     .inc();
-                self.events.publish(
+                self.deps.events.publish(
                     true,
                     events::REASON_STATUS_UPDATE_ERROR,
                     format!("Updating assigned identity {name} status to {state} failed: {source}"),
@@ -1193,19 +1216,12 @@ impl<C: Cloud> Executor<C> {
         {
             Ok(()) => {
                 lock(&self.refusals).remove(&crate::index::key(aai));
-                if let (_, Some(binding)) = refs(aai) {
-                    self.events.publish(
-                        false,
-                        events::REASON_BINDING_APPLIED,
-                        format!(
-                            "Binding {} applied on node {} for pod {}",
-                            binding.name_any(),
-                            aai.spec.node_name,
-                            aai.name_any()
-                        ),
-                        events::reference(binding),
-                    );
-                }
+                self.binding_event(
+                    aai,
+                    false,
+                    events::REASON_BINDING_APPLIED,
+                    |b, node, pod| format!("Binding {b} applied on node {node} for pod {pod}"),
+                );
                 Ok(true)
             }
             Err(ApplyError::NotLeader) => Err(ApplyError::NotLeader),
@@ -1272,8 +1288,9 @@ impl<C: Cloud> Executor<C> {
                 )));
             }
         }
-        self.metrics.assigned_identity_deletion_count.inc();
-        self.metrics
+        self.deps.metrics.assigned_identity_deletion_count.inc();
+        self.deps
+            .metrics
             .assigned_identity_deletion_duration_seconds
             .observe(start.elapsed().as_secs_f64());
         Ok(Ok(()))
@@ -1282,7 +1299,8 @@ impl<C: Cloud> Executor<C> {
     /// Counts and logs a failed step (`what`) of deleting `ns/name`; the
     /// apiserver's error.
     fn deletion_failed(&self, ns: String, name: String, source: kube::Error, what: &str) -> String {
-        self.metrics
+        self.deps
+            .metrics
             .kubernetes_api_operations_errors_count
             .with_label_values(&[metrics::OP_AAI_DELETION])
             .inc();

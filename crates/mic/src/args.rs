@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use aadpodid_api::policy::PolicyMode;
-use clap::{ArgAction, Parser};
+use clap::Parser;
 
 /// Upstream reads this exact string (`== "true"`) in both binaries.
 pub const ENV_FORCE_NAMESPACED: &str = aadpodid_api::ENV_FORCE_NAMESPACED;
@@ -14,8 +14,10 @@ pub const ENV_FORCE_NAMESPACED: &str = aadpodid_api::ENV_FORCE_NAMESPACED;
 pub const ENV_MIC_POD_NAMESPACE: &str = "MIC_POD_NAMESPACE";
 
 /// MIC's flags. Names are upstream's, camelCase included.
+/// Booleans take Go's syntax ([`go_bool_syntax`]).
 #[derive(Clone, Debug, Parser)]
 #[command(name = "mic", about = "aad-pod-identity Managed Identity Controller")]
+#[command(mut_args = go_bool_syntax)]
 pub struct Args {
     /// Path to a kubeconfig; empty means in-cluster.
     #[arg(long, default_value = "")]
@@ -26,14 +28,11 @@ pub struct Args {
     pub cloudconfig: String,
 
     /// Identities, bindings and pods must share a namespace (OR-ed with FORCENAMESPACED=true).
-    #[arg(long = "forceNamespaced", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_value = "false", default_missing_value = "true",
-          action = ArgAction::Set)]
+    #[arg(long = "forceNamespaced", default_value = "false")]
     pub force_namespaced: bool,
 
     /// Print the version and exit.
-    #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", action = ArgAction::Set)]
+    #[arg(long, default_value = "false")]
     pub version: bool,
 
     /// Period of the full resync.
@@ -54,9 +53,7 @@ pub struct Args {
     /// name, and act only while holding both it and the Lease, so that an
     /// upstream mic and this one are never leaders together during a
     /// migration. `false` once no upstream mic can run in the cluster.
-    #[arg(long = "leader-election-endpoints-lock", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_value = "true", default_missing_value = "true",
-          action = ArgAction::Set)]
+    #[arg(long = "leader-election-endpoints-lock", default_value = "true")]
     pub leader_election_endpoints_lock: bool,
 
     /// Lease duration; renew deadline is half of it, retry period a quarter (upstream).
@@ -70,15 +67,11 @@ pub struct Args {
     pub prometheus_port: u16,
 
     /// Upstream serves pprof on localhost:6060; accepted and ignored here.
-    #[arg(long = "enableProfile", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_value = "false", default_missing_value = "true",
-          action = ArgAction::Set)]
+    #[arg(long = "enableProfile", default_value = "false")]
     pub enable_profile: bool,
 
     /// Deprecated no-op in upstream MIC too.
-    #[arg(long = "enableScaleFeatures", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_value = "false", default_missing_value = "true",
-          action = ArgAction::Set)]
+    #[arg(long = "enableScaleFeatures", default_value = "false")]
     pub enable_scale_features: bool,
 
     /// Concurrent Kubernetes writes per cycle.
@@ -107,9 +100,7 @@ pub struct Args {
     pub type_upgrade_status_key: String,
 
     /// Upstream's pre-1.6 field migration; there is nothing to migrate here.
-    #[arg(long = "enable-type-upgrade", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_value = "true", default_missing_value = "true",
-          action = ArgAction::Set)]
+    #[arg(long = "enable-type-upgrade", default_value = "true")]
     pub enable_type_upgrade: bool,
 
     #[arg(long = "update-user-msi-max-retry", default_value_t = 2)]
@@ -131,9 +122,7 @@ pub struct Args {
     /// identity that was on a VMSS/VM before MIC added it) may be marked
     /// Assigned. Off by default: such identities are never served to pods.
     /// They are never removed either way.
-    #[arg(long = "serve-cluster-identities", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_value = "false", default_missing_value = "true",
-          action = ArgAction::Set)]
+    #[arg(long = "serve-cluster-identities", default_value = "false")]
     pub serve_cluster_identities: bool,
 
     /// Beyond upstream: the ConfigMap, in MIC's namespace (`MIC_POD_NAMESPACE`),
@@ -156,9 +145,7 @@ pub struct Args {
 
     /// Succeeded/Failed pods keep their identities, as upstream did (finished
     /// Job pods then pile identities up on the nodes); by default they release them.
-    #[arg(long = "keep-completed-pod-identities", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_value = "false", default_missing_value = "true",
-          action = ArgAction::Set)]
+    #[arg(long = "keep-completed-pod-identities", default_value = "false")]
     pub keep_completed_pod_identities: bool,
 
     /// Beyond upstream: write tokens per VMSS/VM when its bucket is full
@@ -194,12 +181,10 @@ pub struct Args {
 
     // klog flags the chart and manifests pass; logs always go to stderr here.
     // klog's default for `--logtostderr` is true.
-    #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
-          default_value = "true", default_missing_value = "true", action = ArgAction::Set)]
+    #[arg(long, default_value = "true")]
     pub logtostderr: bool,
 
-    #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", action = ArgAction::Set)]
+    #[arg(long, default_value = "false")]
     pub alsologtostderr: bool,
 
     /// klog verbosity: 0 is info, higher values turn on debug logs.
@@ -295,7 +280,7 @@ pub fn parse_policy_mode(s: &str) -> Result<PolicyMode, String> {
 /// Go's `strconv.ParseBool` (shared with nmi).
 pub use aadpodid_runtime::flags::parse_go_bool;
 use aadpodid_runtime::flags::{
-    KlogCommon, KlogFlags, go_flag_args_for, klog_warning, klog_without_effect,
+    KlogCommon, KlogFlags, go_bool_syntax, go_flag_args_for, klog_warning, klog_without_effect,
 };
 
 /// Go's `time.ParseDuration`: a sequence of decimal numbers with units

@@ -123,18 +123,11 @@ pub fn node_gone_removal(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aadpodid_api::{AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec};
+    use crate::plan::tests::mk_binding;
+    use aadpodid_api::AzureIdentity;
 
     fn mk_aai(with_binding: bool) -> AzureAssignedIdentity {
-        let mut binding = AzureIdentityBinding::new(
-            "web-binding",
-            AzureIdentityBindingSpec {
-                azure_identity: "app-id".into(),
-                selector: "web".into(),
-                ..Default::default()
-            },
-        );
-        binding.metadata.namespace = Some("apps".into());
+        let mut binding = mk_binding("apps", "web-binding", "app-id", "web");
         binding.metadata.uid = Some("b-uid".into());
         let identity = AzureIdentity::new("app-id", Default::default());
         let mut aai =

@@ -390,11 +390,13 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     }
 
     let executor = Executor::new(
-        client,
-        cloud,
-        events,
-        metrics.clone(),
-        leading.clone(),
+        apply::Deps {
+            client,
+            cloud,
+            events,
+            metrics: metrics.clone(),
+            leading: leading.clone(),
+        },
         settings.executor.clone(),
     );
     let mut leading_rx = leading.clone();

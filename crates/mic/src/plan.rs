@@ -498,4 +498,4 @@ pub fn refs(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

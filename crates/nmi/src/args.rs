@@ -2,13 +2,13 @@
 //! (docs/upstream-behaviour.md#flags-and-defaults), so the upstream chart's and
 //! manifests' container args keep working. Upstream parses with pflag and Go's
 //! `flag`: booleans take `--x`, `--x=true` or `--x=false` (never a separate
-//! value word), which [`go_bool`] flags reproduce.
+//! value word), which [`go_bool_syntax`] gives every boolean flag.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::Parser;
 
 /// `true` when upstream's environment variable turns namespaced mode on.
 pub const ENV_FORCE_NAMESPACED: &str = aadpodid_api::ENV_FORCE_NAMESPACED;
@@ -23,8 +23,8 @@ pub enum OperationMode {
     Managed,
 }
 
-// Go's `strconv.ParseBool` spellings (shared with mic).
-use aadpodid_runtime::flags::parse_go_bool as go_bool;
+// Go's boolean flag syntax (shared with mic).
+use aadpodid_runtime::flags::go_bool_syntax;
 
 /// A taint key as Kubernetes validates it (a qualified name: an optional
 /// DNS-subdomain prefix and `/`, then 1-63 characters of `[A-Za-z0-9._-]`
@@ -88,11 +88,12 @@ fn operation_mode(s: &str) -> Result<OperationMode, String> {
 #[command(
     name = "nmi",
     about = "Node Managed Identity agent",
-    disable_version_flag = true
+    disable_version_flag = true,
+    mut_args = go_bool_syntax
 )]
 pub struct Args {
     /// Print the version and exit.
-    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long, default_value = "false")]
     pub version: bool,
 
     /// Address the token service listens on (and the DNAT target; 0.0.0.0 means 127.0.0.1 for the rule).
@@ -120,7 +121,7 @@ pub struct Args {
     pub ipt_update_interval_sec: u64,
 
     /// Identities, bindings and pods must share a namespace (also env FORCENAMESPACED=true).
-    #[arg(long = "forceNamespaced", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "forceNamespaced", default_value = "false")]
     pub force_namespaced: bool,
 
     /// Namespace of the MIC pods, which get node-level tokens.
@@ -144,20 +145,20 @@ pub struct Args {
     pub find_identity_retry_interval: u64,
 
     /// Accepted for compatibility; this NMI serves no pprof.
-    #[arg(long = "enableProfile", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "enableProfile", default_value = "false")]
     pub enable_profile: bool,
 
     /// Watch only AzureAssignedIdentities labelled `nodename=<node>`.
-    #[arg(long = "enableScaleFeatures", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "enableScaleFeatures", default_value = "true")]
     pub enable_scale_features: bool,
 
     /// Answer `/metadata/instance*` with 403.
-    #[arg(long = "block-instance-metadata", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "block-instance-metadata", default_value = "false")]
     pub block_instance_metadata: bool,
 
     /// Forward `POST /metadata/scheduledevents` (acknowledging, and so
     /// expediting, the node's scheduled events) to IMDS; refused by default.
-    #[arg(long = "allow-scheduled-events-post", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "allow-scheduled-events-post", default_value = "false")]
     pub allow_scheduled_events_post: bool,
 
     /// More IMDS paths (with their sub-paths) forwarded by GET,
@@ -167,7 +168,7 @@ pub struct Args {
     pub proxy_allowed_paths: Vec<String>,
 
     /// Require `Metadata: true` on token and proxied requests.
-    #[arg(long = "metadata-header-required", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "metadata-header-required", default_value = "true")]
     pub metadata_header_required: bool,
 
     /// Port of `/metrics`.
@@ -179,7 +180,7 @@ pub struct Args {
     pub operation_mode: OperationMode,
 
     /// Start even when the kubelet uses kubenet (ARP spoofing risk, CVE-2021-1677).
-    #[arg(long = "allow-network-plugin-kubenet", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "allow-network-plugin-kubenet", default_value = "false")]
     pub allow_network_plugin_kubenet: bool,
 
     /// The kubelet's flags file, checked for `--network-plugin=kubenet`.
@@ -187,11 +188,11 @@ pub struct Args {
     pub kubelet_config: PathBuf,
 
     /// Identity lookup failures become 503 with `Retry-After: 20` instead of 404.
-    #[arg(long = "set-retry-after-header", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "set-retry-after-header", default_value = "false")]
     pub set_retry_after_header: bool,
 
     /// Delete conntrack entries to the metadata address after the first iptables sync.
-    #[arg(long = "enable-conntrack-deletion", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "enable-conntrack-deletion", default_value = "false")]
     pub enable_conntrack_deletion: bool,
 
     /// `text` or `json`.
@@ -207,11 +208,11 @@ pub struct Args {
     pub verbosity: i32,
 
     /// klog flag; accepted for compatibility (logs always go to stderr).
-    #[arg(long = "logtostderr", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set, hide = true)]
+    #[arg(long = "logtostderr", default_value = "true", hide = true)]
     pub logtostderr: bool,
 
     /// klog flag; accepted for compatibility (logs always go to stderr).
-    #[arg(long = "alsologtostderr", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set, hide = true)]
+    #[arg(long = "alsologtostderr", default_value = "false", hide = true)]
     pub alsologtostderr: bool,
 
     /// klog's other flags, accepted as upstream's `klog.InitFlags` (added
@@ -231,17 +232,17 @@ pub struct Args {
     /// Remove the iptables chain and jump, then exit (the chart's uninstall hook).
     /// Without it NMI leaves the redirect in place when it stops, so pods never
     /// reach the real IMDS while NMI restarts (fail-closed).
-    #[arg(long = "cleanup-iptables", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "cleanup-iptables", default_value = "false")]
     pub cleanup_iptables: bool,
 
     /// Upstream's behaviour: remove the redirect on SIGTERM (fail-open during restarts).
-    #[arg(long = "remove-iptables-on-exit", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "remove-iptables-on-exit", default_value = "false")]
     pub remove_iptables_on_exit: bool,
 
     /// Set `net.ipv4.conf.all.route_localnet=1` when the DNAT target is a loopback
     /// address; without it the kernel silently drops the redirected packets
     /// (upstream relied on kube-proxy setting it).
-    #[arg(long = "set-route-localnet", default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "set-route-localnet", default_value = "true")]
     pub set_route_localnet: bool,
 
     /// Service accounts of the real MIC pods (in `--MICNamespace`), comma-separated.
@@ -276,7 +277,7 @@ pub struct Args {
     /// this pod is gone or being deleted (`helm uninstall`); a restart or
     /// rolling update keeps it ([`crate::uninstall`]). Needs `--pod-name` and
     /// `--pod-namespace` and `get`/`list`/`watch` on that DaemonSet.
-    #[arg(long = "cleanup-on-uninstall", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "cleanup-on-uninstall", default_value = "false")]
     pub cleanup_on_uninstall: bool,
 
     /// Client IDs of the cluster's own identities, comma-separated (MIC's
@@ -295,7 +296,7 @@ pub struct Args {
     /// Serve the cluster's own identities (the kubelet identity and
     /// `--immutable-user-msis`) to pods bound to them. Off by default: such a
     /// request gets 403, an Event on the AzureIdentity and the metric.
-    #[arg(long = "serve-cluster-identities", default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, action = ArgAction::Set)]
+    #[arg(long = "serve-cluster-identities", default_value = "false")]
     pub serve_cluster_identities: bool,
 
     /// This pod's name (downward API `POD_NAME`), for `--cleanup-on-uninstall`.

@@ -26,6 +26,24 @@ pub fn parse_go_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// Gives a boolean flag (any argument whose values are `bool`) the syntax
+/// of Go's `flag` and of pflag: `--name` alone is true, `--name=VALUE`
+/// takes [`parse_go_bool`]'s spellings, and the next word is never its
+/// value. Other arguments are returned as they are. A command applies it to
+/// all its arguments, flattened ones included, with
+/// `#[command(mut_args = go_bool_syntax)]`; each boolean field states only
+/// its name and `default_value`.
+pub fn go_bool_syntax(arg: clap::Arg) -> clap::Arg {
+    if arg.get_value_parser().type_id() != std::any::TypeId::of::<bool>() {
+        return arg;
+    }
+    arg.value_parser(parse_go_bool)
+        .num_args(0..=1)
+        .require_equals(true)
+        .default_missing_value("true")
+        .action(clap::ArgAction::Set)
+}
+
 /// Go's `strconv.ParseUint(s, 0, 64)`: decimal, `0x`/`0X` hex, `0o`/`0O`
 /// or a leading `0` octal, `0b`/`0B` binary; after a base prefix, single
 /// underscores may separate digits (and follow the prefix).
@@ -111,7 +129,8 @@ pub fn parse_klog_trace_location(s: &str) -> Result<String, String> {
 /// klog's flags other than `-v`, `--logtostderr` and `--alsologtostderr`,
 /// with klog's value checks. Accepted so that upstream's command lines
 /// start; none of them changes anything here (logs go to stderr, in
-/// `--log-format`). `None`: not given.
+/// `--log-format`). `None`: not given. The boolean ones take Go's syntax under a
+/// command that applies [`go_bool_syntax`], as mic's and nmi's do.
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
 pub struct KlogFlags {
     /// klog: write log files in this folder (ignored: logs go to stderr).
@@ -124,20 +143,16 @@ pub struct KlogFlags {
     #[arg(long = "log_file_max_size", value_parser = parse_go_uint64, hide = true)]
     pub log_file_max_size: Option<u64>,
     /// klog: file directory in the header (ignored).
-    #[arg(long = "add_dir_header", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_missing_value = "true", hide = true)]
+    #[arg(long = "add_dir_header", hide = true)]
     pub add_dir_header: Option<bool>,
     /// klog: no header prefixes (ignored).
-    #[arg(long = "skip_headers", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_missing_value = "true", hide = true)]
+    #[arg(long = "skip_headers", hide = true)]
     pub skip_headers: Option<bool>,
     /// klog: each line only at its own severity (ignored).
-    #[arg(long = "one_output", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_missing_value = "true", hide = true)]
+    #[arg(long = "one_output", hide = true)]
     pub one_output: Option<bool>,
     /// klog: no headers in log files (ignored).
-    #[arg(long = "skip_log_headers", value_parser = parse_go_bool, num_args = 0..=1,
-          require_equals = true, default_missing_value = "true", hide = true)]
+    #[arg(long = "skip_log_headers", hide = true)]
     pub skip_log_headers: Option<bool>,
     /// klog: severity from which logs also go to stderr (ignored).
     #[arg(long = "stderrthreshold", value_parser = parse_klog_severity, hide = true)]
@@ -397,11 +412,11 @@ mod tests {
     }
 
     #[derive(Debug, Parser)]
+    #[command(mut_args = go_bool_syntax)]
     struct Cmd {
         #[command(flatten)]
         klog: KlogFlags,
-        #[arg(long, value_parser = parse_go_bool, num_args = 0..=1, require_equals = true,
-              default_value = "true", default_missing_value = "true")]
+        #[arg(long, default_value = "true")]
         logtostderr: bool,
         #[arg(short = 'v', long = "v", default_value_t = 0)]
         verbosity: i32,

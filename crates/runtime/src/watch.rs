@@ -428,9 +428,10 @@ mod tests {
         (lines, synced.all())
     }
 
-    #[tokio::test]
-    async fn feed_resets_then_syncs_then_applies() {
-        let (log, synced) = run(vec![
+    /// A failed list, a list of a and b, three changes, then a failure and
+    /// a list of d alone.
+    fn feed() -> Vec<Result<Event<ConfigMap>, watcher::Error>> {
+        vec![
             Err(watcher::Error::NoResourceVersion),
             Ok(Event::Init),
             Ok(Event::InitApply(mk("a"))),
@@ -443,8 +444,12 @@ mod tests {
             Ok(Event::Init),
             Ok(Event::InitApply(mk("d"))),
             Ok(Event::InitDone),
-        ])
-        .await;
+        ]
+    }
+
+    #[tokio::test]
+    async fn feed_resets_then_syncs_then_applies() {
+        let (log, synced) = run(feed()).await;
         let failed = format!("failed {}", watcher::Error::NoResourceVersion);
         assert_eq!(
             log,
@@ -467,12 +472,8 @@ mod tests {
 
     #[tokio::test]
     async fn feed_without_a_complete_list_never_syncs() {
-        let (log, synced) = run(vec![
-            Err(watcher::Error::NoResourceVersion),
-            Ok(Event::Init),
-            Ok(Event::InitApply(mk("a"))),
-        ])
-        .await;
+        // The feed cut in its first list: the failure, `Init` and a.
+        let (log, synced) = run(feed().into_iter().take(3).collect()).await;
         assert_eq!(log.len(), 1, "{log:?}");
         assert!(!synced);
     }

@@ -9,6 +9,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Endpoints;
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::record::{ANNOTATION, Record};
 
@@ -84,43 +86,47 @@ impl Lock {
     /// there was none, otherwise replaces it at the version read. Returns
     /// the record as stored (the Endpoints record keeps whole seconds).
     pub async fn write(&self, current: Current, record: &Record) -> Result<Record, kube::Error> {
-        let pp = PostParams::default();
+        let named = || ObjectMeta {
+            name: Some(self.name.clone()),
+            ..Default::default()
+        };
         let stored = match current {
-            Current::Endpoints(Some(mut e)) => {
+            Current::Endpoints(read) => {
+                let exists = read.is_some();
+                let mut e = read.unwrap_or_else(|| Endpoints {
+                    metadata: named(),
+                    ..Default::default()
+                });
                 e.metadata
                     .annotations
                     .get_or_insert_with(BTreeMap::new)
                     .insert(ANNOTATION.into(), record.to_annotation());
-                Current::Endpoints(Some(self.endpoints.replace(&self.name, &pp, &e).await?))
+                Current::Endpoints(Some(self.put(&self.endpoints, exists, &e).await?))
             }
-            Current::Endpoints(None) => {
-                let e = Endpoints {
-                    metadata: ObjectMeta {
-                        name: Some(self.name.clone()),
-                        annotations: Some([(ANNOTATION.into(), record.to_annotation())].into()),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                };
-                Current::Endpoints(Some(self.endpoints.create(&pp, &e).await?))
-            }
-            Current::Lease(Some(mut l)) => {
+            Current::Lease(read) => {
+                let exists = read.is_some();
+                let mut l = read.unwrap_or_else(|| Lease {
+                    metadata: named(),
+                    spec: None,
+                });
                 record.apply_to_lease(l.spec.get_or_insert_with(LeaseSpec::default));
-                Current::Lease(Some(self.leases.replace(&self.name, &pp, &l).await?))
-            }
-            Current::Lease(None) => {
-                let mut spec = LeaseSpec::default();
-                record.apply_to_lease(&mut spec);
-                let l = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(self.name.clone()),
-                        ..Default::default()
-                    },
-                    spec: Some(spec),
-                };
-                Current::Lease(Some(self.leases.create(&pp, &l).await?))
+                Current::Lease(Some(self.put(&self.leases, exists, &l).await?))
             }
         };
         Ok(stored.record().unwrap_or_default())
+    }
+
+    /// Replaces `object` at the version it was read at when it `exists`,
+    /// otherwise creates it.
+    async fn put<K>(&self, api: &Api<K>, exists: bool, object: &K) -> Result<K, kube::Error>
+    where
+        K: Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    {
+        let pp = PostParams::default();
+        if exists {
+            api.replace(&self.name, &pp, object).await
+        } else {
+            api.create(&pp, object).await
+        }
     }
 }

@@ -66,7 +66,7 @@ fn mk_uami(ns: &str, name: &str) -> AzureIdentity {
     mk_identity(ns, name, IdentityType::UserAssignedMsi, &rid(name))
 }
 
-fn mk_binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
+pub fn mk_binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
     let mut b = AzureIdentityBinding::new(
         name,
         AzureIdentityBindingSpec {
