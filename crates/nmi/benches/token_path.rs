@@ -94,9 +94,9 @@ async fn nmi(imds: SocketAddr, limits: (usize, u32)) -> (SocketAddr, aadpodid_ru
     let (id, binding, aai) = objects();
     state.update(|i| {
         i.apply_pod(&pod());
-        i.reset_identities(&[id]);
-        i.reset_bindings(&[binding]);
-        i.apply_aai(&aai);
+        i.reset(&[id]);
+        i.reset(&[binding]);
+        i.apply(&aai);
     });
     // One pod plays every client: its queue and connection bounds are
     // lifted (a real node bounds them per pod and per address).

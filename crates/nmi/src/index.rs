@@ -113,7 +113,7 @@ pub struct Index {
 /// The objects of one custom kind by `(namespace, name)`, as its watch
 /// reports them, and whether that watch has listed them all once.
 #[derive(Debug)]
-pub(crate) struct Objects<K> {
+pub struct Objects<K> {
     by_key: HashMap<Key, K>,
     listed: bool,
 }
@@ -163,16 +163,23 @@ impl<K: ResourceExt + Clone> Objects<K> {
     }
 }
 
-/// A custom kind the index keeps, and where (its watch feeds it there).
-pub(crate) trait Kept: ResourceExt + Clone {
+/// A custom kind the index keeps (AzureAssignedIdentity, exception, binding,
+/// identity), and where: [`Index::apply`], [`Index::delete`],
+/// [`Index::reset`] and [`Index::lookup`] reach it through this.
+pub trait Kept: ResourceExt + Clone {
     /// This kind's objects in `index`.
-    fn objects(index: &mut Index) -> &mut Objects<Self>;
+    fn objects(index: &Index) -> &Objects<Self>;
+    /// The same, to change.
+    fn objects_mut(index: &mut Index) -> &mut Objects<Self>;
 }
 
 macro_rules! kept {
     ($($kind:ty => $field:ident),* $(,)?) => {$(
         impl Kept for $kind {
-            fn objects(index: &mut Index) -> &mut Objects<Self> {
+            fn objects(index: &Index) -> &Objects<Self> {
+                &index.$field
+            }
+            fn objects_mut(index: &mut Index) -> &mut Objects<Self> {
                 &mut index.$field
             }
         }
@@ -273,17 +280,21 @@ impl Index {
         self.pods.len()
     }
 
-    /// Adds or replaces an AzureAssignedIdentity.
-    pub fn apply_aai(&mut self, aai: &AzureAssignedIdentity) {
-        self.aais.apply(aai);
+    /// Adds or replaces an object of a kept kind.
+    pub fn apply<K: Kept>(&mut self, obj: &K) {
+        K::objects_mut(self).apply(obj);
     }
-    /// Removes an AzureAssignedIdentity.
-    pub fn delete_aai(&mut self, namespace: &str, name: &str) {
-        self.aais.delete(namespace, name);
+    /// Removes the `K` named `namespace/name`.
+    pub fn delete<K: Kept>(&mut self, namespace: &str, name: &str) {
+        K::objects_mut(self).delete(namespace, name);
     }
-    /// Replaces every AzureAssignedIdentity.
-    pub fn reset_aais(&mut self, all: &[AzureAssignedIdentity]) {
-        self.aais.reset(all);
+    /// Replaces every `K` with `all`, a complete list.
+    pub fn reset<K: Kept>(&mut self, all: &[K]) {
+        K::objects_mut(self).reset(all);
+    }
+    /// The `K` named `namespace/name`.
+    pub fn lookup<K: Kept>(&self, namespace: &str, name: &str) -> Cached<'_, K> {
+        K::objects(self).lookup(namespace, name)
     }
 
     /// The AzureAssignedIdentities naming this pod, in name order.
@@ -295,19 +306,6 @@ impl Index {
             .collect();
         out.sort_by(|a, b| a.0.cmp(b.0));
         out.into_iter().map(|(_, a)| a).collect()
-    }
-
-    /// Adds or replaces an exception.
-    pub fn apply_exception(&mut self, e: &AzurePodIdentityException) {
-        self.exceptions.apply(e);
-    }
-    /// Removes an exception.
-    pub fn delete_exception(&mut self, namespace: &str, name: &str) {
-        self.exceptions.delete(namespace, name);
-    }
-    /// Replaces every exception.
-    pub fn reset_exceptions(&mut self, all: &[AzurePodIdentityException]) {
-        self.exceptions.reset(all);
     }
 
     /// Whether an exception in the pod's namespace lists one of its labels
@@ -323,40 +321,6 @@ impl Index {
                     .get(k)
                     .is_some_and(|pv| pv.eq_ignore_ascii_case(v))
             })
-    }
-
-    /// Adds or replaces a binding.
-    pub fn apply_binding(&mut self, b: &AzureIdentityBinding) {
-        self.bindings.apply(b);
-    }
-    /// Removes a binding.
-    pub fn delete_binding(&mut self, namespace: &str, name: &str) {
-        self.bindings.delete(namespace, name);
-    }
-    /// Replaces every binding (after a full list).
-    pub fn reset_bindings(&mut self, all: &[AzureIdentityBinding]) {
-        self.bindings.reset(all);
-    }
-    /// The binding `namespace/name`.
-    pub fn binding(&self, namespace: &str, name: &str) -> Cached<'_, AzureIdentityBinding> {
-        self.bindings.lookup(namespace, name)
-    }
-
-    /// Adds or replaces an identity.
-    pub fn apply_identity(&mut self, i: &AzureIdentity) {
-        self.identities.apply(i);
-    }
-    /// Removes an identity.
-    pub fn delete_identity(&mut self, namespace: &str, name: &str) {
-        self.identities.delete(namespace, name);
-    }
-    /// Replaces every identity (after a full list).
-    pub fn reset_identities(&mut self, all: &[AzureIdentity]) {
-        self.identities.reset(all);
-    }
-    /// The identity `namespace/name`.
-    pub fn identity(&self, namespace: &str, name: &str) -> Cached<'_, AzureIdentity> {
-        self.identities.lookup(namespace, name)
     }
 
     /// Managed mode: identities named by bindings in the pod's namespace whose
@@ -419,17 +383,20 @@ pub(crate) mod testutil {
     use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
+    /// `(key, value)` pairs as an owned map.
+    fn owned<C: FromIterator<(String, String)>>(pairs: &[(&str, &str)]) -> C {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     pub fn mk_pod(ns: &str, name: &str, ip: &str, phase: &str, labels: &[(&str, &str)]) -> Pod {
         Pod {
             metadata: ObjectMeta {
                 namespace: Some(ns.into()),
                 name: Some(name.into()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
+                labels: Some(owned(labels)),
                 ..Default::default()
             },
             spec: Some(PodSpec {
@@ -451,20 +418,24 @@ pub(crate) mod testutil {
         pod
     }
 
+    /// `obj` in namespace `ns`, with a uid naming its kind, namespace and name
+    /// (as a live object has one).
+    fn live<K: ResourceExt>(mut obj: K, ns: &str, kind: &str) -> K {
+        let name = obj.name_any();
+        obj.meta_mut().namespace = Some(ns.into());
+        obj.meta_mut().uid = Some(format!("uid-{kind}-{ns}-{name}"));
+        obj
+    }
+
     pub fn mk_identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
-        let mut id = AzureIdentity::new(
-            name,
-            AzureIdentitySpec {
-                client_id: client_id.into(),
-                resource_id: format!(
-                    "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-                ),
-                ..Default::default()
-            },
-        );
-        id.metadata.namespace = Some(ns.into());
-        id.metadata.uid = Some(format!("uid-identity-{ns}-{name}"));
-        id
+        let spec = AzureIdentitySpec {
+            client_id: client_id.into(),
+            resource_id: format!(
+                "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+            ),
+            ..Default::default()
+        };
+        live(AzureIdentity::new(name, spec), ns, "identity")
     }
 
     /// The AzureAssignedIdentity MIC writes for `pod` with `identity` through
@@ -490,23 +461,13 @@ pub(crate) mod testutil {
         a
     }
 
-    pub fn mk_binding(
-        ns: &str,
-        name: &str,
-        identity: &str,
-        selector: &str,
-    ) -> AzureIdentityBinding {
-        let mut b = AzureIdentityBinding::new(
-            name,
-            AzureIdentityBindingSpec {
-                azure_identity: identity.into(),
-                selector: selector.into(),
-                ..Default::default()
-            },
-        );
-        b.metadata.namespace = Some(ns.into());
-        b.metadata.uid = Some(format!("uid-binding-{ns}-{name}"));
-        b
+    pub fn mk_binding(ns: &str, name: &str, id: &str, selector: &str) -> AzureIdentityBinding {
+        let spec = AzureIdentityBindingSpec {
+            azure_identity: id.into(),
+            selector: selector.into(),
+            ..Default::default()
+        };
+        live(AzureIdentityBinding::new(name, spec), ns, "binding")
     }
 
     pub fn mk_exception(
@@ -514,15 +475,10 @@ pub(crate) mod testutil {
         name: &str,
         labels: &[(&str, &str)],
     ) -> AzurePodIdentityException {
-        let mut e = AzurePodIdentityException::new(
-            name,
-            AzurePodIdentityExceptionSpec {
-                pod_labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            },
-        );
+        let spec = AzurePodIdentityExceptionSpec {
+            pod_labels: owned(labels),
+        };
+        let mut e = AzurePodIdentityException::new(name, spec);
         e.metadata.namespace = Some(ns.into());
         e
     }
@@ -638,7 +594,7 @@ mod tests {
     #[test]
     fn exceptions_match_any_label_ignoring_value_case_in_pod_namespace() {
         let mut idx = Index::new();
-        idx.apply_exception(&mk_exception(
+        idx.apply(&mk_exception(
             "ops",
             "e",
             &[("app", "Agent"), ("tier", "x")],
@@ -656,7 +612,7 @@ mod tests {
             let pod = PodEntry::from_pod(&mk_pod(ns, "p", "10.0.0.1", "Running", labels));
             assert_eq!(idx.is_excepted(&pod), want, "{ns} {labels:?}");
         }
-        idx.delete_exception("ops", "e");
+        idx.delete::<AzurePodIdentityException>("ops", "e");
         let pod = PodEntry::from_pod(&mk_pod(
             "ops",
             "p",
@@ -674,7 +630,7 @@ mod tests {
         let ba = mk_binding("default", "ba", "a", "sel");
         let bb = mk_binding("default", "bb", "b", "sel");
         let mut idx = Index::new();
-        idx.reset_aais(&[
+        idx.reset(&[
             mk_aai("ns", "p", &a, &ba, "Assigned"),
             mk_aai("ns", "p", &b, &bb, "Created"),
             mk_aai("ns", "q", &b, &bb, "Assigned"),
@@ -699,33 +655,45 @@ mod tests {
             )),
             "lower-cased, with the resource ID: {keys:?}"
         );
-        idx.delete_aai("default", "p-ns-a");
+        idx.delete::<AzureAssignedIdentity>("default", "p-ns-a");
         assert_eq!(idx.aais_for_pod("ns", "p").len(), 1);
     }
 
     #[test]
     fn lookups_tell_missing_from_not_listed() {
         let mut idx = Index::new();
-        assert_eq!(idx.identity("ns", "a"), Cached::NotListed);
-        assert_eq!(idx.binding("ns", "b"), Cached::NotListed);
-        idx.apply_identity(&mk_identity("ns", "a", "c"));
-        assert!(matches!(idx.identity("ns", "a"), Cached::Found(_)));
-        assert_eq!(idx.identity("ns", "x"), Cached::NotListed);
-        idx.reset_identities(&[]);
-        idx.reset_bindings(&[mk_binding("ns", "b", "a", "s")]);
-        assert_eq!(idx.identity("ns", "a"), Cached::Missing);
-        assert!(matches!(idx.binding("ns", "b"), Cached::Found(_)));
-        assert_eq!(idx.binding("other", "b"), Cached::Missing);
+        assert_eq!(idx.lookup::<AzureIdentity>("ns", "a"), Cached::NotListed);
+        assert_eq!(
+            idx.lookup::<AzureIdentityBinding>("ns", "b"),
+            Cached::NotListed
+        );
+        idx.apply(&mk_identity("ns", "a", "c"));
+        assert!(matches!(
+            idx.lookup::<AzureIdentity>("ns", "a"),
+            Cached::Found(_)
+        ));
+        assert_eq!(idx.lookup::<AzureIdentity>("ns", "x"), Cached::NotListed);
+        idx.reset::<AzureIdentity>(&[]);
+        idx.reset(&[mk_binding("ns", "b", "a", "s")]);
+        assert_eq!(idx.lookup::<AzureIdentity>("ns", "a"), Cached::Missing);
+        assert!(matches!(
+            idx.lookup::<AzureIdentityBinding>("ns", "b"),
+            Cached::Found(_)
+        ));
+        assert_eq!(
+            idx.lookup::<AzureIdentityBinding>("other", "b"),
+            Cached::Missing
+        );
     }
 
     #[test]
     fn managed_identities_come_from_the_pods_namespace_only() {
         let mut idx = Index::new();
-        idx.reset_identities(&[
+        idx.reset(&[
             mk_identity("ns", "id1", "c1"),
             mk_identity("other", "id2", "c2"),
         ]);
-        idx.reset_bindings(&[
+        idx.reset(&[
             mk_binding("ns", "b1", "id1", "sel"),
             mk_binding("ns", "b1dup", "id1", "sel"),
             mk_binding("ns", "b2", "id2", "sel"),

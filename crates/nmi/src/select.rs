@@ -184,7 +184,7 @@ pub fn check_aai<'a>(
     };
     let id_ns = embedded.namespace().unwrap_or_default();
     let id_name = embedded.name_any();
-    let live = index.identity(&id_ns, &id_name);
+    let live = index.lookup::<AzureIdentity>(&id_ns, &id_name);
     // Where MIC would have written it, judged by the live identity's
     // annotations when there is one (they decide namespaced behaviour).
     let judge = match live {
@@ -217,7 +217,7 @@ pub fn check_aai<'a>(
     let Some(binding_uid) = uid(embedded_binding) else {
         return Rejected(AaiDefect::BindingWithoutUid);
     };
-    let binding: &AzureIdentityBinding = match index.binding(
+    let binding = match index.lookup::<AzureIdentityBinding>(
         &embedded_binding.namespace().unwrap_or_default(),
         &embedded_binding.name_any(),
     ) {
@@ -452,9 +452,9 @@ mod tests {
         fn index(&self, aais: &[AzureAssignedIdentity]) -> Index {
             let mut idx = Index::new();
             let ids = self.all();
-            idx.reset_identities(&ids);
-            idx.reset_bindings(&ids.iter().map(bind).collect::<Vec<_>>());
-            idx.reset_aais(aais);
+            idx.reset(&ids);
+            idx.reset(&ids.iter().map(bind).collect::<Vec<_>>());
+            idx.reset(aais);
             idx
         }
     }
@@ -837,7 +837,7 @@ mod tests {
                 live: |idx, w| {
                     let mut i = w.a.clone();
                     i.metadata.uid = Some("recreated".into());
-                    idx.apply_identity(&i);
+                    idx.apply(&i);
                 },
                 ..case(
                     "live identity recreated since",
@@ -850,7 +850,7 @@ mod tests {
                 live: |idx, w| {
                     let mut i = w.a.clone();
                     i.spec.client_id = "edited".into();
-                    idx.apply_identity(&i);
+                    idx.apply(&i);
                 },
                 ..case(
                     "live identity edited since",
@@ -860,7 +860,7 @@ mod tests {
                 )
             },
             Case {
-                live: |idx, _| idx.delete_identity("ns", "a"),
+                live: |idx, _| idx.delete::<AzureIdentity>("ns", "a"),
                 ..case(
                     "live identity deleted",
                     good(),
@@ -869,7 +869,7 @@ mod tests {
                 )
             },
             Case {
-                live: |idx, _| idx.delete_binding("ns", "bind-a"),
+                live: |idx, _| idx.delete::<AzureIdentityBinding>("ns", "bind-a"),
                 ..case(
                     "live binding deleted",
                     good(),
@@ -881,7 +881,7 @@ mod tests {
                 live: |idx, w| {
                     let mut b = bind(&w.a);
                     b.spec.selector = "other".into();
-                    idx.apply_binding(&b);
+                    idx.apply(&b);
                 },
                 ..case(
                     "live binding's selector edited since",
@@ -895,7 +895,7 @@ mod tests {
                     // A genuine binding of identity b, embedded with identity a.
                     let b = mk_binding("ns", "bind-a", "b", "sel");
                     let _ = w;
-                    idx.apply_binding(&b);
+                    idx.apply(&b);
                 },
                 aai: {
                     let mut x = good();
@@ -914,7 +914,7 @@ mod tests {
                 live: |idx, w| {
                     // The caches have not listed yet.
                     *idx = Index::new();
-                    idx.reset_aais(&[p(&w.a, "Assigned")]);
+                    idx.reset(&[p(&w.a, "Assigned")]);
                 },
                 ..case(
                     "caches not listed yet: wait",
@@ -927,8 +927,8 @@ mod tests {
                 live: |idx, w| {
                     // Identities listed, bindings not yet.
                     *idx = Index::new();
-                    idx.reset_identities(&w.all());
-                    idx.reset_aais(&[p(&w.a, "Assigned")]);
+                    idx.reset(&w.all());
+                    idx.reset(&[p(&w.a, "Assigned")]);
                 },
                 ..case(
                     "binding cache not listed yet: wait",
@@ -967,7 +967,7 @@ mod tests {
                         )]
                         .into(),
                     );
-                    idx.apply_identity(&i);
+                    idx.apply(&i);
                 },
                 ..case(
                     "live identity's annotation decides the namespace",

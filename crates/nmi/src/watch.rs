@@ -49,7 +49,7 @@ fn valid<K: Clone>(items: &[DeserializeGuard<K>]) -> Vec<K> {
 fn guarded<K: Kept + Resource<DynamicType = ()>>() -> Ops<DeserializeGuard<K>> {
     Ops {
         apply: |i, g| match &g.0 {
-            Ok(o) => K::objects(i).apply(o),
+            Ok(o) => i.apply(o),
             Err(bad) => {
                 let namespace = bad.metadata.namespace.as_deref().unwrap_or("");
                 let name = bad.metadata.name.as_deref().unwrap_or("");
@@ -60,11 +60,11 @@ fn guarded<K: Kept + Resource<DynamicType = ()>>() -> Ops<DeserializeGuard<K>> {
                     error = %bad.error,
                     "skipping malformed object"
                 );
-                K::objects(i).delete(namespace, name);
+                i.delete::<K>(namespace, name);
             }
         },
-        delete: |i, ns, n| K::objects(i).delete(ns, n),
-        reset: |i, all| K::objects(i).reset(&valid(all)),
+        delete: |i, ns, n| i.delete::<K>(ns, n),
+        reset: |i, all| i.reset(&valid(all)),
     }
 }
 

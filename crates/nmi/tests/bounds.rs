@@ -63,9 +63,9 @@ fn fill(state: &nmi::server::State) {
     state.update(|i| {
         i.apply_pod(&pod("busy", BUSY_IP));
         i.apply_pod(&pod("quiet", QUIET_IP));
-        i.reset_identities(&[identity("busy"), identity("quiet")]);
-        i.reset_bindings(&[binding("busy"), binding("quiet")]);
-        i.reset_aais(&[aai("busy"), aai("quiet")]);
+        i.reset(&[identity("busy"), identity("quiet")]);
+        i.reset(&[binding("busy"), binding("quiet")]);
+        i.reset(&[aai("busy"), aai("quiet")]);
     });
 }
 

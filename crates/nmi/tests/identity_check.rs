@@ -93,8 +93,8 @@ impl Nmi {
         let state = Arc::new(nmi::server::State::default());
         state.update(|i| {
             i.apply_pod(&pod());
-            i.reset_identities(identities);
-            i.reset_bindings(&identities.iter().map(binding).collect::<Vec<_>>());
+            i.reset(identities);
+            i.reset(&identities.iter().map(binding).collect::<Vec<_>>());
         });
         let config = nmi::server::Config {
             mode,
@@ -114,7 +114,7 @@ impl Nmi {
     /// The pod's AzureAssignedIdentities become those of `identities`.
     fn assign(&self, identities: &[&AzureIdentity]) {
         let aais: Vec<AzureAssignedIdentity> = identities.iter().map(|i| aai(i)).collect();
-        self.server.state.update(|i| i.reset_aais(&aais));
+        self.server.state.update(|i| i.reset(&aais));
     }
 
     /// A token request from the pod (127.0.0.1): (status, JSON body).
