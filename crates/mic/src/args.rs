@@ -15,7 +15,7 @@ pub const ENV_MIC_POD_NAMESPACE: &str = "MIC_POD_NAMESPACE";
 
 /// MIC's flags. Names are upstream's, camelCase included.
 /// Booleans take Go's syntax ([`go_bool_syntax`]).
-#[derive(Clone, Debug, Parser)]
+#[derive(Clone, Debug, PartialEq, Parser)]
 #[command(name = "mic", about = "aad-pod-identity Managed Identity Controller")]
 #[command(mut_args = go_bool_syntax)]
 pub struct Args {
@@ -330,9 +330,15 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    /// `args` after the program name, in Go's `flag` syntax as MIC takes
+    /// them (clap's `--name` spellings included).
+    fn try_parse(args: &[&str]) -> Result<Args, clap::Error> {
+        let words = args.iter().map(std::ffi::OsString::from);
+        Args::try_parse_go_style_from(std::iter::once("mic".into()).chain(words))
+    }
+
     fn parse(args: &[&str]) -> Args {
-        Args::try_parse_from(std::iter::once("mic").chain(args.iter().copied()))
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        try_parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
     #[test]
@@ -434,42 +440,41 @@ mod tests {
             "--enableScaleFeatures=true",
             "--forceNamespaced",
         ]);
-        assert_eq!(a.verbosity, 4);
-        assert_eq!(a.leader_election_instance, "mic-1");
-        assert_eq!(a.leader_election_namespace, "kube-system");
-        assert_eq!(a.leader_election_name, "my-lock");
-        assert_eq!(a.leader_election_duration, Duration::from_secs(30));
-        assert_eq!(a.http_probe_port, 9080);
-        assert_eq!(a.sync_retry_duration, Duration::from_secs(5400));
-        assert_eq!(a.immutable_client_ids(), vec!["aaaa-1", "bbbb-2"]);
-        assert_eq!(a.create_delete_batch, 10);
-        assert_eq!(a.client_qps, Some(20.0));
-        assert_eq!(a.prometheus_port, 9888);
-        assert_eq!(a.update_user_msi_max_retry, 5);
-        assert_eq!(a.update_user_msi_retry_interval, Duration::from_secs(2));
+        // Each flag given sets its field; every other field keeps its default.
         assert_eq!(
-            a.identity_assignment_reconcile_interval,
-            Duration::from_secs(300)
+            a,
+            Args {
+                cloudconfig: "/etc/kubernetes/azure.json".into(),
+                logtostderr: true,
+                verbosity: 4,
+                leader_election_instance: "mic-1".into(),
+                leader_election_namespace: "kube-system".into(),
+                leader_election_name: "my-lock".into(),
+                leader_election_duration: Duration::from_secs(30),
+                http_probe_port: 9080,
+                sync_retry_duration: Duration::from_secs(5400),
+                immutable_user_msis: "AAAA-1,bbbb-2".into(),
+                create_delete_batch: 10,
+                client_qps: Some(20.0),
+                prometheus_port: 9888,
+                update_user_msi_max_retry: 5,
+                update_user_msi_retry_interval: Duration::from_secs(2),
+                identity_assignment_reconcile_interval: Duration::from_secs(300),
+                log_format: "json".into(),
+                custom_user_agent: "my-agent".into(),
+                enable_scale_features: true,
+                force_namespaced: true,
+                ..parse(&[])
+            }
         );
-        assert_eq!(a.log_format, "json");
-        assert_eq!(a.custom_user_agent, "my-agent");
-        assert!(a.enable_scale_features);
-        assert!(a.force_namespaced);
+        assert_eq!(a.immutable_client_ids(), vec!["aaaa-1", "bbbb-2"]);
     }
 
     /// Every flag klog v2.30's `InitFlags` registers, in Go's single- and
     /// double-dash spellings, with `=` and with the value as the next word.
     #[test]
     fn klog_flags_in_go_syntax_start_mic_and_are_named_once() {
-        let go = |args: &[&str]| {
-            Args::try_parse_go_style_from(
-                std::iter::once("mic")
-                    .chain(args.iter().copied())
-                    .map(std::ffi::OsString::from),
-            )
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-        };
-        let a = go(&[
+        let a = parse(&[
             "-cloudconfig",
             "/etc/kubernetes/azure.json",
             "-logtostderr",
@@ -493,19 +498,19 @@ mod tests {
             "-forceNamespaced",
             "-syncRetryDuration=1m",
         ]);
+        assert_eq!(
+            a.klog_warning(),
+            klog_warning(&aadpodid_runtime::flags::KLOG_FLAG_NAMES)
+        );
         assert_eq!(a.cloudconfig, "/etc/kubernetes/azure.json");
         assert_eq!(a.verbosity, 4);
         assert!(a.logtostderr && a.alsologtostderr && a.force_namespaced);
         assert_eq!(a.sync_retry_duration, Duration::from_secs(60));
         assert_eq!(a.klog.log_file_max_size, Some(16));
         assert_eq!(a.klog.skip_headers, Some(false));
-        assert_eq!(
-            a.klog_warning(),
-            klog_warning(&aadpodid_runtime::flags::KLOG_FLAG_NAMES)
-        );
         // Upstream's own manifests: nothing to warn about.
         assert_eq!(
-            go(&["--cloudconfig=/x", "--logtostderr", "--v=2"]).klog_warning(),
+            parse(&["--cloudconfig=/x", "--logtostderr", "--v=2"]).klog_warning(),
             None
         );
         assert_eq!(parse(&["-v=2"]).klog_warning(), None);
@@ -519,15 +524,7 @@ mod tests {
             &["-stderrthreshold=DEBUG"],
             &["-logtostderr", "false"],
         ] {
-            assert!(
-                Args::try_parse_go_style_from(
-                    std::iter::once("mic")
-                        .chain(bad.iter().copied())
-                        .map(std::ffi::OsString::from)
-                )
-                .is_err(),
-                "{bad:?}"
-            );
+            assert!(try_parse(bad).is_err(), "{bad:?}");
         }
     }
 
