@@ -19,9 +19,10 @@ use crate::netns::NetNs;
 
 /// A Python relay run inside a namespace: each `host:port=path` spec
 /// listens on `host:port` there and carries every connection to the Unix
-/// socket at `path`.
+/// socket at `path`; a spec `host:port=path=log` also appends one line per
+/// accepted connection to the file `log`: `<ms since the epoch> <peer address>`.
 const UNIX_RELAY: &str = r#"
-import asyncio, sys
+import asyncio, sys, time
 async def pipe(r, w):
     try:
         while True:
@@ -40,9 +41,14 @@ async def pipe(r, w):
 async def main():
     servers = []
     for spec in sys.argv[1:]:
-        hostport, path = spec.split('=')
+        parts = spec.split('=')
+        hostport, path = parts[0], parts[1]
+        log = open(parts[2], 'a', buffering=1) if len(parts) > 2 else None
         host, port = hostport.rsplit(':', 1)
-        async def handle(r, w, path=path):
+        async def handle(r, w, path=path, log=log):
+            if log is not None:
+                peer = w.get_extra_info('peername')
+                log.write("%d %s\n" % (time.time() * 1000, peer[0] if peer else "?"))
             try:
                 ur, uw = await asyncio.open_unix_connection(path)
             except Exception:
@@ -93,12 +99,30 @@ impl NetNs {
         pairs: &[(SocketAddr, SocketAddr)],
         dir: &Path,
     ) -> anyhow::Result<Child> {
+        let logged: Vec<_> = pairs.iter().map(|(l, t)| (*l, *t, None)).collect();
+        self.relay_logged(&logged, dir).await
+    }
+
+    /// [`NetNs::relay_many`] where a pair may name a file that gets one
+    /// line per connection accepted on its `listen` address:
+    /// `<ms since the epoch> <peer address>` (who called, as seen inside
+    /// this namespace; [`peer_log`] reads it).
+    pub async fn relay_logged(
+        &self,
+        pairs: &[(SocketAddr, SocketAddr, Option<PathBuf>)],
+        dir: &Path,
+    ) -> anyhow::Result<Child> {
         let mut cmd = self.command("python3");
         cmd.arg("-c").arg(UNIX_RELAY);
-        for (i, (listen, target)) in pairs.iter().enumerate() {
+        for (i, (listen, target, log)) in pairs.iter().enumerate() {
             let sock = dir.join(format!("relay-{i}.sock"));
             unix_to_tcp(sock.clone(), *target).await?;
-            cmd.arg(format!("{listen}={}", sock.display()));
+            let log = log.as_ref().map(|l| format!("={}", l.display()));
+            cmd.arg(format!(
+                "{listen}={}{}",
+                sock.display(),
+                log.unwrap_or_default()
+            ));
         }
         let relay = cmd
             .stdout(Stdio::piped())
@@ -107,6 +131,19 @@ impl NetNs {
             .context("start the relay")?;
         ready_or_kill(relay)
     }
+}
+
+/// The connections a relay's log (see [`NetNs::relay_logged`]) holds:
+/// (ms since the epoch, peer address), unreadable lines left out; empty when
+/// there is no file yet.
+pub fn peer_log(path: &Path) -> Vec<(u64, std::net::IpAddr)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (at, peer) = l.split_once(' ')?;
+            Some((at.trim().parse().ok()?, peer.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// Waits for the relay's `READY`; kills it when it does not come.

@@ -275,7 +275,7 @@ impl Launch<'_> {
     }
 
     /// The process of `program` for `role` with plain flags, not started yet.
-    fn flags_process(
+    pub(super) fn flags_process(
         &self,
         role: FlagsRole<'_>,
         program: &Program,
@@ -674,6 +674,7 @@ impl WorldBuilder {
             mics: std::mem::take(&mut self.mics),
             rendered: self.release.take().map(|r| r.rendered).unwrap_or_default(),
             opts: self.opts.clone(),
+            host: self.host.take(),
             dir: std::mem::take(&mut self.dir),
             started: self.started,
             _one: one,

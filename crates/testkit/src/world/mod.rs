@@ -81,6 +81,7 @@
 //! | `pods` | [`PodRef`]; pods and their AzureAssignedIdentities; [`create_pod`], [`create_identity`] for a world without the chart |
 //! | `tokens` | token requests from pods |
 //! | `users` | [`NsUser`]: namespace-scoped users, namespaces, Events |
+//! | [`upgrade`] | upstream -> this project -> upstream in place, with pods asking for tokens throughout: [`upgrade::UpgradeFigures`] |
 
 mod azure;
 pub mod builder;
@@ -91,6 +92,8 @@ mod pods;
 pub mod processes;
 pub mod teardown;
 mod tokens;
+pub mod upgrade;
+mod upgrade_figures;
 mod users;
 
 use std::path::PathBuf;
@@ -186,6 +189,8 @@ pub struct World {
     pub rendered: Vec<Value>,
     /// Options it was started with.
     pub opts: Options,
+    /// The files a node holds (to start more processes later).
+    host: Option<azure::HostFiles>,
     dir: PathBuf,
     started: Instant,
     _one: tokio::sync::MutexGuard<'static, ()>,

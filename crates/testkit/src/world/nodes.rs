@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -32,24 +32,26 @@ pub(super) fn socket_of(url: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("address of {url}"))
 }
 
-/// Starts a relay in `ns` carrying each `(listen, target)` pair from inside
-/// the namespace to the root namespace (sockets in a folder of `dir`): the
-/// kit's Python relay, or `program` when given (same arguments, same `READY`).
+/// Starts a relay in `ns` carrying each `(listen, target, peer log)` from
+/// inside the namespace to the root namespace (sockets in a folder of
+/// `dir`): the kit's Python relay, which logs each connection's peer where a
+/// log is named ([`NetNs::relay_logged`]), or `program` when given (same
+/// arguments, same `READY`; no peer logs).
 async fn relay_in(
     ns: &NetNs,
     dir: &Path,
-    pairs: &[(SocketAddr, SocketAddr)],
+    pairs: &[(SocketAddr, SocketAddr, Option<PathBuf>)],
     program: Option<&Program>,
 ) -> anyhow::Result<Child> {
     let sockets = dir.join(ns.name());
     std::fs::create_dir_all(&sockets)?;
     let Some(program) = program else {
-        return ns.relay_many(pairs, &sockets).await;
+        return ns.relay_logged(pairs, &sockets).await;
     };
     let mut cmd = ns.command(&program.path);
     cmd.args(&program.args)
         .envs(program.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    for (i, (listen, target)) in pairs.iter().enumerate() {
+    for (i, (listen, target, _)) in pairs.iter().enumerate() {
         let path = sockets.join(format!("relay-{i}.sock"));
         unix_to_tcp(path.clone(), *target).await?;
         cmd.arg(format!("{listen}={}", path.display()));
@@ -61,6 +63,26 @@ async fn relay_in(
         return Err(e);
     }
     Ok(relay)
+}
+
+/// The relay of `ns` for `pairs` (see [`relay_in`]) and the process of pod
+/// `pod_name` on node `node` from `source`, not started yet.
+async fn relay_and_process(
+    launch: &Launch<'_>,
+    ns: &NetNs,
+    pairs: &[(SocketAddr, SocketAddr, Option<PathBuf>)],
+    source: &Source<'_>,
+    pod_name: &str,
+    node: &str,
+) -> anyhow::Result<(Child, Proc)> {
+    let mut relay = relay_in(ns, launch.dir, pairs, launch.relay).await?;
+    match launch.process_of(source, pod_name, node).await {
+        Ok(proc) => Ok((relay, proc)),
+        Err(e) => {
+            stop_relay(&mut relay);
+            Err(e)
+        }
+    }
 }
 
 /// Creates the Node object of `spec` (a Linux node with its providerID).
@@ -94,6 +116,10 @@ pub struct WorldNode {
     pub net: Node,
     /// nmi on it.
     pub nmi: Proc,
+    /// With the kit's relay: the file of every connection to
+    /// 169.254.169.254:80 inside the node that reached the node's IMDS
+    /// (around any redirect), with its peer ([`crate::relay::peer_log`]).
+    pub imds_peers: Option<PathBuf>,
     relay: Child,
 }
 
@@ -118,9 +144,6 @@ impl WorldNode {
             .emu
             .add_imds(&machine, "127.0.0.1:0".parse()?)
             .await?;
-        let api = launch.apiserver;
-        let pairs = [(api, api), (SocketAddr::from((IMDS_ADDRESS, 80)), imds)];
-        let relay = relay_in(&net.node, launch.dir, &pairs, launch.relay).await?;
         if nmi.program().dialect == Dialect::Upstream {
             // Upstream's nmi DNATs to loopback without setting this itself
             // (kube-proxy does on a real node).
@@ -129,14 +152,29 @@ impl WorldNode {
                 &["-q", "-w", "net.ipv4.conf.all.route_localnet=1"],
             )?;
         }
+        let api = launch.apiserver;
+        let imds_peers = launch
+            .relay
+            .is_none()
+            .then(|| launch.dir.join(format!("imds-peers-{name}.log")));
+        let pairs = [
+            (api, api, None),
+            (
+                SocketAddr::from((IMDS_ADDRESS, 80)),
+                imds,
+                imds_peers.clone(),
+            ),
+        ];
         let pod_name = nmi.nmi_name(index, &name);
-        let nmi = launch.process_of(nmi, &pod_name, &name).await?;
+        let (relay, nmi) =
+            relay_and_process(launch, &net.node, &pairs, nmi, &pod_name, &name).await?;
         Ok(WorldNode {
             name,
             vmss: spec.vmss.clone(),
             machine,
             net,
             nmi,
+            imds_peers,
             relay,
         })
     }
@@ -173,9 +211,9 @@ impl MicReplica {
             socket_of(&launch.emu.arm_url())?,
             socket_of(&launch.emu.aad_url())?,
         ]
-        .map(|a| (a, a));
-        let relay = relay_in(&net, launch.dir, &pairs, launch.relay).await?;
-        let proc = launch.process_of(mic, &mic.mic_name(r), node).await?;
+        .map(|a| (a, a, None));
+        let (relay, proc) =
+            relay_and_process(launch, &net, &pairs, mic, &mic.mic_name(r), node).await?;
         Ok(MicReplica { net, proc, relay })
     }
 

@@ -13,6 +13,10 @@ use anyhow::{Context as _, bail};
 use super::{PROCESS_START, Program};
 use crate::netns::NetNs;
 
+/// Bound on a process's exit after a signal (upstream's nmi sleeps 10 s
+/// after SIGTERM).
+const EXIT_WAIT: Duration = Duration::from_secs(20);
+
 /// A process of the world (mic replica or nmi), with how to start it again.
 #[derive(Debug)]
 pub struct Proc {
@@ -124,8 +128,39 @@ impl Proc {
 
     /// Sends `signal` (`TERM`, `KILL`) and waits (bounded) until it exits.
     pub(super) fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
-        let Some(mut c) = self.child.take() else {
+        let Some(mut c) = self.send(signal)? else {
             return Ok(());
+        };
+        let deadline = Instant::now() + EXIT_WAIT;
+        while c.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                return self.exit_overdue(c, signal);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// [`Proc::signal`] without blocking the thread while it waits.
+    pub(super) async fn terminate(&mut self, signal: &str) -> anyhow::Result<()> {
+        let Some(mut c) = self.send(signal)? else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + EXIT_WAIT;
+        while c.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                return self.exit_overdue(c, signal);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to the running process and takes its child (`None`
+    /// when it does not run).
+    fn send(&mut self, signal: &str) -> anyhow::Result<Option<Child>> {
+        let Some(c) = self.child.take() else {
+            return Ok(None);
         };
         // `ip netns exec` and `setpriv` exec the program: the child's PID is its PID.
         let status = Command::new("kill")
@@ -134,16 +169,31 @@ impl Proc {
         if !status.success() {
             bail!("kill -{signal} {} failed", self.name);
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while c.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                bail!("{} did not exit within 20 s of SIG{signal}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        Ok(Some(c))
+    }
+
+    /// Kills `c`, which outlived [`EXIT_WAIT`] after `signal`.
+    fn exit_overdue(&self, mut c: Child, signal: &str) -> anyhow::Result<()> {
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!(
+            "{} did not exit within {EXIT_WAIT:?} of SIG{signal}",
+            self.name
+        )
+    }
+
+    /// Moves the running process out into a new [`Proc`] with the same
+    /// command line; this one is left not running.
+    pub(super) fn take(&mut self) -> Proc {
+        Proc {
+            name: self.name.clone(),
+            program: self.program.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+            probe: self.probe.clone(),
+            log: self.log.clone(),
+            child: self.child.take(),
         }
-        Ok(())
     }
 
     /// Polls its probe with `curl` inside `ns` until it answers 200 (any

@@ -100,7 +100,7 @@ impl World {
     }
 
     /// The pods that did not get their identity's token, with what they got.
-    async fn token_failures(&self, pods: &[PodRef]) -> anyhow::Result<Vec<String>> {
+    pub(super) async fn token_failures(&self, pods: &[PodRef]) -> anyhow::Result<Vec<String>> {
         let url = format!("http://{IMDS_ADDRESS}{TOKEN_PATH}");
         let mut set = tokio::task::JoinSet::new();
         for p in pods {
