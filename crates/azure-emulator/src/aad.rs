@@ -206,14 +206,9 @@ fn authority(req: &Request<Incoming>, fallback: &str) -> String {
 /// so the v1 document's `issuer` is the one its tokens carry. Both documents
 /// point at this emulator's endpoints; the key set is the same on every path.
 fn discovery(s: &Shared, req: &Request<Incoming>, base: &str) -> Option<Result<Resp, AadError>> {
-    let segs: Vec<String> = req
-        .uri()
-        .path()
-        .trim_matches('/')
-        .split('/')
-        .map(str::to_ascii_lowercase)
-        .collect();
-    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let sent = path_segments(req);
+    let lower: Vec<String> = sent.iter().map(|x| x.to_ascii_lowercase()).collect();
+    let segs: Vec<&str> = lower.iter().map(String::as_str).collect();
     let (asked, what) = match segs.as_slice() {
         [t, ".well-known", "openid-configuration"] => (*t, Discovery::ConfigV1),
         [t, "v2.0", ".well-known", "openid-configuration"] => (*t, Discovery::ConfigV2),
@@ -241,14 +236,7 @@ fn discovery(s: &Shared, req: &Request<Incoming>, base: &str) -> Option<Result<R
         (asked.to_string(), "{tenantid}".to_string())
     } else {
         // Entra answers an unknown tenant's discovery with 400 `invalid_tenant`.
-        let shown = req
-            .uri()
-            .path()
-            .trim_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or("")
-            .to_string();
+        let shown = &sent[0];
         return Some(Err(aad_err(
             400,
             "invalid_tenant",
@@ -268,50 +256,8 @@ fn discovery(s: &Shared, req: &Request<Incoming>, base: &str) -> Option<Result<R
         "max-age=86400, private".to_string(),
     )];
     let body = match what {
-        Discovery::ConfigV1 => json!({
-            "token_endpoint": format!("{base}{in_url}/oauth2/token"),
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
-            "jwks_uri": format!("{base}common/discovery/keys"),
-            "response_modes_supported": ["query", "fragment", "form_post"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
-            "scopes_supported": ["openid"],
-            "issuer": format!("https://sts.windows.net/{in_issuer}/"),
-            "microsoft_multi_refresh_token": true,
-            "authorization_endpoint": format!("{base}{in_url}/oauth2/authorize"),
-            "http_logout_supported": true,
-            "frontchannel_logout_supported": true,
-            "end_session_endpoint": format!("{base}{in_url}/oauth2/logout"),
-            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "amr", "nonce", "email", "given_name", "family_name", "nickname"],
-            "check_session_iframe": format!("{base}{in_url}/oauth2/checksession"),
-            "cloud_instance_name": host,
-            "cloud_graph_host_name": "graph.windows.net",
-            "msgraph_host": "graph.microsoft.com",
-            "rbac_url": "https://pas.windows.net",
-        }),
-        Discovery::ConfigV2 => json!({
-            "token_endpoint": format!("{base}{in_url}/oauth2/v2.0/token"),
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
-            "jwks_uri": format!("{base}{in_url}/discovery/v2.0/keys"),
-            "response_modes_supported": ["query", "fragment", "form_post"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-            "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "issuer": format!("{base}{in_issuer}/v2.0"),
-            "request_uri_parameter_supported": false,
-            "authorization_endpoint": format!("{base}{in_url}/oauth2/v2.0/authorize"),
-            "device_authorization_endpoint": format!("{base}{in_url}/oauth2/v2.0/devicecode"),
-            "http_logout_supported": true,
-            "frontchannel_logout_supported": true,
-            "end_session_endpoint": format!("{base}{in_url}/oauth2/v2.0/logout"),
-            "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name", "cloud_graph_host_name", "msgraph_host", "aud", "exp", "iat", "auth_time", "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash", "c_hash", "email"],
-            "cloud_instance_name": host,
-            "cloud_graph_host_name": "graph.windows.net",
-            "msgraph_host": "graph.microsoft.com",
-            "rbac_url": "https://pas.windows.net",
-        }),
+        Discovery::ConfigV1 => openid_configuration(false, &base, &in_url, &in_issuer, &host),
+        Discovery::ConfigV2 => openid_configuration(true, &base, &in_url, &in_issuer, &host),
         Discovery::KeysV1 | Discovery::KeysV2 => {
             let mut jwk = s.signer.jwk();
             if what == Discovery::KeysV2 {
@@ -322,6 +268,54 @@ fn discovery(s: &Shared, req: &Request<Incoming>, base: &str) -> Option<Result<R
         }
     };
     Some(Ok(http::json(200, &body, &cache)))
+}
+
+/// The OpenID configuration document, v1 or v2, of the tenant named
+/// `in_url` in URLs and `in_issuer` in issuer names, served at `base` (whose
+/// host is `host`). The two versions share most keys; their endpoints differ by
+/// a `/v2.0` in the path.
+fn openid_configuration(v2: bool, base: &str, in_url: &str, in_issuer: &str, host: &str) -> Value {
+    let oauth2 = format!("{base}{in_url}/oauth2{}", if v2 { "/v2.0" } else { "" });
+    let mut doc = json!({
+        "token_endpoint": format!("{oauth2}/token"),
+        "authorization_endpoint": format!("{oauth2}/authorize"),
+        "end_session_endpoint": format!("{oauth2}/logout"),
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+        "response_modes_supported": ["query", "fragment", "form_post"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "http_logout_supported": true,
+        "frontchannel_logout_supported": true,
+        "cloud_instance_name": host,
+        "cloud_graph_host_name": "graph.windows.net",
+        "msgraph_host": "graph.microsoft.com",
+        "rbac_url": "https://pas.windows.net",
+    });
+    let own = if v2 {
+        json!({
+            "jwks_uri": format!("{base}{in_url}/discovery/v2.0/keys"),
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": format!("{base}{in_issuer}/v2.0"),
+            "request_uri_parameter_supported": false,
+            "device_authorization_endpoint": format!("{oauth2}/devicecode"),
+            "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name", "cloud_graph_host_name", "msgraph_host", "aud", "exp", "iat", "auth_time", "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash", "c_hash", "email"],
+        })
+    } else {
+        json!({
+            "jwks_uri": format!("{base}common/discovery/keys"),
+            "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+            "scopes_supported": ["openid"],
+            "issuer": format!("https://sts.windows.net/{in_issuer}/"),
+            "microsoft_multi_refresh_token": true,
+            "check_session_iframe": format!("{oauth2}/checksession"),
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "amr", "nonce", "email", "given_name", "family_name", "nickname"],
+        })
+    };
+    if let (Value::Object(doc), Value::Object(own)) = (&mut doc, own) {
+        doc.extend(own);
+    }
+    doc
 }
 
 /// Verification keys of every configured workload-identity issuer, by issuer.
@@ -363,14 +357,19 @@ pub(crate) fn load_issuer_keys(
 
 type TokenResult = Result<(Resp, String), (AadError, Option<String>)>;
 
-async fn token(s: &Shared, req: Request<Incoming>) -> TokenResult {
-    let segs: Vec<String> = req
-        .uri()
+/// The request path's segments between slashes, as sent (never empty: the
+/// path `/` gives one empty segment).
+fn path_segments<B>(req: &Request<B>) -> Vec<String> {
+    req.uri()
         .path()
         .trim_matches('/')
         .split('/')
         .map(str::to_string)
-        .collect();
+        .collect()
+}
+
+async fn token(s: &Shared, req: Request<Incoming>) -> TokenResult {
+    let segs = path_segments(&req);
     let lower: Vec<String> = segs.iter().map(|x| x.to_ascii_lowercase()).collect();
     let version = match lower
         .iter()
@@ -793,39 +792,30 @@ fn check_assertion(
         _ => Vec::new(),
     };
     let aud_text = auds.first().cloned().unwrap_or_default();
-    let by_iss: Vec<_> = fics.iter().filter(|f| f.issuer == iss).collect();
-    if by_iss.is_empty() {
-        return Err(aad_err(
+    // Entra's answer when no federated credential matches the assertion's
+    // `claim` (which says `value`).
+    let no_match = |code, claim: &str, value: &str| {
+        aad_err(
             401,
             "invalid_client",
-            700_211,
+            code,
             format!(
-                "No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
+                "No matching federated identity record found for presented assertion {claim} '{value}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
             ),
-        ));
+        )
+    };
+    let by_iss: Vec<_> = fics.iter().filter(|f| f.issuer == iss).collect();
+    if by_iss.is_empty() {
+        return Err(no_match(700_211, "issuer", iss));
     }
     verify_federated_signature(s, &parsed, iss)?;
     check_time(s, &parsed)?;
     let by_sub: Vec<_> = by_iss.into_iter().filter(|f| f.subject == sub).collect();
     if by_sub.is_empty() {
-        return Err(aad_err(
-            401,
-            "invalid_client",
-            700_213,
-            format!(
-                "No matching federated identity record found for presented assertion subject '{sub}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
-            ),
-        ));
+        return Err(no_match(700_213, "subject", sub));
     }
     if !by_sub.iter().any(|f| auds.contains(&f.audience)) {
-        return Err(aad_err(
-            401,
-            "invalid_client",
-            700_212,
-            format!(
-                "No matching federated identity record found for presented assertion audience '{aud_text}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
-            ),
-        ));
+        return Err(no_match(700_212, "audience", &aud_text));
     }
     Ok((oid, mirid))
 }

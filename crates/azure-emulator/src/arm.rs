@@ -239,6 +239,15 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
     };
     let method = req.method().clone();
     let is_get = method == hyper::Method::GET;
+    let compute_versions = served_compute_versions(&s.cfg.arm);
+    // A read-only resource of type `type_name`: any method but GET is refused,
+    // then the api-version is checked against `allowed`.
+    let read_only = |allowed: &[&str], type_name: &str| {
+        if !is_get {
+            return Err(method_not_allowed(&method));
+        }
+        check_api_version(&pairs, allowed, type_name, &location)
+    };
 
     if l.first() == Some(&"subscriptions") && l.len() == 1 && is_get {
         return Ok((
@@ -276,15 +285,7 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
         op,
     ] = l.as_slice()
     {
-        if !is_get {
-            return Err(method_not_allowed(&method));
-        }
-        check_api_version(
-            &pairs,
-            &served_compute_versions(&s.cfg.arm),
-            "locations/operations",
-            &location,
-        )?;
+        read_only(&compute_versions, "locations/operations")?;
         out.lro_poll = true;
         return operation_status(
             s,
@@ -330,15 +331,7 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
             "userassignedidentities",
             _,
         ] => {
-            if !is_get {
-                return Err(method_not_allowed(&method));
-            }
-            let api = check_api_version(
-                &pairs,
-                MSI_API_VERSIONS,
-                "userAssignedIdentities",
-                &location,
-            )?;
+            let api = read_only(MSI_API_VERSIONS, "userAssignedIdentities")?;
             let k = key(&path);
             out.resource_key = Some(k.clone());
             out.read = true;
@@ -371,15 +364,7 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
             "virtualmachines",
             inst,
         ] => {
-            if !is_get {
-                return Err(method_not_allowed(&method));
-            }
-            check_api_version(
-                &pairs,
-                &served_compute_versions(&s.cfg.arm),
-                "virtualMachineScaleSets/virtualMachines",
-                &location,
-            )?;
+            read_only(&compute_versions, "virtualMachineScaleSets/virtualMachines")?;
             let vk = key(&format!(
                 "/subscriptions/{}/resourcegroups/{}/providers/microsoft.compute/virtualmachinescalesets/{}",
                 l[1], l[3], l[7]
@@ -452,12 +437,7 @@ async fn route(s: &Shared, req: Request<Incoming>, out: &mut Outcome) -> Answer 
             } else {
                 "virtualMachines"
             };
-            let api = check_api_version(
-                &pairs,
-                &served_compute_versions(&s.cfg.arm),
-                type_name,
-                &location,
-            )?;
+            let api = check_api_version(&pairs, &compute_versions, type_name, &location)?;
             let rk = key(&path);
             out.resource_key = Some(rk.clone());
             let name = segs[7].to_string();

@@ -563,83 +563,45 @@ fn policy(name: &str, res: (f64, f64), sub: (f64, f64)) -> PolicyConfig {
 /// (docs/upstream-behaviour.md#azure-throttling). Policy *names* are not documented for the bucket
 /// model; the defaults follow the `<Op>Resource` / `<Op>SubscriptionMaximum`
 /// pattern and can be renamed.
+///
+/// Every field left out of a configuration takes its value from
+/// [`ThrottleConfig::default`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ThrottleConfig {
-    #[serde(default = "yes")]
     pub enabled: bool,
-    #[serde(default = "p_vmss_update")]
     pub vmss_update: PolicyConfig,
-    #[serde(default = "p_vmss_put")]
     pub vmss_create: PolicyConfig,
-    #[serde(default = "p_vmss_get")]
     pub vmss_get: PolicyConfig,
-    #[serde(default = "p_vm_update")]
     pub vm_update: PolicyConfig,
-    #[serde(default = "p_vm_get")]
     pub vm_get: PolicyConfig,
-    #[serde(default = "p_vmss_vm_get")]
     pub vmss_vm_get: PolicyConfig,
-    #[serde(default = "p_op_get")]
     pub operation_get: PolicyConfig,
     /// ARM layer, per subscription: reads bucket 250 refilled 25/s.
-    #[serde(default = "arm_reads")]
     pub subscription_reads: BucketConfig,
     /// ARM layer, per subscription: writes bucket 200 refilled 10/s.
-    #[serde(default = "arm_writes")]
     pub subscription_writes: BucketConfig,
 }
 
 impl Default for ThrottleConfig {
     fn default() -> Self {
+        let arm = |name: &str, burst, per_second| BucketConfig {
+            name: name.into(),
+            burst,
+            per_minute: per_second * 60.0,
+        };
         Self {
             enabled: true,
-            vmss_update: p_vmss_update(),
-            vmss_create: p_vmss_put(),
-            vmss_get: p_vmss_get(),
-            vm_update: p_vm_update(),
-            vm_get: p_vm_get(),
-            vmss_vm_get: p_vmss_vm_get(),
-            operation_get: p_op_get(),
-            subscription_reads: arm_reads(),
-            subscription_writes: arm_writes(),
+            vmss_update: policy("PutVMScaleSet", (12.0, 4.0), (1500.0, 500.0)),
+            vmss_create: policy("CreateVMScaleSet", (12.0, 4.0), (375.0, 125.0)),
+            vmss_get: policy("GetVMScaleSet", (36.0, 12.0), (2400.0, 800.0)),
+            vm_update: policy("PutVM", (12.0, 4.0), (1500.0, 500.0)),
+            vm_get: policy("GetVM", (36.0, 12.0), (24000.0, 8000.0)),
+            vmss_vm_get: policy("GetVMScaleSetVM", (36.0, 12.0), (6000.0, 2000.0)),
+            operation_get: policy("GetOperation", (45.0, 15.0), (15000.0, 5000.0)),
+            subscription_reads: arm("reads", 250.0, 25.0),
+            subscription_writes: arm("writes", 200.0, 10.0),
         }
-    }
-}
-
-fn p_vmss_update() -> PolicyConfig {
-    policy("PutVMScaleSet", (12.0, 4.0), (1500.0, 500.0))
-}
-fn p_vmss_put() -> PolicyConfig {
-    policy("CreateVMScaleSet", (12.0, 4.0), (375.0, 125.0))
-}
-fn p_vmss_get() -> PolicyConfig {
-    policy("GetVMScaleSet", (36.0, 12.0), (2400.0, 800.0))
-}
-fn p_vm_update() -> PolicyConfig {
-    policy("PutVM", (12.0, 4.0), (1500.0, 500.0))
-}
-fn p_vm_get() -> PolicyConfig {
-    policy("GetVM", (36.0, 12.0), (24000.0, 8000.0))
-}
-fn p_vmss_vm_get() -> PolicyConfig {
-    policy("GetVMScaleSetVM", (36.0, 12.0), (6000.0, 2000.0))
-}
-fn p_op_get() -> PolicyConfig {
-    policy("GetOperation", (45.0, 15.0), (15000.0, 5000.0))
-}
-fn arm_reads() -> BucketConfig {
-    BucketConfig {
-        name: "reads".into(),
-        burst: 250.0,
-        per_minute: 25.0 * 60.0,
-    }
-}
-fn arm_writes() -> BucketConfig {
-    BucketConfig {
-        name: "writes".into(),
-        burst: 200.0,
-        per_minute: 10.0 * 60.0,
     }
 }
 
@@ -705,6 +667,30 @@ arm: { lroMode: sync, concurrentWrites: queue }
         assert_eq!(cfg.arm.lro_mode, LroMode::Sync);
         assert_eq!(cfg.throttle.vmss_update.resource.burst, 12.0);
         assert_eq!(cfg.imds.token_requests_per_second, 20);
+    }
+
+    #[test]
+    fn a_partial_throttle_section_keeps_the_other_defaults() {
+        let cfg = Config::from_yaml(
+            r#"
+tenantId: t1
+subscriptionId: s1
+throttle:
+  enabled: false
+  vmGet:
+    resource: { name: r, burst: 1, perMinute: 2 }
+    subscription: { name: s, burst: 3, perMinute: 4 }
+"#,
+        )
+        .expect("parse");
+        let d = ThrottleConfig::default();
+        assert!(!cfg.throttle.enabled);
+        assert_eq!(cfg.throttle.vm_get.subscription.per_minute, 4.0);
+        assert_eq!(cfg.throttle.vmss_update, d.vmss_update);
+        assert_eq!(cfg.throttle.operation_get, d.operation_get);
+        assert_eq!(cfg.throttle.subscription_writes, d.subscription_writes);
+        assert_eq!(d.subscription_reads.per_minute, 25.0 * 60.0);
+        assert_eq!(d.vmss_create.resource.name, "CreateVMScaleSetResource");
     }
 
     #[test]
