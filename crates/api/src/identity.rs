@@ -207,139 +207,92 @@ mod tests {
     /// (case, a, b, equal once canonical)
     #[test]
     fn canonical_treats_go_zero_forms_as_absent_and_nothing_else() {
-        let spec = |v: serde_json::Value| serde_json::from_value::<AzureIdentitySpec>(v).unwrap();
+        use serde_json::{Value, json};
+        let spec = |v: Value| serde_json::from_value::<AzureIdentitySpec>(v).unwrap();
         let base = || {
-            serde_json::json!({
+            json!({
                 "resourceID": "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/a",
                 "clientID": "c",
             })
         };
-        let with = |k: &str, v: serde_json::Value| {
+        let with = |k: &str, v: Value| {
             let mut b = base();
             b[k] = v;
             spec(b)
         };
-        let cases: Vec<(&str, AzureIdentitySpec, AzureIdentitySpec, bool)> = vec![
+        let other_id = "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/b";
+        // Cases against the base itself: (case, the base with one field
+        // written, equal once canonical).
+        let against_base: Vec<(&str, AzureIdentitySpec, bool)> = vec![
             // Go's forms of "unset".
-            (
-                "clientPassword {}",
-                with("clientPassword", serde_json::json!({})),
-                spec(base()),
-                true,
-            ),
+            ("clientPassword {}", with("clientPassword", json!({})), true),
             (
                 "clientPassword null",
-                with("clientPassword", serde_json::Value::Null),
-                spec(base()),
+                with("clientPassword", Value::Null),
                 true,
             ),
             // Written by a user, never by Go (its omitempty drops them): set.
             (
                 "clientPassword with empty strings",
-                with(
-                    "clientPassword",
-                    serde_json::json!({"name": "", "namespace": ""}),
-                ),
-                spec(base()),
+                with("clientPassword", json!({"name": "", "namespace": ""})),
                 false,
             ),
             (
                 "empty auxiliaryTenantIDs",
-                with("auxiliaryTenantIDs", serde_json::json!([])),
-                spec(base()),
+                with("auxiliaryTenantIDs", json!([])),
                 true,
             ),
-            (
-                "type 0 written or not",
-                with("type", serde_json::json!(0)),
-                spec(base()),
-                true,
-            ),
+            ("type 0 written or not", with("type", json!(0)), true),
             (
                 "empty strings written or not",
-                with("tenantID", serde_json::json!("")),
-                spec(base()),
+                with("tenantID", json!("")),
                 true,
             ),
             // Real differences.
             (
                 "a secret named",
-                with("clientPassword", serde_json::json!({"name": "sp"})),
-                spec(base()),
-                false,
-            ),
-            (
-                "a secret namespace only",
-                with("clientPassword", serde_json::json!({"namespace": "ns"})),
-                with("clientPassword", serde_json::json!({})),
-                false,
-            ),
-            (
-                "another secret",
-                with(
-                    "clientPassword",
-                    serde_json::json!({"name": "sp", "namespace": "a"}),
-                ),
-                with(
-                    "clientPassword",
-                    serde_json::json!({"name": "sp", "namespace": "b"}),
-                ),
+                with("clientPassword", json!({"name": "sp"})),
                 false,
             ),
             (
                 "another resource ID",
-                with(
-                    "resourceID",
-                    serde_json::json!(
-                        "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/b"
-                    ),
-                ),
-                spec(base()),
+                with("resourceID", json!(other_id)),
                 false,
             ),
-            (
-                "another client ID",
-                with("clientID", serde_json::json!("d")),
-                spec(base()),
-                false,
-            ),
-            (
-                "another type",
-                with("type", serde_json::json!(1)),
-                spec(base()),
-                false,
-            ),
-            (
-                "a tenant",
-                with("tenantID", serde_json::json!("t")),
-                spec(base()),
-                false,
-            ),
+            ("another client ID", with("clientID", json!("d")), false),
+            ("another type", with("type", json!(1)), false),
+            ("a tenant", with("tenantID", json!("t")), false),
             (
                 "auxiliary tenants",
-                with("auxiliaryTenantIDs", serde_json::json!(["t2"])),
-                spec(base()),
+                with("auxiliaryTenantIDs", json!(["t2"])),
                 false,
             ),
             (
                 "an authority",
-                with("adEndpoint", serde_json::json!("https://x/")),
-                spec(base()),
+                with("adEndpoint", json!("https://x/")),
                 false,
             ),
-            (
-                "adResourceID",
-                with("adResourceID", serde_json::json!("r")),
-                spec(base()),
-                false,
-            ),
-            (
-                "replicas 0 is not unset",
-                with("replicas", serde_json::json!(0)),
-                spec(base()),
-                false,
-            ),
+            ("adResourceID", with("adResourceID", json!("r")), false),
+            ("replicas 0 is not unset", with("replicas", json!(0)), false),
         ];
+        let secret = |v: Value| with("clientPassword", v);
+        let cases = against_base
+            .into_iter()
+            .map(|(case, a, equal)| (case, a, spec(base()), equal))
+            .chain([
+                (
+                    "a secret namespace only",
+                    secret(json!({"namespace": "ns"})),
+                    secret(json!({})),
+                    false,
+                ),
+                (
+                    "another secret",
+                    secret(json!({"name": "sp", "namespace": "a"})),
+                    secret(json!({"name": "sp", "namespace": "b"})),
+                    false,
+                ),
+            ]);
         for (case, a, b, equal) in cases {
             assert_eq!(a.canonical() == b.canonical(), equal, "{case}");
             assert_eq!(b.canonical() == a.canonical(), equal, "{case} (swapped)");
