@@ -22,6 +22,7 @@
 //! and [`subject::nmi_program`], the only places that differ per [`Subject`].
 
 pub mod child;
+pub mod migration;
 pub mod report;
 pub mod subject;
 mod world;
@@ -45,7 +46,7 @@ pub struct Options {
     /// Small sizes (seconds of runtime): checks that the bench works, nothing more.
     #[arg(long)]
     pub quick: bool,
-    /// Rows to run, e.g. `1,3` (default: all of 1-5).
+    /// Rows to run, e.g. `1,3` (default: all of 1-6; with `--quick`, 1-5).
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<u8>,
     /// Markdown report; the SVG chart goes next to it with the `.svg` extension.
@@ -67,6 +68,13 @@ impl Options {
     /// Whether row `n` (1-5) is selected.
     pub fn row(&self, n: u8) -> bool {
         self.rows.is_empty() || self.rows.contains(&n)
+    }
+
+    /// Whether row 6 (the in-place migration, one run of about a minute
+    /// for both columns) is selected: by default, or with `--quick` only
+    /// when named.
+    pub fn migration_row(&self) -> bool {
+        self.rows.contains(&6) || (self.rows.is_empty() && !self.quick)
     }
 }
 
@@ -180,12 +188,21 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     for subject in [Subject::ThisProject, Subject::Upstream] {
         let figures = if subject == Subject::Upstream && opts.no_upstream {
             report::Figures::not_run("not run: --no-upstream")
+        } else if !(1..=5).any(|n| opts.row(n)) {
+            report::Figures::not_run("not run: row not selected")
         } else {
             subject::run_subject(subject, &scale, &opts).await
         };
         columns.push((subject, figures));
     }
-    let table = report::Table::new(&scale, columns);
+    if opts.migration_row() {
+        migration::row(&mut columns, opts.no_upstream).await;
+    }
+    let mut table = report::Table::new(&scale, columns);
+    table.hidden_rows = (1..=5).filter(|n| !opts.row(*n)).collect();
+    if !opts.migration_row() {
+        table.hidden_rows.push(6);
+    }
     println!("{}", table.render_text());
     let machine = report::Machine::describe(started.elapsed(), opts.quick);
     report::write_files(&opts.out, &table, &machine)?;

@@ -37,11 +37,18 @@ pub enum Metric {
     BigConvergeWall,
     IdleArmCalls,
     IdleCpu,
+    /// Row 6: the in-place migration to the column's side.
+    MigrationDuration,
+    MigrationTakeover,
+    MigrationArmWrites,
+    MigrationAaiChanges,
+    MigrationTokenErrors,
+    MigrationImdsDirect,
 }
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 27] = [
+    pub const ALL: [Metric; 33] = [
         Metric::FirstToken,
         Metric::BurstEmulated,
         Metric::BurstWall,
@@ -69,9 +76,15 @@ impl Metric {
         Metric::BigConvergeWall,
         Metric::IdleArmCalls,
         Metric::IdleCpu,
+        Metric::MigrationDuration,
+        Metric::MigrationTakeover,
+        Metric::MigrationArmWrites,
+        Metric::MigrationAaiChanges,
+        Metric::MigrationTokenErrors,
+        Metric::MigrationImdsDirect,
     ];
 
-    /// Row of the table (1-5).
+    /// Row of the table (1-6).
     pub fn row(self) -> u8 {
         match self {
             Metric::FirstToken => 1,
@@ -92,6 +105,12 @@ impl Metric {
             | Metric::MicPeakRss
             | Metric::BigConvergeWall => 4,
             Metric::IdleArmCalls | Metric::IdleCpu => 5,
+            Metric::MigrationDuration
+            | Metric::MigrationTakeover
+            | Metric::MigrationArmWrites
+            | Metric::MigrationAaiChanges
+            | Metric::MigrationTokenErrors
+            | Metric::MigrationImdsDirect => 6,
         }
     }
 
@@ -153,6 +172,20 @@ impl Metric {
                 "idle: mic CPU (utime+stime), s (over {:.0} s wall)",
                 s.wall(s.idle).as_secs_f64()
             ),
+            Metric::MigrationDuration => "in-place migration to the column's side (this project: upgrade from upstream; upstream: rollback to it): nmi on every node and mic swapped, wall s".into(),
+            Metric::MigrationTakeover => {
+                "migration: mic lock takeover after the old leader's SIGTERM, wall s".into()
+            }
+            Metric::MigrationArmWrites => "migration: ARM writes (both mics)".into(),
+            Metric::MigrationAaiChanges => {
+                "migration: AzureAssignedIdentity changes (status, rewrites, recreates)".into()
+            }
+            Metric::MigrationTokenErrors => {
+                "migration: pods' token requests that got no token".into()
+            }
+            Metric::MigrationImdsDirect => {
+                "migration: pods' requests that reached IMDS around nmi".into()
+            }
         }
     }
 }
@@ -240,6 +273,8 @@ impl Figures {
 pub struct Table {
     pub scale: Scale,
     pub columns: Vec<(Subject, Figures)>,
+    /// Rows left out of the table and the chart (not run in this mode).
+    pub hidden_rows: Vec<u8>,
 }
 
 impl Table {
@@ -247,11 +282,20 @@ impl Table {
         Table {
             scale: scale.clone(),
             columns,
+            hidden_rows: Vec::new(),
         }
     }
 
-    fn rows(&self) -> Vec<Vec<String>> {
+    /// The metrics shown, in table order.
+    fn metrics(&self) -> Vec<Metric> {
         Metric::ALL
+            .into_iter()
+            .filter(|m| !self.hidden_rows.contains(&m.row()))
+            .collect()
+    }
+
+    fn rows(&self) -> Vec<Vec<String>> {
+        self.metrics()
             .iter()
             .map(|m| {
                 let mut r = vec![m.row().to_string(), m.label(&self.scale)];
@@ -441,6 +485,7 @@ fn write_method(out: &mut String, s: &Scale, m: &Machine) {
          - Row 4: VmHWM of `/proc/<pid>/status`; descriptors are the entries of `/proc/<pid>/fd`. nmi at rest: VmRSS once active, before any pod is on its node. nmi with pods: {nmi} Pod objects with IPs and Assigned AAIs on its node, after a token request. mic: after the burst, the rest of {big} pods over {ids} identities (identity j on scale set j mod {k}) all Assigned.\n\
          - Row 4, floods: nmi is restarted before each flood; one pod (an ordinary pod with an Assigned identity) opens {flood} TCP connections to 169.254.169.254:80 (256 being opened at a time) and holds them at least {hold:.0} s: slow bodies = a token request per connection, each for its own `resource`, declaring `Content-Length: 65536` and sending nothing more; distinct resources = a complete token request per connection, each for its own `resource` (the emulator issues tokens for any resource); idle connections = nothing sent. Peak RSS is the larger of VmHWM and VmRSS sampled every 100 ms; peak descriptors are sampled every 100 ms. Meanwhile a second pod on the node asks for its first token for a resource nobody asked for yet (`curl`, 30 s at most); the details list what the flood got back and nmi's descriptors after it stopped.\n\
          - Row 5: after the burst converged and 60 emulated s of quiet, ARM requests (writes + reads + LRO polls) and mic's utime+stime from `/proc/<pid>/stat` over {idle:.0} emulated s ({idlew:.0} wall s).\n\
+         - Row 6 (one run for both columns, the test kit's upgrade scenario, the one `tests/tests/migration_upgrade.rs` asserts on): a cluster of its own, two nodes (one per scale set) with two pods each asking for a token every 250 ms throughout, three identities, the emulator at 30×. Upstream's Go mic (two replicas) and Go nmi assign and serve first; then this project's nmi is started beside Go nmi on each node in turn, Go nmi gets SIGTERM once the new redirect is in place (surge), this project's two mic replicas start beside Go's and Go mic's replicas are stopped, standby first (the \"this project\" column); then back: on each node this project's nmi is stopped before Go nmi starts (delete first, as upstream's chart rolls), Go mic's replicas start beside ours and ours are stopped (the \"upstream\" column). Both mics have a 4 s leader lease. ARM writes come from the emulator's request log (sides told apart by the Compute api-version upstream's Go SDK sends), AzureAssignedIdentity changes from listing them every 100 ms, requests that reached IMDS around nmi from the node relay's log of each IMDS connection's peer.\n\
          - The machine is shared: other jobs ran on the same {cpus} cores during the run, so times and CPU figures are upper bounds.",
         speed = s.speed,
         lro = s.lro_seconds,
@@ -505,7 +550,8 @@ const LINE_H: f64 = 16.0;
 /// larger value of its group.
 pub fn chart(t: &Table) -> String {
     let group_h = LINE_H * (t.columns.len() as f64 + 1.0) + 8.0;
-    let height = 60.0 + group_h * Metric::ALL.len() as f64;
+    let metrics = t.metrics();
+    let height = 60.0 + group_h * metrics.len() as f64;
     let width = LABEL_W + BAR_W + 180.0;
     let mut out = String::new();
     let _ = writeln!(
@@ -515,7 +561,7 @@ pub fn chart(t: &Table) -> String {
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     chart_legend(&mut out, t);
     let mut y = 50.0;
-    for m in Metric::ALL {
+    for m in metrics {
         chart_group(&mut out, t, m, y);
         y += group_h;
     }
@@ -638,13 +684,25 @@ mod tests {
         assert_eq!(lines[0], "| # | metric | this project | upstream v1.8.17 |");
         assert_eq!(lines[1], "|---|---|---:|---:|");
         assert_eq!(lines.len(), 2 + Metric::ALL.len());
+        let mut without = table();
+        without.hidden_rows = vec![6];
+        let shown = without.render_text().lines().count();
+        assert_eq!(
+            shown,
+            2 + Metric::ALL.iter().filter(|m| m.row() != 6).count()
+        );
+        assert!(!chart(&without).contains("migration"));
         let first = lines[2];
         assert!(first.starts_with("| 1 | first token"), "{first}");
         assert!(
             first.ends_with("| 12.5 | not run: --no-upstream |"),
             "{first}"
         );
-        let idle = lines.last().copied().unwrap_or_default();
+        let idle = lines
+            .iter()
+            .find(|l| l.contains("idle: mic CPU"))
+            .copied()
+            .unwrap_or_default();
         assert!(idle.contains("failed: a <b> / c"), "{idle}");
     }
 
