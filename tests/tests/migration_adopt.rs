@@ -302,10 +302,23 @@ async fn go_assigns(w: &MicWorld, tag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A world on the shared cluster in which Go MIC assigned ([`go_assigns`]).
-async fn go_assigned_world(prefix: &str) -> anyhow::Result<MicWorld> {
+/// Which MIC assigns the pods of a new world first.
+#[derive(Clone, Copy, Debug)]
+enum FirstMic {
+    /// Go MIC ([`go_assigns`]).
+    Go,
+    /// This MIC ([`ours_assigns`], instance `mic-<prefix>`).
+    Ours,
+}
+
+/// A world on the shared cluster (names prefixed `prefix`) in which `first`
+/// assigned.
+async fn assigned_world(prefix: &str, first: FirstMic) -> anyhow::Result<MicWorld> {
     let w = MicWorld::shared(ENV, prefix).logs().build().await?;
-    go_assigns(&w, prefix).await?;
+    match first {
+        FirstMic::Go => go_assigns(&w, prefix).await?,
+        FirstMic::Ours => ours_assigns(&w, &format!("mic-{prefix}")).await?,
+    }
     Ok(w)
 }
 
@@ -493,7 +506,7 @@ async fn dump_aais(w: &MicWorld, writer: &str) -> anyhow::Result<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
 async fn child_ours_adopts_what_go_mic_wrote() -> anyhow::Result<()> {
-    let w = go_assigned_world("adopt-up").await?;
+    let w = assigned_world("adopt-up", FirstMic::Go).await?;
     let pruned = dump_aais(&w, "Go MIC").await?;
     println!("fields Go MIC wrote that the CRD pruned: {pruned:?}");
     if !pruned.is_empty() {
@@ -522,8 +535,7 @@ async fn child_ours_adopts_what_go_mic_wrote() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
 async fn child_go_mic_adopts_what_ours_wrote() -> anyhow::Result<()> {
-    let w = MicWorld::shared(ENV, "adopt-down").logs().build().await?;
-    ours_assigns(&w, "mic-adopt-down").await?;
+    let w = assigned_world("adopt-down", FirstMic::Ours).await?;
     dump_aais(&w, "this MIC").await?;
     let taken = go_takes_over(&w, "adopt-down").await;
     let g = match taken {
@@ -551,8 +563,7 @@ async fn child_go_mic_adopts_what_ours_wrote() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
 async fn child_rollback_after_a_metadata_edit() -> anyhow::Result<()> {
-    let w = MicWorld::shared(ENV, "adopt-meta").logs().build().await?;
-    ours_assigns(&w, "mic-adopt-meta").await?;
+    let w = assigned_world("adopt-meta", FirstMic::Ours).await?;
     Api::<AzureIdentity>::namespaced(w.client().await?, w.ns.name())
         .patch(
             APP2_ID,
@@ -673,7 +684,7 @@ fn install_upstream_crds(cluster: &Cluster) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by migration_adopt in a child process that trusts the emulator CA"]
 async fn child_a_really_different_aai_is_still_corrected() -> anyhow::Result<()> {
-    let w = go_assigned_world("adopt-fix").await?;
+    let w = assigned_world("adopt-fix", FirstMic::Go).await?;
     let client = w.client().await?;
     let aais = Api::<AzureAssignedIdentity>::namespaced(client.clone(), "default");
     let app = tenant::uai_id(APP_RG, APP_ID);
@@ -797,10 +808,11 @@ fn what_mic_keeps_nmi_accepts() {
         id.metadata.uid = Some("uid".into());
         AzureAssignedIdentitySpec {
             azure_identity_ref: Some(Box::new(id)),
+            azure_binding_ref: None,
             pod: "web".into(),
             pod_namespace: "ns".into(),
             node_name: "n".into(),
-            ..Default::default()
+            replicas: None,
         }
     };
     let mut kept = 0;
