@@ -8,18 +8,9 @@
 //! docs/migration.md give back upstream's object set with the same objects.
 //! No kubelet runs: objects, not pods.
 
-#![allow(
-    clippy::expect_used,
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "test helpers outside #[test] functions fail the test by panicking"
-)]
-
-use std::time::Instant;
-
-use aadpodid_tests::helm::{self, CrdShape, Render, Snapshot};
-use aadpodid_tests::{PrivateCluster, repo_root};
-use serde_json::Value;
+use aadpodid_tests::helm::{self, CrdShape, Migration, Render};
+use aadpodid_tests::repo_root;
+use anyhow::Context as _;
 
 const NS: &str = "default";
 
@@ -67,40 +58,19 @@ const ROLLBACK_DELETES: [&[&str]; 2] = [
     ],
 ];
 
-fn kubectl(c: &PrivateCluster, args: &[&str], stdin: Option<&str>) -> String {
-    let out = c.kubectl_run(args, stdin).unwrap();
-    assert!(out.success, "kubectl {args:?}: {}", out.stderr);
-    out.stdout
+/// A bare cluster of the test's own on which every step must leave one
+/// DaemonSet `nmi` and one Deployment `mic`, both in [`NS`].
+async fn one_of_each() -> anyhow::Result<Migration> {
+    Migration::start(&[&format!("{NS}/nmi")], &[&format!("{NS}/mic")]).await
 }
 
-fn get_json(c: &PrivateCluster, args: &[&str]) -> Value {
-    helm::get_json(c, args).unwrap()
-}
-
-fn snap(c: &PrivateCluster, baseline: &Snapshot) -> Snapshot {
-    helm::snapshot(|| c.kubectl(), baseline).unwrap()
-}
-
-fn one_of_each(s: &Snapshot, step: &str) {
-    // In the whole cluster, not only the release namespace.
-    assert_eq!(
-        helm::workloads(s),
-        (
-            vec![format!("DaemonSet/{NS}/nmi")],
-            vec![format!("Deployment/{NS}/mic")]
-        ),
-        "{step}"
-    );
-}
-
-fn uid(s: &Snapshot, key: &str) -> String {
-    helm::uid(s, key)
-        .unwrap_or_else(|| panic!("{key} missing"))
-        .to_string()
-}
-
-fn nmi_args(c: &PrivateCluster) -> Vec<String> {
-    helm::container_args(&get_json(c, &["-n", NS, "daemonset", "nmi"]))
+fn nmi_args(m: &Migration) -> anyhow::Result<Vec<String>> {
+    Ok(helm::container_args(&m.get_json(&[
+        "-n",
+        NS,
+        "daemonset",
+        "nmi",
+    ])?))
 }
 
 /// kubectl apply's lines that say an object was written.
@@ -108,68 +78,66 @@ fn written_lines(out: &str) -> Vec<&str> {
     out.lines().filter(|l| !l.ends_with(" unchanged")).collect()
 }
 
+/// `Kind/namespace/name` of an object.
+fn key_of(obj: &serde_json::Value) -> anyhow::Result<String> {
+    let field = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    Ok(format!(
+        "{}/{}/{}",
+        field(&obj["kind"]).context("kind")?,
+        field(&obj["metadata"]["namespace"]).unwrap_or_default(),
+        field(&obj["metadata"]["name"]).context("name")?
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_back() {
-    let (c, baseline) = helm::bare_private_cluster().await.unwrap();
+async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_back()
+-> anyhow::Result<()> {
+    let m = one_of_each().await?;
 
     // 1. Upstream as seed 002 installed it: upstream's deployment-rbac.yaml
     // with --allow-network-plugin-kubenet=true added to nmi, then
     // mic-exception.yaml, with client-side kubectl apply.
-    let upstream_text =
-        std::fs::read_to_string(helm::upstream_manifest("deployment-rbac.yaml").unwrap()).unwrap();
+    let upstream_text = std::fs::read_to_string(helm::upstream_manifest("deployment-rbac.yaml")?)?;
     let edited = upstream_text.replacen(
         "          - \"--metadata-header-required=true\"\n",
         "          - \"--metadata-header-required=true\"\n          - \"--allow-network-plugin-kubenet=true\"\n",
         1,
     );
     assert_ne!(edited, upstream_text, "seed 002's edit applies");
-    let exceptions =
-        std::fs::read_to_string(helm::upstream_manifest("mic-exception.yaml").unwrap()).unwrap();
-    kubectl(&c, &["apply", "-f", "-"], Some(&edited));
-    c.wait_crds_established().unwrap();
-    kubectl(&c, &["apply", "-f", "-"], Some(&exceptions));
-    kubectl(&c, &["apply", "-f", "-"], Some(USER_OBJECTS));
-    let s1 = snap(&c, &baseline);
-    one_of_each(&s1, "upstream applied");
-    assert_eq!(
-        helm::crd_shape(&c).unwrap(),
-        CrdShape::UPSTREAM,
-        "upstream's CRDs"
-    );
+    let exceptions = std::fs::read_to_string(helm::upstream_manifest("mic-exception.yaml")?)?;
+    let apply_upstream = || -> anyhow::Result<()> {
+        m.apply(&edited)?;
+        m.apply(&exceptions)?;
+        Ok(())
+    };
+    m.apply(&edited)?;
+    m.cluster.wait_crds_established()?;
+    m.apply(&exceptions)?;
+    m.apply(USER_OBJECTS)?;
+    let s1 = m.snapshot("upstream applied")?;
+    assert_eq!(m.crd_shape()?, CrdShape::UPSTREAM, "upstream's CRDs");
     println!("upstream's manifests: {} objects", s1.len());
 
     // 2. Ours, as shipped. A server-side dry run first (docs/migration.md).
-    let ours_path = repo_root().join("deploy/infra/deployment-rbac.yaml");
-    let ours = std::fs::read_to_string(&ours_path).unwrap();
-    let dry = kubectl(&c, &["apply", "--dry-run=server", "-f", "-"], Some(&ours));
+    let ours = std::fs::read_to_string(repo_root().join("deploy/infra/deployment-rbac.yaml"))?;
+    let dry = m.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&ours))?;
     for line in [
         "daemonset.apps/nmi configured (server dry run)",
         "deployment.apps/mic configured (server dry run)",
     ] {
         assert!(dry.lines().any(|l| l == line), "{line} not in {dry}");
     }
-    let t = Instant::now();
-    let out = kubectl(&c, &["apply", "-f", "-"], Some(&ours));
-    let took = t.elapsed();
-    let s2 = snap(&c, &baseline);
-    let up = helm::diff(&s1, &s2);
-    println!(
-        "kubectl apply of ours over upstream's ({took:.2?}): {}",
-        up.figures()
-    );
-    println!("  replaced: {:?}", up.replaced);
-    println!("  created: {:?}", up.created);
+    let mut out = String::new();
+    let step = m.step(&s1, "kubectl apply of ours over upstream's", || {
+        out = m.apply(&ours)?;
+        Ok(())
+    })?;
+    let (s2, up) = (step.snap, step.diff);
     println!("  unchanged: {:?}", up.unchanged);
-    one_of_each(&s2, "ours applied");
-    assert!(up.recreated.is_empty() && up.deleted.is_empty(), "{up:?}");
+    assert!(up.deleted.is_empty(), "{up:?}");
     // Every object of upstream's deployment-rbac.yaml is written in place.
-    for obj in helm::objects(&helm::parse_documents(&upstream_text).unwrap()) {
-        let key = format!(
-            "{}/{}/{}",
-            obj["kind"].as_str().unwrap(),
-            obj["metadata"]["namespace"].as_str().unwrap_or_default(),
-            obj["metadata"]["name"].as_str().unwrap()
-        );
+    for obj in helm::objects(&helm::parse_documents(&upstream_text)?) {
+        let key = key_of(&obj)?;
         assert!(
             up.replaced.contains(&key),
             "{key} not replaced in place: {up:?}"
@@ -187,8 +155,8 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
         vec![&format!("AzurePodIdentityException/{NS}/mic-exception")],
         "{up:?}"
     );
-    assert_eq!(helm::crd_shape(&c).unwrap(), CrdShape::OURS, "our CRDs");
-    let ds = get_json(&c, &["-n", NS, "daemonset", "nmi"]);
+    assert_eq!(m.crd_shape()?, CrdShape::OURS, "our CRDs");
+    let ds = m.get_json(&["-n", NS, "daemonset", "nmi"])?;
     assert_eq!(
         ds["spec"]["selector"]["matchLabels"],
         serde_json::json!({"component": "nmi", "tier": "node"})
@@ -199,21 +167,21 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
         "surge-first: {}",
         ds["spec"]["updateStrategy"]
     );
+    let args = nmi_args(&m)?;
     assert!(
-        nmi_args(&c)
-            .iter()
+        args.iter()
             .any(|a| a == "--mic-service-accounts=aad-pod-id-mic-service-account"),
-        "{:?}",
-        nmi_args(&c)
+        "{args:?}"
     );
     assert!(!written_lines(&out).is_empty());
 
     // 3. The same apply again writes nothing.
-    let out = kubectl(&c, &["apply", "-f", "-"], Some(&ours));
-    let s3 = snap(&c, &baseline);
-    let again = helm::diff(&s2, &s3);
-    println!("second kubectl apply: {}", again.figures());
-    assert_eq!(again.unchanged.len(), s2.len(), "{again:?}");
+    let s3 = m
+        .step(&s2, "second kubectl apply", || {
+            out = m.apply(&ours)?;
+            Ok(())
+        })?
+        .wrote_nothing()?;
     // kubectl may still say "configured" where its patch normalises to
     // nothing on the server (no resourceVersion moved, as checked above).
     println!(
@@ -224,69 +192,42 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
     // 4. The user's own edit carried over by rendering the chart with the
     // same names and their value; upstream's label-based MIC exception deleted.
     // As deploy/infra/generate.sh renders: Helm's own labels left out.
-    let mut custom = helm::objects(
-        &helm::template(
-            &Render::new("aad-pod-identity", NS)
-                .with_crds()
-                .set("upstreamManifestNames", "true")
-                .set("nmi.allowNetworkPluginKubenet", "true"),
-        )
-        .unwrap(),
-    );
+    let mut custom = helm::objects(&helm::template(
+        &Render::new("aad-pod-identity", NS)
+            .with_crds()
+            .set("upstreamManifestNames", "true")
+            .set("nmi.allowNetworkPluginKubenet", "true"),
+    )?);
     custom.iter_mut().for_each(helm::strip_helm_labels);
     let custom = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": custom});
-    kubectl(&c, &["apply", "-f", "-"], Some(&custom.to_string()));
-    kubectl(
-        &c,
-        &[
-            "delete",
-            "-n",
-            NS,
-            "azurepodidentityexception",
-            "mic-exception",
-        ],
-        None,
-    );
-    let s4 = snap(&c, &baseline);
-    let edit = helm::diff(&s3, &s4);
-    println!(
-        "user's edit re-applied, mic-exception deleted: {}",
-        edit.figures()
-    );
-    println!("  replaced: {:?}", edit.replaced);
-    one_of_each(&s4, "edit");
-    assert!(
-        edit.recreated.is_empty() && edit.created.is_empty(),
-        "{edit:?}"
-    );
+    let edit = m.step(&s3, "user's edit re-applied, mic-exception deleted", || {
+        m.apply(&custom.to_string())?;
+        let exception = "azurepodidentityexception";
+        m.kubectl(&["delete", "-n", NS, exception, "mic-exception"], None)
+            .map(drop)
+    })?;
+    let (s4, edit) = (edit.snap, edit.diff);
+    assert!(edit.created.is_empty(), "{edit:?}");
     assert_eq!(
         edit.replaced,
         vec![format!("DaemonSet/{NS}/nmi")],
         "only nmi's args differ"
     );
     assert!(
-        nmi_args(&c)
+        nmi_args(&m)?
             .iter()
             .any(|a| a == "--allow-network-plugin-kubenet=true")
     );
 
     // 5. Back to upstream: its files again, then the objects it does not have.
-    let t = Instant::now();
-    kubectl(&c, &["apply", "-f", "-"], Some(&edited));
-    kubectl(&c, &["apply", "-f", "-"], Some(&exceptions));
-    for args in ROLLBACK_DELETES {
-        kubectl(&c, args, None);
-    }
-    let back_took = t.elapsed();
-    let s5 = snap(&c, &baseline);
-    let back = helm::diff(&s4, &s5);
-    println!(
-        "back to upstream's manifests ({back_took:.2?}): {}",
-        back.figures()
-    );
-    println!("  deleted: {:?}", back.deleted);
-    one_of_each(&s5, "rolled back");
-    assert!(back.recreated.is_empty(), "{back:?}");
+    let back = m.step(&s4, "back to upstream's manifests", || {
+        apply_upstream()?;
+        for args in ROLLBACK_DELETES {
+            m.kubectl(args, None)?;
+        }
+        Ok(())
+    })?;
+    let s5 = back.snap;
     assert_eq!(
         s5.keys().collect::<Vec<_>>(),
         s1.keys().collect::<Vec<_>>(),
@@ -300,15 +241,15 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
         "AzureIdentity/default/seed002-identity".to_string(),
         "AzureIdentityBinding/default/seed002-binding".to_string(),
     ] {
-        assert_eq!(uid(&s5, &key), uid(&s1, &key), "{key}");
+        helm::same_object(&s1, &s5, &key)?;
     }
     assert!(
-        !nmi_args(&c)
+        !nmi_args(&m)?
             .iter()
             .any(|a| a.starts_with("--mic-service-accounts")),
         "upstream's nmi args again"
     );
-    let ds = get_json(&c, &["-n", NS, "daemonset", "nmi"]);
+    let ds = m.get_json(&["-n", NS, "daemonset", "nmi"])?;
     assert_eq!(
         ds["spec"]["updateStrategy"]["rollingUpdate"],
         serde_json::json!({"maxSurge": 0, "maxUnavailable": 1}),
@@ -317,62 +258,41 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
     );
     // Client-side apply removes what the last applied file had and this one
     // lacks: upstream's CRDs again.
-    assert_eq!(
-        helm::crd_shape(&c).unwrap(),
-        CrdShape::UPSTREAM,
-        "upstream's CRDs again"
-    );
+    assert_eq!(m.crd_shape()?, CrdShape::UPSTREAM, "upstream's CRDs again");
 
     // 6. The rollback again writes nothing.
-    kubectl(&c, &["apply", "-f", "-"], Some(&edited));
-    kubectl(&c, &["apply", "-f", "-"], Some(&exceptions));
-    let s6 = snap(&c, &baseline);
-    let again = helm::diff(&s5, &s6);
-    println!("second rollback apply: {}", again.figures());
-    assert_eq!(again.unchanged.len(), s5.len(), "{again:?}");
+    m.step(&s5, "second rollback apply", apply_upstream)?
+        .wrote_nothing()?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn managed_mode_manifest_replaces_upstreams_in_place() {
-    let (c, baseline) = helm::bare_private_cluster().await.unwrap();
+async fn managed_mode_manifest_replaces_upstreams_in_place() -> anyhow::Result<()> {
+    // Only nmi, in kube-system.
+    let m = Migration::start(&["kube-system/nmi"], &[]).await?;
     let upstream_text =
-        std::fs::read_to_string(helm::upstream_manifest("managed-mode-deployment.yaml").unwrap())
-            .unwrap();
-    kubectl(&c, &["apply", "-f", "-"], Some(&upstream_text));
-    c.wait_crds_established().unwrap();
-    let s1 = snap(&c, &baseline);
-    let only_nmi = |s: &Snapshot, step: &str| {
-        assert_eq!(
-            helm::workloads(s),
-            (vec!["DaemonSet/kube-system/nmi".to_string()], vec![]),
-            "{step}"
-        );
-    };
-    only_nmi(&s1, "upstream's managed mode");
+        std::fs::read_to_string(helm::upstream_manifest("managed-mode-deployment.yaml")?)?;
+    m.apply(&upstream_text)?;
+    m.cluster.wait_crds_established()?;
+    let s1 = m.snapshot("upstream's managed mode")?;
 
     let ours =
-        std::fs::read_to_string(repo_root().join("deploy/infra/managed-mode-deployment.yaml"))
-            .unwrap();
-    let t = Instant::now();
-    kubectl(&c, &["apply", "-f", "-"], Some(&ours));
-    let took = t.elapsed();
-    let s2 = snap(&c, &baseline);
-    let up = helm::diff(&s1, &s2);
-    println!(
-        "managed mode: kubectl apply of ours over upstream's ({took:.2?}): {}",
-        up.figures()
-    );
-    println!("  created: {:?}", up.created);
-    only_nmi(&s2, "ours applied");
-    assert!(up.recreated.is_empty() && up.deleted.is_empty(), "{up:?}");
+        std::fs::read_to_string(repo_root().join("deploy/infra/managed-mode-deployment.yaml"))?;
+    let apply_ours = || m.apply(&ours).map(drop);
+    let step = m.step(
+        &s1,
+        "managed mode: kubectl apply of ours over upstream's",
+        apply_ours,
+    )?;
+    let up = &step.diff;
+    assert!(up.deleted.is_empty(), "{up:?}");
     assert_eq!(
         up.replaced.len(),
         s1.len(),
         "every upstream object in place: {up:?}"
     );
 
-    kubectl(&c, &["apply", "-f", "-"], Some(&ours));
-    let again = helm::diff(&s2, &snap(&c, &baseline));
-    println!("managed mode, second apply: {}", again.figures());
-    assert_eq!(again.unchanged.len(), s2.len(), "{again:?}");
+    m.step(&step.snap, "managed mode, second apply", apply_ours)?
+        .wrote_nothing()?;
+    Ok(())
 }

@@ -465,6 +465,175 @@ pub async fn bare_private_cluster() -> anyhow::Result<(crate::PrivateCluster, Sn
     Ok((c, baseline))
 }
 
+/// A cluster of the test's own for a migration test (bare, as
+/// [`bare_private_cluster`] leaves it), the commands such a test runs on it,
+/// which must succeed, and its steps: each one snapshotted, compared with the
+/// snapshot before, and checked to leave exactly one of each expected
+/// workload (nothing of it created twice).
+///
+/// ```no_run
+/// # async fn demo(upstream: &str, ours: &str) -> anyhow::Result<()> {
+/// use aadpodid_testkit::helm::Migration;
+/// let m = Migration::start(&["kube-system/nmi"], &["kube-system/mic"]).await?;
+/// m.apply(upstream)?;
+/// let s1 = m.snapshot("upstream applied")?;
+/// let up = m.step(&s1, "ours over upstream's", || m.apply(ours).map(drop))?;
+/// assert!(up.diff.deleted.is_empty());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Migration {
+    /// The cluster.
+    pub cluster: crate::PrivateCluster,
+    /// What the cluster held before the test's first step.
+    pub baseline: Snapshot,
+    /// The keys every snapshot must hold as its only DaemonSets and
+    /// Deployments.
+    workloads: (Vec<String>, Vec<String>),
+}
+
+/// One step of a [`Migration`]: its name, the snapshot after it, what
+/// changed from the snapshot before, and how long its writes took.
+#[derive(Debug)]
+pub struct Step {
+    /// What the step did, for reports.
+    pub name: String,
+    /// The objects after the step.
+    pub snap: Snapshot,
+    /// From the snapshot before to [`Step::snap`].
+    pub diff: ObjectDiff,
+    /// How long the step's writes took.
+    pub took: Duration,
+}
+
+impl Migration {
+    /// A bare cluster of the test's own on which every snapshot must hold
+    /// exactly the DaemonSets `daemonsets` and the Deployments `deployments`
+    /// (each `namespace/name`), in every namespace.
+    pub async fn start(daemonsets: &[&str], deployments: &[&str]) -> anyhow::Result<Migration> {
+        let (cluster, baseline) = bare_private_cluster().await?;
+        let keys = |kind: &str, names: &[&str]| -> Vec<String> {
+            names.iter().map(|n| format!("{kind}/{n}")).collect()
+        };
+        Ok(Migration {
+            cluster,
+            baseline,
+            workloads: (
+                keys("DaemonSet", daemonsets),
+                keys("Deployment", deployments),
+            ),
+        })
+    }
+
+    /// `kubectl <args>` with `stdin`, which must succeed: what it printed.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let out = self.cluster.kubectl_run(args, stdin)?;
+        if !out.success {
+            bail!("kubectl {args:?}: {}", out.stderr);
+        }
+        Ok(out.stdout)
+    }
+
+    /// `kubectl apply -f -` (client-side) of `text`: what kubectl printed.
+    pub fn apply(&self, text: &str) -> anyhow::Result<String> {
+        self.kubectl(&["apply", "-f", "-"], Some(text))
+    }
+
+    /// `kubectl get <args> -o json`, parsed ([`get_json`]).
+    pub fn get_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        get_json(&self.cluster, args)
+    }
+
+    /// The [`CrdShape`] of the CRDs installed now.
+    pub fn crd_shape(&self) -> anyhow::Result<CrdShape> {
+        crd_shape(&self.cluster)
+    }
+
+    /// `helm <args>` on the cluster, as it went.
+    pub fn try_helm(&self, args: &[&str]) -> anyhow::Result<HelmOutput> {
+        run_on(self.cluster.kubeconfig(), args)
+    }
+
+    /// `helm <args>` on the cluster, which must succeed: what it printed.
+    pub fn helm(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.try_helm(args)?;
+        if !out.success {
+            bail!("helm {args:?}: {}{}", out.stdout, out.stderr);
+        }
+        Ok(out.stdout)
+    }
+
+    /// The objects now, less the baseline; fails (naming `step`) unless the
+    /// DaemonSets and Deployments are exactly the expected ones.
+    pub fn snapshot(&self, step: &str) -> anyhow::Result<Snapshot> {
+        let snap = snapshot(|| self.cluster.kubectl(), &self.baseline)?;
+        let found = workloads(&snap);
+        if found != self.workloads {
+            bail!(
+                "{step}: DaemonSets and Deployments {found:?}, want {:?}",
+                self.workloads
+            );
+        }
+        Ok(snap)
+    }
+
+    /// Runs `write` (timed), then snapshots as [`Migration::snapshot`] and
+    /// compares with `before`; prints `step (took): figures` and the objects
+    /// replaced, created or deleted. Fails if an object was deleted and
+    /// created again.
+    pub fn step(
+        &self,
+        before: &Snapshot,
+        step: &str,
+        write: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Step> {
+        let t = std::time::Instant::now();
+        write()?;
+        let took = t.elapsed();
+        let snap = self.snapshot(step)?;
+        let diff = diff(before, &snap);
+        println!("{step} ({took:.2?}): {}", diff.figures());
+        for (what, keys) in [
+            ("replaced", &diff.replaced),
+            ("created", &diff.created),
+            ("deleted", &diff.deleted),
+        ] {
+            if !keys.is_empty() {
+                println!("  {what}: {keys:?}");
+            }
+        }
+        if !diff.recreated.is_empty() {
+            bail!("{step}: objects deleted and created again: {diff:?}");
+        }
+        Ok(Step {
+            name: step.to_string(),
+            snap,
+            diff,
+            took,
+        })
+    }
+}
+
+impl Step {
+    /// Fails unless the step wrote nothing at all (every object of the
+    /// snapshot before unchanged, none created); the snapshot after it.
+    pub fn wrote_nothing(self) -> anyhow::Result<Snapshot> {
+        if !self.diff.wrote_nothing() {
+            bail!("{} wrote: {:?}", self.name, self.diff);
+        }
+        Ok(self.snap)
+    }
+}
+
+/// Fails unless object `key` is in both snapshots with the same uid (the
+/// same object, not deleted and created again in between).
+pub fn same_object(before: &Snapshot, after: &Snapshot, key: &str) -> anyhow::Result<()> {
+    match (uid(before, key), uid(after, key)) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        (a, b) => bail!("{key}: uid {a:?} before, {b:?} after"),
+    }
+}
+
 /// What happened to each object between two snapshots.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ObjectDiff {
@@ -481,6 +650,17 @@ pub struct ObjectDiff {
 }
 
 impl ObjectDiff {
+    /// Nothing replaced, recreated, created or deleted.
+    pub fn wrote_nothing(&self) -> bool {
+        let written = [
+            &self.replaced,
+            &self.recreated,
+            &self.created,
+            &self.deleted,
+        ];
+        written.iter().all(|keys| keys.is_empty())
+    }
+
     /// `unchanged/replaced/recreated/created/deleted` counts, for reports.
     pub fn figures(&self) -> String {
         format!(
@@ -557,20 +737,23 @@ mod tests {
             snap.into_iter().collect::<Vec<_>>(),
             vec![("ClusterRole//c".to_string(), stored("u", "2"))]
         );
-        let before: Snapshot = [
-            ("K/n/same".to_string(), stored("1", "1")),
-            ("K/n/written".to_string(), stored("2", "1")),
-            ("K/n/again".to_string(), stored("3", "1")),
-            ("K/n/gone".to_string(), stored("4", "1")),
-        ]
-        .into();
-        let after: Snapshot = [
-            ("K/n/same".to_string(), stored("1", "1")),
-            ("K/n/written".to_string(), stored("2", "5")),
-            ("K/n/again".to_string(), stored("9", "1")),
-            ("K/n/new".to_string(), stored("8", "1")),
-        ]
-        .into();
+        // Key, then `uid:resourceVersion` before and after ("": absent).
+        let rows = [
+            ["K/n/same", "1:1", "1:1"],
+            ["K/n/written", "2:1", "2:5"],
+            ["K/n/again", "3:1", "9:1"],
+            ["K/n/gone", "4:1", ""],
+            ["K/n/new", "", "8:1"],
+        ];
+        let side = |i: usize| -> Snapshot {
+            rows.iter()
+                .filter_map(|r| {
+                    let (uid, rv) = r[i].split_once(':')?;
+                    Some((r[0].to_string(), stored(uid, rv)))
+                })
+                .collect()
+        };
+        let (before, after) = (side(1), side(2));
         let d = diff(&before, &after);
         assert_eq!(
             d,
@@ -586,6 +769,11 @@ mod tests {
             d.figures(),
             "unchanged 1, replaced in place 1, recreated 1, created 1, deleted 1"
         );
+        assert!(!d.wrote_nothing());
+        assert!(diff(&before, &before).wrote_nothing());
+        same_object(&before, &after, "K/n/written").unwrap();
+        assert!(same_object(&before, &after, "K/n/again").is_err());
+        assert!(same_object(&before, &after, "K/n/gone").is_err());
         assert_eq!(keys_of(&after, "K", "n").len(), 4);
         assert!(keys_of(&after, "K", "m").is_empty());
         assert_eq!(uid(&after, "K/n/again"), Some("9"));
