@@ -46,7 +46,7 @@ impl GoMic {
     pub async fn spawn(w: &MicWorld, instance: &str, extra_args: &[&str]) -> anyhow::Result<GoMic> {
         type_upgrade_done(w).await?;
         let files = tenant::write_mic_cloud_files(
-            &w.dir,
+            w.dir(),
             &format!("{instance}-{}-", w.ns.name()),
             &MicCloud::standard(),
             // go-autorest asks for tokens for the ARM endpoint itself.
@@ -68,7 +68,7 @@ impl GoMic {
                 metrics_port: metrics,
                 extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             },
-            &w.dir.join(format!("{instance}-{}.log", w.ns.name())),
+            &w.dir().join(format!("{instance}-{}.log", w.ns.name())),
         )?;
         Ok(GoMic {
             child,

@@ -1,8 +1,11 @@
-//! The MIC tests' world: the emulated tenant of [`aadpodid_testkit::tenant`]
-//! (two scale-set nodes and one standalone-VM node), a cluster (the shared one
-//! or a private one whose apiserver a test may stop), a temporary namespace,
-//! and MIC started in this process (or as the `e2e-mic` command) with the
-//! tenant's `azure.json`, custom-cloud file and standard arguments.
+//! The MIC tests' world, on the kit's one world builder
+//! ([`aadpodid_testkit::world::WorldBuilder`]): its scratch folder, the
+//! cluster (the shared one from its cluster step, or a private one whose
+//! apiserver a test may stop) and the Node objects of two scale-set nodes and
+//! one standalone-VM node; the emulated tenant of [`aadpodid_testkit::tenant`];
+//! a temporary namespace. On top of it: MIC started in this process (or as the
+//! `e2e-mic` command) with the tenant's `azure.json`, custom-cloud file and
+//! standard arguments, and the objects and waits of MIC's tests.
 //!
 //! The Azure SDK trusts the emulator's test CA only through `SSL_CERT_FILE`,
 //! so the tests that use a world run as `child_` tests of their binary, in
@@ -40,12 +43,15 @@ use aadpodid_testkit::tenant::{
     self, APP_CLIENT, APP_ID, APP_RG, APP2_CLIENT, APP2_ID, CloudEnvironment, KUBELET,
     KUBELET_CLIENT, MicCloud, NODE_RG, Tenant,
 };
+use aadpodid_testkit::world::{
+    ArgsSource, ClusterChoice, NodeSpec, Options, WorldBuilder, create_pod,
+};
 use anyhow::{Context as _, bail};
 use azure_emulator::{Config, Emulator};
 use clap::Parser as _;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Container, Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt as _};
 
@@ -62,7 +68,11 @@ const MIC_STOP: Duration = Duration::from_secs(30);
 /// The cluster a world runs on.
 #[derive(Debug)]
 enum Host {
+    /// The process's shared cluster, from the builder's cluster step.
     Shared(&'static Cluster),
+    /// A cluster of the world's own, whose apiserver a test may stop and
+    /// start. The builder keeps the private cluster of its cluster step to
+    /// itself, so the world starts this one and holds it.
     Private(PrivateCluster),
 }
 
@@ -72,16 +82,6 @@ struct ConfigTweak(Box<dyn FnOnce(&mut Config)>);
 impl std::fmt::Debug for ConfigTweak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ConfigTweak")
-    }
-}
-
-/// The world's admin client (kube's `Client` has no `Debug`).
-#[derive(Clone)]
-struct AdminClient(Client);
-
-impl std::fmt::Debug for AdminClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminClient")
     }
 }
 
@@ -126,9 +126,28 @@ impl MicWorldBuilder {
         self
     }
 
-    /// Builds the world: emulator, cluster, namespace and nodes. Fails outside
-    /// the child process of the test binary's parent test.
-    pub async fn build(self) -> anyhow::Result<MicWorld> {
+    /// The world's tenant: the kit's standard one with [`APP2_ID`], scale set
+    /// `vmss` (two instances carrying [`KUBELET`]) and VM `vm` (a system
+    /// identity), the clock at [`MicWorldBuilder::speed`], then the tweak of
+    /// [`MicWorldBuilder::tenant`].
+    fn tenant_config(&mut self, vmss: &str, vm: &str, ca: Option<(PathBuf, PathBuf)>) -> Tenant {
+        let mut t = Tenant::standard()
+            .identity(APP2_ID, APP_RG, APP2_CLIENT)
+            .scale_set(vmss, 2, &[KUBELET])
+            .vm(vm, true, &[])
+            .speed(self.speed)
+            .test_ca(ca);
+        if let Some(ConfigTweak(tweak)) = self.tweak.take() {
+            tweak(t.config_mut());
+        }
+        t
+    }
+
+    /// Builds the world on the kit's [`WorldBuilder`]: a scratch folder in
+    /// the child's, the cluster, the emulator with the world's tenant, a
+    /// namespace, and the Node objects of two scale-set instances and the
+    /// VM. Fails outside the child process of the test binary's parent test.
+    pub async fn build(mut self) -> anyhow::Result<MicWorld> {
         let child = ChildEnv::get(&self.env).with_context(|| {
             format!(
                 "needs the environment ({}_DIR, _CA_CERT, _CA_KEY) the parent test of this binary sets; run that test",
@@ -138,49 +157,53 @@ impl MicWorldBuilder {
         if self.logs {
             aadpodid_runtime::logging::init(aadpodid_runtime::logging::LogFormat::Text, "info");
         }
-        let prefix = &self.prefix;
+        let prefix = self.prefix.clone();
         let vmss = unique_name(&format!("{prefix}-vmss"));
         let vm_node = unique_name(&format!("{prefix}-vm"));
-        let mut cfg = Tenant::standard()
-            .identity(APP2_ID, APP_RG, APP2_CLIENT)
-            .scale_set(&vmss, 2, &[KUBELET])
-            .vm(&vm_node, true, &[])
-            .speed(self.speed)
-            .test_ca(child.test_ca())
-            .config();
-        if let Some(ConfigTweak(tweak)) = self.tweak {
-            tweak(&mut cfg);
-        }
-        let emu = Emulator::start(cfg).await.context("emulator starts")?;
+        // MIC runs in this process or from a path given per start: the
+        // builder starts no process of its own.
+        let opts = Options::new("", "");
+        let dir = child.dir.join(unique_name(&prefix));
+        // A failed step drops the builder, which removes the folder.
+        let mut world = WorldBuilder::new(opts, ArgsSource::Flags, dir)?;
+        let emu = self
+            .tenant_config(&vmss, &vm_node, child.test_ca())
+            .start()
+            .await
+            .context("emulator starts")?;
         let host = if self.private {
             Host::Private(PrivateCluster::start().await?)
         } else {
-            Host::Shared(Cluster::shared())
+            world.cluster(ClusterChoice::Shared).await?;
+            Host::Shared(world.shared_cluster().context("the shared cluster")?)
         };
-        let cluster = match &host {
+        let cluster: &Cluster = match &host {
             Host::Shared(c) => c,
-            Host::Private(c) => c.cluster(),
+            Host::Private(c) => c,
         };
-        let ns = cluster.temp_namespace(prefix).await?;
-        let client = cluster.admin_client().await?;
+        let ns = cluster.temp_namespace(&prefix).await?;
+        world.opts_mut().mic_namespace = ns.name().into();
         let nodes: Vec<String> = (0..2)
             .map(|i| unique_name(&format!("{prefix}-node{i}")))
             .collect();
-        for (i, name) in nodes.iter().enumerate() {
-            create_node(&client, name, &tenant::vmss_provider_id(NODE_RG, &vmss, i)).await?;
+        let specs: Vec<NodeSpec> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, name)| NodeSpec {
+                name: name.clone(),
+                ..NodeSpec::scale_set(NODE_RG, &vmss, i, 0)
+            })
+            .chain([NodeSpec::vm(NODE_RG, &vm_node, 0)])
+            .collect();
+        match &host {
+            Host::Shared(_) => world.node_objects(&specs).await?,
+            Host::Private(c) => create_nodes(&c.admin_client().await?, &specs).await?,
         }
-        create_node(
-            &client,
-            &vm_node,
-            &tenant::vm_provider_id(NODE_RG, &vm_node),
-        )
-        .await?;
         Ok(MicWorld {
             ns,
+            world,
             emu,
             host,
-            client: AdminClient(client),
-            dir: child.dir,
             vmss,
             nodes,
             vm_node,
@@ -189,17 +212,17 @@ impl MicWorldBuilder {
     }
 }
 
-/// One MIC test's world. Its nodes are on the tenant's scale set (instances
-/// 0 and 1) and on a standalone VM with a system identity.
+/// One MIC test's world: the kit's [`WorldBuilder`] (scratch folder,
+/// cluster, Node objects, teardown) with MIC on top of it. Its nodes are on
+/// the tenant's scale set (instances 0 and 1) and on a standalone VM with a
+/// system identity.
 #[derive(Debug)]
 pub struct MicWorld {
     // Dropped first, while a private cluster still runs.
     pub ns: TempNamespace,
+    world: WorldBuilder,
     pub emu: Emulator,
     host: Host,
-    client: AdminClient,
-    /// The scratch folder (MIC's files and logs).
-    pub dir: PathBuf,
     /// The scale set of [`MicWorld::nodes`].
     pub vmss: String,
     /// Nodes on instances 0 and 1 of [`MicWorld::vmss`].
@@ -243,7 +266,7 @@ impl MicWorld {
     pub fn cluster(&self) -> &Cluster {
         match &self.host {
             Host::Shared(c) => c,
-            Host::Private(c) => c.cluster(),
+            Host::Private(c) => c,
         }
     }
 
@@ -255,13 +278,18 @@ impl MicWorld {
         }
     }
 
-    /// An admin client: the world's own on the shared cluster, a new one on a
+    /// An admin client: the builder's on the shared cluster, a new one on a
     /// private cluster (whose apiserver may have restarted).
     pub async fn client(&self) -> anyhow::Result<Client> {
         match &self.host {
-            Host::Shared(_) => Ok(self.client.0.clone()),
+            Host::Shared(_) => Ok(self.world.client()?.clone()),
             Host::Private(c) => c.admin_client().await,
         }
+    }
+
+    /// The scratch folder (MIC's files and logs), removed with the world.
+    pub fn dir(&self) -> &Path {
+        self.world.dir()
     }
 
     /// Writes the tenant's azure.json and custom-cloud file for `instance`,
@@ -275,7 +303,7 @@ impl MicWorld {
         kubeconfig: Option<&Path>,
     ) -> anyhow::Result<MicCommandLine> {
         let files = tenant::write_mic_cloud_files(
-            &self.dir,
+            self.dir(),
             &format!("{instance}-{}-", self.ns.name()),
             &MicCloud::standard(),
             &CloudEnvironment::of(&self.emu),
@@ -332,7 +360,9 @@ impl MicWorld {
         all.push(&probe_flag);
         all.push(&metrics_flag);
         let MicCommandLine { args, env } = self.mic_command_line(instance, &all, None)?;
-        let log_path = self.dir.join(format!("{instance}-{}.log", self.ns.name()));
+        let log_path = self
+            .dir()
+            .join(format!("{instance}-{}.log", self.ns.name()));
         let log = std::fs::File::create(&log_path)?;
         let child = tokio::process::Command::new(bin)
             .args(&args)
@@ -433,26 +463,12 @@ impl MicWorld {
         .await
     }
 
-    /// A pod on `node` labelled `aadpodidbinding=<selector>`.
+    /// A pod on `node` labelled `aadpodidbinding=<selector>` (the kit's
+    /// Pod object alone: no kubelet runs it, MIC needs no more).
     pub async fn pod(&self, name: &str, selector: &str, node: &str) -> anyhow::Result<()> {
-        self.create(Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: Some([("aadpodidbinding".to_string(), selector.to_string())].into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.into()),
-                containers: vec![Container {
-                    name: "c".into(),
-                    image: Some("example.invalid/app".into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
+        let api = Api::<Pod>::namespaced(self.client().await?, self.ns.name());
+        let labels = [("aadpodidbinding", selector)].into();
+        create_pod(&api, name, &labels, node, None).await
     }
 
     /// Deletes pods at once (grace period 0: no kubelet runs).
@@ -748,22 +764,26 @@ where
     .await?
 }
 
-async fn create_node(client: &Client, name: &str, provider_id: &str) -> anyhow::Result<()> {
-    let node = Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
+/// The Node objects of `specs` on a cluster the builder does not hold (a
+/// [`Host::Private`] one).
+async fn create_nodes(client: &Client, specs: &[NodeSpec]) -> anyhow::Result<()> {
+    for spec in specs {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(spec.name.clone()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+                provider_id: Some(spec.provider_id.clone()),
+                ..Default::default()
+            }),
             ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            provider_id: Some(provider_id.into()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<Node>::all(client.clone())
-        .create(&PostParams::default(), &node)
-        .await
-        .with_context(|| format!("create node {name}"))?;
+        };
+        Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .with_context(|| format!("create node {}", spec.name))?;
+    }
     Ok(())
 }
 
