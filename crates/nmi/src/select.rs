@@ -643,19 +643,29 @@ mod tests {
         let w = world();
         let a = &w.a;
         let good = || p(a, "Assigned");
-        let ident = |f: &dyn Fn(&mut AzureIdentity)| {
+        // The genuine object changed by `f`, or its embedded identity or binding.
+        let aai = |f: &dyn Fn(&mut AzureAssignedIdentity)| {
             let mut aai = good();
-            if let Some(i) = aai.spec.azure_identity_ref.as_deref_mut() {
-                f(i);
-            }
+            f(&mut aai);
             aai
         };
+        let ident = |f: &dyn Fn(&mut AzureIdentity)| {
+            aai(&|x| {
+                x.spec
+                    .azure_identity_ref
+                    .as_deref_mut()
+                    .into_iter()
+                    .for_each(f)
+            })
+        };
         let binding = |f: &dyn Fn(&mut AzureIdentityBinding)| {
-            let mut aai = good();
-            if let Some(b) = aai.spec.azure_binding_ref.as_deref_mut() {
-                f(b);
-            }
-            aai
+            aai(&|x| {
+                x.spec
+                    .azure_binding_ref
+                    .as_deref_mut()
+                    .into_iter()
+                    .for_each(f)
+            })
         };
         /// A change to the live objects (the index) instead of the AAI.
         type Live = fn(&mut Index, &World);
@@ -682,11 +692,7 @@ mod tests {
             case("genuine", good(), "valid", "use a"),
             case(
                 "empty status (upstream counted it as Assigned)",
-                {
-                    let mut x = good();
-                    x.status = None;
-                    x
-                },
+                aai(&|x| x.status = None),
                 "ignored NotAssigned",
                 "wait created=false",
             ),
@@ -716,11 +722,7 @@ mod tests {
             ),
             case(
                 "no identity embedded",
-                {
-                    let mut x = good();
-                    x.spec.azure_identity_ref = None;
-                    x
-                },
+                aai(&|x| x.spec.azure_identity_ref = None),
                 "ignored NoIdentity",
                 "wait created=false",
             ),
@@ -768,11 +770,7 @@ mod tests {
             ),
             case(
                 "no binding embedded",
-                {
-                    let mut x = good();
-                    x.spec.azure_binding_ref = None;
-                    x
-                },
+                aai(&|x| x.spec.azure_binding_ref = None),
                 "rejected NoBinding",
                 "deny",
             ),
@@ -897,12 +895,10 @@ mod tests {
                     let _ = w;
                     idx.apply(&b);
                 },
-                aai: {
-                    let mut x = good();
+                aai: aai(&|x| {
                     x.spec.azure_binding_ref =
-                        Some(Box::new(mk_binding("ns", "bind-a", "b", "sel")));
-                    x
-                },
+                        Some(Box::new(mk_binding("ns", "bind-a", "b", "sel")))
+                }),
                 ..case(
                     "binding names another identity",
                     good(),
