@@ -25,51 +25,8 @@
 
 use std::time::Instant;
 
-use aadpodid_tests::e2e::upgrade::{self, NmiOrder, Side, Sides, UpgradeFigures, UpgradePlan};
+use aadpodid_tests::e2e::upgrade::{self, NmiOrder, Side, Sides, UpgradePlan};
 use aadpodid_tests::e2e::{Options, Program};
-
-/// The checks both directions share; `to` is the side taking over.
-fn check(f: &UpgradeFigures, to: Side) -> Vec<String> {
-    let mut bad = Vec::new();
-    let mut expect = |ok: bool, what: String| {
-        if !ok {
-            bad.push(format!("{}: {what}", f.name));
-        }
-    };
-    expect(
-        f.conflicts.is_empty(),
-        format!("two mics acting: {:?}", f.conflicts),
-    );
-    expect(
-        f.removed_needed.is_empty(),
-        format!("needed identities removed: {:?}", f.removed_needed),
-    );
-    for side in [Side::Upstream, Side::Ours] {
-        expect(
-            f.writes(side) == 0,
-            format!("{side:?} made {} ARM writes", f.writes(side)),
-        );
-    }
-    expect(!f.aai.any(), format!("AAIs written: {:?}", f.aai));
-    expect(
-        f.failures_before.is_empty(),
-        format!("pods without token before: {:?}", f.failures_before),
-    );
-    expect(
-        f.failures_after.is_empty(),
-        format!("pods without token after: {:?}", f.failures_after),
-    );
-    expect(
-        f.takeover.is_some(),
-        format!("{to:?} never held the locks it needs"),
-    );
-    expect(f.samples > 10, format!("only {} samples", f.samples));
-    expect(
-        f.token_requests > 0,
-        "the pods made no token request".into(),
-    );
-    bad
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upgrade_from_upstream_and_rollback() -> anyhow::Result<()> {
@@ -92,8 +49,8 @@ async fn upgrade_from_upstream_and_rollback() -> anyhow::Result<()> {
     let run = upgrade::run(opts, &plan).await?;
     eprintln!("{}", run.blocks());
     eprintln!("wall {:.1?}", t.elapsed());
-    let mut bad = check(&run.upgrade, Side::Ours);
-    bad.extend(check(&run.rollback, Side::Upstream));
+    let mut bad = run.upgrade.violations(Side::Ours);
+    bad.extend(run.rollback.violations(Side::Upstream));
     if run.upgrade.imds_direct != 0 {
         bad.push(format!(
             "upgrade: {} pod requests reached IMDS around nmi",

@@ -132,10 +132,7 @@ impl Proc {
             return Ok(());
         };
         let deadline = Instant::now() + EXIT_WAIT;
-        while c.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                return self.exit_overdue(c, signal);
-            }
+        while !self.exited_by(&mut c, deadline, signal)? {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
@@ -147,10 +144,7 @@ impl Proc {
             return Ok(());
         };
         let deadline = Instant::now() + EXIT_WAIT;
-        while c.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                return self.exit_overdue(c, signal);
-            }
+        while !self.exited_by(&mut c, deadline, signal)? {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
@@ -172,14 +166,21 @@ impl Proc {
         Ok(Some(c))
     }
 
-    /// Kills `c`, which outlived [`EXIT_WAIT`] after `signal`.
-    fn exit_overdue(&self, mut c: Child, signal: &str) -> anyhow::Result<()> {
-        let _ = c.kill();
-        let _ = c.wait();
-        bail!(
-            "{} did not exit within {EXIT_WAIT:?} of SIG{signal}",
-            self.name
-        )
+    /// Whether `c` has exited after `signal`; past `deadline` it is killed
+    /// and this fails.
+    fn exited_by(&self, c: &mut Child, deadline: Instant, signal: &str) -> anyhow::Result<bool> {
+        if c.try_wait()?.is_some() {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            bail!(
+                "{} did not exit within {EXIT_WAIT:?} of SIG{signal}",
+                self.name
+            );
+        }
+        Ok(false)
     }
 
     /// Moves the running process out into a new [`Proc`] with the same

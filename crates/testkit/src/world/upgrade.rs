@@ -717,24 +717,21 @@ async fn lease_holder(client: &Client) -> anyhow::Result<Option<String>> {
 
 /// Every AAI by `namespace/name`: (uid, resourceVersion, status).
 async fn aai_snapshot(api: &Api<AzureAssignedIdentity>) -> anyhow::Result<AaiSnapshot> {
-    Ok(api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .map(|a| {
-            let m = &a.metadata;
-            let key = format!(
-                "{}/{}",
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default()
-            );
-            let state = (
-                m.uid.clone().unwrap_or_default(),
-                m.resource_version.clone().unwrap_or_default(),
-                a.status.map(|s| s.status).unwrap_or_default(),
-            );
-            (key, state)
-        })
-        .collect())
+    let items = api.list(&ListParams::default()).await?.items;
+    let entry = |a: AzureAssignedIdentity| {
+        let m = a.metadata;
+        let key = format!(
+            "{}/{}",
+            m.namespace.unwrap_or_default(),
+            m.name.unwrap_or_default()
+        );
+        let status = a.status.map(|s| s.status).unwrap_or_default();
+        let state = (
+            m.uid.unwrap_or_default(),
+            m.resource_version.unwrap_or_default(),
+            status,
+        );
+        (key, state)
+    };
+    Ok(items.into_iter().map(entry).collect())
 }

@@ -58,7 +58,7 @@ pub fn acting_conflicts(samples: &[LockSample], sides: &BTreeMap<String, Side>) 
             continue;
         }
         let prev = i.checked_sub(1).map(|p| &samples[p]);
-        let held = |lock: fn(&LockSample) -> &Option<String>, by: Side| {
+        let held = |lock: HolderOf, by: Side| {
             side(lock(s)) == Some(by) || prev.is_some_and(|p| side(lock(p)) == Some(by))
         };
         for by in &s.arm {
@@ -94,10 +94,13 @@ impl Tenure {
     }
 }
 
+/// Reads one lock's holder from a sample.
+type HolderOf = fn(&LockSample) -> &Option<String>;
+
 /// The runs of one holder on each lock, in order (free stretches left out).
 pub fn tenures(samples: &[LockSample]) -> Vec<Tenure> {
     let mut out = Vec::new();
-    let locks: [(&'static str, fn(&LockSample) -> &Option<String>); 2] =
+    let locks: [(&'static str, HolderOf); 2] =
         [("Endpoints", |s| &s.endpoints), ("Lease", |s| &s.lease)];
     for (lock, of) in locks {
         let mut current: Option<Tenure> = None;
@@ -286,6 +289,50 @@ impl UpgradeFigures {
     /// ARM writes of `side`.
     pub fn writes(&self, side: Side) -> usize {
         self.arm_writes.get(&side).copied().unwrap_or(0)
+    }
+
+    /// What an in-place switch to `to` must not show, one line each: two
+    /// mics acting at once, a needed identity removed, any ARM write or AAI
+    /// change (everything was assigned before), a pod without its token
+    /// before or after, no takeover by `to`, no samples or no load.
+    pub fn violations(&self, to: Side) -> Vec<String> {
+        let w = [Side::Upstream, Side::Ours].map(|s| self.writes(s));
+        let c = |ok: bool, what: String| (!ok).then_some(what);
+        [
+            c(
+                self.conflicts.is_empty(),
+                format!("two mics acting: {:?}", self.conflicts),
+            ),
+            c(
+                self.removed_needed.is_empty(),
+                format!("needed identities removed: {:?}", self.removed_needed),
+            ),
+            c(w == [0, 0], format!("ARM writes (upstream, ours): {w:?}")),
+            c(!self.aai.any(), format!("AAIs written: {:?}", self.aai)),
+            c(
+                self.failures_before.is_empty(),
+                format!("pods without token before: {:?}", self.failures_before),
+            ),
+            c(
+                self.failures_after.is_empty(),
+                format!("pods without token after: {:?}", self.failures_after),
+            ),
+            c(
+                self.takeover.is_some(),
+                format!("{to:?} never held the locks it needs"),
+            ),
+            c(
+                self.samples > 10 && self.token_requests > 0,
+                format!(
+                    "{} samples, {} token requests",
+                    self.samples, self.token_requests
+                ),
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|what| format!("{}: {what}", self.name))
+        .collect()
     }
 
     /// The figures as one printed block.
@@ -551,6 +598,51 @@ mod tests {
         assert_eq!(direct_from_pods(&log, &pods, 0), 2);
         assert_eq!(direct_from_pods(&log, &pods, 10), 1);
         assert_eq!(direct_from_pods(&log, &BTreeSet::new(), 0), 0);
+    }
+
+    #[test]
+    fn violations_name_each_broken_rule() {
+        let good = UpgradeFigures {
+            name: "upgrade".into(),
+            takeover: Some(Duration::from_secs(4)),
+            samples: 100,
+            token_requests: 50,
+            ..Default::default()
+        };
+        assert!(good.violations(Side::Ours).is_empty());
+        type Change = fn(&mut UpgradeFigures);
+        let cases: Vec<(Change, &str)> = vec![
+            (|f| f.conflicts.push("x".into()), "two mics acting"),
+            (
+                |f| f.removed_needed.push("x".into()),
+                "needed identities removed",
+            ),
+            (
+                |f| {
+                    f.arm_writes.insert(Side::Ours, 1);
+                },
+                "ARM writes (upstream, ours): [0, 1]",
+            ),
+            (|f| f.aai.rewrites = 1, "AAIs written"),
+            (
+                |f| f.failures_before.push("p".into()),
+                "without token before",
+            ),
+            (|f| f.failures_after.push("p".into()), "without token after"),
+            (|f| f.takeover = None, "Ours never held"),
+            (|f| f.samples = 3, "3 samples"),
+            (|f| f.token_requests = 0, "0 token requests"),
+        ];
+        for (change, want) in cases {
+            let mut f = good.clone();
+            change(&mut f);
+            let v = f.violations(Side::Ours);
+            assert_eq!(v.len(), 1, "{want}: {v:?}");
+            assert!(
+                v[0].starts_with("upgrade: ") && v[0].contains(want),
+                "{want}: {v:?}"
+            );
+        }
     }
 
     #[test]
