@@ -562,6 +562,9 @@ mod tests {
         let rules =
             |name: &str| -> Vec<Action> { r.rules_of(name).into_iter().map(AppendRule).collect() };
         let cat = |parts: Vec<Vec<Action>>| parts.concat();
+        // A chain made, or emptied, then filled with its rules.
+        let created = |name: &'static str| cat(vec![vec![CreateChain(name)], rules(name)]);
+        let refilled = |name: &'static str| cat(vec![vec![FlushChain(name)], rules(name)]);
         const MAIN: &str = "-A PREROUTING -j aad-metadata";
         const GUARD: &str = "-A PREROUTING -j aad-metadata-guard";
         type Case = (
@@ -578,10 +581,8 @@ mod tests {
                 None,
                 lines(&["-P PREROUTING ACCEPT", "-A PREROUTING -j KUBE-SERVICES"]),
                 cat(vec![
-                    vec![CreateChain(CHAIN)],
-                    rules(CHAIN),
-                    vec![CreateChain(GUARD_CHAIN)],
-                    rules(GUARD_CHAIN),
+                    created(CHAIN),
+                    created(GUARD_CHAIN),
                     vec![InsertJump(CHAIN, 1), InsertJump(GUARD_CHAIN, 2)],
                 ]),
             ),
@@ -602,36 +603,28 @@ mod tests {
                 Some(good.clone()),
                 None,
                 lines(&[MAIN, "-A PREROUTING -j KUBE-SERVICES"]),
-                cat(vec![
-                    vec![CreateChain(GUARD_CHAIN)],
-                    rules(GUARD_CHAIN),
-                    vec![InsertJump(GUARD_CHAIN, 2)],
-                ]),
+                cat(vec![created(GUARD_CHAIN), vec![InsertJump(GUARD_CHAIN, 2)]]),
             ),
             (
                 "upstream's NMI deleted aad-metadata on SIGTERM: the guard stays, aad-metadata comes back first",
                 None,
                 Some(good_guard.clone()),
                 lines(&[GUARD, "-A PREROUTING -j KUBE-SERVICES"]),
-                cat(vec![
-                    vec![CreateChain(CHAIN)],
-                    rules(CHAIN),
-                    vec![InsertJump(CHAIN, 1)],
-                ]),
+                cat(vec![created(CHAIN), vec![InsertJump(CHAIN, 1)]]),
             ),
             (
                 "tampered rule",
                 Some(lines(&["-N aad-metadata", "-A aad-metadata -j RETURN"])),
                 Some(good_guard.clone()),
                 lines(&[MAIN, GUARD]),
-                cat(vec![vec![FlushChain(CHAIN)], rules(CHAIN)]),
+                refilled(CHAIN),
             ),
             (
                 "guard flushed",
                 Some(good.clone()),
                 Some(lines(&["-N aad-metadata-guard"])),
                 lines(&[MAIN, GUARD]),
-                cat(vec![vec![FlushChain(GUARD_CHAIN)], rules(GUARD_CHAIN)]),
+                refilled(GUARD_CHAIN),
             ),
             (
                 "extra rule appended",
@@ -642,7 +635,7 @@ mod tests {
                 }),
                 Some(good_guard.clone()),
                 lines(&[MAIN, GUARD]),
-                cat(vec![vec![FlushChain(CHAIN)], rules(CHAIN)]),
+                refilled(CHAIN),
             ),
             (
                 "jumps pushed down",

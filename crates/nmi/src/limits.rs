@@ -147,7 +147,14 @@ mod tests {
             Admit(&'static str, Result<(), ConnRefusal>),
             Release(&'static str),
         }
+        use ConnRefusal::{PerIp, Total};
         use Op::*;
+        let ok = |a| Admit(a, Ok(()));
+        let no = |a, why| Admit(a, Err(why));
+        const A: &str = "10.0.0.1";
+        const B: &str = "10.0.0.2";
+        const C: &str = "10.0.0.3";
+        const A_MAPPED: &str = "::ffff:10.0.0.1";
         struct Case {
             name: &'static str,
             max_total: u32,
@@ -160,66 +167,42 @@ mod tests {
                 name: "per-address cap",
                 max_total: 10,
                 max_per_ip: 2,
-                ops: vec![
-                    Admit("10.0.0.1", Ok(())),
-                    Admit("10.0.0.1", Ok(())),
-                    Admit("10.0.0.1", Err(ConnRefusal::PerIp)),
-                    Admit("10.0.0.2", Ok(())),
-                ],
+                ops: vec![ok(A), ok(A), no(A, PerIp), ok(B)],
                 open: 3,
             },
             Case {
                 name: "global cap before the per-address one",
                 max_total: 2,
                 max_per_ip: 2,
-                ops: vec![
-                    Admit("10.0.0.1", Ok(())),
-                    Admit("10.0.0.2", Ok(())),
-                    Admit("10.0.0.3", Err(ConnRefusal::Total)),
-                    Admit("10.0.0.1", Err(ConnRefusal::Total)),
-                ],
+                ops: vec![ok(A), ok(B), no(C, Total), no(A, Total)],
                 open: 2,
             },
             Case {
                 name: "a release makes room again",
                 max_total: 10,
                 max_per_ip: 1,
-                ops: vec![
-                    Admit("10.0.0.1", Ok(())),
-                    Admit("10.0.0.1", Err(ConnRefusal::PerIp)),
-                    Release("10.0.0.1"),
-                    Admit("10.0.0.1", Ok(())),
-                ],
+                ops: vec![ok(A), no(A, PerIp), Release(A), ok(A)],
                 open: 1,
             },
             Case {
                 name: "an IPv4-mapped address is its IPv4 address",
                 max_total: 10,
                 max_per_ip: 1,
-                ops: vec![
-                    Admit("10.0.0.1", Ok(())),
-                    Admit("::ffff:10.0.0.1", Err(ConnRefusal::PerIp)),
-                    Release("::ffff:10.0.0.1"),
-                    Admit("10.0.0.1", Ok(())),
-                ],
+                ops: vec![ok(A), no(A_MAPPED, PerIp), Release(A_MAPPED), ok(A)],
                 open: 1,
             },
             Case {
                 name: "releasing an unknown address changes nothing",
                 max_total: 1,
                 max_per_ip: 1,
-                ops: vec![
-                    Admit("10.0.0.1", Ok(())),
-                    Release("10.0.0.9"),
-                    Admit("10.0.0.2", Err(ConnRefusal::Total)),
-                ],
+                ops: vec![ok(A), Release("10.0.0.9"), no(B, Total)],
                 open: 1,
             },
             Case {
                 name: "zero caps refuse everything",
                 max_total: 0,
                 max_per_ip: 0,
-                ops: vec![Admit("10.0.0.1", Err(ConnRefusal::Total))],
+                ops: vec![no(A, Total)],
                 open: 0,
             },
         ];

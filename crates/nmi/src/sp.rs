@@ -116,10 +116,12 @@ pub struct ServicePrincipals {
 
 impl std::fmt::Debug for ServicePrincipals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // kube::Client has no Debug; whether there is one is what tells.
         f.debug_struct("ServicePrincipals")
+            .field("has_client", &self.client.is_some())
             .field("aad", &self.aad)
             .field("allowed_secret_namespaces", &self.allowed_secret_namespaces)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
