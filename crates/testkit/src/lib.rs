@@ -45,7 +45,7 @@
 //! | [`env`](mod@env) | [`env::PROXY_VARS`] (removed from processes under test) |
 //! | [`ids`] | [`unique_name`], [`free_port`], [`free_ports`], [`TENANT`], [`SUB`] |
 //! | [`world`] | [`world::World`] built from [`world::Options`]: the end-to-end world (tenant, nodes, mic replicas and nmi per node as [`world::Program`]s, pods, namespace users, the chart's arguments) |
-//! | [`helm`] | [`helm::Render`], [`helm::template`] (a real `helm` rendering the chart) |
+//! | [`helm`] | [`helm::Render`], [`helm::template`] (a real `helm` rendering the chart), [`helm::Migration`] (helm and kubectl steps of an in-place migration, each timed and checked for recreated objects) |
 //! | [`http`] | [`http::http_get`] (a bounded plain GET on loopback: probes, metrics) |
 //! | [`tenant`] | [`tenant::Tenant`] (the emulator's seeds), [`tenant::MicCloud`] (MIC's `azure.json`), [`tenant::CloudEnvironment`], [`tenant::write_mic_cloud_files`], [`tenant::mic_args`], [`tenant::mic_env`] and the tenant's names and IDs |
 //! | [`upstream`] | [`upstream::upstream_bin_dir`], [`upstream::spawn_upstream_mic`], [`upstream::spawn_upstream_nmi`] (upstream v1.8.17's own mic and nmi) |
