@@ -9,7 +9,16 @@
 //! replicas beside Go mic's, Go mic stopped. Rollback: Go nmi back on each
 //! node (delete first, as upstream's chart rolls), Go mic back, ours stopped.
 //! Both mics run with a 4 s leader lease; mic's and nmi's arguments are the
-//! kit's plain flags (the chart's own upgrade: `migration_helm.rs`).
+//! kit's plain flags, and they act as the apiserver's admin.
+//!
+//! Three tests, one per way the objects come: processes only; Helm (upstream's
+//! chart 4.1.18 installed before Go starts, this project's CRDs and `helm
+//! upgrade` right before the processes are swapped, `helm rollback` before
+//! they are swapped back); flat manifests (`kubectl apply` of upstream's
+//! `deploy/infra/deployment-rbac.yaml`, of this project's, of upstream's
+//! again and the deletes docs/migration.md names). Each object step fails the
+//! run if an object was deleted and created again or a second nmi DaemonSet
+//! or mic Deployment appeared; its duration is printed with the figures.
 //!
 //! Asserted in both directions: never two mics acting at once (the ARM
 //! request log by api-version against the Endpoints lock and the Lease,
@@ -25,11 +34,26 @@
 
 use std::time::Instant;
 
-use aadpodid_tests::e2e::upgrade::{self, NmiOrder, Side, Sides, UpgradePlan};
+use aadpodid_tests::e2e::upgrade::{self, NmiOrder, Side, Sides, UpgradePath, UpgradePlan};
 use aadpodid_tests::e2e::{Options, Program};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upgrade_from_upstream_and_rollback() -> anyhow::Result<()> {
+    upgrade_and_rollback(UpgradePath::Processes).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn helm_upgrade_from_upstream_chart_and_rollback() -> anyhow::Result<()> {
+    upgrade_and_rollback(UpgradePath::Helm).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifests_upgrade_from_upstream_and_rollback() -> anyhow::Result<()> {
+    upgrade_and_rollback(UpgradePath::Manifests).await
+}
+
+/// The run on `path`, asserted.
+async fn upgrade_and_rollback(path: UpgradePath) -> anyhow::Result<()> {
     let t = Instant::now();
     let sides = Sides {
         upstream_mic: Program::upstream("mic")?,
@@ -38,6 +62,7 @@ async fn upgrade_from_upstream_and_rollback() -> anyhow::Result<()> {
         our_nmi: Program::binary(env!("CARGO_BIN_EXE_e2e-nmi")),
     };
     let mut plan = UpgradePlan::new(sides);
+    plan.path = path;
     if std::env::var("AADPODID_UPGRADE_NMI_ORDER").as_deref() == Ok("delete-first") {
         plan.upgrade_nmi = NmiOrder::DeleteFirst;
     }
@@ -48,7 +73,7 @@ async fn upgrade_from_upstream_and_rollback() -> anyhow::Result<()> {
     opts.identities = 3;
     let run = upgrade::run(opts, &plan).await?;
     eprintln!("{}", run.blocks());
-    eprintln!("wall {:.1?}", t.elapsed());
+    eprintln!("{}: wall {:.1?}", path.name(), t.elapsed());
     let mut bad = run.upgrade.violations(Side::Ours);
     bad.extend(run.rollback.violations(Side::Upstream));
     if run.upgrade.imds_direct != 0 {
@@ -56,6 +81,16 @@ async fn upgrade_from_upstream_and_rollback() -> anyhow::Result<()> {
             "upgrade: {} pod requests reached IMDS around nmi",
             run.upgrade.imds_direct
         ));
+    }
+    if path != UpgradePath::Processes {
+        let objects = [&run.upgrade, &run.rollback].map(|f| f.objects.len());
+        if run.install.is_none() || objects.contains(&0) {
+            bad.push(format!(
+                "{}: object steps missing: install {:?}, upgrade/rollback {objects:?}",
+                path.name(),
+                run.install
+            ));
+        }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     Ok(())

@@ -115,6 +115,63 @@ pub fn upstream_module_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// A user's values for upstream's chart 4.1.18: only keys upstream's
+/// values.yaml has, a change from its default in most sections.
+pub const USER_VALUES: &str = r#"forceNamespaced: "true"
+mic:
+  replicas: 3
+  logVerbosity: 2
+  leaderElection:
+    namespace: kube-system
+    duration: 30s
+  syncRetryDuration: 1h30m
+  clientQps: "10"
+  immutableUserMSIs:
+    - "00000000-0000-4000-8000-0000000000aa"
+  podLabels:
+    team: platform
+nmi:
+  allowNetworkPluginKubenet: true
+  micNamespace: kube-system
+  podLabels:
+    team: platform
+rbac:
+  createUserFacingClusterRoles: true
+azureIdentities:
+  "seed002-identity":
+    namespace: "default"
+    type: 0
+    resourceID: "/subscriptions/0b1f6471-1bf0-4dda-aec3-cb9272f09590/resourceGroups/app-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/seed002"
+    clientID: "c0000000-0000-4000-8000-000000000002"
+    binding:
+      name: "seed002-binding"
+      selector: "seed002"
+"#;
+
+/// What docs/migration.md says to run to go back to upstream's flat
+/// manifests after re-applying them: the objects upstream's files do not
+/// have.
+pub const MANIFESTS_ROLLBACK_DELETES: [&[&str]; 2] = [
+    &[
+        "delete",
+        "-n",
+        "default",
+        "role,rolebinding",
+        "aad-pod-id-mic",
+        "aad-pod-id-mic-owned-identities",
+        "aad-pod-id-nmi",
+        "--ignore-not-found",
+    ],
+    &[
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        "aad-pod-identity-identity-grants",
+        "aad-pod-identity-assigned-identity-writers",
+        "aad-pod-identity-exception-writers",
+        "--ignore-not-found",
+    ],
+];
+
 /// Upstream's own chart (`charts/aad-pod-identity-4.1.18.tgz` of its module).
 pub fn upstream_chart() -> anyhow::Result<PathBuf> {
     let chart = upstream_module_dir()?.join(format!(
@@ -484,7 +541,10 @@ pub async fn bare_private_cluster() -> anyhow::Result<(crate::PrivateCluster, Sn
 #[derive(Debug)]
 pub struct Migration {
     /// The cluster.
-    pub cluster: crate::PrivateCluster,
+    pub cluster: crate::Cluster,
+    /// The cluster's processes, when [`Migration::start`] started them
+    /// (stopped when the migration drops).
+    _own: Option<crate::PrivateCluster>,
     /// What the cluster held before the test's first step.
     pub baseline: Snapshot,
     /// The keys every snapshot must hold as its only DaemonSets and
@@ -511,18 +571,53 @@ impl Migration {
     /// exactly the DaemonSets `daemonsets` and the Deployments `deployments`
     /// (each `namespace/name`), in every namespace.
     pub async fn start(daemonsets: &[&str], deployments: &[&str]) -> anyhow::Result<Migration> {
-        let (cluster, baseline) = bare_private_cluster().await?;
+        let (own, baseline) = bare_private_cluster().await?;
+        Ok(Migration::with(
+            own.cluster().clone(),
+            Some(own),
+            baseline,
+            daemonsets,
+            deployments,
+        ))
+    }
+
+    /// The same steps on a running `cluster` (its CRDs and everything on it
+    /// now are the baseline), for example a world's: every snapshot must
+    /// hold `daemonsets` and `deployments` as at [`Migration::start`].
+    pub fn on(
+        cluster: &crate::Cluster,
+        daemonsets: &[&str],
+        deployments: &[&str],
+    ) -> anyhow::Result<Migration> {
+        let baseline = snapshot(|| cluster.kubectl(), &Snapshot::new())?;
+        Ok(Migration::with(
+            cluster.clone(),
+            None,
+            baseline,
+            daemonsets,
+            deployments,
+        ))
+    }
+
+    fn with(
+        cluster: crate::Cluster,
+        own: Option<crate::PrivateCluster>,
+        baseline: Snapshot,
+        daemonsets: &[&str],
+        deployments: &[&str],
+    ) -> Migration {
         let keys = |kind: &str, names: &[&str]| -> Vec<String> {
             names.iter().map(|n| format!("{kind}/{n}")).collect()
         };
-        Ok(Migration {
+        Migration {
             cluster,
+            _own: own,
             baseline,
             workloads: (
                 keys("DaemonSet", daemonsets),
                 keys("Deployment", deployments),
             ),
-        })
+        }
     }
 
     /// `kubectl <args>` with `stdin`, which must succeed: what it printed.

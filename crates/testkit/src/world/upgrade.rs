@@ -54,10 +54,14 @@ use crate::tenant::CloudEnvironment;
 use crate::wait_for;
 
 pub use super::upgrade_figures::{
-    AaiChanges, AaiSnapshot, GO_COMPUTE, LockSample, Outcome, Side, Tenure, UpgradeFigures,
-    aai_changes, acting_conflicts, direct_from_pods, removed_while_needed, side_of_arm,
-    takeover_at, tenures,
+    AaiChanges, AaiSnapshot, GO_COMPUTE, LockSample, ObjectStep, Outcome, Side, Tenure,
+    UpgradeFigures, aai_changes, acting_conflicts, direct_from_pods, removed_while_needed,
+    side_of_arm, takeover_at, tenures,
 };
+pub use objects::UpgradePath;
+
+#[path = "upgrade_objects.rs"]
+mod objects;
 
 /// The annotation of upstream's Endpoints lock.
 const ENDPOINTS_ANNOTATION: &str = "control-plane.alpha.kubernetes.io/leader";
@@ -113,11 +117,14 @@ pub struct UpgradePlan {
     pub settle: Duration,
     /// Pause between two token requests of a pod.
     pub token_every: Duration,
+    /// Where the objects of each side come from ([`UpgradePath::Processes`]:
+    /// none, only the processes are swapped).
+    pub path: UpgradePath,
 }
 
 impl UpgradePlan {
     /// Two mic replicas a side, a 4 s lease, a surge upgrade, 2 s steady,
-    /// 5 s settling, a token every 250 ms.
+    /// 5 s settling, a token every 250 ms, processes only.
     pub fn new(sides: Sides) -> UpgradePlan {
         UpgradePlan {
             sides,
@@ -127,6 +134,7 @@ impl UpgradePlan {
             steady: Duration::from_secs(2),
             settle: Duration::from_secs(5),
             token_every: Duration::from_millis(250),
+            path: UpgradePath::Processes,
         }
     }
 }
@@ -136,6 +144,9 @@ impl UpgradePlan {
 pub struct UpgradeRun {
     /// Bringing up upstream's world until every pod had its token.
     pub setup: Duration,
+    /// Upstream's objects written before Go started ([`UpgradePath::Helm`],
+    /// [`UpgradePath::Manifests`]).
+    pub install: Option<ObjectStep>,
     /// ARM writes of upstream's mic while it assigned the identities first.
     pub setup_arm_writes: usize,
     /// Upstream to this project.
@@ -147,8 +158,12 @@ pub struct UpgradeRun {
 impl UpgradeRun {
     /// Both directions' figures as printed blocks.
     pub fn blocks(&self) -> String {
+        let install = self
+            .install
+            .as_ref()
+            .map_or(String::new(), |o| format!("objects: {}\n", o.line()));
         format!(
-            "setup {:.1?}, upstream's ARM writes while assigning: {}\n{}{}",
+            "{install}setup {:.1?}, upstream's ARM writes while assigning: {}\n{}{}",
             self.setup,
             self.setup_arm_writes,
             self.upgrade.block(),
@@ -162,7 +177,8 @@ impl UpgradeRun {
 /// namespace, pod `i` bound to identity `i % identities`.
 pub async fn run(opts: Options, plan: &UpgradePlan) -> anyhow::Result<UpgradeRun> {
     let started = Instant::now();
-    let mut world = start(opts, plan).await?;
+    let (mut world, objects) = start(opts, plan).await?;
+    let (objects, install) = objects.unzip();
     let count = world.nodes.len() * usize::from(world.opts.pods_per_node);
     let ids = world.opts.identities.max(1);
     let pods = world.create_pods(0, count, |i| Some(i % ids)).await?;
@@ -187,6 +203,7 @@ pub async fn run(opts: Options, plan: &UpgradePlan) -> anyhow::Result<UpgradeRun
     )?;
     let client = world.client().await?;
     let mut live = Live::take(&mut world);
+    live.objects = objects;
     let ctx = Ctx {
         w: &world,
         client: &client,
@@ -206,6 +223,7 @@ pub async fn run(opts: Options, plan: &UpgradePlan) -> anyhow::Result<UpgradeRun
     };
     Ok(UpgradeRun {
         setup,
+        install,
         setup_arm_writes,
         upgrade,
         rollback,
@@ -213,8 +231,12 @@ pub async fn run(opts: Options, plan: &UpgradePlan) -> anyhow::Result<UpgradeRun
 }
 
 /// Upstream's world: Go mic replicas and Go nmi on each node, with plain
-/// flags; the identities and bindings in [`APP_NS`].
-async fn start(mut opts: Options, plan: &UpgradePlan) -> anyhow::Result<World> {
+/// flags; the identities and bindings in [`APP_NS`]; upstream's objects of
+/// [`UpgradePlan::path`] written before Go starts.
+async fn start(
+    mut opts: Options,
+    plan: &UpgradePlan,
+) -> anyhow::Result<(World, Option<(objects::Objects, ObjectStep)>)> {
     let one = ONE_WORLD.lock().await;
     opts.mic = with_lease(&plan.sides.upstream_mic, plan.lease);
     opts.nmi = plan.sides.upstream_nmi.clone();
@@ -236,8 +258,9 @@ async fn start(mut opts: Options, plan: &UpgradePlan) -> anyhow::Result<World> {
     }
     b.nodes(&NodeSpec::of_options(&opts)).await?;
     b.mic(plan.mic_replicas).await?;
+    let objects = objects::Objects::install(plan.path, b.cluster_ref()?, b.dir())?;
     b.start_all().await?;
-    b.finish(one)
+    Ok((b.finish(one)?, objects))
 }
 
 /// `program` with the plan's lease duration.
@@ -257,6 +280,8 @@ struct Live {
     mics: Vec<(MicReplica, Side)>,
     /// Index of the next mic replica (its pod name).
     next_mic: usize,
+    /// The objects of the plan's path.
+    objects: Option<objects::Objects>,
 }
 
 impl Live {
@@ -270,6 +295,7 @@ impl Live {
             nmis,
             next_mic: mics.len(),
             mics,
+            objects: None,
         }
     }
 
@@ -327,6 +353,7 @@ impl Direction {
 struct Steps {
     leader_stop_ms: u64,
     done: Duration,
+    objects: Vec<ObjectStep>,
 }
 
 /// What the watcher of one direction saw.
@@ -374,6 +401,7 @@ impl Ctx<'_> {
         let failures_after = self.tokens_after().await?;
         Ok(UpgradeFigures {
             name: dir.name().into(),
+            objects: steps.objects,
             duration: steps.done,
             arm_writes: watched.arm_writes,
             arm_reads: watched.arm_reads,
@@ -402,6 +430,13 @@ impl Ctx<'_> {
     ) -> anyhow::Result<Steps> {
         live.sides(sides);
         tokio::time::sleep(self.plan.steady).await;
+        // The chart or the manifests are written first; the rollout of the
+        // processes follows.
+        let objects = match (&mut live.objects, dir) {
+            (None, _) => Vec::new(),
+            (Some(o), Direction::Upgrade) => o.upgrade().await?,
+            (Some(o), Direction::Rollback) => o.rollback().await?,
+        };
         let begun = Instant::now();
         let s = &self.plan.sides;
         let (nmi, order, mic) = match dir {
@@ -436,6 +471,7 @@ impl Ctx<'_> {
         Ok(Steps {
             leader_stop_ms,
             done,
+            objects,
         })
     }
 

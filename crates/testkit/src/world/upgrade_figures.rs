@@ -246,11 +246,38 @@ pub fn direct_from_pods(log: &[(u64, IpAddr)], pods: &BTreeSet<IpAddr>, since_ms
         .count()
 }
 
+/// One write of the objects (helm or kubectl) and what it did to them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectStep {
+    /// What was run.
+    pub name: String,
+    /// How long the write took (the snapshot after it not counted).
+    pub took: Duration,
+    /// Objects written in place, created, deleted (none is recreated: the
+    /// step fails then).
+    pub replaced: usize,
+    pub created: usize,
+    pub deleted: usize,
+}
+
+impl ObjectStep {
+    /// `name (took): r replaced, c created, d deleted`.
+    pub fn line(&self) -> String {
+        format!(
+            "{} ({:.2?}): {} replaced, {} created, {} deleted",
+            self.name, self.took, self.replaced, self.created, self.deleted
+        )
+    }
+}
+
 /// The figures of one direction of the run (upgrade or rollback).
 #[derive(Clone, Debug, Default)]
 pub struct UpgradeFigures {
     /// `upgrade` or `rollback`.
     pub name: String,
+    /// The writes of the objects right before the processes were swapped
+    /// (none when only the processes are swapped).
+    pub objects: Vec<ObjectStep>,
     /// From the first process started to the last step's end (every node's
     /// nmi and the mic leader on the new side).
     pub duration: Duration,
@@ -339,6 +366,9 @@ impl UpgradeFigures {
     pub fn block(&self) -> String {
         let mut out = format!("--- {} figures ---\n", self.name);
         let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<28} {v}\n"));
+        for o in &self.objects {
+            line(&mut out, "objects", o.line());
+        }
         line(&mut out, "duration", format!("{:.1?}", self.duration));
         for (what, map) in [
             ("ARM writes", &self.arm_writes),
