@@ -1,13 +1,15 @@
 //! Row 6: the in-place migration, from the test kit's scenario
 //! ([`aadpodid_testkit::world::upgrade::run`], the one the test
-//! `migration_upgrade` asserts on): upstream's Go mic and nmi first, then
-//! this project's (nmi surged node by node, mic replicas beside Go's, Go
-//! stopped), then back (delete first, as upstream's chart rolls). One run
-//! fills both columns: "this project" holds the upgrade to it, "upstream"
-//! the rollback to upstream.
+//! `migration_upgrade` asserts on), on the Helm path users take most:
+//! upstream's chart 4.1.18 installed and upstream's Go mic and nmi first,
+//! then this project's CRDs and `helm upgrade` to this chart, and this
+//! project's processes (nmi surged node by node, mic replicas beside Go's,
+//! Go stopped), then `helm rollback` and back (delete first, as upstream's
+//! chart rolls). One run fills both columns: "this project" holds the
+//! upgrade to it, "upstream" the rollback to upstream.
 
 use aadpodid_testkit::world::Options as WorldOptions;
-use aadpodid_testkit::world::upgrade::{self, Sides, UpgradeFigures, UpgradePlan};
+use aadpodid_testkit::world::upgrade::{self, Sides, UpgradeFigures, UpgradePath, UpgradePlan};
 
 use crate::report::{Figures, Metric};
 use crate::subject::{Subject, available};
@@ -63,7 +65,9 @@ async fn measure() -> anyhow::Result<upgrade::UpgradeRun> {
         our_mic: role("mic"),
         our_nmi: role("nmi"),
     };
-    upgrade::run(world_options(), &UpgradePlan::new(sides)).await
+    let mut plan = UpgradePlan::new(sides);
+    plan.path = UpgradePath::Helm;
+    upgrade::run(world_options(), &plan).await
 }
 
 /// Every cell of row 6 in every column says `text`.
@@ -105,14 +109,16 @@ fn record(f: &mut Figures, u: &UpgradeFigures) {
 
 /// The details of one direction, on one line.
 fn note(u: &UpgradeFigures) -> String {
+    let objects: Vec<String> = u.objects.iter().map(|o| o.line()).collect();
     let tenures: Vec<String> = u
         .tenures
         .iter()
         .map(|t| format!("{} {} {:.1} s", t.lock, t.holder, t.held().as_secs_f64()))
         .collect();
     format!(
-        "row 6 ({}): {} token requests, errors {:?}; ARM writes {:?}, reads {:?}; AAI changes {:?}; locks seen held: {}; two mics acting: {}; needed identities removed: {}; pods without a token after: {}",
+        "row 6 ({}, Helm path: {}): {} token requests, errors {:?}; ARM writes {:?}, reads {:?}; AAI changes {:?}; locks seen held: {}; two mics acting: {}; needed identities removed: {}; pods without a token after: {}",
         u.name,
+        objects.join("; "),
         u.token_requests,
         u.token_errors,
         u.arm_writes,
@@ -128,6 +134,7 @@ fn note(u: &UpgradeFigures) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aadpodid_testkit::world::upgrade::ObjectStep;
     use std::time::Duration;
 
     #[test]
@@ -138,6 +145,13 @@ mod tests {
             takeover: Some(Duration::from_millis(3900)),
             token_requests: 400,
             imds_direct: 0,
+            objects: vec![ObjectStep {
+                name: "helm upgrade".into(),
+                took: Duration::from_millis(600),
+                replaced: 13,
+                created: 12,
+                deleted: 1,
+            }],
             ..Default::default()
         };
         u.token_errors.insert("NoAnswer".into(), 4);
@@ -149,7 +163,13 @@ mod tests {
         }
         assert_eq!(f.value(Metric::MigrationTokenErrors), Some(4.0));
         assert_eq!(f.value(Metric::MigrationTakeover), Some(3.9));
-        assert!(f.notes[0].starts_with("row 6 (upgrade): 400 token requests"));
+        assert!(
+            f.notes[0].starts_with(
+                "row 6 (upgrade, Helm path: helm upgrade (600.00ms): 13 replaced, 12 created, 1 deleted): 400 token requests"
+            ),
+            "{}",
+            f.notes[0]
+        );
         let mut cols = vec![(Subject::ThisProject, Figures::default())];
         fill(&mut cols, "not run: x\nmore");
         assert_eq!(
