@@ -52,7 +52,7 @@ use clap::Parser as _;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt as _};
 
 use crate::{Cluster, PrivateCluster, TempNamespace, free_ports, unique_name, wait_for};
@@ -64,17 +64,6 @@ pub const LEASE: &str = "aad-pod-identity-mic";
 /// Bound on MIC's start (until it hands its handles over) and stop.
 const MIC_START: Duration = Duration::from_secs(60);
 const MIC_STOP: Duration = Duration::from_secs(30);
-
-/// The cluster a world runs on.
-#[derive(Debug)]
-enum Host {
-    /// The process's shared cluster, from the builder's cluster step.
-    Shared(&'static Cluster),
-    /// A cluster of the world's own, whose apiserver a test may stop and
-    /// start. The builder keeps the private cluster of its cluster step to
-    /// itself, so the world starts this one and holds it.
-    Private(PrivateCluster),
-}
 
 /// A change to the emulator's configuration, made last.
 struct ConfigTweak(Box<dyn FnOnce(&mut Config)>);
@@ -171,17 +160,13 @@ impl MicWorldBuilder {
             .start()
             .await
             .context("emulator starts")?;
-        let host = if self.private {
-            Host::Private(PrivateCluster::start().await?)
+        // A private cluster's apiserver a test may stop and start.
+        let choice = if self.private {
+            ClusterChoice::Private
         } else {
-            world.cluster(ClusterChoice::Shared).await?;
-            Host::Shared(world.shared_cluster().context("the shared cluster")?)
+            ClusterChoice::Shared
         };
-        let cluster: &Cluster = match &host {
-            Host::Shared(c) => c,
-            Host::Private(c) => c,
-        };
-        let ns = cluster.temp_namespace(&prefix).await?;
+        let ns = world.cluster(choice).await?.temp_namespace(&prefix).await?;
         world.opts_mut().mic_namespace = ns.name().into();
         let nodes: Vec<String> = (0..2)
             .map(|i| unique_name(&format!("{prefix}-node{i}")))
@@ -195,15 +180,11 @@ impl MicWorldBuilder {
             })
             .chain([NodeSpec::vm(NODE_RG, &vm_node, 0)])
             .collect();
-        match &host {
-            Host::Shared(_) => world.node_objects(&specs).await?,
-            Host::Private(c) => create_nodes(&c.admin_client().await?, &specs).await?,
-        }
+        world.node_objects(&specs).await?;
         Ok(MicWorld {
             ns,
             world,
             emu,
-            host,
             vmss,
             nodes,
             vm_node,
@@ -220,9 +201,9 @@ impl MicWorldBuilder {
 pub struct MicWorld {
     // Dropped first, while a private cluster still runs.
     pub ns: TempNamespace,
+    /// Holds the cluster (built by its cluster step).
     world: WorldBuilder,
     pub emu: Emulator,
-    host: Host,
     /// The scale set of [`MicWorld::nodes`].
     pub vmss: String,
     /// Nodes on instances 0 and 1 of [`MicWorld::vmss`].
@@ -264,26 +245,24 @@ impl MicWorld {
     }
 
     pub fn cluster(&self) -> &Cluster {
-        match &self.host {
-            Host::Shared(c) => c,
-            Host::Private(c) => c,
-        }
+        self.world
+            .cluster_ref()
+            .expect("a MicWorld is built with its cluster step")
     }
 
     /// The private cluster (its apiserver can be stopped and started).
     pub fn private_cluster(&self) -> anyhow::Result<&PrivateCluster> {
-        match &self.host {
-            Host::Private(c) => Ok(c),
-            Host::Shared(_) => bail!("this world runs on the shared cluster"),
-        }
+        self.world
+            .private_cluster()
+            .context("this world runs on the shared cluster")
     }
 
     /// An admin client: the builder's on the shared cluster, a new one on a
     /// private cluster (whose apiserver may have restarted).
     pub async fn client(&self) -> anyhow::Result<Client> {
-        match &self.host {
-            Host::Shared(_) => Ok(self.world.client()?.clone()),
-            Host::Private(c) => c.admin_client().await,
+        match self.world.private_cluster() {
+            None => Ok(self.world.client()?.clone()),
+            Some(c) => c.admin_client().await,
         }
     }
 
@@ -762,29 +741,6 @@ where
         }
     })
     .await?
-}
-
-/// The Node objects of `specs` on a cluster the builder does not hold (a
-/// [`Host::Private`] one).
-async fn create_nodes(client: &Client, specs: &[NodeSpec]) -> anyhow::Result<()> {
-    for spec in specs {
-        let node = Node {
-            metadata: ObjectMeta {
-                name: Some(spec.name.clone()),
-                ..Default::default()
-            },
-            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
-                provider_id: Some(spec.provider_id.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        Api::<Node>::all(client.clone())
-            .create(&PostParams::default(), &node)
-            .await
-            .with_context(|| format!("create node {}", spec.name))?;
-    }
-    Ok(())
 }
 
 /// MIC running in this process.

@@ -394,6 +394,15 @@ impl WorldBuilder {
         }
     }
 
+    /// The cluster of [`ClusterChoice::Private`] (its apiserver can be
+    /// stopped and started), when the world runs on one.
+    pub fn private_cluster(&self) -> Option<&PrivateCluster> {
+        match &self.cluster {
+            Some(WorldCluster::Private(c)) => Some(c),
+            _ => None,
+        }
+    }
+
     /// An admin client of the cluster ([`WorldBuilder::cluster`] ran).
     pub fn client(&self) -> anyhow::Result<&Client> {
         self.admin.as_ref().context("no cluster yet")
