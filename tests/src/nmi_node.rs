@@ -20,12 +20,16 @@
 //! itself), or as a process inside the node ([`Imds::InNode`]: IMDS sees
 //! every caller's own address, NMI's or a pod's, in its request log).
 //!
+//! The node stands on the kit's world builder
+//! ([`aadpodid_testkit::world::WorldBuilder`]): the shared cluster and its
+//! admin client come from its cluster step, the node's folder is its scratch
+//! folder (removed with it), and a relayed emulator is its tenant step's.
+//!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use aadpodid_tests::nmi_node::{NmiNode, Options, nmi_bin};
-//! let cluster = aadpodid_tests::Cluster::shared();
 //! let bin = nmi_bin("/path/to/e2e-nmi"); // env!("CARGO_BIN_EXE_e2e-nmi") in a test
-//! let node = NmiNode::start(cluster, Options::new(3, bin)).await?;
+//! let node = NmiNode::start(Options::new(3, bin)).await?;
 //! let (status, body) = node.curl(0, "/metadata/identity/oauth2/token?resource=x", &["Metadata: true"]).await?;
 //! # Ok(()) }
 //! ```
@@ -47,8 +51,11 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::Value;
 
+use aadpodid_testkit::tenant::Tenant;
+use aadpodid_testkit::world::{self, ArgsSource, ClusterChoice, WorldBuilder, socket_of};
+
 use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
-use crate::{Cluster, TempNamespace, unique_name, wait_for};
+use crate::{TempNamespace, unique_name, wait_for};
 
 /// The emulator's tenant (the test kit's), and its ARM audience, a resource
 /// IMDS always knows.
@@ -183,8 +190,8 @@ impl Options {
 /// The node's emulator, where [`Options::imds`] put it.
 #[derive(Debug)]
 enum Azure {
-    /// In this process.
-    Relayed(Emulator),
+    /// In this process: the builder's (its tenant step).
+    Relayed,
     /// A process inside the node, and what it printed.
     InNode {
         child: Child,
@@ -194,7 +201,8 @@ enum Azure {
 }
 
 /// A test node with NMI (see the module docs). Everything it started is
-/// stopped and its folder removed on drop; its namespaces go with [`Node`].
+/// stopped and its folder removed on drop (the builder's); its namespaces go
+/// with [`Node`].
 pub struct NmiNode {
     /// The Node's name (the VM's name in the emulator).
     pub node_name: String,
@@ -207,7 +215,6 @@ pub struct NmiNode {
     /// The test's temporary Kubernetes namespace, deleted on drop.
     ns: TempNamespace,
     azure: Azure,
-    dir: PathBuf,
     nmi: Option<Child>,
     relay: Child,
     kubeconfig: PathBuf,
@@ -221,11 +228,14 @@ pub struct NmiNode {
     api_server: String,
     /// Opens (true) and shuts (false) the node's way to the apiserver.
     api_gate: watch::Sender<bool>,
+    /// Cluster, scratch folder and relayed emulator; dropped last (it
+    /// removes the folder and stops the emulator).
+    world: WorldBuilder,
 }
 
 impl std::fmt::Debug for NmiNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (name, dir) = (&self.node_name, &self.dir);
+        let (name, dir) = (&self.node_name, self.dir());
         write!(f, "NmiNode {{ node_name: {name:?}, dir: {dir:?}, .. }}")
     }
 }
@@ -239,19 +249,27 @@ impl Drop for NmiNode {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 impl NmiNode {
-    /// Starts the emulator, the node with its pods and the relay, and (with
-    /// `opts.start_nmi`) NMI, waiting until it is active.
-    pub async fn start(cluster: &Cluster, opts: Options) -> anyhow::Result<NmiNode> {
+    /// Starts the emulator, the node with its pods and the relay on the
+    /// shared cluster, and (with `opts.start_nmi`) NMI, waiting until it is
+    /// active.
+    pub async fn start(opts: Options) -> anyhow::Result<NmiNode> {
         let node_name = unique_name("node");
-        let client = cluster.admin_client().await?;
-        let ns = cluster.temp_namespace(opts.namespace).await?;
+        // NMI starts from this node's own launch, not from a builder step.
+        let kit_opts = world::Options::new("", opts.nmi_bin.clone());
         let dir = std::env::temp_dir().join(unique_name("nmi-node"));
-        std::fs::create_dir_all(&dir)?;
+        // A failed step drops the builder, which removes the folder.
+        let mut world = WorldBuilder::new(kit_opts, ArgsSource::Flags, dir.clone())?;
+        let cluster = world.cluster(ClusterChoice::Shared).await?;
+        let (api_server, admin_kubeconfig) = (
+            cluster.server().to_string(),
+            cluster.kubeconfig().to_path_buf(),
+        );
+        let ns = cluster.temp_namespace(opts.namespace).await?;
+        let client = world.client()?.clone();
 
         let mut cfg = emulator_config(&node_name);
         let (cert_pem, p12) = openssl_certificate(&dir)?;
@@ -267,11 +285,7 @@ impl NmiNode {
 
         let node = Node::with_pods(opts.pods)?;
         node.node.add_local_address(IMDS_ADDRESS)?;
-        let api: SocketAddr = cluster
-            .server()
-            .trim_start_matches("https://")
-            .parse()
-            .context("apiserver address")?;
+        let api = socket_of(&api_server).context("apiserver address")?;
         let (api_gate, gate) = watch::channel(true);
         let mut pairs = vec![(
             SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)),
@@ -279,16 +293,16 @@ impl NmiNode {
         )];
         let azure = match opts.imds {
             Imds::Relayed => {
-                let emu = Emulator::start(cfg).await?;
+                let emu = world.tenant(Tenant::of_config(cfg, "rg")).await?;
                 let imds = emu
                     .add_imds(&format!("vm/{node_name}"), "127.0.0.1:0".parse()?)
                     .await?;
                 // AAD keeps its address inside the node (the test CA's
                 // certificate names 127.0.0.1), so `adEndpoint` is the
                 // emulator's own URL.
-                let aad = url_addr(&emu.aad_url())?;
+                let aad = socket_of(&emu.aad_url())?;
                 pairs.extend([(SocketAddr::from((IMDS_ADDRESS, 80)), imds), (aad, aad)]);
-                Azure::Relayed(emu)
+                Azure::Relayed
             }
             Imds::InNode { child_test } => {
                 cfg.imds.listeners = vec![ImdsListenerSeed {
@@ -309,7 +323,6 @@ impl NmiNode {
             ns,
             azure,
             kubeconfig: dir.join("kubeconfig"),
-            dir,
             nmi: None,
             relay,
             nmi_bin: opts.nmi_bin,
@@ -317,10 +330,11 @@ impl NmiNode {
             wrapper: opts.wrapper,
             log_path,
             log_start: 0,
-            api_server: cluster.server().to_string(),
+            api_server,
             api_gate,
+            world,
         };
-        f.kubeconfig = f.relay_kubeconfig(cluster.kubeconfig(), "kubeconfig")?;
+        f.kubeconfig = f.relay_kubeconfig(&admin_kubeconfig, "kubeconfig")?;
         if opts.start_nmi {
             f.start_nmi()?;
             f.wait_active().await?;
@@ -339,7 +353,7 @@ impl NmiNode {
     /// runs inside the node.
     pub fn emu(&self) -> anyhow::Result<&Emulator> {
         match &self.azure {
-            Azure::Relayed(emu) => Ok(emu),
+            Azure::Relayed => self.world.emu(),
             Azure::InNode { .. } => bail!("the emulator runs inside the node: use its admin API"),
         }
     }
@@ -363,14 +377,14 @@ impl NmiNode {
     /// The emulator's AAD URL (the same inside the node and here).
     pub fn aad_url(&self) -> String {
         match &self.azure {
-            Azure::Relayed(emu) => emu.aad_url(),
+            Azure::Relayed => self.emu().map(Emulator::aad_url).unwrap_or_default(),
             Azure::InNode { aad_url, .. } => aad_url.clone(),
         }
     }
 
     /// The emulator's CA bundle (its AAD's certificate), in the node's folder.
     pub fn ca_bundle(&self) -> PathBuf {
-        self.dir.join("emulator-ca.pem")
+        self.dir().join("emulator-ca.pem")
     }
 
     /// A call to the emulator's admin API (`/requests`, `/faults`, ...):
@@ -382,7 +396,7 @@ impl NmiNode {
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
         let (mut cmd, url) = match &self.azure {
-            Azure::Relayed(emu) => (std::process::Command::new("curl"), emu.admin_url()),
+            Azure::Relayed => (std::process::Command::new("curl"), self.emu()?.admin_url()),
             Azure::InNode { admin_url, .. } => (self.node_ns().command("curl"), admin_url.clone()),
         };
         cmd.args([
@@ -592,7 +606,7 @@ impl NmiNode {
     /// node's folder with the apiserver's address replaced by the node's
     /// relay, as NMI must see it; returns its path (see [`Launch::kubeconfig`]).
     pub fn relay_kubeconfig(&self, source: &Path, name: &str) -> anyhow::Result<PathBuf> {
-        let path = self.dir.join(name);
+        let path = self.dir().join(name);
         write_relayed_kubeconfig(source, &self.api_server, &path)?;
         Ok(path)
     }
@@ -634,7 +648,7 @@ impl NmiNode {
 
     /// The node's folder (Unix sockets, kubeconfig, NMI's log).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.world.dir()
     }
 
     /// The kubeconfig NMI uses (the apiserver through the node's relay).
@@ -979,14 +993,6 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
-}
-
-/// The address of an `https://host:port/` URL.
-fn url_addr(url: &str) -> anyhow::Result<SocketAddr> {
-    url.trim_start_matches("https://")
-        .trim_end_matches('/')
-        .parse()
-        .with_context(|| format!("address of {url}"))
 }
 
 /// `curl` from inside `ns` to `http://169.254.169.254<path>`: returns

@@ -23,7 +23,6 @@
 //! - beyond upstream's test: without the block, `/metadata/instance` is
 //!   forwarded and the answer is the node's own instance metadata.
 
-use aadpodid_tests::Cluster;
 use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs};
 use aadpodid_tests::nmi_node::{NmiNode, Options, curl_with_head, nmi_bin};
 
@@ -69,7 +68,7 @@ async fn ask(
 async fn instance_metadata_status_codes() -> anyhow::Result<()> {
     let mut opts = Options::new(1, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi")));
     opts.namespace = "instance-md";
-    let mut f = NmiNode::start(Cluster::shared(), opts).await?;
+    let mut f = NmiNode::start(opts).await?;
     let md = ["Metadata: true"];
 
     // An unknown path: 404, answered by NMI itself.

@@ -581,7 +581,7 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
         c.imds.token_concurrency = 10_000;
     };
     opts.namespace = "migration-nmi";
-    let mut f = NmiNode::start(Cluster::shared(), opts).await?;
+    let mut f = NmiNode::start(opts).await?;
     let id_a = identity(f.ns(), "id-a", CLIENT_A);
     for i in 0..usize::from(PODS) {
         f.create_bound_pod(&format!("app-{i}"), i, &id_a, "a")

@@ -64,7 +64,7 @@ async fn node(pods: u8, extra: &[&str]) -> anyhow::Result<NmiNode> {
     };
     opts.emulator = |c| c.aad.any_resource = true;
     opts.namespace = "nmi-e2e";
-    NmiNode::start(Cluster::shared(), opts).await
+    NmiNode::start(opts).await
 }
 
 /// [`node`] with one pod, `app`, bound to `id-a` (selector `a`); returns

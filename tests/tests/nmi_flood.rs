@@ -28,7 +28,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use aadpodid_tests::Cluster;
 use aadpodid_tests::netns::IMDS_ADDRESS;
 use aadpodid_tests::nmi_node::flood::{
     Flood, Kind, Outcome, PLAN_ENV, Plan, Sampler, open_fds, peak_rss_kib, raise_nofile, rss_kib,
@@ -243,7 +242,7 @@ async fn floods_from_one_pod_leave_nmi_bounded_and_fair() -> anyhow::Result<()> 
     opts.start_nmi = false;
     opts.emulator = |c| c.aad.any_resource = true;
     opts.namespace = "nmi-flood";
-    let mut f = NmiNode::start(Cluster::shared(), opts).await?;
+    let mut f = NmiNode::start(opts).await?;
 
     // Both pods hold an identity as MIC assigns it.
     let id_a = identity(f.ns(), "id-a", CLIENT_A);

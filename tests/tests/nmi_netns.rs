@@ -26,7 +26,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 async fn node_with(pods: u8) -> anyhow::Result<(NmiNode, kube::Client, String)> {
     let mut opts = Options::new(pods, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi")));
     opts.namespace = "nmi";
-    let f = NmiNode::start(Cluster::shared(), opts).await?;
+    let f = NmiNode::start(opts).await?;
     let (client, ns) = (f.client.clone(), f.ns().to_string());
     Ok((f, client, ns))
 }

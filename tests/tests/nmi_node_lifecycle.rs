@@ -29,7 +29,7 @@ async fn node(pods: u8) -> anyhow::Result<NmiNode> {
     let mut opts = Options::new(pods, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi")));
     opts.start_nmi = false;
     opts.namespace = "nmi-lifecycle";
-    let f = NmiNode::start(Cluster::shared(), opts).await?;
+    let f = NmiNode::start(opts).await?;
     f.node_ns().run(
         "iptables",
         &[

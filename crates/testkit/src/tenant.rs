@@ -237,6 +237,15 @@ impl Tenant {
         self
     }
 
+    /// A tenant of `config` as it is (a test's own world), its scale sets
+    /// and VMs added later going into `node_rg`.
+    pub fn of_config(config: Config, node_rg: &str) -> Tenant {
+        Tenant {
+            config,
+            node_rg: node_rg.into(),
+        }
+    }
+
     /// The configuration so far, to change what the builder does not cover.
     pub fn config_mut(&mut self) -> &mut Config {
         &mut self.config

@@ -106,7 +106,7 @@ use serde_json::Value;
 
 pub use azure::tenant_of;
 pub use builder::{ArgsSource, ClusterChoice, NodeSpec, WorldBuilder, WorldCluster};
-pub use nodes::{MicReplica, WorldNode};
+pub use nodes::{MicReplica, WorldNode, socket_of};
 pub use options::{Dialect, Options, Program};
 pub use pods::{PodRef, create_identity, create_pod};
 pub use processes::{Proc, curl_in, spawn_kept};

@@ -24,7 +24,7 @@ use crate::relay::unix_to_tcp;
 use crate::wait_for;
 
 /// The address of a listener's URL (`https://127.0.0.1:1234/` and the like).
-pub(super) fn socket_of(url: &str) -> anyhow::Result<SocketAddr> {
+pub fn socket_of(url: &str) -> anyhow::Result<SocketAddr> {
     url.trim_start_matches("https://")
         .trim_start_matches("http://")
         .trim_end_matches('/')
