@@ -34,7 +34,9 @@
 
 use std::time::Instant;
 
-use aadpodid_tests::e2e::upgrade::{self, NmiOrder, Side, Sides, UpgradePath, UpgradePlan};
+use aadpodid_tests::e2e::upgrade::{
+    self, NmiOrder, ObjectStep, Side, Sides, UpgradePath, UpgradePlan,
+};
 use aadpodid_tests::e2e::{Options, Program};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -83,12 +85,26 @@ async fn upgrade_and_rollback(path: UpgradePath) -> anyhow::Result<()> {
         ));
     }
     if path != UpgradePath::Processes {
-        let objects = [&run.upgrade, &run.rollback].map(|f| f.objects.len());
-        if run.install.is_none() || objects.contains(&0) {
+        // The workloads' images as the apiserver held them after the install,
+        // the upgrade and the rollback: upstream's, ours, upstream's.
+        let last = |steps: &[ObjectStep]| steps.last().map(|o| o.images.clone());
+        let images = [
+            run.install.as_ref().map(|o| o.images.clone()),
+            last(&run.upgrade.objects),
+            last(&run.rollback.objects),
+        ];
+        let upstream = |i: &Option<Vec<String>>| {
+            i.as_ref()
+                .is_some_and(|i| i.len() == 2 && i.iter().all(|i| i.ends_with(":v1.8.17")))
+        };
+        let ours = |i: &Option<Vec<String>>| {
+            i.as_ref()
+                .is_some_and(|i| i.len() == 2 && i.iter().all(|i| i.ends_with("-rs.0")))
+        };
+        if !(upstream(&images[0]) && ours(&images[1]) && upstream(&images[2])) {
             bad.push(format!(
-                "{}: object steps missing: install {:?}, upgrade/rollback {objects:?}",
-                path.name(),
-                run.install
+                "{}: workload images after install, upgrade, rollback: {images:?}",
+                path.name()
             ));
         }
     }

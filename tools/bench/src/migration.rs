@@ -151,6 +151,7 @@ mod tests {
                 replaced: 13,
                 created: 12,
                 deleted: 1,
+                images: vec!["nmi:v0.1.0-rs.0".into()],
             }],
             ..Default::default()
         };
@@ -165,7 +166,7 @@ mod tests {
         assert_eq!(f.value(Metric::MigrationTakeover), Some(3.9));
         assert!(
             f.notes[0].starts_with(
-                "row 6 (upgrade, Helm path: helm upgrade (600.00ms): 13 replaced, 12 created, 1 deleted): 400 token requests"
+                "row 6 (upgrade, Helm path: helm upgrade (600.00ms): 13 replaced, 12 created, 1 deleted; nmi:v0.1.0-rs.0): 400 token requests"
             ),
             "{}",
             f.notes[0]

@@ -4,9 +4,14 @@
 //!
 //! The world starts as upstream's: its Go mic replicas (one leads on
 //! upstream's Endpoints lock) and its Go nmi on each node, with plain flags
-//! ([`ArgsSource::Flags`]; the chart's own upgrade is tested apart); Go mic
-//! assigns every pod's identity. Then, in the order a rollout of this
-//! project's chart runs them:
+//! ([`ArgsSource::Flags`]) and the apiserver's admin kubeconfig; Go mic
+//! assigns every pod's identity. With [`UpgradePlan::path`] Helm or
+//! Manifests, upstream's release (chart 4.1.18 or flat manifests) is
+//! written before Go starts, this project's over it right before each
+//! direction's processes are swapped and upstream's again at the rollback
+//! (see `upgrade_objects.rs`; the processes keep the plain flags, no
+//! kubelet runs the written workloads). Then, in the order a rollout of
+//! this project's chart runs them:
 //! - upgrade: on each node in turn this project's nmi is started beside Go
 //!   nmi (a surge: it installs its redirect and waits for the port), and once
 //!   its redirect is in place (what the chart's readiness probe checks) Go

@@ -258,14 +258,21 @@ pub struct ObjectStep {
     pub replaced: usize,
     pub created: usize,
     pub deleted: usize,
+    /// The nmi DaemonSet's and the mic Deployment's images after the write.
+    pub images: Vec<String>,
 }
 
 impl ObjectStep {
-    /// `name (took): r replaced, c created, d deleted`.
+    /// `name (took): r replaced, c created, d deleted; images`.
     pub fn line(&self) -> String {
         format!(
-            "{} ({:.2?}): {} replaced, {} created, {} deleted",
-            self.name, self.took, self.replaced, self.created, self.deleted
+            "{} ({:.2?}): {} replaced, {} created, {} deleted; {}",
+            self.name,
+            self.took,
+            self.replaced,
+            self.created,
+            self.deleted,
+            self.images.join(" ")
         )
     }
 }

@@ -56,6 +56,8 @@ const RELEASE_NS: &str = "kube-system";
 pub(super) struct Objects {
     path: UpgradePath,
     m: Arc<Migration>,
+    /// The nmi DaemonSet's and the mic Deployment's `namespace/name`.
+    workloads: [String; 2],
     dir: PathBuf,
     last: Snapshot,
 }
@@ -80,6 +82,7 @@ impl Objects {
         let mut objects = Objects {
             path,
             m,
+            workloads: [ds, deploy],
             dir: dir.to_path_buf(),
             last: Snapshot::new(),
         };
@@ -110,6 +113,7 @@ impl Objects {
         let me = Objects {
             path: self.path,
             m: self.m.clone(),
+            workloads: self.workloads.clone(),
             dir: self.dir.clone(),
             last: std::mem::take(&mut self.last),
         };
@@ -140,10 +144,25 @@ impl Objects {
                 replaced: step.diff.replaced.len(),
                 created: step.diff.created.len(),
                 deleted: step.diff.deleted.len(),
+                images: self.images()?,
             });
             before = step.snap;
         }
         self.last = before;
+        Ok(out)
+    }
+
+    /// The nmi DaemonSet's and the mic Deployment's container images as
+    /// the apiserver holds them.
+    fn images(&self) -> anyhow::Result<Vec<String>> {
+        let kinds = ["daemonset", "deployment"];
+        let mut out = Vec::new();
+        for (kind, key) in kinds.iter().zip(&self.workloads) {
+            let (ns, name) = key.split_once('/').context("namespace/name")?;
+            let o = self.m.get_json(&["-n", ns, kind, name])?;
+            let image = &o["spec"]["template"]["spec"]["containers"][0]["image"];
+            out.push(image.as_str().unwrap_or_default().to_string());
+        }
         Ok(out)
     }
 
