@@ -638,6 +638,22 @@ mod tests {
     }
 
     #[test]
+    fn an_object_step_is_one_line() {
+        let o = ObjectStep {
+            name: "helm rollback".into(),
+            took: Duration::from_millis(300),
+            replaced: 13,
+            created: 2,
+            deleted: 12,
+            images: vec!["nmi:v1.8.17".into(), "mic:v1.8.17".into()],
+        };
+        assert_eq!(
+            o.line(),
+            "helm rollback (300.00ms): 13 replaced, 2 created, 12 deleted; nmi:v1.8.17 mic:v1.8.17"
+        );
+    }
+
+    #[test]
     fn violations_name_each_broken_rule() {
         let good = UpgradeFigures {
             name: "upgrade".into(),
