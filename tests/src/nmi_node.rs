@@ -52,7 +52,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::Value;
 
 use aadpodid_testkit::tenant::Tenant;
-use aadpodid_testkit::world::{self, ArgsSource, ClusterChoice, WorldBuilder, socket_of};
+use aadpodid_testkit::world::{
+    self, ArgsSource, ClusterChoice, Proc, Program, WorldBuilder, socket_of,
+};
 
 use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
 use crate::{TempNamespace, unique_name, wait_for};
@@ -215,7 +217,8 @@ pub struct NmiNode {
     /// The test's temporary Kubernetes namespace, deleted on drop.
     ns: TempNamespace,
     azure: Azure,
-    nmi: Option<Child>,
+    /// NMI's process of the current start (the kit's [`Proc`]).
+    nmi: Option<Proc>,
     relay: Child,
     kubeconfig: PathBuf,
     nmi_bin: PathBuf,
@@ -509,32 +512,35 @@ impl NmiNode {
     /// changing what later [`NmiNode::start_nmi`] calls do; does not wait.
     pub fn launch(&mut self, launch: &Launch) -> anyhow::Result<()> {
         self.stop_nmi();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)?;
-        self.log_start = log.metadata()?.len();
-        let mut cmd = match launch.wrapper.split_first() {
+        self.log_start = std::fs::metadata(&self.log_path).map_or(0, |m| m.len());
+        let (program, mut args) = match launch.wrapper.split_first() {
             Some((program, rest)) => {
-                let mut c = self.node.node.command(program);
-                c.args(rest).arg(&self.nmi_bin);
-                c
+                let mut args = rest.to_vec();
+                args.push(self.nmi_bin.display().to_string());
+                (PathBuf::from(program), args)
             }
-            None => self.node.node.command(&self.nmi_bin),
+            None => (self.nmi_bin.clone(), Vec::new()),
         };
         let kubeconfig = launch.kubeconfig.as_deref().unwrap_or(&self.kubeconfig);
-        cmd.args(self.base_args(kubeconfig))
-            .args(&launch.args)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env("NO_PROXY", "127.0.0.1,localhost");
-        for var in crate::env::PROXY_VARS {
-            cmd.env_remove(var);
-        }
-        let child = cmd
-            .spawn()
+        args.extend(self.base_args(kubeconfig));
+        args.extend(launch.args.iter().cloned());
+        // The test's environment without its proxies: NMI reaches loopback only.
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| !crate::env::PROXY_VARS.contains(&k.as_str()))
+            .chain([("NO_PROXY".to_string(), "127.0.0.1,localhost".to_string())])
+            .collect();
+        let mut nmi = Proc::new(
+            &format!("nmi-{}", self.node_name),
+            Program::binary(program),
+            args,
+            env,
+            (PROBE_PORT, "/healthz".into()),
+            self.log_path.clone(),
+        );
+        nmi.spawn(&self.node.node)
             .with_context(|| format!("start {}", self.nmi_bin.display()))?;
-        self.nmi = Some(child);
+        self.nmi = Some(nmi);
         Ok(())
     }
 
@@ -547,15 +553,14 @@ impl NmiNode {
     /// Takes NMI's process from the node (which then no longer stops it),
     /// for a test that waits for it to exit.
     pub fn take_nmi(&mut self) -> Option<Child> {
-        self.nmi.take()
+        self.nmi.take()?.into_child()
     }
 
     /// Kills NMI (SIGKILL, as a crashing or OOM-killed NMI) and reaps it;
     /// nothing when it is not running.
     pub fn stop_nmi(&mut self) {
-        if let Some(mut c) = self.nmi.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut nmi) = self.nmi.take() {
+            nmi.kill();
         }
     }
 
@@ -570,17 +575,16 @@ impl NmiNode {
     /// and `setpriv` exec in place), or the process below it that runs the
     /// NMI binary should a wrapper have forked.
     pub fn nmi_pid(&self) -> Option<u32> {
-        let id = self.nmi.as_ref().map(Child::id)?;
+        let id = self.nmi.as_ref()?.pid()?;
         let exe = std::fs::canonicalize(&self.nmi_bin).unwrap_or_else(|_| self.nmi_bin.clone());
         Some(crate::procfs::find_exe(id, &exe).unwrap_or(id))
     }
 
     /// Whether NMI's process is still running (false once it has exited).
     pub fn nmi_running(&mut self) -> bool {
-        match self.nmi.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.nmi
+            .as_mut()
+            .is_some_and(|nmi| nmi.pid().is_some() && nmi.exited().is_none())
     }
 
     /// Everything NMI wrote to stdout and stderr since this node started,

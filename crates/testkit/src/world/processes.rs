@@ -33,7 +33,7 @@ pub struct Proc {
 impl Proc {
     /// A process not started yet: `program` with `args` and the container's
     /// `env`, answering on `probe` (port, path) when up, logging to `log`.
-    pub(super) fn new(
+    pub fn new(
         name: &str,
         program: Program,
         args: Vec<String>,
@@ -70,7 +70,7 @@ impl Proc {
     }
 
     /// Starts it in `ns`, its output appended to its log.
-    pub(super) fn spawn(&mut self, ns: &NetNs) -> anyhow::Result<()> {
+    pub fn spawn(&mut self, ns: &NetNs) -> anyhow::Result<()> {
         self.spawn_in(Some(ns))
     }
 
@@ -119,11 +119,17 @@ impl Proc {
     }
 
     /// Kills it (if it runs) and reaps it.
-    pub(super) fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Its child process (`None` when never started or killed), for a test
+    /// that stops it or waits for its exit itself.
+    pub fn into_child(mut self) -> Option<Child> {
+        self.child.take()
     }
 
     /// Sends `signal` (`TERM`, `KILL`) and waits (bounded) until it exits.
