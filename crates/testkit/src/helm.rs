@@ -523,7 +523,8 @@ pub async fn bare_private_cluster() -> anyhow::Result<(crate::PrivateCluster, Sn
 }
 
 /// A cluster of the test's own for a migration test (bare, as
-/// [`bare_private_cluster`] leaves it), the commands such a test runs on it,
+/// [`bare_private_cluster`] leaves it, or a running one with
+/// [`Migration::on`]), the commands such a test runs on it,
 /// which must succeed, and its steps: each one snapshotted, compared with the
 /// snapshot before, and checked to leave exactly one of each expected
 /// workload (nothing of it created twice).
