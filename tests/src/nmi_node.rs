@@ -36,7 +36,7 @@
 
 pub use aadpodid_testkit::flood;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -48,12 +48,12 @@ use azure_emulator::config::{IdentityAssignmentSeed, IdentitySeed, ImdsListenerS
 use azure_emulator::{Config, Emulator};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::Value;
 
 use aadpodid_testkit::tenant::Tenant;
 use aadpodid_testkit::world::{
-    self, ArgsSource, ClusterChoice, Proc, Program, WorldBuilder, socket_of,
+    self, ArgsSource, ClusterChoice, Proc, Program, WorldBuilder, create_pod_at, curl_head_in,
+    socket_of,
 };
 
 use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
@@ -725,7 +725,13 @@ impl NmiNode {
         ips: &[&str],
         labels: &[(&str, &str)],
     ) -> anyhow::Result<()> {
-        create_pod_with_ips(&self.client, ns, name, &self.node_name, ips, labels).await
+        let ips = ips
+            .iter()
+            .map(|ip| ip.parse().with_context(|| format!("pod address {ip}")))
+            .collect::<anyhow::Result<Vec<IpAddr>>>()?;
+        let labels = labels.iter().copied().collect();
+        let api = Api::<Pod>::namespaced(self.client.clone(), ns);
+        create_pod_at(&api, name, &labels, &self.node_name, &ips).await
     }
 
     /// What MIC writes when it binds pod `pod` of [`NmiNode::ns`] on this
@@ -1008,71 +1014,14 @@ pub async fn curl(ns: &NetNs, path: &str, headers: &[&str]) -> anyhow::Result<(u
 }
 
 /// One HTTP exchange by `curl` inside `ns`: (status, response headers,
-/// body), 30 s at most. `-g` and `--path-as-is` keep hostile URLs as
-/// written.
+/// body), 30 s at most, hostile URLs kept as written (the kit's
+/// [`curl_head_in`]).
 pub async fn curl_with_head(
     ns: &NetNs,
     url: &str,
     headers: &[&str],
 ) -> anyhow::Result<(u16, String, String)> {
-    let mut cmd = ns.command("curl");
-    cmd.args([
-        "-s",
-        "-g",
-        "-i",
-        "--path-as-is",
-        "--max-time",
-        "30",
-        "-w",
-        "\n%{http_code}",
-    ]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    cmd.arg(url).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = tokio::process::Command::from(cmd).output().await?;
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (all, code) = out
-        .rsplit_once('\n')
-        .with_context(|| format!("curl output: {out}"))?;
-    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((all, ""));
-    Ok((code.trim().parse()?, head.to_string(), body.to_string()))
-}
-
-/// Creates pod `name` in `ns` on `node` with `labels`, and sets its status
-/// to Running at the addresses `ips` (the first is `podIP`; all are
-/// `podIPs`) (no kubelet runs here).
-pub async fn create_pod_with_ips(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    node: &str,
-    ips: &[&str],
-    labels: &[(&str, &str)],
-) -> anyhow::Result<()> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let labels: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), (*v).into()))
-        .collect();
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
-    }))?;
-    api.create(&PostParams::default(), &pod).await?;
-    let pod_ips: Vec<serde_json::Value> = ips
-        .iter()
-        .map(|ip| serde_json::json!({ "ip": ip }))
-        .collect();
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({
-            "status": {"phase": "Running", "podIP": ips.first(), "podIPs": pod_ips}
-        })),
-    )
-    .await?;
-    Ok(())
+    curl_head_in(ns, url, headers, 30).await
 }
 
 pub use crate::assigned::{Assignment, binding, identity};

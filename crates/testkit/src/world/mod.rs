@@ -108,8 +108,8 @@ pub use azure::tenant_of;
 pub use builder::{ArgsSource, ClusterChoice, NodeSpec, WorldBuilder, WorldCluster};
 pub use nodes::{MicReplica, WorldNode, socket_of};
 pub use options::{Dialect, Options, Program};
-pub use pods::{PodRef, create_identity, create_pod};
-pub use processes::{Proc, curl_in, spawn_kept};
+pub use pods::{PodRef, create_identity, create_pod, create_pod_at};
+pub use processes::{Proc, curl_head_in, curl_in, spawn_kept};
 pub use tokens::access_token;
 pub use users::NsUser;
 

@@ -3,7 +3,7 @@
 //! them.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use aadpodid_api::{
@@ -49,13 +49,15 @@ fn app_pod(name: &str, labels: &BTreeMap<&str, &str>, node: &str) -> anyhow::Res
     }))?)
 }
 
-/// What the kubelet reports for a started pod: Running, with address `ip`.
-async fn mark_running(api: &Api<Pod>, name: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+/// What the kubelet reports for a started pod: Running, at the addresses
+/// `ips` (the first is `podIP`; all are `podIPs`).
+async fn mark_running(api: &Api<Pod>, name: &str, ips: &[IpAddr]) -> anyhow::Result<()> {
+    let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
     api.patch_status(
         name,
         &PatchParams::default(),
         &Patch::Merge(json!({
-            "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+            "status": {"phase": "Running", "podIP": ips.first().map(IpAddr::to_string), "podIPs": pod_ips}
         })),
     )
     .await?;
@@ -73,11 +75,25 @@ pub async fn create_pod(
     node: &str,
     ip: Option<Ipv4Addr>,
 ) -> anyhow::Result<()> {
+    let ips: Vec<IpAddr> = ip.map(IpAddr::V4).into_iter().collect();
+    create_pod_at(api, name, labels, node, &ips).await
+}
+
+/// [`create_pod`] reported Running at every address of `ips` (the first is
+/// `podIP`; all are `podIPs`: dual-stack and IPv6-only pods too); with no
+/// address it stays a Pod object only.
+pub async fn create_pod_at(
+    api: &Api<Pod>,
+    name: &str,
+    labels: &BTreeMap<&str, &str>,
+    node: &str,
+    ips: &[IpAddr],
+) -> anyhow::Result<()> {
     api.create(&PostParams::default(), &app_pod(name, labels, node)?)
         .await
         .with_context(|| format!("create pod {name}"))?;
-    if let Some(ip) = ip {
-        mark_running(api, name, ip)
+    if !ips.is_empty() {
+        mark_running(api, name, ips)
             .await
             .with_context(|| format!("status of pod {name}"))?;
     }
@@ -226,7 +242,7 @@ impl World {
                 .with_context(|| format!("bind pod {namespace}/{name}"))?;
             }
         }
-        mark_running(&api, name, ip).await?;
+        mark_running(&api, name, &[IpAddr::V4(ip)]).await?;
         Ok(PodRef {
             name: name.into(),
             namespace: namespace.into(),

@@ -283,6 +283,22 @@ pub async fn curl_in(
     run_curl(curl_command(Some(ns), url, headers, max_time)).await
 }
 
+/// `curl -i` inside `ns`, keeping hostile URLs as written (`-g`,
+/// `--path-as-is`): (status, response headers, body); status 0 when no
+/// HTTP answer came.
+pub async fn curl_head_in(
+    ns: &NetNs,
+    url: &str,
+    headers: &[&str],
+    max_time: u32,
+) -> anyhow::Result<(u16, String, String)> {
+    let mut cmd = curl_command(Some(ns), url, headers, max_time);
+    cmd.args(["-g", "-i", "--path-as-is"]);
+    let (status, all) = run_curl(cmd).await?;
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    Ok((status, head.to_string(), body.to_string()))
+}
+
 /// The `curl` command of [`curl_in`] (in the calling process's namespace for
 /// `None`), to run later with [`run_curl`].
 pub(super) fn curl_command(
