@@ -244,10 +244,13 @@ impl MicWorld {
         }
     }
 
+    /// The world's cluster (from the builder's cluster step).
     pub fn cluster(&self) -> &Cluster {
-        self.world
-            .cluster_ref()
-            .expect("a MicWorld is built with its cluster step")
+        match self.world.private_cluster() {
+            Some(c) => c,
+            // Not private: the step took the process's shared cluster.
+            None => Cluster::shared(),
+        }
     }
 
     /// The private cluster (its apiserver can be stopped and started).
