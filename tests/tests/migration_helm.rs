@@ -19,39 +19,6 @@ use serde_json::Value;
 const RELEASE: &str = "aad-pod-identity";
 const NS: &str = "kube-system";
 
-/// A user's values for upstream's chart 4.1.18: only keys upstream's
-/// values.yaml has, a change from its default in most sections.
-const USER_VALUES: &str = r#"forceNamespaced: "true"
-mic:
-  replicas: 3
-  logVerbosity: 2
-  leaderElection:
-    namespace: kube-system
-    duration: 30s
-  syncRetryDuration: 1h30m
-  clientQps: "10"
-  immutableUserMSIs:
-    - "00000000-0000-4000-8000-0000000000aa"
-  podLabels:
-    team: platform
-nmi:
-  allowNetworkPluginKubenet: true
-  micNamespace: kube-system
-  podLabels:
-    team: platform
-rbac:
-  createUserFacingClusterRoles: true
-azureIdentities:
-  "seed002-identity":
-    namespace: "default"
-    type: 0
-    resourceID: "/subscriptions/0b1f6471-1bf0-4dda-aec3-cb9272f09590/resourceGroups/app-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/seed002"
-    clientID: "c0000000-0000-4000-8000-000000000002"
-    binding:
-      name: "seed002-binding"
-      selector: "seed002"
-"#;
-
 /// `helm upgrade RELEASE <chart> -n NS <extra>` on the cluster, as it went.
 fn try_upgrade(m: &Migration, chart: &str, extra: &[&str]) -> anyhow::Result<helm::HelmOutput> {
     m.try_helm(&[&["upgrade", RELEASE, chart, "-n", NS][..], extra].concat())
@@ -145,7 +112,7 @@ async fn helm_upgrade_from_upstream_chart_and_rollback_replace_objects_in_place(
     std::fs::create_dir_all(&work)?;
     let _work = RemoveOnDrop(work.clone());
     let user_values = work.join("user-values.yaml");
-    std::fs::write(&user_values, USER_VALUES)?;
+    std::fs::write(&user_values, helm::USER_VALUES)?;
     let upstream_chart = helm::upstream_chart()?.display().to_string();
     let ours = helm::chart_dir().display().to_string();
 

@@ -35,29 +35,6 @@ spec:
   selector: seed002
 "#;
 
-/// What docs/migration.md says to run to go back to upstream's manifests
-/// after re-applying them: the objects upstream's files do not have.
-const ROLLBACK_DELETES: [&[&str]; 2] = [
-    &[
-        "delete",
-        "-n",
-        "default",
-        "role,rolebinding",
-        "aad-pod-id-mic",
-        "aad-pod-id-mic-owned-identities",
-        "aad-pod-id-nmi",
-        "--ignore-not-found",
-    ],
-    &[
-        "delete",
-        "validatingadmissionpolicybinding,validatingadmissionpolicy",
-        "aad-pod-identity-identity-grants",
-        "aad-pod-identity-assigned-identity-writers",
-        "aad-pod-identity-exception-writers",
-        "--ignore-not-found",
-    ],
-];
-
 /// A bare cluster of the test's own on which every step must leave one
 /// DaemonSet `nmi` and one Deployment `mic`, both in [`NS`].
 async fn one_of_each() -> anyhow::Result<Migration> {
@@ -222,7 +199,7 @@ async fn kubectl_apply_over_upstream_manifests_replaces_objects_in_place_and_bac
     // 5. Back to upstream: its files again, then the objects it does not have.
     let back = m.step(&s4, "back to upstream's manifests", || {
         apply_upstream()?;
-        for args in ROLLBACK_DELETES {
+        for args in helm::MANIFESTS_ROLLBACK_DELETES {
             m.kubectl(args, None)?;
         }
         Ok(())
