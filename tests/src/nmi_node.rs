@@ -57,6 +57,7 @@ use aadpodid_testkit::world::{
 };
 
 use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
+use crate::relay::gated_forward;
 use crate::{TempNamespace, unique_name, wait_for};
 
 /// The emulator's tenant (the test kit's), and its ARM audience, a resource
@@ -960,31 +961,6 @@ pub fn openssl_certificate(dir: &Path) -> anyhow::Result<(String, Vec<u8>)> {
         std::fs::read_to_string(dir.join("sp.crt"))?,
         std::fs::read(dir.join("sp.p12"))?,
     ))
-}
-
-/// Listens on a loopback port and forwards each connection to `target`
-/// once `gate` is open (a connection accepted while it is shut waits);
-/// returns the port's address.
-async fn gated_forward(
-    target: SocketAddr,
-    gate: watch::Receiver<bool>,
-) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let mut gate = gate.clone();
-            tokio::spawn(async move {
-                if gate.wait_for(|open| *open).await.is_err() {
-                    return;
-                }
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-    Ok(addr)
 }
 
 /// `text` without ANSI escape sequences (CSI: ESC `[` parameters, final letter).

@@ -7,7 +7,9 @@
 //! - in the calling process, [`unix_to_tcp`] carries each connection on that
 //!   Unix socket to a loopback address of the calling process's namespace;
 //! - [`tcp_to_unix`] is the same inside-namespace half in Rust, for a
-//!   process that runs in the namespace itself.
+//!   process that runs in the namespace itself;
+//! - [`gated_forward`] is a loopback port whose connections to a target a
+//!   test can hold shut (a node's way to the apiserver, cut and restored).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -172,6 +174,31 @@ pub async fn unix_to_tcp(path: PathBuf, target: SocketAddr) -> anyhow::Result<()
         }
     });
     Ok(())
+}
+
+/// Listens on a loopback port and forwards each connection to `target`
+/// once `gate` is open (a connection accepted while it is shut waits);
+/// returns the port's address.
+pub async fn gated_forward(
+    target: SocketAddr,
+    gate: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut gate = gate.clone();
+            tokio::spawn(async move {
+                if gate.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
 }
 
 /// Reads `child`'s stdout lines until one ends with `READY` (libtest may
