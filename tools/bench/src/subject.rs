@@ -550,7 +550,7 @@ fn record_flood(f: &mut Figures, kind: Kind, m: &FloodRun, alive: bool) {
         f.set_text(
             Metric::FloodVictim(kind),
             &format!(
-                "no token (status {}) after {:.1} s",
+                "failed: no token (status {}) after {:.1} s",
                 m.victim_status,
                 m.victim_latency.as_secs_f64()
             ),
