@@ -43,6 +43,11 @@ use serde_json::Value;
 
 /// Environment variable holding the JSON [`LoadPlan`] of a pod's load child.
 const LOAD_ENV: &str = "AADPODID_MIGRATION_LOAD";
+/// Environment variable naming a directory: when set, the node's rule
+/// changes (`xtables-monitor -e`) and new connections to IMDS (`conntrack
+/// -E`, with whether each was redirected) are written there as they happen,
+/// to read a failed run against.
+const TRACE_ENV: &str = "AADPODID_MIGRATION_TRACE";
 /// Environment variable naming an NMI build from before this change.
 const BEFORE_BIN_ENV: &str = "AADPODID_NMI_BEFORE_BIN";
 /// Pods asking for tokens.
@@ -279,11 +284,14 @@ async fn figures(
     outcomes: &[(u64, Outcome)],
     events: &[(&str, u64)],
 ) -> anyhow::Result<Figures> {
-    let direct: Vec<u64> = f
+    let direct_records: Vec<Value> = f
         .imds_requests(since)
         .await?
+        .into_iter()
+        .filter(is_pod_peer)
+        .collect();
+    let direct: Vec<u64> = direct_records
         .iter()
-        .filter(|r| is_pod_peer(r))
         .filter_map(|r| r["atMs"].as_u64())
         .collect();
     let count = |want: fn(&Outcome) -> bool| outcomes.iter().filter(|(_, o)| want(o)).count();
@@ -313,6 +321,16 @@ async fn figures(
     }
     for (what, t) in events {
         timeline.push(format!("{what}@{}", rel(*t)));
+    }
+    // Each direct request whole (caller, path and query, time): a pod's own
+    // request and one an NMI forwarded differ in their query's order.
+    for r in &direct_records {
+        timeline.push(format!(
+            "direct[{} {} @{}]",
+            r["peer"].as_str().unwrap_or("?"),
+            r["uri"].as_str().unwrap_or("?"),
+            r["atMs"].as_u64().map_or(0, rel)
+        ));
     }
     Ok(Figures {
         timeline: timeline.join(" "),
@@ -543,6 +561,69 @@ async fn rollout_surge(
     Ok(fig)
 }
 
+/// The event monitors of [`TRACE_ENV`], killed and reaped on drop.
+struct Trace {
+    _monitors: Vec<Reap>,
+}
+
+impl Trace {
+    fn start(f: &NmiNode) -> anyhow::Result<Trace> {
+        let Some(dir) = std::env::var_os(TRACE_ENV).filter(|v| !v.is_empty()) else {
+            return Ok(Trace {
+                _monitors: Vec::new(),
+            });
+        };
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir)?;
+        // Line-buffered (`stdbuf -oL`): the monitors are killed at the end.
+        let monitors: [(&str, &[&str]); 2] = [
+            ("xtables-monitor", &["-oL", "xtables-monitor", "-e", "-4"]),
+            (
+                "conntrack",
+                &[
+                    "-E",
+                    "-o",
+                    "timestamp",
+                    "-p",
+                    "tcp",
+                    "--orig-dst",
+                    "169.254.169.254",
+                ],
+            ),
+        ];
+        let mut children = Vec::new();
+        for (name, args) in monitors {
+            let program = if name == "conntrack" { name } else { "stdbuf" };
+            let mut out = std::fs::File::create(dir.join(format!("{name}.log")))?;
+            let mut child = f
+                .node_ns()
+                .command(program)
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("start {name}"))?;
+            // Each line with the time it was read (ms since the epoch, the
+            // clock of the pods' outcomes); ends when the monitor is killed.
+            let lines = child.stdout.take().context("piped")?;
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(lines).lines().map_while(Result::ok) {
+                    let _ = writeln!(out, "{} {line}", now_ms());
+                }
+            });
+            children.push(Reap(child));
+        }
+        eprintln!(
+            "tracing rule changes and IMDS connections into {}",
+            dir.display()
+        );
+        Ok(Trace {
+            _monitors: children,
+        })
+    }
+}
+
 /// A process killed and reaped on drop (an NMI taken from the node).
 struct Reap(Child);
 
@@ -588,6 +669,7 @@ async fn nmi_rollout_from_upstream_and_back() -> anyhow::Result<()> {
             .await?;
     }
     let logs = f.dir().to_path_buf();
+    let _trace = Trace::start(&f)?;
     let flush = "iptables -w 5 -t nat -F; iptables -w 5 -t nat -X";
     let mut rows: Vec<Figures> = Vec::new();
 
