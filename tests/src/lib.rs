@@ -15,6 +15,7 @@
 //! ```
 
 pub mod assigned;
+pub mod chart_release;
 pub use aadpodid_testkit::world as e2e;
 pub mod go_mic;
 pub mod mic_world;
