@@ -24,16 +24,15 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use aadpodid_testkit::world::upgrade::{ENDPOINTS_ANNOTATION, LeaderLock, Side, side_of_arm};
 use aadpodid_tests::go_mic::GoMic;
 use aadpodid_tests::http::http_get;
-use aadpodid_tests::mic_world::{MicWorld, RunningMic, WAIT};
+use aadpodid_tests::mic_world::{MicWorld, RunningMic, WAIT, metric_value};
 use aadpodid_tests::tenant::{APP_ID, APP2_ID};
 use aadpodid_tests::{unique_name, wait_for};
 use anyhow::{Context as _, bail, ensure};
 use azure_emulator::observe::{RequestRecord, Service};
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Endpoints;
-use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 const ENV: &str = "MIGLEAD";
@@ -43,84 +42,13 @@ aadpodid_tests::emulator_ca_parent_test!(migration_leader, "MIGLEAD", 5, 900);
 /// Both MICs' lease: renew deadline 2 s, retry period 1 s.
 const DURATION: &str = "--leader-election-duration=4s";
 const LEASE: Duration = Duration::from_secs(4);
-/// The annotation of upstream's Endpoints lock.
-const ANNOTATION: &str = "control-plane.alpha.kubernetes.io/leader";
-/// The Compute api-version of upstream's Go SDK.
-const GO_COMPUTE: &str = "api-version=2019-12-01";
 /// How long a standby is watched: several of the leader's renewals and more
 /// than one lease duration.
 const STANDBY_WATCH: Duration = Duration::from_secs(10);
 
-/// The lock both MICs use: the world's namespace and a unique name.
-#[derive(Clone)]
-struct LockRef {
-    client: Client,
-    namespace: String,
-    name: String,
-}
-
-impl LockRef {
-    fn new(w: &MicWorld, client: Client) -> LockRef {
-        LockRef {
-            client,
-            namespace: w.ns.name().into(),
-            name: unique_name("mic-lock"),
-        }
-    }
-
-    fn name_flag(&self) -> String {
-        format!("--leader-election-name={}", self.name)
-    }
-
-    async fn endpoints(&self) -> anyhow::Result<Option<Endpoints>> {
-        Ok(
-            Api::<Endpoints>::namespaced(self.client.clone(), &self.namespace)
-                .get_opt(&self.name)
-                .await?,
-        )
-    }
-
-    /// The Endpoints record's raw annotation; `None` without object or annotation.
-    async fn endpoints_annotation(&self) -> anyhow::Result<Option<String>> {
-        Ok(self
-            .endpoints()
-            .await?
-            .and_then(|e| e.metadata.annotations?.get(ANNOTATION).cloned()))
-    }
-
-    /// The Endpoints record's holder: `None` without the object, `""` free.
-    async fn endpoints_holder(&self) -> anyhow::Result<Option<String>> {
-        let Some(e) = self.endpoints().await? else {
-            return Ok(None);
-        };
-        let Some(text) = e
-            .metadata
-            .annotations
-            .and_then(|a| a.get(ANNOTATION).cloned())
-        else {
-            return Ok(Some(String::new()));
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("record {text}"))?;
-        Ok(Some(
-            v["holderIdentity"].as_str().unwrap_or_default().into(),
-        ))
-    }
-
-    /// The Lease's holder: `None` without the object, `""` free.
-    async fn lease_holder(&self) -> anyhow::Result<Option<String>> {
-        Ok(
-            Api::<Lease>::namespaced(self.client.clone(), &self.namespace)
-                .get_opt(&self.name)
-                .await?
-                .map(|l| l.spec.and_then(|s| s.holder_identity).unwrap_or_default()),
-        )
-    }
-}
-
 /// Upstream's Go MIC on this world and `lock`, logging the election at
 /// `-v=4` ("lock is held by ... and has not yet expired").
-async fn go_mic(w: &MicWorld, lock: &LockRef, instance: &str) -> anyhow::Result<GoMic> {
+async fn go_mic(w: &MicWorld, lock: &LeaderLock, instance: &str) -> anyhow::Result<GoMic> {
     GoMic::spawn(
         w,
         instance,
@@ -134,12 +62,12 @@ async fn go_mic(w: &MicWorld, lock: &LockRef, instance: &str) -> anyhow::Result<
     .await
 }
 
-/// ARM requests after `since`, by upstream's Go SDK (`go`) or by this MIC.
-fn arm_requests(w: &MicWorld, since: u64, go: bool) -> Vec<RequestRecord> {
+/// ARM requests after `since` by `side` (told apart by api-version).
+fn arm_requests(w: &MicWorld, since: u64, side: Side) -> Vec<RequestRecord> {
     w.emu
         .requests(since)
         .into_iter()
-        .filter(|r| r.service == Service::Arm && r.uri.contains(GO_COMPUTE) == go)
+        .filter(|r| r.service == Service::Arm && side_of_arm(&r.uri) == side)
         .collect()
 }
 
@@ -189,7 +117,7 @@ struct History {
 }
 
 impl History {
-    fn start(lock: &LockRef, ours: &RunningMic, go_probe: SocketAddr) -> History {
+    fn start(lock: &LeaderLock, ours: &RunningMic, go_probe: SocketAddr) -> History {
         let lock = lock.clone();
         let leading = ours.handles.leading.clone();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
@@ -276,42 +204,37 @@ async fn bound_pod(w: &MicWorld, id: &str, pod: &str, node: &str) -> anyhow::Res
     Ok(w.aai_name(pod, id))
 }
 
-/// This MIC's counters of acting: sync cycles and AAIs created, updated or
+/// The counters of a MIC acting: sync cycles and AAIs created, updated or
 /// deleted.
+const ACTS: [&str; 4] = [
+    "aadpodidentity_mic_cycle_count",
+    "aadpodidentity_assigned_identity_addition_count",
+    "aadpodidentity_assigned_identity_update_count",
+    "aadpodidentity_assigned_identity_deletion_count",
+];
+
+/// [`ACTS`] on this MIC's `/metrics`.
 async fn our_acts(mic: &RunningMic) -> anyhow::Result<[f64; 4]> {
-    Ok([
-        mic.metric("aadpodidentity_mic_cycle_count").await?,
-        mic.metric("aadpodidentity_assigned_identity_addition_count")
-            .await?,
-        mic.metric("aadpodidentity_assigned_identity_update_count")
-            .await?,
-        mic.metric("aadpodidentity_assigned_identity_deletion_count")
-            .await?,
-    ])
+    let text = mic.metrics().await?;
+    Ok(ACTS.map(|name| metric_value(&text, name)))
 }
 
-/// The same counters on Go MIC's `/metrics` (0 while absent).
+/// [`ACTS`] on Go MIC's `/metrics` (0 while absent or not answering).
 async fn go_acts(go: &GoMic) -> [f64; 4] {
-    [
-        go.metric("aadpodidentity_mic_cycle_count").await,
-        go.metric("aadpodidentity_assigned_identity_addition_count")
-            .await,
-        go.metric("aadpodidentity_assigned_identity_update_count")
-            .await,
-        go.metric("aadpodidentity_assigned_identity_deletion_count")
-            .await,
-    ]
+    let text = http_get(go.metrics, "/metrics").await.unwrap_or_default();
+    ACTS.map(|name| metric_value(&text, name))
 }
 
-/// A world on the shared cluster and a lock of its own.
-async fn world_and_lock(prefix: &str) -> anyhow::Result<(MicWorld, LockRef)> {
+/// A world on the shared cluster and the lock both MICs use: the world's
+/// namespace and a unique name.
+async fn world_and_lock(prefix: &str) -> anyhow::Result<(MicWorld, LeaderLock)> {
     let w = MicWorld::shared(ENV, prefix).logs().build().await?;
-    let lock = LockRef::new(&w, w.client().await?);
+    let lock = LeaderLock::new(w.client().await?, w.ns.name(), &unique_name("mic-lock"));
     Ok((w, lock))
 }
 
 /// This MIC as `mic-ours` on `lock`, leading.
-async fn our_leader(w: &MicWorld, lock: &LockRef) -> anyhow::Result<RunningMic> {
+async fn our_leader(w: &MicWorld, lock: &LeaderLock) -> anyhow::Result<RunningMic> {
     let ours = w
         .start_mic("mic-ours", &[DURATION, &lock.name_flag()])
         .await?;
@@ -356,9 +279,9 @@ async fn child_go_leads_first_ours_stands_by_then_takes_over() -> anyhow::Result
         acts == [0.0; 4],
         "standby: no cycle, no AAI written (cycles, added, updated, deleted) = {acts:?}"
     );
-    let ours_arm = arm_requests(&w, since, false);
+    let ours_arm = arm_requests(&w, since, Side::Ours);
     ensure!(ours_arm.is_empty(), "standby: ARM requests {ours_arm:?}");
-    let go_writes = arm_requests(&w, since, true)
+    let go_writes = arm_requests(&w, since, Side::Upstream)
         .into_iter()
         .filter(|r| r.method != "GET")
         .count();
@@ -416,13 +339,13 @@ async fn child_go_leads_first_ours_stands_by_then_takes_over() -> anyhow::Result
     let second = bound_pod(&w, APP2_ID, "second", &w.nodes[1]).await?;
     w.wait_assigned(&second).await?;
     ensure!(
-        arm_requests(&w, ours_since, false)
+        arm_requests(&w, ours_since, Side::Ours)
             .iter()
             .any(|r| r.method != "GET"),
         "this MIC wrote to ARM"
     );
     ensure!(
-        arm_requests(&w, ours_since, true).is_empty(),
+        arm_requests(&w, ours_since, Side::Upstream).is_empty(),
         "nothing from Go MIC after it was killed"
     );
     w.delete_pods(&["first", "second"]).await?;
@@ -477,10 +400,10 @@ async fn child_ours_leads_first_go_stands_by() -> anyhow::Result<()> {
         acts == [0.0; 4],
         "Go MIC standby: (cycles, added, updated, deleted) = {acts:?}"
     );
-    let go_arm = arm_requests(&w, since, true);
+    let go_arm = arm_requests(&w, since, Side::Upstream);
     ensure!(go_arm.is_empty(), "Go MIC standby: ARM requests {go_arm:?}");
     ensure!(
-        arm_requests(&w, since, false)
+        arm_requests(&w, since, Side::Ours)
             .iter()
             .any(|r| r.method != "GET"),
         "this MIC assigned the pod"
@@ -551,7 +474,7 @@ async fn child_lease_only_when_the_endpoints_lock_is_off() -> anyhow::Result<()>
     let e = Endpoints {
         metadata: ObjectMeta {
             name: Some(lock.name.clone()),
-            annotations: Some([(ANNOTATION.to_string(), record.clone())].into()),
+            annotations: Some([(ENDPOINTS_ANNOTATION.to_string(), record.clone())].into()),
             ..Default::default()
         },
         ..Default::default()
@@ -697,7 +620,7 @@ async fn child_a_foreign_endpoints_record_stops_the_leader() -> anyhow::Result<(
     e.metadata
         .annotations
         .get_or_insert_with(Default::default)
-        .insert(ANNOTATION.into(), foreign);
+        .insert(ENDPOINTS_ANNOTATION.into(), foreign);
     api.replace(&lock.name, &PostParams::default(), &e).await?;
     let written = Instant::now();
     let mut leading = ours.handles.leading.clone();

@@ -93,7 +93,6 @@ pub mod processes;
 pub mod teardown;
 mod tokens;
 pub mod upgrade;
-mod upgrade_figures;
 mod users;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 //! Manifests, upstream's release (chart 4.1.18 or flat manifests) is
 //! written before Go starts, this project's over it right before each
 //! direction's processes are swapped and upstream's again at the rollback
-//! (see `upgrade_objects.rs`; the processes keep the plain flags, no
+//! (see `upgrade/objects.rs`; the processes keep the plain flags, no
 //! kubelet runs the written workloads). Then, in the order a rollout of
 //! this project's chart runs them:
 //! - upgrade: on each node in turn this project's nmi is started beside Go
@@ -38,8 +38,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use aadpodid_api::AzureAssignedIdentity;
 use anyhow::{Context as _, bail};
 use azure_emulator::observe::Service;
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Endpoints;
 use kube::Client;
 use kube::api::{Api, ListParams};
 
@@ -58,18 +56,18 @@ use crate::netns::IMDS_ADDRESS;
 use crate::tenant::CloudEnvironment;
 use crate::wait_for;
 
-pub use super::upgrade_figures::{
+pub use figures::{
     AaiChanges, AaiSnapshot, GO_COMPUTE, LockSample, ObjectStep, Outcome, Side, Tenure,
     UpgradeFigures, aai_changes, acting_conflicts, direct_from_pods, removed_while_needed,
     side_of_arm, takeover_at, tenures,
 };
+pub use locks::{ENDPOINTS_ANNOTATION, LeaderLock};
 pub use objects::UpgradePath;
 
-#[path = "upgrade_objects.rs"]
+mod figures;
+mod locks;
 mod objects;
 
-/// The annotation of upstream's Endpoints lock.
-const ENDPOINTS_ANNOTATION: &str = "control-plane.alpha.kubernetes.io/leader";
 /// Bound on the samples of one direction (10 minutes at 100 ms).
 const MAX_SAMPLES: usize = 6000;
 /// Bound on the token rounds of one direction.
@@ -207,11 +205,13 @@ pub async fn run(opts: Options, plan: &UpgradePlan) -> anyhow::Result<UpgradeRun
         &CloudEnvironment::of(&world.emu),
     )?;
     let client = world.client().await?;
+    let lock = LeaderLock::new(client.clone(), LEASE.0, LEASE.1);
     let mut live = Live::take(&mut world);
     live.objects = objects;
     let ctx = Ctx {
         w: &world,
         client: &client,
+        lock: &lock,
         ours_host: &ours_host,
         plan,
         pods: &pods,
@@ -375,6 +375,8 @@ struct Watched {
 struct Ctx<'a> {
     w: &'a World,
     client: &'a Client,
+    /// mic's Lease and upstream's Endpoints lock.
+    lock: &'a LeaderLock,
     ours_host: &'a HostFiles,
     plan: &'a UpgradePlan,
     pods: &'a [PodRef],
@@ -462,10 +464,9 @@ impl Ctx<'_> {
         let leader = self.endpoints_holder().await?;
         let leader_stop_ms = self.stop_mics(live, old, leader.as_deref()).await?;
         let leader_stop_ms = leader_stop_ms.map_or(0, |t| (t - t0).as_millis() as u64);
-        let client = self.client;
         wait_for("the new side to hold the locks", STEP_WAIT, || async {
-            let e = endpoints_holder(client).await.ok()??;
-            let l = lease_holder(client).await.ok()?;
+            let e = self.endpoints_holder().await.ok()??;
+            let l = self.lease_holder().await.ok()?;
             let holds =
                 |h: &Option<String>| h.as_ref().and_then(|h| sides.get(h)) == Some(&dir.to());
             (holds(&Some(e)) && (dir.to() == Side::Upstream || holds(&l))).then_some(())
@@ -609,8 +610,14 @@ impl Ctx<'_> {
         Ok(leader_stop)
     }
 
+    /// Holder of upstream's Endpoints lock (`None`: no object, or free).
     async fn endpoints_holder(&self) -> anyhow::Result<Option<String>> {
-        endpoints_holder(self.client).await
+        Ok(locks::held(self.lock.endpoints_holder().await?))
+    }
+
+    /// Holder of the Lease (`None`: no object, or free).
+    async fn lease_holder(&self) -> anyhow::Result<Option<String>> {
+        Ok(locks::held(self.lock.lease_holder().await?))
     }
 
     /// Samples the locks, the ARM log, the scale sets and the AAIs every
@@ -647,8 +654,8 @@ impl Ctx<'_> {
             }
             // A failed read of a lock is a sample without holder: it can
             // only add conflicts, never hide one.
-            s.endpoints = endpoints_holder(self.client).await.unwrap_or(None);
-            s.lease = lease_holder(self.client).await.unwrap_or(None);
+            s.endpoints = self.endpoints_holder().await.unwrap_or(None);
+            s.lease = self.lease_holder().await.unwrap_or(None);
             w.locks.push(s);
             w.vmss.push((
                 t0.elapsed().as_millis() as u64,
@@ -728,32 +735,6 @@ fn epoch_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Holder of upstream's Endpoints lock (`None`: no object, or free).
-async fn endpoints_holder(client: &Client) -> anyhow::Result<Option<String>> {
-    let e = Api::<Endpoints>::namespaced(client.clone(), LEASE.0)
-        .get_opt(LEASE.1)
-        .await?;
-    let Some(text) = e.and_then(|e| e.metadata.annotations?.get(ENDPOINTS_ANNOTATION).cloned())
-    else {
-        return Ok(None);
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("lock record {text}"))?;
-    Ok(v["holderIdentity"]
-        .as_str()
-        .filter(|h| !h.is_empty())
-        .map(str::to_string))
-}
-
-/// Holder of the Lease (`None`: no object, or free).
-async fn lease_holder(client: &Client) -> anyhow::Result<Option<String>> {
-    Ok(Api::<Lease>::namespaced(client.clone(), LEASE.0)
-        .get_opt(LEASE.1)
-        .await?
-        .and_then(|l| l.spec?.holder_identity)
-        .filter(|h| !h.is_empty()))
 }
 
 /// Every AAI by `namespace/name`: (uid, resourceVersion, status).

@@ -1,4 +1,4 @@
-//! What an in-place upgrade run saw ([`super::upgrade`]), and the decisions
+//! What an in-place upgrade run saw ([`super`]), and the decisions
 //! made from it, as pure functions of the samples: who acted on ARM while
 //! holding which lock, identities removed from a scale set while a pod
 //! needed them, AzureAssignedIdentity (AAI) changes, pods' outcomes.

@@ -1,4 +1,4 @@
-//! The objects side of [`super::upgrade::run`]: upstream's release installed
+//! The objects side of [`super::run`]: upstream's release installed
 //! before Go starts, this project's written over it right before the
 //! processes are swapped, upstream's again at the rollback, each write a
 //! [`helm::Migration`] step (timed, snapshotted, failing if an object was
