@@ -225,6 +225,18 @@ async fn go_acts(go: &GoMic) -> [f64; 4] {
     ACTS.map(|name| metric_value(&text, name))
 }
 
+/// A MIC of `side` stood by since `since`: its [`ACTS`] (`acts`) all 0, and
+/// no ARM request from its side.
+fn stood_by(w: &MicWorld, since: u64, side: Side, acts: [f64; 4]) -> anyhow::Result<()> {
+    ensure!(
+        acts == [0.0; 4],
+        "{side:?} MIC standby: no cycle, no AAI written (cycles, added, updated, deleted) = {acts:?}"
+    );
+    let arm = arm_requests(w, since, side);
+    ensure!(arm.is_empty(), "{side:?} MIC standby: ARM requests {arm:?}");
+    Ok(())
+}
+
 /// A world on the shared cluster and the lock both MICs use: the world's
 /// namespace and a unique name.
 async fn world_and_lock(prefix: &str) -> anyhow::Result<(MicWorld, LeaderLock)> {
@@ -274,13 +286,7 @@ async fn child_go_leads_first_ours_stands_by_then_takes_over() -> anyhow::Result
     tokio::time::sleep(STANDBY_WATCH).await;
     ensure!(!ours.leading(), "this MIC never led while Go MIC did");
     ensure!(ours.healthz().await? == "Not Active");
-    let acts = our_acts(&ours).await?;
-    ensure!(
-        acts == [0.0; 4],
-        "standby: no cycle, no AAI written (cycles, added, updated, deleted) = {acts:?}"
-    );
-    let ours_arm = arm_requests(&w, since, Side::Ours);
-    ensure!(ours_arm.is_empty(), "standby: ARM requests {ours_arm:?}");
+    stood_by(&w, since, Side::Ours, our_acts(&ours).await?)?;
     let go_writes = arm_requests(&w, since, Side::Upstream)
         .into_iter()
         .filter(|r| r.method != "GET")
@@ -395,13 +401,7 @@ async fn child_ours_leads_first_go_stands_by() -> anyhow::Result<()> {
         "Go MIC never acquired\n{}",
         go.tail()
     );
-    let acts = go_acts(&go).await;
-    ensure!(
-        acts == [0.0; 4],
-        "Go MIC standby: (cycles, added, updated, deleted) = {acts:?}"
-    );
-    let go_arm = arm_requests(&w, since, Side::Upstream);
-    ensure!(go_arm.is_empty(), "Go MIC standby: ARM requests {go_arm:?}");
+    stood_by(&w, since, Side::Upstream, go_acts(&go).await)?;
     ensure!(
         arm_requests(&w, since, Side::Ours)
             .iter()
