@@ -7,12 +7,11 @@
 //! `env!("CARGO_BIN_EXE_e2e-nmi")` to [`nmi_bin`], which
 //! `AADPODID_NMI_BIN` overrides (to run another build of NMI, for example
 //! an older one for comparison figures). The apiserver lives in the root
-//! namespace on loopback; a relay inside the node namespace carries the
-//! node's `127.0.0.1:6443` to a Unix socket that the calling process
-//! forwards to it. Unix sockets are not network-namespaced, so nothing is
-//! added to the root namespace's network. The way to the apiserver passes a
-//! gate ([`NmiNode::set_api_reachable`]) that can hold new connections shut,
-//! to keep NMI's caches from syncing.
+//! namespace on loopback; the node's relay carries the node's
+//! `127.0.0.1:6443` to it over a Unix socket. Unix sockets are not
+//! network-namespaced, so nothing is added to the root namespace's network.
+//! The way to the apiserver passes a gate ([`NmiNode::set_api_reachable`])
+//! that can hold new connections shut, to keep NMI's caches from syncing.
 //!
 //! The emulator runs where [`Options::imds`] says: in the calling process
 //! with its IMDS and AAD carried into the node by the same relay
@@ -23,7 +22,9 @@
 //! The node stands on the kit's world builder
 //! ([`aadpodid_testkit::world::WorldBuilder`]): the shared cluster and its
 //! admin client come from its cluster step, the node's folder is its scratch
-//! folder (removed with it), and a relayed emulator is its tenant step's.
+//! folder (removed with it), a relayed emulator is its tenant step's, and the
+//! node itself (its Node object, network namespaces, relay and NMI's
+//! process) is its node step's ([`WorldBuilder::node_with`]).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -51,13 +52,13 @@ use kube::Api;
 use serde_json::Value;
 
 use aadpodid_testkit::tenant::Tenant;
+use aadpodid_testkit::world::builder::NodeLinks;
 use aadpodid_testkit::world::{
-    self, ArgsSource, ClusterChoice, Proc, Program, WorldBuilder, create_pod_at, curl_head_in,
-    socket_of,
+    self, ArgsSource, ClusterChoice, NodeSpec, Proc, Program, WorldBuilder, WorldNode,
+    create_pod_at, curl_head_in, socket_of,
 };
 
 use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
-use crate::relay::gated_forward;
 use crate::{TempNamespace, unique_name, wait_for};
 
 /// The emulator's tenant (the test kit's), and its ARM audience, a resource
@@ -204,23 +205,18 @@ enum Azure {
 }
 
 /// A test node with NMI (see the module docs). Everything it started is
-/// stopped and its folder removed on drop (the builder's); its namespaces go
-/// with [`Node`].
+/// stopped, its folder removed and its namespaces deleted on drop (the
+/// builder's).
 pub struct NmiNode {
     /// The Node's name (the VM's name in the emulator).
     pub node_name: String,
     /// PKCS#12 (password `pw`) of the type-2 service principal.
     pub sp_p12: Vec<u8>,
-    /// The node and pod namespaces.
-    pub node: Node,
     /// The cluster's admin client.
     pub client: kube::Client,
     /// The test's temporary Kubernetes namespace, deleted on drop.
     ns: TempNamespace,
     azure: Azure,
-    /// NMI's process of the current start (the kit's [`Proc`]).
-    nmi: Option<Proc>,
-    relay: Child,
     kubeconfig: PathBuf,
     nmi_bin: PathBuf,
     nmi_args: Vec<String>,
@@ -232,8 +228,10 @@ pub struct NmiNode {
     api_server: String,
     /// Opens (true) and shuts (false) the node's way to the apiserver.
     api_gate: watch::Sender<bool>,
-    /// Cluster, scratch folder and relayed emulator; dropped last (it
-    /// removes the folder and stops the emulator).
+    /// Cluster, scratch folder, relayed emulator and the node (its one
+    /// [`WorldBuilder::nodes`] entry, whose `nmi` is NMI's current start);
+    /// dropped last (it stops NMI and the relay, removes the folder and
+    /// stops the emulator).
     world: WorldBuilder,
 }
 
@@ -247,8 +245,6 @@ impl std::fmt::Debug for NmiNode {
 impl Drop for NmiNode {
     fn drop(&mut self) {
         self.stop_nmi();
-        let _ = self.relay.kill();
-        let _ = self.relay.wait();
         if let Azure::InNode { child, .. } = &mut self.azure {
             let _ = child.kill();
             let _ = child.wait();
@@ -287,48 +283,41 @@ impl NmiNode {
         cfg.listen.ca_bundle_path = Some(dir.join("emulator-ca.pem"));
         (opts.emulator)(&mut cfg);
 
-        let node = Node::with_pods(opts.pods)?;
-        node.node.add_local_address(IMDS_ADDRESS)?;
-        let api = socket_of(&api_server).context("apiserver address")?;
+        let spec = NodeSpec::vm("rg", &node_name, opts.pods);
         let (api_gate, gate) = watch::channel(true);
-        let mut pairs = vec![(
-            SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)),
-            gated_forward(api, gate).await?,
-        )];
-        let azure = match opts.imds {
+        let mut links = NodeLinks {
+            apiserver_at: Some(SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT))),
+            api_gate: Some(gate),
+            ..NodeLinks::default()
+        };
+        match &opts.imds {
             Imds::Relayed => {
                 let emu = world.tenant(Tenant::of_config(cfg, "rg")).await?;
-                let imds = emu
-                    .add_imds(&format!("vm/{node_name}"), "127.0.0.1:0".parse()?)
-                    .await?;
                 // AAD keeps its address inside the node (the test CA's
                 // certificate names 127.0.0.1), so `adEndpoint` is the
                 // emulator's own URL.
                 let aad = socket_of(&emu.aad_url())?;
-                pairs.extend([(SocketAddr::from((IMDS_ADDRESS, 80)), imds), (aad, aad)]);
-                Azure::Relayed
+                links.extra.push((aad, aad));
             }
-            Imds::InNode { child_test } => {
+            Imds::InNode { .. } => {
+                // Started once the node is there, from this file.
                 cfg.imds.listeners = vec![ImdsListenerSeed {
-                    machine: format!("vm/{node_name}"),
+                    machine: spec.machine.clone(),
                     address: SocketAddr::from((IMDS_ADDRESS, 80)),
                 }];
                 std::fs::write(dir.join("emulator.json"), serde_json::to_vec(&cfg)?)?;
-                start_emulator_in(&node.node, child_test, &dir)?
+                links.imds_in_node = true;
             }
-        };
-        let relay = node.node.relay_many(&pairs, &dir).await?;
+        }
         let log_path = dir.join("nmi.log");
         let mut f = NmiNode {
             node_name,
             sp_p12: p12,
-            node,
             client,
             ns,
-            azure,
+            // Until the emulator inside the node runs (below).
+            azure: Azure::Relayed,
             kubeconfig: dir.join("kubeconfig"),
-            nmi: None,
-            relay,
             nmi_bin: opts.nmi_bin,
             nmi_args: opts.nmi_args,
             wrapper: opts.wrapper,
@@ -339,6 +328,11 @@ impl NmiNode {
             world,
         };
         f.kubeconfig = f.relay_kubeconfig(&admin_kubeconfig, "kubeconfig")?;
+        let nmi = f.nmi_proc(&f.default_launch());
+        f.world.node_with(&spec, links, nmi).await?;
+        if let Imds::InNode { child_test } = opts.imds {
+            f.azure = start_emulator_in(f.node_ns(), child_test, &dir)?;
+        }
         if opts.start_nmi {
             f.start_nmi()?;
             f.wait_active().await?;
@@ -489,11 +483,16 @@ impl NmiNode {
     /// and the extra ones of [`Options::nmi_args`]; does not wait. Its log
     /// is appended to [`NmiNode::log`].
     pub fn start_nmi(&mut self) -> anyhow::Result<()> {
-        self.launch(&Launch {
+        self.launch(&self.default_launch())
+    }
+
+    /// What [`NmiNode::start_nmi`] starts.
+    fn default_launch(&self) -> Launch {
+        Launch {
             args: self.nmi_args.clone(),
             wrapper: self.wrapper.clone(),
             kubeconfig: None,
-        })
+        }
     }
 
     /// [`NmiNode::start_nmi`] with `extra` instead of the extra arguments
@@ -514,6 +513,17 @@ impl NmiNode {
     pub fn launch(&mut self, launch: &Launch) -> anyhow::Result<()> {
         self.stop_nmi();
         self.log_start = std::fs::metadata(&self.log_path).map_or(0, |m| m.len());
+        let mut nmi = self.nmi_proc(launch);
+        let node = self.kit_node_mut();
+        nmi.spawn(&node.net.node)
+            .with_context(|| format!("start {}", nmi.name))?;
+        node.nmi = nmi;
+        Ok(())
+    }
+
+    /// NMI's process as `launch` says, not started: its log appended to
+    /// [`NmiNode::log`].
+    fn nmi_proc(&self, launch: &Launch) -> Proc {
         let (program, mut args) = match launch.wrapper.split_first() {
             Some((program, rest)) => {
                 let mut args = rest.to_vec();
@@ -531,18 +541,14 @@ impl NmiNode {
             .filter(|(k, _)| !crate::env::PROXY_VARS.contains(&k.as_str()))
             .chain([("NO_PROXY".to_string(), "127.0.0.1,localhost".to_string())])
             .collect();
-        let mut nmi = Proc::new(
+        Proc::new(
             &format!("nmi-{}", self.node_name),
             Program::binary(program),
             args,
             env,
             (PROBE_PORT, "/healthz".into()),
             self.log_path.clone(),
-        );
-        nmi.spawn(&self.node.node)
-            .with_context(|| format!("start {}", self.nmi_bin.display()))?;
-        self.nmi = Some(nmi);
-        Ok(())
+        )
     }
 
     /// Runs `bin` at the next starts instead of [`Options::nmi_bin`] (another
@@ -554,14 +560,16 @@ impl NmiNode {
     /// Takes NMI's process from the node (which then no longer stops it),
     /// for a test that waits for it to exit.
     pub fn take_nmi(&mut self) -> Option<Child> {
-        self.nmi.take()?.into_child()
+        let idle = self.nmi_proc(&self.default_launch());
+        std::mem::replace(&mut self.kit_node_mut().nmi, idle).into_child()
     }
 
     /// Kills NMI (SIGKILL, as a crashing or OOM-killed NMI) and reaps it;
     /// nothing when it is not running.
     pub fn stop_nmi(&mut self) {
-        if let Some(mut nmi) = self.nmi.take() {
-            nmi.kill();
+        // No node yet when its step failed (and the node is dropped).
+        if let Some(node) = self.world.nodes.first_mut() {
+            node.nmi.kill();
         }
     }
 
@@ -576,16 +584,15 @@ impl NmiNode {
     /// and `setpriv` exec in place), or the process below it that runs the
     /// NMI binary should a wrapper have forked.
     pub fn nmi_pid(&self) -> Option<u32> {
-        let id = self.nmi.as_ref()?.pid()?;
+        let id = self.kit_node().nmi.pid()?;
         let exe = std::fs::canonicalize(&self.nmi_bin).unwrap_or_else(|_| self.nmi_bin.clone());
         Some(crate::procfs::find_exe(id, &exe).unwrap_or(id))
     }
 
     /// Whether NMI's process is still running (false once it has exited).
     pub fn nmi_running(&mut self) -> bool {
-        self.nmi
-            .as_mut()
-            .is_some_and(|nmi| nmi.pid().is_some() && nmi.exited().is_none())
+        let nmi = &mut self.kit_node_mut().nmi;
+        nmi.pid().is_some() && nmi.exited().is_none()
     }
 
     /// Everything NMI wrote to stdout and stderr since this node started,
@@ -661,20 +668,35 @@ impl NmiNode {
         &self.kubeconfig
     }
 
+    /// The kit's node (the builder's only one).
+    fn kit_node(&self) -> &WorldNode {
+        &self.world.nodes[0]
+    }
+
+    /// [`NmiNode::kit_node`], to change.
+    fn kit_node_mut(&mut self) -> &mut WorldNode {
+        &mut self.world.nodes[0]
+    }
+
+    /// The node and pod namespaces.
+    pub fn net(&self) -> &Node {
+        &self.kit_node().net
+    }
+
     /// The node's network namespace.
     pub fn node_ns(&self) -> &NetNs {
-        &self.node.node
+        &self.net().node
     }
 
     /// Pod `i`'s network namespace. Panics when there is no pod `i`
     /// (test code: the index is the test's own).
     pub fn pod_ns(&self, i: usize) -> &NetNs {
-        &self.node.pods[i].0
+        &self.net().pods[i].0
     }
 
     /// Pod `i`'s IPv4 address.
     pub fn pod_ip(&self, i: usize) -> String {
-        self.node.pods[i].1.to_string()
+        self.net().pods[i].1.to_string()
     }
 
     /// NMI's `/healthz` answer from inside the node, within 1 s.

@@ -116,11 +116,12 @@ async fn rust_credential_child() {
 }
 
 /// Whether an IMDS request record came from one of the node's pod addresses
-/// (IPv4 10.244.0.0/24 or IPv6 fd00:10:244::/64), i.e. around NMI.
-fn from_a_pod(record: &Value) -> bool {
+/// (the IPv4 addresses of `f`'s pods, or IPv6 fd00:10:244::/64), i.e. around
+/// NMI.
+fn from_a_pod(f: &NmiNode, record: &Value) -> bool {
     let peer = record["peer"].as_str().unwrap_or("");
     match peer.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => v4.octets()[..3] == [10, 244, 0],
+        Ok(IpAddr::V4(v4)) => f.net().pods.iter().any(|(_, pod)| *pod == v4),
         Ok(IpAddr::V6(v6)) => v6.segments()[..4] == [0xfd00, 0x10, 0x244, 0],
         Err(_) => false,
     }
@@ -251,7 +252,7 @@ async fn rust_sdk_credential_through_nmi() -> anyhow::Result<()> {
         "NMI asked IMDS for B: {requests:?}"
     );
     assert!(
-        !requests.is_empty() && requests.iter().all(|r| !from_a_pod(r)),
+        !requests.is_empty() && requests.iter().all(|r| !from_a_pod(&f, r)),
         "IMDS requests must all come from NMI: {requests:?}"
     );
     Ok(())
@@ -345,7 +346,7 @@ async fn nmi_killed_and_restarted_under_load_fails_closed() -> anyhow::Result<()
     assert!(ok_after_refusal > 0, "tokens did not resume: {codes:?}");
 
     let requests = f.imds_requests(since).await?;
-    let leaked: Vec<_> = requests.iter().filter(|r| from_a_pod(r)).collect();
+    let leaked: Vec<_> = requests.iter().filter(|r| from_a_pod(&f, r)).collect();
     assert!(leaked.is_empty(), "pod requests reached IMDS: {leaked:?}");
     let while_down: Vec<_> = requests
         .iter()
@@ -387,7 +388,7 @@ async fn nmi_killed_and_restarted_under_load_fails_closed() -> anyhow::Result<()
     assert!(
         direct
             .iter()
-            .any(|r| from_a_pod(r) && r["peer"] == f.pod_ip(0)),
+            .any(|r| from_a_pod(&f, r) && r["peer"] == f.pod_ip(0)),
         "{direct:?}"
     );
     Ok(())
@@ -593,7 +594,7 @@ async fn ipv6_pods_reach_nmi() -> anyhow::Result<()> {
     let f = node(3, &["--nmi-listen-address=::"]).await?;
     let ns = f.ns();
     let v6: Vec<Ipv6Addr> = (0..3)
-        .map(|i| f.node.add_ipv6(i))
+        .map(|i| f.net().add_ipv6(i))
         .collect::<Result<_, _>>()?;
     let id_a = identity(ns, "id-a", CLIENT_A);
     // pod 0: dual-stack (both addresses in podIPs). pod 1: IPv6 only in the
@@ -660,6 +661,6 @@ async fn ipv6_pods_reach_nmi() -> anyhow::Result<()> {
     assert_eq!(token_claims(&v["token"].to_string())?["appid"], CLIENT_A);
 
     let requests = f.imds_requests(0).await?;
-    assert!(requests.iter().all(|r| !from_a_pod(r)), "{requests:?}");
+    assert!(requests.iter().all(|r| !from_a_pod(&f, r)), "{requests:?}");
     Ok(())
 }

@@ -19,7 +19,7 @@ use aadpodid_tests::{Cluster, wait_for};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Node as K8sNode;
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams};
 
 const TAINT: &str = "aadpodidentity.k8s.io/nmi-not-ready";
 
@@ -319,21 +319,24 @@ async fn startup_taint_goes_only_after_the_rules_and_the_sync() -> anyhow::Resul
     };
 
     // The node as created by a node pool with the startup taint (two
-    // effects) and another taint that must stay.
+    // effects) and another taint that must stay: the node step's Node object
+    // (which has no taints) given them before NMI starts.
     let nodes: Api<K8sNode> = Api::all(f.client.clone());
     nodes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({
-                "metadata": {"name": node_name},
+        .patch(
+            &node_name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
                 "spec": {"taints": [
                     {"key": TAINT, "value": "true", "effect": "NoSchedule"},
                     {"key": "dedicated", "value": "ml", "effect": "NoSchedule"},
                     {"key": TAINT, "effect": "NoExecute"},
                 ]},
-            }))?,
+            })),
         )
         .await?;
+    let keys = taint_keys(&nodes.get(&node_name).await?);
+    assert_eq!(keys.len(), 3, "the node has exactly these taints: {keys:?}");
 
     // NMI as a ServiceAccount with everything it needs but listing pods: its
     // redirect goes in, its pod watch cannot sync.

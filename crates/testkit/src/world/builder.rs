@@ -11,6 +11,7 @@
 //! | [`WorldBuilder::host_files`] | azure.json and the custom-cloud file (a node's files) |
 //! | [`WorldBuilder::chart`] | with [`ArgsSource::Chart`]: the chart rendered and applied |
 //! | [`WorldBuilder::nodes`] | Node objects, network namespaces, IMDS and nmi's process per [`NodeSpec`] |
+//! | [`WorldBuilder::node_with`] | one such node whose relay differs ([`NodeLinks`]), its nmi the caller's |
 //! | [`WorldBuilder::node_objects`] | Node objects alone (no namespace, no nmi) |
 //! | [`WorldBuilder::mic`] | mic replicas, a network namespace each |
 //! | [`WorldBuilder::host_mic`] | with [`ArgsSource::Flags`]: one mic in the calling process's namespace, no relay |
@@ -37,7 +38,7 @@ use kube::api::Api;
 
 use super::azure::HostFiles;
 use super::chart::{Launch, Release, Workload};
-use super::nodes::{MicReplica, WorldNode, create_node_object, socket_of};
+use super::nodes::{MicReplica, NodeBase, NodeNet, WorldNode, create_node_object, socket_of};
 use super::options::Dialect;
 use super::processes::Proc;
 use super::teardown::{Report, remove_unless_kept};
@@ -145,6 +146,27 @@ impl NodeSpec {
             })
             .collect()
     }
+}
+
+/// How a node of [`WorldBuilder::node_with`] differs from one of
+/// [`WorldBuilder::nodes`] (the default: the apiserver inside the node at its
+/// own address, always reachable; IMDS from the builder's emulator; nothing
+/// else).
+#[derive(Debug, Default)]
+pub struct NodeLinks {
+    /// Where the apiserver answers inside the node instead of its own
+    /// address (a kubeconfig written for that address).
+    pub apiserver_at: Option<SocketAddr>,
+    /// A gate on the node's way to the apiserver
+    /// ([`crate::relay::gated_forward`]): while it holds `false`, new
+    /// connections wait (those open stay open).
+    pub api_gate: Option<tokio::sync::watch::Receiver<bool>>,
+    /// More `(address inside the node, loopback address here)` pairs the
+    /// node's relay carries (an emulator's Entra ID, say).
+    pub extra: Vec<(SocketAddr, SocketAddr)>,
+    /// No IMDS from the builder's emulator (the builder then needs none):
+    /// the caller runs one inside the node on 169.254.169.254:80.
+    pub imds_in_node: bool,
 }
 
 /// How one process of the world gets its arguments.
@@ -521,6 +543,34 @@ impl WorldBuilder {
         }
         self.nodes.extend(added);
         Ok(())
+    }
+
+    /// Step: one node as [`WorldBuilder::nodes`] makes it, its relay as
+    /// `links` says and `nmi` as its nmi's process (not started yet: the
+    /// caller runs nmi its own way), appended to [`WorldBuilder::nodes`].
+    /// Needs no host files, and no emulator with `links.imds_in_node`.
+    pub async fn node_with(
+        &mut self,
+        spec: &NodeSpec,
+        links: NodeLinks,
+        nmi: Proc,
+    ) -> anyhow::Result<&mut WorldNode> {
+        let emu = if links.imds_in_node {
+            None
+        } else {
+            Some(self.emu()?)
+        };
+        let base = NodeBase {
+            client: self.client()?,
+            dir: &self.dir,
+            apiserver: socket_of(self.cluster_ref()?.server())?,
+            relay: self.opts.relay.as_ref(),
+        };
+        let upstream = self.opts.nmi.dialect == Dialect::Upstream;
+        let index = self.nodes.len();
+        let net = NodeNet::build(&base, spec, index, emu, upstream, links).await?;
+        self.nodes.push(net.with_nmi(spec, nmi));
+        Ok(&mut self.nodes[index])
     }
 
     /// Step: the Node objects of `specs` alone (no network namespace, IMDS

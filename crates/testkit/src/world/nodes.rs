@@ -9,18 +9,19 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use azure_emulator::Emulator;
 use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
-use super::builder::{NodeSpec, Source};
+use super::builder::{NodeLinks, NodeSpec, Source};
 use super::chart::Launch;
 use super::options::Dialect;
 use super::processes::{Proc, spawn_kept};
 use super::{ADDON, KUBELET, PodRef, Program, World, id_name, vmss_name};
 use crate::netns::{IMDS_ADDRESS, NetNs, Node, read_until_ready};
-use crate::relay::unix_to_tcp;
+use crate::relay::{gated_forward, unix_to_tcp};
 use crate::wait_for;
 
 /// The address of a listener's URL (`https://127.0.0.1:1234/` and the like).
@@ -76,13 +77,24 @@ async fn relay_and_process(
     node: &str,
 ) -> anyhow::Result<(Child, Proc)> {
     let mut relay = relay_in(ns, launch.dir, pairs, launch.relay).await?;
-    match launch.process_of(source, pod_name, node).await {
-        Ok(proc) => Ok((relay, proc)),
-        Err(e) => {
-            stop_relay(&mut relay);
-            Err(e)
-        }
+    let proc = process_or_stop(launch, source, pod_name, node, &mut relay).await?;
+    Ok((relay, proc))
+}
+
+/// The process of pod `pod_name` on node `node` from `source`, not started
+/// yet; when that fails, `relay` is stopped.
+async fn process_or_stop(
+    launch: &Launch<'_>,
+    source: &Source<'_>,
+    pod_name: &str,
+    node: &str,
+    relay: &mut Child,
+) -> anyhow::Result<Proc> {
+    let r = launch.process_of(source, pod_name, node).await;
+    if r.is_err() {
+        stop_relay(relay);
     }
+    r
 }
 
 /// Creates the Node object of `spec` (a Linux node with its providerID).
@@ -123,6 +135,104 @@ pub struct WorldNode {
     relay: Child,
 }
 
+/// What a node step needs besides the emulator and nmi's source.
+pub(super) struct NodeBase<'a> {
+    /// An admin client (creates the Node object).
+    pub(super) client: &'a Client,
+    /// The world's folder (relay sockets, the IMDS peer log).
+    pub(super) dir: &'a Path,
+    /// The apiserver's address.
+    pub(super) apiserver: SocketAddr,
+    /// The relay program of [`super::Options::relay`] (`None`: the kit's).
+    pub(super) relay: Option<&'a Program>,
+}
+
+impl<'a> NodeBase<'a> {
+    /// What `launch` holds of it.
+    fn of(launch: &Launch<'a>) -> NodeBase<'a> {
+        NodeBase {
+            client: launch.client,
+            dir: launch.dir,
+            apiserver: launch.apiserver,
+            relay: launch.relay,
+        }
+    }
+}
+
+/// A node before its nmi: its namespaces and relay.
+pub(super) struct NodeNet {
+    net: Node,
+    relay: Child,
+    imds_peers: Option<PathBuf>,
+}
+
+impl NodeNet {
+    /// Node `index` as `spec` and `links` say: its Node object, its pod
+    /// namespaces, 169.254.169.254 on its loopback, and its relay carrying
+    /// the apiserver, the IMDS `emu` adds for the machine (none without
+    /// `emu`) and `links.extra` into the node namespace. `upstream`: nmi is
+    /// upstream's.
+    pub(super) async fn build(
+        base: &NodeBase<'_>,
+        spec: &NodeSpec,
+        index: usize,
+        emu: Option<&Emulator>,
+        upstream: bool,
+        links: NodeLinks,
+    ) -> anyhow::Result<NodeNet> {
+        create_node_object(base.client, spec).await?;
+        let subnet = u8::try_from(index + 1).context("too many nodes")?;
+        let net = Node::with_pods_in(spec.pods, subnet)?;
+        net.node.add_local_address(IMDS_ADDRESS)?;
+        if upstream {
+            // Upstream's nmi DNATs to loopback without setting this itself
+            // (kube-proxy does on a real node).
+            net.node.run(
+                "sysctl",
+                &["-q", "-w", "net.ipv4.conf.all.route_localnet=1"],
+            )?;
+        }
+        let api = match links.api_gate {
+            Some(gate) => gated_forward(base.apiserver, gate).await?,
+            None => base.apiserver,
+        };
+        let mut pairs = vec![(links.apiserver_at.unwrap_or(base.apiserver), api, None)];
+        let mut imds_peers = None;
+        if let Some(emu) = emu {
+            let imds = emu.add_imds(&spec.machine, "127.0.0.1:0".parse()?).await?;
+            imds_peers = base
+                .relay
+                .is_none()
+                .then(|| base.dir.join(format!("imds-peers-{}.log", spec.name)));
+            pairs.push((
+                SocketAddr::from((IMDS_ADDRESS, 80)),
+                imds,
+                imds_peers.clone(),
+            ));
+        }
+        pairs.extend(links.extra.into_iter().map(|(l, t)| (l, t, None)));
+        let relay = relay_in(&net.node, base.dir, &pairs, base.relay).await?;
+        Ok(NodeNet {
+            net,
+            relay,
+            imds_peers,
+        })
+    }
+
+    /// The node of `spec` with `nmi` on it.
+    pub(super) fn with_nmi(self, spec: &NodeSpec, nmi: Proc) -> WorldNode {
+        WorldNode {
+            name: spec.name.clone(),
+            vmss: spec.vmss.clone(),
+            machine: spec.machine.clone(),
+            net: self.net,
+            nmi,
+            imds_peers: self.imds_peers,
+            relay: self.relay,
+        }
+    }
+}
+
 impl WorldNode {
     /// Node `index` of the world as `spec` describes it: its Node object,
     /// its pod namespaces, its IMDS at 169.254.169.254:80 and the apiserver
@@ -134,49 +244,13 @@ impl WorldNode {
         spec: &NodeSpec,
         index: usize,
     ) -> anyhow::Result<WorldNode> {
-        let name = spec.name.clone();
-        create_node_object(launch.client, spec).await?;
-        let machine = spec.machine.clone();
-        let subnet = u8::try_from(index + 1).context("too many nodes")?;
-        let net = Node::with_pods_in(spec.pods, subnet)?;
-        net.node.add_local_address(IMDS_ADDRESS)?;
-        let imds = launch
-            .emu
-            .add_imds(&machine, "127.0.0.1:0".parse()?)
-            .await?;
-        if nmi.program().dialect == Dialect::Upstream {
-            // Upstream's nmi DNATs to loopback without setting this itself
-            // (kube-proxy does on a real node).
-            net.node.run(
-                "sysctl",
-                &["-q", "-w", "net.ipv4.conf.all.route_localnet=1"],
-            )?;
-        }
-        let api = launch.apiserver;
-        let imds_peers = launch
-            .relay
-            .is_none()
-            .then(|| launch.dir.join(format!("imds-peers-{name}.log")));
-        let pairs = [
-            (api, api, None),
-            (
-                SocketAddr::from((IMDS_ADDRESS, 80)),
-                imds,
-                imds_peers.clone(),
-            ),
-        ];
-        let pod_name = nmi.nmi_name(index, &name);
-        let (relay, nmi) =
-            relay_and_process(launch, &net.node, &pairs, nmi, &pod_name, &name).await?;
-        Ok(WorldNode {
-            name,
-            vmss: spec.vmss.clone(),
-            machine,
-            net,
-            nmi,
-            imds_peers,
-            relay,
-        })
+        let upstream = nmi.program().dialect == Dialect::Upstream;
+        let base = NodeBase::of(launch);
+        let links = NodeLinks::default();
+        let mut net = NodeNet::build(&base, spec, index, Some(launch.emu), upstream, links).await?;
+        let pod_name = nmi.nmi_name(index, &spec.name);
+        let proc = process_or_stop(launch, nmi, &pod_name, &spec.name, &mut net.relay).await?;
+        Ok(net.with_nmi(spec, proc))
     }
 
     /// Stops nmi and the relay.
