@@ -3,7 +3,7 @@
 //! container's args and environment, probed, signalled and started again;
 //! [`spawn_kept`]; and `curl` inside a namespace.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
@@ -52,9 +52,19 @@ impl Proc {
         }
     }
 
+    /// Its log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Its whole log (empty before it wrote one).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
@@ -76,7 +86,7 @@ impl Proc {
 
     /// Starts it in `ns`, or in the calling process's namespace for `None`,
     /// its output appended to its log; spawned by [`spawn_kept`].
-    pub(super) fn spawn_in(&mut self, ns: Option<&NetNs>) -> anyhow::Result<()> {
+    pub fn spawn_in(&mut self, ns: Option<&NetNs>) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -134,26 +144,24 @@ impl Proc {
 
     /// Sends `signal` (`TERM`, `KILL`) and waits (bounded) until it exits.
     pub(super) fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
-        let Some(mut c) = self.send(signal)? else {
-            return Ok(());
-        };
-        let deadline = Instant::now() + EXIT_WAIT;
-        while !self.exited_by(&mut c, deadline, signal)? {
-            std::thread::sleep(Duration::from_millis(50));
+        match self.send(signal)? {
+            Some(c) => wait_exit(c, &self.name, signal).map(drop),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// [`Proc::signal`] without blocking the thread while it waits.
-    pub(super) async fn terminate(&mut self, signal: &str) -> anyhow::Result<()> {
-        let Some(mut c) = self.send(signal)? else {
-            return Ok(());
+    /// [`Proc::signal`] without blocking the calling task (the bounded wait
+    /// runs on a blocking thread); its exit status, `None` when it did not
+    /// run.
+    pub async fn terminate(&mut self, signal: &str) -> anyhow::Result<Option<ExitStatus>> {
+        let Some(c) = self.send(signal)? else {
+            return Ok(None);
         };
-        let deadline = Instant::now() + EXIT_WAIT;
-        while !self.exited_by(&mut c, deadline, signal)? {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        let (name, signal) = (self.name.clone(), signal.to_string());
+        tokio::task::spawn_blocking(move || wait_exit(c, &name, &signal))
+            .await
+            .context("the wait for the exit")?
+            .map(Some)
     }
 
     /// Sends `signal` to the running process and takes its child (`None`
@@ -170,23 +178,6 @@ impl Proc {
             bail!("kill -{signal} {} failed", self.name);
         }
         Ok(Some(c))
-    }
-
-    /// Whether `c` has exited after `signal`; past `deadline` it is killed
-    /// and this fails.
-    fn exited_by(&self, c: &mut Child, deadline: Instant, signal: &str) -> anyhow::Result<bool> {
-        if c.try_wait()?.is_some() {
-            return Ok(true);
-        }
-        if Instant::now() >= deadline {
-            let _ = c.kill();
-            let _ = c.wait();
-            bail!(
-                "{} did not exit within {EXIT_WAIT:?} of SIG{signal}",
-                self.name
-            );
-        }
-        Ok(false)
     }
 
     /// Moves the running process out into a new [`Proc`] with the same
@@ -238,6 +229,34 @@ impl Proc {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Waits, polling, until `c` (process `name`, sent `signal`) exits; its
+/// exit status. Past [`EXIT_WAIT`] it is killed and this fails.
+fn wait_exit(mut c: Child, name: &str, signal: &str) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + EXIT_WAIT;
+    loop {
+        if let Some(status) = c.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            bail!("{name} did not exit within {EXIT_WAIT:?} of SIG{signal}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the world adds to the container environment of pod `pod_name`'s
+/// process: `HOSTNAME`, `SSL_CERT_FILE` (the emulator's CA bundle
+/// `ca_bundle`) and `NO_PROXY` (loopback).
+pub fn pod_env(pod_name: &str, ca_bundle: &Path) -> Vec<(String, String)> {
+    vec![
+        ("HOSTNAME".into(), pod_name.into()),
+        ("SSL_CERT_FILE".into(), ca_bundle.display().to_string()),
+        ("NO_PROXY".into(), "127.0.0.1,localhost".into()),
+    ]
 }
 
 type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
