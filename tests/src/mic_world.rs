@@ -4,13 +4,16 @@
 //! apiserver a test may stop) and the Node objects of two scale-set nodes and
 //! one standalone-VM node; the emulated tenant of [`aadpodid_testkit::tenant`];
 //! a temporary namespace. On top of it: MIC started in this process (or as the
-//! `e2e-mic` command) with the tenant's `azure.json`, custom-cloud file and
-//! standard arguments, and the objects and waits of MIC's tests.
+//! `e2e-mic` command, a kit [`Proc`]) with the tenant's `azure.json`,
+//! custom-cloud file and standard arguments, or with the args a chart's
+//! Deployment renders; and the objects and waits of MIC's tests.
 //!
 //! The Azure SDK trusts the emulator's test CA only through `SSL_CERT_FILE`,
 //! so the tests that use a world run as `child_` tests of their binary, in
 //! the child process [`aadpodid_testkit::emulator_ca_parent_test`] starts;
-//! a world is built from that child's environment ([`ChildEnv`]).
+//! a world is built from that child's environment ([`ChildEnv`]). A world
+//! that runs MIC only as a process ([`MicWorld::standalone`]) needs no child:
+//! the process is given the emulator's CA.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -43,8 +46,9 @@ use aadpodid_testkit::tenant::{
     self, APP_CLIENT, APP_ID, APP_RG, APP2_CLIENT, APP2_ID, CloudEnvironment, KUBELET,
     KUBELET_CLIENT, MicCloud, NODE_RG, Tenant,
 };
+use aadpodid_testkit::world::processes::pod_env;
 use aadpodid_testkit::world::{
-    ArgsSource, ClusterChoice, NodeSpec, Options, WorldBuilder, create_pod,
+    ArgsSource, ClusterChoice, NodeSpec, Options, Proc, Program, WorldBuilder, create_pod,
 };
 use anyhow::{Context as _, bail};
 use azure_emulator::{Config, Emulator};
@@ -54,6 +58,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt as _};
+use serde_json::Value;
 
 use crate::{Cluster, PrivateCluster, TempNamespace, free_ports, unique_name, wait_for};
 
@@ -78,7 +83,8 @@ impl std::fmt::Debug for ConfigTweak {
 /// [`MicWorld::private`].
 #[derive(Debug)]
 pub struct MicWorldBuilder {
-    env: String,
+    /// The child's environment prefix; `None`: a standalone world.
+    env: Option<String>,
     prefix: String,
     private: bool,
     speed: f64,
@@ -135,14 +141,23 @@ impl MicWorldBuilder {
     /// Builds the world on the kit's [`WorldBuilder`]: a scratch folder in
     /// the child's, the cluster, the emulator with the world's tenant, a
     /// namespace, and the Node objects of two scale-set instances and the
-    /// VM. Fails outside the child process of the test binary's parent test.
+    /// VM. Fails outside the child process of the test binary's parent test
+    /// unless the world is [`MicWorld::standalone`].
     pub async fn build(mut self) -> anyhow::Result<MicWorld> {
-        let child = ChildEnv::get(&self.env).with_context(|| {
-            format!(
-                "needs the environment ({}_DIR, _CA_CERT, _CA_KEY) the parent test of this binary sets; run that test",
-                self.env
-            )
-        })?;
+        // The child's scratch folder and test CA; a standalone world's: the
+        // temp folder, and the emulator makes a CA of its own.
+        let (scratch, test_ca) = match &self.env {
+            None => (std::env::temp_dir(), None),
+            Some(env) => {
+                let child = ChildEnv::get(env).with_context(|| {
+                    format!(
+                        "needs the environment ({env}_DIR, _CA_CERT, _CA_KEY) the parent test of this binary sets; run that test"
+                    )
+                })?;
+                let test_ca = child.test_ca();
+                (child.dir, test_ca)
+            }
+        };
         if self.logs {
             aadpodid_runtime::logging::init(aadpodid_runtime::logging::LogFormat::Text, "info");
         }
@@ -152,11 +167,11 @@ impl MicWorldBuilder {
         // MIC runs in this process or from a path given per start: the
         // builder starts no process of its own.
         let opts = Options::new("", "");
-        let dir = child.dir.join(unique_name(&prefix));
+        let dir = scratch.join(unique_name(&prefix));
         // A failed step drops the builder, which removes the folder.
         let mut world = WorldBuilder::new(opts, ArgsSource::Flags, dir)?;
         let emu = self
-            .tenant_config(&vmss, &vm_node, child.test_ca())
+            .tenant_config(&vmss, &vm_node, test_ca)
             .start()
             .await
             .context("emulator starts")?;
@@ -226,13 +241,24 @@ impl MicWorld {
     /// objects.
     pub fn shared(env: &str, prefix: &str) -> MicWorldBuilder {
         MicWorldBuilder {
-            env: env.into(),
+            env: Some(env.into()),
             prefix: prefix.into(),
             private: false,
             speed: tenant::FAST_CLOCK,
             logs: false,
             mic_args: vec![],
             tweak: None,
+        }
+    }
+
+    /// A world on the shared cluster outside any child process: its scratch
+    /// folder in the temp folder, the emulator with a CA of its own, which
+    /// only MIC processes ([`MicWorld::spawn_mic`]) are given; MIC in this
+    /// process ([`MicWorld::start_mic`]) would not trust it.
+    pub fn standalone(prefix: &str) -> MicWorldBuilder {
+        MicWorldBuilder {
+            env: None,
+            ..MicWorld::shared("", prefix)
         }
     }
 
@@ -284,12 +310,7 @@ impl MicWorld {
         extra: &[&str],
         kubeconfig: Option<&Path>,
     ) -> anyhow::Result<MicCommandLine> {
-        let files = tenant::write_mic_cloud_files(
-            self.dir(),
-            &format!("{instance}-{}-", self.ns.name()),
-            &MicCloud::standard(),
-            &CloudEnvironment::of(&self.emu),
-        )?;
+        let files = self.cloud_files(instance)?;
         let kubeconfig = kubeconfig.unwrap_or_else(|| self.cluster().kubeconfig());
         let args = tenant::mic_args(&files, kubeconfig, instance, self.ns.name())
             .into_iter()
@@ -301,6 +322,47 @@ impl MicWorld {
             args,
             env: tenant::mic_env(&files, self.ns.name()),
         })
+    }
+
+    /// Writes the tenant's azure.json and custom-cloud file for `instance`.
+    fn cloud_files(&self, instance: &str) -> anyhow::Result<tenant::MicCloudFiles> {
+        tenant::write_mic_cloud_files(
+            self.dir(),
+            &format!("{instance}-{}-", self.ns.name()),
+            &MicCloud::standard(),
+            &CloudEnvironment::of(&self.emu),
+        )
+    }
+
+    /// MIC's command line as a chart's MIC Deployment `deploy` runs it for
+    /// pod `instance` in `namespace`: the container's args with
+    /// `--cloudconfig` at the tenant's azure.json (written for `instance`),
+    /// then `--kubeconfig` and `extra`; the env the pod gets (`namespace`
+    /// from the downward API, the custom-cloud file, `FORCENAMESPACED`).
+    pub fn chart_mic_command_line(
+        &self,
+        deploy: &Value,
+        instance: &str,
+        namespace: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<MicCommandLine> {
+        let files = self.cloud_files(instance)?;
+        let args = aadpodid_testkit::helm::container_args(deploy)
+            .into_iter()
+            .map(|a| {
+                if a.starts_with("--cloudconfig=") {
+                    format!("--cloudconfig={}", files.azure_json.display())
+                } else {
+                    a
+                }
+            })
+            .chain([format!("--kubeconfig={}", kubeconfig.display())])
+            .chain(extra.iter().map(|a| a.to_string()))
+            .collect();
+        let mut env = tenant::mic_env(&files, namespace);
+        env.push(("FORCENAMESPACED".into(), "false".into()));
+        Ok(MicCommandLine { args, env })
     }
 
     /// MIC's settings through its own flag parsing ([`MicWorld::mic_command_line`]),
@@ -327,39 +389,56 @@ impl MicWorld {
     }
 
     /// The `mic` command `bin` (a test's `env!("CARGO_BIN_EXE_e2e-mic")`) as
-    /// a process, probe and metrics on free ports, logging to a file of the
-    /// scratch folder.
+    /// a process ([`MicWorld::spawn_mic`]) with the standard command line,
+    /// probe and metrics on free ports.
     pub fn spawn_mic_process(
         &self,
         bin: &Path,
         instance: &str,
         extra: &[&str],
     ) -> anyhow::Result<MicProcess> {
-        let [probe, metrics] = free_ports()?;
-        let probe_flag = format!("--http-probe-port={probe}");
-        let metrics_flag = format!("--prometheus-port={metrics}");
+        let ports = free_ports()?;
+        let [probe_flag, metrics_flag] = [
+            format!("--http-probe-port={}", ports[0]),
+            format!("--prometheus-port={}", ports[1]),
+        ];
         let mut all: Vec<&str> = extra.to_vec();
         all.push(&probe_flag);
         all.push(&metrics_flag);
-        let MicCommandLine { args, env } = self.mic_command_line(instance, &all, None)?;
-        let log_path = self
-            .dir()
-            .join(format!("{instance}-{}.log", self.ns.name()));
-        let log = std::fs::File::create(&log_path)?;
-        let child = tokio::process::Command::new(bin)
-            .args(&args)
-            .envs(env)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
+        let line = self.mic_command_line(instance, &all, None)?;
+        self.spawn_mic(bin, instance, line, ports)
+    }
+
+    /// `bin` started as process `name` (a kit [`Proc`] in this network
+    /// namespace) with `line` plus `HOSTNAME`, `SSL_CERT_FILE` (the emulator's
+    /// CA) and `NO_PROXY`, none of this process's environment; its probe
+    /// and metrics on loopback `ports`, logging to a file of the scratch
+    /// folder.
+    pub fn spawn_mic(
+        &self,
+        bin: &Path,
+        name: &str,
+        line: MicCommandLine,
+        ports: [u16; 2],
+    ) -> anyhow::Result<MicProcess> {
+        let MicCommandLine { args, mut env } = line;
+        env.extend(pod_env(name, self.emu.ca_bundle_path()));
+        let log = self.dir().join(format!("{name}-{}.log", self.ns.name()));
+        let [probe, metrics] = ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+        let mut proc = Proc::new(
+            name,
+            Program::binary(bin),
+            args,
+            env,
+            (probe.port(), "/healthz".into()),
+            log.clone(),
+        );
+        proc.spawn_in(None)?;
         Ok(MicProcess {
-            child,
-            probe: SocketAddr::from(([127, 0, 0, 1], probe)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], metrics)),
-            log: log_path,
+            proc,
+            probe,
+            metrics,
+            log,
         })
     }
 
@@ -839,13 +918,20 @@ pub async fn scrape(addr: SocketAddr, name: &str) -> f64 {
     metric_value(&http_get(addr, "/metrics").await.unwrap_or_default(), name)
 }
 
-/// The `mic` command running as a process; killed on drop.
+/// The `mic` command running as a process (the kit's [`Proc`]), with its
+/// probe and metrics addresses; killed on drop.
 #[derive(Debug)]
 pub struct MicProcess {
-    child: tokio::process::Child,
+    pub proc: Proc,
     pub probe: SocketAddr,
     pub metrics: SocketAddr,
     pub log: PathBuf,
+}
+
+impl Drop for MicProcess {
+    fn drop(&mut self) {
+        self.proc.kill();
+    }
 }
 
 impl MicProcess {
@@ -862,28 +948,25 @@ impl MicProcess {
 
     /// The last 40 lines of its log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        self.proc.log_tail(40)
     }
 
     /// SIGKILL, as the kubelet's OOM killer or a node failure would.
     pub async fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill().await.context("SIGKILL the MIC process")
+        self.proc
+            .terminate("KILL")
+            .await
+            .context("SIGKILL the MIC process")?;
+        Ok(())
     }
 
-    /// SIGTERM, then wait for a clean exit within 30 s.
+    /// SIGTERM, then wait (bounded) for a clean exit.
     pub async fn terminate(mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().context("MIC process runs")?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid}: {status}");
-        }
-        let exit = tokio::time::timeout(MIC_STOP, self.child.wait())
-            .await
-            .context("MIC exits within 30 s of SIGTERM")??;
+        let exit = self
+            .proc
+            .terminate("TERM")
+            .await?
+            .context("MIC process runs")?;
         if !exit.success() {
             bail!("MIC exit status {exit}:\n{}", self.log_tail());
         }
