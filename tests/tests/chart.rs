@@ -712,7 +712,9 @@ fn nmi_node_options_render_what_they_say() {
             "{flag} rendered by default: {args:?}"
         );
     }
-    assert!(args.contains(&"--enable-conntrack-deletion=false".to_string()));
+    // On by default (upstream's chart: off): pods' connections opened while
+    // no redirect existed are cut.
+    assert!(args.contains(&"--enable-conntrack-deletion=true".to_string()));
 
     let docs = render(Render::new("aad-pod-identity", ns).values(ci("nmi-hardening-values.yaml")));
     let nmi = get(&docs, "DaemonSet", "aad-pod-identity-nmi");
@@ -1234,7 +1236,10 @@ fn rendered_args_parse_with_the_real_parsers() {
                 (1024, 32, 16, 4096, 20),
                 "values.yaml documents these defaults"
             );
-            assert!(!parsed.enable_conntrack_deletion && !parsed.allow_scheduled_events_post);
+            // Conntrack deletion is the one default the chart sets against
+            // the binary's (upstream's) default.
+            assert!(parsed.enable_conntrack_deletion && !defaults.enable_conntrack_deletion);
+            assert!(!parsed.allow_scheduled_events_post);
             assert!(parsed.proxy_allowed_paths.is_empty(), "{what}");
             assert_eq!(parsed.node_startup_taint, "", "{what}");
         }
