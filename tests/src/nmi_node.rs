@@ -162,6 +162,12 @@ pub struct Launch {
     /// Another kubeconfig for this start instead of the admin's through the
     /// relay (see [`NmiNode::relay_kubeconfig`]).
     pub kubeconfig: Option<PathBuf>,
+    /// Variables added to NMI's environment (a pod's, as the kubelet sets
+    /// them).
+    pub env: Vec<(String, String)>,
+    /// `args` and `--kubeconfig` alone, without NMI's fixed arguments (a
+    /// chart's rendered container args).
+    pub args_only: bool,
 }
 
 impl Options {
@@ -288,6 +294,8 @@ impl NmiNode {
         let mut links = NodeLinks {
             apiserver_at: Some(SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT))),
             api_gate: Some(gate),
+            // Pods in 10.244.0.0/24, as tests of this node count them.
+            pod_subnet: Some(0),
             ..NodeLinks::default()
         };
         match &opts.imds {
@@ -491,7 +499,7 @@ impl NmiNode {
         Launch {
             args: self.nmi_args.clone(),
             wrapper: self.wrapper.clone(),
-            kubeconfig: None,
+            ..Launch::default()
         }
     }
 
@@ -533,13 +541,19 @@ impl NmiNode {
             None => (self.nmi_bin.clone(), Vec::new()),
         };
         let kubeconfig = launch.kubeconfig.as_deref().unwrap_or(&self.kubeconfig);
-        args.extend(self.base_args(kubeconfig));
-        args.extend(launch.args.iter().cloned());
+        if launch.args_only {
+            args.extend(launch.args.iter().cloned());
+            args.push(format!("--kubeconfig={}", kubeconfig.display()));
+        } else {
+            args.extend(self.base_args(kubeconfig));
+            args.extend(launch.args.iter().cloned());
+        }
         // The test's environment without its proxies: NMI reaches loopback only.
         let env = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !crate::env::PROXY_VARS.contains(&k.as_str()))
             .chain([("NO_PROXY".to_string(), "127.0.0.1,localhost".to_string())])
+            .chain(launch.env.iter().cloned())
             .collect();
         Proc::new(
             &format!("nmi-{}", self.node_name),
@@ -562,6 +576,15 @@ impl NmiNode {
     pub fn take_nmi(&mut self) -> Option<Child> {
         let idle = self.nmi_proc(&self.default_launch());
         std::mem::replace(&mut self.kit_node_mut().nmi, idle).into_child()
+    }
+
+    /// Stops NMI as the kubelet does (SIGTERM) and waits (bounded) until it
+    /// exits; nothing when it is not running. The error carries what this
+    /// start logged.
+    pub async fn terminate_nmi(&mut self) -> anyhow::Result<()> {
+        let r = self.kit_node_mut().nmi.terminate("TERM").await;
+        r.map(drop)
+            .with_context(|| format!("nmi log:\n{}", self.start_log()))
     }
 
     /// Kills NMI (SIGKILL, as a crashing or OOM-killed NMI) and reaps it;

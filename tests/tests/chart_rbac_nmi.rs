@@ -22,234 +22,177 @@
 //! one after the other), so the AzureAssignedIdentities written here by hand
 //! stay as written.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
 
 use aadpodid_tests::chart_release::{
-    APPLY_SERVER_SIDE, Release, WAIT, apply_identity_binding_pod, kubectl_in, list, log_of, submit,
-    values, with_log, without_verb,
+    APPLY_SERVER_SIDE, Release, WAIT, apply_identity_binding_pod, kubectl_in, list, submit, values,
+    without_verb,
 };
 use aadpodid_tests::helm;
-use aadpodid_tests::netns::{IMDS_ADDRESS, Node};
+use aadpodid_tests::nmi_node::{Launch, NmiNode, Options, nmi_bin};
 use aadpodid_tests::tenant::{self, APP_CLIENT, APP_ID, APP_RG};
 use aadpodid_tests::{Cluster, TENANT, unique_name, wait_for};
 use anyhow::{Context as _, anyhow};
-use azure_emulator::Emulator;
 use serde_json::{Value, json};
 
-const API_RELAY_PORT: u16 = 6443;
+/// A token request as an Azure SDK sends it.
+const TOKEN_PATH: &str =
+    "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/";
 
-/// A test node (network namespace) whose `127.0.0.1:6443` reaches the
-/// apiserver through a Unix socket (nothing is added to the root namespace).
-struct NmiNode {
-    node: Node,
-    dir: PathBuf,
-    relay: Child,
-    name: String,
-    /// IMDS of this node's VM, behind 169.254.169.254:80 inside the node.
-    emu: Emulator,
+/// The node of these tests: one pod, NMI not started (each test starts it
+/// as the chart says, [`chart_launch`]), the emulator's world
+/// [`app_world`], the kubelet flags file NMI checks in the node's folder.
+async fn node() -> anyhow::Result<NmiNode> {
+    let mut opts = Options::new(1, nmi_bin(env!("CARGO_BIN_EXE_e2e-nmi")));
+    opts.start_nmi = false;
+    opts.namespace = "rbac-nmi-node";
+    opts.emulator = app_world;
+    let f = NmiNode::start(opts).await?;
+    // No kubenet here.
+    std::fs::write(
+        f.dir().join("kubelet"),
+        "KUBELET_FLAGS=--network-plugin=cni\n",
+    )?;
+    Ok(f)
 }
 
-impl Drop for NmiNode {
-    fn drop(&mut self) {
-        stop(&mut self.relay);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The emulator's world of these tests: the node's VM in the app group,
+/// with a system identity and `app-id` (the tenant's app identity).
+fn app_world(cfg: &mut azure_emulator::Config) {
+    let vm = cfg
+        .virtual_machines
+        .first()
+        .map(|v| v.name.clone())
+        .unwrap_or_default();
+    cfg.subscription_id = aadpodid_tests::SUB.into();
+    cfg.resource_groups = vec![APP_RG.into()];
+    cfg.identities = vec![tenant::identity_seed(APP_ID, APP_RG, APP_CLIENT)];
+    cfg.virtual_machines = vec![tenant::vm_seed(&vm, APP_RG, true, &[APP_ID])];
 }
 
-impl NmiNode {
-    /// A kubeconfig of the chart's NMI ServiceAccount whose server is the
-    /// node's relay to the apiserver.
-    async fn nmi_kubeconfig(&self, rel: &Release) -> anyhow::Result<PathBuf> {
-        let server = format!("https://127.0.0.1:{API_RELAY_PORT}");
-        rel.sa_kubeconfig("nmi", Some(&server), &self.dir).await
-    }
+/// A kubeconfig of the chart's NMI ServiceAccount whose server is the
+/// node's relay to the apiserver.
+async fn nmi_kubeconfig(f: &NmiNode, rel: &Release) -> anyhow::Result<PathBuf> {
+    let sa = rel.sa_kubeconfig("nmi", None, f.dir()).await?;
+    f.relay_kubeconfig(&sa, "nmi-relayed.kubeconfig")
+}
 
-    async fn new(cluster: &Cluster) -> anyhow::Result<NmiNode> {
-        let dir = std::env::temp_dir().join(unique_name("chart-rbac-nmi"));
-        std::fs::create_dir_all(&dir)?;
-        let name = unique_name("rbac-nmi-node");
-        // One VM in the app group, with a system identity and app-id.
-        let mut cfg = azure_emulator::Config::new(TENANT, aadpodid_tests::SUB);
-        cfg.resource_groups = vec![APP_RG.into()];
-        cfg.identities = vec![tenant::identity_seed(APP_ID, APP_RG, APP_CLIENT)];
-        cfg.virtual_machines = vec![tenant::vm_seed(&name, APP_RG, true, &[APP_ID])];
-        let emu = Emulator::start(cfg).await?;
-        let imds = emu
-            .add_imds(&format!("vm/{name}"), "127.0.0.1:0".parse()?)
-            .await?;
-        let node = Node::with_pods(1)?;
-        node.node.add_local_address(IMDS_ADDRESS)?;
-        let api: SocketAddr = cluster.server().trim_start_matches("https://").parse()?;
-        let relay = node
-            .node
-            .relay_many(
-                &[
-                    (SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)), api),
-                    (SocketAddr::from((IMDS_ADDRESS, 80)), imds),
-                ],
-                &dir,
-            )
-            .await?;
-        // The kubelet flags file NMI checks (no kubenet here).
-        std::fs::write(dir.join("kubelet"), "KUBELET_FLAGS=--network-plugin=cni\n")?;
-        Ok(NmiNode {
-            node,
-            dir,
-            relay,
-            name,
-            emu,
+/// How the kubelet starts the DaemonSet's pod `pod` on `f`: the container
+/// args the chart renders (the kubelet flags file in the node's folder),
+/// `kubeconfig`, and the env the kubelet gives the pod.
+fn chart_launch(
+    f: &NmiNode,
+    rel: &Release,
+    pod: &str,
+    kubeconfig: &Path,
+) -> anyhow::Result<Launch> {
+    let ds = rel.get("DaemonSet", &rel.nmi())?;
+    let args = helm::container_args(&ds)
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("--kubelet-config=") {
+                format!("--kubelet-config={}", f.dir().join("kubelet").display())
+            } else {
+                a.replace("$(NODE_NAME)", &f.node_name)
+            }
         })
-    }
+        .collect();
+    let env = [
+        ("NODE_NAME", f.node_name.as_str()),
+        ("POD_NAME", pod),
+        ("POD_NAMESPACE", rel.ns.name()),
+        ("FORCENAMESPACED", "false"),
+    ];
+    Ok(Launch {
+        args,
+        kubeconfig: Some(kubeconfig.to_path_buf()),
+        env: env.map(|(k, v)| (k.to_string(), v.to_string())).into(),
+        args_only: true,
+        ..Launch::default()
+    })
+}
 
-    /// A pod on this node (its network namespace's address) bound to
-    /// `app-id` by a real AzureIdentity and AzureIdentityBinding, and the
-    /// Assigned AzureAssignedIdentity MIC would write, in "default", embedding
-    /// both with their UIDs, written with MIC's credentials `mic_kubeconfig`.
-    /// Returns the AzureAssignedIdentity's name (in "default").
-    fn bind_pod(
-        &self,
-        cluster: &Cluster,
-        ns: &str,
-        mic_kubeconfig: &Path,
-    ) -> anyhow::Result<String> {
-        let ip = self.node.pods[0].1.to_string();
-        apply_identity_binding_pod(cluster, ns, "app", "app", &self.name)?;
-        // The live objects, as MIC embeds them.
-        let embed = |kind: &str, name: &str| -> anyhow::Result<Value> {
-            let out = kubectl_in(cluster, ns, &["get", kind, name, "-o", "json"])?;
-            assert!(out.success, "{}", out.stderr);
-            let live: Value = serde_json::from_str(&out.stdout)?;
-            assert!(live["metadata"]["uid"].is_string(), "{live}");
-            Ok(json!({
-                "apiVersion": live["apiVersion"], "kind": live["kind"],
-                "metadata": {"name": live["metadata"]["name"], "namespace": ns,
-                             "uid": live["metadata"]["uid"]},
-                "spec": live["spec"],
-            }))
-        };
-        let name = format!("app-{ns}-app-id");
-        let aai = json!({
-            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
-            "metadata": {"name": name, "namespace": "default", "labels": {"nodename": self.name}},
-            "spec": {"azureIdentityRef": embed("azureidentity", "app-id")?,
-                     "azureBindingRef": embed("azureidentitybinding", "app-binding")?,
-                     "pod": "app", "podNamespace": ns, "nodename": self.name},
-            "status": {"status": "Assigned"},
-        });
-        let mut cmd = cluster.kubectl_with(mic_kubeconfig);
-        cmd.args(["create", "-f", "-", "--request-timeout", "30s"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
-        {
-            use std::io::Write as _;
-            let mut pipe = child.stdin.take().context("kubectl's stdin")?;
-            pipe.write_all(aai.to_string().as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        assert!(
-            out.status.success(),
-            "AzureAssignedIdentity as MIC: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
-        let out = kubectl_in(
-            cluster,
-            ns,
-            &[
-                "patch",
-                "pod",
-                "app",
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &status.to_string(),
-            ],
-        )?;
+/// A pod on `f` (its network namespace's address) bound to `app-id` by a
+/// real AzureIdentity and AzureIdentityBinding, and the Assigned
+/// AzureAssignedIdentity MIC would write, in "default", embedding both with
+/// their UIDs, written with MIC's credentials `mic_kubeconfig`. Returns the
+/// AzureAssignedIdentity's name (in "default").
+fn bind_pod(
+    f: &NmiNode,
+    cluster: &Cluster,
+    ns: &str,
+    mic_kubeconfig: &Path,
+) -> anyhow::Result<String> {
+    let ip = f.pod_ip(0);
+    apply_identity_binding_pod(cluster, ns, "app", "app", &f.node_name)?;
+    // The live objects, as MIC embeds them.
+    let embed = |kind: &str, name: &str| -> anyhow::Result<Value> {
+        let out = kubectl_in(cluster, ns, &["get", kind, name, "-o", "json"])?;
         assert!(out.success, "{}", out.stderr);
-        Ok(name)
+        let live: Value = serde_json::from_str(&out.stdout)?;
+        assert!(live["metadata"]["uid"].is_string(), "{live}");
+        Ok(json!({
+            "apiVersion": live["apiVersion"], "kind": live["kind"],
+            "metadata": {"name": live["metadata"]["name"], "namespace": ns,
+                         "uid": live["metadata"]["uid"]},
+            "spec": live["spec"],
+        }))
+    };
+    let name = format!("app-{ns}-app-id");
+    let aai = json!({
+        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+        "metadata": {"name": name, "namespace": "default", "labels": {"nodename": f.node_name}},
+        "spec": {"azureIdentityRef": embed("azureidentity", "app-id")?,
+                 "azureBindingRef": embed("azureidentitybinding", "app-binding")?,
+                 "pod": "app", "podNamespace": ns, "nodename": f.node_name},
+        "status": {"status": "Assigned"},
+    });
+    let mut cmd = cluster.kubectl_with(mic_kubeconfig);
+    cmd.args(["create", "-f", "-", "--request-timeout", "30s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    {
+        use std::io::Write as _;
+        let mut pipe = child.stdin.take().context("kubectl's stdin")?;
+        pipe.write_all(aai.to_string().as_bytes())?;
     }
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "AzureAssignedIdentity as MIC: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+    let out = kubectl_in(
+        cluster,
+        ns,
+        &[
+            "patch",
+            "pod",
+            "app",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ],
+    )?;
+    assert!(out.success, "{}", out.stderr);
+    Ok(name)
+}
 
-    /// A token request from the pod, as an Azure SDK sends it: (status, body).
-    /// Async: the node's IMDS is the emulator served by this test's runtime,
-    /// so a blocking wait here could stall the very task that must answer.
-    async fn pod_token_request(&self) -> anyhow::Result<(String, String)> {
-        let mut cmd = self.node.pods[0].0.command("curl");
-        cmd.args([
-                "-s", "--max-time", "30", "-w", "\n%{http_code}", "-H", "Metadata: true",
-                &format!("http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/"),
-        ]);
-        let out = tokio::process::Command::from(cmd).output().await?;
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = out.rsplit_once('\n').unwrap_or((&out, ""));
-        Ok((code.trim().to_string(), body.to_string()))
-    }
+/// The redirect chain, or None when it does not exist.
+fn chain(f: &NmiNode) -> Option<String> {
+    f.nat_rules(Some("aad-metadata"))
+        .ok()
+        .filter(|s| s.contains("DNAT"))
+}
 
-    /// Starts `e2e-nmi` in the node with the DaemonSet's rendered args and the
-    /// env the kubelet would give its pod.
-    fn start_nmi(
-        &self,
-        rel: &Release,
-        pod: &str,
-        kubeconfig: &Path,
-        log: &Path,
-    ) -> anyhow::Result<Child> {
-        let ds = rel.get("DaemonSet", &rel.nmi())?;
-        let args: Vec<String> = helm::container_args(&ds)
-            .into_iter()
-            .map(|a| {
-                if a.starts_with("--kubelet-config=") {
-                    format!("--kubelet-config={}", self.dir.join("kubelet").display())
-                } else {
-                    a.replace("$(NODE_NAME)", &self.name)
-                }
-            })
-            .chain([format!("--kubeconfig={}", kubeconfig.display())])
-            .collect();
-        self.node
-            .node
-            .command(env!("CARGO_BIN_EXE_e2e-nmi"))
-            .args(&args)
-            .env("NODE_NAME", &self.name)
-            .env("POD_NAME", pod)
-            .env("POD_NAMESPACE", rel.ns.name())
-            .env("FORCENAMESPACED", "false")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()
-            .context("e2e-nmi")
-    }
-
-    fn healthz(&self) -> String {
-        self.node
-            .node
-            .run(
-                "curl",
-                &["-s", "--max-time", "1", "http://127.0.0.1:8085/healthz"],
-            )
-            .unwrap_or_default()
-    }
-
-    /// The redirect chain, or None when it does not exist.
-    fn chain(&self) -> Option<String> {
-        self.node
-            .node
-            .run("iptables", &["-t", "nat", "-S", "aad-metadata"])
-            .ok()
-            .filter(|s| s.contains("DNAT"))
-    }
-
-    async fn wait_active(&self, log: &Path) -> anyhow::Result<()> {
-        let r = wait_for("nmi Active", WAIT, || async {
-            (self.healthz() == "Active").then_some(())
-        })
-        .await;
-        with_log(r, "NMI", log)
-    }
+/// `r`, or its error with what NMI's current start logged.
+fn with_start_log<T>(r: anyhow::Result<T>, f: &NmiNode) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow!("{e}\nNMI log:\n{}", f.start_log()))
 }
 
 /// Deletes the admission policies a release installed when the test ends,
@@ -300,28 +243,6 @@ impl Drop for DeleteOnDrop {
     }
 }
 
-fn stop(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// SIGTERM, as the kubelet sends, and a bounded wait for the exit.
-async fn terminate(child: &mut Child, log: &Path) -> anyhow::Result<()> {
-    let out = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .output()?;
-    assert!(out.status.success());
-    let r = wait_for("nmi exits after SIGTERM", Duration::from_secs(20), || {
-        let done = child.try_wait().ok().flatten().is_some();
-        async move { done.then_some(()) }
-    })
-    .await;
-    if r.is_err() {
-        stop(child);
-    }
-    with_log(r, "NMI", log)
-}
-
 /// Creates, as the DaemonSet controller would, the DaemonSet's pod on the node.
 fn create_ds_pod(rel: &Release, node: &str, pod: &str) -> anyhow::Result<()> {
     let ds_uid = kubectl_in(
@@ -359,7 +280,7 @@ fn create_ds_pod(rel: &Release, node: &str, pod: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() -> anyhow::Result<()> {
     let cluster = Cluster::shared();
-    let node = NmiNode::new(cluster).await?;
+    let mut f = node().await?;
     let ns = cluster.temp_namespace("rbac-nmi").await?;
     let release = unique_name("rbac-nmi");
     let _policies = ReleasePolicies {
@@ -395,18 +316,17 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() -> 
     let r = values(&release, &ns);
     let rel = Release::of(release.clone(), ns, &r)?;
     let pod = format!("{}-x7k2p", rel.nmi());
-    create_ds_pod(&rel, &node.name, &pod)?;
-    let kc = node.nmi_kubeconfig(&rel).await?;
+    create_ds_pod(&rel, &f.node_name, &pod)?;
+    let kc = nmi_kubeconfig(&f, &rel).await?;
 
-    let log1 = node.dir.join("nmi-1.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log1)?;
-    node.wait_active(&log1).await?;
-    assert!(node.chain().is_some(), "redirect installed");
-    assert!(!log_of(&log1).contains("forbidden"), "{}", log_of(&log1));
+    f.launch(&chart_launch(&f, &rel, &pod, &kc)?)?;
+    f.wait_active().await?;
+    assert!(chain(&f).is_some(), "redirect installed");
+    assert!(!f.start_log().contains("forbidden"), "{}", f.start_log());
     // It serves a pod on the node the token of the identity it is bound to.
     // The admission policy the release installed admits only MIC's account.
-    let mic_kc = rel.sa_kubeconfig("mic", None, &node.dir).await?;
-    let aai_name = node.bind_pod(cluster, rel.ns.name(), &mic_kc)?;
+    let mic_kc = rel.sa_kubeconfig("mic", None, f.dir()).await?;
+    let aai_name = bind_pod(&f, cluster, rel.ns.name(), &mic_kc)?;
     let _aai = DeleteOnDrop {
         cluster,
         args: vec![
@@ -416,28 +336,23 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() -> 
             "default".into(),
         ],
     };
-    let (code, body) = node.pod_token_request().await?;
-    assert_eq!(code, "200", "{body}\nNMI log:\n{}", log_of(&log1));
+    let (code, body) = f.curl(0, TOKEN_PATH, &["Metadata: true"]).await?;
+    assert_eq!(code, 200, "{body}\nNMI log:\n{}", f.start_log());
     let token: Value = serde_json::from_str(&body)?;
     assert_eq!(token["client_id"], APP_CLIENT, "{body}");
-    let claims = node
-        .emu
-        .verify_token(&aadpodid_tests::e2e::access_token(&body)?)
-        .map_err(|e| anyhow!("{e:?}"))?;
-    assert_eq!(claims.appid, APP_CLIENT);
+    assert_eq!(f.answer_appid(&body)?, APP_CLIENT);
 
     // A restart (rolling update, crash, eviction): the redirect stays.
-    terminate(&mut nmi, &log1).await?;
+    f.terminate_nmi().await?;
     assert!(
-        node.chain().is_some(),
+        chain(&f).is_some(),
         "redirect kept over a restart:\n{}",
-        log_of(&log1)
+        f.start_log()
     );
-    assert!(log_of(&log1).contains("fail-closed"), "{}", log_of(&log1));
+    assert!(f.start_log().contains("fail-closed"), "{}", f.start_log());
 
-    let log2 = node.dir.join("nmi-2.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &kc, &log2)?;
-    node.wait_active(&log2).await?;
+    f.launch(&chart_launch(&f, &rel, &pod, &kc)?)?;
+    f.wait_active().await?;
     let uninstall = helm::run(&[
         "uninstall",
         &release,
@@ -461,16 +376,16 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() -> 
         &["get", "serviceaccount", &rel.nmi()],
     )?;
     assert!(!sa.success, "ServiceAccount deleted by helm uninstall");
-    terminate(&mut nmi, &log2).await?;
+    f.terminate_nmi().await?;
     assert!(
-        node.chain().is_none(),
+        chain(&f).is_none(),
         "redirect removed after uninstall:\n{}",
-        log_of(&log2)
+        f.start_log()
     );
     assert!(
-        log_of(&log2).contains("being uninstalled"),
+        f.start_log().contains("being uninstalled"),
         "{}",
-        log_of(&log2)
+        f.start_log()
     );
     Ok(())
 }
@@ -479,23 +394,21 @@ async fn nmi_becomes_active_with_the_chart_rbac_and_cleans_up_on_uninstall() -> 
 /// never becomes Active.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nmi_without_one_verb_never_becomes_active() -> anyhow::Result<()> {
-    let cluster = Cluster::shared();
-    let node = NmiNode::new(cluster).await?;
+    let mut f = node().await?;
     let rel = Release::render("rbac-nmi-broken", &[]).await?;
     rel.apply_rbac("nmi", without_verb("azureassignedidentities", "list"))?;
-    let kc = node.nmi_kubeconfig(&rel).await?;
-    let log = node.dir.join("nmi.log");
+    let kc = nmi_kubeconfig(&f, &rel).await?;
     // No DaemonSet pod: --cleanup-on-uninstall is off for this one (logged).
-    let mut nmi = node.start_nmi(&rel, "no-such-pod", &kc, &log)?;
+    f.launch(&chart_launch(&f, &rel, "no-such-pod", &kc)?)?;
     let r = wait_for("NMI's list refused", WAIT, || async {
-        log_of(&log).contains("forbidden").then_some(())
+        f.start_log().contains("forbidden").then_some(())
     })
     .await;
-    let health = node.healthz();
-    stop(&mut nmi);
+    let health = f.healthz().await.unwrap_or_default();
+    f.stop_nmi();
     rel.delete_cluster_scoped();
-    with_log(r, "NMI", &log)?;
-    assert_eq!(health, "Not Active", "{}", log_of(&log));
+    with_start_log(r, &f)?;
+    assert_eq!(health, "Not Active", "{}", f.start_log());
     Ok(())
 }
 
@@ -579,7 +492,8 @@ async fn nmi_reads_only_the_secrets_of_service_principal_identities() -> anyhow:
 async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() -> anyhow::Result<()> {
     const KEY: &str = "aadpodidentity.k8s.io/nmi-not-ready";
     let cluster = Cluster::shared();
-    let node = NmiNode::new(cluster).await?;
+    let mut f = node().await?;
+    let node_name = f.node_name.clone();
     let rel = Release::render(
         "rbac-taint",
         &[
@@ -605,7 +519,7 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() -> anyho
         },
         DeleteOnDrop {
             cluster,
-            args: vec!["node".into(), node.name.clone()],
+            args: vec!["node".into(), node_name.clone()],
         },
     ];
     let objs = list(vec![
@@ -615,20 +529,24 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() -> anyho
         rel.get("DaemonSet", &rel.nmi())?,
     ]);
     submit(cluster, &APPLY_SERVER_SIDE, &objs)?;
-    // The Node, created with the taint as the node pool would.
+    // The Node (the node step's, without taints) given the taint as the
+    // node pool creates it.
     let taints = json!([
         {"key": "other.example/keep", "value": "x", "effect": "NoSchedule"},
         {"key": KEY, "value": "true", "effect": "NoSchedule"},
     ]);
-    let n = json!({"apiVersion": "v1", "kind": "Node",
-                   "metadata": {"name": node.name}, "spec": {"taints": taints}});
-    submit(cluster, &["create"], &n)?;
+    let patch = json!({"spec": {"taints": taints}}).to_string();
+    let out = cluster.kubectl_run(
+        &["patch", "node", &node_name, "--type=merge", "-p", &patch],
+        None,
+    )?;
+    assert!(out.success, "{}", out.stderr);
     let keys = || -> anyhow::Result<Vec<String>> {
         let out = cluster.kubectl_run(
             &[
                 "get",
                 "node",
-                &node.name,
+                &node_name,
                 "-o",
                 "jsonpath={.spec.taints[*].key}",
             ],
@@ -647,9 +565,9 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() -> anyho
     // Without `patch` on nodes: NMI becomes Active, the taint stays.
     rel.apply_rbac("nmi", without_verb("nodes", "patch"))?;
     let pod = format!("{}-x7k2p", rel.nmi());
-    create_ds_pod(&rel, &node.name, &pod)?;
+    create_ds_pod(&rel, &node_name, &pod)?;
     // Unbound first (names no node): the policy refuses.
-    let unbound = node.nmi_kubeconfig(&rel).await?;
+    let unbound = nmi_kubeconfig(&f, &rel).await?;
     let out = kubectl_in(
         cluster,
         rel.ns.name(),
@@ -669,60 +587,57 @@ async fn nmi_removes_its_startup_taint_with_the_chart_rbac_and_policy() -> anyho
     let text = std::fs::read_to_string(&unbound)?;
     let (head, rest) = text.split_once("token: ").context("a token")?;
     let (_, tail) = rest.split_once('\n').context("a line after the token")?;
-    let bound = node.dir.join("nmi-bound.kubeconfig");
+    let bound = f.dir().join("nmi-bound.kubeconfig");
     std::fs::write(
         &bound,
         format!("{head}token: {}\n{tail}", out.stdout.trim()),
     )?;
 
-    let waits_for = |log: &Path, what: &'static str| {
-        let log = log.to_path_buf();
-        async move {
-            let r = wait_for(what, WAIT, || {
-                let l = log_of(&log);
-                async move { l.contains("removing the startup taint failed").then_some(l) }
-            })
-            .await;
-            with_log(r, "NMI", &log)
-        }
-    };
-    let log = node.dir.join("nmi-nopatch.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log)?;
-    node.wait_active(&log).await?;
-    let l = waits_for(&log, "refused without patch").await?;
+    f.launch(&chart_launch(&f, &rel, &pod, &bound)?)?;
+    f.wait_active().await?;
+    let l = taint_refused(&f, "refused without patch").await?;
     assert!(l.contains("forbidden"), "{l}");
-    terminate(&mut nmi, &log).await?;
+    f.terminate_nmi().await?;
     assert_eq!(keys()?, ["other.example/keep", KEY]);
 
     // The chart's rules; a token that names no node: the policy refuses.
     rel.apply_rbac("nmi", |_| Ok(()))?;
-    let log = node.dir.join("nmi-unbound.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &unbound, &log)?;
-    node.wait_active(&log).await?;
-    let l = waits_for(&log, "refused by the policy").await?;
+    f.launch(&chart_launch(&f, &rel, &pod, &unbound)?)?;
+    f.wait_active().await?;
+    let l = taint_refused(&f, "refused by the policy").await?;
     assert!(l.contains(&policy) && l.contains("names no node"), "{l}");
-    terminate(&mut nmi, &log).await?;
+    f.terminate_nmi().await?;
     assert_eq!(keys()?, ["other.example/keep", KEY]);
 
     // The pod-bound token, as in a real pod: removed, the other taint kept,
     // with the redirect in place.
-    let log = node.dir.join("nmi-bound.log");
-    let mut nmi = node.start_nmi(&rel, &pod, &bound, &log)?;
+    f.launch(&chart_launch(&f, &rel, &pod, &bound)?)?;
     let r = wait_for("startup taint removed", WAIT, || {
         // (A failed read is no answer yet: the wait goes on.)
         let k = keys().ok();
         async move { k.filter(|k| !k.iter().any(|k| k == KEY)) }
     })
     .await;
-    let k = with_log(r, "NMI", &log)?;
-    assert!(node.chain().is_some(), "taint removed before the redirect");
+    let k = with_start_log(r, &f)?;
+    assert!(chain(&f).is_some(), "taint removed before the redirect");
     assert_eq!(k, ["other.example/keep"]);
     assert!(
-        log_of(&log).contains("startup taint removed"),
+        f.start_log().contains("startup taint removed"),
         "{}",
-        log_of(&log)
+        f.start_log()
     );
-    terminate(&mut nmi, &log).await?;
+    f.terminate_nmi().await?;
     rel.delete_cluster_scoped();
     Ok(())
+}
+
+/// Waits until NMI's current start logs that removing the startup taint
+/// failed; what it logged.
+async fn taint_refused(f: &NmiNode, what: &'static str) -> anyhow::Result<String> {
+    let r = wait_for(what, WAIT, || async {
+        let l = f.start_log();
+        l.contains("removing the startup taint failed").then_some(l)
+    })
+    .await;
+    with_start_log(r, f)
 }

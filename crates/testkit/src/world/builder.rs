@@ -167,6 +167,9 @@ pub struct NodeLinks {
     /// No IMDS from the builder's emulator (the builder then needs none):
     /// the caller runs one inside the node on 169.254.169.254:80.
     pub imds_in_node: bool,
+    /// The pods' network `10.244.<n>.0/24` (see [`crate::netns::Node::with_pods_in`])
+    /// instead of the node's own (its index plus one).
+    pub pod_subnet: Option<u8>,
 }
 
 /// How one process of the world gets its arguments.

@@ -181,7 +181,10 @@ impl NodeNet {
         links: NodeLinks,
     ) -> anyhow::Result<NodeNet> {
         create_node_object(base.client, spec).await?;
-        let subnet = u8::try_from(index + 1).context("too many nodes")?;
+        let subnet = match links.pod_subnet {
+            Some(n) => n,
+            None => u8::try_from(index + 1).context("too many nodes")?,
+        };
         let net = Node::with_pods_in(spec.pods, subnet)?;
         net.node.add_local_address(IMDS_ADDRESS)?;
         if upstream {
