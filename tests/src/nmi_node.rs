@@ -522,9 +522,9 @@ impl NmiNode {
         self.stop_nmi();
         self.log_start = std::fs::metadata(&self.log_path).map_or(0, |m| m.len());
         let mut nmi = self.nmi_proc(launch);
+        let bin = self.nmi_bin.display().to_string();
         let node = self.kit_node_mut();
-        nmi.spawn(&node.net.node)
-            .with_context(|| format!("start {}", nmi.name))?;
+        nmi.spawn(&node.net.node).context(bin)?;
         node.nmi = nmi;
         Ok(())
     }
