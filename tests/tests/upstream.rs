@@ -3,94 +3,45 @@
 //! kube-apiserver and the Azure emulator: the upstream column of the benchmark
 //! is only meaningful if this passes.
 //!
-//! MIC runs on loopback with the admin kubeconfig and talks HTTPS to the
-//! emulator's ARM and AAD (trusting its test CA through `SSL_CERT_FILE`, set on
-//! the Go child only). NMI runs inside a node network namespace with real
-//! iptables; a relay there carries the node's `127.0.0.1:6443` (apiserver) and
-//! `169.254.169.254:80` (the emulator's IMDS for the node's scale-set instance)
-//! to Unix sockets this process forwards to the root namespace's loopback.
+//! The world is the kit's [`WorldBuilder`] with plain flags on the shared
+//! cluster, as the benchmark runs upstream: MIC on the host with the admin
+//! kubeconfig, talking HTTPS to the emulator's ARM and AAD (its test CA
+//! through `SSL_CERT_FILE`); NMI inside a node network namespace with real
+//! iptables, the node's relay carrying the apiserver and the emulator's IMDS
+//! for the node's scale-set instance on `169.254.169.254:80`.
 //!
 //! The first run builds upstream's binaries (a cold build took 6m42s on two
 //! busy cores); later runs reuse the cache.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use aadpodid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
     AzureIdentitySpec,
 };
-use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs, Node};
-use aadpodid_tests::tenant::{
-    self, APP_CLIENT, CloudEnvironment, KUBELET, MicCloud, NODE_RG, Tenant,
+use aadpodid_tests::netns::IMDS_ADDRESS;
+use aadpodid_tests::tenant::{APP_CLIENT, CloudEnvironment, KUBELET, MicCloud, NODE_RG, Tenant};
+use aadpodid_tests::upstream::log_tail;
+use aadpodid_tests::world::{
+    ArgsSource, ClusterChoice, NodeSpec, Options, Program, TOKEN_PATH, WorldBuilder, curl_in,
 };
-use aadpodid_tests::upstream::{
-    MicOptions, NmiOptions, UpstreamChild, spawn_upstream_mic, spawn_upstream_nmi, upstream_bin_dir,
-};
-use aadpodid_tests::{Cluster, free_port, unique_name, wait_for};
+use aadpodid_tests::{unique_name, wait_for};
 use anyhow::Context as _;
 use azure_emulator::observe::Service;
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-const API_RELAY_PORT: u16 = 6443;
-const NMI_PROBE_PORT: u16 = 8085;
 const WAIT: Duration = Duration::from_secs(120);
-const TOKEN_PATH: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
 
-/// Kills the relay and removes the scratch folder on drop.
-struct Scratch {
-    dir: PathBuf,
-    relay: Option<Child>,
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Some(mut r) = self.relay.take() {
-            let _ = r.kill();
-            let _ = r.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `curl` inside `ns`: (status, body).
-async fn curl(ns: &NetNs, url: &str, headers: &[&str]) -> anyhow::Result<(u16, String)> {
-    let mut args = vec!["-s", "--max-time", "60", "-w", "\n%{http_code}"];
-    for h in headers {
-        args.extend(["-H", h]);
-    }
-    args.push(url);
-    let mut cmd = ns.command("curl");
-    cmd.args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = tokio::process::Command::from(cmd).output().await?;
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = out
-        .rsplit_once('\n')
-        .with_context(|| format!("curl output: {out}"))?;
-    Ok((code.trim().parse()?, body.to_string()))
-}
-
-fn logs(mic: &UpstreamChild, nmi: Option<&UpstreamChild>) -> String {
+/// The last lines of upstream MIC's and NMI's logs, for a failure message.
+fn logs(kit: &WorldBuilder) -> String {
+    let tail = |log: Option<String>| log_tail(&log.unwrap_or_default(), 60);
     format!(
         "--- upstream mic log ---\n{}\n--- upstream nmi log ---\n{}",
-        tail(&mic.log()),
-        nmi.map(|n| tail(&n.log())).unwrap_or_default()
+        tail(kit.host_mic.as_ref().map(|(mic, _)| mic.log())),
+        tail(kit.nodes.first().map(|n| n.nmi.log()))
     )
-}
-
-fn tail(s: &str) -> String {
-    // client-go warns at every leader-lock renewal (Endpoints are deprecated).
-    let lines: Vec<&str> = s
-        .lines()
-        .filter(|l| !l.contains("v1 Endpoints is deprecated"))
-        .collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 /// Upstream MIC assigns a bound pod's identity to the emulated scale set
@@ -100,117 +51,60 @@ fn tail(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let bins = tokio::task::spawn_blocking(upstream_bin_dir).await??;
+    let (mic, nmi) = tokio::task::spawn_blocking(|| {
+        anyhow::Ok((Program::upstream("mic")?, Program::upstream("nmi")?))
+    })
+    .await??;
     eprintln!(
-        "upstream binaries in {} ({:?})",
-        bins.display(),
+        "upstream binaries built or found in {:?}",
         started.elapsed()
     );
 
-    let cluster = Cluster::shared();
-    let client = cluster.admin_client().await?;
-    let ns_guard = cluster.temp_namespace("upstream").await?;
-    let ns = ns_guard.name().to_string();
+    let mic = mic.with_args(["--leader-election-duration=4s"]);
     let dir = std::env::temp_dir().join(unique_name("upstream-test"));
-    std::fs::create_dir_all(&dir)?;
-    let mut scratch = Scratch {
-        dir: dir.clone(),
-        relay: None,
-    };
+    let mut kit = WorldBuilder::new(Options::with_programs(mic, nmi), ArgsSource::Flags, dir)?;
+    let ns_guard = kit
+        .cluster(ClusterChoice::Shared)
+        .await?
+        .temp_namespace("upstream")
+        .await?;
+    let ns = ns_guard.name().to_string();
+    let client = kit.client()?.clone();
+    kit.opts_mut().mic_namespace = ns.clone();
 
     // The emulated tenant: one scale set carrying the kubelet identity, an app
     // identity, MIC's service principal; LROs 100x faster than Azure's.
     let vmss = unique_name("up-vmss");
-    let emu = Tenant::standard()
-        .scale_set(&vmss, 1, &[KUBELET])
-        .start()
+    kit.tenant(Tenant::standard().scale_set(&vmss, 1, &[KUBELET]))
         .await?;
+    let emu = kit.emu()?;
     let app = emu.identity("app-id").context("app identity seeded")?;
-
-    // The node: a Node object on scale-set instance 0, and its network namespace
-    // with one pod, IMDS for that instance on 169.254.169.254:80.
-    let node_name = unique_name("up-node");
-    let kube_node: KubeNode = serde_json::from_value(json!({
-        "metadata": {"name": node_name},
-        "spec": {"providerID": tenant::vmss_provider_id(NODE_RG, &vmss, 0)},
-    }))?;
-    Api::<KubeNode>::all(client.clone())
-        .create(&PostParams::default(), &kube_node)
-        .await?;
-    let net = Node::with_pods(1)?;
-    net.node.add_local_address(IMDS_ADDRESS)?;
-    let imds = emu
-        .add_imds(&format!("vmss/{vmss}/0"), "127.0.0.1:0".parse()?)
-        .await?;
-    let api: SocketAddr = cluster
-        .server()
-        .trim_start_matches("https://")
-        .parse()
-        .context("apiserver address")?;
-    scratch.relay = Some(
-        net.node
-            .relay_many(
-                &[
-                    (SocketAddr::from(([127, 0, 0, 1], API_RELAY_PORT)), api),
-                    (SocketAddr::from((IMDS_ADDRESS, 80)), imds),
-                ],
-                &dir,
-            )
-            .await?,
-    );
-    let node_kubeconfig = dir.join("node.kubeconfig");
-    std::fs::write(
-        &node_kubeconfig,
-        std::fs::read_to_string(cluster.kubeconfig())?.replace(
-            cluster.server(),
-            &format!("https://127.0.0.1:{API_RELAY_PORT}"),
-        ),
-    )?;
-
-    // Upstream MIC and NMI.
     // go-autorest reads only the two endpoints of the environment file.
-    let files = tenant::write_mic_cloud_files(
-        &dir,
-        "",
-        &MicCloud::standard(),
-        &CloudEnvironment {
-            token_audience: None,
-            ..CloudEnvironment::of(&emu)
-        },
-    )?;
-    let mic = spawn_upstream_mic(
-        &MicOptions {
-            kubeconfig: cluster.kubeconfig().to_path_buf(),
-            azure_json: files.azure_json,
-            cloud_env_file: files.environment,
-            ca_bundle: emu.ca_bundle_path().to_path_buf(),
-            namespace: ns.clone(),
-            instance: "upstream-mic-0".into(),
-            probe_port: free_port()?,
-            metrics_port: free_port()?,
-            extra_args: vec!["--leader-election-duration=4s".into()],
-        },
-        &dir.join("mic.log"),
-    )?;
-    let nmi = spawn_upstream_nmi(
-        &net.node,
-        &NmiOptions {
-            node: node_name.clone(),
-            kubeconfig: node_kubeconfig,
-            probe_port: NMI_PROBE_PORT,
-            extra_args: vec![],
-        },
-        &dir.join("nmi.log"),
-    )?;
-    let node_ns = &net.node;
+    let env = CloudEnvironment {
+        token_audience: None,
+        ..CloudEnvironment::of(emu)
+    };
+    kit.host_files_with(&MicCloud::standard(), &env)?;
+
+    // The node: a Node object on scale-set instance 0, and its network
+    // namespace with one pod; then upstream MIC and NMI.
+    let spec = NodeSpec::scale_set(NODE_RG, &vmss, 0, 1);
+    let node_name = spec.name.clone();
+    kit.nodes(std::slice::from_ref(&spec)).await?;
+    kit.host_mic()?;
+    kit.start_host_mic().await?;
+    kit.start_nmi(0).await?;
+    let (emu, node) = (kit.emu()?, &kit.nodes[0]);
     wait_for("upstream nmi /healthz Active", WAIT, || async {
-        let url = format!("http://127.0.0.1:{NMI_PROBE_PORT}/healthz");
-        let (code, body) = curl(node_ns, &url, &[]).await.ok()?;
+        let (code, body) = curl_in(&node.net.node, &node.nmi.probe_url(), &[], 60)
+            .await
+            .ok()?;
         (code == 200 && body == "Active").then_some(())
     })
     .await
-    .with_context(|| logs(&mic, Some(&nmi)))?;
-    let chain = net
+    .with_context(|| logs(&kit))?;
+    let chain = node
+        .net
         .node
         .run("iptables", &["-t", "nat", "-S", "aad-metadata"])?;
     assert!(
@@ -246,7 +140,8 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
         .create(&PostParams::default(), &binding)
         .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod_ip = net.pods[0].1.to_string();
+    let (pod_ns, pod_ip) = &node.net.pods[0];
+    let pod_ip = pod_ip.to_string();
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "app", "labels": {"aadpodidbinding": "app"}},
         "spec": {"nodeName": node_name, "containers": [{"name": "app", "image": "app"}]},
@@ -271,7 +166,7 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
         (a.status.as_ref()?.status == "Assigned").then_some(())
     })
     .await
-    .with_context(|| logs(&mic, Some(&nmi)))?;
+    .with_context(|| logs(&kit))?;
     eprintln!(
         "AAI Assigned {:?} after the pod was created",
         assigned_in.elapsed()
@@ -280,7 +175,7 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
     assert!(
         on_vmss.contains(&app.id.to_lowercase()),
         "{on_vmss:?}\n{}",
-        logs(&mic, Some(&nmi))
+        logs(&kit)
     );
     // It was upstream's Go SDK that wrote: compute api-version 2019-12-01.
     let reqs = emu.requests(0);
@@ -303,8 +198,8 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
 
     // Upstream NMI: the pod gets the app identity's token through 169.254.169.254.
     let url = format!("http://{IMDS_ADDRESS}{TOKEN_PATH}");
-    let (code, body) = curl(&net.pods[0].0, &url, &["Metadata: true"]).await?;
-    assert_eq!(code, 200, "{body}\n{}", logs(&mic, Some(&nmi)));
+    let (code, body) = curl_in(pod_ns, &url, &["Metadata: true"], 60).await?;
+    assert_eq!(code, 200, "{body}\n{}", logs(&kit));
     let v: serde_json::Value = serde_json::from_str(&body).with_context(|| body.clone())?;
     let token = v["access_token"].as_str().context("access_token")?;
     let claims = emu
@@ -320,7 +215,7 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
         "no adal IMDS request"
     );
     // Without the Metadata header: upstream's 400.
-    let (code, body) = curl(&net.pods[0].0, &url, &[]).await?;
+    let (code, body) = curl_in(pod_ns, &url, &[], 60).await?;
     assert_eq!(code, 400, "{body}");
 
     // Deleting the pod releases the identity; the kubelet identity stays.
@@ -332,7 +227,7 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
         aais.get_opt(&aai_name).await.ok()?.is_none().then_some(())
     })
     .await
-    .with_context(|| logs(&mic, Some(&nmi)))?;
+    .with_context(|| logs(&kit))?;
     let on_vmss = emu.assigned_identities(&vmss).context("scale set exists")?;
     assert!(!on_vmss.contains(&app.id.to_lowercase()), "{on_vmss:?}");
     let kubelet = emu.identity("kubelet").context("kubelet identity")?;
@@ -342,8 +237,8 @@ async fn upstream_mic_and_nmi_on_cluster_and_emulator() -> anyhow::Result<()> {
         .list(&ListParams::default().labels(&format!("nodename={node_name}")))
         .await?;
     assert!(left.items.is_empty(), "AAIs left: {}", left.items.len());
-    drop(nmi);
-    drop(mic);
+    let report = kit.teardown().await;
+    eprintln!("teardown: {report:?}");
     let _ = Api::<KubeNode>::all(client)
         .delete(&node_name, &DeleteParams::default())
         .await;

@@ -164,6 +164,17 @@ pub fn upstream_nmi_command(node: &NetNs, o: &NmiOptions) -> anyhow::Result<Comm
     Ok(cmd)
 }
 
+/// The last `n` lines of an upstream process's log `text`, without
+/// client-go's warning that upstream mic's leader lock (an Endpoints object)
+/// is deprecated, which it logs at every renewal.
+pub fn log_tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("Endpoints is deprecated"))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Removes what would send upstream's HTTP elsewhere: proxies (Go honours
 /// them, client-go included) and the managed-identity variables adal checks
 /// before IMDS.
@@ -252,6 +263,14 @@ pub fn spawn_upstream_nmi(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_tails_skip_the_endpoints_warning() {
+        let text = "a\nW warnings.go:70] v1 Endpoints is deprecated in v1.33+\nb\nc";
+        assert_eq!(log_tail(text, 2), "b\nc");
+        assert_eq!(log_tail(text, 9), "a\nb\nc");
+        assert_eq!(log_tail("", 3), "");
+    }
 
     #[test]
     fn mic_flags_and_environment() {

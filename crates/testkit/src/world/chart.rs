@@ -15,7 +15,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use super::azure::HostFiles;
-use super::processes::Proc;
+use super::processes::{Proc, pod_env};
 use super::{APP_NS, Options, Program, RELEASE_NS, id_client, id_name, id_resource, selector};
 use crate::{Cluster, helm};
 
@@ -232,7 +232,7 @@ impl Launch<'_> {
     }
 
     /// The process of pod `pod_name`: `program` with `args` and `env` plus
-    /// `HOSTNAME`, `SSL_CERT_FILE` (the emulator's CA) and `NO_PROXY`,
+    /// [`pod_env`] (`HOSTNAME`, `SSL_CERT_FILE` the emulator's CA, `NO_PROXY`),
     /// probed at `probe`, logging to `<pod_name>.log` in the world's folder.
     pub(super) fn proc(
         &self,
@@ -242,15 +242,7 @@ impl Launch<'_> {
         mut env: Env,
         probe: (u16, String),
     ) -> Proc {
-        let ca_bundle = self.emu.ca_bundle_path().display().to_string();
-        env.extend(
-            [
-                ("HOSTNAME", pod_name),
-                ("SSL_CERT_FILE", &ca_bundle),
-                ("NO_PROXY", "127.0.0.1,localhost"),
-            ]
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-        );
+        env.extend(pod_env(pod_name, self.emu.ca_bundle_path()));
         let log = self.dir.join(format!("{pod_name}.log"));
         Proc::new(pod_name, program.clone(), args, env, probe, log)
     }
