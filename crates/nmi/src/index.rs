@@ -3,14 +3,24 @@
 //! exceptions, and every binding and identity (managed mode serves from them;
 //! standard mode checks each AzureAssignedIdentity against them). Pure and
 //! synchronous: watches call `apply`/`delete`/`reset`, tests call the same.
+//!
+//! **Slim.** The index keeps only what NMI decides on: a pod's
+//! [`PodEntry`], and of each custom object the fields [`Kept::slim`] copies
+//! (names, UIDs, the identity's namespaced-behaviour annotation, specs, the
+//! AzureAssignedIdentity's status word), never managed fields, other
+//! annotations, labels or owner references. Entries are behind [`Arc`]s, so
+//! a request takes its pod and identity without copying them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use aadpodid_api::{
-    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
+    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
+    AzureIdentityBinding, AzurePodIdentityException,
 };
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
 use crate::token::IdentityKey;
@@ -102,7 +112,7 @@ pub enum PodLookup {
 /// The node's cluster view.
 #[derive(Debug, Default)]
 pub struct Index {
-    pods: HashMap<Key, PodEntry>,
+    pods: HashMap<Key, Arc<PodEntry>>,
     by_ip: HashMap<IpAddr, BTreeSet<Key>>,
     aais: Objects<AzureAssignedIdentity>,
     exceptions: Objects<AzurePodIdentityException>,
@@ -114,7 +124,7 @@ pub struct Index {
 /// reports them, and whether that watch has listed them all once.
 #[derive(Debug)]
 pub struct Objects<K> {
-    by_key: HashMap<Key, K>,
+    by_key: HashMap<Key, Arc<K>>,
     listed: bool,
 }
 
@@ -128,17 +138,17 @@ impl<K> Default for Objects<K> {
 }
 
 impl<K> std::ops::Deref for Objects<K> {
-    type Target = HashMap<Key, K>;
+    type Target = HashMap<Key, Arc<K>>;
 
     fn deref(&self) -> &Self::Target {
         &self.by_key
     }
 }
 
-impl<K: ResourceExt + Clone> Objects<K> {
-    /// Adds or replaces `obj`.
+impl<K: Kept> Objects<K> {
+    /// Adds or replaces `obj` (its slim copy).
     pub(crate) fn apply(&mut self, obj: &K) {
-        self.by_key.insert(key_of(obj), obj.clone());
+        self.by_key.insert(key_of(obj), Arc::new(obj.slim()));
     }
 
     /// Removes `namespace/name`.
@@ -149,12 +159,15 @@ impl<K: ResourceExt + Clone> Objects<K> {
 
     /// Replaces everything with `all`, a complete list.
     pub(crate) fn reset(&mut self, all: &[K]) {
-        self.by_key = all.iter().map(|o| (key_of(o), o.clone())).collect();
+        self.by_key = all
+            .iter()
+            .map(|o| (key_of(o), Arc::new(o.slim())))
+            .collect();
         self.listed = true;
     }
 
     /// `namespace/name`, or whether its absence means anything yet.
-    fn lookup(&self, namespace: &str, name: &str) -> Cached<'_, K> {
+    fn lookup(&self, namespace: &str, name: &str) -> Cached<'_, Arc<K>> {
         match self.by_key.get(&(namespace.to_string(), name.to_string())) {
             Some(o) => Cached::Found(o),
             None if self.listed => Cached::Missing,
@@ -167,6 +180,8 @@ impl<K: ResourceExt + Clone> Objects<K> {
 /// identity), and where: [`Index::apply`], [`Index::delete`],
 /// [`Index::reset`] and [`Index::lookup`] reach it through this.
 pub trait Kept: ResourceExt + Clone {
+    /// The copy the index keeps: the fields NMI reads, nothing else.
+    fn slim(&self) -> Self;
     /// This kind's objects in `index`.
     fn objects(index: &Index) -> &Objects<Self>;
     /// The same, to change.
@@ -174,8 +189,11 @@ pub trait Kept: ResourceExt + Clone {
 }
 
 macro_rules! kept {
-    ($($kind:ty => $field:ident),* $(,)?) => {$(
+    ($($kind:ty => $field:ident, $slim:ident);* $(;)?) => {$(
         impl Kept for $kind {
+            fn slim(&self) -> Self {
+                $slim(self)
+            }
             fn objects(index: &Index) -> &Objects<Self> {
                 &index.$field
             }
@@ -187,11 +205,91 @@ macro_rules! kept {
 }
 
 kept!(
-    AzureAssignedIdentity => aais,
-    AzurePodIdentityException => exceptions,
-    AzureIdentityBinding => bindings,
-    AzureIdentity => identities,
+    AzureAssignedIdentity => aais, slim_aai;
+    AzurePodIdentityException => exceptions, slim_exception;
+    AzureIdentityBinding => bindings, slim_binding;
+    AzureIdentity => identities, slim_identity;
 );
+
+/// The metadata NMI reads of any object: namespace, name, UID and resource
+/// version (an Event's reference to the object names them).
+fn slim_meta(meta: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        generate_name: meta
+            .name
+            .is_none()
+            .then(|| meta.generate_name.clone())
+            .flatten(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
+    }
+}
+
+/// An AzureIdentity with [`slim_meta`], the namespaced-behaviour annotation
+/// (the only one NMI reads) and its spec.
+pub fn slim_identity(id: &AzureIdentity) -> AzureIdentity {
+    let mut metadata = slim_meta(&id.metadata);
+    metadata.annotations = id
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get_key_value(aadpodid_api::ANNOTATION_BEHAVIOR))
+        .map(|(k, v)| BTreeMap::from([(k.clone(), v.clone())]));
+    AzureIdentity {
+        metadata,
+        spec: id.spec.clone(),
+        status: None,
+    }
+}
+
+/// A binding with [`slim_meta`] and its spec.
+pub fn slim_binding(b: &AzureIdentityBinding) -> AzureIdentityBinding {
+    AzureIdentityBinding {
+        metadata: slim_meta(&b.metadata),
+        spec: b.spec.clone(),
+        status: None,
+    }
+}
+
+/// An exception with its namespace, name and spec.
+pub fn slim_exception(e: &AzurePodIdentityException) -> AzurePodIdentityException {
+    AzurePodIdentityException {
+        metadata: slim_meta(&e.metadata),
+        spec: e.spec.clone(),
+        status: None,
+    }
+}
+
+/// An AzureAssignedIdentity with [`slim_meta`], the pod it names, its
+/// embedded identity and binding (slim) and its status word.
+pub fn slim_aai(a: &AzureAssignedIdentity) -> AzureAssignedIdentity {
+    AzureAssignedIdentity {
+        metadata: slim_meta(&a.metadata),
+        spec: AzureAssignedIdentitySpec {
+            azure_identity_ref: a
+                .spec
+                .azure_identity_ref
+                .as_deref()
+                .map(|i| Box::new(slim_identity(i))),
+            azure_binding_ref: a
+                .spec
+                .azure_binding_ref
+                .as_deref()
+                .map(|b| Box::new(slim_binding(b))),
+            pod: a.spec.pod.clone(),
+            pod_namespace: a.spec.pod_namespace.clone(),
+            node_name: String::new(),
+            replicas: None,
+        },
+        status: a.status.as_ref().map(|s| AzureAssignedIdentityStatus {
+            status: s.status.clone(),
+            available_replicas: 0,
+        }),
+    }
+}
 
 /// What a cache says about an object looked up by name.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -222,7 +320,7 @@ impl Index {
         for ip in &entry.ips {
             self.by_ip.entry(*ip).or_default().insert(key.clone());
         }
-        self.pods.insert(key, entry);
+        self.pods.insert(key, Arc::new(entry));
     }
 
     /// Removes a pod.
@@ -256,7 +354,7 @@ impl Index {
     }
 
     /// The one live pod with address `ip`.
-    pub fn pod_by_ip(&self, ip: IpAddr) -> Result<&PodEntry, PodLookup> {
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Result<&Arc<PodEntry>, PodLookup> {
         let ip = ip.to_canonical();
         let keys = self.by_ip.get(&ip).ok_or(PodLookup::Unknown)?;
         let mut it = keys.iter();
@@ -271,7 +369,7 @@ impl Index {
     }
 
     /// A pod by name, whatever its phase (for `/host/token`).
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodEntry> {
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<PodEntry>> {
         self.pods.get(&(namespace.to_string(), name.to_string()))
     }
 
@@ -293,19 +391,19 @@ impl Index {
         K::objects_mut(self).reset(all);
     }
     /// The `K` named `namespace/name`.
-    pub fn lookup<K: Kept>(&self, namespace: &str, name: &str) -> Cached<'_, K> {
+    pub fn lookup<K: Kept>(&self, namespace: &str, name: &str) -> Cached<'_, Arc<K>> {
         K::objects(self).lookup(namespace, name)
     }
 
     /// The AzureAssignedIdentities naming this pod, in name order.
     pub fn aais_for_pod(&self, namespace: &str, name: &str) -> Vec<&AzureAssignedIdentity> {
-        let mut out: Vec<(&Key, &AzureAssignedIdentity)> = self
+        let mut out: Vec<(&Key, &Arc<AzureAssignedIdentity>)> = self
             .aais
             .iter()
             .filter(|(_, a)| a.spec.pod == name && a.spec.pod_namespace == namespace)
             .collect();
         out.sort_by(|a, b| a.0.cmp(b.0));
-        out.into_iter().map(|(_, a)| a).collect()
+        out.into_iter().map(|(_, a)| &**a).collect()
     }
 
     /// Whether an exception in the pod's namespace lists one of its labels
@@ -314,7 +412,7 @@ impl Index {
     pub fn is_excepted(&self, pod: &PodEntry) -> bool {
         self.exceptions
             .values()
-            .filter(|e| e.namespace().as_deref() == Some(pod.namespace.as_str()))
+            .filter(|e| e.metadata.namespace.as_deref() == Some(pod.namespace.as_str()))
             .flat_map(|e| e.spec.pod_labels.iter())
             .any(|(k, v)| {
                 pod.labels
@@ -326,11 +424,11 @@ impl Index {
     /// Managed mode: identities named by bindings in the pod's namespace whose
     /// selector equals the pod's `aadpodidbinding` label, looked up in the same
     /// namespace (as upstream's managed mode), in (binding name) order, without duplicates.
-    pub fn managed_identities_for(&self, pod: &PodEntry) -> Vec<&AzureIdentity> {
+    pub fn managed_identities_for(&self, pod: &PodEntry) -> Vec<&Arc<AzureIdentity>> {
         let Some(label) = pod.labels.get(aadpodid_api::POD_LABEL_BINDING) else {
             return Vec::new();
         };
-        let mut bindings: Vec<(&Key, &AzureIdentityBinding)> = self
+        let mut bindings: Vec<(&Key, &Arc<AzureIdentityBinding>)> = self
             .bindings
             .iter()
             .filter(|((ns, _), b)| *ns == pod.namespace && b.spec.selector == *label)
@@ -657,6 +755,73 @@ mod tests {
         );
         idx.delete::<AzureAssignedIdentity>("default", "p-ns-a");
         assert_eq!(idx.aais_for_pod("ns", "p").len(), 1);
+    }
+
+    #[test]
+    fn the_index_keeps_only_what_nmi_reads() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+        let noise = |m: &mut ObjectMeta| {
+            m.labels = Some([("team".to_string(), "x".to_string())].into());
+            m.managed_fields = Some(vec![ManagedFieldsEntry::default(); 3]);
+            m.finalizers = Some(vec!["f".into()]);
+            m.resource_version = Some("7".into());
+        };
+        let mut id = mk_identity("ns", "a", "c");
+        noise(&mut id.metadata);
+        id.metadata.annotations = Some(
+            [
+                (
+                    aadpodid_api::ANNOTATION_BEHAVIOR.to_string(),
+                    "namespaced".to_string(),
+                ),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    "{}".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        let mut binding = mk_binding("ns", "b", "a", "sel");
+        noise(&mut binding.metadata);
+        let mut aai = mk_aai("ns", "p", &id, &binding, "Created");
+        noise(&mut aai.metadata);
+        let slim = slim_aai(&aai);
+        let embedded = slim.spec.azure_identity_ref.as_deref().map(|i| &i.metadata);
+        let want_id = ObjectMeta {
+            namespace: Some("ns".into()),
+            name: Some("a".into()),
+            uid: Some("uid-identity-ns-a".into()),
+            resource_version: Some("7".into()),
+            annotations: Some(
+                [(
+                    aadpodid_api::ANNOTATION_BEHAVIOR.to_string(),
+                    "namespaced".to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        assert_eq!(slim_identity(&id).metadata, want_id);
+        assert_eq!(embedded, Some(&want_id));
+        assert_eq!(slim_identity(&id).spec, id.spec);
+        let b = slim.spec.azure_binding_ref.as_deref();
+        assert_eq!(b.map(|b| &b.spec), Some(&binding.spec));
+        assert_eq!(
+            b.and_then(|b| b.metadata.uid.as_deref()),
+            Some("uid-binding-ns-b")
+        );
+        assert!(
+            b.is_some_and(|b| b.metadata.labels.is_none() && b.metadata.managed_fields.is_none())
+        );
+        assert_eq!(
+            (slim.spec.pod.as_str(), slim.spec.pod_namespace.as_str()),
+            ("p", "ns")
+        );
+        assert_eq!(slim.status.map(|s| s.status), Some("Created".into()));
+        assert_eq!(slim.metadata.name, aai.metadata.name);
+        assert!(slim.metadata.managed_fields.is_none() && slim.metadata.labels.is_none());
+        let ex = slim_exception(&mk_exception("ns", "e", &[("app", "x")]));
+        assert_eq!(ex.spec.pod_labels.len(), 1);
     }
 
     #[test]

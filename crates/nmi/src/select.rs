@@ -43,6 +43,8 @@ use aadpodid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
     AzureIdentityBindingSpec, AzureIdentitySpec, IdentityType,
 };
+use std::sync::Arc;
+
 use kube::ResourceExt;
 
 use crate::index::{Cached, Index, PodEntry};
@@ -56,10 +58,16 @@ pub const DEFAULT_AAI_NAMESPACE: &str = "default";
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// Get a token for this identity.
-    Use(Box<AzureIdentity>),
+    Use(Arc<AzureIdentity>),
     /// `object_id` request: fetch these (type-0) identities' tokens and use
     /// the one whose object ID is the requested one.
-    ByObjectId(Vec<AzureIdentity>),
+    ByObjectId(Vec<Arc<AzureIdentity>>),
+    /// Nothing `Assigned` matches yet, but a valid `Created` one does: this
+    /// user-assigned identity passed every entitlement check and MIC is
+    /// still assigning it to the node. Its token is served as soon as IMDS
+    /// serves it; until then the request waits as for
+    /// [`Outcome::Wait`] with `created`.
+    Probe(Arc<AzureIdentity>),
     /// Nothing usable yet; wait for MIC. `created` says whether a matching
     /// identity is already `Created` (upstream's longer budget) or none exists.
     Wait {
@@ -121,7 +129,7 @@ pub enum AaiCheck<'a> {
         /// `Assigned` (else `Created`).
         assigned: bool,
         /// The live AzureIdentity.
-        identity: &'a AzureIdentity,
+        identity: &'a Arc<AzureIdentity>,
     },
 }
 
@@ -187,7 +195,7 @@ pub fn check_aai<'a>(
     let live = index.lookup::<AzureIdentity>(&id_ns, &id_name);
     // Where MIC would have written it, judged by the live identity's
     // annotations when there is one (they decide namespaced behaviour).
-    let judge = match live {
+    let judge: &AzureIdentity = match live {
         Cached::Found(l) => l,
         Cached::Missing | Cached::NotListed => embedded,
     };
@@ -205,7 +213,7 @@ pub fn check_aai<'a>(
         Cached::Missing => return Rejected(AaiDefect::IdentityGone),
         Cached::NotListed => return Undecided,
     };
-    if uid(identity) != Some(embedded_uid) {
+    if uid(identity.as_ref()) != Some(embedded_uid) {
         return Rejected(AaiDefect::IdentityReplaced);
     }
     if !same_identity_spec(&identity.spec, &embedded.spec) {
@@ -225,7 +233,7 @@ pub fn check_aai<'a>(
         Cached::Missing => return Rejected(AaiDefect::BindingGone),
         Cached::NotListed => return Undecided,
     };
-    if uid(binding) != Some(binding_uid) {
+    if uid(binding.as_ref()) != Some(binding_uid) {
         return Rejected(AaiDefect::BindingReplaced);
     }
     if !same_binding_spec(&binding.spec, &embedded_binding.spec) {
@@ -266,17 +274,32 @@ fn matches(identity: &AzureIdentity, selector: &Selector) -> bool {
     }
 }
 
-fn sort_key(i: &AzureIdentity) -> (String, String) {
-    (i.namespace().unwrap_or_default(), i.name_any())
+/// `(namespace, name)`, borrowed (what [`ResourceExt::namespace`] and
+/// [`ResourceExt::name_any`] give, without copying).
+fn sort_key(i: &AzureIdentity) -> (&str, &str) {
+    let m = &i.metadata;
+    (
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name
+            .as_deref()
+            .or(m.generate_name.as_deref())
+            .unwrap_or_default(),
+    )
 }
 
-fn choose(mut usable: Vec<AzureIdentity>, selector: &Selector) -> Outcome {
-    usable.sort_by_key(sort_key);
-    usable.dedup_by(|a, b| sort_key(a) == sort_key(b));
+/// `identities` ordered by [`sort_key`], without duplicates.
+fn ordered(mut identities: Vec<Arc<AzureIdentity>>) -> Vec<Arc<AzureIdentity>> {
+    identities.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+    identities.dedup_by(|a, b| sort_key(a) == sort_key(b));
+    identities
+}
+
+fn choose(usable: Vec<Arc<AzureIdentity>>, selector: &Selector) -> Outcome {
+    let usable = ordered(usable);
     match selector {
         Selector::ObjectId(_) => Outcome::ByObjectId(usable),
         _ => match usable.into_iter().next() {
-            Some(first) => Outcome::Use(Box::new(first)),
+            Some(first) => Outcome::Use(first),
             None => Outcome::Deny,
         },
     }
@@ -285,9 +308,14 @@ fn choose(mut usable: Vec<AzureIdentity>, selector: &Selector) -> Outcome {
 /// Standard mode (docs/upstream-behaviour.md#identity-selection-and-retry-budgets):
 /// the pod's AzureAssignedIdentities that pass [`check_aai`] decide. `Assigned`
 /// ones are usable (the live identity is used); `Created` ones (and ones a cache
-/// cannot judge yet) make the request wait.
+/// cannot judge yet) make the request wait. While it waits, a `Created`
+/// user-assigned identity that matches the request (and passed every check
+/// `Assigned` would) is [`Outcome::Probe`]: the server asks IMDS for its
+/// token, and serves it as soon as IMDS has the identity. An `object_id`
+/// request only ever uses `Assigned` identities.
 pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: bool) -> Outcome {
     let mut usable = Vec::new();
+    let mut created = Vec::new();
     let mut pending = false;
     let mut any = false;
     for aai in index.aais_for_pod(&pod.namespace, &pod.name) {
@@ -301,15 +329,21 @@ pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: 
                     continue;
                 }
                 if assigned {
-                    usable.push(identity.clone());
+                    usable.push(Arc::clone(identity));
                 } else {
                     pending = true;
+                    if probe_allowed(identity, selector) {
+                        created.push(Arc::clone(identity));
+                    }
                 }
             }
         }
     }
     if !usable.is_empty() {
         return choose(usable, selector);
+    }
+    if let Some(first) = ordered(created).into_iter().next() {
+        return Outcome::Probe(first);
     }
     if pending {
         return Outcome::Wait { created: true };
@@ -323,12 +357,21 @@ pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: 
     Outcome::Deny
 }
 
+/// Whether a valid `Created` identity may be tried at IMDS before MIC marks
+/// it `Assigned`: a user-assigned identity (the only kind IMDS serves),
+/// asked for by default, client ID or resource ID (an `object_id` request
+/// fetches every candidate's token, and waits for `Assigned` ones).
+pub fn probe_allowed(identity: &AzureIdentity, selector: &Selector) -> bool {
+    identity.spec.r#type == IdentityType::UserAssignedMsi
+        && !matches!(selector, Selector::ObjectId(_))
+}
+
 /// Managed mode: identities bound in the pod's namespace, no waiting.
-pub fn managed(selector: &Selector, identities: &[&AzureIdentity]) -> Outcome {
-    let usable: Vec<AzureIdentity> = identities
+pub fn managed(selector: &Selector, identities: &[&Arc<AzureIdentity>]) -> Outcome {
+    let usable: Vec<Arc<AzureIdentity>> = identities
         .iter()
         .filter(|i| matches(i, selector))
-        .map(|i| (*i).clone())
+        .map(|i| Arc::clone(i))
         .collect();
     choose(usable, selector)
 }
@@ -392,6 +435,7 @@ mod tests {
                 "oid {}",
                 v.iter().map(|i| i.name_any()).collect::<Vec<_>>().join(",")
             ),
+            Outcome::Probe(i) => format!("probe {}", i.name_any()),
             Outcome::Wait { created } => format!("wait created={created}"),
             Outcome::Deny => "deny".into(),
         }
@@ -542,18 +586,18 @@ mod tests {
                 want: "wait created=false",
             },
             Case {
-                name: "created: wait (assigned budget)",
+                name: "created: IMDS is tried, else wait (assigned budget)",
                 aais: vec![p(a, "Created")],
                 sel: Selector::Default,
                 namespaced: false,
-                want: "wait created=true",
+                want: "probe a",
             },
             Case {
-                name: "asked identity still created: wait",
+                name: "asked identity still created: IMDS is tried, else wait",
                 aais: vec![p(a, "Assigned"), p(b, "Created")],
                 sel: cid("22222222-bbbb-4000-8000-000000000002"),
                 namespaced: false,
-                want: "wait created=true",
+                want: "probe b",
             },
             Case {
                 name: "default with one assigned and one created: use assigned",
@@ -999,7 +1043,7 @@ mod tests {
                 AaiCheck::Undecided => "undecided".into(),
                 AaiCheck::Valid { identity, .. } => {
                     assert_eq!(
-                        uid(identity),
+                        uid(identity.as_ref()),
                         Some("uid-identity-ns-a"),
                         "{}: the live identity is used",
                         c.name
@@ -1079,10 +1123,63 @@ mod tests {
     }
 
     #[test]
+    fn created_identities_are_probed_only_when_every_check_passed() {
+        let w = world();
+        let (a, b, sp) = (&w.a, &w.b, &w.sp);
+        let res_b = Selector::ResourceId(b.spec.resource_id.clone());
+        let cid_b = Selector::ClientId(b.spec.client_id.clone());
+        let oid = Selector::ObjectId("0000".into());
+        // (case, the pod's AAIs, the request's selector, outcome)
+        let cases: [(&str, Vec<AzureAssignedIdentity>, &Selector, &str); 5] = [
+            (
+                "two created: the smallest (ns,name) is tried",
+                vec![p(b, "Created"), p(a, "Created")],
+                &Selector::Default,
+                "probe a",
+            ),
+            (
+                "created, asked by resource ID: tried",
+                vec![p(b, "Created")],
+                &res_b,
+                "probe b",
+            ),
+            (
+                "created, another identity asked: not tried, denied",
+                vec![p(a, "Created")],
+                &cid_b,
+                "deny",
+            ),
+            (
+                "created service principal: IMDS does not serve it, wait",
+                vec![p(sp, "Created")],
+                &Selector::Default,
+                "wait created=true",
+            ),
+            (
+                "created, object_id request: wait for assigned",
+                vec![p(a, "Created")],
+                &oid,
+                "wait created=true",
+            ),
+        ];
+        let got: Vec<(&str, String)> = cases
+            .iter()
+            .map(|(name, aais, sel, _)| {
+                let idx = w.index(aais);
+                (*name, chosen(&standard(&pod("ns", "p"), sel, &idx, false)))
+            })
+            .collect();
+        let want: Vec<(&str, String)> = cases.iter().map(|c| (c.0, c.3.to_string())).collect();
+        assert_eq!(got, want);
+        assert!(probe_allowed(a, &Selector::Default) && !probe_allowed(sp, &Selector::Default));
+        assert!(!probe_allowed(a, &oid));
+    }
+
+    #[test]
     fn managed_mode_table() {
-        let a = mk_identity("ns", "a", "c-a");
-        let b = mk_identity("ns", "b", "c-b");
-        let cases: Vec<(&str, Vec<&AzureIdentity>, Selector, &str)> = vec![
+        let a = Arc::new(mk_identity("ns", "a", "c-a"));
+        let b = Arc::new(mk_identity("ns", "b", "c-b"));
+        let cases: Vec<(&str, Vec<&Arc<AzureIdentity>>, Selector, &str)> = vec![
             ("first by name", vec![&b, &a], Selector::Default, "use a"),
             (
                 "client id",
