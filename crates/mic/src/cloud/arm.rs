@@ -22,6 +22,7 @@ use azure_identity::{
 use serde::Deserialize;
 
 use super::config::{CloudConfig, CredentialConfig};
+use super::poll::{Endings, PollPolicy, Progress, next_delay};
 use super::{
     ArmError, ArmIdentity, Cloud, CloudError, IdentityPatch, ResourceIdentity, ResourceKind,
     ResourceRef, normalize_id,
@@ -54,14 +55,15 @@ pub fn compute_api_version(cloud: &str, flag: Option<&str>) -> String {
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// go-autorest's default PollingDuration, which upstream keeps.
 const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-/// Longest single wait between polls, whatever Retry-After says.
-const MAX_POLL_DELAY: Duration = Duration::from_secs(60);
 
 /// Settings of the client that are not in the cloud config.
 #[derive(Clone, Debug)]
 pub struct ArmOptions {
     /// `aad-pod-identity/MIC/<version>[ <custom>]`; the SDK adds its own part.
     pub user_agent: String,
+    /// Spacing of LRO polls while ARM has sent no `Retry-After` for the
+    /// operation and no earlier operation of its kind says when it ends
+    /// ([`PollPolicy::fallback`]).
     pub poll_interval: Duration,
     pub poll_timeout: Duration,
     /// `--compute-api-version`; `None` or empty: the cloud's own
@@ -122,6 +124,9 @@ pub struct ArmCloud {
     remaining: std::sync::Mutex<std::collections::BTreeMap<ResourceRef, String>>,
     /// Last `x-ms-ratelimit-remaining-subscription-writes`, from write answers.
     subscription_writes: std::sync::Mutex<Option<u64>>,
+    /// When recent operations ended, per kind of resource: where the poll
+    /// schedule looks closely.
+    endings: std::sync::Mutex<std::collections::BTreeMap<ResourceKind, Endings>>,
 }
 
 fn client_options(config: &CloudConfig) -> ClientOptions {
@@ -358,6 +363,7 @@ impl ArmCloud {
             options,
             remaining: std::sync::Mutex::default(),
             subscription_writes: std::sync::Mutex::default(),
+            endings: std::sync::Mutex::default(),
         })
     }
 
@@ -576,16 +582,45 @@ impl ArmCloud {
         if !resp.status().is_success() {
             return Err(arm_error(&resp));
         }
-        self.wait_for_completion(&c, &resp).await
+        self.wait_for_completion(&c, &resp, r.kind).await
+    }
+
+    /// The poll schedule's settings.
+    fn poll_policy(&self) -> PollPolicy {
+        let default = PollPolicy::default();
+        PollPolicy {
+            fallback: self.options.poll_interval,
+            min_spacing: default.min_spacing.min(self.options.poll_interval),
+            ..default
+        }
+    }
+
+    /// Where operations on `kind` ended lately.
+    fn window(&self, kind: ResourceKind) -> Option<(Duration, Duration)> {
+        self.endings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&kind)
+            .and_then(Endings::window)
+    }
+
+    fn record_ending(&self, kind: ResourceKind, running: Duration, ended: Duration) {
+        self.endings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default()
+            .record(running, ended);
     }
 
     /// Follows `Azure-AsyncOperation` (preferred by Compute) or `Location`
-    /// until the operation ends (`Location` answers 202 while it runs). Bounded by the poll
-    /// timeout.
+    /// until the operation ends (`Location` answers 202 while it runs), at
+    /// the times [`next_delay`] picks. Bounded by the poll timeout.
     async fn wait_for_completion(
         &self,
         c: &Connection,
         first: &RawResponse,
+        kind: ResourceKind,
     ) -> Result<(), ArmError> {
         let (url, by_location) = match (
             first.headers().get_optional_str(&ASYNC_OPERATION),
@@ -601,9 +636,20 @@ impl ArmCloud {
             message: format!("operation URL {url}: {e}"),
             retry_after: None,
         })?;
-        let deadline = tokio::time::Instant::now() + self.options.poll_timeout;
-        let mut delay = retry_after(first.headers()).unwrap_or(self.options.poll_interval);
+        let accepted = tokio::time::Instant::now();
+        let deadline = accepted + self.options.poll_timeout;
+        let policy = self.poll_policy();
+        let hint = retry_after(first.headers());
+        let mut progress = Progress {
+            elapsed: Duration::ZERO,
+            retry_after: hint,
+            last_hint: hint,
+        };
+        // When a poll last found the operation running.
+        let mut running = Duration::ZERO;
         loop {
+            progress.elapsed = accepted.elapsed();
+            let delay = next_delay(&policy, &progress, self.window(kind));
             if tokio::time::Instant::now() + delay > deadline {
                 return Err(ArmError {
                     status: None,
@@ -612,13 +658,19 @@ impl ArmCloud {
                     retry_after: None,
                 });
             }
-            tokio::time::sleep(delay.min(MAX_POLL_DELAY)).await;
+            tokio::time::sleep(delay).await;
+            let sent = accepted.elapsed();
             let resp = Self::send(c, Method::Get, url.clone(), None).await?;
+            let answered = accepted.elapsed();
             let status = u16::from(resp.status());
+            let ended = |this: &Self| this.record_ending(kind, running, answered);
             if by_location {
                 match status {
                     202 => {}
-                    200..=299 => return Ok(()),
+                    200..=299 => {
+                        ended(self);
+                        return Ok(());
+                    }
                     _ => return Err(arm_error(&resp)),
                 }
             } else {
@@ -633,8 +685,12 @@ impl ArmCloud {
                         retry_after: None,
                     })?;
                 match body.status.as_str() {
-                    "Succeeded" => return Ok(()),
+                    "Succeeded" => {
+                        ended(self);
+                        return Ok(());
+                    }
                     "Failed" | "Canceled" => {
+                        ended(self);
                         let inner = body.error.unwrap_or(CloudErrorInner {
                             code: body.status.clone(),
                             message: String::new(),
@@ -649,7 +705,11 @@ impl ArmCloud {
                     _ => {}
                 }
             }
-            delay = retry_after(resp.headers()).unwrap_or(self.options.poll_interval);
+            running = sent;
+            progress.retry_after = retry_after(resp.headers());
+            if progress.retry_after.is_some() {
+                progress.last_hint = progress.retry_after;
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod arm;
 pub mod config;
+pub mod poll;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
