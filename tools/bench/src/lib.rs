@@ -13,10 +13,12 @@
 //! machine's description to `docs/benchmarks.md` and draws
 //! `docs/benchmarks.svg`.
 //!
-//! MIC, NMI, the namespace relay and the load client are this same binary
-//! re-executed with [`ROLE_ENV`] set ([`child`]): the MIC and NMI children run
-//! exactly `mic::cli_main` / `nmi::cli_main`, so their RSS and CPU can be
-//! read from `/proc/<pid>` apart from the emulator and the load generator.
+//! MIC and NMI are the shipped release binaries ([`shipped`]: built here as
+//! their images build them, or given with `--mic-bin` / `--nmi-bin`), so
+//! their RSS and CPU, read from `/proc/<pid>`, are the product's; NMI is
+//! pinned to one core. The namespace relay, the load generator (pinned to
+//! another core) and the floods are this same binary re-executed with
+//! [`ROLE_ENV`] set ([`child`]).
 //!
 //! Where the figures of the upstream column come from: [`subject::mic_program`]
 //! and [`subject::nmi_program`], the only places that differ per [`Subject`].
@@ -24,8 +26,11 @@
 pub mod child;
 pub mod migration;
 pub mod report;
+pub mod shipped;
+pub mod stats;
 pub mod subject;
 mod world;
+pub mod writes;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,7 +38,7 @@ use std::time::Duration;
 pub use subject::Subject;
 
 /// Environment variable that turns this binary into one of its children
-/// (`mic`, `nmi`, `relay`, `load`).
+/// (`relay`, `load`, `flood`).
 pub const ROLE_ENV: &str = "AADPODID_BENCH_ROLE";
 
 /// Command line of the bench.
@@ -62,9 +67,50 @@ pub struct Options {
     /// Keep the run's folders (MIC and NMI logs) and print where they are.
     #[arg(long)]
     pub keep_logs: bool,
+    /// Which column runs first; `both` runs each twice, in both orders
+    /// (this project, upstream, upstream, this project), and shows the
+    /// spread (default: `both`; with `--quick`, `ours-first`).
+    #[arg(long, value_enum)]
+    pub order: Option<Order>,
+    /// This project's mic executable (default: built here with `cargo
+    /// build --release --locked -p mic --bin mic`).
+    #[arg(long)]
+    pub mic_bin: Option<PathBuf>,
+    /// This project's nmi executable (default: built here likewise).
+    #[arg(long)]
+    pub nmi_bin: Option<PathBuf>,
+}
+
+/// The order the columns run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Order {
+    OursFirst,
+    UpstreamFirst,
+    Both,
+}
+
+impl Order {
+    /// The subjects' runs, in order.
+    pub fn runs(self) -> Vec<Subject> {
+        use Subject::{ThisProject as Ours, Upstream as Up};
+        match self {
+            Order::OursFirst => vec![Ours, Up],
+            Order::UpstreamFirst => vec![Up, Ours],
+            Order::Both => vec![Ours, Up, Up, Ours],
+        }
+    }
 }
 
 impl Options {
+    /// The order of the columns' runs.
+    pub fn order(&self) -> Order {
+        self.order.unwrap_or(if self.quick {
+            Order::OursFirst
+        } else {
+            Order::Both
+        })
+    }
+
     /// Whether row `n` (1-5) is selected.
     pub fn row(&self, n: u8) -> bool {
         self.rows.is_empty() || self.rows.contains(&n)
@@ -86,16 +132,22 @@ pub struct Scale {
     pub speed: f64,
     /// Row 1: emulated VMSS write (LRO) duration, seconds.
     pub lro_seconds: f64,
+    /// Row 1: new pods timed, one after the other.
+    pub first_token_samples: usize,
     /// Row 2: pods, identities and scale sets of the burst.
     pub burst_pods: usize,
     pub burst_ids: usize,
     pub vmss: usize,
     /// Kubernetes nodes (VMSS instances) per scale set.
     pub nodes_per_vmss: usize,
-    /// Row 3: concurrent clients, requests per client, time bound.
-    pub load_clients: usize,
-    pub load_requests: usize,
-    pub load_max: Duration,
+    /// Row 3: how long each fixed rate of [`report::LOAD_RATES`] runs, and
+    /// each step of the search for the peak sustainable rate.
+    pub load_seconds: Duration,
+    pub load_search_seconds: Duration,
+    /// Row 3: the generator's keep-alive connections (requests in flight
+    /// at most): nmi's default limit of connections from one address
+    /// (`--max-connections-per-ip`, 32), the most one pod can hold.
+    pub load_connections: usize,
     /// Row 4: pods on NMI's node; pods and identities MIC holds.
     pub nmi_pods: usize,
     pub big_pods: usize,
@@ -117,13 +169,14 @@ impl Scale {
         Scale {
             speed: 10.0,
             lro_seconds: 45.0,
+            first_token_samples: 20,
             burst_pods: 1000,
             burst_ids: 50,
             vmss: 10,
             nodes_per_vmss: 10,
-            load_clients: 64,
-            load_requests: 200,
-            load_max: Duration::from_secs(60),
+            load_seconds: Duration::from_secs(10),
+            load_search_seconds: Duration::from_secs(5),
+            load_connections: 32,
             nmi_pods: 110,
             big_pods: 10_000,
             big_ids: 1000,
@@ -139,13 +192,14 @@ impl Scale {
         Scale {
             speed: 100.0,
             lro_seconds: 45.0,
+            first_token_samples: 3,
             burst_pods: 40,
             burst_ids: 5,
             vmss: 2,
             nodes_per_vmss: 2,
-            load_clients: 64,
-            load_requests: 10,
-            load_max: Duration::from_secs(20),
+            load_seconds: Duration::from_secs(1),
+            load_search_seconds: Duration::from_millis(500),
+            load_connections: 32,
             nmi_pods: 8,
             big_pods: 120,
             big_ids: 12,
@@ -184,27 +238,46 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         Scale::full()
     };
     let started = std::time::Instant::now();
-    let mut columns = Vec::new();
-    for subject in [Subject::ThisProject, Subject::Upstream] {
+    let shipped = shipped::Shipped::locate(opts.mic_bin.as_deref(), opts.nmi_bin.as_deref())?;
+    eprintln!(
+        "mic: {}, nmi: {}; {}",
+        shipped.mic.display(),
+        shipped.nmi.display(),
+        shipped.cores.describe()
+    );
+    let runs = opts.order().runs();
+    let mut by_subject: Vec<(Subject, Vec<(String, report::Figures)>)> = Vec::new();
+    for (i, subject) in runs.iter().copied().enumerate() {
         let figures = if subject == Subject::Upstream && opts.no_upstream {
             report::Figures::not_run("not run: --no-upstream")
         } else if !(1..=5).any(|n| opts.row(n)) {
             report::Figures::not_run("not run: row not selected")
         } else {
-            subject::run_subject(subject, &scale, &opts).await
+            eprintln!("run {} of {}: {}", i + 1, runs.len(), subject.title());
+            subject::run_subject(subject, &scale, &opts, &shipped).await
         };
-        columns.push((subject, figures));
+        let label = format!("run {} of {}", i + 1, runs.len());
+        match by_subject.iter_mut().find(|(s, _)| *s == subject) {
+            Some((_, v)) => v.push((label, figures)),
+            None => by_subject.push((subject, vec![(label, figures)])),
+        }
     }
+    by_subject.sort_by_key(|(s, _)| *s);
+    let mut columns: Vec<(Subject, report::Figures)> = by_subject
+        .into_iter()
+        .map(|(s, runs)| (s, report::Figures::merge(runs)))
+        .collect();
     if opts.migration_row() {
-        migration::row(&mut columns, opts.no_upstream).await;
+        migration::row(&mut columns, opts.no_upstream, &shipped).await;
     }
     let mut table = report::Table::new(&scale, columns);
+    table.runs = runs;
     table.hidden_rows = (1..=5).filter(|n| !opts.row(*n)).collect();
     if !opts.migration_row() {
         table.hidden_rows.push(6);
     }
     println!("{}", table.render_text());
-    let machine = report::Machine::describe(started.elapsed(), opts.quick);
+    let machine = report::Machine::describe(started.elapsed(), opts.quick, &shipped);
     report::write_files(&opts.out, &table, &machine)?;
     eprintln!(
         "wrote {} and {}",

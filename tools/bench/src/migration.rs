@@ -12,12 +12,12 @@ use aadpodid_testkit::world::Options as WorldOptions;
 use aadpodid_testkit::world::upgrade::{self, Sides, UpgradeFigures, UpgradePath, UpgradePlan};
 
 use crate::report::{Figures, Metric};
+use crate::shipped::Shipped;
 use crate::subject::{Subject, available};
-use crate::world::role;
 
 /// The metrics of row 6.
 fn metrics() -> impl Iterator<Item = Metric> {
-    Metric::ALL.into_iter().filter(|m| m.row() == 6)
+    Metric::all().into_iter().filter(|m| m.row() == 6)
 }
 
 /// The world of the run: two nodes (one per scale set), two pods each, three
@@ -32,7 +32,7 @@ fn world_options() -> WorldOptions {
 }
 
 /// Runs the migration and fills row 6 of both columns (or says why not).
-pub async fn row(columns: &mut [(Subject, Figures)], no_upstream: bool) {
+pub async fn row(columns: &mut [(Subject, Figures)], no_upstream: bool, shipped: &Shipped) {
     let reason = if no_upstream {
         Some("not run: --no-upstream".to_string())
     } else {
@@ -43,7 +43,7 @@ pub async fn row(columns: &mut [(Subject, Figures)], no_upstream: bool) {
         return;
     }
     eprintln!("row 6: in-place migration upstream -> this project -> upstream");
-    match measure().await {
+    match measure(shipped).await {
         Ok(run) => {
             eprintln!("{}", run.blocks());
             for (subject, f) in columns.iter_mut() {
@@ -58,12 +58,13 @@ pub async fn row(columns: &mut [(Subject, Figures)], no_upstream: bool) {
     }
 }
 
-async fn measure() -> anyhow::Result<upgrade::UpgradeRun> {
+async fn measure(shipped: &Shipped) -> anyhow::Result<upgrade::UpgradeRun> {
     let sides = Sides {
         upstream_mic: aadpodid_testkit::world::Program::upstream("mic")?,
         upstream_nmi: aadpodid_testkit::world::Program::upstream("nmi")?,
-        our_mic: role("mic"),
-        our_nmi: role("nmi"),
+        our_mic: shipped.mic_program(),
+        // Not pinned: two nodes' nmis run at once here.
+        our_nmi: aadpodid_testkit::world::Program::binary(&shipped.nmi),
     };
     let mut plan = UpgradePlan::new(sides);
     plan.path = UpgradePath::Helm;

@@ -10,19 +10,38 @@ use aadpodid_testkit::procfs;
 
 use crate::{Scale, Subject};
 
+/// Row 3's fixed rates, tokens per second.
+pub const LOAD_RATES: [u32; 3] = [1000, 5000, 10_000];
+
+/// Row 3's search: the highest p99 of a sustained rate.
+pub const SUSTAINED_P99: Duration = Duration::from_millis(10);
+
 /// One line of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Metric {
+    /// Median of the samples.
     FirstToken,
+    FirstTokenP95,
+    FirstTokenMin,
+    FirstTokenMax,
     BurstEmulated,
     BurstWall,
     BurstWrites,
     BurstReads,
     BurstPolls,
     Burst429,
-    TokenP50,
-    TokenP99,
-    TokenThroughput,
+    /// The most ARM writes one scale set got in the burst.
+    BurstVmssWrites,
+    /// The most writes in flight on one scale set at once.
+    BurstVmssInFlight,
+    /// Open-loop load at a fixed rate (tokens/s, one of [`LOAD_RATES`]):
+    /// latency percentiles from the time due, and the rate achieved.
+    LoadP50(u32),
+    LoadP99(u32),
+    LoadMax(u32),
+    LoadAchieved(u32),
+    /// The highest rate sustained in the search.
+    LoadPeak,
     NmiRestRss,
     NmiRestFds,
     NmiPeakRss,
@@ -48,30 +67,58 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 33] = [
+    pub fn all() -> Vec<Metric> {
+        let load = |r| {
+            [
+                Metric::LoadP50(r),
+                Metric::LoadP99(r),
+                Metric::LoadMax(r),
+                Metric::LoadAchieved(r),
+            ]
+        };
+        let flood = |k| {
+            [
+                Metric::FloodRss(k),
+                Metric::FloodFds(k),
+                Metric::FloodVictim(k),
+            ]
+        };
+        Self::HEAD
+            .into_iter()
+            .chain(LOAD_RATES.into_iter().flat_map(load))
+            .chain(Self::MIDDLE)
+            .chain(Kind::ALL.into_iter().flat_map(flood))
+            .chain(Self::TAIL)
+            .collect()
+    }
+
+    /// The metrics of rows 1 and 2.
+    const HEAD: [Metric; 12] = [
         Metric::FirstToken,
+        Metric::FirstTokenP95,
+        Metric::FirstTokenMin,
+        Metric::FirstTokenMax,
         Metric::BurstEmulated,
         Metric::BurstWall,
         Metric::BurstWrites,
         Metric::BurstReads,
         Metric::BurstPolls,
         Metric::Burst429,
-        Metric::TokenP50,
-        Metric::TokenP99,
-        Metric::TokenThroughput,
+        Metric::BurstVmssWrites,
+        Metric::BurstVmssInFlight,
+    ];
+
+    /// Between the fixed rates and the floods.
+    const MIDDLE: [Metric; 5] = [
+        Metric::LoadPeak,
         Metric::NmiRestRss,
         Metric::NmiRestFds,
         Metric::NmiPeakRss,
         Metric::NmiPodsFds,
-        Metric::FloodRss(Kind::SlowBodies),
-        Metric::FloodFds(Kind::SlowBodies),
-        Metric::FloodVictim(Kind::SlowBodies),
-        Metric::FloodRss(Kind::DistinctResources),
-        Metric::FloodFds(Kind::DistinctResources),
-        Metric::FloodVictim(Kind::DistinctResources),
-        Metric::FloodRss(Kind::IdleConnections),
-        Metric::FloodFds(Kind::IdleConnections),
-        Metric::FloodVictim(Kind::IdleConnections),
+    ];
+
+    /// After the floods: mic's figures of row 4, rows 5 and 6.
+    const TAIL: [Metric; 10] = [
         Metric::MicPeakRss,
         Metric::BigConvergeWall,
         Metric::IdleArmCalls,
@@ -87,14 +134,23 @@ impl Metric {
     /// Row of the table (1-6).
     pub fn row(self) -> u8 {
         match self {
-            Metric::FirstToken => 1,
+            Metric::FirstToken
+            | Metric::FirstTokenP95
+            | Metric::FirstTokenMin
+            | Metric::FirstTokenMax => 1,
             Metric::BurstEmulated
             | Metric::BurstWall
             | Metric::BurstWrites
             | Metric::BurstReads
             | Metric::BurstPolls
-            | Metric::Burst429 => 2,
-            Metric::TokenP50 | Metric::TokenP99 | Metric::TokenThroughput => 3,
+            | Metric::Burst429
+            | Metric::BurstVmssWrites
+            | Metric::BurstVmssInFlight => 2,
+            Metric::LoadP50(_)
+            | Metric::LoadP99(_)
+            | Metric::LoadMax(_)
+            | Metric::LoadAchieved(_)
+            | Metric::LoadPeak => 3,
             Metric::NmiRestRss
             | Metric::NmiRestFds
             | Metric::NmiPeakRss
@@ -118,10 +174,14 @@ impl Metric {
     pub fn label(self, s: &Scale) -> String {
         match self {
             Metric::FirstToken => format!(
-                "first token for a new pod, minus the LRO (L = {:.0} s emulated = {:.1} s wall), ms",
+                "first token for a new pod, minus the LRO (L = {:.0} s emulated = {:.1} s wall): median of {} samples, ms",
                 s.lro_seconds,
-                s.lro_seconds / s.speed
+                s.lro_seconds / s.speed,
+                s.first_token_samples
             ),
+            Metric::FirstTokenP95 => "first token minus L: p95, ms".into(),
+            Metric::FirstTokenMin => "first token minus L: min, ms".into(),
+            Metric::FirstTokenMax => "first token minus L: max, ms".into(),
             Metric::BurstEmulated => format!(
                 "burst of {} pods / {} identities / {} scale sets: all Assigned, emulated s",
                 s.burst_pods, s.burst_ids, s.vmss
@@ -131,12 +191,24 @@ impl Metric {
             Metric::BurstReads => "burst: ARM reads (GET of VMSS/VM)".into(),
             Metric::BurstPolls => "burst: ARM LRO status polls".into(),
             Metric::Burst429 => "burst: ARM 429 answers".into(),
-            Metric::TokenP50 => format!(
-                "NMI token p50 at {} concurrent clients (cached), ms",
-                s.load_clients
+            Metric::BurstVmssWrites => {
+                "burst: ARM writes to one scale set, the most of any (each in the details)".into()
+            }
+            Metric::BurstVmssInFlight => {
+                "burst: writes in flight on one scale set at once, the most of any".into()
+            }
+            Metric::LoadP50(r) => format!(
+                "nmi on one core, open loop at {r} tokens/s for {:.0} s (cached token): p50 from the time due, ms",
+                s.load_seconds.as_secs_f64()
             ),
-            Metric::TokenP99 => "NMI token p99, ms".into(),
-            Metric::TokenThroughput => "NMI token throughput, tokens/s".into(),
+            Metric::LoadP99(r) => format!("open loop at {r} tokens/s: p99, ms"),
+            Metric::LoadMax(r) => format!("open loop at {r} tokens/s: max, ms"),
+            Metric::LoadAchieved(r) => format!("open loop at {r} tokens/s: achieved, tokens/s"),
+            Metric::LoadPeak => format!(
+                "nmi on one core: peak sustainable rate ({:.1} s steps: all answered 200, ≥ 95 % achieved, p99 ≤ {} ms), tokens/s",
+                s.load_search_seconds.as_secs_f64(),
+                SUSTAINED_P99.as_millis()
+            ),
             Metric::NmiRestRss => "RSS of nmi at rest (active, no pod on its node), MiB".into(),
             Metric::NmiRestFds => "open descriptors of nmi at rest".into(),
             Metric::NmiPeakRss => {
@@ -191,9 +263,15 @@ impl Metric {
 }
 
 /// A measured value, or why there is none.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Cell {
     Value(f64),
+    /// The same figure from several runs: their mean, min and max.
+    Spread {
+        mean: f64,
+        min: f64,
+        max: f64,
+    },
     Text(String),
 }
 
@@ -202,8 +280,49 @@ impl Cell {
     pub fn render(&self) -> String {
         match self {
             Cell::Value(v) => format_number(*v),
+            Cell::Spread { mean, min, max } => format!(
+                "{} ({}–{})",
+                format_number(*mean),
+                format_number(*min),
+                format_number(*max)
+            ),
             Cell::Text(t) => t.clone(),
         }
+    }
+
+    /// The cell of several runs' cells: one value as it is, several values
+    /// as their spread, texts (one run's failure) with the run they come from.
+    fn merge(cells: &[(&str, Option<&Cell>)]) -> Cell {
+        let values: Vec<f64> = cells
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Some(Cell::Value(v)) => Some(*v),
+                _ => None,
+            })
+            .collect();
+        if values.len() == cells.len() {
+            return match values[..] {
+                [v] => Cell::Value(v),
+                _ => Cell::Spread {
+                    mean: values.iter().sum::<f64>() / values.len() as f64,
+                    min: values.iter().copied().fold(f64::INFINITY, f64::min),
+                    max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                },
+            };
+        }
+        let texts: Vec<String> = cells
+            .iter()
+            .map(|(_, c)| c.map_or_else(|| "not run".to_string(), Cell::render))
+            .collect();
+        if texts.iter().all(|t| *t == texts[0]) {
+            return Cell::Text(texts[0].clone());
+        }
+        let each: Vec<String> = cells
+            .iter()
+            .zip(texts)
+            .map(|((label, _), t)| format!("{label}: {t}"))
+            .collect();
+        Cell::Text(each.join("; "))
     }
 }
 
@@ -248,7 +367,7 @@ impl Figures {
 
     /// Sets `t` in every cell not set yet.
     pub fn fill_missing(&mut self, t: &str) {
-        for m in Metric::ALL {
+        for m in Metric::all() {
             self.cells
                 .entry(m)
                 .or_insert_with(|| Cell::Text(t.to_string()));
@@ -259,12 +378,35 @@ impl Figures {
         self.cells.get(&m)
     }
 
-    /// The numeric value of `m`, if measured.
+    /// The numeric value of `m`, if measured (the mean over runs).
     pub fn value(&self, m: Metric) -> Option<f64> {
         match self.cells.get(&m) {
             Some(Cell::Value(v)) => Some(*v),
+            Some(Cell::Spread { mean, .. }) => Some(*mean),
             _ => None,
         }
+    }
+
+    /// One column of several runs of the same subject (`label`, figures):
+    /// each cell merged ([`Cell::merge`]), each run's notes under its label
+    /// when there are several.
+    pub fn merge(runs: Vec<(String, Figures)>) -> Figures {
+        if runs.len() == 1 {
+            return runs.into_iter().next().map(|(_, f)| f).unwrap_or_default();
+        }
+        let mut out = Figures::default();
+        for m in Metric::all() {
+            let cells: Vec<(&str, Option<&Cell>)> =
+                runs.iter().map(|(l, f)| (l.as_str(), f.get(m))).collect();
+            if cells.iter().any(|(_, c)| c.is_some()) {
+                out.cells.insert(m, Cell::merge(&cells));
+            }
+        }
+        for (label, f) in runs {
+            out.notes
+                .extend(f.notes.into_iter().map(|n| format!("[{label}] {n}")));
+        }
+        out
     }
 }
 
@@ -275,6 +417,8 @@ pub struct Table {
     pub columns: Vec<(Subject, Figures)>,
     /// Rows left out of the table and the chart (not run in this mode).
     pub hidden_rows: Vec<u8>,
+    /// The subjects' runs of rows 1-5, in the order they ran.
+    pub runs: Vec<Subject>,
 }
 
 impl Table {
@@ -283,12 +427,13 @@ impl Table {
             scale: scale.clone(),
             columns,
             hidden_rows: Vec::new(),
+            runs: Vec::new(),
         }
     }
 
     /// The metrics shown, in table order.
     fn metrics(&self) -> Vec<Metric> {
-        Metric::ALL
+        Metric::all()
             .into_iter()
             .filter(|m| !self.hidden_rows.contains(&m.row()))
             .collect()
@@ -349,11 +494,13 @@ pub struct Machine {
     pub commit: String,
     pub took: Duration,
     pub quick: bool,
+    /// Where nmi and the load generator ran.
+    pub cores: String,
 }
 
 impl Machine {
     /// Reads `/proc`, `date` and the Git commit of the work tree (read-only).
-    pub fn describe(took: Duration, quick: bool) -> Self {
+    pub fn describe(took: Duration, quick: bool, shipped: &crate::shipped::Shipped) -> Self {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let dirty =
             !command_text("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
@@ -369,6 +516,7 @@ impl Machine {
             ),
             took,
             quick,
+            cores: shipped.cores.describe(),
         }
     }
 }
@@ -462,6 +610,20 @@ fn write_heading(out: &mut String, t: &Table, m: &Machine, svg: &Path) {
             ""
         }
     );
+    if t.runs.len() > 1 {
+        let order: Vec<&str> = t.runs.iter().map(|s| s.title()).collect();
+        let twice = t.runs.len() > t.columns.len();
+        let _ = writeln!(
+            out,
+            "Rows 1-5 ran in this order: {}{}.\n",
+            order.join(", then "),
+            if twice {
+                "; a cell measured in both runs shows their mean and (min–max)"
+            } else {
+                ""
+            }
+        );
+    }
     out.push_str(&t.render_text());
     let _ = writeln!(
         out,
@@ -477,11 +639,12 @@ fn write_method(out: &mut String, s: &Scale, m: &Machine) {
     let _ = writeln!(
         out,
         "- One process starts a real etcd + kube-apiserver (the test harness) and, per column, the Azure emulator in-process with Compute's throttle buckets at their real sizes (PutVMScaleSet: 12 burst, 4/min per scale set; 1500/500 per subscription; ARM 250 reads/200 writes burst) on a clock running {speed}× (1 wall s = {speed} emulated s). VMSS writes are long-running operations of {lro} emulated s; `Retry-After` is divided by the speed.\n\
-         - mic runs as its own process (`mic::cli_main`) with its periods divided by {speed} (`--identity-assignment-reconcile-interval={ri}`, `--syncRetryDuration={sr}`, `--update-user-msi-retry-interval={ui}`) and its write budget refills multiplied by {speed}; lease timings stay real.\n\
-         - nmi runs as its own process (`nmi::cli_main`) inside a node network namespace with its iptables rules; pods are network namespaces attached by veth; the apiserver and IMDS reach the node namespace over Unix-socket relays, never through the root namespace.\n\
-         - Row 1: from creating the Pod (nodeName, then podIP via the status subresource) until `curl` in the pod's namespace gets 200 from 169.254.169.254, minus L in wall time.\n\
-         - Row 2: pods are created 32 at a time while mic runs (Pod objects only, no kubelet); time until every AzureAssignedIdentity is Assigned (polled every 250 ms); ARM counts come from the emulator's counters over the same span.\n\
-         - Row 3: {clients} HTTP/1.1 keep-alive clients in one pod namespace, {req} requests each (bounded by {max:.0} s), after one warm-up request, so NMI answers from its token cache; the client process runs on the same cores.\n\
+         - mic and nmi are the shipped release binaries (`cargo build --release --locked -p mic --bin mic`, likewise nmi, as their images build them), each its own process; {cores}.\n\
+         - mic runs with its periods divided by {speed} (`--identity-assignment-reconcile-interval={ri}`, `--syncRetryDuration={sr}`, `--update-user-msi-retry-interval={ui}`) and its write budget refills multiplied by {speed}; lease timings stay real.\n\
+         - nmi runs inside a node network namespace with its iptables rules; pods are network namespaces attached by veth; the apiserver and IMDS reach the node namespace over Unix-socket relays, never through the root namespace.\n\
+         - Row 1: {samples} samples one after the other, each a new Pod bound to an identity its scale set does not have yet: from creating the Pod (nodeName, then podIP via the status subresource) until `curl` in the pod's namespace (polled every 50 ms) gets 200 from 169.254.169.254, minus L in wall time; median, nearest-rank p95, min and max. After its token each sample's Pod is reported at an address no namespace backs, so the next one is alone at the pod's address.\n\
+         - Row 2: pods are created 32 at a time while mic runs (Pod objects only, no kubelet); time until every AzureAssignedIdentity is Assigned (polled every 250 ms); ARM counts come from the emulator's counters over the same span; writes per scale set and in flight come from its request log: an accepted write is in flight from its answer until its operation ends (L later), a refused one (409, 429) at the instant it was answered, since it was sent while the scale set was busy or its budget spent.\n\
+         - Row 3: an open-loop generator in one pod namespace, pinned to its own core, sends token requests at a fixed rate over {conns} HTTP/1.1 keep-alive connections (nmi's default limit per address; opened first; they bound the requests in flight) after one warm-up request, so nmi answers from its token cache: request i is due at start + i/rate, a free connection takes the next due request and sends it at its time, and latency counts from the time due, so requests held up behind a slow answer count their wait (no coordinated omission); a request gets 2 s at most. Each of {rates} tokens/s runs {ls:.0} s. The peak sustainable rate is searched from those results, doubling up (or halving down) in steps of {ss:.1} s, then two geometric bisections; a rate is sustained when every request due got 200, at least 95 % of it was achieved and p99 ≤ {sp} ms. The details give, per run, errors, how late the generator sent (its own limit) and nmi's CPU.\n\
          - Row 4: VmHWM of `/proc/<pid>/status`; descriptors are the entries of `/proc/<pid>/fd`. nmi at rest: VmRSS once active, before any pod is on its node. nmi with pods: {nmi} Pod objects with IPs and Assigned AAIs on its node, after a token request. mic: after the burst, the rest of {big} pods over {ids} identities (identity j on scale set j mod {k}) all Assigned.\n\
          - Row 4, floods: nmi is restarted before each flood; one pod (an ordinary pod with an Assigned identity) opens {flood} TCP connections to 169.254.169.254:80 (256 being opened at a time) and holds them at least {hold:.0} s: slow bodies = a token request per connection, each for its own `resource`, declaring `Content-Length: 65536` and sending nothing more; distinct resources = a complete token request per connection, each for its own `resource` (the emulator issues tokens for any resource); idle connections = nothing sent. Peak RSS is the larger of VmHWM and VmRSS sampled every 100 ms; peak descriptors are sampled every 100 ms. Meanwhile a second pod on the node asks for its first token for a resource nobody asked for yet (`curl`, 30 s at most); the details list what the flood got back and nmi's descriptors after it stopped.\n\
          - Row 5: after the burst converged and 60 emulated s of quiet, ARM requests (writes + reads + LRO polls) and mic's utime+stime from `/proc/<pid>/stat` over {idle:.0} emulated s ({idlew:.0} wall s).\n\
@@ -492,9 +655,11 @@ fn write_method(out: &mut String, s: &Scale, m: &Machine) {
         ri = crate::subject::go_duration_text(s.wall(Duration::from_secs(180))),
         sr = crate::subject::go_duration_text(s.wall(Duration::from_secs(3600))),
         ui = crate::subject::go_duration_text(s.wall(Duration::from_secs(1))),
-        clients = s.load_clients,
-        req = s.load_requests,
-        max = s.load_max.as_secs_f64(),
+        conns = s.load_connections,
+        rates = LOAD_RATES.map(|r| r.to_string()).join(", "),
+        ls = s.load_seconds.as_secs_f64(),
+        ss = s.load_search_seconds.as_secs_f64(),
+        sp = SUSTAINED_P99.as_millis(),
         nmi = s.nmi_pods,
         big = s.big_pods,
         ids = s.big_ids,
@@ -504,6 +669,8 @@ fn write_method(out: &mut String, s: &Scale, m: &Machine) {
         idle = s.idle.as_secs_f64(),
         idlew = s.wall(s.idle).as_secs_f64(),
         cpus = m.cpus,
+        cores = m.cores,
+        samples = s.first_token_samples,
     );
 }
 
@@ -602,8 +769,8 @@ fn chart_group(out: &mut String, t: &Table, m: Metric, y: f64) {
     for (i, (_, f)) in t.columns.iter().enumerate() {
         let by = y + LINE_H * (i as f64 + 1.0);
         let c = COLORS[i % COLORS.len()];
-        match f.get(m) {
-            Some(Cell::Value(v)) => {
+        match (f.value(m), f.get(m)) {
+            (Some(v), Some(cell)) => {
                 let w = if max > 0.0 {
                     BAR_W * v.abs() / max
                 } else {
@@ -616,10 +783,10 @@ fn chart_group(out: &mut String, t: &Table, m: Metric, y: f64) {
                     LINE_H - 4.0,
                     LABEL_W + w + 4.0,
                     by + 12.0,
-                    format_number(*v)
+                    escape(&cell.render())
                 );
             }
-            other => {
+            (_, other) => {
                 let text = other.map_or_else(|| "not run".to_string(), Cell::render);
                 let short: String = text.chars().take(70).collect();
                 let _ = writeln!(
@@ -683,13 +850,13 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "| # | metric | this project | upstream v1.8.17 |");
         assert_eq!(lines[1], "|---|---|---:|---:|");
-        assert_eq!(lines.len(), 2 + Metric::ALL.len());
+        assert_eq!(lines.len(), 2 + Metric::all().len());
         let mut without = table();
         without.hidden_rows = vec![6];
         let shown = without.render_text().lines().count();
         assert_eq!(
             shown,
-            2 + Metric::ALL.iter().filter(|m| m.row() != 6).count()
+            2 + Metric::all().iter().filter(|m| m.row() != 6).count()
         );
         assert!(!chart(&without).contains("migration"));
         let first = lines[2];
@@ -704,6 +871,40 @@ mod tests {
             .copied()
             .unwrap_or_default();
         assert!(idle.contains("failed: a <b> / c"), "{idle}");
+    }
+
+    #[test]
+    fn runs_of_a_subject_merge_into_one_column() {
+        let mut a = Figures::default();
+        a.set(Metric::FirstToken, 10.0);
+        a.set(Metric::BurstWall, 3.0);
+        a.set_text(Metric::IdleCpu, "not run: row not selected");
+        a.note("one".into());
+        let mut b = Figures::default();
+        b.set(Metric::FirstToken, 14.0);
+        b.set_text(Metric::BurstWall, "failed: timeout");
+        b.set_text(Metric::IdleCpu, "not run: row not selected");
+        let f = Figures::merge(vec![
+            ("run 1 of 4".into(), a.clone()),
+            ("run 4 of 4".into(), b),
+        ]);
+        assert_eq!(
+            f.get(Metric::FirstToken).map(Cell::render),
+            Some("12 (10–14)".into())
+        );
+        assert_eq!(f.value(Metric::FirstToken), Some(12.0));
+        assert_eq!(
+            f.get(Metric::BurstWall).map(Cell::render),
+            Some("run 1 of 4: 3; run 4 of 4: failed: timeout".into())
+        );
+        assert_eq!(
+            f.get(Metric::IdleCpu).map(Cell::render),
+            Some("not run: row not selected".into())
+        );
+        assert_eq!(f.notes, ["[run 1 of 4] one"]);
+        let single = Figures::merge(vec![("run 1 of 2".into(), a)]);
+        assert_eq!(single.value(Metric::FirstToken), Some(10.0));
+        assert_eq!(single.notes, ["one"]);
     }
 
     #[test]

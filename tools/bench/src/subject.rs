@@ -20,8 +20,11 @@ use aadpodid_testkit::world::Program;
 use anyhow::{Context as _, bail};
 
 use crate::child::{LoadResult, LoadSpec};
-use crate::report::{Figures, Metric};
-use crate::world::{self, Launchers, TOKEN_PATH, World, curl_imds, curl_token, role, self_exe};
+use crate::report::{Figures, LOAD_RATES, Metric, SUSTAINED_P99};
+use crate::shipped::{Cores, Shipped};
+use crate::stats::Summary;
+use crate::world::{self, Launchers, TOKEN_PATH, World, curl_imds, curl_token, self_exe};
+use crate::writes;
 use crate::{Options, ROLE_ENV, Scale};
 
 /// Whose MIC and NMI run.
@@ -112,10 +115,15 @@ fn scaled_period_flags(s: &MicSettings) -> Vec<String> {
 /// What the world starts as MIC for `subject`: after the kit's flags
 /// (kubeconfig, cloud config, leader election, probe and metrics ports),
 /// this project's write budget refills and both MICs' scaled periods.
-pub fn mic_program(subject: Subject, s: &MicSettings) -> anyhow::Result<Program> {
+pub fn mic_program(
+    subject: Subject,
+    s: &MicSettings,
+    shipped: &Shipped,
+) -> anyhow::Result<Program> {
     let periods = scaled_period_flags(s);
     match subject {
-        Subject::ThisProject => Ok(role("mic")
+        Subject::ThisProject => Ok(shipped
+            .mic_program()
             .with_args([
                 format!(
                     "--arm-resource-writes-per-minute={}",
@@ -132,19 +140,20 @@ pub fn mic_program(subject: Subject, s: &MicSettings) -> anyhow::Result<Program>
     }
 }
 
-/// What the world starts as NMI for `subject` (the kit's flags only).
-pub fn nmi_program(subject: Subject) -> anyhow::Result<Program> {
+/// What the world starts as NMI for `subject` (the kit's flags only),
+/// pinned to NMI's core.
+pub fn nmi_program(subject: Subject, shipped: &Shipped) -> anyhow::Result<Program> {
     match subject {
-        Subject::ThisProject => Ok(role("nmi")),
-        Subject::Upstream => Program::upstream("nmi"),
+        Subject::ThisProject => shipped.nmi_program(),
+        Subject::Upstream => shipped.pin_nmi(Program::upstream("nmi")?),
     }
 }
 
 /// How `subject`'s world starts MIC and NMI on `scale`.
-fn launchers(subject: Subject, scale: &Scale) -> anyhow::Result<Launchers> {
+fn launchers(subject: Subject, scale: &Scale, shipped: &Shipped) -> anyhow::Result<Launchers> {
     Ok(Launchers {
-        mic: mic_program(subject, &MicSettings::of(scale))?,
-        nmi: nmi_program(subject)?,
+        mic: mic_program(subject, &MicSettings::of(scale), shipped)?,
+        nmi: nmi_program(subject, shipped)?,
         // Upstream's files carry no token audience (it asks for tokens for
         // the ARM endpoint itself).
         token_audience: subject == Subject::ThisProject,
@@ -152,12 +161,17 @@ fn launchers(subject: Subject, scale: &Scale) -> anyhow::Result<Launchers> {
 }
 
 /// Every selected row for `subject`; a row that fails says why in its cells.
-pub async fn run_subject(subject: Subject, scale: &Scale, opts: &Options) -> Figures {
+pub async fn run_subject(
+    subject: Subject,
+    scale: &Scale,
+    opts: &Options,
+    shipped: &Shipped,
+) -> Figures {
     if let Err(reason) = available(subject) {
         return Figures::not_run(&reason);
     }
     let mut f = Figures::default();
-    if let Err(e) = rows(subject, scale, opts, &mut f).await {
+    if let Err(e) = rows(subject, scale, opts, shipped, &mut f).await {
         eprintln!("{}: {e:#}", subject.title());
         f.fill_missing(&format!("failed: {e:#}"));
     }
@@ -168,17 +182,22 @@ pub async fn run_subject(subject: Subject, scale: &Scale, opts: &Options) -> Fig
 struct Run<'a> {
     subject: Subject,
     w: &'a mut World,
+    /// Where the load generator runs.
+    cores: Cores,
+    /// Details a row gathers before its cells are set.
+    notes: Vec<String>,
 }
 
 async fn rows(
     subject: Subject,
     scale: &Scale,
     opts: &Options,
+    shipped: &Shipped,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
-    let launchers = launchers(subject, scale)?;
+    let launchers = launchers(subject, scale, shipped)?;
     let mut w = World::new(subject.tag(), scale, launchers, opts.keep_logs).await?;
-    let r = rows_in(subject, &mut w, scale, opts, f).await;
+    let r = rows_in(subject, &mut w, scale, opts, shipped.cores, f).await;
     let t = Instant::now();
     w.clear().await;
     eprintln!("[{}] cluster cleared in {:?}", subject.title(), t.elapsed());
@@ -190,13 +209,14 @@ async fn rows_in(
     w: &mut World,
     scale: &Scale,
     opts: &Options,
+    cores: Cores,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
     let progress = Progress {
         subject,
         started: Instant::now(),
     };
-    let mut run = start_run(subject, w, scale, opts, f).await?;
+    let mut run = start_run(subject, w, scale, opts, cores, f).await?;
     eprintln!(
         "[{}] set up in {:?}",
         subject.title(),
@@ -205,7 +225,7 @@ async fn rows_in(
     nmi_rows(&mut run, opts, f, &progress).await;
     mic_rows(&mut run, opts, f, &progress).await;
     if !opts.row(2) {
-        for m in Metric::ALL.into_iter().filter(|m| m.row() == 2) {
+        for m in Metric::all().into_iter().filter(|m| m.row() == 2) {
             f.set_text(m, "not run: row not selected");
         }
     }
@@ -220,11 +240,17 @@ async fn start_run<'w>(
     w: &'w mut World,
     scale: &Scale,
     opts: &Options,
+    cores: Cores,
     f: &mut Figures,
 ) -> anyhow::Result<Run<'w>> {
     w.ensure_identities(scale.burst_ids.max(10)).await?;
     w.start_mic().await?;
-    let mut run = Run { subject, w };
+    let mut run = Run {
+        subject,
+        w,
+        cores,
+        notes: Vec::new(),
+    };
     if opts.row(1) || opts.row(3) || opts.row(4) {
         run.w.start_nmi().await?;
     }
@@ -240,7 +266,13 @@ async fn start_run<'w>(
 async fn nmi_rows(run: &mut Run<'_>, opts: &Options, f: &mut Figures, p: &Progress) {
     if opts.row(1) {
         let r = row_first_token(run, f).await;
-        p.row(f, "row 1", &[Metric::FirstToken], r);
+        let metrics = [
+            Metric::FirstToken,
+            Metric::FirstTokenP95,
+            Metric::FirstTokenMin,
+            Metric::FirstTokenMax,
+        ];
+        p.row(f, "row 1", &metrics, r);
     }
     if opts.row(4) {
         let r = row_nmi_rss(run, f).await;
@@ -253,7 +285,10 @@ async fn nmi_rows(run: &mut Run<'_>, opts: &Options, f: &mut Figures, p: &Progre
     }
     if opts.row(3) {
         let r = row_token_load(run, f).await;
-        let metrics = [Metric::TokenP50, Metric::TokenP99, Metric::TokenThroughput];
+        for n in run.notes.drain(..) {
+            f.note(n);
+        }
+        let metrics: Vec<Metric> = Metric::all().into_iter().filter(|m| m.row() == 3).collect();
         p.row(f, "row 3", &metrics, r);
     }
     if opts.row(4) {
@@ -275,7 +310,13 @@ async fn mic_rows(run: &mut Run<'_>, opts: &Options, f: &mut Figures, p: &Progre
     let mic_rss = opts.row(4) && !opts.nmi_only;
     if opts.row(2) || mic_rss || opts.row(5) {
         let r = row_burst(run, f).await;
-        if p.row(f, "row 2", &[Metric::BurstEmulated, Metric::BurstWall], r) {
+        let metrics = [
+            Metric::BurstEmulated,
+            Metric::BurstWall,
+            Metric::BurstVmssWrites,
+            Metric::BurstVmssInFlight,
+        ];
+        if p.row(f, "row 2", &metrics, r) {
             // Idle means nothing while MIC is still catching up.
             f.set_text(Metric::IdleArmCalls, "not run: the burst did not converge");
             f.set_text(Metric::IdleCpu, "not run: the burst did not converge");
@@ -326,36 +367,91 @@ fn fail(f: &mut Figures, metrics: &[Metric], r: anyhow::Result<()>) {
     }
 }
 
-/// Row 1: pod created → a client in it holds a token, minus the emulated
-/// VMSS write (LRO) converted to wall time.
+/// Row 1: `first_token_samples` times, a new pod on NMI's node bound to an
+/// identity its scale set does not have yet: from creating the pod until a
+/// client in it holds a token, minus the emulated VMSS write (LRO) in wall
+/// time. Each sample's pod has pod namespace 0's address; once it holds its
+/// token it is moved to an address no namespace backs, so that the next
+/// sample's pod is the only one there (and no identity is removed from
+/// the scale set meanwhile). The last sample's pod stays as `first`.
 async fn row_first_token(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
+    let n = run.w.scale.first_token_samples.max(1);
+    run.w.ensure_identities(n).await?;
+    let lro = run
+        .w
+        .scale
+        .wall(Duration::from_secs_f64(run.w.scale.lro_seconds));
+    let mut samples = Vec::with_capacity(n);
+    for k in 0..n {
+        let last = k + 1 == n;
+        let name = if last {
+            "first".to_string()
+        } else {
+            format!("first-{k}")
+        };
+        let took = first_token_once(run, &name, k).await?;
+        samples.push((took.as_secs_f64() - lro.as_secs_f64()) * 1000.0);
+        if !last {
+            let away = std::net::Ipv4Addr::new(10, 246, 0, (k % 250 + 1) as u8);
+            move_pod_ip(run, &name, away).await?;
+            // The mapping's change reaches NMI's watch before the next pod.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let s = Summary::of(&samples).context("no sample")?;
+    f.set(Metric::FirstToken, s.median);
+    f.set(Metric::FirstTokenP95, s.p95);
+    f.set(Metric::FirstTokenMin, s.min);
+    f.set(Metric::FirstTokenMax, s.max);
+    let each: Vec<String> = samples.iter().map(|v| format!("{v:.0}")).collect();
+    f.note(format!(
+        "first token: {} samples (ms, minus L = {:.0} ms), in order: {}",
+        s.n,
+        lro.as_secs_f64() * 1000.0,
+        each.join(", ")
+    ));
+    Ok(())
+}
+
+/// Pod `name` (identity `j`) at pod namespace 0's address: wall time from
+/// its creation until `curl` in that namespace gets a token (polled every
+/// 50 ms, 240 s at most).
+async fn first_token_once(run: &mut Run<'_>, name: &str, j: usize) -> anyhow::Result<Duration> {
     let ns = run.w.ns_nmi.name().to_string();
     let node_name = run.w.nmi_node.clone();
     let (_, ip) = run.w.pod(0)?;
     let t0 = Instant::now();
     run.w
-        .create_pods(&ns, vec![("first".into(), node_name, 0, Some(ip))])
+        .create_pods(&ns, vec![(name.into(), node_name, j, Some(ip))])
         .await?;
     let deadline = t0 + Duration::from_secs(240);
     loop {
         let code = curl_token(run.w.pod(0)?.0, 120).await?;
         if code == 200 {
-            break;
+            return Ok(t0.elapsed());
         }
         if Instant::now() >= deadline {
-            bail!("no token within 240 s (last status {code})");
+            bail!("{name}: no token within 240 s (last status {code})");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let took = t0.elapsed();
-    let lro = run
-        .w
-        .scale
-        .wall(Duration::from_secs_f64(run.w.scale.lro_seconds));
-    f.set(
-        Metric::FirstToken,
-        (took.as_secs_f64() - lro.as_secs_f64()) * 1000.0,
-    );
+}
+
+/// Reports pod `name` of NMI's node Running at `ip` instead.
+async fn move_pod_ip(run: &mut Run<'_>, name: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<()> {
+    let ns = run.w.ns_nmi.name().to_string();
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(run.w.client.clone(), &ns);
+    let status = serde_json::json!({
+        "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+    });
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(status),
+    )
+    .await
+    .with_context(|| format!("move pod {name} to {ip}"))?;
     Ok(())
 }
 
@@ -634,51 +730,155 @@ async fn row_nmi_rss(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Row 3: `load_clients` keep-alive clients in one pod, cached tokens,
-/// through the pod's veth, NMI's DNAT rule and NMI.
+/// Row 3: nmi (on its core) under the open-loop generator (on the other)
+/// from the load pod: each of [`LOAD_RATES`] for `load_seconds`, then the
+/// search for the peak sustainable rate.
 async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     ensure_load_pod(run).await?;
     nmi_pods_assigned(run).await?;
     warm_token(run).await?;
-    let scale = run.w.scale.clone();
-    let spec = LoadSpec {
-        target: SocketAddr::from((IMDS_ADDRESS, 80)),
-        path: TOKEN_PATH.into(),
-        clients: scale.load_clients,
-        requests: scale.load_requests,
-        max: scale.load_max,
-    };
     let imds_before = run.w.emu()?.counters();
-    let r = run_load(run.w.pod(1)?.0, &spec).await?;
-    if r.ok == 0 {
-        bail!("no request succeeded ({} errors)", r.errors);
+    let seconds = run.w.scale.load_seconds;
+    let mut tried = Vec::new();
+    for rate in LOAD_RATES {
+        let r = load_step(run, f64::from(rate), seconds, "fixed").await?;
+        f.set(Metric::LoadP50(rate), r.p50_us as f64 / 1000.0);
+        f.set(Metric::LoadP99(rate), r.p99_us as f64 / 1000.0);
+        f.set(Metric::LoadMax(rate), r.max_us as f64 / 1000.0);
+        f.set(Metric::LoadAchieved(rate), r.achieved);
+        tried.push((f64::from(rate), r.sustained(f64::from(rate), SUSTAINED_P99)));
     }
-    f.set(Metric::TokenP50, r.p50_us as f64 / 1000.0);
-    f.set(Metric::TokenP99, r.p99_us as f64 / 1000.0);
-    f.set(Metric::TokenThroughput, r.ok as f64 / r.seconds);
+    let peak = peak_rate(run, tried).await?;
+    f.set(Metric::LoadPeak, peak);
     let imds_after = run.w.emu()?.counters();
     let sum = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
+    let pid = run.w.nmi_pid()?;
+    let mem = procfs::memory(pid)?;
     f.note(format!(
-        "token load: {} ok, {} errors, {} clients in {:.1} s; IMDS token requests meanwhile {}, IMDS 429s {}",
-        r.ok,
-        r.errors,
-        spec.clients,
-        r.seconds,
+        "token load: IMDS token requests meanwhile {}, IMDS 429s {}; nmi after it: VmHWM {} KiB, VmRSS {} KiB",
         sum(&imds_after.imds_token_requests) - sum(&imds_before.imds_token_requests),
-        imds_after.imds_throttled - imds_before.imds_throttled
+        imds_after.imds_throttled - imds_before.imds_throttled,
+        mem.peak_kib,
+        mem.now_kib
     ));
     Ok(())
 }
 
-/// The load role in pod namespace `pod` with `spec`; what it measured.
-async fn run_load(pod: &NetNs, spec: &LoadSpec) -> anyhow::Result<LoadResult> {
-    let mut cmd = pod.command(self_exe());
+/// The highest rate sustained: from what `tried` (rate, sustained) says,
+/// doubling up from the highest rate sustained below the lowest one not
+/// (or halving down), then two geometric bisections; 0 when none of
+/// [`SEARCH_FLOOR`]'s rates and above was sustained.
+async fn peak_rate(run: &mut Run<'_>, tried: Vec<(f64, bool)>) -> anyhow::Result<f64> {
+    const SEARCH_FLOOR: f64 = 50.0;
+    const SEARCH_CAP: f64 = 320_000.0;
+    let mut fail = tried
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(r, _)| *r)
+        .reduce(f64::min);
+    let mut pass = tried
+        .iter()
+        .filter(|(r, ok)| *ok && fail.is_none_or(|f| *r < f))
+        .map(|(r, _)| *r)
+        .fold(0.0, f64::max);
+    let seconds = run.w.scale.load_search_seconds;
+    // Each loop ends within log2(cap / floor) steps.
+    loop {
+        let rate = match fail {
+            None if pass * 2.0 <= SEARCH_CAP => pass.max(SEARCH_FLOOR / 2.0) * 2.0,
+            Some(f) if pass == 0.0 && f / 2.0 >= SEARCH_FLOOR => f / 2.0,
+            _ => break,
+        };
+        let r = load_step(run, rate, seconds, "search").await?;
+        if r.sustained(rate, SUSTAINED_P99) {
+            pass = rate;
+        } else {
+            fail = Some(rate);
+        }
+    }
+    for _ in 0..2 {
+        let Some(f) = fail.filter(|_| pass > 0.0) else {
+            break;
+        };
+        let rate = (pass * f).sqrt().round();
+        if rate <= pass || rate >= f {
+            break;
+        }
+        let r = load_step(run, rate, seconds, "search").await?;
+        if r.sustained(rate, SUSTAINED_P99) {
+            pass = rate;
+        } else {
+            fail = Some(rate);
+        }
+    }
+    Ok(pass)
+}
+
+/// One run of the generator at `rate` for `duration`, with nmi's CPU over
+/// it; a line of details either way.
+async fn load_step(
+    run: &mut Run<'_>,
+    rate: f64,
+    duration: Duration,
+    what: &str,
+) -> anyhow::Result<LoadResult> {
+    let spec = LoadSpec {
+        target: SocketAddr::from((IMDS_ADDRESS, 80)),
+        path: TOKEN_PATH.into(),
+        rate,
+        duration,
+        connections: run.w.scale.load_connections,
+        timeout: Duration::from_secs(2),
+    };
+    let pid = run.w.nmi_pid()?;
+    let cpu0 = procfs::cpu(pid)?;
+    let r = run_load(run.w.pod(1)?.0, &spec, run.cores.load).await?;
+    let cpu = procfs::cpu(pid)?.saturating_sub(cpu0);
+    let sustained = r.sustained(rate, SUSTAINED_P99);
+    eprintln!(
+        "[{}] load {what} {rate:.0}/s: p99 {} us, achieved {:.0}/s, errors {}{}",
+        run.subject.title(),
+        r.p99_us,
+        r.achieved,
+        r.errors + r.unfinished,
+        if sustained { ", sustained" } else { "" }
+    );
+    run.notes.push(format!(
+        "load ({what}) {rate:.0}/s for {:.1} s: {} due, {} ok, {} errors, {} unfinished; p50 {} µs, p99 {} µs, max {} µs; achieved {:.0}/s; generator send lag p99 {} µs; nmi CPU {:.2} s ({:.0} % of its core){}",
+        duration.as_secs_f64(),
+        r.due,
+        r.ok,
+        r.errors,
+        r.unfinished,
+        r.p50_us,
+        r.p99_us,
+        r.max_us,
+        r.achieved,
+        r.send_lag_p99_us,
+        cpu.as_secs_f64(),
+        100.0 * cpu.as_secs_f64() / r.seconds.max(1e-9),
+        if sustained { "; sustained" } else { "" }
+    ));
+    Ok(r)
+}
+
+/// The load role in pod namespace `pod` with `spec`, pinned to `core`;
+/// what it measured.
+async fn run_load(pod: &NetNs, spec: &LoadSpec, core: Option<usize>) -> anyhow::Result<LoadResult> {
+    let mut cmd = match core {
+        Some(c) => {
+            let mut cmd = pod.command("taskset");
+            cmd.arg("-c").arg(c.to_string()).arg(self_exe());
+            cmd
+        }
+        None => pod.command(self_exe()),
+    };
     cmd.env(ROLE_ENV, "load")
         .arg(serde_json::to_string(spec)?)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let out = tokio::time::timeout(
-        spec.max + Duration::from_secs(60),
+        spec.duration + spec.timeout + Duration::from_secs(60),
         tokio::task::spawn_blocking(move || cmd.output()),
     )
     .await
@@ -712,6 +912,7 @@ async fn row_burst(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
         })
         .collect();
     let before = arm_totals(&run.w.emu()?.counters());
+    let since = run.w.emu()?.requests(0).last().map_or(0, |r| r.seq);
     let v0 = run.w.emu()?.clock().now();
     let t0 = Instant::now();
     run.w.create_pods(&ns, pods).await?;
@@ -729,6 +930,7 @@ async fn row_burst(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     f.set(Metric::BurstReads, d(1));
     f.set(Metric::BurstPolls, d(2));
     f.set(Metric::Burst429, d(3));
+    record_scale_set_writes(f, &run.w.emu()?.requests(since), since, &scale);
     f.note(format!(
         "burst: the {} pods were created in {:.1} s wall",
         scale.burst_pods,
@@ -738,6 +940,36 @@ async fn row_burst(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     f.set(Metric::BurstEmulated, emulated.as_secs_f64());
     f.set(Metric::BurstWall, wall.as_secs_f64());
     Ok(())
+}
+
+/// The burst's writes per scale set (from request `since + 1` of the
+/// emulator's log on): the most any scale set got and the most in flight
+/// on one at once, with a line per scale set.
+fn record_scale_set_writes(
+    f: &mut Figures,
+    records: &[azure_emulator::RequestRecord],
+    since: u64,
+    scale: &Scale,
+) {
+    let lro_ms = (scale.lro_seconds * 1000.0) as u64;
+    let per = writes::per_scale_set(records, lro_ms);
+    let most = |g: fn(&writes::VmssWrites) -> u64| per.iter().map(g).max().unwrap_or(0) as f64;
+    f.set(Metric::BurstVmssWrites, most(|w| w.writes));
+    f.set(Metric::BurstVmssInFlight, most(|w| w.max_in_flight));
+    let lost = records
+        .first()
+        .map_or(0, |r| r.seq.saturating_sub(since + 1));
+    let lines: Vec<String> = per.iter().map(writes::VmssWrites::line).collect();
+    f.note(format!(
+        "burst writes per scale set (operations of {:.0} emulated s): {}{}",
+        scale.lro_seconds,
+        lines.join("; "),
+        if lost > 0 {
+            format!("; the request log had dropped {lost} records of the span: counts are partial")
+        } else {
+            String::new()
+        }
+    ));
 }
 
 /// Row 5: ARM calls and MIC CPU over `idle` of emulated time after the burst.

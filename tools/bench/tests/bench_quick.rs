@@ -1,6 +1,8 @@
 //! `bench --quick` runs end to end: it prints the table with a number in
 //! every cell of this project's column and writes the Markdown report and
 //! the SVG chart. It checks that the program works, not how fast anything is.
+//! The shipped `mic` and `nmi` are built first (a release build, outside the
+//! run's time bound), as the bench builds them, and given to it.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,10 +17,15 @@ fn bench_quick_prints_a_numeric_table() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(aadpodid_testkit::unique_name("bench-quick"));
     std::fs::create_dir_all(&dir)?;
     let md = dir.join("benchmarks.md");
+    let shipped = aadpodid_bench::shipped::Shipped::locate(None, None)?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
         .arg("--quick")
         .arg("--out")
         .arg(&md)
+        .arg("--mic-bin")
+        .arg(&shipped.mic)
+        .arg("--nmi-bin")
+        .arg(&shipped.nmi)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -51,6 +58,11 @@ fn bench_quick_prints_a_numeric_table() -> anyhow::Result<()> {
     // Header, separator, then one line per metric of rows 1-5.
     let body = &lines[2..];
     assert!(body.len() >= 5, "{stdout}");
+    assert!(
+        body.iter()
+            .any(|l| l.contains("open loop at 10000 tokens/s: p99")),
+        "{stdout}"
+    );
     let mut rows_seen = std::collections::BTreeSet::new();
     for line in body {
         let c = cells(line);
