@@ -62,12 +62,6 @@ pub enum Outcome {
     /// `object_id` request: fetch these (type-0) identities' tokens and use
     /// the one whose object ID is the requested one.
     ByObjectId(Vec<Arc<AzureIdentity>>),
-    /// Nothing `Assigned` matches yet, but a valid `Created` one does: this
-    /// user-assigned identity passed every entitlement check and MIC is
-    /// still assigning it to the node. Its token is served as soon as IMDS
-    /// serves it; until then the request waits as for
-    /// [`Outcome::Wait`] with `created`.
-    Probe(Arc<AzureIdentity>),
     /// Nothing usable yet; wait for MIC. `created` says whether a matching
     /// identity is already `Created` (upstream's longer budget) or none exists.
     Wait {
@@ -287,15 +281,9 @@ fn sort_key(i: &AzureIdentity) -> (&str, &str) {
     )
 }
 
-/// `identities` ordered by [`sort_key`], without duplicates.
-fn ordered(mut identities: Vec<Arc<AzureIdentity>>) -> Vec<Arc<AzureIdentity>> {
-    identities.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-    identities.dedup_by(|a, b| sort_key(a) == sort_key(b));
-    identities
-}
-
-fn choose(usable: Vec<Arc<AzureIdentity>>, selector: &Selector) -> Outcome {
-    let usable = ordered(usable);
+fn choose(mut usable: Vec<Arc<AzureIdentity>>, selector: &Selector) -> Outcome {
+    usable.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+    usable.dedup_by(|a, b| sort_key(a) == sort_key(b));
     match selector {
         Selector::ObjectId(_) => Outcome::ByObjectId(usable),
         _ => match usable.into_iter().next() {
@@ -308,14 +296,9 @@ fn choose(usable: Vec<Arc<AzureIdentity>>, selector: &Selector) -> Outcome {
 /// Standard mode (docs/upstream-behaviour.md#identity-selection-and-retry-budgets):
 /// the pod's AzureAssignedIdentities that pass [`check_aai`] decide. `Assigned`
 /// ones are usable (the live identity is used); `Created` ones (and ones a cache
-/// cannot judge yet) make the request wait. While it waits, a `Created`
-/// user-assigned identity that matches the request (and passed every check
-/// `Assigned` would) is [`Outcome::Probe`]: the server asks IMDS for its
-/// token, and serves it as soon as IMDS has the identity. An `object_id`
-/// request only ever uses `Assigned` identities.
+/// cannot judge yet) make the request wait.
 pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: bool) -> Outcome {
     let mut usable = Vec::new();
-    let mut created = Vec::new();
     let mut pending = false;
     let mut any = false;
     for aai in index.aais_for_pod(&pod.namespace, &pod.name) {
@@ -332,18 +315,12 @@ pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: 
                     usable.push(Arc::clone(identity));
                 } else {
                     pending = true;
-                    if probe_allowed(identity, selector) {
-                        created.push(Arc::clone(identity));
-                    }
                 }
             }
         }
     }
     if !usable.is_empty() {
         return choose(usable, selector);
-    }
-    if let Some(first) = ordered(created).into_iter().next() {
-        return Outcome::Probe(first);
     }
     if pending {
         return Outcome::Wait { created: true };
@@ -355,15 +332,6 @@ pub fn standard(pod: &PodEntry, selector: &Selector, index: &Index, namespaced: 
     // Beyond upstream: the pod's identities are all settled and none matches,
     // so waiting (upstream: 80 s, then 404) cannot help; refuse now.
     Outcome::Deny
-}
-
-/// Whether a valid `Created` identity may be tried at IMDS before MIC marks
-/// it `Assigned`: a user-assigned identity (the only kind IMDS serves),
-/// asked for by default, client ID or resource ID (an `object_id` request
-/// fetches every candidate's token, and waits for `Assigned` ones).
-pub fn probe_allowed(identity: &AzureIdentity, selector: &Selector) -> bool {
-    identity.spec.r#type == IdentityType::UserAssignedMsi
-        && !matches!(selector, Selector::ObjectId(_))
 }
 
 /// Managed mode: identities bound in the pod's namespace, no waiting.
@@ -435,7 +403,6 @@ mod tests {
                 "oid {}",
                 v.iter().map(|i| i.name_any()).collect::<Vec<_>>().join(",")
             ),
-            Outcome::Probe(i) => format!("probe {}", i.name_any()),
             Outcome::Wait { created } => format!("wait created={created}"),
             Outcome::Deny => "deny".into(),
         }
@@ -586,18 +553,18 @@ mod tests {
                 want: "wait created=false",
             },
             Case {
-                name: "created: IMDS is tried, else wait (assigned budget)",
+                name: "created: wait (assigned budget)",
                 aais: vec![p(a, "Created")],
                 sel: Selector::Default,
                 namespaced: false,
-                want: "probe a",
+                want: "wait created=true",
             },
             Case {
-                name: "asked identity still created: IMDS is tried, else wait",
+                name: "asked identity still created: wait",
                 aais: vec![p(a, "Assigned"), p(b, "Created")],
                 sel: cid("22222222-bbbb-4000-8000-000000000002"),
                 namespaced: false,
-                want: "probe b",
+                want: "wait created=true",
             },
             Case {
                 name: "default with one assigned and one created: use assigned",
@@ -1120,59 +1087,6 @@ mod tests {
         assert!(same_binding_spec(&x, &y));
         y.selector = "t".into();
         assert!(!same_binding_spec(&x, &y));
-    }
-
-    #[test]
-    fn created_identities_are_probed_only_when_every_check_passed() {
-        let w = world();
-        let (a, b, sp) = (&w.a, &w.b, &w.sp);
-        let res_b = Selector::ResourceId(b.spec.resource_id.clone());
-        let cid_b = Selector::ClientId(b.spec.client_id.clone());
-        let oid = Selector::ObjectId("0000".into());
-        // (case, the pod's AAIs, the request's selector, outcome)
-        let cases: [(&str, Vec<AzureAssignedIdentity>, &Selector, &str); 5] = [
-            (
-                "two created: the smallest (ns,name) is tried",
-                vec![p(b, "Created"), p(a, "Created")],
-                &Selector::Default,
-                "probe a",
-            ),
-            (
-                "created, asked by resource ID: tried",
-                vec![p(b, "Created")],
-                &res_b,
-                "probe b",
-            ),
-            (
-                "created, another identity asked: not tried, denied",
-                vec![p(a, "Created")],
-                &cid_b,
-                "deny",
-            ),
-            (
-                "created service principal: IMDS does not serve it, wait",
-                vec![p(sp, "Created")],
-                &Selector::Default,
-                "wait created=true",
-            ),
-            (
-                "created, object_id request: wait for assigned",
-                vec![p(a, "Created")],
-                &oid,
-                "wait created=true",
-            ),
-        ];
-        let got: Vec<(&str, String)> = cases
-            .iter()
-            .map(|(name, aais, sel, _)| {
-                let idx = w.index(aais);
-                (*name, chosen(&standard(&pod("ns", "p"), sel, &idx, false)))
-            })
-            .collect();
-        let want: Vec<(&str, String)> = cases.iter().map(|c| (c.0, c.3.to_string())).collect();
-        assert_eq!(got, want);
-        assert!(probe_allowed(a, &Selector::Default) && !probe_allowed(sp, &Selector::Default));
-        assert!(!probe_allowed(a, &oid));
     }
 
     #[test]

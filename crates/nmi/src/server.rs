@@ -257,35 +257,10 @@ const RETRY_AFTER_SECS: u64 = 20;
 /// Most identities one `object_id` request fetches tokens for (one second of
 /// IMDS's per-VM budget), however many the pod is bound to.
 pub const MAX_OBJECT_ID_CANDIDATES: usize = 20;
-/// How often a request waiting for a `Created` identity asks IMDS whether
-/// it serves the identity yet ([`Outcome::Probe`]): each waiting request
-/// makes at most one IMDS call per interval, inside the pod's share of the
-/// node's IMDS budget.
-pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long after a request starts a refusal resting on an AzureAssignedIdentity
 /// that does not match the cached identity, binding or pod is final (the
 /// caches may still be catching up with it).
 const SETTLE: Duration = Duration::from_secs(2);
-
-/// What the selection loop of [`Server::resolve`] ends with.
-enum Decided {
-    /// Fetch for this outcome.
-    Outcome(Outcome),
-    /// A `Created` identity's token, fetched when it was decided (with the
-    /// fetch's start): IMDS served it, or refused it for good.
-    Probed(Result<Token, TokenError>, Instant),
-}
-
-/// Whether a failed probe of a `Created` identity means only that IMDS does
-/// not serve it yet (MIC is still assigning it): IMDS's 400 "Identity not
-/// found", its transient answers, or no answer. Any other failure is the
-/// answer the pod would get once the identity is `Assigned`.
-pub fn probe_should_wait(error: &TokenError) -> bool {
-    matches!(
-        error,
-        TokenError::Refused { .. } | TokenError::Transient { .. } | TokenError::Unavailable(_)
-    )
-}
 
 /// An error answer.
 #[derive(Debug)]
@@ -680,8 +655,7 @@ impl<S: TokenSource> Server<S> {
     ) -> Result<Vec<Token>, Reply> {
         let started = Instant::now();
         let mut rx = self.state.subscribe();
-        let mut next_probe = started;
-        let decided = loop {
+        let outcome = loop {
             rx.borrow_and_update();
             let outcome = {
                 let index = self.state.index();
@@ -735,26 +709,8 @@ impl<S: TokenSource> Server<S> {
                 }
                 tracing::info!(pod = %pod.name, namespace = %pod.namespace, ?rejected, "refused: the pod's AzureAssignedIdentities do not match the live identities, bindings or pod labels");
             }
-            let (created, probing) = match outcome {
-                Outcome::Wait { created } => (created, false),
-                Outcome::Probe(identity) => {
-                    // Every entitlement check has passed; only MIC's
-                    // assignment may be missing. Ask IMDS (at most once per
-                    // PROBE_EVERY), and serve as soon as it has the identity.
-                    let now = Instant::now();
-                    if now >= next_probe {
-                        next_probe = now + PROBE_EVERY;
-                        let result = self.fetch_msi(&identity, &query.resource, requester).await;
-                        match result {
-                            Err(e) if probe_should_wait(&e) => {
-                                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, error = %e, "identity still Created and not served by IMDS yet");
-                            }
-                            result => break Decided::Probed(result, now),
-                        }
-                    }
-                    (true, true)
-                }
-                outcome => break Decided::Outcome(outcome),
+            let Outcome::Wait { created } = outcome else {
+                break outcome;
             };
             tracing::debug!(pod = %pod.name, namespace = %pod.namespace, created, "token request waits for its identity");
             let (budget, attempts) = self.config.budget(created);
@@ -775,18 +731,13 @@ impl<S: TokenSource> Server<S> {
                 }
                 return Err(reply);
             }
-            let wake = if probing {
-                deadline.min(next_probe)
-            } else {
-                deadline
-            };
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
                         return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
                     }
                 }
-                _ = tokio::time::sleep_until(wake) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
             }
         };
         let no_match = |status| {
@@ -797,30 +748,19 @@ impl<S: TokenSource> Server<S> {
             }
             r
         };
-        let (result, started_fetch) = match decided {
-            Decided::Probed(result, at) => (result.map(|t| vec![t]), at),
-            Decided::Outcome(outcome) => {
-                let started_fetch = Instant::now();
-                let result = match outcome {
-                    Outcome::Use(identity) => {
-                        self.fetch(&identity, &query.resource, requester).await
-                    }
-                    Outcome::ByObjectId(candidates) if !candidates.is_empty() => {
-                        let Selector::ObjectId(oid) = &query.selector else {
-                            return Err(no_match(StatusCode::NOT_FOUND));
-                        };
-                        self.by_object_id(&candidates, oid, &query.resource, requester)
-                            .await
-                            .map(|t| vec![t])
-                    }
-                    Outcome::ByObjectId(_)
-                    | Outcome::Deny
-                    | Outcome::Wait { .. }
-                    | Outcome::Probe(_) => {
-                        return Err(no_match(StatusCode::NOT_FOUND));
-                    }
+        let started_fetch = Instant::now();
+        let result = match outcome {
+            Outcome::Use(identity) => self.fetch(&identity, &query.resource, requester).await,
+            Outcome::ByObjectId(candidates) if !candidates.is_empty() => {
+                let Selector::ObjectId(oid) = &query.selector else {
+                    return Err(no_match(StatusCode::NOT_FOUND));
                 };
-                (result, started_fetch)
+                self.by_object_id(&candidates, oid, &query.resource, requester)
+                    .await
+                    .map(|t| vec![t])
+            }
+            Outcome::ByObjectId(_) | Outcome::Deny | Outcome::Wait { .. } => {
+                return Err(no_match(StatusCode::NOT_FOUND));
             }
         };
         self.metrics
@@ -1071,55 +1011,4 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
         out.remove(*h);
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn which_failed_probes_keep_a_created_identity_waiting() {
-        let transient = TokenError::Transient {
-            status: 404,
-            body: String::new(),
-            retry_after: None,
-            attempts: 4,
-        };
-        // (failure, whether the request keeps waiting for MIC)
-        let cases = [
-            (
-                TokenError::Refused {
-                    status: 400,
-                    body: "Identity not found".into(),
-                },
-                true,
-            ),
-            (transient, true),
-            (TokenError::Unavailable("connect".into()), true),
-            (
-                TokenError::ClientIdMismatch {
-                    resource_id: "r".into(),
-                    expected: "c".into(),
-                },
-                false,
-            ),
-            (
-                TokenError::ClusterIdentity {
-                    client_id: "k".into(),
-                },
-                false,
-            ),
-            (TokenError::Forbidden("incomplete".into()), false),
-            (
-                TokenError::Throttled {
-                    retry_after: Duration::from_secs(1),
-                },
-                false,
-            ),
-            (TokenError::NotBound, false),
-        ];
-        for (error, wait) in cases {
-            assert_eq!(probe_should_wait(&error), wait, "{error:?}");
-        }
-    }
 }
