@@ -194,8 +194,12 @@ impl FirstSync {
         FirstSync(rx)
     }
 
-    /// Waits up to `wait` for the sync; whether it came.
+    /// Waits up to `wait` for the sync; whether it came. Once synced, this
+    /// returns at once without arming a timer (every token request asks).
     async fn wait(&self, wait: Duration) -> bool {
+        if *self.0.borrow() {
+            return true;
+        }
         let mut rx = self.0.clone();
         matches!(
             tokio::time::timeout(wait, rx.wait_for(|synced| *synced)).await,
