@@ -112,48 +112,6 @@ impl Outcome {
     }
 }
 
-/// The ARM work of one VMSS/VM (GET, PATCHes, LRO, settling its AAIs), run
-/// beside later cycles, so a resource waiting on its operation holds up no
-/// other. At most one runs per resource: work a cycle plans for a resource
-/// whose job still runs waits, and is planned again once it ends.
-pub type ResourceJob = std::pin::Pin<Box<dyn std::future::Future<Output = JobDone> + Send>>;
-
-/// How a [`ResourceJob`] ended.
-#[derive(Debug)]
-pub struct JobDone {
-    pub resource: ResourceRef,
-    /// When to try the resource again, if needed.
-    pub result: Result<Option<Instant>, ApplyError>,
-    /// A cycle held work back while the job ran: plan again now.
-    pub replan: bool,
-}
-
-/// Resources with a running job, and the work held back meanwhile.
-#[derive(Debug, Default)]
-struct InFlight {
-    /// Resource → the AAIs its job settles.
-    jobs: BTreeMap<ResourceRef, BTreeSet<Key>>,
-    /// Resources whose work a cycle held back while their job ran.
-    held: BTreeSet<ResourceRef>,
-}
-
-impl InFlight {
-    /// Whether `key` is settled by a running job; if so, its resource is
-    /// planned again when that job ends.
-    fn hold_key(&mut self, key: &Key) -> bool {
-        let Some(r) = self
-            .jobs
-            .iter()
-            .find(|(_, keys)| keys.contains(key))
-            .map(|(r, _)| r.clone())
-        else {
-            return false;
-        };
-        self.held.insert(r);
-        true
-    }
-}
-
 /// Keeps the earlier of `slot` and `at`.
 fn earliest(slot: &mut Option<Instant>, at: Instant) {
     *slot = Some(slot.map_or(at, |t| t.min(at)));
@@ -233,8 +191,6 @@ pub struct Executor<C: Cloud> {
     /// Identity ID → the client ID ARM reported for it on any resource read
     /// so far (a cluster identity is then known before it is added elsewhere).
     known_client_ids: Mutex<BTreeMap<String, String>>,
-    /// The resources whose [`ResourceJob`] runs.
-    in_flight: Mutex<InFlight>,
 }
 
 impl<C: Cloud> std::fmt::Debug for Executor<C> {
@@ -270,19 +226,8 @@ impl<C: Cloud> Executor<C> {
             ledger: tokio::sync::Mutex::new(None),
             refusals: Mutex::default(),
             known_client_ids: Mutex::default(),
-            in_flight: Mutex::default(),
             opts,
         }
-    }
-
-    /// Forgets every running job (after they were aborted).
-    pub fn clear_jobs(&self) {
-        *lock(&self.in_flight) = InFlight::default();
-    }
-
-    /// Whether a job runs on `r`.
-    fn busy(&self, r: &ResourceRef) -> bool {
-        lock(&self.in_flight).jobs.contains_key(r)
     }
 
     /// Drops the cached ledger: the next term reads it afresh.
@@ -567,31 +512,17 @@ impl<C: Cloud> Executor<C> {
         }
     }
 
-    /// Runs the plan's Kubernetes writes and returns the ARM work of each
-    /// resource as a [`ResourceJob`] for the caller to run. Work on AAIs or
-    /// resources a running job settles waits for it to end. Errors of single
-    /// objects are reported and retried by a later cycle; only losing the
-    /// lease stops it early.
-    pub async fn execute(
-        self: &Arc<Self>,
-        plan: &Plan,
-        index: &Arc<Index>,
-    ) -> Result<(Outcome, Vec<ResourceJob>), ApplyError> {
+    /// Runs the plan. Errors of single objects are reported and retried by a
+    /// later cycle; only losing the lease stops it early.
+    pub async fn execute(&self, plan: &Plan, index: &Index) -> Result<Outcome, ApplyError> {
         let mut outcome = Outcome::default();
         self.report_warnings(&plan.warnings, index);
         let mut aais: BTreeMap<Key, AzureAssignedIdentity> = index.assigned.clone();
         let mut failed: BTreeSet<Key> = BTreeSet::new();
-        let free = |key: &Key| !lock(&self.in_flight).hold_key(key);
 
         // 1. Kubernetes writes first: creates, then updates.
         let creates = self.write_aais(&plan.create, AaiWrite::Create).await;
-        let update: Vec<AzureAssignedIdentity> = plan
-            .update
-            .iter()
-            .filter(|a| free(&crate::index::key(*a)))
-            .cloned()
-            .collect();
-        let updates = self.write_aais(&update, AaiWrite::Update).await;
+        let updates = self.write_aais(&plan.update, AaiWrite::Update).await;
         for r in creates.into_iter().chain(updates) {
             match r {
                 Ok(aai) => {
@@ -608,14 +539,14 @@ impl<C: Cloud> Executor<C> {
 
         // 2. No ARM work needed. A write the apiserver did not take (it may
         // be restarting) is tried again: no watch event would bring it back.
-        for key in plan.assign_now.iter().filter(|k| free(k)) {
+        for key in &plan.assign_now {
             if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key))
                 && !self.mark_assigned(aai).await?
             {
                 outcome.retry(Instant::now() + FAILURE_RETRY);
             }
         }
-        for key in plan.delete_now.iter().filter(|k| free(k)) {
+        for key in &plan.delete_now {
             if let Some(aai) = aais.get(key) {
                 let result = self.try_delete(aai).await?;
                 // Upstream's Events for an AzureAssignedIdentity of a node
@@ -632,66 +563,35 @@ impl<C: Cloud> Executor<C> {
             }
         }
 
-        // 3. One job per resource that has none running; each does one GET
-        // and its PATCHes. No await from here on: a cycle cancelled before
-        // has started no job.
-        let mut jobs: Vec<ResourceJob> = Vec::with_capacity(plan.resources.len());
-        let mut in_flight = lock(&self.in_flight);
+        // 3. One task per resource, all at once; each does one GET and its PATCHes.
+        let mut work = Vec::with_capacity(plan.resources.len());
         for (r, w) in &plan.resources {
-            if in_flight.jobs.contains_key(r) {
-                in_flight.held.insert(r.clone());
-                continue;
-            }
-            let keys: BTreeSet<Key> = w
-                .assign_on_success
-                .iter()
-                .chain(&w.delete_on_success)
-                .map(|(k, _)| k.clone())
-                .collect();
-            let mine: BTreeMap<Key, AzureAssignedIdentity> = keys
-                .iter()
-                .filter_map(|k| aais.get(k).map(|a| (k.clone(), a.clone())))
-                .collect();
-            in_flight.jobs.insert(r.clone(), keys);
-            jobs.push(Box::pin(Arc::clone(self).resource_job(
-                r.clone(),
-                w.clone(),
-                mine,
-                failed.clone(),
-                Arc::clone(index),
-            )));
+            work.push(self.resource_task(r, w, &aais, &failed, index));
         }
-        Ok((outcome, jobs))
+        let results = futures::future::join_all(work).await;
+        for (r, res) in results {
+            match res {
+                Ok(Some(at)) => outcome.retry(at),
+                Ok(None) => {}
+                Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
+                Err(error) => {
+                    tracing::warn!(resource = %r, %error, "resource work failed");
+                    outcome.retry(Instant::now() + FAILURE_RETRY);
+                }
+            }
+        }
+        Ok(outcome)
     }
 
-    /// [`Executor::resource`] as a job that owns what it needs.
-    async fn resource_job(
-        self: Arc<Self>,
-        r: ResourceRef,
-        w: ResourceWork,
-        aais: BTreeMap<Key, AzureAssignedIdentity>,
-        failed: BTreeSet<Key>,
-        index: Arc<Index>,
-    ) -> JobDone {
-        let result = self.resource(&r, &w, &aais, &failed, &index).await;
-        if let Err(error) = &result
-            && !matches!(error, ApplyError::NotLeader)
-        {
-            tracing::warn!(resource = %r, %error, "resource work failed");
-        }
-        let result = match result {
-            Err(ApplyError::NotLeader) => Err(ApplyError::NotLeader),
-            Err(_) => Ok(Some(Instant::now() + FAILURE_RETRY)),
-            ok => ok,
-        };
-        let mut in_flight = lock(&self.in_flight);
-        in_flight.jobs.remove(&r);
-        let replan = in_flight.held.remove(&r);
-        JobDone {
-            resource: r,
-            result,
-            replan,
-        }
+    async fn resource_task<'a>(
+        &'a self,
+        r: &'a ResourceRef,
+        w: &'a ResourceWork,
+        aais: &'a BTreeMap<Key, AzureAssignedIdentity>,
+        failed: &'a BTreeSet<Key>,
+        index: &'a Index,
+    ) -> (&'a ResourceRef, Result<Option<Instant>, ApplyError>) {
+        (r, self.resource(r, w, aais, failed, index).await)
     }
 
     /// Whether a resource is paused by Retry-After; returns the resume time.
@@ -1102,9 +1002,7 @@ impl<C: Cloud> Executor<C> {
         };
         let no_ids = BTreeSet::new();
         let resources: BTreeSet<&ResourceRef> = expected.keys().chain(assigned.keys()).collect();
-        // A resource with a running job is settled by it; the next check
-        // looks at it again.
-        for r in resources.into_iter().filter(|r| !self.busy(r)) {
+        for r in resources {
             let ids = expected.get(r).unwrap_or(&no_ids);
             let on_r = assigned.get(r).map_or(&[][..], Vec::as_slice);
             self.drift_resource(r, ids, on_r, &ledger, index, &mut outcome)

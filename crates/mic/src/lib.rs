@@ -72,8 +72,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Work that arrives close together is folded into one cycle.
 const DEBOUNCE: Duration = Duration::from_millis(50);
-/// How long a shutdown waits for running ARM work.
-const JOB_DRAIN: Duration = Duration::from_secs(10);
 
 /// Everything `run` needs, resolved from flags and environment.
 #[derive(Clone, Debug)]
@@ -391,7 +389,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         });
     }
 
-    let executor = Arc::new(Executor::new(
+    let executor = Executor::new(
         apply::Deps {
             client,
             cloud,
@@ -400,11 +398,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
             leading: leading.clone(),
         },
         settings.executor.clone(),
-    ));
-    // The running ARM work, one job per VMSS/VM at most.
-    let mut jobs: tokio::task::JoinSet<apply::JobDone> = tokio::task::JoinSet::new();
-    // When a job asked for its resource to be tried again.
-    let mut job_retry_at: Option<Instant> = None;
+    );
     let mut leading_rx = leading.clone();
     let mut next_full = Instant::now() + settings.sync_retry_duration;
     // The first drift check (which also checks Assigned AAIs against ARM)
@@ -419,7 +413,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         health.set_active(active);
         if active && dirty {
             dirty = false;
-            let index = Arc::new(shared.snapshot());
+            let index = shared.snapshot();
             let mut plan = plan::plan(&index, &settings.plan);
             let linger_wake = linger
                 .hold(&mut plan, Instant::now() - origin)
@@ -451,10 +445,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     .mic_cycle_duration_seconds
                     .observe(start.elapsed().as_secs_f64());
                 match result {
-                    Some(Ok((outcome, started))) => {
-                        for job in started {
-                            jobs.spawn(job);
-                        }
+                    Some(Ok(outcome)) => {
                         retry_at = match (outcome.retry_at, linger_wake) {
                             (Some(a), Some(b)) => Some(a.min(b)),
                             (a, b) => a.or(b),
@@ -465,25 +456,9 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                 }
             }
         }
-        let wake_retry = match (retry_at, job_retry_at) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or(next_full),
-        };
+        let wake_retry = retry_at.unwrap_or(next_full);
         tokio::select! {
             _ = shutdown.signaled() => break,
-            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
-                // Aborted or panicked jobs leave nothing to handle.
-                if let Ok(done) = done {
-                    match done.result {
-                        Ok(Some(at)) => {
-                            job_retry_at = Some(job_retry_at.map_or(at, |t| t.min(at)));
-                        }
-                        Ok(None) => {}
-                        Err(error) => tracing::warn!(resource = %done.resource, %error, "resource work stopped"),
-                    }
-                    dirty |= done.replan;
-                }
-            }
             r = &mut election => {
                 health.set_active(false);
                 return match r {
@@ -498,13 +473,8 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
             }
             _ = leading_rx.changed() => {
                 dirty = true;
-                // A new term reads the ledger afresh; the writes of the last
-                // one stop at once.
+                // A new term reads the ledger afresh.
                 if !*leading_rx.borrow() {
-                    jobs.abort_all();
-                    while jobs.join_next().await.is_some() {}
-                    executor.clear_jobs();
-                    job_retry_at = None;
                     executor.forget_ledger().await;
                 }
             }
@@ -513,7 +483,6 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     next_full = Instant::now() + settings.sync_retry_duration;
                 }
                 retry_at = None;
-                job_retry_at = None;
                 dirty = true;
             }
             _ = tokio::time::sleep_until(next_drift) => {
@@ -539,15 +508,6 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         }
     }
     health.set_active(false);
-    // Running operations are followed to their end for a while, so their
-    // AAIs are settled before the lease is handed over.
-    let drain = async { while jobs.join_next().await.is_some() {} };
-    if tokio::time::timeout(JOB_DRAIN, drain).await.is_err() {
-        tracing::warn!(
-            "shutting down with ARM operations still running; the next leader settles their AAIs"
-        );
-    }
-    jobs.abort_all();
     // Let the election hand the lease over.
     let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
     Ok(())
