@@ -727,8 +727,10 @@ impl<C: Cloud> Executor<C> {
             tracing::warn!(resource = %r, "last operation failed; identities not taken as assigned");
             retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
         }
-        if !self.settle_all(settled.actions, aais).await? {
-            retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
+        for action in settled.actions {
+            if !self.settle(action, aais).await? {
+                retry_at.get_or_insert(Instant::now() + FAILURE_RETRY);
+            }
         }
         // Entries of identities gone from the resource and not being added
         // leave the ledger (a removal that landed, or one done by others).
@@ -885,31 +887,6 @@ impl<C: Cloud> Executor<C> {
             }
         }
         Sending::Landed
-    }
-
-    /// Performs the settle decisions of one resource, at most
-    /// `--createDeleteBatch` at a time (each is a status write, an AAI
-    /// delete or nothing; they touch different AAIs). `Ok(false)` when one
-    /// of them is to be tried again later.
-    async fn settle_all(
-        &self,
-        actions: Vec<Settle>,
-        aais: &BTreeMap<Key, AzureAssignedIdentity>,
-    ) -> Result<bool, ApplyError> {
-        // Collected first, as in `write_aais`, so the future stays `Send`.
-        let mut settles = Vec::with_capacity(actions.len());
-        for action in actions {
-            settles.push(self.settle(action, aais));
-        }
-        let results: Vec<Result<bool, ApplyError>> = futures::stream::iter(settles)
-            .buffer_unordered(self.opts.batch.max(1))
-            .collect()
-            .await;
-        let mut all = true;
-        for r in results {
-            all &= r?;
-        }
-        Ok(all)
     }
 
     /// Performs one settle decision; `Ok(false)` when the AAI is to be
