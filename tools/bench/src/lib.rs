@@ -271,7 +271,11 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         migration::row(&mut columns, opts.no_upstream, &shipped).await;
     }
     let mut table = report::Table::new(&scale, columns);
-    table.runs = runs;
+    // The runs that measured something, for the report's heading.
+    table.runs = runs
+        .into_iter()
+        .filter(|s| !(opts.no_upstream && *s == Subject::Upstream))
+        .collect();
     table.hidden_rows = (1..=5).filter(|n| !opts.row(*n)).collect();
     if !opts.migration_row() {
         table.hidden_rows.push(6);

@@ -280,6 +280,7 @@ impl Cell {
     pub fn render(&self) -> String {
         match self {
             Cell::Value(v) => format_number(*v),
+            Cell::Spread { mean, min, max } if min == max => format_number(*mean),
             Cell::Spread { mean, min, max } => format!(
                 "{} ({}–{})",
                 format_number(*mean),
@@ -476,7 +477,11 @@ impl Table {
                 .collect::<String>()
         );
         for r in self.rows() {
-            let r: Vec<String> = r.into_iter().map(|c| c.replace('|', "/")).collect();
+            // One line per metric: a failure's log tail is joined up.
+            let r: Vec<String> = r
+                .into_iter()
+                .map(|c| c.replace('|', "/").replace('\n', " "))
+                .collect();
             let _ = writeln!(out, "| {} |", r.join(" | "));
         }
         out
@@ -612,7 +617,10 @@ fn write_heading(out: &mut String, t: &Table, m: &Machine, svg: &Path) {
     );
     if t.runs.len() > 1 {
         let order: Vec<&str> = t.runs.iter().map(|s| s.title()).collect();
-        let twice = t.runs.len() > t.columns.len();
+        let twice = t
+            .runs
+            .iter()
+            .any(|s| t.runs.iter().filter(|r| *r == s).count() > 1);
         let _ = writeln!(
             out,
             "Rows 1-5 ran in this order: {}{}.\n",
@@ -808,7 +816,7 @@ mod tests {
         let mut ours = Figures::default();
         ours.set(Metric::FirstToken, 12.5);
         ours.set(Metric::BurstWall, 1234.0);
-        ours.set_text(Metric::IdleCpu, "failed: a <b> | c");
+        ours.set_text(Metric::IdleCpu, "failed: a <b> | c\nlog");
         let upstream = Figures::not_run("not run: --no-upstream");
         Table::new(
             &crate::Scale::quick(),
@@ -870,7 +878,7 @@ mod tests {
             .find(|l| l.contains("idle: mic CPU"))
             .copied()
             .unwrap_or_default();
-        assert!(idle.contains("failed: a <b> / c"), "{idle}");
+        assert!(idle.contains("failed: a <b> / c log"), "{idle}");
     }
 
     #[test]
@@ -879,10 +887,12 @@ mod tests {
         a.set(Metric::FirstToken, 10.0);
         a.set(Metric::BurstWall, 3.0);
         a.set_text(Metric::IdleCpu, "not run: row not selected");
+        a.set(Metric::Burst429, 0.0);
         a.note("one".into());
         let mut b = Figures::default();
         b.set(Metric::FirstToken, 14.0);
         b.set_text(Metric::BurstWall, "failed: timeout");
+        b.set(Metric::Burst429, 0.0);
         b.set_text(Metric::IdleCpu, "not run: row not selected");
         let f = Figures::merge(vec![
             ("run 1 of 4".into(), a.clone()),
@@ -893,6 +903,8 @@ mod tests {
             Some("12 (10–14)".into())
         );
         assert_eq!(f.value(Metric::FirstToken), Some(12.0));
+        // The same in both runs: no range.
+        assert_eq!(f.get(Metric::Burst429).map(Cell::render), Some("0".into()));
         assert_eq!(
             f.get(Metric::BurstWall).map(Cell::render),
             Some("run 1 of 4: 3; run 4 of 4: failed: timeout".into())

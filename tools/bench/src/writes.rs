@@ -23,7 +23,7 @@ pub struct VmssWrites {
 }
 
 impl VmssWrites {
-    /// One line: `name: W writes (A accepted, 409×C), at most M in flight`.
+    /// One line: `name: writes W (A accepted, 409×C), at most M in flight`.
     pub fn line(&self) -> String {
         let refused: Vec<String> = self
             .refused
@@ -31,7 +31,7 @@ impl VmssWrites {
             .map(|(s, n)| format!(", {s}×{n}"))
             .collect();
         format!(
-            "{}: {} writes ({} accepted{}), at most {} in flight",
+            "{}: writes {} ({} accepted{}), at most {} in flight",
             self.name,
             self.writes,
             self.accepted,
@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(w[1].max_in_flight, 1);
         assert_eq!(
             w[0].line(),
-            "vmss-a: 3 writes (2 accepted, 409×1), at most 2 in flight"
+            "vmss-a: writes 3 (2 accepted, 409×1), at most 2 in flight"
         );
     }
 }
