@@ -1,8 +1,10 @@
 //! One way to keep a local view of a Kubernetes kind current, shared by mic
 //! and nmi: list every object, then follow changes, and list again after a
 //! watch is lost. Errors never stop a watch: the stream from [`events`]
-//! retries with kube's default backoff (0.8 s doubling to at most 30 s,
-//! with jitter, starting over after two quiet minutes).
+//! retries with backoff ([`Retry`]: 0.8 s doubling to at most 30 s, with
+//! jitter, starting over after any success). An answer from the apiserver
+//! that the watch's resource version is gone (410) is the exception: the
+//! server is up and asks for a fresh list, so the list follows at once.
 //!
 //! [`Lister`] decides what each watcher event means for the view (pure,
 //! table-tested); [`feed`] performs that on a [`Sink`] until the stream ends
@@ -13,17 +15,17 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::Shutdown;
 
-/// The watcher's events for `api` with `config`, retried with kube's default
-/// backoff after every error (each error is still yielded, once).
+/// The watcher's events for `api` with `config`, retried after every error
+/// with the delay [`Retry`] decides (each error is still yielded, once).
 pub fn events<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -31,7 +33,109 @@ pub fn events<K>(
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    watcher::watcher(api, config).default_backoff()
+    let inner = Box::pin(watcher::watcher(api, config));
+    futures::stream::unfold(
+        (inner, Retry::default(), None::<Duration>),
+        |(mut inner, mut retry, wait)| async move {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            let item = inner.next().await?;
+            let wait = match &item {
+                Ok(_) => {
+                    retry.succeeded();
+                    None
+                }
+                Err(error) => {
+                    Some(retry.failed(Failure::of(error), std::time::Instant::now(), jitter()))
+                }
+            };
+            Some((item, (inner, retry, wait)))
+        },
+    )
+}
+
+/// Why a watch attempt failed, as far as the next attempt's delay goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The apiserver answered that the resource version the watch resumed
+    /// from is gone (410): it is reachable, and the watcher lists afresh.
+    Gone,
+    /// Anything else (no connection, a 5xx, a refusal).
+    Other,
+}
+
+impl Failure {
+    /// The class of `error`.
+    pub fn of(error: &watcher::Error) -> Failure {
+        let gone = match error {
+            watcher::Error::WatchError(status) => status.code == 410,
+            watcher::Error::WatchStartFailed(kube::Error::Api(status))
+            | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
+            _ => false,
+        };
+        if gone { Failure::Gone } else { Failure::Other }
+    }
+}
+
+/// First delay after an error.
+const RETRY_FIRST: Duration = Duration::from_millis(800);
+/// Largest delay before jitter (so at most 30 s with it).
+const RETRY_MAX: Duration = Duration::from_secs(15);
+/// Delay before the fresh list a 410 asks for.
+const RETRY_GONE: Duration = Duration::from_millis(100);
+/// A 410 gets [`RETRY_GONE`] at most once per this interval; more often,
+/// it waits like any other error (a server answering 410 to every watch
+/// must not draw a full list every 100 ms).
+const GONE_FAST_EVERY: Duration = Duration::from_secs(30);
+
+/// The delay before the next watch attempt: doubling from [`RETRY_FIRST`]
+/// up to [`RETRY_MAX`] for errors in a row, times a jitter factor in [1, 2)
+/// so that many watchers (every nmi of a cluster) do not return together;
+/// any success starts over. A 410 is retried after [`RETRY_GONE`] at once
+/// (rate-limited by [`GONE_FAST_EVERY`]), and starts the doubling over: the
+/// server answered.
+#[derive(Debug, Default)]
+pub struct Retry {
+    /// Errors in a row since the last success or fast re-list.
+    errors: u32,
+    /// When the last fast re-list was granted.
+    last_fast: Option<std::time::Instant>,
+}
+
+impl Retry {
+    /// An event arrived: the next error starts from [`RETRY_FIRST`].
+    pub fn succeeded(&mut self) {
+        self.errors = 0;
+    }
+
+    /// The delay after a `failure` at `now`; `jitter` is in [0, 1).
+    pub fn failed(&mut self, failure: Failure, now: std::time::Instant, jitter: f64) -> Duration {
+        let fast = failure == Failure::Gone
+            && self
+                .last_fast
+                .is_none_or(|at| now.saturating_duration_since(at) >= GONE_FAST_EVERY);
+        if fast {
+            self.last_fast = Some(now);
+            self.errors = 0;
+            return RETRY_GONE;
+        }
+        let base = RETRY_FIRST
+            .saturating_mul(1u32 << self.errors.min(16))
+            .min(RETRY_MAX);
+        self.errors = self.errors.saturating_add(1);
+        base.mul_f64(1.0 + jitter.clamp(0.0, 0.999))
+    }
+}
+
+/// A number in [0, 1), different on every call (std's per-process random
+/// hash keys; jitter needs no stronger randomness).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::hash::RandomState::new().build_hasher();
+    h.write_u64(CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// What a view does with what its watch sees. Each method says whether the
@@ -295,6 +399,147 @@ mod tests {
             let got: Vec<_> = events.into_iter().map(|e| lister.step(e)).collect();
             assert_eq!(got, expected);
         }
+    }
+
+    #[test]
+    fn retry_delays() {
+        use Failure::*;
+        let ms = Duration::from_millis;
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // (case, steps: Some((failure, seconds after t0, jitter)) or None
+        // for a success, the delays expected for the failures)
+        type Case = (
+            &'static str,
+            Vec<Option<(Failure, u64, f64)>>,
+            Vec<Duration>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "errors in a row double, capped at 15 s before jitter",
+                (0..7).map(|i| Some((Other, i, 0.0))).collect(),
+                vec![
+                    ms(800),
+                    ms(1600),
+                    ms(3200),
+                    ms(6400),
+                    ms(12800),
+                    ms(15000),
+                    ms(15000),
+                ],
+            ),
+            (
+                "jitter stretches a delay by up to (not quite) twice",
+                vec![
+                    Some((Other, 0, 0.5)),
+                    Some((Other, 1, 1.0)),
+                    Some((Other, 2, 7.0)),
+                ],
+                vec![
+                    ms(1200),
+                    ms(3198) + Duration::from_micros(400),
+                    ms(6396) + Duration::from_micros(800),
+                ],
+            ),
+            (
+                "a success starts over",
+                vec![
+                    Some((Other, 0, 0.0)),
+                    Some((Other, 1, 0.0)),
+                    None,
+                    Some((Other, 2, 0.0)),
+                ],
+                vec![ms(800), ms(1600), ms(800)],
+            ),
+            (
+                "a 410 after an outage re-lists at once and starts the doubling over",
+                vec![
+                    Some((Other, 0, 0.0)),
+                    Some((Other, 1, 0.0)),
+                    Some((Other, 2, 0.0)),
+                    Some((Gone, 3, 0.5)),
+                    Some((Other, 4, 0.0)),
+                ],
+                vec![ms(800), ms(1600), ms(3200), ms(100), ms(800)],
+            ),
+            (
+                "410s in a row: one fast re-list per 30 s, the rest wait",
+                vec![
+                    Some((Gone, 0, 0.0)),
+                    None,
+                    Some((Gone, 1, 0.0)),
+                    Some((Gone, 2, 0.0)),
+                    None,
+                    Some((Gone, 29, 0.0)),
+                    Some((Gone, 30, 0.0)),
+                ],
+                vec![ms(100), ms(800), ms(1600), ms(800), ms(100)],
+            ),
+        ];
+        for (case, steps, expected) in cases {
+            let mut retry = Retry::default();
+            let mut got = Vec::new();
+            for step in steps {
+                match step {
+                    Some((failure, s, jitter)) => got.push(retry.failed(failure, at(s), jitter)),
+                    None => retry.succeeded(),
+                }
+            }
+            assert_eq!(got, expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn failure_classes() {
+        use kube::core::Status;
+        let status = |code: u16| {
+            let mut s = Status::failure("x", "Expired");
+            s.code = code;
+            s
+        };
+        let cases: Vec<(&str, watcher::Error, Failure)> = vec![
+            (
+                "410 event",
+                watcher::Error::WatchError(Box::new(status(410))),
+                Failure::Gone,
+            ),
+            (
+                "500 event",
+                watcher::Error::WatchError(Box::new(status(500))),
+                Failure::Other,
+            ),
+            (
+                "410 at watch start",
+                watcher::Error::WatchStartFailed(kube::Error::Api(Box::new(status(410)))),
+                Failure::Gone,
+            ),
+            (
+                "403 at watch start",
+                watcher::Error::WatchStartFailed(kube::Error::Api(Box::new(status(403)))),
+                Failure::Other,
+            ),
+            (
+                "410 on the list is not a resume",
+                watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status(410)))),
+                Failure::Other,
+            ),
+            (
+                "no resource version",
+                watcher::Error::NoResourceVersion,
+                Failure::Other,
+            ),
+        ];
+        for (case, error, expected) in cases {
+            assert_eq!(Failure::of(&error), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn jitter_is_in_range_and_varies() {
+        let draws: Vec<f64> = (0..64).map(|_| jitter()).collect();
+        assert!(draws.iter().all(|j| (0.0..1.0).contains(j)), "{draws:?}");
+        let distinct: std::collections::BTreeSet<u64> = draws.iter().map(|j| j.to_bits()).collect();
+        assert!(distinct.len() > 60, "{draws:?}");
     }
 
     #[test]
