@@ -839,13 +839,9 @@ fn apply(
     }
 
     let async_mode = s.cfg.arm.lro_mode == LroMode::Async;
-    let secs = if w.kind == Kind::ScaleSet {
-        s.cfg.arm.vmss_write_seconds
-    } else {
-        s.cfg.arm.vm_write_seconds
-    };
     let duration = if async_mode {
-        Duration::from_secs_f64(secs.max(0.0))
+        st.write_durations
+            .write(&s.cfg.arm, w.kind == Kind::ScaleSet)
     } else {
         Duration::ZERO
     };

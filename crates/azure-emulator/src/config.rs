@@ -338,6 +338,18 @@ pub struct ArmConfig {
     /// Virtual seconds a VM write runs (10-20 s on a standalone VM).
     #[serde(default = "vm_lro")]
     pub vm_write_seconds: f64,
+    /// When set above `vmss_write_seconds`: each VMSS write runs a duration
+    /// drawn uniformly from `[vmss_write_seconds, vmss_write_seconds_max]`
+    /// (see [`crate::draw::WriteDurations`]).
+    #[serde(default)]
+    pub vmss_write_seconds_max: Option<f64>,
+    /// The same for VM writes, from `[vm_write_seconds, vm_write_seconds_max]`.
+    #[serde(default)]
+    pub vm_write_seconds_max: Option<f64>,
+    /// Seed of those draws: one seed and the same writes in the same order
+    /// give the same durations.
+    #[serde(default = "write_seed")]
+    pub write_seconds_seed: u64,
     /// `Retry-After` on the LRO answer, in virtual seconds.
     #[serde(default = "lro_retry_after")]
     pub lro_retry_after_seconds: u64,
@@ -366,6 +378,9 @@ impl Default for ArmConfig {
             lro_mode: LroMode::Async,
             vmss_write_seconds: vmss_lro(),
             vm_write_seconds: vm_lro(),
+            vmss_write_seconds_max: None,
+            vm_write_seconds_max: None,
+            write_seconds_seed: write_seed(),
             lro_retry_after_seconds: lro_retry_after(),
             concurrent_writes: ConcurrentWrites::Conflict,
             max_identities_per_request: per_request(),
@@ -384,6 +399,9 @@ fn vmss_lro() -> f64 {
 }
 fn vm_lro() -> f64 {
     15.0
+}
+fn write_seed() -> u64 {
+    1
 }
 fn lro_retry_after() -> u64 {
     5
@@ -723,6 +741,36 @@ issuers:
                 .pem()
                 .starts_with("-----BEGIN")
         );
+    }
+
+    #[test]
+    fn write_duration_ranges_parse_and_default_to_fixed() {
+        for (arm, vmss, vm, seed) in [
+            ("{}", (45.0, None), (15.0, None), 1),
+            (
+                "{ vmssWriteSeconds: 40, vmssWriteSecondsMax: 60, writeSecondsSeed: 9 }",
+                (40.0, Some(60.0)),
+                (15.0, None),
+                9,
+            ),
+            (
+                "{ vmWriteSeconds: 10, vmWriteSecondsMax: 20 }",
+                (45.0, None),
+                (10.0, Some(20.0)),
+                1,
+            ),
+        ] {
+            let cfg = Config::from_yaml(&format!("tenantId: t\nsubscriptionId: s\narm: {arm}\n"))
+                .expect("parse");
+            let a = &cfg.arm;
+            assert_eq!(
+                (a.vmss_write_seconds, a.vmss_write_seconds_max),
+                vmss,
+                "{arm}"
+            );
+            assert_eq!((a.vm_write_seconds, a.vm_write_seconds_max), vm, "{arm}");
+            assert_eq!(a.write_seconds_seed, seed, "{arm}");
+        }
     }
 
     #[test]

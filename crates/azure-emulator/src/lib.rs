@@ -48,6 +48,7 @@ mod admin;
 pub mod arm;
 pub mod clock;
 pub mod config;
+pub mod draw;
 pub mod error;
 pub mod faults;
 mod http;
@@ -543,6 +544,10 @@ impl Emulator {
     }
     pub fn reset_observations(&self) {
         self.shared.observer.reset();
+    }
+    /// The long-running operations of the last hour of virtual time, by start.
+    pub fn operations(&self) -> Vec<state::OperationSpan> {
+        lock(&self.shared.state).operation_spans()
     }
 
     /// The client and principal ID of a UAI, by name.

@@ -11,6 +11,7 @@ use crate::clock::VirtualTime;
 use crate::config::{
     Config, FederatedCredentialSeed, IdentityAssignmentSeed, PermissionsSeed, SecretSeed,
 };
+use crate::draw::WriteDurations;
 use crate::ids::{key, new_guid, parse_uai_id, uai_id, vm_id, vmss_id};
 use crate::jwt::thumbprints;
 use crate::tls::pem_to_der;
@@ -154,6 +155,39 @@ pub struct Operation {
     pub failure: Option<(String, String)>,
 }
 
+/// A long-running operation as [`State::operation_spans`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperationSpan {
+    /// Lower-cased ARM ID of the VM or scale set written.
+    pub resource_key: String,
+    /// Virtual times of its start and end, milliseconds since the Unix epoch.
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+impl OperationSpan {
+    /// How long it runs, virtual.
+    pub fn duration(&self) -> Duration {
+        Duration::from_millis(self.end_ms.saturating_sub(self.start_ms))
+    }
+
+    /// Whether it writes the scale set `name` (any casing).
+    pub fn on_scale_set(&self, name: &str) -> bool {
+        self.resource_key.ends_with(&format!(
+            "/providers/microsoft.compute/virtualmachinescalesets/{}",
+            name.to_ascii_lowercase()
+        ))
+    }
+
+    /// Whether it writes the VM `name` (any casing).
+    pub fn on_vm(&self, name: &str) -> bool {
+        self.resource_key.ends_with(&format!(
+            "/providers/microsoft.compute/virtualmachines/{}",
+            name.to_ascii_lowercase()
+        ))
+    }
+}
+
 impl Operation {
     pub fn status(&self, now: VirtualTime) -> &'static str {
         if now < self.end {
@@ -210,6 +244,8 @@ pub struct State {
     pub revoked_write: BTreeSet<String>,
     /// Fail the next N operations (fault).
     pub fail_next_operations: u32,
+    /// How long each accepted write runs.
+    pub write_durations: WriteDurations,
 }
 
 fn base36(mut n: u64) -> String {
@@ -271,6 +307,7 @@ impl State {
             revoked_assign: BTreeSet::new(),
             revoked_write: BTreeSet::new(),
             fail_next_operations: 0,
+            write_durations: WriteDurations::new(cfg.arm.write_seconds_seed),
         };
         let add_rg = |st: &mut State, rg: &str| {
             st.resource_groups
@@ -534,6 +571,22 @@ impl State {
         let c = self.compute.get(resource_key)?;
         let op = self.operations.get(c.last_operation.as_ref()?)?;
         (now < op.end).then_some(op.end)
+    }
+
+    /// The operations kept (those of the last hour of virtual time at
+    /// least), by start.
+    pub fn operation_spans(&self) -> Vec<OperationSpan> {
+        let mut v: Vec<OperationSpan> = self
+            .operations
+            .values()
+            .map(|o| OperationSpan {
+                resource_key: o.resource_key.clone(),
+                start_ms: o.start.as_millis() as u64,
+                end_ms: o.end.as_millis() as u64,
+            })
+            .collect();
+        v.sort_by(|a, b| (a.start_ms, &a.resource_key).cmp(&(b.start_ms, &b.resource_key)));
+        v
     }
 
     /// Drops finished operations older than an hour of virtual time.

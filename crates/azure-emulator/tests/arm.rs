@@ -774,3 +774,62 @@ async fn expired_token_is_rejected() {
     let r = Arm::new(&emu).get(&vmss_path(VMSS), API).await;
     r.assert_error(401, "ExpiredAuthenticationToken");
 }
+
+#[tokio::test]
+async fn write_durations_are_drawn_from_the_configured_range_in_seed_order() {
+    let mut cfg = config();
+    cfg.arm.vmss_write_seconds = 40.0;
+    cfg.arm.vmss_write_seconds_max = Some(60.0);
+    cfg.arm.vm_write_seconds = 10.0;
+    cfg.arm.vm_write_seconds_max = Some(20.0);
+    cfg.arm.write_seconds_seed = 5;
+    let emu = start(cfg.clone()).await;
+    let arm = Arm::new(&emu);
+    // A scale set, a VM, the other scale set: each write draws its own.
+    let writes = [
+        (vmss_path(VMSS), true),
+        (vm_path(VM), false),
+        (vmss_path(VMSS2), true),
+    ];
+    for (path, _) in &writes {
+        let r = arm.assign(path, &uai(APP_RG, "app-id")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let ops = emu.operations();
+    assert_eq!(ops.len(), 3, "{ops:?}");
+    let mut expected = azure_emulator::draw::WriteDurations::new(5);
+    let mut seen = Vec::new();
+    for (path, scale_set) in &writes {
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let op = ops
+            .iter()
+            .find(|o| {
+                if *scale_set {
+                    o.on_scale_set(name)
+                } else {
+                    o.on_vm(name)
+                }
+            })
+            .unwrap_or_else(|| panic!("no operation on {name}: {ops:?}"));
+        let want = expected.write(&cfg.arm, *scale_set);
+        // Whole milliseconds of virtual time on both ends: the draw within 1 ms.
+        let diff = op.duration().as_secs_f64() - want.as_secs_f64();
+        assert!(diff.abs() <= 0.001, "{name}: {op:?} against {want:?}");
+        let range = if *scale_set { 40.0..60.0 } else { 10.0..20.0 };
+        assert!(range.contains(&op.duration().as_secs_f64()), "{op:?}");
+        seen.push(op.duration());
+    }
+    // The scale set is Updating until its own operation's end, Succeeded after.
+    let op_url = arm
+        .assign(&vmss_path(VMSS), &uai(APP_RG, "app-2"))
+        .await
+        .header("azure-asyncoperation");
+    assert!(
+        op_url.is_none(),
+        "a second write to a busy scale set conflicts"
+    );
+    emu.clock().advance(seen[0] - Duration::from_millis(1));
+    assert_eq!(arm.provisioning_state(&vmss_path(VMSS)).await, "Updating");
+    emu.clock().advance(Duration::from_millis(2));
+    assert_eq!(arm.provisioning_state(&vmss_path(VMSS)).await, "Succeeded");
+}
