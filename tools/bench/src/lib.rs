@@ -25,6 +25,7 @@
 
 pub mod child;
 pub mod migration;
+mod other;
 pub mod report;
 pub mod shipped;
 pub mod stats;
@@ -51,7 +52,8 @@ pub struct Options {
     /// Small sizes (seconds of runtime): checks that the bench works, nothing more.
     #[arg(long)]
     pub quick: bool,
-    /// Rows to run, e.g. `1,3` (default: all of 1-6; with `--quick`, 1-5).
+    /// Rows to run, e.g. `1,3` (default: all of 1-7; with `--quick`, all
+    /// but 6).
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<u8>,
     /// Markdown report; the SVG chart goes next to it with the `.svg` extension.
@@ -111,7 +113,7 @@ impl Options {
         })
     }
 
-    /// Whether row `n` (1-5) is selected.
+    /// Whether row `n` (1-5, 7) is selected.
     pub fn row(&self, n: u8) -> bool {
         self.rows.is_empty() || self.rows.contains(&n)
     }
@@ -124,16 +126,28 @@ impl Options {
     }
 }
 
+/// The rows each subject runs in its own world (row 6, the migration,
+/// runs once for both).
+pub const SUBJECT_ROWS: [u8; 6] = [1, 2, 3, 4, 5, 7];
+
 /// Sizes and clock of one run; the same for every subject.
 #[derive(Clone, Debug)]
 pub struct Scale {
     /// Emulated seconds per wall second (emulator clock; MIC periods and
     /// budget refills are scaled by the same factor).
     pub speed: f64,
-    /// Row 1: emulated VMSS write (LRO) duration, seconds.
-    pub lro_seconds: f64,
+    /// Emulated VMSS write (LRO) durations, seconds: each write's is drawn
+    /// uniformly from `[min, max)` by the emulator's generator seeded with
+    /// [`Scale::lro_seed`].
+    pub lro_seconds: (f64, f64),
+    /// The same for standalone VMs' writes (row 7).
+    pub vm_lro_seconds: (f64, f64),
+    pub lro_seed: u64,
     /// Row 1: new pods timed, one after the other.
     pub first_token_samples: usize,
+    /// Row 7: samples of a pod on another scale set (and on a VM) while
+    /// one scale set's write runs.
+    pub other_samples: usize,
     /// Row 2: pods, identities and scale sets of the burst.
     pub burst_pods: usize,
     pub burst_ids: usize,
@@ -168,8 +182,11 @@ impl Scale {
     pub fn full() -> Self {
         Scale {
             speed: 10.0,
-            lro_seconds: 45.0,
+            lro_seconds: LRO_SECONDS,
+            vm_lro_seconds: VM_LRO_SECONDS,
+            lro_seed: 1,
             first_token_samples: 20,
+            other_samples: 5,
             burst_pods: 1000,
             burst_ids: 50,
             vmss: 10,
@@ -191,8 +208,11 @@ impl Scale {
     pub fn quick() -> Self {
         Scale {
             speed: 100.0,
-            lro_seconds: 45.0,
+            lro_seconds: LRO_SECONDS,
+            vm_lro_seconds: VM_LRO_SECONDS,
+            lro_seed: 1,
             first_token_samples: 3,
+            other_samples: 2,
             burst_pods: 40,
             burst_ids: 5,
             vmss: 2,
@@ -210,11 +230,30 @@ impl Scale {
         }
     }
 
+    /// Identities the world's emulator holds: those of row 4's MIC, and
+    /// enough for row 7's samples after the others' (three each).
+    pub fn tenant_identities(&self) -> usize {
+        self.big_ids
+            .max(self.other_first_identity() + 3 * self.other_samples)
+    }
+
+    /// Row 7's first identity: after those of rows 1-4 (the burst's, row 1's
+    /// samples and the ten of the NMI node's pods).
+    pub fn other_first_identity(&self) -> usize {
+        self.burst_ids.max(self.first_token_samples).max(10)
+    }
+
     /// A wall duration for an emulated one.
     pub fn wall(&self, emulated: Duration) -> Duration {
         emulated.div_f64(self.speed)
     }
 }
+
+/// How long a VMSS identity write runs on Azure, seconds (the emulator's
+/// fixed default is 45 s).
+const LRO_SECONDS: (f64, f64) = (40.0, 60.0);
+/// The same on a standalone VM.
+const VM_LRO_SECONDS: (f64, f64) = (10.0, 20.0);
 
 /// Entry point of `bench`: a child role when [`ROLE_ENV`] is set, else the
 /// whole benchmark.
@@ -250,7 +289,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     for (i, subject) in runs.iter().copied().enumerate() {
         let figures = if subject == Subject::Upstream && opts.no_upstream {
             report::Figures::not_run("not run: --no-upstream")
-        } else if !(1..=5).any(|n| opts.row(n)) {
+        } else if !SUBJECT_ROWS.iter().any(|n| opts.row(*n)) {
             report::Figures::not_run("not run: row not selected")
         } else {
             eprintln!("run {} of {}: {}", i + 1, runs.len(), subject.title());
@@ -276,7 +315,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         .into_iter()
         .filter(|s| !(opts.no_upstream && *s == Subject::Upstream))
         .collect();
-    table.hidden_rows = (1..=5).filter(|n| !opts.row(*n)).collect();
+    table.hidden_rows = SUBJECT_ROWS.into_iter().filter(|n| !opts.row(*n)).collect();
     if !opts.migration_row() {
         table.hidden_rows.push(6);
     }

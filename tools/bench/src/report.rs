@@ -63,6 +63,15 @@ pub enum Metric {
     MigrationAaiChanges,
     MigrationTokenErrors,
     MigrationImdsDirect,
+    /// Row 7: a pod on another scale set while one scale set's write runs:
+    /// its first token minus its own write (median, min, max over samples).
+    OtherScaleSet,
+    OtherScaleSetMin,
+    OtherScaleSetMax,
+    /// Row 7: the same for a pod on a standalone VM.
+    OtherVm,
+    OtherVmMin,
+    OtherVmMax,
 }
 
 impl Metric {
@@ -89,6 +98,7 @@ impl Metric {
             .chain(Self::MIDDLE)
             .chain(Kind::ALL.into_iter().flat_map(flood))
             .chain(Self::TAIL)
+            .chain(Self::OTHER)
             .collect()
     }
 
@@ -131,7 +141,17 @@ impl Metric {
         Metric::MigrationImdsDirect,
     ];
 
-    /// Row of the table (1-6).
+    /// Row 7's.
+    const OTHER: [Metric; 6] = [
+        Metric::OtherScaleSet,
+        Metric::OtherScaleSetMin,
+        Metric::OtherScaleSetMax,
+        Metric::OtherVm,
+        Metric::OtherVmMin,
+        Metric::OtherVmMax,
+    ];
+
+    /// Row of the table (1-7).
     pub fn row(self) -> u8 {
         match self {
             Metric::FirstToken
@@ -167,6 +187,12 @@ impl Metric {
             | Metric::MigrationAaiChanges
             | Metric::MigrationTokenErrors
             | Metric::MigrationImdsDirect => 6,
+            Metric::OtherScaleSet
+            | Metric::OtherScaleSetMin
+            | Metric::OtherScaleSetMax
+            | Metric::OtherVm
+            | Metric::OtherVmMin
+            | Metric::OtherVmMax => 7,
         }
     }
 
@@ -174,9 +200,11 @@ impl Metric {
     pub fn label(self, s: &Scale) -> String {
         match self {
             Metric::FirstToken => format!(
-                "first token for a new pod, minus the LRO (L = {:.0} s emulated = {:.1} s wall): median of {} samples, ms",
-                s.lro_seconds,
-                s.lro_seconds / s.speed,
+                "first token for a new pod on a scale set, minus its own LRO (L drawn from {:.0}-{:.0} s emulated = {:.1}-{:.1} s wall): median of {} samples, ms",
+                s.lro_seconds.0,
+                s.lro_seconds.1,
+                s.lro_seconds.0 / s.speed,
+                s.lro_seconds.1 / s.speed,
                 s.first_token_samples
             ),
             Metric::FirstTokenP95 => "first token minus L: p95, ms".into(),
@@ -258,6 +286,18 @@ impl Metric {
             Metric::MigrationImdsDirect => {
                 "migration: pods' requests that reached IMDS around nmi".into()
             }
+            Metric::OtherScaleSet => format!(
+                "while one scale set's LRO runs: first token for a pod on another scale set, minus its own LRO: median of {} samples, ms",
+                s.other_samples
+            ),
+            Metric::OtherScaleSetMin => "another scale set: min, ms".into(),
+            Metric::OtherScaleSetMax => "another scale set: max, ms".into(),
+            Metric::OtherVm => format!(
+                "while one scale set's LRO runs: first token for a pod on a standalone VM (L drawn from {:.0}-{:.0} s emulated), minus its own LRO: median, ms",
+                s.vm_lro_seconds.0, s.vm_lro_seconds.1
+            ),
+            Metric::OtherVmMin => "a standalone VM: min, ms".into(),
+            Metric::OtherVmMax => "a standalone VM: max, ms".into(),
         }
     }
 }
@@ -418,7 +458,7 @@ pub struct Table {
     pub columns: Vec<(Subject, Figures)>,
     /// Rows left out of the table and the chart (not run in this mode).
     pub hidden_rows: Vec<u8>,
-    /// The subjects' runs of rows 1-5, in the order they ran.
+    /// The subjects' runs of rows 1-5 and 7, in the order they ran.
     pub runs: Vec<Subject>,
 }
 
@@ -623,7 +663,7 @@ fn write_heading(out: &mut String, t: &Table, m: &Machine, svg: &Path) {
             .any(|s| t.runs.iter().filter(|r| *r == s).count() > 1);
         let _ = writeln!(
             out,
-            "Rows 1-5 ran in this order: {}{}.\n",
+            "Rows 1-5 and 7 ran in this order: {}{}.\n",
             order.join(", then "),
             if twice {
                 "; a cell measured in both runs shows their mean and (min–max)"
@@ -646,20 +686,26 @@ fn write_method(out: &mut String, s: &Scale, m: &Machine) {
     let _ = writeln!(out, "## How it is measured\n");
     let _ = writeln!(
         out,
-        "- One process starts a real etcd + kube-apiserver (the test harness) and, per column, the Azure emulator in-process with Compute's throttle buckets at their real sizes (PutVMScaleSet: 12 burst, 4/min per scale set; 1500/500 per subscription; ARM 250 reads/200 writes burst) on a clock running {speed}× (1 wall s = {speed} emulated s). VMSS writes are long-running operations of {lro} emulated s; `Retry-After` is divided by the speed.\n\
+        "- One process starts a real etcd + kube-apiserver (the test harness) and, per column, the Azure emulator in-process with Compute's throttle buckets at their real sizes (PutVMScaleSet: 12 burst, 4/min per scale set; 1500/500 per subscription; ARM 250 reads/200 writes burst) on a clock running {speed}× (1 wall s = {speed} emulated s). VMSS writes are long-running operations whose durations the emulator draws per write, uniformly from [{lro0}, {lro1}) emulated s (a standalone VM's from [{vm0}, {vm1}) s), with a generator seeded with {seed}, so a run's sequence is reproducible; `Retry-After` is divided by the speed.\n\
          - mic and nmi are the shipped release binaries (`cargo build --release --locked -p mic --bin mic`, likewise nmi, as their images build them), each its own process; {cores}.\n\
          - mic runs with its periods divided by {speed} (`--identity-assignment-reconcile-interval={ri}`, `--syncRetryDuration={sr}`, `--update-user-msi-retry-interval={ui}`) and its write budget refills multiplied by {speed}; lease timings stay real.\n\
          - nmi runs inside a node network namespace with its iptables rules; pods are network namespaces attached by veth; the apiserver and IMDS reach the node namespace over Unix-socket relays, never through the root namespace.\n\
-         - Row 1: {samples} samples one after the other, each a new Pod bound to an identity its scale set does not have yet: from creating the Pod (nodeName, then podIP via the status subresource) until `curl` in the pod's namespace (polled every 50 ms) gets 200 from 169.254.169.254, minus L in wall time; median, nearest-rank p95, min and max. After its token each sample's Pod is reported at an address no namespace backs, so the next one is alone at the pod's address.\n\
+         - Row 1: {samples} samples one after the other, each a new Pod bound to an identity its scale set does not have yet: from creating the Pod (nodeName, then podIP via the status subresource) until `curl` in the pod's namespace (polled every 50 ms) gets 200 from 169.254.169.254, minus that Pod's own L (the duration of the first write to its scale set since the Pod was created, from the emulator's operations) in wall time; median, nearest-rank p95, min and max. After its token each sample's Pod is reported at an address no namespace backs, so the next one is alone at the pod's address.\n\
          - Row 2: pods are created 32 at a time while mic runs (Pod objects only, no kubelet); time until every AzureAssignedIdentity is Assigned (polled every 250 ms); ARM counts come from the emulator's counters over the same span; writes per scale set and in flight come from its request log: an accepted write is in flight from its answer until its operation ends (L later), a refused one (409, 429) at the instant it was answered, since it was sent while the scale set was busy or its budget spent.\n\
          - Row 3: an open-loop generator in one pod namespace, pinned to its own core, sends token requests at a fixed rate over {conns} HTTP/1.1 keep-alive connections (nmi's default limit per address; opened first; they bound the requests in flight) after one warm-up request, so nmi answers from its token cache: request i is due at start + i/rate, a free connection takes the next due request and sends it at its time, and latency counts from the time due, so requests held up behind a slow answer count their wait (no coordinated omission); a request gets 2 s at most. Each of {rates} tokens/s runs {ls:.0} s. The peak sustainable rate is searched from those results, doubling up (or halving down) in steps of {ss:.1} s, then two geometric bisections; a rate is sustained when every request due got 200, at least 95 % of it was achieved and p99 ≤ {sp} ms. The details give, per run, errors, how late the generator sent (its own limit) and nmi's CPU.\n\
          - Row 4: VmHWM of `/proc/<pid>/status`; descriptors are the entries of `/proc/<pid>/fd`. nmi at rest: VmRSS once active, before any pod is on its node. nmi with pods: {nmi} Pod objects with IPs and Assigned AAIs on its node, after a token request. mic: after the burst, the rest of {big} pods over {ids} identities (identity j on scale set j mod {k}) all Assigned.\n\
          - Row 4, floods: nmi is restarted before each flood; one pod (an ordinary pod with an Assigned identity) opens {flood} TCP connections to 169.254.169.254:80 (256 being opened at a time) and holds them at least {hold:.0} s: slow bodies = a token request per connection, each for its own `resource`, declaring `Content-Length: 65536` and sending nothing more; distinct resources = a complete token request per connection, each for its own `resource` (the emulator issues tokens for any resource); idle connections = nothing sent. Peak RSS is the larger of VmHWM and VmRSS sampled every 100 ms; peak descriptors are sampled every 100 ms. Meanwhile a second pod on the node asks for its first token for a resource nobody asked for yet (`curl`, 30 s at most); the details list what the flood got back and nmi's descriptors after it stopped.\n\
          - Row 5: after the burst converged and 60 emulated s of quiet, ARM requests (writes + reads + LRO polls) and mic's utime+stime from `/proc/<pid>/stat` over {idle:.0} emulated s ({idlew:.0} wall s).\n\
          - Row 6 (one run for both columns, the test kit's upgrade scenario, the one `tests/tests/migration_upgrade.rs` asserts on): a cluster of its own, two nodes (one per scale set) with two pods each asking for a token every 250 ms throughout, three identities, the emulator at 30×. Before Go starts, upstream's chart 4.1.18 is `helm install`ed; right before the processes are swapped this project's CRDs are applied and `helm upgrade` writes this chart, and `helm rollback` comes before the way back (mic and nmi run with the test kit's flags). Upstream's Go mic (two replicas) and Go nmi assign and serve first; then this project's nmi is started beside Go nmi on each node in turn, Go nmi gets SIGTERM once the new redirect is in place (surge), this project's two mic replicas start beside Go's and Go mic's replicas are stopped, standby first (the \"this project\" column); then back: on each node this project's nmi is stopped before Go nmi starts (delete first, as upstream's chart rolls), Go mic's replicas start beside ours and ours are stopped (the \"upstream\" column). Both mics have a 4 s leader lease. ARM writes come from the emulator's request log (sides told apart by the Compute api-version upstream's Go SDK sends), AzureAssignedIdentity changes from listing them every 100 ms, requests that reached IMDS around nmi from the node relay's log of each IMDS connection's peer.\n\
+         - Row 7: {other} samples; in each, a Pod A on one of the burst's scale sets (in turn) asks for an identity the scale set does not have; a quarter into A's write (on the emulated clock, from the emulator's operations), a Pod B on nmi's node (a scale set of its own) and a Pod C on a standalone VM's node (a second nmi, started for this row) ask for identities of their own, each the only Pod at its pod namespace's address. B's and C's time from their creation to a token in their pod namespaces (`curl` polled every 50 ms, both at once) minus their own write's L (wall); median, min and max. The details say, per sample, when B's and C's writes began against the end of A's (negative: while A's ran). Every Pod of the row is Assigned before the next sample.\n\
          - The machine is shared: other jobs ran on the same {cpus} cores during the run, so times and CPU figures are upper bounds.",
         speed = s.speed,
-        lro = s.lro_seconds,
+        lro0 = s.lro_seconds.0,
+        lro1 = s.lro_seconds.1,
+        vm0 = s.vm_lro_seconds.0,
+        vm1 = s.vm_lro_seconds.1,
+        seed = s.lro_seed,
+        other = s.other_samples,
         ri = crate::subject::go_duration_text(s.wall(Duration::from_secs(180))),
         sr = crate::subject::go_duration_text(s.wall(Duration::from_secs(3600))),
         ui = crate::subject::go_duration_text(s.wall(Duration::from_secs(1))),

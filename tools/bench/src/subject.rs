@@ -23,9 +23,12 @@ use crate::child::{LoadResult, LoadSpec};
 use crate::report::{Figures, LOAD_RATES, Metric, SUSTAINED_P99};
 use crate::shipped::{Cores, Shipped};
 use crate::stats::Summary;
-use crate::world::{self, Launchers, TOKEN_PATH, World, curl_imds, curl_token, self_exe};
+use crate::world::{
+    self, Launchers, NMI_VMSS, TOKEN_PATH, Target, World, curl_imds, curl_token, self_exe,
+};
 use crate::writes;
 use crate::{Options, ROLE_ENV, Scale};
+use azure_emulator::state::OperationSpan;
 
 /// Whose MIC and NMI run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -223,6 +226,13 @@ async fn rows_in(
         progress.started.elapsed()
     );
     nmi_rows(&mut run, opts, f, &progress).await;
+    // After NMI's rows (it moves their pod away from pod namespace 0's
+    // address), before the burst (its pods' writes are done by then).
+    if opts.row(7) {
+        let r = crate::other::row(run.w, f).await;
+        let metrics: Vec<Metric> = Metric::all().into_iter().filter(|m| m.row() == 7).collect();
+        progress.row(f, "row 7", &metrics, r);
+    }
     mic_rows(&mut run, opts, f, &progress).await;
     if !opts.row(2) {
         for m in Metric::all().into_iter().filter(|m| m.row() == 2) {
@@ -251,7 +261,7 @@ async fn start_run<'w>(
         cores,
         notes: Vec::new(),
     };
-    if opts.row(1) || opts.row(3) || opts.row(4) {
+    if opts.row(1) || opts.row(3) || opts.row(4) || opts.row(7) {
         run.w.start_nmi().await?;
     }
     if opts.row(4) {
@@ -364,19 +374,18 @@ fn fail(f: &mut Figures, metrics: &[Metric], r: anyhow::Result<()>) {
 
 /// Row 1: `first_token_samples` times, a new pod on NMI's node bound to an
 /// identity its scale set does not have yet: from creating the pod until a
-/// client in it holds a token, minus the emulated VMSS write (LRO) in wall
-/// time. Each sample's pod has pod namespace 0's address; once it holds its
-/// token it is moved to an address no namespace backs, so that the next
-/// sample's pod is the only one there (and no identity is removed from
-/// the scale set meanwhile). The last sample's pod stays as `first`.
+/// client in it holds a token, minus that sample's own VMSS write (LRO,
+/// its duration drawn by the emulator) in wall time. Each sample's pod has
+/// pod namespace 0's address; once it holds its token it is moved to an
+/// address no namespace backs, so that the next sample's pod is the only
+/// one there (and no identity is removed from the scale set meanwhile).
+/// The last sample's pod stays as `first`.
 async fn row_first_token(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let n = run.w.scale.first_token_samples.max(1);
     run.w.ensure_identities(n).await?;
-    let lro = run
-        .w
-        .scale
-        .wall(Duration::from_secs_f64(run.w.scale.lro_seconds));
     let mut samples = Vec::with_capacity(n);
+    let mut lros = Vec::with_capacity(n);
+    let mut extra_writes = 0;
     for k in 0..n {
         let last = k + 1 == n;
         let name = if last {
@@ -384,8 +393,13 @@ async fn row_first_token(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<(
         } else {
             format!("first-{k}")
         };
+        let since = run.w.emulated_ms()?;
         let took = first_token_once(run, &name, k).await?;
+        let writes = run.w.writes_since(Target::ScaleSet(NMI_VMSS), since)?;
+        let lro = own_lro(run.w, &writes, &name)?;
+        extra_writes += writes.len() - 1;
         samples.push((took.as_secs_f64() - lro.as_secs_f64()) * 1000.0);
+        lros.push(lro.as_secs_f64() * 1000.0);
         if !last {
             let away = std::net::Ipv4Addr::new(10, 246, 0, (k % 250 + 1) as u8);
             move_pod_ip(run, &name, away).await?;
@@ -398,14 +412,31 @@ async fn row_first_token(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<(
     f.set(Metric::FirstTokenP95, s.p95);
     f.set(Metric::FirstTokenMin, s.min);
     f.set(Metric::FirstTokenMax, s.max);
-    let each: Vec<String> = samples.iter().map(|v| format!("{v:.0}")).collect();
+    let each: Vec<String> = samples
+        .iter()
+        .zip(&lros)
+        .map(|(v, l)| format!("{v:.0} (L {l:.0})"))
+        .collect();
     f.note(format!(
-        "first token: {} samples (ms, minus L = {:.0} ms), in order: {}",
+        "first token: {} samples (ms, minus the sample's own L in wall ms), in order: {}{}",
         s.n,
-        lro.as_secs_f64() * 1000.0,
-        each.join(", ")
+        each.join(", "),
+        if extra_writes > 0 {
+            format!("; {extra_writes} more writes to the scale set than samples (L is each sample's first)")
+        } else {
+            String::new()
+        }
     ));
     Ok(())
+}
+
+/// The first of `writes` (a pod's own write, those started since its
+/// creation) as a wall duration.
+pub(crate) fn own_lro(w: &World, writes: &[OperationSpan], pod: &str) -> anyhow::Result<Duration> {
+    let first = writes
+        .first()
+        .with_context(|| format!("{pod}: no write of its identity found"))?;
+    Ok(w.scale.wall(first.duration()))
 }
 
 /// Pod `name` (identity `j`) at pod namespace 0's address: wall time from
@@ -419,9 +450,15 @@ async fn first_token_once(run: &mut Run<'_>, name: &str, j: usize) -> anyhow::Re
     run.w
         .create_pods(&ns, vec![(name.into(), node_name, j, Some(ip))])
         .await?;
+    token_after(run.w.pod(0)?.0, t0, name).await
+}
+
+/// Wall time from `t0` until `curl` in pod namespace `pod` gets a token
+/// (polled every 50 ms, 240 s after `t0` at most).
+pub(crate) async fn token_after(pod: &NetNs, t0: Instant, name: &str) -> anyhow::Result<Duration> {
     let deadline = t0 + Duration::from_secs(240);
     loop {
-        let code = curl_token(run.w.pod(0)?.0, 120).await?;
+        let code = curl_token(pod, 120).await?;
         if code == 200 {
             return Ok(t0.elapsed());
         }
@@ -435,8 +472,18 @@ async fn first_token_once(run: &mut Run<'_>, name: &str, j: usize) -> anyhow::Re
 /// Reports pod `name` of NMI's node Running at `ip` instead.
 async fn move_pod_ip(run: &mut Run<'_>, name: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<()> {
     let ns = run.w.ns_nmi.name().to_string();
+    move_pod_ip_in(run.w, &ns, name, ip).await
+}
+
+/// Reports pod `name` of namespace `ns` Running at `ip` instead.
+pub(crate) async fn move_pod_ip_in(
+    w: &World,
+    ns: &str,
+    name: &str,
+    ip: std::net::Ipv4Addr,
+) -> anyhow::Result<()> {
     let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
-        kube::Api::namespaced(run.w.client.clone(), &ns);
+        kube::Api::namespaced(w.client.clone(), ns);
     let status = serde_json::json!({
         "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
     });
@@ -925,7 +972,18 @@ async fn row_burst(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     f.set(Metric::BurstReads, d(1));
     f.set(Metric::BurstPolls, d(2));
     f.set(Metric::Burst429, d(3));
-    record_scale_set_writes(f, &run.w.emu()?.requests(since), since, &scale);
+    let (v0_ms, v1_ms) = (
+        v0.as_millis() as u64,
+        v0.as_millis() as u64 + emulated.as_millis() as u64,
+    );
+    let ops: Vec<OperationSpan> = run
+        .w
+        .emu()?
+        .operations()
+        .into_iter()
+        .filter(|o| (v0_ms..=v1_ms).contains(&o.start_ms))
+        .collect();
+    record_scale_set_writes(f, &run.w.emu()?.requests(since), &ops, since, &scale);
     f.note(format!(
         "burst: the {} pods were created in {:.1} s wall",
         scale.burst_pods,
@@ -938,16 +996,17 @@ async fn row_burst(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
 }
 
 /// The burst's writes per scale set (from request `since + 1` of the
-/// emulator's log on): the most any scale set got and the most in flight
-/// on one at once, with a line per scale set.
+/// emulator's log on, with the operations `ops` they started): the most any
+/// scale set got and the most in flight on one at once, with a line per
+/// scale set.
 fn record_scale_set_writes(
     f: &mut Figures,
     records: &[azure_emulator::RequestRecord],
+    ops: &[OperationSpan],
     since: u64,
     scale: &Scale,
 ) {
-    let lro_ms = (scale.lro_seconds * 1000.0) as u64;
-    let per = writes::per_scale_set(records, lro_ms);
+    let per = writes::per_scale_set(records, ops);
     let most = |g: fn(&writes::VmssWrites) -> u64| per.iter().map(g).max().unwrap_or(0) as f64;
     f.set(Metric::BurstVmssWrites, most(|w| w.writes));
     f.set(Metric::BurstVmssInFlight, most(|w| w.max_in_flight));
@@ -956,8 +1015,9 @@ fn record_scale_set_writes(
         .map_or(0, |r| r.seq.saturating_sub(since + 1));
     let lines: Vec<String> = per.iter().map(writes::VmssWrites::line).collect();
     f.note(format!(
-        "burst writes per scale set (operations of {:.0} emulated s): {}{}",
-        scale.lro_seconds,
+        "burst writes per scale set (operations of {:.0}-{:.0} emulated s): {}{}",
+        scale.lro_seconds.0,
+        scale.lro_seconds.1,
         lines.join("; "),
         if lost > 0 {
             format!("; the request log had dropped {lost} records of the span: counts are partial")

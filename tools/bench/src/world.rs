@@ -27,6 +27,7 @@ use aadpodid_testkit::world::{
 use aadpodid_testkit::{TempNamespace, unique_name};
 use anyhow::{Context as _, bail};
 use azure_emulator::Emulator;
+use azure_emulator::state::OperationSpan;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -40,7 +41,11 @@ pub(crate) use aadpodid_testkit::world::TOKEN_PATH;
 /// The one-instance scale set NMI's node belongs to (apart from the burst's
 /// scale sets, so that its pods' identities never count in the burst's
 /// writes).
-const NMI_VMSS: &str = "aks-nmi-12345678-vmss";
+pub(crate) const NMI_VMSS: &str = "aks-nmi-12345678-vmss";
+
+/// The standalone VM of row 7's third pod (a node with its own NMI), after
+/// the subject's tag: MIC finds a VM by its node's name, so the names match.
+const BENCH_VM: &str = "aks-bench-vm";
 
 /// The running bench's own executable (children are this binary), through
 /// `/proc/<pid>/exe`: it still runs this very binary when a rebuild has
@@ -80,6 +85,13 @@ where
     Ok(())
 }
 
+/// A scale set or a standalone VM, by name.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Target<'a> {
+    ScaleSet(&'a str),
+    Vm(&'a str),
+}
+
 /// How one subject's world starts MIC and NMI, and what its MIC's
 /// custom-cloud file says.
 #[derive(Clone, Debug)]
@@ -104,10 +116,16 @@ pub(crate) struct World {
     pub ns_big: TempNamespace,
     /// Identities and bindings.
     pub ns_ids: TempNamespace,
+    /// Pods of row 7 (on a burst scale set, NMI's node and the VM's node).
+    pub ns_other: TempNamespace,
     /// Nodes of the scale sets: `nodes[k * nodes_per_vmss + i]` is instance i of vmss k.
     pub nodes: Vec<String>,
     nmi_spec: NodeSpec,
     pub nmi_node: String,
+    /// The standalone VM's node, named as the VM (row 7; started by
+    /// [`World::start_vm_nmi`]).
+    vm_spec: NodeSpec,
+    pub vm_node: String,
     pub ids_created: usize,
 }
 
@@ -133,10 +151,11 @@ impl World {
         let mut opts = Options::with_programs(launchers.mic, launchers.nmi);
         opts.scale_sets = scale.vmss;
         opts.instances = scale.nodes_per_vmss;
-        opts.identities = scale.big_ids;
+        opts.identities = scale.tenant_identities();
         opts.clock_speed = scale.speed;
         opts.relay = Some(role("relay"));
-        let tenant = emulator_config(&opts, scale);
+        let vm_name = format!("{tag}-{BENCH_VM}");
+        let tenant = emulator_config(&opts, scale, &vm_name);
         let dir = std::env::temp_dir().join(unique_name(&format!("bench-{tag}")));
         let mut kit = WorldBuilder::new(opts.clone(), ArgsSource::Flags, dir)?;
         kit.keep_logs(keep_logs);
@@ -147,6 +166,7 @@ impl World {
         };
         let (ns_nmi, ns_burst) = (namespace("nmi").await?, namespace("burst").await?);
         let (ns_big, ns_ids) = (namespace("big").await?, namespace("ids").await?);
+        let ns_other = namespace("other").await?;
         let client = kit.client()?.clone();
         // MIC's leader election in a namespace of this subject's, as each
         // subject's MIC finds the cluster: a lock the previous subject's
@@ -175,6 +195,7 @@ impl World {
         kit.node_objects(&specs).await?;
         kit.host_mic()?;
         let nmi_spec = tagged(NodeSpec::scale_set(NODE_RG, NMI_VMSS, 0, 2));
+        let vm_spec = NodeSpec::vm(NODE_RG, &vm_name, 1);
         Ok(World {
             scale: scale.clone(),
             kit,
@@ -186,12 +207,39 @@ impl World {
             nodes: specs.into_iter().map(|s| s.name).collect(),
             nmi_node: nmi_spec.name.clone(),
             nmi_spec,
+            vm_node: vm_spec.name.clone(),
+            vm_spec,
+            ns_other,
             ids_created: 0,
         })
     }
 
     pub fn emu(&self) -> anyhow::Result<&Emulator> {
         self.kit.emu()
+    }
+
+    /// The emulator's clock now, virtual milliseconds.
+    pub fn emulated_ms(&self) -> anyhow::Result<u64> {
+        Ok(self.emu()?.clock().now().as_millis() as u64)
+    }
+
+    /// The writes to `target` whose operations started at `since_ms`
+    /// (emulated) or later, by start.
+    pub fn writes_since(
+        &self,
+        target: Target<'_>,
+        since_ms: u64,
+    ) -> anyhow::Result<Vec<OperationSpan>> {
+        Ok(self
+            .emu()?
+            .operations()
+            .into_iter()
+            .filter(|o| o.start_ms >= since_ms)
+            .filter(|o| match target {
+                Target::ScaleSet(name) => o.on_scale_set(name),
+                Target::Vm(name) => o.on_vm(name),
+            })
+            .collect())
     }
 
     /// MIC's process.
@@ -221,10 +269,16 @@ impl World {
 
     /// Pod namespace `i` of NMI's node and its address.
     pub fn pod(&self, i: usize) -> anyhow::Result<(&NetNs, Ipv4Addr)> {
+        self.node_pod(0, i)
+    }
+
+    /// Pod namespace `i` of node `n` (0: NMI's node, 1: the VM's) and its
+    /// address.
+    pub fn node_pod(&self, n: usize, i: usize) -> anyhow::Result<(&NetNs, Ipv4Addr)> {
         self.kit
             .nodes
-            .first()
-            .context("NMI is not running")?
+            .get(n)
+            .context("no NMI on that node")?
             .net
             .pods
             .get(i)
@@ -244,17 +298,20 @@ impl World {
             {
                 return Ok(());
             }
-            self.fail_if_exited("MIC", deadline)?;
+            self.fail_if_exited(None, deadline)?;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// Fails when `proc` exited, or when `deadline` passed.
-    fn fail_if_exited(&mut self, what: &str, deadline: Instant) -> anyhow::Result<()> {
-        let proc = if what == "MIC" {
-            self.mic()?
-        } else {
-            self.nmi()?
+    /// Fails when MIC (`None`) or node `n`'s NMI (`Some(n)`) exited, or when
+    /// `deadline` passed.
+    fn fail_if_exited(&mut self, nmi_of: Option<usize>, deadline: Instant) -> anyhow::Result<()> {
+        let (what, proc) = match nmi_of {
+            None => ("MIC", self.mic()?),
+            Some(n) => (
+                if n == 0 { "NMI" } else { "the VM's NMI" },
+                &mut self.kit.nodes.get_mut(n).context("NMI is not running")?.nmi,
+            ),
         };
         if let Some(status) = proc.exited() {
             bail!("{what} exited ({status}): {}", proc.log_tail(20));
@@ -270,27 +327,45 @@ impl World {
     pub async fn start_nmi(&mut self) -> anyhow::Result<()> {
         self.kit.nodes(std::slice::from_ref(&self.nmi_spec)).await?;
         self.kit.start_nmi(0).await?;
-        self.wait_nmi_active().await
+        self.wait_nmi_active(0).await
+    }
+
+    /// NMI's node as [`World::start_nmi`] makes it, unless it runs already.
+    pub async fn ensure_nmi(&mut self) -> anyhow::Result<()> {
+        if self.kit.nodes.is_empty() {
+            self.start_nmi().await?;
+        }
+        Ok(())
+    }
+
+    /// The VM's node (after NMI's: node 1) with its NMI, Active.
+    pub async fn start_vm_nmi(&mut self) -> anyhow::Result<()> {
+        self.ensure_nmi().await?;
+        if self.kit.nodes.len() < 2 {
+            self.kit.nodes(std::slice::from_ref(&self.vm_spec)).await?;
+            self.kit.start_nmi(1).await?;
+        }
+        self.wait_nmi_active(1).await
     }
 
     /// NMI killed and started again on the same node, Active.
     pub async fn restart_nmi(&mut self) -> anyhow::Result<()> {
         self.kit.restart_nmi(0).await?;
-        self.wait_nmi_active().await
+        self.wait_nmi_active(0).await
     }
 
-    /// Waits until NMI's `/healthz` in the node says Active.
-    async fn wait_nmi_active(&mut self) -> anyhow::Result<()> {
+    /// Waits until NMI's `/healthz` in node `n` says Active.
+    async fn wait_nmi_active(&mut self, n: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let node = self.kit.nodes.first().context("NMI is not running")?;
+            let node = self.kit.nodes.get(n).context("NMI is not running")?;
             let url = node.nmi.probe_url();
             if let Ok((_, body)) = curl_in(&node.net.node, &url, &[], 1).await
                 && body == "Active"
             {
                 return Ok(());
             }
-            self.fail_if_exited("NMI", deadline)?;
+            self.fail_if_exited(Some(n), deadline)?;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -304,6 +379,7 @@ impl World {
             self.ns_nmi.name().to_string(),
             self.ns_burst.name().to_string(),
             self.ns_big.name().to_string(),
+            self.ns_other.name().to_string(),
         ];
         let now = DeleteParams::default().grace_period(0);
         let all = ListParams::default();
@@ -480,11 +556,18 @@ impl World {
 /// identity and `big_ids` pod identities, the scale sets of
 /// `nodes_per_vmss` instances, MIC's service principal, the scale's clock)
 /// with NMI's one-instance scale set, Compute's real throttle buckets and
-/// the scale's LRO duration.
-fn emulator_config(opts: &Options, scale: &Scale) -> Tenant {
-    let mut t = tenant_of(opts).scale_set(NMI_VMSS, 1, &[KUBELET]);
+/// the scale's LRO durations; and row 7's standalone VM `vm`.
+fn emulator_config(opts: &Options, scale: &Scale, vm: &str) -> Tenant {
+    let mut t = tenant_of(opts)
+        .scale_set(NMI_VMSS, 1, &[KUBELET])
+        .vm(vm, false, &[KUBELET]);
     let cfg = t.config_mut();
-    cfg.arm.vmss_write_seconds = scale.lro_seconds;
+    // Each write's duration drawn from a realistic range, reproducibly.
+    (cfg.arm.vmss_write_seconds, cfg.arm.vmss_write_seconds_max) =
+        (scale.lro_seconds.0, Some(scale.lro_seconds.1));
+    (cfg.arm.vm_write_seconds, cfg.arm.vm_write_seconds_max) =
+        (scale.vm_lro_seconds.0, Some(scale.vm_lro_seconds.1));
+    cfg.arm.write_seconds_seed = scale.lro_seed;
     // Realistic Compute limits: the emulator's default buckets (Compute's
     // scale-set write bucket: burst 12, 4 a minute per scale set;
     // docs/upstream-behaviour.md#azure-throttling).

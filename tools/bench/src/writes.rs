@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use azure_emulator::state::OperationSpan;
 use azure_emulator::{RequestRecord, Service};
 
 /// The writes one scale set received.
@@ -16,9 +17,9 @@ pub struct VmssWrites {
     pub accepted: u64,
     /// The others, per status.
     pub refused: BTreeMap<u16, u64>,
-    /// Most writes in flight at once: an accepted write counts from its
-    /// answer until its operation ends (`lro_ms` later), a refused one at
-    /// the instant of its answer (a request sent while an operation ran).
+    /// Most writes in flight at once: an accepted write counts while its
+    /// operation runs, a refused one at the instant of its answer (a
+    /// request sent while an operation ran).
     pub max_in_flight: u64,
 }
 
@@ -50,9 +51,9 @@ fn scale_set_of(uri: &str) -> Option<String> {
     (!name.is_empty() && !name.contains('/')).then(|| name.to_string())
 }
 
-/// Writes per scale set among `records`, by name; operations of `lro_ms`
-/// virtual milliseconds.
-pub fn per_scale_set(records: &[RequestRecord], lro_ms: u64) -> Vec<VmssWrites> {
+/// Writes per scale set among `records`, by name, with the operations the
+/// accepted ones started (`ops`, those of the same span).
+pub fn per_scale_set(records: &[RequestRecord], ops: &[OperationSpan]) -> Vec<VmssWrites> {
     // (time, +1 start / -1 end) per scale set.
     let mut events: BTreeMap<String, Vec<(u64, i64)>> = BTreeMap::new();
     let mut by_name: BTreeMap<String, VmssWrites> = BTreeMap::new();
@@ -68,16 +69,24 @@ pub fn per_scale_set(records: &[RequestRecord], lro_ms: u64) -> Vec<VmssWrites> 
             ..Default::default()
         });
         w.writes += 1;
-        let until = if (200..300).contains(&r.status) {
+        if (200..300).contains(&r.status) {
             w.accepted += 1;
-            r.at_ms + lro_ms.max(1)
         } else {
             *w.refused.entry(r.status).or_default() += 1;
-            r.at_ms + 1
+            let e = events.entry(name).or_default();
+            e.push((r.at_ms, 1));
+            e.push((r.at_ms + 1, -1));
+        }
+    }
+    for op in ops {
+        let Some(name) = scale_set_of(&op.resource_key) else {
+            continue;
         };
-        let e = events.entry(name).or_default();
-        e.push((r.at_ms, 1));
-        e.push((until, -1));
+        if by_name.contains_key(&name) {
+            let e = events.entry(name).or_default();
+            e.push((op.start_ms, 1));
+            e.push((op.end_ms.max(op.start_ms + 1), -1));
+        }
     }
     for (name, mut e) in events {
         // Ends before starts at the same instant: an operation over at t
@@ -103,8 +112,21 @@ mod tests {
         RequestRecord::answered(Service::Arm, method.into(), uri.into(), status, at_ms)
     }
 
+    fn op(uri: &str, start_ms: u64, end_ms: u64) -> OperationSpan {
+        OperationSpan {
+            resource_key: uri
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            start_ms,
+            end_ms,
+        }
+    }
+
     const A: &str = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/VMSS-A?api-version=2022-03-01";
     const B: &str = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/vmss-b?api-version=2022-03-01";
+    const C: &str = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/vmss-c";
 
     #[test]
     fn writes_are_counted_per_scale_set_with_the_most_in_flight() {
@@ -116,6 +138,7 @@ mod tests {
             rec("PATCH", A, 200, 46_000),
             rec("GET", A, 200, 3000),
             rec("PUT", B, 200, 1000),
+            // Refused while B's operation runs (its drawn duration).
             rec("PATCH", B, 429, 50_000),
             // A virtual machine of the scale set, not the scale set.
             rec(
@@ -125,7 +148,14 @@ mod tests {
                 2000,
             ),
         ];
-        let w = per_scale_set(&records, 45_000);
+        let ops = [
+            op(A, 1000, 46_000),
+            op(A, 46_000, 88_000),
+            op(B, 1000, 59_000),
+            // A scale set no write of the span reached.
+            op(C, 5000, 50_000),
+        ];
+        let w = per_scale_set(&records, &ops);
         assert_eq!(w.len(), 2);
         assert_eq!(
             w[0],
@@ -138,7 +168,7 @@ mod tests {
             }
         );
         assert_eq!(w[1].writes, 2);
-        assert_eq!(w[1].max_in_flight, 1);
+        assert_eq!(w[1].max_in_flight, 2);
         assert_eq!(
             w[0].line(),
             "vmss-a: writes 3 (2 accepted, 409×1), at most 2 in flight"
