@@ -64,6 +64,7 @@ pub mod kubectl;
 pub mod netns;
 pub mod procfs;
 pub mod python;
+pub mod realnode;
 pub mod relay;
 pub mod tenant;
 pub mod tools;

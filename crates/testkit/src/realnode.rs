@@ -1,0 +1,952 @@
+//! A real node on this machine: kubelet, containerd, runc and a CNI bridge in
+//! a network namespace of the test's own, registered with the test apiserver
+//! ([`RealNode`]), and the control-plane pieces that serve nodes and
+//! workloads, kube-controller-manager and kube-scheduler ([`ControlPlane`]).
+//!
+//! # Isolation
+//!
+//! Everything a node makes on the host is its own: the network namespace (the
+//! kubelet, containerd, the CNI bridge `cni0` and the pods' links live in it;
+//! the root namespace's links, routes and iptables are never touched), a folder
+//! `aadpodid-realnode-<pid>-<n>` under the temporary folder (containerd's root,
+//! state and sockets, runc's state, the kubelet's root folder and pod logs, the
+//! CNI configuration and address leases), and a cgroup parent of the same name
+//! at the top of every cgroup hierarchy. The kubelet reaches the apiserver,
+//! which listens on the root namespace's loopback, through the kit's relay
+//! (a Unix socket between namespaces).
+//!
+//! # Images
+//!
+//! No registry is reachable: the sandbox image and the workload image are one
+//! static binary each, made into an OCI archive by `tests/realnode/oci-image.sh`
+//! and imported into the node's containerd. containerd is told the sandbox
+//! image's name and pods name theirs with `imagePullPolicy: Never`.
+//!
+//! # Teardown
+//!
+//! Dropping a [`RealNode`] kills the kubelet, every process in its cgroup
+//! parent, its containerd shims and containerd, unmounts what is mounted under
+//! its folder, deletes the pods' network namespaces, removes the cgroups, the
+//! folder and the node's namespace. A test deletes its workloads first when it
+//! wants the kubelet's own teardown ([`RealNode::wait_no_pods`]). What a test
+//! process that died left behind (the kubelet and containerd die with it;
+//! shims and containers do not) is removed by the next [`RealNode::start`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Client;
+use kube::api::{Api, ListParams};
+
+use crate::cluster::Cluster;
+use crate::fixtures::{fill_template, repo_root};
+use crate::ids::unique_name;
+use crate::netns::NetNs;
+use crate::tools::{BuiltTool, output_within};
+use crate::wait_for;
+
+/// The folder of the node binaries (`kubelet`, `kube-controller-manager`,
+/// `kube-scheduler`, `pause`): built by `tests/cluster/build-node.sh` from the
+/// apiserver's Kubernetes release (given 60 minutes when not cached yet) or
+/// named by `$AADPODID_NODE_BIN`.
+static NODE_BIN: BuiltTool =
+    BuiltTool::new("tests/cluster/build-node.sh", Duration::from_secs(60 * 60)).named_by(
+        "AADPODID_NODE_BIN",
+        &[
+            "kubelet",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "pause",
+        ],
+    );
+
+/// The sandbox ("pause") image every real node's containerd is told to use;
+/// imported at start, never pulled.
+pub const SANDBOX_IMAGE: &str = "aadpodid.test/pause:1";
+
+/// An image a pod can run on a real node (with `imagePullPolicy: Never`): the
+/// same static `pause` binary, which runs until it is stopped.
+pub const IDLE_IMAGE: &str = SANDBOX_IMAGE;
+
+const DIR_PREFIX: &str = "aadpodid-realnode-";
+const CONTAINERD_NS: &str = "k8s.io";
+/// Where Debian's containernetworking-plugins put the CNI plugins.
+const CNI_BIN: &str = "/usr/lib/cni";
+/// The Debian packages a real node needs on the host.
+const PACKAGES: [&str; 3] = ["containerd", "runc", "containernetworking-plugins"];
+/// Bound on one `ctr`, `umount` or `apt-get` call.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on installing the packages when missing.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The folder of the node binaries, built on first use.
+pub fn node_bin_dir() -> anyhow::Result<PathBuf> {
+    NODE_BIN.path()
+}
+
+/// kube-controller-manager and kube-scheduler for a [`Cluster`], on the root
+/// namespace's loopback with the admin kubeconfig, no serving port and no
+/// leader election. Killed on drop (and with the thread that started them).
+#[derive(Debug)]
+pub struct ControlPlane {
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl ControlPlane {
+    /// Starts both; they run until the guard drops. Their logs go to
+    /// `kube-controller-manager.log` and `kube-scheduler.log` in
+    /// [`ControlPlane::dir`].
+    pub fn start(cluster: &Cluster) -> anyhow::Result<ControlPlane> {
+        let bin = node_bin_dir()?;
+        let kubeconfig = cluster.kubeconfig();
+        let certs = kubeconfig
+            .parent()
+            .context("the cluster's kubeconfig has no folder")?;
+        let dir = std::env::temp_dir().join(unique_name("aadpodid-control-plane"));
+        std::fs::create_dir_all(&dir)?;
+        let mut plane = ControlPlane {
+            dir,
+            children: Vec::new(),
+        };
+        let kc = format!("--kubeconfig={}", kubeconfig.display());
+        let controller_manager = plane.spawn(
+            &bin.join("kube-controller-manager"),
+            &[
+                kc.as_str(),
+                "--secure-port=0",
+                "--leader-elect=false",
+                "--use-service-account-credentials=false",
+                // Its default is a host folder it would create.
+                &format!(
+                    "--flex-volume-plugin-dir={}",
+                    plane.dir.join("flexvolume").display()
+                ),
+                &format!("--root-ca-file={}", certs.join("ca.crt").display()),
+                &format!(
+                    "--service-account-private-key-file={}",
+                    certs.join("sa.key").display()
+                ),
+                "--v=1",
+            ],
+        )?;
+        plane.children.push(controller_manager);
+        let scheduler = plane.spawn(
+            &bin.join("kube-scheduler"),
+            &[
+                kc.as_str(),
+                "--secure-port=0",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+        )?;
+        plane.children.push(scheduler);
+        Ok(plane)
+    }
+
+    /// The folder of the logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn spawn(&self, program: &Path, args: &[&str]) -> anyhow::Result<Child> {
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {name}"))
+    }
+
+    /// Fails when one of the processes has exited, with its log's tail.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        for (child, name) in self
+            .children
+            .iter_mut()
+            .zip(["kube-controller-manager", "kube-scheduler"])
+        {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{name} exited ({status}): {}",
+                    log_tail(&self.dir.join(format!("{name}.log")), 20)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One real node: its network namespace, containerd and kubelet, registered
+/// with the cluster as [`RealNode::name`].
+#[derive(Debug)]
+pub struct RealNode {
+    name: String,
+    pod_cidr: String,
+    node_ip: Ipv4Addr,
+    dir: PathBuf,
+    cgroup_root: String,
+    relay: Child,
+    containerd: Child,
+    kubelet: Option<Child>,
+    // Last: the namespace goes after everything that ran in it.
+    ns: NetNs,
+}
+
+impl RealNode {
+    /// Starts node `index` (0-199) of `cluster`: pods in `10.244.<100+index>.0/24`,
+    /// the node's own address `10.250.0.<10+index>` inside its namespace.
+    /// Returns when the kubelet runs; [`RealNode::wait_ready`] waits for the
+    /// Node to be Ready. Installs the Debian packages when missing.
+    pub async fn start(cluster: &Cluster, index: u8) -> anyhow::Result<RealNode> {
+        if index >= 200 {
+            bail!("at most 200 real nodes");
+        }
+        ensure_packages()?;
+        let bin = node_bin_dir()?;
+        remove_stale();
+
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = format!(
+            "{DIR_PREFIX}{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&base);
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["cni/net.d", "kubelet", "pod-logs", "relay"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let cgroup_root = format!("/{base}");
+        make_cgroups(&cgroup_root)?;
+
+        let ns = match NetNs::new("realnode") {
+            Ok(ns) => ns,
+            Err(e) => {
+                teardown(&dir, &cgroup_root);
+                return Err(e);
+            }
+        };
+        let name = unique_name("realnode");
+        let pod_cidr = format!("10.244.{}.0/24", 100 + u16::from(index));
+        let node_ip = Ipv4Addr::new(10, 250, 0, 10 + index);
+        let parts = Parts {
+            bin: &bin,
+            dir: &dir,
+            cgroup_root: &cgroup_root,
+            name: &name,
+            pod_cidr: &pod_cidr,
+            node_ip,
+        };
+        match boot(cluster, &ns, &parts).await {
+            Ok((relay, containerd, kubelet)) => Ok(RealNode {
+                name,
+                pod_cidr,
+                node_ip,
+                dir,
+                cgroup_root,
+                relay,
+                containerd,
+                kubelet: Some(kubelet),
+                ns,
+            }),
+            Err(e) => {
+                let logs = ["containerd.log", "kubelet.log"]
+                    .map(|l| format!("{l}: {}", log_tail(&dir.join(l), 15)))
+                    .join("\n");
+                teardown(&dir, &cgroup_root);
+                Err(e.context(logs))
+            }
+        }
+    }
+
+    /// The Node object's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pods' address range (the CNI bridge's).
+    pub fn pod_cidr(&self) -> &str {
+        &self.pod_cidr
+    }
+
+    /// The node's address (inside its namespace).
+    pub fn node_ip(&self) -> Ipv4Addr {
+        self.node_ip
+    }
+
+    /// The node's network namespace.
+    pub fn netns(&self) -> &NetNs {
+        &self.ns
+    }
+
+    /// The node's folder (logs: `kubelet.log`, `containerd.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The last `lines` lines of the kubelet's and containerd's logs.
+    pub fn logs(&self, lines: usize) -> String {
+        ["kubelet.log", "containerd.log"]
+            .map(|l| format!("--- {l}\n{}", log_tail(&self.dir.join(l), lines)))
+            .join("\n")
+    }
+
+    /// Waits (at most `timeout`) until the Node reports Ready; fails early,
+    /// with the logs' tails, when the kubelet or containerd exits.
+    pub async fn wait_ready(&mut self, client: &Client, timeout: Duration) -> anyhow::Result<Node> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let name = self.name.clone();
+        let result = wait_for(&format!("node {name} Ready"), timeout, || {
+            let nodes = nodes.clone();
+            let name = name.clone();
+            let exited = self.exited();
+            async move {
+                if let Some(e) = exited {
+                    return Some(Err(anyhow::Error::msg(e)));
+                }
+                let node = nodes.get_opt(&name).await.ok().flatten()?;
+                let ready = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                ready.then_some(Ok(node))
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(node)) => Ok(node),
+            Ok(Err(e)) => Err(e.context(self.logs(30))),
+            Err(e) => Err(e.context(self.logs(30))),
+        }
+    }
+
+    /// Waits (at most `timeout`) until the cluster lists no pod bound to this
+    /// node and containerd runs no task (container or sandbox): the kubelet has stopped
+    /// every pod (its containers, addresses and network namespaces).
+    pub async fn wait_no_pods(&mut self, client: &Client, timeout: Duration) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::all(client.clone());
+        let params = ListParams::default().fields(&format!("spec.nodeName={}", self.name));
+        let sock = self.dir.join("containerd.sock");
+        let result = wait_for(&format!("no pods on node {}", self.name), timeout, || {
+            let pods = pods.clone();
+            let params = params.clone();
+            let sock = sock.clone();
+            async move {
+                let bound = pods.list(&params).await.ok()?;
+                if !bound.items.is_empty() {
+                    return None;
+                }
+                let tasks = ctr(&sock, &["tasks", "ls", "-q"]).ok()?;
+                tasks.trim().is_empty().then_some(())
+            }
+        })
+        .await;
+        result.map_err(|e| e.context(self.logs(30)))
+    }
+
+    /// What ended, when the kubelet or containerd is no longer running.
+    fn exited(&mut self) -> Option<String> {
+        let dir = self.dir.clone();
+        let check = |child: &mut Child, name: &str| {
+            child.try_wait().ok().flatten().map(|status| {
+                format!(
+                    "{name} exited ({status}): {}",
+                    log_tail(&dir.join(format!("{name}.log")), 20)
+                )
+            })
+        };
+        if let Some(k) = self.kubelet.as_mut()
+            && let Some(e) = check(k, "kubelet")
+        {
+            return Some(e);
+        }
+        check(&mut self.containerd, "containerd")
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        if let Some(mut k) = self.kubelet.take() {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        // The pods' network namespaces, while containerd can still name them.
+        let pod_netns = pod_network_namespaces(&self.dir.join("containerd.sock"));
+        kill_containers(&self.dir, &self.cgroup_root);
+        let _ = self.containerd.kill();
+        let _ = self.containerd.wait();
+        let _ = self.relay.kill();
+        let _ = self.relay.wait();
+        for path in pod_netns {
+            remove_netns_file(&path);
+        }
+        teardown(&self.dir, &self.cgroup_root);
+    }
+}
+
+/// What [`boot`] starts a node from.
+struct Parts<'a> {
+    bin: &'a Path,
+    dir: &'a Path,
+    cgroup_root: &'a str,
+    name: &'a str,
+    pod_cidr: &'a str,
+    node_ip: Ipv4Addr,
+}
+
+/// The node's address, its relay to the apiserver, containerd (with the
+/// images imported) and the kubelet, in that order.
+async fn boot(
+    cluster: &Cluster,
+    ns: &NetNs,
+    parts: &Parts<'_>,
+) -> anyhow::Result<(Child, Child, Child)> {
+    let dir = parts.dir;
+    // The node's own address: on one end of a veth pair whose both ends stay
+    // inside the node's namespace (the kubelet needs an address that is not
+    // loopback to report).
+    ns.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0-peer",
+    ])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", parts.node_ip),
+        "dev",
+        "eth0",
+    ])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["link", "set", "eth0-peer", "up"])?;
+    ns.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?;
+
+    // The apiserver at the same address inside the namespace as outside, so
+    // the admin kubeconfig (and its certificate's 127.0.0.1) work unchanged.
+    let api: SocketAddr = cluster
+        .server()
+        .trim_start_matches("https://")
+        .parse()
+        .context("the apiserver's address")?;
+    let mut relay = ns.relay_many(&[(api, api)], &dir.join("relay")).await?;
+
+    let result = start_runtime_and_kubelet(cluster, ns, parts);
+    match result {
+        Ok((containerd, kubelet)) => Ok((relay, containerd, kubelet)),
+        Err(e) => {
+            let _ = relay.kill();
+            let _ = relay.wait();
+            Err(e)
+        }
+    }
+}
+
+fn start_runtime_and_kubelet(
+    cluster: &Cluster,
+    ns: &NetNs,
+    parts: &Parts<'_>,
+) -> anyhow::Result<(Child, Child)> {
+    let dir = parts.dir;
+    let dir_s = dir.display().to_string();
+    let runc = which("runc")?;
+    let template = |name: &str| -> anyhow::Result<String> {
+        let path = repo_root().join("tests/realnode").join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+    };
+    std::fs::write(
+        dir.join("containerd.toml"),
+        fill_template(
+            &template("containerd.toml")?,
+            &[
+                ("DIR", &dir_s),
+                ("SANDBOX_IMAGE", SANDBOX_IMAGE),
+                ("RUNC", &runc.display().to_string()),
+                ("CNI_BIN", CNI_BIN),
+            ],
+        ),
+    )?;
+    std::fs::write(
+        dir.join("cni/net.d/10-bridge.conflist"),
+        fill_template(
+            &template("cni.conflist")?,
+            &[("DIR", &dir_s), ("POD_CIDR", parts.pod_cidr)],
+        ),
+    )?;
+    std::fs::write(
+        dir.join("kubelet.yaml"),
+        fill_template(
+            &template("kubelet.yaml")?,
+            &[("DIR", &dir_s), ("CGROUP_ROOT", parts.cgroup_root)],
+        ),
+    )?;
+
+    let sock = dir.join("containerd.sock");
+    let log = std::fs::File::create(dir.join("containerd.log"))?;
+    let mut containerd = in_node_network(ns, Path::new("containerd"))
+        .arg("--config")
+        .arg(dir.join("containerd.toml"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("start containerd")?;
+    let images = (|| -> anyhow::Result<()> {
+        wait_for_socket(&mut containerd, &sock, Duration::from_secs(30))?;
+        let archive = dir.join("pause.oci.tar");
+        let out = output_within(
+            Command::new("bash")
+                .arg(repo_root().join("tests/realnode/oci-image.sh"))
+                .arg(parts.bin.join("pause"))
+                .arg(SANDBOX_IMAGE)
+                .arg(&archive)
+                .stderr(Stdio::piped()),
+            "oci-image.sh",
+            TOOL_TIMEOUT,
+        )?;
+        if !out.status.success() {
+            bail!(
+                "oci-image.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ctr(
+            &sock,
+            &[
+                "images",
+                "import",
+                "--snapshotter",
+                "native",
+                &archive.display().to_string(),
+            ],
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = images {
+        let _ = containerd.kill();
+        let _ = containerd.wait();
+        return Err(e);
+    }
+
+    let log = std::fs::File::create(dir.join("kubelet.log"))?;
+    let kubelet = in_node_network(ns, &parts.bin.join("kubelet"))
+        .arg(format!("--config={}", dir.join("kubelet.yaml").display()))
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
+        .arg(format!("--root-dir={}", dir.join("kubelet").display()))
+        .arg(format!("--cert-dir={}", dir.join("kubelet/pki").display()))
+        .arg(format!(
+            "--volume-plugin-dir={}",
+            dir.join("volume-plugins").display()
+        ))
+        .arg(format!("--hostname-override={}", parts.name))
+        .arg(format!("--node-ip={}", parts.node_ip))
+        .arg("--v=2")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn();
+    match kubelet {
+        Ok(k) => Ok((containerd, k)),
+        Err(e) => {
+            let _ = containerd.kill();
+            let _ = containerd.wait();
+            Err(anyhow::Error::new(e).context("start kubelet"))
+        }
+    }
+}
+
+/// A command that runs `program` in the node's network namespace but in the
+/// host's mount namespace (`ip netns exec` would give it a mount namespace
+/// of its own, with a `/sys` that has no cgroup mounts, and the kubelet's
+/// volume mounts would not reach containerd). The process gets SIGKILL when
+/// the thread that spawns it ends.
+fn in_node_network(ns: &NetNs, program: &Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", ns.name()))
+        .args(["--", "setpriv", "--pdeathsig", "KILL", "--"])
+        .arg(program)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Waits until containerd's socket exists (at most `timeout`), failing early
+/// when containerd exits.
+fn wait_for_socket(containerd: &mut Child, sock: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !sock.exists() {
+        if let Some(status) = containerd.try_wait()? {
+            bail!("containerd exited ({status})");
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "containerd's socket {} not there after {timeout:?}",
+                sock.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Runs `ctr` against the node's containerd in its Kubernetes namespace.
+fn ctr(sock: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("ctr");
+    cmd.arg("--address")
+        .arg(sock)
+        .args(["--namespace", CONTAINERD_NS])
+        .args(args)
+        .stderr(Stdio::piped());
+    let out = output_within(&mut cmd, "ctr", TOOL_TIMEOUT)?;
+    if !out.status.success() {
+        bail!(
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The absolute path of `program` on `$PATH` (or in `/usr/sbin`, `/sbin`).
+fn which(program: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found"))
+}
+
+/// Installs the Debian packages a real node needs when one of its programs
+/// is missing (once per process).
+fn ensure_packages() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| install_packages().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let present = which("containerd").is_ok()
+        && which("containerd-shim-runc-v2").is_ok()
+        && which("ctr").is_ok()
+        && which("runc").is_ok()
+        && Path::new(CNI_BIN).join("bridge").is_file()
+        && Path::new(CNI_BIN).join("host-local").is_file();
+    if present {
+        return Ok(());
+    }
+    eprintln!("real node: installing {}", PACKAGES.join(" "));
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let out = output_within(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stderr(Stdio::piped()),
+            "apt-get",
+            INSTALL_TIMEOUT,
+        )?;
+        if !out.status.success() {
+            bail!(
+                "apt-get {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    apt(&["update", "-q"])?;
+    apt(&[
+        &["install", "-y", "-q", "--no-install-recommends"][..],
+        &PACKAGES[..],
+    ]
+    .concat())
+}
+
+/// The cgroup hierarchies mounted under `/sys/fs/cgroup` (v1 controllers, the
+/// named `systemd` one and, on a hybrid host, `unified`), or the root itself
+/// on a v2-only host.
+fn cgroup_mounts() -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.to_path_buf()];
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Creates the node's cgroup parent `root` in every hierarchy (the kubelet
+/// checks that it exists); a new cpuset gets its parent's CPUs and memory
+/// nodes, or nothing could join it.
+fn make_cgroups(root: &str) -> anyhow::Result<()> {
+    let rel = root.trim_start_matches('/');
+    for mount in cgroup_mounts() {
+        let dir = mount.join(rel);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            if let Ok(v) = std::fs::read_to_string(mount.join(file)) {
+                std::fs::write(dir.join(file), v.trim())
+                    .with_context(|| format!("write {}", dir.join(file).display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every process in the cgroups under `root` (in any hierarchy).
+fn cgroup_processes(root: &str) -> Vec<u32> {
+    let rel = root.trim_start_matches('/');
+    let mut pids = Vec::new();
+    for mount in cgroup_mounts() {
+        let mut todo = vec![mount.join(rel)];
+        // Bounded: a node's tree is a few levels of a few cgroups.
+        let mut seen = 0;
+        while let Some(dir) = todo.pop() {
+            seen += 1;
+            if seen > 10_000 {
+                break;
+            }
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                pids.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                todo.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Removes the cgroups under `root` in every hierarchy, deepest first.
+fn remove_cgroups(root: &str) {
+    let rel = root.trim_start_matches('/');
+    for mount in cgroup_mounts() {
+        let top = mount.join(rel);
+        let mut dirs = Vec::new();
+        let mut todo = vec![top];
+        while let Some(dir) = todo.pop() {
+            if dirs.len() > 10_000 {
+                break;
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                todo.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            dirs.push(dir);
+        }
+        // Children were pushed after their parents.
+        for dir in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// The containerd shims serving the containerd whose socket is under `dir`
+/// (their command line names that socket).
+fn shims_of(dir: &Path) -> Vec<u32> {
+    let sock = dir.join("containerd.sock");
+    let sock = sock.to_string_lossy();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<_> = c.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
+                args.first().is_some_and(|a| a.contains("containerd-shim"))
+                    && args.iter().any(|a| a == &sock)
+            })
+        })
+        .collect()
+}
+
+/// Kills (SIGKILL) every process in the node's cgroups and its containerd
+/// shims, then waits (at most 10 s) until they are gone.
+fn kill_containers(dir: &Path, cgroup_root: &str) {
+    for _ in 0..100 {
+        let mut pids = cgroup_processes(cgroup_root);
+        pids.extend(shims_of(dir));
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The network namespace files of the pods containerd knows (the sandboxes'
+/// `network` namespace paths), read before containerd stops.
+fn pod_network_namespaces(sock: &Path) -> Vec<PathBuf> {
+    let Ok(ids) = ctr(sock, &["containers", "ls", "-q"]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for id in ids.split_whitespace().take(1000) {
+        let Ok(info) = ctr(sock, &["containers", "info", id]) else {
+            continue;
+        };
+        let Ok(info) = serde_json::from_str::<serde_json::Value>(&info) else {
+            continue;
+        };
+        let namespaces = info
+            .pointer("/Spec/linux/namespaces")
+            .and_then(|n| n.as_array())
+            .cloned()
+            .unwrap_or_default();
+        for n in namespaces {
+            if n.get("type").and_then(|t| t.as_str()) == Some("network")
+                && let Some(path) = n.get("path").and_then(|p| p.as_str())
+                && !path.is_empty()
+                && !path.starts_with("/proc/")
+            {
+                out.push(PathBuf::from(path));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Unmounts and removes a pod's network namespace file.
+fn remove_netns_file(path: &Path) {
+    umount(path);
+    let _ = std::fs::remove_file(path);
+}
+
+fn umount(path: &Path) {
+    let _ = output_within(
+        Command::new("umount")
+            .arg("--lazy")
+            .arg(path)
+            .stderr(Stdio::null()),
+        "umount",
+        TOOL_TIMEOUT,
+    );
+}
+
+/// What is mounted at or under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+/// Removes what a node left on the host once its kubelet and containerd are
+/// gone: its containers and shims, mounts under its folder, its cgroups and
+/// the folder.
+fn teardown(dir: &Path, cgroup_root: &str) {
+    kill_containers(dir, cgroup_root);
+    for m in mounts_under(dir) {
+        umount(&m);
+    }
+    remove_cgroups(cgroup_root);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Tears down the nodes of test processes that no longer run (their folder
+/// and cgroup parent carry the process ID).
+fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            teardown(&entry.path(), &format!("/{name}"));
+        }
+    }
+}
+
+/// The last `lines` lines of the file at `path` (empty when unreadable).
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_tail_keeps_the_last_lines() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(unique_name("realnode-log"));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("a.log");
+        std::fs::write(&path, "1\n2\n3\n")?;
+        assert_eq!(log_tail(&path, 2), "2\n3");
+        assert_eq!(log_tail(&path, 10), "1\n2\n3");
+        assert_eq!(log_tail(&dir.join("missing.log"), 2), "");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}
