@@ -144,6 +144,25 @@ enum Sending {
     Failed(CloudError),
 }
 
+/// The AAIs a cycle acts on: the index's (shared, not copied), with what
+/// the cycle wrote over them.
+struct Known<'a> {
+    indexed: &'a BTreeMap<Key, Arc<AzureAssignedIdentity>>,
+    written: BTreeMap<Key, AzureAssignedIdentity>,
+}
+
+impl Known<'_> {
+    fn get(&self, key: &Key) -> Option<&AzureAssignedIdentity> {
+        self.written
+            .get(key)
+            .or_else(|| self.indexed.get(key).map(|a| &**a))
+    }
+
+    fn contains_key(&self, key: &Key) -> bool {
+        self.get(key).is_some()
+    }
+}
+
 /// Which write of an AzureAssignedIdentity [`Executor::write_aai`] makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AaiWrite {
@@ -450,32 +469,47 @@ impl<C: Cloud> Executor<C> {
             let (note, reference) = match w {
                 Warning::IdentityNotFound { binding, identity } => (
                     format!("identity {}/{} not found", identity.0, identity.1),
-                    index.bindings.get(binding).map(events::reference),
+                    index
+                        .bindings
+                        .get(binding)
+                        .map(|o| events::reference(o.as_ref())),
                 ),
                 Warning::InvalidResourceId {
                     identity,
                     resource_id,
                 } => (
                     format!("invalid resource id {resource_id:?}"),
-                    index.identities.get(identity).map(events::reference),
+                    index
+                        .identities
+                        .get(identity)
+                        .map(|o| events::reference(o.as_ref())),
                 ),
                 Warning::UnknownIdentityType { identity, value } => (
                     format!("unsupported identity type {value}"),
-                    index.identities.get(identity).map(events::reference),
+                    index
+                        .identities
+                        .get(identity)
+                        .map(|o| events::reference(o.as_ref())),
                 ),
                 Warning::DuplicateAssignedIdentity { name, binding } => (
                     format!(
                         "AzureAssignedIdentity {}/{} already made from another binding",
                         name.0, name.1
                     ),
-                    index.bindings.get(binding).map(events::reference),
+                    index
+                        .bindings
+                        .get(binding)
+                        .map(|o| events::reference(o.as_ref())),
                 ),
                 Warning::NamespaceMismatch { binding, pod } => (
                     format!(
                         "namespaced identity cannot be used by pod {}/{}",
                         pod.0, pod.1
                     ),
-                    index.bindings.get(binding).map(events::reference),
+                    index
+                        .bindings
+                        .get(binding)
+                        .map(|o| events::reference(o.as_ref())),
                 ),
                 Warning::IdentityNotGranted {
                     identity,
@@ -498,7 +532,10 @@ impl<C: Cloud> Executor<C> {
                                 "assigned anyway (identity policy: warn)"
                             }
                         ),
-                        index.identities.get(identity).map(events::reference),
+                        index
+                            .identities
+                            .get(identity)
+                            .map(|o| events::reference(o.as_ref())),
                     )
                 }
             };
@@ -514,19 +551,24 @@ impl<C: Cloud> Executor<C> {
 
     /// Runs the plan. Errors of single objects are reported and retried by a
     /// later cycle; only losing the lease stops it early.
-    pub async fn execute(&self, plan: &Plan, index: &Index) -> Result<Outcome, ApplyError> {
+    /// The plan's new and updated AAIs are dropped once written: the
+    /// apiserver's answers stand for them.
+    pub async fn execute(&self, plan: Plan, index: &Index) -> Result<Outcome, ApplyError> {
         let mut outcome = Outcome::default();
         self.report_warnings(&plan.warnings, index);
-        let mut aais: BTreeMap<Key, AzureAssignedIdentity> = index.assigned.clone();
+        let mut aais = Known {
+            indexed: &index.assigned,
+            written: BTreeMap::new(),
+        };
         let mut failed: BTreeSet<Key> = BTreeSet::new();
 
         // 1. Kubernetes writes first: creates, then updates.
-        let creates = self.write_aais(&plan.create, AaiWrite::Create).await;
-        let updates = self.write_aais(&plan.update, AaiWrite::Update).await;
+        let creates = self.write_aais(plan.create, AaiWrite::Create).await;
+        let updates = self.write_aais(plan.update, AaiWrite::Update).await;
         for r in creates.into_iter().chain(updates) {
             match r {
                 Ok(aai) => {
-                    aais.insert(crate::index::key(&aai), aai);
+                    aais.written.insert(crate::index::key(&aai), aai);
                 }
                 Err((_, ApplyError::NotLeader)) => return Err(ApplyError::NotLeader),
                 Err((key, error)) => {
@@ -587,7 +629,7 @@ impl<C: Cloud> Executor<C> {
         &'a self,
         r: &'a ResourceRef,
         w: &'a ResourceWork,
-        aais: &'a BTreeMap<Key, AzureAssignedIdentity>,
+        aais: &'a Known<'a>,
         failed: &'a BTreeSet<Key>,
         index: &'a Index,
     ) -> (&'a ResourceRef, Result<Option<Instant>, ApplyError>) {
@@ -654,7 +696,7 @@ impl<C: Cloud> Executor<C> {
         &self,
         r: &ResourceRef,
         w: &ResourceWork,
-        aais: &BTreeMap<Key, AzureAssignedIdentity>,
+        aais: &Known<'_>,
         failed: &BTreeSet<Key>,
         index: &Index,
     ) -> Result<Option<Instant>, ApplyError> {
@@ -758,7 +800,7 @@ impl<C: Cloud> Executor<C> {
         r: &ResourceRef,
         w: &ResourceWork,
         current: &crate::cloud::ResourceIdentity,
-        aais: &BTreeMap<Key, AzureAssignedIdentity>,
+        aais: &Known<'_>,
         failed: &BTreeSet<Key>,
         index: &Index,
     ) -> Result<Result<VettedWork, Instant>, ApplyError> {
@@ -891,11 +933,7 @@ impl<C: Cloud> Executor<C> {
 
     /// Performs one settle decision; `Ok(false)` when the AAI is to be
     /// tried again later.
-    async fn settle(
-        &self,
-        action: Settle,
-        aais: &BTreeMap<Key, AzureAssignedIdentity>,
-    ) -> Result<bool, ApplyError> {
+    async fn settle(&self, action: Settle, aais: &Known<'_>) -> Result<bool, ApplyError> {
         match action {
             Settle::Assign { key, id } => {
                 lock(&self.quarantine).remove(&id);
@@ -1076,7 +1114,7 @@ impl<C: Cloud> Executor<C> {
     /// at a time.
     async fn write_aais(
         &self,
-        aais: &[AzureAssignedIdentity],
+        aais: Vec<AzureAssignedIdentity>,
         write: AaiWrite,
     ) -> Vec<Result<AzureAssignedIdentity, (Key, ApplyError)>> {
         // Futures are collected first: a lazy `map` held across an await
@@ -1095,16 +1133,16 @@ impl<C: Cloud> Executor<C> {
     /// failed create is also reported on the binding.
     async fn write_aai(
         &self,
-        aai: &AzureAssignedIdentity,
+        aai: AzureAssignedIdentity,
         write: AaiWrite,
     ) -> Result<AzureAssignedIdentity, (Key, ApplyError)> {
-        let key = crate::index::key(aai);
+        let key = crate::index::key(&aai);
         self.check_leader().map_err(|e| (key.clone(), e))?;
         let start = std::time::Instant::now();
         let api = self.api(&key.0);
         let (res, count, duration, op) = match write {
             AaiWrite::Create => (
-                api.create(&PostParams::default(), aai).await,
+                api.create(&PostParams::default(), &aai).await,
                 &self.deps.metrics.assigned_identity_addition_count,
                 &self
                     .deps
@@ -1113,7 +1151,7 @@ impl<C: Cloud> Executor<C> {
                 metrics::OP_AAI_ADDITION,
             ),
             AaiWrite::Update => (
-                api.replace(&key.1, &PostParams::default(), aai).await,
+                api.replace(&key.1, &PostParams::default(), &aai).await,
                 &self.deps.metrics.assigned_identity_update_count,
                 &self.deps.metrics.assigned_identity_update_duration_seconds,
                 metrics::OP_AAI_UPDATE,
@@ -1140,7 +1178,7 @@ impl<C: Cloud> Executor<C> {
                 .kubernetes_api_operations_errors_count
                 .with_label_values(&[op])
                 .inc();
-            if let (AaiWrite::Create, (_, Some(binding))) = (write, refs(aai)) {
+            if let (AaiWrite::Create, (_, Some(binding))) = (write, refs(&aai)) {
                 self.deps.events.publish(
                     true,
                     events::REASON_BINDING_APPLY_ERROR,

@@ -2,6 +2,7 @@
 //! `apply`/`delete`/`reset`, and that [`crate::plan::plan`] reads. No I/O.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use aadpodid_api::policy::ANNOTATION_ALLOWED_IDENTITIES;
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, POD_LABEL_BINDING};
@@ -85,14 +86,16 @@ impl NodeInfo {
     }
 }
 
-/// The in-memory view.
+/// The in-memory view. Objects are shared by `Arc`: a clone of the index
+/// (the copy a cycle plans on while the watches go on) copies the maps'
+/// keys and pointers, never an object.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
-    pub pods: BTreeMap<Key, PodInfo>,
-    pub nodes: BTreeMap<String, NodeInfo>,
-    pub identities: BTreeMap<Key, AzureIdentity>,
-    pub bindings: BTreeMap<Key, AzureIdentityBinding>,
-    pub assigned: BTreeMap<Key, AzureAssignedIdentity>,
+    pub pods: BTreeMap<Key, Arc<PodInfo>>,
+    pub nodes: BTreeMap<String, Arc<NodeInfo>>,
+    pub identities: BTreeMap<Key, Arc<AzureIdentity>>,
+    pub bindings: BTreeMap<Key, Arc<AzureIdentityBinding>>,
+    pub assigned: BTreeMap<Key, Arc<AzureAssignedIdentity>>,
     /// Identity policy: namespace → its `allowed-identities` annotation.
     /// Only namespaces carrying it are kept (watched only when the policy is on).
     pub namespaces: BTreeMap<String, String>,
@@ -110,7 +113,11 @@ impl Index {
         if info.binding_label.is_empty() {
             return self.pods.remove(&key).is_some();
         }
-        self.pods.insert(key, info.clone()) != Some(info)
+        if self.pods.get(&key).is_some_and(|old| **old == info) {
+            return false;
+        }
+        self.pods.insert(key, Arc::new(info));
+        true
     }
 
     pub fn delete_pod(&mut self, pod: &Pod) -> Changed {
@@ -119,7 +126,11 @@ impl Index {
 
     pub fn apply_node(&mut self, node: &Node) -> Changed {
         let info = NodeInfo::from_node(node);
-        self.nodes.insert(info.name.clone(), info.clone()) != Some(info)
+        if self.nodes.get(&info.name).is_some_and(|old| **old == info) {
+            return false;
+        }
+        self.nodes.insert(info.name.clone(), Arc::new(info));
+        true
     }
 
     pub fn delete_node(&mut self, node: &Node) -> Changed {
@@ -127,7 +138,7 @@ impl Index {
     }
 
     pub fn apply_identity(&mut self, obj: &AzureIdentity) -> Changed {
-        let old = self.identities.insert(key_of(obj), obj.clone());
+        let old = self.identities.insert(key_of(obj), Arc::new(obj.clone()));
         // Metadata-only edits (labels, resourceVersion) change nothing MIC
         // decides on (docs/upstream-behaviour.md#h5-metadata-edits-cause-token-gaps);
         // the annotation does (namespaced).
@@ -139,7 +150,7 @@ impl Index {
     }
 
     pub fn apply_binding(&mut self, obj: &AzureIdentityBinding) -> Changed {
-        let old = self.bindings.insert(key_of(obj), obj.clone());
+        let old = self.bindings.insert(key_of(obj), Arc::new(obj.clone()));
         old.is_none_or(|o| o.spec != obj.spec)
     }
 
@@ -148,7 +159,7 @@ impl Index {
     }
 
     pub fn apply_assigned(&mut self, obj: &AzureAssignedIdentity) -> Changed {
-        let old = self.assigned.insert(key_of(obj), obj.clone());
+        let old = self.assigned.insert(key_of(obj), Arc::new(obj.clone()));
         old.is_none_or(|o| {
             o.spec != obj.spec
                 || o.status != obj.status

@@ -436,7 +436,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                 let start = std::time::Instant::now();
                 let mut lost = leading.clone();
                 let result = tokio::select! {
-                    r = executor.execute(&plan, &index) => Some(r),
+                    r = executor.execute(plan, &index) => Some(r),
                     // Losing the lease cancels in-flight writes at once.
                     _ = lost.wait_for(|l| !*l) => None,
                 };

@@ -14,7 +14,7 @@ use aadpodid_api::{
 use kube::ResourceExt;
 
 use crate::cloud::{ResourceRef, is_valid_identity_id, normalize_id};
-use crate::index::{Index, Key};
+use crate::index::{Index, Key, PodInfo};
 
 /// AAIs live here unless the identity is namespaced (upstream's "back compat").
 pub const DEFAULT_AAI_NAMESPACE: &str = "default";
@@ -129,18 +129,63 @@ fn embed<K: Clone + kube::Resource>(obj: &K) -> Box<K> {
     Box::new(copy)
 }
 
-/// A desired AAI with its type-0 identity ID, if any.
-struct Desired {
-    aai: AzureAssignedIdentity,
-    resource: ResourceRef,
+/// A desired AAI, by reference into the index (built whole only when it is
+/// written: [`Desired::aai`]), with its type-0 identity ID, if any.
+struct Desired<'a> {
+    pod: &'a PodInfo,
+    identity: &'a AzureIdentity,
+    binding: &'a AzureIdentityBinding,
+    resource: &'a ResourceRef,
     identity_id: Option<String>,
 }
 
-fn desired_set(
-    index: &Index,
+impl Desired<'_> {
+    /// The AAI `key` to write: status Created, MIC's finalizer, the node label.
+    fn aai(&self, key: &Key) -> AzureAssignedIdentity {
+        let (namespace, name) = key;
+        let mut aai = AzureAssignedIdentity::new(
+            name,
+            AzureAssignedIdentitySpec {
+                azure_identity_ref: Some(embed(self.identity)),
+                azure_binding_ref: Some(embed(self.binding)),
+                pod: self.pod.name.clone(),
+                pod_namespace: self.pod.namespace.clone(),
+                node_name: self.pod.node.clone(),
+                replicas: None,
+            },
+        );
+        aai.metadata.namespace = Some(namespace.clone());
+        aai.metadata.labels = Some([(LABEL_NODENAME.to_string(), self.pod.node.clone())].into());
+        aai.metadata.finalizers = Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()]);
+        aai.status = Some(AzureAssignedIdentityStatus {
+            status: AssignedIdentityState::Created.as_str().into(),
+            available_replicas: 1,
+        });
+        aai
+    }
+
+    /// What [`same_assignment`] compares, without building the AAI.
+    fn assignment(&self) -> Assignment<'_> {
+        Assignment {
+            pod: &self.pod.name,
+            pod_namespace: &self.pod.namespace,
+            node_name: &self.pod.node,
+            identity: Some(self.identity),
+            binding: Some(self.binding),
+        }
+    }
+
+    /// Whether `existing` already makes this assignment.
+    fn made_by(&self, existing: &AzureAssignedIdentitySpec) -> bool {
+        Assignment::of(existing).same(&self.assignment())
+    }
+}
+
+fn desired_set<'a>(
+    index: &'a Index,
     opts: &Options,
     warnings: &mut Vec<Warning>,
-) -> BTreeMap<Key, Desired> {
+) -> BTreeMap<Key, Desired<'a>> {
     let mut by_selector: BTreeMap<&str, Vec<(&Key, &AzureIdentityBinding)>> = BTreeMap::new();
     // BTreeMap order = sorted by (namespace, name), as upstream sorts matches.
     for (k, b) in &index.bindings {
@@ -247,7 +292,7 @@ fn desired_set(
             } else {
                 DEFAULT_AAI_NAMESPACE.to_string()
             };
-            let key = (namespace.clone(), name.clone());
+            let key = (namespace, name);
             if out.contains_key(&key) {
                 warnings.push(Warning::DuplicateAssignedIdentity {
                     name: key,
@@ -255,29 +300,13 @@ fn desired_set(
                 });
                 continue;
             }
-            let mut aai = AzureAssignedIdentity::new(
-                &name,
-                AzureAssignedIdentitySpec {
-                    azure_identity_ref: Some(embed(identity)),
-                    azure_binding_ref: Some(embed(*binding)),
-                    pod: pod.name.clone(),
-                    pod_namespace: pod.namespace.clone(),
-                    node_name: pod.node.clone(),
-                    replicas: None,
-                },
-            );
-            aai.metadata.namespace = Some(namespace);
-            aai.metadata.labels = Some([(LABEL_NODENAME.to_string(), pod.node.clone())].into());
-            aai.metadata.finalizers = Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()]);
-            aai.status = Some(AzureAssignedIdentityStatus {
-                status: AssignedIdentityState::Created.as_str().into(),
-                available_replicas: 1,
-            });
             out.insert(
                 key,
                 Desired {
-                    aai,
-                    resource: node.resource.clone(),
+                    pod,
+                    identity,
+                    binding,
+                    resource: &node.resource,
                     identity_id,
                 },
             );
@@ -289,14 +318,48 @@ fn desired_set(
 /// Namespace, name and UID of an embedded object.
 type Identifiers<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
 
-fn ns_name<K: kube::Resource>(obj: &Option<Box<K>>) -> Option<Identifiers<'_>> {
-    obj.as_ref().map(|o| {
+fn ns_name<K: kube::Resource>(obj: Option<&K>) -> Option<Identifiers<'_>> {
+    obj.map(|o| {
         (
             o.meta().namespace.as_deref(),
             o.meta().name.as_deref(),
             o.meta().uid.as_deref(),
         )
     })
+}
+
+/// What makes an assignment, borrowed from an AAI's spec or from the
+/// index's objects a desired AAI is made of.
+struct Assignment<'a> {
+    pod: &'a str,
+    pod_namespace: &'a str,
+    node_name: &'a str,
+    identity: Option<&'a AzureIdentity>,
+    binding: Option<&'a AzureIdentityBinding>,
+}
+
+impl<'a> Assignment<'a> {
+    fn of(spec: &'a AzureAssignedIdentitySpec) -> Self {
+        Assignment {
+            pod: &spec.pod,
+            pod_namespace: &spec.pod_namespace,
+            node_name: &spec.node_name,
+            identity: spec.azure_identity_ref.as_deref(),
+            binding: spec.azure_binding_ref.as_deref(),
+        }
+    }
+
+    /// See [`same_assignment`].
+    fn same(&self, other: &Assignment<'_>) -> bool {
+        self.pod == other.pod
+            && self.pod_namespace == other.pod_namespace
+            && self.node_name == other.node_name
+            && ns_name(self.identity) == ns_name(other.identity)
+            && ns_name(self.binding) == ns_name(other.binding)
+            && self.identity.map(|i| i.spec.canonical())
+                == other.identity.map(|i| i.spec.canonical())
+            && self.binding.map(|b| &b.spec) == other.binding.map(|b| &b.spec)
+    }
 }
 
 /// Same assignment: same pod, node, identity and binding (by name, UID and
@@ -313,17 +376,7 @@ fn ns_name<K: kube::Resource>(obj: &Option<Box<K>>) -> Option<Identifiers<'_>> {
 /// Fields Go's types do not have (the embedded `spec.metadata` Go writes is
 /// not read into these types) cannot differ.
 pub fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentitySpec) -> bool {
-    let identity_spec =
-        |s: &AzureAssignedIdentitySpec| s.azure_identity_ref.as_ref().map(|i| i.spec.canonical());
-    let binding_spec =
-        |s: &AzureAssignedIdentitySpec| s.azure_binding_ref.as_ref().map(|b| b.spec.clone());
-    a.pod == b.pod
-        && a.pod_namespace == b.pod_namespace
-        && a.node_name == b.node_name
-        && ns_name(&a.azure_identity_ref) == ns_name(&b.azure_identity_ref)
-        && ns_name(&a.azure_binding_ref) == ns_name(&b.azure_binding_ref)
-        && identity_spec(a) == identity_spec(b)
-        && binding_spec(a) == binding_spec(b)
+    Assignment::of(a).same(&Assignment::of(b))
 }
 
 /// Type-0 identity ID (lower-cased) of an AAI's embedded identity.
@@ -398,7 +451,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
     for (key, aai) in &index.assigned {
         let terminating = aai.metadata.deletion_timestamp.is_some();
         match desired.get(key) {
-            Some(d) if !terminating && same_assignment(&aai.spec, &d.aai.spec) => {
+            Some(d) if !terminating && d.made_by(&aai.spec) => {
                 if aai.state() == Some(AssignedIdentityState::Created) {
                     p.assign(key, d);
                 }
@@ -409,7 +462,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
                 if let Some((resource, id)) = removable(aai) {
                     p.resources.entry(resource).or_default().remove.insert(id);
                 }
-                let mut new = d.aai.clone();
+                let mut new = d.aai(key);
                 new.metadata.resource_version = aai.metadata.resource_version.clone();
                 p.update.push(new);
                 p.assign(key, d);
@@ -424,7 +477,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
             continue;
         }
         p.assign(&key, &d);
-        p.create.push(d.aai);
+        p.create.push(d.aai(&key));
     }
 
     // Adds win over removes on the same resource (as upstream).
@@ -449,9 +502,7 @@ pub fn expected_assignments(
     for (key, aai) in &index.assigned {
         if aai.metadata.deletion_timestamp.is_some()
             || !matches!(aai.state(), Some(AssignedIdentityState::Assigned))
-            || !desired
-                .get(key)
-                .is_some_and(|d| same_assignment(&aai.spec, &d.aai.spec))
+            || !desired.get(key).is_some_and(|d| d.made_by(&aai.spec))
         {
             continue;
         }

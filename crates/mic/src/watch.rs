@@ -22,9 +22,11 @@ use crate::index::{Index, Key};
 use crate::metrics::Metrics;
 
 /// The index, a wake-up for the control loop, and the watches' sync flags.
+/// The index is copy-on-write: a [`Shared::snapshot`] shares it, and the
+/// first watch event after one copies its maps (of `Arc`s), never an object.
 #[derive(Debug, Default)]
 pub struct Shared {
-    pub index: Mutex<Index>,
+    index: Mutex<Arc<Index>>,
     pub changed: Notify,
     synced: Synced,
 }
@@ -35,12 +37,18 @@ impl Shared {
         self.synced.all()
     }
 
-    pub fn snapshot(&self) -> Index {
-        self.lock().clone()
+    /// The index as it is now; later events do not change it.
+    pub fn snapshot(&self) -> Arc<Index> {
+        Arc::clone(&self.lock())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<Index>> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the index, copying it first if a snapshot shares it.
+    fn update<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
+        f(Arc::make_mut(&mut self.lock()))
     }
 }
 
@@ -61,7 +69,7 @@ fn meta_key<K: Resource>(obj: &K) -> Key {
 /// Drops `metadata.managedFields` before an object is buffered or indexed.
 /// MIC never reads them, and on an AzureAssignedIdentity (whose spec embeds
 /// an identity and a binding) the apiserver's field sets are most of the
-/// object's memory, and the index is copied per cycle. No write sends an indexed object whole
+/// object's memory. No write sends an indexed object whole
 /// (status and finalizers are patches; updates are rebuilt by the plan).
 fn slim<K: Resource>(obj: &mut DeserializeGuard<K>) {
     if let Ok(o) = &mut obj.0 {
@@ -126,21 +134,23 @@ where
     K: Resource<DynamicType = ()> + Clone,
 {
     fn reset(&mut self, all: Vec<DeserializeGuard<K>>) -> bool {
-        let mut ix = self.ctx.shared.lock();
-        (self.kind.clear)(&mut ix);
-        for obj in all {
-            self.apply_to(&mut ix, obj);
-        }
+        self.ctx.shared.update(|ix| {
+            (self.kind.clear)(ix);
+            for obj in all {
+                self.apply_to(ix, obj);
+            }
+        });
         true
     }
 
     fn apply(&mut self, obj: DeserializeGuard<K>) -> bool {
-        let mut ix = self.ctx.shared.lock();
-        self.apply_to(&mut ix, obj)
+        self.ctx.shared.update(|ix| self.apply_to(ix, obj))
     }
 
     fn delete(&mut self, obj: DeserializeGuard<K>) -> bool {
-        (self.kind.delete)(&mut self.ctx.shared.lock(), &meta_key(&obj))
+        self.ctx
+            .shared
+            .update(|ix| (self.kind.delete)(ix, &meta_key(&obj)))
     }
 
     fn changed(&mut self) {
@@ -253,5 +263,38 @@ mod tests {
         let mut guard = DeserializeGuard(Ok(aai));
         slim(&mut guard);
         assert_eq!(guard.0.ok(), Some(expected));
+    }
+
+    #[test]
+    fn a_snapshot_keeps_what_it_saw_while_the_index_goes_on() {
+        let shared = Shared::default();
+        let ns = |name: &str, allowed: &str| {
+            let mut n = Namespace::default();
+            n.metadata.name = Some(name.into());
+            n.metadata.annotations = Some(
+                [(
+                    aadpodid_api::policy::ANNOTATION_ALLOWED_IDENTITIES.to_string(),
+                    allowed.to_string(),
+                )]
+                .into(),
+            );
+            n
+        };
+        shared.update(|ix| ix.apply_namespace(&ns("a", "x")));
+        let first = shared.snapshot();
+        // Nothing changed since: the same index, not a copy.
+        assert!(Arc::ptr_eq(&first, &shared.snapshot()));
+        shared.update(|ix| ix.apply_namespace(&ns("b", "y")));
+        let second = shared.snapshot();
+        assert_eq!(first.namespaces, [("a".into(), "x".into())].into());
+        assert_eq!(
+            second.namespaces,
+            [("a".into(), "x".into()), ("b".into(), "y".into())].into()
+        );
+        // With no snapshot held, an update changes the index in place.
+        drop((first, second));
+        let before = Arc::as_ptr(&shared.snapshot());
+        shared.update(|ix| ix.delete_namespace("a"));
+        assert_eq!(Arc::as_ptr(&shared.snapshot()), before);
     }
 }

@@ -7,6 +7,7 @@ use aadpodid_api::{
     ANNOTATION_BEHAVIOR, AzureIdentityBindingSpec, AzureIdentitySpec, BEHAVIOR_NAMESPACED,
 };
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus};
+use std::sync::Arc;
 
 fn rid(name: &str) -> String {
     format!(
@@ -160,7 +161,7 @@ fn settle(ix: &mut Index, opts: &Options) -> Plan {
         )
         .collect();
     for k in assigned {
-        if let Some(a) = ix.assigned.get_mut(&k) {
+        if let Some(a) = ix.assigned.get_mut(&k).map(Arc::make_mut) {
             a.status.get_or_insert_default().status = "Assigned".into();
         }
     }
@@ -761,7 +762,7 @@ fn created_aais_are_retried_and_deleting_ones_are_not_recreated_yet() {
     assert!(p.create.is_empty());
     assert_eq!(p.resources[&vmss("vmss-a")].add, [lrid("id")].into());
 
-    let mut terminating = ix.assigned[&key("default", "web-ns-id")].clone();
+    let mut terminating = (*ix.assigned[&key("default", "web-ns-id")]).clone();
     terminating.metadata.deletion_timestamp =
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
@@ -979,12 +980,12 @@ fn the_ledger_is_seeded_from_every_existing_aai() {
         ix.apply_assigned(&aai);
     }
     // An AAI of a node MIC does not know is skipped.
-    let mut orphan = ix.assigned[&key("default", "web-ns-id")].clone();
+    let mut orphan = (*ix.assigned[&key("default", "web-ns-id")]).clone();
     orphan.metadata.name = Some("orphan".into());
     orphan.spec.node_name = "gone".into();
     ix.apply_assigned(&orphan);
     // One this MIC refused proves nothing (its identity may be an add-on's).
-    let mut refused = ix.assigned[&key("default", "web-ns-id")].clone();
+    let mut refused = (*ix.assigned[&key("default", "web-ns-id")]).clone();
     refused.metadata.name = Some("refused".into());
     refused.spec.node_name = "n3".into();
     refused.metadata.annotations = Some(
@@ -1175,7 +1176,7 @@ mod entitlement {
             Some(Refusal::ClientIdMismatch { .. })
         ));
         // Released: removed (MIC's own), then the entry leaves.
-        for a in ix.assigned.values_mut() {
+        for a in ix.assigned.values_mut().map(Arc::make_mut) {
             a.status.get_or_insert_default().status = "Assigned".into();
         }
         ix.delete_pod(&pod);
@@ -1221,4 +1222,119 @@ fn assigned_aais_are_listed_per_resource_for_the_drift_check() {
         )]
         .into()
     );
+}
+
+/// The plan compares an existing AAI with the index's objects by reference
+/// and builds the desired AAI only to write it: the comparison must say what
+/// [`same_assignment`] says of the AAI it would build.
+#[test]
+fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
+    let (ix, _, _) = web_with_uids(mk_uami("ns", "id"), "uid-i", "uid-b");
+    let desired = desired_set(&ix, &Options::default(), &mut Vec::new());
+    let k = key("default", "web-ns-id");
+    let d = &desired[&k];
+    let built = d.aai(&k).spec;
+    let edit = |f: &dyn Fn(&mut AzureAssignedIdentitySpec)| {
+        let mut s = built.clone();
+        f(&mut s);
+        s
+    };
+    let identity =
+        |f: &dyn Fn(&mut AzureIdentity)| edit(&|s| f(s.azure_identity_ref.as_mut().unwrap()));
+    let binding =
+        |f: &dyn Fn(&mut AzureIdentityBinding)| edit(&|s| f(s.azure_binding_ref.as_mut().unwrap()));
+    let cases: Vec<(&str, AzureAssignedIdentitySpec, bool)> = vec![
+        ("as built", built.clone(), true),
+        (
+            "as upstream's Go MIC writes it",
+            go_written_spec("uid-i", "uid-b"),
+            true,
+        ),
+        (
+            "another resourceVersion",
+            identity(&|i| i.metadata.resource_version = Some("9".into())),
+            true,
+        ),
+        ("another pod", edit(&|s| s.pod = "other".into()), false),
+        (
+            "another pod namespace",
+            edit(&|s| s.pod_namespace = "other".into()),
+            false,
+        ),
+        ("another node", edit(&|s| s.node_name = "n2".into()), false),
+        ("no identity", edit(&|s| s.azure_identity_ref = None), false),
+        ("no binding", edit(&|s| s.azure_binding_ref = None), false),
+        (
+            "identity made anew",
+            identity(&|i| i.metadata.uid = Some("other".into())),
+            false,
+        ),
+        (
+            "identity in another namespace",
+            identity(&|i| i.metadata.namespace = Some("other".into())),
+            false,
+        ),
+        (
+            "identity edited",
+            identity(&|i| i.spec.client_id = "other".into()),
+            false,
+        ),
+        (
+            "binding made anew",
+            binding(&|b| b.metadata.uid = Some("other".into())),
+            false,
+        ),
+        (
+            "binding renamed",
+            binding(&|b| b.metadata.name = Some("other".into())),
+            false,
+        ),
+        (
+            "binding edited",
+            binding(&|b| b.spec.selector = "other".into()),
+            false,
+        ),
+    ];
+    for (case, existing, same) in cases {
+        assert_eq!(same_assignment(&existing, &built), same, "{case}");
+        assert_eq!(d.made_by(&existing), same, "{case}");
+    }
+}
+
+/// A clone of the index (what a cycle plans on) shares every object.
+#[test]
+fn a_cloned_index_shares_its_objects() {
+    let mut ix = bound();
+    add_web(&mut ix);
+    settle(&mut ix, &Options::default());
+    let copy = ix.clone();
+    let shared = |a: &Index, b: &Index| {
+        a.pods
+            .values()
+            .zip(b.pods.values())
+            .all(|(x, y)| Arc::ptr_eq(x, y))
+            && a.nodes
+                .values()
+                .zip(b.nodes.values())
+                .all(|(x, y)| Arc::ptr_eq(x, y))
+            && a.identities
+                .values()
+                .zip(b.identities.values())
+                .all(|(x, y)| Arc::ptr_eq(x, y))
+            && a.bindings
+                .values()
+                .zip(b.bindings.values())
+                .all(|(x, y)| Arc::ptr_eq(x, y))
+            && a.assigned
+                .values()
+                .zip(b.assigned.values())
+                .all(|(x, y)| Arc::ptr_eq(x, y))
+    };
+    assert_eq!(copy.assigned.len(), 1);
+    assert!(shared(&ix, &copy));
+    // An unchanged object applied again keeps the one in place.
+    let pod = mk_pod("ns", "web", "sel", "n1");
+    assert!(!ix.apply_pod(&pod));
+    assert!(!ix.apply_node(&mk_vmss_node("n1", "vmss-a")));
+    assert!(shared(&ix, &copy));
 }
