@@ -93,34 +93,7 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
         .context("create the Deployment")?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-    let running = wait_for("the Deployment's pod Running", RUNNING_TIMEOUT, || {
-        let pods = pods.clone();
-        async move {
-            let list = pods
-                .list(&ListParams::default().labels("app=idle"))
-                .await
-                .ok()?;
-            list.items.into_iter().find(|p| {
-                let status = p.status.as_ref();
-                status.and_then(|s| s.phase.as_deref()) == Some("Running")
-                    && status
-                        .and_then(|s| s.container_statuses.as_ref())
-                        .is_some_and(|c| c.iter().all(|c| c.ready))
-            })
-        }
-    })
-    .await;
-    let running = match running {
-        Ok(p) => p,
-        Err(e) => {
-            let listed = pods.list(&ListParams::default()).await.ok();
-            let plane_state = plane.check_running().err();
-            return Err(e.context(format!(
-                "pods: {listed:?}\ncontrol plane: {plane_state:?}\n{}",
-                node.logs(40)
-            )));
-        }
-    };
+    let running = running_pod(&pods, "app=idle", &mut plane, &node).await?;
     let running_after = started.elapsed();
 
     let spec = running.spec.as_ref().context("pod without spec")?;
@@ -157,13 +130,82 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
         .await
         .context("delete the Deployment")?;
     node.wait_no_pods(&client, GONE_TIMEOUT).await?;
+    let gone_after = started.elapsed();
+
+    // A plain Pod without a node name is scheduled too; the node is then
+    // dropped with it running: its teardown kills the pod's processes and
+    // shims and removes the pod's network namespace, cgroups and folder.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "left-running", "labels": {"app": "left-running"}},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "idle", "image": IDLE_IMAGE, "imagePullPolicy": "Never"}],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .context("create the Pod")?;
+    let left = running_pod(&pods, "app=left-running", &mut plane, &node).await?;
+    let spec = left.spec.as_ref().context("pod without spec")?;
+    assert_eq!(spec.node_name.as_deref(), Some(node.name()), "{left:?}");
     plane.check_running()?;
+    let netns_files = node.pod_netns_files();
+    assert!(!netns_files.is_empty(), "no pod network namespace");
+    let (dir, cgroup_root) = (node.dir().to_path_buf(), node.cgroup_root().to_string());
+    drop(node);
+    let leftovers = RealNode::leftovers(&dir, &cgroup_root);
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    for file in &netns_files {
+        assert!(!file.exists(), "{} is still there", file.display());
+    }
     eprintln!(
         "real node: started in {booted:?}, Ready after {ready_after:?}, pod running after \
-         {running_after:?}, pod gone after {:?}",
+         {running_after:?}, pod gone after {gone_after:?}, torn down after {:?}",
         started.elapsed()
     );
-    drop(node);
     drop(plane);
     Ok(())
+}
+
+/// Waits (at most [`RUNNING_TIMEOUT`]) for a pod with the labels `selector`
+/// to be Running with every container ready; on failure, says what the
+/// pods, the control plane and the node's logs show.
+async fn running_pod(
+    pods: &Api<Pod>,
+    selector: &str,
+    plane: &mut ControlPlane,
+    node: &RealNode,
+) -> anyhow::Result<Pod> {
+    let running = wait_for(
+        &format!("a pod {selector} Running"),
+        RUNNING_TIMEOUT,
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels(selector))
+                    .await
+                    .ok()?;
+                list.items.into_iter().find(|p| {
+                    let status = p.status.as_ref();
+                    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+                        && status
+                            .and_then(|s| s.container_statuses.as_ref())
+                            .is_some_and(|c| c.iter().all(|c| c.ready))
+                })
+            }
+        },
+    )
+    .await;
+    match running {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            let listed = pods.list(&ListParams::default()).await.ok();
+            let plane_state = plane.check_running().err();
+            Err(e.context(format!(
+                "pods: {listed:?}\ncontrol plane: {plane_state:?}\n{}",
+                node.logs(40)
+            )))
+        }
+    }
 }

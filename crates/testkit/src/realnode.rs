@@ -262,6 +262,7 @@ impl RealNode {
             pod_cidr: &pod_cidr,
             node_ip,
         };
+        note_host_folders();
         match boot(cluster, &ns, &parts).await {
             Ok((relay, containerd, kubelet)) => Ok(RealNode {
                 name,
@@ -279,6 +280,7 @@ impl RealNode {
                     .map(|l| format!("{l}: {}", log_tail(&dir.join(l), 15)))
                     .join("\n");
                 teardown(&dir, &cgroup_root);
+                remove_host_folders();
                 Err(e.context(logs))
             }
         }
@@ -302,6 +304,39 @@ impl RealNode {
     /// The node's network namespace.
     pub fn netns(&self) -> &NetNs {
         &self.ns
+    }
+
+    /// The node's cgroup parent (`/<name>` in every hierarchy).
+    pub fn cgroup_root(&self) -> &str {
+        &self.cgroup_root
+    }
+
+    /// The network namespace files of the pods containerd holds now.
+    pub fn pod_netns_files(&self) -> Vec<PathBuf> {
+        pod_network_namespaces(&self.dir.join("containerd.sock"))
+    }
+
+    /// What is left of a node that was dropped, given its folder and cgroup
+    /// parent: the folder, its cgroups, processes whose command line names
+    /// the folder (shims, containerd, the kubelet) and processes in its cgroups.
+    pub fn leftovers(dir: &Path, cgroup_root: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if dir.exists() {
+            out.push(format!("folder {}", dir.display()));
+        }
+        let rel = cgroup_root.trim_start_matches('/');
+        for mount in cgroup_mounts() {
+            if mount.join(rel).exists() {
+                out.push(format!("cgroup {}", mount.join(rel).display()));
+            }
+        }
+        for pid in cgroup_processes(cgroup_root) {
+            out.push(format!("process {pid} in the cgroups"));
+        }
+        for pid in processes_naming(dir) {
+            out.push(format!("process {pid} naming the folder"));
+        }
+        out
     }
 
     /// The node's folder (logs: `kubelet.log`, `containerd.log`).
@@ -407,6 +442,72 @@ impl Drop for RealNode {
             remove_netns_file(&path);
         }
         teardown(&self.dir, &self.cgroup_root);
+        remove_host_folders();
+    }
+}
+
+/// Host folders a kubelet or containerd shim uses whatever it is told: the
+/// kubelet's device-plugin socket and checkpoint, its container log links
+/// (removed with their containers) and the shims' sockets (removed with
+/// their tasks).
+const HOST_FOLDERS: [&str; 4] = [
+    "/var/lib/kubelet/device-plugins",
+    "/var/lib/kubelet",
+    "/var/log/containers",
+    "/run/containerd/s",
+];
+/// Files of those folders a stopped kubelet leaves.
+const KUBELET_LEFTOVERS: [&str; 2] = [
+    "/var/lib/kubelet/device-plugins/kubelet.sock",
+    "/var/lib/kubelet/device-plugins/kubelet_internal_checkpoint",
+];
+
+/// The [`HOST_FOLDERS`] (and `/run/containerd`) that did not exist before
+/// this process started its first node, so that they are this process's own.
+static CREATED_HOST_FOLDERS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+/// Nodes of this process that have started and not yet stopped.
+static LIVE_NODES: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+fn note_host_folders() {
+    CREATED_HOST_FOLDERS.get_or_init(|| {
+        HOST_FOLDERS
+            .iter()
+            .chain(&["/run/containerd"])
+            .map(PathBuf::from)
+            .filter(|p| !p.exists())
+            .collect()
+    });
+    if let Ok(mut live) = LIVE_NODES.lock() {
+        *live += 1;
+    }
+}
+
+/// When the last node of this process stops: removes what the nodes left in
+/// the host folders this process created, and those folders when empty.
+fn remove_host_folders() {
+    let Ok(mut live) = LIVE_NODES.lock() else {
+        return;
+    };
+    *live = live.saturating_sub(1);
+    if *live > 0 {
+        return;
+    }
+    let Some(created) = CREATED_HOST_FOLDERS.get() else {
+        return;
+    };
+    if created
+        .iter()
+        .any(|c| c == Path::new("/var/lib/kubelet/device-plugins"))
+    {
+        for file in KUBELET_LEFTOVERS {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+    // Deepest first (the list is ordered so), and only when empty.
+    for dir in HOST_FOLDERS.iter().chain(&["/run/containerd"]) {
+        if created.iter().any(|c| c == Path::new(dir)) {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -789,11 +890,9 @@ fn remove_cgroups(root: &str) {
     }
 }
 
-/// The containerd shims serving the containerd whose socket is under `dir`
-/// (their command line names that socket).
-fn shims_of(dir: &Path) -> Vec<u32> {
-    let sock = dir.join("containerd.sock");
-    let sock = sock.to_string_lossy();
+/// The processes whose command line has an argument that names `dir` or a
+/// path under it, and whose program matches `program` (any when `None`).
+fn processes_matching(dir: &Path, program: Option<&str>) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -803,21 +902,40 @@ fn shims_of(dir: &Path) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                 let args: Vec<_> = c.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
-                args.first().is_some_and(|a| a.contains("containerd-shim"))
-                    && args.iter().any(|a| a == &sock)
+                let names_dir = args.iter().any(|a| {
+                    a.split('=')
+                        .any(|part| !part.is_empty() && Path::new(part).starts_with(dir))
+                });
+                let runs = program.is_none_or(|p| args.first().is_some_and(|a| a.contains(p)));
+                names_dir && runs
             })
         })
         .collect()
 }
 
+/// Processes whose command line names `dir` or a path under it.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    processes_matching(dir, None)
+}
+
+/// The containerd shims serving the containerd whose socket is under `dir`
+/// (their command line names that socket).
+fn shims_of(dir: &Path) -> Vec<u32> {
+    processes_matching(dir, Some("containerd-shim"))
+}
+
 /// Kills (SIGKILL) every process in the node's cgroups and its containerd
-/// shims, then waits (at most 10 s) until they are gone.
+/// shims, then waits (at most 10 s) until they are gone, and removes the
+/// shims' sockets.
 fn kill_containers(dir: &Path, cgroup_root: &str) {
+    let mut sockets = Vec::new();
     for _ in 0..100 {
+        let shims = shims_of(dir);
+        sockets.extend(shims.iter().filter_map(|pid| shim_socket(*pid)));
         let mut pids = cgroup_processes(cgroup_root);
-        pids.extend(shims_of(dir));
+        pids.extend(shims);
         if pids.is_empty() {
-            return;
+            break;
         }
         for pid in pids {
             let _ = Command::new("kill")
@@ -826,6 +944,54 @@ fn kill_containers(dir: &Path, cgroup_root: &str) {
                 .status();
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    for socket in sockets {
+        let _ = std::fs::remove_file(socket);
+    }
+}
+
+/// The socket a containerd 1.6 shim listens on: under `/run/containerd/s`,
+/// named by the SHA-256 of `<containerd address>/<namespace>/<id>` (read
+/// from the shim's `-address`, `-namespace` and `-id` arguments).
+fn shim_socket(pid: u32) -> Option<PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let key = format!(
+        "{}/{}/{}",
+        flag("-address")?,
+        flag("-namespace")?,
+        flag("-id")?
+    );
+    let out = Command::new("sh")
+        .args(["-c", "printf %s \"$1\" | sha256sum", "sh", &key])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sum = text.split_whitespace().next()?;
+    Some(Path::new("/run/containerd/s").join(sum))
+}
+
+/// Removes the kubelet's links in `/var/log/containers` to logs under `dir`
+/// (it removes them itself only with their containers).
+fn remove_log_links(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/var/log/containers") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if std::fs::read_link(entry.path()).is_ok_and(|t| t.starts_with(dir)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -895,10 +1061,11 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Removes what a node left on the host once its kubelet and containerd are
-/// gone: its containers and shims, mounts under its folder, its cgroups and
-/// the folder.
+/// gone: its containers, shims and their sockets, its container log links,
+/// mounts under its folder, its cgroups and the folder.
 fn teardown(dir: &Path, cgroup_root: &str) {
     kill_containers(dir, cgroup_root);
+    remove_log_links(dir);
     for m in mounts_under(dir) {
         umount(&m);
     }
