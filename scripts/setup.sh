@@ -7,6 +7,10 @@
 #     Go modules by tests/cluster/build.sh: about 10-15 minutes the first time,
 #     then cached under $HOME/.cache/aadpodid/cluster
 #   - the pinned Python Azure SDK virtualenv (tests/python/setup.sh)
+#   - with AADPODID_SETUP_IMAGES=1 only: the mic and nmi container images
+#     (scripts/images.sh: podman, a base made from Debian packages, the
+#     release binaries; about 2 minutes plus the release build the first
+#     time, then cached under $HOME/.cache/aadpodid/images)
 # Go, Rust (cargo) and Python must be present. Progress goes to stderr; the only
 # line on stdout is the folder of the cluster binaries, for
 #   export AADPODID_CLUSTER_BIN=$(bash scripts/setup.sh)
@@ -83,5 +87,10 @@ fi
 
 step "Python Azure SDK clients for token tests"
 bash tests/python/setup.sh >&2
+
+if [ "${AADPODID_SETUP_IMAGES:-}" = 1 ]; then
+  step "container images mic and nmi (scripts/images.sh)"
+  bash scripts/images.sh >&2
+fi
 
 echo "$bin"

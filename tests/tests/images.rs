@@ -1,0 +1,561 @@
+//! The mic and nmi container images, built for real by `scripts/images.sh`
+//! (Debian-made bases, the release binaries of this checkout, `podman
+//! build`; reused from its cache when nothing changed), then run as a
+//! container runtime would: each image's OCI archive is unpacked into an OCI
+//! bundle (its layers in order as the root filesystem, its user, entry point
+//! and environment in `config.json`) and run with `runc`, with the chart's
+//! security settings.
+//!
+//! - mic runs `--version` as its image's non-root user (65532) on a
+//!   read-only root with no capabilities; the image has no shell.
+//! - nmi's entry point picks the iptables back end the node's rules are in
+//!   and nmi then uses it: each case sets up rules in a network namespace
+//!   the test creates (never the root namespace's iptables), runs the image
+//!   there with `--cleanup-iptables`, and checks which back end's
+//!   `aad-metadata` chain nmi removed.
+//! - The chart's route_localnet init container works with the nmi image
+//!   (privileged), and NMI's own container cannot write /proc/sys.
+//!
+//! Needs root, runc and podman (the script installs them with apt-get when
+//! missing). Every container runs under `timeout`; bundles, containers and
+//! namespaces are removed when their guards drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aadpodid_tests::netns::NetNs;
+use anyhow::{Context as _, bail, ensure};
+use serde_json::{Value, json};
+
+/// How long the image build may take: a cold run makes the bases from
+/// Debian packages and builds both release binaries.
+const BUILD_LIMIT_S: &str = "2400";
+/// How long one container may run.
+const RUN_LIMIT_S: &str = "30";
+
+/// The archives `scripts/images.sh` printed: (mic, nmi). Built once per test
+/// process; the script's own lock serialises concurrent processes.
+fn archives() -> anyhow::Result<&'static (PathBuf, PathBuf)> {
+    static ARCHIVES: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    ARCHIVES
+        .get_or_init(|| build_images().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("scripts/images.sh: {e}"))
+}
+
+fn build_images() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("timeout")
+        .args([BUILD_LIMIT_S, "bash", "scripts/images.sh"])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run scripts/images.sh")?;
+    ensure!(out.status.success(), "scripts/images.sh: {}", out.status);
+    let stdout = String::from_utf8(out.stdout)?;
+    let archive = |name: &str| -> anyhow::Result<PathBuf> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(PathBuf::from)
+            .with_context(|| format!("no `{name} <archive>` line in {stdout:?}"))
+    };
+    Ok((archive("mic")?, archive("nmi")?))
+}
+
+/// An OCI bundle unpacked from an image archive, with a `runc` container ID;
+/// the container and the folder are removed on drop.
+struct Bundle {
+    dir: PathBuf,
+    id: String,
+    /// The image's config (`User`, `Entrypoint`, `Env`, ...).
+    image: Value,
+}
+
+/// A JSON file of the unpacked archive's blobs.
+fn blob(oci: &Path, digest: &str) -> anyhow::Result<PathBuf> {
+    let (alg, hex) = digest
+        .split_once(':')
+        .with_context(|| format!("digest {digest}"))?;
+    Ok(oci.join("blobs").join(alg).join(hex))
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    Ok(serde_json::from_slice(&text)?)
+}
+
+/// Runs `program args`; an error with its stderr when it fails.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {args:?}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Bundle {
+    /// Unpacks `archive` (an `oci-archive` of one image) into a new bundle:
+    /// the layers in order into `rootfs`, and `runc spec`'s default config.
+    fn unpack(archive: &Path, role: &str) -> anyhow::Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "aadpodid-images-{}-{}-{role}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&id);
+        let mut bundle = Bundle {
+            dir,
+            id,
+            image: Value::Null,
+        };
+        let oci = bundle.dir.join("oci");
+        let rootfs = bundle.dir.join("rootfs");
+        std::fs::create_dir_all(&oci)?;
+        std::fs::create_dir_all(&rootfs)?;
+        run("tar", &["-xf", path_str(archive)?, "-C", path_str(&oci)?])?;
+        let index = read_json(&oci.join("index.json"))?;
+        let manifests = index["manifests"].as_array().context("index.json")?;
+        ensure!(manifests.len() == 1, "one image per archive: {index}");
+        let manifest = read_json(&blob(
+            &oci,
+            manifests[0]["digest"].as_str().context("digest")?,
+        )?)?;
+        for layer in manifest["layers"].as_array().context("layers")? {
+            let path = blob(&oci, layer["digest"].as_str().context("digest")?)?;
+            let listing = run("tar", &["-tf", path_str(&path)?])?;
+            // Whiteouts (files deleted by a later layer) are not applied here;
+            // the images are built without deleting anything of their base.
+            if let Some(w) = listing.lines().find(|l| l.contains(".wh.")) {
+                bail!("layer {} has a whiteout ({w}): not handled", path.display());
+            }
+            run(
+                "tar",
+                &[
+                    "--numeric-owner",
+                    "-xf",
+                    path_str(&path)?,
+                    "-C",
+                    path_str(&rootfs)?,
+                ],
+            )?;
+        }
+        let config = read_json(&blob(
+            &oci,
+            manifest["config"]["digest"].as_str().context("digest")?,
+        )?)?;
+        bundle.image = config["config"].clone();
+        std::fs::remove_dir_all(&oci)?;
+        run("runc", &["spec", "--bundle", path_str(&bundle.dir)?])?;
+        Ok(bundle)
+    }
+
+    /// The image's `User` as numeric `(uid, gid)` (root when empty).
+    fn user(&self) -> anyhow::Result<(u32, u32)> {
+        let user = self.image["User"].as_str().unwrap_or("");
+        if user.is_empty() {
+            return Ok((0, 0));
+        }
+        let (u, g) = user.split_once(':').unwrap_or((user, user));
+        Ok((
+            u.parse().with_context(|| format!("numeric user: {user}"))?,
+            g.parse()
+                .with_context(|| format!("numeric group: {user}"))?,
+        ))
+    }
+
+    /// Writes `config.json` for a run of the image's entry point with
+    /// `args` (or of `command` instead of the entry point), extra `env`,
+    /// the image's user, a read-only root with a tmpfs on /run and /tmp,
+    /// only `caps`, no privilege escalation, in the network namespace
+    /// `netns` when given. `privileged` is the chart's init container: every
+    /// capability held here ([`held_caps`]) and a writable /proc/sys.
+    fn configure(&self, run: &Run<'_>) -> anyhow::Result<()> {
+        let path = self.dir.join("config.json");
+        let mut config = read_json(&path)?;
+        let mut argv: Vec<String> = match run.command {
+            Some(command) => command.iter().map(|s| s.to_string()).collect(),
+            None => self.image["Entrypoint"]
+                .as_array()
+                .context("Entrypoint")?
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).context("Entrypoint"))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        argv.extend(run.args.iter().map(|s| s.to_string()));
+        let mut env: Vec<String> = self.image["Env"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        env.extend(run.env.iter().map(|s| s.to_string()));
+        let (uid, gid) = self.user()?;
+        let caps: Vec<&str> = if run.privileged {
+            held_caps()?
+        } else {
+            run.caps.to_vec()
+        };
+        let process = &mut config["process"];
+        process["terminal"] = json!(false);
+        process["args"] = json!(argv);
+        process["env"] = json!(env);
+        process["user"] = json!({ "uid": uid, "gid": gid });
+        process["noNewPrivileges"] = json!(!run.privileged);
+        process["capabilities"] = json!({
+            "bounding": caps, "effective": caps, "permitted": caps,
+        });
+        config["root"]["readonly"] = json!(true);
+        let mounts = config["mounts"].as_array_mut().context("mounts")?;
+        for dest in ["/run", "/tmp"] {
+            mounts.push(json!({
+                "destination": dest, "type": "tmpfs", "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=1777"],
+            }));
+        }
+        let linux = &mut config["linux"];
+        if run.privileged {
+            linux["readonlyPaths"] = json!([]);
+            linux["maskedPaths"] = json!([]);
+        }
+        if let Some(ns) = run.netns {
+            let namespaces = linux["namespaces"].as_array_mut().context("namespaces")?;
+            for n in namespaces.iter_mut() {
+                if n["type"] == "network" {
+                    n["path"] = json!(format!("/run/netns/{}", ns.name()));
+                }
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+        Ok(())
+    }
+
+    /// Runs the container to completion (at most [`RUN_LIMIT_S`]).
+    fn run(&self, run: &Run<'_>) -> anyhow::Result<Output> {
+        self.configure(run)?;
+        let out = Command::new("timeout")
+            .args(["-k", "5", RUN_LIMIT_S, "runc", "run", "--bundle"])
+            .arg(&self.dir)
+            .arg(&self.id)
+            .stdin(Stdio::null())
+            .output()
+            .context("runc run")?;
+        let _ = Command::new("runc")
+            .args(["delete", "--force", &self.id])
+            .stderr(Stdio::null())
+            .status();
+        Ok(out)
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        let _ = Command::new("runc")
+            .args(["delete", "--force", &self.id])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("non-UTF-8 path {}", p.display()))
+}
+
+/// One container run.
+#[derive(Default)]
+struct Run<'a> {
+    command: Option<&'a [&'a str]>,
+    args: &'a [&'a str],
+    env: &'a [&'a str],
+    caps: &'a [&'a str],
+    netns: Option<&'a NetNs>,
+    privileged: bool,
+}
+
+/// The capabilities the chart gives NMI's container (every other is dropped).
+const NMI_CAPS: &[&str] = &["CAP_NET_ADMIN", "CAP_NET_RAW"];
+
+/// The capabilities up to CAP_SETFCAP, in bit order.
+const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+];
+
+/// Every capability of [`ALL_CAPS`] this process holds: a privileged
+/// container gets every capability of the runtime, and a runtime cannot
+/// grant one it lacks (machines without CAP_SYS_RESOURCE exist).
+fn held_caps() -> anyhow::Result<Vec<&'static str>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("CapEff in /proc/self/status")?;
+    let held = u64::from_str_radix(hex.trim(), 16)?;
+    Ok(ALL_CAPS
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| held & (1 << bit) != 0)
+        .map(|(_, cap)| *cap)
+        .collect())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn mic_image_runs_version_as_non_root() -> anyhow::Result<()> {
+    let (mic, _) = archives()?;
+    let bundle = Bundle::unpack(mic, "mic")?;
+    let (uid, gid) = bundle.user()?;
+    assert_eq!((uid, gid), (65532, 65532), "{}", bundle.image);
+    let rootfs = bundle.dir.join("rootfs");
+    assert!(!rootfs.join("bin/sh").exists(), "the mic image has a shell");
+    assert!(
+        std::fs::metadata(rootfs.join("etc/ssl/certs/ca-certificates.crt"))?.len() > 100_000,
+        "CA bundle"
+    );
+    // Upstream's MIC checks MIC_POD_NAMESPACE before --version.
+    let out = bundle.run(&Run {
+        args: &["--version"],
+        env: &["MIC_POD_NAMESPACE=default"],
+        ..Run::default()
+    })?;
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), env!("CARGO_PKG_VERSION"));
+    Ok(())
+}
+
+/// The rules a case puts in its namespace before nmi runs.
+#[derive(Clone, Copy, Debug)]
+enum Setup {
+    /// kubelet's hint chain in mangle and nmi's chain in nat, legacy.
+    LegacyKubelet,
+    /// The same with nft.
+    NftKubelet,
+    /// No kubelet chains; nmi's chain and two rules in legacy only.
+    LegacyRulesOnly,
+    /// kubelet's hint in nft with nmi's chain, and more rules in legacy:
+    /// the hint decides.
+    NftKubeletMoreLegacyRules,
+    /// Nothing at all.
+    Nothing,
+}
+
+fn iptables(ns: &NetNs, backend: &str, args: &[&str]) -> anyhow::Result<()> {
+    ns.run(&format!("iptables-{backend}"), args).map(drop)
+}
+
+/// nmi's chain, jumped to from PREROUTING, with one rule.
+fn add_nmi_chain(ns: &NetNs, backend: &str) -> anyhow::Result<()> {
+    iptables(ns, backend, &["-t", "nat", "-N", "aad-metadata"])?;
+    iptables(
+        ns,
+        backend,
+        &["-t", "nat", "-A", "aad-metadata", "-j", "RETURN"],
+    )?;
+    iptables(
+        ns,
+        backend,
+        &["-t", "nat", "-A", "PREROUTING", "-j", "aad-metadata"],
+    )
+}
+
+fn add_hint(ns: &NetNs, backend: &str) -> anyhow::Result<()> {
+    iptables(ns, backend, &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
+}
+
+fn has_nmi_chain(ns: &NetNs, backend: &str) -> anyhow::Result<bool> {
+    let save = ns.run(&format!("iptables-{backend}-save"), &[])?;
+    Ok(save.lines().any(|l| l.starts_with(":aad-metadata ")))
+}
+
+#[test]
+fn nmi_image_uses_the_nodes_iptables_back_end() -> anyhow::Result<()> {
+    let (_, nmi) = archives()?;
+    let bundle = Bundle::unpack(nmi, "nmi")?;
+    assert_eq!(bundle.user()?, (0, 0));
+    // (setup, the back end the entry point must pick, whether the other back
+    // end keeps an nmi chain the case put there).
+    let cases = [
+        (Setup::LegacyKubelet, "legacy", false),
+        (Setup::NftKubelet, "nft", false),
+        (Setup::LegacyRulesOnly, "legacy", false),
+        (Setup::NftKubeletMoreLegacyRules, "nft", true),
+        (Setup::Nothing, "nft", false),
+    ];
+    for (setup, want, other_kept) in cases {
+        let ns = NetNs::new("images")?;
+        match setup {
+            Setup::LegacyKubelet | Setup::NftKubelet => {
+                let b = if matches!(setup, Setup::LegacyKubelet) {
+                    "legacy"
+                } else {
+                    "nft"
+                };
+                add_hint(&ns, b)?;
+                add_nmi_chain(&ns, b)?;
+            }
+            Setup::LegacyRulesOnly => add_nmi_chain(&ns, "legacy")?,
+            Setup::NftKubeletMoreLegacyRules => {
+                add_hint(&ns, "nft")?;
+                add_nmi_chain(&ns, "nft")?;
+                add_nmi_chain(&ns, "legacy")?;
+                iptables(
+                    &ns,
+                    "legacy",
+                    &["-t", "filter", "-A", "INPUT", "-j", "ACCEPT"],
+                )?;
+            }
+            Setup::Nothing => {}
+        }
+        let out = bundle.run(&Run {
+            args: &["--cleanup-iptables"],
+            caps: NMI_CAPS,
+            netns: Some(&ns),
+            ..Run::default()
+        })?;
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{setup:?}: {}: {stderr}", out.status);
+        let said = format!("nmi-entrypoint: iptables back end {want} (");
+        assert!(stderr.contains(&said), "{setup:?}: want {want}: {stderr}");
+        assert!(
+            stderr.contains("iptables chain and jump removed"),
+            "{setup:?}: {stderr}"
+        );
+        assert!(
+            !has_nmi_chain(&ns, want)?,
+            "{setup:?}: chain left in {want}"
+        );
+        let other = if want == "nft" { "legacy" } else { "nft" };
+        assert_eq!(has_nmi_chain(&ns, other)?, other_kept, "{setup:?}: {other}");
+    }
+
+    // An explicit --iptables-path wins over the detection.
+    let ns = NetNs::new("images")?;
+    add_hint(&ns, "nft")?;
+    add_nmi_chain(&ns, "legacy")?;
+    let out = bundle.run(&Run {
+        args: &[
+            "--iptables-path=/usr/sbin/iptables-legacy",
+            "--cleanup-iptables",
+        ],
+        caps: NMI_CAPS,
+        netns: Some(&ns),
+        ..Run::default()
+    })?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("nmi-entrypoint"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!has_nmi_chain(&ns, "legacy")?);
+
+    // The conntrack tool --enable-conntrack-deletion runs is in the image.
+    let out = bundle.run(&Run {
+        command: Some(&["conntrack", "--version"]),
+        caps: NMI_CAPS,
+        netns: Some(&ns),
+        ..Run::default()
+    })?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("conntrack"),
+        "{}",
+        text(&out.stdout)
+    );
+    Ok(())
+}
+
+#[test]
+fn nmi_image_route_localnet_needs_the_privileged_init_container() -> anyhow::Result<()> {
+    let (_, nmi) = archives()?;
+    let bundle = Bundle::unpack(nmi, "localnet")?;
+    let ns = NetNs::new("images")?;
+    let value = || -> anyhow::Result<String> {
+        Ok(ns
+            .run("cat", &["/proc/sys/net/ipv4/conf/all/route_localnet"])?
+            .trim()
+            .to_string())
+    };
+    assert_eq!(value()?, "0");
+    // The chart's init container command, as NMI's own container (root,
+    // NET_ADMIN and NET_RAW only): /proc/sys is read-only there.
+    let write: &[&str] = &[
+        "/bin/sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet",
+    ];
+    let out = bundle.run(&Run {
+        command: Some(write),
+        caps: NMI_CAPS,
+        netns: Some(&ns),
+        ..Run::default()
+    })?;
+    assert!(
+        !out.status.success(),
+        "route_localnet written without privilege"
+    );
+    assert_eq!(value()?, "0");
+    // As the init container (privileged): set for the node's namespace.
+    let out = bundle.run(&Run {
+        command: Some(write),
+        netns: Some(&ns),
+        privileged: true,
+        ..Run::default()
+    })?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(value()?, "1");
+    Ok(())
+}
