@@ -35,7 +35,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -115,36 +114,39 @@ impl ControlPlane {
             children: Vec::new(),
         };
         let kc = format!("--kubeconfig={}", kubeconfig.display());
+        // No serving port (nothing here calls them), no leader election (one
+        // of each).
+        let common = [
+            kc.as_str(),
+            "--secure-port=0",
+            "--leader-elect=false",
+            "--v=1",
+        ];
+        let flex = format!(
+            "--flex-volume-plugin-dir={}",
+            plane.dir.join("flexvolume").display()
+        );
+        let root_ca = format!("--root-ca-file={}", certs.join("ca.crt").display());
+        let sa_key = format!(
+            "--service-account-private-key-file={}",
+            certs.join("sa.key").display()
+        );
         let controller_manager = plane.spawn(
             &bin.join("kube-controller-manager"),
             &[
-                kc.as_str(),
-                "--secure-port=0",
-                "--leader-elect=false",
-                "--use-service-account-credentials=false",
-                // Its default is a host folder it would create.
-                &format!(
-                    "--flex-volume-plugin-dir={}",
-                    plane.dir.join("flexvolume").display()
-                ),
-                &format!("--root-ca-file={}", certs.join("ca.crt").display()),
-                &format!(
-                    "--service-account-private-key-file={}",
-                    certs.join("sa.key").display()
-                ),
-                "--v=1",
-            ],
+                &common[..],
+                &[
+                    "--use-service-account-credentials=false",
+                    // Its default is a host folder it would create.
+                    &flex,
+                    &root_ca,
+                    &sa_key,
+                ],
+            ]
+            .concat(),
         )?;
         plane.children.push(controller_manager);
-        let scheduler = plane.spawn(
-            &bin.join("kube-scheduler"),
-            &[
-                kc.as_str(),
-                "--secure-port=0",
-                "--leader-elect=false",
-                "--v=1",
-            ],
-        )?;
+        let scheduler = plane.spawn(&bin.join("kube-scheduler"), &common)?;
         plane.children.push(scheduler);
         Ok(plane)
     }
@@ -230,12 +232,8 @@ impl RealNode {
         let bin = node_bin_dir()?;
         remove_stale();
 
-        static N: AtomicU32 = AtomicU32::new(0);
-        let base = format!(
-            "{DIR_PREFIX}{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
+        // `aadpodid-realnode-<pid>-<n>`: the process ID tells a stale one.
+        let base = unique_name(DIR_PREFIX.trim_end_matches('-'));
         let dir = std::env::temp_dir().join(&base);
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["cni/net.d", "kubelet", "pod-logs", "relay"] {
@@ -511,6 +509,9 @@ fn remove_host_folders() {
     }
 }
 
+/// A template's variable: (name, value).
+type Var<'a> = (&'a str, &'a str);
+
 /// What [`boot`] starts a node from.
 struct Parts<'a> {
     bin: &'a Path,
@@ -581,36 +582,35 @@ fn start_runtime_and_kubelet(
     let dir = parts.dir;
     let dir_s = dir.display().to_string();
     let runc = which("runc")?;
-    let template = |name: &str| -> anyhow::Result<String> {
-        let path = repo_root().join("tests/realnode").join(name);
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
-    };
-    std::fs::write(
-        dir.join("containerd.toml"),
-        fill_template(
-            &template("containerd.toml")?,
+    let runc = runc.display().to_string();
+    let files: [(&str, &str, &[Var<'_>]); 3] = [
+        (
+            "containerd.toml",
+            "containerd.toml",
             &[
                 ("DIR", &dir_s),
                 ("SANDBOX_IMAGE", SANDBOX_IMAGE),
-                ("RUNC", &runc.display().to_string()),
+                ("RUNC", &runc),
                 ("CNI_BIN", CNI_BIN),
             ],
         ),
-    )?;
-    std::fs::write(
-        dir.join("cni/net.d/10-bridge.conflist"),
-        fill_template(
-            &template("cni.conflist")?,
+        (
+            "cni.conflist",
+            "cni/net.d/10-bridge.conflist",
             &[("DIR", &dir_s), ("POD_CIDR", parts.pod_cidr)],
         ),
-    )?;
-    std::fs::write(
-        dir.join("kubelet.yaml"),
-        fill_template(
-            &template("kubelet.yaml")?,
+        (
+            "kubelet.yaml",
+            "kubelet.yaml",
             &[("DIR", &dir_s), ("CGROUP_ROOT", parts.cgroup_root)],
         ),
-    )?;
+    ];
+    for (name, to, vars) in files {
+        let path = repo_root().join("tests/realnode").join(name);
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        std::fs::write(dir.join(to), fill_template(&text, vars))?;
+    }
 
     let sock = dir.join("containerd.sock");
     let log = std::fs::File::create(dir.join("containerd.log"))?;
@@ -624,22 +624,15 @@ fn start_runtime_and_kubelet(
     let images = (|| -> anyhow::Result<()> {
         wait_for_socket(&mut containerd, &sock, Duration::from_secs(30))?;
         let archive = dir.join("pause.oci.tar");
-        let out = output_within(
+        run_ok(
             Command::new("bash")
                 .arg(repo_root().join("tests/realnode/oci-image.sh"))
                 .arg(parts.bin.join("pause"))
                 .arg(SANDBOX_IMAGE)
-                .arg(&archive)
-                .stderr(Stdio::piped()),
+                .arg(&archive),
             "oci-image.sh",
             TOOL_TIMEOUT,
         )?;
-        if !out.status.success() {
-            bail!(
-                "oci-image.sh failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
         ctr(
             &sock,
             &[
@@ -719,16 +712,25 @@ fn wait_for_socket(containerd: &mut Child, sock: &Path, timeout: Duration) -> an
 
 /// Runs `ctr` against the node's containerd in its Kubernetes namespace.
 fn ctr(sock: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = Command::new("ctr");
-    cmd.arg("--address")
-        .arg(sock)
-        .args(["--namespace", CONTAINERD_NS])
-        .args(args)
-        .stderr(Stdio::piped());
-    let out = output_within(&mut cmd, "ctr", TOOL_TIMEOUT)?;
+    run_ok(
+        Command::new("ctr")
+            .arg("--address")
+            .arg(sock)
+            .args(["--namespace", CONTAINERD_NS])
+            .args(args),
+        &format!("ctr {args:?}"),
+        TOOL_TIMEOUT,
+    )
+}
+
+/// Runs `cmd` (at most `timeout`) and returns its stdout; fails with its
+/// stderr when it does not succeed.
+fn run_ok(cmd: &mut Command, what: &str, timeout: Duration) -> anyhow::Result<String> {
+    let out = output_within(cmd.stderr(Stdio::piped()), what, timeout)?;
     if !out.status.success() {
         bail!(
-            "ctr {args:?}: {}",
+            "{what} failed ({}): {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -766,21 +768,14 @@ fn install_packages() -> anyhow::Result<()> {
     }
     eprintln!("real node: installing {}", PACKAGES.join(" "));
     let apt = |args: &[&str]| -> anyhow::Result<()> {
-        let out = output_within(
+        run_ok(
             Command::new("apt-get")
                 .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stderr(Stdio::piped()),
-            "apt-get",
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            &format!("apt-get {args:?}"),
             INSTALL_TIMEOUT,
-        )?;
-        if !out.status.success() {
-            bail!(
-                "apt-get {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        )
+        .map(drop)
     };
     apt(&["update", "-q"])?;
     apt(&[
@@ -828,35 +823,43 @@ fn make_cgroups(root: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every process in the cgroups under `root` (in any hierarchy).
-fn cgroup_processes(root: &str) -> Vec<u32> {
+/// The cgroups at and under `root` in every hierarchy, each after its
+/// parent. Bounded: a node's tree is a few levels of a few cgroups.
+fn cgroup_dirs(root: &str) -> Vec<PathBuf> {
     let rel = root.trim_start_matches('/');
-    let mut pids = Vec::new();
+    let mut dirs = Vec::new();
     for mount in cgroup_mounts() {
         let mut todo = vec![mount.join(rel)];
-        // Bounded: a node's tree is a few levels of a few cgroups.
-        let mut seen = 0;
         while let Some(dir) = todo.pop() {
-            seen += 1;
-            if seen > 10_000 {
+            if dirs.len() > 10_000 {
                 break;
             }
-            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                pids.extend(
-                    text.split_whitespace()
-                        .filter_map(|p| p.parse::<u32>().ok()),
-                );
-            }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                todo.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            todo.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+            dirs.push(dir);
         }
     }
+    dirs
+}
+
+/// Every process in the cgroups under `root` (in any hierarchy).
+fn cgroup_processes(root: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = cgroup_dirs(root)
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
     pids.sort_unstable();
     pids.dedup();
     pids
@@ -864,29 +867,8 @@ fn cgroup_processes(root: &str) -> Vec<u32> {
 
 /// Removes the cgroups under `root` in every hierarchy, deepest first.
 fn remove_cgroups(root: &str) {
-    let rel = root.trim_start_matches('/');
-    for mount in cgroup_mounts() {
-        let top = mount.join(rel);
-        let mut dirs = Vec::new();
-        let mut todo = vec![top];
-        while let Some(dir) = todo.pop() {
-            if dirs.len() > 10_000 {
-                break;
-            }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                todo.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-            dirs.push(dir);
-        }
-        // Children were pushed after their parents.
-        for dir in dirs.iter().rev() {
-            let _ = std::fs::remove_dir(dir);
-        }
+    for dir in cgroup_dirs(root).iter().rev() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
