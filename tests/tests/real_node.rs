@@ -1,7 +1,9 @@
 //! A real node: kubelet, containerd, runc and a CNI bridge in a network
 //! namespace of the test's own, joined to the test apiserver, with
 //! kube-controller-manager and kube-scheduler beside the apiserver. A
-//! Deployment's pod, placed by the scheduler, runs there.
+//! Deployment's pod, placed by the scheduler, runs there; with two such
+//! nodes (on a cluster of their own), two replicas that may not share a node
+//! run one on each.
 //!
 //! Needs root and Debian's containerd, runc and containernetworking-plugins
 //! (installed on first use when missing); the node binaries come from
@@ -68,32 +70,16 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     // ReplicaSet and pod, the scheduler binds the pod, the kubelet runs it.
     let ns = cluster.temp_namespace("realnode").await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "idle"},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "idle"}},
-            "template": {
-                "metadata": {"labels": {"app": "idle"}},
-                "spec": {
-                    "automountServiceAccountToken": false,
-                    "terminationGracePeriodSeconds": 2,
-                    "containers": [{
-                        "name": "idle",
-                        "image": IDLE_IMAGE,
-                        "imagePullPolicy": "Never",
-                    }],
-                },
-            },
-        },
-    }))?;
+    let deployment = idle_deployment("idle", 1, None)?;
     deployments
         .create(&PostParams::default(), &deployment)
         .await
         .context("create the Deployment")?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-    let running = running_pod(&pods, "app=idle", &mut plane, &node).await?;
+    let running = running_pods(&pods, "app=idle", 1, &mut plane, &[&node])
+        .await?
+        .remove(0);
     let running_after = started.elapsed();
 
     let spec = running.spec.as_ref().context("pod without spec")?;
@@ -145,7 +131,9 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     pods.create(&PostParams::default(), &pod)
         .await
         .context("create the Pod")?;
-    let left = running_pod(&pods, "app=left-running", &mut plane, &node).await?;
+    let left = running_pods(&pods, "app=left-running", 1, &mut plane, &[&node])
+        .await?
+        .remove(0);
     let spec = left.spec.as_ref().context("pod without spec")?;
     assert_eq!(spec.node_name.as_deref(), Some(node.name()), "{left:?}");
     plane.check_running()?;
@@ -167,45 +155,151 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits (at most [`RUNNING_TIMEOUT`]) for a pod with the labels `selector`
-/// to be Running with every container ready; on failure, says what the
-/// pods, the control plane and the node's logs show.
-async fn running_pod(
+/// A Deployment `name` of `replicas` idle pods labelled `app=<name>`, with
+/// `affinity` when given; no node named.
+fn idle_deployment(
+    name: &str,
+    replicas: i32,
+    affinity: Option<serde_json::Value>,
+) -> anyhow::Result<Deployment> {
+    let mut spec = json!({
+        "automountServiceAccountToken": false,
+        "terminationGracePeriodSeconds": 2,
+        "containers": [{"name": "idle", "image": IDLE_IMAGE, "imagePullPolicy": "Never"}],
+    });
+    if let Some(a) = affinity {
+        spec["affinity"] = a;
+    }
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": spec},
+        },
+    }))?)
+}
+
+/// Waits (at most [`RUNNING_TIMEOUT`]) for `count` pods with the labels
+/// `selector` to be Running with every container ready; on failure, says
+/// what the pods, the control plane and the nodes' logs show.
+async fn running_pods(
     pods: &Api<Pod>,
     selector: &str,
+    count: usize,
     plane: &mut ControlPlane,
-    node: &RealNode,
-) -> anyhow::Result<Pod> {
-    let running = wait_for(
-        &format!("a pod {selector} Running"),
-        RUNNING_TIMEOUT,
-        || {
-            let pods = pods.clone();
-            async move {
-                let list = pods
-                    .list(&ListParams::default().labels(selector))
-                    .await
-                    .ok()?;
-                list.items.into_iter().find(|p| {
+    nodes: &[&RealNode],
+) -> anyhow::Result<Vec<Pod>> {
+    let what = format!("{count} pods {selector} Running");
+    let running = wait_for(&what, RUNNING_TIMEOUT, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels(selector))
+                .await
+                .ok()?;
+            let running: Vec<Pod> = list
+                .items
+                .into_iter()
+                .filter(|p| {
                     let status = p.status.as_ref();
                     status.and_then(|s| s.phase.as_deref()) == Some("Running")
                         && status
                             .and_then(|s| s.container_statuses.as_ref())
                             .is_some_and(|c| c.iter().all(|c| c.ready))
                 })
-            }
-        },
-    )
+                .collect();
+            (running.len() == count).then_some(running)
+        }
+    })
     .await;
     match running {
         Ok(p) => Ok(p),
         Err(e) => {
             let listed = pods.list(&ListParams::default()).await.ok();
             let plane_state = plane.check_running().err();
+            let logs: Vec<String> = nodes.iter().map(|n| n.logs(40)).collect();
             Err(e.context(format!(
                 "pods: {listed:?}\ncontrol plane: {plane_state:?}\n{}",
-                node.logs(40)
+                logs.join("\n")
             )))
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_real_nodes_each_run_a_replica() -> anyhow::Result<()> {
+    let cluster = aadpodid_testkit::PrivateCluster::start().await?;
+    let client = cluster.admin_client().await?;
+    let started = Instant::now();
+    let mut plane = ControlPlane::start(&cluster)?;
+    let mut first = RealNode::start(&cluster, 0).await?;
+    let mut second = RealNode::start(&cluster, 1).await?;
+    first.wait_ready(&client, READY_TIMEOUT).await?;
+    second.wait_ready(&client, READY_TIMEOUT).await?;
+    let ready_after = started.elapsed();
+
+    // Two replicas that may not share a node: one lands on each.
+    let ns = cluster.temp_namespace("realnodes").await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    let deployment = idle_deployment(
+        "spread",
+        2,
+        Some(
+            json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                "labelSelector": {"matchLabels": {"app": "spread"}},
+                "topologyKey": "kubernetes.io/hostname",
+            }]}}),
+        ),
+    )?;
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .context("create the Deployment")?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let running = running_pods(&pods, "app=spread", 2, &mut plane, &[&first, &second]).await?;
+    let mut placed: Vec<String> = running
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    placed.sort();
+    let mut want = vec![first.name().to_string(), second.name().to_string()];
+    want.sort();
+    assert_eq!(placed, want);
+    // Each pod has an address of its own node's range.
+    for pod in &running {
+        let node = [&first, &second]
+            .into_iter()
+            .find(|n| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n.name()))
+            .context("pod on no test node")?;
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+        let prefix = node.pod_cidr().trim_end_matches("0/24");
+        assert!(
+            ip.is_some_and(|ip| ip.starts_with(prefix)),
+            "{ip:?} not in {}",
+            node.pod_cidr()
+        );
+    }
+    eprintln!(
+        "two real nodes: Ready after {ready_after:?}, both replicas running after {:?}",
+        started.elapsed()
+    );
+    deployments
+        .delete("spread", &DeleteParams::foreground())
+        .await
+        .context("delete the Deployment")?;
+    first.wait_no_pods(&client, GONE_TIMEOUT).await?;
+    second.wait_no_pods(&client, GONE_TIMEOUT).await?;
+    let dirs = [
+        (first.dir().to_path_buf(), first.cgroup_root().to_string()),
+        (second.dir().to_path_buf(), second.cgroup_root().to_string()),
+    ];
+    drop(first);
+    drop(second);
+    for (dir, cgroup_root) in &dirs {
+        let leftovers = RealNode::leftovers(dir, cgroup_root);
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+    drop(plane);
+    Ok(())
 }
