@@ -3,7 +3,8 @@
 //! kube-controller-manager and kube-scheduler beside the apiserver. A
 //! Deployment's pod, placed by the scheduler, runs there; with two such
 //! nodes (on a cluster of their own), two replicas that may not share a node
-//! run one on each.
+//! run one on each. Teardown leaves nothing, whether the node is dropped with
+//! a pod running or crashes and is cleaned up after.
 //!
 //! Needs root and Debian's containerd, runc and containernetworking-plugins
 //! (installed on first use when missing); the node binaries come from
@@ -280,26 +281,41 @@ async fn two_real_nodes_each_run_a_replica() -> anyhow::Result<()> {
             node.pod_cidr()
         );
     }
-    eprintln!(
-        "two real nodes: Ready after {ready_after:?}, both replicas running after {:?}",
-        started.elapsed()
+    let running_after = started.elapsed();
+
+    // The second node crashes with its replica running (its kubelet and
+    // containerd die as with the test process): the pod's processes, cgroups
+    // and network namespace stay until the clean-up a later start does.
+    let remains = second.crash();
+    let pod_netns = remains.pod_netns_files();
+    assert!(
+        !pod_netns.is_empty(),
+        "no pod network namespace after the crash"
     );
+    assert!(!remains.leftovers().is_empty(), "a crash left nothing");
+    let dir = remains.dir.clone();
+    let cgroup_root = remains.cgroup_root.clone();
+    remains.clean_up();
+    let leftovers = RealNode::leftovers(&dir, &cgroup_root);
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    for file in &pod_netns {
+        assert!(!file.exists(), "{} is still there", file.display());
+    }
+
     deployments
         .delete("spread", &DeleteParams::foreground())
         .await
         .context("delete the Deployment")?;
     first.wait_no_pods(&client, GONE_TIMEOUT).await?;
-    second.wait_no_pods(&client, GONE_TIMEOUT).await?;
-    let dirs = [
-        (first.dir().to_path_buf(), first.cgroup_root().to_string()),
-        (second.dir().to_path_buf(), second.cgroup_root().to_string()),
-    ];
+    let (dir, cgroup_root) = (first.dir().to_path_buf(), first.cgroup_root().to_string());
     drop(first);
-    drop(second);
-    for (dir, cgroup_root) in &dirs {
-        let leftovers = RealNode::leftovers(dir, cgroup_root);
-        assert!(leftovers.is_empty(), "{leftovers:?}");
-    }
+    let leftovers = RealNode::leftovers(&dir, &cgroup_root);
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    eprintln!(
+        "two real nodes: Ready after {ready_after:?}, both replicas running after \
+         {running_after:?}, done after {:?}",
+        started.elapsed()
+    );
     drop(plane);
     Ok(())
 }

@@ -30,7 +30,9 @@
 //! folder and the node's namespace. A test deletes its workloads first when it
 //! wants the kubelet's own teardown ([`RealNode::wait_no_pods`]). What a test
 //! process that died left behind (the kubelet and containerd die with it;
-//! shims and containers do not) is removed by the next [`RealNode::start`].
+//! shims, containers and the pods' network namespaces do not) is removed by
+//! the next [`RealNode::start`]; [`RealNode::crash`] leaves the same for a
+//! test to check.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -194,8 +196,7 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop(c);
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -215,8 +216,39 @@ pub struct RealNode {
     relay: Child,
     containerd: Child,
     kubelet: Option<Child>,
+    /// Set by [`RealNode::crash`]: the drop leaves the remains.
+    crashed: bool,
     // Last: the namespace goes after everything that ran in it.
     ns: NetNs,
+}
+
+/// What a node that crashed left on the host ([`RealNode::crash`]).
+#[derive(Debug)]
+pub struct Remains {
+    /// The node's folder.
+    pub dir: PathBuf,
+    /// The node's cgroup parent.
+    pub cgroup_root: String,
+}
+
+impl Remains {
+    /// What is left: see [`RealNode::leftovers`].
+    pub fn leftovers(&self) -> Vec<String> {
+        RealNode::leftovers(&self.dir, &self.cgroup_root)
+    }
+
+    /// The network namespace files of the pods still running in the node's
+    /// cgroups.
+    pub fn pod_netns_files(&self) -> Vec<PathBuf> {
+        netns_files_of(&cgroup_processes(&self.cgroup_root))
+    }
+
+    /// Removes them as the next [`RealNode::start`] does for a node whose
+    /// test process died.
+    pub fn clean_up(self) {
+        teardown(&self.dir, &self.cgroup_root);
+        remove_host_folders();
+    }
 }
 
 impl RealNode {
@@ -271,6 +303,7 @@ impl RealNode {
                 relay,
                 containerd,
                 kubelet: Some(kubelet),
+                crashed: false,
                 ns,
             }),
             Err(e) => {
@@ -423,19 +456,50 @@ impl RealNode {
     }
 }
 
+impl RealNode {
+    /// Kills the kubelet, containerd and the relay (SIGKILL), as the death of
+    /// the test process would, and leaves the rest: the shims, the pods'
+    /// processes, cgroups and network namespaces, the folder. The node's
+    /// network namespace goes.
+    pub fn crash(mut self) -> Remains {
+        self.crashed = true;
+        self.stop_processes();
+        Remains {
+            dir: self.dir.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+        }
+    }
+}
+
+impl RealNode {
+    /// Stops the kubelet (when still running), containerd and the relay.
+    fn stop_processes(&mut self) {
+        if let Some(mut k) = self.kubelet.take() {
+            stop(&mut k);
+        }
+        stop(&mut self.containerd);
+        stop(&mut self.relay);
+    }
+}
+
+/// Kills `child` (SIGKILL) and reaps it.
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for RealNode {
     fn drop(&mut self) {
+        if self.crashed {
+            return;
+        }
         if let Some(mut k) = self.kubelet.take() {
-            let _ = k.kill();
-            let _ = k.wait();
+            stop(&mut k);
         }
         // The pods' network namespaces, while containerd can still name them.
         let pod_netns = pod_network_namespaces(&self.dir.join("containerd.sock"));
         kill_containers(&self.dir, &self.cgroup_root);
-        let _ = self.containerd.kill();
-        let _ = self.containerd.wait();
-        let _ = self.relay.kill();
-        let _ = self.relay.wait();
+        self.stop_processes();
         for path in pod_netns {
             remove_netns_file(&path);
         }
@@ -567,8 +631,7 @@ async fn boot(
     match result {
         Ok((containerd, kubelet)) => Ok((relay, containerd, kubelet)),
         Err(e) => {
-            let _ = relay.kill();
-            let _ = relay.wait();
+            stop(&mut relay);
             Err(e)
         }
     }
@@ -646,8 +709,7 @@ fn start_runtime_and_kubelet(
         Ok(())
     })();
     if let Err(e) = images {
-        let _ = containerd.kill();
-        let _ = containerd.wait();
+        stop(&mut containerd);
         return Err(e);
     }
 
@@ -670,8 +732,7 @@ fn start_runtime_and_kubelet(
     match kubelet {
         Ok(k) => Ok((containerd, k)),
         Err(e) => {
-            let _ = containerd.kill();
-            let _ = containerd.wait();
+            stop(&mut containerd);
             Err(anyhow::Error::new(e).context("start kubelet"))
         }
     }
@@ -911,6 +972,7 @@ fn shims_of(dir: &Path) -> Vec<u32> {
 /// shims' sockets.
 fn kill_containers(dir: &Path, cgroup_root: &str) {
     let mut sockets = Vec::new();
+    let netns_files = netns_files_of(&cgroup_processes(cgroup_root));
     for _ in 0..100 {
         let shims = shims_of(dir);
         sockets.extend(shims.iter().filter_map(|pid| shim_socket(*pid)));
@@ -930,6 +992,34 @@ fn kill_containers(dir: &Path, cgroup_root: &str) {
     for socket in sockets {
         let _ = std::fs::remove_file(socket);
     }
+    for file in netns_files {
+        remove_netns_file(&file);
+    }
+}
+
+/// The files in `/run/netns` that name the network namespace of one of
+/// `pids` (same namespace inode), other than the kit's own namespaces: the
+/// pods' namespaces containerd made, found without containerd.
+fn netns_files_of(pids: &[u32]) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inodes: std::collections::BTreeSet<(u64, u64)> = pids
+        .iter()
+        .filter_map(|pid| std::fs::metadata(format!("/proc/{pid}/ns/net")).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("cni-"))
+        })
+        .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| inodes.contains(&(m.dev(), m.ino()))))
+        .map(|e| e.path())
+        .collect()
 }
 
 /// The socket a containerd 1.6 shim listens on: under `/run/containerd/s`,
