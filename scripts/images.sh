@@ -2,9 +2,9 @@
 # Builds the mic and nmi container images from this checkout, with no
 # container registry: the bases are made from Debian packages through this
 # machine's apt sources (images/base.sh), the binaries by cargo on this host
-# (release, --locked), the images by `podman build` (Dockerfile.mic and
-# Dockerfile.nmi with BINARY=prebuilt), and each image is saved as an OCI
-# archive. Run as root; installs podman, buildah, mmdebstrap and runc with
+# (release, --locked), the images by `podman build` of Dockerfile.mic and
+# Dockerfile.nmi (their BUILDER is the base with the binary already in), and
+# each image is saved as an OCI archive. Run as root; installs podman, buildah, mmdebstrap and runc with
 # apt-get when missing.
 #
 # Everything is cached under ${AADPODID_IMAGES_CACHE:-$HOME/.cache/aadpodid/images}:
@@ -78,24 +78,32 @@ revision=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 for name in mic nmi; do
   t=$(now)
   extra=()
-  [ -d "images/$name" ] && extra=($(find "images/$name" -type f | sort))
+  [ -d "images/$name" ] && mapfile -t extra < <(find "images/$name" -type f | sort)
   key=$( { hash_of "$bin_dir/$name" "Dockerfile.$name" "${extra[@]}"; echo "$base_key $version $revision"; } | sha256sum | cut -c1-16)
   archive=$cache/$name-$version-$key.oci.tar
   if [ ! -f "$archive" ]; then
-    ctx=$(mktemp -d "$cache/.context.XXXXXX")
-    mkdir -p "$ctx/prebuilt"
-    cp "$bin_dir/$name" "$ctx/prebuilt/$name"
-    [ -d "images/$name" ] && mkdir -p "$ctx/images" && cp -a "images/$name" "$ctx/images/"
+    tag=localhost/aad-pod-identity/$name:$version
+    # The BUILDER: the Debian base with the host-built binary at /out/<name>,
+    # so the Dockerfile's build stage skips cargo.
+    builder=localhost/aad-pod-identity/builder-$name:$key
+    work=$(buildah from --quiet "localhost/aad-pod-identity/nmi-base:$base_key")
+    buildah copy --quiet "$work" "$bin_dir/$name" "/out/$name" >/dev/null
+    buildah commit --quiet --rm "$work" "$builder" >/dev/null
+    dangling() { podman images --quiet --no-trunc --filter dangling=true | sort -u; }
+    before=$(dangling)
     podman build --quiet --isolation chroot -f "Dockerfile.$name" \
-      --build-arg BINARY=prebuilt \
+      --build-arg BUILDER="$builder" \
       --build-arg BASE="localhost/aad-pod-identity/$name-base:$base_key" \
       --build-arg VERSION="$version" --build-arg REVISION="$revision" \
-      -t "localhost/aad-pod-identity/$name:$version" "$ctx" >/dev/null
-    rm -rf "$ctx"
+      -t "$tag" . >/dev/null
+    podman rmi "$builder" >/dev/null
+    # The images this build left untagged: its build stage and the image the
+    # tag named before (kept if a container still uses it).
+    comm -13 <(echo "$before") <(dangling) | xargs -r podman rmi >/dev/null 2>&1 || true
     rm -f "$cache/$name-$version-"*.oci.tar
-    podman save --quiet --format oci-archive -o "$archive.tmp" "localhost/aad-pod-identity/$name:$version"
+    podman save --quiet --format oci-archive -o "$archive.tmp" "$tag"
     mv "$archive.tmp" "$archive"
-    size=$(podman image inspect --format '{{.Size}}' "localhost/aad-pod-identity/$name:$version")
+    size=$(podman image inspect --format '{{.Size}}' "$tag")
     built="built, $((size / 1000000)) MB in podman"
   else
     built="reused from the cache"
