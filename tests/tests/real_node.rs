@@ -17,7 +17,7 @@ use aadpodid_testkit::realnode::{ControlPlane, IDLE_IMAGE, RealNode};
 use aadpodid_testkit::wait_for;
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
@@ -110,6 +110,34 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     let route = node.netns().run("ip", &["route", "get", pod_ip])?;
     assert!(route.contains("dev cni0"), "{route}");
 
+    // The `kubernetes` Service's address leads to the apiserver, from the
+    // pod and from the node itself (as for a host-network pod): TLS verified
+    // with the cluster's CA (under the name the certificate has), and the
+    // apiserver answers (401: no credentials are sent).
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let service = services.get("kubernetes").await?;
+    let service_ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("no cluster IP")?;
+    let ca = cluster
+        .kubeconfig()
+        .parent()
+        .context("kubeconfig folder")?
+        .join("ca.crt");
+    let pod_netns = node.pod_netns_files();
+    let [pod_netns] = pod_netns.as_slice() else {
+        anyhow::bail!("one pod network namespace expected: {pod_netns:?}");
+    };
+    let from_pod = https_status_line(Some(pod_netns), &node, &service_ip, &ca)?;
+    let from_node = https_status_line(None, &node, &service_ip, &ca)?;
+    for answer in [&from_pod, &from_node] {
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "{from_pod:?} {from_node:?}"
+        );
+    }
+
     // Deleting the Deployment: the kubelet stops the container, releases the
     // address and removes the sandbox.
     deployments
@@ -154,6 +182,45 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     );
     drop(plane);
     Ok(())
+}
+
+/// Asks `https://<ip>:443/version` from the pod network namespace file
+/// `pod_netns` (the node's namespace when `None`), verifying the server with
+/// `ca` under the name `localhost`; returns the answer's status line.
+fn https_status_line(
+    pod_netns: Option<&std::path::Path>,
+    node: &RealNode,
+    ip: &str,
+    ca: &std::path::Path,
+) -> anyhow::Result<String> {
+    const SCRIPT: &str = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+with socket.create_connection((sys.argv[1], 443), timeout=10) as s:
+    with ctx.wrap_socket(s, server_hostname="localhost") as t:
+        t.sendall(b"GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        print(t.recv(200).split(b"\r\n")[0].decode())
+"#;
+    let ca = ca.display().to_string();
+    let Some(file) = pod_netns else {
+        return Ok(node
+            .netns()
+            .run("python3", &["-c", SCRIPT, ip, &ca])?
+            .trim()
+            .to_string());
+    };
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", file.display()))
+        .args(["--", "timeout", "30", "python3", "-c", SCRIPT, ip, &ca])
+        .output()
+        .context("run nsenter")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "python3 in {} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// A Deployment `name` of `replicas` idle pods labelled `app=<name>`, with

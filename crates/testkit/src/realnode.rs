@@ -40,7 +40,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::Client;
 use kube::api::{Api, ListParams};
 
@@ -616,6 +616,9 @@ async fn boot(
     ])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     ns.ip(&["link", "set", "eth0-peer", "up"])?;
+    // A node has a default route (the Service address must route before the
+    // DNAT of locally sent packets applies); nothing answers behind it.
+    ns.ip(&["route", "add", "default", "dev", "eth0"])?;
     ns.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?;
 
     // The apiserver at the same address inside the namespace as outside, so
@@ -625,9 +628,13 @@ async fn boot(
         .trim_start_matches("https://")
         .parse()
         .context("the apiserver's address")?;
-    let mut relay = ns.relay_many(&[(api, api)], &dir.join("relay")).await?;
-
-    let result = start_runtime_and_kubelet(cluster, ns, parts);
+    // Also on the node's address, where the `kubernetes` Service leads.
+    let on_node = SocketAddr::from((parts.node_ip, api.port()));
+    let mut relay = ns
+        .relay_many(&[(api, api), (on_node, api)], &dir.join("relay"))
+        .await?;
+    let service = kubernetes_service(cluster, ns, on_node).await;
+    let result = service.and_then(|()| start_runtime_and_kubelet(cluster, ns, parts));
     match result {
         Ok((containerd, kubelet)) => Ok((relay, containerd, kubelet)),
         Err(e) => {
@@ -635,6 +642,55 @@ async fn boot(
             Err(e)
         }
     }
+}
+
+/// Makes the `kubernetes` Service's address lead to the apiserver on this
+/// node, as kube-proxy would (no kube-proxy runs): DNAT rules in the node's
+/// namespace, for pods (PREROUTING) and for the node's own processes and
+/// host-network pods (OUTPUT), to the relay on the node's address `on_node`.
+/// The apiserver's certificate names 127.0.0.1 and localhost only, so a
+/// client verifies it under one of those names.
+async fn kubernetes_service(
+    cluster: &Cluster,
+    ns: &NetNs,
+    on_node: SocketAddr,
+) -> anyhow::Result<()> {
+    let services: Api<Service> = Api::namespaced(cluster.admin_client().await?, "default");
+    let service = services
+        .get("kubernetes")
+        .await
+        .context("get Service default/kubernetes")?;
+    let spec = service.spec.context("the kubernetes Service has no spec")?;
+    let ip = spec
+        .cluster_ip
+        .context("the kubernetes Service has no cluster IP")?;
+    let port = spec
+        .ports
+        .and_then(|p| p.first().map(|p| p.port))
+        .context("the kubernetes Service has no port")?;
+    for chain in ["PREROUTING", "OUTPUT"] {
+        ns.run(
+            "iptables",
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                chain,
+                "-d",
+                &format!("{ip}/32"),
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &on_node.to_string(),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 fn start_runtime_and_kubelet(
