@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::cloud::{Cloud, CloudError, IdentityPatch, ResourceKind, ResourceRef, identity_patches};
 use crate::events::{self, Events};
 use crate::guard::{self, Protection};
-use crate::index::{Index, Key};
+use crate::index::{AssignedInfo, Index, Key};
 use crate::ledger::{self, Ledger};
 use crate::metrics::{self, Metrics};
 use crate::plan::{Plan, ResourceWork, Warning, assigned_client_id, refs};
@@ -147,12 +147,12 @@ enum Sending {
 /// The AAIs a cycle acts on: the index's (shared, not copied), with what
 /// the cycle wrote over them.
 struct Known<'a> {
-    indexed: &'a BTreeMap<Key, Arc<AzureAssignedIdentity>>,
-    written: BTreeMap<Key, AzureAssignedIdentity>,
+    indexed: &'a BTreeMap<Key, Arc<AssignedInfo>>,
+    written: BTreeMap<Key, AssignedInfo>,
 }
 
 impl Known<'_> {
-    fn get(&self, key: &Key) -> Option<&AzureAssignedIdentity> {
+    fn get(&self, key: &Key) -> Option<&AssignedInfo> {
         self.written
             .get(key)
             .or_else(|| self.indexed.get(key).map(|a| &**a))
@@ -375,11 +375,7 @@ impl<C: Cloud> Executor<C> {
     /// differs), and once per new reason an Event on its AzureIdentity, a
     /// log line and the metric. Never schedules a retry: the AAI is checked
     /// again on the next change or full resync.
-    async fn refuse(
-        &self,
-        aai: &AzureAssignedIdentity,
-        refusal: &guard::Refusal,
-    ) -> Result<(), ApplyError> {
+    async fn refuse(&self, aai: &AssignedInfo, refusal: &guard::Refusal) -> Result<(), ApplyError> {
         let key = crate::index::key(aai);
         let message = refusal.message();
         let first =
@@ -563,8 +559,8 @@ impl<C: Cloud> Executor<C> {
         let mut failed: BTreeSet<Key> = BTreeSet::new();
 
         // 1. Kubernetes writes first: creates, then updates.
-        let creates = self.write_aais(plan.create, AaiWrite::Create).await;
-        let updates = self.write_aais(plan.update, AaiWrite::Update).await;
+        let creates = self.write_aais(plan.create, AaiWrite::Create, index).await;
+        let updates = self.write_aais(plan.update, AaiWrite::Update, index).await;
         for r in creates.into_iter().chain(updates) {
             match r {
                 Ok(aai) => {
@@ -963,7 +959,7 @@ impl<C: Cloud> Executor<C> {
         }
     }
 
-    fn apply_error_event(&self, aai: &AzureAssignedIdentity, why: &str) {
+    fn apply_error_event(&self, aai: &AssignedInfo, why: &str) {
         self.binding_event(
             aai,
             true,
@@ -978,7 +974,7 @@ impl<C: Cloud> Executor<C> {
     /// embeds none); `note` is given the binding's, node's and pod's names.
     fn binding_event(
         &self,
-        aai: &AzureAssignedIdentity,
+        aai: &AssignedInfo,
         warning: bool,
         reason: &str,
         note: impl FnOnce(String, &str, String) -> String,
@@ -1116,12 +1112,13 @@ impl<C: Cloud> Executor<C> {
         &self,
         aais: Vec<AzureAssignedIdentity>,
         write: AaiWrite,
-    ) -> Vec<Result<AzureAssignedIdentity, (Key, ApplyError)>> {
+        index: &Index,
+    ) -> Vec<Result<AssignedInfo, (Key, ApplyError)>> {
         // Futures are collected first: a lazy `map` held across an await
         // makes the cycle's future lose `Send` (higher-ranked closure).
         let mut writes = Vec::with_capacity(aais.len());
         for aai in aais {
-            writes.push(self.write_aai(aai, write));
+            writes.push(self.write_aai(aai, write, index));
         }
         futures::stream::iter(writes)
             .buffer_unordered(self.opts.batch.max(1))
@@ -1135,7 +1132,8 @@ impl<C: Cloud> Executor<C> {
         &self,
         aai: AzureAssignedIdentity,
         write: AaiWrite,
-    ) -> Result<AzureAssignedIdentity, (Key, ApplyError)> {
+        index: &Index,
+    ) -> Result<AssignedInfo, (Key, ApplyError)> {
         let key = crate::index::key(&aai);
         self.check_leader().map_err(|e| (key.clone(), e))?;
         let start = std::time::Instant::now();
@@ -1158,13 +1156,11 @@ impl<C: Cloud> Executor<C> {
             ),
         };
         let source = match res {
-            Ok(mut written) => {
-                // Kept for this cycle only; MIC never reads managedFields
-                // (see `watch::slim`).
-                written.metadata.managed_fields = None;
+            Ok(written) => {
                 count.inc();
                 duration.observe(start.elapsed().as_secs_f64());
-                return Ok(written);
+                // Kept for this cycle only, as the index keeps AAIs.
+                return Ok(AssignedInfo::new(&written, index));
             }
             Err(source) => source,
         };
@@ -1178,7 +1174,9 @@ impl<C: Cloud> Executor<C> {
                 .kubernetes_api_operations_errors_count
                 .with_label_values(&[op])
                 .inc();
-            if let (AaiWrite::Create, (_, Some(binding))) = (write, refs(&aai)) {
+            if let (AaiWrite::Create, Some(binding)) =
+                (write, aai.spec.azure_binding_ref.as_deref())
+            {
                 self.deps.events.publish(
                     true,
                     events::REASON_BINDING_APPLY_ERROR,
@@ -1199,7 +1197,7 @@ impl<C: Cloud> Executor<C> {
     /// status subresource, so the status is written like any other field).
     async fn patch_status(
         &self,
-        aai: &AzureAssignedIdentity,
+        aai: &AssignedInfo,
         state: AssignedIdentityState,
     ) -> Result<(), ApplyError> {
         self.check_leader()?;
@@ -1247,7 +1245,7 @@ impl<C: Cloud> Executor<C> {
 
     /// Marks the AAI Assigned; `Ok(false)` when the apiserver did not take
     /// the write (reported; the caller tries again later).
-    async fn mark_assigned(&self, aai: &AzureAssignedIdentity) -> Result<bool, ApplyError> {
+    async fn mark_assigned(&self, aai: &AssignedInfo) -> Result<bool, ApplyError> {
         match self
             .patch_status(aai, AssignedIdentityState::Assigned)
             .await
@@ -1273,15 +1271,12 @@ impl<C: Cloud> Executor<C> {
     /// Unassigned, DELETE, then drop MIC's finalizer (it keeps the AAI until
     /// its identity is off the node); `Ok(false)` when the apiserver did not
     /// take it (reported; the caller tries again later).
-    async fn delete(&self, aai: &AzureAssignedIdentity) -> Result<bool, ApplyError> {
+    async fn delete(&self, aai: &AssignedInfo) -> Result<bool, ApplyError> {
         Ok(self.try_delete(aai).await?.is_ok())
     }
 
     /// [`Executor::delete`] with the reason of a failure.
-    async fn try_delete(
-        &self,
-        aai: &AzureAssignedIdentity,
-    ) -> Result<Result<(), String>, ApplyError> {
+    async fn try_delete(&self, aai: &AssignedInfo) -> Result<Result<(), String>, ApplyError> {
         self.check_leader()?;
         let (ns, name) = crate::index::key(aai);
         let api = self.api(&ns);

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use aadpodid_api::AzureAssignedIdentity;
+use crate::index::AssignedInfo;
 use aadpodid_runtime::events::{EventPublisher, Severity};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{Client, Resource, ResourceExt};
@@ -80,14 +80,14 @@ pub struct EventNote {
 /// with upstream's messages. `None` while the node exists or when the
 /// AzureAssignedIdentity embeds no binding.
 pub fn node_gone_removal(
-    aai: &AzureAssignedIdentity,
+    aai: &AssignedInfo,
     node_exists: bool,
     result: Result<&(), &String>,
 ) -> Option<EventNote> {
     if node_exists {
         return None;
     }
-    let binding = aai.spec.azure_binding_ref.as_deref()?;
+    let binding = aai.spec.binding.as_deref()?;
     let (warning, reason, note) = match result {
         Ok(()) => (
             false,
@@ -123,10 +123,11 @@ pub fn node_gone_removal(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::Index;
     use crate::plan::tests::mk_binding;
-    use aadpodid_api::AzureIdentity;
+    use aadpodid_api::{AzureAssignedIdentity, AzureIdentity};
 
-    fn mk_aai(with_binding: bool) -> AzureAssignedIdentity {
+    fn mk_aai(with_binding: bool) -> AssignedInfo {
         let mut binding = mk_binding("apps", "web-binding", "app-id", "web");
         binding.metadata.uid = Some("b-uid".into());
         let identity = AzureIdentity::new("app-id", Default::default());
@@ -135,7 +136,7 @@ mod tests {
         if !with_binding {
             aai.spec.azure_binding_ref = None;
         }
-        aai
+        AssignedInfo::new(&aai, &Index::default())
     }
 
     #[test]

@@ -14,7 +14,7 @@ use aadpodid_api::{
 use kube::ResourceExt;
 
 use crate::cloud::{ResourceRef, is_valid_identity_id, normalize_id};
-use crate::index::{Index, Key, PodInfo};
+use crate::index::{AssignedInfo, AssignedSpec, Index, Key, PodInfo};
 
 /// AAIs live here unless the identity is namespaced (upstream's "back compat").
 pub const DEFAULT_AAI_NAMESPACE: &str = "default";
@@ -176,8 +176,8 @@ impl Desired<'_> {
     }
 
     /// Whether `existing` already makes this assignment.
-    fn made_by(&self, existing: &AzureAssignedIdentitySpec) -> bool {
-        Assignment::of(existing).same(&self.assignment())
+    fn made_by(&self, existing: &AssignedSpec) -> bool {
+        Assignment::of_kept(existing).same(&self.assignment())
     }
 }
 
@@ -349,6 +349,16 @@ impl<'a> Assignment<'a> {
         }
     }
 
+    fn of_kept(spec: &'a AssignedSpec) -> Self {
+        Assignment {
+            pod: &spec.pod,
+            pod_namespace: &spec.pod_namespace,
+            node_name: &spec.node_name,
+            identity: spec.identity.as_deref(),
+            binding: spec.binding.as_deref(),
+        }
+    }
+
     /// See [`same_assignment`].
     fn same(&self, other: &Assignment<'_>) -> bool {
         self.pod == other.pod
@@ -380,31 +390,18 @@ pub fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentityS
 }
 
 /// Type-0 identity ID (lower-cased) of an AAI's embedded identity.
-pub fn assigned_identity_id(aai: &AzureAssignedIdentity) -> Option<String> {
-    existing_identity_id(aai)
-}
-
-/// The AzureIdentity client ID embedded in an AAI, as typed.
-pub fn assigned_client_id(aai: &AzureAssignedIdentity) -> String {
-    aai.spec
-        .azure_identity_ref
-        .as_ref()
-        .map(|i| i.spec.client_id.clone())
-        .unwrap_or_default()
-}
-
-/// Type-0 identity ID of an existing AAI's embedded identity.
-fn existing_identity_id(aai: &AzureAssignedIdentity) -> Option<String> {
-    let id = aai.spec.azure_identity_ref.as_ref()?;
+pub fn assigned_identity_id(aai: &AssignedInfo) -> Option<String> {
+    let id = aai.spec.identity.as_ref()?;
     (id.spec.r#type == IdentityType::UserAssignedMsi && is_valid_identity_id(&id.spec.resource_id))
         .then(|| normalize_id(&id.spec.resource_id))
 }
 
-fn existing_client_id(aai: &AzureAssignedIdentity) -> String {
+/// The AzureIdentity client ID embedded in an AAI, as typed.
+pub fn assigned_client_id(aai: &AssignedInfo) -> String {
     aai.spec
-        .azure_identity_ref
+        .identity
         .as_ref()
-        .map(|i| i.spec.client_id.to_lowercase())
+        .map(|i| i.spec.client_id.clone())
         .unwrap_or_default()
 }
 
@@ -432,14 +429,16 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
     // identity is never stripped: docs/upstream-behaviour.md#h1-system-identity-stripped).
     // The identity an existing AAI holds on its node's resource, when it may
     // come off: nothing desired uses it there and it is not immutable.
-    let removable = |aai: &AzureAssignedIdentity| -> Option<(ResourceRef, String)> {
-        let id = existing_identity_id(aai)?;
+    let removable = |aai: &AssignedInfo| -> Option<(ResourceRef, String)> {
+        let id = assigned_identity_id(aai)?;
         let resource = index.nodes.get(&aai.spec.node_name)?.resource.clone();
         (!in_use.contains(&(resource.clone(), id.clone()))
-            && !opts.immutable_client_ids.contains(&existing_client_id(aai)))
+            && !opts
+                .immutable_client_ids
+                .contains(&assigned_client_id(aai).to_lowercase()))
         .then_some((resource, id))
     };
-    let retire = |key: &Key, aai: &AzureAssignedIdentity, p: &mut Plan| match removable(aai) {
+    let retire = |key: &Key, aai: &AssignedInfo, p: &mut Plan| match removable(aai) {
         Some((resource, id)) => {
             let w = p.resources.entry(resource).or_default();
             w.remove.insert(id.clone());
@@ -507,7 +506,7 @@ pub fn expected_assignments(
             continue;
         }
         if let (Some(id), Some(node)) = (
-            existing_identity_id(aai),
+            assigned_identity_id(aai),
             index.nodes.get(&aai.spec.node_name),
         ) {
             out.entry(node.resource.clone()).or_default().insert(id);
@@ -527,7 +526,7 @@ pub fn assigned_by_resource(index: &Index) -> BTreeMap<ResourceRef, Vec<(Key, St
             continue;
         }
         if let (Some(id), Some(node)) = (
-            existing_identity_id(aai),
+            assigned_identity_id(aai),
             index.nodes.get(&aai.spec.node_name),
         ) {
             out.entry(node.resource.clone())
@@ -539,13 +538,8 @@ pub fn assigned_by_resource(index: &Index) -> BTreeMap<ResourceRef, Vec<(Key, St
 }
 
 /// The AAI's identity and binding, for Events.
-pub fn refs(
-    aai: &AzureAssignedIdentity,
-) -> (Option<&AzureIdentity>, Option<&AzureIdentityBinding>) {
-    (
-        aai.spec.azure_identity_ref.as_deref(),
-        aai.spec.azure_binding_ref.as_deref(),
-    )
+pub fn refs(aai: &AssignedInfo) -> (Option<&AzureIdentity>, Option<&AzureIdentityBinding>) {
+    (aai.spec.identity.as_deref(), aai.spec.binding.as_deref())
 }
 
 #[cfg(test)]

@@ -755,14 +755,14 @@ fn created_aais_are_retried_and_deleting_ones_are_not_recreated_yet() {
     let mut ix = bound();
     let opts = Options::default();
     add_web(&mut ix);
-    let p = plan(&ix, &opts);
-    ix.apply_assigned(&p.create[0]);
+    let created = plan(&ix, &opts).create.remove(0);
+    ix.apply_assigned(&created);
     // The ARM write failed: the AAI stays Created and the next plan retries the add.
     let p = plan(&ix, &opts);
     assert!(p.create.is_empty());
     assert_eq!(p.resources[&vmss("vmss-a")].add, [lrid("id")].into());
 
-    let mut terminating = (*ix.assigned[&key("default", "web-ns-id")]).clone();
+    let mut terminating = created;
     terminating.metadata.deletion_timestamp =
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
@@ -973,19 +973,24 @@ fn the_ledger_is_seeded_from_every_existing_aai() {
     ix.apply_pod(&mk_pod("ns", "job", "sel2", "n3"));
     // Upstream wrote these; one is still Created.
     let p = plan(&ix, &Options::default());
+    let mut web = None;
     for mut aai in p.create {
         if aai.metadata.name.as_deref() != Some("job-ns-id2") {
             aai.status.get_or_insert_default().status = "Assigned".into();
         }
         ix.apply_assigned(&aai);
+        if aai.metadata.name.as_deref() == Some("web-ns-id") {
+            web = Some(aai);
+        }
     }
+    let web = web.unwrap();
     // An AAI of a node MIC does not know is skipped.
-    let mut orphan = (*ix.assigned[&key("default", "web-ns-id")]).clone();
+    let mut orphan = web.clone();
     orphan.metadata.name = Some("orphan".into());
     orphan.spec.node_name = "gone".into();
     ix.apply_assigned(&orphan);
     // One this MIC refused proves nothing (its identity may be an add-on's).
-    let mut refused = (*ix.assigned[&key("default", "web-ns-id")]).clone();
+    let mut refused = web.clone();
     refused.metadata.name = Some("refused".into());
     refused.spec.node_name = "n3".into();
     refused.metadata.annotations = Some(
@@ -1297,7 +1302,8 @@ fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
     ];
     for (case, existing, same) in cases {
         assert_eq!(same_assignment(&existing, &built), same, "{case}");
-        assert_eq!(d.made_by(&existing), same, "{case}");
+        let kept = AssignedInfo::new(&AzureAssignedIdentity::new("web-ns-id", existing), &ix);
+        assert_eq!(d.made_by(&kept.spec), same, "{case}");
     }
 }
 
