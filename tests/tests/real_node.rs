@@ -3,17 +3,19 @@
 //! kube-controller-manager and kube-scheduler beside the apiserver. A
 //! Deployment's pod, placed by the scheduler, runs there; with two such
 //! nodes (on a cluster of their own), two replicas that may not share a node
-//! run one on each. Teardown leaves nothing, whether the node is dropped with
-//! a pod running or crashes and is cleaned up after.
+//! run one on each and, once a fabric joins the nodes, reach each other.
+//! Teardown leaves nothing, whether the node is dropped with a pod running
+//! or crashes and is cleaned up after.
 //!
 //! Needs root and Debian's containerd, runc and containernetworking-plugins
 //! (installed on first use when missing); the node binaries come from
 //! `tests/cluster/build-node.sh` (or `$AADPODID_NODE_BIN`).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aadpodid_testkit::Cluster;
-use aadpodid_testkit::realnode::{ControlPlane, IDLE_IMAGE, RealNode};
+use aadpodid_testkit::realnode::{ControlPlane, Fabric, IDLE_IMAGE, RealNode};
 use aadpodid_testkit::wait_for;
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -188,10 +190,10 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
 /// `pod_netns` (the node's namespace when `None`), verifying the server with
 /// `ca` under the name `localhost`; returns the answer's status line.
 fn https_status_line(
-    pod_netns: Option<&std::path::Path>,
+    pod_netns: Option<&Path>,
     node: &RealNode,
     ip: &str,
-    ca: &std::path::Path,
+    ca: &Path,
 ) -> anyhow::Result<String> {
     const SCRIPT: &str = r#"
 import socket, ssl, sys
@@ -202,25 +204,51 @@ with socket.create_connection((sys.argv[1], 443), timeout=10) as s:
         print(t.recv(200).split(b"\r\n")[0].decode())
 "#;
     let ca = ca.display().to_string();
-    let Some(file) = pod_netns else {
-        return Ok(node
+    match pod_netns {
+        Some(file) => python_in_pod(file, SCRIPT, &[ip, &ca]),
+        None => Ok(node
             .netns()
             .run("python3", &["-c", SCRIPT, ip, &ca])?
             .trim()
-            .to_string());
-    };
+            .to_string()),
+    }
+}
+
+/// Runs the Python `script` with `args` in the pod network namespace file
+/// `pod_netns` (at most 30 s); returns its trimmed stdout.
+fn python_in_pod(pod_netns: &Path, script: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", file.display()))
-        .args(["--", "timeout", "30", "python3", "-c", SCRIPT, ip, &ca])
+        .arg(format!("--net={}", pod_netns.display()))
+        .args(["--", "timeout", "30", "python3", "-c", script])
+        .args(args)
         .output()
         .context("run nsenter")?;
     anyhow::ensure!(
         out.status.success(),
         "python3 in {} failed: {}",
-        file.display(),
+        pod_netns.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// How a TCP connection from the pod network namespace file `pod_netns` to
+/// `ip:80` ends within 5 s: `refused` (the address answered; nothing listens
+/// there), `open`, or the error.
+fn tcp_probe(pod_netns: &Path, ip: &str) -> anyhow::Result<String> {
+    const SCRIPT: &str = r#"
+import socket, sys
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect((sys.argv[1], 80))
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print("error", e)
+"#;
+    python_in_pod(pod_netns, SCRIPT, &[ip])
 }
 
 /// A Deployment `name` of `replicas` idle pods labelled `app=<name>`, with
@@ -350,6 +378,29 @@ async fn two_real_nodes_each_run_a_replica() -> anyhow::Result<()> {
     }
     let running_after = started.elapsed();
 
+    // Alone, a node has no way to the other's pods; joined by a fabric, each
+    // routes to the other's pod range and a pod reaches the pod on the
+    // other node (which refuses the connection: nothing listens, but its
+    // address answers).
+    let ip_of = |node: &RealNode| {
+        running
+            .iter()
+            .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name()))
+            .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+            .context("no pod IP")
+    };
+    let (first_ip, second_ip) = (ip_of(&first)?, ip_of(&second)?);
+    let first_netns = first.pod_netns_files();
+    let second_netns = second.pod_netns_files();
+    let (Some(from_first), Some(from_second)) = (first_netns.first(), second_netns.first()) else {
+        anyhow::bail!("pod network namespaces: {first_netns:?} {second_netns:?}");
+    };
+    let alone = tcp_probe(from_first, &second_ip)?;
+    assert!(alone.starts_with("error"), "{alone}");
+    let fabric = Fabric::join(&[&first, &second])?;
+    assert_eq!(tcp_probe(from_first, &second_ip)?, "refused");
+    assert_eq!(tcp_probe(from_second, &first_ip)?, "refused");
+
     // The second node crashes with its replica running (its kubelet and
     // containerd die as with the test process): the pod's processes, cgroups
     // and network namespace stay until the clean-up a later start does.
@@ -376,6 +427,7 @@ async fn two_real_nodes_each_run_a_replica() -> anyhow::Result<()> {
     first.wait_no_pods(&client, GONE_TIMEOUT).await?;
     let (dir, cgroup_root) = (first.dir().to_path_buf(), first.cgroup_root().to_string());
     drop(first);
+    drop(fabric);
     let leftovers = RealNode::leftovers(&dir, &cgroup_root);
     assert!(leftovers.is_empty(), "{leftovers:?}");
     eprintln!(

@@ -222,6 +222,67 @@ pub struct RealNode {
     ns: NetNs,
 }
 
+/// A network joining real nodes, as a cluster's node network and pod routes
+/// would: a namespace of its own with a bridge, each node linked to it by a
+/// veth pair (`uplink` in the node, `10.251.0.<n>/24` where the node's
+/// address is `10.250.0.<n>`), and in each node a route to every other
+/// node's pod range through that node's uplink. Deleted on drop (its
+/// namespace, and with it every link).
+#[derive(Debug)]
+pub struct Fabric {
+    ns: NetNs,
+}
+
+impl Fabric {
+    /// Joins `nodes` (each at most once, and to one fabric).
+    pub fn join(nodes: &[&RealNode]) -> anyhow::Result<Fabric> {
+        let ns = NetNs::new("fabric")?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        for (i, node) in nodes.iter().enumerate() {
+            let port = format!("port{i}");
+            // Both ends are made inside test namespaces: the root namespace
+            // never sees them.
+            run_ok(
+                Command::new("ip").args([
+                    "link",
+                    "add",
+                    "name",
+                    &port,
+                    "netns",
+                    ns.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "uplink",
+                    "netns",
+                    node.ns.name(),
+                ]),
+                "ip link add",
+                TOOL_TIMEOUT,
+            )?;
+            ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            let addr = format!("{}/24", node.uplink_ip());
+            node.ns.ip(&["addr", "add", &addr, "dev", "uplink"])?;
+            node.ns.ip(&["link", "set", "uplink", "up"])?;
+        }
+        for node in nodes {
+            for other in nodes.iter().filter(|o| o.name != node.name) {
+                let via = other.uplink_ip().to_string();
+                node.ns
+                    .ip(&["route", "add", other.pod_cidr(), "via", &via])?;
+            }
+        }
+        Ok(Fabric { ns })
+    }
+
+    /// The fabric's namespace.
+    pub fn netns(&self) -> &NetNs {
+        &self.ns
+    }
+}
+
 /// What a node that crashed left on the host ([`RealNode::crash`]).
 #[derive(Debug)]
 pub struct Remains {
@@ -330,6 +391,12 @@ impl RealNode {
     /// The node's address (inside its namespace).
     pub fn node_ip(&self) -> Ipv4Addr {
         self.node_ip
+    }
+
+    /// The node's address on a [`Fabric`]: `10.251.0.<n>` for `10.250.0.<n>`.
+    pub fn uplink_ip(&self) -> Ipv4Addr {
+        let [_, _, _, n] = self.node_ip.octets();
+        Ipv4Addr::new(10, 251, 0, n)
     }
 
     /// The node's network namespace.
