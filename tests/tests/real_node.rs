@@ -57,6 +57,21 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
             .is_some_and(|r| r.starts_with("containerd://")),
         "{runtime:?}"
     );
+    // The kubelet is the node itself to the apiserver, not an admin.
+    let whoami = aadpodid_testkit::run_kubectl(
+        cluster.kubectl_with(&node.kubeconfig()),
+        &["auth", "whoami", "-o", "json"],
+        None,
+    )?;
+    let review: serde_json::Value = serde_json::from_str(&whoami.stdout)
+        .with_context(|| format!("kubectl auth whoami: {whoami:?}"))?;
+    let user = &review["status"]["userInfo"];
+    assert_eq!(
+        user["username"].as_str(),
+        Some(format!("system:node:{}", node.name()).as_str()),
+        "{review}"
+    );
+    assert_eq!(user["groups"][0].as_str(), Some("system:nodes"), "{review}");
     let addresses = ready
         .status
         .as_ref()
@@ -170,6 +185,14 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     plane.check_running()?;
     let netns_files = node.pod_netns_files();
     assert!(!netns_files.is_empty(), "no pod network namespace");
+    // The node's identity was enough for everything the kubelet did.
+    let kubelet_log = std::fs::read_to_string(node.dir().join("kubelet.log"))?;
+    let refused: Vec<&str> = kubelet_log
+        .lines()
+        .filter(|l| l.contains("forbidden"))
+        .take(5)
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
     let (dir, cgroup_root) = (node.dir().to_path_buf(), node.cgroup_root().to_string());
     drop(node);
     let leftovers = RealNode::leftovers(&dir, &cgroup_root);

@@ -41,12 +41,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::Client;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PostParams};
 
 use crate::cluster::Cluster;
 use crate::fixtures::{fill_template, repo_root};
 use crate::ids::unique_name;
+use crate::kubectl::kubeconfig_yaml;
 use crate::netns::NetNs;
 use crate::tools::{BuiltTool, output_within};
 use crate::wait_for;
@@ -393,6 +395,13 @@ impl RealNode {
         self.node_ip
     }
 
+    /// The kubelet's kubeconfig: a client certificate for
+    /// `system:node:<name>` (group `system:nodes`, bound to the ClusterRole
+    /// `system:node`).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubelet.kubeconfig")
+    }
+
     /// The node's address on a [`Fabric`]: `10.251.0.<n>` for `10.250.0.<n>`.
     pub fn uplink_ip(&self) -> Ipv4Addr {
         let [_, _, _, n] = self.node_ip.octets();
@@ -700,8 +709,11 @@ async fn boot(
     let mut relay = ns
         .relay_many(&[(api, api), (on_node, api)], &dir.join("relay"))
         .await?;
-    let service = kubernetes_service(cluster, ns, on_node).await;
-    let result = service.and_then(|()| start_runtime_and_kubelet(cluster, ns, parts));
+    let mut prepared = kubernetes_service(cluster, ns, on_node).await;
+    if prepared.is_ok() {
+        prepared = node_credentials(cluster, parts).await;
+    }
+    let result = prepared.and_then(|()| start_runtime_and_kubelet(ns, parts));
     match result {
         Ok((containerd, kubelet)) => Ok((relay, containerd, kubelet)),
         Err(e) => {
@@ -760,11 +772,95 @@ async fn kubernetes_service(
     Ok(())
 }
 
-fn start_runtime_and_kubelet(
-    cluster: &Cluster,
-    ns: &NetNs,
-    parts: &Parts<'_>,
-) -> anyhow::Result<(Child, Child)> {
+/// Name of the ClusterRoleBinding that gives the group `system:nodes` the
+/// ClusterRole `system:node` (the test apiserver authorizes with RBAC only,
+/// with no Node authorizer).
+const NODES_BINDING: &str = "aadpodid-real-nodes";
+
+/// The kubelet's own identity: a client certificate for
+/// `system:node:<name>` in group `system:nodes`, signed by the cluster's CA,
+/// in `kubelet.kubeconfig` of the node's folder; and the binding of that
+/// group to the ClusterRole `system:node` (made once per cluster).
+async fn node_credentials(cluster: &Cluster, parts: &Parts<'_>) -> anyhow::Result<()> {
+    let certs = cluster
+        .kubeconfig()
+        .parent()
+        .context("the cluster's kubeconfig has no folder")?;
+    let dir = parts.dir;
+    let (key, csr, crt, ext) = (
+        dir.join("kubelet-client.key"),
+        dir.join("kubelet-client.csr"),
+        dir.join("kubelet-client.crt"),
+        dir.join("kubelet-client.ext"),
+    );
+    std::fs::write(&ext, "extendedKeyUsage=clientAuth\n")?;
+    let subject = format!("/O=system:nodes/CN=system:node:{}", parts.name);
+    let openssl = |args: &[&str]| {
+        run_ok(Command::new("openssl").args(args), "openssl", TOOL_TIMEOUT).map(drop)
+    };
+    let path = |p: &Path| p.display().to_string();
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &path(&key),
+        "-out",
+        &path(&csr),
+        "-subj",
+        &subject,
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path(&csr),
+        "-CA",
+        &path(&certs.join("ca.crt")),
+        "-CAkey",
+        &path(&certs.join("ca.key")),
+        "-CAcreateserial",
+        "-CAserial",
+        &path(&dir.join("ca.srl")),
+        "-days",
+        "2",
+        "-out",
+        &path(&crt),
+        "-extfile",
+        &path(&ext),
+    ])?;
+    std::fs::write(
+        dir.join("kubelet.kubeconfig"),
+        kubeconfig_yaml(
+            cluster.server(),
+            &certs.join("ca.crt"),
+            &format!("system:node:{}", parts.name),
+            &format!(
+                "client-certificate: {}\n    client-key: {}",
+                path(&crt),
+                path(&key)
+            ),
+        ),
+    )?;
+
+    let bindings: Api<ClusterRoleBinding> = Api::all(cluster.admin_client().await?);
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": NODES_BINDING},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}],
+    }))?;
+    match bindings.create(&PostParams::default(), &binding).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("create the nodes' ClusterRoleBinding")),
+    }
+}
+
+fn start_runtime_and_kubelet(ns: &NetNs, parts: &Parts<'_>) -> anyhow::Result<(Child, Child)> {
     let dir = parts.dir;
     let dir_s = dir.display().to_string();
     let runc = which("runc")?;
@@ -839,7 +935,10 @@ fn start_runtime_and_kubelet(
     let log = std::fs::File::create(dir.join("kubelet.log"))?;
     let kubelet = in_node_network(ns, &parts.bin.join("kubelet"))
         .arg(format!("--config={}", dir.join("kubelet.yaml").display()))
-        .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
+        .arg(format!(
+            "--kubeconfig={}",
+            dir.join("kubelet.kubeconfig").display()
+        ))
         .arg(format!("--root-dir={}", dir.join("kubelet").display()))
         .arg(format!("--cert-dir={}", dir.join("kubelet/pki").display()))
         .arg(format!(
