@@ -698,7 +698,7 @@ async fn boot(
     ns.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?;
 
     // The apiserver at the same address inside the namespace as outside, so
-    // the admin kubeconfig (and its certificate's 127.0.0.1) work unchanged.
+    // kubeconfigs name one server and its certificate (127.0.0.1) fits.
     let api: SocketAddr = cluster
         .server()
         .trim_start_matches("https://")
