@@ -261,6 +261,32 @@ impl Bundle {
     }
 }
 
+impl Bundle {
+    /// Runs `command` (default: the entry point) with `args` as the chart
+    /// runs NMI's container: root, NET_ADMIN and NET_RAW only, in `ns`.
+    fn run_as_nmi(
+        &self,
+        ns: &NetNs,
+        command: Option<&[&str]>,
+        args: &[&str],
+    ) -> anyhow::Result<Output> {
+        self.run(&Run {
+            command,
+            args,
+            caps: NMI_CAPS,
+            netns: Some(ns),
+            ..Run::default()
+        })
+    }
+}
+
+/// A run's (stdout, stderr) when it exited 0; an error with both otherwise.
+fn succeeded(out: Output) -> anyhow::Result<(String, String)> {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    ensure!(out.status.success(), "{}: {stdout}{stderr}", out.status);
+    Ok((stdout, stderr))
+}
+
 impl Drop for Bundle {
     fn drop(&mut self) {
         let _ = Command::new("runc")
@@ -366,13 +392,8 @@ fn mic_image_runs_version_as_non_root() -> anyhow::Result<()> {
         env: &["MIC_POD_NAMESPACE=default"],
         ..Run::default()
     })?;
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        out.status,
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stdout).trim(), env!("CARGO_PKG_VERSION"));
+    let (stdout, _) = succeeded(out)?;
+    assert_eq!(stdout.trim(), env!("CARGO_PKG_VERSION"));
     Ok(())
 }
 
@@ -459,14 +480,8 @@ fn nmi_image_uses_the_nodes_iptables_back_end() -> anyhow::Result<()> {
             }
             Setup::Nothing => {}
         }
-        let out = bundle.run(&Run {
-            args: &["--cleanup-iptables"],
-            caps: NMI_CAPS,
-            netns: Some(&ns),
-            ..Run::default()
-        })?;
-        let stderr = text(&out.stderr);
-        assert!(out.status.success(), "{setup:?}: {}: {stderr}", out.status);
+        let (_, stderr) = succeeded(bundle.run_as_nmi(&ns, None, &["--cleanup-iptables"])?)
+            .with_context(|| format!("{setup:?}"))?;
         let said = format!("nmi-entrypoint: iptables back end {want} (");
         assert!(stderr.contains(&said), "{setup:?}: want {want}: {stderr}");
         assert!(
@@ -485,36 +500,17 @@ fn nmi_image_uses_the_nodes_iptables_back_end() -> anyhow::Result<()> {
     let ns = NetNs::new("images")?;
     add_hint(&ns, "nft")?;
     add_nmi_chain(&ns, "legacy")?;
-    let out = bundle.run(&Run {
-        args: &[
-            "--iptables-path=/usr/sbin/iptables-legacy",
-            "--cleanup-iptables",
-        ],
-        caps: NMI_CAPS,
-        netns: Some(&ns),
-        ..Run::default()
-    })?;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        !text(&out.stderr).contains("nmi-entrypoint"),
-        "{}",
-        text(&out.stderr)
-    );
+    let explicit = [
+        "--iptables-path=/usr/sbin/iptables-legacy",
+        "--cleanup-iptables",
+    ];
+    let (_, stderr) = succeeded(bundle.run_as_nmi(&ns, None, &explicit)?)?;
+    assert!(!stderr.contains("nmi-entrypoint"), "{stderr}");
     assert!(!has_nmi_chain(&ns, "legacy")?);
 
     // The conntrack tool --enable-conntrack-deletion runs is in the image.
-    let out = bundle.run(&Run {
-        command: Some(&["conntrack", "--version"]),
-        caps: NMI_CAPS,
-        netns: Some(&ns),
-        ..Run::default()
-    })?;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("conntrack"),
-        "{}",
-        text(&out.stdout)
-    );
+    let (stdout, _) = succeeded(bundle.run_as_nmi(&ns, Some(&["conntrack", "--version"]), &[])?)?;
+    assert!(stdout.contains("conntrack"), "{stdout}");
     Ok(())
 }
 
@@ -537,25 +533,19 @@ fn nmi_image_route_localnet_needs_the_privileged_init_container() -> anyhow::Res
         "-c",
         "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet",
     ];
-    let out = bundle.run(&Run {
-        command: Some(write),
-        caps: NMI_CAPS,
-        netns: Some(&ns),
-        ..Run::default()
-    })?;
+    let out = bundle.run_as_nmi(&ns, Some(write), &[])?;
     assert!(
         !out.status.success(),
         "route_localnet written without privilege"
     );
     assert_eq!(value()?, "0");
     // As the init container (privileged): set for the node's namespace.
-    let out = bundle.run(&Run {
+    succeeded(bundle.run(&Run {
         command: Some(write),
         netns: Some(&ns),
         privileged: true,
         ..Run::default()
-    })?;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    })?)?;
     assert_eq!(value()?, "1");
     Ok(())
 }
