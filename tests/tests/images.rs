@@ -18,7 +18,8 @@
 //!
 //! Needs root, runc and podman (the script installs them with apt-get when
 //! missing). Every container runs under `timeout`; bundles, containers and
-//! namespaces are removed when their guards drop.
+//! namespaces are removed when their guards drop, and those of a test
+//! process that died by the next one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -109,8 +110,10 @@ impl Bundle {
     /// the layers in order into `rootfs`, and `runc spec`'s default config.
     fn unpack(archive: &Path, role: &str) -> anyhow::Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
+        static STALE: std::sync::Once = std::sync::Once::new();
+        STALE.call_once(remove_stale);
         let id = format!(
-            "aadpodid-images-{}-{}-{role}",
+            "{BUNDLE_PREFIX}{}-{}-{role}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
@@ -253,10 +256,7 @@ impl Bundle {
             .stdin(Stdio::null())
             .output()
             .context("runc run")?;
-        let _ = Command::new("runc")
-            .args(["delete", "--force", &self.id])
-            .stderr(Stdio::null())
-            .status();
+        runc_delete(&self.id);
         Ok(out)
     }
 }
@@ -287,12 +287,44 @@ fn succeeded(out: Output) -> anyhow::Result<(String, String)> {
     Ok((stdout, stderr))
 }
 
+/// Stops and removes the container `id`, if there is one.
+fn runc_delete(id: &str) {
+    let _ = Command::new("runc")
+        .args(["delete", "--force", id])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The start of every bundle's folder name and container ID, followed by
+/// the test process's ID.
+const BUNDLE_PREFIX: &str = "aadpodid-images-";
+
+/// Removes the containers and bundles that test processes which died
+/// left behind.
+fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(BUNDLE_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        runc_delete(&name);
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
 impl Drop for Bundle {
     fn drop(&mut self) {
-        let _ = Command::new("runc")
-            .args(["delete", "--force", &self.id])
-            .stderr(Stdio::null())
-            .status();
+        runc_delete(&self.id);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
