@@ -112,12 +112,12 @@ impl Bundle {
         static N: AtomicU32 = AtomicU32::new(0);
         static STALE: std::sync::Once = std::sync::Once::new();
         STALE.call_once(remove_stale);
+        let pid = std::process::id();
         let id = format!(
-            "{BUNDLE_PREFIX}{}-{}-{role}",
-            std::process::id(),
+            "aadpodid-images-{pid}-{}-{role}",
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = std::env::temp_dir().join(&id);
+        let dir = bundles_root().join(pid.to_string()).join(&id);
         let mut bundle = Bundle {
             dir,
             id,
@@ -295,30 +295,34 @@ fn runc_delete(id: &str) {
         .status();
 }
 
-/// The start of every bundle's folder name and container ID, followed by
-/// the test process's ID.
-const BUNDLE_PREFIX: &str = "aadpodid-images-";
+/// The folder of every test process's bundles: `<tmp>/aadpodid-images`,
+/// with one folder per process ID in it.
+fn bundles_root() -> PathBuf {
+    std::env::temp_dir().join("aadpodid-images")
+}
 
-/// Removes the containers and bundles that test processes which died
-/// left behind.
+/// Removes the bundles, and their containers, of test processes that no
+/// longer run.
 fn remove_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(BUNDLE_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
+    let dead = std::fs::read_dir(bundles_root())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        });
+    for process in dead {
+        for bundle in std::fs::read_dir(process.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            runc_delete(&bundle.file_name().to_string_lossy());
         }
-        runc_delete(&name);
-        let _ = std::fs::remove_dir_all(entry.path());
+        let _ = std::fs::remove_dir_all(process.path());
     }
 }
 
@@ -538,6 +542,21 @@ fn nmi_image_uses_the_nodes_iptables_back_end() -> anyhow::Result<()> {
     ];
     let (_, stderr) = succeeded(bundle.run_as_nmi(&ns, None, &explicit)?)?;
     assert!(!stderr.contains("nmi-entrypoint"), "{stderr}");
+    assert!(!has_nmi_chain(&ns, "legacy")?);
+
+    // So does AADPODID_IPTABLES_MODE.
+    add_nmi_chain(&ns, "legacy")?;
+    let (_, stderr) = succeeded(bundle.run(&Run {
+        args: &["--cleanup-iptables"],
+        env: &["AADPODID_IPTABLES_MODE=legacy"],
+        caps: NMI_CAPS,
+        netns: Some(&ns),
+        ..Run::default()
+    })?)?;
+    assert!(
+        stderr.contains("iptables back end legacy (set by AADPODID_IPTABLES_MODE)"),
+        "{stderr}"
+    );
     assert!(!has_nmi_chain(&ns, "legacy")?);
 
     // The conntrack tool --enable-conntrack-deletion runs is in the image.
