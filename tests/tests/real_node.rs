@@ -15,7 +15,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aadpodid_testkit::Cluster;
-use aadpodid_testkit::realnode::{ControlPlane, Fabric, IDLE_IMAGE, RealNode};
+use aadpodid_testkit::realnode::{
+    ControlPlane, Fabric, IDLE_IMAGE, RealNode, image_of_binary, node_bin_dir,
+};
 use aadpodid_testkit::wait_for;
 use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -164,6 +166,15 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     node.wait_no_pods(&client, GONE_TIMEOUT).await?;
     let gone_after = started.elapsed();
 
+    // An image the test imports runs too (made of the same static binary,
+    // under a name of its own).
+    let image = "aadpodid.test/imported:1";
+    let archive = node.dir().join("imported.oci.tar");
+    image_of_binary(&node_bin_dir()?.join("pause"), image, &archive)?;
+    node.import_image(&archive)?;
+    let images = node.images()?;
+    assert!(images.iter().any(|i| i == image), "{images:?}");
+
     // A plain Pod without a node name is scheduled too; the node is then
     // dropped with it running: its teardown kills the pod's processes and
     // shims and removes the pod's network namespace, cgroups and folder.
@@ -171,7 +182,7 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
         "metadata": {"name": "left-running", "labels": {"app": "left-running"}},
         "spec": {
             "automountServiceAccountToken": false,
-            "containers": [{"name": "idle", "image": IDLE_IMAGE, "imagePullPolicy": "Never"}],
+            "containers": [{"name": "idle", "image": image, "imagePullPolicy": "Never"}],
         },
     }))?;
     pods.create(&PostParams::default(), &pod)

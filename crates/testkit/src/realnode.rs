@@ -413,6 +413,20 @@ impl RealNode {
         &self.ns
     }
 
+    /// Imports the image archive `archive` (OCI layout, as `podman save
+    /// --format oci-archive` or [`image_of_binary`] write it; its reference
+    /// from its annotations) into the node's containerd, so pods can run it
+    /// with `imagePullPolicy: Never`.
+    pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
+        import_archive(&self.dir.join("containerd.sock"), archive)
+    }
+
+    /// The image references the node's containerd holds.
+    pub fn images(&self) -> anyhow::Result<Vec<String>> {
+        let out = ctr(&self.dir.join("containerd.sock"), &["images", "ls", "-q"])?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+
     /// The node's cgroup parent (`/<name>` in every hierarchy).
     pub fn cgroup_root(&self) -> &str {
         &self.cgroup_root
@@ -906,26 +920,8 @@ fn start_runtime_and_kubelet(ns: &NetNs, parts: &Parts<'_>) -> anyhow::Result<(C
     let images = (|| -> anyhow::Result<()> {
         wait_for_socket(&mut containerd, &sock, Duration::from_secs(30))?;
         let archive = dir.join("pause.oci.tar");
-        run_ok(
-            Command::new("bash")
-                .arg(repo_root().join("tests/realnode/oci-image.sh"))
-                .arg(parts.bin.join("pause"))
-                .arg(SANDBOX_IMAGE)
-                .arg(&archive),
-            "oci-image.sh",
-            TOOL_TIMEOUT,
-        )?;
-        ctr(
-            &sock,
-            &[
-                "images",
-                "import",
-                "--snapshotter",
-                "native",
-                &archive.display().to_string(),
-            ],
-        )?;
-        Ok(())
+        image_of_binary(&parts.bin.join("pause"), SANDBOX_IMAGE, &archive)?;
+        import_archive(&sock, &archive)
     })();
     if let Err(e) = images {
         stop(&mut containerd);
@@ -991,6 +987,38 @@ fn wait_for_socket(containerd: &mut Child, sock: &Path, timeout: Duration) -> an
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// Writes an OCI image archive `archive` of the static binary `binary`
+/// (a FROM-scratch image whose entrypoint it is) named `reference`
+/// (`tests/realnode/oci-image.sh`).
+pub fn image_of_binary(binary: &Path, reference: &str, archive: &Path) -> anyhow::Result<()> {
+    run_ok(
+        Command::new("bash")
+            .arg(repo_root().join("tests/realnode/oci-image.sh"))
+            .arg(binary)
+            .arg(reference)
+            .arg(archive),
+        "oci-image.sh",
+        TOOL_TIMEOUT,
+    )
+    .map(drop)
+}
+
+/// Imports the OCI (or Docker) image archive `archive` into the containerd
+/// at `sock`, unpacked for the CRI's snapshotter.
+fn import_archive(sock: &Path, archive: &Path) -> anyhow::Result<()> {
+    ctr(
+        sock,
+        &[
+            "images",
+            "import",
+            "--snapshotter",
+            "native",
+            &archive.display().to_string(),
+        ],
+    )
+    .map(drop)
 }
 
 /// Runs `ctr` against the node's containerd in its Kubernetes namespace.
