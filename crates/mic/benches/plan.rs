@@ -105,7 +105,7 @@ fn cluster(pods: usize) -> Index {
 fn settled(mut ix: Index) -> Index {
     let p = plan(&ix, &Options::default());
     for aai in &p.create {
-        let mut a = aai.clone();
+        let mut a = aai.aai();
         a.status.get_or_insert_default().status = "Assigned".into();
         ix.apply_assigned(&a);
     }

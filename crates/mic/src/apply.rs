@@ -27,7 +27,7 @@ use crate::guard::{self, Protection};
 use crate::index::{AssignedInfo, Index, Key};
 use crate::ledger::{self, Ledger};
 use crate::metrics::{self, Metrics};
-use crate::plan::{Plan, ResourceWork, Warning, assigned_client_id, refs};
+use crate::plan::{Plan, PlannedAai, ResourceWork, Warning, assigned_client_id, refs};
 use crate::schedule::Budget;
 use crate::writes::{
     self, Next, Sent, Settle, SettleInput, WriteQueue, is_deleting, split_quarantined,
@@ -1110,32 +1110,43 @@ impl<C: Cloud> Executor<C> {
     /// at a time.
     async fn write_aais(
         &self,
-        aais: Vec<AzureAssignedIdentity>,
+        aais: Vec<PlannedAai>,
         write: AaiWrite,
         index: &Index,
     ) -> Vec<Result<AssignedInfo, (Key, ApplyError)>> {
-        // Futures are collected first: a lazy `map` held across an await
-        // makes the cycle's future lose `Send` (higher-ranked closure).
-        let mut writes = Vec::with_capacity(aais.len());
-        for aai in aais {
-            writes.push(self.write_aai(aai, write, index));
+        // Each write's future is made when a place in the batch frees up:
+        // a future per AAI made up front would hold thousands at once. (A
+        // lazy `map` over a stream held across an await makes the cycle's
+        // future lose `Send`: higher-ranked closure; this loop has none.)
+        let batch = self.opts.batch.max(1);
+        let mut out = Vec::with_capacity(aais.len());
+        let mut waiting = aais.into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        for aai in waiting.by_ref().take(batch) {
+            running.push(self.write_aai(aai, write, index));
         }
-        futures::stream::iter(writes)
-            .buffer_unordered(self.opts.batch.max(1))
-            .collect()
-            .await
+        while let Some(result) = running.next().await {
+            out.push(result);
+            if let Some(aai) = waiting.next() {
+                running.push(self.write_aai(aai, write, index));
+            }
+        }
+        out
     }
 
     /// Creates or replaces `aai` (as `write` says), with its metrics; a
     /// failed create is also reported on the binding.
     async fn write_aai(
         &self,
-        aai: AzureAssignedIdentity,
+        planned: PlannedAai,
         write: AaiWrite,
         index: &Index,
     ) -> Result<AssignedInfo, (Key, ApplyError)> {
-        let key = crate::index::key(&aai);
+        let key = planned.key.clone();
         self.check_leader().map_err(|e| (key.clone(), e))?;
+        // Built as it is written: at most a batch of them at a time.
+        let aai = planned.aai();
+        drop(planned);
         let start = std::time::Instant::now();
         let api = self.api(&key.0);
         let (res, count, duration, op) = match write {

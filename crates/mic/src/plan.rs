@@ -4,6 +4,7 @@
 //! H sections of that page).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use aadpodid_api::policy::{PolicyMode, identity_granted};
 use aadpodid_api::{
@@ -76,10 +77,10 @@ pub struct ResourceWork {
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
     /// New AAIs, status Created.
-    pub create: Vec<AzureAssignedIdentity>,
+    pub create: Vec<PlannedAai>,
     /// Existing AAIs whose spec must change (identity/binding edited, pod moved);
     /// status back to Created.
-    pub update: Vec<AzureAssignedIdentity>,
+    pub update: Vec<PlannedAai>,
     /// AAIs to mark Assigned with no ARM call (service principals, as upstream).
     pub assign_now: Vec<Key>,
     /// AAIs to delete with no ARM call (still in use elsewhere, immutable, type 1/2,
@@ -129,25 +130,29 @@ fn embed<K: Clone + kube::Resource>(obj: &K) -> Box<K> {
     Box::new(copy)
 }
 
-/// A desired AAI, by reference into the index (built whole only when it is
-/// written: [`Desired::aai`]), with its type-0 identity ID, if any.
-struct Desired<'a> {
-    pod: &'a PodInfo,
-    identity: &'a AzureIdentity,
-    binding: &'a AzureIdentityBinding,
-    resource: &'a ResourceRef,
-    identity_id: Option<String>,
+/// An AAI the plan writes, as the index's objects it is made of: built
+/// whole ([`PlannedAai::aai`]) only when it is written, so that a cycle
+/// creating thousands of AAIs does not hold them all at once.
+#[derive(Clone, Debug)]
+pub struct PlannedAai {
+    /// Its namespace and name.
+    pub key: Key,
+    pod: Arc<PodInfo>,
+    identity: Arc<AzureIdentity>,
+    binding: Arc<AzureIdentityBinding>,
+    /// The existing AAI's, for an update.
+    resource_version: Option<String>,
 }
 
-impl Desired<'_> {
-    /// The AAI `key` to write: status Created, MIC's finalizer, the node label.
-    fn aai(&self, key: &Key) -> AzureAssignedIdentity {
-        let (namespace, name) = key;
+impl PlannedAai {
+    /// The AAI to write: status Created, MIC's finalizer, the node label.
+    pub fn aai(&self) -> AzureAssignedIdentity {
+        let (namespace, name) = &self.key;
         let mut aai = AzureAssignedIdentity::new(
             name,
             AzureAssignedIdentitySpec {
-                azure_identity_ref: Some(embed(self.identity)),
-                azure_binding_ref: Some(embed(self.binding)),
+                azure_identity_ref: Some(embed(&*self.identity)),
+                azure_binding_ref: Some(embed(&*self.binding)),
                 pod: self.pod.name.clone(),
                 pod_namespace: self.pod.namespace.clone(),
                 node_name: self.pod.node.clone(),
@@ -155,6 +160,7 @@ impl Desired<'_> {
             },
         );
         aai.metadata.namespace = Some(namespace.clone());
+        aai.metadata.resource_version = self.resource_version.clone();
         aai.metadata.labels = Some([(LABEL_NODENAME.to_string(), self.pod.node.clone())].into());
         aai.metadata.finalizers = Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()]);
         aai.status = Some(AzureAssignedIdentityStatus {
@@ -162,6 +168,29 @@ impl Desired<'_> {
             available_replicas: 1,
         });
         aai
+    }
+}
+
+/// A desired AAI, by reference into the index, with its type-0 identity ID,
+/// if any.
+struct Desired<'a> {
+    pod: &'a Arc<PodInfo>,
+    identity: &'a Arc<AzureIdentity>,
+    binding: &'a Arc<AzureIdentityBinding>,
+    resource: &'a ResourceRef,
+    identity_id: Option<String>,
+}
+
+impl Desired<'_> {
+    /// The AAI `key` to write; `resource_version` that of the AAI it updates.
+    fn planned(&self, key: &Key, resource_version: Option<String>) -> PlannedAai {
+        PlannedAai {
+            key: key.clone(),
+            pod: Arc::clone(self.pod),
+            identity: Arc::clone(self.identity),
+            binding: Arc::clone(self.binding),
+            resource_version,
+        }
     }
 
     /// What [`same_assignment`] compares, without building the AAI.
@@ -186,7 +215,7 @@ fn desired_set<'a>(
     opts: &Options,
     warnings: &mut Vec<Warning>,
 ) -> BTreeMap<Key, Desired<'a>> {
-    let mut by_selector: BTreeMap<&str, Vec<(&Key, &AzureIdentityBinding)>> = BTreeMap::new();
+    let mut by_selector: BTreeMap<&str, Vec<(&Key, &Arc<AzureIdentityBinding>)>> = BTreeMap::new();
     // BTreeMap order = sorted by (namespace, name), as upstream sorts matches.
     for (k, b) in &index.bindings {
         by_selector
@@ -461,9 +490,8 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
                 if let Some((resource, id)) = removable(aai) {
                     p.resources.entry(resource).or_default().remove.insert(id);
                 }
-                let mut new = d.aai(key);
-                new.metadata.resource_version = aai.metadata.resource_version.clone();
-                p.update.push(new);
+                p.update
+                    .push(d.planned(key, aai.metadata.resource_version.clone()));
                 p.assign(key, d);
             }
             _ => retire(key, aai, &mut p),
@@ -476,7 +504,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
             continue;
         }
         p.assign(&key, &d);
-        p.create.push(d.aai(&key));
+        p.create.push(d.planned(&key, None));
     }
 
     // Adds win over removes on the same resource (as upstream).

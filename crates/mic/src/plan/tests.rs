@@ -137,10 +137,7 @@ fn assert_removes(p: &Plan, aai: &str, id: &str) {
 
 /// Names of the AzureAssignedIdentities the plan creates.
 fn created_names(p: &Plan) -> Vec<&str> {
-    p.create
-        .iter()
-        .filter_map(|a| a.metadata.name.as_deref())
-        .collect()
+    p.create.iter().map(|a| a.key.1.as_str()).collect()
 }
 
 /// Runs the plan and applies its AAI writes to the index as the executor
@@ -148,7 +145,7 @@ fn created_names(p: &Plan) -> Vec<&str> {
 fn settle(ix: &mut Index, opts: &Options) -> Plan {
     let p = plan(ix, opts);
     for aai in p.create.iter().chain(&p.update) {
-        ix.apply_assigned(aai);
+        ix.apply_assigned(&aai.aai());
     }
     let assigned: Vec<Key> = p
         .assign_now
@@ -212,7 +209,7 @@ fn s3_s6_s7_s8_new_pod_gets_a_created_aai_and_an_add() {
         }]
     );
     assert_eq!(p.create.len(), 1);
-    let aai = &p.create[0];
+    let aai = &p.create[0].aai();
     assert_eq!(aai.metadata.name.as_deref(), Some("web-ns-id"));
     assert_eq!(aai.metadata.namespace.as_deref(), Some("default"));
     assert_eq!(aai.labels().get("nodename").map(String::as_str), Some("n1"));
@@ -266,6 +263,7 @@ fn s5_namespaced_mode_requires_one_namespace() {
         let names: Vec<_> = p
             .create
             .iter()
+            .map(|a| a.aai())
             .map(|a| key(&a.namespace().unwrap_or_default(), &a.name_any()))
             .collect();
         // A namespaced AAI lives in the identity's namespace.
@@ -421,12 +419,25 @@ fn s14_editing_the_identity_swaps_the_assignment() {
     let opts = Options::default();
     add_web(&mut ix);
     settle(&mut ix, &opts);
+    let k = key("default", "web-ns-id");
+    Arc::make_mut(ix.assigned.get_mut(&k).unwrap())
+        .metadata
+        .resource_version = Some("42".into());
     let mut edited = mk_uami("ns", "id");
     edited.spec.resource_id = rid("id2");
     ix.apply_identity(&edited);
     let p = plan(&ix, &opts);
     assert_eq!(p.update.len(), 1);
-    assert_eq!(p.update[0].state(), Some(AssignedIdentityState::Created));
+    assert_eq!(
+        p.update[0].aai().state(),
+        Some(AssignedIdentityState::Created)
+    );
+    // The replacement names the version it replaces.
+    assert_eq!(p.update[0].key, k);
+    assert_eq!(
+        p.update[0].aai().metadata.resource_version.as_deref(),
+        Some("42")
+    );
     let w = &p.resources[&vmss("vmss-a")];
     assert_eq!(w.add, [lrid("id2")].into());
     assert_eq!(w.remove, [lrid("id")].into());
@@ -448,7 +459,7 @@ fn a_recreated_identity_or_binding_is_embedded_anew() {
         ix.apply_binding(&b);
         let p = settle(&mut ix, &opts);
         assert_eq!(p.update.len(), 1, "{new_id_uid} {new_b_uid}");
-        let embedded = &p.update[0].spec;
+        let embedded = &p.update[0].aai().spec;
         assert_eq!(
             embedded
                 .azure_identity_ref
@@ -526,7 +537,7 @@ fn web_with_uids(
 fn desired_web_spec(identity: AzureIdentity) -> AzureAssignedIdentitySpec {
     let (ix, _, _) = web_with_uids(identity, "uid-i", "uid-b");
     let p = plan(&ix, &Options::default());
-    p.create[0].spec.clone()
+    p.create[0].aai().spec.clone()
 }
 
 #[test]
@@ -643,7 +654,10 @@ fn a_go_written_assigned_aai_needs_no_work() {
     ix.apply_identity(&edited);
     let p = plan(&ix, &opts);
     assert_eq!(p.update.len(), 1);
-    assert_eq!(p.update[0].state(), Some(AssignedIdentityState::Created));
+    assert_eq!(
+        p.update[0].aai().state(),
+        Some(AssignedIdentityState::Created)
+    );
 }
 
 #[test]
@@ -686,7 +700,11 @@ fn pod_moving_node_updates_the_aai() {
     let p = plan(&ix, &opts);
     assert_eq!(p.update.len(), 1);
     assert_eq!(
-        p.update[0].labels().get("nodename").map(String::as_str),
+        p.update[0]
+            .aai()
+            .labels()
+            .get("nodename")
+            .map(String::as_str),
         Some("n3")
     );
     assert_eq!(p.resources[&vmss("vmss-a")].remove, [lrid("id")].into());
@@ -705,6 +723,7 @@ fn s39_same_identity_name_from_two_namespaces_first_binding_wins() {
     assert_eq!(p.create.len(), 1);
     assert_eq!(
         p.create[0]
+            .aai()
             .spec
             .azure_binding_ref
             .as_ref()
@@ -755,7 +774,7 @@ fn created_aais_are_retried_and_deleting_ones_are_not_recreated_yet() {
     let mut ix = bound();
     let opts = Options::default();
     add_web(&mut ix);
-    let created = plan(&ix, &opts).create.remove(0);
+    let created = plan(&ix, &opts).create.remove(0).aai();
     ix.apply_assigned(&created);
     // The ARM write failed: the AAI stays Created and the next plan retries the add.
     let p = plan(&ix, &opts);
@@ -813,7 +832,7 @@ fn a_created_aai_that_retires_takes_its_identity_off_if_there() {
     let opts = Options::default();
     let pod = add_web(&mut ix);
     let p = plan(&ix, &opts);
-    ix.apply_assigned(&p.create[0]);
+    ix.apply_assigned(&p.create[0].aai());
     assert_eq!(
         ix.assigned[&key("default", "web-ns-id")].state(),
         Some(AssignedIdentityState::Created)
@@ -974,7 +993,7 @@ fn the_ledger_is_seeded_from_every_existing_aai() {
     // Upstream wrote these; one is still Created.
     let p = plan(&ix, &Options::default());
     let mut web = None;
-    for mut aai in p.create {
+    for mut aai in p.create.iter().map(PlannedAai::aai) {
         if aai.metadata.name.as_deref() != Some("job-ns-id2") {
             aai.status.get_or_insert_default().status = "Assigned".into();
         }
@@ -1150,7 +1169,7 @@ mod entitlement {
         let pod = add_web(&mut ix);
         let p = plan(&ix, &opts);
         for aai in &p.create {
-            ix.apply_assigned(aai);
+            ix.apply_assigned(&aai.aai());
         }
         let r = vmss("vmss-a");
         let before = arm(&[("kubelet", KUBELET_CLIENT)]);
@@ -1211,7 +1230,7 @@ fn assigned_aais_are_listed_per_resource_for_the_drift_check() {
     add_web(&mut ix);
     ix.apply_pod(&mk_pod("ns", "new", "sel", "n3"));
     let p = plan(&ix, &Options::default());
-    for mut aai in p.create {
+    for mut aai in p.create.iter().map(PlannedAai::aai) {
         if aai.spec.pod == "web" {
             aai.status.get_or_insert_default().status = "Assigned".into();
         }
@@ -1238,7 +1257,7 @@ fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
     let desired = desired_set(&ix, &Options::default(), &mut Vec::new());
     let k = key("default", "web-ns-id");
     let d = &desired[&k];
-    let built = d.aai(&k).spec;
+    let built = d.planned(&k, None).aai().spec;
     let edit = |f: &dyn Fn(&mut AzureAssignedIdentitySpec)| {
         let mut s = built.clone();
         f(&mut s);
