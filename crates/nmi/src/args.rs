@@ -426,6 +426,74 @@ pub fn runtime_threads(flag: u32, quota: Option<CpuQuota>, cpus: usize) -> usize
     want.min(cpus.max(1))
 }
 
+/// The runtime's size and what it was sized from, as NMI logs it at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuntimeSize {
+    /// Threads ([`runtime_threads`]); 1 is a current-thread runtime.
+    pub threads: usize,
+    /// `--worker-threads` (0: not set).
+    pub flag: u32,
+    /// The cgroup's CPU limit, if any.
+    pub quota: Option<CpuQuota>,
+    /// CPUs this process may run on.
+    pub cpus: usize,
+}
+
+impl RuntimeSize {
+    /// The size from `flag`, `quota` and `cpus` ([`runtime_threads`]).
+    pub fn new(flag: u32, quota: Option<CpuQuota>, cpus: usize) -> Self {
+        RuntimeSize {
+            threads: runtime_threads(flag, quota, cpus),
+            flag,
+            quota,
+            cpus,
+        }
+    }
+
+    /// The size for this process: `flag`, its cgroup's CPU limit and the
+    /// CPUs it may run on.
+    pub fn of_process(flag: u32) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        RuntimeSize::new(flag, cgroup_cpu_quota(), cpus)
+    }
+
+    /// A runtime of this size (current-thread for one thread), with its
+    /// I/O and time drivers.
+    pub fn builder(&self) -> tokio::runtime::Builder {
+        let mut builder = if self.threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(self.threads);
+            b
+        };
+        builder.enable_all();
+        builder
+    }
+}
+
+impl std::fmt::Display for RuntimeSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.threads <= 1 {
+            f.write_str("1 thread (a current-thread runtime)")?;
+        } else {
+            write!(f, "{} worker threads", self.threads)?;
+        }
+        if self.flag > 0 {
+            return write!(f, " from --worker-threads={}", self.flag);
+        }
+        match self.quota {
+            Some(q) => write!(
+                f,
+                " from the cgroup's CPU limit of {}m",
+                q.quota_us.saturating_mul(1000) / q.period_us.max(1)
+            )?,
+            None => write!(f, " (no CPU limit: {DEFAULT_WORKER_THREADS} by default)")?,
+        }
+        write!(f, ", {} CPUs available", self.cpus)
+    }
+}
+
 impl Args {
     /// Parses flags (without the program name), for embedding and tests.
     pub fn try_from_args<I: IntoIterator<Item = String>>(args: I) -> Result<Self, clap::Error> {
@@ -528,6 +596,34 @@ mod tests {
             .collect();
         let want: Vec<usize> = cases.iter().map(|c| c.3).collect();
         assert_eq!(got, want, "{cases:?}");
+    }
+
+    #[test]
+    fn runtime_size_says_what_it_was_sized_from() {
+        for (size, want) in [
+            (
+                RuntimeSize::new(0, q(20_000, 100_000), 8),
+                "1 thread (a current-thread runtime) from the cgroup's CPU limit of 200m, 8 CPUs available",
+            ),
+            (
+                RuntimeSize::new(0, q(150_000, 100_000), 8),
+                "2 worker threads from the cgroup's CPU limit of 1500m, 8 CPUs available",
+            ),
+            (
+                RuntimeSize::new(0, None, 4),
+                "2 worker threads (no CPU limit: 2 by default), 4 CPUs available",
+            ),
+            (
+                RuntimeSize::new(3, q(20_000, 100_000), 2),
+                "3 worker threads from --worker-threads=3",
+            ),
+            (
+                RuntimeSize::new(1, None, 2),
+                "1 thread (a current-thread runtime) from --worker-threads=1",
+            ),
+        ] {
+            assert_eq!(size.to_string(), want, "{size:?}");
+        }
     }
 
     #[test]

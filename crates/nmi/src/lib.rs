@@ -36,12 +36,19 @@ pub mod watch;
 
 pub use args::Args;
 
-/// The `nmi` command: parses the process arguments, sets up logging and runs
-/// until SIGTERM/SIGINT. `src/main.rs` is this and nothing else, so a wrapper
-/// binary (the test crate's `e2e-nmi`) runs the same code.
+/// The `nmi` command: parses the process arguments, then [`cli_run`]. A
+/// wrapper binary (the test crate's `e2e-nmi`) runs this on a runtime of its
+/// own, so it runs the same code as `src/main.rs`.
 pub async fn cli_main() -> anyhow::Result<()> {
     use clap::Parser;
-    let args = Args::parse();
+    cli_run(Args::parse(), None).await
+}
+
+/// The `nmi` command once its flags are parsed: sets up logging, logs the
+/// runtime's size (`runtime`: how `src/main.rs` sized it; `None` for a
+/// runtime built elsewhere, whose threads are read from the runtime) and
+/// runs until SIGTERM/SIGINT.
+pub async fn cli_run(args: Args, runtime: Option<args::RuntimeSize>) -> anyhow::Result<()> {
     let format = args
         .log_format
         .parse()
@@ -53,6 +60,18 @@ pub async fn cli_main() -> anyhow::Result<()> {
     if args.version {
         println!("nmi {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
+    }
+    match runtime {
+        Some(size) => tracing::info!(threads = size.threads, "async runtime: {size}"),
+        None => {
+            let handle = tokio::runtime::Handle::current();
+            let threads = handle.metrics().num_workers();
+            tracing::info!(
+                threads,
+                "async runtime: {threads} thread(s), {:?}, built by the caller",
+                handle.runtime_flavor()
+            );
+        }
     }
     let shutdown = aadpodid_runtime::Shutdown::on_signals()?;
     run(args, shutdown).await?;

@@ -1,16 +1,19 @@
 //! Values that must never reach logs.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// A secret string (access token, client secret). `Debug` and `Display` print
-/// `<redacted>`; the value is read only through [`Secret::expose`].
+/// `<redacted>`; the value is read only through [`Secret::expose`]. Shared,
+/// not copied, by `clone`: each cached token served hands out the cache's
+/// JWT by reference count.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret(Arc<str>);
 
 impl Secret {
     /// Wraps `value`.
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        Secret(Arc::from(value.into()))
     }
 
     /// The value, for the one place that must send it.
@@ -40,5 +43,16 @@ mod tests {
         let s = Secret::new("eyJhbGciOi.secret");
         assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
         assert_eq!(s.expose(), "eyJhbGciOi.secret");
+    }
+
+    #[test]
+    fn clones_share_the_value() {
+        let s = Secret::new("eyJhbGciOi.secret");
+        let c = s.clone();
+        assert_eq!(c, s);
+        assert!(
+            std::ptr::eq(c.expose(), s.expose()),
+            "a clone copies nothing"
+        );
     }
 }
