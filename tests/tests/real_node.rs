@@ -182,7 +182,19 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
         "metadata": {"name": "left-running", "labels": {"app": "left-running"}},
         "spec": {
             "automountServiceAccountToken": false,
-            "containers": [{"name": "idle", "image": image, "imagePullPolicy": "Never"}],
+            // Made by the controller manager in every namespace.
+            "serviceAccountName": "default",
+            "containers": [{
+                "name": "idle",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "volumeMounts": [{"name": "token", "mountPath": "/var/run/secrets/tokens"}],
+            }],
+            // A token the kubelet asks for and mounts (the apiserver's
+            // ServiceAccount admission is off, so the pod names it).
+            "volumes": [{"name": "token", "projected": {"sources": [{
+                "serviceAccountToken": {"path": "token", "expirationSeconds": 3600},
+            }]}}],
         },
     }))?;
     pods.create(&PostParams::default(), &pod)
@@ -196,6 +208,25 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     plane.check_running()?;
     let netns_files = node.pod_netns_files();
     assert!(!netns_files.is_empty(), "no pod network namespace");
+    // The kubelet's volume mount reached the container: its token, seen
+    // through the container's root, is the pod's ServiceAccount's.
+    let token = node
+        .pod_processes()
+        .into_iter()
+        .find_map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/root/var/run/secrets/tokens/token")).ok()
+        })
+        .context("no container sees the token")?;
+    let claims = token.split('.').nth(1).context("not a JWT")?;
+    let claims: serde_json::Value = serde_json::from_slice(&base64::Engine::decode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        claims,
+    )?)?;
+    assert_eq!(
+        claims["sub"].as_str(),
+        Some(format!("system:serviceaccount:{}:default", ns.name()).as_str()),
+        "{claims}"
+    );
     // The node's identity was enough for everything the kubelet did.
     let kubelet_log = std::fs::read_to_string(node.dir().join("kubelet.log"))?;
     let refused: Vec<&str> = kubelet_log

@@ -427,6 +427,12 @@ impl RealNode {
         Ok(out.lines().map(str::to_string).collect())
     }
 
+    /// The processes in the node's cgroups: its pods' sandboxes and
+    /// containers.
+    pub fn pod_processes(&self) -> Vec<u32> {
+        cgroup_processes(&self.cgroup_root)
+    }
+
     /// The node's cgroup parent (`/<name>` in every hierarchy).
     pub fn cgroup_root(&self) -> &str {
         &self.cgroup_root
