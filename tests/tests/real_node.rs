@@ -166,6 +166,25 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     node.wait_no_pods(&client, GONE_TIMEOUT).await?;
     let gone_after = started.elapsed();
 
+    // A host-network pod (as nmi's) runs in the node's own namespace: its
+    // address is the node's.
+    let host: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "host-network", "labels": {"app": "host-network"}},
+        "spec": {
+            "hostNetwork": true,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "idle", "image": IDLE_IMAGE, "imagePullPolicy": "Never"}],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &host)
+        .await
+        .context("create the host-network Pod")?;
+    let host = running_pods(&pods, "app=host-network", 1, &mut plane, &[&node])
+        .await?
+        .remove(0);
+    let host_ip = host.status.as_ref().and_then(|s| s.pod_ip.clone());
+    assert_eq!(host_ip, Some(node.node_ip().to_string()), "{host:?}");
+
     // An image the test imports runs too (made of the same static binary,
     // under a name of its own).
     let image = "aadpodid.test/imported:1";
