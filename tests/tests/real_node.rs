@@ -168,20 +168,12 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
 
     // A host-network pod (as nmi's) runs in the node's own namespace: its
     // address is the node's.
-    let host: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "host-network", "labels": {"app": "host-network"}},
-        "spec": {
-            "hostNetwork": true,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "idle", "image": IDLE_IMAGE, "imagePullPolicy": "Never"}],
-        },
-    }))?;
-    pods.create(&PostParams::default(), &host)
-        .await
-        .context("create the host-network Pod")?;
-    let host = running_pods(&pods, "app=host-network", 1, &mut plane, &[&node])
-        .await?
-        .remove(0);
+    let host = json!({
+        "hostNetwork": true,
+        "automountServiceAccountToken": false,
+        "containers": [{"name": "idle", "image": IDLE_IMAGE, "imagePullPolicy": "Never"}],
+    });
+    let host = run_pod(&pods, "host-network", host, &mut plane, &node).await?;
     let host_ip = host.status.as_ref().and_then(|s| s.pod_ip.clone());
     assert_eq!(host_ip, Some(node.node_ip().to_string()), "{host:?}");
 
@@ -197,31 +189,23 @@ async fn a_scheduled_pod_runs_on_a_real_node() -> anyhow::Result<()> {
     // A plain Pod without a node name is scheduled too; the node is then
     // dropped with it running: its teardown kills the pod's processes and
     // shims and removes the pod's network namespace, cgroups and folder.
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "left-running", "labels": {"app": "left-running"}},
-        "spec": {
-            "automountServiceAccountToken": false,
-            // Made by the controller manager in every namespace.
-            "serviceAccountName": "default",
-            "containers": [{
-                "name": "idle",
-                "image": image,
-                "imagePullPolicy": "Never",
-                "volumeMounts": [{"name": "token", "mountPath": "/var/run/secrets/tokens"}],
-            }],
-            // A token the kubelet asks for and mounts (the apiserver's
-            // ServiceAccount admission is off, so the pod names it).
-            "volumes": [{"name": "token", "projected": {"sources": [{
-                "serviceAccountToken": {"path": "token", "expirationSeconds": 3600},
-            }]}}],
-        },
-    }))?;
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .context("create the Pod")?;
-    let left = running_pods(&pods, "app=left-running", 1, &mut plane, &[&node])
-        .await?
-        .remove(0);
+    let left = json!({
+        "automountServiceAccountToken": false,
+        // Made by the controller manager in every namespace.
+        "serviceAccountName": "default",
+        "containers": [{
+            "name": "idle",
+            "image": image,
+            "imagePullPolicy": "Never",
+            "volumeMounts": [{"name": "token", "mountPath": "/var/run/secrets/tokens"}],
+        }],
+        // A token the kubelet asks for and mounts (the apiserver's
+        // ServiceAccount admission is off, so the pod names it).
+        "volumes": [{"name": "token", "projected": {"sources": [{
+            "serviceAccountToken": {"path": "token", "expirationSeconds": 3600},
+        }]}}],
+    });
+    let left = run_pod(&pods, "left-running", left, &mut plane, &node).await?;
     let spec = left.spec.as_ref().context("pod without spec")?;
     assert_eq!(spec.node_name.as_deref(), Some(node.name()), "{left:?}");
     plane.check_running()?;
@@ -333,6 +317,26 @@ except OSError as e:
     print("error", e)
 "#;
     python_in_pod(pod_netns, SCRIPT, &[ip])
+}
+
+/// Creates Pod `name` (label `app=<name>`) with `spec` and waits until it
+/// runs (see [`running_pods`]).
+async fn run_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    spec: serde_json::Value,
+    plane: &mut ControlPlane,
+    node: &RealNode,
+) -> anyhow::Result<Pod> {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": spec,
+    }))?;
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("create Pod {name}"))?;
+    let mut running = running_pods(pods, &format!("app={name}"), 1, plane, &[node]).await?;
+    Ok(running.remove(0))
 }
 
 /// A Deployment `name` of `replicas` idle pods labelled `app=<name>`, with
