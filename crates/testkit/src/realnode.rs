@@ -11,9 +11,13 @@
 //! `aadpodid-realnode-<pid>-<n>` under the temporary folder (containerd's root,
 //! state and sockets, runc's state, the kubelet's root folder and pod logs, the
 //! CNI configuration and address leases), and a cgroup parent of the same name
-//! at the top of every cgroup hierarchy. The kubelet reaches the apiserver,
-//! which listens on the root namespace's loopback, through the kit's relay
-//! (a Unix socket between namespaces).
+//! at the top of every cgroup hierarchy. The kubelet and containerd run in
+//! the host's mount namespace (the kubelet's volume mounts reach the
+//! containers). The kubelet reaches the apiserver, which listens on the root
+//! namespace's loopback, through the kit's relay (a Unix socket between
+//! namespaces), as `system:node:<name>` with a certificate of its own; the
+//! `kubernetes` Service's address leads there too (DNAT in the node's
+//! namespace). [`Fabric`] joins nodes so their pods reach each other.
 //!
 //! # Images
 //!
@@ -82,7 +86,7 @@ const CONTAINERD_NS: &str = "k8s.io";
 const CNI_BIN: &str = "/usr/lib/cni";
 /// The Debian packages a real node needs on the host.
 const PACKAGES: [&str; 3] = ["containerd", "runc", "containernetworking-plugins"];
-/// Bound on one `ctr`, `umount` or `apt-get` call.
+/// Bound on one `ctr`, `umount`, `openssl`, `ip` or `oci-image.sh` call.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on installing the packages when missing.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
