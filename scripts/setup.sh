@@ -6,6 +6,10 @@
 #   - the test-cluster binaries (kube-apiserver, kubectl, etcd) built from their
 #     Go modules by tests/cluster/build.sh: about 10-15 minutes the first time,
 #     then cached under $HOME/.cache/aadpodid/cluster
+#   - for the tests (not the demo): helm, upstream's v1.8.17 mic and nmi, and the
+#     real test nodes' pieces (Debian's containerd, runc and CNI plugins;
+#     kubelet, kube-controller-manager, kube-scheduler by tests/cluster/build-node.sh)
+#   - with AADPODID_SETUP_IMAGES=1, the mic and nmi container images (scripts/images.sh)
 #   - the pinned Python Azure SDK virtualenv (tests/python/setup.sh)
 #   - with AADPODID_SETUP_IMAGES=1 only: the mic and nmi container images
 #     (scripts/images.sh: podman, a base made from Debian packages, the
@@ -83,6 +87,18 @@ if [ "${AADPODID_SETUP_DEMO_ONLY:-}" != 1 ]; then
   step "upstream aad-pod-identity v1.8.17 mic and nmi (from its Go module, for side-by-side tests and benchmarks)"
   upstream_bin=$(build_with_progress "upstream binaries" tests/upstream/build.sh "6-7 min")
   "$upstream_bin/mic" --version >&2 || true
+  step "real test nodes: containerd, runc, CNI plugins (Debian) and kubelet, kube-controller-manager, kube-scheduler (from their Go module)"
+  node_missing=()
+  for pair in containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins; do
+    tool=${pair%%:*}
+    if [ "${tool#/}" != "$tool" ]; then [ -x "$tool" ] || node_missing+=("${pair#*:}"); else command -v "$tool" >/dev/null || node_missing+=("${pair#*:}"); fi
+  done
+  if [ ${#node_missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${node_missing[@]}"; } >&2
+  fi
+  node_bin=$(build_with_progress "node binaries" tests/cluster/build-node.sh "4-5 min after the cluster binaries")
+  "$node_bin/kubelet" --version >&2
 fi
 
 step "Python Azure SDK clients for token tests"
