@@ -5,6 +5,7 @@
 //! settles is decided in [`crate::writes`]; this module performs it. Every
 //! write first checks that this replica still leads.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -148,18 +149,30 @@ enum Sending {
 /// the cycle wrote over them.
 struct Known<'a> {
     indexed: &'a BTreeMap<Key, Arc<AssignedInfo>>,
-    written: BTreeMap<Key, AssignedInfo>,
+    written: BTreeMap<Key, Written>,
+}
+
+/// An AAI the cycle wrote: the plan's and what the apiserver gave it. A
+/// few hundred bytes where the apiserver's answer, even kept as the index
+/// keeps AAIs, takes over a kilobyte: thousands are written in a cycle.
+struct Written {
+    planned: PlannedAai,
+    uid: Option<String>,
+    resource_version: Option<String>,
 }
 
 impl Known<'_> {
-    fn get(&self, key: &Key) -> Option<&AssignedInfo> {
-        self.written
-            .get(key)
-            .or_else(|| self.indexed.get(key).map(|a| &**a))
+    fn get(&self, key: &Key) -> Option<Cow<'_, AssignedInfo>> {
+        match self.written.get(key) {
+            Some(w) => Some(Cow::Owned(
+                w.planned.kept(w.uid.clone(), w.resource_version.clone()),
+            )),
+            None => self.indexed.get(key).map(|a| Cow::Borrowed(&**a)),
+        }
     }
 
     fn contains_key(&self, key: &Key) -> bool {
-        self.get(key).is_some()
+        self.written.contains_key(key) || self.indexed.contains_key(key)
     }
 }
 
@@ -559,12 +572,12 @@ impl<C: Cloud> Executor<C> {
         let mut failed: BTreeSet<Key> = BTreeSet::new();
 
         // 1. Kubernetes writes first: creates, then updates.
-        let creates = self.write_aais(plan.create, AaiWrite::Create, index).await;
-        let updates = self.write_aais(plan.update, AaiWrite::Update, index).await;
+        let creates = self.write_aais(plan.create, AaiWrite::Create).await;
+        let updates = self.write_aais(plan.update, AaiWrite::Update).await;
         for r in creates.into_iter().chain(updates) {
             match r {
-                Ok(aai) => {
-                    aais.written.insert(crate::index::key(&aai), aai);
+                Ok(w) => {
+                    aais.written.insert(w.planned.key.clone(), w);
                 }
                 Err((_, ApplyError::NotLeader)) => return Err(ApplyError::NotLeader),
                 Err((key, error)) => {
@@ -579,18 +592,18 @@ impl<C: Cloud> Executor<C> {
         // be restarting) is tried again: no watch event would bring it back.
         for key in &plan.assign_now {
             if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key))
-                && !self.mark_assigned(aai).await?
+                && !self.mark_assigned(&aai).await?
             {
                 outcome.retry(Instant::now() + FAILURE_RETRY);
             }
         }
         for key in &plan.delete_now {
             if let Some(aai) = aais.get(key) {
-                let result = self.try_delete(aai).await?;
+                let result = self.try_delete(&aai).await?;
                 // Upstream's Events for an AzureAssignedIdentity of a node
                 // that is gone (the only removal it reported by Event).
                 let node_exists = index.nodes.contains_key(&aai.spec.node_name);
-                if let Some(e) = events::node_gone_removal(aai, node_exists, result.as_ref()) {
+                if let Some(e) = events::node_gone_removal(&aai, node_exists, result.as_ref()) {
                     self.deps
                         .events
                         .publish(e.warning, e.reason, e.note, e.regarding);
@@ -757,7 +770,7 @@ impl<C: Cloud> Executor<C> {
         };
         let check = |key: &Key, id: &str| {
             let aai = aais.get(key)?;
-            let typed = assigned_client_id(aai);
+            let typed = assigned_client_id(&aai);
             guard::check(id, &typed, &current, &owns_now, &self.opts.protection)
         };
         let settled = writes::settle(&input, &check);
@@ -811,7 +824,7 @@ impl<C: Cloud> Executor<C> {
         let typed: BTreeMap<Key, String> = w
             .assign_on_success
             .iter()
-            .filter_map(|(k, _)| aais.get(k).map(|a| (k.clone(), assigned_client_id(a))))
+            .filter_map(|(k, _)| aais.get(k).map(|a| (k.clone(), assigned_client_id(&a))))
             .collect();
         let owns = |id: &str| ledger.owns(r, id);
         let mut vetted = guard::vet(w, current, &typed, &owns, &self.opts.protection);
@@ -823,7 +836,7 @@ impl<C: Cloud> Executor<C> {
         );
         for (key, refusal) in &vetted.refused {
             if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key)) {
-                self.refuse(aai, refusal).await?;
+                self.refuse(&aai, refusal).await?;
             }
         }
         let mut owned_entries = ledger.entries(r);
@@ -934,25 +947,25 @@ impl<C: Cloud> Executor<C> {
             Settle::Assign { key, id } => {
                 lock(&self.quarantine).remove(&id);
                 match aais.get(&key) {
-                    Some(aai) => self.mark_assigned(aai).await,
+                    Some(aai) => self.mark_assigned(&aai).await,
                     None => Ok(true),
                 }
             }
             Settle::Refuse { key, id, refusal } => {
                 lock(&self.quarantine).remove(&id);
                 if let Some(aai) = aais.get(&key) {
-                    self.refuse(aai, &refusal).await?;
+                    self.refuse(&aai, &refusal).await?;
                 }
                 Ok(true)
             }
             Settle::NotYet { key, event } => {
                 if let (Some(why), Some(aai)) = (event, aais.get(&key)) {
-                    self.apply_error_event(aai, why);
+                    self.apply_error_event(&aai, why);
                 }
                 Ok(false)
             }
             Settle::Delete { key } => match aais.get(&key) {
-                Some(aai) => self.delete(aai).await,
+                Some(aai) => self.delete(&aai).await,
                 None => Ok(true),
             },
             Settle::StillThere { .. } => Ok(false),
@@ -1112,8 +1125,7 @@ impl<C: Cloud> Executor<C> {
         &self,
         aais: Vec<PlannedAai>,
         write: AaiWrite,
-        index: &Index,
-    ) -> Vec<Result<AssignedInfo, (Key, ApplyError)>> {
+    ) -> Vec<Result<Written, (Key, ApplyError)>> {
         // Each write's future is made when a place in the batch frees up:
         // a future per AAI made up front would hold thousands at once. (A
         // lazy `map` over a stream held across an await makes the cycle's
@@ -1123,12 +1135,12 @@ impl<C: Cloud> Executor<C> {
         let mut waiting = aais.into_iter();
         let mut running = futures::stream::FuturesUnordered::new();
         for aai in waiting.by_ref().take(batch) {
-            running.push(self.write_aai(aai, write, index));
+            running.push(self.write_aai(aai, write));
         }
         while let Some(result) = running.next().await {
             out.push(result);
             if let Some(aai) = waiting.next() {
-                running.push(self.write_aai(aai, write, index));
+                running.push(self.write_aai(aai, write));
             }
         }
         out
@@ -1140,13 +1152,11 @@ impl<C: Cloud> Executor<C> {
         &self,
         planned: PlannedAai,
         write: AaiWrite,
-        index: &Index,
-    ) -> Result<AssignedInfo, (Key, ApplyError)> {
+    ) -> Result<Written, (Key, ApplyError)> {
         let key = planned.key.clone();
         self.check_leader().map_err(|e| (key.clone(), e))?;
         // Built as it is written: at most a batch of them at a time.
         let aai = planned.aai();
-        drop(planned);
         let start = std::time::Instant::now();
         let api = self.api(&key.0);
         let (res, count, duration, op) = match write {
@@ -1170,8 +1180,11 @@ impl<C: Cloud> Executor<C> {
             Ok(written) => {
                 count.inc();
                 duration.observe(start.elapsed().as_secs_f64());
-                // Kept for this cycle only, as the index keeps AAIs.
-                return Ok(AssignedInfo::new(&written, index));
+                return Ok(Written {
+                    planned,
+                    uid: written.metadata.uid,
+                    resource_version: written.metadata.resource_version,
+                });
             }
             Err(source) => source,
         };

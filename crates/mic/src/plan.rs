@@ -171,6 +171,42 @@ impl PlannedAai {
     }
 }
 
+impl PlannedAai {
+    /// What the index would keep of this AAI once written, the apiserver
+    /// having given it `uid` and `resource_version`: the executor keeps
+    /// this much of each AAI it writes, rather than the apiserver's answer.
+    pub fn kept(&self, uid: Option<String>, resource_version: Option<String>) -> AssignedInfo {
+        let (namespace, name) = &self.key;
+        // The annotations the AAI is made with ([`PlannedAai::aai`]).
+        let annotations = AzureAssignedIdentity::new(name, AzureAssignedIdentitySpec::default())
+            .metadata
+            .annotations;
+        AssignedInfo {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                uid,
+                resource_version,
+                finalizers: Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()]),
+                annotations,
+                ..Default::default()
+            },
+            spec: AssignedSpec {
+                identity: Some(Arc::clone(&self.identity)),
+                binding: Some(Arc::clone(&self.binding)),
+                pod: self.pod.name.clone(),
+                pod_namespace: self.pod.namespace.clone(),
+                node_name: self.pod.node.clone(),
+                replicas: None,
+            },
+            status: Some(AzureAssignedIdentityStatus {
+                status: AssignedIdentityState::Created.as_str().into(),
+                available_replicas: 1,
+            }),
+        }
+    }
+}
+
 /// A desired AAI, by reference into the index, with its type-0 identity ID,
 /// if any.
 struct Desired<'a> {

@@ -1363,3 +1363,30 @@ fn a_cloned_index_shares_its_objects() {
     assert!(!ix.apply_node(&mk_vmss_node("n1", "vmss-a")));
     assert!(shared(&ix, &copy));
 }
+
+/// The executor keeps of each AAI it writes what the index would keep of
+/// the apiserver's answer (the AAI it sent, with a uid and a resourceVersion).
+#[test]
+fn a_written_aai_is_kept_as_the_index_would_keep_it() {
+    let mut ix = bound();
+    add_web(&mut ix);
+    let p = plan(&ix, &Options::default());
+    let planned = &p.create[0];
+    let cases = [
+        (None, None),
+        (Some("uid-a".to_string()), Some("7".to_string())),
+    ];
+    for (uid, rv) in cases {
+        let mut answer = planned.aai();
+        answer.metadata.uid = uid.clone();
+        answer.metadata.resource_version = rv.clone();
+        // What the apiserver adds and MIC does not keep.
+        answer.metadata.generation = Some(1);
+        let kept = planned.kept(uid.clone(), rv.clone());
+        assert_eq!(kept, AssignedInfo::new(&answer, &ix), "{uid:?} {rv:?}");
+        assert!(Arc::ptr_eq(
+            kept.spec.identity.as_ref().unwrap(),
+            &ix.identities[&key("ns", "id")]
+        ));
+    }
+}
