@@ -1258,67 +1258,35 @@ fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
     let k = key("default", "web-ns-id");
     let d = &desired[&k];
     let built = d.planned(&k, None).aai().spec;
-    let edit = |f: &dyn Fn(&mut AzureAssignedIdentitySpec)| {
-        let mut s = built.clone();
-        f(&mut s);
-        s
-    };
-    let identity =
-        |f: &dyn Fn(&mut AzureIdentity)| edit(&|s| f(s.azure_identity_ref.as_mut().unwrap()));
-    let binding =
-        |f: &dyn Fn(&mut AzureIdentityBinding)| edit(&|s| f(s.azure_binding_ref.as_mut().unwrap()));
-    let cases: Vec<(&str, AzureAssignedIdentitySpec, bool)> = vec![
-        ("as built", built.clone(), true),
-        (
-            "as upstream's Go MIC writes it",
-            go_written_spec("uid-i", "uid-b"),
-            true,
-        ),
-        (
-            "another resourceVersion",
-            identity(&|i| i.metadata.resource_version = Some("9".into())),
-            true,
-        ),
-        ("another pod", edit(&|s| s.pod = "other".into()), false),
-        (
-            "another pod namespace",
-            edit(&|s| s.pod_namespace = "other".into()),
-            false,
-        ),
-        ("another node", edit(&|s| s.node_name = "n2".into()), false),
-        ("no identity", edit(&|s| s.azure_identity_ref = None), false),
-        ("no binding", edit(&|s| s.azure_binding_ref = None), false),
-        (
-            "identity made anew",
-            identity(&|i| i.metadata.uid = Some("other".into())),
-            false,
-        ),
-        (
-            "identity in another namespace",
-            identity(&|i| i.metadata.namespace = Some("other".into())),
-            false,
-        ),
-        (
-            "identity edited",
-            identity(&|i| i.spec.client_id = "other".into()),
-            false,
-        ),
-        (
-            "binding made anew",
-            binding(&|b| b.metadata.uid = Some("other".into())),
-            false,
-        ),
-        (
-            "binding renamed",
-            binding(&|b| b.metadata.name = Some("other".into())),
-            false,
-        ),
-        (
-            "binding edited",
-            binding(&|b| b.spec.selector = "other".into()),
-            false,
-        ),
+    type Spec = AzureAssignedIdentitySpec;
+    fn id(s: &mut Spec) -> &mut AzureIdentity {
+        s.azure_identity_ref.as_deref_mut().unwrap()
+    }
+    fn bd(s: &mut Spec) -> &mut AzureIdentityBinding {
+        s.azure_binding_ref.as_deref_mut().unwrap()
+    }
+    #[rustfmt::skip]
+    let edits: [(&str, fn(&mut Spec), bool); 14] = [
+        ("as built", |_| {}, true),
+        ("as upstream's Go MIC writes it", |s| *s = go_written_spec("uid-i", "uid-b"), true),
+        ("another resourceVersion", |s| id(s).metadata.resource_version = Some("9".into()), true),
+        ("another pod", |s| s.pod = "other".into(), false),
+        ("another pod namespace", |s| s.pod_namespace = "other".into(), false),
+        ("another node", |s| s.node_name = "n2".into(), false),
+        ("no identity", |s| s.azure_identity_ref = None, false),
+        ("no binding", |s| s.azure_binding_ref = None, false),
+        ("identity made anew", |s| id(s).metadata.uid = Some("other".into()), false),
+        ("identity moved", |s| id(s).metadata.namespace = Some("other".into()), false),
+        ("identity edited", |s| id(s).spec.client_id = "other".into(), false),
+        ("binding made anew", |s| bd(s).metadata.uid = Some("other".into()), false),
+        ("binding renamed", |s| bd(s).metadata.name = Some("other".into()), false),
+        ("binding edited", |s| bd(s).spec.selector = "other".into(), false),
     ];
+    let cases = edits.into_iter().map(|(case, edit, same)| {
+        let mut spec = built.clone();
+        edit(&mut spec);
+        (case, spec, same)
+    });
     for (case, existing, same) in cases {
         assert_eq!(same_assignment(&existing, &built), same, "{case}");
         let kept = AssignedInfo::new(&AzureAssignedIdentity::new("web-ns-id", existing), &ix);
@@ -1333,27 +1301,15 @@ fn a_cloned_index_shares_its_objects() {
     add_web(&mut ix);
     settle(&mut ix, &Options::default());
     let copy = ix.clone();
+    fn same<K, V>(a: &BTreeMap<K, Arc<V>>, b: &BTreeMap<K, Arc<V>>) -> bool {
+        a.len() == b.len() && a.values().zip(b.values()).all(|(x, y)| Arc::ptr_eq(x, y))
+    }
     let shared = |a: &Index, b: &Index| {
-        a.pods
-            .values()
-            .zip(b.pods.values())
-            .all(|(x, y)| Arc::ptr_eq(x, y))
-            && a.nodes
-                .values()
-                .zip(b.nodes.values())
-                .all(|(x, y)| Arc::ptr_eq(x, y))
-            && a.identities
-                .values()
-                .zip(b.identities.values())
-                .all(|(x, y)| Arc::ptr_eq(x, y))
-            && a.bindings
-                .values()
-                .zip(b.bindings.values())
-                .all(|(x, y)| Arc::ptr_eq(x, y))
-            && a.assigned
-                .values()
-                .zip(b.assigned.values())
-                .all(|(x, y)| Arc::ptr_eq(x, y))
+        same(&a.pods, &b.pods)
+            && same(&a.nodes, &b.nodes)
+            && same(&a.identities, &b.identities)
+            && same(&a.bindings, &b.bindings)
+            && same(&a.assigned, &b.assigned)
     };
     assert_eq!(copy.assigned.len(), 1);
     assert!(shared(&ix, &copy));
