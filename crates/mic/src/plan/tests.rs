@@ -1265,8 +1265,10 @@ fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
     fn bd(s: &mut Spec) -> &mut AzureIdentityBinding {
         s.azure_binding_ref.as_deref_mut().unwrap()
     }
+    /// (case, edit of the built spec, still the same assignment)
+    type Edit = (&'static str, fn(&mut Spec), bool);
     #[rustfmt::skip]
-    let edits: [(&str, fn(&mut Spec), bool); 14] = [
+    let edits: [Edit; 14] = [
         ("as built", |_| {}, true),
         ("as upstream's Go MIC writes it", |s| *s = go_written_spec("uid-i", "uid-b"), true),
         ("another resourceVersion", |s| id(s).metadata.resource_version = Some("9".into()), true),
