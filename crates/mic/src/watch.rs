@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, POD_LABEL_BINDING};
 use aadpodid_runtime::watch::{self as runtime_watch, Sink, Synced};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
@@ -57,7 +58,34 @@ struct Kind<K> {
     apply: fn(&mut Index, &K) -> bool,
     delete: fn(&mut Index, &Key) -> bool,
     clear: fn(&mut Index),
+    /// Drops what the index does not read, before an object is buffered
+    /// (a first list is held whole until it is complete).
+    trim: fn(&mut K),
 }
+
+/// Keeps of a pod what [`crate::index::PodInfo`] reads: namespace, name,
+/// labels, `spec.nodeName` and `status.phase`. A restarted MIC lists every
+/// labelled pod at once, and a whole Pod is kilobytes.
+fn trim_pod(pod: &mut Pod) {
+    let m = &mut pod.metadata;
+    *m = ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        labels: m.labels.take(),
+        ..ObjectMeta::default()
+    };
+    pod.spec = pod.spec.as_mut().map(|s| PodSpec {
+        node_name: s.node_name.take(),
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.as_mut().map(|s| PodStatus {
+        phase: s.phase.take(),
+        ..PodStatus::default()
+    });
+}
+
+/// For kinds kept as they are.
+fn keep<K>(_: &mut K) {}
 
 fn meta_key<K: Resource>(obj: &K) -> Key {
     (
@@ -66,7 +94,8 @@ fn meta_key<K: Resource>(obj: &K) -> Key {
     )
 }
 
-/// Drops `metadata.managedFields` before an object is buffered or indexed.
+/// Drops `metadata.managedFields` before an object is buffered or indexed
+/// (and, by the kind's `trim`, whatever else the index does not read).
 /// MIC never reads them, and on an AzureAssignedIdentity (whose spec embeds
 /// an identity and a binding) the apiserver's field sets are most of the
 /// object's memory. No write sends an indexed object whole
@@ -170,7 +199,13 @@ fn start<K>(
     K: 'static,
 {
     let api = Api::<DeserializeGuard<K>>::all(client.clone());
-    let events = runtime_watch::events(api, config).modify(slim);
+    let trim = kind.trim;
+    let events = runtime_watch::events(api, config).modify(move |obj| {
+        slim(obj);
+        if let Ok(o) = &mut obj.0 {
+            trim(o);
+        }
+    });
     let sink = IndexSink {
         kind,
         ctx: Arc::clone(ctx),
@@ -206,24 +241,28 @@ pub fn spawn(
         apply: |ix, p| ix.apply_pod(p),
         delete: |ix, k| ix.pods.remove(k).is_some(),
         clear: |ix| ix.pods.clear(),
+        trim: trim_pod,
     };
     start(c, all().labels(POD_LABEL_BINDING), pods, &ctx, &shutdown);
     let nodes = Kind::<Node> {
         apply: |ix, n| ix.apply_node(n),
         delete: |ix, k| ix.nodes.remove(&k.1).is_some(),
         clear: |ix| ix.nodes.clear(),
+        trim: keep,
     };
     start(c, all(), nodes, &ctx, &shutdown);
     let identities = Kind::<AzureIdentity> {
         apply: |ix, o| ix.apply_identity(o),
         delete: |ix, k| ix.delete_identity(k),
         clear: |ix| ix.identities.clear(),
+        trim: keep,
     };
     start(c, all(), identities, &ctx, &shutdown);
     let bindings = Kind::<AzureIdentityBinding> {
         apply: |ix, o| ix.apply_binding(o),
         delete: |ix, k| ix.delete_binding(k),
         clear: |ix| ix.bindings.clear(),
+        trim: keep,
     };
     start(c, all(), bindings, &ctx, &shutdown);
     if watch_namespaces {
@@ -231,6 +270,7 @@ pub fn spawn(
             apply: |ix, n| ix.apply_namespace(n),
             delete: |ix, k| ix.delete_namespace(&k.1),
             clear: |ix| ix.namespaces.clear(),
+            trim: keep,
         };
         start(c, all(), namespaces, &ctx, &shutdown);
     }
@@ -238,6 +278,7 @@ pub fn spawn(
         apply: |ix, o| ix.apply_assigned(o),
         delete: |ix, k| ix.delete_assigned(k),
         clear: |ix| ix.assigned.clear(),
+        trim: keep,
     };
     start(c, all(), assigned, &ctx, &shutdown);
 }
@@ -245,6 +286,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::PodInfo;
     use aadpodid_api::AzureAssignedIdentitySpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 
@@ -263,6 +305,32 @@ mod tests {
         let mut guard = DeserializeGuard(Ok(aai));
         slim(&mut guard);
         assert_eq!(guard.0.ok(), Some(expected));
+    }
+
+    #[test]
+    fn a_trimmed_pod_gives_the_same_pod_info() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "apps", "uid": "u", "resourceVersion": "9",
+                "labels": {"aadpodidbinding": "sel", "app": "web"},
+                "annotations": {"a": "b"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ReplicaSet", "name": "rs", "uid": "r"}]
+            },
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"}
+        }))
+        .unwrap();
+        let mut trimmed = pod.clone();
+        trim_pod(&mut trimmed);
+        assert_eq!(PodInfo::from_pod(&trimmed), PodInfo::from_pod(&pod));
+        assert_eq!(trimmed.metadata.labels, pod.metadata.labels);
+        assert!(trimmed.metadata.annotations.is_none() && trimmed.metadata.uid.is_none());
+        assert!(trimmed.spec.unwrap().containers.is_empty());
+        assert!(trimmed.status.unwrap().pod_ip.is_none());
+        // An unscheduled pod without a status stays so.
+        let mut bare = Pod::default();
+        trim_pod(&mut bare);
+        assert_eq!(bare, Pod::default());
     }
 
     #[test]
