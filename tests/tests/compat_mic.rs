@@ -110,7 +110,7 @@ async fn child_rotated_secret_in_azure_json_works_without_restart() -> anyhow::R
 
     // A rewrite that is not an azure.json: logged, and the configuration
     // in use stays (the next pod, with another identity, is assigned).
-    std::fs::write(&azure_json, "this is not an azure.json")?;
+    aadpodid_tests::tenant::replace_file(&azure_json, b"this is not an azure.json")?;
     let b = w.bound_pod(APP2_ID, "b", "rotate-b", &w.nodes[1]).await?;
     w.wait_assigned(&b).await.with_context(|| mic.log_tail())?;
     assert!(w.on_vmss(APP2_ID));

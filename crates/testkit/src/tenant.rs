@@ -372,8 +372,25 @@ fn custom_cloud_document(fields: &impl Serialize, key: &str) -> Value {
 }
 
 fn write_json(path: &Path, doc: &Value) -> anyhow::Result<()> {
+    replace_file(path, doc.to_string().as_bytes())
+}
+
+/// Replaces `path` with `contents` in one step (written next to it, then
+/// renamed over it), so a process that polls the file never reads it half
+/// written: a rotation as a kubelet's volume update or an installer's
+/// rename makes it, and what a test that counts the reader's reports needs.
+pub fn replace_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    std::fs::write(path, doc.to_string()).with_context(|| format!("write {}", path.display()))
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, contents).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
 }
 
 /// Where [`write_mic_cloud_files`] wrote MIC's two files.
