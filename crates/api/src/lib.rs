@@ -61,6 +61,7 @@ pub mod crd;
 mod exception;
 mod identity;
 pub mod policy;
+mod token_source;
 
 pub use assigned_identity::{
     AssignedIdentityState, AzureAssignedIdentity, AzureAssignedIdentitySpec,
@@ -72,6 +73,10 @@ pub use exception::{
 };
 pub use identity::{AzureIdentity, AzureIdentitySpec, AzureIdentityStatus, IdentityType};
 pub use policy::{ANNOTATION_ALLOWED_IDENTITIES, PolicyMode, identity_granted};
+pub use token_source::{
+    ANNOTATION_TOKEN_SOURCE, FEDERATED_TOKEN_AUDIENCE, TokenSource, UnknownTokenSource,
+    token_source, token_source_of,
+};
 
 /// API group of all four kinds.
 pub const GROUP: &str = "aadpodidentity.k8s.io";
