@@ -24,7 +24,6 @@ use aadpodid_runtime::Shutdown;
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
@@ -170,7 +169,7 @@ impl OwnerWatch {
             watched: Arc::new(Mutex::new(OwnerState::Unknown)),
         };
         let cfg = watcher::Config::default().fields(&format!("metadata.name={ds_name}"));
-        let stream = watcher::watcher(api, cfg).default_backoff();
+        let stream = aadpodid_runtime::watch::events(api, cfg);
         let watched = Arc::clone(&watch.watched);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
