@@ -25,15 +25,26 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)" >&2; }
 
 step "system packages"
-missing=()
-for pair in openssl:openssl setpriv:util-linux flock:util-linux git:git ip:iproute2 python3:python3 iptables:iptables curl:curl conntrack:conntrack; do
-  command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >&2
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+# install_missing TOOL:PACKAGE...: installs, in one apt-get run, the Debian
+# package of each TOOL that is missing. TOOL is a command looked up on PATH,
+# or an absolute path that must be executable.
+install_missing() {
+  local missing=() pair tool
+  for pair in "$@"; do
+    tool=${pair%%:*}
+    if [ "${tool#/}" != "$tool" ]; then
+      [ -x "$tool" ] || missing+=("${pair#*:}")
+    else
+      command -v "$tool" >/dev/null || missing+=("${pair#*:}")
+    fi
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } >&2
+  fi
+}
+install_missing openssl:openssl setpriv:util-linux flock:util-linux git:git ip:iproute2 python3:python3 \
+  iptables:iptables curl:curl conntrack:conntrack
 if ! python3 -m venv --help >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   { apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv; } >&2
@@ -88,15 +99,7 @@ if [ "${AADPODID_SETUP_DEMO_ONLY:-}" != 1 ]; then
   upstream_bin=$(build_with_progress "upstream binaries" tests/upstream/build.sh "6-7 min")
   "$upstream_bin/mic" --version >&2 || true
   step "real test nodes: containerd, runc, CNI plugins (Debian) and kubelet, kube-controller-manager, kube-scheduler (from their Go module)"
-  node_missing=()
-  for pair in containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins; do
-    tool=${pair%%:*}
-    if [ "${tool#/}" != "$tool" ]; then [ -x "$tool" ] || node_missing+=("${pair#*:}"); else command -v "$tool" >/dev/null || node_missing+=("${pair#*:}"); fi
-  done
-  if [ ${#node_missing[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -q && apt-get install -y -q --no-install-recommends "${node_missing[@]}"; } >&2
-  fi
+  install_missing containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins
   node_bin=$(build_with_progress "node binaries" tests/cluster/build-node.sh "4-5 min after the cluster binaries")
   "$node_bin/kubelet" --version >&2
 fi
