@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use aadpodid_api::policy::{PolicyMode, identity_granted};
 use aadpodid_api::{
-    ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity,
-    AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding,
-    IdentityType, LABEL_NODENAME, assigned_identity_name, is_namespaced,
+    ANNOTATION_TOKEN_SOURCE, ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState,
+    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
+    AzureIdentityBinding, IdentityType, LABEL_NODENAME, TokenSource, UnknownTokenSource,
+    assigned_identity_name, is_namespaced, token_source,
 };
 use kube::ResourceExt;
 
@@ -33,6 +34,15 @@ pub struct Options {
     /// `--identity-policy`: whether a type-0 identity must be granted to its
     /// namespace (Namespace annotation `aadpodidentity.k8s.io/allowed-identities`).
     pub policy: PolicyMode,
+}
+
+impl Options {
+    /// The token source of identities without the token-source annotation.
+    /// `imds` (upstream's way) until MIC's `--default-token-source` flag
+    /// reaches the plan.
+    pub fn default_token_source(&self) -> TokenSource {
+        TokenSource::Imds
+    }
 }
 
 /// Something wrong with the user's objects; reported, never fatal.
@@ -89,6 +99,10 @@ pub struct Plan {
     /// Per-VMSS/VM deltas and the AAIs waiting on them.
     pub resources: BTreeMap<ResourceRef, ResourceWork>,
     pub warnings: Vec<Warning>,
+    /// Identities whose token-source annotation names no source, with the
+    /// error: no pod is given them (no AAI, no ARM write) until it is fixed,
+    /// and the AAIs they had are retired.
+    pub unknown_token_sources: Vec<(Key, UnknownTokenSource)>,
 }
 
 impl Plan {
@@ -102,7 +116,7 @@ impl Plan {
 
     /// Assigns `d` (the desired AAI `key`): its identity added to its
     /// resource, the AAI Assigned once that lands; or Assigned at once when
-    /// there is nothing to add (service principals).
+    /// there is nothing to add (service principals, federated identities).
     fn assign(&mut self, key: &Key, d: &Desired) {
         match &d.identity_id {
             Some(id) => {
@@ -140,8 +154,39 @@ pub struct PlannedAai {
     pod: Arc<PodInfo>,
     identity: Arc<AzureIdentity>,
     binding: Arc<AzureIdentityBinding>,
+    /// Recorded on the AAI when federated ([`recorded_token_source`]).
+    source: TokenSource,
     /// The existing AAI's, for an update.
     resource_version: Option<String>,
+}
+
+/// Adds to an AAI's `annotations` the token-source annotation when `source`
+/// is federated; none otherwise (AAIs without it, upstream's included, are
+/// `imds`).
+fn record_token_source(annotations: &mut Option<BTreeMap<String, String>>, source: TokenSource) {
+    if source == TokenSource::Federated {
+        annotations.get_or_insert_default().insert(
+            ANNOTATION_TOKEN_SOURCE.to_string(),
+            source.as_str().to_string(),
+        );
+    }
+}
+
+/// The token source MIC decided for an existing AAI, from its own
+/// token-source annotation: `federated` only for that exact value, `imds`
+/// otherwise (AAIs written by upstream or before the annotation existed).
+/// An `imds` AAI may hold its identity on the node's VMSS/VM; a `federated`
+/// one never does.
+pub fn recorded_token_source(aai: &AssignedInfo) -> TokenSource {
+    match aai
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_TOKEN_SOURCE))
+    {
+        Some(v) if v == TokenSource::Federated.as_str() => TokenSource::Federated,
+        _ => TokenSource::Imds,
+    }
 }
 
 impl PlannedAai {
@@ -161,6 +206,7 @@ impl PlannedAai {
         );
         aai.metadata.namespace = Some(namespace.clone());
         aai.metadata.resource_version = self.resource_version.clone();
+        record_token_source(&mut aai.metadata.annotations, self.source);
         aai.metadata.labels = Some([(LABEL_NODENAME.to_string(), self.pod.node.clone())].into());
         aai.metadata.finalizers = Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()]);
         aai.status = Some(AzureAssignedIdentityStatus {
@@ -178,9 +224,11 @@ impl PlannedAai {
     pub fn kept(&self, uid: Option<String>, resource_version: Option<String>) -> AssignedInfo {
         let (namespace, name) = &self.key;
         // The annotations the AAI is made with ([`PlannedAai::aai`]).
-        let annotations = AzureAssignedIdentity::new(name, AzureAssignedIdentitySpec::default())
-            .metadata
-            .annotations;
+        let mut annotations =
+            AzureAssignedIdentity::new(name, AzureAssignedIdentitySpec::default())
+                .metadata
+                .annotations;
+        record_token_source(&mut annotations, self.source);
         AssignedInfo {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 name: Some(name.clone()),
@@ -207,13 +255,14 @@ impl PlannedAai {
     }
 }
 
-/// A desired AAI, by reference into the index, with its type-0 identity ID,
-/// if any.
+/// A desired AAI, by reference into the index, with its token source and
+/// the identity ID it needs on the node's VMSS/VM, if any (type 0, `imds`).
 struct Desired<'a> {
     pod: &'a Arc<PodInfo>,
     identity: &'a Arc<AzureIdentity>,
     binding: &'a Arc<AzureIdentityBinding>,
     resource: &'a ResourceRef,
+    source: TokenSource,
     identity_id: Option<String>,
 }
 
@@ -225,6 +274,7 @@ impl Desired<'_> {
             pod: Arc::clone(self.pod),
             identity: Arc::clone(self.identity),
             binding: Arc::clone(self.binding),
+            source: self.source,
             resource_version,
         }
     }
@@ -240,17 +290,27 @@ impl Desired<'_> {
         }
     }
 
-    /// Whether `existing` already makes this assignment.
-    fn made_by(&self, existing: &AssignedSpec) -> bool {
-        Assignment::of_kept(existing).same(&self.assignment())
+    /// Whether `existing` already makes this assignment, from the same
+    /// token source.
+    fn made_by(&self, existing: &AssignedInfo) -> bool {
+        recorded_token_source(existing) == self.source
+            && Assignment::of_kept(&existing.spec).same(&self.assignment())
     }
+}
+
+/// What [`desired_set`] reports besides the desired AAIs.
+#[derive(Default)]
+struct Reports {
+    warnings: Vec<Warning>,
+    unknown_token_sources: Vec<(Key, UnknownTokenSource)>,
 }
 
 fn desired_set<'a>(
     index: &'a Index,
     opts: &Options,
-    warnings: &mut Vec<Warning>,
+    reports: &mut Reports,
 ) -> BTreeMap<Key, Desired<'a>> {
+    let warnings = &mut reports.warnings;
     let mut by_selector: BTreeMap<&str, Vec<(&Key, &Arc<AzureIdentityBinding>)>> = BTreeMap::new();
     // BTreeMap order = sorted by (namespace, name), as upstream sorts matches.
     for (k, b) in &index.bindings {
@@ -288,6 +348,17 @@ fn desired_set<'a>(
                     });
                 }
                 continue;
+            };
+            // A value naming no source: the identity is used by nobody,
+            // never by the default source in its place.
+            let source = match token_source(identity, opts.default_token_source()) {
+                Ok(source) => source,
+                Err(e) => {
+                    if reported.insert(ikey.clone()) {
+                        reports.unknown_token_sources.push((ikey.clone(), e));
+                    }
+                    continue;
+                }
             };
             let identity_id = match identity.spec.r#type {
                 IdentityType::UserAssignedMsi => {
@@ -330,7 +401,9 @@ fn desired_set<'a>(
                             continue;
                         }
                     }
-                    Some(normalize_id(&identity.spec.resource_id))
+                    // A federated identity is never written to ARM; its
+                    // resource ID still names it to the identity policy.
+                    (source == TokenSource::Imds).then(|| normalize_id(&identity.spec.resource_id))
                 }
                 IdentityType::ServicePrincipal | IdentityType::ServicePrincipalCertificate => None,
                 IdentityType::Unknown(value) => {
@@ -372,6 +445,7 @@ fn desired_set<'a>(
                     identity,
                     binding,
                     resource: &node.resource,
+                    source,
                     identity_id,
                 },
             );
@@ -454,8 +528,13 @@ pub fn same_assignment(a: &AzureAssignedIdentitySpec, b: &AzureAssignedIdentityS
     Assignment::of(a).same(&Assignment::of(b))
 }
 
-/// Type-0 identity ID (lower-cased) of an AAI's embedded identity.
+/// Type-0 identity ID (lower-cased) of an AAI's embedded identity, when
+/// the AAI is `imds` ([`recorded_token_source`]): the identity the AAI may
+/// hold on its node's VMSS/VM.
 pub fn assigned_identity_id(aai: &AssignedInfo) -> Option<String> {
+    if recorded_token_source(aai) != TokenSource::Imds {
+        return None;
+    }
     let id = aai.spec.identity.as_ref()?;
     (id.spec.r#type == IdentityType::UserAssignedMsi && is_valid_identity_id(&id.spec.resource_id))
         .then(|| normalize_id(&id.spec.resource_id))
@@ -472,8 +551,13 @@ pub fn assigned_client_id(aai: &AssignedInfo) -> String {
 
 /// Computes the cycle's work. Pure.
 pub fn plan(index: &Index, opts: &Options) -> Plan {
-    let mut p = Plan::default();
-    let desired = desired_set(index, opts, &mut p.warnings);
+    let mut reports = Reports::default();
+    let desired = desired_set(index, opts, &mut reports);
+    let mut p = Plan {
+        warnings: reports.warnings,
+        unknown_token_sources: reports.unknown_token_sources,
+        ..Plan::default()
+    };
 
     // Identities in use per resource: nothing desired there may lose them
     // (compares namespace and name of the pod, unlike upstream:
@@ -515,7 +599,7 @@ pub fn plan(index: &Index, opts: &Options) -> Plan {
     for (key, aai) in &index.assigned {
         let terminating = aai.metadata.deletion_timestamp.is_some();
         match desired.get(key) {
-            Some(d) if !terminating && d.made_by(&aai.spec) => {
+            Some(d) if !terminating && d.made_by(aai) => {
                 if aai.state() == Some(AssignedIdentityState::Created) {
                     p.assign(key, d);
                 }
@@ -560,12 +644,12 @@ pub fn expected_assignments(
     index: &Index,
     opts: &Options,
 ) -> BTreeMap<ResourceRef, BTreeSet<String>> {
-    let desired = desired_set(index, opts, &mut Vec::new());
+    let desired = desired_set(index, opts, &mut Reports::default());
     let mut out: BTreeMap<ResourceRef, BTreeSet<String>> = BTreeMap::new();
     for (key, aai) in &index.assigned {
         if aai.metadata.deletion_timestamp.is_some()
             || !matches!(aai.state(), Some(AssignedIdentityState::Assigned))
-            || !desired.get(key).is_some_and(|d| d.made_by(&aai.spec))
+            || !desired.get(key).is_some_and(|d| d.made_by(aai))
         {
             continue;
         }

@@ -1254,7 +1254,7 @@ fn assigned_aais_are_listed_per_resource_for_the_drift_check() {
 #[test]
 fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
     let (ix, _, _) = web_with_uids(mk_uami("ns", "id"), "uid-i", "uid-b");
-    let desired = desired_set(&ix, &Options::default(), &mut Vec::new());
+    let desired = desired_set(&ix, &Options::default(), &mut Reports::default());
     let k = key("default", "web-ns-id");
     let d = &desired[&k];
     let built = d.planned(&k, None).aai().spec;
@@ -1292,7 +1292,7 @@ fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
     for (case, existing, same) in cases {
         assert_eq!(same_assignment(&existing, &built), same, "{case}");
         let kept = AssignedInfo::new(&AzureAssignedIdentity::new("web-ns-id", existing), &ix);
-        assert_eq!(d.made_by(&kept.spec), same, "{case}");
+        assert_eq!(d.made_by(&kept), same, "{case}");
     }
 }
 
@@ -1348,3 +1348,5 @@ fn a_written_aai_is_kept_as_the_index_would_keep_it() {
         ));
     }
 }
+
+mod token_source;
