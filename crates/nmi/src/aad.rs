@@ -47,7 +47,7 @@ pub const KEY_CLIENT_SECRET: &str = "clientSecret";
 const AAD_TIMEOUT: Duration = Duration::from_secs(15);
 /// Lifetime of a client assertion (Entra's guidance: minutes, not adal's 24 h).
 const ASSERTION_LIFETIME_SECS: u64 = 600;
-const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// A certificate credential: the RSA key and the certificate's thumbprint.
 pub struct CertKey {
@@ -181,6 +181,25 @@ pub fn secret_namespace_allowed(identity_ns: &str, secret_ns: &str, allowed: &[S
 /// `{adEndpoint}{tenant}/oauth2/token?api-version=1.0`, refusing tenants that
 /// could change the path.
 pub fn token_url(ad_endpoint: &str, tenant: &str) -> Result<String, String> {
+    Ok(format!(
+        "{}/oauth2/token?api-version={AAD_API_VERSION}",
+        tenant_authority(ad_endpoint, tenant)?
+    ))
+}
+
+/// `{adEndpoint}{tenant}/oauth2/v2.0/token` (Entra's v2 endpoint, which
+/// takes a `scope`), with the checks of [`token_url`].
+pub fn v2_token_url(ad_endpoint: &str, tenant: &str) -> Result<String, String> {
+    Ok(format!(
+        "{}/oauth2/v2.0/token",
+        tenant_authority(ad_endpoint, tenant)?
+    ))
+}
+
+/// `{adEndpoint}{tenant}` (the public cloud's authority when `ad_endpoint`
+/// is empty): an https URL without query, and a tenant that cannot change
+/// the path.
+fn tenant_authority(ad_endpoint: &str, tenant: &str) -> Result<String, String> {
     let tenant_ok = !tenant.is_empty()
         && tenant
             .bytes()
@@ -202,9 +221,7 @@ pub fn token_url(ad_endpoint: &str, tenant: &str) -> Result<String, String> {
         ));
     }
     let sep = if base.ends_with('/') { "" } else { "/" };
-    Ok(format!(
-        "{base}{sep}{tenant}/oauth2/token?api-version={AAD_API_VERSION}"
-    ))
+    Ok(format!("{base}{sep}{tenant}"))
 }
 
 fn b64url(bytes: &[u8]) -> String {
@@ -376,6 +393,17 @@ impl AadClient {
             }
         };
         let body = form_body(client_id, resource, credential, assertion.as_deref());
+        let resp = self.post_form(&url, &body).await?;
+        parse_token_response(resp.status(), resp.body(), client_id, resource, now)
+    }
+
+    /// POSTs the form `body` to `url` (an https token endpoint) and reads
+    /// the whole answer, within [`AAD_TIMEOUT`]; no answer is 503.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        body: &Secret,
+    ) -> Result<http::Response<Bytes>, TokenError> {
         let uri: Uri = url
             .parse()
             .map_err(|e| TokenError::Unavailable(format!("{url}: {e}")))?;
@@ -391,10 +419,9 @@ impl AadClient {
             .header(header::USER_AGENT, &self.user_agent)
             .body(Full::new(Bytes::from(body.expose().to_string())))
             .map_err(|e| TokenError::Unavailable(e.to_string()))?;
-        let resp = http_client::send_tls(&uri, Arc::clone(&self.tls), req, AAD_TIMEOUT)
+        http_client::send_tls(&uri, Arc::clone(&self.tls), req, AAD_TIMEOUT)
             .await
-            .map_err(|e| TokenError::Unavailable(e.to_string()))?;
-        parse_token_response(resp.status(), resp.body(), client_id, resource, now)
+            .map_err(|e| TokenError::Unavailable(e.to_string()))
     }
 }
 

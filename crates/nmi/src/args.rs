@@ -71,6 +71,11 @@ pub fn taint_key(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+fn token_source(s: &str) -> Result<aadpodid_api::TokenSource, String> {
+    aadpodid_api::TokenSource::parse(s)
+        .map_err(|e| format!("invalid token source {:?}: use imds or federated", e.0))
+}
+
 fn operation_mode(s: &str) -> Result<OperationMode, String> {
     // Upstream lower-cases the value before comparing.
     match s.to_ascii_lowercase().as_str() {
@@ -341,6 +346,13 @@ pub struct Args {
     /// the node pool at creation so no pod runs there before NMI is ready.
     #[arg(long = "node-startup-taint", default_value = "", value_parser = taint_key)]
     pub node_startup_taint: String,
+
+    /// The token source of an AzureIdentity without the
+    /// `aadpodidentity.k8s.io/token-source` annotation: `imds` (assigned to
+    /// the node through ARM, upstream's way) or `federated` (the pod's
+    /// ServiceAccount token exchanged at Entra ID). Give MIC the same value.
+    #[arg(long = "default-token-source", default_value = "imds", value_parser = token_source)]
+    pub default_token_source: aadpodid_api::TokenSource,
 
     /// Threads of NMI's async runtime; 0 sizes it from the container's CPU
     /// limit (the cgroup's CPU quota, rounded up: the chart's 200m gives one
@@ -868,6 +880,23 @@ mod tests {
         assert!(Args::try_parse_from(["nmi", "--forceNamespaced=yes"]).is_err());
         // pflag never takes a boolean's value from the next word.
         assert!(Args::try_parse_from(["nmi", "--forceNamespaced", "false"]).is_err());
+    }
+
+    #[test]
+    fn default_token_source_is_exact() {
+        use aadpodid_api::TokenSource;
+        assert_eq!(parse(&[]).default_token_source, TokenSource::Imds);
+        assert_eq!(
+            parse(&["--default-token-source=federated"]).default_token_source,
+            TokenSource::Federated
+        );
+        for bad in ["Federated", "wi", ""] {
+            let flag = format!("--default-token-source={bad}");
+            assert!(
+                Args::try_parse_from(["nmi", flag.as_str()]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -109,6 +109,24 @@ pub fn from_flags(
     (ClusterIdentities::new(ids, serve), warning)
 }
 
+/// The cluster's tenant (azure.json's `tenantId`), the tenant of a federated
+/// identity that names none; empty without `--cloudconfig` or when the file
+/// cannot be read (such an identity is then refused with the fix).
+pub fn tenant_from_flags(
+    cloudconfig: &str,
+    read: impl FnOnce(&Path) -> std::io::Result<String>,
+) -> String {
+    if cloudconfig.is_empty() {
+        return String::new();
+    }
+    read(Path::new(cloudconfig))
+        .ok()
+        .and_then(|text| AzureJson::parse(&text).ok())
+        .and_then(|j| j.string("tenantId").ok())
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +166,17 @@ mod tests {
         }
         assert_eq!(cluster.len(), 2);
         assert!(served.contains("KUBELET-ID") && served.serves());
+    }
+
+    #[test]
+    fn the_tenant_comes_from_azure_json() {
+        let ok = |_: &Path| Ok(r#"{"tenantId":" T1 ","userAssignedIdentityID":"k"}"#.to_string());
+        assert_eq!(tenant_from_flags("/etc/kubernetes/azure.json", ok), "T1");
+        let none = |_: &Path| Ok("{}".to_string());
+        assert_eq!(tenant_from_flags("/a.json", none), "");
+        let garbage = |_: &Path| Ok("{".to_string());
+        assert_eq!(tenant_from_flags("/a.json", garbage), "");
+        assert_eq!(tenant_from_flags("", |_: &Path| panic!("not read")), "");
     }
 
     #[test]

@@ -37,8 +37,12 @@ pub struct PodEntry {
     pub name: String,
     /// Labels (the binding label and exception labels are read from here).
     pub labels: BTreeMap<String, String>,
-    /// `spec.serviceAccountName` (identifies the real MIC pods).
+    /// `spec.serviceAccountName` (identifies the real MIC pods; a federated
+    /// identity's token is that ServiceAccount's).
     pub service_account: String,
+    /// `metadata.uid` (a federated identity's ServiceAccount token is bound
+    /// to the pod by name and UID).
+    pub uid: String,
     /// Addresses that map to this pod: empty unless the pod is Pending or
     /// Running and not terminating. A terminating pod loses its addresses at
     /// once so that a reused IP never gets its identity (upstream's IP-reuse
@@ -84,6 +88,7 @@ impl PodEntry {
                 .as_ref()
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
             ips,
         }
     }
@@ -228,16 +233,21 @@ fn slim_meta(meta: &ObjectMeta) -> ObjectMeta {
     }
 }
 
-/// An AzureIdentity with [`slim_meta`], the namespaced-behaviour annotation
-/// (the only one NMI reads) and its spec.
+/// An AzureIdentity with [`slim_meta`], the two annotations NMI reads
+/// (namespaced behaviour and token source) and its spec.
 pub fn slim_identity(id: &AzureIdentity) -> AzureIdentity {
     let mut metadata = slim_meta(&id.metadata);
-    metadata.annotations = id
+    let kept: BTreeMap<String, String> = id
         .metadata
         .annotations
-        .as_ref()
-        .and_then(|a| a.get_key_value(aadpodid_api::ANNOTATION_BEHAVIOR))
-        .map(|(k, v)| BTreeMap::from([(k.clone(), v.clone())]));
+        .iter()
+        .flatten()
+        .filter(|(k, _)| {
+            *k == aadpodid_api::ANNOTATION_BEHAVIOR || *k == aadpodid_api::ANNOTATION_TOKEN_SOURCE
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.annotations = (!kept.is_empty()).then_some(kept);
     AzureIdentity {
         metadata,
         spec: id.spec.clone(),
@@ -775,6 +785,10 @@ mod tests {
                     "namespaced".to_string(),
                 ),
                 (
+                    aadpodid_api::ANNOTATION_TOKEN_SOURCE.to_string(),
+                    "federated".to_string(),
+                ),
+                (
                     "kubectl.kubernetes.io/last-applied-configuration".to_string(),
                     "{}".to_string(),
                 ),
@@ -793,10 +807,16 @@ mod tests {
             uid: Some("uid-identity-ns-a".into()),
             resource_version: Some("7".into()),
             annotations: Some(
-                [(
-                    aadpodid_api::ANNOTATION_BEHAVIOR.to_string(),
-                    "namespaced".to_string(),
-                )]
+                [
+                    (
+                        aadpodid_api::ANNOTATION_BEHAVIOR.to_string(),
+                        "namespaced".to_string(),
+                    ),
+                    (
+                        aadpodid_api::ANNOTATION_TOKEN_SOURCE.to_string(),
+                        "federated".to_string(),
+                    ),
+                ]
                 .into(),
             ),
             ..Default::default()

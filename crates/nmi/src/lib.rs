@@ -18,6 +18,7 @@ pub mod args;
 pub mod cluster;
 pub mod conntrack;
 pub mod fair;
+pub mod federated;
 pub mod http_client;
 pub mod index;
 pub mod iptables;
@@ -300,6 +301,8 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
     }
     let aad =
         aad::AadClient::new(args.aad_ca_file.as_deref(), &user_agent).map_err(RunError::AadCa)?;
+    let cluster_tenant =
+        cluster::tenant_from_flags(&args.cloudconfig, |p| std::fs::read_to_string(p));
     let client =
         aadpodid_runtime::client::kube_client(args.kubeconfig.as_deref(), &user_agent).await?;
     let owner = if args.cleanup_on_uninstall {
@@ -358,6 +361,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
                 args.max_pending_fetches_per_pod as usize,
                 args.max_cached_tokens as usize,
             ),
+        federated: federated::Federated::new(Some(client.clone()), aad.clone(), &cluster_tenant),
         sp: sp::ServicePrincipals::new(
             Some(client.clone()),
             aad,
@@ -389,6 +393,7 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
                 first_sync_wait: Duration::from_secs(args.first_sync_wait_sec),
                 ..Default::default()
             },
+            default_token_source: args.default_token_source,
         },
         metrics,
         events: aadpodid_runtime::events::EventPublisher::new(

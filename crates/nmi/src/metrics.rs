@@ -74,6 +74,12 @@ pub const REFUSED_CLIENT_ID_MISMATCH: &str = "client_id_mismatch";
 pub const REFUSED_CLUSTER_IDENTITY: &str = "cluster_identity";
 /// `reason` when a type-0 AzureIdentity lacks `clientID` or `resourceID`.
 pub const REFUSED_INCOMPLETE_IDENTITY: &str = "incomplete_identity";
+/// `reason` when an AzureIdentity's token-source annotation names no known
+/// source.
+pub const REFUSED_UNKNOWN_TOKEN_SOURCE: &str = "unknown_token_source";
+/// `reason` when Entra ID refuses a federated identity's exchange (no
+/// matching federated credential, wrong issuer or audience, and the like).
+pub const REFUSED_FEDERATED_EXCHANGE: &str = "federated_exchange_refused";
 
 /// `operation_type` of NMI's own IMDS calls (upstream's adal names).
 pub const IMDS_OP_USER_ASSIGNED: &str = "adal_token_msi_userassignedid";

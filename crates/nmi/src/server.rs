@@ -40,13 +40,15 @@ use aadpodid_runtime::{Shutdown, admin};
 
 use crate::args::OperationMode;
 use crate::fair::RequesterKey;
+use crate::federated::Federated;
 use crate::http_client;
 use crate::index::{Index, PodEntry, PodLookup};
 use crate::limits::{self, Connections, LogGate};
 use crate::metrics::{
     IMDS_OP_USER_ASSIGNED, Metrics, REFUSED_CLIENT_ID_MISMATCH, REFUSED_CLUSTER_IDENTITY,
-    REFUSED_INCOMPLETE_IDENTITY, REQUEST_REFUSED_BODY, REQUEST_REFUSED_BODY_TIMEOUT,
-    REQUEST_REFUSED_FIRST_SYNC, REQUEST_REFUSED_PENDING_FETCHES,
+    REFUSED_FEDERATED_EXCHANGE, REFUSED_INCOMPLETE_IDENTITY, REFUSED_UNKNOWN_TOKEN_SOURCE,
+    REQUEST_REFUSED_BODY, REQUEST_REFUSED_BODY_TIMEOUT, REQUEST_REFUSED_FIRST_SYNC,
+    REQUEST_REFUSED_PENDING_FETCHES,
 };
 use crate::request::{self, Rejection, Route, Selector, TokenQuery};
 use crate::response::{self, Token};
@@ -63,6 +65,12 @@ pub const REASON_CLIENT_ID_MISMATCH: &str = "client id mismatch";
 pub const REASON_CLUSTER_IDENTITY: &str = "cluster identity";
 /// Event reason on a type-0 AzureIdentity without `clientID` or `resourceID`.
 pub const REASON_INCOMPLETE_IDENTITY: &str = "incomplete identity";
+/// Event reason on an AzureIdentity whose token-source annotation names no
+/// known source.
+pub const REASON_UNKNOWN_TOKEN_SOURCE: &str = "unknown token source";
+/// Event reason on a federated AzureIdentity whose exchange Entra ID refused
+/// (the note says which federated credential to create or fix).
+pub const REASON_FEDERATED_REFUSED: &str = "federated exchange refused";
 /// The Events' `action`.
 const EVENT_ACTION: &str = "GetToken";
 
@@ -127,6 +135,9 @@ pub struct Config {
     pub metadata_addr: SocketAddr,
     /// Bounds on connections, timeouts and the first-sync wait.
     pub limits: Limits,
+    /// `--default-token-source`: the source of an AzureIdentity without
+    /// the token-source annotation.
+    pub default_token_source: aadpodid_api::TokenSource,
 }
 
 /// Bounds on what callers can make NMI hold, and how long.
@@ -232,6 +243,8 @@ pub struct Server<S> {
     pub cache: TokenCache<S>,
     /// Service-principal identities (types 1 and 2).
     pub sp: ServicePrincipals,
+    /// Federated identities (token source `federated`, any type).
+    pub federated: Federated,
     /// Flags.
     pub config: Config,
     /// Metrics.
@@ -754,12 +767,12 @@ impl<S: TokenSource> Server<S> {
         };
         let started_fetch = Instant::now();
         let result = match outcome {
-            Outcome::Use(identity) => self.fetch(&identity, &query.resource, requester).await,
+            Outcome::Use(identity) => self.fetch(&identity, pod, &query.resource, requester).await,
             Outcome::ByObjectId(candidates) if !candidates.is_empty() => {
                 let Selector::ObjectId(oid) = &query.selector else {
                     return Err(no_match(StatusCode::NOT_FOUND));
                 };
-                self.by_object_id(&candidates, oid, &query.resource, requester)
+                self.by_object_id(&candidates, pod, oid, &query.resource, requester)
                     .await
                     .map(|t| vec![t])
             }
@@ -807,6 +820,7 @@ impl<S: TokenSource> Server<S> {
     async fn by_object_id(
         &self,
         candidates: &[Arc<AzureIdentity>],
+        pod: &PodEntry,
         object_id: &str,
         resource: &str,
         requester: &RequesterKey,
@@ -820,7 +834,16 @@ impl<S: TokenSource> Server<S> {
         }
         let mut failure = None;
         for identity in candidates.iter().take(MAX_OBJECT_ID_CANDIDATES) {
-            match self.fetch_msi(identity, resource, requester).await {
+            let fetched = match self.source_of(identity) {
+                Ok(aadpodid_api::TokenSource::Federated) => {
+                    self.fetch_federated(identity, pod, resource).await
+                }
+                Ok(aadpodid_api::TokenSource::Imds) => {
+                    self.fetch_msi(identity, resource, requester).await
+                }
+                Err(e) => Err(e),
+            };
+            match fetched {
                 Ok(token) => {
                     if jwt_oid(token.access_token.expose())
                         .is_some_and(|o| o.eq_ignore_ascii_case(object_id))
@@ -864,8 +887,61 @@ impl<S: TokenSource> Server<S> {
             .cache
             .by_resource_id(&spec.resource_id, &spec.client_id, resource, requester)
             .await;
-        match &result {
-            Err(TokenError::ClientIdMismatch { .. }) => {
+        if let Err(e) = &result {
+            self.report(identity, e);
+        }
+        result
+    }
+
+    /// The token source of `identity`; an annotation naming no known source
+    /// is refused (403, an Event on the AzureIdentity and the metric).
+    fn source_of(&self, identity: &AzureIdentity) -> Result<aadpodid_api::TokenSource, TokenError> {
+        aadpodid_api::token_source(identity, self.config.default_token_source).map_err(|e| {
+            let note = format!(
+                "AzureIdentity {}/{}: {e}; NMI serves no token for it",
+                identity.namespace().unwrap_or_default(),
+                identity.name_any()
+            );
+            self.refused(
+                identity,
+                REASON_UNKNOWN_TOKEN_SOURCE,
+                REFUSED_UNKNOWN_TOKEN_SOURCE,
+                &note,
+            );
+            TokenError::Forbidden(note)
+        })
+    }
+
+    /// A federated identity's token for `pod` ([`crate::federated`]): never
+    /// one of the cluster's own identities unless they are served; Entra's
+    /// refusals are published as Events on the AzureIdentity and counted.
+    async fn fetch_federated(
+        &self,
+        identity: &AzureIdentity,
+        pod: &PodEntry,
+        resource: &str,
+    ) -> Result<Token, TokenError> {
+        let result = match self.cache.refuse_cluster_identity(&identity.spec.client_id) {
+            Ok(()) => {
+                self.federated
+                    .token(&self.cache, identity, pod, resource)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.report(identity, e);
+        }
+        result
+    }
+
+    /// Publishes the refusals a user must act on as Events on `identity`.
+    fn report(&self, identity: &AzureIdentity, error: &TokenError) {
+        let spec = &identity.spec;
+        let ns = identity.namespace().unwrap_or_default();
+        let name = identity.name_any();
+        match error {
+            TokenError::ClientIdMismatch { .. } => {
                 let note = format!(
                     "AzureIdentity {ns}/{name}: the managed identity with resourceID {} does not have clientID {}; NMI serves no token for it. Set spec.clientID to that identity's client ID, or spec.resourceID to the identity you meant",
                     spec.resource_id, spec.client_id
@@ -877,7 +953,7 @@ impl<S: TokenSource> Server<S> {
                     &note,
                 );
             }
-            Err(TokenError::ClusterIdentity { client_id }) => {
+            TokenError::ClusterIdentity { client_id } => {
                 let note = format!(
                     "AzureIdentity {ns}/{name}: the managed identity with clientID {client_id} is one of the cluster's own identities (the kubelet identity or one listed in --immutable-user-msis); nmi serves it only with --serve-cluster-identities"
                 );
@@ -888,9 +964,16 @@ impl<S: TokenSource> Server<S> {
                     &note,
                 );
             }
+            TokenError::Federated { message, .. } if error.status() == StatusCode::FORBIDDEN => {
+                self.refused(
+                    identity,
+                    REASON_FEDERATED_REFUSED,
+                    REFUSED_FEDERATED_EXCHANGE,
+                    message,
+                );
+            }
             _ => {}
         }
-        result
     }
 
     fn refused(&self, identity: &AzureIdentity, reason: &str, metric_reason: &str, note: &str) {
@@ -916,9 +999,16 @@ impl<S: TokenSource> Server<S> {
     async fn fetch(
         &self,
         identity: &AzureIdentity,
+        pod: &PodEntry,
         resource: &str,
         requester: &RequesterKey,
     ) -> Result<Vec<Token>, TokenError> {
+        if self.source_of(identity)? == aadpodid_api::TokenSource::Federated {
+            return self
+                .fetch_federated(identity, pod, resource)
+                .await
+                .map(|t| vec![t]);
+        }
         match identity.spec.r#type {
             IdentityType::UserAssignedMsi => self
                 .fetch_msi(identity, resource, requester)

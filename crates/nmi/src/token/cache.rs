@@ -76,6 +76,18 @@ impl<S: TokenSource> TokenCache<S> {
         self
     }
 
+    /// [`TokenError::ClusterIdentity`] when `client_id` is one of the
+    /// cluster's own identities and NMI may not serve it (checked before any
+    /// token is asked for, whatever its source).
+    pub fn refuse_cluster_identity(&self, client_id: &str) -> Result<(), TokenError> {
+        match self.cluster.refused([client_id]) {
+            Some(c) => Err(TokenError::ClusterIdentity {
+                client_id: c.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The same cache with another retry policy for transient IMDS answers.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
@@ -131,11 +143,7 @@ impl<S: TokenSource> TokenCache<S> {
                 "a user-assigned identity needs both resourceID and clientID".into(),
             ));
         }
-        if let Some(c) = self.cluster.refused([client_id]) {
-            return Err(TokenError::ClusterIdentity {
-                client_id: c.to_string(),
-            });
-        }
+        self.refuse_cluster_identity(client_id)?;
         let lease = self.lease(
             IdentityKey::user_assigned(resource_id, client_id),
             TokenKey::imds(resource),

@@ -66,6 +66,19 @@ pub enum TokenError {
         /// Requests made.
         attempts: u32,
     },
+    /// A federated identity's exchange failed: the API server would not
+    /// issue the ServiceAccount token, or Entra ID refused it. `message`
+    /// says what to fix. Answered 403 when Entra refused (a configuration
+    /// the user must change), else 503 (retried by SDKs).
+    #[error("{message}")]
+    Federated {
+        /// Entra ID's status (0: Entra was not reached).
+        status: u16,
+        /// The AADSTS code, when Entra gave one.
+        code: Option<u32>,
+        /// What went wrong and the fix.
+        message: String,
+    },
     /// The pod already has the most IMDS calls waiting that NMI queues for
     /// one pod: answered 429 with `Retry-After`, IMDS's own answer when its
     /// budget is exceeded.
@@ -93,6 +106,13 @@ impl TokenError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
             TokenError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            TokenError::Federated { status, .. } => {
+                if (400..500).contains(status) && *status != 429 {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            }
         }
     }
 

@@ -91,6 +91,23 @@ pub enum TokenKey {
         /// The resource the token is for (as the pod wrote it).
         resource: String,
     },
+    /// From Entra ID in exchange for a ServiceAccount token (a federated
+    /// identity). Entra trusts a federated credential per ServiceAccount,
+    /// so the pod's namespace and ServiceAccount are part of the key: a
+    /// token obtained for one ServiceAccount is never served to a pod
+    /// running as another.
+    Federated {
+        /// The authority, lower-cased.
+        endpoint: String,
+        /// The tenant, lower-cased.
+        tenant: String,
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's ServiceAccount.
+        service_account: String,
+        /// The resource the token is for (as the pod wrote it).
+        resource: String,
+    },
 }
 
 impl TokenKey {
@@ -107,6 +124,26 @@ impl TokenKey {
             endpoint: endpoint.to_ascii_lowercase(),
             tenant: tenant.to_ascii_lowercase(),
             secret_digest: secret_digest.to_string(),
+            resource: resource.to_string(),
+        }
+    }
+}
+
+impl TokenKey {
+    /// The key of a federated token for a pod of `namespace` running as
+    /// `service_account`.
+    pub fn federated(
+        endpoint: &str,
+        tenant: &str,
+        namespace: &str,
+        service_account: &str,
+        resource: &str,
+    ) -> Self {
+        TokenKey::Federated {
+            endpoint: endpoint.to_ascii_lowercase(),
+            tenant: tenant.to_ascii_lowercase(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
             resource: resource.to_string(),
         }
     }
@@ -170,5 +207,25 @@ mod tests {
             assert_eq!(base == other, same, "{name}");
         }
         assert_ne!(TokenKey::imds("r"), TokenKey::imds("R"));
+    }
+
+    #[test]
+    fn federated_keys_table() {
+        let fed = TokenKey::federated;
+        let base = fed("https://login/", "t1", "ns", "sa", "r");
+        #[rustfmt::skip]
+        let cases = [
+            ("endpoint and tenant ignore case", fed("HTTPS://LOGIN/", "T1", "ns", "sa", "r"), true),
+            ("another ServiceAccount", fed("https://login/", "t1", "ns", "sa2", "r"), false),
+            ("the same ServiceAccount name in another namespace", fed("https://login/", "t1", "ns2", "sa", "r"), false),
+            ("names cannot run together", fed("https://login/", "t1", "n", "ssa", "r"), false),
+            ("another tenant", fed("https://login/", "t2", "ns", "sa", "r"), false),
+            ("another resource", fed("https://login/", "t1", "ns", "sa", "R"), false),
+            ("an IMDS token is another token", TokenKey::imds("r"), false),
+            ("a Secret's token is another token", TokenKey::aad("https://login/", "t1", "ns", "r"), false),
+        ];
+        for (name, other, same) in cases {
+            assert_eq!(base == other, same, "{name}");
+        }
     }
 }

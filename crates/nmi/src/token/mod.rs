@@ -73,7 +73,9 @@ pub use imds::{Imds, ImdsIdentity};
 pub use key::{IdentityKey, TokenKey};
 pub use retry::{RetryPolicy, is_transient, parse_retry_after};
 pub use slots::{DEFAULT_MAX_CACHED_TOKENS, EntryState, pick_victim};
-pub use verify::{ClientIdMismatch, check_imds_token, jwt_appid, jwt_oid, verify_client_id};
+pub use verify::{
+    ClientIdMismatch, check_imds_token, jwt_appid, jwt_claim, jwt_oid, verify_client_id,
+};
 
 /// Where tokens come from. One small trait, owned by its consumer; the real
 /// implementation talks to IMDS, tests may substitute their own.

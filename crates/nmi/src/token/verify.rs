@@ -27,6 +27,12 @@ pub fn jwt_appid(token: &str) -> Option<String> {
     }
 }
 
+/// A string claim of a JWT, unverified (the `iss` of a ServiceAccount
+/// token the API server just issued, named in error messages).
+pub fn jwt_claim(token: &str, claim: &str) -> Option<String> {
+    jwt_claims(token)?.get(claim)?.as_str().map(str::to_owned)
+}
+
 /// The `oid` claim of a JWT: the object (principal) ID of its identity.
 pub fn jwt_oid(token: &str) -> Option<String> {
     jwt_claims(token)?.get("oid")?.as_str().map(str::to_owned)

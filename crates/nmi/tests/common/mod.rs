@@ -43,6 +43,7 @@ pub fn config(metadata_addr: SocketAddr) -> nmi::server::Config {
         mic_service_accounts: Vec::new(),
         metadata_addr,
         limits: Default::default(),
+        default_token_source: Default::default(),
     }
 }
 
@@ -53,14 +54,12 @@ pub fn server<S>(
     cache: TokenCache<S>,
     config: nmi::server::Config,
 ) -> Server<S> {
+    let aad = nmi::aad::AadClient::new(None, "test").unwrap();
     Server {
         state,
         cache,
-        sp: nmi::sp::ServicePrincipals::new(
-            None,
-            nmi::aad::AadClient::new(None, "test").unwrap(),
-            Vec::new(),
-        ),
+        federated: nmi::federated::Federated::new(None, aad.clone(), ""),
+        sp: nmi::sp::ServicePrincipals::new(None, aad, Vec::new()),
         config,
         metrics: nmi::metrics::Metrics::new().unwrap(),
         events: aadpodid_runtime::events::EventPublisher::disabled(),
