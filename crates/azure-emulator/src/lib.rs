@@ -62,7 +62,7 @@ pub mod throttle;
 pub mod tls;
 
 pub use clock::Clock;
-pub use config::Config;
+pub use config::{Config, FederatedCredentialSeed};
 pub use faults::{Fault, FaultAction};
 pub use observe::{Counters, RequestRecord, Service};
 pub use tls::TestCa;
@@ -519,6 +519,28 @@ impl Emulator {
             map.insert(issuer.to_string(), keys);
         }
         Ok(n)
+    }
+
+    /// Adds a federated identity credential to the user-assigned identity
+    /// `name` (what `az identity federated-credential create` does); false
+    /// when there is no such identity. An identical credential is not added
+    /// twice.
+    pub fn add_federated_credential(
+        &self,
+        name: &str,
+        credential: FederatedCredentialSeed,
+    ) -> bool {
+        let mut st = lock(&self.shared.state);
+        let Some(key) = st.uai_key_named(name) else {
+            return false;
+        };
+        let Some(uai) = st.uais.get_mut(&key) else {
+            return false;
+        };
+        if !uai.federated_credentials.contains(&credential) {
+            uai.federated_credentials.push(credential);
+        }
+        true
     }
 
     /// The emulator's token-signing key as a JWKS, as

@@ -616,6 +616,24 @@ async fn federated_assertion_matches_issuer_subject_audience() {
     let c = claims(r.json()["access_token"].as_str().unwrap_or(""));
     assert_eq!(c["oid"].as_str(), Some(app.principal_id.as_str()));
     assert_eq!(c["xms_mirid"].as_str(), Some(app.id.as_str()));
+    // A credential added at run time (az identity federated-credential
+    // create) is trusted from then on; an unknown identity gets none.
+    let other_sa = "system:serviceaccount:apps:added";
+    let assertion = sa(ISSUER, other_sa, TOKEN_EXCHANGE);
+    let r = with_assertion(&emu, &v2(&emu), &app.client_id, &assertion).await;
+    assert_eq!(refused(&r).2, 700_213);
+    let added = FederatedCredentialSeed {
+        issuer: ISSUER.into(),
+        subject: other_sa.into(),
+        audience: TOKEN_EXCHANGE.into(),
+    };
+    assert!(emu.add_federated_credential("app-id", added.clone()));
+    assert!(emu.add_federated_credential("app-id", added.clone()));
+    assert!(!emu.add_federated_credential("no-such-identity", added));
+    let r = with_assertion(&emu, &v2(&emu), &app.client_id, &assertion).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let fics = emu.identity("app-id").expect("uai").federated_credentials;
+    assert_eq!(fics.len(), 2, "{fics:?}");
 }
 
 #[tokio::test]
