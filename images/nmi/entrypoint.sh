@@ -16,18 +16,13 @@
 #      iptables-save and ip6tables-save) wins, as the wrapper's earlier
 #      shell version decided; a tie, including no rules at all, -> nft.
 # An explicit --iptables-path (or AADPODID_IPTABLES_MODE=legacy|nft) skips the
-# detection. The choice and its reason go to stderr, one line.
+# detection. The choice and its reason go to stderr, one line;
+# `nmi-entrypoint --print-iptables-mode` only prints the choice on stdout.
 # POSIX sh only; every probe is bounded by `timeout`.
 set -eu
 
 NMI=${AADPODID_NMI:-/usr/local/bin/nmi}
 SBIN=${AADPODID_IPTABLES_DIR:-/usr/sbin}
-
-for arg in "$@"; do
-  case "$arg" in
-    --iptables-path | --iptables-path=*) exec "$NMI" "$@" ;;
-  esac
-done
 
 # The output of `<tool> <args>`, empty when it fails or takes over 5 s.
 probe() {
@@ -61,6 +56,19 @@ detect() {
   fi
 }
 
+# `--print-iptables-mode` alone: print the choice (legacy or nft) on stdout
+# and exit; the upstream nmi image's iptables wrapper asks this way.
+print_only=false
+if [ "$#" -eq 1 ] && [ "$1" = --print-iptables-mode ]; then
+  print_only=true
+else
+  for arg in "$@"; do
+    case "$arg" in
+      --iptables-path | --iptables-path=*) exec "$NMI" "$@" ;;
+    esac
+  done
+fi
+
 case "${AADPODID_IPTABLES_MODE:-}" in
   legacy | nft) choice="$AADPODID_IPTABLES_MODE set by AADPODID_IPTABLES_MODE" ;;
   "") choice=$(detect) ;;
@@ -70,5 +78,9 @@ case "${AADPODID_IPTABLES_MODE:-}" in
     ;;
 esac
 mode=${choice%% *}
+if $print_only; then
+  echo "$mode"
+  exit 0
+fi
 echo "nmi-entrypoint: iptables back end $mode (${choice#* })" >&2
 exec "$NMI" --iptables-path="$SBIN/iptables-$mode" "$@"
