@@ -231,9 +231,9 @@ fi
 # point.
 theirs() {
   local name=$1 ctx=$2
-  cp images/upstream/Dockerfile images/upstream/iptables-wrapper "$ctx/"
-  cp images/nmi/entrypoint.sh "$ctx/nmi-entrypoint"
-  cp "$upstream_bin/mic" "$upstream_bin/nmi" "$ctx/"
+  cp images/upstream/Dockerfile "$ctx/"
+  install -m 0755 images/upstream/iptables-wrapper "$upstream_bin/mic" "$upstream_bin/nmi" "$ctx/"
+  install -m 0755 images/nmi/entrypoint.sh "$ctx/nmi-entrypoint"
   TAG=localhost/upstream-$name:$upstream_version
   build "$TAG" --target "$name" \
     --build-arg MIC_BASE="localhost/aad-pod-identity/mic-base:$base_key" \
@@ -252,7 +252,7 @@ if want upstream-mic || want upstream-nmi; then
   for name in mic nmi; do
     want "upstream-$name" || continue
     t=$(now)
-    key=$( { hash_of "$upstream_bin/$name" images/upstream/* images/nmi/entrypoint.sh; echo "$base_key"; } | sha256sum | cut -c1-16)
+    key=$( { hash_of "$upstream_bin/$name" images/upstream/* images/nmi/entrypoint.sh; echo "$base_key modes 0755"; } | sha256sum | cut -c1-16)
     image "upstream-$name" "$upstream_version" "$key" "$t" theirs "$name" "$(context)"
   done
 fi

@@ -1,4 +1,4 @@
-//! The mic and nmi container images, built for real by `scripts/images.sh`
+//! The container images, built for real by `scripts/images.sh`
 //! (Debian-made bases, the release binaries of this checkout, `podman
 //! build`; reused from its cache when nothing changed), then run as a
 //! container runtime would: each image's OCI archive is unpacked into an OCI
@@ -15,18 +15,26 @@
 //!   `aad-metadata` chain nmi removed.
 //! - The chart's route_localnet init container works with the nmi image
 //!   (privileged), and NMI's own container cannot write /proc/sys.
+//! - The application image (the real Python Azure SDK and `/app/token.py`)
+//!   gets a token from the Azure emulator's IMDS at 169.254.169.254 inside a
+//!   test namespace, for the identity assigned to that VM only.
+//! - Upstream v1.8.17's mic and nmi images run `--version`, and upstream
+//!   nmi's `iptables` follows the node's back end.
 //!
 //! Needs root, runc and podman (the script installs them with apt-get when
 //! missing). Every container runs under `timeout`; bundles, containers and
 //! namespaces are removed when their guards drop, and those of a test
 //! process that died by the next one.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use aadpodid_tests::netns::NetNs;
+use aadpodid_tests::netns::{IMDS_ADDRESS, NetNs};
+use aadpodid_tests::upstream::UPSTREAM_VERSION;
+use aadpodid_tests::{SUB, TENANT};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
@@ -36,20 +44,50 @@ const BUILD_LIMIT_S: &str = "2400";
 /// How long one container may run.
 const RUN_LIMIT_S: &str = "30";
 
-/// The archives `scripts/images.sh` printed: (mic, nmi). Built once per test
-/// process; the script's own lock serialises concurrent processes.
-fn archives() -> anyhow::Result<&'static (PathBuf, PathBuf)> {
-    static ARCHIVES: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
-    ARCHIVES
-        .get_or_init(|| build_images().map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("scripts/images.sh: {e}"))
+/// Images `scripts/images.sh` builds together, by the names it takes:
+/// built (or reused from its cache) once per test process; the script's own
+/// lock serialises concurrent processes.
+struct Images {
+    names: &'static [&'static str],
+    built: OnceLock<Result<Vec<(String, PathBuf)>, String>>,
 }
 
-fn build_images() -> anyhow::Result<(PathBuf, PathBuf)> {
+/// This checkout's mic and nmi (a release build of both when not cached).
+static OURS: Images = Images::new(&["mic", "nmi"]);
+/// The application image (no cargo).
+static APP: Images = Images::new(&["app"]);
+/// Upstream v1.8.17's mic and nmi (tests/upstream/build.sh when not cached).
+static UPSTREAM: Images = Images::new(&["upstream-mic", "upstream-nmi"]);
+
+impl Images {
+    const fn new(names: &'static [&'static str]) -> Self {
+        Images {
+            names,
+            built: OnceLock::new(),
+        }
+    }
+
+    /// The archive of image `name`, one of [`Images::names`].
+    fn archive(&self, name: &str) -> anyhow::Result<&Path> {
+        let built = self
+            .built
+            .get_or_init(|| build_images(self.names).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("scripts/images.sh {:?}: {e}", self.names))?;
+        built
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, path)| path.as_path())
+            .with_context(|| format!("{name} is not one of {:?}", self.names))
+    }
+}
+
+/// Runs `scripts/images.sh <names>`; its `<name> <archive>` lines.
+fn build_images(names: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new("timeout")
         .args([BUILD_LIMIT_S, "bash", "scripts/images.sh"])
+        .args(names)
         .current_dir(&root)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
@@ -57,14 +95,16 @@ fn build_images() -> anyhow::Result<(PathBuf, PathBuf)> {
         .context("run scripts/images.sh")?;
     ensure!(out.status.success(), "scripts/images.sh: {}", out.status);
     let stdout = String::from_utf8(out.stdout)?;
-    let archive = |name: &str| -> anyhow::Result<PathBuf> {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .map(PathBuf::from)
-            .with_context(|| format!("no `{name} <archive>` line in {stdout:?}"))
-    };
-    Ok((archive("mic")?, archive("nmi")?))
+    names
+        .iter()
+        .map(|name| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .map(|path| (name.to_string(), PathBuf::from(path)))
+                .with_context(|| format!("no `{name} <archive>` line in {stdout:?}"))
+        })
+        .collect()
 }
 
 /// An OCI bundle unpacked from an image archive, with a `runc` container ID;
@@ -180,7 +220,8 @@ impl Bundle {
 
     /// Writes `config.json` for a run of the image's entry point with
     /// `args` (or of `command` instead of the entry point), extra `env`,
-    /// the image's user, a read-only root with a tmpfs on /run and /tmp,
+    /// the image's user (or `user`), a read-only root (unless `writable_root`) with a
+    /// tmpfs on /run and /tmp,
     /// only `caps`, no privilege escalation, in the network namespace
     /// `netns` when given. `privileged` is the chart's init container: every
     /// capability held here ([`held_caps`]) and a writable /proc/sys.
@@ -206,7 +247,10 @@ impl Bundle {
             })
             .unwrap_or_default();
         env.extend(run.env.iter().map(|s| s.to_string()));
-        let (uid, gid) = self.user()?;
+        let (uid, gid) = match run.user {
+            Some(user) => user,
+            None => self.user()?,
+        };
         let caps: Vec<&str> = if run.privileged {
             held_caps()?
         } else {
@@ -221,7 +265,7 @@ impl Bundle {
         process["capabilities"] = json!({
             "bounding": caps, "effective": caps, "permitted": caps,
         });
-        config["root"]["readonly"] = json!(true);
+        config["root"]["readonly"] = json!(!run.writable_root);
         let mounts = config["mounts"].as_array_mut().context("mounts")?;
         for dest in ["/run", "/tmp"] {
             mounts.push(json!({
@@ -347,6 +391,10 @@ struct Run<'a> {
     caps: &'a [&'a str],
     netns: Option<&'a NetNs>,
     privileged: bool,
+    /// A writable root filesystem (the default is read-only).
+    writable_root: bool,
+    /// `(uid, gid)` instead of the image's user (a pod's `runAsUser`).
+    user: Option<(u32, u32)>,
 }
 
 /// The capabilities the chart gives NMI's container (every other is dropped).
@@ -412,8 +460,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn mic_image_runs_version_as_non_root() -> anyhow::Result<()> {
-    let (mic, _) = archives()?;
-    let bundle = Bundle::unpack(mic, "mic")?;
+    let bundle = Bundle::unpack(OURS.archive("mic")?, "mic")?;
     let (uid, gid) = bundle.user()?;
     assert_eq!((uid, gid), (65532, 65532), "{}", bundle.image);
     let rootfs = bundle.dir.join("rootfs");
@@ -479,8 +526,7 @@ fn has_nmi_chain(ns: &NetNs, backend: &str) -> anyhow::Result<bool> {
 
 #[test]
 fn nmi_image_uses_the_nodes_iptables_back_end() -> anyhow::Result<()> {
-    let (_, nmi) = archives()?;
-    let bundle = Bundle::unpack(nmi, "nmi")?;
+    let bundle = Bundle::unpack(OURS.archive("nmi")?, "nmi")?;
     assert_eq!(bundle.user()?, (0, 0));
     // (setup, the back end the entry point must pick, whether the other back
     // end keeps an nmi chain the case put there).
@@ -567,8 +613,7 @@ fn nmi_image_uses_the_nodes_iptables_back_end() -> anyhow::Result<()> {
 
 #[test]
 fn nmi_image_route_localnet_needs_the_privileged_init_container() -> anyhow::Result<()> {
-    let (_, nmi) = archives()?;
-    let bundle = Bundle::unpack(nmi, "localnet")?;
+    let bundle = Bundle::unpack(OURS.archive("nmi")?, "localnet")?;
     let ns = NetNs::new("images")?;
     let value = || -> anyhow::Result<String> {
         Ok(ns
@@ -598,5 +643,210 @@ fn nmi_image_route_localnet_needs_the_privileged_init_container() -> anyhow::Res
         ..Run::default()
     })?)?;
     assert_eq!(value()?, "1");
+    Ok(())
+}
+
+/// The emulator's identities: `app-id` is assigned to the VM `app-vm`,
+/// `other-id` exists but is on no machine.
+const APP_CLIENT: &str = "c0000000-0000-4000-8000-0000000000a1";
+const OTHER_CLIENT: &str = "c0000000-0000-4000-8000-0000000000a2";
+const APP_MACHINE: &str = "vm/app-vm";
+const ARM_SCOPE: &str = "https://management.azure.com/.default";
+
+fn app_emulator_config() -> anyhow::Result<azure_emulator::Config> {
+    let yaml = format!(
+        "tenantId: {TENANT}
+subscriptionId: {SUB}
+identities:
+  - {{ name: app-id, resourceGroup: app-rg, clientId: {APP_CLIENT} }}
+  - {{ name: other-id, resourceGroup: app-rg, clientId: {OTHER_CLIENT} }}
+virtualMachines:
+  - {{ name: app-vm, resourceGroup: app-rg, identity: {{ userAssigned: [app-id] }} }}
+"
+    );
+    Ok(azure_emulator::Config::from_yaml(&yaml)?)
+}
+
+/// The JSON lines a run of `/app/token.py` printed, and whether it exited 0.
+fn token_lines(out: &Output) -> anyhow::Result<(bool, Vec<Value>)> {
+    let stdout = text(&out.stdout);
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<anyhow::Result<Vec<Value>>>()
+        .with_context(|| format!("stderr: {}", text(&out.stderr)))?;
+    Ok((out.status.success(), lines))
+}
+
+/// `sha256sum` of `data`, in hex.
+fn sha256_hex(data: &str) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("run sha256sum")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(data.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "sha256sum: {}", out.status);
+    Ok(text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// The application image, as an application pod runs it (its non-root
+/// user, a read-only root, no capabilities), in a network namespace where
+/// 169.254.169.254 is the emulator's IMDS for the VM `app-vm`: the real
+/// Python SDK gets a token for the identity assigned to that VM (verified by
+/// the emulator), and a clear failure for one that is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_image_gets_a_token_through_imds() -> anyhow::Result<()> {
+    let archive = tokio::task::block_in_place(|| APP.archive("app"))?;
+    let bundle = Bundle::unpack(archive, "app")?;
+    assert_eq!(bundle.user()?, (65532, 65532), "{}", bundle.image);
+    let rootfs = bundle.dir.join("rootfs");
+    assert!(!rootfs.join("bin/sh").exists(), "the app image has a shell");
+
+    let emu = azure_emulator::Emulator::start(app_emulator_config()?).await?;
+    let imds = emu.add_imds(APP_MACHINE, "127.0.0.1:0".parse()?).await?;
+    let ns = NetNs::new("images-app")?;
+    ns.add_local_address(IMDS_ADDRESS)?;
+    let _relay = ns
+        .relay_to(SocketAddr::from((IMDS_ADDRESS, 80)), imds, &bundle.dir)
+        .await?;
+    let token_py = |args: &[&str]| -> anyhow::Result<Output> {
+        let mut command = vec!["python3", "/app/token.py"];
+        command.extend(args);
+        tokio::task::block_in_place(|| {
+            bundle.run(&Run {
+                command: Some(&command),
+                netns: Some(&ns),
+                ..Run::default()
+            })
+        })
+    };
+
+    // The identity assigned to the VM: a token the emulator issued for it.
+    let out = token_py(&[ARM_SCOPE, APP_CLIENT, "--show-token"])?;
+    let (ok, lines) = token_lines(&out)?;
+    assert!(ok, "{lines:?} {}", text(&out.stderr));
+    let [line] = &lines[..] else {
+        bail!("one line per try: {lines:?}");
+    };
+    assert_eq!(line["ok"], true, "{line}");
+    let token = line["token"].as_str().context("token")?;
+    let claims = emu
+        .verify_token(token)
+        .map_err(|e| anyhow::anyhow!("the emulator rejects the token: {e:?}"))?;
+    assert_eq!(claims.appid, APP_CLIENT);
+    assert_eq!(line["appid"], APP_CLIENT, "{line}");
+    assert_eq!(line["token_sha256"], sha256_hex(token)?, "{line}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let expires_on = line["expires_on"].as_u64().context("expires_on")?;
+    assert!(expires_on > now.as_secs(), "{line}");
+
+    // Bounded repetition: one line per try, no token printed by default.
+    let (ok, lines) = token_lines(&token_py(&[
+        ARM_SCOPE,
+        APP_CLIENT,
+        "--loop",
+        "2",
+        "--interval",
+        "0",
+    ])?)?;
+    assert!(ok, "{lines:?}");
+    let tries: Vec<_> = lines
+        .iter()
+        .map(|l| (l["ok"].clone(), l["try"].clone()))
+        .collect();
+    assert_eq!(tries, [(json!(true), json!(1)), (json!(true), json!(2))]);
+    assert!(lines.iter().all(|l| l.get("token").is_none()), "{lines:?}");
+
+    // An identity that is not assigned to the VM: IMDS's error, exit 1.
+    let out = token_py(&[ARM_SCOPE, OTHER_CLIENT])?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let (_, lines) = token_lines(&out)?;
+    let [line] = &lines[..] else {
+        bail!("one line per try: {lines:?}");
+    };
+    assert_eq!(line["ok"], false, "{line}");
+    assert!(line.get("token_sha256").is_none(), "{line}");
+    let error = line["error"].as_str().context("error")?;
+    assert!(error.contains("Identity not found"), "{line}");
+    emu.shutdown();
+    Ok(())
+}
+
+#[test]
+fn upstream_images_run_version() -> anyhow::Result<()> {
+    let mic = Bundle::unpack(UPSTREAM.archive("upstream-mic")?, "upstream-mic")?;
+    assert_eq!(mic.user()?, (65532, 65532), "{}", mic.image);
+    assert_eq!(mic.image["Entrypoint"], json!(["mic"]), "{}", mic.image);
+    let nmi = Bundle::unpack(UPSTREAM.archive("upstream-nmi")?, "upstream-nmi")?;
+    assert_eq!(nmi.user()?, (10001, 10001), "{}", nmi.image);
+    assert_eq!(nmi.image["Entrypoint"], json!(["nmi"]), "{}", nmi.image);
+    let want = format!("MIC Version: {UPSTREAM_VERSION} - NMI Version: {UPSTREAM_VERSION}");
+    // Upstream's MIC checks MIC_POD_NAMESPACE before --version.
+    let (stdout, _) = succeeded(mic.run(&Run {
+        args: &["--version"],
+        env: &["MIC_POD_NAMESPACE=default"],
+        ..Run::default()
+    })?)?;
+    assert!(stdout.starts_with(&want), "{stdout}");
+    let (stdout, _) = succeeded(nmi.run(&Run {
+        args: &["--version"],
+        ..Run::default()
+    })?)?;
+    assert!(stdout.starts_with(&want), "{stdout}");
+    Ok(())
+}
+
+/// Upstream's nmi runs `iptables` from PATH: in its image that is the
+/// wrapper, which finds the node's back end (here legacy, by kubelet's hint)
+/// and, with a writable root as upstream's chart runs it, points the Debian
+/// alternatives at it; with a read-only root it says so and runs that back
+/// end's command directly.
+#[test]
+fn upstream_nmi_image_iptables_follows_the_nodes_back_end() -> anyhow::Result<()> {
+    let nmi = Bundle::unpack(UPSTREAM.archive("upstream-nmi")?, "upstream-nmi")?;
+    let ns = NetNs::new("images")?;
+    add_hint(&ns, "legacy")?;
+    add_nmi_chain(&ns, "legacy")?;
+    // Upstream's chart: root (runAsUser 0), these capabilities only.
+    let caps = &["CAP_DAC_READ_SEARCH", "CAP_NET_ADMIN", "CAP_NET_RAW"];
+    let run = |writable_root| {
+        succeeded(nmi.run(&Run {
+            command: Some(&["iptables-save", "-t", "nat"]),
+            caps,
+            netns: Some(&ns),
+            writable_root,
+            user: Some((0, 0)),
+            ..Run::default()
+        })?)
+    };
+    let (stdout, stderr) = run(false)?;
+    assert!(stdout.contains(":aad-metadata "), "{stdout}");
+    assert!(
+        stderr.contains("Unable to redirect iptables binaries"),
+        "{stderr}"
+    );
+    let alternative = nmi.dir.join("rootfs/etc/alternatives/iptables");
+    assert_eq!(
+        std::fs::read_link(&alternative)?,
+        Path::new("/usr/sbin/iptables-wrapper")
+    );
+    let (stdout, stderr) = run(true)?;
+    assert!(stdout.contains(":aad-metadata "), "{stdout}");
+    assert!(!stderr.contains("Unable to redirect"), "{stderr}");
+    assert_eq!(
+        std::fs::read_link(&alternative)?,
+        Path::new("/usr/sbin/iptables-legacy")
+    );
     Ok(())
 }
