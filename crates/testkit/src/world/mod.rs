@@ -81,11 +81,13 @@
 //! | `pods` | [`PodRef`]; pods and their AzureAssignedIdentities; [`create_pod`], [`create_identity`] for a world without the chart |
 //! | `tokens` | token requests from pods |
 //! | `users` | [`NsUser`]: namespace-scoped users, namespaces, Events |
+//! | `federated` | federated identities: the emulator trusting the cluster's ServiceAccount issuer ([`ClusterIssuer`]), federated credentials, ServiceAccounts and pods running as them |
 //! | [`upgrade`] | upstream -> this project -> upstream in place, with pods asking for tokens throughout: [`upgrade::UpgradeFigures`] |
 
 mod azure;
 pub mod builder;
 mod chart;
+mod federated;
 mod nodes;
 pub mod options;
 mod pods;
@@ -105,6 +107,7 @@ use serde_json::Value;
 
 pub use azure::tenant_of;
 pub use builder::{ArgsSource, ClusterChoice, NodeSpec, WorldBuilder, WorldCluster};
+pub use federated::ClusterIssuer;
 pub use nodes::{MicReplica, WorldNode, socket_of};
 pub use options::{Dialect, Options, Program};
 pub use pods::{PodRef, create_identity, create_pod, create_pod_at};

@@ -238,9 +238,9 @@ impl NodeNet {
 
 impl WorldNode {
     /// Node `index` of the world as `spec` describes it: its Node object,
-    /// its pod namespaces, its IMDS at 169.254.169.254:80 and the apiserver
-    /// inside the node namespace, and nmi's process from `nmi` (not started
-    /// yet).
+    /// its pod namespaces, its IMDS at 169.254.169.254:80, the apiserver and
+    /// the emulator's Entra ID inside the node namespace, and nmi's process
+    /// from `nmi` (not started yet).
     pub(super) async fn add(
         launch: &Launch<'_>,
         nmi: &Source<'_>,
@@ -249,7 +249,13 @@ impl WorldNode {
     ) -> anyhow::Result<WorldNode> {
         let upstream = nmi.program().dialect == Dialect::Upstream;
         let base = NodeBase::of(launch);
-        let links = NodeLinks::default();
+        // Entra ID too: nmi asks it for service principals' and federated
+        // identities' tokens from the node.
+        let aad = socket_of(&launch.emu.aad_url())?;
+        let links = NodeLinks {
+            extra: vec![(aad, aad)],
+            ..NodeLinks::default()
+        };
         let mut net = NodeNet::build(&base, spec, index, Some(launch.emu), upstream, links).await?;
         let pod_name = nmi.nmi_name(index, &spec.name);
         let proc = process_or_stop(launch, nmi, &pod_name, &spec.name, &mut net.relay).await?;

@@ -39,7 +39,11 @@ pub struct PodRef {
 }
 
 /// An application Pod `name` with `labels` on node `node`.
-fn app_pod(name: &str, labels: &BTreeMap<&str, &str>, node: &str) -> anyhow::Result<Pod> {
+pub(super) fn app_pod(
+    name: &str,
+    labels: &BTreeMap<&str, &str>,
+    node: &str,
+) -> anyhow::Result<Pod> {
     Ok(serde_json::from_value(json!({
         "metadata": {"name": name, "labels": labels},
         "spec": {
@@ -180,7 +184,7 @@ impl World {
 
     /// Node, slot and address of pod index `i` (as [`World::create_pods`]
     /// places it: node `i % nodes`, its pod namespace `i / nodes`).
-    fn place(&self, i: usize) -> anyhow::Result<(usize, usize, Ipv4Addr)> {
+    pub(super) fn place(&self, i: usize) -> anyhow::Result<(usize, usize, Ipv4Addr)> {
         let nodes = self.nodes.len().max(1);
         let (node, slot) = (i % nodes, i / nodes);
         let (_, ip) = self

@@ -1,0 +1,214 @@
+//! Federated identities in the world: the emulator's Entra ID trusting the
+//! cluster's own ServiceAccount issuer (read from the apiserver's discovery
+//! document and JWKS, as Entra reads a real cluster's), AzureIdentities
+//! annotated `aadpodidentity.k8s.io/token-source: federated`, federated
+//! credentials on the emulator's identities, ServiceAccounts and pods that
+//! run as them.
+
+use std::collections::BTreeMap;
+
+use aadpodid_api::{
+    ANNOTATION_TOKEN_SOURCE, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+    AzureIdentityBindingSpec, AzureIdentitySpec, FEDERATED_TOKEN_AUDIENCE,
+};
+use anyhow::{Context as _, bail};
+use azure_emulator::FederatedCredentialSeed;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+
+use super::pods::app_pod;
+use super::{PodRef, World, id_client, id_name, id_resource};
+
+/// The cluster's ServiceAccount issuer as Entra ID sees it.
+#[derive(Clone, Debug)]
+pub struct ClusterIssuer {
+    /// The discovery document's `issuer` (the `iss` of every ServiceAccount token).
+    pub issuer: String,
+    /// The keys served at `/openid/v1/jwks`.
+    pub jwks: Value,
+}
+
+impl World {
+    /// Makes the emulator's Entra ID trust the cluster's ServiceAccount
+    /// issuer: reads the apiserver's `/.well-known/openid-configuration`
+    /// and `/openid/v1/jwks` (what Entra fetches from a cluster's OIDC
+    /// issuer URL; here `kubectl get --raw`, as an administrator) and gives
+    /// the keys to the emulator for that issuer.
+    pub async fn trust_cluster_issuer(&self) -> anyhow::Result<ClusterIssuer> {
+        let get = |path: &'static str| async move {
+            let out = self.kubectl_as(None, &["get", "--raw", path], None).await?;
+            if !out.success {
+                bail!("kubectl get --raw {path}: {}", out.stderr);
+            }
+            serde_json::from_str::<Value>(&out.stdout)
+                .with_context(|| format!("{path}: {}", out.stdout))
+        };
+        let discovery = get("/.well-known/openid-configuration").await?;
+        let issuer = discovery["issuer"]
+            .as_str()
+            .with_context(|| format!("no issuer in {discovery}"))?
+            .to_string();
+        let jwks = get("/openid/v1/jwks").await?;
+        let n = self
+            .emu
+            .set_issuer_jwks(&issuer, &jwks)
+            .map_err(|e| anyhow::anyhow!("the cluster's JWKS: {e:?}"))?;
+        if n == 0 {
+            bail!("the cluster publishes no keys: {jwks}");
+        }
+        Ok(ClusterIssuer { issuer, jwks })
+    }
+
+    /// Creates AzureIdentity `ns/name` for the emulator's identity `j` (its
+    /// client ID and resource ID) with the token source `source` (the
+    /// annotation's value, `None` for no annotation), the emulator's Entra ID
+    /// as `adEndpoint` and no `tenantID` (nmi then uses azure.json's), and
+    /// its binding `<name>-binding` to `selector`.
+    pub async fn create_identity_with_source(
+        &self,
+        ns: &str,
+        name: &str,
+        j: usize,
+        source: Option<&str>,
+        selector: &str,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let mut id = AzureIdentity::new(
+            name,
+            AzureIdentitySpec {
+                resource_id: id_resource(&id_name(j)),
+                client_id: id_client(j),
+                ad_endpoint: self.emu.aad_url(),
+                ..Default::default()
+            },
+        );
+        id.metadata.namespace = Some(ns.into());
+        id.metadata.annotations =
+            source.map(|s| BTreeMap::from([(ANNOTATION_TOKEN_SOURCE.to_string(), s.to_string())]));
+        Api::<AzureIdentity>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &id)
+            .await
+            .with_context(|| format!("create AzureIdentity {ns}/{name}"))?;
+        let binding = format!("{name}-binding");
+        let mut b = AzureIdentityBinding::new(
+            &binding,
+            AzureIdentityBindingSpec {
+                azure_identity: name.into(),
+                selector: selector.into(),
+                weight: 0,
+            },
+        );
+        b.metadata.namespace = Some(ns.into());
+        Api::<AzureIdentityBinding>::namespaced(client, ns)
+            .create(&PostParams::default(), &b)
+            .await
+            .with_context(|| format!("create AzureIdentityBinding {ns}/{binding}"))?;
+        Ok(())
+    }
+
+    /// Adds to the emulator's identity `j` a federated credential trusting
+    /// `issuer` for ServiceAccount `ns/sa` (audience
+    /// `api://AzureADTokenExchange`), as `az identity federated-credential
+    /// create` would.
+    pub fn add_federated_credential(
+        &self,
+        j: usize,
+        issuer: &str,
+        ns: &str,
+        sa: &str,
+    ) -> anyhow::Result<()> {
+        let credential = FederatedCredentialSeed {
+            issuer: issuer.into(),
+            subject: format!("system:serviceaccount:{ns}:{sa}"),
+            audience: FEDERATED_TOKEN_AUDIENCE.into(),
+        };
+        if !self.emu.add_federated_credential(&id_name(j), credential) {
+            bail!("the emulator has no identity {}", id_name(j));
+        }
+        Ok(())
+    }
+
+    /// Creates ServiceAccount `ns/name` (nothing in the world's cluster
+    /// creates a namespace's ServiceAccounts).
+    pub async fn create_service_account(&self, ns: &str, name: &str) -> anyhow::Result<()> {
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        Api::<ServiceAccount>::namespaced(self.client().await?, ns)
+            .create(&PostParams::default(), &sa)
+            .await
+            .with_context(|| format!("create ServiceAccount {ns}/{name}"))?;
+        Ok(())
+    }
+
+    /// Creates Pod `ns/name` running as ServiceAccount `sa` (`None`: none
+    /// named, the pod runs as `default`) with `labels` on the node of pod
+    /// index `i` (see [`World::create_pods`]), and runs it there.
+    pub async fn create_pod_as_service_account(
+        &self,
+        ns: &str,
+        name: &str,
+        sa: Option<&str>,
+        labels: &[(&str, &str)],
+        i: usize,
+    ) -> anyhow::Result<PodRef> {
+        let (node, _, _) = self.place(i)?;
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let mut pod = app_pod(name, &labels, &self.nodes[node].name)?;
+        if let Some(spec) = pod.spec.as_mut() {
+            spec.service_account_name = sa.map(str::to_string);
+        }
+        Api::<Pod>::namespaced(self.client().await?, ns)
+            .create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("create pod {ns}/{name}"))?;
+        self.run_pod(ns, name, i).await
+    }
+
+    /// Writes, as an administrator, the AzureAssignedIdentity MIC writes for
+    /// `pod` and AzureIdentity `ns/identity` with its binding
+    /// `<identity>-binding`, already `Assigned` (for a test that keeps MIC
+    /// out of the way).
+    pub async fn write_assigned(
+        &self,
+        pod: &PodRef,
+        ns: &str,
+        identity: &str,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let strip = |mut v: Value| {
+            if let Some(m) = v["metadata"].as_object_mut() {
+                m.remove("managedFields");
+            }
+            v
+        };
+        let id = strip(serde_json::to_value(
+            Api::<AzureIdentity>::namespaced(client.clone(), ns)
+                .get(identity)
+                .await?,
+        )?);
+        let binding = strip(serde_json::to_value(
+            Api::<AzureIdentityBinding>::namespaced(client.clone(), ns)
+                .get(&format!("{identity}-binding"))
+                .await?,
+        )?);
+        let node = self.nodes[pod.node].name.clone();
+        let aai: AzureAssignedIdentity = serde_json::from_value(json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+            "metadata": {
+                "name": format!("{}-{}-{identity}", pod.name, pod.namespace),
+                "namespace": "default",
+                "labels": {"nodename": node},
+            },
+            "spec": {
+                "azureIdentityRef": id, "azureBindingRef": binding,
+                "pod": pod.name, "podNamespace": pod.namespace, "nodename": node,
+            },
+            "status": {"status": "Assigned", "availableReplicas": 1},
+        }))?;
+        Api::<AzureAssignedIdentity>::namespaced(client, "default")
+            .create(&PostParams::default(), &aai)
+            .await
+            .with_context(|| format!("write the AzureAssignedIdentity of {}", pod.name))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,292 @@
+//! Federated identities end to end: an AzureIdentity annotated
+//! `aadpodidentity.k8s.io/token-source: federated` gets its tokens through
+//! 169.254.169.254 with nothing written to ARM and nothing asked of the
+//! node's IMDS. nmi (the chart's DaemonSet, its ServiceAccount and RBAC with
+//! `federatedTokens.enabled`) asks the real test apiserver for a token of
+//! the pod's own ServiceAccount, bound to the pod, and exchanges it at the
+//! emulator's Entra ID, which trusts the apiserver's ServiceAccount issuer
+//! through its discovery document and JWKS (read from the apiserver, as
+//! Entra reads a cluster's OIDC issuer).
+//!
+//! | case | expected |
+//! |---|---|
+//! | pod bound to the federated identity, its ServiceAccount has a federated credential | a token naming the identity's client ID, through curl (IMDS format) and the Python SDK's `ManagedIdentityCredential`; no ARM write, no IMDS token request; cached |
+//! | same identity, a pod running as a ServiceAccount without a credential | 403 naming AADSTS700213 and the credential to create (issuer, subject); a Warning Event on the AzureIdentity; once the credential exists, a token |
+//! | a pod with no binding | no token, no exchange |
+//! | another node's pod named through `/host/token` | refused by this node's nmi (404), served by its own node's |
+//! | an identity whose annotation is misspelt | 403 naming the annotation, no exchange |
+//!
+//! The AzureAssignedIdentities are written by the test with mic stopped:
+//! mic's side of federated identities (Assigned at once, nothing written to
+//! ARM) is tested with mic.
+
+use std::time::{Duration, Instant};
+
+use aadpodid_tests::e2e::{Options, PodRef, World, curl_in, id_client};
+use aadpodid_tests::wait_for;
+use serde_json::Value;
+
+/// Namespace of the federated identities and their pods.
+const NS: &str = "fed";
+/// The ServiceAccount with a federated credential.
+const TRUSTED_SA: &str = "web";
+/// A ServiceAccount without one (at first).
+const OTHER_SA: &str = "batch";
+/// Emulator identity of the federated AzureIdentity (`id-1`; `id-0` is the
+/// chart's ordinary identity).
+const FED_J: usize = 1;
+/// Port of nmi's token service on the node (the chart's default).
+const NMI_PORT: u16 = 2579;
+
+/// One scale set of two nodes, `id-0` as the chart's identity and `id-1`,
+/// `id-2` in the tenant only, the admission policy off (the test writes
+/// AzureAssignedIdentities), nmi allowed to request ServiceAccount tokens,
+/// and nmi answering quickly when no identity is assigned.
+fn options() -> Options {
+    let mut o = Options::new(env!("CARGO_BIN_EXE_e2e-mic"), env!("CARGO_BIN_EXE_e2e-nmi"));
+    o.scale_sets = 1;
+    o.instances = 2;
+    o.identities = 1;
+    o.unbound_identities = 2;
+    o.pods_per_node = 4;
+    for (k, v) in [
+        ("identityPolicy.mode", "off"),
+        ("federatedTokens.enabled", "true"),
+        // The node policy judges NMI by the node its own pod-bound token
+        // names; the kit authenticates NMI with an unbound token.
+        ("federatedTokens.nodePolicy", "false"),
+        ("nmi.retryAttemptsForCreated", "2"),
+        ("nmi.retryAttemptsForAssigned", "2"),
+        ("nmi.findIdentityRetryIntervalInSeconds", "1"),
+    ] {
+        o.set.push((k.into(), v.into()));
+    }
+    o
+}
+
+/// ARM writes and IMDS token requests so far, and Entra ID token requests
+/// for `client_id`.
+fn calls(world: &World, client_id: &str) -> (u64, u64, u64) {
+    let c = world.emu.counters();
+    (
+        c.arm_writes.values().sum(),
+        c.imds_token_requests.values().sum(),
+        c.aad_token_requests.get(client_id).copied().unwrap_or(0),
+    )
+}
+
+/// The body's JSON.
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<()> {
+    let mut world = World::start(options()).await?;
+    let issuer = world.trust_cluster_issuer().await?;
+    eprintln!(
+        "[federated] cluster issuer {} with {} key(s)",
+        issuer.issuer,
+        issuer.jwks["keys"].as_array().map_or(0, Vec::len)
+    );
+    for r in 0..world.mics.len() {
+        world.signal_mic(r, "KILL")?;
+    }
+    world.create_namespace(NS, None).await?;
+    for sa in [TRUSTED_SA, OTHER_SA] {
+        world.create_service_account(NS, sa).await?;
+    }
+    world
+        .create_identity_with_source(NS, "fed-id", FED_J, Some("federated"), "fed")
+        .await?;
+    world
+        .create_identity_with_source(NS, "typo-id", 2, Some("Federated"), "typo")
+        .await?;
+    world.add_federated_credential(FED_J, &issuer.issuer, NS, TRUSTED_SA)?;
+    let fed = [("aadpodidbinding", "fed")];
+    // Pod indexes: even on node 0, odd on node 1.
+    let trusted = world
+        .create_pod_as_service_account(NS, "trusted", Some(TRUSTED_SA), &fed, 0)
+        .await?;
+    let other = world
+        .create_pod_as_service_account(NS, "other-sa", Some(OTHER_SA), &fed, 2)
+        .await?;
+    let unbound = world
+        .create_pod_as_service_account(NS, "unbound", Some(TRUSTED_SA), &[], 4)
+        .await?;
+    let far = world
+        .create_pod_as_service_account(NS, "far", Some(TRUSTED_SA), &fed, 1)
+        .await?;
+    let typo = world
+        .create_pod_as_service_account(NS, "typo", None, &[("aadpodidbinding", "typo")], 6)
+        .await?;
+    for p in [&trusted, &other, &far] {
+        world.write_assigned(p, NS, "fed-id").await?;
+    }
+    world.write_assigned(&typo, NS, "typo-id").await?;
+    let client_id = id_client(FED_J);
+    let before = calls(&world, &client_id);
+
+    // The trusted pod: a token in IMDS's format naming the identity.
+    let asked = Instant::now();
+    let (status, body) = ask(&world, &trusted, "", 30).await?;
+    let first_ms = asked.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(status, 200, "{body}\n{}", world.dump().await);
+    let answer = json(&body);
+    for field in [
+        "access_token",
+        "expires_in",
+        "expires_on",
+        "not_before",
+        "resource",
+        "token_type",
+        "client_id",
+    ] {
+        assert!(answer.get(field).is_some(), "no {field} in {body}");
+    }
+    assert_eq!(answer["client_id"], client_id.as_str(), "{body}");
+    assert_eq!(
+        answer["resource"], "https://management.azure.com/",
+        "{body}"
+    );
+    assert_eq!(world.appid_of(&body)?, client_id);
+    let first = calls(&world, &client_id);
+    assert_eq!(first.2, before.2 + 1, "one exchange at Entra ID");
+    // Asked again (raw HTTP by client ID too): served from nmi's cache.
+    let asked = Instant::now();
+    let (status, again) = ask(&world, &trusted, &format!("&client_id={client_id}"), 30).await?;
+    let cached_ms = asked.elapsed().as_secs_f64() * 1e3;
+    eprintln!(
+        "[federated] first token of a new pod {first_ms:.1} ms (curl in the pod: TokenRequest, exchange), cached {cached_ms:.1} ms"
+    );
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(world.appid_of(&again)?, client_id);
+    assert_eq!(calls(&world, &client_id).2, first.2, "cached");
+    // The Python SDK, by default and by client ID.
+    for by in [None, Some(client_id.as_str())] {
+        let appid = world.python_token_appid(&trusted, by).await?;
+        assert_eq!(appid, client_id, "Python SDK by {by:?}");
+    }
+
+    // The same identity for a ServiceAccount Entra does not trust: the
+    // AADSTS error and the fix reach the pod and the AzureIdentity's Events.
+    let (status, body) = ask(&world, &other, "", 30).await?;
+    assert_eq!(status, 403, "{body}");
+    let message = json(&body)["error_description"]
+        .as_str()
+        .unwrap_or(&body)
+        .to_string();
+    for text in [
+        "AADSTS700213",
+        "system:serviceaccount:fed:batch",
+        issuer.issuer.as_str(),
+        "api://AzureADTokenExchange",
+        "fed/fed-id",
+    ] {
+        assert!(message.contains(text), "{text:?} not in {message}");
+    }
+    assert!(json(&body).get("access_token").is_none(), "{body}");
+    let admin = world.client().await?;
+    let event = wait_for(
+        "the Event on fed/fed-id",
+        Duration::from_secs(20),
+        || async {
+            world
+                .events_in(&admin, NS)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|e| e.starts_with("AzureIdentity/fed-id Warning federated exchange refused"))
+        },
+    )
+    .await?;
+    assert!(
+        event.contains("AADSTS700213") && event.contains("system:serviceaccount:fed:batch"),
+        "{event}"
+    );
+    // The fix, as the message says: then the pod gets its token.
+    world.add_federated_credential(FED_J, &issuer.issuer, NS, OTHER_SA)?;
+    let (status, body) = ask(&world, &other, "", 30).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(world.appid_of(&body)?, client_id);
+
+    // No binding: nothing, and no exchange.
+    let exchanges = calls(&world, &client_id).2;
+    let (status, body) = ask(&world, &unbound, "", 30).await?;
+    assert_eq!(status, 404, "{body}");
+    assert!(json(&body).get("access_token").is_none(), "{body}");
+
+    // Another node's pod, named through /host/token on node 0: unknown
+    // there; its own node's nmi serves it.
+    let (status, body) = host_token(&world, 0, &far).await?;
+    assert_eq!(status, 404, "node 0 served node 1's pod: {body}");
+    assert_eq!(
+        calls(&world, &client_id).2,
+        exchanges,
+        "no exchange for another node's pod"
+    );
+    let (status, body) = host_token(&world, 1, &far).await?;
+    assert_eq!(status, 200, "node 1 for its own pod: {body}");
+    // `/host/token` answers {"token": <IMDS answer>, "clientid": ...}.
+    assert_eq!(
+        world.appid_of(&json(&body)["token"].to_string())?,
+        client_id
+    );
+
+    // A misspelt token source: refused, naming the annotation.
+    let typo_client = id_client(2);
+    let (status, body) = ask(&world, &typo, "", 30).await?;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("aadpodidentity.k8s.io/token-source"),
+        "{body}"
+    );
+    assert_eq!(
+        calls(&world, &typo_client).2,
+        0,
+        "no exchange for a misspelt source"
+    );
+
+    // Nothing written to ARM, nothing asked of IMDS, all along.
+    let after = calls(&world, &client_id);
+    assert_eq!(
+        (after.0, after.1),
+        (before.0, before.1),
+        "ARM writes, IMDS token requests"
+    );
+    eprintln!(
+        "[federated] exchanges at Entra ID for {client_id}: {}; ARM writes {}; IMDS token requests {}",
+        after.2 - before.2,
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    Ok(())
+}
+
+/// A token request from `p` to 169.254.169.254 for ARM with `query`
+/// appended: (status, body).
+async fn ask(
+    world: &World,
+    p: &PodRef,
+    query: &str,
+    max_time: u32,
+) -> anyhow::Result<(u16, String)> {
+    world.token_request(p, query, max_time).await
+}
+
+/// A `/host/token` request for ARM from node `node`'s own network (as a
+/// host-network caller makes it) naming pod `p`: (status, body).
+async fn host_token(world: &World, node: usize, p: &PodRef) -> anyhow::Result<(u16, String)> {
+    curl_in(
+        &world.nodes[node].net.node,
+        &format!(
+            "http://127.0.0.1:{NMI_PORT}/host/token?resource=https%3A%2F%2Fmanagement.azure.com%2F"
+        ),
+        &[
+            &format!("podns: {}", p.namespace),
+            &format!("podname: {}", p.name),
+        ],
+        30,
+    )
+    .await
+}
