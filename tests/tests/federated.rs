@@ -40,8 +40,9 @@ const NMI_PORT: u16 = 2579;
 
 /// One scale set of two nodes, `id-0` as the chart's identity and `id-1`,
 /// `id-2` in the tenant only, the admission policy off (the test writes
-/// AzureAssignedIdentities), nmi allowed to request ServiceAccount tokens,
-/// and nmi answering quickly when no identity is assigned.
+/// AzureAssignedIdentities), nmi allowed to request ServiceAccount tokens
+/// (with its own pod-bound token), and nmi answering quickly when no
+/// identity is assigned.
 fn options() -> Options {
     let mut o = Options::new(env!("CARGO_BIN_EXE_e2e-mic"), env!("CARGO_BIN_EXE_e2e-nmi"));
     o.scale_sets = 1;
@@ -49,11 +50,14 @@ fn options() -> Options {
     o.identities = 1;
     o.unbound_identities = 2;
     o.pods_per_node = 4;
+    // nmi runs with a token bound to its pod, as the kubelet gives it.
+    o.pod_bound_tokens = true;
     for (k, v) in [
         ("identityPolicy.mode", "off"),
         ("federatedTokens.enabled", "true"),
-        // The node policy judges NMI by the node its own pod-bound token
-        // names; the kit authenticates NMI with an unbound token.
+        // Off for now: its parameters (the Pods of the namespace) are
+        // missing in a namespace without pods, and it then refuses every
+        // TokenRequest there, the kit's own for mic and nmi included.
         ("federatedTokens.nodePolicy", "false"),
         ("nmi.retryAttemptsForCreated", "2"),
         ("nmi.retryAttemptsForAssigned", "2"),

@@ -645,6 +645,7 @@ impl WorldBuilder {
             emu: self.emu()?,
             apiserver: socket_of(cluster.server())?,
             relay: self.opts.relay.as_ref(),
+            pod_bound_tokens: self.opts.pod_bound_tokens,
         })
     }
 

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use azure_emulator::Emulator;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -199,6 +200,8 @@ pub(super) struct Launch<'a> {
     pub(super) apiserver: SocketAddr,
     /// The relay program of [`Options::relay`] (`None`: the kit's).
     pub(super) relay: Option<&'a Program>,
+    /// [`Options::pod_bound_tokens`].
+    pub(super) pod_bound_tokens: bool,
 }
 
 impl Launch<'_> {
@@ -213,6 +216,11 @@ impl Launch<'_> {
         node: &str,
     ) -> anyhow::Result<Proc> {
         create_workload_pod(self.client, workload, pod_name, node).await?;
+        let kubeconfig = if self.pod_bound_tokens {
+            pod_bound_kubeconfig(self.client, workload, pod_name, self.dir).await?
+        } else {
+            workload.kubeconfig.clone()
+        };
         let mut fields = BTreeMap::from([
             ("metadata.namespace", RELEASE_NS.to_string()),
             ("metadata.name", pod_name.to_string()),
@@ -221,7 +229,7 @@ impl Launch<'_> {
             fields.insert("spec.nodeName", node.to_string());
         }
         let (mut args, env) = container_command(&workload.object, &fields, self.host)?;
-        args.push(format!("--kubeconfig={}", workload.kubeconfig.display()));
+        args.push(format!("--kubeconfig={}", kubeconfig.display()));
         Ok(self.proc(
             pod_name,
             &workload.program,
@@ -288,6 +296,67 @@ async fn create_workload_pod(
     Ok(())
 }
 
+/// A kubeconfig for pod `pod` of `workload` (in [`RELEASE_NS`]) with a token
+/// of its ServiceAccount bound to the pod, as the kubelet mounts: the API
+/// server adds the pod's node to such a token (user extra
+/// `authentication.kubernetes.io/node-name`), and it dies with the pod.
+async fn pod_bound_kubeconfig(
+    client: &Client,
+    workload: &Workload,
+    pod: &str,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let account = workload.object["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .context("serviceAccountName")?;
+    let uid = Api::<Pod>::namespaced(client.clone(), RELEASE_NS)
+        .get(pod)
+        .await?
+        .metadata
+        .uid
+        .with_context(|| format!("pod {pod} has no UID"))?;
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": [],
+            "expirationSeconds": 3600,
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid},
+        },
+    }))?;
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), RELEASE_NS)
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("a token of {account} bound to pod {pod}"))?
+        .status
+        .context("TokenRequest returned no status")?
+        .token;
+    let text = std::fs::read_to_string(&workload.kubeconfig)?;
+    let text = with_token(&text, &token)
+        .with_context(|| format!("no token in {}", workload.kubeconfig.display()))?;
+    let path = dir.join(format!("{pod}.kubeconfig"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// `kubeconfig` (a token kubeconfig) with its `token:` replaced by `token`;
+/// `None` when it holds no token.
+fn with_token(kubeconfig: &str, token: &str) -> Option<String> {
+    let mut found = false;
+    let lines: Vec<String> = kubeconfig
+        .lines()
+        .map(|line| {
+            let rest = line.trim_start();
+            match rest.strip_prefix("token: ") {
+                Some(_) if !found => {
+                    found = true;
+                    format!("{}token: {token}", &line[..line.len() - rest.len()])
+                }
+                _ => line.to_string(),
+            }
+        })
+        .collect();
+    found.then(|| lines.join("\n") + "\n")
+}
+
 /// The first container of a rendered workload.
 fn container(workload: &Value) -> &Value {
     &workload["spec"]["template"]["spec"]["containers"][0]
@@ -349,6 +418,25 @@ fn container_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kubeconfig_gets_another_token() {
+        let cases = [
+            (
+                "users:\n- name: u\n  user:\n    token: old\nx: y\n",
+                Some("users:\n- name: u\n  user:\n    token: new\nx: y\n"),
+            ),
+            ("token: old\n", Some("token: new\n")),
+            ("user:\n    client-certificate: c\n", None),
+        ];
+        for (kubeconfig, want) in cases {
+            assert_eq!(
+                with_token(kubeconfig, "new").as_deref(),
+                want,
+                "{kubeconfig}"
+            );
+        }
+    }
 
     #[test]
     fn values_and_grants_name_the_same_identities() {

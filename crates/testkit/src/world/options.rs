@@ -128,6 +128,11 @@ pub struct Options {
     /// it listens (a tool's own relay, so that its figures do not depend on
     /// Python's).
     pub relay: Option<Program>,
+    /// mic and nmi (from the chart) authenticate with a token of their
+    /// ServiceAccount bound to their pod, as the kubelet mounts (the API
+    /// server then names the pod's node in their requests), instead of one
+    /// token of the ServiceAccount for every replica.
+    pub pod_bound_tokens: bool,
 }
 
 impl Options {
@@ -155,6 +160,7 @@ impl Options {
             set: vec![],
             clock_speed: 30.0,
             relay: None,
+            pod_bound_tokens: false,
             mic_namespace: super::LEASE.0.into(),
         }
     }

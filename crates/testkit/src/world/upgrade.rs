@@ -495,6 +495,7 @@ impl Ctx<'_> {
             emu: &self.w.emu,
             apiserver: socket_of(self.w.cluster.server())?,
             relay: self.w.opts.relay.as_ref(),
+            pod_bound_tokens: self.w.opts.pod_bound_tokens,
         })
     }
 
