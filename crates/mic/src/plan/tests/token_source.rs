@@ -120,77 +120,34 @@ fn service_principals_may_be_federated_too() {
 /// the scale set only as its imds users require.
 #[test]
 fn switching_the_source_moves_the_identity_off_or_onto_the_nodes() {
-    struct Case {
-        name: &'static str,
-        from: Option<&'static str>,
-        to: Option<&'static str>,
-        /// Another imds AzureIdentity of the same Azure identity, used on n2.
-        other_imds_user: bool,
-        /// Identities the plan takes off vmss-a.
-        remove: &'static [&'static str],
-        /// Identities the plan adds to vmss-a.
-        add: &'static [&'static str],
-        /// The rewritten AAI is marked Assigned with no ARM call.
-        assigned_now: bool,
-        recorded_after: TokenSource,
-    }
-    let cases = [
-        Case {
-            name: "imds to federated, no other imds user: taken off",
-            from: None,
-            to: Some("federated"),
-            other_imds_user: false,
-            remove: &["id"],
-            add: &[],
-            assigned_now: true,
-            recorded_after: TokenSource::Federated,
-        },
-        Case {
-            name: "explicit imds to federated",
-            from: Some("imds"),
-            to: Some("federated"),
-            other_imds_user: false,
-            remove: &["id"],
-            add: &[],
-            assigned_now: true,
-            recorded_after: TokenSource::Federated,
-        },
-        Case {
-            name: "imds to federated, still used by an imds pod there: kept",
-            from: None,
-            to: Some("federated"),
-            other_imds_user: true,
-            remove: &[],
-            add: &[],
-            assigned_now: true,
-            recorded_after: TokenSource::Federated,
-        },
-        Case {
-            name: "federated to imds: assigned through ARM",
-            from: Some("federated"),
-            to: None,
-            other_imds_user: false,
-            remove: &[],
-            add: &["id"],
-            assigned_now: false,
-            recorded_after: TokenSource::Imds,
-        },
-        Case {
-            name: "federated to explicit imds",
-            from: Some("federated"),
-            to: Some("imds"),
-            other_imds_user: false,
-            remove: &[],
-            add: &["id"],
-            assigned_now: false,
-            recorded_after: TokenSource::Imds,
-        },
+    /// (case, annotation before, annotation after, another imds
+    /// AzureIdentity of the same Azure identity used on n2, identities taken
+    /// off vmss-a, identities added to it, the rewritten AAI marked Assigned
+    /// with no ARM call, the source it records)
+    type Case = (
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+        bool,
+        &'static [&'static str],
+        &'static [&'static str],
+        bool,
+        TokenSource,
+    );
+    use TokenSource::{Federated, Imds};
+    #[rustfmt::skip]
+    let cases: [Case; 5] = [
+        ("imds to federated, no other imds user: taken off", None, Some("federated"), false, &["id"], &[], true, Federated),
+        ("explicit imds to federated", Some("imds"), Some("federated"), false, &["id"], &[], true, Federated),
+        ("imds to federated, still used by an imds pod there: kept", None, Some("federated"), true, &[], &[], true, Federated),
+        ("federated to imds: assigned through ARM", Some("federated"), None, false, &[], &["id"], false, Imds),
+        ("federated to explicit imds", Some("federated"), Some("imds"), false, &[], &["id"], false, Imds),
     ];
     let opts = Options::default();
-    for c in cases {
-        let mut ix = bound_with_source(c.from);
+    for (name, from, to, other_imds_user, remove, add, assigned_now, recorded_after) in cases {
+        let mut ix = bound_with_source(from);
         add_web(&mut ix);
-        if c.other_imds_user {
+        if other_imds_user {
             // Same resource ID, another AzureIdentity name.
             let mut twin = mk_uami("ns", "twin");
             twin.spec.resource_id = rid("id");
@@ -199,37 +156,36 @@ fn switching_the_source_moves_the_identity_off_or_onto_the_nodes() {
             ix.apply_pod(&mk_pod("ns", "api", "sel-twin", "n2"));
         }
         settle(&mut ix, &opts);
-        assert!(plan(&ix, &opts).is_empty(), "{}: settled", c.name);
+        assert!(plan(&ix, &opts).is_empty(), "{name}: settled");
 
-        ix.apply_identity(&with_source(mk_uami("ns", "id"), c.to));
+        ix.apply_identity(&with_source(mk_uami("ns", "id"), to));
         let p = plan(&ix, &opts);
         let k = key("default", "web-ns-id");
         assert_eq!(
             p.update.iter().map(|u| &u.key).collect::<Vec<_>>(),
             [&k],
-            "{}",
-            c.name
+            "{name}"
         );
-        assert!(p.create.is_empty() && p.delete_now.is_empty(), "{}", c.name);
+        assert!(p.create.is_empty() && p.delete_now.is_empty(), "{name}");
         assert_eq!(
             p.update[0].aai().state(),
             Some(AssignedIdentityState::Created)
         );
-        assert_eq!(p.assign_now.contains(&k), c.assigned_now, "{}", c.name);
+        assert_eq!(p.assign_now.contains(&k), assigned_now, "{name}");
         let w = p
             .resources
             .get(&vmss("vmss-a"))
             .cloned()
             .unwrap_or_default();
         let ids = |names: &[&str]| names.iter().map(|n| lrid(n)).collect::<BTreeSet<_>>();
-        assert_eq!(w.remove, ids(c.remove), "{}", c.name);
-        assert_eq!(w.add, ids(c.add), "{}", c.name);
+        assert_eq!(w.remove, ids(remove), "{name}");
+        assert_eq!(w.add, ids(add), "{name}");
         // A removal that follows a source switch deletes no AAI.
-        assert!(w.delete_on_success.is_empty(), "{}", c.name);
+        assert!(w.delete_on_success.is_empty(), "{name}");
 
         settle(&mut ix, &opts);
-        assert_eq!(recorded(&ix, "web-ns-id"), c.recorded_after, "{}", c.name);
-        assert!(plan(&ix, &opts).is_empty(), "{}: settled again", c.name);
+        assert_eq!(recorded(&ix, "web-ns-id"), recorded_after, "{name}");
+        assert!(plan(&ix, &opts).is_empty(), "{name}: settled again");
     }
 }
 
