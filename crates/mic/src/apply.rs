@@ -113,6 +113,75 @@ impl Outcome {
     }
 }
 
+/// The ARM work of one VMSS/VM (GET, PATCHes, LRO, settling its AAIs), run
+/// beside later cycles, so a resource waiting on its operation holds up no
+/// other. At most one runs per resource: work a cycle plans for a resource
+/// whose job still runs waits, and is planned again once it ends.
+pub type ResourceJob = std::pin::Pin<Box<dyn std::future::Future<Output = JobDone> + Send>>;
+
+/// How a [`ResourceJob`] ended.
+#[derive(Debug)]
+pub struct JobDone {
+    pub resource: ResourceRef,
+    /// When to try the resource again, if needed.
+    pub result: Result<Option<Instant>, ApplyError>,
+    /// A cycle held work back while the job ran: plan again now.
+    pub replan: bool,
+}
+
+/// Resources with a running job, and the work held back meanwhile.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// Resource → the AAIs its job settles.
+    jobs: BTreeMap<ResourceRef, BTreeSet<Key>>,
+    /// Resources whose work a cycle held back while their job ran.
+    held: BTreeSet<ResourceRef>,
+}
+
+/// What a cycle does with one piece of work, given the running jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Done now (by the cycle, or by a new job for its resource).
+    Now,
+    /// Waits for the job that runs on its resource; planned again when it ends.
+    Held,
+}
+
+impl InFlight {
+    /// An AAI write (update, status, deletion) waits while a job settles the AAI.
+    fn route_key(&mut self, key: &Key) -> Route {
+        let busy = self
+            .jobs
+            .iter()
+            .find(|(_, keys)| keys.contains(key))
+            .map(|(r, _)| r.clone());
+        match busy {
+            Some(r) => {
+                self.held.insert(r);
+                Route::Held
+            }
+            None => Route::Now,
+        }
+    }
+
+    /// A resource's ARM work: a new job, or held while one runs; `keys`
+    /// are the AAIs the new job settles.
+    fn route_resource(&mut self, r: &ResourceRef, keys: BTreeSet<Key>) -> Route {
+        if self.jobs.contains_key(r) {
+            self.held.insert(r.clone());
+            return Route::Held;
+        }
+        self.jobs.insert(r.clone(), keys);
+        Route::Now
+    }
+
+    /// The job on `r` ended; whether work was held for it meanwhile.
+    fn finish(&mut self, r: &ResourceRef) -> bool {
+        self.jobs.remove(r);
+        self.held.remove(r)
+    }
+}
+
 /// Keeps the earlier of `slot` and `at`.
 fn earliest(slot: &mut Option<Instant>, at: Instant) {
     *slot = Some(slot.map_or(at, |t| t.min(at)));
@@ -148,7 +217,7 @@ enum Sending {
 /// The AAIs a cycle acts on: the index's (shared, not copied), with what
 /// the cycle wrote over them.
 struct Known<'a> {
-    indexed: &'a BTreeMap<Key, Arc<AssignedInfo>>,
+    indexed: Cow<'a, BTreeMap<Key, Arc<AssignedInfo>>>,
     written: BTreeMap<Key, Written>,
 }
 
@@ -162,6 +231,23 @@ struct Written {
 }
 
 impl Known<'_> {
+    /// The AAIs of `keys`, owned (for a job that outlives the cycle); the
+    /// written ones are moved out.
+    fn take(&mut self, keys: &BTreeSet<Key>) -> Known<'static> {
+        let mut part = Known {
+            indexed: Cow::Owned(BTreeMap::new()),
+            written: BTreeMap::new(),
+        };
+        for key in keys {
+            if let Some(w) = self.written.remove(key) {
+                part.written.insert(key.clone(), w);
+            } else if let Some(a) = self.indexed.get(key) {
+                part.indexed.to_mut().insert(key.clone(), Arc::clone(a));
+            }
+        }
+        part
+    }
+
     fn get(&self, key: &Key) -> Option<Cow<'_, AssignedInfo>> {
         match self.written.get(key) {
             Some(w) => Some(Cow::Owned(
@@ -191,6 +277,8 @@ pub struct Deps<C: Cloud> {
     pub events: Events,
     pub metrics: Metrics,
     pub leading: watch::Receiver<bool>,
+    /// The index, where MIC's own AAI writes go as soon as they are answered.
+    pub shared: Arc<crate::watch::Shared>,
 }
 
 impl<C: Cloud> std::fmt::Debug for Deps<C> {
@@ -223,6 +311,8 @@ pub struct Executor<C: Cloud> {
     /// Identity ID → the client ID ARM reported for it on any resource read
     /// so far (a cluster identity is then known before it is added elsewhere).
     known_client_ids: Mutex<BTreeMap<String, String>>,
+    /// The resources whose [`ResourceJob`] runs.
+    in_flight: Mutex<InFlight>,
 }
 
 impl<C: Cloud> std::fmt::Debug for Executor<C> {
@@ -258,8 +348,29 @@ impl<C: Cloud> Executor<C> {
             ledger: tokio::sync::Mutex::new(None),
             refusals: Mutex::default(),
             known_client_ids: Mutex::default(),
+            in_flight: Mutex::default(),
             opts,
         }
+    }
+
+    /// Forgets every running job (after they were aborted).
+    pub fn clear_jobs(&self) {
+        *lock(&self.in_flight) = InFlight::default();
+    }
+
+    /// Whether a job runs on `r`.
+    fn busy(&self, r: &ResourceRef) -> bool {
+        lock(&self.in_flight).jobs.contains_key(r)
+    }
+
+    /// The ledger as read in this term (jobs do not read it: the cycle that
+    /// starts them does, with the index it may be seeded from).
+    async fn read_ledger(&self) -> Result<Ledger, ApplyError> {
+        self.ledger
+            .lock()
+            .await
+            .clone()
+            .ok_or(ApplyError::LedgerNotRead)
     }
 
     /// Drops the cached ledger: the next term reads it afresh.
@@ -413,14 +524,17 @@ impl<C: Cloud> Executor<C> {
             self.check_leader()?;
             let patch =
                 json!({"metadata": {"annotations": {ANNOTATION_ASSIGNMENT_ERROR: message}}});
-            if let Err(error) = self
+            match self
                 .api(&key.0)
                 .patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                tracing::warn!(aai = %format!("{}/{}", key.0, key.1), %error, "annotating a refused AzureAssignedIdentity");
-                // Reported again next time, with the annotation.
-                lock(&self.refusals).remove(&key);
+                Ok(answer) => self.deps.shared.own_answer(&answer),
+                Err(error) => {
+                    tracing::warn!(aai = %format!("{}/{}", key.0, key.1), %error, "annotating a refused AzureAssignedIdentity");
+                    // Reported again next time, with the annotation.
+                    lock(&self.refusals).remove(&key);
+                }
             }
         }
         Ok(())
@@ -558,22 +672,30 @@ impl<C: Cloud> Executor<C> {
         }
     }
 
-    /// Runs the plan. Errors of single objects are reported and retried by a
-    /// later cycle; only losing the lease stops it early.
-    /// The plan's new and updated AAIs are dropped once written: the
-    /// apiserver's answers stand for them.
-    pub async fn execute(&self, plan: Plan, index: &Index) -> Result<Outcome, ApplyError> {
+    /// Runs the plan's Kubernetes writes and returns the ARM work of each
+    /// resource as a [`ResourceJob`] for the caller to run. Work on AAIs or
+    /// resources a running job settles waits for it to end. Errors of single
+    /// objects are reported and retried by a later cycle; only losing the
+    /// lease stops it early. The plan's new and updated AAIs are dropped
+    /// once written: the apiserver's answers stand for them.
+    pub async fn execute(
+        self: &Arc<Self>,
+        plan: Plan,
+        index: &Index,
+    ) -> Result<(Outcome, Vec<ResourceJob>), ApplyError> {
         let mut outcome = Outcome::default();
         self.report_warnings(&plan.warnings, index);
         let mut aais = Known {
-            indexed: &index.assigned,
+            indexed: Cow::Borrowed(&index.assigned),
             written: BTreeMap::new(),
         };
         let mut failed: BTreeSet<Key> = BTreeSet::new();
+        let now = |key: &Key| lock(&self.in_flight).route_key(key) == Route::Now;
 
         // 1. Kubernetes writes first: creates, then updates.
         let creates = self.write_aais(plan.create, AaiWrite::Create).await;
-        let updates = self.write_aais(plan.update, AaiWrite::Update).await;
+        let update: Vec<PlannedAai> = plan.update.into_iter().filter(|a| now(&a.key)).collect();
+        let updates = self.write_aais(update, AaiWrite::Update).await;
         for r in creates.into_iter().chain(updates) {
             match r {
                 Ok(w) => {
@@ -590,14 +712,14 @@ impl<C: Cloud> Executor<C> {
 
         // 2. No ARM work needed. A write the apiserver did not take (it may
         // be restarting) is tried again: no watch event would bring it back.
-        for key in &plan.assign_now {
+        for key in plan.assign_now.iter().filter(|k| now(k)) {
             if let Some(aai) = aais.get(key).filter(|_| !failed.contains(key))
                 && !self.mark_assigned(&aai).await?
             {
                 outcome.retry(Instant::now() + FAILURE_RETRY);
             }
         }
-        for key in &plan.delete_now {
+        for key in plan.delete_now.iter().filter(|k| now(k)) {
             if let Some(aai) = aais.get(key) {
                 let result = self.try_delete(&aai).await?;
                 // Upstream's Events for an AzureAssignedIdentity of a node
@@ -614,35 +736,63 @@ impl<C: Cloud> Executor<C> {
             }
         }
 
-        // 3. One task per resource, all at once; each does one GET and its PATCHes.
-        let mut work = Vec::with_capacity(plan.resources.len());
-        for (r, w) in &plan.resources {
-            work.push(self.resource_task(r, w, &aais, &failed, index));
-        }
-        let results = futures::future::join_all(work).await;
-        for (r, res) in results {
-            match res {
-                Ok(Some(at)) => outcome.retry(at),
-                Ok(None) => {}
-                Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
-                Err(error) => {
-                    tracing::warn!(resource = %r, %error, "resource work failed");
-                    outcome.retry(Instant::now() + FAILURE_RETRY);
-                }
+        // 3. The ledger is read (or seeded from the index) once per term,
+        // before any job needs it.
+        if !plan.resources.is_empty()
+            && let Err(error) = self.ledger(index).await
+        {
+            if matches!(error, ApplyError::NotLeader) {
+                return Err(error);
             }
+            tracing::warn!(%error, "no ARM work without the ownership ledger");
+            outcome.retry(Instant::now() + FAILURE_RETRY);
+            return Ok((outcome, Vec::new()));
         }
-        Ok(outcome)
+
+        // 4. One job per resource that has none running; each does one GET
+        // and its PATCHes. No await from here on: a cycle cancelled before
+        // has started no job.
+        let mut jobs: Vec<ResourceJob> = Vec::with_capacity(plan.resources.len());
+        let mut in_flight = lock(&self.in_flight);
+        for (r, w) in plan.resources {
+            let keys: BTreeSet<Key> = w
+                .assign_on_success
+                .iter()
+                .chain(&w.delete_on_success)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mine = aais.take(&keys);
+            let failed = keys.intersection(&failed).cloned().collect();
+            if in_flight.route_resource(&r, keys) == Route::Held {
+                continue;
+            }
+            jobs.push(Box::pin(Arc::clone(self).resource_job(r, w, mine, failed)));
+        }
+        Ok((outcome, jobs))
     }
 
-    async fn resource_task<'a>(
-        &'a self,
-        r: &'a ResourceRef,
-        w: &'a ResourceWork,
-        aais: &'a Known<'a>,
-        failed: &'a BTreeSet<Key>,
-        index: &'a Index,
-    ) -> (&'a ResourceRef, Result<Option<Instant>, ApplyError>) {
-        (r, self.resource(r, w, aais, failed, index).await)
+    /// [`Executor::resource`] as a job that owns what it needs.
+    async fn resource_job(
+        self: Arc<Self>,
+        r: ResourceRef,
+        w: ResourceWork,
+        aais: Known<'static>,
+        failed: BTreeSet<Key>,
+    ) -> JobDone {
+        let result = match self.resource(&r, &w, &aais, &failed).await {
+            Err(ApplyError::NotLeader) => Err(ApplyError::NotLeader),
+            Err(error) => {
+                tracing::warn!(resource = %r, %error, "resource work failed");
+                Ok(Some(Instant::now() + FAILURE_RETRY))
+            }
+            ok => ok,
+        };
+        let replan = lock(&self.in_flight).finish(&r);
+        JobDone {
+            resource: r,
+            result,
+            replan,
+        }
     }
 
     /// Whether a resource is paused by Retry-After; returns the resume time.
@@ -707,7 +857,6 @@ impl<C: Cloud> Executor<C> {
         w: &ResourceWork,
         aais: &Known<'_>,
         failed: &BTreeSet<Key>,
-        index: &Index,
     ) -> Result<Option<Instant>, ApplyError> {
         if let Some(at) = self.paused(r) {
             return Ok(Some(at));
@@ -719,7 +868,7 @@ impl<C: Cloud> Executor<C> {
                 return Ok(Some(at));
             }
         };
-        let vetted = match self.vet(r, w, &current, aais, failed, index).await? {
+        let vetted = match self.vet(r, w, &current, aais, failed).await? {
             Ok(v) => v,
             Err(at) => return Ok(Some(at)),
         };
@@ -811,9 +960,8 @@ impl<C: Cloud> Executor<C> {
         current: &crate::cloud::ResourceIdentity,
         aais: &Known<'_>,
         failed: &BTreeSet<Key>,
-        index: &Index,
     ) -> Result<Result<VettedWork, Instant>, ApplyError> {
-        let ledger = match self.ledger(index).await {
+        let ledger = match self.read_ledger().await {
             Ok(l) => l,
             Err(ApplyError::NotLeader) => return Err(ApplyError::NotLeader),
             Err(error) => {
@@ -1026,7 +1174,9 @@ impl<C: Cloud> Executor<C> {
         };
         let no_ids = BTreeSet::new();
         let resources: BTreeSet<&ResourceRef> = expected.keys().chain(assigned.keys()).collect();
-        for r in resources {
+        // A resource with a running job is settled by it; the next check
+        // looks at it again.
+        for r in resources.into_iter().filter(|r| !self.busy(r)) {
             let ids = expected.get(r).unwrap_or(&no_ids);
             let on_r = assigned.get(r).map_or(&[][..], Vec::as_slice);
             self.drift_resource(r, ids, on_r, &ledger, index, &mut outcome)
@@ -1180,6 +1330,11 @@ impl<C: Cloud> Executor<C> {
             Ok(written) => {
                 count.inc();
                 duration.observe(start.elapsed().as_secs_f64());
+                let kept = planned.kept(
+                    written.metadata.uid.clone(),
+                    written.metadata.resource_version.clone(),
+                );
+                self.deps.shared.own_assigned(kept);
                 return Ok(Written {
                     planned,
                     uid: written.metadata.uid,
@@ -1249,7 +1404,10 @@ impl<C: Cloud> Executor<C> {
             .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await;
         match res {
-            Ok(_) => Ok(()),
+            Ok(answer) => {
+                self.deps.shared.own_answer(&answer);
+                Ok(())
+            }
             Err(source) => {
                 self.deps
                     .metrics
@@ -1369,4 +1527,43 @@ impl<C: Cloud> Executor<C> {
 
 fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> Key {
+        ("ns".into(), n.into())
+    }
+
+    #[test]
+    fn work_waits_only_for_the_job_on_its_own_resource() {
+        use Route::{Held, Now};
+        let (a, b) = (ResourceRef::vmss("a"), ResourceRef::vmss("b"));
+        let mut f = InFlight::default();
+        // A job starts on scale set A, settling AAI 1.
+        assert_eq!(f.route_resource(&a, [key("1")].into()), Now);
+        // While it runs: B gets its own job; more work for A waits, and so do
+        // writes of the AAI A's job settles; other AAIs are written at once.
+        let cases: Vec<(&str, Route)> = vec![
+            ("b's work", f.route_resource(&b, [key("2")].into())),
+            ("a's work", f.route_resource(&a, [key("3")].into())),
+            ("AAI 1 (a's job)", f.route_key(&key("1"))),
+            ("AAI 2 (b's job)", f.route_key(&key("2"))),
+            ("AAI 4 (no job)", f.route_key(&key("4"))),
+        ];
+        let want = [Now, Held, Held, Held, Now];
+        for ((case, got), want) in cases.into_iter().zip(want) {
+            assert_eq!(got, want, "{case}");
+        }
+        // A's job ends: work was held for it, so a cycle plans again; the
+        // held work went nowhere else (A's next job takes it).
+        assert!(f.finish(&a));
+        assert_eq!(f.route_resource(&a, [key("3")].into()), Now);
+        assert!(!f.finish(&a), "nothing held since");
+        // B's job ends: its AAI's write was held for it.
+        assert!(f.finish(&b));
+        assert!(f.jobs.is_empty() && f.held.is_empty());
+    }
 }

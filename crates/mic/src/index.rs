@@ -216,6 +216,84 @@ pub struct Index {
     /// Identity policy: namespace → its `allowed-identities` annotation.
     /// Only namespaces carrying it are kept (watched only when the policy is on).
     pub namespaces: BTreeMap<String, String>,
+    /// MIC's own AAI writes the index holds and the watch has not delivered yet.
+    pub own_writes: OwnWrites,
+}
+
+/// MIC's own writes of AzureAssignedIdentities that went into the index as
+/// soon as the apiserver answered, and that the watch has not delivered
+/// yet: key → their resourceVersions, in the order written (MIC writes one
+/// AAI one write after another). A watch delivers each object's versions in
+/// order, so while an AAI has such writes, any version the watch delivers
+/// that is not one of them is older than what the index holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnWrites(BTreeMap<Key, Vec<String>>);
+
+/// What to do with an AAI the watch delivers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Into the index, as any watch event.
+    Apply,
+    /// Older than MIC's own write the index holds: nothing to do.
+    Skip,
+}
+
+/// `a` is older than `b`, both resourceVersions. The apiserver's are the
+/// store's revision, an increasing integer; one that is not (or none) is
+/// never taken as older.
+fn older(a: &str, b: &str) -> bool {
+    matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a < b)
+}
+
+impl OwnWrites {
+    /// The watch delivers version `rv` of `key`: applied unless MIC's own
+    /// newer write is in the index. The echo of MIC's last write is applied
+    /// (it equals what the index holds, so it changes nothing).
+    pub fn delivered(&mut self, key: &Key, rv: Option<&str>) -> Delivered {
+        let Some(written) = self.0.get_mut(key) else {
+            return Delivered::Apply;
+        };
+        let Some(at) = rv.and_then(|rv| written.iter().position(|w| w == rv)) else {
+            return Delivered::Skip;
+        };
+        written.drain(..=at);
+        if !written.is_empty() {
+            return Delivered::Skip;
+        }
+        self.0.remove(key);
+        Delivered::Apply
+    }
+
+    /// MIC wrote version `rv` of `key`; the index holds `indexed` (its
+    /// resourceVersion, if it holds the AAI). Whether the write goes into
+    /// the index now: only when the watch has not brought it, or a later
+    /// version, already (known by comparing versions; when they do not
+    /// compare, the watch brings it).
+    pub fn wrote(&mut self, key: &Key, rv: Option<&str>, indexed: Option<&str>) -> bool {
+        let Some(rv) = rv else { return false };
+        let newer = match indexed {
+            Some(indexed) => older(indexed, rv),
+            // Not in the index: a create the watch has not delivered yet.
+            None => rv.parse::<u64>().is_ok(),
+        };
+        if newer {
+            self.0.entry(key.clone()).or_default().push(rv.to_string());
+        }
+        newer
+    }
+
+    /// The watch deleted `key`, or listed everything again.
+    pub fn forget(&mut self, key: &Key) {
+        self.0.remove(key);
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Whether an apply changed anything MIC decides on; unchanged resyncs and
@@ -278,16 +356,44 @@ impl Index {
     pub fn apply_assigned(&mut self, obj: &AzureAssignedIdentity) -> Changed {
         let new = Arc::new(AssignedInfo::new(obj, self));
         let old = self.assigned.insert(key_of(obj), Arc::clone(&new));
-        old.is_none_or(|o| {
-            o.spec != new.spec
-                || o.status != new.status
-                || o.metadata.deletion_timestamp != new.metadata.deletion_timestamp
-                || o.metadata.finalizers != new.metadata.finalizers
-        })
+        old.is_none_or(|o| !same_decisions(&o, &new))
     }
 
     pub fn delete_assigned(&mut self, key: &Key) -> Changed {
+        self.own_writes.forget(key);
         self.assigned.remove(key).is_some()
+    }
+
+    /// An AAI as the watch delivers it (see [`OwnWrites`]).
+    pub fn deliver_assigned(&mut self, obj: &AzureAssignedIdentity) -> Changed {
+        let rv = obj.metadata.resource_version.as_deref();
+        match self.own_writes.delivered(&key_of(obj), rv) {
+            Delivered::Apply => self.apply_assigned(obj),
+            Delivered::Skip => false,
+        }
+    }
+
+    /// MIC's own write of an AAI, as the apiserver answered it, kept as
+    /// `kept`: into the index unless the watch brought it already.
+    pub fn own_assigned(&mut self, kept: AssignedInfo) -> Changed {
+        let key = key_of(&kept);
+        let indexed = self.assigned.get(&key);
+        let indexed_rv = indexed.and_then(|a| a.metadata.resource_version.as_deref());
+        if !self
+            .own_writes
+            .wrote(&key, kept.metadata.resource_version.as_deref(), indexed_rv)
+        {
+            return false;
+        }
+        let changed = indexed.is_none_or(|o| !same_decisions(o, &kept));
+        self.assigned.insert(key, Arc::new(kept));
+        changed
+    }
+
+    /// Every AAI again, from a complete list.
+    pub fn clear_assigned(&mut self) {
+        self.own_writes.clear();
+        self.assigned.clear();
     }
 
     /// Keeps only the namespace's `allowed-identities` annotation.
@@ -302,6 +408,14 @@ impl Index {
     pub fn delete_namespace(&mut self, name: &str) -> Changed {
         self.namespaces.remove(name).is_some()
     }
+}
+
+/// Whether two versions of an AAI are the same to what MIC decides on.
+fn same_decisions(a: &AssignedInfo, b: &AssignedInfo) -> bool {
+    a.spec == b.spec
+        && a.status == b.status
+        && a.metadata.deletion_timestamp == b.metadata.deletion_timestamp
+        && a.metadata.finalizers == b.metadata.finalizers
 }
 
 /// Key of a namespaced object.
@@ -459,5 +573,140 @@ mod tests {
             let mut ix = ix.clone();
             assert_eq!(ix.apply_assigned(&changed), want, "{case}");
         }
+    }
+    #[test]
+    fn own_writes_decide_which_watch_events_are_echoes() {
+        use Delivered::{Apply, Skip};
+        let k = || ("ns".to_string(), "a".to_string());
+        /// One step: MIC wrote a version (with what the index holds), or the
+        /// watch delivered one; what should follow.
+        enum Step {
+            Wrote(&'static str, Option<&'static str>, bool),
+            Watch(Option<&'static str>, Delivered),
+            Deleted,
+        }
+        use Step::{Deleted, Watch, Wrote};
+        let rows: Vec<(&str, Vec<Step>)> = vec![
+            (
+                "no own write: every event applies",
+                vec![Watch(Some("5"), Apply), Watch(None, Apply)],
+            ),
+            (
+                "a create, then its echo",
+                vec![
+                    Wrote("5", None, true),
+                    Watch(Some("5"), Apply),
+                    Watch(Some("6"), Apply),
+                ],
+            ),
+            (
+                "create and status write, the create's echo first",
+                vec![
+                    Wrote("5", None, true),
+                    Wrote("6", Some("5"), true),
+                    Watch(Some("5"), Skip),
+                    Watch(Some("6"), Apply),
+                ],
+            ),
+            (
+                "another's write between MIC's two is older than the second",
+                vec![
+                    Wrote("5", None, true),
+                    Wrote("7", Some("5"), true),
+                    Watch(Some("5"), Skip),
+                    Watch(Some("6"), Skip),
+                    Watch(Some("7"), Apply),
+                ],
+            ),
+            (
+                "an event from before the write waits for its echo",
+                vec![
+                    Wrote("9", Some("4"), true),
+                    Watch(Some("8"), Skip),
+                    Watch(Some("9"), Apply),
+                ],
+            ),
+            (
+                "the watch was first: the answer is not applied",
+                vec![Wrote("5", Some("5"), false), Watch(Some("6"), Apply)],
+            ),
+            (
+                "the watch is past the answer",
+                vec![Wrote("5", Some("6"), false), Watch(Some("7"), Apply)],
+            ),
+            (
+                "versions that do not compare are left to the watch",
+                vec![
+                    Wrote("x", Some("4"), false),
+                    Wrote("5", Some("y"), false),
+                    Watch(Some("5"), Apply),
+                ],
+            ),
+            (
+                "a deletion forgets the writes",
+                vec![Wrote("5", None, true), Deleted, Watch(Some("3"), Apply)],
+            ),
+        ];
+        for (case, steps) in rows {
+            let mut own = OwnWrites::default();
+            for (i, step) in steps.into_iter().enumerate() {
+                match step {
+                    Wrote(rv, indexed, want) => {
+                        assert_eq!(own.wrote(&k(), Some(rv), indexed), want, "{case}: step {i}")
+                    }
+                    Watch(rv, want) => {
+                        assert_eq!(own.delivered(&k(), rv), want, "{case}: step {i}")
+                    }
+                    Deleted => own.forget(&k()),
+                }
+            }
+            assert!(own.is_empty(), "{case}: every own write was echoed");
+        }
+        assert!(
+            !OwnWrites::default().wrote(&k(), None, None),
+            "no version: left to the watch"
+        );
+    }
+
+    #[test]
+    fn an_own_write_is_in_the_index_at_once_and_its_echo_changes_nothing() {
+        let binding = mk_binding("ns", "b", "id", "sel");
+        let mut created = aai(&identity("client"), &binding);
+        created.metadata.deletion_timestamp = None;
+        created.status.as_mut().unwrap().status = "Created".into();
+        let mut assigned = created.clone();
+        assigned.metadata.resource_version = Some("8".into());
+        assigned.status.as_mut().unwrap().status = "Assigned".into();
+        let mut ix = Index::default();
+        // MIC's create and status write are answered before the watch delivers either.
+        assert!(ix.own_assigned(AssignedInfo::new(&created, &ix)));
+        assert!(ix.own_assigned(AssignedInfo::new(&assigned, &ix)));
+        assert!(
+            !ix.deliver_assigned(&created),
+            "the create's echo: older than the index"
+        );
+        assert_eq!(
+            ix.assigned[&key(&created)].state(),
+            Some(AssignedIdentityState::Assigned)
+        );
+        assert!(!ix.deliver_assigned(&assigned), "the status write's echo");
+        assert!(ix.own_writes.is_empty());
+        // Another's change after them is applied as always.
+        let mut edited = assigned.clone();
+        edited.metadata.resource_version = Some("9".into());
+        edited.spec.node_name = "n2".into();
+        assert!(ix.deliver_assigned(&edited));
+        // A list again forgets every own write.
+        assert!(ix.own_assigned(AssignedInfo::new(
+            &{
+                let mut e = edited.clone();
+                e.metadata.resource_version = Some("10".into());
+                e.status.as_mut().unwrap().status = "Unassigned".into();
+                e
+            },
+            &ix
+        )));
+        ix.clear_assigned();
+        assert!(ix.own_writes.is_empty() && ix.assigned.is_empty());
     }
 }

@@ -70,8 +70,11 @@ use crate::leader::LeaderConfig;
 /// The version printed by `--version` and sent in the User-Agent.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Work that arrives close together is folded into one cycle.
+/// Work that arrives within this of a cycle's start is folded into the next
+/// cycle (a change after a quiet spell starts one at once).
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// How long a shutdown waits for running ARM work.
+const JOB_DRAIN: Duration = Duration::from_secs(10);
 
 /// Everything `run` needs, resolved from flags and environment.
 #[derive(Clone, Debug)]
@@ -389,16 +392,21 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         });
     }
 
-    let executor = Executor::new(
+    let executor = Arc::new(Executor::new(
         apply::Deps {
             client,
             cloud,
             events,
             metrics: metrics.clone(),
             leading: leading.clone(),
+            shared: shared.clone(),
         },
         settings.executor.clone(),
-    );
+    ));
+    // The running ARM work, one job per VMSS/VM at most.
+    let mut jobs: tokio::task::JoinSet<apply::JobDone> = tokio::task::JoinSet::new();
+    // When a job asked for its resource to be tried again.
+    let mut job_retry_at: Option<Instant> = None;
     let mut leading_rx = leading.clone();
     let mut next_full = Instant::now() + settings.sync_retry_duration;
     // The first drift check (which also checks Assigned AAIs against ARM)
@@ -408,11 +416,14 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     let mut dirty = true;
     let mut linger = schedule::Linger::new(settings.removal_linger);
     let origin = Instant::now();
+    // When the last cycle started, since `origin`.
+    let mut last_cycle: Option<Duration> = None;
     loop {
         let active = *leading.borrow() && shared.synced();
         health.set_active(active);
         if active && dirty {
             dirty = false;
+            last_cycle = Some(Instant::now() - origin);
             let index = shared.snapshot();
             let mut plan = plan::plan(&index, &settings.plan);
             let linger_wake = linger
@@ -445,7 +456,10 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     .mic_cycle_duration_seconds
                     .observe(start.elapsed().as_secs_f64());
                 match result {
-                    Some(Ok(outcome)) => {
+                    Some(Ok((outcome, started))) => {
+                        for job in started {
+                            jobs.spawn(job);
+                        }
                         retry_at = match (outcome.retry_at, linger_wake) {
                             (Some(a), Some(b)) => Some(a.min(b)),
                             (a, b) => a.or(b),
@@ -456,9 +470,25 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                 }
             }
         }
-        let wake_retry = retry_at.unwrap_or(next_full);
+        let wake_retry = match (retry_at, job_retry_at) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(next_full),
+        };
         tokio::select! {
             _ = shutdown.signaled() => break,
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                // Aborted or panicked jobs leave nothing to handle.
+                if let Ok(done) = done {
+                    match done.result {
+                        Ok(Some(at)) => {
+                            job_retry_at = Some(job_retry_at.map_or(at, |t| t.min(at)));
+                        }
+                        Ok(None) => {}
+                        Err(error) => tracing::warn!(resource = %done.resource, %error, "resource work stopped"),
+                    }
+                    dirty |= done.replan;
+                }
+            }
             r = &mut election => {
                 health.set_active(false);
                 return match r {
@@ -468,13 +498,19 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                 };
             }
             _ = shared.changed.notified() => {
-                tokio::time::sleep(DEBOUNCE).await;
+                let at = schedule::cycle_at(last_cycle, Instant::now() - origin, DEBOUNCE);
+                tokio::time::sleep_until(origin + at).await;
                 dirty = true;
             }
             _ = leading_rx.changed() => {
                 dirty = true;
-                // A new term reads the ledger afresh.
+                // A new term reads the ledger afresh; the writes of the last
+                // one stop at once.
                 if !*leading_rx.borrow() {
+                    jobs.abort_all();
+                    while jobs.join_next().await.is_some() {}
+                    executor.clear_jobs();
+                    job_retry_at = None;
                     executor.forget_ledger().await;
                 }
             }
@@ -483,6 +519,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     next_full = Instant::now() + settings.sync_retry_duration;
                 }
                 retry_at = None;
+                job_retry_at = None;
                 dirty = true;
             }
             _ = tokio::time::sleep_until(next_drift) => {
@@ -508,6 +545,15 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         }
     }
     health.set_active(false);
+    // Running operations are followed to their end for a while, so their
+    // AAIs are settled before the lease is handed over.
+    let drain = async { while jobs.join_next().await.is_some() {} };
+    if tokio::time::timeout(JOB_DRAIN, drain).await.is_err() {
+        tracing::warn!(
+            "shutting down with ARM operations still running; the next leader settles their AAIs"
+        );
+    }
+    jobs.abort_all();
     // Let the election hand the lease over.
     let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
     Ok(())

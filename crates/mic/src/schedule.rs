@@ -313,5 +313,14 @@ impl Linger {
     }
 }
 
+/// When a cycle starts for a change seen at `now`, the last cycle having
+/// started at `last` (`None`: none yet): at once after a quiet spell, so a
+/// lone new pod's identity write is not delayed; else `debounce` after the
+/// last start, so changes arriving close together (a burst of pods) are
+/// folded into one cycle.
+pub fn cycle_at(last: Option<Duration>, now: Duration, debounce: Duration) -> Duration {
+    last.map_or(now, |last| (last + debounce).max(now))
+}
+
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use aadpodid_runtime::Shutdown;
 
 use crate::events::{self, Events};
-use crate::index::{Index, Key};
+use crate::index::{AssignedInfo, Index, Key};
 use crate::metrics::Metrics;
 
 /// The index, a wake-up for the control loop, and the watches' sync flags.
@@ -45,6 +45,21 @@ impl Shared {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Arc<Index>> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// MIC's own write of an AAI, as the apiserver answered it: into the
+    /// index at once, so that its echo from the watch changes nothing and
+    /// starts no cycle. Starts none either.
+    pub fn own_assigned(&self, kept: AssignedInfo) {
+        self.update(|ix| ix.own_assigned(kept));
+    }
+
+    /// [`Shared::own_assigned`] for an answer kept as the index keeps AAIs.
+    pub fn own_answer(&self, answer: &AzureAssignedIdentity) {
+        self.update(|ix| {
+            let kept = AssignedInfo::new(answer, ix);
+            ix.own_assigned(kept)
+        });
     }
 
     /// Runs `f` on the index, copying it first if a snapshot shares it.
@@ -275,9 +290,9 @@ pub fn spawn(
         start(c, all(), namespaces, &ctx, &shutdown);
     }
     let assigned = Kind::<AzureAssignedIdentity> {
-        apply: |ix, o| ix.apply_assigned(o),
+        apply: |ix, o| ix.deliver_assigned(o),
         delete: |ix, k| ix.delete_assigned(k),
-        clear: |ix| ix.assigned.clear(),
+        clear: |ix| ix.clear_assigned(),
         trim: keep,
     };
     start(c, all(), assigned, &ctx, &shutdown);

@@ -11,7 +11,11 @@
 //!   or to the fallback spacing when ARM sent none at all;
 //! - polls densely over the window in which earlier operations of the same
 //!   kind ended ([`Endings`]): at most [`PollPolicy::window_polls`] polls
-//!   spread over it, never closer than [`PollPolicy::min_spacing`].
+//!   spread over it, never closer than [`PollPolicy::min_spacing`];
+//! - past the window, widens the spacing step by step (doubling it from the
+//!   window's) back to the usual one, so an operation a little longer than
+//!   any seen is noticed almost as soon (a few more reads for one much
+//!   longer).
 //!
 //! So one operation costs about `L / spacing + window_polls` status reads,
 //! a few dozen at most, against ARM's read budget of 12,000 per hour per
@@ -113,7 +117,10 @@ pub fn next_delay(
             } else if now < end {
                 spacing
             } else {
-                unit
+                // Doubling from the window's spacing: polls at about end +
+                // spacing, + 3 spacings, + 7 spacings, ... (the lag stays
+                // under the time past the window).
+                (now - end + spacing).max(spacing).min(unit)
             }
         }
         None => unit,
