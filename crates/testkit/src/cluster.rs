@@ -225,6 +225,11 @@ impl PrivateCluster {
     /// Starts etcd and kube-apiserver (RBAC on, CRDs installed and
     /// Established) from a thread of their own; the calling runtime is not blocked.
     pub async fn start() -> anyhow::Result<PrivateCluster> {
+        PrivateCluster::start_with(ClusterOptions::default()).await
+    }
+
+    /// [`PrivateCluster::start`] with `options`.
+    pub async fn start_with(options: ClusterOptions) -> anyhow::Result<PrivateCluster> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         remove_stale_dirs();
@@ -237,7 +242,7 @@ impl PrivateCluster {
         let (tx, rx) = std::sync::mpsc::channel::<KeeperCommand>();
         let thread = std::thread::Builder::new()
             .name("private-cluster".into())
-            .spawn(move || keep_private(dir, started_tx, rx))?;
+            .spawn(move || keep_private(dir, options, started_tx, rx))?;
         let cluster = match started_rx.await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -304,11 +309,12 @@ impl Drop for PrivateCluster {
 /// the guard drops, then kills its processes.
 fn keep_private(
     dir: PathBuf,
+    options: ClusterOptions,
     started: tokio::sync::oneshot::Sender<anyhow::Result<Cluster>>,
     commands: std::sync::mpsc::Receiver<KeeperCommand>,
 ) {
     let mut children = Vec::new();
-    let booted = boot(dir, &mut children);
+    let booted = boot(dir, options, &mut children);
     let kill_all = |children: &mut Vec<Child>| {
         for mut c in children.drain(..) {
             let _ = c.kill();
@@ -396,7 +402,7 @@ fn start_on_keeper_thread() -> anyhow::Result<Cluster> {
 fn start(children: &mut Vec<Child>) -> anyhow::Result<Cluster> {
     remove_stale_dirs();
     let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
-    boot(dir, children).map(|(cluster, _)| cluster)
+    boot(dir, ClusterOptions::default(), children).map(|(cluster, _)| cluster)
 }
 
 /// How the kube-apiserver of a cluster is started, so it can be started again
@@ -407,6 +413,17 @@ struct ApiServerSpec {
     dir: PathBuf,
     etcd_url: String,
     port: u16,
+    options: ClusterOptions,
+}
+
+/// What a [`PrivateCluster`] is started with beyond the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// The apiserver's ServiceAccount admission plugin on: every pod runs as
+    /// a ServiceAccount (`default` unless named) and gets its token volume.
+    /// Only for a cluster where a kube-controller-manager runs (it creates
+    /// the `default` ServiceAccounts); without one every pod is refused.
+    pub service_account_admission: bool,
 }
 
 impl ApiServerSpec {
@@ -439,9 +456,13 @@ impl ApiServerSpec {
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg("--api-audiences=https://kubernetes.default.svc.cluster.local")
             .arg("--service-cluster-ip-range=10.0.0.0/24")
-            // No kube-controller-manager runs, so nothing creates the `default`
-            // ServiceAccount of a namespace; without this, every pod would be refused.
-            .arg("--disable-admission-plugins=ServiceAccount")
+            .args(
+                // Without a kube-controller-manager nothing creates the
+                // `default` ServiceAccount of a namespace; with the plugin
+                // on, every pod would be refused.
+                (!self.options.service_account_admission)
+                    .then_some("--disable-admission-plugins=ServiceAccount"),
+            )
             .arg("--allow-privileged=true")
             .arg("--v=1")
             .stdout(api_log.try_clone()?)
@@ -481,7 +502,11 @@ fn wait_ready(cluster: &Cluster, children: &mut [Child], timeout: Duration) -> a
 
 /// Creates `dir`, starts etcd and kube-apiserver in it (pushed to `children`
 /// in that order), waits until ready and installs the CRDs.
-fn boot(dir: PathBuf, children: &mut Vec<Child>) -> anyhow::Result<(Cluster, ApiServerSpec)> {
+fn boot(
+    dir: PathBuf,
+    options: ClusterOptions,
+    children: &mut Vec<Child>,
+) -> anyhow::Result<(Cluster, ApiServerSpec)> {
     let bin = CLUSTER_BIN.path()?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -512,6 +537,7 @@ fn boot(dir: PathBuf, children: &mut Vec<Child>) -> anyhow::Result<(Cluster, Api
         dir: dir.clone(),
         etcd_url,
         port: api_port,
+        options,
     };
     children.push(api.spawn()?);
 
@@ -600,7 +626,12 @@ fn make_certs(dir: &Path) -> anyhow::Result<()> {
         (
             "server",
             "/CN=kube-apiserver",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            // Loopback, where tests reach it, and the names in-cluster
+            // clients use: the `kubernetes` Service's address (the first of
+            // `--service-cluster-ip-range`) and its DNS names.
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,\
+             DNS:kubernetes.default,DNS:kubernetes.default.svc,\
+             DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n",
         ),
         (
             "admin",

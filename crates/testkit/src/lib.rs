@@ -50,6 +50,8 @@
 //! | [`tenant`] | [`tenant::Tenant`] (the emulator's seeds), [`tenant::MicCloud`] (MIC's `azure.json`), [`tenant::CloudEnvironment`], [`tenant::write_mic_cloud_files`], [`tenant::mic_args`], [`tenant::mic_env`] and the tenant's names and IDs |
 //! | [`upstream`] | [`upstream::upstream_bin_dir`], [`upstream::spawn_upstream_mic`], [`upstream::spawn_upstream_nmi`] (upstream v1.8.17's own mic and nmi) |
 //! | [`flood`] | [`flood::Plan`], [`flood::Flood`], [`flood::Sampler`] (bounded floods a pod sends to NMI, and NMI's resources meanwhile) |
+//! | [`realnode`] | [`realnode::RealNode`], [`realnode::ControlPlane`], [`realnode::Fabric`] (real kubelet + containerd nodes in namespaces of the test) |
+//! | [`realcloud`] | [`realcloud::NodeCloud`] (IMDS and the emulator's ARM/Entra ID inside a real node), [`realcloud::CloudCa`] |
 //! | [`procfs`] | [`procfs::memory`], [`procfs::cpu`], [`procfs::find_exe`] (a process's memory and CPU from `/proc`) |
 
 pub mod children;
@@ -64,6 +66,7 @@ pub mod kubectl;
 pub mod netns;
 pub mod procfs;
 pub mod python;
+pub mod realcloud;
 pub mod realnode;
 pub mod relay;
 pub mod tenant;
@@ -73,7 +76,7 @@ pub mod wait;
 pub mod world;
 
 pub use children::run_children_trusting_emulator_ca;
-pub use cluster::{Cluster, ETCD_VERSION, KUBERNETES_VERSION, PrivateCluster};
+pub use cluster::{Cluster, ClusterOptions, ETCD_VERSION, KUBERNETES_VERSION, PrivateCluster};
 pub use fixtures::{fill_template, fixture, repo_root};
 pub use ids::{SUB, TENANT, free_port, free_ports, unique_name};
 pub use kubectl::{KubectlOutput, TempNamespace, run_kubectl};

@@ -324,6 +324,17 @@ impl RealNode {
     /// Returns when the kubelet runs; [`RealNode::wait_ready`] waits for the
     /// Node to be Ready. Installs the Debian packages when missing.
     pub async fn start(cluster: &Cluster, index: u8) -> anyhow::Result<RealNode> {
+        RealNode::start_as(cluster, index, None).await
+    }
+
+    /// [`RealNode::start`] with the Node's `spec.providerID` (the kubelet's
+    /// `providerID`) set to `provider_id` when given: the cloud machine the
+    /// node is, as a cloud's node image sets it.
+    pub async fn start_as(
+        cluster: &Cluster,
+        index: u8,
+        provider_id: Option<&str>,
+    ) -> anyhow::Result<RealNode> {
         if index >= 200 {
             bail!("at most 200 real nodes");
         }
@@ -358,6 +369,7 @@ impl RealNode {
             name: &name,
             pod_cidr: &pod_cidr,
             node_ip,
+            provider_id,
         };
         note_host_folders();
         match boot(cluster, &ns, &parts).await {
@@ -684,6 +696,7 @@ struct Parts<'a> {
     name: &'a str,
     pod_cidr: &'a str,
     node_ip: Ipv4Addr,
+    provider_id: Option<&'a str>,
 }
 
 /// The node's address, its relay to the apiserver, containerd (with the
@@ -916,6 +929,12 @@ fn start_runtime_and_kubelet(ns: &NetNs, parts: &Parts<'_>) -> anyhow::Result<(C
         let text =
             std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         std::fs::write(dir.join(to), fill_template(&text, vars))?;
+    }
+    if let Some(id) = parts.provider_id {
+        let config = dir.join("kubelet.yaml");
+        let mut text = std::fs::read_to_string(&config)?;
+        text.push_str(&format!("providerID: {}\n", serde_json::json!(id)));
+        std::fs::write(&config, text)?;
     }
 
     let sock = dir.join("containerd.sock");

@@ -1,0 +1,271 @@
+//! The emulated Azure cloud as a real node and its pods see it: in each
+//! node's network namespace, 169.254.169.254 is the emulator's IMDS for the
+//! machine the node is (every connection's peer logged), and [`CLOUD_IP`]
+//! serves the emulator's ARM and Entra ID endpoints over TLS with a
+//! certificate of that address ([`CloudCa`]), so a pod on the node (MIC)
+//! reaches them at `https://10.253.0.1:<port>` trusting one CA file.
+//!
+//! Nothing is added to the root namespace: the addresses are on the node
+//! namespace's loopback, and the relays carry connections over Unix sockets
+//! to the emulator on the test process's loopback.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use azure_emulator::Emulator;
+
+use crate::netns::IMDS_ADDRESS;
+use crate::realnode::RealNode;
+use crate::relay::{read_until_ready, unix_to_tcp};
+use crate::tenant::CloudEnvironment;
+use crate::tools::output_within;
+
+/// Where ARM and Entra ID are inside every node (on the node's loopback; a
+/// pod reaches it through its default route to the node).
+pub const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 0, 1);
+/// ARM's port at [`CLOUD_IP`].
+pub const ARM_PORT: u16 = 443;
+/// Entra ID's port at [`CLOUD_IP`].
+pub const AAD_PORT: u16 = 8443;
+
+/// A TLS front: for each `host:port=socket` argument it accepts TLS with
+/// the certificate `argv[1]`/key `argv[2]`, and carries what it decrypts to
+/// the Unix socket over a second TLS session to the emulator, verified with
+/// the CA bundle `argv[3]` under the name `localhost` (the emulator's
+/// certificate names loopback only). Prints READY once listening.
+const TLS_FRONT: &str = r#"
+import asyncio, ssl, sys
+server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+server.load_cert_chain(sys.argv[1], sys.argv[2])
+upstream = ssl.create_default_context(cafile=sys.argv[3])
+async def pipe(r, w):
+    try:
+        while True:
+            d = await r.read(65536)
+            if not d:
+                break
+            w.write(d)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        try:
+            w.close()
+        except Exception:
+            pass
+async def main():
+    for spec in sys.argv[4:]:
+        hostport, path = spec.split('=')
+        host, port = hostport.rsplit(':', 1)
+        async def handle(r, w, path=path):
+            try:
+                ur, uw = await asyncio.wait_for(asyncio.open_unix_connection(
+                    path, ssl=upstream, server_hostname="localhost"), 10)
+            except Exception:
+                w.close()
+                return
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        await asyncio.start_server(handle, host, int(port), ssl=server)
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"#;
+
+/// A CA of the test's own and a server certificate for [`CLOUD_IP`] signed
+/// by it (openssl), in a folder.
+#[derive(Debug, Clone)]
+pub struct CloudCa {
+    /// The CA certificate: what a client of [`CLOUD_IP`] trusts.
+    pub ca: PathBuf,
+    /// The server certificate (SAN `IP:10.253.0.1`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+impl CloudCa {
+    /// Makes them in `dir`.
+    pub fn make(dir: &Path) -> anyhow::Result<CloudCa> {
+        std::fs::create_dir_all(dir)?;
+        let openssl = |args: &[&str]| -> anyhow::Result<()> {
+            let out = output_within(
+                Command::new("openssl")
+                    .current_dir(dir)
+                    .args(args)
+                    .stderr(Stdio::piped()),
+                "openssl",
+                Duration::from_secs(60),
+            )?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "cloud-ca.key",
+                    "-out",
+                    "cloud-ca.crt",
+                    "-days",
+                    "2",
+                ],
+                &["-subj", "/CN=aadpodid-cloud-ca"],
+            ]
+            .concat(),
+        )?;
+        std::fs::write(
+            dir.join("cloud.ext"),
+            format!("subjectAltName=IP:{CLOUD_IP}\nextendedKeyUsage=serverAuth\n"),
+        )?;
+        openssl(
+            &[
+                &["req", "-new"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "cloud.key",
+                    "-out",
+                    "cloud.csr",
+                    "-subj",
+                    "/CN=cloud",
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "cloud.csr",
+            "-CA",
+            "cloud-ca.crt",
+            "-CAkey",
+            "cloud-ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "cloud.crt",
+            "-extfile",
+            "cloud.ext",
+        ])?;
+        Ok(CloudCa {
+            ca: dir.join("cloud-ca.crt"),
+            cert: dir.join("cloud.crt"),
+            key: dir.join("cloud.key"),
+        })
+    }
+
+    /// The custom-cloud environment of the emulator as the nodes reach it.
+    pub fn environment() -> CloudEnvironment {
+        CloudEnvironment::at(
+            &format!("https://{CLOUD_IP}:{ARM_PORT}"),
+            &format!("https://{CLOUD_IP}:{AAD_PORT}/"),
+        )
+    }
+}
+
+/// The cloud inside one node: its IMDS relay and its TLS front, stopped on
+/// drop.
+#[derive(Debug)]
+pub struct NodeCloud {
+    imds_peers: PathBuf,
+    children: Vec<Child>,
+}
+
+impl NodeCloud {
+    /// Puts IMDS for `machine` (the emulator's name: `vmss/<set>/<i>`) at
+    /// 169.254.169.254:80 and ARM/Entra ID at [`CLOUD_IP`] into `node`,
+    /// with the certificate of `ca`; sockets and the peer log go into `dir`.
+    pub async fn start(
+        node: &RealNode,
+        emu: &Emulator,
+        machine: &str,
+        ca: &CloudCa,
+        dir: &Path,
+    ) -> anyhow::Result<NodeCloud> {
+        let ns = node.netns();
+        std::fs::create_dir_all(dir)?;
+        ns.add_local_address(IMDS_ADDRESS)?;
+        ns.add_local_address(CLOUD_IP)?;
+        let imds = emu.add_imds(machine, "127.0.0.1:0".parse()?).await?;
+        let imds_peers = dir.join("imds-peers.log");
+        let mut cloud = NodeCloud {
+            imds_peers: imds_peers.clone(),
+            children: Vec::new(),
+        };
+        let imds_dir = dir.join("imds");
+        std::fs::create_dir_all(&imds_dir)?;
+        cloud.children.push(
+            ns.relay_logged(
+                &[(SocketAddr::from((IMDS_ADDRESS, 80)), imds, Some(imds_peers))],
+                &imds_dir,
+            )
+            .await?,
+        );
+        let mut front = ns.command("python3");
+        front
+            .arg("-c")
+            .arg(TLS_FRONT)
+            .arg(&ca.cert)
+            .arg(&ca.key)
+            .arg(emu.ca_bundle_path());
+        for (port, url, name) in [
+            (ARM_PORT, emu.arm_url(), "arm"),
+            (AAD_PORT, emu.aad_url(), "aad"),
+        ] {
+            let sock = dir.join(format!("{name}.sock"));
+            unix_to_tcp(sock.clone(), address_of(&url)?).await?;
+            front.arg(format!("{CLOUD_IP}:{port}={}", sock.display()));
+        }
+        let mut child = front
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the TLS front")?;
+        if let Err(e) = read_until_ready(&mut child, "TLS front") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        cloud.children.push(child);
+        Ok(cloud)
+    }
+
+    /// The IMDS relay's log: one line per connection, with its peer (see
+    /// [`crate::relay::peer_log`]).
+    pub fn imds_peers(&self) -> &Path {
+        &self.imds_peers
+    }
+}
+
+impl Drop for NodeCloud {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The address of an `https://<ip>:<port>[/]` URL.
+fn address_of(url: &str) -> anyhow::Result<SocketAddr> {
+    url.trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("address of {url}"))
+}
