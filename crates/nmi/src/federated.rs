@@ -466,8 +466,14 @@ mod tests {
         // (identity's clientID, tenantID, adEndpoint; pod's SA, UID; cluster
         // tenant) -> Ok((SA, tenant, authority)) or Err(status, text)
         type Want = Result<(&'static str, &'static str, &'static str), (u16, &'static str)>;
+        type Row = (
+            (&'static str, &'static str, &'static str),
+            (&'static str, &'static str),
+            &'static str,
+            Want,
+        );
         #[rustfmt::skip]
-        let cases: &[((&str, &str, &str), (&str, &str), &str, Want)] = &[
+        let cases: &[Row] = &[
             (("c", "t1", ""), ("web", "u"), "ct", Ok(("web", "t1", "https://login.microsoftonline.com/"))),
             (("c", "", ""), ("web", "u"), "ct", Ok(("web", "ct", "https://login.microsoftonline.com/"))),
             (("c", "t1", "https://login.example/"), ("", "u"), "", Ok(("default", "t1", "https://login.example/"))),
