@@ -22,14 +22,9 @@ work=$(mktemp -d "$out/.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root=$work/nmi
 
-mmdebstrap --mode=root --variant=essential --quiet \
-  --include=iptables,conntrack,ca-certificates \
-  --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
-  --aptopt='Acquire::Check-Valid-Until "false"' --aptopt='Acquire::Check-Date "false"' \
-  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
-  --dpkgopt='path-exclude=/usr/share/info/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
-  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-  "$suite" "$root" "$@" >&2
+# shellcheck source=images/debian.sh
+. "$(dirname "${BASH_SOURCE[0]}")/debian.sh"
+debian_rootfs essential iptables,conntrack,ca-certificates "$root" "$suite" "$@"
 
 # One timestamp for every file: the newest package's build date would do as
 # well; the snapshot the installed packages came from is what matters.

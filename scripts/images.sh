@@ -26,9 +26,11 @@
 #                 localhost/upstream-{mic,nmi}:<upstream version>.
 #
 # Everything is cached under ${AADPODID_IMAGES_CACHE:-$HOME/.cache/aadpodid/images}:
-#   base-<hash>/{nmi-base,mic-base}.tar   keyed by images/base.sh, the suite,
+#   base-<hash>/{nmi-base,mic-base}.tar   keyed by images/base.sh and
+#                                          images/debian.sh, the suite,
 #                                          the architecture and the apt sources
 #   app-base-<hash>/app-base.tar           the same, with images/app/base.sh
+#                                          for images/base.sh
 #   <name>-<version>-<hash>.oci.tar        keyed by what goes into the image:
 #                                          binary, Dockerfile, images/<name>/,
 #                                          the base (and, for mic and nmi, the
@@ -129,7 +131,7 @@ image() {
 
 if want mic || want nmi || want upstream-mic || want upstream-nmi; then
   t=$(now)
-  base_key=$( { cat images/base.sh "${sources[@]}"; echo "$suite $arch"; } | sha256sum | cut -c1-16)
+  base_key=$( { cat images/base.sh images/debian.sh "${sources[@]}"; echo "$suite $arch"; } | sha256sum | cut -c1-16)
   base_dir=$cache/base-$base_key
   if [ ! -f "$base_dir/mic-base.tar" ]; then
     mkdir -p "$base_dir"
@@ -211,7 +213,7 @@ app() {
 
 if want app; then
   t=$(now)
-  app_base_key=$( { cat images/app/base.sh "${sources[@]}"; echo "$suite $arch"; } | sha256sum | cut -c1-16)
+  app_base_key=$( { cat images/app/base.sh images/debian.sh "${sources[@]}"; echo "$suite $arch"; } | sha256sum | cut -c1-16)
   app_base_dir=$cache/app-base-$app_base_key
   if [ ! -f "$app_base_dir/app-base.tar" ]; then
     mkdir -p "$app_base_dir"

@@ -21,14 +21,9 @@ work=$(mktemp -d "$out/.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root=$work/app
 
-mmdebstrap --mode=root --variant=extract --quiet \
-  --include=python3.11-minimal,libpython3.11-stdlib \
-  --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
-  --aptopt='Acquire::Check-Valid-Until "false"' --aptopt='Acquire::Check-Date "false"' \
-  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
-  --dpkgopt='path-exclude=/usr/share/info/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
-  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-  "$suite" "$root" "$@" >&2
+# shellcheck source=images/debian.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../debian.sh"
+debian_rootfs extract python3.11-minimal,libpython3.11-stdlib "$root" "$suite" "$@"
 
 # What the interpreter does not use: glibc's gconv modules (Python has its
 # own codecs), and the tools the merged-/usr hook brought in to install
