@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 
 use aadpodid_api::{
-    ANNOTATION_TOKEN_SOURCE, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-    AzureIdentityBindingSpec, AzureIdentitySpec, FEDERATED_TOKEN_AUDIENCE,
+    ANNOTATION_TOKEN_SOURCE, AssignedIdentityState, AzureAssignedIdentity,
+    AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding,
+    AzureIdentitySpec, FEDERATED_TOKEN_AUDIENCE,
 };
 use anyhow::{Context as _, bail};
 use azure_emulator::FederatedCredentialSeed;
@@ -17,7 +18,7 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
-use super::pods::app_pod;
+use super::pods::{app_pod, create_identity_and_binding};
 use super::{PodRef, World, id_client, id_name, id_resource};
 
 /// The cluster's ServiceAccount issuer as Entra ID sees it.
@@ -86,25 +87,7 @@ impl World {
         id.metadata.namespace = Some(ns.into());
         id.metadata.annotations =
             source.map(|s| BTreeMap::from([(ANNOTATION_TOKEN_SOURCE.to_string(), s.to_string())]));
-        Api::<AzureIdentity>::namespaced(client.clone(), ns)
-            .create(&PostParams::default(), &id)
-            .await
-            .with_context(|| format!("create AzureIdentity {ns}/{name}"))?;
-        let binding = format!("{name}-binding");
-        let mut b = AzureIdentityBinding::new(
-            &binding,
-            AzureIdentityBindingSpec {
-                azure_identity: name.into(),
-                selector: selector.into(),
-                weight: 0,
-            },
-        );
-        b.metadata.namespace = Some(ns.into());
-        Api::<AzureIdentityBinding>::namespaced(client, ns)
-            .create(&PostParams::default(), &b)
-            .await
-            .with_context(|| format!("create AzureIdentityBinding {ns}/{binding}"))?;
-        Ok(())
+        create_identity_and_binding(&client, &id, selector).await
     }
 
     /// Adds to the emulator's identity `j` a federated credential trusting
@@ -175,36 +158,32 @@ impl World {
         identity: &str,
     ) -> anyhow::Result<()> {
         let client = self.client().await?;
-        let strip = |mut v: Value| {
-            if let Some(m) = v["metadata"].as_object_mut() {
-                m.remove("managedFields");
-            }
-            v
-        };
-        let id = strip(serde_json::to_value(
-            Api::<AzureIdentity>::namespaced(client.clone(), ns)
-                .get(identity)
-                .await?,
-        )?);
-        let binding = strip(serde_json::to_value(
-            Api::<AzureIdentityBinding>::namespaced(client.clone(), ns)
-                .get(&format!("{identity}-binding"))
-                .await?,
-        )?);
+        let mut id = Api::<AzureIdentity>::namespaced(client.clone(), ns)
+            .get(identity)
+            .await?;
+        let mut binding = Api::<AzureIdentityBinding>::namespaced(client.clone(), ns)
+            .get(&format!("{identity}-binding"))
+            .await?;
+        id.metadata.managed_fields = None;
+        binding.metadata.managed_fields = None;
         let node = self.nodes[pod.node].name.clone();
-        let aai: AzureAssignedIdentity = serde_json::from_value(json!({
-            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
-            "metadata": {
-                "name": format!("{}-{}-{identity}", pod.name, pod.namespace),
-                "namespace": "default",
-                "labels": {"nodename": node},
+        let mut aai = AzureAssignedIdentity::new(
+            &format!("{}-{}-{identity}", pod.name, pod.namespace),
+            AzureAssignedIdentitySpec {
+                azure_identity_ref: Some(Box::new(id)),
+                azure_binding_ref: Some(Box::new(binding)),
+                pod: pod.name.clone(),
+                pod_namespace: pod.namespace.clone(),
+                node_name: node.clone(),
+                replicas: None,
             },
-            "spec": {
-                "azureIdentityRef": id, "azureBindingRef": binding,
-                "pod": pod.name, "podNamespace": pod.namespace, "nodename": node,
-            },
-            "status": {"status": "Assigned", "availableReplicas": 1},
-        }))?;
+        );
+        aai.metadata.namespace = Some("default".into());
+        aai.metadata.labels = Some(BTreeMap::from([("nodename".to_string(), node)]));
+        aai.status = Some(AzureAssignedIdentityStatus {
+            status: AssignedIdentityState::Assigned.as_str().into(),
+            available_replicas: 1,
+        });
         Api::<AzureAssignedIdentity>::namespaced(client, "default")
             .create(&PostParams::default(), &aai)
             .await

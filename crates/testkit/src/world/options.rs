@@ -166,6 +166,14 @@ impl Options {
     }
 }
 
+impl Options {
+    /// Adds chart values (`--set key=value`), after those already there.
+    pub fn set_values(&mut self, values: &[(&str, &str)]) {
+        self.set
+            .extend(values.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,7 +192,12 @@ mod tests {
         assert_eq!((more.path, more.env), (role.path, role.env));
         let me = Program::this_executable_as("ROLE", "mic").unwrap();
         assert_eq!(me.path, std::env::current_exe().unwrap());
-        let opts = Options::new("/m", "/n");
+        let mut opts = Options::new("/m", "/n");
+        opts.set_values(&[("a", "1"), ("b.c", "x")]);
+        assert_eq!(
+            opts.set,
+            [("a".into(), "1".into()), ("b.c".into(), "x".into())]
+        );
         assert_eq!((opts.mic.path, opts.nmi.path), ("/m".into(), "/n".into()));
     }
 }

@@ -119,24 +119,36 @@ pub async fn create_identity(client: &Client, ns: &str, j: usize) -> anyhow::Res
         },
     );
     id.metadata.namespace = Some(ns.into());
-    Api::<AzureIdentity>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &id)
+    create_identity_and_binding(client, &id, &selector(j)).await
+}
+
+/// Creates AzureIdentity `id` and its binding `<name>-binding` (in its
+/// namespace) to `selector`.
+pub(super) async fn create_identity_and_binding(
+    client: &Client,
+    id: &AzureIdentity,
+    selector: &str,
+) -> anyhow::Result<()> {
+    let ns = id.metadata.namespace.clone().unwrap_or_default();
+    let name = id.metadata.name.clone().unwrap_or_default();
+    Api::<AzureIdentity>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), id)
         .await
-        .with_context(|| format!("create AzureIdentity {name}"))?;
+        .with_context(|| format!("create AzureIdentity {ns}/{name}"))?;
     let binding = format!("{name}-binding");
     let mut b = AzureIdentityBinding::new(
         &binding,
         AzureIdentityBindingSpec {
             azure_identity: name,
-            selector: selector(j),
+            selector: selector.into(),
             weight: 0,
         },
     );
-    b.metadata.namespace = Some(ns.into());
-    Api::<AzureIdentityBinding>::namespaced(client.clone(), ns)
+    b.metadata.namespace = Some(ns.clone());
+    Api::<AzureIdentityBinding>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &b)
         .await
-        .with_context(|| format!("create AzureIdentityBinding {binding}"))?;
+        .with_context(|| format!("create AzureIdentityBinding {ns}/{binding}"))?;
     Ok(())
 }
 
