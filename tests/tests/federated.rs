@@ -14,11 +14,13 @@
 //! | same identity, a pod running as a ServiceAccount without a credential | 403 naming AADSTS700213 and the credential to create (issuer, subject); a Warning Event on the AzureIdentity; once the credential exists, a token |
 //! | a pod with no binding | no token, no exchange |
 //! | another node's pod named through `/host/token` | refused by this node's nmi (404), served by its own node's |
-//! | an identity whose annotation is misspelt | 403 naming the annotation, no exchange |
+//! | an identity whose annotation is misspelt | no AzureAssignedIdentity from mic (404); with one written by hand, 403 naming the annotation; no exchange |
+//! | three new pods, each with its own ServiceAccount | the time from the Pod's creation to its first token |
 //!
-//! The AzureAssignedIdentities are written by the test with mic stopped:
-//! mic's side of federated identities (Assigned at once, nothing written to
-//! ARM) is tested with mic.
+//! mic runs as the chart deploys it: it marks the federated identity's
+//! AzureAssignedIdentities Assigned at once and writes nothing to ARM. Last,
+//! with mic stopped, the test writes an AzureAssignedIdentity for the
+//! misspelt identity itself, for nmi's own refusal.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,8 @@ const OTHER_SA: &str = "batch";
 /// Emulator identity of the federated AzureIdentity (`id-1`; `id-0` is the
 /// chart's ordinary identity).
 const FED_J: usize = 1;
+/// Bound on mic marking a pod's AzureAssignedIdentity Assigned.
+const ASSIGN: Duration = Duration::from_secs(60);
 /// Port of nmi's token service on the node (the chart's default).
 const NMI_PORT: u16 = 2579;
 
@@ -93,9 +97,8 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
         issuer.issuer,
         issuer.jwks["keys"].as_array().map_or(0, Vec::len)
     );
-    for r in 0..world.mics.len() {
-        world.signal_mic(r, "KILL")?;
-    }
+    let client_id = id_client(FED_J);
+    let before = calls(&world, &client_id);
     world.create_namespace(NS, None).await?;
     for sa in [TRUSTED_SA, OTHER_SA] {
         world.create_service_account(NS, sa).await?;
@@ -124,12 +127,18 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
     let typo = world
         .create_pod_as_service_account(NS, "typo", None, &[("aadpodidbinding", "typo")], 6)
         .await?;
+    // mic: Assigned at once, nothing written to ARM.
     for p in [&trusted, &other, &far] {
-        world.write_assigned(p, NS, "fed-id").await?;
+        wait_for("mic's AAI Assigned", ASSIGN, || async {
+            let aais = world.assigned_to(NS, &p.name).await.ok()?;
+            let statuses: Vec<String> = aais
+                .into_iter()
+                .filter_map(|a| a.status.map(|s| s.status))
+                .collect();
+            (statuses == ["Assigned"]).then_some(())
+        })
+        .await?;
     }
-    world.write_assigned(&typo, NS, "typo-id").await?;
-    let client_id = id_client(FED_J);
-    let before = calls(&world, &client_id);
 
     // The trusted pod: a token in IMDS's format naming the identity.
     let asked = Instant::now();
@@ -233,8 +242,41 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
         client_id
     );
 
-    // A misspelt token source: refused, naming the annotation.
+    // A misspelt token source: mic gives the identity to nobody, so nmi
+    // finds nothing for the pod.
     let typo_client = id_client(2);
+    let (status, body) = ask(&world, &typo, "", 30).await?;
+    assert_eq!(status, 404, "{body}");
+    assert!(world.assigned_to(NS, &typo.name).await?.is_empty());
+
+    // First tokens of new pods (each its own ServiceAccount, so none is
+    // cached): from the Pod's creation to the token, mic's AAI included.
+    let mut firsts = Vec::new();
+    for i in [3, 5, 7] {
+        let sa = format!("sa-{i}");
+        world.create_service_account(NS, &sa).await?;
+        world.add_federated_credential(FED_J, &issuer.issuer, NS, &sa)?;
+        let started = Instant::now();
+        let p = world
+            .create_pod_as_service_account(NS, &format!("new-{i}"), Some(&sa), &fed, i)
+            .await?;
+        let (status, body) = ask(&world, &p, "", 30).await?;
+        assert_eq!(status, 200, "{body}");
+        firsts.push(format!("{:.0}", started.elapsed().as_secs_f64() * 1e3));
+    }
+    eprintln!(
+        "[federated] first token of a new pod, from its creation (ms): {}",
+        firsts.join(", ")
+    );
+    let after = calls(&world, &client_id);
+
+    // Without mic, an AzureAssignedIdentity for the misspelt identity (one
+    // written before the annotation changed, say): nmi refuses it itself,
+    // naming the annotation.
+    for r in 0..world.mics.len() {
+        world.signal_mic(r, "KILL")?;
+    }
+    world.write_assigned(&typo, NS, "typo-id").await?;
     let (status, body) = ask(&world, &typo, "", 30).await?;
     assert_eq!(status, 403, "{body}");
     assert!(
@@ -248,7 +290,6 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
     );
 
     // Nothing written to ARM, nothing asked of IMDS, all along.
-    let after = calls(&world, &client_id);
     assert_eq!(
         (after.0, after.1),
         (before.0, before.1),
