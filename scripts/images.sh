@@ -134,6 +134,7 @@ if want mic || want nmi || want upstream-mic || want upstream-nmi; then
   base_key=$( { cat images/base.sh images/debian.sh "${sources[@]}"; echo "$suite $arch"; } | sha256sum | cut -c1-16)
   base_dir=$cache/base-$base_key
   if [ ! -f "$base_dir/mic-base.tar" ]; then
+    rm -rf "$cache"/base-*
     mkdir -p "$base_dir"
     bash images/base.sh "$base_dir" "$suite" "${sources[@]}"
   fi
@@ -216,6 +217,7 @@ if want app; then
   app_base_key=$( { cat images/app/base.sh images/debian.sh "${sources[@]}"; echo "$suite $arch"; } | sha256sum | cut -c1-16)
   app_base_dir=$cache/app-base-$app_base_key
   if [ ! -f "$app_base_dir/app-base.tar" ]; then
+    rm -rf "$cache"/app-base-*
     mkdir -p "$app_base_dir"
     bash images/app/base.sh "$app_base_dir" "$suite" "${sources[@]}"
   fi

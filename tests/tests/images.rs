@@ -717,7 +717,8 @@ async fn app_image_gets_a_token_through_imds() -> anyhow::Result<()> {
     let imds = emu.add_imds(APP_MACHINE, "127.0.0.1:0".parse()?).await?;
     let ns = NetNs::new("images-app")?;
     ns.add_local_address(IMDS_ADDRESS)?;
-    let _relay = ns
+    // Dies with this thread if the test fails before the end.
+    let mut relay = ns
         .relay_to(SocketAddr::from((IMDS_ADDRESS, 80)), imds, &bundle.dir)
         .await?;
     let token_py = |args: &[&str]| -> anyhow::Result<Output> {
@@ -779,6 +780,8 @@ async fn app_image_gets_a_token_through_imds() -> anyhow::Result<()> {
     assert!(line.get("token_sha256").is_none(), "{line}");
     let error = line["error"].as_str().context("error")?;
     assert!(error.contains("Identity not found"), "{line}");
+    relay.kill()?;
+    relay.wait()?;
     emu.shutdown();
     Ok(())
 }
