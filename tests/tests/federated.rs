@@ -12,6 +12,7 @@
 //! |---|---|
 //! | pod bound to the federated identity, its ServiceAccount has a federated credential | a token naming the identity's client ID, through curl (IMDS format) and the Python SDK's `ManagedIdentityCredential`; no ARM write, no IMDS token request; cached |
 //! | same identity, a pod running as a ServiceAccount without a credential | 403 naming AADSTS700213 and the credential to create (issuer, subject); a Warning Event on the AzureIdentity; once the credential exists, a token |
+//! | a pod running as a ServiceAccount that does not exist | 403: the API server issued no token, and why |
 //! | a pod with no binding | no token, no exchange |
 //! | another node's pod named through `/host/token` | refused by this node's nmi (404), served by its own node's |
 //! | an identity whose annotation is misspelt | no AzureAssignedIdentity from mic (404); with one written by hand, 403 naming the annotation; no exchange |
@@ -53,7 +54,7 @@ fn options() -> Options {
         instances: 2,
         identities: 1,
         unbound_identities: 2,
-        pods_per_node: 4,
+        pods_per_node: 5,
         // nmi runs with a token bound to its pod, as the kubelet gives it.
         pod_bound_tokens: true,
         ..Options::new(env!("CARGO_BIN_EXE_e2e-mic"), env!("CARGO_BIN_EXE_e2e-nmi"))
@@ -218,6 +219,17 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
     let (status, body) = ask(&world, &other, "", 30).await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(world.appid_of(&body)?, client_id);
+
+    // A ServiceAccount that does not exist: the API server issues no token;
+    // the pod is told so.
+    let ghost = world
+        .create_pod_as_service_account(NS, "ghost", Some("missing"), &fed, 8)
+        .await?;
+    let (status, body) = ask(&world, &ghost, "", 30).await?;
+    assert_eq!(status, 403, "{body}");
+    for text in ["ServiceAccount fed/missing", "does not exist"] {
+        assert!(body.contains(text), "{text:?} not in {body}");
+    }
 
     // No binding: nothing, and no exchange.
     let exchanges = calls(&world, &client_id).2;

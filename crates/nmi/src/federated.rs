@@ -301,8 +301,10 @@ pub fn refusal_error(
     }
 }
 
-/// Why the API server issued no ServiceAccount token: its status (0 when it
-/// was not reached) and the text for the pod.
+/// Why the API server issued no ServiceAccount token: its `status` (0 when
+/// it was not reached) and `detail`. A refusal (4xx but 429: RBAC, an
+/// admission policy, a ServiceAccount or pod that does not exist) is the
+/// pod's 403, a configuration to fix; anything else is 503, to retry.
 pub fn token_request_error(plan: &Plan, status: u16, detail: &str) -> TokenError {
     let sa = format!("{}/{}", plan.namespace, plan.service_account);
     let hint = match status {
@@ -313,7 +315,7 @@ pub fn token_request_error(plan: &Plan, status: u16, detail: &str) -> TokenError
         _ => "",
     };
     TokenError::Federated {
-        status: 0,
+        status,
         code: None,
         message: format!(
             "NMI could not get a token of ServiceAccount {sa} for pod {}/{} from the API server: {detail}.{hint}",
@@ -611,17 +613,24 @@ mod tests {
     #[test]
     fn token_request_failures_say_what_to_fix() {
         let p = plan(&identity("cid", "t1", ""), &pod("web", "u"), "").unwrap();
-        let e = token_request_error(&p, 403, "forbidden");
-        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let text = e.to_string();
-        assert!(
-            text.contains("ServiceAccount app/web") && text.contains("serviceaccounts/token"),
-            "{text}"
-        );
-        assert!(
-            token_request_error(&p, 404, "gone")
-                .to_string()
-                .contains("does not exist")
-        );
+        // (API server's status, status to the pod, a text the message holds)
+        let cases = [
+            (403, 403, "serviceaccounts/token"),
+            (401, 403, "serviceaccounts/token"),
+            (404, 403, "does not exist"),
+            (422, 403, "ServiceAccount app/web"),
+            (429, 503, "ServiceAccount app/web"),
+            (500, 503, "ServiceAccount app/web"),
+            (0, 503, "ServiceAccount app/web"),
+        ];
+        for (apiserver, to_pod, text) in cases {
+            let e = token_request_error(&p, apiserver, "detail");
+            assert_eq!(e.status().as_u16(), to_pod, "{apiserver}: {e}");
+            let message = e.to_string();
+            assert!(
+                message.contains(text) && message.contains("detail"),
+                "{message}"
+            );
+        }
     }
 }

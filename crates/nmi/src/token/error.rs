@@ -68,11 +68,12 @@ pub enum TokenError {
     },
     /// A federated identity's exchange failed: the API server would not
     /// issue the ServiceAccount token, or Entra ID refused it. `message`
-    /// says what to fix. Answered 403 when Entra refused (a configuration
-    /// the user must change), else 503 (retried by SDKs).
+    /// says what to fix. Answered 403 when either refused (4xx but 429: a
+    /// configuration the user must change), else 503 (retried by SDKs).
     #[error("{message}")]
     Federated {
-        /// Entra ID's status (0: Entra was not reached).
+        /// The refusing server's status: the API server's for the
+        /// TokenRequest, else Entra ID's (0: neither answered).
         status: u16,
         /// The AADSTS code, when Entra gave one.
         code: Option<u32>,
