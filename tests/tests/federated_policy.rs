@@ -26,6 +26,8 @@ use aadpodid_api::FEDERATED_TOKEN_AUDIENCE;
 use aadpodid_tests::helm::{self, Render};
 use aadpodid_tests::{Cluster, KubectlOutput, run_kubectl, unique_name, wait_for};
 use base64::Engine as _;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::PostParams;
 use serde_json::{Value, json};
 
 /// Bound on the apiserver's policy, binding and Pod (parameter) informers
@@ -276,6 +278,51 @@ async fn nmi_may_request_only_exchange_tokens_for_pods_on_its_node() {
     })
     .await
     .unwrap();
+    // NMI's own request (what it posts for a pod: nmi::federated's
+    // TokenRequest, bound to the pod's name and UID) through its own
+    // client: admitted for the pod on its node, refused for the other.
+    let nmi_client = {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&bound).unwrap();
+        let options = kube::config::KubeConfigOptions::default();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    };
+    let accounts: kube::Api<ServiceAccount> = kube::Api::namespaced(nmi_client, &app);
+    for (pod, admitted) in [("web", true), ("far", false)] {
+        let get = [
+            "get",
+            "pod",
+            pod,
+            "-n",
+            &app,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ];
+        let uid = cluster.kubectl_run(&get, None).unwrap().stdout;
+        let plan = nmi::federated::Plan {
+            identity: format!("{app}/id"),
+            namespace: app.clone(),
+            service_account: "app".into(),
+            pod_name: pod.into(),
+            pod_uid: uid.trim().to_string(),
+            client_id: "c0000000-0000-4000-8000-000000000001".into(),
+            tenant: "t".into(),
+            ad_endpoint: "https://login.microsoftonline.com/".into(),
+        };
+        let request = nmi::federated::token_request(&plan);
+        let answer = accounts
+            .create_token_request("app", &PostParams::default(), &request)
+            .await;
+        match answer {
+            Ok(_) => assert!(admitted, "{pod}: admitted"),
+            Err(e) => {
+                assert!(!admitted, "{pod}: {e}");
+                assert!(e.to_string().contains(&format!("'{node_policy}'")), "{e}");
+            }
+        }
+    }
     let c = claims(&token);
     assert_eq!(c["aud"], json!([FEDERATED_TOKEN_AUDIENCE]), "{c}");
     assert_eq!(c["sub"], format!("system:serviceaccount:{app}:app"), "{c}");
