@@ -811,45 +811,64 @@ fn upstream_images_run_version() -> anyhow::Result<()> {
 }
 
 /// Upstream's nmi runs `iptables` from PATH: in its image that is the
-/// wrapper, which finds the node's back end (here legacy, by kubelet's hint)
-/// and, with a writable root as upstream's chart runs it, points the Debian
-/// alternatives at it; with a read-only root it says so and runs that back
-/// end's command directly.
+/// wrapper, which finds the node's back end (kubelet's hint, in legacy or
+/// in nft with more rules in legacy) and, with a writable root as upstream's
+/// chart runs it, points the Debian alternatives at it; with a read-only
+/// root it says so and runs that back end's command directly.
 #[test]
 fn upstream_nmi_image_iptables_follows_the_nodes_back_end() -> anyhow::Result<()> {
-    let nmi = Bundle::unpack(UPSTREAM.archive("upstream-nmi")?, "upstream-nmi")?;
-    let ns = NetNs::new("images")?;
-    add_hint(&ns, "legacy")?;
-    add_nmi_chain(&ns, "legacy")?;
-    // Upstream's chart: root (runAsUser 0), these capabilities only.
-    let caps = &["CAP_DAC_READ_SEARCH", "CAP_NET_ADMIN", "CAP_NET_RAW"];
-    let run = |writable_root| {
-        succeeded(nmi.run(&Run {
-            command: Some(&["iptables-save", "-t", "nat"]),
-            caps,
-            netns: Some(&ns),
-            writable_root,
-            user: Some((0, 0)),
-            ..Run::default()
-        })?)
-    };
-    let (stdout, stderr) = run(false)?;
-    assert!(stdout.contains(":aad-metadata "), "{stdout}");
-    assert!(
-        stderr.contains("Unable to redirect iptables binaries"),
-        "{stderr}"
-    );
-    let alternative = nmi.dir.join("rootfs/etc/alternatives/iptables");
-    assert_eq!(
-        std::fs::read_link(&alternative)?,
-        Path::new("/usr/sbin/iptables-wrapper")
-    );
-    let (stdout, stderr) = run(true)?;
-    assert!(stdout.contains(":aad-metadata "), "{stdout}");
-    assert!(!stderr.contains("Unable to redirect"), "{stderr}");
-    assert_eq!(
-        std::fs::read_link(&alternative)?,
-        Path::new("/usr/sbin/iptables-legacy")
-    );
+    let archive = UPSTREAM.archive("upstream-nmi")?;
+    for backend in ["legacy", "nft"] {
+        // A new bundle for each case: the writable run changes its root.
+        let nmi = Bundle::unpack(archive, "upstream-nmi")?;
+        let ns = NetNs::new("images")?;
+        add_hint(&ns, backend)?;
+        add_nmi_chain(&ns, backend)?;
+        if backend == "nft" {
+            // More rules in legacy: the hint still decides.
+            add_nmi_chain(&ns, "legacy")?;
+            iptables(&ns, "legacy", &["-A", "INPUT", "-j", "ACCEPT"])?;
+        }
+        // Upstream's chart: root (runAsUser 0), these capabilities only.
+        let caps = &["CAP_DAC_READ_SEARCH", "CAP_NET_ADMIN", "CAP_NET_RAW"];
+        let run = |writable_root| {
+            succeeded(nmi.run(&Run {
+                command: Some(&["iptables", "-t", "mangle", "-S"]),
+                caps,
+                netns: Some(&ns),
+                writable_root,
+                user: Some((0, 0)),
+                ..Run::default()
+            })?)
+        };
+        // The hint is in the chosen back end's mangle table only.
+        let (stdout, stderr) = run(false)?;
+        assert!(
+            stdout.contains("-N KUBE-IPTABLES-HINT"),
+            "{backend}: {stdout}"
+        );
+        assert!(
+            stderr.contains("Unable to redirect iptables binaries"),
+            "{backend}: {stderr}"
+        );
+        let alternative = nmi.dir.join("rootfs/etc/alternatives/iptables");
+        assert_eq!(
+            std::fs::read_link(&alternative)?,
+            Path::new("/usr/sbin/iptables-wrapper")
+        );
+        let (stdout, stderr) = run(true)?;
+        assert!(
+            stdout.contains("-N KUBE-IPTABLES-HINT"),
+            "{backend}: {stdout}"
+        );
+        assert!(
+            !stderr.contains("Unable to redirect"),
+            "{backend}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read_link(&alternative)?,
+            PathBuf::from(format!("/usr/sbin/iptables-{backend}"))
+        );
+    }
     Ok(())
 }
