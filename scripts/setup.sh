@@ -9,9 +9,9 @@
 #   - for the tests (not the demo): helm, upstream's v1.8.17 mic and nmi, and the
 #     real test nodes' pieces (Debian's containerd, runc and CNI plugins;
 #     kubelet, kube-controller-manager, kube-scheduler by tests/cluster/build-node.sh)
-#   - with AADPODID_SETUP_IMAGES=1, the mic and nmi container images (scripts/images.sh)
+#   - with AADPODID_SETUP_IMAGES=1, the mic, nmi and application (Python Azure SDK) container images (scripts/images.sh)
 #   - the pinned Python Azure SDK virtualenv (tests/python/setup.sh)
-#   - with AADPODID_SETUP_IMAGES=1 only: the mic and nmi container images
+#   - with AADPODID_SETUP_IMAGES=1 only: the mic, nmi and application container images
 #     (scripts/images.sh: podman, a base made from Debian packages, the
 #     release binaries; about 2 minutes plus the release build the first
 #     time, then cached under $HOME/.cache/aadpodid/images)
@@ -108,7 +108,7 @@ step "Python Azure SDK clients for token tests"
 bash tests/python/setup.sh >&2
 
 if [ "${AADPODID_SETUP_IMAGES:-}" = 1 ]; then
-  step "container images mic and nmi (scripts/images.sh)"
+  step "container images mic, nmi and app (scripts/images.sh)"
   bash scripts/images.sh >&2
 fi
 
