@@ -15,6 +15,7 @@
 //! | a pod running as a ServiceAccount that does not exist | 403: the API server issued no token, and why |
 //! | a pod with no binding | no token, no exchange |
 //! | another node's pod named through `/host/token` | refused by this node's nmi (404), served by its own node's |
+//! | a token for another node's pod asked of the API server with nmi's own credentials | refused by the chart's node policy (nmi's pod-bound token names its node); for its own node's pod, issued |
 //! | an identity whose annotation is misspelt | no AzureAssignedIdentity from mic (404); with one written by hand, 403 naming the annotation; no exchange |
 //! | three new pods, each with its own ServiceAccount | the time from the Pod's creation to its first token |
 //!
@@ -62,10 +63,7 @@ fn options() -> Options {
     o.set_values(&[
         ("identityPolicy.mode", "off"),
         ("federatedTokens.enabled", "true"),
-        // Off for now: its parameters (the Pods of the namespace) are
-        // missing in a namespace without pods, and it then refuses every
-        // TokenRequest there, the kit's own for mic and nmi included.
-        ("federatedTokens.nodePolicy", "false"),
+        ("federatedTokens.nodePolicy", "true"),
         ("nmi.retryAttemptsForCreated", "2"),
         ("nmi.retryAttemptsForAssigned", "2"),
         ("nmi.findIdentityRetryIntervalInSeconds", "1"),
@@ -252,6 +250,19 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
     assert_eq!(
         world.appid_of(&json(&body)["token"].to_string())?,
         client_id
+    );
+
+    // The API server's own line (federatedTokens.nodePolicy): with node 0's
+    // nmi credentials (pod-bound, naming node 0), a token for node 1's pod
+    // is refused; for node 0's pod it is issued.
+    let nmi0 = world.nmi_client(0).await?;
+    let refused = world.pod_token_as(&nmi0, &far, TRUSTED_SA).await?;
+    let refusal = refused.expect_err("node 0's nmi got a token for node 1's pod");
+    assert!(refusal.contains("nmi-token-request-node"), "{refusal}");
+    let issued = world.pod_token_as(&nmi0, &trusted, TRUSTED_SA).await?;
+    assert!(
+        issued.is_ok_and(|t| !t.is_empty()),
+        "node 0's nmi for its own pod"
     );
 
     // A misspelt token source: mic gives the identity to nobody, so nmi

@@ -93,12 +93,22 @@ impl Release {
         for (ns, grants) in [(RELEASE_NS, None), (APP_NS, app_ns_grants(opts))] {
             super::users::create_namespace(admin, ns, grants.as_deref()).await?;
         }
+        let (mic, nmi) = (
+            ("Deployment", "aad-pod-identity-mic"),
+            ("DaemonSet", "aad-pod-identity-nmi"),
+        );
+        // The ServiceAccounts' tokens are asked for before the chart's
+        // admission policies exist: with federatedTokens.nodePolicy, a
+        // TokenRequest in a namespace without Pods (the policy's parameters)
+        // is refused whoever makes it.
+        let mic_kubeconfig = account_kubeconfig(cluster, &rendered, mic).await?;
+        let nmi_kubeconfig = account_kubeconfig(cluster, &rendered, nmi).await?;
         kubectl_apply(cluster, &text).await?;
-        let workload = |kind, name, program: &Program| {
-            Workload::applied(cluster, admin, &rendered, kind, name, program.clone())
+        let workload = |(kind, name), program: &Program, kubeconfig| {
+            Workload::applied(admin, &rendered, kind, name, program.clone(), kubeconfig)
         };
-        let mic = workload("Deployment", "aad-pod-identity-mic", &opts.mic).await?;
-        let nmi = workload("DaemonSet", "aad-pod-identity-nmi", &opts.nmi).await?;
+        let mic = workload(mic, &opts.mic, mic_kubeconfig).await?;
+        let nmi = workload(nmi, &opts.nmi, nmi_kubeconfig).await?;
         Ok(Release { rendered, mic, nmi })
     }
 
@@ -138,23 +148,34 @@ pub(super) struct Workload {
     pub(super) program: Program,
 }
 
+/// A kubeconfig of the ServiceAccount of the rendered `kind/name` (created
+/// if missing; the chart's apply then adopts it).
+async fn account_kubeconfig(
+    cluster: &Cluster,
+    rendered: &[Value],
+    (kind, name): (&str, &str),
+) -> anyhow::Result<PathBuf> {
+    let object =
+        helm::find(rendered, kind, name).with_context(|| format!("rendered {kind} {name}"))?;
+    let account = object["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .context("serviceAccountName")?;
+    cluster
+        .service_account_kubeconfig(RELEASE_NS, account)
+        .await
+}
+
 impl Workload {
     async fn applied(
-        cluster: &Cluster,
         admin: &Client,
         rendered: &[Value],
         kind: &str,
         name: &str,
         program: Program,
+        kubeconfig: PathBuf,
     ) -> anyhow::Result<Workload> {
         let object =
             helm::find(rendered, kind, name).with_context(|| format!("rendered {kind} {name}"))?;
-        let account = object["spec"]["template"]["spec"]["serviceAccountName"]
-            .as_str()
-            .context("serviceAccountName")?;
-        let kubeconfig = cluster
-            .service_account_kubeconfig(RELEASE_NS, account)
-            .await?;
         Ok(Workload {
             uid: uid_of(admin, kind, name).await?,
             probe: probe_of(&object)?,

@@ -147,6 +147,44 @@ impl World {
         self.run_pod(ns, name, i).await
     }
 
+    /// A client with the credentials nmi on node `node` runs with (its
+    /// `--kubeconfig`).
+    pub async fn nmi_client(&self, node: usize) -> anyhow::Result<kube::Client> {
+        let nmi = &self.nodes.get(node).context("no such node")?.nmi;
+        let path = nmi.flag("kubeconfig").context("nmi has no --kubeconfig")?;
+        crate::kubectl::client_from_kubeconfig(std::path::Path::new(path)).await
+    }
+
+    /// Asks, with `client`, for a token of ServiceAccount `pod.namespace/sa`
+    /// bound to `pod` for the exchange audience, as nmi asks for it: the
+    /// token, or the API server's refusal.
+    pub async fn pod_token_as(
+        &self,
+        client: &kube::Client,
+        pod: &PodRef,
+        sa: &str,
+    ) -> anyhow::Result<Result<String, String>> {
+        let uid = Api::<Pod>::namespaced(self.client().await?, &pod.namespace)
+            .get(&pod.name)
+            .await?
+            .metadata
+            .uid
+            .unwrap_or_default();
+        let request: k8s_openapi::api::authentication::v1::TokenRequest =
+            serde_json::from_value(json!({"spec": {
+                "audiences": [FEDERATED_TOKEN_AUDIENCE],
+                "expirationSeconds": 600,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod.name, "uid": uid},
+            }}))?;
+        let answer = Api::<ServiceAccount>::namespaced(client.clone(), &pod.namespace)
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await;
+        Ok(match answer {
+            Ok(t) => Ok(t.status.map(|s| s.token).unwrap_or_default()),
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
     /// Writes, as an administrator, the AzureAssignedIdentity MIC writes for
     /// `pod` and AzureIdentity `ns/identity` with its binding
     /// `<identity>-binding`, already `Assigned` (for a test that keeps MIC

@@ -52,6 +52,15 @@ impl Proc {
         }
     }
 
+    /// The value of its flag `--<name>=<value>` (the last one given).
+    pub fn flag(&self, name: &str) -> Option<&str> {
+        let prefix = format!("--{name}=");
+        self.args
+            .iter()
+            .rev()
+            .find_map(|a| a.strip_prefix(prefix.as_str()))
+    }
+
     /// Its log file.
     pub fn log_path(&self) -> &Path {
         &self.log
@@ -375,5 +384,22 @@ mod tests {
         );
         assert_eq!(status_and_body("\n000"), (0, String::new()));
         assert_eq!(status_and_body(""), (0, String::new()));
+    }
+
+    #[test]
+    fn flags_are_read_back_last_one_winning() {
+        let args = ["--a=1", "--kubeconfig=/x", "--b", "--kubeconfig=/y"];
+        let p = Proc::new(
+            "p",
+            Program::binary("/bin/true"),
+            args.iter().map(|a| a.to_string()).collect(),
+            vec![],
+            (0, String::new()),
+            "/tmp/p.log".into(),
+        );
+        assert_eq!(p.flag("kubeconfig"), Some("/y"));
+        assert_eq!(p.flag("a"), Some("1"));
+        assert_eq!(p.flag("b"), None);
+        assert_eq!(p.flag("c"), None);
     }
 }
