@@ -20,9 +20,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aadpodid_testkit::realcloud::{CloudCa, NodeCloud};
-use aadpodid_testkit::realnode::{ControlPlane, RealNode};
+use aadpodid_testkit::realnode::{ControlPlane, RealNode, image_of_binary, node_bin_dir};
 use aadpodid_testkit::tenant::{
-    self, APP_CLIENT, APP_ID, APP_RG, KUBELET, MicCloud, NODE_RG, Tenant,
+    self, APP_CLIENT, APP_ID, APP_RG, APP2_CLIENT, APP2_ID, KUBELET, MicCloud, NODE_RG, Tenant,
 };
 use aadpodid_testkit::{ClusterOptions, PrivateCluster, fill_template, fixture, helm, wait_for};
 use anyhow::{Context as _, bail, ensure};
@@ -42,6 +42,15 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const WORKLOADS_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bound on the application pod's first token.
 const TOKEN_TIMEOUT: Duration = Duration::from_secs(150);
+/// The application image (`scripts/images.sh`): Python and the Azure SDK,
+/// `/app/token.py`.
+const APP_IMAGE: &str = "localhost/aadpodid-app:";
+/// The image seed 004's pod names.
+const DEMO_IMAGE: &str = "mcr.microsoft.com/oss/azure/aad-pod-identity/demo:v1.6.3";
+/// The identity `az aks pod-identity add --name` makes for seed 004.
+const DEMO_IDENTITY: &str = "my-pod-identity";
+/// How many lines of the application's log the checks read.
+const TRIES_KEPT: usize = 5000;
 /// Bound on building the images (cargo release builds when not cached).
 const IMAGES_LIMIT_S: &str = "2400";
 
@@ -86,7 +95,7 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
         started: Instant::now(),
         done: Vec::new(),
     };
-    let archives = chart_images()?;
+    let images = chart_images()?;
     steps.mark("images");
 
     let cluster = PrivateCluster::start_with(ClusterOptions {
@@ -96,12 +105,18 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
     let client = cluster.admin_client().await?;
     let mut plane = ControlPlane::start(&cluster)?;
     let emu = Tenant::standard()
+        .identity(APP2_ID, APP_RG, APP2_CLIENT)
         .scale_set(VMSS, 2, &[KUBELET])
         .start()
         .await?;
     let dir = TempDir::new("aadpodid-realhelm")?;
     let dir = dir.path();
     let ca = CloudCa::make(&dir.join("ca"))?;
+    // Seed 004's pod names upstream's demo image, which no registry here
+    // serves: the nodes hold an image of that name (an idle process that
+    // ignores the pod's arguments), so the manifest runs unchanged.
+    let demo = dir.join("demo.oci.tar");
+    image_of_binary(&node_bin_dir()?.join("pause"), DEMO_IMAGE, &demo)?;
     steps.mark("cluster and emulator");
 
     let mut nodes = Vec::new();
@@ -109,7 +124,7 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
     for i in 0..2u8 {
         let provider = tenant::vmss_provider_id(NODE_RG, VMSS, usize::from(i));
         let node = RealNode::start_as(&cluster, i, Some(&provider)).await?;
-        for archive in &archives {
+        for archive in [&images.mic, &images.nmi, &images.app, &demo] {
             node.import_image(archive)?;
         }
         let machine = format!("vmss/{VMSS}/{i}");
@@ -133,15 +148,14 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
         tenant::write_mic_cloud_files(dir, "", &MicCloud::standard(), &CloudCa::environment())?;
     let kubelet_config = dir.join("kubelet-default");
     std::fs::write(&kubelet_config, "")?;
-    let images = nodes[0].images()?;
+    let held = nodes[0].images()?;
     let image_of = |name: &str| -> anyhow::Result<String> {
-        images
-            .iter()
+        held.iter()
             .find(|i| {
                 i.starts_with("localhost/aad-pod-identity/") && i.contains(&format!("/{name}:"))
             })
             .cloned()
-            .with_context(|| format!("no {name} image in {images:?}"))
+            .with_context(|| format!("no {name} image in {held:?}"))
     };
     let (mic_image, nmi_image) = (image_of("mic")?, image_of("nmi")?);
     let repository = mic_image
@@ -189,6 +203,7 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
 
     // The seed manifests, unchanged: an AzureIdentity and its binding.
     let identity = tenant::uai_id(APP_RG, APP_ID);
+    let demo_identity = tenant::uai_id(APP_RG, APP2_ID);
     let vars = [
         ("UAIName", APP_ID),
         ("UAIId", identity.as_str()),
@@ -204,29 +219,61 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
         let out = cluster.kubectl_run(&["apply", "-n", APP_NS, "-f", "-"], Some(&text))?;
         ensure!(out.success, "{file}: {}", out.stderr);
     }
-    let app = app_pod(&nmi_image, &format!("{APP_ID}-binding"));
+    // What `az aks pod-identity add --name my-pod-identity` creates, and
+    // seed 004's pod of that identity.
+    let addon_identity = fill_template(
+        &fixture("seed002-azureidentity.yaml")?,
+        &[
+            ("UAIName", DEMO_IDENTITY),
+            ("UAIId", &demo_identity),
+            ("UAIClientId", APP2_CLIENT),
+        ],
+    );
+    let addon = format!(
+        "{addon_identity}---\napiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\n\
+         metadata:\n  name: {DEMO_IDENTITY}-binding\nspec:\n  azureIdentity: {DEMO_IDENTITY}\n  \
+         selector: {DEMO_IDENTITY}\n"
+    );
+    let seed4 = fill_template(
+        &fixture("seed004-pod.yaml")?,
+        &[
+            ("POD_IDENTITY_NAME", DEMO_IDENTITY),
+            ("SUBSCRIPTION_ID", aadpodid_testkit::SUB),
+            ("IDENTITY_CLIENT_ID", APP2_CLIENT),
+            ("IDENTITY_RESOURCE_GROUP", APP_RG),
+        ],
+    );
+    for (what, text) in [
+        ("the add-on's objects", &addon),
+        ("seed004-pod.yaml", &seed4),
+    ] {
+        let out = cluster.kubectl_run(&["apply", "-n", APP_NS, "-f", "-"], Some(text))?;
+        ensure!(out.success, "{what}: {}", out.stderr);
+    }
+    let app = app_pod(&app_image(&held)?, &format!("{APP_ID}-binding"));
     let out = cluster.kubectl_run(&["apply", "-n", APP_NS, "-f", "-"], Some(&app))?;
     ensure!(out.success, "app pod: {}", out.stderr);
-    let token_line = wait_for("the app's token", TOKEN_TIMEOUT, || {
+    let first = wait_for("the app's token", TOKEN_TIMEOUT, || {
         let nodes = &node_refs;
         async move {
-            container_log(nodes, APP_NS, "app")
-                .lines()
-                .find(|l| l.starts_with("TOKEN "))
-                .map(str::to_string)
+            tries(&container_log(nodes, APP_NS, "app", TRIES_KEPT))
+                .into_iter()
+                .find(|t| t["ok"] == true)
         }
     })
     .await
     .map_err(|e| {
         e.context(format!(
             "app log: {}\n{}",
-            container_log(&node_refs, APP_NS, "app"),
+            container_log(&node_refs, APP_NS, "app", 40),
             diagnostics(&node_refs, &cluster)
         ))
     })?;
     ensure!(
-        token_line.contains(" 200") && token_line.contains(APP_CLIENT),
-        "{token_line}"
+        first["appid"]
+            .as_str()
+            .is_some_and(|a| a.eq_ignore_ascii_case(APP_CLIENT)),
+        "{first}"
     );
     // MIC put the identity on the app's node's scale set through ARM.
     let on_vmss = emu.assigned_identities(VMSS).unwrap_or_default();
@@ -235,6 +282,35 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
         "{on_vmss:?}"
     );
     steps.mark("app pod's token through 169.254.169.254");
+    // Seed 004's pod gets its identity too: MIC assigns it and puts it on
+    // the scale set.
+    wait_for("seed 004's pod Assigned", TOKEN_TIMEOUT, || {
+        let cluster = &cluster;
+        async move {
+            let out = cluster
+                .kubectl_run(
+                    &["get", "azureassignedidentities", "-A", "-o", "json"],
+                    None,
+                )
+                .ok()?;
+            let list: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+            list["items"]
+                .as_array()?
+                .iter()
+                .any(|a| a["spec"]["pod"] == "demo" && a["status"]["status"] == "Assigned")
+                .then_some(())
+        }
+    })
+    .await
+    .map_err(|e| e.context(diagnostics(&node_refs, &cluster)))?;
+    let on_vmss = emu.assigned_identities(VMSS).unwrap_or_default();
+    ensure!(
+        on_vmss
+            .iter()
+            .any(|i| i.eq_ignore_ascii_case(&demo_identity)),
+        "{on_vmss:?}"
+    );
+    steps.mark("seed 004's pod Assigned");
 
     // `helm upgrade` with a changed value rolls nmi (a surge rollout: the
     // new pod is ready before the old one stops) while the app keeps asking
@@ -267,16 +343,12 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
     steps.mark("helm upgrade: nmi rolled");
     // The app's tries during the rollout: each got a token (nmi answered
     // throughout), and the IMDS relays never saw a pod's address.
-    let log = container_log(&node_refs, APP_NS, "app");
-    let after_first: Vec<&str> = log
-        .lines()
-        .skip_while(|l| !l.starts_with("TOKEN "))
-        .filter(|l| !l.starts_with("[") && !l.is_empty())
-        .collect();
-    let failed: Vec<&&str> = after_first
-        .iter()
-        .filter(|l| !l.starts_with("TOKEN "))
-        .collect();
+    let after_first: Vec<serde_json::Value> =
+        tries(&container_log(&node_refs, APP_NS, "app", TRIES_KEPT))
+            .into_iter()
+            .skip_while(|t| t["ok"] != true)
+            .collect();
+    let failed: Vec<&serde_json::Value> = after_first.iter().filter(|t| t["ok"] != true).collect();
     ensure!(
         failed.is_empty() && after_first.len() >= 2,
         "tries after the first token: {after_first:#?}"
@@ -346,6 +418,7 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
         .map(|n| (n.dir().to_path_buf(), n.cgroup_root().to_string()))
         .collect();
     drop(nodes);
+    steps.mark("nodes torn down");
     for (node_dir, cgroup_root) in &remains {
         let leftovers = RealNode::leftovers(node_dir, cgroup_root);
         ensure!(leftovers.is_empty(), "{leftovers:?}");
@@ -383,31 +456,11 @@ async fn app_node(client: &kube::Client) -> anyhow::Result<String> {
         .context("the app pod has no node")
 }
 
-/// The application pod: labelled for `binding`, it asks 169.254.169.254 for
-/// an ARM token for the identity's client ID once a second (bounded) with
-/// bash's own TCP, from the nmi image (which has bash), and prints one line
-/// per try: `TOKEN <status line>` when the answer holds an access token,
-/// else what it got.
+/// The application pod: labelled for `binding`, it asks for an ARM token
+/// with the Python Azure SDK's `ManagedIdentityCredential` (the identity's
+/// client ID) once a second, a bounded number of times; each try prints one
+/// JSON line (`{"ok": true, "appid": ..}` or `{"ok": false, "error": ..}`).
 fn app_pod(image: &str, binding: &str) -> String {
-    const SCRIPT: &str = r#"
-for i in $(seq 1 600); do
-  if exec 3<>/dev/tcp/169.254.169.254/80; then
-    printf 'GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%%3A%%2F%%2Fmanagement.azure.com%%2F&client_id=%s HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n' "$CLIENT_ID" >&3
-    answer=$(timeout 30 cat <&3)
-    exec 3>&-
-    status=$(printf '%s\n' "$answer" | head -n 1 | tr -d '\r')
-    if printf '%s' "$answer" | grep -q '"access_token"'; then
-      echo "TOKEN $status $(printf '%s' "$answer" | grep -o '"client_id": *"[^"]*"')"
-    else
-      echo "NO-TOKEN $status $(printf '%s' "$answer" | tail -c 200 | tr '\r\n' '  ')"
-    fi
-  else
-    echo "NO-CONNECT"
-  fi
-  sleep 1
-done
-sleep 3600
-"#;
     serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -418,25 +471,50 @@ sleep 3600
                 "name": "app",
                 "image": image,
                 "imagePullPolicy": "Never",
-                "command": ["/bin/bash", "-c", SCRIPT],
-                "env": [{"name": "CLIENT_ID", "value": APP_CLIENT}],
+                "command": [
+                    "python3", "/app/token.py", "https://management.azure.com/.default",
+                    APP_CLIENT, "--loop", "900", "--interval", "1",
+                ],
             }],
         },
     })
     .to_string()
 }
 
-/// The OCI archives of the chart's images, from `scripts/images.sh` (built,
-/// or reused from its cache), or the two paths (mic, nmi) in
-/// `$AADPODID_CHART_IMAGES` when set.
-fn chart_images() -> anyhow::Result<Vec<PathBuf>> {
+/// The application image among the images a node holds.
+fn app_image(held: &[String]) -> anyhow::Result<String> {
+    held.iter()
+        .find(|i| i.starts_with(APP_IMAGE))
+        .cloned()
+        .with_context(|| format!("no {APP_IMAGE} image in {held:?}"))
+}
+
+/// The application's tries in its log: the lines that are JSON objects
+/// with an `ok` field (the SDK's warnings on stderr are not).
+fn tries(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("ok").is_some())
+        .collect()
+}
+
+/// The OCI archives of the images.
+struct Images {
+    mic: PathBuf,
+    nmi: PathBuf,
+    app: PathBuf,
+}
+
+/// The OCI archives of the chart's images and the application image, from
+/// `scripts/images.sh` (built, or reused from its cache), or the three paths
+/// (mic, nmi, app) in `$AADPODID_CHART_IMAGES` when set.
+fn chart_images() -> anyhow::Result<Images> {
     if let Ok(given) = std::env::var("AADPODID_CHART_IMAGES") {
         let paths: Vec<PathBuf> = given.split_whitespace().map(PathBuf::from).collect();
-        ensure!(
-            paths.len() == 2,
-            "AADPODID_CHART_IMAGES: two archives (mic, nmi): {given:?}"
-        );
-        return Ok(paths);
+        let [mic, nmi, app] = <[PathBuf; 3]>::try_from(paths).map_err(|p| {
+            anyhow::anyhow!("AADPODID_CHART_IMAGES: three archives (mic, nmi, app): {p:?}")
+        })?;
+        return Ok(Images { mic, nmi, app });
     }
     let root = aadpodid_testkit::repo_root();
     let out = Command::new("timeout")
@@ -448,16 +526,18 @@ fn chart_images() -> anyhow::Result<Vec<PathBuf>> {
         .context("run scripts/images.sh")?;
     ensure!(out.status.success(), "scripts/images.sh: {}", out.status);
     let stdout = String::from_utf8(out.stdout)?;
-    ["mic", "nmi"]
-        .iter()
-        .map(|name| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .map(PathBuf::from)
-                .with_context(|| format!("no `{name} <archive>` line in {stdout:?}"))
-        })
-        .collect()
+    let archive = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(PathBuf::from)
+            .with_context(|| format!("no `{name} <archive>` line in {stdout:?}"))
+    };
+    Ok(Images {
+        mic: archive("mic")?,
+        nmi: archive("nmi")?,
+        app: archive("app")?,
+    })
 }
 
 /// Waits until mic's Deployment has 2 ready replicas and nmi's DaemonSet a
@@ -506,7 +586,7 @@ async fn wait_workloads(
             .collect();
         let logs: Vec<String> = ["mic", "nmi"]
             .iter()
-            .map(|c| format!("--- {c}:\n{}", container_log(nodes, RELEASE, c)))
+            .map(|c| format!("--- {c}:\n{}", container_log(nodes, RELEASE, c, 40)))
             .collect();
         plane.check_running()?;
         bail!(
@@ -526,8 +606,8 @@ async fn wait_workloads(
 /// The logs of every container whose pod is in `ns` and whose name (pod's
 /// or container's) starts with `name`, on any of `nodes`, read from the
 /// kubelet's pod log folders (the apiserver cannot reach the kubelets,
-/// which listen inside their namespaces); the last 40 lines of each.
-fn container_log(nodes: &[&RealNode], ns: &str, name: &str) -> String {
+/// which listen inside their namespaces); the last `lines` lines of each.
+fn container_log(nodes: &[&RealNode], ns: &str, name: &str, lines: usize) -> String {
     let mut out = String::new();
     for node in nodes {
         let Ok(pods) = std::fs::read_dir(node.dir().join("pod-logs")) else {
@@ -557,7 +637,7 @@ fn container_log(nodes: &[&RealNode], ns: &str, name: &str) -> String {
                         "[{pod_dir}/{cname}/{}]\n",
                         file.file_name().to_string_lossy()
                     ));
-                    out.push_str(&tail(&file.path(), 40));
+                    out.push_str(&tail(&file.path(), lines));
                     out.push('\n');
                 }
             }
@@ -589,7 +669,7 @@ fn diagnostics(nodes: &[&RealNode], cluster: &PrivateCluster) -> String {
         "pods: {}\nassigned: {}\nmic: {}\nnmi: {}",
         get(&["get", "pods", "-A", "-o", "wide"]),
         get(&["get", "azureassignedidentities", "-A", "-o", "yaml"]),
-        container_log(nodes, RELEASE, "mic"),
-        container_log(nodes, RELEASE, "nmi"),
+        container_log(nodes, RELEASE, "mic", 40),
+        container_log(nodes, RELEASE, "nmi", 40),
     )
 }
