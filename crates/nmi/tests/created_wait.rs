@@ -16,11 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aadpodid_api::{AzureAssignedIdentity, AzureAssignedIdentityStatus, AzureIdentity};
-use anyhow::Context as _;
 use azure_emulator::Emulator;
-use common::{ARM, resource_id};
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
+use common::resource_id;
 use serde_json::Value;
 
 const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
@@ -90,17 +87,7 @@ async fn nmi(imds: SocketAddr, id: &AzureIdentity, budget_secs: u32) -> anyhow::
 impl Nmi {
     /// A token request from the pod: (status, JSON body, when answered).
     async fn get(&self, extra: &str) -> anyhow::Result<(u16, Value, Instant)> {
-        let stream = tokio::net::TcpStream::connect(self.addr).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let resp = sender
-            .send_request(common::token_request(ARM, extra))
-            .await?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        let v: Value = serde_json::from_slice(&body)
-            .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&body)))?;
+        let (status, v) = common::ask(self.addr, extra).await?;
         Ok((status, v, Instant::now()))
     }
 }

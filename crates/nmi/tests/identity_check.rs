@@ -15,9 +15,7 @@ use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
 use anyhow::Context as _;
 use azure_emulator::Emulator;
 use base64::Engine as _;
-use common::{ARM, resource_id};
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
+use common::resource_id;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
@@ -119,17 +117,7 @@ impl Nmi {
 
     /// A token request from the pod (127.0.0.1): (status, JSON body).
     async fn get(&self, extra: &str) -> anyhow::Result<(u16, Value)> {
-        let stream = tokio::net::TcpStream::connect(self.addr).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = common::token_request(ARM, extra);
-        let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        let v: Value = serde_json::from_slice(&body)
-            .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&body)))?;
-        Ok((status, v))
+        common::ask(self.addr, extra).await
     }
 
     fn refused(&self, reason: &str) -> u64 {

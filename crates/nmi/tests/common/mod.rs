@@ -176,6 +176,23 @@ pub fn token_request(
         .unwrap()
 }
 
+/// A pod's token request for [`ARM`] with `extra` to NMI at `addr` (the pod
+/// is the caller's address): (status, JSON body).
+pub async fn ask(addr: SocketAddr, extra: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    use anyhow::Context as _;
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(token_request(ARM, extra)).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let v = serde_json::from_slice(&body)
+        .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&body)))?;
+    Ok((status, v))
+}
+
 /// Pod `name` in `ns` on `node`, Running at `ip`, labelled
 /// `aadpodidbinding=<selector>`.
 pub fn pod(name: &str, ns: &str, selector: &str, ip: &str) -> Pod {

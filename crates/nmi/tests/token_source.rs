@@ -1,0 +1,107 @@
+//! Which source NMI asks, in process: NMI's token server over the Azure
+//! emulator's IMDS on loopback, with no Kubernetes client (no cluster, no
+//! root). An identity whose token source is `federated` (its annotation, or
+//! `--default-token-source`) never reaches IMDS: without a client NMI cannot
+//! ask the API server for the pod's ServiceAccount token and says so (503);
+//! a value naming no source is refused (403, naming the annotation, counted);
+//! `imds` goes to IMDS as always. In standard and managed mode.
+
+// The shared scaffolding fails the test loudly (it unwraps).
+#[allow(clippy::unwrap_used, reason = "test scaffolding")]
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use aadpodid_api::{ANNOTATION_TOKEN_SOURCE, AzureIdentity, TokenSource};
+use common::resource_id;
+use nmi::args::OperationMode;
+
+const CLIENT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
+const NS: &str = "team";
+
+/// AzureIdentity `a` for the emulator's `id-a`, annotated with `source`.
+fn identity(source: Option<&str>) -> AzureIdentity {
+    let mut id = common::identity(NS, "a", CLIENT_A, &resource_id("id-a"));
+    id.spec.tenant_id = common::TENANT.into();
+    id.metadata.annotations =
+        source.map(|s| BTreeMap::from([(ANNOTATION_TOKEN_SOURCE.to_string(), s.to_string())]));
+    id
+}
+
+#[tokio::test]
+async fn each_identity_is_served_from_its_source() -> anyhow::Result<()> {
+    let (emu, imds) = common::emulator(
+        vec![common::identity_seed("id-a", CLIENT_A, None)],
+        false,
+        |_| {},
+    )
+    .await;
+    use TokenSource::{Federated, Imds};
+    // (annotation, --default-token-source, status, a text of the answer,
+    // IMDS asked)
+    #[rustfmt::skip]
+    let cases: [(Option<&str>, TokenSource, u16, &str, bool); 6] = [
+        (None, Imds, 200, "access_token", true),
+        (Some("imds"), Federated, 200, "access_token", true),
+        (Some("federated"), Imds, 503, "no Kubernetes client", false),
+        (None, Federated, 503, "no Kubernetes client", false),
+        (Some("Federated"), Imds, 403, "annotation aadpodidentity.k8s.io/token-source is \"Federated\"", false),
+        (Some(""), Federated, 403, "the values are \"federated\" and \"imds\"", false),
+    ];
+    for mode in [OperationMode::Standard, OperationMode::Managed] {
+        for (annotation, default, status, text, imds_asked) in cases {
+            let case = format!("{mode:?}, annotation {annotation:?}, default {default}");
+            let id = identity(annotation);
+            let binding = common::binding(&id, "sel");
+            let mut pod = common::pod("app", NS, "sel", "127.0.0.1");
+            pod.metadata.uid = Some("uid-app".into());
+            let state = Arc::new(nmi::server::State::default());
+            state.update(|i| {
+                i.apply_pod(&pod);
+                i.reset(std::slice::from_ref(&id));
+                i.reset(std::slice::from_ref(&binding));
+                i.reset(&[common::assigned(&id, &binding, "app", NS)]);
+            });
+            let config = nmi::server::Config {
+                mode,
+                namespaced: mode == OperationMode::Managed,
+                default_token_source: default,
+                ..common::config(imds)
+            };
+            let source = nmi::token::Imds::new(&format!("http://{imds}"), "test")
+                .map_err(anyhow::Error::msg)?;
+            let server = Arc::new(common::server(
+                state,
+                nmi::token::TokenCache::new(source),
+                config,
+            ));
+            let (addr, _shutdown) = common::serve(Arc::clone(&server)).await;
+            let before = imds_token_requests(&emu);
+            let (got, body) = common::ask(addr, "").await?;
+            assert_eq!(got, status, "{case}: {body}");
+            let answer = match body["error_description"].as_str() {
+                Some(d) => d.to_string(),
+                None => body.to_string(),
+            };
+            assert!(answer.contains(text), "{case}: {body}");
+            let asked = imds_token_requests(&emu) > before;
+            assert_eq!(asked, imds_asked, "{case}: IMDS asked");
+            let refused = server
+                .metrics
+                .identity_refused
+                .with_label_values(&[NS, "unknown_token_source"])
+                .get();
+            assert_eq!(refused, u64::from(status == 403), "{case}: counted");
+        }
+    }
+    Ok(())
+}
+
+/// The token requests IMDS has had.
+fn imds_token_requests(emu: &azure_emulator::Emulator) -> usize {
+    emu.requests(0)
+        .iter()
+        .filter(|r| r.uri.contains("oauth2/token"))
+        .count()
+}
