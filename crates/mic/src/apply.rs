@@ -224,6 +224,7 @@ struct Known<'a> {
 /// An AAI the cycle wrote: the plan's and what the apiserver gave it. A
 /// few hundred bytes where the apiserver's answer, even kept as the index
 /// keeps AAIs, takes over a kilobyte: thousands are written in a cycle.
+#[derive(Clone)]
 struct Written {
     planned: PlannedAai,
     uid: Option<String>,
@@ -231,16 +232,15 @@ struct Written {
 }
 
 impl Known<'_> {
-    /// The AAIs of `keys`, owned (for a job that outlives the cycle); the
-    /// written ones are moved out.
-    fn take(&mut self, keys: &BTreeSet<Key>) -> Known<'static> {
+    /// The AAIs of `keys`, owned (for a job that outlives the cycle).
+    fn part(&self, keys: &BTreeSet<Key>) -> Known<'static> {
         let mut part = Known {
             indexed: Cow::Owned(BTreeMap::new()),
             written: BTreeMap::new(),
         };
         for key in keys {
-            if let Some(w) = self.written.remove(key) {
-                part.written.insert(key.clone(), w);
+            if let Some(w) = self.written.get(key) {
+                part.written.insert(key.clone(), w.clone());
             } else if let Some(a) = self.indexed.get(key) {
                 part.indexed.to_mut().insert(key.clone(), Arc::clone(a));
             }
@@ -761,7 +761,7 @@ impl<C: Cloud> Executor<C> {
                 .chain(&w.delete_on_success)
                 .map(|(k, _)| k.clone())
                 .collect();
-            let mine = aais.take(&keys);
+            let mine = aais.part(&keys);
             let failed = keys.intersection(&failed).cloned().collect();
             if in_flight.route_resource(&r, keys) == Route::Held {
                 continue;
