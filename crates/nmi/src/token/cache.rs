@@ -186,7 +186,9 @@ impl<S: TokenSource> TokenCache<S> {
     }
 
     /// A token cached under (`identity`, `token`), fetched by `fetch` on a
-    /// miss (no IMDS limiter: for AAD). Concurrent misses share one fetch.
+    /// miss (no IMDS limiter: for AAD and federated exchanges). Concurrent
+    /// misses share one fetch, and its failure: a request that was waiting
+    /// when the fetch failed gets that failure instead of fetching again.
     pub async fn cached<F, Fut>(
         &self,
         identity: IdentityKey,
@@ -198,13 +200,27 @@ impl<S: TokenSource> TokenCache<S> {
         Fut: Future<Output = Result<Token, TokenError>>,
     {
         let lease = self.lease(identity, token);
+        let arrived = Instant::now();
         let mut guard = lease.slot.lock().await;
         if let Some(t) = guard.fresh_token() {
             return Ok(t.clone());
         }
-        let token = fetch().await?;
-        guard.token = Some(token.clone());
-        Ok(token)
+        if let Some((at, e)) = guard.failed.as_ref()
+            && *at >= arrived
+        {
+            return Err(e.clone());
+        }
+        match fetch().await {
+            Ok(token) => {
+                guard.token = Some(token.clone());
+                guard.failed = None;
+                Ok(token)
+            }
+            Err(e) => {
+                guard.failed = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
     /// The source, for uncached calls.
@@ -358,6 +374,37 @@ mod tests {
         }
         assert_eq!(cache.len(), 0, "abandoned entries removed");
         assert_eq!(cache.pending_fetches(), (0, 0), "queue entries freed");
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_a_cached_fetch_share_its_failure() {
+        use std::sync::atomic::AtomicUsize;
+        let cache = Arc::new(TokenCache::new(long_lived()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let ask = |cache: Arc<TokenCache<Fake>>, calls: Arc<AtomicUsize>| async move {
+            cache
+                .cached(
+                    IdentityKey::service_principal("app"),
+                    TokenKey::federated("https://login/", "t", "ns", "sa", "r"),
+                    || async {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Err::<Token, _>(TokenError::Forbidden("no credential".into()))
+                    },
+                )
+                .await
+        };
+        let tasks: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(ask(Arc::clone(&cache), Arc::clone(&calls))))
+            .collect();
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(TokenError::Forbidden(_))));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one fetch for 8 waiters");
+        // A request after the failure fetches again.
+        assert!(ask(Arc::clone(&cache), Arc::clone(&calls)).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.len(), 0, "a failure leaves no entry");
     }
 
     #[tokio::test]
