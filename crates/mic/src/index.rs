@@ -574,98 +574,66 @@ mod tests {
             assert_eq!(ix.apply_assigned(&changed), want, "{case}");
         }
     }
+    /// Runs one row of steps, each a word: `w<rv>/<indexed rv>` MIC wrote a
+    /// version while the index held another (`_`: none), then `+` when it
+    /// goes into the index, `-` when not; `e<rv>` the watch delivers a
+    /// version (`_`: none), then `+` applied or `-` skipped; `d` the watch
+    /// deletes the AAI.
+    fn own_writes_row(case: &str, steps: &str) {
+        let k: Key = ("ns".into(), "a".into());
+        let rv = |v: &str| (v != "_").then(|| v.to_string());
+        let mut own = OwnWrites::default();
+        for step in steps.split(' ') {
+            let (body, want) = step.split_at(step.len() - 1);
+            let want = want == "+";
+            match body.split_at(1) {
+                ("w", versions) => {
+                    let (v, indexed) = versions.split_once('/').expect("w<rv>/<rv>");
+                    let got = own.wrote(&k, rv(v).as_deref(), rv(indexed).as_deref());
+                    assert_eq!(got, want, "{case}: {step}");
+                }
+                ("e", v) => {
+                    let got = own.delivered(&k, rv(v).as_deref()) == Delivered::Apply;
+                    assert_eq!(got, want, "{case}: {step}");
+                }
+                _ => own.forget(&k),
+            }
+        }
+        assert!(own.is_empty(), "{case}: every own write was echoed");
+    }
+
     #[test]
     fn own_writes_decide_which_watch_events_are_echoes() {
-        use Delivered::{Apply, Skip};
-        let k = || ("ns".to_string(), "a".to_string());
-        /// One step: MIC wrote a version (with what the index holds), or the
-        /// watch delivered one; what should follow.
-        enum Step {
-            Wrote(&'static str, Option<&'static str>, bool),
-            Watch(Option<&'static str>, Delivered),
-            Deleted,
-        }
-        use Step::{Deleted, Watch, Wrote};
-        let rows: Vec<(&str, Vec<Step>)> = vec![
-            (
-                "no own write: every event applies",
-                vec![Watch(Some("5"), Apply), Watch(None, Apply)],
-            ),
-            (
-                "a create, then its echo",
-                vec![
-                    Wrote("5", None, true),
-                    Watch(Some("5"), Apply),
-                    Watch(Some("6"), Apply),
-                ],
-            ),
+        let rows = [
+            ("no own write: every event applies", "e5+ e_+"),
+            ("a create, then its echo", "w5/_+ e5+ e6+"),
             (
                 "create and status write, the create's echo first",
-                vec![
-                    Wrote("5", None, true),
-                    Wrote("6", Some("5"), true),
-                    Watch(Some("5"), Skip),
-                    Watch(Some("6"), Apply),
-                ],
+                "w5/_+ w6/5+ e5- e6+",
             ),
             (
                 "another's write between MIC's two is older than the second",
-                vec![
-                    Wrote("5", None, true),
-                    Wrote("7", Some("5"), true),
-                    Watch(Some("5"), Skip),
-                    Watch(Some("6"), Skip),
-                    Watch(Some("7"), Apply),
-                ],
+                "w5/_+ w7/5+ e5- e6- e7+",
             ),
             (
                 "an event from before the write waits for its echo",
-                vec![
-                    Wrote("9", Some("4"), true),
-                    Watch(Some("8"), Skip),
-                    Watch(Some("9"), Apply),
-                ],
+                "w9/4+ e8- e9+",
             ),
             (
                 "the watch was first: the answer is not applied",
-                vec![Wrote("5", Some("5"), false), Watch(Some("6"), Apply)],
+                "w5/5- e6+",
             ),
-            (
-                "the watch is past the answer",
-                vec![Wrote("5", Some("6"), false), Watch(Some("7"), Apply)],
-            ),
+            ("the watch is past the answer", "w5/6- e7+"),
             (
                 "versions that do not compare are left to the watch",
-                vec![
-                    Wrote("x", Some("4"), false),
-                    Wrote("5", Some("y"), false),
-                    Watch(Some("5"), Apply),
-                ],
+                "wx/4- w5/y- e5+",
             ),
-            (
-                "a deletion forgets the writes",
-                vec![Wrote("5", None, true), Deleted, Watch(Some("3"), Apply)],
-            ),
+            ("no version: left to the watch", "w_/4- e5+"),
+            ("a deletion forgets the writes", "w5/_+ d. e3+"),
         ];
         for (case, steps) in rows {
-            let mut own = OwnWrites::default();
-            for (i, step) in steps.into_iter().enumerate() {
-                match step {
-                    Wrote(rv, indexed, want) => {
-                        assert_eq!(own.wrote(&k(), Some(rv), indexed), want, "{case}: step {i}")
-                    }
-                    Watch(rv, want) => {
-                        assert_eq!(own.delivered(&k(), rv), want, "{case}: step {i}")
-                    }
-                    Deleted => own.forget(&k()),
-                }
-            }
-            assert!(own.is_empty(), "{case}: every own write was echoed");
+            own_writes_row(case, steps);
         }
-        assert!(
-            !OwnWrites::default().wrote(&k(), None, None),
-            "no version: left to the watch"
-        );
     }
 
     #[test]
