@@ -25,9 +25,12 @@
 //! which federated credential to create (issuer, subject, audience), read
 //! from the AADSTS code and the ServiceAccount token's own `iss`.
 //!
-//! **Bounded.** At most [`MAX_CONCURRENT_EXCHANGES`] exchanges run at once
-//! (a request waits at most [`EXCHANGE_QUEUE_WAIT`] for a place, then gets
-//! 429 with `Retry-After`); the TokenRequest has [`TOKEN_REQUEST_TIMEOUT`],
+//! **Bounded.** At most [`MAX_CONCURRENT_EXCHANGES`] exchanges run at once,
+//! their places given round-robin between the pods that ask (the fair
+//! queue of [`crate::fair`]: a pod asking for many resources cannot hold
+//! another's back), at most `--max-pending-fetches-per-pod` waiting per pod
+//! (more get 429 at once); a request waits at most [`EXCHANGE_QUEUE_WAIT`]
+//! for its place, then gets 429 with `Retry-After`; the TokenRequest has [`TOKEN_REQUEST_TIMEOUT`],
 //! the Entra call the AAD client's timeout; concurrent misses of one cache
 //! entry share one exchange; the tokens are in the one bounded token cache.
 //!
@@ -42,13 +45,16 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use tokio::sync::Semaphore;
 
 use crate::aad::{self, AadClient, JWT_BEARER};
+use crate::fair::{FairLimiter, RequesterKey};
 use crate::index::PodEntry;
 use crate::response::Token;
 use crate::secret::Secret;
-use crate::token::{IdentityKey, TokenCache, TokenError, TokenKey, TokenSource, jwt_claim};
+use crate::token::{
+    DEFAULT_MAX_PENDING_PER_POD, IdentityKey, TokenCache, TokenError, TokenKey, TokenSource,
+    jwt_claim,
+};
 
 /// Lifetime asked for the ServiceAccount token: the shortest the API server
 /// issues (it refuses less than ten minutes). The token is used once, at
@@ -331,7 +337,7 @@ pub struct Federated {
     client: Option<kube::Client>,
     aad: AadClient,
     cluster_tenant: String,
-    permits: Arc<Semaphore>,
+    limiter: Arc<FairLimiter<RequesterKey>>,
 }
 
 impl std::fmt::Debug for Federated {
@@ -346,14 +352,30 @@ impl std::fmt::Debug for Federated {
 impl Federated {
     /// Over `client` (None: every federated request fails with 503, for
     /// tests that need none), `aad`, and the cluster's tenant (azure.json's
-    /// `tenantId`, empty when unknown).
+    /// `tenantId`, empty when unknown); at most [`DEFAULT_MAX_PENDING_PER_POD`]
+    /// exchanges waiting per pod.
     pub fn new(client: Option<kube::Client>, aad: AadClient, cluster_tenant: &str) -> Self {
         Federated {
             client,
             aad,
             cluster_tenant: cluster_tenant.trim().to_string(),
-            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_EXCHANGES)),
+            limiter: Arc::new(FairLimiter::new(
+                MAX_CONCURRENT_EXCHANGES,
+                Duration::ZERO,
+                DEFAULT_MAX_PENDING_PER_POD,
+            )),
         }
+    }
+
+    /// The same with at most `max_pending_per_pod` exchanges waiting per pod
+    /// (`--max-pending-fetches-per-pod`).
+    pub fn with_max_pending_per_pod(mut self, max_pending_per_pod: usize) -> Self {
+        self.limiter = Arc::new(FairLimiter::new(
+            MAX_CONCURRENT_EXCHANGES,
+            Duration::ZERO,
+            max_pending_per_pod.max(1),
+        ));
+        self
     }
 
     /// The plan of `pod`'s exchange for `identity`.
@@ -361,32 +383,60 @@ impl Federated {
         plan(identity, pod, &self.cluster_tenant)
     }
 
-    /// `pod`'s token of the federated `identity` for `resource`, cached. The
-    /// caller has already decided that the pod may use the identity.
+    /// `pod`'s token of the federated `identity` for `resource`, cached,
+    /// the exchange waiting in `requester`'s queue. The caller has already
+    /// decided that the pod may use the identity.
     pub async fn token<S: TokenSource>(
         &self,
         cache: &TokenCache<S>,
         identity: &AzureIdentity,
         pod: &PodEntry,
         resource: &str,
+        requester: &RequesterKey,
     ) -> Result<Token, TokenError> {
         let plan = self.plan(identity, pod)?;
         cache
             .cached(
                 IdentityKey::of(&identity.spec),
                 plan.token_key(resource),
-                || self.exchange(&plan, resource),
+                || self.queued(&plan, resource, requester),
             )
             .await
     }
 
+    /// The exchange once `requester`'s turn comes: 429 when the pod already
+    /// has too many waiting, or when its turn does not come within
+    /// [`EXCHANGE_QUEUE_WAIT`] (an exchange that has started is not cut).
+    async fn queued(
+        &self,
+        plan: &Plan,
+        resource: &str,
+        requester: &RequesterKey,
+    ) -> Result<Token, TokenError> {
+        let throttled = TokenError::Throttled {
+            retry_after: EXCHANGE_RETRY_AFTER,
+        };
+        let started = std::sync::atomic::AtomicBool::new(false);
+        let work = self.limiter.run(requester, false, async {
+            started.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.exchange(plan, resource).await
+        });
+        tokio::pin!(work);
+        let result = tokio::select! {
+            r = &mut work => r,
+            _ = tokio::time::sleep(EXCHANGE_QUEUE_WAIT) => {
+                if !started.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(throttled);
+                }
+                work.await
+            }
+        };
+        result.map_err(|full| TokenError::Throttled {
+            retry_after: full.retry_after,
+        })?
+    }
+
     async fn exchange(&self, plan: &Plan, resource: &str) -> Result<Token, TokenError> {
-        let _permit = tokio::time::timeout(EXCHANGE_QUEUE_WAIT, self.permits.acquire())
-            .await
-            .map_err(|_| TokenError::Throttled {
-                retry_after: EXCHANGE_RETRY_AFTER,
-            })?
-            .map_err(|_| TokenError::Unavailable("shutting down".into()))?;
         let assertion = self.service_account_token(plan).await?;
         let issuer = jwt_claim(assertion.expose(), "iss").unwrap_or_default();
         let url =

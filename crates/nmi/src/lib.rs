@@ -361,7 +361,8 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
                 args.max_pending_fetches_per_pod as usize,
                 args.max_cached_tokens as usize,
             ),
-        federated: federated::Federated::new(Some(client.clone()), aad.clone(), &cluster_tenant),
+        federated: federated::Federated::new(Some(client.clone()), aad.clone(), &cluster_tenant)
+            .with_max_pending_per_pod(args.max_pending_fetches_per_pod as usize),
         sp: sp::ServicePrincipals::new(
             Some(client.clone()),
             aad,

@@ -836,7 +836,8 @@ impl<S: TokenSource> Server<S> {
         for identity in candidates.iter().take(MAX_OBJECT_ID_CANDIDATES) {
             let fetched = match self.source_of(identity) {
                 Ok(aadpodid_api::TokenSource::Federated) => {
-                    self.fetch_federated(identity, pod, resource).await
+                    self.fetch_federated(identity, pod, resource, requester)
+                        .await
                 }
                 Ok(aadpodid_api::TokenSource::Imds) => {
                     self.fetch_msi(identity, resource, requester).await
@@ -920,11 +921,12 @@ impl<S: TokenSource> Server<S> {
         identity: &AzureIdentity,
         pod: &PodEntry,
         resource: &str,
+        requester: &RequesterKey,
     ) -> Result<Token, TokenError> {
         let result = match self.cache.refuse_cluster_identity(&identity.spec.client_id) {
             Ok(()) => {
                 self.federated
-                    .token(&self.cache, identity, pod, resource)
+                    .token(&self.cache, identity, pod, resource, requester)
                     .await
             }
             Err(e) => Err(e),
@@ -1005,7 +1007,7 @@ impl<S: TokenSource> Server<S> {
     ) -> Result<Vec<Token>, TokenError> {
         if self.source_of(identity)? == aadpodid_api::TokenSource::Federated {
             return self
-                .fetch_federated(identity, pod, resource)
+                .fetch_federated(identity, pod, resource, requester)
                 .await
                 .map(|t| vec![t]);
         }
