@@ -34,7 +34,8 @@
 //! the Entra call the AAD client's timeout; concurrent misses of one cache
 //! entry share one exchange; the tokens are in the one bounded token cache.
 //!
-//! Everything but [`Federated::token`] is pure and table-tested.
+//! Everything but [`Federated`]'s calls (the API server, Entra ID) is pure
+//! and table-tested.
 
 use std::sync::Arc;
 use std::time::Duration;
