@@ -6,9 +6,13 @@
 //! replicas and one nmi per node (each node a network namespace), mic and nmi
 //! started from plain flags, applies the user's seed manifests with a real
 //! `kubectl apply`, starts the seeds' two pods (one on a scale-set node, one on
-//! the VM) and shows their identities being assigned, a real Azure SDK client in
-//! each pod getting a token through 169.254.169.254, and the identities
-//! released when the pods go. Everything is torn down at the end or on
+//! the VM) and a third whose AzureIdentity is federated (annotated
+//! `aadpodidentity.k8s.io/token-source: federated`; the emulated Entra ID
+//! trusts the test apiserver's ServiceAccount issuer), and shows their
+//! identities being assigned (the federated one with no ARM write), a real
+//! Azure SDK client in each pod getting a token through 169.254.169.254, the
+//! pods side by side (source, time to first token, ARM writes, claims), and
+//! the identities released when the pods go. Everything is torn down at the end or on
 //! SIGINT/SIGTERM. Needs root (network namespaces, iptables inside them).
 //!
 //! mic and nmi are this same binary re-executed in a [`role`], so the demo is

@@ -50,9 +50,24 @@ pub const SEED004: SeedIdentity = SeedIdentity {
 pub const SEED4_POD_IDENTITY: &str = "my-pod-identity";
 pub const SEED4_NAMESPACE: &str = "my-app";
 
+/// The demo's federated identity: its AzureIdentity is annotated
+/// `aadpodidentity.k8s.io/token-source: federated`, so it is never put on a
+/// machine; Entra ID trusts the cluster's ServiceAccount tokens for
+/// [`FED_NAMESPACE`]/[`FED_SERVICE_ACCOUNT`] instead.
+pub const FEDERATED: SeedIdentity = SeedIdentity {
+    name: "uai-web",
+    resource_group: APP_RG,
+    client_id: "c0000000-0000-4000-8000-000000000004",
+};
+/// Namespace of the federated identity, its ServiceAccount and its pod.
+pub const FED_NAMESPACE: &str = "web";
+/// The ServiceAccount the federated pod runs as (the federated credential's subject).
+pub const FED_SERVICE_ACCOUNT: &str = "web-app";
+
 /// The tenant's user-assigned identities, (name, resource group, client ID):
-/// the cluster's own, the seeds' and two more the demo does not use.
-pub const IDENTITIES: [(&str, &str, &str); 5] = [
+/// the cluster's own, the seeds', two more the demo does not use and the
+/// federated one.
+pub const IDENTITIES: [(&str, &str, &str); 6] = [
     (KUBELET, NODE_RG, KUBELET_CLIENT),
     (SEED002.name, SEED002.resource_group, SEED002.client_id),
     (
@@ -62,16 +77,22 @@ pub const IDENTITIES: [(&str, &str, &str); 5] = [
     ),
     ("uai-dns", APP_RG, "c0000000-0000-4000-8000-000000000003"),
     (SEED004.name, SEED004.resource_group, SEED004.client_id),
+    (
+        FEDERATED.name,
+        FEDERATED.resource_group,
+        FEDERATED.client_id,
+    ),
 ];
 /// Virtual seconds per real second: a 45 s scale-set write takes 1.5 s.
 pub const CLOCK_SPEED: f64 = 30.0;
 
-/// Pod namespaces of node `i`: the pods of step 7 run on the first scale-set
-/// node and on the VM; the VM's node gets two and its pod uses the second, so
-/// the two pods' IPs differ as in a real cluster.
+/// Pod namespaces of node `i`: the seeds' pods of step 7 run on the first
+/// scale-set node and on the VM, the federated pod on the second scale-set
+/// node; the VM's node gets two and its pod uses the second, so the pods'
+/// IPs differ as in a real cluster.
 pub fn pods_on_node(i: usize) -> u8 {
     match i {
-        0 => 1,
+        0 | 1 => 1,
         2 => 2,
         _ => 0,
     }
@@ -246,7 +267,7 @@ mod tests {
             )
         );
         let pods: Vec<u8> = m.iter().map(|m| m.pods).collect();
-        assert_eq!(pods, [1, 0, 2]);
+        assert_eq!(pods, [1, 1, 2]);
     }
 
     #[test]
@@ -264,7 +285,8 @@ mod tests {
                 "uai-kv",
                 "uai-reports",
                 "uai-dns",
-                "application-identity"
+                "application-identity",
+                "uai-web"
             ]
         );
         assert_eq!(cfg.identities[4].resource_group, SEED004.resource_group);

@@ -1,7 +1,8 @@
 //! The README's first command, end to end: runs the `local-up` demo binary
 //! (test cluster, Azure emulator, mic x2, nmi per node in network namespaces, the
-//! seed manifests, a pod getting a token) and checks what it shows and that it
-//! leaves nothing behind, after a full run and after a SIGINT. Needs root.
+//! seed manifests, pods getting tokens from both sources) and checks what it
+//! shows and that it leaves nothing behind, after a full run and after a
+//! SIGINT. Needs root.
 
 use std::io::BufRead as _;
 use std::path::Path;
@@ -11,7 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use aadpodid_local_up::leftovers::netns_of;
-use aadpodid_local_up::tenant::{SEED002, SEED004};
+use aadpodid_local_up::tenant::{FEDERATED, SEED002, SEED004};
 use anyhow::{Context as _, bail};
 
 /// Bound on one demo run (the cluster binaries are built before tests run).
@@ -204,6 +205,50 @@ fn local_up_shows_assign_token_and_release() -> anyhow::Result<()> {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
     assert!(out.contains("leader: mic-"), "{out}");
+    // The federated pod: Assigned, its token from Entra ID's exchange, no
+    // ARM write and no IMDS token request, its identity on no machine.
+    for line in [
+        "AzureAssignedIdentity default/web-app-web-uai-web: Assigned (+",
+        "ARM writes since the pod was created: 0, IMDS token requests: 0",
+        &format!("claims: appid={} (uai-web)", FEDERATED.client_id),
+        "-> API server TokenRequest for ServiceAccount web/web-app (bound to the pod) -> Entra ID exchange",
+        "AzureAssignedIdentity of web/web-app: gone (+",
+        "uai-web was never on a machine: nothing to release",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    // Side by side: the seeds' pods caused ARM writes, the federated one none.
+    let cells = |label: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .map(|l| {
+                l.trim()
+                    .split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let sources = cells("token source");
+    assert_eq!(sources.len(), 4, "{sources:?}\n{out}");
+    assert!(
+        sources[1].starts_with("imds") && sources[2].starts_with("imds"),
+        "{sources:?}"
+    );
+    assert_eq!(sources[3], "federated", "{sources:?}");
+    let writes = cells("ARM writes caused");
+    assert_eq!(writes.len(), 4, "{writes:?}\n{out}");
+    for w in &writes[1..3] {
+        assert!(w.parse::<u64>().is_ok_and(|n| n > 0), "{writes:?}");
+    }
+    assert_eq!(writes[3], "0", "{writes:?}");
+    assert_eq!(
+        cells("appid").get(3).map(String::as_str),
+        Some(FEDERATED.client_id)
+    );
+    assert_eq!(cells("first token").len(), 4, "{out}");
     assert_nothing_left(demo.pid(), &out)
 }
 

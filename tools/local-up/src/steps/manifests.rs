@@ -1,12 +1,14 @@
 //! Step 6: the user's manifests, applied unchanged with `kubectl apply`:
 //! seed 002's AzureIdentity and binding (variables filled as its Terraform
-//! does), and for seed 004 the two objects `az aks pod-identity add` creates.
+//! does), for seed 004 the two objects `az aks pod-identity add` creates,
+//! and the federated identity's objects (see [`federated`]).
 
 use aadpodid_testkit::{Cluster, fill_template, fixture};
 use anyhow::Context as _;
 use azure_emulator::Emulator;
 
 use crate::say::{done, info, step};
+use crate::steps::federated::{self, Federated};
 use crate::steps::kubectl_apply;
 use crate::tenant::{KV_NAME, SEED002, SEED004, SEED4_NAMESPACE, SEED4_POD_IDENTITY};
 
@@ -19,6 +21,8 @@ pub struct Seeds {
     /// Seed 004's identity: ARM resource ID and client ID.
     pub app_id: String,
     pub app_client: String,
+    /// The federated identity (once applied).
+    pub federated: Option<Federated>,
 }
 
 impl Seeds {
@@ -42,7 +46,7 @@ pub fn pod_identity_add(resource_id: &str, client_id: &str) -> String {
     )
 }
 
-/// Applies both seeds' identities and bindings.
+/// Applies both seeds' identities and bindings, and the federated one's.
 pub async fn apply(cluster: &'static Cluster, emu: &Emulator) -> anyhow::Result<Seeds> {
     let t = step(
         6,
@@ -54,11 +58,12 @@ pub async fn apply(cluster: &'static Cluster, emu: &Emulator) -> anyhow::Result<
     let app = emu
         .identity(SEED004.name)
         .context("seed 004's identity is in the emulator")?;
-    let seeds = Seeds {
+    let mut seeds = Seeds {
         uai_id: uai.id,
         uai_client: uai.client_id,
         app_id: app.id,
         app_client: app.client_id,
+        federated: None,
     };
     info("seed 002 (a blog post; Terraform's templatefile fills the variables):");
     info(&format!(
@@ -83,6 +88,7 @@ pub async fn apply(cluster: &'static Cluster, emu: &Emulator) -> anyhow::Result<
     {
         info(&format!("  {line}"));
     }
+    seeds.federated = Some(federated::apply(cluster, emu).await?);
     done(t);
     Ok(seeds)
 }

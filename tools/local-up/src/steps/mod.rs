@@ -12,14 +12,15 @@
 //! | 3 | [`nodes`] | Node objects for the emulated machines, their namespaces |
 //! | 4 | [`mic`] | two mic replicas and the leader Lease |
 //! | 5 | [`nmi`] | one nmi per node, in the node's network namespace |
-//! | 6 | [`manifests`] | the seed manifests, applied with `kubectl apply` |
-//! | 7 | [`pods`] | the seed pods, scheduled; their identities assigned |
-//! | 8 | [`tokens`] | a real Azure SDK client in each pod gets a token |
+//! | 6 | [`manifests`] | the seed manifests, applied with `kubectl apply`; the federated identity ([`federated`]) |
+//! | 7 | [`pods`] | the seed pods and the federated one, scheduled; their identities assigned, first tokens timed |
+//! | 8 | [`tokens`] | a real Azure SDK client in each pod gets a token; the sources side by side |
 //! | - | [`keep`] | with `--keep`: everything stays up until a signal |
 //! | 9 | [`release`] | the pods deleted; their identities released |
 
 pub mod cluster;
 pub mod emulator;
+pub mod federated;
 pub mod keep;
 pub mod manifests;
 pub mod mic;

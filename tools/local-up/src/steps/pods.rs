@@ -2,14 +2,18 @@
 //! scheduled as the scheduler and the kubelet would (bound to a node, Running
 //! with the IP of a pod namespace of that node); their AzureAssignedIdentities
 //! going `Created` -> `Assigned`, mic's ARM calls, and the identities on the
-//! scale set and the VM as ARM `GET` returns them.
+//! scale set and the VM as ARM `GET` returns them. Then the federated pod
+//! the same way: Assigned at once, no ARM call, its identity on no machine.
+//! Each pod's first token (curl in the pod, polled from its creation) is
+//! timed, and the ARM writes each pod caused counted (the emulator's
+//! counters).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use aadpodid_api::AzureAssignedIdentity;
-use aadpodid_testkit::netns::NetNs;
-use aadpodid_testkit::world::{WorldBuilder, WorldNode};
+use aadpodid_api::{AzureAssignedIdentity, TokenSource};
+use aadpodid_testkit::netns::{IMDS_ADDRESS, NetNs};
+use aadpodid_testkit::world::{WorldBuilder, WorldNode, curl_in};
 use aadpodid_testkit::{Cluster, SUB, fill_template, fixture};
 use anyhow::{Context as _, bail};
 use azure_emulator::Emulator;
@@ -20,8 +24,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::say::{done, info, step};
+use crate::steps::federated::{self, Federated};
 use crate::steps::manifests::Seeds;
-use crate::steps::{WAIT, kubectl_apply};
+use crate::steps::{WAIT, kubectl_apply, wait};
 use crate::tenant::{
     CLOCK_SPEED, Resource, SEED002, SEED004, SEED4_NAMESPACE, SEED4_POD_IDENTITY, arm_identities,
     short_arm_path,
@@ -44,6 +49,12 @@ pub struct DemoPod {
     pub resource: Resource,
     pub identity: &'static str,
     pub client_id: String,
+    /// Where its identity's tokens come from.
+    pub source: TokenSource,
+    /// From its Pod's creation to its first token (step 7).
+    pub first_token: Option<Duration>,
+    /// ARM writes it caused (step 7).
+    pub arm_writes: Option<u64>,
 }
 
 impl DemoPod {
@@ -65,7 +76,7 @@ impl DemoPod {
 
 /// Where pod namespace `pod_index` of node `node_index` is: the node's
 /// name, the namespace's name and its address.
-fn place(
+pub fn place(
     nodes: &[WorldNode],
     node_index: usize,
     pod_index: usize,
@@ -106,6 +117,9 @@ pub fn demo_pods(seeds: &Seeds, nodes: &[WorldNode]) -> anyhow::Result<Vec<DemoP
             resource: Resource::ScaleSet,
             identity: SEED002.name,
             client_id: seeds.uai_client.clone(),
+            source: TokenSource::Imds,
+            first_token: None,
+            arm_writes: None,
         },
         DemoPod {
             fixture: "seed004-pod.yaml",
@@ -120,11 +134,15 @@ pub fn demo_pods(seeds: &Seeds, nodes: &[WorldNode]) -> anyhow::Result<Vec<DemoP
             resource: Resource::Vm,
             identity: SEED004.name,
             client_id: seeds.app_client.clone(),
+            source: TokenSource::Imds,
+            first_token: None,
+            arm_writes: None,
         },
     ])
 }
 
-/// Runs the pods and shows their identities assigned; returns the pods.
+/// Runs the pods and shows their identities assigned (the seeds' through
+/// ARM, then the federated one with none); returns the pods.
 pub async fn run(
     cluster: &'static Cluster,
     world: &WorldBuilder,
@@ -133,28 +151,35 @@ pub async fn run(
     let (client, emu) = (world.client()?, world.emu()?);
     let t = step(
         7,
-        "Two pods from the seeds, scheduled to nodes, each with its IP and network namespace",
+        "Three pods, scheduled to nodes, each with its IP and network namespace: the seeds' two, then the federated one",
     );
-    let pods = demo_pods(seeds, &world.nodes)?;
+    let mut pods = demo_pods(seeds, &world.nodes)?;
     let arm_since = emu.requests(0).last().map_or(0, |r| r.seq);
-    let t_pod = Instant::now();
+    let writes_before = emu.counters().arm_writes;
+    let mut created = Vec::new();
     for p in &pods {
         let out = kubectl_apply(cluster, p.namespace, &p.manifest).await?;
         info(&format!("tests/fixtures/{}: {}", p.fixture, out.trim()));
         schedule(client, p).await?;
+        created.push(Instant::now());
     }
-    show_assigned(client, &pods, t_pod).await?;
+    let (assigned, first0, first1) = tokio::join!(
+        show_assigned(client, &pods, created[0]),
+        first_token(world, &pods[0], created[0]),
+        first_token(world, &pods[1], created[1]),
+    );
+    assigned?;
+    pods[0].first_token = Some(first0?);
+    pods[1].first_token = Some(first1?);
     info(
         "mic created each AzureAssignedIdentity, added the identity to the node's scale set or VM through ARM, then marked it Assigned:",
     );
     show_arm_calls(emu, arm_since);
-    for p in &pods {
-        let ids = arm_identities(emu, p.resource).await?;
-        info(&format!(
-            "ARM GET {}: userAssignedIdentities = [{}]",
-            p.resource.name(),
-            ids.join(", ")
-        ));
+    let writes_after = emu.counters().arm_writes;
+    for p in &mut pods {
+        p.arm_writes =
+            Some(writes_on(&writes_after, p.resource) - writes_on(&writes_before, p.resource));
+        let ids = show_identities(emu, p.resource, "").await?;
         if !ids.iter().any(|i| i == p.identity) {
             bail!(
                 "{} is not on {} although its AAI is Assigned",
@@ -163,8 +188,111 @@ pub async fn run(
             );
         }
     }
+    let fed = seeds
+        .federated
+        .as_ref()
+        .context("the federated identity is applied in step 6")?;
+    pods.push(run_federated(cluster, world, fed).await?);
     done(t);
     Ok(pods)
+}
+
+/// The federated pod: created, scheduled, Assigned with no ARM write, its
+/// identity on no machine.
+async fn run_federated(
+    cluster: &'static Cluster,
+    world: &WorldBuilder,
+    fed: &Federated,
+) -> anyhow::Result<DemoPod> {
+    let (client, emu) = (world.client()?, world.emu()?);
+    let mut p = federated::demo_pod(fed, &world.nodes)?;
+    info(&format!(
+        "the federated pod, running as ServiceAccount {}/{}:",
+        p.namespace,
+        crate::tenant::FED_SERVICE_ACCOUNT
+    ));
+    let before = emu.counters();
+    kubectl_apply(cluster, p.namespace, &p.manifest).await?;
+    schedule(client, &p).await?;
+    let created = Instant::now();
+    let one = std::slice::from_ref(&p);
+    let (assigned, first) = tokio::join!(
+        show_assigned(client, one, created),
+        first_token(world, &p, created)
+    );
+    assigned?;
+    p.first_token = Some(first?);
+    let after = emu.counters();
+    let writes = total(&after.arm_writes) - total(&before.arm_writes);
+    let imds = total(&after.imds_token_requests) - total(&before.imds_token_requests);
+    p.arm_writes = Some(writes);
+    info(&format!(
+        "  mic marked it Assigned with no ARM call; ARM writes since the pod was created: {writes}, IMDS token requests: {imds}"
+    ));
+    let note = format!("  ({} is on no machine)", p.identity);
+    let ids = show_identities(emu, p.resource, &note).await?;
+    if writes != 0 || imds != 0 || ids.iter().any(|i| i == p.identity) {
+        bail!(
+            "the federated identity caused {writes} ARM write(s) and {imds} IMDS token request(s); on {}: {ids:?}",
+            p.resource.name()
+        );
+    }
+    Ok(p)
+}
+
+/// Reads `resource`'s identities through ARM and shows them, followed by
+/// `note`; returns their names.
+pub async fn show_identities(
+    emu: &Emulator,
+    resource: Resource,
+    note: &str,
+) -> anyhow::Result<Vec<String>> {
+    let ids = arm_identities(emu, resource).await?;
+    info(&format!(
+        "ARM GET {}: userAssignedIdentities = [{}]{note}",
+        resource.name(),
+        ids.join(", ")
+    ));
+    Ok(ids)
+}
+
+/// The sum of a per-key counter.
+fn total(counts: &std::collections::BTreeMap<String, u64>) -> u64 {
+    counts.values().sum()
+}
+
+/// ARM writes on `resource` (and its instances) in the emulator's per-resource counts.
+fn writes_on(counts: &std::collections::BTreeMap<String, u64>, resource: Resource) -> u64 {
+    let path = resource.arm_path().to_lowercase();
+    counts
+        .iter()
+        .filter(|(id, _)| id.contains(&path))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Asks for `p`'s identity's token in its network namespace (curl, as an
+/// application would) until it comes; the time from `since` (its Pod's
+/// creation). nmi holds a request while the pod's identity is not yet
+/// Assigned, so the first answer is usually the token.
+async fn first_token(
+    world: &WorldBuilder,
+    p: &DemoPod,
+    since: Instant,
+) -> anyhow::Result<Duration> {
+    let ns = p.netns_in(world)?;
+    let url = format!(
+        "http://{IMDS_ADDRESS}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F&client_id={}",
+        p.client_id
+    );
+    wait(
+        &format!("the first token of {}/{}", p.namespace, p.name),
+        || async {
+            let (status, _) = curl_in(ns, &url, &["Metadata: true"], 30).await.ok()?;
+            (status == 200).then(|| since.elapsed())
+        },
+    )
+    .await
 }
 
 /// What the scheduler and the kubelet would do: bind the pod to its node,

@@ -1,10 +1,11 @@
 //! Step 9: the pods deleted; mic deletes their AzureAssignedIdentities and
 //! removes the identities from the scale set and the VM (the kubelet
-//! identity, which mic did not add, stays).
+//! identity, which mic did not add, stays); the federated identity was on
+//! no machine, so nothing is written for it.
 
 use std::time::Instant;
 
-use aadpodid_api::AzureAssignedIdentity;
+use aadpodid_api::{AzureAssignedIdentity, TokenSource};
 use anyhow::bail;
 use azure_emulator::Emulator;
 use k8s_openapi::api::core::v1::Pod;
@@ -12,9 +13,9 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams};
 
 use crate::say::{done, info, step};
-use crate::steps::pods::DemoPod;
+use crate::steps::pods::{DemoPod, show_identities};
 use crate::steps::wait;
-use crate::tenant::{Resource, arm_identities};
+use crate::tenant::Resource;
 
 /// Deletes the pods and shows their identities released.
 pub async fn delete_pods(client: &Client, emu: &Emulator, pods: &[DemoPod]) -> anyhow::Result<()> {
@@ -47,6 +48,14 @@ pub async fn delete_pods(client: &Client, emu: &Emulator, pods: &[DemoPod]) -> a
         ));
     }
     for p in pods {
+        if p.source == TokenSource::Federated {
+            let note = format!(
+                "  ({} was never on a machine: nothing to release)",
+                p.identity
+            );
+            show_identities(emu, p.resource, &note).await?;
+            continue;
+        }
         let suffix = format!("/{}", p.identity.to_lowercase());
         wait(
             &format!("{} to leave {}", p.identity, p.resource.name()),
@@ -60,18 +69,16 @@ pub async fn delete_pods(client: &Client, emu: &Emulator, pods: &[DemoPod]) -> a
             },
         )
         .await?;
-        let ids = arm_identities(emu, p.resource).await?;
-        info(&format!(
-            "ARM GET {}: userAssignedIdentities = [{}]  ({} released{})",
-            p.resource.name(),
-            ids.join(", "),
+        let note = format!(
+            "  ({} released{})",
             p.identity,
             if p.resource == Resource::ScaleSet {
                 "; the cluster's kubelet identity stays"
             } else {
                 ""
             }
-        ));
+        );
+        let ids = show_identities(emu, p.resource, &note).await?;
         if ids.iter().any(|i| i == p.identity) {
             bail!("{} is still on {}", p.identity, p.resource.name());
         }

@@ -13,7 +13,13 @@ pub fn prepare() -> anyhow::Result<PathBuf> {
         "  A test Kubernetes control plane, an emulated Azure tenant, mic (2 replicas) and nmi"
     );
     println!("  (one per node, each node a network namespace) work together to give pods Azure AD");
-    println!("  tokens for user-assigned managed identities, with no secret in any pod.");
+    println!("  tokens for user-assigned managed identities, with no secret in any pod: two pods");
+    println!(
+        "  whose identities mic puts on their machines through ARM, and one whose identity is"
+    );
+    println!(
+        "  federated (its ServiceAccount's token exchanged at Entra ID, nothing written to ARM)."
+    );
     if !is_root() {
         bail!("needs root: it creates network namespaces and iptables rules inside them");
     }
