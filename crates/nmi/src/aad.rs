@@ -398,7 +398,7 @@ impl AadClient {
     }
 
     /// POSTs the form `body` to `url` (an https token endpoint) and reads
-    /// the whole answer, within [`AAD_TIMEOUT`]; no answer is 503.
+    /// the whole answer, within 15 s; no answer is 503.
     pub async fn post_form(
         &self,
         url: &str,
