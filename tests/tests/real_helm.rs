@@ -24,6 +24,7 @@ use aadpodid_testkit::realnode::{ControlPlane, RealNode, image_of_binary, node_b
 use aadpodid_testkit::tenant::{
     self, APP_CLIENT, APP_ID, APP_RG, APP2_CLIENT, APP2_ID, KUBELET, MicCloud, NODE_RG, Tenant,
 };
+use aadpodid_testkit::tools::output_within;
 use aadpodid_testkit::{ClusterOptions, PrivateCluster, fill_template, fixture, helm, wait_for};
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -52,7 +53,7 @@ const DEMO_IDENTITY: &str = "my-pod-identity";
 /// How many lines of the application's log the checks read.
 const TRIES_KEPT: usize = 5000;
 /// Bound on building the images (cargo release builds when not cached).
-const IMAGES_LIMIT_S: &str = "2400";
+const IMAGES_LIMIT: Duration = Duration::from_secs(2400);
 
 /// A folder of the test's own, removed on drop (also when the test fails).
 struct TempDir(PathBuf);
@@ -95,6 +96,201 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
         started: Instant::now(),
         done: Vec::new(),
     };
+    let Up {
+        clouds,
+        nodes,
+        mut plane,
+        emu: _emu,
+        client,
+        cluster,
+        dir: _dir,
+    } = up(&mut steps).await?;
+    let node_refs: Vec<&RealNode> = nodes.iter().collect();
+
+    // `helm upgrade` with a changed value rolls nmi (a surge rollout: the
+    // new pod is ready before the old one stops) while the app keeps asking
+    // once a second.
+    let before = nmi_pods(&client).await?;
+    let out = helm::run_on(
+        cluster.kubeconfig(),
+        &[
+            "upgrade",
+            RELEASE,
+            &helm::chart_dir().display().to_string(),
+            "--namespace",
+            RELEASE,
+            "--reuse-values",
+            "--set",
+            "nmi.logVerbosity=1",
+        ],
+    )?;
+    ensure!(out.success, "helm upgrade: {}\n{}", out.stdout, out.stderr);
+    wait_for("nmi rolled on both nodes", WORKLOADS_TIMEOUT, || {
+        let (client, before) = (client.clone(), before.clone());
+        async move {
+            let now = nmi_pods(&client).await.ok()?;
+            (now.len() == 2 && now.iter().all(|p| !before.contains(p))).then_some(())
+        }
+    })
+    .await
+    .map_err(|e| e.context(diagnostics(&node_refs, &cluster)))?;
+    wait_workloads(&client, &mut plane, &node_refs).await?;
+    steps.mark("helm upgrade: nmi rolled");
+    // The app's tries during the rollout: each got a token (nmi answered
+    // throughout), and the IMDS relays never saw a pod's address.
+    let after_first: Vec<serde_json::Value> =
+        tries(&container_log(&node_refs, APP_NS, "app", TRIES_KEPT))
+            .into_iter()
+            .skip_while(|t| t["ok"] != true)
+            .collect();
+    let failed: Vec<&serde_json::Value> = after_first.iter().filter(|t| t["ok"] != true).collect();
+    ensure!(
+        failed.is_empty() && after_first.len() >= 2,
+        "tries after the first token: {after_first:#?}"
+    );
+    for (node, cloud) in nodes.iter().zip(&clouds) {
+        let prefix = node.pod_cidr().trim_end_matches("0/24").to_string();
+        let peers = aadpodid_testkit::relay::peer_log(cloud.imds_peers());
+        let from_pods: Vec<_> = peers
+            .iter()
+            .filter(|(_, ip)| ip.to_string().starts_with(&prefix))
+            .collect();
+        ensure!(
+            from_pods.is_empty(),
+            "pods reached IMDS directly: {from_pods:?}"
+        );
+        ensure!(
+            !peers.is_empty() || node.name() != app_node(&client).await?,
+            "no IMDS call on the app's node"
+        );
+    }
+
+    // `helm uninstall`: nmi removes its redirect from each node as it goes.
+    let out = helm::run_on(
+        cluster.kubeconfig(),
+        &[
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            RELEASE,
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    )?;
+    ensure!(
+        out.success,
+        "helm uninstall: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    for node in &nodes {
+        let left = wait_for("no nmi rule left", Duration::from_secs(90), || {
+            let rules = node
+                .netns()
+                .run("iptables-save", &["-t", "nat"])
+                .unwrap_or_default();
+            let rules = (!rules.contains("aad-metadata")).then_some(rules);
+            async move { rules }
+        })
+        .await;
+        if let Err(e) = left {
+            let rules = node.netns().run("iptables-save", &["-t", "nat"])?;
+            bail!("{e:#}: {} nat table:\n{rules}", node.name());
+        }
+    }
+    wait_for("nmi's pods gone", Duration::from_secs(90), || {
+        let client = client.clone();
+        async move { nmi_pods(&client).await.ok()?.is_empty().then_some(()) }
+    })
+    .await?;
+    steps.mark("helm uninstall: redirect gone");
+
+    plane.check_running()?;
+    drop(node_refs);
+    drop(clouds);
+    let remains: Vec<_> = nodes
+        .iter()
+        .map(|n| (n.dir().to_path_buf(), n.cgroup_root().to_string()))
+        .collect();
+    drop(nodes);
+    steps.mark("nodes torn down");
+    for (node_dir, cgroup_root) in &remains {
+        let leftovers = RealNode::leftovers(node_dir, cgroup_root);
+        ensure!(leftovers.is_empty(), "{leftovers:?}");
+    }
+    drop(plane);
+    steps.mark("torn down");
+    let summary: Vec<String> = steps
+        .done
+        .iter()
+        .map(|(n, d)| format!("{n} {:.1}s", d.as_secs_f64()))
+        .collect();
+    eprintln!("real helm steps: {}", summary.join(", "));
+    Ok(())
+}
+
+/// Not a check: brings everything up as the test above does and leaves it
+/// running for a person to use (`scripts/local-up.sh --real`), until Ctrl-C
+/// or `$AADPODID_REAL_KEEP_SECS` seconds (default 3600); then tears it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "left running on purpose: scripts/local-up.sh --real"]
+async fn real_cluster_stays_up() -> anyhow::Result<()> {
+    let mut steps = Steps {
+        started: Instant::now(),
+        done: Vec::new(),
+    };
+    let up = up(&mut steps).await?;
+    let secs: u64 = std::env::var("AADPODID_REAL_KEEP_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3600);
+    let kubectl = up.cluster.bin_dir().join("kubectl");
+    let kubeconfig = up.cluster.kubeconfig().display().to_string();
+    eprintln!("\nreal cluster up (two real nodes, the chart installed as release {RELEASE}):");
+    eprintln!("  export KUBECONFIG={kubeconfig}");
+    eprintln!("  {} get pods -A -o wide", kubectl.display());
+    eprintln!("  helm: {}", helm::helm_bin()?.display());
+    for (node, cloud) in up.nodes.iter().zip(&up.clouds) {
+        eprintln!(
+            "  node {}: pod logs {}, its namespace: ip netns exec {} iptables-save -t nat, \
+             IMDS callers {}",
+            node.name(),
+            node.dir().join("pod-logs").display(),
+            node.netns().name(),
+            cloud.imds_peers().display()
+        );
+    }
+    eprintln!(
+        "  the app pod ({APP_NS}/app) asks for a token once a second; its log is under the \
+         pod logs of its node"
+    );
+    eprintln!("left running for {secs} s; Ctrl-C tears it down");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => eprintln!("Ctrl-C: tearing down"),
+        () = tokio::time::sleep(Duration::from_secs(secs)) => eprintln!("time is up: tearing down"),
+    }
+    drop(up);
+    Ok(())
+}
+
+/// Everything the test brings up, in the order it is torn down.
+struct Up {
+    clouds: Vec<NodeCloud>,
+    nodes: Vec<RealNode>,
+    plane: ControlPlane,
+    emu: azure_emulator::Emulator,
+    client: kube::Client,
+    cluster: PrivateCluster,
+    dir: TempDir,
+}
+
+/// Builds (or reuses) the images, starts the cluster with its control
+/// plane, the emulator and two real nodes with the cloud inside them,
+/// installs the chart and waits until mic's two replicas and both nmi pods
+/// are Ready; applies the seed manifests and the application pod and waits
+/// until the application has its token and seed 004's pod its identity.
+async fn up(steps: &mut Steps) -> anyhow::Result<Up> {
     let images = chart_images()?;
     steps.mark("images");
 
@@ -109,8 +305,8 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
         .scale_set(VMSS, 2, &[KUBELET])
         .start()
         .await?;
-    let dir = TempDir::new("aadpodid-realhelm")?;
-    let dir = dir.path();
+    let temp = TempDir::new("aadpodid-realhelm")?;
+    let dir = temp.path();
     let ca = CloudCa::make(&dir.join("ca"))?;
     // Seed 004's pod names upstream's demo image, which no registry here
     // serves: the nodes hold an image of that name (an idle process that
@@ -312,126 +508,16 @@ async fn helm_install_runs_the_chart_on_real_nodes() -> anyhow::Result<()> {
     );
     steps.mark("seed 004's pod Assigned");
 
-    // `helm upgrade` with a changed value rolls nmi (a surge rollout: the
-    // new pod is ready before the old one stops) while the app keeps asking
-    // once a second.
-    let before = nmi_pods(&client).await?;
-    let out = helm::run_on(
-        cluster.kubeconfig(),
-        &[
-            "upgrade",
-            RELEASE,
-            &helm::chart_dir().display().to_string(),
-            "--namespace",
-            RELEASE,
-            "--reuse-values",
-            "--set",
-            "nmi.logVerbosity=1",
-        ],
-    )?;
-    ensure!(out.success, "helm upgrade: {}\n{}", out.stdout, out.stderr);
-    wait_for("nmi rolled on both nodes", WORKLOADS_TIMEOUT, || {
-        let (client, before) = (client.clone(), before.clone());
-        async move {
-            let now = nmi_pods(&client).await.ok()?;
-            (now.len() == 2 && now.iter().all(|p| !before.contains(p))).then_some(())
-        }
+    drop(node_refs);
+    Ok(Up {
+        clouds,
+        nodes,
+        plane,
+        emu,
+        client,
+        cluster,
+        dir: temp,
     })
-    .await
-    .map_err(|e| e.context(diagnostics(&node_refs, &cluster)))?;
-    wait_workloads(&client, &mut plane, &node_refs).await?;
-    steps.mark("helm upgrade: nmi rolled");
-    // The app's tries during the rollout: each got a token (nmi answered
-    // throughout), and the IMDS relays never saw a pod's address.
-    let after_first: Vec<serde_json::Value> =
-        tries(&container_log(&node_refs, APP_NS, "app", TRIES_KEPT))
-            .into_iter()
-            .skip_while(|t| t["ok"] != true)
-            .collect();
-    let failed: Vec<&serde_json::Value> = after_first.iter().filter(|t| t["ok"] != true).collect();
-    ensure!(
-        failed.is_empty() && after_first.len() >= 2,
-        "tries after the first token: {after_first:#?}"
-    );
-    for (node, cloud) in nodes.iter().zip(&clouds) {
-        let prefix = node.pod_cidr().trim_end_matches("0/24").to_string();
-        let peers = aadpodid_testkit::relay::peer_log(cloud.imds_peers());
-        let from_pods: Vec<_> = peers
-            .iter()
-            .filter(|(_, ip)| ip.to_string().starts_with(&prefix))
-            .collect();
-        ensure!(
-            from_pods.is_empty(),
-            "pods reached IMDS directly: {from_pods:?}"
-        );
-        ensure!(
-            !peers.is_empty() || node.name() != app_node(&client).await?,
-            "no IMDS call on the app's node"
-        );
-    }
-
-    // `helm uninstall`: nmi removes its redirect from each node as it goes.
-    let out = helm::run_on(
-        cluster.kubeconfig(),
-        &[
-            "uninstall",
-            RELEASE,
-            "--namespace",
-            RELEASE,
-            "--wait",
-            "--timeout",
-            "120s",
-        ],
-    )?;
-    ensure!(
-        out.success,
-        "helm uninstall: {}\n{}",
-        out.stdout,
-        out.stderr
-    );
-    for node in &nodes {
-        let left = wait_for("no nmi rule left", Duration::from_secs(90), || {
-            let rules = node
-                .netns()
-                .run("iptables-save", &["-t", "nat"])
-                .unwrap_or_default();
-            let rules = (!rules.contains("aad-metadata")).then_some(rules);
-            async move { rules }
-        })
-        .await;
-        if let Err(e) = left {
-            let rules = node.netns().run("iptables-save", &["-t", "nat"])?;
-            bail!("{e:#}: {} nat table:\n{rules}", node.name());
-        }
-    }
-    wait_for("nmi's pods gone", Duration::from_secs(90), || {
-        let client = client.clone();
-        async move { nmi_pods(&client).await.ok()?.is_empty().then_some(()) }
-    })
-    .await?;
-    steps.mark("helm uninstall: redirect gone");
-
-    plane.check_running()?;
-    drop(clouds);
-    let remains: Vec<_> = nodes
-        .iter()
-        .map(|n| (n.dir().to_path_buf(), n.cgroup_root().to_string()))
-        .collect();
-    drop(nodes);
-    steps.mark("nodes torn down");
-    for (node_dir, cgroup_root) in &remains {
-        let leftovers = RealNode::leftovers(node_dir, cgroup_root);
-        ensure!(leftovers.is_empty(), "{leftovers:?}");
-    }
-    drop(plane);
-    steps.mark("torn down");
-    let summary: Vec<String> = steps
-        .done
-        .iter()
-        .map(|(n, d)| format!("{n} {:.1}s", d.as_secs_f64()))
-        .collect();
-    eprintln!("real helm steps: {}", summary.join(", "));
-    Ok(())
 }
 
 /// The names of nmi's pods (the DaemonSet's, in the release namespace).
@@ -516,16 +602,18 @@ fn chart_images() -> anyhow::Result<Images> {
         })?;
         return Ok(Images { mic, nmi, app });
     }
-    let root = aadpodid_testkit::repo_root();
-    let out = Command::new("timeout")
-        .args([IMAGES_LIMIT_S, "bash", "scripts/images.sh"])
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("run scripts/images.sh")?;
-    ensure!(out.status.success(), "scripts/images.sh: {}", out.status);
-    let stdout = String::from_utf8(out.stdout)?;
+    let mut script = Command::new("bash");
+    script
+        .arg("scripts/images.sh")
+        .current_dir(aadpodid_testkit::repo_root())
+        .stderr(Stdio::inherit());
+    let built = output_within(&mut script, "scripts/images.sh", IMAGES_LIMIT)?;
+    ensure!(
+        built.status.success(),
+        "scripts/images.sh: {}",
+        built.status
+    );
+    let stdout = String::from_utf8(built.stdout)?;
     let archive = |name: &str| {
         stdout
             .lines()

@@ -587,17 +587,59 @@ fn keeper_command(program: &Path) -> Command {
 }
 
 fn make_certs(dir: &Path) -> anyhow::Result<()> {
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        let out = Command::new("openssl")
+    issue_certs(
+        dir,
+        ("ca", "/CN=aadpodid-test-ca"),
+        &[
+            (
+                "server",
+                "/CN=kube-apiserver",
+                // Loopback, where tests reach it, and the names in-cluster
+                // clients use: the `kubernetes` Service's address (the first of
+                // `--service-cluster-ip-range`) and its DNS names.
+                "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,\
+                 DNS:kubernetes.default,DNS:kubernetes.default.svc,\
+                 DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n",
+            ),
+            (
+                "admin",
+                "/O=system:masters/CN=aadpodid-admin",
+                "extendedKeyUsage=clientAuth\n",
+            ),
+        ],
+    )?;
+    let openssl = |args: &[&str]| openssl_in(dir, args);
+    openssl(&["genrsa", "-out", "sa.key", "2048"])?;
+    openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    Ok(())
+}
+
+/// Runs `openssl` with `args` in `dir` (at most 60 s); fails with its stderr.
+fn openssl_in(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = crate::tools::output_within(
+        Command::new("openssl")
             .current_dir(dir)
             .args(args)
-            .output()
-            .context("run openssl")?;
-        if !out.status.success() {
-            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    };
+            .stderr(Stdio::piped()),
+        "openssl",
+        Duration::from_secs(60),
+    )?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Makes, in `dir`, a CA `<stem>.crt`/`<stem>.key` with `subject` (EC P-256,
+/// valid 7 days) and for each `(name, subject, extensions)` a key
+/// `<name>.key` and a certificate `<name>.crt` signed by that CA with those
+/// extensions (an openssl extension file's text).
+pub(crate) fn issue_certs(
+    dir: &Path,
+    (stem, ca_subject): (&str, &str),
+    certs: &[(&str, &str, &str)],
+) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| openssl_in(dir, args);
     let ec = [
         "-newkey",
         "ec",
@@ -605,40 +647,17 @@ fn make_certs(dir: &Path) -> anyhow::Result<()> {
         "ec_paramgen_curve:prime256v1",
         "-nodes",
     ];
+    let (ca_key, ca_crt) = (format!("{stem}.key"), format!("{stem}.crt"));
     openssl(
         &[
             &["req", "-x509"][..],
             &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "7",
-                "-subj",
-                "/CN=aadpodid-test-ca",
-            ],
+            &["-keyout", &ca_key, "-out", &ca_crt, "-days", "7"],
+            &["-subj", ca_subject],
         ]
         .concat(),
     )?;
-    for (name, subject, ext) in [
-        (
-            "server",
-            "/CN=kube-apiserver",
-            // Loopback, where tests reach it, and the names in-cluster
-            // clients use: the `kubernetes` Service's address (the first of
-            // `--service-cluster-ip-range`) and its DNS names.
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,\
-             DNS:kubernetes.default,DNS:kubernetes.default.svc,\
-             DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n",
-        ),
-        (
-            "admin",
-            "/O=system:masters/CN=aadpodid-admin",
-            "extendedKeyUsage=clientAuth\n",
-        ),
-    ] {
+    for (name, subject, ext) in certs {
         std::fs::write(dir.join(format!("{name}.ext")), ext)?;
         let key = format!("{name}.key");
         let csr = format!("{name}.csr");
@@ -656,9 +675,9 @@ fn make_certs(dir: &Path) -> anyhow::Result<()> {
             "-in",
             &csr,
             "-CA",
-            "ca.crt",
+            &ca_crt,
             "-CAkey",
-            "ca.key",
+            &ca_key,
             "-CAcreateserial",
             "-days",
             "7",
@@ -668,8 +687,6 @@ fn make_certs(dir: &Path) -> anyhow::Result<()> {
             &format!("{name}.ext"),
         ])?;
     }
-    openssl(&["genrsa", "-out", "sa.key", "2048"])?;
-    openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
     Ok(())
 }
 

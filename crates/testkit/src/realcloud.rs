@@ -11,17 +11,16 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Stdio};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use azure_emulator::Emulator;
 
+use crate::cluster::issue_certs;
 use crate::netns::IMDS_ADDRESS;
 use crate::realnode::RealNode;
 use crate::relay::{read_until_ready, unix_to_tcp};
 use crate::tenant::CloudEnvironment;
-use crate::tools::output_within;
 
 /// Where ARM and Entra ID are inside every node (on the node's loopback; a
 /// pod reaches it through its default route to the node).
@@ -41,21 +40,15 @@ import asyncio, ssl, sys
 server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 server.load_cert_chain(sys.argv[1], sys.argv[2])
 upstream = ssl.create_default_context(cafile=sys.argv[3])
-async def pipe(r, w):
+async def pump(source, sink):
+    # Until either side ends; then the sink is closed.
     try:
-        while True:
-            d = await r.read(65536)
-            if not d:
-                break
-            w.write(d)
-            await w.drain()
-    except Exception:
+        while chunk := await source.read(1 << 16):
+            sink.write(chunk)
+            await sink.drain()
+    except (OSError, ssl.SSLError):
         pass
-    finally:
-        try:
-            w.close()
-        except Exception:
-            pass
+    sink.close()
 async def main():
     for spec in sys.argv[4:]:
         hostport, path = spec.split('=')
@@ -67,7 +60,7 @@ async def main():
             except Exception:
                 w.close()
                 return
-            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+            await asyncio.gather(pump(r, uw), pump(ur, w))
         await asyncio.start_server(handle, host, int(port), ssl=server)
     print("READY", flush=True)
     await asyncio.Event().wait()
@@ -90,79 +83,15 @@ impl CloudCa {
     /// Makes them in `dir`.
     pub fn make(dir: &Path) -> anyhow::Result<CloudCa> {
         std::fs::create_dir_all(dir)?;
-        let openssl = |args: &[&str]| -> anyhow::Result<()> {
-            let out = output_within(
-                Command::new("openssl")
-                    .current_dir(dir)
-                    .args(args)
-                    .stderr(Stdio::piped()),
-                "openssl",
-                Duration::from_secs(60),
-            )?;
-            if !out.status.success() {
-                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            Ok(())
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        openssl(
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "cloud-ca.key",
-                    "-out",
-                    "cloud-ca.crt",
-                    "-days",
-                    "2",
-                ],
-                &["-subj", "/CN=aadpodid-cloud-ca"],
-            ]
-            .concat(),
+        issue_certs(
+            dir,
+            ("cloud-ca", "/CN=aadpodid-cloud-ca"),
+            &[(
+                "cloud",
+                "/CN=cloud",
+                &format!("subjectAltName=IP:{CLOUD_IP}\nextendedKeyUsage=serverAuth\n"),
+            )],
         )?;
-        std::fs::write(
-            dir.join("cloud.ext"),
-            format!("subjectAltName=IP:{CLOUD_IP}\nextendedKeyUsage=serverAuth\n"),
-        )?;
-        openssl(
-            &[
-                &["req", "-new"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "cloud.key",
-                    "-out",
-                    "cloud.csr",
-                    "-subj",
-                    "/CN=cloud",
-                ],
-            ]
-            .concat(),
-        )?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "cloud.csr",
-            "-CA",
-            "cloud-ca.crt",
-            "-CAkey",
-            "cloud-ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            "cloud.crt",
-            "-extfile",
-            "cloud.ext",
-        ])?;
         Ok(CloudCa {
             ca: dir.join("cloud-ca.crt"),
             cert: dir.join("cloud.crt"),
