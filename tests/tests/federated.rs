@@ -18,6 +18,7 @@
 //! | a token for another node's pod asked of the API server with nmi's own credentials | refused by the chart's node policy (nmi's pod-bound token names its node); for its own node's pod, issued |
 //! | an identity whose annotation is misspelt | no AzureAssignedIdentity from mic (404); with one written by hand, 403 naming the annotation; no exchange |
 //! | three new pods, each with its own ServiceAccount | the time from the Pod's creation to its first token |
+//! | managed mode: the pod in the identity's namespace; a pod of another namespace with the same label | a token (curl, Python SDK), no ARM write; 404 |
 //!
 //! mic runs as the chart deploys it: it marks the federated identity's
 //! AzureAssignedIdentities Assigned at once and writes nothing to ARM. Last,
@@ -26,7 +27,7 @@
 
 use std::time::{Duration, Instant};
 
-use aadpodid_tests::e2e::{Options, PodRef, World, curl_in, id_client};
+use aadpodid_tests::e2e::{ClusterIssuer, Options, PodRef, World, curl_in, id_client};
 use aadpodid_tests::wait_for;
 use serde_json::Value;
 
@@ -47,9 +48,9 @@ const NMI_PORT: u16 = 2579;
 /// One scale set of two nodes, `id-0` as the chart's identity and `id-1`,
 /// `id-2` in the tenant only, the admission policy off (the test writes
 /// AzureAssignedIdentities), nmi allowed to request ServiceAccount tokens
-/// (with its own pod-bound token), and nmi answering quickly when no
-/// identity is assigned.
-fn options() -> Options {
+/// (with its own pod-bound token), nmi answering quickly when no identity
+/// is assigned, and the operation mode `mode`.
+fn options(mode: &str) -> Options {
     let mut o = Options {
         scale_sets: 1,
         instances: 2,
@@ -62,6 +63,7 @@ fn options() -> Options {
     };
     o.set_values(&[
         ("identityPolicy.mode", "off"),
+        ("operationMode", mode),
         ("federatedTokens.enabled", "true"),
         ("federatedTokens.nodePolicy", "true"),
         ("nmi.retryAttemptsForCreated", "2"),
@@ -87,17 +89,19 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or(Value::Null)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<()> {
-    let mut world = World::start(options()).await?;
+/// The world in operation mode `mode` with the emulator trusting the
+/// cluster's issuer, namespace [`NS`] with its two ServiceAccounts, the
+/// federated AzureIdentity `fed-id` (selector `fed`) and a federated
+/// credential for [`TRUSTED_SA`]; and the counters before any pod.
+async fn federated_world(mode: &str) -> anyhow::Result<(World, ClusterIssuer, (u64, u64, u64))> {
+    let world = World::start(options(mode)).await?;
     let issuer = world.trust_cluster_issuer().await?;
     eprintln!(
         "[federated] cluster issuer {} with {} key(s)",
         issuer.issuer,
         issuer.jwks["keys"].as_array().map_or(0, Vec::len)
     );
-    let client_id = id_client(FED_J);
-    let before = calls(&world, &client_id);
+    let before = calls(&world, &id_client(FED_J));
     world.create_namespace(NS, None).await?;
     for sa in [TRUSTED_SA, OTHER_SA] {
         world.create_service_account(NS, sa).await?;
@@ -105,10 +109,17 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
     world
         .create_identity_with_source(NS, "fed-id", FED_J, Some("federated"), "fed")
         .await?;
+    world.add_federated_credential(FED_J, &issuer.issuer, NS, TRUSTED_SA)?;
+    Ok((world, issuer, before))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<()> {
+    let (mut world, issuer, before) = federated_world("standard").await?;
+    let client_id = id_client(FED_J);
     world
         .create_identity_with_source(NS, "typo-id", 2, Some("Federated"), "typo")
         .await?;
-    world.add_federated_credential(FED_J, &issuer.issuer, NS, TRUSTED_SA)?;
     let fed = [("aadpodidbinding", "fed")];
     // Pod indexes: even on node 0, odd on node 1.
     let trusted = world
@@ -353,4 +364,44 @@ async fn host_token(world: &World, node: usize, p: &PodRef) -> anyhow::Result<(u
         30,
     )
     .await
+}
+
+/// Managed mode (nmi alone decides, from the identities and bindings of the
+/// pod's namespace): the same federated identity for a pod of [`NS`], with
+/// nothing written to ARM; a pod of another namespace with the same label
+/// gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_mode_serves_federated_identities() -> anyhow::Result<()> {
+    let (world, _, before) = federated_world("managed").await?;
+    let client_id = id_client(FED_J);
+    let fed = [("aadpodidbinding", "fed")];
+    let trusted = world
+        .create_pod_as_service_account(NS, "trusted", Some(TRUSTED_SA), &fed, 0)
+        .await?;
+    let (status, body) = ask(&world, &trusted, "", 30).await?;
+    assert_eq!(status, 200, "{body}\n{}", world.dump().await);
+    assert_eq!(world.appid_of(&body)?, client_id);
+    let appid = world.python_token_appid(&trusted, None).await?;
+    assert_eq!(appid, client_id, "Python SDK");
+    world.create_namespace("elsewhere", None).await?;
+    world
+        .create_service_account("elsewhere", TRUSTED_SA)
+        .await?;
+    let outsider = world
+        .create_pod_as_service_account("elsewhere", "outsider", Some(TRUSTED_SA), &fed, 1)
+        .await?;
+    let (status, body) = ask(&world, &outsider, "", 30).await?;
+    assert_eq!(status, 404, "{body}");
+    let after = calls(&world, &client_id);
+    assert_eq!(
+        (after.0, after.1),
+        (before.0, before.1),
+        "ARM writes, IMDS token requests"
+    );
+    assert_eq!(
+        after.2 - before.2,
+        2,
+        "exchanges: curl's resource and the SDK's"
+    );
+    Ok(())
 }

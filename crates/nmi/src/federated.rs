@@ -335,17 +335,19 @@ pub fn token_request_error(plan: &Plan, status: u16, detail: &str) -> TokenError
 /// ID for the exchange.
 #[derive(Clone)]
 pub struct Federated {
-    client: Option<kube::Client>,
-    aad: AadClient,
     cluster_tenant: String,
     limiter: Arc<FairLimiter<RequesterKey>>,
+    aad: AadClient,
+    client: Option<kube::Client>,
 }
 
 impl std::fmt::Debug for Federated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // kube::Client has no Debug.
+        let client = self.client.as_ref().map(|_| "kube::Client");
         f.debug_struct("Federated")
-            .field("has_client", &self.client.is_some())
             .field("cluster_tenant", &self.cluster_tenant)
+            .field("client", &client)
             .finish_non_exhaustive()
     }
 }

@@ -516,7 +516,14 @@ impl WorldBuilder {
         match self.args {
             ArgsSource::Chart => {
                 let release = self.release.as_ref().context("no chart yet")?;
-                Ok(Source::Chart(if mic { &release.mic } else { &release.nmi }))
+                Ok(Source::Chart(if mic {
+                    release
+                        .mic
+                        .as_ref()
+                        .context("the chart renders no mic (operationMode=managed)")?
+                } else {
+                    &release.nmi
+                }))
             }
             ArgsSource::Flags => Ok(Source::Flags {
                 mic: if mic {
@@ -591,6 +598,9 @@ impl WorldBuilder {
     /// Step: `replicas` mic replicas (processes not started yet), their pods
     /// on the nodes in turn, appended to [`WorldBuilder::mics`].
     pub async fn mic(&mut self, replicas: usize) -> anyhow::Result<()> {
+        if replicas == 0 {
+            return Ok(());
+        }
         let mut added = Vec::new();
         {
             let launch = self.launch()?;

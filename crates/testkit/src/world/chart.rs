@@ -63,8 +63,8 @@ fn app_ns_grants(opts: &Options) -> Option<String> {
 pub(super) struct Release {
     /// Every rendered document.
     pub(super) rendered: Vec<Value>,
-    /// The mic Deployment.
-    pub(super) mic: Workload,
+    /// The mic Deployment (none in managed mode, `operationMode=managed`).
+    pub(super) mic: Option<Workload>,
     /// The nmi DaemonSet.
     pub(super) nmi: Workload,
 }
@@ -101,20 +101,32 @@ impl Release {
         // admission policies exist: with federatedTokens.nodePolicy, a
         // TokenRequest in a namespace without Pods (the policy's parameters)
         // is refused whoever makes it.
-        let mic_kubeconfig = account_kubeconfig(cluster, &rendered, mic).await?;
+        let has_mic = helm::find(&rendered, mic.0, mic.1).is_some();
+        let mic_kubeconfig = if has_mic {
+            Some(account_kubeconfig(cluster, &rendered, mic).await?)
+        } else {
+            None
+        };
         let nmi_kubeconfig = account_kubeconfig(cluster, &rendered, nmi).await?;
         kubectl_apply(cluster, &text).await?;
         let workload = |(kind, name), program: &Program, kubeconfig| {
             Workload::applied(admin, &rendered, kind, name, program.clone(), kubeconfig)
         };
-        let mic = workload(mic, &opts.mic, mic_kubeconfig).await?;
+        let mic = match mic_kubeconfig {
+            Some(k) => Some(workload(mic, &opts.mic, k).await?),
+            None => None,
+        };
         let nmi = workload(nmi, &opts.nmi, nmi_kubeconfig).await?;
         Ok(Release { rendered, mic, nmi })
     }
 
-    /// The rendered Deployment's replicas (1 when it names none).
+    /// The rendered Deployment's replicas (1 when it names none; 0 without
+    /// one).
     pub(super) fn mic_replicas(&self) -> usize {
-        let replicas = self.mic.object["spec"]["replicas"].as_u64().unwrap_or(1);
+        let Some(mic) = &self.mic else {
+            return 0;
+        };
+        let replicas = mic.object["spec"]["replicas"].as_u64().unwrap_or(1);
         usize::try_from(replicas).unwrap_or(1)
     }
 }
