@@ -10,7 +10,7 @@
 //!
 //! | case | expected |
 //! |---|---|
-//! | pod bound to the federated identity, its ServiceAccount has a federated credential | a token naming the identity's client ID, through curl (IMDS format) and the Python SDK's `ManagedIdentityCredential`; no ARM write, no IMDS token request; cached |
+//! | pod bound to the federated identity, its ServiceAccount has a federated credential | a token naming the identity's client ID, through curl (IMDS format) and the Python and Rust SDKs' `ManagedIdentityCredential`; no ARM write, no IMDS token request; cached |
 //! | same identity, a pod running as a ServiceAccount without a credential | 403 naming AADSTS700213 and the credential to create (issuer, subject); a Warning Event on the AzureIdentity; once the credential exists, a token |
 //! | a pod running as a ServiceAccount that does not exist | 403: the API server issued no token, and why |
 //! | a pod with no binding | no token, no exchange |
@@ -28,7 +28,9 @@
 use std::time::{Duration, Instant};
 
 use aadpodid_tests::e2e::{ClusterIssuer, Options, PodRef, World, curl_in, id_client};
+use aadpodid_tests::nmi_node::test_child;
 use aadpodid_tests::wait_for;
+use anyhow::Context as _;
 use serde_json::Value;
 
 /// Namespace of the federated identities and their pods.
@@ -181,11 +183,18 @@ async fn federated_identities_get_tokens_with_no_arm_write() -> anyhow::Result<(
     assert_eq!(status, 200, "{again}");
     assert_eq!(world.appid_of(&again)?, client_id);
     assert_eq!(calls(&world, &client_id).2, first.2, "cached");
-    // The Python SDK, by default and by client ID.
+    // The Python SDK, by default and by client ID; the Rust SDK.
     for by in [None, Some(client_id.as_str())] {
         let appid = world.python_token_appid(&trusted, by).await?;
         assert_eq!(appid, client_id, "Python SDK by {by:?}");
     }
+    let token = rust_sdk_token(&world, &trusted).await?;
+    let appid = world
+        .emu
+        .verify_token(&token)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .appid;
+    assert_eq!(appid, client_id, "Rust SDK");
 
     // The same identity for a ServiceAccount Entra does not trust: the
     // AADSTS error and the fix reach the pod and the AzureIdentity's Events.
@@ -404,4 +413,40 @@ async fn managed_mode_serves_federated_identities() -> anyhow::Result<()> {
         "exchanges: curl's resource and the SDK's"
     );
     Ok(())
+}
+
+/// The pod side of [`rust_sdk_token`]: the real Rust `azure_identity`
+/// `ManagedIdentityCredential` (IMDS at 169.254.169.254) for ARM. Prints
+/// `TOKEN_OK <jwt>` or `TOKEN_ERR <error>`.
+#[tokio::test]
+#[ignore = "run inside a pod namespace by federated_identities_get_tokens_with_no_arm_write"]
+async fn rust_sdk_child() {
+    use azure_core::credentials::TokenCredential as _;
+    let credential = azure_identity::ManagedIdentityCredential::new(None).expect("credential");
+    let scopes = ["https://management.azure.com/.default"];
+    match credential.get_token(&scopes, None).await {
+        Ok(t) => println!("TOKEN_OK {}", t.token.secret()),
+        Err(e) => println!("TOKEN_ERR {e}"),
+    }
+}
+
+/// A token for the pod `p` through the Rust SDK ([`rust_sdk_child`] run in
+/// its network namespace, with no variable pointing it at another source).
+async fn rust_sdk_token(world: &World, p: &PodRef) -> anyhow::Result<String> {
+    let mut cmd = test_child(world.pod_ns(p)?, "rust_sdk_child")?;
+    for other_source in [
+        "IDENTITY_ENDPOINT",
+        "IMDS_ENDPOINT",
+        "MSI_ENDPOINT",
+        "HTTP_PROXY",
+    ] {
+        cmd.env_remove(other_source);
+    }
+    let out = tokio::process::Command::from(cmd).output().await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("TOKEN_OK "))
+        .map(|(_, t)| t.trim().to_string())
+        .with_context(|| format!("no token: {stdout}{}", String::from_utf8_lossy(&out.stderr)))
 }
