@@ -188,7 +188,8 @@ impl<S: TokenSource> TokenCache<S> {
     /// A token cached under (`identity`, `token`), fetched by `fetch` on a
     /// miss (no IMDS limiter: for AAD and federated exchanges). Concurrent
     /// misses share one fetch, and its failure: a request that was waiting
-    /// when the fetch failed gets that failure instead of fetching again.
+    /// when the fetch failed gets that failure instead of fetching again
+    /// (except a 429 for the fetching pod's full queue).
     pub async fn cached<F, Fut>(
         &self,
         identity: IdentityKey,
@@ -217,7 +218,10 @@ impl<S: TokenSource> TokenCache<S> {
                 Ok(token)
             }
             Err(e) => {
-                guard.failed = Some((Instant::now(), e.clone()));
+                // One pod's full queue is not another's.
+                if !matches!(e, TokenError::Throttled { .. }) {
+                    guard.failed = Some((Instant::now(), e.clone()));
+                }
                 Err(e)
             }
         }
