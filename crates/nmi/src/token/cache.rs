@@ -409,6 +409,33 @@ mod tests {
         assert!(ask(Arc::clone(&cache), Arc::clone(&calls)).await.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(cache.len(), 0, "a failure leaves no entry");
+        // A 429 (the fetching pod's full queue) is not shared: each waiter
+        // fetches in turn.
+        let throttled = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let (cache, throttled) = (Arc::clone(&cache), Arc::clone(&throttled));
+                tokio::spawn(async move {
+                    let fetch = || async {
+                        throttled.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err::<Token, _>(TokenError::Throttled {
+                            retry_after: Duration::from_secs(1),
+                        })
+                    };
+                    let key = TokenKey::federated("https://login/", "t", "ns", "sa", "r2");
+                    let who = IdentityKey::service_principal("app");
+                    cache.cached(who, key, fetch).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(matches!(
+                t.await.unwrap(),
+                Err(TokenError::Throttled { .. })
+            ));
+        }
+        assert_eq!(throttled.load(Ordering::SeqCst), 3, "one fetch per waiter");
     }
 
     #[tokio::test]
