@@ -1334,7 +1334,9 @@ impl<C: Cloud> Executor<C> {
                     written.metadata.uid.clone(),
                     written.metadata.resource_version.clone(),
                 );
-                self.deps.shared.own_assigned(kept);
+                self.deps
+                    .shared
+                    .own_assigned(kept, write == AaiWrite::Create);
                 return Ok(Written {
                     planned,
                     uid: written.metadata.uid,

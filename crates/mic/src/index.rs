@@ -264,17 +264,24 @@ impl OwnWrites {
         Delivered::Apply
     }
 
-    /// MIC wrote version `rv` of `key`; the index holds `indexed` (its
-    /// resourceVersion, if it holds the AAI). Whether the write goes into
-    /// the index now: only when the watch has not brought it, or a later
-    /// version, already (known by comparing versions; when they do not
-    /// compare, the watch brings it).
-    pub fn wrote(&mut self, key: &Key, rv: Option<&str>, indexed: Option<&str>) -> bool {
+    /// MIC wrote version `rv` of `key` (`create`: made it); the index holds
+    /// `indexed` (its resourceVersion, if it holds the AAI). Whether the
+    /// write goes into the index now: only when the watch has not brought
+    /// it, or a later version, already (known by comparing versions; when
+    /// they do not compare, the watch brings it).
+    pub fn wrote(
+        &mut self,
+        key: &Key,
+        rv: Option<&str>,
+        indexed: Option<&str>,
+        create: bool,
+    ) -> bool {
         let Some(rv) = rv else { return false };
         let newer = match indexed {
             Some(indexed) => older(indexed, rv),
-            // Not in the index: a create the watch has not delivered yet.
-            None => rv.parse::<u64>().is_ok(),
+            // Not in the index: a create the watch has not delivered yet;
+            // any other write's AAI was deleted meanwhile.
+            None => create && rv.parse::<u64>().is_ok(),
         };
         if newer {
             self.0.entry(key.clone()).or_default().push(rv.to_string());
@@ -373,16 +380,19 @@ impl Index {
         }
     }
 
-    /// MIC's own write of an AAI, as the apiserver answered it, kept as
-    /// `kept`: into the index unless the watch brought it already.
-    pub fn own_assigned(&mut self, kept: AssignedInfo) -> Changed {
+    /// MIC's own write of an AAI (`create`: it made it), as the apiserver
+    /// answered it, kept as `kept`: into the index unless the watch brought
+    /// it already.
+    pub fn own_assigned(&mut self, kept: AssignedInfo, create: bool) -> Changed {
         let key = key_of(&kept);
         let indexed = self.assigned.get(&key);
         let indexed_rv = indexed.and_then(|a| a.metadata.resource_version.as_deref());
-        if !self
-            .own_writes
-            .wrote(&key, kept.metadata.resource_version.as_deref(), indexed_rv)
-        {
+        if !self.own_writes.wrote(
+            &key,
+            kept.metadata.resource_version.as_deref(),
+            indexed_rv,
+            create,
+        ) {
             return false;
         }
         let changed = indexed.is_none_or(|o| !same_decisions(o, &kept));
@@ -574,9 +584,10 @@ mod tests {
             assert_eq!(ix.apply_assigned(&changed), want, "{case}");
         }
     }
-    /// Runs one row of steps, each a word: `w<rv>/<indexed rv>` MIC wrote a
-    /// version while the index held another (`_`: none), then `+` when it
-    /// goes into the index, `-` when not; `e<rv>` the watch delivers a
+    /// Runs one row of steps, each a word: `c<rv>/<indexed rv>` MIC created
+    /// the AAI, `w<rv>/<indexed rv>` wrote it otherwise, while the index held
+    /// that version (`_`: none), then `+` when it goes into the index, `-`
+    /// when not; `e<rv>` the watch delivers a
     /// version (`_`: none), then `+` applied or `-` skipped; `d` the watch
     /// deletes the AAI.
     fn own_writes_row(case: &str, steps: &str) {
@@ -587,9 +598,10 @@ mod tests {
             let (body, want) = step.split_at(step.len() - 1);
             let want = want == "+";
             match body.split_at(1) {
-                ("w", versions) => {
+                (w @ ("c" | "w"), versions) => {
                     let (v, indexed) = versions.split_once('/').expect("w<rv>/<rv>");
-                    let got = own.wrote(&k, rv(v).as_deref(), rv(indexed).as_deref());
+                    let (v, indexed) = (rv(v), rv(indexed));
+                    let got = own.wrote(&k, v.as_deref(), indexed.as_deref(), w == "c");
                     assert_eq!(got, want, "{case}: {step}");
                 }
                 ("e", v) => {
@@ -606,14 +618,14 @@ mod tests {
     fn own_writes_decide_which_watch_events_are_echoes() {
         let rows = [
             ("no own write: every event applies", "e5+ e_+"),
-            ("a create, then its echo", "w5/_+ e5+ e6+"),
+            ("a create, then its echo", "c5/_+ e5+ e6+"),
             (
                 "create and status write, the create's echo first",
-                "w5/_+ w6/5+ e5- e6+",
+                "c5/_+ w6/5+ e5- e6+",
             ),
             (
                 "another's write between MIC's two is older than the second",
-                "w5/_+ w7/5+ e5- e6- e7+",
+                "c5/_+ w7/5+ e5- e6- e7+",
             ),
             (
                 "an event from before the write waits for its echo",
@@ -629,7 +641,11 @@ mod tests {
                 "wx/4- w5/y- e5+",
             ),
             ("no version: left to the watch", "w_/4- e5+"),
-            ("a deletion forgets the writes", "w5/_+ d. e3+"),
+            ("a deletion forgets the writes", "c5/_+ d. e3+"),
+            (
+                "a write to an AAI deleted meanwhile is left out",
+                "w5/_- e_+",
+            ),
         ];
         for (case, steps) in rows {
             own_writes_row(case, steps);
@@ -647,8 +663,8 @@ mod tests {
         assigned.status.as_mut().unwrap().status = "Assigned".into();
         let mut ix = Index::default();
         // MIC's create and status write are answered before the watch delivers either.
-        assert!(ix.own_assigned(AssignedInfo::new(&created, &ix)));
-        assert!(ix.own_assigned(AssignedInfo::new(&assigned, &ix)));
+        assert!(ix.own_assigned(AssignedInfo::new(&created, &ix), true));
+        assert!(ix.own_assigned(AssignedInfo::new(&assigned, &ix), false));
         assert!(
             !ix.deliver_assigned(&created),
             "the create's echo: older than the index"
@@ -665,15 +681,18 @@ mod tests {
         edited.spec.node_name = "n2".into();
         assert!(ix.deliver_assigned(&edited));
         // A list again forgets every own write.
-        assert!(ix.own_assigned(AssignedInfo::new(
-            &{
-                let mut e = edited.clone();
-                e.metadata.resource_version = Some("10".into());
-                e.status.as_mut().unwrap().status = "Unassigned".into();
-                e
-            },
-            &ix
-        )));
+        assert!(ix.own_assigned(
+            AssignedInfo::new(
+                &{
+                    let mut e = edited.clone();
+                    e.metadata.resource_version = Some("10".into());
+                    e.status.as_mut().unwrap().status = "Unassigned".into();
+                    e
+                },
+                &ix
+            ),
+            false
+        ));
         ix.clear_assigned();
         assert!(ix.own_writes.is_empty() && ix.assigned.is_empty());
     }

@@ -47,18 +47,19 @@ impl Shared {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// MIC's own write of an AAI, as the apiserver answered it: into the
+    /// MIC's own write of an AAI (`create`: it made it), as the apiserver
+    /// answered it: into the
     /// index at once, so that its echo from the watch changes nothing and
     /// starts no cycle. Starts none either.
-    pub fn own_assigned(&self, kept: AssignedInfo) {
-        self.update(|ix| ix.own_assigned(kept));
+    pub fn own_assigned(&self, kept: AssignedInfo, create: bool) {
+        self.update(|ix| ix.own_assigned(kept, create));
     }
 
     /// [`Shared::own_assigned`] for an answer kept as the index keeps AAIs.
     pub fn own_answer(&self, answer: &AzureAssignedIdentity) {
         self.update(|ix| {
             let kept = AssignedInfo::new(answer, ix);
-            ix.own_assigned(kept)
+            ix.own_assigned(kept, false)
         });
     }
 
