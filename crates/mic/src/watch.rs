@@ -48,9 +48,8 @@ impl Shared {
     }
 
     /// MIC's own write of an AAI (`create`: it made it), as the apiserver
-    /// answered it: into the
-    /// index at once, so that its echo from the watch changes nothing and
-    /// starts no cycle. Starts none either.
+    /// answered it: into the index at once, so that its echo from the watch
+    /// changes nothing and starts no cycle. Starts none either.
     pub fn own_assigned(&self, kept: AssignedInfo, create: bool) {
         self.update(|ix| ix.own_assigned(kept, create));
     }
