@@ -442,6 +442,49 @@ async fn nmi_may_request_only_exchange_tokens_for_pods_on_its_node() {
         out.stderr
     );
 
+    // A namespace with no Pods gives the node policy no parameters: the
+    // administrator's TokenRequest there is admitted (not refused for want
+    // of a Pod), and NMI's fails only because its bound pod does not exist.
+    let lone = format!("{name}-lone");
+    create(
+        cluster,
+        vec![
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": lone}}),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": "app", "namespace": lone}}),
+        ],
+    );
+    made.namespaces.push(lone.clone());
+    let admin = token_args(&lone, "app", &["https://vault.example"], None, None);
+    let out = run_kubectl(
+        cluster.kubectl(),
+        &admin.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .unwrap();
+    assert!(
+        out.success,
+        "the administrator in a namespace with no Pods: {}",
+        out.stderr
+    );
+    let ghost = token_args(
+        &lone,
+        "app",
+        &[FEDERATED_TOKEN_AUDIENCE],
+        Some(("Pod", "ghost")),
+        None,
+    );
+    let out = as_nmi(&ghost);
+    assert!(
+        !out.success,
+        "a token bound to a pod that does not exist: admitted"
+    );
+    assert!(
+        !out.stderr.contains(&format!("'{node_policy}'")) && out.stderr.contains("not found"),
+        "{}",
+        out.stderr
+    );
+
     // Another ServiceAccount given the same ClusterRole: not limited.
     let tool = format!("{name}-tool");
     create(
