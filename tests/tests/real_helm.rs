@@ -384,14 +384,29 @@ async fn up(steps: &mut Steps) -> anyhow::Result<Up> {
     for i in 0..2u8 {
         let provider = tenant::vmss_provider_id(NODE_RG, VMSS, usize::from(i));
         let node = RealNode::start_as(&cluster, i, Some(&provider)).await?;
-        for archive in [&images.mic, &images.nmi, &images.app, &demo] {
-            node.import_image(archive)?;
-        }
         let machine = format!("vmss/{VMSS}/{i}");
         let cloud_dir = dir.join(format!("cloud-{i}"));
         clouds.push(NodeCloud::start(&node, &emu, &machine, &ca, &cloud_dir).await?);
         nodes.push(node);
     }
+    // The images into both nodes at once (each import copies the layers).
+    std::thread::scope(|scope| {
+        let imports: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                scope.spawn(|| {
+                    [&images.mic, &images.nmi, &images.app, &demo]
+                        .into_iter()
+                        .try_for_each(|archive| node.import_image(archive))
+                })
+            })
+            .collect();
+        imports.into_iter().try_for_each(|import| {
+            import
+                .join()
+                .map_err(|_| anyhow::anyhow!("an image import panicked"))?
+        })
+    })?;
     for node in &mut nodes {
         let ready = node.wait_ready(&client, READY_TIMEOUT).await?;
         let provider = ready.spec.as_ref().and_then(|s| s.provider_id.clone());
