@@ -475,6 +475,19 @@ async fn up(steps: &mut Steps) -> anyhow::Result<Up> {
     let node_refs: Vec<&RealNode> = nodes.iter().collect();
     wait_workloads(&client, &mut plane, &node_refs).await?;
     steps.mark("mic 2/2 and nmi 2/2 Ready");
+    // The chart's securityContext holds for the running processes: nmi runs
+    // as root with only NET_ADMIN and NET_RAW, mic with no capability on a
+    // read-only root, neither can gain privileges.
+    for (program, caps, read_only) in [("nmi", 0x3000_u64, false), ("mic", 0, true)] {
+        let seen = processes_of(&node_refs, program);
+        ensure!(seen.len() == 2, "{program}: {seen:?}");
+        for p in &seen {
+            ensure!(
+                p.effective_caps == caps && p.no_new_privs && (!read_only || p.read_only_root),
+                "{program}: {p:?}"
+            );
+        }
+    }
 
     // The seed manifests, unchanged: an AzureIdentity and its binding.
     let identity = tenant::uai_id(APP_RG, APP_ID);
@@ -619,6 +632,54 @@ async fn app_node(client: &kube::Client) -> anyhow::Result<String> {
         .spec
         .and_then(|s| s.node_name)
         .context("the app pod has no node")
+}
+
+/// What the kernel says about one container process.
+#[derive(Debug)]
+#[allow(dead_code, reason = "pid is for the failure message")]
+struct ProcessSecurity {
+    pid: u32,
+    effective_caps: u64,
+    no_new_privs: bool,
+    read_only_root: bool,
+}
+
+/// The processes in the nodes' pods whose program is `program` (its file
+/// name), with their effective capabilities, `no_new_privs` and whether
+/// their root is mounted read-only.
+fn processes_of(nodes: &[&RealNode], program: &str) -> Vec<ProcessSecurity> {
+    let mut out = Vec::new();
+    for pid in nodes.iter().flat_map(|n| n.pod_processes()) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        if Path::new(&*String::from_utf8_lossy(first)).file_name() != Some(program.as_ref()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+        // mountinfo: the mount point is the 5th field, its options the 6th.
+        let read_only_root = mounts.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.get(4) == Some(&"/") && f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+        });
+        out.push(ProcessSecurity {
+            pid,
+            effective_caps: u64::from_str_radix(&field("CapEff:"), 16).unwrap_or(u64::MAX),
+            no_new_privs: field("NoNewPrivs:") == "1",
+            read_only_root,
+        });
+    }
+    out
 }
 
 /// The application pod: labelled for `binding`, it asks for an ARM token
