@@ -416,14 +416,14 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     let mut dirty = true;
     let mut linger = schedule::Linger::new(settings.removal_linger);
     let origin = Instant::now();
-    // When the last cycle started, since `origin`.
-    let mut last_cycle: Option<Duration> = None;
+    // When the last cycle started (since `origin`), and how long it took.
+    let mut last_cycle: Option<(Duration, Duration)> = None;
     loop {
         let active = *leading.borrow() && shared.synced();
         health.set_active(active);
         if active && dirty {
             dirty = false;
-            last_cycle = Some(Instant::now() - origin);
+            let cycle_start = Instant::now();
             let index = shared.snapshot();
             let mut plan = plan::plan(&index, &settings.plan);
             let linger_wake = linger
@@ -469,6 +469,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     None => tracing::warn!("cycle cancelled: leadership lost"),
                 }
             }
+            last_cycle = Some((cycle_start - origin, cycle_start.elapsed()));
         }
         let wake_retry = match (retry_at, job_retry_at) {
             (Some(a), Some(b)) => a.min(b),

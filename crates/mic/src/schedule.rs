@@ -313,13 +313,21 @@ impl Linger {
     }
 }
 
+/// How many times its own length a cycle keeps the next one away: a cycle
+/// plans over every pod and AAI, so under a stream of changes (thousands of
+/// pods arriving) back-to-back cycles would spend the CPU on planning.
+pub const CYCLE_SPACING: u32 = 4;
+
 /// When a cycle starts for a change seen at `now`, the last cycle having
-/// started at `last` (`None`: none yet): at once after a quiet spell, so a
-/// lone new pod's identity write is not delayed; else `debounce` after the
-/// last start, so changes arriving close together (a burst of pods) are
-/// folded into one cycle.
-pub fn cycle_at(last: Option<Duration>, now: Duration, debounce: Duration) -> Duration {
-    last.map_or(now, |last| (last + debounce).max(now))
+/// started at `start` and taken `took` (`None`: none yet): at once after a
+/// quiet spell, so a lone new pod's identity write is not delayed; else
+/// `debounce`, or [`CYCLE_SPACING`] times the last cycle's length if more,
+/// after the last start, so changes arriving close together (a burst of
+/// pods) are folded into one cycle.
+pub fn cycle_at(last: Option<(Duration, Duration)>, now: Duration, debounce: Duration) -> Duration {
+    last.map_or(now, |(start, took)| {
+        (start + debounce.max(took * CYCLE_SPACING)).max(now)
+    })
 }
 
 #[cfg(test)]

@@ -381,17 +381,25 @@ fn subscription_writes_header_only_lowers_the_subscription_bucket() {
 fn a_change_after_a_quiet_spell_starts_a_cycle_at_once() {
     let ms = Duration::from_millis;
     let debounce = ms(50);
-    // (case, last cycle start, change seen at, cycle starts at), in ms
-    let rows: &[(&str, Option<u64>, u64, u64)] = &[
+    // (case, last cycle's start and length, change seen at, cycle starts at), in ms
+    type Row = (&'static str, Option<(u64, u64)>, u64, u64);
+    let rows: &[Row] = &[
         ("no cycle yet", None, 7, 7),
-        ("long after the last cycle", Some(0), 1_000, 1_000),
-        ("just as the debounce ends", Some(100), 150, 150),
-        ("close behind a cycle: folded", Some(100), 120, 150),
-        ("at the same instant", Some(100), 100, 150),
+        ("long after the last cycle", Some((0, 5)), 1_000, 1_000),
+        ("just as the debounce ends", Some((100, 5)), 150, 150),
+        ("close behind a cycle: folded", Some((100, 5)), 120, 150),
+        ("at the same instant", Some((100, 5)), 100, 150),
+        (
+            "a long cycle keeps the next away",
+            Some((100, 40)),
+            120,
+            260,
+        ),
+        ("long after a long cycle", Some((100, 40)), 300, 300),
     ];
     for &(case, last, now, want) in rows {
         assert_eq!(
-            cycle_at(last.map(ms), ms(now), debounce),
+            cycle_at(last.map(|(a, b)| (ms(a), ms(b))), ms(now), debounce),
             ms(want),
             "{case}"
         );
