@@ -24,6 +24,7 @@
 //! and [`subject::nmi_program`], the only places that differ per [`Subject`].
 
 pub mod child;
+mod federated;
 pub mod migration;
 mod other;
 pub mod report;
@@ -52,7 +53,7 @@ pub struct Options {
     /// Small sizes (seconds of runtime): checks that the bench works, nothing more.
     #[arg(long)]
     pub quick: bool,
-    /// Rows to run, e.g. `1,3` (default: all of 1-7; with `--quick`, all
+    /// Rows to run, e.g. `1,3` (default: all of 1-8; with `--quick`, all
     /// but 6).
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<u8>,
@@ -113,7 +114,7 @@ impl Options {
         })
     }
 
-    /// Whether row `n` (1-5, 7) is selected.
+    /// Whether row `n` (1-5, 7, 8) is selected.
     pub fn row(&self, n: u8) -> bool {
         self.rows.is_empty() || self.rows.contains(&n)
     }
@@ -127,8 +128,8 @@ impl Options {
 }
 
 /// The rows each subject runs in its own world (row 6, the migration,
-/// runs once for both).
-pub const SUBJECT_ROWS: [u8; 6] = [1, 2, 3, 4, 5, 7];
+/// runs once for both; row 8 measures this project only).
+pub const SUBJECT_ROWS: [u8; 7] = [1, 2, 3, 4, 5, 7, 8];
 
 /// Sizes and clock of one run; the same for every subject.
 #[derive(Clone, Debug)]

@@ -72,6 +72,13 @@ pub enum Metric {
     OtherVm,
     OtherVmMin,
     OtherVmMax,
+    /// Row 8 (this project only): a new pod with a federated identity, from
+    /// its creation to its first token (median and p95 over samples).
+    FederatedFirstToken,
+    FederatedFirstTokenP95,
+    /// Row 8: ARM writes and IMDS token requests over all its samples.
+    FederatedArmWrites,
+    FederatedImdsTokens,
 }
 
 impl Metric {
@@ -99,6 +106,7 @@ impl Metric {
             .chain(Kind::ALL.into_iter().flat_map(flood))
             .chain(Self::TAIL)
             .chain(Self::OTHER)
+            .chain(crate::federated::METRICS)
             .collect()
     }
 
@@ -151,7 +159,7 @@ impl Metric {
         Metric::OtherVmMax,
     ];
 
-    /// Row of the table (1-7).
+    /// Row of the table (1-8).
     pub fn row(self) -> u8 {
         match self {
             Metric::FirstToken
@@ -193,6 +201,10 @@ impl Metric {
             | Metric::OtherVm
             | Metric::OtherVmMin
             | Metric::OtherVmMax => 7,
+            Metric::FederatedFirstToken
+            | Metric::FederatedFirstTokenP95
+            | Metric::FederatedArmWrites
+            | Metric::FederatedImdsTokens => 8,
         }
     }
 
@@ -298,6 +310,15 @@ impl Metric {
             ),
             Metric::OtherVmMin => "a standalone VM: min, ms".into(),
             Metric::OtherVmMax => "a standalone VM: max, ms".into(),
+            Metric::FederatedFirstToken => format!(
+                "first token for a new pod with a federated identity (this project only; goal < 200 ms, no ARM write): median of {} samples, ms",
+                s.first_token_samples
+            ),
+            Metric::FederatedFirstTokenP95 => "federated first token: p95, ms".into(),
+            Metric::FederatedArmWrites => "federated: ARM writes over all samples".into(),
+            Metric::FederatedImdsTokens => {
+                "federated: IMDS token requests over all samples".into()
+            }
         }
     }
 }
@@ -458,7 +479,7 @@ pub struct Table {
     pub columns: Vec<(Subject, Figures)>,
     /// Rows left out of the table and the chart (not run in this mode).
     pub hidden_rows: Vec<u8>,
-    /// The subjects' runs of rows 1-5 and 7, in the order they ran.
+    /// The subjects' runs of rows 1-5, 7 and 8, in the order they ran.
     pub runs: Vec<Subject>,
 }
 
@@ -663,7 +684,7 @@ fn write_heading(out: &mut String, t: &Table, m: &Machine, svg: &Path) {
             .any(|s| t.runs.iter().filter(|r| *r == s).count() > 1);
         let _ = writeln!(
             out,
-            "Rows 1-5 and 7 ran in this order: {}{}.\n",
+            "Rows 1-5, 7 and 8 ran in this order: {}{}.\n",
             order.join(", then "),
             if twice {
                 "; a cell measured in both runs shows their mean and (min–max)"
@@ -698,6 +719,7 @@ fn write_method(out: &mut String, s: &Scale, m: &Machine) {
          - Row 5: after the burst converged and 60 emulated s of quiet, ARM requests (writes + reads + LRO polls) and mic's utime+stime from `/proc/<pid>/stat` over {idle:.0} emulated s ({idlew:.0} wall s).\n\
          - Row 6 (one run for both columns, the test kit's upgrade scenario, the one `tests/tests/migration_upgrade.rs` asserts on): a cluster of its own, two nodes (one per scale set) with two pods each asking for a token every 250 ms throughout, three identities, the emulator at 30×. Before Go starts, upstream's chart 4.1.18 is `helm install`ed; right before the processes are swapped this project's CRDs are applied and `helm upgrade` writes this chart, and `helm rollback` comes before the way back (mic and nmi run with the test kit's flags). Upstream's Go mic (two replicas) and Go nmi assign and serve first; then this project's nmi is started beside Go nmi on each node in turn, Go nmi gets SIGTERM once the new redirect is in place (surge), this project's two mic replicas start beside Go's and Go mic's replicas are stopped, standby first (the \"this project\" column); then back: on each node this project's nmi is stopped before Go nmi starts (delete first, as upstream's chart rolls), Go mic's replicas start beside ours and ours are stopped (the \"upstream\" column). Both mics have a 4 s leader lease. ARM writes come from the emulator's request log (sides told apart by the Compute api-version upstream's Go SDK sends), AzureAssignedIdentity changes from listing them every 100 ms, requests that reached IMDS around nmi from the node relay's log of each IMDS connection's peer.\n\
          - Row 7: {other} samples; in each, a Pod A on one of the burst's scale sets (in turn) asks for an identity the scale set does not have; a quarter into A's write (on the emulated clock, from the emulator's operations), a Pod B on nmi's node (a scale set of its own) and a Pod C on a standalone VM's node (a second nmi, started for this row) ask for identities of their own, each the only Pod at its pod namespace's address. B's and C's time from their creation to a token in their pod namespaces (`curl` polled every 50 ms, both at once) minus their own write's L (wall); median, min and max. The details say, per sample, when B's and C's writes began against the end of A's (negative: while A's ran). Every Pod of the row is Assigned before the next sample.\n\
+         - Row 8 (this project only: upstream has no federated token source): the emulator's Entra ID trusts the cluster's ServiceAccount issuer (its discovery document and keys); an AzureIdentity annotated `aadpodidentity.k8s.io/token-source: federated`; {samples} samples one after the other, each a new Pod on nmi's node running as a ServiceAccount of its own (nmi caches a federated token per ServiceAccount) with a federated credential for it: from creating the Pod until `curl` in the pod's namespace (polled every 50 ms) gets 200 from 169.254.169.254 (mic marks the AzureAssignedIdentity Assigned with no ARM write; nmi asks the API server for the ServiceAccount's token bound to the Pod and exchanges it at Entra ID); median and nearest-rank p95; ARM writes and IMDS token requests from the emulator's counters over all samples.\n\
          - The machine is shared: other jobs ran on the same {cpus} cores during the run, so times and CPU figures are upper bounds.",
         speed = s.speed,
         lro0 = s.lro_seconds.0,

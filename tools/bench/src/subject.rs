@@ -233,6 +233,17 @@ async fn rows_in(
         let metrics: Vec<Metric> = Metric::all().into_iter().filter(|m| m.row() == 7).collect();
         progress.row(f, "row 7", &metrics, r);
     }
+    // After row 7 (its pods are Assigned), before the burst.
+    if opts.row(8) {
+        if subject == Subject::ThisProject {
+            let r = crate::federated::row(run.w, f).await;
+            progress.row(f, "row 8", &crate::federated::METRICS, r);
+        } else {
+            for m in crate::federated::METRICS {
+                f.set_text(m, crate::federated::UPSTREAM);
+            }
+        }
+    }
     mic_rows(&mut run, opts, f, &progress).await;
     if !opts.row(2) {
         for m in Metric::all().into_iter().filter(|m| m.row() == 2) {
@@ -261,7 +272,7 @@ async fn start_run<'w>(
         cores,
         notes: Vec::new(),
     };
-    if opts.row(1) || opts.row(3) || opts.row(4) || opts.row(7) {
+    if opts.row(1) || opts.row(3) || opts.row(4) || opts.row(7) || opts.row(8) {
         run.w.start_nmi().await?;
     }
     if opts.row(4) {

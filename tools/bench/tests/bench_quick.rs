@@ -55,7 +55,7 @@ fn bench_quick_prints_a_numeric_table() -> anyhow::Result<()> {
         ["#", "metric", "this project", "upstream v1.8.17"],
         "{stdout}"
     );
-    // Header, separator, then one line per metric of rows 1-5 and 7.
+    // Header, separator, then one line per metric of rows 1-5, 7 and 8.
     let body = &lines[2..];
     assert!(body.len() >= 5, "{stdout}");
     assert!(
@@ -82,9 +82,17 @@ fn bench_quick_prints_a_numeric_table() -> anyhow::Result<()> {
     }
     assert_eq!(
         rows_seen.into_iter().collect::<Vec<_>>(),
-        ["1", "2", "3", "4", "5", "7"],
+        ["1", "2", "3", "4", "5", "7", "8"],
         "{stdout}"
     );
+    // Row 8: pods with a federated identity cause no ARM write.
+    for metric in ["federated: ARM writes", "federated: IMDS token requests"] {
+        let line = body
+            .iter()
+            .find(|l| l.contains(metric))
+            .with_context(|| format!("no {metric:?} line:\n{stdout}"))?;
+        assert_eq!(cells(line)[2], "0", "{line}");
+    }
 
     let report = std::fs::read_to_string(&md)?;
     assert!(report.contains("| # | metric | this project |"), "{report}");
