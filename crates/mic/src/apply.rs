@@ -358,6 +358,11 @@ impl<C: Cloud> Executor<C> {
         *lock(&self.in_flight) = InFlight::default();
     }
 
+    /// The job on `r` ended without saying so (it panicked): `r` is free again.
+    pub fn job_lost(&self, r: &ResourceRef) {
+        lock(&self.in_flight).finish(r);
+    }
+
     /// Whether a job runs on `r`.
     fn busy(&self, r: &ResourceRef) -> bool {
         lock(&self.in_flight).jobs.contains_key(r)
@@ -682,7 +687,7 @@ impl<C: Cloud> Executor<C> {
         self: &Arc<Self>,
         plan: Plan,
         index: &Index,
-    ) -> Result<(Outcome, Vec<ResourceJob>), ApplyError> {
+    ) -> Result<(Outcome, Vec<(ResourceRef, ResourceJob)>), ApplyError> {
         let mut outcome = Outcome::default();
         self.report_warnings(&plan.warnings, index);
         let mut aais = Known {
@@ -752,7 +757,7 @@ impl<C: Cloud> Executor<C> {
         // 4. One job per resource that has none running; each does one GET
         // and its PATCHes. No await from here on: a cycle cancelled before
         // has started no job.
-        let mut jobs: Vec<ResourceJob> = Vec::with_capacity(plan.resources.len());
+        let mut jobs = Vec::with_capacity(plan.resources.len());
         let mut in_flight = lock(&self.in_flight);
         for (r, w) in plan.resources {
             let keys: BTreeSet<Key> = w
@@ -766,7 +771,9 @@ impl<C: Cloud> Executor<C> {
             if in_flight.route_resource(&r, keys) == Route::Held {
                 continue;
             }
-            jobs.push(Box::pin(Arc::clone(self).resource_job(r, w, mine, failed)));
+            let job: ResourceJob =
+                Box::pin(Arc::clone(self).resource_job(r.clone(), w, mine, failed));
+            jobs.push((r, job));
         }
         Ok((outcome, jobs))
     }

@@ -405,6 +405,9 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     ));
     // The running ARM work, one job per VMSS/VM at most.
     let mut jobs: tokio::task::JoinSet<apply::JobDone> = tokio::task::JoinSet::new();
+    // Each running job's resource, so that one that panics frees it.
+    let mut job_resources: std::collections::BTreeMap<tokio::task::Id, cloud::ResourceRef> =
+        std::collections::BTreeMap::new();
     // When a job asked for its resource to be tried again.
     let mut job_retry_at: Option<Instant> = None;
     let mut leading_rx = leading.clone();
@@ -457,8 +460,9 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     .observe(start.elapsed().as_secs_f64());
                 match result {
                     Some(Ok((outcome, started))) => {
-                        for job in started {
-                            jobs.spawn(job);
+                        for (resource, job) in started {
+                            let handle = jobs.spawn(job);
+                            job_resources.insert(handle.id(), resource);
                         }
                         retry_at = match (outcome.retry_at, linger_wake) {
                             (Some(a), Some(b)) => Some(a.min(b)),
@@ -477,9 +481,9 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         };
         tokio::select! {
             _ = shutdown.signaled() => break,
-            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
-                // Aborted or panicked jobs leave nothing to handle.
-                if let Ok(done) = done {
+            Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => match joined {
+                Ok((id, done)) => {
+                    job_resources.remove(&id);
                     match done.result {
                         Ok(Some(at)) => {
                             job_retry_at = Some(job_retry_at.map_or(at, |t| t.min(at)));
@@ -489,7 +493,17 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     }
                     dirty |= done.replan;
                 }
-            }
+                // Only a panic ends a job this way here (aborts happen below,
+                // with the set emptied at once): its resource is free again
+                // and planned anew.
+                Err(error) => {
+                    if let Some(resource) = job_resources.remove(&error.id()) {
+                        tracing::error!(%resource, %error, "resource work ended abnormally");
+                        executor.job_lost(&resource);
+                        dirty = true;
+                    }
+                }
+            },
             r = &mut election => {
                 health.set_active(false);
                 return match r {
@@ -510,6 +524,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                 if !*leading_rx.borrow() {
                     jobs.abort_all();
                     while jobs.join_next().await.is_some() {}
+                    job_resources.clear();
                     executor.clear_jobs();
                     job_retry_at = None;
                     executor.forget_ledger().await;
