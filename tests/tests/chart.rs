@@ -1571,3 +1571,40 @@ impl Drop for ClusterScoped {
         }
     }
 }
+
+/// `defaultTokenSource` reaches both binaries: with `federated` mic and nmi
+/// get `--default-token-source=federated` (parsed by their real parsers);
+/// by default neither gets the flag and both keep `imds`.
+#[test]
+fn the_default_token_source_reaches_mic_and_nmi() {
+    use aadpodid_api::TokenSource;
+    use clap::Parser as _;
+    let env: BTreeMap<&str, String> = [("NODE_NAME", "aks-nodepool1-0".to_string())].into();
+    for (set, want) in [
+        (None, TokenSource::Imds),
+        (Some("imds"), TokenSource::Imds),
+        (Some("federated"), TokenSource::Federated),
+    ] {
+        let mut r = Render::new("aad-pod-identity", "kube-system");
+        if let Some(v) = set {
+            r = r.set("defaultTokenSource", v);
+        }
+        let docs = render(r);
+        let mic = get(&docs, "Deployment", "aad-pod-identity-mic");
+        let nmi = get(&docs, "DaemonSet", "aad-pod-identity-nmi");
+        let mic_args = helm::container_args(&mic);
+        let nmi_args = expand(&helm::container_args(&nmi), &env);
+        let flagged = want == TokenSource::Federated;
+        for (who, args) in [("mic", &mic_args), ("nmi", &nmi_args)] {
+            let has = args.iter().any(|a| a.starts_with("--default-token-source"));
+            assert_eq!(has, flagged, "{set:?}: {who} {args:?}");
+        }
+        let parsed_mic =
+            mic::args::Args::try_parse_from(std::iter::once("mic".to_string()).chain(mic_args))
+                .unwrap_or_else(|e| panic!("{set:?}: mic: {e}"));
+        assert_eq!(parsed_mic.default_token_source, want, "{set:?}: mic");
+        let parsed_nmi =
+            nmi::Args::try_from_args(nmi_args).unwrap_or_else(|e| panic!("{set:?}: nmi: {e}"));
+        assert_eq!(parsed_nmi.default_token_source, want, "{set:?}: nmi");
+    }
+}

@@ -666,6 +666,13 @@ impl<C: Cloud> Executor<C> {
                             .map(|o| events::reference(o.as_ref())),
                     )
                 }
+                Warning::UnknownTokenSource { identity, error } => (
+                    format!("{error}; no pod is given this identity until it is fixed"),
+                    index
+                        .identities
+                        .get(identity)
+                        .map(|o| events::reference(o.as_ref())),
+                ),
             };
             let reason = match w {
                 Warning::IdentityNotGranted { .. } => events::REASON_IDENTITY_NOT_GRANTED,

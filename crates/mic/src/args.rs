@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use aadpodid_api::TokenSource;
 use aadpodid_api::policy::PolicyMode;
 use clap::Parser;
 
@@ -179,6 +180,14 @@ pub struct Args {
     #[arg(long = "identity-removal-linger", value_parser = parse_go_duration, default_value = "0s")]
     pub identity_removal_linger: Duration,
 
+    /// Beyond upstream: the token source of AzureIdentities without the
+    /// annotation `aadpodidentity.k8s.io/token-source`: `imds` (upstream's
+    /// way: MIC assigns the identity to the node's VMSS/VM) or `federated`
+    /// (nothing is written to ARM; NMI exchanges the pod's ServiceAccount
+    /// token at Entra ID). NMI must be given the same value.
+    #[arg(long = "default-token-source", value_parser = parse_token_source, default_value = "imds")]
+    pub default_token_source: TokenSource,
+
     // klog flags the chart and manifests pass; logs always go to stderr here.
     // klog's default for `--logtostderr` is true.
     #[arg(long, default_value = "true")]
@@ -269,6 +278,12 @@ pub fn parse_api_version(s: &str) -> Result<String, String> {
             "invalid api-version {s:?}: use YYYY-MM-DD or YYYY-MM-DD-preview"
         ))
     }
+}
+
+/// `imds` or `federated`, exactly.
+pub fn parse_token_source(s: &str) -> Result<TokenSource, String> {
+    TokenSource::parse(s)
+        .map_err(|_| format!("invalid token source {s:?}: use \"imds\" or \"federated\""))
 }
 
 /// `off`, `warn` or `enforce`.
@@ -374,6 +389,31 @@ mod tests {
         assert_eq!(a.identity_policy, PolicyMode::Off);
         assert!(!a.serve_cluster_identities);
         assert_eq!(a.owned_identities_configmap, "aad-pod-identity-mic-owned");
+        assert_eq!(a.default_token_source, TokenSource::Imds);
+    }
+
+    #[test]
+    fn the_default_token_source_flag() {
+        for (args, want) in [
+            (
+                &["--default-token-source=federated"][..],
+                TokenSource::Federated,
+            ),
+            (
+                &["-default-token-source", "federated"][..],
+                TokenSource::Federated,
+            ),
+            (&["--default-token-source", "imds"][..], TokenSource::Imds),
+        ] {
+            assert_eq!(parse(args).default_token_source, want, "{args:?}");
+        }
+        for bad in ["Federated", "", "workload-identity"] {
+            let e = try_parse(&[&format!("--default-token-source={bad}")]).unwrap_err();
+            assert!(
+                e.to_string().contains("use \"imds\" or \"federated\""),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -185,6 +185,7 @@ impl Settings {
             arm_subscription_write_burst,
             arm_subscription_writes_per_minute,
             identity_removal_linger,
+            default_token_source,
             identity_policy,
             serve_cluster_identities,
             owned_identities_configmap,
@@ -235,6 +236,7 @@ impl Settings {
                 immutable_client_ids: immutable.clone(),
                 keep_completed_pod_identities: *keep_completed_pod_identities,
                 policy: *identity_policy,
+                default_token_source: *default_token_source,
             },
             leader: LeaderConfig {
                 namespace: leader_election_namespace.clone(),

@@ -34,15 +34,9 @@ pub struct Options {
     /// `--identity-policy`: whether a type-0 identity must be granted to its
     /// namespace (Namespace annotation `aadpodidentity.k8s.io/allowed-identities`).
     pub policy: PolicyMode,
-}
-
-impl Options {
-    /// The token source of identities without the token-source annotation.
-    /// `imds` (upstream's way) until MIC's `--default-token-source` flag
-    /// reaches the plan.
-    pub fn default_token_source(&self) -> TokenSource {
-        TokenSource::Imds
-    }
+    /// `--default-token-source`: the token source of identities without the
+    /// token-source annotation.
+    pub default_token_source: TokenSource,
 }
 
 /// Something wrong with the user's objects; reported, never fatal.
@@ -67,6 +61,13 @@ pub enum Warning {
         namespace: String,
         resource_id: String,
         enforced: bool,
+    },
+    /// The identity's token-source annotation names no source: no pod is
+    /// given it (no AAI, no ARM write) until it is fixed, and the AAIs it
+    /// had are retired.
+    UnknownTokenSource {
+        identity: Key,
+        error: UnknownTokenSource,
     },
 }
 
@@ -99,10 +100,6 @@ pub struct Plan {
     /// Per-VMSS/VM deltas and the AAIs waiting on them.
     pub resources: BTreeMap<ResourceRef, ResourceWork>,
     pub warnings: Vec<Warning>,
-    /// Identities whose token-source annotation names no source, with the
-    /// error: no pod is given them (no AAI, no ARM write) until it is fixed,
-    /// and the AAIs they had are retired.
-    pub unknown_token_sources: Vec<(Key, UnknownTokenSource)>,
 }
 
 impl Plan {
@@ -298,19 +295,11 @@ impl Desired<'_> {
     }
 }
 
-/// What [`desired_set`] reports besides the desired AAIs.
-#[derive(Default)]
-struct Reports {
-    warnings: Vec<Warning>,
-    unknown_token_sources: Vec<(Key, UnknownTokenSource)>,
-}
-
 fn desired_set<'a>(
     index: &'a Index,
     opts: &Options,
-    reports: &mut Reports,
+    warnings: &mut Vec<Warning>,
 ) -> BTreeMap<Key, Desired<'a>> {
-    let warnings = &mut reports.warnings;
     let mut by_selector: BTreeMap<&str, Vec<(&Key, &Arc<AzureIdentityBinding>)>> = BTreeMap::new();
     // BTreeMap order = sorted by (namespace, name), as upstream sorts matches.
     for (k, b) in &index.bindings {
@@ -351,11 +340,14 @@ fn desired_set<'a>(
             };
             // A value naming no source: the identity is used by nobody,
             // never by the default source in its place.
-            let source = match token_source(identity, opts.default_token_source()) {
+            let source = match token_source(identity, opts.default_token_source) {
                 Ok(source) => source,
-                Err(e) => {
+                Err(error) => {
                     if reported.insert(ikey.clone()) {
-                        reports.unknown_token_sources.push((ikey.clone(), e));
+                        warnings.push(Warning::UnknownTokenSource {
+                            identity: ikey.clone(),
+                            error,
+                        });
                     }
                     continue;
                 }
@@ -551,13 +543,8 @@ pub fn assigned_client_id(aai: &AssignedInfo) -> String {
 
 /// Computes the cycle's work. Pure.
 pub fn plan(index: &Index, opts: &Options) -> Plan {
-    let mut reports = Reports::default();
-    let desired = desired_set(index, opts, &mut reports);
-    let mut p = Plan {
-        warnings: reports.warnings,
-        unknown_token_sources: reports.unknown_token_sources,
-        ..Plan::default()
-    };
+    let mut p = Plan::default();
+    let desired = desired_set(index, opts, &mut p.warnings);
 
     // Identities in use per resource: nothing desired there may lose them
     // (compares namespace and name of the pod, unlike upstream:
@@ -644,7 +631,7 @@ pub fn expected_assignments(
     index: &Index,
     opts: &Options,
 ) -> BTreeMap<ResourceRef, BTreeSet<String>> {
-    let desired = desired_set(index, opts, &mut Reports::default());
+    let desired = desired_set(index, opts, &mut Vec::new());
     let mut out: BTreeMap<ResourceRef, BTreeSet<String>> = BTreeMap::new();
     for (key, aai) in &index.assigned {
         if aai.metadata.deletion_timestamp.is_some()

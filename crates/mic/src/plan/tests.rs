@@ -1254,7 +1254,7 @@ fn assigned_aais_are_listed_per_resource_for_the_drift_check() {
 #[test]
 fn a_desired_aai_matches_by_reference_as_the_object_it_builds() {
     let (ix, _, _) = web_with_uids(mk_uami("ns", "id"), "uid-i", "uid-b");
-    let desired = desired_set(&ix, &Options::default(), &mut Reports::default());
+    let desired = desired_set(&ix, &Options::default(), &mut Vec::new());
     let k = key("default", "web-ns-id");
     let d = &desired[&k];
     let built = d.planned(&k, None).aai().spec;

@@ -65,7 +65,7 @@ fn a_federated_identity_is_assigned_at_once_and_never_on_a_node() {
     let mut expected = plain.clone();
     expected.insert(ANNOTATION_TOKEN_SOURCE.into(), "federated".into());
     assert_eq!(written.metadata.annotations, Some(expected));
-    assert!(p.unknown_token_sources.is_empty() && p.warnings.is_empty());
+    assert!(p.warnings.is_empty());
 
     settle(&mut ix, &opts);
     assert_eq!(recorded(&ix, "web-ns-id"), TokenSource::Federated);
@@ -199,11 +199,13 @@ fn a_value_naming_no_source_gives_the_identity_to_nobody() {
         let p = plan(&ix, &Options::default());
         assert!(p.is_empty(), "{value:?}: {p:?}");
         assert_eq!(
-            p.unknown_token_sources,
-            vec![(key("ns", "id"), UnknownTokenSource(value.to_string()))],
+            p.warnings,
+            vec![Warning::UnknownTokenSource {
+                identity: key("ns", "id"),
+                error: UnknownTokenSource(value.to_string()),
+            }],
             "{value:?}"
         );
-        assert!(p.warnings.is_empty(), "{value:?}");
         assert!(expected_assignments(&ix, &Options::default()).is_empty());
     }
 
@@ -216,7 +218,11 @@ fn a_value_naming_no_source_gives_the_identity_to_nobody() {
     let p = plan(&ix, &Options::default());
     assert!(p.create.is_empty() && p.update.is_empty() && p.assign_now.is_empty());
     assert_removes(&p, "web-ns-id", "id");
-    assert_eq!(p.unknown_token_sources.len(), 1);
+    assert!(
+        matches!(&p.warnings[..], [Warning::UnknownTokenSource { .. }]),
+        "{:?}",
+        p.warnings
+    );
 }
 
 #[test]
@@ -285,4 +291,53 @@ fn a_written_federated_aai_is_kept_as_the_index_would_keep_it() {
     let kept = planned.kept(Some("u".into()), Some("7".into()));
     assert_eq!(kept, AssignedInfo::new(&written, &ix));
     assert_eq!(recorded_token_source(&kept), TokenSource::Federated);
+}
+
+/// `--default-token-source=federated`: identities without the annotation are
+/// federated, `imds` on one keeps it on the nodes; AAIs written while the
+/// default was `imds` (no annotation) are rewritten and their identities
+/// taken off, and turning the default back assigns them again.
+#[test]
+fn the_default_source_is_the_flags_and_a_changed_default_moves_identities() {
+    let federated = Options {
+        default_token_source: TokenSource::Federated,
+        ..Default::default()
+    };
+    let imds = Options::default();
+    let mut ix = bound_with_source(None);
+    ix.apply_identity(&with_source(mk_uami("ns", "pinned"), Some("imds")));
+    ix.apply_binding(&mk_binding("ns", "b-pinned", "pinned", "sel"));
+    add_web(&mut ix);
+
+    let p = plan(&ix, &federated);
+    assert_eq!(p.assign_now, vec![key("default", "web-ns-id")]);
+    assert_eq!(p.resources[&vmss("vmss-a")].add, [lrid("pinned")].into());
+
+    // Settled under imds, then the default turns federated.
+    let mut ix2 = ix.clone();
+    settle(&mut ix2, &imds);
+    assert_eq!(recorded(&ix2, "web-ns-id"), TokenSource::Imds);
+    let p = plan(&ix2, &federated);
+    assert_eq!(
+        p.update
+            .iter()
+            .map(|u| u.key.1.as_str())
+            .collect::<Vec<_>>(),
+        ["web-ns-id"]
+    );
+    assert_eq!(p.assign_now, vec![key("default", "web-ns-id")]);
+    let w = &p.resources[&vmss("vmss-a")];
+    assert_eq!(w.remove, [lrid("id")].into());
+    assert!(w.add.is_empty());
+    settle(&mut ix2, &federated);
+    assert_eq!(recorded(&ix2, "web-ns-id"), TokenSource::Federated);
+    assert_eq!(recorded(&ix2, "web-ns-pinned"), TokenSource::Imds);
+    assert!(plan(&ix2, &federated).is_empty());
+
+    // And back.
+    let p = plan(&ix2, &imds);
+    assert_eq!(p.resources[&vmss("vmss-a")].add, [lrid("id")].into());
+    assert!(p.assign_now.is_empty());
+    settle(&mut ix2, &imds);
+    assert!(plan(&ix2, &imds).is_empty());
 }
