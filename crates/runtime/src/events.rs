@@ -7,14 +7,22 @@
 //! [`EventPublisher::with_min_interval`] (30 s by default). kube's recorder
 //! already folds repeats into one Event with a growing series count; this
 //! bound is in front of that, on the number of API calls.
+//!
+//! Publications go through one bounded queue per publisher, drained by one
+//! task that has at most [`MAX_IN_FLIGHT`] API calls open at a time: a burst
+//! of Events (thousands of pods appearing at once) costs a fixed amount of
+//! memory and tasks, and what does not fit in the queue is dropped and
+//! counted ([`EventPublisher::dropped`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// How important an Event is (`kubectl describe` shows it as `Type`).
@@ -32,6 +40,10 @@ const MAX_REASON: usize = 128;
 const MAX_NOTE: usize = 1024;
 /// Default minimum time between two publications of the same (object, reason).
 const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(30);
+/// Events waiting to be sent, per publisher; beyond it new ones are dropped.
+pub const QUEUE_CAPACITY: usize = 256;
+/// Most Event API calls open at once, per publisher.
+pub const MAX_IN_FLIGHT: usize = 4;
 /// Most (object, reason) pairs remembered for throttling; beyond it the
 /// oldest entries go first.
 const MAX_REMEMBERED: usize = 4096;
@@ -117,6 +129,29 @@ fn truncate(s: &str, max: usize) -> &str {
 pub struct EventPublisher {
     recorder: Option<Recorder>,
     throttle: Arc<Mutex<Throttle>>,
+    /// The queue to the sending task, made on the first publication (so
+    /// that a publisher can be built outside a Tokio runtime).
+    queue: Arc<OnceLock<mpsc::Sender<(Event, ObjectReference)>>>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Sends the queued Events, at most [`MAX_IN_FLIGHT`] at a time, until every
+/// sender is gone.
+async fn send_queued(recorder: Recorder, mut queue: mpsc::Receiver<(Event, ObjectReference)>) {
+    let mut open = tokio::task::JoinSet::new();
+    while let Some((event, regarding)) = queue.recv().await {
+        while open.len() >= MAX_IN_FLIGHT {
+            open.join_next().await;
+        }
+        let recorder = recorder.clone();
+        open.spawn(async move {
+            if let Err(error) = recorder.publish(&event, &regarding).await {
+                tracing::debug!(%error, reason = %event.reason, "publishing an event");
+            }
+        });
+        while open.try_join_next().is_some() {}
+    }
+    while open.join_next().await.is_some() {}
 }
 
 impl std::fmt::Debug for EventPublisher {
@@ -140,6 +175,8 @@ impl EventPublisher {
         EventPublisher {
             recorder: Some(Recorder::new(client, reporter)),
             throttle: Arc::new(Mutex::new(Throttle::new(DEFAULT_MIN_INTERVAL))),
+            queue: Arc::new(OnceLock::new()),
+            dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -148,7 +185,14 @@ impl EventPublisher {
         EventPublisher {
             recorder: None,
             throttle: Arc::new(Mutex::new(Throttle::new(DEFAULT_MIN_INTERVAL))),
+            queue: Arc::new(OnceLock::new()),
+            dropped: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How many Events were dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// The same publisher with another minimum interval between two Events
@@ -159,9 +203,10 @@ impl EventPublisher {
     }
 
     /// Publishes in the background (needs a Tokio runtime). Returns whether
-    /// the Event was sent on its way: `false` when the throttle held it back
-    /// or the publisher is disabled. `reason` and `note` are cut to the
-    /// lengths the API accepts.
+    /// the Event was queued: `false` when the throttle held it back, the
+    /// queue was full (counted in [`EventPublisher::dropped`]) or the
+    /// publisher is disabled. `reason` and `note` are cut to the lengths the
+    /// API accepts.
     pub fn publish(
         &self,
         severity: Severity,
@@ -193,12 +238,26 @@ impl EventPublisher {
             action: truncate(action, MAX_REASON).to_string(),
             secondary: None,
         };
-        tokio::spawn(async move {
-            if let Err(error) = recorder.publish(&event, &regarding).await {
-                tracing::debug!(%error, reason = %event.reason, "publishing an event");
-            }
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+            tokio::spawn(send_queued(recorder, rx));
+            tx
         });
-        true
+        match queue.try_send((event, regarding)) {
+            Ok(()) => true,
+            Err(error) => {
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // The first drop and every thousandth after it are logged.
+                if dropped % 1000 == 1 {
+                    tracing::warn!(
+                        reason,
+                        dropped,
+                        "Event queue full or closed: Event dropped ({error})"
+                    );
+                }
+                false
+            }
+        }
     }
 }
 
@@ -211,6 +270,50 @@ pub fn reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An apiserver that accepts connections and never answers: every
+    /// Event call stays open, so the queue fills and the rest is dropped.
+    /// Memory and tasks stay bounded: at most the queue and the calls in
+    /// flight are held, whatever the burst.
+    #[tokio::test]
+    async fn a_burst_beyond_the_queue_is_dropped_and_counted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: http::Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let client = Client::try_from(kube::Config::new(url)).unwrap();
+        let publisher = EventPublisher::new(client, "test", None).with_min_interval(Duration::ZERO);
+        let burst = QUEUE_CAPACITY + MAX_IN_FLIGHT + 100;
+        let mut queued = 0;
+        for i in 0..burst {
+            if publisher.publish(
+                Severity::Warning,
+                "Burst",
+                "Test",
+                "note",
+                r(Some(&format!("u{i}")), "a"),
+            ) {
+                queued += 1;
+            }
+            // Let the sending task take what it can.
+            tokio::task::yield_now().await;
+        }
+        let dropped = publisher.dropped() as usize;
+        assert_eq!(queued + dropped, burst);
+        assert!(
+            queued <= QUEUE_CAPACITY + MAX_IN_FLIGHT + 1,
+            "queued {queued} of {burst}"
+        );
+        assert!(dropped >= 99, "dropped {dropped} of {burst}");
+        drop(listener);
+    }
+
+    #[test]
+    fn a_disabled_publisher_queues_nothing() {
+        let publisher = EventPublisher::disabled();
+        assert!(!publisher.publish(Severity::Normal, "R", "A", "n", r(None, "a")));
+        assert_eq!(publisher.dropped(), 0);
+    }
 
     fn r(uid: Option<&str>, name: &str) -> ObjectReference {
         ObjectReference {
