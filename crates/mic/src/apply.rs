@@ -589,6 +589,13 @@ impl<C: Cloud> Executor<C> {
     /// Logs and reports each plan warning once.
     pub fn report_warnings(&self, warnings: &[Warning], index: &Index) {
         let mut reported = lock(&self.reported);
+        let identity_ref = |k: &Key| {
+            index
+                .identities
+                .get(k)
+                .map(|o| events::reference(o.as_ref()))
+        };
+        let binding_ref = |k: &Key| index.bindings.get(k).map(|o| events::reference(o.as_ref()));
         for w in warnings {
             if !reported.insert(format!("{w:?}")) {
                 continue;
@@ -597,47 +604,32 @@ impl<C: Cloud> Executor<C> {
             let (note, reference) = match w {
                 Warning::IdentityNotFound { binding, identity } => (
                     format!("identity {}/{} not found", identity.0, identity.1),
-                    index
-                        .bindings
-                        .get(binding)
-                        .map(|o| events::reference(o.as_ref())),
+                    binding_ref(binding),
                 ),
                 Warning::InvalidResourceId {
                     identity,
                     resource_id,
                 } => (
                     format!("invalid resource id {resource_id:?}"),
-                    index
-                        .identities
-                        .get(identity)
-                        .map(|o| events::reference(o.as_ref())),
+                    identity_ref(identity),
                 ),
                 Warning::UnknownIdentityType { identity, value } => (
                     format!("unsupported identity type {value}"),
-                    index
-                        .identities
-                        .get(identity)
-                        .map(|o| events::reference(o.as_ref())),
+                    identity_ref(identity),
                 ),
                 Warning::DuplicateAssignedIdentity { name, binding } => (
                     format!(
                         "AzureAssignedIdentity {}/{} already made from another binding",
                         name.0, name.1
                     ),
-                    index
-                        .bindings
-                        .get(binding)
-                        .map(|o| events::reference(o.as_ref())),
+                    binding_ref(binding),
                 ),
                 Warning::NamespaceMismatch { binding, pod } => (
                     format!(
                         "namespaced identity cannot be used by pod {}/{}",
                         pod.0, pod.1
                     ),
-                    index
-                        .bindings
-                        .get(binding)
-                        .map(|o| events::reference(o.as_ref())),
+                    binding_ref(binding),
                 ),
                 Warning::IdentityNotGranted {
                     identity,
@@ -660,18 +652,12 @@ impl<C: Cloud> Executor<C> {
                                 "assigned anyway (identity policy: warn)"
                             }
                         ),
-                        index
-                            .identities
-                            .get(identity)
-                            .map(|o| events::reference(o.as_ref())),
+                        identity_ref(identity),
                     )
                 }
                 Warning::UnknownTokenSource { identity, error } => (
                     format!("{error}; no pod is given this identity until it is fixed"),
-                    index
-                        .identities
-                        .get(identity)
-                        .map(|o| events::reference(o.as_ref())),
+                    identity_ref(identity),
                 ),
             };
             let reason = match w {
