@@ -224,7 +224,7 @@ impl EventPublisher {
         if !admitted {
             return false;
         }
-        let Some(recorder) = self.recorder.clone() else {
+        let Some(recorder) = self.recorder.as_ref() else {
             tracing::debug!(reason, note, "event (publisher disabled)");
             return false;
         };
@@ -240,7 +240,7 @@ impl EventPublisher {
         };
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-            tokio::spawn(send_queued(recorder, rx));
+            tokio::spawn(send_queued(recorder.clone(), rx));
             tx
         });
         match queue.try_send((event, regarding)) {
