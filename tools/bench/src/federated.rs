@@ -19,13 +19,13 @@ use aadpodid_api::{
     ANNOTATION_TOKEN_SOURCE, AzureIdentity, AzureIdentityBinding, AzureIdentitySpec,
     FEDERATED_TOKEN_AUDIENCE, TokenSource,
 };
-use aadpodid_testkit::world::{TENANT, id_client, id_name, id_resource};
+use aadpodid_testkit::world::{TENANT, id_client, id_name, id_resource, trust_cluster_issuer};
 use anyhow::{Context as _, bail};
 use azure_emulator::{Counters, FederatedCredentialSeed};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::report::{Figures, Metric};
 use crate::stats::Summary;
@@ -120,28 +120,7 @@ async fn trust_issuer(w: &World) -> anyhow::Result<String> {
         .kit
         .shared_cluster()
         .context("the bench runs on the shared cluster")?;
-    let mut docs = Vec::new();
-    for path in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
-        let out =
-            tokio::task::spawn_blocking(move || cluster.kubectl_run(&["get", "--raw", path], None))
-                .await??;
-        if !out.success {
-            bail!("kubectl get --raw {path}: {}", out.stderr);
-        }
-        docs.push(serde_json::from_str::<Value>(&out.stdout).context(path)?);
-    }
-    let issuer = docs[0]["issuer"]
-        .as_str()
-        .context("no issuer in the discovery document")?
-        .to_string();
-    let keys = w
-        .emu()?
-        .set_issuer_jwks(&issuer, &docs[1])
-        .map_err(|e| anyhow::anyhow!("the cluster's keys: {e:?}"))?;
-    if keys == 0 {
-        bail!("the cluster publishes no ServiceAccount keys");
-    }
-    Ok(issuer)
+    Ok(trust_cluster_issuer(cluster, w.emu()?).await?.issuer)
 }
 
 /// AzureIdentity [`IDENTITY`] in `ns` for the emulator's identity `j`,

@@ -13,13 +13,14 @@ use aadpodid_api::{
     AzureIdentitySpec, FEDERATED_TOKEN_AUDIENCE,
 };
 use anyhow::{Context as _, bail};
-use azure_emulator::FederatedCredentialSeed;
+use azure_emulator::{Emulator, FederatedCredentialSeed};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
 use super::pods::{app_pod, create_identity_and_binding};
 use super::{PodRef, World, id_client, id_name, id_resource};
+use crate::Cluster;
 
 /// The cluster's ServiceAccount issuer as Entra ID sees it.
 #[derive(Clone, Debug)]
@@ -28,37 +29,48 @@ pub struct ClusterIssuer {
     pub issuer: String,
     /// The keys served at `/openid/v1/jwks`.
     pub jwks: Value,
+    /// How many of them the emulator took.
+    pub keys: usize,
+}
+
+/// Makes the emulator's Entra ID trust `cluster`'s ServiceAccount issuer:
+/// reads the apiserver's `/.well-known/openid-configuration` and
+/// `/openid/v1/jwks` (what Entra fetches from a cluster's OIDC issuer URL;
+/// here `kubectl get --raw`, as an administrator) and gives the keys to
+/// `emu` for that issuer. Needs a multi-threaded Tokio runtime (kubectl runs
+/// in place).
+pub async fn trust_cluster_issuer(
+    cluster: &Cluster,
+    emu: &Emulator,
+) -> anyhow::Result<ClusterIssuer> {
+    let get = |path: &'static str| {
+        let out =
+            tokio::task::block_in_place(|| cluster.kubectl_run(&["get", "--raw", path], None))?;
+        if !out.success {
+            bail!("kubectl get --raw {path}: {}", out.stderr);
+        }
+        serde_json::from_str::<Value>(&out.stdout)
+            .with_context(|| format!("{path}: {}", out.stdout))
+    };
+    let discovery = get("/.well-known/openid-configuration")?;
+    let issuer = discovery["issuer"]
+        .as_str()
+        .with_context(|| format!("no issuer in {discovery}"))?
+        .to_string();
+    let jwks = get("/openid/v1/jwks")?;
+    let keys = emu
+        .set_issuer_jwks(&issuer, &jwks)
+        .map_err(|e| anyhow::anyhow!("the cluster's JWKS: {e:?}"))?;
+    if keys == 0 {
+        bail!("the cluster publishes no keys: {jwks}");
+    }
+    Ok(ClusterIssuer { issuer, jwks, keys })
 }
 
 impl World {
-    /// Makes the emulator's Entra ID trust the cluster's ServiceAccount
-    /// issuer: reads the apiserver's `/.well-known/openid-configuration`
-    /// and `/openid/v1/jwks` (what Entra fetches from a cluster's OIDC
-    /// issuer URL; here `kubectl get --raw`, as an administrator) and gives
-    /// the keys to the emulator for that issuer.
+    /// [`trust_cluster_issuer`] for the world's cluster and emulator.
     pub async fn trust_cluster_issuer(&self) -> anyhow::Result<ClusterIssuer> {
-        let get = |path: &'static str| async move {
-            let out = self.kubectl_as(None, &["get", "--raw", path], None).await?;
-            if !out.success {
-                bail!("kubectl get --raw {path}: {}", out.stderr);
-            }
-            serde_json::from_str::<Value>(&out.stdout)
-                .with_context(|| format!("{path}: {}", out.stdout))
-        };
-        let discovery = get("/.well-known/openid-configuration").await?;
-        let issuer = discovery["issuer"]
-            .as_str()
-            .with_context(|| format!("no issuer in {discovery}"))?
-            .to_string();
-        let jwks = get("/openid/v1/jwks").await?;
-        let n = self
-            .emu
-            .set_issuer_jwks(&issuer, &jwks)
-            .map_err(|e| anyhow::anyhow!("the cluster's JWKS: {e:?}"))?;
-        if n == 0 {
-            bail!("the cluster publishes no keys: {jwks}");
-        }
-        Ok(ClusterIssuer { issuer, jwks })
+        trust_cluster_issuer(&self.cluster, &self.emu).await
     }
 
     /// Creates AzureIdentity `ns/name` for the emulator's identity `j` (its

@@ -107,7 +107,7 @@ use serde_json::Value;
 
 pub use azure::tenant_of;
 pub use builder::{ArgsSource, ClusterChoice, NodeSpec, WorldBuilder, WorldCluster};
-pub use federated::ClusterIssuer;
+pub use federated::{ClusterIssuer, trust_cluster_issuer};
 pub use nodes::{MicReplica, WorldNode, socket_of};
 pub use options::{Dialect, Options, Program};
 pub use pods::{PodRef, create_identity, create_pod, create_pod_at};

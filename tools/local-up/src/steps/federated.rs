@@ -8,7 +8,7 @@
 //! a token of the pod's ServiceAccount, bound to the pod, at Entra ID.
 
 use aadpodid_api::{ANNOTATION_TOKEN_SOURCE, FEDERATED_TOKEN_AUDIENCE, TokenSource};
-use aadpodid_testkit::world::WorldNode;
+use aadpodid_testkit::world::{ClusterIssuer, WorldNode, trust_cluster_issuer};
 use aadpodid_testkit::{Cluster, TENANT};
 use anyhow::{Context as _, bail};
 use azure_emulator::{Emulator, FederatedCredentialSeed};
@@ -30,37 +30,12 @@ pub struct Federated {
     pub issuer: String,
 }
 
-/// `kubectl get --raw PATH` as JSON.
-async fn get_raw(
-    cluster: &'static Cluster,
-    path: &'static str,
-) -> anyhow::Result<serde_json::Value> {
-    let out =
-        tokio::task::spawn_blocking(move || cluster.kubectl_run(&["get", "--raw", path], None))
-            .await??;
-    if !out.success {
-        bail!("kubectl get --raw {path}: {}", out.stderr);
-    }
-    serde_json::from_str(&out.stdout).with_context(|| format!("{path} is not JSON: {}", out.stdout))
-}
-
 /// Makes the emulated Entra ID trust the cluster's ServiceAccount issuer and
 /// gives the federated identity a credential for
 /// `system:serviceaccount:FED_NAMESPACE:FED_SERVICE_ACCOUNT`; returns the
 /// issuer and the number of keys.
 async fn trust(cluster: &'static Cluster, emu: &Emulator) -> anyhow::Result<(String, usize)> {
-    let discovery = get_raw(cluster, "/.well-known/openid-configuration").await?;
-    let issuer = discovery["issuer"]
-        .as_str()
-        .with_context(|| format!("the discovery document names no issuer: {discovery}"))?
-        .to_string();
-    let keys = get_raw(cluster, "/openid/v1/jwks").await?;
-    let n = emu
-        .set_issuer_jwks(&issuer, &keys)
-        .map_err(|e| anyhow::anyhow!("the cluster's JWKS: {e:?}"))?;
-    if n == 0 {
-        bail!("the cluster publishes no ServiceAccount keys: {keys}");
-    }
+    let ClusterIssuer { issuer, keys, .. } = trust_cluster_issuer(cluster, emu).await?;
     let credential = FederatedCredentialSeed {
         issuer: issuer.clone(),
         subject: subject(),
@@ -69,7 +44,7 @@ async fn trust(cluster: &'static Cluster, emu: &Emulator) -> anyhow::Result<(Str
     if !emu.add_federated_credential(FEDERATED.name, credential) {
         bail!("the emulator has no identity {}", FEDERATED.name);
     }
-    Ok((issuer, n))
+    Ok((issuer, keys))
 }
 
 /// The federated credential's subject.
