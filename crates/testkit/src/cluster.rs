@@ -692,23 +692,34 @@ pub(crate) fn issue_certs(
 
 /// Removes state folders of test processes that no longer run.
 fn remove_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+    // `<pid>` (the shared cluster) or `<pid>-private-<n>` (a private one).
+    remove_dead_owners(&std::env::temp_dir(), DIR_PREFIX, |path, _| {
+        let _ = std::fs::remove_dir_all(path);
+    });
+}
+
+/// Calls `remove(path, name)` for each entry of `dir` whose name is
+/// `<prefix><pid>` or `<prefix><pid>-<anything>` and whose process `<pid>`
+/// no longer runs: what a test process that died left behind (its state
+/// folders, network namespaces, nodes).
+pub(crate) fn remove_dead_owners(dir: &Path, prefix: &str, mut remove: impl FnMut(&Path, &str)) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        // `<pid>` (the shared cluster) or `<pid>-private-<n>` (a private one).
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(DIR_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-        else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dead = owner_pid(&name, prefix)
+            .is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists());
+        if dead {
+            remove(&entry.path(), &name);
         }
     }
+}
+
+/// The process ID in `name` when it is `<prefix><pid>` or
+/// `<prefix><pid>-<anything>`.
+fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
+    name.strip_prefix(prefix)?.split('-').next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -728,5 +739,34 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn the_owner_pid_is_the_number_after_the_prefix() {
+        assert_eq!(owner_pid("aadpodid-12", "aadpodid-"), Some(12));
+        assert_eq!(owner_pid("aadpodid-12-3-node", "aadpodid-"), Some(12));
+        assert_eq!(owner_pid("aadpodid-realnode-12-3", "aadpodid-"), None);
+        assert_eq!(owner_pid("other-12", "aadpodid-"), None);
+        assert_eq!(owner_pid("aadpodid-", "aadpodid-"), None);
+    }
+
+    #[test]
+    fn only_what_a_dead_process_left_is_removed() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(unique_name("dead-owners"));
+        std::fs::create_dir_all(&dir)?;
+        // Above any pid_max Linux allows (2^22): no such process.
+        let dead = "t-4294967295-1";
+        let alive = format!("t-{}-1", std::process::id());
+        for name in [dead, alive.as_str(), "t-x-1", "u-4294967295"] {
+            std::fs::create_dir(dir.join(name))?;
+        }
+        let mut removed = Vec::new();
+        remove_dead_owners(&dir, "t-", |path, name| {
+            assert_eq!(path, dir.join(name));
+            removed.push(name.to_string());
+        });
+        std::fs::remove_dir_all(&dir)?;
+        assert_eq!(removed, [dead]);
+        Ok(())
     }
 }

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, bail};
 
+use crate::cluster::remove_dead_owners;
+
 pub use crate::relay::read_until_ready;
 
 const PREFIX: &str = "aadpodid-";
@@ -246,16 +248,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 /// Deletes test namespaces whose creating process no longer runs.
 fn remove_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = ip(&["netns", "del", &name]);
-        }
-    }
+    remove_dead_owners(Path::new("/run/netns"), PREFIX, |_, name| {
+        let _ = ip(&["netns", "del", name]);
+    });
 }
