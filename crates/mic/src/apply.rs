@@ -1148,11 +1148,14 @@ impl<C: Cloud> Executor<C> {
     }
 
     /// Drift check (upstream's periodic reconcile): re-add identities of
-    /// Assigned AAIs that are gone from their VMSS/VM. Adds only.
+    /// Assigned AAIs that are gone from their VMSS/VM. Adds only. `only`:
+    /// these resources alone (an event-driven check, [`crate::drift`]);
+    /// `None`: every resource.
     pub async fn reconcile_drift(
         &self,
         expected: &BTreeMap<ResourceRef, BTreeSet<String>>,
         index: &Index,
+        only: Option<&BTreeSet<ResourceRef>>,
     ) -> Result<Outcome, ApplyError> {
         let mut outcome = Outcome::default();
         // Assigned AAIs are checked again against ARM here: the ledger, the
@@ -1160,7 +1163,8 @@ impl<C: Cloud> Executor<C> {
         // since, and an AAI an earlier MIC (upstream's too) marked Assigned
         // was never checked at all.
         let assigned = crate::plan::assigned_by_resource(index);
-        if expected.is_empty() && assigned.is_empty() {
+        let wanted = |r: &ResourceRef| only.is_none_or(|o| o.contains(r));
+        if !expected.keys().chain(assigned.keys()).any(wanted) {
             return Ok(outcome);
         }
         let ledger = match self.ledger(index).await {
@@ -1173,7 +1177,11 @@ impl<C: Cloud> Executor<C> {
             }
         };
         let no_ids = BTreeSet::new();
-        let resources: BTreeSet<&ResourceRef> = expected.keys().chain(assigned.keys()).collect();
+        let resources: BTreeSet<&ResourceRef> = expected
+            .keys()
+            .chain(assigned.keys())
+            .filter(|r| wanted(r))
+            .collect();
         // A resource with a running job is settled by it; the next check
         // looks at it again.
         for r in resources.into_iter().filter(|r| !self.busy(r)) {

@@ -132,8 +132,12 @@ pub struct Args {
     #[arg(long = "owned-identities-configmap", default_value = crate::ledger::DEFAULT_CONFIGMAP)]
     pub owned_identities_configmap: String,
 
-    /// Period of the drift check that re-adds identities removed behind MIC's back.
-    #[arg(long = "identity-assignment-reconcile-interval", value_parser = parse_go_duration, default_value = "3m")]
+    /// Period of the drift check that re-adds identities removed behind MIC's
+    /// back: a safety net, 30m by default (upstream: 3m). Between two, MIC
+    /// checks a VMSS/VM only when a Node's boot or image changes or NMI
+    /// reports an identity missing on a node ([`crate::drift`]); an explicit
+    /// value is honoured.
+    #[arg(long = "identity-assignment-reconcile-interval", value_parser = parse_go_duration, default_value = "30m")]
     pub identity_assignment_reconcile_interval: Duration,
 
     /// `text` or `json`.
@@ -375,9 +379,10 @@ mod tests {
         assert!(a.enable_type_upgrade);
         assert_eq!(a.update_user_msi_max_retry, 2);
         assert_eq!(a.update_user_msi_retry_interval, Duration::from_secs(1));
+        // 30 minutes, not upstream's 3: a safety net beside event-driven checks.
         assert_eq!(
             a.identity_assignment_reconcile_interval,
-            Duration::from_secs(180)
+            Duration::from_secs(1800)
         );
         assert_eq!(a.log_format, "text");
         assert!(!a.keep_completed_pod_identities);

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod args;
 pub mod cloud;
+pub mod drift;
 pub mod events;
 pub mod guard;
 pub mod index;
@@ -378,6 +379,12 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
         shutdown.clone(),
         settings.plan.policy != aadpodid_api::PolicyMode::Off,
     );
+    watch::spawn_drift_events(
+        client.clone(),
+        &settings.executor.ledger_namespace,
+        shared.clone(),
+        &shutdown,
+    );
 
     let mut election = tokio::spawn(leader::run(
         client.clone(),
@@ -420,6 +427,9 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
     let mut retry_at: Option<Instant> = None;
     let mut dirty = true;
     let mut linger = schedule::Linger::new(settings.removal_linger);
+    // Event-driven drift checks of one resource each, at most one per
+    // resource per drift::MIN_GAP.
+    let mut gate = drift::Gate::new(drift::MIN_GAP);
     let origin = Instant::now();
     // When the last cycle started (since `origin`), and how long it took.
     let mut last_cycle: Option<(Duration, Duration)> = None;
@@ -481,6 +491,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or(next_full),
         };
+        let gate_wake = gate.next_at().map(|d| origin + d);
         tokio::select! {
             _ = shutdown.signaled() => break,
             Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => match joined {
@@ -529,7 +540,39 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     job_resources.clear();
                     executor.clear_jobs();
                     job_retry_at = None;
+                    gate.clear_pending();
                     executor.forget_ledger().await;
+                }
+            }
+            _ = shared.drift_wanted.notified() => {
+                let nodes = shared.take_drift_nodes();
+                // A replica that is not active yet checks every resource
+                // first when it becomes so.
+                if *leading.borrow() && shared.synced() {
+                    let index = shared.snapshot();
+                    let now = Instant::now() - origin;
+                    for node in &nodes {
+                        match index.nodes.get(node) {
+                            Some(info) => gate.request(info.resource.clone(), now),
+                            None => tracing::debug!(%node, "drift check asked for an unknown node"),
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(gate_wake.unwrap_or(next_full)), if gate_wake.is_some() => {
+                let due: BTreeSet<cloud::ResourceRef> =
+                    gate.due(Instant::now() - origin).into_iter().collect();
+                if *leading.borrow() && shared.synced() && !due.is_empty() {
+                    tracing::info!(resources = ?due, "event-driven drift check");
+                    let index = shared.snapshot();
+                    let expected = plan::expected_assignments(&index, &settings.plan);
+                    let mut lost = leading.clone();
+                    tokio::select! {
+                        r = executor.reconcile_drift(&expected, &index, Some(&due)) => if let Err(error) = r {
+                            tracing::warn!(%error, "drift check stopped");
+                        },
+                        _ = lost.wait_for(|l| !*l) => {}
+                    }
                 }
             }
             _ = tokio::time::sleep_until(wake_retry.min(next_full)) => {
@@ -553,7 +596,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     let expected = plan::expected_assignments(&index, &settings.plan);
                     let mut lost = leading.clone();
                     tokio::select! {
-                        r = executor.reconcile_drift(&expected, &index) => if let Err(error) = r {
+                        r = executor.reconcile_drift(&expected, &index, None) => if let Err(error) = r {
                             tracing::warn!(%error, "drift check stopped");
                         },
                         _ = lost.wait_for(|l| !*l) => {}

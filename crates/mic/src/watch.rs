@@ -3,21 +3,23 @@
 //! metric, and never stop a watch; one that turns bad is dropped from the
 //! index.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use aadpodid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, POD_LABEL_BINDING};
 use aadpodid_runtime::watch::{self as runtime_watch, Sink, Synced};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 use aadpodid_runtime::Shutdown;
 
+use crate::drift;
 use crate::events::{self, Events};
 use crate::index::{AssignedInfo, Index, Key};
 use crate::metrics::Metrics;
@@ -30,6 +32,13 @@ pub struct Shared {
     index: Mutex<Arc<Index>>,
     pub changed: Notify,
     synced: Synced,
+    /// Nodes whose resource a watch event asks a drift check of
+    /// ([`crate::drift`]), until the control loop takes them.
+    drift_nodes: Mutex<BTreeSet<String>>,
+    /// Wakes the control loop when `drift_nodes` gained one.
+    pub drift_wanted: Notify,
+    /// Each node's [`drift::node_mark`], to tell a reboot or reimage.
+    node_marks: Mutex<HashMap<String, u64>>,
 }
 
 impl Shared {
@@ -62,9 +71,69 @@ impl Shared {
         });
     }
 
+    /// Asks for a drift check of `node`'s resource.
+    fn want_drift(&self, node: String) {
+        tracing::debug!(%node, "drift check asked for");
+        lock(&self.drift_nodes).insert(node);
+        self.drift_wanted.notify_one();
+    }
+
+    /// The nodes asked for since the last call.
+    pub fn take_drift_nodes(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *lock(&self.drift_nodes))
+    }
+
     /// Runs `f` on the index, copying it first if a snapshot shares it.
     fn update<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
         f(Arc::make_mut(&mut self.lock()))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a watch saw, for [`Kind::observe`].
+enum Seen<'a, K> {
+    Listed(Vec<&'a K>),
+    Applied(&'a K),
+    Deleted(&'a Key),
+}
+
+/// For kinds that ask for no drift check.
+fn unobserved<K>(_: &Shared, _: Seen<'_, K>) {}
+
+/// Keeps each node's [`drift::node_mark`] and asks for a drift check of a
+/// node whose mark changed, also across a re-list (a change while the watch
+/// was down).
+fn observe_node(shared: &Shared, seen: Seen<'_, Node>) {
+    let mut marks = lock(&shared.node_marks);
+    let note = |marks: &mut HashMap<String, u64>, node: &Node| {
+        let name = node.name_any();
+        let mark = drift::node_mark(node);
+        if drift::node_changed(marks.get(&name).copied(), mark) {
+            shared.want_drift(name.clone());
+        }
+        match mark {
+            Some(m) => marks.insert(name, m),
+            None => marks.remove(&name),
+        };
+    };
+    match seen {
+        Seen::Listed(all) => {
+            let mut fresh = HashMap::with_capacity(all.len());
+            for node in all {
+                if let Some(m) = marks.remove(&node.name_any()) {
+                    fresh.insert(node.name_any(), m);
+                }
+                note(&mut fresh, node);
+            }
+            *marks = fresh;
+        }
+        Seen::Applied(node) => note(&mut marks, node),
+        Seen::Deleted(key) => {
+            marks.remove(&key.1);
+        }
     }
 }
 
@@ -76,6 +145,9 @@ struct Kind<K> {
     /// Drops what the index does not read, before an object is buffered
     /// (a first list is held whole until it is complete).
     trim: fn(&mut K),
+    /// Sees every object the watch delivers (nodes: event-driven drift
+    /// checks).
+    observe: fn(&Shared, Seen<'_, K>),
 }
 
 /// Keeps of a pod what [`crate::index::PodInfo`] reads: namespace, name,
@@ -178,6 +250,8 @@ where
     K: Resource<DynamicType = ()> + Clone,
 {
     fn reset(&mut self, all: Vec<DeserializeGuard<K>>) -> bool {
+        let parsed: Vec<&K> = all.iter().filter_map(|o| o.0.as_ref().ok()).collect();
+        (self.kind.observe)(&self.ctx.shared, Seen::Listed(parsed));
         self.ctx.shared.update(|ix| {
             (self.kind.clear)(ix);
             for obj in all {
@@ -188,13 +262,16 @@ where
     }
 
     fn apply(&mut self, obj: DeserializeGuard<K>) -> bool {
+        if let Ok(o) = &obj.0 {
+            (self.kind.observe)(&self.ctx.shared, Seen::Applied(o));
+        }
         self.ctx.shared.update(|ix| self.apply_to(ix, obj))
     }
 
     fn delete(&mut self, obj: DeserializeGuard<K>) -> bool {
-        self.ctx
-            .shared
-            .update(|ix| (self.kind.delete)(ix, &meta_key(&obj)))
+        let key = meta_key(&obj);
+        (self.kind.observe)(&self.ctx.shared, Seen::Deleted(&key));
+        self.ctx.shared.update(|ix| (self.kind.delete)(ix, &key))
     }
 
     fn changed(&mut self) {
@@ -257,6 +334,7 @@ pub fn spawn(
         delete: |ix, k| ix.pods.remove(k).is_some(),
         clear: |ix| ix.pods.clear(),
         trim: trim_pod,
+        observe: unobserved,
     };
     start(c, all().labels(POD_LABEL_BINDING), pods, &ctx, &shutdown);
     let nodes = Kind::<Node> {
@@ -264,6 +342,7 @@ pub fn spawn(
         delete: |ix, k| ix.nodes.remove(&k.1).is_some(),
         clear: |ix| ix.nodes.clear(),
         trim: keep,
+        observe: observe_node,
     };
     start(c, all(), nodes, &ctx, &shutdown);
     let identities = Kind::<AzureIdentity> {
@@ -271,6 +350,7 @@ pub fn spawn(
         delete: |ix, k| ix.delete_identity(k),
         clear: |ix| ix.identities.clear(),
         trim: keep,
+        observe: unobserved,
     };
     start(c, all(), identities, &ctx, &shutdown);
     let bindings = Kind::<AzureIdentityBinding> {
@@ -278,6 +358,7 @@ pub fn spawn(
         delete: |ix, k| ix.delete_binding(k),
         clear: |ix| ix.bindings.clear(),
         trim: keep,
+        observe: unobserved,
     };
     start(c, all(), bindings, &ctx, &shutdown);
     if watch_namespaces {
@@ -286,6 +367,7 @@ pub fn spawn(
             delete: |ix, k| ix.delete_namespace(&k.1),
             clear: |ix| ix.namespaces.clear(),
             trim: keep,
+            observe: unobserved,
         };
         start(c, all(), namespaces, &ctx, &shutdown);
     }
@@ -294,8 +376,113 @@ pub fn spawn(
         delete: |ix, k| ix.delete_assigned(k),
         clear: |ix| ix.clear_assigned(),
         trim: keep,
+        observe: unobserved,
     };
     start(c, all(), assigned, &ctx, &shutdown);
+}
+
+/// At most this many Events are remembered (by UID and resource version) to
+/// tell, after a re-list, which ones are new; over it the memory starts
+/// afresh (a repeated request is merged by [`drift::Gate`]).
+const MAX_REMEMBERED_EVENTS: usize = 4096;
+
+/// The Events asking for drift checks, in MIC's own namespace.
+struct DriftEvents {
+    shared: Arc<Shared>,
+    /// Resource version of each Event seen, by UID.
+    seen: HashMap<String, String>,
+    /// The first list is in: Events it held were published before this MIC
+    /// started, and MIC's first drift check covers them.
+    listed: bool,
+}
+
+impl DriftEvents {
+    /// Remembers `event`; whether it is new or changed since last seen.
+    fn remember(seen: &mut HashMap<String, String>, event: &Event) -> bool {
+        let uid = event.metadata.uid.clone().unwrap_or_default();
+        let version = event.metadata.resource_version.clone().unwrap_or_default();
+        if seen.len() >= MAX_REMEMBERED_EVENTS && !seen.contains_key(&uid) {
+            seen.clear();
+        }
+        seen.insert(uid, version.clone()) != Some(version)
+    }
+
+    fn ask(&self, event: &Event) {
+        if let Some(node) = drift::event_node(event) {
+            tracing::info!(%node, note = event.message.as_deref().unwrap_or_default(), "NMI reports an identity missing on a node; checking its resource");
+            self.shared.want_drift(node.to_string());
+        }
+    }
+}
+
+impl Sink<DeserializeGuard<Event>> for DriftEvents {
+    fn reset(&mut self, all: Vec<DeserializeGuard<Event>>) -> bool {
+        let mut fresh = HashMap::with_capacity(all.len());
+        for event in all.iter().filter_map(|e| e.0.as_ref().ok()) {
+            let uid = event.metadata.uid.clone().unwrap_or_default();
+            let new = self.seen.get(&uid) != event.metadata.resource_version.as_ref();
+            DriftEvents::remember(&mut fresh, event);
+            if self.listed && new {
+                self.ask(event);
+            }
+        }
+        self.seen = fresh;
+        self.listed = true;
+        false
+    }
+
+    fn apply(&mut self, obj: DeserializeGuard<Event>) -> bool {
+        if let Ok(event) = &obj.0
+            && DriftEvents::remember(&mut self.seen, event)
+        {
+            self.ask(event);
+        }
+        false
+    }
+
+    fn delete(&mut self, obj: DeserializeGuard<Event>) -> bool {
+        if let Ok(event) = &obj.0 {
+            self.seen
+                .remove(event.metadata.uid.as_deref().unwrap_or_default());
+        }
+        false
+    }
+}
+
+/// Watches the Events NMI publishes when IMDS does not know an identity of
+/// an Assigned AzureAssignedIdentity ([`drift::REASON_IDENTITY_NOT_ON_NODE`]),
+/// in `namespace` only (MIC's own, the release namespace: only the
+/// components and the cluster's administrators write Events there, so a
+/// namespace user cannot make MIC call ARM), and asks for a drift check of
+/// each one's node. Not counted in [`Shared::synced`]: without the right to
+/// list Events there, MIC still works, with the periodic check only.
+pub fn spawn_drift_events(
+    client: Client,
+    namespace: &str,
+    shared: Arc<Shared>,
+    shutdown: &Shutdown,
+) {
+    let api = Api::<DeserializeGuard<Event>>::namespaced(client, namespace);
+    let config = watcher::Config::default()
+        .fields(&format!("reason={}", drift::REASON_IDENTITY_NOT_ON_NODE));
+    let events = runtime_watch::events(api, config).modify(|e| {
+        if let Ok(e) = &mut e.0 {
+            e.metadata.managed_fields = None;
+        }
+    });
+    let sink = DriftEvents {
+        shared,
+        seen: HashMap::new(),
+        listed: false,
+    };
+    // A set of its own: this watch never holds MIC back from leading.
+    let own = Synced::default();
+    tokio::spawn(runtime_watch::feed(
+        events,
+        sink,
+        own.flag(),
+        shutdown.clone(),
+    ));
 }
 
 #[cfg(test)]
