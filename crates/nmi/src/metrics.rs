@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use aadpodid_api::{AzureIdentity, IdentityType, TokenSource, token_source};
 use aadpodid_runtime::metrics::Registrar;
 use prometheus::{HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
@@ -81,8 +82,35 @@ pub const REFUSED_UNKNOWN_TOKEN_SOURCE: &str = "unknown_token_source";
 /// matching federated credential, wrong issuer or audience, and the like).
 pub const REFUSED_FEDERATED_EXCHANGE: &str = "federated_exchange_refused";
 
-/// `operation_type` of NMI's own IMDS calls (upstream's adal names).
+/// `operation_type` of a user-assigned identity's token from IMDS (upstream's
+/// adal name).
 pub const IMDS_OP_USER_ASSIGNED: &str = "adal_token_msi_userassignedid";
+/// `operation_type` of a service principal's token from Entra ID, with its
+/// secret or certificate (upstream's adal name).
+pub const IMDS_OP_SERVICE_PRINCIPAL: &str = "adal_token";
+/// `operation_type` of a federated identity's token: the pod's
+/// ServiceAccount token exchanged at Entra ID (this project's own source;
+/// upstream has no such operation).
+pub const IMDS_OP_FEDERATED: &str = "federated_token_exchange";
+
+/// The `operation_type` of a token fetch for `identity` when identities
+/// without the token-source annotation use `default_source`: federated
+/// first (any identity type), then by type; an annotation naming no known
+/// source counts as the type's.
+pub fn operation_type(identity: &AzureIdentity, default_source: TokenSource) -> &'static str {
+    if matches!(
+        token_source(identity, default_source),
+        Ok(TokenSource::Federated)
+    ) {
+        return IMDS_OP_FEDERATED;
+    }
+    match identity.spec.r#type {
+        IdentityType::ServicePrincipal | IdentityType::ServicePrincipalCertificate => {
+            IMDS_OP_SERVICE_PRINCIPAL
+        }
+        _ => IMDS_OP_USER_ASSIGNED,
+    }
+}
 
 const NMI_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0,
@@ -259,5 +287,67 @@ mod tests {
             "known values stay"
         );
         assert_eq!(m.resource_label(""), "");
+    }
+
+    #[test]
+    fn operation_types_table() {
+        use IdentityType::{ServicePrincipal, ServicePrincipalCertificate, UserAssignedMsi};
+        use TokenSource::{Federated, Imds};
+        use aadpodid_api::ANNOTATION_TOKEN_SOURCE;
+        use std::collections::BTreeMap;
+        // (type, annotation, default source, operation_type)
+        #[rustfmt::skip]
+        let cases = [
+            (UserAssignedMsi, None, Imds, IMDS_OP_USER_ASSIGNED),
+            (UserAssignedMsi, Some("imds"), Federated, IMDS_OP_USER_ASSIGNED),
+            (UserAssignedMsi, Some("federated"), Imds, IMDS_OP_FEDERATED),
+            (UserAssignedMsi, None, Federated, IMDS_OP_FEDERATED),
+            (UserAssignedMsi, Some("Federated"), Federated, IMDS_OP_USER_ASSIGNED),
+            (ServicePrincipal, None, Imds, IMDS_OP_SERVICE_PRINCIPAL),
+            (ServicePrincipalCertificate, None, Imds, IMDS_OP_SERVICE_PRINCIPAL),
+            (ServicePrincipal, Some("federated"), Imds, IMDS_OP_FEDERATED),
+            (ServicePrincipalCertificate, None, Federated, IMDS_OP_FEDERATED),
+        ];
+        for (kind, annotation, default, want) in cases {
+            let mut id = AzureIdentity::new("a", Default::default());
+            id.spec.r#type = kind;
+            id.metadata.annotations = annotation
+                .map(|a| BTreeMap::from([(ANNOTATION_TOKEN_SOURCE.to_string(), a.to_string())]));
+            assert_eq!(
+                operation_type(&id, default),
+                want,
+                "{kind:?}, annotation {annotation:?}, default {default}"
+            );
+        }
+        let values = [
+            IMDS_OP_USER_ASSIGNED,
+            IMDS_OP_SERVICE_PRINCIPAL,
+            IMDS_OP_FEDERATED,
+        ];
+        let m = Metrics::new().unwrap();
+        for v in values {
+            m.imds_operations.with_label_values(&[v]).observe(0.1);
+        }
+        let family = m
+            .registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "aadpodidentity_imds_operations_duration_seconds")
+            .unwrap();
+        let mut seen: Vec<String> = family
+            .get_metric()
+            .iter()
+            .flat_map(|s| s.get_label().iter().map(|l| l.value().to_string()))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "adal_token",
+                "adal_token_msi_userassignedid",
+                "federated_token_exchange"
+            ],
+            "one series per operation, upstream's label name"
+        );
     }
 }
