@@ -1608,3 +1608,71 @@ fn the_default_token_source_reaches_mic_and_nmi() {
         assert_eq!(parsed_nmi.default_token_source, want, "{set:?}: nmi");
     }
 }
+
+/// `azureIdentities.<name>.tokenSource` renders the AzureIdentity's
+/// annotation `aadpodidentity.k8s.io/token-source` (read by MIC and NMI as
+/// that source); without it the AzureIdentity renders as before, with no
+/// annotation; any other value fails, naming the key.
+#[test]
+fn azure_identities_token_source_renders_the_annotation() {
+    use aadpodid_api::{AzureIdentity, TokenSource, token_source};
+    let with = |r: Render, name: &str, source: Option<&str>| {
+        let key = |k: &str| format!("azureIdentities.{name}.{k}");
+        let mut r = r
+            .set_string(&key("type"), "0")
+            .set(&key("clientID"), "c0000000-0000-4000-8000-000000000001")
+            .set(&key("resourceID"), "/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u")
+            .set(&key("binding.selector"), "app");
+        if let Some(s) = source {
+            r = r.set(&key("tokenSource"), s);
+        }
+        r
+    };
+    let base = || Render::new("aad-pod-identity", "kube-system");
+    let three = with(base(), "fed", Some("federated"));
+    let three = with(three, "by-imds", Some("imds"));
+    let docs = render(with(three, "plain", None));
+    // (identity, annotation, source with --default-token-source=imds and =federated)
+    for (name, annotation, sources) in [
+        ("fed", Some("federated"), [TokenSource::Federated; 2]),
+        ("by-imds", Some("imds"), [TokenSource::Imds; 2]),
+        ("plain", None, [TokenSource::Imds, TokenSource::Federated]),
+    ] {
+        let obj = get(&docs, "AzureIdentity", name);
+        let want = annotation.map(|a| json!({"aadpodidentity.k8s.io/token-source": a}));
+        assert_eq!(
+            obj["metadata"]["annotations"],
+            want.unwrap_or(Value::Null),
+            "{name}: {obj}"
+        );
+        let id: AzureIdentity = serde_json::from_value(obj).unwrap();
+        for (default, want) in [TokenSource::Imds, TokenSource::Federated]
+            .into_iter()
+            .zip(sources)
+        {
+            assert_eq!(
+                token_source(&id, default),
+                Ok(want),
+                "{name}, default {default}"
+            );
+        }
+    }
+    // Absent: the AzureIdentity and binding are those of a render in which
+    // no identity names a token source.
+    let alone = render(with(base(), "plain", None));
+    for (kind, name) in [
+        ("AzureIdentity", "plain"),
+        ("AzureIdentityBinding", "plain-binding"),
+    ] {
+        assert_eq!(get(&docs, kind, name), get(&alone, kind, name), "{kind}");
+    }
+    for bad in ["Federated", "true", "msi"] {
+        let e = helm::template_text(&with(base(), "fed", Some(bad)))
+            .unwrap()
+            .expect_err(&format!("tokenSource={bad} accepted"));
+        assert!(
+            e.contains("azureIdentities.fed.tokenSource must be imds or federated"),
+            "{bad}: {e}"
+        );
+    }
+}
