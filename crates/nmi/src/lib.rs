@@ -386,6 +386,8 @@ pub async fn run(args: Args, shutdown: Shutdown) -> Result<(), RunError> {
             retry_attempts_for_assigned: args.retry_attempts_for_assigned,
             retry_interval_secs: args.find_identity_retry_interval,
             mic_namespace: args.mic_namespace.clone(),
+            node_name: args.node.clone(),
+            event_namespace: args.pod_namespace.clone(),
             mic_service_accounts: args.mic_service_accounts.clone(),
             metadata_addr: SocketAddr::new(args.metadata_ip.into(), args.metadata_port),
             limits: server::Limits {

@@ -71,8 +71,22 @@ pub const REASON_UNKNOWN_TOKEN_SOURCE: &str = "unknown token source";
 /// Event reason on a federated AzureIdentity whose exchange Entra ID refused
 /// (the note says which federated credential to create or fix).
 pub const REASON_FEDERATED_REFUSED: &str = "federated exchange refused";
+/// Event reason, in NMI's own namespace and about NMI's Node, when IMDS
+/// answers "Identity not found" for an identity whose AzureAssignedIdentity
+/// is Assigned: it was removed from the node's VMSS/VM behind MIC's back.
+/// MIC watches these Events in its namespace (the same one: the release
+/// namespace, which namespace users cannot write) and checks that node's
+/// VMSS/VM at once instead of at its next periodic drift check. MIC's
+/// `drift::REASON_IDENTITY_NOT_ON_NODE` is the same text.
+pub const REASON_IDENTITY_NOT_ON_NODE: &str = "IdentityNotOnNode";
 /// The Events' `action`.
 const EVENT_ACTION: &str = "GetToken";
+
+/// Whether IMDS refused a token because the identity is not on this VM:
+/// 400 with the description `Identity not found`.
+fn identity_not_found(error: &TokenError) -> bool {
+    matches!(error, TokenError::Refused { status: 400, body } if body.contains("Identity not found"))
+}
 
 /// The index and a version that changes whenever it does (waiters wake on it).
 #[derive(Debug)]
@@ -129,6 +143,10 @@ pub struct Config {
     pub retry_interval_secs: u64,
     /// `--MICNamespace`.
     pub mic_namespace: String,
+    /// This node's name, and NMI's own namespace (`POD_NAMESPACE`): where
+    /// [`REASON_IDENTITY_NOT_ON_NODE`] Events go (none when either is empty).
+    pub node_name: String,
+    pub event_namespace: String,
     /// `--mic-service-accounts`.
     pub mic_service_accounts: Vec<String>,
     /// Where other paths (and excepted pods' requests) are proxied.
@@ -767,7 +785,15 @@ impl<S: TokenSource> Server<S> {
         };
         let started_fetch = Instant::now();
         let result = match outcome {
-            Outcome::Use(identity) => self.fetch(&identity, pod, &query.resource, requester).await,
+            Outcome::Use(identity) => {
+                let fetched = self.fetch(&identity, pod, &query.resource, requester).await;
+                if let Err(e) = &fetched
+                    && identity_not_found(e)
+                {
+                    self.identity_not_on_node(&identity);
+                }
+                fetched
+            }
             Outcome::ByObjectId(candidates) if !candidates.is_empty() => {
                 let Selector::ObjectId(oid) = &query.selector else {
                     return Err(no_match(StatusCode::NOT_FOUND));
@@ -978,6 +1004,45 @@ impl<S: TokenSource> Server<S> {
         }
     }
 
+    /// Standard mode: IMDS does not know `identity`, which an Assigned
+    /// AzureAssignedIdentity says is on this node. A Warning Event about this
+    /// Node in NMI's own namespace asks MIC to check the node's VMSS/VM (the
+    /// publisher's throttle: at most one per node every 30 s).
+    fn identity_not_on_node(&self, identity: &AzureIdentity) {
+        let c = &self.config;
+        if c.mode != OperationMode::Standard
+            || c.node_name.is_empty()
+            || c.event_namespace.is_empty()
+        {
+            return;
+        }
+        let note = format!(
+            "IMDS on node {} does not know identity {} (AzureIdentity {}/{}) although its AzureAssignedIdentity is Assigned",
+            c.node_name,
+            identity.spec.resource_id,
+            identity.namespace().unwrap_or_default(),
+            identity.name_any()
+        );
+        tracing::warn!("{note}; asking MIC to check the node");
+        // A Node is cluster-scoped; the namespace puts the Event where MIC
+        // watches for it (the API server accepts a reference whose namespace
+        // is the Event's).
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(c.node_name.clone()),
+            namespace: Some(c.event_namespace.clone()),
+            ..Default::default()
+        };
+        self.events.publish(
+            Severity::Warning,
+            REASON_IDENTITY_NOT_ON_NODE,
+            EVENT_ACTION,
+            &note,
+            regarding,
+        );
+    }
+
     fn refused(&self, identity: &AzureIdentity, reason: &str, metric_reason: &str, note: &str) {
         tracing::warn!(
             namespace = identity.namespace().unwrap_or_default(),
@@ -1107,4 +1172,35 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
         out.remove(*h);
     }
     out
+}
+
+#[cfg(test)]
+mod identity_not_found_tests {
+    use super::*;
+
+    #[test]
+    fn only_imds_identity_not_found_asks_mic_for_a_check() {
+        let refused = |status: u16, body: &str| TokenError::Refused {
+            status,
+            body: body.into(),
+        };
+        let imds = r#"{"error":"invalid_request","error_description":"Identity not found"}"#;
+        let cases = [
+            (refused(400, imds), true),
+            (refused(400, "Identity not found"), true),
+            (
+                refused(
+                    400,
+                    r#"{"error":"invalid_request","error_description":"Multiple user assigned identities exist"}"#,
+                ),
+                false,
+            ),
+            (refused(404, imds), false),
+            (TokenError::Unavailable("Identity not found".into()), false),
+            (TokenError::NotBound, false),
+        ];
+        for (i, (error, want)) in cases.iter().enumerate() {
+            assert_eq!(identity_not_found(error), *want, "case {i}: {error}");
+        }
+    }
 }

@@ -40,6 +40,9 @@ pub fn config(metadata_addr: SocketAddr) -> nmi::server::Config {
         retry_attempts_for_assigned: 0,
         retry_interval_secs: 0,
         mic_namespace: "default".into(),
+        // No IdentityNotOnNode Events from these in-process servers.
+        node_name: String::new(),
+        event_namespace: String::new(),
         mic_service_accounts: Vec::new(),
         metadata_addr,
         limits: Default::default(),
