@@ -292,6 +292,8 @@ fn default_render_is_upstreams_shape_with_least_privilege() {
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
             {"apiGroups": [""], "resources": ["configmaps"],
              "resourceNames": ["aad-pod-identity-mic-owned"], "verbs": ["get", "update", "patch"]},
+            // NMI's IdentityNotOnNode Events, read in the release namespace only.
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
         ])
     );
     let owned_binding = get(
@@ -303,6 +305,18 @@ fn default_render_is_upstreams_shape_with_least_privilege() {
         owned_binding["subjects"],
         json!([{"kind": "ServiceAccount", "name": "aad-pod-identity-mic", "namespace": "kube-system"}])
     );
+    // MIC reads Events only in its own namespace (the Role above), never
+    // cluster-wide: a namespace user's Event cannot make it call ARM.
+    let mic_role = get(&docs, "ClusterRole", "aad-pod-identity-mic");
+    for r in mic_role["rules"].as_array().unwrap() {
+        if r["resources"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("events"))
+        {
+            assert_eq!(r["verbs"], json!(["create", "patch"]), "{r}");
+        }
+    }
     // NMI reads identities and bindings (it checks each AzureAssignedIdentity
     // against them) and writes Events, and writes nothing else.
     let nmi_role = get(&docs, "ClusterRole", "aad-pod-identity-nmi");

@@ -112,6 +112,18 @@ async fn mic_does_its_job_with_the_chart_rbac_and_fails_without_one_verb() -> an
                 &["get", "lease", "aad-pod-identity-mic", "-o", "name"],
             )?;
             assert!(lease.success, "{}", lease.stderr);
+            // NMI's IdentityNotOnNode Events: MIC reads them in its own
+            // namespace only.
+            let mic_can = |args: &[&str]| -> anyhow::Result<bool> {
+                let who = format!("--as=system:serviceaccount:{ns}:{}", rel.mic());
+                let mut all = vec!["auth", "can-i"];
+                all.extend_from_slice(args);
+                all.push(&who);
+                Ok(rel.cluster.kubectl_run(&all, None)?.stdout.trim() == "yes")
+            };
+            assert!(mic_can(&["watch", "events", "-n", &ns])?);
+            assert!(!mic_can(&["list", "events", "-n", "default"])?);
+            assert!(!mic_can(&["list", "events", "-A"])?);
             let del = kubectl_in(cluster, &ns, &FORCE_DELETE_WEB)?;
             assert!(del.success, "{}", del.stderr);
             let r = wait_for("identity removed", WAIT, || async {
