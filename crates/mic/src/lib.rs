@@ -592,6 +592,9 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                         settings.reconcile_interval.min(Duration::from_secs(1))
                     };
                 if ready {
+                    // Once per interval (30 minutes by default): the line
+                    // tells a safety-net check's ARM reads from others.
+                    tracing::info!(interval = ?settings.reconcile_interval, "periodic drift check (safety net)");
                     let index = shared.snapshot();
                     let expected = plan::expected_assignments(&index, &settings.plan);
                     let mut lost = leading.clone();
