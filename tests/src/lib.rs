@@ -20,6 +20,7 @@ pub use aadpodid_testkit::world as e2e;
 pub mod go_mic;
 pub mod mic_world;
 pub mod nmi_node;
+pub mod realhelm;
 
 pub use aadpodid_testkit::*;
 pub use aadpodid_testkit::{env, netns, relay};

@@ -38,13 +38,13 @@ use aadpodid_tests::{SUB, TENANT};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
-/// How long the image build may take: a cold run makes the bases from
-/// Debian packages and builds both release binaries.
-const BUILD_LIMIT_S: &str = "2400";
 /// How long one container may run.
 const RUN_LIMIT_S: &str = "30";
 
-/// Images `scripts/images.sh` builds together, by the names it takes:
+/// Images `scripts/images.sh` builds together, by the names it takes
+/// (`aadpodid_tests::realhelm::build_images`, bounded at 40 minutes: a cold
+/// run makes the bases from Debian packages and builds both release
+/// binaries):
 /// built (or reused from its cache) once per test process; the script's own
 /// lock serialises concurrent processes.
 struct Images {
@@ -71,7 +71,9 @@ impl Images {
     fn archive(&self, name: &str) -> anyhow::Result<&Path> {
         let built = self
             .built
-            .get_or_init(|| build_images(self.names).map_err(|e| format!("{e:#}")))
+            .get_or_init(|| {
+                aadpodid_tests::realhelm::build_images(self.names).map_err(|e| format!("{e:#}"))
+            })
             .as_ref()
             .map_err(|e| anyhow::anyhow!("scripts/images.sh {:?}: {e}", self.names))?;
         built
@@ -80,31 +82,6 @@ impl Images {
             .map(|(_, path)| path.as_path())
             .with_context(|| format!("{name} is not one of {:?}", self.names))
     }
-}
-
-/// Runs `scripts/images.sh <names>`; its `<name> <archive>` lines.
-fn build_images(names: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new("timeout")
-        .args([BUILD_LIMIT_S, "bash", "scripts/images.sh"])
-        .args(names)
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("run scripts/images.sh")?;
-    ensure!(out.status.success(), "scripts/images.sh: {}", out.status);
-    let stdout = String::from_utf8(out.stdout)?;
-    names
-        .iter()
-        .map(|name| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .map(|path| (name.to_string(), PathBuf::from(path)))
-                .with_context(|| format!("no `{name} <archive>` line in {stdout:?}"))
-        })
-        .collect()
 }
 
 /// An OCI bundle unpacked from an image archive, with a `runc` container ID;

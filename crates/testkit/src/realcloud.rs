@@ -29,6 +29,13 @@ pub const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 0, 1);
 pub const ARM_PORT: u16 = 443;
 /// Entra ID's port at [`CLOUD_IP`].
 pub const AAD_PORT: u16 = 8443;
+/// Public Azure's ARM host name, which the certificate of [`CLOUD_IP`]
+/// names too. Upstream's Go mic asks Entra ID for a token whose resource is
+/// the environment's `resourceManagerEndpoint` and the emulator's ARM takes
+/// only tokens of public ARM's audiences (or of its own loopback URL), so
+/// upstream's mic addresses ARM by this name, resolved to [`CLOUD_IP`] by a
+/// host alias of its pod.
+pub const ARM_PUBLIC_HOST: &str = "management.azure.com";
 
 /// A TLS front: for each `host:port=socket` argument it accepts TLS with
 /// the certificate `argv[1]`/key `argv[2]`, and carries what it decrypts to
@@ -73,7 +80,8 @@ asyncio.run(main())
 pub struct CloudCa {
     /// The CA certificate: what a client of [`CLOUD_IP`] trusts.
     pub ca: PathBuf,
-    /// The server certificate (SAN `IP:10.253.0.1`).
+    /// The server certificate (SAN `IP:10.253.0.1` and
+    /// [`ARM_PUBLIC_HOST`]).
     pub cert: PathBuf,
     /// Its key.
     pub key: PathBuf,
@@ -89,7 +97,10 @@ impl CloudCa {
             &[(
                 "cloud",
                 "/CN=cloud",
-                &format!("subjectAltName=IP:{CLOUD_IP}\nextendedKeyUsage=serverAuth\n"),
+                &format!(
+                    "subjectAltName=IP:{CLOUD_IP},DNS:{ARM_PUBLIC_HOST}\n\
+                     extendedKeyUsage=serverAuth\n"
+                ),
             )],
         )?;
         Ok(CloudCa {
