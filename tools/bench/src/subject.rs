@@ -1071,12 +1071,18 @@ async fn row_idle(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let after = arm_totals(&run.w.emu()?.counters());
     // This project's MIC logs each periodic check; upstream's logs none.
     let nets = run.w.mic()?.log().matches(SAFETY_NET_LOG).count() - nets0;
+    let nets = match run.subject {
+        Subject::ThisProject => {
+            format!("; safety-net drift checks in the span: {nets} (each reads every VMSS/VM once)")
+        }
+        Subject::Upstream => String::new(),
+    };
     let emulated = run.w.emu()?.clock().now().saturating_sub(v0);
     let calls: u64 = (0..3).map(|i| after[i] - before[i]).sum();
     f.set(Metric::IdleArmCalls, calls as f64);
     f.set(Metric::IdleCpu, (cpu1 - cpu0).as_secs_f64());
     f.note(format!(
-        "idle: {:.0} emulated s = {:.1} wall s; ARM writes {}, reads {}, LRO polls {}; this project's safety-net drift checks in the span: {nets} (each reads every VMSS/VM once)",
+        "idle: {:.0} emulated s = {:.1} wall s; ARM writes {}, reads {}, LRO polls {}{nets}",
         emulated.as_secs_f64(),
         emulated.as_secs_f64() / scale.speed,
         after[0] - before[0],
