@@ -30,6 +30,7 @@
 //! | `warn`: the warning, and the seed manifests unchanged | `exceptions_mic_labels_and_warn_mode_seeds` |
 //! | the seed manifests unchanged get their tokens through the Python SDK in `off`, `warn` and `enforce` (namespace granted) | `forged_assigned_identity_and_policy_off`, `exceptions_mic_labels_and_warn_mode_seeds`, `enforce_cross_namespace` |
 //! | happy path through the real Python SDK in `off`, `warn`, `enforce` | one per mode, in the three tests above |
+//! | `enforce`, federated identities (annotated `aadpodidentity.k8s.io/token-source: federated`, Entra ID trusting the attacker's ServiceAccount too): B declares an identity it is not granted, B binds A's; no token, no exchange at Entra ID, nothing else changed | `enforce_federated_identity_not_granted` |
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
@@ -37,7 +38,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use aadpodid_api::{
-    ANNOTATION_ASSIGNMENT_ERROR, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+    ANNOTATION_ASSIGNMENT_ERROR, ANNOTATION_TOKEN_SOURCE, AzureAssignedIdentity, AzureIdentity,
+    AzureIdentityBinding,
 };
 use aadpodid_tests::e2e::{
     ADDON, ADDON_CLIENT, KUBELET, KUBELET_CLIENT, NsUser, Options, PodRef, RELEASE_NS, TOKEN_PATH,
@@ -77,6 +79,19 @@ fn options(mode: &str) -> Options {
     ] {
         o.set.push((k.into(), v.into()));
     }
+    o
+}
+
+/// [`options`] with federated identities: nmi may request tokens of the
+/// pods' ServiceAccounts (the chart's `federatedTokens`, its node policy
+/// on), with its own pod-bound token as the kubelet gives it.
+fn federated_options(mode: &str) -> Options {
+    let mut o = options(mode);
+    o.pod_bound_tokens = true;
+    o.set_values(&[
+        ("federatedTokens.enabled", "true"),
+        ("federatedTokens.nodePolicy", "true"),
+    ]);
     o
 }
 
@@ -427,6 +442,19 @@ fn identity_yaml(name: &str, resource: &str, client: &str) -> String {
     )
 }
 
+/// A federated AzureIdentity (annotated `aadpodidentity.k8s.io/token-source:
+/// federated`) whose tokens nmi exchanges at `ad_endpoint`.
+fn federated_identity_yaml(name: &str, resource: &str, client: &str, ad_endpoint: &str) -> String {
+    format!(
+        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: {name}\n  annotations:\n    {ANNOTATION_TOKEN_SOURCE}: federated\nspec:\n  type: 0\n  resourceID: {resource}\n  clientID: {client}\n  adEndpoint: {ad_endpoint}\n"
+    )
+}
+
+/// The namespace's `default` ServiceAccount (nothing in the test cluster
+/// creates it), which the pods run as.
+const DEFAULT_SERVICE_ACCOUNT: &str =
+    "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: default\n";
+
 fn binding_yaml(name: &str, identity: &str, selector: &str) -> String {
     format!(
         "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: {name}\nspec:\n  azureIdentity: {identity}\n  selector: {selector}\n"
@@ -467,6 +495,31 @@ impl<'a> Acting<'a> {
             .await
     }
 
+    /// Pod `name` applied by the user in their namespace, running as its
+    /// `default` ServiceAccount (named, as a federated token is bound to the
+    /// pod's ServiceAccount) on placement `i`, labelled `aadpodidbinding:
+    /// selector`.
+    async fn running_as_default(
+        &self,
+        name: &str,
+        selector: &str,
+        i: usize,
+    ) -> anyhow::Result<PodRef> {
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    aadpodidbinding: {selector}\nspec:\n  serviceAccountName: default\n  containers:\n  - name: app\n    image: app\n"
+        );
+        let out = self
+            .world
+            .kubectl_as(
+                Some(self.user),
+                &["apply", "-n", &self.user.namespace, "-f", "-"],
+                Some(&pod),
+            )
+            .await?;
+        anyhow::ensure!(out.success, "apply pod {name}: {}", out.stderr);
+        self.world.run_pod(&self.user.namespace, name, i).await
+    }
+
     /// [`apply_as`] this user.
     async fn apply(
         &self,
@@ -475,6 +528,22 @@ impl<'a> Acting<'a> {
         yaml: &str,
     ) -> anyhow::Result<(bool, String)> {
         apply_as(report, self.world, attack, self.user, yaml).await
+    }
+
+    /// [`apply_as`] this user, checking that it applies without warning.
+    async fn apply_cleanly(
+        &self,
+        report: &mut Report,
+        attack: &str,
+        yaml: &str,
+    ) -> anyhow::Result<()> {
+        let (ok, text) = self.apply(report, attack, yaml).await?;
+        report.check(
+            attack,
+            ok && !text.contains("Warning"),
+            format!("applies without warning: {}", text.trim()),
+        );
+        Ok(())
     }
 
     /// [`check_told`] this user.
@@ -487,6 +556,72 @@ impl<'a> Acting<'a> {
     ) -> anyhow::Result<()> {
         check_told(report, self.world, attack, self.user, identities, pods).await
     }
+}
+
+/// Namespace `team-a`, granted `id-2`, and namespace `team-b`, granted
+/// `id-3`: their users and the users' clients.
+struct Teams {
+    a: NsUser,
+    b: NsUser,
+    a_client: kube::Client,
+    b_client: kube::Client,
+}
+
+impl Teams {
+    async fn new(world: &World) -> anyhow::Result<Self> {
+        let a = world
+            .namespace_user("team-a", Some(&id_resource(&id_name(2))))
+            .await?;
+        let b = world
+            .namespace_user("team-b", Some(&id_resource(&id_name(3))))
+            .await?;
+        Ok(Teams {
+            a_client: a.client().await?,
+            b_client: b.client().await?,
+            a,
+            b,
+        })
+    }
+
+    /// Each team's user acting in `world`.
+    fn acting<'a>(&'a self, world: &'a World) -> (Acting<'a>, Acting<'a>) {
+        (
+            Acting::new(world, &self.a, &self.a_client),
+            Acting::new(world, &self.b, &self.b_client),
+        )
+    }
+}
+
+/// Every object of kind `K` in `namespace` (all namespaces for `None`), as
+/// `namespace/name@resourceVersion`: equal lists, unchanged objects.
+async fn versions<K>(world: &World, namespace: Option<&str>) -> anyhow::Result<Vec<String>>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let client = world.client().await?;
+    let api: Api<K> = match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|o| {
+            let m = o.meta();
+            format!(
+                "{}/{}@{}",
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+                m.resource_version.as_deref().unwrap_or_default()
+            )
+        })
+        .collect())
 }
 
 /// Waits (bounded by `ASSIGN`) until one of the pod's AzureAssignedIdentities
@@ -872,13 +1007,9 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
     let (id2, id2_res, id2_client) = (id_name(2), id_resource(&id_name(2)), id_client(2));
     let id3_res = id_resource(&id_name(3));
     let kubelet_res = node_identity_resource(KUBELET);
-    let a = world.namespace_user("team-a", Some(&id2_res)).await?;
-    let b = world.namespace_user("team-b", Some(&id3_res)).await?;
-    let (a_client, b_client) = (a.client().await?, b.client().await?);
-    let (as_a, as_b) = (
-        Acting::new(&world, &a, &a_client),
-        Acting::new(&world, &b, &b_client),
-    );
+    let teams = Teams::new(&world).await?;
+    let (as_a, as_b) = teams.acting(&world);
+    let (b, b_client) = (&teams.b, &teams.b_client);
     // The seed manifests, unchanged, in a namespace granted their identities.
     let seeds_grant = format!("{id2_res}, {id3_res}");
     let seeds = world.namespace_user("seeds", Some(&seeds_grant)).await?;
@@ -893,14 +1024,8 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
         )
         .await?;
         let attack = "7 enforce: granted identity";
-        let (ok, text) = as_a
-            .apply(&report, attack, &declare("a-id", &id2_res, &id2_client))
+        as_a.apply_cleanly(&mut report, attack, &declare("a-id", &id2_res, &id2_client))
             .await?;
-        report.check(
-            attack,
-            ok && !text.contains("Warning"),
-            format!("applies without warning: {}", text.trim()),
-        );
         let a_pod = as_a.bound("a-app", "a-id", 0).await?;
         wait_pod_assigned(&world, &a_pod).await?;
         check_python_token(&mut report, &world, attack, &a_pod, &id2_client).await;
@@ -948,7 +1073,7 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
             no_token(&mut report, what, p, &answers);
         }
         for line in world
-            .events_in(&b_client, &b.namespace)
+            .events_in(b_client, &b.namespace)
             .await
             .unwrap_or_default()
         {
@@ -1017,6 +1142,240 @@ async fn enforce_cross_namespace() -> anyhow::Result<()> {
         .await;
     result?;
     report.check_kept("6", "the kubelet, add-on and team-a's identities", &missing);
+    report.finish(&world).await
+}
+
+/// Attack 8, federated identities under `enforce`. Namespace `team-a` is
+/// granted `id-2` and uses it as a federated identity (annotated
+/// `aadpodidentity.k8s.io/token-source: federated`; Entra ID trusts
+/// `team-a`'s `default` ServiceAccount for it): its pod gets `id-2`'s token.
+/// Namespace `team-b` is granted `id-3` only, and Entra ID would issue
+/// `id-2`'s token for `team-b`'s `default` ServiceAccount too (a federated
+/// credential as an administrator might have made it), so that only the
+/// identity policy, mic and nmi stand between `team-b` and `id-2`. Its user:
+/// - declares a federated AzureIdentity naming `id-2`, its binding and a
+///   pod: the AzureIdentity is refused at admission with the reason;
+/// - labels a pod with `team-a`'s selector (upstream's default mode lets
+///   `team-a`'s binding select pods of every namespace): mic assigns nothing
+///   (`id-2` is not granted where the pod runs) and says so in an Event on
+///   `team-a`'s AzureIdentity;
+/// - binds `team-a`'s federated AzureIdentity by name with a selector of its
+///   own, and a pod (a binding names an identity of its own namespace only).
+///
+/// Every pod runs as `team-b`'s `default` ServiceAccount. None gets a token:
+/// every query is answered 404 with nmi's answer for a pod without an
+/// assigned identity. Meanwhile Entra ID sees no token request for `id-2`,
+/// ARM no write and IMDS no token request; the AzureAssignedIdentities, the
+/// scale set's identities and `team-a`'s objects stay as they were;
+/// `team-a`'s pod still gets its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enforce_federated_identity_not_granted() -> anyhow::Result<()> {
+    let mut report = Report::new("enforce_federated_identity_not_granted");
+    let world = World::start(federated_options("enforce")).await?;
+    let issuer = world.trust_cluster_issuer().await?.issuer;
+    let (id2_res, id2_client) = (id_resource(&id_name(2)), id_client(2));
+    let teams = Teams::new(&world).await?;
+    let (as_a, as_b) = teams.acting(&world);
+    let (b, b_client) = (&teams.b, &teams.b_client);
+    for ns in ["team-a", "team-b"] {
+        world.add_federated_credential(2, &issuer, ns, "default")?;
+    }
+    let aad = world.emu.aad_url();
+    // One answer, 200 with id-2's token.
+    let id2_token = |answers: &[Answer]| matches!(answers, [a] if a.code == 200 && a.appid.as_deref() == Some(id2_client.as_str()));
+    // ARM writes, IMDS token requests, Entra ID token requests for id-2.
+    let calls = || {
+        let c = world.emu.counters();
+        (
+            c.arm_writes.values().sum::<u64>(),
+            c.imds_token_requests.values().sum::<u64>(),
+            c.aad_token_requests.get(&id2_client).copied().unwrap_or(0),
+        )
+    };
+
+    let scenario = async {
+        let attack = "8 enforce: granted federated identity";
+        for yaml in [
+            DEFAULT_SERVICE_ACCOUNT.to_string(),
+            format!(
+                "{}---\n{}",
+                federated_identity_yaml("a-fed", &id2_res, &id2_client, &aad),
+                binding_yaml("a-fed-binding", "a-fed", "a-fed")
+            ),
+        ] {
+            as_a.apply_cleanly(&mut report, attack, &yaml).await?;
+        }
+        let a_pod = as_a.running_as_default("a-app", "a-fed", 0).await?;
+        wait_pod_assigned(&world, &a_pod).await?;
+        let exchanges = calls().2;
+        let answers = ask(&world, &a_pod, &[String::new()], 1).await?;
+        report.check(
+            attack,
+            id2_token(&answers),
+            format!("team-a's pod gets id-2's token: {answers:?}"),
+        );
+        report.check(
+            attack,
+            calls().2 == exchanges + 1,
+            format!(
+                "through one exchange at Entra ID: {} token request(s) for id-2",
+                calls().2 - exchanges
+            ),
+        );
+
+        let before = calls();
+        let scale_sets = world.all_vmss_identities();
+        let assigned = versions::<AzureAssignedIdentity>(&world, None).await?;
+        let team_a_objects = || async {
+            let mut v = versions::<AzureIdentity>(&world, Some("team-a")).await?;
+            v.extend(versions::<AzureIdentityBinding>(&world, Some("team-a")).await?);
+            anyhow::Ok(v)
+        };
+        let team_a = team_a_objects().await?;
+
+        let declare_attack = "8 enforce: B declares a federated identity it is not granted";
+        as_b.apply(&report, declare_attack, DEFAULT_SERVICE_ACCOUNT)
+            .await?;
+        let (applied, text) = as_b
+            .apply(
+                &report,
+                declare_attack,
+                &federated_identity_yaml("b-fed", &id2_res, &id2_client, &aad),
+            )
+            .await?;
+        report.check(
+            declare_attack,
+            !applied && text.contains("is not granted the identity"),
+            format!("refused at admission with the reason: {}", text.trim()),
+        );
+        as_b.apply(
+            &report,
+            declare_attack,
+            &binding_yaml("b-fed-binding", "b-fed", "b-fed"),
+        )
+        .await?;
+        let label_attack = "8 enforce: B labels its pod with A's selector";
+        let bind_attack = "8 enforce: B binds A's federated identity";
+        as_b.apply(
+            &report,
+            bind_attack,
+            &binding_yaml("b-cross", "a-fed", "b-cross"),
+        )
+        .await?;
+        let b_pods = [
+            as_b.running_as_default("b-fed", "b-fed", 1).await?,
+            as_b.running_as_default("b-with-a-label", "a-fed", 2)
+                .await?,
+            as_b.running_as_default("b-cross", "b-cross", 3).await?,
+        ];
+        // mic's verdict on team-a's binding selecting team-b's pod: an
+        // Event on team-a's AzureIdentity (bounded).
+        let refused = wait_for("mic's IdentityNotGranted Event", VERDICT, || async {
+            let events = world
+                .events_in(&world.client().await.ok()?, "team-a")
+                .await
+                .ok()?;
+            events
+                .into_iter()
+                .find(|e| e.contains("IdentityNotGranted") && e.contains("namespace team-b"))
+        })
+        .await;
+        report.check(
+            label_attack,
+            refused.is_ok(),
+            format!("mic refuses and says so: {refused:?}"),
+        );
+        for line in world
+            .events_in(b_client, &b.namespace)
+            .await
+            .unwrap_or_default()
+        {
+            report.seen(bind_attack, format!("Event in team-b: {line}"));
+        }
+        let q = queries(&[(&id2_client, &id2_res)]);
+        for (p, attack) in b_pods
+            .iter()
+            .zip([declare_attack, label_attack, bind_attack])
+        {
+            let answers = ask(&world, p, &q, 2).await?;
+            no_token(&mut report, attack, p, &answers);
+            // The exact answer: upstream's for a pod that has no assigned
+            // identity after nmi's retries (2 of 1 s in this world).
+            let want = json!({
+                "error": "not_found",
+                "error_description": format!(
+                    "getting assigned identities for pod {}/{} in CREATED state failed after 2 attempts, retry duration [1]s, error: <nil>. Check MIC pod logs for identity assignment errors",
+                    p.namespace, p.name
+                ),
+            });
+            let wrong: Vec<&Answer> = answers
+                .iter()
+                .filter(|a| {
+                    a.code != 404
+                        || serde_json::from_str::<serde_json::Value>(&a.body).ok()
+                            != Some(want.clone())
+                })
+                .collect();
+            report.check(
+                attack,
+                wrong.is_empty() && answers.len() == q.len(),
+                format!("{} gets 404 and {want} to every query: {wrong:?}", p.name),
+            );
+            let aais = aai_lines(&world, p).await?;
+            report.check(
+                attack,
+                aais.is_empty(),
+                format!("no AzureAssignedIdentity for {}: {aais:?}", p.name),
+            );
+        }
+
+        // Nothing else changed.
+        let attack = "8 enforce";
+        let after = calls();
+        report.check(
+            attack,
+            after == before,
+            format!(
+                "no ARM write, IMDS token request or Entra ID token request for id-2 during the attacks: (writes, IMDS, Entra) {before:?} -> {after:?}"
+            ),
+        );
+        let now = world.all_vmss_identities();
+        report.check(
+            attack,
+            now == scale_sets,
+            format!("the scale sets' identities unchanged: {scale_sets:?} -> {now:?}"),
+        );
+        let now = versions::<AzureAssignedIdentity>(&world, None).await?;
+        report.check(
+            attack,
+            now == assigned,
+            format!("the AzureAssignedIdentities unchanged: {assigned:?} -> {now:?}"),
+        );
+        let now = team_a_objects().await?;
+        report.check(
+            attack,
+            now == team_a,
+            format!("team-a's identity and binding unchanged: {team_a:?} -> {now:?}"),
+        );
+        let b_ids = Api::<AzureIdentity>::namespaced(b_client.clone(), "team-b")
+            .list(&ListParams::default())
+            .await?;
+        report.check(
+            attack,
+            b_ids.items.is_empty(),
+            format!("team-b has no AzureIdentity: {}", b_ids.items.len()),
+        );
+        let again = ask(&world, &a_pod, &[String::new()], 1).await?;
+        report.check(
+            attack,
+            id2_token(&again),
+            format!("team-a's pod still gets id-2's token: {again:?}"),
+        );
+        anyhow::Ok(())
+    };
+    let (result, missing) = world.while_watching_vmss(&[KUBELET, ADDON], scenario).await;
+    result?;
+    report.check_node_identities_kept("8", &missing);
     report.finish(&world).await
 }
 
