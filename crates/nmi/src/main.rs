@@ -7,7 +7,8 @@ use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     let args = nmi::Args::parse();
-    let size = nmi::args::RuntimeSize::of_process(args.worker_threads);
+    let size =
+        nmi::args::RuntimeSize::of_process(args.worker_threads, nmi::args::DEFAULT_WORKER_THREADS);
     size.builder()
         .build()?
         .block_on(nmi::cli_run(args, Some(size)))

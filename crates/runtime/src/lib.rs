@@ -12,6 +12,7 @@ pub mod flags;
 pub mod logging;
 pub mod metrics;
 pub mod shutdown;
+pub mod size;
 pub mod watch;
 
 pub use admin::{Health, serve_admin};
