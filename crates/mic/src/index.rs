@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use aadpodid_api::policy::ANNOTATION_ALLOWED_IDENTITIES;
 use aadpodid_api::{
-    AssignedIdentityState, AzureAssignedIdentity, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, POD_LABEL_BINDING,
+    ANNOTATION_ASSIGNMENT_ERROR, ANNOTATION_TOKEN_SOURCE, AssignedIdentityState,
+    AzureAssignedIdentity, AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding,
+    POD_LABEL_BINDING,
 };
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -101,7 +102,8 @@ impl NodeInfo {
 #[derive(Clone, Debug, PartialEq)]
 pub struct AssignedInfo {
     /// Name, namespace, uid, resourceVersion, deletionTimestamp, finalizers
-    /// and annotations; nothing else is kept.
+    /// and annotations (in the index: only those MIC reads,
+    /// [`KEPT_ANNOTATIONS`]); nothing else is kept.
     pub metadata: ObjectMeta,
     pub spec: AssignedSpec,
     pub status: Option<AzureAssignedIdentityStatus>,
@@ -120,6 +122,26 @@ pub struct AssignedSpec {
     pub replicas: Option<i32>,
 }
 
+/// The AAI annotations MIC reads: the refusal it wrote and the token source
+/// it recorded. No other is kept: every AAI MIC creates carries the CRD's
+/// `api-approved.kubernetes.io` annotation (kube's derived `new` puts the
+/// CRD's annotations on every object it makes), and a map of one entry is
+/// about 600 bytes per AAI (6 MB at 10,000 AAIs).
+pub const KEPT_ANNOTATIONS: [&str; 2] = [ANNOTATION_ASSIGNMENT_ERROR, ANNOTATION_TOKEN_SOURCE];
+
+/// Of `annotations`, those in [`KEPT_ANNOTATIONS`]; `None` when there are none.
+fn kept_annotations(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Option<BTreeMap<String, String>> {
+    let kept: BTreeMap<String, String> = annotations
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| KEPT_ANNOTATIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
 /// `embedded` as an `Arc`: the index's object of the same namespace and name
 /// when it is equal, else a copy of its own.
 fn share<K>(indexed: &BTreeMap<Key, Arc<K>>, embedded: &K) -> Arc<K>
@@ -135,6 +157,24 @@ where
 impl AssignedInfo {
     /// What MIC keeps of `aai`, sharing the embedded objects with `index`.
     pub fn new(aai: &AzureAssignedIdentity, index: &Index) -> Self {
+        Self::with_annotations(aai, index, aai.metadata.annotations.clone())
+    }
+
+    /// As the index keeps `aai`: [`AssignedInfo::new`] with only the
+    /// annotations MIC reads.
+    pub fn indexed(aai: &AzureAssignedIdentity, index: &Index) -> Self {
+        Self::with_annotations(
+            aai,
+            index,
+            kept_annotations(aai.metadata.annotations.as_ref()),
+        )
+    }
+
+    fn with_annotations(
+        aai: &AzureAssignedIdentity,
+        index: &Index,
+        annotations: Option<BTreeMap<String, String>>,
+    ) -> Self {
         let m = &aai.metadata;
         AssignedInfo {
             metadata: ObjectMeta {
@@ -144,7 +184,7 @@ impl AssignedInfo {
                 resource_version: m.resource_version.clone(),
                 deletion_timestamp: m.deletion_timestamp.clone(),
                 finalizers: m.finalizers.clone(),
-                annotations: m.annotations.clone(),
+                annotations,
                 ..ObjectMeta::default()
             },
             spec: AssignedSpec {
@@ -238,9 +278,18 @@ pub enum Delivered {
     Skip,
 }
 
-/// `a` is older than `b`, both resourceVersions. The apiserver's are the
-/// store's revision, an increasing integer; one that is not (or none) is
-/// never taken as older.
+/// What one of MIC's AAI writes replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replaced<'a> {
+    /// Nothing: the write created the AAI.
+    Nothing,
+    /// The AAI at this resourceVersion: the one MIC's write was made from
+    /// (`None`: not known).
+    Version(Option<&'a str>),
+}
+
+/// `a` is older than `b`, both resourceVersions, read as integers: only
+/// for [`Index::own_assigned`], which does not know what a write replaced.
 fn older(a: &str, b: &str) -> bool {
     matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a < b)
 }
@@ -264,12 +313,45 @@ impl OwnWrites {
         Delivered::Apply
     }
 
-    /// MIC wrote version `rv` of `key` (`create`: made it); the index holds
-    /// `indexed` (its resourceVersion, if it holds the AAI). Whether the
-    /// write goes into the index now: only when the watch has not brought
-    /// it, or a later version, already (known by comparing versions; when
-    /// they do not compare, the watch brings it).
+    /// MIC's write of `key`, which replaced `replaced`, was answered with
+    /// version `rv`; the index holds `indexed` (its resourceVersion, if it
+    /// holds the AAI). Whether the answer goes into the index now: only when
+    /// the index still holds what the write replaced (nothing, for a
+    /// create), so that the watch has delivered neither this write nor
+    /// anything after it. resourceVersions are opaque: they are only
+    /// compared for equality. Otherwise the watch brings the write, as any
+    /// change. A write that changed nothing (answered with the version it
+    /// replaced) has no echo to wait for and changes nothing.
     pub fn wrote(
+        &mut self,
+        key: &Key,
+        rv: Option<&str>,
+        replaced: Replaced<'_>,
+        indexed: Option<&str>,
+    ) -> bool {
+        let Some(rv) = rv else { return false };
+        let newer = match replaced {
+            // Not in the index: the watch has not delivered the create yet.
+            Replaced::Nothing => indexed.is_none(),
+            // The index holds what the write replaced: nothing came after
+            // it. An AAI no longer in the index was deleted meanwhile.
+            Replaced::Version(base) => base.is_some_and(|b| b != rv) && indexed == base,
+        };
+        self.record(key, rv, newer)
+    }
+
+    /// Remembers `rv` of `key` until its echo when `newer`; returns `newer`.
+    fn record(&mut self, key: &Key, rv: &str, newer: bool) -> bool {
+        if newer {
+            self.0.entry(key.clone()).or_default().push(rv.to_string());
+        }
+        newer
+    }
+
+    /// As [`OwnWrites::wrote`] for a write whose base is not known, by
+    /// reading versions as integers (a version that is not one is left to
+    /// the watch). Only for [`Index::own_assigned`].
+    fn wrote_numbered(
         &mut self,
         key: &Key,
         rv: Option<&str>,
@@ -279,14 +361,9 @@ impl OwnWrites {
         let Some(rv) = rv else { return false };
         let newer = match indexed {
             Some(indexed) => older(indexed, rv),
-            // Not in the index: a create the watch has not delivered yet;
-            // any other write's AAI was deleted meanwhile.
             None => create && rv.parse::<u64>().is_ok(),
         };
-        if newer {
-            self.0.entry(key.clone()).or_default().push(rv.to_string());
-        }
-        newer
+        self.record(key, rv, newer)
     }
 
     /// The watch deleted `key`, or listed everything again.
@@ -361,7 +438,7 @@ impl Index {
     }
 
     pub fn apply_assigned(&mut self, obj: &AzureAssignedIdentity) -> Changed {
-        let new = Arc::new(AssignedInfo::new(obj, self));
+        let new = Arc::new(AssignedInfo::indexed(obj, self));
         let old = self.assigned.insert(key_of(obj), Arc::clone(&new));
         old.is_none_or(|o| !same_decisions(&o, &new))
     }
@@ -380,21 +457,42 @@ impl Index {
         }
     }
 
-    /// MIC's own write of an AAI (`create`: it made it), as the apiserver
-    /// answered it, kept as `kept`: into the index unless the watch brought
-    /// it already.
+    /// MIC's own write of an AAI, which replaced `replaced`, as the
+    /// apiserver answered it, kept as `kept`: into the index unless the
+    /// watch brought it, or something after it, already
+    /// ([`OwnWrites::wrote`]).
+    pub fn own_write(&mut self, kept: AssignedInfo, replaced: Replaced<'_>) -> Changed {
+        self.keep_own(kept, |own, key, rv, indexed| {
+            own.wrote(key, rv, replaced, indexed)
+        })
+    }
+
+    /// [`Index::own_write`] for callers that do not say what their write
+    /// replaced (`create`: it made the AAI): whether the answer is newer
+    /// than what the index holds is decided by reading resourceVersions as
+    /// integers, which the API does not promise. Callers move to
+    /// `own_write`; this goes when none is left.
     pub fn own_assigned(&mut self, kept: AssignedInfo, create: bool) -> Changed {
+        self.keep_own(kept, |own, key, rv, indexed| {
+            own.wrote_numbered(key, rv, indexed, create)
+        })
+    }
+
+    /// Puts `kept` into the index when `newer` (given the own writes, its
+    /// key, its version and the indexed version) says so.
+    fn keep_own(
+        &mut self,
+        mut kept: AssignedInfo,
+        newer: impl FnOnce(&mut OwnWrites, &Key, Option<&str>, Option<&str>) -> bool,
+    ) -> Changed {
         let key = key_of(&kept);
         let indexed = self.assigned.get(&key);
         let indexed_rv = indexed.and_then(|a| a.metadata.resource_version.as_deref());
-        if !self.own_writes.wrote(
-            &key,
-            kept.metadata.resource_version.as_deref(),
-            indexed_rv,
-            create,
-        ) {
+        let rv = kept.metadata.resource_version.as_deref();
+        if !newer(&mut self.own_writes, &key, rv, indexed_rv) {
             return false;
         }
+        kept.metadata.annotations = kept_annotations(kept.metadata.annotations.as_ref());
         let changed = indexed.is_none_or(|o| !same_decisions(o, &kept));
         self.assigned.insert(key, Arc::new(kept));
         changed
@@ -453,6 +551,23 @@ mod tests {
         i
     }
 
+    fn annotations(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// The annotations of [`aai`] that MIC reads.
+    fn read_by_mic() -> Option<BTreeMap<String, String>> {
+        annotations(&[
+            (ANNOTATION_ASSIGNMENT_ERROR, "refused"),
+            (ANNOTATION_TOKEN_SOURCE, "federated"),
+        ])
+    }
+
     /// An AAI as the apiserver returns it: every metadata field MIC does not
     /// keep is set too.
     fn aai(identity: &AzureIdentity, binding: &AzureIdentityBinding) -> AzureAssignedIdentity {
@@ -465,7 +580,12 @@ mod tests {
         m.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         m.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         m.labels = Some([("nodename".to_string(), "n1".to_string())].into());
-        m.annotations = Some([("a".to_string(), "b".to_string())].into());
+        m.annotations = annotations(&[
+            ("api-approved.kubernetes.io", "unapproved"),
+            (ANNOTATION_ASSIGNMENT_ERROR, "refused"),
+            (ANNOTATION_TOKEN_SOURCE, "federated"),
+            ("a", "b"),
+        ]);
         m.finalizers = Some(vec!["f".into()]);
         a.status = Some(AzureAssignedIdentityStatus {
             status: "Assigned".into(),
@@ -495,6 +615,14 @@ mod tests {
                 finalizers: Some(vec!["f".into()]),
                 annotations: a.metadata.annotations.clone(),
                 ..ObjectMeta::default()
+            }
+        );
+        // The index keeps only the annotations MIC reads.
+        assert_eq!(
+            AssignedInfo::indexed(&a, &ix).metadata,
+            ObjectMeta {
+                annotations: read_by_mic(),
+                ..m.clone()
             }
         );
         assert_eq!(kept.status, a.status);
@@ -530,8 +658,11 @@ mod tests {
         let mut bare = a.clone();
         bare.spec.azure_identity_ref = None;
         bare.spec.azure_binding_ref = None;
+        bare.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
         let kept = AssignedInfo::new(&bare, &ix);
         assert!(kept.spec.identity.is_none() && kept.spec.binding.is_none());
+        let kept = AssignedInfo::indexed(&bare, &ix);
+        assert_eq!(kept.metadata.annotations, None, "none MIC reads: no map");
     }
 
     #[test]
@@ -585,11 +716,14 @@ mod tests {
         }
     }
     /// Runs one row of steps, each a word: `c<rv>/<indexed rv>` MIC created
-    /// the AAI, `w<rv>/<indexed rv>` wrote it otherwise, while the index held
-    /// that version (`_`: none), then `+` when it goes into the index, `-`
-    /// when not; `e<rv>` the watch delivers a
-    /// version (`_`: none), then `+` applied or `-` skipped; `d` the watch
-    /// deletes the AAI.
+    /// the AAI while the index held that version (`_`: none),
+    /// `w<rv>/<replaced rv>/<indexed rv>` MIC wrote it otherwise, made from
+    /// the version it replaced, then `+` when it goes into the index, `-`
+    /// when not; `e<rv>` the watch delivers a version (`_`: none), then `+`
+    /// applied or `-` skipped; `d` the watch deletes the AAI. Versions are
+    /// any words: they are only compared for equality. `C<rv>/<indexed rv>`
+    /// and `W<rv>/<indexed rv>` are a create and another write by
+    /// [`Index::own_assigned`]'s rule, which reads versions as integers.
     fn own_writes_row(case: &str, steps: &str) {
         let k: Key = ("ns".into(), "a".into());
         let rv = |v: &str| (v != "_").then(|| v.to_string());
@@ -598,10 +732,25 @@ mod tests {
             let (body, want) = step.split_at(step.len() - 1);
             let want = want == "+";
             match body.split_at(1) {
-                (w @ ("c" | "w"), versions) => {
-                    let (v, indexed) = versions.split_once('/').expect("w<rv>/<rv>");
+                ("c", versions) => {
+                    let (v, indexed) = versions.split_once('/').expect("c<rv>/<rv>");
                     let (v, indexed) = (rv(v), rv(indexed));
-                    let got = own.wrote(&k, v.as_deref(), indexed.as_deref(), w == "c");
+                    let got = own.wrote(&k, v.as_deref(), Replaced::Nothing, indexed.as_deref());
+                    assert_eq!(got, want, "{case}: {step}");
+                }
+                ("w", versions) => {
+                    let v: Vec<Option<String>> = versions.split('/').map(rv).collect();
+                    let [v, base, indexed] = &v[..] else {
+                        panic!("{case}: {step}: w<rv>/<rv>/<rv>")
+                    };
+                    let replaced = Replaced::Version(base.as_deref());
+                    let got = own.wrote(&k, v.as_deref(), replaced, indexed.as_deref());
+                    assert_eq!(got, want, "{case}: {step}");
+                }
+                (n @ ("C" | "W"), versions) => {
+                    let (v, indexed) = versions.split_once('/').expect("W<rv>/<rv>");
+                    let (v, indexed) = (rv(v), rv(indexed));
+                    let got = own.wrote_numbered(&k, v.as_deref(), indexed.as_deref(), n == "C");
                     assert_eq!(got, want, "{case}: {step}");
                 }
                 ("e", v) => {
@@ -616,35 +765,62 @@ mod tests {
 
     #[test]
     fn own_writes_decide_which_watch_events_are_echoes() {
+        #[rustfmt::skip]
         let rows = [
             ("no own write: every event applies", "e5+ e_+"),
             ("a create, then its echo", "c5/_+ e5+ e6+"),
+            ("a create the watch delivered first is not applied", "c5/5- e6+"),
+            ("create and status write, the create's echo first", "c5/_+ w6/5/5+ e5- e6+"),
+            ("another's write between MIC's two is older than the second", "c5/_+ w7/5/5+ e5- e6- e7+"),
+            ("an event from before the write waits for its echo", "w9/4/4+ e8- e9+"),
+            ("the watch was first: the answer is not applied", "w5/4/5- e6+"),
+            ("the watch is past the answer", "w5/4/6- e7+"),
+            ("another's write came first and was delivered: left to the watch", "w6/4/5- e6+"),
+            ("versions are opaque: equality only", "cb/_+ wa/b/b+ eb- ea+ ez+"),
+            ("a lower-looking version is news too", "w10/9/9+ e10+ e2+"),
+            ("a write that changed nothing has no echo to wait for", "w5/5/5- e6+"),
+            ("no version: left to the watch", "w_/4/4- e5+"),
+            ("what the write replaced is not known: left to the watch", "w5/_/4- e5+"),
+            ("a deletion forgets the writes", "c5/_+ d. e3+"),
+            ("a write to an AAI deleted meanwhile is left out", "w5/4/_- e_+"),
+        ];
+        for (case, steps) in rows {
+            own_writes_row(case, steps);
+        }
+    }
+
+    /// [`Index::own_assigned`]'s rule, which reads versions as integers.
+    #[test]
+    fn numbered_own_writes_decide_which_watch_events_are_echoes() {
+        let rows = [
+            ("no own write: every event applies", "e5+ e_+"),
+            ("a create, then its echo", "C5/_+ e5+ e6+"),
             (
                 "create and status write, the create's echo first",
-                "c5/_+ w6/5+ e5- e6+",
+                "C5/_+ W6/5+ e5- e6+",
             ),
             (
                 "another's write between MIC's two is older than the second",
-                "c5/_+ w7/5+ e5- e6- e7+",
+                "C5/_+ W7/5+ e5- e6- e7+",
             ),
             (
                 "an event from before the write waits for its echo",
-                "w9/4+ e8- e9+",
+                "W9/4+ e8- e9+",
             ),
             (
                 "the watch was first: the answer is not applied",
-                "w5/5- e6+",
+                "W5/5- e6+",
             ),
-            ("the watch is past the answer", "w5/6- e7+"),
+            ("the watch is past the answer", "W5/6- e7+"),
             (
                 "versions that do not compare are left to the watch",
-                "wx/4- w5/y- e5+",
+                "Wx/4- W5/y- e5+",
             ),
-            ("no version: left to the watch", "w_/4- e5+"),
-            ("a deletion forgets the writes", "c5/_+ d. e3+"),
+            ("no version: left to the watch", "W_/4- e5+"),
+            ("a deletion forgets the writes", "C5/_+ d. e3+"),
             (
                 "a write to an AAI deleted meanwhile is left out",
-                "w5/_- e_+",
+                "W5/_- e_+",
             ),
         ];
         for (case, steps) in rows {
@@ -663,8 +839,11 @@ mod tests {
         assigned.status.as_mut().unwrap().status = "Assigned".into();
         let mut ix = Index::default();
         // MIC's create and status write are answered before the watch delivers either.
-        assert!(ix.own_assigned(AssignedInfo::new(&created, &ix), true));
-        assert!(ix.own_assigned(AssignedInfo::new(&assigned, &ix), false));
+        assert!(ix.own_write(AssignedInfo::new(&created, &ix), Replaced::Nothing));
+        assert!(ix.own_write(
+            AssignedInfo::new(&assigned, &ix),
+            Replaced::Version(Some("7"))
+        ));
         assert!(
             !ix.deliver_assigned(&created),
             "the create's echo: older than the index"
@@ -680,8 +859,11 @@ mod tests {
         edited.metadata.resource_version = Some("9".into());
         edited.spec.node_name = "n2".into();
         assert!(ix.deliver_assigned(&edited));
+        // Both ways in keep only the annotations MIC reads.
+        let reads = read_by_mic();
+        assert_eq!(ix.assigned[&key(&edited)].metadata.annotations, reads);
         // A list again forgets every own write.
-        assert!(ix.own_assigned(
+        assert!(ix.own_write(
             AssignedInfo::new(
                 &{
                     let mut e = edited.clone();
@@ -691,8 +873,9 @@ mod tests {
                 },
                 &ix
             ),
-            false
+            Replaced::Version(Some("9"))
         ));
+        assert_eq!(ix.assigned[&key(&edited)].metadata.annotations, reads);
         ix.clear_assigned();
         assert!(ix.own_writes.is_empty() && ix.assigned.is_empty());
     }
