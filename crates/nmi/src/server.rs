@@ -48,7 +48,7 @@ use crate::metrics::{
     IMDS_OP_USER_ASSIGNED, Metrics, REFUSED_CLIENT_ID_MISMATCH, REFUSED_CLUSTER_IDENTITY,
     REFUSED_FEDERATED_EXCHANGE, REFUSED_INCOMPLETE_IDENTITY, REFUSED_UNKNOWN_TOKEN_SOURCE,
     REQUEST_REFUSED_BODY, REQUEST_REFUSED_BODY_TIMEOUT, REQUEST_REFUSED_FIRST_SYNC,
-    REQUEST_REFUSED_PENDING_FETCHES,
+    REQUEST_REFUSED_PENDING_FETCHES, operation_type,
 };
 use crate::request::{self, Rejection, Route, Selector, TokenQuery};
 use crate::response::{self, Token};
@@ -783,6 +783,16 @@ impl<S: TokenSource> Server<S> {
             }
             r
         };
+        // The operation_type label: by the identity's type and token source
+        // (an object_id request's: its first candidate's).
+        let default_source = self.config.default_token_source;
+        let operation = match &outcome {
+            Outcome::Use(identity) => operation_type(identity, default_source),
+            Outcome::ByObjectId(candidates) => candidates
+                .first()
+                .map_or(IMDS_OP_USER_ASSIGNED, |i| operation_type(i, default_source)),
+            _ => IMDS_OP_USER_ASSIGNED,
+        };
         let started_fetch = Instant::now();
         let result = match outcome {
             Outcome::Use(identity) => {
@@ -808,7 +818,7 @@ impl<S: TokenSource> Server<S> {
         };
         self.metrics
             .imds_operations
-            .with_label_values(&[IMDS_OP_USER_ASSIGNED])
+            .with_label_values(&[operation])
             .observe(started_fetch.elapsed().as_secs_f64());
         result.map_err(|e| {
             if matches!(e, TokenError::Throttled { .. }) {
@@ -822,7 +832,7 @@ impl<S: TokenSource> Server<S> {
             ) {
                 self.metrics
                     .imds_errors
-                    .with_label_values(&[IMDS_OP_USER_ASSIGNED])
+                    .with_label_values(&[operation])
                     .inc();
             }
             match e {
