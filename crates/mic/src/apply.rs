@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::cloud::{Cloud, CloudError, IdentityPatch, ResourceKind, ResourceRef, identity_patches};
 use crate::events::{self, Events};
 use crate::guard::{self, Protection};
-use crate::index::{AssignedInfo, Index, Key};
+use crate::index::{AssignedInfo, Index, Key, Replaced};
 use crate::ledger::{self, Ledger};
 use crate::metrics::{self, Metrics};
 use crate::plan::{Plan, PlannedAai, ResourceWork, Warning, assigned_client_id, refs};
@@ -534,7 +534,10 @@ impl<C: Cloud> Executor<C> {
                 .patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                Ok(answer) => self.deps.shared.own_answer(&answer),
+                Ok(answer) => self.deps.shared.own_answer(
+                    &answer,
+                    Replaced::Version(aai.metadata.resource_version.as_deref()),
+                ),
                 Err(error) => {
                     tracing::warn!(aai = %format!("{}/{}", key.0, key.1), %error, "annotating a refused AzureAssignedIdentity");
                     // Reported again next time, with the annotation.
@@ -1342,9 +1345,11 @@ impl<C: Cloud> Executor<C> {
                     written.metadata.uid.clone(),
                     written.metadata.resource_version.clone(),
                 );
-                self.deps
-                    .shared
-                    .own_assigned(kept, write == AaiWrite::Create);
+                let replaced = match write {
+                    AaiWrite::Create => Replaced::Nothing,
+                    AaiWrite::Update => Replaced::Version(aai.metadata.resource_version.as_deref()),
+                };
+                self.deps.shared.own_write(kept, replaced);
                 return Ok(Written {
                     planned,
                     uid: written.metadata.uid,
@@ -1415,7 +1420,10 @@ impl<C: Cloud> Executor<C> {
             .await;
         match res {
             Ok(answer) => {
-                self.deps.shared.own_answer(&answer);
+                self.deps.shared.own_answer(
+                    &answer,
+                    Replaced::Version(aai.metadata.resource_version.as_deref()),
+                );
                 Ok(())
             }
             Err(source) => {

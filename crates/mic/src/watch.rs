@@ -21,7 +21,7 @@ use aadpodid_runtime::Shutdown;
 
 use crate::drift;
 use crate::events::{self, Events};
-use crate::index::{AssignedInfo, Index, Key};
+use crate::index::{AssignedInfo, Index, Key, Replaced};
 use crate::metrics::Metrics;
 
 /// The index, a wake-up for the control loop, and the watches' sync flags.
@@ -56,18 +56,18 @@ impl Shared {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// MIC's own write of an AAI (`create`: it made it), as the apiserver
-    /// answered it: into the index at once, so that its echo from the watch
-    /// changes nothing and starts no cycle. Starts none either.
-    pub fn own_assigned(&self, kept: AssignedInfo, create: bool) {
-        self.update(|ix| ix.own_assigned(kept, create));
+    /// MIC's own write of an AAI, which replaced `replaced`, as the
+    /// apiserver answered it: into the index at once, so that its echo from
+    /// the watch changes nothing and starts no cycle. Starts none either.
+    pub fn own_write(&self, kept: AssignedInfo, replaced: Replaced<'_>) {
+        self.update(|ix| ix.own_write(kept, replaced));
     }
 
-    /// [`Shared::own_assigned`] for an answer kept as the index keeps AAIs.
-    pub fn own_answer(&self, answer: &AzureAssignedIdentity) {
+    /// [`Shared::own_write`] for an answer kept as the index keeps AAIs.
+    pub fn own_answer(&self, answer: &AzureAssignedIdentity, replaced: Replaced<'_>) {
         self.update(|ix| {
-            let kept = AssignedInfo::new(answer, ix);
-            ix.own_assigned(kept, false)
+            let kept = AssignedInfo::indexed(answer, ix);
+            ix.own_write(kept, replaced)
         });
     }
 
