@@ -10,7 +10,8 @@
 //!   namespace (the only one it may write Events in) triggers nothing, and
 //!   the user cannot create one in the release namespace;
 //! - a Node's boot ID changes: MIC checks that node's scale set and re-adds
-//!   the identities within seconds (the other scale set is not read);
+//!   the identities within seconds (the other scale sets are not read); the
+//!   same for a Node's node-image label, on a third scale set;
 //! - a pod asks NMI for a token of an identity stripped from its scale set:
 //!   IMDS answers "Identity not found", NMI publishes the Event in the release
 //!   namespace, MIC re-adds the identity, and the pod's later request
@@ -92,20 +93,28 @@ async fn drift_is_caught_from_events_and_idle_mic_calls_no_arm() -> anyhow::Resu
     let mut opts = options();
     // The chart's `<fullname>-edit` role, which the namespace user is given.
     opts.set_values(&[("rbac.createUserFacingClusterRoles", "true")]);
+    // A scale set per trigger (each one's checks are bounded per resource).
+    opts.scale_sets = 3;
     let world = World::start(opts).await?;
     let client = world.client().await?;
-    // One pod per node; nodes 0-1 are scale set 0, nodes 2-3 scale set 1.
-    let pods = world.create_pods(0, world.nodes.len(), Some).await?;
+    // One pod per node, over the five identities.
+    let pods = world
+        .create_pods(0, world.nodes.len(), |i| Some(i % 5))
+        .await?;
     world.wait_assigned(&pods, ASSIGN).await?;
     let want = world.expected_identities(&pods);
     world.wait_vmss(&want, Duration::from_secs(30)).await?;
-    let (vmss0, vmss1) = (vmss_name(0), vmss_name(1));
+    let (vmss0, vmss1, vmss2) = (vmss_name(0), vmss_name(1), vmss_name(2));
     let on = |vmss: &str| -> Vec<&PodRef> {
         pods.iter()
             .filter(|p| world.nodes[p.node].vmss == vmss)
             .collect()
     };
-    let (pod0, pod1) = (on(&vmss0)[0].clone(), on(&vmss1)[0].clone());
+    let (pod0, pod1, pod2) = (
+        on(&vmss0)[0].clone(),
+        on(&vmss1)[0].clone(),
+        on(&vmss2)[0].clone(),
+    );
 
     // (c) Idle: no ARM call at all.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -184,12 +193,35 @@ async fn drift_is_caught_from_events_and_idle_mic_calls_no_arm() -> anyhow::Resu
     eprintln!("boot ID change: identities back {:.1?} after", t.elapsed());
     let calls = arm_requests_since(&world, since);
     eprintln!("ARM requests for it: {calls:?}");
-    let lower1 = vmss1.to_lowercase();
-    assert!(
-        !calls.iter().any(|c| c.to_lowercase().contains(&lower1)),
-        "the other scale set was read: {calls:?}"
-    );
+    for other in [&vmss1, &vmss2] {
+        let other = other.to_lowercase();
+        assert!(
+            !calls.iter().any(|c| c.to_lowercase().contains(&other)),
+            "another scale set was read: {calls:?}"
+        );
+    }
     world.wait_tokens(&[pod0], Duration::from_secs(30)).await?;
+
+    // The same for a new node image (the label AKS sets) on scale set 2.
+    strip(&world, &want, &vmss2);
+    let node2 = world.nodes[pod2.node].name.clone();
+    let t = Instant::now();
+    Api::<Node>::all(client.clone())
+        .patch(
+            &node2,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                mic::drift::LABEL_NODE_IMAGE_VERSION: "AKSUbuntu-2204gen2containerd-202512.01.0",
+            }}})),
+        )
+        .await
+        .context("label the Node's node image")?;
+    world.wait_vmss(&want, READD).await?;
+    eprintln!(
+        "node image change: identities back {:.1?} after",
+        t.elapsed()
+    );
+    world.wait_tokens(&[pod2], Duration::from_secs(30)).await?;
 
     // (b) NMI sees the identity missing on IMDS: Event, MIC re-adds, the
     // pod's later request succeeds.
