@@ -635,18 +635,22 @@ impl Up {
             .collect())
     }
 
+    /// The application pod's node and address.
+    pub async fn app_placement(&self) -> anyhow::Result<(String, String)> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), APP_NS);
+        let pod = pods.get(APP_POD).await?;
+        let node = pod.spec.and_then(|s| s.node_name);
+        let ip = pod.status.and_then(|s| s.pod_ip);
+        node.zip(ip)
+            .context("the app pod has no node or no address yet")
+    }
+
     /// No IMDS relay of a node logged a pod's address (only nmi's, from the
     /// node's own network, reached IMDS), and the application's node's relay
     /// logged some connection. Returns how many connections each node's relay
     /// logged.
     pub async fn check_imds_callers(&self) -> anyhow::Result<Vec<usize>> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), APP_NS);
-        let app_node = pods
-            .get(APP_POD)
-            .await?
-            .spec
-            .and_then(|s| s.node_name)
-            .context("the app pod has no node")?;
+        let (app_node, _) = self.app_placement().await?;
         let mut calls = Vec::new();
         for (node, cloud) in self.nodes.iter().zip(&self.clouds) {
             let prefix = node.pod_cidr().trim_end_matches("0/24").to_string();

@@ -28,12 +28,10 @@ use aadpodid_testkit::realcloud::{AAD_PORT, ARM_PUBLIC_HOST, CLOUD_IP};
 use aadpodid_testkit::tenant::{self, APP_ID, APP_RG, APP2_ID, CloudEnvironment, MicCloud};
 use aadpodid_testkit::{helm, wait_for};
 use aadpodid_tests::realhelm::{
-    self, APP_NS, APP_POD, ImageRef, RELEASE, Steps, TOKEN_TIMEOUT, TRIES_KEPT, Up, VMSS,
+    self, APP_POD, ImageRef, RELEASE, Steps, TOKEN_TIMEOUT, TRIES_KEPT, Up, VMSS,
     after_first_token, build_images, chart_images, container_log,
 };
 use anyhow::{Context as _, ensure};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::Api;
 
 /// How many of the application's tries may be refused while nmi rolls
 /// from upstream's to ours: the old nmi answers until it exits and the new
@@ -107,13 +105,7 @@ async fn helm_upgrade_from_upstream_on_real_nodes() -> anyhow::Result<()> {
     up.seed(&mut steps).await?;
     // Upstream's nmi answered the app: its log has a 200 for the app's
     // address on the token path.
-    let pods: Api<Pod> = Api::namespaced(up.client.clone(), APP_NS);
-    let app_ip = pods
-        .get(APP_POD)
-        .await?
-        .status
-        .and_then(|s| s.pod_ip)
-        .context("the app pod has no address")?;
+    let (_, app_ip) = up.app_placement().await?;
     let nmi_log = container_log(&up.node_refs(), RELEASE, "nmi", TRIES_KEPT);
     let served = nmi_log
         .lines()
