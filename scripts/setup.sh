@@ -9,12 +9,12 @@
 #   - for the tests (not the demo): helm, upstream's v1.8.17 mic and nmi, and the
 #     real test nodes' pieces (Debian's containerd, runc and CNI plugins;
 #     kubelet, kube-controller-manager, kube-scheduler by tests/cluster/build-node.sh)
-#   - with AADPODID_SETUP_IMAGES=1, the mic, nmi and application (Python Azure SDK) container images (scripts/images.sh)
 #   - the pinned Python Azure SDK virtualenv (tests/python/setup.sh)
-#   - with AADPODID_SETUP_IMAGES=1 only: the mic, nmi and application container images
-#     (scripts/images.sh: podman, a base made from Debian packages, the
-#     release binaries; about 2 minutes plus the release build the first
-#     time, then cached under $HOME/.cache/aadpodid/images)
+#   - with AADPODID_SETUP_IMAGES=1 only: the mic, nmi and application (Python
+#     Azure SDK) container images, and upstream v1.8.17's mic and nmi in images
+#     built the same way (scripts/images.sh --upstream: podman, a base made
+#     from Debian packages, the release binaries; about 2 minutes plus the
+#     release build the first time, then cached under $HOME/.cache/aadpodid/images)
 # Go, Rust (cargo) and Python must be present. Progress goes to stderr; the only
 # line on stdout is the folder of the cluster binaries, for
 #   export AADPODID_CLUSTER_BIN=$(bash scripts/setup.sh)
@@ -108,8 +108,8 @@ step "Python Azure SDK clients for token tests"
 bash tests/python/setup.sh >&2
 
 if [ "${AADPODID_SETUP_IMAGES:-}" = 1 ]; then
-  step "container images mic, nmi and app (scripts/images.sh)"
-  bash scripts/images.sh >&2
+  step "container images mic, nmi, app and upstream's mic and nmi (scripts/images.sh --upstream)"
+  bash scripts/images.sh --upstream >&2
 fi
 
 echo "$bin"
