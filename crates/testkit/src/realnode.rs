@@ -49,7 +49,7 @@ use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, remove_dead_owners};
 use crate::fixtures::{fill_template, repo_root};
 use crate::ids::unique_name;
 use crate::kubectl::kubeconfig_yaml;
@@ -1427,21 +1427,9 @@ fn teardown(dir: &Path, cgroup_root: &str) {
 /// Tears down the nodes of test processes that no longer run (their folder
 /// and cgroup parent carry the process ID).
 fn remove_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(DIR_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-        else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            teardown(&entry.path(), &format!("/{name}"));
-        }
-    }
+    remove_dead_owners(&std::env::temp_dir(), DIR_PREFIX, |path, name| {
+        teardown(path, &format!("/{name}"));
+    });
 }
 
 /// The last `lines` lines of the file at `path` (empty when unreadable).
