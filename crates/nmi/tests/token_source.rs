@@ -4,7 +4,8 @@
 //! `--default-token-source`) never reaches IMDS: without a client NMI cannot
 //! ask the API server for the pod's ServiceAccount token and says so (503);
 //! a value naming no source is refused (403, naming the annotation, counted);
-//! `imds` goes to IMDS as always. In standard and managed mode.
+//! `imds` goes to IMDS as always. In standard and managed mode. And the
+//! `operation_type` label each fetch is counted under.
 
 // The shared scaffolding fails the test loudly (it unwraps).
 #[allow(clippy::unwrap_used, reason = "test scaffolding")]
