@@ -7,8 +7,8 @@
 /// and the ARM and Kubernetes requests it waits on; a current-thread runtime
 /// keeps every allocation in one glibc arena. With a worker per CPU, the
 /// ARM jobs and the watches allocated in the workers' arenas: at 10,000 pods
-/// over 1,000 identities the peak RSS was about 16 MiB higher on 2 CPUs
-/// (docs/mic-performance.md).
+/// over 1,000 identities the peak RSS was 64-83 MiB on 2 CPUs against
+/// 59-66 MiB on one thread (docs/mic-performance.md).
 const DEFAULT_THREADS: usize = 1;
 
 fn main() -> anyhow::Result<()> {
