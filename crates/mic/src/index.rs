@@ -288,12 +288,6 @@ pub enum Replaced<'a> {
     Version(Option<&'a str>),
 }
 
-/// `a` is older than `b`, both resourceVersions, read as integers: only
-/// for [`Index::own_assigned`], which does not know what a write replaced.
-fn older(a: &str, b: &str) -> bool {
-    matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a < b)
-}
-
 impl OwnWrites {
     /// The watch delivers version `rv` of `key`: applied unless MIC's own
     /// newer write is in the index. The echo of MIC's last write is applied
@@ -346,24 +340,6 @@ impl OwnWrites {
             self.0.entry(key.clone()).or_default().push(rv.to_string());
         }
         newer
-    }
-
-    /// As [`OwnWrites::wrote`] for a write whose base is not known, by
-    /// reading versions as integers (a version that is not one is left to
-    /// the watch). Only for [`Index::own_assigned`].
-    fn wrote_numbered(
-        &mut self,
-        key: &Key,
-        rv: Option<&str>,
-        indexed: Option<&str>,
-        create: bool,
-    ) -> bool {
-        let Some(rv) = rv else { return false };
-        let newer = match indexed {
-            Some(indexed) => older(indexed, rv),
-            None => create && rv.parse::<u64>().is_ok(),
-        };
-        self.record(key, rv, newer)
     }
 
     /// The watch deleted `key`, or listed everything again.
@@ -464,17 +440,6 @@ impl Index {
     pub fn own_write(&mut self, kept: AssignedInfo, replaced: Replaced<'_>) -> Changed {
         self.keep_own(kept, |own, key, rv, indexed| {
             own.wrote(key, rv, replaced, indexed)
-        })
-    }
-
-    /// [`Index::own_write`] for callers that do not say what their write
-    /// replaced (`create`: it made the AAI): whether the answer is newer
-    /// than what the index holds is decided by reading resourceVersions as
-    /// integers, which the API does not promise. Callers move to
-    /// `own_write`; this goes when none is left.
-    pub fn own_assigned(&mut self, kept: AssignedInfo, create: bool) -> Changed {
-        self.keep_own(kept, |own, key, rv, indexed| {
-            own.wrote_numbered(key, rv, indexed, create)
         })
     }
 
@@ -721,9 +686,7 @@ mod tests {
     /// the version it replaced, then `+` when it goes into the index, `-`
     /// when not; `e<rv>` the watch delivers a version (`_`: none), then `+`
     /// applied or `-` skipped; `d` the watch deletes the AAI. Versions are
-    /// any words: they are only compared for equality. `C<rv>/<indexed rv>`
-    /// and `W<rv>/<indexed rv>` are a create and another write by
-    /// [`Index::own_assigned`]'s rule, which reads versions as integers.
+    /// any words: they are only compared for equality.
     fn own_writes_row(case: &str, steps: &str) {
         let k: Key = ("ns".into(), "a".into());
         let rv = |v: &str| (v != "_").then(|| v.to_string());
@@ -745,12 +708,6 @@ mod tests {
                     };
                     let replaced = Replaced::Version(base.as_deref());
                     let got = own.wrote(&k, v.as_deref(), replaced, indexed.as_deref());
-                    assert_eq!(got, want, "{case}: {step}");
-                }
-                (n @ ("C" | "W"), versions) => {
-                    let (v, indexed) = versions.split_once('/').expect("W<rv>/<rv>");
-                    let (v, indexed) = (rv(v), rv(indexed));
-                    let got = own.wrote_numbered(&k, v.as_deref(), indexed.as_deref(), n == "C");
                     assert_eq!(got, want, "{case}: {step}");
                 }
                 ("e", v) => {
@@ -783,45 +740,6 @@ mod tests {
             ("what the write replaced is not known: left to the watch", "w5/_/4- e5+"),
             ("a deletion forgets the writes", "c5/_+ d. e3+"),
             ("a write to an AAI deleted meanwhile is left out", "w5/4/_- e_+"),
-        ];
-        for (case, steps) in rows {
-            own_writes_row(case, steps);
-        }
-    }
-
-    /// [`Index::own_assigned`]'s rule, which reads versions as integers.
-    #[test]
-    fn numbered_own_writes_decide_which_watch_events_are_echoes() {
-        let rows = [
-            ("no own write: every event applies", "e5+ e_+"),
-            ("a create, then its echo", "C5/_+ e5+ e6+"),
-            (
-                "create and status write, the create's echo first",
-                "C5/_+ W6/5+ e5- e6+",
-            ),
-            (
-                "another's write between MIC's two is older than the second",
-                "C5/_+ W7/5+ e5- e6- e7+",
-            ),
-            (
-                "an event from before the write waits for its echo",
-                "W9/4+ e8- e9+",
-            ),
-            (
-                "the watch was first: the answer is not applied",
-                "W5/5- e6+",
-            ),
-            ("the watch is past the answer", "W5/6- e7+"),
-            (
-                "versions that do not compare are left to the watch",
-                "Wx/4- W5/y- e5+",
-            ),
-            ("no version: left to the watch", "W_/4- e5+"),
-            ("a deletion forgets the writes", "C5/_+ d. e3+"),
-            (
-                "a write to an AAI deleted meanwhile is left out",
-                "W5/_- e_+",
-            ),
         ];
         for (case, steps) in rows {
             own_writes_row(case, steps);
