@@ -203,6 +203,10 @@ impl PlannedAai {
         );
         aai.metadata.namespace = Some(namespace.clone());
         aai.metadata.resource_version = self.resource_version.clone();
+        // The derived `new` puts the CRD's own `api-approved` annotation on
+        // every object; an AAI carries only what MIC means (as upstream's:
+        // none but the token source's).
+        aai.metadata.annotations = None;
         record_token_source(&mut aai.metadata.annotations, self.source);
         aai.metadata.labels = Some([(LABEL_NODENAME.to_string(), self.pod.node.clone())].into());
         aai.metadata.finalizers = Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_string()]);
@@ -221,10 +225,7 @@ impl PlannedAai {
     pub fn kept(&self, uid: Option<String>, resource_version: Option<String>) -> AssignedInfo {
         let (namespace, name) = &self.key;
         // The annotations the AAI is made with ([`PlannedAai::aai`]).
-        let mut annotations =
-            AzureAssignedIdentity::new(name, AzureAssignedIdentitySpec::default())
-                .metadata
-                .annotations;
+        let mut annotations = None;
         record_token_source(&mut annotations, self.source);
         AssignedInfo {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {

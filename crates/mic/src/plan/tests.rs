@@ -219,6 +219,9 @@ fn s3_s6_s7_s8_new_pod_gets_a_created_aai_and_an_add() {
     );
     assert_eq!(aai.state(), Some(AssignedIdentityState::Created));
     assert_eq!(aai.spec.node_name, "n1");
+    // No annotation on an imds AAI (upstream writes none), not even the
+    // CRD's own `api-approved` one that the derived `new` adds.
+    assert_eq!(aai.metadata.annotations, None);
     let w = &p.resources[&vmss("vmss-a")];
     assert_eq!(w.add, [lrid("id")].into());
     assert_eq!(
