@@ -55,30 +55,13 @@ async fn each_identity_is_served_from_its_source() -> anyhow::Result<()> {
         for (annotation, default, status, text, imds_asked) in cases {
             let case = format!("{mode:?}, annotation {annotation:?}, default {default}");
             let id = identity(annotation);
-            let binding = common::binding(&id, "sel");
-            let mut pod = common::pod("app", NS, "sel", "127.0.0.1");
-            pod.metadata.uid = Some("uid-app".into());
-            let state = Arc::new(nmi::server::State::default());
-            state.update(|i| {
-                i.apply_pod(&pod);
-                i.reset(std::slice::from_ref(&id));
-                i.reset(std::slice::from_ref(&binding));
-                i.reset(&[common::assigned(&id, &binding, "app", NS)]);
-            });
             let config = nmi::server::Config {
                 mode,
                 namespaced: mode == OperationMode::Managed,
                 default_token_source: default,
                 ..common::config(imds)
             };
-            let source = nmi::token::Imds::new(&format!("http://{imds}"), "test")
-                .map_err(anyhow::Error::msg)?;
-            let server = Arc::new(common::server(
-                state,
-                nmi::token::TokenCache::new(source),
-                config,
-            ));
-            let (addr, _shutdown) = common::serve(Arc::clone(&server)).await;
+            let (server, addr, _shutdown) = serve_one_pod(&id, imds, config).await?;
             let before = imds_token_requests(&emu);
             let (got, body) = common::ask(addr, "").await?;
             assert_eq!(got, status, "{case}: {body}");
@@ -98,6 +81,39 @@ async fn each_identity_is_served_from_its_source() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// NMI's token server with `config` over the emulator's IMDS at `imds`,
+/// knowing one pod `app` (127.0.0.1) of namespace `NS`, bound to `id` and
+/// with its Assigned AzureAssignedIdentity. Serving until the handle drops.
+async fn serve_one_pod(
+    id: &AzureIdentity,
+    imds: std::net::SocketAddr,
+    config: nmi::server::Config,
+) -> anyhow::Result<(
+    Arc<nmi::server::Server<nmi::token::Imds>>,
+    std::net::SocketAddr,
+    aadpodid_runtime::Shutdown,
+)> {
+    let binding = common::binding(id, "sel");
+    let mut pod = common::pod("app", NS, "sel", "127.0.0.1");
+    pod.metadata.uid = Some("uid-app".into());
+    let state = Arc::new(nmi::server::State::default());
+    state.update(|i| {
+        i.apply_pod(&pod);
+        i.reset(std::slice::from_ref(id));
+        i.reset(std::slice::from_ref(&binding));
+        i.reset(&[common::assigned(id, &binding, "app", NS)]);
+    });
+    let source =
+        nmi::token::Imds::new(&format!("http://{imds}"), "test").map_err(anyhow::Error::msg)?;
+    let server = Arc::new(common::server(
+        state,
+        nmi::token::TokenCache::new(source),
+        config,
+    ));
+    let (addr, shutdown) = common::serve(Arc::clone(&server)).await;
+    Ok((server, addr, shutdown))
 }
 
 /// The token requests IMDS has had.
@@ -135,24 +151,7 @@ async fn each_fetch_is_labelled_by_its_source_and_type() -> anyhow::Result<()> {
         let case = format!("{kind:?}, annotation {annotation:?}");
         let mut id = identity(annotation);
         id.spec.r#type = kind;
-        let binding = common::binding(&id, "sel");
-        let mut pod = common::pod("app", NS, "sel", "127.0.0.1");
-        pod.metadata.uid = Some("uid-app".into());
-        let state = Arc::new(nmi::server::State::default());
-        state.update(|i| {
-            i.apply_pod(&pod);
-            i.reset(std::slice::from_ref(&id));
-            i.reset(std::slice::from_ref(&binding));
-            i.reset(&[common::assigned(&id, &binding, "app", NS)]);
-        });
-        let source =
-            nmi::token::Imds::new(&format!("http://{imds}"), "test").map_err(anyhow::Error::msg)?;
-        let server = Arc::new(common::server(
-            state,
-            nmi::token::TokenCache::new(source),
-            common::config(imds),
-        ));
-        let (addr, _shutdown) = common::serve(Arc::clone(&server)).await;
+        let (server, addr, _shutdown) = serve_one_pod(&id, imds, common::config(imds)).await?;
         let (got, body) = common::ask(addr, "").await?;
         if status != 0 {
             assert_eq!(got, status, "{case}: {body}");
