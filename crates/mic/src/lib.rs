@@ -98,6 +98,26 @@ pub struct Settings {
 
 /// The client-side limit `--clientQps` asks for: none unless it is given,
 /// else what client-go made of upstream's `QPS = clientQps, Burst = int(clientQps)`.
+/// A drift check of `only` (every resource when `None`) against what the
+/// plan expects of the current index; losing the lease stops it at once.
+async fn drift_check<C: cloud::Cloud>(
+    executor: &Executor<C>,
+    shared: &watch::Shared,
+    plan: &plan::Options,
+    leading: &tokio_watch::Receiver<bool>,
+    only: Option<&BTreeSet<cloud::ResourceRef>>,
+) {
+    let index = shared.snapshot();
+    let expected = plan::expected_assignments(&index, plan);
+    let mut lost = leading.clone();
+    tokio::select! {
+        r = executor.reconcile_drift(&expected, &index, only) => if let Err(error) = r {
+            tracing::warn!(%error, "drift check stopped");
+        },
+        _ = lost.wait_for(|l| !*l) => {}
+    }
+}
+
 fn kube_rate_limit(client_qps: Option<f32>) -> Option<aadpodid_runtime::client::RateLimit> {
     client_qps.and_then(|q| aadpodid_runtime::client::RateLimit::from_client_qps(f64::from(q)))
 }
@@ -564,15 +584,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     gate.due(Instant::now() - origin).into_iter().collect();
                 if *leading.borrow() && shared.synced() && !due.is_empty() {
                     tracing::info!(resources = ?due, "event-driven drift check");
-                    let index = shared.snapshot();
-                    let expected = plan::expected_assignments(&index, &settings.plan);
-                    let mut lost = leading.clone();
-                    tokio::select! {
-                        r = executor.reconcile_drift(&expected, &index, Some(&due)) => if let Err(error) = r {
-                            tracing::warn!(%error, "drift check stopped");
-                        },
-                        _ = lost.wait_for(|l| !*l) => {}
-                    }
+                    drift_check(&executor, &shared, &settings.plan, &leading, Some(&due)).await;
                 }
             }
             _ = tokio::time::sleep_until(wake_retry.min(next_full)) => {
@@ -595,15 +607,7 @@ pub async fn run_with_cloud<C: cloud::Cloud>(
                     // Once per interval (30 minutes by default): the line
                     // tells a safety-net check's ARM reads from others.
                     tracing::info!(interval = ?settings.reconcile_interval, "periodic drift check (safety net)");
-                    let index = shared.snapshot();
-                    let expected = plan::expected_assignments(&index, &settings.plan);
-                    let mut lost = leading.clone();
-                    tokio::select! {
-                        r = executor.reconcile_drift(&expected, &index, None) => if let Err(error) = r {
-                            tracing::warn!(%error, "drift check stopped");
-                        },
-                        _ = lost.wait_for(|l| !*l) => {}
-                    }
+                    drift_check(&executor, &shared, &settings.plan, &leading, None).await;
                 }
             }
         }
