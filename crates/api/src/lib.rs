@@ -85,6 +85,14 @@ pub const VERSION: &str = "v1";
 /// `apiVersion` of all four kinds.
 pub const API_VERSION: &str = "aadpodidentity.k8s.io/v1";
 
+/// Reason of the Warning Event NMI publishes in its own namespace (the
+/// release namespace, which namespace users cannot write), about its Node,
+/// when IMDS answers "Identity not found" for an identity whose
+/// AzureAssignedIdentity is Assigned. MIC watches Events of this reason in
+/// its namespace and checks that node's VMSS/VM at once instead of at its
+/// next periodic drift check.
+pub const REASON_IDENTITY_NOT_ON_NODE: &str = "IdentityNotOnNode";
+
 /// Pod label whose value is compared, byte for byte, with a binding's `selector`.
 pub const POD_LABEL_BINDING: &str = "aadpodidbinding";
 /// Label MIC puts on every AzureAssignedIdentity: the name of the pod's node.

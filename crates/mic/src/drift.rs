@@ -33,11 +33,10 @@ use crate::cloud::ResourceRef;
 /// was reimaged.
 pub const LABEL_NODE_IMAGE_VERSION: &str = "kubernetes.azure.com/node-image-version";
 
-/// The reason of the Event NMI publishes in its own namespace, about its
-/// Node, when IMDS does not know an identity an Assigned
-/// AzureAssignedIdentity says is on that node (the same text as NMI's
-/// `server::REASON_IDENTITY_NOT_ON_NODE`; a test holds the two together).
-pub const REASON_IDENTITY_NOT_ON_NODE: &str = "IdentityNotOnNode";
+/// The reason of the Event NMI publishes when IMDS does not know an
+/// identity an Assigned AzureAssignedIdentity says is on its node (one
+/// constant for both programs).
+pub use aadpodid_api::REASON_IDENTITY_NOT_ON_NODE;
 
 /// At most one event-driven drift check per resource in this time.
 pub const MIN_GAP: Duration = Duration::from_secs(60);

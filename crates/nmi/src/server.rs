@@ -73,12 +73,9 @@ pub const REASON_UNKNOWN_TOKEN_SOURCE: &str = "unknown token source";
 pub const REASON_FEDERATED_REFUSED: &str = "federated exchange refused";
 /// Event reason, in NMI's own namespace and about NMI's Node, when IMDS
 /// answers "Identity not found" for an identity whose AzureAssignedIdentity
-/// is Assigned: it was removed from the node's VMSS/VM behind MIC's back.
-/// MIC watches these Events in its namespace (the same one: the release
-/// namespace, which namespace users cannot write) and checks that node's
-/// VMSS/VM at once instead of at its next periodic drift check. MIC's
-/// `drift::REASON_IDENTITY_NOT_ON_NODE` is the same text.
-pub const REASON_IDENTITY_NOT_ON_NODE: &str = "IdentityNotOnNode";
+/// is Assigned: it was removed from the node's VMSS/VM behind MIC's back
+/// (the constant MIC's Event watch selects on).
+pub use aadpodid_api::REASON_IDENTITY_NOT_ON_NODE;
 /// The Events' `action`.
 const EVENT_ACTION: &str = "GetToken";
 
