@@ -27,6 +27,7 @@ pub mod child;
 mod federated;
 pub mod migration;
 mod other;
+pub mod quiet_core;
 pub mod report;
 pub mod shipped;
 pub mod stats;

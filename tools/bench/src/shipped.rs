@@ -52,7 +52,7 @@ impl Cores {
     pub fn describe(&self) -> String {
         match (self.load, self.nmi) {
             (Some(l), Some(n)) => format!(
-                "nmi pinned to core {n} and the load generator to core {l} (taskset); mic, the emulator and the apiserver unpinned"
+                "nmi pinned to core {n} and the load generator to core {l} (taskset); mic, the emulator, etcd and the apiserver unpinned, except during row 3's load runs, when they run on core {l} too"
             ),
             _ => "nothing pinned (a single core)".into(),
         }

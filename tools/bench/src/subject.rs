@@ -20,6 +20,7 @@ use aadpodid_testkit::world::Program;
 use anyhow::{Context as _, bail};
 
 use crate::child::{LoadResult, LoadSpec};
+use crate::quiet_core::QuietCore;
 use crate::report::{Figures, LOAD_RATES, Metric, SUSTAINED_P99};
 use crate::shipped::{Cores, Shipped};
 use crate::stats::Summary;
@@ -806,6 +807,13 @@ async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()
     nmi_pods_assigned(run).await?;
     warm_token(run).await?;
     let imds_before = run.w.emu()?.counters();
+    let quiet = QuietCore::keep_off(run.w.nmi_pid()?, run.cores.load);
+    if let Some(q) = &quiet {
+        run.notes.push(format!(
+            "token load: {} processes of the benchmark (nmi not among them) moved to the generator's core for the load runs",
+            q.moved()
+        ));
+    }
     let seconds = run.w.scale.load_seconds;
     let mut tried = Vec::new();
     for rate in LOAD_RATES {
@@ -817,6 +825,7 @@ async fn row_token_load(run: &mut Run<'_>, f: &mut Figures) -> anyhow::Result<()
         tried.push((f64::from(rate), r.sustained(f64::from(rate), SUSTAINED_P99)));
     }
     let peak = peak_rate(run, tried).await?;
+    drop(quiet);
     f.set(Metric::LoadPeak, peak);
     let imds_after = run.w.emu()?.counters();
     let sum = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
