@@ -22,11 +22,27 @@ pub mod schedule;
 pub mod watch;
 mod writes;
 
-/// The `mic` command: parses the process arguments and environment, sets up
-/// logging and runs until SIGTERM/SIGINT. `src/main.rs` is this and nothing
-/// else, so a wrapper binary (the test crate's `e2e-mic`) runs the same code.
-pub async fn cli_main() -> anyhow::Result<()> {
+/// The `mic` command: parses the process arguments and environment, builds
+/// its async runtime (sized by `--worker-threads`, else the container's CPU
+/// limit, else [`args::DEFAULT_WORKER_THREADS`]), sets up logging and runs
+/// until SIGTERM/SIGINT. `src/main.rs` is this and nothing else, so a
+/// wrapper binary (the test crate's `e2e-mic`) runs the same code on the
+/// same runtime.
+pub fn cli_main() -> anyhow::Result<()> {
     let args = args::Args::parse_go_style();
+    let size = aadpodid_runtime::size::RuntimeSize::of_process(
+        args.worker_threads,
+        args::DEFAULT_WORKER_THREADS,
+    );
+    size.builder().build()?.block_on(cli_run(args, size))
+}
+
+/// [`cli_main`] on its runtime: `args` parsed, the runtime sized as `size`
+/// says (logged at start).
+async fn cli_run(
+    args: args::Args,
+    size: aadpodid_runtime::size::RuntimeSize,
+) -> anyhow::Result<()> {
     let format: aadpodid_runtime::logging::LogFormat =
         args.log_format.parse().map_err(anyhow::Error::msg)?;
     aadpodid_runtime::logging::init(format, if args.verbosity > 0 { "debug" } else { "info" });
@@ -47,6 +63,7 @@ pub async fn cli_main() -> anyhow::Result<()> {
     }
     let settings = Settings::from_args(&args, &env)?;
     tracing::info!(version = VERSION, lease = %settings.leader.name, identity = %settings.leader.identity, "starting MIC");
+    tracing::info!(threads = size.threads, "async runtime: {size}");
     let shutdown = aadpodid_runtime::Shutdown::on_signals()?;
     run(settings, shutdown, None).await?;
     Ok(())
@@ -215,6 +232,8 @@ impl Settings {
             verbosity: _,
             klog: _,
             compute_api_version,
+            // Read by `cli_main`, before the runtime exists.
+            worker_threads: _,
         } = a;
         let pod_namespace = env(args::ENV_MIC_POD_NAMESPACE)
             .filter(|v| !v.is_empty())

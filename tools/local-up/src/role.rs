@@ -46,15 +46,16 @@ impl Role {
     }
 
     /// Runs the role's command to its end (its arguments are this process's).
+    /// mic builds its own runtime, as the shipped binary does.
     pub fn run(self) -> ExitCode {
-        let result = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("start the Tokio runtime")
-            .and_then(|rt| match self {
-                Role::Mic => rt.block_on(mic::cli_main()),
-                Role::Nmi => rt.block_on(nmi::cli_main()),
-            });
+        let result = match self {
+            Role::Mic => mic::cli_main(),
+            Role::Nmi => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start the Tokio runtime")
+                .and_then(|rt| rt.block_on(nmi::cli_main())),
+        };
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
