@@ -388,13 +388,24 @@ impl World {
                 .delete_collection(&now, &all)
                 .await;
         }
-        let ids = self.ns_ids.name();
-        let _ = Api::<AzureIdentityBinding>::namespaced(self.client.clone(), ids)
-            .delete_collection(&now, &all)
-            .await;
-        let _ = Api::<AzureIdentity>::namespaced(self.client.clone(), ids)
-            .delete_collection(&now, &all)
-            .await;
+        // Identities and bindings of every namespace of the run: row 8's
+        // federated identity lives with its pods, and a binding left behind
+        // would still select the next run's pods by label (bindings are not
+        // namespaced by default), handing them a dead Entra endpoint. The
+        // test cluster has no namespace controller to empty a deleted
+        // namespace.
+        for ns in pod_namespaces
+            .iter()
+            .map(String::as_str)
+            .chain([self.ns_ids.name()])
+        {
+            let _ = Api::<AzureIdentityBinding>::namespaced(self.client.clone(), ns)
+                .delete_collection(&now, &all)
+                .await;
+            let _ = Api::<AzureIdentity>::namespaced(self.client.clone(), ns)
+                .delete_collection(&now, &all)
+                .await;
+        }
         self.delete_aais(&pod_namespaces).await;
         self.delete_nodes().await;
         self.wait_cleared(&pod_namespaces).await;
