@@ -52,7 +52,7 @@
 //! | [`flood`] | [`flood::Plan`], [`flood::Flood`], [`flood::Sampler`] (bounded floods a pod sends to NMI, and NMI's resources meanwhile) |
 //! | [`realnode`] | [`realnode::RealNode`], [`realnode::ControlPlane`], [`realnode::Fabric`] (real kubelet + containerd nodes in namespaces of the test) |
 //! | [`realcloud`] | [`realcloud::NodeCloud`] (IMDS and the emulator's ARM/Entra ID inside a real node), [`realcloud::CloudCa`] |
-//! | [`procfs`] | [`procfs::memory`], [`procfs::cpu`], [`procfs::find_exe`] (a process's memory and CPU from `/proc`) |
+//! | [`procfs`] | [`procfs::memory`], [`procfs::cpu`], [`procfs::find_exe`], [`procfs::children`] (a process's memory, CPU and children from `/proc`) |
 
 pub mod children;
 pub mod cluster;

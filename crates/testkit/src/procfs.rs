@@ -82,20 +82,28 @@ pub fn find_exe(pid: u32, exe: &Path) -> Option<u32> {
         if std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe) {
             return Some(p);
         }
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
-                todo.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
+        todo.extend(children(p));
     }
     None
+}
+
+/// The children of `pid`, from the `children` file of each of its threads
+/// (`/proc/<pid>/task/<tid>/children`); empty when it is gone.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]

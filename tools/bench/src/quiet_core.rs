@@ -8,18 +8,14 @@
 //! back to every core afterwards. The kernel's own work and processes
 //! outside the benchmark are not moved.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 
-/// `root` and its descendants among `procs` (pid, parent pid), in pid
-/// order, without `skip` and its descendants.
-pub fn tree_without(procs: &[(u32, u32)], root: u32, skip: u32) -> Vec<u32> {
-    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for &(pid, ppid) in procs {
-        if pid != ppid {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
+use aadpodid_testkit::procfs;
+
+/// `root` and its descendants, as `children` lists each process's
+/// children, in pid order, without `skip` and its descendants.
+pub fn tree_without(root: u32, skip: u32, children: impl Fn(u32) -> Vec<u32>) -> Vec<u32> {
     let mut out = BTreeSet::new();
     let mut todo = vec![root];
     // Each pid is visited once: a cycle (impossible in /proc, possible in a
@@ -28,29 +24,9 @@ pub fn tree_without(procs: &[(u32, u32)], root: u32, skip: u32) -> Vec<u32> {
         if pid == skip || !out.insert(pid) {
             continue;
         }
-        todo.extend(children.get(&pid).into_iter().flatten().copied());
+        todo.extend(children(pid));
     }
     out.into_iter().collect()
-}
-
-/// (pid, parent pid) of every process in `/proc` readable now.
-fn processes() -> Vec<(u32, u32)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Some((pid, parent_pid(&stat)?))
-    })
-    .collect()
-}
-
-/// The parent pid from the text of `/proc/<pid>/stat` (field 4, after the
-/// command name, which may hold spaces and parentheses).
-pub fn parent_pid(stat: &str) -> Option<u32> {
-    let rest = stat.rsplit_once(')').map(|(_, r)| r)?;
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// While alive, the benchmark's processes other than nmi run on one core.
@@ -68,7 +44,7 @@ impl QuietCore {
         let core = core?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let all = format!("0-{}", cpus.saturating_sub(1));
-        let pids = tree_without(&processes(), std::process::id(), nmi);
+        let pids = tree_without(std::process::id(), nmi, procfs::children);
         let moved = pids
             .into_iter()
             .filter(|&p| set_affinity(p, &core.to_string()))
@@ -104,6 +80,15 @@ fn set_affinity(pid: u32, cpus: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The children of each pid in `edges` (pid, parent pid).
+    fn children_of(edges: &[(u32, u32)]) -> impl Fn(u32) -> Vec<u32> {
+        let mut map: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+        for &(pid, ppid) in edges {
+            map.entry(ppid).or_default().push(pid);
+        }
+        move |pid| map.get(&pid).cloned().unwrap_or_default()
+    }
+
     #[test]
     fn tree_without_skips_the_subtree() {
         // 1 ─ 10 ─ 11 ─ 12
@@ -111,7 +96,6 @@ mod tests {
         //   └ 30 (nmi) ─ 31
         // 99 is not under 1.
         let procs = [
-            (1, 0),
             (10, 1),
             (11, 10),
             (12, 11),
@@ -130,7 +114,7 @@ mod tests {
         ];
         for (root, skip, want) in table {
             assert_eq!(
-                tree_without(&procs, root, skip),
+                tree_without(root, skip, children_of(&procs)),
                 want,
                 "root {root}, skip {skip}"
             );
@@ -139,26 +123,20 @@ mod tests {
 
     #[test]
     fn tree_without_survives_cycles() {
-        assert_eq!(tree_without(&[(2, 3), (3, 2)], 2, 0), vec![2, 3]);
-        assert_eq!(tree_without(&[(5, 5)], 5, 0), vec![5]);
+        assert_eq!(
+            tree_without(2, 0, children_of(&[(2, 3), (3, 2)])),
+            vec![2, 3]
+        );
+        assert_eq!(tree_without(5, 0, children_of(&[(5, 5)])), vec![5]);
     }
 
     #[test]
-    fn parent_pid_reads_field_four() {
-        let table = [
-            ("123 (bash) S 45 123 123 0 -1", Some(45)),
-            ("7 (a b) c) R 1 7 7 0", Some(1)),
-            ("8 (x)", None),
-            ("garbage", None),
-        ];
-        for (stat, want) in table {
-            assert_eq!(parent_pid(stat), want, "{stat}");
-        }
-    }
-
-    #[test]
-    fn parent_pid_of_this_process() {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert_eq!(parent_pid(&stat), Some(std::os::unix::process::parent_id()));
+    fn this_process_finds_its_child() {
+        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+        let tree = tree_without(std::process::id(), 0, procfs::children);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(tree.contains(&std::process::id()));
+        assert!(tree.contains(&child.id()), "{tree:?} lacks {}", child.id());
     }
 }
